@@ -1,0 +1,93 @@
+"""The array module in one place: NumPy by default, CuPy when asked for.
+
+Models and reference kernels are written against the NumPy API and ask this module which array
+library to use, so the same code runs on cupy arrays on an NVIDIA GPU:
+
+    xp = backend.array_module(x)      # numpy or cupy, whichever x belongs to
+    y = xp.exp(x)
+
+Choosing the backend:
+    npdiff.backend.use("cupy")        # or NPDIFF_BACKEND=cupy in the environment
+    npdiff.backend.use("numpy")       # the default
+
+Numba kernels are the CPU fast path; kernels call them only for NumPy arrays (`is_numpy(x)`), and
+fall back to their NumPy-API reference for cupy arrays. Weights are moved to the device once, at
+load, with `to_device`; activations then stay on the device until `to_numpy`.
+"""
+
+import os
+
+import numpy as np
+
+from npdiff.errors import NpdiffError
+
+KNOWN = ("numpy", "cupy")
+_ALIASES = {"numpy": "numpy", "cpu": "numpy", "cupy": "cupy", "cuda": "cupy", "gpu": "cupy"}
+_active = "numpy"
+
+
+def _import_cupy():
+    try:
+        import cupy
+    except ImportError as exc:  # the message says how to get it
+        raise NpdiffError(
+            "the cupy backend needs CuPy and an NVIDIA GPU: pip install -e '.[gpu]' "
+            f"(import failed: {exc})") from exc
+    return cupy
+
+
+def use(name):
+    """Select the array backend for new arrays and loaded weights: 'numpy' (or 'cpu'), 'cupy' (or 'cuda')."""
+    global _active
+    key = _ALIASES.get(str(name).lower())
+    if key is None:
+        raise NpdiffError(f"unknown backend {name!r}; known: {', '.join(KNOWN)}")
+    if key == "cupy":
+        _import_cupy()
+    _active = key
+    return key
+
+
+def name():
+    """The active backend's name: 'numpy' or 'cupy'."""
+    return _active
+
+
+def xp():
+    """The active array module (numpy or cupy)."""
+    return _import_cupy() if _active == "cupy" else np
+
+
+def is_numpy(x):
+    """True for NumPy arrays (and memmaps): the arrays Numba kernels can take."""
+    return isinstance(x, np.ndarray)
+
+
+def array_module(x):
+    """numpy or cupy, whichever the array x belongs to (without importing cupy for numpy arrays)."""
+    if isinstance(x, np.ndarray) or not type(x).__module__.startswith("cupy"):
+        return np
+    import cupy
+
+    return cupy
+
+
+def to_device(a, dtype=np.float32):
+    """Array-like -> an array of the active backend with `dtype`. Copies at most once."""
+    if _active == "cupy":
+        cupy = _import_cupy()
+        return cupy.asarray(a, dtype=dtype)
+    if array_module(a) is not np:
+        a = a.get()
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def to_numpy(a):
+    """Any array (numpy or cupy) -> a NumPy array."""
+    if array_module(a) is np:
+        return np.asarray(a)
+    return a.get()
+
+
+if os.environ.get("NPDIFF_BACKEND"):
+    use(os.environ["NPDIFF_BACKEND"])

@@ -1,0 +1,40 @@
+"""Fresh random inputs for every run, reproducible on demand.
+
+Each test that takes the `rng` fixture gets a NumPy Generator from a new random seed; the seed is
+printed in the failure report. Re-run a failure with NPDIFF_TEST_SEED=<seed> pytest ...
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+import npdiff  # noqa: F401  (sets OPENBLAS_CORETYPE before anything imports numpy's BLAS)
+
+try:
+    import torch
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+except ImportError:  # the test extra installs torch; tests that need it fail loudly without it
+    torch = None
+
+
+@pytest.fixture
+def seed(request):
+    value = int(os.environ.get("NPDIFF_TEST_SEED", np.random.SeedSequence().entropy % 2**32))
+    request.node.user_properties.append(("seed", value))
+    return value
+
+
+@pytest.fixture
+def rng(seed):
+    return np.random.default_rng(seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    seeds = [v for k, v in item.user_properties if k == "seed"]
+    if report.failed and seeds:
+        report.sections.append(("random seed", f"NPDIFF_TEST_SEED={seeds[0]}"))

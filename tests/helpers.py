@@ -1,0 +1,31 @@
+"""Helpers shared by the tests: relative error, and torch <-> numpy."""
+
+import numpy as np
+
+# Tolerances from DESIGN.md's numerics policy (float32, relative error ||ours - torch|| / ||torch||).
+KERNEL_TOL = 1e-5
+NETWORK_TOL = 1e-4
+IMAGE_LEVELS_TOL = 2
+
+
+def rel_err(ours, ref):
+    """||ours - ref|| / ||ref|| in float64 (ours/ref: numpy arrays or torch tensors)."""
+    ours = to_numpy(ours).astype(np.float64)
+    ref = to_numpy(ref).astype(np.float64)
+    assert ours.shape == ref.shape, f"shape {ours.shape} != reference shape {ref.shape}"
+    denom = np.linalg.norm(ref)
+    return float(np.linalg.norm(ours - ref) / (denom if denom > 0 else 1.0))
+
+
+def assert_rel_close(ours, ref, tol=KERNEL_TOL, what="output"):
+    err = rel_err(ours, ref)
+    assert np.isfinite(err) and err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
+    return err
+
+
+def to_numpy(a):
+    if hasattr(a, "detach"):  # torch tensor
+        return a.detach().cpu().numpy()
+    if hasattr(a, "get") and type(a).__module__.startswith("cupy"):
+        return a.get()
+    return np.asarray(a)
