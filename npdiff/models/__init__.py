@@ -1,0 +1,27 @@
+"""The networks of Stable Diffusion over weight dicts keyed as the checkpoint names them.
+
+    CLIPTextModel          npdiff/models/clip.py
+    UNet2DConditionModel   npdiff/models/unet.py
+    AutoencoderKL          npdiff/models/vae.py
+
+Each is built as `Model(config, weights)` (config: the component's config.json as a dict; weights: an
+npdiff.loading.Weights) or `Model.from_pretrained(folder)`, and called on float32 NCHW arrays.
+Imported lazily so that `import npdiff.models` costs nothing until a model is used.
+"""
+
+import importlib
+
+_WHERE = {
+    "CLIPTextModel": "npdiff.models.clip",
+    "UNet2DConditionModel": "npdiff.models.unet",
+    "AutoencoderKL": "npdiff.models.vae",
+}
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'npdiff.models' has no attribute {name!r}")
+
+
+__all__ = list(_WHERE)
