@@ -1,0 +1,222 @@
+"""The CLIP tokenizer of Stable Diffusion, driven by the `tokenizers` library.
+
+Stable Diffusion's text encoder reads 77 token ids: <|startoftext|>, at most 75 prompt tokens, then
+<|endoftext|>, then padding. The ids come from CLIP's byte-level BPE (49,408 entries), which every
+diffusers model folder ships as tokenizer/vocab.json + tokenizer/merges.txt. This module reads those
+files and builds the same `tokenizers.Tokenizer` that transformers' CLIPTokenizer builds, so the ids are
+identical (tests/test_tokenizer.py checks it on many prompts):
+
+  1. normalizer:     NFC, runs of whitespace -> one space, lowercase;
+  2. pre-tokenizer:  split on CLIP's pattern (keep the matches), then byte-level without a prefix space;
+  3. model:          BPE with "</w>" marking the end of a word, unknown pieces -> <|endoftext|>;
+  4. special tokens: start, end, unknown and pad are added as special tokens (matched in the raw text,
+                     never split); SD 2.x pads with "!" (id 0), so a "!" in a prompt becomes id 0 there,
+                     exactly as transformers does;
+  5. wrapping:       [start] + the first 75 prompt ids + [end], padded to 77 with the pad id; a longer
+                     prompt is truncated with a PromptTruncatedWarning saying how many tokens were dropped.
+
+The pad id comes from the folder (special_tokens_map.json, else tokenizer_config.json): SD 1.x pads with
+<|endoftext|> (49407), SD 2.x with "!" (0).
+
+Textual inversion adds words with `add_tokens` (ordinary added tokens, matched in the normalized text
+like transformers' `add_tokens`); a multi-vector embedding registers its extra names with
+`register_multi_vector` and `expand_multi_vector_tokens` rewrites "<cat>" as "<cat> <cat>_1 <cat>_2"
+before tokenizing, as diffusers' `maybe_convert_prompt` does.
+"""
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from npdiff.errors import NpdiffError
+
+START_TOKEN = "<|startoftext|>"
+END_TOKEN = "<|endoftext|>"
+CLIP_SPLIT_PATTERN = (r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"
+                      r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+")
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt had more tokens than the text encoder reads; the rest was dropped."""
+
+
+def _token_text(value):
+    """special_tokens_map.json stores a token as "text" or as {"content": "text", ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise NpdiffError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def find_tokenizer_folder(folder):
+    """`folder` itself if it holds vocab.json + merges.txt, else folder/tokenizer; NpdiffError if neither."""
+    folder = Path(folder)
+    for candidate in (folder, folder / "tokenizer"):
+        if all((candidate / name).is_file() for name in TOKENIZER_FILES):
+            return candidate
+    raise NpdiffError(
+        f"no CLIP tokenizer in {folder}: expected {' and '.join(TOKENIZER_FILES)} in it or in "
+        f"{folder / 'tokenizer'}")
+
+
+class CLIPTokenizer:
+    """Prompt text -> int64 token ids [B, 77], identical to transformers' CLIPTokenizer.
+
+    tokenizer = CLIPTokenizer.from_pretrained("model_folder")   # reads model_folder/tokenizer/
+    ids = tokenizer(["a photo of a cat", "a dog"])              # [2, 77] int64
+    """
+
+    def __init__(self, vocab_file, merges_file, pad_token=END_TOKEN, model_max_length=77,
+                 bos_token=START_TOKEN, eos_token=END_TOKEN, unk_token=END_TOKEN):
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+        from tokenizers.models import BPE
+
+        vocab, merges = BPE.read_file(str(vocab_file), str(merges_file))
+        for what, text in (("bos_token", bos_token), ("eos_token", eos_token), ("unk_token", unk_token),
+                           ("pad_token", pad_token)):
+            if text not in vocab:
+                raise NpdiffError(f"{what} {text!r} is not in the vocabulary {vocab_file}")
+        # 3. the BPE model: "</w>" ends a word, no prefix on continuing pieces, unknown -> unk.
+        self.backend = Tokenizer(BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                                     unk_token=unk_token, fuse_unk=False))
+        # 1. normalizer
+        self.backend.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        # 2. pre-tokenizer: "removed" + invert=True keeps the pattern's matches and drops what is between
+        self.backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(CLIP_SPLIT_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ])
+        self.backend.decoder = decoders.ByteLevel()
+        # 4. special tokens, matched in the raw text before normalization (as transformers adds them)
+        special = []
+        for text in (bos_token, eos_token, unk_token, pad_token):
+            if text not in [t.content for t in special]:
+                special.append(AddedToken(text, special=True, normalized=False))
+        self.backend.add_special_tokens(special)
+
+        self.model_max_length = int(model_max_length)
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        self.bos_token_id = vocab[bos_token]
+        self.eos_token_id = vocab[eos_token]
+        self.pad_token_id = vocab[pad_token]
+        self.multi_vector_tokens = {}  # textual inversion: "<cat>" -> ["<cat>", "<cat>_1", ...]
+
+    @classmethod
+    def from_pretrained(cls, folder, subfolder=None):
+        """Read a tokenizer folder (vocab.json, merges.txt, special_tokens_map.json, tokenizer_config.json).
+
+        `folder` may be the tokenizer folder itself or a model folder holding tokenizer/.
+        """
+        folder = Path(folder) / subfolder if subfolder else Path(folder)
+        folder = find_tokenizer_folder(folder)
+        config = {}
+        if (folder / "tokenizer_config.json").is_file():
+            config = _read_json(folder / "tokenizer_config.json")
+        special = {}
+        if (folder / "special_tokens_map.json").is_file():
+            special = _read_json(folder / "special_tokens_map.json")
+
+        def token(name, default):
+            value = _token_text(special.get(name)) or _token_text(config.get(name))
+            return value or default
+
+        max_length = config.get("model_max_length", 77)
+        if not isinstance(max_length, int) or max_length > 10**6:  # transformers writes 1e30 for "none"
+            max_length = 77
+        return cls(folder / "vocab.json", folder / "merges.txt", pad_token=token("pad_token", END_TOKEN),
+                   model_max_length=max_length, bos_token=token("bos_token", START_TOKEN),
+                   eos_token=token("eos_token", END_TOKEN), unk_token=token("unk_token", END_TOKEN))
+
+    def __len__(self):
+        """Number of ids: the BPE vocabulary plus added tokens (textual inversion)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def get_vocab(self):
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    def convert_tokens_to_ids(self, tokens):
+        if isinstance(tokens, str):
+            return self.backend.token_to_id(tokens)
+        return [self.backend.token_to_id(t) for t in tokens]
+
+    def tokenize(self, prompt):
+        """The token strings of a prompt (no start/end), e.g. ['a</w>', 'photo</w>']."""
+        return self.backend.encode(prompt, add_special_tokens=False).tokens
+
+    def encode(self, prompt):
+        """The prompt's ids without start/end and without truncation (a list of ints)."""
+        return self.backend.encode(prompt, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        """ids -> text, with the "</w>" word ends turned back into spaces."""
+        return self.backend.decode(list(ids)).replace("</w>", " ").strip()
+
+    # ------------------------------------------------------------------------------------------
+    # Textual inversion
+    # ------------------------------------------------------------------------------------------
+    def add_tokens(self, tokens):
+        """Add new words (textual inversion placeholders); -> their ids, in order.
+
+        They become ordinary added tokens (not special, matched after normalization), the way
+        transformers' add_tokens adds them; the ids follow the vocabulary: len(tokenizer), len+1, ...
+        """
+        if isinstance(tokens, str):
+            tokens = [tokens]
+        vocab = self.get_vocab()
+        for token in tokens:
+            if not isinstance(token, str) or not token:
+                raise NpdiffError(f"add_tokens: a token must be a non-empty string, got {token!r}")
+            if token in vocab:
+                raise NpdiffError(f"add_tokens: token {token!r} is already in the tokenizer vocabulary")
+        self.backend.add_tokens(list(tokens))
+        return [self.backend.token_to_id(t) for t in tokens]
+
+    def register_multi_vector(self, token, names):
+        """Remember that `token` stands for several added tokens `names` (token, token_1, ...)."""
+        self.multi_vector_tokens[token] = list(names)
+
+    def expand_multi_vector_tokens(self, prompt):
+        """"a <cat> toy" -> "a <cat> <cat>_1 <cat>_2 toy" for a 3-vector <cat> (diffusers' maybe_convert_prompt)."""
+        if not self.multi_vector_tokens:
+            return prompt
+        present = set(self.tokenize(prompt))
+        for token, names in self.multi_vector_tokens.items():
+            if token in present:
+                prompt = prompt.replace(token, " ".join(names))
+        return prompt
+
+    # ------------------------------------------------------------------------------------------
+    # Prompts -> ids
+    # ------------------------------------------------------------------------------------------
+    def __call__(self, prompts):
+        """A prompt or a list of prompts -> int64 ids [B, model_max_length] (start, tokens, end, pad)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise NpdiffError(f"prompt must be a string or a list of strings, got {type(prompts).__name__}")
+        prompts = [self.expand_multi_vector_tokens(p) for p in prompts]
+        room = self.model_max_length - 2  # positions between the start and the end token
+        ids = np.full((len(prompts), self.model_max_length), self.pad_token_id, dtype=np.int64)  # [B,77]
+        encodings = self.backend.encode_batch(prompts, add_special_tokens=False)
+        for row, (prompt, encoding) in enumerate(zip(prompts, encodings)):
+            tokens = encoding.ids
+            if len(tokens) > room:
+                dropped = tokens[room:]
+                warnings.warn(
+                    f"prompt {row} has {len(tokens)} tokens but CLIP reads {room}: the last {len(dropped)} "
+                    f"were dropped ({self.decode(dropped)!r})", PromptTruncatedWarning, stacklevel=2)
+                tokens = tokens[:room]
+            ids[row, 0] = self.bos_token_id
+            ids[row, 1:len(tokens) + 1] = tokens
+            ids[row, len(tokens) + 1] = self.eos_token_id
+        return ids
