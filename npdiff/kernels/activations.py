@@ -1,0 +1,166 @@
+"""Element-wise activations: silu, gelu (exact erf or tanh), quick_gelu.
+
+Versions (each public function picks the fast one for NumPy arrays, the reference otherwise):
+  *_ref      NumPy API (runs on cupy arrays too). NumPy has no erf, so the exact gelu uses
+             `erfc_ref`: the Chebyshev-fitted erfc of Numerical Recipes (fractional error < 1.2e-7
+             everywhere), evaluated in float64, so gelu is float32-accurate in both tails.
+  *_numba    Numba, parallel over chunks of the flattened array (the array is made contiguous,
+             so the chunk is a contiguous run of memory and each thread streams its own run).
+             The exact gelu calls math.erf in float64; sigmoid uses exp(-|x|) so it never overflows.
+             These are memory-bound: one read, one write per element, no temporaries.
+
+torch's formulas, which both versions follow:
+  silu(x)       = x * sigmoid(x)
+  gelu(x)       = 0.5 * x * (1 + erf(x / sqrt(2)))
+  gelu_tanh(x)  = 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))
+  quick_gelu(x) = x * sigmoid(1.702 x)          (CLIP)
+"""
+
+import math
+
+import numpy as np
+
+from npdiff import backend
+from npdiff.errors import NpdiffError
+from npdiff.jit import FASTMATH_SAFE, PARALLEL, njit, prange
+from npdiff.kernels.validate import require_float32
+
+INV_SQRT2 = 0.7071067811865476
+SQRT_2_OVER_PI = 0.7978845608028654
+GELU_TANH_COEFF = 0.044715
+QUICK_GELU_ALPHA = 1.702
+CHUNK = 16384  # elements per parallel task: 64 KiB of float32, big enough to amortise scheduling
+
+APPROXIMATIONS = ("none", "tanh")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference (NumPy API, numpy or cupy)
+# ---------------------------------------------------------------------------------------------
+def erfc_ref(z):
+    """Complementary error function, float64, fractional error < 1.2e-7 (Numerical Recipes erfcc)."""
+    xp = backend.array_module(z)
+    z = z.astype(xp.float64)
+    t = 1.0 / (1.0 + 0.5 * xp.abs(z))
+    poly = -0.82215223 + t * 0.17087277
+    for coeff in (1.48851587, -1.13520398, 0.27886807, -0.18628806, 0.09678418, 0.37409196,
+                  1.00002368, -1.26551223):
+        poly = coeff + t * poly
+    tail = t * xp.exp(-z * z + poly)  # erfc(|z|)
+    return xp.where(z >= 0, tail, 2.0 - tail)
+
+
+def sigmoid_ref(x):
+    """1 / (1 + exp(-x)) without overflow: uses e = exp(-|x|) <= 1 on both sides."""
+    xp = backend.array_module(x)
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype)
+
+
+def silu_ref(x):
+    return x * sigmoid_ref(x)
+
+
+def quick_gelu_ref(x):
+    return x * sigmoid_ref(np.float32(QUICK_GELU_ALPHA) * x)
+
+
+def gelu_ref(x, approximate="none"):
+    xp = backend.array_module(x)
+    if approximate == "tanh":
+        inner = np.float32(SQRT_2_OVER_PI) * (x + np.float32(GELU_TANH_COEFF) * x * x * x)
+        return (np.float32(0.5) * x * (np.float32(1.0) + xp.tanh(inner))).astype(xp.float32)
+    # 1 + erf(x/sqrt2) = erfc(-x/sqrt2): accurate also where erf ~ -1 (large negative x)
+    x64 = x.astype(xp.float64)
+    return (0.5 * x64 * erfc_ref(-x64 * INV_SQRT2)).astype(xp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Numba (NumPy arrays): flat contiguous in -> flat contiguous out, parallel over chunks
+# ---------------------------------------------------------------------------------------------
+@njit(inline="always")
+def _sigmoid_scalar(v):
+    e = math.exp(-abs(v))
+    if v >= 0:
+        return 1.0 / (1.0 + e)
+    return e / (1.0 + e)
+
+
+@njit(inline="always")
+def _gelu_erf_scalar(v):
+    return 0.5 * v * (1.0 + math.erf(v * INV_SQRT2))
+
+
+@njit(inline="always")
+def _gelu_tanh_scalar(v):
+    return 0.5 * v * (1.0 + math.tanh(SQRT_2_OVER_PI * (v + GELU_TANH_COEFF * v * v * v)))
+
+
+@njit(**PARALLEL, fastmath=FASTMATH_SAFE)
+def _silu_numba(x, out):
+    n = x.size
+    for chunk in prange((n + CHUNK - 1) // CHUNK):
+        for i in range(chunk * CHUNK, min(n, (chunk + 1) * CHUNK)):
+            v = np.float64(x[i])
+            out[i] = v * _sigmoid_scalar(v)
+
+
+@njit(**PARALLEL, fastmath=FASTMATH_SAFE)
+def _quick_gelu_numba(x, out):
+    n = x.size
+    for chunk in prange((n + CHUNK - 1) // CHUNK):
+        for i in range(chunk * CHUNK, min(n, (chunk + 1) * CHUNK)):
+            v = np.float64(x[i])
+            out[i] = v * _sigmoid_scalar(QUICK_GELU_ALPHA * v)
+
+
+@njit(**PARALLEL, fastmath=FASTMATH_SAFE)
+def _gelu_numba(x, out, use_tanh):
+    n = x.size
+    for chunk in prange((n + CHUNK - 1) // CHUNK):
+        for i in range(chunk * CHUNK, min(n, (chunk + 1) * CHUNK)):
+            v = np.float64(x[i])
+            if use_tanh:
+                out[i] = _gelu_tanh_scalar(v)
+            else:
+                out[i] = _gelu_erf_scalar(v)
+
+
+def _elementwise_numba(kernel, x, *extra):
+    x_contig = np.ascontiguousarray(x)  # [...] (a copy only if x was a strided view)
+    out = np.empty_like(x_contig)  # [...]
+    kernel(x_contig.reshape(-1), out.reshape(-1), *extra)  # flat views of the same memory
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Public
+# ---------------------------------------------------------------------------------------------
+def silu(x):
+    """x * sigmoid(x), as torch.nn.functional.silu. x: float32 array of any shape."""
+    require_float32("silu", "x", x)
+    if backend.is_numpy(x):
+        return _elementwise_numba(_silu_numba, x)
+    return silu_ref(x)
+
+
+def quick_gelu(x):
+    """x * sigmoid(1.702 x), CLIP's activation. x: float32 array of any shape."""
+    require_float32("quick_gelu", "x", x)
+    if backend.is_numpy(x):
+        return _elementwise_numba(_quick_gelu_numba, x)
+    return quick_gelu_ref(x)
+
+
+def check_approximate(kernel, approximate):
+    if approximate not in APPROXIMATIONS:
+        raise NpdiffError(f"{kernel}: approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+
+
+def gelu(x, approximate="none"):
+    """torch.nn.functional.gelu: exact erf form ("none") or the tanh approximation ("tanh")."""
+    require_float32("gelu", "x", x)
+    check_approximate("gelu", approximate)
+    if backend.is_numpy(x):
+        return _elementwise_numba(_gelu_numba, x, approximate == "tanh")
+    return gelu_ref(x, approximate)

@@ -1,0 +1,213 @@
+"""softmax and scaled dot-product attention.
+
+Versions:
+  softmax_ref        NumPy API (numpy or cupy): max, exp, sum, divide; four passes, temporaries.
+  _softmax_numba     Numba over the last axis, prange over rows (a row is contiguous): max pass,
+                     exp-and-sum pass (sum in float64), scale pass; no temporaries.
+  attention_full     the textbook attention (= attention_ref): the whole score matrix
+                     [..., N, M] = q k^T * scale (+ mask), softmax over M, then @ v. Memory
+                     grows with N*M: [2,8,4096,4096] scores are 1 GiB.
+  attention_chunked  memory-efficient ("flash attention" on the CPU): keys/values are visited in
+                     chunks of KEY_CHUNK; for each chunk the scores [..., N, KEY_CHUNK] are made, and
+                     a running row max m, running sum l and running output acc are updated:
+                         m_new = max(m, rowmax(s));  p = exp(s - m_new)
+                         l = l * exp(m - m_new) + rowsum(p);  acc = acc * exp(m - m_new) + p @ v_chunk
+                     and the output is acc / l. Memory is linear in N (and in M).
+  scaled_dot_product_attention picks the chunked path when the full score matrix would hold more
+                     than MEMORY_EFFICIENT_MIN_SCORES floats; `path="full"|"chunked"` forces one.
+
+Masks follow torch.nn.functional.scaled_dot_product_attention: a bool mask says True = may attend,
+a float mask is added to the scores, either broadcasts to [..., N, M]; is_causal keeps key j <= query
+i (top-left aligned, as torch) and is combined with a mask if both are given (as torch 2.13 does).
+
+Fully masked rows: softmax(x) of a row that is all -inf gives NaN, as torch.softmax does. The
+attention of a query that may attend to no key gives 0, as torch 2.13's scaled_dot_product_attention
+does (its fused CPU kernel returns zeros there); both attention paths return 0 for such rows.
+"""
+
+import math
+
+import numpy as np
+
+from npdiff import backend
+from npdiff.errors import NpdiffError
+from npdiff.jit import FASTMATH_SAFE, PARALLEL, njit, prange
+from npdiff.kernels.validate import require_float32, require_min_ndim, shape_text
+
+MEMORY_EFFICIENT_MIN_SCORES = 1 << 23  # full score matrix above this many floats (32 MiB) -> chunked
+KEY_CHUNK = 512  # keys per step of the chunked path
+PATHS = ("auto", "full", "chunked")
+
+
+# ---------------------------------------------------------------------------------------------
+# softmax
+# ---------------------------------------------------------------------------------------------
+def softmax_ref(x, axis=-1):
+    xp = backend.array_module(x)
+    row_max = x.max(axis=axis, keepdims=True)  # [..., 1, ...]
+    with np.errstate(invalid="ignore"):  # an all -inf row: -inf - -inf = NaN, as torch
+        exps = xp.exp(x - row_max)  # [...]
+    return exps / exps.sum(axis=axis, keepdims=True)  # [...]
+
+
+@njit(**PARALLEL, fastmath=FASTMATH_SAFE)
+def _softmax_numba(x, out):
+    """x, out: [R, M] contiguous rows. -inf entries give 0; an all -inf row gives NaN (as torch)."""
+    rows, width = x.shape
+    for r in prange(rows):
+        row_max = -np.inf
+        for j in range(width):
+            row_max = max(row_max, x[r, j])
+        total = 0.0
+        for j in range(width):
+            e = math.exp(x[r, j] - row_max)
+            out[r, j] = e
+            total += e
+        inv_total = np.float32(1.0 / total)
+        for j in range(width):
+            out[r, j] *= inv_total
+
+
+def softmax(x, axis=-1):
+    """torch.softmax(x, axis): numerically stable (subtracts the row max). x: float32 array."""
+    require_float32("softmax", "x", x)
+    if x.ndim == 0 or not -x.ndim <= axis < x.ndim:
+        raise NpdiffError(f"softmax: axis must be in [-{x.ndim}, {x.ndim}) for x of shape "
+                          f"{shape_text(x.shape)}, got {axis}")
+    if not backend.is_numpy(x) or x.size == 0:
+        return softmax_ref(x, axis)
+    moved = np.moveaxis(x, axis, -1)  # [..., M] (a view)
+    rows = np.ascontiguousarray(moved).reshape(-1, moved.shape[-1])  # [..., M] -> [R, M]
+    out = np.empty_like(rows)  # [R, M]
+    _softmax_numba(rows, out)
+    return np.moveaxis(out.reshape(moved.shape), -1, axis)  # [R, M] -> x's layout
+
+
+# ---------------------------------------------------------------------------------------------
+# attention: shared pieces
+# ---------------------------------------------------------------------------------------------
+def mask_to_additive(mask, xp):
+    """A bool mask (True = attend) -> 0 / -inf floats; a float mask is already additive."""
+    if mask.dtype == bool:
+        return xp.where(mask, np.float32(0.0), np.float32(-np.inf)).astype(xp.float32)
+    return mask
+
+
+def causal_additive(query_start, query_stop, key_start, key_stop, xp):
+    """[n, m] of 0 where key j <= query i, -inf above the diagonal (torch's top-left alignment)."""
+    query_index = xp.arange(query_start, query_stop)[:, None]  # [n,1]
+    key_index = xp.arange(key_start, key_stop)[None, :]  # [1,m]
+    return xp.where(key_index <= query_index, np.float32(0.0), np.float32(-np.inf)).astype(xp.float32)
+
+
+def masked_row_max(scores, xp):
+    """Row max over the last axis, with rows that are all -inf given 0, so exp(s - max) stays 0."""
+    row_max = scores.max(axis=-1, keepdims=True)  # [..., N, 1]
+    return xp.where(row_max == -np.inf, np.float32(0.0), row_max)  # [..., N, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# attention: textbook (full score matrix)
+# ---------------------------------------------------------------------------------------------
+def attention_full(q, k, v, mask=None, scale=None, is_causal=False):
+    """softmax(q k^T * scale + mask) v with the whole [..., N, M] score matrix in memory."""
+    xp = backend.array_module(q)
+    n_queries, n_keys = q.shape[-2], k.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = xp.matmul(q, xp.swapaxes(k, -1, -2)) * np.float32(scale)  # [...,N,d] @ [...,d,M] -> [...,N,M]
+    if mask is not None:
+        scores = scores + mask_to_additive(mask, xp)  # [...,N,M] + broadcast mask
+    if is_causal:
+        scores = scores + causal_additive(0, n_queries, 0, n_keys, xp)  # [...,N,M] + [N,M]
+    row_max = masked_row_max(scores, xp)  # [...,N,1]
+    probs = xp.exp(scores - row_max)  # [...,N,M]
+    row_sum = probs.sum(axis=-1, keepdims=True)  # [...,N,1]
+    probs = probs / xp.where(row_sum == 0, np.float32(1.0), row_sum)  # [...,N,M]; masked rows stay 0
+    return xp.matmul(probs, v)  # [...,N,M] @ [...,M,dv] -> [...,N,dv]
+
+
+attention_ref = attention_full
+
+
+# ---------------------------------------------------------------------------------------------
+# attention: memory-efficient (key chunks, running max and sum)
+# ---------------------------------------------------------------------------------------------
+def attention_chunked(q, k, v, mask=None, scale=None, is_causal=False, key_chunk=KEY_CHUNK):
+    """Same result as attention_full; never holds more than [..., N, key_chunk] scores."""
+    xp = backend.array_module(q)
+    n_queries, n_keys = q.shape[-2], k.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    lead = q.shape[:-2]
+    q_scaled = q * np.float32(scale)  # [...,N,d]
+    if mask is not None:
+        mask = xp.broadcast_to(mask, lead + (n_queries, n_keys))  # a view [...,N,M]
+    running_max = xp.full(lead + (n_queries, 1), -np.inf, dtype=xp.float32)  # [...,N,1]
+    running_sum = xp.zeros(lead + (n_queries, 1), dtype=xp.float32)  # [...,N,1]
+    acc = xp.zeros(lead + (n_queries, v.shape[-1]), dtype=xp.float32)  # [...,N,dv]
+    for start in range(0, n_keys, key_chunk):
+        stop = min(start + key_chunk, n_keys)
+        if is_causal and start > n_queries - 1:
+            break  # every key from here on lies above the diagonal for every query
+        # 1. scores of this chunk, masked
+        k_chunk = k[..., start:stop, :]  # [...,m,d]
+        scores = xp.matmul(q_scaled, xp.swapaxes(k_chunk, -1, -2))  # [...,N,d] @ [...,d,m] -> [...,N,m]
+        if mask is not None:
+            scores = scores + mask_to_additive(mask[..., start:stop], xp)  # [...,N,m]
+        if is_causal:
+            scores = scores + causal_additive(0, n_queries, start, stop, xp)  # [...,N,m] + [N,m]
+        # 2. new running max; rows still all -inf keep a max of 0 so exp() gives 0, not NaN
+        new_max = xp.maximum(running_max, scores.max(axis=-1, keepdims=True))  # [...,N,1]
+        new_max = xp.where(new_max == -np.inf, np.float32(0.0), new_max)  # [...,N,1]
+        correction = xp.exp(running_max - new_max)  # [...,N,1]; 0 while running_max is -inf
+        probs = xp.exp(scores - new_max)  # [...,N,m]
+        # 3. rescale what was accumulated, add this chunk
+        running_sum = running_sum * correction + probs.sum(axis=-1, keepdims=True)  # [...,N,1]
+        acc = acc * correction + xp.matmul(probs, v[..., start:stop, :])  # [...,N,m] @ [...,m,dv]
+        running_max = new_max
+    return acc / xp.where(running_sum == 0, np.float32(1.0), running_sum)  # [...,N,dv]
+
+
+# ---------------------------------------------------------------------------------------------
+# Public
+# ---------------------------------------------------------------------------------------------
+def check_attention_inputs(q, k, v, mask, is_causal, path):
+    kernel = "scaled_dot_product_attention"
+    require_min_ndim(kernel, "q", q, 2, "[..., N, d]")
+    require_min_ndim(kernel, "k", k, 2, "[..., M, d]")
+    require_min_ndim(kernel, "v", v, 2, "[..., M, dv]")
+    if k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1]:
+        raise NpdiffError(f"{kernel}: k must have shape [{','.join(map(str, q.shape[:-2] + ('M',)))},"
+                          f"{q.shape[-1]}] to match q {shape_text(q.shape)}, got {shape_text(k.shape)}")
+    if v.shape[:-1] != k.shape[:-1]:
+        raise NpdiffError(f"{kernel}: v must have shape {shape_text(k.shape[:-1] + ('dv',))} to match "
+                          f"k {shape_text(k.shape)}, got {shape_text(v.shape)}")
+    if mask is not None:
+        if mask.dtype != bool and mask.dtype != np.float32:
+            raise NpdiffError(f"{kernel}: mask must be bool (True = attend) or float32, got {mask.dtype}")
+        target = q.shape[:-2] + (q.shape[-2], k.shape[-2])
+        try:
+            np.broadcast_shapes(mask.shape, target)
+            ok = len(mask.shape) <= len(target)
+        except ValueError:
+            ok = False
+        if not ok or np.broadcast_shapes(mask.shape, target) != target:
+            raise NpdiffError(f"{kernel}: mask must broadcast to [..., N, M] = {shape_text(target)}, "
+                              f"got {shape_text(mask.shape)}")
+    if path not in PATHS:
+        raise NpdiffError(f"{kernel}: path must be one of {PATHS}, got {path!r}")
+
+
+def scaled_dot_product_attention(q, k, v, mask=None, scale=None, is_causal=False, path="auto"):
+    """torch.nn.functional.scaled_dot_product_attention. q [..., N, d], k [..., M, d], v [..., M, dv].
+
+    mask: bool (True = may attend) or float (added to the scores), broadcastable to [..., N, M].
+    scale: default 1/sqrt(d). path: "auto" (chunked above MEMORY_EFFICIENT_MIN_SCORES score
+    entries), "full" or "chunked". Returns [..., N, dv].
+    """
+    check_attention_inputs(q, k, v, mask, is_causal, path)
+    if path == "auto":
+        n_scores = math.prod(q.shape[:-1]) * k.shape[-2]
+        path = "chunked" if n_scores > MEMORY_EFFICIENT_MIN_SCORES else "full"
+    if path == "chunked":
+        return attention_chunked(q, k, v, mask, scale, is_causal)
+    return attention_full(q, k, v, mask, scale, is_causal)

@@ -1,0 +1,100 @@
+"""linear (x @ W^T + b, torch layout) and geglu (SD's feed-forward input projection).
+
+Versions:
+  linear_ref / geglu_ref   NumPy API (numpy or cupy): matmul with the transposed weight, add bias;
+                           geglu splits h in halves and multiplies by gelu_ref of the gate.
+  linear                   the same GEMM (np.matmul on float32 is OpenBLAS sgemm; the transposed
+                           weight is a view, sgemm reads it with its transpose flag, no copy); the
+                           leading axes are flattened so the GEMM is one [R, in] @ [in, out].
+  geglu                    the GEMM, then one Numba pass that reads both halves of h and writes
+                           a * gelu(gate) (instead of gelu allocating a temporary, then a multiply).
+
+geglu follows diffusers.models.activations.GEGLU: h = proj(x); value, gate = h.chunk(2, dim=-1);
+return value * gelu(gate). The FIRST half is the value, the SECOND half goes through gelu.
+"""
+
+import math
+
+import numpy as np
+
+from npdiff import backend
+from npdiff.errors import NpdiffError
+from npdiff.jit import FASTMATH_SAFE, PARALLEL, njit, prange
+from npdiff.kernels.activations import INV_SQRT2, check_approximate, gelu_ref
+from npdiff.kernels.validate import require_min_ndim, require_ndim, require_optional_vector, shape_text
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------------
+def linear_ref(x, weight, bias=None):
+    xp = backend.array_module(x)
+    out = xp.matmul(x, weight.T)  # [..., in] @ [in, out] -> [..., out]
+    if bias is not None:
+        out = out + bias  # [..., out]
+    return out
+
+
+def geglu_ref(x, weight, bias=None, approximate="none"):
+    hidden = linear_ref(x, weight, bias)  # [..., in] -> [..., 2*D]
+    half = hidden.shape[-1] // 2
+    value, gate = hidden[..., :half], hidden[..., half:]  # [..., D] each
+    return value * gelu_ref(gate, approximate)  # [..., D]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast
+# ---------------------------------------------------------------------------------------------
+def check_linear(kernel, x, weight, bias):
+    require_ndim(kernel, "weight", weight, 2, "[out_features, in_features]")
+    require_min_ndim(kernel, "x", x, 1, "[..., in_features]")
+    if x.shape[-1] != weight.shape[1]:
+        raise NpdiffError(f"{kernel}: x must have shape [..., in_features={weight.shape[1]}] to match "
+                          f"weight {shape_text(weight.shape)}, got {shape_text(x.shape)}")
+    require_optional_vector(kernel, "bias", bias, weight.shape[0])
+
+
+def _linear_fast(x, weight, bias):
+    rows = x.reshape(-1, x.shape[-1])  # [..., in] -> [R, in]
+    out = np.matmul(rows, weight.T)  # [R, in] @ [in, out] -> [R, out]
+    if bias is not None:
+        out += bias  # [R, out], in place
+    return out.reshape(x.shape[:-1] + (weight.shape[0],))  # [R, out] -> [..., out]
+
+
+def linear(x, weight, bias=None):
+    """torch.nn.functional.linear: x [..., in] @ weight[out, in]^T + bias[out] -> [..., out]."""
+    check_linear("linear", x, weight, bias)
+    if not backend.is_numpy(x):
+        return linear_ref(x, weight, bias)
+    return _linear_fast(x, weight, bias)
+
+
+@njit(**PARALLEL, fastmath=FASTMATH_SAFE)
+def _geglu_gate_numba(hidden, use_tanh, out):
+    """hidden [R, 2D] contiguous rows, out [R, D]: out = hidden[:, :D] * gelu(hidden[:, D:])."""
+    rows, width = out.shape
+    for r in prange(rows):
+        for j in range(width):
+            g = np.float64(hidden[r, width + j])
+            if use_tanh:
+                gelu_g = 0.5 * g * (1.0 + math.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
+            else:
+                gelu_g = 0.5 * g * (1.0 + math.erf(g * INV_SQRT2))
+            out[r, j] = hidden[r, j] * gelu_g
+
+
+def geglu(x, weight, bias=None, approximate="none"):
+    """diffusers GEGLU: h = linear(x, weight, bias) [..., 2D]; return h[..., :D] * gelu(h[..., D:])."""
+    check_linear("geglu", x, weight, bias)
+    check_approximate("geglu", approximate)
+    if weight.shape[0] % 2:
+        raise NpdiffError(f"geglu: weight must have an even number of rows [2*D, in], "
+                          f"got {shape_text(weight.shape)}")
+    if not backend.is_numpy(x):
+        return geglu_ref(x, weight, bias, approximate)
+    hidden = _linear_fast(x, weight, bias)  # [..., in] -> [..., 2D]
+    rows = hidden.reshape(-1, hidden.shape[-1])  # [R, 2D] (contiguous: fresh from matmul)
+    out = np.empty((rows.shape[0], rows.shape[1] // 2), np.float32)  # [R, D]
+    _geglu_gate_numba(rows, approximate == "tanh", out)
+    return out.reshape(hidden.shape[:-1] + (out.shape[1],))  # [R, D] -> [..., D]

@@ -1,0 +1,47 @@
+"""Nearest-neighbour 2x upsampling (torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")).
+
+Versions:
+  upsample_nearest2x_ref   NumPy API (numpy or cupy): np.repeat along H, then along W (two passes,
+                           one temporary of the half-upsampled size).
+  _upsample_numba          Numba, prange over the B*C planes (each plane is contiguous in NCHW):
+                           each input row is widened once into output row 2h and copied to row
+                           2h+1, so x is read once and the output written once.
+"""
+
+import numpy as np
+
+from npdiff import backend
+from npdiff.jit import PARALLEL, njit, prange
+from npdiff.kernels.validate import require_ndim
+
+
+def upsample_nearest2x_ref(x):
+    xp = backend.array_module(x)
+    taller = xp.repeat(x, 2, axis=2)  # [B,C,H,W] -> [B,C,2H,W]
+    return xp.repeat(taller, 2, axis=3)  # [B,C,2H,W] -> [B,C,2H,2W]
+
+
+@njit(**PARALLEL)
+def _upsample_numba(planes, out):
+    """planes [P, H, W] -> out [P, 2H, 2W], both contiguous; P = B*C."""
+    n_planes, height, width = planes.shape
+    for p in prange(n_planes):
+        for h in range(height):
+            for w in range(width):
+                v = planes[p, h, w]
+                out[p, 2 * h, 2 * w] = v
+                out[p, 2 * h, 2 * w + 1] = v
+            for w2 in range(2 * width):
+                out[p, 2 * h + 1, w2] = out[p, 2 * h, w2]
+
+
+def upsample_nearest2x(x):
+    """x [B,C,H,W] -> [B,C,2H,2W], each pixel repeated in a 2x2 block (torch's nearest, factor 2)."""
+    require_ndim("upsample_nearest2x", "x", x, 4, "[B,C,H,W]")
+    if not backend.is_numpy(x):
+        return upsample_nearest2x_ref(x)
+    batch, channels, height, width = x.shape
+    planes = np.ascontiguousarray(x).reshape(batch * channels, height, width)  # [B,C,H,W] -> [P,H,W]
+    out = np.empty((batch * channels, 2 * height, 2 * width), np.float32)  # [P,2H,2W]
+    _upsample_numba(planes, out)
+    return out.reshape(batch, channels, 2 * height, 2 * width)  # [P,2H,2W] -> [B,C,2H,2W]
