@@ -1,0 +1,179 @@
+"""Pictures in and out of the pipeline: arrays <-> PIL, PNG metadata, the "watch it emerge" grid.
+
+  decoded_to_uint8(x)      VAE output [B,3,H,W] in [-1,1] -> uint8 [B,H,W,3], rounded as diffusers does
+  to_pil(x)                the same, as a list of PIL images
+  image_to_model_input(im) PIL / uint8 array / float array in [0,1] -> [1,3,H,W] float32 in [-1,1],
+                           sides rounded down to a multiple of the VAE's scale factor (diffusers'
+                           VaeImageProcessor.preprocess)
+  save_png(im, path, p)    a PNG whose tEXt chunk "npdiff" holds the generation parameters as JSON
+  read_png_params(path)    that JSON back, so a picture can be regenerated from itself
+  StepRecorder             a pipeline callback that keeps the latents every K steps
+  emergence_grid(...)      those latents decoded side by side: the picture emerging from noise
+
+PIL is imported inside the functions that need it, so `import npdiff.images` costs only NumPy.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from npdiff import backend
+from npdiff.errors import NpdiffError
+
+PNG_PARAMS_KEY = "npdiff"  # the tEXt chunk keyword
+
+
+# ---------------------------------------------------------------------------------------------
+# Arrays <-> PIL
+# ---------------------------------------------------------------------------------------------
+def decoded_to_float(x):
+    """VAE output [B,3,H,W] in [-1,1] -> float32 [B,H,W,3] in [0,1] (diffusers' postprocess, 'np')."""
+    x = backend.to_numpy(x)
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise NpdiffError(f"images: expected decoded images [B,3,H,W], got shape {tuple(x.shape)}")
+    x = np.clip(x / 2 + 0.5, 0.0, 1.0)  # [B,3,H,W] in [-1,1] -> [0,1]
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=np.float32)  # [B,3,H,W] -> [B,H,W,3]
+
+
+def decoded_to_uint8(x):
+    """VAE output [B,3,H,W] in [-1,1] -> uint8 [B,H,W,3]: round(255 * clamp(x/2 + 0.5, 0, 1))."""
+    return (decoded_to_float(x) * 255).round().astype(np.uint8)  # [B,H,W,3]
+
+
+def to_pil(x):
+    """VAE output [B,3,H,W] in [-1,1] -> list of B RGB PIL images."""
+    from PIL import Image
+
+    return [Image.fromarray(picture) for picture in decoded_to_uint8(x)]
+
+
+def image_to_model_input(image, vae_scale_factor=8):
+    """An input picture -> float32 [1,3,H,W] in [-1,1] for vae.encode (diffusers' preprocess).
+
+    image: a PIL image (converted to RGB), a uint8 array [H,W,3], or a float array [H,W,3] in [0,1].
+    H and W are rounded down to multiples of `vae_scale_factor` with a Lanczos resize, as diffusers does.
+    """
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        raise NpdiffError(f"image: pass an opened picture (PIL.Image.open({str(image)!r})), not a path")
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise NpdiffError(f"image: expected an array [H,W,3], got shape {image.shape}")
+        if image.dtype == np.uint8:
+            image = Image.fromarray(image)
+        else:
+            if not np.all(np.isfinite(image)) or image.min() < 0 or image.max() > 1:
+                raise NpdiffError("image: a float array must hold values in [0, 1]")
+            image = Image.fromarray((image * 255).round().astype(np.uint8))
+    if not isinstance(image, Image.Image):
+        raise NpdiffError(f"image: expected a PIL image or a numpy array, got {type(image).__name__}")
+    width = image.width - image.width % vae_scale_factor
+    height = image.height - image.height % vae_scale_factor
+    if width == 0 or height == 0:
+        raise NpdiffError(f"image: {image.width}x{image.height} is smaller than the VAE's "
+                          f"{vae_scale_factor}-pixel cell")
+    image = image.resize((width, height), resample=Image.LANCZOS).convert("RGB")
+    pixels = np.asarray(image).astype(np.float32) / 255.0  # [H,W,3] uint8 -> [0,1]
+    pixels = pixels.transpose(2, 0, 1)[None]  # [H,W,3] -> [1,3,H,W]
+    return np.ascontiguousarray(2.0 * pixels - 1.0, dtype=np.float32)  # [0,1] -> [-1,1]
+
+
+# ---------------------------------------------------------------------------------------------
+# PNG metadata
+# ---------------------------------------------------------------------------------------------
+def save_png(image, path, params=None):
+    """Write `image` (PIL) to `path` as PNG, with `params` (a JSON-able dict) in a tEXt chunk "npdiff"."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if params is not None:
+        try:
+            # tEXt is Latin-1 only: ASCII JSON (\uXXXX escapes) keeps non-Latin prompts intact.
+            text = json.dumps(params, ensure_ascii=True, sort_keys=True)
+        except TypeError as exc:
+            raise NpdiffError(f"save_png: params must be JSON-serialisable: {exc}") from exc
+        info.add_text(PNG_PARAMS_KEY, text)
+    image.save(path, format="PNG", pnginfo=info)
+    return Path(path)
+
+
+def read_png_params(path):
+    """The generation parameters npdiff stored in a PNG (a dict); NpdiffError if there are none."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise NpdiffError(f"read_png_params: no such file {path}")
+    with Image.open(path) as picture:
+        text = picture.text.get(PNG_PARAMS_KEY) if hasattr(picture, "text") else None
+    if text is None:
+        raise NpdiffError(f"{path} carries no npdiff parameters (no PNG text chunk {PNG_PARAMS_KEY!r})")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise NpdiffError(f"{path}: the {PNG_PARAMS_KEY!r} text chunk is not valid JSON: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Grids and "watch it emerge"
+# ---------------------------------------------------------------------------------------------
+def make_grid(images, columns=None, labels=None):
+    """PIL images of one size -> one PIL image, `columns` per row (default: all in one row).
+
+    labels: optional list of short strings drawn in the top-left corner of each cell.
+    """
+    from PIL import Image, ImageDraw
+
+    if not images:
+        raise NpdiffError("make_grid: no images given")
+    width, height = images[0].size
+    columns = len(images) if columns is None else max(1, int(columns))
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * width, rows * height), color=(255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for index, picture in enumerate(images):
+        left, top = (index % columns) * width, (index // columns) * height
+        grid.paste(picture.convert("RGB"), (left, top))
+        if labels is not None:
+            draw.text((left + 2, top + 1), str(labels[index]), fill=(255, 255, 255), stroke_width=1,
+                      stroke_fill=(0, 0, 0))
+    return grid
+
+
+class StepRecorder:
+    """A pipeline callback that keeps a copy of the latents at every `every`-th call.
+
+        recorder = StepRecorder()
+        out = pipe("a cat", callback=recorder, callback_steps=5)
+        emergence_grid(pipe, recorder).save("emerge.png")
+    """
+
+    def __init__(self):
+        self.steps = []      # step index the pipeline passed
+        self.timesteps = []  # scheduler timestep at that step
+        self.latents = []    # numpy copies [B,4,h,w]
+
+    def __call__(self, step, timestep, latents):
+        self.steps.append(int(step))
+        self.timesteps.append(float(timestep))
+        self.latents.append(np.array(backend.to_numpy(latents), copy=True))
+
+
+def emergence_grid(pipe, recorder, final_latents=None, image_index=0):
+    """Decode the recorded latents of picture `image_index` into one row: the image emerging from noise.
+
+    pipe: anything with decode_latents(latents [B,4,h,w]) -> images [B,3,H,W] in [-1,1].
+    final_latents: the output's .latents, appended as the last cell when given.
+    """
+    if not recorder.latents:
+        raise NpdiffError("emergence_grid: the recorder holds no steps (was it passed as callback=?)")
+    cells = [lat[image_index:image_index + 1] for lat in recorder.latents]  # each [1,4,h,w]
+    labels = [f"step {s}" for s in recorder.steps]
+    if final_latents is not None:
+        cells.append(np.asarray(final_latents)[image_index:image_index + 1])
+        labels.append("final")
+    stacked = np.concatenate(cells, axis=0)  # [N,4,h,w]
+    pictures = to_pil(pipe.decode_latents(stacked))  # [N,4,h,w] -> N PIL images
+    return make_grid(pictures, labels=labels)

@@ -1,0 +1,253 @@
+"""What the pipeline needs besides the sampling loop: finding and loading a model, choosing a
+scheduler, checking arguments, and the output object.
+
+  default_model_path()          the model npdiff ships ($NPDIFF_MODEL, weights/tiny-shapes in a source
+                                checkout, npdiff/_shipped/tiny-shapes in an installed package)
+  load_components(path, ...)    a diffusers folder or a single-file .safetensors checkpoint ->
+                                text encoder, tokenizer, UNet, VAE, scheduler config
+  resolve_scheduler(...)        a name from npdiff.schedulers.SCHEDULERS, an instance, or the folder's own
+  check_* functions             bad input -> NpdiffError naming the argument, expected and actual value
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from npdiff.errors import NpdiffError
+
+SHIPPED_MODEL_NAME = "tiny-shapes"
+COMPONENT_FOLDERS = ("text_encoder", "tokenizer", "unet", "vae")
+
+# The scheduler_config.json of Stable Diffusion 1.5: used for single-file checkpoints, which carry none.
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+}
+
+
+@dataclass
+class PipelineOutput:
+    """What a pipeline call returns.
+
+    images:     list of PIL images (output_type="pil"), float32 [B,H,W,3] in [0,1] ("np"), or None ("latent")
+    latents:    the final latents, numpy float32 [B,4,h,w]
+    seed:       the seed the noise came from (None when a generator or latents were passed in)
+    parameters: what produced the images (prompt, seed, steps, sampler, ...): save_png stores it
+    """
+
+    images: object
+    latents: np.ndarray
+    seed: object = None
+    parameters: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the model
+# ---------------------------------------------------------------------------------------------
+def default_model_path():
+    """The model used when no path is given, looked for in this order:
+
+      1. $NPDIFF_MODEL (a folder or a .safetensors file);
+      2. weights/tiny-shapes beside the package, in a source checkout;
+      3. npdiff/_shipped/tiny-shapes inside the installed package.
+    """
+    package_dir = Path(__file__).resolve().parent
+    candidates = []
+    if os.environ.get("NPDIFF_MODEL"):
+        candidates.append(("$NPDIFF_MODEL", Path(os.environ["NPDIFF_MODEL"]).expanduser()))
+    candidates.append(("source checkout", package_dir.parent / "weights" / SHIPPED_MODEL_NAME))
+    candidates.append(("installed package", package_dir / "_shipped" / SHIPPED_MODEL_NAME))
+    for _, path in candidates:
+        if path.is_file() or (path.is_dir() and any(path.iterdir())):
+            return path
+    looked = "; ".join(f"{where}: {path}" for where, path in candidates)
+    raise NpdiffError(f"no model path given and no shipped model found (looked at {looked}); "
+                      "pass a diffusers folder or a .safetensors checkpoint, or set NPDIFF_MODEL")
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise NpdiffError(f"cannot read {path}: {exc}") from exc
+
+
+def load_components(path, variant=None, tokenizer=None):
+    """-> dict(text_encoder, tokenizer, unet, vae, scheduler_config) from a folder or a single file.
+
+    path: a diffusers folder (text_encoder/, tokenizer/, unet/, vae/, scheduler/) or a single-file
+          SD 1.x .safetensors checkpoint. A single file holds no tokenizer: it comes from `tokenizer`
+          (a folder) if given, else a tokenizer/ folder beside the file, else the shipped model's,
+          else the CLIP vocabulary rebuilt from the openai-clip package (all SD 1.x use the same).
+    """
+    from npdiff.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+    from npdiff.tokenizer import CLIPTokenizer
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise NpdiffError(f"model path {path} does not exist")
+    if path.is_file():
+        from npdiff.loading import load_single_file
+
+        parts = load_single_file(path)
+        text_encoder = CLIPTextModel(*parts["text_encoder"])
+        unet = UNet2DConditionModel(*parts["unet"])
+        vae = AutoencoderKL(*parts["vae"])
+        return {"text_encoder": text_encoder, "unet": unet, "vae": vae,
+                "tokenizer": _single_file_tokenizer(path, tokenizer), "scheduler_config": dict(SD15_SCHEDULER_CONFIG)}
+
+    missing = [name for name in COMPONENT_FOLDERS if not (path / name).is_dir()]
+    if missing:
+        raise NpdiffError(f"{path} is not a diffusers Stable Diffusion folder: missing "
+                          f"{', '.join(name + '/' for name in missing)} (expected {', '.join(COMPONENT_FOLDERS)}"
+                          " and scheduler/, or pass a single-file .safetensors checkpoint)")
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    scheduler_config = _read_json(scheduler_file) if scheduler_file.is_file() else dict(SD15_SCHEDULER_CONFIG)
+    return {
+        "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant),
+        "tokenizer": CLIPTokenizer.from_pretrained(tokenizer if tokenizer is not None else path / "tokenizer"),
+        "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant),
+        "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant),
+        "scheduler_config": scheduler_config,
+    }
+
+
+def _single_file_tokenizer(checkpoint, tokenizer_folder):
+    from npdiff.tokenizer import CLIPTokenizer
+
+    if tokenizer_folder is not None:
+        return CLIPTokenizer.from_pretrained(tokenizer_folder)
+    beside = checkpoint.parent / "tokenizer"
+    if beside.is_dir():
+        return CLIPTokenizer.from_pretrained(beside)
+    try:
+        shipped = default_model_path()
+        if shipped.is_dir() and (shipped / "tokenizer").is_dir():
+            return CLIPTokenizer.from_pretrained(shipped / "tokenizer")
+    except NpdiffError:
+        pass
+    return _tokenizer_from_openai_clip()
+
+
+def _tokenizer_from_openai_clip():
+    """The SD 1.x tokenizer rebuilt from the openai-clip package's BPE file (kept in a cache folder)."""
+    from npdiff.clip_vocab import write_clip_tokenizer_folder
+    from npdiff.tokenizer import CLIPTokenizer
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "npdiff" / "clip-tokenizer"
+    if not (cache / "vocab.json").is_file():
+        write_clip_tokenizer_folder(cache)
+    return CLIPTokenizer.from_pretrained(cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedulers
+# ---------------------------------------------------------------------------------------------
+def resolve_scheduler(scheduler, config):
+    """-> (scheduler instance, its name) from a SCHEDULERS name, an instance, or None (the config's own)."""
+    from npdiff.schedulers import SCHEDULERS, make_scheduler, scheduler_from_config
+
+    if scheduler is None:
+        instance = scheduler_from_config(config)
+        return instance, scheduler_name(instance)
+    if isinstance(scheduler, str):
+        if scheduler not in SCHEDULERS:
+            raise NpdiffError(f"unknown scheduler {scheduler!r}; known: {', '.join(sorted(SCHEDULERS))}")
+        return make_scheduler(scheduler, config), scheduler
+    if not hasattr(scheduler, "step") or not hasattr(scheduler, "set_timesteps"):
+        raise NpdiffError(f"scheduler must be a name ({', '.join(sorted(SCHEDULERS))}) or a scheduler "
+                          f"instance, got {type(scheduler).__name__}")
+    return scheduler, scheduler_name(scheduler)
+
+
+def scheduler_name(instance):
+    """The SCHEDULERS name of an instance (the first whose class matches), else its class name."""
+    from npdiff.schedulers import SCHEDULERS
+
+    for name, cls in SCHEDULERS.items():
+        if type(instance) is cls:
+            return name
+    return type(instance).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------------------------
+def check_positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise NpdiffError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def check_guidance(guidance_scale):
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.floating, np.integer)):
+        raise NpdiffError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
+    if not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise NpdiffError(f"guidance_scale must be finite and >= 0, got {guidance_scale!r}")
+    return float(guidance_scale)
+
+
+def check_size(height, width, multiple):
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise NpdiffError(f"{name} must be a positive integer, got {value!r}")
+        if value % multiple != 0:
+            raise NpdiffError(f"{name} must be a multiple of {multiple}, got {value}")
+    return int(height), int(width)
+
+
+def check_strength(strength):
+    if not isinstance(strength, (int, float, np.floating)) or not (0 < strength <= 1):
+        raise NpdiffError(f"strength must be in (0, 1], got {strength!r}")
+    return float(strength)
+
+
+def as_prompt_list(prompt, negative_prompt):
+    """-> (prompts, negative prompts), lists of equal length; "" is the default negative prompt."""
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise NpdiffError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+    if negative_prompt is None:
+        negatives = [""] * len(prompts)
+    elif isinstance(negative_prompt, str):
+        negatives = [negative_prompt] * len(prompts)
+    elif isinstance(negative_prompt, (list, tuple)) and all(isinstance(p, str) for p in negative_prompt):
+        negatives = list(negative_prompt)
+    else:
+        raise NpdiffError(f"negative_prompt must be a string or a list of strings, got {negative_prompt!r}")
+    if len(negatives) != len(prompts):
+        raise NpdiffError(f"negative_prompt has batch size {len(negatives)} but prompt has batch size "
+                          f"{len(prompts)}; pass one negative prompt, or one per prompt")
+    return prompts, negatives
+
+
+def make_generator(seed, generator):
+    """-> (TorchGenerator, seed or None). A fresh random seed when neither is given (reported back)."""
+    from npdiff.rng import TorchGenerator
+
+    if seed is not None and generator is not None:
+        raise NpdiffError("pass seed= or generator=, not both")
+    if generator is not None:
+        return generator, None
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % 2**32)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise NpdiffError(f"seed must be an integer, got {seed!r}")
+    return TorchGenerator(int(seed)), int(seed)
