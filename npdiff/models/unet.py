@@ -1,0 +1,218 @@
+"""UNet2DConditionModel: the noise predictor of Stable Diffusion 1.x and 2.x, over diffusers' weights.
+
+    unet = UNet2DConditionModel.from_pretrained("sd15/unet")      # or UNet2DConditionModel(config, weights)
+    eps = unet(sample, timestep, encoder_hidden_states)             # = diffusers' unet(...).sample
+
+sample [B,C_in,h,w] float32 (h and w multiples of 2**(number of down blocks - 1), so any multiple of
+8 for SD); timestep an int/float or an array [B]; encoder_hidden_states [B,L,cross_attention_dim].
+
+The call tree (diffusers models/unets/unet_2d_condition.py):
+    time_proj (sinusoidal) -> time_embedding (linear_1, SiLU, linear_2)       -> temb [B,4*C0]
+    conv_in -> down_blocks[i] (skips kept) -> mid_block -> up_blocks[i] (skips consumed)
+    -> conv_norm_out + SiLU -> conv_out
+Supported configuration: what SD 1.x/2.x use (see `check_config`); anything else (class
+embeddings, SDXL's added embeddings, other block types) raises NpdiffError naming the key.
+"""
+
+import numpy as np
+
+from npdiff.backend import array_module, to_device
+from npdiff.errors import NpdiffError
+from npdiff.models.blocks import Conv2d, GroupNorm, TimestepEmbedding, timestep_embedding
+from npdiff.models.unet_blocks import (CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock2D,
+                                       UNetMidBlock2DCrossAttn, UpBlock2D)
+
+# diffusers' defaults for the keys a config.json may leave out (UNet2DConditionModel.__init__).
+DEFAULTS = {
+    "in_channels": 4, "out_channels": 4, "center_input_sample": False, "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "only_cross_attention": False, "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+    "downsample_padding": 1, "mid_block_scale_factor": 1.0, "act_fn": "silu", "norm_num_groups": 32,
+    "norm_eps": 1e-5, "cross_attention_dim": 1280, "transformer_layers_per_block": 1,
+    "attention_head_dim": 8, "num_attention_heads": None, "dual_cross_attention": False,
+    "use_linear_projection": False, "class_embed_type": None, "addition_embed_type": None,
+    "num_class_embeds": None, "upcast_attention": False, "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
+    "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None,
+    "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3, "attention_type": "default",
+    "class_embeddings_concat": False, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
+    "cross_attention_norm": None, "reverse_transformer_layers_per_block": None,
+}
+
+# Keys whose value must be exactly this (None/False/"default"...) for the SD 1.x/2.x network built here.
+MUST_BE = {
+    "class_embed_type": None, "addition_embed_type": None, "num_class_embeds": None,
+    "num_attention_heads": None, "dual_cross_attention": False, "only_cross_attention": False,
+    "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "time_embedding_type": "positional",
+    "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
+    "attention_type": "default", "class_embeddings_concat": False, "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None, "cross_attention_norm": None, "reverse_transformer_layers_per_block": None,
+}
+DOWN_TYPES = {"CrossAttnDownBlock2D": CrossAttnDownBlock2D, "DownBlock2D": DownBlock2D}
+UP_TYPES = {"CrossAttnUpBlock2D": CrossAttnUpBlock2D, "UpBlock2D": UpBlock2D}
+
+
+def per_block(config, key, count):
+    """A config value given as one int or as a per-block list -> a list of `count` values."""
+    value = config[key]
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise NpdiffError(f"unet config: {key} has {len(value)} entries; expected {count} (one per block)")
+        return list(value)
+    return [value] * count
+
+
+def check_config(config):
+    """Config dict -> the same dict with diffusers' defaults filled in; NpdiffError for what is unsupported."""
+    full = {**DEFAULTS, **config}
+    for key, expected in MUST_BE.items():
+        if full[key] != expected:
+            raise NpdiffError(f"unet config: {key}={full[key]!r} is not supported (npdiff runs SD 1.x/2.x "
+                              f"UNets, which have {key}={expected!r})")
+    if full["act_fn"] not in ("silu", "swish"):
+        raise NpdiffError(f"unet config: act_fn={full['act_fn']!r} is not supported; expected 'silu'")
+    if full["norm_num_groups"] is None:
+        raise NpdiffError("unet config: norm_num_groups=None is not supported; expected an int")
+    if full["mid_block_type"] not in ("UNetMidBlock2DCrossAttn", None):
+        raise NpdiffError(f"unet config: mid_block_type={full['mid_block_type']!r} is not supported; expected "
+                          "'UNetMidBlock2DCrossAttn'")
+    blocks = len(full["block_out_channels"])
+    for key, known in (("down_block_types", DOWN_TYPES), ("up_block_types", UP_TYPES)):
+        if len(full[key]) != blocks:
+            raise NpdiffError(f"unet config: {key} has {len(full[key])} entries; block_out_channels has {blocks}")
+        for name in full[key]:
+            if name not in known:
+                raise NpdiffError(f"unet config: {key} entry {name!r} is not supported; known: {', '.join(known)}")
+    for key in ("conv_in_kernel", "conv_out_kernel"):
+        if full[key] % 2 != 1:
+            raise NpdiffError(f"unet config: {key}={full[key]} must be odd")
+    return full
+
+
+class UNet2DConditionModel:
+    """The SD 1.x/2.x UNet. Build with `from_pretrained(folder)` or `UNet2DConditionModel(config, weights)`."""
+
+    def __init__(self, config, weights):
+        self.config = check_config(config)
+        c = self.config
+        channels = list(c["block_out_channels"])
+        blocks = len(channels)
+        heads = per_block(c, "attention_head_dim", blocks)          # diffusers' name; it is the head count
+        cross_dims = per_block(c, "cross_attention_dim", blocks)
+        layers = per_block(c, "layers_per_block", blocks)
+        transformer_layers = per_block(c, "transformer_layers_per_block", blocks)
+        groups, eps = c["norm_num_groups"], c["norm_eps"]
+        time_embed_dim = c["time_embedding_dim"] or channels[0] * 4
+        self.num_upsamplers = blocks - 1
+
+        def attention(i):
+            return {"cross_attention_dim": cross_dims[i], "use_linear_projection": c["use_linear_projection"],
+                    "transformer_layers": transformer_layers[i], "norm_num_groups": groups}
+
+        # input and time embedding
+        k_in, k_out = c["conv_in_kernel"], c["conv_out_kernel"]
+        self.conv_in = Conv2d(weights, "conv_in", c["in_channels"], channels[0], k_in, padding=(k_in - 1) // 2)
+        self.time_embedding = TimestepEmbedding(weights, "time_embedding", channels[0], time_embed_dim)
+
+        # down path
+        self.down_blocks = []
+        out_ch = channels[0]
+        for i, block_type in enumerate(c["down_block_types"]):
+            in_ch, out_ch = out_ch, channels[i]
+            cross = block_type == "CrossAttnDownBlock2D"
+            self.down_blocks.append(DOWN_TYPES[block_type](
+                weights, f"down_blocks.{i}", in_ch, out_ch, time_embed_dim, layers[i], groups, eps,
+                add_downsample=i < blocks - 1, downsample_padding=c["downsample_padding"],
+                heads=heads[i] if cross else None, attention=attention(i) if cross else None,
+                output_scale_factor=c["resnet_out_scale_factor"]))
+
+        # middle
+        self.mid_block = None
+        if c["mid_block_type"] is not None:
+            self.mid_block = UNetMidBlock2DCrossAttn(
+                weights, "mid_block", channels[-1], time_embed_dim, groups, eps, heads[-1], attention(blocks - 1),
+                output_scale_factor=c["mid_block_scale_factor"])
+
+        # up path (reversed per-block settings)
+        self.up_blocks = []
+        reversed_channels = channels[::-1]
+        out_ch = reversed_channels[0]
+        for i, block_type in enumerate(c["up_block_types"]):
+            prev_out, out_ch = out_ch, reversed_channels[i]
+            in_ch = reversed_channels[min(i + 1, blocks - 1)]
+            j = blocks - 1 - i                                      # the down block this one mirrors
+            cross = block_type == "CrossAttnUpBlock2D"
+            self.up_blocks.append(UP_TYPES[block_type](
+                weights, f"up_blocks.{i}", in_ch, prev_out, out_ch, time_embed_dim, layers[j] + 1, groups, eps,
+                add_upsample=i < blocks - 1, heads=heads[j] if cross else None,
+                attention=attention(j) if cross else None, output_scale_factor=c["resnet_out_scale_factor"]))
+
+        # output
+        self.conv_norm_out = GroupNorm(weights, "conv_norm_out", groups, channels[0], eps)
+        self.conv_out = Conv2d(weights, "conv_out", channels[0], c["out_channels"], k_out, padding=(k_out - 1) // 2)
+        weights.check_all_used()
+
+    @classmethod
+    def from_pretrained(cls, folder, subfolder=None, variant=None):
+        from npdiff.loading import load_component_weights, read_config
+        from pathlib import Path
+
+        path = Path(folder) / subfolder if subfolder else Path(folder)
+        return cls(read_config(path), load_component_weights(path, variant))
+
+    # -----------------------------------------------------------------------------------------
+    def check_inputs(self, sample, timesteps, encoder_hidden_states):
+        c = self.config
+        if sample.ndim != 4 or sample.shape[1] != c["in_channels"]:
+            raise NpdiffError(f"sample must have shape [B,{c['in_channels']},h,w]; got {tuple(sample.shape)}")
+        factor = 2 ** self.num_upsamplers
+        if sample.shape[2] % factor or sample.shape[3] % factor:
+            raise NpdiffError(f"sample height and width must be multiples of {factor}; got "
+                              f"{sample.shape[2]}x{sample.shape[3]}")
+        batch = sample.shape[0]
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch:
+            raise NpdiffError(f"encoder_hidden_states must have shape [{batch},L,D]; got "
+                              f"{tuple(encoder_hidden_states.shape)}")
+        if timesteps.ndim != 1 or timesteps.shape[0] not in (1, batch):
+            raise NpdiffError(f"timestep must be a scalar or an array of shape [{batch}]; got shape "
+                              f"{timesteps.shape}")
+
+    def __call__(self, sample, timestep, encoder_hidden_states):
+        xp = array_module(sample)
+        timesteps = np.atleast_1d(np.asarray(timestep.get() if hasattr(timestep, "get") else timestep))
+        self.check_inputs(sample, timesteps, encoder_hidden_states)
+        c = self.config
+        batch = sample.shape[0]
+        if c["center_input_sample"]:
+            sample = 2 * sample - 1.0                                   # [B,Cin,h,w]
+
+        # 1. time embedding
+        timesteps = np.broadcast_to(timesteps, (batch,))                # [B]
+        t_emb = timestep_embedding(timesteps, c["block_out_channels"][0], c["flip_sin_to_cos"], c["freq_shift"])
+        t_emb = to_device(t_emb) if xp is not np else t_emb             # [B,C0]
+        temb = self.time_embedding(t_emb)                               # [B,C0] -> [B,4*C0]
+
+        # 2. conv_in, then the down path; every intermediate result is kept as a skip
+        h = self.conv_in(sample)                                        # [B,Cin,h,w] -> [B,C0,h,w]
+        skips = [h]
+        for block in self.down_blocks:
+            h, block_skips = block(h, temb, encoder_hidden_states)      # [B,C,H,W] -> [B,C',H/2,W/2]
+            skips.extend(block_skips)
+
+        # 3. middle
+        if self.mid_block is not None:
+            h = self.mid_block(h, temb, encoder_hidden_states)          # [B,C,H,W]
+
+        # 4. up path: each block takes (and frees) as many skips as it has resnets
+        for block in self.up_blocks:
+            count = len(block.resnets)
+            block_skips = skips[-count:]
+            del skips[-count:]
+            h = block(h, block_skips, temb, encoder_hidden_states)      # [B,C,H,W] -> [B,C',2H,2W]
+
+        # 5. output: group norm + SiLU, conv_out
+        h = self.conv_norm_out(h, silu=True)                            # [B,C0,h,w]
+        return self.conv_out(h)                                         # [B,C0,h,w] -> [B,Cout,h,w]

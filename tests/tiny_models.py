@@ -1,0 +1,114 @@
+"""Tiny random diffusers models, saved as diffusers folders with safetensors, for tests.
+
+    from tiny_models import tiny_unet, tiny_vae, UNET_KINDS, VAE_KINDS
+
+    torch_unet, folder = tiny_unet("sd1", seed=0)     # folder/config.json, folder/diffusion_pytorch_model.safetensors
+    torch_vae, folder = tiny_vae("sd", seed=0)
+
+Kinds (small channels, the same structure as the real models):
+  UNet "sd1": SD 1.x-like: 3 blocks (CrossAttn, CrossAttn, Down), int attention_head_dim (heads),
+              1x1-conv proj_in/proj_out, cross_attention_dim 24, layers_per_block 2, flip_sin_to_cos.
+  UNet "sd2": SD 2.x-like: use_linear_projection, per-block head counts, upcast_attention,
+              cross_attention_dim 40, layers_per_block 1, norm_eps 1e-6, freq_shift 1, no flip.
+  VAE  "sd":  SD-like: 4 blocks (latent = image / 8), layers_per_block 1, scaling_factor 0.18215.
+  VAE  "deep": 3 blocks (latent = image / 4), layers_per_block 2, scaling_factor 0.13025.
+
+Every parameter is random (torch.manual_seed(seed)): conv/linear weights keep diffusers' default
+init; every 1-d parameter (norm weights, biases) gets N(0, 0.1^2) added, so that norm affines and
+biases are exercised too. Folders are built once per (kind, seed) per process under a temporary
+directory of this process (or in `folder` when given) and reused; the torch model is in eval mode.
+"""
+
+import atexit
+import functools
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+UNET_KINDS = {
+    "sd1": dict(
+        sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64, 64), layers_per_block=2, attention_head_dim=8,
+        cross_attention_dim=24, norm_num_groups=8, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0,
+        use_linear_projection=False, upcast_attention=False,
+    ),
+    "sd2": dict(
+        sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=(2, 4, 4),
+        cross_attention_dim=40, norm_num_groups=16, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1,
+        use_linear_projection=True, upcast_attention=True,
+    ),
+}
+
+VAE_KINDS = {
+    "sd": dict(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8, scaling_factor=0.18215,
+    ),
+    "deep": dict(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=32,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 48), layers_per_block=2, norm_num_groups=8, scaling_factor=0.13025,
+    ),
+}
+
+
+def randomize_(model, seed):
+    """Make every parameter random and reproducible: keep diffusers' init of the weight matrices,
+    add N(0, 0.1^2) to every 1-d parameter (norm scales stay near 1, biases near 0)."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for _, param in model.named_parameters():
+            if param.ndim == 1:
+                param.add_(0.1 * torch.randn_like(param))
+    return model.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def _process_root():
+    """One temporary directory per process (removed at exit), so parallel test runs never share files."""
+    root = tempfile.mkdtemp(prefix="npdiff-tiny-models-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return Path(root)
+
+
+def _default_folder(what, kind, seed):
+    return _process_root() / f"{what}-{kind}-seed{seed}"
+
+
+@functools.lru_cache(maxsize=None)
+def _build(what, kind, seed, folder):
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    table, cls = (UNET_KINDS, UNet2DConditionModel) if what == "unet" else (VAE_KINDS, AutoencoderKL)
+    if kind not in table:
+        raise ValueError(f"unknown tiny {what} kind {kind!r}; known: {', '.join(table)}")
+    torch.manual_seed(seed)
+    model = randomize_(cls(**table[kind]), seed + 1)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    assert (folder / "diffusion_pytorch_model.safetensors").is_file()
+    json.loads((folder / "config.json").read_text())  # written by diffusers; fail here if it is not
+    return model, folder
+
+
+def tiny_unet(kind="sd1", seed=0, folder=None):
+    """-> (torch UNet2DConditionModel in eval mode, Path of its diffusers folder)."""
+    folder = str(folder or _default_folder("unet", kind, seed))
+    return _build("unet", kind, int(seed), folder)
+
+
+def tiny_vae(kind="sd", seed=0, folder=None):
+    """-> (torch AutoencoderKL in eval mode, Path of its diffusers folder)."""
+    folder = str(folder or _default_folder("vae", kind, seed))
+    return _build("vae", kind, int(seed), folder)
