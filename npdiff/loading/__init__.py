@@ -1,0 +1,29 @@
+"""Weights from safetensors files: diffusers folders and original single-file checkpoints.
+
+    read_config(folder) -> dict                     <folder>/config.json
+    open_weights(path) -> Weights                   one .safetensors file, memory-mapped
+    load_component_weights(folder, variant=None)    diffusion_pytorch_model[.fp16].safetensors or
+                                                    model[.fp16].safetensors in a component folder
+    load_single_file(path)                          {"unet"|"vae"|"text_encoder": (config, Weights)}
+                                                    from an original CompVis/Stability SD 1.x file
+    load_pipeline_components(path, variant=None)    all of the above for a pipeline, from a folder
+                                                    or a single file (see components.py)
+    Weights                                         take(key, shape), check_all_used(), ...
+
+Files:
+    safetensors_io.py   one file: validation, memory map, fp16/bf16 -> float32, pickle refusal
+    weights.py          Weights and TensorRef
+    configs.py          config.json, finding a component's weight file (variants, shards)
+    keymap.py           the one key map, original layout <-> diffusers names
+    single_file.py      single-file loading and config inference from tensor shapes
+    components.py       load_pipeline_components
+Loading never writes a file. Every bad input raises npdiff.errors.NpdiffError naming file and key.
+"""
+
+from npdiff.loading.components import load_pipeline_components
+from npdiff.loading.configs import load_component_weights, open_weights, read_config, read_json
+from npdiff.loading.single_file import load_single_file
+from npdiff.loading.weights import TensorRef, Weights
+
+__all__ = ["Weights", "TensorRef", "read_config", "read_json", "open_weights", "load_component_weights",
+           "load_single_file", "load_pipeline_components"]

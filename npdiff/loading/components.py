@@ -1,0 +1,79 @@
+"""Everything a text-to-image pipeline needs from one path: a diffusers folder or a single file.
+
+    load_pipeline_components(path, variant=None) -> {
+        "unet":         (config, Weights),
+        "vae":          (config, Weights),
+        "text_encoder": (config, Weights),
+        "tokenizer":    folder with vocab.json + merges.txt, or None (single file: none inside),
+        "scheduler":    scheduler_config.json as a dict, or None (single file: none inside),
+        "model_index":  model_index.json as a dict, or None,
+        "source":       the path, for messages,
+    }
+"""
+
+import os
+
+from npdiff.errors import NpdiffError
+from npdiff.loading.configs import load_component_weights, read_config, read_json
+from npdiff.loading.safetensors_io import refuse_pickle
+from npdiff.loading.single_file import load_single_file
+
+MODEL_COMPONENTS = ("unet", "vae", "text_encoder")
+EXPECTED_LAYOUT = ("a diffusers folder (model_index.json; unet/, vae/, text_encoder/ each with config.json "
+                   "and .safetensors weights; tokenizer/, scheduler/) or a single-file SD 1.x .safetensors "
+                   "checkpoint")
+
+
+def _component_folder(path, name):
+    folder = os.path.join(path, name)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise NpdiffError(f"{path} has no {name}/config.json; expected {EXPECTED_LAYOUT}")
+    return folder
+
+
+def _optional_tokenizer(path):
+    folder = os.path.join(path, "tokenizer")
+    needed = ("vocab.json", "merges.txt")
+    if not os.path.isdir(folder):
+        return None
+    missing = [name for name in needed if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        raise NpdiffError(f"{folder} lacks {', '.join(missing)} (a CLIP tokenizer folder holds "
+                          f"{' and '.join(needed)})")
+    return folder
+
+
+def _optional_scheduler(path):
+    config_path = os.path.join(path, "scheduler", "scheduler_config.json")
+    return read_json(config_path) if os.path.isfile(config_path) else None
+
+
+def load_pipeline_components(path, variant=None):
+    """The (config, Weights) of unet, vae and text_encoder, plus tokenizer folder and scheduler config."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        refuse_pickle(path)
+        components = load_single_file(path)
+        return {**components, "tokenizer": None, "scheduler": None, "model_index": None, "source": path}
+    if not os.path.isdir(path):
+        raise NpdiffError(f"no such file or folder: {path}; expected {EXPECTED_LAYOUT}")
+
+    if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "unet")):
+        raise NpdiffError(f"{path} is one model's folder (it has config.json), not a pipeline; expected "
+                          f"{EXPECTED_LAYOUT}. Load a single model with <Model>.from_pretrained({path!r})")
+    present = [name for name in MODEL_COMPONENTS if os.path.isdir(os.path.join(path, name))]
+    if not present:
+        found = ", ".join(sorted(os.listdir(path))[:10]) or "nothing"
+        raise NpdiffError(f"{path} holds {found}; expected {EXPECTED_LAYOUT}")
+
+    model_index_path = os.path.join(path, "model_index.json")
+    model_index = read_json(model_index_path) if os.path.isfile(model_index_path) else None
+    result = {}
+    for name in MODEL_COMPONENTS:
+        folder = _component_folder(path, name)
+        result[name] = (read_config(folder), load_component_weights(folder, variant=variant))
+    result["tokenizer"] = _optional_tokenizer(path)
+    result["scheduler"] = _optional_scheduler(path)
+    result["model_index"] = model_index
+    result["source"] = path
+    return result

@@ -1,0 +1,98 @@
+"""config.json files, and finding a component's weight file inside a diffusers folder.
+
+A diffusers model folder holds one folder per component, each with a config.json and its weights:
+
+    unet/config.json          unet/diffusion_pytorch_model.safetensors   (.fp16.safetensors variant)
+    vae/config.json           vae/diffusion_pytorch_model.safetensors
+    text_encoder/config.json  text_encoder/model.safetensors             (.fp16.safetensors variant)
+
+Large components may be sharded: <name>.safetensors.index.json maps each key to its shard file.
+"""
+
+import json
+import os
+
+from npdiff.errors import NpdiffError
+from npdiff.loading.safetensors_io import PICKLE_SUFFIXES, SafetensorsFile, refuse_pickle
+from npdiff.loading.weights import TensorRef, Weights
+
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model")  # diffusers models, transformers models
+
+
+def read_json(path):
+    """A JSON object from `path`; NpdiffError naming the file if it is missing or not a JSON object."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise NpdiffError(f"missing file: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise NpdiffError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise NpdiffError(f"{path} should hold a JSON object, found a {type(value).__name__}")
+    return value
+
+
+def read_config(folder):
+    """<folder>/config.json as a dict."""
+    return read_json(os.path.join(os.fspath(folder), "config.json"))
+
+
+def _file_name(stem, variant, suffix):
+    return f"{stem}.{variant}{suffix}" if variant else f"{stem}{suffix}"
+
+
+def open_weights(path):
+    """Weights over one .safetensors file (memory-mapped; pickle files are refused)."""
+    return Weights.from_file(SafetensorsFile(path))
+
+
+def _open_sharded(index_path):
+    """Weights over the shards an index.json names; keys keep their names, each from its shard."""
+    index = read_json(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise NpdiffError(f"{index_path} has no 'weight_map' of key -> shard file")
+    folder = os.path.dirname(index_path)
+    shards = {}  # shard file name -> SafetensorsFile
+    refs = {}
+    for key, shard_name in weight_map.items():
+        if shard_name not in shards:
+            shards[shard_name] = SafetensorsFile(os.path.join(folder, shard_name))
+        shard = shards[shard_name]
+        if key not in shard.keys():
+            raise NpdiffError(f"missing key '{key}' in {shard.path} (listed there by {index_path})")
+        refs[key] = TensorRef(shard, key, shard.shape(key))
+    return Weights(index_path, refs)
+
+
+def load_component_weights(folder, variant=None):
+    """The weights of one component folder: diffusion_pytorch_model[.<variant>].safetensors or
+    model[.<variant>].safetensors (or a sharded .safetensors.index.json of the same names)."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise NpdiffError(f"no such folder: {folder}")
+    for stem in WEIGHT_STEMS:
+        single = os.path.join(folder, _file_name(stem, variant, ".safetensors"))
+        if os.path.isfile(single):
+            return open_weights(single)
+        index = os.path.join(folder, _file_name(stem, variant, ".safetensors.index.json"))
+        if os.path.isfile(index):
+            return _open_sharded(index)
+
+    wanted = " or ".join(_file_name(stem, variant, ".safetensors") for stem in WEIGHT_STEMS)
+    present = sorted(os.listdir(folder))
+    pickles = [name for name in present if os.path.splitext(name)[1].lower() in PICKLE_SUFFIXES]
+    if pickles:
+        refuse_pickle(os.path.join(folder, pickles[0]))  # raises, saying why and how to convert
+    others = [name for name in present if name.endswith((".safetensors", ".safetensors.index.json"))]
+    hint = ""
+    if others:
+        hint = f"; it has {', '.join(others)}"
+        other_variants = sorted({name.split(".")[1] for name in others if name.count(".") >= 2} - {"safetensors"})
+        if variant is None and other_variants:
+            hint += f" (pass variant='{other_variants[0]}' to read the .{other_variants[0]}.safetensors file)"
+        elif variant is not None:
+            hint += f" (variant={variant!r} was asked for; pass variant=None for the plain file)"
+    raise NpdiffError(f"no weights in {folder}: expected {wanted}{hint}")

@@ -1,0 +1,106 @@
+"""Weights: the lazy view of named tensors that every model is built from.
+
+A model's constructor asks for each parameter by its diffusers/transformers name and the shape its
+config implies (`weights.take("conv_in.weight", (320, 4, 3, 3))`), then calls `check_all_used()`.
+Behind a name sits a TensorRef: which file, the key stored there (the same name for a diffusers
+folder; the original CompVis name for a single-file checkpoint) and the shape `take` returns (the
+stored shape, or a reshape of it that the key map asked for, e.g. a 1x1 conv [C,C,1,1] read as a
+linear [C,C]). Nothing is read until `take`; each tensor is read and widened to float32 once.
+"""
+
+import difflib
+from dataclasses import dataclass
+
+from npdiff import backend
+from npdiff.errors import NpdiffError
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    file: object  # a SafetensorsFile
+    stored_key: str  # the key inside that file
+    shape: tuple  # the shape take() returns (same number of elements as the stored one)
+
+
+def _shape_text(shape):
+    return "(" + ", ".join(str(int(n)) for n in shape) + ")"
+
+
+class Weights:
+    """Named tensors from one source (a file, a sharded set, or one component of a single file)."""
+
+    def __init__(self, source, refs, part=None):
+        self.source = str(source)  # file path, for messages
+        self.part = part  # e.g. "unet" for one component of a single-file checkpoint
+        self._refs = dict(refs)  # name -> TensorRef
+        self._used = set()
+
+    @classmethod
+    def from_file(cls, safetensors_file):
+        """Every tensor of one SafetensorsFile under its own name and shape."""
+        refs = {key: TensorRef(safetensors_file, key, safetensors_file.shape(key))
+                for key in safetensors_file.keys()}
+        return cls(safetensors_file.path, refs)
+
+    def _where(self, key=None):
+        """'<file>' or '<file> (unet part)'; with the stored name when it differs from `key`."""
+        text = self.source if self.part is None else f"{self.source} ({self.part} part)"
+        if key is not None and key in self._refs and self._refs[key].stored_key != key:
+            text += f", stored as '{self._refs[key].stored_key}'"
+        return text
+
+    def __repr__(self):
+        return f"Weights({self._where()}, {len(self._refs)} tensors)"
+
+    def __len__(self):
+        return len(self._refs)
+
+    def __contains__(self, key):
+        return key in self._refs
+
+    def keys(self):
+        return sorted(self._refs)
+
+    def has(self, key):
+        return key in self._refs
+
+    def shape(self, key):
+        """The shape take(key) returns, without reading the tensor."""
+        return self._ref(key).shape
+
+    def dtype(self, key):
+        """The stored dtype name ('F32', 'F16', 'BF16', ...)."""
+        ref = self._ref(key)
+        return ref.file.dtype(ref.stored_key)
+
+    def _ref(self, key):
+        if key not in self._refs:
+            close = difflib.get_close_matches(key, list(self._refs), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise NpdiffError(f"missing key '{key}' in {self._where()}{hint}")
+        return self._refs[key]
+
+    def take(self, key, shape):
+        """The tensor `key` as float32 on the active backend, checked against the config's `shape`."""
+        ref = self._ref(key)
+        expected = tuple(int(n) for n in shape)
+        if tuple(ref.shape) != expected:
+            raise NpdiffError(f"key '{key}' in {self._where(key)} has shape {_shape_text(ref.shape)}; "
+                              f"the config expects {_shape_text(expected)}")
+        values = ref.file.read_float32(ref.stored_key).reshape(expected)  # stored shape -> config shape
+        self._used.add(key)
+        return backend.to_device(values)  # numpy: no copy (already float32, contiguous)
+
+    def ignore(self, key):
+        """Mark `key` as deliberately unused (e.g. CLIP's position_ids buffer); absent keys are fine."""
+        if key in self._refs:
+            self._used.add(key)
+
+    def check_all_used(self):
+        """NpdiffError listing every key that no take()/ignore() asked for."""
+        unused = sorted(set(self._refs) - self._used)
+        if unused:
+            shown = ", ".join(f"'{key}'" for key in unused[:10])
+            more = f" ... ({len(unused)} in all)" if len(unused) > 10 else ""
+            raise NpdiffError(f"unexpected key{'s' if len(unused) > 1 else ''} in {self._where()}, not used "
+                              f"by the model: {shown}{more}")
