@@ -1,5 +1,15 @@
 """The `npdiff` command line.
 
+    npdiff generate PROMPT [--negative N] [--steps S] [--guidance G] [--seed X] [--sampler NAME]
+                    [--height H --width W] [--model PATH] [--out FILE] [--save-steps K]
+                    [--reproduce PNG] [--backend numpy|cupy]
+                                     text -> picture; the PNG carries its parameters, and
+                                     `--reproduce that.png` makes it again
+    npdiff img2img PROMPT --image IN [--strength S] [same options]
+                                     picture + text -> picture
+    npdiff verify [--model PATH] [--steps N]
+                                     npdiff against diffusers/transformers on the same weights:
+                                     relative error per component and per block
     npdiff bench TOPIC [args...]     run benchmarks/TOPIC.py (kernels, rng, matmul, models, ...)
 
 Each subcommand is one `add_<name>_command(subparsers)` function below that registers its parser and
@@ -9,6 +19,7 @@ the function that runs it.
 import argparse
 import runpy
 import sys
+import time
 from pathlib import Path
 
 import npdiff  # noqa: F401  (chooses the BLAS kernels before numpy loads)
@@ -47,7 +58,152 @@ def add_bench_command(subparsers):
     p.set_defaults(run=run_bench)
 
 
-COMMANDS = [add_bench_command]
+# ---------------------------------------------------------------------------------------------
+# npdiff generate / img2img
+# ---------------------------------------------------------------------------------------------
+# Options a PNG's parameters can fill in (--reproduce): option name -> key in the PNG's JSON.
+REPRODUCIBLE = {"prompt": "prompt", "negative": "negative_prompt", "steps": "steps", "guidance": "guidance_scale",
+                "seed": "seed", "sampler": "sampler", "height": "height", "width": "width",
+                "model": "model_path", "strength": "strength", "image": "image"}
+DEFAULTS = {"negative": "", "steps": 30, "guidance": 7.5, "strength": 0.8}
+
+
+def resolve_options(args):
+    """Fill unset options: from the --reproduce PNG's parameters first, then from DEFAULTS."""
+    from npdiff.images import read_png_params
+
+    stored = read_png_params(args.reproduce) if args.reproduce else {}
+    for option, key in REPRODUCIBLE.items():
+        if hasattr(args, option) and getattr(args, option) is None:
+            setattr(args, option, stored.get(key, DEFAULTS.get(option)))
+    if not args.prompt:
+        raise npdiff.NpdiffError("no prompt given (pass PROMPT, or --reproduce a PNG made by npdiff)")
+    return args
+
+
+def load_pipeline(args):
+    """Load the model (timed, reported on stderr) with the chosen sampler and backend."""
+    from npdiff import backend
+    from npdiff.pipeline import StableDiffusionPipeline
+    from npdiff.pipeline_utils import default_model_path
+
+    if args.backend:
+        backend.use(args.backend)
+    model = Path(args.model) if args.model else default_model_path()
+    start = time.perf_counter()
+    pipe = StableDiffusionPipeline.from_pretrained(model, scheduler=args.sampler)
+    print(f"loaded model {model} in {time.perf_counter() - start:.2f} s (sampler {pipe.scheduler_name}, "
+          f"backend {backend.name()})", file=sys.stderr)
+    return pipe, model
+
+
+def save_outputs(pipe, out, args, model, recorder, extra):
+    """Write the picture with its parameters; with --save-steps also the "watch it emerge" grid."""
+    from npdiff.images import emergence_grid, save_png
+
+    params = dict(out.parameters, model_path=str(Path(model).resolve()), **extra)
+    path = Path(args.out or f"npdiff-{out.seed}.png")
+    save_png(out.images[0], path, params)
+    print(f"wrote {path} (seed {out.seed})", file=sys.stderr)
+    if recorder is not None:
+        grid_path = path.with_name(path.stem + "-steps.png")
+        emergence_grid(pipe, recorder, final_latents=out.latents).save(grid_path)
+        print(f"wrote {grid_path} (every {args.save_steps} steps)", file=sys.stderr)
+    return path
+
+
+def make_recorder(args):
+    from npdiff.images import StepRecorder
+
+    return StepRecorder() if args.save_steps else None
+
+
+def run_generate(args):
+    args = resolve_options(args)
+    pipe, model = load_pipeline(args)
+    recorder = make_recorder(args)
+    out = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
+               guidance_scale=args.guidance, height=args.height, width=args.width, seed=args.seed,
+               callback=recorder, callback_steps=args.save_steps or 1)
+    save_outputs(pipe, out, args, model, recorder, {"command": "generate"})
+    return 0
+
+
+def run_img2img(args):
+    from PIL import Image
+
+    args = resolve_options(args)
+    if not args.image:
+        raise npdiff.NpdiffError("img2img needs --image IN (a picture file)")
+    if not Path(args.image).is_file():
+        raise npdiff.NpdiffError(f"--image {args.image}: no such file")
+    pipe, model = load_pipeline(args)
+    recorder = make_recorder(args)
+    with Image.open(args.image) as picture:
+        picture.load()
+        out = pipe.img2img(args.prompt, picture, strength=args.strength, negative_prompt=args.negative,
+                           num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                           callback=recorder, callback_steps=args.save_steps or 1)
+    extra = {"command": "img2img", "image": str(Path(args.image).resolve())}
+    save_outputs(pipe, out, args, model, recorder, extra)
+    return 0
+
+
+def add_sampling_options(p):
+    p.add_argument("prompt", nargs="?", default=None, help="what to draw")
+    p.add_argument("--negative", default=None, help="negative prompt (default: empty)")
+    p.add_argument("--steps", type=int, default=None, help=f"denoising steps (default {DEFAULTS['steps']})")
+    p.add_argument("--guidance", type=float, default=None,
+                   help=f"classifier-free guidance scale; <= 1 turns it off (default {DEFAULTS['guidance']})")
+    p.add_argument("--seed", type=int, default=None, help="noise seed (default: random, printed and stored)")
+    p.add_argument("--sampler", default=None, help="pndm, ddim, ddpm, lms, euler, euler_a, dpmpp_2m, "
+                   "dpmpp_2m_karras (default: the model's own scheduler)")
+    p.add_argument("--model", default=None, help="diffusers folder or .safetensors file (default: shipped model)")
+    p.add_argument("--out", default=None, help="output PNG (default npdiff-SEED.png)")
+    p.add_argument("--save-steps", type=int, default=None, metavar="K",
+                   help="also write OUT-steps.png: the picture decoded every K steps")
+    p.add_argument("--reproduce", default=None, metavar="PNG",
+                   help="take unset options from the parameters stored in a PNG made by npdiff")
+    p.add_argument("--backend", default=None, help="numpy (default) or cupy")
+
+
+def add_generate_command(subparsers):
+    p = subparsers.add_parser("generate", help="text to image")
+    add_sampling_options(p)
+    p.add_argument("--height", type=int, default=None, help="picture height, a multiple of 8")
+    p.add_argument("--width", type=int, default=None, help="picture width, a multiple of 8")
+    p.set_defaults(run=run_generate)
+
+
+def add_img2img_command(subparsers):
+    p = subparsers.add_parser("img2img", help="image + text to image")
+    add_sampling_options(p)
+    p.add_argument("--image", default=None, help="the starting picture")
+    p.add_argument("--strength", type=float, default=None,
+                   help=f"how much to change it, in (0, 1] (default {DEFAULTS['strength']})")
+    p.set_defaults(run=run_img2img)
+
+
+# ---------------------------------------------------------------------------------------------
+# npdiff verify
+# ---------------------------------------------------------------------------------------------
+def run_verify(args):
+    from npdiff.verify import verify_model
+
+    return verify_model(args.model, steps=args.steps, height=args.height, width=args.width, seed=args.seed)
+
+
+def add_verify_command(subparsers):
+    p = subparsers.add_parser("verify", help="compare npdiff with diffusers/transformers on a model's weights")
+    p.add_argument("--model", default=None, help="diffusers folder (default: the shipped model)")
+    p.add_argument("--steps", type=int, default=4, help="steps of the sampling loop compared (default 4)")
+    p.add_argument("--height", type=int, default=None, help="picture height (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="picture width (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    p.set_defaults(run=run_verify)
+
+
+COMMANDS = [add_generate_command, add_img2img_command, add_verify_command, add_bench_command]
 
 
 def build_parser():
