@@ -1,0 +1,86 @@
+"""conv2d (every path) against torch.nn.functional.conv2d on fresh random inputs."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import KERNEL_TOL, assert_rel_close
+from npdiff import NpdiffError
+from npdiff.kernels import conv, conv2d, conv2d_ref
+
+# (kernel size, stride, padding): SD's 1x1 / 3x3 pad 1 / 3x3 stride 2 (pad 0 after an asymmetric
+# pad in the VAE encoder, pad 1 in the UNet), plus odd ones.
+CASES = [
+    ((1, 1), 1, 0), ((3, 3), 1, 1), ((3, 3), 2, 1), ((3, 3), 2, 0), ((3, 3), 1, 0),
+    ((1, 1), 2, 0), ((1, 1), 1, 1), ((3, 1), 1, (1, 0)), ((2, 3), (2, 1), (0, 2)), ((5, 5), 1, 2),
+]
+
+
+def random_conv_inputs(rng, kernel_size, with_bias=True):
+    batch = int(rng.integers(1, 4))
+    c_in, c_out = int(rng.integers(1, 13)), int(rng.integers(1, 13))
+    height, width = int(rng.integers(5, 20)), int(rng.integers(5, 20))  # odd sizes, non-square
+    x = rng.standard_normal((batch, c_in, height, width), dtype=np.float32)
+    weight = rng.standard_normal((c_out, c_in, *kernel_size), dtype=np.float32)
+    bias = rng.standard_normal(c_out, dtype=np.float32) if with_bias else None
+    return x, weight, bias
+
+
+def torch_conv(x, weight, bias, stride, padding):
+    bias_t = None if bias is None else torch.from_numpy(bias)
+    return F.conv2d(torch.from_numpy(x), torch.from_numpy(weight), bias_t, stride=stride, padding=padding)
+
+
+@pytest.mark.parametrize("kernel_size,stride,padding", CASES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_conv2d_matches_torch(rng, kernel_size, stride, padding, with_bias):
+    x, weight, bias = random_conv_inputs(rng, kernel_size, with_bias)
+    expected = torch_conv(x, weight, bias, stride, padding)
+    ours = conv2d(x, weight, bias, stride, padding)
+    assert_rel_close(ours, expected, KERNEL_TOL, "conv2d")
+    reference = conv2d_ref(x, weight, bias, stride, padding)
+    assert_rel_close(reference, expected, KERNEL_TOL, "conv2d_ref")
+    assert_rel_close(ours, reference, KERNEL_TOL, "conv2d vs conv2d_ref")
+
+
+@pytest.mark.parametrize("kernel_size,stride,padding", CASES)
+def test_im2col_tiles_cover_every_row(rng, monkeypatch, kernel_size, stride, padding):
+    # A tiny tile budget forces one output row per GEMM, and a last tile shorter than the others.
+    monkeypatch.setattr(conv, "IM2COL_TILE_BYTES", 1)
+    x, weight, bias = random_conv_inputs(rng, kernel_size)
+    ours = conv._conv_im2col_tiled(x, weight, bias, *conv.check_conv2d(x, weight, bias, stride, padding))
+    assert_rel_close(ours, torch_conv(x, weight, bias, stride, padding), KERNEL_TOL, "im2col tiled")
+
+
+def test_conv2d_sd_like_channels(rng):
+    # More channels than the random cases, as SD's blocks: 3x3, pad 1, batch 2, non-square.
+    x = rng.standard_normal((2, 64, 12, 10), dtype=np.float32)
+    weight = rng.standard_normal((96, 64, 3, 3), dtype=np.float32) * 0.05
+    bias = rng.standard_normal(96, dtype=np.float32)
+    assert_rel_close(conv2d(x, weight, bias, 1, 1), torch_conv(x, weight, bias, 1, 1), KERNEL_TOL)
+
+
+def test_conv2d_accepts_strided_views(rng):
+    x = rng.standard_normal((2, 4, 9, 16), dtype=np.float32)[:, :, :, ::2]  # not contiguous
+    weight = rng.standard_normal((3, 4, 3, 3), dtype=np.float32)
+    assert_rel_close(conv2d(x, weight, None, 1, 1), torch_conv(np.ascontiguousarray(x), weight, None, 1, 1))
+
+
+def test_conv2d_rejects_bad_input(rng):
+    x = rng.standard_normal((1, 4, 8, 8), dtype=np.float32)
+    weight = rng.standard_normal((3, 4, 3, 3), dtype=np.float32)
+    with pytest.raises(NpdiffError, match=r"conv2d: weight must have shape \[C_out,C_in=4,kH,kW\].*got \[3,5,3,3\]"):
+        conv2d(x, rng.standard_normal((3, 5, 3, 3), dtype=np.float32))
+    with pytest.raises(NpdiffError, match=r"conv2d: x must be 4-D \[B,C_in,H,W\], got shape \[4,8,8\]"):
+        conv2d(x[0], weight)
+    with pytest.raises(NpdiffError, match=r"conv2d: x must be float32, got float64"):
+        conv2d(x.astype(np.float64), weight)
+    with pytest.raises(NpdiffError, match=r"conv2d: bias must have shape \[3\], got \[4\]"):
+        conv2d(x, weight, np.zeros(4, np.float32))
+    with pytest.raises(NpdiffError, match=r"conv2d: stride must be >= 1"):
+        conv2d(x, weight, stride=0)
+    with pytest.raises(NpdiffError, match=r"conv2d: padding must be an int or a pair of ints"):
+        conv2d(x, weight, padding=(1, 1, 1))
+    with pytest.raises(NpdiffError, match=r"conv2d: x \[1,4,2,2\] .* is smaller than the kernel 3x3"):
+        conv2d(x[:, :, :2, :2], weight)

@@ -1,0 +1,61 @@
+"""linear and geglu against torch (F.linear, diffusers' GEGLU)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.activations import GEGLU
+
+from helpers import KERNEL_TOL, assert_rel_close
+from npdiff import NpdiffError
+from npdiff.kernels import geglu, linear
+from npdiff.kernels.linear import geglu_ref, linear_ref
+
+
+@pytest.mark.parametrize("leading", [(), (5,), (2, 7), (2, 3, 4)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_matches_torch(rng, leading, with_bias):
+    n_in, n_out = int(rng.integers(1, 70)), int(rng.integers(1, 70))
+    x = rng.standard_normal((*leading, n_in), dtype=np.float32)
+    weight = rng.standard_normal((n_out, n_in), dtype=np.float32)
+    bias = rng.standard_normal(n_out, dtype=np.float32) if with_bias else None
+    expected = F.linear(torch.from_numpy(x), torch.from_numpy(weight), None if bias is None else torch.from_numpy(bias))
+    assert_rel_close(linear(x, weight, bias), expected, KERNEL_TOL, "linear")
+    assert_rel_close(linear_ref(x, weight, bias), expected, KERNEL_TOL, "linear_ref")
+
+
+@pytest.mark.parametrize("leading", [(3,), (2, 9)])
+def test_geglu_matches_diffusers(rng, leading):
+    n_in, half = int(rng.integers(2, 50)), int(rng.integers(1, 40))
+    module = GEGLU(n_in, half)  # diffusers' own module: proj = Linear(n_in, 2*half)
+    with torch.no_grad():
+        module.proj.weight.copy_(torch.from_numpy(rng.standard_normal((2 * half, n_in), dtype=np.float32)))
+        module.proj.bias.copy_(torch.from_numpy(rng.standard_normal(2 * half, dtype=np.float32)))
+        x = rng.standard_normal((*leading, n_in), dtype=np.float32)
+        expected = module(torch.from_numpy(x))
+    weight, bias = module.proj.weight.detach().numpy(), module.proj.bias.detach().numpy()
+    assert_rel_close(geglu(x, weight, bias), expected, KERNEL_TOL, "geglu")
+    assert_rel_close(geglu_ref(x, weight, bias), expected, KERNEL_TOL, "geglu_ref")
+
+
+def test_geglu_tanh_matches_torch(rng):
+    x = rng.standard_normal((4, 10), dtype=np.float32)
+    weight = rng.standard_normal((12, 10), dtype=np.float32)
+    hidden = F.linear(torch.from_numpy(x), torch.from_numpy(weight))
+    value, gate = hidden.chunk(2, dim=-1)
+    expected = value * F.gelu(gate, approximate="tanh")
+    assert_rel_close(geglu(x, weight, None, approximate="tanh"), expected, KERNEL_TOL)
+    assert_rel_close(geglu_ref(x, weight, None, approximate="tanh"), expected, KERNEL_TOL)
+
+
+def test_linear_rejects_bad_input(rng):
+    x = rng.standard_normal((2, 5), dtype=np.float32)
+    weight = rng.standard_normal((4, 5), dtype=np.float32)
+    with pytest.raises(NpdiffError, match=r"linear: x must have shape \[..., in_features=6\] .* got \[2,5\]"):
+        linear(x, rng.standard_normal((4, 6), dtype=np.float32))
+    with pytest.raises(NpdiffError, match=r"linear: weight must be 2-D \[out_features, in_features\], got shape \[20\]"):
+        linear(x, weight.reshape(-1))
+    with pytest.raises(NpdiffError, match=r"linear: bias must have shape \[4\], got \[5\]"):
+        linear(x, weight, np.zeros(5, np.float32))
+    with pytest.raises(NpdiffError, match=r"geglu: weight must have an even number of rows .* got \[3,5\]"):
+        geglu(x, weight[:3])

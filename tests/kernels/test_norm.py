@@ -1,0 +1,75 @@
+"""group_norm (+ fused SiLU) and layer_norm against torch on fresh random inputs."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import KERNEL_TOL, assert_rel_close
+from npdiff import NpdiffError
+from npdiff.kernels import group_norm, layer_norm
+from npdiff.kernels.norm import group_norm_ref, layer_norm_ref
+
+
+def optional(rng, present, size):
+    return rng.standard_normal(size, dtype=np.float32) if present else None
+
+
+def torch_or_none(a):
+    return None if a is None else torch.from_numpy(a)
+
+
+@pytest.mark.parametrize("spatial_axes", [0, 1, 2, 3])
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_matches_torch(rng, spatial_axes, silu, affine):
+    groups = int(rng.integers(1, 5))
+    channels = groups * int(rng.integers(1, 5))
+    batch = int(rng.integers(1, 4))
+    spatial = tuple(int(s) for s in rng.integers(1, 12, size=spatial_axes))  # odd, non-square sizes
+    # an offset and a scale per call: statistics must not depend on the data being centred
+    offset, spread = rng.uniform(-3, 3), rng.uniform(0.1, 10)
+    x = (offset + spread * rng.standard_normal((batch, channels, *spatial))).astype(np.float32)
+    weight, bias = optional(rng, affine, channels), optional(rng, affine, channels)
+    expected = F.group_norm(torch.from_numpy(x), groups, torch_or_none(weight), torch_or_none(bias), eps=1e-5)
+    if silu:
+        expected = F.silu(expected)
+    ours = group_norm(x, groups, weight, bias, eps=1e-5, silu=silu)
+    assert_rel_close(ours, expected, KERNEL_TOL, "group_norm")
+    reference = group_norm_ref(x, groups, weight, bias, eps=1e-5, silu=silu)
+    assert_rel_close(reference, expected, KERNEL_TOL, "group_norm_ref")
+    assert_rel_close(ours, reference, KERNEL_TOL, "group_norm vs ref")
+
+
+def test_group_norm_sd_shape_and_eps(rng):
+    # SD's 32 groups, eps 1e-6 as in the VAE.
+    x = rng.standard_normal((2, 64, 9, 7), dtype=np.float32)
+    weight, bias = rng.standard_normal(64, dtype=np.float32), rng.standard_normal(64, dtype=np.float32)
+    expected = F.silu(F.group_norm(torch.from_numpy(x), 32, torch.from_numpy(weight), torch.from_numpy(bias), 1e-6))
+    assert_rel_close(group_norm(x, 32, weight, bias, eps=1e-6, silu=True), expected, KERNEL_TOL)
+
+
+@pytest.mark.parametrize("leading", [(), (3,), (2, 5), (2, 3, 4)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_matches_torch(rng, leading, affine):
+    width = int(rng.integers(1, 70))
+    x = (rng.uniform(-2, 2) + rng.standard_normal((*leading, width))).astype(np.float32)
+    weight, bias = optional(rng, affine, width), optional(rng, affine, width)
+    expected = F.layer_norm(torch.from_numpy(x), (width,), torch_or_none(weight), torch_or_none(bias), eps=1e-5)
+    assert_rel_close(layer_norm(x, weight, bias), expected, KERNEL_TOL, "layer_norm")
+    assert_rel_close(layer_norm_ref(x, weight, bias), expected, KERNEL_TOL, "layer_norm_ref")
+
+
+def test_norms_reject_bad_input(rng):
+    x = rng.standard_normal((2, 6, 4, 4), dtype=np.float32)
+    ones = np.ones(6, np.float32)
+    with pytest.raises(NpdiffError, match=r"group_norm: num_groups must be a positive divisor of .*C=6.*got 4"):
+        group_norm(x, 4, ones, ones)
+    with pytest.raises(NpdiffError, match=r"group_norm: weight must have shape \[6\], got \[5\]"):
+        group_norm(x, 3, ones[:5], ones)
+    with pytest.raises(NpdiffError, match=r"group_norm: x must be float32, got float16"):
+        group_norm(x.astype(np.float16), 3, ones, ones)
+    with pytest.raises(NpdiffError, match=r"group_norm: x must have at least 2 axes"):
+        group_norm(x[0, 0, 0], 3, ones, ones)
+    with pytest.raises(NpdiffError, match=r"layer_norm: bias must have shape \[4\], got \[6\]"):
+        layer_norm(x, None, ones)
