@@ -161,19 +161,20 @@ class StepRecorder:
         self.latents.append(np.array(backend.to_numpy(latents), copy=True))
 
 
-def emergence_grid(pipe, recorder, final_latents=None, image_index=0):
+def emergence_grid(pipe, recorder, final_latents=None, image_index=0, labels=True):
     """Decode the recorded latents of picture `image_index` into one row: the image emerging from noise.
 
     pipe: anything with decode_latents(latents [B,4,h,w]) -> images [B,3,H,W] in [-1,1].
     final_latents: the output's .latents, appended as the last cell when given.
+    labels: write "step k" / "final" in each cell's corner.
     """
     if not recorder.latents:
         raise NpdiffError("emergence_grid: the recorder holds no steps (was it passed as callback=?)")
     cells = [lat[image_index:image_index + 1] for lat in recorder.latents]  # each [1,4,h,w]
-    labels = [f"step {s}" for s in recorder.steps]
+    names = [f"step {s}" for s in recorder.steps]
     if final_latents is not None:
         cells.append(np.asarray(final_latents)[image_index:image_index + 1])
-        labels.append("final")
+        names.append("final")
     stacked = np.concatenate(cells, axis=0)  # [N,4,h,w]
     pictures = to_pil(pipe.decode_latents(stacked))  # [N,4,h,w] -> N PIL images
-    return make_grid(pictures, labels=labels)
+    return make_grid(pictures, labels=names if labels else None)

@@ -9,7 +9,6 @@ scheduler, checking arguments, and the output object.
   check_* functions             bad input -> NpdiffError naming the argument, expected and actual value
 """
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -20,7 +19,6 @@ import numpy as np
 from npdiff.errors import NpdiffError
 
 SHIPPED_MODEL_NAME = "tiny-shapes"
-COMPONENT_FOLDERS = ("text_encoder", "tokenizer", "unet", "vae")
 
 # The scheduler_config.json of Stable Diffusion 1.5: used for single-file checkpoints, which carry none.
 SD15_SCHEDULER_CONFIG = {
@@ -79,64 +77,47 @@ def default_model_path():
                       "pass a diffusers folder or a .safetensors checkpoint, or set NPDIFF_MODEL")
 
 
-def _read_json(path):
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise NpdiffError(f"cannot read {path}: {exc}") from exc
-
-
 def load_components(path, variant=None, tokenizer=None):
     """-> dict(text_encoder, tokenizer, unet, vae, scheduler_config) from a folder or a single file.
 
     path: a diffusers folder (text_encoder/, tokenizer/, unet/, vae/, scheduler/) or a single-file
-          SD 1.x .safetensors checkpoint. A single file holds no tokenizer: it comes from `tokenizer`
-          (a folder) if given, else a tokenizer/ folder beside the file, else the shipped model's,
-          else the CLIP vocabulary rebuilt from the openai-clip package (all SD 1.x use the same).
+          SD 1.x .safetensors checkpoint, read by npdiff.loading.load_pipeline_components. The tokenizer
+          comes from `tokenizer` (a folder) if given, else the model's tokenizer/ folder; a single file
+          holds none, so then from a tokenizer/ folder beside the file, else the shipped model's, else
+          the CLIP vocabulary rebuilt from the openai-clip package (all SD 1.x use the same one).
+          The scheduler config is the folder's scheduler/scheduler_config.json, else SD 1.5's.
     """
+    from npdiff.loading import load_pipeline_components
     from npdiff.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
     from npdiff.tokenizer import CLIPTokenizer
 
     path = Path(path).expanduser()
-    if not path.exists():
-        raise NpdiffError(f"model path {path} does not exist")
-    if path.is_file():
-        from npdiff.loading import load_single_file
-
-        parts = load_single_file(path)
-        text_encoder = CLIPTextModel(*parts["text_encoder"])
-        unet = UNet2DConditionModel(*parts["unet"])
-        vae = AutoencoderKL(*parts["vae"])
-        return {"text_encoder": text_encoder, "unet": unet, "vae": vae,
-                "tokenizer": _single_file_tokenizer(path, tokenizer), "scheduler_config": dict(SD15_SCHEDULER_CONFIG)}
-
-    missing = [name for name in COMPONENT_FOLDERS if not (path / name).is_dir()]
-    if missing:
-        raise NpdiffError(f"{path} is not a diffusers Stable Diffusion folder: missing "
-                          f"{', '.join(name + '/' for name in missing)} (expected {', '.join(COMPONENT_FOLDERS)}"
-                          " and scheduler/, or pass a single-file .safetensors checkpoint)")
-    scheduler_file = path / "scheduler" / "scheduler_config.json"
-    scheduler_config = _read_json(scheduler_file) if scheduler_file.is_file() else dict(SD15_SCHEDULER_CONFIG)
+    parts = load_pipeline_components(path, variant=variant)
+    if tokenizer is not None:
+        clip_tokenizer = CLIPTokenizer.from_pretrained(tokenizer)
+    elif parts["tokenizer"] is not None:
+        clip_tokenizer = CLIPTokenizer.from_pretrained(parts["tokenizer"])
+    else:
+        clip_tokenizer = _fallback_tokenizer(path)
     return {
-        "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant),
-        "tokenizer": CLIPTokenizer.from_pretrained(tokenizer if tokenizer is not None else path / "tokenizer"),
-        "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant),
-        "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant),
-        "scheduler_config": scheduler_config,
+        "text_encoder": CLIPTextModel(*parts["text_encoder"]),
+        "tokenizer": clip_tokenizer,
+        "unet": UNet2DConditionModel(*parts["unet"]),
+        "vae": AutoencoderKL(*parts["vae"]),
+        "scheduler_config": dict(parts["scheduler"] or SD15_SCHEDULER_CONFIG),
     }
 
 
-def _single_file_tokenizer(checkpoint, tokenizer_folder):
+def _fallback_tokenizer(path):
+    """For a model without a tokenizer/ folder: beside it, the shipped model's, or openai-clip's."""
     from npdiff.tokenizer import CLIPTokenizer
 
-    if tokenizer_folder is not None:
-        return CLIPTokenizer.from_pretrained(tokenizer_folder)
-    beside = checkpoint.parent / "tokenizer"
-    if beside.is_dir():
+    beside = path.parent / "tokenizer"
+    if path.is_file() and beside.is_dir():
         return CLIPTokenizer.from_pretrained(beside)
     try:
         shipped = default_model_path()
-        if shipped.is_dir() and (shipped / "tokenizer").is_dir():
+        if shipped.is_dir() and (shipped / "tokenizer").is_dir() and shipped.resolve() != path.resolve():
             return CLIPTokenizer.from_pretrained(shipped / "tokenizer")
     except NpdiffError:
         pass
