@@ -1,0 +1,190 @@
+"""The CLIP text encoder of Stable Diffusion (transformers' CLIPTextModel), over its own weight names.
+
+    text_encoder = CLIPTextModel.from_pretrained("sd15", subfolder="text_encoder")
+    last = text_encoder(input_ids)                                   # [B,L] int -> [B,L,D]
+    last, hidden_states = text_encoder(input_ids, output_hidden_states=True)
+    penultimate = text_encoder.final_layer_norm(hidden_states[-2])   # "clip skip" / SD 2.x style
+
+The network (transformers models/clip/modeling_clip.py, CLIPTextTransformer):
+    embeddings   token_embedding[ids] + position_embedding[0..L-1]
+    layers       pre-LN transformer layers: h += attn(layer_norm1(h)) with a causal mask,
+                 h += mlp(layer_norm2(h)), mlp = fc2(act(fc1(.))), act from config "hidden_act":
+                 "quick_gelu" (SD 1.x, OpenAI CLIP) or "gelu" (SD 2.x, OpenCLIP)
+    final norm   final_layer_norm, giving last_hidden_state
+hidden_states, as transformers returns them: the embeddings, then every layer's output (before the
+final norm): num_hidden_layers + 1 arrays.
+
+Weight names: "text_model.embeddings.token_embedding.weight", ... (transformers 4.x files and every
+SD checkpoint) or the same without "text_model." (transformers 5.x saves); both are accepted. Older
+files also carry the int64 buffer "embeddings.position_ids" (positions 0..P-1): it is ignored.
+No attention mask is taken: Stable Diffusion runs the text encoder on padded sequences without one,
+so pad tokens are attended to (causally), exactly as diffusers does.
+"""
+
+import numpy as np
+
+from npdiff import backend, kernels
+from npdiff.errors import NpdiffError
+from npdiff.models.blocks import LayerNorm, Linear, child
+from npdiff.models.transformer import merge_heads, split_heads
+
+# transformers' CLIPTextConfig defaults, for config.json files that leave a key out
+CONFIG_DEFAULTS = {
+    "vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
+    "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+}
+
+
+def _gelu_erf(x):
+    return kernels.gelu(x, approximate="none")
+
+
+def _gelu_tanh(x):
+    return kernels.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {  # transformers ACT2FN names -> kernels
+    "quick_gelu": kernels.quick_gelu,
+    "gelu": _gelu_erf,
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+}
+
+
+class CLIPAttention:
+    """Multi-head self-attention with biases: q_proj, k_proj, v_proj, out_proj, causal mask."""
+
+    def __init__(self, weights, prefix, dim, heads):
+        if dim % heads:
+            raise NpdiffError(f"config: hidden_size {dim} is not divisible by num_attention_heads {heads}")
+        self.q_proj = Linear(weights, child(prefix, "q_proj"), dim, dim)
+        self.k_proj = Linear(weights, child(prefix, "k_proj"), dim, dim)
+        self.v_proj = Linear(weights, child(prefix, "v_proj"), dim, dim)
+        self.out_proj = Linear(weights, child(prefix, "out_proj"), dim, dim)
+        self.heads = heads
+        self.scale = (dim // heads) ** -0.5
+
+    def __call__(self, x):
+        # 1. project to queries, keys, values and split the heads
+        q = split_heads(self.q_proj(x), self.heads)                     # [B,L,D] -> [B,h,L,d]
+        k = split_heads(self.k_proj(x), self.heads)                     # [B,L,D] -> [B,h,L,d]
+        v = split_heads(self.v_proj(x), self.heads)                     # [B,L,D] -> [B,h,L,d]
+        # 2. softmax(q k^T * scale) v, token i attending to tokens 0..i only
+        out = kernels.scaled_dot_product_attention(q, k, v, scale=self.scale, is_causal=True)  # [B,h,L,d]
+        # 3. merge the heads and project out
+        out = merge_heads(out)                                          # [B,h,L,d] -> [B,L,D]
+        return self.out_proj(out)                                       # [B,L,D] -> [B,L,D]
+
+
+class CLIPMLP:
+    """fc1 [I,D] -> activation -> fc2 [D,I]."""
+
+    def __init__(self, weights, prefix, dim, intermediate, activation):
+        self.fc1 = Linear(weights, child(prefix, "fc1"), dim, intermediate)
+        self.fc2 = Linear(weights, child(prefix, "fc2"), intermediate, dim)
+        self.activation = activation
+
+    def __call__(self, x):
+        h = self.activation(self.fc1(x))                                # [B,L,D] -> [B,L,I]
+        return self.fc2(h)                                              # [B,L,I] -> [B,L,D]
+
+
+class CLIPEncoderLayer:
+    """Pre-LN transformer layer: attention and MLP, each behind a layer norm and a residual."""
+
+    def __init__(self, weights, prefix, config, activation):
+        dim, eps = config["hidden_size"], config["layer_norm_eps"]
+        self.layer_norm1 = LayerNorm(weights, child(prefix, "layer_norm1"), dim, eps)
+        self.self_attn = CLIPAttention(weights, child(prefix, "self_attn"), dim, config["num_attention_heads"])
+        self.layer_norm2 = LayerNorm(weights, child(prefix, "layer_norm2"), dim, eps)
+        self.mlp = CLIPMLP(weights, child(prefix, "mlp"), dim, config["intermediate_size"], activation)
+
+    def __call__(self, h):
+        # 1. causal self-attention, residual
+        h = h + self.self_attn(self.layer_norm1(h))                     # [B,L,D]
+        # 2. MLP, residual
+        return h + self.mlp(self.layer_norm2(h))                        # [B,L,D]
+
+
+class CLIPTextModel:
+    """CLIP text transformer: input_ids [B,L] -> last_hidden_state [B,L,D] (and every hidden state)."""
+
+    def __init__(self, config, weights):
+        self.config = {**CONFIG_DEFAULTS, **config}
+        c = self.config
+        if c["hidden_act"] not in ACTIVATIONS:
+            raise NpdiffError(f"config: hidden_act {c['hidden_act']!r} is not supported; known: "
+                              f"{', '.join(ACTIVATIONS)}")
+        vocab, dim, positions = c["vocab_size"], c["hidden_size"], c["max_position_embeddings"]
+        # transformers 4.x names start with "text_model.", 5.x saves drop it
+        prefix = "text_model" if weights.has("text_model.embeddings.token_embedding.weight") else ""
+        weights.ignore(child(prefix, "embeddings.position_ids"))  # int64 buffer 0..P-1, not a weight
+
+        self.token_embedding = weights.take(child(prefix, "embeddings.token_embedding.weight"), (vocab, dim))
+        self.position_embedding = weights.take(child(prefix, "embeddings.position_embedding.weight"),
+                                               (positions, dim))
+        activation = ACTIVATIONS[c["hidden_act"]]
+        self.layers = [CLIPEncoderLayer(weights, child(prefix, f"encoder.layers.{i}"), c, activation)
+                       for i in range(c["num_hidden_layers"])]
+        self.final_layer_norm = LayerNorm(weights, child(prefix, "final_layer_norm"), dim, c["layer_norm_eps"])
+        weights.check_all_used()
+
+    @classmethod
+    def from_pretrained(cls, folder, subfolder=None, variant=None):
+        from pathlib import Path
+
+        from npdiff.loading import load_component_weights, read_config
+
+        path = Path(folder) / subfolder if subfolder else Path(folder)
+        return cls(read_config(path), load_component_weights(path, variant))
+
+    def check_input_ids(self, input_ids):
+        """input_ids -> an int64 NumPy array [B,L]; NpdiffError naming what is wrong."""
+        ids = backend.to_numpy(input_ids) if hasattr(input_ids, "shape") else np.asarray(input_ids)
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise NpdiffError(f"input_ids must have shape [B,L] with L >= 1; got shape {tuple(ids.shape)}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise NpdiffError(f"input_ids must be integers; got dtype {ids.dtype}")
+        positions = self.config["max_position_embeddings"]
+        if ids.shape[1] > positions:
+            raise NpdiffError(f"input_ids has length {ids.shape[1]}; the text encoder has "
+                              f"max_position_embeddings {positions}")
+        vocab = self.token_embedding.shape[0]
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            raise NpdiffError(f"input_ids must lie in [0, {vocab}); got values in [{ids.min()}, {ids.max()}]")
+        return ids.astype(np.int64)
+
+    def embed(self, input_ids):
+        """Token plus position embeddings: [B,L] int -> [B,L,D]."""
+        ids = self.check_input_ids(input_ids)                           # [B,L]
+        xp = backend.array_module(self.token_embedding)
+        length = ids.shape[1]
+        tokens = self.token_embedding[xp.asarray(ids)]                  # [V,D][B,L] -> [B,L,D]
+        return tokens + self.position_embedding[None, :length]          # + [1,L,D] -> [B,L,D]
+
+    def __call__(self, input_ids, output_hidden_states=False):
+        # 1. embeddings
+        h = self.embed(input_ids)                                       # [B,L] -> [B,L,D]
+        hidden_states = [h]
+        # 2. the transformer layers (causal self-attention + MLP)
+        for layer in self.layers:
+            h = layer(h)                                                # [B,L,D] -> [B,L,D]
+            hidden_states.append(h)
+        # 3. final layer norm
+        last_hidden_state = self.final_layer_norm(h)                    # [B,L,D] -> [B,L,D]
+        if output_hidden_states:
+            return last_hidden_state, tuple(hidden_states)
+        return last_hidden_state
+
+    def add_token_embeddings(self, vectors):
+        """Append rows [n,D] to the token embedding table (textual inversion) -> their new ids."""
+        xp = backend.array_module(self.token_embedding)
+        dim = self.token_embedding.shape[1]
+        if getattr(vectors, "ndim", None) != 2 or vectors.shape[1] != dim or vectors.shape[0] == 0:
+            raise NpdiffError(f"vectors must have shape [n,{dim}] with n >= 1; got "
+                              f"{tuple(getattr(vectors, 'shape', ()))}")
+        first_new_id = self.token_embedding.shape[0]
+        rows = backend.to_device(vectors)                               # [n,D] float32, beside the table
+        self.token_embedding = xp.concatenate([self.token_embedding, rows], axis=0)  # [V,D] -> [V+n,D]
+        self.config["vocab_size"] = self.token_embedding.shape[0]
+        return list(range(first_new_id, self.token_embedding.shape[0]))
