@@ -1,0 +1,61 @@
+"""Exact float32 building blocks that Numba does not offer: fused multiply-add and bit casts.
+
+Bit-exact copies of C/SIMD code need two things plain Numba lacks:
+
+  fma32(a, b, c)      a*b + c with ONE rounding (IEEE fusedMultiplyAdd), float32 in and out.
+                      Emitted as LLVM's `llvm.fma.f32`: a vfmadd instruction on CPUs with FMA, and
+                      glibc's exact `fmaf` elsewhere, so the result is the same on every machine.
+                      (float64 tricks such as `float32(float64(a)*b + c)` round twice and are NOT
+                      exact; Numba never fuses `a*b + c` on its own because the kernels here do not
+                      pass fastmath's 'contract' flag.)
+  float32_bits(x)     the IEEE-754 bits of a float32 as uint32 (C's `*(uint32_t*)&x`).
+  bits_float32(b)     the float32 whose bits are the uint32 b.
+
+All three are Numba intrinsics: callable only from @njit code, inlined, and vectorisable by LLVM.
+Only float32 arguments type-check: passing a float64 is a typing error, which keeps a silent
+promotion to float64 (Numba's default for `float32 op python-float`) from creeping into a kernel.
+"""
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+
+@intrinsic
+def fma32(typingctx, a, b, c):
+    """a*b + c rounded once to float32 (all three arguments must be float32)."""
+    if not (a == types.float32 and b == types.float32 and c == types.float32):
+        return None
+    signature = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, sig, args):
+        x, y, z = args
+        return builder.fma(x, y, z)
+
+    return signature, codegen
+
+
+@intrinsic
+def float32_bits(typingctx, x):
+    """The 32 bits of a float32, as uint32."""
+    if x != types.float32:
+        return None
+    signature = types.uint32(types.float32)
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return signature, codegen
+
+
+@intrinsic
+def bits_float32(typingctx, bits):
+    """The float32 whose bits are `bits` (uint32)."""
+    if bits != types.uint32:
+        return None
+    signature = types.float32(types.uint32)
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return signature, codegen
