@@ -1,0 +1,95 @@
+"""Samplers in pure NumPy, matching diffusers' schedulers step for step (same names and methods).
+
+    from npdiff.schedulers import make_scheduler, scheduler_from_config
+    scheduler = scheduler_from_config(json.load(open("model/scheduler/scheduler_config.json")))
+    scheduler = make_scheduler("dpmpp_2m_karras", scheduler.config)   # switch sampler, keep betas
+    scheduler.set_timesteps(20)
+    latents = latents * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        noise_pred = unet(scheduler.scale_model_input(latents, t), t, text)
+        latents = scheduler.step(noise_pred, t, latents, generator=generator).prev_sample
+
+Each class takes diffusers' config keywords (see its `_DEFAULTS`); `from_config(dict)` reads a
+scheduler_config.json dict. Stochastic steps draw noise with `generator.randn(shape,
+dtype=np.float32)` where diffusers calls randn_tensor, so an npdiff.rng.TorchGenerator seeded like
+torch.Generator().manual_seed(seed) gives diffusers' noise.
+"""
+
+from npdiff.errors import NpdiffError
+from npdiff.schedulers.base import SchedulerConfig, SchedulerOutput
+from npdiff.schedulers.ddim import DDIMScheduler
+from npdiff.schedulers.ddpm import DDPMScheduler
+from npdiff.schedulers.dpm_solver import DPMSolverMultistepScheduler
+from npdiff.schedulers.euler import EulerDiscreteScheduler
+from npdiff.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
+from npdiff.schedulers.lms import LMSDiscreteScheduler
+from npdiff.schedulers.pndm import PNDMScheduler
+
+
+class SchedulerPreset:
+    """A scheduler class with some config values fixed (e.g. DPM++ 2M with Karras sigmas).
+
+    Builds like the class: `preset(**config)` or `preset.from_config(config)`; the fixed values win.
+    """
+
+    def __init__(self, scheduler_class, **fixed):
+        self.scheduler_class = scheduler_class
+        self.fixed = fixed
+        self.__name__ = scheduler_class.__name__
+
+    def __call__(self, **config):
+        return self.scheduler_class(**{**config, **self.fixed})
+
+    def from_config(self, config, **overrides):
+        return self.scheduler_class.from_config(config, **{**overrides, **self.fixed})
+
+    def __repr__(self):
+        fixed = ", ".join(f"{k}={v!r}" for k, v in self.fixed.items())
+        return f"SchedulerPreset({self.scheduler_class.__name__}, {fixed})"
+
+
+SCHEDULERS = {
+    "pndm": PNDMScheduler,
+    "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
+    "lms": LMSDiscreteScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
+    "dpmpp_2m_karras": SchedulerPreset(DPMSolverMultistepScheduler, use_karras_sigmas=True),
+}
+
+SCHEDULER_CLASSES = {
+    cls.__name__: cls
+    for cls in (PNDMScheduler, DDIMScheduler, DDPMScheduler, LMSDiscreteScheduler, EulerDiscreteScheduler,
+                EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler)
+}
+
+
+def make_scheduler(name, config=None):
+    """The sampler `name` (a key of SCHEDULERS) built from a model's scheduler config.
+
+    The config's beta schedule, num_train_timesteps, steps_offset, prediction_type ... are kept while
+    the class changes, as with diffusers' `Scheduler.from_config(pipe.scheduler.config)`.
+    """
+    if name not in SCHEDULERS:
+        raise NpdiffError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
+    return SCHEDULERS[name].from_config(dict(config or {}))
+
+
+def scheduler_from_config(config):
+    """The scheduler class named by config["_class_name"], built from the rest of the config."""
+    if not isinstance(config, dict):
+        raise NpdiffError(f"scheduler config must be a dict, got {type(config).__name__}")
+    class_name = config.get("_class_name")
+    if class_name not in SCHEDULER_CLASSES:
+        raise NpdiffError(f"scheduler config: _class_name {class_name!r} is not a known scheduler; "
+                          f"known: {', '.join(SCHEDULER_CLASSES)}")
+    return SCHEDULER_CLASSES[class_name].from_config(config)
+
+
+__all__ = [
+    "DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler", "LMSDiscreteScheduler", "PNDMScheduler", "SCHEDULERS", "SCHEDULER_CLASSES",
+    "SchedulerConfig", "SchedulerOutput", "SchedulerPreset", "make_scheduler", "scheduler_from_config",
+]
