@@ -1,10 +1,11 @@
 """The CLIP tokenizer of Stable Diffusion, driven by the `tokenizers` library.
 
 Stable Diffusion's text encoder reads 77 token ids: <|startoftext|>, at most 75 prompt tokens, then
-<|endoftext|>, then padding. The ids come from CLIP's byte-level BPE (49,408 entries), which every
-diffusers model folder ships as tokenizer/vocab.json + tokenizer/merges.txt. This module reads those
-files and builds the same `tokenizers.Tokenizer` that transformers' CLIPTokenizer builds, so the ids are
-identical (tests/test_tokenizer.py checks it on many prompts):
+<|endoftext|>, then padding. The ids come from CLIP's byte-level BPE (49,408 entries), which diffusers
+model folders ship as tokenizer/vocab.json + tokenizer/merges.txt (folders saved by transformers 5 hold
+the same vocabulary and merges inside tokenizer/tokenizer.json instead; both are read). This module
+builds from them the same `tokenizers.Tokenizer` that transformers' CLIPTokenizer builds, so the ids
+are identical (tests/test_tokenizer.py checks it on many prompts):
 
   1. normalizer:     NFC, runs of whitespace -> one space, lowercase;
   2. pre-tokenizer:  split on CLIP's pattern (keep the matches), then byte-level without a prefix space;
@@ -37,6 +38,7 @@ END_TOKEN = "<|endoftext|>"
 CLIP_SPLIT_PATTERN = (r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"
                       r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+")
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
+TOKENIZER_JSON = "tokenizer.json"
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -57,15 +59,36 @@ def _read_json(path):
         raise NpdiffError(f"{path} is not valid JSON: {exc}") from exc
 
 
+def _has_tokenizer_files(folder):
+    return all((folder / name).is_file() for name in TOKENIZER_FILES) or (folder / TOKENIZER_JSON).is_file()
+
+
 def find_tokenizer_folder(folder):
-    """`folder` itself if it holds vocab.json + merges.txt, else folder/tokenizer; NpdiffError if neither."""
+    """`folder` itself if it holds the tokenizer files, else folder/tokenizer; NpdiffError if neither."""
     folder = Path(folder)
     for candidate in (folder, folder / "tokenizer"):
-        if all((candidate / name).is_file() for name in TOKENIZER_FILES):
+        if _has_tokenizer_files(candidate):
             return candidate
     raise NpdiffError(
-        f"no CLIP tokenizer in {folder}: expected {' and '.join(TOKENIZER_FILES)} in it or in "
-        f"{folder / 'tokenizer'}")
+        f"no CLIP tokenizer in {folder}: expected {' and '.join(TOKENIZER_FILES)} (or {TOKENIZER_JSON}) in it "
+        f"or in {folder / 'tokenizer'}")
+
+
+def read_vocab_and_merges(folder):
+    """-> (vocab dict token -> id, merges [(a, b)], added tokens [(id, text)] beyond the BPE vocabulary)."""
+    from tokenizers.models import BPE
+
+    if all((folder / name).is_file() for name in TOKENIZER_FILES):
+        vocab, merges = BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+        return vocab, merges, []
+    data = _read_json(folder / TOKENIZER_JSON)
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise NpdiffError(f"{folder / TOKENIZER_JSON} holds no BPE model (model.type is {model.get('type')!r})")
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in model.get("merges", [])]
+    added = [(t["id"], t["content"]) for t in data.get("added_tokens", [])
+             if not t.get("special") and t["content"] not in model["vocab"]]
+    return model["vocab"], merges, sorted(added)
 
 
 class CLIPTokenizer:
@@ -75,16 +98,16 @@ class CLIPTokenizer:
     ids = tokenizer(["a photo of a cat", "a dog"])              # [2, 77] int64
     """
 
-    def __init__(self, vocab_file, merges_file, pad_token=END_TOKEN, model_max_length=77,
-                 bos_token=START_TOKEN, eos_token=END_TOKEN, unk_token=END_TOKEN):
+    def __init__(self, vocab, merges, pad_token=END_TOKEN, model_max_length=77,
+                 bos_token=START_TOKEN, eos_token=END_TOKEN, unk_token=END_TOKEN, source="vocabulary"):
+        """vocab: dict token -> id; merges: list of (a, b) pairs in priority order; source: for messages."""
         from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
         from tokenizers.models import BPE
 
-        vocab, merges = BPE.read_file(str(vocab_file), str(merges_file))
         for what, text in (("bos_token", bos_token), ("eos_token", eos_token), ("unk_token", unk_token),
                            ("pad_token", pad_token)):
             if text not in vocab:
-                raise NpdiffError(f"{what} {text!r} is not in the vocabulary {vocab_file}")
+                raise NpdiffError(f"{what} {text!r} is not in the vocabulary of {source}")
         # 3. the BPE model: "</w>" ends a word, no prefix on continuing pieces, unknown -> unk.
         self.backend = Tokenizer(BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
                                      unk_token=unk_token, fuse_unk=False))
@@ -133,9 +156,14 @@ class CLIPTokenizer:
         max_length = config.get("model_max_length", 77)
         if not isinstance(max_length, int) or max_length > 10**6:  # transformers writes 1e30 for "none"
             max_length = 77
-        return cls(folder / "vocab.json", folder / "merges.txt", pad_token=token("pad_token", END_TOKEN),
-                   model_max_length=max_length, bos_token=token("bos_token", START_TOKEN),
-                   eos_token=token("eos_token", END_TOKEN), unk_token=token("unk_token", END_TOKEN))
+        vocab, merges, added = read_vocab_and_merges(folder)
+        tokenizer = cls(vocab, merges, pad_token=token("pad_token", END_TOKEN), model_max_length=max_length,
+                        bos_token=token("bos_token", START_TOKEN), eos_token=token("eos_token", END_TOKEN),
+                        unk_token=token("unk_token", END_TOKEN), source=str(folder))
+        for token_id, text in added:  # words added before saving (textual inversion), in id order
+            if tokenizer.add_tokens([text]) != [token_id]:
+                raise NpdiffError(f"{folder / TOKENIZER_JSON}: added token {text!r} should have id {token_id}")
+        return tokenizer
 
     def __len__(self):
         """Number of ids: the BPE vocabulary plus added tokens (textual inversion)."""

@@ -163,3 +163,17 @@ def test_bad_prompt_type(tokenizer_pair):
         ours(123)
     with pytest.raises(NpdiffError, match="prompt must be a string"):
         ours(["ok", None])
+
+
+@pytest.mark.parametrize("pad", ["<|endoftext|>", "!"])
+def test_folder_saved_by_transformers_reads_tokenizer_json(tmp_path, rng, pad):
+    """transformers 5 saves tokenizer.json (no vocab.json/merges.txt): same ids, added words kept."""
+    source = write_clip_tokenizer_folder(tmp_path / "source", pad_token=pad)
+    theirs = transformers.CLIPTokenizer.from_pretrained(str(source))
+    theirs.add_tokens(["<saved-word>"])
+    theirs.save_pretrained(str(tmp_path / "saved"))
+    assert not (tmp_path / "saved" / "vocab.json").exists()
+    ours = CLIPTokenizer.from_pretrained(tmp_path / "saved")
+    prompts = FIXED_PROMPTS[:20] + [random_prompt(rng) for _ in range(10)] + ["a <saved-word> here!"]
+    assert ours.pad_token_id == theirs.pad_token_id and len(ours) == len(theirs)
+    assert ours_quiet(ours, prompts).tolist() == reference_ids(theirs, prompts).tolist()

@@ -1,0 +1,103 @@
+"""A tiny random Stable Diffusion saved by diffusers, with the real CLIP tokenizer, for pipeline tests.
+
+    from tiny_sd import tiny_sd_folder, torch_pipeline
+
+    folder = tiny_sd_folder()            # diffusers folder: unet/, vae/, text_encoder/, tokenizer/, scheduler/
+    pipe = torch_pipeline(folder, "euler_a")   # diffusers StableDiffusionPipeline (float32, CPU)
+
+Parts: the "sd1" UNet of tests/tiny_models.py with sample_size 8 and cross_attention_dim 32, the "sd" VAE
+(latent = picture / 8, so the default picture is 64x64), and a transformers CLIPTextModel of width 32 with
+the full 49,408-id vocabulary (tests/tiny_clip.py's encoders have 1,000 ids, too few for the real
+tokenizer, written by npdiff.clip_vocab). Every parameter is random; built once per process.
+"""
+
+import functools
+import tempfile
+from pathlib import Path
+
+from tiny_models import UNET_KINDS, VAE_KINDS, _process_root, randomize_
+
+CLIP_CONFIG = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu",
+                   bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, layer_norm_eps=1e-5)
+UNET_CONFIG = dict(UNET_KINDS["sd1"], sample_size=8, cross_attention_dim=32)
+VAE_CONFIG = dict(VAE_KINDS["sd"])
+
+# SD 1.5's scheduler_config.json
+SCHEDULER_CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                        num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+                        prediction_type="epsilon", timestep_spacing="leading")
+
+# npdiff's scheduler names -> diffusers classes (and config changes)
+DIFFUSERS_SCHEDULERS = {
+    "pndm": ("PNDMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+}
+
+
+def tiny_clip_text_model(seed):
+    """A transformers CLIPTextModel, full CLIP vocabulary, width 32, every parameter random."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    model = CLIPTextModel(CLIPTextConfig(**CLIP_CONFIG))
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 1:
+                param.add_(0.1 * torch.randn_like(param))
+            else:
+                param.normal_(0.0, param.shape[-1] ** -0.5)
+    return model.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_sd_folder(seed=0):
+    """Build and save the tiny pipeline with diffusers (once per process) -> Path of the folder."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    from npdiff.clip_vocab import write_clip_tokenizer_folder
+
+    root = Path(tempfile.mkdtemp(prefix="tiny-sd-", dir=_process_root()))
+    torch.manual_seed(seed)
+    unet = randomize_(UNet2DConditionModel(**UNET_CONFIG), seed + 1)
+    vae = randomize_(AutoencoderKL(**VAE_CONFIG), seed + 2)
+    text_encoder = tiny_clip_text_model(seed + 3)
+    tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer_folder(root / "vocab")))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=PNDMScheduler.from_config(SCHEDULER_CONFIG), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    folder = root / "tiny-sd"
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    # transformers 5 saves only tokenizer.json; hub folders also carry vocab.json + merges.txt: add them.
+    write_clip_tokenizer_folder(folder / "tokenizer")
+    return folder
+
+
+def diffusers_scheduler(name, config):
+    import diffusers
+
+    class_name, changes = DIFFUSERS_SCHEDULERS[name]
+    return getattr(diffusers, class_name).from_config(dict(config, **changes))
+
+
+def torch_pipeline(folder, sampler=None, img2img=False):
+    """The diffusers pipeline over the same folder (float32, CPU, no progress bar), with npdiff's sampler name."""
+    import torch
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+    pipe = cls.from_pretrained(str(folder), safety_checker=None, feature_extractor=None,
+                               requires_safety_checker=False, torch_dtype=torch.float32, local_files_only=True)
+    if sampler is not None:
+        pipe.scheduler = diffusers_scheduler(sampler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
