@@ -1,0 +1,132 @@
+"""The shapes dataset: one flat-coloured shape on a plain background, with a caption.
+
+Every picture is drawn with Pillow from a seed (nothing is stored): a circle, square or triangle in one
+of eight named colours, of varied size and position, on a background of another named colour. Shapes
+are axis-aligned (squares unrotated, triangles upright) so that the fill ratio of the shape's bounding
+box tells them apart: square ~1.0, circle ~pi/4 = 0.785, triangle ~0.5 (weights/evaluate.py uses it).
+
+Captions come in a few variants so that the text encoder has to read the words, not their slots:
+    "a red circle on a blue background"                (canonical; the tests prompt with it)
+    "a large red circle on a blue background"          (size word)
+    "a red circle on the left of a blue background"    (position word)
+    "a blue background with a red circle"              (background first)
+    "red circle, blue background"                      (terse)
+
+    python weights/shapes_data.py --out grid.png      # a contact sheet of 64 examples
+"""
+
+import argparse
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# Named colours: far apart in RGB so that a nearest-colour classifier is unambiguous.
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (245, 220, 30),
+    "cyan": (40, 220, 230),
+    "purple": (140, 40, 190),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+COLOR_NAMES = list(COLORS)
+SHAPES = ["circle", "square", "triangle"]
+IMAGE_SIZE = 32
+SUPERSAMPLE = 4  # draw 4x larger, then downsample: anti-aliased edges like a real picture
+SMALL_MAX = 15  # shape side in pixels (at 32x32): small <= 15 < large
+SIZE_RANGE = (10, 22)
+
+
+def position_word(center_x, center_y, size=IMAGE_SIZE):
+    """'left'/'right'/'top'/'bottom'/'center' from the shape's centre (the strongest offset wins)."""
+    dx = (center_x - size / 2) / size
+    dy = (center_y - size / 2) / size
+    if max(abs(dx), abs(dy)) < 0.1:
+        return "center"
+    if abs(dx) >= abs(dy):
+        return "left" if dx < 0 else "right"
+    return "top" if dy < 0 else "bottom"
+
+
+def caption_for(shape, color, background, side, center_x, center_y, variant):
+    """One of five caption templates (variant 0..4) for the same picture."""
+    if variant == 0:
+        return f"a {color} {shape} on a {background} background"
+    if variant == 1:
+        size_word = "small" if side <= SMALL_MAX else "large"
+        return f"a {size_word} {color} {shape} on a {background} background"
+    if variant == 2:
+        where = position_word(center_x, center_y)
+        if where == "center":
+            return f"a {color} {shape} in the center of a {background} background"
+        return f"a {color} {shape} on the {where} of a {background} background"
+    if variant == 3:
+        return f"a {background} background with a {color} {shape}"
+    return f"{color} {shape}, {background} background"
+
+
+def draw_shape(shape, color, background, side, center_x, center_y, size=IMAGE_SIZE):
+    """-> PIL RGB image size x size with one shape of bounding box side x side centred at (cx, cy)."""
+    big = size * SUPERSAMPLE
+    image = Image.new("RGB", (big, big), COLORS[background])
+    draw = ImageDraw.Draw(image)
+    half = side * SUPERSAMPLE / 2
+    cx, cy = center_x * SUPERSAMPLE, center_y * SUPERSAMPLE
+    box = (cx - half, cy - half, cx + half, cy + half)
+    if shape == "circle":
+        draw.ellipse(box, fill=COLORS[color])
+    elif shape == "square":
+        draw.rectangle(box, fill=COLORS[color])
+    else:  # upright triangle: apex at top centre, base along the bottom of the box
+        draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=COLORS[color])
+    return image.resize((size, size), Image.Resampling.BOX)
+
+
+def sample_spec(rng):
+    """Random (shape, colour, background, side, cx, cy) with background != colour."""
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    color_index = rng.integers(len(COLOR_NAMES))
+    background_index = (color_index + 1 + rng.integers(len(COLOR_NAMES) - 1)) % len(COLOR_NAMES)
+    side = int(rng.integers(SIZE_RANGE[0], SIZE_RANGE[1] + 1))
+    margin = side / 2 + 1
+    center_x = float(rng.uniform(margin, IMAGE_SIZE - margin))
+    center_y = float(rng.uniform(margin, IMAGE_SIZE - margin))
+    return shape, COLOR_NAMES[color_index], COLOR_NAMES[background_index], side, center_x, center_y
+
+
+def make_dataset(count, seed):
+    """-> (images uint8 [N,32,32,3], captions list of N variant lists, specs list of N dicts).
+
+    Each picture keeps all five caption variants; training picks one per step, so the same latent is
+    seen with several wordings.
+    """
+    rng = np.random.default_rng(seed)
+    images = np.empty((count, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)  # [N,H,W,3]
+    captions, specs = [], []
+    for i in range(count):
+        shape, color, background, side, center_x, center_y = sample_spec(rng)
+        images[i] = np.asarray(draw_shape(shape, color, background, side, center_x, center_y))
+        captions.append([caption_for(shape, color, background, side, center_x, center_y, v) for v in range(5)])
+        specs.append(dict(shape=shape, color=color, background=background, side=side,
+                          center_x=center_x, center_y=center_y))
+    return images, captions, specs
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="shapes_examples.png")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    images, captions, _ = make_dataset(64, args.seed)
+    sheet = Image.new("RGB", (8 * IMAGE_SIZE, 8 * IMAGE_SIZE))
+    for i in range(64):
+        sheet.paste(Image.fromarray(images[i]), ((i % 8) * IMAGE_SIZE, (i // 8) * IMAGE_SIZE))
+    sheet.save(args.out)
+    for i in range(8):
+        print(captions[i])
+
+
+if __name__ == "__main__":
+    main()
