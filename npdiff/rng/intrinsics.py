@@ -59,3 +59,18 @@ def bits_float32(typingctx, bits):
         return builder.bitcast(args[0], ir.FloatType())
 
     return signature, codegen
+
+
+@intrinsic
+def sqrt32(typingctx, x):
+    """Correctly rounded float32 square root as `llvm.sqrt.f32`. (math.sqrt compiles to a call to
+    libm's sqrtf, which may set errno, and that call keeps LLVM from vectorising the loop.)"""
+    if x != types.float32:
+        return None
+    signature = types.float32(types.float32)
+
+    def codegen(context, builder, sig, args):
+        function = builder.module.declare_intrinsic("llvm.sqrt", [ir.FloatType()])
+        return builder.call(function, args)
+
+    return signature, codegen

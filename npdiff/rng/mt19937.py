@@ -102,9 +102,10 @@ def fill_uint32(mt, counters, out):
     i = 0
     while i < n:
         count = min(_words_ready(mt, counters), n - i)
-        start = counters[NEXT]
+        words = mt[counters[NEXT]:counters[NEXT] + count]  # views: the loop index k is >= 0,
+        dest = out[i:i + count]                            # which lets LLVM vectorise it
         for k in range(count):
-            out[i + k] = np.uint32(_temper(mt[start + k]))
+            dest[k] = np.uint32(_temper(words[k]))
         counters[LEFT] -= count
         counters[NEXT] += count
         i += count
@@ -117,10 +118,11 @@ def fill_uniform_f32(mt, counters, out):
     i = 0
     while i < n:
         count = min(_words_ready(mt, counters), n - i)
-        start = counters[NEXT]
+        words = mt[counters[NEXT]:counters[NEXT] + count]
+        dest = out[i:i + count]
         for k in range(count):
-            mantissa = _temper(mt[start + k]) & np.uint64(FLOAT_MASK)
-            out[i + k] = np.float32(mantissa) * FLOAT_SCALE
+            mantissa = _temper(words[k]) & np.uint64(FLOAT_MASK)
+            dest[k] = np.float32(mantissa) * FLOAT_SCALE
         counters[LEFT] -= count
         counters[NEXT] += count
         i += count

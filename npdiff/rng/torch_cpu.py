@@ -158,10 +158,7 @@ class TorchGenerator:
         return rounded.reshape(shape)
 
     def _transform_f32(self, data, n_blocks):
-        if self.math == "avx2":
-            kernels.transform_blocks_cephes(data, n_blocks)
-        else:
-            kernels.transform_blocks_libm(data, n_blocks)
+        kernels.transform_blocks_f32(data, n_blocks, self.math == "avx2")
 
     def _block_normals_f32(self, n):
         """n >= 16 float32 normals: n uniforms, full blocks, then a fresh tail block if n % 16."""

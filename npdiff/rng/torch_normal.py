@@ -21,10 +21,14 @@ Which log/sin/cos, and in what precision, depends on the dtype and on the CPU ke
 Fewer than 16 elements go through torch's serial path instead: `serial_normals` (double precision
 Box-Muller that returns cos and caches sin for the next call; see torch_cpu.py).
 
-Parallelism: `transform_blocks_*` run one prange over the blocks of 16 (independent: each block
-reads and writes only its own 16 contiguous floats). The inner loop over the 8 lanes j is the one
-torch runs as 8 SIMD lanes; LLVM vectorises it the same way for the Cephes kernel. The libm
-kernels call scalar logf/cosf/sinf (no vector math library: those would round differently).
+Versions (tests check that all give torch's bits):
+  transform_blocks_reference(data, n_blocks, cephes)   block by block with box_muller_16_*: the
+                                                       algorithm as written above, serial.
+  transform_blocks_f32(data, n_blocks, cephes)         the same float32 operations, regrouped into
+                                                       long lane loops LLVM vectorises, one prange
+                                                       over chunks of blocks (see its comment).
+  transform_blocks_f64(data, n_blocks)                 float64: prange over blocks (libm calls).
+The libm kernels call scalar logf/cosf/sinf (no vector math library: it would round differently).
 """
 
 import math
@@ -33,7 +37,7 @@ import numpy as np
 
 from npdiff.jit import PARALLEL, SERIAL, njit, prange
 from npdiff.rng.cephes import log_ps, sincos_ps
-from npdiff.rng.intrinsics import fma32
+from npdiff.rng.intrinsics import fma32, sqrt32
 from npdiff.rng.mt19937 import next_uniform_f64
 
 BLOCK = 16
@@ -55,7 +59,7 @@ def box_muller_16_cephes(data, start):
     for j in range(HALF_BLOCK):
         u1 = ONE_F32 - data[start + j]
         u2 = data[start + j + HALF_BLOCK]
-        radius = math.sqrt(MINUS_TWO_F32 * log_ps(u1))
+        radius = sqrt32(MINUS_TWO_F32 * log_ps(u1))
         theta = TWO_PI_F32 * u2
         sin_theta, cos_theta = sincos_ps(theta)
         # torch: _mm256_fmadd_ps(radius * cos, std, mean) with std = 1, mean = +0
@@ -69,7 +73,7 @@ def box_muller_16_libm(data, start):
     for j in range(HALF_BLOCK):
         u1 = ONE_F32 - data[start + j]
         u2 = data[start + j + HALF_BLOCK]
-        radius = math.sqrt(MINUS_TWO_F32 * math.log(u1))  # logf, sqrtf
+        radius = sqrt32(MINUS_TWO_F32 * math.log(u1))  # logf, sqrtf
         theta = np.float32(TWO_PI_F64 * np.float64(u2))  # double product, rounded to float
         data[start + j] = fma32(radius * math.cos(theta), ONE_F32, ZERO_F32)  # cosf
         data[start + j + HALF_BLOCK] = fma32(radius * math.sin(theta), ONE_F32, ZERO_F32)  # sinf
@@ -88,24 +92,117 @@ def box_muller_16_f64(data, start):
 
 
 # ---------------------------------------------------------------------------------------------
-# All full blocks of an array, in parallel.
+# Reference: all full blocks, one after the other, with the per-block functions above.
 # ---------------------------------------------------------------------------------------------
-@njit(**PARALLEL)
-def transform_blocks_cephes(data, n_blocks):
-    for block in prange(n_blocks):
-        box_muller_16_cephes(data, block * BLOCK)
+@njit(**SERIAL)
+def transform_blocks_reference(data, n_blocks, cephes):
+    """float32 data[0 : 16*n_blocks] uniforms -> normals, block by block (the readable version)."""
+    for block in range(n_blocks):
+        if cephes:
+            box_muller_16_cephes(data, block * BLOCK)
+        else:
+            box_muller_16_libm(data, block * BLOCK)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast: the same arithmetic, laid out so LLVM can vectorise it, and threaded.
+#
+# How it differs from the reference: LLVM does not vectorise the 8-lane loop of a block (it unrolls
+# it and its SLP pass gives up on the Cephes code). So the fast kernel takes CHUNK_BLOCKS blocks at
+# a time, copies their first halves (the u1 lanes) into one contiguous scratch array and their
+# second halves (the u2 lanes) into another, runs ONE long loop over all lanes (vectorised 16
+# wide on AVX-512), and copies the normals back. Every lane does exactly the reference's float32
+# operations in the same order, so the bits are the same (tests check fast == reference == torch).
+# One prange over the chunks: chunks are independent and each touches only its own 16*256 floats.
+# ---------------------------------------------------------------------------------------------
+CHUNK_BLOCKS = 256  # 4096 floats = 16 KiB per chunk: the scratch stays in L1/L2
+PARALLEL_MIN_BLOCKS = 8192  # 131072 floats: below this one thread is faster than two
+
+
+@njit(**SERIAL)
+def _normals_from_lanes_cephes(lanes_1, lanes_2):
+    """In place: lanes_1[k] (u) -> r*cos, lanes_2[k] (u) -> r*sin, torch's AVX2 arithmetic."""
+    for k in range(lanes_1.shape[0]):
+        radius = sqrt32(MINUS_TWO_F32 * log_ps(ONE_F32 - lanes_1[k]))
+        sin_theta, cos_theta = sincos_ps(TWO_PI_F32 * lanes_2[k])
+        lanes_1[k] = fma32(radius * cos_theta, ONE_F32, ZERO_F32)
+        lanes_2[k] = fma32(radius * sin_theta, ONE_F32, ZERO_F32)
+
+
+@njit(**SERIAL)
+def _normals_from_lanes_libm(lanes_1, lanes_2):
+    """In place, torch's portable arithmetic (libm logf/cosf/sinf: scalar calls)."""
+    for k in range(lanes_1.shape[0]):
+        radius = sqrt32(MINUS_TWO_F32 * math.log(ONE_F32 - lanes_1[k]))
+        theta = np.float32(TWO_PI_F64 * np.float64(lanes_2[k]))
+        lanes_1[k] = fma32(radius * math.cos(theta), ONE_F32, ZERO_F32)
+        lanes_2[k] = fma32(radius * math.sin(theta), ONE_F32, ZERO_F32)
+
+
+@njit(**SERIAL)
+def _transform_chunk(data, first_block, count, cephes):
+    """Blocks first_block .. first_block+count-1 of float32 data: uniforms -> normals."""
+    lanes_1 = np.empty(count * HALF_BLOCK, dtype=np.float32)  # [count*8] first halves (u1)
+    lanes_2 = np.empty(count * HALF_BLOCK, dtype=np.float32)  # [count*8] second halves (u2)
+    blocks = data[first_block * BLOCK:(first_block + count) * BLOCK]  # [count*16] view
+    # 1. Gather: block b's data[16b : 16b+8] -> lanes_1[8b : 8b+8], data[16b+8 : 16b+16] -> lanes_2.
+    for b in range(count):
+        for j in range(HALF_BLOCK):
+            lanes_1[b * HALF_BLOCK + j] = blocks[b * BLOCK + j]
+            lanes_2[b * HALF_BLOCK + j] = blocks[b * BLOCK + HALF_BLOCK + j]
+    # 2. Box-Muller on every lane (the vectorised loop).
+    if cephes:
+        _normals_from_lanes_cephes(lanes_1, lanes_2)
+    else:
+        _normals_from_lanes_libm(lanes_1, lanes_2)
+    # 3. Scatter back: cos normals to the first halves, sin normals to the second halves.
+    for b in range(count):
+        for j in range(HALF_BLOCK):
+            blocks[b * BLOCK + j] = lanes_1[b * HALF_BLOCK + j]
+            blocks[b * BLOCK + HALF_BLOCK + j] = lanes_2[b * HALF_BLOCK + j]
 
 
 @njit(**PARALLEL)
-def transform_blocks_libm(data, n_blocks):
-    for block in prange(n_blocks):
-        box_muller_16_libm(data, block * BLOCK)
+def _transform_blocks_f32_parallel(data, n_blocks, cephes):
+    n_chunks = (n_blocks + CHUNK_BLOCKS - 1) // CHUNK_BLOCKS
+    for chunk in prange(n_chunks):
+        first_block = chunk * CHUNK_BLOCKS
+        _transform_chunk(data, first_block, min(CHUNK_BLOCKS, n_blocks - first_block), cephes)
+
+
+@njit(**SERIAL)
+def _transform_blocks_f32_serial(data, n_blocks, cephes):
+    for first_block in range(0, n_blocks, CHUNK_BLOCKS):
+        _transform_chunk(data, first_block, min(CHUNK_BLOCKS, n_blocks - first_block), cephes)
+
+
+def transform_blocks_f32(data, n_blocks, cephes):
+    """float32 data[0 : 16*n_blocks] uniforms -> normals; cephes: AVX2 arithmetic, else libm.
+    Threads only for big arrays: waking the pool costs more than a latent's worth of work."""
+    if n_blocks >= PARALLEL_MIN_BLOCKS:
+        _transform_blocks_f32_parallel(data, n_blocks, cephes)
+    else:
+        _transform_blocks_f32_serial(data, n_blocks, cephes)
 
 
 @njit(**PARALLEL)
-def transform_blocks_f64(data, n_blocks):
+def _transform_blocks_f64_parallel(data, n_blocks):
     for block in prange(n_blocks):
         box_muller_16_f64(data, block * BLOCK)
+
+
+@njit(**SERIAL)
+def _transform_blocks_f64_serial(data, n_blocks):
+    for block in range(n_blocks):
+        box_muller_16_f64(data, block * BLOCK)
+
+
+def transform_blocks_f64(data, n_blocks):
+    """float64 data[0 : 16*n_blocks] -> normals (libm double: scalar calls, so no lane layout)."""
+    if n_blocks >= PARALLEL_MIN_BLOCKS:
+        _transform_blocks_f64_parallel(data, n_blocks)
+    else:
+        _transform_blocks_f64_serial(data, n_blocks)
 
 
 # ---------------------------------------------------------------------------------------------
