@@ -11,11 +11,14 @@ Flags used:
   FASTMATH_SAFE: fastmath flags that allow reassociation and FMA contraction but do NOT assume
             values are finite ('ninf', 'nnan' are left out), so -inf in masked softmax stays
             correct. No kernel uses a blanket fastmath=True.
+  FASTMATH_CONTRACT: only 'contract': a*b + c may become one FMA (one rounding); nothing is
+            reordered. For GEMM micro-kernels (npdiff/kernels/matmul_numba.py).
 """
 
 from numba import njit, prange  # noqa: F401  (re-exported for kernel modules)
 
 FASTMATH_SAFE = {"nsz", "arcp", "contract", "reassoc"}
+FASTMATH_CONTRACT = {"contract"}
 
 PARALLEL = dict(parallel=True, cache=True, nogil=True, error_model="numpy")
 SERIAL = dict(cache=True, nogil=True, error_model="numpy")
