@@ -9,7 +9,8 @@ Versions:
                                     floats in a row, since NCHW puts the spatial axes innermost).
                                     Pass 1 accumulates sum and sum of squares in float64 (exact
                                     enough: float64 keeps ~16 digits, the variance needs ~7); pass
-                                    2 writes (x - mean) * rstd * weight + bias, with SiLU fused in
+                                    2 writes (x - mean) * rstd * weight + bias (in float64, cast
+                                    once on the write), with SiLU fused in
                                     the same write, so the ResNet block's GroupNorm+SiLU reads x
                                     twice and writes once.
   _layer_norm_numba                 Numba, prange over rows (all leading axes flattened); each row
@@ -86,19 +87,20 @@ def _group_norm_numba(x, weight, bias, eps, apply_silu, out):
         var = max(total_sq / count - mean_shifted * mean_shifted, 0.0)
         mean = mean_shifted + shift0
         rstd = 1.0 / math.sqrt(var + eps)
-        # 2. normalise, scale and shift per channel (+ SiLU), one write
+        # 2. normalise, scale and shift per channel (+ SiLU), one write. (x - mean) is taken in
+        #    float64: folding mean into a float32 shift (x*scale + shift) cancels when |mean| >> std.
         for c in range(per_group):
-            scale = np.float32(rstd * weight[g, c])
-            shift = np.float32(bias[g, c] - mean * rstd * weight[g, c])
+            scale = rstd * weight[g, c]
+            shift = np.float64(bias[g, c])
             if apply_silu:
                 for s in range(spatial):
-                    v = x[b, g, c, s] * scale + shift
+                    v = (np.float64(x[b, g, c, s]) - mean) * scale + shift
                     e = math.exp(-abs(v))  # sigmoid from exp(-|v|) <= 1: never overflows
-                    sigmoid = np.float32(1.0) / (np.float32(1.0) + e) if v >= 0 else e / (np.float32(1.0) + e)
+                    sigmoid = 1.0 / (1.0 + e) if v >= 0 else e / (1.0 + e)
                     out[b, g, c, s] = v * sigmoid
             else:
                 for s in range(spatial):
-                    out[b, g, c, s] = x[b, g, c, s] * scale + shift
+                    out[b, g, c, s] = (np.float64(x[b, g, c, s]) - mean) * scale + shift
 
 
 @njit(**PARALLEL, fastmath=FASTMATH_SAFE)
@@ -117,10 +119,8 @@ def _layer_norm_numba(x, weight, bias, eps, out):
         var = max(total_sq / width - mean_shifted * mean_shifted, 0.0)
         mean = mean_shifted + shift0
         rstd = 1.0 / math.sqrt(var + eps)
-        mean32 = np.float32(mean)
-        rstd32 = np.float32(rstd)
-        for i in range(width):
-            out[r, i] = (x[r, i] - mean32) * rstd32 * weight[i] + bias[i]
+        for i in range(width):  # (x - mean) in float64, as in group norm
+            out[r, i] = (np.float64(x[r, i]) - mean) * rstd * weight[i] + bias[i]
 
 
 # ---------------------------------------------------------------------------------------------

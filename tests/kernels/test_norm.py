@@ -24,11 +24,13 @@ def torch_or_none(a):
 @pytest.mark.parametrize("affine", [True, False])
 def test_group_norm_matches_torch(rng, spatial_axes, silu, affine):
     groups = int(rng.integers(1, 5))
-    channels = groups * int(rng.integers(1, 5))
+    channels = groups * int(rng.integers(2, 5))  # torch needs more than one value per group
     batch = int(rng.integers(1, 4))
     spatial = tuple(int(s) for s in rng.integers(1, 12, size=spatial_axes))  # odd, non-square sizes
-    # an offset and a scale per call: statistics must not depend on the data being centred
-    offset, spread = rng.uniform(-3, 3), rng.uniform(0.1, 10)
+    # an offset and a scale per call: statistics must not depend on the data being centred (kept
+    # to |offset| <~ 2 std, where torch's own float32 result is within 1e-6 of the exact one)
+    spread = rng.uniform(0.1, 10)
+    offset = spread * rng.uniform(-2, 2)
     x = (offset + spread * rng.standard_normal((batch, channels, *spatial))).astype(np.float32)
     weight, bias = optional(rng, affine, channels), optional(rng, affine, channels)
     expected = F.group_norm(torch.from_numpy(x), groups, torch_or_none(weight), torch_or_none(bias), eps=1e-5)
