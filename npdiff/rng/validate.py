@@ -10,14 +10,18 @@ from npdiff.errors import NpdiffError
 UINT64_MOD = 2**64
 
 
+def check_int(owner, argument, value, low, high):
+    """An integer in [low, high] (bool, float, str, None are refused) -> Python int."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise NpdiffError(f"{owner}: {argument} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if not low <= value <= high:
+        raise NpdiffError(f"{owner}: {argument} must be in [{low}, {high}], got {value}")
+    return value
+
+
 def check_seed(owner, seed, low, high):
-    """An integer seed in [low, high] (bool, float, str, None are refused) -> Python int."""
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
-        raise NpdiffError(f"{owner}: seed must be an int, got {type(seed).__name__} {seed!r}")
-    seed = int(seed)
-    if not low <= seed <= high:
-        raise NpdiffError(f"{owner}: seed must be in [{low}, {high}], got {seed}")
-    return seed
+    return check_int(owner, "seed", seed, low, high)
 
 
 def check_shape(owner, shape):
