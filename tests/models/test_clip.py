@@ -1,0 +1,170 @@
+"""npdiff's CLIPTextModel against transformers' CLIPTextModel on tiny random encoders.
+
+Each case builds a random transformers model (SD 1.x-like quick_gelu or SD 2.x-like gelu), saves it
+with safetensors the way a checkpoint would hold it (with or without the "text_model." prefix, with
+or without the position_ids buffer, fp32/fp16/bf16), loads it with npdiff and compares
+last_hidden_state and every hidden state on fresh random token ids.
+"""
+
+import numpy as np
+import pytest
+import torch
+from helpers import KERNEL_TOL, NETWORK_TOL, assert_rel_close
+from tiny_clip import CLIP_KINDS, VOCAB, padded_ids, random_ids, rounded_copy, save_clip, tiny_clip
+
+from npdiff.errors import NpdiffError
+from npdiff.loading import load_component_weights, read_config
+from npdiff.models.clip import CLIPTextModel
+
+# Our float32 CLIP differs from torch's by ~5e-7 relative; the network bound is NETWORK_TOL, and the
+# tighter KERNEL_TOL holds for these small models, so it is asserted (a regression shows at once).
+CLIP_TOL = KERNEL_TOL
+
+
+@pytest.fixture(scope="module")
+def torch_models():
+    return {kind: tiny_clip(kind, seed=index + 11) for index, kind in enumerate(CLIP_KINDS)}
+
+
+def torch_forward(model, ids):
+    with torch.no_grad():
+        out = model(torch.from_numpy(ids), output_hidden_states=True)
+    return out.last_hidden_state, out.hidden_states
+
+
+def sample_ids(rng, kind, padded):
+    positions = CLIP_KINDS[kind]["max_position_embeddings"]
+    batch = int(rng.integers(2, 4))
+    if padded:
+        return padded_ids(rng, batch, positions)  # a prompt padded to the full length, as SD feeds it
+    return random_ids(rng, batch, int(rng.integers(1, positions + 1)))  # any ids, any length
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "random"])
+@pytest.mark.parametrize("prefix", [True, False], ids=["text_model.", "no-prefix"])
+@pytest.mark.parametrize("kind", list(CLIP_KINDS))
+def test_hidden_states_match_transformers(kind, prefix, padded, torch_models, rng, tmp_path):
+    model = torch_models[kind]
+    folder = save_clip(model, tmp_path / "text_encoder", prefix=prefix, position_ids=prefix)
+    ours = CLIPTextModel.from_pretrained(tmp_path, subfolder="text_encoder")
+    ids = sample_ids(rng, kind, padded)
+
+    last, hidden_states = ours(ids, output_hidden_states=True)  # [B,L,D], num_layers+1 x [B,L,D]
+    ref_last, ref_hidden_states = torch_forward(model, ids)
+
+    assert len(hidden_states) == CLIP_KINDS[kind]["num_hidden_layers"] + 1 == len(ref_hidden_states)
+    assert_rel_close(last, ref_last, CLIP_TOL, what="last_hidden_state")
+    for index, (h, ref) in enumerate(zip(hidden_states, ref_hidden_states)):
+        assert_rel_close(h, ref, CLIP_TOL, what=f"hidden_states[{index}]")
+    assert_rel_close(ours(ids), ref_last, CLIP_TOL, what="model(ids)")  # the plain call, same result
+    assert ours.config["vocab_size"] == VOCAB and folder.is_dir()
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+def test_penultimate_layer_with_final_norm(kind, torch_models, rng, tmp_path):
+    """SD 2.x and "clip skip" take final_layer_norm(hidden_states[-2])."""
+    model = torch_models[kind]
+    ours = CLIPTextModel.from_pretrained(save_clip(model, tmp_path / "te", prefix=False))
+    ids = sample_ids(rng, kind, padded=True)
+    _, hidden_states = ours(ids, output_hidden_states=True)
+    _, ref_hidden_states = torch_forward(model, ids)
+    with torch.no_grad():
+        ref = model.text_model.final_layer_norm(ref_hidden_states[-2]) if hasattr(model, "text_model") \
+            else model.final_layer_norm(ref_hidden_states[-2])
+    assert_rel_close(ours.final_layer_norm(hidden_states[-2]), ref, CLIP_TOL, what="penultimate + final norm")
+
+
+def _torch_encoder_layers(model):
+    inner = model.text_model if hasattr(model, "text_model") else model  # transformers 4.x / 5.x
+    return inner.encoder.layers
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+def test_one_layer_intermediate_activations(kind, torch_models, rng, tmp_path):
+    """Inside encoder layer 1: the attention output and the MLP's activation, from the same input."""
+    model = torch_models[kind]
+    ours = CLIPTextModel.from_pretrained(save_clip(model, tmp_path / "te"))
+    ids = sample_ids(rng, kind, padded=False)
+    torch_layer = _torch_encoder_layers(model)[1]
+    captured = {}
+    hooks = [
+        torch_layer.self_attn.register_forward_hook(lambda m, a, out: captured.__setitem__("attn", out[0])),
+        torch_layer.mlp.activation_fn.register_forward_hook(lambda m, a, out: captured.__setitem__("act", out)),
+    ]
+    try:
+        _, ref_hidden_states = torch_forward(model, ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    layer = ours.layers[1]
+    h = ref_hidden_states[1].numpy()                                   # layer 1's input [B,L,D]
+    attention = layer.self_attn(layer.layer_norm1(h))                   # [B,L,D]
+    assert_rel_close(attention, captured["attn"], CLIP_TOL, what="layer 1 self-attention output")
+    after_attention = h + attention                                     # [B,L,D]
+    activation = layer.mlp.activation(layer.mlp.fc1(layer.layer_norm2(after_attention)))  # [B,L,I]
+    assert_rel_close(activation, captured["act"], CLIP_TOL, what=f"layer 1 MLP {CLIP_KINDS[kind]['hidden_act']}")
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_files_match_rounded_transformers(dtype, torch_models, rng, tmp_path):
+    """An fp16/bf16 file is widened to float32 and matches the torch model with the same rounded weights."""
+    model = torch_models["sd1"]
+    folder = save_clip(model, tmp_path / "te", dtype=dtype, variant="fp16" if dtype == "fp16" else None)
+    ours = CLIPTextModel.from_pretrained(folder, variant="fp16" if dtype == "fp16" else None)
+    ids = sample_ids(rng, "sd1", padded=True)
+    ref_last, _ = torch_forward(rounded_copy(model, dtype), ids)
+    assert_rel_close(ours(ids), ref_last, CLIP_TOL, what=f"{dtype} weights")
+
+
+def test_added_token_embeddings_match_resized_transformers(torch_models, rng, tmp_path):
+    """Textual inversion: rows appended to the table behave as transformers' resized embedding."""
+    model = tiny_clip("sd1_narrow", seed=5)
+    ours = CLIPTextModel.from_pretrained(save_clip(model, tmp_path / "te"))
+    width = CLIP_KINDS["sd1_narrow"]["hidden_size"]
+    vectors = rng.standard_normal((3, width)).astype(np.float32)  # [n,D]
+    new_ids = ours.add_token_embeddings(vectors)
+    assert new_ids == [VOCAB, VOCAB + 1, VOCAB + 2] and ours.config["vocab_size"] == VOCAB + 3
+
+    model.resize_token_embeddings(VOCAB + 3)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[VOCAB:] = torch.from_numpy(vectors)
+    ids = padded_ids(rng, 2, CLIP_KINDS["sd1_narrow"]["max_position_embeddings"])
+    ids[:, 1:4] = new_ids  # the new tokens inside a prompt
+    ref_last, _ = torch_forward(model, ids)
+    assert_rel_close(ours(ids), ref_last, CLIP_TOL, what="with added tokens")
+
+
+def test_bad_input_ids(torch_models, tmp_path):
+    ours = CLIPTextModel.from_pretrained(save_clip(torch_models["sd1_narrow"], tmp_path / "te"))
+    positions = CLIP_KINDS["sd1_narrow"]["max_position_embeddings"]
+    cases = [
+        (np.zeros(5, dtype=np.int64), "shape [B,L]"),
+        (np.zeros((2, 5), dtype=np.float32), "must be integers"),
+        (np.zeros((1, positions + 1), dtype=np.int64), f"max_position_embeddings {positions}"),
+        (np.full((1, 4), VOCAB, dtype=np.int64), f"[0, {VOCAB})"),
+        (np.full((1, 4), -1, dtype=np.int64), f"[0, {VOCAB})"),
+    ]
+    for ids, message in cases:
+        with pytest.raises(NpdiffError, match="input_ids") as info:
+            ours(ids)
+        assert message in str(info.value)
+    with pytest.raises(NpdiffError, match=r"vectors must have shape \[n,64\]"):
+        ours.add_token_embeddings(np.zeros((2, 63), dtype=np.float32))
+
+
+def test_config_and_weights_that_do_not_fit(torch_models, tmp_path):
+    folder = save_clip(torch_models["sd1_narrow"], tmp_path / "te")
+    config = read_config(folder)
+
+    wrong_width = {**config, "hidden_size": 32, "num_attention_heads": 2}
+    with pytest.raises(NpdiffError, match=r"key 'text_model.embeddings.token_embedding.weight' in .*model"
+                                          r"\.safetensors has shape \(1000, 64\); the config expects \(1000, 32\)"):
+        CLIPTextModel(wrong_width, load_component_weights(folder))
+
+    fewer_layers = {**config, "num_hidden_layers": 1}
+    with pytest.raises(NpdiffError, match=r"unexpected keys in .*model\.safetensors.*'text_model\.encoder\.layers\.1\."):
+        CLIPTextModel(fewer_layers, load_component_weights(folder))
+
+    with pytest.raises(NpdiffError, match="hidden_act 'relu6' is not supported"):
+        CLIPTextModel({**config, "hidden_act": "relu6"}, load_component_weights(folder))

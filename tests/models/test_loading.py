@@ -1,0 +1,294 @@
+"""npdiff.loading: safetensors reading, dtype widening, variants, shards, pipeline folders, and the
+errors for every kind of bad file (each must name the file and the key)."""
+
+import json
+import os
+import re
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from tiny_clip import save_clip, tiny_clip
+from tiny_models import tiny_unet, tiny_vae
+
+from npdiff.errors import NpdiffError
+from npdiff.loading import (load_component_weights, load_pipeline_components, open_weights, read_config,
+                            read_json)
+
+
+def random_tensors(rng, count=4):
+    """name -> random float32 torch tensor of a random small shape (1 to 4 dims)."""
+    tensors = {}
+    for index in range(count):
+        shape = tuple(int(n) for n in rng.integers(1, 7, size=int(rng.integers(1, 5))))
+        tensors[f"block.{index}.weight"] = torch.from_numpy(rng.standard_normal(shape).astype(np.float32) * 3)
+    return tensors
+
+
+def special_values():
+    """Values where a widening could go wrong: signed zeros, infinities, NaN, subnormals, extremes."""
+    values = [0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan, 65504.0, -65504.0, 6e-8, -6e-8, 1e-40, 3e38,
+              1 / 3, 2 ** -14, 2 ** -24, 1e-45]
+    return torch.tensor(values, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Widening: fp16 / bf16 / fp32 read exactly as torch's .float()
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_widening_is_exact(dtype, rng, tmp_path):
+    tensors = random_tensors(rng)
+    tensors["special"] = special_values()
+    stored = {name: tensor.to(dtype) for name, tensor in tensors.items()}
+    path = tmp_path / "w.safetensors"
+    save_file(stored, str(path))
+
+    weights = open_weights(path)
+    assert sorted(weights.keys()) == sorted(stored)
+    for name, tensor in stored.items():
+        ours = weights.take(name, tuple(tensor.shape))
+        expected = tensor.float().numpy()  # torch's own widening
+        assert ours.dtype == np.float32 and ours.shape == expected.shape
+        assert ours.flags.c_contiguous and ours.flags.writeable and not isinstance(ours, np.memmap)
+        np.testing.assert_array_equal(ours, expected)  # bit-exact, NaN == NaN
+        assert np.array_equal(np.signbit(ours), np.signbit(expected))  # -0.0 stays -0.0
+    weights.check_all_used()
+
+
+def test_taken_arrays_do_not_alias_the_file(rng, tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.ones(3, 4)}, str(path))
+    weights = open_weights(path)
+    first = weights.take("a", (3, 4))
+    first[:] = 7.0  # writing to one taken array changes neither the file nor a later take
+    np.testing.assert_array_equal(weights.take("a", (3, 4)), np.ones((3, 4), np.float32))
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding files: variants, shards, config.json
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stem", ["diffusion_pytorch_model", "model"])
+def test_variant_picks_the_fp16_file(stem, rng, tmp_path):
+    full = random_tensors(rng, 2)
+    half = {name: torch.from_numpy(rng.standard_normal(t.shape).astype(np.float32)).half() for name, t in full.items()}
+    save_file(full, str(tmp_path / f"{stem}.safetensors"))
+    save_file(half, str(tmp_path / f"{stem}.fp16.safetensors"))
+
+    plain = load_component_weights(tmp_path)
+    variant = load_component_weights(tmp_path, variant="fp16")
+    assert plain.source.endswith(f"{stem}.safetensors") and variant.source.endswith(f"{stem}.fp16.safetensors")
+    for name, tensor in full.items():
+        assert plain.dtype(name) == "F32" and variant.dtype(name) == "F16"
+        np.testing.assert_array_equal(plain.take(name, tensor.shape), tensor.numpy())
+        np.testing.assert_array_equal(variant.take(name, tensor.shape), half[name].float().numpy())
+
+
+def test_missing_weights_say_what_was_expected(rng, tmp_path):
+    save_file(random_tensors(rng, 1), str(tmp_path / "model.fp16.safetensors"))
+    with pytest.raises(NpdiffError, match=r"no weights in .*: expected diffusion_pytorch_model\.safetensors or "
+                                          r"model\.safetensors; it has model\.fp16\.safetensors \(pass variant='fp16'"):
+        load_component_weights(tmp_path)
+    with pytest.raises(NpdiffError, match=r"expected diffusion_pytorch_model\.bf16\.safetensors or model\.bf16"):
+        load_component_weights(tmp_path, variant="bf16")
+    with pytest.raises(NpdiffError, match="no such folder"):
+        load_component_weights(tmp_path / "nowhere")
+
+
+def test_sharded_weights(rng, tmp_path):
+    tensors = random_tensors(rng, 5)
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[:2], "model-00002-of-00002.safetensors": names[2:]}
+    weight_map = {}
+    for shard, shard_names in shards.items():
+        save_file({name: tensors[name] for name in shard_names}, str(tmp_path / shard))
+        weight_map.update({name: shard for name in shard_names})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+    weights = load_component_weights(tmp_path)
+    assert weights.keys() == names
+    for name in names:
+        np.testing.assert_array_equal(weights.take(name, tensors[name].shape), tensors[name].numpy())
+    weights.check_all_used()
+
+
+def test_read_config_errors_name_the_file(tmp_path):
+    with pytest.raises(NpdiffError, match=re.escape(str(tmp_path / "config.json"))):
+        read_config(tmp_path)
+    (tmp_path / "config.json").write_text('{"a": 1,')
+    with pytest.raises(NpdiffError, match=r"config\.json is not valid JSON"):
+        read_config(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(NpdiffError, match=r"config\.json should hold a JSON object, found a list"):
+        read_config(tmp_path)
+    (tmp_path / "config.json").write_text('{"hidden_size": 8}')
+    assert read_config(tmp_path) == {"hidden_size": 8} == read_json(tmp_path / "config.json")
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad files: each a clear NpdiffError naming the file (and the key where there is one)
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def good_file(rng, tmp_path):
+    """A valid file with two tensors; -> (path, its bytes)."""
+    path = tmp_path / "good.safetensors"
+    save_file({"encoder.weight": torch.ones(4, 8), "encoder.bias": torch.zeros(4)}, str(path))
+    return path, path.read_bytes()
+
+
+def header_of(raw):
+    (length,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + length]), raw[8 + length:]
+
+
+def with_header(header, data):
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded + data
+
+
+def corrupt_variants(raw):
+    """name -> bytes of a broken file built from a good one."""
+    header, data = header_of(raw)
+    bad_offsets = json.loads(json.dumps(header))
+    bad_offsets["encoder.weight"]["data_offsets"] = [0, 10 ** 6]
+    bad_shape = json.loads(json.dumps(header))
+    bad_shape["encoder.bias"]["shape"] = [5]  # 5 floats do not fit the 16 bytes stored
+    return {
+        "truncated data": raw[:-7],
+        "truncated header": raw[:30],
+        "empty": b"",
+        "header length too large": struct.pack("<Q", 10 ** 12) + raw[8:],
+        "header not JSON": raw[:8] + b"\x00not json" + raw[17:],
+        "offsets past the end": with_header(bad_offsets, data),
+        "shape contradicts the bytes": with_header(bad_shape, data),
+    }
+
+
+@pytest.mark.parametrize("case", ["truncated data", "truncated header", "empty", "header length too large",
+                                  "header not JSON", "offsets past the end", "shape contradicts the bytes"])
+def test_truncated_or_corrupt_file(case, good_file, tmp_path):
+    _, raw = good_file
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(corrupt_variants(raw)[case])
+    with pytest.raises(NpdiffError, match=re.escape(str(path)) + " is not a readable safetensors file"):
+        open_weights(path)
+
+
+def test_missing_extra_and_misshapen_keys_are_named(good_file):
+    path, _ = good_file
+    weights = open_weights(path)
+    with pytest.raises(NpdiffError, match=re.escape(f"missing key 'encoder.weights' in {path}")
+                       + r" \(did you mean 'encoder.weight'\?\)"):
+        weights.take("encoder.weights", (4, 8))
+    with pytest.raises(NpdiffError, match=re.escape(f"key 'encoder.weight' in {path} has shape (4, 8); "
+                                                    "the config expects (8, 4)")):
+        weights.take("encoder.weight", (8, 4))
+    weights.take("encoder.weight", (4, 8))
+    with pytest.raises(NpdiffError, match=re.escape(f"unexpected key in {path}, not used by the model: "
+                                                    "'encoder.bias'")):
+        weights.check_all_used()
+    weights.ignore("encoder.bias")
+    weights.check_all_used()
+
+
+@pytest.mark.parametrize("dtype,name", [(torch.int8, "I8"), (torch.float8_e4m3fn, "F8_E4M3"), (torch.int64, "I64")])
+def test_unsupported_dtype_names_key_and_dtype(dtype, name, tmp_path):
+    path = tmp_path / "quantized.safetensors"
+    save_file({"proj.weight": torch.zeros(3, 2).to(dtype), "proj.bias": torch.zeros(3)}, str(path))
+    weights = open_weights(path)  # opening is fine: only taking it is not
+    np.testing.assert_array_equal(weights.take("proj.bias", (3,)), np.zeros(3, np.float32))
+    with pytest.raises(NpdiffError, match=re.escape(f"key 'proj.weight' in {path} has dtype {name}; ")
+                       + "npdiff reads float weights stored as F32, F16, BF16 only"):
+        weights.take("proj.weight", (3, 2))
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".bin", ".pt", ".pth"])
+def test_pickle_files_are_refused_with_a_way_out(suffix, tmp_path):
+    path = tmp_path / f"model{suffix}"
+    torch.save({"state_dict": {"w": torch.ones(2)}}, str(path))
+    with pytest.raises(NpdiffError) as info:
+        open_weights(path)
+    message = str(info.value)
+    assert str(path) in message and "arbitrary code" in message and "pickle" in message
+    assert "torch.load(" in message and "weights_only=True" in message and "save_file(" in message
+
+
+def test_pickle_beside_no_safetensors_and_pickle_renamed(tmp_path):
+    folder = tmp_path / "text_encoder"
+    folder.mkdir()
+    torch.save({"w": torch.ones(2)}, str(folder / "pytorch_model.bin"))
+    with pytest.raises(NpdiffError, match=r"pytorch_model\.bin: refusing to read a '\.bin' checkpoint"):
+        load_component_weights(folder)
+    renamed = tmp_path / "renamed.safetensors"
+    torch.save({"w": torch.ones(2)}, str(renamed))
+    with pytest.raises(NpdiffError, match=r"renamed\.safetensors is not a readable safetensors file.*zip "
+                                          r"checkpoint"):
+        open_weights(renamed)
+    with pytest.raises(NpdiffError, match="no such file"):
+        open_weights(tmp_path / "absent.safetensors")
+    with pytest.raises(NpdiffError, match="is a folder"):
+        open_weights(folder)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pipeline folders
+# --------------------------------------------------------------------------------------------------
+def snapshot(folder):
+    """(relative path, size, mtime) of every file: loading must leave it unchanged."""
+    entries = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            stat = os.stat(os.path.join(root, name))
+            entries.append((os.path.relpath(os.path.join(root, name), folder), stat.st_size, stat.st_mtime_ns))
+    return sorted(entries)
+
+
+@pytest.fixture(scope="module")
+def pipeline_folder(tmp_path_factory):
+    """A diffusers pipeline folder from the tiny UNet, VAE and CLIP (+ tokenizer files, scheduler)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    _, unet_folder = tiny_unet("sd1", seed=0)
+    _, vae_folder = tiny_vae("sd", seed=0)
+    shutil.copytree(unet_folder, root / "unet")
+    shutil.copytree(vae_folder, root / "vae")
+    save_clip(tiny_clip("sd1", seed=3), root / "text_encoder", prefix=True, position_ids=True)
+    (root / "tokenizer").mkdir()
+    (root / "tokenizer" / "vocab.json").write_text("{}")
+    (root / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "PNDMScheduler"}))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return root
+
+
+def test_pipeline_components_from_a_folder(pipeline_folder):
+    before = snapshot(pipeline_folder)
+    parts = load_pipeline_components(pipeline_folder)
+    for name in ("unet", "vae", "text_encoder"):
+        config, weights = parts[name]
+        assert config == read_config(pipeline_folder / name)
+        assert weights.keys() == load_component_weights(pipeline_folder / name).keys() and len(weights) > 0
+    assert "text_model.embeddings.position_ids" in parts["text_encoder"][1]
+    assert parts["tokenizer"] == str(pipeline_folder / "tokenizer")
+    assert parts["scheduler"] == {"_class_name": "PNDMScheduler"}
+    assert parts["model_index"] == {"_class_name": "StableDiffusionPipeline"}
+    assert snapshot(pipeline_folder) == before  # loading never writes
+
+
+def test_pipeline_components_errors(pipeline_folder, tmp_path):
+    with pytest.raises(NpdiffError, match=r"holds nothing; expected a diffusers folder \(model_index\.json"):
+        load_pipeline_components(tmp_path)
+    with pytest.raises(NpdiffError, match=r"is one model.s folder .*<Model>\.from_pretrained"):
+        load_pipeline_components(pipeline_folder / "unet")
+    with pytest.raises(NpdiffError, match="no such file or folder"):
+        load_pipeline_components(tmp_path / "absent")
+    partial = tmp_path / "partial"
+    shutil.copytree(pipeline_folder / "unet", partial / "unet")
+    with pytest.raises(NpdiffError, match=r"has no vae/config\.json; expected a diffusers folder"):
+        load_pipeline_components(partial)
+    torch.save({"w": torch.ones(1)}, str(tmp_path / "model.ckpt"))
+    with pytest.raises(NpdiffError, match="refusing to read a '.ckpt' checkpoint"):
+        load_pipeline_components(tmp_path / "model.ckpt")
