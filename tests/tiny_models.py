@@ -112,3 +112,67 @@ def tiny_vae(kind="sd", seed=0, folder=None):
     """-> (torch AutoencoderKL in eval mode, Path of its diffusers folder)."""
     folder = str(folder or _default_folder("vae", kind, seed))
     return _build("vae", kind, int(seed), folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers for block-level tests
+# ---------------------------------------------------------------------------------------------
+def module_weights(module, path):
+    """Save a torch module's state_dict to `path` (.safetensors) and open it as npdiff Weights."""
+    from safetensors.torch import save_file
+
+    from npdiff.loading import open_weights
+
+    tensors = {name: tensor.detach().contiguous() for name, tensor in module.state_dict().items()}
+    save_file(tensors, str(path))
+    return open_weights(path)
+
+
+def _resolve(root, path):
+    """'down_blocks.0.resnets.1' -> the object at that path (attributes and list indices)."""
+    obj = root
+    for part in path.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+def _replace(root, path, value):
+    parent_path, _, last = path.rpartition(".")
+    parent = _resolve(root, parent_path) if parent_path else root
+    if last.isdigit():
+        parent[int(last)] = value
+    else:
+        setattr(parent, last, value)
+
+
+class _Recorder:
+    """Wraps one npdiff block: calls it and stores (inputs, output) under its path."""
+
+    def __init__(self, block, path, store):
+        self.block, self.path, self.store = block, path, store
+
+    def __getattr__(self, name):
+        return getattr(self.block, name)
+
+    def __call__(self, *args, **kwargs):
+        out = self.block(*args, **kwargs)
+        self.store[self.path] = (args, out)
+        return out
+
+
+def record_npdiff(model, paths):
+    """Wrap the npdiff blocks at `paths` (diffusers module names: the same tree) -> {path: (args, output)}."""
+    store = {}
+    for path in paths:
+        _replace(model, path, _Recorder(_resolve(model, path), path, store))
+    return store
+
+
+def record_torch(model, paths):
+    """Forward hooks on the torch submodules at `paths` -> ({path: (args, output)}, hook handles)."""
+    store, handles = {}, []
+    for path in paths:
+        def hook(module, args, output, path=path):
+            store[path] = (args, output)
+        handles.append(model.get_submodule(path).register_forward_hook(hook))
+    return store, handles

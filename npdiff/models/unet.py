@@ -176,6 +176,10 @@ class UNet2DConditionModel:
         if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch:
             raise NpdiffError(f"encoder_hidden_states must have shape [{batch},L,D]; got "
                               f"{tuple(encoder_hidden_states.shape)}")
+        context_dims = set(per_block(c, "cross_attention_dim", len(c["block_out_channels"])))
+        if encoder_hidden_states.shape[-1] not in context_dims:
+            raise NpdiffError(f"encoder_hidden_states has feature size {encoder_hidden_states.shape[-1]}; the "
+                              f"model expects cross_attention_dim {c['cross_attention_dim']}")
         if timesteps.ndim != 1 or timesteps.shape[0] not in (1, batch):
             raise NpdiffError(f"timestep must be a scalar or an array of shape [{batch}]; got shape "
                               f"{timesteps.shape}")

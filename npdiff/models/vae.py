@@ -53,15 +53,17 @@ class UNetMidBlock2D:
     def __init__(self, weights, prefix, channels, groups, add_attention):
         self.resnets = [ResnetBlock2D(weights, child(prefix, f"resnets.{i}"), channels, channels, None, groups,
                                       VAE_EPS) for i in range(2)]
-        self.attention = None
+        self.attentions = []
         if add_attention:
-            self.attention = AttentionBlock(weights, child(prefix, "attentions.0"), channels, groups, VAE_EPS)
+            self.attentions.append(AttentionBlock(weights, child(prefix, "attentions.0"), channels, groups, VAE_EPS))
 
     def __call__(self, x):
-        # 1. resnet, 2. single-head attention over all positions, 3. resnet
+        # 1. resnet
         h = self.resnets[0](x)                                          # [B,C,H,W]
-        if self.attention is not None:
-            h = self.attention(h)                                       # [B,C,H,W]
+        # 2. single-head attention over all positions (unless mid_block_add_attention=False)
+        for attention in self.attentions:
+            h = attention(h)                                            # [B,C,H,W]
+        # 3. resnet
         return self.resnets[1](h)                                       # [B,C,H,W]
 
 
