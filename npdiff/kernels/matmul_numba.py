@@ -1,0 +1,283 @@
+"""The Numba steps of the matmul progression (steps 5 and 6 of npdiff/kernels/matmul.py).
+
+  naive_gemm     step 5: three loops in (i, k, j) order, prange over the rows i of C.
+  blocked_gemm   step 6: packed panels, a register-blocked 6 x 64 micro-kernel, cache blocking,
+                 prange over blocks of rows of C.
+
+Both take float32 a [M,K], b [K,N] (any strides) and return a new C-contiguous c [M,N]. Input checks
+live in matmul.py; these functions assume shapes that fit and float32.
+
+How step 6 is laid out (the BLIS/GotoBLAS scheme, arranged for row-major C, where one row of C is
+contiguous and so the SIMD lanes run along the columns j):
+
+    pack B once, whole:    b_packed [N/NR, K, NR]   column panel q = b[:, q*NR:(q+1)*NR], row by row.
+    prange over blocks of ROW_BLOCK rows of C (each thread owns its rows of C; no two threads write
+    the same element, so no locks and no reduction):
+        for each depth block of KC steps of k:
+            pack A's [rows, KC] block as a_packed [rows/MR, KC, MR]   (thread-local, stays in L2)
+            for each group of NC columns:
+                for each MR-row panel of A:               the A micro-panel, MR*KC*4 = 6 KiB: L1
+                    for each NR-column panel of B:        the B micro-panel streams from L2
+                        micro-kernel: C[MR, NR] (+)= A micro-panel [KC, MR]^T @ B micro-panel [KC, NR]
+
+Sizes, for the AMD Zen 4 (AVX-512) machine this was tuned on (32 KiB L1d, 1 MiB L2 per core,
+32 zmm registers of 16 float32):
+  MR x NR = 6 x 64   the C tile lives in 6*64/16 = 24 zmm registers; each step of k broadcasts 6
+                     floats of A and loads 4 vectors of B (4 + 1 more registers) for 24 FMAs, so
+                     loads are well under one per FMA. Taller tiles (8 x 48, 12 x 32) need more
+                     broadcasts per FMA; a 7th row of 64 would need 28 + 4 + 1 > 32 registers.
+  KC = 256           the A micro-panel (MR*KC*4 = 6 KiB) stays in L1 while it meets NC/NR
+                     B micro-panels; longer k runs amortise reading and writing the C tile.
+  NC = 512           the B block a thread sweeps, KC*NC*4 = 512 KiB, is half of L2.
+  ROW_BLOCK <= 120   the packed A block, 120*KC*4 = 120 KiB, sits in L2 beside the B block and is
+                     reused for every column; the rows are split so every thread gets the same
+                     number of blocks (a multiple of MR rows each).
+
+How the C tile stays in registers: Numba arrays from np.empty live on the heap, and LLVM must assume
+any store may alias them, so it reloads and stores them every step. `_stack_row()` below allocates
+NR float32 on the stack (LLVM `alloca`, constant size) instead: once LLVM unrolls the j loop of the
+micro-kernel, every element is reached by a constant index and SROA promotes the six rows to SSA
+values, which the vectoriser packs into 24 zmm registers. Check it with
+    blocked_gemm.inspect_asm(blocked_gemm.signatures[0])
+and look for the loop of `vbroadcastss` + `vmovups` + 24 `vfmadd231ps ... %zmm` with no stack access.
+The micro-kernel is compiled with fastmath 'contract' only (FASTMATH_CONTRACT in npdiff/jit.py):
+a*b + c may become one FMA (one rounding instead of two); nothing is reordered.
+"""
+
+import numpy as np
+from numba import carray, get_num_threads, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from npdiff.jit import FASTMATH_CONTRACT, PARALLEL, SERIAL, njit, prange
+
+MR = 6  # rows of the register tile of C (written out as acc0..acc5 in the micro-kernel)
+NR = 64  # columns of the register tile: 4 zmm vectors of 16 float32
+KC = 256  # depth of one packed block (steps of k per micro-kernel call)
+NC = 512  # columns of B one thread sweeps while its A block sits in L2
+ROW_BLOCK = 120  # most rows of C per parallel task (a multiple of MR)
+
+NC_PANELS = NC // NR  # B micro-panels per column group
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 5: the naive Numba loop
+# ---------------------------------------------------------------------------------------------
+@njit(**PARALLEL)
+def naive_gemm(a, b):
+    """c = a @ b with loops in (i, k, j) order; prange over rows i.
+
+    j is innermost because rows are contiguous in NumPy's C order: c[i, j] and b[k, j] walk memory
+    with stride 1, a[i, k] is a constant of the inner loop, and LLVM vectorises the j loop (16
+    float32 per zmm). The (i, j, k) order of the textbook would walk b down a column (stride N).
+    """
+    rows, depth = a.shape
+    cols = b.shape[1]
+    c = np.zeros((rows, cols), dtype=np.float32)  # [M,N]
+    for i in prange(rows):
+        for k in range(depth):
+            a_ik = a[i, k]
+            for j in range(cols):
+                c[i, j] += a_ik * b[k, j]
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 6: packing, the register-blocked micro-kernel, the blocked parallel driver
+# ---------------------------------------------------------------------------------------------
+@intrinsic
+def _stack_row(typingctx):
+    """A pointer to NR float32 on the stack (LLVM alloca of constant size): register-promotable."""
+
+    def codegen(context, builder, signature, args):
+        float32 = context.get_value_type(types.float32)
+        return cgutils.alloca_once(builder, float32, size=context.get_constant(types.intp, NR))
+
+    return types.CPointer(types.float32)(), codegen
+
+
+@njit(**PARALLEL)
+def pack_b(b):
+    """b [K,N] -> [ceil(N/NR), K, NR]: each NR-column panel row by row, zero-padded past column N.
+
+    The micro-kernel reads B NR floats at a time for k = 0, 1, 2, ...: this is that order, so its
+    B stream is one contiguous run. prange over panels (each writes its own slice).
+    """
+    depth, cols = b.shape
+    panels = (cols + NR - 1) // NR
+    b_packed = np.empty((panels, depth, NR), dtype=np.float32)  # [N/NR, K, NR]
+    for panel in prange(panels):
+        col0 = panel * NR
+        width = min(NR, cols - col0)
+        for k in range(depth):
+            for j in range(width):
+                b_packed[panel, k, j] = b[k, col0 + j]
+            for j in range(width, NR):
+                b_packed[panel, k, j] = 0.0
+    return b_packed
+
+
+@njit(**SERIAL)
+def _pack_a_block(a, row0, rows, k0, depth, a_packed):
+    """a[row0:row0+rows, k0:k0+depth] -> a_packed[:, :depth, :] as MR-row panels [rows/MR, depth, MR].
+
+    The micro-kernel reads MR values of A (one column of the panel) per step of k: stored so, one
+    step of k is MR consecutive floats. Rows past `rows` are zero (the tile's spare rows).
+    """
+    panels = (rows + MR - 1) // MR
+    for panel in range(panels):
+        for r in range(MR):
+            row = panel * MR + r
+            if row < rows:
+                for k in range(depth):
+                    a_packed[panel, k, r] = a[row0 + row, k0 + k]
+            else:
+                for k in range(depth):
+                    a_packed[panel, k, r] = 0.0
+
+
+@njit(fastmath=FASTMATH_CONTRACT, **SERIAL)
+def _micro_kernel(depth, a_panel, b_panel, c, row0, col0, valid_rows, valid_cols, accumulate):
+    """C[row0:row0+MR, col0:col0+NR] (+)= a_panel[:depth]^T @ b_panel[:depth].
+
+    a_panel [depth, MR] and b_panel [depth, NR] are packed (contiguous, in reading order). The tile
+    of C is held in acc0..acc5 (one stack row of NR each, promoted to 24 zmm registers); each step
+    of k is a rank-1 update: 6 broadcasts of A times one row of B. Only the valid part of the tile
+    is written (edge tiles of C); `accumulate` adds to C (later depth blocks) instead of storing.
+    """
+    acc0 = carray(_stack_row(), NR)
+    acc1 = carray(_stack_row(), NR)
+    acc2 = carray(_stack_row(), NR)
+    acc3 = carray(_stack_row(), NR)
+    acc4 = carray(_stack_row(), NR)
+    acc5 = carray(_stack_row(), NR)
+    for j in range(NR):
+        acc0[j] = 0.0
+        acc1[j] = 0.0
+        acc2[j] = 0.0
+        acc3[j] = 0.0
+        acc4[j] = 0.0
+        acc5[j] = 0.0
+    for k in range(depth):
+        a0 = a_panel[k, 0]  # the six rows' A values for this k, broadcast across j
+        a1 = a_panel[k, 1]
+        a2 = a_panel[k, 2]
+        a3 = a_panel[k, 3]
+        a4 = a_panel[k, 4]
+        a5 = a_panel[k, 5]
+        for j in range(NR):  # contiguous in b_panel: 4 zmm loads
+            b_kj = b_panel[k, j]
+            acc0[j] += a0 * b_kj
+            acc1[j] += a1 * b_kj
+            acc2[j] += a2 * b_kj
+            acc3[j] += a3 * b_kj
+            acc4[j] += a4 * b_kj
+            acc5[j] += a5 * b_kj
+    if valid_rows == MR and valid_cols == NR:
+        _write_full_tile(c, row0, col0, acc0, acc1, acc2, acc3, acc4, acc5, accumulate)
+    else:
+        _write_edge_tile(c, row0, col0, valid_rows, valid_cols, acc0, acc1, acc2, acc3, acc4, acc5,
+                         accumulate)
+
+
+@njit(**SERIAL)
+def _write_full_tile(c, row0, col0, acc0, acc1, acc2, acc3, acc4, acc5, accumulate):
+    """The MR x NR tile into C: store on the first depth block, add on later ones."""
+    if accumulate:
+        for j in range(NR):
+            c[row0 + 0, col0 + j] += acc0[j]
+            c[row0 + 1, col0 + j] += acc1[j]
+            c[row0 + 2, col0 + j] += acc2[j]
+            c[row0 + 3, col0 + j] += acc3[j]
+            c[row0 + 4, col0 + j] += acc4[j]
+            c[row0 + 5, col0 + j] += acc5[j]
+    else:
+        for j in range(NR):
+            c[row0 + 0, col0 + j] = acc0[j]
+            c[row0 + 1, col0 + j] = acc1[j]
+            c[row0 + 2, col0 + j] = acc2[j]
+            c[row0 + 3, col0 + j] = acc3[j]
+            c[row0 + 4, col0 + j] = acc4[j]
+            c[row0 + 5, col0 + j] = acc5[j]
+
+
+@njit(**SERIAL)
+def _write_row(c, row, col0, valid_cols, acc, accumulate):
+    if accumulate:
+        for j in range(valid_cols):
+            c[row, col0 + j] += acc[j]
+    else:
+        for j in range(valid_cols):
+            c[row, col0 + j] = acc[j]
+
+
+@njit(**SERIAL)
+def _write_edge_tile(c, row0, col0, valid_rows, valid_cols, acc0, acc1, acc2, acc3, acc4, acc5,
+                     accumulate):
+    """The top-left valid_rows x valid_cols corner of the tile (bottom/right edges of C)."""
+    _write_row(c, row0, col0, valid_cols, acc0, accumulate)
+    if valid_rows > 1:
+        _write_row(c, row0 + 1, col0, valid_cols, acc1, accumulate)
+    if valid_rows > 2:
+        _write_row(c, row0 + 2, col0, valid_cols, acc2, accumulate)
+    if valid_rows > 3:
+        _write_row(c, row0 + 3, col0, valid_cols, acc3, accumulate)
+    if valid_rows > 4:
+        _write_row(c, row0 + 4, col0, valid_cols, acc4, accumulate)
+    if valid_rows > 5:
+        _write_row(c, row0 + 5, col0, valid_cols, acc5, accumulate)
+
+
+@njit(**SERIAL)
+def row_block_size(rows, threads):
+    """Rows of C per parallel task: at most ROW_BLOCK, a multiple of MR, and a number of tasks that
+    is a multiple of `threads`, so Numba's even split of the prange gives every thread equal work."""
+    tasks = (rows + ROW_BLOCK - 1) // ROW_BLOCK
+    tasks = ((tasks + threads - 1) // threads) * threads
+    per_task = (rows + tasks - 1) // tasks
+    return max(MR, ((per_task + MR - 1) // MR) * MR)
+
+
+@njit(**PARALLEL)
+def _blocked_gemm_packed(a, b_packed, c, block_rows):
+    """c[M,N] = a[M,K] @ B, with B already packed as [N/NR, K, NR] by pack_b. prange over row blocks."""
+    rows, depth = a.shape
+    cols = c.shape[1]
+    col_panels = b_packed.shape[0]
+    tasks = (rows + block_rows - 1) // block_rows
+    for task in prange(tasks):
+        row0 = task * block_rows
+        task_rows = min(block_rows, rows - row0)
+        row_panels = (task_rows + MR - 1) // MR
+        a_packed = np.empty((row_panels, KC, MR), dtype=np.float32)  # [rows/MR, KC, MR], thread-local
+        for k0 in range(0, depth, KC):
+            block_depth = min(KC, depth - k0)
+            _pack_a_block(a, row0, task_rows, k0, block_depth, a_packed)
+            for panel0 in range(0, col_panels, NC_PANELS):
+                panel1 = min(col_panels, panel0 + NC_PANELS)
+                for row_panel in range(row_panels):
+                    tile_row = row0 + row_panel * MR
+                    valid_rows = min(MR, rows - tile_row)
+                    a_panel = a_packed[row_panel, :block_depth]  # [KC, MR] -> 6 KiB, stays in L1
+                    for col_panel in range(panel0, panel1):
+                        tile_col = col_panel * NR
+                        valid_cols = min(NR, cols - tile_col)
+                        b_panel = b_packed[col_panel, k0:k0 + block_depth]  # [KC, NR] from L2
+                        _micro_kernel(block_depth, a_panel, b_panel, c, tile_row, tile_col,
+                                      valid_rows, valid_cols, k0 > 0)
+
+
+def blocked_gemm(a, b):
+    """c = a @ b: pack B once, then the blocked parallel driver over blocks of rows of C.
+
+    Plain Python (it only sequences three compiled calls): it asks Numba for the thread count,
+    which compiled code could do too, but then Numba could not cache it on disk.
+    """
+    rows, depth = a.shape
+    cols = b.shape[1]
+    if rows == 0 or cols == 0 or depth == 0:
+        return np.zeros((rows, cols), dtype=np.float32)  # [M,N]: an empty sum is 0, as np.matmul
+    b_packed = pack_b(b)  # [K,N] -> [N/NR, K, NR]
+    c = np.empty((rows, cols), dtype=np.float32)  # [M,N], every element stored by the first k block
+    _blocked_gemm_packed(a, b_packed, c, row_block_size(rows, get_num_threads()))
+    return c
