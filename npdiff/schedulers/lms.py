@@ -57,8 +57,8 @@ class LMSDiscreteScheduler(SigmaSchedulerBase):
         antiderivative = basis.integ()
         return float(antiderivative(sigmas[t + 1]) - antiderivative(sigmas[t]))
 
-    def step(self, model_output, timestep, sample, order=4):
-        """One LMS step; returns prev_sample and pred_original_sample."""
+    def step(self, model_output, timestep, sample, order=4, generator=None):
+        """One LMS step; returns prev_sample and pred_original_sample (deterministic: generator unused)."""
         self._check_step_inputs(model_output, sample)
         if self._step_index is None:
             self._init_step_index(timestep)

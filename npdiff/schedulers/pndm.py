@@ -85,9 +85,9 @@ class PNDMScheduler(SchedulerBase):
         self.timesteps = np.concatenate([self.prk_timesteps, self.plms_timesteps]).astype(np.int64)
         self._reset_state()
 
-    def step(self, model_output, timestep, sample):
+    def step(self, model_output, timestep, sample, generator=None):
         """One PRK or PLMS step, whichever phase the scheduler is in. No pred_original_sample
-        (diffusers gives none for PNDM)."""
+        (diffusers gives none for PNDM). PNDM is deterministic: `generator` is accepted and unused."""
         self._require_timesteps()
         self._check_step_inputs(model_output, sample)
         timestep = int(backend.to_numpy(timestep))

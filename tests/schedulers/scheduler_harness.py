@@ -1,0 +1,133 @@
+"""Run an npdiff scheduler and the diffusers scheduler of the same name side by side.
+
+Both start from the same random latents and receive the same random "model outputs" at every step
+(fresh from the test's rng); each runs its own chain, as a pipeline would, and every quantity is
+compared as it comes out: timesteps, sigmas, init_noise_sigma, scale_model_input, prev_sample and
+pred_original_sample.
+"""
+
+import inspect
+import logging
+import warnings
+
+import numpy as np
+import torch
+
+import diffusers
+from helpers import KERNEL_TOL, assert_rel_close, rel_err
+
+import npdiff.schedulers as ours_module
+
+# diffusers warns when step() runs without scale_model_input() (DDIM-style tests) and on ignored
+# config keys; neither matters here.
+logging.getLogger("diffusers").setLevel(logging.ERROR)
+diffusers.utils.logging.set_verbosity_error()
+warnings.filterwarnings("ignore", message=".*scale_model_input.*")
+
+STEP_TOL = KERNEL_TOL          # per-step relative error bound (measured: ~1e-7, see the test report)
+SCHEDULE_TOL = 1e-6            # sigmas / init_noise_sigma: float32 schedule values, 1 ulp apart at most
+
+# Stable Diffusion 1.x's scheduler config (scheduler/scheduler_config.json of SD 1.5, PNDM)
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+SD_CONFIG = {k: v for k, v in SD15_SCHEDULER_CONFIG.items() if not k.startswith("_")}
+BETA_VARIANTS = {
+    "scaled_linear": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+    "linear": {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+    "squaredcos_cap_v2": {"beta_schedule": "squaredcos_cap_v2"},
+}
+
+
+def diffusers_init_keys(diffusers_class):
+    return [p for p in inspect.signature(diffusers_class.__init__).parameters if p != "self"]
+
+
+def make_pair(name, config):
+    """(ours, theirs) built from the same config, each keeping only the keys its class takes."""
+    ours_class = ours_module.SCHEDULER_CLASSES[name]
+    theirs_class = getattr(diffusers, name)
+    ours = ours_class(**{k: v for k, v in config.items() if k in ours_class._DEFAULTS})
+    theirs = theirs_class(**{k: v for k, v in config.items() if k in diffusers_init_keys(theirs_class)})
+    return ours, theirs
+
+
+def as_torch(array):
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def compare_schedule(ours, theirs, what):
+    """timesteps (exact, same dtype), sigmas and init_noise_sigma (float32-close)."""
+    theirs_t = theirs.timesteps.numpy()
+    assert ours.timesteps.dtype == theirs_t.dtype, f"{what}: timesteps dtype {ours.timesteps.dtype} != {theirs_t.dtype}"
+    if theirs_t.dtype.kind == "f" and getattr(theirs.config, "use_karras_sigmas", False):
+        # Karras timesteps are fractional (interpolated in log-sigma); the float32 sigmas they come
+        # from may differ by an ulp, so compare closely instead of exactly
+        assert_rel_close(ours.timesteps, theirs_t, SCHEDULE_TOL, f"{what}: karras timesteps")
+    else:
+        np.testing.assert_array_equal(ours.timesteps, theirs_t, err_msg=f"{what}: timesteps")
+    if hasattr(theirs, "sigmas") and isinstance(theirs.sigmas, torch.Tensor):
+        assert ours.sigmas.dtype == np.float32, f"{what}: sigmas dtype {ours.sigmas.dtype}"
+        assert_rel_close(ours.sigmas, theirs.sigmas, SCHEDULE_TOL, f"{what}: sigmas")
+    assert_rel_close(np.float32(ours.init_noise_sigma), np.float32(float(theirs.init_noise_sigma)),
+                     SCHEDULE_TOL, f"{what}: init_noise_sigma")
+
+
+def run_chains(ours, theirs, rng, shape=(2, 4, 8, 8), step_kwargs=None, ours_step_kwargs=None,
+               theirs_step_kwargs=None, begin_index=None, what="", start_sample=None, amplification=None):
+    """Step both schedulers over their timesteps (from begin_index if given) with the same inputs.
+
+    Returns the worst relative error seen (for reporting); asserts <= STEP_TOL at every step.
+    amplification: optional callable () -> float, called after each of our steps, giving how much
+    that step's arithmetic magnifies one-ulp differences (cancellation); the tolerance of this and
+    later steps is multiplied by the largest value so far (errors carry down the chain).
+    """
+    step_kwargs = step_kwargs or {}
+    ours_kwargs = {**step_kwargs, **(ours_step_kwargs or {})}
+    theirs_kwargs = {**step_kwargs, **(theirs_step_kwargs or {})}
+    if start_sample is None:
+        start_sample = rng.standard_normal(shape).astype(np.float32) * np.float32(float(theirs.init_noise_sigma))
+    sample_ours = start_sample.copy()
+    sample_theirs = as_torch(start_sample.copy())
+    first = 0 if begin_index is None else begin_index
+    worst = 0.0
+    tol = STEP_TOL
+    for i in range(first, len(theirs.timesteps)):
+        t_ours, t_theirs = ours.timesteps[i], theirs.timesteps[i]
+        label = f"{what} step {i} (t={t_theirs.item()})"
+        # 1. the model input
+        input_ours = ours.scale_model_input(sample_ours, t_ours)
+        input_theirs = theirs.scale_model_input(sample_theirs, t_theirs)
+        worst = max(worst, assert_rel_close(input_ours, input_theirs, tol, f"{label}: scale_model_input"))
+        # 2. a random "model output", the same for both
+        model_output = rng.standard_normal(shape).astype(np.float32)
+        out_ours = ours.step(model_output, t_ours, sample_ours, **ours_kwargs)
+        out_theirs = theirs.step(as_torch(model_output), t_theirs, sample_theirs, **theirs_kwargs)
+        if amplification is not None:
+            tol = max(tol, STEP_TOL * amplification())
+        assert out_ours.prev_sample.dtype == np.float32, f"{label}: prev_sample dtype {out_ours.prev_sample.dtype}"
+        assert out_ours.prev_sample.shape == shape
+        worst = max(worst, assert_rel_close(out_ours.prev_sample, out_theirs.prev_sample, tol,
+                                            f"{label}: prev_sample"))
+        theirs_x0 = getattr(out_theirs, "pred_original_sample", None)
+        if theirs_x0 is None:
+            assert out_ours.pred_original_sample is None, f"{label}: diffusers gives no pred_original_sample"
+        else:
+            worst = max(worst, assert_rel_close(out_ours.pred_original_sample, theirs_x0, tol,
+                                                f"{label}: pred_original_sample"))
+        sample_ours, sample_theirs = out_ours.prev_sample, out_theirs.prev_sample
+    return worst
+
+
+__all__ = ["STEP_TOL", "SCHEDULE_TOL", "SD15_SCHEDULER_CONFIG", "SD_CONFIG", "BETA_VARIANTS", "make_pair",
+           "as_torch", "compare_schedule", "run_chains", "rel_err", "diffusers_init_keys"]
