@@ -1,0 +1,194 @@
+"""Single-file checkpoints (original CompVis layout, SD 1.x): tiny random diffusers/transformers models
+are written as one file by tests/single_file.py, and
+
+  1. diffusers' own converters map that file back to the original state dicts (the test helper is
+     right, independently of npdiff);
+  2. npdiff.loading.load_single_file infers the configs (every key the tensors determine) and maps
+     every tensor back to its diffusers name, bit-exact (fp32) or as torch rounds it (fp16);
+  3. the models built from it give the torch models' outputs;
+  4. files that are not SD 1.x single files fail with the file and key named.
+"""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                 convert_ldm_vae_checkpoint)
+from helpers import KERNEL_TOL, NETWORK_TOL, assert_rel_close
+from safetensors.torch import load_file, save_file
+from single_file import to_original_layout, write_single_file
+from tiny_clip import CLIP_KINDS, clip_state_dict, padded_ids, tiny_clip
+from tiny_models import tiny_unet, tiny_vae
+
+from npdiff.errors import NpdiffError
+from npdiff.loading import load_single_file, read_config
+
+COMBOS = {"sd1": ("sd1", "sd"), "sd2unet-deepvae": ("sd2", "deep")}  # (tiny UNet kind, tiny VAE kind)
+UNET_INFERRED = ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+                 "layers_per_block", "cross_attention_dim", "use_linear_projection", "transformer_layers_per_block")
+VAE_INFERRED = ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+                "layers_per_block", "latent_channels")
+CLIP_INFERRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "max_position_embeddings", "hidden_act")
+SCHEDULE_EXTRAS = {"betas": torch.linspace(0.1, 0.2, 10), "alphas_cumprod": torch.ones(10),
+                   "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(7)}
+
+
+def state_of(model):
+    return {key: tensor.detach().clone() for key, tensor in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def originals():
+    """combo -> dict(unet=(config, state, model), vae=..., text_encoder=(config, state, model))."""
+    result = {}
+    clip_model = tiny_clip("sd1", seed=21)
+    clip_config = clip_model.config.to_dict()
+    clip_state = clip_state_dict(clip_model, prefix=True, position_ids=True)  # as SD 1.x files hold it
+    for combo, (unet_kind, vae_kind) in COMBOS.items():
+        unet_model, unet_folder = tiny_unet(unet_kind, seed=0)
+        vae_model, vae_folder = tiny_vae(vae_kind, seed=0)
+        result[combo] = {
+            "unet": (read_config(unet_folder), state_of(unet_model), unet_model),
+            "vae": (read_config(vae_folder), state_of(vae_model), vae_model),
+            "text_encoder": (clip_config, clip_state, clip_model),
+        }
+    return result
+
+
+def write(parts, path, **kwargs):
+    return write_single_file(path, unet=parts["unet"][:2], vae=parts["vae"][:2],
+                             text_encoder=parts["text_encoder"][1], **kwargs)
+
+
+def assert_same_tensors(ours, expected, what):
+    assert sorted(ours) == sorted(expected), f"{what}: keys differ: {sorted(set(ours) ^ set(expected))[:5]}"
+    for key in expected:
+        assert torch.equal(ours[key], expected[key]), f"{what}: tensor {key} differs"
+
+
+@pytest.mark.parametrize("combo", list(COMBOS))
+def test_helper_round_trips_through_diffusers_converters(combo, originals, tmp_path):
+    parts = originals[combo]
+    path = tmp_path / "model.safetensors"
+    write(parts, path)
+    checkpoint = load_file(str(path))
+    assert all(key.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."))
+               for key in checkpoint)
+    assert_same_tensors(convert_ldm_unet_checkpoint(checkpoint, parts["unet"][0]), parts["unet"][1], "unet")
+    assert_same_tensors(convert_ldm_vae_checkpoint(checkpoint, parts["vae"][0]), parts["vae"][1], "vae")
+    assert_same_tensors(convert_ldm_clip_checkpoint(checkpoint), parts["text_encoder"][1], "text_encoder")
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("combo", list(COMBOS))
+def test_configs_inferred_and_every_tensor_mapped(combo, dtype, originals, tmp_path):
+    parts = originals[combo]
+    path = tmp_path / "model.safetensors"
+    write(parts, path, dtype=dtype, extra=SCHEDULE_EXTRAS)  # schedule buffers and EMA scalars are skipped
+    loaded = load_single_file(path)
+    assert sorted(loaded) == ["text_encoder", "unet", "vae"]
+
+    for component, inferred_keys in (("unet", UNET_INFERRED), ("vae", VAE_INFERRED), ("text_encoder", CLIP_INFERRED)):
+        original_config, original_state, _ = parts[component]
+        config, weights = loaded[component]
+        for key in inferred_keys:
+            assert config[key] == original_config[key], f"{component} config {key}: {config[key]} != {original_config[key]}"
+        assert weights.keys() == sorted(original_state), f"{component}: mapped keys differ"
+        for key, tensor in original_state.items():
+            if not tensor.is_floating_point():  # CLIP's position_ids: present, never taken
+                assert weights.dtype(key) == "I64"
+                continue
+            expected = tensor if dtype is None else tensor.to(dtype).float()
+            np.testing.assert_array_equal(weights.take(key, tuple(tensor.shape)), expected.numpy(),
+                                          err_msg=f"{component} {key}")
+    assert loaded["unet"][0]["attention_head_dim"] == 8 or parts["unet"][0]["use_linear_projection"]
+
+
+def test_models_from_a_single_file_match_torch(originals, rng, tmp_path):
+    from npdiff.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+
+    parts = originals["sd1"]
+    path = tmp_path / "model.safetensors"
+    write(parts, path)
+    loaded = load_single_file(path)
+    # what the tensors cannot say comes from the tiny models' configs (SD 1.x itself uses the defaults)
+    unet_config = {**loaded["unet"][0], "norm_num_groups": parts["unet"][0]["norm_num_groups"]}
+    vae_config = {**loaded["vae"][0], "norm_num_groups": parts["vae"][0]["norm_num_groups"]}
+
+    text_encoder = CLIPTextModel(*loaded["text_encoder"])
+    ids = padded_ids(rng, 2, CLIP_KINDS["sd1"]["max_position_embeddings"])
+    with torch.no_grad():
+        ref_text = parts["text_encoder"][2](torch.from_numpy(ids)).last_hidden_state
+    assert_rel_close(text_encoder(ids), ref_text, KERNEL_TOL, what="text encoder")
+
+    unet = UNet2DConditionModel(unet_config, loaded["unet"][1])
+    sample = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    context = rng.standard_normal((1, 5, unet_config["cross_attention_dim"])).astype(np.float32)
+    timestep = int(rng.integers(0, 1000))
+    with torch.no_grad():
+        ref_noise = parts["unet"][2](torch.from_numpy(sample), timestep, torch.from_numpy(context)).sample
+    assert_rel_close(unet(sample, timestep, context), ref_noise, NETWORK_TOL, what="unet")
+
+    vae = AutoencoderKL(vae_config, loaded["vae"][1])
+    latents = rng.standard_normal((1, 4, 4, 4)).astype(np.float32)
+    with torch.no_grad():
+        ref_image = parts["vae"][2].decode(torch.from_numpy(latents)).sample
+    assert_rel_close(vae.decode(latents), ref_image, NETWORK_TOL, what="vae decode")
+
+
+# --------------------------------------------------------------------------------------------------
+# Files that are not SD 1.x single files
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sd1_checkpoint(originals):
+    parts = originals["sd1"]
+    return to_original_layout(parts["unet"][:2], parts["vae"][:2], parts["text_encoder"][1])
+
+
+def save_changed(checkpoint, path, add=None, drop_prefix=None):
+    changed = {k: v for k, v in checkpoint.items() if not (drop_prefix and k.startswith(drop_prefix))}
+    changed.update(add or {})
+    save_file({k: v.contiguous() for k, v in changed.items()}, str(path))
+    return path
+
+
+def test_bad_single_files_name_file_and_key(sd1_checkpoint, tmp_path):
+    path = tmp_path / "model.safetensors"
+    cases = [
+        (dict(add={"cond_stage_model.model.token_embedding.weight": torch.zeros(4, 4)}),
+         r"is an SD 2\.x checkpoint \(OpenCLIP text encoder\) \(key 'cond_stage_model\.model\.token_embedding\.weight'\)"),
+        (dict(add={"something_else.weight": torch.zeros(2)}),
+         r"unexpected key 'something_else\.weight' in .*model\.safetensors: it belongs to none of"),
+        (dict(add={"model.diffusion_model.input_blocks.1.0.extra_layers.0.weight": torch.zeros(2)}),
+         r"unexpected key 'model\.diffusion_model\.input_blocks\.1\.0\.extra_layers\.0\.weight' in "
+         r".*model\.safetensors: no diffusers name for it in the unet key map"),
+        (dict(drop_prefix="first_stage_model."),
+         r"model\.safetensors has no vae weights \(no keys starting with 'first_stage_model\.'\)"),
+        (dict(drop_prefix="model.diffusion_model.out.2."),
+         r"missing key 'out\.2\.weight' of the unet in .*model\.safetensors"),
+        (dict(add={"first_stage_model.encoder.mid.attn_1.q.weight": torch.zeros(32, 32, 3, 3)}),
+         r"key 'first_stage_model\.encoder\.mid\.attn_1\.q\.weight' in .*model\.safetensors has shape "
+         r"\(32, 32, 3, 3\); expected a 1x1 convolution"),
+    ]
+    for change, message in cases:
+        save_changed(sd1_checkpoint, path, **change)
+        with pytest.raises(NpdiffError, match=message):
+            load_single_file(path)
+
+
+def test_mapped_names_in_messages(sd1_checkpoint, tmp_path):
+    """A shape error on a mapped key names both the diffusers and the stored name."""
+    path = save_changed(sd1_checkpoint, tmp_path / "model.safetensors")
+    _, weights = load_single_file(path)["vae"]
+    channels = weights.shape("encoder.mid_block.attentions.0.to_q.weight")[0]
+    assert weights.shape("encoder.mid_block.attentions.0.to_q.weight") == (channels, channels)  # [C,C,1,1] -> [C,C]
+    expected = re.escape(f"key 'encoder.mid_block.attentions.0.to_q.weight' in {path} (vae part), stored as "
+                         f"'first_stage_model.encoder.mid.attn_1.q.weight' has shape ({channels}, {channels}); "
+                         f"the config expects ({channels + 1}, {channels})")
+    with pytest.raises(NpdiffError, match=expected):
+        weights.take("encoder.mid_block.attentions.0.to_q.weight", (channels + 1, channels))
+    with pytest.raises(NpdiffError, match=re.escape(f"missing key 'decoder.absent' in {path} (vae part)")):
+        weights.take("decoder.absent", (1,))

@@ -1,0 +1,136 @@
+"""Test helper: write a single-file checkpoint in the original CompVis/Stability layout (SD 1.x)
+from diffusers-layout state dicts.
+
+    from single_file import to_original_layout, write_single_file
+    written = write_single_file(path, unet=(unet_config, unet_state), vae=(vae_config, vae_state),
+                                text_encoder=clip_state, dtype=torch.float16, extra={"betas": ...})
+
+This is the diffusers -> original direction, written independently of npdiff's key map
+(npdiff/loading/keymap.py reads the other way, with prefix tables): here every diffusers key is
+rewritten by the first regular expression of a rule list that matches it, after the structure of
+diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py, generalised to any number of
+blocks and layers per block. It is checked against diffusers' own converters
+(diffusers.loaders.single_file_utils.convert_ldm_unet_checkpoint / convert_ldm_vae_checkpoint /
+convert_ldm_clip_checkpoint), which must map the written file back to the original state dicts
+(tests/models/test_single_file.py).
+"""
+
+import re
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."
+
+UNET_RESNET_NAMES = {  # diffusers ResnetBlock2D -> LDM ResBlock
+    "norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection",
+}
+VAE_ATTENTION_NAMES = {  # diffusers Attention (VAE mid block) -> LDM AttnBlock
+    "group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
+}
+
+
+def _resnet_rest(rest):
+    """'norm1.weight' -> 'in_layers.0.weight' (UNet resnets)."""
+    module, _, leaf = rest.rpartition(".")
+    return f"{UNET_RESNET_NAMES[module]}.{leaf}"
+
+
+def unet_key(key, config):
+    """A diffusers UNet2DConditionModel key -> its LDM UNetModel key (without the file prefix)."""
+    per_block = config["layers_per_block"] + 1  # LDM entries per down/up level
+    up_has_attention = ["CrossAttn" in kind for kind in config["up_block_types"]]
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    module, _, leaf = key.rpartition(".")
+    if module in fixed:
+        return f"{fixed[module]}.{leaf}"
+    if match := re.fullmatch(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        i, j, rest = int(match[1]), int(match[2]), match[3]
+        return f"input_blocks.{1 + i * per_block + j}.0.{_resnet_rest(rest)}"
+    if match := re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", key):
+        i, j, rest = int(match[1]), int(match[2]), match[3]
+        return f"input_blocks.{1 + i * per_block + j}.1.{rest}"
+    if match := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        i, rest = int(match[1]), match[2]
+        return f"input_blocks.{(i + 1) * per_block}.0.op.{rest}"
+    if match := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
+        return f"middle_block.{2 * int(match[1])}.{_resnet_rest(match[2])}"
+    if match := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
+        return f"middle_block.1.{match[1]}"
+    if match := re.fullmatch(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        i, j, rest = int(match[1]), int(match[2]), match[3]
+        return f"output_blocks.{i * per_block + j}.0.{_resnet_rest(rest)}"
+    if match := re.fullmatch(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", key):
+        i, j, rest = int(match[1]), int(match[2]), match[3]
+        return f"output_blocks.{i * per_block + j}.1.{rest}"
+    if match := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        i, rest = int(match[1]), match[2]
+        slot = 2 if up_has_attention[i] else 1  # after [resnet, attention] or after [resnet]
+        return f"output_blocks.{i * per_block + per_block - 1}.{slot}.conv.{rest}"
+    raise KeyError(f"no LDM name for UNet key {key!r}")
+
+
+def vae_key(key, config):
+    """A diffusers AutoencoderKL key -> (its LDM key without the file prefix, reshape to 1x1 conv?)."""
+    levels = len(config["block_out_channels"])
+    if match := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        rest = match[3].replace("conv_shortcut", "nin_shortcut")
+        return f"encoder.down.{match[1]}.block.{match[2]}.{rest}", False
+    if match := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.(.+)", key):
+        return f"encoder.down.{match[1]}.downsample.{match[2]}", False
+    if match := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        rest = match[3].replace("conv_shortcut", "nin_shortcut")
+        return f"decoder.up.{levels - 1 - int(match[1])}.block.{match[2]}.{rest}", False
+    if match := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)", key):
+        return f"decoder.up.{levels - 1 - int(match[1])}.upsample.{match[2]}", False
+    if match := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
+        return f"{match[1]}.mid.block_{int(match[2]) + 1}.{match[3]}", False
+    if match := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", key):
+        name = VAE_ATTENTION_NAMES[match[2]]
+        is_projection_weight = name != "norm" and match[3] == "weight"
+        return f"{match[1]}.mid.attn_1.{name}.{match[3]}", is_projection_weight
+    if match := re.fullmatch(r"(encoder|decoder)\.conv_norm_out\.(.+)", key):
+        return f"{match[1]}.norm_out.{match[2]}", False
+    if re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out)\..+|(post_)?quant_conv\..+", key):
+        return key, False
+    raise KeyError(f"no LDM name for VAE key {key!r}")
+
+
+def to_original_layout(unet, vae, text_encoder):
+    """{original key: tensor} from (unet_config, unet_state), (vae_config, vae_state), clip_state."""
+    unet_config, unet_state = unet
+    vae_config, vae_state = vae
+    checkpoint = {}
+
+    def put(key, tensor):
+        assert key not in checkpoint, f"two tensors written as {key}"
+        checkpoint[key] = tensor
+
+    for key, tensor in unet_state.items():
+        put(UNET_PREFIX + unet_key(key, unet_config), tensor)
+    for key, tensor in vae_state.items():
+        original, to_conv = vae_key(key, vae_config)
+        put(VAE_PREFIX + original, tensor[:, :, None, None] if to_conv else tensor)  # [C,C] -> [C,C,1,1]
+    for key, tensor in text_encoder.items():
+        named = key if key.startswith("text_model.") else "text_model." + key  # SD 1.x files have the prefix
+        put(CLIP_PREFIX + named, tensor)
+    return checkpoint
+
+
+def write_single_file(path, unet, vae, text_encoder, dtype=None, extra=None):
+    """Write the original-layout file to `path` (safetensors) -> the {key: tensor} written.
+
+    dtype: torch dtype for the floating tensors (None: as given); extra: more {key: tensor} to add
+    (e.g. the noise schedule buffers real checkpoints carry)."""
+    from safetensors.torch import save_file
+
+    checkpoint = to_original_layout(unet, vae, text_encoder)
+    for key, tensor in (extra or {}).items():
+        assert key not in checkpoint, key
+        checkpoint[key] = tensor
+    if dtype is not None:
+        checkpoint = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in checkpoint.items()}
+    checkpoint = {key: tensor.detach().contiguous() for key, tensor in checkpoint.items()}
+    save_file(checkpoint, str(path))
+    return checkpoint
