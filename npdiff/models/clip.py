@@ -120,9 +120,10 @@ class CLIPTextModel:
         prefix = "text_model" if weights.has("text_model.embeddings.token_embedding.weight") else ""
         weights.ignore(child(prefix, "embeddings.position_ids"))  # int64 buffer 0..P-1, not a weight
 
-        self.token_embedding = weights.take(child(prefix, "embeddings.token_embedding.weight"), (vocab, dim))
-        self.position_embedding = weights.take(child(prefix, "embeddings.position_embedding.weight"),
-                                               (positions, dim))
+        token_key = child(prefix, "embeddings.token_embedding.weight")
+        position_key = child(prefix, "embeddings.position_embedding.weight")
+        self.token_embedding = weights.take(token_key, (vocab, dim))                # [V,D]
+        self.position_embedding = weights.take(position_key, (positions, dim))      # [P,D]
         activation = ACTIVATIONS[c["hidden_act"]]
         self.layers = [CLIPEncoderLayer(weights, child(prefix, f"encoder.layers.{i}"), c, activation)
                        for i in range(c["num_hidden_layers"])]
@@ -140,7 +141,7 @@ class CLIPTextModel:
 
     def check_input_ids(self, input_ids):
         """input_ids -> an int64 NumPy array [B,L]; NpdiffError naming what is wrong."""
-        ids = backend.to_numpy(input_ids) if hasattr(input_ids, "shape") else np.asarray(input_ids)
+        ids = backend.to_numpy(input_ids) if hasattr(input_ids, "shape") else np.asarray(input_ids)  # [B,L]
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise NpdiffError(f"input_ids must have shape [B,L] with L >= 1; got shape {tuple(ids.shape)}")
         if not np.issubdtype(ids.dtype, np.integer):
@@ -152,7 +153,7 @@ class CLIPTextModel:
         vocab = self.token_embedding.shape[0]
         if ids.size and (ids.min() < 0 or ids.max() >= vocab):
             raise NpdiffError(f"input_ids must lie in [0, {vocab}); got values in [{ids.min()}, {ids.max()}]")
-        return ids.astype(np.int64)
+        return ids.astype(np.int64)                                     # [B,L] int64
 
     def embed(self, input_ids):
         """Token plus position embeddings: [B,L] int -> [B,L,D]."""

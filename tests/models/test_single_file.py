@@ -91,11 +91,12 @@ def test_configs_inferred_and_every_tensor_mapped(combo, dtype, originals, tmp_p
     loaded = load_single_file(path)
     assert sorted(loaded) == ["text_encoder", "unet", "vae"]
 
-    for component, inferred_keys in (("unet", UNET_INFERRED), ("vae", VAE_INFERRED), ("text_encoder", CLIP_INFERRED)):
+    inferred = {"unet": UNET_INFERRED, "vae": VAE_INFERRED, "text_encoder": CLIP_INFERRED}
+    for component, inferred_keys in inferred.items():
         original_config, original_state, _ = parts[component]
         config, weights = loaded[component]
         for key in inferred_keys:
-            assert config[key] == original_config[key], f"{component} config {key}: {config[key]} != {original_config[key]}"
+            assert config[key] == original_config[key], f"{component} config {key}: {config[key]} != original"
         assert weights.keys() == sorted(original_state), f"{component}: mapped keys differ"
         for key, tensor in original_state.items():
             if not tensor.is_floating_point():  # CLIP's position_ids: present, never taken
@@ -159,7 +160,8 @@ def test_bad_single_files_name_file_and_key(sd1_checkpoint, tmp_path):
     path = tmp_path / "model.safetensors"
     cases = [
         (dict(add={"cond_stage_model.model.token_embedding.weight": torch.zeros(4, 4)}),
-         r"is an SD 2\.x checkpoint \(OpenCLIP text encoder\) \(key 'cond_stage_model\.model\.token_embedding\.weight'\)"),
+         r"is an SD 2\.x checkpoint \(OpenCLIP text encoder\) "
+         r"\(key 'cond_stage_model\.model\.token_embedding\.weight'\)"),
         (dict(add={"something_else.weight": torch.zeros(2)}),
          r"unexpected key 'something_else\.weight' in .*model\.safetensors: it belongs to none of"),
         (dict(add={"model.diffusion_model.input_blocks.1.0.extra_layers.0.weight": torch.zeros(2)}),
@@ -184,7 +186,7 @@ def test_mapped_names_in_messages(sd1_checkpoint, tmp_path):
     path = save_changed(sd1_checkpoint, tmp_path / "model.safetensors")
     _, weights = load_single_file(path)["vae"]
     channels = weights.shape("encoder.mid_block.attentions.0.to_q.weight")[0]
-    assert weights.shape("encoder.mid_block.attentions.0.to_q.weight") == (channels, channels)  # [C,C,1,1] -> [C,C]
+    assert weights.shape("encoder.mid_block.attentions.0.to_q.weight") == (channels, channels)  # from [C,C,1,1]
     expected = re.escape(f"key 'encoder.mid_block.attentions.0.to_q.weight' in {path} (vae part), stored as "
                          f"'first_stage_model.encoder.mid.attn_1.q.weight' has shape ({channels}, {channels}); "
                          f"the config expects ({channels + 1}, {channels})")
