@@ -4,11 +4,11 @@
         -> {"unet": (config, Weights), "vae": (config, Weights), "text_encoder": (config, Weights)}
 
 Steps:
-  1. open the file (memory-mapped, validated) and sort its keys by component (keymap stage 1);
-  2. infer each component's config from the tensor shapes (below);
-  3. map every key to its diffusers name with the key map (keymap stages 2-3); a key no row maps is
-     an error naming it. Weights are not read here: each component's Weights reads a tensor when the
-     model takes it.
+  1. open the file (memory-mapped, validated);
+  2. map_checkpoint, over names and shapes only: sort the keys by component (keymap stage 1), infer
+     each component's config from the tensor shapes (below), map every key to its diffusers name with
+     the key map (keymap stages 2-3); a key no row maps is an error naming it;
+  3. wrap each component in a Weights: nothing is read until a model takes a tensor.
 
 What the tensors tell (and what they cannot):
   unet  in/out channels (conv_in, out.2), block_out_channels (each block's first resnet), layers per
@@ -194,49 +194,59 @@ TABLES = {"unet": keymap.unet_block_table, "vae": keymap.vae_block_table,
 FULL_PREFIX = {component: prefix for prefix, component in keymap.COMPONENT_PREFIXES}
 
 
-def _sort_keys(safetensors_file):
+def _sort_keys(shapes, source):
     """component -> {component-relative key: stored shape}; errors for keys of no known component."""
     stored = {component: {} for component in INFER}
-    for key in safetensors_file.keys():
+    for key, shape in shapes.items():
         for prefix, what in UNSUPPORTED_LAYOUTS:
             if key.startswith(prefix):
-                raise NpdiffError(f"{safetensors_file.path} is {what} (key '{key}'); single-file loading reads "
+                raise NpdiffError(f"{source} is {what} (key '{key}'); single-file loading reads "
                                   "SD 1.x checkpoints only. Convert it to a diffusers folder with diffusers' "
                                   "from_single_file(...).save_pretrained(folder) and load that folder.")
         component, rest = keymap.split_component(key)
         if component == "unknown":
-            raise NpdiffError(f"unexpected key '{key}' in {safetensors_file.path}: it belongs to none of "
+            raise NpdiffError(f"unexpected key '{key}' in {source}: it belongs to none of "
                               f"{', '.join(prefix for prefix, _ in keymap.COMPONENT_PREFIXES)}")
         if component is not None:
-            stored[component][rest] = safetensors_file.shape(key)
+            stored[component][rest] = tuple(shape)
     for component, keys in stored.items():
         if not keys:
-            raise NpdiffError(f"{safetensors_file.path} has no {component} weights (no keys starting with "
+            raise NpdiffError(f"{source} has no {component} weights (no keys starting with "
                               f"'{FULL_PREFIX[component]}'): expected an SD 1.x single-file checkpoint")
     return stored
+
+
+def map_checkpoint(shapes, source):
+    """The whole single-file mapping over names and shapes only (no tensor is read):
+    {original key: stored shape} -> {component: (config, {diffusers key: (original key, shape taken)})}."""
+    stored = _sort_keys(shapes, source)
+    mapped_parts = {}
+    for component, shapes_by_key in stored.items():
+        config = INFER[component](_Shapes(component, shapes_by_key, source))  # 1. infer the config
+        table = TABLES[component](config)
+        names = {}
+        for key, stored_shape in shapes_by_key.items():  # 2. map every key
+            full_key = FULL_PREFIX[component] + key
+            mapped = keymap.map_key(key, table)
+            if mapped is None:
+                raise NpdiffError(f"unexpected key '{full_key}' in {source}: no diffusers name for it "
+                                  f"in the {component} key map (not an SD 1.x layout?)")
+            diffusers_key, reshape = mapped
+            if diffusers_key in names:
+                raise NpdiffError(f"keys '{names[diffusers_key][0]}' and '{full_key}' in {source} both map "
+                                  f"to '{diffusers_key}'")
+            names[diffusers_key] = (full_key, keymap.reshaped(stored_shape, reshape, full_key, source))
+        mapped_parts[component] = (config, names)
+    return mapped_parts
 
 
 def load_single_file(path):
     """{"unet"|"vae"|"text_encoder": (config, Weights)} from one original-layout .safetensors file."""
     safetensors_file = SafetensorsFile(os.fspath(path))  # 1. open (validated, memory-mapped)
-    stored = _sort_keys(safetensors_file)
+    shapes = {key: safetensors_file.shape(key) for key in safetensors_file.keys()}
     parts = {}
-    for component, shapes_by_key in stored.items():
-        shapes = _Shapes(component, shapes_by_key, safetensors_file.path)
-        config = INFER[component](shapes)  # 2. infer the config
-        table = TABLES[component](config)
-        refs = {}
-        for key, stored_shape in shapes_by_key.items():  # 3. map every key
-            full_key = FULL_PREFIX[component] + key
-            mapped = keymap.map_key(key, table)
-            if mapped is None:
-                raise NpdiffError(f"unexpected key '{full_key}' in {safetensors_file.path}: no diffusers name for it "
-                                  f"in the {component} key map (not an SD 1.x layout?)")
-            diffusers_key, reshape = mapped
-            if diffusers_key in refs:
-                raise NpdiffError(f"keys '{refs[diffusers_key].stored_key}' and '{full_key}' in "
-                                  f"{safetensors_file.path} both map to '{diffusers_key}'")
-            shape = keymap.reshaped(stored_shape, reshape, full_key, safetensors_file.path)
-            refs[diffusers_key] = TensorRef(safetensors_file, full_key, shape)
+    for component, (config, names) in map_checkpoint(shapes, safetensors_file.path).items():  # 2. map
+        refs = {diffusers_key: TensorRef(safetensors_file, stored_key, shape)  # 3. lazy views, nothing read
+                for diffusers_key, (stored_key, shape) in names.items()}
         parts[component] = (config, Weights(safetensors_file.path, refs, part=component))
     return parts

@@ -194,3 +194,46 @@ def test_mapped_names_in_messages(sd1_checkpoint, tmp_path):
         weights.take("encoder.mid_block.attentions.0.to_q.weight", (channels + 1, channels))
     with pytest.raises(NpdiffError, match=re.escape(f"missing key 'decoder.absent' in {path} (vae part)")):
         weights.take("decoder.absent", (1,))
+
+
+# --------------------------------------------------------------------------------------------------
+# The full-size SD 1.5 structure, names and shapes only (models built on the meta device: no memory)
+# --------------------------------------------------------------------------------------------------
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
+                 down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                 up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+                 block_out_channels=[320, 640, 1280, 1280], attention_head_dim=8, norm_num_groups=32,
+                 use_linear_projection=False, transformer_layers_per_block=1)
+SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                block_out_channels=[128, 256, 512, 512], norm_num_groups=32, scaling_factor=0.18215)
+SD15_CLIP = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+
+
+def test_full_size_sd15_structure_maps_by_name_and_shape():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from npdiff.loading.single_file import map_checkpoint
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+        vae = AutoencoderKL(**SD15_VAE)
+        clip = CLIPTextModel(CLIPTextConfig(**SD15_CLIP))
+    originals = {"unet": (SD15_UNET, unet.state_dict()), "vae": (SD15_VAE, vae.state_dict()),
+                 "text_encoder": (SD15_CLIP, clip_state_dict(clip, prefix=True, position_ids=True))}
+    checkpoint = to_original_layout(originals["unet"], originals["vae"], originals["text_encoder"][1])
+    assert len(checkpoint) == sum(len(state) for _, state in originals.values())
+    assert sorted(convert_ldm_unet_checkpoint(checkpoint, SD15_UNET)) == sorted(originals["unet"][1])  # the helper
+    assert sorted(convert_ldm_vae_checkpoint(checkpoint, SD15_VAE)) == sorted(originals["vae"][1])
+    shapes = {key: tuple(tensor.shape) for key, tensor in checkpoint.items()}
+
+    mapped = map_checkpoint(shapes, "sd15-structure")
+    for component, (original_config, original_state) in originals.items():
+        config, names = mapped[component]
+        for key, value in original_config.items():  # SD 1.5: even the conventions match
+            assert config[key] == value, f"{component} config {key}: {config[key]} != {value}"
+        assert sorted(names) == sorted(original_state)
+        for key, (_, shape) in names.items():
+            assert shape == tuple(original_state[key].shape), f"{component} {key}"
