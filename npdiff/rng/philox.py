@@ -94,30 +94,44 @@ def _box_muller_pair(x, y):
     return fma32(math.sin(v) * s, ONE_F32, ZERO_F32), fma32(math.cos(v) * s, ONE_F32, ZERO_F32)
 
 
-@njit(**PARALLEL)
-def _randn_kernel(out, threads, first_call, k0, k1):
-    """out[N] float32 <- torch's grid-stride curand_normal4 layout. One prange over the threads t
-    (independent streams); thread t writes elements t + ii*T + it*4T, so neighbouring t write
-    neighbouring elements."""
+@njit(**SERIAL)
+def _thread_normals(out, t, threads, calls, first_call, k0, k1):
+    """What CUDA thread t of `threads` writes: at grid-stride iteration `it` one curand_normal4
+    (Philox counter first_call + it in words c0/c1, t in c2) to out[it*4T + t + ii*T], ii = 0..3."""
     n = out.shape[0]
     stride = NORMALS_PER_CALL * threads
-    calls = (n - 1) // stride + 1
+    for it in range(calls):
+        counter = np.uint64(first_call + it)
+        x, y, z, w = philox4x32(counter & np.uint64(MASK32), counter >> np.uint64(32),
+                                np.uint64(t), np.uint64(0), k0, k1, 10)
+        n0, n1 = _box_muller_pair(x, y)
+        n2, n3 = _box_muller_pair(z, w)
+        base = it * stride + t
+        if base < n:
+            out[base] = n0
+        if base + threads < n:
+            out[base + threads] = n1
+        if base + 2 * threads < n:
+            out[base + 2 * threads] = n2
+        if base + 3 * threads < n:
+            out[base + 3 * threads] = n3
+
+
+@njit(**PARALLEL)
+def _randn_parallel(out, threads, calls, first_call, k0, k1):
+    """One prange over the emulated CUDA threads (independent streams); thread t writes elements
+    t + ii*T + it*4T, so neighbouring t write neighbouring elements."""
     for t in prange(threads):
-        for it in range(calls):
-            counter = np.uint64(first_call + it)  # offset/4 + it, spread over c0 (low) and c1 (high)
-            x, y, z, w = philox4x32(counter & np.uint64(MASK32), counter >> np.uint64(32),
-                                    np.uint64(t), np.uint64(0), k0, k1, 10)
-            n0, n1 = _box_muller_pair(x, y)
-            n2, n3 = _box_muller_pair(z, w)
-            base = it * stride + t
-            if base < n:
-                out[base] = n0
-            if base + threads < n:
-                out[base + threads] = n1
-            if base + 2 * threads < n:
-                out[base + 2 * threads] = n2
-            if base + 3 * threads < n:
-                out[base + 3 * threads] = n3
+        _thread_normals(out, t, threads, calls, first_call, k0, k1)
+
+
+@njit(**SERIAL)
+def _randn_serial(out, threads, calls, first_call, k0, k1):
+    for t in range(threads):
+        _thread_normals(out, t, threads, calls, first_call, k0, k1)
+
+
+PARALLEL_MIN_ELEMENTS = 65536  # below this one CPU thread beats waking the pool
 
 
 class PhiloxGenerator:
@@ -162,7 +176,9 @@ class PhiloxGenerator:
         if n == 0:
             return out.reshape(shape)
         threads = self.launch_threads(n)
-        key_low, key_high = self._seed & MASK32, self._seed >> 32
-        _randn_kernel(out, threads, self.offset // 4, np.uint64(key_low), np.uint64(key_high))
-        self.offset += ((n - 1) // (NORMALS_PER_CALL * threads) + 1) * NORMALS_PER_CALL
+        calls = (n - 1) // (NORMALS_PER_CALL * threads) + 1  # curand_normal4 calls per thread
+        key_low, key_high = np.uint64(self._seed & MASK32), np.uint64(self._seed >> 32)
+        kernel = _randn_parallel if n >= PARALLEL_MIN_ELEMENTS else _randn_serial
+        kernel(out, threads, calls, self.offset // 4, key_low, key_high)
+        self.offset += calls * NORMALS_PER_CALL
         return out.reshape(shape)

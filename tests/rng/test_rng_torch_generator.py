@@ -216,7 +216,8 @@ def test_edge_uniforms_match_torch(rng, dtype_name):
     g = TorchGenerator(math=MATH).set_state(torch_state_drawing(words).numpy())
     ours = g.randn(len(words), dtype=dtype_name)
     assert_same_bits(ours, theirs, dtype_name, "randn on chosen uniforms")
-    assert (ours == 0).any() and not np.signbit(ours[ours == 0]).any(), "zeros must be +0.0 as torch's"
+    if dtype_name == "float32":  # d = 0 gives radius -0.0; torch's `* std + mean` makes it +0.0
+        assert (ours == 0).any() and not np.signbit(ours[ours == 0]).any(), "zeros must be +0.0"
 
 
 @pytest.mark.parametrize("cephes", [True, False])
