@@ -33,6 +33,13 @@ class SchedulerOutput:
     prev_sample: Any
     pred_original_sample: Any = None
 
+    def to_tuple(self):
+        """The fields that are set, in order (diffusers' `return_dict=False` / `output[0]`)."""
+        return tuple(v for v in (self.prev_sample, self.pred_original_sample) if v is not None)
+
+    def __getitem__(self, index):
+        return self.to_tuple()[index]
+
 
 class SchedulerConfig(dict):
     """A dict that also reads as attributes, like diffusers' FrozenDict: `config.beta_schedule`."""

@@ -137,3 +137,14 @@ def test_trained_betas_and_repr():
     ours, theirs = make_pair("DDIMScheduler", {"trained_betas": np.linspace(1e-4, 0.02, 1000).tolist()})
     np.testing.assert_array_equal(ours.alphas_cumprod, theirs.alphas_cumprod.numpy())
     assert "DDIMScheduler(" in repr(ours) and "trained_betas" in repr(ours)
+
+
+def test_scheduler_output_reads_like_diffusers_output(rng):
+    ours, theirs = make_pair("EulerDiscreteScheduler", SD_CONFIG)
+    ours.set_timesteps(3)
+    sample = rng.standard_normal((1, 4, 4, 4)).astype(np.float32)
+    out = ours.step(sample, ours.timesteps[0], sample)
+    assert out[0] is out.prev_sample and out[1] is out.pred_original_sample and len(out.to_tuple()) == 2
+    dpm = S.DPMSolverMultistepScheduler()
+    dpm.set_timesteps(3)
+    assert len(dpm.step(sample, dpm.timesteps[0], sample).to_tuple()) == 1  # no pred_original_sample

@@ -47,7 +47,12 @@ def test_same_seed_same_chain(case, prediction_type, steps, seed, rng):
     if step_kwargs.get("eta") == "random":
         step_kwargs["eta"] = float(rng.uniform(0.05, 1.0))
     n = int(rng.integers(3, 31)) if steps == "random" else steps
-    beta_name = str(rng.choice(sorted(BETA_VARIANTS)))
+    betas = sorted(BETA_VARIANTS)
+    if step_kwargs.get("eta") == 1.0:
+        # eta = 1 from t = 999 of the cosine schedule (alpha_bar ~ 2e-9): 1 - alpha_prev - sigma_t^2 is
+        # ~1e-13 and rounds below 0 in diffusers (sqrt -> NaN): a degenerate case, not tested
+        betas.remove("squaredcos_cap_v2")
+    beta_name = str(rng.choice(betas))
     config = {**SD_CONFIG, **BETA_VARIANTS[beta_name], **extra, "prediction_type": prediction_type}
     what = f"{class_name} {extra} {step_kwargs} {prediction_type} {beta_name} n={n}"
     ours, theirs = make_pair(class_name, config)
