@@ -90,7 +90,7 @@ def main(argv=None):
     print_table(rows, [("size", "size", None), ("generator", "generator", None), ("draws", "draws", None),
                        ("ms", "ms", "{:.3f}"), ("melem_s", "M elem/s", "{:.1f}"),
                        ("ratio", "time / torch.randn", "{:.2f}")])
-    path = write_json("rng", {"command": "npdiff bench rng " + " ".join(argv or sys.argv[1:]),
+    path = write_json("rng", {"command": " ".join(["npdiff bench rng", *(argv or sys.argv[1:])]),
                               "rows": rows})
     print(f"wrote {path}")
 
