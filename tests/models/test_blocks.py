@@ -23,6 +23,9 @@ from npdiff.errors import NpdiffError
 from npdiff.models.blocks import Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, timestep_embedding
 from npdiff.models.transformer import AttentionBlock, BasicTransformerBlock, Transformer2DModel
 
+# diffusers warns about its own deprecated output class when Transformer2DModel runs
+pytestmark = pytest.mark.filterwarnings("ignore:.*Transformer2DModelOutput:FutureWarning")
+
 
 def randn(rng, *shape):
     return rng.standard_normal(shape, dtype=np.float32)

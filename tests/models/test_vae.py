@@ -34,7 +34,7 @@ def random_image(rng, batch, height, width):
     return rng.uniform(-1.0, 1.0, size=(batch, 3, height, width)).astype(np.float32)
 
 
-@pytest.mark.parametrize("batch,height,width", [(1, 8, 8), (2, 4, 6), (1, 6, 10)])
+@pytest.mark.parametrize("batch,height,width", [(2, 4, 6), (1, 6, 10)])
 def test_vae_decode_matches_diffusers(vae_pair, rng, batch, height, width):
     kind, torch_model, ours = vae_pair
     z = random_latents(rng, batch, height, width)
