@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 import pytest
-from rng_testing import TORCH_DTYPES, math_path_for
+from rng_testing import math_path_for
 
 from npdiff.rng import TorchGenerator
 
@@ -78,7 +78,6 @@ def test_math_path_matches_torch_with_capability(rng, capability):
         differ = int(np.count_nonzero(ours_bits != their_bits))
         assert differ == 0, (f"ATEN_CPU_CAPABILITY={capability} ({reported}), math={math}: call {i} "
                              f"{op}{tuple(shape)} {dtype}: {differ} values differ (seed {spec['seed']})")
-    assert set(TORCH_DTYPES) >= {c[2] for c in spec["calls"]}
 
 
 def test_the_two_paths_differ_slightly(rng):
