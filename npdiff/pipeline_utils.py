@@ -156,13 +156,22 @@ def resolve_scheduler(scheduler, config):
 
 
 def scheduler_name(instance):
-    """The SCHEDULERS name of an instance (the first whose class matches), else its class name."""
+    """The SCHEDULERS name of an instance, else its class name.
+
+    A preset (e.g. dpmpp_2m_karras = DPM-Solver++ with use_karras_sigmas=True) wins over its plain class
+    when the instance's config has the preset's fixed values.
+    """
     from npdiff.schedulers import SCHEDULERS
 
-    for name, cls in SCHEDULERS.items():
-        if type(instance) is cls:
-            return name
-    return type(instance).__name__
+    config = getattr(instance, "config", None) or {}
+    found = None
+    for name, entry in SCHEDULERS.items():
+        cls = getattr(entry, "scheduler_class", entry)
+        fixed = getattr(entry, "fixed", {})
+        if type(instance) is cls and all(config.get(key) == value for key, value in fixed.items()):
+            if found is None or fixed:
+                found = name
+    return found or type(instance).__name__
 
 
 # ---------------------------------------------------------------------------------------------
