@@ -4,10 +4,10 @@ Versions (each public function picks the fast one for NumPy arrays, the referenc
   *_ref      NumPy API (runs on cupy arrays too). NumPy has no erf, so the exact gelu uses
              `erfc_ref`: the Chebyshev-fitted erfc of Numerical Recipes (fractional error < 1.2e-7
              everywhere), evaluated in float64, so gelu is float32-accurate in both tails.
-  *_numba    Numba, parallel over chunks of the flattened array (the array is made contiguous,
-             so the chunk is a contiguous run of memory and each thread streams its own run).
-             The exact gelu calls math.erf in float64; sigmoid uses exp(-|x|) so it never overflows.
-             These are memory-bound: one read, one write per element, no temporaries.
+  activation_block + _map_parallel   Numba: the array is made contiguous and cut into runs of
+             CHUNK elements, one run per parallel task; each run is a vectorised loop over the
+             arithmetic-only exp/erfc of vecmath.py (float32, <= 2 ulp exp; erfc < 5e-7 relative
+             everywhere). One read, one write per element, no temporaries: memory-bound.
 
 torch's formulas, which both versions follow:
   silu(x)       = x * sigmoid(x)
@@ -16,14 +16,13 @@ torch's formulas, which both versions follow:
   quick_gelu(x) = x * sigmoid(1.702 x)          (CLIP)
 """
 
-import math
-
 import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
-from npdiff.jit import FASTMATH_SAFE, PARALLEL, njit, prange
+from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
 from npdiff.kernels.validate import require_float32
+from npdiff.kernels.vecmath import erfc_f32, sigmoid_f32
 
 INV_SQRT2 = 0.7071067811865476
 SQRT_2_OVER_PI = 0.7978845608028654
@@ -76,60 +75,49 @@ def gelu_ref(x, approximate="none"):
 
 
 # ---------------------------------------------------------------------------------------------
-# Numba (NumPy arrays): flat contiguous in -> flat contiguous out, parallel over chunks
+# Numba (NumPy arrays): flat contiguous in -> flat contiguous out
 # ---------------------------------------------------------------------------------------------
-@njit(inline="always")
-def _sigmoid_scalar(v):
-    e = math.exp(-abs(v))
-    if v >= 0:
-        return 1.0 / (1.0 + e)
-    return e / (1.0 + e)
+# Each activation is a serial block function over one contiguous run (LLVM vectorises it: the
+# vecmath functions are plain arithmetic), and `_map_parallel` hands runs of CHUNK elements to the
+# threads. (A loop written directly inside the prange body is not vectorised by Numba's parfor
+# lowering: measured 5x slower per element than the same loop in a called function.)
+SILU, QUICK_GELU, GELU_ERF, GELU_TANH = 0, 1, 2, 3
+ACTIVATION_CODES = {"silu": SILU, "quick_gelu": QUICK_GELU, "none": GELU_ERF, "tanh": GELU_TANH}
 
 
-@njit(inline="always")
-def _gelu_erf_scalar(v):
-    return 0.5 * v * (1.0 + math.erf(v * INV_SQRT2))
+@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+def activation_block(x, out, which):
+    """out[i] = activation(x[i]) over a contiguous run; `which` is one of the codes above."""
+    if which == SILU:
+        for i in range(x.size):
+            out[i] = x[i] * sigmoid_f32(x[i])
+    elif which == QUICK_GELU:
+        for i in range(x.size):
+            out[i] = x[i] * sigmoid_f32(np.float32(QUICK_GELU_ALPHA) * x[i])
+    elif which == GELU_ERF:
+        for i in range(x.size):
+            out[i] = np.float32(0.5) * x[i] * erfc_f32(-x[i] * np.float32(INV_SQRT2))
+    else:
+        for i in range(x.size):
+            v = x[i]
+            inner = np.float32(SQRT_2_OVER_PI) * (v + np.float32(GELU_TANH_COEFF) * v * v * v)
+            # 1 + tanh(u) = 2 sigmoid(2u): one exp, exact limits at both ends
+            out[i] = v * sigmoid_f32(np.float32(2.0) * inner)
 
 
-@njit(inline="always")
-def _gelu_tanh_scalar(v):
-    return 0.5 * v * (1.0 + math.tanh(SQRT_2_OVER_PI * (v + GELU_TANH_COEFF * v * v * v)))
-
-
-@njit(**PARALLEL, fastmath=FASTMATH_SAFE)
-def _silu_numba(x, out):
+@njit(**PARALLEL)
+def _map_parallel(x, out, which):
     n = x.size
     for chunk in prange((n + CHUNK - 1) // CHUNK):
-        for i in range(chunk * CHUNK, min(n, (chunk + 1) * CHUNK)):
-            v = np.float64(x[i])
-            out[i] = v * _sigmoid_scalar(v)
+        start = chunk * CHUNK
+        stop = min(n, start + CHUNK)
+        activation_block(x[start:stop], out[start:stop], which)
 
 
-@njit(**PARALLEL, fastmath=FASTMATH_SAFE)
-def _quick_gelu_numba(x, out):
-    n = x.size
-    for chunk in prange((n + CHUNK - 1) // CHUNK):
-        for i in range(chunk * CHUNK, min(n, (chunk + 1) * CHUNK)):
-            v = np.float64(x[i])
-            out[i] = v * _sigmoid_scalar(QUICK_GELU_ALPHA * v)
-
-
-@njit(**PARALLEL, fastmath=FASTMATH_SAFE)
-def _gelu_numba(x, out, use_tanh):
-    n = x.size
-    for chunk in prange((n + CHUNK - 1) // CHUNK):
-        for i in range(chunk * CHUNK, min(n, (chunk + 1) * CHUNK)):
-            v = np.float64(x[i])
-            if use_tanh:
-                out[i] = _gelu_tanh_scalar(v)
-            else:
-                out[i] = _gelu_erf_scalar(v)
-
-
-def _elementwise_numba(kernel, x, *extra):
+def _elementwise_numba(x, which):
     x_contig = np.ascontiguousarray(x)  # [...] (a copy only if x was a strided view)
     out = np.empty_like(x_contig)  # [...]
-    kernel(x_contig.reshape(-1), out.reshape(-1), *extra)  # flat views of the same memory
+    _map_parallel(x_contig.reshape(-1), out.reshape(-1), which)  # flat views of the same memory
     return out
 
 
@@ -140,7 +128,7 @@ def silu(x):
     """x * sigmoid(x), as torch.nn.functional.silu. x: float32 array of any shape."""
     require_float32("silu", "x", x)
     if backend.is_numpy(x):
-        return _elementwise_numba(_silu_numba, x)
+        return _elementwise_numba(x, SILU)
     return silu_ref(x)
 
 
@@ -148,7 +136,7 @@ def quick_gelu(x):
     """x * sigmoid(1.702 x), CLIP's activation. x: float32 array of any shape."""
     require_float32("quick_gelu", "x", x)
     if backend.is_numpy(x):
-        return _elementwise_numba(_quick_gelu_numba, x)
+        return _elementwise_numba(x, QUICK_GELU)
     return quick_gelu_ref(x)
 
 
@@ -162,5 +150,5 @@ def gelu(x, approximate="none"):
     require_float32("gelu", "x", x)
     check_approximate("gelu", approximate)
     if backend.is_numpy(x):
-        return _elementwise_numba(_gelu_numba, x, approximate == "tanh")
+        return _elementwise_numba(x, ACTIVATION_CODES[approximate])
     return gelu_ref(x, approximate)

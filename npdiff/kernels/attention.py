@@ -2,19 +2,25 @@
 
 Versions:
   softmax_ref        NumPy API (numpy or cupy): max, exp, sum, divide; four passes, temporaries.
-  _softmax_numba     Numba over the last axis, prange over rows (a row is contiguous): max pass,
-                     exp-and-sum pass (sum in float64), scale pass; no temporaries.
-  attention_full     the textbook attention (= attention_ref): the whole score matrix
-                     [..., N, M] = q k^T * scale (+ mask), softmax over M, then @ v. Memory
-                     grows with N*M: [2,8,4096,4096] scores are 1 GiB.
-  attention_chunked  memory-efficient ("flash attention" on the CPU): keys/values are visited in
-                     chunks of KEY_CHUNK; for each chunk the scores [..., N, KEY_CHUNK] are made, and
-                     a running row max m, running sum l and running output acc are updated:
+  softmax (fast)     Numba over the last axis, prange over rows (a row is contiguous): max pass,
+                     exp-and-sum pass (vectorised exp of vecmath.py, sum in float64), scale pass.
+  attention_ref      the textbook attention in the NumPy API (numpy or cupy): the whole score
+                     matrix [..., N, M] = q k^T * scale (+ mask), softmax over M, then @ v.
+                     Memory grows with N*M: [2,8,4096,4096] scores are 1 GiB (plus temporaries).
+  attention_full     the same full score matrix, with the softmax done in place by the Numba row
+                     kernel (NumPy arrays): no exp/probability temporaries.
+  attention_chunked_ref  memory-efficient ("flash attention"), NumPy API: keys/values are visited
+                     in chunks of KEY_CHUNK; for each chunk the scores [..., N, KEY_CHUNK] are made,
+                     and a running row max m, running sum l and running output acc are updated:
                          m_new = max(m, rowmax(s));  p = exp(s - m_new)
                          l = l * exp(m - m_new) + rowsum(p);  acc = acc * exp(m - m_new) + p @ v_chunk
                      and the output is acc / l. Memory is linear in N (and in M).
-  scaled_dot_product_attention picks the chunked path when the full score matrix would hold more
-                     than MEMORY_EFFICIENT_MIN_SCORES floats; `path="full"|"chunked"` forces one.
+  attention_chunked  the same algorithm, fast for NumPy arrays (attention_blocked.py: query blocks on
+                     worker threads, cache-sized score tiles, fused Numba update); cupy arrays go
+                     to attention_chunked_ref.
+  scaled_dot_product_attention picks attention_chunked when the full score matrix would hold more
+                     than MEMORY_EFFICIENT_MIN_SCORES floats, attention_full otherwise;
+                     `path="full"|"chunked"` forces one.
 
 Masks follow torch.nn.functional.scaled_dot_product_attention: a bool mask says True = may attend,
 a float mask is added to the scores, either broadcasts to [..., N, M]; is_causal keeps key j <= query
@@ -22,7 +28,7 @@ i (top-left aligned, as torch) and is combined with a mask if both are given (as
 
 Fully masked rows: softmax(x) of a row that is all -inf gives NaN, as torch.softmax does. The
 attention of a query that may attend to no key gives 0, as torch 2.13's scaled_dot_product_attention
-does (its fused CPU kernel returns zeros there); both attention paths return 0 for such rows.
+does (its fused CPU kernel returns zeros there); every attention version returns 0 for such rows.
 """
 
 import math
@@ -31,11 +37,14 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
-from npdiff.jit import FASTMATH_SAFE, PARALLEL, njit, prange
+from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
+from npdiff.kernels.attention_blocked import KEY_CHUNK as BLOCKED_KEY_CHUNK
+from npdiff.kernels.attention_blocked import attention_blocked
 from npdiff.kernels.validate import require_float32, require_min_ndim, shape_text
+from npdiff.kernels.vecmath import exp_f32
 
 MEMORY_EFFICIENT_MIN_SCORES = 1 << 23  # full score matrix above this many floats (32 MiB) -> chunked
-KEY_CHUNK = 512  # keys per step of the chunked path
+KEY_CHUNK = 512  # keys per step of attention_chunked_ref
 PATHS = ("auto", "full", "chunked")
 
 
@@ -50,22 +59,32 @@ def softmax_ref(x, axis=-1):
     return exps / exps.sum(axis=axis, keepdims=True)  # [...]
 
 
-@njit(**PARALLEL, fastmath=FASTMATH_SAFE)
-def _softmax_numba(x, out):
-    """x, out: [R, M] contiguous rows. -inf entries give 0; an all -inf row gives NaN (as torch)."""
-    rows, width = x.shape
-    for r in prange(rows):
-        row_max = -np.inf
-        for j in range(width):
-            row_max = max(row_max, x[r, j])
-        total = 0.0
-        for j in range(width):
-            e = math.exp(x[r, j] - row_max)
-            out[r, j] = e
-            total += e
-        inv_total = np.float32(1.0 / total)
-        for j in range(width):
-            out[r, j] *= inv_total
+@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+def softmax_row(row, out, zero_if_all_masked):
+    """out = softmax(row) for one contiguous row. -inf entries give 0. A row that is all -inf gives
+    NaN (as torch.softmax), or 0 with zero_if_all_masked (as torch's attention)."""
+    row_max = -np.inf
+    for j in range(row.size):
+        if row[j] > row_max:
+            row_max = row[j]
+    if zero_if_all_masked and row_max == -np.inf:
+        out[:] = 0.0
+        return
+    total = 0.0
+    for j in range(row.size):
+        e = exp_f32(row[j] - row_max)  # -inf - max -> exp(-inf) = 0; all -inf: NaN
+        out[j] = e
+        total += e
+    inv_total = np.float32(1.0 / total)
+    for j in range(row.size):
+        out[j] *= inv_total
+
+
+@njit(**PARALLEL)
+def _softmax_rows(x, out, zero_if_all_masked):
+    """x, out: [R, M] contiguous rows (out may be x: in place)."""
+    for r in prange(x.shape[0]):
+        softmax_row(x[r], out[r], zero_if_all_masked)
 
 
 def softmax(x, axis=-1):
@@ -79,7 +98,7 @@ def softmax(x, axis=-1):
     moved = np.moveaxis(x, axis, -1)  # [..., M] (a view)
     rows = np.ascontiguousarray(moved).reshape(-1, moved.shape[-1])  # [..., M] -> [R, M]
     out = np.empty_like(rows)  # [R, M]
-    _softmax_numba(rows, out)
+    _softmax_rows(rows, out, False)
     return np.moveaxis(out.reshape(moved.shape), -1, axis)  # [R, M] -> x's layout
 
 
@@ -109,16 +128,22 @@ def masked_row_max(scores, xp):
 # ---------------------------------------------------------------------------------------------
 # attention: textbook (full score matrix)
 # ---------------------------------------------------------------------------------------------
-def attention_full(q, k, v, mask=None, scale=None, is_causal=False):
-    """softmax(q k^T * scale + mask) v with the whole [..., N, M] score matrix in memory."""
-    xp = backend.array_module(q)
-    n_queries, n_keys = q.shape[-2], k.shape[-2]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = xp.matmul(q, xp.swapaxes(k, -1, -2)) * np.float32(scale)  # [...,N,d] @ [...,d,M] -> [...,N,M]
+def full_scores(q, k, mask, scale, is_causal, xp):
+    """q k^T * scale (+ mask, + causal mask): the whole [..., N, M] score matrix."""
+    scores = xp.matmul(q, xp.swapaxes(k, -1, -2))  # [...,N,d] @ [...,d,M] -> [...,N,M]
+    scores *= np.float32(scale)  # in place: no second [...,N,M] temporary
     if mask is not None:
         scores = scores + mask_to_additive(mask, xp)  # [...,N,M] + broadcast mask
     if is_causal:
-        scores = scores + causal_additive(0, n_queries, 0, n_keys, xp)  # [...,N,M] + [N,M]
+        scores += causal_additive(0, q.shape[-2], 0, k.shape[-2], xp)  # [...,N,M] + [N,M]
+    return scores
+
+
+def attention_ref(q, k, v, mask=None, scale=None, is_causal=False):
+    """The textbook attention in the NumPy API only (numpy or cupy): softmax(q k^T * scale + mask) v."""
+    xp = backend.array_module(q)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = full_scores(q, k, mask, scale, is_causal, xp)  # [...,N,M]
     row_max = masked_row_max(scores, xp)  # [...,N,1]
     probs = xp.exp(scores - row_max)  # [...,N,M]
     row_sum = probs.sum(axis=-1, keepdims=True)  # [...,N,1]
@@ -126,14 +151,22 @@ def attention_full(q, k, v, mask=None, scale=None, is_causal=False):
     return xp.matmul(probs, v)  # [...,N,M] @ [...,M,dv] -> [...,N,dv]
 
 
-attention_ref = attention_full
+def attention_full(q, k, v, mask=None, scale=None, is_causal=False):
+    """attention_ref with the softmax done in place by the Numba row kernel for NumPy arrays."""
+    if not backend.is_numpy(q):
+        return attention_ref(q, k, v, mask, scale, is_causal)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = full_scores(q, k, mask, scale, is_causal, np)  # [...,N,M]
+    rows = scores.reshape(-1, scores.shape[-1])  # [R,M] view (scores is a fresh contiguous array)
+    _softmax_rows(rows, rows, True)  # in place; queries that see no key get 0 (as torch)
+    return np.matmul(scores, v)  # [...,N,M] @ [...,M,dv] -> [...,N,dv]
 
 
 # ---------------------------------------------------------------------------------------------
 # attention: memory-efficient (key chunks, running max and sum)
 # ---------------------------------------------------------------------------------------------
-def attention_chunked(q, k, v, mask=None, scale=None, is_causal=False, key_chunk=KEY_CHUNK):
-    """Same result as attention_full; never holds more than [..., N, key_chunk] scores."""
+def attention_chunked_ref(q, k, v, mask=None, scale=None, is_causal=False, key_chunk=KEY_CHUNK):
+    """Same result as attention_ref; never holds more than [..., N, key_chunk] scores (NumPy API)."""
     xp = backend.array_module(q)
     n_queries, n_keys = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -165,6 +198,15 @@ def attention_chunked(q, k, v, mask=None, scale=None, is_causal=False, key_chunk
         acc = acc * correction + xp.matmul(probs, v[..., start:stop, :])  # [...,N,m] @ [...,m,dv]
         running_max = new_max
     return acc / xp.where(running_sum == 0, np.float32(1.0), running_sum)  # [...,N,dv]
+
+
+def attention_chunked(q, k, v, mask=None, scale=None, is_causal=False, key_chunk=None):
+    """Memory-efficient attention: attention_blocked.py's threaded kernel for NumPy arrays,
+    attention_chunked_ref otherwise. key_chunk: keys per step (default: that file's KEY_CHUNK)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if not backend.is_numpy(q):
+        return attention_chunked_ref(q, k, v, mask, scale, is_causal, key_chunk or KEY_CHUNK)
+    return attention_blocked(q, k, v, mask, scale, is_causal, key_chunk or BLOCKED_KEY_CHUNK)
 
 
 # ---------------------------------------------------------------------------------------------

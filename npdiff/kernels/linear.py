@@ -6,21 +6,21 @@ Versions:
   linear                   the same GEMM (np.matmul on float32 is OpenBLAS sgemm; the transposed
                            weight is a view, sgemm reads it with its transpose flag, no copy); the
                            leading axes are flattened so the GEMM is one [R, in] @ [in, out].
-  geglu                    the GEMM, then one Numba pass that reads both halves of h and writes
-                           a * gelu(gate) (instead of gelu allocating a temporary, then a multiply).
+  geglu                    the GEMM, then one Numba pass, parallel over rows, that reads both
+                           halves of each row of h and writes a * gelu(gate) (the vectorised gelu
+                           of activations.py into the output row, then the multiply while that
+                           row is still in L1), instead of a gelu temporary and a multiply pass.
 
 geglu follows diffusers.models.activations.GEGLU: h = proj(x); value, gate = h.chunk(2, dim=-1);
 return value * gelu(gate). The FIRST half is the value, the SECOND half goes through gelu.
 """
 
-import math
-
 import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
-from npdiff.jit import FASTMATH_SAFE, PARALLEL, njit, prange
-from npdiff.kernels.activations import INV_SQRT2, check_approximate, gelu_ref
+from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
+from npdiff.kernels.activations import ACTIVATION_CODES, activation_block, check_approximate, gelu_ref
 from npdiff.kernels.validate import require_min_ndim, require_ndim, require_optional_vector, shape_text
 
 
@@ -70,18 +70,20 @@ def linear(x, weight, bias=None):
     return _linear_fast(x, weight, bias)
 
 
-@njit(**PARALLEL, fastmath=FASTMATH_SAFE)
-def _geglu_gate_numba(hidden, use_tanh, out):
+@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+def _geglu_row(hidden_row, which, out_row):
+    """out_row [D] = hidden_row[:D] * gelu(hidden_row[D:]); both halves contiguous, L1-resident."""
+    width = out_row.size
+    activation_block(hidden_row[width:], out_row, which)  # gelu(gate)
+    for j in range(width):
+        out_row[j] *= hidden_row[j]  # * value
+
+
+@njit(**PARALLEL)
+def _geglu_gate_numba(hidden, which, out):
     """hidden [R, 2D] contiguous rows, out [R, D]: out = hidden[:, :D] * gelu(hidden[:, D:])."""
-    rows, width = out.shape
-    for r in prange(rows):
-        for j in range(width):
-            g = np.float64(hidden[r, width + j])
-            if use_tanh:
-                gelu_g = 0.5 * g * (1.0 + math.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
-            else:
-                gelu_g = 0.5 * g * (1.0 + math.erf(g * INV_SQRT2))
-            out[r, j] = hidden[r, j] * gelu_g
+    for r in prange(hidden.shape[0]):
+        _geglu_row(hidden[r], which, out[r])
 
 
 def geglu(x, weight, bias=None, approximate="none"):
@@ -96,5 +98,5 @@ def geglu(x, weight, bias=None, approximate="none"):
     hidden = _linear_fast(x, weight, bias)  # [..., in] -> [..., 2D]
     rows = hidden.reshape(-1, hidden.shape[-1])  # [R, 2D] (contiguous: fresh from matmul)
     out = np.empty((rows.shape[0], rows.shape[1] // 2), np.float32)  # [R, D]
-    _geglu_gate_numba(rows, approximate == "tanh", out)
+    _geglu_gate_numba(rows, ACTIVATION_CODES[approximate], out)
     return out.reshape(hidden.shape[:-1] + (out.shape[1],))  # [R, D] -> [..., D]

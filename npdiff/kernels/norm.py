@@ -5,16 +5,18 @@ Versions:
                                     over a reshaped view, then normalise in float32 (several passes
                                     and temporaries; easy to read).
   _group_norm_numba                 Numba, prange over (batch, group) pairs. Each task owns one
-                                    contiguous slab x[b, g*Cg:(g+1)*Cg, ...] (C_per_group * spatial
-                                    floats in a row, since NCHW puts the spatial axes innermost).
-                                    Pass 1 accumulates sum and sum of squares in float64 (exact
-                                    enough: float64 keeps ~16 digits, the variance needs ~7); pass
-                                    2 writes (x - mean) * rstd * weight + bias (in float64, cast
-                                    once on the write), with SiLU fused in
-                                    the same write, so the ResNet block's GroupNorm+SiLU reads x
-                                    twice and writes once.
+                                    contiguous slab x[b, g*Cg:(g+1)*Cg, ...] (Cg * spatial floats in
+                                    a row, since NCHW puts the spatial axes innermost).
+                                    Pass 1 (mean_and_rstd) sums x and x^2 in float64 (the variance
+                                    needs ~7 digits, float64 keeps ~16; the sums are of x - x[0] so
+                                    a large mean does not cancel them). Pass 2 (normalize_run)
+                                    writes (x - mean) * rstd * weight + bias per channel, in float64
+                                    cast once on the write, with SiLU fused in that write, so the
+                                    ResNet block's GroupNorm+SiLU reads x twice and writes once.
+                                    Both passes are serial functions over contiguous runs, which
+                                    LLVM vectorises (a loop inside the prange body is not).
   _layer_norm_numba                 Numba, prange over rows (all leading axes flattened); each row
-                                    is contiguous; same two passes.
+                                    is contiguous; the same two passes.
 
 torch semantics: biased variance (divide by n), eps added to the variance, rstd = 1/sqrt(var+eps).
 """
@@ -25,9 +27,10 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
-from npdiff.jit import FASTMATH_SAFE, PARALLEL, njit, prange
+from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
 from npdiff.kernels.activations import silu_ref
 from npdiff.kernels.validate import require_min_ndim, require_optional_vector
+from npdiff.kernels.vecmath import sigmoid_f32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,62 +68,65 @@ def layer_norm_ref(x, weight, bias, eps=1e-5):
 # ---------------------------------------------------------------------------------------------
 # Numba (NumPy arrays)
 # ---------------------------------------------------------------------------------------------
-@njit(**PARALLEL, fastmath=FASTMATH_SAFE)
+@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+def mean_and_rstd(run, eps):
+    """Mean and 1/sqrt(biased var + eps) of a contiguous run, accumulated in float64 as sums of
+    x - run[0] (the shift keeps sum_sq - sum^2/n from cancelling when |mean| >> std)."""
+    shift0 = np.float64(run[0])
+    total = 0.0
+    total_sq = 0.0
+    for i in range(run.size):
+        v = np.float64(run[i]) - shift0
+        total += v
+        total_sq += v * v
+    mean_shifted = total / run.size
+    var = max(total_sq / run.size - mean_shifted * mean_shifted, 0.0)
+    return mean_shifted + shift0, 1.0 / math.sqrt(var + eps)
+
+
+@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+def normalize_run(run, mean, scale, shift, apply_silu, out):
+    """out = (run - mean) * scale + shift (+ SiLU); (x - mean) in float64: folding the mean into a
+    float32 shift (x*scale + shift') would cancel when |mean| >> std."""
+    if apply_silu:
+        for i in range(run.size):
+            v = np.float32((np.float64(run[i]) - mean) * scale + shift)
+            out[i] = v * sigmoid_f32(v)
+    else:
+        for i in range(run.size):
+            out[i] = (np.float64(run[i]) - mean) * scale + shift
+
+
+@njit(**PARALLEL)
 def _group_norm_numba(x, weight, bias, eps, apply_silu, out):
-    """x, out: [B, G, Cg, S] contiguous (S = product of spatial axes); weight, bias: [G, Cg]."""
-    batch, groups, per_group, spatial = x.shape
-    count = per_group * spatial
+    """x, out: [B, G, Cg*S] contiguous (S = product of spatial axes); weight, bias: [G, Cg]."""
+    batch, groups, count = x.shape
+    per_group = weight.shape[1]
+    spatial = count // per_group
     for task in prange(batch * groups):
         b = task // groups
         g = task % groups
-        # 1. statistics of the whole group in float64, of x - x[first] (the shift keeps
-        #    sum_sq - sum^2/n from cancelling when |mean| >> std)
-        shift0 = np.float64(x[b, g, 0, 0])
-        total = 0.0
-        total_sq = 0.0
+        # 1. statistics of the whole group (one contiguous slab of Cg*S floats)
+        mean, rstd = mean_and_rstd(x[b, g], eps)
+        # 2. normalise, scale and shift channel by channel (+ SiLU), one write
         for c in range(per_group):
-            for s in range(spatial):
-                v = np.float64(x[b, g, c, s]) - shift0
-                total += v
-                total_sq += v * v
-        mean_shifted = total / count
-        var = max(total_sq / count - mean_shifted * mean_shifted, 0.0)
-        mean = mean_shifted + shift0
-        rstd = 1.0 / math.sqrt(var + eps)
-        # 2. normalise, scale and shift per channel (+ SiLU), one write. (x - mean) is taken in
-        #    float64: folding mean into a float32 shift (x*scale + shift) cancels when |mean| >> std.
-        for c in range(per_group):
-            scale = rstd * weight[g, c]
-            shift = np.float64(bias[g, c])
-            if apply_silu:
-                for s in range(spatial):
-                    v = (np.float64(x[b, g, c, s]) - mean) * scale + shift
-                    e = math.exp(-abs(v))  # sigmoid from exp(-|v|) <= 1: never overflows
-                    sigmoid = 1.0 / (1.0 + e) if v >= 0 else e / (1.0 + e)
-                    out[b, g, c, s] = v * sigmoid
-            else:
-                for s in range(spatial):
-                    out[b, g, c, s] = (np.float64(x[b, g, c, s]) - mean) * scale + shift
+            start = c * spatial
+            normalize_run(x[b, g, start:start + spatial], mean, rstd * weight[g, c], np.float64(bias[g, c]),
+                          apply_silu, out[b, g, start:start + spatial])
 
 
-@njit(**PARALLEL, fastmath=FASTMATH_SAFE)
+@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+def _layer_norm_row(row, weight, bias, eps, out):
+    mean, rstd = mean_and_rstd(row, eps)
+    for i in range(row.size):
+        out[i] = (np.float64(row[i]) - mean) * rstd * weight[i] + bias[i]
+
+
+@njit(**PARALLEL)
 def _layer_norm_numba(x, weight, bias, eps, out):
     """x, out: [R, D] contiguous rows; weight, bias: [D]."""
-    rows, width = x.shape
-    for r in prange(rows):
-        shift0 = np.float64(x[r, 0])  # shifted sums, as in group norm
-        total = 0.0
-        total_sq = 0.0
-        for i in range(width):
-            v = np.float64(x[r, i]) - shift0
-            total += v
-            total_sq += v * v
-        mean_shifted = total / width
-        var = max(total_sq / width - mean_shifted * mean_shifted, 0.0)
-        mean = mean_shifted + shift0
-        rstd = 1.0 / math.sqrt(var + eps)
-        for i in range(width):  # (x - mean) in float64, as in group norm
-            out[r, i] = (np.float64(x[r, i]) - mean) * rstd * weight[i] + bias[i]
+    for r in prange(x.shape[0]):
+        _layer_norm_row(x[r], weight, bias, eps, out[r])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,17 +141,17 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False):
                           f"C={channels} of x {list(x.shape)}, got {num_groups!r}")
     require_optional_vector("group_norm", "weight", weight, channels)
     require_optional_vector("group_norm", "bias", bias, channels)
-    if not backend.is_numpy(x):
+    if not backend.is_numpy(x) or x.size == 0:
         return group_norm_ref(x, num_groups, weight, bias, eps, silu)
     batch = x.shape[0]
     per_group = channels // num_groups
-    slabs = np.ascontiguousarray(x).reshape(batch, num_groups, per_group, -1)  # [B,C,...] -> [B,G,Cg,S]
+    slabs = np.ascontiguousarray(x).reshape(batch, num_groups, -1)  # [B,C,...] -> [B,G,Cg*S]
     scale = np.ones(channels, np.float32) if weight is None else np.ascontiguousarray(weight)  # [C]
     shift = np.zeros(channels, np.float32) if bias is None else np.ascontiguousarray(bias)  # [C]
-    out = np.empty_like(slabs)  # [B,G,Cg,S]
+    out = np.empty_like(slabs)  # [B,G,Cg*S]
     _group_norm_numba(slabs, scale.reshape(num_groups, per_group), shift.reshape(num_groups, per_group),
                       float(eps), bool(silu), out)
-    return out.reshape(x.shape)  # [B,G,Cg,S] -> [B,C,...]
+    return out.reshape(x.shape)  # [B,G,Cg*S] -> [B,C,...]
 
 
 def layer_norm(x, weight, bias, eps=1e-5):
@@ -154,7 +160,7 @@ def layer_norm(x, weight, bias, eps=1e-5):
     width = x.shape[-1]
     require_optional_vector("layer_norm", "weight", weight, width)
     require_optional_vector("layer_norm", "bias", bias, width)
-    if not backend.is_numpy(x):
+    if not backend.is_numpy(x) or x.size == 0:
         return layer_norm_ref(x, weight, bias, eps)
     rows = np.ascontiguousarray(x).reshape(-1, width)  # [..., D] -> [R, D]
     scale = np.ones(width, np.float32) if weight is None else np.ascontiguousarray(weight)  # [D]

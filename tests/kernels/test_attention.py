@@ -9,8 +9,10 @@ import torch.nn.functional as F
 
 from helpers import KERNEL_TOL, assert_rel_close
 from npdiff import NpdiffError
-from npdiff.kernels import attention, attention_chunked, attention_full, scaled_dot_product_attention, softmax
+from npdiff.kernels import (attention, attention_chunked, attention_chunked_ref, attention_full, attention_ref,
+                            scaled_dot_product_attention, softmax)
 from npdiff.kernels.attention import softmax_ref
+from npdiff.kernels.attention_blocked import attention_blocked
 
 PATHS = ["full", "chunked"]
 
@@ -62,13 +64,19 @@ def torch_sdpa(q, k, v, mask=None, scale=None, is_causal=False):
 
 
 def check_every_path(q, k, v, expected, **kwargs):
+    """Every attention version against torch, and the chunked ones against attention_ref, with
+    chunk and block sizes that divide neither N nor M."""
     for path in PATHS:
         ours = scaled_dot_product_attention(q, k, v, path=path, **kwargs)
         assert_rel_close(ours, expected, KERNEL_TOL, f"attention path={path}")
-    # the chunked path with a chunk that does not divide M, nor N
-    small = attention_chunked(q, k, v, key_chunk=7, **kwargs)
-    assert_rel_close(small, expected, KERNEL_TOL, "attention_chunked key_chunk=7")
-    assert_rel_close(small, attention_full(q, k, v, **kwargs), KERNEL_TOL, "chunked vs full")
+    reference = attention_ref(q, k, v, **kwargs)
+    assert_rel_close(reference, expected, KERNEL_TOL, "attention_ref")
+    chunked_ref = attention_chunked_ref(q, k, v, key_chunk=7, **kwargs)
+    assert_rel_close(chunked_ref, expected, KERNEL_TOL, "attention_chunked_ref key_chunk=7")
+    scale = kwargs.pop("scale", None) or 1 / math.sqrt(q.shape[-1])
+    blocked = attention_blocked(q, k, v, scale=scale, key_chunk=7, query_block=5, **kwargs)
+    assert_rel_close(blocked, expected, KERNEL_TOL, "attention_blocked key_chunk=7 query_block=5")
+    assert_rel_close(blocked, reference, KERNEL_TOL, "attention_blocked vs attention_ref")
 
 
 @pytest.mark.parametrize("lead", [(), (3,), (2, 4)])
@@ -81,11 +89,15 @@ def test_attention_matches_torch(rng, lead):
 
 
 def test_attention_chunked_across_several_default_chunks(rng):
-    # N, M not multiples of KEY_CHUNK, more than one chunk: as SD's self-attention, smaller.
-    n_keys = attention.KEY_CHUNK * 2 + int(rng.integers(1, attention.KEY_CHUNK))
-    q, k, v = random_qkv(rng, (2, 2), int(rng.integers(50, 300)), n_keys, 40)
+    # N, M not multiples of the default chunk and block sizes, more than one of each: as SD's
+    # self-attention [2,8,4096,40], smaller.
+    from npdiff.kernels import attention_blocked as blocked
+    n_keys = blocked.KEY_CHUNK * 2 + int(rng.integers(1, blocked.KEY_CHUNK))
+    n_queries = blocked.QUERY_BLOCK + int(rng.integers(1, blocked.QUERY_BLOCK))
+    q, k, v = random_qkv(rng, (2, 2), n_queries, n_keys, 40)
     expected = torch_sdpa(q, k, v)
     assert_rel_close(attention_chunked(q, k, v), expected, KERNEL_TOL, "attention_chunked")
+    assert_rel_close(attention_chunked_ref(q, k, v), expected, KERNEL_TOL, "attention_chunked_ref")
 
 
 @pytest.mark.parametrize("kind", ["bool", "float"])
@@ -124,7 +136,10 @@ def test_attention_fully_masked_rows_give_zero_like_torch(rng, kind):
         ours = scaled_dot_product_attention(q, k, v, mask=mask, path=path)
         assert not np.isnan(ours).any() and (ours[:, 3] == 0).all()
         assert_rel_close(ours, expected, KERNEL_TOL, f"attention path={path}")
-    assert_rel_close(attention_chunked(q, k, v, mask=mask, key_chunk=5), expected, KERNEL_TOL)
+    for ours in (attention_ref(q, k, v, mask=mask), attention_chunked_ref(q, k, v, mask=mask, key_chunk=5),
+                 attention_blocked(q, k, v, mask=mask, scale=1 / math.sqrt(8), key_chunk=5, query_block=3)):
+        assert not np.isnan(ours).any() and (ours[:, 3] == 0).all()
+        assert_rel_close(ours, expected, KERNEL_TOL)
 
 
 def test_attention_auto_path_switches_at_threshold(rng, monkeypatch):

@@ -1,0 +1,113 @@
+"""Memory-efficient attention for NumPy arrays: query blocks on worker threads, key chunks with a
+running max and sum ("flash attention" on the CPU). The same arithmetic as attention.py's
+attention_chunked_ref, which is the readable version; this one is how it is made fast.
+
+How it differs from attention_chunked_ref:
+  * Work is cut into blocks of QUERY_BLOCK queries of one (batch, head) slice. Each block is one
+    task for a worker of openblas.blas_worker_pool(): its GEMMs run on that worker's core only, so
+    two workers keep two cores busy without OpenBLAS threads fighting over them.
+  * Inside a block, keys are visited in chunks of KEY_CHUNK; the score tile
+    [QUERY_BLOCK, KEY_CHUNK] (1 MiB at 256 x 1024) stays in the core's L2 cache between the GEMM
+    that writes it (q_block @ k_chunk^T), the Numba pass that turns it into probabilities, and the
+    GEMM that reads it (probs @ v_chunk). Memory: one tile and one [QUERY_BLOCK, dv] accumulator
+    per worker, whatever N and M are.
+  * The Numba pass (online_softmax_update, nogil) fuses: row max of the tile, new running max,
+    exp(s - max) in place (vectorised exp of vecmath.py), row sums, and the rescaling
+    exp(old_max - new_max) of the running sum and of the accumulator rows.
+  * With is_causal, key chunks that lie wholly above the diagonal for a block are skipped.
+Queries that may attend to no key give 0 (as torch's scaled_dot_product_attention).
+"""
+
+import numpy as np
+
+from npdiff.jit import FASTMATH_SAFE, SERIAL, njit
+from npdiff.kernels.openblas import run_blocks
+from npdiff.kernels.vecmath import exp_f32
+
+QUERY_BLOCK = 256
+KEY_CHUNK = 1024
+
+
+@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+def online_softmax_update(scores, running_max, running_sum, acc):
+    """One key chunk of the running softmax, for every query row of a block.
+
+    scores [Q, m] (this chunk's scaled, masked scores) is overwritten with exp(scores - new_max);
+    running_max, running_sum [Q] and acc [Q, dv] are rescaled to the new max. Rows whose scores
+    are all -inf so far keep running_max = -inf and contribute zeros.
+    """
+    for i in range(scores.shape[0]):
+        row = scores[i]
+        chunk_max = -np.inf
+        for j in range(row.size):
+            if row[j] > chunk_max:
+                chunk_max = row[j]
+        new_max = max(running_max[i], chunk_max)
+        if new_max == -np.inf:
+            row[:] = 0.0
+            continue
+        total = 0.0
+        for j in range(row.size):
+            e = exp_f32(row[j] - new_max)
+            row[j] = e
+            total += e
+        correction = exp_f32(running_max[i] - new_max)  # 0 when running_max was -inf
+        running_sum[i] = running_sum[i] * correction + total
+        for c in range(acc.shape[1]):
+            acc[i, c] *= correction
+        running_max[i] = new_max
+
+
+def causal_tile(query_start, query_stop, key_start, key_stop):
+    """[n, m]: 0 where key j <= query i, -inf above the diagonal."""
+    query_index = np.arange(query_start, query_stop)[:, None]  # [n,1]
+    key_index = np.arange(key_start, key_stop)[None, :]  # [1,m]
+    return np.where(key_index <= query_index, np.float32(0.0), np.float32(-np.inf))  # [n,m]
+
+
+def attention_blocked(q, k, v, mask=None, scale=1.0, is_causal=False, key_chunk=KEY_CHUNK,
+                      query_block=QUERY_BLOCK):
+    """q [..., N, d], k [..., M, d], v [..., M, dv] NumPy float32; mask as in attention.py (bool or
+    additive float, broadcastable to [..., N, M]); scale: a number. Returns [..., N, dv]."""
+    lead = q.shape[:-2]
+    n_queries, n_keys, value_dim = q.shape[-2], k.shape[-2], v.shape[-1]
+    q_scaled = (q * np.float32(scale)).reshape(-1, n_queries, q.shape[-1])  # [...,N,d] -> [L,N,d]
+    keys = np.ascontiguousarray(k).reshape(-1, n_keys, k.shape[-1])  # [L,M,d]
+    values = np.ascontiguousarray(v).reshape(-1, n_keys, value_dim)  # [L,M,dv]
+    if mask is not None:
+        mask = np.broadcast_to(mask, lead + (n_queries, n_keys))  # a view [...,N,M], nothing copied
+    out = np.empty((q_scaled.shape[0], n_queries, value_dim), np.float32)  # [L,N,dv]
+
+    def run_block(block):
+        slice_index, query_start = block
+        query_stop = min(query_start + query_block, n_queries)
+        rows = query_stop - query_start
+        q_block = q_scaled[slice_index, query_start:query_stop]  # [Q,d]
+        running_max = np.full(rows, -np.inf, np.float32)  # [Q]
+        running_sum = np.zeros(rows, np.float32)  # [Q]
+        acc = np.zeros((rows, value_dim), np.float32)  # [Q,dv]
+        slice_mask = None if mask is None else mask[np.unravel_index(slice_index, lead)]  # [N,M] view
+        for key_start in range(0, n_keys, key_chunk):
+            if is_causal and key_start > query_stop - 1:
+                break  # this chunk and all after it lie above the diagonal for every query here
+            key_stop = min(key_start + key_chunk, n_keys)
+            # 1. scores of the tile: [Q,d] @ [d,m] -> [Q,m] (k_chunk^T is a view; BLAS transposes)
+            scores = q_block @ keys[slice_index, key_start:key_stop].T
+            if slice_mask is not None:
+                tile = slice_mask[query_start:query_stop, key_start:key_stop]  # [Q,m]
+                if tile.dtype == bool:
+                    scores[~tile] = -np.inf
+                else:
+                    scores += tile
+            if is_causal:
+                scores += causal_tile(query_start, query_stop, key_start, key_stop)  # [Q,m]
+            # 2. probabilities in place, running max/sum and accumulator rescaled (Numba, nogil)
+            online_softmax_update(scores, running_max, running_sum, acc)
+            # 3. add this chunk's values: [Q,m] @ [m,dv] -> [Q,dv]
+            acc += scores @ values[slice_index, key_start:key_stop]
+        safe_sum = np.where(running_sum == 0, np.float32(1.0), running_sum)  # [Q]; masked rows: acc = 0
+        out[slice_index, query_start:query_stop] = acc / safe_sum[:, None]  # [Q,dv]
+
+    blocks = [(s, start) for s in range(q_scaled.shape[0]) for start in range(0, n_queries, query_block)]
+    run_blocks(run_block, blocks)
+    return out.reshape(lead + (n_queries, value_dim))  # [L,N,dv] -> [...,N,dv]

@@ -1,0 +1,126 @@
+"""exp, sigmoid and erfc for Numba loops that LLVM can vectorise.
+
+Why: Numba turns math.exp / math.erf into calls to libm, one element at a time (there is no vector
+math library unless Intel's SVML is installed), so a softmax or gelu loop runs at scalar speed,
+several times slower than torch's vectorised kernels. These functions use only arithmetic, compares,
+float<->int conversion and one bit cast, all of which LLVM vectorises (16 float32 lanes on AVX-512).
+They are ordinary Numba functions, so they keep their own fast-math flags (contraction to FMA
+only: a caller's `reassoc` must not regroup the two-part ln2 reduction); LLVM inlines them into the
+caller's loop, where the instructions keep those flags, and vectorises the loop.
+
+  exp_f32(x)      Cephes expf: n = round(x / ln2), r = x - n ln2 (ln2 split in two parts so the
+                  product is exact), exp(r) by a degree-7 polynomial on |r| <= ln2/2, times 2^n
+                  built directly in the exponent bits. Relative error <= 2 ulp on float32. Below
+                  -87.33 (where exp is subnormal) it returns 0, above 88.72 +inf, and NaN stays NaN;
+                  exp(-inf) = 0 exactly, which masked softmax relies on.
+  sigmoid_f32(x)  1 / (1 + exp(-x)): exp(-x) = inf for x < -88 gives exactly 0, no overflow trap.
+  erfc_f32(z)     Numerical Recipes' erfcc: t = 1/(1 + |z|/2), erfc(|z|) = t exp(-z^2 + P(t)) with a
+                  degree-9 polynomial P; fractional error < 1.2e-7 for every z (also deep in the tail,
+                  where 1 + erf(z) would cancel), erfc(-z) = 2 - erfc(z). The exp argument is formed
+                  in float64 (see the comment there).
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from npdiff.jit import njit
+
+LOG2E = np.float32(1.4426950408889634)
+LN2_HI = np.float32(0.693359375)  # ln2 = LN2_HI + LN2_LO, LN2_HI with few mantissa bits: n*LN2_HI exact
+LN2_LO = np.float32(-2.12194440e-4)
+LOG2E_64 = 1.4426950408889634
+LN2_64 = 0.6931471805599453
+EXP_MAX = np.float32(88.72283)  # exp overflows float32 above this
+EXP_MIN = np.float32(-87.33654)  # exp is subnormal below this (returned as 0)
+EXP_POLY = (np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3),
+            np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1))
+ONE = np.float32(1.0)
+TWO = np.float32(2.0)
+HALF = np.float32(0.5)
+
+
+@intrinsic
+def int32_bits_to_float32(typingctx, bits):
+    """Reinterpret the 32 bits of an int32 as a float32 (no conversion): an LLVM bitcast."""
+    if bits != types.int32:
+        return None
+    signature = types.float32(types.int32)
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return signature, codegen
+
+
+@njit(fastmath={"contract"})
+def exp_poly_times_pow2(r, n):
+    """exp(r) * 2^n for |r| <= ln2/2 (float32) and an integral float n in [-126, 128]."""
+    p = EXP_POLY[0]
+    p = p * r + EXP_POLY[1]
+    p = p * r + EXP_POLY[2]
+    p = p * r + EXP_POLY[3]
+    p = p * r + EXP_POLY[4]
+    p = p * r + EXP_POLY[5]
+    p = p * (r * r) + r + ONE  # exp(r)
+    n_int = np.int32(n)
+    # 2^n as float32 bits: exponent field n + 127. n = 128 (x near EXP_MAX) is split as 2^127 * 2.
+    high = n_int == 128
+    scale = int32_bits_to_float32(np.int32((n_int - np.int32(high) + np.int32(127)) << np.int32(23)))
+    result = p * scale
+    if high:
+        result = result * TWO
+    return result
+
+
+@njit(fastmath={"contract"})
+def exp_f32(x):
+    x = np.float32(x)
+    clamped = min(max(x, EXP_MIN), EXP_MAX)  # keeps n in [-126, 128]; NaN handled below
+    n = np.floor(clamped * LOG2E + HALF)  # nearest integer to x / ln2, as a float32
+    r = (clamped - n * LN2_HI) - n * LN2_LO  # |r| <= ln2/2; n*LN2_HI is exact
+    result = exp_poly_times_pow2(r, n)
+    if x < EXP_MIN:
+        result = np.float32(0.0)
+    if x > EXP_MAX:
+        result = np.float32(np.inf)
+    if x != x:
+        result = x
+    return result
+
+
+@njit
+def sigmoid_f32(x):
+    return ONE / (ONE + exp_f32(-np.float32(x)))
+
+
+@njit(fastmath={"contract"})
+def erfc_f32(z):
+    z = np.float32(z)
+    a = abs(z)
+    t = ONE / (ONE + HALF * a)
+    poly = np.float32(0.17087277)
+    poly = poly * t + np.float32(-0.82215223)
+    poly = poly * t + np.float32(1.48851587)
+    poly = poly * t + np.float32(-1.13520398)
+    poly = poly * t + np.float32(0.27886807)
+    poly = poly * t + np.float32(-0.18628806)
+    poly = poly * t + np.float32(0.09678418)
+    poly = poly * t + np.float32(0.37409196)
+    poly = poly * t + np.float32(1.00002368)
+    poly = poly * t + np.float32(-1.26551223)
+    # exp(poly - a^2): the argument reaches -80 here, where a float32 argument would carry an
+    # absolute error of ~5e-6 (and the result that relative error), so it is formed and reduced
+    # in float64; only the polynomial runs in float32.
+    a64 = np.float64(a)
+    argument = np.float64(poly) - a64 * a64
+    clamped = max(argument, np.float64(EXP_MIN))
+    n = np.floor(clamped * LOG2E_64 + 0.5)
+    r = np.float32(clamped - n * LN2_64)
+    tail = t * exp_poly_times_pow2(r, np.float32(n))  # erfc(|z|)
+    if argument < EXP_MIN:
+        tail = np.float32(0.0)
+    if z < 0:
+        return TWO - tail
+    return tail
