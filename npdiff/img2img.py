@@ -36,10 +36,9 @@ def get_timesteps(scheduler, num_inference_steps, strength):
     return timesteps, num_inference_steps - t_start
 
 
-def encode_image(pipe, image, batch, generator):
-    """Step 1-2: picture -> scaled latents [batch,4,h,w] (one posterior sample, repeated to the batch)."""
-    pixels = backend.to_device(image_to_model_input(image, pipe.vae_scale_factor))  # [1,3,H,W] in [-1,1]
-    posterior = pipe.vae.encode(pixels)  # [1,3,H,W] -> distribution over [1,4,h,w]
+def encode_image(pipe, pixels, batch, generator):
+    """Step 2: pixels [1,3,H,W] in [-1,1] -> scaled latents [batch,4,h,w] (one posterior sample, repeated)."""
+    posterior = pipe.vae.encode(backend.to_device(pixels))  # [1,3,H,W] -> distribution over [1,4,h,w]
     latents = posterior.sample(generator) * float(pipe.vae.scaling_factor)  # [1,4,h,w]
     xp = backend.array_module(latents)
     return xp.repeat(latents, batch, axis=0)  # [1,4,h,w] -> [batch,4,h,w]
@@ -56,6 +55,7 @@ def run_img2img(pipe, prompt, image, strength, negative_prompt, num_inference_st
     num_images_per_prompt = check_positive_int(num_images_per_prompt, "num_images_per_prompt")
     callback_steps = check_positive_int(callback_steps, "callback_steps")
     generator, seed = make_generator(seed, generator)
+    pixels = image_to_model_input(image, pipe.vae_scale_factor)  # 1. [1,3,H,W] in [-1,1]
     scheduler = copy.deepcopy(pipe.scheduler)
     batch = len(prompts) * num_images_per_prompt
 
@@ -67,8 +67,8 @@ def run_img2img(pipe, prompt, image, strength, negative_prompt, num_inference_st
     timesteps, denoising_steps = get_timesteps(scheduler, steps, strength)
     first_timestep = np.repeat(np.asarray(timesteps[:1]), batch)  # [batch]
 
-    # 1-2, 4. encode, then noise to the first kept timestep (draw order: posterior sample, then noise)
-    latents = encode_image(pipe, image, batch, generator)  # [batch,4,h,w]
+    # 2, 4. encode, then noise to the first kept timestep (draw order: posterior sample, then noise)
+    latents = encode_image(pipe, pixels, batch, generator)  # [batch,4,h,w]
     noise = backend.to_device(generator.randn(tuple(latents.shape), dtype=np.float32))  # [batch,4,h,w]
     latents = scheduler.add_noise(latents, noise, first_timestep)  # [batch,4,h,w]
 

@@ -19,6 +19,7 @@ import numpy as np
 from npdiff.errors import NpdiffError
 
 SHIPPED_MODEL_NAME = "tiny-shapes"
+PACKAGE_DIR = Path(__file__).resolve().parent  # where the shipped model is looked for
 
 # The scheduler_config.json of Stable Diffusion 1.5: used for single-file checkpoints, which carry none.
 SD15_SCHEDULER_CONFIG = {
@@ -63,7 +64,7 @@ def default_model_path():
       2. weights/tiny-shapes beside the package, in a source checkout;
       3. npdiff/_shipped/tiny-shapes inside the installed package.
     """
-    package_dir = Path(__file__).resolve().parent
+    package_dir = PACKAGE_DIR
     candidates = []
     if os.environ.get("NPDIFF_MODEL"):
         candidates.append(("$NPDIFF_MODEL", Path(os.environ["NPDIFF_MODEL"]).expanduser()))

@@ -1,0 +1,102 @@
+"""Bad input to the pipeline raises NpdiffError naming the argument, the expected and the actual value;
+finding the model (default_model_path, empty or wrong folders, unknown samplers)."""
+
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("diffusers")
+
+from tiny_sd import tiny_sd_folder  # noqa: E402
+
+from npdiff import NpdiffError, pipeline_utils  # noqa: E402
+from npdiff.pipeline import StableDiffusionPipeline  # noqa: E402
+from npdiff.rng import TorchGenerator  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    loaded = StableDiffusionPipeline.from_pretrained(tiny_sd_folder())
+    loaded.show_progress = False
+    return loaded
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(height=60), "height must be a multiple of 8, got 60"),
+    (dict(width=100), "width must be a multiple of 8, got 100"),
+    (dict(height=0), "height must be a positive integer, got 0"),
+    (dict(width=64.0), "width must be a positive integer, got 64.0"),
+    (dict(num_inference_steps=0), "num_inference_steps must be an integer >= 1, got 0"),
+    (dict(num_inference_steps=2.5), "num_inference_steps must be an integer >= 1, got 2.5"),
+    (dict(guidance_scale=-0.5), "guidance_scale must be finite and >= 0, got -0.5"),
+    (dict(guidance_scale=math.nan), "guidance_scale must be finite and >= 0, got nan"),
+    (dict(guidance_scale=math.inf), "guidance_scale must be finite and >= 0, got inf"),
+    (dict(guidance_scale="7"), "guidance_scale must be a number >= 0, got '7'"),
+    (dict(negative_prompt=["a", "b"]), "negative_prompt has batch size 2 but prompt has batch size 1"),
+    (dict(negative_prompt=3), "negative_prompt must be a string or a list of strings"),
+    (dict(num_images_per_prompt=0), "num_images_per_prompt must be an integer >= 1, got 0"),
+    (dict(callback_steps=0), "callback_steps must be an integer >= 1, got 0"),
+    (dict(latents=np.zeros((1, 4, 8, 7), np.float32)), r"latents must have shape \(1, 4, 8, 8\) .* got \(1, 4, 8, 7\)"),
+    (dict(seed=1, generator=TorchGenerator(1)), "pass seed= or generator=, not both"),
+    (dict(seed="one"), "seed must be an integer, got 'one'"),
+    (dict(output_type="jpg"), "output_type must be 'pil', 'np' or 'latent', got 'jpg'"),
+])
+def test_bad_call_arguments(pipe, kwargs, message):
+    call = dict(num_inference_steps=1)
+    call.update(kwargs)
+    with pytest.raises(NpdiffError, match=message):
+        pipe("a cat", **call)
+
+
+@pytest.mark.parametrize("prompt", [None, [], 5, ["ok", 7]])
+def test_bad_prompt(pipe, prompt):
+    with pytest.raises(NpdiffError, match="prompt must be a string or a non-empty list of strings"):
+        pipe(prompt, num_inference_steps=1)
+
+
+def test_bad_img2img_arguments(pipe):
+    picture = Image.new("RGB", (64, 64))
+    with pytest.raises(NpdiffError, match=r"strength must be in \(0, 1\], got 2"):
+        pipe.img2img("a cat", picture, strength=2)
+    with pytest.raises(NpdiffError, match="image: expected a PIL image or a numpy array, got list"):
+        pipe.img2img("a cat", [picture], num_inference_steps=1)
+    with pytest.raises(NpdiffError, match="negative_prompt has batch size 3 but prompt has batch size 2"):
+        pipe.img2img(["a", "b"], picture, negative_prompt=["x", "y", "z"])
+
+
+def test_unknown_scheduler_lists_the_known_ones(pipe):
+    with pytest.raises(NpdiffError, match=r"unknown scheduler 'heun'; known: .*dpmpp_2m_karras.*euler_a.*pndm"):
+        StableDiffusionPipeline.from_pretrained(tiny_sd_folder(), scheduler="heun")
+    with pytest.raises(NpdiffError, match="scheduler must be a name"):
+        pipe.set_scheduler(42)
+    pipe.set_scheduler("lms")
+    assert pipe.scheduler_name == "lms" and type(pipe.scheduler).__name__ == "LMSDiscreteScheduler"
+    pipe.set_scheduler("pndm")
+
+
+def test_empty_missing_and_partial_model_folders(tmp_path):
+    with pytest.raises(NpdiffError, match="expected a diffusers folder"):
+        StableDiffusionPipeline.from_pretrained(tmp_path)  # empty
+    with pytest.raises(NpdiffError, match="no such file or folder"):
+        StableDiffusionPipeline.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(NpdiffError, match="unet/config.json"):
+        StableDiffusionPipeline.from_pretrained(tmp_path)
+
+
+def test_default_model_path_order_and_absence(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline_utils, "PACKAGE_DIR", tmp_path / "site" / "npdiff")
+    monkeypatch.delenv("NPDIFF_MODEL", raising=False)
+    with pytest.raises(NpdiffError, match=r"no shipped model found .*NPDIFF_MODEL"):
+        pipeline_utils.default_model_path()
+
+    installed = tmp_path / "site" / "npdiff" / "_shipped" / "tiny-shapes"
+    (installed / "unet").mkdir(parents=True)
+    assert pipeline_utils.default_model_path() == installed
+    checkout = tmp_path / "site" / "weights" / "tiny-shapes"
+    (checkout / "unet").mkdir(parents=True)
+    assert pipeline_utils.default_model_path() == checkout
+    monkeypatch.setenv("NPDIFF_MODEL", str(tiny_sd_folder()))
+    assert pipeline_utils.default_model_path() == tiny_sd_folder()
