@@ -2,12 +2,21 @@
 
 No learned model judges the shipped model: the rules below are a few lines a reader can check.
   1. background = the named colour nearest to the median of the 2-pixel border ring;
-  2. shape pixels = pixels farther than 60 (RGB distance) from that median; keep the largest
+  2. candidate shape pixels = pixels farther than 60 (RGB distance) from that median; keep the largest
      4-connected group of them;
   3. shape colour = the named colour nearest to the median of the group's pixels in a 5x5 window at
      its centroid (the centre region of the shape);
-  4. shape kind from the fill ratio = group area / bounding-box area: a square fills ~1.0, a circle
-     ~pi/4 = 0.785, an upright triangle ~0.5; split at 0.89 and 0.64.
+  4. the outline: pixels more than half way from the background colour to that centre colour
+     (projected on the line between them), largest 4-connected group again: the 50% contour, which a
+     soft (blurred) edge moves least;
+  5. shape kind from two fill measures of the outline's bounding box (both halfway between the ideal
+     values, so a soft edge or a clipped apex does not tip them):
+       top share   = outline area in the top half of the box / outline area: an upright triangle
+                     puts 1/4 of its area there, a circle or square 1/2: below 0.375 -> triangle;
+       corner fill = the fraction of the four corner patches (a quarter of the box side each way)
+                     covered: a square ~1, a circle ~0.1 (its edge misses the corners): above 0.55
+                     -> square, else circle.
+     The plain fill ratio (area / box area: square 1, circle 0.785, triangle 0.5) is reported too.
 """
 
 from collections import deque
@@ -19,8 +28,8 @@ from shapes_data import COLORS
 COLOR_NAMES = list(COLORS)
 COLOR_TABLE = np.array([COLORS[name] for name in COLOR_NAMES], dtype=np.float64)  # [8,3]
 SHAPE_THRESHOLD = 60.0
-SQUARE_MIN_FILL = 0.89
-CIRCLE_MIN_FILL = 0.64
+TRIANGLE_MAX_TOP_SHARE = 0.375
+SQUARE_MIN_CORNER_FILL = 0.55
 
 
 def nearest_color(rgb):
@@ -53,34 +62,50 @@ def largest_component(mask):
 
 
 def classify_picture(image):
-    """uint8 [H,W,3] -> dict(background, color, shape, fill_ratio); color/shape None if no shape found."""
+    """uint8 [H,W,3] -> dict(background, color, shape, fill_ratio, top_share, corner_fill); color and
+    shape are None when no shape is found."""
     pixels = np.asarray(image, dtype=np.float64)  # [H,W,3]
     ring = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3),
                            pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)])  # [R,3]
     background_rgb = np.median(ring, axis=0)  # [3]
     result = dict(background=nearest_color(background_rgb), color=None, shape=None, fill_ratio=0.0)
     far = np.linalg.norm(pixels - background_rgb[None, None, :], axis=2) > SHAPE_THRESHOLD  # [H,W]
-    shape_mask = largest_component(far)  # [H,W]
-    area = int(shape_mask.sum())
-    if area < 9:
+    candidate = largest_component(far)  # [H,W]
+    if candidate.sum() < 4:
         return result
-    ys, xs = np.nonzero(shape_mask)
-    box_area = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-    fill_ratio = area / box_area
+    ys, xs = np.nonzero(candidate)
     center_y, center_x = int(round(ys.mean())), int(round(xs.mean()))
-    window = np.zeros_like(shape_mask)
+    window = np.zeros_like(candidate)
     window[max(0, center_y - 2):center_y + 3, max(0, center_x - 2):center_x + 3] = True
-    centre_pixels = pixels[window & shape_mask]  # [K,3]
+    centre_pixels = pixels[window & candidate]  # [K,3]
     if len(centre_pixels) == 0:
-        centre_pixels = pixels[shape_mask]
-    result["color"] = nearest_color(np.median(centre_pixels, axis=0))
-    result["fill_ratio"] = float(fill_ratio)
-    if fill_ratio >= SQUARE_MIN_FILL:
-        result["shape"] = "square"
-    elif fill_ratio >= CIRCLE_MIN_FILL:
-        result["shape"] = "circle"
-    else:
+        centre_pixels = pixels[candidate]
+    centre_rgb = np.median(centre_pixels, axis=0)  # [3]
+    result["color"] = nearest_color(centre_rgb)
+    direction = centre_rgb - background_rgb  # [3]
+    along = (pixels - background_rgb[None, None, :]) @ direction / max(direction @ direction, 1e-9)  # [H,W]
+    outline = largest_component(along > 0.5)  # [H,W]
+    area = int(outline.sum())
+    if area < 4:
+        outline, area = candidate, int(candidate.sum())
+    ys, xs = np.nonzero(outline)
+    box = outline[ys.min():ys.max() + 1, xs.min():xs.max() + 1].astype(np.float64)  # [h,w]
+    height, width = box.shape
+    result["fill_ratio"] = float(area / (height * width))
+    # top share: the middle row of an odd-height box counts half to each half
+    row_weights = np.clip((height / 2 - np.arange(height)), 0.0, 1.0)  # [h]: 1 above the middle, 0 below
+    top_share = float((box.sum(axis=1) * row_weights).sum() / area)
+    corner_h, corner_w = max(1, int(round(height / 4))), max(1, int(round(width / 4)))
+    corners = [box[:corner_h, :corner_w], box[:corner_h, -corner_w:], box[-corner_h:, :corner_w],
+               box[-corner_h:, -corner_w:]]
+    corner_fill = float(np.mean([corner.mean() for corner in corners]))
+    result["top_share"], result["corner_fill"] = top_share, corner_fill
+    if top_share < TRIANGLE_MAX_TOP_SHARE:
         result["shape"] = "triangle"
+    elif corner_fill > SQUARE_MIN_CORNER_FILL:
+        result["shape"] = "square"
+    else:
+        result["shape"] = "circle"
     return result
 
 
