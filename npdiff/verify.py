@@ -247,8 +247,10 @@ def compare_sampling(table, pipe, torch_pipe, steps, height, width, seed, torch)
                f"{IMAGE_LEVELS_TOL})", ok=worst <= IMAGE_LEVELS_TOL)
 
 
-def verify_model(model=None, steps=4, height=None, width=None, seed=0, out=sys.stdout):
-    """Run every comparison on `model` (a diffusers folder) and print the table; -> 0 if all within tolerance."""
+def verify_model(model=None, steps=4, height=None, width=None, seed=0, out=None):
+    """Run every comparison on `model` (a diffusers folder) and print the table to `out` (default stdout);
+    -> 0 if every row is within tolerance, else 1."""
+    out = sys.stdout if out is None else out
     _require_torch_stack()
     import torch
     from diffusers import StableDiffusionPipeline as TorchPipeline
