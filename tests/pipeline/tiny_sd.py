@@ -9,6 +9,10 @@ Parts: the "sd1" UNet of tests/tiny_models.py with sample_size 8 and cross_atten
 (latent = picture / 8, so the default picture is 64x64), and a transformers CLIPTextModel of width 32 with
 the full 49,408-id vocabulary (tests/tiny_clip.py's encoders have 1,000 ids, too few for the real
 tokenizer, written by npdiff.clip_vocab). Every parameter is random; built once per process.
+
+tiny_sd_folder(kind="sd_constants") keeps the constants SD 1.x single files do not store (32 groups in
+every norm, 8 UNet heads, CLIP heads 64 wide), so the same weights written as one CompVis-layout file
+(tests/single_file.py) are read back with the right configs.
 """
 
 import functools
@@ -41,13 +45,13 @@ DIFFUSERS_SCHEDULERS = {
 }
 
 
-def tiny_clip_text_model(seed):
+def tiny_clip_text_model(seed, config=CLIP_CONFIG):
     """A transformers CLIPTextModel, full CLIP vocabulary, width 32, every parameter random."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    model = CLIPTextModel(CLIPTextConfig(**CLIP_CONFIG))
+    model = CLIPTextModel(CLIPTextConfig(**config))
     with torch.no_grad():
         for param in model.parameters():
             if param.ndim == 1:
@@ -57,8 +61,16 @@ def tiny_clip_text_model(seed):
     return model.eval()
 
 
+KINDS = {
+    "test": (CLIP_CONFIG, UNET_CONFIG, VAE_CONFIG),
+    "sd_constants": (dict(CLIP_CONFIG, hidden_size=64, intermediate_size=128, num_attention_heads=1),
+                     dict(UNET_CONFIG, norm_num_groups=32, cross_attention_dim=64),
+                     dict(VAE_CONFIG, block_out_channels=(32, 32, 32, 32), norm_num_groups=32)),
+}
+
+
 @functools.lru_cache(maxsize=None)
-def tiny_sd_folder(seed=0):
+def tiny_sd_folder(seed=0, kind="test"):
     """Build and save the tiny pipeline with diffusers (once per process) -> Path of the folder."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -67,19 +79,37 @@ def tiny_sd_folder(seed=0):
     from npdiff.clip_vocab import write_clip_tokenizer_folder
 
     root = Path(tempfile.mkdtemp(prefix="tiny-sd-", dir=_process_root()))
+    clip_config, unet_config, vae_config = KINDS[kind]
     torch.manual_seed(seed)
-    unet = randomize_(UNet2DConditionModel(**UNET_CONFIG), seed + 1)
-    vae = randomize_(AutoencoderKL(**VAE_CONFIG), seed + 2)
-    text_encoder = tiny_clip_text_model(seed + 3)
+    unet = randomize_(UNet2DConditionModel(**unet_config), seed + 1)
+    vae = randomize_(AutoencoderKL(**vae_config), seed + 2)
+    text_encoder = tiny_clip_text_model(seed + 3, clip_config)
     tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer_folder(root / "vocab")))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=PNDMScheduler.from_config(SCHEDULER_CONFIG), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    folder = root / "tiny-sd"
+    folder = root / f"tiny-sd-{kind}"
     pipe.save_pretrained(str(folder), safe_serialization=True)
     # transformers 5 saves only tokenizer.json; hub folders also carry vocab.json + merges.txt: add them.
     write_clip_tokenizer_folder(folder / "tokenizer")
     return folder
+
+
+def write_as_single_file(folder, path):
+    """The folder's UNet, VAE and text encoder as one original-layout (CompVis) .safetensors file."""
+    import json
+
+    from safetensors.torch import load_file
+    from single_file import write_single_file
+
+    def part(name, weights):
+        config = json.loads((Path(folder) / name / "config.json").read_text())
+        return config, load_file(str(Path(folder) / name / weights))
+
+    write_single_file(path, unet=part("unet", "diffusion_pytorch_model.safetensors"),
+                      vae=part("vae", "diffusion_pytorch_model.safetensors"),
+                      text_encoder=part("text_encoder", "model.safetensors")[1])
+    return Path(path)
 
 
 def diffusers_scheduler(name, config):
