@@ -11,7 +11,8 @@ What is measured (float32, the machine's default thread counts, best of --repeat
 Weights are random, made once by diffusers/transformers from SD 1.5's own configs (written out
 below; nothing is downloaded) and saved as float32 safetensors in the cache folder
 (~/.cache/npdiff/sd15-random, about 4.3 GB), which later runs reuse. Each side of each network runs
-in its own subprocess, so the peak RSS reported is that side's alone. On the npdiff side one
+in its own subprocess, so the peak RSS reported is that side's alone ("peak RSS": load and
+calls; "run RSS": the peak during the calls only, VmHWM reset after loading). On the npdiff side one
 call after the warm-up runs with every kernel wrapped by a counter: it gives the FLOP count
 (convolutions, linear layers and the two attention matmuls; norms and activations are not
 counted) and the seconds spent per kernel, printed below the table to show which kernel a slow
@@ -200,7 +201,27 @@ def install_counters():
 # Worker (one side of one network, in its own process)
 # ---------------------------------------------------------------------------------------------
 def peak_rss_gib():
+    """Peak resident set of this process since it started (load included)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def proc_status_gib(field):
+    """VmRSS (now) or VmHWM (peak since the last reset) from /proc/self/status; None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss():
+    """Linux: writing 5 to clear_refs resets VmHWM, so the peak of the run alone can be read after it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def worker(args):
@@ -213,7 +234,8 @@ def worker(args):
     build = torch_callable if args.side == "torch" else npdiff_callable
     fn = build(args.component, cache, inputs)
     load_seconds = time.perf_counter() - t0
-    result = {"load_seconds": load_seconds}
+    result = {"load_seconds": load_seconds, "rss_after_load_gib": proc_status_gib("VmRSS")}
+    reset_peak_rss()
     # warm-up call (compiles Numba kernels on a first run), then on the npdiff side one call counted per kernel
     out = fn()
     if args.side == "npdiff":
@@ -228,7 +250,8 @@ def worker(args):
     np.save(args.out, np.asarray(out))
     del out
     result["seconds"] = time_call(fn, repeat=args.repeat, warmup=0)
-    result["peak_rss_gib"] = peak_rss_gib()
+    result["run_peak_rss_gib"] = proc_status_gib("VmHWM")   # the calls only (after the load)
+    result["peak_rss_gib"] = peak_rss_gib()                  # load and calls
     print("RESULT " + json.dumps(result))
 
 
@@ -289,7 +312,9 @@ def main():
                 "ratio": ours["seconds"] / theirs["seconds"], "gflop": flops / 1e9,
                 "ours_gflops": flops / ours["seconds"] / 1e9, "torch_gflops": flops / theirs["seconds"] / 1e9,
                 "ours_peak_pct": 100.0 * flops / ours["seconds"] / 1e9 / peak,
-                "ours_rss": ours["peak_rss_gib"], "torch_rss": theirs["peak_rss_gib"], "rel_err": error,
+                "ours_rss": ours["peak_rss_gib"], "torch_rss": theirs["peak_rss_gib"],
+                "ours_run_rss": ours["run_peak_rss_gib"], "torch_run_rss": theirs["run_peak_rss_gib"],
+                "rel_err": error,
             })
             details[component] = {side: {k: v for k, v in sides[side].items() if k != "output"} for side in sides}
     print()
@@ -297,7 +322,8 @@ def main():
         ("what", "network", None), ("ours_s", "npdiff s", "{:.3f}"), ("torch_s", "torch s", "{:.3f}"),
         ("ratio", "ours/torch", "{:.2f}"), ("gflop", "GFLOP", "{:.0f}"), ("ours_gflops", "npdiff GFLOP/s", "{:.0f}"),
         ("torch_gflops", "torch GFLOP/s", "{:.0f}"), ("ours_peak_pct", "npdiff % peak", "{:.0f}"),
-        ("ours_rss", "npdiff RSS GiB", "{:.2f}"), ("torch_rss", "torch RSS GiB", "{:.2f}"),
+        ("ours_rss", "npdiff peak RSS GiB", "{:.2f}"), ("torch_rss", "torch peak RSS GiB", "{:.2f}"),
+        ("ours_run_rss", "npdiff run RSS", "{:.2f}"), ("torch_run_rss", "torch run RSS", "{:.2f}"),
         ("rel_err", "rel err", "{:.1e}"),
     ])
     for component, sides in details.items():

@@ -10,6 +10,7 @@ Kinds (small channels, the same structure as the real models):
               1x1-conv proj_in/proj_out, cross_attention_dim 24, layers_per_block 2, flip_sin_to_cos.
   UNet "sd2": SD 2.x-like: use_linear_projection, per-block head counts, upcast_attention,
               cross_attention_dim 40, layers_per_block 1, norm_eps 1e-6, freq_shift 1, no flip.
+  UNet "knobs": 2 blocks and the rarer config values (see its entry below).
   VAE  "sd":  SD-like: 4 blocks (latent = image / 8), layers_per_block 1, scaling_factor 0.18215.
   VAE  "deep": 3 blocks (latent = image / 4), layers_per_block 2, scaling_factor 0.13025.
 
@@ -42,6 +43,17 @@ UNET_KINDS = {
         block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=(2, 4, 4),
         cross_attention_dim=40, norm_num_groups=16, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1,
         use_linear_projection=True, upcast_attention=True,
+    ),
+    # rarer config values SD-style UNets may carry: 2 blocks (latent multiple of 2), transformer depth 2,
+    # mid_block_scale_factor, centred input, 5x5 conv_in / 1x1 conv_out, explicit time_embedding_dim,
+    # per-block lists, and resnet_out_scale_factor (which diffusers ignores for these block types)
+    "knobs": dict(
+        sample_size=8, in_channels=4, out_channels=3,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(16, 32), layers_per_block=(1, 2), attention_head_dim=(2, 4),
+        cross_attention_dim=(12, 12), transformer_layers_per_block=2, only_cross_attention=[False, False],
+        norm_num_groups=4, mid_block_scale_factor=1.5, center_input_sample=True, conv_in_kernel=5,
+        conv_out_kernel=1, time_embedding_dim=48, resnet_out_scale_factor=2.0, downsample_padding=1,
     ),
 }
 

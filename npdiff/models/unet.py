@@ -6,6 +6,10 @@
 sample [B,C_in,h,w] float32 (h and w multiples of 2**(number of down blocks - 1), so any multiple of
 8 for SD); timestep an int/float or an array [B]; encoder_hidden_states [B,L,cross_attention_dim].
 
+Config keys diffusers itself ignores for these block types are ignored here too: resnet_out_scale_factor
+(only the ResnetDownsample/SimpleCrossAttn blocks read it), dropout (inference), sample_size.
+upcast_attention changes nothing here: scores are always float32 (see models/transformer.py).
+
 The call tree (diffusers models/unets/unet_2d_condition.py):
     time_proj (sinusoidal) -> time_embedding (linear_1, SiLU, linear_2)       -> temb [B,4*C0]
     conv_in -> down_blocks[i] (skips kept) -> mid_block -> up_blocks[i] (skips consumed)
@@ -45,7 +49,7 @@ DEFAULTS = {
 # Keys whose value must be exactly this (None/False/"default"...) for the SD 1.x/2.x network built here.
 MUST_BE = {
     "class_embed_type": None, "addition_embed_type": None, "num_class_embeds": None,
-    "num_attention_heads": None, "dual_cross_attention": False, "only_cross_attention": False,
+    "num_attention_heads": None, "dual_cross_attention": False,
     "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "time_embedding_type": "positional",
     "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
     "attention_type": "default", "class_embeddings_concat": False, "encoder_hid_dim": None,
@@ -72,6 +76,10 @@ def check_config(config):
         if full[key] != expected:
             raise NpdiffError(f"unet config: {key}={full[key]!r} is not supported (npdiff runs SD 1.x/2.x "
                               f"UNets, which have {key}={expected!r})")
+    only_cross = full["only_cross_attention"]
+    if any(only_cross) if isinstance(only_cross, (list, tuple)) else only_cross:
+        raise NpdiffError(f"unet config: only_cross_attention={only_cross!r} is not supported (SD 1.x/2.x "
+                          "UNets have False)")
     if full["act_fn"] not in ("silu", "swish"):
         raise NpdiffError(f"unet config: act_fn={full['act_fn']!r} is not supported; expected 'silu'")
     if full["norm_num_groups"] is None:
@@ -126,8 +134,7 @@ class UNet2DConditionModel:
             self.down_blocks.append(DOWN_TYPES[block_type](
                 weights, f"down_blocks.{i}", in_ch, out_ch, time_embed_dim, layers[i], groups, eps,
                 add_downsample=i < blocks - 1, downsample_padding=c["downsample_padding"],
-                heads=heads[i] if cross else None, attention=attention(i) if cross else None,
-                output_scale_factor=c["resnet_out_scale_factor"]))
+                heads=heads[i] if cross else None, attention=attention(i) if cross else None))
 
         # middle
         self.mid_block = None
@@ -148,7 +155,7 @@ class UNet2DConditionModel:
             self.up_blocks.append(UP_TYPES[block_type](
                 weights, f"up_blocks.{i}", in_ch, prev_out, out_ch, time_embed_dim, layers[j] + 1, groups, eps,
                 add_upsample=i < blocks - 1, heads=heads[j] if cross else None,
-                attention=attention(j) if cross else None, output_scale_factor=c["resnet_out_scale_factor"]))
+                attention=attention(j) if cross else None))
 
         # output
         self.conv_norm_out = GroupNorm(weights, "conv_norm_out", groups, channels[0], eps)
