@@ -175,18 +175,22 @@ def timestep_embedding(timesteps, dim, flip_sin_to_cos, freq_shift, max_period=1
     """Sinusoidal embedding of timesteps [B] -> [B,dim], in float32 in torch's order of operations.
 
     freqs[i] = exp(-ln(max_period) * i / (dim/2 - freq_shift)); the embedding is
-    [sin(t*freqs), cos(t*freqs)], or [cos, sin] with flip_sin_to_cos. Computed with NumPy on the
-    host (it is [B,dim], tiny) and moved to the input's backend by the caller."""
+    [sin(t*freqs), cos(t*freqs)], or [cos, sin] with flip_sin_to_cos. The exponent and t*freqs are
+    float32 products as in torch; exp, sin and cos are evaluated in float64 and rounded to float32
+    (correctly rounded, which is what torch's float32 versions give almost always; NumPy's own
+    float32 exp differs from torch's in the last bit for about a third of the frequencies, and at
+    t ~ 1000 one bit of a frequency moves sin by ~1e-4). Computed with NumPy on the host (it is
+    [B,dim], tiny) and moved to the input's backend by the caller."""
     timesteps = np.asarray(timesteps)
     if timesteps.ndim != 1:
         raise NpdiffError(f"timesteps must be a 1-d array [B]; got shape {timesteps.shape}")
     half = dim // 2
     exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)   # [half]
     exponent = exponent / np.float32(half - freq_shift)                                 # [half]
-    freqs = np.exp(exponent)                                                            # [half]
+    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)                      # [half]
     args = timesteps.astype(np.float32)[:, None] * freqs[None, :]                       # [B,1]*[1,half] -> [B,half]
-    sin = np.sin(args)                                                                  # [B,half]
-    cos = np.cos(args)                                                                  # [B,half]
+    sin = np.sin(args.astype(np.float64)).astype(np.float32)                            # [B,half]
+    cos = np.cos(args.astype(np.float64)).astype(np.float32)                            # [B,half]
     if flip_sin_to_cos:
         emb = np.concatenate([cos, sin], axis=-1)                                       # [B,2*half]
     else:
