@@ -109,7 +109,7 @@ def test_generate_empty_model_folder(tmp_path, capsys):
 
 
 def test_verify_prints_every_block_within_tolerance(folder, capsys):
-    assert cli.main(["verify", "--model", str(folder), "--steps", "2"]) == 0
+    assert cli.main(["verify", "--model", str(folder), "--steps", "2", "--height", "32", "--width", "32"]) == 0
     table = capsys.readouterr().out
     for row in ["identical ids", "layer 1", "last_hidden_state", "time_embedding", "down_blocks.2", "mid_block",
                 "up_blocks.2", "noise prediction", "encoder.down_blocks.3", "decoder.up_blocks.3",
@@ -141,7 +141,7 @@ def test_verify_flags_a_wrong_block(folder, monkeypatch, capsys):
         return pipe
 
     monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", classmethod(with_noisy_mid_block))
-    assert verify.verify_model(folder, steps=1) == 1
+    assert verify.verify_model(folder, steps=1, height=32, width=32) == 1
     rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("unet")}
     assert "ok" in rows["down_blocks.2"]
     assert "ABOVE" in rows["mid_block"] and "ABOVE" in rows["up_blocks.0"]
