@@ -18,8 +18,8 @@ import numpy as np
 from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.images import image_to_model_input
-from npdiff.pipeline_utils import (as_prompt_list, check_guidance, check_positive_int, check_strength,
-                                   make_generator)
+from npdiff.pipeline_utils import (as_prompt_list, check_guidance, check_output_type, check_positive_int,
+                                   check_strength, make_generator)
 
 
 def get_timesteps(scheduler, num_inference_steps, strength):
@@ -54,6 +54,7 @@ def run_img2img(pipe, prompt, image, strength, negative_prompt, num_inference_st
     strength = check_strength(strength)
     num_images_per_prompt = check_positive_int(num_images_per_prompt, "num_images_per_prompt")
     callback_steps = check_positive_int(callback_steps, "callback_steps")
+    check_output_type(output_type)
     generator, seed = make_generator(seed, generator)
     pixels = image_to_model_input(image, pipe.vae_scale_factor)  # 1. [1,3,H,W] in [-1,1]
     scheduler = copy.deepcopy(pipe.scheduler)
@@ -77,7 +78,7 @@ def run_img2img(pipe, prompt, image, strength, negative_prompt, num_inference_st
                            denoising_steps, callback=callback, callback_steps=callback_steps, progress=progress)
     height = latents.shape[2] * pipe.vae_scale_factor
     width = latents.shape[3] * pipe.vae_scale_factor
-    parameters = pipe._parameters(prompts, negatives, seed, steps, guidance_scale, height, width,
+    parameters = pipe.generation_parameters(prompts, negatives, seed, steps, guidance_scale, height, width,
                                   pipe.scheduler_name)
     parameters["strength"] = strength
-    return pipe._finish(latents, output_type, seed, parameters)
+    return pipe.package_output(latents, output_type, seed, parameters)

@@ -24,9 +24,9 @@ import numpy as np
 from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.images import decoded_to_float, to_pil
-from npdiff.pipeline_utils import (PipelineOutput, as_prompt_list, check_guidance, check_positive_int,
-                                   check_size, default_model_path, load_components, make_generator,
-                                   resolve_scheduler)
+from npdiff.pipeline_utils import (PipelineOutput, as_prompt_list, check_guidance, check_output_type,
+                                   check_positive_int, check_size, default_model_path, load_components,
+                                   make_generator, resolve_scheduler)
 
 
 class StableDiffusionPipeline:
@@ -83,8 +83,8 @@ class StableDiffusionPipeline:
 
     def encode_prompt(self, prompts, negatives, num_images_per_prompt, do_guidance):
         """-> text embeddings [B*n,77,D], or [2*B*n,77,D] as [uncond; cond] when guiding."""
-        xp = backend.xp()
         cond = self.encode_text(prompts)  # [B,77,D]
+        xp = backend.array_module(cond)
         cond = xp.repeat(cond, num_images_per_prompt, axis=0)  # [B,77,D] -> [B*n,77,D], prompt-major
         if not do_guidance:
             return cond
@@ -100,24 +100,24 @@ class StableDiffusionPipeline:
     def denoise(self, latents, timesteps, scheduler, text_embeddings, guidance_scale, generator,
                 num_inference_steps, callback=None, callback_steps=1, progress=None):
         """The sampling loop (step 4 of the module docstring) over `timesteps`; -> final latents."""
-        xp = backend.xp()
+        xp = backend.array_module(latents)
         do_guidance = guidance_scale > 1.0
         order = getattr(scheduler, "order", 1)
         num_warmup_steps = len(timesteps) - num_inference_steps * order
-        bar = self._progress_bar(len(timesteps), progress)
+        bar = self._progress_bar(num_inference_steps, progress)
         for i, t in enumerate(timesteps):
-            # 4.1 one batch for both halves: [x; x] -> [2B,4,h,w] when guiding
+            # 4.1 one batch for both halves when guiding: [B,4,h,w] -> [2B,4,h,w]
             model_input = xp.concatenate([latents, latents], axis=0) if do_guidance else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            # 4.2 predict the noise: [2B,4,h,w] -> [2B,4,h,w]
+            model_input = scheduler.scale_model_input(model_input, t)  # [2B,4,h,w] (Euler/LMS: / sqrt(sigma^2+1))
+            # 4.2 predict the noise: [2B,4,h,w], text [2B,77,D] -> [2B,4,h,w]
             noise_pred = self.unet(model_input, t, text_embeddings)
             # 4.3 classifier-free guidance: u + g * (c - u)
             if do_guidance:
                 half = noise_pred.shape[0] // 2
                 noise_uncond, noise_cond = noise_pred[:half], noise_pred[half:]  # [B,4,h,w] each
-                noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+                noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)  # [B,4,h,w]
             # 4.4 x_t -> x_{t-1}
-            latents = scheduler.step(noise_pred, t, latents, generator=generator).prev_sample
+            latents = scheduler.step(noise_pred, t, latents, generator=generator).prev_sample  # [B,4,h,w]
             # 4.5 progress and callback, on the steps diffusers reports them
             if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % order == 0):
                 if bar is not None:
@@ -136,10 +136,8 @@ class StableDiffusionPipeline:
 
         return tqdm(total=total, desc="denoising", unit="step")
 
-    def _finish(self, latents, output_type, seed, parameters):
-        """Step 5: decode, convert, and package the output."""
-        if output_type not in ("pil", "np", "latent"):
-            raise NpdiffError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+    def package_output(self, latents, output_type, seed, parameters):
+        """Step 5: decode the final latents, convert to output_type, and wrap in a PipelineOutput."""
         images = None
         if output_type != "latent":
             decoded = self.decode_latents(latents)  # [B,4,h,w] -> [B,3,H,W]
@@ -147,7 +145,8 @@ class StableDiffusionPipeline:
         return PipelineOutput(images=images, latents=backend.to_numpy(latents).astype(np.float32), seed=seed,
                               parameters=parameters)
 
-    def _parameters(self, prompts, negatives, seed, steps, guidance_scale, height, width, scheduler_name):
+    def generation_parameters(self, prompts, negatives, seed, steps, guidance_scale, height, width, scheduler_name):
+        """What made a picture, as stored in its PNG (images.save_png) to make it again."""
         from npdiff import __version__
 
         single = len(prompts) == 1
@@ -173,6 +172,7 @@ class StableDiffusionPipeline:
         guidance_scale = check_guidance(guidance_scale)
         num_images_per_prompt = check_positive_int(num_images_per_prompt, "num_images_per_prompt")
         callback_steps = check_positive_int(callback_steps, "callback_steps")
+        check_output_type(output_type)
         default_side = self.unet.config["sample_size"] * self.vae_scale_factor
         height = default_side if height is None else height
         width = default_side if width is None else width
@@ -204,9 +204,9 @@ class StableDiffusionPipeline:
                                callback=callback, callback_steps=callback_steps, progress=progress)
 
         # 5. decode
-        parameters = self._parameters(prompts, negatives, seed, steps, guidance_scale, height, width,
+        parameters = self.generation_parameters(prompts, negatives, seed, steps, guidance_scale, height, width,
                                       self.scheduler_name)
-        return self._finish(latents, output_type, seed, parameters)
+        return self.package_output(latents, output_type, seed, parameters)
 
     # -----------------------------------------------------------------------------------------
     # Image to image

@@ -201,6 +201,12 @@ def check_size(height, width, multiple):
     return int(height), int(width)
 
 
+def check_output_type(output_type):
+    if output_type not in ("pil", "np", "latent"):
+        raise NpdiffError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+    return output_type
+
+
 def check_strength(strength):
     if not isinstance(strength, (int, float, np.floating)) or not (0 < strength <= 1):
         raise NpdiffError(f"strength must be in (0, 1], got {strength!r}")
