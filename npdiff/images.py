@@ -161,20 +161,26 @@ class StepRecorder:
         self.latents.append(np.array(backend.to_numpy(latents), copy=True))
 
 
-def emergence_grid(pipe, recorder, final_latents=None, image_index=0, labels=True):
+def emergence_grid(pipe, recorder, final_latents=None, image_index=0, labels=True, min_size=128):
     """Decode the recorded latents of picture `image_index` into one row: the image emerging from noise.
 
     pipe: anything with decode_latents(latents [B,4,h,w]) -> images [B,3,H,W] in [-1,1].
-    final_latents: the output's .latents, appended as the last cell when given.
+    final_latents: the output's .latents, appended as the last cell when given (and not recorded already).
     labels: write "step k" / "final" in each cell's corner.
+    min_size: small pictures are enlarged (nearest neighbour, a whole factor) to at least this height.
     """
     if not recorder.latents:
         raise NpdiffError("emergence_grid: the recorder holds no steps (was it passed as callback=?)")
     cells = [lat[image_index:image_index + 1] for lat in recorder.latents]  # each [1,4,h,w]
     names = [f"step {s}" for s in recorder.steps]
-    if final_latents is not None:
+    if final_latents is not None and not np.array_equal(recorder.latents[-1], final_latents):
         cells.append(np.asarray(final_latents)[image_index:image_index + 1])
         names.append("final")
     stacked = np.concatenate(cells, axis=0)  # [N,4,h,w]
     pictures = to_pil(pipe.decode_latents(stacked))  # [N,4,h,w] -> N PIL images
+    factor = max(1, -(-min_size // pictures[0].height))  # ceil(min_size / height)
+    if factor > 1:
+        from PIL import Image
+
+        pictures = [p.resize((p.width * factor, p.height * factor), resample=Image.NEAREST) for p in pictures]
     return make_grid(pictures, labels=names if labels else None)

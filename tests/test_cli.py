@@ -54,9 +54,9 @@ def test_generate_subprocess_png_reproduces_itself(folder, tmp_path, seed):
     assert Path(params["model_path"]) == Path(folder).resolve()
     assert pixels(out).shape == (64, 32, 3)
 
-    # the "watch it emerge" grid: steps 0, 1, 2 and the final picture, side by side
+    # the "watch it emerge" grid: steps 0, 1, 2 (the last is the final picture), enlarged 2x to >= 128 px
     grid = tmp_path / "circle-steps.png"
-    assert pixels(grid).shape == (64, 4 * 32, 3)
+    assert pixels(grid).shape == (128, 3 * 64, 3)
 
     # regenerate from the PNG alone
     again = tmp_path / "again.png"

@@ -99,9 +99,11 @@ def test_step_recorder_and_emergence_grid(rng):
         steps.append(np.array(recorder.latents[-1]))
     final = np.tanh(rng.standard_normal((2, 4, 3, 3))).astype(np.float32)
     assert recorder.steps == [0, 1, 2] and recorder.timesteps == [999.0, 666.0, 333.0]
-    grid = emergence_grid(_FakeDecoder(), recorder, final_latents=final, image_index=1, labels=False)
+    grid = emergence_grid(_FakeDecoder(), recorder, final_latents=final, image_index=1, labels=False, min_size=0)
     assert grid.size == (4 * 6, 6)
     expected_last = decoded_to_uint8(_FakeDecoder().decode_latents(final[1:2]))[0]
     assert np.array_equal(np.asarray(grid)[:, 18:24], expected_last)
+    enlarged = emergence_grid(_FakeDecoder(), recorder, image_index=1, min_size=20)  # 6 px -> 4 x 6 = 24 px
+    assert enlarged.size == (3 * 24, 24)
     with pytest.raises(NpdiffError, match="holds no steps"):
         emergence_grid(_FakeDecoder(), StepRecorder())
