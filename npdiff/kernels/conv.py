@@ -10,13 +10,18 @@ Versions:
                  VAE's 512x512 images (a whole-image im2col would be >1 GB).
 """
 
+import threading
+
 import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
+from npdiff.jit import SERIAL, njit
+from npdiff.kernels.openblas import run_blocks, worker_count
 from npdiff.kernels.validate import pair, require_ndim, require_optional_vector, shape_text
 
-IM2COL_TILE_BYTES = 8 << 20  # at most this much unfolded input per GEMM
+IM2COL_TILE_BYTES = 16 << 20  # unfolded input per GEMM (per worker): large, so the weight is packed rarely
+PIXELS_PER_TILE_1X1 = 4096  # least columns per GEMM of a 1x1 conv
 
 
 def output_size(size, kernel_size, stride, padding):
@@ -54,45 +59,103 @@ def conv2d_ref(x, weight, bias=None, stride=1, padding=0):
 
 
 # ---------------------------------------------------------------------------------------------
-# Fast (NumPy arrays): GEMM through OpenBLAS
+# Fast (NumPy arrays): tiles on the BLAS worker threads
 # ---------------------------------------------------------------------------------------------
+@njit(**SERIAL)
+def im2col_tile(image, row0, sh, sw, ph, pw, cols):
+    """Unfold output rows row0 .. row0+rows-1 of one image into cols, zero padding included.
+
+    image [C,H,W]; cols [C,kH,kW,rows,W_out] (contiguous; its reshape [C*kH*kW, rows*W_out] is the
+    GEMM's right operand, rows ordered (c, i, j) like weight.reshape(C_out, C*kH*kW)). For each tap
+    (i, j) output column col reads image column col*sw + j - pw: the valid columns form one range
+    [col_lo, col_hi), copied in a loop LLVM vectorises (stride 1), the rest are zeros.
+    """
+    channels, height, width = image.shape
+    kh, kw, rows, w_out = cols.shape[1], cols.shape[2], cols.shape[3], cols.shape[4]
+    for c in range(channels):
+        for i in range(kh):
+            for j in range(kw):
+                col_lo = 0 if pw <= j else (pw - j + sw - 1) // sw
+                col_hi = min(w_out, (width - 1 + pw - j) // sw + 1) if width - 1 + pw - j >= 0 else 0
+                col_lo = min(col_lo, col_hi)
+                for r in range(rows):
+                    dst = cols[c, i, j, r]
+                    src_row = (row0 + r) * sh + i - ph
+                    if src_row < 0 or src_row >= height:
+                        dst[:] = 0.0
+                        continue
+                    dst[:col_lo] = 0.0
+                    dst[col_hi:] = 0.0
+                    src = image[c, src_row]
+                    for col in range(col_lo, col_hi):
+                        dst[col] = src[col * sw + j - pw]
+
+
+_buffers = threading.local()
+
+
+def worker_buffer(size):
+    """A float32 scratch array of `size` elements owned by the calling thread (reused across calls)."""
+    buffer = getattr(_buffers, "cols", None)
+    if buffer is None or buffer.size < size:
+        buffer = np.empty(size, np.float32)
+        _buffers.cols = buffer
+    return buffer[:size]
+
+
+def split_evenly(total, max_part):
+    """[(start, stop), ...] covering range(total) in equal-as-possible parts of at most max_part."""
+    parts = -(-total // max(1, max_part))
+    base, extra = divmod(total, parts)
+    bounds, start = [], 0
+    for p in range(parts):
+        stop = start + base + (1 if p < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
 def _conv1x1(x, weight, bias):
+    """1x1, stride 1, no padding: out[b][:, p0:p1] = W [C_out,C_in] @ x[b][:, p0:p1], no copies."""
     batch, c_in, height, width = x.shape
     c_out = weight.shape[0]
     pixels = np.ascontiguousarray(x).reshape(batch, c_in, height * width)  # [B,C_in,H*W]
-    out = np.matmul(weight.reshape(c_out, c_in), pixels)  # [C_out,C_in] @ [B,C_in,H*W] -> [B,C_out,H*W]
-    if bias is not None:
-        out += bias[:, None]  # [B,C_out,H*W]
+    weight_2d = weight.reshape(c_out, c_in)  # [C_out,C_in]
+    out = np.empty((batch, c_out, height * width), np.float32)  # [B,C_out,H*W]
+    max_pixels = max(PIXELS_PER_TILE_1X1, -(-height * width * batch // (2 * worker_count())))
+
+    def run_tile(tile):
+        b, (p0, p1) = tile
+        np.matmul(weight_2d, pixels[b, :, p0:p1], out=out[b, :, p0:p1])  # [C_out,C_in] @ [C_in,n]
+        if bias is not None:
+            out[b, :, p0:p1] += bias[:, None]  # [C_out,n] + [C_out,1], while in cache
+
+    run_blocks(run_tile, [(b, span) for b in range(batch) for span in split_evenly(height * width, max_pixels)])
     return out.reshape(batch, c_out, height, width)
 
 
 def _conv_im2col_tiled(x, weight, bias, sh, sw, ph, pw):
+    """im2col by tiles of output rows, one GEMM per tile, tiles spread over the BLAS workers."""
     batch, c_in, height, width = x.shape
     c_out, _, kh, kw = weight.shape
     h_out, w_out = output_size(height, kh, sh, ph), output_size(width, kw, sw, pw)
-    padded = pad_image(x, ph, pw)  # [B,C_in,H+2ph,W+2pw]
-    weight_2d = weight.reshape(c_out, c_in * kh * kw)  # [C_out, C_in*kH*kW]
-    bytes_per_row = c_in * kh * kw * w_out * 4
-    rows_per_tile = max(1, min(h_out, IM2COL_TILE_BYTES // bytes_per_row))
-    cols = np.empty((c_in, kh, kw, rows_per_tile, w_out), np.float32)  # one tile of unfolded input
+    x = np.ascontiguousarray(x)  # [B,C_in,H,W]
+    weight_2d = weight.reshape(c_out, c_in * kh * kw)  # [C_out, K = C_in*kH*kW] (a view)
+    depth = c_in * kh * kw
     out = np.empty((batch, c_out, h_out, w_out), np.float32)  # [B,C_out,Ho,Wo]
-    for b in range(batch):
-        for row0 in range(0, h_out, rows_per_tile):
-            rows = min(rows_per_tile, h_out - row0)
-            tile = cols[:, :, :, :rows, :]  # [C_in,kH,kW,rows,Wo]
-            for i in range(kh):
-                for j in range(kw):
-                    top = row0 * sh + i
-                    tile[:, i, j] = padded[b, :, top:top + sh * (rows - 1) + 1:sh,
-                                           j:j + sw * (w_out - 1) + 1:sw]  # [C_in,rows,Wo]
-            if rows == rows_per_tile:
-                unfolded = cols.reshape(c_in * kh * kw, rows * w_out)  # [C_in*kH*kW, rows*Wo]
-            else:
-                unfolded = np.ascontiguousarray(tile).reshape(c_in * kh * kw, rows * w_out)
-            result = weight_2d @ unfolded  # [C_out, C_in*kH*kW] @ [.., rows*Wo] -> [C_out, rows*Wo]
-            out[b, :, row0:row0 + rows, :] = result.reshape(c_out, rows, w_out)
-    if bias is not None:
-        out += bias[:, None, None]  # [B,C_out,Ho,Wo] + [C_out,1,1]
+    max_rows = max(1, IM2COL_TILE_BYTES // (depth * w_out * 4))
+
+    def run_tile(tile):
+        b, (row0, row1) = tile
+        rows = row1 - row0
+        cols = worker_buffer(depth * rows * w_out).reshape(c_in, kh, kw, rows, w_out)  # [C_in,kH,kW,rows,Wo]
+        im2col_tile(x[b], row0, sh, sw, ph, pw, cols)
+        out_tile = out[b, :, row0:row1, :].reshape(c_out, rows * w_out)  # [C_out, rows*Wo] view
+        np.matmul(weight_2d, cols.reshape(depth, rows * w_out), out=out_tile)  # [C_out,K] @ [K,rows*Wo]
+        if bias is not None:
+            out_tile += bias[:, None]  # while the tile is in cache
+
+    run_blocks(run_tile, [(b, span) for b in range(batch) for span in split_evenly(h_out, max_rows)])
     return out
 
 

@@ -11,7 +11,7 @@ Versions:
 import numpy as np
 
 from npdiff import backend
-from npdiff.jit import PARALLEL, njit, prange
+from npdiff.jit import PARALLEL, SERIAL, njit, prange
 from npdiff.kernels.validate import require_ndim
 
 
@@ -21,18 +21,24 @@ def upsample_nearest2x_ref(x):
     return xp.repeat(taller, 2, axis=3)  # [B,C,2H,W] -> [B,C,2H,2W]
 
 
+@njit(**SERIAL)
+def _upsample_plane(plane, out):
+    """plane [H, W] -> out [2H, 2W]: widen row h into out row 2h, then copy it to row 2h+1."""
+    height, width = plane.shape
+    for h in range(height):
+        wide = out[2 * h]
+        src = plane[h]
+        for w in range(width):
+            wide[2 * w] = src[w]
+            wide[2 * w + 1] = src[w]
+        out[2 * h + 1, :] = wide
+
+
 @njit(**PARALLEL)
 def _upsample_numba(planes, out):
-    """planes [P, H, W] -> out [P, 2H, 2W], both contiguous; P = B*C."""
-    n_planes, height, width = planes.shape
-    for p in prange(n_planes):
-        for h in range(height):
-            for w in range(width):
-                v = planes[p, h, w]
-                out[p, 2 * h, 2 * w] = v
-                out[p, 2 * h, 2 * w + 1] = v
-            for w2 in range(2 * width):
-                out[p, 2 * h + 1, w2] = out[p, 2 * h, w2]
+    """planes [P, H, W] -> out [P, 2H, 2W], both contiguous; P = B*C, one plane per task."""
+    for p in prange(planes.shape[0]):
+        _upsample_plane(planes[p], out[p])
 
 
 def upsample_nearest2x(x):

@@ -84,3 +84,21 @@ def test_conv2d_rejects_bad_input(rng):
         conv2d(x, weight, padding=(1, 1, 1))
     with pytest.raises(NpdiffError, match=r"conv2d: x \[1,4,2,2\] .* is smaller than the kernel 3x3"):
         conv2d(x[:, :, :2, :2], weight)
+
+
+def test_conv1x1_tiles_cover_every_pixel(rng, monkeypatch):
+    # Small pixel tiles: several GEMMs per image, the last one shorter.
+    monkeypatch.setattr(conv, "PIXELS_PER_TILE_1X1", 7)
+    monkeypatch.setattr(conv, "worker_count", lambda: 1000)
+    x, weight, bias = random_conv_inputs(rng, (1, 1))
+    assert_rel_close(conv._conv1x1(x, weight, bias), torch_conv(x, weight, bias, 1, 0), KERNEL_TOL, "1x1 tiled")
+
+
+def test_split_evenly():
+    for total in range(1, 40):
+        for max_part in range(1, 12):
+            parts = conv.split_evenly(total, max_part)
+            sizes = [stop - start for start, stop in parts]
+            assert parts[0][0] == 0 and parts[-1][1] == total
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+            assert max(sizes) <= max_part and max(sizes) - min(sizes) <= 1
