@@ -24,7 +24,10 @@ logging.getLogger("diffusers").setLevel(logging.ERROR)
 diffusers.utils.logging.set_verbosity_error()
 warnings.filterwarnings("ignore", message=".*scale_model_input.*")
 
-STEP_TOL = KERNEL_TOL          # per-step relative error bound (measured: ~1e-7, see the test report)
+STEP_TOL = KERNEL_TOL / 5      # per-step bound, tighter than the 1e-5 policy: measured <= ~7e-7 over 50 steps
+# LMS: diffusers' coefficients come from scipy quad (epsrel 1e-4) on a float32 integrand, ~2e-6
+# from the exact integral we use, so LMS chains get the policy bound itself
+STEP_TOL_FOR = {"LMSDiscreteScheduler": KERNEL_TOL}
 SCHEDULE_TOL = 1e-6            # sigmas / init_noise_sigma: float32 schedule values, 1 ulp apart at most
 
 # Stable Diffusion 1.x's scheduler config (scheduler/scheduler_config.json of SD 1.5, PNDM)
@@ -87,10 +90,14 @@ def run_chains(ours, theirs, rng, shape=(2, 4, 8, 8), step_kwargs=None, ours_ste
                theirs_step_kwargs=None, begin_index=None, what="", start_sample=None, amplification=None):
     """Step both schedulers over their timesteps (from begin_index if given) with the same inputs.
 
-    Returns the worst relative error seen (for reporting); asserts <= STEP_TOL at every step.
-    amplification: optional callable () -> float, called after each of our steps, giving how much
-    that step's arithmetic magnifies one-ulp differences (cancellation); the tolerance of this and
-    later steps is multiplied by the largest value so far (errors carry down the chain).
+    Returns the worst relative error seen (for reporting); asserts <= STEP_TOL at every step, times
+    the largest cancellation factor met so far in the chain (errors carry down the chain):
+      - always ||sample in|| / ||prev_sample||: a step whose output is much smaller than its input
+        (Euler from sigma_max ~ 2e4 of the cosine schedule straight to sigma ~ 0.03) turns one-ulp
+        differences at the input's scale into large relative differences of the output;
+      - amplification: optional callable () -> float for cancellation inside a step's formula
+        (PNDM, see test_deterministic.pndm_cancellation), called after each of our steps.
+    Typical SD chains keep the factor near 1, so the bound stays ~STEP_TOL.
     """
     step_kwargs = step_kwargs or {}
     ours_kwargs = {**step_kwargs, **(ours_step_kwargs or {})}
@@ -101,7 +108,8 @@ def run_chains(ours, theirs, rng, shape=(2, 4, 8, 8), step_kwargs=None, ours_ste
     sample_theirs = as_torch(start_sample.copy())
     first = 0 if begin_index is None else begin_index
     worst = 0.0
-    tol = STEP_TOL
+    base_tol = STEP_TOL_FOR.get(type(theirs).__name__, STEP_TOL)
+    tol = base_tol
     for i in range(first, len(theirs.timesteps)):
         t_ours, t_theirs = ours.timesteps[i], theirs.timesteps[i]
         label = f"{what} step {i} (t={t_theirs.item()})"
@@ -113,8 +121,10 @@ def run_chains(ours, theirs, rng, shape=(2, 4, 8, 8), step_kwargs=None, ours_ste
         model_output = rng.standard_normal(shape).astype(np.float32)
         out_ours = ours.step(model_output, t_ours, sample_ours, **ours_kwargs)
         out_theirs = theirs.step(as_torch(model_output), t_theirs, sample_theirs, **theirs_kwargs)
+        shrink = float(np.linalg.norm(sample_ours) / max(np.linalg.norm(out_ours.prev_sample), 1e-30))
+        tol = max(tol, base_tol * shrink)
         if amplification is not None:
-            tol = max(tol, STEP_TOL * amplification())
+            tol = max(tol, base_tol * amplification())
         assert out_ours.prev_sample.dtype == np.float32, f"{label}: prev_sample dtype {out_ours.prev_sample.dtype}"
         assert out_ours.prev_sample.shape == shape
         worst = max(worst, assert_rel_close(out_ours.prev_sample, out_theirs.prev_sample, tol,

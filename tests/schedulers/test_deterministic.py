@@ -112,7 +112,8 @@ def test_fifty_steps_sd_config(variant, prediction_type, rng):
 
 
 def test_lms_coefficients_match_scipy_quad(rng):
-    """Our exact polynomial integral vs diffusers' scipy.integrate.quad, for every order and step."""
+    """Our exact polynomial integral vs diffusers' scipy.integrate.quad, for every order and step
+    (measured: within 2e-6 relative, the accuracy of quad on a float32 integrand)."""
     ours, theirs = make_pair("LMSDiscreteScheduler", {**SD_CONFIG, "timestep_spacing": "linspace"})
     n = int(rng.integers(5, 40))
     ours.set_timesteps(n)
@@ -122,7 +123,8 @@ def test_lms_coefficients_match_scipy_quad(rng):
             for j in range(order):
                 mine = ours.get_lms_coefficient(order, t, j)
                 reference = theirs.get_lms_coefficient(order, t, j)
-                assert abs(mine - reference) <= 1e-6 * max(1.0, abs(reference)), (t, order, j, mine, reference)
+                # quad (epsrel 1e-4) integrates an integrand diffusers evaluates in float32
+                assert abs(mine - reference) <= 1e-5 * max(1.0, abs(reference)), (t, order, j, mine, reference)
 
 
 def test_timesteps_before_set_timesteps_and_len():

@@ -23,8 +23,8 @@ def test_img2img_start_mid_schedule(name, prediction_type, seed, rng):
     class_name = S.SCHEDULERS[name].__name__
     extra = {"use_karras_sigmas": True} if name == "dpmpp_2m_karras" else {}
     ours, theirs = make_pair(class_name, {**SD_CONFIG, **extra, "prediction_type": prediction_type})
-    n = int(rng.integers(4, 31))
-    strength = float(rng.uniform(0.2, 0.95))
+    n = int(rng.integers(5, 31))
+    strength = float(rng.uniform(0.2, 0.95))  # int(n * strength) >= 1: at least one step to run
     ours.set_timesteps(n)
     theirs.set_timesteps(n)
 
