@@ -7,8 +7,9 @@ Versions:
   attention_ref      the textbook attention in the NumPy API (numpy or cupy): the whole score
                      matrix [..., N, M] = q k^T * scale (+ mask), softmax over M, then @ v.
                      Memory grows with N*M: [2,8,4096,4096] scores are 1 GiB (plus temporaries).
-  attention_full     the same full score matrix, with the softmax done in place by the Numba row
-                     kernel (NumPy arrays): no exp/probability temporaries.
+  attention_full     NumPy arrays: the full [N, M] score matrix of one (batch, head) slice at a time,
+                     softmax in place by a Numba row pass, slices spread over the BLAS worker
+                     threads (attention_blocked.py with one query block and one key chunk).
   attention_chunked_ref  memory-efficient ("flash attention"), NumPy API: keys/values are visited
                      in chunks of KEY_CHUNK; for each chunk the scores [..., N, KEY_CHUNK] are made,
                      and a running row max m, running sum l and running output acc are updated:
@@ -39,7 +40,7 @@ from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
 from npdiff.kernels.attention_blocked import KEY_CHUNK as BLOCKED_KEY_CHUNK
-from npdiff.kernels.attention_blocked import attention_blocked
+from npdiff.kernels.attention_blocked import attention_blocked, causal_additive
 from npdiff.kernels.validate import require_float32, require_min_ndim, shape_text
 from npdiff.kernels.vecmath import exp_f32
 
@@ -112,13 +113,6 @@ def mask_to_additive(mask, xp):
     return mask
 
 
-def causal_additive(query_start, query_stop, key_start, key_stop, xp):
-    """[n, m] of 0 where key j <= query i, -inf above the diagonal (torch's top-left alignment)."""
-    query_index = xp.arange(query_start, query_stop)[:, None]  # [n,1]
-    key_index = xp.arange(key_start, key_stop)[None, :]  # [1,m]
-    return xp.where(key_index <= query_index, np.float32(0.0), np.float32(-np.inf)).astype(xp.float32)
-
-
 def masked_row_max(scores, xp):
     """Row max over the last axis, with rows that are all -inf given 0, so exp(s - max) stays 0."""
     row_max = scores.max(axis=-1, keepdims=True)  # [..., N, 1]
@@ -152,14 +146,15 @@ def attention_ref(q, k, v, mask=None, scale=None, is_causal=False):
 
 
 def attention_full(q, k, v, mask=None, scale=None, is_causal=False):
-    """attention_ref with the softmax done in place by the Numba row kernel for NumPy arrays."""
+    """The full score matrix of one (batch, head) slice at a time: for NumPy arrays the slices go to
+    the BLAS workers (attention_blocked with one block of all N queries and one chunk of all M keys,
+    so the running softmax is a plain softmax); other arrays go to attention_ref."""
     if not backend.is_numpy(q):
         return attention_ref(q, k, v, mask, scale, is_causal)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = full_scores(q, k, mask, scale, is_causal, np)  # [...,N,M]
-    rows = scores.reshape(-1, scores.shape[-1])  # [R,M] view (scores is a fresh contiguous array)
-    _softmax_rows(rows, rows, True)  # in place; queries that see no key get 0 (as torch)
-    return np.matmul(scores, v)  # [...,N,M] @ [...,M,dv] -> [...,N,dv]
+    n_queries, n_keys = q.shape[-2], k.shape[-2]
+    return attention_blocked(q, k, v, mask, scale, is_causal, key_chunk=max(1, n_keys),
+                             query_block=max(1, n_queries))
 
 
 # ---------------------------------------------------------------------------------------------

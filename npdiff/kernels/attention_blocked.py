@@ -58,11 +58,12 @@ def online_softmax_update(scores, running_max, running_sum, acc):
         running_max[i] = new_max
 
 
-def causal_tile(query_start, query_stop, key_start, key_stop):
-    """[n, m]: 0 where key j <= query i, -inf above the diagonal."""
-    query_index = np.arange(query_start, query_stop)[:, None]  # [n,1]
-    key_index = np.arange(key_start, key_stop)[None, :]  # [1,m]
-    return np.where(key_index <= query_index, np.float32(0.0), np.float32(-np.inf))  # [n,m]
+def causal_additive(query_start, query_stop, key_start, key_stop, xp=np):
+    """[n, m] of 0 where key j <= query i, -inf above the diagonal (torch's top-left alignment).
+    Shared with attention.py (which imports this file), for numpy or cupy (xp)."""
+    query_index = xp.arange(query_start, query_stop)[:, None]  # [n,1]
+    key_index = xp.arange(key_start, key_stop)[None, :]  # [1,m]
+    return xp.where(key_index <= query_index, np.float32(0.0), np.float32(-np.inf)).astype(xp.float32)
 
 
 def attention_blocked(q, k, v, mask=None, scale=1.0, is_causal=False, key_chunk=KEY_CHUNK,
@@ -100,7 +101,7 @@ def attention_blocked(q, k, v, mask=None, scale=1.0, is_causal=False, key_chunk=
                 else:
                     scores += tile
             if is_causal:
-                scores += causal_tile(query_start, query_stop, key_start, key_stop)  # [Q,m]
+                scores += causal_additive(query_start, query_stop, key_start, key_stop)  # [Q,m]
             # 2. probabilities in place, running max/sum and accumulator rescaled (Numba, nogil)
             online_softmax_update(scores, running_max, running_sum, acc)
             # 3. add this chunk's values: [Q,m] @ [m,dv] -> [Q,dv]
