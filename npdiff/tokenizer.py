@@ -136,7 +136,8 @@ class CLIPTokenizer:
 
     @classmethod
     def from_pretrained(cls, folder, subfolder=None):
-        """Read a tokenizer folder (vocab.json, merges.txt, special_tokens_map.json, tokenizer_config.json).
+        """Read a tokenizer folder: vocab.json + merges.txt (or tokenizer.json), special_tokens_map.json,
+        tokenizer_config.json.
 
         `folder` may be the tokenizer folder itself or a model folder holding tokenizer/.
         """
