@@ -32,14 +32,14 @@ def _component_folder(path, name):
 
 
 def _optional_tokenizer(path):
+    """The tokenizer/ folder: vocab.json + merges.txt, or tokenizer.json (what transformers 5 saves)."""
     folder = os.path.join(path, "tokenizer")
-    needed = ("vocab.json", "merges.txt")
     if not os.path.isdir(folder):
         return None
-    missing = [name for name in needed if not os.path.isfile(os.path.join(folder, name))]
-    if missing:
-        raise NpdiffError(f"{folder} lacks {', '.join(missing)} (a CLIP tokenizer folder holds "
-                          f"{' and '.join(needed)})")
+    has_pair = all(os.path.isfile(os.path.join(folder, name)) for name in ("vocab.json", "merges.txt"))
+    if not has_pair and not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        raise NpdiffError(f"{folder} holds no tokenizer: a CLIP tokenizer folder has vocab.json and "
+                          "merges.txt, or tokenizer.json")
     return folder
 
 

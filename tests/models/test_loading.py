@@ -292,3 +292,16 @@ def test_pipeline_components_errors(pipeline_folder, tmp_path):
     torch.save({"w": torch.ones(1)}, str(tmp_path / "model.ckpt"))
     with pytest.raises(NpdiffError, match="refusing to read a '.ckpt' checkpoint"):
         load_pipeline_components(tmp_path / "model.ckpt")
+
+
+def test_tokenizer_folder_with_only_tokenizer_json(pipeline_folder, tmp_path):
+    """transformers 5 saves tokenizer/tokenizer.json alone; a folder with no tokenizer file is an error."""
+    root = tmp_path / "model"
+    shutil.copytree(pipeline_folder, root)
+    for name in ("vocab.json", "merges.txt"):
+        (root / "tokenizer" / name).unlink()
+    (root / "tokenizer" / "tokenizer.json").write_text("{}")
+    assert load_pipeline_components(root)["tokenizer"] == str(root / "tokenizer")
+    (root / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(NpdiffError, match=r"tokenizer holds no tokenizer: .*vocab\.json and merges\.txt, or tokenizer\.json"):
+        load_pipeline_components(root)
