@@ -68,7 +68,9 @@ def im2col_tile(image, row0, sh, sw, ph, pw, cols):
     image [C,H,W]; cols [C,kH,kW,rows,W_out] (contiguous; its reshape [C*kH*kW, rows*W_out] is the
     GEMM's right operand, rows ordered (c, i, j) like weight.reshape(C_out, C*kH*kW)). For each tap
     (i, j) output column col reads image column col*sw + j - pw: the valid columns form one range
-    [col_lo, col_hi), copied in a loop LLVM vectorises (stride 1), the rest are zeros.
+    [col_lo, col_hi), copied as one slice for stride 1, the rest are zeros. (Slices, not index
+    loops: Numba wraps negative indices, and that check kept an index loop from vectorising; the
+    slice copy measured 5x faster.)
     """
     channels, height, width = image.shape
     kh, kw, rows, w_out = cols.shape[1], cols.shape[2], cols.shape[3], cols.shape[4]
@@ -79,16 +81,19 @@ def im2col_tile(image, row0, sh, sw, ph, pw, cols):
                 col_hi = min(w_out, (width - 1 + pw - j) // sw + 1) if width - 1 + pw - j >= 0 else 0
                 col_lo = min(col_lo, col_hi)
                 for r in range(rows):
-                    dst = cols[c, i, j, r]
+                    dst = cols[c, i, j, r]  # [W_out]
                     src_row = (row0 + r) * sh + i - ph
                     if src_row < 0 or src_row >= height:
                         dst[:] = 0.0
                         continue
                     dst[:col_lo] = 0.0
                     dst[col_hi:] = 0.0
-                    src = image[c, src_row]
-                    for col in range(col_lo, col_hi):
-                        dst[col] = src[col * sw + j - pw]
+                    src = image[c, src_row]  # [W]
+                    if sw == 1:
+                        dst[col_lo:col_hi] = src[col_lo + j - pw:col_hi + j - pw]
+                    else:
+                        for col in range(col_lo, col_hi):
+                            dst[col] = src[col * sw + j - pw]
 
 
 _buffers = threading.local()

@@ -8,6 +8,9 @@ They are ordinary Numba functions, so they keep their own fast-math flags (contr
 only: a caller's `reassoc` must not regroup the two-part ln2 reduction); LLVM inlines them into the
 caller's loop, where the instructions keep those flags, and vectorises the loop.
 
+Numba's on-disk cache (cache=True) of a caller is keyed on the caller's own file only: after editing
+this file, delete npdiff/kernels/__pycache__ so the callers are recompiled with the new code.
+
   exp_f32(x)      Cephes expf: n = round(x / ln2), r = x - n ln2 (ln2 split in two parts so the
                   product is exact), exp(r) by a degree-7 polynomial on |r| <= ln2/2, times 2^n
                   built directly in the exponent bits. Relative error <= 2 ulp on float32. Below
