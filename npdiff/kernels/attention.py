@@ -2,8 +2,9 @@
 
 Versions:
   softmax_ref        NumPy API (numpy or cupy): max, exp, sum, divide; four passes, temporaries.
-  softmax (fast)     Numba over the last axis, prange over rows (a row is contiguous): max pass,
-                     exp-and-sum pass (vectorised exp of vecmath.py, sum in float64), scale pass.
+  softmax (fast)     row max by NumPy (a vectorised reduction), then Numba over the last axis,
+                     prange over rows (a row is contiguous): exp-and-sum pass (vectorised exp of
+                     vecmath.py, sum in float64), scale pass.
   attention_ref      the textbook attention in the NumPy API (numpy or cupy): the whole score
                      matrix [..., N, M] = q k^T * scale (+ mask), softmax over M, then @ v.
                      Memory grows with N*M: [2,8,4096,4096] scores are 1 GiB (plus temporaries).
@@ -61,19 +62,12 @@ def softmax_ref(x, axis=-1):
 
 
 @njit(**SERIAL, fastmath=FASTMATH_SAFE)
-def softmax_row(row, out, zero_if_all_masked):
-    """out = softmax(row) for one contiguous row. -inf entries give 0. A row that is all -inf gives
-    NaN (as torch.softmax), or 0 with zero_if_all_masked (as torch's attention)."""
-    row_max = -np.inf
-    for j in range(row.size):
-        if row[j] > row_max:
-            row_max = row[j]
-    if zero_if_all_masked and row_max == -np.inf:
-        out[:] = 0.0
-        return
+def softmax_row(row, row_max, out):
+    """out = softmax(row) for one contiguous row whose max is row_max. -inf entries give 0; a row
+    that is all -inf gives NaN (-inf - -inf), as torch.softmax."""
     total = 0.0
     for j in range(row.size):
-        e = exp_f32(row[j] - row_max)  # -inf - max -> exp(-inf) = 0; all -inf: NaN
+        e = exp_f32(row[j] - row_max)
         out[j] = e
         total += e
     inv_total = np.float32(1.0 / total)
@@ -82,10 +76,11 @@ def softmax_row(row, out, zero_if_all_masked):
 
 
 @njit(**PARALLEL)
-def _softmax_rows(x, out, zero_if_all_masked):
-    """x, out: [R, M] contiguous rows (out may be x: in place)."""
+def _softmax_rows(x, row_max, out):
+    """x, out: [R, M] contiguous rows; row_max [R] (from NumPy's vectorised max reduction: a Numba
+    max loop is not vectorised unless it may assume there is no NaN)."""
     for r in prange(x.shape[0]):
-        softmax_row(x[r], out[r], zero_if_all_masked)
+        softmax_row(x[r], row_max[r], out[r])
 
 
 def softmax(x, axis=-1):
@@ -99,7 +94,7 @@ def softmax(x, axis=-1):
     moved = np.moveaxis(x, axis, -1)  # [..., M] (a view)
     rows = np.ascontiguousarray(moved).reshape(-1, moved.shape[-1])  # [..., M] -> [R, M]
     out = np.empty_like(rows)  # [R, M]
-    _softmax_rows(rows, out, False)
+    _softmax_rows(rows, rows.max(axis=1), out)
     return np.moveaxis(out.reshape(moved.shape), -1, axis)  # [R, M] -> x's layout
 
 

@@ -29,20 +29,18 @@ KEY_CHUNK = 1024
 
 
 @njit(**SERIAL, fastmath=FASTMATH_SAFE)
-def online_softmax_update(scores, running_max, running_sum, acc):
+def online_softmax_update(scores, chunk_max, running_max, running_sum, acc):
     """One key chunk of the running softmax, for every query row of a block.
 
     scores [Q, m] (this chunk's scaled, masked scores) is overwritten with exp(scores - new_max);
-    running_max, running_sum [Q] and acc [Q, dv] are rescaled to the new max. Rows whose scores
-    are all -inf so far keep running_max = -inf and contribute zeros.
+    chunk_max [Q] is its row max (NumPy's max: a vectorised reduction, where a Numba max loop is
+    not vectorised without assuming no NaN); running_max, running_sum [Q] and acc [Q, dv] are
+    rescaled to the new max. Rows whose scores are all -inf so far keep running_max = -inf and
+    contribute zeros.
     """
     for i in range(scores.shape[0]):
         row = scores[i]
-        chunk_max = -np.inf
-        for j in range(row.size):
-            if row[j] > chunk_max:
-                chunk_max = row[j]
-        new_max = max(running_max[i], chunk_max)
+        new_max = max(running_max[i], chunk_max[i])
         if new_max == -np.inf:
             row[:] = 0.0
             continue
@@ -103,7 +101,7 @@ def attention_blocked(q, k, v, mask=None, scale=1.0, is_causal=False, key_chunk=
             if is_causal:
                 scores += causal_additive(query_start, query_stop, key_start, key_stop)  # [Q,m]
             # 2. probabilities in place, running max/sum and accumulator rescaled (Numba, nogil)
-            online_softmax_update(scores, running_max, running_sum, acc)
+            online_softmax_update(scores, scores.max(axis=1), running_max, running_sum, acc)
             # 3. add this chunk's values: [Q,m] @ [m,dv] -> [Q,dv]
             acc += scores @ values[slice_index, key_start:key_stop]
         safe_sum = np.where(running_sum == 0, np.float32(1.0), running_sum)  # [Q]; masked rows: acc = 0

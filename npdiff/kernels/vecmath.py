@@ -28,7 +28,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from npdiff.jit import njit
+from npdiff.jit import FASTMATH_CONTRACT, njit
 
 LOG2E = np.float32(1.4426950408889634)
 LN2_HI = np.float32(0.693359375)  # ln2 = LN2_HI + LN2_LO, LN2_HI with few mantissa bits: n*LN2_HI exact
@@ -57,7 +57,7 @@ def int32_bits_to_float32(typingctx, bits):
     return signature, codegen
 
 
-@njit(fastmath={"contract"})
+@njit(fastmath=FASTMATH_CONTRACT)
 def exp_poly_times_pow2(r, n):
     """exp(r) * 2^n for |r| <= ln2/2 (float32) and an integral float n in [-126, 128]."""
     p = EXP_POLY[0]
@@ -77,7 +77,7 @@ def exp_poly_times_pow2(r, n):
     return result
 
 
-@njit(fastmath={"contract"})
+@njit(fastmath=FASTMATH_CONTRACT)
 def exp_f32(x):
     x = np.float32(x)
     clamped = min(max(x, EXP_MIN), EXP_MAX)  # keeps n in [-126, 128]; NaN handled below
@@ -98,7 +98,7 @@ def sigmoid_f32(x):
     return ONE / (ONE + exp_f32(-np.float32(x)))
 
 
-@njit(fastmath={"contract"})
+@njit(fastmath=FASTMATH_CONTRACT)
 def erfc_f32(z):
     z = np.float32(z)
     a = abs(z)
