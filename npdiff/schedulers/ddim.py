@@ -109,7 +109,10 @@ class DDIMScheduler(SchedulerBase):
             pred_epsilon = (sample - sqrt_alpha_t * pred_original_sample) / sqrt_beta_t
 
         # 5. "direction pointing to x_t" and x_{t-1} without noise, formula (12)
-        direction_coeff = np.sqrt(np.float32(1.0) - alpha_prod_t_prev - std_dev_t * std_dev_t)
+        # 1 - a_prev - sigma_t^2 >= 0 exactly, but with eta = 1 near t = T of the cosine schedule it is
+        # ~1e-13 and can round below 0: clamp at 0 where diffusers would return NaN
+        direction_sq = np.float32(1.0) - alpha_prod_t_prev - std_dev_t * std_dev_t
+        direction_coeff = np.sqrt(max(direction_sq, np.float32(0.0)))
         pred_sample_direction = direction_coeff * pred_epsilon                          # [B,C,H,W]
         prev_sample = np.sqrt(alpha_prod_t_prev) * pred_original_sample + pred_sample_direction
 

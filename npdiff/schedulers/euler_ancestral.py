@@ -45,7 +45,9 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerBase):
         sigma_from_sq = sigma_from * sigma_from
         sigma_to_sq = sigma_to * sigma_to
         sigma_up = np.sqrt(sigma_to_sq * (sigma_from_sq - sigma_to_sq) / sigma_from_sq)
-        sigma_down = np.sqrt(sigma_to_sq - sigma_up * sigma_up)
+        # sigma_to^2 - sigma_up^2 = sigma_to^4 / sigma_from^2 can round a hair below 0 when sigma_from is
+        # huge (cosine schedule, t near T): clamp at 0 where diffusers would return NaN
+        sigma_down = np.sqrt(max(sigma_to_sq - sigma_up * sigma_up, np.float32(0.0)))
 
         # 3. Euler step to sigma_down
         derivative = (sample - pred_original_sample) / sigma                          # [B,C,H,W]
