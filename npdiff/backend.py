@@ -8,11 +8,12 @@ library to use, so the same code runs on cupy arrays on an NVIDIA GPU:
 
 Choosing the backend:
     npdiff.backend.use("cupy")        # or NPDIFF_BACKEND=cupy in the environment
-    npdiff.backend.use("numpy")       # the default
+    npdiff.backend.use("cupy", dtype="float16")   # GPU in half precision (weights and activations)
+    npdiff.backend.use("numpy")       # the default (always float32)
 
 Numba kernels are the CPU fast path; kernels call them only for NumPy arrays (`is_numpy(x)`), and
-fall back to their NumPy-API reference for cupy arrays. Weights are moved to the device once, at
-load, with `to_device`; activations then stay on the device until `to_numpy`.
+send cupy arrays to the CUDA kernels of npdiff/kernels/cuda/. Weights are moved to the device once,
+at load, with `to_device`; activations then stay on the device until `to_numpy`.
 """
 
 import os
@@ -23,7 +24,9 @@ from npdiff.errors import NpdiffError
 
 KNOWN = ("numpy", "cupy")
 _ALIASES = {"numpy": "numpy", "cpu": "numpy", "cupy": "cupy", "cuda": "cupy", "gpu": "cupy"}
+DEVICE_DTYPES = ("float32", "float16")
 _active = "numpy"
+_device_dtype = "float32"  # what to_device makes floats into on the cupy backend
 
 
 def _import_cupy():
@@ -36,16 +39,33 @@ def _import_cupy():
     return cupy
 
 
-def use(name):
-    """Select the array backend for new arrays and loaded weights: 'numpy' (or 'cpu'), 'cupy' (or 'cuda')."""
-    global _active
+def use(name, dtype="float32"):
+    """Select the array backend for new arrays and loaded weights: 'numpy' (or 'cpu'), 'cupy' (or 'cuda').
+
+    dtype: 'float32' (default) or, with cupy only, 'float16': then to_device (and so every weight at
+    load) makes float16 arrays, and the CUDA kernels compute in half precision (sums in float)."""
+    global _active, _device_dtype
     key = _ALIASES.get(str(name).lower())
     if key is None:
         raise NpdiffError(f"unknown backend {name!r}; known: {', '.join(KNOWN)}")
+    try:
+        dtype_name = np.dtype(dtype).name if dtype is not None else None
+    except TypeError:
+        dtype_name = None
+    if dtype_name not in DEVICE_DTYPES:
+        raise NpdiffError(f"backend.use: dtype must be one of {', '.join(DEVICE_DTYPES)}, got {dtype!r}")
+    if key == "numpy" and dtype_name != "float32":
+        raise NpdiffError(f"backend.use: dtype {dtype_name} needs the cupy backend; numpy computes in float32")
     if key == "cupy":
         _import_cupy()
     _active = key
+    _device_dtype = dtype_name
     return key
+
+
+def compute_dtype():
+    """The float dtype to_device makes: 'float32', or 'float16' after use("cupy", dtype="float16")."""
+    return _device_dtype
 
 
 def name():
@@ -72,8 +92,10 @@ def array_module(x):
     return cupy
 
 
-def to_device(a, dtype=np.float32):
-    """Array-like -> an array of the active backend with `dtype`. Copies at most once."""
+def to_device(a, dtype=None):
+    """Array-like -> an array of the active backend with `dtype` (default: compute_dtype(), which
+    is float32 unless use("cupy", dtype="float16") chose half). Copies at most once."""
+    dtype = _device_dtype if dtype is None else dtype
     if _active == "cupy":
         cupy = _import_cupy()
         return cupy.asarray(a, dtype=dtype)

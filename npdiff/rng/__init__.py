@@ -17,6 +17,7 @@ _WHERE = {
     "TorchGenerator": "npdiff.rng.torch_cpu",
     "PhiloxGenerator": "npdiff.rng.philox",
     "WichmannHill": "npdiff.rng.wichmann_hill",
+    "CudaGenerator": "npdiff.rng.cuda",  # torch.randn(device="cuda") on the GPU (cupy), bit for bit
 }
 
 
