@@ -1,6 +1,7 @@
 """Element-wise activations: silu, gelu (exact erf or tanh), quick_gelu.
 
-Versions (each public function picks the fast one for NumPy arrays, the reference otherwise):
+Versions (each public function picks the fast one for NumPy arrays, the CUDA kernel of
+npdiff/kernels/cuda/elementwise.py for cupy arrays, the reference otherwise):
   *_ref      NumPy API (runs on cupy arrays too). NumPy has no erf, so the exact gelu uses
              `erfc_ref`: the Chebyshev-fitted erfc of Numerical Recipes (fractional error < 1.2e-7
              everywhere), evaluated in float64, so gelu is float32-accurate in both tails.
@@ -21,6 +22,7 @@ import numpy as np
 from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
+from npdiff.kernels import cuda
 from npdiff.kernels.validate import require_float32
 from npdiff.kernels.vecmath import erfc_f32, sigmoid_f32
 
@@ -129,6 +131,8 @@ def silu(x):
     require_float32("silu", "x", x)
     if backend.is_numpy(x):
         return _elementwise_numba(x, SILU)
+    if cuda.is_cupy(x):
+        return cuda.silu(x)
     return silu_ref(x)
 
 
@@ -137,6 +141,8 @@ def quick_gelu(x):
     require_float32("quick_gelu", "x", x)
     if backend.is_numpy(x):
         return _elementwise_numba(x, QUICK_GELU)
+    if cuda.is_cupy(x):
+        return cuda.quick_gelu(x)
     return quick_gelu_ref(x)
 
 
@@ -151,4 +157,6 @@ def gelu(x, approximate="none"):
     check_approximate("gelu", approximate)
     if backend.is_numpy(x):
         return _elementwise_numba(x, ACTIVATION_CODES[approximate])
+    if cuda.is_cupy(x):
+        return cuda.gelu(x, approximate)
     return gelu_ref(x, approximate)

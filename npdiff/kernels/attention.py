@@ -40,6 +40,7 @@ import numpy as np
 from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
+from npdiff.kernels import cuda
 from npdiff.kernels.attention_blocked import KEY_CHUNK as BLOCKED_KEY_CHUNK
 from npdiff.kernels.attention_blocked import attention_blocked, causal_additive
 from npdiff.kernels.validate import require_float32, require_min_ndim, shape_text
@@ -89,6 +90,8 @@ def softmax(x, axis=-1):
     if x.ndim == 0 or not -x.ndim <= axis < x.ndim:
         raise NpdiffError(f"softmax: axis must be in [-{x.ndim}, {x.ndim}) for x of shape "
                           f"{shape_text(x.shape)}, got {axis}")
+    if cuda.is_cupy(x):  # npdiff/kernels/cuda/attention.py
+        return cuda.softmax(x, axis)
     if not backend.is_numpy(x) or x.size == 0:
         return softmax_ref(x, axis)
     moved = np.moveaxis(x, axis, -1)  # [..., M] (a view)
@@ -237,6 +240,8 @@ def scaled_dot_product_attention(q, k, v, mask=None, scale=None, is_causal=False
     entries), "full" or "chunked". Returns [..., N, dv].
     """
     check_attention_inputs(q, k, v, mask, is_causal, path)
+    if cuda.is_cupy(q):  # cuBLAS + the fused masked softmax (npdiff/kernels/cuda/attention.py)
+        return cuda.scaled_dot_product_attention(q, k, v, mask, scale, is_causal, path)
     if path == "auto":
         n_scores = math.prod(q.shape[:-1]) * k.shape[-2]
         path = "chunked" if n_scores > MEMORY_EFFICIENT_MIN_SCORES else "full"

@@ -20,6 +20,7 @@ import numpy as np
 from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
+from npdiff.kernels import cuda
 from npdiff.kernels.activations import ACTIVATION_CODES, activation_block, check_approximate, gelu_ref
 from npdiff.kernels.validate import require_min_ndim, require_ndim, require_optional_vector, shape_text
 
@@ -65,6 +66,8 @@ def _linear_fast(x, weight, bias):
 def linear(x, weight, bias=None):
     """torch.nn.functional.linear: x [..., in] @ weight[out, in]^T + bias[out] -> [..., out]."""
     check_linear("linear", x, weight, bias)
+    if cuda.is_cupy(x):  # cuBLAS in the weight's dtype (npdiff/kernels/cuda/conv.py)
+        return cuda.linear(x, weight, bias)
     if not backend.is_numpy(x):
         return linear_ref(x, weight, bias)
     return _linear_fast(x, weight, bias)
@@ -93,6 +96,8 @@ def geglu(x, weight, bias=None, approximate="none"):
     if weight.shape[0] % 2:
         raise NpdiffError(f"geglu: weight must have an even number of rows [2*D, in], "
                           f"got {shape_text(weight.shape)}")
+    if cuda.is_cupy(x):  # cuBLAS, then one gate kernel (npdiff/kernels/cuda/elementwise.py)
+        return cuda.geglu(x, weight, bias, approximate)
     if not backend.is_numpy(x):
         return geglu_ref(x, weight, bias, approximate)
     hidden = _linear_fast(x, weight, bias)  # [..., in] -> [..., 2D]

@@ -28,6 +28,7 @@ import numpy as np
 from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
+from npdiff.kernels import cuda
 from npdiff.kernels.activations import silu_ref
 from npdiff.kernels.validate import require_min_ndim, require_optional_vector
 from npdiff.kernels.vecmath import sigmoid_f32
@@ -141,6 +142,8 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False):
                           f"C={channels} of x {list(x.shape)}, got {num_groups!r}")
     require_optional_vector("group_norm", "weight", weight, channels)
     require_optional_vector("group_norm", "bias", bias, channels)
+    if cuda.is_cupy(x):  # npdiff/kernels/cuda/norm.py
+        return cuda.group_norm(x, num_groups, weight, bias, eps, silu)
     if not backend.is_numpy(x) or x.size == 0:
         return group_norm_ref(x, num_groups, weight, bias, eps, silu)
     batch = x.shape[0]
@@ -160,6 +163,8 @@ def layer_norm(x, weight, bias, eps=1e-5):
     width = x.shape[-1]
     require_optional_vector("layer_norm", "weight", weight, width)
     require_optional_vector("layer_norm", "bias", bias, width)
+    if cuda.is_cupy(x):  # npdiff/kernels/cuda/norm.py
+        return cuda.layer_norm(x, weight, bias, eps)
     if not backend.is_numpy(x) or x.size == 0:
         return layer_norm_ref(x, weight, bias, eps)
     rows = np.ascontiguousarray(x).reshape(-1, width)  # [..., D] -> [R, D]

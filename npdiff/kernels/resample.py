@@ -12,6 +12,7 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.jit import PARALLEL, SERIAL, njit, prange
+from npdiff.kernels import cuda
 from npdiff.kernels.validate import require_ndim
 
 
@@ -44,6 +45,8 @@ def _upsample_numba(planes, out):
 def upsample_nearest2x(x):
     """x [B,C,H,W] -> [B,C,2H,2W], each pixel repeated in a 2x2 block (torch's nearest, factor 2)."""
     require_ndim("upsample_nearest2x", "x", x, 4, "[B,C,H,W]")
+    if cuda.is_cupy(x):  # one thread per output pixel (npdiff/kernels/cuda/elementwise.py)
+        return cuda.upsample_nearest2x(x)
     if not backend.is_numpy(x):
         return upsample_nearest2x_ref(x)
     batch, channels, height, width = x.shape

@@ -17,9 +17,9 @@ def require_array(kernel, name, a):
 
 
 def require_float32(kernel, name, a):
-    """a is a numpy/cupy array of dtype float32."""
+    """a is a numpy/cupy array of dtype float32 (a cupy array may also be float16: the GPU's fp16 option)."""
     require_array(kernel, name, a)
-    if a.dtype != np.float32:
+    if a.dtype != np.float32 and not (a.dtype == np.float16 and not isinstance(a, np.ndarray)):
         raise NpdiffError(f"{kernel}: {name} must be float32, got {a.dtype} with shape {shape_text(a.shape)}")
 
 
