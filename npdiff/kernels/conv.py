@@ -17,6 +17,7 @@ import numpy as np
 from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.jit import SERIAL, njit
+from npdiff.kernels import cuda
 from npdiff.kernels.openblas import run_blocks, worker_count
 from npdiff.kernels.validate import pair, require_ndim, require_optional_vector, shape_text
 
@@ -191,6 +192,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
     Returns [B,C_out,H_out,W_out].
     """
     sh, sw, ph, pw = check_conv2d(x, weight, bias, stride, padding)
+    if cuda.is_cupy(x):  # im2col kernel + cuBLAS GEMMs (npdiff/kernels/cuda/conv.py)
+        return cuda.conv2d(x, weight, bias, (sh, sw), (ph, pw))
     if not backend.is_numpy(x):
         return conv2d_ref(x, weight, bias, (sh, sw), (ph, pw))
     kh, kw = weight.shape[2:]
