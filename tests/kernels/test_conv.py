@@ -45,6 +45,22 @@ def test_conv2d_matches_torch(rng, kernel_size, stride, padding, with_bias):
 
 
 @pytest.mark.parametrize("kernel_size,stride,padding", CASES)
+def test_every_fast_path_matches_torch(rng, kernel_size, stride, padding):
+    # Each path on its own (conv2d picks one by shape): im2col tiles, direct loops (stride 1),
+    # the 1x1 GEMM (1x1, stride 1, no padding).
+    x, weight, bias = random_conv_inputs(rng, kernel_size)
+    sh, sw, ph, pw = conv.check_conv2d(x, weight, bias, stride, padding)
+    expected = torch_conv(x, weight, bias, stride, padding)
+    assert_rel_close(conv._conv_im2col_tiled(x, weight, bias, sh, sw, ph, pw), expected, KERNEL_TOL, "im2col")
+    if sh == sw == 1:
+        assert_rel_close(conv._conv_direct(x, weight, bias, ph, pw), expected, KERNEL_TOL, "direct")
+        assert_rel_close(conv._conv_direct(x, weight, None, ph, pw), torch_conv(x, weight, None, stride, padding),
+                         KERNEL_TOL, "direct, no bias")
+    if kernel_size == (1, 1) and sh == sw == 1 and ph == pw == 0:
+        assert_rel_close(conv._conv1x1(x, weight, bias), expected, KERNEL_TOL, "1x1")
+
+
+@pytest.mark.parametrize("kernel_size,stride,padding", CASES)
 def test_im2col_tiles_cover_every_row(rng, monkeypatch, kernel_size, stride, padding):
     # A tiny tile budget forces one output row per GEMM, and a last tile shorter than the others.
     monkeypatch.setattr(conv, "IM2COL_TILE_BYTES", 1)
@@ -53,12 +69,17 @@ def test_im2col_tiles_cover_every_row(rng, monkeypatch, kernel_size, stride, pad
     assert_rel_close(ours, torch_conv(x, weight, bias, stride, padding), KERNEL_TOL, "im2col tiled")
 
 
-def test_conv2d_sd_like_channels(rng):
-    # More channels than the random cases, as SD's blocks: 3x3, pad 1, batch 2, non-square.
-    x = rng.standard_normal((2, 64, 12, 10), dtype=np.float32)
-    weight = rng.standard_normal((96, 64, 3, 3), dtype=np.float32) * 0.05
-    bias = rng.standard_normal(96, dtype=np.float32)
-    assert_rel_close(conv2d(x, weight, bias, 1, 1), torch_conv(x, weight, bias, 1, 1), KERNEL_TOL)
+@pytest.mark.parametrize("c_in,c_out", [(64, 96), (160, 4), (3, 40)])
+def test_conv2d_sd_like_channels(rng, c_in, c_out):
+    # More channels than the random cases, as SD's blocks (and its conv_out to 4 latent channels,
+    # the VAE's conv_in from RGB): 3x3, pad 1, batch 2, non-square.
+    x = rng.standard_normal((2, c_in, 12, 10), dtype=np.float32)
+    weight = rng.standard_normal((c_out, c_in, 3, 3), dtype=np.float32) * 0.05
+    bias = rng.standard_normal(c_out, dtype=np.float32)
+    expected = torch_conv(x, weight, bias, 1, 1)
+    assert_rel_close(conv2d(x, weight, bias, 1, 1), expected, KERNEL_TOL)
+    assert_rel_close(conv._conv_direct(x, weight, bias, 1, 1), expected, KERNEL_TOL, "direct")
+    assert_rel_close(conv._conv_im2col_tiled(x, weight, bias, 1, 1, 1, 1), expected, KERNEL_TOL, "im2col")
 
 
 def test_conv2d_accepts_strided_views(rng):
