@@ -21,8 +21,9 @@ Why im2col + GEMM for the big convs: the GEMM has K = 9*C_in (2880-11520), the s
 AVX-512 sgemm runs at its peak, and the unfolding costs one write + one read of the tile per
 2*C_out FLOP per element (~10% of the GEMM time at C_out = 320). Tiles are large (16 MiB) because
 each GEMM call packs the whole weight matrix again: fewer, larger calls pack it less often. An
-implicit GEMM (9 accumulating GEMMs over shifted views of x) avoids the copy but needs the weight
-re-laid out per tap and re-reads/writes the output tile 9 times; it measured no better.
+implicit GEMM (9 accumulating sgemm calls, beta=1, over shifted views of a padded x) avoids the
+copy but needs the weight re-laid out per tap and re-reads/writes the output tile 9 times; a ctypes
+prototype of it was not faster than this in our (noisy, shared-machine) measurements.
 
 Threads: the tiles of every version are spread over the BLAS workers of openblas.py (each GEMM
 single-threaded on its own core: no fork/join of OpenBLAS threads per call); the direct version
