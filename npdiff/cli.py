@@ -2,7 +2,7 @@
 
     npdiff generate PROMPT [--negative N] [--steps S] [--guidance G] [--seed X] [--sampler NAME]
                     [--height H --width W] [--model PATH] [--out FILE] [--save-steps K]
-                    [--reproduce PNG] [--backend numpy|cupy]
+                    [--reproduce PNG] [--device cpu|cuda [--fp16]] [--backend numpy|cupy]
                                      text -> picture; the PNG carries its parameters, and
                                      `--reproduce that.png` makes it again
     npdiff img2img PROMPT --image IN [--strength S] [same options]
@@ -87,14 +87,31 @@ def load_pipeline(args):
     from npdiff.pipeline import StableDiffusionPipeline
     from npdiff.pipeline_utils import default_model_path
 
-    if args.backend:
-        backend.use(args.backend)
+    name = chosen_backend(args)
+    if name:
+        backend.use(name, dtype="float16" if args.fp16 else "float32")
     model = Path(args.model) if args.model else default_model_path()
     start = time.perf_counter()
     pipe = StableDiffusionPipeline.from_pretrained(model, scheduler=args.sampler)
     print(f"loaded model {model} in {time.perf_counter() - start:.2f} s (sampler {pipe.scheduler_name}, "
-          f"backend {backend.name()})", file=sys.stderr)
+          f"backend {backend.name()} {backend.compute_dtype()})", file=sys.stderr)
     return pipe, model
+
+
+# --device -> the backend names that mean the same device
+DEVICE_BACKENDS = {"cpu": ("numpy", "cpu"), "cuda": ("cupy", "cuda", "gpu")}
+
+
+def chosen_backend(args):
+    """The backend to use from --device cpu|cuda and --backend (which must agree), or None."""
+    name = args.backend
+    if args.device:
+        if name and name.lower() not in DEVICE_BACKENDS[args.device]:
+            raise npdiff.NpdiffError(f"--device {args.device} and --backend {name} disagree; give one of them")
+        name = DEVICE_BACKENDS[args.device][0]
+    if args.fp16 and (name is None or name.lower() not in DEVICE_BACKENDS["cuda"]):
+        raise npdiff.NpdiffError("--fp16 runs the model in float16 on the GPU: it needs --device cuda")
+    return name
 
 
 def save_outputs(pipe, out, args, model, recorder, extra):
@@ -164,7 +181,10 @@ def add_sampling_options(p):
                    help="also write OUT-steps.png: the picture decoded every K steps")
     p.add_argument("--reproduce", default=None, metavar="PNG",
                    help="take unset options from the parameters stored in a PNG made by npdiff")
-    p.add_argument("--backend", default=None, help="numpy (default) or cupy")
+    p.add_argument("--device", default=None, choices=sorted(DEVICE_BACKENDS),
+                   help="cpu (NumPy/Numba, the default) or cuda (CuPy on an NVIDIA GPU; pip install -e '.[gpu]')")
+    p.add_argument("--fp16", action="store_true", help="with --device cuda: weights and activations in float16")
+    p.add_argument("--backend", default=None, help="numpy (default) or cupy: the same choice as --device")
 
 
 def add_generate_command(subparsers):

@@ -85,3 +85,39 @@ def test_to_device_on_cupy_uses_the_chosen_dtype(monkeypatch, rng, device_dtype)
     assert fake.requested == [device_dtype, "int64"]
     backend.use("numpy")
     assert backend.compute_dtype() == "float32"
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI's --device / --fp16 (they choose the backend before the model is loaded)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arguments,message", [
+    (["--device", "cpu", "--fp16"], "--fp16 runs the model in float16 on the GPU: it needs --device cuda"),
+    (["--fp16"], "--fp16 runs the model in float16 on the GPU: it needs --device cuda"),
+    (["--device", "cuda", "--backend", "numpy"], "--device cuda and --backend numpy disagree"),
+    (["--device", "cpu", "--backend", "cupy"], "--device cpu and --backend cupy disagree"),
+])
+def test_cli_device_options_are_checked(capsys, arguments, message):
+    from npdiff import cli
+
+    assert cli.main(["generate", "a red circle", *arguments]) == 2
+    assert message in capsys.readouterr().err
+    assert backend.name() == "numpy"
+
+
+@pytest.mark.skipif(HAVE_CUPY, reason="cupy is installed here: the no-cupy message cannot be seen")
+@pytest.mark.parametrize("arguments", [["--device", "cuda"], ["--device", "cuda", "--fp16"], ["--backend", "cuda"]])
+def test_cli_device_cuda_without_cupy_says_how_to_install(capsys, arguments):
+    from npdiff import cli
+
+    assert cli.main(["img2img", "a red circle", "--image", __file__, *arguments]) == 2
+    assert "pip install -e '.[gpu]'" in capsys.readouterr().err
+
+
+def test_cli_device_maps_to_backends():
+    from npdiff import cli
+
+    parser = cli.build_parser()
+    for arguments, expected in [([], None), (["--device", "cpu"], "numpy"), (["--device", "cuda"], "cupy"),
+                                (["--device", "cuda", "--fp16"], "cupy"), (["--backend", "cupy"], "cupy"),
+                                (["--device", "cuda", "--backend", "GPU"], "cupy")]:
+        assert cli.chosen_backend(parser.parse_args(["generate", "x", *arguments])) == expected
