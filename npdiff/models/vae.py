@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from npdiff.backend import array_module
+from npdiff.backend import array_module, to_device
 from npdiff.errors import NpdiffError
 from npdiff.models.blocks import Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, child
 from npdiff.models.transformer import AttentionBlock
@@ -163,7 +163,7 @@ class DiagonalGaussian:
         channels = moments.shape[1] // 2
         self.mean = xp.ascontiguousarray(moments[:, :channels])                        # [B,Lc,h,w]
         self.logvar = xp.clip(moments[:, channels:], -30.0, 20.0)                      # [B,Lc,h,w]
-        self.std = xp.exp(np.float32(0.5) * self.logvar)                               # [B,Lc,h,w]
+        self.std = xp.exp(0.5 * self.logvar)                                           # [B,Lc,h,w]
         self.var = xp.exp(self.logvar)                                                 # [B,Lc,h,w]
 
     def mode(self):
@@ -173,9 +173,8 @@ class DiagonalGaussian:
         """mean + std * noise, the noise drawn as diffusers' randn_tensor(mean.shape, generator=g) on CPU.
 
         generator: an npdiff.rng.TorchGenerator (anything with .randn(shape, dtype=...))."""
-        xp = array_module(self.mean)
         noise = generator.randn(tuple(self.mean.shape), dtype=np.float32)               # [B,Lc,h,w]
-        noise = xp.asarray(noise, dtype=np.float32)
+        noise = to_device(noise, dtype=self.mean.dtype)                                # beside the mean
         return self.mean + self.std * noise                                            # [B,Lc,h,w]
 
 
