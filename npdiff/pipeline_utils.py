@@ -2,7 +2,7 @@
 scheduler, checking arguments, and the output object.
 
   default_model_path()          the model npdiff ships ($NPDIFF_MODEL, weights/tiny-shapes in a source
-                                checkout, npdiff/_shipped/tiny-shapes in an installed package)
+                                checkout, npdiff/shipped_model in an installed package)
   load_components(path, ...)    a diffusers folder or a single-file .safetensors checkpoint ->
                                 text encoder, tokenizer, UNet, VAE, scheduler config
   resolve_scheduler(...)        a name from npdiff.schedulers.SCHEDULERS, an instance, or the folder's own
@@ -19,6 +19,9 @@ import numpy as np
 from npdiff.errors import NpdiffError
 
 SHIPPED_MODEL_NAME = "tiny-shapes"
+# pyproject.toml installs weights/tiny-shapes/ as this folder of the package (package-dir mapping), so a
+# plain non-editable `pip install .` carries the model too.
+INSTALLED_MODEL_DIR = "shipped_model"
 PACKAGE_DIR = Path(__file__).resolve().parent  # where the shipped model is looked for
 
 # The scheduler_config.json of Stable Diffusion 1.5: used for single-file checkpoints, which carry none.
@@ -62,14 +65,14 @@ def default_model_path():
 
       1. $NPDIFF_MODEL (a folder or a .safetensors file);
       2. weights/tiny-shapes beside the package, in a source checkout;
-      3. npdiff/_shipped/tiny-shapes inside the installed package.
+      3. npdiff/shipped_model inside the installed package (weights/tiny-shapes, installed).
     """
     package_dir = PACKAGE_DIR
     candidates = []
     if os.environ.get("NPDIFF_MODEL"):
         candidates.append(("$NPDIFF_MODEL", Path(os.environ["NPDIFF_MODEL"]).expanduser()))
     candidates.append(("source checkout", package_dir.parent / "weights" / SHIPPED_MODEL_NAME))
-    candidates.append(("installed package", package_dir / "_shipped" / SHIPPED_MODEL_NAME))
+    candidates.append(("installed package", package_dir / INSTALLED_MODEL_DIR))
     for _, path in candidates:
         if path.is_file() or (path.is_dir() and any(path.iterdir())):
             return path

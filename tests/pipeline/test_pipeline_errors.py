@@ -92,7 +92,7 @@ def test_default_model_path_order_and_absence(tmp_path, monkeypatch):
     with pytest.raises(NpdiffError, match=r"no shipped model found .*NPDIFF_MODEL"):
         pipeline_utils.default_model_path()
 
-    installed = tmp_path / "site" / "npdiff" / "_shipped" / "tiny-shapes"
+    installed = tmp_path / "site" / "npdiff" / pipeline_utils.INSTALLED_MODEL_DIR
     (installed / "unet").mkdir(parents=True)
     assert pipeline_utils.default_model_path() == installed
     checkout = tmp_path / "site" / "weights" / "tiny-shapes"
