@@ -90,8 +90,9 @@ def cuda_include_dirs(header="curand_kernel.h"):
 
 
 def curand_include_options():
-    """-I folders for NVRTC: the first with curand_kernel.h, and the first with CCCL's <nv/target>
-    (which curand_kernel.h includes; in a CUDA 13 toolkit it lives in include/cccl)."""
+    """-I folders for NVRTC: the first with curand_kernel.h, and the first with CCCL's libcu++
+    (<nv/target> and <cuda/std/type_traits>, which curand_kernel.h includes under NVRTC; in a
+    CUDA 13 toolkit they live in include/cccl)."""
     found, looked = cuda_include_dirs()
     if not found:
         raise NpdiffError("CudaGenerator needs curand_kernel.h to compile its kernel and found it in none of "
@@ -100,7 +101,7 @@ def curand_include_options():
     folders = [found[0]]
     for folder in looked:
         for candidate in (folder, os.path.join(folder, "cccl")):
-            if os.path.isfile(os.path.join(candidate, "nv", "target")) and candidate not in folders:
+            if os.path.isfile(os.path.join(candidate, "cuda", "std", "type_traits")) and candidate not in folders:
                 folders.append(candidate)
                 return folders
     return folders  # no CCCL found: cupy's own CCCL headers may still serve
