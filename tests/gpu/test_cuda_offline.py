@@ -237,3 +237,10 @@ def test_cuda_noise_source_compiles():
     options = ["--std=c++17", *(f"-I{folder}" for folder in rng_cuda.curand_include_options())]
     ptx = COMPILER.compile(rng_cuda.SOURCE, options)
     assert ".entry torch_randn_philox(" in ptx
+
+
+def test_only_float32_and_float16_kernels_are_built():
+    with pytest.raises(NpdiffError, match="float32 or float16 arrays, got float64"):
+        runtime.kernel("norm", norm.SOURCE, "float64", "layer_norm_rows")
+    assert runtime.compile_options("float16")[-1] == "-DNPDIFF_HALF"
+    assert "-DNPDIFF_HALF" not in runtime.compile_options("float32")

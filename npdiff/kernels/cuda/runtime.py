@@ -73,14 +73,6 @@ __device__ double block_sum_double(double v, double* scratch) {
 """
 
 
-def dtype_name(a):
-    """'float32' or 'float16' for an array the CUDA kernels take; NpdiffError otherwise."""
-    name = np.dtype(a.dtype).name
-    if name not in DTYPES:
-        raise NpdiffError(f"CUDA kernels take float32 or float16 arrays, got {name} with shape {tuple(a.shape)}")
-    return name
-
-
 def grid_for(n, threads=THREADS):
     """Blocks for a grid-stride loop over n elements: enough to cover n once, at most MAX_GRID."""
     if n <= 0:
@@ -107,19 +99,20 @@ def compile_options(dtype):
     return tuple(options)
 
 
-def module(family, source, dtype, include_dirs=()):
+def module(family, source, dtype):
     """The compiled RawModule of `source` (HEADER + source) for `dtype`, compiled on first use."""
+    if dtype not in DTYPES:
+        raise NpdiffError(f"the CUDA kernels take float32 or float16 arrays, got {dtype}")
     key = (family, dtype)
     if key not in _modules:
         cupy = import_cupy()
-        options = compile_options(dtype) + tuple(f"-I{folder}" for folder in include_dirs)
-        _modules[key] = cupy.RawModule(code=HEADER + source, options=options)
+        _modules[key] = cupy.RawModule(code=HEADER + source, options=compile_options(dtype))
     return _modules[key]
 
 
-def kernel(family, source, dtype, name, include_dirs=()):
+def kernel(family, source, dtype, name):
     """One `extern "C" __global__` function of a family's source, compiled for dtype."""
-    return module(family, source, dtype, include_dirs).get_function(name)
+    return module(family, source, dtype).get_function(name)
 
 
 def i64(value):
