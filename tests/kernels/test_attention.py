@@ -29,6 +29,17 @@ def test_softmax_matches_torch(rng, axis):
     assert_rel_close(softmax_ref(x, axis), expected, KERNEL_TOL, "softmax_ref")
 
 
+@pytest.mark.parametrize("width", [77, 300])
+def test_softmax_narrow_and_wide_rows(rng, width):
+    # Both ways of taking the row max (a Numba loop below WIDE_ROW, NumPy's reduction above), with
+    # some -inf entries.
+    x = (rng.standard_normal((int(rng.integers(1, 200)), width)) * 5).astype(np.float32)
+    x[rng.random(x.shape) < 0.1] = -np.inf
+    x[:, 0] = 0.0
+    expected = torch.softmax(torch.from_numpy(x), dim=-1)
+    assert_rel_close(softmax(x), expected, KERNEL_TOL, "softmax")
+
+
 def test_softmax_masked_rows(rng):
     # -inf entries give exactly 0; a row with one finite entry gives 1 there; an all -inf row is
     # NaN in torch, and in ours.
