@@ -130,9 +130,16 @@ def worker_buffer(size):
     return buffer[:size]
 
 
-def split_evenly(total, max_part):
-    """[(start, stop), ...] covering range(total) in equal-as-possible parts of at most max_part."""
+def split_evenly(total, max_part, images=1, workers=1):
+    """[(start, stop), ...] covering range(total) in equal-as-possible parts of at most max_part.
+
+    With `images` images each cut this way and `workers` threads, the number of parts is raised
+    (while parts stay non-empty) until images * parts is a multiple of workers, so every worker
+    gets the same number of equal tiles: 5 tiles on 2 workers would leave one idle for a fifth.
+    """
     parts = -(-total // max(1, max_part))
+    while (images * parts) % workers and parts < total:
+        parts += 1
     base, extra = divmod(total, parts)
     bounds, start = [], 0
     for p in range(parts):
@@ -182,7 +189,8 @@ def _conv_im2col_tiled(x, weight, bias, sh, sw, ph, pw):
         if bias is not None:
             out_tile += bias[:, None]  # while the tile is in cache
 
-    run_blocks(run_tile, [(b, span) for b in range(batch) for span in split_evenly(h_out, max_rows)])
+    spans = split_evenly(h_out, max_rows, batch, worker_count())
+    run_blocks(run_tile, [(b, span) for b in range(batch) for span in spans])
     return out
 
 

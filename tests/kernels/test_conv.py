@@ -118,8 +118,10 @@ def test_conv1x1_tiles_cover_every_pixel(rng, monkeypatch):
 def test_split_evenly():
     for total in range(1, 40):
         for max_part in range(1, 12):
-            parts = conv.split_evenly(total, max_part)
-            sizes = [stop - start for start, stop in parts]
-            assert parts[0][0] == 0 and parts[-1][1] == total
-            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
-            assert max(sizes) <= max_part and max(sizes) - min(sizes) <= 1
+            for images, workers in [(1, 1), (1, 2), (2, 2), (3, 4)]:
+                parts = conv.split_evenly(total, max_part, images, workers)
+                sizes = [stop - start for start, stop in parts]
+                assert parts[0][0] == 0 and parts[-1][1] == total
+                assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+                assert max(sizes) <= max_part and max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+                assert (images * len(parts)) % workers == 0 or len(parts) == total
