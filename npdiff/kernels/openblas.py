@@ -21,6 +21,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+THREAD_PREFIX = "npdiff-blas"
 _lock = threading.Lock()
 _pool = None
 _set_local_threads = None  # the ctypes function, found once
@@ -67,9 +68,9 @@ def blas_worker_pool():
         if _pool is None:
             _set_local_threads = _find_set_local_threads()
             if _set_local_threads is None:
-                _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="npdiff-blas")
+                _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=THREAD_PREFIX)
             else:
-                _pool = ThreadPoolExecutor(max_workers=worker_count(), thread_name_prefix="npdiff-blas",
+                _pool = ThreadPoolExecutor(max_workers=worker_count(), thread_name_prefix=THREAD_PREFIX,
                                            initializer=_single_threaded_blas)
         return _pool
 
@@ -83,12 +84,14 @@ def run_blocks(function, blocks):
     """
     pool = blas_worker_pool()
     workers = min(pool._max_workers, len(blocks))
-    if workers <= 1:
+    inside_worker = threading.current_thread().name.startswith(THREAD_PREFIX)
+    if workers <= 1 or inside_worker:  # a worker waiting on its own pool could deadlock: run inline
         for block in blocks:
             function(block)
         return
     pending = iter(blocks)
-    take_lock = threading.Lock()
+    takeTHREAD_PREFIX = "npdiff-blas"
+_lock = threading.Lock()
 
     def work():
         while True:

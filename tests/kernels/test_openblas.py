@@ -42,3 +42,14 @@ def test_pool_uses_every_cpu_when_openblas_has_thread_local_counts():
         assert pool._max_workers == 1  # no per-thread BLAS count: one worker, never oversubscribed
     else:
         assert pool._max_workers == openblas.worker_count()
+
+
+def test_run_blocks_inside_a_worker_runs_inline():
+    # A kernel called from inside another kernel's block must not wait on the pool it occupies.
+    inner_results = []
+
+    def outer(block):
+        openblas.run_blocks(lambda inner: inner_results.append((block, inner)), [0, 1, 2])
+
+    openblas.run_blocks(outer, [10, 20, 30])
+    assert sorted(inner_results) == [(b, i) for b in (10, 20, 30) for i in (0, 1, 2)]
