@@ -90,8 +90,7 @@ def run_blocks(function, blocks):
             function(block)
         return
     pending = iter(blocks)
-    takeTHREAD_PREFIX = "npdiff-blas"
-_lock = threading.Lock()
+    take_lock = threading.Lock()
 
     def work():
         while True:
