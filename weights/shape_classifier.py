@@ -65,9 +65,7 @@ def classify_picture(image):
     """uint8 [H,W,3] -> dict(background, color, shape, fill_ratio, top_share, corner_fill); color and
     shape are None when no shape is found."""
     pixels = np.asarray(image, dtype=np.float64)  # [H,W,3]
-    ring = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3),
-                           pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)])  # [R,3]
-    background_rgb = np.median(ring, axis=0)  # [3]
+    background_rgb = border_color(pixels)  # [3]
     result = dict(background=nearest_color(background_rgb), color=None, shape=None, fill_ratio=0.0)
     far = np.linalg.norm(pixels - background_rgb[None, None, :], axis=2) > SHAPE_THRESHOLD  # [H,W]
     candidate = largest_component(far)  # [H,W]
@@ -107,6 +105,26 @@ def classify_picture(image):
     else:
         result["shape"] = "circle"
     return result
+
+
+def border_color(pixels):
+    """float [H,W,3] -> [3]: the median colour of the 2-pixel border ring."""
+    ring = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3),
+                           pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)])  # [R,3]
+    return np.median(ring, axis=0)
+
+
+def shape_mask(image):
+    """uint8 [H,W,3] -> bool [H,W]: the largest group of pixels far (> 60) from the border colour."""
+    pixels = np.asarray(image, dtype=np.float64)  # [H,W,3]
+    background_rgb = border_color(pixels)  # [3]
+    return largest_component(np.linalg.norm(pixels - background_rgb[None, None, :], axis=2) > SHAPE_THRESHOLD)
+
+
+def iou(mask_a, mask_b):
+    """Intersection over union of two bool masks (0 when both are empty)."""
+    union = np.logical_or(mask_a, mask_b).sum()
+    return float(np.logical_and(mask_a, mask_b).sum() / union) if union else 0.0
 
 
 def score(pictures, specs):

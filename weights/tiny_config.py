@@ -1,7 +1,7 @@
 """The tiny-shapes model: Stable Diffusion's own architecture, scaled down, and how it is saved.
 
 Same classes as SD 1.x (transformers' CLIPTextModel, diffusers' UNet2DConditionModel with cross-attention
-and AutoencoderKL, the real 49,408-token CLIP tokenizer, SD's PNDM scheduler config); only the sizes
+and AutoencoderKL, the real 49,408-token CLIP tokenizer, a DDIM scheduler config like SD's); only the sizes
 differ:
 
 | part          | SD 1.5                              | tiny-shapes                              |
@@ -28,16 +28,19 @@ TEXT_WIDTH = 64
 # SD's noise schedule (training and sampling alike).
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
-# SD 1.5's scheduler/scheduler_config.json (PNDM), unchanged.
+# The sampler shipped in scheduler/: DDIM with the settings of SD's own DDIM configs (SD 2.x ships DDIM;
+# SD 1.5 ships PNDM). Measured on this model (weights/README.md): PNDM's multistep extrapolation at
+# guidance 7 and 15 steps throws the tiny model's latents out of range (colours right 8-15%), while
+# DDIM and Euler stay at 100%; `npdiff generate --sampler pndm` still runs PNDM.
 SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler",
+    "_class_name": "DDIMScheduler",
     **SCHEDULE,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "prediction_type": "epsilon",
     "trained_betas": None,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
 }
 
 
@@ -71,6 +74,25 @@ def build_vae():
         block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=16)
 
 
+def write_scheduler_and_index(folder):
+    """scheduler/scheduler_config.json and model_index.json (rewritable without retraining)."""
+    folder = Path(folder)
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2) + "\n")
+    model_index = {
+        "_class_name": "StableDiffusionPipeline",
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", SCHEDULER_CONFIG["_class_name"]],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+
+
 def save_pipeline_folder(folder, text_encoder, unet, vae, scaling_factor):
     """Write the diffusers layout: model_index.json, tokenizer/, text_encoder/, unet/, vae/, scheduler/."""
     import torch
@@ -85,17 +107,4 @@ def save_pipeline_folder(folder, text_encoder, unet, vae, scaling_factor):
     unet.save_pretrained(folder / "unet", safe_serialization=True)
     vae.save_pretrained(folder / "vae", safe_serialization=True)
     write_clip_tokenizer_folder(folder / "tokenizer")
-    (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2) + "\n")
-    model_index = {
-        "_class_name": "StableDiffusionPipeline",
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "PNDMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+    write_scheduler_and_index(folder)

@@ -203,7 +203,7 @@ def main():
                              "steps and stopped at 1000 (--vae-steps) when time ran short")
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=2500)
     parser.add_argument("--schedule-steps", type=int, default=None,
                         help="length of the diffusion learning-rate schedule (default --steps)")
     parser.add_argument("--batch", type=int, default=64)
