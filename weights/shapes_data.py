@@ -3,7 +3,8 @@
 Every picture is drawn with Pillow from a seed (nothing is stored): a circle, square or triangle in one
 of eight named colours, of varied size and position, on a background of another named colour. Shapes
 are axis-aligned (squares unrotated, triangles upright) so that the fill ratio of the shape's bounding
-box tells them apart: square ~1.0, circle ~pi/4 = 0.785, triangle ~0.5 (weights/evaluate.py uses it).
+box tells them apart (weights/shape_classifier.py reads them back: a triangle holds 1/4 of its area in
+the top half of its box, a square fills the corners of its box, a circle does not).
 
 Captions come in a few variants so that the text encoder has to read the words, not their slots:
     "a red circle on a blue background"                (canonical; the tests prompt with it)

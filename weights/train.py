@@ -11,9 +11,10 @@ encoder and UNet learn SD's epsilon-prediction objective on SD's noise schedule 
 beta 0.00085..0.012). 10% of captions are replaced by "" so that classifier-free guidance works.
 An EMA of the weights is what gets saved.
 
-Fixed seeds throughout; runs on a GPU when there is one, otherwise on the CPU with 2 threads. Every
+Fixed seeds throughout; runs on a GPU when there is one, otherwise on the CPU with --threads threads
+(2 by default; use 1 on a shared, oversubscribed CPU). Every
 --save-every steps the folder --out is rewritten (a partial run is usable) and --work holds the
-resumable state and the loss log (log.json, plotted by weights/evaluate.py --plot).
+resumable state and the loss log (log.json, plotted by `python weights/evaluate.py plot`).
 """
 
 import argparse
