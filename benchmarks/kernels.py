@@ -186,6 +186,22 @@ def all_cases():
     ]
 
 
+def print_markdown(rows):
+    """The table as Markdown rows, for benchmarks/RESULTS.md."""
+    print()
+    print("| kernel | version | shape | ours s | torch s | ours/torch | GFLOP | ours GFLOP/s | torch GFLOP/s "
+          "| ours/peak | ours GB/s |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def cell(value, fmt):
+        return "-" if value is None else fmt.format(value)
+
+    for row in rows:
+        print(f"| {row['kernel']} | {row['version']} | {row['shape']} | {row['ours_s']:.4f} | {row['torch_s']:.4f} "
+              f"| {row['ratio']:.2f} | {cell(row['gflop'], '{:.2f}')} | {cell(row['ours_gflops'], '{:.0f}')} "
+              f"| {cell(row['torch_gflops'], '{:.0f}')} | {cell(row['peak_frac'], '{:.0%}')} | {row['gbytes_s']:.1f} |")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small subset")
@@ -193,6 +209,7 @@ def parse_args(argv=None):
     parser.add_argument("--min-time", type=float, default=1.0,
                         help="keep timing each kernel until this many seconds have passed (best run kept)")
     parser.add_argument("--only", default=None, help="only rows whose name contains this")
+    parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     return parser.parse_args(argv)
 
 
@@ -234,6 +251,8 @@ def main(argv=None):
                        ("ratio", "ours/torch", "{:.2f}"), ("gflop", "GFLOP", "{:.2f}"),
                        ("ours_gflops", "ours GFLOP/s", "{:.0f}"), ("torch_gflops", "torch GFLOP/s", "{:.0f}"),
                        ("peak_frac", "ours/peak", "{:.0%}"), ("gbytes_s", "ours GB/s", "{:.1f}")])
+    if args.markdown:
+        print_markdown(rows)
     path = write_json("kernels", {"command": "npdiff bench kernels " + " ".join(argv or sys.argv[1:]),
                                   "sgemm_peak_gflops": peak, "torch_threads": TORCH_THREADS, "rows": rows})
     print(f"wrote {path}")
