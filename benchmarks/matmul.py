@@ -143,6 +143,7 @@ def plot(results, versions, thread_counts, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     figure, axes = plt.subplots(1, len(thread_counts), figsize=(6 * len(thread_counts), 4.5), sharey=True)
     axes = np.atleast_1d(axes)
@@ -152,6 +153,10 @@ def plot(results, versions, thread_counts, path):
             if points:
                 sizes, gflops = zip(*points)
                 axis.loglog(sizes, gflops, marker="o", label=name)
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(sorted({r["n"] for r in results}))
+        axis.set_xticklabels([str(n) for n in sorted({r["n"] for r in results})])
+        axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         axis.set_title(f"{threads} thread{'s' if threads > 1 else ''}")
         axis.set_xlabel("N (C[N,N] = A[N,N] @ B[N,N], float32)")
         axis.grid(True, which="both", alpha=0.3)

@@ -4,13 +4,13 @@
   blocked_gemm   step 6: packed panels, a register-blocked 6 x 64 micro-kernel, cache blocking,
                  prange over blocks of rows of C.
 
-Both take float32 a [M,K], b [K,N] (any strides) and return a new C-contiguous c [M,N]. Input checks
-live in matmul.py; these functions assume shapes that fit and float32.
+Both take float32 a [M,K], b [K,N] and return a new C-contiguous c [M,N]. Input checks live in
+matmul.py (which also makes the operands C-contiguous); these functions assume shapes that fit.
 
 How step 6 is laid out (the BLIS/GotoBLAS scheme, arranged for row-major C, where one row of C is
 contiguous and so the SIMD lanes run along the columns j):
 
-    pack B once, whole:    b_packed [N/NR, K, NR]   column panel q = b[:, q*NR:(q+1)*NR], row by row.
+    pack B once, whole:    b_packed [K/KC, N/NR, KC, NR]   depth block, column panel, row by row.
     prange over blocks of ROW_BLOCK rows of C (each thread owns its rows of C; no two threads write
     the same element, so no locks and no reduction):
         for each depth block of KC steps of k:
@@ -32,14 +32,18 @@ Sizes, for the AMD Zen 4 (AVX-512) machine this was tuned on (32 KiB L1d, 1 MiB 
   ROW_BLOCK <= 120   the packed A block, 120*KC*4 = 120 KiB, sits in L2 beside the B block and is
                      reused for every column; the rows are split so every thread gets the same
                      number of blocks (a multiple of MR rows each).
+Alternatives measured (1 thread, N = 512-2048, CPU time against OpenBLAS in the same process):
+KC = 384 or 512, NC = 256 or 1024, ROW_BLOCK = 60 or 240, a 6 x 32 tile: all within the machine's
+noise (+-5%) of these; KC = 192 was ~5% slower. On a CPU without AVX-512 the 6 x 64 tile needs 48
+ymm registers of 16 and spills: correct, but slow (retune MR/NR there).
 
 How the C tile stays in registers: Numba arrays from np.empty live on the heap, and LLVM must assume
 any store may alias them, so it reloads and stores them every step. `_stack_row()` below allocates
 NR float32 on the stack (LLVM `alloca`, constant size) instead: once LLVM unrolls the j loop of the
 micro-kernel, every element is reached by a constant index and SROA promotes the six rows to SSA
-values, which the vectoriser packs into 24 zmm registers. Check it with
-    blocked_gemm.inspect_asm(blocked_gemm.signatures[0])
-and look for the loop of `vbroadcastss` + `vmovups` + 24 `vfmadd231ps ... %zmm` with no stack access.
+values, which the vectoriser packs into 24 zmm registers. Check it with `print(micro_kernel_asm())`
+(bottom of this file; tests/kernels/test_matmul.py does): the k loop is 6 `vbroadcastss`, 4 `vmovups`
+and 24 `vfmadd231ps ... %zmm`, with no stack access.
 The micro-kernel is compiled with fastmath 'contract' only (FASTMATH_CONTRACT in npdiff/jit.py):
 a*b + c may become one FMA (one rounding instead of two); nothing is reordered.
 """
@@ -98,22 +102,29 @@ def _stack_row(typingctx):
 
 @njit(**PARALLEL)
 def pack_b(b):
-    """b [K,N] -> [ceil(N/NR), K, NR]: each NR-column panel row by row, zero-padded past column N.
+    """b [K,N] -> [ceil(K/KC), ceil(N/NR), KC, NR]: depth block, column panel, then row by row.
 
-    The micro-kernel reads B NR floats at a time for k = 0, 1, 2, ...: this is that order, so its
-    B stream is one contiguous run. prange over panels (each writes its own slice).
+    The micro-kernel reads B NR floats at a time for k = 0, 1, 2, ...: within a panel this is that
+    order, so its B stream is one contiguous run. Depth blocks come first so that the B block one
+    thread sweeps (one depth block, NC columns: 512 KiB) is contiguous too: panels K*NR*4 bytes
+    apart (a power of two when K is) would all fall into the same L2 sets and evict each other.
+    Columns past N are zero; rows past K in the last depth block are never read (left unset).
+    prange over panels (each writes its own slices).
     """
     depth, cols = b.shape
     panels = (cols + NR - 1) // NR
-    b_packed = np.empty((panels, depth, NR), dtype=np.float32)  # [N/NR, K, NR]
+    depth_blocks = (depth + KC - 1) // KC
+    b_packed = np.empty((depth_blocks, panels, KC, NR), dtype=np.float32)  # [K/KC, N/NR, KC, NR]
     for panel in prange(panels):
         col0 = panel * NR
         width = min(NR, cols - col0)
         for k in range(depth):
+            block = k // KC
+            row = k - block * KC
             for j in range(width):
-                b_packed[panel, k, j] = b[k, col0 + j]
+                b_packed[block, panel, row, j] = b[k, col0 + j]
             for j in range(width, NR):
-                b_packed[panel, k, j] = 0.0
+                b_packed[block, panel, row, j] = 0.0
     return b_packed
 
 
@@ -240,10 +251,10 @@ def row_block_size(rows, threads):
 
 @njit(**PARALLEL)
 def _blocked_gemm_packed(a, b_packed, c, block_rows):
-    """c[M,N] = a[M,K] @ B, with B already packed as [N/NR, K, NR] by pack_b. prange over row blocks."""
+    """c[M,N] = a[M,K] @ B, with B packed as [K/KC, N/NR, KC, NR] by pack_b. prange over row blocks."""
     rows, depth = a.shape
     cols = c.shape[1]
-    col_panels = b_packed.shape[0]
+    col_panels = b_packed.shape[1]
     tasks = (rows + block_rows - 1) // block_rows
     for task in prange(tasks):
         row0 = task * block_rows
@@ -262,7 +273,7 @@ def _blocked_gemm_packed(a, b_packed, c, block_rows):
                     for col_panel in range(panel0, panel1):
                         tile_col = col_panel * NR
                         valid_cols = min(NR, cols - tile_col)
-                        b_panel = b_packed[col_panel, k0:k0 + block_depth]  # [KC, NR] from L2
+                        b_panel = b_packed[k0 // KC, col_panel, :block_depth]  # [KC, NR] from L2
                         _micro_kernel(block_depth, a_panel, b_panel, c, tile_row, tile_col,
                                       valid_rows, valid_cols, k0 > 0)
 
@@ -277,7 +288,7 @@ def blocked_gemm(a, b):
     cols = b.shape[1]
     if rows == 0 or cols == 0 or depth == 0:
         return np.zeros((rows, cols), dtype=np.float32)  # [M,N]: an empty sum is 0, as np.matmul
-    b_packed = pack_b(b)  # [K,N] -> [N/NR, K, NR]
+    b_packed = pack_b(b)  # [K,N] -> [K/KC, N/NR, KC, NR]
     c = np.empty((rows, cols), dtype=np.float32)  # [M,N], every element stored by the first k block
     _blocked_gemm_packed(a, b_packed, c, row_block_size(rows, get_num_threads()))
     return c
