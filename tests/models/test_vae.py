@@ -139,3 +139,15 @@ def test_vae_config_errors_name_the_key():
         AutoencoderKL({**config, "block_out_channels": [24, 32, 32, 32]}, load_component_weights(folder))
     with pytest.raises(NpdiffError, match=r"unexpected.*mid_block\.attentions\.0"):
         AutoencoderKL({**config, "mid_block_add_attention": False}, load_component_weights(folder))
+
+
+def test_from_pretrained_subfolder(rng):
+    """from_pretrained(folder, subfolder=name) reads folder/name, as diffusers' does."""
+    torch_model, folder = tiny_vae("sd", seed=0)
+    ours = AutoencoderKL.from_pretrained(folder.parent, subfolder=folder.name)
+    z = random_latents(rng, 1, 2, 2)
+    with torch.no_grad():
+        ref = torch_model.decode(torch.from_numpy(z)).sample
+    assert_rel_close(ours.decode(z), ref, FORWARD_TOL, "vae via subfolder")
+    with pytest.raises(NpdiffError, match="config.json"):
+        AutoencoderKL.from_pretrained(folder.parent, subfolder="no-such-component")
