@@ -162,8 +162,9 @@ class AttentionBlock:
         self.group_norm = GroupNorm(weights, child(prefix, "group_norm"), norm_num_groups, channels, eps)
         names = {}
         for name, legacy in self.LEGACY_NAMES.items():
-            use_legacy = not weights.has(child(prefix, f"{name}.weight")) and weights.has(child(prefix, f"{legacy}.weight"))
-            names[name] = legacy if use_legacy else name
+            has_new = weights.has(child(prefix, f"{name}.weight"))
+            has_legacy = weights.has(child(prefix, f"{legacy}.weight"))
+            names[name] = legacy if has_legacy and not has_new else name
         self.to_q = Linear(weights, child(prefix, names["to_q"]), channels, channels)
         self.to_k = Linear(weights, child(prefix, names["to_k"]), channels, channels)
         self.to_v = Linear(weights, child(prefix, names["to_v"]), channels, channels)
