@@ -78,9 +78,11 @@ def max_size(name):
 
 
 def repeats_for(n, quick):
+    """(runs, min seconds): the best of at least `runs` runs, and of as many as fit in min seconds,
+    so that a quiet moment of the shared machine is caught for the short products."""
     if quick:
-        return 2
-    return 5 if n <= 512 else (3 if n <= 2048 else 2)
+        return 2, 0.05
+    return (5, 0.3) if n <= 1024 else (3, 0.0)
 
 
 def measure(versions, sizes, threads, quick):
@@ -103,8 +105,9 @@ def measure(versions, sizes, threads, quick):
             if not error < 1e-4:
                 raise SystemExit(f"{name} at N={n}: relative error {error:.2e} against NumPy")
             at_its_limit = name.removeprefix("npdiff ") in MAX_N and n == max_size(name)
-            repeat = 1 if at_its_limit else repeats_for(n, quick)
-            seconds = time_call(lambda: fn(a, b), repeat=repeat, warmup=0)  # the check above warmed up
+            repeat, min_time = (1, 0.0) if at_its_limit else repeats_for(n, quick)
+            # warmup=0: the check above ran (and compiled) it
+            seconds = time_call(lambda: fn(a, b), repeat=repeat, warmup=0, min_time=min_time)
             gflops = 2.0 * n**3 / seconds / 1e9
             results.append(dict(version=name, n=n, threads=threads, seconds=seconds, gflops=gflops,
                                 rel_err=error))
@@ -178,13 +181,17 @@ def main():
     thread_counts = args.threads or sorted({1, cores})
 
     versions = build_versions()
+    load_before = os.getloadavg()
+    print(f"load average before: {load_before[0]:.2f} (1 min), {load_before[1]:.2f} (5 min) on {cores} cores")
     results = []
     for threads in thread_counts:
         results += measure(versions, sizes, threads, args.quick)
     for threads in thread_counts:
         print_summary(results, versions, sizes, threads)
+    load_after = os.getloadavg()
+    print(f"\nload average after: {load_after[0]:.2f} (1 min), {load_after[1]:.2f} (5 min) on {cores} cores")
     limits = ", ".join(f"{name} N<={n}" for name, n in MAX_N.items())
-    print(f"\nslow steps only up to: {limits}")
+    print(f"slow steps only up to: {limits}")
     kernel_note = micro_kernel_summary()
     print(kernel_note)
 
@@ -192,7 +199,8 @@ def main():
     png = OUT_DIR / "matmul.png"
     plot(results, versions, thread_counts, png)
     json_path = write_json("matmul", dict(sizes=sizes, thread_counts=thread_counts, max_n=MAX_N,
-                                          micro_kernel=kernel_note, results=results))
+                                          micro_kernel=kernel_note, load_average_before=load_before,
+                                          load_average_after=load_after, results=results))
     print(f"wrote {json_path} and {png}")
 
 
