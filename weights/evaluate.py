@@ -34,12 +34,20 @@ def random_prompts(count, seed):
     return prompts, specs
 
 
-def load_diffusers_pipeline(model):
+SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+              "dpm": "DPMSolverMultistepScheduler"}  # dpm: DPM++ 2M, diffusers' default settings
+
+
+def load_diffusers_pipeline(model, scheduler=None):
+    """diffusers' pipeline on the folder; scheduler: a key of SCHEDULERS (None: the folder's own)."""
+    import diffusers
     import torch
-    from diffusers import StableDiffusionPipeline
     torch.set_num_threads(1)
-    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False,
-                                                   torch_dtype=torch.float32)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(model, safety_checker=None,
+                                                             requires_safety_checker=False, torch_dtype=torch.float32)
+    if scheduler is not None:
+        scheduler_class = getattr(diffusers, SCHEDULERS[scheduler])
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -54,15 +62,18 @@ def generate(pipe, prompts, seed, guidance, steps, negative_prompts=None):
 
 
 def command_accuracy(args):
-    pipe = load_diffusers_pipeline(args.model)
+    pipe = load_diffusers_pipeline(args.model, args.scheduler)
+    scheduler_name = type(pipe.scheduler).__name__
     rows = []
-    for guidance in args.guidance:
-        prompts, specs = random_prompts(args.count, args.seed)
-        pictures = generate(pipe, prompts, args.seed, guidance, args.steps)
-        scores = shape_classifier.score(pictures, specs)
-        rows.append(dict(guidance=guidance, steps=args.steps, count=args.count, **scores))
-        print(f"guidance {guidance:4.1f} steps {args.steps}: colours right {scores['color_accuracy']:.1%}, "
-              f"shapes right {scores['shape_accuracy']:.1%} of {args.count}", flush=True)
+    for steps in args.steps:
+        for guidance in args.guidance:
+            prompts, specs = random_prompts(args.count, args.seed)
+            pictures = generate(pipe, prompts, args.seed, guidance, steps)
+            scores = shape_classifier.score(pictures, specs)
+            rows.append(dict(scheduler=scheduler_name, guidance=guidance, steps=steps, count=args.count, **scores))
+            print(f"{scheduler_name} guidance {guidance:4.1f} steps {steps}: colours right "
+                  f"{scores['color_accuracy']:.1%}, shapes right {scores['shape_accuracy']:.1%} of {args.count}",
+                  flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 
@@ -133,7 +144,9 @@ def main():
     accuracy.add_argument("--model", default=str(HERE / "tiny-shapes"))
     accuracy.add_argument("--count", type=int, default=200)
     accuracy.add_argument("--guidance", type=float, nargs="+", default=[7.0])
-    accuracy.add_argument("--steps", type=int, default=20)
+    accuracy.add_argument("--steps", type=int, nargs="+", default=[20])
+    accuracy.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
+                          help="sampler to use instead of the folder's scheduler config")
     accuracy.add_argument("--seed", type=int, default=0)
     accuracy.add_argument("--json", default=None)
     plot = sub.add_parser("plot")

@@ -155,7 +155,8 @@ def train_diffusion(args, device, work, vae):
     start, running = time.time(), []
     for step in range(first_step, args.steps):
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, args.schedule_steps or args.steps, args.lr, args.warmup)
+            group["lr"] = cosine_lr(step - args.schedule_start, args.schedule_steps or args.steps, args.lr,
+                                    args.warmup)
         index = torch.from_numpy(generator.integers(0, len(images), args.batch)).to(device)
         variant = torch.from_numpy(generator.integers(0, 5, args.batch)).to(device)
         drop = torch.from_numpy(generator.random(args.batch) < args.caption_dropout).to(device)
@@ -207,6 +208,9 @@ def main():
     parser.add_argument("--steps", type=int, default=2500)
     parser.add_argument("--schedule-steps", type=int, default=None,
                         help="length of the diffusion learning-rate schedule (default --steps)")
+    parser.add_argument("--schedule-start", type=int, default=0,
+                        help="step at which the diffusion learning-rate schedule (warm-up + cosine) starts: "
+                             "a resumed run can start a fresh, shorter schedule at its first step")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100)
