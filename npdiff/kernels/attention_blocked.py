@@ -125,8 +125,8 @@ def attention_blocked(q, k, v, mask=None, scale=1.0, is_causal=False, key_chunk=
             if is_causal and key_start > query_stop - 1:
                 break  # this chunk and all after it lie above the diagonal for every query here
             key_stop = min(key_start + key_chunk, n_keys)
-            # 1. scores of the tile: [Q,d] @ [d,m] -> [Q,m] (k_chunk^T is a view; BLAS transposes)
-            scores = q_block @ keys[slice_index, key_start:key_stop].T
+            # 1. scores of the tile (k_chunk^T is a view: BLAS reads it transposed, no copy)
+            scores = q_block @ keys[slice_index, key_start:key_stop].T  # [Q,d] @ [d,m] -> [Q,m]
             if slice_mask is not None:
                 tile = slice_mask[query_start:query_stop, key_start:key_stop]  # [Q,m]
                 if tile.dtype == bool:
@@ -137,8 +137,8 @@ def attention_blocked(q, k, v, mask=None, scale=1.0, is_causal=False, key_chunk=
                 scores += causal_additive(query_start, query_stop, key_start, key_stop)  # [Q,m]
             # 2. probabilities in place, running max/sum and accumulator rescaled (Numba, nogil)
             online_softmax_update(scores, row_maxima(scores), running_max, running_sum, acc)
-            # 3. add this chunk's values: [Q,m] @ [m,dv] -> [Q,dv]
-            acc += scores @ values[slice_index, key_start:key_stop]
+            # 3. add this chunk's values
+            acc += scores @ values[slice_index, key_start:key_stop]  # [Q,m] @ [m,dv] -> [Q,dv]
         safe_sum = np.where(running_sum == 0, np.float32(1.0), running_sum)  # [Q]; masked rows: acc = 0
         out[slice_index, query_start:query_stop] = acc / safe_sum[:, None]  # [Q,dv]
 
