@@ -152,7 +152,8 @@ def plot(results, versions, thread_counts, path):
     axes = np.atleast_1d(axes)
     for axis, threads in zip(axes, thread_counts):
         for name in versions:
-            points = [(r["n"], r["gflops"]) for r in results if r["version"] == name and r["threads"] == threads]
+            points = [(r["n"], r["gflops"]) for r in results
+                      if r["version"] == name and r["threads"] == threads]
             if points:
                 sizes, gflops = zip(*points)
                 axis.loglog(sizes, gflops, marker="o", label=name)
