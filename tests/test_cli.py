@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("torch")
-pytest.importorskip("diffusers")
 sys.path.insert(0, str(Path(__file__).parent / "pipeline"))
 
 from tiny_sd import tiny_sd_folder  # noqa: E402

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("diffusers")
 
 from tiny_sd import tiny_sd_folder  # noqa: E402
 

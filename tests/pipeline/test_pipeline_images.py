@@ -9,8 +9,8 @@ from npdiff import NpdiffError
 from npdiff.images import (StepRecorder, decoded_to_uint8, emergence_grid, image_to_model_input, make_grid,
                            read_png_params, save_png, to_pil)
 
-torch = pytest.importorskip("torch")
-image_processor = pytest.importorskip("diffusers.image_processor")
+import torch
+from diffusers import image_processor
 
 
 @pytest.mark.parametrize("case", range(3))

@@ -6,9 +6,8 @@ import pytest
 
 from helpers import IMAGE_LEVELS_TOL, NETWORK_TOL, assert_rel_close
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
-safetensors_torch = pytest.importorskip("safetensors.torch")
+import torch
+import safetensors.torch as safetensors_torch
 
 from tiny_sd import CLIP_CONFIG, tiny_sd_folder, torch_pipeline  # noqa: E402
 

@@ -7,8 +7,7 @@ import pytest
 
 from helpers import IMAGE_LEVELS_TOL, NETWORK_TOL, assert_rel_close
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
+import torch
 
 from tiny_sd import tiny_sd_folder, torch_pipeline  # noqa: E402
 
