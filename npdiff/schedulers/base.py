@@ -155,6 +155,32 @@ class SchedulerBase:
         return sqrt_alpha * original_samples + sqrt_one_minus_alpha * noise                # [B,C,H,W]
 
 
+
+class IntegerTimestepScheduler(SchedulerBase):
+    """What DDIM and DDPM share: integer timesteps, unscaled model input, unit initial noise.
+
+    Before set_timesteps the schedule is every training timestep, descending, as in diffusers.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.init_noise_sigma = 1.0
+        T = self.config["num_train_timesteps"]
+        self.timesteps = np.arange(0, T)[::-1].astype(np.int64)                          # [T]
+
+    def scale_model_input(self, sample, timestep=None):
+        """These samplers feed the sample to the model unscaled."""
+        return sample
+
+    def set_timesteps(self, num_inference_steps):
+        """Choose the n inference timesteps (int64, descending) by the configured spacing."""
+        n = self._check_num_inference_steps(num_inference_steps)
+        self.num_inference_steps = n
+        self.timesteps = schedules.spaced_timesteps(
+            self.config["timestep_spacing"], self.config["num_train_timesteps"], n,
+            self.config["steps_offset"], integer=True)                                   # [n] int64
+
+
 def draw_noise(shape, generator, like):
     """Standard normal noise of `shape` (float32, on `like`'s device), as diffusers' randn_tensor.
 

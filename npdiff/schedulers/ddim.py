@@ -9,11 +9,10 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
-from npdiff.schedulers import schedules
-from npdiff.schedulers.base import SchedulerBase, SchedulerOutput, draw_noise
+from npdiff.schedulers.base import IntegerTimestepScheduler, SchedulerOutput, draw_noise
 
 
-class DDIMScheduler(SchedulerBase):
+class DDIMScheduler(IntegerTimestepScheduler):
     """x_{t-1} = sqrt(a_{t-1}) x0 + sqrt(1 - a_{t-1} - sigma_t^2) eps + sigma_t z."""
 
     _DEFAULTS = {
@@ -39,21 +38,6 @@ class DDIMScheduler(SchedulerBase):
         super().__init__(**kwargs)
         # the "previous" alpha_bar of the last step: 1 (fully denoised) or alpha_bar_0
         self.final_alpha_cumprod = np.float32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
-        self.init_noise_sigma = 1.0
-        T = self.config["num_train_timesteps"]
-        self.timesteps = np.arange(0, T)[::-1].astype(np.int64)                          # [T]
-
-    def scale_model_input(self, sample, timestep=None):
-        """DDIM feeds the sample to the model unscaled."""
-        return sample
-
-    def set_timesteps(self, num_inference_steps):
-        """Choose the n inference timesteps (int64, descending) by the configured spacing."""
-        n = self._check_num_inference_steps(num_inference_steps)
-        self.num_inference_steps = n
-        self.timesteps = schedules.spaced_timesteps(
-            self.config["timestep_spacing"], self.config["num_train_timesteps"], n,
-            self.config["steps_offset"], integer=True)                                   # [n] int64
 
     def _alpha_bar(self, timestep):
         return self.alphas_cumprod[timestep] if timestep >= 0 else self.final_alpha_cumprod

@@ -11,10 +11,10 @@ import numpy as np
 from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.schedulers import schedules
-from npdiff.schedulers.base import SchedulerBase, SchedulerOutput, draw_noise
+from npdiff.schedulers.base import IntegerTimestepScheduler, SchedulerOutput, draw_noise
 
 
-class DDPMScheduler(SchedulerBase):
+class DDPMScheduler(IntegerTimestepScheduler):
     """x_{t-1} = c0 * x0_hat + ct * x_t + sqrt(variance) * z."""
 
     _DEFAULTS = {
@@ -43,21 +43,6 @@ class DDPMScheduler(SchedulerBase):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.one = np.float32(1.0)
-        self.init_noise_sigma = 1.0
-        T = self.config["num_train_timesteps"]
-        self.timesteps = np.arange(0, T)[::-1].astype(np.int64)                           # [T]
-
-    def scale_model_input(self, sample, timestep=None):
-        """DDPM feeds the sample to the model unscaled."""
-        return sample
-
-    def set_timesteps(self, num_inference_steps):
-        """Choose the n inference timesteps (int64, descending) by the configured spacing."""
-        n = self._check_num_inference_steps(num_inference_steps)
-        self.num_inference_steps = n
-        self.timesteps = schedules.spaced_timesteps(
-            self.config["timestep_spacing"], self.config["num_train_timesteps"], n,
-            self.config["steps_offset"], integer=True)                                    # [n] int64
 
     def previous_timestep(self, timestep):
         """The next timestep of the schedule after `timestep` (-1 after the last one)."""
