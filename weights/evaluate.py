@@ -1,6 +1,8 @@
 """Judge weights/tiny-shapes: colour/shape accuracy, the loss-curve PNG and the grid PNG.
 
     python weights/evaluate.py accuracy --count 200 --guidance 7 --steps 20   # table of accuracies
+    python weights/evaluate.py negative  # a negative prompt naming the shape's colour pushes it out
+    python weights/evaluate.py vae       # how often the VAE's reconstructions are read right (its ceiling)
     python weights/evaluate.py plot      # weights/loss_curves.png from the training log
     python weights/evaluate.py grid      # weights/grid.png: several prompts + the steps of one
 
@@ -72,10 +74,50 @@ def command_accuracy(args):
             scores = shape_classifier.score(pictures, specs)
             rows.append(dict(scheduler=scheduler_name, guidance=guidance, steps=steps, count=args.count, **scores))
             print(f"{scheduler_name} guidance {guidance:4.1f} steps {steps}: colours right "
-                  f"{scores['color_accuracy']:.1%}, shapes right {scores['shape_accuracy']:.1%} of {args.count}",
+                  f"{scores['color_accuracy']:.1%}, shapes right {scores['shape_accuracy']:.1%} of {args.count} "
+                  f"(mistakes {scores['shape_mistakes']})",
                   flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def command_negative(args):
+    """Shapes drawn in the prompt's shape colour, without and with that colour word as negative prompt."""
+    pipe = load_diffusers_pipeline(args.model)
+    prompts, specs = random_prompts(args.count, args.seed)
+    for label, negative_prompts in (("without", None), ("with", [spec["color"] for spec in specs])):
+        pictures = generate(pipe, prompts, args.seed, args.guidance, args.steps, negative_prompts)
+        found = [shape_classifier.classify_picture(picture)["color"] for picture in pictures]
+        rate = np.mean([color == spec["color"] for color, spec in zip(found, specs)])
+        print(f"guidance {args.guidance} steps {args.steps}, {label} the colour as negative prompt: "
+              f"shape in the named colour {rate:.1%} of {args.count}", flush=True)
+
+
+def command_vae(args):
+    """How often the rules read the VAE's reconstructions of drawn pictures right, by shape and by size:
+    the ceiling the VAE puts on the whole model's rates."""
+    import torch
+    from diffusers import AutoencoderKL
+    torch.set_num_threads(1)
+    vae = AutoencoderKL.from_pretrained(Path(args.model) / "vae").eval()
+    images, _, specs = shapes_data.make_dataset(args.count, seed=args.seed)  # [N,32,32,3]
+    with torch.no_grad():
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [N,3,32,32]
+        decoded = vae.decode(vae.encode(x).latent_dist.mean).sample  # [N,4,8,8] -> [N,3,32,32]
+    pictures = ((decoded.permute(0, 2, 3, 1).numpy() / 2 + 0.5).clip(0, 1) * 255).round().astype(np.uint8)
+    scores = shape_classifier.score(pictures, specs)
+    print(f"VAE reconstructions of {args.count} drawn pictures: colours right {scores['color_accuracy']:.1%}, "
+          f"shapes right {scores['shape_accuracy']:.1%} (mistakes {scores['shape_mistakes']})")
+    groups = {}
+    for picture, spec in zip(pictures, specs):
+        right = shape_classifier.classify_picture(picture)["shape"] == spec["shape"]
+        low = spec["side"] - (spec["side"] - shapes_data.SIZE_RANGE[0]) % 3
+        high = min(low + 2, shapes_data.SIZE_RANGE[1])
+        sides = f"{low:2d}-{high}" if high > low else f"{low:2d}"
+        for key in (spec["shape"], f"side {sides} px"):
+            groups.setdefault(key, []).append(right)
+    for key, rights in sorted(groups.items(), key=lambda item: (item[0].startswith("side"), item[0])):
+        print(f"  {key:14s} shapes right {np.mean(rights):.1%} of {len(rights)}")
 
 
 def command_plot(args):
@@ -88,12 +130,12 @@ def command_plot(args):
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     left.plot([r["step"] for r in vae], [r["mse"] for r in vae])
     left.set_yscale("log")
-    left.set_xlabel("VAE step (batch 16)")
+    left.set_xlabel("VAE step")
     left.set_ylabel("reconstruction MSE (pixels in [-1,1])")
     left.set_title(f"VAE: {vae[-1]['psnr']:.1f} dB PSNR at the end")
     right.plot([r["step"] for r in diffusion], [r["loss"] for r in diffusion])
     right.set_yscale("log")
-    right.set_xlabel("UNet + text encoder step (batch 64)")
+    right.set_xlabel("UNet + text encoder step")
     right.set_ylabel("epsilon-prediction MSE")
     right.set_title("diffusion (mean of 25 steps)")
     figure.tight_layout()
@@ -149,6 +191,16 @@ def main():
                           help="sampler to use instead of the folder's scheduler config")
     accuracy.add_argument("--seed", type=int, default=0)
     accuracy.add_argument("--json", default=None)
+    negative = sub.add_parser("negative")
+    negative.add_argument("--model", default=str(HERE / "tiny-shapes"))
+    negative.add_argument("--count", type=int, default=200)
+    negative.add_argument("--guidance", type=float, default=7.0)
+    negative.add_argument("--steps", type=int, default=20)
+    negative.add_argument("--seed", type=int, default=0)
+    vae = sub.add_parser("vae")
+    vae.add_argument("--model", default=str(HERE / "tiny-shapes"))
+    vae.add_argument("--count", type=int, default=1000)
+    vae.add_argument("--seed", type=int, default=77)
     plot = sub.add_parser("plot")
     plot.add_argument("--log", default="/tmp/tiny-shapes-work/log.json")
     plot.add_argument("--out", default=str(HERE / "loss_curves.png"))
@@ -160,7 +212,7 @@ def main():
     grid.add_argument("--seed", type=int, default=0)
     grid.add_argument("--scale", type=int, default=4)
     args = parser.parse_args()
-    {"accuracy": command_accuracy, "plot": command_plot, "grid": command_grid}[args.command](args)
+    {"accuracy": command_accuracy, "negative": command_negative, "vae": command_vae, "plot": command_plot, "grid": command_grid}[args.command](args)
 
 
 if __name__ == "__main__":

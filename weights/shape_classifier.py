@@ -128,10 +128,15 @@ def iou(mask_a, mask_b):
 
 
 def score(pictures, specs):
-    """Fraction of pictures whose background, centre colour (both together) and shape match the specs."""
-    colors_right, shapes_right = 0, 0
+    """Fraction of pictures whose background, centre colour (both together) and shape match the specs,
+    and the shape mistakes counted by kind ("circle->square": asked for a circle, read a square)."""
+    colors_right, shapes_right, shape_mistakes = 0, 0, {}
     for picture, spec in zip(pictures, specs):
         found = classify_picture(picture)
         colors_right += found["background"] == spec["background"] and found["color"] == spec["color"]
         shapes_right += found["shape"] == spec["shape"]
-    return dict(color_accuracy=colors_right / len(specs), shape_accuracy=shapes_right / len(specs))
+        if found["shape"] != spec["shape"]:
+            mistake = f"{spec['shape']}->{found['shape']}"
+            shape_mistakes[mistake] = shape_mistakes.get(mistake, 0) + 1
+    return dict(color_accuracy=colors_right / len(specs), shape_accuracy=shapes_right / len(specs),
+                shape_mistakes=dict(sorted(shape_mistakes.items())))
