@@ -14,7 +14,7 @@ Importing this package imports numba, but nothing is compiled until a kernel is 
 """
 
 from npdiff.kernels.activations import gelu, quick_gelu, silu
-from npdiff.kernels.attention import (attention_chunked, attention_chunked_ref, attention_full,
+from npdiff.kernels.attention import (attention_batched, attention_chunked, attention_chunked_ref, attention_full,
                                       attention_ref, scaled_dot_product_attention, softmax)
 from npdiff.kernels.conv import conv2d, conv2d_ref
 from npdiff.kernels.linear import geglu, linear
@@ -22,7 +22,8 @@ from npdiff.kernels.norm import group_norm, layer_norm
 from npdiff.kernels.resample import upsample_nearest2x
 
 __all__ = [
-    "attention_chunked", "attention_chunked_ref", "attention_full", "attention_ref", "conv2d", "conv2d_ref", "geglu", "gelu",
+    "attention_batched", "attention_chunked", "attention_chunked_ref", "attention_full", "attention_ref", "conv2d",
+    "conv2d_ref", "geglu", "gelu",
     "group_norm", "layer_norm", "linear", "quick_gelu", "scaled_dot_product_attention", "silu",
     "softmax", "upsample_nearest2x",
 ]

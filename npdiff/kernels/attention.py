@@ -12,6 +12,12 @@ Versions:
   attention_full     NumPy arrays: the full [N, M] score matrix of one (batch, head) slice at a time,
                      softmax in place by a Numba row pass, slices spread over the BLAS worker
                      threads (attention_blocked.py with one query block and one key chunk).
+                     Small slices (at most BATCHED_MAX_SLICE_SCORES scores: CLIP's 77x77, the
+                     shipped model's 64x77) go to attention_batched instead.
+  attention_batched  NumPy arrays, many small slices: one batched matmul for the scores of all
+                     slices (NumPy loops over them in C, not Python), the Numba softmax over all
+                     rows at once, one batched matmul with v. For 512 slices of 64x77 the Python
+                     work per slice of attention_full costs more than the arithmetic.
   attention_chunked_ref  memory-efficient ("flash attention"), NumPy API: keys/values are visited
                      in chunks of KEY_CHUNK; for each chunk the scores [..., N, KEY_CHUNK] are made,
                      and a running row max m, running sum l and running output acc are updated:
@@ -45,9 +51,9 @@ from npdiff.kernels import cuda
 from npdiff.kernels.attention_blocked import KEY_CHUNK as BLOCKED_KEY_CHUNK
 from npdiff.kernels.attention_blocked import attention_blocked, causal_additive, exp_in_place, row_maxima
 from npdiff.kernels.validate import require_float32, require_min_ndim, shape_text
-from npdiff.kernels.vecmath import exp_f32
 
 MEMORY_EFFICIENT_MIN_SCORES = 1 << 23  # full score matrix above this many floats (32 MiB) -> chunked
+BATCHED_MAX_SLICE_SCORES = 128 * 128  # attention_full: slices of at most this many scores -> attention_batched
 KEY_CHUNK = 512  # keys per step of attention_chunked_ref
 PATHS = ("auto", "full", "chunked")
 SOFTMAX_BLOCK_ROWS = 64  # rows per parallel task of softmax()
@@ -152,14 +158,30 @@ def attention_ref(q, k, v, mask=None, scale=None, is_causal=False):
     return xp.matmul(probs, v)  # [...,N,M] @ [...,M,dv] -> [...,N,dv]
 
 
+def attention_batched(q, k, v, mask=None, scale=None, is_causal=False):
+    """NumPy arrays with many small (batch, head) slices: all score matrices at once, [..., N, M]."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    # 1. every slice's scores in one batched matmul (+ mask, + causal mask)
+    scores = full_scores(q, k, mask, scale, is_causal, np)  # [...,N,d] @ [...,d,M] -> [...,N,M]
+    # 2. softmax of all rows by the Numba kernel; a row with no key to attend to gives NaN there ...
+    probs = softmax(scores)  # [...,N,M]
+    if mask is not None or is_causal:
+        probs[np.isneginf(scores).all(axis=-1)] = 0.0  # ... and 0 here, as torch's attention gives
+    # 3. every slice's output in one batched matmul
+    return np.matmul(probs, v)  # [...,N,M] @ [...,M,dv] -> [...,N,dv]
+
+
 def attention_full(q, k, v, mask=None, scale=None, is_causal=False):
     """The full score matrix of one (batch, head) slice at a time: for NumPy arrays the slices go to
     the BLAS workers (attention_blocked with one block of all N queries and one chunk of all M keys,
-    so the running softmax is a plain softmax); other arrays go to attention_ref."""
+    so the running softmax is a plain softmax), or all at once to attention_batched when they are
+    small; other arrays go to attention_ref."""
     if not backend.is_numpy(q):
         return attention_ref(q, k, v, mask, scale, is_causal)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     n_queries, n_keys = q.shape[-2], k.shape[-2]
+    if n_queries * n_keys <= BATCHED_MAX_SLICE_SCORES:
+        return attention_batched(q, k, v, mask, scale, is_causal)
     return attention_blocked(q, k, v, mask, scale, is_causal, key_chunk=max(1, n_keys),
                              query_block=max(1, n_queries))
 

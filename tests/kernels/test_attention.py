@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from helpers import KERNEL_TOL, assert_rel_close
 from npdiff import NpdiffError
-from npdiff.kernels import (attention, attention_chunked, attention_chunked_ref, attention_full, attention_ref,
-                            scaled_dot_product_attention, softmax)
+from npdiff.kernels import (attention, attention_batched, attention_chunked, attention_chunked_ref, attention_full,
+                            attention_ref, scaled_dot_product_attention, softmax)
 from npdiff.kernels.attention import softmax_ref
 from npdiff.kernels.attention_blocked import attention_blocked
 
@@ -82,6 +82,7 @@ def check_every_path(q, k, v, expected, **kwargs):
         assert_rel_close(ours, expected, KERNEL_TOL, f"attention path={path}")
     reference = attention_ref(q, k, v, **kwargs)
     assert_rel_close(reference, expected, KERNEL_TOL, "attention_ref")
+    assert_rel_close(attention_batched(q, k, v, **kwargs), expected, KERNEL_TOL, "attention_batched")
     chunked_ref = attention_chunked_ref(q, k, v, key_chunk=7, **kwargs)
     assert_rel_close(chunked_ref, expected, KERNEL_TOL, "attention_chunked_ref key_chunk=7")
     scale = kwargs.pop("scale", None) or 1 / math.sqrt(q.shape[-1])
@@ -147,13 +148,32 @@ def test_attention_fully_masked_rows_give_zero_like_torch(rng, kind):
         ours = scaled_dot_product_attention(q, k, v, mask=mask, path=path)
         assert not np.isnan(ours).any() and (ours[:, 3] == 0).all()
         assert_rel_close(ours, expected, KERNEL_TOL, f"attention path={path}")
-    for ours in (attention_ref(q, k, v, mask=mask), attention_chunked_ref(q, k, v, mask=mask, key_chunk=5),
+    for ours in (attention_ref(q, k, v, mask=mask), attention_batched(q, k, v, mask=mask),
+                 attention_chunked_ref(q, k, v, mask=mask, key_chunk=5),
                  attention_blocked(q, k, v, mask=mask, scale=1 / math.sqrt(8), key_chunk=5, query_block=3)):
         assert not np.isnan(ours).any() and (ours[:, 3] == 0).all()
         assert_rel_close(ours, expected, KERNEL_TOL)
 
 
-def test_attention_auto_path_switches_at_threshold(rng, monkeypatch):
+@pytest.mark.parametrize("slice_scores", ["small", "large"])
+def test_attention_full_batches_small_slices_and_spreads_large_ones(rng, monkeypatch, slice_scores):
+    """attention_full's two ways: small slices all at once (attention_batched), large ones one per
+    worker (attention_blocked); the threshold is moved so that both run on small random inputs."""
+    q, k, v = random_qkv(rng, (2, 3), int(rng.integers(2, 40)), int(rng.integers(2, 50)), 16)
+    calls = []
+    monkeypatch.setattr(attention, "BATCHED_MAX_SLICE_SCORES", 10**9 if slice_scores == "small" else 0)
+    for name in ("attention_batched", "attention_blocked"):
+        kernel = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, _kernel=kernel, _name=name, **kw:
+                            calls.append(_name) or _kernel(*a, **kw))
+    allowed = rng.random((2, 1, q.shape[-2], k.shape[-2])) < 0.6
+    allowed[..., 0, :] = False  # query 0 may attend to no key: 0 out, as torch
+    is_causal = bool(rng.random() < 0.5)
+    ours = attention_full(q, k, v, mask=allowed, is_causal=is_causal)
+    assert calls == ["attention_batched" if slice_scores == "small" else "attention_blocked"]
+    assert not np.isnan(ours).any() and (ours[..., 0, :] == 0).all()
+    assert_rel_close(ours, torch_sdpa(q, k, v, allowed, is_causal=is_causal), KERNEL_TOL, slice_scores)
+
     q, k, v = random_qkv(rng, (2,), 30, 40, 8)
     calls = []
     monkeypatch.setattr(attention, "attention_chunked", lambda *a, **kw: calls.append("chunked"))
