@@ -36,20 +36,21 @@ def random_prompts(count, seed):
     return prompts, specs
 
 
-SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "pndm": "PNDMScheduler",
               "dpm": "DPMSolverMultistepScheduler"}  # dpm: DPM++ 2M, diffusers' default settings
 
 
-def load_diffusers_pipeline(model, scheduler=None):
-    """diffusers' pipeline on the folder; scheduler: a key of SCHEDULERS (None: the folder's own)."""
+def load_diffusers_pipeline(model, scheduler=None, spacing=None):
+    """diffusers' pipeline on the folder; scheduler: a key of SCHEDULERS (None: the folder's own);
+    spacing: a timestep_spacing ("leading", "trailing", "linspace") instead of the config's."""
     import diffusers
     import torch
     torch.set_num_threads(1)
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(model, safety_checker=None,
                                                              requires_safety_checker=False, torch_dtype=torch.float32)
-    if scheduler is not None:
-        scheduler_class = getattr(diffusers, SCHEDULERS[scheduler])
-        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    scheduler_class = getattr(diffusers, SCHEDULERS[scheduler]) if scheduler else type(pipe.scheduler)
+    overrides = {"timestep_spacing": spacing} if spacing else {}
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **overrides)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -64,8 +65,8 @@ def generate(pipe, prompts, seed, guidance, steps, negative_prompts=None):
 
 
 def command_accuracy(args):
-    pipe = load_diffusers_pipeline(args.model, args.scheduler)
-    scheduler_name = type(pipe.scheduler).__name__
+    pipe = load_diffusers_pipeline(args.model, args.scheduler, args.spacing)
+    scheduler_name = f"{type(pipe.scheduler).__name__} ({pipe.scheduler.config.timestep_spacing})"
     rows = []
     for steps in args.steps:
         for guidance in args.guidance:
@@ -74,7 +75,8 @@ def command_accuracy(args):
             scores = shape_classifier.score(pictures, specs)
             rows.append(dict(scheduler=scheduler_name, guidance=guidance, steps=steps, count=args.count, **scores))
             print(f"{scheduler_name} guidance {guidance:4.1f} steps {steps}: colours right "
-                  f"{scores['color_accuracy']:.1%}, shapes right {scores['shape_accuracy']:.1%} of {args.count} "
+                  f"{scores['color_accuracy']:.1%} (mean colour error {scores['color_error']:.0f}), shapes right "
+                  f"{scores['shape_accuracy']:.1%} of {args.count} "
                   f"(mistakes {scores['shape_mistakes']})",
                   flush=True)
     if args.json:
@@ -189,6 +191,8 @@ def main():
     accuracy.add_argument("--steps", type=int, nargs="+", default=[20])
     accuracy.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
                           help="sampler to use instead of the folder's scheduler config")
+    accuracy.add_argument("--spacing", choices=["leading", "trailing", "linspace"], default=None,
+                          help="timestep spacing instead of the scheduler config's")
     accuracy.add_argument("--seed", type=int, default=0)
     accuracy.add_argument("--json", default=None)
     negative = sub.add_parser("negative")

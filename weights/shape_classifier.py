@@ -62,11 +62,12 @@ def largest_component(mask):
 
 
 def classify_picture(image):
-    """uint8 [H,W,3] -> dict(background, color, shape, fill_ratio, top_share, corner_fill); color and
-    shape are None when no shape is found."""
+    """uint8 [H,W,3] -> dict(background, color, shape, fill_ratio, top_share, corner_fill, background_rgb,
+    color_rgb); color, color_rgb and shape are None when no shape is found."""
     pixels = np.asarray(image, dtype=np.float64)  # [H,W,3]
     background_rgb = border_color(pixels)  # [3]
-    result = dict(background=nearest_color(background_rgb), color=None, shape=None, fill_ratio=0.0)
+    result = dict(background=nearest_color(background_rgb), color=None, shape=None, fill_ratio=0.0,
+                  background_rgb=background_rgb, color_rgb=None)
     far = np.linalg.norm(pixels - background_rgb[None, None, :], axis=2) > SHAPE_THRESHOLD  # [H,W]
     candidate = largest_component(far)  # [H,W]
     if candidate.sum() < 4:
@@ -79,7 +80,7 @@ def classify_picture(image):
     if len(centre_pixels) == 0:
         centre_pixels = pixels[candidate]
     centre_rgb = np.median(centre_pixels, axis=0)  # [3]
-    result["color"] = nearest_color(centre_rgb)
+    result["color"], result["color_rgb"] = nearest_color(centre_rgb), centre_rgb
     direction = centre_rgb - background_rgb  # [3]
     along = (pixels - background_rgb[None, None, :]) @ direction / max(direction @ direction, 1e-9)  # [H,W]
     outline = largest_component(along > 0.5)  # [H,W]
@@ -121,6 +122,16 @@ def shape_mask(image):
     return largest_component(np.linalg.norm(pixels - background_rgb[None, None, :], axis=2) > SHAPE_THRESHOLD)
 
 
+def color_error(found, spec):
+    """found: classify_picture's answer. -> RGB distance of the picture's background (border median) and shape centre (5x5 median) from the
+    named colours of the spec, added: 0 for a picture drawn exactly in the prompt's colours. A missing
+    shape counts as the largest possible distance, 255 * sqrt(3)."""
+    background = np.linalg.norm(found["background_rgb"] - np.array(COLORS[spec["background"]]))
+    if found["color_rgb"] is None:
+        return float(background + 255 * np.sqrt(3))
+    return float(background + np.linalg.norm(found["color_rgb"] - np.array(COLORS[spec["color"]])))
+
+
 def iou(mask_a, mask_b):
     """Intersection over union of two bool masks (0 when both are empty)."""
     union = np.logical_or(mask_a, mask_b).sum()
@@ -129,14 +140,16 @@ def iou(mask_a, mask_b):
 
 def score(pictures, specs):
     """Fraction of pictures whose background, centre colour (both together) and shape match the specs,
-    and the shape mistakes counted by kind ("circle->square": asked for a circle, read a square)."""
-    colors_right, shapes_right, shape_mistakes = 0, 0, {}
+    the shape mistakes counted by kind ("circle->square": asked for a circle, read a square) and the mean
+    colour_error (RGB distance from the named colours, background + shape centre)."""
+    colors_right, shapes_right, shape_mistakes, color_errors = 0, 0, {}, []
     for picture, spec in zip(pictures, specs):
         found = classify_picture(picture)
+        color_errors.append(color_error(found, spec))
         colors_right += found["background"] == spec["background"] and found["color"] == spec["color"]
         shapes_right += found["shape"] == spec["shape"]
         if found["shape"] != spec["shape"]:
             mistake = f"{spec['shape']}->{found['shape']}"
             shape_mistakes[mistake] = shape_mistakes.get(mistake, 0) + 1
     return dict(color_accuracy=colors_right / len(specs), shape_accuracy=shapes_right / len(specs),
-                shape_mistakes=dict(sorted(shape_mistakes.items())))
+                shape_mistakes=dict(sorted(shape_mistakes.items())), color_error=float(np.mean(color_errors)))

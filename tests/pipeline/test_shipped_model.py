@@ -26,13 +26,17 @@ import shapes_data  # noqa: E402
 
 STEPS = 15
 GUIDANCE = 7.0
-BATCH = 32
-# The issue's rates are 90% (colours) and 80% (shapes). weights/README.md measures 98% and 81.5% on 200
-# pictures (guidance 7, 20 DDIM steps). A batch of 32 at 15 steps is noisy: at a true 81.5% it sees
-# fewer than 26 right shapes (80%) about half the time, so the shape bar here is 65% (a true 81.5%
-# falls under it with probability ~0.5%; a model at chance, 33%, never reaches it).
+# The issue's rates: background and shape colour right in 90% of pictures, shape right in 80%.
+# weights/README.md measures 100% and 100% at guidance 3-8 (1,000 pictures, DDIM, 15-50 steps), so a
+# fresh batch of BATCH falls under the bars only if the model really got worse.
 COLOR_MIN = 0.9
-SHAPE_MIN = 0.65
+SHAPE_MIN = 0.8
+# Guidance 1 against 7: at guidance 1 this model is already right about the colours in ~97% of pictures
+# (weights/README.md: 96.5-98.5% on 200-picture sets), at guidance 7 in 100%. To see that change every
+# run the batch is large: at a true 97% a batch of 256 has no colour mistake at guidance 1 with
+# probability ~0.1%.
+BATCH = 256
+NEGATIVE_BATCH = 64  # the negative prompt moves the colour rate from ~100% to ~13%: a small batch shows it
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +70,17 @@ def text_to_image(pipe, run_seed):
     """The same random prompts and noise three ways: -> dict name -> (pictures, specs).
 
     "guided": guidance 7; "unguided": guidance 1; "negative": guidance 7 with the shape's colour
-    word as the negative prompt.
+    word as the negative prompt (the first NEGATIVE_BATCH prompts).
     """
     prompts, specs = random_prompts(BATCH, run_seed)
-    runs = {"guided": (GUIDANCE, None), "unguided": (1.0, None),
-            "negative": (GUIDANCE, [spec["color"] for spec in specs])}
+    negatives = [spec["color"] for spec in specs[:NEGATIVE_BATCH]]
+    runs = {"guided": (GUIDANCE, BATCH, None), "unguided": (1.0, BATCH, None),
+            "negative": (GUIDANCE, NEGATIVE_BATCH, negatives)}
     results = {}
-    for name, (guidance, negative_prompts) in runs.items():
-        output = pipe(prompts, negative_prompt=negative_prompts, num_inference_steps=STEPS,
+    for name, (guidance, count, negative_prompts) in runs.items():
+        output = pipe(prompts[:count], negative_prompt=negative_prompts, num_inference_steps=STEPS,
                       guidance_scale=guidance, seed=run_seed, output_type="np", progress=False)
-        results[name] = (to_uint8(output.images), specs)
+        results[name] = (to_uint8(output.images), specs[:count])
     return results
 
 
@@ -109,31 +114,24 @@ def test_default_model_is_the_shipped_one():
     assert Path(default_model_path()).resolve() == MODEL_DIR.resolve()
 
 
-def fully_right_rate(pictures, specs):
-    """Fraction of pictures with background, shape colour and shape kind all as prompted."""
-    right = 0
-    for picture, spec in zip(pictures, specs):
-        found = shape_classifier.classify_picture(picture)
-        right += all(found[key] == spec[key] for key in ("background", "color", "shape"))
-    return right / len(specs)
-
-
 def test_guided_pictures_show_the_named_colours_and_shapes(text_to_image, run_seed):
     scores = shape_classifier.score(*text_to_image["guided"])
     assert scores["color_accuracy"] >= COLOR_MIN, f"seed {run_seed}: {scores}"
     assert scores["shape_accuracy"] >= SHAPE_MIN, f"seed {run_seed}: {scores}"
 
 
-def test_guidance_7_is_more_often_right_than_guidance_1(text_to_image, run_seed):
-    """Measured on 200 pictures: colours 77.5% -> 98%, shapes 52.5% -> 81.5% from guidance 1 to 7."""
-    unguided = fully_right_rate(*text_to_image["unguided"])
-    guided = fully_right_rate(*text_to_image["guided"])
-    assert guided >= unguided + 0.15, \
-        f"seed {run_seed}: all three right at guidance 1: {unguided:.0%}, at guidance {GUIDANCE}: {guided:.0%}"
+def test_guidance_7_gets_colours_right_more_often_than_guidance_1(text_to_image, run_seed):
+    """Measured on 200 pictures (weights/README.md): colours 96.5% -> 100% from guidance 1 to 7, and the
+    mean colour error (RGB distance from the named colours) 28 -> 11."""
+    unguided = shape_classifier.score(*text_to_image["unguided"])
+    guided = shape_classifier.score(*text_to_image["guided"])
+    assert guided["color_accuracy"] > unguided["color_accuracy"], \
+        f"seed {run_seed}: colours right at guidance 1: {unguided}, at guidance {GUIDANCE}: {guided}"
 
 
 def test_negative_prompt_pushes_its_colour_out(text_to_image, run_seed):
-    without = shape_color_rate(*text_to_image["guided"])
+    pictures, specs = text_to_image["guided"]
+    without = shape_color_rate(pictures[:NEGATIVE_BATCH], specs[:NEGATIVE_BATCH])
     with_negative = shape_color_rate(*text_to_image["negative"])
     assert with_negative <= without - 0.25, \
         f"seed {run_seed}: shapes in the named colour: {without:.0%} without, {with_negative:.0%} with it as negative"
