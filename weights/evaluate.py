@@ -2,6 +2,7 @@
 
     python weights/evaluate.py accuracy --count 200 --guidance 7 --steps 20   # table of accuracies
     python weights/evaluate.py negative  # a negative prompt naming the shape's colour pushes it out
+    python weights/evaluate.py img2img   # image-to-image: the drawing kept or the prompt followed, by strength
     python weights/evaluate.py vae       # how often the VAE's reconstructions are read right (its ceiling)
     python weights/evaluate.py plot      # weights/loss_curves.png from the training log
     python weights/evaluate.py grid      # weights/grid.png: several prompts + the steps of one
@@ -93,6 +94,57 @@ def command_negative(args):
         rate = np.mean([color == spec["color"] for color, spec in zip(found, specs)])
         print(f"guidance {args.guidance} steps {args.steps}, {label} the colour as negative prompt: "
               f"shape in the named colour {rate:.1%} of {args.count}", flush=True)
+
+
+def same_layout(mask, drawn_mask, max_shift=3.0, max_size_change=0.25):
+    """Is the shape of bool mask [H,W] where the drawn one was: centroid within max_shift pixels, box
+    side (the larger of width and height) within max_size_change of the drawn one's?"""
+    if mask.sum() == 0:
+        return False
+    centres, sides = [], []
+    for m in (mask, drawn_mask):
+        ys, xs = np.nonzero(m)
+        centres.append(np.array([ys.mean(), xs.mean()]))
+        sides.append(max(ys.max() - ys.min(), xs.max() - xs.min()) + 1)
+    shift = np.linalg.norm(centres[0] - centres[1])
+    return bool(shift <= max_shift and abs(sides[0] / sides[1] - 1) <= max_size_change)
+
+
+def command_img2img(args):
+    """Image-to-image from drawn pictures with prompts naming other colours and another shape: per
+    strength, how often the drawing's layout stays (the shape found has its centre within 3 pixels of the
+    drawn one's and a box side within 25% of it: the prompt asks for another shape, so the outline may
+    change), how often its colours stay too, and how often the prompt's colours and shape win."""
+    import diffusers
+    import torch
+    pipe = diffusers.StableDiffusionImg2ImgPipeline(**load_diffusers_pipeline(args.model).components)
+    pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(args.seed)
+    drawings, drawn_specs, prompts, specs = [], [], [], []
+    while len(prompts) < args.count:
+        drawn = shapes_data.sample_spec(rng)
+        asked = shapes_data.sample_spec(rng)
+        if asked[0] == drawn[0] or {asked[1], asked[2]} & {drawn[1], drawn[2]}:
+            continue  # the prompt differs from the drawing in shape and in both colours
+        drawings.append(shapes_data.draw_shape(*drawn))
+        drawn_specs.append(dict(shape=drawn[0], color=drawn[1], background=drawn[2]))
+        prompts.append(f"a {asked[1]} {asked[0]} on a {asked[2]} background")
+        specs.append(dict(shape=asked[0], color=asked[1], background=asked[2]))
+    drawn_masks = [shape_classifier.shape_mask(np.asarray(drawing)) for drawing in drawings]
+    for strength in args.strength:
+        result = pipe(prompts, image=drawings, strength=strength, num_inference_steps=args.steps,
+                      guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed),
+                      output_type="np")
+        pictures = (np.clip(result.images, 0, 1) * 255).round().astype(np.uint8)  # [N,H,W,3]
+        layout_kept, colours_kept, followed = 0, 0, 0
+        for picture, drawn_spec, spec, drawn_mask in zip(pictures, drawn_specs, specs, drawn_masks):
+            found = shape_classifier.classify_picture(picture)
+            layout_kept += same_layout(shape_classifier.shape_mask(picture), drawn_mask)
+            colours_kept += (found["background"], found["color"]) == (drawn_spec["background"], drawn_spec["color"])
+            followed += all(found[key] == spec[key] for key in ("background", "color", "shape"))
+        print(f"strength {strength:.2f}: drawing's layout kept {layout_kept / args.count:.0%}, its colours "
+              f"{colours_kept / args.count:.0%}; prompt followed (colours + shape) {followed / args.count:.0%} "
+              f"of {args.count}", flush=True)
 
 
 def command_vae(args):
@@ -201,6 +253,13 @@ def main():
     negative.add_argument("--guidance", type=float, default=7.0)
     negative.add_argument("--steps", type=int, default=20)
     negative.add_argument("--seed", type=int, default=0)
+    img2img = sub.add_parser("img2img")
+    img2img.add_argument("--model", default=str(HERE / "tiny-shapes"))
+    img2img.add_argument("--count", type=int, default=64)
+    img2img.add_argument("--strength", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5, 0.7, 1.0])
+    img2img.add_argument("--guidance", type=float, default=7.0)
+    img2img.add_argument("--steps", type=int, default=15)
+    img2img.add_argument("--seed", type=int, default=0)
     vae = sub.add_parser("vae")
     vae.add_argument("--model", default=str(HERE / "tiny-shapes"))
     vae.add_argument("--count", type=int, default=1000)
@@ -216,7 +275,7 @@ def main():
     grid.add_argument("--seed", type=int, default=0)
     grid.add_argument("--scale", type=int, default=4)
     args = parser.parse_args()
-    {"accuracy": command_accuracy, "negative": command_negative, "vae": command_vae, "plot": command_plot, "grid": command_grid}[args.command](args)
+    {"accuracy": command_accuracy, "negative": command_negative, "img2img": command_img2img, "vae": command_vae, "plot": command_plot, "grid": command_grid}[args.command](args)
 
 
 if __name__ == "__main__":
