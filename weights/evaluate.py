@@ -37,7 +37,8 @@ def random_prompts(count, seed):
     return prompts, specs
 
 
-SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "pndm": "PNDMScheduler",
+SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
+              "pndm": "PNDMScheduler",
               "dpm": "DPMSolverMultistepScheduler"}  # dpm: DPM++ 2M, diffusers' default settings
 
 
@@ -85,15 +86,26 @@ def command_accuracy(args):
 
 
 def command_negative(args):
-    """Shapes drawn in the prompt's shape colour, without and with that colour word as negative prompt."""
+    """Shapes drawn in the prompt's shape colour: without a negative prompt, with that colour word as the
+    negative prompt, and with an unrelated colour word (neither the shape's nor the background's) as the
+    negative prompt, which should leave the picture as prompted."""
     pipe = load_diffusers_pipeline(args.model)
     prompts, specs = random_prompts(args.count, args.seed)
-    for label, negative_prompts in (("without", None), ("with", [spec["color"] for spec in specs])):
+    rng = np.random.default_rng(args.seed + 1)
+    unrelated = []
+    for spec in specs:
+        others = [name for name in shapes_data.COLOR_NAMES if name not in (spec["color"], spec["background"])]
+        unrelated.append(others[rng.integers(len(others))])
+    runs = (("no negative prompt", None), ("the shape's colour as negative", [spec["color"] for spec in specs]),
+            ("an unrelated colour as negative", unrelated))
+    for label, negative_prompts in runs:
         pictures = generate(pipe, prompts, args.seed, args.guidance, args.steps, negative_prompts)
         found = [shape_classifier.classify_picture(picture)["color"] for picture in pictures]
         rate = np.mean([color == spec["color"] for color, spec in zip(found, specs)])
-        print(f"guidance {args.guidance} steps {args.steps}, {label} the colour as negative prompt: "
-              f"shape in the named colour {rate:.1%} of {args.count}", flush=True)
+        scores = shape_classifier.score(pictures, specs)
+        print(f"guidance {args.guidance} steps {args.steps}, {label}: shape in the named colour {rate:.1%}; "
+              f"colours right {scores['color_accuracy']:.1%}, shapes right {scores['shape_accuracy']:.1%} "
+              f"of {args.count}", flush=True)
 
 
 def same_layout(mask, drawn_mask, max_shift=3.0, max_size_change=0.25):
@@ -187,7 +199,11 @@ def command_plot(args):
     left.set_xlabel("VAE step")
     left.set_ylabel("reconstruction MSE (pixels in [-1,1])")
     left.set_title(f"VAE: {vae[-1]['psnr']:.1f} dB PSNR at the end")
-    right.plot([r["step"] for r in diffusion], [r["loss"] for r in diffusion])
+    right.plot([r["step"] for r in diffusion], [r["loss"] for r in diffusion], label="whole captions")
+    captions = [r for r in log if r["stage"] == "captions"]
+    if captions:
+        right.plot([r["step"] for r in captions], [r["loss"] for r in captions], label="+ partial captions")
+        right.legend()
     right.set_yscale("log")
     right.set_xlabel("UNet + text encoder step")
     right.set_ylabel("epsilon-prediction MSE")

@@ -12,6 +12,9 @@ Captions come in a few variants so that the text encoder has to read the words, 
     "a red circle on the left of a blue background"    (position word)
     "a blue background with a red circle"              (background first)
     "red circle, blue background"                      (terse)
+and, for an optional last stage of training (train.py --caption-steps; not in the shipped run), partial
+captions that name only part of the picture, so that a short prompt such as "red" means something:
+    "a red circle"   "red"   "blue"   "a blue background"   "a circle"
 
     python weights/shapes_data.py --out grid.png      # a contact sheet of 64 examples
 """
@@ -54,8 +57,12 @@ def position_word(center_x, center_y, size=IMAGE_SIZE):
     return "top" if dy < 0 else "bottom"
 
 
+FULL_CAPTIONS = 5  # variants 0..4 describe the whole picture
+CAPTION_VARIANTS = 10  # variants 5..9 describe part of it
+
+
 def caption_for(shape, color, background, side, center_x, center_y, variant):
-    """One of five caption templates (variant 0..4) for the same picture."""
+    """One of CAPTION_VARIANTS caption templates for the same picture: 0..4 whole, 5..9 partial."""
     if variant == 0:
         return f"a {color} {shape} on a {background} background"
     if variant == 1:
@@ -68,7 +75,10 @@ def caption_for(shape, color, background, side, center_x, center_y, variant):
         return f"a {color} {shape} on the {where} of a {background} background"
     if variant == 3:
         return f"a {background} background with a {color} {shape}"
-    return f"{color} {shape}, {background} background"
+    if variant == 4:
+        return f"{color} {shape}, {background} background"
+    partial = [f"a {color} {shape}", color, background, f"a {background} background", f"a {shape}"]
+    return partial[variant - FULL_CAPTIONS]
 
 
 def draw_shape(shape, color, background, side, center_x, center_y, size=IMAGE_SIZE):
@@ -103,7 +113,7 @@ def sample_spec(rng):
 def make_dataset(count, seed):
     """-> (images uint8 [N,32,32,3], captions list of N variant lists, specs list of N dicts).
 
-    Each picture keeps all five caption variants; training picks one per step, so the same latent is
+    Each picture keeps all CAPTION_VARIANTS captions; training picks one per step, so the same latent is
     seen with several wordings.
     """
     rng = np.random.default_rng(seed)
@@ -112,7 +122,7 @@ def make_dataset(count, seed):
     for i in range(count):
         shape, color, background, side, center_x, center_y = sample_spec(rng)
         images[i] = np.asarray(draw_shape(shape, color, background, side, center_x, center_y))
-        captions.append([caption_for(shape, color, background, side, center_x, center_y, v) for v in range(5)])
+        captions.append([caption_for(shape, color, background, side, center_x, center_y, v) for v in range(CAPTION_VARIANTS)])
         specs.append(dict(shape=shape, color=color, background=background, side=side,
                           center_x=center_x, center_y=center_y))
     return images, captions, specs
