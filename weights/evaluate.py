@@ -26,17 +26,6 @@ import shape_classifier  # noqa: E402
 import shapes_data  # noqa: E402
 
 
-def random_prompts(count, seed):
-    """-> (prompts, specs): canonical captions for random (shape, colour, background) with colour != bg."""
-    rng = np.random.default_rng(seed)
-    prompts, specs = [], []
-    for _ in range(count):
-        shape, color, background, _, _, _ = shapes_data.sample_spec(rng)
-        prompts.append(f"a {color} {shape} on a {background} background")
-        specs.append(dict(shape=shape, color=color, background=background))
-    return prompts, specs
-
-
 SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
               "pndm": "PNDMScheduler",
               "dpm": "DPMSolverMultistepScheduler"}  # dpm: DPM++ 2M, diffusers' default settings
@@ -72,7 +61,7 @@ def command_accuracy(args):
     rows = []
     for steps in args.steps:
         for guidance in args.guidance:
-            prompts, specs = random_prompts(args.count, args.seed)
+            prompts, specs = shapes_data.random_prompts(args.count, args.seed)
             pictures = generate(pipe, prompts, args.seed, guidance, steps)
             scores = shape_classifier.score(pictures, specs)
             rows.append(dict(scheduler=scheduler_name, guidance=guidance, steps=steps, count=args.count, **scores))
@@ -90,12 +79,8 @@ def command_negative(args):
     negative prompt, and with an unrelated colour word (neither the shape's nor the background's) as the
     negative prompt, which should leave the picture as prompted."""
     pipe = load_diffusers_pipeline(args.model)
-    prompts, specs = random_prompts(args.count, args.seed)
-    rng = np.random.default_rng(args.seed + 1)
-    unrelated = []
-    for spec in specs:
-        others = [name for name in shapes_data.COLOR_NAMES if name not in (spec["color"], spec["background"])]
-        unrelated.append(others[rng.integers(len(others))])
+    prompts, specs = shapes_data.random_prompts(args.count, args.seed)
+    unrelated = shapes_data.unrelated_colors(specs, args.seed + 1)
     runs = (("no negative prompt", None), ("the shape's colour as negative", [spec["color"] for spec in specs]),
             ("an unrelated colour as negative", unrelated))
     for label, negative_prompts in runs:

@@ -110,6 +110,29 @@ def sample_spec(rng):
     return shape, COLOR_NAMES[color_index], COLOR_NAMES[background_index], side, center_x, center_y
 
 
+def random_prompts(count, seed):
+    """-> (prompts, specs): canonical captions for random (shape, colour, background) with colour != bg;
+    what weights/evaluate.py and tests/pipeline/test_shipped_model.py prompt with."""
+    rng = np.random.default_rng(seed)
+    prompts, specs = [], []
+    for _ in range(count):
+        shape, color, background, _, _, _ = sample_spec(rng)
+        prompts.append(f"a {color} {shape} on a {background} background")
+        specs.append(dict(shape=shape, color=color, background=background))
+    return prompts, specs
+
+
+def unrelated_colors(specs, seed):
+    """-> one colour name per spec that is neither its shape's colour nor its background (a negative
+    prompt that should leave the picture as prompted)."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for spec in specs:
+        others = [name for name in COLOR_NAMES if name not in (spec["color"], spec["background"])]
+        chosen.append(others[rng.integers(len(others))])
+    return chosen
+
+
 def make_dataset(count, seed):
     """-> (images uint8 [N,32,32,3], captions list of N variant lists, specs list of N dicts).
 

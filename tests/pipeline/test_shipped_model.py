@@ -49,17 +49,6 @@ def pipe():
     return npdiff.StableDiffusionPipeline.from_pretrained(MODEL_DIR)
 
 
-def random_prompts(count, seed):
-    """-> (prompts, specs) for random (shape, colour, background), colour != background."""
-    rng = np.random.default_rng(seed)
-    prompts, specs = [], []
-    for _ in range(count):
-        shape, color, background, _, _, _ = shapes_data.sample_spec(rng)
-        prompts.append(f"a {color} {shape} on a {background} background")
-        specs.append(dict(shape=shape, color=color, background=background))
-    return prompts, specs
-
-
 def to_uint8(images):
     """float [N,H,W,3] in [0,1] -> uint8 [N,H,W,3] (diffusers' rounding)."""
     return (np.clip(np.asarray(images), 0, 1) * 255).round().astype(np.uint8)
@@ -73,13 +62,9 @@ def text_to_image(pipe, run_seed):
     word as the negative prompt; "unrelated": guidance 7 with a colour word that is neither the
     shape's nor the background's as the negative prompt (the last two on the first NEGATIVE_BATCH).
     """
-    prompts, specs = random_prompts(BATCH, run_seed)
+    prompts, specs = shapes_data.random_prompts(BATCH, run_seed)
     negatives = [spec["color"] for spec in specs[:NEGATIVE_BATCH]]
-    rng = np.random.default_rng(run_seed + 1)
-    unrelated = []
-    for spec in specs[:NEGATIVE_BATCH]:
-        others = [name for name in shapes_data.COLOR_NAMES if name not in (spec["color"], spec["background"])]
-        unrelated.append(others[rng.integers(len(others))])
+    unrelated = shapes_data.unrelated_colors(specs[:NEGATIVE_BATCH], run_seed + 1)
     runs = {"guided": (GUIDANCE, BATCH, None), "unguided": (1.0, BATCH, None),
             "negative": (GUIDANCE, NEGATIVE_BATCH, negatives),
             "unrelated": (GUIDANCE, NEGATIVE_BATCH, unrelated)}
@@ -186,7 +171,7 @@ def test_npdiff_draws_what_diffusers_draws(pipe, run_seed):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    prompts, _ = random_prompts(3, run_seed + 1)
+    prompts, _ = shapes_data.random_prompts(3, run_seed + 1)
     ours = to_uint8(pipe(prompts, num_inference_steps=10, guidance_scale=GUIDANCE, seed=run_seed,
                          output_type="np", progress=False).images)
     reference_pipe = StableDiffusionPipeline.from_pretrained(MODEL_DIR, torch_dtype=torch.float32,
