@@ -14,10 +14,11 @@ Versions:
                      threads (attention_blocked.py with one query block and one key chunk).
                      Small slices (at most BATCHED_MAX_SLICE_SCORES scores: CLIP's 77x77, the
                      shipped model's 64x77) go to attention_batched instead.
-  attention_batched  NumPy arrays, many small slices: one batched matmul for the scores of all
-                     slices (NumPy loops over them in C, not Python), the Numba softmax over all
-                     rows at once, one batched matmul with v. For 512 slices of 64x77 the Python
-                     work per slice of attention_full costs more than the arithmetic.
+  attention_batched  NumPy arrays, many small slices: the slices in a few groups on the BLAS
+                     workers; per group one batched matmul for the scores (NumPy loops over the
+                     slices in C, not Python), a serial Numba softmax over all its rows, one batched
+                     matmul with v. For 512 slices of 64x77 the Python work per slice of
+                     attention_full costs more than the arithmetic.
   attention_chunked_ref  memory-efficient ("flash attention"), NumPy API: keys/values are visited
                      in chunks of KEY_CHUNK; for each chunk the scores [..., N, KEY_CHUNK] are made,
                      and a running row max m, running sum l and running output acc are updated:
@@ -50,6 +51,7 @@ from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
 from npdiff.kernels import cuda
 from npdiff.kernels.attention_blocked import KEY_CHUNK as BLOCKED_KEY_CHUNK
 from npdiff.kernels.attention_blocked import attention_blocked, causal_additive, exp_in_place, row_maxima
+from npdiff.kernels.openblas import run_blocks, worker_count
 from npdiff.kernels.validate import require_float32, require_min_ndim, shape_text
 
 MEMORY_EFFICIENT_MIN_SCORES = 1 << 23  # full score matrix above this many floats (32 MiB) -> chunked
@@ -159,16 +161,43 @@ def attention_ref(q, k, v, mask=None, scale=None, is_causal=False):
 
 
 def attention_batched(q, k, v, mask=None, scale=None, is_causal=False):
-    """NumPy arrays with many small (batch, head) slices: all score matrices at once, [..., N, M]."""
+    """NumPy arrays with many small (batch, head) slices: the slices are cut into a few groups, one
+    group per task on the BLAS workers (single-threaded BLAS each, as attention_blocked: OpenBLAS's own
+    threads left spinning slow the Numba kernels that follow), and each group is done at once."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    # 1. every slice's scores in one batched matmul (+ mask, + causal mask)
-    scores = full_scores(q, k, mask, scale, is_causal, np)  # [...,N,d] @ [...,d,M] -> [...,N,M]
-    # 2. softmax of all rows by the Numba kernel; a row with no key to attend to gives NaN there ...
-    probs = softmax(scores)  # [...,N,M]
-    if mask is not None or is_causal:
-        probs[np.isneginf(scores).all(axis=-1)] = 0.0  # ... and 0 here, as torch's attention gives
-    # 3. every slice's output in one batched matmul
-    return np.matmul(probs, v)  # [...,N,M] @ [...,M,dv] -> [...,N,dv]
+    lead, n_queries, n_keys = q.shape[:-2], q.shape[-2], k.shape[-2]
+    queries = q.reshape(-1, n_queries, q.shape[-1])  # [L,N,d]
+    keys = k.reshape(-1, n_keys, k.shape[-1])  # [L,M,d]
+    values = v.reshape(-1, n_keys, v.shape[-1])  # [L,M,dv]
+    additive = None  # [L,N,M] or [N,M]: mask and causal mask as numbers to add to the scores
+    if mask is not None:
+        additive = mask_to_additive(np.broadcast_to(mask, lead + (n_queries, n_keys)), np)
+        additive = additive.reshape(-1, n_queries, n_keys)  # [...,N,M] -> [L,N,M]
+    if is_causal:
+        causal = causal_additive(0, n_queries, 0, n_keys)  # [N,M]
+        additive = causal if additive is None else additive + causal
+    out = np.empty((queries.shape[0], n_queries, values.shape[-1]), np.float32)  # [L,N,dv]
+
+    def run_group(bounds):
+        first, stop = bounds
+        # 1. the group's scores in one batched matmul (+ mask, + causal mask)
+        scores = np.matmul(queries[first:stop], keys[first:stop].transpose(0, 2, 1))  # [G,N,d]@[G,d,M] -> [G,N,M]
+        scores *= np.float32(scale)
+        if additive is not None:
+            scores += additive if additive.ndim == 2 else additive[first:stop]
+        # 2. softmax of every row (serial Numba); a row with no key to attend to gives 0, as torch
+        rows = scores.reshape(-1, n_keys)  # [G*N,M]
+        probs = np.empty_like(rows)  # [G*N,M]
+        softmax_rows_block(rows, row_maxima(rows), probs)
+        if additive is not None:
+            probs[np.isneginf(rows).all(axis=1)] = 0.0
+        # 3. the group's outputs in one batched matmul
+        out[first:stop] = np.matmul(probs.reshape(stop - first, n_queries, n_keys), values[first:stop])
+
+    group = -(-queries.shape[0] // (2 * worker_count()))  # slices per task: two tasks per worker
+    run_blocks(run_group, [(first, min(first + group, queries.shape[0]))
+                           for first in range(0, queries.shape[0], group)])
+    return out.reshape(lead + (n_queries, values.shape[-1]))  # [L,N,dv] -> [...,N,dv]
 
 
 def attention_full(q, k, v, mask=None, scale=None, is_causal=False):
