@@ -125,7 +125,7 @@ def command_img2img(args):
             continue  # the prompt differs from the drawing in shape and in both colours
         drawings.append(shapes_data.draw_shape(*drawn))
         drawn_specs.append(dict(shape=drawn[0], color=drawn[1], background=drawn[2]))
-        prompts.append(f"a {asked[1]} {asked[0]} on a {asked[2]} background")
+        prompts.append(shapes_data.caption_for(*asked, variant=0))  # "a {colour} {shape} on a {bg} background"
         specs.append(dict(shape=asked[0], color=asked[1], background=asked[2]))
     drawn_masks = [shape_classifier.shape_mask(np.asarray(drawing)) for drawing in drawings]
     for strength in args.strength:
@@ -276,7 +276,9 @@ def main():
     grid.add_argument("--seed", type=int, default=0)
     grid.add_argument("--scale", type=int, default=4)
     args = parser.parse_args()
-    {"accuracy": command_accuracy, "negative": command_negative, "img2img": command_img2img, "vae": command_vae, "plot": command_plot, "grid": command_grid}[args.command](args)
+    commands = {"accuracy": command_accuracy, "negative": command_negative, "img2img": command_img2img,
+                "vae": command_vae, "plot": command_plot, "grid": command_grid}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -123,9 +123,9 @@ def shape_mask(image):
 
 
 def color_error(found, spec):
-    """found: classify_picture's answer. -> RGB distance of the picture's background (border median) and shape centre (5x5 median) from the
-    named colours of the spec, added: 0 for a picture drawn exactly in the prompt's colours. A missing
-    shape counts as the largest possible distance, 255 * sqrt(3)."""
+    """found: classify_picture's answer. -> RGB distance of the picture's background (border median)
+    and shape centre (5x5 median) from the named colours of the spec, added: 0 for a picture drawn
+    exactly in the prompt's colours. A missing shape counts as the largest distance, 255 * sqrt(3)."""
     background = np.linalg.norm(found["background_rgb"] - np.array(COLORS[spec["background"]]))
     if found["color_rgb"] is None:
         return float(background + 255 * np.sqrt(3))

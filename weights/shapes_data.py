@@ -145,7 +145,8 @@ def make_dataset(count, seed):
     for i in range(count):
         shape, color, background, side, center_x, center_y = sample_spec(rng)
         images[i] = np.asarray(draw_shape(shape, color, background, side, center_x, center_y))
-        captions.append([caption_for(shape, color, background, side, center_x, center_y, v) for v in range(CAPTION_VARIANTS)])
+        captions.append([caption_for(shape, color, background, side, center_x, center_y, variant)
+                         for variant in range(CAPTION_VARIANTS)])
         specs.append(dict(shape=shape, color=color, background=background, side=side,
                           center_x=center_x, center_y=center_y))
     return images, captions, specs

@@ -203,7 +203,7 @@ def attention_batched(q, k, v, mask=None, scale=None, is_causal=False):
 def attention_full(q, k, v, mask=None, scale=None, is_causal=False):
     """The full score matrix of one (batch, head) slice at a time: for NumPy arrays the slices go to
     the BLAS workers (attention_blocked with one block of all N queries and one chunk of all M keys,
-    so the running softmax is a plain softmax), or all at once to attention_batched when they are
+    so the running softmax is a plain softmax), or in groups to attention_batched when they are
     small; other arrays go to attention_ref."""
     if not backend.is_numpy(q):
         return attention_ref(q, k, v, mask, scale, is_causal)
