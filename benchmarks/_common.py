@@ -1,6 +1,6 @@
 """What every benchmark shares: timing, the machine's sgemm peak, a table, JSON output.
 
-Method (DESIGN.md): measure npdiff and the PyTorch anchor in the same process, report the ratio
+Method: measure npdiff and the PyTorch anchor in the same process, report the ratio
 (the machines are shared and noisy, so absolute seconds drift while ratios hold), the FLOP count, and
 the achieved GFLOP/s against the machine's measured sgemm peak.
 

@@ -11,8 +11,8 @@ table shows '-'). Every result is checked against NumPy's before it is timed.
 How the thread count is set for each library, in the same process:
   Numba    numba.set_num_threads(t)  (prange in the Numba versions)
   torch    torch.set_num_threads(t)
-  OpenBLAS (NumPy's BLAS) openblas_set_num_threads(t) called through ctypes on the OpenBLAS library
-           NumPy loaded (found in /proc/self/maps; NumPy's wheels name the symbol
+  OpenBLAS (NumPy's BLAS) npdiff.blas.set_num_threads(t): openblas_set_num_threads called through
+           ctypes on the OpenBLAS library NumPy loaded (NumPy's wheels name the symbol
            scipy_openblas_set_num_threads64_). OPENBLAS_NUM_THREADS would only act before
            NumPy's import, and threadpoolctl is not a dependency.
 
@@ -21,7 +21,6 @@ BLAS), benchmarks/out/matmul.json, and a log-log plot benchmarks/out/matmul.png.
 """
 
 import argparse
-import ctypes
 import os
 import re
 
@@ -29,25 +28,12 @@ from _common import OUT_DIR, print_table, time_call, write_json
 
 import numpy as np  # noqa: E402  (after _common, which imports npdiff first: AVX-512 OpenBLAS)
 
+from npdiff import blas  # noqa: E402
+
 SIZES = [64, 128, 256, 512, 1024, 2048, 4096]
 QUICK_SIZES = [64, 256, 1024]
 # Largest N each step runs at (time per product at that N, 1 thread, this machine: about 1 s).
 MAX_N = {"python": 64, "row_dot": 128, "broadcast": 512, "einsum": 1024, "numba_naive": 2048}
-
-
-def openblas_set_num_threads(threads):
-    """Set OpenBLAS's thread count in this process. Returns the symbol used, or None if not found."""
-    with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
-        paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower() and "/" in line})
-    for path in paths:
-        library = ctypes.CDLL(path)
-        for symbol in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                       "openblas_set_num_threads64_", "openblas_set_num_threads"):
-            setter = getattr(library, symbol, None)
-            if setter is not None:
-                setter(ctypes.c_int(threads))
-                return symbol
-    return None
 
 
 def set_threads(threads):
@@ -56,7 +42,7 @@ def set_threads(threads):
 
     numba.set_num_threads(threads)
     torch.set_num_threads(threads)
-    symbol = openblas_set_num_threads(threads)
+    symbol = blas.set_num_threads(threads)
     if symbol is None:
         print("warning: OpenBLAS not found in this process; NumPy's BLAS thread count unchanged")
 

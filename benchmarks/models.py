@@ -59,7 +59,9 @@ TEXT_ENCODER_CONFIG = {
     "pad_token_id": 1, "projection_dim": 768, "vocab_size": 49408,
 }
 COMPONENTS = ["unet", "vae_decode", "vae_encode", "text_encoder"]
-TORCH_REFERENCE_SECONDS = {"unet": 7.7, "vae_decode": 11.8, "vae_encode": 4.7, "text_encoder": 0.18}  # DESIGN.md
+# torch's seconds per call on the idle 2-core development machine, measured when the project was
+# planned: written to the JSON beside this run's own torch timings, as a yardstick of the load.
+TORCH_REFERENCE_SECONDS = {"unet": 7.7, "vae_decode": 11.8, "vae_encode": 4.7, "text_encoder": 0.18}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,15 +1,13 @@
 """npdiff: Stable Diffusion in pure NumPy/Numba, written to be read, measured and trusted.
 
-Importing npdiff imports only NumPy. Numba compiles kernels lazily on first use; torch is never
-imported by the package; CuPy only when `npdiff.backend.use("cupy")` asks for it.
+Importing npdiff imports only NumPy; what else happens at import is listed in npdiff/startup.py.
+Numba compiles kernels lazily on first use; torch is never imported by the package; CuPy only when
+the cupy backend is asked for (`npdiff.backend.use("cupy")` or NPDIFF_BACKEND=cupy).
 """
 
-from npdiff import blas as _blas
+from npdiff import startup as _startup
 
-# Must run before NumPy is imported anywhere: see npdiff/blas.py.
-_blas._DECISION = _blas.prefer_avx512_openblas()
-
-import numpy as _np  # noqa: E402,F401
+_startup.run()  # first: it must see NumPy not yet imported (see npdiff/startup.py)
 
 from npdiff.errors import NpdiffError  # noqa: E402
 

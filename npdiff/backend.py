@@ -7,16 +7,15 @@ library to use, so the same code runs on cupy arrays on an NVIDIA GPU:
     y = xp.exp(x)
 
 Choosing the backend:
-    npdiff.backend.use("cupy")        # or NPDIFF_BACKEND=cupy in the environment
+    npdiff.backend.use("cupy")        # or NPDIFF_BACKEND=cupy in the environment (read once, by
+                                      # npdiff/startup.py when npdiff is imported)
     npdiff.backend.use("cupy", dtype="float16")   # GPU in half precision (weights and activations)
     npdiff.backend.use("numpy")       # the default (always float32)
 
-Numba kernels are the CPU fast path; kernels call them only for NumPy arrays (`is_numpy(x)`), and
-send cupy arrays to the CUDA kernels of npdiff/kernels/cuda/. Weights are moved to the device once,
+Numba kernels are the CPU fast path; npdiff/kernels/dispatch.py sends NumPy arrays to them and cupy
+arrays to the CUDA kernels of npdiff/kernels/cuda/. Weights are moved to the device once,
 at load, with `to_device`; activations then stay on the device until `to_numpy`.
 """
-
-import os
 
 import numpy as np
 
@@ -109,7 +108,3 @@ def to_numpy(a):
     if array_module(a) is np:
         return np.asarray(a)
     return a.get()
-
-
-if os.environ.get("NPDIFF_BACKEND"):
-    use(os.environ["NPDIFF_BACKEND"])

@@ -1,4 +1,4 @@
-"""Which BLAS kernels NumPy uses, and how npdiff gets the fast ones.
+"""NumPy's BLAS (OpenBLAS): which kernels it runs, and its thread count, in one place.
 
 NumPy's wheels bundle OpenBLAS, which picks its kernels from the CPU model at load time. On AMD CPUs
 with AVX-512 (Zen 4 and later) it picks the AVX2 "Haswell"/"Zen" kernels, and sgemm runs at about half
@@ -6,21 +6,44 @@ the speed the AVX-512 "SkylakeX" kernels reach (measured here: ~230 vs ~450 GFLO
 OpenBLAS reads the environment variable OPENBLAS_CORETYPE *once, when NumPy is first imported*, so
 the choice has to be made before `import numpy`:
 
-  1. `import npdiff` calls `prefer_avx512_openblas()` before it imports NumPy. If the CPU has
-     AVX-512F and the user has not set OPENBLAS_CORETYPE, it sets OPENBLAS_CORETYPE=SkylakeX.
+  1. `import npdiff` runs npdiff/startup.py, which calls `prefer_avx512_openblas()` before NumPy is
+     imported. If the CPU has AVX-512F and the user has not set OPENBLAS_CORETYPE, it sets
+     OPENBLAS_CORETYPE=SkylakeX.
   2. If NumPy was already imported (by you, or by another library), it is too late; npdiff changes
      nothing and `blas_info()` says so, with the variable to set.
   3. Set NPDIFF_OPENBLAS_CORETYPE=keep to leave OpenBLAS alone, or set OPENBLAS_CORETYPE yourself.
 
-`blas_info()` reports the core type OpenBLAS actually chose (asked from the library itself), so
-benchmarks can print which kernels they ran on.
+The library itself is found once (`openblas_library()`: the OpenBLAS mapped into this process once
+NumPy is loaded, read from /proc/self/maps), and every call npdiff makes into it goes through this
+module: `openblas_corename()` (the core type it actually chose, which `blas_info()` reports so
+benchmarks print what they ran on), `get_num_threads()` / `set_num_threads()` (the thread count of
+OpenBLAS's own pool, one setting for the whole process: OpenBLAS has no per-thread count, see
+npdiff/kernels/block_pool.py).
+
+This module must not import NumPy at import time (step 1 runs before NumPy is imported).
 """
 
 import ctypes
 import os
 import sys
+import threading
 
 AVX512_CORETYPE = "SkylakeX"
+# The same function under the names of the builds NumPy ships (scipy-openblas: prefixed, 64-bit
+# integers) and of a plain OpenBLAS.
+SYMBOLS = {
+    "get_corename": ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename",
+                     "openblas_get_corename64_", "openblas_get_corename"),
+    "get_num_threads": ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
+                        "openblas_get_num_threads64_", "openblas_get_num_threads"),
+    "set_num_threads": ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                        "openblas_set_num_threads64_", "openblas_set_num_threads"),
+}
+
+_decision = None  # what prefer_avx512_openblas() decided (npdiff/startup.py calls it once)
+_library_lock = threading.Lock()
+_library = None  # the ctypes.CDLL of NumPy's OpenBLAS, found once
+_library_searched = False
 
 
 def cpu_has_avx512f():
@@ -36,53 +59,109 @@ def cpu_has_avx512f():
 
 
 def prefer_avx512_openblas():
-    """Ask OpenBLAS for its AVX-512 kernels, if that is still possible. Returns what was decided."""
+    """Ask OpenBLAS for its AVX-512 kernels, if that is still possible. Returns (and keeps, for
+    blas_info) what was decided."""
+    global _decision
     if os.environ.get("NPDIFF_OPENBLAS_CORETYPE", "").lower() == "keep":
-        return "kept (NPDIFF_OPENBLAS_CORETYPE=keep)"
-    if "OPENBLAS_CORETYPE" in os.environ:
-        return f"set by user: OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']}"
-    if "numpy" in sys.modules:
-        return "too late: numpy was imported before npdiff"
-    if not cpu_has_avx512f():
-        return "CPU has no AVX-512: OpenBLAS default"
-    os.environ["OPENBLAS_CORETYPE"] = AVX512_CORETYPE
-    return f"set OPENBLAS_CORETYPE={AVX512_CORETYPE}"
+        _decision = "kept (NPDIFF_OPENBLAS_CORETYPE=keep)"
+    elif "OPENBLAS_CORETYPE" in os.environ:
+        _decision = f"set by user: OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']}"
+    elif "numpy" in sys.modules:
+        _decision = "too late: numpy was imported before npdiff"
+    elif not cpu_has_avx512f():
+        _decision = "CPU has no AVX-512: OpenBLAS default"
+    else:
+        os.environ["OPENBLAS_CORETYPE"] = AVX512_CORETYPE
+        _decision = f"set OPENBLAS_CORETYPE={AVX512_CORETYPE}"
+    return _decision
 
 
-_DECISION = None  # filled by npdiff/__init__.py
+# ---------------------------------------------------------------------------------------------
+# The library, found once
+# ---------------------------------------------------------------------------------------------
+def openblas_library():
+    """The OpenBLAS that NumPy loaded, as a ctypes.CDLL (found once; None if NumPy's BLAS is not
+    OpenBLAS or /proc/self/maps can't be read). The first OpenBLAS library in the process's memory
+    map that has a corename or thread-count function is taken: NumPy's, since NumPy is imported
+    here first and torch (whose OpenBLAS, if any, would be a second one) is never imported by npdiff."""
+    global _library, _library_searched
+    with _library_lock:
+        if not _library_searched:
+            _library = _find_openblas()
+            _library_searched = True
+        return _library
 
 
-def _openblas_corename():
-    """The core type OpenBLAS chose, read from the loaded library (None if not OpenBLAS)."""
-    import numpy  # noqa: F401  (make sure the library is loaded)
+def _find_openblas():
+    import numpy  # noqa: F401  (the library must be loaded to appear in the maps)
 
     try:
-        with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
-            paths = {line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line}
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower() and "/" in line})
     except OSError:
         return None
-    for path in sorted(paths):
+    for path in paths:
         try:
-            lib = ctypes.CDLL(path)
+            library = ctypes.CDLL(path)
         except OSError:
             continue
-        for symbol in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename",
-                       "openblas_get_corename64_", "openblas_get_corename"):
-            fn = getattr(lib, symbol, None)
-            if fn is not None:
-                fn.restype = ctypes.c_char_p
-                return fn().decode()
+        if any(hasattr(library, name) for names in SYMBOLS.values() for name in names):
+            return library
     return None
+
+
+def openblas_function(kind):
+    """The ctypes function `kind` (a key of SYMBOLS, or an exact symbol name) of NumPy's OpenBLAS,
+    or None where the library or the symbol is missing."""
+    library = openblas_library()
+    if library is None:
+        return None
+    for name in SYMBOLS.get(kind, (kind,)):
+        function = getattr(library, name, None)
+        if function is not None:
+            return function
+    return None
+
+
+def openblas_corename():
+    """The core type OpenBLAS chose, read from the loaded library (None if not OpenBLAS)."""
+    function = openblas_function("get_corename")
+    if function is None:
+        return None
+    function.restype = ctypes.c_char_p
+    return function().decode()
+
+
+def get_num_threads():
+    """Threads of OpenBLAS's pool that the next BLAS call may use (None if not OpenBLAS)."""
+    function = openblas_function("get_num_threads")
+    if function is None:
+        return None
+    function.restype = ctypes.c_int
+    return int(function())
+
+
+def set_num_threads(threads):
+    """Set OpenBLAS's thread count for the whole process (every thread's BLAS calls). Returns the
+    symbol used, or None if NumPy's BLAS is not OpenBLAS."""
+    function = openblas_function("set_num_threads")
+    if function is None:
+        return None
+    function.argtypes = [ctypes.c_int]
+    function.restype = None
+    function(int(threads))
+    return function.__name__
 
 
 def blas_info():
     """A dict saying which BLAS kernels NumPy runs on and why."""
-    corename = _openblas_corename()
+    corename = openblas_corename()
     info = {
         "openblas_corename": corename,
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
         "cpu_avx512f": cpu_has_avx512f(),
-        "npdiff_decision": _DECISION,
+        "npdiff_decision": _decision,
+        "openblas_threads": get_num_threads(),
     }
     if info["cpu_avx512f"] and corename and corename.lower() not in ("skylakex", "cooperlake",
                                                                      "sapphirerapids"):

@@ -2,7 +2,8 @@
 
 import numpy as np
 
-# Tolerances from DESIGN.md's numerics policy (float32, relative error ||ours - torch|| / ||torch||).
+# The project's numerics policy (README.md), float32, relative error ||ours - torch|| / ||torch||: a single
+# kernel <= 1e-5, a whole network forward <= 1e-4; a whole sampling loop: 8-bit pictures within 2 levels.
 KERNEL_TOL = 1e-5
 NETWORK_TOL = 1e-4
 IMAGE_LEVELS_TOL = 2

@@ -121,3 +121,51 @@ def test_cli_device_maps_to_backends():
                                 (["--device", "cuda", "--fp16"], "cupy"), (["--backend", "cupy"], "cupy"),
                                 (["--device", "cuda", "--backend", "GPU"], "cupy")]:
         assert cli.chosen_backend(parser.parse_args(["generate", "x", *arguments])) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# What `import npdiff` does (npdiff/startup.py): the same whichever npdiff module comes first
+# ---------------------------------------------------------------------------------------------
+def run_python(code, **env):
+    import os
+    import subprocess
+    import sys
+
+    environment = {**os.environ, **env}
+    for name in ("OPENBLAS_CORETYPE", "NPDIFF_OPENBLAS_CORETYPE", "NPDIFF_BACKEND"):
+        if name not in env:
+            environment.pop(name, None)
+    done = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=120)
+    return done.returncode, done.stdout.strip(), done.stderr
+
+
+STARTUP_REPORT = ("import os, npdiff.blas as b, npdiff.backend as be; "
+                  "print(b._decision, os.environ.get('OPENBLAS_CORETYPE'), be.name(), sep='|')")
+
+
+@pytest.mark.parametrize("first", ["npdiff", "npdiff.kernels.conv", "npdiff.backend", "npdiff.blas"])
+def test_startup_does_not_depend_on_import_order(first):
+    code, out, err = run_python(f"import {first}; {STARTUP_REPORT}")
+    assert code == 0, err
+    _, expected, _ = run_python(f"import npdiff; {STARTUP_REPORT}")
+    assert out == expected
+    decision = out.split("|")[0]
+    assert not decision.startswith("too late")
+
+
+def test_startup_reads_the_backend_from_the_environment():
+    code, out, err = run_python(f"import npdiff.kernels; {STARTUP_REPORT}", NPDIFF_BACKEND="CPU")
+    assert code == 0, err
+    assert out.endswith("|numpy")
+    code, _, err = run_python("import npdiff.models", NPDIFF_BACKEND="tpu")
+    assert code != 0 and "unknown backend 'tpu'; known: numpy, cupy" in err
+
+
+def test_openblas_is_found_once():
+    from npdiff import blas
+
+    library = blas.openblas_library()
+    assert blas.openblas_library() is library
+    if library is not None:  # NumPy's wheels: OpenBLAS
+        assert blas.get_num_threads() >= 1
+        assert blas.openblas_corename()

@@ -1,11 +1,11 @@
 """Element-wise activations: silu, gelu (exact erf or tanh), quick_gelu.
 
-Versions (each public function picks the fast one for NumPy arrays, the CUDA kernel of
+Versions (npdiff/kernels/dispatch.py picks: the fast one for NumPy arrays, the CUDA kernel of
 npdiff/kernels/cuda/elementwise.py for cupy arrays, the reference otherwise):
-  *_ref      NumPy API (runs on cupy arrays too). NumPy has no erf, so the exact gelu uses
+  1. *_ref   NumPy API (runs on cupy arrays too). NumPy has no erf, so the exact gelu uses
              `erfc_ref`: the Chebyshev-fitted erfc of Numerical Recipes (fractional error < 1.2e-7
              everywhere), evaluated in float64, so gelu is float32-accurate in both tails.
-  activation_block + _map_parallel   Numba: the array is made contiguous and cut into runs of
+  2. *_fast  (activation_block + _map_parallel) Numba: the array is made contiguous and cut into runs of
              CHUNK elements, one run per parallel task; each run is a vectorised loop over the
              arithmetic-only exp/erfc of vecmath.py (float32, <= 2 ulp exp; erfc < 5e-7 relative
              everywhere). One read, one write per element, no temporaries: memory-bound.
@@ -22,7 +22,7 @@ import numpy as np
 from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
-from npdiff.kernels import cuda
+from npdiff.kernels import dispatch
 from npdiff.kernels.validate import require_float32
 from npdiff.kernels.vecmath import erfc_f32, sigmoid_f32
 
@@ -126,24 +126,34 @@ def _elementwise_numba(x, which):
 # ---------------------------------------------------------------------------------------------
 # Public
 # ---------------------------------------------------------------------------------------------
+def silu_fast(x):
+    return _elementwise_numba(x, SILU)
+
+
+def quick_gelu_fast(x):
+    return _elementwise_numba(x, QUICK_GELU)
+
+
+def gelu_fast(x, approximate="none"):
+    return _elementwise_numba(x, ACTIVATION_CODES[approximate])
+
+
+SILU_KERNEL = dispatch.register("silu", fast=silu_fast, reference=silu_ref, cuda="silu")
+QUICK_GELU_KERNEL = dispatch.register("quick_gelu", fast=quick_gelu_fast, reference=quick_gelu_ref,
+                                      cuda="quick_gelu")
+GELU_KERNEL = dispatch.register("gelu", fast=gelu_fast, reference=gelu_ref, cuda="gelu")
+
+
 def silu(x):
     """x * sigmoid(x), as torch.nn.functional.silu. x: float32 array of any shape."""
     require_float32("silu", "x", x)
-    if backend.is_numpy(x):
-        return _elementwise_numba(x, SILU)
-    if cuda.is_cupy(x):
-        return cuda.silu(x)
-    return silu_ref(x)
+    return SILU_KERNEL(x)
 
 
 def quick_gelu(x):
     """x * sigmoid(1.702 x), CLIP's activation. x: float32 array of any shape."""
     require_float32("quick_gelu", "x", x)
-    if backend.is_numpy(x):
-        return _elementwise_numba(x, QUICK_GELU)
-    if cuda.is_cupy(x):
-        return cuda.quick_gelu(x)
-    return quick_gelu_ref(x)
+    return QUICK_GELU_KERNEL(x)
 
 
 def check_approximate(kernel, approximate):
@@ -155,8 +165,4 @@ def gelu(x, approximate="none"):
     """torch.nn.functional.gelu: exact erf form ("none") or the tanh approximation ("tanh")."""
     require_float32("gelu", "x", x)
     check_approximate("gelu", approximate)
-    if backend.is_numpy(x):
-        return _elementwise_numba(x, ACTIVATION_CODES[approximate])
-    if cuda.is_cupy(x):
-        return cuda.gelu(x, approximate)
-    return gelu_ref(x, approximate)
+    return GELU_KERNEL(x, approximate)

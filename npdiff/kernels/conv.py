@@ -1,21 +1,23 @@
 """2-D convolution, NCHW, torch's weight layout [C_out, C_in, kH, kW] (cross-correlation, as torch).
 
-Versions (conv2d picks one by shape; each is tested against torch and the reference):
-  conv2d_ref          NumPy API (numpy or cupy): pad once, then for each of the kH*kW taps add
+Versions (each is tested against torch and the reference):
+  1. conv2d_ref       NumPy API (numpy or cupy): pad once, then for each of the kH*kW taps add
                       W[:, :, i, j] @ (the strided window of x that tap sees). A temporary per tap.
-  _conv1x1            1x1, stride 1, no padding: a plain GEMM W [C_out,C_in] @ x[b] [C_in,H*W] on
+  conv2d_fast         NumPy arrays: picks one of the three below by shape.
+  2. _conv1x1         1x1, stride 1, no padding: a plain GEMM W [C_out,C_in] @ x[b] [C_in,H*W] on
                       column tiles of each image (BLAS reads the tiles in place: no copy at all).
-  _conv_im2col_tiled  everything else with more than DIRECT_MAX_C_OUT output channels (all of SD's
+  3. _conv_im2col_tiled  everything else with more than DIRECT_MAX_C_OUT output channels (all of SD's
                       3x3 convs but the last): a tile of output rows is unfolded by Numba
                       (im2col_tile, zero padding and stride handled in the copy, so x is never
                       padded as a whole) into cols [C_in*kH*kW, rows*W_out], and one sgemm
                       W [C_out, C_in*kH*kW] @ cols writes those output rows in place. Memory stays
                       bounded by IM2COL_TILE_BYTES per worker at the VAE's 512x512 images (a
                       whole-image im2col there is >1 GB).
-  _conv_direct        stride 1 with at most DIRECT_MAX_C_OUT output channels (UNet conv_out 320->4,
+  4. _conv_direct     stride 1 with at most DIRECT_MAX_C_OUT output channels (UNet conv_out 320->4,
                       VAE conv_out 128->3): Numba loops, prange over output rows. A GEMM with 3-4
                       rows wastes most of each BLAS micro-kernel while im2col still copies 9x the
                       input; measured here 2.8x faster than im2col+GEMM at 128->3 on 512x512.
+  cupy arrays: im2col kernel + cuBLAS GEMMs (npdiff/kernels/cuda/conv.py; npdiff/kernels/dispatch.py).
 
 Why im2col + GEMM for the big convs: the GEMM has K = 9*C_in (2880-11520), the shape OpenBLAS's
 AVX-512 sgemm runs at its peak, and the unfolding costs one write + one read of the tile per
@@ -25,8 +27,8 @@ implicit GEMM (9 accumulating sgemm calls, beta=1, over shifted views of a padde
 copy but needs the weight re-laid out per tap and re-reads/writes the output tile 9 times; a ctypes
 prototype of it was not faster than this in our (noisy, shared-machine) measurements.
 
-Threads: the tiles of every version are spread over the BLAS workers of openblas.py (each GEMM
-single-threaded on its own core: no fork/join of OpenBLAS threads per call); the direct version
+Threads: the tiles of versions 2 and 3 are spread over the block-parallel pool of block_pool.py
+(each GEMM single-threaded on its own core: no fork/join of OpenBLAS threads per call); version 4
 uses Numba's prange.
 """
 
@@ -37,8 +39,8 @@ import numpy as np
 from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
-from npdiff.kernels import cuda
-from npdiff.kernels.openblas import run_blocks, worker_count
+from npdiff.kernels import dispatch
+from npdiff.kernels.block_pool import run_blocks, worker_count
 from npdiff.kernels.validate import pair, require_ndim, require_optional_vector, shape_text
 
 IM2COL_TILE_BYTES = 16 << 20  # unfolded input per GEMM (per worker): large, so the weight is packed rarely
@@ -81,7 +83,7 @@ def conv2d_ref(x, weight, bias=None, stride=1, padding=0):
 
 
 # ---------------------------------------------------------------------------------------------
-# Fast (NumPy arrays): tiles on the BLAS worker threads
+# Fast (NumPy arrays): tiles on the block-parallel pool
 # ---------------------------------------------------------------------------------------------
 @njit(**SERIAL)
 def im2col_tile(image, row0, sh, sw, ph, pw, cols):
@@ -169,7 +171,7 @@ def _conv1x1(x, weight, bias):
 
 
 def _conv_im2col_tiled(x, weight, bias, sh, sw, ph, pw):
-    """im2col by tiles of output rows, one GEMM per tile, tiles spread over the BLAS workers."""
+    """im2col by tiles of output rows, one GEMM per tile, tiles spread over the pool's workers."""
     batch, c_in, height, width = x.shape
     c_out, _, kh, kw = weight.shape
     h_out, w_out = output_size(height, kh, sh, ph), output_size(width, kw, sw, pw)
@@ -260,6 +262,20 @@ def check_conv2d(x, weight, bias, stride, padding):
     return sh, sw, ph, pw
 
 
+def conv2d_fast(x, weight, bias, stride, padding):
+    """NumPy arrays: 1x1 GEMM, direct loops for few output channels, else tiled im2col + GEMM."""
+    (sh, sw), (ph, pw) = stride, padding
+    kh, kw = weight.shape[2:]
+    if kh == 1 and kw == 1 and sh == 1 and sw == 1 and ph == 0 and pw == 0:
+        return _conv1x1(x, weight, bias)
+    if sh == 1 and sw == 1 and weight.shape[0] <= DIRECT_MAX_C_OUT:
+        return _conv_direct(x, weight, bias, ph, pw)
+    return _conv_im2col_tiled(x, weight, bias, sh, sw, ph, pw)
+
+
+CONV2D = dispatch.register("conv2d", fast=conv2d_fast, reference=conv2d_ref, cuda="conv2d")
+
+
 def conv2d(x, weight, bias=None, stride=1, padding=0):
     """torch.nn.functional.conv2d(x, weight, bias, stride, padding) for float32 NCHW.
 
@@ -267,13 +283,4 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
     Returns [B,C_out,H_out,W_out].
     """
     sh, sw, ph, pw = check_conv2d(x, weight, bias, stride, padding)
-    if cuda.is_cupy(x):  # im2col kernel + cuBLAS GEMMs (npdiff/kernels/cuda/conv.py)
-        return cuda.conv2d(x, weight, bias, (sh, sw), (ph, pw))
-    if not backend.is_numpy(x):
-        return conv2d_ref(x, weight, bias, (sh, sw), (ph, pw))
-    kh, kw = weight.shape[2:]
-    if kh == 1 and kw == 1 and sh == 1 and sw == 1 and ph == 0 and pw == 0:
-        return _conv1x1(x, weight, bias)
-    if sh == 1 and sw == 1 and weight.shape[0] <= DIRECT_MAX_C_OUT:
-        return _conv_direct(x, weight, bias, ph, pw)
-    return _conv_im2col_tiled(x, weight, bias, sh, sw, ph, pw)
+    return CONV2D(x, weight, bias, (sh, sw), (ph, pw))

@@ -1,15 +1,16 @@
 """linear (x @ W^T + b, torch layout) and geglu (SD's feed-forward input projection).
 
 Versions:
-  linear_ref / geglu_ref   NumPy API (numpy or cupy): matmul with the transposed weight, add bias;
+  1. linear_ref / geglu_ref   NumPy API (numpy or cupy): matmul with the transposed weight, add bias;
                            geglu splits h in halves and multiplies by gelu_ref of the gate.
-  linear                   the same GEMM (np.matmul on float32 is OpenBLAS sgemm; the transposed
+  2. linear_fast           the same GEMM (np.matmul on float32 is OpenBLAS sgemm; the transposed
                            weight is a view, sgemm reads it with its transpose flag, no copy); the
                            leading axes are flattened so the GEMM is one [R, in] @ [in, out].
-  geglu                    the GEMM, then one Numba pass, parallel over rows, that reads both
+  2. geglu_fast            the GEMM, then one Numba pass, parallel over rows, that reads both
                            halves of each row of h and writes a * gelu(gate) (the vectorised gelu
                            of activations.py into the output row, then the multiply while that
                            row is still in L1), instead of a gelu temporary and a multiply pass.
+  cupy arrays: cuBLAS in the weight's dtype, then one gate kernel for geglu (npdiff/kernels/cuda/).
 
 geglu follows diffusers.models.activations.GEGLU: h = proj(x); value, gate = h.chunk(2, dim=-1);
 return value * gelu(gate). The FIRST half is the value, the SECOND half goes through gelu.
@@ -20,7 +21,7 @@ import numpy as np
 from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
-from npdiff.kernels import cuda
+from npdiff.kernels import dispatch
 from npdiff.kernels.activations import ACTIVATION_CODES, activation_block, check_approximate, gelu_ref
 from npdiff.kernels.validate import require_min_ndim, require_ndim, require_optional_vector, shape_text
 
@@ -55,22 +56,12 @@ def check_linear(kernel, x, weight, bias):
     require_optional_vector(kernel, "bias", bias, weight.shape[0])
 
 
-def _linear_fast(x, weight, bias):
+def linear_fast(x, weight, bias=None):
     rows = x.reshape(-1, x.shape[-1])  # [..., in] -> [R, in]
     out = np.matmul(rows, weight.T)  # [R, in] @ [in, out] -> [R, out]
     if bias is not None:
         out += bias  # [R, out], in place
     return out.reshape(x.shape[:-1] + (weight.shape[0],))  # [R, out] -> [..., out]
-
-
-def linear(x, weight, bias=None):
-    """torch.nn.functional.linear: x [..., in] @ weight[out, in]^T + bias[out] -> [..., out]."""
-    check_linear("linear", x, weight, bias)
-    if cuda.is_cupy(x):  # cuBLAS in the weight's dtype (npdiff/kernels/cuda/conv.py)
-        return cuda.linear(x, weight, bias)
-    if not backend.is_numpy(x):
-        return linear_ref(x, weight, bias)
-    return _linear_fast(x, weight, bias)
 
 
 @njit(**SERIAL, fastmath=FASTMATH_SAFE)
@@ -89,6 +80,27 @@ def _geglu_gate_numba(hidden, which, out):
         _geglu_row(hidden[r], which, out[r])
 
 
+def geglu_fast(x, weight, bias=None, approximate="none"):
+    hidden = linear_fast(x, weight, bias)  # [..., in] -> [..., 2D]
+    rows = hidden.reshape(-1, hidden.shape[-1])  # [R, 2D] (contiguous: fresh from matmul)
+    out = np.empty((rows.shape[0], rows.shape[1] // 2), np.float32)  # [R, D]
+    _geglu_gate_numba(rows, ACTIVATION_CODES[approximate], out)
+    return out.reshape(hidden.shape[:-1] + (out.shape[1],))  # [R, D] -> [..., D]
+
+
+# ---------------------------------------------------------------------------------------------
+# Public
+# ---------------------------------------------------------------------------------------------
+LINEAR = dispatch.register("linear", fast=linear_fast, reference=linear_ref, cuda="linear")
+GEGLU = dispatch.register("geglu", fast=geglu_fast, reference=geglu_ref, cuda="geglu")
+
+
+def linear(x, weight, bias=None):
+    """torch.nn.functional.linear: x [..., in] @ weight[out, in]^T + bias[out] -> [..., out]."""
+    check_linear("linear", x, weight, bias)
+    return LINEAR(x, weight, bias)
+
+
 def geglu(x, weight, bias=None, approximate="none"):
     """diffusers GEGLU: h = linear(x, weight, bias) [..., 2D]; return h[..., :D] * gelu(h[..., D:])."""
     check_linear("geglu", x, weight, bias)
@@ -96,12 +108,4 @@ def geglu(x, weight, bias=None, approximate="none"):
     if weight.shape[0] % 2:
         raise NpdiffError(f"geglu: weight must have an even number of rows [2*D, in], "
                           f"got {shape_text(weight.shape)}")
-    if cuda.is_cupy(x):  # cuBLAS, then one gate kernel (npdiff/kernels/cuda/elementwise.py)
-        return cuda.geglu(x, weight, bias, approximate)
-    if not backend.is_numpy(x):
-        return geglu_ref(x, weight, bias, approximate)
-    hidden = _linear_fast(x, weight, bias)  # [..., in] -> [..., 2D]
-    rows = hidden.reshape(-1, hidden.shape[-1])  # [R, 2D] (contiguous: fresh from matmul)
-    out = np.empty((rows.shape[0], rows.shape[1] // 2), np.float32)  # [R, D]
-    _geglu_gate_numba(rows, ACTIVATION_CODES[approximate], out)
-    return out.reshape(hidden.shape[:-1] + (out.shape[1],))  # [R, D] -> [..., D]
+    return GEGLU(x, weight, bias, approximate)

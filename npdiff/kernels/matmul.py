@@ -36,19 +36,22 @@ on the 2-core AVX-512 development machine are in benchmarks/RESULTS.md ("Matrix 
                            - threads: prange over blocks of rows of C, one per task, equal shares.
   7. matmul_blas           a @ b: NumPy calls OpenBLAS sgemm, the same scheme with hand-written
                            assembly micro-kernels (npdiff picks its AVX-512 ones; npdiff/blas.py).
-                           This is also the reference (`matmul_ref`) every version is tested
-                           against, besides torch.mm.
 
-Numba versions run on C-contiguous NumPy arrays (other strides are copied first: O(MK + KN) against
-the O(MNK) product, and one compiled version instead of one per layout); given CuPy arrays they fall
-back to the reference (cupy's matmul on the GPU). Bad input raises NpdiffError naming the argument
-and the shapes.
+The reference, `matmul_ref`, is step 4: the formula c[i, j] = sum over k of a[i, k] * b[k, j] as
+NumPy writes it, einsum("ik,kj->ij") (NumPy API, so it runs on cupy arrays too). Every version is
+tested against torch.mm and np.matmul.
+
+Numba versions (5, 6) run on C-contiguous NumPy arrays (other strides are copied first: O(MK + KN)
+against the O(MNK) product, and one compiled version instead of one per layout); other arrays (cupy:
+no CUDA version here) run the reference, by npdiff/kernels/dispatch.py's rule. Bad input raises
+NpdiffError naming the argument and the shapes.
 """
 
 import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
+from npdiff.kernels import dispatch
 from npdiff.kernels.matmul_numba import blocked_gemm, naive_gemm
 from npdiff.kernels.validate import require_ndim, shape_text
 
@@ -115,40 +118,48 @@ def matmul_einsum(a, b):
     return xp.einsum("ik,kj->ij", a, b)  # [M,K], [K,N] -> [M,N]
 
 
+matmul_ref = matmul_einsum  # the reference: the formula itself, in the NumPy API
+
+
 # ---------------------------------------------------------------------------------------------
 # 5-6: Numba (npdiff/kernels/matmul_numba.py)
 # ---------------------------------------------------------------------------------------------
-def matmul_numba_naive(a, b):
-    """Step 5: Numba loops in (i, k, j) order, vectorised over j, prange over rows."""
-    check_operands("matmul_numba_naive", a, b)
-    if not backend.is_numpy(a) or not backend.is_numpy(b):
-        return matmul_ref(a, b)
+def naive_gemm_fast(a, b):
     a = np.ascontiguousarray(a)  # [M,K]: views are copied, so one compiled version serves all
     b = np.ascontiguousarray(b)  # [K,N]
     return naive_gemm(a, b)  # [M,K] @ [K,N] -> [M,N]
 
 
-def matmul_numba_blocked(a, b):
-    """Step 6: packed, cache-blocked, register-blocked (6 x 64 zmm tile), prange over row blocks."""
-    check_operands("matmul_numba_blocked", a, b)
-    if not backend.is_numpy(a) or not backend.is_numpy(b):
-        return matmul_ref(a, b)
+def blocked_gemm_fast(a, b):
     a = np.ascontiguousarray(a)  # [M,K]: views are copied, so one compiled version serves all
     b = np.ascontiguousarray(b)  # [K,N]
     return blocked_gemm(a, b)  # [M,K] @ [K,N] -> [M,N]
 
 
+NUMBA_NAIVE = dispatch.register("matmul_numba_naive", fast=naive_gemm_fast, reference=matmul_ref)
+NUMBA_BLOCKED = dispatch.register("matmul_numba_blocked", fast=blocked_gemm_fast, reference=matmul_ref)
+
+
+def matmul_numba_naive(a, b):
+    """Step 5: Numba loops in (i, k, j) order, vectorised over j, prange over rows."""
+    check_operands("matmul_numba_naive", a, b)
+    return NUMBA_NAIVE(a, b)
+
+
+def matmul_numba_blocked(a, b):
+    """Step 6: packed, cache-blocked, register-blocked (6 x 64 zmm tile), prange over row blocks."""
+    check_operands("matmul_numba_blocked", a, b)
+    return NUMBA_BLOCKED(a, b)
+
+
 # ---------------------------------------------------------------------------------------------
-# 7: BLAS, the reference
+# 7: BLAS
 # ---------------------------------------------------------------------------------------------
 def matmul_blas(a, b):
     """Step 7: NumPy's matmul, i.e. OpenBLAS sgemm (cupy: cuBLAS)."""
     check_operands("matmul_blas", a, b)
     xp = backend.array_module(a)
     return xp.matmul(a, b)  # [M,K] @ [K,N] -> [M,N]
-
-
-matmul_ref = matmul_blas  # the reference of this file, as `*_ref` elsewhere
 
 # The progression in order, for tests and benchmarks: name -> function.
 VERSIONS = {

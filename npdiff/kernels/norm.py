@@ -1,10 +1,10 @@
 """Normalisation: group_norm (optionally fused with SiLU) and layer_norm.
 
 Versions:
-  group_norm_ref / layer_norm_ref   NumPy API (numpy or cupy): statistics in float64 via mean/var
+  1. group_norm_ref / layer_norm_ref   NumPy API (numpy or cupy): statistics in float64 via mean/var
                                     over a reshaped view, then normalise in float32 (several passes
                                     and temporaries; easy to read).
-  _group_norm_numba                 Numba, prange over (batch, group) pairs. Each task owns one
+  2. group_norm_fast (_group_norm_numba)  Numba, prange over (batch, group) pairs. Each task owns one
                                     contiguous slab x[b, g*Cg:(g+1)*Cg, ...] (Cg * spatial floats in
                                     a row, since NCHW puts the spatial axes innermost).
                                     Pass 1 (mean_and_rstd) sums x and x^2 in float64 (the variance
@@ -15,8 +15,9 @@ Versions:
                                     ResNet block's GroupNorm+SiLU reads x twice and writes once.
                                     Both passes are serial functions over contiguous runs, which
                                     LLVM vectorises (a loop inside the prange body is not).
-  _layer_norm_numba                 Numba, prange over rows (all leading axes flattened); each row
+  2. layer_norm_fast (_layer_norm_numba)  Numba, prange over rows (all leading axes flattened); each row
                                     is contiguous; the same two passes.
+  cupy arrays: npdiff/kernels/cuda/norm.py (npdiff/kernels/dispatch.py).
 
 torch semantics: biased variance (divide by n), eps added to the variance, rstd = 1/sqrt(var+eps).
 """
@@ -28,7 +29,7 @@ import numpy as np
 from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
-from npdiff.kernels import cuda
+from npdiff.kernels import dispatch
 from npdiff.kernels.activations import silu_ref
 from npdiff.kernels.validate import require_min_ndim, require_optional_vector
 from npdiff.kernels.vecmath import sigmoid_f32
@@ -40,7 +41,8 @@ from npdiff.kernels.vecmath import sigmoid_f32
 def group_norm_ref(x, num_groups, weight, bias, eps=1e-5, silu=False):
     xp = backend.array_module(x)
     batch, channels = x.shape[0], x.shape[1]
-    grouped = x.reshape(batch, num_groups, -1).astype(xp.float64)  # [B,C,...] -> [B,G,Cg*S]
+    per_group = math.prod(x.shape[1:]) // num_groups  # Cg*S (spelled out: -1 is ambiguous when B = 0)
+    grouped = x.reshape(batch, num_groups, per_group).astype(xp.float64)  # [B,C,...] -> [B,G,Cg*S]
     mean = grouped.mean(axis=2, keepdims=True)  # [B,G,1]
     var = grouped.var(axis=2, keepdims=True)  # [B,G,1] biased, as torch
     normed = ((grouped - mean) / xp.sqrt(var + eps)).astype(xp.float32)  # [B,G,Cg*S]
@@ -130,23 +132,8 @@ def _layer_norm_numba(x, weight, bias, eps, out):
         _layer_norm_row(x[r], weight, bias, eps, out[r])
 
 
-# ---------------------------------------------------------------------------------------------
-# Public
-# ---------------------------------------------------------------------------------------------
-def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False):
-    """torch.nn.functional.group_norm (then SiLU if silu=True). x: [B,C,...]; weight, bias: [C] or None."""
-    require_min_ndim("group_norm", "x", x, 2, "[B,C,...]")
-    channels = x.shape[1]
-    if not isinstance(num_groups, (int, np.integer)) or num_groups <= 0 or channels % num_groups:
-        raise NpdiffError(f"group_norm: num_groups must be a positive divisor of the channel count "
-                          f"C={channels} of x {list(x.shape)}, got {num_groups!r}")
-    require_optional_vector("group_norm", "weight", weight, channels)
-    require_optional_vector("group_norm", "bias", bias, channels)
-    if cuda.is_cupy(x):  # npdiff/kernels/cuda/norm.py
-        return cuda.group_norm(x, num_groups, weight, bias, eps, silu)
-    if not backend.is_numpy(x) or x.size == 0:
-        return group_norm_ref(x, num_groups, weight, bias, eps, silu)
-    batch = x.shape[0]
+def group_norm_fast(x, num_groups, weight, bias, eps=1e-5, silu=False):
+    batch, channels = x.shape[0], x.shape[1]
     per_group = channels // num_groups
     slabs = np.ascontiguousarray(x).reshape(batch, num_groups, -1)  # [B,C,...] -> [B,G,Cg*S]
     scale = np.ones(channels, np.float32) if weight is None else np.ascontiguousarray(weight)  # [C]
@@ -157,19 +144,39 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False):
     return out.reshape(x.shape)  # [B,G,Cg*S] -> [B,C,...]
 
 
-def layer_norm(x, weight, bias, eps=1e-5):
-    """torch.nn.functional.layer_norm over the last axis. x: [..., D]; weight, bias: [D] or None."""
-    require_min_ndim("layer_norm", "x", x, 1, "[..., D]")
+def layer_norm_fast(x, weight, bias, eps=1e-5):
     width = x.shape[-1]
-    require_optional_vector("layer_norm", "weight", weight, width)
-    require_optional_vector("layer_norm", "bias", bias, width)
-    if cuda.is_cupy(x):  # npdiff/kernels/cuda/norm.py
-        return cuda.layer_norm(x, weight, bias, eps)
-    if not backend.is_numpy(x) or x.size == 0:
-        return layer_norm_ref(x, weight, bias, eps)
     rows = np.ascontiguousarray(x).reshape(-1, width)  # [..., D] -> [R, D]
     scale = np.ones(width, np.float32) if weight is None else np.ascontiguousarray(weight)  # [D]
     shift = np.zeros(width, np.float32) if bias is None else np.ascontiguousarray(bias)  # [D]
     out = np.empty_like(rows)  # [R, D]
     _layer_norm_numba(rows, scale, shift, float(eps), out)
     return out.reshape(x.shape)  # [R, D] -> [..., D]
+
+
+# ---------------------------------------------------------------------------------------------
+# Public
+# ---------------------------------------------------------------------------------------------
+GROUP_NORM = dispatch.register("group_norm", fast=group_norm_fast, reference=group_norm_ref, cuda="group_norm")
+LAYER_NORM = dispatch.register("layer_norm", fast=layer_norm_fast, reference=layer_norm_ref, cuda="layer_norm")
+
+
+def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False):
+    """torch.nn.functional.group_norm (then SiLU if silu=True). x: [B,C,...]; weight, bias: [C] or None."""
+    require_min_ndim("group_norm", "x", x, 2, "[B,C,...]")
+    channels = x.shape[1]
+    if not isinstance(num_groups, (int, np.integer)) or num_groups <= 0 or channels % num_groups:
+        raise NpdiffError(f"group_norm: num_groups must be a positive divisor of the channel count "
+                          f"C={channels} of x {list(x.shape)}, got {num_groups!r}")
+    require_optional_vector("group_norm", "weight", weight, channels)
+    require_optional_vector("group_norm", "bias", bias, channels)
+    return GROUP_NORM(x, num_groups, weight, bias, eps, silu)
+
+
+def layer_norm(x, weight, bias, eps=1e-5):
+    """torch.nn.functional.layer_norm over the last axis. x: [..., D]; weight, bias: [D] or None."""
+    require_min_ndim("layer_norm", "x", x, 1, "[..., D]")
+    width = x.shape[-1]
+    require_optional_vector("layer_norm", "weight", weight, width)
+    require_optional_vector("layer_norm", "bias", bias, width)
+    return LAYER_NORM(x, weight, bias, eps)

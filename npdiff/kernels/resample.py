@@ -1,18 +1,19 @@
 """Nearest-neighbour 2x upsampling (torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")).
 
 Versions:
-  upsample_nearest2x_ref   NumPy API (numpy or cupy): np.repeat along H, then along W (two passes,
+  1. upsample_nearest2x_ref   NumPy API (numpy or cupy): np.repeat along H, then along W (two passes,
                            one temporary of the half-upsampled size).
-  _upsample_numba          Numba, prange over the B*C planes (each plane is contiguous in NCHW):
+  2. upsample_nearest2x_fast  Numba (_upsample_numba), prange over the B*C planes (each plane is contiguous in NCHW):
                            each input row is widened once into output row 2h and copied to row
                            2h+1, so x is read once and the output written once.
+  cupy arrays: one thread per output pixel (npdiff/kernels/cuda/elementwise.py).
 """
 
 import numpy as np
 
 from npdiff import backend
 from npdiff.jit import PARALLEL, SERIAL, njit, prange
-from npdiff.kernels import cuda
+from npdiff.kernels import dispatch
 from npdiff.kernels.validate import require_ndim
 
 
@@ -42,15 +43,19 @@ def _upsample_numba(planes, out):
         _upsample_plane(planes[p], out[p])
 
 
-def upsample_nearest2x(x):
-    """x [B,C,H,W] -> [B,C,2H,2W], each pixel repeated in a 2x2 block (torch's nearest, factor 2)."""
-    require_ndim("upsample_nearest2x", "x", x, 4, "[B,C,H,W]")
-    if cuda.is_cupy(x):  # one thread per output pixel (npdiff/kernels/cuda/elementwise.py)
-        return cuda.upsample_nearest2x(x)
-    if not backend.is_numpy(x):
-        return upsample_nearest2x_ref(x)
+def upsample_nearest2x_fast(x):
     batch, channels, height, width = x.shape
     planes = np.ascontiguousarray(x).reshape(batch * channels, height, width)  # [B,C,H,W] -> [P,H,W]
     out = np.empty((batch * channels, 2 * height, 2 * width), np.float32)  # [P,2H,2W]
     _upsample_numba(planes, out)
     return out.reshape(batch, channels, 2 * height, 2 * width)  # [P,2H,2W] -> [B,C,2H,2W]
+
+
+UPSAMPLE_NEAREST2X = dispatch.register("upsample_nearest2x", fast=upsample_nearest2x_fast,
+                                       reference=upsample_nearest2x_ref, cuda="upsample_nearest2x")
+
+
+def upsample_nearest2x(x):
+    """x [B,C,H,W] -> [B,C,2H,2W], each pixel repeated in a 2x2 block (torch's nearest, factor 2)."""
+    require_ndim("upsample_nearest2x", "x", x, 4, "[B,C,H,W]")
+    return UPSAMPLE_NEAREST2X(x)

@@ -9,10 +9,9 @@ import torch.nn.functional as F
 
 from helpers import KERNEL_TOL, assert_rel_close
 from npdiff import NpdiffError
-from npdiff.kernels import (attention, attention_batched, attention_chunked, attention_chunked_ref, attention_full,
-                            attention_ref, scaled_dot_product_attention, softmax)
-from npdiff.kernels.attention import softmax_ref
-from npdiff.kernels.attention_blocked import attention_blocked
+from npdiff.kernels import (attention, attention_batched, attention_blocked, attention_chunked, attention_chunked_ref,
+                            attention_full, attention_ref, scaled_dot_product_attention, softmax)
+from npdiff.kernels.softmax import softmax_ref
 
 PATHS = ["full", "chunked"]
 
@@ -103,9 +102,8 @@ def test_attention_matches_torch(rng, lead):
 def test_attention_chunked_across_several_default_chunks(rng):
     # N, M not multiples of the default chunk and block sizes, more than one of each: as SD's
     # self-attention [2,8,4096,40], smaller.
-    from npdiff.kernels import attention_blocked as blocked
-    n_keys = blocked.KEY_CHUNK * 2 + int(rng.integers(1, blocked.KEY_CHUNK))
-    n_queries = blocked.QUERY_BLOCK + int(rng.integers(1, blocked.QUERY_BLOCK))
+    n_keys = attention.KEY_CHUNK * 2 + int(rng.integers(1, attention.KEY_CHUNK))
+    n_queries = attention.QUERY_BLOCK + int(rng.integers(1, attention.QUERY_BLOCK))
     q, k, v = random_qkv(rng, (2, 2), n_queries, n_keys, 40)
     expected = torch_sdpa(q, k, v)
     assert_rel_close(attention_chunked(q, k, v), expected, KERNEL_TOL, "attention_chunked")

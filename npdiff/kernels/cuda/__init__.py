@@ -1,7 +1,7 @@
 """The CUDA versions of npdiff's kernels, for cupy arrays (npdiff.backend.use("cupy")).
 
 The kernels in npdiff/kernels/*.py check their inputs, then send NumPy arrays to Numba/BLAS and
-cupy arrays here. One file per op family; each holds its CUDA C source (compiled by NVRTC through
+cupy arrays here (the rule is in npdiff/kernels/dispatch.py). One file per op family; each holds its CUDA C source (compiled by NVRTC through
 cupy.RawModule on first use, for float32 and for float16) beside its Python wrapper, and a header
 saying how it differs from the NumPy-API reference and how its threads are laid out:
 
@@ -27,11 +27,7 @@ from npdiff.kernels.cuda.attention import scaled_dot_product_attention, softmax
 from npdiff.kernels.cuda.conv import conv2d, linear
 from npdiff.kernels.cuda.elementwise import geglu_gate, gelu, quick_gelu, silu, upsample_nearest2x
 from npdiff.kernels.cuda.norm import group_norm, layer_norm
-
-
-def is_cupy(x):
-    """True for cupy arrays (decided by the type's module, so cupy is never imported here)."""
-    return type(x).__module__.startswith("cupy")
+from npdiff.kernels.dispatch import is_cupy  # noqa: F401  (kept here for callers of cuda.is_cupy)
 
 
 def geglu(x, weight, bias=None, approximate="none"):

@@ -1,6 +1,6 @@
 """CUDA softmax and scaled dot-product attention: cuBLAS GEMMs around one fused softmax kernel.
 
-softmax_rows (the kernel). How it differs from the NumPy-API reference (npdiff/kernels/attention.py
+softmax_rows (the kernel). How it differs from the NumPy-API reference (npdiff/kernels/softmax.py
 softmax_ref): the reference makes four passes with temporaries (max, subtract + exp, sum, divide);
 here one warp owns one row and makes three passes over it without temporaries (max; exp and sum,
 writing exp; scale by 1/sum). The row is read from global memory once and then from cache.

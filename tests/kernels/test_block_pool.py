@@ -1,4 +1,4 @@
-"""The BLAS worker pool that blocked kernels (attention, conv tiles) run on."""
+"""The block-parallel pool that blocked kernels (attention, conv tiles) run on."""
 
 import threading
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from helpers import KERNEL_TOL, assert_rel_close
-from npdiff.kernels import openblas
+from npdiff.kernels import block_pool
 
 
 def test_run_blocks_runs_every_block_once_on_workers(rng):
@@ -20,9 +20,9 @@ def test_run_blocks_runs_every_block_once_on_workers(rng):
         threads.add(threading.get_ident())
         products[block] = a[block:] @ b  # BLAS inside a worker
 
-    openblas.run_blocks(work, list(range(37)))
+    block_pool.run_blocks(work, list(range(37)))
     assert sorted(seen) == list(range(37))
-    assert threading.get_ident() not in threads or openblas.blas_worker_pool()._max_workers == 1
+    assert threading.get_ident() not in threads or block_pool.shared_pool().workers == 1
     for block, product in products.items():
         assert_rel_close(product, a[block:].astype(np.float64) @ b, KERNEL_TOL)
 
@@ -33,15 +33,15 @@ def test_run_blocks_reraises_a_worker_exception():
             raise RuntimeError("block 5 failed")
 
     with pytest.raises(RuntimeError, match="block 5 failed"):
-        openblas.run_blocks(work, list(range(10)))
+        block_pool.run_blocks(work, list(range(10)))
 
 
 def test_pool_uses_every_cpu_when_openblas_has_thread_local_counts():
-    pool = openblas.blas_worker_pool()
-    if openblas._set_local_threads is None:
-        assert pool._max_workers == 1  # no per-thread BLAS count: one worker, never oversubscribed
+    pool = block_pool.shared_pool()
+    if not pool.single_threaded_blas:
+        assert pool.workers == 1  # no per-thread BLAS count: one worker, never oversubscribed
     else:
-        assert pool._max_workers == openblas.worker_count()
+        assert pool.workers == block_pool.worker_count()
 
 
 def test_run_blocks_inside_a_worker_runs_inline():
@@ -49,7 +49,7 @@ def test_run_blocks_inside_a_worker_runs_inline():
     inner_results = []
 
     def outer(block):
-        openblas.run_blocks(lambda inner: inner_results.append((block, inner)), [0, 1, 2])
+        block_pool.run_blocks(lambda inner: inner_results.append((block, inner)), [0, 1, 2])
 
-    openblas.run_blocks(outer, [10, 20, 30])
+    block_pool.run_blocks(outer, [10, 20, 30])
     assert sorted(inner_results) == [(b, i) for b in (10, 20, 30) for i in (0, 1, 2)]

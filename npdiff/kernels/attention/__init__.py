@@ -1,0 +1,143 @@
+"""Scaled dot-product attention: one op family, four versions, one public entry.
+
+Versions (each tested against torch and against version 1):
+  1. attention_ref          reference.py  the textbook, NumPy API (numpy or cupy): the whole score
+                                          matrix, softmax, @ v.
+  2. attention_chunked_ref  reference.py  memory-efficient ("flash attention"), NumPy API: key
+                                          chunks with a running max and sum; memory linear in N.
+  3. attention_blocked      threaded.py   version 2 made fast for NumPy arrays: query blocks on the
+                                          block-parallel pool, cache-sized score tiles, a fused
+                                          Numba update.
+  4. attention_batched      threaded.py   many small slices at once: groups of slices on the pool,
+                                          batched matmuls, a serial Numba softmax.
+  cupy arrays: cuBLAS + a fused masked softmax (npdiff/kernels/cuda/attention.py).
+Shared by all: common.py (KEY_CHUNK and QUERY_BLOCK, the one pair of tile sizes; masks as numbers).
+
+Which runs (the array rule is npdiff/kernels/dispatch.py's: cupy -> CUDA, NumPy -> fast, else the
+reference):
+  scaled_dot_product_attention  cupy -> CUDA; otherwise path "auto" picks "chunked" when the full
+                                score matrix would hold more than MEMORY_EFFICIENT_MIN_SCORES
+                                floats, "full" otherwise; path="full"|"chunked" forces one.
+  attention_full       NumPy: version 4 for slices of at most BATCHED_MAX_SLICE_SCORES scores,
+                       else version 3 with one block of all N queries and one chunk of all M keys
+                       (a plain softmax of each slice's full score matrix); else version 1.
+  attention_chunked    NumPy: version 3 with KEY_CHUNK x QUERY_BLOCK tiles; else version 2.
+
+Masks follow torch.nn.functional.scaled_dot_product_attention: a bool mask says True = may attend,
+a float mask is added to the scores, either broadcasts to [..., N, M]; is_causal keeps key j <= query
+i (top-left aligned, as torch) and is combined with a mask if both are given (as torch 2.13 does).
+The attention of a query that may attend to no key gives 0, as torch 2.13's
+scaled_dot_product_attention does (its fused CPU kernel returns zeros there); every version does so.
+"""
+
+import math
+
+import numpy as np
+
+from npdiff.errors import NpdiffError
+from npdiff.kernels import dispatch
+from npdiff.kernels.attention.common import KEY_CHUNK, QUERY_BLOCK, default_scale
+from npdiff.kernels.attention.reference import attention_chunked_ref, attention_ref
+from npdiff.kernels.attention.threaded import attention_batched, attention_blocked
+from npdiff.kernels.validate import require_min_ndim, shape_text
+
+MEMORY_EFFICIENT_MIN_SCORES = 1 << 23  # full score matrix above this many floats (32 MiB) -> chunked
+BATCHED_MAX_SLICE_SCORES = 128 * 128  # attention_full: slices of at most this many scores -> version 4
+PATHS = ("auto", "full", "chunked")
+
+
+# ---------------------------------------------------------------------------------------------
+# The two paths, for NumPy arrays
+# ---------------------------------------------------------------------------------------------
+def attention_full_fast(q, k, v, mask=None, scale=None, is_causal=False):
+    """Each (batch, head) slice's full score matrix: small slices in groups (version 4), large ones
+    one per worker (version 3 with a single block and a single key chunk)."""
+    scale = default_scale(q, scale)
+    n_queries, n_keys = q.shape[-2], k.shape[-2]
+    if n_queries * n_keys <= BATCHED_MAX_SLICE_SCORES:
+        return attention_batched(q, k, v, mask, scale, is_causal)
+    return attention_blocked(q, k, v, mask, scale, is_causal, key_chunk=max(1, n_keys),
+                             query_block=max(1, n_queries))
+
+
+def attention_chunked_fast(q, k, v, mask=None, scale=None, is_causal=False, key_chunk=KEY_CHUNK):
+    """Version 3 with key_chunk x QUERY_BLOCK tiles."""
+    return attention_blocked(q, k, v, mask, default_scale(q, scale), is_causal, key_chunk)
+
+
+ATTENTION_FULL = dispatch.register("attention_full", fast=attention_full_fast, reference=attention_ref)
+ATTENTION_CHUNKED = dispatch.register("attention_chunked", fast=attention_chunked_fast,
+                                      reference=attention_chunked_ref)
+
+
+def attention_full(q, k, v, mask=None, scale=None, is_causal=False):
+    """The "full" path: every (batch, head) slice's whole score matrix at once."""
+    return ATTENTION_FULL(q, k, v, mask, scale, is_causal)
+
+
+def attention_chunked(q, k, v, mask=None, scale=None, is_causal=False, key_chunk=KEY_CHUNK):
+    """The "chunked" (memory-efficient) path. key_chunk: keys per step."""
+    return ATTENTION_CHUNKED(q, k, v, mask, scale, is_causal, key_chunk)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public
+# ---------------------------------------------------------------------------------------------
+def check_attention_inputs(q, k, v, mask, is_causal, path):
+    kernel = "scaled_dot_product_attention"
+    require_min_ndim(kernel, "q", q, 2, "[..., N, d]")
+    require_min_ndim(kernel, "k", k, 2, "[..., M, d]")
+    require_min_ndim(kernel, "v", v, 2, "[..., M, dv]")
+    if k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1]:
+        raise NpdiffError(f"{kernel}: k must have shape [{','.join(map(str, q.shape[:-2] + ('M',)))},"
+                          f"{q.shape[-1]}] to match q {shape_text(q.shape)}, got {shape_text(k.shape)}")
+    if v.shape[:-1] != k.shape[:-1]:
+        raise NpdiffError(f"{kernel}: v must have shape {shape_text(k.shape[:-1] + ('dv',))} to match "
+                          f"k {shape_text(k.shape)}, got {shape_text(v.shape)}")
+    if mask is not None:
+        if mask.dtype != bool and mask.dtype != np.float32:
+            raise NpdiffError(f"{kernel}: mask must be bool (True = attend) or float32, got {mask.dtype}")
+        target = q.shape[:-2] + (q.shape[-2], k.shape[-2])
+        try:
+            np.broadcast_shapes(mask.shape, target)
+            ok = len(mask.shape) <= len(target)
+        except ValueError:
+            ok = False
+        if not ok or np.broadcast_shapes(mask.shape, target) != target:
+            raise NpdiffError(f"{kernel}: mask must broadcast to [..., N, M] = {shape_text(target)}, "
+                              f"got {shape_text(mask.shape)}")
+    if path not in PATHS:
+        raise NpdiffError(f"{kernel}: path must be one of {PATHS}, got {path!r}")
+
+
+def attention_by_path(q, k, v, mask=None, scale=None, is_causal=False, path="auto"):
+    """Non-cupy arrays: "auto" -> "chunked" above MEMORY_EFFICIENT_MIN_SCORES scores, else "full";
+    each path then picks its version for the array."""
+    if path == "auto":
+        n_scores = math.prod(q.shape[:-1]) * k.shape[-2]
+        path = "chunked" if n_scores > MEMORY_EFFICIENT_MIN_SCORES else "full"
+    if path == "chunked":
+        return attention_chunked(q, k, v, mask, scale, is_causal)
+    return attention_full(q, k, v, mask, scale, is_causal)
+
+
+# The path choice is the same for NumPy and other arrays; attention_full/attention_chunked then
+# apply the array rule again to pick versions 1-4.
+ATTENTION = dispatch.register("scaled_dot_product_attention", fast=attention_by_path,
+                              reference=attention_by_path, cuda="scaled_dot_product_attention")
+
+
+def scaled_dot_product_attention(q, k, v, mask=None, scale=None, is_causal=False, path="auto"):
+    """torch.nn.functional.scaled_dot_product_attention. q [..., N, d], k [..., M, d], v [..., M, dv].
+
+    mask: bool (True = may attend) or float (added to the scores), broadcastable to [..., N, M].
+    scale: default 1/sqrt(d). path: "auto" (chunked above MEMORY_EFFICIENT_MIN_SCORES score
+    entries), "full" or "chunked". Returns [..., N, dv].
+    """
+    check_attention_inputs(q, k, v, mask, is_causal, path)
+    return ATTENTION(q, k, v, mask, scale, is_causal, path)
+
+
+__all__ = ["BATCHED_MAX_SLICE_SCORES", "KEY_CHUNK", "MEMORY_EFFICIENT_MIN_SCORES", "QUERY_BLOCK",
+           "attention_batched", "attention_blocked", "attention_chunked", "attention_chunked_ref",
+           "attention_full", "attention_ref", "scaled_dot_product_attention"]
