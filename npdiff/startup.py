@@ -3,19 +3,35 @@
 npdiff/__init__.py calls `run()` before anything else. Python imports a package's __init__ before
 any of its modules, so whichever npdiff module you import first (npdiff, npdiff.kernels,
 npdiff.backend, ...), these steps have run, once, before it: results do not depend on import order.
+`DECISIONS` records what each step decided (npdiff.blas.blas_info() reports the first).
 
   1. OpenBLAS's kernels (npdiff/blas.py): on a CPU with AVX-512, set OPENBLAS_CORETYPE=SkylakeX
      unless the user chose (or NumPy is already loaded, when it is too late: blas_info() says so).
      Must come before NumPy is imported, because OpenBLAS reads the variable when it loads: so this
      step imports nothing but the standard library and npdiff/blas.py.
-  2. The array backend (npdiff/backend.py): NPDIFF_BACKEND=cupy (or numpy) in the environment
+  2. Numba's threading layer: a fork-safe one. Numba's default on Linux is GNU OpenMP ("omp"),
+     which cannot survive fork(): a process forked after a parallel kernel has run (what
+     multiprocessing does by default on Linux) is killed at its first parallel kernel ("fork()
+     called from a process already using GNU OpenMP"). NUMBA_THREADING_LAYER=forksafe makes Numba
+     take TBB if it is installed (fork- and thread-safe) and otherwise its own "workqueue" layer
+     (fork-safe; one thread may launch parallel kernels at a time, which npdiff keeps to: the
+     block pool's workers run serial Numba functions only). Set here in the environment, before
+     Numba is imported (Numba reads it then, and children started by spawn inherit it); if Numba
+     was imported already, numba.config is set instead, which holds until its first parallel
+     kernel. A layer the user chose (NUMBA_THREADING_LAYER) is kept.
+  3. A fork handler: in a forked child the block-parallel pool's threads no longer exist, so the
+     child forgets the pool (npdiff/kernels/block_pool.py) and starts a fresh one on first use.
+  4. The array backend (npdiff/backend.py): NPDIFF_BACKEND=cupy (or numpy) in the environment
      selects it, as npdiff.backend.use() would. Nothing is read from the environment later.
 
 Nothing here compiles a kernel, starts a thread or imports torch.
 """
 
 import os
+import sys
 
+NUMBA_LAYER = "forksafe"
+DECISIONS = {}
 _done = False
 
 
@@ -28,9 +44,38 @@ def run():
     # 1. before NumPy is imported
     from npdiff import blas
 
-    blas.prefer_avx512_openblas()
-    # 2. imports NumPy (and CuPy, if NPDIFF_BACKEND asks for it)
+    DECISIONS["openblas_coretype"] = blas.prefer_avx512_openblas()
+    # 2. before Numba is imported
+    DECISIONS["numba_threading_layer"] = choose_numba_threading_layer()
+    # 3.
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=after_fork_in_child)
+    # 4. imports NumPy (and CuPy, if NPDIFF_BACKEND asks for it)
     from npdiff import backend
 
     if os.environ.get("NPDIFF_BACKEND"):
         backend.use(os.environ["NPDIFF_BACKEND"])
+
+
+def choose_numba_threading_layer():
+    """Step 2. Returns what was decided."""
+    chosen = os.environ.get("NUMBA_THREADING_LAYER")
+    if chosen:
+        return f"set by user: NUMBA_THREADING_LAYER={chosen}"
+    if "numba" not in sys.modules:
+        os.environ["NUMBA_THREADING_LAYER"] = NUMBA_LAYER
+        return f"set NUMBA_THREADING_LAYER={NUMBA_LAYER}"
+    import numba
+    from numba.np.ufunc import parallel
+
+    if parallel._is_initialized:
+        return f"too late: numba already runs its {numba.threading_layer()!r} layer"
+    numba.config.THREADING_LAYER = NUMBA_LAYER
+    return f"set numba.config.THREADING_LAYER={NUMBA_LAYER}"
+
+
+def after_fork_in_child():
+    """Step 3, run by os.fork() in the child."""
+    block_pool = sys.modules.get("npdiff.kernels.block_pool")
+    if block_pool is not None:
+        block_pool.forget_after_fork()

@@ -16,7 +16,7 @@ releases the GIL, so the workers really run at the same time; only the Python gl
 takes the GIL.
 
 `shared_pool()` is the one pool every kernel uses (created on first use); `run_blocks(function,
-blocks)` runs on it.
+blocks)` runs on it. A forked child starts its own (npdiff/startup.py's fork handler).
 """
 
 import ctypes
@@ -104,6 +104,14 @@ def shared_pool():
         if _shared is None:
             _shared = BlockParallelPool()
         return _shared
+
+
+def forget_after_fork():
+    """In a forked child (npdiff/startup.py's fork handler): the pool's threads were not copied, so
+    drop it (a fresh one starts on first use) and the lock, which another thread may have held."""
+    global _shared, _lock
+    _lock = threading.Lock()
+    _shared = None
 
 
 def run_blocks(function, blocks):
