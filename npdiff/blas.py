@@ -20,6 +20,9 @@ benchmarks print what they ran on), `get_num_threads()` / `set_num_threads()` (t
 OpenBLAS's own pool, one setting for the whole process: OpenBLAS has no per-thread count, see
 npdiff/kernels/block_pool.py).
 
+`prefer_short_openblas_spin()` (also before NumPy loads) shortens the time OpenBLAS's idle threads
+spin before they sleep, so they do not take cores from the kernel that runs after a GEMM.
+
 This module must not import NumPy at import time (step 1 runs before NumPy is imported).
 """
 
@@ -29,6 +32,11 @@ import sys
 import threading
 
 AVX512_CORETYPE = "SkylakeX"
+# How long OpenBLAS's idle threads spin before they sleep, as OPENBLAS_THREAD_TIMEOUT: 2^20 TSC
+# ticks, ~0.3 ms at 3 GHz (OpenBLAS's default is 2^28, ~0.1 s). Long enough to stay awake between
+# back-to-back GEMMs (q, k, v projections), short enough not to compete with the Numba kernel or the
+# block pool that runs next.
+THREAD_TIMEOUT_LOG2 = 20
 # The same function under the names of the builds NumPy ships (scipy-openblas: prefixed, 64-bit
 # integers) and of a plain OpenBLAS.
 SYMBOLS = {
@@ -74,6 +82,17 @@ def prefer_avx512_openblas():
         os.environ["OPENBLAS_CORETYPE"] = AVX512_CORETYPE
         _decision = f"set OPENBLAS_CORETYPE={AVX512_CORETYPE}"
     return _decision
+
+
+def prefer_short_openblas_spin():
+    """Ask OpenBLAS's idle threads to sleep soon (OPENBLAS_THREAD_TIMEOUT), if that is still
+    possible: like the core type, OpenBLAS reads it when NumPy loads it. Returns what was decided."""
+    if "OPENBLAS_THREAD_TIMEOUT" in os.environ:
+        return f"set by user: OPENBLAS_THREAD_TIMEOUT={os.environ['OPENBLAS_THREAD_TIMEOUT']}"
+    if "numpy" in sys.modules:
+        return "too late: numpy was imported before npdiff"
+    os.environ["OPENBLAS_THREAD_TIMEOUT"] = str(THREAD_TIMEOUT_LOG2)
+    return f"set OPENBLAS_THREAD_TIMEOUT={THREAD_TIMEOUT_LOG2}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,10 +5,12 @@ any of its modules, so whichever npdiff module you import first (npdiff, npdiff.
 npdiff.backend, ...), these steps have run, once, before it: results do not depend on import order.
 `DECISIONS` records what each step decided (npdiff.blas.blas_info() reports the first).
 
-  1. OpenBLAS's kernels (npdiff/blas.py): on a CPU with AVX-512, set OPENBLAS_CORETYPE=SkylakeX
-     unless the user chose (or NumPy is already loaded, when it is too late: blas_info() says so).
-     Must come before NumPy is imported, because OpenBLAS reads the variable when it loads: so this
-     step imports nothing but the standard library and npdiff/blas.py.
+  1. OpenBLAS (npdiff/blas.py): on a CPU with AVX-512, set OPENBLAS_CORETYPE=SkylakeX (its fast
+     kernels), and set OPENBLAS_THREAD_TIMEOUT so its idle threads sleep after ~0.3 ms instead of
+     spinning ~0.1 s beside the Numba kernel that runs next; each unless the user chose (or NumPy
+     is already loaded, when it is too late: blas_info() says so). Must come before NumPy is
+     imported, because OpenBLAS reads the variables when it loads: so this step imports nothing
+     but the standard library and npdiff/blas.py.
   2. Numba's threading layer: a fork-safe one. Numba's default on Linux is GNU OpenMP ("omp"),
      which cannot survive fork(): a process forked after a parallel kernel has run (what
      multiprocessing does by default on Linux) is killed at its first parallel kernel ("fork()
@@ -45,6 +47,7 @@ def run():
     from npdiff import blas
 
     DECISIONS["openblas_coretype"] = blas.prefer_avx512_openblas()
+    DECISIONS["openblas_thread_timeout"] = blas.prefer_short_openblas_spin()
     # 2. before Numba is imported
     DECISIONS["numba_threading_layer"] = choose_numba_threading_layer()
     # 3.

@@ -6,20 +6,27 @@ Left alone, every np.matmul a worker makes would fan out onto all of OpenBLAS's 
 workers x two BLAS threads on two cores, with OpenBLAS serialising concurrent callers on its pool.
 
 `BlockParallelPool.run(function, blocks)` calls function(block) for every block on the pool's
-workers (one per CPU this process may use) and returns when all are done. Each worker calls
-OpenBLAS's `openblas_set_num_threads_local(1)` once, when the pool starts the thread, so that the
-worker's matmuls stay on its core. Where the symbol is missing (NumPy on another BLAS, an old
-OpenBLAS), the pool has a single worker, so nothing is oversubscribed: correct, only not parallel.
+workers (one per CPU this process may use) and returns when all are done. While the blocks run,
+OpenBLAS's thread count is 1, so each worker's matmuls stay on its core; when the last block is
+done the count is set back to what it was, so the caller's own matmuls (linear, geglu, the next
+GEMM on the main thread) get every core again. The count is one setting for the whole process:
+OpenBLAS has no per-thread count in the builds NumPy ships. (Its `openblas_set_num_threads_local`
+sets the same global count and returns the old one: called once in each worker, as npdiff once
+did, it left the main thread's BLAS on one core for the rest of the process, measured: linear
+[8192,320]x[1280,320]^T at 194 GFLOP/s in a fresh process, 101 after one conv2d.) Concurrent
+callers of run() are counted, so the count is set to 1 by the first and restored by the last.
+Where OpenBLAS's thread count can't be set (NumPy on another BLAS), the pool has a single worker,
+so nothing is oversubscribed: correct, only not parallel.
 
 The kernels' element-wise parts are Numba functions compiled with nogil=True, and np.matmul
 releases the GIL, so the workers really run at the same time; only the Python glue between calls
-takes the GIL.
+takes the GIL. Idle workers wait on a queue (no spinning), as do Numba's threads (npdiff/startup.py
+picks its workqueue/TBB layer) and OpenBLAS's (npdiff/startup.py: OPENBLAS_THREAD_TIMEOUT).
 
 `shared_pool()` is the one pool every kernel uses (created on first use); `run_blocks(function,
 blocks)` runs on it. A forked child starts its own (npdiff/startup.py's fork handler).
 """
 
-import ctypes
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +34,6 @@ from concurrent.futures import ThreadPoolExecutor
 from npdiff import blas
 
 THREAD_PREFIX = "npdiff-blocks"
-LOCAL_THREADS_SYMBOL = "openblas_set_num_threads_local"
 
 
 def worker_count():
@@ -38,13 +44,34 @@ def worker_count():
         return max(1, os.cpu_count() or 1)
 
 
-def _local_threads_setter():
-    """OpenBLAS's openblas_set_num_threads_local, or None where NumPy's BLAS has none."""
-    function = blas.openblas_function(LOCAL_THREADS_SYMBOL)
-    if function is not None:
-        function.argtypes = [ctypes.c_int]
-        function.restype = ctypes.c_int
-    return function
+class SingleThreadedBlas:
+    """A context: OpenBLAS's thread count is 1 inside, what it was before outside. Nested and
+    concurrent uses are counted: the first entry saves and sets, the last exit restores."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = None
+
+    def __enter__(self):
+        with self._lock:
+            if self._users == 0:
+                self._saved = blas.get_num_threads()
+                blas.set_num_threads(1)
+            self._users += 1
+
+    def active(self):
+        return self._users > 0
+
+    @property
+    def saved(self):
+        return self._saved
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                blas.set_num_threads(self._saved)
 
 
 class BlockParallelPool:
@@ -52,12 +79,11 @@ class BlockParallelPool:
     on the worker's own core."""
 
     def __init__(self, workers=None):
-        self._set_local_threads = _local_threads_setter()
-        self.single_threaded_blas = self._set_local_threads is not None
+        self.single_threaded_blas = (blas.openblas_function("get_num_threads") is not None
+                                     and blas.openblas_function("set_num_threads") is not None)
         self.workers = (workers or worker_count()) if self.single_threaded_blas else 1
-        initializer = self._set_local_threads and (lambda: self._set_local_threads(1))
-        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=THREAD_PREFIX,
-                                            initializer=initializer)
+        self._blas_on_one_core = SingleThreadedBlas()
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=THREAD_PREFIX)
 
     def run(self, function, blocks):
         """function(block) for every block, on the pool's workers; returns when all are done.
@@ -85,9 +111,12 @@ class BlockParallelPool:
                     return
                 function(block)
 
-        futures = [self._executor.submit(work) for _ in range(workers)]
+        with self._blas_on_one_core:  # 1 OpenBLAS thread while the workers run, then as before
+            futures = [self._executor.submit(work) for _ in range(workers)]
+            for future in futures:
+                future.exception()  # wait for every worker, failed or not
         for future in futures:
-            future.result()
+            future.result()  # re-raise the first failure
 
     def shutdown(self):
         self._executor.shutdown(wait=True)
@@ -108,8 +137,11 @@ def shared_pool():
 
 def forget_after_fork():
     """In a forked child (npdiff/startup.py's fork handler): the pool's threads were not copied, so
-    drop it (a fresh one starts on first use) and the lock, which another thread may have held."""
+    drop it (a fresh one starts on first use) and the lock, which another thread may have held. If a
+    thread of the parent was inside run() at the fork, the child gets OpenBLAS's thread count back."""
     global _shared, _lock
+    if _shared is not None and _shared._blas_on_one_core.active():
+        blas.set_num_threads(_shared._blas_on_one_core.saved)
     _lock = threading.Lock()
     _shared = None
 
