@@ -158,11 +158,13 @@ class CLIPTokenizer:
 
     def split_words(self, text):
         """CLIP's pre-tokenizer pattern, written out with str methods (stdlib `re` has no \\p{L}):
-            <|startoftext|> | <|endoftext|> | 's|'t|'re|'ve|'m|'ll|'d | \\p{L}+ | \\p{N} | [^\\s\\p{L}\\p{N}]+
-        At each position the first alternative that matches wins; whitespace between matches is dropped."""
+            's|'t|'re|'ve|'m|'ll|'d | \\p{L}+ | \\p{N} | [^\\s\\p{L}\\p{N}]+
+        At each position the first alternative that matches wins; whitespace between matches is
+        dropped. (The pattern also lists <|startoftext|> and <|endoftext|>, but the tokenizer
+        library's byte-level step cuts those at "|" again, so here they are not whole words.)"""
         words, i = [], 0
         while i < len(text):
-            word = next((w for w in ("<|startoftext|>", "<|endoftext|>") + self.CONTRACTIONS if text.startswith(w, i)), None)
+            word = next((w for w in self.CONTRACTIONS if text.startswith(w, i)), None)
             if word is None:
                 kind = char_kind(text[i])
                 if kind == "space":
