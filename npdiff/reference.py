@@ -41,6 +41,14 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+F = np.float32  # all arithmetic is float32, as torch's
+
+
+def require(condition, message):
+    """Bad input -> a ValueError that names it (called before any long work)."""
+    if not condition:
+        raise ValueError(message)
+
 # =================================================================================================
 # 1. safetensors: 8 bytes (little-endian header length), a JSON header, then raw little-endian data
 # =================================================================================================
@@ -56,8 +64,8 @@ def read_safetensors(path):
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, not one of {list(SAFETENSORS_DTYPES)}")
+        require(info["dtype"] in SAFETENSORS_DTYPES, f"{path}: {name} has dtype {info['dtype']}, not one of "
+                f"{list(SAFETENSORS_DTYPES)}")
         begin, end = info["data_offsets"]  # byte offsets after the header
         dtype = np.dtype(SAFETENSORS_DTYPES[info["dtype"]])
         raw = np.frombuffer(data, dtype, count=(end - begin) // dtype.itemsize, offset=8 + header_length + begin)
@@ -90,8 +98,7 @@ def load_part(model_dir, part):
     """model_dir/part/config.json and its .safetensors weights -> (config dict, weight tree)."""
     folder = Path(model_dir) / part
     files = sorted(folder.glob("*.safetensors"))
-    if not (folder / "config.json").is_file() or not files:
-        raise ValueError(f"{folder}: expected config.json and a .safetensors file (a diffusers model folder)")
+    require((folder / "config.json").is_file() and files, f"{folder}: no config.json and .safetensors file")
     config = json.loads((folder / "config.json").read_text())
     return config, nest(read_safetensors(files[0]))
 
@@ -137,14 +144,14 @@ class CLIPTokenizer:
         for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the second one wins
             if (folder / name).is_file():
                 config.update(json.loads((folder / name).read_text(encoding="utf-8")))
-        token = lambda key, default: (lambda v: v["content"] if isinstance(v, dict) else v)(config.get(key) or default)
-        self.bos, self.eos = self.vocab[token("bos_token", "<|startoftext|>")], self.vocab[token("eos_token", "<|endoftext|>")]
-        self.pad = self.vocab[token("pad_token", "<|endoftext|>")]  # SD 1.x: <|endoftext|>; SD 2.x: "!" (id 0)
+        special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                   "pad_token": "<|endoftext|>"}  # SD 2.x pads with "!" (id 0): its folder says so
+        special = {key: config.get(key) or default for key, default in special.items()}
+        special = {key: text["content"] if isinstance(text, dict) else text for key, text in special.items()}
+        self.bos, self.eos, self.unk, self.pad = (self.vocab[special[key]] for key in special)
+        self.specials = sorted(set(special.values()), key=len, reverse=True)  # found in the raw prompt, never split
         length = config.get("model_max_length", 77)
-        self.length = length if isinstance(length, int) and length < 10**6 else 77
-        # special tokens are found in the raw prompt, before anything else, and never split
-        self.specials = sorted({token(k, "<|endoftext|>") for k in ("bos_token", "eos_token", "unk_token", "pad_token")},
-                               key=len, reverse=True)
+        self.length = length if isinstance(length, int) and length < 10**6 else 77  # 1e30 means "not set"
         self.byte_chars = bytes_to_unicode()
         self.cache = {}
 
@@ -194,7 +201,7 @@ class CLIPTokenizer:
         return self.cache[word]
 
     def encode(self, prompt):
-        """Prompt -> BPE ids without start/end (unknown pieces -> <|endoftext|>)."""
+        """Prompt -> BPE ids without start/end (unknown pieces -> the unk token, <|endoftext|>)."""
         ids = []
         pattern = "(" + "|".join(re.escape(s) for s in self.specials) + ")"
         for k, segment in enumerate(re.split(pattern, prompt)):  # odd k: a special token
@@ -203,7 +210,7 @@ class CLIPTokenizer:
                 continue
             for word in self.split_words(self.normalize(segment)):
                 chars = "".join(self.byte_chars[b] for b in word.encode("utf-8"))
-                ids += [self.vocab.get(piece, self.vocab["<|endoftext|>"]) for piece in self.bpe(chars)]
+                ids += [self.vocab.get(piece, self.unk) for piece in self.bpe(chars)]
         return ids
 
     def __call__(self, prompt):
@@ -215,6 +222,14 @@ class CLIPTokenizer:
 # =================================================================================================
 # 3. torch's CPU random numbers, bit for bit: torch.manual_seed(s); torch.randn(shape)
 # =================================================================================================
+# The same seed must give the same starting noise as diffusers, so this is torch's algorithm exactly:
+#   1. MT19937 seeded with the seed's low 32 bits; float32 uniforms u = (24 bits of a draw) / 2^24.
+#   2. n >= 16 values: Box-Muller on blocks of 16 uniforms, pairing u[j] with u[j + 8]:
+#      r = sqrt(-2 log(1 - u[j])), theta = 2 pi u[j + 8]  ->  r cos(theta), r sin(theta).
+#      log, sin and cos are the float32 Cephes polynomials of torch's AVX2 kernel, which every x86 CPU
+#      with AVX2 runs (other CPUs use libm there and differ in the last bit or two), and the compiler
+#      fused some of their multiply-adds: each fma32 below stands where torch's binary has one.
+#   3. n < 16 values: a scalar Box-Muller in double precision instead.
 class MT19937:
     """The Mersenne Twister as torch's CPU generator runs it (seeded from the seed's low 32 bits)."""
 
@@ -271,7 +286,6 @@ def fma32(a, b, c):
     return total.astype(np.float32)  # [n]
 
 
-F = np.float32
 LOG_P = [F(v) for v in (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
                         -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1)]
 
@@ -372,13 +386,13 @@ def group_norm(x, weight, bias, groups, eps):
     """torch.nn.GroupNorm: normalise each group of C/groups channels over (channels, H, W)."""
     batch, channels = x.shape[:2]
     g = x.reshape(batch, groups, -1)  # [B,C,H,W] -> [B,G,C/G*H*W]
-    g = (g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + eps)
+    g = (g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + eps)  # [B,G,C/G*H*W]
     return g.reshape(x.shape) * weight[:, None, None] + bias[:, None, None]  # [B,C,H,W]
 
 
 def layer_norm(x, weight, bias, eps=1e-5):
     """torch.nn.LayerNorm over the last axis: [..., C] -> [..., C]."""
-    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * weight + bias
+    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * weight + bias  # [..., C]
 
 
 def sigmoid(x):
@@ -524,8 +538,8 @@ def unet(latents, timestep, context, weights, config):
     for key, supported in (("time_embedding_type", "positional"), ("class_embed_type", None),
                            ("addition_embed_type", None), ("center_input_sample", False),
                            ("resnet_time_scale_shift", "default"), ("mid_block_type", "UNetMidBlock2DCrossAttn")):
-        if config.get(key, supported) != supported:
-            raise ValueError(f"unet/config.json: {key}={config[key]!r} is not supported here (only {supported!r})")
+        require(config.get(key, supported) == supported, f"unet/config.json: {key}={config.get(key)!r} is not "
+                f"supported here (only {supported!r})")
     # 1. Timestep -> embedding [B,4*C0]
     timesteps = np.full(latents.shape[0], timestep)  # [B]
     temb = timestep_embedding(timesteps, config["block_out_channels"][0], config["flip_sin_to_cos"],
@@ -664,20 +678,17 @@ def txt2img(model_dir, prompt, negative_prompt="", seed=0, steps=20, guidance_sc
     with generator=torch.Generator().manual_seed(seed)."""
     # 0. Check the arguments before any long work
     model_dir = Path(model_dir)
-    if not (model_dir / "model_index.json").is_file():
-        raise ValueError(f"{model_dir} is not a diffusers model folder (no model_index.json)")
+    require((model_dir / "model_index.json").is_file(), f"{model_dir} is not a diffusers model folder (no model_index.json)")
     for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-        if not isinstance(value, str):
-            raise ValueError(f"{name} must be a string, got {type(value).__name__}")
-    if not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+        require(isinstance(value, str), f"{name} must be a string, got {type(value).__name__}")
+    require(isinstance(seed, (int, np.integer)) and -2**63 <= seed < 2**64, f"seed must be an int as torch takes it "
+            f"(-2**63 <= seed < 2**64), got {seed!r}")
     scheduler = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
-    if not isinstance(steps, int) or not 1 <= steps <= scheduler["num_train_timesteps"]:
-        raise ValueError(f"steps must be an int in 1..{scheduler['num_train_timesteps']}, got {steps!r}")
-    if scheduler.get("thresholding"):
-        raise ValueError("scheduler_config.json: thresholding is not supported here")
-    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    require(isinstance(steps, (int, np.integer)) and 1 <= steps <= scheduler["num_train_timesteps"],
+            f"steps must be an int in 1..{scheduler['num_train_timesteps']}, got {steps!r}")
+    require(not scheduler.get("thresholding"), "scheduler_config.json: thresholding is not supported here")
+    require(isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale),
+            f"guidance_scale must be a finite number, got {guidance_scale!r}")
     # 1. Read the model: configs and weight trees
     text_config, text_weights = load_part(model_dir, "text_encoder")
     unet_config, unet_weights = load_part(model_dir, "unet")
