@@ -100,7 +100,11 @@ def load_part(model_dir, part):
     files = sorted(folder.glob("*.safetensors"))
     require((folder / "config.json").is_file() and files, f"{folder}: no config.json and .safetensors file")
     config = json.loads((folder / "config.json").read_text())
-    return config, nest(read_safetensors(files[0]))
+    flat = read_safetensors(files[0])
+    # VAE files saved before diffusers 0.14 name the attention's projections query/key/value/proj_attn
+    old_names = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+    flat = {re.sub(r"\.(query|key|value|proj_attn)\.", lambda m: f".{old_names[m[1]]}.", k): v for k, v in flat.items()}
+    return config, nest(flat)
 
 
 # =================================================================================================
@@ -456,9 +460,11 @@ def clip_layer(x, layer_norm1, self_attn, layer_norm2, mlp, heads, act, eps):
 def clip_text_encoder(ids, weights, config):
     """transformers' CLIPTextModel(ids).last_hidden_state."""
     weights = weights.get("text_model", weights)  # older files name every key "text_model.<...>"
+    # 1. Token embedding + position embedding
     embeddings = weights["embeddings"]
     x = embeddings["token_embedding"]["weight"][ids]  # [B,77] -> [B,77,C]
     x = x + embeddings["position_embedding"]["weight"][:ids.shape[1]]  # + [77,C]
+    # 2. The transformer layers, then a last layer norm
     for layer in numbered(weights["encoder"]["layers"]):
         x = clip_layer(x, **layer, heads=config["num_attention_heads"], act=ACTIVATIONS[config["hidden_act"]],
                        eps=config["layer_norm_eps"])
@@ -594,22 +600,26 @@ def vae_attention(x, to_q, to_k, to_v, to_out, groups, **norm):
 def vae_decode(latents, weights, config):
     """diffusers' AutoencoderKL.decode(latents / scaling_factor)."""
     groups, eps = config["norm_num_groups"], 1e-6
+    # 1. Undo the scaling that made the latents unit-variance for the UNet; 1x1 conv; conv_in
     z = latents / F(config["scaling_factor"])  # [B,4,h,w]
     if "post_quant_conv" in weights:
         z = conv2d(z, **weights["post_quant_conv"])  # 1x1 conv
     decoder = weights["decoder"]
     x = conv2d(z, **decoder["conv_in"])  # [B,C,h,w]
+    # 2. Middle: resnet, attention, resnet (no timestep in the VAE)
     mid = decoder["mid_block"]
     x = resnet(x, None, **mid["resnets"]["0"], groups=groups, eps=eps)
     for i, resnet_weights in enumerate(numbered(mid["resnets"])[1:]):
         if "attentions" in mid:  # (mid_block_add_attention)
             x = vae_attention(x, **mid["attentions"][str(i)], groups=groups)  # [B,C,h,w]
         x = resnet(x, None, **resnet_weights, groups=groups, eps=eps)
+    # 3. Up: resnets, then nearest 2x + conv, block after block
     for block in numbered(decoder["up_blocks"]):
         for resnet_weights in numbered(block["resnets"]):
             x = resnet(x, None, **resnet_weights, groups=groups, eps=eps)  # [B,C,H,W]
         if "upsamplers" in block:
             x = upsample(x, **block["upsamplers"]["0"])  # [B,C,2H,2W]
+    # 4. Out: norm, silu, conv -> [B,3,H,W]
     return conv2d(silu(group_norm(x, **decoder["conv_norm_out"], groups=groups, eps=eps)), **decoder["conv_out"])
 
 

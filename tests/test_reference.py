@@ -166,9 +166,21 @@ def test_unet_matches_diffusers(kind, rng):
     assert_rel_close(ref.unet(latents, timestep, context, weights, config), expected, NETWORK_TOL, f"UNet {kind}")
 
 
-@pytest.mark.parametrize("kind", ["sd", "deep"])
-def test_vae_decoder_matches_diffusers(kind, rng):
+@pytest.mark.parametrize("kind, old_names", [("sd", False), ("deep", True)])
+def test_vae_decoder_matches_diffusers(kind, old_names, rng, tmp_path):
+    from safetensors.torch import load_file, save_file
+
     model, folder = tiny_vae(kind, seed=int(rng.integers(1000)))
+    if old_names:  # as VAE files saved before diffusers 0.14 name the attention's projections
+        renames = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+        tensors = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+        for new_name, old_name in renames.items():
+            tensors = {name.replace(new_name, old_name): tensor for name, tensor in tensors.items()}
+        assert any(".query." in name for name in tensors)
+        (tmp_path / "vae").mkdir()
+        save_file(tensors, str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+        (tmp_path / "vae" / "config.json").write_text((folder / "config.json").read_text())
+        folder = tmp_path / "vae"
     config, weights = ref.load_part(folder.parent, folder.name)
     latents = rng.standard_normal((1, 4, 4, 6)).astype(np.float32)
     with torch.no_grad():
