@@ -72,7 +72,7 @@ def read_safetensors(path):
         if info["dtype"] == "BF16":  # bfloat16 = the upper 16 bits of a float32
             raw = (raw.astype(np.uint32) << 16).view(np.float32)
         if raw.dtype.kind == "f":
-            raw = raw.astype(np.float32)
+            raw = raw.astype(np.float32, copy=False)  # (float32 stays a read-only view of the bytes)
         tensors[name] = raw.reshape(info["shape"])
     return tensors
 
@@ -140,9 +140,15 @@ class CLIPTokenizer:
 
     def __init__(self, folder):
         folder = Path(folder)
-        self.vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))  # piece -> id
-        lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
-        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        if (folder / "vocab.json").is_file():  # vocab.json: piece -> id; merges.txt: "a b" per line
+            self.vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+            lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+            merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        else:  # folders saved by transformers 5 hold both in tokenizer.json
+            require((folder / "tokenizer.json").is_file(), f"{folder}: no vocab.json + merges.txt or tokenizer.json")
+            model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+            self.vocab = model["vocab"]
+            merges = [tuple(m.split() if isinstance(m, str) else m) for m in model["merges"]]
         self.ranks = {pair: rank for rank, pair in enumerate(merges)}  # earlier merge = applied first
         config = {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the second one wins

@@ -84,11 +84,19 @@ def test_safetensors_reader_matches_the_safetensors_package(rng, tmp_path):
 # ---- 2. tokenizer --------------------------------------------------------------------------------
 @pytest.mark.parametrize("pad", ["<|endoftext|>", "!"])
 def test_tokenizer_matches_transformers(pad, rng, tmp_path):
+    """SD 1.x: the shipped folder (vocab.json + merges.txt). SD 2.x pads with "!": a folder as
+    transformers 5 saves it (tokenizer.json only)."""
     import transformers
 
-    folder = MODEL_DIR / "tokenizer" if pad == "<|endoftext|>" else write_clip_tokenizer_folder(tmp_path, pad_token=pad)
-    ours = ref.CLIPTokenizer(folder)
-    theirs = transformers.CLIPTokenizer.from_pretrained(str(folder))
+    if pad == "<|endoftext|>":
+        theirs = transformers.CLIPTokenizer.from_pretrained(str(MODEL_DIR / "tokenizer"))
+        ours = ref.CLIPTokenizer(MODEL_DIR / "tokenizer")
+    else:
+        theirs = transformers.CLIPTokenizer.from_pretrained(str(write_clip_tokenizer_folder(tmp_path / "t", pad_token=pad)))
+        theirs.save_pretrained(str(tmp_path / "saved"))
+        assert not (tmp_path / "saved" / "vocab.json").exists()
+        ours = ref.CLIPTokenizer(tmp_path / "saved")
+    assert ours.pad == theirs.pad_token_id
     captions, _ = shapes_data.random_prompts(20, int(rng.integers(2**31)))
     tricky = ["ΟΔΟΣ ΣΙΣΥΦΟΣ", "a\x1cb\x1fc\x85d\u00a0e\u2028f\u3000g\u200bh", "a<|STARTOFTEXT|>b<|endoftext|>c",
               "İstanbul ǅ ẞ Ⓐ", "''s 's's ''re X'LL don't!", "١٢٣ ½ ² Ⅻ 𝟙", "e\u0301 é \ufeff", "hi! wow!!"]
