@@ -651,7 +651,8 @@ def ddim_timesteps(config, steps):
     train_steps = config["num_train_timesteps"]
     spacing = config.get("timestep_spacing", "leading")
     if spacing == "leading":  # SD 1.x: 0, 50, 100, ... (+ steps_offset), reversed
-        return (np.arange(steps) * (train_steps // steps)).round()[::-1].astype(np.int64) + config.get("steps_offset", 0)
+        leading = (np.arange(steps) * (train_steps // steps)).round()[::-1].astype(np.int64)  # [steps]
+        return leading + config.get("steps_offset", 0)
     if spacing == "trailing":
         return np.round(np.arange(train_steps, 0, -train_steps / steps)).astype(np.int64) - 1
     if spacing == "linspace":
@@ -694,7 +695,8 @@ def txt2img(model_dir, prompt, negative_prompt="", seed=0, steps=20, guidance_sc
     with generator=torch.Generator().manual_seed(seed)."""
     # 0. Check the arguments before any long work
     model_dir = Path(model_dir)
-    require((model_dir / "model_index.json").is_file(), f"{model_dir} is not a diffusers model folder (no model_index.json)")
+    require((model_dir / "model_index.json").is_file(), f"{model_dir} is not a diffusers model folder "
+            "(no model_index.json)")
     for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         require(isinstance(value, str), f"{name} must be a string, got {type(value).__name__}")
     require(isinstance(seed, (int, np.integer)) and -2**63 <= seed < 2**64, f"seed must be an int as torch takes it "
@@ -774,7 +776,8 @@ def main(argv=None):
     if not output.parent.is_dir():
         parser.error(f"output folder {output.parent} does not exist")
     try:
-        image = txt2img(args.model or default_model_dir(), args.prompt, args.negative, args.seed, args.steps, args.guidance)
+        image = txt2img(args.model or default_model_dir(), args.prompt, args.negative, args.seed, args.steps,
+                        args.guidance)
     except ValueError as error:
         parser.error(str(error))
     write_png(output, image)

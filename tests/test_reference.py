@@ -92,7 +92,8 @@ def test_tokenizer_matches_transformers(pad, rng, tmp_path):
         theirs = transformers.CLIPTokenizer.from_pretrained(str(MODEL_DIR / "tokenizer"))
         ours = ref.CLIPTokenizer(MODEL_DIR / "tokenizer")
     else:
-        theirs = transformers.CLIPTokenizer.from_pretrained(str(write_clip_tokenizer_folder(tmp_path / "t", pad_token=pad)))
+        written = write_clip_tokenizer_folder(tmp_path / "t", pad_token=pad)
+        theirs = transformers.CLIPTokenizer.from_pretrained(str(written))
         theirs.save_pretrained(str(tmp_path / "saved"))
         assert not (tmp_path / "saved" / "vocab.json").exists()
         ours = ref.CLIPTokenizer(tmp_path / "saved")
@@ -110,7 +111,8 @@ def test_tokenizer_matches_transformers(pad, rng, tmp_path):
 # ---- 3. torch's randn ----------------------------------------------------------------------------
 def test_randn_is_torch_randn_bit_for_bit(rng):
     seeds = [0, 2**32 + 5, 2**64 - 1] + [int(s) for s in rng.integers(0, 2**63, size=3)]
-    shapes = [(1,), (5,), (15,), (3, 5), (16,), (17,), (2, 31), (1, 4, 8, 8), (1, 4, 64, 64), (int(rng.integers(16, 5000)),)]
+    shapes = [(1,), (5,), (15,), (3, 5), (16,), (17,), (2, 31), (1, 4, 8, 8), (1, 4, 64, 64),
+              (int(rng.integers(16, 5000)),)]
     for seed in seeds:
         for shape in shapes:
             torch.manual_seed(seed)
@@ -120,6 +122,31 @@ def test_randn_is_torch_randn_bit_for_bit(rng):
             assert np.array_equal(ours.view(np.uint32), expected.view(np.uint32)), f"seed {seed}, shape {shape}"
 
 
+def test_fma32_rounds_once(rng):
+    """c + a*b just above a float32 midpoint by less than float64 can hold: rounding the float64 sum
+    to float32 goes wrong there (two roundings); fma32 must agree with a real FMA everywhere."""
+    from npdiff.jit import SERIAL, njit
+    from npdiff.rng.intrinsics import fma32 as exact_fma32  # LLVM's fma: one rounding
+
+    @njit(**SERIAL)
+    def fused(a, b, c, out):
+        for i in range(a.shape[0]):
+            out[i] = exact_fma32(a[i], b[i], c[i])
+
+    a = rng.uniform(1, 2, 200_000).astype(np.float32)
+    b = (np.float32(2.0**-24) / a).astype(np.float32)  # a*b = 2^-24 (1 + e), |e| < 2^-24
+    c = np.ones_like(a)  # 1 + a*b: about 1 + 2^-24, the midpoint between 1 and the next float32
+    expected = np.empty_like(a)
+    fused(a, b, c, expected)
+    twice = (a.astype(np.float64) * b + c).astype(np.float32)
+    assert (twice != expected).any()  # the hard cases are there
+    assert np.array_equal(ref.fma32(a, b, c), expected)
+    for _ in range(3):  # and ordinary operands
+        a, b, c = (rng.standard_normal(10_000).astype(np.float32) for _ in range(3))
+        fused(a, b, c, expected[:10_000])
+        assert np.array_equal(ref.fma32(a, b, c), expected[:10_000])
+
+
 # ---- 4. layers -----------------------------------------------------------------------------------
 def test_conv2d_matches_torch(rng):
     for kernel, stride, padding in [(3, 1, 1), (3, 2, 1), (1, 1, 0), (5, 1, 2), (3, 1, 0)]:
@@ -127,7 +154,8 @@ def test_conv2d_matches_torch(rng):
         w = rng.standard_normal((6, 5, kernel, kernel)).astype(np.float32)
         b = rng.standard_normal(6).astype(np.float32)
         expected = F.conv2d(t(x), t(w), t(b), stride=stride, padding=padding)
-        assert_rel_close(ref.conv2d(x, w, b, stride=stride, padding=padding), expected, KERNEL_TOL, f"conv {kernel}/{stride}")
+        ours = ref.conv2d(x, w, b, stride=stride, padding=padding)
+        assert_rel_close(ours, expected, KERNEL_TOL, f"conv {kernel}x{kernel}, stride {stride}, padding {padding}")
 
 
 def test_norms_activations_attention_match_torch(rng):
@@ -137,7 +165,8 @@ def test_norms_activations_attention_match_torch(rng):
     tokens = x.reshape(2, 30, 12)
     assert_rel_close(ref.layer_norm(tokens, w, b, 1e-5), F.layer_norm(t(tokens), (12,), t(w), t(b), 1e-5), KERNEL_TOL)
     wide = (rng.standard_normal(100_000) * 4).astype(np.float32)
-    for ours, theirs in [(ref.gelu, F.gelu), (ref.silu, F.silu), (ref.quick_gelu, lambda v: v * torch.sigmoid(1.702 * v))]:
+    quick_gelu = lambda v: v * torch.sigmoid(1.702 * v)  # noqa: E731  (transformers' QuickGELUActivation)
+    for ours, theirs in [(ref.gelu, F.gelu), (ref.silu, F.silu), (ref.quick_gelu, quick_gelu)]:
         assert_rel_close(ours(wide), theirs(t(wide)), KERNEL_TOL, ours.__name__)
     q, k, v = (rng.standard_normal((2, n, 24)).astype(np.float32) for n in (10, 7, 7))
     for heads in (1, 3):
@@ -253,7 +282,8 @@ def test_txt2img_draws_what_diffusers_draws(rng):
 
 def test_bad_arguments_fail_before_any_work(tmp_path):
     for kwargs, words in [(dict(steps=0), "steps"), (dict(steps=1001), "steps"), (dict(seed=2**64), "seed"),
-                          (dict(guidance_scale=float("nan")), "guidance_scale"), (dict(negative_prompt=None), "negative")]:
+                          (dict(guidance_scale=float("nan")), "guidance_scale"),
+                          (dict(negative_prompt=None), "negative")]:
         with pytest.raises(ValueError, match=words):
             ref.txt2img(MODEL_DIR, "a red circle", **kwargs)
     with pytest.raises(ValueError, match="model_index.json"):
@@ -272,7 +302,8 @@ def test_command_line_writes_the_png(tmp_path, rng):
     assert done.returncode == 0, done.stderr
     picture = np.asarray(Image.open(output))
     assert picture.shape == (32, 32, 3)
-    expected = ref.txt2img(MODEL_DIR, "a red circle on a blue background", "green", seed=seed, steps=6, guidance_scale=6)
+    expected = ref.txt2img(MODEL_DIR, "a red circle on a blue background", "green", seed=seed, steps=6,
+                           guidance_scale=6)
     assert np.array_equal(picture, expected)
     missing = subprocess.run([sys.executable, "-m", "npdiff.reference", "x", str(tmp_path / "no" / "x.png")],
                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
