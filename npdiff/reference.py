@@ -49,6 +49,7 @@ def require(condition, message):
     if not condition:
         raise ValueError(message)
 
+
 # =================================================================================================
 # 1. safetensors: 8 bytes (little-endian header length), a JSON header, then raw little-endian data
 # =================================================================================================
@@ -67,6 +68,7 @@ def read_safetensors(path):
         require(info["dtype"] in SAFETENSORS_DTYPES, f"{path}: {name} has dtype {info['dtype']}, not one of "
                 f"{list(SAFETENSORS_DTYPES)}")
         begin, end = info["data_offsets"]  # byte offsets after the header
+        require(8 + header_length + end <= len(data), f"{path} is truncated: {name} ends past the end of the file")
         dtype = np.dtype(SAFETENSORS_DTYPES[info["dtype"]])
         raw = np.frombuffer(data, dtype, count=(end - begin) // dtype.itemsize, offset=8 + header_length + begin)
         if info["dtype"] == "BF16":  # bfloat16 = the upper 16 bits of a float32
@@ -97,7 +99,8 @@ def numbered(node):
 def load_part(model_dir, part):
     """model_dir/part/config.json and its .safetensors weights -> (config dict, weight tree)."""
     folder = Path(model_dir) / part
-    files = sorted(folder.glob("*.safetensors"))
+    names = ("diffusion_pytorch_model.safetensors", "model.safetensors")  # what diffusers loads first
+    files = [folder / name for name in names if (folder / name).is_file()] or sorted(folder.glob("*.safetensors"))
     require((folder / "config.json").is_file() and files, f"{folder}: no config.json and .safetensors file")
     config = json.loads((folder / "config.json").read_text())
     flat = read_safetensors(files[0])
@@ -244,7 +247,7 @@ class MT19937:
     """The Mersenne Twister as torch's CPU generator runs it (seeded from the seed's low 32 bits)."""
 
     def __init__(self, seed):
-        state = [seed & 0xFFFFFFFF]
+        state = [int(seed) & 0xFFFFFFFF]  # (negative seeds: two's complement, as torch)
         for j in range(1, 624):
             state.append((1812433253 * (state[-1] ^ (state[-1] >> 30)) + j) & 0xFFFFFFFF)
         self.state, self.index = state, 624  # the first draw twists
