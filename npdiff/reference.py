@@ -31,6 +31,7 @@ Read it top to bottom:
 import argparse
 import json
 import math
+import numbers
 import re
 import struct
 import sys
@@ -702,14 +703,18 @@ def txt2img(model_dir, prompt, negative_prompt="", seed=0, steps=20, guidance_sc
             "(no model_index.json)")
     for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         require(isinstance(value, str), f"{name} must be a string, got {type(value).__name__}")
-    require(isinstance(seed, (int, np.integer)) and -2**63 <= seed < 2**64, f"seed must be an int as torch takes it "
+    require(isinstance(seed, numbers.Integral) and -2**63 <= seed < 2**64, f"seed must be an int as torch takes it "
             f"(-2**63 <= seed < 2**64), got {seed!r}")
     scheduler = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
-    require(isinstance(steps, (int, np.integer)) and 1 <= steps <= scheduler["num_train_timesteps"],
+    require(isinstance(steps, numbers.Integral) and 1 <= steps <= scheduler["num_train_timesteps"],
             f"steps must be an int in 1..{scheduler['num_train_timesteps']}, got {steps!r}")
     require(not scheduler.get("thresholding"), "scheduler_config.json: thresholding is not supported here")
-    require(isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale),
+    require(isinstance(guidance_scale, numbers.Real) and math.isfinite(guidance_scale),
             f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    require(scheduler.get("prediction_type", "epsilon") in ("epsilon", "v_prediction", "sample"),
+            f"scheduler_config.json: prediction_type {scheduler.get('prediction_type')!r} is not supported here")
+    timesteps = ddim_timesteps(scheduler, steps)  # [steps]: which timesteps the sampler visits
+    alphas = alphas_cumprod(scheduler)  # [T]: the training noise schedule
     # 1. Read the model: configs and weight trees
     text_config, text_weights = load_part(model_dir, "text_encoder")
     unet_config, unet_weights = load_part(model_dir, "unet")
@@ -721,20 +726,17 @@ def txt2img(model_dir, prompt, negative_prompt="", seed=0, steps=20, guidance_sc
     prompts = [negative_prompt, prompt] if guided else [prompt]
     ids = np.stack([tokenizer(p) for p in prompts])  # [B,77]
     context = clip_text_encoder(ids, text_weights, text_config)  # [B,77,C]
-    # 3. The timesteps and the noise schedule
-    timesteps = ddim_timesteps(scheduler, steps)  # [steps]
-    alphas = alphas_cumprod(scheduler)  # [T]
-    # 4. The starting noise: torch.randn on a CPU generator seeded with `seed` (init_noise_sigma = 1 for DDIM)
+    # 3. The starting noise: torch.randn on a CPU generator seeded with `seed` (init_noise_sigma = 1 for DDIM)
     size = unet_config["sample_size"]
     height, width = (size, size) if isinstance(size, int) else size
     latents = torch_randn((1, unet_config["in_channels"], height, width), seed)  # [1,4,h,w]
-    # 5. Denoise
+    # 4. Denoise
     for t in timesteps:
         noise = unet(np.concatenate([latents] * len(prompts)), t, context, unet_weights, unet_config)  # [B,4,h,w]
         if guided:
             noise = noise[:1] + F(guidance_scale) * (noise[1:] - noise[:1])  # [1,4,h,w]
         latents = ddim_step(noise, int(t), latents, alphas, scheduler, steps)  # [1,4,h,w]
-    # 6. Latents -> pixels: [-1, 1] -> [0, 255]
+    # 5. Latents -> pixels: [-1, 1] -> [0, 255]
     image = vae_decode(latents, vae_weights, vae_config)[0]  # [3,H,W]
     image = np.clip(image / 2 + F(0.5), 0, 1).transpose(1, 2, 0)  # [H,W,3]
     return (image * 255).round().astype(np.uint8)  # [H,W,3]
