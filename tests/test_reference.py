@@ -30,16 +30,16 @@ import shapes_data  # noqa: E402
 def one_thread_each():
     """Every matrix here is small: on a busy machine, 2 BLAS or torch threads mostly wait for each
     other (measured: 17 s instead of 1.3 s for one picture). One thread each, for this file's tests."""
-    from npdiff.kernels.openblas import _find_set_local_threads
+    from npdiff import blas
 
-    set_local_blas_threads, torch_threads = _find_set_local_threads(), torch.get_num_threads()
+    blas_threads, torch_threads = blas.get_num_threads(), torch.get_num_threads()
     torch.set_num_threads(1)
-    if set_local_blas_threads:
-        set_local_blas_threads(1)  # this thread's BLAS calls only
+    if blas_threads:
+        blas.set_num_threads(1)  # OpenBLAS's count is process-wide: put it back afterwards
     yield
     torch.set_num_threads(torch_threads)
-    if set_local_blas_threads:
-        set_local_blas_threads(0)  # back to OpenBLAS's global count
+    if blas_threads:
+        blas.set_num_threads(blas_threads)
 
 
 def t(a):
