@@ -66,7 +66,8 @@ def add_bench_command(subparsers):
 # and an img2img input picture are never taken from a PNG: a PNG names its model only by name and hash
 # (npdiff.model_identity), and a path read from a file is never opened.
 REPRODUCIBLE = {"prompt": "prompt", "negative": "negative_prompt", "steps": "steps", "guidance": "guidance_scale",
-                "seed": "seed", "sampler": "sampler", "height": "height", "width": "width", "strength": "strength"}
+                "seed": "seed", "sampler": "sampler", "height": "height", "width": "width", "strength": "strength",
+                "prediction_type": "prediction_type"}
 DEFAULTS = {"negative": "", "steps": 30, "guidance": 7.5, "strength": 0.8}
 
 
@@ -91,10 +92,13 @@ def resolve_options(args):
 
 
 def identify_model(args, model):
-    """-> {"model": name, "model_hash": 10 hex} for the PNG; warns when --reproduce's PNG names another hash."""
+    """-> {"model": name, "model_hash": 10 hex} (+ a --prediction-type given) for the PNG; warns when
+    --reproduce's PNG names another model hash."""
     from npdiff.model_identity import model_hash, model_name
 
     identity = {"model": model_name(model), "model_hash": model_hash(model)}
+    if args.prediction_type:  # chosen on the command line (SD 2.x base): --reproduce needs it again
+        identity["prediction_type"] = args.prediction_type
     wanted = getattr(args, "stored", {}).get("model_hash")
     if wanted and wanted.lower() != identity["model_hash"]:
         print(f"npdiff: warning: {args.reproduce} was made with model {args.stored.get('model', '?')!r} "
@@ -114,7 +118,7 @@ def load_pipeline(args):
         backend.use(name, dtype="float16" if args.fp16 else "float32")
     model = Path(args.model) if args.model else default_model_path()
     start = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(model, scheduler=args.sampler)
+    pipe = StableDiffusionPipeline.from_pretrained(model, scheduler=args.sampler, prediction_type=args.prediction_type)
     print(f"loaded model {model} in {time.perf_counter() - start:.2f} s (sampler {pipe.scheduler_name}, "
           f"backend {backend.name()} {backend.compute_dtype()})", file=sys.stderr)
     return pipe, model
@@ -201,6 +205,9 @@ def add_sampling_options(p):
     p.add_argument("--sampler", default=None, help="pndm, ddim, ddpm, lms, euler, euler_a, dpmpp_2m, "
                    "dpmpp_2m_karras (default: the model's own scheduler)")
     p.add_argument("--model", default=None, help="diffusers folder or .safetensors file (default: shipped model)")
+    p.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+                   help="what the UNet predicts, instead of the model's own; an SD 2.x single file defaults to "
+                   "v_prediction (the 768-pixel models): give epsilon for the 512-pixel SD 2.x base models")
     p.add_argument("--out", default=None, help="output PNG (default npdiff-SEED.png)")
     p.add_argument("--save-steps", type=int, default=None, metavar="K",
                    help="also write OUT-steps.png: the picture decoded every K steps")

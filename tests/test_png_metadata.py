@@ -301,3 +301,15 @@ def test_save_png_keeps_non_latin_prompts_in_both_chunks(tmp_path):
     path = save_png(Image.new("RGB", (8, 8)), tmp_path / "x.png", params)
     assert read_png_params(path) == params
     assert parse_infotext(text_chunks(path)["parameters"])["prompt"] == "東京の猫, Москва"
+
+
+def test_prediction_type_option_is_stored_and_reproduced(folder, tmp_path):
+    """--prediction-type (SD 2.x base models: epsilon) replaces the model's; --reproduce takes it from the PNG."""
+    out = generate(folder, tmp_path / "v.png", "--prediction-type", "v_prediction", "--sampler", "ddim")
+    assert read_png_params(out)["prediction_type"] == "v_prediction"
+    plain = generate(folder, tmp_path / "eps.png", "--sampler", "ddim")
+    assert "prediction_type" not in read_png_params(plain)
+    assert not np.array_equal(pixels(out), pixels(plain))
+    again = tmp_path / "again.png"
+    assert cli.main(["generate", "--reproduce", str(out), "--model", str(folder), "--out", str(again)]) == 0
+    assert np.array_equal(pixels(again), pixels(out))
