@@ -95,8 +95,10 @@ def identify_model(args, model):
     """-> {"model": name, "model_hash": 10 hex} (+ a --prediction-type given) for the PNG; warns when
     --reproduce's PNG names another model hash."""
     from npdiff.model_identity import model_hash, model_name
+    from npdiff.pipeline_utils import INSTALLED_MODEL_DIR, PACKAGE_DIR, SHIPPED_MODEL_NAME
 
-    identity = {"model": model_name(model), "model_hash": model_hash(model)}
+    installed = Path(model).resolve() == (PACKAGE_DIR / INSTALLED_MODEL_DIR).resolve()  # its folder's own name
+    identity = {"model": SHIPPED_MODEL_NAME if installed else model_name(model), "model_hash": model_hash(model)}
     if args.prediction_type:  # chosen on the command line (SD 2.x base): --reproduce needs it again
         identity["prediction_type"] = args.prediction_type
     wanted = getattr(args, "stored", {}).get("model_hash")

@@ -114,8 +114,13 @@ def save_png(image, path, params=None):
 
 
 def png_text_chunks(path):
-    """A PNG's text chunks {keyword: text}, read without decoding its pixels; NpdiffError when the file
-    is not a readable PNG or declares more pixels than PIL's decompression-bomb limit."""
+    """A PNG's text chunks {keyword: text}; NpdiffError when the file is not a readable PNG or declares
+    more pixels than PIL's decompression-bomb limit (checked from the header, before any pixel is decoded).
+
+    The chunks before the pixel data (where npdiff, AUTOMATIC1111 and PIL write them) are read without
+    decoding the pixels; only a PNG holding neither parameter chunk there has its pixels decoded, to
+    reach text chunks stored after them.
+    """
     import warnings
 
     from PIL import Image
@@ -124,17 +129,16 @@ def png_text_chunks(path):
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as picture:  # reads the chunks before the pixel data, checks the size
-                if picture.format != "PNG":
-                    raise NpdiffError(f"{path} is a {picture.format} picture, not a PNG")
+                kind = picture.format
                 chunks = {key: value for key, value in picture.info.items() if isinstance(value, str)}
-                if PNG_PARAMS_KEY not in chunks and A1111_PARAMS_KEY not in chunks:
-                    chunks.update(picture.text)  # text chunks after the pixels: decodes them (size checked)
+                if kind == "PNG" and PNG_PARAMS_KEY not in chunks and A1111_PARAMS_KEY not in chunks:
+                    chunks.update(picture.text)  # text chunks after the pixels (size already checked)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise NpdiffError(f"{path}: refused, the picture is too large to be safe: {exc}") from exc
     except (OSError, SyntaxError, ValueError, EOFError, struct_error) as exc:
-        if isinstance(exc, NpdiffError):
-            raise
         raise NpdiffError(f"{path} is not a readable PNG: {exc}") from exc
+    if kind != "PNG":
+        raise NpdiffError(f"{path} is a {kind} picture, not a PNG")
     return chunks
 
 
