@@ -3,8 +3,9 @@
     npdiff generate PROMPT [--negative N] [--steps S] [--guidance G] [--seed X] [--sampler NAME]
                     [--height H --width W] [--model PATH] [--out FILE] [--save-steps K]
                     [--reproduce PNG] [--device cpu|cuda [--fp16]] [--backend numpy|cupy]
-                                     text -> picture; the PNG carries its parameters, and
-                                     `--reproduce that.png` makes it again
+                                     text -> picture; the PNG carries its parameters (npdiff's JSON and
+                                     AUTOMATIC1111's text, the model by name and hash), and
+                                     `--reproduce that.png --model M` makes it again
     npdiff img2img PROMPT --image IN [--strength S] [same options]
                                      picture + text -> picture
     npdiff verify [--model PATH] [--steps N]
@@ -61,24 +62,51 @@ def add_bench_command(subparsers):
 # ---------------------------------------------------------------------------------------------
 # npdiff generate / img2img
 # ---------------------------------------------------------------------------------------------
-# Options a PNG's parameters can fill in (--reproduce): option name -> key in the PNG's JSON.
+# Options a PNG's parameters can fill in (--reproduce): option name -> key in the PNG's parameters. The model
+# and an img2img input picture are never taken from a PNG: a PNG names its model only by name and hash
+# (npdiff.model_identity), and a path read from a file is never opened.
 REPRODUCIBLE = {"prompt": "prompt", "negative": "negative_prompt", "steps": "steps", "guidance": "guidance_scale",
-                "seed": "seed", "sampler": "sampler", "height": "height", "width": "width",
-                "model": "model_path", "strength": "strength", "image": "image"}
+                "seed": "seed", "sampler": "sampler", "height": "height", "width": "width", "strength": "strength",
+                "prediction_type": "prediction_type"}
 DEFAULTS = {"negative": "", "steps": 30, "guidance": 7.5, "strength": 0.8}
 
 
 def resolve_options(args):
-    """Fill unset options: from the --reproduce PNG's parameters first, then from DEFAULTS."""
+    """Fill unset options: from the --reproduce PNG's parameters first, then from DEFAULTS.
+
+    The PNG's parameters stay in args.stored (its model hash is compared once the model is known).
+    """
     from npdiff.images import read_png_params
 
     stored = read_png_params(args.reproduce) if args.reproduce else {}
     for option, key in REPRODUCIBLE.items():
         if hasattr(args, option) and getattr(args, option) is None:
             setattr(args, option, stored.get(key, DEFAULTS.get(option)))
+    if stored.get("unmapped"):
+        print(f"npdiff: --reproduce {args.reproduce}: not reproduced (npdiff has no such setting): "
+              f"{'; '.join(stored['unmapped'])}", file=sys.stderr)
+    args.stored = stored
     if not args.prompt:
         raise npdiff.NpdiffError("no prompt given (pass PROMPT, or --reproduce a PNG made by npdiff)")
     return args
+
+
+def identify_model(args, model):
+    """-> {"model": name, "model_hash": 10 hex} (+ a --prediction-type given) for the PNG; warns when
+    --reproduce's PNG names another model hash."""
+    from npdiff.model_identity import model_hash, model_name
+    from npdiff.pipeline_utils import INSTALLED_MODEL_DIR, PACKAGE_DIR, SHIPPED_MODEL_NAME
+
+    installed = Path(model).resolve() == (PACKAGE_DIR / INSTALLED_MODEL_DIR).resolve()  # its folder's own name
+    identity = {"model": SHIPPED_MODEL_NAME if installed else model_name(model), "model_hash": model_hash(model)}
+    if args.prediction_type:  # chosen on the command line (SD 2.x base): --reproduce needs it again
+        identity["prediction_type"] = args.prediction_type
+    wanted = getattr(args, "stored", {}).get("model_hash")
+    if wanted and wanted.lower() != identity["model_hash"]:
+        print(f"npdiff: warning: {args.reproduce} was made with model {args.stored.get('model', '?')!r} "
+              f"(hash {wanted}), but the model loaded is {identity['model']!r} (hash {identity['model_hash']}): "
+              "the picture will differ; pass that model with --model", file=sys.stderr)
+    return identity
 
 
 def load_pipeline(args):
@@ -92,7 +120,7 @@ def load_pipeline(args):
         backend.use(name, dtype="float16" if args.fp16 else "float32")
     model = Path(args.model) if args.model else default_model_path()
     start = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(model, scheduler=args.sampler)
+    pipe = StableDiffusionPipeline.from_pretrained(model, scheduler=args.sampler, prediction_type=args.prediction_type)
     print(f"loaded model {model} in {time.perf_counter() - start:.2f} s (sampler {pipe.scheduler_name}, "
           f"backend {backend.name()} {backend.compute_dtype()})", file=sys.stderr)
     return pipe, model
@@ -115,10 +143,11 @@ def chosen_backend(args):
 
 
 def save_outputs(pipe, out, args, model, recorder, extra):
-    """Write the picture with its parameters; with --save-steps also the "watch it emerge" grid."""
+    """Write the picture with its parameters (the model by name and hash, no local path); with
+    --save-steps also the "watch it emerge" grid."""
     from npdiff.images import emergence_grid, save_png
 
-    params = dict(out.parameters, model_path=str(Path(model).resolve()), **extra)
+    params = dict(out.parameters, **extra)  # extra: the command, identify_model's name and hash
     path = Path(args.out or f"npdiff-{out.seed}.png")
     save_png(out.images[0], path, params)
     print(f"wrote {path} (seed {out.seed})", file=sys.stderr)
@@ -138,11 +167,12 @@ def make_recorder(args):
 def run_generate(args):
     args = resolve_options(args)
     pipe, model = load_pipeline(args)
+    extra = {"command": "generate", **identify_model(args, model)}  # before the long work: warns early
     recorder = make_recorder(args)
     out = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
                guidance_scale=args.guidance, height=args.height, width=args.width, seed=args.seed,
                callback=recorder, callback_steps=args.save_steps or 1)
-    save_outputs(pipe, out, args, model, recorder, {"command": "generate"})
+    save_outputs(pipe, out, args, model, recorder, extra)
     return 0
 
 
@@ -151,17 +181,18 @@ def run_img2img(args):
 
     args = resolve_options(args)
     if not args.image:
-        raise npdiff.NpdiffError("img2img needs --image IN (a picture file)")
+        hint = " (a PNG stores no picture path: give the input picture again)" if args.reproduce else ""
+        raise npdiff.NpdiffError(f"img2img needs --image IN (a picture file){hint}")
     if not Path(args.image).is_file():
         raise npdiff.NpdiffError(f"--image {args.image}: no such file")
     pipe, model = load_pipeline(args)
+    extra = {"command": "img2img", **identify_model(args, model)}
     recorder = make_recorder(args)
     with Image.open(args.image) as picture:
         picture.load()
         out = pipe.img2img(args.prompt, picture, strength=args.strength, negative_prompt=args.negative,
                            num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                            callback=recorder, callback_steps=args.save_steps or 1)
-    extra = {"command": "img2img", "image": str(Path(args.image).resolve())}
     save_outputs(pipe, out, args, model, recorder, extra)
     return 0
 
@@ -176,11 +207,16 @@ def add_sampling_options(p):
     p.add_argument("--sampler", default=None, help="pndm, ddim, ddpm, lms, euler, euler_a, dpmpp_2m, "
                    "dpmpp_2m_karras (default: the model's own scheduler)")
     p.add_argument("--model", default=None, help="diffusers folder or .safetensors file (default: shipped model)")
+    p.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+                   help="what the UNet predicts, instead of the model's own; an SD 2.x single file defaults to "
+                   "v_prediction (the 768-pixel models): give epsilon for the 512-pixel SD 2.x base models")
     p.add_argument("--out", default=None, help="output PNG (default npdiff-SEED.png)")
     p.add_argument("--save-steps", type=int, default=None, metavar="K",
                    help="also write OUT-steps.png: the picture decoded every K steps")
     p.add_argument("--reproduce", default=None, metavar="PNG",
-                   help="take unset options from the parameters stored in a PNG made by npdiff")
+                   help="take unset options from the parameters stored in a PNG (npdiff's, or AUTOMATIC1111's "
+                   "'parameters' text); the model comes from --model (a differing model hash is warned "
+                   "about), img2img's picture from --image: paths in a PNG are never opened")
     p.add_argument("--device", default=None, choices=sorted(DEVICE_BACKENDS),
                    help="cpu (NumPy/Numba, the default) or cuda (CuPy on an NVIDIA GPU; pip install -e '.[gpu]')")
     p.add_argument("--fp16", action="store_true", help="with --device cuda: weights and activations in float16")

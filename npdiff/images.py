@@ -5,8 +5,10 @@
   image_to_model_input(im) PIL / uint8 array / float array in [0,1] -> [1,3,H,W] float32 in [-1,1],
                            sides rounded down to a multiple of the VAE's scale factor (diffusers'
                            VaeImageProcessor.preprocess)
-  save_png(im, path, p)    a PNG whose tEXt chunk "npdiff" holds the generation parameters as JSON
-  read_png_params(path)    that JSON back, so a picture can be regenerated from itself
+  save_png(im, path, p)    a PNG whose text chunk "npdiff" holds the generation parameters as JSON, and
+                           "parameters" the same in AUTOMATIC1111's text form (npdiff.infotext)
+  read_png_params(path)    those parameters back (npdiff's JSON, else AUTOMATIC1111's text), so a picture
+                           can be regenerated from itself
   StepRecorder             a pipeline callback that keeps the latents every K steps
   emergence_grid(...)      those latents decoded side by side: the picture emerging from noise
 
@@ -15,6 +17,7 @@ PIL is imported inside the functions that need it, so `import npdiff.images` cos
 
 import json
 from pathlib import Path
+from struct import error as struct_error
 
 import numpy as np
 
@@ -22,6 +25,7 @@ from npdiff import backend
 from npdiff.errors import NpdiffError
 
 PNG_PARAMS_KEY = "npdiff"  # the tEXt chunk keyword
+A1111_PARAMS_KEY = "parameters"  # AUTOMATIC1111's text chunk
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,8 +88,16 @@ def image_to_model_input(image, vae_scale_factor=8):
 # PNG metadata
 # ---------------------------------------------------------------------------------------------
 def save_png(image, path, params=None):
-    """Write `image` (PIL) to `path` as PNG, with `params` (a JSON-able dict) in a tEXt chunk "npdiff"."""
+    """Write `image` (PIL) to `path` as PNG with `params` (a JSON-able dict) in two text chunks:
+
+      "npdiff"      the parameters as JSON, which --reproduce reads first;
+      "parameters"  the same as AUTOMATIC1111's text (npdiff.infotext), which other tools read.
+
+    Neither holds a local path: the caller names the model by name and hash (npdiff.model_identity).
+    """
     from PIL.PngImagePlugin import PngInfo
+
+    from npdiff.infotext import format_infotext
 
     info = PngInfo()
     if params is not None:
@@ -95,25 +107,68 @@ def save_png(image, path, params=None):
         except TypeError as exc:
             raise NpdiffError(f"save_png: params must be JSON-serialisable: {exc}") from exc
         info.add_text(PNG_PARAMS_KEY, text)
+        # PIL writes a non-Latin-1 text as an iTXt chunk (UTF-8), as AUTOMATIC1111's own pictures do
+        info.add_text(A1111_PARAMS_KEY, format_infotext(params))
     image.save(path, format="PNG", pnginfo=info)
     return Path(path)
 
 
-def read_png_params(path):
-    """The generation parameters npdiff stored in a PNG (a dict); NpdiffError if there are none."""
+def png_text_chunks(path):
+    """A PNG's text chunks {keyword: text}; NpdiffError when the file is not a readable PNG or declares
+    more pixels than PIL's decompression-bomb limit (checked from the header, before any pixel is decoded).
+
+    The chunks before the pixel data (where npdiff, AUTOMATIC1111 and PIL write them) are read without
+    decoding the pixels; only a PNG holding neither parameter chunk there has its pixels decoded, to
+    reach text chunks stored after them.
+    """
+    import warnings
+
     from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as picture:  # reads the chunks before the pixel data, checks the size
+                kind = picture.format
+                chunks = {key: value for key, value in picture.info.items() if isinstance(value, str)}
+                if kind == "PNG" and PNG_PARAMS_KEY not in chunks and A1111_PARAMS_KEY not in chunks:
+                    chunks.update(picture.text)  # text chunks after the pixels (size already checked)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise NpdiffError(f"{path}: refused, the picture is too large to be safe: {exc}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, struct_error) as exc:
+        raise NpdiffError(f"{path} is not a readable PNG: {exc}") from exc
+    if kind != "PNG":
+        raise NpdiffError(f"{path} is a {kind} picture, not a PNG")
+    return chunks
+
+
+def read_png_params(path):
+    """The generation parameters stored in a PNG (a dict); NpdiffError if there are none.
+
+    npdiff's own JSON chunk is preferred; else AUTOMATIC1111's "parameters" text is parsed
+    (npdiff.infotext.parse_infotext), so pictures from other tools can be reproduced too: the dict then
+    also holds "unmapped", the settings npdiff could not take over.
+    """
+    from npdiff.infotext import parse_infotext
 
     path = Path(path)
     if not path.is_file():
         raise NpdiffError(f"read_png_params: no such file {path}")
-    with Image.open(path) as picture:
-        text = picture.text.get(PNG_PARAMS_KEY) if hasattr(picture, "text") else None
+    chunks = png_text_chunks(path)
+    text = chunks.get(PNG_PARAMS_KEY)
     if text is None:
-        raise NpdiffError(f"{path} carries no npdiff parameters (no PNG text chunk {PNG_PARAMS_KEY!r})")
+        if A1111_PARAMS_KEY in chunks:
+            return parse_infotext(chunks[A1111_PARAMS_KEY])
+        raise NpdiffError(f"{path} carries no npdiff parameters (no PNG text chunk {PNG_PARAMS_KEY!r}, "
+                          f"nor AUTOMATIC1111's {A1111_PARAMS_KEY!r})")
     try:
-        return json.loads(text)
+        params = json.loads(text)
     except json.JSONDecodeError as exc:
         raise NpdiffError(f"{path}: the {PNG_PARAMS_KEY!r} text chunk is not valid JSON: {exc}") from exc
+    if not isinstance(params, dict):
+        raise NpdiffError(f"{path}: the {PNG_PARAMS_KEY!r} text chunk holds a JSON {type(params).__name__}, "
+                          "not an object of parameters")
+    return params
 
 
 # ---------------------------------------------------------------------------------------------

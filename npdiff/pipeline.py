@@ -46,8 +46,8 @@ class StableDiffusionPipeline:
         self.show_progress = True  # a tqdm bar over the denoising steps
 
     @classmethod
-    def from_pretrained(cls, path=None, scheduler=None, variant=None, tokenizer=None):
-        """Load a model: a diffusers folder or a single-file SD 1.x .safetensors checkpoint.
+    def from_pretrained(cls, path=None, scheduler=None, variant=None, tokenizer=None, prediction_type=None):
+        """Load a model: a diffusers folder or a single-file SD 1.x/2.x .safetensors checkpoint.
 
         path:      None -> the shipped model (default_model_path()).
         scheduler: a name from npdiff.schedulers.SCHEDULERS ("pndm", "euler_a", ...), a scheduler
@@ -55,10 +55,13 @@ class StableDiffusionPipeline:
                    settings for a single file).
         variant:   "fp16" reads diffusion_pytorch_model.fp16.safetensors (widened to float32).
         tokenizer: a tokenizer folder; for a single file it defaults to tokenizer/ beside the file, then
-                   the shipped model's, then the CLIP vocabulary rebuilt from the openai-clip package.
+                   the shipped model's, then the CLIP vocabulary rebuilt from the openai-clip package
+                   (padded with "!" for SD 2.x).
+        prediction_type: "epsilon" or "v_prediction" instead of the model's (an SD 2.x single file:
+                   v_prediction, as diffusers; pass "epsilon" for the 512-pixel SD 2.x base models).
         """
         path = default_model_path() if path is None else Path(path).expanduser()
-        parts = load_components(path, variant=variant, tokenizer=tokenizer)
+        parts = load_components(path, variant=variant, tokenizer=tokenizer, prediction_type=prediction_type)
         instance, name = resolve_scheduler(scheduler, parts["scheduler_config"])
         return cls(parts["text_encoder"], parts["tokenizer"], parts["unet"], parts["vae"], instance,
                    scheduler_config=parts["scheduler_config"], scheduler_name=name, model_name=path.name)

@@ -81,44 +81,56 @@ def default_model_path():
                       "pass a diffusers folder or a .safetensors checkpoint, or set NPDIFF_MODEL")
 
 
-def load_components(path, variant=None, tokenizer=None):
+def load_components(path, variant=None, tokenizer=None, prediction_type=None):
     """-> dict(text_encoder, tokenizer, unet, vae, scheduler_config) from a folder or a single file.
 
     path: a diffusers folder (text_encoder/, tokenizer/, unet/, vae/, scheduler/) or a single-file
-          SD 1.x .safetensors checkpoint, read by npdiff.loading.load_pipeline_components. The tokenizer
+          SD 1.x/2.x .safetensors checkpoint, read by npdiff.loading.load_pipeline_components. The tokenizer
           comes from `tokenizer` (a folder) if given, else the model's tokenizer/ folder; a single file
           holds none, so then from a tokenizer/ folder beside the file, else the shipped model's, else
           the CLIP vocabulary rebuilt from the openai-clip package (all SD 1.x use the same one).
-          The scheduler config is the folder's scheduler/scheduler_config.json, else SD 1.5's.
+          The scheduler config is the folder's scheduler/scheduler_config.json, else SD 2.1's for an
+          SD 2.x single file (v-prediction, npdiff.loading.single_file_sd2), else SD 1.5's.
+          SD 2.x single files pad with "!" (id 0): their fallback tokenizer does too.
+    prediction_type: "epsilon" or "v_prediction" replaces the scheduler config's (None: keep it).
     """
     from npdiff.loading import load_pipeline_components
     from npdiff.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
     from npdiff.tokenizer import CLIPTokenizer
 
     path = Path(path).expanduser()
-    parts = load_pipeline_components(path, variant=variant)
+    parts = load_pipeline_components(path, variant=variant, prediction_type=prediction_type)
     if tokenizer is not None:
         clip_tokenizer = CLIPTokenizer.from_pretrained(tokenizer)
     elif parts["tokenizer"] is not None:
         clip_tokenizer = CLIPTokenizer.from_pretrained(parts["tokenizer"])
     else:
-        clip_tokenizer = _fallback_tokenizer(path)
+        openclip = parts["text_encoder"][0].get("hidden_act") == "gelu"  # SD 2.x pads with "!"
+        clip_tokenizer = _fallback_tokenizer(path, pad_token="!" if openclip else None)
+    scheduler_config = dict(parts["scheduler"] or SD15_SCHEDULER_CONFIG)
+    if prediction_type is not None:
+        scheduler_config["prediction_type"] = prediction_type
     return {
         "text_encoder": CLIPTextModel(*parts["text_encoder"]),
         "tokenizer": clip_tokenizer,
         "unet": UNet2DConditionModel(*parts["unet"]),
         "vae": AutoencoderKL(*parts["vae"]),
-        "scheduler_config": dict(parts["scheduler"] or SD15_SCHEDULER_CONFIG),
+        "scheduler_config": scheduler_config,
     }
 
 
-def _fallback_tokenizer(path):
-    """For a model without a tokenizer/ folder: beside it, the shipped model's, or openai-clip's."""
+def _fallback_tokenizer(path, pad_token=None):
+    """For a model without a tokenizer/ folder: beside it, the shipped model's, or openai-clip's.
+
+    pad_token "!" (SD 2.x): not the shipped model's (an SD 1.x tokenizer), openai-clip's padded with "!".
+    """
     from npdiff.tokenizer import CLIPTokenizer
 
     beside = path.parent / "tokenizer"
     if path.is_file() and beside.is_dir():
         return CLIPTokenizer.from_pretrained(beside)
+    if pad_token is not None:
+        return _tokenizer_from_openai_clip(pad_token)
     try:
         shipped = default_model_path()
         if shipped.is_dir() and (shipped / "tokenizer").is_dir() and shipped.resolve() != path.resolve():
@@ -128,14 +140,16 @@ def _fallback_tokenizer(path):
     return _tokenizer_from_openai_clip()
 
 
-def _tokenizer_from_openai_clip():
-    """The SD 1.x tokenizer rebuilt from the openai-clip package's BPE file (kept in a cache folder)."""
+def _tokenizer_from_openai_clip(pad_token=None):
+    """The SD 1.x tokenizer (SD 2.x's with pad_token "!") rebuilt from the openai-clip package's BPE file
+    (kept in a cache folder)."""
     from npdiff.clip_vocab import write_clip_tokenizer_folder
     from npdiff.tokenizer import CLIPTokenizer
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "npdiff" / "clip-tokenizer"
+    name = "clip-tokenizer" if pad_token is None else "clip-tokenizer-sd2"
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "npdiff" / name
     if not (cache / "vocab.json").is_file():
-        write_clip_tokenizer_folder(cache)
+        write_clip_tokenizer_folder(cache, **({} if pad_token is None else {"pad_token": pad_token}))
     return CLIPTokenizer.from_pretrained(cache)
 
 

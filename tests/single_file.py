@@ -1,5 +1,5 @@
-"""Test helper: write a single-file checkpoint in the original CompVis/Stability layout (SD 1.x)
-from diffusers-layout state dicts.
+"""Test helper: write a single-file checkpoint in the original CompVis/Stability layout (SD 1.x, and SD 2.x
+with text_encoder_layout="openclip") from diffusers-layout state dicts.
 
     from single_file import to_original_layout, write_single_file
     written = write_single_file(path, unet=(unet_config, unet_state), vae=(vae_config, vae_state),
@@ -11,8 +11,13 @@ rewritten by the first regular expression of a rule list that matches it, after 
 diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py, generalised to any number of
 blocks and layers per block. It is checked against diffusers' own converters
 (diffusers.loaders.single_file_utils.convert_ldm_unet_checkpoint / convert_ldm_vae_checkpoint /
-convert_ldm_clip_checkpoint), which must map the written file back to the original state dicts
-(tests/models/test_single_file.py).
+convert_ldm_clip_checkpoint, convert_open_clip_checkpoint), which must map the written file back to
+the original state dicts (tests/models/test_single_file.py).
+
+SD 2.x's text encoder is written as OpenCLIP stores it (after diffusers' convert_diffusers_to_original_
+stable_diffusion.py, convert_text_enc_state_dict_v20): q, k, v stacked into one in_proj, plus one more
+resblock than the transformers model has (SD 2.x runs all but OpenCLIP's last layer; its values here are
+random) and the contrastive head (text_projection, logit_scale), which SD never uses.
 """
 
 import re
@@ -20,6 +25,17 @@ import re
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
+OPENCLIP_PREFIX = "cond_stage_model.model."
+OPENCLIP_NAMES = (  # transformers CLIPTextModel (after "text_model.") -> OpenCLIP, first match wins
+    (r"embeddings\.token_embedding\.weight", "token_embedding.weight"),
+    (r"embeddings\.position_embedding\.weight", "positional_embedding"),
+    (r"final_layer_norm\.(.+)", r"ln_final.\1"),
+    (r"encoder\.layers\.(\d+)\.layer_norm1\.(.+)", r"transformer.resblocks.\1.ln_1.\2"),
+    (r"encoder\.layers\.(\d+)\.layer_norm2\.(.+)", r"transformer.resblocks.\1.ln_2.\2"),
+    (r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.(.+)", r"transformer.resblocks.\1.attn.out_proj.\2"),
+    (r"encoder\.layers\.(\d+)\.mlp\.fc1\.(.+)", r"transformer.resblocks.\1.mlp.c_fc.\2"),
+    (r"encoder\.layers\.(\d+)\.mlp\.fc2\.(.+)", r"transformer.resblocks.\1.mlp.c_proj.\2"),
+)
 
 UNET_RESNET_NAMES = {  # diffusers ResnetBlock2D -> LDM ResBlock
     "norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -97,8 +113,41 @@ def vae_key(key, config):
     raise KeyError(f"no LDM name for VAE key {key!r}")
 
 
-def to_original_layout(unet, vae, text_encoder):
-    """{original key: tensor} from (unet_config, unet_state), (vae_config, vae_state), clip_state."""
+def openclip_text_encoder(clip_state, seed=0):
+    """A transformers CLIPTextModel state (with or without "text_model.") -> {OpenCLIP key: tensor}."""
+    import torch
+
+    state = {key.removeprefix("text_model."): tensor for key, tensor in clip_state.items()}
+    state.pop("embeddings.position_ids", None)  # OpenCLIP keeps no position ids
+    out, qkv = {}, {}
+    for key, tensor in state.items():
+        if match := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", key):
+            qkv.setdefault((int(match[1]), match[3]), {})[match[2]] = tensor
+            continue
+        for pattern, replacement in OPENCLIP_NAMES:
+            if re.fullmatch(pattern, key):
+                out[re.sub(pattern, replacement, key)] = tensor
+                break
+        else:
+            raise KeyError(f"no OpenCLIP name for text encoder key {key!r}")
+    for (layer, leaf), parts in qkv.items():  # q, k, v [D,D] each -> in_proj [3D,D]
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{leaf}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    # the layer SD 2.x skips, and CLIP's contrastive head: random values of the right shapes
+    last = max(layer for layer, _ in qkv)
+    torch.manual_seed(seed)
+    for key in [k for k in out if k.startswith(f"transformer.resblocks.{last}.")]:
+        out[key.replace(f".{last}.", f".{last + 1}.", 1)] = torch.randn_like(out[key])
+    width = out["token_embedding.weight"].shape[1]
+    out["text_projection"] = torch.randn(width, width // 2, device=out["token_embedding.weight"].device)
+    out["logit_scale"] = torch.tensor(4.6052, device=out["token_embedding.weight"].device)
+    return out
+
+
+def to_original_layout(unet, vae, text_encoder, text_encoder_layout="openai"):
+    """{original key: tensor} from (unet_config, unet_state), (vae_config, vae_state), clip_state.
+
+    text_encoder_layout: "openai" (SD 1.x: cond_stage_model.transformer.*) or "openclip" (SD 2.x:
+    cond_stage_model.model.*)."""
     unet_config, unet_state = unet
     vae_config, vae_state = vae
     checkpoint = {}
@@ -112,20 +161,24 @@ def to_original_layout(unet, vae, text_encoder):
     for key, tensor in vae_state.items():
         original, to_conv = vae_key(key, vae_config)
         put(VAE_PREFIX + original, tensor[:, :, None, None] if to_conv else tensor)  # [C,C] -> [C,C,1,1]
+    if text_encoder_layout == "openclip":
+        for key, tensor in openclip_text_encoder(text_encoder).items():
+            put(OPENCLIP_PREFIX + key, tensor)
+        return checkpoint
     for key, tensor in text_encoder.items():
         named = key if key.startswith("text_model.") else "text_model." + key  # SD 1.x files have the prefix
         put(CLIP_PREFIX + named, tensor)
     return checkpoint
 
 
-def write_single_file(path, unet, vae, text_encoder, dtype=None, extra=None):
+def write_single_file(path, unet, vae, text_encoder, dtype=None, extra=None, text_encoder_layout="openai"):
     """Write the original-layout file to `path` (safetensors) -> the {key: tensor} written.
 
     dtype: torch dtype for the floating tensors (None: as given); extra: more {key: tensor} to add
-    (e.g. the noise schedule buffers real checkpoints carry)."""
+    (e.g. the noise schedule buffers real checkpoints carry); text_encoder_layout: see to_original_layout."""
     from safetensors.torch import save_file
 
-    checkpoint = to_original_layout(unet, vae, text_encoder)
+    checkpoint = to_original_layout(unet, vae, text_encoder, text_encoder_layout)
     for key, tensor in (extra or {}).items():
         assert key not in checkpoint, key
         checkpoint[key] = tensor

@@ -16,6 +16,7 @@ from tiny_sd import tiny_sd_folder  # noqa: E402
 
 from npdiff import cli, verify  # noqa: E402
 from npdiff.images import read_png_params  # noqa: E402
+from npdiff.model_identity import model_hash  # noqa: E402
 from npdiff.pipeline import StableDiffusionPipeline  # noqa: E402
 
 
@@ -35,6 +36,12 @@ def folder():
     return tiny_sd_folder()
 
 
+@pytest.fixture(autouse=True)
+def hash_cache(tmp_path, monkeypatch):
+    """Model hashes are cached under $XDG_CACHE_HOME: a test's own, not the user's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
 def test_generate_subprocess_png_reproduces_itself(folder, tmp_path, seed):
     out = tmp_path / "circle.png"
     args = ["generate", "a red circle, 東京", "--model", str(folder), "--steps", "3", "--seed", str(seed),
@@ -49,7 +56,9 @@ def test_generate_subprocess_png_reproduces_itself(folder, tmp_path, seed):
     assert params["prompt"] == "a red circle, 東京" and params["negative_prompt"] == "blurry"
     assert (params["seed"], params["steps"], params["sampler"], params["guidance_scale"]) == (seed, 3, "euler_a", 6.5)
     assert (params["height"], params["width"]) == (64, 32) and params["npdiff_version"]
-    assert Path(params["model_path"]) == Path(folder).resolve()
+    # the model by name and hash only: no local path (npdiff.model_identity; tests/test_png_metadata.py)
+    assert params["model"] == Path(folder).name and params["model_hash"] == model_hash(folder)
+    assert "model_path" not in params
     assert pixels(out).shape == (64, 32, 3)
 
     # the "watch it emerge" grid: steps 0, 1, 2 (the last is the final picture), enlarged 2x to >= 128 px
@@ -58,7 +67,8 @@ def test_generate_subprocess_png_reproduces_itself(folder, tmp_path, seed):
 
     # regenerate from the PNG alone
     again = tmp_path / "again.png"
-    second = subprocess.run(npdiff_command() + ["generate", "--reproduce", str(out), "--out", str(again)],
+    second = subprocess.run(npdiff_command() + ["generate", "--reproduce", str(out), "--model", str(folder),
+                                                "--out", str(again)],
                             capture_output=True, text=True, env=env, timeout=600)
     assert second.returncode == 0, second.stderr
     assert np.array_equal(pixels(again), pixels(out))
@@ -72,7 +82,7 @@ def test_generate_subprocess_png_reproduces_itself(folder, tmp_path, seed):
     assert np.array_equal(np.asarray(library.images[0]), pixels(out))
 
 
-def test_img2img_command_and_reproduce(folder, tmp_path, rng):
+def test_img2img_command_and_reproduce(folder, tmp_path, rng, capsys):
     source = tmp_path / "source.png"
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(source)
     out = tmp_path / "changed.png"
@@ -81,9 +91,12 @@ def test_img2img_command_and_reproduce(folder, tmp_path, rng):
     assert code == 0
     params = read_png_params(out)
     assert params["command"] == "img2img" and params["strength"] == 0.5
-    assert Path(params["image"]) == source.resolve()
+    assert "image" not in params  # no local path: reproducing img2img takes --image again
+    assert cli.main(["img2img", "--reproduce", str(out), "--model", str(folder)]) == 2
+    assert "a PNG stores no picture path" in capsys.readouterr().err
     again = tmp_path / "again.png"
-    assert cli.main(["img2img", "--reproduce", str(out), "--out", str(again)]) == 0
+    assert cli.main(["img2img", "--reproduce", str(out), "--image", str(source), "--model", str(folder),
+                     "--out", str(again)]) == 0
     assert np.array_equal(pixels(again), pixels(out))
 
 

@@ -5,8 +5,9 @@
     load_component_weights(folder, variant=None)    diffusion_pytorch_model[.fp16].safetensors or
                                                     model[.fp16].safetensors in a component folder
     load_single_file(path)                          {"unet"|"vae"|"text_encoder": (config, Weights)}
-                                                    from an original CompVis/Stability SD 1.x file
-    load_pipeline_components(path, variant=None)    all of the above for a pipeline, from a folder
+                                                    from an original CompVis/Stability SD 1.x/2.x file
+    load_pipeline_components(path, variant=None, prediction_type=None)
+                                                    all of the above for a pipeline, from a folder
                                                     or a single file (see components.py)
     Weights                                         take(key, shape), check_all_used(), ...
 
@@ -16,6 +17,7 @@ Files:
     configs.py          config.json, finding a component's weight file (variants, shards)
     keymap.py           the one key map, original layout <-> diffusers names
     single_file.py      single-file loading and config inference from tensor shapes
+    single_file_sd2.py  SD 2.x single files: the OpenCLIP text encoder, v-prediction defaults
     components.py       load_pipeline_components
 Loading never writes a file. Every bad input raises npdiff.errors.NpdiffError naming file and key.
 """

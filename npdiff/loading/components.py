@@ -1,11 +1,12 @@
 """Everything a text-to-image pipeline needs from one path: a diffusers folder or a single file.
 
-    load_pipeline_components(path, variant=None) -> {
+    load_pipeline_components(path, variant=None, prediction_type=None) -> {
         "unet":         (config, Weights),
         "vae":          (config, Weights),
         "text_encoder": (config, Weights),
         "tokenizer":    folder with vocab.json + merges.txt, or None (single file: none inside),
-        "scheduler":    scheduler_config.json as a dict, or None (single file: none inside),
+        "scheduler":    scheduler_config.json as a dict, or None (an SD 1.x single file holds none;
+                        an SD 2.x one gets SD 2.x's, single_file_sd2.sd2_defaults),
         "model_index":  model_index.json as a dict, or None,
         "source":       the path, for messages,
     }
@@ -17,10 +18,11 @@ from npdiff.errors import NpdiffError
 from npdiff.loading.configs import load_component_weights, read_config, read_json
 from npdiff.loading.safetensors_io import refuse_pickle
 from npdiff.loading.single_file import load_single_file
+from npdiff.loading.single_file_sd2 import check_prediction_type, sd2_defaults
 
 MODEL_COMPONENTS = ("unet", "vae", "text_encoder")
 EXPECTED_LAYOUT = ("a diffusers folder (model_index.json; unet/, vae/, text_encoder/ each with config.json "
-                   "and .safetensors weights; tokenizer/, scheduler/) or a single-file SD 1.x .safetensors "
+                   "and .safetensors weights; tokenizer/, scheduler/) or a single-file SD 1.x/2.x .safetensors "
                    "checkpoint")
 
 
@@ -48,13 +50,22 @@ def _optional_scheduler(path):
     return read_json(config_path) if os.path.isfile(config_path) else None
 
 
-def load_pipeline_components(path, variant=None):
-    """The (config, Weights) of unet, vae and text_encoder, plus tokenizer folder and scheduler config."""
+def load_pipeline_components(path, variant=None, prediction_type=None):
+    """The (config, Weights) of unet, vae and text_encoder, plus tokenizer folder and scheduler config.
+
+    prediction_type: for an SD 2.x single file, "v_prediction" (the default, as diffusers) or "epsilon"
+    (the 512-pixel base models); it also sets the UNet's default picture size. Checked here, applied
+    to the scheduler config by the caller for every model.
+    """
     path = os.fspath(path)
+    check_prediction_type(prediction_type)
     if os.path.isfile(path):
         refuse_pickle(path)
         components = load_single_file(path)
-        return {**components, "tokenizer": None, "scheduler": None, "model_index": None, "source": path}
+        scheduler = None
+        if components["text_encoder"][0]["hidden_act"] == "gelu":  # OpenCLIP: SD 2.x
+            scheduler = sd2_defaults(components["unet"][0], prediction_type)
+        return {**components, "tokenizer": None, "scheduler": scheduler, "model_index": None, "source": path}
     if not os.path.isdir(path):
         raise NpdiffError(f"no such file or folder: {path}; expected {EXPECTED_LAYOUT}")
 

@@ -1,4 +1,4 @@
-"""Single-file checkpoints in the original CompVis/Stability layout (SD 1.x), read as diffusers parts.
+"""Single-file checkpoints in the original CompVis/Stability layout (SD 1.x, 2.x), read as diffusers parts.
 
     load_single_file("v1-5-pruned-emaonly.safetensors")
         -> {"unet": (config, Weights), "vae": (config, Weights), "text_encoder": (config, Weights)}
@@ -9,6 +9,8 @@ Steps:
      each component's config from the tensor shapes (below), map every key to its diffusers name with
      the key map (keymap stages 2-3); a key no row maps is an error naming it;
   3. wrap each component in a Weights: nothing is read until a model takes a tensor.
+SD 2.x files keep their OpenCLIP text encoder under cond_stage_model.model.*: single_file_sd2.py maps it
+(and splits its fused q/k/v tensors); the UNet and VAE are read here as for SD 1.x.
 
 What the tensors tell (and what they cannot):
   unet  in/out channels (conv_in, out.2), block_out_channels (each block's first resnet), layers per
@@ -22,6 +24,7 @@ What the tensors tell (and what they cannot):
   clip  vocab_size and hidden_size (token_embedding), max_position_embeddings, num_hidden_layers,
         intermediate_size (fc1), num_attention_heads = hidden_size / 64 (CLIP's head width).
         Not in the tensors: hidden_act (SD 1.x: quick_gelu), layer_norm_eps (1e-5).
+        (SD 2.x's OpenCLIP text encoder: single_file_sd2.py.)
 """
 
 import os
@@ -30,6 +33,7 @@ import re
 from npdiff.errors import NpdiffError
 from npdiff.loading import keymap
 from npdiff.loading.safetensors_io import SafetensorsFile
+from npdiff.loading.single_file_sd2 import is_openclip_key, map_openclip
 from npdiff.loading.weights import TensorRef, Weights
 
 CLIP_HEAD_WIDTH = 64
@@ -37,7 +41,6 @@ SD1_UNET_HEADS = 8
 
 UNSUPPORTED_LAYOUTS = (
     # (key prefix, what it is)
-    ("cond_stage_model.model.", "an SD 2.x checkpoint (OpenCLIP text encoder)"),
     ("conditioner.embedders.", "an SDXL checkpoint"),
 )
 
@@ -194,9 +197,9 @@ TABLES = {"unet": keymap.unet_block_table, "vae": keymap.vae_block_table,
 FULL_PREFIX = {component: prefix for prefix, component in keymap.COMPONENT_PREFIXES}
 
 
-def _sort_keys(shapes, source):
+def _sort_keys(shapes, source, components=tuple(INFER)):
     """component -> {component-relative key: stored shape}; errors for keys of no known component."""
-    stored = {component: {} for component in INFER}
+    stored = {component: {} for component in components}
     for key, shape in shapes.items():
         for prefix, what in UNSUPPORTED_LAYOUTS:
             if key.startswith(prefix):
@@ -208,19 +211,25 @@ def _sort_keys(shapes, source):
             raise NpdiffError(f"unexpected key '{key}' in {source}: it belongs to none of "
                               f"{', '.join(prefix for prefix, _ in keymap.COMPONENT_PREFIXES)}")
         if component is not None:
-            stored[component][rest] = tuple(shape)
+            stored.setdefault(component, {})[rest] = tuple(shape)
     for component, keys in stored.items():
         if not keys:
             raise NpdiffError(f"{source} has no {component} weights (no keys starting with "
-                              f"'{FULL_PREFIX[component]}'): expected an SD 1.x single-file checkpoint")
+                              f"'{FULL_PREFIX[component]}'): expected an SD 1.x or 2.x single-file checkpoint")
     return stored
 
 
 def map_checkpoint(shapes, source):
     """The whole single-file mapping over names and shapes only (no tensor is read):
-    {original key: stored shape} -> {component: (config, {diffusers key: (original key, shape taken)})}."""
-    stored = _sort_keys(shapes, source)
-    mapped_parts = {}
+    {original key: stored shape} -> {component: (config, {diffusers key: (original key, shape taken, rows)})}
+    rows: None, or (start, stop) along the first axis (the q/k/v thirds of OpenCLIP's in_proj)."""
+    openclip = {key: shape for key, shape in shapes.items() if is_openclip_key(key)}
+    others = {key: shape for key, shape in shapes.items() if not is_openclip_key(key)}
+    stored = _sort_keys(others, source, ("unet", "vae") if openclip else tuple(INFER))
+    if openclip and stored.get("text_encoder"):
+        raise NpdiffError(f"{source} holds two text encoders, OpenCLIP's (cond_stage_model.model.*, SD 2.x) and "
+                          f"OpenAI CLIP's ({FULL_PREFIX['text_encoder']}*, SD 1.x): which one is meant?")
+    mapped_parts = {"text_encoder": map_openclip(openclip, source)} if openclip else {}
     for component, shapes_by_key in stored.items():
         config = INFER[component](_Shapes(component, shapes_by_key, source))  # 1. infer the config
         table = TABLES[component](config)
@@ -235,9 +244,9 @@ def map_checkpoint(shapes, source):
             if diffusers_key in names:
                 raise NpdiffError(f"keys '{names[diffusers_key][0]}' and '{full_key}' in {source} both map "
                                   f"to '{diffusers_key}'")
-            names[diffusers_key] = (full_key, keymap.reshaped(stored_shape, reshape, full_key, source))
+            names[diffusers_key] = (full_key, keymap.reshaped(stored_shape, reshape, full_key, source), None)
         mapped_parts[component] = (config, names)
-    return mapped_parts
+    return {component: mapped_parts[component] for component in INFER}
 
 
 def load_single_file(path):
@@ -246,7 +255,7 @@ def load_single_file(path):
     shapes = {key: safetensors_file.shape(key) for key in safetensors_file.keys()}
     parts = {}
     for component, (config, names) in map_checkpoint(shapes, safetensors_file.path).items():  # 2. map
-        refs = {diffusers_key: TensorRef(safetensors_file, stored_key, shape)  # 3. lazy views, nothing read
-                for diffusers_key, (stored_key, shape) in names.items()}
+        refs = {diffusers_key: TensorRef(safetensors_file, stored_key, shape, rows)  # 3. lazy, nothing read
+                for diffusers_key, (stored_key, shape, rows) in names.items()}
         parts[component] = (config, Weights(safetensors_file.path, refs, part=component))
     return parts

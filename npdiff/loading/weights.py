@@ -5,7 +5,8 @@ config implies (`weights.take("conv_in.weight", (320, 4, 3, 3))`), then calls `c
 Behind a name sits a TensorRef: which file, the key stored there (the same name for a diffusers
 folder; the original CompVis name for a single-file checkpoint) and the shape `take` returns (the
 stored shape, or a reshape of it that the key map asked for, e.g. a 1x1 conv [C,C,1,1] read as a
-linear [C,C]). Nothing is read until `take`; each tensor is read and widened to float32 once.
+linear [C,C]) and, for a tensor stored fused (OpenCLIP's q/k/v), which rows of it. Nothing is read
+until `take`; each tensor is read and widened to float32 once.
 """
 
 import difflib
@@ -19,7 +20,8 @@ from npdiff.errors import NpdiffError
 class TensorRef:
     file: object  # a SafetensorsFile
     stored_key: str  # the key inside that file
-    shape: tuple  # the shape take() returns (same number of elements as the stored one)
+    shape: tuple  # the shape take() returns (same number of elements as the stored rows)
+    rows: tuple = None  # (start, stop) along the first axis, or None for the whole tensor (fused q/k/v)
 
 
 def _shape_text(shape):
@@ -47,6 +49,8 @@ class Weights:
         text = self.source if self.part is None else f"{self.source} ({self.part} part)"
         if key is not None and key in self._refs and self._refs[key].stored_key != key:
             text += f", stored as '{self._refs[key].stored_key}'"
+            rows = self._refs[key].rows
+            text += f" rows {rows[0]}:{rows[1]}" if rows is not None else ""
         return text
 
     def __repr__(self):
@@ -87,7 +91,10 @@ class Weights:
         if tuple(ref.shape) != expected:
             raise NpdiffError(f"key '{key}' in {self._where(key)} has shape {_shape_text(ref.shape)}; "
                               f"the config expects {_shape_text(expected)}")
-        values = ref.file.read_float32(ref.stored_key).reshape(expected)  # stored shape -> config shape
+        values = ref.file.read_float32(ref.stored_key)
+        if ref.rows is not None:  # [3D,...] -> [D,...]: one of fused q/k/v, copied so the rest can go
+            values = values[ref.rows[0]:ref.rows[1]].copy()
+        values = values.reshape(expected)  # stored shape -> config shape
         self._used.add(key)
         return backend.to_device(values)  # numpy: no copy (already float32, contiguous)
 

@@ -1,12 +1,13 @@
-"""Single-file checkpoints (original CompVis layout, SD 1.x): tiny random diffusers/transformers models
-are written as one file by tests/single_file.py, and
+"""Single-file checkpoints (original CompVis layout, SD 1.x and SD 2.x with its OpenCLIP text encoder): tiny
+random diffusers/transformers models are written as one file by tests/single_file.py, and
 
   1. diffusers' own converters map that file back to the original state dicts (the test helper is
      right, independently of npdiff);
   2. npdiff.loading.load_single_file infers the configs (every key the tensors determine) and maps
      every tensor back to its diffusers name, bit-exact (fp32) or as torch rounds it (fp16);
   3. the models built from it give the torch models' outputs;
-  4. files that are not SD 1.x single files fail with the file and key named.
+  4. files that are not SD 1.x/2.x single files fail with the file and key named.
+(The SD 2.x networks and picture against the diffusers folder: tests/pipeline/test_pipeline_single_file.py.)
 """
 
 import re
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                 convert_ldm_vae_checkpoint)
+                                                 convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
 from helpers import KERNEL_TOL, NETWORK_TOL, assert_rel_close
 from safetensors.torch import load_file, save_file
 from single_file import to_original_layout, write_single_file
@@ -160,8 +161,9 @@ def test_bad_single_files_name_file_and_key(sd1_checkpoint, tmp_path):
     path = tmp_path / "model.safetensors"
     cases = [
         (dict(add={"cond_stage_model.model.token_embedding.weight": torch.zeros(4, 4)}),
-         r"is an SD 2\.x checkpoint \(OpenCLIP text encoder\) "
-         r"\(key 'cond_stage_model\.model\.token_embedding\.weight'\)"),
+         r"holds two text encoders, OpenCLIP's \(cond_stage_model\.model\.\*, SD 2\.x\) and OpenAI CLIP's"),
+        (dict(add={"conditioner.embedders.0.transformer.text_model.x": torch.zeros(2)}),
+         r"is an SDXL checkpoint \(key 'conditioner\.embedders\.0"),
         (dict(add={"something_else.weight": torch.zeros(2)}),
          r"unexpected key 'something_else\.weight' in .*model\.safetensors: it belongs to none of"),
         (dict(add={"model.diffusion_model.input_blocks.1.0.extra_layers.0.weight": torch.zeros(2)}),
@@ -235,5 +237,118 @@ def test_full_size_sd15_structure_maps_by_name_and_shape():
         for key, value in original_config.items():  # SD 1.5: even the conventions match
             assert config[key] == value, f"{component} config {key}: {config[key]} != {value}"
         assert sorted(names) == sorted(original_state)
-        for key, (_, shape) in names.items():
+        for key, (_, shape, _rows) in names.items():
             assert shape == tuple(original_state[key].shape), f"{component} {key}"
+
+
+# --------------------------------------------------------------------------------------------------
+# SD 2.x: the OpenCLIP text encoder (cond_stage_model.model.*)
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sd2_parts(originals):
+    """The sd2-style UNet and deep VAE with tiny_clip("sd2") (gelu, heads 64 wide) as the text encoder."""
+    clip_model = tiny_clip("sd2", seed=22)
+    state = clip_state_dict(clip_model, prefix=True, position_ids=True)
+    return dict(originals["sd2unet-deepvae"], text_encoder=(clip_model.config.to_dict(), state, clip_model))
+
+
+def write_sd2(parts, path, **kwargs):
+    """Write the SD 2.x-style file -> its path."""
+    write(parts, path, text_encoder_layout="openclip", **kwargs)
+    return path
+
+
+def test_openclip_helper_round_trips_through_diffusers_converter(sd2_parts, tmp_path):
+    checkpoint = load_file(str(write_sd2(sd2_parts, tmp_path / "sd2.safetensors")))
+    layers = sd2_parts["text_encoder"][0]["num_hidden_layers"]
+    assert f"cond_stage_model.model.transformer.resblocks.{layers}.attn.in_proj_weight" in checkpoint  # one more
+    assert not any(key.startswith("cond_stage_model.transformer.") for key in checkpoint)
+    # diffusers drops the last of ViT-H's 24 blocks by name (resblocks.23); here the last is resblocks.<layers>
+    converted = {key: tensor for key, tensor in convert_open_clip_checkpoint(None, checkpoint).items()
+                 if not key.startswith(f"text_model.encoder.layers.{layers}.")}
+    expected = {k: v for k, v in sd2_parts["text_encoder"][1].items() if not k.endswith("position_ids")}
+    assert_same_tensors(converted, expected, "openclip text_encoder")
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16], ids=["fp32", "fp16"])
+def test_sd2_config_inferred_and_every_openclip_tensor_mapped(sd2_parts, tmp_path, dtype):
+    path = write_sd2(sd2_parts, tmp_path / "sd2.safetensors", dtype=dtype, extra=SCHEDULE_EXTRAS)
+    loaded = load_single_file(path)
+    original_config, original_state, _ = sd2_parts["text_encoder"]
+    config, weights = loaded["text_encoder"]
+    for key in CLIP_INFERRED:
+        assert config[key] == original_config[key], f"text_encoder config {key}: {config[key]} != original"
+    expected = {k: v for k, v in original_state.items() if not k.endswith("position_ids")}
+    assert weights.keys() == sorted(expected)  # the last resblock, text_projection, logit_scale: not mapped
+    for key, tensor in expected.items():  # q/k/v: thirds of in_proj, bit-exact
+        want = tensor if dtype is None else tensor.to(dtype).float()
+        np.testing.assert_array_equal(weights.take(key, tuple(tensor.shape)), want.numpy(), err_msg=key)
+    weights.check_all_used()
+    assert loaded["unet"][0]["use_linear_projection"] is True
+    assert "rows 0:192" in repr(pytest.raises(NpdiffError, weights.take,
+                                              "text_model.encoder.layers.0.self_attn.q_proj.weight", (1, 1)).value)
+
+
+def test_sd2_text_encoder_from_a_single_file_matches_transformers(sd2_parts, rng, tmp_path):
+    from npdiff.models import CLIPTextModel
+
+    loaded = load_single_file(write_sd2(sd2_parts, tmp_path / "sd2.safetensors"))
+    text_encoder = CLIPTextModel(*loaded["text_encoder"])
+    ids = padded_ids(rng, 2, CLIP_KINDS["sd2"]["max_position_embeddings"])
+    with torch.no_grad():
+        ref = sd2_parts["text_encoder"][2](torch.from_numpy(ids)).last_hidden_state
+    assert_rel_close(text_encoder(ids), ref, NETWORK_TOL, what="OpenCLIP text encoder")
+
+
+def test_bad_sd2_files_name_file_and_key(sd2_parts, tmp_path):
+    checkpoint = to_original_layout(sd2_parts["unet"][:2], sd2_parts["vae"][:2], sd2_parts["text_encoder"][1],
+                                    text_encoder_layout="openclip")
+    path = tmp_path / "sd2.safetensors"
+    in_proj = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
+    cases = [
+        (dict(add={"cond_stage_model.model.visual.conv1.weight": torch.zeros(2)}),
+         r"unexpected key 'cond_stage_model\.model\.visual\.conv1\.weight' in .*: no diffusers name for it in "
+         r"the OpenCLIP text encoder key map"),
+        (dict(add={in_proj: torch.zeros(2 * 192, 192)}),
+         r"key '" + re.escape(in_proj) + r"' in .* has shape \(384, 192\); expected q, k and v stacked: \(576"),
+        (dict(drop_prefix="cond_stage_model.model.positional_embedding"),
+         r"missing key 'cond_stage_model\.model\.positional_embedding' of the OpenCLIP text encoder"),
+    ]
+    for change, message in cases:
+        save_changed(checkpoint, path, **change)
+        with pytest.raises(NpdiffError, match=message):
+            load_single_file(path)
+
+
+# The full-size SD 2.1 structure (diffusers' stabilityai/stable-diffusion-2-1 configs), names and shapes only
+SD21_UNET = dict(SD15_UNET, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True)
+SD21_CLIP = dict(SD15_CLIP, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                 hidden_act="gelu")
+
+
+def test_full_size_sd21_structure_maps_by_name_and_shape():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from npdiff.loading.single_file import map_checkpoint
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD21_UNET)
+        clip = CLIPTextModel(CLIPTextConfig(**SD21_CLIP))
+        clip_state = clip_state_dict(clip, prefix=True)
+        vae_state = AutoencoderKL(**SD15_VAE).state_dict()
+        checkpoint = to_original_layout((SD21_UNET, unet.state_dict()), (SD15_VAE, vae_state), clip_state,
+                                        text_encoder_layout="openclip")
+    assert "cond_stage_model.model.transformer.resblocks.23.mlp.c_fc.weight" in checkpoint  # ViT-H's 24 blocks
+    in_proj = checkpoint["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"]
+    assert tuple(in_proj.shape) == (3072, 1024)
+    mapped = map_checkpoint({key: tuple(t.shape) for key, t in checkpoint.items()}, "sd21-structure")
+    for component, original_config, state in (("unet", SD21_UNET, unet.state_dict()),
+                                              ("text_encoder", SD21_CLIP, clip_state)):
+        config, names = mapped[component]
+        for key, value in original_config.items():
+            assert config[key] == value, f"{component} config {key}: {config[key]} != {value}"
+        state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+        assert sorted(names) == sorted(state)
+        for key, (_, shape, _rows) in names.items():
+            assert shape == tuple(state[key].shape), f"{component} {key}"

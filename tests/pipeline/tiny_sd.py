@@ -12,7 +12,8 @@ tokenizer, written by npdiff.clip_vocab). Every parameter is random; built once 
 
 tiny_sd_folder(kind="sd_constants") keeps the constants SD 1.x single files do not store (32 groups in
 every norm, 8 UNet heads, CLIP heads 64 wide), so the same weights written as one CompVis-layout file
-(tests/single_file.py) are read back with the right configs.
+(tests/single_file.py) are read back with the right configs. kind="sd2" does the same for SD 2.x (gelu
+CLIP, linear UNet projections, heads channels/64, v-prediction DDIM, "!" padding).
 """
 
 import functools
@@ -66,14 +67,24 @@ KINDS = {
     "sd_constants": (dict(CLIP_CONFIG, hidden_size=64, intermediate_size=128, num_attention_heads=1),
                      dict(UNET_CONFIG, norm_num_groups=32, cross_attention_dim=64),
                      dict(VAE_CONFIG, block_out_channels=(32, 32, 32, 32), norm_num_groups=32)),
+    # SD 2.x's architecture, scaled down: gelu text encoder with 64-wide heads, UNet with linear proj_in/out
+    # and SD 2.x's per-block head counts channels / 64, DDIM with v-prediction, tokenizer padding with "!"
+    "sd2": (dict(CLIP_CONFIG, hidden_size=128, intermediate_size=256, num_attention_heads=2, hidden_act="gelu",
+                 pad_token_id=0),
+            dict(UNET_CONFIG, block_out_channels=(64, 128, 128), attention_head_dim=(1, 2, 2), layers_per_block=1,
+                 use_linear_projection=True, norm_num_groups=32, cross_attention_dim=128),
+            dict(VAE_CONFIG, block_out_channels=(32, 32, 32, 32), norm_num_groups=32)),
 }
+KIND_SCHEDULERS = {"sd2": ("DDIMScheduler", dict(SCHEDULER_CONFIG, prediction_type="v_prediction"))}
+KIND_PAD_TOKENS = {"sd2": "!"}
 
 
 @functools.lru_cache(maxsize=None)
 def tiny_sd_folder(seed=0, kind="test"):
     """Build and save the tiny pipeline with diffusers (once per process) -> Path of the folder."""
+    import diffusers
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
     from npdiff.clip_vocab import write_clip_tokenizer_folder
@@ -84,19 +95,23 @@ def tiny_sd_folder(seed=0, kind="test"):
     unet = randomize_(UNet2DConditionModel(**unet_config), seed + 1)
     vae = randomize_(AutoencoderKL(**vae_config), seed + 2)
     text_encoder = tiny_clip_text_model(seed + 3, clip_config)
-    tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer_folder(root / "vocab")))
+    pad_token = {"pad_token": KIND_PAD_TOKENS[kind]} if kind in KIND_PAD_TOKENS else {}
+    tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer_folder(root / "vocab", **pad_token)))
+    scheduler_class, scheduler_config = KIND_SCHEDULERS.get(kind, ("PNDMScheduler", SCHEDULER_CONFIG))
+    scheduler = getattr(diffusers, scheduler_class).from_config(scheduler_config)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=PNDMScheduler.from_config(SCHEDULER_CONFIG), safety_checker=None,
+                                   scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     folder = root / f"tiny-sd-{kind}"
     pipe.save_pretrained(str(folder), safe_serialization=True)
     # transformers 5 saves only tokenizer.json; hub folders also carry vocab.json + merges.txt: add them.
-    write_clip_tokenizer_folder(folder / "tokenizer")
+    write_clip_tokenizer_folder(folder / "tokenizer", **pad_token)
     return folder
 
 
 def write_as_single_file(folder, path):
-    """The folder's UNet, VAE and text encoder as one original-layout (CompVis) .safetensors file."""
+    """The folder's UNet, VAE and text encoder as one original-layout (CompVis) .safetensors file; a gelu
+    text encoder (SD 2.x) is written as OpenCLIP stores it."""
     import json
 
     from safetensors.torch import load_file
@@ -106,9 +121,11 @@ def write_as_single_file(folder, path):
         config = json.loads((Path(folder) / name / "config.json").read_text())
         return config, load_file(str(Path(folder) / name / weights))
 
+    text_config, text_state = part("text_encoder", "model.safetensors")
+    layout = "openclip" if text_config["hidden_act"] == "gelu" else "openai"
     write_single_file(path, unet=part("unet", "diffusion_pytorch_model.safetensors"),
-                      vae=part("vae", "diffusion_pytorch_model.safetensors"),
-                      text_encoder=part("text_encoder", "model.safetensors")[1])
+                      vae=part("vae", "diffusion_pytorch_model.safetensors"), text_encoder=text_state,
+                      text_encoder_layout=layout)
     return Path(path)
 
 
