@@ -9,7 +9,9 @@ or [out,r,1,1]:
     W' = W + scale * (alpha / r) * (up @ down)
 (for a convolution up [out,r] @ down [r,in*k*k] -> [out,in*k*k], reshaped to [out,in,k,k]); alpha
 defaults to r. This is the weight diffusers' load_lora_weights(path) + fuse_lora(lora_scale=scale)
-leaves in the model. Steps of a load:
+leaves in the model, with one difference: each layer here gets its own alpha, as kohya's trainer and
+A1111 apply them, where diffusers 0.42 gives SD 1.x layers whose kohya alpha key it cannot match to its
+attention-processor names the most common alpha (files with one alpha for every layer agree). Steps:
   1. check the scale, refuse pickles, open and validate the file (npdiff.loading.SafetensorsFile);
   2. map every key to a layer and check every shape, dtype and alpha: all before anything changes;
   3. per layer: read down and up, make the new weight as a NEW array and put it in layer.weight

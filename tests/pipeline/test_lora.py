@@ -35,25 +35,27 @@ PROMPT = "a red circle on a blue square"
 # ---------------------------------------------------------------------------------------------
 # Random LoRAs made with peft, written in each layout
 # ---------------------------------------------------------------------------------------------
-def random_lora(seed):
-    """peft adapters on the tiny diffusers UNet and text encoder -> ({module: (down, up)} for each)."""
+def random_loras(*seeds):
+    """peft adapters on the tiny diffusers UNet and text encoder, filled with random numbers once per seed
+    -> [{component: {module: (down, up)}}, ...]."""
     from peft import LoraConfig, inject_adapter_in_model
 
     pipe = torch_pipeline(tiny_sd_folder())
-    layers = {}
-    for component, targets in (("unet", UNET_TARGETS), ("text_encoder", TEXT_TARGETS)):
-        model = inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets),
-                                        getattr(pipe, component))
+    models = {component: inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets),
+                                                 getattr(pipe, component))
+              for component, targets in (("unet", UNET_TARGETS), ("text_encoder", TEXT_TARGETS))}
+    loras = []
+    for seed in seeds:
         torch.manual_seed(seed)
-        state = {}
-        for name, param in model.named_parameters():
-            if ".lora_" in name:
-                weight = torch.randn_like(param) * (0.5 * param[0].numel() ** -0.5)  # [r,in(,k,k)] / [out,r(,1,1)]
-                state[name.replace(".default", "")] = weight.contiguous()
-        modules = {name.split(".lora_")[0] for name in state}
-        layers[component] = {name: (state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"])
-                             for name in sorted(modules)}
-    return layers
+        layers = {}
+        for component, model in models.items():
+            state = {name.replace(".default", ""): torch.randn_like(param) * (0.5 * param[0].numel() ** -0.5)
+                     for name, param in model.named_parameters() if ".lora_" in name}  # [r,in(,k,k)], [out,r(,1,1)]
+            modules = sorted({name.split(".lora_")[0] for name in state})
+            layers[component] = {name: (state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"])
+                                 for name in modules}
+        loras.append(layers)
+    return loras
 
 
 def save_peft(layers, path, metadata=False):
@@ -101,7 +103,7 @@ def folder():
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("loras")
-    first, second = random_lora(11), random_lora(12)
+    first, second = random_loras(11, 12)
     return {"peft": save_peft(first, root / "style_peft.safetensors"),
             "peft_metadata": save_peft(first, root / "style_meta.safetensors", metadata=True),
             "kohya": save_kohya(first, root / "style_kohya.safetensors"),
@@ -136,7 +138,8 @@ def theirs_outputs(pipe, inputs):
 
 
 def all_weights(pipe):
-    layers = {**npdiff_lora.named_layers(pipe.unet, "unet"), **npdiff_lora.named_layers(pipe.text_encoder, "te")}
+    layers = {**npdiff_lora.named_layers(pipe.unet, "unet"),
+              **npdiff_lora.named_layers(pipe.text_encoder, "text_encoder")}  # names never collide
     return {name: layer.weight for name, layer in layers.items()}
 
 
@@ -245,6 +248,30 @@ def test_other_layouts_give_the_same_weights(folder, files, tmp_path):
     for path, reference in ((tmp_path / "alpha.safetensors", kohya), (tmp_path / "old.safetensors", peft)):
         got = weights_after(path)
         assert all(np.array_equal(got[name], reference[name]) for name in reference), path.name
+
+
+def test_each_layer_uses_its_own_alpha(folder, files, tmp_path):
+    """kohya files may give every layer its own alpha (LoCon: conv_alpha != network_alpha). Checked against
+    W + scale * alpha/r * up @ down in float64 (diffusers 0.42 is no reference here: for SD it applies
+    the most common alpha to layers whose alpha key it cannot match to its processor names)."""
+    alphas, tensors = {}, {}
+    for component, pairs in files["layers"].items():
+        for i, (name, (down, up)) in enumerate(pairs.items()):
+            key = kohya_name(component, name)
+            alphas[component, name] = 1.0 + i % 3
+            tensors.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                            f"{key}.alpha": torch.tensor(alphas[component, name])})
+    save_file(tensors, str(tmp_path / "alphas.safetensors"))
+    pipe = load_ours(folder)
+    originals = all_weights(pipe)
+    pipe.load_lora_weights(tmp_path / "alphas.safetensors", scale=SCALE)
+    fused = all_weights(pipe)
+    for component, name in alphas:
+        down, up = (tensor.double().numpy() for tensor in files["layers"][component][name])
+        delta = up.reshape(up.shape[0], RANK) @ down.reshape(RANK, -1)  # [out,r] @ [r,in*k*k]
+        key = name.removeprefix("text_model.") if component == "text_encoder" else name
+        expected = originals[key] + SCALE * alphas[component, name] / RANK * delta.reshape(originals[key].shape)
+        assert_rel_close(fused[key], expected, what=f"{component} {name}")
 
 
 # ---------------------------------------------------------------------------------------------
