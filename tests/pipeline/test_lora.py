@@ -204,8 +204,7 @@ def test_two_loras_stack_like_diffusers(folder, files, rng):
     theirs_eps, theirs_text = theirs_outputs(theirs, inputs)
     assert_rel_close(eps, theirs_eps, tol=NETWORK_TOL, what="stacked UNet output")
     assert_rel_close(text, theirs_text, tol=NETWORK_TOL, what="stacked text encoder output")
-    names = [entry["name"] for entry in ours.generation_parameters([PROMPT], [""], 1, 1, 1.0, 64, 64, "x")["loras"]]
-    assert names == ["style_peft", "detail"]
+    assert [entry["name"] for entry in npdiff_lora.lora_parameters(ours)] == ["style_peft", "detail"]
     with pytest.raises(NpdiffError, match="adapter_name 'detail' is already loaded"):
         ours.load_lora_weights(files["kohya"], adapter_name="detail")
 
@@ -224,7 +223,7 @@ def test_unload_restores_the_original_outputs_exactly(folder, files, rng):
     assert_untouched(ours, before)
     eps, text = ours_outputs(ours, inputs)
     assert np.array_equal(eps, base_eps) and np.array_equal(text, base_text)
-    assert "loras" not in ours.generation_parameters([PROMPT], [""], 1, 1, 1.0, 64, 64, "x")
+    assert npdiff_lora.lora_parameters(ours) == []
 
 
 def test_other_layouts_give_the_same_weights(folder, files, tmp_path):
@@ -306,7 +305,7 @@ def test_bad_lora_files_change_nothing(folder, files, tmp_path, extra, message):
     with pytest.raises(NpdiffError, match=message):
         ours.load_lora_weights(path)
     assert_untouched(ours, before)
-    assert "loras" not in ours.generation_parameters([PROMPT], [""], 1, 1, 1.0, 64, 64, "x")
+    assert npdiff_lora.lora_parameters(ours) == []
 
 
 def test_error_while_fusing_puts_back_what_it_changed(folder, files, monkeypatch):
