@@ -361,6 +361,10 @@ def test_cli_lora_option_records_the_loras(folder, files, tmp_path, capsys):
     sha = {name: hashlib.sha256(files[name].read_bytes()).hexdigest()[:12] for name in ("kohya", "second")}
     assert read_png_params(out)["loras"] == [{"name": "style_kohya", "scale": SCALE, "sha256": sha["kohya"]},
                                             {"name": "detail", "scale": 1.0, "sha256": sha["second"]}]
+    changed = tmp_path / "changed.png"
+    assert cli.main(["img2img", PROMPT, "--image", str(out), "--strength", "0.5", "--steps", "2", "--model",
+                     str(folder), "--out", str(changed), "--lora", f"{files['second']}:-0.5"]) == 0
+    assert read_png_params(changed)["loras"] == [{"name": "detail", "scale": -0.5, "sha256": sha["second"]}]
     assert cli.main(["generate", PROMPT, "--model", str(folder), "--lora", f"{files['kohya']}:strong"]) == 2
     assert "is not a number" in capsys.readouterr().err
 
