@@ -116,6 +116,7 @@ def load_pipeline(args):
     from npdiff.pipeline_utils import default_model_path
 
     name = chosen_backend(args)
+    loras = [parse_lora_option(spec) for spec in args.lora or []]  # bad --lora fails before the model loads
     if name:
         backend.use(name, dtype="float16" if args.fp16 else "float32")
     model = Path(args.model) if args.model else default_model_path()
@@ -123,7 +124,21 @@ def load_pipeline(args):
     pipe = StableDiffusionPipeline.from_pretrained(model, scheduler=args.sampler, prediction_type=args.prediction_type)
     print(f"loaded model {model} in {time.perf_counter() - start:.2f} s (sampler {pipe.scheduler_name}, "
           f"backend {backend.name()} {backend.compute_dtype()})", file=sys.stderr)
+    for path, scale in loras:
+        lora = pipe.load_lora_weights(path, scale=scale)
+        print(f"loaded LoRA {path} (scale {scale}, {lora.layer_count} layers)", file=sys.stderr)
     return pipe, model
+
+
+def parse_lora_option(spec):
+    """--lora FILE[:SCALE] -> (FILE, SCALE); the scale defaults to 1."""
+    head, sep, tail = spec.rpartition(":")
+    if Path(spec).is_file() or not sep or not head or tail.startswith(("/", "\\")):
+        return spec, 1.0
+    try:
+        return head, float(tail)
+    except ValueError:
+        raise npdiff.NpdiffError(f"--lora {spec}: expected FILE or FILE:SCALE, and {tail!r} is not a number") from None
 
 
 # --device -> the backend names that mean the same device
@@ -213,6 +228,8 @@ def add_sampling_options(p):
     p.add_argument("--out", default=None, help="output PNG (default npdiff-SEED.png)")
     p.add_argument("--save-steps", type=int, default=None, metavar="K",
                    help="also write OUT-steps.png: the picture decoded every K steps")
+    p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
+                   help="fuse a LoRA .safetensors (kohya or diffusers) at SCALE (default 1); repeatable")
     p.add_argument("--reproduce", default=None, metavar="PNG",
                    help="take unset options from the parameters stored in a PNG (npdiff's, or AUTOMATIC1111's "
                    "'parameters' text); the model comes from --model (a differing model hash is warned "

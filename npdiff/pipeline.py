@@ -76,6 +76,19 @@ class StableDiffusionPipeline:
 
         return load_textual_inversion(self, path, token=token)
 
+    def load_lora_weights(self, path, scale=1.0, adapter_name=None):
+        """Fuse a LoRA (kohya/A1111 or diffusers/PEFT .safetensors) into the UNet and text encoder weights,
+        W += scale * alpha/r * up @ down, as diffusers' load_lora_weights + fuse_lora(lora_scale=scale)."""
+        from npdiff.lora import load_lora_weights
+
+        return load_lora_weights(self, path, scale=scale, adapter_name=adapter_name)
+
+    def unload_lora_weights(self):
+        """Put back the original weights of every layer a loaded LoRA changed (nothing loaded: no-op)."""
+        from npdiff.lora import unload_lora_weights
+
+        unload_lora_weights(self)
+
     # -----------------------------------------------------------------------------------------
     # The parts of a call
     # -----------------------------------------------------------------------------------------
@@ -152,10 +165,17 @@ class StableDiffusionPipeline:
         """What made a picture, as stored in its PNG (images.save_png) to make it again."""
         from npdiff import __version__
 
+        from npdiff.lora import lora_parameters
+
         single = len(prompts) == 1
-        return {"prompt": prompts[0] if single else prompts, "negative_prompt": negatives[0] if single else negatives,
-                "seed": seed, "steps": steps, "sampler": scheduler_name, "guidance_scale": guidance_scale,
-                "height": height, "width": width, "model": self.model_name, "npdiff_version": __version__}
+        parameters = {"prompt": prompts[0] if single else prompts,
+                      "negative_prompt": negatives[0] if single else negatives,
+                      "seed": seed, "steps": steps, "sampler": scheduler_name, "guidance_scale": guidance_scale,
+                      "height": height, "width": width, "model": self.model_name, "npdiff_version": __version__}
+        loras = lora_parameters(self)  # [{"name": file stem, "scale", "sha256": 12 hex digits}], never a path
+        if loras:
+            parameters["loras"] = loras
+        return parameters
 
     # -----------------------------------------------------------------------------------------
     # Text to image

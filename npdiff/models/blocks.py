@@ -32,6 +32,7 @@ class Conv2d:
 
     def __init__(self, weights, prefix, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
         shape = (out_channels, in_channels, kernel_size, kernel_size)
+        self.key = prefix  # the module's diffusers name, e.g. "down_blocks.0.resnets.1.conv1" (LoRA finds it by it)
         self.weight = weights.take(child(prefix, "weight"), shape)
         self.bias = weights.take(child(prefix, "bias"), (out_channels,)) if bias else None
         self.stride = stride
@@ -49,6 +50,7 @@ class Linear:
     reshaped once, here at load, to [out,in] (a view: no copy)."""
 
     def __init__(self, weights, prefix, in_features, out_features, bias=True, from_conv1x1=False):
+        self.key = prefix  # the module's diffusers/transformers name (LoRA finds the layer by it)
         if from_conv1x1:
             weight = weights.take(child(prefix, "weight"), (out_features, in_features, 1, 1))
             self.weight = weight.reshape(out_features, in_features)

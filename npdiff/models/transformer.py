@@ -70,13 +70,12 @@ class FeedForward:
 
     def __init__(self, weights, prefix, dim, mult=4):
         inner_dim = dim * mult
-        proj = Linear(weights, child(prefix, "net.0.proj"), dim, 2 * inner_dim)
-        self.geglu_weight = proj.weight                                 # [2*inner, D]
-        self.geglu_bias = proj.bias                                     # [2*inner]
+        self.proj = Linear(weights, child(prefix, "net.0.proj"), dim, 2 * inner_dim)  # [2*inner, D]
         self.out = Linear(weights, child(prefix, "net.2"), inner_dim, dim)
 
     def __call__(self, x):
-        h = kernels.geglu(x, self.geglu_weight, self.geglu_bias)        # [B,N,D] -> [B,N,4D]
+        # the weight is read at each call, never kept aside: a fused LoRA replaces proj.weight
+        h = kernels.geglu(x, self.proj.weight, self.proj.bias)          # [B,N,D] -> [B,N,4D]
         return self.out(h)                                              # [B,N,4D] -> [B,N,D]
 
 
