@@ -7,6 +7,9 @@
                                      `--reproduce that.png` makes it again
     npdiff img2img PROMPT --image IN [--strength S] [same options]
                                      picture + text -> picture
+    npdiff batch JOBS --out DIR [--workers N] [--ray ADDRESS] [generate's options as defaults]
+                                     one picture per line of JOBS (prompts, or .jsonl of options),
+                                     on N local processes or a Ray cluster; a rerun resumes
     npdiff verify [--model PATH] [--steps N]
                                      npdiff against diffusers/transformers on the same weights:
                                      relative error per component and per block
@@ -23,6 +26,7 @@ import time
 from pathlib import Path
 
 import npdiff  # noqa: F401  (chooses the BLAS kernels before numpy loads)
+from npdiff.batch import add_batch_command
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,11 +118,20 @@ def chosen_backend(args):
     return name
 
 
+def png_parameters(parameters, model, command, image=None):
+    """What a picture's PNG stores: the pipeline's parameters, the model's path, the command (and img2img's
+    starting picture), so that --reproduce can make it again. `npdiff batch` writes the same."""
+    params = dict(parameters, model_path=str(Path(model).resolve()), command=command)
+    if image is not None:
+        params["image"] = str(Path(image).resolve())
+    return params
+
+
 def save_outputs(pipe, out, args, model, recorder, extra):
     """Write the picture with its parameters; with --save-steps also the "watch it emerge" grid."""
     from npdiff.images import emergence_grid, save_png
 
-    params = dict(out.parameters, model_path=str(Path(model).resolve()), **extra)
+    params = png_parameters(out.parameters, model, **extra)
     path = Path(args.out or f"npdiff-{out.seed}.png")
     save_png(out.images[0], path, params)
     print(f"wrote {path} (seed {out.seed})", file=sys.stderr)
@@ -161,7 +174,7 @@ def run_img2img(args):
         out = pipe.img2img(args.prompt, picture, strength=args.strength, negative_prompt=args.negative,
                            num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                            callback=recorder, callback_steps=args.save_steps or 1)
-    extra = {"command": "img2img", "image": str(Path(args.image).resolve())}
+    extra = {"command": "img2img", "image": args.image}
     save_outputs(pipe, out, args, model, recorder, extra)
     return 0
 
@@ -223,7 +236,7 @@ def add_verify_command(subparsers):
     p.set_defaults(run=run_verify)
 
 
-COMMANDS = [add_generate_command, add_img2img_command, add_verify_command, add_bench_command]
+COMMANDS = [add_generate_command, add_img2img_command, add_batch_command, add_verify_command, add_bench_command]
 
 
 def build_parser():

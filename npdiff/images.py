@@ -84,7 +84,7 @@ def image_to_model_input(image, vae_scale_factor=8):
 # PNG metadata
 # ---------------------------------------------------------------------------------------------
 def save_png(image, path, params=None):
-    """Write `image` (PIL) to `path` as PNG, with `params` (a JSON-able dict) in a tEXt chunk "npdiff"."""
+    """Write `image` (PIL) to `path` (or a binary file) as PNG, `params` (JSON-able) in a tEXt chunk "npdiff"."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
@@ -96,7 +96,7 @@ def save_png(image, path, params=None):
             raise NpdiffError(f"save_png: params must be JSON-serialisable: {exc}") from exc
         info.add_text(PNG_PARAMS_KEY, text)
     image.save(path, format="PNG", pnginfo=info)
-    return Path(path)
+    return Path(path) if isinstance(path, (str, Path)) else path  # a path, or the file object given
 
 
 def read_png_params(path):
