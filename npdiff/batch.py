@@ -72,7 +72,11 @@ class Renderer:
         self.samplers = {None: (self.pipe.scheduler, self.pipe.scheduler_name)}  # None: the model's own
 
     def ready(self):
-        return self.pipe.model_name
+        """-> what this worker runs on: the model's name and its thread counts."""
+        import numba
+
+        return {"model": self.pipe.model_name, "numba_threads": numba.get_num_threads(),
+                "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS")}
 
     def use_sampler(self, name):
         """Switch the pipeline to `name` as `npdiff generate --sampler name` would load it."""
@@ -143,6 +147,10 @@ def _start_worker_process(model, model_path, threads):
 
 def _render_in_worker_process(payload):
     return _PROCESS_RENDERER.render(payload)
+
+
+def _worker_process_ready():
+    return _PROCESS_RENDERER.ready()
 
 
 @contextmanager
