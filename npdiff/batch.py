@@ -56,7 +56,8 @@ def job_payload(job):
 class Renderer:
     """One worker's pipeline: job payloads -> {"line", "filename", "png", "params"} or {"line", "error"}.
 
-    model: the path to load (as this worker sees it); model_path: the absolute path the PNGs store.
+    model: the path to load, as this worker sees it (None: the model shipped with npdiff, wherever this
+    worker's npdiff is installed); model_path: the absolute path the PNGs store (as the driver sees it).
     """
 
     def __init__(self, model, model_path, threads=None):
@@ -275,10 +276,11 @@ def run_batch(jobs_file, out_dir, model=None, defaults=None, workers=None, ray_a
         raise NpdiffError(f"--workers must be an integer >= 1, got {workers!r}")
     # 1. read and check the jobs; find the model
     jobs, failures = read_jobs(jobs_file, defaults)
+    load_path = None if model is None else str(Path(model).expanduser())  # what the workers load
     model = default_model_path() if model is None else Path(model).expanduser()
-    if ray_address is None and not Path(model).exists():
+    if ray_address is None and not model.exists():  # (on Ray it may exist only on the workers)
         raise NpdiffError(f"--model {model}: no such file or folder")
-    model_path = str(Path(model).resolve())
+    model_path = str(model.resolve())
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise NpdiffError(f"--out {out_dir} is a file; give a folder")
@@ -289,7 +291,7 @@ def run_batch(jobs_file, out_dir, model=None, defaults=None, workers=None, ray_a
     # 3-5. render, write, sum up
     if todo:
         own_pool = pool is None
-        pool = make_pool(str(model), model_path, workers, ray_address) if own_pool else pool
+        pool = make_pool(load_path, model_path, workers, ray_address) if own_pool else pool
         bar = tqdm(total=len(todo), desc="pictures", unit="pic", disable=not progress)
         written = set()
         try:

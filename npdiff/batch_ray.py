@@ -70,8 +70,9 @@ class RayPool:
             self.ray.get([actor.ready.remote() for actor in self.actors], timeout=READY_TIMEOUT_S)
         except RayActorError as exc:
             self.close()
-            raise NpdiffError(f"a Ray worker could not load the model {self.model} (is it at that path on "
-                              f"every node?): {exc}") from exc
+            model = "shipped with npdiff" if self.model is None else self.model
+            raise NpdiffError(f"a Ray worker could not load the model {model} (is it at that path on every "
+                              f"node?): {exc}") from exc
         except GetTimeoutError as exc:
             self.close()
             raise NpdiffError(f"the Ray workers did not load the model within {READY_TIMEOUT_S} s: asked for "

@@ -272,3 +272,8 @@ def test_ray_worker_killed_mid_run_every_picture_once(ray_session, text_jobs, re
     assert len(pictures) == 5 and not [name for name in pictures if name.startswith(".")]
     for name, data in reference.items():
         assert pictures[name] == data
+
+
+def test_ray_model_that_does_not_load_stops_before_any_job(ray_session, tmp_path):
+    with pytest.raises(ValueError, match="a Ray worker could not load the model .*no-model"):
+        RayPool("auto", str(tmp_path / "no-model"), str(tmp_path / "no-model"), workers=1)
