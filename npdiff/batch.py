@@ -17,7 +17,6 @@ seed, same bytes, same parameters in the PNG. Ray is imported only on the --ray 
 """
 
 import os
-import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -47,9 +46,12 @@ def thread_variables(threads):
 # ---------------------------------------------------------------------------------------------
 def job_payload(job):
     """What a worker needs for one job; img2img's picture travels as bytes (workers may be elsewhere)."""
-    payload = dict(vars(job), filename=job.filename, command=job.command, image_bytes=None)
+    payload = dict(vars(job), filename=job.filename, command=job.command, image_bytes=None, image_error=None)
     if job.image is not None:
-        payload["image_bytes"] = Path(job.image).read_bytes()
+        try:
+            payload["image_bytes"] = Path(job.image).read_bytes()
+        except OSError as exc:  # gone or unreadable since the job file was checked: this line fails
+            payload["image_error"] = f"'image' {job.image}: {exc.strerror or exc}"
     return payload
 
 
@@ -103,6 +105,8 @@ class Renderer:
         from npdiff.cli import png_parameters
         from npdiff.images import save_png
 
+        if job["image_error"]:
+            raise NpdiffError(job["image_error"])
         self.use_sampler(job["sampler"])
         if job["command"] == "img2img":
             with Image.open(BytesIO(job["image_bytes"])) as picture:

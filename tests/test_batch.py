@@ -134,7 +134,8 @@ def test_bad_lines_are_reported_and_the_others_written(tmp_path, capsys):
     expected = {2: "unknown key 'colour'", 3: "not valid JSON", 4: "key 'model' holds for the whole batch",
                 5: "'steps' must be an integer >= 1, got 0", 6: "'image' 'missing.png': no such file",
                 7: "'strength' needs 'image'", 8: "'height' must be a positive multiple of 8", 9: "'sampler' 'heun'",
-                10: "give 'negative' or 'negative_prompt', not both", 11: "expected a JSON object", 12: "'seed' must be an integer in [0, 2**64)"}
+                10: "give 'negative' or 'negative_prompt', not both", 11: "expected a JSON object",
+                12: "'seed' must be an integer in [0, 2**64)"}
     assert "2 pictures written, 0 skipped (already done), 11 failed, of 13 lines" in captured.out
     assert "pictures/minute" in captured.out
     for line, message in expected.items():
