@@ -1,10 +1,12 @@
 """Batch throughput: pictures per minute of `npdiff batch` with 1 and 2 local workers and on local Ray.
 
-    npdiff bench batch [--pictures 12] [--steps 20] [--modes 1,2,ray]
+    npdiff bench batch [--pictures 12] [--steps 20] [--modes 1,1t,2,ray]
 
 The same job file (--pictures prompts of the shipped model's kind, seeds = line numbers) runs once in
 each mode on the shipped model (32x32 pictures), into a fresh folder each time:
-    1 worker     one process, all cores' threads (--workers 1)
+    1 worker     this process, all cores' threads (--workers 1)
+    1t           one spawned process with 1 thread: what a single thread does alone (on a loaded
+                 machine, many threads per process can be much slower than one)
     2 workers    two spawned processes, cores // 2 threads each (--workers 2)
     Ray          `--ray local`: a Ray started for the run, one actor per CPU
 The time is the whole run as a user sees it: starting the workers (spawning, Ray's start-up, each
@@ -27,14 +29,15 @@ from npdiff import batch  # noqa: E402
 
 COLOURS = ["red", "green", "blue", "yellow", "white", "black"]
 SHAPES = ["circle", "square", "triangle"]
-MODES = {"1": ("1 worker", 1, None), "2": ("2 workers", 2, None), "ray": ("Ray (local)", None, "local")}
+MODES = {"1": ("1 worker", 1, None), "1t": ("1 process, 1 thread", 1, None), "2": ("2 workers", 2, None),
+         "ray": ("Ray (local)", None, "local")}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pictures", type=int, default=12, help="pictures per mode (default 12)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per picture (default 20)")
-    parser.add_argument("--modes", default="1,2,ray", help="comma-separated: 1, 2, ray (default all)")
+    parser.add_argument("--modes", default="1,1t,2,ray", help="comma-separated: 1, 1t, 2, ray (default all)")
     return parser.parse_args(argv)
 
 
@@ -60,11 +63,15 @@ class FirstResultClock:
             yield result
 
 
-def run_mode(jobs, out, steps, workers, ray_address):
+def run_mode(mode, jobs, out, steps, workers, ray_address):
     from npdiff.pipeline_utils import default_model_path
 
     start = time.perf_counter()
-    pool = batch.make_pool(None, str(default_model_path().resolve()), workers, ray_address)
+    model_path = str(default_model_path().resolve())
+    if mode == "1t":
+        pool = batch.ProcessPool(None, model_path, workers=1, threads=1)
+    else:
+        pool = batch.make_pool(None, model_path, workers, ray_address)
     clock = FirstResultClock(pool)
     try:
         summary = batch.run_batch(jobs, out, defaults={"steps": steps}, pool=clock, progress=False)
@@ -90,7 +97,7 @@ def main(argv=None):
             name, workers, ray_address = MODES[mode]
             out = Path(folder) / f"out-{mode}"
             row = {"mode": name, "pictures": args.pictures, "steps": args.steps,
-                   **run_mode(jobs, out, args.steps, workers, ray_address)}
+                   **run_mode(mode, jobs, out, args.steps, workers, ray_address)}
             pictures[mode] = {p.name: p.read_bytes() for p in out.iterdir()}
             row["same_bytes"] = pictures[mode] == pictures[modes[0]]
             rows.append(row)

@@ -174,17 +174,17 @@ def environment(variables):
 
 
 class ProcessPool:
-    """--workers N: N spawned processes, cores // N threads each, each loading the model once.
+    """--workers N: N spawned processes, cores // N threads each (or `threads`), each loading the model once.
 
     The thread counts go in through the environment the children start with: OpenBLAS and Numba read
     them when NumPy and Numba are imported, which in a spawned child happens before any initializer.
     """
 
-    def __init__(self, model, model_path, workers):
+    def __init__(self, model, model_path, workers, threads=None):
         import multiprocessing
 
         self.workers = workers
-        self.threads = max(1, cpu_cores() // workers)
+        self.threads = max(1, cpu_cores() // workers) if threads is None else threads
         self.executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                             initializer=_start_worker_process,
                                             initargs=(model, model_path, self.threads))
