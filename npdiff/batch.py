@@ -242,7 +242,8 @@ class BatchSummary:
         return 60.0 * self.written / self.seconds if self.seconds > 0 else 0.0
 
     def report(self):
-        lines = [f"{self.written} pictures written, {self.skipped} skipped (already done), "
+        pictures = "picture" if self.written == 1 else "pictures"
+        lines = [f"{self.written} {pictures} written, {self.skipped} skipped (already done), "
                  f"{len(self.failures)} failed, of {self.total} lines; {self.per_minute:.1f} pictures/minute "
                  f"({self.seconds:.1f} s)"]
         lines += [f"  line {line}: {message}" for line, message in sorted(self.failures.items())]
