@@ -25,8 +25,17 @@ from npdiff.images import PNG_PARAMS_KEY
 LINE_KEYS = {"prompt": "prompt", "negative": "negative", "negative_prompt": "negative", "seed": "seed",
              "steps": "steps", "guidance": "guidance", "sampler": "sampler", "height": "height",
              "width": "width", "strength": "strength", "image": "image"}
-# Options of `npdiff generate` that hold for the whole batch, not one line.
-BATCH_WIDE_KEYS = {"model", "out", "device", "fp16", "backend", "save_steps", "save-steps", "reproduce"}
+# Options of `npdiff generate` that a line cannot set -> why.
+NOT_PER_LINE = {
+    "model": "the model is loaded once per worker: pass --model to npdiff batch",
+    "out": "a batch names each picture <line>-seed<seed>.png in --out DIR",
+    "device": "npdiff batch runs on the CPU (NumPy) backend",
+    "backend": "npdiff batch runs on the CPU (NumPy) backend",
+    "fp16": "npdiff batch runs on the CPU in float32",
+    "save_steps": "npdiff batch writes only the final pictures",
+    "save-steps": "npdiff batch writes only the final pictures",
+    "reproduce": "give the options themselves (prompt, seed, steps, ...)",
+}
 MAX_SEED = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64)
 
 
@@ -112,9 +121,8 @@ def parse_json_line(text):
 def make_job(number, options, defaults, base_dir):
     """One line's options (CLI names) + the batch's defaults -> a checked Job; NpdiffError names the key."""
     for key in options:
-        if key in BATCH_WIDE_KEYS:
-            raise NpdiffError(f"key {key!r} holds for the whole batch: pass --{key.replace('_', '-')} to "
-                              "npdiff batch instead")
+        if key in NOT_PER_LINE:
+            raise NpdiffError(f"key {key!r} cannot be set per line: {NOT_PER_LINE[key]}")
         if key not in LINE_KEYS:
             raise NpdiffError(f"unknown key {key!r} (known: {', '.join(sorted(LINE_KEYS))})")
     if "negative" in options and "negative_prompt" in options:

@@ -133,7 +133,8 @@ def test_bad_lines_are_reported_and_the_others_written(tmp_path, capsys, rng):
     code, captured = run_cli(["batch", str(jobs), "--out", str(tmp_path / "out"), *STEPS, "--quiet"], capsys)
     assert code == 1
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000001-seed3.png"]
-    expected = {2: "unknown key 'colour'", 3: "not valid JSON", 4: "key 'model' holds for the whole batch",
+    expected = {2: "unknown key 'colour'", 3: "not valid JSON",
+                4: "key 'model' cannot be set per line: the model is loaded once per worker",
                 5: "'steps' must be an integer >= 1, got 0", 6: "'image' 'missing.png': no such file",
                 7: "'strength' needs 'image'", 8: "'height' must be a positive multiple of 8", 9: "'sampler' 'heun'",
                 10: "give 'negative' or 'negative_prompt', not both", 11: "expected a JSON object",
