@@ -8,6 +8,9 @@
                                      `--reproduce that.png --model M` makes it again
     npdiff img2img PROMPT --image IN [--strength S] [same options]
                                      picture + text -> picture
+    npdiff batch JOBS --out DIR [--workers N] [--ray ADDRESS] [generate's options as defaults]
+                                     one picture per line of JOBS (prompts, or .jsonl of options),
+                                     on N local processes or a Ray cluster; a rerun resumes
     npdiff verify [--model PATH] [--steps N]
                                      npdiff against diffusers/transformers on the same weights:
                                      relative error per component and per block
@@ -24,6 +27,7 @@ import time
 from pathlib import Path
 
 import npdiff  # noqa: F401  (chooses the BLAS kernels before numpy loads)
+from npdiff.batch import add_batch_command
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,12 +161,18 @@ def chosen_backend(args):
     return name
 
 
-def save_outputs(pipe, out, args, model, recorder, extra):
+def png_parameters(parameters, command, identity):
+    """What a picture's PNG stores: the pipeline's parameters, the command, and the model by name and hash
+    (identify_model), never a local path. `npdiff batch` writes the same."""
+    return dict(parameters, command=command, **identity)
+
+
+def save_outputs(pipe, out, args, recorder, command, identity):
     """Write the picture with its parameters (the model by name and hash, no local path); with
     --save-steps also the "watch it emerge" grid."""
     from npdiff.images import emergence_grid, save_png
 
-    params = dict(out.parameters, **extra)  # extra: the command, identify_model's name and hash
+    params = png_parameters(out.parameters, command, identity)
     path = Path(args.out or f"npdiff-{out.seed}.png")
     save_png(out.images[0], path, params)
     print(f"wrote {path} (seed {out.seed})", file=sys.stderr)
@@ -182,12 +192,12 @@ def make_recorder(args):
 def run_generate(args):
     args = resolve_options(args)
     pipe, model = load_pipeline(args)
-    extra = {"command": "generate", **identify_model(args, model)}  # before the long work: warns early
+    identity = identify_model(args, model)  # before the long work: warns early
     recorder = make_recorder(args)
     out = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
                guidance_scale=args.guidance, height=args.height, width=args.width, seed=args.seed,
                callback=recorder, callback_steps=args.save_steps or 1)
-    save_outputs(pipe, out, args, model, recorder, extra)
+    save_outputs(pipe, out, args, recorder, "generate", identity)
     return 0
 
 
@@ -201,14 +211,14 @@ def run_img2img(args):
     if not Path(args.image).is_file():
         raise npdiff.NpdiffError(f"--image {args.image}: no such file")
     pipe, model = load_pipeline(args)
-    extra = {"command": "img2img", **identify_model(args, model)}
+    identity = identify_model(args, model)
     recorder = make_recorder(args)
     with Image.open(args.image) as picture:
         picture.load()
         out = pipe.img2img(args.prompt, picture, strength=args.strength, negative_prompt=args.negative,
                            num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                            callback=recorder, callback_steps=args.save_steps or 1)
-    save_outputs(pipe, out, args, model, recorder, extra)
+    save_outputs(pipe, out, args, recorder, "img2img", identity)
     return 0
 
 
@@ -276,7 +286,7 @@ def add_verify_command(subparsers):
     p.set_defaults(run=run_verify)
 
 
-COMMANDS = [add_generate_command, add_img2img_command, add_verify_command, add_bench_command]
+COMMANDS = [add_generate_command, add_img2img_command, add_batch_command, add_verify_command, add_bench_command]
 
 
 def build_parser():

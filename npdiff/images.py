@@ -88,7 +88,7 @@ def image_to_model_input(image, vae_scale_factor=8):
 # PNG metadata
 # ---------------------------------------------------------------------------------------------
 def save_png(image, path, params=None):
-    """Write `image` (PIL) to `path` as PNG with `params` (a JSON-able dict) in two text chunks:
+    """Write `image` (PIL) to `path` (or a binary file) as PNG with `params` (a JSON-able dict) in two text chunks:
 
       "npdiff"      the parameters as JSON, which --reproduce reads first;
       "parameters"  the same as AUTOMATIC1111's text (npdiff.infotext), which other tools read.
@@ -110,7 +110,7 @@ def save_png(image, path, params=None):
         # PIL writes a non-Latin-1 text as an iTXt chunk (UTF-8), as AUTOMATIC1111's own pictures do
         info.add_text(A1111_PARAMS_KEY, format_infotext(params))
     image.save(path, format="PNG", pnginfo=info)
-    return Path(path)
+    return Path(path) if isinstance(path, (str, Path)) else path  # a path, or the file object given
 
 
 def png_text_chunks(path):

@@ -1,0 +1,272 @@
+"""`npdiff batch`: the pictures are `npdiff generate`'s / `npdiff img2img`'s byte for byte, bad lines are
+reported while the rest are written, reruns resume (redoing corrupt or stale files), and 2 local worker
+processes and a Ray cluster (one worker killed mid-run) give the same bytes, each picture written once.
+
+Everything runs on the shipped model (32x32) with 2 steps; one Ray session is shared by the Ray tests.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+from PIL import Image
+
+from npdiff import batch, cli
+from npdiff.batch import BatchSummary, ProcessPool, cpu_cores, run_batch
+from npdiff.batch_jobs import read_jobs
+from npdiff.batch_ray import RayPool
+from npdiff.images import read_png_params
+from npdiff.pipeline_utils import default_model_path
+
+STEPS = ["--steps", "2"]
+DEFAULTS = {"steps": 2}
+PROMPTS = ["a red circle on a blue background", "", "# a comment line", "a green square on a yellow background",
+           "  a blue triangle on a white background  "]
+# line number -> file name (seed = line number) for PROMPTS as a text job file
+NAMES = {1: "000001-seed1.png", 4: "000004-seed4.png", 5: "000005-seed5.png"}
+
+
+def write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def folder_bytes(folder):
+    """Every file in `folder` (hidden ones too) -> its bytes."""
+    return {p.name: p.read_bytes() for p in Path(folder).iterdir()}
+
+
+def run_cli(args, capsys):
+    code = cli.main(args)
+    return code, capsys.readouterr()
+
+
+@pytest.fixture(scope="module")
+def text_jobs(tmp_path_factory):
+    return write_lines(tmp_path_factory.mktemp("jobs") / "prompts.txt", PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def reference(text_jobs, tmp_path_factory):
+    """The text jobs rendered by `npdiff batch` with one in-process worker: {file name: PNG bytes}."""
+    out = tmp_path_factory.mktemp("reference")
+    assert cli.main(["batch", str(text_jobs), "--out", str(out), *STEPS, "--quiet"]) == 0
+    pictures = folder_bytes(out)
+    assert set(pictures) == set(NAMES.values())
+    return pictures
+
+
+def test_import_batch_does_not_import_ray():
+    code = "import sys, npdiff.batch, npdiff.batch_jobs, npdiff.cli; assert 'ray' not in sys.modules, 'ray imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+def test_text_jobs_equal_npdiff_generate(reference, tmp_path, capsys):
+    # one line of the text file = `npdiff generate PROMPT --seed <line number>` (the prompt stripped)
+    for line in (1, 5):
+        single = tmp_path / f"generate-{line}.png"
+        code, _ = run_cli(["generate", PROMPTS[line - 1].strip(), "--seed", str(line), *STEPS, "--out", str(single)],
+                          capsys)
+        assert code == 0
+        assert single.read_bytes() == reference[NAMES[line]], f"line {line} differs from npdiff generate"
+    params = read_png_params(tmp_path / "generate-1.png")
+    assert params["command"] == "generate" and params["seed"] == 1 and params["steps"] == 2
+
+
+def test_jsonl_jobs_equal_generate_and_img2img(tmp_path, capsys, rng):
+    source = tmp_path / "start.png"
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(source)
+    lines = [
+        {"prompt": "a red square on a green background", "negative_prompt": "blue", "seed": 1234, "guidance": 5,
+         "sampler": "euler_a", "height": 48, "width": 32},
+        {"prompt": "a white circle on a black background", "negative": "red", "steps": 1},
+        {"prompt": "a blue square on a red background", "image": "start.png", "strength": 0.7, "seed": 7},
+    ]
+    jobs = write_lines(tmp_path / "jobs.jsonl", [json.dumps(line) for line in lines])
+    code, _ = run_cli(["batch", str(jobs), "--out", str(tmp_path / "out"), *STEPS, "--guidance", "6", "--quiet"],
+                      capsys)
+    assert code == 0
+    written = folder_bytes(tmp_path / "out")
+    assert sorted(written) == ["000001-seed1234.png", "000002-seed2.png", "000003-seed7.png"]
+    same = {
+        "000001-seed1234.png": ["generate", lines[0]["prompt"], "--negative", "blue", "--seed", "1234", *STEPS,
+                                "--guidance", "5", "--sampler", "euler_a", "--height", "48", "--width", "32"],
+        "000002-seed2.png": ["generate", lines[1]["prompt"], "--negative", "red", "--seed", "2", "--steps", "1",
+                             "--guidance", "6"],
+        "000003-seed7.png": ["img2img", lines[2]["prompt"], "--image", str(source), "--strength", "0.7",
+                             "--seed", "7", *STEPS, "--guidance", "6"],
+    }
+    for name, args in same.items():
+        single = tmp_path / f"single-{name}"
+        assert run_cli(args + ["--out", str(single)], capsys)[0] == 0
+        assert single.read_bytes() == written[name], f"{name} differs from npdiff {args[0]}"
+    params = read_png_params(tmp_path / "out" / "000003-seed7.png")
+    assert params["command"] == "img2img" and Path(params["image"]) == source.resolve()
+
+
+def test_bad_lines_are_reported_and_the_others_written(tmp_path, capsys, rng):
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "start.png")
+    lines = [
+        json.dumps({"prompt": "a red circle on a blue background", "seed": 3}),
+        json.dumps({"prompt": "a red circle", "colour": "red"}),  # unknown key
+        "{not json",
+        json.dumps({"prompt": "a red circle", "model": "elsewhere"}),  # a batch-wide option
+        json.dumps({"prompt": "a red circle", "steps": 0}),
+        json.dumps({"prompt": "a red circle", "image": "missing.png"}),
+        json.dumps({"prompt": "a red circle", "strength": 0.5}),  # strength without an image
+        json.dumps({"prompt": "a red circle", "height": 30}),
+        json.dumps({"prompt": "a red circle", "sampler": "heun"}),
+        json.dumps({"prompt": "a red circle", "negative": "x", "negative_prompt": "y"}),
+        json.dumps(["a red circle"]),
+        json.dumps({"prompt": "a red circle", "seed": -1}),
+        "",
+        # passes the checks, fails while rendering: int(2 steps * 0.1) = 0 denoising steps
+        json.dumps({"prompt": "a red circle", "image": "start.png", "strength": 0.1}),
+    ]
+    jobs = write_lines(tmp_path / "jobs.jsonl", lines)
+    code, captured = run_cli(["batch", str(jobs), "--out", str(tmp_path / "out"), *STEPS, "--quiet"], capsys)
+    assert code == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000001-seed3.png"]
+    expected = {2: "unknown key 'colour'", 3: "not valid JSON",
+                4: "key 'model' cannot be set per line: the model is loaded once per worker",
+                5: "'steps' must be an integer >= 1, got 0", 6: "'image' 'missing.png': no such file",
+                7: "'strength' needs 'image'", 8: "'height' must be a positive multiple of 8", 9: "'sampler' 'heun'",
+                10: "give 'negative' or 'negative_prompt', not both", 11: "expected a JSON object",
+                12: "'seed' must be an integer in [0, 2**64)",
+                14: "strength 0.1 with num_inference_steps 2 leaves no denoising step"}
+    assert "1 picture written, 0 skipped (already done), 12 failed, of 13 lines" in captured.out
+    assert "pictures/minute" in captured.out
+    for line, message in expected.items():
+        assert f"line {line}: {message}" in captured.out, captured.out
+
+
+def test_missing_job_file_and_bad_options(tmp_path, capsys):
+    code, captured = run_cli(["batch", str(tmp_path / "none.txt"), "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "none.txt: no such file" in captured.err
+    jobs = write_lines(tmp_path / "jobs.txt", ["a red circle"])
+    code, captured = run_cli(["batch", str(jobs), "--out", str(tmp_path), "--workers", "0"], capsys)
+    assert code == 2 and "--workers must be an integer >= 1" in captured.err
+    code, captured = run_cli(["batch", str(jobs), "--out", str(jobs)], capsys)
+    assert code == 2 and "is a file; give a folder" in captured.err
+    code, captured = run_cli(["batch", str(jobs), "--out", str(tmp_path / "out"), "--model", str(tmp_path / "m")],
+                             capsys)
+    assert code == 2 and "no such file or folder" in captured.err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    comments = write_lines(tmp_path / "empty.txt", ["# nothing", ""])
+    with pytest.raises(ValueError, match="holds no jobs"):
+        read_jobs(comments, {})
+
+
+def test_resume_skips_whole_pictures_and_redoes_corrupt_and_stale(text_jobs, reference, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / NAMES[1]).write_bytes(reference[NAMES[1]])  # done: kept as it is
+    (out / NAMES[4]).write_bytes(reference[NAMES[4]][: len(reference[NAMES[4]]) // 2])  # truncated
+    (out / NAMES[5]).write_bytes(reference[NAMES[1]])  # whole, but another job's parameters
+    kept = (out / NAMES[1]).stat()
+    summary = run_batch(text_jobs, out, defaults=DEFAULTS, progress=False)
+    assert (summary.written, summary.skipped, summary.failures) == (2, 1, {})
+    assert folder_bytes(out) == reference
+    assert (out / NAMES[1]).stat().st_mtime_ns == kept.st_mtime_ns  # not rewritten
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptAfter:
+    """A worker pool that stops the run (like Ctrl-C) after `count` results."""
+
+    def __init__(self, pool, count):
+        self.pool, self.count = pool, count
+
+    def results(self, payloads):
+        for index, result in enumerate(self.pool.results(payloads)):
+            if index == self.count:
+                raise Interrupted
+            yield result
+
+
+def test_resume_after_an_interrupted_run(text_jobs, reference, tmp_path):
+    out = tmp_path / "out"
+    pool = batch.make_pool(str(default_model_path()), str(default_model_path().resolve()))
+    with pytest.raises(Interrupted):
+        run_batch(text_jobs, out, defaults=DEFAULTS, pool=InterruptAfter(pool, 2), progress=False)
+    first = folder_bytes(out)  # two whole pictures, no temporary files
+    assert len(first) == 2 and all(reference[name] == data for name, data in first.items())
+    summary = run_batch(text_jobs, out, defaults=DEFAULTS, pool=pool, progress=False)
+    assert (summary.written, summary.skipped) == (1, 2)
+    assert folder_bytes(out) == reference
+
+
+def test_two_worker_processes_same_bytes(text_jobs, reference, tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    pool = ProcessPool(str(default_model_path()), str(default_model_path().resolve()), workers=2)
+    try:
+        summary = run_batch(text_jobs, tmp_path, defaults=DEFAULTS, pool=pool, progress=False)
+        ready = pool.executor.submit(batch._worker_process_ready).result()
+    finally:
+        pool.close()
+    assert (summary.written, summary.failures) == (3, {})
+    assert folder_bytes(tmp_path) == reference
+    threads = max(1, cpu_cores() // 2)  # each child got half the cores, set before it imported numpy
+    assert ready["numba_threads"] == threads and ready["blas_threads"] == str(threads)
+    assert "OMP_NUM_THREADS" not in os.environ  # the parent's environment is restored
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray: one local session for the module
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_same_bytes_as_local(ray_session, text_jobs, reference, tmp_path):
+    summary = run_batch(text_jobs, tmp_path, defaults=DEFAULTS, ray_address="auto", progress=False)
+    assert (summary.written, summary.failures) == (3, {})
+    assert folder_bytes(tmp_path) == reference
+    assert ray.is_initialized()  # a Ray this process started is left running
+
+
+def test_ray_worker_killed_mid_run_every_picture_once(ray_session, text_jobs, reference, tmp_path, monkeypatch):
+    jobs = write_lines(tmp_path / "more.txt", PROMPTS + PROMPTS[3:])  # 5 pictures: lines 1, 4, 5, 6, 7
+    writes = []
+    real_write = batch.write_atomically
+    monkeypatch.setattr(batch, "write_atomically", lambda path, data: (writes.append(path.name),
+                                                                      real_write(path, data)))
+    pool = RayPool("auto", str(default_model_path()), str(default_model_path().resolve()), workers=2)
+    assert ray.get(pool.actors[0].ready.remote())["numba_threads"] == 1  # 2 CPUs / 2 workers
+    first_actor = pool.actors[0]
+
+    class KillAfterFirst:
+        def results(self, payloads):
+            for index, result in enumerate(pool.results(payloads)):
+                if index == 0:
+                    ray.kill(first_actor)  # lost mid-run, with a job in flight
+                yield result
+
+    try:
+        summary = run_batch(jobs, tmp_path / "out", defaults=DEFAULTS, pool=KillAfterFirst(), progress=False)
+    finally:
+        pool.close()
+    assert pool.replaced >= 1
+    assert isinstance(summary, BatchSummary) and (summary.written, summary.failures) == (5, {})
+    assert sorted(writes) == sorted(set(writes)) and len(writes) == 5  # each picture written exactly once
+    pictures = folder_bytes(tmp_path / "out")
+    assert len(pictures) == 5 and not [name for name in pictures if name.startswith(".")]
+    for name, data in reference.items():
+        assert pictures[name] == data
+
+
+def test_ray_model_that_does_not_load_stops_before_any_job(ray_session, tmp_path):
+    with pytest.raises(ValueError, match="a Ray worker could not load the model .*no-model"):
+        RayPool("auto", str(tmp_path / "no-model"), str(tmp_path / "no-model"), workers=1)
