@@ -7,6 +7,8 @@
                                      `--reproduce that.png` makes it again
     npdiff img2img PROMPT --image IN [--strength S] [same options]
                                      picture + text -> picture
+    npdiff inpaint PROMPT --image IN --mask MASK [--strength S] [--height H --width W] [same options]
+                                     repaint the picture where the mask is white
     npdiff verify [--model PATH] [--steps N]
                                      npdiff against diffusers/transformers on the same weights:
                                      relative error per component and per block
@@ -59,23 +61,24 @@ def add_bench_command(subparsers):
 
 
 # ---------------------------------------------------------------------------------------------
-# npdiff generate / img2img
+# npdiff generate / img2img / inpaint
 # ---------------------------------------------------------------------------------------------
 # Options a PNG's parameters can fill in (--reproduce): option name -> key in the PNG's JSON.
 REPRODUCIBLE = {"prompt": "prompt", "negative": "negative_prompt", "steps": "steps", "guidance": "guidance_scale",
                 "seed": "seed", "sampler": "sampler", "height": "height", "width": "width",
-                "model": "model_path", "strength": "strength", "image": "image"}
+                "model": "model_path", "strength": "strength", "image": "image", "mask": "mask"}
 DEFAULTS = {"negative": "", "steps": 30, "guidance": 7.5, "strength": 0.8}
+INPAINT_DEFAULTS = dict(DEFAULTS, strength=1.0)  # diffusers' inpainting default: repaint from pure noise
 
 
-def resolve_options(args):
-    """Fill unset options: from the --reproduce PNG's parameters first, then from DEFAULTS."""
+def resolve_options(args, defaults=DEFAULTS):
+    """Fill unset options: from the --reproduce PNG's parameters first, then from `defaults`."""
     from npdiff.images import read_png_params
 
     stored = read_png_params(args.reproduce) if args.reproduce else {}
     for option, key in REPRODUCIBLE.items():
         if hasattr(args, option) and getattr(args, option) is None:
-            setattr(args, option, stored.get(key, DEFAULTS.get(option)))
+            setattr(args, option, stored.get(key, defaults.get(option)))
     if not args.prompt:
         raise npdiff.NpdiffError("no prompt given (pass PROMPT, or --reproduce a PNG made by npdiff)")
     return args
@@ -166,6 +169,35 @@ def run_img2img(args):
     return 0
 
 
+def open_picture(path, option):
+    """A picture file given on the command line, loaded (NpdiffError if it is missing or no picture)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise npdiff.NpdiffError(f"{option} {path}: no such file")
+    try:
+        with Image.open(path) as picture:
+            picture.load()
+            return picture
+    except (UnidentifiedImageError, OSError) as exc:
+        raise npdiff.NpdiffError(f"{option} {path}: not a picture ({exc})") from exc
+
+
+def run_inpaint(args):
+    args = resolve_options(args, INPAINT_DEFAULTS)
+    if not args.image or not args.mask:
+        raise npdiff.NpdiffError("inpaint needs --image IN and --mask MASK (picture files; white = repaint)")
+    picture, mask = open_picture(args.image, "--image"), open_picture(args.mask, "--mask")
+    pipe, model = load_pipeline(args)
+    recorder = make_recorder(args)
+    out = pipe.inpaint(args.prompt, picture, mask, strength=args.strength, negative_prompt=args.negative,
+                       num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                       height=args.height, width=args.width, callback=recorder, callback_steps=args.save_steps or 1)
+    extra = {"command": "inpaint", "image": Path(args.image).name, "mask": Path(args.mask).name}  # names, no paths
+    save_outputs(pipe, out, args, model, recorder, extra)
+    return 0
+
+
 def add_sampling_options(p):
     p.add_argument("prompt", nargs="?", default=None, help="what to draw")
     p.add_argument("--negative", default=None, help="negative prompt (default: empty)")
@@ -204,6 +236,18 @@ def add_img2img_command(subparsers):
     p.set_defaults(run=run_img2img)
 
 
+def add_inpaint_command(subparsers):
+    p = subparsers.add_parser("inpaint", help="repaint a picture where a mask is white")
+    add_sampling_options(p)
+    p.add_argument("--image", default=None, help="the picture to repaint")
+    p.add_argument("--mask", default=None, help="the mask: white = repaint, black = keep; the picture's size")
+    p.add_argument("--strength", type=float, default=None,
+                   help=f"how much to change the masked part, in (0, 1] (default {INPAINT_DEFAULTS['strength']})")
+    p.add_argument("--height", type=int, default=None, help="size to work at, a multiple of 8 (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="size to work at, a multiple of 8 (default: the model's)")
+    p.set_defaults(run=run_inpaint)
+
+
 # ---------------------------------------------------------------------------------------------
 # npdiff verify
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +267,8 @@ def add_verify_command(subparsers):
     p.set_defaults(run=run_verify)
 
 
-COMMANDS = [add_generate_command, add_img2img_command, add_verify_command, add_bench_command]
+COMMANDS = [add_generate_command, add_img2img_command, add_inpaint_command, add_verify_command,
+            add_bench_command]
 
 
 def build_parser():

@@ -1,9 +1,10 @@
-"""Stable Diffusion text-to-image and image-to-image, step for step as diffusers does it.
+"""Stable Diffusion text-to-image, image-to-image and inpainting, step for step as diffusers does them.
 
     pipe = StableDiffusionPipeline.from_pretrained("path/to/model")       # or () for the shipped model
     out = pipe("a red circle", negative_prompt="blurry", num_inference_steps=25, seed=1)
     out.images[0].save("circle.png")
     out = pipe.img2img("a blue circle", image=out.images[0], strength=0.6, seed=2)
+    out = pipe.inpaint("a green square", image=picture, mask_image=mask, seed=3)   # white = repaint
 
 Every mode is one flow, _generate, with these steps (diffusers' StableDiffusionPipeline.__call__):
   0. check the arguments, those of every mode and then the start's own, before any long work;
@@ -16,8 +17,9 @@ Every mode is one flow, _generate, with these steps (diffusers' StableDiffusionP
   5. decode latents / scaling_factor with the VAE and round to 8-bit pictures.
 What differs between the modes is a start object (npdiff/sampling_starts.py): text-to-image
 (NoiseStart) starts from noise over all timesteps; image-to-image (ImageStart) starts step 4
-part-way, from the encoded picture with noise added. The same seed gives the same picture as
-diffusers with a CPU generator.
+part-way, from the encoded picture with noise added; inpainting (InpaintStart) also gives an
+inpainting UNet the mask and the masked picture in step 4.2, or with an ordinary UNet puts the kept
+part back after each step 4.4. The same seed gives the same picture as diffusers with a CPU generator.
 """
 
 import copy
@@ -30,7 +32,7 @@ from npdiff.images import decoded_to_float, to_pil
 from npdiff.pipeline_utils import (PipelineOutput, as_prompt_list, check_guidance, check_output_type,
                                    check_positive_int, default_model_path, load_components, make_generator,
                                    resolve_scheduler)
-from npdiff.sampling_starts import ImageStart, NoiseStart
+from npdiff.sampling_starts import ImageStart, InpaintStart, NoiseStart
 
 
 class StableDiffusionPipeline:
@@ -225,3 +227,19 @@ class StableDiffusionPipeline:
         return self._generate(ImageStart(image, strength), prompt, negative_prompt, num_inference_steps,
                               guidance_scale, seed, generator, num_images_per_prompt, callback, callback_steps,
                               output_type, progress)
+
+    def inpaint(self, prompt, image, mask_image, strength=1.0, negative_prompt=None, num_inference_steps=50,
+                guidance_scale=7.5, seed=None, generator=None, num_images_per_prompt=1, height=None, width=None,
+                callback=None, callback_steps=1, output_type="pil", progress=None):
+        """Picture + mask + text -> pictures repainted where the mask is white (diffusers' inpaint pipeline).
+
+        image: PIL image, uint8 array [H,W,3] or float array [H,W,3] in [0,1]. mask_image: the same size,
+        a PIL image in any mode or an array [H,W] (bool, uint8, float in [0,1]); >= half white = repaint.
+        height, width: the size to work at, multiples of 8 (default: the model's, as diffusers); the
+        picture and mask are resized to it. strength in (0, 1]: 1 repaints from pure noise.
+        A 9-channel inpainting UNet (sd-v1-5-inpainting) sees the mask; any 4-channel UNet works too,
+        its kept part put back after each step.
+        """
+        return self._generate(InpaintStart(image, mask_image, strength, height, width), prompt, negative_prompt,
+                              num_inference_steps, guidance_scale, seed, generator, num_images_per_prompt,
+                              callback, callback_steps, output_type, progress)
