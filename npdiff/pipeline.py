@@ -172,7 +172,7 @@ class StableDiffusionPipeline:
     def _generate(self, start, prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
                   num_images_per_prompt, callback, callback_steps, output_type, progress):
         """Steps 0-5 of the module docstring; `start` says how the latents start and what follows each step."""
-        # 0. check the arguments: those of every mode, then the start's own (size, picture, strength)
+        # 0. check the arguments: those of every mode, then the start's own (size, picture, mask, strength)
         prompts, negatives = as_prompt_list(prompt, negative_prompt)
         steps = check_positive_int(num_inference_steps, "num_inference_steps")
         guidance_scale = check_guidance(guidance_scale)
