@@ -11,6 +11,8 @@
     npdiff batch JOBS --out DIR [--workers N] [--ray ADDRESS] [generate's options as defaults]
                                      one picture per line of JOBS (prompts, or .jsonl of options),
                                      on N local processes or a Ray cluster; a rerun resumes
+    npdiff inpaint PROMPT --image IN --mask MASK [--strength S] [--height H --width W] [same options]
+                                     repaint the picture where the mask is white
     npdiff verify [--model PATH] [--steps N]
                                      npdiff against diffusers/transformers on the same weights:
                                      relative error per component and per block
@@ -64,7 +66,7 @@ def add_bench_command(subparsers):
 
 
 # ---------------------------------------------------------------------------------------------
-# npdiff generate / img2img
+# npdiff generate / img2img / inpaint
 # ---------------------------------------------------------------------------------------------
 # Options a PNG's parameters can fill in (--reproduce): option name -> key in the PNG's parameters. The model
 # and an img2img input picture are never taken from a PNG: a PNG names its model only by name and hash
@@ -73,10 +75,11 @@ REPRODUCIBLE = {"prompt": "prompt", "negative": "negative_prompt", "steps": "ste
                 "seed": "seed", "sampler": "sampler", "height": "height", "width": "width", "strength": "strength",
                 "prediction_type": "prediction_type"}
 DEFAULTS = {"negative": "", "steps": 30, "guidance": 7.5, "strength": 0.8}
+INPAINT_DEFAULTS = dict(DEFAULTS, strength=1.0)  # diffusers' inpainting default: repaint from pure noise
 
 
-def resolve_options(args):
-    """Fill unset options: from the --reproduce PNG's parameters first, then from DEFAULTS.
+def resolve_options(args, defaults=DEFAULTS):
+    """Fill unset options: from the --reproduce PNG's parameters first, then from `defaults`.
 
     The PNG's parameters stay in args.stored (its model hash is compared once the model is known).
     """
@@ -85,7 +88,7 @@ def resolve_options(args):
     stored = read_png_params(args.reproduce) if args.reproduce else {}
     for option, key in REPRODUCIBLE.items():
         if hasattr(args, option) and getattr(args, option) is None:
-            setattr(args, option, stored.get(key, DEFAULTS.get(option)))
+            setattr(args, option, stored.get(key, defaults.get(option)))
     if stored.get("unmapped"):
         print(f"npdiff: --reproduce {args.reproduce}: not reproduced (npdiff has no such setting): "
               f"{'; '.join(stored['unmapped'])}", file=sys.stderr)
@@ -222,6 +225,36 @@ def run_img2img(args):
     return 0
 
 
+def open_picture(path, option):
+    """A picture file given on the command line, loaded (NpdiffError if it is missing or no picture)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise npdiff.NpdiffError(f"{option} {path}: no such file")
+    try:
+        with Image.open(path) as picture:
+            picture.load()
+            return picture
+    except (UnidentifiedImageError, OSError) as exc:
+        raise npdiff.NpdiffError(f"{option} {path}: not a picture ({exc})") from exc
+
+
+def run_inpaint(args):
+    args = resolve_options(args, INPAINT_DEFAULTS)
+    if not args.image or not args.mask:
+        hint = " (a PNG stores no picture path: give the picture and mask again)" if args.reproduce else ""
+        raise npdiff.NpdiffError(f"inpaint needs --image IN and --mask MASK (picture files; white = repaint){hint}")
+    picture, mask = open_picture(args.image, "--image"), open_picture(args.mask, "--mask")
+    pipe, model = load_pipeline(args)
+    identity = identify_model(args, model)
+    recorder = make_recorder(args)
+    out = pipe.inpaint(args.prompt, picture, mask, strength=args.strength, negative_prompt=args.negative,
+                       num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                       height=args.height, width=args.width, callback=recorder, callback_steps=args.save_steps or 1)
+    save_outputs(pipe, out, args, recorder, "inpaint", identity)  # the picture and mask: not stored
+    return 0
+
+
 def add_sampling_options(p):
     p.add_argument("prompt", nargs="?", default=None, help="what to draw")
     p.add_argument("--negative", default=None, help="negative prompt (default: empty)")
@@ -267,6 +300,18 @@ def add_img2img_command(subparsers):
     p.set_defaults(run=run_img2img)
 
 
+def add_inpaint_command(subparsers):
+    p = subparsers.add_parser("inpaint", help="repaint a picture where a mask is white")
+    add_sampling_options(p)
+    p.add_argument("--image", default=None, help="the picture to repaint")
+    p.add_argument("--mask", default=None, help="the mask: white = repaint, black = keep; the picture's size")
+    p.add_argument("--strength", type=float, default=None,
+                   help=f"how much to change the masked part, in (0, 1] (default {INPAINT_DEFAULTS['strength']})")
+    p.add_argument("--height", type=int, default=None, help="size to work at, a multiple of 8 (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="size to work at, a multiple of 8 (default: the model's)")
+    p.set_defaults(run=run_inpaint)
+
+
 # ---------------------------------------------------------------------------------------------
 # npdiff verify
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +331,8 @@ def add_verify_command(subparsers):
     p.set_defaults(run=run_verify)
 
 
-COMMANDS = [add_generate_command, add_img2img_command, add_batch_command, add_verify_command, add_bench_command]
+COMMANDS = [add_generate_command, add_img2img_command, add_inpaint_command, add_batch_command,
+            add_verify_command, add_bench_command]
 
 
 def build_parser():

@@ -3,8 +3,10 @@
   decoded_to_uint8(x)      VAE output [B,3,H,W] in [-1,1] -> uint8 [B,H,W,3], rounded as diffusers does
   to_pil(x)                the same, as a list of PIL images
   image_to_model_input(im) PIL / uint8 array / float array in [0,1] -> [1,3,H,W] float32 in [-1,1],
-                           sides rounded down to a multiple of the VAE's scale factor (diffusers'
-                           VaeImageProcessor.preprocess)
+                           sides rounded down to a multiple of the VAE's scale factor, or resized to a
+                           given height and width (diffusers' VaeImageProcessor.preprocess)
+  mask_to_model_input(m)   an inpainting mask (PIL in any mode, or an array) -> [1,1,H,W] of 0/1, 1 =
+                           repaint (diffusers' mask_processor: resize, grey, binarize at 0.5)
   save_png(im, path, p)    a PNG whose text chunk "npdiff" holds the generation parameters as JSON, and
                            "parameters" the same in AUTOMATIC1111's text form (npdiff.infotext)
   read_png_params(path)    those parameters back (npdiff's JSON, else AUTOMATIC1111's text), so a picture
@@ -52,11 +54,12 @@ def to_pil(x):
     return [Image.fromarray(picture) for picture in decoded_to_uint8(x)]
 
 
-def image_to_model_input(image, vae_scale_factor=8):
+def image_to_model_input(image, vae_scale_factor=8, height=None, width=None):
     """An input picture -> float32 [1,3,H,W] in [-1,1] for vae.encode (diffusers' preprocess).
 
     image: a PIL image (converted to RGB), a uint8 array [H,W,3], or a float array [H,W,3] in [0,1].
-    H and W are rounded down to multiples of `vae_scale_factor` with a Lanczos resize, as diffusers does.
+    H and W are `height` and `width` when given (inpainting), else the picture's sides rounded down to
+    multiples of `vae_scale_factor`; the picture is resized to them with Lanczos, as diffusers does.
     """
     from PIL import Image
 
@@ -73,8 +76,9 @@ def image_to_model_input(image, vae_scale_factor=8):
             image = Image.fromarray((image * 255).round().astype(np.uint8))
     if not isinstance(image, Image.Image):
         raise NpdiffError(f"image: expected a PIL image or a numpy array, got {type(image).__name__}")
-    width = image.width - image.width % vae_scale_factor
-    height = image.height - image.height % vae_scale_factor
+    if height is None or width is None:
+        width = image.width - image.width % vae_scale_factor
+        height = image.height - image.height % vae_scale_factor
     if width == 0 or height == 0:
         raise NpdiffError(f"image: {image.width}x{image.height} is smaller than the VAE's "
                           f"{vae_scale_factor}-pixel cell")
@@ -82,6 +86,73 @@ def image_to_model_input(image, vae_scale_factor=8):
     pixels = np.asarray(image).astype(np.float32) / 255.0  # [H,W,3] uint8 -> [0,1]
     pixels = pixels.transpose(2, 0, 1)[None]  # [H,W,3] -> [1,3,H,W]
     return np.ascontiguousarray(2.0 * pixels - 1.0, dtype=np.float32)  # [0,1] -> [-1,1]
+
+
+def picture_size(picture):
+    """(width, height) in pixels of a PIL image or an array [H,W,...]."""
+    if isinstance(picture, np.ndarray):
+        return int(picture.shape[1]), int(picture.shape[0])
+    return picture.size
+
+
+def resize_nearest(values, height, width):
+    """[..., h0, w0] -> [..., height, width] by nearest neighbour, exactly as torch's F.interpolate
+    (mode "nearest"): source index floor(i * (h0 / height)) in float32, at most h0 - 1."""
+    def source_index(size_in, size_out):
+        scale = np.float32(size_in) / np.float32(size_out)
+        index = np.floor(np.arange(size_out, dtype=np.float32) * scale).astype(np.int64)
+        return np.minimum(index, size_in - 1)
+
+    rows = source_index(values.shape[-2], height)
+    columns = source_index(values.shape[-1], width)
+    return values[..., rows[:, None], columns[None, :]]  # [..., h0, w0] -> [..., height, width]
+
+
+def _mask_array_values(mask):
+    """A mask array [H,W], [H,W,1], [H,W,3] or [H,W,4] -> float32 [H,W] in [0,1] (colour -> grey, alpha unused)."""
+    if not (mask.ndim == 2 or (mask.ndim == 3 and mask.shape[2] in (1, 3, 4))) or 0 in mask.shape:
+        raise NpdiffError(f"mask_image: expected an array [H,W] or [H,W,1|3|4], got shape {mask.shape}")
+    if mask.ndim == 3:
+        mask = mask[:, :, 0] if mask.shape[2] == 1 else mask[:, :, :3]  # [H,W,1] -> [H,W]; RGBA -> RGB
+    if mask.dtype == np.bool_:
+        values = mask.astype(np.float32)
+    elif mask.dtype == np.uint8:
+        values = mask.astype(np.float32) / 255.0
+    elif mask.dtype.kind == "f":
+        values = mask.astype(np.float32)
+        if not np.all(np.isfinite(values)) or values.min() < 0 or values.max() > 1:
+            raise NpdiffError("mask_image: a float array must hold values in [0, 1]")
+    else:
+        raise NpdiffError(f"mask_image: an array must be bool, uint8 (0-255) or float in [0, 1], got {mask.dtype}")
+    if values.ndim == 3:  # RGB -> grey with the weights of PIL's convert("L") (ITU-R 601-2 luma)
+        values = values @ np.array([0.299, 0.587, 0.114], dtype=np.float32)  # [H,W,3] -> [H,W]
+    return values
+
+
+def mask_to_model_input(mask, height, width):
+    """An inpainting mask -> float32 [1,1,height,width] of 0 (keep) and 1 (repaint): white = repaint.
+
+    As diffusers' mask_processor (VaeImageProcessor with do_normalize=False, do_binarize=True,
+    do_convert_grayscale=True) does it: a PIL image is resized with Lanczos in its own mode, made
+    grey (convert("L")) and scaled to [0,1]; an array ([H,W], or [H,W,C] made grey; bool, uint8 0-255
+    or float in [0,1]) is resized by nearest neighbour; then values >= 0.5 become 1, the rest 0.
+    """
+    from PIL import Image
+
+    if isinstance(mask, (str, Path)):
+        raise NpdiffError(f"mask_image: pass an opened picture (PIL.Image.open({str(mask)!r})), not a path")
+    if isinstance(mask, Image.Image):
+        try:
+            grey = mask.resize((width, height), resample=Image.LANCZOS).convert("L")  # [height,width] uint8
+        except (ValueError, OSError) as exc:
+            raise NpdiffError(f"mask_image: cannot resize a {mask.mode!r} picture to {width}x{height}: {exc}") from exc
+        values = np.asarray(grey).astype(np.float32) / 255.0  # [height,width] in [0,1]
+    elif isinstance(mask, np.ndarray):
+        values = resize_nearest(_mask_array_values(mask), height, width)  # [H,W] -> [height,width]
+    else:
+        raise NpdiffError(f"mask_image: expected a PIL image or a numpy array, got {type(mask).__name__}")
+    binary = (values >= 0.5).astype(np.float32)  # [height,width] of 0/1
+    return binary[None, None]  # [height,width] -> [1,1,height,width]
 
 
 # ---------------------------------------------------------------------------------------------

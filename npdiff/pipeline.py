@@ -1,19 +1,25 @@
-"""Stable Diffusion text-to-image and image-to-image, step for step as diffusers does it.
+"""Stable Diffusion text-to-image, image-to-image and inpainting, step for step as diffusers does them.
 
     pipe = StableDiffusionPipeline.from_pretrained("path/to/model")       # or () for the shipped model
     out = pipe("a red circle", negative_prompt="blurry", num_inference_steps=25, seed=1)
     out.images[0].save("circle.png")
+    out = pipe.img2img("a blue circle", image=out.images[0], strength=0.6, seed=2)
+    out = pipe.inpaint("a green square", image=picture, mask_image=mask, seed=3)   # white = repaint
 
-Text-to-image (diffusers' StableDiffusionPipeline.__call__):
+Every mode is one flow, _generate, with these steps (diffusers' StableDiffusionPipeline.__call__):
+  0. check the arguments, those of every mode and then the start's own, before any long work;
   1. encode the prompts and the negative prompts ("" by default) with CLIP: [B,77,D] each;
   2. with guidance_scale > 1 stack them as [uncond; cond] -> [2B,77,D] for one UNet call per step;
-  3. draw the initial noise [B,4,H/f,W/f] from TorchGenerator(seed) (the same numbers as
-     torch.randn with a CPU torch.Generator) and scale it by the scheduler's init_noise_sigma;
+  3. the timesteps and the initial latents, drawn from TorchGenerator(seed) (the same numbers as
+     torch.randn with a CPU torch.Generator) after the text is encoded, as diffusers does;
   4. for each timestep t: scale the model input, predict the noise with the UNet, combine
      eps = eps_uncond + g * (eps_cond - eps_uncond), and let the scheduler step x_t -> x_{t-1};
   5. decode latents / scaling_factor with the VAE and round to 8-bit pictures.
-Image-to-image (pipe.img2img, npdiff/img2img.py) starts step 4 part-way, from the encoded picture
-with noise added. The same seed gives the same picture as diffusers with a CPU generator.
+What differs between the modes is a start object (npdiff/sampling_starts.py): text-to-image
+(NoiseStart) starts from noise over all timesteps; image-to-image (ImageStart) starts step 4
+part-way, from the encoded picture with noise added; inpainting (InpaintStart) also gives an
+inpainting UNet the mask and the masked picture in step 4.2, or with an ordinary UNet puts the kept
+part back after each step 4.4. The same seed gives the same picture as diffusers with a CPU generator.
 """
 
 import copy
@@ -22,11 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from npdiff import backend
-from npdiff.errors import NpdiffError
 from npdiff.images import decoded_to_float, to_pil
 from npdiff.pipeline_utils import (PipelineOutput, as_prompt_list, check_guidance, check_output_type,
-                                   check_positive_int, check_size, default_model_path, load_components,
-                                   make_generator, resolve_scheduler)
+                                   check_positive_int, default_model_path, load_components, make_generator,
+                                   resolve_scheduler)
+from npdiff.sampling_starts import ImageStart, InpaintStart, NoiseStart
 
 
 class StableDiffusionPipeline:
@@ -114,8 +120,12 @@ class StableDiffusionPipeline:
         return self.vae.decode(latents / self.vae.scaling_factor)  # [B,4,h,w] -> [B,3,H,W]
 
     def denoise(self, latents, timesteps, scheduler, text_embeddings, guidance_scale, generator,
-                num_inference_steps, callback=None, callback_steps=1, progress=None):
-        """The sampling loop (step 4 of the module docstring) over `timesteps`; -> final latents."""
+                num_inference_steps, callback=None, callback_steps=1, progress=None, start=None):
+        """The sampling loop (step 4 of the module docstring) over `timesteps`; -> final latents.
+
+        start: the sampling start (npdiff/sampling_starts.py) whose unet_input and after_step hooks run
+        in each step; None -> NoiseStart's, which change nothing."""
+        start = NoiseStart() if start is None else start
         xp = backend.array_module(latents)
         do_guidance = guidance_scale > 1.0
         order = getattr(scheduler, "order", 1)
@@ -125,6 +135,7 @@ class StableDiffusionPipeline:
             # 4.1 one batch for both halves when guiding: [B,4,h,w] -> [2B,4,h,w]
             model_input = xp.concatenate([latents, latents], axis=0) if do_guidance else latents
             model_input = scheduler.scale_model_input(model_input, t)  # [2B,4,h,w] (Euler/LMS: / sqrt(sigma^2+1))
+            model_input = start.unet_input(model_input)  # [2B,4,h,w] (inpainting UNets: [2B,9,h,w])
             # 4.2 predict the noise: [2B,4,h,w], text [2B,77,D] -> [2B,4,h,w]
             noise_pred = self.unet(model_input, t, text_embeddings)
             # 4.3 classifier-free guidance: u + g * (c - u)
@@ -132,8 +143,9 @@ class StableDiffusionPipeline:
                 half = noise_pred.shape[0] // 2
                 noise_uncond, noise_cond = noise_pred[:half], noise_pred[half:]  # [B,4,h,w] each
                 noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)  # [B,4,h,w]
-            # 4.4 x_t -> x_{t-1}
+            # 4.4 x_t -> x_{t-1}, then what the start does after a step
             latents = scheduler.step(noise_pred, t, latents, generator=generator).prev_sample  # [B,4,h,w]
+            latents = start.after_step(latents, i, timesteps, scheduler)  # [B,4,h,w] (inpainting: known part back)
             # 4.5 progress and callback, on the steps diffusers reports them
             if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % order == 0):
                 if bar is not None:
@@ -178,8 +190,42 @@ class StableDiffusionPipeline:
         return parameters
 
     # -----------------------------------------------------------------------------------------
-    # Text to image
+    # The one sampling flow, and its three ways to start
     # -----------------------------------------------------------------------------------------
+    def _generate(self, start, prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
+                  num_images_per_prompt, callback, callback_steps, output_type, progress):
+        """Steps 0-5 of the module docstring; `start` says how the latents start and what follows each step."""
+        # 0. check the arguments: those of every mode, then the start's own (size, picture, mask, strength)
+        prompts, negatives = as_prompt_list(prompt, negative_prompt)
+        steps = check_positive_int(num_inference_steps, "num_inference_steps")
+        guidance_scale = check_guidance(guidance_scale)
+        num_images_per_prompt = check_positive_int(num_images_per_prompt, "num_images_per_prompt")
+        callback_steps = check_positive_int(callback_steps, "callback_steps")
+        check_output_type(output_type)
+        start.prepare(self, len(prompts) * num_images_per_prompt, steps)
+        generator, seed = make_generator(seed, generator)
+        scheduler = copy.deepcopy(self.scheduler)  # each call starts from a fresh scheduler state
+
+        # 1-2. text embeddings, [uncond; cond] when guiding
+        do_guidance = guidance_scale > 1.0
+        text_embeddings = self.encode_prompt(prompts, negatives, num_images_per_prompt, do_guidance)
+
+        # 3. timesteps and initial latents (drawn after the text is encoded, as diffusers does)
+        scheduler.set_timesteps(steps)
+        timesteps, denoising_steps = start.timesteps(scheduler, steps)
+        latents = start.initial_latents(self, scheduler, timesteps, generator)  # [B*n,4,h,w] float32
+
+        # 4. the sampling loop
+        latents = self.denoise(latents, timesteps, scheduler, text_embeddings, guidance_scale, generator,
+                               denoising_steps, callback=callback, callback_steps=callback_steps, progress=progress,
+                               start=start)
+
+        # 5. decode
+        parameters = self.generation_parameters(prompts, negatives, seed, steps, guidance_scale, start.height,
+                                                start.width, self.scheduler_name)
+        parameters.update(start.parameters())
+        return self.package_output(latents, output_type, seed, parameters)
+
     def __call__(self, prompt, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5, height=None,
                  width=None, seed=None, generator=None, num_images_per_prompt=1, latents=None, callback=None,
                  callback_steps=1, output_type="pil", progress=None):
@@ -189,51 +235,10 @@ class StableDiffusionPipeline:
         in the output. latents: initial noise [B*n,4,h,w] (before init_noise_sigma), instead of drawing it.
         callback(step, timestep, latents) runs every `callback_steps` steps.
         """
-        # 0. check the arguments
-        prompts, negatives = as_prompt_list(prompt, negative_prompt)
-        steps = check_positive_int(num_inference_steps, "num_inference_steps")
-        guidance_scale = check_guidance(guidance_scale)
-        num_images_per_prompt = check_positive_int(num_images_per_prompt, "num_images_per_prompt")
-        callback_steps = check_positive_int(callback_steps, "callback_steps")
-        check_output_type(output_type)
-        default_side = self.unet.config["sample_size"] * self.vae_scale_factor
-        height = default_side if height is None else height
-        width = default_side if width is None else width
-        height, width = check_size(height, width, max(8, self.vae_scale_factor))
-        batch = len(prompts) * num_images_per_prompt
-        latent_shape = (batch, self.unet.config["in_channels"], height // self.vae_scale_factor,
-                        width // self.vae_scale_factor)
-        if latents is not None:
-            latents = backend.to_numpy(latents)
-            if tuple(latents.shape) != latent_shape:
-                raise NpdiffError(f"latents must have shape {latent_shape} for this prompt batch and size, "
-                                  f"got {tuple(latents.shape)}")
-        generator, seed = make_generator(seed, generator)
-        scheduler = copy.deepcopy(self.scheduler)  # each call starts from a fresh scheduler state
+        return self._generate(NoiseStart(height, width, latents), prompt, negative_prompt, num_inference_steps,
+                              guidance_scale, seed, generator, num_images_per_prompt, callback, callback_steps,
+                              output_type, progress)
 
-        # 1-2. text embeddings, [uncond; cond] when guiding
-        do_guidance = guidance_scale > 1.0
-        text_embeddings = self.encode_prompt(prompts, negatives, num_images_per_prompt, do_guidance)
-
-        # 3. timesteps and initial noise (drawn after the text is encoded, as diffusers does)
-        scheduler.set_timesteps(steps)
-        timesteps = scheduler.timesteps
-        if latents is None:
-            latents = generator.randn(latent_shape, dtype=np.float32)  # [B*n,4,h,w]
-        latents = backend.to_device(latents) * float(scheduler.init_noise_sigma)  # [B*n,4,h,w] float32
-
-        # 4. the sampling loop
-        latents = self.denoise(latents, timesteps, scheduler, text_embeddings, guidance_scale, generator, steps,
-                               callback=callback, callback_steps=callback_steps, progress=progress)
-
-        # 5. decode
-        parameters = self.generation_parameters(prompts, negatives, seed, steps, guidance_scale, height, width,
-                                      self.scheduler_name)
-        return self.package_output(latents, output_type, seed, parameters)
-
-    # -----------------------------------------------------------------------------------------
-    # Image to image
-    # -----------------------------------------------------------------------------------------
     def img2img(self, prompt, image, strength=0.8, negative_prompt=None, num_inference_steps=50,
                 guidance_scale=7.5, seed=None, generator=None, num_images_per_prompt=1, callback=None,
                 callback_steps=1, output_type="pil", progress=None):
@@ -242,8 +247,22 @@ class StableDiffusionPipeline:
         image: PIL image, uint8 array [H,W,3] or float array [H,W,3] in [0,1]; sides are rounded down to
         a multiple of the VAE factor. strength in (0, 1]: 1 starts from pure noise, small values stay close.
         """
-        from npdiff.img2img import run_img2img
+        return self._generate(ImageStart(image, strength), prompt, negative_prompt, num_inference_steps,
+                              guidance_scale, seed, generator, num_images_per_prompt, callback, callback_steps,
+                              output_type, progress)
 
-        return run_img2img(self, prompt, image, strength, negative_prompt, num_inference_steps, guidance_scale,
-                           seed, generator, num_images_per_prompt, callback, callback_steps, output_type,
-                           progress)
+    def inpaint(self, prompt, image, mask_image, strength=1.0, negative_prompt=None, num_inference_steps=50,
+                guidance_scale=7.5, seed=None, generator=None, num_images_per_prompt=1, height=None, width=None,
+                callback=None, callback_steps=1, output_type="pil", progress=None):
+        """Picture + mask + text -> pictures repainted where the mask is white (diffusers' inpaint pipeline).
+
+        image: PIL image, uint8 array [H,W,3] or float array [H,W,3] in [0,1]. mask_image: the same size,
+        a PIL image in any mode or an array [H,W] (bool, uint8, float in [0,1]); >= half white = repaint.
+        height, width: the size to work at, multiples of 8 (default: the model's, as diffusers); the
+        picture and mask are resized to it. strength in (0, 1]: 1 repaints from pure noise.
+        A 9-channel inpainting UNet (sd-v1-5-inpainting) sees the mask; any 4-channel UNet works too,
+        its kept part put back after each step.
+        """
+        return self._generate(InpaintStart(image, mask_image, strength, height, width), prompt, negative_prompt,
+                              num_inference_steps, guidance_scale, seed, generator, num_images_per_prompt,
+                              callback, callback_steps, output_type, progress)

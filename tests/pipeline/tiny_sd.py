@@ -14,6 +14,9 @@ tiny_sd_folder(kind="sd_constants") keeps the constants SD 1.x single files do n
 every norm, 8 UNet heads, CLIP heads 64 wide), so the same weights written as one CompVis-layout file
 (tests/single_file.py) are read back with the right configs. kind="sd2" does the same for SD 2.x (gelu
 CLIP, linear UNet projections, heads channels/64, v-prediction DDIM, "!" padding).
+
+tiny_sd_folder(kind="inpaint") has a UNet of 9 input channels (latents, mask, masked picture latents), as
+sd-v1-5-inpainting; "inpaint_sd_constants" is "sd_constants" with that UNet.
 """
 
 import functools
@@ -74,7 +77,10 @@ KINDS = {
             dict(UNET_CONFIG, block_out_channels=(64, 128, 128), attention_head_dim=(1, 2, 2), layers_per_block=1,
                  use_linear_projection=True, norm_num_groups=32, cross_attention_dim=128),
             dict(VAE_CONFIG, block_out_channels=(32, 32, 32, 32), norm_num_groups=32)),
+    "inpaint": (CLIP_CONFIG, dict(UNET_CONFIG, in_channels=9), VAE_CONFIG),  # sd-v1-5-inpainting's UNet layout
 }
+KINDS["inpaint_sd_constants"] = (KINDS["sd_constants"][0], dict(KINDS["sd_constants"][1], in_channels=9),
+                                 KINDS["sd_constants"][2])
 KIND_SCHEDULERS = {"sd2": ("DDIMScheduler", dict(SCHEDULER_CONFIG, prediction_type="v_prediction"))}
 KIND_PAD_TOKENS = {"sd2": "!"}
 
@@ -136,12 +142,13 @@ def diffusers_scheduler(name, config):
     return getattr(diffusers, class_name).from_config(dict(config, **changes))
 
 
-def torch_pipeline(folder, sampler=None, img2img=False):
+def torch_pipeline(folder, sampler=None, img2img=False, inpaint=False):
     """The diffusers pipeline over the same folder (float32, CPU, no progress bar), with npdiff's sampler name."""
     import torch
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
     cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+    cls = StableDiffusionInpaintPipeline if inpaint else cls
     pipe = cls.from_pretrained(str(folder), safety_checker=None, feature_extractor=None,
                                requires_safety_checker=False, torch_dtype=torch.float32, local_files_only=True)
     if sampler is not None:

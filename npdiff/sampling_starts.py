@@ -1,0 +1,210 @@
+"""How sampling starts: the only place text-to-image, image-to-image and inpainting differ.
+
+StableDiffusionPipeline._generate (npdiff/pipeline.py) runs the same numbered steps for every mode and
+asks a start object for what differs:
+
+                    NoiseStart (pipe(...))  ImageStart (pipe.img2img)     InpaintStart (pipe.inpaint)
+  prepare(...)      size, given latents     picture, strength             picture, mask, size, strength
+  timesteps(...)    all of them             the last int(N * strength)    the last int(N * strength)
+  initial_latents   noise * init_sigma      picture latents + noise       noise (strength 1) or picture
+                                                                          latents + noise; the mask latents
+  unet_input(x)     x                       x                             9-channel UNet: [x, mask, masked
+                                                                          picture latents]
+  after_step(...)   latents                 latents                       4-channel UNet: the kept part put
+                                                                          back, noised to the next timestep
+  parameters()      mode                    mode, strength                mode, strength
+
+prepare() checks the mode's own arguments before any long work starts; the others run inside the
+sampling steps, in diffusers' order of operations and random draws.
+"""
+
+import numpy as np
+
+from npdiff import backend
+from npdiff.errors import NpdiffError
+from npdiff.images import image_to_model_input, mask_to_model_input, picture_size, resize_nearest
+from npdiff.img2img import check_denoising_steps, encode_image, get_timesteps
+from npdiff.pipeline_utils import check_size, check_strength
+
+
+class SamplingStart:
+    """What every start shares: the whole schedule, the UNet input as it is, nothing done after a step."""
+
+    mode = None
+
+    def timesteps(self, scheduler, num_inference_steps):
+        """-> (the timesteps to run, the number of denoising steps); set_timesteps has run."""
+        return scheduler.timesteps, num_inference_steps
+
+    def unet_input(self, model_input):
+        """The scaled latents [B,4,h,w] -> what the UNet takes (inpainting UNets take more channels)."""
+        return model_input
+
+    def after_step(self, latents, step_index, timesteps, scheduler):
+        """The latents after the scheduler's step `step_index` -> the latents the next step starts from."""
+        return latents
+
+    def parameters(self):
+        """What this start adds to the picture's generation parameters."""
+        return {"mode": self.mode}
+
+
+def require_plain_unet(pipe):
+    """Text-to-image and image-to-image need a UNet that takes the latents alone."""
+    in_channels = pipe.unet.config["in_channels"]
+    latent_channels = pipe.vae.config["latent_channels"]
+    if in_channels == 2 * latent_channels + 1:
+        raise NpdiffError(f"this UNet takes {in_channels} input channels (an inpainting UNet: latents, mask and "
+                          "masked picture); use pipe.inpaint(prompt, image=..., mask_image=...)")
+    if in_channels != latent_channels:
+        raise NpdiffError(f"this UNet takes {in_channels} input channels but the VAE's latents have "
+                          f"{latent_channels}")
+
+
+class NoiseStart(SamplingStart):
+    """Text-to-image: Gaussian noise [B,4,h,w] (or the caller's `latents`) times init_noise_sigma."""
+
+    mode = "txt2img"
+
+    def __init__(self, height=None, width=None, latents=None):
+        self.height, self.width, self.latents = height, width, latents
+
+    def prepare(self, pipe, batch, num_inference_steps):
+        require_plain_unet(pipe)
+        default_side = pipe.unet.config["sample_size"] * pipe.vae_scale_factor
+        height = default_side if self.height is None else self.height
+        width = default_side if self.width is None else self.width
+        self.height, self.width = check_size(height, width, max(8, pipe.vae_scale_factor))
+        self.shape = (batch, pipe.unet.config["in_channels"], self.height // pipe.vae_scale_factor,
+                      self.width // pipe.vae_scale_factor)
+        if self.latents is not None:
+            self.latents = backend.to_numpy(self.latents)
+            if tuple(self.latents.shape) != self.shape:
+                raise NpdiffError(f"latents must have shape {self.shape} for this prompt batch and size, "
+                                  f"got {tuple(self.latents.shape)}")
+
+    def initial_latents(self, pipe, scheduler, timesteps, generator):
+        latents = self.latents
+        if latents is None:
+            latents = generator.randn(self.shape, dtype=np.float32)  # [B,4,h,w]
+        return backend.to_device(latents) * float(scheduler.init_noise_sigma)  # [B,4,h,w] float32
+
+
+class ImageStart(SamplingStart):
+    """Image-to-image (diffusers' StableDiffusionImg2ImgPipeline): the encoded picture, noised to `strength`.
+
+    Draws: the posterior sample [1,4,h,w] first, then the noise [B,4,h,w].
+    """
+
+    mode = "img2img"
+
+    def __init__(self, image, strength):
+        self.image, self.strength = image, strength
+
+    def prepare(self, pipe, batch, num_inference_steps):
+        require_plain_unet(pipe)
+        self.strength = check_strength(self.strength)
+        self.pixels = image_to_model_input(self.image, pipe.vae_scale_factor)  # [1,3,H,W] in [-1,1]
+        check_denoising_steps(num_inference_steps, self.strength)
+        self.height, self.width = self.pixels.shape[2:]
+        self.batch = batch
+
+    def timesteps(self, scheduler, num_inference_steps):
+        return get_timesteps(scheduler, num_inference_steps, self.strength)
+
+    def initial_latents(self, pipe, scheduler, timesteps, generator):
+        latents = encode_image(pipe, self.pixels, self.batch, generator)  # [B,4,h,w], first draw
+        noise = backend.to_device(generator.randn(tuple(latents.shape), dtype=np.float32))  # [B,4,h,w]
+        first_timestep = np.repeat(np.asarray(timesteps[:1]), self.batch)  # [B]
+        return scheduler.add_noise(latents, noise, first_timestep)  # [B,4,h,w]
+
+    def parameters(self):
+        return {"mode": self.mode, "strength": self.strength}
+
+
+class InpaintStart(SamplingStart):
+    """Inpainting (diffusers' StableDiffusionInpaintPipeline): repaint where the mask is white.
+
+    Two kinds of UNet:
+      9 input channels (sd-v1-5-inpainting): each step the UNet sees [latents, mask, masked picture
+        latents] stacked on channels and learned to keep the unmasked part itself;
+      4 input channels (any SD UNet): after each step the unmasked part is put back,
+        latents = (1 - mask) * picture latents noised to the next timestep + mask * latents.
+    Draws, in diffusers' order: the picture's posterior sample [1,4,h,w] (4-channel UNets, or strength
+    < 1), the noise [B,4,h,w], then the masked picture's posterior sample [1,4,h,w].
+    """
+
+    mode = "inpaint"
+
+    def __init__(self, image, mask_image, strength=1.0, height=None, width=None):
+        self.image, self.mask_image, self.strength = image, mask_image, strength
+        self.height, self.width = height, width
+
+    def prepare(self, pipe, batch, num_inference_steps):
+        in_channels = pipe.unet.config["in_channels"]
+        latent_channels = pipe.vae.config["latent_channels"]
+        if in_channels not in (latent_channels, 2 * latent_channels + 1):
+            raise NpdiffError(f"inpainting needs a UNet with {latent_channels} or {2 * latent_channels + 1} "
+                              f"input channels; this one takes {in_channels}")
+        self.concat = in_channels == 2 * latent_channels + 1  # an inpainting UNet: mask and picture as input
+        self.strength = check_strength(self.strength)
+        default_side = pipe.unet.config["sample_size"] * pipe.vae_scale_factor  # diffusers' default size
+        height = default_side if self.height is None else self.height
+        width = default_side if self.width is None else self.width
+        self.height, self.width = check_size(height, width, max(8, pipe.vae_scale_factor))
+        f = pipe.vae_scale_factor
+        self.pixels = image_to_model_input(self.image, f, self.height, self.width)  # [1,3,H,W] in [-1,1]
+        self.mask = mask_to_model_input(self.mask_image, self.height, self.width)  # [1,1,H,W] of 0/1
+        if picture_size(self.image) != picture_size(self.mask_image):
+            (image_w, image_h), (mask_w, mask_h) = picture_size(self.image), picture_size(self.mask_image)
+            raise NpdiffError(f"image is {image_w}x{image_h} pixels but mask_image is {mask_w}x{mask_h} "
+                              "(width x height); give a mask of the picture's size")
+        check_denoising_steps(num_inference_steps, self.strength)
+        self.batch = batch
+        self.latent_shape = (batch, latent_channels, self.height // f, self.width // f)
+
+    def timesteps(self, scheduler, num_inference_steps):
+        return get_timesteps(scheduler, num_inference_steps, self.strength)
+
+    def initial_latents(self, pipe, scheduler, timesteps, generator):
+        # diffusers' prepare_latents: the picture's latents when they are needed, then the noise
+        is_strength_max = self.strength == 1.0
+        if not self.concat or not is_strength_max:
+            self.image_latents = encode_image(pipe, self.pixels, self.batch, generator)  # [B,4,h,w]
+        self.noise = backend.to_device(generator.randn(self.latent_shape, dtype=np.float32))  # [B,4,h,w]
+        if is_strength_max:
+            latents = self.noise * float(scheduler.init_noise_sigma)  # [B,4,h,w]
+        else:
+            first_timestep = np.repeat(np.asarray(timesteps[:1]), self.batch)  # [B]
+            latents = scheduler.add_noise(self.image_latents, self.noise, first_timestep)  # [B,4,h,w]
+
+        # diffusers' prepare_mask_latents: the mask at latent size, the masked picture's latents
+        mask = resize_nearest(self.mask, *self.latent_shape[2:])  # [1,1,H,W] -> [1,1,h,w]
+        self.mask_latents = backend.to_device(np.repeat(mask, self.batch, axis=0))  # [B,1,h,w]
+        masked_pixels = self.pixels * (self.mask < 0.5)  # [1,3,H,W], 0 (grey) where repainted
+        if self.concat:
+            self.masked_image_latents = encode_image(pipe, masked_pixels, self.batch, generator)  # [B,4,h,w]
+        else:  # diffusers encodes it here too, unused by a 4-channel UNet: draw its numbers, skip the encoder
+            generator.randn((1,) + self.latent_shape[1:], dtype=np.float32)  # [1,4,h,w]
+        return latents
+
+    def unet_input(self, model_input):
+        if not self.concat:
+            return model_input
+        xp = backend.array_module(model_input)
+        copies = model_input.shape[0] // self.batch  # 2 when guiding
+        mask = xp.concatenate([self.mask_latents] * copies, axis=0)  # [B,1,h,w] -> [2B,1,h,w]
+        masked = xp.concatenate([self.masked_image_latents] * copies, axis=0)  # [B,4,h,w] -> [2B,4,h,w]
+        return xp.concatenate([model_input, mask, masked], axis=1)  # [2B,4+1+4,h,w]
+
+    def after_step(self, latents, step_index, timesteps, scheduler):
+        if self.concat:
+            return latents
+        known = self.image_latents  # [B,4,h,w]; the last step puts back the picture's latents themselves
+        if step_index < len(timesteps) - 1:
+            next_timestep = np.asarray(timesteps[step_index + 1:step_index + 2])  # [1]
+            known = scheduler.add_noise(self.image_latents, self.noise, next_timestep)  # [B,4,h,w]
+        return (1 - self.mask_latents) * known + self.mask_latents * latents  # [B,4,h,w]
+
+    def parameters(self):
+        return {"mode": self.mode, "strength": self.strength}
