@@ -11,6 +11,7 @@ Kinds (small channels, the same structure as the real models):
   UNet "sd2": SD 2.x-like: use_linear_projection, per-block head counts, upcast_attention,
               cross_attention_dim 40, layers_per_block 1, norm_eps 1e-6, freq_shift 1, no flip.
   UNet "knobs": 2 blocks and the rarer config values (see its entry below).
+  UNet "lcm": "sd1" with time_cond_proj_dim 24 (an LCM-distilled UNet's guidance-embedding input).
   VAE  "sd":  SD-like: 4 blocks (latent = image / 8), layers_per_block 1, scaling_factor 0.18215.
   VAE  "deep": 3 blocks (latent = image / 4), layers_per_block 2, scaling_factor 0.13025.
 
@@ -56,6 +57,8 @@ UNET_KINDS = {
         conv_out_kernel=1, time_embedding_dim=48, resnet_out_scale_factor=2.0, downsample_padding=1,
     ),
 }
+# LCM-distilled (time_embedding.cond_proj takes the guidance embedding; real ones use 256 for 320 channels)
+UNET_KINDS["lcm"] = dict(UNET_KINDS["sd1"], time_cond_proj_dim=24)
 
 VAE_KINDS = {
     "sd": dict(
