@@ -61,7 +61,8 @@ def run_img2img(pipe, prompt, image, strength, negative_prompt, num_inference_st
     batch = len(prompts) * num_images_per_prompt
 
     # text embeddings, [uncond; cond] when guiding
-    text_embeddings = pipe.encode_prompt(prompts, negatives, num_images_per_prompt, guidance_scale > 1.0)
+    text_embeddings = pipe.encode_prompt(prompts, negatives, num_images_per_prompt,
+                                         pipe.do_classifier_free_guidance(guidance_scale))
 
     # 3. timesteps from strength
     scheduler.set_timesteps(steps)

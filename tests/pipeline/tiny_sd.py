@@ -12,7 +12,8 @@ tokenizer, written by npdiff.clip_vocab). Every parameter is random; built once 
 
 tiny_sd_folder(kind="sd_constants") keeps the constants SD 1.x single files do not store (32 groups in
 every norm, 8 UNet heads, CLIP heads 64 wide), so the same weights written as one CompVis-layout file
-(tests/single_file.py) are read back with the right configs.
+(tests/single_file.py) are read back with the right configs. kind="lcm" has an LCM-distilled UNet
+(time_cond_proj_dim 24).
 """
 
 import functools
@@ -42,6 +43,8 @@ DIFFUSERS_SCHEDULERS = {
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
 }
 
 
@@ -66,6 +69,8 @@ KINDS = {
     "sd_constants": (dict(CLIP_CONFIG, hidden_size=64, intermediate_size=128, num_attention_heads=1),
                      dict(UNET_CONFIG, norm_num_groups=32, cross_attention_dim=64),
                      dict(VAE_CONFIG, block_out_channels=(32, 32, 32, 32), norm_num_groups=32)),
+    # an LCM-distilled UNet: takes the embedded guidance scale (timestep_cond) instead of guiding
+    "lcm": (CLIP_CONFIG, dict(UNET_CONFIG, time_cond_proj_dim=24), VAE_CONFIG),
 }
 
 
