@@ -2,7 +2,8 @@
 
 As diffusers' StableDiffusionImg2ImgPipeline does it, in the same order of random draws:
   1. the picture -> [1,3,H,W] in [-1,1] (sides rounded down to a multiple of the VAE factor);
-  2. encode it: z = posterior.sample(generator) * scaling_factor   (first draw: [1,4,h,w]);
+  2. encode it: z = posterior.sample(generator) * scaling_factor   (first draw: [1,4,h,w]; none
+     with a TAESD AutoencoderTiny, whose encoder gives the latents directly);
      repeated to the batch when there are several prompts / images per prompt;
   3. timesteps from strength (diffusers' get_timesteps): with N steps, skip the first
      N - min(int(N * strength), N) of them (times the scheduler's order), and tell the scheduler
@@ -38,8 +39,10 @@ def get_timesteps(scheduler, num_inference_steps, strength):
 
 def encode_image(pipe, pixels, batch, generator):
     """Step 2: pixels [1,3,H,W] in [-1,1] -> scaled latents [batch,4,h,w] (one posterior sample, repeated)."""
-    posterior = pipe.vae.encode(backend.to_device(pixels))  # [1,3,H,W] -> distribution over [1,4,h,w]
-    latents = posterior.sample(generator) * float(pipe.vae.scaling_factor)  # [1,4,h,w]
+    encoded = pipe.vae.encode(backend.to_device(pixels))  # [1,3,H,W] -> posterior (KL) or latents (TAESD)
+    # diffusers' retrieve_latents: a KL posterior is sampled (one draw); TAESD gives latents (no draw)
+    latents = encoded.latents if hasattr(encoded, "latents") else encoded.sample(generator)  # [1,4,h,w]
+    latents = latents * float(pipe.vae.scaling_factor)  # [1,4,h,w]
     xp = backend.array_module(latents)
     return xp.repeat(latents, batch, axis=0)  # [1,4,h,w] -> [batch,4,h,w]
 
