@@ -139,7 +139,8 @@ class DistilledSchedulerBase(SchedulerBase):
         origin = self._origin_timesteps(int(original_steps), strength, original_given)      # [m]
 
         if timesteps is not None:
-            # 2a. custom timesteps: descending integers below T; img2img keeps the last part
+            # 2a. custom timesteps: descending integers below T; img2img keeps the last part (diffusers only
+            #     warns about timesteps off the distillation schedule; they are accepted here too)
             timesteps = np.asarray(timesteps)
             if timesteps.ndim != 1 or len(timesteps) == 0 or timesteps.dtype.kind not in "iu":
                 raise NpdiffError(f"{name}.set_timesteps: timesteps must be a non-empty list of integers, "

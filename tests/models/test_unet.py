@@ -187,6 +187,12 @@ def test_unet_config_errors_name_the_key(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # LCM-distilled UNets: time_cond_proj_dim, timestep_cond
 # ---------------------------------------------------------------------------------------------
+# torch's float32 exp (vectorised, not correctly rounded) differs by one ulp from ours for some of the
+# frequencies (e.g. the 5th of 12 and of 128); the 1000 * w factor (up to 1.5e4 here) carries that ~1e-7 into
+# the sin/cos arguments: measured worst 1.8e-5 (dim 24), 8.6e-5 (dim 256), 3e-8 (dim 33) over 300 draws.
+GUIDANCE_EMBEDDING_TOL = 2e-4
+
+
 def test_guidance_scale_embedding_matches_diffusers(rng):
     from diffusers import StableDiffusionPipeline
 
@@ -197,7 +203,11 @@ def test_guidance_scale_embedding_matches_diffusers(rng):
         theirs = StableDiffusionPipeline.get_guidance_scale_embedding(None, torch.from_numpy(w), embedding_dim=dim)
         ours = guidance_scale_embedding(w, dim)
         assert ours.shape == (3, dim) and ours.dtype == np.float32
-        assert_rel_close(ours, theirs, KERNEL_TOL, f"guidance embedding dim {dim}")
+        assert_rel_close(ours, theirs, GUIDANCE_EMBEDDING_TOL, f"guidance embedding dim {dim}")
+    # small guidance values leave the one-ulp frequency differences below the kernel tolerance
+    w = rng.uniform(0.0, 0.5, size=3).astype(np.float32)
+    theirs = StableDiffusionPipeline.get_guidance_scale_embedding(None, torch.from_numpy(w), embedding_dim=256)
+    assert_rel_close(guidance_scale_embedding(w, 256), theirs, KERNEL_TOL, "guidance embedding, w < 0.5")
 
 
 @pytest.mark.parametrize("with_cond", [True, False])
