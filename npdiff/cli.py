@@ -1,7 +1,7 @@
 """The `npdiff` command line.
 
     npdiff generate PROMPT [--negative N] [--steps S] [--guidance G] [--seed X] [--sampler NAME]
-                    [--height H --width W] [--model PATH] [--out FILE] [--save-steps K]
+                    [--height H --width W] [--model PATH] [--vae FOLDER] [--out FILE] [--save-steps K]
                     [--reproduce PNG] [--device cpu|cuda [--fp16]] [--backend numpy|cupy]
                                      text -> picture; the PNG carries its parameters (npdiff's JSON and
                                      AUTOMATIC1111's text, the model by name and hash), and
@@ -86,6 +86,9 @@ def resolve_options(args, defaults=DEFAULTS):
     from npdiff.images import read_png_params
 
     stored = read_png_params(args.reproduce) if args.reproduce else {}
+    if stored.get("vae") and not args.vae:
+        raise npdiff.NpdiffError(f"{args.reproduce} was made with --vae {stored['vae']} (a folder name): pass "
+                                 f"--vae with that folder to make it again")
     for option, key in REPRODUCIBLE.items():
         if hasattr(args, option) and getattr(args, option) is None:
             setattr(args, option, stored.get(key, defaults.get(option)))
@@ -129,6 +132,8 @@ def load_pipeline(args):
     model = Path(args.model) if args.model else default_model_path()
     start = time.perf_counter()
     pipe = StableDiffusionPipeline.from_pretrained(model, scheduler=args.sampler, prediction_type=args.prediction_type)
+    if args.vae:
+        pipe.vae = load_vae(args.vae)
     print(f"loaded model {model} in {time.perf_counter() - start:.2f} s (sampler {pipe.scheduler_name}, "
           f"backend {backend.name()} {backend.compute_dtype()})", file=sys.stderr)
     for path, scale in loras:
@@ -146,6 +151,21 @@ def parse_lora_option(spec):
         return head, float(tail)
     except ValueError:
         raise npdiff.NpdiffError(f"--lora {spec}: expected FILE or FILE:SCALE, and {tail!r} is not a number") from None
+
+
+def load_vae(folder):
+    """--vae FOLDER: a diffusers AutoencoderKL or AutoencoderTiny (TAESD) folder, as its config.json names it."""
+    from npdiff.loading import read_config
+    from npdiff.models import AutoencoderKL, AutoencoderTiny
+
+    classes = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
+    if not Path(folder).is_dir():
+        raise npdiff.NpdiffError(f"--vae {folder}: no such folder")
+    class_name = read_config(folder).get("_class_name")
+    if class_name not in classes:
+        raise npdiff.NpdiffError(f"--vae {folder}: config.json names _class_name {class_name!r}; expected one of "
+                                 f"{', '.join(classes)}")
+    return classes[class_name].from_pretrained(folder)
 
 
 # --device -> the backend names that mean the same device
@@ -176,6 +196,8 @@ def save_outputs(pipe, out, args, recorder, command, identity):
     from npdiff.images import emergence_grid, save_png
 
     params = png_parameters(out.parameters, command, identity)
+    if args.vae:
+        params["vae"] = Path(args.vae).resolve().name  # the folder's name only: no local path in a picture
     path = Path(args.out or f"npdiff-{out.seed}.png")
     save_png(out.images[0], path, params)
     print(f"wrote {path} (seed {out.seed})", file=sys.stderr)
@@ -263,11 +285,14 @@ def add_sampling_options(p):
                    help=f"classifier-free guidance scale; <= 1 turns it off (default {DEFAULTS['guidance']})")
     p.add_argument("--seed", type=int, default=None, help="noise seed (default: random, printed and stored)")
     p.add_argument("--sampler", default=None, help="pndm, ddim, ddpm, lms, euler, euler_a, dpmpp_2m, "
-                   "dpmpp_2m_karras (default: the model's own scheduler)")
+                   "dpmpp_2m_karras, lcm, tcd (default: the model's own scheduler)")
     p.add_argument("--model", default=None, help="diffusers folder or .safetensors file (default: shipped model)")
     p.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
                    help="what the UNet predicts, instead of the model's own; an SD 2.x single file defaults to "
                    "v_prediction (the 768-pixel models): give epsilon for the 512-pixel SD 2.x base models")
+    p.add_argument("--vae", default=None, metavar="FOLDER",
+                   help="decode (and encode) with this VAE instead of the model's: a diffusers AutoencoderKL or "
+                   "AutoencoderTiny (TAESD) folder; its name is stored in the PNG")
     p.add_argument("--out", default=None, help="output PNG (default npdiff-SEED.png)")
     p.add_argument("--save-steps", type=int, default=None, metavar="K",
                    help="also write OUT-steps.png: the picture decoded every K steps")

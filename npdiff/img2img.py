@@ -4,7 +4,8 @@
                                           min(int(N * strength), N) of them (times the scheduler's order)
                                           and tell the scheduler where it begins (set_begin_index);
   encode_image(pipe, pixels, batch, g)    diffusers' _encode_vae_image: pixels [1,3,H,W] in [-1,1] ->
-                                          posterior.sample(g) * scaling_factor (one draw of [1,4,h,w]),
+                                          posterior.sample(g) * scaling_factor (one draw of [1,4,h,w];
+                                          none with TAESD, whose encoder gives the latents),
                                           repeated to the batch.
 
 How they are used, and in what order the random numbers are drawn, is in npdiff/sampling_starts.py
@@ -36,7 +37,9 @@ def get_timesteps(scheduler, num_inference_steps, strength):
 
 def encode_image(pipe, pixels, batch, generator):
     """Pixels [1,3,H,W] in [-1,1] -> scaled latents [batch,4,h,w] (one posterior sample, repeated)."""
-    posterior = pipe.vae.encode(backend.to_device(pixels))  # [1,3,H,W] -> distribution over [1,4,h,w]
-    latents = posterior.sample(generator) * float(pipe.vae.scaling_factor)  # [1,4,h,w]
+    encoded = pipe.vae.encode(backend.to_device(pixels))  # [1,3,H,W] -> posterior (KL) or latents (TAESD)
+    # diffusers' retrieve_latents: a KL posterior is sampled (one draw); TAESD gives latents (no draw)
+    latents = encoded.latents if hasattr(encoded, "latents") else encoded.sample(generator)  # [1,4,h,w]
+    latents = latents * float(pipe.vae.scaling_factor)  # [1,4,h,w]
     xp = backend.array_module(latents)
     return xp.repeat(latents, batch, axis=0)  # [1,4,h,w] -> [batch,4,h,w]

@@ -23,6 +23,7 @@ part back after each step 4.4. The same seed gives the same picture as diffusers
 """
 
 import copy
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +49,18 @@ class StableDiffusionPipeline:
         self.scheduler_config = dict(scheduler_config or getattr(scheduler, "config", {}) or {})
         self.scheduler_name = scheduler_name or type(scheduler).__name__
         self.model_name = model_name
-        self.vae_scale_factor = 2 ** (len(vae.config["block_out_channels"]) - 1)
         self.show_progress = True  # a tqdm bar over the denoising steps
+
+    @property
+    def vae_scale_factor(self):
+        """Pixels per latent: 2 ** (VAE blocks - 1) of the current VAE (diffusers' formula; a swapped-in
+        AutoencoderTiny reports its decoder blocks as block_out_channels, as diffusers' does)."""
+        return 2 ** (len(self.vae.config["block_out_channels"]) - 1)
+
+    def do_classifier_free_guidance(self, guidance_scale):
+        """diffusers' rule: guide when guidance_scale > 1, except with an LCM-distilled UNet
+        (time_cond_proj_dim), which takes the guidance scale as an input (timestep_cond) instead."""
+        return guidance_scale > 1.0 and self.unet.config.get("time_cond_proj_dim") is None
 
     @classmethod
     def from_pretrained(cls, path=None, scheduler=None, variant=None, tokenizer=None, prediction_type=None):
@@ -120,14 +131,25 @@ class StableDiffusionPipeline:
         return self.vae.decode(latents / self.vae.scaling_factor)  # [B,4,h,w] -> [B,3,H,W]
 
     def denoise(self, latents, timesteps, scheduler, text_embeddings, guidance_scale, generator,
-                num_inference_steps, callback=None, callback_steps=1, progress=None, start=None):
+                num_inference_steps, callback=None, callback_steps=1, progress=None, start=None,
+                eta=0.0):
         """The sampling loop (step 4 of the module docstring) over `timesteps`; -> final latents.
 
         start: the sampling start (npdiff/sampling_starts.py) whose unet_input and after_step hooks run
         in each step; None -> NoiseStart's, which change nothing."""
         start = NoiseStart() if start is None else start
         xp = backend.array_module(latents)
-        do_guidance = guidance_scale > 1.0
+        do_guidance = self.do_classifier_free_guidance(guidance_scale)
+        # 4.0 an LCM-distilled UNet gets the embedded guidance_scale - 1 as timestep_cond [B,D]; schedulers
+        #     whose step takes eta (DDIM, TCD) get the pipeline's eta (diffusers' prepare_extra_step_kwargs)
+        unet_kwargs, step_kwargs = {}, {"generator": generator}
+        if self.unet.config.get("time_cond_proj_dim") is not None:
+            from npdiff.models.blocks import guidance_scale_embedding
+
+            guidance = np.full(latents.shape[0], guidance_scale - 1, dtype=np.float32)          # [B]
+            unet_kwargs["timestep_cond"] = guidance_scale_embedding(guidance, self.unet.config["time_cond_proj_dim"])
+        if "eta" in inspect.signature(scheduler.step).parameters:
+            step_kwargs["eta"] = eta
         order = getattr(scheduler, "order", 1)
         num_warmup_steps = len(timesteps) - num_inference_steps * order
         bar = self._progress_bar(num_inference_steps, progress)
@@ -137,14 +159,14 @@ class StableDiffusionPipeline:
             model_input = scheduler.scale_model_input(model_input, t)  # [2B,4,h,w] (Euler/LMS: / sqrt(sigma^2+1))
             model_input = start.unet_input(model_input)  # [2B,4,h,w] (inpainting UNets: [2B,9,h,w])
             # 4.2 predict the noise: [2B,4,h,w], text [2B,77,D] -> [2B,4,h,w]
-            noise_pred = self.unet(model_input, t, text_embeddings)
+            noise_pred = self.unet(model_input, t, text_embeddings, **unet_kwargs)
             # 4.3 classifier-free guidance: u + g * (c - u)
             if do_guidance:
                 half = noise_pred.shape[0] // 2
                 noise_uncond, noise_cond = noise_pred[:half], noise_pred[half:]  # [B,4,h,w] each
                 noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)  # [B,4,h,w]
             # 4.4 x_t -> x_{t-1}, then what the start does after a step
-            latents = scheduler.step(noise_pred, t, latents, generator=generator).prev_sample  # [B,4,h,w]
+            latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample  # [B,4,h,w]
             latents = start.after_step(latents, i, timesteps, scheduler)  # [B,4,h,w] (inpainting: known part back)
             # 4.5 progress and callback, on the steps diffusers reports them
             if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % order == 0):
@@ -193,7 +215,7 @@ class StableDiffusionPipeline:
     # The one sampling flow, and its three ways to start
     # -----------------------------------------------------------------------------------------
     def _generate(self, start, prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
-                  num_images_per_prompt, callback, callback_steps, output_type, progress):
+                  num_images_per_prompt, callback, callback_steps, output_type, progress, eta=0.0):
         """Steps 0-5 of the module docstring; `start` says how the latents start and what follows each step."""
         # 0. check the arguments: those of every mode, then the start's own (size, picture, mask, strength)
         prompts, negatives = as_prompt_list(prompt, negative_prompt)
@@ -207,7 +229,7 @@ class StableDiffusionPipeline:
         scheduler = copy.deepcopy(self.scheduler)  # each call starts from a fresh scheduler state
 
         # 1-2. text embeddings, [uncond; cond] when guiding
-        do_guidance = guidance_scale > 1.0
+        do_guidance = self.do_classifier_free_guidance(guidance_scale)  # never for an LCM-distilled UNet
         text_embeddings = self.encode_prompt(prompts, negatives, num_images_per_prompt, do_guidance)
 
         # 3. timesteps and initial latents (drawn after the text is encoded, as diffusers does)
@@ -218,7 +240,7 @@ class StableDiffusionPipeline:
         # 4. the sampling loop
         latents = self.denoise(latents, timesteps, scheduler, text_embeddings, guidance_scale, generator,
                                denoising_steps, callback=callback, callback_steps=callback_steps, progress=progress,
-                               start=start)
+                               start=start, eta=eta)
 
         # 5. decode
         parameters = self.generation_parameters(prompts, negatives, seed, steps, guidance_scale, start.height,
@@ -228,16 +250,17 @@ class StableDiffusionPipeline:
 
     def __call__(self, prompt, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5, height=None,
                  width=None, seed=None, generator=None, num_images_per_prompt=1, latents=None, callback=None,
-                 callback_steps=1, output_type="pil", progress=None):
+                 callback_steps=1, output_type="pil", progress=None, eta=0.0):
         """Text -> images. Returns PipelineOutput(images, latents, seed, parameters).
 
         seed / generator: the noise source (npdiff.rng.TorchGenerator); neither -> a random seed, reported
         in the output. latents: initial noise [B*n,4,h,w] (before init_noise_sigma), instead of drawing it.
-        callback(step, timestep, latents) runs every `callback_steps` steps.
+        callback(step, timestep, latents) runs every `callback_steps` steps. eta: passed to schedulers
+        whose step takes one (DDIM's eta, TCD's gamma), 0 by default as in diffusers.
         """
         return self._generate(NoiseStart(height, width, latents), prompt, negative_prompt, num_inference_steps,
                               guidance_scale, seed, generator, num_images_per_prompt, callback, callback_steps,
-                              output_type, progress)
+                              output_type, progress, eta=eta)
 
     def img2img(self, prompt, image, strength=0.8, negative_prompt=None, num_inference_steps=50,
                 guidance_scale=7.5, seed=None, generator=None, num_images_per_prompt=1, callback=None,

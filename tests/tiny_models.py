@@ -1,9 +1,10 @@
 """Tiny random diffusers models, saved as diffusers folders with safetensors, for tests.
 
-    from tiny_models import tiny_unet, tiny_vae, UNET_KINDS, VAE_KINDS
+    from tiny_models import tiny_unet, tiny_vae, tiny_taesd, UNET_KINDS, VAE_KINDS
 
     torch_unet, folder = tiny_unet("sd1", seed=0)     # folder/config.json, folder/diffusion_pytorch_model.safetensors
     torch_vae, folder = tiny_vae("sd", seed=0)
+    torch_taesd, folder = tiny_taesd("sd", seed=0)    # diffusers AutoencoderTiny
 
 Kinds (small channels, the same structure as the real models):
   UNet "sd1": SD 1.x-like: 3 blocks (CrossAttn, CrossAttn, Down), int attention_head_dim (heads),
@@ -11,8 +12,11 @@ Kinds (small channels, the same structure as the real models):
   UNet "sd2": SD 2.x-like: use_linear_projection, per-block head counts, upcast_attention,
               cross_attention_dim 40, layers_per_block 1, norm_eps 1e-6, freq_shift 1, no flip.
   UNet "knobs": 2 blocks and the rarer config values (see its entry below).
+  UNet "lcm": "sd1" with time_cond_proj_dim 24 (an LCM-distilled UNet's guidance-embedding input).
   VAE  "sd":  SD-like: 4 blocks (latent = image / 8), layers_per_block 1, scaling_factor 0.18215.
   VAE  "deep": 3 blocks (latent = image / 4), layers_per_block 2, scaling_factor 0.13025.
+  TAESD "sd": AutoencoderTiny with 4 blocks (latent = image / 8) like the real TAESD, 16 channels.
+  TAESD "knobs": 3 blocks (latent = image / 4), SiLU, 3 latent channels, scaling_factor 0.7.
 
 Every parameter is random (torch.manual_seed(seed)): conv/linear weights keep diffusers' default
 init; every 1-d parameter (norm weights, biases) gets N(0, 0.1^2) added, so that norm affines and
@@ -56,6 +60,8 @@ UNET_KINDS = {
         conv_out_kernel=1, time_embedding_dim=48, resnet_out_scale_factor=2.0, downsample_padding=1,
     ),
 }
+# LCM-distilled (time_embedding.cond_proj takes the guidance embedding; real ones use 256 for 320 channels)
+UNET_KINDS["lcm"] = dict(UNET_KINDS["sd1"], time_cond_proj_dim=24)
 
 VAE_KINDS = {
     "sd": dict(
@@ -68,6 +74,15 @@ VAE_KINDS = {
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=(16, 32, 48), layers_per_block=2, norm_num_groups=8, scaling_factor=0.13025,
     ),
+}
+
+
+TAESD_KINDS = {
+    "sd": dict(encoder_block_out_channels=(16,) * 4, decoder_block_out_channels=(16,) * 4,
+               num_encoder_blocks=(1, 2, 2, 1), num_decoder_blocks=(2, 1, 2, 1)),
+    "knobs": dict(encoder_block_out_channels=(8,) * 3, decoder_block_out_channels=(12,) * 3,
+                  num_encoder_blocks=(1, 0, 2), num_decoder_blocks=(1, 2, 1), act_fn="silu", latent_channels=3,
+                  scaling_factor=0.7, latent_magnitude=2, latent_shift=0.25),
 }
 
 
@@ -99,9 +114,10 @@ def _default_folder(what, kind, seed):
 @functools.lru_cache(maxsize=None)
 def _build(what, kind, seed, folder):
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 
-    table, cls = (UNET_KINDS, UNet2DConditionModel) if what == "unet" else (VAE_KINDS, AutoencoderKL)
+    table, cls = {"unet": (UNET_KINDS, UNet2DConditionModel), "vae": (VAE_KINDS, AutoencoderKL),
+                  "taesd": (TAESD_KINDS, AutoencoderTiny)}[what]
     if kind not in table:
         raise ValueError(f"unknown tiny {what} kind {kind!r}; known: {', '.join(table)}")
     torch.manual_seed(seed)
@@ -124,6 +140,12 @@ def tiny_vae(kind="sd", seed=0, folder=None):
     """-> (torch AutoencoderKL in eval mode, Path of its diffusers folder)."""
     folder = str(folder or _default_folder("vae", kind, seed))
     return _build("vae", kind, int(seed), folder)
+
+
+def tiny_taesd(kind="sd", seed=0, folder=None):
+    """-> (torch AutoencoderTiny in eval mode, Path of its diffusers folder)."""
+    folder = str(folder or _default_folder("taesd", kind, seed))
+    return _build("taesd", kind, int(seed), folder)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
     CLIPTextModel          npdiff/models/clip.py
     UNet2DConditionModel   npdiff/models/unet.py
     AutoencoderKL          npdiff/models/vae.py
+    AutoencoderTiny        npdiff/models/vae_tiny.py   (TAESD)
 
 Each is built as `Model(config, weights)` (config: the component's config.json as a dict; weights: an
 npdiff.loading.Weights) or `Model.from_pretrained(folder)`, and called on float32 NCHW arrays.
@@ -15,6 +16,7 @@ _WHERE = {
     "CLIPTextModel": "npdiff.models.clip",
     "UNet2DConditionModel": "npdiff.models.unet",
     "AutoencoderKL": "npdiff.models.vae",
+    "AutoencoderTiny": "npdiff.models.vae_tiny",
 }
 
 

@@ -202,14 +202,40 @@ def timestep_embedding(timesteps, dim, flip_sin_to_cos, freq_shift, max_period=1
     return emb.astype(np.float32)
 
 
-class TimestepEmbedding:
-    """linear_1 -> SiLU -> linear_2 (keys "<prefix>.linear_1", "<prefix>.linear_2")."""
+def guidance_scale_embedding(w, embedding_dim):
+    """Sinusoidal embedding of guidance values w [B] -> [B,embedding_dim] (diffusers' pipelines'
+    get_guidance_scale_embedding, for LCM-distilled UNets: w = guidance_scale - 1).
 
-    def __init__(self, weights, prefix, in_channels, time_embed_dim):
+    [sin(1000 w f_i), cos(1000 w f_i)] with f_i = exp(-i ln(10000) / (half - 1)), float32 products as in
+    torch; exp/sin/cos evaluated in float64 and rounded, as timestep_embedding does. torch's float32 exp
+    is one ulp off that for a few f_i, and 1000 w (~1e4) scales it up: ~1e-4 relative at w ~ 15."""
+    w = np.asarray(w, dtype=np.float32).reshape(-1) * np.float32(1000.0)                 # [B]
+    half = embedding_dim // 2
+    step = np.float32(np.float32(math.log(10000.0)) / np.float32(half - 1))
+    freqs = np.exp((np.arange(half, dtype=np.float32) * -step).astype(np.float64)).astype(np.float32)  # [half]
+    args = w[:, None] * freqs[None, :]                                                  # [B,1]*[1,half] -> [B,half]
+    emb = np.concatenate([np.sin(args.astype(np.float64)), np.cos(args.astype(np.float64))], axis=1)
+    if embedding_dim % 2 == 1:
+        emb = np.pad(emb, ((0, 0), (0, 1)))                                             # [B,dim]
+    return emb.astype(np.float32)                                                       # [B,dim]
+
+
+class TimestepEmbedding:
+    """linear_1 -> SiLU -> linear_2 (keys "<prefix>.linear_1", "<prefix>.linear_2").
+
+    With cond_proj_dim (LCM-distilled UNets) a bias-free "<prefix>.cond_proj" [in_channels, cond_proj_dim]
+    adds a projected condition (the guidance embedding) to the sinusoidal features first."""
+
+    def __init__(self, weights, prefix, in_channels, time_embed_dim, cond_proj_dim=None):
         self.linear_1 = Linear(weights, child(prefix, "linear_1"), in_channels, time_embed_dim)
         self.linear_2 = Linear(weights, child(prefix, "linear_2"), time_embed_dim, time_embed_dim)
+        self.cond_proj = None
+        if cond_proj_dim is not None:
+            self.cond_proj = Linear(weights, child(prefix, "cond_proj"), cond_proj_dim, in_channels, bias=False)
 
-    def __call__(self, t_emb):
+    def __call__(self, t_emb, condition=None):
+        if condition is not None:
+            t_emb = t_emb + self.cond_proj(condition)                   # [B,Cin] + ([B,Dc] -> [B,Cin])
         h = self.linear_1(t_emb)                                        # [B,Cin] -> [B,T]
         h = kernels.silu(h)                                             # [B,T]
         return self.linear_2(h)                                         # [B,T] -> [B,T]

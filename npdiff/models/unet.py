@@ -5,13 +5,16 @@
 
 sample [B,C_in,h,w] float32 (h and w multiples of 2**(number of down blocks - 1), so any multiple of
 8 for SD); timestep an int/float or an array [B]; encoder_hidden_states [B,L,cross_attention_dim].
+LCM-distilled UNets (config time_cond_proj_dim) also take timestep_cond [B,time_cond_proj_dim], the
+guidance embedding (blocks.guidance_scale_embedding), added to the time features through cond_proj.
 
 Config keys diffusers itself ignores for these block types are ignored here too: resnet_out_scale_factor
 (only the ResnetDownsample/SimpleCrossAttn blocks read it), dropout (inference), sample_size.
 upcast_attention changes nothing here: scores are always float32 (see models/transformer.py).
 
 The call tree (diffusers models/unets/unet_2d_condition.py):
-    time_proj (sinusoidal) -> time_embedding (linear_1, SiLU, linear_2)       -> temb [B,4*C0]
+    time_proj (sinusoidal) [+ cond_proj(timestep_cond)] -> time_embedding (linear_1, SiLU, linear_2)
+                                                                             -> temb [B,4*C0]
     conv_in -> down_blocks[i] (skips kept) -> mid_block -> up_blocks[i] (skips consumed)
     -> conv_norm_out + SiLU -> conv_out
 Supported configuration: what SD 1.x/2.x use (see `check_config`); anything else (class
@@ -53,7 +56,7 @@ MUST_BE = {
     "class_embed_type": None, "addition_embed_type": None, "num_class_embeds": None,
     "num_attention_heads": None, "dual_cross_attention": False,
     "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "time_embedding_type": "positional",
-    "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None, "timestep_post_act": None,
     "attention_type": "default", "class_embeddings_concat": False, "encoder_hid_dim": None,
     "encoder_hid_dim_type": None, "cross_attention_norm": None, "reverse_transformer_layers_per_block": None,
 }
@@ -125,7 +128,8 @@ class UNet2DConditionModel:
         # input and time embedding
         k_in, k_out = c["conv_in_kernel"], c["conv_out_kernel"]
         self.conv_in = Conv2d(weights, "conv_in", c["in_channels"], channels[0], k_in, padding=(k_in - 1) // 2)
-        self.time_embedding = TimestepEmbedding(weights, "time_embedding", channels[0], time_embed_dim)
+        self.time_embedding = TimestepEmbedding(weights, "time_embedding", channels[0], time_embed_dim,
+                                                cond_proj_dim=c["time_cond_proj_dim"])
 
         # down path
         self.down_blocks = []
@@ -172,7 +176,7 @@ class UNet2DConditionModel:
         return cls(read_config(path), load_component_weights(path, variant))
 
     # -----------------------------------------------------------------------------------------
-    def check_inputs(self, sample, timesteps, encoder_hidden_states):
+    def check_inputs(self, sample, timesteps, encoder_hidden_states, timestep_cond=None):
         c = self.config
         if sample.ndim != 4 or sample.shape[1] != c["in_channels"]:
             raise NpdiffError(f"sample must have shape [B,{c['in_channels']},h,w]; got {tuple(sample.shape)}")
@@ -191,11 +195,19 @@ class UNet2DConditionModel:
         if timesteps.ndim != 1 or timesteps.shape[0] not in (1, batch):
             raise NpdiffError(f"timestep must be a scalar or an array of shape [{batch}]; got shape "
                               f"{timesteps.shape}")
+        if timestep_cond is not None:
+            dim = c["time_cond_proj_dim"]
+            if dim is None:
+                raise NpdiffError("timestep_cond was given but this UNet has no time_cond_proj_dim (it is not "
+                                  "LCM-distilled)")
+            if timestep_cond.ndim != 2 or tuple(timestep_cond.shape) != (batch, dim):
+                raise NpdiffError(f"timestep_cond must have shape [{batch},{dim}] (time_cond_proj_dim); got "
+                                  f"{tuple(timestep_cond.shape)}")
 
-    def __call__(self, sample, timestep, encoder_hidden_states):
+    def __call__(self, sample, timestep, encoder_hidden_states, timestep_cond=None):
         xp = array_module(sample)
         timesteps = np.atleast_1d(np.asarray(timestep.get() if hasattr(timestep, "get") else timestep))
-        self.check_inputs(sample, timesteps, encoder_hidden_states)
+        self.check_inputs(sample, timesteps, encoder_hidden_states, timestep_cond)
         c = self.config
         batch = sample.shape[0]
         if c["center_input_sample"]:
@@ -205,7 +217,9 @@ class UNet2DConditionModel:
         timesteps = np.broadcast_to(timesteps, (batch,))                # [B]
         t_emb = timestep_embedding(timesteps, c["block_out_channels"][0], c["flip_sin_to_cos"], c["freq_shift"])
         t_emb = to_device(t_emb) if xp is not np else t_emb             # [B,C0]
-        temb = self.time_embedding(t_emb)                               # [B,C0] -> [B,4*C0]
+        if timestep_cond is not None:
+            timestep_cond = to_device(timestep_cond)                    # [B,Dc] float32, beside the sample
+        temb = self.time_embedding(t_emb, timestep_cond)                # [B,C0] (+ [B,Dc]) -> [B,4*C0]
 
         # 2. conv_in, then the down path; every intermediate result is kept as a skip
         h = self.conv_in(sample)                                        # [B,Cin,h,w] -> [B,C0,h,w]

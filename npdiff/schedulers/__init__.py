@@ -22,8 +22,10 @@ from npdiff.schedulers.ddpm import DDPMScheduler
 from npdiff.schedulers.dpm_solver import DPMSolverMultistepScheduler
 from npdiff.schedulers.euler import EulerDiscreteScheduler
 from npdiff.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
+from npdiff.schedulers.lcm import LCMScheduler
 from npdiff.schedulers.lms import LMSDiscreteScheduler
 from npdiff.schedulers.pndm import PNDMScheduler
+from npdiff.schedulers.tcd import TCDScheduler
 
 
 class SchedulerPreset:
@@ -57,12 +59,14 @@ SCHEDULERS = {
     "euler_a": EulerAncestralDiscreteScheduler,
     "dpmpp_2m": DPMSolverMultistepScheduler,
     "dpmpp_2m_karras": SchedulerPreset(DPMSolverMultistepScheduler, use_karras_sigmas=True),
+    "lcm": LCMScheduler,    # for LCM-distilled UNets (or an LCM-LoRA), 2-8 steps
+    "tcd": TCDScheduler,    # for TCD-distilled UNets; step(eta=gamma)
 }
 
 SCHEDULER_CLASSES = {
     cls.__name__: cls
     for cls in (PNDMScheduler, DDIMScheduler, DDPMScheduler, LMSDiscreteScheduler, EulerDiscreteScheduler,
-                EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler)
+                EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, LCMScheduler, TCDScheduler)
 }
 
 
@@ -90,6 +94,7 @@ def scheduler_from_config(config):
 
 __all__ = [
     "DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler",
-    "EulerDiscreteScheduler", "LMSDiscreteScheduler", "PNDMScheduler", "SCHEDULERS", "SCHEDULER_CLASSES",
+    "EulerDiscreteScheduler", "LCMScheduler", "LMSDiscreteScheduler", "PNDMScheduler", "TCDScheduler",
+    "SCHEDULERS", "SCHEDULER_CLASSES",
     "SchedulerConfig", "SchedulerOutput", "SchedulerPreset", "make_scheduler", "scheduler_from_config",
 ]

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import KERNEL_TOL, assert_rel_close
+from helpers import KERNEL_TOL, assert_rel_close, rel_err
 from tiny_models import UNET_KINDS, record_npdiff, record_torch, tiny_unet
 
 import npdiff.kernels.attention as attention_kernels
@@ -182,3 +182,64 @@ def test_unet_config_errors_name_the_key(tmp_path):
     # a config that disagrees with the weights: the error names the key and both shapes
     with pytest.raises(NpdiffError, match=r"attn2\.to_k\.weight.*\(32, 24\).*\(32, 32\)"):
         UNet2DConditionModel({**config, "cross_attention_dim": 32}, load_component_weights(folder))
+
+
+# ---------------------------------------------------------------------------------------------
+# LCM-distilled UNets: time_cond_proj_dim, timestep_cond
+# ---------------------------------------------------------------------------------------------
+# torch's float32 exp (vectorised, not correctly rounded) differs by one ulp from ours for some of the
+# frequencies (e.g. the 5th of 12 and of 128); the 1000 * w factor (up to 1.5e4 here) carries that ~1e-7 into
+# the sin/cos arguments: measured worst 1.8e-5 (dim 24), 8.6e-5 (dim 256), 3e-8 (dim 33) over 300 draws.
+GUIDANCE_EMBEDDING_TOL = 2e-4
+
+
+def test_guidance_scale_embedding_matches_diffusers(rng):
+    from diffusers import StableDiffusionPipeline
+
+    from npdiff.models.blocks import guidance_scale_embedding
+
+    w = rng.uniform(0.0, 15.0, size=3).astype(np.float32)
+    for dim in (24, 256, 33):
+        theirs = StableDiffusionPipeline.get_guidance_scale_embedding(None, torch.from_numpy(w), embedding_dim=dim)
+        ours = guidance_scale_embedding(w, dim)
+        assert ours.shape == (3, dim) and ours.dtype == np.float32
+        assert_rel_close(ours, theirs, GUIDANCE_EMBEDDING_TOL, f"guidance embedding dim {dim}")
+    # small guidance values leave the one-ulp frequency differences below the kernel tolerance
+    w = rng.uniform(0.0, 0.5, size=3).astype(np.float32)
+    theirs = StableDiffusionPipeline.get_guidance_scale_embedding(None, torch.from_numpy(w), embedding_dim=256)
+    assert_rel_close(guidance_scale_embedding(w, 256), theirs, KERNEL_TOL, "guidance embedding, w < 0.5")
+
+
+@pytest.mark.parametrize("with_cond", [True, False])
+def test_lcm_unet_with_timestep_cond_matches_diffusers(rng, with_cond):
+    torch_model, folder = tiny_unet("lcm", seed=0)
+    ours = UNet2DConditionModel.from_pretrained(folder)
+    assert ours.config["time_cond_proj_dim"] == 24 and ours.time_embedding.cond_proj is not None
+    sample, context = random_inputs(rng, ours.config, 2, 8, 12)
+    timestep = rng.integers(0, 1000, size=2)
+    timestep_cond = rng.standard_normal((2, 24)).astype(np.float32) if with_cond else None
+    out = ours(sample, timestep, context, timestep_cond=timestep_cond)
+    with torch.no_grad():
+        ref = torch_model(torch.from_numpy(sample), torch.from_numpy(timestep), torch.from_numpy(context),
+                          timestep_cond=None if timestep_cond is None else torch.from_numpy(timestep_cond)).sample
+    assert_rel_close(out, ref, FORWARD_TOL, f"lcm unet, timestep_cond given: {with_cond}")
+    if with_cond:  # the condition must matter
+        assert rel_err(out, ours(sample, timestep, context)) > 1e-3
+
+
+def test_timestep_cond_errors(rng):
+    _, folder = tiny_unet("lcm", seed=0)
+    ours = UNet2DConditionModel.from_pretrained(folder)
+    sample, context = random_inputs(rng, ours.config, 2, 8, 8)
+    with pytest.raises(NpdiffError, match=r"timestep_cond must have shape \[2,24\]"):
+        ours(sample, 1, context, timestep_cond=np.zeros((2, 16), np.float32))
+    _, plain_folder = tiny_unet("sd1", seed=0)
+    plain = UNet2DConditionModel.from_pretrained(plain_folder)
+    with pytest.raises(NpdiffError, match="no time_cond_proj_dim"):
+        plain(sample, 1, context, timestep_cond=np.zeros((2, 24), np.float32))
+    # an LCM config over plain weights: the missing cond_proj is named
+    config = json.loads((folder / "config.json").read_text())
+    from npdiff.loading import load_component_weights
+
+    with pytest.raises(NpdiffError, match="time_embedding.cond_proj.weight"):
+        UNet2DConditionModel(config, load_component_weights(plain_folder))

@@ -16,7 +16,8 @@ every norm, 8 UNet heads, CLIP heads 64 wide), so the same weights written as on
 CLIP, linear UNet projections, heads channels/64, v-prediction DDIM, "!" padding).
 
 tiny_sd_folder(kind="inpaint") has a UNet of 9 input channels (latents, mask, masked picture latents), as
-sd-v1-5-inpainting; "inpaint_sd_constants" is "sd_constants" with that UNet.
+sd-v1-5-inpainting; "inpaint_sd_constants" is "sd_constants" with that UNet. kind="lcm" has an
+LCM-distilled UNet (time_cond_proj_dim 24).
 """
 
 import functools
@@ -46,6 +47,8 @@ DIFFUSERS_SCHEDULERS = {
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
 }
 
 
@@ -78,6 +81,8 @@ KINDS = {
                  use_linear_projection=True, norm_num_groups=32, cross_attention_dim=128),
             dict(VAE_CONFIG, block_out_channels=(32, 32, 32, 32), norm_num_groups=32)),
     "inpaint": (CLIP_CONFIG, dict(UNET_CONFIG, in_channels=9), VAE_CONFIG),  # sd-v1-5-inpainting's UNet layout
+    # an LCM-distilled UNet: takes the embedded guidance scale (timestep_cond) instead of guiding
+    "lcm": (CLIP_CONFIG, dict(UNET_CONFIG, time_cond_proj_dim=24), VAE_CONFIG),
 }
 KINDS["inpaint_sd_constants"] = (KINDS["sd_constants"][0], dict(KINDS["sd_constants"][1], in_channels=9),
                                  KINDS["sd_constants"][2])

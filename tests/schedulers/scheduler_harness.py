@@ -129,12 +129,13 @@ def run_chains(ours, theirs, rng, shape=(2, 4, 8, 8), step_kwargs=None, ours_ste
         assert out_ours.prev_sample.shape == shape
         worst = max(worst, assert_rel_close(out_ours.prev_sample, out_theirs.prev_sample, tol,
                                             f"{label}: prev_sample"))
-        theirs_x0 = getattr(out_theirs, "pred_original_sample", None)
-        if theirs_x0 is None:
-            assert out_ours.pred_original_sample is None, f"{label}: diffusers gives no pred_original_sample"
-        else:
-            worst = max(worst, assert_rel_close(out_ours.pred_original_sample, theirs_x0, tol,
-                                                f"{label}: pred_original_sample"))
+        # the second output under diffusers' name: x_0 (most), LCM's denoised, TCD's pred_noised_sample
+        for field in ("pred_original_sample", "denoised", "pred_noised_sample"):
+            theirs_x0 = getattr(out_theirs, field, None)
+            if theirs_x0 is None:
+                assert getattr(out_ours, field, None) is None, f"{label}: diffusers gives no {field}"
+            else:
+                worst = max(worst, assert_rel_close(getattr(out_ours, field), theirs_x0, tol, f"{label}: {field}"))
         sample_ours, sample_theirs = out_ours.prev_sample, out_theirs.prev_sample
     return worst
 

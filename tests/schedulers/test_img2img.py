@@ -14,7 +14,7 @@ from helpers import assert_rel_close
 from npdiff.rng import TorchGenerator
 from scheduler_harness import SD_CONFIG, as_torch, make_pair, run_chains
 
-STOCHASTIC = {"DDPMScheduler", "EulerAncestralDiscreteScheduler"}
+STOCHASTIC = {"DDPMScheduler", "EulerAncestralDiscreteScheduler", "LCMScheduler", "TCDScheduler"}
 
 
 @pytest.mark.parametrize("name", sorted(S.SCHEDULERS))
