@@ -64,14 +64,11 @@ class FirstResultClock:
 
 
 def run_mode(mode, jobs, out, steps, workers, ray_address):
-    from npdiff.pipeline_utils import default_model_path
-
     start = time.perf_counter()
-    model_path = str(default_model_path().resolve())
     if mode == "1t":
-        pool = batch.ProcessPool(None, model_path, workers=1, threads=1)
+        pool = batch.ProcessPool(None, workers=1, threads=1)
     else:
-        pool = batch.make_pool(None, model_path, workers, ray_address)
+        pool = batch.make_pool(None, workers, ray_address)
     clock = FirstResultClock(pool)
     try:
         summary = batch.run_batch(jobs, out, defaults={"steps": steps}, pool=clock, progress=False)

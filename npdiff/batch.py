@@ -6,10 +6,12 @@
 
 How a run goes:
   1. read and check every line of JOBS (npdiff/batch_jobs.py); a bad line is a failure, the rest go on;
-  2. skip the pictures DIR already holds whole and with the job's parameters (a rerun resumes);
+  2. name the model by name and hash (as `npdiff generate` does: no local path goes into a PNG), and skip
+     the pictures DIR already holds whole and with the job's parameters (a rerun resumes);
   3. start the workers, each loading the model once: in this process (--workers 1), in N spawned
      processes sharing the cores (--workers N), or as Ray actors (--ray, npdiff/batch_ray.py);
-  4. feed jobs to workers as they free up; each returns its PNG's bytes and parameters, or an error;
+  4. feed jobs (with the model's name and hash) to workers as they free up; each returns its PNG's bytes
+     and parameters, or an error;
   5. this process writes every picture into DIR (temporary file + os.replace: a picture is either
      whole or absent) and prints a summary; the exit code is 1 if any line failed.
 A worker renders exactly what `npdiff generate` / `npdiff img2img` would with the same options: same
@@ -44,9 +46,12 @@ def thread_variables(threads):
 # ---------------------------------------------------------------------------------------------
 # A worker: the model, loaded once, turning jobs into PNG bytes
 # ---------------------------------------------------------------------------------------------
-def job_payload(job):
-    """What a worker needs for one job; img2img's picture travels as bytes (workers may be elsewhere)."""
-    payload = dict(vars(job), filename=job.filename, command=job.command, image_bytes=None, image_error=None)
+def job_payload(job, identity):
+    """What a worker needs for one job: its options, the PNG's model identity (cli.model_png_identity, computed
+    once by the driver) and img2img's picture as bytes (workers may be elsewhere; its path stays here)."""
+    options = {key: value for key, value in vars(job).items() if key != "image"}
+    payload = dict(options, filename=job.filename, command=job.command, identity=identity, image_bytes=None,
+                   image_error=None)
     if job.image is not None:
         try:
             payload["image_bytes"] = Path(job.image).read_bytes()
@@ -59,10 +64,10 @@ class Renderer:
     """One worker's pipeline: job payloads -> {"line", "filename", "png", "params"} or {"line", "error"}.
 
     model: the path to load, as this worker sees it (None: the model shipped with npdiff, wherever this
-    worker's npdiff is installed); model_path: the absolute path the PNGs store (as the driver sees it).
+    worker's npdiff is installed). The PNGs name the model as each payload's "identity" says (name and hash).
     """
 
-    def __init__(self, model, model_path, threads=None):
+    def __init__(self, model, threads=None):
         if threads:
             import numba
 
@@ -71,7 +76,6 @@ class Renderer:
 
         self.pipe = StableDiffusionPipeline.from_pretrained(model)
         self.pipe.show_progress = False
-        self.model_path = model_path
         self.samplers = {None: (self.pipe.scheduler, self.pipe.scheduler_name)}  # None: the model's own
 
     def ready(self):
@@ -114,12 +118,12 @@ class Renderer:
                 out = self.pipe.img2img(job["prompt"], picture, strength=job["strength"],
                                         negative_prompt=job["negative"], num_inference_steps=job["steps"],
                                         guidance_scale=job["guidance"], seed=job["seed"])
-            params = png_parameters(out.parameters, self.model_path, "img2img", image=job["image"])
+            params = png_parameters(out.parameters, "img2img", job["identity"])
         else:
             out = self.pipe(job["prompt"], negative_prompt=job["negative"], num_inference_steps=job["steps"],
                             guidance_scale=job["guidance"], height=job["height"], width=job["width"],
                             seed=job["seed"])
-            params = png_parameters(out.parameters, self.model_path, "generate")
+            params = png_parameters(out.parameters, "generate", job["identity"])
         buffer = BytesIO()
         save_png(out.images[0], buffer, params)
         return buffer.getvalue(), params
@@ -131,8 +135,8 @@ class Renderer:
 class InProcessPool:
     """--workers 1: the model in this process, on all its threads."""
 
-    def __init__(self, model, model_path):
-        self.renderer = Renderer(model, model_path)
+    def __init__(self, model):
+        self.renderer = Renderer(model)
 
     def results(self, payloads):
         for payload in payloads:
@@ -145,9 +149,9 @@ class InProcessPool:
 _PROCESS_RENDERER = None  # the Renderer of a spawned worker process
 
 
-def _start_worker_process(model, model_path, threads):
+def _start_worker_process(model, threads):
     global _PROCESS_RENDERER
-    _PROCESS_RENDERER = Renderer(model, model_path, threads)
+    _PROCESS_RENDERER = Renderer(model, threads)
 
 
 def _render_in_worker_process(payload):
@@ -180,14 +184,14 @@ class ProcessPool:
     them when NumPy and Numba are imported, which in a spawned child happens before any initializer.
     """
 
-    def __init__(self, model, model_path, workers, threads=None):
+    def __init__(self, model, workers, threads=None):
         import multiprocessing
 
         self.workers = workers
         self.threads = max(1, cpu_cores() // workers) if threads is None else threads
         self.executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                             initializer=_start_worker_process,
-                                            initargs=(model, model_path, self.threads))
+                                            initargs=(model, self.threads))
 
     def results(self, payloads):
         payloads = iter(payloads)
@@ -215,15 +219,15 @@ class ProcessPool:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
 
-def make_pool(model, model_path, workers=None, ray_address=None):
+def make_pool(model, workers=None, ray_address=None):
     """Start the workers (each loads the model); workers=None: 1 locally, one per CPU on Ray."""
     if ray_address is not None:
         from npdiff.batch_ray import RayPool  # the only place ray is imported
 
-        return RayPool(ray_address, model, model_path, workers=workers)
+        return RayPool(ray_address, model, workers=workers)
     if workers is None or workers == 1:
-        return InProcessPool(model, model_path)
-    return ProcessPool(model, model_path, workers)
+        return InProcessPool(model)
+    return ProcessPool(model, workers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,11 +272,12 @@ def run_batch(jobs_file, out_dir, model=None, defaults=None, workers=None, ray_a
     """Make every picture of `jobs_file` in `out_dir` that is not there yet. -> BatchSummary.
 
     defaults: the batch's options for what a line leaves out (negative, steps, guidance, sampler, height,
-    width, strength). pool: a ready worker pool (make_pool) instead of starting one here.
+    width, strength). pool: a ready worker pool (make_pool) loading this same `model`, instead of starting one
+    here (the PNGs name `model`, hashed here).
     """
     from tqdm.auto import tqdm
 
-    from npdiff.cli import DEFAULTS
+    from npdiff.cli import DEFAULTS, model_png_identity
     from npdiff.pipeline_utils import default_model_path
 
     start = time.perf_counter()
@@ -283,24 +288,25 @@ def run_batch(jobs_file, out_dir, model=None, defaults=None, workers=None, ray_a
     jobs, failures = read_jobs(jobs_file, defaults)
     load_path = None if model is None else str(Path(model).expanduser())  # what the workers load
     model = default_model_path() if model is None else Path(model).expanduser()
-    if ray_address is None and not model.exists():  # (on Ray it may exist only on the workers)
-        raise NpdiffError(f"--model {model}: no such file or folder")
-    model_path = str(model.resolve())
+    if not model.exists():  # on Ray too: this process hashes it to name it in the PNGs
+        where = " on this machine (npdiff batch reads it here too, to name it by its hash)" if ray_address else ""
+        raise NpdiffError(f"--model {model}: no such file or folder{where}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise NpdiffError(f"--out {out_dir} is a file; give a folder")
+    # 2. name the model as npdiff generate does (name and hash, once for every job); skip what is already done
+    identity = model_png_identity(model)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # 2. skip what is already done
-    todo = [job for job in jobs if not is_done(out_dir / job.filename, job, model_path)]
+    todo = [job for job in jobs if not is_done(out_dir / job.filename, job, identity)]
     summary = BatchSummary(total=len(jobs) + len(failures), skipped=len(jobs) - len(todo), failures=failures)
     # 3-5. render, write, sum up
     if todo:
         own_pool = pool is None
-        pool = make_pool(load_path, model_path, workers, ray_address) if own_pool else pool
+        pool = make_pool(load_path, workers, ray_address) if own_pool else pool
         bar = tqdm(total=len(todo), desc="pictures", unit="pic", disable=not progress)
         written = set()
         try:
-            for result in pool.results(job_payload(job) for job in todo):
+            for result in pool.results(job_payload(job, identity) for job in todo):
                 line = result["line"]
                 if "error" in result:
                     summary.failures[line] = result["error"]

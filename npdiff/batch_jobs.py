@@ -10,7 +10,8 @@ number (1-based, as an editor counts), so a rerun draws the same pictures.
 
 Each line is checked before any model loads; a bad line becomes (line number, message naming the
 key) and the other lines go on. A picture is written as DIR/<line:06d>-seed<seed>.png, and counts
-as done only if that PNG opens, decodes to the end, and stores the job's own parameters.
+as done only if that PNG opens, decodes to the end, and stores the job's own parameters, the model
+named by the same name and hash (no local path is stored, so none is compared).
 """
 
 import json
@@ -53,7 +54,7 @@ class Job:
     height: object = None  # None: the model's size (text-to-image) or the picture's (img2img)
     width: object = None
     strength: object = None  # img2img only
-    image: object = None  # img2img: the starting picture's absolute path
+    image: object = None  # img2img: the starting picture's absolute path (read by the driver, never stored)
 
     @property
     def command(self):
@@ -63,15 +64,19 @@ class Job:
     def filename(self):
         return f"{self.line:06d}-seed{self.seed}.png"
 
-    def expected_params(self, model_path):
-        """The parameters its PNG must store (keys as `npdiff generate` writes them).
+    def expected_params(self, identity):
+        """The parameters its PNG must store (keys as `npdiff generate` writes them); identity: the model's
+        {"model": name, "model_hash": hash} (npdiff.cli.model_png_identity).
 
-        Options left to the model (sampler, size) are not compared: the model path is.
+        Options left to the model (sampler, size) are not compared: the model's name and hash are. A batch
+        fuses no LoRA and keeps the model's prediction type: "loras" and "prediction_type" must be absent
+        (None) unless the identity holds one. An img2img PNG stores nothing about its input picture (as
+        `npdiff img2img` writes it), so the picture is not compared.
         """
         params = {"prompt": self.prompt, "negative_prompt": self.negative, "seed": self.seed,
                   "steps": self.steps, "guidance_scale": self.guidance, "command": self.command,
-                  "model_path": model_path}
-        for key in ("sampler", "height", "width", "strength", "image"):
+                  "loras": None, "prediction_type": None, **identity}
+        for key in ("sampler", "height", "width", "strength"):
             if getattr(self, key) is not None:
                 params[key] = getattr(self, key)
         return params
@@ -201,8 +206,9 @@ def check_img2img(options, merged, base_dir):
 # ---------------------------------------------------------------------------------------------
 # Is a picture already done?
 # ---------------------------------------------------------------------------------------------
-def is_done(path, job, model_path):
-    """True if `path` is a whole PNG (every pixel decodes) whose stored parameters are the job's."""
+def is_done(path, job, identity):
+    """True if `path` is a whole PNG (every pixel decodes) whose stored parameters are the job's, made with
+    the model `identity` names (name and hash, npdiff.cli.model_png_identity)."""
     from PIL import Image
 
     if not Path(path).is_file():
@@ -218,4 +224,4 @@ def is_done(path, job, model_path):
         return False
     if job.height not in (None, height) or job.width not in (None, width):
         return False  # the pixels disagree with the size asked for
-    return all(stored.get(key) == value for key, value in job.expected_params(model_path).items())
+    return all(stored.get(key) == value for key, value in job.expected_params(identity).items())

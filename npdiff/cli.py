@@ -101,16 +101,24 @@ def resolve_options(args, defaults=DEFAULTS):
     return args
 
 
-def identify_model(args, model):
-    """-> {"model": name, "model_hash": 10 hex} (+ a --prediction-type given) for the PNG; warns when
-    --reproduce's PNG names another model hash."""
+def model_png_identity(model, prediction_type=None):
+    """How a PNG names the model at `model` (a folder or file): {"model": name, "model_hash": 10 hex}
+    (npdiff.model_identity), + "prediction_type" when one was chosen instead of the model's own; never its path.
+    `npdiff generate`, `npdiff img2img` and `npdiff batch` all name their model with this."""
     from npdiff.model_identity import model_hash, model_name
     from npdiff.pipeline_utils import INSTALLED_MODEL_DIR, PACKAGE_DIR, SHIPPED_MODEL_NAME
 
     installed = Path(model).resolve() == (PACKAGE_DIR / INSTALLED_MODEL_DIR).resolve()  # its folder's own name
     identity = {"model": SHIPPED_MODEL_NAME if installed else model_name(model), "model_hash": model_hash(model)}
-    if args.prediction_type:  # chosen on the command line (SD 2.x base): --reproduce needs it again
-        identity["prediction_type"] = args.prediction_type
+    if prediction_type:  # chosen on the command line (SD 2.x base): --reproduce needs it again
+        identity["prediction_type"] = prediction_type
+    return identity
+
+
+def identify_model(args, model):
+    """-> model_png_identity of the loaded model with --prediction-type; warns when --reproduce's PNG names
+    another model hash."""
+    identity = model_png_identity(model, args.prediction_type)
     wanted = getattr(args, "stored", {}).get("model_hash")
     if wanted and wanted.lower() != identity["model_hash"]:
         print(f"npdiff: warning: {args.reproduce} was made with model {args.stored.get('model', '?')!r} "

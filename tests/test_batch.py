@@ -1,6 +1,7 @@
 """`npdiff batch`: the pictures are `npdiff generate`'s / `npdiff img2img`'s byte for byte, bad lines are
-reported while the rest are written, reruns resume (redoing corrupt or stale files), and 2 local worker
-processes and a Ray cluster (one worker killed mid-run) give the same bytes, each picture written once.
+reported while the rest are written, reruns resume (redoing corrupt or stale files, or pictures of another
+model hash), and 2 local worker processes and a Ray cluster (one worker killed mid-run) give the same bytes,
+each picture written once. No PNG names a local path: the model goes by name and hash, as in `npdiff generate`.
 
 Everything runs on the shipped model (32x32) with 2 steps; one Ray session is shared by the Ray tests.
 """
@@ -9,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +22,9 @@ from npdiff import batch, cli
 from npdiff.batch import BatchSummary, ProcessPool, cpu_cores, run_batch
 from npdiff.batch_jobs import read_jobs
 from npdiff.batch_ray import RayPool
-from npdiff.images import read_png_params
-from npdiff.pipeline_utils import default_model_path
+from npdiff.images import png_text_chunks, read_png_params, save_png
+from npdiff.model_identity import model_hash
+from npdiff.pipeline_utils import SHIPPED_MODEL_NAME, default_model_path
 
 STEPS = ["--steps", "2"]
 DEFAULTS = {"steps": 2}
@@ -46,6 +49,35 @@ def run_cli(args, capsys):
     return code, capsys.readouterr()
 
 
+def assert_no_local_path(folder, *private):
+    """Every PNG in `folder` holds npdiff's and AUTOMATIC1111's text chunks, and neither names a local path:
+    not the model's, the home folder's, the temporary folders', the output folder's, nor any of `private`."""
+    model = default_model_path()
+    paths = {str(model), str(model.resolve()), tempfile.gettempdir(), "/tmp/", str(Path(folder).resolve()),
+             *map(str, private)}
+    if len(str(Path.home())) > 1:
+        paths.add(str(Path.home()))
+    pictures = sorted(Path(folder).glob("*.png"))
+    assert pictures
+    for picture in pictures:
+        chunks = png_text_chunks(picture)
+        assert set(chunks) == {"npdiff", "parameters"}
+        text = "\n".join(chunks.values())
+        for path in paths:
+            assert path not in text, f"{path!r} leaked into {picture.name}'s metadata"
+        stored = read_png_params(picture)
+        assert "model_path" not in stored and "image" not in stored
+        assert (stored["model"], stored["model_hash"]) == (SHIPPED_MODEL_NAME, model_hash(model))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hash_cache(tmp_path_factory):
+    """Model hashes are cached under $XDG_CACHE_HOME: this module's own, not the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def text_jobs(tmp_path_factory):
     return write_lines(tmp_path_factory.mktemp("jobs") / "prompts.txt", PROMPTS)
@@ -58,6 +90,7 @@ def reference(text_jobs, tmp_path_factory):
     assert cli.main(["batch", str(text_jobs), "--out", str(out), *STEPS, "--quiet"]) == 0
     pictures = folder_bytes(out)
     assert set(pictures) == set(NAMES.values())
+    assert_no_local_path(out, text_jobs, text_jobs.parent)
     return pictures
 
 
@@ -107,7 +140,8 @@ def test_jsonl_jobs_equal_generate_and_img2img(tmp_path, capsys, rng):
         assert run_cli(args + ["--out", str(single)], capsys)[0] == 0
         assert single.read_bytes() == written[name], f"{name} differs from npdiff {args[0]}"
     params = read_png_params(tmp_path / "out" / "000003-seed7.png")
-    assert params["command"] == "img2img" and Path(params["image"]) == source.resolve()
+    assert params["command"] == "img2img" and params["strength"] == 0.7
+    assert_no_local_path(tmp_path / "out", source, source.resolve(), tmp_path, "start.png")
 
 
 def test_bad_lines_are_reported_and_the_others_written(tmp_path, capsys, rng):
@@ -157,6 +191,8 @@ def test_missing_job_file_and_bad_options(tmp_path, capsys):
     code, captured = run_cli(["batch", str(jobs), "--out", str(tmp_path / "out"), "--model", str(tmp_path / "m")],
                              capsys)
     assert code == 2 and "no such file or folder" in captured.err
+    with pytest.raises(ValueError, match="no such file or folder on this machine"):  # the driver hashes it
+        run_batch(jobs, tmp_path / "out", model=tmp_path / "m", ray_address="auto", progress=False)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     comments = write_lines(tmp_path / "empty.txt", ["# nothing", ""])
     with pytest.raises(ValueError, match="holds no jobs"):
@@ -174,6 +210,14 @@ def test_resume_skips_whole_pictures_and_redoes_corrupt_and_stale(text_jobs, ref
     assert (summary.written, summary.skipped, summary.failures) == (2, 1, {})
     assert folder_bytes(out) == reference
     assert (out / NAMES[1]).stat().st_mtime_ns == kept.st_mtime_ns  # not rewritten
+    # the same pixels and parameters, but the model named by another hash (or another name): redone
+    for stale in ({"model_hash": "0123456789"}, {"model": "another-model"}):
+        with Image.open(out / NAMES[1]) as picture:
+            pixels = picture.convert("RGB")
+        save_png(pixels, out / NAMES[1], dict(read_png_params(out / NAMES[1]), **stale))
+        summary = run_batch(text_jobs, out, defaults=DEFAULTS, progress=False)
+        assert (summary.written, summary.skipped) == (1, 2), stale
+        assert folder_bytes(out) == reference
 
 
 class Interrupted(Exception):
@@ -195,7 +239,7 @@ class InterruptAfter:
 
 def test_resume_after_an_interrupted_run(text_jobs, reference, tmp_path):
     out = tmp_path / "out"
-    pool = batch.make_pool(str(default_model_path()), str(default_model_path().resolve()))
+    pool = batch.make_pool(str(default_model_path()))
     with pytest.raises(Interrupted):
         run_batch(text_jobs, out, defaults=DEFAULTS, pool=InterruptAfter(pool, 2), progress=False)
     first = folder_bytes(out)  # two whole pictures, no temporary files
@@ -207,7 +251,7 @@ def test_resume_after_an_interrupted_run(text_jobs, reference, tmp_path):
 
 def test_two_worker_processes_same_bytes(text_jobs, reference, tmp_path, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    pool = ProcessPool(str(default_model_path()), str(default_model_path().resolve()), workers=2)
+    pool = ProcessPool(str(default_model_path()), workers=2)
     try:
         summary = run_batch(text_jobs, tmp_path, defaults=DEFAULTS, pool=pool, progress=False)
         ready = pool.executor.submit(batch._worker_process_ready).result()
@@ -243,7 +287,7 @@ def test_ray_worker_killed_mid_run_every_picture_once(ray_session, text_jobs, re
     real_write = batch.write_atomically
     monkeypatch.setattr(batch, "write_atomically", lambda path, data: (writes.append(path.name),
                                                                       real_write(path, data)))
-    pool = RayPool("auto", str(default_model_path()), str(default_model_path().resolve()), workers=2)
+    pool = RayPool("auto", str(default_model_path()), workers=2)
     assert ray.get(pool.actors[0].ready.remote())["numba_threads"] == 1  # 2 CPUs / 2 workers
     first_actor = pool.actors[0]
 
@@ -269,4 +313,4 @@ def test_ray_worker_killed_mid_run_every_picture_once(ray_session, text_jobs, re
 
 def test_ray_model_that_does_not_load_stops_before_any_job(ray_session, tmp_path):
     with pytest.raises(ValueError, match="a Ray worker could not load the model .*no-model"):
-        RayPool("auto", str(tmp_path / "no-model"), str(tmp_path / "no-model"), workers=1)
+        RayPool("auto", str(tmp_path / "no-model"), workers=1)
