@@ -1,7 +1,8 @@
 """Image-to-image: start the sampling loop part-way, from a picture with noise added.
 
 As diffusers' StableDiffusionImg2ImgPipeline does it, in the same order of random draws:
-  1. the picture -> [1,3,H,W] in [-1,1] (sides rounded down to a multiple of the VAE factor);
+  1. the picture -> [1,3,H,W] in [-1,1] (sides rounded down to a multiple of the VAE factor times
+     the UNet's downsampling, pipeline_utils.size_rule: 8 x 8 = 64 pixels for SD);
   2. encode it: z = posterior.sample(generator) * scaling_factor   (first draw: [1,4,h,w]);
      repeated to the batch when there are several prompts / images per prompt;
   3. timesteps from strength (diffusers' get_timesteps): with N steps, skip the first
@@ -18,8 +19,9 @@ import numpy as np
 from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.images import image_to_model_input
+from npdiff.memory_estimate import check_call_memory
 from npdiff.pipeline_utils import (as_prompt_list, check_guidance, check_output_type, check_positive_int,
-                                   check_strength, make_generator)
+                                   check_strength, make_generator, size_rule)
 
 
 def get_timesteps(scheduler, num_inference_steps, strength):
@@ -56,9 +58,11 @@ def run_img2img(pipe, prompt, image, strength, negative_prompt, num_inference_st
     callback_steps = check_positive_int(callback_steps, "callback_steps")
     check_output_type(output_type)
     generator, seed = make_generator(seed, generator)
-    pixels = image_to_model_input(image, pipe.vae_scale_factor)  # 1. [1,3,H,W] in [-1,1]
+    multiple, _ = size_rule(pipe.unet.config, pipe.vae_scale_factor)
+    pixels = image_to_model_input(image, multiple)  # 1. [1,3,H,W] in [-1,1], sides the UNet can take
     scheduler = copy.deepcopy(pipe.scheduler)
     batch = len(prompts) * num_images_per_prompt
+    check_call_memory(pipe, batch, pixels.shape[2], pixels.shape[3], guidance_scale > 1.0, encode=True)
 
     # text embeddings, [uncond; cond] when guiding
     text_embeddings = pipe.encode_prompt(prompts, negatives, num_images_per_prompt, guidance_scale > 1.0)

@@ -24,9 +24,11 @@ import numpy as np
 from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.images import decoded_to_float, to_pil
-from npdiff.pipeline_utils import (PipelineOutput, as_prompt_list, check_guidance, check_output_type,
-                                   check_positive_int, check_size, default_model_path, load_components,
-                                   make_generator, resolve_scheduler)
+from npdiff.memory_estimate import check_call_memory
+from npdiff.pipeline_utils import (PipelineOutput, as_prompt_list, check_finite_decoded, check_finite_latents,
+                                   check_guidance, check_output_type, check_positive_int, check_size,
+                                   default_model_path, load_components, make_generator, resolve_scheduler,
+                                   size_rule)
 
 
 class StableDiffusionPipeline:
@@ -118,6 +120,7 @@ class StableDiffusionPipeline:
                 noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)  # [B,4,h,w]
             # 4.4 x_t -> x_{t-1}
             latents = scheduler.step(noise_pred, t, latents, generator=generator).prev_sample  # [B,4,h,w]
+            check_finite_latents(latents, i, len(timesteps), t)  # NaN/Inf -> NpdiffError naming the step
             # 4.5 progress and callback, on the steps diffusers reports them
             if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % order == 0):
                 if bar is not None:
@@ -141,6 +144,7 @@ class StableDiffusionPipeline:
         images = None
         if output_type != "latent":
             decoded = self.decode_latents(latents)  # [B,4,h,w] -> [B,3,H,W]
+            check_finite_decoded(decoded)  # NaN/Inf from the VAE -> NpdiffError, not a black picture
             images = to_pil(decoded) if output_type == "pil" else decoded_to_float(decoded)
         return PipelineOutput(images=images, latents=backend.to_numpy(latents).astype(np.float32), seed=seed,
                               parameters=parameters)
@@ -176,8 +180,9 @@ class StableDiffusionPipeline:
         default_side = self.unet.config["sample_size"] * self.vae_scale_factor
         height = default_side if height is None else height
         width = default_side if width is None else width
-        height, width = check_size(height, width, max(8, self.vae_scale_factor))
+        height, width = check_size(height, width, *size_rule(self.unet.config, self.vae_scale_factor))
         batch = len(prompts) * num_images_per_prompt
+        check_call_memory(self, batch, height, width, guidance_scale > 1.0)  # refuse what cannot fit
         latent_shape = (batch, self.unet.config["in_channels"], height // self.vae_scale_factor,
                         width // self.vae_scale_factor)
         if latents is not None:
@@ -217,7 +222,7 @@ class StableDiffusionPipeline:
         """Picture + text -> pictures: noise the encoded picture to `strength`, then denoise.
 
         image: PIL image, uint8 array [H,W,3] or float array [H,W,3] in [0,1]; sides are rounded down to
-        a multiple of the VAE factor. strength in (0, 1]: 1 starts from pure noise, small values stay close.
+        a multiple of pipeline_utils.size_rule (64 pixels for SD). strength in (0, 1]: 1 starts from pure noise, small values stay close.
         """
         from npdiff.img2img import run_img2img
 

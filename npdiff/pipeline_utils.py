@@ -195,12 +195,30 @@ def check_guidance(guidance_scale):
     return float(guidance_scale)
 
 
-def check_size(height, width, multiple):
+def size_rule(unet_config, vae_scale_factor):
+    """-> (multiple, why): picture sides must be multiples of the VAE's cell times the UNet's downsampling.
+
+    The VAE turns f x f pixels into one latent cell (f = 2^(VAE blocks - 1)); the UNet halves the latent
+    (UNet blocks - 1) times and adds the skips back, so the latent side must divide by 2^(blocks - 1).
+    In pixels: a multiple of f * 2^(UNet blocks - 1) (64 for SD 1.x/2.x), and at least 8.
+    """
+    halvings = len(unet_config["block_out_channels"]) - 1
+    multiple = max(8, vae_scale_factor * 2 ** halvings)
+    why = (f"the VAE works in {vae_scale_factor}-pixel cells and the UNet halves them {halvings} time"
+           f"{'s' if halvings != 1 else ''}")
+    return multiple, why
+
+
+def check_size(height, width, multiple, why=None):
+    """Picture height/width in pixels: positive ints, multiples of `multiple` (size_rule gives it and `why`)."""
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
             raise NpdiffError(f"{name} must be a positive integer, got {value!r}")
         if value % multiple != 0:
-            raise NpdiffError(f"{name} must be a multiple of {multiple}, got {value}")
+            because = f" pixels ({why})" if why else ""
+            lower, upper = max(multiple, value - value % multiple), value - value % multiple + multiple
+            raise NpdiffError(f"{name} must be a multiple of {multiple}{because}, got {value}; try "
+                              f"{lower}" + (f" or {upper}" if upper != lower else ""))
     return int(height), int(width)
 
 
@@ -218,6 +236,13 @@ def check_strength(strength):
 
 def as_prompt_list(prompt, negative_prompt):
     """-> (prompts, negative prompts), lists of equal length; "" is the default negative prompt."""
+    from npdiff.tokenizer import check_prompt_text
+
+    for what, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        many = isinstance(value, (list, tuple))
+        for index, text in enumerate(value if many else [value]):
+            if isinstance(text, (str, bytes, bytearray)):
+                check_prompt_text(text, f"{what} {index}" if many else what)
     if isinstance(prompt, str):
         prompts = [prompt]
     elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
@@ -236,6 +261,26 @@ def as_prompt_list(prompt, negative_prompt):
         raise NpdiffError(f"negative_prompt has batch size {len(negatives)} but prompt has batch size "
                           f"{len(prompts)}; pass one negative prompt, or one per prompt")
     return prompts, negatives
+
+
+def check_finite_latents(latents, step, total, timestep):
+    """NpdiffError when sampling step `step` (0-based) made NaN or Inf latents: never a black picture."""
+    from npdiff import backend
+
+    xp = backend.array_module(latents)
+    if not bool(xp.isfinite(latents).all()):
+        raise NpdiffError(f"sampling step {step + 1} of {total} (timestep {float(timestep):g}) produced NaN or "
+                          "infinite latents; the model's weights or config make non-finite numbers (or "
+                          "guidance_scale is extreme), so no picture was made")
+
+
+def check_finite_decoded(decoded):
+    """NpdiffError when the VAE decoded NaN or Inf values (they would become a black picture)."""
+    from npdiff import backend
+
+    if not bool(backend.array_module(decoded).isfinite(decoded).all()):
+        raise NpdiffError("the VAE decoded NaN or infinite values from finite latents; its weights or config "
+                          "make non-finite numbers, so no picture was made")
 
 
 def make_generator(seed, generator):

@@ -45,6 +45,30 @@ class PromptTruncatedWarning(UserWarning):
     """A prompt had more tokens than the text encoder reads; the rest was dropped."""
 
 
+def check_prompt_text(text, what="prompt"):
+    """NpdiffError unless `text` is a str of valid Unicode (no lone surrogates); names the character.
+
+    A lone surrogate (U+D800..U+DFFF) is what Python makes of bytes that are not UTF-8 (a command-line
+    argument in another encoding arrives as U+DC80..U+DCFF); the tokenizer cannot take it.
+    """
+    if isinstance(text, (bytes, bytearray)):
+        raise NpdiffError(f"{what} must be text (str), got bytes {bytes(text[:20])!r}; decode it first, "
+                          "e.g. .decode('utf-8')")
+    if not isinstance(text, str):
+        raise NpdiffError(f"{what} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = text[exc.start]
+        if 0xDC80 <= ord(char) <= 0xDCFF:  # surrogateescape: an undecodable byte
+            detail = f"byte 0x{ord(char) - 0xDC00:02x} that is not UTF-8"
+        else:
+            detail = f"a lone surrogate {char!r} (U+{ord(char):04X})"
+        raise NpdiffError(f"{what} has {detail} at character {exc.start}; prompts must be valid Unicode "
+                          "text (save or type them as UTF-8)") from None
+    return text
+
+
 def _token_text(value):
     """special_tokens_map.json stores a token as "text" or as {"content": "text", ...}."""
     if isinstance(value, dict):
@@ -233,6 +257,8 @@ class CLIPTokenizer:
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
             raise NpdiffError(f"prompt must be a string or a list of strings, got {type(prompts).__name__}")
+        for row, prompt in enumerate(prompts):
+            check_prompt_text(prompt, f"prompt {row}" if len(prompts) > 1 else "prompt")
         prompts = [self.expand_multi_vector_tokens(p) for p in prompts]
         room = self.model_max_length - 2  # positions between the start and the end token
         ids = np.full((len(prompts), self.model_max_length), self.pad_token_id, dtype=np.int64)  # [B,77]
