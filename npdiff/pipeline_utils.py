@@ -128,14 +128,29 @@ def _fallback_tokenizer(path):
     return _tokenizer_from_openai_clip()
 
 
+def tokenizer_cache_folder():
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "npdiff" / "clip-tokenizer"
+
+
 def _tokenizer_from_openai_clip():
-    """The SD 1.x tokenizer rebuilt from the openai-clip package's BPE file (kept in a cache folder)."""
+    """The SD 1.x tokenizer rebuilt from the openai-clip package's BPE file (kept in a cache folder).
+
+    The cache is written whole or not at all (atomic_folder); a cache that is there but cannot be read
+    (damaged by hand, a disk error) is rebuilt with a warning instead of failing every later load.
+    """
+    import warnings
+
+    from npdiff.atomic_files import atomic_folder
     from npdiff.clip_vocab import write_clip_tokenizer_folder
     from npdiff.tokenizer import CLIPTokenizer
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "npdiff" / "clip-tokenizer"
-    if not (cache / "vocab.json").is_file():
-        write_clip_tokenizer_folder(cache)
+    cache = tokenizer_cache_folder()
+    if cache.exists():
+        try:
+            return CLIPTokenizer.from_pretrained(cache)
+        except (NpdiffError, OSError) as exc:
+            warnings.warn(f"the tokenizer cache {cache} is damaged ({exc}); rebuilding it", stacklevel=2)
+    atomic_folder(cache, write_clip_tokenizer_folder)
     return CLIPTokenizer.from_pretrained(cache)
 
 

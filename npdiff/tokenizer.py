@@ -78,9 +78,12 @@ def _token_text(value):
 
 def _read_json(path):
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise NpdiffError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise NpdiffError(f"{path} should hold a JSON object, found a {type(value).__name__}")
+    return value
 
 
 def _has_tokenizer_files(folder):
@@ -167,6 +170,18 @@ class CLIPTokenizer:
         """
         folder = Path(folder) / subfolder if subfolder else Path(folder)
         folder = find_tokenizer_folder(folder)
+        try:
+            return cls._from_folder(folder)
+        except NpdiffError:
+            raise
+        except Exception as exc:  # the tokenizers library raises a bare Exception for a garbage vocab.json
+            raise NpdiffError(f"the tokenizer files in {folder} cannot be read ({type(exc).__name__}: {exc}); "
+                              "expected CLIP's vocab.json (token -> id) and merges.txt, or tokenizer.json"
+                              ) from exc
+
+    @classmethod
+    def _from_folder(cls, folder):
+        """from_pretrained's body, on a folder that holds the tokenizer files."""
         config = {}
         if (folder / "tokenizer_config.json").is_file():
             config = _read_json(folder / "tokenizer_config.json")
@@ -181,6 +196,9 @@ class CLIPTokenizer:
         max_length = config.get("model_max_length", 77)
         if not isinstance(max_length, int) or max_length > 10**6:  # transformers writes 1e30 for "none"
             max_length = 77
+        if max_length < 3:
+            raise NpdiffError(f"{folder / 'tokenizer_config.json'}: model_max_length must be at least 3 (start, "
+                              f"one token, end), got {max_length}")
         vocab, merges, added = read_vocab_and_merges(folder)
         tokenizer = cls(vocab, merges, pad_token=token("pad_token", END_TOKEN), model_max_length=max_length,
                         bos_token=token("bos_token", START_TOKEN), eos_token=token("eos_token", END_TOKEN),
