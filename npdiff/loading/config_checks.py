@@ -42,6 +42,14 @@ class Int:
         return None
 
 
+class IntIn:
+    def __init__(self, *choices):
+        self.choices = choices
+
+    def __call__(self, value):
+        return None if _is_int(value) and value in self.choices else f"one of {', '.join(map(str, self.choices))}"
+
+
 class Float:
     """A finite number in [low, high]; `above` makes the low end open (value > low)."""
 
@@ -122,7 +130,7 @@ RULES = {
         "up_block_types": ListOf(Text()), "layers_per_block": OneOrList(POSITIVE),
         "attention_head_dim": OneOrList(POSITIVE), "cross_attention_dim": OneOrList(POSITIVE),
         "transformer_layers_per_block": OneOrList(POSITIVE), "norm_num_groups": POSITIVE, "norm_eps": EPS,
-        "mid_block_scale_factor": Float(), "downsample_padding": Int(0), "conv_in_kernel": Int(1, odd=True),
+        "mid_block_scale_factor": Float(), "downsample_padding": IntIn(0, 1), "conv_in_kernel": Int(1, odd=True),
         "conv_out_kernel": Int(1, odd=True), "time_embedding_dim": Optional(POSITIVE),
         "flip_sin_to_cos": Bool(), "center_input_sample": Bool(), "use_linear_projection": Bool(),
         "upcast_attention": Bool(), "freq_shift": Float(), "act_fn": Text(),
