@@ -6,7 +6,8 @@
                            sides rounded down to a multiple of the VAE's scale factor (diffusers'
                            VaeImageProcessor.preprocess)
   load_image(path)         a picture file -> RGB PIL image; NpdiffError for corrupt, truncated, bomb, 16-bit
-  save_png(im, path, p)    a PNG (written atomically: never a partial file) whose tEXt chunk "npdiff" holds the generation parameters as JSON
+  save_png(im, path, p)    a PNG whose tEXt chunk "npdiff" holds the generation parameters as JSON
+                           (written atomically, npdiff/atomic_files.py: never a partial file)
   read_png_params(path)    that JSON back, so a picture can be regenerated from itself
   StepRecorder             a pipeline callback that keeps the latents every K steps
   emergence_grid(...)      those latents decoded side by side: the picture emerging from noise

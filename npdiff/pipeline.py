@@ -222,7 +222,8 @@ class StableDiffusionPipeline:
         """Picture + text -> pictures: noise the encoded picture to `strength`, then denoise.
 
         image: PIL image, uint8 array [H,W,3] or float array [H,W,3] in [0,1]; sides are rounded down to
-        a multiple of pipeline_utils.size_rule (64 pixels for SD). strength in (0, 1]: 1 starts from pure noise, small values stay close.
+        a multiple of pipeline_utils.size_rule (64 pixels for SD). strength in (0, 1]: 1 starts from pure
+        noise, small values stay close.
         """
         from npdiff.img2img import run_img2img
 

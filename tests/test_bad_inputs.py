@@ -174,7 +174,7 @@ def test_bad_picture_files(tmp_path, monkeypatch):
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            with pytest.raises(NpdiffError, match=rf"bomb\.png: refusing a decompression bomb .*limit is {limit} pixels"):
+            with pytest.raises(NpdiffError, match=rf"bomb\.png: refusing a decompression bomb .*limit is {limit}"):
                 load_image(bomb)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10**6)
     picture = load_image(bomb)
