@@ -123,7 +123,8 @@ def training_sigmas(alphas_cumprod):
 # ---------------------------------------------------------------------------------------------
 
 def check_offset_timesteps(timesteps, num_train_timesteps, steps_offset):
-    """NpdiffError when steps_offset pushes a "leading" timestep past the last training step."""
+    """NpdiffError when steps_offset pushes a "leading" timestep past the last training step (which
+    DDIM/DDPM/PNDM/DPM-Solver would index: IndexError, or a wrong alpha, otherwise)."""
     if len(timesteps) and float(np.max(timesteps)) > num_train_timesteps - 1:
         raise NpdiffError(f"scheduler config: steps_offset {steps_offset} gives timestep {float(np.max(timesteps)):g}, "
                           f"past the last training step {num_train_timesteps - 1}; SD configs use 0 or 1")
@@ -144,7 +145,9 @@ def spaced_timesteps(spacing, num_train_timesteps, num_inference_steps, steps_of
         step_ratio = T // n
         values = (np.arange(0, n) * step_ratio).round()[::-1]            # [n] int64
         values = values.astype(np.int64) if integer else values.astype(np.float32)
-        return check_offset_timesteps(values + (values.dtype.type(steps_offset)), T, steps_offset)
+        values = values + (values.dtype.type(steps_offset))
+        # integer schedulers index the training schedule with these; sigma ones interpolate (and clamp)
+        return check_offset_timesteps(values, T, steps_offset) if integer else values
     if spacing == "trailing":
         step_ratio = T / n
         values = np.round(np.arange(T, 0, -step_ratio))                  # [n] float64
