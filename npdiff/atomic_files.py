@@ -63,7 +63,12 @@ def atomic_folder(path, fill_fn):
         fill_fn(tmp)
         if path.exists():
             shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not path.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process put a whole one there first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

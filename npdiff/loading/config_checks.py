@@ -33,12 +33,14 @@ def _is_number(value):
 
 
 class Int:
-    def __init__(self, least=1, odd=False):
-        self.least, self.odd = least, odd
+    def __init__(self, least=1, odd=False, most=None):
+        self.least, self.odd, self.most = least, odd, most
 
     def __call__(self, value):
-        if not _is_int(value) or value < self.least or (self.odd and value % 2 != 1):
-            return f"an integer >= {self.least}" + (" and odd" if self.odd else "")
+        if (not _is_int(value) or value < self.least or (self.odd and value % 2 != 1)
+                or (self.most is not None and value > self.most)):
+            return (f"an integer >= {self.least}" + (f" and <= {self.most}" if self.most is not None else "")
+                    + (" and odd" if self.odd else ""))
         return None
 
 
@@ -95,7 +97,7 @@ class ListOf:
         self.item = item
 
     def __call__(self, value):
-        if not isinstance(value, (list, tuple)) or not value or any(self.item(v) for v in value):
+        if not isinstance(value, (list, tuple, np.ndarray)) or len(value) == 0 or any(self.item(v) for v in value):
             return f"a non-empty list, each {self.item(None)}"
         return None
 
@@ -150,7 +152,8 @@ RULES = {
         "layer_norm_eps": EPS, "hidden_act": Text(),
     },
     "scheduler": {
-        "num_train_timesteps": POSITIVE, "beta_start": Float(0.0, 1.0, above=True),
+        # num_train_timesteps: SD has 1000; the schedules are arrays of this length, so 10**9 is refused
+        "num_train_timesteps": Int(1, most=100_000), "beta_start": Float(0.0, 1.0, above=True),
         "beta_end": Float(0.0, 1.0, above=True), "beta_schedule": Text(), "trained_betas": Optional(
             ListOf(Float(0.0, 1.0, above=True))), "steps_offset": Int(0), "clip_sample": Bool(),
         "clip_sample_range": Float(0.0, above=True), "set_alpha_to_one": Bool(), "skip_prk_steps": Bool(),
@@ -201,7 +204,7 @@ def _cross_checks(component, full):
         return "num_attention_heads", (f"must divide hidden_size; {full['num_attention_heads']} does not divide "
                                        f"{full['hidden_size']}")
     if component == "scheduler" and full.get("trained_betas") is None:
-        if full["beta_start"] > full["beta_end"]:
+        if float(full["beta_start"]) > float(full["beta_end"]):  # both passed their Float rules
             return "beta_start", f"{full['beta_start']} is above beta_end {full['beta_end']}"
     return None
 
