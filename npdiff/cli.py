@@ -20,6 +20,11 @@
 
 Each subcommand is one `add_<name>_command(subparsers)` function below that registers its parser and
 the function that runs it.
+
+Errors: bad input (an npdiff.NpdiffError: a file, option, size or value that cannot be used) prints one
+line `npdiff: error: ...` on stderr, no traceback, and exits with status 2 (as argparse does for a bad
+option); running out of memory anyway exits with status 1. Output paths are checked before the model
+is loaded, and pictures are written atomically (npdiff/atomic_files.py): never a partial file.
 """
 
 import argparse
@@ -201,6 +206,7 @@ def png_parameters(parameters, command, identity):
 def save_outputs(pipe, out, args, recorder, command, identity):
     """Write the picture with its parameters (the model by name and hash, no local path); with
     --save-steps also the "watch it emerge" grid."""
+    from npdiff.atomic_files import atomic_write
     from npdiff.images import emergence_grid, save_png
 
     params = png_parameters(out.parameters, command, identity)
@@ -210,10 +216,29 @@ def save_outputs(pipe, out, args, recorder, command, identity):
     save_png(out.images[0], path, params)
     print(f"wrote {path} (seed {out.seed})", file=sys.stderr)
     if recorder is not None:
-        grid_path = path.with_name(path.stem + "-steps.png")
-        emergence_grid(pipe, recorder, final_latents=out.latents).save(grid_path)
+        grid_path = steps_grid_path(path)
+        grid = emergence_grid(pipe, recorder, final_latents=out.latents)
+        atomic_write(grid_path, lambda handle: grid.save(handle, format="PNG"))
         print(f"wrote {grid_path} (every {args.save_steps} steps)", file=sys.stderr)
     return path
+
+
+def steps_grid_path(path):
+    """--save-steps writes OUT-steps.png beside OUT."""
+    return path.with_name(path.stem + "-steps.png")
+
+
+def check_outputs(args):
+    """Before the model loads: --out (and the --save-steps grid) can be written; say what gets overwritten."""
+    from npdiff.atomic_files import check_destination
+
+    if args.save_steps is not None and args.save_steps < 1:
+        raise npdiff.NpdiffError(f"--save-steps must be >= 1 (decode every K steps), got {args.save_steps}")
+    path = Path(args.out or "npdiff-SEED.png")  # the seed may not be known yet; the folder is what counts
+    targets = [("--out", path)] + ([("--save-steps grid", steps_grid_path(path))] if args.save_steps else [])
+    for what, target in targets:
+        if check_destination(target, what) and args.out:
+            print(f"npdiff: note: {target} exists and will be overwritten", file=sys.stderr)
 
 
 def make_recorder(args):
@@ -224,6 +249,7 @@ def make_recorder(args):
 
 def run_generate(args):
     args = resolve_options(args)
+    check_outputs(args)
     pipe, model = load_pipeline(args)
     identity = identify_model(args, model)  # before the long work: warns early
     recorder = make_recorder(args)
@@ -235,7 +261,7 @@ def run_generate(args):
 
 
 def run_img2img(args):
-    from PIL import Image
+    from npdiff.images import load_image
 
     args = resolve_options(args)
     if not args.image:
@@ -243,38 +269,27 @@ def run_img2img(args):
         raise npdiff.NpdiffError(f"img2img needs --image IN (a picture file){hint}")
     if not Path(args.image).is_file():
         raise npdiff.NpdiffError(f"--image {args.image}: no such file")
+    picture = load_image(args.image)  # corrupt, truncated, bomb, 16-bit -> NpdiffError naming the file
+    check_outputs(args)
     pipe, model = load_pipeline(args)
     identity = identify_model(args, model)
     recorder = make_recorder(args)
-    with Image.open(args.image) as picture:
-        picture.load()
-        out = pipe.img2img(args.prompt, picture, strength=args.strength, negative_prompt=args.negative,
-                           num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                           callback=recorder, callback_steps=args.save_steps or 1)
+    out = pipe.img2img(args.prompt, picture, strength=args.strength, negative_prompt=args.negative,
+                       num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                       callback=recorder, callback_steps=args.save_steps or 1)
     save_outputs(pipe, out, args, recorder, "img2img", identity)
     return 0
 
 
-def open_picture(path, option):
-    """A picture file given on the command line, loaded (NpdiffError if it is missing or no picture)."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not Path(path).is_file():
-        raise npdiff.NpdiffError(f"{option} {path}: no such file")
-    try:
-        with Image.open(path) as picture:
-            picture.load()
-            return picture
-    except (UnidentifiedImageError, OSError) as exc:
-        raise npdiff.NpdiffError(f"{option} {path}: not a picture ({exc})") from exc
-
-
 def run_inpaint(args):
+    from npdiff.images import load_image
+
     args = resolve_options(args, INPAINT_DEFAULTS)
     if not args.image or not args.mask:
         hint = " (a PNG stores no picture path: give the picture and mask again)" if args.reproduce else ""
         raise npdiff.NpdiffError(f"inpaint needs --image IN and --mask MASK (picture files; white = repaint){hint}")
-    picture, mask = open_picture(args.image, "--image"), open_picture(args.mask, "--mask")
+    picture, mask = load_image(args.image), load_image(args.mask)  # NpdiffError naming a bad file
+    check_outputs(args)
     pipe, model = load_pipeline(args)
     identity = identify_model(args, model)
     recorder = make_recorder(args)
@@ -381,9 +396,12 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0
-    except npdiff.NpdiffError as exc:
-        print(f"npdiff {args.command}: error: {exc}", file=sys.stderr)
+    except npdiff.NpdiffError as exc:  # bad input: one line, no traceback, status 2
+        print(f"npdiff: error: {exc}", file=sys.stderr)
         return 2
+    except MemoryError as exc:  # past the memory estimate's check (npdiff/memory_estimate.py): status 1
+        print(f"npdiff: error: out of memory ({exc or 'MemoryError'}); lower --height/--width", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

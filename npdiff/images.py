@@ -7,8 +7,10 @@
                            given height and width (diffusers' VaeImageProcessor.preprocess)
   mask_to_model_input(m)   an inpainting mask (PIL in any mode, or an array) -> [1,1,H,W] of 0/1, 1 =
                            repaint (diffusers' mask_processor: resize, grey, binarize at 0.5)
+  load_image(path)         a picture file -> RGB PIL image; NpdiffError for corrupt, truncated, bomb, 16-bit
   save_png(im, path, p)    a PNG whose text chunk "npdiff" holds the generation parameters as JSON, and
                            "parameters" the same in AUTOMATIC1111's text form (npdiff.infotext)
+                           (written atomically, npdiff/atomic_files.py: never a partial file)
   read_png_params(path)    those parameters back (npdiff's JSON, else AUTOMATIC1111's text), so a picture
                            can be regenerated from itself
   StepRecorder             a pipeline callback that keeps the latents every K steps
@@ -24,6 +26,7 @@ from struct import error as struct_error
 import numpy as np
 
 from npdiff import backend
+from npdiff.atomic_files import atomic_write
 from npdiff.errors import NpdiffError
 
 PNG_PARAMS_KEY = "npdiff"  # the tEXt chunk keyword
@@ -54,6 +57,46 @@ def to_pil(x):
     return [Image.fromarray(picture) for picture in decoded_to_uint8(x)]
 
 
+# Modes that become RGB without losing meaning; 16-bit and float pictures ("I", "I;16", "F") do not.
+CONVERTIBLE_MODES = ("RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr", "La", "RGBa")
+
+
+def load_image(path):
+    """Open a picture file for img2img -> an RGB PIL image; NpdiffError naming the file for anything else.
+
+    Refused: a missing file or a folder, a file PIL cannot identify, a truncated or corrupt file, a
+    decompression bomb (more pixels than PIL.Image.MAX_IMAGE_PIXELS: PIL's warning is turned into an
+    error too, so a 90-megapixel PNG of a few kilobytes cannot eat the memory), and modes that do not
+    convert to 8-bit RGB.
+    """
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise NpdiffError(f"image {path}: no such file" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as picture:
+                width, height, mode = picture.width, picture.height, picture.mode
+                if mode not in CONVERTIBLE_MODES:
+                    raise NpdiffError(f"image {path}: mode {mode!r} ({width}x{height} pixels) is not an "
+                                      "8-bit picture; save it as 8-bit RGB (or grey) PNG/JPEG")
+                picture.load()  # decode now: a truncated file fails here, not later
+                return picture.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise NpdiffError(f"image {path}: refusing a decompression bomb ({exc}); the limit is "
+                          f"{Image.MAX_IMAGE_PIXELS} pixels") from exc
+    except UnidentifiedImageError as exc:
+        raise NpdiffError(f"image {path}: not a picture PIL can read (PNG, JPEG, WebP, ...)") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        if isinstance(exc, NpdiffError):
+            raise
+        raise NpdiffError(f"image {path}: corrupt or truncated picture file ({exc})") from exc
+
+
 def image_to_model_input(image, vae_scale_factor=8, height=None, width=None):
     """An input picture -> float32 [1,3,H,W] in [-1,1] for vae.encode (diffusers' preprocess).
 
@@ -76,12 +119,15 @@ def image_to_model_input(image, vae_scale_factor=8, height=None, width=None):
             image = Image.fromarray((image * 255).round().astype(np.uint8))
     if not isinstance(image, Image.Image):
         raise NpdiffError(f"image: expected a PIL image or a numpy array, got {type(image).__name__}")
+    if image.mode not in CONVERTIBLE_MODES:
+        raise NpdiffError(f"image: mode {image.mode!r} ({image.width}x{image.height} pixels) is not an 8-bit "
+                          "picture; convert it to RGB first")
     if height is None or width is None:
         width = image.width - image.width % vae_scale_factor
         height = image.height - image.height % vae_scale_factor
     if width == 0 or height == 0:
-        raise NpdiffError(f"image: {image.width}x{image.height} is smaller than the VAE's "
-                          f"{vae_scale_factor}-pixel cell")
+        raise NpdiffError(f"image: {image.width}x{image.height} pixels is smaller than "
+                          f"{vae_scale_factor}x{vae_scale_factor}, the least picture this model takes")
     image = image.resize((width, height), resample=Image.LANCZOS).convert("RGB")
     pixels = np.asarray(image).astype(np.float32) / 255.0  # [H,W,3] uint8 -> [0,1]
     pixels = pixels.transpose(2, 0, 1)[None]  # [H,W,3] -> [1,3,H,W]
@@ -180,8 +226,11 @@ def save_png(image, path, params=None):
         info.add_text(PNG_PARAMS_KEY, text)
         # PIL writes a non-Latin-1 text as an iTXt chunk (UTF-8), as AUTOMATIC1111's own pictures do
         info.add_text(A1111_PARAMS_KEY, format_infotext(params))
-    image.save(path, format="PNG", pnginfo=info)
-    return Path(path) if isinstance(path, (str, Path)) else path  # a path, or the file object given
+    if not isinstance(path, (str, Path)):  # a binary file object (npdiff batch): the caller owns the file
+        image.save(path, format="PNG", pnginfo=info)
+        return path
+    atomic_write(path, lambda handle: image.save(handle, format="PNG", pnginfo=info))  # no partial file
+    return Path(path)
 
 
 def png_text_chunks(path):

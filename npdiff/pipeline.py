@@ -30,9 +30,10 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.images import decoded_to_float, to_pil
-from npdiff.pipeline_utils import (PipelineOutput, as_prompt_list, check_guidance, check_output_type,
-                                   check_positive_int, default_model_path, load_components, make_generator,
-                                   resolve_scheduler)
+from npdiff.memory_estimate import check_call_memory
+from npdiff.pipeline_utils import (PipelineOutput, as_prompt_list, check_finite_decoded, check_finite_latents,
+                                   check_guidance, check_output_type, check_positive_int, default_model_path,
+                                   load_components, make_generator, resolve_scheduler)
 from npdiff.sampling_starts import ImageStart, InpaintStart, NoiseStart
 
 
@@ -168,6 +169,7 @@ class StableDiffusionPipeline:
             # 4.4 x_t -> x_{t-1}, then what the start does after a step
             latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample  # [B,4,h,w]
             latents = start.after_step(latents, i, timesteps, scheduler)  # [B,4,h,w] (inpainting: known part back)
+            check_finite_latents(latents, i, len(timesteps), t)  # NaN/Inf -> NpdiffError naming the step
             # 4.5 progress and callback, on the steps diffusers reports them
             if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % order == 0):
                 if bar is not None:
@@ -191,6 +193,7 @@ class StableDiffusionPipeline:
         images = None
         if output_type != "latent":
             decoded = self.decode_latents(latents)  # [B,4,h,w] -> [B,3,H,W]
+            check_finite_decoded(decoded)  # NaN/Inf from the VAE -> NpdiffError, not a black picture
             images = to_pil(decoded) if output_type == "pil" else decoded_to_float(decoded)
         return PipelineOutput(images=images, latents=backend.to_numpy(latents).astype(np.float32), seed=seed,
                               parameters=parameters)
@@ -225,11 +228,13 @@ class StableDiffusionPipeline:
         callback_steps = check_positive_int(callback_steps, "callback_steps")
         check_output_type(output_type)
         start.prepare(self, len(prompts) * num_images_per_prompt, steps)
+        do_guidance = self.do_classifier_free_guidance(guidance_scale)  # never for an LCM-distilled UNet
+        check_call_memory(self, len(prompts) * num_images_per_prompt, start.height, start.width, do_guidance,
+                          encode=start.encodes_picture)  # refuse what cannot fit, before any work
         generator, seed = make_generator(seed, generator)
         scheduler = copy.deepcopy(self.scheduler)  # each call starts from a fresh scheduler state
 
         # 1-2. text embeddings, [uncond; cond] when guiding
-        do_guidance = self.do_classifier_free_guidance(guidance_scale)  # never for an LCM-distilled UNet
         text_embeddings = self.encode_prompt(prompts, negatives, num_images_per_prompt, do_guidance)
 
         # 3. timesteps and initial latents (drawn after the text is encoded, as diffusers does)
@@ -268,7 +273,8 @@ class StableDiffusionPipeline:
         """Picture + text -> pictures: noise the encoded picture to `strength`, then denoise.
 
         image: PIL image, uint8 array [H,W,3] or float array [H,W,3] in [0,1]; sides are rounded down to
-        a multiple of the VAE factor. strength in (0, 1]: 1 starts from pure noise, small values stay close.
+        a multiple of pipeline_utils.size_rule (64 pixels for SD). strength in (0, 1]: 1 starts from pure
+        noise, small values stay close.
         """
         return self._generate(ImageStart(image, strength), prompt, negative_prompt, num_inference_steps,
                               guidance_scale, seed, generator, num_images_per_prompt, callback, callback_steps,

@@ -140,16 +140,35 @@ def _fallback_tokenizer(path, pad_token=None):
     return _tokenizer_from_openai_clip()
 
 
+def tokenizer_cache_folder(pad_token=None):
+    """Where the CLIP tokenizer rebuilt from openai-clip is kept (SD 2.x's, padded with "!", beside it)."""
+    name = "clip-tokenizer" if pad_token is None else "clip-tokenizer-sd2"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "npdiff" / name
+
+
 def _tokenizer_from_openai_clip(pad_token=None):
     """The SD 1.x tokenizer (SD 2.x's with pad_token "!") rebuilt from the openai-clip package's BPE file
-    (kept in a cache folder)."""
+    (kept in a cache folder).
+
+    The cache is written whole or not at all (atomic_folder); a cache that is there but cannot be read
+    (damaged by hand, a disk error) is rebuilt with a warning instead of failing every later load.
+    """
+    import functools
+    import warnings
+
+    from npdiff.atomic_files import atomic_folder
     from npdiff.clip_vocab import write_clip_tokenizer_folder
     from npdiff.tokenizer import CLIPTokenizer
 
-    name = "clip-tokenizer" if pad_token is None else "clip-tokenizer-sd2"
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "npdiff" / name
-    if not (cache / "vocab.json").is_file():
-        write_clip_tokenizer_folder(cache, **({} if pad_token is None else {"pad_token": pad_token}))
+    cache = tokenizer_cache_folder(pad_token)
+    if cache.exists():
+        try:
+            return CLIPTokenizer.from_pretrained(cache)
+        except (NpdiffError, OSError) as exc:
+            warnings.warn(f"the tokenizer cache {cache} is damaged ({exc}); rebuilding it", stacklevel=2)
+    write = write_clip_tokenizer_folder if pad_token is None else functools.partial(write_clip_tokenizer_folder,
+                                                                                       pad_token=pad_token)
+    atomic_folder(cache, write)
     return CLIPTokenizer.from_pretrained(cache)
 
 
@@ -209,12 +228,30 @@ def check_guidance(guidance_scale):
     return float(guidance_scale)
 
 
-def check_size(height, width, multiple):
+def size_rule(unet_config, vae_scale_factor):
+    """-> (multiple, why): picture sides must be multiples of the VAE's cell times the UNet's downsampling.
+
+    The VAE turns f x f pixels into one latent cell (f = 2^(VAE blocks - 1)); the UNet halves the latent
+    (UNet blocks - 1) times and adds the skips back, so the latent side must divide by 2^(blocks - 1).
+    In pixels: a multiple of f * 2^(UNet blocks - 1) (64 for SD 1.x/2.x), and at least 8.
+    """
+    halvings = len(unet_config["block_out_channels"]) - 1
+    multiple = max(8, vae_scale_factor * 2 ** halvings)
+    why = (f"the VAE works in {vae_scale_factor}-pixel cells and the UNet halves them {halvings} time"
+           f"{'s' if halvings != 1 else ''}")
+    return multiple, why
+
+
+def check_size(height, width, multiple, why=None):
+    """Picture height/width in pixels: positive ints, multiples of `multiple` (size_rule gives it and `why`)."""
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
             raise NpdiffError(f"{name} must be a positive integer, got {value!r}")
         if value % multiple != 0:
-            raise NpdiffError(f"{name} must be a multiple of {multiple}, got {value}")
+            because = f" pixels ({why})" if why else ""
+            lower, upper = max(multiple, value - value % multiple), value - value % multiple + multiple
+            raise NpdiffError(f"{name} must be a multiple of {multiple}{because}, got {value}; try "
+                              f"{lower}" + (f" or {upper}" if upper != lower else ""))
     return int(height), int(width)
 
 
@@ -232,6 +269,13 @@ def check_strength(strength):
 
 def as_prompt_list(prompt, negative_prompt):
     """-> (prompts, negative prompts), lists of equal length; "" is the default negative prompt."""
+    from npdiff.tokenizer import check_prompt_text
+
+    for what, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        many = isinstance(value, (list, tuple))
+        for index, text in enumerate(value if many else [value]):
+            if isinstance(text, (str, bytes, bytearray)):
+                check_prompt_text(text, f"{what} {index}" if many else what)
     if isinstance(prompt, str):
         prompts = [prompt]
     elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
@@ -250,6 +294,26 @@ def as_prompt_list(prompt, negative_prompt):
         raise NpdiffError(f"negative_prompt has batch size {len(negatives)} but prompt has batch size "
                           f"{len(prompts)}; pass one negative prompt, or one per prompt")
     return prompts, negatives
+
+
+def check_finite_latents(latents, step, total, timestep):
+    """NpdiffError when sampling step `step` (0-based) made NaN or Inf latents: never a black picture."""
+    from npdiff import backend
+
+    xp = backend.array_module(latents)
+    if not bool(xp.isfinite(latents).all()):
+        raise NpdiffError(f"sampling step {step + 1} of {total} (timestep {float(timestep):g}) produced NaN or "
+                          "infinite latents; the model's weights or config make non-finite numbers (or "
+                          "guidance_scale is extreme), so no picture was made")
+
+
+def check_finite_decoded(decoded):
+    """NpdiffError when the VAE decoded NaN or Inf values (they would become a black picture)."""
+    from npdiff import backend
+
+    if not bool(backend.array_module(decoded).isfinite(decoded).all()):
+        raise NpdiffError("the VAE decoded NaN or infinite values from finite latents; its weights or config "
+                          "make non-finite numbers, so no picture was made")
 
 
 def make_generator(seed, generator):

@@ -24,13 +24,14 @@ from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.images import image_to_model_input, mask_to_model_input, picture_size, resize_nearest
 from npdiff.img2img import check_denoising_steps, encode_image, get_timesteps
-from npdiff.pipeline_utils import check_size, check_strength
+from npdiff.pipeline_utils import check_size, check_strength, size_rule
 
 
 class SamplingStart:
     """What every start shares: the whole schedule, the UNet input as it is, nothing done after a step."""
 
     mode = None
+    encodes_picture = False  # whether the VAE's encoder runs too (memory_estimate counts it)
 
     def timesteps(self, scheduler, num_inference_steps):
         """-> (the timesteps to run, the number of denoising steps); set_timesteps has run."""
@@ -74,7 +75,7 @@ class NoiseStart(SamplingStart):
         default_side = pipe.unet.config["sample_size"] * pipe.vae_scale_factor
         height = default_side if self.height is None else self.height
         width = default_side if self.width is None else self.width
-        self.height, self.width = check_size(height, width, max(8, pipe.vae_scale_factor))
+        self.height, self.width = check_size(height, width, *size_rule(pipe.unet.config, pipe.vae_scale_factor))
         self.shape = (batch, pipe.unet.config["in_channels"], self.height // pipe.vae_scale_factor,
                       self.width // pipe.vae_scale_factor)
         if self.latents is not None:
@@ -97,6 +98,7 @@ class ImageStart(SamplingStart):
     """
 
     mode = "img2img"
+    encodes_picture = True
 
     def __init__(self, image, strength):
         self.image, self.strength = image, strength
@@ -104,7 +106,8 @@ class ImageStart(SamplingStart):
     def prepare(self, pipe, batch, num_inference_steps):
         require_plain_unet(pipe)
         self.strength = check_strength(self.strength)
-        self.pixels = image_to_model_input(self.image, pipe.vae_scale_factor)  # [1,3,H,W] in [-1,1]
+        multiple, _ = size_rule(pipe.unet.config, pipe.vae_scale_factor)  # sides the UNet can take
+        self.pixels = image_to_model_input(self.image, multiple)  # [1,3,H,W] in [-1,1]
         check_denoising_steps(num_inference_steps, self.strength)
         self.height, self.width = self.pixels.shape[2:]
         self.batch = batch
@@ -135,6 +138,7 @@ class InpaintStart(SamplingStart):
     """
 
     mode = "inpaint"
+    encodes_picture = True
 
     def __init__(self, image, mask_image, strength=1.0, height=None, width=None):
         self.image, self.mask_image, self.strength = image, mask_image, strength
@@ -151,7 +155,7 @@ class InpaintStart(SamplingStart):
         default_side = pipe.unet.config["sample_size"] * pipe.vae_scale_factor  # diffusers' default size
         height = default_side if self.height is None else self.height
         width = default_side if self.width is None else self.width
-        self.height, self.width = check_size(height, width, max(8, pipe.vae_scale_factor))
+        self.height, self.width = check_size(height, width, *size_rule(pipe.unet.config, pipe.vae_scale_factor))
         f = pipe.vae_scale_factor
         self.pixels = image_to_model_input(self.image, f, self.height, self.width)  # [1,3,H,W] in [-1,1]
         self.mask = mask_to_model_input(self.mask_image, self.height, self.width)  # [1,1,H,W] of 0/1

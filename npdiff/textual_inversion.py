@@ -22,7 +22,7 @@ A1111_KEYS = ("emb_params", "string_to_param.*")
 
 def read_embedding_file(path):
     """-> (token named by the file, float32 vectors [n,D]) from a diffusers or A1111 .safetensors file."""
-    from safetensors import safe_open
+    from npdiff.loading import open_weights
 
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -32,9 +32,10 @@ def read_embedding_file(path):
         raise NpdiffError(f"textual inversion file {path} does not exist")
     if path.suffix.lower() != ".safetensors":
         raise NpdiffError(f"{path}: expected a .safetensors textual inversion file")
-    with safe_open(str(path), framework="numpy") as handle:
-        keys = list(handle.keys())
-        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in keys}
+    # validated by npdiff.loading (a renamed pickle or a corrupt file -> NpdiffError naming the file)
+    weights = open_weights(path)
+    keys = weights.keys()
+    shapes = {key: tuple(weights.shape(key)) for key in keys}
     a1111_keys = [key for key in keys if key in A1111_KEYS]
     if a1111_keys:
         key, token = a1111_keys[0], path.stem
@@ -46,9 +47,7 @@ def read_embedding_file(path):
     shape = shapes[key]
     if len(shape) not in (1, 2) or 0 in shape:
         raise NpdiffError(f"{path}: embedding {key!r} must be [D] or [n,D], got shape {shape}")
-    from npdiff.loading import open_weights
-
-    vectors = backend.to_numpy(open_weights(path).take(key, shape))  # widened to float32
+    vectors = backend.to_numpy(weights.take(key, shape))  # widened to float32, NaN/Inf refused
     return token, np.asarray(vectors, dtype=np.float32).reshape(-1, shape[-1])  # [D] or [n,D] -> [n,D]
 
 

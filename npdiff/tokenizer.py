@@ -45,6 +45,30 @@ class PromptTruncatedWarning(UserWarning):
     """A prompt had more tokens than the text encoder reads; the rest was dropped."""
 
 
+def check_prompt_text(text, what="prompt"):
+    """NpdiffError unless `text` is a str of valid Unicode (no lone surrogates); names the character.
+
+    A lone surrogate (U+D800..U+DFFF) is what Python makes of bytes that are not UTF-8 (a command-line
+    argument in another encoding arrives as U+DC80..U+DCFF); the tokenizer cannot take it.
+    """
+    if isinstance(text, (bytes, bytearray)):
+        raise NpdiffError(f"{what} must be text (str), got bytes {bytes(text[:20])!r}; decode it first, "
+                          "e.g. .decode('utf-8')")
+    if not isinstance(text, str):
+        raise NpdiffError(f"{what} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = text[exc.start]
+        if 0xDC80 <= ord(char) <= 0xDCFF:  # surrogateescape: an undecodable byte
+            detail = f"byte 0x{ord(char) - 0xDC00:02x} that is not UTF-8"
+        else:
+            detail = f"a lone surrogate {char!r} (U+{ord(char):04X})"
+        raise NpdiffError(f"{what} has {detail} at character {exc.start}; prompts must be valid Unicode "
+                          "text (save or type them as UTF-8)") from None
+    return text
+
+
 def _token_text(value):
     """special_tokens_map.json stores a token as "text" or as {"content": "text", ...}."""
     if isinstance(value, dict):
@@ -54,9 +78,12 @@ def _token_text(value):
 
 def _read_json(path):
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise NpdiffError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise NpdiffError(f"{path} should hold a JSON object, found a {type(value).__name__}")
+    return value
 
 
 def _has_tokenizer_files(folder):
@@ -143,6 +170,18 @@ class CLIPTokenizer:
         """
         folder = Path(folder) / subfolder if subfolder else Path(folder)
         folder = find_tokenizer_folder(folder)
+        try:
+            return cls._from_folder(folder)
+        except NpdiffError:
+            raise
+        except Exception as exc:  # the tokenizers library raises a bare Exception for a garbage vocab.json
+            raise NpdiffError(f"the tokenizer files in {folder} cannot be read ({type(exc).__name__}: {exc}); "
+                              "expected CLIP's vocab.json (token -> id) and merges.txt, or tokenizer.json"
+                              ) from exc
+
+    @classmethod
+    def _from_folder(cls, folder):
+        """from_pretrained's body, on a folder that holds the tokenizer files."""
         config = {}
         if (folder / "tokenizer_config.json").is_file():
             config = _read_json(folder / "tokenizer_config.json")
@@ -157,6 +196,9 @@ class CLIPTokenizer:
         max_length = config.get("model_max_length", 77)
         if not isinstance(max_length, int) or max_length > 10**6:  # transformers writes 1e30 for "none"
             max_length = 77
+        if max_length < 3:
+            raise NpdiffError(f"{folder / 'tokenizer_config.json'}: model_max_length must be at least 3 (start, "
+                              f"one token, end), got {max_length}")
         vocab, merges, added = read_vocab_and_merges(folder)
         tokenizer = cls(vocab, merges, pad_token=token("pad_token", END_TOKEN), model_max_length=max_length,
                         bos_token=token("bos_token", START_TOKEN), eos_token=token("eos_token", END_TOKEN),
@@ -233,6 +275,8 @@ class CLIPTokenizer:
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
             raise NpdiffError(f"prompt must be a string or a list of strings, got {type(prompts).__name__}")
+        for row, prompt in enumerate(prompts):
+            check_prompt_text(prompt, f"prompt {row}" if len(prompts) > 1 else "prompt")
         prompts = [self.expand_multi_vector_tokens(p) for p in prompts]
         room = self.model_max_length - 2  # positions between the start and the end token
         ids = np.full((len(prompts), self.model_max_length), self.pad_token_id, dtype=np.int64)  # [B,77]

@@ -256,7 +256,7 @@ def verify_model(model=None, steps=4, height=None, width=None, seed=0, out=None)
     from diffusers import StableDiffusionPipeline as TorchPipeline
 
     from npdiff.pipeline import StableDiffusionPipeline
-    from npdiff.pipeline_utils import check_positive_int, check_size, default_model_path
+    from npdiff.pipeline_utils import check_positive_int, check_size, default_model_path, size_rule
     from npdiff.rng import TorchGenerator
 
     steps = check_positive_int(steps, "--steps")
@@ -271,7 +271,7 @@ def verify_model(model=None, steps=4, height=None, width=None, seed=0, out=None)
                                                local_files_only=True)
     torch_pipe.set_progress_bar_config(disable=True)
     side = pipe.unet.config["sample_size"] * pipe.vae_scale_factor
-    height, width = check_size(height or side, width or side, max(8, pipe.vae_scale_factor))
+    height, width = check_size(height or side, width or side, *size_rule(pipe.unet.config, pipe.vae_scale_factor))
     latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     print(f"npdiff verify: {model}, {height}x{width}, seed {seed}, torch {torch.__version__}", file=out)
 

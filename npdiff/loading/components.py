@@ -15,6 +15,7 @@
 import os
 
 from npdiff.errors import NpdiffError
+from npdiff.loading.config_checks import check_component_config
 from npdiff.loading.configs import load_component_weights, read_config, read_json
 from npdiff.loading.safetensors_io import refuse_pickle
 from npdiff.loading.single_file import load_single_file
@@ -47,7 +48,9 @@ def _optional_tokenizer(path):
 
 def _optional_scheduler(path):
     config_path = os.path.join(path, "scheduler", "scheduler_config.json")
-    return read_json(config_path) if os.path.isfile(config_path) else None
+    if not os.path.isfile(config_path):
+        return None
+    return check_component_config("scheduler", read_json(config_path), config_path)
 
 
 def load_pipeline_components(path, variant=None, prediction_type=None):
@@ -74,15 +77,17 @@ def load_pipeline_components(path, variant=None, prediction_type=None):
                           f"{EXPECTED_LAYOUT}. Load a single model with <Model>.from_pretrained({path!r})")
     present = [name for name in MODEL_COMPONENTS if os.path.isdir(os.path.join(path, name))]
     if not present:
-        found = ", ".join(sorted(os.listdir(path))[:10]) or "nothing"
-        raise NpdiffError(f"{path} holds {found}; expected {EXPECTED_LAYOUT}")
+        # (never list the folder's contents in a message: it may be any folder of the user's)
+        raise NpdiffError(f"{path} holds none of {', '.join(n + '/' for n in MODEL_COMPONENTS)}; expected "
+                          f"{EXPECTED_LAYOUT}")
 
     model_index_path = os.path.join(path, "model_index.json")
     model_index = read_json(model_index_path) if os.path.isfile(model_index_path) else None
     result = {}
     for name in MODEL_COMPONENTS:
         folder = _component_folder(path, name)
-        result[name] = (read_config(folder), load_component_weights(folder, variant=variant))
+        config = check_component_config(name, read_config(folder), os.path.join(folder, "config.json"))
+        result[name] = (config, load_component_weights(folder, variant=variant))
     result["tokenizer"] = _optional_tokenizer(path)
     result["scheduler"] = _optional_scheduler(path)
     result["model_index"] = model_index

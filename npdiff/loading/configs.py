@@ -48,6 +48,22 @@ def open_weights(path):
     return Weights.from_file(SafetensorsFile(path))
 
 
+def shard_path(folder, shard_name, index_path, key):
+    """The path of a shard named by an index: a plain file name inside `folder`, symlinks resolved.
+
+    An index naming "../x", "/abs/path" or a symlink that leads out of the folder is refused: a model
+    folder must not make npdiff read files elsewhere on the machine.
+    """
+    if not isinstance(shard_name, str) or not shard_name or "\0" in shard_name:
+        raise NpdiffError(f"{index_path}: key '{key}' names shard {shard_name!r}; expected a file name")
+    real_folder = os.path.realpath(folder)
+    path = os.path.realpath(os.path.join(real_folder, shard_name))
+    if os.path.isabs(shard_name) or os.path.commonpath([real_folder, path]) != real_folder:
+        raise NpdiffError(f"{index_path}: key '{key}' names shard {shard_name!r}, which lies outside the model "
+                          f"folder; shards must be files inside {folder}")
+    return path
+
+
 def _open_sharded(index_path):
     """Weights over the shards an index.json names; keys keep their names, each from its shard."""
     index = read_json(index_path)
@@ -59,7 +75,7 @@ def _open_sharded(index_path):
     refs = {}
     for key, shard_name in weight_map.items():
         if shard_name not in shards:
-            shards[shard_name] = SafetensorsFile(os.path.join(folder, shard_name))
+            shards[shard_name] = SafetensorsFile(shard_path(folder, shard_name, index_path, key))
         shard = shards[shard_name]
         if key not in shard.keys():
             raise NpdiffError(f"missing key '{key}' in {shard.path} (listed there by {index_path})")
@@ -82,11 +98,14 @@ def load_component_weights(folder, variant=None):
             return _open_sharded(index)
 
     wanted = " or ".join(_file_name(stem, variant, ".safetensors") for stem in WEIGHT_STEMS)
+    # Only weight files are mentioned (a message never lists a folder's contents): one pickle checkpoint
+    # (refused, with how to convert), or <stem>.<other variant>.safetensors files.
     present = sorted(os.listdir(folder))
     pickles = [name for name in present if os.path.splitext(name)[1].lower() in PICKLE_SUFFIXES]
     if pickles:
         refuse_pickle(os.path.join(folder, pickles[0]))  # raises, saying why and how to convert
-    others = [name for name in present if name.endswith((".safetensors", ".safetensors.index.json"))]
+    others = [name for name in present if name.split(".")[0] in WEIGHT_STEMS
+              and name.endswith((".safetensors", ".safetensors.index.json"))]
     hint = ""
     if others:
         hint = f"; it has {', '.join(others)}"

@@ -12,8 +12,26 @@ until `take`; each tensor is read and widened to float32 once.
 import difflib
 from dataclasses import dataclass
 
+import numpy as np
+
 from npdiff import backend
 from npdiff.errors import NpdiffError
+
+# Non-finite check, in chunks so the temporary bool array stays at 1 MiB. Measured (2-core shared
+# machine): 18-25 ms per 100 MB of float32 (a random 25M-value tensor), about half the cost of the
+# widening copy itself (32-48 ms); loading the shipped model (22 MB as float32, 1.6 s in all) spends
+# 4 ms in it. A Numba loop (sum of v * 0) was slower (64 ms), min()+max() no faster (19 ms).
+FINITE_CHUNK = 1 << 20  # values per isfinite call
+
+
+def first_non_finite(values):
+    """Flat index of the first NaN/Inf in a float32 array, or None when every value is finite."""
+    flat = values.reshape(-1)
+    for start in range(0, flat.size, FINITE_CHUNK):
+        chunk = np.isfinite(flat[start:start + FINITE_CHUNK])  # [<=FINITE_CHUNK] bool
+        if not chunk.all():
+            return start + int(np.argmin(chunk))
+    return None
 
 
 @dataclass(frozen=True)
@@ -84,8 +102,12 @@ class Weights:
             raise NpdiffError(f"missing key '{key}' in {self._where()}{hint}")
         return self._refs[key]
 
-    def take(self, key, shape):
-        """The tensor `key` as float32 on the active backend, checked against the config's `shape`."""
+    def take(self, key, shape, finite=True):
+        """The tensor `key` as float32 on the active backend, checked against the config's `shape`.
+
+        finite: refuse a tensor holding NaN or Inf (NpdiffError naming file, key and position): such a
+        weight makes every picture black. finite=False reads the values as stored.
+        """
         ref = self._ref(key)
         expected = tuple(int(n) for n in shape)
         if tuple(ref.shape) != expected:
@@ -95,6 +117,11 @@ class Weights:
         if ref.rows is not None:  # [3D,...] -> [D,...]: one of fused q/k/v, copied so the rest can go
             values = values[ref.rows[0]:ref.rows[1]].copy()
         values = values.reshape(expected)  # stored shape -> config shape
+        bad = first_non_finite(values) if finite else None
+        if bad is not None:
+            position = tuple(int(i) for i in np.unravel_index(bad, expected))
+            raise NpdiffError(f"key '{key}' in {self._where(key)} holds {values.reshape(-1)[bad]} at index "
+                              f"{position}: the weights are damaged (NaN/Inf would make every picture black)")
         self._used.add(key)
         return backend.to_device(values)  # numpy: no copy (already float32, contiguous)
 

@@ -110,6 +110,9 @@ class CLIPTextModel:
     """CLIP text transformer: input_ids [B,L] -> last_hidden_state [B,L,D] (and every hidden state)."""
 
     def __init__(self, config, weights):
+        from npdiff.loading.config_checks import check_component_config
+
+        check_component_config("text_encoder", config)  # types and ranges of every value
         self.config = {**CONFIG_DEFAULTS, **config}
         c = self.config
         if c["hidden_act"] not in ACTIVATIONS:

@@ -76,6 +76,9 @@ def per_block(config, key, count):
 
 def check_config(config):
     """Config dict -> the same dict with diffusers' defaults filled in; NpdiffError for what is unsupported."""
+    from npdiff.loading.config_checks import check_component_config
+
+    check_component_config("unet", config)  # types and ranges of every value (norm_eps > 0, ...)
     full = {**DEFAULTS, **config}
     for key, expected in MUST_BE.items():
         if full[key] != expected:

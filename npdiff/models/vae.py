@@ -35,6 +35,9 @@ DEFAULTS = {
 
 def check_config(config):
     """Config dict -> the same dict with diffusers' defaults filled in; NpdiffError for what is unsupported."""
+    from npdiff.loading.config_checks import check_component_config
+
+    check_component_config("vae", config)  # types and ranges of every value (scaling_factor > 0, ...)
     full = {**DEFAULTS, **config}
     blocks = len(full["block_out_channels"])
     for key, name in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):

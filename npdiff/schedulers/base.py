@@ -97,8 +97,11 @@ class SchedulerBase:
         return scheduler
 
     def _check_config(self):
+        from npdiff.loading.config_checks import check_component_config
+
         cfg = self.config
         name = type(self).__name__
+        check_component_config("scheduler", {k: v for k, v in cfg.items() if not k.startswith("_")}, name)
         if not isinstance(cfg["num_train_timesteps"], (int, np.integer)) or cfg["num_train_timesteps"] < 1:
             raise NpdiffError(f"{name}: num_train_timesteps must be an integer >= 1, "
                               f"got {cfg['num_train_timesteps']!r}")

@@ -95,7 +95,7 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         elif cfg["timestep_spacing"] == "leading":
             step_ratio = last_timestep // (n + 1)
             timesteps = (np.arange(0, n + 1) * step_ratio).round()[::-1][:-1].astype(np.int64)
-            timesteps = timesteps + cfg["steps_offset"]
+            timesteps = schedules.check_offset_timesteps(timesteps + cfg["steps_offset"], T, cfg["steps_offset"])
         else:  # trailing
             step_ratio = T / n
             timesteps = np.arange(last_timestep, 0, -step_ratio).round().astype(np.int64) - 1

@@ -122,6 +122,17 @@ def training_sigmas(alphas_cumprod):
 # timestep spacing (diffusers' Table 2 of "Common Diffusion Noise Schedules ... Are Flawed")
 # ---------------------------------------------------------------------------------------------
 
+def check_offset_timesteps(timesteps, num_train_timesteps, steps_offset, allowed_past_end=0):
+    """NpdiffError when steps_offset pushes "leading" timesteps past the last training step: integer
+    schedulers (DDIM/DDPM/PNDM/DPM-Solver) index the schedule with them (allowed_past_end=0); sigma ones
+    interpolate and clamp, which is harmless for one timestep (LMS builds its full-length schedule with
+    SD's steps_offset 1 at construction, as diffusers does) but makes equal sigmas for two or more."""
+    if int(np.sum(np.asarray(timesteps) > num_train_timesteps - 1)) > allowed_past_end:
+        raise NpdiffError(f"scheduler config: steps_offset {steps_offset} gives timestep {float(np.max(timesteps)):g}, "
+                          f"past the last training step {num_train_timesteps - 1}; SD configs use 0 or 1")
+    return timesteps
+
+
 def spaced_timesteps(spacing, num_train_timesteps, num_inference_steps, steps_offset, integer):
     """Descending timesteps as DDIM/DDPM (integer=True, int64) or Euler/LMS (integer=False, float32).
 
@@ -136,7 +147,8 @@ def spaced_timesteps(spacing, num_train_timesteps, num_inference_steps, steps_of
         step_ratio = T // n
         values = (np.arange(0, n) * step_ratio).round()[::-1]            # [n] int64
         values = values.astype(np.int64) if integer else values.astype(np.float32)
-        return values + (values.dtype.type(steps_offset))
+        values = values + (values.dtype.type(steps_offset))
+        return check_offset_timesteps(values, T, steps_offset, allowed_past_end=0 if integer else 1)
     if spacing == "trailing":
         step_ratio = T / n
         values = np.round(np.arange(T, 0, -step_ratio))                  # [n] float64

@@ -23,8 +23,10 @@ def pipe():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(height=60), "height must be a multiple of 8, got 60"),
-    (dict(width=100), "width must be a multiple of 8, got 100"),
+    (dict(height=60), r"height must be a multiple of 32 pixels \(the VAE works in 8-pixel cells and the UNet "
+                      r"halves them 2 times\), got 60; try 32 or 64"),
+    (dict(width=100), r"width must be a multiple of 32 pixels .*, got 100; try 96 or 128"),
+    (dict(height=8), r"height must be a multiple of 32 pixels .*, got 8; try 32$"),
     (dict(height=0), "height must be a positive integer, got 0"),
     (dict(width=64.0), "width must be a positive integer, got 64.0"),
     (dict(num_inference_steps=0), "num_inference_steps must be an integer >= 1, got 0"),

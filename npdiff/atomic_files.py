@@ -1,0 +1,99 @@
+"""Writing files so that a failure never leaves half a file behind.
+
+    atomic_write(path, write_fn)          write_fn(handle) fills a temporary file in the same folder;
+                                          only when it returns is the file renamed onto `path`
+    atomic_folder(path, fill_fn)          the same for a folder of files (a cache): fill_fn(tmp_folder)
+    check_destination(path, what)         before any long work: the folder exists, is writable, and
+                                          `path` is not a folder; -> True when a file is already there
+
+Why a temporary file and os.replace: writing a PNG straight to its name leaves a 0-byte or truncated
+file when the disk fills, the process is killed, or the encoder raises. os.replace within one folder
+is atomic on POSIX and Windows: readers see the old file or the whole new one, never a part. The
+temporary file is removed on any failure, so nothing is left behind.
+"""
+
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from npdiff.errors import NpdiffError
+
+
+def atomic_write(path, write_fn, mode="wb"):
+    """Call write_fn(handle) on a temporary file beside `path`, then rename it onto `path`.
+
+    On any exception the temporary file is deleted and the exception propagates (an OSError such as
+    a full disk becomes an NpdiffError naming the file); an existing file at `path` is left untouched.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    # 1. a temporary file in the same folder (same file system, so the rename is atomic)
+    handle = tempfile.NamedTemporaryFile(mode=mode, dir=folder, prefix=f".{path.name}.", suffix=".tmp",
+                                         delete=False)
+    tmp_name = handle.name
+    try:
+        # 2. fill it, and make sure the bytes are on disk before the rename
+        with handle:
+            write_fn(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        # 3. the rename: readers see the old file or the complete new one
+        os.replace(tmp_name, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        if isinstance(exc, OSError) and not isinstance(exc, NpdiffError):
+            reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+            raise NpdiffError(f"could not write {path}: {reason}; nothing was written") from exc
+        raise
+    return path
+
+
+def atomic_folder(path, fill_fn):
+    """Build a folder of files in a temporary folder beside `path` with fill_fn(tmp_folder), then move it
+    to `path` (replacing what was there: a cache folder that is damaged or half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        fill_fn(tmp)
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not path.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process put a whole one there first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def check_destination(path, what="output"):
+    """NpdiffError unless a file can be written at `path`; -> True if a file is already there.
+
+    Checked before sampling, so a bad --out fails in a second, not after minutes of work: the folder
+    must exist and accept a new file (tried for real: permission bits do not tell the whole story on
+    read-only mounts), and `path` must not be a folder.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise NpdiffError(f"{what} {path} is a folder; give a file name such as {path / 'picture.png'}")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.exists():
+        raise NpdiffError(f"{what} {path}: the folder {folder} does not exist; create it first")
+    if not folder.is_dir():
+        raise NpdiffError(f"{what} {path}: {folder} is not a folder")
+    try:
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".probe")
+        probe.close()  # deletes it
+    except OSError as exc:
+        raise NpdiffError(f"{what} {path}: cannot write in the folder {folder} "
+                          f"({exc.strerror or exc})") from exc
+    return path.exists()

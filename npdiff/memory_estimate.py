@@ -1,0 +1,159 @@
+"""How much memory a pipeline call needs, estimated from the configs before any work starts.
+
+    estimate_call_bytes(unet_config, vae_config, text_dim, batch, height, width, guidance, encode=False,
+                        workers=1)  -> dict of byte counts: unet, vae_decode, vae_encode, text, workspace, total
+    available_bytes()            MemAvailable from /proc/meminfo (else os.sysconf pages), or None
+    check_call_memory(pipe, batch, height, width, guidance, encode=False)
+        NpdiffError naming both numbers and what to lower, when the estimate exceeds what is free
+
+The formula (float32: 4 bytes a value). A "map" at level i is one feature map [B, C_i, h_i, w_i] of
+the batch the network runs on (the UNet runs 2*batch when guiding; the VAE decodes the whole batch):
+
+  UNet, at the latent size h x w = H/f x W/f (f the VAE factor), level i at h/2^i x w/2^i:
+    skips   every skip connection kept for the up path, summed exactly from the config (conv_in,
+            each down resnet, each downsampler): they are all alive at the middle of the network;
+    work    the largest working set of one level: a resnet keeps ~6 maps (input, norm, conv, time
+            added, residual, output); a transformer's GEGLU feed-forward holds [B, N, 8C] + [B, N, 4C]
+            and q, k, v, out beside it: ~18 maps; plus the attention scores of one call,
+            B*heads*N*M floats, but at most 2^23 of them (the kernels switch to key chunks above that);
+  VAE decode, level j of the decoder at (h*2^j) x (w*2^j): ~4 maps of the widest channel count at that
+    level, plus the nearest-2x upsampled map (4 maps' worth of the smaller level); the mid-block's
+    single-head attention scores (capped as above) at the latent size;
+  VAE encode (img2img): the same count over the encoder at batch 1;
+    (score matrices are counted once per call, not per picture: the kernels cap the whole call's);
+  text: the embeddings [2*batch, 77, D] and CLIP's working set on them (~8 x that);
+  workspace: the convolutions' im2col tiles, one per worker thread (at most 16 MiB each).
+  total = text + workspace + max(unet, vae_decode, vae_encode): the stages run one after the other.
+
+The weights are already in memory when a call starts (and so already out of MemAvailable); what is
+compared with the free memory is what the call adds. The estimate is an upper-side guess within a
+small factor (tests/test_memory_estimate.py compares it with the traced peak of a small call); its
+purpose is to refuse a 1048576x1048576 picture or a million images in a second, not to pack memory.
+"""
+
+import os
+
+from npdiff.errors import NpdiffError
+
+FLOAT_BYTES = 4
+SCORES_CAP = 1 << 23  # kernels.attention.MEMORY_EFFICIENT_MIN_SCORES: larger score matrices are chunked
+IM2COL_TILE_BYTES = 16 << 20  # kernels.conv.IM2COL_TILE_BYTES: one unfolded tile per worker thread
+RESNET_MAPS = 6
+VAE_MAPS = 4  # the VAE's resnets have no time embedding and free their inputs early
+TRANSFORMER_MAPS = 18
+TEXT_LENGTH = 77
+
+
+def _per_block(value, count):
+    return list(value) if isinstance(value, (list, tuple)) else [value] * count
+
+
+def _scores_bytes(count):
+    """One attention call's score matrix: count floats, or the capped chunks the kernels switch to."""
+    return min(count, SCORES_CAP) * FLOAT_BYTES
+
+
+def unet_bytes(config, batch, h, w):
+    """Peak activation bytes of one UNet call on [batch, C, h, w] latents (see the module docstring)."""
+    channels = list(config["block_out_channels"])
+    blocks = len(channels)
+    layers = _per_block(config.get("layers_per_block", 2), blocks)
+    heads = _per_block(config.get("attention_head_dim", 8), blocks)
+    types = list(config.get("down_block_types", ["CrossAttnDownBlock2D"] * blocks))
+    skips = channels[0] * h * w  # conv_in
+    work = scores = 0
+    for i in range(blocks):
+        positions = max(1, (h >> i) * (w >> i))
+        skips += layers[i] * channels[i] * positions  # one skip per resnet (+ attention)
+        if i < blocks - 1:
+            skips += channels[i] * max(1, (h >> (i + 1)) * (w >> (i + 1)))  # the downsampler's output
+        attention = "CrossAttn" in str(types[i])
+        # up blocks see skip + input: up to 2x the channels
+        work = max(work, (TRANSFORMER_MAPS if attention else RESNET_MAPS) * 2 * channels[i] * positions)
+        if attention:
+            scores = max(scores, _scores_bytes(batch * heads[i] * positions * max(positions, TEXT_LENGTH)))
+    return batch * (skips + work) * FLOAT_BYTES + scores
+
+
+def vae_decode_bytes(config, batch, h, w):
+    """Peak activation bytes of decoding [batch, latent, h, w] (see the module docstring)."""
+    channels = list(config["block_out_channels"])[::-1]  # decoder order: widest first, at the latent size
+    peak = VAE_MAPS * channels[0] * h * w  # the mid block at the latent size
+    for j, width in enumerate(channels):
+        positions = (h << j) * (w << j)
+        level = VAE_MAPS * max(width, channels[max(j - 1, 0)]) * positions
+        if j < len(channels) - 1:
+            level += 4 * width * positions  # the 2x-upsampled map, 4x the positions
+        peak = max(peak, level)
+    return batch * peak * FLOAT_BYTES + _scores_bytes(batch * (h * w) ** 2)  # + mid-block attention
+
+
+def conv_workspace_bytes(vae_config, height, width, workers):
+    """im2col tiles: one per worker, at most IM2COL_TILE_BYTES, at most the unfolded largest input."""
+    widest_full_size = max(list(vae_config["block_out_channels"])[:2])  # the decoder's last, full-size convs
+    return workers * min(IM2COL_TILE_BYTES, 9 * widest_full_size * height * width * FLOAT_BYTES)
+
+
+def estimate_call_bytes(unet_config, vae_config, text_dim, batch, height, width, guidance, encode=False,
+                        workers=1):
+    """-> {"unet", "vae_decode", "vae_encode", "text", "workspace", "total"} in bytes for `batch` pictures."""
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    h, w = max(1, height // factor), max(1, width // factor)
+    unet_batch = 2 * batch if guidance else batch
+    estimate = {
+        "unet": unet_bytes(unet_config, unet_batch, h, w),
+        "vae_decode": vae_decode_bytes(vae_config, batch, h, w),
+        "vae_encode": vae_decode_bytes(vae_config, 1, h, w) if encode else 0,
+        "text": 8 * unet_batch * TEXT_LENGTH * int(text_dim) * FLOAT_BYTES,
+        "workspace": conv_workspace_bytes(vae_config, height, width, workers),
+    }
+    stages = max(estimate["unet"], estimate["vae_decode"], estimate["vae_encode"])
+    estimate["total"] = estimate["text"] + estimate["workspace"] + stages
+    return estimate
+
+
+def available_bytes():
+    """Memory a new allocation can get: MemAvailable (Linux), else free physical pages; None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB -> bytes
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def human_bytes(count):
+    """1.5 GiB, 300.0 MiB, 12.0 TiB."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30)):
+        if count >= size / 4:
+            return f"{count / size:,.2f} {unit}"
+    return f"{count / 2**20:.1f} MiB"
+
+
+def check_call_memory(pipe, batch, height, width, guidance, encode=False):
+    """NpdiffError before any work when the call's estimated memory exceeds what the machine has free.
+
+    Only for the NumPy backend (host memory); a GPU backend's memory is not measured here.
+    """
+    from npdiff import backend
+
+    if backend.name() not in ("numpy", None):
+        return None
+    from npdiff.kernels.block_pool import worker_count
+
+    text_dim = pipe.text_encoder.config.get("hidden_size", 768)
+    estimate = estimate_call_bytes(pipe.unet.config, pipe.vae.config, text_dim, batch, height, width, guidance,
+                                   encode=encode, workers=worker_count())
+    free = available_bytes()
+    if free is not None and estimate["total"] > free:
+        biggest = max(("unet", "vae_decode", "vae_encode"), key=estimate.get)
+        raise NpdiffError(
+            f"{height}x{width} pixels x {batch} picture(s) needs about {human_bytes(estimate['total'])} of memory "
+            f"(mostly the {biggest.replace('_', ' ')}), but only {human_bytes(free)} is available; lower height/width "
+            f"(--height/--width), the number of prompts or num_images_per_prompt")
+    return estimate
