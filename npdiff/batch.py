@@ -356,8 +356,10 @@ def add_batch_command(subparsers):
     p.add_argument("--guidance", type=float, default=None,
                    help=f"classifier-free guidance scale (default {DEFAULTS['guidance']})")
     p.add_argument("--sampler", default=None, help="sampler for lines without one (default: the model's own)")
-    p.add_argument("--height", type=int, default=None, help="picture height, a multiple of 8")
-    p.add_argument("--width", type=int, default=None, help="picture width, a multiple of 8")
+    p.add_argument("--height", type=int, default=None,
+                   help="picture height, a multiple of 64 for SD (16 for the shipped model)")
+    p.add_argument("--width", type=int, default=None,
+                   help="picture width, a multiple of 64 for SD (16 for the shipped model)")
     p.add_argument("--strength", type=float, default=None,
                    help=f"img2img strength for lines with an image (default {DEFAULTS['strength']})")
     p.add_argument("--workers", type=int, default=None,

@@ -336,8 +336,10 @@ def add_sampling_options(p):
 def add_generate_command(subparsers):
     p = subparsers.add_parser("generate", help="text to image")
     add_sampling_options(p)
-    p.add_argument("--height", type=int, default=None, help="picture height, a multiple of 8")
-    p.add_argument("--width", type=int, default=None, help="picture width, a multiple of 8")
+    p.add_argument("--height", type=int, default=None,
+                   help="picture height, a multiple of 64 for SD (16 for the shipped model)")
+    p.add_argument("--width", type=int, default=None,
+                   help="picture width, a multiple of 64 for SD (16 for the shipped model)")
     p.set_defaults(run=run_generate)
 
 
@@ -357,8 +359,10 @@ def add_inpaint_command(subparsers):
     p.add_argument("--mask", default=None, help="the mask: white = repaint, black = keep; the picture's size")
     p.add_argument("--strength", type=float, default=None,
                    help=f"how much to change the masked part, in (0, 1] (default {INPAINT_DEFAULTS['strength']})")
-    p.add_argument("--height", type=int, default=None, help="size to work at, a multiple of 8 (default: the model's)")
-    p.add_argument("--width", type=int, default=None, help="size to work at, a multiple of 8 (default: the model's)")
+    p.add_argument("--height", type=int, default=None,
+                   help="size to work at, a multiple of 64 for SD (default: the model's)")
+    p.add_argument("--width", type=int, default=None,
+                   help="size to work at, a multiple of 64 for SD (default: the model's)")
     p.set_defaults(run=run_inpaint)
 
 

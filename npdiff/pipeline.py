@@ -291,8 +291,9 @@ class StableDiffusionPipeline:
 
         image: PIL image, uint8 array [H,W,3] or float array [H,W,3] in [0,1]. mask_image: the same size,
         a PIL image in any mode or an array [H,W] (bool, uint8, float in [0,1]); >= half white = repaint.
-        height, width: the size to work at, multiples of 8 (default: the model's, as diffusers); the
-        picture and mask are resized to it. strength in (0, 1]: 1 repaints from pure noise.
+        height, width: the size to work at, multiples of pipeline_utils.size_rule (64 pixels for SD;
+        default: the model's, as diffusers); the picture and mask are resized to it. strength in (0, 1]:
+        1 repaints from pure noise.
         A 9-channel inpainting UNet (sd-v1-5-inpainting) sees the mask; any 4-channel UNet works too,
         its kept part put back after each step.
         """
