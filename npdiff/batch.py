@@ -12,7 +12,7 @@ How a run goes:
      processes sharing the cores (--workers N), or as Ray actors (--ray, npdiff/batch_ray.py);
   4. feed jobs (with the model's name and hash) to workers as they free up; each returns its PNG's bytes
      and parameters, or an error;
-  5. this process writes every picture into DIR (temporary file + os.replace: a picture is either
+  5. this process writes every picture into DIR (npdiff/atomic_files.py: a picture is either
      whole or absent) and prints a summary; the exit code is 1 if any line failed.
 A worker renders exactly what `npdiff generate` / `npdiff img2img` would with the same options: same
 seed, same bytes, same parameters in the PNG. Ray is imported only on the --ray path.
@@ -28,6 +28,7 @@ from io import BytesIO
 from itertools import islice
 from pathlib import Path
 
+from npdiff.atomic_files import atomic_write
 from npdiff.batch_jobs import is_done, read_jobs
 from npdiff.errors import NpdiffError
 
@@ -256,15 +257,7 @@ class BatchSummary:
 
 def write_atomically(path, data):
     """Write bytes to `path` through a temporary file in the same folder and os.replace: whole or absent."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 def run_batch(jobs_file, out_dir, model=None, defaults=None, workers=None, ray_address=None, pool=None,
@@ -356,8 +349,10 @@ def add_batch_command(subparsers):
     p.add_argument("--guidance", type=float, default=None,
                    help=f"classifier-free guidance scale (default {DEFAULTS['guidance']})")
     p.add_argument("--sampler", default=None, help="sampler for lines without one (default: the model's own)")
-    p.add_argument("--height", type=int, default=None, help="picture height, a multiple of 8")
-    p.add_argument("--width", type=int, default=None, help="picture width, a multiple of 8")
+    p.add_argument("--height", type=int, default=None,
+                   help="picture height, a multiple of 64 for SD (16 for the shipped model)")
+    p.add_argument("--width", type=int, default=None,
+                   help="picture width, a multiple of 64 for SD (16 for the shipped model)")
     p.add_argument("--strength", type=float, default=None,
                    help=f"img2img strength for lines with an image (default {DEFAULTS['strength']})")
     p.add_argument("--workers", type=int, default=None,

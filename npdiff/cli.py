@@ -1,18 +1,20 @@
 """The `npdiff` command line.
 
     npdiff generate PROMPT [--negative N] [--steps S] [--guidance G] [--seed X] [--sampler NAME]
-                    [--height H --width W] [--model PATH] [--vae FOLDER] [--out FILE] [--save-steps K]
+                    [--height H --width W] [--model PATH] [--prediction-type epsilon|v_prediction]
+                    [--vae FOLDER] [--lora FILE[:SCALE]]... [--out FILE] [--save-steps K]
                     [--reproduce PNG] [--device cpu|cuda [--fp16]] [--backend numpy|cupy]
                                      text -> picture; the PNG carries its parameters (npdiff's JSON and
-                                     AUTOMATIC1111's text, the model by name and hash), and
-                                     `--reproduce that.png --model M` makes it again
-    npdiff img2img PROMPT --image IN [--strength S] [same options]
+                                     AUTOMATIC1111's text; the model and LoRAs by name and hash, a --vae
+                                     by folder name), and `--reproduce that.png --model M` makes it again
+    npdiff img2img PROMPT --image IN [--strength S] [generate's options but --height/--width]
                                      picture + text -> picture
-    npdiff batch JOBS --out DIR [--workers N] [--ray ADDRESS] [generate's options as defaults]
+    npdiff inpaint PROMPT --image IN --mask MASK [--strength S] [generate's options]
+                                     repaint the picture where the mask is white
+    npdiff batch JOBS --out DIR [--workers N] [--ray ADDRESS] [defaults for the jobs: --model,
+                    --negative, --steps, --guidance, --sampler, --height/--width, --strength]
                                      one picture per line of JOBS (prompts, or .jsonl of options),
                                      on N local processes or a Ray cluster; a rerun resumes
-    npdiff inpaint PROMPT --image IN --mask MASK [--strength S] [--height H --width W] [same options]
-                                     repaint the picture where the mask is white
     npdiff verify [--model PATH] [--steps N]
                                      npdiff against diffusers/transformers on the same weights:
                                      relative error per component and per block
@@ -334,8 +336,10 @@ def add_sampling_options(p):
 def add_generate_command(subparsers):
     p = subparsers.add_parser("generate", help="text to image")
     add_sampling_options(p)
-    p.add_argument("--height", type=int, default=None, help="picture height, a multiple of 8")
-    p.add_argument("--width", type=int, default=None, help="picture width, a multiple of 8")
+    p.add_argument("--height", type=int, default=None,
+                   help="picture height, a multiple of 64 for SD (16 for the shipped model)")
+    p.add_argument("--width", type=int, default=None,
+                   help="picture width, a multiple of 64 for SD (16 for the shipped model)")
     p.set_defaults(run=run_generate)
 
 
@@ -355,8 +359,10 @@ def add_inpaint_command(subparsers):
     p.add_argument("--mask", default=None, help="the mask: white = repaint, black = keep; the picture's size")
     p.add_argument("--strength", type=float, default=None,
                    help=f"how much to change the masked part, in (0, 1] (default {INPAINT_DEFAULTS['strength']})")
-    p.add_argument("--height", type=int, default=None, help="size to work at, a multiple of 8 (default: the model's)")
-    p.add_argument("--width", type=int, default=None, help="size to work at, a multiple of 8 (default: the model's)")
+    p.add_argument("--height", type=int, default=None,
+                   help="size to work at, a multiple of 64 for SD (default: the model's)")
+    p.add_argument("--width", type=int, default=None,
+                   help="size to work at, a multiple of 64 for SD (default: the model's)")
     p.set_defaults(run=run_inpaint)
 
 

@@ -3,7 +3,7 @@
   decoded_to_uint8(x)      VAE output [B,3,H,W] in [-1,1] -> uint8 [B,H,W,3], rounded as diffusers does
   to_pil(x)                the same, as a list of PIL images
   image_to_model_input(im) PIL / uint8 array / float array in [0,1] -> [1,3,H,W] float32 in [-1,1],
-                           sides rounded down to a multiple of the VAE's scale factor, or resized to a
+                           sides rounded down to a given multiple (the size rule), or resized to a
                            given height and width (diffusers' VaeImageProcessor.preprocess)
   mask_to_model_input(m)   an inpainting mask (PIL in any mode, or an array) -> [1,1,H,W] of 0/1, 1 =
                            repaint (diffusers' mask_processor: resize, grey, binarize at 0.5)
@@ -97,12 +97,13 @@ def load_image(path):
         raise NpdiffError(f"image {path}: corrupt or truncated picture file ({exc})") from exc
 
 
-def image_to_model_input(image, vae_scale_factor=8, height=None, width=None):
+def image_to_model_input(image, multiple=8, height=None, width=None):
     """An input picture -> float32 [1,3,H,W] in [-1,1] for vae.encode (diffusers' preprocess).
 
     image: a PIL image (converted to RGB), a uint8 array [H,W,3], or a float array [H,W,3] in [0,1].
     H and W are `height` and `width` when given (inpainting), else the picture's sides rounded down to
-    multiples of `vae_scale_factor`; the picture is resized to them with Lanczos, as diffusers does.
+    multiples of `multiple` (the pipeline's size rule: 64 pixels for SD); the picture is resized to them
+    with Lanczos, as diffusers does.
     """
     from PIL import Image
 
@@ -123,11 +124,11 @@ def image_to_model_input(image, vae_scale_factor=8, height=None, width=None):
         raise NpdiffError(f"image: mode {image.mode!r} ({image.width}x{image.height} pixels) is not an 8-bit "
                           "picture; convert it to RGB first")
     if height is None or width is None:
-        width = image.width - image.width % vae_scale_factor
-        height = image.height - image.height % vae_scale_factor
+        width = image.width - image.width % multiple
+        height = image.height - image.height % multiple
     if width == 0 or height == 0:
         raise NpdiffError(f"image: {image.width}x{image.height} pixels is smaller than "
-                          f"{vae_scale_factor}x{vae_scale_factor}, the least picture this model takes")
+                          f"{multiple}x{multiple}, the least picture this model takes")
     image = image.resize((width, height), resample=Image.LANCZOS).convert("RGB")
     pixels = np.asarray(image).astype(np.float32) / 255.0  # [H,W,3] uint8 -> [0,1]
     pixels = pixels.transpose(2, 0, 1)[None]  # [H,W,3] -> [1,3,H,W]

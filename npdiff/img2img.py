@@ -1,5 +1,7 @@
-"""Starting from a picture: the two pieces image-to-image and inpainting share with diffusers.
+"""Starting from a picture: the pieces image-to-image and inpainting share with diffusers.
 
+  check_denoising_steps(N, strength)      NpdiffError when strength keeps no step (int(N * strength) = 0),
+                                          checked before any long work;
   get_timesteps(scheduler, N, strength)   diffusers' get_timesteps: with N steps keep the last
                                           min(int(N * strength), N) of them (times the scheduler's order)
                                           and tell the scheduler where it begins (set_begin_index);
@@ -36,7 +38,8 @@ def get_timesteps(scheduler, num_inference_steps, strength):
 
 
 def encode_image(pipe, pixels, batch, generator):
-    """Pixels [1,3,H,W] in [-1,1] -> scaled latents [batch,4,h,w] (one posterior sample, repeated)."""
+    """Pixels [1,3,H,W] in [-1,1] -> scaled latents [batch,4,h,w] (one posterior sample or TAESD's latents,
+    repeated)."""
     encoded = pipe.vae.encode(backend.to_device(pixels))  # [1,3,H,W] -> posterior (KL) or latents (TAESD)
     # diffusers' retrieve_latents: a KL posterior is sampled (one draw); TAESD gives latents (no draw)
     latents = encoded.latents if hasattr(encoded, "latents") else encoded.sample(generator)  # [1,4,h,w]

@@ -7,14 +7,18 @@
     out = pipe.inpaint("a green square", image=picture, mask_image=mask, seed=3)   # white = repaint
 
 Every mode is one flow, _generate, with these steps (diffusers' StableDiffusionPipeline.__call__):
-  0. check the arguments, those of every mode and then the start's own, before any long work;
+  0. check the arguments, those of every mode and then the start's own, and refuse a call whose
+     memory estimate (memory_estimate.py) cannot fit, all before any long work;
   1. encode the prompts and the negative prompts ("" by default) with CLIP: [B,77,D] each;
-  2. with guidance_scale > 1 stack them as [uncond; cond] -> [2B,77,D] for one UNet call per step;
+  2. with guidance_scale > 1 stack them as [uncond; cond] -> [2B,77,D] for one UNet call per step
+     (not for an LCM-distilled UNet, which takes the guidance scale as timestep_cond instead);
   3. the timesteps and the initial latents, drawn from TorchGenerator(seed) (the same numbers as
      torch.randn with a CPU torch.Generator) after the text is encoded, as diffusers does;
   4. for each timestep t: scale the model input, predict the noise with the UNet, combine
      eps = eps_uncond + g * (eps_cond - eps_uncond), and let the scheduler step x_t -> x_{t-1};
-  5. decode latents / scaling_factor with the VAE and round to 8-bit pictures.
+     a NaN or Inf in the latents stops the call with an NpdiffError naming the step;
+  5. decode latents / scaling_factor with the VAE (NaN/Inf there: NpdiffError, not a black
+     picture) and round to 8-bit pictures.
 What differs between the modes is a start object (npdiff/sampling_starts.py): text-to-image
 (NoiseStart) starts from noise over all timesteps; image-to-image (ImageStart) starts step 4
 part-way, from the encoded picture with noise added; inpainting (InpaintStart) also gives an
@@ -287,8 +291,9 @@ class StableDiffusionPipeline:
 
         image: PIL image, uint8 array [H,W,3] or float array [H,W,3] in [0,1]. mask_image: the same size,
         a PIL image in any mode or an array [H,W] (bool, uint8, float in [0,1]); >= half white = repaint.
-        height, width: the size to work at, multiples of 8 (default: the model's, as diffusers); the
-        picture and mask are resized to it. strength in (0, 1]: 1 repaints from pure noise.
+        height, width: the size to work at, multiples of pipeline_utils.size_rule (64 pixels for SD;
+        default: the model's, as diffusers); the picture and mask are resized to it. strength in (0, 1]:
+        1 repaints from pure noise.
         A 9-channel inpainting UNet (sd-v1-5-inpainting) sees the mask; any 4-channel UNet works too,
         its kept part put back after each step.
         """

@@ -31,6 +31,13 @@ def rng(seed):
     return np.random.default_rng(seed)
 
 
+@pytest.fixture
+def hash_cache(tmp_path, monkeypatch):
+    """Model hashes are cached under $XDG_CACHE_HOME: a test's own, not the user's. -> the cache file."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "npdiff" / "hashes.json"
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

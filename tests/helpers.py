@@ -1,6 +1,7 @@
-"""Helpers shared by the tests: relative error, and torch <-> numpy."""
+"""Helpers shared by the tests: relative error, torch <-> numpy, a PNG's pixels."""
 
 import numpy as np
+from PIL import Image
 
 # The project's numerics policy (README.md), float32, relative error ||ours - torch|| / ||torch||: a single
 # kernel <= 1e-5, a whole network forward <= 1e-4; a whole sampling loop: 8-bit pictures within 2 levels.
@@ -30,3 +31,9 @@ def to_numpy(a):
     if hasattr(a, "get") and type(a).__module__.startswith("cupy"):
         return a.get()
     return np.asarray(a)
+
+
+def pixels(path):
+    """A picture file's pixels, [H,W,3] uint8 RGB."""
+    with Image.open(path) as picture:
+        return np.asarray(picture.convert("RGB"))

@@ -12,6 +12,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent / "pipeline"))
 
+from helpers import pixels  # noqa: E402
 from tiny_sd import tiny_sd_folder  # noqa: E402
 
 from npdiff import cli, verify  # noqa: E402
@@ -26,20 +27,12 @@ def npdiff_command():
     return [str(script)] if script.is_file() else [sys.executable, "-m", "npdiff.cli"]
 
 
-def pixels(path):
-    with Image.open(path) as picture:
-        return np.asarray(picture.convert("RGB"))
-
-
 @pytest.fixture(scope="module")
 def folder():
     return tiny_sd_folder()
 
 
-@pytest.fixture(autouse=True)
-def hash_cache(tmp_path, monkeypatch):
-    """Model hashes are cached under $XDG_CACHE_HOME: a test's own, not the user's."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("hash_cache")  # model hashes cached in a test's own folder (conftest)
 
 
 def test_generate_subprocess_png_reproduces_itself(folder, tmp_path, seed):

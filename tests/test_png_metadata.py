@@ -17,6 +17,7 @@ from PIL.PngImagePlugin import PngInfo
 
 sys.path.insert(0, str(Path(__file__).parent / "pipeline"))
 
+from helpers import pixels  # noqa: E402
 from tiny_sd import tiny_sd_folder  # noqa: E402
 
 from npdiff import NpdiffError, cli, model_identity, pipeline  # noqa: E402
@@ -31,16 +32,7 @@ def folder():
     return tiny_sd_folder()
 
 
-@pytest.fixture(autouse=True)
-def hash_cache(tmp_path, monkeypatch):
-    """Model hashes are cached under $XDG_CACHE_HOME: a test's own, not the user's."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    return tmp_path / "cache" / "npdiff" / "hashes.json"
-
-
-def pixels(path):
-    with Image.open(path) as picture:
-        return np.asarray(picture.convert("RGB"))
+pytestmark = pytest.mark.usefixtures("hash_cache")  # model hashes cached in a test's own folder (conftest)
 
 
 def text_chunks(path):

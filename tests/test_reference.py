@@ -99,8 +99,9 @@ def test_tokenizer_matches_transformers(pad, rng, tmp_path):
         ours = ref.CLIPTokenizer(tmp_path / "saved")
     assert ours.pad == theirs.pad_token_id
     captions, _ = shapes_data.random_prompts(20, int(rng.integers(2**31)))
-    tricky = ["ΟΔΟΣ ΣΙΣΥΦΟΣ", "a\x1cb\x1fc\x85d\u00a0e\u2028f\u3000g\u200bh", "a<|STARTOFTEXT|>b<|endoftext|>c",
-              "İstanbul ǅ ẞ Ⓐ", "''s 's's ''re X'LL don't!", "١٢٣ ½ ² Ⅻ 𝟙", "e\u0301 é \ufeff", "hi! wow!!"]
+    tricky = ["ΟΔΟΣ ΣΙΣΥΦΟΣ", "a\x1cb\x1fc\x85d\u00a0e\u2028f\u3000g\u200bh",
+              "a<|STARTOFTEXT|>b<|endoftext|>c", "İstanbul ǅ ẞ Ⓐ", "''s 's's ''re X'LL don't!", "١٢٣ ½ ² Ⅻ 𝟙",
+              "e\u0301 é \ufeff", "hi! wow!!"]
     prompts = FIXED_PROMPTS + tricky + captions + [random_prompt(rng) for _ in range(150)]
     expected = theirs(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="np")["input_ids"]
     for prompt, row in zip(prompts, expected):

@@ -4,6 +4,7 @@
     open_weights(path) -> Weights                   one .safetensors file, memory-mapped
     load_component_weights(folder, variant=None)    diffusion_pytorch_model[.fp16].safetensors or
                                                     model[.fp16].safetensors in a component folder
+    load_component(folder, subfolder=None, variant=None) -> (config, Weights)   both of the above
     load_single_file(path)                          {"unet"|"vae"|"text_encoder": (config, Weights)}
                                                     from an original CompVis/Stability SD 1.x/2.x file
     load_pipeline_components(path, variant=None, prediction_type=None)
@@ -23,9 +24,9 @@ Loading never writes a file. Every bad input raises npdiff.errors.NpdiffError na
 """
 
 from npdiff.loading.components import load_pipeline_components
-from npdiff.loading.configs import load_component_weights, open_weights, read_config, read_json
+from npdiff.loading.configs import load_component, load_component_weights, open_weights, read_config, read_json
 from npdiff.loading.single_file import load_single_file
 from npdiff.loading.weights import TensorRef, Weights
 
 __all__ = ["Weights", "TensorRef", "read_config", "read_json", "open_weights", "load_component_weights",
-           "load_single_file", "load_pipeline_components"]
+           "load_component", "load_single_file", "load_pipeline_components"]

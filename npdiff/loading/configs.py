@@ -115,3 +115,10 @@ def load_component_weights(folder, variant=None):
         elif variant is not None:
             hint += f" (variant={variant!r} was asked for; pass variant=None for the plain file)"
     raise NpdiffError(f"no weights in {folder}: expected {wanted}{hint}")
+
+
+def load_component(folder, subfolder=None, variant=None):
+    """(config dict, Weights) of one component folder, <folder>[/<subfolder>]: what a model's
+    from_pretrained builds itself from."""
+    path = os.path.join(folder, subfolder) if subfolder else os.fspath(folder)
+    return read_config(path), load_component_weights(path, variant)

@@ -168,15 +168,12 @@ def infer_vae_config(shapes):
     }
 
 
-def infer_clip_config(shapes):
-    prefix = "text_model." if "text_model.embeddings.token_embedding.weight" in shapes else ""
-    vocab_size, hidden_size = shapes(prefix + "embeddings.token_embedding.weight")  # [V, D]
-    max_positions = shapes(prefix + "embeddings.position_embedding.weight")[0]  # [P, D]
-    num_layers = len(_indices(list(shapes.stored), rf"{re.escape(prefix)}encoder\.layers\.(\d+)\."))
-    intermediate_size = shapes(prefix + "encoder.layers.0.mlp.fc1.weight")[0]  # [I, D]
+def clip_text_config(source, what, vocab_size, hidden_size, intermediate_size, num_layers, max_positions,
+                     hidden_act):
+    """The transformers CLIPTextConfig diffusers would use (heads CLIP_HEAD_WIDTH wide); SD 1.x and 2.x."""
     if hidden_size % CLIP_HEAD_WIDTH:
-        raise NpdiffError(f"{shapes.source}: text encoder width {hidden_size} is not a multiple of CLIP's head "
-                          f"width {CLIP_HEAD_WIDTH}; cannot infer the number of heads")
+        raise NpdiffError(f"{source}: {what} width {hidden_size} is not a multiple of its head width "
+                          f"{CLIP_HEAD_WIDTH}; cannot infer the number of heads")
     return {
         "architectures": ["CLIPTextModel"],
         "model_type": "clip_text_model",
@@ -186,9 +183,19 @@ def infer_clip_config(shapes):
         "num_hidden_layers": num_layers,
         "num_attention_heads": hidden_size // CLIP_HEAD_WIDTH,
         "max_position_embeddings": max_positions,
-        "hidden_act": "quick_gelu",
+        "hidden_act": hidden_act,
         "layer_norm_eps": 1e-5,
     }
+
+
+def infer_clip_config(shapes):
+    prefix = "text_model." if "text_model.embeddings.token_embedding.weight" in shapes else ""
+    vocab_size, hidden_size = shapes(prefix + "embeddings.token_embedding.weight")  # [V, D]
+    max_positions = shapes(prefix + "embeddings.position_embedding.weight")[0]  # [P, D]
+    num_layers = len(_indices(list(shapes.stored), rf"{re.escape(prefix)}encoder\.layers\.(\d+)\."))
+    intermediate_size = shapes(prefix + "encoder.layers.0.mlp.fc1.weight")[0]  # [I, D]
+    return clip_text_config(shapes.source, "CLIP text encoder", vocab_size, hidden_size, intermediate_size,
+                            num_layers, max_positions, hidden_act="quick_gelu")
 
 
 INFER = {"unet": infer_unet_config, "vae": infer_vae_config, "text_encoder": infer_clip_config}

@@ -37,7 +37,6 @@ import re
 from npdiff.errors import NpdiffError
 
 OPENCLIP_PREFIX = "cond_stage_model.model."
-OPENCLIP_HEAD_WIDTH = 64
 DROPPED_KEYS = ("text_projection", "logit_scale")  # CLIP's contrastive head: not used by SD
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -93,6 +92,8 @@ def _shape(shapes, key, source):
 
 def infer_openclip_config(shapes, source):
     """{OpenCLIP key (prefix removed): shape} -> the transformers CLIPTextConfig diffusers would use."""
+    from npdiff.loading.single_file import clip_text_config  # single_file imports this module
+
     vocab_size, hidden_size = _shape(shapes, "token_embedding.weight", source)  # [V, D]
     max_positions = _shape(shapes, "positional_embedding", source)[0]  # [P, D]
     blocks = sorted({int(m.group(1)) for m in map(RESBLOCK_KEY.fullmatch, shapes) if m})
@@ -100,21 +101,9 @@ def infer_openclip_config(shapes, source):
         raise NpdiffError(f"{source}: OpenCLIP resblocks {blocks} are not 0..N-1 with N >= 2 (SD 2.x uses all "
                           "but the last)")
     intermediate_size = _shape(shapes, "transformer.resblocks.0.mlp.c_fc.weight", source)[0]  # [I, D]
-    if hidden_size % OPENCLIP_HEAD_WIDTH:
-        raise NpdiffError(f"{source}: OpenCLIP width {hidden_size} is not a multiple of its head width "
-                          f"{OPENCLIP_HEAD_WIDTH}; cannot infer the number of heads")
-    return {
-        "architectures": ["CLIPTextModel"],
-        "model_type": "clip_text_model",
-        "vocab_size": vocab_size,
-        "hidden_size": hidden_size,
-        "intermediate_size": intermediate_size,
-        "num_hidden_layers": len(blocks) - 1,  # the penultimate layer's output is SD 2.x's conditioning
-        "num_attention_heads": hidden_size // OPENCLIP_HEAD_WIDTH,
-        "max_position_embeddings": max_positions,
-        "hidden_act": "gelu",
-        "layer_norm_eps": 1e-5,
-    }
+    # the penultimate layer's output is SD 2.x's conditioning: one layer fewer than the file
+    return clip_text_config(source, "OpenCLIP text encoder", vocab_size, hidden_size, intermediate_size,
+                            len(blocks) - 1, max_positions, hidden_act="gelu")
 
 
 def map_openclip_key(key, shape, hidden_size, last_block):

@@ -1,4 +1,4 @@
-"""The networks of Stable Diffusion over weight dicts keyed as the checkpoint names them.
+"""The networks of Stable Diffusion, built from weights keyed by their diffusers/transformers names.
 
     CLIPTextModel          npdiff/models/clip.py
     UNet2DConditionModel   npdiff/models/unet.py
@@ -6,7 +6,8 @@
     AutoencoderTiny        npdiff/models/vae_tiny.py   (TAESD)
 
 Each is built as `Model(config, weights)` (config: the component's config.json as a dict; weights: an
-npdiff.loading.Weights) or `Model.from_pretrained(folder)`, and called on float32 NCHW arrays.
+npdiff.loading.Weights) or `Model.from_pretrained(folder, subfolder=None, variant=None)`
+(npdiff.loading.load_component), and called on float32 NCHW arrays.
 Imported lazily so that `import npdiff.models` costs nothing until a model is used.
 """
 

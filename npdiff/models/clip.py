@@ -135,12 +135,9 @@ class CLIPTextModel:
 
     @classmethod
     def from_pretrained(cls, folder, subfolder=None, variant=None):
-        from pathlib import Path
+        from npdiff.loading import load_component
 
-        from npdiff.loading import load_component_weights, read_config
-
-        path = Path(folder) / subfolder if subfolder else Path(folder)
-        return cls(read_config(path), load_component_weights(path, variant))
+        return cls(*load_component(folder, subfolder, variant))
 
     def check_input_ids(self, input_ids):
         """input_ids -> an int64 NumPy array [B,L]; NpdiffError naming what is wrong."""

@@ -21,8 +21,6 @@ Supported configuration: what SD 1.x/2.x use (see `check_config`); anything else
 embeddings, SDXL's added embeddings, other block types) raises NpdiffError naming the key.
 """
 
-from pathlib import Path
-
 import numpy as np
 
 from npdiff.backend import array_module, to_device
@@ -173,10 +171,9 @@ class UNet2DConditionModel:
 
     @classmethod
     def from_pretrained(cls, folder, subfolder=None, variant=None):
-        from npdiff.loading import load_component_weights, read_config
+        from npdiff.loading import load_component
 
-        path = Path(folder) / subfolder if subfolder else Path(folder)
-        return cls(read_config(path), load_component_weights(path, variant))
+        return cls(*load_component(folder, subfolder, variant))
 
     # -----------------------------------------------------------------------------------------
     def check_inputs(self, sample, timesteps, encoder_hidden_states, timestep_cond=None):

@@ -13,8 +13,6 @@ The call tree (diffusers models/autoencoders/vae.py Encoder/Decoder, autoencoder
 Every GroupNorm in the VAE uses eps 1e-6; the resnets have no time embedding.
 """
 
-from pathlib import Path
-
 import numpy as np
 
 from npdiff.backend import array_module, to_device
@@ -200,10 +198,9 @@ class AutoencoderKL:
 
     @classmethod
     def from_pretrained(cls, folder, subfolder=None, variant=None):
-        from npdiff.loading import load_component_weights, read_config
+        from npdiff.loading import load_component
 
-        path = Path(folder) / subfolder if subfolder else Path(folder)
-        return cls(read_config(path), load_component_weights(path, variant))
+        return cls(*load_component(folder, subfolder, variant))
 
     def encode(self, x):
         """Image [B,3,H,W] in [-1,1] (H, W multiples of the downscale factor) -> DiagonalGaussian."""

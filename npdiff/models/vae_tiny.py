@@ -23,7 +23,6 @@ when the per-block channel counts are equal); the block's 1x1 skip conv therefor
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -203,10 +202,9 @@ class AutoencoderTiny:
 
     @classmethod
     def from_pretrained(cls, folder, subfolder=None, variant=None):
-        from npdiff.loading import load_component_weights, read_config
+        from npdiff.loading import load_component
 
-        path = Path(folder) / subfolder if subfolder else Path(folder)
-        return cls(read_config(path), load_component_weights(path, variant))
+        return cls(*load_component(folder, subfolder, variant))
 
     def encode(self, x):
         """Picture [B,3,H,W] in [-1,1] -> AutoencoderTinyOutput(latents [B,Lc,H/f,W/f])."""

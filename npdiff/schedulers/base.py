@@ -145,6 +145,22 @@ class SchedulerBase:
         return f"{type(self).__name__}({shown})"
 
     # ----------------------------------------------------------------------------- shared maths
+    def _x0_and_eps(self, model_output, sample, alpha_prod_t):
+        """The model's x_0 estimate and noise estimate at alpha_bar_t, per prediction type (DDIM, LCM, TCD)."""
+        beta_prod_t = np.float32(1.0) - alpha_prod_t
+        sqrt_alpha_t, sqrt_beta_t = np.sqrt(alpha_prod_t), np.sqrt(beta_prod_t)
+        prediction_type = self.config["prediction_type"]
+        if prediction_type == "epsilon":
+            pred_original_sample = (sample - sqrt_beta_t * model_output) / sqrt_alpha_t          # [B,C,H,W]
+            pred_epsilon = model_output
+        elif prediction_type == "sample":
+            pred_original_sample = model_output
+            pred_epsilon = (sample - sqrt_alpha_t * pred_original_sample) / sqrt_beta_t
+        else:  # v_prediction
+            pred_original_sample = sqrt_alpha_t * sample - sqrt_beta_t * model_output
+            pred_epsilon = sqrt_alpha_t * model_output + sqrt_beta_t * sample
+        return pred_original_sample, pred_epsilon
+
     def _alpha_noise_add(self, original_samples, noise, timesteps):
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise (DDPM/DDIM/PNDM add_noise)."""
         xp = backend.array_module(original_samples)

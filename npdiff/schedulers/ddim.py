@@ -64,21 +64,11 @@ class DDIMScheduler(IntegerTimestepScheduler):
         prev_timestep = timestep - self.config["num_train_timesteps"] // self.num_inference_steps
         alpha_prod_t = self.alphas_cumprod[timestep]
         alpha_prod_t_prev = self._alpha_bar(prev_timestep)
-        beta_prod_t = np.float32(1.0) - alpha_prod_t
         sqrt_alpha_t = np.sqrt(alpha_prod_t)
-        sqrt_beta_t = np.sqrt(beta_prod_t)
+        sqrt_beta_t = np.sqrt(np.float32(1.0) - alpha_prod_t)
 
         # 2. predicted x_0 and predicted noise ("predicted x_0" of formula (12))
-        prediction_type = self.config["prediction_type"]
-        if prediction_type == "epsilon":
-            pred_original_sample = (sample - sqrt_beta_t * model_output) / sqrt_alpha_t
-            pred_epsilon = model_output
-        elif prediction_type == "sample":
-            pred_original_sample = model_output
-            pred_epsilon = (sample - sqrt_alpha_t * pred_original_sample) / sqrt_beta_t
-        else:  # v_prediction
-            pred_original_sample = sqrt_alpha_t * sample - sqrt_beta_t * model_output
-            pred_epsilon = sqrt_alpha_t * model_output + sqrt_beta_t * sample
+        pred_original_sample, pred_epsilon = self._x0_and_eps(model_output, sample, alpha_prod_t)
 
         # 3. clip x_0 (pixel-space models; SD's configs set clip_sample False)
         xp = backend.array_module(sample)

@@ -179,22 +179,6 @@ class DistilledSchedulerBase(SchedulerBase):
     def _alpha_bar(self, timestep):
         return self.alphas_cumprod[timestep] if timestep >= 0 else self.final_alpha_cumprod
 
-    def _x0_and_eps(self, model_output, sample, alpha_prod_t):
-        """The model's x_0 estimate and noise estimate at alpha_bar_t, per prediction type."""
-        beta_prod_t = np.float32(1.0) - alpha_prod_t
-        sqrt_alpha_t, sqrt_beta_t = np.sqrt(alpha_prod_t), np.sqrt(beta_prod_t)
-        prediction_type = self.config["prediction_type"]
-        if prediction_type == "epsilon":
-            pred_original_sample = (sample - sqrt_beta_t * model_output) / sqrt_alpha_t          # [B,C,H,W]
-            pred_epsilon = model_output
-        elif prediction_type == "sample":
-            pred_original_sample = model_output
-            pred_epsilon = (sample - sqrt_alpha_t * pred_original_sample) / sqrt_beta_t
-        else:  # v_prediction
-            pred_original_sample = sqrt_alpha_t * sample - sqrt_beta_t * model_output
-            pred_epsilon = sqrt_alpha_t * model_output + sqrt_beta_t * sample
-        return pred_original_sample, pred_epsilon
-
     def _begin_step(self, model_output, timestep, sample):
         """Checks, and the step index (found from the timestep on the first step); -> the timestep as int."""
         if self.num_inference_steps is None:

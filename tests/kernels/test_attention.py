@@ -190,9 +190,11 @@ def test_attention_default_scale_is_inverse_sqrt_dim(rng):
 
 def test_attention_rejects_bad_input(rng):
     q, k, v = random_qkv(rng, (2, 3), 5, 7, 8)
-    with pytest.raises(NpdiffError, match=r"scaled_dot_product_attention: k must have shape \[2,3,M,8\].*got \[2,3,7,6\]"):
+    with pytest.raises(NpdiffError,
+                       match=r"scaled_dot_product_attention: k must have shape \[2,3,M,8\].*got \[2,3,7,6\]"):
         scaled_dot_product_attention(q, k[..., :6], v)
-    with pytest.raises(NpdiffError, match=r"scaled_dot_product_attention: v must have shape \[2,3,7,dv\].*got \[2,3,6,8\]"):
+    with pytest.raises(NpdiffError,
+                       match=r"scaled_dot_product_attention: v must have shape \[2,3,7,dv\].*got \[2,3,6,8\]"):
         scaled_dot_product_attention(q, k, v[..., :6, :])
     with pytest.raises(NpdiffError, match=r"scaled_dot_product_attention: q must be float32, got float64"):
         scaled_dot_product_attention(q.astype(np.float64), k, v)

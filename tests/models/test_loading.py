@@ -304,5 +304,6 @@ def test_tokenizer_folder_with_only_tokenizer_json(pipeline_folder, tmp_path):
     (root / "tokenizer" / "tokenizer.json").write_text("{}")
     assert load_pipeline_components(root)["tokenizer"] == str(root / "tokenizer")
     (root / "tokenizer" / "tokenizer.json").unlink()
-    with pytest.raises(NpdiffError, match=r"tokenizer holds no tokenizer: .*vocab\.json and merges\.txt, or tokenizer\.json"):
+    with pytest.raises(NpdiffError,
+                       match=r"tokenizer holds no tokenizer: .*vocab\.json and merges\.txt, or tokenizer\.json"):
         load_pipeline_components(root)

@@ -63,7 +63,8 @@ def test_switching_twice_uses_each_class_defaults():
     theirs = diffusers.PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)
     theirs = diffusers.DDIMScheduler.from_config(theirs.config)
     theirs = diffusers.EulerDiscreteScheduler.from_config(theirs.config)
-    ours = S.make_scheduler("euler", S.make_scheduler("ddim", S.scheduler_from_config(SD15_SCHEDULER_CONFIG).config).config)
+    ddim = S.make_scheduler("ddim", S.scheduler_from_config(SD15_SCHEDULER_CONFIG).config)
+    ours = S.make_scheduler("euler", ddim.config)
     assert public(ours.config) == public(theirs.config)
     assert ours.config.timestep_spacing == "linspace"  # Euler's default, not DDIM's "leading"
 

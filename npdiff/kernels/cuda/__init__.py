@@ -1,9 +1,10 @@
 """The CUDA versions of npdiff's kernels, for cupy arrays (npdiff.backend.use("cupy")).
 
 The kernels in npdiff/kernels/*.py check their inputs, then send NumPy arrays to Numba/BLAS and
-cupy arrays here (the rule is in npdiff/kernels/dispatch.py). One file per op family; each holds its CUDA C source (compiled by NVRTC through
-cupy.RawModule on first use, for float32 and for float16) beside its Python wrapper, and a header
-saying how it differs from the NumPy-API reference and how its threads are laid out:
+cupy arrays here (the rule is in npdiff/kernels/dispatch.py). One file per op family; each holds its
+CUDA C source (compiled by NVRTC through cupy.RawModule on first use, for float32 and for float16)
+beside its Python wrapper, and a header saying how it differs from the NumPy-API reference and how
+its threads are laid out:
 
     runtime.py      the shared C header (scalar_t, load/store, warp and block reductions), compiling,
                     launch arithmetic
