@@ -106,10 +106,15 @@ def test_cli_device_options_are_checked(capsys, arguments, message):
 
 @pytest.mark.skipif(HAVE_CUPY, reason="cupy is installed here: the no-cupy message cannot be seen")
 @pytest.mark.parametrize("arguments", [["--device", "cuda"], ["--device", "cuda", "--fp16"], ["--backend", "cuda"]])
-def test_cli_device_cuda_without_cupy_says_how_to_install(capsys, arguments):
+def test_cli_device_cuda_without_cupy_says_how_to_install(capsys, tmp_path, arguments):
+    from PIL import Image
+
     from npdiff import cli
 
-    assert cli.main(["img2img", "a red circle", "--image", __file__, *arguments]) == 2
+    picture = tmp_path / "in.png"
+    Image.new("RGB", (32, 32), "red").save(picture)  # a real picture: the input is checked before the device
+    assert cli.main(["img2img", "a red circle", "--image", str(picture), "--out", str(tmp_path / "out.png"),
+                     *arguments]) == 2
     assert "pip install -e '.[gpu]'" in capsys.readouterr().err
 
 
