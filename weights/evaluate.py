@@ -311,12 +311,12 @@ def main():
     grid.add_argument("--steps", type=int, default=20)
     grid.add_argument("--seed", type=int, default=0)
     grid.add_argument("--scale", type=int, default=4)
-    args = parser.parse_args()
     speed = sub.add_parser("speed")
     speed.add_argument("--model", default=str(HERE / "tiny-shapes"))
     speed.add_argument("--lora", default=str(HERE / "tiny-shapes" / "lcm-lora.safetensors"))
     speed.add_argument("--count", type=int, default=8, help="pictures timed per setting, one at a time")
     speed.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
     commands = {"accuracy": command_accuracy, "negative": command_negative, "img2img": command_img2img,
                 "vae": command_vae, "plot": command_plot, "grid": command_grid, "speed": command_speed}
     commands[args.command](args)
