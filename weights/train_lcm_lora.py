@@ -91,6 +91,7 @@ def save_lora(unet, args, path):
     save_file(kohya_state_dict(unet, args.rank, args.alpha), str(temporary),
               metadata={"ss_network_dim": str(args.rank), "ss_network_alpha": str(args.alpha),
                         "npdiff_training": "latent consistency distillation of tiny-shapes (weights/train_lcm_lora.py)"})
+    temporary.chmod(0o644)  # readable by all once installed in a package
     temporary.replace(path)  # a reader never sees a half-written file
 
 

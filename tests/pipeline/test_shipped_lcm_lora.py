@@ -28,8 +28,9 @@ STEPS = 4
 GUIDANCE = 1.0
 BATCH = 128
 # The bar: colours (background and shape) and shapes right in 95% of pictures, that is at most 6
-# mistakes in 128. weights/README.md measures 99.5% and 100% at 4 steps (200 prompts; 100% and 100% on another 200); even at a true 99% the
-# chance of 7 or more mistakes in 128 pictures is ~3e-4, so a failure means the LoRA or npdiff broke.
+# mistakes in 128. weights/README.md measures 99.5% and 100% at 4 steps (200 prompts; 100% and 100% on
+# another 200); even at a true 99% the chance of 7 or more mistakes in 128 pictures is ~3e-4, so a
+# failure means the LoRA or npdiff broke.
 RATE_MIN = 0.95
 # At 1 step the shapes are right in 90.5% of pictures with the LoRA and in 34.5% without it
 # (weights/README.md); the test asks for a gain of at least ONE_STEP_GAIN on the same 128 prompts and
