@@ -2,6 +2,8 @@
 
     python weights/train_lcm_lora.py      # writes weights/tiny-shapes/lcm-lora.safetensors (kohya layout)
 
+(42 min on one thread of a shared 2-core CPU; weights/README.md, "Few steps: the LCM-LoRA", has the run.)
+
 Latent consistency distillation, as the LCM-LoRA paper (Luo et al. 2023) and diffusers'
 examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py do it, compactly:
   - teacher: the frozen shipped UNet with classifier-free guidance at a scale g drawn per picture from
@@ -23,8 +25,6 @@ rewritten and --work keeps the resumable state (--resume) and the loss log (log.
 """
 
 import argparse
-import json
-import math
 import sys
 import time
 from pathlib import Path
