@@ -9,8 +9,10 @@ the machine.
                        a single .safetensors/.ckpt file: the first 10 hex of the SHA-256 of the file,
                        which is AUTOMATIC1111's "Model hash" (its `shorthash`);
                        a diffusers folder: the first 10 hex of the SHA-256 of the text made by joining
-                       the SHA-256 hex digests of every *.safetensors file under the folder, taken in
-                       sorted order of their paths relative to the folder (configs are not hashed)
+                       the SHA-256 hex digests of every *.safetensors file in the folder's component
+                       subfolders (unet/, vae/, ...), taken in sorted order of their paths relative to
+                       the folder (configs are not hashed, nor files beside model_index.json, such as
+                       the shipped model's LCM-LoRA: an add-on, not the model)
   file_sha256(path)  the full SHA-256 hex of one file, cached
 
 Hashing reads the whole file (a 4 GB checkpoint takes ~10 s), so digests are kept in a small JSON
@@ -96,9 +98,11 @@ def file_sha256(path):
 
 
 def model_weight_files(folder):
-    """The *.safetensors files of a diffusers folder, sorted by their path relative to it."""
+    """The *.safetensors files in the component subfolders of a diffusers folder, sorted by their path
+    relative to it (a file at the top, beside model_index.json, is no part of the model)."""
     folder = Path(folder)
-    files = sorted(folder.rglob("*.safetensors"), key=lambda p: p.relative_to(folder).as_posix())
+    files = sorted((p for p in folder.rglob("*.safetensors") if p.parent != folder),
+                   key=lambda p: p.relative_to(folder).as_posix())
     if not files:
         raise NpdiffError(f"model hash: {folder} holds no .safetensors files")
     return files

@@ -254,6 +254,20 @@ def test_bomb_corrupt_and_foreign_files_are_npdiff_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Model identity and its cache
 # ---------------------------------------------------------------------------------------------
+def test_model_hash_of_a_folder_ignores_files_beside_model_index(tmp_path):
+    """A LoRA kept at the top of a diffusers folder (as weights/tiny-shapes/lcm-lora.safetensors) does
+    not change the folder's model hash; a component's weights do."""
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(os.urandom(1 << 10))
+    before = model_hash(model)
+    (model / "lcm-lora.safetensors").write_bytes(os.urandom(1 << 10))
+    assert model_hash(model) == before
+    (model / "vae").mkdir()
+    (model / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(os.urandom(1 << 10))
+    assert model_hash(model) != before
+
+
 def test_model_hash_file_folder_and_cache(folder, tmp_path, monkeypatch, hash_cache):
     weights = tmp_path / "my-model.safetensors"
     weights.write_bytes(os.urandom(3 << 20))

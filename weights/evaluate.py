@@ -1,6 +1,9 @@
 """Judge weights/tiny-shapes: colour/shape accuracy, the loss-curve PNG and the grid PNG.
 
     python weights/evaluate.py accuracy --count 200 --guidance 7 --steps 20   # table of accuracies
+    python weights/evaluate.py accuracy --lora weights/tiny-shapes/lcm-lora.safetensors --scheduler lcm \
+        --guidance 1 --steps 2 4 8                                            # the LCM-LoRA's accuracies
+    python weights/evaluate.py speed     # npdiff's time per picture: 4 LCM-LoRA steps against 30 DDIM steps
     python weights/evaluate.py negative  # a negative prompt naming the shape's colour pushes it out
     python weights/evaluate.py img2img   # image-to-image: the drawing kept or the prompt followed, by strength
     python weights/evaluate.py vae       # how often the VAE's reconstructions are read right (its ceiling)
@@ -27,13 +30,14 @@ import shapes_data  # noqa: E402
 
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
-              "pndm": "PNDMScheduler",
+              "pndm": "PNDMScheduler", "lcm": "LCMScheduler",
               "dpm": "DPMSolverMultistepScheduler"}  # dpm: DPM++ 2M, diffusers' default settings
 
 
-def load_diffusers_pipeline(model, scheduler=None, spacing=None):
+def load_diffusers_pipeline(model, scheduler=None, spacing=None, lora=None):
     """diffusers' pipeline on the folder; scheduler: a key of SCHEDULERS (None: the folder's own);
-    spacing: a timestep_spacing ("leading", "trailing", "linspace") instead of the config's."""
+    spacing: a timestep_spacing ("leading", "trailing", "linspace") instead of the config's;
+    lora: a LoRA file loaded with diffusers' load_lora_weights (e.g. the LCM-LoRA, with scheduler "lcm")."""
     import diffusers
     import torch
     torch.set_num_threads(1)
@@ -42,6 +46,8 @@ def load_diffusers_pipeline(model, scheduler=None, spacing=None):
     scheduler_class = getattr(diffusers, SCHEDULERS[scheduler]) if scheduler else type(pipe.scheduler)
     overrides = {"timestep_spacing": spacing} if spacing else {}
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **overrides)
+    if lora:
+        pipe.load_lora_weights(lora)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -56,8 +62,10 @@ def generate(pipe, prompts, seed, guidance, steps, negative_prompts=None):
 
 
 def command_accuracy(args):
-    pipe = load_diffusers_pipeline(args.model, args.scheduler, args.spacing)
+    pipe = load_diffusers_pipeline(args.model, args.scheduler, args.spacing, args.lora)
     scheduler_name = f"{type(pipe.scheduler).__name__} ({pipe.scheduler.config.timestep_spacing})"
+    if args.lora:
+        scheduler_name += f" + LoRA {Path(args.lora).name}"
     rows = []
     for steps in args.steps:
         for guidance in args.guidance:
@@ -171,6 +179,33 @@ def command_vae(args):
         print(f"  {key:14s} shapes right {np.mean(rights):.1%} of {len(rights)}")
 
 
+def command_speed(args):
+    """npdiff's time per picture (one process, one picture per call, after one warm-up call): the default
+    30 DDIM steps at guidance 7.5 against the LCM-LoRA at 4 steps without guidance."""
+    import time
+
+    import npdiff
+    prompts, _ = shapes_data.random_prompts(args.count, args.seed)
+    pipe = npdiff.StableDiffusionPipeline.from_pretrained(args.model)
+    settings = (("DDIM, 30 steps, guidance 7.5", None, 30, 7.5), ("LCM-LoRA, 4 steps, guidance 1", "lcm", 4, 1.0))
+    seconds = {}
+    for label, scheduler, steps, guidance in settings:
+        if scheduler == "lcm":
+            pipe.load_lora_weights(args.lora)
+            pipe.set_scheduler("lcm")
+        times = []
+        for index, prompt in enumerate([prompts[0]] + prompts):  # the first call warms up (Numba, caches)
+            start = time.perf_counter()
+            pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, seed=args.seed + index,
+                 output_type="np", progress=False)
+            times.append(time.perf_counter() - start)
+        seconds[label] = float(np.median(times[1:]))
+        print(f"{label}: median {seconds[label] * 1000:.0f} ms per picture over {args.count} "
+              f"(min {min(times[1:]) * 1000:.0f}, max {max(times[1:]) * 1000:.0f})", flush=True)
+    slow, fast = seconds.values()
+    print(f"speed-up {slow / fast:.1f}x")
+
+
 def command_plot(args):
     import matplotlib
     matplotlib.use("Agg")
@@ -246,6 +281,7 @@ def main():
                           help="sampler to use instead of the folder's scheduler config")
     accuracy.add_argument("--spacing", choices=["leading", "trailing", "linspace"], default=None,
                           help="timestep spacing instead of the scheduler config's")
+    accuracy.add_argument("--lora", default=None, help="a LoRA file to load (diffusers' load_lora_weights)")
     accuracy.add_argument("--seed", type=int, default=0)
     accuracy.add_argument("--json", default=None)
     negative = sub.add_parser("negative")
@@ -275,9 +311,14 @@ def main():
     grid.add_argument("--steps", type=int, default=20)
     grid.add_argument("--seed", type=int, default=0)
     grid.add_argument("--scale", type=int, default=4)
+    speed = sub.add_parser("speed")
+    speed.add_argument("--model", default=str(HERE / "tiny-shapes"))
+    speed.add_argument("--lora", default=str(HERE / "tiny-shapes" / "lcm-lora.safetensors"))
+    speed.add_argument("--count", type=int, default=8, help="pictures timed per setting, one at a time")
+    speed.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     commands = {"accuracy": command_accuracy, "negative": command_negative, "img2img": command_img2img,
-                "vae": command_vae, "plot": command_plot, "grid": command_grid}
+                "vae": command_vae, "plot": command_plot, "grid": command_grid, "speed": command_speed}
     commands[args.command](args)
 
 
