@@ -21,6 +21,9 @@ scheduler=LCMScheduler.from_config(...), vae=AutoencoderTiny.from_pretrained(...
     load s       launch to pipeline ready (interpreter start + imports + loading the weights)
     denoise s    the pipeline call up to the decoder (text encoding, noise, every UNet step)
     decode s     the VAE / TAESD decode; the rest of the call (to a PIL picture) is in "call s" only
+    phases       import, load, denoise, decode, finish (the rest of the call and the picture as an
+                 array; the pipeline object is freed when the job function returns, before this mark,
+                 so "after finish" is the process without the model)
     RSS by phase VmRSS after each phase (and its anonymous and file-backed parts: RssFile is weights
                  mapped from the safetensors files) and VmHWM (the peak) within it, from /proc/self/status
                  in the child, the peak reset (clear_refs 5) at each phase boundary
