@@ -1,0 +1,322 @@
+"""The whole job as a user runs it: npdiff and diffusers text-to-image, each in a fresh process.
+
+    npdiff bench pipeline [--job pndm20-vae,lcm4-taesd] [--size 512] [--sides npdiff,diffusers] [--seed 1]
+
+Jobs (one prompt, one picture, float32 on the CPU, each library's default thread count):
+    pndm20-vae   20 PNDM steps, guidance 7.5 (two UNet rows per step), AutoencoderKL decode: the default SD job
+    lcm4-taesd   4 LCM steps, guidance 1 (no classifier-free guidance, as with an LCM-LoRA), TAESD decode
+    pndm4-vae    4 PNDM steps, guidance 7.5, AutoencoderKL decode (the job of the earlier whole-job figures)
+The model is benchmarks/models.py's random SD 1.5-size weights (~/.cache/npdiff/sd15-random), completed
+here into a pipeline folder (tokenizer/, scheduler/ with SD 1.5's PNDM config, model_index.json) plus a
+random TAESD (diffusers' AutoencoderTiny default config, the real TAESD's architecture) in taesd/.
+lcm4-taesd runs the same random UNet with the LCM scheduler: an LCM-LoRA changes weight values only,
+not the work per step, so the cost is that of a real LCM-LoRA job.
+
+Each side of each job is one fresh `python` process (a worker of this script) that imports its library,
+loads the pipeline from the folder and makes the picture as a user would: npdiff with
+StableDiffusionPipeline.from_pretrained(folder, scheduler=...) and pipe.vae = AutoencoderTiny.from_pretrained
+(what `npdiff generate --vae` does); diffusers with StableDiffusionPipeline.from_pretrained(folder,
+scheduler=LCMScheduler.from_config(...), vae=AutoencoderTiny.from_pretrained(...)). Measured:
+    wall s       the process from launch to exit (interpreter start, imports and loading included)
+    load s       launch to pipeline ready (interpreter start + imports + loading the weights)
+    denoise s    the pipeline call up to the decoder (text encoding, noise, every UNet step)
+    decode s     the VAE / TAESD decode; the rest of the call (to a PIL picture) is in "call s" only
+    phases       import, load, denoise, decode, finish (the rest of the call and the picture as an
+                 array; the pipeline object is freed when the job function returns, before this mark,
+                 so "after finish" is the process without the model)
+    RSS by phase VmRSS after each phase (and its anonymous and file-backed parts: RssFile is weights
+                 mapped from the safetensors files) and VmHWM (the peak) within it, from /proc/self/status
+                 in the child, the peak reset (clear_refs 5) at each phase boundary
+    peak RSS     the largest phase peak (clear_refs also resets the kernel's ru_maxrss, so os.wait4's
+                 ru_maxrss of the child, also taken, covers only the time after the last reset)
+The two pictures (same seed: npdiff's TorchGenerator draws what a CPU torch.Generator draws) are compared
+pixel by pixel. The load average is read when each process starts and ends.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+T0 = time.perf_counter()  # the worker's clock (a worker is this file run with --worker)
+
+JOBS = {
+    "pndm20-vae": {"scheduler": "pndm", "steps": 20, "guidance": 7.5, "vae": "kl"},
+    "lcm4-taesd": {"scheduler": "lcm", "steps": 4, "guidance": 1.0, "vae": "taesd"},
+    "pndm4-vae": {"scheduler": "pndm", "steps": 4, "guidance": 7.5, "vae": "kl"},
+}
+SIDES = ["npdiff", "diffusers"]
+PROMPT = "a photograph of an astronaut riding a horse"
+# The earlier whole-job figures of pndm4-vae at 512x512 (a quiet machine): printed beside this run's.
+EARLIER_PNDM4 = {"npdiff": {"wall_s": 86.0, "load_s": 8.5, "peak_rss_gib": 8.06},
+                 "diffusers": {"wall_s": 69.0, "peak_rss_gib": 5.41}}
+PHASES = ["import", "load", "denoise", "decode", "finish"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker: one side of one job in a fresh process (imports nothing heavy before its clock runs)
+# ---------------------------------------------------------------------------------------------
+def proc_status_gib(field):
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, GiB; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return None
+
+
+class PhaseClock:
+    """mark(name) ends a phase: its end time (since T0), RSS now, and the peak within it; then resets the peak."""
+
+    def __init__(self):
+        self.marks = {}
+
+    def mark(self, name):
+        self.marks[name] = {"t": time.perf_counter() - T0, "rss_gib": proc_status_gib("VmRSS"),
+                            "peak_gib": proc_status_gib("VmHWM"), "anon_gib": proc_status_gib("RssAnon"),
+                            "file_gib": proc_status_gib("RssFile")}
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
+        except OSError:
+            pass
+
+
+def timed_decode(vae, clock):
+    """Wrap vae.decode (the one the pipeline calls) to mark the end of denoising and of decoding."""
+    decode = vae.decode
+
+    def wrapped(*args, **kwargs):
+        clock.mark("denoise")
+        out = decode(*args, **kwargs)
+        clock.mark("decode")
+        return out
+
+    vae.decode = wrapped
+
+
+def npdiff_job(job, cache, size, seed, clock):
+    import npdiff  # noqa: F401  (before numpy: chooses the BLAS kernels)
+    from npdiff import StableDiffusionPipeline
+    from npdiff.models import AutoencoderTiny
+
+    clock.mark("import")
+    pipe = StableDiffusionPipeline.from_pretrained(cache, scheduler=job["scheduler"])
+    if job["vae"] == "taesd":
+        pipe.vae = AutoencoderTiny.from_pretrained(cache / "taesd")
+    clock.mark("load")
+    timed_decode(pipe.vae, clock)
+    out = pipe(PROMPT, num_inference_steps=job["steps"], guidance_scale=job["guidance"], height=size, width=size,
+               seed=seed)
+    return out.images[0]
+
+
+def diffusers_job(job, cache, size, seed, clock):
+    import torch
+    from diffusers import AutoencoderTiny, LCMScheduler, StableDiffusionPipeline
+
+    clock.mark("import")
+    extra = {}
+    if job["scheduler"] == "lcm":
+        extra["scheduler"] = LCMScheduler.from_config(LCMScheduler.load_config(cache, subfolder="scheduler"))
+    if job["vae"] == "taesd":
+        extra["vae"] = AutoencoderTiny.from_pretrained(cache / "taesd")
+    pipe = StableDiffusionPipeline.from_pretrained(cache, safety_checker=None, requires_safety_checker=False, **extra)
+    clock.mark("load")
+    timed_decode(pipe.vae, clock)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    out = pipe(PROMPT, num_inference_steps=job["steps"], guidance_scale=job["guidance"], height=size, width=size,
+               generator=generator)
+    return out.images[0]
+
+
+def worker(args):
+    launched = time.time() - (time.perf_counter() - T0) - args.launched  # interpreter start before T0
+    clock = PhaseClock()
+    run = npdiff_job if args.side == "npdiff" else diffusers_job
+    picture = run(JOBS[args.job], Path(args.cache), args.size, args.seed, clock)
+    import numpy as np
+
+    pixels = np.asarray(picture.convert("RGB"))  # [H,W,3] uint8
+    clock.mark("finish")
+    np.save(args.out + ".npy", pixels)
+    Path(args.out + ".json").write_text(json.dumps({"startup_s": launched, "marks": clock.marks}))
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline folder: benchmarks/models.py's random weights + tokenizer, scheduler, index, TAESD
+# ---------------------------------------------------------------------------------------------
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None], "image_encoder": [None, None],
+    "requires_safety_checker": False, "safety_checker": [None, None], "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def ensure_pipeline_folder(cache):
+    """Complete the SD 1.5-size cache into a pipeline folder (each part made once, the weights untouched)."""
+    from models import ensure_cache
+    from npdiff.clip_vocab import write_clip_tokenizer_folder
+    from npdiff.pipeline_utils import SD15_SCHEDULER_CONFIG
+
+    ensure_cache(cache)
+    if not (cache / "tokenizer" / "vocab.json").is_file():
+        write_clip_tokenizer_folder(cache / "tokenizer")
+    if not (cache / "scheduler" / "scheduler_config.json").is_file():
+        (cache / "scheduler").mkdir(exist_ok=True)
+        (cache / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER_CONFIG, indent=2))
+    if not (cache / "model_index.json").is_file():
+        (cache / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
+    if not (cache / "taesd" / "config.json").is_file():
+        import torch
+        from diffusers import AutoencoderTiny
+
+        print(f"  making a random TAESD in {cache / 'taesd'} ...", file=sys.stderr, flush=True)
+        torch.manual_seed(0)
+        AutoencoderTiny().save_pretrained(cache / "taesd", safe_serialization=True)  # the real TAESD's config
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent: one fresh process per side and job
+# ---------------------------------------------------------------------------------------------
+def run_side(job, side, args, scratch):
+    out = str(Path(scratch) / f"{job}-{side}")
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--job", job, "--side", side,
+               "--size", str(args.size), "--seed", str(args.seed), "--cache", args.cache, "--out", out]
+    print(f"--- {job} {args.size}x{args.size}: {side} (fresh process)", file=sys.stderr, flush=True)
+    load_start = os.getloadavg()
+    t0 = time.perf_counter()
+    process = subprocess.Popen(command + ["--launched", repr(time.time())])
+    _, status, usage = os.wait4(process.pid, 0)  # the rusage of this child alone
+    wall = time.perf_counter() - t0
+    process.returncode = os.waitstatus_to_exitcode(status)
+    load_end = os.getloadavg()
+    if process.returncode != 0:
+        sys.exit(f"{side} {job} failed (exit status {process.returncode})")
+    import numpy as np
+
+    result = json.loads(Path(out + ".json").read_text())
+    marks = result["marks"]
+    end = marks["finish"]["t"]
+    return {
+        "job": job, "side": side, "size": args.size, "wall_s": wall,
+        "load_s": result["startup_s"] + marks["load"]["t"], "import_s": result["startup_s"] + marks["import"]["t"],
+        "call_s": end - marks["load"]["t"], "denoise_s": marks["denoise"]["t"] - marks["load"]["t"],
+        "decode_s": marks["decode"]["t"] - marks["denoise"]["t"], "exit_s": wall - result["startup_s"] - end,
+        # the resets at phase boundaries also reset the kernel's ru_maxrss (both are the mm's hiwater_rss):
+        # the process's peak is the largest phase peak, or ru_maxrss (Linux: KiB) since the last reset
+        "peak_rss_gib": max([usage.ru_maxrss / 2**20] + [marks[name]["peak_gib"] or 0.0 for name in PHASES]),
+        "rss_by_phase": {name: marks[name] for name in PHASES},
+        "loadavg_start": load_start, "loadavg_end": load_end, "picture": np.load(out + ".npy"),
+    }
+
+
+def compare(rows):
+    """Ratios npdiff/diffusers and the pixel difference, onto the npdiff row of each job."""
+    import numpy as np
+
+    by_job = {}
+    for row in rows:
+        by_job.setdefault(row["job"], {})[row["side"]] = row
+    for sides in by_job.values():
+        for row in sides.values():
+            row["picture_std"] = float(row["picture"].std())
+        if len(sides) < 2:
+            continue
+        ours, theirs = sides["npdiff"], sides["diffusers"]
+        ours["wall_ratio"] = ours["wall_s"] / theirs["wall_s"]
+        ours["rss_ratio"] = ours["peak_rss_gib"] / theirs["peak_rss_gib"]
+        diff = np.abs(ours["picture"].astype(np.int16) - theirs["picture"].astype(np.int16))
+        ours["max_pixel_diff"] = int(diff.max())
+        ours["pixels_over_2"] = float((diff > 2).mean())
+
+
+def print_results(rows):
+    from _common import print_table
+
+    for row in rows:
+        row["loadavg"] = f"{row['loadavg_start'][0]:.1f} -> {row['loadavg_end'][0]:.1f}"
+    print()
+    print_table(rows, [
+        ("job", "job", None), ("side", "side", None), ("wall_s", "wall s", "{:.1f}"), ("load_s", "load s", "{:.1f}"),
+        ("import_s", "of it imports", "{:.1f}"), ("denoise_s", "denoise s", "{:.1f}"),
+        ("decode_s", "decode s", "{:.1f}"), ("peak_rss_gib", "peak RSS GiB", "{:.2f}"),
+        ("wall_ratio", "wall npdiff/diffusers", "{:.2f}"), ("rss_ratio", "RSS npdiff/diffusers", "{:.2f}"),
+        ("max_pixel_diff", "max px diff", "{}"), ("pixels_over_2", "px > 2", "{:.1e}"),
+        ("picture_std", "picture std", "{:.1f}"), ("loadavg", "load avg", None),
+    ])
+    print("\nRSS by phase (GiB): 'peak' = VmHWM within the phase, 'after' = VmRSS at its end (RssAnon+RssFile)")
+    phase_rows = []
+    for row in rows:
+        entry = {"job": row["job"], "side": row["side"]}
+        for name in PHASES:
+            mark = row["rss_by_phase"][name]
+            entry[f"{name}_after"] = mark["rss_gib"]
+            entry[f"{name}_peak"] = mark["peak_gib"]
+            if mark["anon_gib"] is not None:
+                entry[f"{name}_after"] = f"{mark['rss_gib']:.2f} ({mark['anon_gib']:.2f}+{mark['file_gib']:.2f})"
+        phase_rows.append(entry)
+    columns = [("job", "job", None), ("side", "side", None)]
+    for name in PHASES:
+        columns += [(f"{name}_peak", f"{name} peak", "{:.2f}"), (f"{name}_after", "after (anon+file)", None)]
+    print_table(phase_rows, columns)
+    if any(row["job"] == "pndm4-vae" and row["size"] == 512 for row in rows):
+        print(f"\nearlier pndm4-vae 512x512 figures (quiet machine): {json.dumps(EARLIER_PNDM4)}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--job", default="pndm20-vae,lcm4-taesd", help="comma-separated: " + ", ".join(JOBS))
+    parser.add_argument("--size", type=int, default=512, help="picture height and width in pixels (default 512)")
+    parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated: npdiff, diffusers (default both)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--cache", default=None, help="folder of the random SD 1.5-size weights "
+                        "(default ~/.cache/npdiff/sd15-random, as benchmarks/models.py)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--side", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--launched", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)  # before importing npdiff or numpy here: the worker imports only its own library
+    from models import DEFAULT_CACHE
+
+    args.cache = args.cache or str(DEFAULT_CACHE)
+    jobs = [job for job in args.job.split(",") if job]
+    sides = [side for side in args.sides.split(",") if side]
+    unknown = (set(jobs) - set(JOBS)) | (set(sides) - set(SIDES))
+    if unknown or args.size % 8 or args.size < 64:
+        sys.exit(f"unknown job or side {sorted(unknown)} (jobs: {', '.join(JOBS)}; sides: {', '.join(SIDES)}), "
+                 f"or --size {args.size} not a multiple of 8 >= 64")
+    ensure_pipeline_folder(Path(args.cache))
+    import tempfile
+
+    from _common import write_json
+
+    topic = f"pipeline-{'+'.join(jobs)}-{args.size}px"
+
+    def save(rows):  # after every process, so a run stopped part-way keeps what it measured
+        return write_json(topic, {"prompt": PROMPT, "seed": args.seed, "jobs": {job: JOBS[job] for job in jobs},
+                                  "rows": [{k: v for k, v in row.items() if k != "picture"} for row in rows],
+                                  "earlier_pndm4_vae_512": EARLIER_PNDM4})
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="npdiff-bench-pipeline-") as scratch:
+        for job in jobs:
+            for side in sides:
+                rows.append(run_side(job, side, args, scratch))
+                save(rows)
+    compare(rows)
+    print_results(rows)
+    print(f"\nwrote {save(rows)}")
+
+
+if __name__ == "__main__":
+    if "--worker" not in sys.argv:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main()
