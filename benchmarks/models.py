@@ -32,6 +32,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from _common import print_table, sgemm_peak_gflops, time_call, write_json
+from _rss import proc_status_gib
 
 import numpy as np
 
@@ -205,17 +206,6 @@ def install_counters():
 def peak_rss_gib():
     """Peak resident set of this process since it started (load included)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-
-
-def proc_status_gib(field):
-    """VmRSS (now) or VmHWM (peak since the last reset) from /proc/self/status; None elsewhere."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 2**20  # kB
-    except OSError:
-        pass
-    return None
 
 
 def reset_peak_rss():

@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+from _rss import proc_status_gib
+
 T0 = time.perf_counter()  # the worker's clock (a worker is this file run with --worker)
 
 JOBS = {
@@ -59,17 +61,6 @@ PHASES = ["import", "load", "denoise", "decode", "finish"]
 # ---------------------------------------------------------------------------------------------
 # Worker: one side of one job in a fresh process (imports nothing heavy before its clock runs)
 # ---------------------------------------------------------------------------------------------
-def proc_status_gib(field):
-    """VmRSS (now) or VmHWM (peak since the last reset) of this process, GiB; None off Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 2**20  # kB
-    except OSError:
-        pass
-    return None
-
-
 class PhaseClock:
     """mark(name) ends a phase: its end time (since T0), RSS now, and the peak within it; then resets the peak."""
 
