@@ -21,6 +21,16 @@ from pathlib import Path
 from npdiff.errors import NpdiffError
 
 
+def _new_file_mode(path):
+    """The mode of the file at `path` when there is one, else 0666 less the process's umask."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def atomic_write(path, write_fn, mode="wb"):
     """Call write_fn(handle) on a temporary file beside `path`, then rename it onto `path`.
 
@@ -39,7 +49,9 @@ def atomic_write(path, write_fn, mode="wb"):
             write_fn(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        # 3. the rename: readers see the old file or the complete new one
+        # 3. the permissions a plain open() would give (temporary files are made owner-only, 0600)
+        os.chmod(tmp_name, _new_file_mode(path))
+        # 4. the rename: readers see the old file or the complete new one
         os.replace(tmp_name, path)
     except BaseException as exc:
         try:

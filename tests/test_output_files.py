@@ -41,6 +41,24 @@ def test_atomic_write_leaves_nothing_on_a_full_disk(tmp_path):
     assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["picture.png"]
 
 
+def test_atomic_write_gives_the_permissions_a_plain_write_would(tmp_path):
+    """The temporary file is owner-only (0600); the picture must not stay so: a new file gets 0666 less
+    the umask, as open() gives, and an overwritten file keeps its own mode."""
+    import os
+
+    old_umask = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "new.png", lambda handle: handle.write(b"new"))
+        assert (tmp_path / "new.png").stat().st_mode & 0o777 == 0o640
+        existing = tmp_path / "existing.png"
+        existing.write_bytes(b"old")
+        existing.chmod(0o604)
+        atomic_write(existing, lambda handle: handle.write(b"new"))
+        assert existing.stat().st_mode & 0o777 == 0o604 and existing.read_bytes() == b"new"
+    finally:
+        os.umask(old_umask)
+
+
 def test_atomic_write_passes_other_errors_through_and_cleans_up(tmp_path):
     def broken(handle):
         handle.write(b"half")
