@@ -1,7 +1,7 @@
 """Weights from safetensors files: diffusers folders and original single-file checkpoints.
 
     read_config(folder) -> dict                     <folder>/config.json
-    open_weights(path) -> Weights                   one .safetensors file, memory-mapped
+    open_weights(path) -> Weights                   one .safetensors file, read tensor by tensor
     load_component_weights(folder, variant=None)    diffusion_pytorch_model[.fp16].safetensors or
                                                     model[.fp16].safetensors in a component folder
     load_component(folder, subfolder=None, variant=None) -> (config, Weights)   both of the above

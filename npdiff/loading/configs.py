@@ -44,7 +44,7 @@ def _file_name(stem, variant, suffix):
 
 
 def open_weights(path):
-    """Weights over one .safetensors file (memory-mapped; pickle files are refused)."""
+    """Weights over one .safetensors file (read tensor by tensor; pickle files are refused)."""
     return Weights.from_file(SafetensorsFile(path))
 
 

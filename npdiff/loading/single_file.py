@@ -4,7 +4,7 @@
         -> {"unet": (config, Weights), "vae": (config, Weights), "text_encoder": (config, Weights)}
 
 Steps:
-  1. open the file (memory-mapped, validated);
+  1. open the file (validated; tensors read one by one);
   2. map_checkpoint, over names and shapes only: sort the keys by component (keymap stage 1), infer
      each component's config from the tensor shapes (below), map every key to its diffusers name with
      the key map (keymap stages 2-3); a key no row maps is an error naming it;
@@ -258,7 +258,7 @@ def map_checkpoint(shapes, source):
 
 def load_single_file(path):
     """{"unet"|"vae"|"text_encoder": (config, Weights)} from one original-layout .safetensors file."""
-    safetensors_file = SafetensorsFile(os.fspath(path))  # 1. open (validated, memory-mapped)
+    safetensors_file = SafetensorsFile(os.fspath(path))  # 1. open (validated)
     shapes = {key: safetensors_file.shape(key) for key in safetensors_file.keys()}
     parts = {}
     for component, (config, names) in map_checkpoint(shapes, safetensors_file.path).items():  # 2. map
