@@ -96,6 +96,7 @@ def resolve_options(args, defaults=DEFAULTS):
     if stored.get("vae") and not args.vae:
         raise npdiff.NpdiffError(f"{args.reproduce} was made with --vae {stored['vae']} (a folder name): pass "
                                  f"--vae with that folder to make it again")
+    warn_about_missing_loras(args, stored)
     for option, key in REPRODUCIBLE.items():
         if hasattr(args, option) and getattr(args, option) is None:
             setattr(args, option, stored.get(key, defaults.get(option)))
@@ -106,6 +107,17 @@ def resolve_options(args, defaults=DEFAULTS):
     if not args.prompt:
         raise npdiff.NpdiffError("no prompt given (pass PROMPT, or --reproduce a PNG made by npdiff)")
     return args
+
+
+def warn_about_missing_loras(args, stored):
+    """A PNG names its LoRAs but never their paths: say which ones --reproduce has not been given again."""
+    given = {Path(parse_lora_option(spec)[0]).stem for spec in (getattr(args, "lora", None) or [])}
+    missing = [lora for lora in stored.get("loras") or [] if lora.get("name") not in given]
+    if missing:
+        listed = ", ".join(f"{lora.get('name')} (scale {lora.get('scale')}, sha256 {lora.get('sha256')})"
+                           for lora in missing)
+        print(f"npdiff: warning: {args.reproduce} was made with LoRA {listed}; the picture will differ "
+              "unless you pass each again with --lora FILE:SCALE", file=sys.stderr)
 
 
 def model_png_identity(model, prediction_type=None):

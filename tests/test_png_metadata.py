@@ -319,3 +319,18 @@ def test_prediction_type_option_is_stored_and_reproduced(folder, tmp_path):
     again = tmp_path / "again.png"
     assert cli.main(["generate", "--reproduce", str(out), "--model", str(folder), "--out", str(again)]) == 0
     assert np.array_equal(pixels(again), pixels(out))
+
+
+def test_reproduce_warns_about_loras_not_given_again(folder, tmp_path, capsys):
+    """The PNG names its LoRAs (name, scale, hash), never a path: --reproduce says which are missing."""
+    made = generate(folder, tmp_path / "made.png")
+    params = dict(read_png_params(made), loras=[{"name": "style", "scale": 0.8, "sha256": "0123456789ab"}])
+    with Image.open(made) as picture:
+        save_png(picture, tmp_path / "with-lora.png", params)
+    capsys.readouterr()
+    again = tmp_path / "again.png"
+    assert cli.main(["generate", "--reproduce", str(tmp_path / "with-lora.png"), "--model", str(folder),
+                     "--out", str(again)]) == 0
+    assert "was made with LoRA style (scale 0.8, sha256 0123456789ab)" in capsys.readouterr().err
+    assert cli.main(["generate", "--reproduce", str(made), "--model", str(folder), "--out", str(again)]) == 0
+    assert "LoRA" not in capsys.readouterr().err
