@@ -8,21 +8,15 @@ NPDIFF_TEST_SEED=<seed> repeats it). The last test checks npdiff's pictures agai
 LoRA file through diffusers' load_lora_weights, LCMScheduler.from_config) on the same seed.
 """
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import npdiff
 from helpers import IMAGE_LEVELS_TOL
+from shipped import MODEL_DIR, shape_classifier, shapes_data, to_uint8
 
-WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
-MODEL_DIR = WEIGHTS_DIR / "tiny-shapes"
 LORA_FILE = MODEL_DIR / "lcm-lora.safetensors"
-sys.path.insert(0, str(WEIGHTS_DIR))
-import shape_classifier  # noqa: E402
-import shapes_data  # noqa: E402
 
 STEPS = 4
 GUIDANCE = 1.0
@@ -44,11 +38,6 @@ def lcm_pipe():
     pipe.load_lora_weights(LORA_FILE)
     pipe.set_scheduler("lcm")
     return pipe
-
-
-def to_uint8(images):
-    """float [N,H,W,3] in [0,1] -> uint8 [N,H,W,3] (diffusers' rounding)."""
-    return (np.clip(np.asarray(images), 0, 1) * 255).round().astype(np.uint8)
 
 
 def test_lora_file_is_small_and_in_the_kohya_layout():

@@ -9,7 +9,6 @@ One check (the last test) compares npdiff's pictures with diffusers' on the same
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +16,7 @@ import pytest
 
 import npdiff
 from helpers import IMAGE_LEVELS_TOL
-
-WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
-MODEL_DIR = WEIGHTS_DIR / "tiny-shapes"
-sys.path.insert(0, str(WEIGHTS_DIR))
-import shape_classifier  # noqa: E402
-import shapes_data  # noqa: E402
+from shipped import MODEL_DIR, shape_classifier, shapes_data, to_uint8
 
 STEPS = 15
 GUIDANCE = 7.0
@@ -47,11 +41,6 @@ def run_seed():
 @pytest.fixture(scope="module")
 def pipe():
     return npdiff.StableDiffusionPipeline.from_pretrained(MODEL_DIR)
-
-
-def to_uint8(images):
-    """float [N,H,W,3] in [0,1] -> uint8 [N,H,W,3] (diffusers' rounding)."""
-    return (np.clip(np.asarray(images), 0, 1) * 255).round().astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
