@@ -1,8 +1,9 @@
-"""Whole networks at Stable Diffusion 1.5 size: npdiff against diffusers/transformers.
+"""Whole networks at Stable Diffusion 1.5 size: npdiff and OpenVINO against diffusers/transformers.
 
     npdiff bench models [--only unet,vae_decode,vae_encode,text_encoder] [--repeat 2] [--cache DIR]
+                        [--sides npdiff,torch,openvino] [--tiny]
 
-What is measured (float32, the machine's default thread counts, best of --repeat after a warm-up):
+What is measured (the machine's thread count on every side, best of --repeat after a warm-up):
     unet          UNet2DConditionModel forward, batch 2 (classifier-free guidance), 64x64 latent, 77 tokens
     vae_decode    AutoencoderKL.decode of a [1,4,64,64] latent to a 512x512 image
     vae_encode    AutoencoderKL.encode of a 512x512 image (the posterior mean is compared)
@@ -17,7 +18,19 @@ call after the warm-up runs with every kernel wrapped by a counter: it gives the
 (convolutions, linear layers and the two attention matmuls; norms and activations are not
 counted) and the seconds spent per kernel, printed below the table to show which kernel a slow
 network waits on.
-The outputs of the two sides are compared (relative error) before any time is reported.
+The outputs of the sides are compared with torch's (relative error) before any time is reported.
+
+Sides (--sides, default all; torch always runs: it is the anchor of every ratio and error):
+    npdiff         float32, this package
+    torch          float32, diffusers/transformers (torch.inference_mode)
+    openvino_f32   OpenVINO, the engine a CPU user would pick instead: the torch side's module converted
+    openvino_bf16  with openvino.convert_model and compiled for the CPU with INFERENCE_PRECISION_HINT
+                   f32 or bf16 (benchmarks/_openvino.py; "openvino" names both). Its seconds to
+                   convert and to compile are reported apart from the call; bf16's error against
+                   torch's float32 is its rounding (~1e-2), not a bug. A CPU without bf16 gets a
+                   row that says so.
+--tiny runs the same architectures at a few channels (cache folder sd15-tiny-random, seconds in all)
+to check the benchmark end to end; its times say nothing about SD-size speed.
 """
 
 import argparse
@@ -28,15 +41,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 from _common import print_table, sgemm_peak_gflops, time_call, write_json
+from _kernel_counters import install_counters
+from _openvino import OPENVINO_SIDES, openvino_callable, openvino_version, unsupported_reason
 from _rss import proc_status_gib
 
 import numpy as np
 
-DEFAULT_CACHE = Path(os.environ.get("NPDIFF_CACHE", Path.home() / ".cache" / "npdiff")) / "sd15-random"
+CACHE_ROOT = Path(os.environ.get("NPDIFF_CACHE", Path.home() / ".cache" / "npdiff"))
+DEFAULT_CACHE = CACHE_ROOT / "sd15-random"
+TINY_CACHE = CACHE_ROOT / "sd15-tiny-random"
 
 # Stable Diffusion 1.5's configs (unet/config.json, vae/config.json, text_encoder/config.json).
 UNET_CONFIG = {
@@ -59,7 +75,18 @@ TEXT_ENCODER_CONFIG = {
     "layer_norm_eps": 1e-05, "max_position_embeddings": 77, "num_attention_heads": 12, "num_hidden_layers": 12,
     "pad_token_id": 1, "projection_dim": 768, "vocab_size": 49408,
 }
+# --tiny: the same architectures (4 UNet and VAE blocks, CLIP's layers) at a few channels
+TINY_UNET_CONFIG = dict(UNET_CONFIG, block_out_channels=[32, 64, 64, 64], cross_attention_dim=32, sample_size=16)
+TINY_VAE_CONFIG = dict(VAE_CONFIG, block_out_channels=[32, 32, 64, 64], sample_size=128)
+TINY_TEXT_ENCODER_CONFIG = dict(TEXT_ENCODER_CONFIG, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, projection_dim=64)
+# per size: the three configs and the latent's side (the image is 8x it: the VAE has 4 blocks)
+PROFILES = {
+    "sd15": {"unet": UNET_CONFIG, "vae": VAE_CONFIG, "text_encoder": TEXT_ENCODER_CONFIG, "latent": 64},
+    "tiny": {"unet": TINY_UNET_CONFIG, "vae": TINY_VAE_CONFIG, "text_encoder": TINY_TEXT_ENCODER_CONFIG, "latent": 16},
+}
 COMPONENTS = ["unet", "vae_decode", "vae_encode", "text_encoder"]
+SIDES = ["npdiff", "torch", "openvino_f32", "openvino_bf16"]
 # torch's seconds per call on the idle 2-core development machine, measured when the project was
 # planned: written to the JSON beside this run's own torch timings, as a yardstick of the load.
 TORCH_REFERENCE_SECONDS = {"unet": 7.7, "vae_decode": 11.8, "vae_encode": 4.7, "text_encoder": 0.18}
@@ -68,44 +95,50 @@ TORCH_REFERENCE_SECONDS = {"unet": 7.7, "vae_decode": 11.8, "vae_encode": 4.7, "
 # ---------------------------------------------------------------------------------------------
 # The cache of random SD 1.5-size weights
 # ---------------------------------------------------------------------------------------------
-def generate_cache(cache):
+def generate_cache(cache, profile="sd15"):
     """Build the three networks with random weights and save them as diffusers/transformers folders."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    configs = PROFILES[profile]
     torch.manual_seed(0)
     cache.mkdir(parents=True, exist_ok=True)
-    for name, build in (("unet", lambda: UNet2DConditionModel(**UNET_CONFIG)),
-                        ("vae", lambda: AutoencoderKL(**VAE_CONFIG)),
-                        ("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG)))):
+    for name, build in (("unet", lambda: UNet2DConditionModel(**configs["unet"])),
+                        ("vae", lambda: AutoencoderKL(**configs["vae"])),
+                        ("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])))):
         print(f"  generating random {name} ...", file=sys.stderr, flush=True)
         model = build()
         model.save_pretrained(cache / name, safe_serialization=True)
         del model
-    (cache / "COMPLETE").write_text("random SD 1.5-size weights, torch.manual_seed(0)\n")
+    (cache / "COMPLETE").write_text(f"random {profile} weights, torch.manual_seed(0)\n")
 
 
-def ensure_cache(cache):
+def ensure_cache(cache, profile="sd15"):
     if (cache / "COMPLETE").is_file():
         return
-    print(f"making random SD 1.5-size weights in {cache} (once; about 4.3 GB) ...", file=sys.stderr, flush=True)
-    run_worker(["generate", "--cache", str(cache)])
+    size = "SD 1.5-size weights (once; about 4.3 GB)" if profile == "sd15" else f"{profile} weights"
+    print(f"making random {size} in {cache} ...", file=sys.stderr, flush=True)
+    run_worker(["generate", "--cache", str(cache), "--profile", profile])
 
 
 # ---------------------------------------------------------------------------------------------
 # Inputs and the two sides
 # ---------------------------------------------------------------------------------------------
-def make_inputs(component):
-    rng = np.random.default_rng(0)
+def make_inputs(component, profile="sd15"):
+    """The network's inputs, in the order its call takes them."""
+    configs, rng = PROFILES[profile], np.random.default_rng(0)
+    latent = configs["latent"]
     if component == "unet":
-        return {"sample": rng.standard_normal((2, 4, 64, 64), dtype=np.float32), "timestep": 500,
-                "context": rng.standard_normal((2, 77, 768), dtype=np.float32)}
+        context_dim = configs["unet"]["cross_attention_dim"]
+        return {"sample": rng.standard_normal((2, 4, latent, latent), dtype=np.float32), "timestep": 500,
+                "context": rng.standard_normal((2, 77, context_dim), dtype=np.float32)}
     if component == "vae_decode":
-        return {"latents": rng.standard_normal((1, 4, 64, 64), dtype=np.float32)}
+        return {"latents": rng.standard_normal((1, 4, latent, latent), dtype=np.float32)}
     if component == "vae_encode":
-        return {"image": rng.uniform(-1.0, 1.0, size=(1, 3, 512, 512)).astype(np.float32)}
-    return {"input_ids": rng.integers(0, TEXT_ENCODER_CONFIG["vocab_size"], size=(2, 77)).astype(np.int64)}
+        return {"image": rng.uniform(-1.0, 1.0, size=(1, 3, 8 * latent, 8 * latent)).astype(np.float32)}
+    vocab_size = configs["text_encoder"]["vocab_size"]
+    return {"input_ids": rng.integers(0, vocab_size, size=(2, 77)).astype(np.int64)}
 
 
 def npdiff_callable(component, cache, inputs):
@@ -123,81 +156,50 @@ def npdiff_callable(component, cache, inputs):
     return lambda: model(inputs["input_ids"])
 
 
-def torch_callable(component, cache, inputs):
+def torch_module(component, cache):
+    """The diffusers/transformers network as a torch.nn.Module whose forward takes make_inputs' values
+    as tensors, in order, and returns one tensor: what the torch side calls and OpenVINO converts."""
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    tensors = {name: torch.from_numpy(value) if isinstance(value, np.ndarray) else value
-               for name, value in inputs.items()}
+    class Forward(torch.nn.Module):
+        def __init__(self, model, call):
+            super().__init__()
+            self.model, self.call = model.eval(), call
 
-    def no_grad(fn):
-        def run():
-            with torch.inference_mode():
-                return fn().numpy()
-        return run
+        def forward(self, *inputs):
+            return self.call(self.model, *inputs)
 
     if component == "unet":
         from diffusers import UNet2DConditionModel
 
-        model = UNet2DConditionModel.from_pretrained(cache / "unet").eval()
-        return no_grad(lambda: model(tensors["sample"], tensors["timestep"], tensors["context"]).sample)
+        return Forward(UNet2DConditionModel.from_pretrained(cache / "unet"),
+                       lambda model, sample, timestep, context: model(sample, timestep, context).sample)
     if component in ("vae_decode", "vae_encode"):
         from diffusers import AutoencoderKL
 
-        model = AutoencoderKL.from_pretrained(cache / "vae").eval()
+        model = AutoencoderKL.from_pretrained(cache / "vae")
         if component == "vae_decode":
-            return no_grad(lambda: model.decode(tensors["latents"]).sample)
-        return no_grad(lambda: model.encode(tensors["image"]).latent_dist.mean)
+            return Forward(model, lambda model, latents: model.decode(latents).sample)
+        return Forward(model, lambda model, image: model.encode(image).latent_dist.mean)
     from transformers import CLIPTextModel
 
-    model = CLIPTextModel.from_pretrained(cache / "text_encoder").eval()
-    return no_grad(lambda: model(tensors["input_ids"]).last_hidden_state)
+    return Forward(CLIPTextModel.from_pretrained(cache / "text_encoder"),
+                   lambda model, input_ids: model(input_ids).last_hidden_state)
 
 
-# ---------------------------------------------------------------------------------------------
-# Per-kernel counters for the npdiff side (FLOPs and seconds)
-# ---------------------------------------------------------------------------------------------
-def kernel_flops(name, args, out):
-    if name == "conv2d":
-        x, weight = args[0], args[1]
-        return 2.0 * out.size * weight.shape[1] * weight.shape[2] * weight.shape[3]
-    if name in ("linear", "geglu"):
-        x, weight = args[0], args[1]
-        return 2.0 * (x.size // x.shape[-1]) * weight.shape[0] * weight.shape[1]
-    if name == "scaled_dot_product_attention":
-        q, k, v = args[0], args[1], args[2]
-        queries = q.size // q.shape[-1]
-        return 2.0 * queries * k.shape[-2] * (q.shape[-1] + v.shape[-1])
-    return 0.0
+def torch_callable(component, cache, inputs):
+    import torch
 
+    torch.set_num_threads(os.cpu_count() or 1)
+    # the timestep goes in as a 0-d int64 tensor (diffusers turns an int into the same)
+    tensors = [torch.from_numpy(value) if isinstance(value, np.ndarray) else torch.tensor(value)
+               for value in inputs.values()]
+    module = torch_module(component, cache)
 
-def install_counters():
-    """Wrap npdiff.kernels' public functions (models call them as kernels.NAME) -> the stats dict."""
-    import npdiff.kernels as kernels
-
-    stats = defaultdict(lambda: {"calls": 0, "seconds": 0.0, "flops": 0.0})
-    originals = {}
-    for name in ("conv2d", "linear", "geglu", "scaled_dot_product_attention", "group_norm", "layer_norm",
-                 "silu", "gelu", "quick_gelu", "softmax", "upsample_nearest2x"):
-        original = getattr(kernels, name)
-        originals[name] = original
-
-        def counted(*args, _name=name, _original=original, **kwargs):
-            t0 = time.perf_counter()
-            out = _original(*args, **kwargs)
-            entry = stats[_name]
-            entry["seconds"] += time.perf_counter() - t0
-            entry["calls"] += 1
-            entry["flops"] += kernel_flops(_name, args, out)
-            return out
-
-        setattr(kernels, name, counted)
-
-    def uninstall():
-        for name, original in originals.items():
-            setattr(kernels, name, original)
-
-    return stats, uninstall
+    def run():
+        with torch.inference_mode():
+            return module(*tensors).numpy()
+    return run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,14 +221,23 @@ def reset_peak_rss():
 def worker(args):
     cache = Path(args.cache)
     if args.component == "generate":
-        generate_cache(cache)
+        generate_cache(cache, args.profile)
         return
-    inputs = make_inputs(args.component)
+    inputs = make_inputs(args.component, args.profile)
+    result = {}
     t0 = time.perf_counter()
-    build = torch_callable if args.side == "torch" else npdiff_callable
-    fn = build(args.component, cache, inputs)
-    load_seconds = time.perf_counter() - t0
-    result = {"load_seconds": load_seconds, "rss_after_load_gib": proc_status_gib("VmRSS")}
+    if args.side in OPENVINO_SIDES:
+        precision = OPENVINO_SIDES[args.side]
+        reason = unsupported_reason(precision)
+        if reason:
+            print("RESULT " + json.dumps({"unsupported": reason}))
+            return
+        fn, result = openvino_callable(precision, lambda: torch_module(args.component, cache),
+                                       list(inputs.values()))
+    else:
+        build = torch_callable if args.side == "torch" else npdiff_callable
+        fn = build(args.component, cache, inputs)
+    result.update(load_seconds=time.perf_counter() - t0, rss_after_load_gib=proc_status_gib("VmRSS"))
     reset_peak_rss()
     # warm-up call (compiles Numba kernels on a first run), then on the npdiff side one call counted per kernel
     out = fn()
@@ -264,14 +275,66 @@ def rel_err(ours, ref):
     return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
+def parse_sides(text):
+    """--sides: a comma-separated subset of SIDES ("openvino" names both precisions); torch always runs."""
+    sides = {"torch"}
+    for name in filter(None, text.split(",")):
+        names = list(OPENVINO_SIDES) if name == "openvino" else [name]
+        unknown = set(names) - set(SIDES)
+        if unknown:
+            sys.exit(f"unknown side {name!r}; known: {', '.join(SIDES)}, openvino")
+        sides.update(names)
+    return [side for side in SIDES if side in sides]
+
+
+def npdiff_row(component, sides, peak):
+    ours, theirs = sides["npdiff"], sides["torch"]
+    flops = ours["flops"]
+    return {
+        "what": component, "ours_s": ours["seconds"], "torch_s": theirs["seconds"],
+        "ratio": ours["seconds"] / theirs["seconds"], "gflop": flops / 1e9,
+        "ours_gflops": flops / ours["seconds"] / 1e9, "torch_gflops": flops / theirs["seconds"] / 1e9,
+        "ours_peak_pct": 100.0 * flops / ours["seconds"] / 1e9 / peak,
+        "ours_rss": ours["peak_rss_gib"], "torch_rss": theirs["peak_rss_gib"],
+        "ours_run_rss": ours["run_peak_rss_gib"], "torch_run_rss": theirs["run_peak_rss_gib"],
+        "rel_err": rel_err(ours["output"], theirs["output"]),
+    }
+
+
+def engine_row(component, side, sides):
+    """One OpenVINO precision of one network against torch (and npdiff when it ran)."""
+    engine, torch_side = sides[side], sides["torch"]
+    row = {"what": component, "engine": side, "torch_s": torch_side["seconds"]}
+    if "unsupported" in engine:
+        return dict(row, note=engine["unsupported"])
+    flops = sides["npdiff"]["flops"] if "npdiff" in sides else None
+    row.update({
+        "engine_s": engine["seconds"], "ratio": engine["seconds"] / torch_side["seconds"],
+        "npdiff_ratio": sides["npdiff"]["seconds"] / engine["seconds"] if "npdiff" in sides else None,
+        "gflops": flops / engine["seconds"] / 1e9 if flops else None,
+        "convert_s": engine["convert_seconds"], "compile_s": engine["compile_seconds"],
+        "rss": engine["peak_rss_gib"], "run_rss": engine["run_peak_rss_gib"],
+        "rel_err": rel_err(engine["output"], torch_side["output"]),
+        "note": f"runs {engine['precision']}, {engine['threads']} threads",
+    })
+    return row
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(COMPONENTS), help="comma-separated: " + ", ".join(COMPONENTS))
+    parser.add_argument("--sides", default="npdiff,openvino",
+                        help="comma-separated: " + ", ".join(SIDES) + " (openvino = both precisions; "
+                        "torch always runs)")
     parser.add_argument("--repeat", type=int, default=2, help="timed runs per side after the warm-up (best kept)")
-    parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="folder of the random SD 1.5-size weights")
+    parser.add_argument("--tiny", action="store_true",
+                        help="the same architectures at a few channels, to check the benchmark end to end")
+    parser.add_argument("--cache", help=f"folder of the random weights (default {DEFAULT_CACHE}, "
+                        f"with --tiny {TINY_CACHE})")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("component", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("--side", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", default="sd15", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -281,44 +344,54 @@ def main():
     unknown = set(components) - set(COMPONENTS)
     if unknown:
         sys.exit(f"unknown component(s) {sorted(unknown)}; known: {', '.join(COMPONENTS)}")
-    cache = Path(args.cache)
-    ensure_cache(cache)
+    side_names = parse_sides(args.sides)
+    profile = "tiny" if args.tiny else "sd15"
+    cache = Path(args.cache or (TINY_CACHE if args.tiny else DEFAULT_CACHE))
+    ensure_cache(cache, profile)
     peak = sgemm_peak_gflops()
-    print(f"sgemm peak (NumPy, 2048^2): {peak:.0f} GFLOP/s; load average {os.getloadavg()[0]:.1f}")
-    rows, details = [], {}
+    print(f"sgemm peak (NumPy, 2048^2): {peak:.0f} GFLOP/s; load average {os.getloadavg()[0]:.1f}"
+          + ("; --tiny: few channels, the times say nothing about SD-size speed" if args.tiny else ""))
+    rows, engine_rows, details = [], [], {}
     with tempfile.TemporaryDirectory(prefix="npdiff-bench-models-") as scratch:
         for component in components:
             sides = {}
             repeat = args.repeat if component != "text_encoder" else max(args.repeat, 10)
-            for side in ("torch", "npdiff"):
+            for side in side_names:
                 out = Path(scratch) / f"{component}-{side}.npy"
                 print(f"  {component}: {side} ...", file=sys.stderr, flush=True)
-                sides[side] = run_worker([component, "--side", side, "--cache", str(cache),
+                sides[side] = run_worker([component, "--side", side, "--cache", str(cache), "--profile", profile,
                                           "--repeat", str(repeat), "--out", str(out)])
-                sides[side]["output"] = np.load(out)
-            error = rel_err(sides["npdiff"]["output"], sides["torch"]["output"])
-            ours, theirs = sides["npdiff"], sides["torch"]
-            flops = ours["flops"]
-            rows.append({
-                "what": component, "ours_s": ours["seconds"], "torch_s": theirs["seconds"],
-                "ratio": ours["seconds"] / theirs["seconds"], "gflop": flops / 1e9,
-                "ours_gflops": flops / ours["seconds"] / 1e9, "torch_gflops": flops / theirs["seconds"] / 1e9,
-                "ours_peak_pct": 100.0 * flops / ours["seconds"] / 1e9 / peak,
-                "ours_rss": ours["peak_rss_gib"], "torch_rss": theirs["peak_rss_gib"],
-                "ours_run_rss": ours["run_peak_rss_gib"], "torch_run_rss": theirs["run_peak_rss_gib"],
-                "rel_err": error,
-            })
+                if "unsupported" not in sides[side]:
+                    sides[side]["output"] = np.load(out)
+            if "npdiff" in sides:
+                rows.append(npdiff_row(component, sides, peak))
+            engine_rows += [engine_row(component, side, sides) for side in side_names if side in OPENVINO_SIDES]
             details[component] = {side: {k: v for k, v in sides[side].items() if k != "output"} for side in sides}
-    print()
-    print_table(rows, [
-        ("what", "network", None), ("ours_s", "npdiff s", "{:.3f}"), ("torch_s", "torch s", "{:.3f}"),
-        ("ratio", "ours/torch", "{:.2f}"), ("gflop", "GFLOP", "{:.0f}"), ("ours_gflops", "npdiff GFLOP/s", "{:.0f}"),
-        ("torch_gflops", "torch GFLOP/s", "{:.0f}"), ("ours_peak_pct", "npdiff % peak", "{:.0f}"),
-        ("ours_rss", "npdiff peak RSS GiB", "{:.2f}"), ("torch_rss", "torch peak RSS GiB", "{:.2f}"),
-        ("ours_run_rss", "npdiff run RSS", "{:.2f}"), ("torch_run_rss", "torch run RSS", "{:.2f}"),
-        ("rel_err", "rel err", "{:.1e}"),
-    ])
+    if rows:
+        print()
+        print_table(rows, [
+            ("what", "network", None), ("ours_s", "npdiff s", "{:.3f}"), ("torch_s", "torch s", "{:.3f}"),
+            ("ratio", "ours/torch", "{:.2f}"), ("gflop", "GFLOP", "{:.0f}"),
+            ("ours_gflops", "npdiff GFLOP/s", "{:.0f}"), ("torch_gflops", "torch GFLOP/s", "{:.0f}"),
+            ("ours_peak_pct", "npdiff % peak", "{:.0f}"),
+            ("ours_rss", "npdiff peak RSS GiB", "{:.2f}"), ("torch_rss", "torch peak RSS GiB", "{:.2f}"),
+            ("ours_run_rss", "npdiff run RSS", "{:.2f}"), ("torch_run_rss", "torch run RSS", "{:.2f}"),
+            ("rel_err", "rel err", "{:.1e}"),
+        ])
+    if engine_rows:
+        print(f"\nOpenVINO {openvino_version().split('-')[0]} against torch (same inputs and thread count; convert and "
+              "compile are not in the call's time; rel err against torch's float32 output)")
+        print_table(engine_rows, [
+            ("what", "network", None), ("engine", "engine", None), ("engine_s", "engine s", "{:.3f}"),
+            ("torch_s", "torch s", "{:.3f}"), ("ratio", "engine/torch", "{:.2f}"),
+            ("npdiff_ratio", "npdiff/engine", "{:.2f}"), ("gflops", "GFLOP/s", "{:.0f}"),
+            ("convert_s", "convert s", "{:.1f}"), ("compile_s", "compile s", "{:.1f}"),
+            ("rss", "peak RSS GiB", "{:.2f}"), ("run_rss", "run RSS", "{:.2f}"),
+            ("rel_err", "rel err", "{:.1e}"), ("note", "note", None),
+        ])
     for component, sides in details.items():
+        if "npdiff" not in sides:
+            continue
         kernels = sides["npdiff"]["kernels"]
         total = sides["npdiff"]["counted_seconds"]
         print(f"\nnpdiff {component}: seconds per kernel in the counted call ({total:.2f} s in all)")
@@ -332,9 +405,14 @@ def main():
         print_table(kernel_rows, [("kernel", "kernel", None), ("calls", "calls", "{}"),
                                   ("seconds", "seconds", "{:.3f}"), ("share", "% of call", "{:.0f}"),
                                   ("gflops", "GFLOP/s", "{:.0f}")])
-    path = write_json("models", {"sgemm_peak_gflops": peak, "rows": rows, "details": details,
-                                 "torch_reference_seconds": TORCH_REFERENCE_SECONDS,
-                                 "load_average": os.getloadavg()})
+    payload = {"sgemm_peak_gflops": peak, "profile": profile, "sides": side_names, "rows": rows,
+               "engine_rows": engine_rows, "details": details, "load_average": os.getloadavg()}
+    if engine_rows:
+        payload["openvino"] = openvino_version()
+    if profile == "sd15":
+        payload["torch_reference_seconds"] = TORCH_REFERENCE_SECONDS
+    # --tiny writes its own file, so a check run never replaces the SD-size figures
+    path = write_json("models" if profile == "sd15" else "models-tiny", payload)
     print(f"\nwrote {path}")
 
 
