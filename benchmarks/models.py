@@ -250,7 +250,10 @@ def worker(args):
     else:
         build = torch_callable if args.side == "torch" else npdiff_callable
         fn = build(args.component, cache, inputs)
-    result.update(load_seconds=time.perf_counter() - t0, rss_after_load_gib=proc_status_gib("VmRSS"))
+    # RssFile: the part of the RSS that is mapped files (OpenVINO maps its IR: f32 keeps the mapped weights
+    # and its own repacked copy, so its RSS is about twice the weights, half of it clean page cache)
+    result.update(load_seconds=time.perf_counter() - t0, rss_after_load_gib=proc_status_gib("VmRSS"),
+                  rss_file_after_load_gib=proc_status_gib("RssFile"))
     reset_peak_rss()
     # warm-up call (compiles Numba kernels on a first run), then on the npdiff side one call counted per kernel
     out = fn()
