@@ -26,7 +26,8 @@ Sides (--sides, default all; torch always runs: it is the anchor of every ratio 
     openvino_f32   OpenVINO, the engine a CPU user would pick instead (benchmarks/_openvino.py;
     openvino_bf16  "openvino" names both): the torch side's module converted once with
                    openvino.convert_model in its own process and saved as float32 IR beside the
-                   weights (openvino-<release>/; later runs reuse it), then read and compiled for the
+                   weights (openvino-<release>/, about the weights' size again; later runs reuse
+                   it; regenerating the weights deletes it), then read and compiled for the
                    CPU with INFERENCE_PRECISION_HINT f32 or bf16. The conversion's seconds and peak
                    RSS, and the read+compile seconds, are reported apart from the call; bf16's error
                    against torch's float32 is its rounding (~1e-2), not a bug. A CPU without bf16
