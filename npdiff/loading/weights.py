@@ -6,7 +6,16 @@ Behind a name sits a TensorRef: which file, the key stored there (the same name 
 folder; the original CompVis name for a single-file checkpoint) and the shape `take` returns (the
 stored shape, or a reshape of it that the key map asked for, e.g. a 1x1 conv [C,C,1,1] read as a
 linear [C,C]) and, for a tensor stored fused (OpenCLIP's q/k/v), which rows of it. Nothing is read
-until `take`; each tensor is read and widened to float32 once.
+until `take`. A float32 tensor is a read-only view of the file's memory map (no copy; safetensors_io.py
+says why and what that costs); F16/BF16 are widened to float32 once, into private memory.
+
+take() checks every value for NaN/Inf (issue: a damaged file must be refused before a long job starts,
+naming file, key and position). The check reads every page of every weight once at load: measured
+over the 4.0 GB SD 1.5-size folder with the files in the page cache (benchmarks/memory.py load), it is
+most of the load time (see FINITE_CHUNK below). Checking lazily, on a weight's first use, would refuse a
+damaged UNet only after the text encoder ran, and a damaged VAE after every UNet step: too late. So
+it stays at load, and the pages it brought in are released right after (resident.release_array_pages):
+loading leaves the weights in the page cache, not resident, and the first call faults them back in.
 """
 
 import difflib
@@ -16,6 +25,7 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
+from npdiff.loading.resident import mapping_of, release_array_pages
 
 # Non-finite check, in chunks so the temporary bool array stays at 1 MiB. Measured (2-core shared
 # machine): 18-25 ms per 100 MB of float32 (a random 25M-value tensor), about half the cost of the
@@ -113,11 +123,15 @@ class Weights:
         if tuple(ref.shape) != expected:
             raise NpdiffError(f"key '{key}' in {self._where(key)} has shape {_shape_text(ref.shape)}; "
                               f"the config expects {_shape_text(expected)}")
-        values = ref.file.read_float32(ref.stored_key)
-        if ref.rows is not None:  # [3D,...] -> [D,...]: one of fused q/k/v, copied so the rest can go
-            values = values[ref.rows[0]:ref.rows[1]].copy()
-        values = values.reshape(expected)  # stored shape -> config shape
+        values = ref.file.read_float32(ref.stored_key)  # read-only map view (F32) or a new widened array
+        mapped = mapping_of(values) is not None
+        if ref.rows is not None:  # [3D,...] -> [D,...]: one of fused q/k/v (a widened one copied so the rest can go)
+            values = values[ref.rows[0]:ref.rows[1]]
+            values = values if mapped else values.copy()
+        values = values.reshape(expected)  # stored shape -> config shape (a view: the rows are contiguous)
         bad = first_non_finite(values) if finite else None
+        if mapped and finite:
+            release_array_pages([values])  # the check paged the tensor in; leave it in the page cache
         if bad is not None:
             position = tuple(int(i) for i in np.unravel_index(bad, expected))
             raise NpdiffError(f"key '{key}' in {self._where(key)} holds {values.reshape(-1)[bad]} at index "
