@@ -14,7 +14,10 @@ naming file, key and position). The check reads every page of every weight once 
 over the 4.0 GB SD 1.5-size folder with the files in the page cache (benchmarks/memory.py load), it is
 most of the load time (see FINITE_CHUNK below). Checking lazily, on a weight's first use, would refuse a
 damaged UNet only after the text encoder ran, and a damaged VAE after every UNet step: too late. So
-it stays at load, and the pages it brought in are released right after (resident.release_array_pages):
+it stays at load, and the pages it brought in are released right after (resident.release_array_pages),
+each tensor's after its check (so loading never holds more than about one tensor resident), and all the
+model's mapped tensors once more in check_all_used(), the end of every model's constructor (the kernel
+maps up to 64 KiB around each page fault, so checking one tensor brings in bits of its neighbours):
 loading leaves the weights in the page cache, not resident, and the first call faults them back in.
 """
 
@@ -64,6 +67,7 @@ class Weights:
         self.part = part  # e.g. "unet" for one component of a single-file checkpoint
         self._refs = dict(refs)  # name -> TensorRef
         self._used = set()
+        self._mapped = []  # the memory-mapped arrays take() returned, released again by check_all_used()
 
     @classmethod
     def from_file(cls, safetensors_file):
@@ -132,6 +136,7 @@ class Weights:
         bad = first_non_finite(values) if finite else None
         if mapped and finite:
             release_array_pages([values])  # the check paged the tensor in; leave it in the page cache
+            self._mapped.append(values)
         if bad is not None:
             position = tuple(int(i) for i in np.unravel_index(bad, expected))
             raise NpdiffError(f"key '{key}' in {self._where(key)} holds {values.reshape(-1)[bad]} at index "
@@ -145,7 +150,10 @@ class Weights:
             self._used.add(key)
 
     def check_all_used(self):
-        """NpdiffError listing every key that no take()/ignore() asked for."""
+        """NpdiffError listing every key that no take()/ignore() asked for. Releases the resident pages of
+        every mapped tensor taken so far (the NaN/Inf checks paged them in)."""
+        release_array_pages(self._mapped)
+        self._mapped = []
         unused = sorted(set(self._refs) - self._used)
         if unused:
             shown = ", ".join(f"'{key}'" for key in unused[:10])
