@@ -33,6 +33,7 @@ scheduler=LCMScheduler.from_config(...), vae=AutoencoderTiny.from_pretrained(...
                  import, ~0.4 GiB for torch)
     peak RSS     the largest phase peak (clear_refs also resets the kernel's ru_maxrss, so os.wait4's
                  ru_maxrss of the child, also taken, covers only the time after the last reset)
+The weight files are read once before each process starts, so both sides find them in the page cache.
 The two pictures (same seed: npdiff's TorchGenerator draws what a CPU torch.Generator draws) are compared
 pixel by pixel. The load average is read when each process starts and ends.
 """
@@ -208,8 +209,19 @@ def ensure_pipeline_folder(cache):
 # ---------------------------------------------------------------------------------------------
 # Parent: one fresh process per side and job
 # ---------------------------------------------------------------------------------------------
+def warm_page_cache(cache):
+    """Read every weight file once so each side starts with them in the page cache: npdiff reads every page
+    at load (its NaN/Inf check), diffusers on its first call, so a cold cache would bill the disk to
+    whichever side comes first, in a different phase for each."""
+    for path in sorted(Path(cache).rglob("*.safetensors")):
+        with open(path, "rb") as handle:
+            while handle.read(1 << 24):
+                pass
+
+
 def run_side(job, side, args, scratch):
     out = str(Path(scratch) / f"{job}-{side}")
+    warm_page_cache(args.cache)
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--job", job, "--side", side,
                "--size", str(args.size), "--seed", str(args.seed), "--cache", args.cache, "--out", out]
     print(f"--- {job} {args.size}x{args.size}: {side} (fresh process)", file=sys.stderr, flush=True)
