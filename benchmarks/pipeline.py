@@ -27,8 +27,13 @@ scheduler=LCMScheduler.from_config(...), vae=AutoencoderTiny.from_pretrained(...
     RSS by phase VmRSS after each phase (and its anonymous and file-backed parts: RssFile is weights
                  mapped from the safetensors files) and VmHWM (the peak) within it, from /proc/self/status
                  in the child, the peak reset (clear_refs 5) at each phase boundary
+    where the bytes go  at (nearly) each phase's peak, sampled every 50 ms: RssFile (weights mapped from
+                 the files: npdiff's float32 weights, diffusers' safetensors maps) and RssAnon (activations,
+                 weights held in private memory, interpreter and libraries: ~0.1 GiB for npdiff after
+                 import, ~0.4 GiB for torch)
     peak RSS     the largest phase peak (clear_refs also resets the kernel's ru_maxrss, so os.wait4's
                  ru_maxrss of the child, also taken, covers only the time after the last reset)
+The weight files are read once before each process starts, so both sides find them in the page cache.
 The two pictures (same seed: npdiff's TorchGenerator draws what a CPU torch.Generator draws) are compared
 pixel by pixel. The load average is read when each process starts and ends.
 """
@@ -54,7 +59,9 @@ SIDES = ["npdiff", "diffusers"]
 PROMPT = "a photograph of an astronaut riding a horse"
 # The earlier whole-job figures of pndm4-vae at 512x512 (a quiet machine): printed beside this run's.
 EARLIER_PNDM4 = {"npdiff": {"wall_s": 86.0, "load_s": 8.5, "peak_rss_gib": 8.06},
-                 "diffusers": {"wall_s": 69.0, "peak_rss_gib": 5.41}}
+                 "diffusers": {"wall_s": 69.0, "peak_rss_gib": 5.41},
+                 "npdiff_read_loader": {"wall_s": 88.9, "peak_rss_gib": 4.96, "diffusers_wall_s": 82.5,
+                                        "diffusers_peak_rss_gib": 5.44}}
 PHASES = ["import", "load", "denoise", "decode", "finish"]
 
 
@@ -62,15 +69,42 @@ PHASES = ["import", "load", "denoise", "decode", "finish"]
 # Worker: one side of one job in a fresh process (imports nothing heavy before its clock runs)
 # ---------------------------------------------------------------------------------------------
 class PhaseClock:
-    """mark(name) ends a phase: its end time (since T0), RSS now, and the peak within it; then resets the peak."""
+    """mark(name) ends a phase: its end time (since T0), RSS now, and the peak within it; then resets the peak.
+
+    A sampler thread reads RssAnon and RssFile every SAMPLE_S seconds and keeps, per phase, the sample
+    with the largest sum: the split of (nearly) the phase's peak into file-backed pages (weights mapped
+    from the safetensors files) and anonymous memory (activations, weights copied into private memory,
+    the interpreter and libraries). VmHWM stays the exact peak; the sample can only miss a spike shorter
+    than SAMPLE_S."""
+
+    SAMPLE_S = 0.05
 
     def __init__(self):
+        import threading
+
         self.marks = {}
+        self.top = (0.0, None, None)  # (anon + file, anon, file) of the largest sample in this phase
+        self.lock = threading.Lock()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self):
+        while True:
+            anon, file = proc_status_gib("RssAnon"), proc_status_gib("RssFile")
+            if anon is None or file is None:
+                return
+            with self.lock:
+                if anon + file > self.top[0]:
+                    self.top = (anon + file, anon, file)
+            time.sleep(self.SAMPLE_S)
 
     def mark(self, name):
+        with self.lock:
+            _, top_anon, top_file = self.top
+            self.top = (0.0, None, None)
         self.marks[name] = {"t": time.perf_counter() - T0, "rss_gib": proc_status_gib("VmRSS"),
                             "peak_gib": proc_status_gib("VmHWM"), "anon_gib": proc_status_gib("RssAnon"),
-                            "file_gib": proc_status_gib("RssFile")}
+                            "file_gib": proc_status_gib("RssFile"), "peak_anon_gib": top_anon,
+                            "peak_file_gib": top_file}
         try:
             Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
         except OSError:
@@ -175,8 +209,19 @@ def ensure_pipeline_folder(cache):
 # ---------------------------------------------------------------------------------------------
 # Parent: one fresh process per side and job
 # ---------------------------------------------------------------------------------------------
+def warm_page_cache(cache):
+    """Read every weight file once so each side starts with them in the page cache: npdiff reads every page
+    at load (its NaN/Inf check), diffusers on its first call, so a cold cache would bill the disk to
+    whichever side comes first, in a different phase for each."""
+    for path in sorted(Path(cache).rglob("*.safetensors")):
+        with open(path, "rb") as handle:
+            while handle.read(1 << 24):
+                pass
+
+
 def run_side(job, side, args, scratch):
     out = str(Path(scratch) / f"{job}-{side}")
+    warm_page_cache(args.cache)
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--job", job, "--side", side,
                "--size", str(args.size), "--seed", str(args.seed), "--cache", args.cache, "--out", out]
     print(f"--- {job} {args.size}x{args.size}: {side} (fresh process)", file=sys.stderr, flush=True)
@@ -256,6 +301,17 @@ def print_results(rows):
     for name in PHASES:
         columns += [(f"{name}_peak", f"{name} peak", "{:.2f}"), (f"{name}_after", "after (anon+file)", None)]
     print_table(phase_rows, columns)
+    print("\nWhere the bytes go at each phase's peak (GiB, sampled every 50 ms): file = weights mapped from the "
+          "safetensors files (RssFile), anon = activations + weights in private memory + interpreter (RssAnon)")
+    split_rows = []
+    for row in rows:
+        entry = {"job": row["job"], "side": row["side"]}
+        for name in PHASES:
+            mark = row["rss_by_phase"][name]
+            if mark.get("peak_anon_gib") is not None:
+                entry[name] = f"{mark['peak_file_gib']:.2f} file + {mark['peak_anon_gib']:.2f} anon"
+        split_rows.append(entry)
+    print_table(split_rows, [("job", "job", None), ("side", "side", None)] + [(name, name, None) for name in PHASES])
     if any(row["job"] == "pndm4-vae" and row["size"] == 512 for row in rows):
         print(f"\nearlier pndm4-vae 512x512 figures (quiet machine): {json.dumps(EARLIER_PNDM4)}")
 

@@ -19,6 +19,10 @@ Every mode is one flow, _generate, with these steps (diffusers' StableDiffusionP
      a NaN or Inf in the latents stops the call with an NpdiffError naming the step;
   5. decode latents / scaling_factor with the VAE (NaN/Inf there: NpdiffError, not a black
      picture) and round to 8-bit pictures.
+Between the steps each model whose stage is over (the text encoder after 1, the UNet after 4, the VAE
+after 5) releases the resident pages of its memory-mapped weights (release_resident_pages below): they
+stay in the page cache and come back on the next call, so at no time are all weights resident, and the
+VAE decode runs without the UNet's weights beside its activations.
 What differs between the modes is a start object (npdiff/sampling_starts.py): text-to-image
 (NoiseStart) starts from noise over all timesteps; image-to-image (ImageStart) starts step 4
 part-way, from the encoded picture with noise added; inpainting (InpaintStart) also gives an
@@ -55,6 +59,27 @@ class StableDiffusionPipeline:
         self.scheduler_name = scheduler_name or type(scheduler).__name__
         self.model_name = model_name
         self.show_progress = True  # a tqdm bar over the denoising steps
+        self.release_weights_between_stages = True  # see release_resident_pages
+
+    def release_resident_pages(self, *names):
+        """Drop the resident pages of the memory-mapped weights of the named models ("text_encoder",
+        "unet", "vae"; none named: all) from this process; -> bytes released.
+
+        float32 weights are read-only views of their files' memory maps (npdiff.loading.safetensors_io):
+        once read they stay resident, counted in this process's memory, until released. The pages stay
+        in the kernel's page cache, and the next read of a weight faults its page back in from there
+        (measured for the SD 1.5 UNet in benchmarks/memory.py: well under a second against a minute
+        of sampling); results are bit-identical. A no-op where madvise is unavailable, and for weights
+        held in private memory (F16/BF16 widened, LoRA-fused, on a GPU)."""
+        from npdiff.loading.resident import release_resident_pages
+
+        names = names or ("text_encoder", "unet", "vae")
+        return sum(release_resident_pages(getattr(self, name)) for name in names)
+
+    def _stage_done(self, *names):
+        """A stage is over: release its models' weight pages (release_weights_between_stages)."""
+        if self.release_weights_between_stages:
+            self.release_resident_pages(*names)
 
     @property
     def vae_scale_factor(self):
@@ -240,22 +265,28 @@ class StableDiffusionPipeline:
 
         # 1-2. text embeddings, [uncond; cond] when guiding
         text_embeddings = self.encode_prompt(prompts, negatives, num_images_per_prompt, do_guidance)
+        self._stage_done("text_encoder")
 
         # 3. timesteps and initial latents (drawn after the text is encoded, as diffusers does)
         scheduler.set_timesteps(steps)
         timesteps, denoising_steps = start.timesteps(scheduler, steps)
         latents = start.initial_latents(self, scheduler, timesteps, generator)  # [B*n,4,h,w] float32
+        if start.encodes_picture:
+            self._stage_done("vae")  # img2img/inpainting encoded the picture; the decoder comes after step 4
 
         # 4. the sampling loop
         latents = self.denoise(latents, timesteps, scheduler, text_embeddings, guidance_scale, generator,
                                denoising_steps, callback=callback, callback_steps=callback_steps, progress=progress,
                                start=start, eta=eta)
+        self._stage_done("unet")
 
         # 5. decode
         parameters = self.generation_parameters(prompts, negatives, seed, steps, guidance_scale, start.height,
                                                 start.width, self.scheduler_name)
         parameters.update(start.parameters())
-        return self.package_output(latents, output_type, seed, parameters)
+        output = self.package_output(latents, output_type, seed, parameters)
+        self._stage_done("vae")
+        return output
 
     def __call__(self, prompt, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5, height=None,
                  width=None, seed=None, generator=None, num_images_per_prompt=1, latents=None, callback=None,

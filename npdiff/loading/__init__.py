@@ -11,10 +11,13 @@
                                                     all of the above for a pipeline, from a folder
                                                     or a single file (see components.py)
     Weights                                         take(key, shape), check_all_used(), ...
+    release_resident_pages(model)                   drop a model's memory-mapped weight pages from this
+                                                    process (they stay in the page cache; resident.py)
 
 Files:
-    safetensors_io.py   one file: validation, memory map, fp16/bf16 -> float32, pickle refusal
+    safetensors_io.py   one file: validation, float32 memory-mapped, fp16/bf16 -> float32, pickle refusal
     weights.py          Weights and TensorRef
+    resident.py         release_resident_pages: madvise(MADV_DONTNEED) over mapped weights
     configs.py          config.json, finding a component's weight file (variants, shards)
     keymap.py           the one key map, original layout <-> diffusers names
     single_file.py      single-file loading and config inference from tensor shapes
@@ -25,8 +28,9 @@ Loading never writes a file. Every bad input raises npdiff.errors.NpdiffError na
 
 from npdiff.loading.components import load_pipeline_components
 from npdiff.loading.configs import load_component, load_component_weights, open_weights, read_config, read_json
+from npdiff.loading.resident import release_resident_pages
 from npdiff.loading.single_file import load_single_file
 from npdiff.loading.weights import TensorRef, Weights
 
 __all__ = ["Weights", "TensorRef", "read_config", "read_json", "open_weights", "load_component_weights",
-           "load_component", "load_single_file", "load_pipeline_components"]
+           "load_component", "load_single_file", "load_pipeline_components", "release_resident_pages"]

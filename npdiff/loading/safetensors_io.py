@@ -1,4 +1,4 @@
-"""Reading one .safetensors file: validated, each tensor read straight into its float32 array once.
+"""Reading one .safetensors file: validated; float32 tensors memory-mapped, the others widened once.
 
 A .safetensors file is an 8-byte little-endian header length N, N bytes of JSON
 ({name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}), then the raw
@@ -7,19 +7,33 @@ tensor bytes. Reading it takes two tools:
   1. the `safetensors` package (safe_open, framework="numpy") validates the file: header length,
      JSON, dtype names, shapes against byte counts, offsets that cover the data exactly. A file it
      rejects (truncated, corrupt header, wrong offsets) becomes an NpdiffError naming the file.
-  2. a plain read() of each tensor's bytes, at its offset, into a new array. We read the bytes
-     ourselves because numpy has no bfloat16: safe_open(framework="numpy").get_tensor raises
-     "data type 'bfloat16' not understood" on BF16 tensors. One path serves all three float dtypes:
+  2. the tensor bytes, at their offsets, taken ourselves (numpy has no bfloat16: safe_open(framework=
+     "numpy").get_tensor raises "data type 'bfloat16' not understood" on BF16 tensors):
 
-         F32   bytes read into the float32 array itself     (one copy, no temporary)
-         F16   bytes read as float16 -> astype(float32)     (the widening; the float16 buffer is freed)
-         BF16  bytes read as uint16 -> uint32 << 16 -> viewed as float32 (bf16 is the top half of a
-               float32, so the shift is exact)
+         F32   a READ-ONLY float32 view of a read-only memory map of the file: no copy at all. The
+               pages come in from the kernel's page cache on first use and are shared with it (file-
+               backed, RssFile), not private memory, so the kernel can drop them again under pressure
+               or when told to (npdiff.loading.resident.release_resident_pages) and fault them back
+               from the page cache. Needs the little-endian host byte order and a data offset that
+               is a multiple of 4 (safetensors writers align it; a misaligned tensor is copied as below).
+         F16   bytes read() as float16 -> astype(float32): widened once into private memory (the
+               float16 buffer is freed)
+         BF16  bytes read() as uint16 -> uint32 << 16 -> viewed as float32 (bf16 is the top half of a
+               float32, so the shift is exact), private memory
 
-     Not a memory map: pages of a mapped file count in the process's resident memory for as long as
-     the map is open, so copying out of a map held every weight twice near the end of loading
-     (measured on an SD 1.5-size folder: 8.1 GiB peak RSS for 3.8 GiB of float32 weights). read()
-     leaves the file in the kernel's page cache, which is not the process's memory.
+     Why a map for float32 (measured on an SD 1.5-size folder of float32 weights, 4.0 GB; see
+     benchmarks/memory.py): read() into private arrays left 4.0 GiB resident after loading, all of it
+     anonymous, for the whole run; mapped views leave it to the page cache, and a stage that is done
+     with a model can release that model's pages. (An earlier loader copied OUT of a map into new
+     arrays, which held each weight twice near the end of loading: 8.1 GiB peak.)
+
+     What a map costs: the array is read-only (a LoRA or anything else must build a new array, never
+     write into a weight; a write raises ValueError instead of corrupting the file's pages), the map and
+     its file descriptor stay open for as long as any array views them (numpy's .base chain holds the
+     mmap object: nothing to close by hand), and a file truncated or rewritten in place while it is
+     mapped changes what the arrays read, or kills the process with SIGBUS when a page past the new
+     end is touched. Replacing a file (write a new one, rename over the old) is safe: the map keeps
+     the old inode.
 
 Other dtypes (int8, float8, int64 buffers...) are refused by name when a model asks for them; a key
 nobody takes (e.g. CLIP's int64 `position_ids`) is never read.
@@ -29,8 +43,10 @@ code from the file. The message says how to convert one to safetensors.
 """
 
 import json
+import mmap
 import os
 import struct
+import sys
 
 import numpy as np
 
@@ -79,7 +95,7 @@ def _describe_non_safetensors(path):
 
 
 class SafetensorsFile:
-    """One validated .safetensors file; tensors are read on demand through a memory map."""
+    """One validated .safetensors file; each tensor is mapped (F32) or read and widened on demand."""
 
     def __init__(self, path):
         path = os.fspath(path)
@@ -92,6 +108,7 @@ class SafetensorsFile:
         self.path = path
         self._validate_with_safetensors()
         self._header, self._data_start = self._read_header()
+        self._mapping = None  # the read-only mmap of the whole file, made on the first mapped take
 
     def _validate_with_safetensors(self):
         from safetensors import safe_open
@@ -143,19 +160,47 @@ class SafetensorsFile:
             raise NpdiffError(f"key '{key}' in {self.path}: read {got} of {buffer.nbytes} bytes (file truncated)")
         return array
 
+    def _map(self):
+        """The read-only memory map of the whole file (one per file, made once, never closed by hand:
+        the arrays viewing it keep it alive through their .base chain)."""
+        if self._mapping is None:
+            with open(self.path, "rb") as handle:
+                self._mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)  # MAP_SHARED, PROT_READ
+        return self._mapping
+
+    def can_map(self, key):
+        """True when take(key) is a zero-copy view: F32, a 4-byte aligned offset, a little-endian host."""
+        begin = self._header[key]["data_offsets"][0]
+        return self.dtype(key) == "F32" and (self._data_start + begin) % 4 == 0 and sys.byteorder == "little"
+
+    def _mapped_float32(self, key, count):
+        """[count] read-only float32 view of the mapped bytes of `key` (no copy)."""
+        begin, end = self._header[key]["data_offsets"]
+        mapping = self._map()
+        if end - begin != 4 * count:
+            raise NpdiffError(f"key '{key}' in {self.path}: shape {self.shape(key)} and dtype F32 need {4 * count} "
+                              f"bytes, the header gives {end - begin}")
+        if self._data_start + end > len(mapping):  # the file shrank after it was validated
+            raise NpdiffError(f"key '{key}' in {self.path}: its bytes end at {self._data_start + end} but the file "
+                              f"has {len(mapping)} (file truncated)")
+        return np.frombuffer(mapping, dtype=np.float32, count=count, offset=self._data_start + begin)
+
     def read_float32(self, key):
-        """The tensor `key` as a new float32 NumPy array of its stored shape (F32/F16/BF16 only)."""
+        """The tensor `key` as float32 of its stored shape (F32/F16/BF16 only): a read-only view of the
+        file's memory map when can_map(key), else a new array (the widening, or a misaligned copy)."""
         dtype = self.dtype(key)
         if dtype not in FLOAT_DTYPES:
             raise NpdiffError(f"key '{key}' in {self.path} has dtype {dtype}; npdiff reads float weights "
                               f"stored as {', '.join(FLOAT_DTYPES)} only")
         shape = self.shape(key)
         count = int(np.prod(shape, dtype=np.int64))
+        if self.can_map(key):
+            return self._mapped_float32(key, count).reshape(shape)  # [n] -> stored shape, still a view
         raw = self._read_into(key, np.empty(count, dtype=FLOAT_DTYPES[dtype]))  # [n] as stored
         if dtype == "BF16":
             bits = raw.astype(np.uint32)  # [n] uint16 -> uint32
             bits <<= 16  # bf16 bits are the high half of the float32 bits
             values = bits.view(np.float32)
         else:
-            values = raw.astype(np.float32, copy=False)  # F32: the array read (no copy); F16: the widening
+            values = raw.astype(np.float32, copy=False)  # misaligned F32: the array read; F16: the widening
         return values.reshape(shape)

@@ -6,7 +6,21 @@ Behind a name sits a TensorRef: which file, the key stored there (the same name 
 folder; the original CompVis name for a single-file checkpoint) and the shape `take` returns (the
 stored shape, or a reshape of it that the key map asked for, e.g. a 1x1 conv [C,C,1,1] read as a
 linear [C,C]) and, for a tensor stored fused (OpenCLIP's q/k/v), which rows of it. Nothing is read
-until `take`; each tensor is read and widened to float32 once.
+until `take`. A float32 tensor is a read-only view of the file's memory map (no copy; safetensors_io.py
+says why and what that costs); F16/BF16 are widened to float32 once, into private memory.
+
+take() checks every value for NaN/Inf (issue: a damaged file must be refused before a long job starts,
+naming file, key and position). The check reads every page of every weight once at load: measured
+over the 4.0 GB SD 1.5-size folder with the files in the page cache (benchmarks/memory.py load, 2-core
+machine shared with other work, load average 1.5-2.4), from_pretrained took 0.9-1.8 s with it and
+0.30-0.37 s without: the check is most of the load time. (A cold page cache adds reading the files from
+disk here, which without the check the first call would pay instead.) Checking lazily, on a weight's first use, would refuse a
+damaged UNet only after the text encoder ran, and a damaged VAE after every UNet step: too late. So
+it stays at load, and the pages it brought in are released right after (resident.release_array_pages),
+each tensor's after its check (so loading never holds more than about one tensor resident), and all the
+model's mapped tensors once more in check_all_used(), the end of every model's constructor (the kernel
+maps up to 64 KiB around each page fault, so checking one tensor brings in bits of its neighbours):
+loading leaves the weights in the page cache, not resident, and the first call faults them back in.
 """
 
 import difflib
@@ -16,6 +30,7 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
+from npdiff.loading.resident import mapping_of, release_array_pages
 
 # Non-finite check, in chunks so the temporary bool array stays at 1 MiB. Measured (2-core shared
 # machine): 18-25 ms per 100 MB of float32 (a random 25M-value tensor), about half the cost of the
@@ -54,6 +69,7 @@ class Weights:
         self.part = part  # e.g. "unet" for one component of a single-file checkpoint
         self._refs = dict(refs)  # name -> TensorRef
         self._used = set()
+        self._mapped = []  # the memory-mapped arrays take() returned, released again by check_all_used()
 
     @classmethod
     def from_file(cls, safetensors_file):
@@ -113,11 +129,16 @@ class Weights:
         if tuple(ref.shape) != expected:
             raise NpdiffError(f"key '{key}' in {self._where(key)} has shape {_shape_text(ref.shape)}; "
                               f"the config expects {_shape_text(expected)}")
-        values = ref.file.read_float32(ref.stored_key)
-        if ref.rows is not None:  # [3D,...] -> [D,...]: one of fused q/k/v, copied so the rest can go
-            values = values[ref.rows[0]:ref.rows[1]].copy()
-        values = values.reshape(expected)  # stored shape -> config shape
+        values = ref.file.read_float32(ref.stored_key)  # read-only map view (F32) or a new widened array
+        mapped = mapping_of(values) is not None
+        if ref.rows is not None:  # [3D,...] -> [D,...]: one of fused q/k/v (a widened one copied so the rest can go)
+            values = values[ref.rows[0]:ref.rows[1]]
+            values = values if mapped else values.copy()
+        values = values.reshape(expected)  # stored shape -> config shape (a view: the rows are contiguous)
         bad = first_non_finite(values) if finite else None
+        if mapped and finite:
+            release_array_pages([values])  # the check paged the tensor in; leave it in the page cache
+            self._mapped.append(values)
         if bad is not None:
             position = tuple(int(i) for i in np.unravel_index(bad, expected))
             raise NpdiffError(f"key '{key}' in {self._where(key)} holds {values.reshape(-1)[bad]} at index "
@@ -131,7 +152,10 @@ class Weights:
             self._used.add(key)
 
     def check_all_used(self):
-        """NpdiffError listing every key that no take()/ignore() asked for."""
+        """NpdiffError listing every key that no take()/ignore() asked for. Releases the resident pages of
+        every mapped tensor taken so far (the NaN/Inf checks paged them in)."""
+        release_array_pages(self._mapped)
+        self._mapped = []
         unused = sorted(set(self._refs) - self._used)
         if unused:
             shown = ", ".join(f"'{key}'" for key in unused[:10])

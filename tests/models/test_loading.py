@@ -17,6 +17,7 @@ from tiny_models import tiny_unet, tiny_vae
 from npdiff.errors import NpdiffError
 from npdiff.loading import (load_component_weights, load_pipeline_components, open_weights, read_config,
                             read_json)
+from npdiff.loading.resident import mapping_of
 
 
 def random_tensors(rng, count=4):
@@ -52,19 +53,72 @@ def test_widening_is_exact(dtype, rng, tmp_path):
         ours = weights.take(name, tuple(tensor.shape), finite=name != "special")  # "special" holds NaN/Inf
         expected = tensor.float().numpy()  # torch's own widening
         assert ours.dtype == np.float32 and ours.shape == expected.shape
-        assert ours.flags.c_contiguous and ours.flags.writeable and not isinstance(ours, np.memmap)
+        assert ours.flags.c_contiguous and not isinstance(ours, np.memmap)
+        # float32: a read-only view of the file's map (no copy); float16/bfloat16: a new widened array
+        assert ours.flags.writeable == (dtype != torch.float32)
+        assert (mapping_of(ours) is not None) == (dtype == torch.float32)
         np.testing.assert_array_equal(ours, expected)  # bit-exact, NaN == NaN
         assert np.array_equal(np.signbit(ours), np.signbit(expected))  # -0.0 stays -0.0
     weights.check_all_used()
 
 
-def test_taken_arrays_do_not_alias_the_file(rng, tmp_path):
+def test_taken_float32_arrays_are_read_only_views_of_the_file(rng, tmp_path):
     path = tmp_path / "w.safetensors"
-    save_file({"a": torch.ones(3, 4)}, str(path))
+    save_file({"a": torch.ones(3, 4), "h": torch.ones(5, dtype=torch.float16)}, str(path))
+    raw = path.read_bytes()
     weights = open_weights(path)
     first = weights.take("a", (3, 4))
-    first[:] = 7.0  # writing to one taken array changes neither the file nor a later take
+    with pytest.raises(ValueError, match="read-only"):
+        first[:] = 7.0  # a write into a mapped weight raises instead of changing the file's pages
+    with pytest.raises(ValueError, match="read-only"):
+        first += 1.0
+    widened = weights.take("h", (5,))
+    widened[:] = 7.0  # a widened float16 weight is private: writing to it touches neither file nor a later take
     np.testing.assert_array_equal(weights.take("a", (3, 4)), np.ones((3, 4), np.float32))
+    np.testing.assert_array_equal(weights.take("h", (5,)), np.ones(5, np.float32))
+    assert path.read_bytes() == raw
+
+
+def test_float32_views_share_the_map_and_keep_it_alive(rng, tmp_path):
+    """No copy: the taken array's bytes are the file's bytes at the tensor's offset in one map per file,
+    and the array alone keeps the map (and its file) usable after every loader object is gone."""
+    tensors = random_tensors(rng, 3)
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path))
+    weights = open_weights(path)
+    taken = {name: weights.take(name, tuple(t.shape)) for name, t in tensors.items()}
+    maps = {id(mapping_of(array)) for array in taken.values()}
+    assert len(maps) == 1  # one map of the file, shared by every tensor
+    raw = path.read_bytes()
+    data_start = 8 + struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:data_start])
+    mapping = mapping_of(taken["block.0.weight"])
+    origin = np.frombuffer(mapping, np.uint8, count=1).ctypes.data
+    for name, array in taken.items():
+        assert array.ctypes.data - origin == data_start + header[name]["data_offsets"][0]
+    del weights, mapping
+    import gc
+
+    gc.collect()
+    for name, tensor in tensors.items():
+        np.testing.assert_array_equal(taken[name], tensor.numpy())
+
+
+def test_misaligned_float32_is_copied(tmp_path):
+    """A float32 tensor at an offset that is not a multiple of 4 (a hand-made file) is read into a new
+    aligned array rather than viewed."""
+    header = {"a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+              "b": {"dtype": "F32", "shape": [2], "data_offsets": [3, 11]}}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    data = b"\x01\x02\x03" + np.array([1.5, -2.0], "<f4").tobytes()
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    weights = open_weights(path)
+    weights.ignore("a")
+    values = weights.take("b", (2,))
+    assert mapping_of(values) is None and values.flags.writeable and values.ctypes.data % 4 == 0
+    np.testing.assert_array_equal(values, [1.5, -2.0])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from tiny_sd import CLIP_CONFIG, tiny_sd_folder, torch_pipeline  # noqa: E402
 from npdiff import NpdiffError, cli  # noqa: E402
 from npdiff import lora as npdiff_lora  # noqa: E402
 from npdiff.images import read_png_params  # noqa: E402
+from npdiff.loading.resident import mapping_of  # noqa: E402
 from npdiff.pipeline import StableDiffusionPipeline  # noqa: E402
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
@@ -153,6 +154,26 @@ def assert_untouched(pipe, before):
 # ---------------------------------------------------------------------------------------------
 # Equal to diffusers
 # ---------------------------------------------------------------------------------------------
+def test_fused_weights_are_new_arrays_beside_the_mapped_originals(folder, files, rng):
+    """The loaded float32 weights are read-only views of the files (npdiff/loading/safetensors_io.py): a
+    LoRA puts new private arrays in place and never writes into a view; releasing the mapped pages
+    (the unchanged weights and the originals kept for unloading) leaves the fused outputs bit for bit."""
+    ours = load_ours(folder)
+    inputs = model_inputs(ours, rng)
+    before = all_weights(ours)
+    assert all(mapping_of(weight) is not None and not weight.flags.writeable for weight in before.values())
+    ours.load_lora_weights(files["kohya"], scale=SCALE)
+    after = all_weights(ours)
+    fused = [name for name in after if after[name] is not before[name]]
+    assert fused and all(mapping_of(after[name]) is None for name in fused)
+    lora_eps, lora_text = ours_outputs(ours, inputs)
+    assert ours.release_resident_pages() > 0
+    eps, text = ours_outputs(ours, inputs)
+    assert np.array_equal(eps, lora_eps) and np.array_equal(text, lora_text)
+    ours.unload_lora_weights()
+    assert_untouched(ours, before)
+
+
 @pytest.mark.parametrize("layout", ["peft", "peft_metadata", "kohya"])
 def test_unet_and_text_encoder_match_diffusers(folder, files, rng, layout):
     path = files[layout]

@@ -1,0 +1,138 @@
+"""Memory-mapped weights and releasing their pages between stages (npdiff/loading/resident.py), on the
+tiny model (tiny_sd.py): every float32 weight is a view of its file's map (no copy), release drops the
+map's resident pages (the kernel's own count, /proc/self/smaps), and pictures are byte-identical
+before and after a release, with and without the release between stages."""
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tiny_sd import tiny_sd_folder
+
+from npdiff.loading import resident
+from npdiff.loading.resident import mapped_arrays, mapping_of, release_resident_pages
+from npdiff.pipeline import StableDiffusionPipeline
+
+
+def mapped_rss_bytes(path):
+    """Resident bytes of this process's mappings of the file `path`, from /proc/self/smaps (Linux)."""
+    target, total, inside = os.path.realpath(path), 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+            inside = len(fields) >= 6 and fields[5] == target  # a mapping's first line: range perms ... path
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
+
+
+def unreleasable_bytes(path):
+    """What release may leave resident of a file's map: the header's pages (the kernel's fault-around maps
+    pages next to a touched one, header included) and a partial page at each end of the data."""
+    page = resident.mmap.PAGESIZE
+    with open(path, "rb") as handle:
+        data_start = 8 + struct.unpack("<Q", handle.read(8))[0]
+    return -(-data_start // page) * page + 2 * page
+
+
+@pytest.fixture(scope="module")
+def folder():
+    return tiny_sd_folder()
+
+
+def all_arrays(obj):
+    """Every NumPy array reachable from an npdiff model (the same walk as mapped_arrays, unfiltered)."""
+    seen, stack, found = set(), [obj], []
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, np.ndarray):
+            found.append(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif type(item).__module__.startswith("npdiff") and hasattr(item, "__dict__"):
+            stack.extend(vars(item).values())
+    return found
+
+
+def test_float32_weights_are_views_of_the_files(folder):
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    for name in ("unet", "vae", "text_encoder"):
+        model = getattr(pipe, name)
+        weights = [a for a in all_arrays(model) if a.size > 1 and a.dtype == np.float32]
+        mapped = mapped_arrays(model)
+        assert weights and len(mapped) == len(weights), name  # every float32 weight: a view, no copy
+        assert all(not a.flags.writeable for a in mapped)
+        assert len({id(mapping_of(a)) for a in mapped}) == 1  # one map: the component's one file
+
+
+def test_release_drops_the_resident_pages_and_keeps_the_output(folder):
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    unet_file = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    size = unet_file.stat().st_size
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((2, 4, 8, 8), dtype=np.float32)
+    text = rng.standard_normal((2, 77, 32), dtype=np.float32)
+    # loading checked every value for NaN/Inf and released each tensor's pages after: little is resident
+    after_load = mapped_rss_bytes(unet_file)
+    first = pipe.unet(latents, 500, text)
+    paged_in = mapped_rss_bytes(unet_file)
+    assert paged_in > 0.9 * size - 2 * 4096 and paged_in > after_load  # the forward read every weight
+    released = release_resident_pages(pipe.unet)
+    assert released > 0.9 * size - 2 * 4096
+    assert mapped_rss_bytes(unet_file) <= unreleasable_bytes(unet_file)
+    second = pipe.unet(latents, 500, text)  # faulted back in from the page cache
+    assert mapped_rss_bytes(unet_file) >= paged_in - unreleasable_bytes(unet_file)
+    assert np.array_equal(first, second)  # bit-identical
+    assert after_load <= unreleasable_bytes(unet_file)
+
+
+def test_pictures_are_the_same_bytes_with_and_without_release(folder):
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.show_progress = False
+    arguments = dict(num_inference_steps=3, guidance_scale=7.5, seed=3, output_type="np")
+    pipe.release_weights_between_stages = False
+    kept = pipe("a red circle", **arguments).images
+    files = [folder / "unet" / "diffusion_pytorch_model.safetensors",
+             folder / "text_encoder" / "model.safetensors", folder / "vae" / "diffusion_pytorch_model.safetensors"]
+    assert all(mapped_rss_bytes(path) > unreleasable_bytes(path) for path in files)  # all resident: kept
+    pipe.release_weights_between_stages = True
+    released = pipe("a red circle", **arguments).images
+    assert all(mapped_rss_bytes(path) <= unreleasable_bytes(path) for path in files)  # each released after its stage
+    again = pipe("a red circle", **arguments).images  # every weight faulted back in
+    assert kept.tobytes() == released.tobytes() == again.tobytes()
+
+
+def test_release_between_stages_in_img2img(folder):
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.show_progress = False
+    picture = np.random.default_rng(1).uniform(0, 1, (64, 64, 3)).astype(np.float32)
+    arguments = dict(image=picture, strength=0.7, num_inference_steps=4, seed=5, output_type="np")
+    released = pipe.img2img("a blue square", **arguments).images
+    pipe.release_weights_between_stages = False
+    kept = pipe.img2img("a blue square", **arguments).images
+    assert kept.tobytes() == released.tobytes()
+
+
+def test_release_is_a_no_op_without_madvise(folder, monkeypatch):
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.unet(np.zeros((1, 4, 8, 8), np.float32), 10, np.zeros((1, 77, 32), np.float32))
+    unet_file = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    before = mapped_rss_bytes(unet_file)
+    monkeypatch.setattr(resident, "_MADVISE", False)
+    assert pipe.release_resident_pages("unet") == 0
+    assert mapped_rss_bytes(unet_file) == before
+
+
+def test_page_runs_round_inward_and_merge():
+    page = resident.mmap.PAGESIZE
+    runs = resident._page_runs([(10, page + 5), (page + 5, 3 * page + 1), (5 * page, 5 * page + 10)])
+    assert runs == [(page, 2 * page)]  # merged 10..3p+1 -> p..3p; the last range holds no whole page
+    assert resident._page_runs([(0, page)]) == [(0, page)]
