@@ -83,6 +83,13 @@ class PNDMScheduler(SchedulerBase):
             self.prk_timesteps = (prk[:-1].repeat(2)[1:-1])[::-1].copy()
             self.plms_timesteps = base[:-3][::-1].copy()
         self.timesteps = np.concatenate([self.prk_timesteps, self.plms_timesteps]).astype(np.int64)
+        # 3. every timestep indexes the training schedule: refuse one past its end (a huge steps_offset,
+        #    or the PRK warm-up's half steps on top of the last training step) before any UNet call
+        if self.timesteps.size and int(self.timesteps.max()) > T - 1:
+            raise NpdiffError(f"PNDMScheduler: timestep_spacing {spacing!r}, steps_offset "
+                              f"{self.config['steps_offset']} and {n} steps give timestep "
+                              f"{int(self.timesteps.max())}, past the last training step {T - 1}; "
+                              "SD configs use steps_offset 0 or 1")
         self._reset_state()
 
     def step(self, model_output, timestep, sample, generator=None):

@@ -149,3 +149,12 @@ def test_scheduler_output_reads_like_diffusers_output(rng):
     dpm = S.DPMSolverMultistepScheduler()
     dpm.set_timesteps(3)
     assert len(dpm.step(sample, dpm.timesteps[0], sample).to_tuple()) == 1  # no pred_original_sample
+
+
+@pytest.mark.parametrize("skip_prk_steps", [True, False])
+def test_pndm_refuses_timesteps_past_the_schedule(skip_prk_steps):
+    """A huge steps_offset ("leading" spacing): an NpdiffError at set_timesteps, before any UNet call
+    (it was an IndexError at the first step, as in diffusers' PNDM; found by tests/test_fuzz_inputs.py)."""
+    scheduler = S.PNDMScheduler(steps_offset=10**9, skip_prk_steps=skip_prk_steps)
+    with pytest.raises(NpdiffError, match="past the last training step 999"):
+        scheduler.set_timesteps(10)
