@@ -113,109 +113,136 @@ def winograd_conv2d_ref(x, weight, bias=None, padding=1, m=2):
 # Fast: Numba transforms, sgemm per (m+2)^2 frequency, groups of tile rows on the pool
 # ---------------------------------------------------------------------------------------------
 @njit(**SERIAL)
-def input_transform(x, BT, m, ph, pw, row0, row1, tiles_h, c0, c1, mixed, V):
+def combine_rows(coefs, rows, row0, col0, dst):
+    """dst[:] = sum_i coefs[i] * rows[row0 + i, col0:col0 + len(dst)] (zero coefficients skipped),
+    vectorised along the rows (rows: a C-contiguous 2-D array, so every run is contiguous)."""
+    first = True
+    for i in range(coefs.shape[0]):
+        coef = coefs[i]
+        if coef == 0.0:
+            continue
+        source = rows[row0 + i, col0:col0 + dst.shape[0]]
+        if first:
+            for j in range(dst.shape[0]):
+                dst[j] = coef * source[j]
+            first = False
+        else:
+            for j in range(dst.shape[0]):
+                dst[j] += coef * source[j]
+    if first:
+        dst[:] = 0.0
+
+
+@njit(**SERIAL)
+def input_transform(x, BT, m, ph, pw, row0, row1, tiles_h, c0, c1, gathered, mixed, V):
     """V[k*a+l, c, t] = (B^T d B)[k,l] for the tiles of tile rows row0..row1-1 (flat over the
     batch: row = b*tiles_h + tile row) and channels c0..c1-1; t counts tiles from row0.
 
-    mixed [a, tiles_w*m+2] (scratch): first the rows of B^T d for one whole tile row at once
-    (vectorised along the image row; columns outside the image stay zero), then (.) B per tile.
+    Scratch gathered, mixed [a, m, tiles_w+1]: "deinterleaved" rows, column j*m+p of a row at
+    [p, j], so that column s of every tile j (j*m+s) is the contiguous run [s%m, s//m + j]:
+    every transform step is a sum of contiguous rows, vectorised along the tiles.
     """
     alpha = BT.shape[0]
     height, width = x.shape[2], x.shape[3]
-    tiles_w = (mixed.shape[1] - 2) // m
-    span = min(width, mixed.shape[1] - pw)  # image columns that land in the tile row
+    tiles_w = gathered.shape[2] - 1
     for row in range(row0, row1):
         b, tile_row = row // tiles_h, row % tiles_h
         t0 = (row - row0) * tiles_w
         for c in range(c0, c1):
-            # 1. mixed[k, pw + col] = sum_r B^T[k,r] x[b,c,tile_row*m - ph + r, col]
-            mixed[:, :] = 0.0
-            for k in range(alpha):
-                target = mixed[k, pw:pw + span]
-                for r in range(alpha):
-                    coef = BT[k, r]
-                    y = tile_row * m - ph + r
-                    if coef == 0.0 or y < 0 or y >= height:
+            # 1. gathered[r, p, j] = x[b, c, tile_row*m - ph + r, j*m + p - pw], zero outside x
+            for r in range(alpha):
+                y = tile_row * m - ph + r
+                for p in range(m):
+                    dst = gathered[r, p]
+                    if y < 0 or y >= height:
+                        dst[:] = 0.0
                         continue
                     source = x[b, c, y]
-                    for col in range(span):
-                        target[col] += coef * source[col]
-            # 2. V[k*a+l, c, t0+j] = sum_s mixed[k, j*m+s] B^T[l,s]
+                    j_lo = min(tiles_w + 1, max(0, (pw - p + m - 1) // m))  # first j with column >= 0
+                    j_hi = max(j_lo, min(tiles_w + 1, (width - 1 + pw - p) // m + 1))  # past the last inside
+                    dst[:j_lo] = 0.0
+                    dst[j_hi:] = 0.0
+                    first_column = j_lo * m + p - pw
+                    for j in range(j_hi - j_lo):
+                        dst[j_lo + j] = source[first_column + j * m]
+            # 2. mixed[k] = sum_r B^T[k,r] gathered[r]   (B^T d, for the whole tile row)
+            flat_gathered = gathered.reshape(alpha, -1)
+            for k in range(alpha):
+                combine_rows(BT[k], flat_gathered, 0, 0, mixed[k].reshape(-1))
+            # 3. V[k*a+l, c, t0+j] = sum_s B^T[l,s] mixed[k, s%m, s//m + j]   ((B^T d) B, per tile)
             for k in range(alpha):
                 for l in range(alpha):
                     dst = V[k * alpha + l, c, t0:t0 + tiles_w]
-                    dst[:] = 0.0
+                    first = True
                     for s in range(alpha):
                         coef = BT[l, s]
                         if coef == 0.0:
                             continue
-                        source = mixed[k, s:]
-                        for j in range(tiles_w):
-                            dst[j] += coef * source[j * m]
+                        source = mixed[k, s % m, s // m:s // m + tiles_w]
+                        if first:
+                            for j in range(tiles_w):
+                                dst[j] = coef * source[j]
+                            first = False
+                        else:
+                            for j in range(tiles_w):
+                                dst[j] += coef * source[j]
 
 
 @njit(**SERIAL)
-def output_transform(M, AT, bias, o0, row0, row1, tiles_h, mixed, out):
+def output_transform(M, AT, bias, o0, row0, row1, tiles_h, mixed, rows_out, out):
     """out[b, o, rows of tile row, :] = A^T M A + bias[o] for the output channels o0.. of block M
-    [a*a, block, T] and tile rows row0..row1-1 (flat over the batch); edge tiles clipped.
+    [block, a*a, T] and tile rows row0..row1-1 (flat over the batch); edge tiles clipped.
 
-    mixed [a, tiles_w*m] (scratch): (.) A per tile, laid out along the output row, then A^T (.)
-    for all tiles of the row at once (vectorised along the row).
+    Scratch mixed [a, m, tiles_w], rows_out [m, tiles_w]: deinterleaved as in input_transform
+    (column q of tile j at [q, j]); only the final store interleaves into out's rows.
     """
     m, alpha = AT.shape
     h_out, w_out = out.shape[2], out.shape[3]
-    tiles_w = mixed.shape[1] // m
+    tiles_w = mixed.shape[2]
     for row in range(row0, row1):
         b, tile_row = row // tiles_h, row % tiles_h
         t0 = (row - row0) * tiles_w
-        for local in range(M.shape[1]):
+        for local in range(M.shape[0]):
             o = o0 + local
-            # 1. mixed[k, j*m+q] = sum_l M[k*a+l, o, t0+j] A^T[q,l]
+            # 1. mixed[k, q, j] = sum_l A^T[q,l] M[k*a+l, o, t0+j]   (M A, per tile)
             for k in range(alpha):
                 for q in range(m):
-                    dst = mixed[k, q:]
-                    for j in range(tiles_w):
-                        dst[j * m] = 0.0
-                    for l in range(alpha):
-                        coef = AT[q, l]
-                        if coef == 0.0:
-                            continue
-                        source = M[k * alpha + l, local, t0:t0 + tiles_w]
-                        for j in range(tiles_w):
-                            dst[j * m] += coef * source[j]
-            # 2. out[b, o, tile_row*m+p, :] = bias[o] + sum_k A^T[p,k] mixed[k, :]
+                    combine_rows(AT[q], M[local], k * alpha, t0, mixed[k, q])
+            # 2. out[b, o, tile_row*m+p, j*m+q] = bias[o] + sum_k A^T[p,k] mixed[k, q, j]
+            flat_mixed = mixed.reshape(alpha, -1)
             for p in range(m):
                 y = tile_row * m + p
                 if y >= h_out:
                     break
+                combine_rows(AT[p], flat_mixed, 0, 0, rows_out.reshape(-1))
                 target = out[b, o, y]
-                target[:] = bias[o]
-                for k in range(alpha):
-                    coef = AT[p, k]
-                    if coef == 0.0:
-                        continue
-                    source = mixed[k]
-                    for col in range(w_out):
-                        target[col] += coef * source[col]
+                for q in range(m):
+                    across = rows_out[q]
+                    for j in range((w_out - q + m - 1) // m):  # tiles whose column q is inside
+                        target[j * m + q] = across[j] + bias[o]
 
 
 @njit(**SERIAL)
-def weight_transform(weight, G, o0, o1, U):
-    """U[k*a+l, o, c] = (G g G^T)[k,l] for g = weight[o, c] (3x3), o in o0..o1-1; float64 sums."""
+def weight_transform(weight, G, o0, o1, gathered, half, U):
+    """U[k*a+l, o, c] = (G g G^T)[k,l] for g = weight[o, c] (3x3), o in o0..o1-1.
+
+    Scratch gathered [9, C_in] (tap (r, s) at row 3s+r), half [a*3, C_in]: per output channel the
+    9 taps of every input channel are gathered into rows, then G g and (G g) G^T are sums of rows,
+    vectorised along C_in.
+    """
     alpha = G.shape[0]
     c_in = weight.shape[1]
-    half = np.empty((alpha, 3))
     for o in range(o0, o1):
         for c in range(c_in):
-            for k in range(alpha):  # G g: [a,3] @ [3,3]
+            for r in range(3):
                 for s in range(3):
-                    total = 0.0
-                    for r in range(3):
-                        total += G[k, r] * weight[o, c, r, s]
-                    half[k, s] = total
-            for k in range(alpha):  # (G g) G^T: [a,3] @ [3,a]
-                for l in range(alpha):
-                    U[k * alpha + l, o, c] = half[k, 0] * G[l, 0] + half[k, 1] * G[l, 1] + half[k, 2] * G[l, 2]
+                    gathered[3 * s + r, c] = weight[o, c, r, s]
+        for k in range(alpha):  # G g: [a,3] @ [3,3]
+            for s in range(3):
+                combine_rows(G[k], gathered, 3 * s, 0, half[3 * k + s])
+        for k in range(alpha):  # (G g) G^T: [a,3] @ [3,a]
+            for l in range(alpha):
+                combine_rows(G[l], half, 3 * k, 0, U[k * alpha + l, o])
 
 
 _scratch = threading.local()
@@ -249,7 +276,7 @@ def winograd_conv2d(x, weight, bias, padding, m):
     batch, c_in, height, width = x.shape
     c_out = weight.shape[0]
     alpha = m + 2
-    BT, AT = WINOGRAD[m]["BT"].astype(np.float32), WINOGRAD[m]["AT"].astype(np.float32)
+    BT, G, AT = (WINOGRAD[m][name].astype(np.float32) for name in ("BT", "G", "AT"))
     h_out, w_out, tiles_h, tiles_w = tile_counts(height, width, ph, pw, m)
     x = np.ascontiguousarray(x)  # [B,C_in,H,W]
     weight = np.ascontiguousarray(weight)  # [C_out,C_in,3,3]
@@ -267,17 +294,20 @@ def winograd_conv2d(x, weight, bias, padding, m):
         V = V_all[:alpha * alpha * tiles * c_in].reshape(alpha * alpha, c_in, tiles)  # [a*a,C_in,T]
 
         def transform_input(block):  # 1. V = B^T d B for channels c0..c1
-            mixed = scratch("input", alpha * (tiles_w * m + 2)).reshape(alpha, tiles_w * m + 2)
-            input_transform(x, BT, m, ph, pw, row0, row1, tiles_h, block[0], block[1], mixed, V)
+            gathered = scratch("input", alpha * m * (tiles_w + 1)).reshape(alpha, m, tiles_w + 1)
+            mixed = scratch("input mixed", alpha * m * (tiles_w + 1)).reshape(alpha, m, tiles_w + 1)
+            input_transform(x, BT, m, ph, pw, row0, row1, tiles_h, block[0], block[1], gathered, mixed, V)
 
         def multiply_and_transform_output(block, first=group == 0, row0=row0, row1=row1, V=V, tiles=tiles):
             o0, o1 = block
             if first:  # 2. U = G g G^T for this block's output channels, once per call
-                weight_transform(weight, WINOGRAD[m]["G"], o0, o1, U)
-            M = scratch("product", alpha * alpha * (o1 - o0) * tiles).reshape(alpha * alpha, o1 - o0, tiles)
-            np.matmul(U[:, o0:o1, :], V, out=M)  # 3. [a*a, block, C_in] @ [a*a, C_in, T]
-            mixed = scratch("output", alpha * tiles_w * m).reshape(alpha, tiles_w * m)
-            output_transform(M, AT, bias, o0, row0, row1, tiles_h, mixed, out)  # 4. A^T M A + bias
+                gathered, half = scratch("taps", 9 * c_in), scratch("half", 3 * alpha * c_in)
+                weight_transform(weight, G, o0, o1, gathered.reshape(9, c_in), half.reshape(3 * alpha, c_in), U)
+            M = scratch("product", alpha * alpha * (o1 - o0) * tiles).reshape(o1 - o0, alpha * alpha, tiles)
+            np.matmul(U[:, o0:o1, :], V, out=M.transpose(1, 0, 2))  # 3. [a*a,block,C_in] @ [a*a,C_in,T]
+            mixed = scratch("output", alpha * m * tiles_w).reshape(alpha, m, tiles_w)
+            rows_out = scratch("output rows", m * tiles_w).reshape(m, tiles_w)
+            output_transform(M, AT, bias, o0, row0, row1, tiles_h, mixed, rows_out, out)  # 4. A^T M A + bias
 
         run_blocks(transform_input, in_blocks)
         run_blocks(multiply_and_transform_output, out_blocks)
