@@ -46,6 +46,8 @@ from npdiff.kernels.validate import pair, require_ndim, require_optional_vector,
 IM2COL_TILE_BYTES = 16 << 20  # unfolded input per GEMM (per worker): large, so the weight is packed rarely
 PIXELS_PER_TILE_1X1 = 4096  # least columns per GEMM of a 1x1 conv
 DIRECT_MAX_C_OUT = 16  # stride-1 convs with at most this many output channels: direct Numba loops
+WINOGRAD_MIN_C_IN = 32  # 3x3 stride-1 convs with at least this many input channels ...
+WINOGRAD_MIN_PIXELS = 32 * 32  # ... and output pixels per image: Winograd F(4x4,3x3)
 
 
 def output_size(size, kernel_size, stride, padding):
@@ -262,15 +264,34 @@ def check_conv2d(x, weight, bias, stride, padding):
     return sh, sw, ph, pw
 
 
-def conv2d_fast(x, weight, bias, stride, padding):
-    """NumPy arrays: 1x1 GEMM, direct loops for few output channels, else tiled im2col + GEMM."""
+def conv_method(x_shape, weight_shape, stride, padding):
+    """The fast path conv2d_fast takes for these shapes (rule measured in this file's header):
+    "1x1", "direct", "winograd4" (F(4x4,3x3)) or "im2col"."""
     (sh, sw), (ph, pw) = stride, padding
-    kh, kw = weight.shape[2:]
+    c_out, c_in, kh, kw = weight_shape
+    h_out, w_out = output_size(x_shape[2], kh, sh, ph), output_size(x_shape[3], kw, sw, pw)
     if kh == 1 and kw == 1 and sh == 1 and sw == 1 and ph == 0 and pw == 0:
+        return "1x1"
+    if sh == 1 and sw == 1 and c_out <= DIRECT_MAX_C_OUT:
+        return "direct"
+    if (kh == 3 and kw == 3 and sh == 1 and sw == 1 and c_in >= WINOGRAD_MIN_C_IN
+            and h_out * w_out >= WINOGRAD_MIN_PIXELS):
+        return "winograd4"
+    return "im2col"
+
+
+def conv2d_fast(x, weight, bias, stride, padding):
+    """NumPy arrays: the version conv_method picks (1x1 GEMM, direct loops, Winograd, im2col)."""
+    method = conv_method(x.shape, weight.shape, stride, padding)
+    if method == "1x1":
         return _conv1x1(x, weight, bias)
-    if sh == 1 and sw == 1 and weight.shape[0] <= DIRECT_MAX_C_OUT:
-        return _conv_direct(x, weight, bias, ph, pw)
-    return _conv_im2col_tiled(x, weight, bias, sh, sw, ph, pw)
+    if method == "direct":
+        return _conv_direct(x, weight, bias, *padding)
+    if method == "winograd4":
+        from npdiff.kernels.conv_winograd import winograd_conv2d  # (it imports this file's helpers)
+
+        return winograd_conv2d(x, weight, bias, padding, 4)
+    return _conv_im2col_tiled(x, weight, bias, *stride, *padding)
 
 
 CONV2D = dispatch.register("conv2d", fast=conv2d_fast, reference=conv2d_ref, cuda="conv2d")

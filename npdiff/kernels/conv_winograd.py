@@ -261,7 +261,7 @@ def output_blocks(c_out):
     """Step 2's blocks of output channels: about OUT_BLOCK_ROWS each, a multiple of 4 blocks
     (balanced on 1, 2 or 4 workers), from the shape alone."""
     parts = 4 * max(1, -(-c_out // (4 * OUT_BLOCK_ROWS)))
-    return split_evenly(c_out, -(-c_out // min(parts, c_out)))
+    return split_evenly(c_out, -(-c_out // parts), images=1, workers=4)
 
 
 def tile_row_groups(rows, tiles_w, c_in, alpha):
