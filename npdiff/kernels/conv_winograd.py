@@ -69,6 +69,8 @@ WINOGRAD = {
 }
 
 V_GROUP_BYTES = 6 << 20  # transformed input per group: stays in L3 while every output block reads it
+ONE_GROUP_BYTES = 16 << 20  # ... unless all of it is at most this: one group, U made block by block
+MIN_GROUP_TILES = 128  # and never fewer tiles per group (the GEMMs' N) than this
 OUT_BLOCK_ROWS = 96  # output channels per step-2 block, about (their count is rounded to 4 blocks)
 
 
@@ -223,8 +225,8 @@ def output_transform(M, AT, bias, o0, row0, row1, tiles_h, mixed, rows_out, out)
 
 
 @njit(**SERIAL)
-def weight_transform(weight, G, o0, o1, gathered, half, U):
-    """U[k*a+l, o, c] = (G g G^T)[k,l] for g = weight[o, c] (3x3), o in o0..o1-1.
+def weight_transform(weight, G, o0, o1, gathered, half, U, u0):
+    """U[k*a+l, o - u0, c] = (G g G^T)[k,l] for g = weight[o, c] (3x3), o in o0..o1-1.
 
     Scratch gathered [9, C_in] (tap (r, s) at row 3s+r), half [a*3, C_in]: per output channel the
     9 taps of every input channel are gathered into rows, then G g and (G g) G^T are sums of rows,
@@ -242,7 +244,7 @@ def weight_transform(weight, G, o0, o1, gathered, half, U):
                 combine_rows(G[k], gathered, 3 * s, 0, half[3 * k + s])
         for k in range(alpha):  # (G g) G^T: [a,3] @ [3,a]
             for l in range(alpha):
-                combine_rows(G[l], half, 3 * k, 0, U[k * alpha + l, o])
+                combine_rows(G[l], half, 3 * k, 0, U[k * alpha + l, o - u0])
 
 
 _scratch = threading.local()
@@ -265,9 +267,12 @@ def output_blocks(c_out):
 
 
 def tile_row_groups(rows, tiles_w, c_in, alpha):
-    """Groups of tile rows (flat over the batch) whose transformed input is ~V_GROUP_BYTES."""
+    """Groups of tile rows (flat over the batch): one if the whole transformed input V is at most
+    ONE_GROUP_BYTES, else groups whose V is ~V_GROUP_BYTES but which hold >= MIN_GROUP_TILES tiles."""
     row_bytes = alpha * alpha * c_in * tiles_w * 4
-    return split_evenly(rows, max(1, V_GROUP_BYTES // row_bytes))
+    if rows * row_bytes <= ONE_GROUP_BYTES:
+        return [(0, rows)]
+    return split_evenly(rows, max(1, V_GROUP_BYTES // row_bytes, -(-MIN_GROUP_TILES // tiles_w)))
 
 
 def winograd_conv2d(x, weight, bias, padding, m):
@@ -282,8 +287,9 @@ def winograd_conv2d(x, weight, bias, padding, m):
     weight = np.ascontiguousarray(weight)  # [C_out,C_in,3,3]
     bias = np.zeros(c_out, np.float32) if bias is None else np.ascontiguousarray(bias)  # [C_out]
     out = np.empty((batch, c_out, h_out, w_out), np.float32)  # [B,C_out,Ho,Wo]
-    U = np.empty((alpha * alpha, c_out, c_in), np.float32)  # G g G^T, filled by the first group
     groups = tile_row_groups(batch * tiles_h, tiles_w, c_in, alpha)
+    one_group = len(groups) == 1  # then each block's U is made where it is used, in the worker's scratch
+    U = None if one_group else np.empty((alpha * alpha, c_out, c_in), np.float32)  # G g G^T, by the first group
     most_tiles = max(stop - start for start, stop in groups) * tiles_w
     V_all = np.empty(alpha * alpha * c_in * most_tiles, np.float32)
     in_blocks = split_evenly(c_in, -(-c_in // (2 * worker_count())))  # element-wise: any split
@@ -300,11 +306,16 @@ def winograd_conv2d(x, weight, bias, padding, m):
 
         def multiply_and_transform_output(block, first=group == 0, row0=row0, row1=row1, V=V, tiles=tiles):
             o0, o1 = block
-            if first:  # 2. U = G g G^T for this block's output channels, once per call
+            if one_group:  # 2. U = G g G^T for this block's output channels, used at once
+                U_block = scratch("weights", alpha * alpha * (o1 - o0) * c_in).reshape(alpha * alpha, o1 - o0, c_in)
+            else:  # (or kept for the later groups: all of U lives for this call)
+                U_block = U[:, o0:o1, :]
+            if first:
                 gathered, half = scratch("taps", 9 * c_in), scratch("half", 3 * alpha * c_in)
-                weight_transform(weight, G, o0, o1, gathered.reshape(9, c_in), half.reshape(3 * alpha, c_in), U)
+                weight_transform(weight, G, o0, o1, gathered.reshape(9, c_in), half.reshape(3 * alpha, c_in),
+                                 U_block if one_group else U, o0 if one_group else 0)
             M = scratch("product", alpha * alpha * (o1 - o0) * tiles).reshape(o1 - o0, alpha * alpha, tiles)
-            np.matmul(U[:, o0:o1, :], V, out=M.transpose(1, 0, 2))  # 3. [a*a,block,C_in] @ [a*a,C_in,T]
+            np.matmul(U_block, V, out=M.transpose(1, 0, 2))  # 3. [a*a,block,C_in] @ [a*a,C_in,T]
             mixed = scratch("output", alpha * m * tiles_w).reshape(alpha, m, tiles_w)
             rows_out = scratch("output rows", m * tiles_w).reshape(m, tiles_w)
             output_transform(M, AT, bias, o0, row0, row1, tiles_h, mixed, rows_out, out)  # 4. A^T M A + bias
