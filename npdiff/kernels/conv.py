@@ -3,11 +3,11 @@
 Versions (each is tested against torch and the reference):
   1. conv2d_ref       NumPy API (numpy or cupy): pad once, then for each of the kH*kW taps add
                       W[:, :, i, j] @ (the strided window of x that tap sees). A temporary per tap.
-  conv2d_fast         NumPy arrays: picks one of the three below by shape.
+  conv2d_fast         NumPy arrays: picks one of the four below by shape (conv_method).
   2. _conv1x1         1x1, stride 1, no padding: a plain GEMM W [C_out,C_in] @ x[b] [C_in,H*W] on
                       column tiles of each image (BLAS reads the tiles in place: no copy at all).
-  3. _conv_im2col_tiled  everything else with more than DIRECT_MAX_C_OUT output channels (all of SD's
-                      3x3 convs but the last): a tile of output rows is unfolded by Numba
+  3. _conv_im2col_tiled  everything else with more than DIRECT_MAX_C_OUT output channels (strided
+                      convs, 3x3 convs on small images or few input channels): a tile of output rows is unfolded by Numba
                       (im2col_tile, zero padding and stride handled in the copy, so x is never
                       padded as a whole) into cols [C_in*kH*kW, rows*W_out], and one sgemm
                       W [C_out, C_in*kH*kW] @ cols writes those output rows in place. Memory stays
@@ -17,6 +17,10 @@ Versions (each is tested against torch and the reference):
                       VAE conv_out 128->3): Numba loops, prange over output rows. A GEMM with 3-4
                       rows wastes most of each BLAS micro-kernel while im2col still copies 9x the
                       input; measured here 2.8x faster than im2col+GEMM at 128->3 on 512x512.
+  5. Winograd F(4x4,3x3) (conv_winograd.py, beside F(2x2,3x3) and a NumPy reference with the
+                      transform matrices written out): 3x3, stride 1, at least WINOGRAD_MIN_C_IN
+                      input channels and WINOGRAD_MIN_PIXELS output pixels per image: SD's resnet
+                      convs at 64 and 32 px, the VAE's at 64..512 px. 4x fewer GEMM multiplies.
   cupy arrays: im2col kernel + cuBLAS GEMMs (npdiff/kernels/cuda/conv.py; npdiff/kernels/dispatch.py).
 
 Why im2col + GEMM for the big convs: the GEMM has K = 9*C_in (2880-11520), the shape OpenBLAS's
@@ -26,6 +30,32 @@ each GEMM call packs the whole weight matrix again: fewer, larger calls pack it 
 implicit GEMM (9 accumulating sgemm calls, beta=1, over shifted views of a padded x) avoids the
 copy but needs the weight re-laid out per tap and re-reads/writes the output tile 9 times; a ctypes
 prototype of it was not faster than this in our (noisy, shared-machine) measurements.
+
+Winograd vs im2col, measured (benchmarks/kernels.py, 2 threads, best of rounds alternated with
+torch in one process; GFLOP/s counted as the direct conv's 2*B*C_out*C_in*9*H*W for every method,
+so they compare; shared machine, load average 2-4; NumPy's sgemm peak 203 GFLOP/s):
+
+    shape (3x3, pad 1)          im2col  F(2,3)  F(4,3)  torch   GFLOP/s
+    [2,320,64,64] -> 320          182     258     329     228   UNet 64 px
+    [2,960,64,64] -> 320          164     246     303     224   UNet up block, 64 px
+    [2,640,32,32] -> 640          190     240     297     230   UNet 32 px
+    [2,1280,16,16] -> 1280        187     182  175-229    176   UNet 16 px (noisy: not taken)
+    [2,1280,8,8] -> 1280          148      90      67     102   UNet 8 px
+    [2,4,64,64] -> 320             97      13      25     157   UNet conv_in (4 input channels)
+    [1,512,64,64] -> 512          191     278     316     229   VAE 64 px
+    [1,512,128,128] -> 512        182     276     414     204   VAE 128 px
+    [1,256,256,256] -> 256        160     226     350     173   VAE 256 px
+    [1,128,512,512] -> 128        140     201     244     158   VAE 512 px
+    [1,3,512,512] -> 128           55      16      21      18   VAE conv_in (RGB)
+
+Hence the rule in conv_method: F(4,3) from 32 input channels and 32x32 output pixels up; im2col
+below (at 16 px F(4,3) measured 0.95-1.2x im2col under load: not taken until measured on a quiet
+machine; at 8 px the tiles are too few for the GEMMs). F(2,3) is never faster than F(4,3) here.
+Rounding (relative error against a float64 conv, x ~ N(0,1), weights ~ N(0,1)/sqrt(9*C_in), bias
+~ N(0,1)): torch float32 1.7-2.5e-7, im2col 2.6-2.8e-7, F(2,3) 2.7-4.4e-7, F(4,3) 1.7-2.9e-6 at the
+shapes above (the kernel tolerance is 1e-5). In F(4,3) the input transform is the largest of the
+three transforms (measured on one core at [2,320,64,64]: input 40-60 ms, output 18 ms, weights
+4 ms, GEMMs 45 ms).
 
 Threads: the tiles of versions 2 and 3 are spread over the block-parallel pool of block_pool.py
 (each GEMM single-threaded on its own core: no fork/join of OpenBLAS threads per call); version 4

@@ -105,3 +105,25 @@ def test_conv2d_takes_winograd_at_sd_shapes(rng, monkeypatch):
     x, weight, bias = sd_like_inputs(rng, 1, 32, 40, 32, 33)
     assert_rel_close(conv2d(x, weight, bias, 1, 1), torch_conv(x, weight, bias, 1), KERNEL_TOL)
     assert calls == [4]
+
+
+def test_tiny_vae_with_winograd_for_every_3x3_conv_matches_diffusers(rng, monkeypatch):
+    # The tiny test models rarely reach the rule's sizes: here every 3x3 stride-1 conv with more
+    # than a few output channels takes F(4,3), through a whole decode, against diffusers.
+    from helpers import NETWORK_TOL
+    from tiny_models import tiny_vae
+
+    from npdiff.models import AutoencoderKL
+
+    torch_model, folder = tiny_vae("sd", seed=0)
+    ours = AutoencoderKL.from_pretrained(folder)
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_C_IN", 1)
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_PIXELS", 1)
+    calls = []
+    original = conv_winograd.winograd_conv2d
+    monkeypatch.setattr(conv_winograd, "winograd_conv2d", lambda *args: calls.append(1) or original(*args))
+    z = rng.standard_normal((1, 4, 6, 5), dtype=np.float32)
+    with torch.no_grad():
+        expected = torch_model.decode(torch.from_numpy(z)).sample
+    assert_rel_close(ours.decode(z), expected, NETWORK_TOL, "tiny VAE decode, Winograd convs")
+    assert len(calls) >= 10
