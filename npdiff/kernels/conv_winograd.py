@@ -147,26 +147,26 @@ def input_transform(x, BT, m, ph, pw, row0, row1, tiles_h, c0, c1, gathered, mix
     alpha = BT.shape[0]
     height, width = x.shape[2], x.shape[3]
     tiles_w = gathered.shape[2] - 1
+    gathered[:] = 0.0
+    column_range = np.empty((m, 2), np.int64)  # tiles j whose column j*m + p - pw is inside x
+    for p in range(m):
+        j_lo = min(tiles_w + 1, max(0, (pw - p + m - 1) // m))
+        column_range[p, 0] = j_lo
+        column_range[p, 1] = max(j_lo, min(tiles_w + 1, (width - 1 + pw - p) // m + 1))
     for row in range(row0, row1):
         b, tile_row = row // tiles_h, row % tiles_h
         t0 = (row - row0) * tiles_w
         for c in range(c0, c1):
-            # 1. gathered[r, p, j] = x[b, c, tile_row*m - ph + r, j*m + p - pw], zero outside x
+            # 1. gathered[r, p, j] = x[b, c, tile_row*m - ph + r, j*m + p - pw]; the columns outside x
+            #    are never written, so they keep the zeros they got before the loops
             for r in range(alpha):
                 y = tile_row * m - ph + r
+                inside = 0 <= y < height
                 for p in range(m):
-                    dst = gathered[r, p]
-                    if y < 0 or y >= height:
-                        dst[:] = 0.0
-                        continue
-                    source = x[b, c, y]
-                    j_lo = min(tiles_w + 1, max(0, (pw - p + m - 1) // m))  # first j with column >= 0
-                    j_hi = max(j_lo, min(tiles_w + 1, (width - 1 + pw - p) // m + 1))  # past the last inside
-                    dst[:j_lo] = 0.0
-                    dst[j_hi:] = 0.0
+                    j_lo, j_hi = column_range[p, 0], column_range[p, 1]
                     first_column = j_lo * m + p - pw
                     for j in range(j_hi - j_lo):
-                        dst[j_lo + j] = source[first_column + j * m]
+                        gathered[r, p, j_lo + j] = x[b, c, y, first_column + j * m] if inside else 0.0
             # 2. mixed[k] = sum_r B^T[k,r] gathered[r]   (B^T d, for the whole tile row)
             flat_gathered = gathered.reshape(alpha, -1)
             for k in range(alpha):
