@@ -7,9 +7,10 @@ Versions (each is tested against torch and the reference):
   2. _conv1x1         1x1, stride 1, no padding: a plain GEMM W [C_out,C_in] @ x[b] [C_in,H*W] on
                       column tiles of each image (BLAS reads the tiles in place: no copy at all).
   3. _conv_im2col_tiled  everything else with more than DIRECT_MAX_C_OUT output channels (strided
-                      convs, 3x3 convs on small images or few input channels): a tile of output rows is unfolded by Numba
-                      (im2col_tile, zero padding and stride handled in the copy, so x is never
-                      padded as a whole) into cols [C_in*kH*kW, rows*W_out], and one sgemm
+                      convs, 3x3 convs on small images or few input channels): a tile of output
+                      rows is unfolded by Numba (im2col_tile, zero padding and stride handled in
+                      the copy, so x is never padded as a whole) into cols [C_in*kH*kW,
+                      rows*W_out], and one sgemm
                       W [C_out, C_in*kH*kW] @ cols writes those output rows in place. Memory stays
                       bounded by IM2COL_TILE_BYTES per worker at the VAE's 512x512 images (a
                       whole-image im2col there is >1 GB).
@@ -23,7 +24,7 @@ Versions (each is tested against torch and the reference):
                       convs at 64 and 32 px, the VAE's at 64..512 px. 4x fewer GEMM multiplies.
   cupy arrays: im2col kernel + cuBLAS GEMMs (npdiff/kernels/cuda/conv.py; npdiff/kernels/dispatch.py).
 
-Why im2col + GEMM for the big convs: the GEMM has K = 9*C_in (2880-11520), the shape OpenBLAS's
+Why im2col + GEMM for the big convs that are not Winograd's: the GEMM has K = 9*C_in (2880-11520), the shape OpenBLAS's
 AVX-512 sgemm runs at its peak, and the unfolding costs one write + one read of the tile per
 2*C_out FLOP per element (~10% of the GEMM time at C_out = 320). Tiles are large (16 MiB) because
 each GEMM call packs the whole weight matrix again: fewer, larger calls pack it less often. An
@@ -53,11 +54,11 @@ below (at 16 px F(4,3) measured 0.95-1.2x im2col under load: not taken until mea
 machine; at 8 px the tiles are too few for the GEMMs). F(2,3) is never faster than F(4,3) here.
 Rounding (relative error against a float64 conv, x ~ N(0,1), weights ~ N(0,1)/sqrt(9*C_in), bias
 ~ N(0,1)): torch float32 1.7-2.5e-7, im2col 2.6-2.8e-7, F(2,3) 2.7-4.4e-7, F(4,3) 1.7-2.9e-6 at the
-shapes above (the kernel tolerance is 1e-5). In F(4,3) the input transform is the largest of the
-three transforms (measured on one core at [2,320,64,64]: input 40-60 ms, output 18 ms, weights
-4 ms, GEMMs 45 ms).
+shapes above (the kernel tolerance is 1e-5). Where F(4,3)'s time goes, one core, [2,320,64,64]:
+GEMMs 45 ms (~85 GFLOP/s), input transform ~21 ms, output transform ~18 ms, weights ~4 ms: the
+transforms are ~half of the work, the input transform the larger (a strided gather per tile row).
 
-Threads: the tiles of versions 2 and 3 are spread over the block-parallel pool of block_pool.py
+Threads: the tiles of versions 2, 3 and 5 are spread over the block-parallel pool of block_pool.py
 (each GEMM single-threaded on its own core: no fork/join of OpenBLAS threads per call); version 4
 uses Numba's prange.
 """

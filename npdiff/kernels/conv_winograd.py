@@ -23,6 +23,11 @@ Versions (both tested against torch and against each other):
                         and the output transform + bias straight into out (edge tiles clipped).
 The groups and the output-channel blocks depend only on the shapes (never on the worker count), so
 every GEMM sees the same operands at any thread count: the same bytes at 1 and 2 threads.
+
+Memory: the transformed weights are not cached across calls (F(4,3)'s U is 4x the 3x3 weights:
+~8 GiB for SD's UNet). Per call: V (<= ONE_GROUP_BYTES, or one group's) and, with several groups,
+U for the call ((m+2)^2/9 x that conv's weight: 44 MiB at the UNet's 960->320); per worker thread,
+kept for the next call: M, and U for one block of output channels (at most ~22 MiB at 1920->640).
 """
 
 import threading
