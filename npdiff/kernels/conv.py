@@ -40,7 +40,9 @@ so they compare; shared machine, load average 2-4; NumPy's sgemm peak 203 GFLOP/
     [2,320,64,64] -> 320          182     258     329     228   UNet 64 px
     [2,960,64,64] -> 320          164     246     303     224   UNet up block, 64 px
     [2,640,32,32] -> 640          190     240     297     230   UNet 32 px
-    [2,1280,16,16] -> 1280        187     182  175-229    176   UNet 16 px (noisy: not taken)
+    [2,1280,16,16] -> 1280        187     182     229     176   UNet 16 px
+    [2,2560,16,16] -> 1280        169     166     233     177   UNet up block, 16 px
+    [2,640,16,16] -> 1280         168     178     179     190   UNet down block, 16 px
     [2,1280,8,8] -> 1280          148      90      67     102   UNet 8 px
     [2,4,64,64] -> 320             97      13      25     157   UNet conv_in (4 input channels)
     [1,512,64,64] -> 512          191     278     316     229   VAE 64 px
@@ -49,9 +51,10 @@ so they compare; shared machine, load average 2-4; NumPy's sgemm peak 203 GFLOP/
     [1,128,512,512] -> 128        140     201     244     158   VAE 512 px
     [1,3,512,512] -> 128           55      16      21      18   VAE conv_in (RGB)
 
-Hence the rule in conv_method: F(4,3) from 32 input channels and 32x32 output pixels up; im2col
-below (at 16 px F(4,3) measured 0.95-1.2x im2col under load: not taken until measured on a quiet
-machine; at 8 px the tiles are too few for the GEMMs). F(2,3) is never faster than F(4,3) here.
+Hence the rule in conv_method: F(4,3) from 32 input channels and 32x32 output pixels up, and at
+16x16 from 1280 input channels (there F(4,3)/im2col measured 0.5-0.83x in 5 of 6 alternated runs
+at 1280 and 2560 channels, 1.08x in one; at 640 -> 1280 a tie: im2col kept); im2col below (at 8 px
+the tiles are too few for the GEMMs). F(2,3) was faster than F(4,3) only at 640 -> 1280, 16 px.
 Rounding (relative error against a float64 conv, x ~ N(0,1), weights ~ N(0,1)/sqrt(9*C_in), bias
 ~ N(0,1)): torch float32 1.7-2.5e-7, im2col 2.6-2.8e-7, F(2,3) 2.7-4.4e-7, F(4,3) 1.7-2.9e-6 at the
 shapes above (the kernel tolerance is 1e-5). Where F(4,3)'s time goes, one core, [2,320,64,64]:
@@ -79,6 +82,7 @@ PIXELS_PER_TILE_1X1 = 4096  # least columns per GEMM of a 1x1 conv
 DIRECT_MAX_C_OUT = 16  # stride-1 convs with at most this many output channels: direct Numba loops
 WINOGRAD_MIN_C_IN = 32  # 3x3 stride-1 convs with at least this many input channels ...
 WINOGRAD_MIN_PIXELS = 32 * 32  # ... and output pixels per image: Winograd F(4x4,3x3)
+WINOGRAD_DEEP_C_IN, WINOGRAD_DEEP_MIN_PIXELS = 1280, 16 * 16  # and with this many channels, from 16x16
 
 
 def output_size(size, kernel_size, stride, padding):
@@ -305,8 +309,10 @@ def conv_method(x_shape, weight_shape, stride, padding):
         return "1x1"
     if sh == 1 and sw == 1 and c_out <= DIRECT_MAX_C_OUT:
         return "direct"
-    if (kh == 3 and kw == 3 and sh == 1 and sw == 1 and c_in >= WINOGRAD_MIN_C_IN
-            and h_out * w_out >= WINOGRAD_MIN_PIXELS):
+    pixels = h_out * w_out
+    if kh == 3 and kw == 3 and sh == 1 and sw == 1 and (
+            (c_in >= WINOGRAD_MIN_C_IN and pixels >= WINOGRAD_MIN_PIXELS)
+            or (c_in >= WINOGRAD_DEEP_C_IN and pixels >= WINOGRAD_DEEP_MIN_PIXELS)):
         return "winograd4"
     return "im2col"
 
