@@ -168,6 +168,8 @@ def all_cases():
         conv_case("conv unet", 2, 1280, 1280, 16, quick=True),
         conv_case("conv unet", 2, 1280, 1280, 8),
         conv_case("conv unet up", 2, 960, 320, 64),
+        conv_case("conv unet up", 2, 2560, 1280, 16),
+        conv_case("conv unet down", 2, 640, 1280, 16),
         conv_case("conv unet down", 2, 320, 320, 64, stride=2),
         conv_case("conv unet 1x1", 2, 640, 320, 64, kernel=1),
         conv_case("conv unet 1x1", 2, 1280, 1280, 16, kernel=1),

@@ -41,8 +41,8 @@ so they compare; shared machine, load average 2-4; NumPy's sgemm peak 203 GFLOP/
     [2,960,64,64] -> 320          164     246     303     224   UNet up block, 64 px
     [2,640,32,32] -> 640          190     240     297     230   UNet 32 px
     [2,1280,16,16] -> 1280        187     182     229     176   UNet 16 px
-    [2,2560,16,16] -> 1280        169     166     233     177   UNet up block, 16 px
-    [2,640,16,16] -> 1280         168     178     179     190   UNet down block, 16 px
+    [2,2560,16,16] -> 1280 *       91     112     121      88   UNet up block, 16 px
+    [2,640,16,16] -> 1280 *        98     104     110      82   UNet down block, 16 px
     [2,1280,8,8] -> 1280          148      90      67     102   UNet 8 px
     [2,4,64,64] -> 320             97      13      25     157   UNet conv_in (4 input channels)
     [1,512,64,64] -> 512          191     278     316     229   VAE 64 px
@@ -50,10 +50,11 @@ so they compare; shared machine, load average 2-4; NumPy's sgemm peak 203 GFLOP/
     [1,256,256,256] -> 256        160     226     350     173   VAE 256 px
     [1,128,512,512] -> 128        140     201     244     158   VAE 512 px
     [1,3,512,512] -> 128           55      16      21      18   VAE conv_in (RGB)
+    (* from a run at load average 4, sgemm peak measured 100 instead of 203: compare within the row)
 
 Hence the rule in conv_method: F(4,3) from 32 input channels and 32x32 output pixels up, and at
-16x16 from 1280 input channels (there F(4,3)/im2col measured 0.5-0.83x in 5 of 6 alternated runs
-at 1280 and 2560 channels, 1.08x in one; at 640 -> 1280 a tie: im2col kept); im2col below (at 8 px
+16x16 from 1280 input channels (there F(4,3)/im2col measured 0.5-0.87x in 5 of 6 alternated runs
+at 1280 and 2560 channels, 1.05x in one; at 640 -> 1280 a tie: im2col kept); im2col below (at 8 px
 the tiles are too few for the GEMMs). F(2,3) was faster than F(4,3) only at 640 -> 1280, 16 px.
 Rounding (relative error against a float64 conv, x ~ N(0,1), weights ~ N(0,1)/sqrt(9*C_in), bias
 ~ N(0,1)): torch float32 1.7-2.5e-7, im2col 2.6-2.8e-7, F(2,3) 2.7-4.4e-7, F(4,3) 1.7-2.9e-6 at the
