@@ -11,8 +11,10 @@ from npdiff.kernels import block_pool, conv, conv2d, conv_winograd
 from npdiff.kernels.conv_winograd import WINOGRAD, winograd_conv2d, winograd_conv2d_ref
 
 # (batch, C_in, C_out, H, W, padding): sizes that are not multiples of the tile (2 or 4), a 1x1
-# image, padding 0 and 1, and channel counts like SD's (RGB and latent inputs, 128, 320).
+# image, padding 0 and 1 (and uneven or wide), and channel counts like SD's (RGB and latent inputs,
+# 128, 320).
 SHAPES = [
+    (2, 6, 5, 9, 7, (2, 0)), (1, 4, 3, 6, 5, (0, 3)),
     (2, 5, 7, 7, 9, 1), (1, 3, 4, 13, 5, 1), (1, 4, 3, 1, 1, 1), (3, 8, 6, 9, 9, 0), (1, 6, 5, 4, 11, 0),
     (2, 4, 320, 10, 6, 1), (1, 128, 128, 9, 14, 1), (2, 320, 24, 5, 8, 1), (1, 3, 128, 17, 16, 1),
 ]
@@ -38,7 +40,7 @@ def test_winograd_matches_torch(rng, m, shape, with_bias):
     *sizes, padding = shape
     x, weight, bias = sd_like_inputs(rng, *sizes, with_bias)
     expected = torch_conv(x, weight, bias, padding)
-    fast = winograd_conv2d(x, weight, bias, (padding, padding), m)
+    fast = winograd_conv2d(x, weight, bias, padding if isinstance(padding, tuple) else (padding, padding), m)
     reference = winograd_conv2d_ref(x, weight, bias, padding, m)
     assert_rel_close(fast, expected, KERNEL_TOL, f"winograd F({m},3)")
     assert_rel_close(reference, expected, KERNEL_TOL, f"winograd_conv2d_ref F({m},3)")
