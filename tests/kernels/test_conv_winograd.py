@@ -58,16 +58,25 @@ def test_transforms_compute_a_1d_correlation(rng, m):
 
 @pytest.mark.parametrize("m", [2, 4])
 def test_every_group_and_output_block_is_covered(rng, monkeypatch, m):
-    # A one-byte group budget: one tile row per group; tiny output blocks: many per group.
+    # A one-byte group budget: one tile row per group (U made once for all groups); tiny output
+    # blocks: many per group.
+    monkeypatch.setattr(conv_winograd, "ONE_GROUP_BYTES", 0)
     monkeypatch.setattr(conv_winograd, "V_GROUP_BYTES", 1)
+    monkeypatch.setattr(conv_winograd, "MIN_GROUP_TILES", 1)
     monkeypatch.setattr(conv_winograd, "OUT_BLOCK_ROWS", 3)
     x, weight, bias = sd_like_inputs(rng, 2, 6, 29, 11, 13)
+    assert len(conv_winograd.tile_row_groups(2 * -(-11 // m), -(-13 // m), 6, m + 2)) == 2 * -(-11 // m)
     assert_rel_close(winograd_conv2d(x, weight, bias, (1, 1), m), torch_conv(x, weight, bias, 1), KERNEL_TOL)
 
 
-def test_same_bytes_at_one_and_two_workers(rng, monkeypatch):
+@pytest.mark.parametrize("one_group", [True, False])
+def test_same_bytes_at_one_and_two_workers(rng, monkeypatch, one_group):
     # Groups and output blocks come from the shapes alone, so every GEMM has the same operands
     # whatever the number of workers; only the (element-wise) input transform split changes.
+    if not one_group:  # several groups of tile rows, U made by the first for all
+        monkeypatch.setattr(conv_winograd, "ONE_GROUP_BYTES", 0)
+        monkeypatch.setattr(conv_winograd, "V_GROUP_BYTES", 1)
+        monkeypatch.setattr(conv_winograd, "MIN_GROUP_TILES", 12)
     x, weight, bias = sd_like_inputs(rng, 2, 64, 96, 24, 20)
     results = []
     for workers in (1, 2, 3):
