@@ -9,7 +9,9 @@ achieved GFLOP/s, and that as a fraction of the machine's sgemm peak measured at
 run (NumPy's OpenBLAS, 2048^3), for the GEMM-based kernels (conv, attention, linear, geglu).
 Memory-bound kernels (norms, softmax, activations, upsampling) are read by their effective
 bandwidth (bytes that must be read and written / time); their FLOP counts are nominal. Attention is measured on each
-path (full score matrix, chunked, and the automatic choice). --quick runs a small subset.
+path (full score matrix, chunked, and the automatic choice), and so are 3x3 stride-1 convs (conv2d's
+choice, im2col + GEMM, Winograd F(4x4,3x3) and F(2x2,3x3); GFLOP/s counted as the direct conv's
+2*B*C_out*C_in*9*H*W for all, so the rates compare). --quick runs a small subset.
 
 Timing: --rounds rounds, each timing torch then every version of ours (best of --repeat runs and
 of as many as fit in --min-time / rounds seconds); the best over the rounds is kept, for ours and
@@ -31,6 +33,7 @@ from _common import print_table, sgemm_peak_gflops, time_call, write_json  # noq
 import numpy as np  # noqa: E402
 
 from npdiff import kernels  # noqa: E402
+from npdiff.kernels import conv, conv_winograd  # noqa: E402
 
 TORCH_THREADS = 2
 FLOAT_BYTES = 4
@@ -50,6 +53,10 @@ def conv_case(name, batch, c_in, c_out, size, kernel=3, stride=1, quick=False):
         bias = rng.standard_normal(c_out, dtype=np.float32)
         x_t, weight_t, bias_t = torch.from_numpy(x), torch.from_numpy(weight), torch.from_numpy(bias)
         ours = {"conv2d": lambda: kernels.conv2d(x, weight, bias, stride, padding)}
+        if kernel == 3 and stride == 1 and c_out > conv.DIRECT_MAX_C_OUT:  # each path conv2d may pick
+            ours["im2col"] = lambda: conv._conv_im2col_tiled(x, weight, bias, 1, 1, padding, padding)
+            ours["winograd F(4,3)"] = lambda: conv_winograd.winograd_conv2d(x, weight, bias, (padding,) * 2, 4)
+            ours["winograd F(2,3)"] = lambda: conv_winograd.winograd_conv2d(x, weight, bias, (padding,) * 2, 2)
         return ours, lambda: F.conv2d(x_t, weight_t, bias_t, stride=stride, padding=padding)
 
     shape = f"[{batch},{c_in},{size},{size}] {kernel}x{kernel}/{stride} ->{c_out}"
@@ -159,6 +166,10 @@ def all_cases():
         conv_case("conv unet", 2, 320, 320, 64, quick=True),
         conv_case("conv unet", 2, 640, 640, 32),
         conv_case("conv unet", 2, 1280, 1280, 16, quick=True),
+        conv_case("conv unet", 2, 1280, 1280, 8),
+        conv_case("conv unet up", 2, 960, 320, 64),
+        conv_case("conv unet up", 2, 2560, 1280, 16),
+        conv_case("conv unet down", 2, 640, 1280, 16),
         conv_case("conv unet down", 2, 320, 320, 64, stride=2),
         conv_case("conv unet 1x1", 2, 640, 320, 64, kernel=1),
         conv_case("conv unet 1x1", 2, 1280, 1280, 16, kernel=1),

@@ -3,13 +3,14 @@
 Versions (each is tested against torch and the reference):
   1. conv2d_ref       NumPy API (numpy or cupy): pad once, then for each of the kH*kW taps add
                       W[:, :, i, j] @ (the strided window of x that tap sees). A temporary per tap.
-  conv2d_fast         NumPy arrays: picks one of the three below by shape.
+  conv2d_fast         NumPy arrays: picks one of the four below by shape (conv_method).
   2. _conv1x1         1x1, stride 1, no padding: a plain GEMM W [C_out,C_in] @ x[b] [C_in,H*W] on
                       column tiles of each image (BLAS reads the tiles in place: no copy at all).
-  3. _conv_im2col_tiled  everything else with more than DIRECT_MAX_C_OUT output channels (all of SD's
-                      3x3 convs but the last): a tile of output rows is unfolded by Numba
-                      (im2col_tile, zero padding and stride handled in the copy, so x is never
-                      padded as a whole) into cols [C_in*kH*kW, rows*W_out], and one sgemm
+  3. _conv_im2col_tiled  everything else with more than DIRECT_MAX_C_OUT output channels (strided
+                      convs, 3x3 convs on small images or few input channels): a tile of output
+                      rows is unfolded by Numba (im2col_tile, zero padding and stride handled in
+                      the copy, so x is never padded as a whole) into cols [C_in*kH*kW,
+                      rows*W_out], and one sgemm
                       W [C_out, C_in*kH*kW] @ cols writes those output rows in place. Memory stays
                       bounded by IM2COL_TILE_BYTES per worker at the VAE's 512x512 images (a
                       whole-image im2col there is >1 GB).
@@ -17,9 +18,13 @@ Versions (each is tested against torch and the reference):
                       VAE conv_out 128->3): Numba loops, prange over output rows. A GEMM with 3-4
                       rows wastes most of each BLAS micro-kernel while im2col still copies 9x the
                       input; measured here 2.8x faster than im2col+GEMM at 128->3 on 512x512.
+  5. Winograd F(4x4,3x3) (conv_winograd.py, beside F(2x2,3x3) and a NumPy reference with the
+                      transform matrices written out): 3x3, stride 1, at least WINOGRAD_MIN_C_IN
+                      input channels and WINOGRAD_MIN_PIXELS output pixels per image: SD's resnet
+                      convs at 64 and 32 px, the VAE's at 64..512 px. 4x fewer GEMM multiplies.
   cupy arrays: im2col kernel + cuBLAS GEMMs (npdiff/kernels/cuda/conv.py; npdiff/kernels/dispatch.py).
 
-Why im2col + GEMM for the big convs: the GEMM has K = 9*C_in (2880-11520), the shape OpenBLAS's
+Why im2col + GEMM for the big convs that are not Winograd's: the GEMM has K = 9*C_in (2880-11520), the shape OpenBLAS's
 AVX-512 sgemm runs at its peak, and the unfolding costs one write + one read of the tile per
 2*C_out FLOP per element (~10% of the GEMM time at C_out = 320). Tiles are large (16 MiB) because
 each GEMM call packs the whole weight matrix again: fewer, larger calls pack it less often. An
@@ -27,7 +32,37 @@ implicit GEMM (9 accumulating sgemm calls, beta=1, over shifted views of a padde
 copy but needs the weight re-laid out per tap and re-reads/writes the output tile 9 times; a ctypes
 prototype of it was not faster than this in our (noisy, shared-machine) measurements.
 
-Threads: the tiles of versions 2 and 3 are spread over the block-parallel pool of block_pool.py
+Winograd vs im2col, measured (benchmarks/kernels.py, 2 threads, best of rounds alternated with
+torch in one process; GFLOP/s counted as the direct conv's 2*B*C_out*C_in*9*H*W for every method,
+so they compare; shared machine, load average 2-4; NumPy's sgemm peak 203 GFLOP/s):
+
+    shape (3x3, pad 1)          im2col  F(2,3)  F(4,3)  torch   GFLOP/s
+    [2,320,64,64] -> 320          182     258     329     228   UNet 64 px
+    [2,960,64,64] -> 320          164     246     303     224   UNet up block, 64 px
+    [2,640,32,32] -> 640          190     240     297     230   UNet 32 px
+    [2,1280,16,16] -> 1280        187     182     229     176   UNet 16 px
+    [2,2560,16,16] -> 1280 *       91     112     121      88   UNet up block, 16 px
+    [2,640,16,16] -> 1280 *        98     104     110      82   UNet down block, 16 px
+    [2,1280,8,8] -> 1280          148      90      67     102   UNet 8 px
+    [2,4,64,64] -> 320             97      13      25     157   UNet conv_in (4 input channels)
+    [1,512,64,64] -> 512          191     278     316     229   VAE 64 px
+    [1,512,128,128] -> 512        182     276     414     204   VAE 128 px
+    [1,256,256,256] -> 256        160     226     350     173   VAE 256 px
+    [1,128,512,512] -> 128        140     201     244     158   VAE 512 px
+    [1,3,512,512] -> 128           55      16      21      18   VAE conv_in (RGB)
+    (* from a run at load average 4, sgemm peak measured 100 instead of 203: compare within the row)
+
+Hence the rule in conv_method: F(4,3) from 32 input channels and 32x32 output pixels up, and at
+16x16 from 1280 input channels (there F(4,3)/im2col measured 0.5-0.87x in 5 of 6 alternated runs
+at 1280 and 2560 channels, 1.05x in one; at 640 -> 1280 a tie: im2col kept); im2col below (at 8 px
+the tiles are too few for the GEMMs). F(2,3) was faster than F(4,3) only at 640 -> 1280, 16 px.
+Rounding (relative error against a float64 conv, x ~ N(0,1), weights ~ N(0,1)/sqrt(9*C_in), bias
+~ N(0,1)): torch float32 1.7-2.5e-7, im2col 2.6-2.8e-7, F(2,3) 2.7-4.4e-7, F(4,3) 1.7-2.9e-6 at the
+shapes above (the kernel tolerance is 1e-5). Where F(4,3)'s time goes, one core, [2,320,64,64]:
+GEMMs 45 ms (~85 GFLOP/s), input transform ~21 ms, output transform ~18 ms, weights ~4 ms: the
+transforms are ~half of the work, the input transform the larger (a strided gather per tile row).
+
+Threads: the tiles of versions 2, 3 and 5 are spread over the block-parallel pool of block_pool.py
 (each GEMM single-threaded on its own core: no fork/join of OpenBLAS threads per call); version 4
 uses Numba's prange.
 """
@@ -46,6 +81,9 @@ from npdiff.kernels.validate import pair, require_ndim, require_optional_vector,
 IM2COL_TILE_BYTES = 16 << 20  # unfolded input per GEMM (per worker): large, so the weight is packed rarely
 PIXELS_PER_TILE_1X1 = 4096  # least columns per GEMM of a 1x1 conv
 DIRECT_MAX_C_OUT = 16  # stride-1 convs with at most this many output channels: direct Numba loops
+WINOGRAD_MIN_C_IN = 32  # 3x3 stride-1 convs with at least this many input channels ...
+WINOGRAD_MIN_PIXELS = 32 * 32  # ... and output pixels per image: Winograd F(4x4,3x3)
+WINOGRAD_DEEP_C_IN, WINOGRAD_DEEP_MIN_PIXELS = 1280, 16 * 16  # and with this many channels, from 16x16
 
 
 def output_size(size, kernel_size, stride, padding):
@@ -262,15 +300,36 @@ def check_conv2d(x, weight, bias, stride, padding):
     return sh, sw, ph, pw
 
 
-def conv2d_fast(x, weight, bias, stride, padding):
-    """NumPy arrays: 1x1 GEMM, direct loops for few output channels, else tiled im2col + GEMM."""
+def conv_method(x_shape, weight_shape, stride, padding):
+    """The fast path conv2d_fast takes for these shapes (rule measured in this file's header):
+    "1x1", "direct", "winograd4" (F(4x4,3x3)) or "im2col"."""
     (sh, sw), (ph, pw) = stride, padding
-    kh, kw = weight.shape[2:]
+    c_out, c_in, kh, kw = weight_shape
+    h_out, w_out = output_size(x_shape[2], kh, sh, ph), output_size(x_shape[3], kw, sw, pw)
     if kh == 1 and kw == 1 and sh == 1 and sw == 1 and ph == 0 and pw == 0:
+        return "1x1"
+    if sh == 1 and sw == 1 and c_out <= DIRECT_MAX_C_OUT:
+        return "direct"
+    pixels = h_out * w_out
+    if kh == 3 and kw == 3 and sh == 1 and sw == 1 and (
+            (c_in >= WINOGRAD_MIN_C_IN and pixels >= WINOGRAD_MIN_PIXELS)
+            or (c_in >= WINOGRAD_DEEP_C_IN and pixels >= WINOGRAD_DEEP_MIN_PIXELS)):
+        return "winograd4"
+    return "im2col"
+
+
+def conv2d_fast(x, weight, bias, stride, padding):
+    """NumPy arrays: the version conv_method picks (1x1 GEMM, direct loops, Winograd, im2col)."""
+    method = conv_method(x.shape, weight.shape, stride, padding)
+    if method == "1x1":
         return _conv1x1(x, weight, bias)
-    if sh == 1 and sw == 1 and weight.shape[0] <= DIRECT_MAX_C_OUT:
-        return _conv_direct(x, weight, bias, ph, pw)
-    return _conv_im2col_tiled(x, weight, bias, sh, sw, ph, pw)
+    if method == "direct":
+        return _conv_direct(x, weight, bias, *padding)
+    if method == "winograd4":
+        from npdiff.kernels.conv_winograd import winograd_conv2d  # (it imports this file's helpers)
+
+        return winograd_conv2d(x, weight, bias, padding, 4)
+    return _conv_im2col_tiled(x, weight, bias, *stride, *padding)
 
 
 CONV2D = dispatch.register("conv2d", fast=conv2d_fast, reference=conv2d_ref, cuda="conv2d")

@@ -1,0 +1,330 @@
+"""Winograd convolution for 3x3, stride-1 convs (Lavin & Gray 2015, "Fast Algorithms for
+Convolutional Neural Networks"): F(m x m, 3 x 3) computes an m x m tile of output from an
+(m+2) x (m+2) tile of input with (m+2)^2 multiplications per (input, output) channel pair instead
+of 9 m^2:
+
+    Y = A^T [ (G g G^T) * (B^T d B) ] A          (* element-wise, summed over the input channels)
+
+g is a 3x3 filter, d an input tile, Y the output tile. Summed over C_in, the element-wise product
+becomes (m+2)^2 independent GEMMs  M[xi] [C_out,T] = U[xi] [C_out,C_in] @ V[xi] [C_in,T]  over the
+T tiles, with U = G g G^T (the transformed weights) and V = B^T d B (the transformed input).
+  F(2x2,3x3): 16 GEMMs instead of 36 multiplies per output pixel: 2.25x fewer multiplies.
+  F(4x4,3x3): 36 GEMMs per 16 output pixels instead of 144: 4x fewer, at a larger rounding error
+              (its transforms use 4, 5, 8 and 1/6, 1/24), measured in conv.py's header.
+
+Versions (both tested against torch and against each other):
+  winograd_conv2d_ref   NumPy: pad, cut all tiles, four einsums with the literal matrices below.
+  winograd_conv2d       fast: the tile rows of the batch are cut into groups (input transform V of a
+                        group ~V_GROUP_BYTES); per group, step 1 transforms the input (Numba, channel
+                        blocks on the block-parallel pool; zero padding handled in the gather, no
+                        padded copy of x), step 2 runs per block of output channels: transform that
+                        block's weights (first group only; U lives for this call), its (m+2)^2 GEMMs
+                        (np.matmul: single-threaded sgemm on the worker's core) into a per-worker M,
+                        and the output transform + bias straight into out (edge tiles clipped).
+The groups and the output-channel blocks depend only on the shapes (never on the worker count), so
+every GEMM sees the same operands at any thread count: the same bytes at 1 and 2 threads.
+
+Memory: the transformed weights are not cached across calls (F(4,3)'s U is 4x the 3x3 weights:
+~8 GiB for SD's UNet). Per call: V (<= ONE_GROUP_BYTES, or one group's) and, with several groups,
+U for the call ((m+2)^2/9 x that conv's weight: 44 MiB at the UNet's 960->320); per worker thread,
+kept for the next call: M, and U for one block of output channels (at most ~22 MiB at 1920->640).
+"""
+
+import threading
+
+import numpy as np
+
+from npdiff.jit import SERIAL, njit
+from npdiff.kernels.block_pool import run_blocks, worker_count
+from npdiff.kernels.conv import output_size, split_evenly
+
+# The transforms of Lavin & Gray (section 4.1 and 4.2), written out. float64; the fast path uses
+# B^T and A^T in float32 (small integers: exact) and G in float64 for the weight transform.
+WINOGRAD = {
+    2: dict(
+        BT=np.array([[1, 0, -1, 0],
+                     [0, 1, 1, 0],
+                     [0, -1, 1, 0],
+                     [0, 1, 0, -1]], np.float64),
+        G=np.array([[1, 0, 0],
+                    [1 / 2, 1 / 2, 1 / 2],
+                    [1 / 2, -1 / 2, 1 / 2],
+                    [0, 0, 1]], np.float64),
+        AT=np.array([[1, 1, 1, 0],
+                     [0, 1, -1, -1]], np.float64),
+    ),
+    4: dict(
+        BT=np.array([[4, 0, -5, 0, 1, 0],
+                     [0, -4, -4, 1, 1, 0],
+                     [0, 4, -4, -1, 1, 0],
+                     [0, -2, -1, 2, 1, 0],
+                     [0, 2, -1, -2, 1, 0],
+                     [0, 4, 0, -5, 0, 1]], np.float64),
+        G=np.array([[1 / 4, 0, 0],
+                    [-1 / 6, -1 / 6, -1 / 6],
+                    [-1 / 6, 1 / 6, -1 / 6],
+                    [1 / 24, 1 / 12, 1 / 6],
+                    [1 / 24, -1 / 12, 1 / 6],
+                    [0, 0, 1]], np.float64),
+        AT=np.array([[1, 1, 1, 1, 1, 0],
+                     [0, 1, -1, 2, -2, 0],
+                     [0, 1, 1, 4, 4, 0],
+                     [0, 1, -1, 8, -8, 1]], np.float64),
+    ),
+}
+
+V_GROUP_BYTES = 6 << 20  # transformed input per group: stays in L3 while every output block reads it
+ONE_GROUP_BYTES = 16 << 20  # ... unless all of it is at most this: one group, U made block by block
+MIN_GROUP_TILES = 128  # and never fewer tiles per group (the GEMMs' N) than this
+OUT_BLOCK_ROWS = 96  # output channels per step-2 block, about (their count is rounded to 4 blocks)
+
+
+def tile_counts(height, width, ph, pw, m):
+    """Output size and the number of m x m tiles covering it (the last row/column may stick out)."""
+    h_out, w_out = output_size(height, 3, 1, ph), output_size(width, 3, 1, pw)
+    return h_out, w_out, -(-h_out // m), -(-w_out // m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference: the formula, all tiles at once
+# ---------------------------------------------------------------------------------------------
+def winograd_conv2d_ref(x, weight, bias=None, padding=1, m=2):
+    """conv2d(x, weight, bias, stride=1, padding) for 3x3 weights by F(m x m, 3 x 3), in NumPy."""
+    BT, G, AT = (WINOGRAD[m][name].astype(x.dtype) for name in ("BT", "G", "AT"))
+    ph, pw = (padding, padding) if np.isscalar(padding) else padding
+    batch, c_in, height, width = x.shape
+    c_out = weight.shape[0]
+    alpha = m + 2
+    h_out, w_out, tiles_h, tiles_w = tile_counts(height, width, ph, pw, m)
+    # 1. zero-pad so the tiles cover the output: [B,C_in,H,W] -> [B,C_in,tiles_h*m+2,tiles_w*m+2]
+    padded = np.zeros((batch, c_in, tiles_h * m + 2, tiles_w * m + 2), x.dtype)
+    padded[:, :, ph:ph + height, pw:pw + width] = x
+    # 2. tiles overlapping by 2: d[b,c,i,j,r,s] = padded[b,c,i*m+r,j*m+s]
+    d = np.empty((batch, c_in, tiles_h, tiles_w, alpha, alpha), x.dtype)
+    for r in range(alpha):
+        for s in range(alpha):
+            d[..., r, s] = padded[:, :, r:r + tiles_h * m:m, s:s + tiles_w * m:m]
+    # 3. transforms and the element-wise product summed over input channels
+    V = np.einsum("kr,bcijrs,ls->bcijkl", BT, d, BT, optimize=True)  # B^T d B   [B,C_in,th,tw,a,a]
+    U = np.einsum("kr,ocrs,ls->ockl", G, weight, G, optimize=True)  # G g G^T   [C_out,C_in,a,a]
+    M = np.einsum("ockl,bcijkl->boijkl", U, V, optimize=True)  # sum over c  [B,C_out,th,tw,a,a]
+    Y = np.einsum("pk,boijkl,ql->boijpq", AT, M, AT, optimize=True)  # A^T M A  [B,C_out,th,tw,m,m]
+    # 4. tiles back to an image, the part past the output's edge dropped
+    out = Y.transpose(0, 1, 2, 4, 3, 5).reshape(batch, c_out, tiles_h * m, tiles_w * m)[:, :, :h_out, :w_out]
+    if bias is not None:
+        out = out + bias[:, None, None]
+    return np.ascontiguousarray(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast: Numba transforms, sgemm per (m+2)^2 frequency, groups of tile rows on the pool
+# ---------------------------------------------------------------------------------------------
+@njit(**SERIAL)
+def combine_rows(coefs, rows, row0, col0, dst):
+    """dst[:] = sum_i coefs[i] * rows[row0 + i, col0:col0 + len(dst)] (zero coefficients skipped),
+    vectorised along the rows (rows: a C-contiguous 2-D array, so every run is contiguous)."""
+    first = True
+    for i in range(coefs.shape[0]):
+        coef = coefs[i]
+        if coef == 0.0:
+            continue
+        source = rows[row0 + i, col0:col0 + dst.shape[0]]
+        if first:
+            for j in range(dst.shape[0]):
+                dst[j] = coef * source[j]
+            first = False
+        else:
+            for j in range(dst.shape[0]):
+                dst[j] += coef * source[j]
+    if first:
+        dst[:] = 0.0
+
+
+@njit(**SERIAL)
+def input_transform(x, BT, m, ph, pw, row0, row1, tiles_h, c0, c1, gathered, mixed, V):
+    """V[k*a+l, c, t] = (B^T d B)[k,l] for the tiles of tile rows row0..row1-1 (flat over the
+    batch: row = b*tiles_h + tile row) and channels c0..c1-1; t counts tiles from row0.
+
+    Scratch gathered, mixed [a, m, tiles_w+1]: "deinterleaved" rows, column j*m+p of a row at
+    [p, j], so that column s of every tile j (j*m+s) is the contiguous run [s%m, s//m + j]:
+    every transform step is a sum of contiguous rows, vectorised along the tiles.
+    """
+    alpha = BT.shape[0]
+    height, width = x.shape[2], x.shape[3]
+    tiles_w = gathered.shape[2] - 1
+    gathered[:] = 0.0
+    column_range = np.empty((m, 2), np.int64)  # tiles j whose column j*m + p - pw is inside x
+    for p in range(m):
+        j_lo = min(tiles_w + 1, max(0, (pw - p + m - 1) // m))
+        column_range[p, 0] = j_lo
+        column_range[p, 1] = max(j_lo, min(tiles_w + 1, (width - 1 + pw - p) // m + 1))
+    for row in range(row0, row1):
+        b, tile_row = row // tiles_h, row % tiles_h
+        t0 = (row - row0) * tiles_w
+        for c in range(c0, c1):
+            # 1. gathered[r, p, j] = x[b, c, tile_row*m - ph + r, j*m + p - pw]; the columns outside x
+            #    are never written, so they keep the zeros they got before the loops
+            for r in range(alpha):
+                y = tile_row * m - ph + r
+                inside = 0 <= y < height
+                for p in range(m):
+                    j_lo, j_hi = column_range[p, 0], column_range[p, 1]
+                    first_column = j_lo * m + p - pw
+                    for j in range(j_hi - j_lo):
+                        gathered[r, p, j_lo + j] = x[b, c, y, first_column + j * m] if inside else 0.0
+            # 2. mixed[k] = sum_r B^T[k,r] gathered[r]   (B^T d, for the whole tile row)
+            flat_gathered = gathered.reshape(alpha, -1)
+            for k in range(alpha):
+                combine_rows(BT[k], flat_gathered, 0, 0, mixed[k].reshape(-1))
+            # 3. V[k*a+l, c, t0+j] = sum_s B^T[l,s] mixed[k, s%m, s//m + j]   ((B^T d) B, per tile)
+            for k in range(alpha):
+                for l in range(alpha):
+                    dst = V[k * alpha + l, c, t0:t0 + tiles_w]
+                    first = True
+                    for s in range(alpha):
+                        coef = BT[l, s]
+                        if coef == 0.0:
+                            continue
+                        source = mixed[k, s % m, s // m:s // m + tiles_w]
+                        if first:
+                            for j in range(tiles_w):
+                                dst[j] = coef * source[j]
+                            first = False
+                        else:
+                            for j in range(tiles_w):
+                                dst[j] += coef * source[j]
+
+
+@njit(**SERIAL)
+def output_transform(M, AT, bias, o0, row0, row1, tiles_h, mixed, rows_out, out):
+    """out[b, o, rows of tile row, :] = A^T M A + bias[o] for the output channels o0.. of block M
+    [block, a*a, T] and tile rows row0..row1-1 (flat over the batch); edge tiles clipped.
+
+    Scratch mixed [a, m, tiles_w], rows_out [m, tiles_w]: deinterleaved as in input_transform
+    (column q of tile j at [q, j]); only the final store interleaves into out's rows.
+    """
+    m, alpha = AT.shape
+    h_out, w_out = out.shape[2], out.shape[3]
+    tiles_w = mixed.shape[2]
+    for row in range(row0, row1):
+        b, tile_row = row // tiles_h, row % tiles_h
+        t0 = (row - row0) * tiles_w
+        for local in range(M.shape[0]):
+            o = o0 + local
+            # 1. mixed[k, q, j] = sum_l A^T[q,l] M[k*a+l, o, t0+j]   (M A, per tile)
+            for k in range(alpha):
+                for q in range(m):
+                    combine_rows(AT[q], M[local], k * alpha, t0, mixed[k, q])
+            # 2. out[b, o, tile_row*m+p, j*m+q] = bias[o] + sum_k A^T[p,k] mixed[k, q, j]
+            flat_mixed = mixed.reshape(alpha, -1)
+            for p in range(m):
+                y = tile_row * m + p
+                if y >= h_out:
+                    break
+                combine_rows(AT[p], flat_mixed, 0, 0, rows_out.reshape(-1))
+                target = out[b, o, y]
+                for q in range(m):
+                    across = rows_out[q]
+                    for j in range((w_out - q + m - 1) // m):  # tiles whose column q is inside
+                        target[j * m + q] = across[j] + bias[o]
+
+
+@njit(**SERIAL)
+def weight_transform(weight, G, o0, o1, gathered, half, U, u0):
+    """U[k*a+l, o - u0, c] = (G g G^T)[k,l] for g = weight[o, c] (3x3), o in o0..o1-1.
+
+    Scratch gathered [9, C_in] (tap (r, s) at row 3s+r), half [a*3, C_in]: per output channel the
+    9 taps of every input channel are gathered into rows, then G g and (G g) G^T are sums of rows,
+    vectorised along C_in.
+    """
+    alpha = G.shape[0]
+    c_in = weight.shape[1]
+    for o in range(o0, o1):
+        for c in range(c_in):
+            for r in range(3):
+                for s in range(3):
+                    gathered[3 * s + r, c] = weight[o, c, r, s]
+        for k in range(alpha):  # G g: [a,3] @ [3,3]
+            for s in range(3):
+                combine_rows(G[k], gathered, 3 * s, 0, half[3 * k + s])
+        for k in range(alpha):  # (G g) G^T: [a,3] @ [3,a]
+            for l in range(alpha):
+                combine_rows(G[l], half, 3 * k, 0, U[k * alpha + l, o - u0])
+
+
+_scratch = threading.local()
+
+
+def scratch(name, size):
+    """A float32 array of `size` elements owned by the calling thread, reused across calls."""
+    buffer = getattr(_scratch, name, None)
+    if buffer is None or buffer.size < size:
+        buffer = np.empty(size, np.float32)
+        setattr(_scratch, name, buffer)
+    return buffer[:size]
+
+
+def output_blocks(c_out):
+    """Step 2's blocks of output channels: about OUT_BLOCK_ROWS each, a multiple of 4 blocks
+    (balanced on 1, 2 or 4 workers), from the shape alone."""
+    parts = 4 * max(1, -(-c_out // (4 * OUT_BLOCK_ROWS)))
+    return split_evenly(c_out, -(-c_out // parts), images=1, workers=4)
+
+
+def tile_row_groups(rows, tiles_w, c_in, alpha):
+    """Groups of tile rows (flat over the batch): one if the whole transformed input V is at most
+    ONE_GROUP_BYTES, else groups whose V is ~V_GROUP_BYTES but which hold >= MIN_GROUP_TILES tiles."""
+    row_bytes = alpha * alpha * c_in * tiles_w * 4
+    if rows * row_bytes <= ONE_GROUP_BYTES:
+        return [(0, rows)]
+    return split_evenly(rows, max(1, V_GROUP_BYTES // row_bytes, -(-MIN_GROUP_TILES // tiles_w)))
+
+
+def winograd_conv2d(x, weight, bias, padding, m):
+    """conv2d(x, weight, bias, stride=1, padding=(ph, pw)) for 3x3 float32 weights by F(m x m, 3 x 3)."""
+    ph, pw = padding
+    batch, c_in, height, width = x.shape
+    c_out = weight.shape[0]
+    alpha = m + 2
+    BT, G, AT = (WINOGRAD[m][name].astype(np.float32) for name in ("BT", "G", "AT"))
+    h_out, w_out, tiles_h, tiles_w = tile_counts(height, width, ph, pw, m)
+    x = np.ascontiguousarray(x)  # [B,C_in,H,W]
+    weight = np.ascontiguousarray(weight)  # [C_out,C_in,3,3]
+    bias = np.zeros(c_out, np.float32) if bias is None else np.ascontiguousarray(bias)  # [C_out]
+    out = np.empty((batch, c_out, h_out, w_out), np.float32)  # [B,C_out,Ho,Wo]
+    groups = tile_row_groups(batch * tiles_h, tiles_w, c_in, alpha)
+    one_group = len(groups) == 1  # then each block's U is made where it is used, in the worker's scratch
+    U = None if one_group else np.empty((alpha * alpha, c_out, c_in), np.float32)  # G g G^T, by the first group
+    most_tiles = max(stop - start for start, stop in groups) * tiles_w
+    V_all = np.empty(alpha * alpha * c_in * most_tiles, np.float32)
+    in_blocks = split_evenly(c_in, -(-c_in // (2 * worker_count())))  # element-wise: any split
+    out_blocks = output_blocks(c_out)
+
+    for group, (row0, row1) in enumerate(groups):
+        tiles = (row1 - row0) * tiles_w
+        V = V_all[:alpha * alpha * tiles * c_in].reshape(alpha * alpha, c_in, tiles)  # [a*a,C_in,T]
+
+        def transform_input(block):  # 1. V = B^T d B for channels c0..c1
+            gathered = scratch("input", alpha * m * (tiles_w + 1)).reshape(alpha, m, tiles_w + 1)
+            mixed = scratch("input mixed", alpha * m * (tiles_w + 1)).reshape(alpha, m, tiles_w + 1)
+            input_transform(x, BT, m, ph, pw, row0, row1, tiles_h, block[0], block[1], gathered, mixed, V)
+
+        def multiply_and_transform_output(block, first=group == 0, row0=row0, row1=row1, V=V, tiles=tiles):
+            o0, o1 = block
+            if one_group:  # 2. U = G g G^T for this block's output channels, used at once
+                U_block = scratch("weights", alpha * alpha * (o1 - o0) * c_in).reshape(alpha * alpha, o1 - o0, c_in)
+            else:  # (or kept for the later groups: all of U lives for this call)
+                U_block = U[:, o0:o1, :]
+            if first:
+                gathered, half = scratch("taps", 9 * c_in), scratch("half", 3 * alpha * c_in)
+                weight_transform(weight, G, o0, o1, gathered.reshape(9, c_in), half.reshape(3 * alpha, c_in),
+                                 U_block if one_group else U, o0 if one_group else 0)
+            M = scratch("product", alpha * alpha * (o1 - o0) * tiles).reshape(o1 - o0, alpha * alpha, tiles)
+            np.matmul(U_block, V, out=M.transpose(1, 0, 2))  # 3. [a*a,block,C_in] @ [a*a,C_in,T]
+            mixed = scratch("output", alpha * m * tiles_w).reshape(alpha, m, tiles_w)
+            rows_out = scratch("output rows", m * tiles_w).reshape(m, tiles_w)
+            output_transform(M, AT, bias, o0, row0, row1, tiles_h, mixed, rows_out, out)  # 4. A^T M A + bias
+
+        run_blocks(transform_input, in_blocks)
+        run_blocks(multiply_and_transform_output, out_blocks)
+    return out

@@ -1,0 +1,142 @@
+"""Winograd conv (F(2x2,3x3), F(4x4,3x3)): reference and fast version against torch, each other,
+the transforms' defining identity, thread-count independence, and conv2d's choice of it."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import KERNEL_TOL, assert_rel_close
+from npdiff.kernels import block_pool, conv, conv2d, conv_winograd
+from npdiff.kernels.conv_winograd import WINOGRAD, winograd_conv2d, winograd_conv2d_ref
+
+# (batch, C_in, C_out, H, W, padding): sizes that are not multiples of the tile (2 or 4), a 1x1
+# image, padding 0 and 1 (and uneven or wide), and channel counts like SD's (RGB and latent inputs,
+# 128, 320).
+SHAPES = [
+    (2, 6, 5, 9, 7, (2, 0)), (1, 4, 3, 6, 5, (0, 3)),
+    (2, 5, 7, 7, 9, 1), (1, 3, 4, 13, 5, 1), (1, 4, 3, 1, 1, 1), (3, 8, 6, 9, 9, 0), (1, 6, 5, 4, 11, 0),
+    (2, 4, 320, 10, 6, 1), (1, 128, 128, 9, 14, 1), (2, 320, 24, 5, 8, 1), (1, 3, 128, 17, 16, 1),
+]
+
+
+def sd_like_inputs(rng, batch, c_in, c_out, height, width, with_bias=True):
+    """Scaled as SD's activations and weights: x ~ N(0,1), weights ~ N(0,1)/sqrt(9*C_in)."""
+    x = rng.standard_normal((batch, c_in, height, width), dtype=np.float32)
+    weight = (rng.standard_normal((c_out, c_in, 3, 3), dtype=np.float32) / np.sqrt(9 * c_in)).astype(np.float32)
+    bias = rng.standard_normal(c_out, dtype=np.float32) if with_bias else None
+    return x, weight, bias
+
+
+def torch_conv(x, weight, bias, padding):
+    bias_t = None if bias is None else torch.from_numpy(bias)
+    return F.conv2d(torch.from_numpy(x), torch.from_numpy(weight), bias_t, padding=padding)
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_winograd_matches_torch(rng, m, shape, with_bias):
+    *sizes, padding = shape
+    x, weight, bias = sd_like_inputs(rng, *sizes, with_bias)
+    expected = torch_conv(x, weight, bias, padding)
+    fast = winograd_conv2d(x, weight, bias, padding if isinstance(padding, tuple) else (padding, padding), m)
+    reference = winograd_conv2d_ref(x, weight, bias, padding, m)
+    assert_rel_close(fast, expected, KERNEL_TOL, f"winograd F({m},3)")
+    assert_rel_close(reference, expected, KERNEL_TOL, f"winograd_conv2d_ref F({m},3)")
+    assert_rel_close(fast, reference, KERNEL_TOL, "fast vs reference")
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_transforms_compute_a_1d_correlation(rng, m):
+    # The defining identity of F(m, 3): A^T [(G g) * (B^T d)] = the m outputs of correlating d with g.
+    BT, G, AT = WINOGRAD[m]["BT"], WINOGRAD[m]["G"], WINOGRAD[m]["AT"]
+    d, g = rng.standard_normal(m + 2), rng.standard_normal(3)
+    expected = [d[i:i + 3] @ g for i in range(m)]
+    np.testing.assert_allclose(AT @ ((G @ g) * (BT @ d)), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_every_group_and_output_block_is_covered(rng, monkeypatch, m):
+    # A one-byte group budget: one tile row per group (U made once for all groups); tiny output
+    # blocks: many per group.
+    monkeypatch.setattr(conv_winograd, "ONE_GROUP_BYTES", 0)
+    monkeypatch.setattr(conv_winograd, "V_GROUP_BYTES", 1)
+    monkeypatch.setattr(conv_winograd, "MIN_GROUP_TILES", 1)
+    monkeypatch.setattr(conv_winograd, "OUT_BLOCK_ROWS", 3)
+    x, weight, bias = sd_like_inputs(rng, 2, 6, 29, 11, 13)
+    assert len(conv_winograd.tile_row_groups(2 * -(-11 // m), -(-13 // m), 6, m + 2)) == 2 * -(-11 // m)
+    assert_rel_close(winograd_conv2d(x, weight, bias, (1, 1), m), torch_conv(x, weight, bias, 1), KERNEL_TOL)
+
+
+@pytest.mark.parametrize("one_group", [True, False])
+def test_same_bytes_at_one_and_two_workers(rng, monkeypatch, one_group):
+    # Groups and output blocks come from the shapes alone, so every GEMM has the same operands
+    # whatever the number of workers; only the (element-wise) input transform split changes.
+    if not one_group:  # several groups of tile rows, U made by the first for all
+        monkeypatch.setattr(conv_winograd, "ONE_GROUP_BYTES", 0)
+        monkeypatch.setattr(conv_winograd, "V_GROUP_BYTES", 1)
+        monkeypatch.setattr(conv_winograd, "MIN_GROUP_TILES", 12)
+    x, weight, bias = sd_like_inputs(rng, 2, 64, 96, 24, 20)
+    results = []
+    for workers in (1, 2, 3):
+        monkeypatch.setattr(block_pool, "_shared", block_pool.BlockParallelPool(workers))
+        monkeypatch.setattr(conv_winograd, "worker_count", lambda workers=workers: workers)
+        results.append(winograd_conv2d(x, weight, bias, (1, 1), 4))
+        block_pool._shared.shutdown()
+    assert results[0].tobytes() == results[1].tobytes() == results[2].tobytes()
+
+
+def test_output_blocks_are_a_multiple_of_four():
+    for c_out in [2, 5, 64, 128, 320, 512, 640, 1280]:
+        blocks = conv_winograd.output_blocks(c_out)
+        assert blocks[0][0] == 0 and blocks[-1][1] == c_out
+        assert len(blocks) % 4 == 0 or len(blocks) == c_out
+
+
+def test_conv2d_takes_winograd_at_sd_shapes(rng, monkeypatch):
+    stride1, pad1 = (1, 1), (1, 1)
+    for x_shape, weight_shape in [((2, 320, 64, 64), (320, 320, 3, 3)), ((2, 640, 32, 32), (640, 1280, 3, 3)),
+                                  ((1, 512, 128, 128), (512, 512, 3, 3)), ((1, 128, 512, 512), (128, 128, 3, 3)),
+                                  ((2, 2560, 16, 16), (1280, 2560, 3, 3)), ((2, 1280, 16, 16), (1280, 1280, 3, 3))]:
+        assert conv.conv_method(x_shape, weight_shape, stride1, pad1) == "winograd4"
+    # where it measured no faster: small images, few input channels, strides, 1x1, few outputs
+    assert conv.conv_method((2, 1280, 8, 8), (1280, 1280, 3, 3), stride1, pad1) == "im2col"
+    assert conv.conv_method((2, 640, 16, 16), (1280, 640, 3, 3), stride1, pad1) == "im2col"
+    assert conv.conv_method((2, 4, 64, 64), (320, 4, 3, 3), stride1, pad1) == "im2col"
+    assert conv.conv_method((2, 320, 64, 64), (320, 320, 3, 3), (2, 2), pad1) == "im2col"
+    assert conv.conv_method((2, 320, 64, 64), (320, 320, 1, 1), stride1, (0, 0)) == "1x1"
+    assert conv.conv_method((2, 320, 64, 64), (4, 320, 3, 3), stride1, pad1) == "direct"
+    # and conv2d really runs it: a call at such a shape goes through winograd_conv2d
+    calls = []
+
+    def recording(*args):
+        calls.append(args[-1])
+        return winograd_conv2d(*args)
+
+    monkeypatch.setattr(conv_winograd, "winograd_conv2d", recording)
+    x, weight, bias = sd_like_inputs(rng, 1, 32, 40, 32, 33)
+    assert_rel_close(conv2d(x, weight, bias, 1, 1), torch_conv(x, weight, bias, 1), KERNEL_TOL)
+    assert calls == [4]
+
+
+def test_tiny_vae_with_winograd_for_every_3x3_conv_matches_diffusers(rng, monkeypatch):
+    # The tiny test models rarely reach the rule's sizes: here every 3x3 stride-1 conv with more
+    # than a few output channels takes F(4,3), through a whole decode, against diffusers.
+    from helpers import NETWORK_TOL
+    from tiny_models import tiny_vae
+
+    from npdiff.models import AutoencoderKL
+
+    torch_model, folder = tiny_vae("sd", seed=0)
+    ours = AutoencoderKL.from_pretrained(folder)
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_C_IN", 1)
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_PIXELS", 1)
+    calls = []
+    original = conv_winograd.winograd_conv2d
+    monkeypatch.setattr(conv_winograd, "winograd_conv2d", lambda *args: calls.append(1) or original(*args))
+    z = rng.standard_normal((1, 4, 6, 5), dtype=np.float32)
+    with torch.no_grad():
+        expected = torch_model.decode(torch.from_numpy(z)).sample
+    assert_rel_close(ours.decode(z), expected, NETWORK_TOL, "tiny VAE decode, Winograd convs")
+    assert len(calls) >= 10
