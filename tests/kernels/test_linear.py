@@ -8,8 +8,15 @@ from diffusers.models.activations import GEGLU
 
 from helpers import KERNEL_TOL, assert_rel_close
 from npdiff import NpdiffError
-from npdiff.kernels import geglu, linear
-from npdiff.kernels.linear import geglu_ref, linear_ref
+from npdiff.kernels import geglu, linear, linear_activation
+from npdiff.kernels.linear import geglu_ref, linear_activation_ref, linear_ref
+
+TORCH_ACTIVATIONS = {
+    "silu": F.silu,
+    "quick_gelu": lambda h: h * torch.sigmoid(1.702 * h),  # transformers' QuickGELUActivation
+    "gelu": F.gelu,
+    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+}
 
 
 @pytest.mark.parametrize("leading", [(), (5,), (2, 7), (2, 3, 4)])
@@ -48,6 +55,23 @@ def test_geglu_tanh_matches_torch(rng):
     assert_rel_close(geglu_ref(x, weight, None, approximate="tanh"), expected, KERNEL_TOL)
 
 
+@pytest.mark.parametrize("activation", list(TORCH_ACTIVATIONS))
+@pytest.mark.parametrize("leading", [(5,), (2, 7)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_activation_matches_torch(rng, activation, leading, with_bias):
+    n_in, n_out = int(rng.integers(1, 70)), int(rng.integers(1, 300))
+    x = rng.standard_normal((*leading, n_in), dtype=np.float32)
+    weight = rng.standard_normal((n_out, n_in), dtype=np.float32) / np.float32(np.sqrt(n_in))
+    bias = rng.standard_normal(n_out, dtype=np.float32) if with_bias else None
+    hidden = F.linear(torch.from_numpy(x), torch.from_numpy(weight), None if bias is None else torch.from_numpy(bias))
+    expected = TORCH_ACTIVATIONS[activation](hidden)
+    assert_rel_close(linear_activation(x, weight, bias, activation), expected, KERNEL_TOL, activation)
+    assert_rel_close(linear_activation_ref(x, weight, bias, activation), expected, KERNEL_TOL, activation + " ref")
+    # a weight laid out as [in, out] in memory (CLIP's TransposedLinear): another sgemm path, same bound
+    weight_t = np.ascontiguousarray(weight.T).T  # [out,in] view of [in,out] memory
+    assert_rel_close(linear_activation(x, weight_t, bias, activation), expected, KERNEL_TOL, activation + " [in,out]")
+
+
 def test_linear_rejects_bad_input(rng):
     x = rng.standard_normal((2, 5), dtype=np.float32)
     weight = rng.standard_normal((4, 5), dtype=np.float32)
@@ -59,3 +83,7 @@ def test_linear_rejects_bad_input(rng):
         linear(x, weight, np.zeros(5, np.float32))
     with pytest.raises(NpdiffError, match=r"geglu: weight must have an even number of rows .* got \[3,5\]"):
         geglu(x, weight[:3])
+    with pytest.raises(NpdiffError, match=r"linear_activation: activation must be one of .* got 'relu'"):
+        linear_activation(x, weight, None, "relu")
+    with pytest.raises(NpdiffError, match=r"linear_activation: x must be float32, got float64"):
+        linear_activation(x.astype(np.float64), weight)
