@@ -22,7 +22,8 @@ Versions:
                            adds the bias and applies the activation in place, each row L1-resident
                            (CLIP's fc1 + quick_gelu: one pass and no [R, I] temporary instead of a
                            bias pass, an activation pass and a new array).
-  cupy arrays: cuBLAS in the weight's dtype, then one gate kernel for geglu (npdiff/kernels/cuda/).
+  cupy arrays: cuBLAS in the weight's dtype, then one gate kernel for geglu (npdiff/kernels/cuda/),
+               or the activation's CUDA kernel for linear_activation.
 
 geglu follows diffusers.models.activations.GEGLU: h = proj(x); value, gate = h.chunk(2, dim=-1);
 return value * gelu(gate). The FIRST half is the value, the SECOND half goes through gelu.
@@ -35,8 +36,8 @@ from npdiff.errors import NpdiffError
 from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
 from npdiff.kernels import dispatch
 from npdiff.kernels.block_pool import run_blocks
-from npdiff.kernels.activations import (ACTIVATION_CODES, activation_block, check_approximate, gelu_ref,
-                                        quick_gelu_ref, silu_ref)
+from npdiff.kernels.activations import (ACTIVATION_CODES, GELU_KERNEL, QUICK_GELU_KERNEL, SILU_KERNEL,
+                                        activation_block, check_approximate, gelu_ref, quick_gelu_ref, silu_ref)
 from npdiff.kernels.validate import require_float32, require_min_ndim, require_ndim, require_optional_vector, shape_text
 
 
@@ -65,12 +66,13 @@ def geglu_ref(x, weight, bias=None, approximate="none"):
 GEGLU_BLOCK_ROWS = 512
 GEGLU_BLOCKS_MIN_ROWS = 4096
 
-# linear_activation's activations: name -> (reference, code of activations.activation_block)
+# linear_activation's activations: name -> (reference, code of activations.activation_block, the
+# dispatched activation kernel that cupy arrays use after the CUDA linear)
 LINEAR_ACTIVATIONS = {
-    "silu": (silu_ref, ACTIVATION_CODES["silu"]),
-    "quick_gelu": (quick_gelu_ref, ACTIVATION_CODES["quick_gelu"]),
-    "gelu": (lambda h: gelu_ref(h, "none"), ACTIVATION_CODES["none"]),
-    "gelu_tanh": (lambda h: gelu_ref(h, "tanh"), ACTIVATION_CODES["tanh"]),
+    "silu": (silu_ref, ACTIVATION_CODES["silu"], SILU_KERNEL),
+    "quick_gelu": (quick_gelu_ref, ACTIVATION_CODES["quick_gelu"], QUICK_GELU_KERNEL),
+    "gelu": (lambda h: gelu_ref(h, "none"), ACTIVATION_CODES["none"], lambda h: GELU_KERNEL(h, "none")),
+    "gelu_tanh": (lambda h: gelu_ref(h, "tanh"), ACTIVATION_CODES["tanh"], lambda h: GELU_KERNEL(h, "tanh")),
 }
 
 
@@ -193,7 +195,8 @@ def linear_activation_fast(x, weight, bias=None, activation="quick_gelu"):
 # ---------------------------------------------------------------------------------------------
 LINEAR = dispatch.register("linear", fast=linear_fast, reference=linear_ref, cuda="linear")
 GEGLU = dispatch.register("geglu", fast=geglu_fast, reference=geglu_ref, cuda="geglu")
-# cupy arrays run the reference: cuBLAS, then the activation's NumPy-API formula
+# cupy arrays never reach this one: linear_activation sends them to the CUDA linear, then the
+# CUDA activation kernel
 LINEAR_ACTIVATION = dispatch.register("linear_activation", fast=linear_activation_fast,
                                       reference=linear_activation_ref)
 
@@ -212,6 +215,8 @@ def linear_activation(x, weight, bias=None, activation="quick_gelu"):
         raise NpdiffError(f"linear_activation: activation must be one of {tuple(LINEAR_ACTIVATIONS)}, "
                           f"got {activation!r}")
     require_float32("linear_activation", "x", x)
+    if dispatch.is_cupy(x):
+        return LINEAR_ACTIVATIONS[activation][2](LINEAR(x, weight, bias))  # cuBLAS, then one CUDA kernel
     return LINEAR_ACTIVATION(x, weight, bias, activation)
 
 
