@@ -60,8 +60,9 @@ def geglu_ref(x, weight, bias=None, approximate="none"):
 
 
 # geglu with at least GEGLU_BLOCKS_MIN_ROWS rows runs in blocks of GEGLU_BLOCK_ROWS on the pool
-# (version 3). Measured, one process, 2 cores, load ~2: [8192,320] -> 1280 (the UNet's 64x64 level)
-# 146 -> 163 GFLOP/s; [2048,640] -> 2560: 183 vs 180, the same, so smaller inputs keep version 2.
+# (version 3). Measured (2 cores, separate processes alternated, load ~1.6): [8192,320] -> 1280 (the
+# UNet's 64x64 level) 130-135 -> 151-164 GFLOP/s (the GEMM alone: ~195); [2048,640] -> 2560 and
+# [512,1280] -> 5120 run at the same speed either way (165-180), so smaller inputs keep version 2.
 # Blocks of a fixed size: each row's GEMM is the same whatever the number of threads.
 GEGLU_BLOCK_ROWS = 512
 GEGLU_BLOCKS_MIN_ROWS = 4096
@@ -94,9 +95,10 @@ def check_linear(kernel, x, weight, bias):
 
 def linear_fast(x, weight, bias=None):
     if x.ndim == 3 and not x.flags.c_contiguous and x.itemsize in (x.strides[1], x.strides[2]):
-        # a strided view whose [N, in] slices are BLAS operands as they lie (the UNet's proj_in gets
-        # NCHW seen as [B,H*W,C]): one sgemm per slice, no flattening copy (measured [2,4096,320]
-        # @ [320,320]: 36 -> 24 ms, same bytes)
+        # a strided view whose [N, in] slices are BLAS operands as they lie (the UNet's proj_in and
+        # the VAE's attention get NCHW seen as [B,H*W,C]): one sgemm per slice, no flattening copy.
+        # Measured (separate processes, load ~1.6): [2,4096,320] @ [320,320] 95 -> 158-175 GFLOP/s,
+        # [2,1024,640] @ [640,640] 113-131 -> 175-195; the same bytes.
         out = np.matmul(x, weight.T)  # [B,N,in] @ [in,out] -> [B,N,out]
         if bias is not None:
             out += bias  # [B,N,out], in place
