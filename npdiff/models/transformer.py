@@ -1,5 +1,6 @@
 """Attention pieces: Attention, FeedForward (GEGLU), BasicTransformerBlock, Transformer2DModel (the
-UNet's spatial transformer) and the VAE's single-head AttentionBlock.
+UNet's spatial transformer), the VAE's single-head AttentionBlock, and TransposedLinear (a Linear
+whose weight lies in memory as [in, out], for GEMMs with few rows: CLIP's).
 
 Order of operations as in diffusers (models/attention.py, attention_processor.py AttnProcessor2_0,
 transformers/transformer_2d.py). Keys are diffusers' module names: "attn1.to_q", "ff.net.0.proj",
