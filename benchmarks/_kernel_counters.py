@@ -18,7 +18,7 @@ def kernel_flops(name, args, out):
     if name == "conv2d":
         x, weight = args[0], args[1]
         return 2.0 * out.size * weight.shape[1] * weight.shape[2] * weight.shape[3]
-    if name in ("linear", "geglu"):
+    if name in ("linear", "linear_activation", "geglu"):
         x, weight = args[0], args[1]
         return 2.0 * (x.size // x.shape[-1]) * weight.shape[0] * weight.shape[1]
     if name == "scaled_dot_product_attention":
@@ -34,7 +34,8 @@ def install_counters():
 
     stats = defaultdict(lambda: {"calls": 0, "seconds": 0.0, "flops": 0.0})
     originals = {}
-    for name in ("conv2d", "linear", "geglu", "scaled_dot_product_attention", "group_norm", "layer_norm",
+    for name in ("conv2d", "linear", "linear_activation", "geglu", "scaled_dot_product_attention",
+                 "group_norm", "layer_norm",
                  "silu", "gelu", "quick_gelu", "softmax", "upsample_nearest2x"):
         original = getattr(kernels, name)
         originals[name] = original

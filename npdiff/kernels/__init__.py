@@ -6,7 +6,7 @@
     softmax.py      softmax (and the Numba row pieces attention's passes use)
     attention/      scaled_dot_product_attention: four versions, listed in attention/__init__.py
     activations.py  silu, gelu (erf or tanh), quick_gelu
-    linear.py       linear (torch weight layout [out, in]), geglu (diffusers' GEGLU)
+    linear.py       linear (torch weight layout [out, in]), linear_activation, geglu (diffusers' GEGLU)
     resample.py     upsample_nearest2x
     matmul.py       the matrix-multiplication progression (teaching; models use np.matmul)
 
@@ -27,13 +27,13 @@ from npdiff.kernels.activations import gelu, quick_gelu, silu
 from npdiff.kernels.attention import (attention_batched, attention_blocked, attention_chunked, attention_chunked_ref,
                                       attention_full, attention_ref, scaled_dot_product_attention)
 from npdiff.kernels.conv import conv2d, conv2d_ref
-from npdiff.kernels.linear import geglu, linear
+from npdiff.kernels.linear import geglu, linear, linear_activation
 from npdiff.kernels.norm import group_norm, layer_norm
 from npdiff.kernels.resample import upsample_nearest2x
 from npdiff.kernels.softmax import softmax
 
 __all__ = [
     "attention_batched", "attention_blocked", "attention_chunked", "attention_chunked_ref", "attention_full",
-    "attention_ref", "conv2d", "conv2d_ref", "geglu", "gelu", "group_norm", "layer_norm", "linear", "quick_gelu",
-    "scaled_dot_product_attention", "silu", "softmax", "upsample_nearest2x",
+    "attention_ref", "conv2d", "conv2d_ref", "geglu", "gelu", "group_norm", "layer_norm", "linear", "linear_activation",
+    "quick_gelu", "scaled_dot_product_attention", "silu", "softmax", "upsample_nearest2x",
 ]

@@ -1,16 +1,29 @@
-"""linear (x @ W^T + b, torch layout) and geglu (SD's feed-forward input projection).
+"""linear (x @ W^T + b, torch layout), linear_activation (an MLP's first layer and its activation)
+and geglu (SD's feed-forward input projection).
 
 Versions:
-  1. linear_ref / geglu_ref   NumPy API (numpy or cupy): matmul with the transposed weight, add bias;
-                           geglu splits h in halves and multiplies by gelu_ref of the gate.
+  1. linear_ref / geglu_ref / linear_activation_ref   NumPy API (numpy or cupy): matmul with the
+                           transposed weight, add bias; geglu splits h in halves and multiplies by
+                           gelu_ref of the gate; linear_activation applies the activation's _ref.
   2. linear_fast           the same GEMM (np.matmul on float32 is OpenBLAS sgemm; the transposed
                            weight is a view, sgemm reads it with its transpose flag, no copy); the
-                           leading axes are flattened so the GEMM is one [R, in] @ [in, out].
+                           leading axes are flattened so the GEMM is one [R, in] @ [in, out]
+                           (a strided 3-D view that would need a copy to flatten: one sgemm per
+                           [N, in] slice instead).
   2. geglu_fast            the GEMM, then one Numba pass, parallel over rows, that reads both
                            halves of each row of h and writes a * gelu(gate) (the vectorised gelu
                            of activations.py into the output row, then the multiply while that
                            row is still in L1), instead of a gelu temporary and a multiply pass.
-  cupy arrays: cuBLAS in the weight's dtype, then one gate kernel for geglu (npdiff/kernels/cuda/).
+  3. geglu_fast, R >= GEGLU_BLOCKS_MIN_ROWS  blocks of GEGLU_BLOCK_ROWS rows on the block-parallel
+                           pool (npdiff/kernels/block_pool.py): per block a one-thread GEMM into a
+                           [block, 2D] hidden block and the serial gate pass over it while it is in
+                           cache, both cores each on their own blocks; no [R, 2D] temporary.
+  2. linear_activation_fast  the GEMM without its bias, then one Numba pass, parallel over rows, that
+                           adds the bias and applies the activation in place, each row L1-resident
+                           (CLIP's fc1 + quick_gelu: one pass and no [R, I] temporary instead of a
+                           bias pass, an activation pass and a new array).
+  cupy arrays: cuBLAS in the weight's dtype, then one gate kernel for geglu (npdiff/kernels/cuda/),
+               or the activation's CUDA kernel for linear_activation.
 
 geglu follows diffusers.models.activations.GEGLU: h = proj(x); value, gate = h.chunk(2, dim=-1);
 return value * gelu(gate). The FIRST half is the value, the SECOND half goes through gelu.
@@ -22,8 +35,10 @@ from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
 from npdiff.kernels import dispatch
-from npdiff.kernels.activations import ACTIVATION_CODES, activation_block, check_approximate, gelu_ref
-from npdiff.kernels.validate import require_min_ndim, require_ndim, require_optional_vector, shape_text
+from npdiff.kernels.block_pool import run_blocks
+from npdiff.kernels.activations import (ACTIVATION_CODES, GELU_KERNEL, QUICK_GELU_KERNEL, SILU_KERNEL,
+                                        activation_block, check_approximate, gelu_ref, quick_gelu_ref, silu_ref)
+from npdiff.kernels.validate import require_float32, require_min_ndim, require_ndim, require_optional_vector, shape_text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,6 +59,28 @@ def geglu_ref(x, weight, bias=None, approximate="none"):
     return value * gelu_ref(gate, approximate)  # [..., D]
 
 
+# geglu with at least GEGLU_BLOCKS_MIN_ROWS rows runs in blocks of GEGLU_BLOCK_ROWS on the pool
+# (version 3). Measured (2 cores, separate processes alternated, load ~1.6): [8192,320] -> 1280 (the
+# UNet's 64x64 level) 130-135 -> 151-164 GFLOP/s (the GEMM alone: ~195); [2048,640] -> 2560 and
+# [512,1280] -> 5120 run at the same speed either way (165-180), so smaller inputs keep version 2.
+# Blocks of a fixed size: each row's GEMM is the same whatever the number of threads.
+GEGLU_BLOCK_ROWS = 512
+GEGLU_BLOCKS_MIN_ROWS = 4096
+
+# linear_activation's activations: name -> (reference, code of activations.activation_block, the
+# dispatched activation kernel that cupy arrays use after the CUDA linear)
+LINEAR_ACTIVATIONS = {
+    "silu": (silu_ref, ACTIVATION_CODES["silu"], SILU_KERNEL),
+    "quick_gelu": (quick_gelu_ref, ACTIVATION_CODES["quick_gelu"], QUICK_GELU_KERNEL),
+    "gelu": (lambda h: gelu_ref(h, "none"), ACTIVATION_CODES["none"], lambda h: GELU_KERNEL(h, "none")),
+    "gelu_tanh": (lambda h: gelu_ref(h, "tanh"), ACTIVATION_CODES["tanh"], lambda h: GELU_KERNEL(h, "tanh")),
+}
+
+
+def linear_activation_ref(x, weight, bias=None, activation="quick_gelu"):
+    return LINEAR_ACTIVATIONS[activation][0](linear_ref(x, weight, bias))  # [..., in] -> [..., out]
+
+
 # ---------------------------------------------------------------------------------------------
 # Fast
 # ---------------------------------------------------------------------------------------------
@@ -57,6 +94,15 @@ def check_linear(kernel, x, weight, bias):
 
 
 def linear_fast(x, weight, bias=None):
+    if x.ndim == 3 and not x.flags.c_contiguous and x.itemsize in (x.strides[1], x.strides[2]):
+        # a strided view whose [N, in] slices are BLAS operands as they lie (the UNet's proj_in and
+        # the VAE's attention get NCHW seen as [B,H*W,C]): one sgemm per slice, no flattening copy.
+        # Measured (separate processes, load ~1.6): [2,4096,320] @ [320,320] 95 -> 158-175 GFLOP/s,
+        # [2,1024,640] @ [640,640] 113-131 -> 175-195; the same bytes.
+        out = np.matmul(x, weight.T)  # [B,N,in] @ [in,out] -> [B,N,out]
+        if bias is not None:
+            out += bias  # [B,N,out], in place
+        return out
     rows = x.reshape(-1, x.shape[-1])  # [..., in] -> [R, in]
     out = np.matmul(rows, weight.T)  # [R, in] @ [in, out] -> [R, out]
     if bias is not None:
@@ -80,7 +126,36 @@ def _geglu_gate_numba(hidden, which, out):
         _geglu_row(hidden[r], which, out[r])
 
 
+@njit(**SERIAL)
+def _geglu_gate_serial(hidden, which, out):
+    """_geglu_gate_numba on the calling thread (a block-pool worker)."""
+    for r in range(hidden.shape[0]):
+        _geglu_row(hidden[r], which, out[r])
+
+
+def geglu_blocks(rows, weight, bias, which):
+    """rows [R, in] -> [R, D] in blocks of GEGLU_BLOCK_ROWS rows on the block-parallel pool: each
+    worker's GEMM (one OpenBLAS thread) writes a [block, 2D] hidden block, which its serial gate
+    pass reads back while it is still in cache; no [R, 2D] array is ever made."""
+    out = np.empty((rows.shape[0], weight.shape[0] // 2), np.float32)  # [R, D]
+
+    def run_block(bounds):
+        first, stop = bounds
+        hidden = np.matmul(rows[first:stop], weight.T)  # [block, in] @ [in, 2D] -> [block, 2D]
+        if bias is not None:
+            hidden += bias
+        _geglu_gate_serial(hidden, which, out[first:stop])
+
+    run_blocks(run_block, [(first, min(first + GEGLU_BLOCK_ROWS, rows.shape[0]))
+                           for first in range(0, rows.shape[0], GEGLU_BLOCK_ROWS)])
+    return out
+
+
 def geglu_fast(x, weight, bias=None, approximate="none"):
+    if x.size // x.shape[-1] >= GEGLU_BLOCKS_MIN_ROWS:
+        rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # [..., in] -> [R, in]
+        out = geglu_blocks(rows, weight, bias, ACTIVATION_CODES[approximate])  # [R, D]
+        return out.reshape(x.shape[:-1] + (out.shape[1],))  # [R, D] -> [..., D]
     hidden = linear_fast(x, weight, bias)  # [..., in] -> [..., 2D]
     rows = hidden.reshape(-1, hidden.shape[-1])  # [R, 2D] (contiguous: fresh from matmul)
     out = np.empty((rows.shape[0], rows.shape[1] // 2), np.float32)  # [R, D]
@@ -88,17 +163,63 @@ def geglu_fast(x, weight, bias=None, approximate="none"):
     return out.reshape(hidden.shape[:-1] + (out.shape[1],))  # [R, D] -> [..., D]
 
 
+@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+def _bias_activation_row(row, bias, has_bias, which):
+    """row [D] = activation(row + bias), in place. The sum goes to a scratch row first: with its
+    input and output the same array the activation loop is not vectorised (measured 8 ns per
+    element instead of ~1)."""
+    summed = np.empty_like(row)  # [D], L1-resident
+    if has_bias:
+        for j in range(row.size):
+            summed[j] = row[j] + bias[j]
+    else:
+        summed[:] = row
+    activation_block(summed, row, which)
+
+
+@njit(**PARALLEL)
+def _bias_activation_numba(hidden, bias, has_bias, which):
+    """hidden [R, D] contiguous rows, bias [D] (ignored unless has_bias): in place."""
+    for r in prange(hidden.shape[0]):
+        _bias_activation_row(hidden[r], bias, has_bias, which)
+
+
+def linear_activation_fast(x, weight, bias=None, activation="quick_gelu"):
+    rows = x.reshape(-1, x.shape[-1])  # [..., in] -> [R, in]
+    hidden = np.matmul(rows, weight.T)  # [R, in] @ [in, out] -> [R, out], contiguous
+    has_bias = bias is not None
+    _bias_activation_numba(hidden, bias if has_bias else hidden[0], has_bias, LINEAR_ACTIVATIONS[activation][1])
+    return hidden.reshape(x.shape[:-1] + (weight.shape[0],))  # [R, out] -> [..., out]
+
+
 # ---------------------------------------------------------------------------------------------
 # Public
 # ---------------------------------------------------------------------------------------------
 LINEAR = dispatch.register("linear", fast=linear_fast, reference=linear_ref, cuda="linear")
 GEGLU = dispatch.register("geglu", fast=geglu_fast, reference=geglu_ref, cuda="geglu")
+# cupy arrays never reach this one: linear_activation sends them to the CUDA linear, then the
+# CUDA activation kernel
+LINEAR_ACTIVATION = dispatch.register("linear_activation", fast=linear_activation_fast,
+                                      reference=linear_activation_ref)
 
 
 def linear(x, weight, bias=None):
     """torch.nn.functional.linear: x [..., in] @ weight[out, in]^T + bias[out] -> [..., out]."""
     check_linear("linear", x, weight, bias)
     return LINEAR(x, weight, bias)
+
+
+def linear_activation(x, weight, bias=None, activation="quick_gelu"):
+    """activation(linear(x, weight, bias)), activation one of "silu", "quick_gelu", "gelu" (erf),
+    "gelu_tanh": an MLP's first layer and its activation in one call (one pass after the GEMM)."""
+    check_linear("linear_activation", x, weight, bias)
+    if activation not in LINEAR_ACTIVATIONS:
+        raise NpdiffError(f"linear_activation: activation must be one of {tuple(LINEAR_ACTIVATIONS)}, "
+                          f"got {activation!r}")
+    require_float32("linear_activation", "x", x)
+    if dispatch.is_cupy(x):
+        return LINEAR_ACTIVATIONS[activation][2](LINEAR(x, weight, bias))  # cuBLAS, then one CUDA kernel
+    return LINEAR_ACTIVATION(x, weight, bias, activation)
 
 
 def geglu(x, weight, bias=None, approximate="none"):

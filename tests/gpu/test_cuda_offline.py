@@ -187,6 +187,16 @@ def test_cupy_arrays_are_sent_to_the_cuda_kernels(monkeypatch, case, call, targe
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("activation,target", [("quick_gelu", "quick_gelu"), ("gelu_tanh", "gelu"), ("silu", "silu")])
+def test_linear_activation_sends_cupy_arrays_to_the_cuda_linear_then_activation(monkeypatch, activation, target):
+    calls = []
+    monkeypatch.setattr(cuda, "linear", lambda x, w, b: calls.append("linear") or FakeCupyArray((2, 5, 6)))
+    monkeypatch.setattr(cuda, target, lambda h, *args: calls.append(target) or "from cuda")
+    x, weight, bias = FakeCupyArray((2, 5, 8)), FakeCupyArray((6, 8)), FakeCupyArray((6,))
+    assert kernels.linear_activation(x, weight, bias, activation) == "from cuda"
+    assert calls == ["linear", target]
+
+
 def test_float16_is_refused_for_numpy_arrays():
     with pytest.raises(NpdiffError, match="silu: x must be float32, got float16"):
         kernels.silu(np.zeros(3, np.float16))

@@ -1,4 +1,6 @@
-"""linear and geglu against torch (F.linear, diffusers' GEGLU)."""
+"""linear, linear_activation and geglu against torch (F.linear, diffusers' GEGLU)."""
+
+import importlib
 
 import numpy as np
 import pytest
@@ -7,9 +9,19 @@ import torch.nn.functional as F
 from diffusers.models.activations import GEGLU
 
 from helpers import KERNEL_TOL, assert_rel_close
-from npdiff import NpdiffError
-from npdiff.kernels import geglu, linear
-from npdiff.kernels.linear import geglu_ref, linear_ref
+
+from npdiff import NpdiffError, blas
+from npdiff.kernels import geglu, linear, linear_activation
+from npdiff.kernels.linear import geglu_ref, linear_activation_ref, linear_ref
+
+linear_kernels = importlib.import_module("npdiff.kernels.linear")  # the module (npdiff.kernels.linear is the function)
+
+TORCH_ACTIVATIONS = {
+    "silu": F.silu,
+    "quick_gelu": lambda h: h * torch.sigmoid(1.702 * h),  # transformers' QuickGELUActivation
+    "gelu": F.gelu,
+    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+}
 
 
 @pytest.mark.parametrize("leading", [(), (5,), (2, 7), (2, 3, 4)])
@@ -38,6 +50,38 @@ def test_geglu_matches_diffusers(rng, leading):
     assert_rel_close(geglu_ref(x, weight, bias), expected, KERNEL_TOL, "geglu_ref")
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_geglu_in_blocks_matches_torch(rng, approximate):
+    """Enough rows for version 3 (blocks of GEGLU_BLOCK_ROWS on the pool, the last one partial); the
+    same bytes with OpenBLAS on one thread (the block GEMMs are one-threaded either way)."""
+    rows = linear_kernels.GEGLU_BLOCKS_MIN_ROWS + linear_kernels.GEGLU_BLOCK_ROWS // 3
+    x = rng.standard_normal((2, rows // 2, 24), dtype=np.float32)
+    weight = rng.standard_normal((2 * 40, 24), dtype=np.float32) / np.float32(5.0)
+    bias = rng.standard_normal(2 * 40, dtype=np.float32)
+    hidden = F.linear(torch.from_numpy(x), torch.from_numpy(weight), torch.from_numpy(bias))
+    value, gate = hidden.chunk(2, dim=-1)
+    expected = value * F.gelu(gate, approximate=approximate)
+    ours = geglu(x, weight, bias, approximate)
+    assert_rel_close(ours, expected, KERNEL_TOL, "geglu in blocks")
+    threads = blas.get_num_threads()
+    if threads is not None:
+        try:
+            blas.set_num_threads(1)
+            assert np.array_equal(geglu(x, weight, bias, approximate), ours)
+        finally:
+            blas.set_num_threads(threads)
+
+
+def test_linear_on_a_strided_view_matches_torch(rng):
+    """[B,C,N] seen as [B,N,C] (the UNet's proj_in on NCHW): one sgemm per slice, no flattening copy."""
+    x = rng.standard_normal((2, 30, 50), dtype=np.float32).transpose(0, 2, 1)  # [B,N,C] view
+    weight = rng.standard_normal((20, 30), dtype=np.float32)
+    bias = rng.standard_normal(20, dtype=np.float32)
+    expected = F.linear(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(weight), torch.from_numpy(bias))
+    assert_rel_close(linear(x, weight, bias), expected, KERNEL_TOL, "linear on a strided view")
+    assert np.array_equal(linear(x, weight, bias), linear(np.ascontiguousarray(x), weight, bias))
+
+
 def test_geglu_tanh_matches_torch(rng):
     x = rng.standard_normal((4, 10), dtype=np.float32)
     weight = rng.standard_normal((12, 10), dtype=np.float32)
@@ -46,6 +90,23 @@ def test_geglu_tanh_matches_torch(rng):
     expected = value * F.gelu(gate, approximate="tanh")
     assert_rel_close(geglu(x, weight, None, approximate="tanh"), expected, KERNEL_TOL)
     assert_rel_close(geglu_ref(x, weight, None, approximate="tanh"), expected, KERNEL_TOL)
+
+
+@pytest.mark.parametrize("activation", list(TORCH_ACTIVATIONS))
+@pytest.mark.parametrize("leading", [(5,), (2, 7)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_activation_matches_torch(rng, activation, leading, with_bias):
+    n_in, n_out = int(rng.integers(1, 70)), int(rng.integers(1, 300))
+    x = rng.standard_normal((*leading, n_in), dtype=np.float32)
+    weight = rng.standard_normal((n_out, n_in), dtype=np.float32) / np.float32(np.sqrt(n_in))
+    bias = rng.standard_normal(n_out, dtype=np.float32) if with_bias else None
+    hidden = F.linear(torch.from_numpy(x), torch.from_numpy(weight), None if bias is None else torch.from_numpy(bias))
+    expected = TORCH_ACTIVATIONS[activation](hidden)
+    assert_rel_close(linear_activation(x, weight, bias, activation), expected, KERNEL_TOL, activation)
+    assert_rel_close(linear_activation_ref(x, weight, bias, activation), expected, KERNEL_TOL, activation + " ref")
+    # a weight laid out as [in, out] in memory (CLIP's TransposedLinear): another sgemm path, same bound
+    weight_t = np.ascontiguousarray(weight.T).T  # [out,in] view of [in,out] memory
+    assert_rel_close(linear_activation(x, weight_t, bias, activation), expected, KERNEL_TOL, activation + " [in,out]")
 
 
 def test_linear_rejects_bad_input(rng):
@@ -59,3 +120,7 @@ def test_linear_rejects_bad_input(rng):
         linear(x, weight, np.zeros(5, np.float32))
     with pytest.raises(NpdiffError, match=r"geglu: weight must have an even number of rows .* got \[3,5\]"):
         geglu(x, weight[:3])
+    with pytest.raises(NpdiffError, match=r"linear_activation: activation must be one of .* got 'relu'"):
+        linear_activation(x, weight, None, "relu")
+    with pytest.raises(NpdiffError, match=r"linear_activation: x must be float32, got float64"):
+        linear_activation(x.astype(np.float64), weight)

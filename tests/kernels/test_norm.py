@@ -1,5 +1,7 @@
 """group_norm (+ fused SiLU) and layer_norm against torch on fresh random inputs."""
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -60,6 +62,23 @@ def test_layer_norm_matches_torch(rng, leading, affine):
     expected = F.layer_norm(torch.from_numpy(x), (width,), torch_or_none(weight), torch_or_none(bias), eps=1e-5)
     assert_rel_close(layer_norm(x, weight, bias), expected, KERNEL_TOL, "layer_norm")
     assert_rel_close(layer_norm_ref(x, weight, bias), expected, KERNEL_TOL, "layer_norm_ref")
+
+
+def test_layer_norm_large_input_threads_same_bytes(rng):
+    """Above LAYER_NORM_SERIAL_MAX floats the rows run on Numba's threads; each row is the same
+    serial computation either way, so both give the same bytes."""
+    norm_module = importlib.import_module("npdiff.kernels.norm")
+    width = 200
+    x = (1.5 + rng.standard_normal((2, norm_module.LAYER_NORM_SERIAL_MAX // width, width))).astype(np.float32)
+    weight, bias = optional(rng, True, width), optional(rng, True, width)
+    assert x.size > norm_module.LAYER_NORM_SERIAL_MAX
+    expected = F.layer_norm(torch.from_numpy(x), (width,), torch_or_none(weight), torch_or_none(bias), eps=1e-5)
+    threaded = layer_norm(x, weight, bias)
+    assert_rel_close(threaded, expected, KERNEL_TOL, "layer_norm (threads)")
+    rows = x.reshape(-1, width)
+    serial = np.empty_like(rows)
+    norm_module._layer_norm_serial(rows, weight, bias, 1e-5, serial)
+    assert np.array_equal(threaded.reshape(-1, width), serial)
 
 
 def test_norms_reject_bad_input(rng):

@@ -168,3 +168,31 @@ def test_config_and_weights_that_do_not_fit(torch_models, tmp_path):
 
     with pytest.raises(NpdiffError, match="hidden_act 'relu6' is not supported"):
         CLIPTextModel({**config, "hidden_act": "relu6"}, load_component_weights(folder))
+
+
+def test_projection_weights_are_kept_transposed_and_assignable(torch_models, rng, tmp_path):
+    """CLIP's Linears keep weight^T [in,out] C-contiguous (faster sgemm for few rows); `weight` still
+    reads as the torch-layout [out,in] array, and assigning one (as LoRA fusing does) changes the output
+    as the torch model with the same weight, while assigning back the original keeps that very object."""
+    model = torch_models["sd1"]
+    ours = CLIPTextModel.from_pretrained(save_clip(model, tmp_path / "te"))
+    torch_layer = torch_text_transformer(model).encoder.layers[0]
+    fc1 = ours.layers[0].mlp.fc1
+    assert fc1.weight.T.flags.c_contiguous and fc1.weight.shape == tuple(torch_layer.mlp.fc1.weight.shape)
+    assert np.array_equal(fc1.weight, torch_layer.mlp.fc1.weight.detach().numpy())
+
+    original = fc1.weight
+    changed = rng.standard_normal(original.shape, dtype=np.float32) * np.float32(0.05)  # C-ordered [out,in]
+    fc1.weight = changed
+    assert fc1.weight.T.flags.c_contiguous and np.array_equal(fc1.weight, changed)
+    ids = sample_ids(rng, "sd1", padded=True)
+    with torch.no_grad():
+        saved = torch_layer.mlp.fc1.weight.detach().clone()
+        torch_layer.mlp.fc1.weight.copy_(torch.from_numpy(changed))
+        try:
+            ref_last, _ = torch_forward(model, ids)
+        finally:
+            torch_layer.mlp.fc1.weight.copy_(saved)
+    assert_rel_close(ours(ids), ref_last, CLIP_TOL, what="last_hidden_state with a replaced fc1 weight")
+    fc1.weight = original
+    assert fc1.weight is original
