@@ -16,9 +16,11 @@ at 512x512 run without the UNet's 3.2 GiB resident beside its activations.
 How the weights are found: a walk over the model object (its attributes, lists, tuples and dicts, npdiff
 objects only) collects every NumPy array whose .base chain ends in an mmap, so it covers whatever the
 model holds now (a LoRA-fused weight is a private array and is skipped; the original it replaced, kept
-for unloading, is still a mapped view and is released too). Each array's byte range in its map is
-rounded INWARD to whole pages (madvise works on pages; a page shared with a neighbouring tensor outside
-the set is never dropped, which would be harmless anyway), adjacent ranges merged first.
+for unloading, is still a mapped view and is released too). In each map the span from the first of
+those arrays' bytes to the last one's is released, rounded INWARD to whole pages (madvise works on pages;
+a page shared with a tensor outside the span is never dropped, which would be harmless anyway): the
+span also covers the pages the kernel's fault-around maps beside touched ones, and the originals of
+weights a model keeps as private copies (TransposedLinear), which the walk no longer reaches.
 
 Arrays copied into private memory (F16/BF16 widened, CuPy device arrays) are not file-backed: nothing
 to release. Where mmap.madvise or MADV_DONTNEED is missing (not Linux/BSD/macOS) every call is a no-op
@@ -107,7 +109,12 @@ def release_array_pages(arrays):
         entry[1].append(_byte_span(array, origin))
     released = 0
     for mapping, ranges in by_mapping.values():
-        for start, length in _page_runs(ranges):
+        # one span per map, from the first tensor's bytes to the last one's: a component's tensors lie
+        # together in its file (a folder model: its own file; a single-file checkpoint: its key prefix,
+        # sorted together), so the span also drops the pages the kernel's fault-around mapped beside
+        # them and those of weights a model replaced by a private copy (TransposedLinear's originals)
+        span = (min(start for start, _ in ranges), max(end for _, end in ranges))
+        for start, length in _page_runs([span]):
             mapping.madvise(mmap.MADV_DONTNEED, start, length)
             released += length
     return released
