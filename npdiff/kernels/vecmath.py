@@ -16,6 +16,12 @@ this file, delete npdiff/kernels/__pycache__ so the callers are recompiled with 
                   built directly in the exponent bits. Relative error <= 2 ulp on float32. Below
                   -87.33 (where exp is subnormal) it returns 0, above 88.72 +inf, and NaN stays NaN;
                   exp(-inf) = 0 exactly, which masked softmax relies on.
+  exp2_nonpositive_f32(x)
+                  2^x for x <= 0 (softmax's s - max, with the scores in log2 units): Cephes exp2f,
+                  n = round(x), f = x - n in [-1/2, 1/2], 2^f = 1 + f P(f) with a degree-6 P,
+                  times 2^n in the exponent bits. Relative error < 1e-7 (measured on [-126, 0]).
+                  Fewer operations than exp_f32 (no ln2 reduction, no overflow side): below -126
+                  it returns 0 (so 2^-inf = 0 exactly), NaN stays NaN; x > 0 is outside its range.
   sigmoid_f32(x)  1 / (1 + exp(-x)): exp(-x) = inf for x < -88 gives exactly 0, no overflow trap.
   erfc_f32(z)     Numerical Recipes' erfcc: t = 1/(1 + |z|/2), erfc(|z|) = t exp(-z^2 + P(t)) with a
                   degree-9 polynomial P; fractional error < 1.2e-7 for every z (also deep in the tail,
@@ -39,6 +45,10 @@ EXP_MAX = np.float32(88.72283)  # exp overflows float32 above this
 EXP_MIN = np.float32(-87.33654)  # exp is subnormal below this (returned as 0)
 EXP_POLY = (np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3),
             np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1))
+EXP2_MIN = np.float32(-126.0)  # 2^x is subnormal below this (returned as 0)
+EXP2_POLY = (np.float32(1.535336188319500e-4), np.float32(1.339887440266574e-3),
+             np.float32(9.618437357674640e-3), np.float32(5.550332471162809e-2),
+             np.float32(2.402264791363012e-1), np.float32(6.931472028550421e-1))  # Cephes exp2f
 ONE = np.float32(1.0)
 TWO = np.float32(2.0)
 HALF = np.float32(0.5)
@@ -90,6 +100,26 @@ def exp_f32(x):
         result = np.float32(np.inf)
     if x != x:
         result = x
+    return result
+
+
+@njit(fastmath=FASTMATH_CONTRACT)
+def exp2_nonpositive_f32(x):
+    x = np.float32(x)
+    clamped = EXP2_MIN if x < EXP2_MIN else x  # written so that NaN stays NaN
+    n = np.floor(clamped + HALF)  # nearest integer, as a float32
+    f = clamped - n  # [-1/2, 1/2]
+    p = EXP2_POLY[0]
+    p = p * f + EXP2_POLY[1]
+    p = p * f + EXP2_POLY[2]
+    p = p * f + EXP2_POLY[3]
+    p = p * f + EXP2_POLY[4]
+    p = p * f + EXP2_POLY[5]
+    p = p * f + ONE  # 2^f
+    scale = int32_bits_to_float32(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))  # 2^n, n >= -126
+    result = p * scale
+    if x < EXP2_MIN:
+        result = np.float32(0.0)
     return result
 
 
