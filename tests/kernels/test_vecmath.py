@@ -75,13 +75,13 @@ def apply_exp2_nonpositive(x, out):
         out[i] = exp2_nonpositive_f32(x[i])
 
 
-def test_exp2_nonpositive_within_one_ulp_of_torch_float64(rng):
+def test_exp2_nonpositive_within_two_ulp_of_torch_float64(rng):
     # softmax's 2^(s - max) (attention version 5): arguments in [-126, 0], 0 included
     x = np.concatenate([rng.uniform(-126, 0, 200_000), rng.uniform(-1, 0, 10_000), [0.0, -126.0]])
     x = x.astype(np.float32)
     exact = torch.exp2(torch.from_numpy(x).double()).numpy()
     relative = np.abs(run(apply_exp2_nonpositive, x) - exact) / exact
-    assert relative.max() <= FLOAT32_EPS
+    assert relative.max() <= 2 * FLOAT32_EPS
 
 
 def test_exp2_nonpositive_special_values():
