@@ -72,7 +72,7 @@ def test_fused_gives_the_same_bytes_on_one_and_two_workers(rng, monkeypatch):
 
 
 def test_query_block_follows_the_number_of_keys():
-    assert fused.fused_query_block(4096) == 128  # SD's 64x64 latent: 2 MiB tile
+    assert fused.fused_query_block(4096) == 256  # SD's 64x64 latent: 4 MiB tile
     assert fused.fused_query_block(77) == fused.MAX_QUERY_BLOCK
     assert fused.fused_query_block(fused.FUSED_MAX_KEYS) == fused.MIN_QUERY_BLOCK
     assert all(fused.fused_query_block(m) % fused.ALIGN == 0 for m in (1, 77, 1000, 4096, 10**6))
