@@ -29,8 +29,16 @@ def torch_sdpa(q, k, v, mask=None, is_causal=False):
 SD_SHAPES = [(256, 256, 40), (256, 256, 80), (256, 256, 160), (300, 77, 40), (200, 77, 160)]
 
 
+@pytest.fixture(params=["direct", "transposed"])
+def second_product(request, monkeypatch):
+    """Both ways of probs @ v: straight into the output (few keys) and v^T @ probs^T (many)."""
+    if request.param == "transposed":
+        monkeypatch.setattr(fused, "DIRECT_MAX_KEYS", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("n_queries,n_keys,dim", SD_SHAPES)
-def test_fused_matches_torch_at_sd_shapes(rng, n_queries, n_keys, dim):
+def test_fused_matches_torch_at_sd_shapes(rng, second_product, n_queries, n_keys, dim):
     q, k, v = random_qkv(rng, (2, 2), n_queries, n_keys, dim)
     q *= np.float32(rng.uniform(1, 4))  # sharper softmax rows than unit-variance scores give
     expected = torch_sdpa(q, k, v)
@@ -42,7 +50,7 @@ def test_fused_matches_torch_at_sd_shapes(rng, n_queries, n_keys, dim):
 
 
 @pytest.mark.parametrize("kind", ["bool", "float", "causal"])
-def test_fused_masks_across_several_blocks(rng, kind):
+def test_fused_masks_across_several_blocks(rng, second_product, kind):
     q, k, v = random_qkv(rng, (2, 2), 150, 130, 40)
     mask, is_causal = None, kind == "causal"
     if kind != "causal":
@@ -58,7 +66,7 @@ def test_fused_masks_across_several_blocks(rng, kind):
     assert_rel_close(ours, expected, KERNEL_TOL, kind)
 
 
-def test_fused_gives_the_same_bytes_on_one_and_two_workers(rng, monkeypatch):
+def test_fused_gives_the_same_bytes_on_one_and_two_workers(rng, monkeypatch, second_product):
     """Blocks are cut by the query block alone, so the arithmetic of every output element is the
     same whichever worker runs it and however many there are."""
     q, k, v = random_qkv(rng, (2, 3), 200, 180, 40)

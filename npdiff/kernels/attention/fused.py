@@ -3,7 +3,7 @@
 For the self- and cross-attention of Stable Diffusion (M up to a few thousand keys, head sizes
 40-160) a block of queries times ALL keys is a tile of a few MiB at most, so the running softmax of
 version 3 (threaded.py: key chunks, a running max, rescaling the accumulator) is not needed: each
-task is three steps over one tile, and the tile never leaves the core's caches.
+task is a few steps over one tile, and the tile never leaves the caches (L2, L3).
 
   per task = one (batch, head) slice, queries [start, start + Q):
     1. scores^T [M, Q] = k [M, d] @ q_block^T [d, Q]            (BLAS, into the worker's buffer)
@@ -11,12 +11,17 @@ task is three steps over one tile, and the tile never leaves the core's caches.
        its sum: max, 2^(s - max), sum (Numba, one fused pass after the max; softmax_keys_in_place)
     3. out^T [dv, Q] = v^T [dv, M] @ probs^T [M, Q]              (BLAS, into the worker's buffer)
     4. out [Q, dv] = out^T transposed, each row times 1 / its sum     (store_normalised_transposed)
+  With at most DIRECT_MAX_KEYS keys, 3-4 are instead out [Q, dv] = probs [Q, M] @ v [M, dv]
+  straight into the output (BLAS) and each row times 1 / its sum (normalise_rows).
 
 Why transposed (scores^T, keys along rows, queries along columns): measured on one Zen 4 core with
 OpenBLAS, k @ q_block^T ([4096,40] @ [40,128]) runs at ~92 GFLOP/s where q_block @ k^T ([128,40] @
 [40,4096], the same product) runs at ~60; and the softmax then works down the columns, so its max
-and sum are per-lane vector operations (no horizontal reduction per row), 0.5 against 0.63 ns per
-score. v^T @ probs^T is as fast as probs @ v.
+and sum are per-lane vector operations (no horizontal reduction per row): 0.5 against 0.63 ns per
+score, both with vecmath.exp_f32 (0.23 ns now: 2^x, and the running max/sum interleaved, below). For the second product, v^T @ probs^T (then a transposed store) and probs @ v (straight
+into the output) were measured on 2 workers: at M = 4096 within noise of each other (148 and 145
+GFLOP/s at [2,8,4096,40]); at M <= 1024 the direct one is faster, its saving the transposed store,
+a scalar loop, dominates (M = 1024, d = 80: 159 vs 148; M = 77, d = 80: 111 vs 81).
 
 Why 2^x: q is multiplied once by scale * log2(e), so the scores come out in log2 units and the
 exponential is 2^(s - max) (vecmath.exp2_nonpositive_f32): no ln 2 reduction per score, and no
@@ -51,6 +56,7 @@ MIN_QUERY_BLOCK = 32
 MAX_QUERY_BLOCK = 512
 FUSED_MAX_KEYS = TILE_FLOATS // MIN_QUERY_BLOCK  # 32768: more keys -> version 3's key chunks
 ALIGN = 16  # query blocks are a multiple of one zmm vector of float32
+DIRECT_MAX_KEYS = 1024  # up to this many keys, steps 3-4 are probs @ v straight into the output
 KEY_INTERLEAVE = 4  # running max/sum rows of softmax_keys_in_place (combined there as 4)
 
 
@@ -115,6 +121,17 @@ def softmax_keys_in_place(scores_t, col_sum):
 
 
 @njit(**SERIAL, fastmath=FASTMATH_SAFE)
+def normalise_rows(out_block, col_sum):
+    """out_block [Q, dv] row i times 1 / col_sum[i] in place (0 where the sum is 0)."""
+    rows, value_dim = out_block.shape
+    for i in range(rows):
+        total = col_sum[i]
+        inverse = np.float32(1.0) / total if total != 0 else np.float32(0.0)
+        for c in range(value_dim):
+            out_block[i, c] *= inverse
+
+
+@njit(**SERIAL, fastmath=FASTMATH_SAFE)
 def store_normalised_transposed(out_t, col_sum, out_block):
     """out_block [Q, dv] = out_t [dv, Q] transposed, row i times 1 / col_sum[i] (0 where the sum is
     0: a query that attends to no key gives 0, as torch)."""
@@ -163,10 +180,16 @@ def attention_fused(q, k, v, mask=None, scale=None, is_causal=False, query_block
             scores_t += causal_additive(query_start, query_stop, 0, visible).T  # [Q,m] -> [m,Q]
         # 2. unnormalised probabilities in place, column sums (Numba, nogil)
         softmax_keys_in_place(scores_t, col_sum)
-        # 3. out^T = v^T @ probs^T
-        np.matmul(values[slice_index, :visible].T, scores_t, out=out_t)  # [dv,m] @ [m,Q] -> [dv,Q]
-        # 4. transposed into the output, divided by the sums
-        store_normalised_transposed(out_t, col_sum, out[slice_index, query_start:query_stop])
+        out_block = out[slice_index, query_start:query_stop]  # [Q,dv]
+        if visible <= DIRECT_MAX_KEYS:
+            # 3-4. few keys: probs @ v straight into the output, rows divided by the sums
+            np.matmul(scores_t.T, values[slice_index, :visible], out=out_block)  # [Q,m] @ [m,dv] -> [Q,dv]
+            normalise_rows(out_block, col_sum)
+        else:
+            # 3. out^T = v^T @ probs^T
+            np.matmul(values[slice_index, :visible].T, scores_t, out=out_t)  # [dv,m] @ [m,Q] -> [dv,Q]
+            # 4. transposed into the output, divided by the sums
+            store_normalised_transposed(out_t, col_sum, out_block)
 
     blocks = [(s, start) for s in range(q_scaled.shape[0]) for start in range(0, n_queries, query_block)]
     run_blocks(run_block, blocks)
