@@ -18,8 +18,9 @@ Why transposed (scores^T, keys along rows, queries along columns): measured on o
 OpenBLAS, k @ q_block^T ([4096,40] @ [40,128]) runs at ~92 GFLOP/s where q_block @ k^T ([128,40] @
 [40,4096], the same product) runs at ~60; and the softmax then works down the columns, so its max
 and sum are per-lane vector operations (no horizontal reduction per row): 0.5 against 0.63 ns per
-score, both with vecmath.exp_f32 (0.23 ns now: 2^x, and the running max/sum interleaved, below). For the second product, v^T @ probs^T (then a transposed store) and probs @ v (straight
-into the output) were measured on 2 workers: at M = 4096 within noise of each other (148 and 145
+score, both with vecmath.exp_f32 (0.23 ns now: 2^x, and the running max/sum interleaved, below).
+For the second product, v^T @ probs^T (then a transposed store) and probs @ v (straight into the
+output) were measured on 2 workers: at M = 4096 within noise of each other (148 and 145
 GFLOP/s at [2,8,4096,40]); at M <= 1024 the direct one is faster, its saving the transposed store,
 a scalar loop, dominates (M = 1024, d = 80: 159 vs 148; M = 77, d = 80: 111 vs 81).
 
@@ -34,6 +35,13 @@ the 4 MiB tile is in L3, not L2, but the passes over it are not what limits). Ea
 thread keeps its tile and output buffers between calls (WorkerBuffers), so no array is allocated
 per task. Above FUSED_MAX_KEYS keys even MIN_QUERY_BLOCK queries would not fit: those shapes take
 version 3 (npdiff/kernels/attention/__init__.py decides).
+
+Where the time goes at [2,8,4096,40] (one core, Q = 256, the steps timed apart): the first GEMM
+94 GFLOP/s (43% of the time), the softmax pass 0.24 ns per score (12%), the second GEMM 89 GFLOP/s
+(45%): 80 GFLOP/s per core against OpenBLAS's ~100 on large square GEMMs. The GEMMs with K or N =
+d = 40 are what limits, and BLAS packs each operand per call (k and v once per Q queries, the
+probabilities once). Tried and slower: cutting a task's keys into L2-sized chunks (GEMM, max,
+then exp and the second GEMM per chunk: 135-146 against 150 GFLOP/s on 2 workers).
 
 Every block's arithmetic depends only on its own rows, never on which worker runs it or how many
 there are: the same bytes on 1 or 2 threads. Masks, is_causal and queries that may attend to no key
