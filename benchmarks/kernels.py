@@ -106,7 +106,9 @@ def softmax_case(shape, quick=False):
                 make=make, quick=quick)
 
 
-def attention_case(name, batch, heads, n_queries, n_keys, dim, paths, quick=False):
+def attention_case(name, batch, heads, n_queries, n_keys, dim, paths, is_causal=False, quick=False):
+    """paths: "auto", "full", "chunked" (scaled_dot_product_attention's paths) or "v3 blocked" (version
+    3, query blocks x key chunks with a running softmax: the chunked path before version 5)."""
     flops = 4 * batch * heads * n_queries * n_keys * dim  # q k^T and p v
 
     def make(rng, torch, F):
@@ -114,12 +116,18 @@ def attention_case(name, batch, heads, n_queries, n_keys, dim, paths, quick=Fals
         k = rng.standard_normal((batch, heads, n_keys, dim), dtype=np.float32)
         v = rng.standard_normal((batch, heads, n_keys, dim), dtype=np.float32)
         q_t, k_t, v_t = torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v)
-        ours = {f"attention {path}": (lambda path=path: kernels.scaled_dot_product_attention(q, k, v, path=path))
-                for path in paths}
-        return ours, lambda: F.scaled_dot_product_attention(q_t, k_t, v_t)
+        ours = {}
+        for path in paths:
+            if path == "v3 blocked":
+                ours[path] = lambda: kernels.attention_blocked(q, k, v, scale=1 / math.sqrt(dim),
+                                                               is_causal=is_causal)
+            else:
+                ours[f"attention {path}"] = (lambda path=path: kernels.scaled_dot_product_attention(
+                    q, k, v, is_causal=is_causal, path=path))
+        return ours, lambda: F.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=is_causal)
 
     nbytes = FLOAT_BYTES * batch * heads * (2 * n_queries + 2 * n_keys) * dim
-    shape = f"q[{batch},{heads},{n_queries},{dim}] kv {n_keys}"
+    shape = f"q[{batch},{heads},{n_queries},{dim}] kv {n_keys}" + (" causal" if is_causal else "")
     return dict(name=name, shape=shape, flops=flops, bytes=nbytes, make=make, quick=quick, gemm=True)
 
 
@@ -188,10 +196,18 @@ def all_cases():
         layer_norm_case((2, 4096, 320), quick=True),
         softmax_case((2, 8, 4096, 77), quick=True),
         softmax_case((2, 8, 1024, 1024)),
-        attention_case("attention self", 2, 8, 4096, 4096, 40, ["chunked", "full"]),
-        attention_case("attention self", 2, 8, 4096, 4096, 40, ["auto"], quick=True),
-        attention_case("attention cross", 2, 8, 4096, 77, 40, ["auto", "full", "chunked"], quick=True),
-        attention_case("attention vae", 1, 1, 4096, 4096, 512, ["auto"]),
+        # SD 1.5's UNet at 512x512 (batch 2 for guidance, 8 heads; mid block 64 tokens) and VAE mid block
+        attention_case("attention self", 2, 8, 4096, 4096, 40, ["auto", "v3 blocked"], quick=True),
+        attention_case("attention self", 2, 8, 4096, 4096, 40, ["full"]),
+        attention_case("attention self", 2, 8, 1024, 1024, 80, ["auto", "v3 blocked"]),
+        attention_case("attention self", 2, 8, 256, 256, 160, ["auto", "v3 blocked"]),
+        attention_case("attention self", 2, 8, 64, 64, 160, ["auto"]),
+        attention_case("attention cross", 2, 8, 4096, 77, 40, ["auto", "v3 blocked"], quick=True),
+        attention_case("attention cross", 2, 8, 1024, 77, 80, ["auto", "v3 blocked"]),
+        attention_case("attention cross", 2, 8, 256, 77, 160, ["auto", "v3 blocked"]),
+        attention_case("attention cross", 2, 8, 64, 77, 160, ["auto"]),
+        attention_case("attention vae", 1, 1, 4096, 4096, 512, ["auto", "v3 blocked"]),
+        attention_case("attention clip", 2, 12, 77, 77, 64, ["auto"], is_causal=True),
         linear_case("linear", 8192, 320, 1280, quick=True),
         linear_case("geglu", 8192, 320, 2560, geglu=True, quick=True),
         elementwise_case("gelu", (2, 4096, 1280), quick=True),

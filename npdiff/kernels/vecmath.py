@@ -16,6 +16,13 @@ this file, delete npdiff/kernels/__pycache__ so the callers are recompiled with 
                   built directly in the exponent bits. Relative error <= 2 ulp on float32. Below
                   -87.33 (where exp is subnormal) it returns 0, above 88.72 +inf, and NaN stays NaN;
                   exp(-inf) = 0 exactly, which masked softmax relies on.
+  exp2_nonpositive_f32(x)
+                  2^x for x <= 0 (softmax's s - max, with the scores in log2 units): n = rint(x),
+                  f = x - n in [-1/2, 1/2], 2^f = 1 + f P(f) with a degree-4 P, times 2^n in the
+                  exponent bits. Relative error <= 2e-7 (measured on [-126, 0]). Fewer operations
+                  than exp_f32 (no ln2 reduction, no clamp, no overflow side: 13 vector operations
+                  per 16 floats): below -126 it returns 0 (so 2^-inf = 0 exactly), NaN stays NaN;
+                  x > 0 is outside its range.
   sigmoid_f32(x)  1 / (1 + exp(-x)): exp(-x) = inf for x < -88 gives exactly 0, no overflow trap.
   erfc_f32(z)     Numerical Recipes' erfcc: t = 1/(1 + |z|/2), erfc(|z|) = t exp(-z^2 + P(t)) with a
                   degree-9 polynomial P; fractional error < 1.2e-7 for every z (also deep in the tail,
@@ -39,6 +46,12 @@ EXP_MAX = np.float32(88.72283)  # exp overflows float32 above this
 EXP_MIN = np.float32(-87.33654)  # exp is subnormal below this (returned as 0)
 EXP_POLY = (np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3),
             np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1))
+EXP2_MIN = np.float32(-126.0)  # 2^x is subnormal below this (returned as 0)
+# 2^f = 1 + f P(f) on [-1/2, 1/2], P of degree 4: a minimax fit for the relative error (1e-7 in
+# exact arithmetic, 1.9e-7 evaluated in float32; Cephes' exp2f has one degree more, 1.7e-7)
+EXP2_POLY = (np.float32(1.3269955070585782e-3), np.float32(9.671510964091716e-3),
+             np.float32(5.5507157375416304e-2), np.float32(2.4022242125768692e-1),
+             np.float32(6.931469912763158e-1))
 ONE = np.float32(1.0)
 TWO = np.float32(2.0)
 HALF = np.float32(0.5)
@@ -90,6 +103,26 @@ def exp_f32(x):
         result = np.float32(np.inf)
     if x != x:
         result = x
+    return result
+
+
+@njit(fastmath=FASTMATH_CONTRACT)
+def exp2_nonpositive_f32(x):
+    x = np.float32(x)
+    n = np.rint(x)  # nearest integer, as a float32
+    f = x - n  # [-1/2, 1/2]
+    p = EXP2_POLY[0]
+    p = p * f + EXP2_POLY[1]
+    p = p * f + EXP2_POLY[2]
+    p = p * f + EXP2_POLY[3]
+    p = p * f + EXP2_POLY[4]
+    p = p * f + ONE  # 2^f
+    # 2^n in the exponent bits; for x < -126 (-inf included, whose f is NaN) n is out of range and
+    # the bits are garbage, but the result is replaced by 0 below. NaN gives NaN (p is NaN).
+    scale = int32_bits_to_float32(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
+    result = p * scale
+    if x < EXP2_MIN:
+        result = np.float32(0.0)
     return result
 
 

@@ -11,6 +11,7 @@ from helpers import KERNEL_TOL, assert_rel_close
 from npdiff import NpdiffError
 from npdiff.kernels import (attention, attention_batched, attention_blocked, attention_chunked, attention_chunked_ref,
                             attention_full, attention_ref, scaled_dot_product_attention, softmax)
+from npdiff.kernels.attention import attention_fused
 from npdiff.kernels.softmax import softmax_ref
 
 PATHS = ["full", "chunked"]
@@ -88,6 +89,9 @@ def check_every_path(q, k, v, expected, **kwargs):
     blocked = attention_blocked(q, k, v, scale=scale, key_chunk=7, query_block=5, **kwargs)
     assert_rel_close(blocked, expected, KERNEL_TOL, "attention_blocked key_chunk=7 query_block=5")
     assert_rel_close(blocked, reference, KERNEL_TOL, "attention_blocked vs attention_ref")
+    for query_block in (None, 5):
+        fused = attention_fused(q, k, v, scale=scale, query_block=query_block, **kwargs)
+        assert_rel_close(fused, expected, KERNEL_TOL, f"attention_fused query_block={query_block}")
 
 
 @pytest.mark.parametrize("lead", [(), (3,), (2, 4)])
@@ -148,19 +152,20 @@ def test_attention_fully_masked_rows_give_zero_like_torch(rng, kind):
         assert_rel_close(ours, expected, KERNEL_TOL, f"attention path={path}")
     for ours in (attention_ref(q, k, v, mask=mask), attention_batched(q, k, v, mask=mask),
                  attention_chunked_ref(q, k, v, mask=mask, key_chunk=5),
-                 attention_blocked(q, k, v, mask=mask, scale=1 / math.sqrt(8), key_chunk=5, query_block=3)):
+                 attention_blocked(q, k, v, mask=mask, scale=1 / math.sqrt(8), key_chunk=5, query_block=3),
+                 attention_fused(q, k, v, mask=mask, query_block=3)):
         assert not np.isnan(ours).any() and (ours[:, 3] == 0).all()
         assert_rel_close(ours, expected, KERNEL_TOL)
 
 
 @pytest.mark.parametrize("slice_scores", ["small", "large"])
 def test_attention_full_batches_small_slices_and_spreads_large_ones(rng, monkeypatch, slice_scores):
-    """attention_full's two ways: small slices all at once (attention_batched), large ones one per
-    worker (attention_blocked); the threshold is moved so that both run on small random inputs."""
+    """attention_full's two ways: small slices all at once (attention_batched), large ones in query
+    blocks (attention_fused); the threshold is moved so that both run on small random inputs."""
     q, k, v = random_qkv(rng, (2, 3), int(rng.integers(2, 40)), int(rng.integers(2, 50)), 16)
     calls = []
     monkeypatch.setattr(attention, "BATCHED_MAX_SLICE_SCORES", 10**9 if slice_scores == "small" else 0)
-    for name in ("attention_batched", "attention_blocked"):
+    for name in ("attention_batched", "attention_blocked", "attention_fused"):
         kernel = getattr(attention, name)
         monkeypatch.setattr(attention, name, lambda *a, _kernel=kernel, _name=name, **kw:
                             calls.append(_name) or _kernel(*a, **kw))
@@ -168,7 +173,7 @@ def test_attention_full_batches_small_slices_and_spreads_large_ones(rng, monkeyp
     allowed[..., 0, :] = False  # query 0 may attend to no key: 0 out, as torch
     is_causal = bool(rng.random() < 0.5)
     ours = attention_full(q, k, v, mask=allowed, is_causal=is_causal)
-    assert calls == ["attention_batched" if slice_scores == "small" else "attention_blocked"]
+    assert calls == ["attention_batched" if slice_scores == "small" else "attention_fused"]
     assert not np.isnan(ours).any() and (ours[..., 0, :] == 0).all()
     assert_rel_close(ours, torch_sdpa(q, k, v, allowed, is_causal=is_causal), KERNEL_TOL, slice_scores)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from npdiff.jit import SERIAL, njit
-from npdiff.kernels.vecmath import erfc_f32, exp_f32, sigmoid_f32
+from npdiff.kernels.vecmath import erfc_f32, exp2_nonpositive_f32, exp_f32, sigmoid_f32
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 
@@ -67,3 +67,24 @@ def test_erfc_relative_error_small_everywhere(rng, spread):
     normal = exact > 1e-30  # below that the float32 result is subnormal or 0
     assert (np.abs(got - exact)[normal] / exact[normal]).max() < 1e-6
     assert np.all(np.abs(got - exact)[~normal] < 1e-30)
+
+
+@njit(**SERIAL)
+def apply_exp2_nonpositive(x, out):
+    for i in range(x.size):
+        out[i] = exp2_nonpositive_f32(x[i])
+
+
+def test_exp2_nonpositive_within_two_ulp_of_torch_float64(rng):
+    # softmax's 2^(s - max) (attention version 5): arguments in [-126, 0], 0 included
+    x = np.concatenate([rng.uniform(-126, 0, 200_000), rng.uniform(-1, 0, 10_000), [0.0, -126.0]])
+    x = x.astype(np.float32)
+    exact = torch.exp2(torch.from_numpy(x).double()).numpy()
+    relative = np.abs(run(apply_exp2_nonpositive, x) - exact) / exact
+    assert relative.max() <= 2 * FLOAT32_EPS
+
+
+def test_exp2_nonpositive_special_values():
+    got = run(apply_exp2_nonpositive, np.array([-np.inf, np.nan, -126.5, -200.0, 0.0, -1.0], np.float32))
+    assert got[0] == 0.0 and np.isnan(got[1]) and got[2] == 0.0 and got[3] == 0.0
+    assert got[4] == 1.0 and got[5] == 0.5

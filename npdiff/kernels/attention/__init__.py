@@ -1,4 +1,4 @@
-"""Scaled dot-product attention: one op family, four versions, one public entry.
+"""Scaled dot-product attention: one op family, five versions, one public entry.
 
 Versions (each tested against torch and against version 1):
   1. attention_ref          reference.py  the textbook, NumPy API (numpy or cupy): the whole score
@@ -10,8 +10,13 @@ Versions (each tested against torch and against version 1):
                                           Numba update.
   4. attention_batched      threaded.py   many small slices at once: groups of slices on the pool,
                                           batched matmuls, a serial Numba softmax.
+  5. attention_fused        fused.py      one block of queries against ALL keys per task (the score
+                                          tile, transposed, stays in cache): BLAS, one fused Numba
+                                          softmax pass, BLAS; no running max. Up to FUSED_MAX_KEYS
+                                          keys (every attention of SD at 512x512).
   cupy arrays: cuBLAS + a fused masked softmax (npdiff/kernels/cuda/attention.py).
-Shared by all: common.py (KEY_CHUNK and QUERY_BLOCK, the one pair of tile sizes; masks as numbers).
+Shared by all: common.py (KEY_CHUNK and QUERY_BLOCK, the one pair of tile sizes of versions 2 and
+3; masks as numbers).
 
 Which runs (the array rule is npdiff/kernels/dispatch.py's: cupy -> CUDA, NumPy -> fast, else the
 reference):
@@ -19,9 +24,13 @@ reference):
                                 score matrix would hold more than MEMORY_EFFICIENT_MIN_SCORES
                                 floats, "full" otherwise; path="full"|"chunked" forces one.
   attention_full       NumPy: version 4 for slices of at most BATCHED_MAX_SLICE_SCORES scores,
-                       else version 3 with one block of all N queries and one chunk of all M keys
-                       (a plain softmax of each slice's full score matrix); else version 1.
-  attention_chunked    NumPy: version 3 with KEY_CHUNK x QUERY_BLOCK tiles; else version 2.
+                       else version 5 up to FUSED_MAX_KEYS keys, else version 3 with one block of
+                       all N queries and one chunk of all M keys (a plain softmax of each slice's
+                       full score matrix); else version 1.
+  attention_chunked    NumPy: version 5 up to FUSED_MAX_KEYS keys (its memory is one tile per
+                       worker, whatever N is), else version 3 with KEY_CHUNK x QUERY_BLOCK tiles;
+                       a key_chunk given by the caller always takes version 3 with that chunk.
+                       Else version 2.
 
 Masks follow torch.nn.functional.scaled_dot_product_attention: a bool mask says True = may attend,
 a float mask is added to the scores, either broadcasts to [..., N, M]; is_causal keeps key j <= query
@@ -37,6 +46,7 @@ import numpy as np
 from npdiff.errors import NpdiffError
 from npdiff.kernels import dispatch
 from npdiff.kernels.attention.common import KEY_CHUNK, QUERY_BLOCK, default_scale
+from npdiff.kernels.attention.fused import FUSED_MAX_KEYS, attention_fused
 from npdiff.kernels.attention.reference import attention_chunked_ref, attention_ref
 from npdiff.kernels.attention.threaded import attention_batched, attention_blocked
 from npdiff.kernels.validate import require_min_ndim, shape_text
@@ -50,19 +60,26 @@ PATHS = ("auto", "full", "chunked")
 # The two paths, for NumPy arrays
 # ---------------------------------------------------------------------------------------------
 def attention_full_fast(q, k, v, mask=None, scale=None, is_causal=False):
-    """Each (batch, head) slice's full score matrix: small slices in groups (version 4), large ones
-    one per worker (version 3 with a single block and a single key chunk)."""
+    """Each (batch, head) slice's full score matrix: small slices in groups (version 4), larger ones
+    in query blocks against all keys (version 5), or one slice per worker (version 3 with a single
+    block and a single key chunk) above FUSED_MAX_KEYS keys."""
     scale = default_scale(q, scale)
     n_queries, n_keys = q.shape[-2], k.shape[-2]
     if n_queries * n_keys <= BATCHED_MAX_SLICE_SCORES:
         return attention_batched(q, k, v, mask, scale, is_causal)
+    if n_keys <= FUSED_MAX_KEYS:
+        return attention_fused(q, k, v, mask, scale, is_causal)
     return attention_blocked(q, k, v, mask, scale, is_causal, key_chunk=max(1, n_keys),
                              query_block=max(1, n_queries))
 
 
-def attention_chunked_fast(q, k, v, mask=None, scale=None, is_causal=False, key_chunk=KEY_CHUNK):
-    """Version 3 with key_chunk x QUERY_BLOCK tiles."""
-    return attention_blocked(q, k, v, mask, default_scale(q, scale), is_causal, key_chunk)
+def attention_chunked_fast(q, k, v, mask=None, scale=None, is_causal=False, key_chunk=None):
+    """Version 5 up to FUSED_MAX_KEYS keys, else version 3 with KEY_CHUNK x QUERY_BLOCK tiles;
+    key_chunk given: version 3 with key_chunk x QUERY_BLOCK tiles."""
+    scale = default_scale(q, scale)
+    if key_chunk is None and k.shape[-2] <= FUSED_MAX_KEYS:
+        return attention_fused(q, k, v, mask, scale, is_causal)
+    return attention_blocked(q, k, v, mask, scale, is_causal, key_chunk or KEY_CHUNK)
 
 
 ATTENTION_FULL = dispatch.register("attention_full", fast=attention_full_fast, reference=attention_ref)
@@ -75,8 +92,11 @@ def attention_full(q, k, v, mask=None, scale=None, is_causal=False):
     return ATTENTION_FULL(q, k, v, mask, scale, is_causal)
 
 
-def attention_chunked(q, k, v, mask=None, scale=None, is_causal=False, key_chunk=KEY_CHUNK):
-    """The "chunked" (memory-efficient) path. key_chunk: keys per step."""
+def attention_chunked(q, k, v, mask=None, scale=None, is_causal=False, key_chunk=None):
+    """The "chunked" (memory-efficient) path. key_chunk: keys per step of a running softmax (None:
+    the version's own choice; KEY_CHUNK for the reference)."""
+    if key_chunk is None:
+        return ATTENTION_CHUNKED(q, k, v, mask, scale, is_causal)
     return ATTENTION_CHUNKED(q, k, v, mask, scale, is_causal, key_chunk)
 
 
@@ -122,7 +142,7 @@ def attention_by_path(q, k, v, mask=None, scale=None, is_causal=False, path="aut
 
 
 # The path choice is the same for NumPy and other arrays; attention_full/attention_chunked then
-# apply the array rule again to pick versions 1-4.
+# apply the array rule again to pick versions 1-5.
 ATTENTION = dispatch.register("scaled_dot_product_attention", fast=attention_by_path,
                               reference=attention_by_path, cuda="scaled_dot_product_attention")
 
@@ -138,6 +158,7 @@ def scaled_dot_product_attention(q, k, v, mask=None, scale=None, is_causal=False
     return ATTENTION(q, k, v, mask, scale, is_causal, path)
 
 
-__all__ = ["BATCHED_MAX_SLICE_SCORES", "KEY_CHUNK", "MEMORY_EFFICIENT_MIN_SCORES", "QUERY_BLOCK",
-           "attention_batched", "attention_blocked", "attention_chunked", "attention_chunked_ref",
-           "attention_full", "attention_ref", "scaled_dot_product_attention"]
+__all__ = ["BATCHED_MAX_SLICE_SCORES", "FUSED_MAX_KEYS", "KEY_CHUNK", "MEMORY_EFFICIENT_MIN_SCORES",
+           "QUERY_BLOCK", "attention_batched", "attention_blocked", "attention_chunked",
+           "attention_chunked_ref", "attention_full", "attention_fused", "attention_ref",
+           "scaled_dot_product_attention"]

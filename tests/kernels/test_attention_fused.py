@@ -1,0 +1,106 @@
+"""Attention version 5 (npdiff/kernels/attention/fused.py) at Stable Diffusion's shape families,
+its independence of the worker count, and which version each path takes."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import KERNEL_TOL, assert_rel_close
+from npdiff.kernels import attention, block_pool, scaled_dot_product_attention
+from npdiff.kernels.attention import attention_fused, fused
+
+
+def random_qkv(rng, lead, n_queries, n_keys, dim):
+    q = rng.standard_normal((*lead, n_queries, dim), dtype=np.float32)
+    k = rng.standard_normal((*lead, n_keys, dim), dtype=np.float32)
+    v = rng.standard_normal((*lead, n_keys, dim), dtype=np.float32)
+    return q, k, v
+
+
+def torch_sdpa(q, k, v, mask=None, is_causal=False):
+    mask_t = None if mask is None else torch.from_numpy(mask)
+    return F.scaled_dot_product_attention(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v),
+                                          attn_mask=mask_t, is_causal=is_causal)
+
+
+# SD 1.5's families, smaller: self-attention (M = N) at head sizes 40, 80, 160; cross-attention with
+# 77 text tokens; N not a multiple of the query block.
+SD_SHAPES = [(256, 256, 40), (256, 256, 80), (256, 256, 160), (300, 77, 40), (200, 77, 160)]
+
+
+@pytest.fixture(params=["direct", "transposed"])
+def second_product(request, monkeypatch):
+    """Both ways of probs @ v: straight into the output (few keys) and v^T @ probs^T (many)."""
+    if request.param == "transposed":
+        monkeypatch.setattr(fused, "DIRECT_MAX_KEYS", 0)
+    return request.param
+
+
+@pytest.mark.parametrize("n_queries,n_keys,dim", SD_SHAPES)
+def test_fused_matches_torch_at_sd_shapes(rng, second_product, n_queries, n_keys, dim):
+    q, k, v = random_qkv(rng, (2, 2), n_queries, n_keys, dim)
+    q *= np.float32(rng.uniform(1, 4))  # sharper softmax rows than unit-variance scores give
+    expected = torch_sdpa(q, k, v)
+    for query_block in (None, 48, 37):
+        assert_rel_close(attention_fused(q, k, v, query_block=query_block), expected, KERNEL_TOL,
+                         f"attention_fused query_block={query_block}")
+    for path in ("auto", "full", "chunked"):
+        assert_rel_close(scaled_dot_product_attention(q, k, v, path=path), expected, KERNEL_TOL, path)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float", "causal"])
+def test_fused_masks_across_several_blocks(rng, second_product, kind):
+    q, k, v = random_qkv(rng, (2, 2), 150, 130, 40)
+    mask, is_causal = None, kind == "causal"
+    if kind != "causal":
+        allowed = rng.random((2, 1, 150, 130)) < 0.5  # broadcast over heads
+        allowed[..., 7, :] = False  # query 7 may attend to no key: 0, as torch
+        mask = allowed if kind == "bool" else np.where(allowed, rng.standard_normal(allowed.shape) * 3,
+                                                       -np.inf).astype(np.float32)
+    expected = torch_sdpa(q, k, v, mask, is_causal)
+    ours = attention_fused(q, k, v, mask=mask, is_causal=is_causal, query_block=32)
+    assert not np.isnan(ours).any()
+    if mask is not None:
+        assert (ours[..., 7, :] == 0).all() and (expected.numpy()[..., 7, :] == 0).all()
+    assert_rel_close(ours, expected, KERNEL_TOL, kind)
+
+
+def test_fused_gives_the_same_bytes_on_one_and_two_workers(rng, monkeypatch, second_product):
+    """Blocks are cut by the query block alone, so the arithmetic of every output element is the
+    same whichever worker runs it and however many there are."""
+    q, k, v = random_qkv(rng, (2, 3), 200, 180, 40)
+    results = []
+    for workers in (1, 2, 3):
+        monkeypatch.setattr(block_pool, "_shared", block_pool.BlockParallelPool(workers))
+        with block_pool.SingleThreadedBlas():  # one worker runs inline: BLAS on one core there too
+            results.append(attention_fused(q, k, v, query_block=32))
+        block_pool._shared.shutdown()
+    assert all(np.array_equal(results[0], other) for other in results[1:])
+
+
+def test_query_block_follows_the_number_of_keys():
+    assert fused.fused_query_block(4096) == 256  # SD's 64x64 latent: 4 MiB tile
+    assert fused.fused_query_block(77) == fused.MAX_QUERY_BLOCK
+    assert fused.fused_query_block(fused.FUSED_MAX_KEYS) == fused.MIN_QUERY_BLOCK
+    assert all(fused.fused_query_block(m) % fused.ALIGN == 0 for m in (1, 77, 1000, 4096, 10**6))
+
+
+def test_paths_take_version_5_up_to_fused_max_keys(rng, monkeypatch):
+    calls = []
+    for name in ("attention_blocked", "attention_fused"):
+        kernel = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, _kernel=kernel, _name=name, **kw:
+                            calls.append(_name) or _kernel(*a, **kw))
+    monkeypatch.setattr(attention, "BATCHED_MAX_SLICE_SCORES", 0)
+    q, k, v = random_qkv(rng, (2,), 40, 30, 8)
+    expected = torch_sdpa(q, k, v)
+    for path in ("full", "chunked"):
+        assert_rel_close(scaled_dot_product_attention(q, k, v, path=path), expected, KERNEL_TOL, path)
+    assert_rel_close(attention.attention_chunked(q, k, v, key_chunk=7), expected, KERNEL_TOL, "key_chunk=7")
+    assert calls == ["attention_fused", "attention_fused", "attention_blocked"]
+    calls.clear()
+    monkeypatch.setattr(attention, "FUSED_MAX_KEYS", 29)  # 30 keys: more than version 5 takes
+    for path in ("full", "chunked"):
+        assert_rel_close(scaled_dot_product_attention(q, k, v, path=path), expected, KERNEL_TOL, path)
+    assert calls == ["attention_blocked", "attention_blocked"]
