@@ -44,24 +44,27 @@ def mapping_of(array):
     return base if isinstance(base, mmap.mmap) else None
 
 
-def mapped_arrays(obj):
-    """Every memory-mapped NumPy array reachable from `obj` through npdiff objects, lists, tuples, dicts."""
-    found, seen, stack = [], set(), [obj]
+def reachable(obj):
+    """Every object reachable from `obj` through npdiff objects' attributes, lists, tuples and dicts
+    (each once, `obj` included): the models' layers and the arrays they hold."""
+    seen, stack = set(), [obj]
     while stack:
         item = stack.pop()
         if id(item) in seen:
             continue
         seen.add(id(item))
-        if isinstance(item, np.ndarray):
-            if mapping_of(item) is not None:
-                found.append(item)
-        elif isinstance(item, dict):
+        yield item
+        if isinstance(item, dict):
             stack.extend(item.values())
         elif isinstance(item, (list, tuple)):
             stack.extend(item)
         elif type(item).__module__.startswith("npdiff") and hasattr(item, "__dict__") and not isinstance(item, type):
             stack.extend(vars(item).values())
-    return found
+
+
+def mapped_arrays(obj):
+    """Every memory-mapped NumPy array reachable from `obj` (see reachable)."""
+    return [item for item in reachable(obj) if isinstance(item, np.ndarray) and mapping_of(item) is not None]
 
 
 def _page_runs(ranges):

@@ -13,7 +13,7 @@ import pytest
 from tiny_sd import tiny_sd_folder
 
 from npdiff.loading import resident
-from npdiff.loading.resident import mapped_arrays, mapping_of, release_resident_pages
+from npdiff.loading.resident import mapped_arrays, mapping_of, reachable, release_resident_pages
 from npdiff.models.transformer import TransposedLinear
 from npdiff.pipeline import StableDiffusionPipeline
 
@@ -45,47 +45,15 @@ def folder():
 
 
 def all_arrays(obj):
-    """Every NumPy array reachable from an npdiff model (the same walk as mapped_arrays, unfiltered)."""
-    seen, stack, found = set(), [obj], []
-    while stack:
-        item = stack.pop()
-        if id(item) in seen:
-            continue
-        seen.add(id(item))
-        if isinstance(item, np.ndarray):
-            found.append(item)
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
-        elif type(item).__module__.startswith("npdiff") and hasattr(item, "__dict__"):
-            stack.extend(vars(item).values())
-    return found
+    """Every NumPy array reachable from an npdiff model (the walk of mapped_arrays, unfiltered)."""
+    return [item for item in reachable(obj) if isinstance(item, np.ndarray)]
 
 
 def transposed_weights(model):
     """The weights TransposedLinear keeps as private [in,out] copies (CLIP's projections: the one
     documented weight preparation, see npdiff/models/transformer.py)."""
-    layers = [item for item in all_objects(model) if isinstance(item, TransposedLinear)]
+    layers = [item for item in reachable(model) if isinstance(item, TransposedLinear)]
     return {id(layer.weight) for layer in layers}, len(layers)
-
-
-def all_objects(obj):
-    """Every npdiff object reachable from a model."""
-    seen, stack, found = set(), [obj], []
-    while stack:
-        item = stack.pop()
-        if id(item) in seen:
-            continue
-        seen.add(id(item))
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
-        elif type(item).__module__.startswith("npdiff") and hasattr(item, "__dict__"):
-            found.append(item)
-            stack.extend(vars(item).values())
-    return found
 
 
 def test_float32_weights_are_views_of_the_files(folder):
