@@ -125,3 +125,21 @@ def test_fused_reads_head_views_and_writes_in_their_order(rng, second_product, n
     merged = merge_heads(ours)  # [B,N,h*d]
     assert np.shares_memory(merged, ours)
     assert_rel_close(ours, torch_sdpa(q.copy(), k.copy(), v.copy()), KERNEL_TOL, "strided heads")
+
+
+def test_batched_on_head_views_copies_into_reused_buffers(rng):
+    """Version 4 (small slices: CLIP, the UNet's 8x8 mid block) copies strided heads into buffers it
+    reuses from call to call: results match torch and the contiguous inputs' bytes, and a later call
+    leaves an earlier result alone."""
+    from npdiff.models.transformer import split_heads
+    heads, dim = 12, 64
+    results = []
+    for _ in range(2):
+        q, k, v = (split_heads(rng.standard_normal((2, 77, heads * dim), dtype=np.float32), heads)
+                   for _ in range(3))  # [B,h,77,d] strided views
+        ours = attention.attention_batched(q, k, v, is_causal=True)
+        on_copies = attention.attention_batched(*(np.ascontiguousarray(x) for x in (q, k, v)), is_causal=True)
+        assert np.array_equal(ours, on_copies)
+        assert_rel_close(ours, torch_sdpa(q.copy(), k.copy(), v.copy(), is_causal=True), KERNEL_TOL, "batched")
+        results.append((ours, ours.copy()))
+    assert np.array_equal(results[0][0], results[0][1])

@@ -47,8 +47,8 @@ then exp and the second GEMM per chunk: 135-146 against 150 GFLOP/s on 2 workers
 Strided inputs (the heads of transformer.split_heads: [B,h,N,d] views of [B,N,h*d]): q is read
 in place, each block's queries once, scaled into the worker's buffer (step 0); k and v are made
 contiguous once (read strided, BLAS would pack their scattered rows again for every block: measured
-slower); the output is allocated in q's memory order, so merge_heads finds it token-major and
-copies nothing. Measured in the UNet's call pattern (split_heads -> attention -> merge_heads, load
+slower), into buffers reused from call to call (common.WorkerBuffers: no mmap/munmap per call); the
+output is allocated in q's memory order, so merge_heads finds it token-major and copies nothing. Measured in the UNet's call pattern (split_heads -> attention -> merge_heads, load
 average ~2.3): cross-attention [2,8,4096,77,40] 21.5 -> 15.4 ms, [2,8,1024,77,80] 11.3 -> 7.9 ms;
 self-attention [2,8,4096,4096,40] within noise (three copies of q/out saved, strided q and output
 cost about as much).
@@ -60,12 +60,11 @@ up to its last query.
 """
 
 import math
-import threading
 
 import numpy as np
 
 from npdiff.jit import FASTMATH_SAFE, SERIAL, njit
-from npdiff.kernels.attention.common import causal_additive, default_scale
+from npdiff.kernels.attention.common import BUFFERS, causal_additive, contiguous_in_buffer, default_scale
 from npdiff.kernels.block_pool import run_blocks
 from npdiff.kernels.vecmath import LOG2E, exp2_nonpositive_f32
 
@@ -82,24 +81,6 @@ def fused_query_block(n_keys):
     """Queries per task for M = n_keys keys: about TILE_FLOATS scores, a multiple of ALIGN."""
     fitting = TILE_FLOATS // max(1, n_keys) // ALIGN * ALIGN
     return min(MAX_QUERY_BLOCK, max(MIN_QUERY_BLOCK, fitting))
-
-
-class WorkerBuffers(threading.local):
-    """Float32 scratch arrays per thread, kept between calls and grown when a call needs more."""
-
-    def __init__(self):
-        self.flat = {}
-
-    def get(self, name, shape):
-        size = math.prod(shape)
-        flat = self.flat.get(name)
-        if flat is None or flat.size < size:
-            flat = np.empty(size, np.float32)
-            self.flat[name] = flat
-        return flat[:size].reshape(shape)  # C-contiguous view
-
-
-BUFFERS = WorkerBuffers()
 
 
 @njit(**SERIAL, fastmath=FASTMATH_SAFE)
@@ -175,7 +156,8 @@ def attention_fused(q, k, v, mask=None, scale=None, is_causal=False, query_block
     # [B,N,h*d]: each slice is [N,d] with rows h*d apart, which BLAS reads as is); each block's
     # queries are read once. k and v, read once per block, are made contiguous once.
     # The output takes q's memory order, so merge_heads finds it already token-major.
-    k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)  # [...,M,d], [...,M,dv]
+    k = contiguous_in_buffer(k, "fused_k")  # [...,M,d], reused buffer when strided
+    v = contiguous_in_buffer(v, "fused_v")  # [...,M,dv]
     out = np.empty_like(q, np.float32, shape=lead + (n_queries, value_dim))  # [...,N,dv]
     slices = [np.unravel_index(s, lead) for s in range(math.prod(lead))]  # index of each [N,d] slice
 
