@@ -104,3 +104,42 @@ def test_paths_take_version_5_up_to_fused_max_keys(rng, monkeypatch):
     for path in ("full", "chunked"):
         assert_rel_close(scaled_dot_product_attention(q, k, v, path=path), expected, KERNEL_TOL, path)
     assert calls == ["attention_blocked", "attention_blocked"]
+
+
+@pytest.mark.parametrize("n_keys", [77, 180])
+def test_fused_reads_head_views_and_writes_in_their_order(rng, second_product, n_keys):
+    """The heads of transformer.split_heads are strided views [B,h,N,d] of [B,N,h*d]: version 5
+    reads them in place, gives the same bytes as on contiguous copies, and returns its output in
+    q's memory order, so merge_heads needs no copy."""
+    from npdiff.models.transformer import merge_heads, split_heads
+    heads, dim = 4, 40
+    q_tokens = rng.standard_normal((2, 150, heads * dim), dtype=np.float32)  # [B,N,h*d]
+    k_tokens = rng.standard_normal((2, n_keys, heads * dim), dtype=np.float32)  # [B,M,h*d]
+    v_tokens = rng.standard_normal((2, n_keys, heads * dim), dtype=np.float32)
+    q, k, v = (split_heads(x, heads) for x in (q_tokens, k_tokens, v_tokens))  # [B,h,*,d] views
+    assert not q.flags.c_contiguous
+    ours = attention_fused(q, k, v, query_block=32)  # [B,h,N,d]
+    on_copies = attention_fused(*(np.ascontiguousarray(x) for x in (q, k, v)), query_block=32)
+    assert np.array_equal(ours, on_copies)
+    assert ours.transpose(0, 2, 1, 3).flags.c_contiguous  # token-major, as q's storage
+    merged = merge_heads(ours)  # [B,N,h*d]
+    assert np.shares_memory(merged, ours)
+    assert_rel_close(ours, torch_sdpa(q.copy(), k.copy(), v.copy()), KERNEL_TOL, "strided heads")
+
+
+def test_batched_on_head_views_copies_into_reused_buffers(rng):
+    """Version 4 (small slices: CLIP, the UNet's 8x8 mid block) copies strided heads into buffers it
+    reuses from call to call: results match torch and the contiguous inputs' bytes, and a later call
+    leaves an earlier result alone."""
+    from npdiff.models.transformer import split_heads
+    heads, dim = 12, 64
+    results = []
+    for _ in range(2):
+        q, k, v = (split_heads(rng.standard_normal((2, 77, heads * dim), dtype=np.float32), heads)
+                   for _ in range(3))  # [B,h,77,d] strided views
+        ours = attention.attention_batched(q, k, v, is_causal=True)
+        on_copies = attention.attention_batched(*(np.ascontiguousarray(x) for x in (q, k, v)), is_causal=True)
+        assert np.array_equal(ours, on_copies)
+        assert_rel_close(ours, torch_sdpa(q.copy(), k.copy(), v.copy(), is_causal=True), KERNEL_TOL, "batched")
+        results.append((ours, ours.copy()))
+    assert np.array_equal(results[0][0], results[0][1])
