@@ -212,10 +212,10 @@ def input_transform4(x, row0, row1, tiles_h, c0, c1, gathered, mixed, V):
     tiles_w = gathered.shape[2] - 1
     run = gathered.shape[1] * gathered.shape[2]  # m * (tiles_w + 1)
     gathered[:] = 0.0
-    for row in range(row0, row1):
-        b, tile_row = row // tiles_h, row % tiles_h
-        t0 = (row - row0) * tiles_w
-        for c in range(c0, c1):
+    for c in range(c0, c1):  # (channel outer: each V[kl, c] row is written in one sequential run)
+        for row in range(row0, row1):
+            b, tile_row = row // tiles_h, row % tiles_h
+            t0 = (row - row0) * tiles_w
             # 1. gathered[r, p, j] = x[b, c, tile_row*4 - 1 + r, j*4 + p - 1] (outside x: zero)
             for r in range(6):
                 y = tile_row * 4 - 1 + r
@@ -288,11 +288,11 @@ def output_transform4(M, bias, o0, row0, row1, tiles_h, mixed, rows_out, out):
     Scratch rows_out [4, 4, tiles_w]: all four output rows of a tile row at once."""
     h_out, w_out = out.shape[2], out.shape[3]
     tiles_w = mixed.shape[2]
-    for row in range(row0, row1):
-        b, tile_row = row // tiles_h, row % tiles_h
-        t0 = (row - row0) * tiles_w
-        for local in range(M.shape[0]):
-            o = o0 + local
+    for local in range(M.shape[0]):  # (channel outer: M[local] read, out[b, o] written in order)
+        o = o0 + local
+        for row in range(row0, row1):
+            b, tile_row = row // tiles_h, row % tiles_h
+            t0 = (row - row0) * tiles_w
             # 1. mixed[k, q, j] = sum_l A^T[q,l] M[k*6+l, o, t0+j]   (M A, per tile)
             for k in range(6):
                 for j in range(tiles_w):
