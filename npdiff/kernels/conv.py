@@ -51,6 +51,9 @@ so they compare; shared machine, load average 2-4; NumPy's sgemm peak 203 GFLOP/
     [1,128,512,512] -> 128        140     201     244     158   VAE 512 px
     [1,3,512,512] -> 128           55      16      21      18   VAE conv_in (RGB)
     (* from a run at load average 4, sgemm peak measured 100 instead of 203: compare within the row)
+    With F(4,3)'s transforms written out (conv_winograd.py), conv2d's time / torch's, same benchmark,
+    load average 1.9, before -> after: 320@64 px 0.63 -> 0.57, 960->320@64 0.65 -> 0.56, 640@32
+    0.73 -> 0.56, 1280@16 0.79 -> 0.70, 2560->1280@16 0.74 -> 0.68, 640->1280@16 1.14 (im2col) -> 0.81.
 
 Hence the rule in conv_method: F(4,3) from 32 input channels and 32x32 output pixels up, and at
 16x16 from 640 input channels (there F(4,3)/im2col measured 0.5-0.87x in 5 of 6 alternated runs
