@@ -51,10 +51,15 @@ so they compare; shared machine, load average 2-4; NumPy's sgemm peak 203 GFLOP/
     [1,128,512,512] -> 128        140     201     244     158   VAE 512 px
     [1,3,512,512] -> 128           55      16      21      18   VAE conv_in (RGB)
     (* from a run at load average 4, sgemm peak measured 100 instead of 203: compare within the row)
+    With F(4,3)'s transforms written out (conv_winograd.py), conv2d's time / torch's, same benchmark,
+    load average 1.9, before -> after: 320@64 px 0.63 -> 0.57, 960->320@64 0.65 -> 0.56, 640@32
+    0.73 -> 0.56, 1280@16 0.79 -> 0.70, 2560->1280@16 0.74 -> 0.68, 640->1280@16 1.14 (im2col) -> 0.81.
 
 Hence the rule in conv_method: F(4,3) from 32 input channels and 32x32 output pixels up, and at
-16x16 from 1280 input channels (there F(4,3)/im2col measured 0.5-0.87x in 5 of 6 alternated runs
-at 1280 and 2560 channels, 1.05x in one; at 640 -> 1280 a tie: im2col kept); im2col below (at 8 px
+16x16 from 640 input channels (there F(4,3)/im2col measured 0.5-0.87x in 5 of 6 alternated runs
+at 1280 and 2560 channels, 1.05x in one; at 640 -> 1280 first a tie, then, with the written-out
+F(4,3) transforms, 0.74-0.80x in 3 alternated runs: 44.6 vs 60.4 ms, 63.4 vs 79.7, 53.8 vs 83.8
+at load average 1-1.4); im2col below (at 8 px
 the tiles are too few for the GEMMs). F(2,3) was faster than F(4,3) only at 640 -> 1280, 16 px.
 Rounding (relative error against a float64 conv, x ~ N(0,1), weights ~ N(0,1)/sqrt(9*C_in), bias
 ~ N(0,1)): torch float32 1.7-2.5e-7, im2col 2.6-2.8e-7, F(2,3) 2.7-4.4e-7, F(4,3) 1.7-2.9e-6 at the
@@ -83,7 +88,7 @@ PIXELS_PER_TILE_1X1 = 4096  # least columns per GEMM of a 1x1 conv
 DIRECT_MAX_C_OUT = 16  # stride-1 convs with at most this many output channels: direct Numba loops
 WINOGRAD_MIN_C_IN = 32  # 3x3 stride-1 convs with at least this many input channels ...
 WINOGRAD_MIN_PIXELS = 32 * 32  # ... and output pixels per image: Winograd F(4x4,3x3)
-WINOGRAD_DEEP_C_IN, WINOGRAD_DEEP_MIN_PIXELS = 1280, 16 * 16  # and with this many channels, from 16x16
+WINOGRAD_DEEP_C_IN, WINOGRAD_DEEP_MIN_PIXELS = 640, 16 * 16  # and with this many channels, from 16x16
 
 
 def output_size(size, kernel_size, stride, padding):

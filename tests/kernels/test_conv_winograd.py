@@ -87,6 +87,30 @@ def test_same_bytes_at_one_and_two_workers(rng, monkeypatch, one_group):
     assert results[0].tobytes() == results[1].tobytes() == results[2].tobytes()
 
 
+@pytest.mark.parametrize("height, width", [(9, 7), (1, 1), (13, 16), (16, 5)])
+def test_written_out_f43_transforms_equal_the_generic_ones(rng, height, width):
+    # input_transform4 / output_transform4 spell out B^T and A^T with the same terms in the same
+    # order as the generic kernels (edge tiles and padding included): the same bytes.
+    c_in, c_out, m, alpha = 5, 3, 4, 6
+    BT, AT = (WINOGRAD[m][name].astype(np.float32) for name in ("BT", "AT"))
+    x = rng.standard_normal((2, c_in, height, width), dtype=np.float32)
+    h_out, w_out, tiles_h, tiles_w = conv_winograd.tile_counts(height, width, 1, 1, m)
+    rows, tiles = 2 * tiles_h, 2 * tiles_h * tiles_w
+    V, V4 = (np.full((alpha * alpha, c_in, tiles), np.nan, np.float32) for _ in range(2))
+    scratch = lambda: np.full((alpha, m, tiles_w + 1), np.nan, np.float32)  # noqa: E731
+    conv_winograd.input_transform(x, BT, m, 1, 1, 0, rows, tiles_h, 0, c_in, scratch(), scratch(), V)
+    conv_winograd.input_transform4(x, 0, rows, tiles_h, 0, c_in, scratch(), scratch(), V4)
+    assert V.tobytes() == V4.tobytes()
+    M = rng.standard_normal((c_out, alpha * alpha, tiles), dtype=np.float32)
+    bias = rng.standard_normal(c_out, dtype=np.float32)
+    out, out4 = (np.full((2, c_out, h_out, w_out), np.nan, np.float32) for _ in range(2))
+    conv_winograd.output_transform(M, AT, bias, 0, 0, rows, tiles_h, np.empty((alpha, m, tiles_w), np.float32),
+                                   np.empty((m, tiles_w), np.float32), out)
+    conv_winograd.output_transform4(M, bias, 0, 0, rows, tiles_h, np.empty((alpha, m, tiles_w), np.float32),
+                                    np.empty((m, m, tiles_w), np.float32), out4)
+    assert not np.isnan(out4).any() and out.tobytes() == out4.tobytes()
+
+
 def test_output_blocks_are_a_multiple_of_four():
     for c_out in [2, 5, 64, 128, 320, 512, 640, 1280]:
         blocks = conv_winograd.output_blocks(c_out)
@@ -98,11 +122,11 @@ def test_conv2d_takes_winograd_at_sd_shapes(rng, monkeypatch):
     stride1, pad1 = (1, 1), (1, 1)
     for x_shape, weight_shape in [((2, 320, 64, 64), (320, 320, 3, 3)), ((2, 640, 32, 32), (640, 1280, 3, 3)),
                                   ((1, 512, 128, 128), (512, 512, 3, 3)), ((1, 128, 512, 512), (128, 128, 3, 3)),
-                                  ((2, 2560, 16, 16), (1280, 2560, 3, 3)), ((2, 1280, 16, 16), (1280, 1280, 3, 3))]:
+                                  ((2, 2560, 16, 16), (1280, 2560, 3, 3)), ((2, 1280, 16, 16), (1280, 1280, 3, 3)),
+                                  ((2, 640, 16, 16), (1280, 640, 3, 3))]:
         assert conv.conv_method(x_shape, weight_shape, stride1, pad1) == "winograd4"
     # where it measured no faster: small images, few input channels, strides, 1x1, few outputs
     assert conv.conv_method((2, 1280, 8, 8), (1280, 1280, 3, 3), stride1, pad1) == "im2col"
-    assert conv.conv_method((2, 640, 16, 16), (1280, 640, 3, 3), stride1, pad1) == "im2col"
     assert conv.conv_method((2, 4, 64, 64), (320, 4, 3, 3), stride1, pad1) == "im2col"
     assert conv.conv_method((2, 320, 64, 64), (320, 320, 3, 3), (2, 2), pad1) == "im2col"
     assert conv.conv_method((2, 320, 64, 64), (320, 320, 1, 1), stride1, (0, 0)) == "1x1"
