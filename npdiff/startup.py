@@ -8,9 +8,10 @@ npdiff.backend, ...), these steps have run, once, before it: results do not depe
   1. OpenBLAS (npdiff/blas.py): on a CPU with AVX-512, set OPENBLAS_CORETYPE=SkylakeX (its fast
      kernels), and set OPENBLAS_THREAD_TIMEOUT so its idle threads sleep after ~0.3 ms instead of
      spinning ~0.1 s beside the Numba kernel that runs next; each unless the user chose (or NumPy
-     is already loaded, when it is too late: blas_info() says so). Must come before NumPy is
-     imported, because OpenBLAS reads the variables when it loads: so this step imports nothing
-     but the standard library and npdiff/blas.py.
+     is already loaded, when it is too late: blas_info() says so, and a RuntimeWarning says what
+     it costs and how to avoid it). Must come before NumPy is imported, because OpenBLAS reads the
+     variables when it loads: so this step imports nothing but the standard library and
+     npdiff/blas.py.
   2. Numba's threading layer: a fork-safe one. Numba's default on Linux is GNU OpenMP ("omp"),
      which cannot survive fork(): a process forked after a parallel kernel has run (what
      multiprocessing does by default on Linux) is killed at its first parallel kernel ("fork()
@@ -31,8 +32,14 @@ Nothing here compiles a kernel, starts a thread or imports torch.
 
 import os
 import sys
+import warnings
 
 NUMBA_LAYER = "forksafe"
+NUMPY_FIRST_WARNING = (
+    "numpy was imported before npdiff, so OpenBLAS read its settings without npdiff's: its idle "
+    "threads spin ~0.1 s after every call, beside npdiff's own threads (measured: the SD 1.5 UNet "
+    "8.1 s -> 9.9 s on 2 cores). Import npdiff before numpy, or set OPENBLAS_THREAD_TIMEOUT=20 "
+    "(and, on an AVX-512 CPU, OPENBLAS_CORETYPE=SkylakeX) in the environment.")
 DECISIONS = {}
 _done = False
 
@@ -48,6 +55,8 @@ def run():
 
     DECISIONS["openblas_coretype"] = blas.prefer_avx512_openblas()
     DECISIONS["openblas_thread_timeout"] = blas.prefer_short_openblas_spin()
+    if DECISIONS["openblas_thread_timeout"].startswith("too late"):
+        warnings.warn(NUMPY_FIRST_WARNING, RuntimeWarning, stacklevel=2)
     # 2. before Numba is imported
     DECISIONS["numba_threading_layer"] = choose_numba_threading_layer()
     # 3.

@@ -6,10 +6,9 @@ printed in the failure report. Re-run a failure with NPDIFF_TEST_SEED=<seed> pyt
 
 import os
 
+import npdiff  # noqa: F401, I001  (first: it sets OpenBLAS's variables before numpy loads OpenBLAS)
 import numpy as np
 import pytest
-
-import npdiff  # noqa: F401  (sets OPENBLAS_CORETYPE before anything imports numpy's BLAS)
 
 try:
     import torch
