@@ -34,8 +34,9 @@ class TransposedLinear(Linear):
     both layouts run at the same speed, so only CLIP uses this class. In the whole CLIP-L forward
     (2 x 77 tokens, same process, alternated): 13-28 ms less per call (~7-12%). Cost: one transposed
     copy per weight at load, 340 MB for CLIP-L, measured 0.23-0.36 s (so it pays for itself after
-    ~10-20 text encodings); the array read from the file is then freed, so resident memory after
-    loading is unchanged (peak while loading: +one weight).
+    ~10-20 text encodings). The copy is private memory, resident for the pipeline's whole life (the
+    pipeline's release of the text encoder's mapped pages between stages cannot drop it); the
+    memory-mapped original is dropped and its pages released with the rest of the model's.
 
     `weight` is still the torch-layout [out, in] array for every reader and writer (a view of the
     [in, out] memory, so weight.T is C-contiguous). Assigning one (a fused LoRA, its unload) copies
