@@ -153,8 +153,7 @@ def map_openclip(shapes, source):
     return config, names
 
 
-def sd2_defaults(unet_config, prediction_type=None):
-    """SD 2.x's scheduler config (v-prediction unless told) and the UNet's default picture size."""
+def sd2_defaults(prediction_type=None):
+    """-> (SD 2.x's scheduler config, v-prediction unless told; the UNet's sample_size for that kind)."""
     prediction_type = check_prediction_type(prediction_type) or "v_prediction"
-    unet_config["sample_size"] = SAMPLE_SIZE[prediction_type]
-    return dict(SD2_SCHEDULER_CONFIG, prediction_type=prediction_type)
+    return dict(SD2_SCHEDULER_CONFIG, prediction_type=prediction_type), SAMPLE_SIZE[prediction_type]
