@@ -1,6 +1,7 @@
 """Weights from safetensors files: diffusers folders and original single-file checkpoints.
 
     read_config(folder) -> dict                     <folder>/config.json
+    read_json(path) -> dict                         any JSON object file (npdiff/json_files.py)
     open_weights(path) -> Weights                   one .safetensors file, read tensor by tensor
     load_component_weights(folder, variant=None)    diffusion_pytorch_model[.fp16].safetensors or
                                                     model[.fp16].safetensors in a component folder
@@ -26,8 +27,9 @@ Files:
 Loading never writes a file. Every bad input raises npdiff.errors.NpdiffError naming file and key.
 """
 
+from npdiff.json_files import read_json
 from npdiff.loading.components import load_pipeline_components
-from npdiff.loading.configs import load_component, load_component_weights, open_weights, read_config, read_json
+from npdiff.loading.configs import load_component, load_component_weights, open_weights, read_config
 from npdiff.loading.resident import release_resident_pages
 from npdiff.loading.single_file import load_single_file
 from npdiff.loading.weights import TensorRef, Weights

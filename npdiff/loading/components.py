@@ -15,8 +15,9 @@
 import os
 
 from npdiff.errors import NpdiffError
+from npdiff.json_files import read_json
 from npdiff.loading.config_checks import check_component_config
-from npdiff.loading.configs import load_component_weights, read_config, read_json
+from npdiff.loading.configs import load_component_weights, read_config
 from npdiff.loading.safetensors_io import refuse_pickle
 from npdiff.loading.single_file import load_single_file
 from npdiff.loading.single_file_sd2 import check_prediction_type, sd2_defaults
