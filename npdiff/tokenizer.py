@@ -25,7 +25,6 @@ like transformers' `add_tokens`); a multi-vector embedding registers its extra n
 before tokenizing, as diffusers' `maybe_convert_prompt` does.
 """
 
-import json
 import warnings
 from pathlib import Path
 
