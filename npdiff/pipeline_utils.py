@@ -32,23 +32,6 @@ SHIPPED_MODEL_NAME = "tiny-shapes"
 INSTALLED_MODEL_DIR = "shipped_model"
 PACKAGE_DIR = Path(__file__).resolve().parent  # where the shipped model is looked for
 
-# The scheduler_config.json of Stable Diffusion 1.5: used for single-file checkpoints, which carry none.
-SD15_SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-}
-
-
 @dataclass
 class PipelineOutput:
     """What a pipeline call returns.
@@ -98,7 +81,8 @@ def load_components(path, variant=None, tokenizer=None, prediction_type=None):
           holds none, so then from a tokenizer/ folder beside the file, else the shipped model's, else
           the CLIP vocabulary rebuilt from the openai-clip package (all SD 1.x use the same one).
           The scheduler config is the folder's scheduler/scheduler_config.json, else SD 2.1's for an
-          SD 2.x single file (v-prediction, npdiff.loading.single_file_sd2), else SD 1.5's.
+          SD 2.x single file (v-prediction, npdiff.loading.single_file_sd2), else SD 1.5's (chosen by
+          npdiff.loading.load_pipeline_components, which also applies prediction_type).
           SD 2.x single files pad with "!" (id 0): their fallback tokenizer does too.
     prediction_type: "epsilon" or "v_prediction" replaces the scheduler config's (None: keep it).
     """
@@ -111,15 +95,12 @@ def load_components(path, variant=None, tokenizer=None, prediction_type=None):
     else:
         openclip = parts["text_encoder"][0].get("hidden_act") == "gelu"  # SD 2.x pads with "!"
         clip_tokenizer = _fallback_tokenizer(path, pad_token="!" if openclip else None)
-    scheduler_config = dict(parts["scheduler"] or SD15_SCHEDULER_CONFIG)
-    if prediction_type is not None:
-        scheduler_config["prediction_type"] = prediction_type
     return {
         "text_encoder": CLIPTextModel(*parts["text_encoder"]),
         "tokenizer": clip_tokenizer,
         "unet": UNet2DConditionModel(*parts["unet"]),
         "vae": AutoencoderKL(*parts["vae"]),
-        "scheduler_config": scheduler_config,
+        "scheduler_config": parts["scheduler"],
     }
 
 
