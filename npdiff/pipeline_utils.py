@@ -32,6 +32,7 @@ SHIPPED_MODEL_NAME = "tiny-shapes"
 INSTALLED_MODEL_DIR = "shipped_model"
 PACKAGE_DIR = Path(__file__).resolve().parent  # where the shipped model is looked for
 
+
 @dataclass
 class PipelineOutput:
     """What a pipeline call returns.

@@ -172,7 +172,6 @@ def _cross_checks(component, full):
     return None
 
 
-
 # ---------------------------------------------------------------------------------------------
 # What the networks built here support (SD 1.x/2.x): "<where>: key=value is not supported ..."
 # ---------------------------------------------------------------------------------------------
