@@ -20,6 +20,9 @@ Files:
     weights.py          Weights and TensorRef
     resident.py         release_resident_pages: madvise(MADV_DONTNEED) over mapped weights
     configs.py          config.json, finding a component's weight file (variants, shards)
+    config_checks.py    every UNet/VAE/text encoder/scheduler config: defaults, rules, what is supported;
+                        checked once (the models import their defaults from here)
+    config_rules.py     the rules a config value can be asked to meet (Int, Float, ListOf, ...)
     keymap.py           the one key map, original layout <-> diffusers names
     single_file.py      single-file loading and config inference from tensor shapes
     single_file_sd2.py  SD 2.x single files: the OpenCLIP text encoder, v-prediction defaults
