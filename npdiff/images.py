@@ -28,6 +28,7 @@ import numpy as np
 from npdiff import backend
 from npdiff.atomic_files import atomic_write
 from npdiff.errors import NpdiffError
+from npdiff.infotext import format_infotext, parse_infotext
 
 PNG_PARAMS_KEY = "npdiff"  # the tEXt chunk keyword
 A1111_PARAMS_KEY = "parameters"  # AUTOMATIC1111's text chunk
@@ -215,8 +216,6 @@ def save_png(image, path, params=None):
     """
     from PIL.PngImagePlugin import PngInfo
 
-    from npdiff.infotext import format_infotext
-
     info = PngInfo()
     if params is not None:
         try:
@@ -270,8 +269,6 @@ def read_png_params(path):
     (npdiff.infotext.parse_infotext), so pictures from other tools can be reproduced too: the dict then
     also holds "unmapped", the settings npdiff could not take over.
     """
-    from npdiff.infotext import parse_infotext
-
     path = Path(path)
     if not path.is_file():
         raise NpdiffError(f"read_png_params: no such file {path}")

@@ -32,6 +32,7 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
+from npdiff.loading.safetensors_io import SafetensorsFile
 from npdiff.lora_keys import COMPONENTS, kohya_table, metadata_alpha, module_name, parse_key
 from npdiff.models.blocks import Conv2d, Linear
 
@@ -214,8 +215,6 @@ def fused_weight(entry, file, scale):
 
 def load_lora_weights(pipe, path, scale=1.0, adapter_name=None):
     """Fuse the LoRA in `path` into pipe.unet and pipe.text_encoder -> the LoadedLora record."""
-    from npdiff.loading.safetensors_io import SafetensorsFile
-
     # 1. the arguments and the file (pickles and renamed pickles are refused by SafetensorsFile)
     scale = check_scale(scale)
     path = Path(path).expanduser()

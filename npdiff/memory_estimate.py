@@ -35,7 +35,9 @@ purpose is to refuse a 1048576x1048576 picture or a million images in a second, 
 
 import os
 
+from npdiff import backend
 from npdiff.errors import NpdiffError
+from npdiff.kernels.block_pool import worker_count
 
 FLOAT_BYTES = 4
 SCORES_CAP = 1 << 23  # kernels.attention.MEMORY_EFFICIENT_MIN_SCORES: larger score matrices are chunked
@@ -142,11 +144,8 @@ def check_call_memory(pipe, batch, height, width, guidance, encode=False):
 
     Only for the NumPy backend (host memory); a GPU backend's memory is not measured here.
     """
-    from npdiff import backend
-
     if backend.name() not in ("numpy", None):
         return None
-    from npdiff.kernels.block_pool import worker_count
 
     text_dim = pipe.text_encoder.config.get("hidden_size", 768)
     estimate = estimate_call_bytes(pipe.unet.config, pipe.vae.config, text_dim, batch, height, width, guidance,

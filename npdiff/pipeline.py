@@ -36,13 +36,17 @@ from pathlib import Path
 
 import numpy as np
 
-from npdiff import backend
+from npdiff import __version__, backend
 from npdiff.images import decoded_to_float, to_pil
+from npdiff.loading.resident import release_resident_pages
+from npdiff.lora import load_lora_weights, lora_parameters, unload_lora_weights
 from npdiff.memory_estimate import check_call_memory
+from npdiff.models.blocks import guidance_scale_embedding
 from npdiff.pipeline_utils import (PipelineOutput, as_prompt_list, check_finite_decoded, check_finite_latents,
                                    check_guidance, check_output_type, check_positive_int, default_model_path,
                                    load_components, make_generator, resolve_scheduler)
 from npdiff.sampling_starts import ImageStart, InpaintStart, NoiseStart
+from npdiff.textual_inversion import load_textual_inversion
 
 
 class StableDiffusionPipeline:
@@ -71,8 +75,6 @@ class StableDiffusionPipeline:
         (measured for the SD 1.5 UNet in benchmarks/memory.py: well under a second against a minute
         of sampling); results are bit-identical. A no-op where madvise is unavailable, and for weights
         held in private memory (F16/BF16 widened, LoRA-fused, on a GPU)."""
-        from npdiff.loading.resident import release_resident_pages
-
         names = names or ("text_encoder", "unet", "vae")
         return sum(release_resident_pages(getattr(self, name)) for name in names)
 
@@ -119,21 +121,15 @@ class StableDiffusionPipeline:
 
     def load_textual_inversion(self, path, token=None):
         """Add a learned embedding (diffusers or A1111 .safetensors); -> the token(s) added."""
-        from npdiff.textual_inversion import load_textual_inversion
-
         return load_textual_inversion(self, path, token=token)
 
     def load_lora_weights(self, path, scale=1.0, adapter_name=None):
         """Fuse a LoRA (kohya/A1111 or diffusers/PEFT .safetensors) into the UNet and text encoder weights,
         W += scale * alpha/r * up @ down, as diffusers' load_lora_weights + fuse_lora(lora_scale=scale)."""
-        from npdiff.lora import load_lora_weights
-
         return load_lora_weights(self, path, scale=scale, adapter_name=adapter_name)
 
     def unload_lora_weights(self):
         """Put back the original weights of every layer a loaded LoRA changed (nothing loaded: no-op)."""
-        from npdiff.lora import unload_lora_weights
-
         unload_lora_weights(self)
 
     # -----------------------------------------------------------------------------------------
@@ -174,8 +170,6 @@ class StableDiffusionPipeline:
         #     whose step takes eta (DDIM, TCD) get the pipeline's eta (diffusers' prepare_extra_step_kwargs)
         unet_kwargs, step_kwargs = {}, {"generator": generator}
         if self.unet.config.get("time_cond_proj_dim") is not None:
-            from npdiff.models.blocks import guidance_scale_embedding
-
             guidance = np.full(latents.shape[0], guidance_scale - 1, dtype=np.float32)          # [B]
             unet_kwargs["timestep_cond"] = guidance_scale_embedding(guidance, self.unet.config["time_cond_proj_dim"])
         if "eta" in inspect.signature(scheduler.step).parameters:
@@ -229,10 +223,6 @@ class StableDiffusionPipeline:
 
     def generation_parameters(self, prompts, negatives, seed, steps, guidance_scale, height, width, scheduler_name):
         """What made a picture, as stored in its PNG (images.save_png) to make it again."""
-        from npdiff import __version__
-
-        from npdiff.lora import lora_parameters
-
         single = len(prompts) == 1
         parameters = {"prompt": prompts[0] if single else prompts,
                       "negative_prompt": negatives[0] if single else negatives,

@@ -16,29 +16,21 @@ from pathlib import Path
 
 import numpy as np
 
+from npdiff import backend
+from npdiff.atomic_files import atomic_folder
+from npdiff.clip_vocab import write_clip_tokenizer_folder
 from npdiff.errors import NpdiffError
+from npdiff.loading import load_pipeline_components
+from npdiff.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+from npdiff.rng import TorchGenerator
+from npdiff.schedulers import SCHEDULERS, make_scheduler, scheduler_from_config
+from npdiff.tokenizer import CLIPTokenizer, check_prompt_text
 
 SHIPPED_MODEL_NAME = "tiny-shapes"
 # pyproject.toml installs weights/tiny-shapes/ as this folder of the package (package-dir mapping), so a
 # plain non-editable `pip install .` carries the model too.
 INSTALLED_MODEL_DIR = "shipped_model"
 PACKAGE_DIR = Path(__file__).resolve().parent  # where the shipped model is looked for
-
-# The scheduler_config.json of Stable Diffusion 1.5: used for single-file checkpoints, which carry none.
-SD15_SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-}
 
 
 @dataclass
@@ -90,14 +82,11 @@ def load_components(path, variant=None, tokenizer=None, prediction_type=None):
           holds none, so then from a tokenizer/ folder beside the file, else the shipped model's, else
           the CLIP vocabulary rebuilt from the openai-clip package (all SD 1.x use the same one).
           The scheduler config is the folder's scheduler/scheduler_config.json, else SD 2.1's for an
-          SD 2.x single file (v-prediction, npdiff.loading.single_file_sd2), else SD 1.5's.
+          SD 2.x single file (v-prediction, npdiff.loading.single_file_sd2), else SD 1.5's (chosen by
+          npdiff.loading.load_pipeline_components, which also applies prediction_type).
           SD 2.x single files pad with "!" (id 0): their fallback tokenizer does too.
     prediction_type: "epsilon" or "v_prediction" replaces the scheduler config's (None: keep it).
     """
-    from npdiff.loading import load_pipeline_components
-    from npdiff.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
-    from npdiff.tokenizer import CLIPTokenizer
-
     path = Path(path).expanduser()
     parts = load_pipeline_components(path, variant=variant, prediction_type=prediction_type)
     if tokenizer is not None:
@@ -107,15 +96,12 @@ def load_components(path, variant=None, tokenizer=None, prediction_type=None):
     else:
         openclip = parts["text_encoder"][0].get("hidden_act") == "gelu"  # SD 2.x pads with "!"
         clip_tokenizer = _fallback_tokenizer(path, pad_token="!" if openclip else None)
-    scheduler_config = dict(parts["scheduler"] or SD15_SCHEDULER_CONFIG)
-    if prediction_type is not None:
-        scheduler_config["prediction_type"] = prediction_type
     return {
         "text_encoder": CLIPTextModel(*parts["text_encoder"]),
         "tokenizer": clip_tokenizer,
         "unet": UNet2DConditionModel(*parts["unet"]),
         "vae": AutoencoderKL(*parts["vae"]),
-        "scheduler_config": scheduler_config,
+        "scheduler_config": parts["scheduler"],
     }
 
 
@@ -124,8 +110,6 @@ def _fallback_tokenizer(path, pad_token=None):
 
     pad_token "!" (SD 2.x): not the shipped model's (an SD 1.x tokenizer), openai-clip's padded with "!".
     """
-    from npdiff.tokenizer import CLIPTokenizer
-
     beside = path.parent / "tokenizer"
     if path.is_file() and beside.is_dir():
         return CLIPTokenizer.from_pretrained(beside)
@@ -156,10 +140,6 @@ def _tokenizer_from_openai_clip(pad_token=None):
     import functools
     import warnings
 
-    from npdiff.atomic_files import atomic_folder
-    from npdiff.clip_vocab import write_clip_tokenizer_folder
-    from npdiff.tokenizer import CLIPTokenizer
-
     cache = tokenizer_cache_folder(pad_token)
     if cache.exists():
         try:
@@ -177,8 +157,6 @@ def _tokenizer_from_openai_clip(pad_token=None):
 # ---------------------------------------------------------------------------------------------
 def resolve_scheduler(scheduler, config):
     """-> (scheduler instance, its name) from a SCHEDULERS name, an instance, or None (the config's own)."""
-    from npdiff.schedulers import SCHEDULERS, make_scheduler, scheduler_from_config
-
     if scheduler is None:
         instance = scheduler_from_config(config)
         return instance, scheduler_name(instance)
@@ -198,8 +176,6 @@ def scheduler_name(instance):
     A preset (e.g. dpmpp_2m_karras = DPM-Solver++ with use_karras_sigmas=True) wins over its plain class
     when the instance's config has the preset's fixed values.
     """
-    from npdiff.schedulers import SCHEDULERS
-
     config = getattr(instance, "config", None) or {}
     found = None
     for name, entry in SCHEDULERS.items():
@@ -269,8 +245,6 @@ def check_strength(strength):
 
 def as_prompt_list(prompt, negative_prompt):
     """-> (prompts, negative prompts), lists of equal length; "" is the default negative prompt."""
-    from npdiff.tokenizer import check_prompt_text
-
     for what, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         many = isinstance(value, (list, tuple))
         for index, text in enumerate(value if many else [value]):
@@ -298,8 +272,6 @@ def as_prompt_list(prompt, negative_prompt):
 
 def check_finite_latents(latents, step, total, timestep):
     """NpdiffError when sampling step `step` (0-based) made NaN or Inf latents: never a black picture."""
-    from npdiff import backend
-
     xp = backend.array_module(latents)
     if not bool(xp.isfinite(latents).all()):
         raise NpdiffError(f"sampling step {step + 1} of {total} (timestep {float(timestep):g}) produced NaN or "
@@ -309,8 +281,6 @@ def check_finite_latents(latents, step, total, timestep):
 
 def check_finite_decoded(decoded):
     """NpdiffError when the VAE decoded NaN or Inf values (they would become a black picture)."""
-    from npdiff import backend
-
     if not bool(backend.array_module(decoded).isfinite(decoded).all()):
         raise NpdiffError("the VAE decoded NaN or infinite values from finite latents; its weights or config "
                           "make non-finite numbers, so no picture was made")
@@ -318,8 +288,6 @@ def check_finite_decoded(decoded):
 
 def make_generator(seed, generator):
     """-> (TorchGenerator, seed or None). A fresh random seed when neither is given (reported back)."""
-    from npdiff.rng import TorchGenerator
-
     if seed is not None and generator is not None:
         raise NpdiffError("pass seed= or generator=, not both")
     if generator is not None:

@@ -15,6 +15,7 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
+from npdiff.loading.configs import open_weights
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 A1111_KEYS = ("emb_params", "string_to_param.*")
@@ -22,8 +23,6 @@ A1111_KEYS = ("emb_params", "string_to_param.*")
 
 def read_embedding_file(path):
     """-> (token named by the file, float32 vectors [n,D]) from a diffusers or A1111 .safetensors file."""
-    from npdiff.loading import open_weights
-
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise NpdiffError(f"{path}: {path.suffix} files are Python pickles, and loading one can run arbitrary "

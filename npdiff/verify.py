@@ -25,6 +25,9 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
+from npdiff.pipeline import StableDiffusionPipeline
+from npdiff.pipeline_utils import check_positive_int, check_size, default_model_path, size_rule
+from npdiff.rng import TorchGenerator
 
 NETWORK_TOL = 1e-4
 IMAGE_LEVELS_TOL = 2
@@ -254,10 +257,6 @@ def verify_model(model=None, steps=4, height=None, width=None, seed=0, out=None)
     _require_torch_stack()
     import torch
     from diffusers import StableDiffusionPipeline as TorchPipeline
-
-    from npdiff.pipeline import StableDiffusionPipeline
-    from npdiff.pipeline_utils import check_positive_int, check_size, default_model_path, size_rule
-    from npdiff.rng import TorchGenerator
 
     steps = check_positive_int(steps, "--steps")
     model = Path(model) if model is not None else default_model_path()

@@ -5,8 +5,9 @@
         "vae":          (config, Weights),
         "text_encoder": (config, Weights),
         "tokenizer":    folder with vocab.json + merges.txt, or None (single file: none inside),
-        "scheduler":    scheduler_config.json as a dict, or None (an SD 1.x single file holds none;
-                        an SD 2.x one gets SD 2.x's, single_file_sd2.sd2_defaults),
+        "scheduler":    the folder's scheduler/scheduler_config.json as a dict; else SD 2.1's for an
+                        SD 2.x single file (single_file_sd2.py), else SD 1.5's; its prediction_type
+                        replaced by the one asked for (here and nowhere else),
         "model_index":  model_index.json as a dict, or None,
         "source":       the path, for messages,
     }
@@ -15,13 +16,29 @@
 import os
 
 from npdiff.errors import NpdiffError
+from npdiff.json_files import read_json
 from npdiff.loading.config_checks import check_component_config
-from npdiff.loading.configs import load_component_weights, read_config, read_json
+from npdiff.loading.configs import load_component_weights, read_config
 from npdiff.loading.safetensors_io import refuse_pickle
 from npdiff.loading.single_file import load_single_file
-from npdiff.loading.single_file_sd2 import check_prediction_type, sd2_defaults
+from npdiff.loading.single_file_sd2 import SD2_SCHEDULER_CONFIG, check_prediction_type, sd2_sample_size
 
 MODEL_COMPONENTS = ("unet", "vae", "text_encoder")
+# The scheduler_config.json of Stable Diffusion 1.5: for a model that carries none (an SD 1.x single file)
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+}
 EXPECTED_LAYOUT = ("a diffusers folder (model_index.json; unet/, vae/, text_encoder/ each with config.json "
                    "and .safetensors weights; tokenizer/, scheduler/) or a single-file SD 1.x/2.x .safetensors "
                    "checkpoint")
@@ -53,22 +70,31 @@ def _optional_scheduler(path):
     return check_component_config("scheduler", read_json(config_path), config_path)
 
 
+def _scheduler_config(found, prediction_type):
+    """The model's scheduler config (else SD 1.5's) with prediction_type, when given, in place of its own."""
+    config = dict(found or SD15_SCHEDULER_CONFIG)
+    if prediction_type is not None:
+        config["prediction_type"] = prediction_type
+    return config
+
+
 def load_pipeline_components(path, variant=None, prediction_type=None):
     """The (config, Weights) of unet, vae and text_encoder, plus tokenizer folder and scheduler config.
 
-    prediction_type: for an SD 2.x single file, "v_prediction" (the default, as diffusers) or "epsilon"
-    (the 512-pixel base models); it also sets the UNet's default picture size. Checked here, applied
-    to the scheduler config by the caller for every model.
+    prediction_type: "epsilon" or "v_prediction" in place of the scheduler config's (None: keep it). For
+    an SD 2.x single file the default is "v_prediction" (as diffusers), and "epsilon" (the 512-pixel
+    base models) also sets the UNet's default picture size.
     """
     path = os.fspath(path)
     check_prediction_type(prediction_type)
     if os.path.isfile(path):
         refuse_pickle(path)
         components = load_single_file(path)
-        scheduler = None
-        if components["text_encoder"][0]["hidden_act"] == "gelu":  # OpenCLIP: SD 2.x
-            scheduler, sample_size = sd2_defaults(prediction_type)
+        sd2 = components["text_encoder"][0]["hidden_act"] == "gelu"  # OpenCLIP: SD 2.x
+        scheduler = _scheduler_config(SD2_SCHEDULER_CONFIG if sd2 else None, prediction_type)
+        if sd2:
             unet_config, unet_weights = components["unet"]
+            sample_size = sd2_sample_size(scheduler["prediction_type"])
             components["unet"] = (dict(unet_config, sample_size=sample_size), unet_weights)
         for name in MODEL_COMPONENTS:  # configs inferred from the tensors: checked like a folder's
             config, weights = components[name]
@@ -94,7 +120,7 @@ def load_pipeline_components(path, variant=None, prediction_type=None):
         config = check_component_config(name, read_config(folder), os.path.join(folder, "config.json"))
         result[name] = (config, load_component_weights(folder, variant=variant))
     result["tokenizer"] = _optional_tokenizer(path)
-    result["scheduler"] = _optional_scheduler(path)
+    result["scheduler"] = _scheduler_config(_optional_scheduler(path), prediction_type)
     result["model_index"] = model_index
     result["source"] = path
     return result

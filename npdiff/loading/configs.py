@@ -12,30 +12,15 @@ A single file holds no config.json: clip_text_config writes the text encoder's o
 off its tensors (single_file.py for SD 1.x's CLIP, single_file_sd2.py for SD 2.x's OpenCLIP).
 """
 
-import json
 import os
 
 from npdiff.errors import NpdiffError
+from npdiff.json_files import read_json
 from npdiff.loading.safetensors_io import PICKLE_SUFFIXES, SafetensorsFile, refuse_pickle
 from npdiff.loading.weights import TensorRef, Weights
 
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")  # diffusers models, transformers models
 CLIP_HEAD_WIDTH = 64  # channels per attention head in CLIP ViT-L/H (and SD 2.x's UNet)
-
-
-def read_json(path):
-    """A JSON object from `path`; NpdiffError naming the file if it is missing or not a JSON object."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise NpdiffError(f"missing file: {path}")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            value = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise NpdiffError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise NpdiffError(f"{path} should hold a JSON object, found a {type(value).__name__}")
-    return value
 
 
 def read_config(folder):

@@ -30,6 +30,7 @@ from npdiff.loading.configs import load_component
 from npdiff.models.blocks import LayerNorm, child
 from npdiff.models.transformer import TransposedLinear, merge_heads, split_heads
 
+
 def _gelu_erf(x):
     return kernels.gelu(x, approximate="none")
 

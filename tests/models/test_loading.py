@@ -332,6 +332,22 @@ def test_pipeline_components_from_a_folder(pipeline_folder):
     assert snapshot(pipeline_folder) == before  # loading never writes
 
 
+def test_pipeline_components_apply_prediction_type_to_the_scheduler(pipeline_folder, tmp_path):
+    parts = load_pipeline_components(pipeline_folder, prediction_type="v_prediction")
+    assert parts["scheduler"] == {"_class_name": "PNDMScheduler", "prediction_type": "v_prediction"}
+    assert read_json(pipeline_folder / "scheduler" / "scheduler_config.json") == {"_class_name": "PNDMScheduler"}
+    assert load_pipeline_components(pipeline_folder)["scheduler"] == {"_class_name": "PNDMScheduler"}
+    # a folder without scheduler/ gets SD 1.5's, with the prediction type asked for
+    root = tmp_path / "no-scheduler"
+    shutil.copytree(pipeline_folder, root, ignore=shutil.ignore_patterns("scheduler"))
+    parts = load_pipeline_components(root, prediction_type="v_prediction")
+    assert parts["scheduler"]["_class_name"] == "PNDMScheduler" and parts["scheduler"]["beta_end"] == 0.012
+    assert parts["scheduler"]["prediction_type"] == "v_prediction"
+    assert load_pipeline_components(root)["scheduler"]["prediction_type"] == "epsilon"
+    with pytest.raises(NpdiffError, match="prediction_type must be one of epsilon, v_prediction, got 'sample'"):
+        load_pipeline_components(root, prediction_type="sample")
+
+
 def test_pipeline_components_errors(pipeline_folder, tmp_path):
     with pytest.raises(NpdiffError, match=r"holds none of unet/, vae/, text_encoder/; expected a diffusers "
                                           r"folder \(model_index\.json"):

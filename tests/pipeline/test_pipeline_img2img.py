@@ -12,7 +12,7 @@ import torch
 from tiny_sd import tiny_sd_folder, torch_pipeline  # noqa: E402
 
 from npdiff import NpdiffError  # noqa: E402
-from npdiff.img2img import get_timesteps  # noqa: E402
+from npdiff.sampling_starts import get_timesteps  # noqa: E402
 from npdiff.pipeline import StableDiffusionPipeline  # noqa: E402
 from npdiff.schedulers import make_scheduler  # noqa: E402
 
