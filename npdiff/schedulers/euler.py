@@ -35,7 +35,6 @@ class EulerDiscreteScheduler(SigmaSchedulerBase):
     }
     _ONLY = {
         "interpolation_type": ("linear",),
-        "use_exponential_sigmas": (False,),
         "use_beta_sigmas": (False,),
         "timestep_type": ("discrete",),
         "rescale_betas_zero_snr": (False,),

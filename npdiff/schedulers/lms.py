@@ -33,7 +33,7 @@ class LMSDiscreteScheduler(SigmaSchedulerBase):
         "timestep_spacing": "linspace",
         "steps_offset": 0,
     }
-    _ONLY = {"use_exponential_sigmas": (False,), "use_beta_sigmas": (False,)}
+    _ONLY = {"use_beta_sigmas": (False,)}
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)

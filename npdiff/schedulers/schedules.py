@@ -189,3 +189,56 @@ def karras_sigmas(sigma_min, sigma_max, num_inference_steps, rho=7.0):
 def index_of_timestep(schedule_timesteps, timestep):
     """Positions of `timestep` in the schedule (diffusers compares with ==)."""
     return np.flatnonzero(np.asarray(schedule_timesteps) == timestep)
+
+
+def exponential_sigmas(sigma_min, sigma_max, num_inference_steps):
+    """Sigmas evenly spaced in log(sigma), descending, float64 (diffusers' use_exponential_sigmas)."""
+    log_sigmas = np.linspace(math.log(sigma_max), math.log(sigma_min), num_inference_steps)  # [n]
+    return np.exp(log_sigmas)                                                              # [n] float64
+
+
+SIGMA_KINDS = ("karras", "exponential")
+
+
+def sigma_kind(config):
+    """"karras", "exponential" or None: which sigma spacing replaces the timesteps' own sigmas."""
+    if config.get("use_karras_sigmas"):
+        return "karras"
+    if config.get("use_exponential_sigmas"):
+        return "exponential"
+    return None
+
+
+def converted_sigmas(kind, in_sigmas, num_inference_steps, log_sigmas, sigma_min=None, sigma_max=None):
+    """Karras or exponential sigmas between in_sigmas[-1] and in_sigmas[0] (or the configured sigma_min /
+    sigma_max), and the fractional training timesteps they fall on; -> (sigmas [n], timesteps [n]) float64.
+
+    in_sigmas: descending; the k-diffusion samplers pass the sigmas of their inference timesteps, the
+    multistep solvers all training sigmas (diffusers does each so)."""
+    sigma_min = sigma_min if sigma_min is not None else in_sigmas[-1].item()
+    sigma_max = sigma_max if sigma_max is not None else in_sigmas[0].item()
+    if kind == "karras":
+        sigmas = karras_sigmas(sigma_min, sigma_max, num_inference_steps)                  # [n]
+    else:
+        sigmas = exponential_sigmas(sigma_min, sigma_max, num_inference_steps)             # [n]
+    timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])                    # [n]
+    return sigmas, timesteps
+
+
+def multistep_timesteps(spacing, num_train_timesteps, num_inference_steps, steps_offset, last_timestep=None):
+    """The int64 timesteps of the multistep solvers (DPM-Solver++, UniPC, DEIS), descending.
+
+    "linspace" and "leading" space n + 1 points and drop the last (t = 0); last_timestep (DPM-Solver's
+    lambda_min_clipped) shortens the range, num_train_timesteps by default."""
+    T, n = num_train_timesteps, num_inference_steps
+    last = T if last_timestep is None else last_timestep
+    if spacing == "linspace":
+        return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].astype(np.int64)           # [n]
+    if spacing == "leading":
+        step_ratio = last // (n + 1)
+        timesteps = (np.arange(0, n + 1) * step_ratio).round()[::-1][:-1].astype(np.int64)  # [n]
+        return check_offset_timesteps(timesteps + steps_offset, T, steps_offset)
+    if spacing == "trailing":
+        step_ratio = T / n
+        return np.arange(last, 0, -step_ratio).round().astype(np.int64) - 1                # [n]
+    raise NpdiffError(f"timestep_spacing: expected one of {', '.join(TIMESTEP_SPACINGS)}, got {spacing!r}")

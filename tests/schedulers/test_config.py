@@ -110,8 +110,11 @@ def test_other_bad_input():
         S.DDIMScheduler(beta_strat=0.1)
     with pytest.raises(NpdiffError, match="thresholding=True is not implemented"):
         S.DDIMScheduler(thresholding=True)
-    with pytest.raises(NpdiffError, match="algorithm_type='sde-dpmsolver\\+\\+' is not implemented"):
-        S.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")
+    # (sde-dpmsolver++ is implemented now; diffusers' deprecated noise-prediction forms are not)
+    with pytest.raises(NpdiffError, match="algorithm_type='sde-dpmsolver' is not implemented"):
+        S.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver")
+    with pytest.raises(NpdiffError, match="only one of use_karras_sigmas, use_exponential_sigmas"):
+        S.EulerDiscreteScheduler(use_karras_sigmas=True, use_exponential_sigmas=True)
     with pytest.raises(NpdiffError, match="trained_betas: expected 1000 values"):
         S.DDIMScheduler(trained_betas=[0.1, 0.2])
     prk = S.PNDMScheduler(skip_prk_steps=False)
