@@ -22,6 +22,8 @@ from npdiff.schedulers.ddpm import DDPMScheduler
 from npdiff.schedulers.dpm_solver import DPMSolverMultistepScheduler
 from npdiff.schedulers.euler import EulerDiscreteScheduler
 from npdiff.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
+from npdiff.schedulers.heun import HeunDiscreteScheduler
+from npdiff.schedulers.kdpm2 import KDPM2DiscreteScheduler
 from npdiff.schedulers.lcm import LCMScheduler
 from npdiff.schedulers.lms import LMSDiscreteScheduler
 from npdiff.schedulers.pndm import PNDMScheduler
@@ -66,7 +68,8 @@ SCHEDULERS = {
 SCHEDULER_CLASSES = {
     cls.__name__: cls
     for cls in (PNDMScheduler, DDIMScheduler, DDPMScheduler, LMSDiscreteScheduler, EulerDiscreteScheduler,
-                EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, LCMScheduler, TCDScheduler)
+                EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, LCMScheduler, TCDScheduler,
+                HeunDiscreteScheduler, KDPM2DiscreteScheduler)
 }
 
 

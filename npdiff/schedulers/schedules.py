@@ -178,6 +178,21 @@ def sigma_to_t(sigma, log_sigmas):
     return t.reshape(sigma.shape)
 
 
+def sigma_to_t_float32(sigma, log_sigmas):
+    """`sigma_to_t` for one float32 sigma, every operation in float32.
+
+    diffusers' DPM2 schedulers pass torch tensors to `_sigma_to_t` for the midpoint timesteps, so
+    there the arithmetic stays in float32 (log_sigmas float32, w and t float32)."""
+    log_sigmas = np.asarray(log_sigmas, dtype=np.float32)
+    log_sigma = np.log(np.maximum(np.float32(sigma), np.float32(1e-10)))
+    dists = log_sigma - log_sigmas                                       # [T] float32
+    low_idx = min(int(np.cumsum(dists >= 0).argmax()), log_sigmas.shape[0] - 2)
+    high_idx = low_idx + 1
+    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+    w = np.clip((low - log_sigma) / (low - high), np.float32(0), np.float32(1))
+    return (np.float32(1) - w) * np.float32(low_idx) + w * np.float32(high_idx)
+
+
 def karras_sigmas(sigma_min, sigma_max, num_inference_steps, rho=7.0):
     """Karras et al. (2022) eq. 5: sigmas evenly spaced in sigma^(1/rho), descending, float64."""
     ramp = np.linspace(0, 1, num_inference_steps)                       # [n]
@@ -242,3 +257,10 @@ def multistep_timesteps(spacing, num_train_timesteps, num_inference_steps, steps
         step_ratio = T / n
         return np.arange(last, 0, -step_ratio).round().astype(np.int64) - 1                # [n]
     raise NpdiffError(f"timestep_spacing: expected one of {', '.join(TIMESTEP_SPACINGS)}, got {spacing!r}")
+
+
+def doubled(values):
+    """[v0, v1, v1, v2, v2, ...]: every value after the first twice, for the two-stage samplers (Heun,
+    DPM2) whose second stage runs at the same schedule position (diffusers' repeat_interleave(2))."""
+    values = np.asarray(values)
+    return np.concatenate([values[:1], np.repeat(values[1:], 2)])
