@@ -24,6 +24,7 @@ from npdiff.schedulers.euler import EulerDiscreteScheduler
 from npdiff.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
 from npdiff.schedulers.heun import HeunDiscreteScheduler
 from npdiff.schedulers.kdpm2 import KDPM2DiscreteScheduler
+from npdiff.schedulers.kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
 from npdiff.schedulers.lcm import LCMScheduler
 from npdiff.schedulers.lms import LMSDiscreteScheduler
 from npdiff.schedulers.pndm import PNDMScheduler
@@ -69,7 +70,7 @@ SCHEDULER_CLASSES = {
     cls.__name__: cls
     for cls in (PNDMScheduler, DDIMScheduler, DDPMScheduler, LMSDiscreteScheduler, EulerDiscreteScheduler,
                 EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, LCMScheduler, TCDScheduler,
-                HeunDiscreteScheduler, KDPM2DiscreteScheduler)
+                HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler)
 }
 
 
