@@ -19,6 +19,7 @@ from npdiff.errors import NpdiffError
 from npdiff.schedulers.base import SchedulerConfig, SchedulerOutput
 from npdiff.schedulers.ddim import DDIMScheduler
 from npdiff.schedulers.ddpm import DDPMScheduler
+from npdiff.schedulers.deis import DEISMultistepScheduler
 from npdiff.schedulers.dpm_solver import DPMSolverMultistepScheduler
 from npdiff.schedulers.euler import EulerDiscreteScheduler
 from npdiff.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
@@ -70,7 +71,8 @@ SCHEDULER_CLASSES = {
     cls.__name__: cls
     for cls in (PNDMScheduler, DDIMScheduler, DDPMScheduler, LMSDiscreteScheduler, EulerDiscreteScheduler,
                 EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, LCMScheduler, TCDScheduler,
-                HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler)
+                HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
+                DEISMultistepScheduler)
 }
 
 
