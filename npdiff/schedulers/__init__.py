@@ -30,6 +30,7 @@ from npdiff.schedulers.lcm import LCMScheduler
 from npdiff.schedulers.lms import LMSDiscreteScheduler
 from npdiff.schedulers.pndm import PNDMScheduler
 from npdiff.schedulers.tcd import TCDScheduler
+from npdiff.schedulers.unipc import UniPCMultistepScheduler
 
 
 class SchedulerPreset:
@@ -72,7 +73,7 @@ SCHEDULER_CLASSES = {
     for cls in (PNDMScheduler, DDIMScheduler, DDPMScheduler, LMSDiscreteScheduler, EulerDiscreteScheduler,
                 EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, LCMScheduler, TCDScheduler,
                 HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
-                DEISMultistepScheduler)
+                DEISMultistepScheduler, UniPCMultistepScheduler)
 }
 
 
