@@ -17,6 +17,7 @@ it follows).
 
 import numpy as np
 
+from npdiff.errors import NpdiffError
 from npdiff.schedulers import schedules
 from npdiff.schedulers.base import SchedulerOutput, draw_noise
 from npdiff.schedulers.kdpm2 import KDPM2DiscreteScheduler, log_midpoint
@@ -38,6 +39,7 @@ class KDPM2AncestralDiscreteScheduler(KDPM2DiscreteScheduler):
             # huge (cosine schedule, t near T): clamp at 0 where diffusers would give NaN
             sigmas_down = np.sqrt(np.maximum(sigmas_next_sq - sigmas_up * sigmas_up, np.float32(0.0)))
         sigmas_down[-1] = 0.0
+        self._check_steps_down(sigmas, sigmas_down)
         # 2. midpoints between each sigma and its sigma_down (the last two: 0)
         sigmas_interpol = log_midpoint(sigmas, sigmas_down)                             # [n+1]
         sigmas_interpol[-2:] = 0.0
@@ -55,6 +57,16 @@ class KDPM2AncestralDiscreteScheduler(KDPM2DiscreteScheduler):
         self.timesteps = np.concatenate([timesteps[:1], pairs.reshape(-1)])             # [2n-1]
         self.sample = None
         self.reset_step_index()
+
+    def _check_steps_down(self, sigmas, sigmas_down):
+        """NpdiffError when a step before the last is so large that sigma_down rounds to 0 in float32 (its
+        midpoint is then undefined: diffusers gives NaN timesteps and NaN pictures there)."""
+        collapsed = np.flatnonzero(~(sigmas_down[:-2] > 0))
+        if len(collapsed):
+            i = int(collapsed[0])
+            raise NpdiffError(f"KDPM2AncestralDiscreteScheduler: with {self.num_inference_steps} steps the step "
+                              f"from sigma {float(sigmas[i]):.4g} to {float(sigmas[i + 1]):.4g} is too large: its "
+                              f"sigma_down rounds to 0 in float32 (diffusers gives NaN); use more steps")
 
     def scale_model_input(self, sample, timestep):
         """sample / sqrt(sigma^2 + 1) at the stage's sigma (the midpoint in the second stage)."""
