@@ -162,3 +162,19 @@ def test_pndm_refuses_timesteps_past_the_schedule(skip_prk_steps):
     scheduler = S.PNDMScheduler(steps_offset=10**9, skip_prk_steps=skip_prk_steps)
     with pytest.raises(NpdiffError, match="past the last training step 999"):
         scheduler.set_timesteps(10)
+
+
+@pytest.mark.parametrize("name", sorted(S.SCHEDULERS))
+def test_every_sampler_has_its_webui_name(name):
+    """Each sampler is written to the PNG under AUTOMATIC1111's name and read back to the same sampler,
+    in webui's older "Sampler: X Karras" form and its 1.9+ "Sampler: X, Schedule type: Karras" form."""
+    from npdiff.infotext import SAMPLER_NAMES, format_infotext, parse_infotext
+
+    text = format_infotext({"prompt": "a red circle", "sampler": name, "steps": 20, "guidance_scale": 7.0,
+                            "seed": 1, "height": 64, "width": 64})
+    assert f"Sampler: {SAMPLER_NAMES[name]}," in text
+    assert parse_infotext(text)["sampler"] == name
+    webui_name = SAMPLER_NAMES[name]
+    if webui_name.endswith(" Karras"):
+        split = f"x\nSteps: 20, Sampler: {webui_name[:-len(' Karras')]}, Schedule type: Karras, CFG scale: 7, Seed: 1"
+        assert parse_infotext(split)["sampler"] == name
