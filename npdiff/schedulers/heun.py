@@ -65,9 +65,7 @@ class HeunDiscreteScheduler(SigmaSchedulerBase):
 
     def step(self, model_output, timestep, sample, generator=None):
         """One stage of a Heun step; returns prev_sample and pred_original_sample (generator unused)."""
-        self._check_step_inputs(model_output, sample)
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._begin_step(model_output, timestep, sample)
         first_stage = self.state_in_first_order
 
         # 1. the interval [sigma, sigma_next] of this Heun step; the model ran at sigma (first stage)

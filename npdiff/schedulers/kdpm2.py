@@ -18,7 +18,7 @@ import numpy as np
 
 from npdiff.schedulers import schedules
 from npdiff.schedulers.base import SchedulerOutput
-from npdiff.schedulers.sigma_base import SigmaSchedulerBase
+from npdiff.schedulers.sigma_base import SigmaSchedulerBase, scaled_for_model
 
 
 def log_midpoint(sigmas, other):
@@ -101,14 +101,12 @@ class KDPM2DiscreteScheduler(SigmaSchedulerBase):
             sigma = self.sigmas[self._step_index]
         else:
             sigma = self.sigmas_interpol[self._step_index]
-        return sample / np.sqrt(sigma * sigma + np.float32(1.0))                         # [B,C,H,W]
+        return scaled_for_model(sample, sigma)
 
     # ----------------------------------------------------------------------------- step
     def step(self, model_output, timestep, sample, generator=None):
         """One stage of a DPM2 step; returns prev_sample and pred_original_sample (generator unused)."""
-        self._check_step_inputs(model_output, sample)
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._begin_step(model_output, timestep, sample)
         first_stage = self.state_in_first_order
 
         # 1. this step's sigma, midpoint and next sigma

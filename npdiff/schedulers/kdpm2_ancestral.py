@@ -21,6 +21,7 @@ from npdiff.errors import NpdiffError
 from npdiff.schedulers import schedules
 from npdiff.schedulers.base import SchedulerOutput, draw_noise
 from npdiff.schedulers.kdpm2 import KDPM2DiscreteScheduler, log_midpoint
+from npdiff.schedulers.sigma_base import scaled_for_model
 
 
 class KDPM2AncestralDiscreteScheduler(KDPM2DiscreteScheduler):
@@ -76,13 +77,11 @@ class KDPM2AncestralDiscreteScheduler(KDPM2DiscreteScheduler):
             sigma = self.sigmas[self._step_index]
         else:
             sigma = self.sigmas_interpol[self._step_index - 1]
-        return sample / np.sqrt(sigma * sigma + np.float32(1.0))                         # [B,C,H,W]
+        return scaled_for_model(sample, sigma)
 
     def step(self, model_output, timestep, sample, generator=None):
         """One stage of a DPM2 ancestral step; returns prev_sample and pred_original_sample."""
-        self._check_step_inputs(model_output, sample)
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._begin_step(model_output, timestep, sample)
         first_stage = self.state_in_first_order
 
         # 1. this step's sigma, midpoint, and ancestral split

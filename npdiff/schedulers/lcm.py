@@ -171,12 +171,9 @@ class DistilledSchedulerBase(StepIndexMixin, SchedulerBase):
 
     def _begin_step(self, model_output, timestep, sample):
         """Checks, and the step index (found from the timestep on the first step); -> the timestep as int."""
-        if self.num_inference_steps is None:
-            raise NpdiffError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step")
-        self._check_step_inputs(model_output, sample)
+        self._require_timesteps()
         timestep = int(as_scalar(timestep))
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        super()._begin_step(model_output, timestep, sample)
         return timestep
 
     def add_noise(self, original_samples, noise, timesteps):

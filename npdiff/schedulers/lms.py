@@ -59,9 +59,7 @@ class LMSDiscreteScheduler(SigmaSchedulerBase):
 
     def step(self, model_output, timestep, sample, order=4, generator=None):
         """One LMS step; returns prev_sample and pred_original_sample (deterministic: generator unused)."""
-        self._check_step_inputs(model_output, sample)
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._begin_step(model_output, timestep, sample)
         sigma = self.sigmas[self._step_index]
 
         # 1. denoised estimate x_0 from the model output

@@ -93,11 +93,9 @@ class MultistepSchedulerBase(StepIndexMixin, SchedulerBase):
         return sample
 
     def _begin_step(self, model_output, timestep, sample):
-        """Checks, and the step index from the timestep (or begin index) on the first step."""
+        """set_timesteps must have run; then the checks and step index of every scheduler."""
         self._require_timesteps()
-        self._check_step_inputs(model_output, sample)
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        super()._begin_step(model_output, timestep, sample)
 
     def _push_model_output(self, converted):
         """Shift the history by one and put the newest converted model output last."""

@@ -68,8 +68,7 @@ class SigmaSchedulerBase(StepIndexMixin, SchedulerBase):
         """sample / sqrt(sigma^2 + 1): the input the UNet was trained on at this noise level."""
         if self._step_index is None:
             self._init_step_index(timestep)
-        sigma = self.sigmas[self._step_index]
-        return sample / np.sqrt(sigma * sigma + np.float32(1.0))                          # [B,C,H,W]
+        return scaled_for_model(sample, self.sigmas[self._step_index])
 
     def add_noise(self, original_samples, noise, timesteps):
         """x = x_0 + sigma_t * noise, sigma_t looked up for each item's timestep."""
@@ -91,3 +90,7 @@ class SigmaSchedulerBase(StepIndexMixin, SchedulerBase):
             return model_output * c_out + (sample / sigma_sq_plus_one)
         return model_output  # "sample": the model predicts x_0 itself
 
+
+def scaled_for_model(sample, sigma):
+    """sample / sqrt(sigma^2 + 1) (k-diffusion's c_in)."""
+    return sample / np.sqrt(sigma * sigma + np.float32(1.0))                              # [B,C,H,W]

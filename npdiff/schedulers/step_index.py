@@ -67,6 +67,12 @@ class StepIndexMixin:
         else:
             self._step_index = self._begin_index
 
+    def _begin_step(self, model_output, timestep, sample):
+        """Checks, and the step index from the timestep (or begin index) on the first step."""
+        self._check_step_inputs(model_output, sample)
+        if self._step_index is None:
+            self._init_step_index(timestep)
+
     def add_noise_step_indices(self, timesteps):
         """Which schedule position add_noise uses for each timestep (diffusers' rule, begin_index aware)."""
         timesteps = np.asarray(backend.to_numpy(timesteps)).reshape(-1)
