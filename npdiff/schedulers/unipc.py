@@ -128,9 +128,10 @@ class UniPCMultistepScheduler(MultistepSchedulerBase):
         return alpha_t * model_output + sigma_t * sample                                # v_prediction
 
     def _bh_terms(self, lambda_s0, h, history_indices, order):
-        """(rks [order] float32, D1s list, hh, h_phi_1, B_h, R [order,order], b [order]) of a UniP/UniC update.
+        """(D1s, h_phi_1, B_h, R [order,order], b [order]) of a UniP/UniC update, float32.
 
-        history_indices[k-1] is the schedule position of model_outputs[-(k+1)], k = 1 .. order-1."""
+        D1s[k-1] = (model_outputs[-(k+1)] - m0) / r_k, k = 1 .. order-1, where history_indices[k-1] is the
+        schedule position of model_outputs[-(k+1)] and r_k = (lambda_k - lambda_s0) / h."""
         m0 = self.model_outputs[-1]
         rks, D1s = [], []
         for k in range(1, order):
@@ -153,7 +154,7 @@ class UniPCMultistepScheduler(MultistepSchedulerBase):
             b.append(h_phi_k * np.float32(factorial_i) / B_h)
             factorial_i *= i + 1
             h_phi_k = h_phi_k / hh - np.float32(1 / factorial_i)
-        return D1s, hh, h_phi_1, B_h, np.stack(R), np.array(b, dtype=np.float32)
+        return D1s, h_phi_1, B_h, np.stack(R), np.array(b, dtype=np.float32)
 
     @staticmethod
     def _weighted_sum(weights, D1s):
@@ -177,7 +178,7 @@ class UniPCMultistepScheduler(MultistepSchedulerBase):
         _, _, lambda_t = self._alpha_sigma_lambda(i + 1)
         _, _, lambda_s0 = self._alpha_sigma_lambda(i)
         h = lambda_t - lambda_s0
-        D1s, hh, h_phi_1, B_h, R, b = self._bh_terms(lambda_s0, h, [i - k for k in range(1, order)], order)
+        D1s, h_phi_1, B_h, R, b = self._bh_terms(lambda_s0, h, [i - k for k in range(1, order)], order)
         x_t_, scale = self._base_update(sample, self.model_outputs[-1], i + 1, i, h_phi_1)
         if not D1s:
             return x_t_ - scale * B_h * 0
@@ -193,7 +194,7 @@ class UniPCMultistepScheduler(MultistepSchedulerBase):
         _, _, lambda_t = self._alpha_sigma_lambda(i)
         _, _, lambda_s0 = self._alpha_sigma_lambda(i - 1)
         h = lambda_t - lambda_s0
-        D1s, hh, h_phi_1, B_h, R, b = self._bh_terms(lambda_s0, h, [i - (k + 1) for k in range(1, order)], order)
+        D1s, h_phi_1, B_h, R, b = self._bh_terms(lambda_s0, h, [i - (k + 1) for k in range(1, order)], order)
         m0 = self.model_outputs[-1]
         x_t_, scale = self._base_update(last_sample, m0, i, i - 1, h_phi_1)
         if order == 1:

@@ -53,7 +53,8 @@ def test_make_scheduler_keeps_the_model_config(name, rng):
     ours.set_timesteps(n)
     theirs.set_timesteps(n)
     compare_schedule(ours, theirs, f"{name} n={n}")
-    if class_name == "PNDMScheduler" or class_name.startswith(("DDPM", "EulerAncestral", "LCM", "TCD", "KDPM2Ancestral")) \
+    stochastic = ("DDPM", "EulerAncestral", "LCM", "TCD", "KDPM2Ancestral")
+    if class_name == "PNDMScheduler" or class_name.startswith(stochastic) \
             or overrides.get("algorithm_type") == "sde-dpmsolver++":
         return  # stochastic ones are covered in test_stochastic; PNDM in test_deterministic
     run_chains(ours, theirs, rng, shape=(1, 4, 4, 4), what=f"{name} n={n}")
