@@ -321,8 +321,9 @@ def add_sampling_options(p):
     p.add_argument("--guidance", type=float, default=None,
                    help=f"classifier-free guidance scale; <= 1 turns it off (default {DEFAULTS['guidance']})")
     p.add_argument("--seed", type=int, default=None, help="noise seed (default: random, printed and stored)")
-    p.add_argument("--sampler", default=None, help="pndm, ddim, ddpm, lms, euler, euler_a, dpmpp_2m, "
-                   "dpmpp_2m_karras, lcm, tcd (default: the model's own scheduler)")
+    p.add_argument("--sampler", default=None, help="pndm, ddim, ddpm, lms(_karras), euler, euler_a, heun, "
+                   "dpm2(_karras), dpm2_a(_karras), dpmpp_2m(_karras), dpmpp_2m_sde(_karras), unipc, deis, lcm, tcd "
+                   "(default: the model's own scheduler)")
     p.add_argument("--model", default=None, help="diffusers folder or .safetensors file (default: shipped model)")
     p.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
                    help="what the UNet predicts, instead of the model's own; an SD 2.x single file defaults to "

@@ -34,16 +34,27 @@ SAMPLER_NAMES = {
     "ddim": "DDIM",
     "ddpm": "DDPM",
     "lms": "LMS",
+    "lms_karras": "LMS Karras",
     "euler": "Euler",
     "euler_a": "Euler a",
+    "heun": "Heun",
+    "dpm2": "DPM2",
+    "dpm2_karras": "DPM2 Karras",
+    "dpm2_a": "DPM2 a",
+    "dpm2_a_karras": "DPM2 a Karras",
     "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
+    "unipc": "UniPC",
+    "deis": "DEIS",
     "lcm": "LCM",
     "tcd": "TCD",
 }
 NPDIFF_SAMPLERS = {a1111: ours for ours, a1111 in SAMPLER_NAMES.items()}
 # webui 1.9+ writes the sigma schedule apart: (sampler, schedule type) -> npdiff name
-SCHEDULE_TYPES = {("DPM++ 2M", "Karras"): "dpmpp_2m_karras"}
+SCHEDULE_TYPES = {(a1111[:-len(" Karras")], "Karras"): ours
+                  for ours, a1111 in SAMPLER_NAMES.items() if a1111.endswith(" Karras")}
 DEFAULT_SCHEDULE = "Automatic"  # the schedule type that means "the sampler's own"
 
 # AUTOMATIC1111 fields npdiff uses: field -> (npdiff key, conversion)

@@ -155,7 +155,7 @@ def test_bad_lines_are_reported_and_the_others_written(tmp_path, capsys, rng):
         json.dumps({"prompt": "a red circle", "image": "missing.png"}),
         json.dumps({"prompt": "a red circle", "strength": 0.5}),  # strength without an image
         json.dumps({"prompt": "a red circle", "height": 30}),
-        json.dumps({"prompt": "a red circle", "sampler": "heun"}),
+        json.dumps({"prompt": "a red circle", "sampler": "dpmpp_sde"}),
         json.dumps({"prompt": "a red circle", "negative": "x", "negative_prompt": "y"}),
         json.dumps(["a red circle"]),
         json.dumps({"prompt": "a red circle", "seed": -1}),
@@ -170,7 +170,7 @@ def test_bad_lines_are_reported_and_the_others_written(tmp_path, capsys, rng):
     expected = {2: "unknown key 'colour'", 3: "not valid JSON",
                 4: "key 'model' cannot be set per line: the model is loaded once per worker",
                 5: "'steps' must be an integer >= 1, got 0", 6: "'image' 'missing.png': no such file",
-                7: "'strength' needs 'image'", 8: "'height' must be a positive multiple of 8", 9: "'sampler' 'heun'",
+                7: "'strength' needs 'image'", 8: "'height' must be a positive multiple of 8", 9: "'sampler' 'dpmpp_sde'",
                 10: "give 'negative' or 'negative_prompt', not both", 11: "expected a JSON object",
                 12: "'seed' must be an integer in [0, 2**64)",
                 14: "strength 0.1 with num_inference_steps 2 leaves no denoising step"}

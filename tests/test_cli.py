@@ -95,7 +95,7 @@ def test_img2img_command_and_reproduce(folder, tmp_path, rng, capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["generate"], "no prompt given"),
-    (["generate", "x", "--sampler", "heun"], "unknown scheduler 'heun'; known:"),
+    (["generate", "x", "--sampler", "dpmpp_sde"], "unknown scheduler 'dpmpp_sde'; known:"),
     (["generate", "x", "--height", "60"], "height must be a multiple of 32 pixels"),
     (["generate", "x", "--steps", "0"], "num_inference_steps must be an integer >= 1, got 0"),
     (["img2img", "x"], "img2img needs --image"),

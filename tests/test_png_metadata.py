@@ -108,8 +108,8 @@ def test_infotext_from_other_tools():
     assert (params["sampler"], params["steps"], params["guidance_scale"], params["seed"]) == \
         ("dpmpp_2m_karras", 25, 7.0, 123)
     assert params["unmapped"] == ["Clip skip: 2", "Hires upscale: 2", "ENSD: 31337"]
-    with pytest.raises(NpdiffError, match="sampler 'Heun' is not supported by npdiff"):
-        parse_infotext("x\nSteps: 20, Sampler: Heun, CFG scale: 7, Seed: 1")
+    with pytest.raises(NpdiffError, match="sampler 'DPM\\+\\+ SDE' is not supported by npdiff"):
+        parse_infotext("x\nSteps: 20, Sampler: DPM++ SDE, CFG scale: 7, Seed: 1")
     with pytest.raises(NpdiffError, match="sampler 'Euler a' with schedule type 'Karras' is not supported"):
         parse_infotext("x\nSteps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 1")
     with pytest.raises(NpdiffError, match="'Seed: abc' is not a int"):
@@ -177,9 +177,9 @@ def test_reproduce_a_hand_written_webui_png(folder, tmp_path, capsys):
                    height=64, width=32, seed=77)
     assert np.array_equal(np.asarray(library.images[0]), pixels(out))
     # an unsupported sampler stops before any model is loaded, naming it
-    heun = write_png(tmp_path / "heun.png", {"parameters": text.replace("Euler a", "Heun")})
-    assert cli.main(["generate", "--reproduce", str(heun), "--model", str(folder)]) == 2
-    assert "sampler 'Heun' is not supported" in capsys.readouterr().err
+    sde = write_png(tmp_path / "sde.png", {"parameters": text.replace("Euler a", "DPM++ SDE")})
+    assert cli.main(["generate", "--reproduce", str(sde), "--model", str(folder)]) == 2
+    assert "sampler 'DPM++ SDE' is not supported" in capsys.readouterr().err
 
 
 def test_reproduce_never_opens_a_path_from_the_png(folder, tmp_path, monkeypatch, capsys):
