@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from npdiff.cache_folder import cache_folder
 from npdiff.errors import NpdiffError
 
 SHIPPED_MODEL_NAME = "tiny-shapes"
@@ -143,7 +144,7 @@ def _fallback_tokenizer(path, pad_token=None):
 def tokenizer_cache_folder(pad_token=None):
     """Where the CLIP tokenizer rebuilt from openai-clip is kept (SD 2.x's, padded with "!", beside it)."""
     name = "clip-tokenizer" if pad_token is None else "clip-tokenizer-sd2"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "npdiff" / name
+    return cache_folder() / name
 
 
 def _tokenizer_from_openai_clip(pad_token=None):

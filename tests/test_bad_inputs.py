@@ -1,9 +1,12 @@
 """Inputs that used to escape as foreign exceptions or make a black picture with exit code 0: each is now
 an NpdiffError naming the file, key, step, character or pixels (README: "What npdiff refuses, and why")."""
 
+import contextlib
 import json
 import os
+import re
 import shutil
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -19,7 +22,8 @@ from tiny_sd import tiny_sd_folder  # noqa: E402
 
 from npdiff import NpdiffError, cli, pipeline_utils  # noqa: E402
 from npdiff.images import load_image  # noqa: E402
-from npdiff.loading import load_component_weights, load_pipeline_components  # noqa: E402
+from npdiff.loading import load_component_weights, load_pipeline_components, open_weights  # noqa: E402
+from npdiff.model_identity import model_hash  # noqa: E402
 from npdiff.pipeline import StableDiffusionPipeline  # noqa: E402
 from npdiff.schedulers import make_scheduler  # noqa: E402
 from npdiff.tokenizer import CLIPTokenizer  # noqa: E402
@@ -226,19 +230,90 @@ def test_pickle_renamed_as_textual_inversion(pipe, tmp_path):
         pipe.load_textual_inversion(path)
 
 
-def test_shards_must_lie_inside_the_model_folder(tmp_path):
+def test_shard_names_are_plain_file_names_of_the_folder(tmp_path):
+    """A name read from an index is not a path; the entry it names may be a link, like any file of a model
+    folder (the Hugging Face cache links every shard into ../../blobs)."""
     outside = tmp_path / "elsewhere.safetensors"
     save_file({"w": np.ones(2, np.float32)}, str(outside))
     model = tmp_path / "model"
-    model.mkdir()
-    os.symlink(outside, model / "link.safetensors")
-    for shard in ("../elsewhere.safetensors", str(outside), "link.safetensors", 7):
+    (model / "sub").mkdir(parents=True)
+    save_file({"w": np.ones(2, np.float32)}, str(model / "sub" / "inside.safetensors"))
+    for shard in ("../elsewhere.safetensors", str(outside), "sub/inside.safetensors", "sub\\inside.safetensors",
+                  ".", "", 7, None, ["a"]):
         (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": shard}}))
         with pytest.raises(NpdiffError, match=r"model\.safetensors\.index\.json: key 'w' names shard"):
             load_component_weights(model)
-    save_file({"w": np.ones(2, np.float32)}, str(model / "inside.safetensors"))
-    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "inside.safetensors"}}))
+    os.symlink(outside, model / "link.safetensors")
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "link.safetensors"}}))
     assert load_component_weights(model).keys() == ["w"]
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "absent.safetensors"}}))
+    with pytest.raises(NpdiffError, match=r"missing file: .*absent\.safetensors \(shard named by model\."):
+        load_component_weights(model)
+
+
+@contextlib.contextmanager
+def never_hangs(seconds=20):
+    """Opening a FIFO blocks until a writer comes: turn such a hang into a failure."""
+    def give_up(*_):
+        raise TimeoutError(f"still running after {seconds} s: a FIFO or device was opened")
+    previous = signal.signal(signal.SIGALRM, give_up)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def make_special(path, kind):
+    """Replace `path` (file or folder) with a FIFO, a link to /dev/null, a symlink loop or a dangling link."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        os.symlink("/dev/null", path)
+    elif kind == "loop":
+        os.symlink(path.name, path)  # a link to itself
+    elif kind == "dangling":
+        os.symlink(path.name + ".gone", path)
+
+
+SPECIAL_MESSAGES = {"fifo": r"is a FIFO \(named pipe\); npdiff reads only regular files",
+                    "device": "is a character device", "loop": "is a symlink loop",
+                    "dangling": r"is a symlink to '.*\.gone', which does not exist"}
+
+
+@pytest.mark.parametrize("where,kind", [
+    ("unet/config.json", "fifo"), ("unet/diffusion_pytorch_model.safetensors", "device"),
+    ("text_encoder/model.safetensors", "fifo"), ("vae/diffusion_pytorch_model.safetensors", "dangling"),
+    ("tokenizer/vocab.json", "loop"), ("tokenizer/tokenizer_config.json", "fifo"), ("vae", "loop"),
+    ("scheduler/scheduler_config.json", "fifo"), ("model_index.json", "device"), ("unet", "dangling"),
+])
+def test_special_files_in_a_model_folder_are_refused_by_name(folder, tmp_path, where, kind):
+    """Loops, FIFOs, devices and dangling links are named, never followed into a hang or a wrong message."""
+    model = copy_model(folder, tmp_path)
+    make_special(model / where, kind)
+    pattern = re.escape(str(model / where)) + r" \(.*\) " + SPECIAL_MESSAGES[kind]
+    with never_hangs():
+        with pytest.raises(NpdiffError, match=pattern):
+            StableDiffusionPipeline.from_pretrained(model)
+        if where.endswith("safetensors") or "/" not in where and where != "model_index.json":
+            with pytest.raises(NpdiffError, match=pattern):
+                model_hash(model)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "loop"])
+def test_a_special_file_given_as_the_model_is_refused(tmp_path, kind):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"")
+    make_special(path, kind)
+    with never_hangs():
+        for call in (load_pipeline_components, model_hash, open_weights):
+            with pytest.raises(NpdiffError, match=SPECIAL_MESSAGES[kind]):
+                call(path)
 
 
 def test_messages_never_list_a_folder(tmp_path):
