@@ -7,7 +7,9 @@ import os
 import re
 import shutil
 import signal
+import stat
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -20,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent / "pipeline"))
 
 from tiny_sd import tiny_sd_folder  # noqa: E402
 
-from npdiff import NpdiffError, cli, pipeline_utils  # noqa: E402
+from npdiff import NpdiffError, cli, model_identity, pipeline_utils  # noqa: E402
 from npdiff.images import load_image  # noqa: E402
 from npdiff.loading import load_component_weights, load_pipeline_components, open_weights  # noqa: E402
 from npdiff.model_identity import model_hash  # noqa: E402
@@ -339,3 +341,47 @@ def test_damaged_tokenizer_cache_is_rebuilt_with_a_warning(tmp_path, monkeypatch
     with pytest.warns(UserWarning, match="rebuilding it"):
         pipeline_utils._tokenizer_from_openai_clip()
     assert sorted(p.name for p in cache.parent.iterdir()) == ["clip-tokenizer"]  # no temporary folders left
+
+
+# --------------------------------------------------------------------------------------------------
+# The cache folder: never /.cache at the root, never the user's during tests
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("home", ["", "/", "relative/home"])
+def test_cache_folder_without_a_usable_home(tmp_path, monkeypatch, home):
+    """HOME= (empty) made Path.home() "/": the caches went to /.cache/npdiff. Now a private folder in the
+    temporary directory, with a warning."""
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", home)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr("npdiff.cache_folder._fallback", None)
+    with pytest.warns(UserWarning, match="neither XDG_CACHE_HOME nor HOME names a usable folder"):
+        tokenizer_cache = pipeline_utils.tokenizer_cache_folder()
+    private = tmp_path / f"npdiff-cache-{os.getuid()}"
+    assert tokenizer_cache == private / "clip-tokenizer" and model_identity.cache_path() == private / "hashes.json"
+    assert stat.S_IMODE(os.stat(private).st_mode) == 0o700
+
+
+def test_cache_folder_rules(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # the XDG rule: a relative path is ignored
+    assert model_identity.cache_path() == tmp_path / "home" / ".cache" / "npdiff" / "hashes.json"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert pipeline_utils.tokenizer_cache_folder("!") == tmp_path / "xdg" / "npdiff" / "clip-tokenizer-sd2"
+    # a shared temporary folder someone else could write into is not used: a fresh one instead
+    monkeypatch.setenv("HOME", "")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr("npdiff.cache_folder._fallback", None)
+    shared = tmp_path / f"npdiff-cache-{os.getuid()}"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.warns(UserWarning):
+        chosen = model_identity.cache_path().parent
+    assert chosen != shared and chosen.parent == tmp_path and stat.S_IMODE(os.stat(chosen).st_mode) == 0o700
+
+
+def test_the_test_session_never_uses_the_users_cache(tmp_path_factory):
+    """tests/conftest.py points XDG_CACHE_HOME and HOME into the session's temporary folder."""
+    base = tmp_path_factory.getbasetemp()
+    for path in (model_identity.cache_path(), pipeline_utils.tokenizer_cache_folder(), Path.home()):
+        assert base in path.parents, path
