@@ -1,12 +1,10 @@
 """Inputs that used to escape as foreign exceptions or make a black picture with exit code 0: each is now
 an NpdiffError naming the file, key, step, character or pixels (README: "What npdiff refuses, and why")."""
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import stat
 import sys
 import tempfile
@@ -20,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent / "pipeline"))
 
+from helpers import time_limit  # noqa: E402
 from tiny_sd import tiny_sd_folder  # noqa: E402
 
 from npdiff import NpdiffError, cli, model_identity, pipeline_utils  # noqa: E402
@@ -253,20 +252,6 @@ def test_shard_names_are_plain_file_names_of_the_folder(tmp_path):
         load_component_weights(model)
 
 
-@contextlib.contextmanager
-def never_hangs(seconds=20):
-    """Opening a FIFO blocks until a writer comes: turn such a hang into a failure."""
-    def give_up(*_):
-        raise TimeoutError(f"still running after {seconds} s: a FIFO or device was opened")
-    previous = signal.signal(signal.SIGALRM, give_up)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def make_special(path, kind):
     """Replace `path` (file or folder) with a FIFO, a link to /dev/null, a symlink loop or a dangling link."""
     if path.is_dir() and not path.is_symlink():
@@ -299,7 +284,7 @@ def test_special_files_in_a_model_folder_are_refused_by_name(folder, tmp_path, w
     model = copy_model(folder, tmp_path)
     make_special(model / where, kind)
     pattern = re.escape(str(model / where)) + r" \(.*\) " + SPECIAL_MESSAGES[kind]
-    with never_hangs():
+    with time_limit("a special file in a model folder", 20):
         with pytest.raises(NpdiffError, match=pattern):
             StableDiffusionPipeline.from_pretrained(model)
         if where.endswith("safetensors") or "/" not in where and where != "model_index.json":
@@ -312,7 +297,7 @@ def test_a_special_file_given_as_the_model_is_refused(tmp_path, kind):
     path = tmp_path / "model.safetensors"
     path.write_bytes(b"")
     make_special(path, kind)
-    with never_hangs():
+    with time_limit("a special file in a model folder", 20):
         for call in (load_pipeline_components, model_hash, open_weights):
             with pytest.raises(NpdiffError, match=SPECIAL_MESSAGES[kind]):
                 call(path)

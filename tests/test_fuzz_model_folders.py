@@ -16,11 +16,10 @@ as many cases. The default ~60 cases run in about 10-20 s on a loaded 2-core mac
 import hashlib
 import os
 import shutil
-import signal
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from helpers import time_limit
 from safetensors.numpy import load_file, save_file
 
 from npdiff import model_identity
@@ -52,20 +51,6 @@ def choose(rng, benign, hostile, hostility, chosen):
         chosen.append(True)
         return hostile[int(rng.integers(len(hostile)))]
     return benign[int(rng.integers(len(benign)))]
-
-
-@contextmanager
-def time_limit(what):
-    def fail(signum, frame):
-        raise AssertionError(f"{what}: no answer within {CASE_SECONDS} s (a hang: a FIFO or device was opened)")
-
-    previous = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(CASE_SECONDS)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def expected_hash(files):
@@ -101,26 +86,33 @@ def place_special(path, kind):
     return True
 
 
-def place_file(source, target, kind, rng, store):
-    """Put the file `source` at `target` as `kind` says."""
-    if place_special(target, kind):
-        return
-    if kind == "real":
-        shutil.copy2(source, target)
-    elif kind == "link":
+def place_link(source, target, kind, rng, store):
+    """Make `target` a link to `source` (absolute, relative, or through a middle link); False for other kinds."""
+    if kind == "link":
         os.symlink(source, target)
     elif kind == "relative link":
         os.symlink(os.path.relpath(source, target.parent), target)
-    elif kind == "blob link":  # the Hugging Face cache: the bytes in ../../blobs/<sha256>
-        blob = store / "blobs" / hashlib.sha256(source.read_bytes()).hexdigest()
-        if not blob.exists():
-            shutil.copy2(source, blob)
-        os.symlink(os.path.relpath(blob, target.parent), target)
     elif kind == "link chain":
         middle = store / "chains" / f"{rng.integers(1 << 30)}-{target.name}"
         middle.parent.mkdir(exist_ok=True)
         os.symlink(source, middle)
         os.symlink(middle, target)
+    else:
+        return False
+    return True
+
+
+def place_file(source, target, kind, rng, store):
+    """Put the file `source` at `target` as `kind` says."""
+    if place_special(target, kind) or place_link(source, target, kind, rng, store):
+        return
+    if kind == "real":
+        shutil.copy2(source, target)
+    elif kind == "blob link":  # the Hugging Face cache: the bytes in ../../blobs/<sha256>
+        blob = store / "blobs" / hashlib.sha256(source.read_bytes()).hexdigest()
+        if not blob.exists():
+            shutil.copy2(source, blob)
+        os.symlink(os.path.relpath(blob, target.parent), target)
     elif kind == "hard link":
         os.link(source, target)
     elif kind == "folder":
@@ -135,19 +127,10 @@ def place_file(source, target, kind, rng, store):
 def place_folder(source, target, kind, rng, store, other, hostility, chosen):
     """Put the component folder `source` at `target` as `kind` says; its files get kinds of their own.
     -> the layout description (for messages)."""
-    if place_special(target, kind):
+    if place_special(target, kind) or place_link(source, target, kind, rng, store):
         return kind
-    if kind == "link":
-        os.symlink(source, target)
-    elif kind == "relative link":
-        os.symlink(os.path.relpath(source, target.parent), target)
-    elif kind == "link to the other model":
+    if kind == "link to the other model":
         os.symlink(other / source.name, target)
-    elif kind == "link chain":
-        middle = store / "chains" / f"{rng.integers(1 << 30)}-{target.name}"
-        middle.parent.mkdir(exist_ok=True)
-        os.symlink(source, middle)
-        os.symlink(middle, target)
     elif kind == "file":
         target.write_bytes(b"{}")
     elif kind == "real":
@@ -209,7 +192,7 @@ def test_fuzz_model_folders(rng, tmp_path, monkeypatch, hash_cache):
     for index in range(CASES):
         folder, layout, hostile = build_case(tmp_path, index, rng, store, model_a, model_b)
         what = f"case {index}: {layout}"
-        with time_limit(what):
+        with time_limit(what, CASE_SECONDS):
             try:
                 load_pipeline_components(folder)
             except NpdiffError as exc:
