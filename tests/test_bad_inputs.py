@@ -22,7 +22,7 @@ from helpers import time_limit  # noqa: E402
 from tiny_sd import tiny_sd_folder  # noqa: E402
 
 from npdiff import NpdiffError, cli, model_identity, pipeline_utils  # noqa: E402
-from npdiff.images import load_image  # noqa: E402
+from npdiff.images import load_image, read_png_params  # noqa: E402
 from npdiff.loading import load_component_weights, load_pipeline_components, open_weights  # noqa: E402
 from npdiff.model_identity import model_hash  # noqa: E402
 from npdiff.pipeline import StableDiffusionPipeline  # noqa: E402
@@ -370,3 +370,16 @@ def test_the_test_session_never_uses_the_users_cache(tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     for path in (model_identity.cache_path(), pipeline_utils.tokenizer_cache_folder(), Path.home()):
         assert base in path.parents, path
+
+
+def test_cli_generate_with_linked_component_folders(folder, tmp_path):
+    """A folder sharing its UNet and VAE with another model by links: `npdiff generate` failed at the end of
+    loading ("model hash: ... holds no .safetensors files"); now it works and its PNG names the same hash."""
+    linked = tmp_path / "linked"
+    shutil.copytree(folder, linked, ignore=shutil.ignore_patterns("unet", "vae"))
+    for name in ("unet", "vae"):
+        os.symlink(folder / name, linked / name)
+    out = tmp_path / "linked.png"
+    assert cli.main(["generate", "a cat", "--model", str(linked), "--steps", "1", "--seed", "3",
+                     "--out", str(out)]) == 0
+    assert read_png_params(out)["model_hash"] == model_hash(folder)
