@@ -272,10 +272,11 @@ def check_vae_fits(vae, unet_config, model_scale_factor):
     name = type(vae).__name__
     scale = vae_scale_factor(vae)
     if scale != model_scale_factor:
+        ratio = max(scale, model_scale_factor) // min(scale, model_scale_factor)
+        size = "small" if scale < model_scale_factor else "large"
         raise NpdiffError(f"this {name} turns {scale}x{scale} pixels into one latent cell, but the model's UNet "
                           f"works on latents of {model_scale_factor}x{model_scale_factor}-pixel cells (its own "
-                          f"VAE's): its pictures would be {model_scale_factor / scale:g} times too "
-                          f"{'small' if scale < model_scale_factor else 'large'}; use a VAE made for this model "
+                          f"VAE's): its pictures would be {ratio} times too {size}; use a VAE made for this model "
                           "(TAESD 'taesd' for SD 1.x/2.x, 'taesdxl' for SDXL)")
     channels, unet_channels = vae.config.get("latent_channels"), unet_config.get("out_channels")
     if channels != unet_channels:

@@ -97,7 +97,7 @@ def test_cli_vae_option(tmp_path, seed):
         assert np.array_equal(np.asarray(picture.convert("RGB")), np.asarray(library.images[0]))
     # --reproduce needs --vae again (only the name is stored)
     assert cli.main(["generate", "--reproduce", str(out), "--out", str(tmp_path / "again.png")]) == 2
-    assert cli.main(["generate", "--reproduce", str(out), "--vae", str(taesd_folder),
+    assert cli.main(["generate", "--reproduce", str(out), "--vae", str(taesd_folder), "--model", str(folder),
                      "--out", str(tmp_path / "again.png")]) == 0
 
 
