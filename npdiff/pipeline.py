@@ -95,9 +95,10 @@ class StableDiffusionPipeline:
     def vae(self, vae):
         """Set or swap the VAE (e.g. `pipe.vae = AutoencoderTiny.from_pretrained(...)`): a swapped-in one must
         work in the latent space of the model's own (pipeline_utils.check_vae_fits), else NpdiffError now."""
-        if "_vae" not in vars(self):
-            self.model_vae_scale_factor = vae_scale_factor(vae)  # the model's own VAE: what its UNet learned
-        self._vae = check_vae_fits(vae, self.unet.config, self.model_vae_scale_factor)
+        own = "_vae" not in vars(self)  # the first VAE is the model's own: its cells are what the UNet learned
+        self._vae = check_vae_fits(vae, self.unet.config, None if own else self.model_vae_scale_factor)
+        if own:
+            self.model_vae_scale_factor = vae_scale_factor(vae)
 
     def do_classifier_free_guidance(self, guidance_scale):
         """diffusers' rule: guide when guidance_scale > 1, except with an LCM-distilled UNet

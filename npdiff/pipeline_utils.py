@@ -264,14 +264,14 @@ def vae_scale_factor(vae):
 
 def check_vae_fits(vae, unet_config, model_scale_factor):
     """A VAE set on a pipeline (`pipe.vae = AutoencoderTiny...`, --vae) must work in the latent space the
-    UNet was trained in: as many pixels per latent cell as the model's own VAE (`model_scale_factor`)
-    and the UNet's latent channels. Else NpdiffError, before any picture (a TAESD of another scale factor
-    silently made 16x16 pictures from a 64x64 model). -> the VAE."""
+    UNet was trained in: as many pixels per latent cell as the model's own VAE (`model_scale_factor`;
+    None: `vae` is the model's own) and the UNet's latent channels. Else NpdiffError, before any picture
+    (a TAESD of another scale factor silently made 16x16 pictures from a 64x64 model). -> the VAE."""
     if not hasattr(vae, "decode") or not isinstance(getattr(vae, "config", None), dict):
         raise NpdiffError(f"vae must be an npdiff AutoencoderKL or AutoencoderTiny, got {type(vae).__name__}")
     name = type(vae).__name__
     scale = vae_scale_factor(vae)
-    if scale != model_scale_factor:
+    if model_scale_factor is not None and scale != model_scale_factor:
         ratio = max(scale, model_scale_factor) // min(scale, model_scale_factor)
         size = "small" if scale < model_scale_factor else "large"
         raise NpdiffError(f"this {name} turns {scale}x{scale} pixels into one latent cell, but the model's UNet "
