@@ -1,7 +1,8 @@
 """The JSON files a model folder holds (config.json, scheduler_config.json, model_index.json, shard
 indexes, tokenizer files), read by one function so that each kind of damage fails the same way:
 
-    read_json(path) -> dict     NpdiffError naming the file when it is missing, is not valid JSON
+    read_json(path) -> dict     NpdiffError naming the file when it is missing, is not a regular file
+                                (a FIFO, device or symlink loop: npdiff/paths.py), is not valid JSON
                                 (or not UTF-8), or holds something other than a JSON object
 """
 
@@ -9,13 +10,14 @@ import json
 import os
 
 from npdiff.errors import NpdiffError
+from npdiff.paths import regular_file
 
 
 def read_json(path):
-    """A JSON object from `path`; NpdiffError naming the file if it is missing or not a JSON object."""
+    """A JSON object from `path`; NpdiffError naming the file if it is missing, not a regular file or
+    not a JSON object."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise NpdiffError(f"missing file: {path}")
+    regular_file(path, "a JSON file")
     try:
         with open(path, encoding="utf-8") as handle:
             value = json.load(handle)

@@ -22,7 +22,6 @@ Layers read layer.weight at every call (no transposed or packed copy of a weight
 replacing it is the whole change.
 """
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.loading.safetensors_io import SafetensorsFile
 from npdiff.lora_keys import COMPONENTS, kohya_table, metadata_alpha, module_name, parse_key
+from npdiff.model_identity import file_sha256
 from npdiff.models.blocks import Conv2d, Linear
 
 FLOAT_DTYPES = ("F32", "F16", "BF16")
@@ -104,14 +104,6 @@ def check_scale(scale):
     if not math.isfinite(float(scale)):
         raise NpdiffError(f"LoRA scale must be finite, got {scale!r}")
     return float(scale)
-
-
-def file_sha256(path, chunk=1 << 20):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_adapter_metadata(path):

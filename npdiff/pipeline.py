@@ -42,9 +42,10 @@ from npdiff.loading.resident import release_resident_pages
 from npdiff.lora import load_lora_weights, lora_parameters, unload_lora_weights
 from npdiff.memory_estimate import check_call_memory
 from npdiff.models.blocks import guidance_scale_embedding
-from npdiff.pipeline_utils import (PipelineOutput, as_prompt_list, check_finite_decoded, check_finite_latents,
-                                   check_guidance, check_output_type, check_positive_int, default_model_path,
-                                   load_components, make_generator, resolve_scheduler)
+from npdiff.pipeline_utils import (PipelineOutput, as_prompt_list, check_callback, check_eta, check_finite_decoded,
+                                   check_finite_latents, check_guidance, check_output_type, check_positive_int,
+                                   check_vae_fits, default_model_path, load_components, make_generator,
+                                   resolve_scheduler, vae_scale_factor)
 from npdiff.sampling_starts import ImageStart, InpaintStart, NoiseStart
 from npdiff.textual_inversion import load_textual_inversion
 
@@ -85,9 +86,21 @@ class StableDiffusionPipeline:
 
     @property
     def vae_scale_factor(self):
-        """Pixels per latent: 2 ** (VAE blocks - 1) of the current VAE (diffusers' formula; a swapped-in
-        AutoencoderTiny reports its decoder blocks as block_out_channels, as diffusers' does)."""
-        return 2 ** (len(self.vae.config["block_out_channels"]) - 1)
+        """Pixels per latent: 2 ** (VAE blocks - 1) of the current VAE (pipeline_utils.vae_scale_factor)."""
+        return vae_scale_factor(self.vae)
+
+    @property
+    def vae(self):
+        return self._vae
+
+    @vae.setter
+    def vae(self, vae):
+        """Set or swap the VAE (e.g. `pipe.vae = AutoencoderTiny.from_pretrained(...)`): a swapped-in one must
+        work in the latent space of the model's own (pipeline_utils.check_vae_fits), else NpdiffError now."""
+        own = "_vae" not in vars(self)  # the first VAE is the model's own: its cells are what the UNet learned
+        self._vae = check_vae_fits(vae, self.unet.config, None if own else self.model_vae_scale_factor)
+        if own:
+            self.model_vae_scale_factor = vae_scale_factor(vae)
 
     def do_classifier_free_guidance(self, guidance_scale):
         """diffusers' rule: guide when guidance_scale > 1, except with an LCM-distilled UNet
@@ -244,7 +257,8 @@ class StableDiffusionPipeline:
         steps = check_positive_int(num_inference_steps, "num_inference_steps")
         guidance_scale = check_guidance(guidance_scale)
         num_images_per_prompt = check_positive_int(num_images_per_prompt, "num_images_per_prompt")
-        callback_steps = check_positive_int(callback_steps, "callback_steps")
+        callback, callback_steps = check_callback(callback, callback_steps)
+        eta = check_eta(eta)
         check_output_type(output_type)
         start.prepare(self, len(prompts) * num_images_per_prompt, steps)
         do_guidance = self.do_classifier_free_guidance(guidance_scale)  # never for an LCM-distilled UNet

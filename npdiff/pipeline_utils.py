@@ -18,6 +18,7 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.atomic_files import atomic_folder
+from npdiff.cache_folder import cache_folder
 from npdiff.clip_vocab import write_clip_tokenizer_folder
 from npdiff.errors import NpdiffError
 from npdiff.loading import load_pipeline_components
@@ -127,7 +128,7 @@ def _fallback_tokenizer(path, pad_token=None):
 def tokenizer_cache_folder(pad_token=None):
     """Where the CLIP tokenizer rebuilt from openai-clip is kept (SD 2.x's, padded with "!", beside it)."""
     name = "clip-tokenizer" if pad_token is None else "clip-tokenizer-sd2"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "npdiff" / name
+    return cache_folder() / name
 
 
 def _tokenizer_from_openai_clip(pad_token=None):
@@ -231,6 +232,51 @@ def check_size(height, width, multiple, why=None):
     return int(height), int(width)
 
 
+def vae_scale_factor(vae):
+    """Pixels per latent cell: 2 ** (VAE blocks - 1) (diffusers' formula; an AutoencoderTiny reports its
+    decoder blocks as block_out_channels, as diffusers' does)."""
+    return 2 ** (len(vae.config["block_out_channels"]) - 1)
+
+
+def check_vae_fits(vae, unet_config, model_scale_factor):
+    """A VAE set on a pipeline (`pipe.vae = AutoencoderTiny...`, --vae) must work in the latent space the
+    UNet was trained in: as many pixels per latent cell as the model's own VAE (`model_scale_factor`;
+    None: `vae` is the model's own) and the UNet's latent channels. Else NpdiffError, before any picture
+    (a TAESD of another scale factor silently made 16x16 pictures from a 64x64 model). -> the VAE."""
+    if not hasattr(vae, "decode") or not isinstance(getattr(vae, "config", None), dict):
+        raise NpdiffError(f"vae must be an npdiff AutoencoderKL or AutoencoderTiny, got {type(vae).__name__}")
+    name = type(vae).__name__
+    scale = vae_scale_factor(vae)
+    if model_scale_factor is not None and scale != model_scale_factor:
+        ratio = max(scale, model_scale_factor) // min(scale, model_scale_factor)
+        size = "small" if scale < model_scale_factor else "large"
+        raise NpdiffError(f"this {name} turns {scale}x{scale} pixels into one latent cell, but the model's UNet "
+                          f"works on latents of {model_scale_factor}x{model_scale_factor}-pixel cells (its own "
+                          f"VAE's): its pictures would be {ratio} times too {size}; use a VAE made for this model "
+                          "(TAESD 'taesd' for SD 1.x/2.x, 'taesdxl' for SDXL)")
+    channels, unet_channels = vae.config.get("latent_channels"), unet_config.get("out_channels")
+    if channels != unet_channels:
+        raise NpdiffError(f"this {name} has {channels} latent channels, but the model's UNet makes "
+                          f"{unet_channels}; use a VAE made for this model")
+    return vae
+
+
+def check_callback(callback, callback_steps):
+    """callback: None or callable(step, timestep, latents); callback_steps: an integer >= 1. -> both."""
+    if callback is not None and not callable(callback):
+        raise NpdiffError(f"callback must be a function (step, timestep, latents) or None, got {callback!r}")
+    return callback, check_positive_int(callback_steps, "callback_steps")
+
+
+def check_eta(eta):
+    """eta (DDIM's eta, TCD's gamma): a finite number in [0, 1]."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.integer, np.floating)):
+        raise NpdiffError(f"eta must be a number in [0, 1], got {eta!r}")
+    if not math.isfinite(eta) or not 0 <= eta <= 1:
+        raise NpdiffError(f"eta must be in [0, 1], got {eta!r}")
+    return float(eta)
+
+
 def check_output_type(output_type):
     if output_type not in ("pil", "np", "latent"):
         raise NpdiffError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
@@ -286,14 +332,23 @@ def check_finite_decoded(decoded):
                           "make non-finite numbers, so no picture was made")
 
 
+SEED_RANGE = (-0x8000_0000_0000_0000, 0xFFFF_FFFF_FFFF_FFFF)  # torch.manual_seed's
+
+
 def make_generator(seed, generator):
     """-> (TorchGenerator, seed or None). A fresh random seed when neither is given (reported back)."""
     if seed is not None and generator is not None:
         raise NpdiffError("pass seed= or generator=, not both")
     if generator is not None:
+        if not callable(getattr(generator, "randn", None)):
+            raise NpdiffError(f"generator must be an npdiff.rng generator (TorchGenerator(seed), with a randn "
+                              f"method), got {type(generator).__name__}; or pass seed=")
         return generator, None
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % 2**32)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise NpdiffError(f"seed must be an integer, got {seed!r}")
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise NpdiffError(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (what torch.manual_seed takes), "
+                          f"got {seed}")
     return TorchGenerator(int(seed)), int(seed)

@@ -10,12 +10,11 @@ tiny_clip.py); the default few hundred cases run in about 20 s on a loaded 2-cor
 
 import json
 import os
-import signal
 import struct
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
+from helpers import time_limit
 from safetensors.numpy import save_file
 from tiny_clip import save_clip, tiny_clip
 from tiny_models import tiny_unet, tiny_vae
@@ -31,23 +30,9 @@ CASE_SECONDS = 10  # a case that takes longer is a hang
 SCALE = int(os.environ.get("NPDIFF_FUZZ_SCALE", "1"))  # more cases for a deeper run: NPDIFF_FUZZ_SCALE=20
 
 
-@contextmanager
-def time_limit(what):
-    def fail(signum, frame):
-        raise AssertionError(f"{what}: no answer within {CASE_SECONDS} s (a hang)")
-
-    previous = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(CASE_SECONDS)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def must_work_or_refuse(what, action):
     """Run action(); an NpdiffError is a refusal (fine), any other exception fails the test naming the case."""
-    with time_limit(what):
+    with time_limit(what, CASE_SECONDS):
         try:
             action()
         except NpdiffError:

@@ -18,7 +18,8 @@ import os
 from npdiff.errors import NpdiffError
 from npdiff.json_files import read_json
 from npdiff.loading.config_checks import check_component_config
-from npdiff.loading.configs import load_component_weights, read_config
+from npdiff.loading.configs import component_weight_files, load_component_weights, read_config
+from npdiff.paths import path_kind, regular_file
 from npdiff.loading.safetensors_io import refuse_pickle
 from npdiff.loading.single_file import load_single_file
 from npdiff.loading.single_file_sd2 import SD2_SCHEDULER_CONFIG, check_prediction_type, sd2_sample_size
@@ -44,20 +45,43 @@ EXPECTED_LAYOUT = ("a diffusers folder (model_index.json; unet/, vae/, text_enco
                    "checkpoint")
 
 
-def _component_folder(path, name):
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def component_path(path, name, required=True):
+    """<path>/<name>, a component folder (unet, vae, tokenizer, ...), through symlinks (npdiff/paths.py);
+    None when absent and not `required`; NpdiffError when it is a file, a loop or a special file."""
     folder = os.path.join(path, name)
-    if not os.path.isfile(os.path.join(folder, "config.json")):
+    kind = path_kind(folder, f"the {name} folder")
+    if kind == "folder":
+        return folder
+    if kind == "file":
+        raise NpdiffError(f"{folder} is a file; expected the {name}/ folder of {EXPECTED_LAYOUT}")
+    if required:
+        raise NpdiffError(f"{path} has no {name}/ folder; expected {EXPECTED_LAYOUT}")
+    return None
+
+
+def _optional_file(path, what):
+    """`path` when it is a regular file, None when it is absent; NpdiffError for anything else."""
+    return None if path_kind(path, what) == "missing" else regular_file(path, what)
+
+
+def _component_folder(path, name):
+    folder = component_path(path, name, required=False)
+    if folder is None or _optional_file(os.path.join(folder, "config.json"), f"{name} config") is None:
         raise NpdiffError(f"{path} has no {name}/config.json; expected {EXPECTED_LAYOUT}")
     return folder
 
 
 def _optional_tokenizer(path):
     """The tokenizer/ folder: vocab.json + merges.txt, or tokenizer.json (what transformers 5 saves)."""
-    folder = os.path.join(path, "tokenizer")
-    if not os.path.isdir(folder):
+    folder = component_path(path, "tokenizer", required=False)
+    if folder is None:
         return None
-    has_pair = all(os.path.isfile(os.path.join(folder, name)) for name in ("vocab.json", "merges.txt"))
-    if not has_pair and not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+    present = {name for name in TOKENIZER_FILES
+               if _optional_file(os.path.join(folder, name), "tokenizer file") is not None}
+    if not {"vocab.json", "merges.txt"} <= present and "tokenizer.json" not in present:
         raise NpdiffError(f"{folder} holds no tokenizer: a CLIP tokenizer folder has vocab.json and "
                           "merges.txt, or tokenizer.json")
     return folder
@@ -65,7 +89,9 @@ def _optional_tokenizer(path):
 
 def _optional_scheduler(path):
     config_path = os.path.join(path, "scheduler", "scheduler_config.json")
-    if not os.path.isfile(config_path):
+    if component_path(path, "scheduler", required=False) is None:
+        return None
+    if _optional_file(config_path, "scheduler config") is None:
         return None
     return check_component_config("scheduler", read_json(config_path), config_path)
 
@@ -78,6 +104,24 @@ def _scheduler_config(found, prediction_type):
     return config
 
 
+def pipeline_weight_files(path, variant=None):
+    """[(name relative to `path`, path)] of every .safetensors file load_pipeline_components(path, variant)
+    reads, sorted by that name: [("model.safetensors", path)] for a single file; for a folder the weights
+    of each component (unet/diffusion_pytorch_model.safetensors, ...; shards as their index names them).
+    Nothing else in the folder: this is what the model hash covers (npdiff.model_identity)."""
+    path = os.fspath(path)
+    kind = path_kind(path, "model")
+    if kind == "file":
+        return [(os.path.basename(path), path)]
+    if kind == "missing":
+        raise NpdiffError(f"no such file or folder: {path}; expected {EXPECTED_LAYOUT}")
+    files = []
+    for name in MODEL_COMPONENTS:
+        folder = component_path(path, name)
+        files += [(f"{name}/{file_name}", file) for file_name, file in component_weight_files(folder, variant)]
+    return sorted(files)
+
+
 def load_pipeline_components(path, variant=None, prediction_type=None):
     """The (config, Weights) of unet, vae and text_encoder, plus tokenizer folder and scheduler config.
 
@@ -87,7 +131,8 @@ def load_pipeline_components(path, variant=None, prediction_type=None):
     """
     path = os.fspath(path)
     check_prediction_type(prediction_type)
-    if os.path.isfile(path):
+    kind = path_kind(path, "model")  # symlinks followed; loops, FIFOs, devices refused by name
+    if kind == "file":
         refuse_pickle(path)
         components = load_single_file(path)
         sd2 = components["text_encoder"][0]["hidden_act"] == "gelu"  # OpenCLIP: SD 2.x
@@ -100,20 +145,20 @@ def load_pipeline_components(path, variant=None, prediction_type=None):
             config, weights = components[name]
             components[name] = (check_component_config(name, config, f"{path} ({name})"), weights)
         return {**components, "tokenizer": None, "scheduler": scheduler, "model_index": None, "source": path}
-    if not os.path.isdir(path):
+    if kind == "missing":
         raise NpdiffError(f"no such file or folder: {path}; expected {EXPECTED_LAYOUT}")
 
     if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "unet")):
         raise NpdiffError(f"{path} is one model's folder (it has config.json), not a pipeline; expected "
                           f"{EXPECTED_LAYOUT}. Load a single model with <Model>.from_pretrained({path!r})")
-    present = [name for name in MODEL_COMPONENTS if os.path.isdir(os.path.join(path, name))]
+    present = [name for name in MODEL_COMPONENTS if component_path(path, name, required=False)]
     if not present:
         # (never list the folder's contents in a message: it may be any folder of the user's)
         raise NpdiffError(f"{path} holds none of {', '.join(n + '/' for n in MODEL_COMPONENTS)}; expected "
                           f"{EXPECTED_LAYOUT}")
 
     model_index_path = os.path.join(path, "model_index.json")
-    model_index = read_json(model_index_path) if os.path.isfile(model_index_path) else None
+    model_index = read_json(model_index_path) if _optional_file(model_index_path, "model index") else None
     result = {}
     for name in MODEL_COMPONENTS:
         folder = _component_folder(path, name)
