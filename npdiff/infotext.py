@@ -25,7 +25,7 @@ written the way webui before 1.9 did, "Sampler: DPM++ 2M Karras", which webui 1.
 import json
 import re
 
-from npdiff.errors import NpdiffError
+from npdiff.errors import NpdiffError, shorten
 
 # npdiff scheduler name -> AUTOMATIC1111 sampler name. PNDM as used by Stable Diffusion (skip_prk_steps)
 # is the PLMS sampler.
@@ -54,12 +54,14 @@ FIELDS = {
     "Denoising strength": ("strength", float),
     "Model hash": ("model_hash", str),
     "Model": ("model", str),
+    "Eta": ("eta", float),  # webui writes "Eta" for its ancestral samplers' eta, "Eta DDIM" for DDIM's
+    "Eta DDIM": ("eta", float),
 }
 IGNORED_QUIETLY = {"Version"}  # fields that do not change the picture
 
 # AUTOMATIC1111's infotext pattern (modules/infotext_utils.py): "Key: value" or 'Key: "quoted, value"'
 PARAM_PATTERN = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-SIZE_PATTERN = re.compile(r"^(\d+)x(\d+)$")
+SIZE_PATTERN = re.compile(r"^(\d{1,6})x(\d{1,6})$")  # no side has more than 6 digits
 LORA_TAG = re.compile(r"<lora:([^:>]+):([^:>]+)>")
 
 
@@ -117,6 +119,7 @@ def format_infotext(params):
         "Model": params.get("model"),
         "VAE": params.get("vae"),
         "Denoising strength": None if params.get("strength") is None else _number(params["strength"]),
+        "Eta DDIM" if sampler == "ddim" else "Eta": _number(params["eta"]) if params.get("eta") else None,
         "Lora hashes": ", ".join(f"{lora['name']}: {lora['sha256']}" for lora in loras) or None,
         "Version": f"npdiff {params['npdiff_version']}" if params.get("npdiff_version") else None,
     }
@@ -152,18 +155,18 @@ def _sampler(fields):
         return None
     if schedule != DEFAULT_SCHEDULE:
         if (name, schedule) not in SCHEDULE_TYPES:
-            raise NpdiffError(f"sampler {name!r} with schedule type {schedule!r} is not supported by npdiff; "
-                              f"supported: {', '.join(sorted(NPDIFF_SAMPLERS))}, DPM++ 2M with Karras")
+            raise NpdiffError(f"sampler {shorten(name)} with schedule type {shorten(schedule)} is not supported "
+                              f"by npdiff; supported: {', '.join(sorted(NPDIFF_SAMPLERS))}, DPM++ 2M with Karras")
         return SCHEDULE_TYPES[(name, schedule)]
     if name not in NPDIFF_SAMPLERS:
-        raise NpdiffError(f"sampler {name!r} is not supported by npdiff; supported: "
+        raise NpdiffError(f"sampler {shorten(name)} is not supported by npdiff; supported: "
                           f"{', '.join(sorted(NPDIFF_SAMPLERS))}")
     return NPDIFF_SAMPLERS[name]
 
 
 def parse_infotext(text):
     """AUTOMATIC1111 "parameters" text -> npdiff parameters (prompt, negative_prompt, steps, sampler,
-    guidance_scale, seed, width, height, strength, model, model_hash when present) and "unmapped":
+    guidance_scale, seed, width, height, strength, eta, model, model_hash when present) and "unmapped":
     the "Key: value" texts npdiff cannot reproduce, for the caller to report."""
     if not isinstance(text, str) or not text.strip():
         raise NpdiffError("the 'parameters' text is empty")
@@ -174,7 +177,7 @@ def parse_infotext(text):
     tags = LORA_TAG.findall(prompt)
     if tags:
         params["prompt"] = LORA_TAG.sub("", prompt).strip()
-        unmapped.append("LoRAs " + ", ".join(f"{name} (scale {scale})" for name, scale in tags))
+        unmapped.append("LoRAs " + ", ".join(f"{shorten(name)} (scale {shorten(scale)})" for name, scale in tags))
     sampler = _sampler(fields)
     if sampler is not None:
         params["sampler"] = sampler
@@ -182,15 +185,15 @@ def parse_infotext(text):
         if key == "Size":
             match = SIZE_PATTERN.match(value)
             if match is None:
-                raise NpdiffError(f"'Size: {value}' is not WIDTHxHEIGHT")
+                raise NpdiffError(f"'Size: {shorten(value)}' is not WIDTHxHEIGHT (at most 6 digits each)")
             params["width"], params["height"] = int(match.group(1)), int(match.group(2))
         elif key in FIELDS:
             name, convert = FIELDS[key]
             try:
                 params[name] = convert(value)
             except ValueError as exc:
-                raise NpdiffError(f"'{key}: {value}' is not a {convert.__name__}") from exc
+                raise NpdiffError(f"'{key}: {shorten(value)}' is not a {convert.__name__}") from exc
         elif key not in IGNORED_QUIETLY and not (key == "Lora hashes" and tags):
-            unmapped.append(f"{key}: {value}")
+            unmapped.append(f"{key}: {shorten(value)}")
     params["unmapped"] = unmapped
     return params
