@@ -40,7 +40,7 @@ from npdiff.batch import add_batch_command
 from npdiff.errors import shorten
 from npdiff.images import load_image
 from npdiff.recipe import (DEFAULTS, INPAINT_DEFAULTS, OPTIONS, defaults_for, model_png_identity, options_from_png,
-                           parse_lora_option, pipeline_arguments, render)
+                           load_vae, parse_lora_option, pipeline_arguments, render)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,21 +149,6 @@ def load_pipeline(args):
         lora = pipe.load_lora_weights(path, scale=scale)
         print(f"loaded LoRA {path} (scale {scale}, {lora.layer_count} layers)", file=sys.stderr)
     return pipe, model
-
-
-def load_vae(folder):
-    """--vae FOLDER: a diffusers AutoencoderKL or AutoencoderTiny (TAESD) folder, as its config.json names it."""
-    from npdiff.loading import read_config
-    from npdiff.models import AutoencoderKL, AutoencoderTiny
-
-    classes = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
-    if not Path(folder).is_dir():
-        raise npdiff.NpdiffError(f"--vae {folder}: no such folder")
-    class_name = read_config(folder).get("_class_name")
-    if class_name not in classes:
-        raise npdiff.NpdiffError(f"--vae {folder}: config.json names _class_name {class_name!r}; expected one of "
-                                 f"{', '.join(classes)}")
-    return classes[class_name].from_pretrained(folder)
 
 
 # --device -> the backend names that mean the same device

@@ -7,6 +7,7 @@ so a picture made one way is byte for byte the picture made another:
                                  batch line), as the pipeline's keyword, and as the key in the PNG
   defaults_for(command)          the options a command falls back to (inpaint repaints from pure noise)
   parse_lora_option(spec)        "FILE[:SCALE]" -> (FILE, SCALE)
+  load_vae(folder)               a --vae folder (AutoencoderKL or TAESD), as its config.json names it
   model_png_identity(model, pt)  how a PNG names the model: name and short hash, never a path
   png_parameters(...)            what a picture's PNG stores
   options_from_png(stored, src)  a PNG's stored parameters -> options, every value checked (a PNG is input
@@ -84,13 +85,15 @@ def check_prompt_text(text, what):
     return text
 
 
-def check_value(name, value, where):
+def check_value(name, value, where=None):
     """One option's value, as read from a batch line or a PNG ("where" names it): NpdiffError if unusable."""
+    prefix = f"{where}: " if where else ""
+
     def refuse(expected):
-        raise NpdiffError(f"{where}: {name!r} must be {expected}, got {shorten(value)}")
+        raise NpdiffError(f"{prefix}{name!r} must be {expected}, got {shorten(value)}")
 
     if name in ("prompt", "negative"):
-        return check_prompt_text(value, f"{where}: {name!r}")
+        return check_prompt_text(value, f"{prefix}{name!r}")
     if name in ("steps", "seed", "height", "width"):
         if not is_int(value) or value < (0 if name == "seed" else 1) or value >= 2**64:
             refuse("an integer >= 1" if name != "seed" else "an integer in [0, 2**64)")
@@ -107,7 +110,7 @@ def check_value(name, value, where):
         if value not in PREDICTION_TYPES:
             refuse(" or ".join(PREDICTION_TYPES))
         return value
-    raise NpdiffError(f"{where}: unknown option {name!r}")
+    raise NpdiffError(f"{prefix}unknown option {name!r}")
 
 
 def parse_lora_option(spec, what="--lora"):
@@ -122,6 +125,21 @@ def parse_lora_option(spec, what="--lora"):
     except ValueError:
         raise NpdiffError(f"{what} {shorten(spec)}: expected FILE or FILE:SCALE, and {shorten(tail)} is not a "
                           "number") from None
+
+
+def load_vae(folder):
+    """--vae FOLDER: a diffusers AutoencoderKL or AutoencoderTiny (TAESD) folder, as its config.json names it."""
+    from npdiff.loading import read_config
+    from npdiff.models import AutoencoderKL, AutoencoderTiny
+
+    classes = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
+    if not Path(folder).is_dir():
+        raise NpdiffError(f"--vae {folder}: no such folder")
+    class_name = read_config(folder).get("_class_name")
+    if class_name not in classes:
+        raise NpdiffError(f"--vae {folder}: config.json names _class_name {shorten(class_name)}; expected one "
+                          f"of {', '.join(classes)}")
+    return classes[class_name].from_pretrained(folder)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,8 +18,9 @@ import pytest
 import ray
 from PIL import Image
 
-from npdiff import batch, cli
-from npdiff.batch import BatchSummary, ProcessPool, cpu_cores, run_batch
+from npdiff import batch, batch_workers, cli
+from npdiff.batch import BatchSummary, run_batch
+from npdiff.batch_workers import ProcessPool, cpu_cores
 from npdiff.batch_jobs import read_jobs
 from npdiff.batch_ray import RayPool
 from npdiff.images import png_text_chunks, read_png_params, save_png
@@ -254,7 +255,7 @@ def test_two_worker_processes_same_bytes(text_jobs, reference, tmp_path, monkeyp
     pool = ProcessPool(str(default_model_path()), workers=2)
     try:
         summary = run_batch(text_jobs, tmp_path, defaults=DEFAULTS, pool=pool, progress=False)
-        ready = pool.executor.submit(batch._worker_process_ready).result()
+        ready = pool.executor.submit(batch_workers._worker_process_ready).result()
     finally:
         pool.close()
     assert (summary.written, summary.failures) == (3, {})
