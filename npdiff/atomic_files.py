@@ -32,20 +32,27 @@ NODE_KINDS = {stat.S_ISDIR: "a folder", stat.S_ISCHR: "a character device", stat
               stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISSOCK: "a socket"}
 
 
-def refuse_non_regular(path, what="output"):
-    """NpdiffError when `path` (followed through symlinks) exists and is not a regular file; its kind named."""
+def non_regular_kind(path):
+    """What is at `path` (followed through symlinks) when it is not a regular file ("a folder", "a FIFO
+    (named pipe)", ...); None when it is a regular file or nothing is there."""
     try:
         mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):  # nothing there (the folder is checked apart)
-        return
+        return None
     except OSError as exc:
-        raise NpdiffError(f"{what} {path}: cannot be examined ({exc.strerror or exc})") from exc
+        return f"not examinable ({exc.strerror or exc})"
     if stat.S_ISREG(mode):
-        return
-    kind = next((name for test, name in NODE_KINDS.items() if test(mode)), "not a regular file")
-    if stat.S_ISDIR(mode):
+        return None
+    return next((name for test, name in NODE_KINDS.items() if test(mode)), "not a regular file")
+
+
+def refuse_non_regular(path, what="output"):
+    """NpdiffError when `path` exists and is not a regular file, its kind named."""
+    kind = non_regular_kind(path)
+    if kind == "a folder":
         raise NpdiffError(f"{what} {path} is a folder; give a file name such as {Path(path) / 'picture.png'}")
-    raise NpdiffError(f"{what} {path} is {kind}: npdiff writes only regular files")
+    if kind is not None:
+        raise NpdiffError(f"{what} {path} is {kind}: npdiff writes only regular files")
 
 
 def _new_file_mode(path):

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from npdiff.atomic_files import atomic_write, check_destination, refuse_non_regular
+from npdiff.atomic_files import atomic_write, check_destination, non_regular_kind
 from npdiff.batch_jobs import is_done, read_jobs
 from npdiff.batch_workers import InProcessPool, ProcessPool
 from npdiff.errors import NpdiffError
@@ -113,11 +113,8 @@ def prepare_out_dir(out_dir):
 
 def blocked_output(path):
     """The message when something that is not a regular file sits at a picture's name, else None."""
-    try:
-        refuse_non_regular(path, "the picture's name")
-    except NpdiffError as exc:
-        return str(exc)
-    return None
+    kind = non_regular_kind(path)
+    return None if kind is None else f"{path.name} in --out is {kind}, not a picture: move it away"
 
 
 def run_batch(jobs_file, out_dir, model=None, defaults=None, workers=None, ray_address=None, pool=None,

@@ -113,7 +113,7 @@ class Renderer:
             if job[f"{key}_error"]:
                 raise NpdiffError(job[f"{key}_error"])
             if job[f"{key}_bytes"] is not None:
-                pictures[key] = load_image(job[f"{key}_bytes"], name=f"'{key}' {job[f'{key}_name']}")
+                pictures[key] = load_image(job[f"{key}_bytes"], name=job[f"{key}_name"], what=key)
         # 2. the pipeline as the line wants it
         options = job["options"]
         self.use_sampler(options.get("sampler"), options.get("prediction_type"))

@@ -61,11 +61,11 @@ def to_pil(x):
 CONVERTIBLE_MODES = ("RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr", "La", "RGBa")
 
 
-def load_image(source, name=None):
+def load_image(source, name=None, what="image"):
     """Open a picture for img2img or inpainting -> an RGB PIL image; NpdiffError naming it for anything else.
 
     source: a file path, or the file's bytes (npdiff batch sends them to its workers) with `name` to use in
-    messages. Every entry point (generate's --image/--mask, batch lines, the server) loads pictures here.
+    messages, and `what` the role ("image", "mask") messages name. Every entry point (generate's --image/--mask, batch lines, the server) loads pictures here.
     Refused: a missing file or a folder, a file PIL cannot identify, a truncated or corrupt file, a
     decompression bomb (more pixels than PIL.Image.MAX_IMAGE_PIXELS, checked from the header before any
     pixel is decoded: PIL's warning is turned into an error too, so a 90-megapixel PNG of a few kilobytes
@@ -81,7 +81,7 @@ def load_image(source, name=None):
     else:
         path = Path(source)
         if not path.is_file():
-            raise NpdiffError(f"image {path}: no such file" + (" (it is a folder)" if path.is_dir() else ""))
+            raise NpdiffError(f"{what} {path}: no such file" + (" (it is a folder)" if path.is_dir() else ""))
         opened = path
     try:
         with warnings.catch_warnings():
@@ -89,19 +89,19 @@ def load_image(source, name=None):
             with Image.open(opened) as picture:
                 width, height, mode = picture.width, picture.height, picture.mode
                 if mode not in CONVERTIBLE_MODES:
-                    raise NpdiffError(f"image {path}: mode {mode!r} ({width}x{height} pixels) is not an "
+                    raise NpdiffError(f"{what} {path}: mode {mode!r} ({width}x{height} pixels) is not an "
                                       "8-bit picture; save it as 8-bit RGB (or grey) PNG/JPEG")
                 picture.load()  # decode now: a truncated file fails here, not later
                 return picture.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise NpdiffError(f"image {path}: refusing a decompression bomb ({exc}); the limit is "
+        raise NpdiffError(f"{what} {path}: refusing a decompression bomb ({exc}); the limit is "
                           f"{Image.MAX_IMAGE_PIXELS} pixels") from exc
     except UnidentifiedImageError as exc:
-        raise NpdiffError(f"image {path}: not a picture PIL can read (PNG, JPEG, WebP, ...)") from exc
+        raise NpdiffError(f"{what} {path}: not a picture PIL can read (PNG, JPEG, WebP, ...)") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         if isinstance(exc, NpdiffError):
             raise
-        raise NpdiffError(f"image {path}: corrupt or truncated picture file ({exc})") from exc
+        raise NpdiffError(f"{what} {path}: corrupt or truncated picture file ({exc})") from exc
 
 
 def decode_opened(image, what):
