@@ -37,7 +37,7 @@ from pathlib import Path
 
 import npdiff  # noqa: F401  (chooses the BLAS kernels before numpy loads)
 from npdiff.batch import add_batch_command
-from npdiff.errors import shorten
+from npdiff.errors import clip, shorten
 from npdiff.images import load_image
 from npdiff.recipe import (DEFAULTS, INPAINT_DEFAULTS, OPTIONS, defaults_for, model_png_identity, options_from_png,
                            load_vae, parse_lora_option, pipeline_arguments, render)
@@ -88,7 +88,7 @@ def resolve_options(args, command):
     stored = read_png_params(args.reproduce) if args.reproduce else {}
     from_png = options_from_png(stored, args.reproduce) if args.reproduce else {}
     if stored.get("vae") and not args.vae:
-        raise npdiff.NpdiffError(f"{args.reproduce} was made with --vae {shorten(stored['vae'])} (a folder name): "
+        raise npdiff.NpdiffError(f"{args.reproduce} was made with --vae {clip(stored['vae'])} (a folder name): "
                                  "pass --vae with that folder to make it again")
     warn_about_missing_loras(args, stored)
     defaults = defaults_for(command)
@@ -96,7 +96,7 @@ def resolve_options(args, command):
         if command in option.commands and getattr(args, option.name, None) is None:
             setattr(args, option.name, from_png.get(option.name, defaults.get(option.name)))
     if stored.get("unmapped"):
-        unmapped = "; ".join(shorten(str(item)) for item in stored["unmapped"][:20])
+        unmapped = "; ".join(clip(item) for item in stored["unmapped"][:20])
         print(f"npdiff: --reproduce {args.reproduce}: not reproduced (npdiff has no such setting): {unmapped}",
               file=sys.stderr)
     args.stored = stored
@@ -110,8 +110,8 @@ def warn_about_missing_loras(args, stored):
     given = {Path(parse_lora_option(spec)[0]).stem for spec in (getattr(args, "lora", None) or [])}
     missing = [lora for lora in stored.get("loras") or [] if lora.get("name") not in given]
     if missing:
-        listed = ", ".join(f"{shorten(lora.get('name'))} (scale {shorten(lora.get('scale'))}, sha256 "
-                           f"{shorten(lora.get('sha256'))})" for lora in missing[:10])
+        listed = ", ".join(f"{clip(lora.get('name'))} (scale {clip(lora.get('scale'))}, sha256 "
+                           f"{clip(lora.get('sha256'))})" for lora in missing[:10])
         print(f"npdiff: warning: {args.reproduce} was made with LoRA {listed}; the picture will differ "
               "unless you pass each again with --lora FILE:SCALE", file=sys.stderr)
 
@@ -123,7 +123,7 @@ def identify_model(args, model):
     wanted = getattr(args, "stored", {}).get("model_hash")
     if wanted and wanted.lower() != identity["model_hash"]:
         print(f"npdiff: warning: {args.reproduce} was made with model {shorten(args.stored.get('model', '?'))} "
-              f"(hash {shorten(wanted)}), but the model loaded is {identity['model']!r} (hash "
+              f"(hash {clip(wanted)}), but the model loaded is {identity['model']!r} (hash "
               f"{identity['model_hash']}): the picture will differ; pass that model with --model", file=sys.stderr)
     return identity
 

@@ -20,3 +20,9 @@ def shorten(value, limit=MESSAGE_CHARS):
         return text
     size = f"{len(value)} characters" if isinstance(value, str) else type(value).__name__
     return f"{text[:limit]}... ({size})"
+
+
+def clip(value, limit=MESSAGE_CHARS):
+    """str(value) cut to about `limit` characters, for text quoted in a message as it is (no quotes added)."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

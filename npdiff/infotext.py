@@ -25,7 +25,7 @@ written the way webui before 1.9 did, "Sampler: DPM++ 2M Karras", which webui 1.
 import json
 import re
 
-from npdiff.errors import NpdiffError, shorten
+from npdiff.errors import NpdiffError, clip, shorten
 
 # npdiff scheduler name -> AUTOMATIC1111 sampler name. PNDM as used by Stable Diffusion (skip_prk_steps)
 # is the PLMS sampler.
@@ -60,7 +60,9 @@ FIELDS = {
 IGNORED_QUIETLY = {"Version"}  # fields that do not change the picture
 
 # AUTOMATIC1111's infotext pattern (modules/infotext_utils.py): "Key: value" or 'Key: "quoted, value"'
-PARAM_PATTERN = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# (keys bounded to 100 characters, so a long line without ':' is scanned in linear time, not quadratic)
+PARAM_PATTERN = re.compile(r'\s*(\w[\w \-/]{0,99}):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+MAX_SETTINGS_LINE = 65536  # characters: a longer last line is prompt, never scanned for settings
 SIZE_PATTERN = re.compile(r"^(\d{1,6})x(\d{1,6})$")  # no side has more than 6 digits
 LORA_TAG = re.compile(r"<lora:([^:>]+):([^:>]+)>")
 
@@ -133,7 +135,7 @@ def format_infotext(params):
 def split_infotext(text):
     """-> (prompt, negative prompt, {field: value}) exactly as AUTOMATIC1111's parse_generation_parameters."""
     *lines, last_line = text.strip().split("\n")
-    if len(PARAM_PATTERN.findall(last_line)) < 3:  # no settings line: all of it is prompt
+    if len(last_line) > MAX_SETTINGS_LINE or len(PARAM_PATTERN.findall(last_line)) < 3:  # no settings line
         lines.append(last_line)
         last_line = ""
     prompt_lines, negative_lines, in_negative = [], [], False
@@ -177,7 +179,7 @@ def parse_infotext(text):
     tags = LORA_TAG.findall(prompt)
     if tags:
         params["prompt"] = LORA_TAG.sub("", prompt).strip()
-        unmapped.append("LoRAs " + ", ".join(f"{shorten(name)} (scale {shorten(scale)})" for name, scale in tags))
+        unmapped.append("LoRAs " + ", ".join(f"{clip(name)} (scale {clip(scale)})" for name, scale in tags))
     sampler = _sampler(fields)
     if sampler is not None:
         params["sampler"] = sampler
@@ -185,15 +187,15 @@ def parse_infotext(text):
         if key == "Size":
             match = SIZE_PATTERN.match(value)
             if match is None:
-                raise NpdiffError(f"'Size: {shorten(value)}' is not WIDTHxHEIGHT (at most 6 digits each)")
+                raise NpdiffError(f"'Size: {clip(value)}' is not WIDTHxHEIGHT (at most 6 digits each)")
             params["width"], params["height"] = int(match.group(1)), int(match.group(2))
         elif key in FIELDS:
             name, convert = FIELDS[key]
             try:
                 params[name] = convert(value)
             except ValueError as exc:
-                raise NpdiffError(f"'{key}: {shorten(value)}' is not a {convert.__name__}") from exc
+                raise NpdiffError(f"'{key}: {clip(value)}' is not a {convert.__name__}") from exc
         elif key not in IGNORED_QUIETLY and not (key == "Lora hashes" and tags):
-            unmapped.append(f"{key}: {shorten(value)}")
+            unmapped.append(f"{clip(key)}: {clip(value)}")
     params["unmapped"] = unmapped
     return params
