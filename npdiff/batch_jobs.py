@@ -199,14 +199,24 @@ def resolve(value, key, base_dir):
     return path if path.is_absolute() else Path(base_dir) / path
 
 
+def path_kind(path, value, key):
+    """"file", "folder" or None (nothing there); NpdiffError naming the key when the name cannot be looked up
+    (too long, a loop of links, no permission)."""
+    try:
+        return "file" if path.is_file() else "folder" if path.is_dir() else None
+    except OSError as exc:
+        raise NpdiffError(f"'{key}' {shorten(value)}: cannot be looked up ({exc.strerror or exc})") from exc
+
+
 def find_file(value, key, base_dir):
     """-> the absolute path of an existing regular file, or None when `value` is None."""
     if value is None:
         return None
     path = resolve(value, key, base_dir)
-    if not path.is_file():
-        what = "it is a folder" if path.is_dir() else "no such file"
-        raise NpdiffError(f"'{key}' {shorten(value)}: {what} ({path})")
+    kind = path_kind(path, value, key)
+    if kind != "file":
+        what = "it is a folder" if kind == "folder" else "no such file"
+        raise NpdiffError(f"'{key}' {shorten(value)}: {what} ({shorten(str(path))})")
     return str(path.resolve())
 
 
@@ -214,8 +224,8 @@ def find_vae(value, base_dir):
     if value is None:
         return None
     path = resolve(value, "vae", base_dir)
-    if not path.is_dir():
-        raise NpdiffError(f"'vae' {shorten(value)}: no such folder ({path})")
+    if path_kind(path, value, "vae") != "folder":
+        raise NpdiffError(f"'vae' {shorten(value)}: no such folder ({shorten(str(path))})")
     return str(path.resolve())
 
 

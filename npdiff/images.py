@@ -80,8 +80,12 @@ def load_image(source, name=None, what="image"):
         path, opened = (name or "picture"), BytesIO(source)
     else:
         path = Path(source)
-        if not path.is_file():
-            raise NpdiffError(f"{what} {path}: no such file" + (" (it is a folder)" if path.is_dir() else ""))
+        try:
+            is_file, is_dir = path.is_file(), path.is_dir()
+        except OSError as exc:  # a name too long, a loop of links
+            raise NpdiffError(f"{what} {str(path)[:200]}: cannot be looked up ({exc.strerror or exc})") from exc
+        if not is_file:
+            raise NpdiffError(f"{what} {path}: no such file" + (" (it is a folder)" if is_dir else ""))
         opened = path
     try:
         with warnings.catch_warnings():

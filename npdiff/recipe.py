@@ -118,7 +118,11 @@ def parse_lora_option(spec, what="--lora"):
     if not isinstance(spec, str) or not spec:
         raise NpdiffError(f"{what}: expected FILE or FILE:SCALE, got {shorten(spec)}")
     head, sep, tail = spec.rpartition(":")
-    if Path(spec).is_file() or not sep or not head or tail.startswith(("/", "\\")):
+    try:
+        whole_name_is_a_file = Path(spec).is_file()  # "a:b.safetensors" is a file name with a colon
+    except OSError:  # a name too long to look up: not a file
+        whole_name_is_a_file = False
+    if whole_name_is_a_file or not sep or not head or tail.startswith(("/", "\\")):
         return spec, 1.0
     try:
         return head, float(tail)
