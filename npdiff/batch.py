@@ -187,8 +187,10 @@ def run_batch(jobs_file, out_dir, model=None, defaults=None, workers=None, ray_a
 # ---------------------------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------------------------
-class Stopped(Exception):
-    """The batch was asked to stop by a signal (SIGTERM): raised in the driver so that it ends its workers."""
+class Stopped(BaseException):
+    """The batch was asked to stop by a signal (SIGTERM): raised in the driver so that it ends its workers.
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` (a worker's per-line error
+    handling, with --workers 1 in this very process) takes it for one line's failure."""
 
 
 @contextmanager
@@ -236,9 +238,9 @@ def add_batch_command(subparsers):
         "img2img's or inpaint's options a line: prompt, negative (or negative_prompt), seed, steps, guidance, "
         "sampler, height, width, eta, prediction_type, image (+ strength) for img2img, image + mask for inpaint, "
         "vae (a folder), lora (\"FILE[:SCALE]\" or a list); paths relative to the job file. Blank lines and "
-        "# comments are skipped. A line without a seed gets its line number as seed, so reruns are reproducible. Pictures "
-        "already in DIR, whole and with the job's parameters, are skipped: a rerun resumes. Exit code 1 if "
-        "any line failed.")
+        "# comments are skipped. A line without a seed gets its line number as seed, so reruns are "
+        "reproducible. Pictures already in DIR, whole and with the job's parameters, are skipped: a rerun "
+        "resumes. SIGTERM or Ctrl-C ends the workers too. Exit code 1 if any line failed.")
     p.add_argument("jobs", metavar="JOBS", help="job file: prompts, one a line, or .jsonl")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the pictures (made if missing)")
     p.add_argument("--model", default=None, help="diffusers folder or .safetensors file (default: shipped model)")

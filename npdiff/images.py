@@ -65,7 +65,8 @@ def load_image(source, name=None, what="image"):
     """Open a picture for img2img or inpainting -> an RGB PIL image; NpdiffError naming it for anything else.
 
     source: a file path, or the file's bytes (npdiff batch sends them to its workers) with `name` to use in
-    messages, and `what` the role ("image", "mask") messages name. Every entry point (generate's --image/--mask, batch lines, the server) loads pictures here.
+    messages, and `what` the role ("image", "mask") messages name. Every entry point (the commands'
+    --image/--mask, batch lines, the server) loads pictures here.
     Refused: a missing file or a folder, a file PIL cannot identify, a truncated or corrupt file, a
     decompression bomb (more pixels than PIL.Image.MAX_IMAGE_PIXELS, checked from the header before any
     pixel is decoded: PIL's warning is turned into an error too, so a 90-megapixel PNG of a few kilobytes

@@ -396,7 +396,8 @@ def test_line_holes_are_per_line_errors(tmp_path, capsys):
     expected = {2: "'sampler' must be a sampler name (a string), got ['ddim']", 3: "key 'seed' is given twice",
                 4: "image bomb.png: refusing a decompression bomb", 5: "image truncated.png: corrupt or truncated",
                 6: "'eta' must be a finite number >= 0, got 'x'", 7: "'lora' must be \"FILE[:SCALE]\"",
-                8: "'mask' needs 'image'", 9: "'prompt' holds a NUL character", 10: "000010-seed10.png in --out is a folder",
+                8: "'mask' needs 'image'", 9: "'prompt' holds a NUL character",
+                10: "000010-seed10.png in --out is a folder",
                 11: "not a line of options: it nests too deeply"}
     for line, message in expected.items():
         assert f"line {line}: {message}" in captured.out, (line, captured.out)
@@ -467,3 +468,23 @@ def test_a_stopped_batch_ends_its_workers_and_the_resource_tracker(tmp_path, sig
     while time.monotonic() < deadline and [pid for pid in children if alive(pid)]:
         time.sleep(0.2)
     assert not [pid for pid in children if alive(pid)], "a worker or the resource tracker survived"
+
+
+def test_sigterm_stops_a_one_worker_batch_too(tmp_path):
+    """With --workers 1 the model renders in the driver itself: SIGTERM must not be taken for one line's error."""
+    jobs = write_lines(tmp_path / "prompts.txt", [f"a red circle number {n}" for n in range(300)])
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "npdiff.cli", "batch", str(jobs), "--out", str(out), "--steps", "10", "--quiet"]
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent)))
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not list(out.glob("*.png")) and driver.poll() is None:
+            time.sleep(0.2)
+        driver.send_signal(signal.SIGTERM)
+        output, err = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 143 and "stopped by SIGTERM" in err, (output, err)
+    assert 0 < len(list(out.glob("*.png"))) < 300 and "failed" not in output
