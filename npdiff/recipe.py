@@ -50,10 +50,9 @@ OPTIONS = (
     Option("sampler", None, "sampler", ALL),
     Option("prediction_type", None, "prediction_type", ALL),
 )
+# --reproduce fills in exactly these. The model, LoRAs, a VAE and the input pictures are never taken from a
+# PNG: it names them only by name and hash, and a path read from a file is never opened.
 OPTION_BY_NAME = {option.name: option for option in OPTIONS}
-# option name -> PNG key: what --reproduce may fill in. The model, LoRAs, a VAE and the input pictures are
-# never taken from a PNG: it names them only by name and hash, and a path read from a file is never opened.
-REPRODUCIBLE = {option.name: option.png_key for option in OPTIONS}
 
 DEFAULTS = {"negative": "", "steps": 30, "guidance": 7.5, "strength": 0.8, "eta": 0.0}
 INPAINT_DEFAULTS = dict(DEFAULTS, strength=1.0)  # diffusers' inpainting default: repaint from pure noise
