@@ -87,7 +87,7 @@ class Renderer:
         if loras == self.loras:
             return
         self.pipe.unload_lora_weights()  # the original weights back, exactly
-        self.loras = ()
+        self.loras = None  # not known until every LoRA is fused: a failed load is undone by the next line
         for path, scale in loras:
             self.pipe.load_lora_weights(path, scale=scale)
         self.loras = loras
