@@ -488,3 +488,17 @@ def test_sigterm_stops_a_one_worker_batch_too(tmp_path):
             driver.kill()
     assert driver.returncode == 143 and "stopped by SIGTERM" in err, (output, err)
     assert 0 < len(list(out.glob("*.png"))) < 300 and "failed" not in output
+
+
+def test_a_lora_failing_half_way_is_unfused_before_the_next_line(tmp_path, capsys):
+    model = default_model_path()
+    (tmp_path / "lcm.safetensors").write_bytes((model / "lcm-lora.safetensors").read_bytes())
+    (tmp_path / "broken.safetensors").write_bytes(b"not a LoRA")
+    lines = [{"prompt": "a blue square", "lora": ["lcm.safetensors", "broken.safetensors"], "seed": 6},
+             {"prompt": "a blue square", "seed": 6}]
+    jobs = write_lines(tmp_path / "jobs.jsonl", [json.dumps(line) for line in lines])
+    code, captured = run_cli(["batch", str(jobs), "--out", str(tmp_path / "out"), *STEPS, "--quiet"], capsys)
+    assert code == 1 and "line 1: " in captured.out and "broken.safetensors" in captured.out
+    single = tmp_path / "single.png"
+    assert run_cli(["generate", "a blue square", "--seed", "6", *STEPS, "--out", str(single)], capsys)[0] == 0
+    assert (tmp_path / "out" / "000002-seed6.png").read_bytes() == single.read_bytes()
