@@ -287,7 +287,7 @@ class StableDiffusionPipeline:
         # 5. decode
         parameters = self.generation_parameters(prompts, negatives, seed, steps, guidance_scale, start.height,
                                                 start.width, self.scheduler_name)
-        parameters.update(start.parameters())
+        parameters.update(start.parameters(), eta=eta)  # eta changes DDIM's and TCD's pixels: recorded
         output = self.package_output(latents, output_type, seed, parameters)
         self._stage_done("vae")
         return output
@@ -308,20 +308,20 @@ class StableDiffusionPipeline:
 
     def img2img(self, prompt, image, strength=0.8, negative_prompt=None, num_inference_steps=50,
                 guidance_scale=7.5, seed=None, generator=None, num_images_per_prompt=1, callback=None,
-                callback_steps=1, output_type="pil", progress=None):
+                callback_steps=1, output_type="pil", progress=None, eta=0.0):
         """Picture + text -> pictures: noise the encoded picture to `strength`, then denoise.
 
         image: PIL image, uint8 array [H,W,3] or float array [H,W,3] in [0,1]; sides are rounded down to
         a multiple of pipeline_utils.size_rule (64 pixels for SD). strength in (0, 1]: 1 starts from pure
-        noise, small values stay close.
+        noise, small values stay close. eta: as in __call__.
         """
         return self._generate(ImageStart(image, strength), prompt, negative_prompt, num_inference_steps,
                               guidance_scale, seed, generator, num_images_per_prompt, callback, callback_steps,
-                              output_type, progress)
+                              output_type, progress, eta=eta)
 
     def inpaint(self, prompt, image, mask_image, strength=1.0, negative_prompt=None, num_inference_steps=50,
                 guidance_scale=7.5, seed=None, generator=None, num_images_per_prompt=1, height=None, width=None,
-                callback=None, callback_steps=1, output_type="pil", progress=None):
+                callback=None, callback_steps=1, output_type="pil", progress=None, eta=0.0):
         """Picture + mask + text -> pictures repainted where the mask is white (diffusers' inpaint pipeline).
 
         image: PIL image, uint8 array [H,W,3] or float array [H,W,3] in [0,1]. mask_image: the same size,
@@ -330,8 +330,8 @@ class StableDiffusionPipeline:
         default: the model's, as diffusers); the picture and mask are resized to it. strength in (0, 1]:
         1 repaints from pure noise.
         A 9-channel inpainting UNet (sd-v1-5-inpainting) sees the mask; any 4-channel UNet works too,
-        its kept part put back after each step.
+        its kept part put back after each step. eta: as in __call__.
         """
         return self._generate(InpaintStart(image, mask_image, strength, height, width), prompt, negative_prompt,
                               num_inference_steps, guidance_scale, seed, generator, num_images_per_prompt,
-                              callback, callback_steps, output_type, progress)
+                              callback, callback_steps, output_type, progress, eta=eta)

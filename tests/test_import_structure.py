@@ -13,10 +13,6 @@ import npdiff
 
 PACKAGE_ROOT = Path(npdiff.__file__).parent
 
-# The one circle known today, removed by the recipe branch (the lead removes this exception at merge).
-KNOWN_CIRCLES = [["npdiff.batch", "npdiff.batch_ray", "npdiff.cli"]]
-# Modules whose function-local imports the recipe branch rewrites (the lead removes this at merge).
-LAZY_IMPORTS_LEFT_TO_RECIPE = {"npdiff.batch", "npdiff.batch_jobs", "npdiff.batch_ray", "npdiff.cli"}
 
 
 def module_files(root):
@@ -103,7 +99,7 @@ def circles(graph):
 
 def test_no_import_circles_in_npdiff():
     found = circles(import_graph(PACKAGE_ROOT))
-    assert found == KNOWN_CIRCLES, "import circles: " + "; ".join(" <-> ".join(c) for c in found)
+    assert found == [], "import circles: " + "; ".join(" <-> ".join(c) for c in found)
 
 
 def _nested_imports(tree):
@@ -143,8 +139,7 @@ def lazy_imports_without_a_reason(root):
 def test_lazy_imports_of_npdiff_modules_say_why():
     """A function-local import hides what a module depends on; it stays only where it avoids a heavy or
     optional import at import time (or must wait, as NumPy in startup.py), and a comment says so."""
-    found = [(module, line) for module, line in lazy_imports_without_a_reason(PACKAGE_ROOT)
-             if module not in LAZY_IMPORTS_LEFT_TO_RECIPE]
+    found = lazy_imports_without_a_reason(PACKAGE_ROOT)
     assert found == [], "function-local imports without a reason: " + ", ".join(f"{m}:{n}" for m, n in found)
 
 

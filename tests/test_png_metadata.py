@@ -333,3 +333,97 @@ def test_reproduce_warns_about_loras_not_given_again(folder, tmp_path, capsys):
     assert "was made with LoRA style (scale 0.8, sha256 0123456789ab)" in capsys.readouterr().err
     assert cli.main(["generate", "--reproduce", str(made), "--model", str(folder), "--out", str(again)]) == 0
     assert "LoRA" not in capsys.readouterr().err
+
+
+def test_eta_is_stored_and_a_tcd_picture_redraws_byte_for_byte(folder, tmp_path):
+    """eta changes TCD's (and DDIM's) pixels: it is stored in both chunks and --reproduce reads it back."""
+    out = generate(folder, tmp_path / "tcd.png", "--sampler", "tcd", "--eta", "0.3")
+    params = read_png_params(out)
+    assert params["eta"] == 0.3 and params["sampler"] == "tcd"
+    assert "Eta: 0.3" in text_chunks(out)["parameters"]
+    assert parse_infotext(text_chunks(out)["parameters"])["eta"] == 0.3
+    plain = generate(folder, tmp_path / "tcd0.png", "--sampler", "tcd")
+    assert not np.array_equal(pixels(out), pixels(plain))  # eta made a difference worth recording
+    again = tmp_path / "again.png"
+    assert cli.main(["generate", "--reproduce", str(out), "--model", str(folder), "--out", str(again)]) == 0
+    assert again.read_bytes() == out.read_bytes()
+    # DDIM's eta is "Eta DDIM" in webui's text; read back too
+    assert "Eta DDIM: 0.5" in format_infotext({"prompt": "x", "sampler": "ddim", "eta": 0.5})
+    assert parse_infotext("x\nSteps: 2, Sampler: DDIM, Seed: 1, Eta DDIM: 0.5")["eta"] == 0.5
+
+
+def test_eta_for_img2img_and_inpaint(folder, tmp_path, rng):
+    source = tmp_path / "source.png"
+    Image.fromarray(rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)).save(source)
+    mask = tmp_path / "mask.png"
+    Image.fromarray((rng.random((32, 64)) > 0.5).astype(np.uint8) * 255).save(mask)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, scheduler="tcd")
+    pipe.show_progress = False
+    with Image.open(source) as picture:
+        eta0 = pipe.img2img("a red circle", picture, strength=0.9, num_inference_steps=3, seed=2)
+        eta3 = pipe.img2img("a red circle", picture, strength=0.9, num_inference_steps=3, seed=2, eta=0.3)
+        with Image.open(mask) as mask_picture:
+            inpainted = pipe.inpaint("a red circle", picture, mask_picture, num_inference_steps=3, seed=2,
+                                     height=32, width=64, eta=0.3)
+    assert eta3.parameters["eta"] == 0.3 and inpainted.parameters["eta"] == 0.3 and eta0.parameters["eta"] == 0.0
+    assert not np.array_equal(np.asarray(eta0.images[0]), np.asarray(eta3.images[0]))
+    out = tmp_path / "img2img.png"
+    assert cli.main(["img2img", "a red circle", "--image", str(source), "--strength", "0.9", "--steps", "3",
+                     "--seed", "2", "--sampler", "tcd", "--eta", "0.3", "--model", str(folder),
+                     "--out", str(out)]) == 0
+    assert np.array_equal(pixels(out), np.asarray(eta3.images[0]))
+    again = tmp_path / "again.png"
+    assert cli.main(["img2img", "--reproduce", str(out), "--image", str(source), "--model", str(folder),
+                     "--out", str(again)]) == 0
+    assert again.read_bytes() == out.read_bytes()
+
+
+@pytest.mark.parametrize("stored,message", [
+    ({"prompt": "x", "loras": "abc"}, "'loras' must be a list"),
+    ({"prompt": "x", "model_hash": 12345}, "stored 'model_hash' must be a string"),
+    ({"prompt": "x", "steps": "many"}, "'steps' must be an integer >= 1, got 'many'"),
+    ({"prompt": "x", "sampler": ["ddim"]}, "'sampler' must be a sampler name"),
+    ({"prompt": "x", "eta": -1}, "'eta' must be a finite number >= 0"),
+    ({"prompt": "x", "seed": 2**70}, "'seed' must be an integer in [0, 2**64)"),
+    ({"prompt": "x", "unmapped": "abc"}, "stored 'unmapped' must be a list"),
+])
+def test_reproduce_malformed_npdiff_parameters(folder, tmp_path, capsys, stored, message):
+    path = write_png(tmp_path / "bad.png", {"npdiff": json.dumps(stored)})
+    assert cli.main(["generate", "--reproduce", str(path), "--model", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_reproduce_deep_nesting_long_size_and_huge_values(folder, tmp_path, capsys):
+    deep = write_png(tmp_path / "deep.png", {"npdiff": "[" * 100_000})
+    assert cli.main(["generate", "--reproduce", str(deep), "--model", str(folder)]) == 2
+    assert "nests too deeply" in capsys.readouterr().err
+    size = write_png(tmp_path / "size.png", {"parameters": "x\nSteps: 2, Seed: 1, Size: " + "9" * 5000 + "x8"})
+    assert cli.main(["generate", "--reproduce", str(size), "--model", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "is not WIDTHxHEIGHT" in err and len(err) < 400
+    # 10 MB values in what --reproduce warns about: the warnings are cut, the picture is made
+    huge = "z" * 10_000_000
+    stored = {"prompt": "a red circle", "steps": 1, "seed": 1, "model": huge, "model_hash": "0000000000",
+              "loras": [{"name": huge, "scale": 1.0, "sha256": huge}], "unmapped": [f"Hires prompt: {huge}"]}
+    made = write_png(tmp_path / "huge.png", {"npdiff": json.dumps(stored)})
+    assert cli.main(["generate", "--reproduce", str(made), "--model", str(folder), "--height", "32", "--width",
+                     "32", "--out", str(tmp_path / "out.png")]) == 0
+    err = capsys.readouterr().err
+    assert len(err) < 3000 and "was made with LoRA" in err and "not reproduced" in err and "warning" in err
+    # a 10 MB prompt in AUTOMATIC1111's text is read in linear time (no settings line is looked for in it)
+    params = parse_infotext(huge)
+    assert params["prompt"] == huge
+
+
+def test_nul_in_a_prompt_is_refused_before_any_work(folder, tmp_path, capsys):
+    """PNG text chunks cannot hold NUL (the PNG specification forbids it): refused, not written broken."""
+    out = tmp_path / "nul.png"
+    assert cli.main(["generate", "a red\x00circle", "--model", str(folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a NUL character" in err and "loaded model" not in err and not out.exists()
+    assert cli.main(["generate", "x", "--negative", "\x00", "--model", str(folder), "--out", str(out)]) == 2
+    assert "the negative prompt holds a NUL character" in capsys.readouterr().err
+    with pytest.raises(NpdiffError, match="NUL"):
+        save_png(Image.new("RGB", (8, 8)), tmp_path / "lib.png", {"prompt": "a\x00b"})
+    assert list(tmp_path.iterdir()) == []
