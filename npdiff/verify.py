@@ -26,7 +26,7 @@ import numpy as np
 from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.verify_blocks import (PROMPTS, Table, compare_blocks, compare_sampling, compare_vae, is_sdxl_folder,
-                                  require_torch_stack, unet_block_names)
+                                  picture_size, require_torch_stack, unet_block_names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ def verify_model(model=None, steps=4, height=None, width=None, seed=0, out=None)
     from diffusers import StableDiffusionPipeline as TorchPipeline
 
     from npdiff.pipeline import StableDiffusionPipeline
-    from npdiff.pipeline_utils import check_positive_int, check_size, default_model_path, size_rule
+    from npdiff.pipeline_utils import check_positive_int, default_model_path
     from npdiff.rng import TorchGenerator
 
     steps = check_positive_int(steps, "--steps")
@@ -92,9 +92,7 @@ def verify_model(model=None, steps=4, height=None, width=None, seed=0, out=None)
                                                requires_safety_checker=False, torch_dtype=torch.float32,
                                                local_files_only=True)
     torch_pipe.set_progress_bar_config(disable=True)
-    side = pipe.unet.config["sample_size"] * pipe.vae_scale_factor
-    height, width = check_size(height or side, width or side, *size_rule(pipe.unet.config, pipe.vae_scale_factor))
-    latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    height, width, latent_hw = picture_size(pipe.unet.config, pipe.vae_scale_factor, height, width)
     print(f"npdiff verify: {model}, {height}x{width}, seed {seed}, torch {torch.__version__}", file=out)
 
     table = Table(out)

@@ -141,6 +141,16 @@ def require_torch_stack():
                           "is not installed: pip install -e '.[test]' (torch, diffusers, transformers)")
 
 
+def picture_size(unet_config, vae_scale_factor, height, width):
+    """The picture size to compare at (the UNet's sample_size when not given), checked -> (height, width,
+    (latent height, latent width))."""
+    from npdiff.pipeline_utils import check_size, size_rule
+
+    side = unet_config["sample_size"] * vae_scale_factor
+    height, width = check_size(height or side, width or side, *size_rule(unet_config, vae_scale_factor))
+    return height, width, (height // vae_scale_factor, width // vae_scale_factor)
+
+
 def is_sdxl_folder(folder):
     """A diffusers folder of an SDXL pipeline: it has text_encoder_2/ (the refiner has only that encoder)."""
     return (folder / "text_encoder_2").is_dir()

@@ -21,8 +21,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from npdiff import backend
-from npdiff.verify_blocks import (PROMPTS, Table, compare_blocks, compare_sampling, compare_vae, require_torch_stack,
-                                  unet_block_names)
+from npdiff.verify_blocks import (PROMPTS, Table, compare_blocks, compare_sampling, compare_vae, picture_size,
+                                  require_torch_stack, unet_block_names)
 
 ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 AESTHETIC_SCORE = 6.0  # diffusers' default for the refiner
@@ -111,15 +111,12 @@ def verify_sdxl_model(model, steps, height, width, seed, out):
     import torch
     from diffusers import DiffusionPipeline
 
-    from npdiff.pipeline_utils import check_size, size_rule
     from npdiff.rng import TorchGenerator
 
     ours = load_sdxl_networks(model)
     torch_pipe = DiffusionPipeline.from_pretrained(str(model), torch_dtype=torch.float32, local_files_only=True)
     torch_pipe.set_progress_bar_config(disable=True)
-    side = ours.unet.config["sample_size"] * ours.vae_scale_factor
-    height, width = check_size(height or side, width or side, *size_rule(ours.unet.config, ours.vae_scale_factor))
-    latent_hw = (height // ours.vae_scale_factor, width // ours.vae_scale_factor)
+    height, width, latent_hw = picture_size(ours.unet.config, ours.vae_scale_factor, height, width)
     print(f"npdiff verify (SDXL): {model}, {height}x{width}, seed {seed}, torch {torch.__version__}", file=out)
 
     table = Table(out)
