@@ -5,7 +5,9 @@ config implies (`weights.take("conv_in.weight", (320, 4, 3, 3))`), then calls `c
 Behind a name sits a TensorRef: which file, the key stored there (the same name for a diffusers
 folder; the original CompVis name for a single-file checkpoint) and the shape `take` returns (the
 stored shape, or a reshape of it that the key map asked for, e.g. a 1x1 conv [C,C,1,1] read as a
-linear [C,C]) and, for a tensor stored fused (OpenCLIP's q/k/v), which rows of it. Nothing is read
+linear [C,C]), for a tensor stored fused (OpenCLIP's q/k/v), which rows of it, and whether it is stored
+transposed (OpenCLIP's text_projection [D,P], which transformers holds as a Linear weight [P,D]: taken as
+a transposed view, made contiguous once by backend.to_device, a private copy of that one tensor). Nothing is read
 until `take`. A float32 tensor is a read-only view of the file's memory map (no copy; safetensors_io.py
 says why and what that costs); F16/BF16 are widened to float32 once, into private memory.
 
@@ -55,6 +57,7 @@ class TensorRef:
     stored_key: str  # the key inside that file
     shape: tuple  # the shape take() returns (same number of elements as the stored rows)
     rows: tuple = None  # (start, stop) along the first axis, or None for the whole tensor (fused q/k/v)
+    transpose: bool = False  # stored [a,b] taken as [b,a] (OpenCLIP's text_projection; see take())
 
 
 def _shape_text(shape):
@@ -85,6 +88,7 @@ class Weights:
             text += f", stored as '{self._refs[key].stored_key}'"
             rows = self._refs[key].rows
             text += f" rows {rows[0]}:{rows[1]}" if rows is not None else ""
+            text += " transposed" if self._refs[key].transpose else ""
         return text
 
     def __repr__(self):
@@ -134,6 +138,8 @@ class Weights:
         if ref.rows is not None:  # [3D,...] -> [D,...]: one of fused q/k/v (a widened one copied so the rest can go)
             values = values[ref.rows[0]:ref.rows[1]]
             values = values if mapped else values.copy()
+        if ref.transpose:  # [a,b] -> [b,a]: a view here; to_device below makes it one contiguous private copy
+            values = values.T
         values = values.reshape(expected)  # stored shape -> config shape (a view: the rows are contiguous)
         bad = first_non_finite(values) if finite else None
         if mapped and finite:
