@@ -67,7 +67,12 @@ def load_pipeline_components(path, variant=None, prediction_type=None):
         components = load_single_file(path)
         scheduler = None
         if components["text_encoder"][0]["hidden_act"] == "gelu":  # OpenCLIP: SD 2.x
-            scheduler = sd2_defaults(components["unet"][0], prediction_type)
+            scheduler, sample_size = sd2_defaults(prediction_type)
+            unet_config, unet_weights = components["unet"]
+            components["unet"] = (dict(unet_config, sample_size=sample_size), unet_weights)
+        for name in MODEL_COMPONENTS:  # configs inferred from the tensors: checked like a folder's
+            config, weights = components[name]
+            components[name] = (check_component_config(name, config, f"{path} ({name})"), weights)
         return {**components, "tokenizer": None, "scheduler": scheduler, "model_index": None, "source": path}
     if not os.path.isdir(path):
         raise NpdiffError(f"no such file or folder: {path}; expected {EXPECTED_LAYOUT}")

@@ -41,8 +41,9 @@ widths together (768 + 1280 = 2048; the refiner: 1280), and N - P splits into wh
 
 from npdiff.errors import NpdiffError
 from npdiff.loading import keymap
-from npdiff.loading.single_file_configs import (StoredShapes, clip_text_config, indices, infer_clip_config,
-                                                infer_unet_config, infer_vae_config)
+from npdiff.loading.configs import clip_text_config
+from npdiff.loading.single_file_configs import (StoredShapes, indices, infer_clip_config, infer_unet_config,
+                                                infer_vae_config)
 from npdiff.loading.single_file_sd2 import RESBLOCK_KEY, map_openclip_key
 
 SDXL_PREFIX = "conditioner.embedders."

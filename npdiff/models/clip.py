@@ -25,15 +25,10 @@ import numpy as np
 
 from npdiff import backend, kernels
 from npdiff.errors import NpdiffError
+from npdiff.loading.config_checks import full_config
+from npdiff.loading.configs import load_component
 from npdiff.models.blocks import LayerNorm, child
 from npdiff.models.transformer import TransposedLinear, merge_heads, split_heads
-
-# transformers' CLIPTextConfig defaults, for config.json files that leave a key out
-CONFIG_DEFAULTS = {
-    "vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
-    "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
-}
-
 
 def _gelu_erf(x):
     return kernels.gelu(x, approximate="none")
@@ -121,14 +116,8 @@ class CLIPTextModel:
     """CLIP text transformer: input_ids [B,L] -> last_hidden_state [B,L,D] (and every hidden state)."""
 
     def __init__(self, config, weights):
-        from npdiff.loading.config_checks import check_component_config
-
-        check_component_config("text_encoder", config)  # types and ranges of every value
-        self.config = {**CONFIG_DEFAULTS, **config}
+        self.config = full_config("text_encoder", config)  # defaults filled in; checked unless the loader did
         c = self.config
-        if c["hidden_act"] not in ACTIVATIONS:
-            raise NpdiffError(f"config: hidden_act {c['hidden_act']!r} is not supported; known: "
-                              f"{', '.join(ACTIVATIONS)}")
         vocab, dim, positions = c["vocab_size"], c["hidden_size"], c["max_position_embeddings"]
         # transformers 4.x names start with "text_model.", 5.x saves drop it
         prefix = "text_model" if weights.has("text_model.embeddings.token_embedding.weight") else ""
@@ -146,8 +135,6 @@ class CLIPTextModel:
 
     @classmethod
     def from_pretrained(cls, folder, subfolder=None, variant=None):
-        from npdiff.loading import load_component
-
         return cls(*load_component(folder, subfolder, variant))
 
     def check_input_ids(self, input_ids):
