@@ -5,9 +5,7 @@ config implies (`weights.take("conv_in.weight", (320, 4, 3, 3))`), then calls `c
 Behind a name sits a TensorRef: which file, the key stored there (the same name for a diffusers
 folder; the original CompVis name for a single-file checkpoint) and the shape `take` returns (the
 stored shape, or a reshape of it that the key map asked for, e.g. a 1x1 conv [C,C,1,1] read as a
-linear [C,C]), for a tensor stored fused (OpenCLIP's q/k/v), which rows of it, and whether it is stored
-transposed (OpenCLIP's text_projection [D,P], which transformers holds as a Linear weight [P,D]: taken as
-a transposed view, made contiguous once by backend.to_device, a private copy of that one tensor). Nothing is read
+linear [C,C]) and, for a tensor stored fused (OpenCLIP's q/k/v), which rows of it. Nothing is read
 until `take`. A float32 tensor is a read-only view of the file's memory map (no copy; safetensors_io.py
 says why and what that costs); F16/BF16 are widened to float32 once, into private memory.
 
@@ -23,6 +21,10 @@ each tensor's after its check (so loading never holds more than about one tensor
 model's mapped tensors once more in check_all_used(), the end of every model's constructor (the kernel
 maps up to 64 KiB around each page fault, so checking one tensor brings in bits of its neighbours):
 loading leaves the weights in the page cache, not resident, and the first call faults them back in.
+
+A TensorRef may also be stored transposed (transpose=True): OpenCLIP's text_projection [D,P] in SDXL
+files, which transformers holds as a Linear weight [P,D]. take() transposes the view; backend.to_device
+then makes it contiguous, one private copy of that tensor (bigG's: 6.5 MB).
 """
 
 import difflib
