@@ -17,7 +17,7 @@ The layout (keymap.SDXL_COMPONENT_PREFIXES):
     first_stage_model.*                      the VAE, as SD 1.x
     conditioner.embedders.0.transformer.*    CLIP ViT-L, transformers' names already (base only)
     conditioner.embedders.1.model.*          OpenCLIP ViT-bigG (base); the refiner's is at embedders.0.model.*
-OpenCLIP's names become transformers' as for SD 2.x (single_file_sd2.map_openclip_key: in_proj [3D,D]
+OpenCLIP's names become transformers' as for SD 2.x (single_file_sd2.map_openclip_keys: in_proj [3D,D]
 split into q/k/v by rows, views of the file's map), except that SDXL uses every resblock (the pipeline
 takes the penultimate hidden state itself) and keeps the projection: text_projection [D,P] (OpenCLIP
 computes x @ P) is transformers' text_projection.weight [P,D] transposed (diffusers'
@@ -44,7 +44,7 @@ from npdiff.loading import keymap
 from npdiff.loading.configs import clip_text_config
 from npdiff.loading.single_file_configs import (StoredShapes, indices, infer_clip_config, infer_unet_config,
                                                 infer_vae_config)
-from npdiff.loading.single_file_sd2 import RESBLOCK_KEY, map_openclip_key
+from npdiff.loading.single_file_sd2 import map_openclip_keys
 
 SDXL_PREFIX = "conditioner.embedders."
 BASE, REFINER = "sdxl", "sdxl-refiner"
@@ -130,22 +130,13 @@ def _bigg_config(shapes, source):
 def _map_bigg(shapes, source):
     """bigG's OpenCLIP keys -> (config, {transformers key: (original key, shape, rows, transpose)})."""
     config = _bigg_config(shapes, source)  # 1. the config
-    hidden_size = config["hidden_size"]
-    names = {}
-    for key, shape in shapes.stored.items():  # 2. every key: renamed, split in three, transposed or dropped
-        full_key = shapes.prefix + key
-        if key == "text_projection":  # [D,P] -> [P,D]
-            names["text_projection.weight"] = (full_key, (shape[1], shape[0]), None, True)
-            continue
-        mapped = map_openclip_key(key, shape, hidden_size, last_block=None)  # None: every resblock is used
-        if mapped is None:
-            raise NpdiffError(f"unexpected key '{full_key}' in {source}: no diffusers name for it in the "
-                              "OpenCLIP ViT-bigG text encoder key map")
-        for diffusers_key, taken, rows in mapped:
-            if rows is not None and shape[0] != 3 * hidden_size:
-                raise NpdiffError(f"key '{full_key}' in {source} has shape {shape}; expected q, k and v "
-                                  f"stacked: ({3 * hidden_size}, ...)")
-            names[diffusers_key] = (full_key, taken, rows, False)
+    projection_width, projection_dim = shapes("text_projection")
+    names = {"text_projection.weight": (shapes.prefix + "text_projection", (projection_dim, projection_width), None,
+                                        True)}  # 2. the projection, [D,P] taken as [P,D]
+    others = {key: shape for key, shape in shapes.stored.items() if key != "text_projection"}
+    for key, (full_key, taken, rows) in map_openclip_keys(others, shapes.prefix, config["hidden_size"], None,
+                                                          source).items():  # 3. the rest as SD 2.x's, every resblock
+        names[key] = (full_key, taken, rows, False)
     return config, names
 
 

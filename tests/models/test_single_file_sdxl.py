@@ -72,14 +72,7 @@ CLIP_BOOKKEEPING = ("architectures", "transformers_version", "_name_or_path", "d
 
 def random_clip(cls, config, seed):
     torch.manual_seed(seed)
-    model = cls(CLIPTextConfig(**config))
-    with torch.no_grad():  # matrices std 1/sqrt(fan_in), 1-d parameters (norms, biases) noised
-        for param in model.parameters():
-            if param.ndim == 1:
-                param.add_(0.1 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, param.shape[-1] ** -0.5)
-    return model.eval()
+    return randomize_(cls(CLIPTextConfig(**config)), seed + 1)  # 1-d parameters (norms, biases) noised too
 
 
 def text_state(model):
@@ -352,7 +345,7 @@ REFUSALS = {
                             r"name for it in the unet key map"),
     "unexpected bigG key": (dict(add={BIGG_KEY + "visual.proj": torch.zeros(2)}),
                             r"unexpected key 'conditioner\.embedders\.1\.model\.visual\.proj' in .*: no diffusers name "
-                            r"for it in the OpenCLIP ViT-bigG text encoder key map"),
+                            r"for it in the OpenCLIP text encoder key map"),
     "SD 1.x encoder too": (dict(add={"cond_stage_model.transformer.text_model.x": torch.zeros(2)}),
                            r"unexpected key 'cond_stage_model\.transformer\.text_model\.x' in .*sdxl\.safetensors"),
     "refiner and base mixed": (dict(add={"conditioner.embedders.0.model.ln_final.weight": torch.zeros(2)}),
