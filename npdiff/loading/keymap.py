@@ -49,12 +49,14 @@ SDXL_REFINER_COMPONENT_PREFIXES = (
     ("conditioner.embedders.0.model.", "text_encoder_2"),  # OpenCLIP ViT-bigG (refiner)
 )
 # Keys that belong to no network npdiff runs: the training noise schedule (the scheduler recomputes
-# it), EMA copies and the autoencoder's training loss.
+# it), EMA copies and the autoencoder's training loss. (Keys that change how a model is sampled, such as
+# some SDXL files' "v_pred" marker, are NOT ignored: they stay unexpected keys, refused by name.)
 IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.")
 IGNORED_KEYS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                 "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                 "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-                "posterior_mean_coef1", "posterior_mean_coef2", "logvar")
+                "posterior_mean_coef1", "posterior_mean_coef2", "logvar",
+                "denoiser.sigmas")  # SDXL (sgm): the denoiser's training sigmas
 
 # Stage 3 -----------------------------------------------------------------------------------------
 UNET_RESNET_PARTS = (

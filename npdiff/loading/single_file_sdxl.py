@@ -22,7 +22,8 @@ split into q/k/v by rows, views of the file's map), except that SDXL uses every 
 takes the penultimate hidden state itself) and keeps the projection: text_projection [D,P] (OpenCLIP
 computes x @ P) is transformers' text_projection.weight [P,D] transposed (diffusers'
 convert_open_clip_checkpoint transposes it; here TensorRef.transpose: taken as a transposed view, made
-contiguous once, D*P*4 bytes = 6.5 MB for bigG). logit_scale (CLIP's contrastive head) is dropped.
+contiguous once, D*P*4 bytes = 6.5 MB for bigG); files re-saved from a Linear store text_projection.weight
+[P,D], taken as it is. logit_scale (CLIP's contrastive head) is dropped.
 
 What the tensors tell beyond SD 1.x (single_file_configs.py has the rest):
   - base or refiner: which embedders hold which encoder; inpainting: conv_in's 9 input channels;
@@ -109,14 +110,31 @@ def _sort_keys(shapes, source, model_type):
     return stored
 
 
+def _projection(shapes, source, hidden_size):
+    """(key, (P, D) as taken, transpose?) of bigG's projection, stored as OpenCLIP keeps it, text_projection
+    [D,P] (x @ P), or as a Linear weight, text_projection.weight [P,D] (files re-saved from a Linear, e.g. by
+    ComfyUI); a square matrix cannot tell the two apart, only the name can."""
+    present = [key for key in ("text_projection", "text_projection.weight") if key in shapes]
+    if len(present) != 1:
+        raise NpdiffError(f"{source}: {'both' if present else 'neither'} '{shapes.prefix}text_projection' "
+                          f"{'and' if present else 'nor'} '{shapes.prefix}text_projection.weight' (bigG's projection; "
+                          "exactly one is expected)")
+    (key,) = present
+    shape = shapes(key)
+    transpose = key == "text_projection"
+    width = shape[0] if transpose else shape[-1]
+    if len(shape) != 2 or width != hidden_size:
+        wanted = f"({hidden_size}, P)" if transpose else f"(P, {hidden_size})"
+        raise NpdiffError(f"key '{shapes.prefix}{key}' in {source} has shape {tuple(shape)}; expected {wanted} "
+                          f"for width {hidden_size}")
+    return key, (shape[1], shape[0]) if transpose else tuple(shape), transpose
+
+
 def _bigg_config(shapes, source):
     """CLIPTextModelWithProjection's config (transformers) from bigG's OpenCLIP shapes."""
     vocab_size, hidden_size = shapes("token_embedding.weight")  # [V, D]
     max_positions = shapes("positional_embedding")[0]  # [P, D]
-    projection_width, projection_dim = shapes("text_projection")  # [D, P_out]
-    if projection_width != hidden_size:
-        raise NpdiffError(f"key '{shapes.prefix}text_projection' in {source} has shape "
-                          f"({projection_width}, {projection_dim}); expected ({hidden_size}, P) for width {hidden_size}")
+    _, (projection_dim, _), _ = _projection(shapes, source, hidden_size)
     blocks = indices(list(shapes.stored), r"transformer\.resblocks\.(\d+)\.")
     if not blocks or blocks != list(range(len(blocks))):
         raise NpdiffError(f"{source}: {shapes.prefix}transformer.resblocks.* are numbered {blocks}; expected 0..N-1")
@@ -130,13 +148,12 @@ def _bigg_config(shapes, source):
 def _map_bigg(shapes, source):
     """bigG's OpenCLIP keys -> (config, {transformers key: (original key, shape, rows, transpose)})."""
     config = _bigg_config(shapes, source)  # 1. the config
-    projection_width, projection_dim = shapes("text_projection")
-    names = {"text_projection.weight": (shapes.prefix + "text_projection", (projection_dim, projection_width), None,
-                                        True)}  # 2. the projection, [D,P] taken as [P,D]
-    others = {key: shape for key, shape in shapes.stored.items() if key != "text_projection"}
-    for key, (full_key, taken, rows) in map_openclip_keys(others, shapes.prefix, config["hidden_size"], None,
-                                                          source).items():  # 3. the rest as SD 2.x's, every resblock
-        names[key] = (full_key, taken, rows, False)
+    key, taken, transpose = _projection(shapes, source, config["hidden_size"])
+    names = {"text_projection.weight": (shapes.prefix + key, taken, None, transpose)}  # 2. the projection [P,D]
+    others = {name: shape for name, shape in shapes.stored.items() if name != key}
+    for name, (full_key, shape, rows) in map_openclip_keys(others, shapes.prefix, config["hidden_size"], None,
+                                                           source).items():  # 3. the rest as SD 2.x's, every resblock
+        names[name] = (full_key, shape, rows, False)
     return config, names
 
 

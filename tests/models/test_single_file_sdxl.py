@@ -64,7 +64,8 @@ VAE = dict(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("
            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
            norm_num_groups=32, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-EXTRAS = {"alphas_cumprod": torch.ones(10), "model_ema.decay": torch.tensor(0.9999)}  # skipped by the loader
+# skipped by the loader: the noise schedule (sgm's denoiser keeps its sigmas), EMA scalars
+EXTRAS = {"alphas_cumprod": torch.ones(10), "denoiser.sigmas": torch.ones(10), "model_ema.decay": torch.tensor(0.9999)}
 # transformers' config bookkeeping, not the model: left out of the comparison
 CLIP_BOOKKEEPING = ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype", "id2label",
                     "label2id", "_commit_hash", "_attn_implementation_autoset", "output_hidden_states")
@@ -75,11 +76,15 @@ def random_clip(cls, config, seed):
     return randomize_(cls(CLIPTextConfig(**config)), seed + 1)  # 1-d parameters (norms, biases) noised too
 
 
-def text_state(model):
-    """transformers' names with the "text_model." prefix (5.x's CLIPTextModel saves without it)."""
+def text_state(model, position_ids=False):
+    """transformers' names with the "text_model." prefix (5.x's CLIPTextModel saves without it); position_ids:
+    with the int64 buffer SDXL files carry for CLIP-L."""
     state = {key: tensor.detach().clone() for key, tensor in model.state_dict().items()}
-    return {(key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key): tensor
-            for key, tensor in state.items()}
+    state = {(key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key): tensor
+             for key, tensor in state.items()}
+    if position_ids:
+        state["text_model.embeddings.position_ids"] = torch.arange(model.config.max_position_embeddings)[None]  # [1,P]
+    return state
 
 
 def state_of(model):
@@ -103,7 +108,7 @@ def parts():
             "text_encoder_2": (bigg.config.to_dict(), text_state(bigg), bigg),
         }
         if kind != "refiner":
-            result[kind]["text_encoder"] = (clip_l.config.to_dict(), text_state(clip_l), clip_l)
+            result[kind]["text_encoder"] = (clip_l.config.to_dict(), text_state(clip_l, position_ids=True), clip_l)
     return result
 
 
@@ -197,6 +202,10 @@ def test_every_config_value_and_tensor_as_diffusers(kind, dtype, parts, tmp_path
         assert not differing, f"{component} config (ours, original): {differing}"
         assert weights.keys() == sorted(original_state), f"{component}: mapped keys differ"
         for key, tensor in original_state.items():
+            if not tensor.is_floating_point():  # CLIP-L's position_ids: present, ignored as CLIPTextModel does
+                assert weights.dtype(key) == "I64"
+                weights.ignore(key)
+                continue
             expected = tensor if DTYPES[dtype] is None else tensor.to(DTYPES[dtype]).float()
             np.testing.assert_array_equal(weights.take(key, tuple(tensor.shape)), expected.numpy(),
                                           err_msg=f"{component} {key}")
@@ -217,6 +226,18 @@ def test_float32_tensors_stay_views_of_the_file(parts, tmp_path):
     assert mapping_of(conv_in) is not None
     projection = bigg.take("text_projection.weight", (BIGG["projection_dim"], width))
     assert mapping_of(projection) is None and projection.flags.c_contiguous
+
+
+def test_projection_stored_as_a_linear_weight(parts, base_checkpoint, tmp_path):
+    """text_projection.weight [P,D] (files re-saved from a Linear) is taken as it is, a view of the file."""
+    projection = parts["base"]["text_encoder_2"][1]["text_projection.weight"]  # [P,D]
+    path = save_changed(base_checkpoint, tmp_path / "sdxl.safetensors", drop=re.escape(BIGG_KEY + "text_projection"),
+                        add={BIGG_KEY + "text_projection.weight": projection})
+    config, bigg = load_single_file(path)["text_encoder_2"]
+    assert config["projection_dim"] == BIGG["projection_dim"]
+    taken = bigg.take("text_projection.weight", tuple(projection.shape))
+    np.testing.assert_array_equal(taken, projection.numpy())
+    assert mapping_of(taken) is not None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,7 +264,8 @@ def test_diffusers_from_single_file_reads_the_same_tensors(kind, parts, tmp_path
         their_state = text_state(theirs) if component.startswith("text") else state_of(theirs)
         their_state = {key: value for key, value in their_state.items() if not key.endswith("position_ids")}
         _, weights = loaded[component]
-        assert weights.keys() == sorted(their_state), f"{component}: names differ from diffusers'"
+        ours = [key for key in weights.keys() if not key.endswith("position_ids")]
+        assert ours == sorted(their_state), f"{component}: names differ from diffusers'"
         for key, tensor in their_state.items():
             np.testing.assert_array_equal(weights.take(key, tuple(tensor.shape)), tensor.numpy(),
                                           err_msg=f"{component} {key}")
@@ -332,7 +354,10 @@ REFUSALS = {
     "missing bigG key": (dict(drop=re.escape(BIGG_KEY + "positional_embedding")),
                          r"missing key 'conditioner\.embedders\.1\.model\.positional_embedding' of the text_encoder_2"),
     "missing projection": (dict(drop=re.escape(BIGG_KEY + "text_projection")),
-                           r"missing key 'conditioner\.embedders\.1\.model\.text_projection' of the text_encoder_2"),
+                           r"neither 'conditioner\.embedders\.1\.model\.text_projection' nor "
+                           r"'conditioner\.embedders\.1\.model\.text_projection\.weight' \(bigG's projection"),
+    "two projections": (dict(add={BIGG_KEY + "text_projection.weight": torch.zeros(32, 128)}),
+                        r"both 'conditioner\.embedders\.1\.model\.text_projection' and "),
     "no vae": (dict(drop=r"first_stage_model\..*"),
                r"sdxl\.safetensors has no vae weights \(no keys starting with 'first_stage_model\.'\)"),
     "no CLIP-L": (dict(drop=r"conditioner\.embedders\.0\..*"),
