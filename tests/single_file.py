@@ -26,6 +26,7 @@ stores it under conditioner.embedders.1.model. (the refiner: .0.model., and no C
 and text_projection stored as OpenCLIP multiplies by it, [D, P] (the Linear weight transposed).
 """
 
+import functools
 import re
 
 UNET_PREFIX = "model.diffusion_model."
@@ -245,3 +246,99 @@ def write_single_file(path, unet, vae, text_encoder, dtype=None, extra=None, tex
     checkpoint = {key: tensor.detach().contiguous() for key, tensor in checkpoint.items()}
     save_file(checkpoint, str(path))
     return checkpoint
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny SDXL parts for the SDXL single-file tests (tests/models/test_single_file_sdxl*.py)
+# --------------------------------------------------------------------------------------------------
+# Tiny parts with SDXL's structure. Heads are 64 channels wide and norm groups 32, as the loader assumes
+# (the tensors do not say); the text encoders carry SDXL's token ids (bos 0, eos 2, pad 1).
+TOKEN_IDS = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1)
+CLIP_L = dict(vocab_size=1000, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=1,
+              max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=64, **TOKEN_IDS)
+BIGG = dict(vocab_size=1000, hidden_size=128, intermediate_size=512, num_hidden_layers=10, num_attention_heads=2,
+            max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=32, **TOKEN_IDS)
+TIME_EMBED = 8  # addition_time_embed_dim (SDXL: 256)
+UNET_BASE = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(64, 64, 128), attention_head_dim=(1, 1, 2), transformer_layers_per_block=(1, 2, 3),
+    cross_attention_dim=64 + 128, use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=TIME_EMBED, projection_class_embeddings_input_dim=32 + 6 * TIME_EMBED,
+)
+UNET_KINDS = {
+    "base": UNET_BASE,
+    "inpaint": dict(UNET_BASE, in_channels=9),
+    "refiner": dict(  # 4 blocks, attention in the middle two, depth 4 -> here 2 everywhere; 5 time ids
+        UNET_BASE, block_out_channels=(64, 64, 128, 128), attention_head_dim=(1, 1, 2, 2),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=2, cross_attention_dim=128, projection_class_embeddings_input_dim=32 + 5 * 8),
+    # depths that differ per layer and between down and up blocks (diffusers' nested lists)
+    "asymmetric": dict(UNET_BASE, transformer_layers_per_block=(1, (1, 2), 3),
+                       reverse_transformer_layers_per_block=((3, 1, 2), (2, 2, 1), (1, 1, 1))),
+}
+VAE = dict(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 2,
+           up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
+           norm_num_groups=32, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+def random_clip(cls, config, seed):
+    import torch
+    from tiny_models import randomize_
+    from transformers import CLIPTextConfig
+
+    torch.manual_seed(seed)
+    return randomize_(cls(CLIPTextConfig(**config)), seed + 1)  # 1-d parameters (norms, biases) noised too
+
+
+def text_state(model, position_ids=False):
+    """transformers' names with the "text_model." prefix (5.x's CLIPTextModel saves without it); position_ids:
+    with the int64 buffer SDXL files carry for CLIP-L."""
+    import torch
+
+    state = {key: tensor.detach().clone() for key, tensor in model.state_dict().items()}
+    state = {(key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key): tensor
+             for key, tensor in state.items()}
+    if position_ids:
+        state["text_model.embeddings.position_ids"] = torch.arange(model.config.max_position_embeddings)[None]  # [1,P]
+    return state
+
+
+def state_of(model):
+    return {key: tensor.detach().clone() for key, tensor in model.state_dict().items()}
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_sdxl_parts():
+    """kind -> {"unet"|"vae"|"text_encoder"|"text_encoder_2": (config, state, model)}; no CLIP-L in a refiner.
+    Built once per process; callers must not change the states in place."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from tiny_models import randomize_
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    clip_l = random_clip(CLIPTextModel, CLIP_L, seed=31)
+    bigg = random_clip(CLIPTextModelWithProjection, BIGG, seed=32)
+    torch.manual_seed(33)
+    vae = randomize_(AutoencoderKL(**VAE), 34)
+    result = {}
+    for seed, (kind, unet_config) in enumerate(UNET_KINDS.items()):
+        torch.manual_seed(40 + seed)
+        unet = randomize_(UNet2DConditionModel(**unet_config), 50 + seed)
+        result[kind] = {
+            "unet": (dict(unet.config), state_of(unet), unet),
+            "vae": (dict(vae.config), state_of(vae), vae),
+            "text_encoder_2": (bigg.config.to_dict(), text_state(bigg), bigg),
+        }
+        if kind != "refiner":
+            result[kind]["text_encoder"] = (clip_l.config.to_dict(), text_state(clip_l, position_ids=True), clip_l)
+    return result
+
+
+def write_sdxl(kind_parts, path, **kwargs):
+    """Write the SDXL file of one kind's parts (see write_single_file for kwargs) -> its path."""
+    text_encoder = kind_parts.get("text_encoder")
+    write_single_file(path, unet=kind_parts["unet"][:2], vae=kind_parts["vae"][:2],
+                      text_encoder=text_encoder[1] if text_encoder else None,
+                      text_encoder_2=kind_parts["text_encoder_2"][1], **kwargs)
+    return path
