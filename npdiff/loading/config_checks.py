@@ -7,12 +7,13 @@ cross-checks that need two keys, and what the networks built here support.
     full_config(component, config) -> dict      the checked config with the defaults filled in: what a
                                                 model's constructor builds itself from
     per_block(config, key, count) -> list       one value or a per-block list -> `count` values
+    transformer_depths(full, layers) -> (down, mid, up)   SDXL's transformer depth of every resnet layer
 
 component is "unet", "vae", "text_encoder" or "scheduler". A key absent from the config is not checked
 (the default fills it in); a key present must satisfy its rule (config_rules.py). Then the cross-checks
 (group counts that divide the channels, heads that divide the width, every per-block list as long as
 block_out_channels: checked here and nowhere else, beta_start <= beta_end), then what is supported
-(the SD 1.x/2.x UNet: no class embeddings, known block types, ...).
+(the SD 1.x/2.x and SDXL UNet: no class embeddings, known block types, ...).
 
 Each config is checked once: the loader checks what it reads (so the message names the file) and
 returns a CheckedConfig; a model's constructor calls full_config, which checks only a config that is
@@ -50,16 +51,19 @@ UNET_DEFAULTS = {
     "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3, "attention_type": "default",
     "class_embeddings_concat": False, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
     "cross_attention_norm": None, "reverse_transformer_layers_per_block": None,
+    "addition_time_embed_dim": None, "projection_class_embeddings_input_dim": None,
+    "mid_block_only_cross_attention": None, "addition_embed_type_num_heads": 64,
 }
 
-# Keys whose value must be exactly this (None/False/"default"...) for the SD 1.x/2.x network built here.
+# Keys whose value must be exactly this (None/False/"default"...) for the SD/SDXL network built here.
+# (num_attention_heads: diffusers' UNet2DConditionModel refuses it too.)
 UNET_MUST_BE = {
-    "class_embed_type": None, "addition_embed_type": None, "num_class_embeds": None,
+    "class_embed_type": None, "num_class_embeds": None,
     "num_attention_heads": None, "dual_cross_attention": False,
     "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "time_embedding_type": "positional",
     "time_embedding_act_fn": None, "timestep_post_act": None,
     "attention_type": "default", "class_embeddings_concat": False, "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None, "cross_attention_norm": None, "reverse_transformer_layers_per_block": None,
+    "encoder_hid_dim_type": None, "cross_attention_norm": None,
 }
 UNET_DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")  # models/unet.py builds these
 UNET_UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -76,6 +80,7 @@ VAE_DEFAULTS = {
 CLIP_DEFAULTS = {
     "vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
     "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+    "projection_dim": 512, "eos_token_id": 49407,
 }
 CLIP_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh")  # models/clip.py runs these
 
@@ -92,11 +97,14 @@ RULES = {
         "block_out_channels": ListOf(POSITIVE), "down_block_types": ListOf(Text()),
         "up_block_types": ListOf(Text()), "layers_per_block": OneOrList(POSITIVE),
         "attention_head_dim": OneOrList(POSITIVE), "cross_attention_dim": OneOrList(POSITIVE),
-        "transformer_layers_per_block": OneOrList(POSITIVE), "norm_num_groups": POSITIVE, "norm_eps": EPS,
+        "transformer_layers_per_block": OneOrList(OneOrList(POSITIVE)),  # SDXL: per block, per layer
+        "reverse_transformer_layers_per_block": Optional(ListOf(OneOrList(POSITIVE))),
+        "addition_embed_type": Optional(Text()), "addition_time_embed_dim": Optional(POSITIVE),
+        "projection_class_embeddings_input_dim": Optional(POSITIVE), "norm_num_groups": POSITIVE, "norm_eps": EPS,
         "mid_block_scale_factor": Float(), "downsample_padding": IntIn(0, 1), "conv_in_kernel": Int(1, odd=True),
         "conv_out_kernel": Int(1, odd=True), "time_embedding_dim": Optional(POSITIVE),
         "flip_sin_to_cos": Bool(), "center_input_sample": Bool(), "use_linear_projection": Bool(),
-        "upcast_attention": Bool(), "freq_shift": Float(), "act_fn": Text(),
+        "upcast_attention": Optional(Bool()), "freq_shift": Float(), "act_fn": Text(),
         "mid_block_type": Optional(Text()), "resnet_out_scale_factor": Float(above=True, low=0.0),
     },
     "vae": {
@@ -110,7 +118,7 @@ RULES = {
     "text_encoder": {
         "vocab_size": POSITIVE, "hidden_size": POSITIVE, "intermediate_size": POSITIVE,
         "num_hidden_layers": POSITIVE, "num_attention_heads": POSITIVE, "max_position_embeddings": POSITIVE,
-        "layer_norm_eps": EPS, "hidden_act": Text(),
+        "layer_norm_eps": EPS, "hidden_act": Text(), "projection_dim": POSITIVE,
     },
     "scheduler": {
         # num_train_timesteps: SD has 1000; the schedules are arrays of this length, so 10**9 is refused
@@ -136,11 +144,45 @@ def per_block(config, key, count):
     return [value] * count
 
 
+def per_layer(value, count, key, block):
+    """One block's transformer depth (an int, or one per resnet layer) -> a list of `count` depths.
+    diffusers reads a list's first `count` entries; a shorter list is refused."""
+    if not isinstance(value, (list, tuple)):
+        return [value] * count
+    if len(value) < count:
+        raise NpdiffError(f"{key} entry {block} is {list(value)}; the block has {count} resnet "
+                          f"layers, so it needs {count} depths")
+    return list(value[:count])
+
+
+def transformer_depths(full, layers):
+    """-> (down, mid, up): the transformer depth of every resnet layer of every block, read as diffusers
+    reads transformer_layers_per_block (an int, one per block, or per block one per layer: SDXL) and
+    reverse_transformer_layers_per_block (the up blocks' own, required with nested lists); the mid block
+    takes the last block's (first) depth. `full`: a config with the defaults; `layers`: layers_per_block
+    per block (an up block has one more). NpdiffError (without the config's name: check_component_config
+    adds it) for lists too short or nested ones without the reverse."""
+    blocks = len(layers)
+    given = per_block(full, "transformer_layers_per_block", blocks)     # per block: an int or a list
+    down = [per_layer(given[i], layers[i], "transformer_layers_per_block", i) for i in range(blocks)]
+    mid = per_layer(given[-1], 1, "transformer_layers_per_block", blocks - 1)[0]
+    if full["reverse_transformer_layers_per_block"] is None:
+        if any(isinstance(value, (list, tuple)) for value in given):
+            raise NpdiffError("transformer_layers_per_block is a nested list; diffusers then needs "
+                              "reverse_transformer_layers_per_block (the up blocks' depths), and it is missing")
+        up_given, key = given[::-1], "transformer_layers_per_block"
+    else:
+        up_given = per_block(full, "reverse_transformer_layers_per_block", blocks)
+        key = "reverse_transformer_layers_per_block"
+    up = [per_layer(up_given[i], layers[blocks - 1 - i] + 1, key, i) for i in range(blocks)]
+    return down, mid, up
+
+
 # ---------------------------------------------------------------------------------------------
 # Cross-checks: rules that need two keys (given the defaults the model fills in)
 # ---------------------------------------------------------------------------------------------
 PER_BLOCK_KEYS = ("down_block_types", "up_block_types", "layers_per_block", "attention_head_dim",
-                  "cross_attention_dim", "transformer_layers_per_block")
+                  "cross_attention_dim", "transformer_layers_per_block", "reverse_transformer_layers_per_block")
 
 
 def _cross_checks(component, full):
@@ -172,17 +214,25 @@ def _cross_checks(component, full):
 
 
 # ---------------------------------------------------------------------------------------------
-# What the networks built here support (SD 1.x/2.x): "<where>: key=value is not supported ..."
+# What the networks built here support (SD 1.x/2.x, SDXL): "<where>: key=value is not supported ..."
 # ---------------------------------------------------------------------------------------------
 def _unet_unsupported(full):
     """-> why the UNet config asks for a network models/unet.py does not build, else None."""
     for key, expected in UNET_MUST_BE.items():
         if full[key] != expected:
-            return (f"{key}={full[key]!r} is not supported (npdiff runs SD 1.x/2.x UNets, which have "
+            return (f"{key}={full[key]!r} is not supported (npdiff runs SD 1.x/2.x and SDXL UNets, which have "
                     f"{key}={expected!r})")
-    only_cross = full["only_cross_attention"]
-    if any(only_cross) if isinstance(only_cross, (list, tuple)) else only_cross:
-        return f"only_cross_attention={only_cross!r} is not supported (SD 1.x/2.x UNets have False)"
+    if full["addition_embed_type"] not in (None, "text_time"):
+        return (f"addition_embed_type={full['addition_embed_type']!r} is not supported; expected null (SD 1.x/2.x) "
+                "or 'text_time' (SDXL)")
+    if full["addition_embed_type"] == "text_time":
+        for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+            if full[key] is None:
+                return f"addition_embed_type 'text_time' needs {key}; it is missing"
+    for key in ("only_cross_attention", "mid_block_only_cross_attention"):
+        only_cross = full[key]
+        if any(only_cross) if isinstance(only_cross, (list, tuple)) else only_cross:
+            return f"{key}={only_cross!r} is not supported (SD and SDXL UNets have False)"
     if full["act_fn"] not in ("silu", "swish"):
         return f"act_fn={full['act_fn']!r} is not supported; expected 'silu'"
     if full["mid_block_type"] not in ("UNetMidBlock2DCrossAttn", None):
@@ -191,6 +241,10 @@ def _unet_unsupported(full):
         for name in full[key]:
             if name not in known:
                 return f"{key} entry {name!r} is not supported; known: {', '.join(known)}"
+    try:  # nested transformer depths: one per resnet layer, and the reverse list for the up blocks
+        transformer_depths(full, per_block(full, "layers_per_block", len(full["block_out_channels"])))
+    except NpdiffError as error:
+        return str(error)
     return None
 
 
@@ -202,7 +256,8 @@ def _vae_unsupported(full):
     if full["act_fn"] not in ("silu", "swish"):
         return f"act_fn={full['act_fn']!r} is not supported; expected 'silu'"
     if full["shift_factor"] not in (None, 0, 0.0) or full["latents_mean"] is not None:
-        return "shift_factor/latents_mean belong to SD3/SDXL-style VAEs; not supported"
+        return ("shift_factor/latents_mean belong to SD3- and Playground-style VAEs; not supported (the SD and SDXL "
+                "VAEs have null)")
     return None
 
 

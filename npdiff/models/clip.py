@@ -1,9 +1,15 @@
-"""The CLIP text encoder of Stable Diffusion (transformers' CLIPTextModel), over its own weight names.
+"""The CLIP text encoders of Stable Diffusion (transformers' CLIPTextModel and
+CLIPTextModelWithProjection), over their own weight names.
 
     text_encoder = CLIPTextModel.from_pretrained("sd15", subfolder="text_encoder")
     last = text_encoder(input_ids)                                   # [B,L] int -> [B,L,D]
     last, hidden_states = text_encoder(input_ids, output_hidden_states=True)
     penultimate = text_encoder.final_layer_norm(hidden_states[-2])   # "clip skip" / SD 2.x style
+
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained("sdxl", subfolder="text_encoder_2")
+    out = text_encoder_2(input_ids, output_hidden_states=True)       # SDXL's OpenCLIP ViT-bigG
+    out.text_embeds            [B,P]  pooled: text_projection(last_hidden_state at each row's end token)
+    out.hidden_states[-2]      [B,L,D] the penultimate layer's output, no final norm (what SDXL conditions on)
 
 The network (transformers models/clip/modeling_clip.py, CLIPTextTransformer):
     embeddings   token_embedding[ids] + position_embedding[0..L-1]
@@ -13,6 +19,13 @@ The network (transformers models/clip/modeling_clip.py, CLIPTextTransformer):
     final norm   final_layer_norm, giving last_hidden_state
 hidden_states, as transformers returns them: the embeddings, then every layer's output (before the
 final norm): num_hidden_layers + 1 arrays.
+
+CLIPTextModelWithProjection adds the pooled output (transformers' CLIPTextTransformer: the final-normed
+hidden state at each row's end-of-text position) through "text_projection" [projection_dim, D], no
+bias. Which position: with the config's eos_token_id == 2 (the legacy value, which SDXL's
+text_encoder_2 config carries) transformers takes the argmax of each row's ids (the end token
+49407 is the largest id of CLIP's vocabulary); with any other eos_token_id, the first position
+holding it (0 when none does). Both are followed here.
 
 Weight names: "text_model.embeddings.token_embedding.weight", ... (transformers 4.x files and every
 SD checkpoint) or the same without "text_model." (transformers 5.x saves); both are accepted. Older
@@ -27,8 +40,15 @@ from npdiff import backend, kernels
 from npdiff.errors import NpdiffError
 from npdiff.loading.config_checks import full_config
 from npdiff.loading.configs import load_component
-from npdiff.models.blocks import LayerNorm, child
+from npdiff.models.blocks import LayerNorm, Linear, child
 from npdiff.models.transformer import TransposedLinear, merge_heads, split_heads
+
+# The layers' [in,out] copies (TransposedLinear: 7-12% faster CLIP-L forwards) are private memory held for
+# the model's life: 340 MB for CLIP-L, but 2.5 GB for SDXL's bigG, where the UNet's 10 GB already exceed a
+# 24 GiB machine's comfort. Above this size the layers keep the mapped [out,in] weights (plain Linear).
+TRANSPOSED_COPY_LIMIT = 512 * 2**20  # bytes
+LEGACY_EOS_TOKEN_ID = 2  # transformers: "pool at the argmax of the ids" (configs from before its PR #24773)
+
 
 def _gelu_erf(x):
     return kernels.gelu(x, approximate="none")
@@ -49,18 +69,19 @@ ACTIVATIONS = {  # transformers ACT2FN names -> (kernel, its name for kernels.li
 class CLIPAttention:
     """Multi-head self-attention with biases: q_proj, k_proj, v_proj, out_proj, causal mask.
 
-    Every projection is a TransposedLinear (weight kept as [in,out]: faster GEMMs for 2 x 77 rows).
+    Every projection is a `linear` (CLIPTextModel picks TransposedLinear, [in,out] copies for faster GEMMs
+    with 2 x 77 rows, when those copies are small; see TRANSPOSED_COPY_LIMIT).
     q, k and v stay three GEMMs: one GEMM with the three weights side by side ([768, 2304]) runs at
     the same GFLOP/s as each [768, 768] one (measured 184 vs 180 GFLOP/s, within noise), so the
     concatenated copy (CLIP-L: 12 x 3 x 768 x 768 x 4 B = 85 MB) would buy nothing."""
 
-    def __init__(self, weights, prefix, dim, heads):
+    def __init__(self, weights, prefix, dim, heads, linear=TransposedLinear):
         if dim % heads:
             raise NpdiffError(f"config: hidden_size {dim} is not divisible by num_attention_heads {heads}")
-        self.q_proj = TransposedLinear(weights, child(prefix, "q_proj"), dim, dim)
-        self.k_proj = TransposedLinear(weights, child(prefix, "k_proj"), dim, dim)
-        self.v_proj = TransposedLinear(weights, child(prefix, "v_proj"), dim, dim)
-        self.out_proj = TransposedLinear(weights, child(prefix, "out_proj"), dim, dim)
+        self.q_proj = linear(weights, child(prefix, "q_proj"), dim, dim)
+        self.k_proj = linear(weights, child(prefix, "k_proj"), dim, dim)
+        self.v_proj = linear(weights, child(prefix, "v_proj"), dim, dim)
+        self.out_proj = linear(weights, child(prefix, "out_proj"), dim, dim)
         self.heads = heads
         self.scale = (dim // heads) ** -0.5
 
@@ -80,9 +101,9 @@ class CLIPMLP:
     """fc1 [I,D] -> activation -> fc2 [D,I]; fc1, its bias and the activation in one kernel call
     (kernels.linear_activation: the GEMM, then one in-place pass)."""
 
-    def __init__(self, weights, prefix, dim, intermediate, activation):
-        self.fc1 = TransposedLinear(weights, child(prefix, "fc1"), dim, intermediate)
-        self.fc2 = TransposedLinear(weights, child(prefix, "fc2"), intermediate, dim)
+    def __init__(self, weights, prefix, dim, intermediate, activation, linear=TransposedLinear):
+        self.fc1 = linear(weights, child(prefix, "fc1"), dim, intermediate)
+        self.fc2 = linear(weights, child(prefix, "fc2"), intermediate, dim)
         self.activation, self.activation_name = activation  # the kernel alone, and its linear_activation name
 
     def __call__(self, x):
@@ -93,12 +114,12 @@ class CLIPMLP:
 class CLIPEncoderLayer:
     """Pre-LN transformer layer: attention and MLP, each behind a layer norm and a residual."""
 
-    def __init__(self, weights, prefix, config, activation):
+    def __init__(self, weights, prefix, config, activation, linear=TransposedLinear):
         dim, eps = config["hidden_size"], config["layer_norm_eps"]
         self.layer_norm1 = LayerNorm(weights, child(prefix, "layer_norm1"), dim, eps)
-        self.self_attn = CLIPAttention(weights, child(prefix, "self_attn"), dim, config["num_attention_heads"])
+        self.self_attn = CLIPAttention(weights, child(prefix, "self_attn"), dim, config["num_attention_heads"], linear)
         self.layer_norm2 = LayerNorm(weights, child(prefix, "layer_norm2"), dim, eps)
-        self.mlp = CLIPMLP(weights, child(prefix, "mlp"), dim, config["intermediate_size"], activation)
+        self.mlp = CLIPMLP(weights, child(prefix, "mlp"), dim, config["intermediate_size"], activation, linear)
 
     def __call__(self, h):
         # 1. causal self-attention, residual (added into the fresh output: h itself is left as it
@@ -128,10 +149,16 @@ class CLIPTextModel:
         self.token_embedding = weights.take(token_key, (vocab, dim))                # [V,D]
         self.position_embedding = weights.take(position_key, (positions, dim))      # [P,D]
         activation = ACTIVATIONS[c["hidden_act"]]
-        self.layers = [CLIPEncoderLayer(weights, child(prefix, f"encoder.layers.{i}"), c, activation)
+        copy_bytes = 4 * c["num_hidden_layers"] * (4 * dim * dim + 2 * dim * c["intermediate_size"])
+        self.linear = TransposedLinear if copy_bytes <= TRANSPOSED_COPY_LIMIT else Linear
+        self.layers = [CLIPEncoderLayer(weights, child(prefix, f"encoder.layers.{i}"), c, activation, self.linear)
                        for i in range(c["num_hidden_layers"])]
         self.final_layer_norm = LayerNorm(weights, child(prefix, "final_layer_norm"), dim, c["layer_norm_eps"])
+        self.take_head_weights(weights)
         weights.check_all_used()
+
+    def take_head_weights(self, weights):
+        """Weights outside the text transformer (none here; CLIPTextModelWithProjection's projection)."""
 
     @classmethod
     def from_pretrained(cls, folder, subfolder=None, variant=None):
@@ -187,3 +214,45 @@ class CLIPTextModel:
         self.token_embedding = xp.concatenate([self.token_embedding, rows], axis=0)  # [V,D] -> [V+n,D]
         self.config["vocab_size"] = self.token_embedding.shape[0]
         return list(range(first_new_id, self.token_embedding.shape[0]))
+
+
+class CLIPTextModelOutput:
+    """What CLIPTextModelWithProjection returns, under transformers' names."""
+
+    def __init__(self, text_embeds, last_hidden_state, hidden_states=None):
+        self.text_embeds = text_embeds                  # [B,P]
+        self.last_hidden_state = last_hidden_state      # [B,L,D]
+        self.hidden_states = hidden_states              # num_hidden_layers + 1 arrays [B,L,D], or None
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """CLIPTextModel plus the pooled, projected text embedding (SDXL's text_encoder_2, OpenCLIP ViT-bigG).
+
+    input_ids [B,L] -> CLIPTextModelOutput(text_embeds [B,P], last_hidden_state [B,L,D],
+    hidden_states: the embeddings and every layer's output, when output_hidden_states=True)."""
+
+    def take_head_weights(self, weights):
+        c = self.config
+        if not isinstance(c["eos_token_id"], (int, np.integer)) or isinstance(c["eos_token_id"], bool):
+            raise NpdiffError(f"config: eos_token_id must be one integer; got {c['eos_token_id']!r}")
+        self.text_projection = self.linear(weights, "text_projection", c["hidden_size"], c["projection_dim"],
+                                           bias=False)
+
+    def end_positions(self, input_ids):
+        """Each row's end-of-text position, found as transformers finds it: [B,L] -> [B]."""
+        ids = self.check_input_ids(input_ids)                           # [B,L] int64
+        if self.config["eos_token_id"] == LEGACY_EOS_TOKEN_ID:
+            return np.argmax(ids, axis=1)                               # [B,L] -> [B] (first largest id)
+        return np.argmax(ids == self.config["eos_token_id"], axis=1)    # [B,L] -> [B] (first end token, or 0)
+
+    def __call__(self, input_ids, output_hidden_states=False):
+        # 1. the text transformer (embeddings, layers, final layer norm)
+        last_hidden_state, hidden_states = super().__call__(input_ids, output_hidden_states=True)  # [B,L,D]
+        # 2. pool: the final-normed state at each row's end token
+        xp = backend.array_module(last_hidden_state)
+        rows = np.arange(last_hidden_state.shape[0])                    # [B]
+        positions = self.end_positions(input_ids)                       # [B]
+        pooled = last_hidden_state[xp.asarray(rows), xp.asarray(positions)]  # [B,L,D] -> [B,D]
+        # 3. project
+        text_embeds = self.text_projection(pooled)                      # [B,D] -> [B,P]
+        return CLIPTextModelOutput(text_embeds, last_hidden_state, hidden_states if output_hidden_states else None)

@@ -1,12 +1,30 @@
-"""UNet2DConditionModel: the noise predictor of Stable Diffusion 1.x and 2.x, over diffusers' weights.
+"""UNet2DConditionModel: the noise predictor of Stable Diffusion 1.x, 2.x and SDXL, over diffusers' weights.
 
     unet = UNet2DConditionModel.from_pretrained("sd15/unet")      # or UNet2DConditionModel(config, weights)
     eps = unet(sample, timestep, encoder_hidden_states)             # = diffusers' unet(...).sample
+    eps = sdxl_unet(sample, timestep, encoder_hidden_states,        # SDXL (addition_embed_type "text_time")
+                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})
 
 sample [B,C_in,h,w] float32 (h and w multiples of 2**(number of down blocks - 1), so any multiple of
 8 for SD); timestep an int/float or an array [B]; encoder_hidden_states [B,L,cross_attention_dim].
 LCM-distilled UNets (config time_cond_proj_dim) also take timestep_cond [B,time_cond_proj_dim], the
 guidance embedding (blocks.guidance_scale_embedding), added to the time features through cond_proj.
+
+What SDXL (base, refiner, Turbo, LCM-SDXL) adds, all read from config.json as diffusers reads it:
+  - addition_embed_type "text_time": the pooled text embedding `text_embeds` [B,P] and the
+    micro-conditioning `time_ids` [B,n] (base: original size, crop top-left, target size, n=6;
+    refiner: original size, crop, aesthetic score, n=5) become a second time feature:
+        add_time_proj (sinusoidal, addition_time_embed_dim A, flattened)  [B,n] -> [B,n*A]
+        concat [text_embeds, that]                                         -> [B,P+n*A]
+        add_embedding (linear_1, SiLU, linear_2)                           -> [B,4*C0], added to temb
+    P+n*A must equal projection_class_embeddings_input_dim (2816 = 1280 + 6*256 for the base).
+  - transformer_layers_per_block: an int, one per block ([1, 2, 10] for the base), or per block a
+    list with one depth per resnet layer (nested lists); the up path takes the down list reversed,
+    or reverse_transformer_layers_per_block (required by diffusers for nested lists) as given.
+    The mid block takes the last block's depth (the first entry of a nested one).
+  - attention_head_dim as a per-block head count ([5, 10, 20]: 64-wide heads), linear proj_in/out,
+    DownBlock2D first (no attention at the highest resolution), upcast_attention null.
+  num_attention_heads must stay null: diffusers' UNet2DConditionModel refuses it too.
 
 Config keys diffusers itself ignores for these block types are ignored here too: resnet_out_scale_factor
 (only the ResnetDownsample/SimpleCrossAttn blocks read it), dropout (inference), sample_size.
@@ -15,17 +33,18 @@ upcast_attention changes nothing here: scores are always float32 (see models/tra
 The call tree (diffusers models/unets/unet_2d_condition.py):
     time_proj (sinusoidal) [+ cond_proj(timestep_cond)] -> time_embedding (linear_1, SiLU, linear_2)
                                                                              -> temb [B,4*C0]
+    [SDXL: + add_embedding(concat(text_embeds, add_time_proj(time_ids)))]    -> temb [B,4*C0]
     conv_in -> down_blocks[i] (skips kept) -> mid_block -> up_blocks[i] (skips consumed)
     -> conv_norm_out + SiLU -> conv_out
-Supported configuration: what SD 1.x/2.x use (see npdiff/loading/config_checks.py); anything else (class
-embeddings, SDXL's added embeddings, other block types) raises NpdiffError naming the key.
+Supported configuration: what SD 1.x/2.x and SDXL use (see npdiff/loading/config_checks.py); anything
+else (class embeddings, other added embeddings, other block types) raises NpdiffError naming the key.
 """
 
 import numpy as np
 
-from npdiff.backend import array_module, to_device
+from npdiff.backend import array_module, to_device, to_numpy
 from npdiff.errors import NpdiffError
-from npdiff.loading.config_checks import full_config, per_block
+from npdiff.loading.config_checks import full_config, per_block, transformer_depths
 from npdiff.loading.configs import load_component
 from npdiff.models.blocks import Conv2d, GroupNorm, TimestepEmbedding, timestep_embedding
 from npdiff.models.unet_blocks import (CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock2D,
@@ -36,7 +55,7 @@ UP_TYPES = {"CrossAttnUpBlock2D": CrossAttnUpBlock2D, "UpBlock2D": UpBlock2D}
 
 
 class UNet2DConditionModel:
-    """The SD 1.x/2.x UNet. Build with `from_pretrained(folder)` or `UNet2DConditionModel(config, weights)`."""
+    """The SD 1.x/2.x/SDXL UNet. Build with `from_pretrained(folder)` or `UNet2DConditionModel(config, weights)`."""
 
     def __init__(self, config, weights):
         self.config = full_config("unet", config)  # defaults filled in; checked unless the loader did
@@ -46,20 +65,24 @@ class UNet2DConditionModel:
         heads = per_block(c, "attention_head_dim", blocks)          # diffusers' name; it is the head count
         cross_dims = per_block(c, "cross_attention_dim", blocks)
         layers = per_block(c, "layers_per_block", blocks)
-        transformer_layers = per_block(c, "transformer_layers_per_block", blocks)
+        down_depths, mid_depth, up_depths = transformer_depths(c, layers)   # per block, one per resnet layer
         groups, eps = c["norm_num_groups"], c["norm_eps"]
         time_embed_dim = c["time_embedding_dim"] or channels[0] * 4
         self.num_upsamplers = blocks - 1
 
-        def attention(i):
+        def attention(i, depths):
             return {"cross_attention_dim": cross_dims[i], "use_linear_projection": c["use_linear_projection"],
-                    "transformer_layers": transformer_layers[i], "norm_num_groups": groups}
+                    "transformer_layers": depths, "norm_num_groups": groups}
 
         # input and time embedding
         k_in, k_out = c["conv_in_kernel"], c["conv_out_kernel"]
         self.conv_in = Conv2d(weights, "conv_in", c["in_channels"], channels[0], k_in, padding=(k_in - 1) // 2)
         self.time_embedding = TimestepEmbedding(weights, "time_embedding", channels[0], time_embed_dim,
                                                 cond_proj_dim=c["time_cond_proj_dim"])
+        self.add_embedding = None                                   # SDXL's text_time conditioning
+        if c["addition_embed_type"] == "text_time":
+            self.add_embedding = TimestepEmbedding(weights, "add_embedding", c["projection_class_embeddings_input_dim"],
+                                                   time_embed_dim)
 
         # down path
         self.down_blocks = []
@@ -70,13 +93,14 @@ class UNet2DConditionModel:
             self.down_blocks.append(DOWN_TYPES[block_type](
                 weights, f"down_blocks.{i}", in_ch, out_ch, time_embed_dim, layers[i], groups, eps,
                 add_downsample=i < blocks - 1, downsample_padding=c["downsample_padding"],
-                heads=heads[i] if cross else None, attention=attention(i) if cross else None))
+                heads=heads[i] if cross else None, attention=attention(i, down_depths[i]) if cross else None))
 
         # middle
         self.mid_block = None
         if c["mid_block_type"] is not None:
             self.mid_block = UNetMidBlock2DCrossAttn(
-                weights, "mid_block", channels[-1], time_embed_dim, groups, eps, heads[-1], attention(blocks - 1),
+                weights, "mid_block", channels[-1], time_embed_dim, groups, eps, heads[-1],
+                attention(blocks - 1, [mid_depth]),
                 output_scale_factor=c["mid_block_scale_factor"])
 
         # up path (reversed per-block settings)
@@ -91,7 +115,7 @@ class UNet2DConditionModel:
             self.up_blocks.append(UP_TYPES[block_type](
                 weights, f"up_blocks.{i}", in_ch, prev_out, out_ch, time_embed_dim, layers[j] + 1, groups, eps,
                 add_upsample=i < blocks - 1, heads=heads[j] if cross else None,
-                attention=attention(j) if cross else None))
+                attention=attention(j, up_depths[i]) if cross else None))
 
         # output
         self.conv_norm_out = GroupNorm(weights, "conv_norm_out", groups, channels[0], eps)
@@ -131,12 +155,56 @@ class UNet2DConditionModel:
                 raise NpdiffError(f"timestep_cond must have shape [{batch},{dim}] (time_cond_proj_dim); got "
                                   f"{tuple(timestep_cond.shape)}")
 
-    def __call__(self, sample, timestep, encoder_hidden_states, timestep_cond=None):
+    def check_added_cond(self, added_cond_kwargs, batch):
+        """SDXL's added conditions -> (text_embeds, time_ids) as float32 arrays; NpdiffError naming what is wrong."""
+        c = self.config
+        if not isinstance(added_cond_kwargs, dict) or not {"text_embeds", "time_ids"} <= set(added_cond_kwargs):
+            raise NpdiffError("this UNet has addition_embed_type 'text_time' (SDXL): it needs added_cond_kwargs="
+                              "{'text_embeds': [B,P] pooled text embedding, 'time_ids': [B,n] micro-conditioning}")
+        text_embeds = to_numpy(added_cond_kwargs["text_embeds"]).astype(np.float32)        # [B,P]
+        time_ids = to_numpy(added_cond_kwargs["time_ids"]).astype(np.float32)              # [B,n]
+        if text_embeds.ndim != 2 or text_embeds.shape[0] != batch:
+            raise NpdiffError(f"added_cond_kwargs['text_embeds'] must have shape [{batch},P]; got "
+                              f"{tuple(text_embeds.shape)}")
+        if time_ids.ndim != 2 or time_ids.shape[0] != batch:
+            raise NpdiffError(f"added_cond_kwargs['time_ids'] must have shape [{batch},n]; got {tuple(time_ids.shape)}")
+        width = text_embeds.shape[1] + time_ids.shape[1] * c["addition_time_embed_dim"]
+        if width != c["projection_class_embeddings_input_dim"]:
+            raise NpdiffError(f"added_cond_kwargs: text_embeds {tuple(text_embeds.shape)} and time_ids "
+                              f"{tuple(time_ids.shape)} give {width} features (P + n*{c['addition_time_embed_dim']}); "
+                              f"the model expects projection_class_embeddings_input_dim "
+                              f"{c['projection_class_embeddings_input_dim']} (SDXL base: 1280 + 6 ids, "
+                              "refiner: 1280 + 5 ids with the aesthetic score)")
+        return to_device(text_embeds), time_ids                         # [B,P] beside the weights, [B,n] host
+
+    def added_embedding(self, text_embeds, time_ids):
+        """SDXL: add_embedding(concat(text_embeds, add_time_proj(time_ids))) -> [B,4*C0], added to temb."""
+        c = self.config
+        batch = time_ids.shape[0]
+        # 1. add_time_proj: every id through the sinusoidal embedding, on the host like the timestep's
+        ids = time_ids.reshape(-1)                                      # [B,n] -> [B*n]
+        time_embeds = timestep_embedding(ids, c["addition_time_embed_dim"], c["flip_sin_to_cos"],
+                                         c["freq_shift"])               # [B*n] -> [B*n,A]
+        time_embeds = time_embeds.reshape(batch, -1)                    # [B*n,A] -> [B,n*A]
+        time_embeds = to_device(time_embeds)                            # beside the weights
+        # 2. after the pooled text embedding, through add_embedding (linear_1, SiLU, linear_2)
+        xp = array_module(text_embeds)
+        add_embeds = xp.concatenate([text_embeds, time_embeds], axis=1)  # [B,P] + [B,n*A] -> [B,P+n*A]
+        return self.add_embedding(add_embeds)                           # [B,P+n*A] -> [B,4*C0]
+
+    def __call__(self, sample, timestep, encoder_hidden_states, timestep_cond=None, added_cond_kwargs=None):
+        """-> the model output [B,C_out,h,w] (diffusers' `unet(...).sample`).
+
+        added_cond_kwargs: for SDXL UNets (addition_embed_type "text_time"), diffusers' dict
+        {"text_embeds": [B,P] pooled text embedding, "time_ids": [B,n] micro-conditioning ids}; ignored
+        by other UNets, as diffusers ignores it."""
         xp = array_module(sample)
         timesteps = np.atleast_1d(np.asarray(timestep.get() if hasattr(timestep, "get") else timestep))
         self.check_inputs(sample, timesteps, encoder_hidden_states, timestep_cond)
         c = self.config
         batch = sample.shape[0]
+        if self.add_embedding is not None:
+            text_embeds, time_ids = self.check_added_cond(added_cond_kwargs, batch)
         if c["center_input_sample"]:
             sample = 2 * sample - 1.0                                   # [B,Cin,h,w]
 
@@ -147,6 +215,8 @@ class UNet2DConditionModel:
         if timestep_cond is not None:
             timestep_cond = to_device(timestep_cond)                    # [B,Dc] float32, beside the sample
         temb = self.time_embedding(t_emb, timestep_cond)                # [B,C0] (+ [B,Dc]) -> [B,4*C0]
+        if self.add_embedding is not None:
+            temb = temb + self.added_embedding(text_embeds, time_ids)   # SDXL: [B,4*C0] + [B,4*C0]
 
         # 2. conv_in, then the down path; every intermediate result is kept as a skip
         h = self.conv_in(sample)                                        # [B,Cin,h,w] -> [B,C0,h,w]
