@@ -270,7 +270,8 @@ def test_networks_from_a_single_file_match_diffusers(kind, parts, rng, tmp_path)
                                 dtype=np.float32), (2, 1))
     timestep = int(rng.integers(0, 1000))
     ours = unet(sample, timestep, context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})
+    added = {"text_embeds": torch.from_numpy(pooled), "time_ids": torch.from_numpy(time_ids)}
     with torch.no_grad():
-        theirs = kind_parts["unet"][2](torch.from_numpy(sample), timestep, torch.from_numpy(context), added_cond_kwargs={
-            "text_embeds": torch.from_numpy(pooled), "time_ids": torch.from_numpy(time_ids)}).sample
+        theirs = kind_parts["unet"][2](torch.from_numpy(sample), timestep, torch.from_numpy(context),
+                                       added_cond_kwargs=added).sample
     assert_rel_close(ours, theirs, NETWORK_TOL, what=f"{kind} UNet")
