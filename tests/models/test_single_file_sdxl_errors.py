@@ -108,6 +108,28 @@ def test_wrong_shape_at_take_names_the_stored_key(base_checkpoint, tmp_path):
         bigg.take("text_projection.weight", (128, 32))
 
 
+UNET_KEY = "model.diffusion_model."
+BUILD_REFUSALS = {  # keys the mapping cannot judge alone: the model's constructor refuses them, before any work
+    "missing resnet weight": (dict(drop=re.escape(UNET_KEY + "input_blocks.4.0.in_layers.2.weight")),
+                              r"missing key 'down_blocks\.1\.resnets\.0\.conv1\.weight' in .*sdxl\.safetensors "
+                              r"\(unet part\)"),
+    "wrong conv shape": (dict(add={UNET_KEY + "input_blocks.4.0.in_layers.2.weight": torch.zeros(64, 64, 1, 1)}),
+                         r"key 'down_blocks\.1\.resnets\.0\.conv1\.weight' in .*sdxl\.safetensors \(unet part\), "
+                         r"stored as 'model\.diffusion_model\.input_blocks\.4\.0\.in_layers\.2\.weight' has shape "
+                         r"\(64, 64, 1, 1\); the config expects \(64, 64, 3, 3\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BUILD_REFUSALS))
+def test_bad_unet_tensors_refused_when_the_model_is_built(case, base_checkpoint, tmp_path):
+    from npdiff.models import UNet2DConditionModel
+
+    change, message = BUILD_REFUSALS[case]
+    path = save_changed(base_checkpoint, tmp_path / "sdxl.safetensors", **change)
+    with pytest.raises(NpdiffError, match=message):
+        UNet2DConditionModel(*load_single_file(path)["unet"])
+
+
 def test_truncated_and_pickle_files_are_refused(base_checkpoint, tmp_path):
     path = save_changed(base_checkpoint, tmp_path / "sdxl.safetensors")
     data = path.read_bytes()
