@@ -67,6 +67,9 @@ REFUSALS = {
     "unexpected bigG key": (dict(add={BIGG_KEY + "visual.proj": torch.zeros(2)}),
                             r"unexpected key 'conditioner\.embedders\.1\.model\.visual\.proj' in .*: no diffusers name "
                             r"for it in the OpenCLIP text encoder key map"),
+    "v-prediction marker": (dict(add={"v_pred": torch.tensor([])}),
+                            r"sdxl\.safetensors is a v-prediction SDXL model \(its \"v_pred\" marker\) "
+                            r"\(key 'v_pred'\)"),
     "SD 1.x encoder too": (dict(add={"cond_stage_model.transformer.text_model.x": torch.zeros(2)}),
                            r"unexpected key 'cond_stage_model\.transformer\.text_model\.x' in .*sdxl\.safetensors"),
     "refiner and base mixed": (dict(add={"conditioner.embedders.0.model.ln_final.weight": torch.zeros(2)}),
