@@ -152,7 +152,7 @@ RULES = {
     "text_encoder": {
         "vocab_size": POSITIVE, "hidden_size": POSITIVE, "intermediate_size": POSITIVE,
         "num_hidden_layers": POSITIVE, "num_attention_heads": POSITIVE, "max_position_embeddings": POSITIVE,
-        "layer_norm_eps": EPS, "hidden_act": Text(),
+        "layer_norm_eps": EPS, "hidden_act": Text(), "projection_dim": POSITIVE,
     },
     "scheduler": {
         # num_train_timesteps: SD has 1000; the schedules are arrays of this length, so 10**9 is refused
