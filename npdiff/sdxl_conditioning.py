@@ -129,11 +129,11 @@ def check_add_embedding_width(unet_config, ids_per_row, projection_dim, requires
         return
     hint = "the UNet config or text_encoder_2's projection_dim is wrong"
     if expected - passed == time_dim:
-        hint = ("the UNet takes one number more: an SDXL refiner's aesthetic-score conditioning; pass "
-                "requires_aesthetics_score=True (or use its model_index.json)")
-    elif passed - expected == time_dim:
-        hint = ("the UNet takes one number less: a base model's size conditioning without the aesthetic score; "
+        hint = ("the UNet takes one number more: a base model's target size, not a refiner's aesthetic score; "
                 "pass requires_aesthetics_score=False")
+    elif passed - expected == time_dim:
+        hint = ("the UNet takes one number less: an SDXL refiner's aesthetic-score conditioning; pass "
+                "requires_aesthetics_score=True (or use its model_index.json)")
     raise NpdiffError(f"the UNet's add_embedding takes {expected} inputs but {ids_per_row} micro-conditioning "
                       f"numbers x addition_time_embed_dim {time_dim} + pooled width {projection_dim} = {passed} "
                       f"(requires_aesthetics_score={requires_aesthetics_score}); {hint}")
