@@ -103,3 +103,28 @@ def test_aesthetic_flag_that_does_not_fit_the_unet():
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_folder("base"), requires_aesthetics_score=True)
     with pytest.raises(NpdiffError, match="requires_aesthetics_score=False"):
         pipe.img2img("a cat", image=np.zeros((64, 64, 3), np.uint8), num_inference_steps=4)
+
+
+@pytest.mark.parametrize("mode", ["txt2img", "img2img"])
+def test_tiny_autoencoder_taesdxl(rng, seed, mode):
+    """pipe.vae = AutoencoderTiny (TAESDXL's kind) decodes, and encodes for img2img, as diffusers' with the same."""
+    from sdxl_compare import random_picture
+    from tiny_models import tiny_taesd
+
+    from npdiff.models import AutoencoderTiny
+
+    torch_taesd, taesd_folder = tiny_taesd("sd", seed=0)
+    kwargs = dict(prompt=PROMPTS[1], num_inference_steps=3, guidance_scale=5.0)
+    if mode == "img2img":
+        kwargs.update(image=random_picture(rng), strength=0.7)
+    theirs = torch_sdxl_pipeline(tiny_sdxl_folder("base"), mode)
+    theirs.vae = torch_taesd
+    theirs.vae.config.force_upcast = False  # diffusers' SDXL img2img reads it; AutoencoderTiny's config lacks it
+    final = {}
+    out = theirs(generator=torch.Generator().manual_seed(seed), output_type="np",
+                 callback_on_step_end=lambda _p, _i, _t, kw: final.update(latents=kw["latents"].numpy().copy()) or {},
+                 **kwargs)
+    pipe = load_ours("base")
+    pipe.vae = AutoencoderTiny.from_pretrained(taesd_folder)
+    ours = (pipe.img2img if mode == "img2img" else pipe)(seed=seed, output_type="np", **kwargs)
+    assert_same(ours, np.round(out.images * 255).astype(np.int16), final["latents"], f"TAESDXL {mode}")
