@@ -150,6 +150,18 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
 
         return load_sdxl_textual_inversion(self, path, token=token, text_encoder=text_encoder, tokenizer=tokenizer)
 
+    def encode_prompt(self, prompt, prompt_2=None, num_images_per_prompt=1, do_classifier_free_guidance=True,
+                      negative_prompt=None, negative_prompt_2=None):
+        """diffusers' SDXL encode_prompt: -> (prompt_embeds [B*n,77,D1+D2], negative_prompt_embeds or None,
+        pooled_prompt_embeds [B*n,P], negative_pooled_prompt_embeds or None)."""
+        prompts, negatives = as_prompt_list(prompt, negative_prompt)
+        extra = XLCall("txt2img", prompt_2, negative_prompt, negative_prompt_2)
+        text = self.text_conditioning(prompts, negatives, num_images_per_prompt, do_classifier_free_guidance, extra)
+        if not do_classifier_free_guidance:
+            return text.embeddings, None, text.pooled, None
+        half = text.embeddings.shape[0] // 2
+        return text.embeddings[half:], text.embeddings[:half], text.pooled[half:], text.pooled[:half]
+
     # -----------------------------------------------------------------------------------------
     # The hooks of StableDiffusionPipeline's flow
     # -----------------------------------------------------------------------------------------

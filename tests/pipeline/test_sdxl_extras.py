@@ -128,3 +128,18 @@ def test_tiny_autoencoder_taesdxl(rng, seed, mode):
     pipe.vae = AutoencoderTiny.from_pretrained(taesd_folder)
     ours = (pipe.img2img if mode == "img2img" else pipe)(seed=seed, output_type="np", **kwargs)
     assert_same(ours, np.round(out.images * 255).astype(np.int16), final["latents"], f"TAESDXL {mode}")
+
+
+def test_encode_prompt_like_diffusers(rng):
+    """The four arrays of diffusers' SDXL encode_prompt, on a base (both encoders) and a refiner (text_encoder_2)."""
+    from helpers import NETWORK_TOL, assert_rel_close
+
+    for kind, mode in (("base", "txt2img"), ("refiner", "img2img")):
+        prompt, prompt_2 = PROMPTS[int(rng.integers(4))], PROMPTS[int(rng.integers(4))]
+        with torch.no_grad():
+            theirs = torch_sdxl_pipeline(tiny_sdxl_folder(kind), mode).encode_prompt(
+                prompt, prompt_2, "cpu", 2, True, negative_prompt="blurry", negative_prompt_2="dark")
+        ours = load_ours(kind).encode_prompt(prompt, prompt_2, 2, True, negative_prompt="blurry",
+                                             negative_prompt_2="dark")
+        for name, mine, reference in zip(("prompt", "negative", "pooled", "negative pooled"), ours, theirs):
+            assert_rel_close(mine, reference.numpy(), tol=NETWORK_TOL, what=f"{kind} {name} embeddings")
