@@ -88,7 +88,23 @@ class XLNoiseStart(NoiseStart):
         return {**super().parameters(), **window_parameters(None, self.denoising_end)}
 
 
-class XLImageStart(ImageStart):
+class PartialSchedule:
+    """For the starts from a picture: begin at denoising_start (else at `strength`), stop at denoising_end."""
+
+    denoising_start = denoising_end = None
+
+    def timesteps(self, scheduler, num_inference_steps):
+        if self.denoising_start is None:
+            timesteps, steps = super().timesteps(scheduler, num_inference_steps)
+        else:
+            timesteps, steps = timesteps_from(scheduler, self.denoising_start)
+        return cut_end(timesteps, steps, scheduler, self.denoising_end)
+
+    def parameters(self):
+        return {**super().parameters(), **window_parameters(self.denoising_start, self.denoising_end)}
+
+
+class XLImageStart(PartialSchedule, ImageStart):
     """Image-to-image (a refiner's too): a picture or latents [B,4,h,w]; denoising_start and denoising_end."""
 
     def __init__(self, image, strength, denoising_start=None, denoising_end=None):
@@ -122,18 +138,8 @@ class XLImageStart(ImageStart):
         copies = self.batch // self.given_latents.shape[0]
         return backend.to_device(np.concatenate([self.given_latents] * copies, axis=0))  # [b,4,h,w] -> [B,4,h,w]
 
-    def timesteps(self, scheduler, num_inference_steps):
-        if self.denoising_start is None:
-            timesteps, steps = super().timesteps(scheduler, num_inference_steps)
-        else:
-            timesteps, steps = timesteps_from(scheduler, self.denoising_start)
-        return cut_end(timesteps, steps, scheduler, self.denoising_end)
 
-    def parameters(self):
-        return {**super().parameters(), **window_parameters(self.denoising_start, self.denoising_end)}
-
-
-class XLInpaintStart(InpaintStart):
+class XLInpaintStart(PartialSchedule, InpaintStart):
     """Inpainting (9-channel SDXL inpainting UNets and plain ones), with denoising_start and denoising_end."""
 
     def __init__(self, image, mask_image, strength, height=None, width=None, denoising_start=None,
@@ -146,16 +152,6 @@ class XLInpaintStart(InpaintStart):
         if self.denoising_start is not None:
             self.strength = 1.0  # denoising_start decides where to begin; strength plays no part (diffusers)
         super().prepare(pipe, batch, num_inference_steps)
-
-    def timesteps(self, scheduler, num_inference_steps):
-        if self.denoising_start is None:
-            timesteps, steps = super().timesteps(scheduler, num_inference_steps)
-        else:
-            timesteps, steps = timesteps_from(scheduler, self.denoising_start)
-        return cut_end(timesteps, steps, scheduler, self.denoising_end)
-
-    def parameters(self):
-        return {**super().parameters(), **window_parameters(self.denoising_start, self.denoising_end)}
 
 
 def is_latents(image):

@@ -30,6 +30,8 @@ from pathlib import Path
 
 from tiny_models import _process_root, randomize_
 
+from tiny_sd import tiny_clip_text_model
+
 CLIP_L = dict(vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
               max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1,
               layer_norm_eps=1e-5)
@@ -63,29 +65,13 @@ KINDS = {
 }
 
 
-def random_clip(cls, config, seed):
-    """A transformers CLIP text model of `cls`, every parameter random (norm scales near 1)."""
-    import torch
-    from transformers import CLIPTextConfig
-
-    torch.manual_seed(seed)
-    model = cls(CLIPTextConfig(**config))
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim == 1:
-                param.add_(0.1 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, param.shape[-1] ** -0.5)
-    return model.eval()
-
-
 @functools.lru_cache(maxsize=None)
 def tiny_sdxl_folder(kind="base", seed=0):
     """Build and save the tiny SDXL pipeline of `kind` with diffusers (once per process) -> its folder."""
     import torch
     from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
                            StableDiffusionXLPipeline, UNet2DConditionModel)
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
     from npdiff.clip_vocab import write_clip_tokenizer_folder
 
@@ -93,7 +79,7 @@ def tiny_sdxl_folder(kind="base", seed=0):
     torch.manual_seed(seed)
     unet = randomize_(UNet2DConditionModel(**KINDS[kind]["unet"]), seed + 1)
     vae = randomize_(AutoencoderKL(**VAE), seed + 2)
-    text_encoder_2 = random_clip(CLIPTextModelWithProjection, CLIP_G, seed + 4)
+    text_encoder_2 = tiny_clip_text_model(seed + 4, CLIP_G, CLIPTextModelWithProjection)
     tokenizer_2 = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer_folder(root / "vocab2", pad_token="!")))
     scheduler = EulerDiscreteScheduler.from_config(SCHEDULER)
     folder = root / f"tiny-sdxl-{kind}"
@@ -103,7 +89,7 @@ def tiny_sdxl_folder(kind="base", seed=0):
                                                 scheduler=scheduler, requires_aesthetics_score=True,
                                                 force_zeros_for_empty_prompt=False, add_watermarker=False)
     else:
-        text_encoder = random_clip(CLIPTextModel, CLIP_L, seed + 3)
+        text_encoder = tiny_clip_text_model(seed + 3, CLIP_L)
         tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer_folder(root / "vocab")))
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                          tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
