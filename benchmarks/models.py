@@ -1,7 +1,7 @@
-"""Whole networks at Stable Diffusion 1.5 size: npdiff and OpenVINO against diffusers/transformers.
+"""Whole networks at Stable Diffusion 1.5 (or SDXL) size: npdiff and OpenVINO against diffusers/transformers.
 
     npdiff bench models [--only unet,vae_decode,vae_encode,text_encoder] [--repeat 2] [--cache DIR]
-                        [--sides npdiff,torch,openvino] [--tiny]
+                        [--sides npdiff,torch,openvino] [--tiny] [--sdxl]
 
 What is measured (the machine's thread count on every side, best of --repeat after a warm-up):
     unet          UNet2DConditionModel forward, batch 2 (classifier-free guidance), 64x64 latent, 77 tokens
@@ -34,6 +34,15 @@ Sides (--sides, default all; torch always runs: it is the anchor of every ratio 
                    gets a row that says so.
 --tiny runs the same architectures at a few channels (cache folder sd15-tiny-random, seconds in all)
 to check the benchmark end to end; its times say nothing about SD-size speed.
+
+--sdxl: SDXL base 1.0's networks (benchmarks/_sdxl_configs.py; random weights cached in sdxl-random,
+about 14 GB, made once: diffusers needs ~11 GB of memory to make and save the UNet):
+    unet            batch 2 (guidance), 128x128 latent, context [2,77,2048], text_time conditioning
+                    (pooled text [2,1280], 6 time ids)
+    vae_decode      [1,4,128,128] -> 1024x1024 (vae_encode on request: --only)
+    text_encoder    CLIP ViT-L, batch 2 x 77 (last_hidden_state)
+    text_encoder_2  OpenCLIP ViT-bigG (CLIPTextModelWithProjection), batch 2 x 77 (last_hidden_state)
+The default sides are then npdiff and torch (--sides openvino adds it). With --tiny, sdxl-tiny-random.
 """
 
 import argparse
@@ -52,12 +61,19 @@ from _kernel_counters import install_counters
 from _openvino import (OPENVINO_SIDES, convert_to_ir, ir_path, openvino_callable, openvino_version,
                        read_conversion, unsupported_reason)
 from _rss import proc_status_gib
+from _sdxl_configs import SDXL_COMPONENTS, SDXL_PROFILES
 
 import numpy as np
+
+# This folder is first on sys.path (the script's own), and its kernels.py would shadow the `kernels` package
+# (Hugging Face's) that diffusers imports when it is installed: the helpers above are imported, so drop it.
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
 CACHE_ROOT = Path(os.environ.get("NPDIFF_CACHE", Path.home() / ".cache" / "npdiff"))
 DEFAULT_CACHE = CACHE_ROOT / "sd15-random"
 TINY_CACHE = CACHE_ROOT / "sd15-tiny-random"
+CACHE_NAMES = {"sd15": "sd15-random", "tiny": "sd15-tiny-random", "sdxl": "sdxl-random",
+               "sdxl-tiny": "sdxl-tiny-random"}
 
 # Stable Diffusion 1.5's configs (unet/config.json, vae/config.json, text_encoder/config.json).
 UNET_CONFIG = {
@@ -89,8 +105,10 @@ TINY_TEXT_ENCODER_CONFIG = dict(TEXT_ENCODER_CONFIG, hidden_size=64, intermediat
 PROFILES = {
     "sd15": {"unet": UNET_CONFIG, "vae": VAE_CONFIG, "text_encoder": TEXT_ENCODER_CONFIG, "latent": 64},
     "tiny": {"unet": TINY_UNET_CONFIG, "vae": TINY_VAE_CONFIG, "text_encoder": TINY_TEXT_ENCODER_CONFIG, "latent": 16},
+    **SDXL_PROFILES,
 }
-COMPONENTS = ["unet", "vae_decode", "vae_encode", "text_encoder"]
+COMPONENTS = ["unet", "vae_decode", "vae_encode", "text_encoder", "text_encoder_2"]
+SD_COMPONENTS = COMPONENTS[:4]
 SIDES = ["npdiff", "torch", "openvino_f32", "openvino_bf16"]
 # torch's seconds per call on the idle 2-core development machine, measured when the project was
 # planned: written to the JSON beside this run's own torch timings, as a yardstick of the load.
@@ -104,7 +122,7 @@ def generate_cache(cache, profile="sd15"):
     """Build the three networks with random weights and save them as diffusers/transformers folders."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     configs = PROFILES[profile]
     torch.manual_seed(0)
@@ -113,7 +131,11 @@ def generate_cache(cache, profile="sd15"):
         shutil.rmtree(converted)
     for name, build in (("unet", lambda: UNet2DConditionModel(**configs["unet"])),
                         ("vae", lambda: AutoencoderKL(**configs["vae"])),
-                        ("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])))):
+                        ("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))),
+                        ("text_encoder_2", lambda: CLIPTextModelWithProjection(
+                            CLIPTextConfig(**configs["text_encoder_2"])))):
+        if name not in configs:
+            continue
         print(f"  generating random {name} ...", file=sys.stderr, flush=True)
         model = build()
         model.save_pretrained(cache / name, safe_serialization=True)
@@ -124,7 +146,8 @@ def generate_cache(cache, profile="sd15"):
 def ensure_cache(cache, profile="sd15"):
     if (cache / "COMPLETE").is_file():
         return
-    size = "SD 1.5-size weights (once; about 4.3 GB)" if profile == "sd15" else f"{profile} weights"
+    sizes = {"sd15": "SD 1.5-size weights (once; about 4.3 GB)", "sdxl": "SDXL-size weights (once; about 14 GB)"}
+    size = sizes.get(profile, f"{profile} weights")
     print(f"making random {size} in {cache} ...", file=sys.stderr, flush=True)
     run_worker(["generate", "--cache", str(cache), "--profile", profile])
 
@@ -137,28 +160,45 @@ def make_inputs(component, profile="sd15"):
     configs, rng = PROFILES[profile], np.random.default_rng(0)
     latent = configs["latent"]
     if component == "unet":
-        context_dim = configs["unet"]["cross_attention_dim"]
-        return {"sample": rng.standard_normal((2, 4, latent, latent), dtype=np.float32), "timestep": 500,
-                "context": rng.standard_normal((2, 77, context_dim), dtype=np.float32)}
+        unet = configs["unet"]
+        inputs = {"sample": rng.standard_normal((2, 4, latent, latent), dtype=np.float32), "timestep": 500,
+                  "context": rng.standard_normal((2, 77, unet["cross_attention_dim"]), dtype=np.float32)}
+        if unet.get("addition_embed_type") == "text_time":  # SDXL: pooled text + (size, crop, target) ids
+            pooled = configs["text_encoder_2"]["projection_dim"]
+            side = 8 * latent
+            inputs["text_embeds"] = rng.standard_normal((2, pooled), dtype=np.float32)
+            inputs["time_ids"] = np.array([[side, side, 0, 0, side, side]] * 2, dtype=np.float32)
+        return inputs
     if component == "vae_decode":
         return {"latents": rng.standard_normal((1, 4, latent, latent), dtype=np.float32)}
     if component == "vae_encode":
         return {"image": rng.uniform(-1.0, 1.0, size=(1, 3, 8 * latent, 8 * latent)).astype(np.float32)}
-    vocab_size = configs["text_encoder"]["vocab_size"]
+    vocab_size = configs[component]["vocab_size"]
     return {"input_ids": rng.integers(0, vocab_size, size=(2, 77)).astype(np.int64)}
 
 
+def added_conditions(inputs):
+    """SDXL's added_cond_kwargs from make_inputs' values (None for SD)."""
+    if "text_embeds" not in inputs:
+        return None
+    return {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
+
+
 def npdiff_callable(component, cache, inputs):
-    from npdiff.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+    from npdiff.models import AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection, UNet2DConditionModel
 
     if component == "unet":
         model = UNet2DConditionModel.from_pretrained(cache / "unet")
-        return lambda: model(inputs["sample"], inputs["timestep"], inputs["context"])
+        added = added_conditions(inputs)
+        return lambda: model(inputs["sample"], inputs["timestep"], inputs["context"], added_cond_kwargs=added)
     if component in ("vae_decode", "vae_encode"):
         model = AutoencoderKL.from_pretrained(cache / "vae")
         if component == "vae_decode":
             return lambda: model.decode(inputs["latents"])
         return lambda: model.encode(inputs["image"]).mean
+    if component == "text_encoder_2":
+        model = CLIPTextModelWithProjection.from_pretrained(cache / "text_encoder_2")
+        return lambda: model(inputs["input_ids"]).last_hidden_state
     model = CLIPTextModel.from_pretrained(cache / "text_encoder")
     return lambda: model(inputs["input_ids"])
 
@@ -179,8 +219,10 @@ def torch_module(component, cache):
     if component == "unet":
         from diffusers import UNet2DConditionModel
 
-        return Forward(UNet2DConditionModel.from_pretrained(cache / "unet"),
-                       lambda model, sample, timestep, context: model(sample, timestep, context).sample)
+        def unet_call(model, sample, timestep, context, text_embeds=None, time_ids=None):
+            added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+            return model(sample, timestep, context, added_cond_kwargs=added).sample
+        return Forward(UNet2DConditionModel.from_pretrained(cache / "unet"), unet_call)
     if component in ("vae_decode", "vae_encode"):
         from diffusers import AutoencoderKL
 
@@ -188,9 +230,10 @@ def torch_module(component, cache):
         if component == "vae_decode":
             return Forward(model, lambda model, latents: model.decode(latents).sample)
         return Forward(model, lambda model, image: model.encode(image).latent_dist.mean)
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    return Forward(CLIPTextModel.from_pretrained(cache / "text_encoder"),
+    model_class = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
+    return Forward(model_class.from_pretrained(cache / component),
                    lambda model, input_ids: model(input_ids).last_hidden_state)
 
 
@@ -342,10 +385,11 @@ def engine_row(component, side, sides):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default=",".join(COMPONENTS), help="comma-separated: " + ", ".join(COMPONENTS))
-    parser.add_argument("--sides", default="npdiff,openvino",
-                        help="comma-separated: " + ", ".join(SIDES) + " (openvino = both precisions; "
-                        "torch always runs)")
+    parser.add_argument("--only", help="comma-separated: " + ", ".join(COMPONENTS) + " (default: all of SD's; "
+                        "with --sdxl " + ", ".join(SDXL_COMPONENTS) + ")")
+    parser.add_argument("--sides", help="comma-separated: " + ", ".join(SIDES) + " (openvino = both precisions; "
+                        "torch always runs; default npdiff,openvino, with --sdxl npdiff)")
+    parser.add_argument("--sdxl", action="store_true", help="SDXL base 1.0's networks instead of SD 1.5's")
     parser.add_argument("--repeat", type=int, default=2, help="timed runs per side after the warm-up (best kept)")
     parser.add_argument("--tiny", action="store_true",
                         help="the same architectures at a few channels, to check the benchmark end to end")
@@ -360,22 +404,25 @@ def main():
     if args.worker:
         return worker(args)
 
-    components = [c for c in args.only.split(",") if c]
-    unknown = set(components) - set(COMPONENTS)
+    known = COMPONENTS if args.sdxl else SD_COMPONENTS
+    components = [c for c in (args.only or ",".join(SDXL_COMPONENTS if args.sdxl else SD_COMPONENTS)).split(",") if c]
+    unknown = set(components) - set(known)
     if unknown:
-        sys.exit(f"unknown component(s) {sorted(unknown)}; known: {', '.join(COMPONENTS)}")
-    side_names = parse_sides(args.sides)
-    profile = "tiny" if args.tiny else "sd15"
-    cache = Path(args.cache or (TINY_CACHE if args.tiny else DEFAULT_CACHE))
+        sys.exit(f"unknown component(s) {sorted(unknown)}; known: {', '.join(known)}")
+    side_names = parse_sides(args.sides or ("npdiff" if args.sdxl else "npdiff,openvino"))
+    profile = ("sdxl" if args.sdxl else "sd15") + ("-tiny" if args.tiny else "")
+    profile = "tiny" if profile == "sd15-tiny" else profile
+    cache = Path(args.cache or CACHE_ROOT / CACHE_NAMES[profile])
     ensure_cache(cache, profile)
     peak = sgemm_peak_gflops()
     print(f"sgemm peak (NumPy, 2048^2): {peak:.0f} GFLOP/s; load average {os.getloadavg()[0]:.1f}"
+          + (f"; {profile}" if args.sdxl else "")
           + ("; --tiny: few channels, the times say nothing about SD-size speed" if args.tiny else ""))
     rows, engine_rows, details = [], [], {}
     with tempfile.TemporaryDirectory(prefix="npdiff-bench-models-") as scratch:
         for component in components:
             sides = {}
-            repeat = args.repeat if component != "text_encoder" else max(args.repeat, 10)
+            repeat = args.repeat if not component.startswith("text_encoder") else max(args.repeat, 10)
             for side in side_names:
                 if side in OPENVINO_SIDES and "openvino_convert" not in sides:  # in its own process too
                     print(f"  {component}: converting for OpenVINO (once) ...", file=sys.stderr, flush=True)
@@ -438,7 +485,7 @@ def main():
     if profile == "sd15":
         payload["torch_reference_seconds"] = TORCH_REFERENCE_SECONDS
     # --tiny writes its own file, so a check run never replaces the SD-size figures
-    path = write_json("models" if profile == "sd15" else "models-tiny", payload)
+    path = write_json("models" if profile == "sd15" else "models-" + profile, payload)
     print(f"\nwrote {path}")
 
 

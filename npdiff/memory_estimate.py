@@ -25,9 +25,10 @@ the batch the network runs on (the UNet runs 2*batch when guiding; the VAE decod
   workspace: the convolutions' im2col tiles, one per worker thread (at most 16 MiB each).
   total = text + workspace + max(unet, vae_decode, vae_encode): the stages run one after the other.
 
-The weights are not part of it: float16/bfloat16 ones were widened into private memory at load (already
-out of MemAvailable), and float32 ones are read-only maps of their files, page cache that the kernel may
-drop and read again under pressure rather than run out (npdiff/loading/safetensors_io.py); what is
+The weights are not part of it: float32 ones are read-only maps of their files, and float16/bfloat16
+ones read-only maps of their widened copy (an unlinked file, npdiff/loading/widened.py), page cache that
+the kernel may drop and read again under pressure rather than run out (npdiff/loading/safetensors_io.py;
+where no widening file could be made they are private memory, already out of MemAvailable); what is
 compared with the free memory is what the call adds in private memory. The estimate is an upper-side guess within a
 small factor (tests/test_memory_estimate.py compares it with the traced peak of a small call); its
 purpose is to refuse a 1048576x1048576 picture or a million images in a second, not to pack memory.

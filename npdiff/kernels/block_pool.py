@@ -24,7 +24,7 @@ takes the GIL. Idle workers wait on a queue (no spinning), as do Numba's threads
 picks its workqueue/TBB layer) and OpenBLAS's (npdiff/startup.py: OPENBLAS_THREAD_TIMEOUT).
 
 `shared_pool()` is the one pool every kernel uses (created on first use); `run_blocks(function,
-blocks)` runs on it. A forked child starts its own (npdiff/startup.py's fork handler).
+blocks)` runs on it; `split_evenly(total, max_part, images, workers)` cuts a range into equal blocks. A forked child starts its own (npdiff/startup.py's fork handler).
 """
 
 import os
@@ -149,3 +149,22 @@ def forget_after_fork():
 def run_blocks(function, blocks):
     """function(block) for every block, on the shared pool (see BlockParallelPool.run)."""
     shared_pool().run(function, blocks)
+
+
+def split_evenly(total, max_part, images=1, workers=1):
+    """[(start, stop), ...] covering range(total) in equal-as-possible parts of at most max_part.
+
+    With `images` images each cut this way and `workers` threads, the number of parts is raised
+    (while parts stay non-empty) until images * parts is a multiple of workers, so every worker
+    gets the same number of equal tiles: 5 tiles on 2 workers would leave one idle for a fifth.
+    """
+    parts = -(-total // max(1, max_part))
+    while (images * parts) % workers and parts < total:
+        parts += 1
+    base, extra = divmod(total, parts)
+    bounds, start = [], 0
+    for p in range(parts):
+        stop = start + base + (1 if p < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds

@@ -79,9 +79,9 @@ import numpy as np
 from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
-from npdiff.kernels import dispatch
-from npdiff.kernels.block_pool import run_blocks, worker_count
-from npdiff.kernels.validate import pair, require_ndim, require_optional_vector, shape_text
+from npdiff.kernels import conv_winograd, dispatch
+from npdiff.kernels.block_pool import run_blocks, split_evenly, worker_count
+from npdiff.kernels.validate import output_size, pair, require_ndim, require_optional_vector, shape_text
 
 IM2COL_TILE_BYTES = 16 << 20  # unfolded input per GEMM (per worker): large, so the weight is packed rarely
 PIXELS_PER_TILE_1X1 = 4096  # least columns per GEMM of a 1x1 conv
@@ -89,10 +89,6 @@ DIRECT_MAX_C_OUT = 16  # stride-1 convs with at most this many output channels: 
 WINOGRAD_MIN_C_IN = 32  # 3x3 stride-1 convs with at least this many input channels ...
 WINOGRAD_MIN_PIXELS = 32 * 32  # ... and output pixels per image: Winograd F(4x4,3x3)
 WINOGRAD_DEEP_C_IN, WINOGRAD_DEEP_MIN_PIXELS = 640, 16 * 16  # and with this many channels, from 16x16
-
-
-def output_size(size, kernel_size, stride, padding):
-    return (size + 2 * padding - kernel_size) // stride + 1
 
 
 def pad_image(x, ph, pw):
@@ -173,25 +169,6 @@ def worker_buffer(size):
         buffer = np.empty(size, np.float32)
         _buffers.cols = buffer
     return buffer[:size]
-
-
-def split_evenly(total, max_part, images=1, workers=1):
-    """[(start, stop), ...] covering range(total) in equal-as-possible parts of at most max_part.
-
-    With `images` images each cut this way and `workers` threads, the number of parts is raised
-    (while parts stay non-empty) until images * parts is a multiple of workers, so every worker
-    gets the same number of equal tiles: 5 tiles on 2 workers would leave one idle for a fifth.
-    """
-    parts = -(-total // max(1, max_part))
-    while (images * parts) % workers and parts < total:
-        parts += 1
-    base, extra = divmod(total, parts)
-    bounds, start = [], 0
-    for p in range(parts):
-        stop = start + base + (1 if p < extra else 0)
-        bounds.append((start, stop))
-        start = stop
-    return bounds
 
 
 def _conv1x1(x, weight, bias):
@@ -331,9 +308,7 @@ def conv2d_fast(x, weight, bias, stride, padding):
     if method == "direct":
         return _conv_direct(x, weight, bias, *padding)
     if method == "winograd4":
-        from npdiff.kernels.conv_winograd import winograd_conv2d  # (it imports this file's helpers)
-
-        return winograd_conv2d(x, weight, bias, padding, 4)
+        return conv_winograd.winograd_conv2d(x, weight, bias, padding, 4)
     return _conv_im2col_tiled(x, weight, bias, *stride, *padding)
 
 

@@ -40,8 +40,8 @@ import threading
 import numpy as np
 
 from npdiff.jit import SERIAL, njit
-from npdiff.kernels.block_pool import run_blocks, worker_count
-from npdiff.kernels.conv import output_size, split_evenly
+from npdiff.kernels.block_pool import run_blocks, split_evenly, worker_count
+from npdiff.kernels.validate import output_size
 
 # The transforms of Lavin & Gray (section 4.1 and 4.2), written out. float64; the fast path uses
 # B^T and A^T in float32 (small integers: exact) and G in float64 for the weight transform.

@@ -33,6 +33,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from npdiff.kernels import cuda  # imports no cupy: its kernels compile on first use
+
 KERNELS = {}  # name -> Versions, in registration order
 
 
@@ -55,8 +57,6 @@ class Versions:
         if is_cupy(x):
             if self.cuda is None:
                 return self.reference
-            from npdiff.kernels import cuda  # imports no cupy: its kernels compile on first use
-
             return getattr(cuda, self.cuda)
         if isinstance(x, np.ndarray) and x.size > 0:
             return self.fast

@@ -1,5 +1,7 @@
 """Input checks shared by the kernels: each raises NpdiffError naming the kernel, the argument, and
 the expected vs the actual dtype/shape. Works for numpy and cupy arrays (only .dtype/.shape/.ndim).
+Also the convolution's argument arithmetic (pair, output_size), shared by conv.py, conv_winograd.py
+and cuda/conv.py.
 """
 
 import numpy as np
@@ -69,3 +71,8 @@ def pair(kernel, name, value):
     if min(result) < 0:
         raise NpdiffError(f"{kernel}: {name} must be >= 0, got {value!r}")
     return result
+
+
+def output_size(size, kernel_size, stride, padding):
+    """A convolution's output length along one axis (torch's formula, dilation 1)."""
+    return (size + 2 * padding - kernel_size) // stride + 1

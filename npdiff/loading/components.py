@@ -81,12 +81,21 @@ def load_pipeline_components(path, variant=None, prediction_type=None):
         refuse_pickle(path)
         components = load_single_file(path)
         scheduler = None
-        text_encoder = components.get("text_encoder")
-        if components.get(SECOND_TEXT_ENCODER) is None and text_encoder and text_encoder[0]["hidden_act"] == "gelu":
-            # OpenCLIP alone: SD 2.x (SDXL's scheduler defaults are the SDXL pipeline's)
-            scheduler = sd2_defaults(components["unet"][0], prediction_type)
-        return {"text_encoder_2": None, **components, "tokenizer": None, "tokenizer_2": None,
-                "scheduler": scheduler, "model_index": None, "source": path}
+        model_type = components.pop("model_type", None)  # an SDXL file's: "sdxl" or "sdxl-refiner"
+        scheduler = components.pop("scheduler", None)  # an SDXL file's: SDXL's scheduler config
+        if model_type is None and components["text_encoder"][0]["hidden_act"] == "gelu":  # OpenCLIP: SD 2.x
+            scheduler, sample_size = sd2_defaults(prediction_type)
+            unet_config, unet_weights = components["unet"]
+            components["unet"] = (dict(unet_config, sample_size=sample_size), unet_weights)
+        for name in MODEL_COMPONENTS + (SECOND_TEXT_ENCODER,):  # configs inferred from the tensors: checked
+            if components.get(name) is None:  # like a folder's; SD has no text_encoder_2, a refiner no text_encoder
+                components[name] = None
+                continue
+            config, weights = components[name]
+            kind = "text_encoder" if name == SECOND_TEXT_ENCODER else name  # the same config rules
+            components[name] = (check_component_config(kind, config, f"{path} ({name})"), weights)
+        return {**components, "tokenizer": None, "tokenizer_2": None, "scheduler": scheduler, "model_index": None,
+                "source": path}
     if not os.path.isdir(path):
         raise NpdiffError(f"no such file or folder: {path}; expected {EXPECTED_LAYOUT}")
 

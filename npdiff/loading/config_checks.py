@@ -1,12 +1,24 @@
-"""Every config value type- and range-checked on load, as one table of rules per component.
+"""Every model config in one place: diffusers'/transformers' defaults, a rule for every value, the
+cross-checks that need two keys, and what the networks built here support.
 
-    check_component_config(component, config, source)   NpdiffError naming `source` (the config file),
-                                                         the key, what it must be and what it is
+    check_component_config(component, config, source=None) -> CheckedConfig
+        NpdiffError naming `source` (the config file; else "<component> config"), the key, what it must
+        be and what it is. Returns the config as given, marked as checked.
+    full_config(component, config) -> dict      the checked config with the defaults filled in: what a
+                                                model's constructor builds itself from
+    per_block(config, key, count) -> list       one value or a per-block list -> `count` values
+    transformer_depths(full, layers) -> (down, mid, up)   SDXL's transformer depth of every resnet layer
 
 component is "unet", "vae", "text_encoder" or "scheduler". A key absent from the config is not checked
-(the model fills in diffusers' default); a key present must satisfy its rule. After the per-key rules,
-a few cross-checks that need two keys (group counts that divide the channels, heads that divide the
-width, per-block lists as long as block_out_channels, beta_start <= beta_end).
+(the default fills it in); a key present must satisfy its rule (config_rules.py). Then the cross-checks
+(group counts that divide the channels, heads that divide the width, every per-block list as long as
+block_out_channels: checked here and nowhere else, beta_start <= beta_end), then what is supported
+(the SD 1.x/2.x and SDXL UNet: no class embeddings, known block types, ...).
+
+Each config is checked once: the loader checks what it reads (so the message names the file) and
+returns a CheckedConfig; a model's constructor calls full_config, which checks only a config that is
+not one already (a dict made by hand). This module imports nothing from npdiff.models: the models
+import their defaults from here.
 
 What this prevents: a config.json with `norm_num_groups: 0`, `block_out_channels: []`,
 `hidden_size: "64"`, `attention_head_dim: 0` or `beta_start: -1` used to fail deep inside the model with
@@ -14,117 +26,71 @@ ZeroDivisionError, IndexError, TypeError or a complex-number TypeError; a VAE `s
 NaN or a negative `norm_eps` used to give an all-black picture and exit code 0.
 """
 
-import math
-
-import numpy as np
-
 from npdiff.errors import NpdiffError
-
+from npdiff.loading.config_rules import (EPS, POSITIVE, Bool, Float, Int, IntIn, ListOf, OneOrList, Optional,
+                                         Text)
 
 # ---------------------------------------------------------------------------------------------
-# Rules: each returns None when the value is fine, else what the value must be
+# Defaults and what is supported, per component
 # ---------------------------------------------------------------------------------------------
-def _is_int(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+# diffusers' defaults for the keys a config.json may leave out (UNet2DConditionModel.__init__).
+UNET_DEFAULTS = {
+    "in_channels": 4, "out_channels": 4, "center_input_sample": False, "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "only_cross_attention": False, "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+    "downsample_padding": 1, "mid_block_scale_factor": 1.0, "act_fn": "silu", "norm_num_groups": 32,
+    "norm_eps": 1e-5, "cross_attention_dim": 1280, "transformer_layers_per_block": 1,
+    "attention_head_dim": 8, "num_attention_heads": None, "dual_cross_attention": False,
+    "use_linear_projection": False, "class_embed_type": None, "addition_embed_type": None,
+    "num_class_embeds": None, "upcast_attention": False, "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
+    "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None,
+    "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3, "attention_type": "default",
+    "class_embeddings_concat": False, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
+    "cross_attention_norm": None, "reverse_transformer_layers_per_block": None,
+    "addition_time_embed_dim": None, "projection_class_embeddings_input_dim": None,
+    "mid_block_only_cross_attention": None, "addition_embed_type_num_heads": 64,
+}
 
+# Keys whose value must be exactly this (None/False/"default"...) for the SD/SDXL network built here.
+# (num_attention_heads: diffusers' UNet2DConditionModel refuses it too.)
+UNET_MUST_BE = {
+    "class_embed_type": None, "num_class_embeds": None,
+    "num_attention_heads": None, "dual_cross_attention": False,
+    "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "time_embedding_type": "positional",
+    "time_embedding_act_fn": None, "timestep_post_act": None,
+    "attention_type": "default", "class_embeddings_concat": False, "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None, "cross_attention_norm": None,
+}
+UNET_DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")  # models/unet.py builds these
+UNET_UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 
-def _is_number(value):
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+VAE_DEFAULTS = {
+    "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D"], "block_out_channels": [64], "layers_per_block": 1,
+    "act_fn": "silu", "latent_channels": 4, "norm_num_groups": 32, "scaling_factor": 0.18215,
+    "shift_factor": None, "latents_mean": None, "latents_std": None, "use_quant_conv": True,
+    "use_post_quant_conv": True, "mid_block_add_attention": True,
+}
 
+# transformers' CLIPTextConfig defaults, for config.json files that leave a key out
+CLIP_DEFAULTS = {
+    "vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
+    "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+    "projection_dim": 512, "eos_token_id": 49407,
+}
+CLIP_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh")  # models/clip.py runs these
 
-class Int:
-    def __init__(self, least=1, odd=False, most=None):
-        self.least, self.odd, self.most = least, odd, most
+SCHEDULER_DEFAULTS = {"beta_start": 0.0001, "beta_end": 0.02}  # what the cross-check needs
+DEFAULTS = {"unet": UNET_DEFAULTS, "vae": VAE_DEFAULTS, "text_encoder": CLIP_DEFAULTS,
+            "scheduler": SCHEDULER_DEFAULTS}
 
-    def __call__(self, value):
-        if (not _is_int(value) or value < self.least or (self.odd and value % 2 != 1)
-                or (self.most is not None and value > self.most)):
-            return (f"an integer >= {self.least}" + (f" and <= {self.most}" if self.most is not None else "")
-                    + (" and odd" if self.odd else ""))
-        return None
-
-
-class IntIn:
-    def __init__(self, *choices):
-        self.choices = choices
-
-    def __call__(self, value):
-        return None if _is_int(value) and value in self.choices else f"one of {', '.join(map(str, self.choices))}"
-
-
-class Float:
-    """A finite number in [low, high]; `above` makes the low end open (value > low)."""
-
-    def __init__(self, low=-math.inf, high=math.inf, above=False):
-        self.low, self.high, self.above = low, high, above
-
-    def __call__(self, value):
-        ok = _is_number(value) and math.isfinite(float(value))
-        if ok:
-            value = float(value)
-            ok = (value > self.low if self.above else value >= self.low) and value <= self.high
-        if ok:
-            return None
-        low = f"> {self.low:g}" if self.above else (f">= {self.low:g}" if self.low > -math.inf else "")
-        high = f"<= {self.high:g}" if self.high < math.inf else ""
-        return "a finite number" + (" " + " and ".join(x for x in (low, high) if x) if low or high else "")
-
-
-class Bool:
-    def __call__(self, value):
-        return None if isinstance(value, (bool, np.bool_)) else "true or false"
-
-
-class OneOf:
-    def __init__(self, *choices):
-        self.choices = choices
-
-    def __call__(self, value):
-        if isinstance(value, (str, type(None))) and value in self.choices:
-            return None
-        return "one of " + ", ".join(repr(c) for c in self.choices)
-
-
-class Text:
-    def __call__(self, value):
-        return None if isinstance(value, str) and value else "a non-empty string"
-
-
-class ListOf:
-    """A non-empty list of items that each pass `item`."""
-
-    def __init__(self, item):
-        self.item = item
-
-    def __call__(self, value):
-        if not isinstance(value, (list, tuple, np.ndarray)) or len(value) == 0 or any(self.item(v) for v in value):
-            return f"a non-empty list, each {self.item(None)}"
-        return None
-
-
-class OneOrList:
-    """One value or a per-block list (its length is cross-checked against block_out_channels)."""
-
-    def __init__(self, item):
-        self.item = item
-
-    def __call__(self, value):
-        if isinstance(value, (list, tuple)):
-            return ListOf(self.item)(value) and f"{self.item(None)} or a non-empty list of them"
-        return self.item(value) and f"{self.item(None)} or a per-block list of them"
-
-
-class Optional:
-    def __init__(self, rule):
-        self.rule = rule
-
-    def __call__(self, value):
-        return None if value is None else (self.rule(value) and f"null or {self.rule(value)}")
-
-
-POSITIVE = Int(1)
-EPS = Float(0.0, 1.0, above=True)
-
+# ---------------------------------------------------------------------------------------------
+# A rule for every value
+# ---------------------------------------------------------------------------------------------
 RULES = {
     "unet": {
         "sample_size": POSITIVE, "in_channels": POSITIVE, "out_channels": POSITIVE,
@@ -168,19 +134,55 @@ RULES = {
 COMPONENTS = tuple(RULES)
 
 
-# ---------------------------------------------------------------------------------------------
-# Cross-checks: rules that need two keys (given the defaults the model would fill in)
-# ---------------------------------------------------------------------------------------------
-def _defaults(component):
-    if component == "unet":
-        from npdiff.models.unet import DEFAULTS
-    elif component == "vae":
-        from npdiff.models.vae import DEFAULTS
-    elif component == "text_encoder":
-        from npdiff.models.clip import CONFIG_DEFAULTS as DEFAULTS
+def per_block(config, key, count):
+    """A config value given as one value or as a per-block list -> a list of `count` values.
+
+    The list's length was checked with the config (_cross_checks)."""
+    value = config[key]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value] * count
+
+
+def per_layer(value, count, key, block):
+    """One block's transformer depth (an int, or one per resnet layer) -> a list of `count` depths.
+    diffusers reads a list's first `count` entries; a shorter list is refused."""
+    if not isinstance(value, (list, tuple)):
+        return [value] * count
+    if len(value) < count:
+        raise NpdiffError(f"{key} entry {block} is {list(value)}; the block has {count} resnet "
+                          f"layers, so it needs {count} depths")
+    return list(value[:count])
+
+
+def transformer_depths(full, layers):
+    """-> (down, mid, up): the transformer depth of every resnet layer of every block, read as diffusers
+    reads transformer_layers_per_block (an int, one per block, or per block one per layer: SDXL) and
+    reverse_transformer_layers_per_block (the up blocks' own, required with nested lists); the mid block
+    takes the last block's (first) depth. `full`: a config with the defaults; `layers`: layers_per_block
+    per block (an up block has one more). NpdiffError (without the config's name: check_component_config
+    adds it) for lists too short or nested ones without the reverse."""
+    blocks = len(layers)
+    given = per_block(full, "transformer_layers_per_block", blocks)     # per block: an int or a list
+    down = [per_layer(given[i], layers[i], "transformer_layers_per_block", i) for i in range(blocks)]
+    mid = per_layer(given[-1], 1, "transformer_layers_per_block", blocks - 1)[0]
+    if full["reverse_transformer_layers_per_block"] is None:
+        if any(isinstance(value, (list, tuple)) for value in given):
+            raise NpdiffError("transformer_layers_per_block is a nested list; diffusers then needs "
+                              "reverse_transformer_layers_per_block (the up blocks' depths), and it is missing")
+        up_given, key = given[::-1], "transformer_layers_per_block"
     else:
-        DEFAULTS = {"beta_start": 0.0001, "beta_end": 0.02}
-    return DEFAULTS
+        up_given = per_block(full, "reverse_transformer_layers_per_block", blocks)
+        key = "reverse_transformer_layers_per_block"
+    up = [per_layer(up_given[i], layers[blocks - 1 - i] + 1, key, i) for i in range(blocks)]
+    return down, mid, up
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-checks: rules that need two keys (given the defaults the model fills in)
+# ---------------------------------------------------------------------------------------------
+PER_BLOCK_KEYS = ("down_block_types", "up_block_types", "layers_per_block", "attention_head_dim",
+                  "cross_attention_dim", "transformer_layers_per_block", "reverse_transformer_layers_per_block")
 
 
 def _cross_checks(component, full):
@@ -191,14 +193,12 @@ def _cross_checks(component, full):
         bad = [c for c in channels if c % groups]
         if bad:
             return "norm_num_groups", f"must divide every block_out_channels entry; {groups} does not divide {bad[0]}"
-        for key in ("down_block_types", "up_block_types", "layers_per_block", "attention_head_dim",
-                    "cross_attention_dim", "transformer_layers_per_block", "reverse_transformer_layers_per_block"):
+        for key in PER_BLOCK_KEYS:
             value = full.get(key)
             if isinstance(value, (list, tuple)) and len(value) != len(channels):
                 return key, f"has {len(value)} entries; block_out_channels has {len(channels)} (one per block)"
     if component == "unet":
-        heads = full["attention_head_dim"]
-        heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(full["block_out_channels"])
+        heads = per_block(full, "attention_head_dim", len(full["block_out_channels"]))
         for channels, count in zip(full["block_out_channels"], heads):
             if channels % count:
                 return "attention_head_dim", (f"(the head count) must divide the block's channels; {count} does "
@@ -212,20 +212,104 @@ def _cross_checks(component, full):
     return None
 
 
+
+# ---------------------------------------------------------------------------------------------
+# What the networks built here support (SD 1.x/2.x, SDXL): "<where>: key=value is not supported ..."
+# ---------------------------------------------------------------------------------------------
+def _unet_unsupported(full):
+    """-> why the UNet config asks for a network models/unet.py does not build, else None."""
+    for key, expected in UNET_MUST_BE.items():
+        if full[key] != expected:
+            return (f"{key}={full[key]!r} is not supported (npdiff runs SD 1.x/2.x and SDXL UNets, which have "
+                    f"{key}={expected!r})")
+    if full["addition_embed_type"] not in (None, "text_time"):
+        return (f"addition_embed_type={full['addition_embed_type']!r} is not supported; expected null (SD 1.x/2.x) "
+                "or 'text_time' (SDXL)")
+    if full["addition_embed_type"] == "text_time":
+        for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+            if full[key] is None:
+                return f"addition_embed_type 'text_time' needs {key}; it is missing"
+    for key in ("only_cross_attention", "mid_block_only_cross_attention"):
+        only_cross = full[key]
+        if any(only_cross) if isinstance(only_cross, (list, tuple)) else only_cross:
+            return f"{key}={only_cross!r} is not supported (SD and SDXL UNets have False)"
+    if full["act_fn"] not in ("silu", "swish"):
+        return f"act_fn={full['act_fn']!r} is not supported; expected 'silu'"
+    if full["mid_block_type"] not in ("UNetMidBlock2DCrossAttn", None):
+        return f"mid_block_type={full['mid_block_type']!r} is not supported; expected 'UNetMidBlock2DCrossAttn'"
+    for key, known in (("down_block_types", UNET_DOWN_BLOCK_TYPES), ("up_block_types", UNET_UP_BLOCK_TYPES)):
+        for name in full[key]:
+            if name not in known:
+                return f"{key} entry {name!r} is not supported; known: {', '.join(known)}"
+    try:  # nested transformer depths: one per resnet layer, and the reverse list for the up blocks
+        transformer_depths(full, per_block(full, "layers_per_block", len(full["block_out_channels"])))
+    except NpdiffError as error:
+        return str(error)
+    return None
+
+
+def _vae_unsupported(full):
+    blocks = len(full["block_out_channels"])
+    for key, name in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        if list(full[key]) != [name] * blocks:
+            return f"{key}={full[key]!r} is not supported; expected {blocks} x {name!r}"
+    if full["act_fn"] not in ("silu", "swish"):
+        return f"act_fn={full['act_fn']!r} is not supported; expected 'silu'"
+    if full["shift_factor"] not in (None, 0, 0.0) or full["latents_mean"] is not None:
+        return ("shift_factor/latents_mean belong to SD3- and Playground-style VAEs; not supported (the SD and SDXL "
+                "VAEs have null)")
+    return None
+
+
+def _text_encoder_unsupported(full):
+    if full["hidden_act"] not in CLIP_ACTIVATIONS:
+        return f"hidden_act {full['hidden_act']!r} is not supported; known: {', '.join(CLIP_ACTIVATIONS)}"
+    return None
+
+
+UNSUPPORTED = {"unet": _unet_unsupported, "vae": _vae_unsupported, "text_encoder": _text_encoder_unsupported,
+               "scheduler": lambda full: None}  # the scheduler classes say what they support
+
+
+# ---------------------------------------------------------------------------------------------
+# The check, once per config
+# ---------------------------------------------------------------------------------------------
+class CheckedConfig(dict):
+    """A config that passed check_component_config for `component` (not to be changed afterwards: a
+    changed config is a new dict, checked again)."""
+
+    def __init__(self, component, config):
+        super().__init__(config)
+        self.component = component
+
+
 def check_component_config(component, config, source=None):
-    """NpdiffError naming `source`, the key, the rule and the value for the first value that breaks a rule."""
+    """The config as given, marked as checked; NpdiffError naming `source`, the key, the rule and the
+    value for the first value that breaks a rule (or asks for what is not supported)."""
+    if isinstance(config, CheckedConfig) and config.component == component:
+        return config
     where = source or f"{component} config"
     if not isinstance(config, dict):
         raise NpdiffError(f"{where}: expected a JSON object of settings, got {type(config).__name__}")
-    rules = RULES[component]
-    for key, rule in rules.items():
+    # 1. each value against its rule
+    for key, rule in RULES[component].items():
         if key in config:
             expected = rule(config[key])
             if expected:
                 raise NpdiffError(f"{where}: {key} must be {expected}, got {config[key]!r}")
-    full = {**_defaults(component), **config}
+    # 2. the rules that need two keys, with the defaults filled in
+    full = {**DEFAULTS[component], **config}
     failed = _cross_checks(component, full)
     if failed:
         key, message = failed
         raise NpdiffError(f"{where}: {key} {message}")
-    return config
+    # 3. what the network built here supports
+    unsupported = UNSUPPORTED[component](full)
+    if unsupported:
+        raise NpdiffError(f"{where}: {unsupported}")
+    return CheckedConfig(component, config)
+
+
+def full_config(component, config):
+    """The config (checked here unless the loader checked it) with the defaults filled in."""
+    return {**DEFAULTS[component], **check_component_config(component, config)}

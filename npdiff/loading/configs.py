@@ -7,6 +7,9 @@ A diffusers model folder holds one folder per component, each with a config.json
     text_encoder/config.json  text_encoder/model.safetensors             (.fp16.safetensors variant)
 
 Large components may be sharded: <name>.safetensors.index.json maps each key to its shard file.
+
+A single file holds no config.json: clip_text_config writes the text encoder's one from the sizes read
+off its tensors (single_file.py for SD 1.x's CLIP, single_file_sd2.py for SD 2.x's OpenCLIP).
 """
 
 import json
@@ -17,6 +20,7 @@ from npdiff.loading.safetensors_io import PICKLE_SUFFIXES, SafetensorsFile, refu
 from npdiff.loading.weights import TensorRef, Weights
 
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")  # diffusers models, transformers models
+CLIP_HEAD_WIDTH = 64  # channels per attention head in CLIP ViT-L/H (and SD 2.x's UNet)
 
 
 def read_json(path):
@@ -122,3 +126,23 @@ def load_component(folder, subfolder=None, variant=None):
     from_pretrained builds itself from."""
     path = os.path.join(folder, subfolder) if subfolder else os.fspath(folder)
     return read_config(path), load_component_weights(path, variant)
+
+
+def clip_text_config(source, what, vocab_size, hidden_size, intermediate_size, num_layers, max_positions,
+                     hidden_act):
+    """The transformers CLIPTextConfig diffusers would use (heads CLIP_HEAD_WIDTH wide); SD 1.x and 2.x."""
+    if hidden_size % CLIP_HEAD_WIDTH:
+        raise NpdiffError(f"{source}: {what} width {hidden_size} is not a multiple of its head width "
+                          f"{CLIP_HEAD_WIDTH}; cannot infer the number of heads")
+    return {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": hidden_size // CLIP_HEAD_WIDTH,
+        "max_position_embeddings": max_positions,
+        "hidden_act": hidden_act,
+        "layer_norm_eps": 1e-5,
+    }

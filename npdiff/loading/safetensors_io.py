@@ -16,10 +16,12 @@ tensor bytes. Reading it takes two tools:
                or when told to (npdiff.loading.resident.release_resident_pages) and fault them back
                from the page cache. Needs the little-endian host byte order and a data offset that
                is a multiple of 4 (safetensors writers align it; a misaligned tensor is copied as below).
-         F16   bytes read() as float16 -> astype(float32): widened once into private memory (the
-               float16 buffer is freed)
-         BF16  bytes read() as uint16 -> uint32 << 16 -> viewed as float32 (bf16 is the top half of a
-               float32, so the shift is exact), private memory
+         F16   float16 -> float32, widened once. For a model's weights (read_float32(key, file_backed=
+               True), what Weights.take asks for) into a file-backed map of an unlinked temporary file
+               (widened.py: releasable like a float32 file's pages); otherwise (LoRA factors, or when
+               that file cannot be made) bytes read() and widened into private memory
+         BF16  uint16 bits -> uint32 << 16 -> viewed as float32 (bf16 is the top half of a float32, so
+               the shift is exact); file-backed or private as F16
 
      Why a map for float32 (measured on an SD 1.5-size folder of float32 weights, 4.0 GB; see
      benchmarks/memory.py): read() into private arrays left 4.0 GiB resident after loading, all of it
@@ -51,6 +53,7 @@ import sys
 import numpy as np
 
 from npdiff.errors import NpdiffError
+from npdiff.loading.widened import HALF_DTYPES, WidenedCopy
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
@@ -109,6 +112,7 @@ class SafetensorsFile:
         self._validate_with_safetensors()
         self._header, self._data_start = self._read_header()
         self._mapping = None  # the read-only mmap of the whole file, made on the first mapped take
+        self._widened = None  # WidenedCopy of the F16/BF16 tensors, made on the first file-backed widening
 
     def _validate_with_safetensors(self):
         from safetensors import safe_open
@@ -145,6 +149,20 @@ class SafetensorsFile:
 
     def shape(self, key):
         return tuple(self._header[key]["shape"])
+
+    def count(self, key):
+        """Number of values of `key`."""
+        return int(np.prod(self.shape(key), dtype=np.int64))
+
+    def raw_view(self, key):
+        """[n] read-only view of the stored values of an F16/BF16 tensor in the file's map (BF16 as uint16 bits)."""
+        begin, end = self._header[key]["data_offsets"]
+        mapping = self._map()
+        if self._data_start + end > len(mapping):  # the file shrank after it was validated
+            raise NpdiffError(f"key '{key}' in {self.path}: its bytes end at {self._data_start + end} but the file "
+                              f"has {len(mapping)} (file truncated)")
+        return np.frombuffer(mapping, dtype=HALF_DTYPES[self.dtype(key)], count=self.count(key),
+                             offset=self._data_start + begin)
 
     def _read_into(self, key, array):
         """Fill `array` (C-contiguous, of the tensor's byte size) with the stored bytes of `key`."""
@@ -185,9 +203,10 @@ class SafetensorsFile:
                               f"has {len(mapping)} (file truncated)")
         return np.frombuffer(mapping, dtype=np.float32, count=count, offset=self._data_start + begin)
 
-    def read_float32(self, key):
+    def read_float32(self, key, file_backed=False):
         """The tensor `key` as float32 of its stored shape (F32/F16/BF16 only): a read-only view of the
-        file's memory map when can_map(key), else a new array (the widening, or a misaligned copy)."""
+        file's memory map when can_map(key); F16/BF16 with file_backed=True: a read-only view of the
+        widened copy's map (widened.py); else a new array (the widening, or a misaligned copy)."""
         dtype = self.dtype(key)
         if dtype not in FLOAT_DTYPES:
             raise NpdiffError(f"key '{key}' in {self.path} has dtype {dtype}; npdiff reads float weights "
@@ -196,6 +215,12 @@ class SafetensorsFile:
         count = int(np.prod(shape, dtype=np.int64))
         if self.can_map(key):
             return self._mapped_float32(key, count).reshape(shape)  # [n] -> stored shape, still a view
+        if file_backed and dtype in HALF_DTYPES and sys.byteorder == "little":
+            if self._widened is None:
+                self._widened = WidenedCopy(self)
+            values = self._widened.float32(key)  # [n] read-only view, or None: no file could be made
+            if values is not None:
+                return values.reshape(shape)
         raw = self._read_into(key, np.empty(count, dtype=FLOAT_DTYPES[dtype]))  # [n] as stored
         if dtype == "BF16":
             bits = raw.astype(np.uint32)  # [n] uint16 -> uint32

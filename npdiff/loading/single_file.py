@@ -32,11 +32,11 @@ import re
 
 from npdiff.errors import NpdiffError
 from npdiff.loading import keymap
+from npdiff.loading.configs import CLIP_HEAD_WIDTH, clip_text_config
 from npdiff.loading.safetensors_io import SafetensorsFile
 from npdiff.loading.single_file_sd2 import is_openclip_key, map_openclip
 from npdiff.loading.weights import TensorRef, Weights
 
-CLIP_HEAD_WIDTH = 64
 SD1_UNET_HEADS = 8
 
 UNSUPPORTED_LAYOUTS = (
@@ -165,26 +165,6 @@ def infer_vae_config(shapes):
         "sample_size": 512,
         "scaling_factor": 0.18215,
         "mid_block_add_attention": "encoder.mid.attn_1.q.weight" in shapes,
-    }
-
-
-def clip_text_config(source, what, vocab_size, hidden_size, intermediate_size, num_layers, max_positions,
-                     hidden_act):
-    """The transformers CLIPTextConfig diffusers would use (heads CLIP_HEAD_WIDTH wide); SD 1.x and 2.x."""
-    if hidden_size % CLIP_HEAD_WIDTH:
-        raise NpdiffError(f"{source}: {what} width {hidden_size} is not a multiple of its head width "
-                          f"{CLIP_HEAD_WIDTH}; cannot infer the number of heads")
-    return {
-        "architectures": ["CLIPTextModel"],
-        "model_type": "clip_text_model",
-        "vocab_size": vocab_size,
-        "hidden_size": hidden_size,
-        "intermediate_size": intermediate_size,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": hidden_size // CLIP_HEAD_WIDTH,
-        "max_position_embeddings": max_positions,
-        "hidden_act": hidden_act,
-        "layer_norm_eps": 1e-5,
     }
 
 

@@ -35,6 +35,7 @@ training step count, so diffusers' global_step == 875000 test (base model) canno
 import re
 
 from npdiff.errors import NpdiffError
+from npdiff.loading.configs import clip_text_config
 
 OPENCLIP_PREFIX = "cond_stage_model.model."
 DROPPED_KEYS = ("text_projection", "logit_scale")  # CLIP's contrastive head: not used by SD
@@ -92,8 +93,6 @@ def _shape(shapes, key, source):
 
 def infer_openclip_config(shapes, source):
     """{OpenCLIP key (prefix removed): shape} -> the transformers CLIPTextConfig diffusers would use."""
-    from npdiff.loading.single_file import clip_text_config  # single_file imports this module
-
     vocab_size, hidden_size = _shape(shapes, "token_embedding.weight", source)  # [V, D]
     max_positions = _shape(shapes, "positional_embedding", source)[0]  # [P, D]
     blocks = sorted({int(m.group(1)) for m in map(RESBLOCK_KEY.fullmatch, shapes) if m})
@@ -153,8 +152,7 @@ def map_openclip(shapes, source):
     return config, names
 
 
-def sd2_defaults(unet_config, prediction_type=None):
-    """SD 2.x's scheduler config (v-prediction unless told) and the UNet's default picture size."""
+def sd2_defaults(prediction_type=None):
+    """-> (SD 2.x's scheduler config, v-prediction unless told; the UNet's sample_size for that kind)."""
     prediction_type = check_prediction_type(prediction_type) or "v_prediction"
-    unet_config["sample_size"] = SAMPLE_SIZE[prediction_type]
-    return dict(SD2_SCHEDULER_CONFIG, prediction_type=prediction_type)
+    return dict(SD2_SCHEDULER_CONFIG, prediction_type=prediction_type), SAMPLE_SIZE[prediction_type]

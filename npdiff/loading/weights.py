@@ -7,7 +7,8 @@ folder; the original CompVis name for a single-file checkpoint) and the shape `t
 stored shape, or a reshape of it that the key map asked for, e.g. a 1x1 conv [C,C,1,1] read as a
 linear [C,C]) and, for a tensor stored fused (OpenCLIP's q/k/v), which rows of it. Nothing is read
 until `take`. A float32 tensor is a read-only view of the file's memory map (no copy; safetensors_io.py
-says why and what that costs); F16/BF16 are widened to float32 once, into private memory.
+says why and what that costs); F16/BF16 are widened to float32 once, into a file-backed map (widened.py)
+that is released like a float32 file's.
 
 take() checks every value for NaN/Inf (issue: a damaged file must be refused before a long job starts,
 naming file, key and position). The check reads every page of every weight once at load: measured
@@ -129,7 +130,7 @@ class Weights:
         if tuple(ref.shape) != expected:
             raise NpdiffError(f"key '{key}' in {self._where(key)} has shape {_shape_text(ref.shape)}; "
                               f"the config expects {_shape_text(expected)}")
-        values = ref.file.read_float32(ref.stored_key)  # read-only map view (F32) or a new widened array
+        values = ref.file.read_float32(ref.stored_key, file_backed=True)  # read-only view of a map (F32 or widened)
         mapped = mapping_of(values) is not None
         if ref.rows is not None:  # [3D,...] -> [D,...]: one of fused q/k/v (a widened one copied so the rest can go)
             values = values[ref.rows[0]:ref.rows[1]]

@@ -36,7 +36,7 @@ The call tree (diffusers models/unets/unet_2d_condition.py):
     [SDXL: + add_embedding(concat(text_embeds, add_time_proj(time_ids)))]    -> temb [B,4*C0]
     conv_in -> down_blocks[i] (skips kept) -> mid_block -> up_blocks[i] (skips consumed)
     -> conv_norm_out + SiLU -> conv_out
-Supported configuration: what SD 1.x/2.x and SDXL use (see `check_config`); anything else (class
+Supported configuration: what SD 1.x/2.x and SDXL use (see npdiff/loading/config_checks.py); anything else (class
 embeddings, other added embeddings, other block types) raises NpdiffError naming the key.
 """
 
@@ -45,135 +45,21 @@ import numpy as np
 from npdiff import backend
 from npdiff.backend import array_module, to_device
 from npdiff.errors import NpdiffError
+from npdiff.loading.config_checks import full_config, per_block, transformer_depths
+from npdiff.loading.configs import load_component
 from npdiff.models.blocks import Conv2d, GroupNorm, TimestepEmbedding, timestep_embedding
 from npdiff.models.unet_blocks import (CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock2D,
                                        UNetMidBlock2DCrossAttn, UpBlock2D)
 
-# diffusers' defaults for the keys a config.json may leave out (UNet2DConditionModel.__init__).
-DEFAULTS = {
-    "in_channels": 4, "out_channels": 4, "center_input_sample": False, "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "only_cross_attention": False, "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
-    "downsample_padding": 1, "mid_block_scale_factor": 1.0, "act_fn": "silu", "norm_num_groups": 32,
-    "norm_eps": 1e-5, "cross_attention_dim": 1280, "transformer_layers_per_block": 1,
-    "attention_head_dim": 8, "num_attention_heads": None, "dual_cross_attention": False,
-    "use_linear_projection": False, "class_embed_type": None, "addition_embed_type": None,
-    "num_class_embeds": None, "upcast_attention": False, "resnet_time_scale_shift": "default",
-    "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
-    "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None,
-    "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3, "attention_type": "default",
-    "class_embeddings_concat": False, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
-    "cross_attention_norm": None, "reverse_transformer_layers_per_block": None,
-    "addition_time_embed_dim": None, "projection_class_embeddings_input_dim": None,
-    "mid_block_only_cross_attention": None, "addition_embed_type_num_heads": 64,
-}
-
-# Keys whose value must be exactly this (None/False/"default"...) for the SD/SDXL network built here.
-MUST_BE = {
-    "class_embed_type": None, "num_class_embeds": None,
-    "num_attention_heads": None, "dual_cross_attention": False,
-    "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "time_embedding_type": "positional",
-    "time_embedding_act_fn": None, "timestep_post_act": None,
-    "attention_type": "default", "class_embeddings_concat": False, "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None, "cross_attention_norm": None,
-}
 DOWN_TYPES = {"CrossAttnDownBlock2D": CrossAttnDownBlock2D, "DownBlock2D": DownBlock2D}
 UP_TYPES = {"CrossAttnUpBlock2D": CrossAttnUpBlock2D, "UpBlock2D": UpBlock2D}
-
-
-def per_block(config, key, count):
-    """A config value given as one int or as a per-block list -> a list of `count` values."""
-    value = config[key]
-    if isinstance(value, (list, tuple)):
-        if len(value) != count:
-            raise NpdiffError(f"unet config: {key} has {len(value)} entries; expected {count} (one per block)")
-        return list(value)
-    return [value] * count
-
-
-def per_layer(value, count, key, block):
-    """One block's transformer depth (an int, or one per resnet layer) -> a list of `count` depths.
-    diffusers reads a list's first `count` entries; a shorter list is refused."""
-    if not isinstance(value, (list, tuple)):
-        return [value] * count
-    if len(value) < count:
-        raise NpdiffError(f"unet config: {key} entry {block} is {list(value)}; the block has {count} resnet "
-                          f"layers, so it needs {count} depths")
-    return list(value[:count])
-
-
-def transformer_depths(config, layers):
-    """-> (down, mid, up): the transformer depth of every resnet layer of every block, read as diffusers
-    reads transformer_layers_per_block and reverse_transformer_layers_per_block."""
-    blocks = len(layers)
-    given = per_block(config, "transformer_layers_per_block", blocks)   # per block: an int or a list
-    down = [per_layer(given[i], layers[i], "transformer_layers_per_block", i) for i in range(blocks)]
-    mid = per_layer(given[-1], 1, "transformer_layers_per_block", blocks - 1)[0]
-    reverse = config["reverse_transformer_layers_per_block"]
-    if reverse is None:
-        if any(isinstance(value, (list, tuple)) for value in given):
-            raise NpdiffError("unet config: transformer_layers_per_block is a nested list; diffusers then needs "
-                              "reverse_transformer_layers_per_block (the up blocks' depths), and it is missing")
-        up_given = given[::-1]
-        key = "transformer_layers_per_block"
-    else:
-        up_given = per_block(config, "reverse_transformer_layers_per_block", blocks)
-        key = "reverse_transformer_layers_per_block"
-    up = [per_layer(up_given[i], layers[blocks - 1 - i] + 1, key, i) for i in range(blocks)]
-    return down, mid, up
-
-
-def check_config(config):
-    """Config dict -> the same dict with diffusers' defaults filled in; NpdiffError for what is unsupported."""
-    from npdiff.loading.config_checks import check_component_config
-
-    check_component_config("unet", config)  # types and ranges of every value (norm_eps > 0, ...)
-    full = {**DEFAULTS, **config}
-    for key, expected in MUST_BE.items():
-        if full[key] != expected:
-            raise NpdiffError(f"unet config: {key}={full[key]!r} is not supported (npdiff runs SD 1.x/2.x and "
-                              f"SDXL UNets, which have {key}={expected!r})")
-    if full["addition_embed_type"] not in (None, "text_time"):
-        raise NpdiffError(f"unet config: addition_embed_type={full['addition_embed_type']!r} is not supported; "
-                          "expected null (SD 1.x/2.x) or 'text_time' (SDXL)")
-    if full["addition_embed_type"] == "text_time":
-        for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
-            if full[key] is None:
-                raise NpdiffError(f"unet config: addition_embed_type 'text_time' needs {key}; it is missing")
-    for key in ("only_cross_attention", "mid_block_only_cross_attention"):
-        only_cross = full[key]
-        if any(only_cross) if isinstance(only_cross, (list, tuple)) else only_cross:
-            raise NpdiffError(f"unet config: {key}={only_cross!r} is not supported (SD and SDXL UNets have "
-                              "False)")
-    if full["act_fn"] not in ("silu", "swish"):
-        raise NpdiffError(f"unet config: act_fn={full['act_fn']!r} is not supported; expected 'silu'")
-    if full["norm_num_groups"] is None:
-        raise NpdiffError("unet config: norm_num_groups=None is not supported; expected an int")
-    if full["mid_block_type"] not in ("UNetMidBlock2DCrossAttn", None):
-        raise NpdiffError(f"unet config: mid_block_type={full['mid_block_type']!r} is not supported; expected "
-                          "'UNetMidBlock2DCrossAttn'")
-    blocks = len(full["block_out_channels"])
-    for key, known in (("down_block_types", DOWN_TYPES), ("up_block_types", UP_TYPES)):
-        if len(full[key]) != blocks:
-            raise NpdiffError(f"unet config: {key} has {len(full[key])} entries; block_out_channels has {blocks}")
-        for name in full[key]:
-            if name not in known:
-                raise NpdiffError(f"unet config: {key} entry {name!r} is not supported; known: {', '.join(known)}")
-    for key in ("conv_in_kernel", "conv_out_kernel"):
-        if full[key] % 2 != 1:
-            raise NpdiffError(f"unet config: {key}={full[key]} must be odd")
-    transformer_depths(full, per_block(full, "layers_per_block", blocks))  # nested lists: the right lengths
-    return full
 
 
 class UNet2DConditionModel:
     """The SD 1.x/2.x/SDXL UNet. Build with `from_pretrained(folder)` or `UNet2DConditionModel(config, weights)`."""
 
     def __init__(self, config, weights):
-        self.config = check_config(config)
+        self.config = full_config("unet", config)  # defaults filled in; checked unless the loader did
         c = self.config
         channels = list(c["block_out_channels"])
         blocks = len(channels)
@@ -239,8 +125,6 @@ class UNet2DConditionModel:
 
     @classmethod
     def from_pretrained(cls, folder, subfolder=None, variant=None):
-        from npdiff.loading import load_component
-
         return cls(*load_component(folder, subfolder, variant))
 
     # -----------------------------------------------------------------------------------------

@@ -28,37 +28,12 @@ import numpy as np
 
 from npdiff.backend import array_module, to_device
 from npdiff.errors import NpdiffError
+from npdiff.loading.config_checks import full_config
+from npdiff.loading.configs import load_component
 from npdiff.models.blocks import Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, child
 from npdiff.models.transformer import AttentionBlock
 
 VAE_EPS = 1e-6
-
-DEFAULTS = {
-    "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D"], "block_out_channels": [64], "layers_per_block": 1,
-    "act_fn": "silu", "latent_channels": 4, "norm_num_groups": 32, "scaling_factor": 0.18215,
-    "shift_factor": None, "latents_mean": None, "latents_std": None, "use_quant_conv": True,
-    "use_post_quant_conv": True, "mid_block_add_attention": True,
-}
-
-
-def check_config(config):
-    """Config dict -> the same dict with diffusers' defaults filled in; NpdiffError for what is unsupported."""
-    from npdiff.loading.config_checks import check_component_config
-
-    check_component_config("vae", config)  # types and ranges of every value (scaling_factor > 0, ...)
-    full = {**DEFAULTS, **config}
-    blocks = len(full["block_out_channels"])
-    for key, name in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-        if list(full[key]) != [name] * blocks:
-            raise NpdiffError(f"vae config: {key}={full[key]!r} is not supported; expected {blocks} x {name!r}")
-    if full["act_fn"] not in ("silu", "swish"):
-        raise NpdiffError(f"vae config: act_fn={full['act_fn']!r} is not supported; expected 'silu'")
-    if full["shift_factor"] not in (None, 0, 0.0) or full["latents_mean"] is not None:
-        raise NpdiffError("vae config: shift_factor/latents_mean belong to SD3- and Playground-style VAEs; not "
-                          "supported (the SD and SDXL VAEs have null)")
-    return full
-
 
 class UNetMidBlock2D:
     """resnets.0 -> attentions.0 -> resnets.1 (attention left out with mid_block_add_attention=False)."""
@@ -195,7 +170,7 @@ class AutoencoderKL:
     """SD's KL autoencoder. Build with `from_pretrained(folder)` or `AutoencoderKL(config, weights)`."""
 
     def __init__(self, config, weights):
-        self.config = check_config(config)
+        self.config = full_config("vae", config)  # defaults filled in; checked unless the loader did
         c = self.config
         latent = c["latent_channels"]
         self.encoder = Encoder(weights, "encoder", c)
@@ -210,8 +185,6 @@ class AutoencoderKL:
 
     @classmethod
     def from_pretrained(cls, folder, subfolder=None, variant=None):
-        from npdiff.loading import load_component
-
         return cls(*load_component(folder, subfolder, variant))
 
     def encode(self, x):

@@ -22,6 +22,7 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
+from npdiff.loading.config_checks import check_component_config
 from npdiff.schedulers import schedules
 
 
@@ -97,8 +98,6 @@ class SchedulerBase:
         return scheduler
 
     def _check_config(self):
-        from npdiff.loading.config_checks import check_component_config
-
         cfg = self.config
         name = type(self).__name__
         check_component_config("scheduler", {k: v for k, v in cfg.items() if not k.startswith("_")}, name)

@@ -153,9 +153,9 @@ def test_cuda_generator_names_missing_curand_headers(monkeypatch):
 # Dispatch: cupy arrays reach the CUDA kernels (a stand-in array; the kernels are replaced)
 # ---------------------------------------------------------------------------------------------
 class FakeCupyArray:
-    """Looks like a cupy array to npdiff's checks and to cuda.is_cupy; holds no data."""
+    """Looks like a cupy array to npdiff's checks and to dispatch.is_cupy; holds no data."""
 
-    __module__ = "cupy"  # cuda.is_cupy looks at the type's module
+    __module__ = "cupy"  # dispatch.is_cupy looks at the type's module
 
     def __init__(self, shape, dtype=np.float32):
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from helpers import KERNEL_TOL, assert_rel_close
 from npdiff import NpdiffError
-from npdiff.kernels import conv, conv2d, conv2d_ref
+from npdiff.kernels import block_pool, conv, conv2d, conv2d_ref
 
 # (kernel size, stride, padding): SD's 1x1 / 3x3 pad 1 / 3x3 stride 2 (pad 0 after an asymmetric
 # pad in the VAE encoder, pad 1 in the UNet), plus odd ones.
@@ -119,7 +119,7 @@ def test_split_evenly():
     for total in range(1, 40):
         for max_part in range(1, 12):
             for images, workers in [(1, 1), (1, 2), (2, 2), (3, 4)]:
-                parts = conv.split_evenly(total, max_part, images, workers)
+                parts = block_pool.split_evenly(total, max_part, images, workers)
                 sizes = [stop - start for start, stop in parts]
                 assert parts[0][0] == 0 and parts[-1][1] == total
                 assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))

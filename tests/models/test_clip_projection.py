@@ -119,3 +119,25 @@ def test_projection_config_errors(clip_pair, tmp_path):
 
     with pytest.raises(NpdiffError, match="text_projection.weight"):
         CLIPTextModel(config, load_component_weights(folder))
+
+
+def test_large_encoders_keep_the_mapped_weights(clip_pair, rng, tmp_path, monkeypatch):
+    """Above TRANSPOSED_COPY_LIMIT (bigG: 2.5 GB of copies) the layers are plain Linear over the mapped
+    weights, no private copies; the outputs are the same as transformers'."""
+    import npdiff.models.clip as clip
+    from npdiff.models.blocks import Linear
+    from npdiff.models.transformer import TransposedLinear
+
+    kind, model, small = clip_pair
+    assert small.linear is TransposedLinear  # the tiny encoders are far below the limit
+    monkeypatch.setattr(clip, "TRANSPOSED_COPY_LIMIT", 0)
+    folder = tmp_path / "te2"
+    model.save_pretrained(folder, safe_serialization=True)
+    ours = CLIPTextModelWithProjection.from_pretrained(folder)
+    assert ours.linear is Linear and type(ours.layers[0].mlp.fc1) is Linear and type(ours.text_projection) is Linear
+    ids = sdxl_padded_ids(rng, 2, 77, pad=0)
+    out = ours(ids)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids))
+    assert_rel_close(out.text_embeds, ref.text_embeds, NETWORK_TOL, f"{kind} text_embeds, plain Linear")
+    assert_rel_close(out.last_hidden_state, ref.last_hidden_state, KERNEL_TOL, f"{kind} last_hidden_state")

@@ -54,9 +54,9 @@ def test_widening_is_exact(dtype, rng, tmp_path):
         expected = tensor.float().numpy()  # torch's own widening
         assert ours.dtype == np.float32 and ours.shape == expected.shape
         assert ours.flags.c_contiguous and not isinstance(ours, np.memmap)
-        # float32: a read-only view of the file's map (no copy); float16/bfloat16: a new widened array
-        assert ours.flags.writeable == (dtype != torch.float32)
-        assert (mapping_of(ours) is not None) == (dtype == torch.float32)
+        # float32: a read-only view of the file's map (no copy); float16/bfloat16: a read-only view of the
+        # map of the widened copy (an unlinked file: its pages are released like the float32 file's)
+        assert not ours.flags.writeable and mapping_of(ours) is not None
         np.testing.assert_array_equal(ours, expected)  # bit-exact, NaN == NaN
         assert np.array_equal(np.signbit(ours), np.signbit(expected))  # -0.0 stays -0.0
     weights.check_all_used()
@@ -73,10 +73,41 @@ def test_taken_float32_arrays_are_read_only_views_of_the_file(rng, tmp_path):
     with pytest.raises(ValueError, match="read-only"):
         first += 1.0
     widened = weights.take("h", (5,))
-    widened[:] = 7.0  # a widened float16 weight is private: writing to it touches neither file nor a later take
+    with pytest.raises(ValueError, match="read-only"):
+        widened[:] = 7.0  # a widened float16 weight is a view of the widened copy's map: read-only too
     np.testing.assert_array_equal(weights.take("a", (3, 4)), np.ones((3, 4), np.float32))
     np.testing.assert_array_equal(weights.take("h", (5,)), np.ones(5, np.float32))
     assert path.read_bytes() == raw
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_widened_copy_is_file_backed_and_released(dtype, rng, tmp_path, monkeypatch):
+    """F16/BF16 weights are widened once into an unlinked file under NPDIFF_WIDEN_DIR; its pages are released
+    like a float32 file's and come back with the same values; without a usable folder, private memory."""
+    from npdiff.loading.resident import release_array_pages
+
+    tensors = random_tensors(rng, 3)
+    path = tmp_path / "w.safetensors"
+    save_file({name: tensor.to(dtype) for name, tensor in tensors.items()}, str(path))
+    monkeypatch.setenv("NPDIFF_WIDEN_DIR", str(tmp_path / "widened"))
+    weights = open_weights(path)
+    taken = {name: weights.take(name, tuple(t.shape)) for name, t in tensors.items()}
+    assert len({id(mapping_of(array)) for array in taken.values()}) == 1  # one widened copy per file
+    assert (tmp_path / "widened").is_dir() and not list((tmp_path / "widened").iterdir())  # unlinked at once
+    assert release_array_pages(list(taken.values())) >= 0
+    for name, tensor in tensors.items():
+        np.testing.assert_array_equal(taken[name], tensor.to(dtype).float().numpy())
+        np.testing.assert_array_equal(weights.take(name, tuple(tensor.shape)), taken[name])  # widened once
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("NPDIFF_WIDEN_DIR", str(blocker))
+    weights = open_weights(path)
+    name, tensor = next(iter(tensors.items()))
+    with pytest.warns(RuntimeWarning, match="not-a-folder.*private memory"):
+        private = weights.take(name, tuple(tensor.shape))
+    assert mapping_of(private) is None
+    np.testing.assert_array_equal(private, tensor.to(dtype).float().numpy())
 
 
 def test_float32_views_share_the_map_and_keep_it_alive(rng, tmp_path):

@@ -19,7 +19,7 @@ from tiny_models import UNET_KINDS, record_npdiff, record_torch, tiny_unet
 from npdiff.errors import NpdiffError
 from npdiff.loading import load_component_weights
 from npdiff.models import UNet2DConditionModel
-from npdiff.models.unet import check_config, transformer_depths
+from npdiff.loading.config_checks import full_config, transformer_depths
 
 SDXL_KINDS = ["sdxl", "sdxl-refiner", "sdxl-nested", "sdxl-lcm"]
 POOLED = 16   # the tiny kinds' pooled text width (SDXL: 1280)
@@ -151,7 +151,7 @@ def test_real_sdxl_configs_read_as_diffusers(which):
                   mid_block_only_cross_attention=None, num_attention_heads=None, sample_size=128)
     with torch.device("meta"):
         torch_model = TorchUNet(**config)
-    full = check_config(json.loads(json.dumps(config)))   # JSON round trip: lists, null
+    full = full_config("unet", json.loads(json.dumps(config)))   # JSON round trip: lists, null
     down, mid, up = transformer_depths(full, [2] * len(config["block_out_channels"]))
     mine = {"mid_block.attentions.0": mid}
     for name, depths, types in (("down_blocks", down, full["down_block_types"]),

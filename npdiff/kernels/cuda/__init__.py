@@ -28,7 +28,6 @@ from npdiff.kernels.cuda.attention import scaled_dot_product_attention, softmax
 from npdiff.kernels.cuda.conv import conv2d, linear
 from npdiff.kernels.cuda.elementwise import geglu_gate, gelu, quick_gelu, silu, upsample_nearest2x
 from npdiff.kernels.cuda.norm import group_norm, layer_norm
-from npdiff.kernels.dispatch import is_cupy  # noqa: F401  (kept here for callers of cuda.is_cupy)
 
 
 def geglu(x, weight, bias=None, approximate="none"):
@@ -36,5 +35,5 @@ def geglu(x, weight, bias=None, approximate="none"):
     return geglu_gate(linear(x, weight, bias), approximate)
 
 
-__all__ = ["conv2d", "geglu", "geglu_gate", "gelu", "group_norm", "is_cupy", "layer_norm", "linear",
+__all__ = ["conv2d", "geglu", "geglu_gate", "gelu", "group_norm", "layer_norm", "linear",
            "quick_gelu", "scaled_dot_product_attention", "silu", "softmax", "upsample_nearest2x"]

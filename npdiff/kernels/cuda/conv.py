@@ -17,6 +17,7 @@ so cols needs no clearing.
 """
 
 from npdiff.kernels.cuda.runtime import THREADS, as_dtype, grid_for, i32, i64, import_cupy, kernel
+from npdiff.kernels.validate import output_size
 
 IM2COL_BUDGET_BYTES = 256 << 20  # unfolded input of one tile
 
@@ -46,10 +47,6 @@ extern "C" __global__ void im2col_rows(const scalar_t* x, scalar_t* cols, long l
     }
 }
 """
-
-
-def output_size(size, kernel_size, stride, padding):
-    return (size + 2 * padding - kernel_size) // stride + 1
 
 
 def im2col_tiles(batch, h_out, bytes_per_row, budget=IM2COL_BUDGET_BYTES):
