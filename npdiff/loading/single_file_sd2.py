@@ -132,14 +132,12 @@ def map_openclip_key(key, shape, hidden_size, last_block):
     return None
 
 
-def map_openclip(shapes, source):
-    """{full OpenCLIP key: shape} -> (config, {diffusers key: (full key, shape taken, rows)})."""
-    relative = {key[len(OPENCLIP_PREFIX):]: tuple(shape) for key, shape in shapes.items()}
-    config = infer_openclip_config(relative, source)  # 1. the config
-    hidden_size, last_block = config["hidden_size"], config["num_hidden_layers"]
+def map_openclip_keys(relative, prefix, hidden_size, last_block, source):
+    """{OpenCLIP key (prefix removed): shape} -> {diffusers key: (full key, shape taken, rows)}: every key
+    renamed, split in three or dropped (resblocks.<last_block> too; None keeps them all, as SDXL does)."""
     names = {}
-    for key, shape in relative.items():  # 2. every key: renamed, split in three, or dropped
-        full_key = OPENCLIP_PREFIX + key
+    for key, shape in relative.items():
+        full_key = prefix + key
         mapped = map_openclip_key(key, shape, hidden_size, last_block)
         if mapped is None:
             raise NpdiffError(f"unexpected key '{full_key}' in {source}: no diffusers name for it in the "
@@ -149,7 +147,15 @@ def map_openclip(shapes, source):
                 raise NpdiffError(f"key '{full_key}' in {source} has shape {shape}; expected q, k and v "
                                   f"stacked: ({3 * hidden_size}, ...)")
             names[diffusers_key] = (full_key, taken, rows)
-    return config, names
+    return names
+
+
+def map_openclip(shapes, source):
+    """{full OpenCLIP key: shape} -> (config, {diffusers key: (full key, shape taken, rows)})."""
+    relative = {key[len(OPENCLIP_PREFIX):]: tuple(shape) for key, shape in shapes.items()}
+    config = infer_openclip_config(relative, source)  # 1. the config
+    hidden_size, last_block = config["hidden_size"], config["num_hidden_layers"]
+    return config, map_openclip_keys(relative, OPENCLIP_PREFIX, hidden_size, last_block, source)  # 2. every key
 
 
 def sd2_defaults(prediction_type=None):

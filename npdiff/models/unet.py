@@ -36,14 +36,13 @@ The call tree (diffusers models/unets/unet_2d_condition.py):
     [SDXL: + add_embedding(concat(text_embeds, add_time_proj(time_ids)))]    -> temb [B,4*C0]
     conv_in -> down_blocks[i] (skips kept) -> mid_block -> up_blocks[i] (skips consumed)
     -> conv_norm_out + SiLU -> conv_out
-Supported configuration: what SD 1.x/2.x and SDXL use (see npdiff/loading/config_checks.py); anything else (class
-embeddings, other added embeddings, other block types) raises NpdiffError naming the key.
+Supported configuration: what SD 1.x/2.x and SDXL use (see npdiff/loading/config_checks.py); anything
+else (class embeddings, other added embeddings, other block types) raises NpdiffError naming the key.
 """
 
 import numpy as np
 
-from npdiff import backend
-from npdiff.backend import array_module, to_device
+from npdiff.backend import array_module, to_device, to_numpy
 from npdiff.errors import NpdiffError
 from npdiff.loading.config_checks import full_config, per_block, transformer_depths
 from npdiff.loading.configs import load_component
@@ -162,9 +161,8 @@ class UNet2DConditionModel:
         if not isinstance(added_cond_kwargs, dict) or not {"text_embeds", "time_ids"} <= set(added_cond_kwargs):
             raise NpdiffError("this UNet has addition_embed_type 'text_time' (SDXL): it needs added_cond_kwargs="
                               "{'text_embeds': [B,P] pooled text embedding, 'time_ids': [B,n] micro-conditioning}")
-        xp = backend.array_module(added_cond_kwargs["text_embeds"])
-        text_embeds = xp.asarray(added_cond_kwargs["text_embeds"], dtype=np.float32)              # [B,P]
-        time_ids = backend.to_numpy(added_cond_kwargs["time_ids"]).astype(np.float32)              # [B,n]
+        text_embeds = to_numpy(added_cond_kwargs["text_embeds"]).astype(np.float32)        # [B,P]
+        time_ids = to_numpy(added_cond_kwargs["time_ids"]).astype(np.float32)              # [B,n]
         if text_embeds.ndim != 2 or text_embeds.shape[0] != batch:
             raise NpdiffError(f"added_cond_kwargs['text_embeds'] must have shape [{batch},P]; got "
                               f"{tuple(text_embeds.shape)}")
@@ -177,7 +175,7 @@ class UNet2DConditionModel:
                               f"the model expects projection_class_embeddings_input_dim "
                               f"{c['projection_class_embeddings_input_dim']} (SDXL base: 1280 + 6 ids, "
                               "refiner: 1280 + 5 ids with the aesthetic score)")
-        return text_embeds, time_ids
+        return to_device(text_embeds), time_ids                         # [B,P] beside the weights, [B,n] host
 
     def added_embedding(self, text_embeds, time_ids):
         """SDXL: add_embedding(concat(text_embeds, add_time_proj(time_ids))) -> [B,4*C0], added to temb."""
@@ -188,9 +186,9 @@ class UNet2DConditionModel:
         time_embeds = timestep_embedding(ids, c["addition_time_embed_dim"], c["flip_sin_to_cos"],
                                          c["freq_shift"])               # [B*n] -> [B*n,A]
         time_embeds = time_embeds.reshape(batch, -1)                    # [B*n,A] -> [B,n*A]
-        time_embeds = to_device(time_embeds) if backend.array_module(text_embeds) is not np else time_embeds
+        time_embeds = to_device(time_embeds)                            # beside the weights
         # 2. after the pooled text embedding, through add_embedding (linear_1, SiLU, linear_2)
-        xp = backend.array_module(text_embeds)
+        xp = array_module(text_embeds)
         add_embeds = xp.concatenate([text_embeds, time_embeds], axis=1)  # [B,P] + [B,n*A] -> [B,P+n*A]
         return self.add_embedding(add_embeds)                           # [B,P+n*A] -> [B,4*C0]
 
