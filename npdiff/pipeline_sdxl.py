@@ -28,9 +28,9 @@ from npdiff.errors import NpdiffError
 from npdiff.pipeline import StableDiffusionPipeline
 from npdiff.pipeline_utils import as_prompt_list, default_model_path, load_components, resolve_scheduler
 from npdiff.sampling_starts_sdxl import XLImageStart, XLInpaintStart, XLNoiseStart
-from npdiff.sdxl_conditioning import (SDXL_SCHEDULER_CONFIG, SDXLText, check_add_embedding_width, check_pair,
-                                      check_score, encode_prompt_pair, second_prompts, stack_time_ids,
-                                      time_ids_row)
+from npdiff.loading.single_file_sdxl import SDXL_SCHEDULER_CONFIG
+from npdiff.sdxl_conditioning import (SDXLText, check_add_embedding_width, check_pair, check_score,
+                                      encode_prompt_pair, second_prompts, stack_time_ids, time_ids_row)
 
 
 class XLCall:

@@ -13,8 +13,6 @@
                       embedding, through add_embedding into the time features.
   check_add_embedding_width(...)  the UNet's add_embedding takes addition_time_embed_dim * ids + P inputs:
                       NpdiffError naming what does not fit (a refiner's 5 ids on a base, ...), before any work.
-  SDXL_SCHEDULER_CONFIG  stabilityai/stable-diffusion-xl-base-1.0's scheduler (Euler, "leading" spacing),
-                      for SDXL models that carry none (single files).
 """
 
 from collections import namedtuple
@@ -23,24 +21,6 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
-
-SDXL_SCHEDULER_CONFIG = {
-    "_class_name": "EulerDiscreteScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
-}
 
 # Text conditioning of one SDXL call: embeddings [B,77,D1+D2] and pooled [B,P] ([uncond; cond] when guiding).
 SDXLText = namedtuple("SDXLText", ["embeddings", "pooled"])
