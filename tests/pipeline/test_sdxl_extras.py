@@ -143,3 +143,23 @@ def test_encode_prompt_like_diffusers(rng):
                                              negative_prompt_2="dark")
         for name, mine, reference in zip(("prompt", "negative", "pooled", "negative pooled"), ours, theirs):
             assert_rel_close(mine, reference.numpy(), tol=NETWORK_TOL, what=f"{kind} {name} embeddings")
+
+
+def test_single_file_like_diffusers_folder(tmp_path, seed):
+    """The same weights as one SDXL single file (sgm layout; tokenizer/ and tokenizer_2/ beside it) draw diffusers'
+    picture from the folder: configs inferred from the tensors, SDXL's scheduler."""
+    from tiny_sdxl import write_sdxl_single_file
+
+    folder = tiny_sdxl_folder("single_file")
+    path = write_sdxl_single_file(folder, folder / "sdxl-tiny.safetensors")
+    kwargs = dict(prompt=PROMPTS[0], prompt_2=PROMPTS[1], num_inference_steps=3, guidance_scale=5.0, height=64,
+                  width=64, negative_prompt="blurry")
+    theirs_levels, theirs_latents = run_theirs("single_file", "txt2img", seed, **kwargs)
+    pipe = StableDiffusionXLPipeline.from_pretrained(path)
+    pipe.show_progress = False
+    assert pipe.force_zeros_for_empty_prompt and not pipe.requires_aesthetics_score
+    assert pipe.scheduler_name == "euler" and pipe.unet.config["sample_size"] == 128
+    ours = pipe(seed=seed, output_type="np", **kwargs)
+    assert_same(ours, theirs_levels, theirs_latents, "single file")
+    with pytest.raises(NpdiffError, match="SDXL model.*StableDiffusionXLPipeline"):
+        StableDiffusionPipeline.from_pretrained(path)

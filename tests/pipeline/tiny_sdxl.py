@@ -20,7 +20,8 @@ SDXL's structure, scaled down:
 
 Kinds: "base"; "refiner" (StableDiffusionXLImg2ImgPipeline: no text_encoder/tokenizer, a UNet of 5 ids with
 the aesthetic score, requires_aesthetics_score, force_zeros_for_empty_prompt False); "inpaint" (a 9-channel
-UNet: latents, mask, masked picture latents); "lcm" (time_cond_proj_dim 16). Every parameter is random;
+UNet: latents, mask, masked picture latents); "lcm" (time_cond_proj_dim 16); "single_file" (heads 64 wide and
+32 norm groups, what a single file's loader assumes; write_sdxl_single_file writes it in the sgm layout). Every parameter is random;
 each kind is built once per process.
 """
 
@@ -55,8 +56,17 @@ SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linea
                  sample_max_value=1.0, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
                  timestep_spacing="leading", trained_betas=None, use_karras_sigmas=False)
 
+# What an SDXL single file does not store, as npdiff's and diffusers' loaders assume it: heads 64 channels wide,
+# 32 groups in every norm (the text encoders' widths are the heads' multiples)
+CLIP_L_64, CLIP_G_64 = dict(CLIP_L, hidden_size=64, num_attention_heads=1), dict(CLIP_G, hidden_size=64,
+                                                                                  num_attention_heads=1)
+UNET_64 = dict(UNET, block_out_channels=(64, 64), attention_head_dim=(1, 1), norm_num_groups=32,
+               cross_attention_dim=128)
+
 KINDS = {
     "base": dict(unet=UNET),
+    "single_file": dict(unet=UNET_64, clip_l=CLIP_L_64, clip_g=CLIP_G_64,
+                        vae=dict(VAE, norm_num_groups=32, block_out_channels=(32, 32, 32, 32))),
     "refiner": dict(unet=dict(UNET, cross_attention_dim=CLIP_G["hidden_size"],
                               projection_class_embeddings_input_dim=TIME_IDS_REFINER * TIME_DIM
                               + CLIP_G["projection_dim"])),
@@ -78,8 +88,8 @@ def tiny_sdxl_folder(kind="base", seed=0):
     root = Path(tempfile.mkdtemp(prefix="tiny-sdxl-", dir=_process_root()))
     torch.manual_seed(seed)
     unet = randomize_(UNet2DConditionModel(**KINDS[kind]["unet"]), seed + 1)
-    vae = randomize_(AutoencoderKL(**VAE), seed + 2)
-    text_encoder_2 = tiny_clip_text_model(seed + 4, CLIP_G, CLIPTextModelWithProjection)
+    vae = randomize_(AutoencoderKL(**KINDS[kind].get("vae", VAE)), seed + 2)
+    text_encoder_2 = tiny_clip_text_model(seed + 4, KINDS[kind].get("clip_g", CLIP_G), CLIPTextModelWithProjection)
     tokenizer_2 = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer_folder(root / "vocab2", pad_token="!")))
     scheduler = EulerDiscreteScheduler.from_config(SCHEDULER)
     folder = root / f"tiny-sdxl-{kind}"
@@ -89,7 +99,7 @@ def tiny_sdxl_folder(kind="base", seed=0):
                                                 scheduler=scheduler, requires_aesthetics_score=True,
                                                 force_zeros_for_empty_prompt=False, add_watermarker=False)
     else:
-        text_encoder = tiny_clip_text_model(seed + 3, CLIP_L)
+        text_encoder = tiny_clip_text_model(seed + 3, KINDS[kind].get("clip_l", CLIP_L))
         tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer_folder(root / "vocab")))
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                          tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
@@ -115,3 +125,22 @@ def torch_sdxl_pipeline(folder, mode="txt2img", scheduler=None):
         pipe.scheduler = scheduler
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def write_sdxl_single_file(folder, path):
+    """The folder's UNet, VAE and both text encoders as one SDXL single file (Stability's sgm layout, written by
+    tests/single_file.py's own map) -> path."""
+    import json
+
+    from safetensors.torch import load_file
+    from single_file import write_single_file
+
+    def part(name, weights):
+        config = json.loads((Path(folder) / name / "config.json").read_text())
+        return config, load_file(str(Path(folder) / name / weights))
+
+    text_encoder = (Path(folder) / "text_encoder").is_dir() and part("text_encoder", "model.safetensors")[1]
+    write_single_file(path, unet=part("unet", "diffusion_pytorch_model.safetensors"),
+                      vae=part("vae", "diffusion_pytorch_model.safetensors"), text_encoder=text_encoder or None,
+                      text_encoder_2=part("text_encoder_2", "model.safetensors")[1])
+    return Path(path)
