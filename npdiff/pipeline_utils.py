@@ -81,6 +81,21 @@ def default_model_path():
                       "pass a diffusers folder or a .safetensors checkpoint, or set NPDIFF_MODEL")
 
 
+def model_family(path):
+    """-> "sdxl" or "sd" for a model folder or single file, from its layout alone (nothing loaded): an SDXL
+    folder has text_encoder_2/, an SDXL single file keys under conditioner.embedders.* (only the safetensors
+    header is read). Anything else is "sd" (and load_components says what is wrong with it)."""
+    from npdiff.loading.safetensors_io import SafetensorsFile
+    from npdiff.loading.single_file_sdxl import is_sdxl_checkpoint
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return "sdxl" if (path / "text_encoder_2").is_dir() else "sd"
+    if path.is_file() and path.suffix.lower() == ".safetensors":
+        return "sdxl" if is_sdxl_checkpoint(SafetensorsFile(str(path)).keys()) else "sd"
+    return "sd"
+
+
 def load_components(path, variant=None, tokenizer=None, prediction_type=None, family="sd"):
     """-> dict(text_encoder, tokenizer, unet, vae, scheduler_config; text_encoder_2, tokenizer_2, model_index)
     from a folder or a single file.

@@ -163,3 +163,14 @@ def test_single_file_like_diffusers_folder(tmp_path, seed):
     assert_same(ours, theirs_levels, theirs_latents, "single file")
     with pytest.raises(NpdiffError, match="SDXL model.*StableDiffusionXLPipeline"):
         StableDiffusionPipeline.from_pretrained(path)
+
+
+def test_model_family_from_the_layout(tmp_path):
+    from tiny_sdxl import write_sdxl_single_file
+
+    from npdiff.pipeline_utils import model_family
+
+    folder = tiny_sdxl_folder("single_file")
+    assert model_family(folder) == "sdxl" and model_family(tiny_sdxl_folder("refiner")) == "sdxl"
+    assert model_family(write_sdxl_single_file(folder, tmp_path / "xl.safetensors")) == "sdxl"
+    assert model_family(tiny_sd_folder()) == "sd" and model_family(tmp_path / "missing") == "sd"
