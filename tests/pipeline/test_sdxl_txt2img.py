@@ -92,7 +92,7 @@ def test_every_sampler(seed, sampler):
     from tiny_sd import diffusers_scheduler
 
     pipe = load_ours("base", scheduler=sampler)
-    kwargs = dict(prompt=PROMPTS[2], num_inference_steps=3, guidance_scale=4.0)
+    kwargs = dict(prompt=PROMPTS[2], num_inference_steps=2, guidance_scale=4.0)
     theirs_levels, theirs_latents = run_theirs("base", "txt2img", seed,
                                                scheduler=diffusers_scheduler(sampler, pipe.scheduler_config), **kwargs)
     ours = pipe(seed=seed, output_type="np", **kwargs)
