@@ -32,7 +32,13 @@ import numpy as np
 from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.loading.safetensors_io import SafetensorsFile
-from npdiff.lora_keys import COMPONENTS, kohya_table, metadata_alpha, module_name, parse_key
+from npdiff.lora_keys import (
+    COMPONENTS,
+    kohya_table,
+    metadata_alpha,
+    module_name,
+    parse_key,
+)
 from npdiff.model_identity import file_sha256
 from npdiff.models.blocks import Conv2d, Linear
 

@@ -63,13 +63,14 @@ DIFFUSERS_SCHEDULERS = {
 }
 
 
-def tiny_clip_text_model(seed, config=CLIP_CONFIG):
-    """A transformers CLIPTextModel, full CLIP vocabulary, width 32, every parameter random."""
+def tiny_clip_text_model(seed, config=CLIP_CONFIG, model_class=None):
+    """A transformers CLIPTextModel (or `model_class`, e.g. CLIPTextModelWithProjection), full CLIP vocabulary,
+    width 32, every parameter random."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    model = CLIPTextModel(CLIPTextConfig(**config))
+    model = (model_class or CLIPTextModel)(CLIPTextConfig(**config))
     with torch.no_grad():
         for param in model.parameters():
             if param.ndim == 1:
