@@ -20,13 +20,14 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from npdiff import StableDiffusionXLPipeline, backend
+from npdiff import backend
 from npdiff.models import (
     AutoencoderKL,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     UNet2DConditionModel,
 )
+from npdiff.pipeline_sdxl import StableDiffusionXLPipeline
 from npdiff.rng import TorchGenerator
 from npdiff.tokenizer import CLIPTokenizer
 from npdiff.verify_blocks import (
