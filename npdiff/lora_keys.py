@@ -7,6 +7,8 @@ which are the names npdiff's layers carry in `layer.key`):
 
   kohya / A1111   lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight
                   lora_unet_<...>.lora_up.weight, lora_unet_<...>.alpha
+                  LyCORIS files in this naming hold other parts instead of down/up (npdiff/lycoris.py):
+                  lora_unet_<...>.hada_w1_a ... (LoHa), lora_unet_<...>.lokr_w1 ... (LoKr)
                   lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight (lora_te1_ too)
                   The name is the diffusers module name with "." written as "_"; it is looked up in a
                   table made from the model's own module names (no guessing where "_" was ".").
@@ -30,8 +32,14 @@ COMPONENTS = ("unet", "text_encoder")
 
 # kohya prefix -> component
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
-# key ending -> which part of the LoRA it holds
-KOHYA_PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+# the parts of a LyCORIS layer, as its keys end (".hada_w1_a"); npdiff/lycoris.py says what each is
+LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+# key ending -> which part of the layer's change it holds
+KOHYA_PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha",
+               **{"." + part: part for part in LOHA_PARTS + LOKR_PARTS}}
+KOHYA_ENDINGS = ".lora_down.weight, .lora_up.weight, .alpha (LoRA), .hada_w1_a ... (LoHa) or .lokr_w1 ... (LoKr)"
 PEFT_PARTS = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.weight": "down",
               ".lora.up.weight": "up", ".alpha": "alpha"}
 
@@ -81,8 +89,8 @@ def parse_key(key, kohya_tables):
         if key.startswith(prefix):
             split = _split_part(key[len(prefix):], KOHYA_PARTS)
             if split is None:
-                raise NpdiffError(f"LoRA key {key!r}: expected it to end in "
-                                  f"{', '.join(KOHYA_PARTS)} (kohya layout)")
+                raise NpdiffError(f"LoRA key {key!r}: expected it to end in {KOHYA_ENDINGS} (kohya layout); "
+                                  "other LyCORIS kinds (full, IA3, GLoRA, DoRA, norm) are not supported")
             flat, part = split
             if component == "text_encoder" and flat.startswith("text_model_"):
                 flat = flat[len("text_model_"):]
@@ -106,6 +114,11 @@ def parse_key(key, kohya_tables):
         raise NpdiffError(f"LoRA key {key!r} names no layer of this model's {component} "
                           "(a LoRA for another architecture?)")
     return component, name, part
+
+
+def shape_text(shape):
+    """(4, 32, 1, 1) -> "[4,32,1,1]" (shapes as error messages show them)."""
+    return "[" + ",".join(str(int(n)) for n in shape) + "]"
 
 
 def _pattern_matches(pattern, name):
