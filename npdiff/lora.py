@@ -260,8 +260,9 @@ def fused_weight(entry, file, scale, path="LoRA"):
     """W + scale * multiplier * update as a new array beside W (same backend and dtype); NpdiffError naming
     the file and key when the result overflows, or the update is absurdly large for the layer."""
     weight = entry.layer.weight
-    update = layer_update(entry, file)                              # [out,in(,k,k)] float32
-    update *= np.float32(scale * entry.multiplier)
+    with np.errstate(over="ignore", invalid="ignore"):              # an overflow is reported below, by name
+        update = layer_update(entry, file)                          # [out,in(,k,k)] float32
+        update *= np.float32(scale * entry.multiplier)
     current = backend.to_numpy(weight).astype(np.float32)           # [out,in(,k,k)] float32 (a copy)
     largest_weight = float(np.max(np.abs(current), initial=0.0))
     largest_update = float(np.max(np.abs(update), initial=0.0))     # inf or nan when the update overflowed
