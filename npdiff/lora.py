@@ -205,7 +205,10 @@ def plan_lora(pipe, file, path, scale):
     # 1. group the keys by layer
     entries = {}
     for key in file.keys():
-        component, name, part = parse_key(key, tables)
+        try:
+            component, name, part = parse_key(key, tables)
+        except NpdiffError as exc:
+            raise NpdiffError(f"{path}: {exc}") from None
         entry = entries.setdefault((component, name), LoraLayer(component, name, layers[component][name], {}))
         if part in entry.keys:
             raise NpdiffError(f"{path}: keys {entry.keys[part]!r} and {key!r} both give the {part} of "
