@@ -11,12 +11,15 @@ or [out,r,1,1]:
 defaults to r. This is the weight diffusers' load_lora_weights(path) + fuse_lora(lora_scale=scale)
 leaves in the model, with one difference: each layer here gets its own alpha, as kohya's trainer and
 A1111 apply them, where diffusers 0.42 gives SD 1.x layers whose kohya alpha key it cannot match to its
-attention-processor names the most common alpha (files with one alpha for every layer agree). Steps:
+attention-processor names the most common alpha (files with one alpha for every layer agree). LyCORIS
+LoHa and LoKr layers (npdiff/lycoris.py) give their update another way and fuse the same way. Steps:
   1. check the scale, refuse pickles, open and validate the file (npdiff.loading.SafetensorsFile);
-  2. map every key to a layer and check every shape, dtype and alpha: all before anything changes;
-  3. per layer: read down and up, make the new weight as a NEW array and put it in layer.weight
-     (weights may be read-only memory maps, and the original is kept to be put back on unload);
-     an error part-way puts back what this load changed;
+  2. map every key to a layer and check every shape, dtype, alpha and value (NaN/Inf, a scale * alpha/r
+     beyond float32): all before anything changes;
+  3. per layer: read its parts and make the new weight as a NEW array (weights may be read-only memory
+     maps, and the original is kept to be put back on unload), refused when the update overflows
+     float32 or is absurdly large for the layer (UPDATE_LIMIT); only when every new weight is made are
+     they put in place (layer.weight), so an error changes nothing;
   4. record the file's name, the scale and its SHA-256 for the picture's parameters.
 Layers read layer.weight at every call (no transposed or packed copy of a weight is kept anywhere), so
 replacing it is the whole change.
@@ -301,7 +304,8 @@ def load_lora_weights(pipe, path, scale=1.0, adapter_name=None):
     sha256 = file_sha256(path)[:12]
 
     # 3. every new weight made (and checked) before any is put in place: an error leaves the model as it was.
-    #    The new arrays are what the model holds afterwards anyway, so making them all first costs no memory.
+    #    The new arrays are what the model holds afterwards anyway; only a layer that already holds an earlier
+    #    LoRA's fused weight has two private copies alive until the swap.
     new_weights = [(entry.layer, fused_weight(entry, file, scale, path)) for entry in entries]
     for layer, new_weight in new_weights:
         if id(layer) not in stack.originals:
