@@ -148,7 +148,8 @@ def check_call_memory(pipe, batch, height, width, guidance, encode=False):
         return None
     from npdiff.kernels.block_pool import worker_count
 
-    text_dim = pipe.text_encoder.config.get("hidden_size", 768)
+    encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]  # SDXL: both, side by side
+    text_dim = sum(encoder.config.get("hidden_size", 768) for encoder in encoders if encoder is not None)
     estimate = estimate_call_bytes(pipe.unet.config, pipe.vae.config, text_dim, batch, height, width, guidance,
                                    encode=encode, workers=worker_count())
     free = available_bytes()

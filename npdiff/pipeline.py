@@ -23,6 +23,9 @@ Between the steps each model whose stage is over (the text encoder after 1, the 
 after 5) releases the resident pages of its memory-mapped weights (release_resident_pages below): they
 stay in the page cache and come back on the next call, so at no time are all weights resident, and the
 VAE decode runs without the UNet's weights beside its activations.
+Models that take more than the text embeddings (SDXL: npdiff/pipeline_sdxl.py) subclass this class and
+override two hooks of the same flow: text_conditioning (steps 1-2) and unet_inputs (what every UNet call
+of step 4 takes besides latents and timestep), with their own arguments in `extra`.
 What differs between the modes is a start object (npdiff/sampling_starts.py): text-to-image
 (NoiseStart) starts from noise over all timesteps; image-to-image (ImageStart) starts step 4
 part-way, from the encoded picture with noise added; inpainting (InpaintStart) also gives an
@@ -47,6 +50,8 @@ from npdiff.sampling_starts import ImageStart, InpaintStart, NoiseStart
 
 class StableDiffusionPipeline:
     """Text encoder + tokenizer + UNet + VAE + scheduler, called like diffusers' pipeline."""
+
+    text_encoder_names = ("text_encoder",)  # the models stage 1 runs (release_resident_pages after it)
 
     def __init__(self, text_encoder, tokenizer, unet, vae, scheduler, scheduler_config=None,
                  scheduler_name=None, model_name="custom"):
@@ -73,7 +78,7 @@ class StableDiffusionPipeline:
         held in private memory (F16/BF16 widened, LoRA-fused, on a GPU)."""
         from npdiff.loading.resident import release_resident_pages
 
-        names = names or ("text_encoder", "unet", "vae")
+        names = names or self.text_encoder_names + ("unet", "vae")
         return sum(release_resident_pages(getattr(self, name)) for name in names)
 
     def _stage_done(self, *names):
@@ -155,6 +160,17 @@ class StableDiffusionPipeline:
         uncond = xp.repeat(uncond, num_images_per_prompt, axis=0)  # [B,77,D] -> [B*n,77,D]
         return xp.concatenate([uncond, cond], axis=0)  # -> [2*B*n,77,D]
 
+    def text_conditioning(self, prompts, negatives, num_images_per_prompt, do_guidance, extra=None):
+        """Steps 1-2: what the UNet is conditioned on, [uncond; cond] when guiding; SD: encode_prompt's text
+        embeddings. A subclass returns its own (SDXL: both encoders and the pooled embedding), built from
+        its per-call arguments in `extra`."""
+        return self.encode_prompt(prompts, negatives, num_images_per_prompt, do_guidance)
+
+    def unet_inputs(self, conditioning, start, extra=None):
+        """-> (encoder_hidden_states, keyword arguments for every UNet call) from text_conditioning's result;
+        SD: the text embeddings and nothing more (SDXL adds added_cond_kwargs)."""
+        return conditioning, {}
+
     def decode_latents(self, latents):
         """Latents [B,4,h,w] -> images [B,3,h*f,w*f] in [-1,1] (divides by the VAE scaling factor)."""
         latents = backend.to_device(latents)
@@ -162,17 +178,19 @@ class StableDiffusionPipeline:
 
     def denoise(self, latents, timesteps, scheduler, text_embeddings, guidance_scale, generator,
                 num_inference_steps, callback=None, callback_steps=1, progress=None, start=None,
-                eta=0.0):
+                eta=0.0, extra=None):
         """The sampling loop (step 4 of the module docstring) over `timesteps`; -> final latents.
 
         start: the sampling start (npdiff/sampling_starts.py) whose unet_input and after_step hooks run
-        in each step; None -> NoiseStart's, which change nothing."""
+        in each step; None -> NoiseStart's, which change nothing. text_embeddings: text_conditioning's
+        result, turned into the UNet's inputs by unet_inputs(text_embeddings, start, extra)."""
         start = NoiseStart() if start is None else start
         xp = backend.array_module(latents)
         do_guidance = self.do_classifier_free_guidance(guidance_scale)
         # 4.0 an LCM-distilled UNet gets the embedded guidance_scale - 1 as timestep_cond [B,D]; schedulers
         #     whose step takes eta (DDIM, TCD) get the pipeline's eta (diffusers' prepare_extra_step_kwargs)
-        unet_kwargs, step_kwargs = {}, {"generator": generator}
+        text_embeddings, unet_kwargs = self.unet_inputs(text_embeddings, start, extra)  # SDXL: added_cond_kwargs
+        step_kwargs = {"generator": generator}
         if self.unet.config.get("time_cond_proj_dim") is not None:
             from npdiff.models.blocks import guidance_scale_embedding
 
@@ -247,8 +265,9 @@ class StableDiffusionPipeline:
     # The one sampling flow, and its three ways to start
     # -----------------------------------------------------------------------------------------
     def _generate(self, start, prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
-                  num_images_per_prompt, callback, callback_steps, output_type, progress, eta=0.0):
-        """Steps 0-5 of the module docstring; `start` says how the latents start and what follows each step."""
+                  num_images_per_prompt, callback, callback_steps, output_type, progress, eta=0.0, extra=None):
+        """Steps 0-5 of the module docstring; `start` says how the latents start and what follows each step;
+        `extra`: a subclass's own per-call arguments, for its hooks (None for SD)."""
         # 0. check the arguments: those of every mode, then the start's own (size, picture, mask, strength)
         prompts, negatives = as_prompt_list(prompt, negative_prompt)
         steps = check_positive_int(num_inference_steps, "num_inference_steps")
@@ -264,8 +283,8 @@ class StableDiffusionPipeline:
         scheduler = copy.deepcopy(self.scheduler)  # each call starts from a fresh scheduler state
 
         # 1-2. text embeddings, [uncond; cond] when guiding
-        text_embeddings = self.encode_prompt(prompts, negatives, num_images_per_prompt, do_guidance)
-        self._stage_done("text_encoder")
+        text_embeddings = self.text_conditioning(prompts, negatives, num_images_per_prompt, do_guidance, extra)
+        self._stage_done(*self.text_encoder_names)
 
         # 3. timesteps and initial latents (drawn after the text is encoded, as diffusers does)
         scheduler.set_timesteps(steps)
@@ -277,13 +296,15 @@ class StableDiffusionPipeline:
         # 4. the sampling loop
         latents = self.denoise(latents, timesteps, scheduler, text_embeddings, guidance_scale, generator,
                                denoising_steps, callback=callback, callback_steps=callback_steps, progress=progress,
-                               start=start, eta=eta)
+                               start=start, eta=eta, extra=extra)
         self._stage_done("unet")
 
         # 5. decode
         parameters = self.generation_parameters(prompts, negatives, seed, steps, guidance_scale, start.height,
                                                 start.width, self.scheduler_name)
         parameters.update(start.parameters())
+        if extra is not None:
+            parameters.update(extra.parameters())
         output = self.package_output(latents, output_type, seed, parameters)
         self._stage_done("vae")
         return output

@@ -81,8 +81,9 @@ def default_model_path():
                       "pass a diffusers folder or a .safetensors checkpoint, or set NPDIFF_MODEL")
 
 
-def load_components(path, variant=None, tokenizer=None, prediction_type=None):
-    """-> dict(text_encoder, tokenizer, unet, vae, scheduler_config) from a folder or a single file.
+def load_components(path, variant=None, tokenizer=None, prediction_type=None, family="sd"):
+    """-> dict(text_encoder, tokenizer, unet, vae, scheduler_config; text_encoder_2, tokenizer_2, model_index)
+    from a folder or a single file.
 
     path: a diffusers folder (text_encoder/, tokenizer/, unet/, vae/, scheduler/) or a single-file
           SD 1.x/2.x .safetensors checkpoint, read by npdiff.loading.load_pipeline_components. The tokenizer
@@ -90,43 +91,79 @@ def load_components(path, variant=None, tokenizer=None, prediction_type=None):
           holds none, so then from a tokenizer/ folder beside the file, else the shipped model's, else
           the CLIP vocabulary rebuilt from the openai-clip package (all SD 1.x use the same one).
           The scheduler config is the folder's scheduler/scheduler_config.json, else SD 2.1's for an
-          SD 2.x single file (v-prediction, npdiff.loading.single_file_sd2), else SD 1.5's.
-          SD 2.x single files pad with "!" (id 0): their fallback tokenizer does too.
+          SD 2.x single file (v-prediction, npdiff.loading.single_file_sd2), else SD 1.5's (an SDXL
+          model without one: None, the SDXL pipeline supplies SDXL's).
+          SD 2.x single files pad with "!" (id 0): their fallback tokenizer does too, as does SDXL's
+          tokenizer_2 (tokenizer_2/ folder, else beside the file, else openai-clip's padded with "!").
     prediction_type: "epsilon" or "v_prediction" replaces the scheduler config's (None: keep it).
+    family: "sd" (SD 1.x/2.x: StableDiffusionPipeline) or "sdxl" (text_encoder_2 present: an SDXL base, or a
+          refiner without text_encoder); a model of the other family is an NpdiffError naming the pipeline
+          that loads it, before any network is built.
     """
     from npdiff.loading import load_pipeline_components
-    from npdiff.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
-    from npdiff.tokenizer import CLIPTokenizer
 
     path = Path(path).expanduser()
     parts = load_pipeline_components(path, variant=variant, prediction_type=prediction_type)
-    if tokenizer is not None:
-        clip_tokenizer = CLIPTokenizer.from_pretrained(tokenizer)
-    elif parts["tokenizer"] is not None:
-        clip_tokenizer = CLIPTokenizer.from_pretrained(parts["tokenizer"])
-    else:
-        openclip = parts["text_encoder"][0].get("hidden_act") == "gelu"  # SD 2.x pads with "!"
-        clip_tokenizer = _fallback_tokenizer(path, pad_token="!" if openclip else None)
-    scheduler_config = dict(parts["scheduler"] or SD15_SCHEDULER_CONFIG)
-    if prediction_type is not None:
+    found = "sdxl" if parts.get("text_encoder_2") is not None else "sd"
+    if found != family:
+        loader = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}[found]
+        what = ("an SDXL model (it has a second text encoder, text_encoder_2)" if found == "sdxl"
+                else "an SD 1.x/2.x model (it has no second text encoder, text_encoder_2)")
+        raise NpdiffError(f"{path} is {what}; load it with npdiff.{loader}.from_pretrained({str(path)!r})")
+    scheduler_config = parts["scheduler"] or (SD15_SCHEDULER_CONFIG if family == "sd" else None)
+    scheduler_config = None if scheduler_config is None else dict(scheduler_config)
+    if prediction_type is not None and scheduler_config is not None:
         scheduler_config["prediction_type"] = prediction_type
     return {
-        "text_encoder": CLIPTextModel(*parts["text_encoder"]),
-        "tokenizer": clip_tokenizer,
-        "unet": UNet2DConditionModel(*parts["unet"]),
-        "vae": AutoencoderKL(*parts["vae"]),
+        "text_encoder": _text_encoder(parts["text_encoder"], projection=False),
+        "tokenizer": _tokenizer(path, tokenizer, parts, "tokenizer"),
+        "text_encoder_2": _text_encoder(parts.get("text_encoder_2"), projection=True),
+        "tokenizer_2": _tokenizer(path, None, parts, "tokenizer_2"),
+        "unet": _network("UNet2DConditionModel", parts["unet"]),
+        "vae": _network("AutoencoderKL", parts["vae"]),
         "scheduler_config": scheduler_config,
+        "model_index": parts.get("model_index"),
     }
 
 
-def _fallback_tokenizer(path, pad_token=None):
+def _network(name, config_and_weights):
+    from npdiff import models
+
+    return getattr(models, name)(*config_and_weights)
+
+
+def _text_encoder(config_and_weights, projection):
+    """CLIPTextModel, CLIPTextModelWithProjection (SDXL's text_encoder_2), or None when the model has none."""
+    if config_and_weights is None:
+        return None
+    return _network("CLIPTextModelWithProjection" if projection else "CLIPTextModel", config_and_weights)
+
+
+def _tokenizer(path, given, parts, name):
+    """The tokenizer of text encoder `name` ("tokenizer" or "tokenizer_2"; None when that encoder is absent)."""
+    from npdiff.tokenizer import CLIPTokenizer
+
+    encoder = parts.get("text_encoder" if name == "tokenizer" else "text_encoder_2")
+    if given is not None:
+        return CLIPTokenizer.from_pretrained(given)
+    if encoder is None:
+        return None
+    if parts.get(name) is not None:
+        return CLIPTokenizer.from_pretrained(parts[name])
+    # SD 2.x's OpenCLIP and SDXL's second tokenizer pad with "!"
+    openclip = name == "tokenizer_2" or (encoder[0].get("hidden_act") == "gelu" and not parts.get("text_encoder_2"))
+    return _fallback_tokenizer(path, pad_token="!" if openclip else None, folder_name=name)
+
+
+def _fallback_tokenizer(path, pad_token=None, folder_name="tokenizer"):
     """For a model without a tokenizer/ folder: beside it, the shipped model's, or openai-clip's.
 
-    pad_token "!" (SD 2.x): not the shipped model's (an SD 1.x tokenizer), openai-clip's padded with "!".
+    pad_token "!" (SD 2.x, SDXL's tokenizer_2): not the shipped model's (an SD 1.x tokenizer), openai-clip's
+    padded with "!". folder_name: the folder looked for beside a single file (tokenizer_2 for SDXL's second).
     """
     from npdiff.tokenizer import CLIPTokenizer
 
-    beside = path.parent / "tokenizer"
+    beside = path.parent / folder_name
     if path.is_file() and beside.is_dir():
         return CLIPTokenizer.from_pretrained(beside)
     if pad_token is not None:

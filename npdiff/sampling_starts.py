@@ -32,6 +32,7 @@ class SamplingStart:
 
     mode = None
     encodes_picture = False  # whether the VAE's encoder runs too (memory_estimate counts it)
+    add_noise = True  # False: the picture's latents are noisy already (SDXL's denoising_start, a refiner)
 
     def timesteps(self, scheduler, num_inference_steps):
         """-> (the timesteps to run, the number of denoising steps); set_timesteps has run."""
@@ -115,8 +116,14 @@ class ImageStart(SamplingStart):
     def timesteps(self, scheduler, num_inference_steps):
         return get_timesteps(scheduler, num_inference_steps, self.strength)
 
+    def picture_latents(self, pipe, generator):
+        """The picture's latents [B,4,h,w] (one posterior draw)."""
+        return encode_image(pipe, self.pixels, self.batch, generator)  # [B,4,h,w]
+
     def initial_latents(self, pipe, scheduler, timesteps, generator):
-        latents = encode_image(pipe, self.pixels, self.batch, generator)  # [B,4,h,w], first draw
+        latents = self.picture_latents(pipe, generator)  # [B,4,h,w], first draw
+        if not self.add_noise:
+            return latents
         noise = backend.to_device(generator.randn(tuple(latents.shape), dtype=np.float32))  # [B,4,h,w]
         first_timestep = np.repeat(np.asarray(timesteps[:1]), self.batch)  # [B]
         return scheduler.add_noise(latents, noise, first_timestep)  # [B,4,h,w]
@@ -173,10 +180,12 @@ class InpaintStart(SamplingStart):
     def initial_latents(self, pipe, scheduler, timesteps, generator):
         # diffusers' prepare_latents: the picture's latents when they are needed, then the noise
         is_strength_max = self.strength == 1.0
-        if not self.concat or not is_strength_max:
+        if not self.concat or not is_strength_max or not self.add_noise:
             self.image_latents = encode_image(pipe, self.pixels, self.batch, generator)  # [B,4,h,w]
         self.noise = backend.to_device(generator.randn(self.latent_shape, dtype=np.float32))  # [B,4,h,w]
-        if is_strength_max:
+        if not self.add_noise:  # noisy already (SDXL's denoising_start): the noise serves after_step only
+            latents = self.image_latents
+        elif is_strength_max:
             latents = self.noise * float(scheduler.init_noise_sigma)  # [B,4,h,w]
         else:
             first_timestep = np.repeat(np.asarray(timesteps[:1]), self.batch)  # [B]

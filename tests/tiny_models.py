@@ -13,6 +13,11 @@ Kinds (small channels, the same structure as the real models):
               cross_attention_dim 40, layers_per_block 1, norm_eps 1e-6, freq_shift 1, no flip.
   UNet "knobs": 2 blocks and the rarer config values (see its entry below).
   UNet "lcm": "sd1" with time_cond_proj_dim 24 (an LCM-distilled UNet's guidance-embedding input).
+  UNet "sdxl": SDXL base-like: DownBlock2D first, per-block heads (1, 2, 4) and transformer depths
+              (1, 2, 3), linear projections, text_time conditioning (pooled text 16 + 6 time ids x 8).
+  UNet "sdxl-refiner": 4 blocks like the refiner, transformer depth 2, 5 time ids (aesthetic score).
+  UNet "sdxl-nested": nested transformer_layers_per_block with reverse_transformer_layers_per_block.
+  UNet "sdxl-lcm": "sdxl" with time_cond_proj_dim 16 (LCM-SDXL).
   VAE  "sd":  SD-like: 4 blocks (latent = image / 8), layers_per_block 1, scaling_factor 0.18215.
   VAE  "deep": 3 blocks (latent = image / 4), layers_per_block 2, scaling_factor 0.13025.
   TAESD "sd": AutoencoderTiny with 4 blocks (latent = image / 8) like the real TAESD, 16 channels.
@@ -62,6 +67,27 @@ UNET_KINDS = {
 }
 # LCM-distilled (time_embedding.cond_proj takes the guidance embedding; real ones use 256 for 320 channels)
 UNET_KINDS["lcm"] = dict(UNET_KINDS["sd1"], time_cond_proj_dim=24)
+# SDXL (real base: channels 320/640/1280, heads 5/10/20, depths 1/2/10, time ids 6 x 256 after 1280 pooled)
+UNET_KINDS["sdxl"] = dict(
+    sample_size=16, in_channels=4, out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(32, 64, 64), layers_per_block=2, attention_head_dim=(1, 2, 4),
+    transformer_layers_per_block=(1, 2, 3), cross_attention_dim=32, norm_num_groups=8,
+    use_linear_projection=True, upcast_attention=None, addition_embed_type="text_time",
+    addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8,
+)
+UNET_KINDS["sdxl-refiner"] = dict(
+    UNET_KINDS["sdxl"], block_out_channels=(16, 32, 32, 32), attention_head_dim=(2, 2, 4, 4),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=2, cross_attention_dim=24, projection_class_embeddings_input_dim=16 + 5 * 8,
+)
+UNET_KINDS["sdxl-nested"] = dict(
+    UNET_KINDS["sdxl"], transformer_layers_per_block=[[1, 2], [2, 1], [1, 3]],
+    reverse_transformer_layers_per_block=[[3, 1, 2], [1, 2, 1], [2, 1, 1]],
+)
+UNET_KINDS["sdxl-lcm"] = dict(UNET_KINDS["sdxl"], time_cond_proj_dim=16)
 
 VAE_KINDS = {
     "sd": dict(

@@ -131,11 +131,14 @@ RULES = {
         "block_out_channels": ListOf(POSITIVE), "down_block_types": ListOf(Text()),
         "up_block_types": ListOf(Text()), "layers_per_block": OneOrList(POSITIVE),
         "attention_head_dim": OneOrList(POSITIVE), "cross_attention_dim": OneOrList(POSITIVE),
-        "transformer_layers_per_block": OneOrList(POSITIVE), "norm_num_groups": POSITIVE, "norm_eps": EPS,
+        "transformer_layers_per_block": OneOrList(OneOrList(POSITIVE)),  # SDXL: per block, per layer
+        "reverse_transformer_layers_per_block": Optional(ListOf(OneOrList(POSITIVE))),
+        "addition_embed_type": Optional(Text()), "addition_time_embed_dim": Optional(POSITIVE),
+        "projection_class_embeddings_input_dim": Optional(POSITIVE), "norm_num_groups": POSITIVE, "norm_eps": EPS,
         "mid_block_scale_factor": Float(), "downsample_padding": IntIn(0, 1), "conv_in_kernel": Int(1, odd=True),
         "conv_out_kernel": Int(1, odd=True), "time_embedding_dim": Optional(POSITIVE),
         "flip_sin_to_cos": Bool(), "center_input_sample": Bool(), "use_linear_projection": Bool(),
-        "upcast_attention": Bool(), "freq_shift": Float(), "act_fn": Text(),
+        "upcast_attention": Optional(Bool()), "freq_shift": Float(), "act_fn": Text(),
         "mid_block_type": Optional(Text()), "resnet_out_scale_factor": Float(above=True, low=0.0),
     },
     "vae": {
@@ -149,7 +152,7 @@ RULES = {
     "text_encoder": {
         "vocab_size": POSITIVE, "hidden_size": POSITIVE, "intermediate_size": POSITIVE,
         "num_hidden_layers": POSITIVE, "num_attention_heads": POSITIVE, "max_position_embeddings": POSITIVE,
-        "layer_norm_eps": EPS, "hidden_act": Text(),
+        "layer_norm_eps": EPS, "hidden_act": Text(), "projection_dim": POSITIVE,
     },
     "scheduler": {
         # num_train_timesteps: SD has 1000; the schedules are arrays of this length, so 10**9 is refused
@@ -189,7 +192,7 @@ def _cross_checks(component, full):
         if bad:
             return "norm_num_groups", f"must divide every block_out_channels entry; {groups} does not divide {bad[0]}"
         for key in ("down_block_types", "up_block_types", "layers_per_block", "attention_head_dim",
-                    "cross_attention_dim", "transformer_layers_per_block"):
+                    "cross_attention_dim", "transformer_layers_per_block", "reverse_transformer_layers_per_block"):
             value = full.get(key)
             if isinstance(value, (list, tuple)) and len(value) != len(channels):
                 return key, f"has {len(value)} entries; block_out_channels has {len(channels)} (one per block)"

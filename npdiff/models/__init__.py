@@ -1,6 +1,7 @@
 """The networks of Stable Diffusion, built from weights keyed by their diffusers/transformers names.
 
     CLIPTextModel          npdiff/models/clip.py
+    CLIPTextModelWithProjection  npdiff/models/clip.py   (SDXL's text_encoder_2)
     UNet2DConditionModel   npdiff/models/unet.py
     AutoencoderKL          npdiff/models/vae.py
     AutoencoderTiny        npdiff/models/vae_tiny.py   (TAESD)
@@ -15,6 +16,7 @@ import importlib
 
 _WHERE = {
     "CLIPTextModel": "npdiff.models.clip",
+    "CLIPTextModelWithProjection": "npdiff.models.clip",
     "UNet2DConditionModel": "npdiff.models.unet",
     "AutoencoderKL": "npdiff.models.vae",
     "AutoencoderTiny": "npdiff.models.vae_tiny",

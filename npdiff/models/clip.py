@@ -1,9 +1,15 @@
-"""The CLIP text encoder of Stable Diffusion (transformers' CLIPTextModel), over its own weight names.
+"""The CLIP text encoders of Stable Diffusion (transformers' CLIPTextModel and
+CLIPTextModelWithProjection), over their own weight names.
 
     text_encoder = CLIPTextModel.from_pretrained("sd15", subfolder="text_encoder")
     last = text_encoder(input_ids)                                   # [B,L] int -> [B,L,D]
     last, hidden_states = text_encoder(input_ids, output_hidden_states=True)
     penultimate = text_encoder.final_layer_norm(hidden_states[-2])   # "clip skip" / SD 2.x style
+
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained("sdxl", subfolder="text_encoder_2")
+    out = text_encoder_2(input_ids, output_hidden_states=True)       # SDXL's OpenCLIP ViT-bigG
+    out.text_embeds            [B,P]  pooled: text_projection(last_hidden_state at each row's end token)
+    out.hidden_states[-2]      [B,L,D] the penultimate layer's output, no final norm (what SDXL conditions on)
 
 The network (transformers models/clip/modeling_clip.py, CLIPTextTransformer):
     embeddings   token_embedding[ids] + position_embedding[0..L-1]
@@ -13,6 +19,13 @@ The network (transformers models/clip/modeling_clip.py, CLIPTextTransformer):
     final norm   final_layer_norm, giving last_hidden_state
 hidden_states, as transformers returns them: the embeddings, then every layer's output (before the
 final norm): num_hidden_layers + 1 arrays.
+
+CLIPTextModelWithProjection adds the pooled output (transformers' CLIPTextTransformer: the final-normed
+hidden state at each row's end-of-text position) through "text_projection" [projection_dim, D], no
+bias. Which position: with the config's eos_token_id == 2 (the legacy value, which SDXL's
+text_encoder_2 config carries) transformers takes the argmax of each row's ids (the end token
+49407 is the largest id of CLIP's vocabulary); with any other eos_token_id, the first position
+holding it (0 when none does). Both are followed here.
 
 Weight names: "text_model.embeddings.token_embedding.weight", ... (transformers 4.x files and every
 SD checkpoint) or the same without "text_model." (transformers 5.x saves); both are accepted. Older
@@ -32,7 +45,9 @@ from npdiff.models.transformer import TransposedLinear, merge_heads, split_heads
 CONFIG_DEFAULTS = {
     "vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
     "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+    "projection_dim": 512, "eos_token_id": 49407,
 }
+LEGACY_EOS_TOKEN_ID = 2  # transformers: "pool at the argmax of the ids" (configs from before its PR #24773)
 
 
 def _gelu_erf(x):
@@ -142,7 +157,11 @@ class CLIPTextModel:
         self.layers = [CLIPEncoderLayer(weights, child(prefix, f"encoder.layers.{i}"), c, activation)
                        for i in range(c["num_hidden_layers"])]
         self.final_layer_norm = LayerNorm(weights, child(prefix, "final_layer_norm"), dim, c["layer_norm_eps"])
+        self.take_head_weights(weights)
         weights.check_all_used()
+
+    def take_head_weights(self, weights):
+        """Weights outside the text transformer (none here; CLIPTextModelWithProjection's projection)."""
 
     @classmethod
     def from_pretrained(cls, folder, subfolder=None, variant=None):
@@ -200,3 +219,45 @@ class CLIPTextModel:
         self.token_embedding = xp.concatenate([self.token_embedding, rows], axis=0)  # [V,D] -> [V+n,D]
         self.config["vocab_size"] = self.token_embedding.shape[0]
         return list(range(first_new_id, self.token_embedding.shape[0]))
+
+
+class CLIPTextModelOutput:
+    """What CLIPTextModelWithProjection returns, under transformers' names."""
+
+    def __init__(self, text_embeds, last_hidden_state, hidden_states=None):
+        self.text_embeds = text_embeds                  # [B,P]
+        self.last_hidden_state = last_hidden_state      # [B,L,D]
+        self.hidden_states = hidden_states              # num_hidden_layers + 1 arrays [B,L,D], or None
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """CLIPTextModel plus the pooled, projected text embedding (SDXL's text_encoder_2, OpenCLIP ViT-bigG).
+
+    input_ids [B,L] -> CLIPTextModelOutput(text_embeds [B,P], last_hidden_state [B,L,D],
+    hidden_states: the embeddings and every layer's output, when output_hidden_states=True)."""
+
+    def take_head_weights(self, weights):
+        c = self.config
+        if not isinstance(c["eos_token_id"], (int, np.integer)) or isinstance(c["eos_token_id"], bool):
+            raise NpdiffError(f"config: eos_token_id must be one integer; got {c['eos_token_id']!r}")
+        self.text_projection = TransposedLinear(weights, "text_projection", c["hidden_size"], c["projection_dim"],
+                                                bias=False)
+
+    def end_positions(self, input_ids):
+        """Each row's end-of-text position, found as transformers finds it: [B,L] -> [B]."""
+        ids = self.check_input_ids(input_ids)                           # [B,L] int64
+        if self.config["eos_token_id"] == LEGACY_EOS_TOKEN_ID:
+            return np.argmax(ids, axis=1)                               # [B,L] -> [B] (first largest id)
+        return np.argmax(ids == self.config["eos_token_id"], axis=1)    # [B,L] -> [B] (first end token, or 0)
+
+    def __call__(self, input_ids, output_hidden_states=False):
+        # 1. the text transformer (embeddings, layers, final layer norm)
+        last_hidden_state, hidden_states = super().__call__(input_ids, output_hidden_states=True)  # [B,L,D]
+        # 2. pool: the final-normed state at each row's end token
+        xp = backend.array_module(last_hidden_state)
+        rows = np.arange(last_hidden_state.shape[0])                    # [B]
+        positions = self.end_positions(input_ids)                       # [B]
+        pooled = last_hidden_state[xp.asarray(rows), xp.asarray(positions)]  # [B,L,D] -> [B,D]
+        # 3. project
+        text_embeds = self.text_projection(pooled)                      # [B,D] -> [B,P]
+        return CLIPTextModelOutput(text_embeds, last_hidden_state, hidden_states if output_hidden_states else None)

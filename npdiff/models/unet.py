@@ -1,12 +1,30 @@
-"""UNet2DConditionModel: the noise predictor of Stable Diffusion 1.x and 2.x, over diffusers' weights.
+"""UNet2DConditionModel: the noise predictor of Stable Diffusion 1.x, 2.x and SDXL, over diffusers' weights.
 
     unet = UNet2DConditionModel.from_pretrained("sd15/unet")      # or UNet2DConditionModel(config, weights)
     eps = unet(sample, timestep, encoder_hidden_states)             # = diffusers' unet(...).sample
+    eps = sdxl_unet(sample, timestep, encoder_hidden_states,        # SDXL (addition_embed_type "text_time")
+                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})
 
 sample [B,C_in,h,w] float32 (h and w multiples of 2**(number of down blocks - 1), so any multiple of
 8 for SD); timestep an int/float or an array [B]; encoder_hidden_states [B,L,cross_attention_dim].
 LCM-distilled UNets (config time_cond_proj_dim) also take timestep_cond [B,time_cond_proj_dim], the
 guidance embedding (blocks.guidance_scale_embedding), added to the time features through cond_proj.
+
+What SDXL (base, refiner, Turbo, LCM-SDXL) adds, all read from config.json as diffusers reads it:
+  - addition_embed_type "text_time": the pooled text embedding `text_embeds` [B,P] and the
+    micro-conditioning `time_ids` [B,n] (base: original size, crop top-left, target size, n=6;
+    refiner: original size, crop, aesthetic score, n=5) become a second time feature:
+        add_time_proj (sinusoidal, addition_time_embed_dim A, flattened)  [B,n] -> [B,n*A]
+        concat [text_embeds, that]                                         -> [B,P+n*A]
+        add_embedding (linear_1, SiLU, linear_2)                           -> [B,4*C0], added to temb
+    P+n*A must equal projection_class_embeddings_input_dim (2816 = 1280 + 6*256 for the base).
+  - transformer_layers_per_block: an int, one per block ([1, 2, 10] for the base), or per block a
+    list with one depth per resnet layer (nested lists); the up path takes the down list reversed,
+    or reverse_transformer_layers_per_block (required by diffusers for nested lists) as given.
+    The mid block takes the last block's depth (the first entry of a nested one).
+  - attention_head_dim as a per-block head count ([5, 10, 20]: 64-wide heads), linear proj_in/out,
+    DownBlock2D first (no attention at the highest resolution), upcast_attention null.
+  num_attention_heads must stay null: diffusers' UNet2DConditionModel refuses it too.
 
 Config keys diffusers itself ignores for these block types are ignored here too: resnet_out_scale_factor
 (only the ResnetDownsample/SimpleCrossAttn blocks read it), dropout (inference), sample_size.
@@ -15,14 +33,16 @@ upcast_attention changes nothing here: scores are always float32 (see models/tra
 The call tree (diffusers models/unets/unet_2d_condition.py):
     time_proj (sinusoidal) [+ cond_proj(timestep_cond)] -> time_embedding (linear_1, SiLU, linear_2)
                                                                              -> temb [B,4*C0]
+    [SDXL: + add_embedding(concat(text_embeds, add_time_proj(time_ids)))]    -> temb [B,4*C0]
     conv_in -> down_blocks[i] (skips kept) -> mid_block -> up_blocks[i] (skips consumed)
     -> conv_norm_out + SiLU -> conv_out
-Supported configuration: what SD 1.x/2.x use (see `check_config`); anything else (class
-embeddings, SDXL's added embeddings, other block types) raises NpdiffError naming the key.
+Supported configuration: what SD 1.x/2.x and SDXL use (see `check_config`); anything else (class
+embeddings, other added embeddings, other block types) raises NpdiffError naming the key.
 """
 
 import numpy as np
 
+from npdiff import backend
 from npdiff.backend import array_module, to_device
 from npdiff.errors import NpdiffError
 from npdiff.models.blocks import Conv2d, GroupNorm, TimestepEmbedding, timestep_embedding
@@ -47,16 +67,18 @@ DEFAULTS = {
     "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3, "attention_type": "default",
     "class_embeddings_concat": False, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
     "cross_attention_norm": None, "reverse_transformer_layers_per_block": None,
+    "addition_time_embed_dim": None, "projection_class_embeddings_input_dim": None,
+    "mid_block_only_cross_attention": None, "addition_embed_type_num_heads": 64,
 }
 
-# Keys whose value must be exactly this (None/False/"default"...) for the SD 1.x/2.x network built here.
+# Keys whose value must be exactly this (None/False/"default"...) for the SD/SDXL network built here.
 MUST_BE = {
-    "class_embed_type": None, "addition_embed_type": None, "num_class_embeds": None,
+    "class_embed_type": None, "num_class_embeds": None,
     "num_attention_heads": None, "dual_cross_attention": False,
     "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "time_embedding_type": "positional",
     "time_embedding_act_fn": None, "timestep_post_act": None,
     "attention_type": "default", "class_embeddings_concat": False, "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None, "cross_attention_norm": None, "reverse_transformer_layers_per_block": None,
+    "encoder_hid_dim_type": None, "cross_attention_norm": None,
 }
 DOWN_TYPES = {"CrossAttnDownBlock2D": CrossAttnDownBlock2D, "DownBlock2D": DownBlock2D}
 UP_TYPES = {"CrossAttnUpBlock2D": CrossAttnUpBlock2D, "UpBlock2D": UpBlock2D}
@@ -72,6 +94,38 @@ def per_block(config, key, count):
     return [value] * count
 
 
+def per_layer(value, count, key, block):
+    """One block's transformer depth (an int, or one per resnet layer) -> a list of `count` depths.
+    diffusers reads a list's first `count` entries; a shorter list is refused."""
+    if not isinstance(value, (list, tuple)):
+        return [value] * count
+    if len(value) < count:
+        raise NpdiffError(f"unet config: {key} entry {block} is {list(value)}; the block has {count} resnet "
+                          f"layers, so it needs {count} depths")
+    return list(value[:count])
+
+
+def transformer_depths(config, layers):
+    """-> (down, mid, up): the transformer depth of every resnet layer of every block, read as diffusers
+    reads transformer_layers_per_block and reverse_transformer_layers_per_block."""
+    blocks = len(layers)
+    given = per_block(config, "transformer_layers_per_block", blocks)   # per block: an int or a list
+    down = [per_layer(given[i], layers[i], "transformer_layers_per_block", i) for i in range(blocks)]
+    mid = per_layer(given[-1], 1, "transformer_layers_per_block", blocks - 1)[0]
+    reverse = config["reverse_transformer_layers_per_block"]
+    if reverse is None:
+        if any(isinstance(value, (list, tuple)) for value in given):
+            raise NpdiffError("unet config: transformer_layers_per_block is a nested list; diffusers then needs "
+                              "reverse_transformer_layers_per_block (the up blocks' depths), and it is missing")
+        up_given = given[::-1]
+        key = "transformer_layers_per_block"
+    else:
+        up_given = per_block(config, "reverse_transformer_layers_per_block", blocks)
+        key = "reverse_transformer_layers_per_block"
+    up = [per_layer(up_given[i], layers[blocks - 1 - i] + 1, key, i) for i in range(blocks)]
+    return down, mid, up
+
+
 def check_config(config):
     """Config dict -> the same dict with diffusers' defaults filled in; NpdiffError for what is unsupported."""
     from npdiff.loading.config_checks import check_component_config
@@ -80,12 +134,20 @@ def check_config(config):
     full = {**DEFAULTS, **config}
     for key, expected in MUST_BE.items():
         if full[key] != expected:
-            raise NpdiffError(f"unet config: {key}={full[key]!r} is not supported (npdiff runs SD 1.x/2.x "
-                              f"UNets, which have {key}={expected!r})")
-    only_cross = full["only_cross_attention"]
-    if any(only_cross) if isinstance(only_cross, (list, tuple)) else only_cross:
-        raise NpdiffError(f"unet config: only_cross_attention={only_cross!r} is not supported (SD 1.x/2.x "
-                          "UNets have False)")
+            raise NpdiffError(f"unet config: {key}={full[key]!r} is not supported (npdiff runs SD 1.x/2.x and "
+                              f"SDXL UNets, which have {key}={expected!r})")
+    if full["addition_embed_type"] not in (None, "text_time"):
+        raise NpdiffError(f"unet config: addition_embed_type={full['addition_embed_type']!r} is not supported; "
+                          "expected null (SD 1.x/2.x) or 'text_time' (SDXL)")
+    if full["addition_embed_type"] == "text_time":
+        for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+            if full[key] is None:
+                raise NpdiffError(f"unet config: addition_embed_type 'text_time' needs {key}; it is missing")
+    for key in ("only_cross_attention", "mid_block_only_cross_attention"):
+        only_cross = full[key]
+        if any(only_cross) if isinstance(only_cross, (list, tuple)) else only_cross:
+            raise NpdiffError(f"unet config: {key}={only_cross!r} is not supported (SD and SDXL UNets have "
+                              "False)")
     if full["act_fn"] not in ("silu", "swish"):
         raise NpdiffError(f"unet config: act_fn={full['act_fn']!r} is not supported; expected 'silu'")
     if full["norm_num_groups"] is None:
@@ -103,11 +165,12 @@ def check_config(config):
     for key in ("conv_in_kernel", "conv_out_kernel"):
         if full[key] % 2 != 1:
             raise NpdiffError(f"unet config: {key}={full[key]} must be odd")
+    transformer_depths(full, per_block(full, "layers_per_block", blocks))  # nested lists: the right lengths
     return full
 
 
 class UNet2DConditionModel:
-    """The SD 1.x/2.x UNet. Build with `from_pretrained(folder)` or `UNet2DConditionModel(config, weights)`."""
+    """The SD 1.x/2.x/SDXL UNet. Build with `from_pretrained(folder)` or `UNet2DConditionModel(config, weights)`."""
 
     def __init__(self, config, weights):
         self.config = check_config(config)
@@ -117,20 +180,24 @@ class UNet2DConditionModel:
         heads = per_block(c, "attention_head_dim", blocks)          # diffusers' name; it is the head count
         cross_dims = per_block(c, "cross_attention_dim", blocks)
         layers = per_block(c, "layers_per_block", blocks)
-        transformer_layers = per_block(c, "transformer_layers_per_block", blocks)
+        down_depths, mid_depth, up_depths = transformer_depths(c, layers)   # per block, one per resnet layer
         groups, eps = c["norm_num_groups"], c["norm_eps"]
         time_embed_dim = c["time_embedding_dim"] or channels[0] * 4
         self.num_upsamplers = blocks - 1
 
-        def attention(i):
+        def attention(i, depths):
             return {"cross_attention_dim": cross_dims[i], "use_linear_projection": c["use_linear_projection"],
-                    "transformer_layers": transformer_layers[i], "norm_num_groups": groups}
+                    "transformer_layers": depths, "norm_num_groups": groups}
 
         # input and time embedding
         k_in, k_out = c["conv_in_kernel"], c["conv_out_kernel"]
         self.conv_in = Conv2d(weights, "conv_in", c["in_channels"], channels[0], k_in, padding=(k_in - 1) // 2)
         self.time_embedding = TimestepEmbedding(weights, "time_embedding", channels[0], time_embed_dim,
                                                 cond_proj_dim=c["time_cond_proj_dim"])
+        self.add_embedding = None                                   # SDXL's text_time conditioning
+        if c["addition_embed_type"] == "text_time":
+            self.add_embedding = TimestepEmbedding(weights, "add_embedding", c["projection_class_embeddings_input_dim"],
+                                                   time_embed_dim)
 
         # down path
         self.down_blocks = []
@@ -141,13 +208,14 @@ class UNet2DConditionModel:
             self.down_blocks.append(DOWN_TYPES[block_type](
                 weights, f"down_blocks.{i}", in_ch, out_ch, time_embed_dim, layers[i], groups, eps,
                 add_downsample=i < blocks - 1, downsample_padding=c["downsample_padding"],
-                heads=heads[i] if cross else None, attention=attention(i) if cross else None))
+                heads=heads[i] if cross else None, attention=attention(i, down_depths[i]) if cross else None))
 
         # middle
         self.mid_block = None
         if c["mid_block_type"] is not None:
             self.mid_block = UNetMidBlock2DCrossAttn(
-                weights, "mid_block", channels[-1], time_embed_dim, groups, eps, heads[-1], attention(blocks - 1),
+                weights, "mid_block", channels[-1], time_embed_dim, groups, eps, heads[-1],
+                attention(blocks - 1, [mid_depth]),
                 output_scale_factor=c["mid_block_scale_factor"])
 
         # up path (reversed per-block settings)
@@ -162,7 +230,7 @@ class UNet2DConditionModel:
             self.up_blocks.append(UP_TYPES[block_type](
                 weights, f"up_blocks.{i}", in_ch, prev_out, out_ch, time_embed_dim, layers[j] + 1, groups, eps,
                 add_upsample=i < blocks - 1, heads=heads[j] if cross else None,
-                attention=attention(j) if cross else None))
+                attention=attention(j, up_depths[i]) if cross else None))
 
         # output
         self.conv_norm_out = GroupNorm(weights, "conv_norm_out", groups, channels[0], eps)
@@ -204,12 +272,57 @@ class UNet2DConditionModel:
                 raise NpdiffError(f"timestep_cond must have shape [{batch},{dim}] (time_cond_proj_dim); got "
                                   f"{tuple(timestep_cond.shape)}")
 
-    def __call__(self, sample, timestep, encoder_hidden_states, timestep_cond=None):
+    def check_added_cond(self, added_cond_kwargs, batch):
+        """SDXL's added conditions -> (text_embeds, time_ids) as float32 arrays; NpdiffError naming what is wrong."""
+        c = self.config
+        if not isinstance(added_cond_kwargs, dict) or not {"text_embeds", "time_ids"} <= set(added_cond_kwargs):
+            raise NpdiffError("this UNet has addition_embed_type 'text_time' (SDXL): it needs added_cond_kwargs="
+                              "{'text_embeds': [B,P] pooled text embedding, 'time_ids': [B,n] micro-conditioning}")
+        xp = backend.array_module(added_cond_kwargs["text_embeds"])
+        text_embeds = xp.asarray(added_cond_kwargs["text_embeds"], dtype=np.float32)              # [B,P]
+        time_ids = backend.to_numpy(added_cond_kwargs["time_ids"]).astype(np.float32)              # [B,n]
+        if text_embeds.ndim != 2 or text_embeds.shape[0] != batch:
+            raise NpdiffError(f"added_cond_kwargs['text_embeds'] must have shape [{batch},P]; got "
+                              f"{tuple(text_embeds.shape)}")
+        if time_ids.ndim != 2 or time_ids.shape[0] != batch:
+            raise NpdiffError(f"added_cond_kwargs['time_ids'] must have shape [{batch},n]; got {tuple(time_ids.shape)}")
+        width = text_embeds.shape[1] + time_ids.shape[1] * c["addition_time_embed_dim"]
+        if width != c["projection_class_embeddings_input_dim"]:
+            raise NpdiffError(f"added_cond_kwargs: text_embeds {tuple(text_embeds.shape)} and time_ids "
+                              f"{tuple(time_ids.shape)} give {width} features (P + n*{c['addition_time_embed_dim']}); "
+                              f"the model expects projection_class_embeddings_input_dim "
+                              f"{c['projection_class_embeddings_input_dim']} (SDXL base: 1280 + 6 ids, "
+                              "refiner: 1280 + 5 ids with the aesthetic score)")
+        return text_embeds, time_ids
+
+    def added_embedding(self, text_embeds, time_ids):
+        """SDXL: add_embedding(concat(text_embeds, add_time_proj(time_ids))) -> [B,4*C0], added to temb."""
+        c = self.config
+        batch = time_ids.shape[0]
+        # 1. add_time_proj: every id through the sinusoidal embedding, on the host like the timestep's
+        ids = time_ids.reshape(-1)                                      # [B,n] -> [B*n]
+        time_embeds = timestep_embedding(ids, c["addition_time_embed_dim"], c["flip_sin_to_cos"],
+                                         c["freq_shift"])               # [B*n] -> [B*n,A]
+        time_embeds = time_embeds.reshape(batch, -1)                    # [B*n,A] -> [B,n*A]
+        time_embeds = to_device(time_embeds) if backend.array_module(text_embeds) is not np else time_embeds
+        # 2. after the pooled text embedding, through add_embedding (linear_1, SiLU, linear_2)
+        xp = backend.array_module(text_embeds)
+        add_embeds = xp.concatenate([text_embeds, time_embeds], axis=1)  # [B,P] + [B,n*A] -> [B,P+n*A]
+        return self.add_embedding(add_embeds)                           # [B,P+n*A] -> [B,4*C0]
+
+    def __call__(self, sample, timestep, encoder_hidden_states, timestep_cond=None, added_cond_kwargs=None):
+        """-> the model output [B,C_out,h,w] (diffusers' `unet(...).sample`).
+
+        added_cond_kwargs: for SDXL UNets (addition_embed_type "text_time"), diffusers' dict
+        {"text_embeds": [B,P] pooled text embedding, "time_ids": [B,n] micro-conditioning ids}; ignored
+        by other UNets, as diffusers ignores it."""
         xp = array_module(sample)
         timesteps = np.atleast_1d(np.asarray(timestep.get() if hasattr(timestep, "get") else timestep))
         self.check_inputs(sample, timesteps, encoder_hidden_states, timestep_cond)
         c = self.config
         batch = sample.shape[0]
+        if self.add_embedding is not None:
+            text_embeds, time_ids = self.check_added_cond(added_cond_kwargs, batch)
         if c["center_input_sample"]:
             sample = 2 * sample - 1.0                                   # [B,Cin,h,w]
 
@@ -220,6 +333,8 @@ class UNet2DConditionModel:
         if timestep_cond is not None:
             timestep_cond = to_device(timestep_cond)                    # [B,Dc] float32, beside the sample
         temb = self.time_embedding(t_emb, timestep_cond)                # [B,C0] (+ [B,Dc]) -> [B,4*C0]
+        if self.add_embedding is not None:
+            temb = temb + self.added_embedding(text_embeds, time_ids)   # SDXL: [B,4*C0] + [B,4*C0]
 
         # 2. conv_in, then the down path; every intermediate result is kept as a skip
         h = self.conv_in(sample)                                        # [B,Cin,h,w] -> [B,C0,h,w]

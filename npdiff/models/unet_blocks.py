@@ -3,9 +3,11 @@ CrossAttnDownBlock2D, DownBlock2D, UNetMidBlock2DCrossAttn, CrossAttnUpBlock2D, 
 
 A down block returns (hidden_states, skips): one skip per resnet (after its attention) plus one
 after the downsampler. An up block consumes skips from the end, concatenating each to its input
-along channels before its resnet. `attention` is a dict of the Transformer2DModel settings shared by
-every block (cross_attention_dim, use_linear_projection, transformer_layers, norm_num_groups);
-`heads` is the block's head count (diffusers' confusingly named per-block `attention_head_dim`).
+along channels before its resnet. `attention` is a dict of the block's Transformer2DModel settings
+(cross_attention_dim, use_linear_projection, norm_num_groups, and transformer_layers: the depth of
+each of the block's transformers, one per resnet layer, as SDXL's nested transformer_layers_per_block
+gives them); `heads` is the block's head count (diffusers' confusingly named per-block
+`attention_head_dim`).
 """
 
 from npdiff.backend import array_module
@@ -13,13 +15,14 @@ from npdiff.models.blocks import Downsample2D, ResnetBlock2D, Upsample2D, child
 from npdiff.models.transformer import Transformer2DModel
 
 
-def make_transformer(weights, prefix, channels, heads, attention):
+def make_transformer(weights, prefix, channels, heads, attention, layer):
+    """The Transformer2DModel after resnet `layer` of a block."""
     return Transformer2DModel(
         weights, prefix, channels, heads, channels // heads,
         cross_attention_dim=attention["cross_attention_dim"],
         norm_num_groups=attention["norm_num_groups"],
         use_linear_projection=attention["use_linear_projection"],
-        num_layers=attention["transformer_layers"],
+        num_layers=attention["transformer_layers"][layer],
     )
 
 
@@ -37,7 +40,7 @@ class DownBlock2D:
                                               temb_channels, groups, eps, output_scale_factor))
             if heads is not None:
                 self.attentions.append(
-                    make_transformer(weights, child(prefix, f"attentions.{i}"), out_channels, heads, attention))
+                    make_transformer(weights, child(prefix, f"attentions.{i}"), out_channels, heads, attention, i))
         self.downsampler = None
         if add_downsample:
             self.downsampler = Downsample2D(weights, child(prefix, "downsamplers.0"), out_channels,
@@ -72,7 +75,7 @@ class UNetMidBlock2DCrossAttn:
         self.attentions = []
         for i in range(num_layers):
             self.attentions.append(
-                make_transformer(weights, child(prefix, f"attentions.{i}"), channels, heads, attention))
+                make_transformer(weights, child(prefix, f"attentions.{i}"), channels, heads, attention, i))
             self.resnets.append(ResnetBlock2D(weights, child(prefix, f"resnets.{i + 1}"), channels, channels,
                                               temb_channels, groups, eps, output_scale_factor))
 
@@ -101,7 +104,7 @@ class UpBlock2D:
                                               out_channels, temb_channels, groups, eps, output_scale_factor))
             if heads is not None:
                 self.attentions.append(
-                    make_transformer(weights, child(prefix, f"attentions.{i}"), out_channels, heads, attention))
+                    make_transformer(weights, child(prefix, f"attentions.{i}"), out_channels, heads, attention, i))
         self.upsampler = None
         if add_upsample:
             self.upsampler = Upsample2D(weights, child(prefix, "upsamplers.0"), out_channels)

@@ -12,6 +12,10 @@ The call tree (diffusers models/autoencoders/vae.py Encoder/Decoder, autoencoder
             (UpDecoderBlock2D) -> conv_norm_out + SiLU -> conv_out
 Every GroupNorm in the VAE uses eps 1e-6; the resnets have no time embedding.
 
+SDXL's VAE is the same network (4 blocks, 128-512 channels, layers_per_block 2) with scaling_factor
+0.13025 and force_upcast true. force_upcast tells diffusers' pipelines to decode a float16 model in
+float32 (the SDXL VAE overflows float16); npdiff decodes in float32 always, so it changes nothing here.
+
 Memory of a decode (benchmarks/memory.py decode): at 512x512 the peak is ~0.7 GiB of activations above
 the weights, in up_blocks.3.resnets.0: its 256-channel 512x512 input (256 MiB, still held by the
 calling block), the GroupNorm+SiLU of it (256 MiB), conv1's 128-channel output (128 MiB) and the
@@ -51,7 +55,8 @@ def check_config(config):
     if full["act_fn"] not in ("silu", "swish"):
         raise NpdiffError(f"vae config: act_fn={full['act_fn']!r} is not supported; expected 'silu'")
     if full["shift_factor"] not in (None, 0, 0.0) or full["latents_mean"] is not None:
-        raise NpdiffError("vae config: shift_factor/latents_mean belong to SD3/SDXL-style VAEs; not supported")
+        raise NpdiffError("vae config: shift_factor/latents_mean belong to SD3- and Playground-style VAEs; not "
+                          "supported (the SD and SDXL VAEs have null)")
     return full
 
 
