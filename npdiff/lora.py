@@ -36,7 +36,8 @@ import numpy as np
 from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff import lycoris
-from npdiff.lora_keys import COMPONENTS, kohya_table, metadata_alpha, module_name, parse_key, shape_text
+from npdiff.lora_keys import (COMPONENTS, kohya_table, metadata_alpha, module_name, original_unet_names, parse_key,
+                              shape_text)
 from npdiff.models.blocks import Conv2d, Linear
 
 FLOAT_DTYPES = ("F32", "F16", "BF16")
@@ -50,7 +51,7 @@ UPDATE_LIMIT = 1e6
 @dataclass
 class LoraLayer:
     """One layer a LoRA file changes: where it is, which file keys hold its change, and its multiplier."""
-    component: str          # "unet" or "text_encoder"
+    component: str          # "unet", "text_encoder" or "text_encoder_2" (SDXL)
     name: str               # module name, e.g. "down_blocks.0.attentions.0.proj_in"
     layer: object           # the npdiff Linear or Conv2d
     keys: dict              # {part: key}: "down", "up", "alpha" (optional), or LyCORIS parts (npdiff/lycoris.py)
@@ -95,8 +96,8 @@ def lora_parameters(pipe):
 
 
 def named_layers(model, component):
-    """{module name: Linear or Conv2d} for every layer reachable from `model` (an npdiff model)."""
-    found, stack, seen = {}, [model], set()
+    """{module name: Linear or Conv2d} for every layer reachable from `model` (an npdiff model; None: {})."""
+    found, stack, seen = {}, [] if model is None else [model], set()
     while stack:
         obj = stack.pop()
         if id(obj) in seen:
@@ -200,9 +201,10 @@ def check_multiplier(path, entry, scale):
 def plan_lora(pipe, file, path, scale):
     """Step 2: every key -> a LoraLayer with its kind, rank and multiplier; every shape, dtype, value and
     multiplier checked. Nothing changes."""
-    layers = {"unet": named_layers(pipe.unet, "unet"),
-              "text_encoder": named_layers(pipe.text_encoder, "text_encoder")}
-    tables = {component: kohya_table(layers[component]) for component in COMPONENTS}
+    layers = {component: named_layers(getattr(pipe, component, None), component) for component in COMPONENTS}
+    originals = {"unet": original_unet_names(layers["unet"], pipe.unet.config)}  # kohya's SDXL names
+    tables = {component: kohya_table(layers[component], originals.get(component)) if layers[component] else None
+              for component in COMPONENTS}
     metadata = read_adapter_metadata(path)
 
     # 1. group the keys by layer
@@ -287,7 +289,7 @@ def fused_weight(entry, file, scale, path="LoRA"):
 
 
 def load_lora_weights(pipe, path, scale=1.0, adapter_name=None):
-    """Fuse the LoRA in `path` into pipe.unet and pipe.text_encoder -> the LoadedLora record."""
+    """Fuse the LoRA in `path` into pipe.unet and the text encoder(s) -> the LoadedLora record."""
     from npdiff.loading.safetensors_io import SafetensorsFile
 
     # 1. the arguments and the file (pickles and renamed pickles are refused by SafetensorsFile)

@@ -12,8 +12,14 @@ which are the names npdiff's layers carry in `layer.key`):
                   lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight (lora_te1_ too)
                   The name is the diffusers module name with "." written as "_"; it is looked up in a
                   table made from the model's own module names (no guessing where "_" was ".").
+                  SDXL: lora_te1_* is CLIP-L (text_encoder), lora_te2_* OpenCLIP bigG (text_encoder_2),
+                  and the UNet's names may be the original (CompVis/sgm) ones kohya's SDXL trainer
+                  writes, lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q: they are looked
+                  up in a second table made from the same rows that map single-file checkpoints
+                  (npdiff/loading/keymap.py's unet_block_table), read backwards.
   diffusers/PEFT  unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight (down)
                   unet.<...>.lora_B.weight (up), text_encoder.text_model.encoder.layers.0.self_attn.q_proj...
+                  (text_encoder_2.* for SDXL's second text encoder)
                   older diffusers: unet.<...>.lora.down.weight / .lora.up.weight, and the attention
                   processor names "attn1.processor.to_q_lora.down.weight",
                   "self_attn.to_q_lora.down.weight", "mlp.fc1.lora_linear_layer.down.weight".
@@ -27,11 +33,13 @@ CLIP module names are used without their "text_model." prefix (transformers 4 an
 import re
 
 from npdiff.errors import NpdiffError
+from npdiff.loading.keymap import KEEP, unet_block_table
 
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 # kohya prefix -> component
-KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                  "lora_te2_": "text_encoder_2"}
 # the parts of a LyCORIS layer, as its keys end (".hada_w1_a"); npdiff/lycoris.py says what each is
 LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -53,22 +61,59 @@ OLD_DIFFUSERS_NAMES = {
 }
 
 
+OLD_DIFFUSERS_NAMES["text_encoder_2"] = OLD_DIFFUSERS_NAMES["text_encoder"]
+
+
 def module_name(component, name):
     """A module name as the tables use it: CLIP's without "text_model."."""
-    if component == "text_encoder" and name.startswith("text_model."):
+    if component.startswith("text_encoder") and name.startswith("text_model."):
         return name[len("text_model."):]
     return name
 
 
-def kohya_table(module_names):
-    """{"down_blocks_0_resnets_1_conv1": "down_blocks.0.resnets.1.conv1", ...} for one component."""
+def kohya_table(module_names, original_names=None):
+    """{"down_blocks_0_resnets_1_conv1": "down_blocks.0.resnets.1.conv1", ...} for one component;
+    original_names: {module name: its original name} (the UNet's, original_unet_names) added as well."""
     table = {}
     for name in module_names:
-        flat = name.replace(".", "_")
-        if flat in table:
-            raise NpdiffError(f"internal: modules {table[flat]!r} and {name!r} share the kohya name {flat!r}")
-        table[flat] = name
+        flats = [name.replace(".", "_")]
+        if original_names and name in original_names:
+            flats.append(original_names[name].replace(".", "_"))
+        for flat in flats:
+            if flat in table:
+                raise NpdiffError(f"internal: modules {table[flat]!r} and {name!r} share the kohya name {flat!r}")
+            table[flat] = name
     return table
+
+
+def _original_name(name, rows):
+    """A diffusers UNet module name -> its original (CompVis/sgm) name by the longest matching row, or None."""
+    dotted = name + "."
+    best = None
+    for original_prefix, diffusers_prefix, parts in rows:
+        if dotted.startswith(diffusers_prefix) and (best is None or len(diffusers_prefix) > len(best[1])):
+            best = (original_prefix, diffusers_prefix, parts)
+    if best is None:
+        return None
+    original_prefix, diffusers_prefix, parts = best
+    rest = dotted[len(diffusers_prefix):]
+    if parts is KEEP:
+        return (original_prefix + rest).rstrip(".")
+    for original_part, diffusers_part, _ in parts:
+        if rest.startswith(diffusers_part):
+            return (original_prefix + original_part + rest[len(diffusers_part):]).rstrip(".")
+    return None
+
+
+def original_unet_names(module_names, config):
+    """{"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": "input_blocks.4.1.transformer_blocks.0.
+    attn1.to_q", ...} for the UNet's modules that have an original name ({} when the config's layout has no
+    single-file table, e.g. a layers_per_block list)."""
+    if not isinstance(config.get("layers_per_block"), int):
+        return {}
+    rows = unet_block_table(config)
+    names = {name: _original_name(name, rows) for name in module_names}
+    return {name: original for name, original in names.items() if original is not None}
 
 
 def _split_part(key, parts):
@@ -92,7 +137,10 @@ def parse_key(key, kohya_tables):
                 raise NpdiffError(f"LoRA key {key!r}: expected it to end in {KOHYA_ENDINGS} (kohya layout); "
                                   "other LyCORIS kinds (full, IA3, GLoRA, DoRA, norm) are not supported")
             flat, part = split
-            if component == "text_encoder" and flat.startswith("text_model_"):
+            if kohya_tables.get(component) is None:
+                raise NpdiffError(f"LoRA key {key!r} is for a {component}, which this model does not have "
+                                  f"(a LoRA for {'SDXL' if component == 'text_encoder_2' else 'another model'}?)")
+            if component.startswith("text_encoder") and flat.startswith("text_model_"):
                 flat = flat[len("text_model_"):]
             if flat not in kohya_tables[component]:
                 raise NpdiffError(f"LoRA key {key!r} names no layer of this model's {component} "
@@ -101,8 +149,11 @@ def parse_key(key, kohya_tables):
     # 2. diffusers / PEFT
     component, _, rest = key.partition(".")
     if component not in COMPONENTS or not rest:
-        raise NpdiffError(f"LoRA key {key!r} is in no known layout: expected lora_unet_*/lora_te_* (kohya) or "
-                          "unet.*/text_encoder.* (diffusers/PEFT)")
+        raise NpdiffError(f"LoRA key {key!r} is in no known layout: expected lora_unet_*/lora_te_*/lora_te1_*/"
+                          "lora_te2_* (kohya) or unet.*/text_encoder.*/text_encoder_2.* (diffusers/PEFT)")
+    if kohya_tables.get(component) is None:
+        raise NpdiffError(f"LoRA key {key!r} is for a {component}, which this model does not have "
+                          f"(a LoRA for {'SDXL' if component == 'text_encoder_2' else 'another model'}?)")
     for old, new in OLD_DIFFUSERS_NAMES[component]:
         rest = rest.replace(old, new)
     split = _split_part(rest, PEFT_PARTS)

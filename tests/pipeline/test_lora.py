@@ -318,7 +318,11 @@ def good_tensors(files):
      r"'mid_block.attentions.0.transformer_blocks.0.attn2.to_k', whose weight is \[64,32\]"),
     ({"lora_te_text_model_encoder_layers_1_mlp_fc1.lora_down.weight": torch.zeros(4, 32)},
      "has no matching up weight for text_encoder layer 'encoder.layers.1.mlp.fc1'"),
-    ({"text_encoder_2.encoder.layers.0.mlp.fc1.lora_A.weight": torch.zeros(4, 32)}, "is in no known layout"),
+    ({"text_encoder_2.encoder.layers.0.mlp.fc1.lora_A.weight": torch.zeros(4, 32)},
+     "is for a text_encoder_2, which this model does not have \\(a LoRA for SDXL\\?\\)"),
+    ({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 32)},
+     "is for a text_encoder_2, which this model does not have"),
+    ({"vae.decoder.conv_in.lora_A.weight": torch.zeros(4, 32)}, "is in no known layout"),
     ({"lora_unet_conv_in.alpha": torch.tensor(float("nan")), "lora_unet_conv_in.lora_down.weight":
       torch.zeros(4, 4, 3, 3), "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 4, 1, 1)},
      "the alpha of unet layer 'conv_in' is nan"),
