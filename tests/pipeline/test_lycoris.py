@@ -269,3 +269,44 @@ def test_bad_lycoris_files_change_nothing(folder, files, tmp_path, tensors, mess
     assert str(path) in str(caught.value)
     assert all(weight is before[name] for name, weight in all_weights(ours).items())
     assert [lora["name"] for lora in npdiff_lora.lora_parameters(ours)] == ["lokr"]
+
+
+def test_sdxl_original_names_and_second_text_encoder(tmp_path):
+    """One file mixing LoKr and LoHa layers on the tiny SDXL: kohya's original (sgm) UNet names and lora_te2_
+    (OpenCLIP bigG), against the torch rule on diffusers' weights. The original names are written here from
+    the tiny SDXL UNet's layout (1 layer per block: input_blocks.3 is down_blocks.1's first entry)."""
+    from tiny_sdxl import tiny_sdxl_folder, torch_sdxl_pipeline
+
+    from npdiff.pipeline_sdxl import StableDiffusionXLPipeline
+
+    theirs = torch_sdxl_pipeline(tiny_sdxl_folder("base"))
+    state = {name.removesuffix(".weight"): tensor for name, tensor in theirs.unet.state_dict().items()}
+    for name, tensor in theirs.text_encoder_2.state_dict().items():
+        state["text_encoder_2:" + name.removeprefix("text_model.").removesuffix(".weight")] = tensor
+    layers = {  # file key -> (component, module name, kind, form)
+        "lora_unet_input_blocks_3_1_transformer_blocks_1_attn2_to_k":
+            ("unet", "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k", "lokr", "w2_decomposed"),
+        "lora_unet_output_blocks_1_0_in_layers_2": ("unet", "up_blocks.0.resnets.1.conv1", "loha", "tucker"),
+        "lora_te2_text_model_encoder_layers_1_mlp_fc2":
+            ("text_encoder_2", "text_encoder_2:encoder.layers.1.mlp.fc2", "loha", "plain"),
+    }
+    generator = torch.Generator().manual_seed(5)
+
+    def random(*shape):
+        return torch.randn(*shape, generator=generator) * 0.4
+
+    tensors, expected = {}, {}
+    for key, (component, name, kind, form) in layers.items():
+        shape = tuple(state[name].shape)
+        parts = (loha_parts if kind == "loha" else lokr_parts)(shape, form, random)
+        tensors.update({f"{key}.{part}": value for part, value in parts.items()})
+        tensors[f"{key}.alpha"] = torch.tensor(1.5)
+        update, dim = torch_update(kind, parts, shape)
+        expected[component, name.split(":")[-1]] = state[name] + SCALE * (1.5 / dim) * update
+    path = tmp_path / "sdxl_lycoris.safetensors"
+    save_file(tensors, str(path))
+    ours = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_folder("base"))
+    assert ours.load_lora_weights(path, scale=SCALE).layer_count == 3
+    for (component, name), weight in expected.items():
+        fused = npdiff_lora.named_layers(getattr(ours, component), component)[name].weight
+        assert_rel_close(np.asarray(fused), weight.numpy().reshape(fused.shape), tol=1e-6, what=name)
