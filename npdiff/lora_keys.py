@@ -33,7 +33,7 @@ CLIP module names are used without their "text_model." prefix (transformers 4 an
 import re
 
 from npdiff.errors import NpdiffError
-from npdiff.loading.keymap import KEEP, unet_block_table
+from npdiff.loading.keymap import KEEP, map_key, unet_block_table
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -86,23 +86,14 @@ def kohya_table(module_names, original_names=None):
     return table
 
 
-def _original_name(name, rows):
-    """A diffusers UNet module name -> its original (CompVis/sgm) name by the longest matching row, or None."""
-    dotted = name + "."
-    best = None
+def _backwards(rows):
+    """The key map's (original prefix, diffusers prefix, parts) rows turned round, for keymap.map_key."""
+    turned = []
     for original_prefix, diffusers_prefix, parts in rows:
-        if dotted.startswith(diffusers_prefix) and (best is None or len(diffusers_prefix) > len(best[1])):
-            best = (original_prefix, diffusers_prefix, parts)
-    if best is None:
-        return None
-    original_prefix, diffusers_prefix, parts = best
-    rest = dotted[len(diffusers_prefix):]
-    if parts is KEEP:
-        return (original_prefix + rest).rstrip(".")
-    for original_part, diffusers_part, _ in parts:
-        if rest.startswith(diffusers_part):
-            return (original_prefix + original_part + rest[len(diffusers_part):]).rstrip(".")
-    return None
+        if parts is not KEEP:
+            parts = tuple((diffusers_part, original_part, None) for original_part, diffusers_part, _ in parts)
+        turned.append((diffusers_prefix, original_prefix, parts))
+    return turned
 
 
 def original_unet_names(module_names, config):
@@ -111,9 +102,13 @@ def original_unet_names(module_names, config):
     single-file table, e.g. a layers_per_block list)."""
     if not isinstance(config.get("layers_per_block"), int):
         return {}
-    rows = unet_block_table(config)
-    names = {name: _original_name(name, rows) for name in module_names}
-    return {name: original for name, original in names.items() if original is not None}
+    rows = _backwards(unet_block_table(config))
+    names = {}
+    for name in module_names:
+        mapped = map_key(name + ".", rows)                              # (original name + ".", None) or None
+        if mapped is not None:
+            names[name] = mapped[0].rstrip(".")
+    return names
 
 
 def _split_part(key, parts):

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import save_file
 
 from tiny_sd import tiny_sd_folder  # noqa: E402
+from lora_helpers import all_weights, assert_untouched, load_ours  # noqa: E402
 
 from npdiff import NpdiffError, cli  # noqa: E402
 from npdiff import lora as npdiff_lora  # noqa: E402
-from npdiff.pipeline import StableDiffusionPipeline  # noqa: E402
 
 RANK = 4
 UNET_KEY = "lora_unet_down_blocks_0_attentions_0_proj_in"      # 1x1 conv, weight [32,32(,1,1)]
@@ -26,12 +26,6 @@ TEXT_KEY = "lora_te_text_model_encoder_layers_0_mlp_fc1"      # linear, weight [
 @pytest.fixture(scope="module")
 def folder():
     return tiny_sd_folder()
-
-
-def load_ours(folder):
-    pipe = StableDiffusionPipeline.from_pretrained(folder, scheduler="euler")
-    pipe.show_progress = False
-    return pipe
 
 
 def lora_tensors(seed, alpha=2.0):
@@ -45,18 +39,6 @@ def lora_tensors(seed, alpha=2.0):
             f"{UNET_KEY}.alpha": torch.tensor(alpha),
             f"{TEXT_KEY}.lora_down.weight": random(RANK, 32), f"{TEXT_KEY}.lora_up.weight": random(64, RANK),
             f"{TEXT_KEY}.alpha": torch.tensor(alpha)}
-
-
-def all_weights(pipe):
-    layers = {**npdiff_lora.named_layers(pipe.unet, "unet"),
-              **npdiff_lora.named_layers(pipe.text_encoder, "text_encoder")}
-    return {name: layer.weight for name, layer in layers.items()}
-
-
-def assert_untouched(pipe, before):
-    after = all_weights(pipe)
-    changed = [name for name in before if after[name] is not before[name]]
-    assert not changed, f"weights replaced: {changed[:3]}"
 
 
 def save(tensors, path):

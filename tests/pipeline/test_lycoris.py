@@ -21,10 +21,10 @@ import torch
 from safetensors.torch import save_file
 
 from tiny_sd import tiny_sd_folder, torch_pipeline  # noqa: E402
+from lora_helpers import all_weights, load_ours  # noqa: E402
 
 from npdiff import NpdiffError  # noqa: E402
 from npdiff import lora as npdiff_lora  # noqa: E402
-from npdiff.pipeline import StableDiffusionPipeline  # noqa: E402
 
 SCALE = 0.8
 PROMPT = "a red circle on a blue square"
@@ -159,18 +159,6 @@ def folder():
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("lycoris")
     return {kind: make_lycoris(kind, seed, root / f"{kind}.safetensors") for kind, seed in (("loha", 21), ("lokr", 22))}
-
-
-def load_ours(folder):
-    pipe = StableDiffusionPipeline.from_pretrained(folder, scheduler="euler")
-    pipe.show_progress = False
-    return pipe
-
-
-def all_weights(pipe):
-    layers = {**npdiff_lora.named_layers(pipe.unet, "unet"),
-              **npdiff_lora.named_layers(pipe.text_encoder, "text_encoder")}
-    return {name: layer.weight for name, layer in layers.items()}
 
 
 # ---------------------------------------------------------------------------------------------
