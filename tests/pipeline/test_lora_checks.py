@@ -115,3 +115,20 @@ def test_cli_names_the_file_of_an_absurd_scale(folder, tmp_path, seed, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "LoRA scale must be finite" in err and str(path) in err
     assert not out.exists()
+
+
+def test_half_precision_weights_refuse_a_fuse_beyond_float16(folder, tmp_path, seed):
+    """With float16 weights (the GPU backend's --fp16) a fused weight beyond 65504 would become inf: refused.
+    The same file and scale fuse into float32 weights without complaint."""
+    path = save(lora_tensors(seed), tmp_path / "strong.safetensors")
+    scale = 3e6  # updates ~1e5: within the 1e6 x limit for these weights, beyond float16's 65504
+    ours = load_ours(folder)
+    ours.load_lora_weights(path, scale=scale)  # float32 weights: fine
+    ours = load_ours(folder)
+    layer = npdiff_lora.named_layers(ours.unet, "unet")["down_blocks.0.attentions.0.proj_in"]
+    layer.weight = layer.weight.astype(np.float16)
+    before = all_weights(ours)
+    with pytest.raises(NpdiffError, match=r"proj_in' \(key '.*'\) at scale 3e\+06: the fused weight overflows "
+                                          r"float16 \(beyond 6.55e\+04\)"):
+        ours.load_lora_weights(path, scale=scale)
+    assert_untouched(ours, before)
