@@ -8,7 +8,8 @@ which are the names npdiff's layers carry in `layer.key`):
   kohya / A1111   lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight
                   lora_unet_<...>.lora_up.weight, lora_unet_<...>.alpha
                   LyCORIS files in this naming hold other parts instead of down/up (npdiff/lycoris.py):
-                  lora_unet_<...>.hada_w1_a ... (LoHa), lora_unet_<...>.lokr_w1 ... (LoKr)
+                  lora_unet_<...>.hada_w1_a ... (LoHa), lora_unet_<...>.lokr_w1 ... (LoKr), or a third
+                  one beside them, lora_unet_<...>.lora_mid.weight (LoCon in Tucker form)
                   lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight (lora_te1_ too)
                   The name is the diffusers module name with "." written as "_"; it is looked up in a
                   table made from the model's own module names (no guessing where "_" was ".").
@@ -45,7 +46,7 @@ LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "ha
 LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
 # key ending -> which part of the layer's change it holds
-KOHYA_PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha",
+KOHYA_PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_mid.weight": "mid", ".alpha": "alpha",
                **{"." + part: part for part in LOHA_PARTS + LOKR_PARTS}}
 KOHYA_ENDINGS = ".lora_down.weight, .lora_up.weight, .alpha (LoRA), .hada_w1_a ... (LoHa) or .lokr_w1 ... (LoKr)"
 PEFT_PARTS = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.weight": "down",

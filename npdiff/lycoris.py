@@ -1,4 +1,5 @@
-"""LyCORIS LoHa and LoKr: the update each fuses into a layer's weight, by webui's (and LyCORIS's) rules.
+"""LyCORIS LoHa, LoKr and LoCon's Tucker form: the update each fuses into a layer's weight, by webui's (and
+LyCORIS's) rules.
 
 A kohya-named LyCORIS file (npdiff/lora_keys.py) stores, for each layer it changes, instead of LoRA's
 down and up (weight [out,in] for a linear layer, [out,in,k,k] for a convolution):
@@ -15,7 +16,11 @@ down and up (weight [out,in] for a linear layer, [out,in,k,k] for a convolution)
                                            or  Tucker: lokr_t2 [r,r,k,k], lokr_w2_a [r,o2], lokr_w2_b [r,i2]
       update = kron(w1, w2)       (w1 as [o1,i1,1,1] when w2 has 4 axes)  -> the weight's shape
       dim = lokr_w2_b.shape[0] when w2 is decomposed, else lokr_w1_b.shape[0] when w1 is, else none
-Both: W' = W + scale * multiplier * update, where multiplier = alpha / dim when the file holds an alpha
+  LoCon in Tucker form, a LoRA of a convolution with a middle part:
+      lora_up.weight [out,r1(,1,1)]  lora_mid.weight [r1,r2,k,k]  lora_down.weight [r2,in(,1,1)]
+      update[o,c,:,:] = sum_ij mid[i,j,:,:] * up[o,i] * down[j,c]      -> [out,in,k,k]
+      dim = lora_down.weight.shape[0]
+All: W' = W + scale * multiplier * update, where multiplier = alpha / dim when the file holds an alpha
 and the layer has a dim, else 1 (webui's NetworkModule.calc_scale; LyCORIS trains with the same
 factor, and sets alpha = dim for a LoKr that decomposes nothing). Every shape is checked here, from
 the file's header, before any tensor is read (plan_update); update() then only computes.
@@ -30,7 +35,7 @@ from npdiff.lora_keys import LOHA_PARTS, LOKR_PARTS, shape_text
 
 
 def kind_of(path, component, name, parts):
-    """"lora", "loha" or "lokr" from the parts a layer's keys hold; NpdiffError for a mixture."""
+    """"lora", "locon_tucker", "loha" or "lokr" from the parts a layer's keys hold; NpdiffError for a mixture."""
     kinds = set()
     for part in parts:
         if part in LOHA_PARTS:
@@ -42,8 +47,9 @@ def kind_of(path, component, name, parts):
     if len(kinds) != 1:
         found = ", ".join(sorted(kinds)) or "only an alpha"
         raise NpdiffError(f"{path}: the {component} layer {name!r} has keys of {found}; expected the parts of "
-                          "one kind (LoRA lora_down/lora_up, LoHa hada_*, or LoKr lokr_*)")
-    return kinds.pop()
+                          "one kind (LoRA lora_down/lora_up(/lora_mid), LoHa hada_*, or LoKr lokr_*)")
+    kind = kinds.pop()
+    return "locon_tucker" if kind == "lora" and "mid" in parts else kind
 
 
 def _product_shape(a, b):
@@ -129,7 +135,13 @@ def plan_update(path, entry, shapes, alpha):
 
     shapes: {part: shape} from the file's header; alpha: the file's alpha for the layer, or None."""
     weight_shape = tuple(entry.layer.weight.shape)  # [out,in] (a 1x1 conv's too) or [out,in,k,k]
-    if entry.kind == "loha":
+    if entry.kind == "locon_tucker":
+        _require(path, entry, shapes, ("up", "mid", "down"), "a LoCon layer in Tucker form needs lora_up, lora_mid "
+                 "and lora_down")
+        up, down = shapes["up"], shapes["down"]
+        update_shape = _tucker_shape(shapes["mid"], (math.prod(up[1:]), up[0]), (down[0], math.prod(down[1:])))
+        dim = down[0]
+    elif entry.kind == "loha":
         update_shape, dim = _loha_shape(path, entry, shapes)
     else:
         update_shape, dim = _lokr_shape(path, entry, shapes)
@@ -167,6 +179,10 @@ def update(entry, tensors):
 
     tensors: {part: float32 array} for every part the file holds for the layer (plan_update passed)."""
     weight_shape = tuple(entry.layer.weight.shape)
+    if entry.kind == "locon_tucker":
+        up, down = tensors["up"], tensors["down"]
+        up = up.reshape(up.shape[0], -1).T                                 # [out,r1(,1,1)] -> [r1,out]
+        return _tucker(tensors["mid"], up, down.reshape(down.shape[0], -1)).reshape(weight_shape)  # [out,in,k,k]
     if entry.kind == "loha":
         first = _factor(tensors, "hada_w1_a", "hada_w1_b", "hada_t1")     # [out,in*k*k] or [out,in,k,k]
         second = _factor(tensors, "hada_w2_a", "hada_w2_b", "hada_t2")

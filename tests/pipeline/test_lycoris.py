@@ -298,3 +298,36 @@ def test_sdxl_original_names_and_second_text_encoder(tmp_path):
     for (component, name), weight in expected.items():
         fused = npdiff_lora.named_layers(getattr(ours, component), component)[name].weight
         assert_rel_close(np.asarray(fused), weight.numpy().reshape(fused.shape), tol=1e-6, what=name)
+
+
+def test_locon_tucker_form_matches_the_torch_rule(folder, tmp_path):
+    """LoCon with a middle part (LyCORIS's Tucker LoCon, webui's rebuild_cp_decomposition):
+    update = einsum("nmkl,in,mj->ijkl", mid, up, down), dim = lora_down's rank; with and without alpha."""
+    pipe = torch_pipeline(folder)
+    state = torch_state(pipe)
+    generator = torch.Generator().manual_seed(9)
+    tensors, expected = {}, {}
+    for i, name in enumerate(["down_blocks.0.resnets.0.conv1", "mid_block.resnets.0.conv2", "conv_in"]):
+        out, inputs, kernel = state[name].shape[0], state[name].shape[1], state[name].shape[2:]
+        up = torch.randn(out, 3, 1, 1, generator=generator) * 0.4             # [out,r1,1,1]
+        mid = torch.randn(3, 2, *kernel, generator=generator) * 0.4           # [r1,r2,k,k]
+        down = torch.randn(2, inputs, 1, 1, generator=generator) * 0.4        # [r2,in,1,1]
+        key = kohya_name(name)
+        tensors.update({f"{key}.lora_up.weight": up, f"{key}.lora_mid.weight": mid, f"{key}.lora_down.weight": down})
+        multiplier = 1.0
+        if i != 2:
+            tensors[f"{key}.alpha"] = torch.tensor(1.5)
+            multiplier = 1.5 / 2  # alpha / lora_down's rank
+        update = torch.einsum("nmkl,in,mj->ijkl", mid, up.flatten(1), down.flatten(1))
+        expected[name] = state[name] + SCALE * multiplier * update
+    path = tmp_path / "locon_tucker.safetensors"
+    save_file(tensors, str(path))
+    ours = load_ours(folder)
+    assert ours.load_lora_weights(path, scale=SCALE).layer_count == 3
+    fused = all_weights(ours)
+    for name, weight in expected.items():
+        assert_rel_close(np.asarray(fused[name]), weight.numpy(), tol=1e-6, what=name)
+    del tensors[f"{kohya_name('conv_in')}.lora_up.weight"]
+    save_file(tensors, str(path))
+    with pytest.raises(NpdiffError, match="'conv_in' .* has no up: a LoCon layer in Tucker form needs"):
+        load_ours(folder).load_lora_weights(path)
