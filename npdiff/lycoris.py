@@ -135,6 +135,10 @@ def plan_update(path, entry, shapes, alpha):
 
     shapes: {part: shape} from the file's header; alpha: the file's alpha for the layer, or None."""
     weight_shape = tuple(entry.layer.weight.shape)  # [out,in] (a 1x1 conv's too) or [out,in,k,k]
+    for part, shape in shapes.items():
+        if len(shape) < 2 or 0 in shape:
+            raise NpdiffError(f"{path}: LoRA key {entry.keys[part]!r} has shape {shape_text(shape)}; expected a "
+                              "matrix (2 or 4 axes, none empty)")
     if entry.kind == "locon_tucker":
         _require(path, entry, shapes, ("up", "mid", "down"), "a LoCon layer in Tucker form needs lora_up, lora_mid "
                  "and lora_down")

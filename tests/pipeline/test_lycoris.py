@@ -244,6 +244,10 @@ def zeros(*shape):
     ({f"{CONV}.lokr_w1": zeros(4, 4), f"{CONV}.lokr_w2": torch.full((8, 8, 3, 3), float("nan"))},
      r"'lora_unet_down_blocks_0_resnets_0_conv1.lokr_w2' holds 576 non-finite values"),
     ({f"{CONV}.diff": zeros(32, 32, 3, 3)}, "other LyCORIS kinds .* are not supported"),
+    ({f"{LINEAR}.lokr_w1": torch.tensor(1.0), f"{LINEAR}.lokr_w2": zeros(8, 8)},
+     r"'.*lokr_w1' has shape \[\]; expected a matrix"),
+    ({f"{LINEAR}.hada_w1_a": zeros(32, 0), f"{LINEAR}.hada_w1_b": zeros(0, 32), f"{LINEAR}.hada_w2_a": zeros(32, 4),
+      f"{LINEAR}.hada_w2_b": zeros(4, 32)}, r"'.*hada_w1_a' has shape \[32,0\]; expected a matrix"),
 ])
 def test_bad_lycoris_files_change_nothing(folder, files, tmp_path, tensors, message):
     path = tmp_path / "bad.safetensors"
