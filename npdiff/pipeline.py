@@ -201,11 +201,12 @@ class StableDiffusionPipeline:
         cond = xp.repeat(cond, num_images_per_prompt, axis=0)  # [B,77*C,D] -> [B*n,77*C,D], prompt-major
         if not do_guidance:
             return cond
-        uncond = encode_prompts(self.tokenizer, self.text_encoder, negatives, options).embeddings  # [B,77*C',D]
-        uncond = xp.repeat(uncond, num_images_per_prompt, axis=0)  # -> [B*n,77*C',D]
+        negative_options = options.for_negative()  # plain: no clip skip for the negative prompt, as diffusers
+        uncond = encode_prompts(self.tokenizer, self.text_encoder, negatives, negative_options).embeddings
+        uncond = xp.repeat(uncond, num_images_per_prompt, axis=0)  # [B,77*C',D] -> [B*n,77*C',D]
 
         def encode_empty():
-            return encode_prompts(self.tokenizer, self.text_encoder, [""], options).embeddings  # [1,77,D]
+            return encode_prompts(self.tokenizer, self.text_encoder, [""], negative_options).embeddings  # [1,77,D]
 
         cond, uncond = match_chunk_counts(cond, uncond, encode_empty)  # a1111: the shorter padded
         return xp.concatenate([uncond, cond], axis=0)  # -> [2*B*n,77*C,D]

@@ -193,6 +193,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         """-> SDXLText(embeddings [B*n,77*C,D1+D2], pooled [B*n,P]), [uncond; cond] ([2*B*n,...]) when guiding;
         C = 1 unless options.prompt_syntax is "a1111". An absent negative prompt with
         force_zeros_for_empty_prompt: zeros of one chunk (then padded like any shorter negative)."""
+        options = PromptOptions() if options is None else options
         extra.batch, extra.do_guidance = len(prompts) * num_images_per_prompt, do_guidance
         cond = encode_prompt_pair(self, prompts, second_prompts(extra.prompt_2, prompts, "prompt_2"), options)
         xp = backend.array_module(cond.embeddings)
@@ -204,11 +205,11 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             uncond = SDXLText(xp.zeros_like(chunk), xp.zeros_like(cond.pooled))  # [B*n,77,D], [B*n,P]
         else:
             negatives_2 = second_prompts(extra.negative_prompt_2, negatives, "negative_prompt_2")
-            uncond = encode_prompt_pair(self, negatives, negatives_2, options)
+            uncond = encode_prompt_pair(self, negatives, negatives_2, options.for_negative())  # plain: no clip skip
             uncond = SDXLText(*(xp.repeat(part, num_images_per_prompt, axis=0) for part in uncond))
 
         def encode_empty():
-            return encode_prompt_pair(self, [""], [""], options).embeddings  # [1,77,D1+D2]
+            return encode_prompt_pair(self, [""], [""], options.for_negative()).embeddings  # [1,77,D1+D2]
 
         cond_embeddings, uncond_embeddings = match_chunk_counts(cond.embeddings, uncond.embeddings, encode_empty)
         return SDXLText(xp.concatenate([uncond_embeddings, cond_embeddings], axis=0),   # [2*B*n,77*C,D1+D2]

@@ -11,7 +11,9 @@ Which hidden state (`layer="last"`: SD 1.x/2.x, diffusers' StableDiffusionPipeli
 and (`layer="penultimate"`: SDXL's two encoders, diffusers' StableDiffusionXLPipeline.encode_prompt):
     clip_skip None  hidden_states[-2], no final norm
     clip_skip k     hidden_states[-(k + 2)], no final norm
-webui counts the same setting from 1 ("Clip skip: 2" is clip_skip=1 here).
+webui counts the same setting from 1 ("Clip skip: 2" is clip_skip=1 here). With plain syntax the negative
+prompt keeps the default layer, as in diffusers; with "a1111" both are skipped, as in webui
+(PromptOptions.for_negative).
 
 Plain syntax: the prompt as diffusers reads it, one chunk of 77 ids, cut after 75 prompt ids with a
 PromptTruncatedWarning. "a1111" syntax, as AUTOMATIC1111's webui encodes a prompt:
@@ -66,6 +68,13 @@ class PromptOptions:
         if self.clip_skip > most:
             raise NpdiffError(f"clip_skip {self.clip_skip} skips more layers than the text encoder's "
                               f"{layers} allow (at most {most} here)")
+
+    def for_negative(self):
+        """The options the negative prompt is read with. diffusers' pipelines apply clip_skip to the prompt
+        alone, the negative prompt keeping the default layer (both StableDiffusionPipeline and the SDXL ones;
+        changes proposed in diffusers PRs 13796 and 13973 were closed): plain syntax does the same, so that
+        pictures equal diffusers'. webui skips the layers for both: "a1111" reads both alike."""
+        return PromptOptions(None, "plain") if self.prompt_syntax == "plain" else self
 
     def parameters(self):
         """What a picture's parameters record: the settings that differ from the defaults."""
