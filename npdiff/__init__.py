@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 # Heavy parts load on first use, so `import npdiff` stays light.
 _LAZY = {
     "StableDiffusionPipeline": "npdiff.pipeline",
+    "StableDiffusionXLPipeline": "npdiff.pipeline_sdxl",
 }
 
 
@@ -27,4 +28,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'npdiff' has no attribute {name!r}")
 
 
-__all__ = ["NpdiffError", "StableDiffusionPipeline", "__version__"]
+__all__ = ["NpdiffError", "StableDiffusionPipeline", "StableDiffusionXLPipeline", "__version__"]

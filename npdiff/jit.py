@@ -15,7 +15,46 @@ Flags used:
             reordered. For GEMM micro-kernels (npdiff/kernels/matmul_numba.py).
 """
 
-from numba import njit, prange  # noqa: F401  (re-exported for kernel modules)
+import os
+import sys
+
+
+def use_512_bit_vectors():
+    """On an AVX-512 CPU, let LLVM use 512-bit (zmm) vectors in every Numba kernel.
+
+    LLVM tunes some AVX-512 CPUs (Intel's cores from Skylake-X on) with "prefer-256-bit": it then
+    vectorises with 256-bit ymm registers only, and the packed GEMM micro-kernel of matmul_numba.py,
+    laid out for 24 zmm accumulators, runs at half width (measured on a cloud Xeon: 48 ymm FMAs
+    instead of 24 zmm in its inner loop). Numba takes the CPU from NUMBA_CPU_NAME / NUMBA_CPU_FEATURES
+    when set, so this sets the features to the host's own plus "-prefer-256-bit": the same
+    instructions are allowed, only that tuning is off (a no-op on CPUs tuned for 512 bits, such as
+    AMD Zen 4). It also corrects one misdetection: virtual Xeons with AMX are named "rocketlake" (a
+    desktop chip that has no AMX) by LLVM's host detection, whose instruction scheduling for that
+    chip spills one of the micro-kernel's 32 zmm registers to the stack in every k step; a CPU with
+    AMX tiles is at least a Sapphire Rapids, and is named so. Values the user set are kept.
+    Runs before Numba is imported below (Numba reads the variables then); if Numba was imported
+    already, its configuration is reloaded, which holds for every kernel not yet compiled.
+    Returns what was decided."""
+    if os.environ.get("NUMBA_CPU_FEATURES") or os.environ.get("NUMBA_CPU_NAME"):
+        return "set by user"
+    import llvmlite.binding as llvm
+
+    features = llvm.get_host_cpu_features()
+    if not features.get("avx512f"):
+        return "no AVX-512: LLVM's choice kept"
+    os.environ["NUMBA_CPU_FEATURES"] = features.flatten() + ",-prefer-256-bit"
+    decided = "NUMBA_CPU_FEATURES = the host's features + -prefer-256-bit"
+    if llvm.get_host_cpu_name() == "rocketlake" and features.get("amx-tile"):
+        os.environ["NUMBA_CPU_NAME"] = "sapphirerapids"
+        decided += "; NUMBA_CPU_NAME = sapphirerapids (LLVM named this AMX CPU rocketlake)"
+    if "numba.core.config" in sys.modules:
+        sys.modules["numba.core.config"].reload_config()
+    return decided
+
+
+VECTOR_WIDTH_DECISION = use_512_bit_vectors()
+
+from numba import njit, prange  # noqa: E402, F401  (re-exported for kernel modules; after the step above)
 
 FASTMATH_SAFE = {"nsz", "arcp", "contract", "reassoc"}
 FASTMATH_CONTRACT = {"contract"}

@@ -16,14 +16,29 @@ asks a start object for what differs:
 
 prepare() checks the mode's own arguments before any long work starts; the others run inside the
 sampling steps, in diffusers' order of operations and random draws.
+
+What ImageStart and InpaintStart share with diffusers (at the end of this file):
+  check_denoising_steps(N, strength)      NpdiffError when strength keeps no step (int(N * strength) = 0),
+                                          checked before any long work;
+  get_timesteps(scheduler, N, strength)   diffusers' get_timesteps: with N steps keep the last
+                                          min(int(N * strength), N) of them (times the scheduler's order)
+                                          and tell the scheduler where it begins (set_begin_index);
+  encode_image(pipe, pixels, batch, g)    diffusers' _encode_vae_image: pixels [1,3,H,W] in [-1,1] ->
+                                          posterior.sample(g) * scaling_factor (one draw of [1,4,h,w];
+                                          none with TAESD, whose encoder gives the latents),
+                                          repeated to the batch.
 """
 
 import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
-from npdiff.images import image_to_model_input, mask_to_model_input, picture_size, resize_nearest
-from npdiff.img2img import check_denoising_steps, encode_image, get_timesteps
+from npdiff.images import (
+    image_to_model_input,
+    mask_to_model_input,
+    picture_size,
+    resize_nearest,
+)
 from npdiff.pipeline_utils import check_size, check_strength, size_rule
 
 
@@ -32,6 +47,7 @@ class SamplingStart:
 
     mode = None
     encodes_picture = False  # whether the VAE's encoder runs too (memory_estimate counts it)
+    add_noise = True  # False: the picture's latents are noisy already (SDXL's denoising_start, a refiner)
 
     def timesteps(self, scheduler, num_inference_steps):
         """-> (the timesteps to run, the number of denoising steps); set_timesteps has run."""
@@ -115,8 +131,14 @@ class ImageStart(SamplingStart):
     def timesteps(self, scheduler, num_inference_steps):
         return get_timesteps(scheduler, num_inference_steps, self.strength)
 
+    def picture_latents(self, pipe, generator):
+        """The picture's latents [B,4,h,w] (one posterior draw)."""
+        return encode_image(pipe, self.pixels, self.batch, generator)  # [B,4,h,w]
+
     def initial_latents(self, pipe, scheduler, timesteps, generator):
-        latents = encode_image(pipe, self.pixels, self.batch, generator)  # [B,4,h,w], first draw
+        latents = self.picture_latents(pipe, generator)  # [B,4,h,w], first draw
+        if not self.add_noise:
+            return latents
         noise = backend.to_device(generator.randn(tuple(latents.shape), dtype=np.float32))  # [B,4,h,w]
         first_timestep = np.repeat(np.asarray(timesteps[:1]), self.batch)  # [B]
         return scheduler.add_noise(latents, noise, first_timestep)  # [B,4,h,w]
@@ -173,10 +195,12 @@ class InpaintStart(SamplingStart):
     def initial_latents(self, pipe, scheduler, timesteps, generator):
         # diffusers' prepare_latents: the picture's latents when they are needed, then the noise
         is_strength_max = self.strength == 1.0
-        if not self.concat or not is_strength_max:
+        if not self.concat or not is_strength_max or not self.add_noise:
             self.image_latents = encode_image(pipe, self.pixels, self.batch, generator)  # [B,4,h,w]
         self.noise = backend.to_device(generator.randn(self.latent_shape, dtype=np.float32))  # [B,4,h,w]
-        if is_strength_max:
+        if not self.add_noise:  # noisy already (SDXL's denoising_start): the noise serves after_step only
+            latents = self.image_latents
+        elif is_strength_max:
             latents = self.noise * float(scheduler.init_noise_sigma)  # [B,4,h,w]
         else:
             first_timestep = np.repeat(np.asarray(timesteps[:1]), self.batch)  # [B]
@@ -212,3 +236,36 @@ class InpaintStart(SamplingStart):
 
     def parameters(self):
         return {"mode": self.mode, "strength": self.strength}
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting from a picture: what image-to-image and inpainting share with diffusers
+# ---------------------------------------------------------------------------------------------
+def check_denoising_steps(num_inference_steps, strength):
+    """NpdiffError when `strength` keeps no step of `num_inference_steps` (int(N * strength) = 0)."""
+    if min(int(num_inference_steps * strength), num_inference_steps) < 1:
+        raise NpdiffError(f"strength {strength} with num_inference_steps {num_inference_steps} leaves no "
+                          f"denoising step (int(steps * strength) = 0); raise one of them")
+
+
+def get_timesteps(scheduler, num_inference_steps, strength):
+    """-> (the timesteps to run, how many denoising steps that is), setting the scheduler's begin index."""
+    check_denoising_steps(num_inference_steps, strength)
+    init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+    t_start = max(num_inference_steps - init_timestep, 0)
+    order = getattr(scheduler, "order", 1)
+    timesteps = scheduler.timesteps[t_start * order:]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * order)
+    return timesteps, num_inference_steps - t_start
+
+
+def encode_image(pipe, pixels, batch, generator):
+    """Pixels [1,3,H,W] in [-1,1] -> scaled latents [batch,4,h,w] (one posterior sample or TAESD's latents,
+    repeated)."""
+    encoded = pipe.vae.encode(backend.to_device(pixels))  # [1,3,H,W] -> posterior (KL) or latents (TAESD)
+    # diffusers' retrieve_latents: a KL posterior is sampled (one draw); TAESD gives latents (no draw)
+    latents = encoded.latents if hasattr(encoded, "latents") else encoded.sample(generator)  # [1,4,h,w]
+    latents = latents * float(pipe.vae.scaling_factor)  # [1,4,h,w]
+    xp = backend.array_module(latents)
+    return xp.repeat(latents, batch, axis=0)  # [1,4,h,w] -> [batch,4,h,w]

@@ -25,8 +25,21 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
-from npdiff.verify_blocks import (PROMPTS, Table, compare_blocks, compare_sampling, compare_vae, is_sdxl_folder,
-                                  picture_size, require_torch_stack, unet_block_names)
+from npdiff.pipeline import StableDiffusionPipeline
+from npdiff.pipeline_utils import check_positive_int, default_model_path
+from npdiff.rng import TorchGenerator
+from npdiff.verify_blocks import (
+    PROMPTS,
+    Table,
+    compare_blocks,
+    compare_sampling,
+    compare_vae,
+    is_sdxl_folder,
+    picture_size,
+    require_torch_stack,
+    unet_block_names,
+)
+from npdiff.verify_sdxl import verify_sdxl_model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,18 +86,12 @@ def verify_model(model=None, steps=4, height=None, width=None, seed=0, out=None)
     import torch
     from diffusers import StableDiffusionPipeline as TorchPipeline
 
-    from npdiff.pipeline import StableDiffusionPipeline
-    from npdiff.pipeline_utils import check_positive_int, default_model_path
-    from npdiff.rng import TorchGenerator
-
     steps = check_positive_int(steps, "--steps")
     model = Path(model) if model is not None else default_model_path()
     if not model.is_dir():
         raise NpdiffError(f"npdiff verify needs a diffusers model folder (diffusers cannot read {model} "
                           "offline without its original config)")
     if is_sdxl_folder(model):
-        from npdiff.verify_sdxl import verify_sdxl_model
-
         return verify_sdxl_model(model, steps, height, width, seed, out)
     pipe = StableDiffusionPipeline.from_pretrained(model)
     pipe.show_progress = False

@@ -13,6 +13,7 @@
 And what they share:
     dispatch.py     which version runs on which array (cupy -> CUDA, NumPy -> fast, else reference)
     block_pool.py   the block-parallel pool: worker threads for kernels that split their own work
+    scratch.py      scratch arrays per thread, reused from call to call (tiles, copies of strided inputs)
     validate.py     input checks; vecmath.py: vectorisable exp/sigmoid/erfc for Numba loops
     cuda/           the CUDA versions, for cupy arrays
 
@@ -24,8 +25,15 @@ called.
 """
 
 from npdiff.kernels.activations import gelu, quick_gelu, silu
-from npdiff.kernels.attention import (attention_batched, attention_blocked, attention_chunked, attention_chunked_ref,
-                                      attention_full, attention_ref, scaled_dot_product_attention)
+from npdiff.kernels.attention import (
+                                      attention_batched,
+                                      attention_blocked,
+                                      attention_chunked,
+                                      attention_chunked_ref,
+                                      attention_full,
+                                      attention_ref,
+                                      scaled_dot_product_attention,
+)
 from npdiff.kernels.conv import conv2d, conv2d_ref
 from npdiff.kernels.linear import geglu, linear, linear_activation
 from npdiff.kernels.norm import group_norm, layer_norm

@@ -1,4 +1,4 @@
-"""The one key map between the original CompVis/Stability layout and diffusers names (SD 1.x).
+"""The one key map between the original CompVis/Stability layout and diffusers names (SD 1.x, 2.x, SDXL).
 
 An original checkpoint keeps all three networks in one file; a key is mapped in three stages:
 
@@ -12,6 +12,9 @@ An original checkpoint keeps all three networks in one file; a key is mapped in 
      e.g. transformer blocks, which have the same names in both layouts):
          in_layers.0.        -> norm1.
      giving down_blocks.0.resnets.0.norm1.weight.
+
+SDXL files use the same UNet and VAE names (the UNet adds label_emb, diffusers' add_embedding) and keep
+their two text encoders under conditioner.embedders.* (SDXL_COMPONENT_PREFIXES).
 
 One shape changes: the VAE's mid-block attention stores q, k, v and proj_out as 1x1 convolutions
 [C,C,1,1]; diffusers has linear layers [C,C]. Those rows carry CONV1X1_TO_LINEAR.
@@ -32,13 +35,28 @@ COMPONENT_PREFIXES = (
     ("first_stage_model.", "vae"),
     ("cond_stage_model.transformer.", "text_encoder"),
 )
+# SDXL files (Stability's sgm layout): the text encoders are the conditioner's embedders; the refiner's
+# file has ViT-bigG alone, at index 0. (ViT-bigG keeps OpenCLIP's names: single_file_sdxl.py maps them.)
+SDXL_COMPONENT_PREFIXES = (
+    ("model.diffusion_model.", "unet"),
+    ("first_stage_model.", "vae"),
+    ("conditioner.embedders.0.transformer.", "text_encoder"),  # CLIP ViT-L, transformers' names
+    ("conditioner.embedders.1.model.", "text_encoder_2"),  # OpenCLIP ViT-bigG (base)
+)
+SDXL_REFINER_COMPONENT_PREFIXES = (
+    ("model.diffusion_model.", "unet"),
+    ("first_stage_model.", "vae"),
+    ("conditioner.embedders.0.model.", "text_encoder_2"),  # OpenCLIP ViT-bigG (refiner)
+)
 # Keys that belong to no network npdiff runs: the training noise schedule (the scheduler recomputes
-# it), EMA copies and the autoencoder's training loss.
+# it), EMA copies and the autoencoder's training loss. (Keys that change how a model is sampled, such as
+# some SDXL files' "v_pred" marker, are NOT ignored: single_file_sdxl.UNSUPPORTED_MARKERS refuses them.)
 IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.")
 IGNORED_KEYS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                 "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                 "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-                "posterior_mean_coef1", "posterior_mean_coef2", "logvar")
+                "posterior_mean_coef1", "posterior_mean_coef2", "logvar",
+                "denoiser.sigmas")  # SDXL (sgm): the denoiser's training sigmas
 
 # Stage 3 -----------------------------------------------------------------------------------------
 UNET_RESNET_PARTS = (
@@ -92,6 +110,11 @@ def unet_block_table(config):
         ("out.0.", "conv_norm_out.", KEEP),
         ("out.2.", "conv_out.", KEEP),
     ]
+    if config.get("addition_embed_type") == "text_time":  # SDXL: label_emb = Sequential(Linear, SiLU, Linear)
+        rows += [
+            ("label_emb.0.0.", "add_embedding.linear_1.", KEEP),
+            ("label_emb.0.2.", "add_embedding.linear_2.", KEEP),
+        ]
     for i in range(num_blocks):
         for j in range(layers):
             index = 1 + i * (layers + 1) + j
@@ -154,13 +177,13 @@ TEXT_ENCODER_TABLE = [("", "", KEEP)]  # transformers' names already (with or wi
 
 
 # Applying the tables -----------------------------------------------------------------------------
-def split_component(key):
-    """(component, key without its prefix), (None, key) for an ignored key; NpdiffError otherwise."""
-    for prefix, component in COMPONENT_PREFIXES:
+def split_component(key, prefixes=COMPONENT_PREFIXES):
+    """(component, key without its prefix), (None, key) for an ignored key, ("unknown", key) otherwise."""
+    if key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES):  # first: first_stage_model.loss. is no VAE key
+        return None, key
+    for prefix, component in prefixes:
         if key.startswith(prefix):
             return component, key[len(prefix):]
-    if key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES):
-        return None, key
     return "unknown", key
 
 
@@ -195,3 +218,22 @@ def reshaped(stored_shape, reshape, key, source):
         raise NpdiffError(f"key '{key}' in {source} has shape {stored_shape}; expected a 1x1 convolution "
                           "[C,C,1,1] (or a linear [C,C])")
     raise NpdiffError(f"unknown reshape {reshape!r} in the key map")  # a bug in this file, not in the input
+
+
+def map_component(component, shapes_by_key, table, prefix, source):
+    """Every key of one component through its table: {component-relative original key: stored shape} ->
+    {diffusers key: (full original key, shape taken, None)}; NpdiffError naming a key no row maps, or two
+    keys that map to one name. (None: no rows taken, see single_file_sd2.map_openclip.)"""
+    names = {}
+    for key, stored_shape in shapes_by_key.items():
+        full_key = prefix + key
+        mapped = map_key(key, table)
+        if mapped is None:
+            raise NpdiffError(f"unexpected key '{full_key}' in {source}: no diffusers name for it "
+                              f"in the {component} key map")
+        diffusers_key, reshape = mapped
+        if diffusers_key in names:
+            raise NpdiffError(f"keys '{names[diffusers_key][0]}' and '{full_key}' in {source} both map "
+                              f"to '{diffusers_key}'")
+        names[diffusers_key] = (full_key, reshaped(stored_shape, reshape, full_key, source), None)
+    return names

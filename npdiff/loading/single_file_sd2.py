@@ -41,7 +41,7 @@ OPENCLIP_PREFIX = "cond_stage_model.model."
 DROPPED_KEYS = ("text_projection", "logit_scale")  # CLIP's contrastive head: not used by SD
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
-# The scheduler_config.json of stabilityai/stable-diffusion-2-1 (prediction_type set per call)
+# The scheduler_config.json of stabilityai/stable-diffusion-2-1 (prediction_type replaced when one is asked for)
 SD2_SCHEDULER_CONFIG = {
     "_class_name": "DDIMScheduler",
     "beta_end": 0.012,
@@ -132,14 +132,12 @@ def map_openclip_key(key, shape, hidden_size, last_block):
     return None
 
 
-def map_openclip(shapes, source):
-    """{full OpenCLIP key: shape} -> (config, {diffusers key: (full key, shape taken, rows)})."""
-    relative = {key[len(OPENCLIP_PREFIX):]: tuple(shape) for key, shape in shapes.items()}
-    config = infer_openclip_config(relative, source)  # 1. the config
-    hidden_size, last_block = config["hidden_size"], config["num_hidden_layers"]
+def map_openclip_keys(relative, prefix, hidden_size, last_block, source):
+    """{OpenCLIP key (prefix removed): shape} -> {diffusers key: (full key, shape taken, rows)}: every key
+    renamed, split in three or dropped (resblocks.<last_block> too; None keeps them all, as SDXL does)."""
     names = {}
-    for key, shape in relative.items():  # 2. every key: renamed, split in three, or dropped
-        full_key = OPENCLIP_PREFIX + key
+    for key, shape in relative.items():
+        full_key = prefix + key
         mapped = map_openclip_key(key, shape, hidden_size, last_block)
         if mapped is None:
             raise NpdiffError(f"unexpected key '{full_key}' in {source}: no diffusers name for it in the "
@@ -149,10 +147,17 @@ def map_openclip(shapes, source):
                 raise NpdiffError(f"key '{full_key}' in {source} has shape {shape}; expected q, k and v "
                                   f"stacked: ({3 * hidden_size}, ...)")
             names[diffusers_key] = (full_key, taken, rows)
-    return config, names
+    return names
 
 
-def sd2_defaults(prediction_type=None):
-    """-> (SD 2.x's scheduler config, v-prediction unless told; the UNet's sample_size for that kind)."""
-    prediction_type = check_prediction_type(prediction_type) or "v_prediction"
-    return dict(SD2_SCHEDULER_CONFIG, prediction_type=prediction_type), SAMPLE_SIZE[prediction_type]
+def map_openclip(shapes, source):
+    """{full OpenCLIP key: shape} -> (config, {diffusers key: (full key, shape taken, rows)})."""
+    relative = {key[len(OPENCLIP_PREFIX):]: tuple(shape) for key, shape in shapes.items()}
+    config = infer_openclip_config(relative, source)  # 1. the config
+    hidden_size, last_block = config["hidden_size"], config["num_hidden_layers"]
+    return config, map_openclip_keys(relative, OPENCLIP_PREFIX, hidden_size, last_block, source)  # 2. every key
+
+
+def sd2_sample_size(prediction_type):
+    """The SD 2.x UNet's default latent side for the kind of model the prediction type says it is."""
+    return SAMPLE_SIZE[check_prediction_type(prediction_type)]

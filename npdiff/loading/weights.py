@@ -22,6 +22,10 @@ each tensor's after its check (so loading never holds more than about one tensor
 model's mapped tensors once more in check_all_used(), the end of every model's constructor (the kernel
 maps up to 64 KiB around each page fault, so checking one tensor brings in bits of its neighbours):
 loading leaves the weights in the page cache, not resident, and the first call faults them back in.
+
+A TensorRef may also be stored transposed (transpose=True): OpenCLIP's text_projection [D,P] in SDXL
+files, which transformers holds as a Linear weight [P,D]. take() transposes the view; backend.to_device
+then makes it contiguous, one private copy of that tensor (bigG's: 6.5 MB).
 """
 
 import difflib
@@ -56,6 +60,7 @@ class TensorRef:
     stored_key: str  # the key inside that file
     shape: tuple  # the shape take() returns (same number of elements as the stored rows)
     rows: tuple = None  # (start, stop) along the first axis, or None for the whole tensor (fused q/k/v)
+    transpose: bool = False  # stored [a,b] taken as [b,a] (OpenCLIP's text_projection; see take())
 
 
 def _shape_text(shape):
@@ -86,6 +91,7 @@ class Weights:
             text += f", stored as '{self._refs[key].stored_key}'"
             rows = self._refs[key].rows
             text += f" rows {rows[0]}:{rows[1]}" if rows is not None else ""
+            text += " transposed" if self._refs[key].transpose else ""
         return text
 
     def __repr__(self):
@@ -135,6 +141,8 @@ class Weights:
         if ref.rows is not None:  # [3D,...] -> [D,...]: one of fused q/k/v (a widened one copied so the rest can go)
             values = values[ref.rows[0]:ref.rows[1]]
             values = values if mapped else values.copy()
+        if ref.transpose:  # [a,b] -> [b,a]: a view here; to_device below makes it one contiguous private copy
+            values = values.T
         values = values.reshape(expected)  # stored shape -> config shape (a view: the rows are contiguous)
         bad = first_non_finite(values) if finite else None
         if mapped and finite:

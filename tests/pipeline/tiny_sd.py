@@ -47,18 +47,30 @@ DIFFUSERS_SCHEDULERS = {
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                                            "use_karras_sigmas": True}),
+    "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm2": ("KDPM2DiscreteScheduler", {}),
+    "dpm2_karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpm2_a_karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {}),
     "lcm": ("LCMScheduler", {}),
     "tcd": ("TCDScheduler", {}),
 }
 
 
-def tiny_clip_text_model(seed, config=CLIP_CONFIG):
-    """A transformers CLIPTextModel, full CLIP vocabulary, width 32, every parameter random."""
+def tiny_clip_text_model(seed, config=CLIP_CONFIG, model_class=None):
+    """A transformers CLIPTextModel (or `model_class`, e.g. CLIPTextModelWithProjection), full CLIP vocabulary,
+    width 32, every parameter random."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    model = CLIPTextModel(CLIPTextConfig(**config))
+    model = (model_class or CLIPTextModel)(CLIPTextConfig(**config))
     with torch.no_grad():
         for param in model.parameters():
             if param.ndim == 1:
