@@ -16,7 +16,8 @@ The rules:
   6. every id after a chunk's first end id becomes the tokenizer's pad id ("!", id 0, for SD 2.x and
      SDXL's second tokenizer; the end id itself for SD 1.x, where nothing changes).
 Padding and start/end tokens weigh 1.0. A textual-inversion token of several vectors is expanded in each
-piece as in plain prompts (tokenizer.expand_multi_vector_tokens).
+piece as in plain prompts (tokenizer.expand_multi_vector_tokens) and, as webui places an embedding, never
+split: when its vectors do not fit in the current chunk they start the next one.
 """
 
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ def prompt_chunks(tokenizer, prompt):
     # 1. weighted pieces, each tokenized on its own
     pieces = parse_prompt_attention(prompt)
     comma_id = tokenizer.get_vocab().get(COMMA_TOKEN)
+    groups = multi_vector_groups(tokenizer)  # first id -> the ids of one multi-vector embedding
     chunks = []
     chunk = PromptChunk()
     last_comma = -1  # position in chunk.ids of the last comma, -1 when none
@@ -58,7 +60,9 @@ def prompt_chunks(tokenizer, prompt):
             close_chunk()
             continue
         ids = tokenizer.encode(tokenizer.expand_multi_vector_tokens(text))
-        for token in ids:
+        position = 0
+        while position < len(ids):
+            token = ids[position]
             if token == comma_id:
                 last_comma = len(chunk.ids)
             # 3. a full chunk with a comma near its end: the ids after the comma go to the next chunk
@@ -72,8 +76,14 @@ def prompt_chunks(tokenizer, prompt):
                 chunk.ids, chunk.multipliers = moved_ids, moved_multipliers
             if len(chunk.ids) == CHUNK_LENGTH:
                 close_chunk()
-            chunk.ids.append(token)
-            chunk.multipliers.append(weight)
+            group = groups.get(token)
+            if group is None or ids[position:position + len(group)] != group:
+                group = [token]
+            elif len(chunk.ids) + len(group) > CHUNK_LENGTH:  # an embedding's vectors stay in one chunk
+                close_chunk()
+            chunk.ids += group
+            chunk.multipliers += [weight] * len(group)
+            position += len(group)
     if chunk.ids or not chunks:
         close_chunk()
     # 6. ids after the first end id -> the pad id
@@ -83,6 +93,11 @@ def prompt_chunks(tokenizer, prompt):
     return chunks
 
 
-def empty_chunk(tokenizer):
-    """The chunk of the empty prompt: start, end, padding; every weight 1.0."""
-    return prompt_chunks(tokenizer, "")[0]
+def multi_vector_groups(tokenizer):
+    """{id of a multi-vector token's first vector: the ids of all its vectors} (textual inversion)."""
+    groups = {}
+    for names in getattr(tokenizer, "multi_vector_tokens", {}).values():
+        ids = tokenizer.convert_tokens_to_ids(names)
+        groups[ids[0]] = ids
+    return groups
+

@@ -259,6 +259,21 @@ def test_chunks_equal_webui(rng, kind):
     assert len(without_commas) >= 2 and all(chunk.ids.index(end) == 76 for chunk in without_commas[:-1])
 
 
+def test_multi_vector_embedding_not_split_across_chunks():
+    """webui places a textual-inversion embedding's vectors in one chunk: 73 words, then a 3-vector token."""
+    from npdiff.tokenizer import CLIPTokenizer as OurTokenizer
+
+    tokenizer = OurTokenizer.from_pretrained(tiny_sd_folder(), subfolder="tokenizer")
+    names = ["<cat>", "<cat>_1", "<cat>_2"]
+    group = tokenizer.add_tokens(names)
+    tokenizer.register_multi_vector("<cat>", names)
+    red = tokenizer.encode("red")[0]
+    first, second = prompt_chunks(tokenizer, "red " * 73 + "(<cat>:1.2) blue")
+    assert first.ids[1:74] == [red] * 73 and first.ids[74] == tokenizer.eos_token_id
+    assert second.ids[1:4] == group and second.multipliers[1:4] == [1.2] * 3
+    assert prompt_chunks(tokenizer, "red " * 72 + "<cat>")[0].ids[73:76] == group  # fits: stays
+
+
 def check_embeddings(ours, theirs, what):
     assert ours.shape == tuple(theirs.shape), f"{what}: {ours.shape} vs {tuple(theirs.shape)}"
     assert_rel_close(ours, theirs.numpy(), tol=NETWORK_TOL, what=what)
