@@ -49,7 +49,8 @@ def prompt_chunks(tokenizer, prompt):
         # 2./4./5. pad with the end id to 75, then wrap in start and end
         nonlocal chunk, last_comma
         padding = CHUNK_LENGTH - len(chunk.ids)
-        chunk.ids = [tokenizer.bos_token_id] + chunk.ids + [tokenizer.eos_token_id] * padding + [tokenizer.eos_token_id]
+        end = tokenizer.eos_token_id
+        chunk.ids = [tokenizer.bos_token_id] + chunk.ids + [end] * padding + [end]
         chunk.multipliers = [1.0] + chunk.multipliers + [1.0] * padding + [1.0]
         chunks.append(chunk)
         chunk = PromptChunk()
@@ -87,9 +88,9 @@ def prompt_chunks(tokenizer, prompt):
     if chunk.ids or not chunks:
         close_chunk()
     # 6. ids after the first end id -> the pad id
-    for chunk in chunks:
-        first_end = chunk.ids.index(tokenizer.eos_token_id)
-        chunk.ids[first_end + 1:] = [tokenizer.pad_token_id] * (len(chunk.ids) - first_end - 1)
+    for closed in chunks:
+        first_end = closed.ids.index(tokenizer.eos_token_id)
+        closed.ids[first_end + 1:] = [tokenizer.pad_token_id] * (len(closed.ids) - first_end - 1)
     return chunks
 
 

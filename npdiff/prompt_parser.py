@@ -1,7 +1,8 @@
 """AUTOMATIC1111 webui's attention syntax: a prompt -> pieces of text with weights.
 
-    >>> parse_prompt_attention("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).")
-    [['a ', 1.0], ['house', 1.5730000000000004], [' ', 1.1], ['on', 1.0], [' a ', 1.1], ['hill', 0.55], [', sun, ', 1.1], ['sky', 1.4641000000000006], ['.', 1.1]]
+    >>> parse_prompt_attention("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).")  # doctest: +NORMALIZE_WHITESPACE
+    [['a ', 1.0], ['house', 1.5730000000000004], [' ', 1.1], ['on', 1.0], [' a ', 1.1], ['hill', 0.55],
+     [', sun, ', 1.1], ['sky', 1.4641000000000006], ['.', 1.1]]
 
 The rules, as webui's modules/prompt_parser.py applies them (the same regex, the same order):
   - the text splits into escapes (\\( \\) \\[ \\] \\\\), "(", "[", ":<number>)", ")", "]", runs of other text,

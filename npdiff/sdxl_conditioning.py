@@ -6,8 +6,9 @@
                       before the final layer norm; hidden_states[-(clip_skip + 2)] with a clip skip), put
                       side by side; text_encoder_2's projected pooled token is the pooled embedding. With
                       prompt_syntax "a1111" each encoder reads webui's chunks (npdiff/prompt_encoding.py):
-                      [B,77*C,D1+D2], each encoder's chunks weighted on their own, pooled from the first. A refiner has text_encoder_2 alone and it reads `prompts`
-                      (diffusers zips [prompt, prompt_2] with the encoders there are).
+                      [B,77*C,D1+D2], each encoder's chunks weighted on their own, pooled from the first.
+                      A refiner has text_encoder_2 alone and it reads `prompts` (diffusers zips [prompt,
+                      prompt_2] with the encoders there are).
   add_time_ids(...)   the "micro-conditioning" numbers, one row per picture: (original height, width, crop
                       top, left, target height, width), or for a refiner (requires_aesthetics_score) (original
                       height, width, crop top, left, aesthetic score); each goes through the UNet's
