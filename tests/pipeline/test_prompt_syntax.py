@@ -334,6 +334,28 @@ def test_sd_picture_equals_diffusers_fed_webui_embeddings(rng, seed, kind):
     assert ours.parameters["prompt_syntax"] == "a1111" and ours.parameters["clip_skip"] == 1
 
 
+def test_sd_img2img_and_inpaint_equal_diffusers_fed_webui_embeddings(rng, seed):
+    from sdxl_compare import random_mask, random_picture
+
+    folder = tiny_sd_folder()
+    cases = prompt_cases(rng)
+    prompt, negative = cases["long with BREAK"], cases["syntax"]
+    cond, uncond, _, _ = WebuiSD(folder).cond_uncond([prompt], [negative], 1)
+    picture, mask = random_picture(rng), random_mask(rng)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, scheduler="euler")
+    pipe.show_progress = False
+    common = dict(num_inference_steps=4, output_type="np")
+    for mode, extra in (("img2img", dict(image=picture, strength=0.7)),
+                        ("inpaint", dict(image=picture, mask_image=mask))):
+        theirs_pipe = torch_pipeline(folder, "euler", img2img=mode == "img2img", inpaint=mode == "inpaint")
+        theirs = theirs_pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, **extra, **common,
+                             generator=torch.Generator().manual_seed(seed)).images
+        ours = getattr(pipe, mode)(prompt, negative_prompt=negative, seed=seed, clip_skip=1, prompt_syntax="a1111",
+                                   **extra, **common)
+        assert_same_pictures(ours.images, to_levels(theirs))
+        assert ours.parameters["prompt_syntax"] == "a1111" and ours.parameters["clip_skip"] == 1
+
+
 def test_sdxl_picture_equals_diffusers_fed_webui_embeddings(rng, seed):
     folder = tiny_sdxl_folder("base")
     cases = prompt_cases(rng)
