@@ -108,7 +108,7 @@ def pipeline_folder(cache):
     import json
 
     from npdiff.clip_vocab import write_clip_tokenizer_folder
-    from npdiff.pipeline_utils import SD15_SCHEDULER_CONFIG
+    from npdiff.loading.components import SD15_SCHEDULER_CONFIG
 
     folder = cache / "pipeline"
     if (folder / "model_index.json").is_file():

@@ -187,7 +187,7 @@ def ensure_pipeline_folder(cache):
     """Complete the SD 1.5-size cache into a pipeline folder (each part made once, the weights untouched)."""
     from models import ensure_cache
     from npdiff.clip_vocab import write_clip_tokenizer_folder
-    from npdiff.pipeline_utils import SD15_SCHEDULER_CONFIG
+    from npdiff.loading.components import SD15_SCHEDULER_CONFIG
 
     ensure_cache(cache)
     if not (cache / "tokenizer" / "vocab.json").is_file():

@@ -8,216 +8,55 @@ How a run goes:
   1. read and check every line of JOBS (npdiff/batch_jobs.py); a bad line is a failure, the rest go on;
   2. name the model by name and hash (as `npdiff generate` does: no local path goes into a PNG), and skip
      the pictures DIR already holds whole and with the job's parameters (a rerun resumes);
-  3. start the workers, each loading the model once: in this process (--workers 1), in N spawned
-     processes sharing the cores (--workers N), or as Ray actors (--ray, npdiff/batch_ray.py);
+  3. start the workers (npdiff/batch_workers.py), each loading the model once: in this process
+     (--workers 1), in N spawned processes sharing the cores (--workers N), or as Ray actors (--ray,
+     npdiff/batch_ray.py);
   4. feed jobs (with the model's name and hash) to workers as they free up; each returns its PNG's bytes
      and parameters, or an error;
   5. this process writes every picture into DIR (npdiff/atomic_files.py: a picture is either
      whole or absent) and prints a summary; the exit code is 1 if any line failed.
-A worker renders exactly what `npdiff generate` / `npdiff img2img` would with the same options: same
-seed, same bytes, same parameters in the PNG. Ray is imported only on the --ray path.
+A worker renders through npdiff.recipe.render, exactly what `npdiff generate` / `img2img` / `inpaint` would
+with the same options (LoRAs, VAE and eta included): same seed, same bytes, same parameters in the PNG.
+However the driver ends (an error, Ctrl-C, SIGTERM), its worker processes end with it. Ray is imported
+only on the --ray path.
 """
 
-import os
+import signal
+import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from io import BytesIO
-from itertools import islice
 from pathlib import Path
 
-from npdiff.atomic_files import atomic_write
+from npdiff.atomic_files import atomic_write, check_destination, non_regular_kind
 from npdiff.batch_jobs import is_done, read_jobs
+from npdiff.batch_workers import InProcessPool, ProcessPool
 from npdiff.errors import NpdiffError
-
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
-
-
-def cpu_cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def thread_variables(threads):
-    """The environment that gives a fresh process `threads` BLAS and Numba threads (read at import)."""
-    return {name: str(threads) for name in THREAD_VARIABLES}
+from npdiff.pipeline_utils import default_model_path
+from npdiff.recipe import DEFAULTS, model_png_identity
 
 
 # ---------------------------------------------------------------------------------------------
-# A worker: the model, loaded once, turning jobs into PNG bytes
+# What a worker gets for one job
 # ---------------------------------------------------------------------------------------------
 def job_payload(job, identity):
-    """What a worker needs for one job: its options, the PNG's model identity (cli.model_png_identity, computed
-    once by the driver) and img2img's picture as bytes (workers may be elsewhere; its path stays here)."""
-    options = {key: value for key, value in vars(job).items() if key != "image"}
-    payload = dict(options, filename=job.filename, command=job.command, identity=identity, image_bytes=None,
-                   image_error=None)
-    if job.image is not None:
+    """What a worker needs for one job: its command and options, the PNG's model identity (model_png_identity,
+    computed once by the driver, + the line's prediction type), the LoRA and VAE paths, and its pictures as
+    bytes (workers may be elsewhere; the pictures' paths stay here)."""
+    if job.options.get("prediction_type"):
+        identity = dict(identity, prediction_type=job.options["prediction_type"])
+    payload = {"line": job.line, "filename": job.filename, "command": job.command, "options": dict(job.options),
+               "identity": identity, "vae": job.vae, "loras": [list(lora) for lora in job.loras]}
+    for key in ("image", "mask"):
+        path = getattr(job, key)
+        payload.update({f"{key}_bytes": None, f"{key}_error": None, f"{key}_name": Path(path).name if path else None})
+        if path is None:
+            continue
         try:
-            payload["image_bytes"] = Path(job.image).read_bytes()
+            payload[f"{key}_bytes"] = Path(path).read_bytes()
         except OSError as exc:  # gone or unreadable since the job file was checked: this line fails
-            payload["image_error"] = f"'image' {job.image}: {exc.strerror or exc}"
+            payload[f"{key}_error"] = f"'{key}' {path}: {exc.strerror or exc}"
     return payload
-
-
-class Renderer:
-    """One worker's pipeline: job payloads -> {"line", "filename", "png", "params"} or {"line", "error"}.
-
-    model: the path to load, as this worker sees it (None: the model shipped with npdiff, wherever this
-    worker's npdiff is installed). The PNGs name the model as each payload's "identity" says (name and hash).
-    """
-
-    def __init__(self, model, threads=None):
-        if threads:
-            import numba
-
-            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        from npdiff.pipeline import StableDiffusionPipeline
-
-        self.pipe = StableDiffusionPipeline.from_pretrained(model)
-        self.pipe.show_progress = False
-        self.samplers = {None: (self.pipe.scheduler, self.pipe.scheduler_name)}  # None: the model's own
-
-    def ready(self):
-        """-> what this worker runs on: the model's name and its thread counts."""
-        import numba
-
-        return {"model": self.pipe.model_name, "numba_threads": numba.get_num_threads(),
-                "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS")}
-
-    def use_sampler(self, name):
-        """Switch the pipeline to `name` as `npdiff generate --sampler name` would load it."""
-        if name not in self.samplers:
-            self.pipe.set_scheduler(name)
-            self.samplers[name] = (self.pipe.scheduler, self.pipe.scheduler_name)
-        self.pipe.scheduler, self.pipe.scheduler_name = self.samplers[name]
-
-    def render(self, payload):
-        start = time.perf_counter()
-        try:
-            png, params = self.render_png(payload)
-        except Exception as exc:  # noqa: BLE001  (one line failing must not stop the others)
-            message = str(exc) if isinstance(exc, NpdiffError) else f"{type(exc).__name__}: {exc}"
-            return {"line": payload["line"], "error": message}
-        return {"line": payload["line"], "filename": payload["filename"], "png": png, "params": params,
-                "seconds": time.perf_counter() - start}
-
-    def render_png(self, job):
-        """The same calls as run_generate / run_img2img in npdiff/cli.py, the PNG kept in memory."""
-        from PIL import Image
-
-        from npdiff.cli import png_parameters
-        from npdiff.images import save_png
-
-        if job["image_error"]:
-            raise NpdiffError(job["image_error"])
-        self.use_sampler(job["sampler"])
-        if job["command"] == "img2img":
-            with Image.open(BytesIO(job["image_bytes"])) as picture:
-                picture.load()
-                out = self.pipe.img2img(job["prompt"], picture, strength=job["strength"],
-                                        negative_prompt=job["negative"], num_inference_steps=job["steps"],
-                                        guidance_scale=job["guidance"], seed=job["seed"])
-            params = png_parameters(out.parameters, "img2img", job["identity"])
-        else:
-            out = self.pipe(job["prompt"], negative_prompt=job["negative"], num_inference_steps=job["steps"],
-                            guidance_scale=job["guidance"], height=job["height"], width=job["width"],
-                            seed=job["seed"])
-            params = png_parameters(out.parameters, "generate", job["identity"])
-        buffer = BytesIO()
-        save_png(out.images[0], buffer, params)
-        return buffer.getvalue(), params
-
-
-# ---------------------------------------------------------------------------------------------
-# Local workers: this process, or N spawned processes
-# ---------------------------------------------------------------------------------------------
-class InProcessPool:
-    """--workers 1: the model in this process, on all its threads."""
-
-    def __init__(self, model):
-        self.renderer = Renderer(model)
-
-    def results(self, payloads):
-        for payload in payloads:
-            yield self.renderer.render(payload)
-
-    def close(self):
-        self.renderer = None
-
-
-_PROCESS_RENDERER = None  # the Renderer of a spawned worker process
-
-
-def _start_worker_process(model, threads):
-    global _PROCESS_RENDERER
-    _PROCESS_RENDERER = Renderer(model, threads)
-
-
-def _render_in_worker_process(payload):
-    return _PROCESS_RENDERER.render(payload)
-
-
-def _worker_process_ready():
-    return _PROCESS_RENDERER.ready()
-
-
-@contextmanager
-def environment(variables):
-    """Set environment variables for what starts inside the block; restore them after."""
-    saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-class ProcessPool:
-    """--workers N: N spawned processes, cores // N threads each (or `threads`), each loading the model once.
-
-    The thread counts go in through the environment the children start with: OpenBLAS and Numba read
-    them when NumPy and Numba are imported, which in a spawned child happens before any initializer.
-    """
-
-    def __init__(self, model, workers, threads=None):
-        import multiprocessing
-
-        self.workers = workers
-        self.threads = max(1, cpu_cores() // workers) if threads is None else threads
-        self.executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_start_worker_process,
-                                            initargs=(model, self.threads))
-
-    def results(self, payloads):
-        payloads = iter(payloads)
-        in_flight = {}
-        # 1. the first N jobs: each submit spawns one process, with the thread variables set
-        with environment(thread_variables(self.threads)):
-            for payload in islice(payloads, self.workers):
-                in_flight[self.executor.submit(_render_in_worker_process, payload)] = payload
-        # 2. then one new job each time a worker frees up
-        while in_flight:
-            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-            for future in done:
-                payload = in_flight.pop(future)
-                try:
-                    result = future.result()
-                except BrokenProcessPool as exc:
-                    raise NpdiffError(f"a worker process died ({exc}); the pictures written so far are "
-                                      "kept: run the same command again to finish") from exc
-                following = next(payloads, None)
-                if following is not None:
-                    in_flight[self.executor.submit(_render_in_worker_process, following)] = following
-                yield result
-
-    def close(self):
-        self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 def make_pool(model, workers=None, ray_address=None):
@@ -260,21 +99,39 @@ def write_atomically(path, data):
     atomic_write(path, lambda handle: handle.write(data))
 
 
+def prepare_out_dir(out_dir):
+    """--out DIR: made if missing, and writable (tried for real); NpdiffError in one line otherwise."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NpdiffError(f"--out {out_dir} is a file; give a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NpdiffError(f"--out {out_dir}: cannot make the folder ({exc.strerror or exc})") from exc
+    check_destination(out_dir / "picture.png", "--out")  # a read-only folder fails here, before any work
+    return out_dir
+
+
+def blocked_output(path):
+    """The message when something that is not a regular file sits at a picture's name, else None."""
+    kind = non_regular_kind(path)
+    return None if kind is None else f"{path.name} in --out is {kind}, not a picture: move it away"
+
+
 def run_batch(jobs_file, out_dir, model=None, defaults=None, workers=None, ray_address=None, pool=None,
               progress=True):
     """Make every picture of `jobs_file` in `out_dir` that is not there yet. -> BatchSummary.
 
-    defaults: the batch's options for what a line leaves out (negative, steps, guidance, sampler, height,
-    width, strength). pool: a ready worker pool (make_pool) loading this same `model`, instead of starting one
-    here (the PNGs name `model`, hashed here).
+    defaults: the batch's options for what a line leaves out (npdiff.recipe option names, and "vae",
+    "lora"). pool: a ready worker pool (make_pool) loading this same `model`, instead of starting one
+    here (the PNGs name `model`, hashed here). However the run ends (an error, Ctrl-C, SIGTERM turned
+    into an exception by the command line), a pool started here is closed, its worker processes ended.
     """
     from tqdm.auto import tqdm
 
-    from npdiff.cli import DEFAULTS, model_png_identity
-    from npdiff.pipeline_utils import default_model_path
 
     start = time.perf_counter()
-    defaults = {**DEFAULTS, **{k: v for k, v in (defaults or {}).items() if v is not None}}
+    defaults = {key: value for key, value in (defaults or {}).items() if value is not None}
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise NpdiffError(f"--workers must be an integer >= 1, got {workers!r}")
     # 1. read and check the jobs; find the model
@@ -284,34 +141,44 @@ def run_batch(jobs_file, out_dir, model=None, defaults=None, workers=None, ray_a
     if not model.exists():  # on Ray too: this process hashes it to name it in the PNGs
         where = " on this machine (npdiff batch reads it here too, to name it by its hash)" if ray_address else ""
         raise NpdiffError(f"--model {model}: no such file or folder{where}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NpdiffError(f"--out {out_dir} is a file; give a folder")
+    out_dir = prepare_out_dir(out_dir)
     # 2. name the model as npdiff generate does (name and hash, once for every job); skip what is already done
     identity = model_png_identity(model)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [job for job in jobs if not is_done(out_dir / job.filename, job, identity)]
-    summary = BatchSummary(total=len(jobs) + len(failures), skipped=len(jobs) - len(todo), failures=failures)
+    total = len(jobs) + len(failures)
+    todo, blocked = [], 0
+    for job in jobs:
+        message = blocked_output(out_dir / job.filename)
+        if message:  # a folder (or a FIFO, ...) at the picture's name: this line fails, the others go on
+            failures[job.line] = message
+            blocked += 1
+        elif not is_done(out_dir / job.filename, job, identity):
+            todo.append(job)
+    summary = BatchSummary(total=total, skipped=len(jobs) - len(todo) - blocked, failures=failures)
     # 3-5. render, write, sum up
     if todo:
         own_pool = pool is None
         pool = make_pool(load_path, workers, ray_address) if own_pool else pool
         bar = tqdm(total=len(todo), desc="pictures", unit="pic", disable=not progress)
         written = set()
+        finished = False
         try:
             for result in pool.results(job_payload(job, identity) for job in todo):
                 line = result["line"]
                 if "error" in result:
                     summary.failures[line] = result["error"]
                 elif line not in written:  # exactly once, whatever a cluster resends
-                    write_atomically(out_dir / result["filename"], result["png"])
-                    written.add(line)
+                    try:
+                        write_atomically(out_dir / result["filename"], result["png"])
+                        written.add(line)
+                    except NpdiffError as exc:  # e.g. a folder made at its name meanwhile: this line fails
+                        summary.failures[line] = str(exc)
                 bar.update()
                 bar.set_postfix(failed=len(summary.failures), refresh=False)
+            finished = True
         finally:
             bar.close()
             if own_pool:
-                pool.close()
+                pool.close(abort=not finished)
         summary.written = len(written)
     summary.seconds = time.perf_counter() - start
     return summary
@@ -320,27 +187,60 @@ def run_batch(jobs_file, out_dir, model=None, defaults=None, workers=None, ray_a
 # ---------------------------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------------------------
+class Stopped(BaseException):
+    """The batch was asked to stop by a signal (SIGTERM): raised in the driver so that it ends its workers.
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` (a worker's per-line error
+    handling, with --workers 1 in this very process) takes it for one line's failure."""
+
+
+@contextmanager
+def stop_on_sigterm():
+    """Inside the block SIGTERM raises Stopped, so run_batch's clean-up runs (it would otherwise end the
+    process at once and orphan the worker processes). Only in the main thread, where signals arrive."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Stopped(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_batch_command(args):
     defaults = {"negative": args.negative, "steps": args.steps, "guidance": args.guidance, "sampler": args.sampler,
-                "height": args.height, "width": args.width, "strength": args.strength}
-    summary = run_batch(args.jobs, args.out, model=args.model, defaults=defaults, workers=args.workers,
-                        ray_address=args.ray, progress=not args.quiet)
+                "height": args.height, "width": args.width, "strength": args.strength, "eta": args.eta,
+                "prediction_type": args.prediction_type, "vae": args.vae, "lora": args.lora}
+    try:
+        with stop_on_sigterm():
+            summary = run_batch(args.jobs, args.out, model=args.model, defaults=defaults, workers=args.workers,
+                                ray_address=args.ray, progress=not args.quiet)
+    except (Stopped, KeyboardInterrupt) as exc:
+        why = f"by {exc}" if isinstance(exc, Stopped) else "by Ctrl-C"
+        print(f"npdiff batch: stopped {why}; the workers are ended and the pictures written so far kept: run "
+              "the same command again to finish", file=sys.stderr)
+        return 143 if isinstance(exc, Stopped) else 130
     print(summary.report())
     return 1 if summary.failures else 0
 
 
 def add_batch_command(subparsers):
-    from npdiff.cli import DEFAULTS
-
     p = subparsers.add_parser(
         "batch", help="many pictures from a job file, on local processes or a Ray cluster",
         description="Make one picture per line of JOBS into DIR, named <line>-seed<seed>.png (line number "
-        "zero-padded to 6). JOBS is a text file with one prompt a line, or JSON Lines (.jsonl) with generate's "
-        "or img2img's options a line: prompt, negative (or negative_prompt), seed, steps, guidance, sampler, "
-        "height, width, image + strength (image relative to the job file). Blank lines and # comments are "
-        "skipped. A line without a seed gets its line number as seed, so reruns are reproducible. Pictures "
-        "already in DIR, whole and with the job's parameters, are skipped: a rerun resumes. Exit code 1 if "
-        "any line failed.")
+        "zero-padded to 6). JOBS is a text file with one prompt a line, or JSON Lines (.jsonl) with generate's, "
+        "img2img's or inpaint's options a line: prompt, negative (or negative_prompt), seed, steps, guidance, "
+        "sampler, height, width, eta, prediction_type, image (+ strength) for img2img, image + mask for inpaint, "
+        "vae (a folder), lora (\"FILE[:SCALE]\" or a list); paths relative to the job file. Blank lines and "
+        "# comments are skipped. A line without a seed gets its line number as seed, so reruns are "
+        "reproducible. Pictures already in DIR, whole and with the job's parameters, are skipped: a rerun "
+        "resumes. SIGTERM or Ctrl-C ends the workers too. Exit code 1 if any line failed.")
     p.add_argument("jobs", metavar="JOBS", help="job file: prompts, one a line, or .jsonl")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the pictures (made if missing)")
     p.add_argument("--model", default=None, help="diffusers folder or .safetensors file (default: shipped model)")
@@ -354,7 +254,14 @@ def add_batch_command(subparsers):
     p.add_argument("--width", type=int, default=None,
                    help="picture width, a multiple of 64 for SD (16 for the shipped model)")
     p.add_argument("--strength", type=float, default=None,
-                   help=f"img2img strength for lines with an image (default {DEFAULTS['strength']})")
+                   help=f"strength for lines with an image (default {DEFAULTS['strength']}; inpaint 1.0)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM's eta / TCD's gamma for lines without one "
+                   f"(default {DEFAULTS['eta']})")
+    p.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+                   help="what the UNet predicts, for lines without one (default: the model's own)")
+    p.add_argument("--vae", default=None, metavar="FOLDER", help="a VAE folder for lines without one")
+    p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
+                   help="a LoRA fused for lines without one; repeatable")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes, each loading the model once and using cores/N threads (default 1); "
                    "with --ray: Ray actors (default: one per CPU of the cluster)")

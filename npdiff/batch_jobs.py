@@ -1,31 +1,36 @@
 """Job files for `npdiff batch`: read and check every line, name each picture, recognise finished ones.
 
 Two formats, chosen by the file's suffix:
-  *.jsonl   one JSON object a line with the options of `npdiff generate` / `npdiff img2img`:
-            prompt, negative (or negative_prompt), seed, steps, guidance, sampler, height, width,
-            and image + strength for img2img. Options left out take the batch's own (--steps, ...).
+  *.jsonl   one JSON object a line with the options of `npdiff generate` / `img2img` / `inpaint`
+            (npdiff.recipe.OPTIONS: prompt, negative (or negative_prompt), seed, steps, guidance, sampler,
+            height, width, strength, eta, prediction_type) and the files a picture is made from: image (img2img),
+            image + mask (inpaint), vae (a folder), lora ("FILE[:SCALE]" or a list of them). Paths are
+            relative to the job file's folder. Options left out take the batch's own (--steps, ...).
   anything  one prompt a line.
-Blank lines and lines starting with '#' are skipped in both. A line's seed defaults to its line
-number (1-based, as an editor counts), so a rerun draws the same pictures.
+Blank lines and lines starting with '#' are skipped in both; a UTF-8 byte order mark at the start of the
+file is not part of the first line. A line's seed defaults to its line number (1-based, as an editor
+counts), so a rerun draws the same pictures.
 
-Each line is checked before any model loads; a bad line becomes (line number, message naming the
-key) and the other lines go on. A picture is written as DIR/<line:06d>-seed<seed>.png, and counts
-as done only if that PNG opens, decodes to the end, and stores the job's own parameters, the model
-named by the same name and hash (no local path is stored, so none is compared).
+Each line is checked before any model loads; a bad line (a wrong type, an unknown or duplicated key, a
+missing file) becomes (line number, message naming the key) and the other lines go on. A picture is
+written as DIR/<line:06d>-seed<seed>.png, and counts as done only if that PNG opens, decodes to the end,
+and stores the job's own parameters, the model named by the same name and hash (no local path is
+stored, so none is compared).
 """
 
 import json
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from npdiff.errors import NpdiffError
+from npdiff.errors import NpdiffError, shorten
 from npdiff.images import PNG_PARAMS_KEY
+from npdiff.recipe import OPTION_BY_NAME, check_value, defaults_for, parse_lora_option
+from npdiff.schedulers import SCHEDULERS
 
-# Keys a JSONL line may set -> the option it is (negative_prompt is what the PNGs store).
-LINE_KEYS = {"prompt": "prompt", "negative": "negative", "negative_prompt": "negative", "seed": "seed",
-             "steps": "steps", "guidance": "guidance", "sampler": "sampler", "height": "height",
-             "width": "width", "strength": "strength", "image": "image"}
+# Keys a JSONL line may set -> what it is (an option of npdiff.recipe, or a file)
+FILE_KEYS = ("image", "mask", "vae", "lora")
+LINE_KEYS = {**{name: name for name in OPTION_BY_NAME}, "negative_prompt": "negative",
+             **{name: name for name in FILE_KEYS}}
 # Options of `npdiff generate` that a line cannot set -> why.
 NOT_PER_LINE = {
     "model": "the model is loaded once per worker: pass --model to npdiff batch",
@@ -37,7 +42,6 @@ NOT_PER_LINE = {
     "save-steps": "npdiff batch writes only the final pictures",
     "reproduce": "give the options themselves (prompt, seed, steps, ...)",
 }
-MAX_SEED = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64)
 
 
 @dataclass(frozen=True)
@@ -45,20 +49,16 @@ class Job:
     """One picture to make: a checked line of the job file, with the batch's defaults filled in."""
 
     line: int
-    prompt: str
-    negative: str
-    seed: int
-    steps: int
-    guidance: float
-    sampler: object = None  # a SCHEDULERS name, or None: the model's own
-    height: object = None  # None: the model's size (text-to-image) or the picture's (img2img)
-    width: object = None
-    strength: object = None  # img2img only
-    image: object = None  # img2img: the starting picture's absolute path (read by the driver, never stored)
+    command: str  # "generate", "img2img" or "inpaint"
+    options: dict  # npdiff.recipe option name -> value (None: the model's own sampler, size, ...)
+    image: object = None  # img2img/inpaint: the picture's absolute path (read by the driver, never stored)
+    mask: object = None  # inpaint: the mask's absolute path
+    vae: object = None  # a VAE folder's absolute path, used instead of the model's
+    loras: tuple = field(default_factory=tuple)  # ((absolute path, scale), ...), fused in this order
 
     @property
-    def command(self):
-        return "img2img" if self.image is not None else "generate"
+    def seed(self):
+        return self.options["seed"]
 
     @property
     def filename(self):
@@ -66,20 +66,25 @@ class Job:
 
     def expected_params(self, identity):
         """The parameters its PNG must store (keys as `npdiff generate` writes them); identity: the model's
-        {"model": name, "model_hash": hash} (npdiff.cli.model_png_identity).
+        {"model": name, "model_hash": hash} (npdiff.recipe.model_png_identity).
 
-        Options left to the model (sampler, size) are not compared: the model's name and hash are. A batch
-        fuses no LoRA and keeps the model's prediction type: "loras" and "prediction_type" must be absent
-        (None) unless the identity holds one. An img2img PNG stores nothing about its input picture (as
-        `npdiff img2img` writes it), so the picture is not compared.
+        Options left to the model (sampler, size) are not compared: the model's name and hash are. An
+        img2img or inpaint PNG stores nothing about its input pictures (as `npdiff img2img` writes it), so
+        the pictures are not compared; LoRAs are compared by name and scale (stored_loras_match).
         """
-        params = {"prompt": self.prompt, "negative_prompt": self.negative, "seed": self.seed,
-                  "steps": self.steps, "guidance_scale": self.guidance, "command": self.command,
-                  "loras": None, "prediction_type": None, **identity}
-        for key in ("sampler", "height", "width", "strength"):
-            if getattr(self, key) is not None:
-                params[key] = getattr(self, key)
+        params = {"command": self.command, "prediction_type": None, "vae": None, **identity}
+        for name, value in self.options.items():
+            if value is not None:
+                params[OPTION_BY_NAME[name].png_key] = value
+        if self.vae is not None:
+            params["vae"] = Path(self.vae).name
         return params
+
+    def stored_loras_match(self, stored):
+        """True when a PNG's stored "loras" name this job's LoRAs, in order, at the same scales."""
+        wanted = [(Path(path).stem, scale) for path, scale in self.loras]
+        stored = stored if isinstance(stored, list) else []
+        return [(lora.get("name"), lora.get("scale")) for lora in stored if isinstance(lora, dict)] == wanted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,15 +93,17 @@ class Job:
 def read_jobs(path, defaults):
     """-> (jobs, failures): the good lines as Jobs, the bad ones as {line number: message}.
 
-    defaults: dict of negative, steps, guidance, sampler, height, width, strength (the batch's options).
+    defaults: the batch's options for what a line leaves out ({option or file key: value}, None = unset).
     """
     path = Path(path)
     if not path.is_file():
-        raise NpdiffError(f"job file {path}: no such file")
+        raise NpdiffError(f"job file {path}: no such file" + (" (it is a folder)" if path.is_dir() else ""))
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte order mark is not part of the first line
     except UnicodeDecodeError as exc:
         raise NpdiffError(f"job file {path} is not UTF-8 text: {exc}") from exc
+    except OSError as exc:
+        raise NpdiffError(f"job file {path}: cannot be read ({exc.strerror or exc})") from exc
     is_jsonl = path.suffix.lower() == ".jsonl"
     jobs, failures = [], {}
     for number, raw in enumerate(text.splitlines(), start=1):
@@ -113,94 +120,127 @@ def read_jobs(path, defaults):
     return jobs, failures
 
 
+def refuse_duplicate_keys(pairs):
+    """json object_pairs_hook: a key given twice is an error naming it (json.loads would keep the last)."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise NpdiffError(f"key {shorten(key)} is given twice")
+        seen[key] = value
+    return seen
+
+
 def parse_json_line(text):
     try:
-        options = json.loads(text)
+        options = json.loads(text, object_pairs_hook=refuse_duplicate_keys)
     except json.JSONDecodeError as exc:
         raise NpdiffError(f"not valid JSON ({exc.msg} at column {exc.colno})") from exc
+    except RecursionError as exc:
+        raise NpdiffError("not a line of options: it nests too deeply") from exc
     if not isinstance(options, dict):
         raise NpdiffError(f"expected a JSON object {{\"prompt\": ...}}, got {type(options).__name__}")
     return options
 
 
 def make_job(number, options, defaults, base_dir):
-    """One line's options (CLI names) + the batch's defaults -> a checked Job; NpdiffError names the key."""
+    """One line's options + the batch's defaults -> a checked Job; NpdiffError names the key."""
     for key in options:
         if key in NOT_PER_LINE:
             raise NpdiffError(f"key {key!r} cannot be set per line: {NOT_PER_LINE[key]}")
         if key not in LINE_KEYS:
-            raise NpdiffError(f"unknown key {key!r} (known: {', '.join(sorted(LINE_KEYS))})")
+            raise NpdiffError(f"unknown key {shorten(key)} (known: {', '.join(sorted(LINE_KEYS))})")
     if "negative" in options and "negative_prompt" in options:
         raise NpdiffError("give 'negative' or 'negative_prompt', not both")
-    values = {LINE_KEYS[key]: value for key, value in options.items()}
-    merged = {key: values.get(key, defaults.get(key)) for key in LINE_KEYS.values()}
-
-    prompt = merged["prompt"]
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise NpdiffError(f"'prompt' must be a non-empty string, got {prompt!r}")
-    negative = "" if merged["negative"] is None else merged["negative"]
-    if not isinstance(negative, str):
-        raise NpdiffError(f"'negative' must be a string, got {negative!r}")
-    seed = number if merged["seed"] is None else merged["seed"]
-    if not is_int(seed) or not 0 <= seed < MAX_SEED:
-        raise NpdiffError(f"'seed' must be an integer in [0, 2**64), got {seed!r}")
-    steps = merged["steps"]
-    if not is_int(steps) or steps < 1:
-        raise NpdiffError(f"'steps' must be an integer >= 1, got {steps!r}")
-    guidance = merged["guidance"]
-    if not is_number(guidance) or guidance < 0:
-        raise NpdiffError(f"'guidance' must be a finite number >= 0, got {guidance!r}")
-    sampler = check_sampler(merged["sampler"])
-    height, width = (check_side(merged[key], key) for key in ("height", "width"))
-    image, strength = check_img2img(options, merged, base_dir)
-    if image is not None and (height is not None or width is not None):
+    given = {LINE_KEYS[key]: value for key, value in options.items() if value is not None}
+    # 1. the files: what the command is, and each file relative to the job file
+    image, mask = (find_file(given.get(key), key, base_dir) for key in ("image", "mask"))
+    if mask is not None and image is None:
+        raise NpdiffError("'mask' needs 'image' (the picture to repaint)")
+    command = "inpaint" if mask is not None else "img2img" if image is not None else "generate"
+    if "strength" in given and command == "generate":
+        raise NpdiffError("'strength' needs 'image' (the starting picture of img2img or inpaint)")
+    if command == "img2img" and ("height" in given or "width" in given):
         raise NpdiffError("'height'/'width' do not apply to img2img: the starting picture's size is used")
-    return Job(line=number, prompt=prompt, negative=negative, seed=int(seed), steps=int(steps),
-               guidance=float(guidance), sampler=sampler, height=height, width=width, strength=strength,
-               image=image)
-
-
-def is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    vae = find_vae(given.get("vae", defaults.get("vae")), base_dir)
+    loras = find_loras(given.get("lora", defaults.get("lora")), base_dir)
+    # 2. the options: the line's, else the batch's, else the command's defaults; each value checked
+    merged = {"seed": number, **defaults_for(command)}
+    merged.update({name: value for name, value in defaults.items() if name in OPTION_BY_NAME and value is not None})
+    merged.update({name: value for name, value in given.items() if name in OPTION_BY_NAME})
+    checked = {}
+    for name, option in OPTION_BY_NAME.items():
+        if command not in option.commands:
+            continue
+        value = merged.get(name)
+        checked[name] = None if value is None else check_value(name, value)
+    if not checked["prompt"] or not checked["prompt"].strip():
+        raise NpdiffError(f"'prompt' must be a non-empty string, got {shorten(checked['prompt'])}")
+    check_sampler(checked["sampler"])
+    for side in ("height", "width"):
+        if checked.get(side) is not None and checked[side] % 8:
+            raise NpdiffError(f"'{side}' must be a positive multiple of 8 (pixels), got {checked[side]!r}")
+    if command != "generate" and not 0 < checked["strength"] <= 1:
+        raise NpdiffError(f"'strength' must be a number in (0, 1], got {checked['strength']!r}")
+    return Job(line=number, command=command, options=checked, image=image, mask=mask, vae=vae, loras=loras)
 
 
 def check_sampler(name):
-    from npdiff.schedulers import SCHEDULERS
 
     if name is not None and name not in SCHEDULERS:
-        raise NpdiffError(f"'sampler' {name!r} is not one of {', '.join(sorted(SCHEDULERS))}")
+        raise NpdiffError(f"'sampler' {shorten(name)} is not one of {', '.join(sorted(SCHEDULERS))}")
     return name
 
 
-def check_side(value, key):
+def resolve(value, key, base_dir):
+    """A file name from a line -> an absolute Path (relative names from the job file's folder)."""
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise NpdiffError(f"'{key}' must be a file name, got {shorten(value)}")
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else Path(base_dir) / path
+
+
+def path_kind(path, value, key):
+    """"file", "folder" or None (nothing there); NpdiffError naming the key when the name cannot be looked up
+    (too long, a loop of links, no permission)."""
+    try:
+        return "file" if path.is_file() else "folder" if path.is_dir() else None
+    except OSError as exc:
+        raise NpdiffError(f"'{key}' {shorten(value)}: cannot be looked up ({exc.strerror or exc})") from exc
+
+
+def find_file(value, key, base_dir):
+    """-> the absolute path of an existing regular file, or None when `value` is None."""
     if value is None:
         return None
-    if not is_int(value) or value <= 0 or value % 8:
-        raise NpdiffError(f"'{key}' must be a positive multiple of 8 (pixels), got {value!r}")
-    return int(value)
+    path = resolve(value, key, base_dir)
+    kind = path_kind(path, value, key)
+    if kind != "file":
+        what = "it is a folder" if kind == "folder" else "no such file"
+        raise NpdiffError(f"'{key}' {shorten(value)}: {what} ({shorten(str(path))})")
+    return str(path.resolve())
 
 
-def check_img2img(options, merged, base_dir):
-    """-> (absolute image path, strength) for an img2img line, (None, None) for text-to-image."""
-    image = merged["image"]
-    if image is None:
-        if "strength" in options:
-            raise NpdiffError("'strength' needs 'image' (the starting picture of img2img)")
-        return None, None
-    if not isinstance(image, str) or not image:
-        raise NpdiffError(f"'image' must be a file name, got {image!r}")
-    path = Path(image).expanduser()
-    path = path if path.is_absolute() else base_dir / path  # relative to the job file's folder
-    if not path.is_file():
-        raise NpdiffError(f"'image' {image!r}: no such file ({path})")
-    strength = merged["strength"]
-    if not is_number(strength) or not 0 < strength <= 1:
-        raise NpdiffError(f"'strength' must be a number in (0, 1], got {strength!r}")
-    return str(path.resolve()), float(strength)
+def find_vae(value, base_dir):
+    if value is None:
+        return None
+    path = resolve(value, "vae", base_dir)
+    if path_kind(path, value, "vae") != "folder":
+        raise NpdiffError(f"'vae' {shorten(value)}: no such folder ({shorten(str(path))})")
+    return str(path.resolve())
+
+
+def find_loras(value, base_dir):
+    """'lora': "FILE[:SCALE]" or a list of them -> ((absolute path, scale), ...)."""
+    if value is None:
+        return ()
+    specs = value if isinstance(value, list) else [value]
+    loras = []
+    for spec in specs:
+        if not isinstance(spec, str):
+            raise NpdiffError(f"'lora' must be \"FILE[:SCALE]\" or a list of them, got {shorten(value)}")
+        name, scale = parse_lora_option(str(resolve(spec, "lora", base_dir)), "'lora'")
+        loras.append((find_file(name, "lora", base_dir), scale))
+    return tuple(loras)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +248,7 @@ def check_img2img(options, merged, base_dir):
 # ---------------------------------------------------------------------------------------------
 def is_done(path, job, identity):
     """True if `path` is a whole PNG (every pixel decodes) whose stored parameters are the job's, made with
-    the model `identity` names (name and hash, npdiff.cli.model_png_identity)."""
+    the model `identity` names (name and hash, npdiff.recipe.model_png_identity)."""
     from PIL import Image
 
     if not Path(path).is_file():
@@ -218,10 +258,12 @@ def is_done(path, job, identity):
             picture.load()  # decode to the end: a truncated or corrupt file raises here
             stored = json.loads(picture.text[PNG_PARAMS_KEY])
             width, height = picture.size
-    except (OSError, SyntaxError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, SyntaxError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return False
     if not isinstance(stored, dict):
         return False
-    if job.height not in (None, height) or job.width not in (None, width):
+    if job.options.get("height") not in (None, height) or job.options.get("width") not in (None, width):
         return False  # the pixels disagree with the size asked for
-    return all(stored.get(key) == value for key, value in job.expected_params(identity).items())
+    expected = job.expected_params(identity)
+    return all(stored.get(key) == value for key, value in expected.items()) and job.stored_loras_match(
+        stored.get("loras"))

@@ -3,7 +3,7 @@
   1. connect: ADDRESS is a cluster address (host:port, ray://host:10001), 'auto' (the cluster this
      machine belongs to) or 'local' (start a Ray on this machine, shut down at the end); a Ray that
      is already initialised in this process is used as it is;
-  2. start one actor per worker (default: one per CPU of the cluster), each an npdiff.batch.Renderer
+  2. start one actor per worker (default: one per CPU of the cluster), each an npdiff.batch_workers.Renderer
      holding the model, with its CPUs' worth of BLAS/Numba threads set in its environment before
      it imports NumPy; wait until every actor has loaded the model (a model that does not load is an
      error before any job runs);
@@ -17,7 +17,7 @@ The pictures are byte for byte those of a local run: same seeds, same kernels, s
 
 from collections import deque
 
-from npdiff.batch import Renderer, thread_variables
+from npdiff.batch_workers import Renderer, thread_variables
 from npdiff.errors import NpdiffError
 
 MAX_ATTEMPTS = 3  # a job whose worker is lost this many times is reported as failed
@@ -128,7 +128,7 @@ class RayPool:
         for payload, _ in [*retry, *payloads]:
             yield {"line": payload["line"], "error": "no Ray worker left to run it (all lost)"}
 
-    def close(self):
+    def close(self, abort=False):
         for actor in self.actors:
             self.ray.kill(actor)
         self.actors = []

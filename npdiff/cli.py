@@ -1,6 +1,6 @@
 """The `npdiff` command line.
 
-    npdiff generate PROMPT [--negative N] [--steps S] [--guidance G] [--seed X] [--sampler NAME]
+    npdiff generate PROMPT [--negative N] [--steps S] [--guidance G] [--seed X] [--sampler NAME] [--eta E]
                     [--height H --width W] [--model PATH] [--prediction-type epsilon|v_prediction]
                     [--vae FOLDER] [--lora FILE[:SCALE]]... [--out FILE] [--save-steps K]
                     [--reproduce PNG] [--device cpu|cuda [--fp16]] [--backend numpy|cupy]
@@ -36,7 +36,26 @@ import time
 from pathlib import Path
 
 import npdiff  # noqa: F401  (chooses the BLAS kernels before numpy loads)
+from npdiff import backend
+from npdiff.atomic_files import atomic_write, check_destination
 from npdiff.batch import add_batch_command
+from npdiff.errors import clip, shorten
+from npdiff.images import StepRecorder, emergence_grid, load_image, read_png_params
+from npdiff.pipeline import StableDiffusionPipeline
+from npdiff.pipeline_utils import default_model_path
+from npdiff.recipe import (
+    DEFAULTS,
+    INPAINT_DEFAULTS,
+    OPTIONS,
+    defaults_for,
+    load_vae,
+    model_png_identity,
+    options_from_png,
+    parse_lora_option,
+    pipeline_arguments,
+    render,
+)
+from npdiff.verify import verify_model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,34 +94,25 @@ def add_bench_command(subparsers):
 # ---------------------------------------------------------------------------------------------
 # npdiff generate / img2img / inpaint
 # ---------------------------------------------------------------------------------------------
-# Options a PNG's parameters can fill in (--reproduce): option name -> key in the PNG's parameters. The model
-# and an img2img input picture are never taken from a PNG: a PNG names its model only by name and hash
-# (npdiff.model_identity), and a path read from a file is never opened.
-REPRODUCIBLE = {"prompt": "prompt", "negative": "negative_prompt", "steps": "steps", "guidance": "guidance_scale",
-                "seed": "seed", "sampler": "sampler", "height": "height", "width": "width", "strength": "strength",
-                "prediction_type": "prediction_type"}
-DEFAULTS = {"negative": "", "steps": 30, "guidance": 7.5, "strength": 0.8}
-INPAINT_DEFAULTS = dict(DEFAULTS, strength=1.0)  # diffusers' inpainting default: repaint from pure noise
-
-
-def resolve_options(args, defaults=DEFAULTS):
-    """Fill unset options: from the --reproduce PNG's parameters first, then from `defaults`.
-
-    The PNG's parameters stay in args.stored (its model hash is compared once the model is known).
-    """
-    from npdiff.images import read_png_params
+def resolve_options(args, command):
+    """Fill unset options: from the --reproduce PNG's parameters first (each value checked), then from the
+    command's defaults (npdiff.recipe). The PNG's parameters stay in args.stored (its model hash is compared
+    once the model is known)."""
 
     stored = read_png_params(args.reproduce) if args.reproduce else {}
+    from_png = options_from_png(stored, args.reproduce) if args.reproduce else {}
     if stored.get("vae") and not args.vae:
-        raise npdiff.NpdiffError(f"{args.reproduce} was made with --vae {stored['vae']} (a folder name): pass "
-                                 f"--vae with that folder to make it again")
+        raise npdiff.NpdiffError(f"{args.reproduce} was made with --vae {clip(stored['vae'])} (a folder name): "
+                                 "pass --vae with that folder to make it again")
     warn_about_missing_loras(args, stored)
-    for option, key in REPRODUCIBLE.items():
-        if hasattr(args, option) and getattr(args, option) is None:
-            setattr(args, option, stored.get(key, defaults.get(option)))
+    defaults = defaults_for(command)
+    for option in OPTIONS:
+        if command in option.commands and getattr(args, option.name, None) is None:
+            setattr(args, option.name, from_png.get(option.name, defaults.get(option.name)))
     if stored.get("unmapped"):
-        print(f"npdiff: --reproduce {args.reproduce}: not reproduced (npdiff has no such setting): "
-              f"{'; '.join(stored['unmapped'])}", file=sys.stderr)
+        unmapped = "; ".join(clip(item) for item in stored["unmapped"][:20])
+        print(f"npdiff: --reproduce {args.reproduce}: not reproduced (npdiff has no such setting): {unmapped}",
+              file=sys.stderr)
     args.stored = stored
     if not args.prompt:
         raise npdiff.NpdiffError("no prompt given (pass PROMPT, or --reproduce a PNG made by npdiff)")
@@ -114,24 +124,10 @@ def warn_about_missing_loras(args, stored):
     given = {Path(parse_lora_option(spec)[0]).stem for spec in (getattr(args, "lora", None) or [])}
     missing = [lora for lora in stored.get("loras") or [] if lora.get("name") not in given]
     if missing:
-        listed = ", ".join(f"{lora.get('name')} (scale {lora.get('scale')}, sha256 {lora.get('sha256')})"
-                           for lora in missing)
+        listed = ", ".join(f"{clip(lora.get('name'))} (scale {clip(lora.get('scale'))}, sha256 "
+                           f"{clip(lora.get('sha256'))})" for lora in missing[:10])
         print(f"npdiff: warning: {args.reproduce} was made with LoRA {listed}; the picture will differ "
               "unless you pass each again with --lora FILE:SCALE", file=sys.stderr)
-
-
-def model_png_identity(model, prediction_type=None):
-    """How a PNG names the model at `model` (a folder or file): {"model": name, "model_hash": 10 hex}
-    (npdiff.model_identity), + "prediction_type" when one was chosen instead of the model's own; never its path.
-    `npdiff generate`, `npdiff img2img` and `npdiff batch` all name their model with this."""
-    from npdiff.model_identity import model_hash, model_name
-    from npdiff.pipeline_utils import INSTALLED_MODEL_DIR, PACKAGE_DIR, SHIPPED_MODEL_NAME
-
-    installed = Path(model).resolve() == (PACKAGE_DIR / INSTALLED_MODEL_DIR).resolve()  # its folder's own name
-    identity = {"model": SHIPPED_MODEL_NAME if installed else model_name(model), "model_hash": model_hash(model)}
-    if prediction_type:  # chosen on the command line (SD 2.x base): --reproduce needs it again
-        identity["prediction_type"] = prediction_type
-    return identity
 
 
 def identify_model(args, model):
@@ -140,17 +136,14 @@ def identify_model(args, model):
     identity = model_png_identity(model, args.prediction_type)
     wanted = getattr(args, "stored", {}).get("model_hash")
     if wanted and wanted.lower() != identity["model_hash"]:
-        print(f"npdiff: warning: {args.reproduce} was made with model {args.stored.get('model', '?')!r} "
-              f"(hash {wanted}), but the model loaded is {identity['model']!r} (hash {identity['model_hash']}): "
-              "the picture will differ; pass that model with --model", file=sys.stderr)
+        print(f"npdiff: warning: {args.reproduce} was made with model {shorten(args.stored.get('model', '?'))} "
+              f"(hash {clip(wanted)}), but the model loaded is {identity['model']!r} (hash "
+              f"{identity['model_hash']}): the picture will differ; pass that model with --model", file=sys.stderr)
     return identity
 
 
 def load_pipeline(args):
     """Load the model (timed, reported on stderr) with the chosen sampler and backend."""
-    from npdiff import backend
-    from npdiff.pipeline import StableDiffusionPipeline
-    from npdiff.pipeline_utils import default_model_path
 
     name = chosen_backend(args)
     loras = [parse_lora_option(spec) for spec in args.lora or []]  # bad --lora fails before the model loads
@@ -169,32 +162,6 @@ def load_pipeline(args):
     return pipe, model
 
 
-def parse_lora_option(spec):
-    """--lora FILE[:SCALE] -> (FILE, SCALE); the scale defaults to 1."""
-    head, sep, tail = spec.rpartition(":")
-    if Path(spec).is_file() or not sep or not head or tail.startswith(("/", "\\")):
-        return spec, 1.0
-    try:
-        return head, float(tail)
-    except ValueError:
-        raise npdiff.NpdiffError(f"--lora {spec}: expected FILE or FILE:SCALE, and {tail!r} is not a number") from None
-
-
-def load_vae(folder):
-    """--vae FOLDER: a diffusers AutoencoderKL or AutoencoderTiny (TAESD) folder, as its config.json names it."""
-    from npdiff.loading import read_config
-    from npdiff.models import AutoencoderKL, AutoencoderTiny
-
-    classes = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
-    if not Path(folder).is_dir():
-        raise npdiff.NpdiffError(f"--vae {folder}: no such folder")
-    class_name = read_config(folder).get("_class_name")
-    if class_name not in classes:
-        raise npdiff.NpdiffError(f"--vae {folder}: config.json names _class_name {class_name!r}; expected one of "
-                                 f"{', '.join(classes)}")
-    return classes[class_name].from_pretrained(folder)
-
-
 # --device -> the backend names that mean the same device
 DEVICE_BACKENDS = {"cpu": ("numpy", "cpu"), "cuda": ("cupy", "cuda", "gpu")}
 
@@ -211,27 +178,17 @@ def chosen_backend(args):
     return name
 
 
-def png_parameters(parameters, command, identity):
-    """What a picture's PNG stores: the pipeline's parameters, the command, and the model by name and hash
-    (identify_model), never a local path. `npdiff batch` writes the same."""
-    return dict(parameters, command=command, **identity)
+def save_outputs(pipe, rendered, args, recorder):
+    """Write the picture (its PNG as render() made it, parameters included); with --save-steps also the
+    "watch it emerge" grid."""
 
-
-def save_outputs(pipe, out, args, recorder, command, identity):
-    """Write the picture with its parameters (the model by name and hash, no local path); with
-    --save-steps also the "watch it emerge" grid."""
-    from npdiff.atomic_files import atomic_write
-    from npdiff.images import emergence_grid, save_png
-
-    params = png_parameters(out.parameters, command, identity)
-    if args.vae:
-        params["vae"] = Path(args.vae).resolve().name  # the folder's name only: no local path in a picture
-    path = Path(args.out or f"npdiff-{out.seed}.png")
-    save_png(out.images[0], path, params)
-    print(f"wrote {path} (seed {out.seed})", file=sys.stderr)
+    output = rendered.output
+    path = Path(args.out or f"npdiff-{output.seed}.png")
+    atomic_write(path, lambda handle: handle.write(rendered.png))
+    print(f"wrote {path} (seed {output.seed})", file=sys.stderr)
     if recorder is not None:
         grid_path = steps_grid_path(path)
-        grid = emergence_grid(pipe, recorder, final_latents=out.latents)
+        grid = emergence_grid(pipe, recorder, final_latents=output.latents)
         atomic_write(grid_path, lambda handle: grid.save(handle, format="PNG"))
         print(f"wrote {grid_path} (every {args.save_steps} steps)", file=sys.stderr)
     return path
@@ -244,74 +201,62 @@ def steps_grid_path(path):
 
 def check_outputs(args):
     """Before the model loads: --out (and the --save-steps grid) can be written; say what gets overwritten."""
-    from npdiff.atomic_files import check_destination
 
     if args.save_steps is not None and args.save_steps < 1:
         raise npdiff.NpdiffError(f"--save-steps must be >= 1 (decode every K steps), got {args.save_steps}")
-    path = Path(args.out or "npdiff-SEED.png")  # the seed may not be known yet; the folder is what counts
-    targets = [("--out", path)] + ([("--save-steps grid", steps_grid_path(path))] if args.save_steps else [])
+    out = args.out or "npdiff-SEED.png"  # the seed may not be known yet; the folder is what counts
+    targets = [("--out", out)] + ([("--save-steps grid", steps_grid_path(Path(out)))] if args.save_steps else [])
     for what, target in targets:
         if check_destination(target, what) and args.out:
             print(f"npdiff: note: {target} exists and will be overwritten", file=sys.stderr)
 
 
 def make_recorder(args):
-    from npdiff.images import StepRecorder
 
     return StepRecorder() if args.save_steps else None
 
 
-def run_generate(args):
-    args = resolve_options(args)
+def load_inputs(args, command):
+    """img2img's picture, inpaint's picture and mask, from --image / --mask (npdiff.images.load_image: the
+    one loader every entry point uses) -> (picture, mask); (None, None) for generate."""
+    if command == "generate":
+        return None, None
+    needed = "--image IN (a picture file)" if command == "img2img" else \
+        "--image IN and --mask MASK (picture files; white = repaint)"
+    if not args.image or (command == "inpaint" and not args.mask):
+        hint = " (a PNG stores no picture path: give the input pictures again)" if args.reproduce else ""
+        raise npdiff.NpdiffError(f"{command} needs {needed}{hint}")
+    picture = load_image(args.image)  # corrupt, truncated, bomb, 16-bit -> NpdiffError naming the file
+    mask = load_image(args.mask) if command == "inpaint" else None
+    return picture, mask
+
+
+def run_picture_command(args, command):
+    """npdiff generate / img2img / inpaint: check everything, load the model, render (npdiff.recipe), write."""
+    args = resolve_options(args, command)
+    picture, mask = load_inputs(args, command)
+    options = {option.name: getattr(args, option.name, None) for option in OPTIONS if command in option.commands}
+    pipeline_arguments(command, options)  # a prompt a PNG cannot store fails before the model loads
     check_outputs(args)
     pipe, model = load_pipeline(args)
     identity = identify_model(args, model)  # before the long work: warns early
     recorder = make_recorder(args)
-    out = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
-               guidance_scale=args.guidance, height=args.height, width=args.width, seed=args.seed,
-               callback=recorder, callback_steps=args.save_steps or 1)
-    save_outputs(pipe, out, args, recorder, "generate", identity)
+    rendered = render(pipe, command, options, picture, mask, identity=identity, vae=args.vae, callback=recorder,
+                      callback_steps=args.save_steps or 1)
+    save_outputs(pipe, rendered, args, recorder)  # the picture and mask: not stored
     return 0
+
+
+def run_generate(args):
+    return run_picture_command(args, "generate")
 
 
 def run_img2img(args):
-    from npdiff.images import load_image
-
-    args = resolve_options(args)
-    if not args.image:
-        hint = " (a PNG stores no picture path: give the input picture again)" if args.reproduce else ""
-        raise npdiff.NpdiffError(f"img2img needs --image IN (a picture file){hint}")
-    if not Path(args.image).is_file():
-        raise npdiff.NpdiffError(f"--image {args.image}: no such file")
-    picture = load_image(args.image)  # corrupt, truncated, bomb, 16-bit -> NpdiffError naming the file
-    check_outputs(args)
-    pipe, model = load_pipeline(args)
-    identity = identify_model(args, model)
-    recorder = make_recorder(args)
-    out = pipe.img2img(args.prompt, picture, strength=args.strength, negative_prompt=args.negative,
-                       num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                       callback=recorder, callback_steps=args.save_steps or 1)
-    save_outputs(pipe, out, args, recorder, "img2img", identity)
-    return 0
+    return run_picture_command(args, "img2img")
 
 
 def run_inpaint(args):
-    from npdiff.images import load_image
-
-    args = resolve_options(args, INPAINT_DEFAULTS)
-    if not args.image or not args.mask:
-        hint = " (a PNG stores no picture path: give the picture and mask again)" if args.reproduce else ""
-        raise npdiff.NpdiffError(f"inpaint needs --image IN and --mask MASK (picture files; white = repaint){hint}")
-    picture, mask = load_image(args.image), load_image(args.mask)  # NpdiffError naming a bad file
-    check_outputs(args)
-    pipe, model = load_pipeline(args)
-    identity = identify_model(args, model)
-    recorder = make_recorder(args)
-    out = pipe.inpaint(args.prompt, picture, mask, strength=args.strength, negative_prompt=args.negative,
-                       num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                       height=args.height, width=args.width, callback=recorder, callback_steps=args.save_steps or 1)
-    save_outputs(pipe, out, args, recorder, "inpaint", identity)  # the picture and mask: not stored
-    return 0
+    return run_picture_command(args, "inpaint")
 
 
 def add_sampling_options(p):
@@ -321,8 +266,11 @@ def add_sampling_options(p):
     p.add_argument("--guidance", type=float, default=None,
                    help=f"classifier-free guidance scale; <= 1 turns it off (default {DEFAULTS['guidance']})")
     p.add_argument("--seed", type=int, default=None, help="noise seed (default: random, printed and stored)")
-    p.add_argument("--sampler", default=None, help="pndm, ddim, ddpm, lms, euler, euler_a, dpmpp_2m, "
-                   "dpmpp_2m_karras, lcm, tcd (default: the model's own scheduler)")
+    p.add_argument("--sampler", default=None, help="pndm, ddim, ddpm, lms(_karras), euler, euler_a, heun, "
+                   "dpm2(_karras), dpm2_a(_karras), dpmpp_2m(_karras), dpmpp_2m_sde(_karras), unipc, deis, lcm, tcd "
+                   "(default: the model's own scheduler)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="DDIM's eta / TCD's gamma: 0 (the default) is deterministic; stored in the PNG")
     p.add_argument("--model", default=None, help="diffusers folder or .safetensors file (default: shipped model)")
     p.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
                    help="what the UNet predicts, instead of the model's own; an SD 2.x single file defaults to "
@@ -382,7 +330,6 @@ def add_inpaint_command(subparsers):
 # npdiff verify
 # ---------------------------------------------------------------------------------------------
 def run_verify(args):
-    from npdiff.verify import verify_model
 
     return verify_model(args.model, steps=args.steps, height=args.height, width=args.width, seed=args.seed)
 

@@ -8,3 +8,21 @@ expected and the one that was given.
 
 class NpdiffError(ValueError):
     """Bad input to npdiff: a file, key, shape or value that cannot be used, named in the message."""
+
+
+MESSAGE_CHARS = 80  # a value quoted in a message is cut to this many characters
+
+
+def shorten(value, limit=MESSAGE_CHARS):
+    """repr(value) cut to about `limit` characters: a message never echoes a 10 MB prompt read from a file."""
+    text = repr(value[:limit + 1]) if isinstance(value, str) else repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, str) else type(value).__name__
+    return f"{text[:limit]}... ({size})"
+
+
+def clip(value, limit=MESSAGE_CHARS):
+    """str(value) cut to about `limit` characters, for text quoted in a message as it is (no quotes added)."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

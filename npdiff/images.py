@@ -28,6 +28,7 @@ import numpy as np
 from npdiff import backend
 from npdiff.atomic_files import atomic_write
 from npdiff.errors import NpdiffError
+from npdiff.infotext import format_infotext, parse_infotext
 
 PNG_PARAMS_KEY = "npdiff"  # the tEXt chunk keyword
 A1111_PARAMS_KEY = "parameters"  # AUTOMATIC1111's text chunk
@@ -61,40 +62,63 @@ def to_pil(x):
 CONVERTIBLE_MODES = ("RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr", "La", "RGBa")
 
 
-def load_image(path):
-    """Open a picture file for img2img -> an RGB PIL image; NpdiffError naming the file for anything else.
+def load_image(source, name=None, what="image"):
+    """Open a picture for img2img or inpainting -> an RGB PIL image; NpdiffError naming it for anything else.
 
+    source: a file path, or the file's bytes (npdiff batch sends them to its workers) with `name` to use in
+    messages, and `what` the role ("image", "mask") messages name. Every entry point (the commands'
+    --image/--mask, batch lines, the server) loads pictures here.
     Refused: a missing file or a folder, a file PIL cannot identify, a truncated or corrupt file, a
-    decompression bomb (more pixels than PIL.Image.MAX_IMAGE_PIXELS: PIL's warning is turned into an
-    error too, so a 90-megapixel PNG of a few kilobytes cannot eat the memory), and modes that do not
-    convert to 8-bit RGB.
+    decompression bomb (more pixels than PIL.Image.MAX_IMAGE_PIXELS, checked from the header before any
+    pixel is decoded: PIL's warning is turned into an error too, so a 90-megapixel PNG of a few kilobytes
+    cannot eat the memory), and modes that do not convert to 8-bit RGB.
     """
     import warnings
+    from io import BytesIO
 
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
-    if not path.is_file():
-        raise NpdiffError(f"image {path}: no such file" + (" (it is a folder)" if path.is_dir() else ""))
+    if isinstance(source, (bytes, bytearray)):
+        path, opened = (name or "picture"), BytesIO(source)
+    else:
+        path = Path(source)
+        try:
+            is_file, is_dir = path.is_file(), path.is_dir()
+        except OSError as exc:  # a name too long, a loop of links
+            raise NpdiffError(f"{what} {str(path)[:200]}: cannot be looked up ({exc.strerror or exc})") from exc
+        if not is_file:
+            raise NpdiffError(f"{what} {path}: no such file" + (" (it is a folder)" if is_dir else ""))
+        opened = path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as picture:
+            with Image.open(opened) as picture:
                 width, height, mode = picture.width, picture.height, picture.mode
                 if mode not in CONVERTIBLE_MODES:
-                    raise NpdiffError(f"image {path}: mode {mode!r} ({width}x{height} pixels) is not an "
+                    raise NpdiffError(f"{what} {path}: mode {mode!r} ({width}x{height} pixels) is not an "
                                       "8-bit picture; save it as 8-bit RGB (or grey) PNG/JPEG")
                 picture.load()  # decode now: a truncated file fails here, not later
                 return picture.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise NpdiffError(f"image {path}: refusing a decompression bomb ({exc}); the limit is "
+        raise NpdiffError(f"{what} {path}: refusing a decompression bomb ({exc}); the limit is "
                           f"{Image.MAX_IMAGE_PIXELS} pixels") from exc
     except UnidentifiedImageError as exc:
-        raise NpdiffError(f"image {path}: not a picture PIL can read (PNG, JPEG, WebP, ...)") from exc
+        raise NpdiffError(f"{what} {path}: not a picture PIL can read (PNG, JPEG, WebP, ...)") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         if isinstance(exc, NpdiffError):
             raise
-        raise NpdiffError(f"image {path}: corrupt or truncated picture file ({exc})") from exc
+        raise NpdiffError(f"{what} {path}: corrupt or truncated picture file ({exc})") from exc
+
+
+def decode_opened(image, what):
+    """Decode a lazily opened PIL picture now: a truncated or corrupt one is an NpdiffError naming `what`."""
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        if isinstance(exc, NpdiffError):
+            raise
+        name = getattr(image, "filename", "") or "the picture"
+        raise NpdiffError(f"{what}: {name} is a corrupt or truncated picture ({exc})") from exc
 
 
 def image_to_model_input(image, multiple=8, height=None, width=None):
@@ -120,6 +144,7 @@ def image_to_model_input(image, multiple=8, height=None, width=None):
             image = Image.fromarray((image * 255).round().astype(np.uint8))
     if not isinstance(image, Image.Image):
         raise NpdiffError(f"image: expected a PIL image or a numpy array, got {type(image).__name__}")
+    decode_opened(image, "image")  # a lazily opened, truncated file fails here as an NpdiffError
     if image.mode not in CONVERTIBLE_MODES:
         raise NpdiffError(f"image: mode {image.mode!r} ({image.width}x{image.height} pixels) is not an 8-bit "
                           "picture; convert it to RGB first")
@@ -189,6 +214,7 @@ def mask_to_model_input(mask, height, width):
     if isinstance(mask, (str, Path)):
         raise NpdiffError(f"mask_image: pass an opened picture (PIL.Image.open({str(mask)!r})), not a path")
     if isinstance(mask, Image.Image):
+        decode_opened(mask, "mask_image")
         try:
             grey = mask.resize((width, height), resample=Image.LANCZOS).convert("L")  # [height,width] uint8
         except (ValueError, OSError) as exc:
@@ -215,8 +241,6 @@ def save_png(image, path, params=None):
     """
     from PIL.PngImagePlugin import PngInfo
 
-    from npdiff.infotext import format_infotext
-
     info = PngInfo()
     if params is not None:
         try:
@@ -224,9 +248,13 @@ def save_png(image, path, params=None):
             text = json.dumps(params, ensure_ascii=True, sort_keys=True)
         except TypeError as exc:
             raise NpdiffError(f"save_png: params must be JSON-serialisable: {exc}") from exc
+        infotext = format_infotext(params)
+        if "\x00" in infotext:  # the PNG format forbids NUL in text chunks: refused, not written broken
+            raise NpdiffError("save_png: the parameters hold a NUL character (in a prompt?); a PNG's text "
+                              "cannot store one")
         info.add_text(PNG_PARAMS_KEY, text)
         # PIL writes a non-Latin-1 text as an iTXt chunk (UTF-8), as AUTOMATIC1111's own pictures do
-        info.add_text(A1111_PARAMS_KEY, format_infotext(params))
+        info.add_text(A1111_PARAMS_KEY, infotext)
     if not isinstance(path, (str, Path)):  # a binary file object (npdiff batch): the caller owns the file
         image.save(path, format="PNG", pnginfo=info)
         return path
@@ -270,8 +298,6 @@ def read_png_params(path):
     (npdiff.infotext.parse_infotext), so pictures from other tools can be reproduced too: the dict then
     also holds "unmapped", the settings npdiff could not take over.
     """
-    from npdiff.infotext import parse_infotext
-
     path = Path(path)
     if not path.is_file():
         raise NpdiffError(f"read_png_params: no such file {path}")
@@ -286,6 +312,8 @@ def read_png_params(path):
         params = json.loads(text)
     except json.JSONDecodeError as exc:
         raise NpdiffError(f"{path}: the {PNG_PARAMS_KEY!r} text chunk is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # e.g. 100 000 nested "[": no parameters nest that deep
+        raise NpdiffError(f"{path}: the {PNG_PARAMS_KEY!r} text chunk nests too deeply to be parameters") from exc
     if not isinstance(params, dict):
         raise NpdiffError(f"{path}: the {PNG_PARAMS_KEY!r} text chunk holds a JSON {type(params).__name__}, "
                           "not an object of parameters")

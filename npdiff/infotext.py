@@ -25,7 +25,7 @@ written the way webui before 1.9 did, "Sampler: DPM++ 2M Karras", which webui 1.
 import json
 import re
 
-from npdiff.errors import NpdiffError
+from npdiff.errors import NpdiffError, clip, shorten
 
 # npdiff scheduler name -> AUTOMATIC1111 sampler name. PNDM as used by Stable Diffusion (skip_prk_steps)
 # is the PLMS sampler.
@@ -34,16 +34,27 @@ SAMPLER_NAMES = {
     "ddim": "DDIM",
     "ddpm": "DDPM",
     "lms": "LMS",
+    "lms_karras": "LMS Karras",
     "euler": "Euler",
     "euler_a": "Euler a",
+    "heun": "Heun",
+    "dpm2": "DPM2",
+    "dpm2_karras": "DPM2 Karras",
+    "dpm2_a": "DPM2 a",
+    "dpm2_a_karras": "DPM2 a Karras",
     "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
+    "unipc": "UniPC",
+    "deis": "DEIS",
     "lcm": "LCM",
     "tcd": "TCD",
 }
 NPDIFF_SAMPLERS = {a1111: ours for ours, a1111 in SAMPLER_NAMES.items()}
 # webui 1.9+ writes the sigma schedule apart: (sampler, schedule type) -> npdiff name
-SCHEDULE_TYPES = {("DPM++ 2M", "Karras"): "dpmpp_2m_karras"}
+SCHEDULE_TYPES = {(a1111[:-len(" Karras")], "Karras"): ours
+                  for ours, a1111 in SAMPLER_NAMES.items() if a1111.endswith(" Karras")}
 DEFAULT_SCHEDULE = "Automatic"  # the schedule type that means "the sampler's own"
 
 # AUTOMATIC1111 fields npdiff uses: field -> (npdiff key, conversion)
@@ -54,12 +65,16 @@ FIELDS = {
     "Denoising strength": ("strength", float),
     "Model hash": ("model_hash", str),
     "Model": ("model", str),
+    "Eta": ("eta", float),  # webui writes "Eta" for its ancestral samplers' eta, "Eta DDIM" for DDIM's
+    "Eta DDIM": ("eta", float),
 }
 IGNORED_QUIETLY = {"Version"}  # fields that do not change the picture
 
 # AUTOMATIC1111's infotext pattern (modules/infotext_utils.py): "Key: value" or 'Key: "quoted, value"'
-PARAM_PATTERN = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-SIZE_PATTERN = re.compile(r"^(\d+)x(\d+)$")
+# (keys bounded to 100 characters, so a long line without ':' is scanned in linear time, not quadratic)
+PARAM_PATTERN = re.compile(r'\s*(\w[\w \-/]{0,99}):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+MAX_SETTINGS_LINE = 65536  # characters: a longer last line is prompt, never scanned for settings
+SIZE_PATTERN = re.compile(r"^(\d{1,6})x(\d{1,6})$")  # no side has more than 6 digits
 LORA_TAG = re.compile(r"<lora:([^:>]+):([^:>]+)>")
 
 
@@ -117,6 +132,7 @@ def format_infotext(params):
         "Model": params.get("model"),
         "VAE": params.get("vae"),
         "Denoising strength": None if params.get("strength") is None else _number(params["strength"]),
+        "Eta DDIM" if sampler == "ddim" else "Eta": _number(params["eta"]) if params.get("eta") else None,
         "Lora hashes": ", ".join(f"{lora['name']}: {lora['sha256']}" for lora in loras) or None,
         "Version": f"npdiff {params['npdiff_version']}" if params.get("npdiff_version") else None,
     }
@@ -130,7 +146,7 @@ def format_infotext(params):
 def split_infotext(text):
     """-> (prompt, negative prompt, {field: value}) exactly as AUTOMATIC1111's parse_generation_parameters."""
     *lines, last_line = text.strip().split("\n")
-    if len(PARAM_PATTERN.findall(last_line)) < 3:  # no settings line: all of it is prompt
+    if len(last_line) > MAX_SETTINGS_LINE or len(PARAM_PATTERN.findall(last_line)) < 3:  # no settings line
         lines.append(last_line)
         last_line = ""
     prompt_lines, negative_lines, in_negative = [], [], False
@@ -152,18 +168,18 @@ def _sampler(fields):
         return None
     if schedule != DEFAULT_SCHEDULE:
         if (name, schedule) not in SCHEDULE_TYPES:
-            raise NpdiffError(f"sampler {name!r} with schedule type {schedule!r} is not supported by npdiff; "
-                              f"supported: {', '.join(sorted(NPDIFF_SAMPLERS))}, DPM++ 2M with Karras")
+            raise NpdiffError(f"sampler {shorten(name)} with schedule type {shorten(schedule)} is not supported "
+                              f"by npdiff; supported: {', '.join(sorted(NPDIFF_SAMPLERS))}, DPM++ 2M with Karras")
         return SCHEDULE_TYPES[(name, schedule)]
     if name not in NPDIFF_SAMPLERS:
-        raise NpdiffError(f"sampler {name!r} is not supported by npdiff; supported: "
+        raise NpdiffError(f"sampler {shorten(name)} is not supported by npdiff; supported: "
                           f"{', '.join(sorted(NPDIFF_SAMPLERS))}")
     return NPDIFF_SAMPLERS[name]
 
 
 def parse_infotext(text):
     """AUTOMATIC1111 "parameters" text -> npdiff parameters (prompt, negative_prompt, steps, sampler,
-    guidance_scale, seed, width, height, strength, model, model_hash when present) and "unmapped":
+    guidance_scale, seed, width, height, strength, eta, model, model_hash when present) and "unmapped":
     the "Key: value" texts npdiff cannot reproduce, for the caller to report."""
     if not isinstance(text, str) or not text.strip():
         raise NpdiffError("the 'parameters' text is empty")
@@ -174,7 +190,7 @@ def parse_infotext(text):
     tags = LORA_TAG.findall(prompt)
     if tags:
         params["prompt"] = LORA_TAG.sub("", prompt).strip()
-        unmapped.append("LoRAs " + ", ".join(f"{name} (scale {scale})" for name, scale in tags))
+        unmapped.append("LoRAs " + ", ".join(f"{clip(name)} (scale {clip(scale)})" for name, scale in tags))
     sampler = _sampler(fields)
     if sampler is not None:
         params["sampler"] = sampler
@@ -182,15 +198,15 @@ def parse_infotext(text):
         if key == "Size":
             match = SIZE_PATTERN.match(value)
             if match is None:
-                raise NpdiffError(f"'Size: {value}' is not WIDTHxHEIGHT")
+                raise NpdiffError(f"'Size: {clip(value)}' is not WIDTHxHEIGHT (at most 6 digits each)")
             params["width"], params["height"] = int(match.group(1)), int(match.group(2))
         elif key in FIELDS:
             name, convert = FIELDS[key]
             try:
                 params[name] = convert(value)
             except ValueError as exc:
-                raise NpdiffError(f"'{key}: {value}' is not a {convert.__name__}") from exc
+                raise NpdiffError(f"'{key}: {clip(value)}' is not a {convert.__name__}") from exc
         elif key not in IGNORED_QUIETLY and not (key == "Lora hashes" and tags):
-            unmapped.append(f"{key}: {value}")
+            unmapped.append(f"{clip(key)}: {clip(value)}")
     params["unmapped"] = unmapped
     return params

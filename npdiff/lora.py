@@ -22,7 +22,6 @@ Layers read layer.weight at every call (no transposed or packed copy of a weight
 replacing it is the whole change.
 """
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -32,7 +31,9 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
+from npdiff.loading.safetensors_io import SafetensorsFile
 from npdiff.lora_keys import COMPONENTS, kohya_table, metadata_alpha, module_name, parse_key
+from npdiff.model_identity import file_sha256
 from npdiff.models.blocks import Conv2d, Linear
 
 FLOAT_DTYPES = ("F32", "F16", "BF16")
@@ -103,14 +104,6 @@ def check_scale(scale):
     if not math.isfinite(float(scale)):
         raise NpdiffError(f"LoRA scale must be finite, got {scale!r}")
     return float(scale)
-
-
-def file_sha256(path, chunk=1 << 20):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_adapter_metadata(path):
@@ -214,8 +207,6 @@ def fused_weight(entry, file, scale):
 
 def load_lora_weights(pipe, path, scale=1.0, adapter_name=None):
     """Fuse the LoRA in `path` into pipe.unet and pipe.text_encoder -> the LoadedLora record."""
-    from npdiff.loading.safetensors_io import SafetensorsFile
-
     # 1. the arguments and the file (pickles and renamed pickles are refused by SafetensorsFile)
     scale = check_scale(scale)
     path = Path(path).expanduser()

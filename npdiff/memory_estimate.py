@@ -36,7 +36,9 @@ purpose is to refuse a 1048576x1048576 picture or a million images in a second, 
 
 import os
 
+from npdiff import backend
 from npdiff.errors import NpdiffError
+from npdiff.kernels.block_pool import worker_count
 
 FLOAT_BYTES = 4
 SCORES_CAP = 1 << 23  # kernels.attention.MEMORY_EFFICIENT_MIN_SCORES: larger score matrices are chunked
@@ -143,11 +145,8 @@ def check_call_memory(pipe, batch, height, width, guidance, encode=False):
 
     Only for the NumPy backend (host memory); a GPU backend's memory is not measured here.
     """
-    from npdiff import backend
-
     if backend.name() not in ("numpy", None):
         return None
-    from npdiff.kernels.block_pool import worker_count
 
     encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]  # SDXL: both, side by side
     text_dim = sum(encoder.config.get("hidden_size", 768) for encoder in encoders if encoder is not None)

@@ -9,16 +9,22 @@ the machine.
                        a single .safetensors/.ckpt file: the first 10 hex of the SHA-256 of the file,
                        which is AUTOMATIC1111's "Model hash" (its `shorthash`);
                        a diffusers folder: the first 10 hex of the SHA-256 of the text made by joining
-                       the SHA-256 hex digests of every *.safetensors file in the folder's component
-                       subfolders (unet/, vae/, ...), taken in sorted order of their paths relative to
-                       the folder (configs are not hashed, nor files beside model_index.json, such as
-                       the shipped model's LCM-LoRA: an add-on, not the model)
+                       the SHA-256 hex digests of exactly the weight files the loader reads
+                       (loading.components.pipeline_weight_files: unet/, vae/, text_encoder/ weights, the
+                       variant asked for, the shards an index names), in sorted order of their names
+                       relative to the folder. Nothing else below the folder is read: not other variants,
+                       not other subfolders (a 20 GB file linked into one is never opened), not configs,
+                       not files beside model_index.json (such as the shipped model's LCM-LoRA: an add-on,
+                       not the model). Symlinked files and component folders hash like real ones: their
+                       targets' bytes, so a folder whose unet/ links to another UNet changes hash when the
+                       link does.
   file_sha256(path)  the full SHA-256 hex of one file, cached
 
 Hashing reads the whole file (a 4 GB checkpoint takes ~10 s), so digests are kept in a small JSON
-cache, $XDG_CACHE_HOME/npdiff/hashes.json (~/.cache/npdiff/hashes.json), keyed by the file's
-resolved path and checked against its size and modification time in nanoseconds: a changed file is
-hashed again. The cache is replaced atomically (written to a temporary file, then os.replace) and
+cache, hashes.json in npdiff's cache folder (npdiff.cache_folder: $XDG_CACHE_HOME/npdiff or
+~/.cache/npdiff), keyed by the file's resolved path (symlinks followed) and checked against its size,
+mtime, ctime, inode and device: a changed or replaced file is hashed again. The cache is replaced
+atomically (written to a temporary file, then os.replace), forgets files that no longer exist, and is
 rebuilt when it cannot be read. The cache stays on this machine; only the digests go into pictures.
 """
 
@@ -28,7 +34,10 @@ import os
 import tempfile
 from pathlib import Path
 
+from npdiff.cache_folder import cache_folder
 from npdiff.errors import NpdiffError
+from npdiff.loading.components import pipeline_weight_files
+from npdiff.paths import path_kind
 
 SHORT_HASH_DIGITS = 10  # AUTOMATIC1111's "Model hash" length
 CACHE_VERSION = 1
@@ -36,9 +45,8 @@ _CHUNK = 1 << 20  # bytes read per update
 
 
 def cache_path():
-    """Where the digest cache lives: $XDG_CACHE_HOME/npdiff/hashes.json, else ~/.cache/npdiff/."""
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "npdiff" / "hashes.json"
+    """Where the digest cache lives: hashes.json in npdiff's cache folder (npdiff.cache_folder)."""
+    return cache_folder() / "hashes.json"
 
 
 def _read_cache(path):
@@ -78,43 +86,46 @@ def sha256_of_file(path):
     return digest.hexdigest()
 
 
+def _identity(info):
+    """What says a file is still the one hashed: size, mtime, ctime, inode and device. A file replaced by
+    another (a rename over it, a copy keeping the mtime) has another inode or ctime."""
+    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "ctime_ns": info.st_ctime_ns,
+            "inode": info.st_ino, "device": info.st_dev}
+
+
 def file_sha256(path):
-    """SHA-256 hex of one file, from the cache when its size and mtime_ns are unchanged."""
-    path = Path(path).expanduser().resolve()
-    if not path.is_file():
+    """SHA-256 hex of one regular file (symlinks resolved), from the cache while its identity (size, mtime,
+    ctime, inode, device of the resolved file) is unchanged."""
+    path = Path(path).expanduser()
+    if path_kind(path, "file to hash") != "file":
         raise NpdiffError(f"model hash: no such file {path}")
-    stat = path.stat()
-    key = str(path)
+    real = Path(os.path.realpath(path))
+    identity = _identity(os.stat(real))
+    key = str(real)
     store = cache_path()
-    entries = _read_cache(store)
-    entry = entries.get(key)
-    if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+    entry = _read_cache(store).get(key)
+    if entry and all(entry.get(name) == value for name, value in identity.items()):
         return entry["sha256"]
-    digest = sha256_of_file(path)
+    digest = sha256_of_file(real)
+    if _identity(os.stat(real)) != identity:  # changed while it was read: do not cache a mixed digest
+        return digest
     entries = _read_cache(store)  # re-read: another process may have added entries meanwhile
-    entries[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    entries = {name: value for name, value in entries.items() if os.path.isfile(name)}  # forget deleted files
+    entries[key] = {**identity, "sha256": digest}
     _write_cache(store, entries)
     return digest
 
 
-def model_weight_files(folder):
-    """The *.safetensors files in the component subfolders of a diffusers folder, sorted by their path
-    relative to it (a file at the top, beside model_index.json, is no part of the model)."""
-    folder = Path(folder)
-    files = sorted((p for p in folder.rglob("*.safetensors") if p.parent != folder),
-                   key=lambda p: p.relative_to(folder).as_posix())
-    if not files:
-        raise NpdiffError(f"model hash: {folder} holds no .safetensors files")
-    return files
-
-
-def model_hash(path):
-    """10 hex digits naming the weights at `path` (a single file or a diffusers folder); see the module doc."""
+def model_hash(path, variant=None):
+    """10 hex digits naming the weights at `path` (a single file or a diffusers folder, loaded with
+    `variant`); see the module doc."""
     path = Path(path).expanduser()
-    if path.is_file():
+    kind = path_kind(path, "model")
+    if kind == "file":
         return file_sha256(path)[:SHORT_HASH_DIGITS]
-    if path.is_dir():
-        joined = "".join(file_sha256(p) for p in model_weight_files(path))
+    if kind == "folder":
+        files = pipeline_weight_files(path, variant)
+        joined = "".join(file_sha256(file) for _, file in files)
         return hashlib.sha256(joined.encode("ascii")).hexdigest()[:SHORT_HASH_DIGITS]
     raise NpdiffError(f"model hash: no such file or folder {path}")
 

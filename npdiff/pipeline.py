@@ -39,13 +39,18 @@ from pathlib import Path
 
 import numpy as np
 
-from npdiff import backend
+from npdiff import __version__, backend
 from npdiff.images import decoded_to_float, to_pil
+from npdiff.loading.resident import release_resident_pages
+from npdiff.lora import load_lora_weights, lora_parameters, unload_lora_weights
 from npdiff.memory_estimate import check_call_memory
-from npdiff.pipeline_utils import (PipelineOutput, as_prompt_list, check_finite_decoded, check_finite_latents,
-                                   check_guidance, check_output_type, check_positive_int, default_model_path,
-                                   load_components, make_generator, resolve_scheduler)
+from npdiff.models.blocks import guidance_scale_embedding
+from npdiff.pipeline_utils import (PipelineOutput, as_prompt_list, check_callback, check_eta, check_finite_decoded,
+                                   check_finite_latents, check_guidance, check_output_type, check_positive_int,
+                                   check_vae_fits, default_model_path, load_components, make_generator,
+                                   resolve_scheduler, vae_scale_factor)
 from npdiff.sampling_starts import ImageStart, InpaintStart, NoiseStart
+from npdiff.textual_inversion import load_textual_inversion
 
 
 class StableDiffusionPipeline:
@@ -76,8 +81,6 @@ class StableDiffusionPipeline:
         (measured for the SD 1.5 UNet in benchmarks/memory.py: well under a second against a minute
         of sampling); results are bit-identical. A no-op where madvise is unavailable, and for weights
         held in private memory (F16/BF16 widened, LoRA-fused, on a GPU)."""
-        from npdiff.loading.resident import release_resident_pages
-
         names = names or self.text_encoder_names + ("unet", "vae")
         return sum(release_resident_pages(getattr(self, name)) for name in names)
 
@@ -88,9 +91,21 @@ class StableDiffusionPipeline:
 
     @property
     def vae_scale_factor(self):
-        """Pixels per latent: 2 ** (VAE blocks - 1) of the current VAE (diffusers' formula; a swapped-in
-        AutoencoderTiny reports its decoder blocks as block_out_channels, as diffusers' does)."""
-        return 2 ** (len(self.vae.config["block_out_channels"]) - 1)
+        """Pixels per latent: 2 ** (VAE blocks - 1) of the current VAE (pipeline_utils.vae_scale_factor)."""
+        return vae_scale_factor(self.vae)
+
+    @property
+    def vae(self):
+        return self._vae
+
+    @vae.setter
+    def vae(self, vae):
+        """Set or swap the VAE (e.g. `pipe.vae = AutoencoderTiny.from_pretrained(...)`): a swapped-in one must
+        work in the latent space of the model's own (pipeline_utils.check_vae_fits), else NpdiffError now."""
+        own = "_vae" not in vars(self)  # the first VAE is the model's own: its cells are what the UNet learned
+        self._vae = check_vae_fits(vae, self.unet.config, None if own else self.model_vae_scale_factor)
+        if own:
+            self.model_vae_scale_factor = vae_scale_factor(vae)
 
     def do_classifier_free_guidance(self, guidance_scale):
         """diffusers' rule: guide when guidance_scale > 1, except with an LCM-distilled UNet
@@ -124,21 +139,15 @@ class StableDiffusionPipeline:
 
     def load_textual_inversion(self, path, token=None):
         """Add a learned embedding (diffusers or A1111 .safetensors); -> the token(s) added."""
-        from npdiff.textual_inversion import load_textual_inversion
-
         return load_textual_inversion(self, path, token=token)
 
     def load_lora_weights(self, path, scale=1.0, adapter_name=None):
         """Fuse a LoRA (kohya/A1111 or diffusers/PEFT .safetensors) into the UNet and text encoder weights,
         W += scale * alpha/r * up @ down, as diffusers' load_lora_weights + fuse_lora(lora_scale=scale)."""
-        from npdiff.lora import load_lora_weights
-
         return load_lora_weights(self, path, scale=scale, adapter_name=adapter_name)
 
     def unload_lora_weights(self):
         """Put back the original weights of every layer a loaded LoRA changed (nothing loaded: no-op)."""
-        from npdiff.lora import unload_lora_weights
-
         unload_lora_weights(self)
 
     # -----------------------------------------------------------------------------------------
@@ -192,8 +201,6 @@ class StableDiffusionPipeline:
         text_embeddings, unet_kwargs = self.unet_inputs(text_embeddings, start, extra)  # SDXL: added_cond_kwargs
         step_kwargs = {"generator": generator}
         if self.unet.config.get("time_cond_proj_dim") is not None:
-            from npdiff.models.blocks import guidance_scale_embedding
-
             guidance = np.full(latents.shape[0], guidance_scale - 1, dtype=np.float32)          # [B]
             unet_kwargs["timestep_cond"] = guidance_scale_embedding(guidance, self.unet.config["time_cond_proj_dim"])
         if "eta" in inspect.signature(scheduler.step).parameters:
@@ -247,10 +254,6 @@ class StableDiffusionPipeline:
 
     def generation_parameters(self, prompts, negatives, seed, steps, guidance_scale, height, width, scheduler_name):
         """What made a picture, as stored in its PNG (images.save_png) to make it again."""
-        from npdiff import __version__
-
-        from npdiff.lora import lora_parameters
-
         single = len(prompts) == 1
         parameters = {"prompt": prompts[0] if single else prompts,
                       "negative_prompt": negatives[0] if single else negatives,
@@ -273,7 +276,8 @@ class StableDiffusionPipeline:
         steps = check_positive_int(num_inference_steps, "num_inference_steps")
         guidance_scale = check_guidance(guidance_scale)
         num_images_per_prompt = check_positive_int(num_images_per_prompt, "num_images_per_prompt")
-        callback_steps = check_positive_int(callback_steps, "callback_steps")
+        callback, callback_steps = check_callback(callback, callback_steps)
+        eta = check_eta(eta)
         check_output_type(output_type)
         start.prepare(self, len(prompts) * num_images_per_prompt, steps)
         do_guidance = self.do_classifier_free_guidance(guidance_scale)  # never for an LCM-distilled UNet
@@ -302,7 +306,7 @@ class StableDiffusionPipeline:
         # 5. decode
         parameters = self.generation_parameters(prompts, negatives, seed, steps, guidance_scale, start.height,
                                                 start.width, self.scheduler_name)
-        parameters.update(start.parameters())
+        parameters.update(start.parameters(), eta=eta)  # eta changes DDIM's and TCD's pixels: recorded
         if extra is not None:
             parameters.update(extra.parameters())
         output = self.package_output(latents, output_type, seed, parameters)
@@ -325,20 +329,20 @@ class StableDiffusionPipeline:
 
     def img2img(self, prompt, image, strength=0.8, negative_prompt=None, num_inference_steps=50,
                 guidance_scale=7.5, seed=None, generator=None, num_images_per_prompt=1, callback=None,
-                callback_steps=1, output_type="pil", progress=None):
+                callback_steps=1, output_type="pil", progress=None, eta=0.0):
         """Picture + text -> pictures: noise the encoded picture to `strength`, then denoise.
 
         image: PIL image, uint8 array [H,W,3] or float array [H,W,3] in [0,1]; sides are rounded down to
         a multiple of pipeline_utils.size_rule (64 pixels for SD). strength in (0, 1]: 1 starts from pure
-        noise, small values stay close.
+        noise, small values stay close. eta: as in __call__.
         """
         return self._generate(ImageStart(image, strength), prompt, negative_prompt, num_inference_steps,
                               guidance_scale, seed, generator, num_images_per_prompt, callback, callback_steps,
-                              output_type, progress)
+                              output_type, progress, eta=eta)
 
     def inpaint(self, prompt, image, mask_image, strength=1.0, negative_prompt=None, num_inference_steps=50,
                 guidance_scale=7.5, seed=None, generator=None, num_images_per_prompt=1, height=None, width=None,
-                callback=None, callback_steps=1, output_type="pil", progress=None):
+                callback=None, callback_steps=1, output_type="pil", progress=None, eta=0.0):
         """Picture + mask + text -> pictures repainted where the mask is white (diffusers' inpaint pipeline).
 
         image: PIL image, uint8 array [H,W,3] or float array [H,W,3] in [0,1]. mask_image: the same size,
@@ -347,8 +351,8 @@ class StableDiffusionPipeline:
         default: the model's, as diffusers); the picture and mask are resized to it. strength in (0, 1]:
         1 repaints from pure noise.
         A 9-channel inpainting UNet (sd-v1-5-inpainting) sees the mask; any 4-channel UNet works too,
-        its kept part put back after each step.
+        its kept part put back after each step. eta: as in __call__.
         """
         return self._generate(InpaintStart(image, mask_image, strength, height, width), prompt, negative_prompt,
                               num_inference_steps, guidance_scale, seed, generator, num_images_per_prompt,
-                              callback, callback_steps, output_type, progress)
+                              callback, callback_steps, output_type, progress, eta=eta)

@@ -24,13 +24,14 @@ guidance as timestep_cond, without classifier-free guidance, like any npdiff UNe
 
 from pathlib import Path
 
+from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.pipeline import StableDiffusionPipeline
 from npdiff.pipeline_utils import as_prompt_list, default_model_path, load_components, resolve_scheduler
 from npdiff.sampling_starts_sdxl import XLImageStart, XLInpaintStart, XLNoiseStart
-from npdiff.loading.single_file_sdxl import SDXL_SCHEDULER_CONFIG
 from npdiff.sdxl_conditioning import (SDXLText, check_add_embedding_width, check_pair, check_score,
                                       encode_prompt_pair, second_prompts, stack_time_ids, time_ids_row)
+from npdiff.textual_inversion import load_sdxl_textual_inversion
 
 
 class XLCall:
@@ -126,9 +127,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         path = default_model_path() if path is None else Path(path).expanduser()
         parts = load_components(path, variant=variant, tokenizer=tokenizer, prediction_type=prediction_type,
                                 family="sdxl")
-        scheduler_config = parts["scheduler_config"] or dict(SDXL_SCHEDULER_CONFIG)
-        if prediction_type is not None:
-            scheduler_config["prediction_type"] = prediction_type
+        scheduler_config = parts["scheduler_config"]  # the model's, else SDXL's (prediction_type applied)
         model_index = parts["model_index"] or {}
         if requires_aesthetics_score is None:
             requires_aesthetics_score = model_index.get("requires_aesthetics_score",
@@ -146,8 +145,6 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         """An SDXL embedding file ({"clip_l": [n,768], "clip_g": [n,1280]}) into both encoders under one token;
         or, as diffusers' load_textual_inversion(vectors, token=..., text_encoder=pipe.text_encoder_2,
         tokenizer=pipe.tokenizer_2), one file or [n,D] array into the encoder given. -> the tokens added."""
-        from npdiff.textual_inversion import load_sdxl_textual_inversion
-
         return load_sdxl_textual_inversion(self, path, token=token, text_encoder=text_encoder, tokenizer=tokenizer)
 
     def encode_prompt(self, prompt, prompt_2=None, num_images_per_prompt=1, do_classifier_free_guidance=True,
@@ -167,8 +164,6 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
     # -----------------------------------------------------------------------------------------
     def text_conditioning(self, prompts, negatives, num_images_per_prompt, do_guidance, extra=None):
         """-> SDXLText(embeddings [B*n,77,D1+D2], pooled [B*n,P]), [uncond; cond] ([2*B*n,...]) when guiding."""
-        from npdiff import backend
-
         extra.batch, extra.do_guidance = len(prompts) * num_images_per_prompt, do_guidance
         cond = encode_prompt_pair(self, prompts, second_prompts(extra.prompt_2, prompts, "prompt_2"))
         xp = backend.array_module(cond.embeddings)
@@ -186,8 +181,6 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
 
     def unet_inputs(self, conditioning, start, extra=None):
         """-> (embeddings, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": [2B,6] or [2B,5]}})."""
-        from npdiff import backend
-
         positive, negative = extra.time_id_rows(start.height, start.width)
         time_ids = stack_time_ids(positive, negative, extra.batch, extra.do_guidance,
                                   interleaved=extra.mode == "txt2img")  # [2B,k]

@@ -4,7 +4,8 @@ scheduler, checking arguments, and the output object.
   default_model_path()          the model npdiff ships ($NPDIFF_MODEL, weights/tiny-shapes in a source
                                 checkout, npdiff/shipped_model in an installed package)
   load_components(path, ...)    a diffusers folder or a single-file .safetensors checkpoint ->
-                                text encoder, tokenizer, UNet, VAE, scheduler config
+                                text encoder(s), tokenizer(s), UNet, VAE, scheduler config
+  model_family(path)            "sdxl" or "sd", from the layout alone (which pipeline loads it)
   resolve_scheduler(...)        a name from npdiff.schedulers.SCHEDULERS, an instance, or the folder's own
   check_* functions             bad input -> NpdiffError naming the argument, expected and actual value
 """
@@ -16,29 +17,24 @@ from pathlib import Path
 
 import numpy as np
 
+from npdiff import backend
+from npdiff.atomic_files import atomic_folder
+from npdiff.cache_folder import cache_folder
+from npdiff.clip_vocab import write_clip_tokenizer_folder
 from npdiff.errors import NpdiffError
+from npdiff.loading import load_pipeline_components
+from npdiff.loading.safetensors_io import SafetensorsFile
+from npdiff.loading.single_file_sdxl import is_sdxl_checkpoint
+from npdiff.models import AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection, UNet2DConditionModel
+from npdiff.rng import TorchGenerator
+from npdiff.schedulers import SCHEDULERS, make_scheduler, scheduler_from_config
+from npdiff.tokenizer import CLIPTokenizer, check_prompt_text
 
 SHIPPED_MODEL_NAME = "tiny-shapes"
 # pyproject.toml installs weights/tiny-shapes/ as this folder of the package (package-dir mapping), so a
 # plain non-editable `pip install .` carries the model too.
 INSTALLED_MODEL_DIR = "shipped_model"
 PACKAGE_DIR = Path(__file__).resolve().parent  # where the shipped model is looked for
-
-# The scheduler_config.json of Stable Diffusion 1.5: used for single-file checkpoints, which carry none.
-SD15_SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-}
 
 
 @dataclass
@@ -85,9 +81,6 @@ def model_family(path):
     """-> "sdxl" or "sd" for a model folder or single file, from its layout alone (nothing loaded): an SDXL
     folder has text_encoder_2/, an SDXL single file keys under conditioner.embedders.* (only the safetensors
     header is read). Anything else is "sd" (and load_components says what is wrong with it)."""
-    from npdiff.loading.safetensors_io import SafetensorsFile
-    from npdiff.loading.single_file_sdxl import is_sdxl_checkpoint
-
     path = Path(path).expanduser()
     if path.is_dir():
         return "sdxl" if (path / "text_encoder_2").is_dir() else "sd"
@@ -100,73 +93,53 @@ def load_components(path, variant=None, tokenizer=None, prediction_type=None, fa
     """-> dict(text_encoder, tokenizer, unet, vae, scheduler_config; text_encoder_2, tokenizer_2, model_index)
     from a folder or a single file.
 
-    path: a diffusers folder (text_encoder/, tokenizer/, unet/, vae/, scheduler/) or a single-file
-          SD 1.x/2.x .safetensors checkpoint, read by npdiff.loading.load_pipeline_components. The tokenizer
-          comes from `tokenizer` (a folder) if given, else the model's tokenizer/ folder; a single file
-          holds none, so then from a tokenizer/ folder beside the file, else the shipped model's, else
-          the CLIP vocabulary rebuilt from the openai-clip package (all SD 1.x use the same one).
-          The scheduler config is the folder's scheduler/scheduler_config.json, else SD 2.1's for an
-          SD 2.x single file (v-prediction, npdiff.loading.single_file_sd2), else SD 1.5's (an SDXL
-          model without one: None, the SDXL pipeline supplies SDXL's).
-          SD 2.x single files pad with "!" (id 0): their fallback tokenizer does too, as does SDXL's
-          tokenizer_2 (tokenizer_2/ folder, else beside the file, else openai-clip's padded with "!").
+    path: a diffusers folder (text_encoder/, tokenizer/, unet/, vae/, scheduler/; SDXL: text_encoder_2/,
+          tokenizer_2/) or a single-file SD 1.x/2.x/XL .safetensors checkpoint, read by
+          npdiff.loading.load_pipeline_components. The tokenizer comes from `tokenizer` (a folder) if given,
+          else the model's tokenizer/ folder; a single file holds none, so then from a tokenizer/ folder beside
+          the file, else the shipped model's, else the CLIP vocabulary rebuilt from the openai-clip package (all
+          SD 1.x use the same one). SDXL's tokenizer_2 likewise: tokenizer_2/, beside the file, else openai-clip's.
+          The scheduler config is the folder's scheduler/scheduler_config.json, else SDXL's for an SDXL model,
+          SD 2.1's for an SD 2.x single file (v-prediction, npdiff.loading.single_file_sd2), else SD 1.5's
+          (chosen by npdiff.loading.load_pipeline_components, which also applies prediction_type).
+          SD 2.x single files and SDXL's tokenizer_2 pad with "!" (id 0): their fallback tokenizers do too.
     prediction_type: "epsilon" or "v_prediction" replaces the scheduler config's (None: keep it).
     family: "sd" (SD 1.x/2.x: StableDiffusionPipeline) or "sdxl" (text_encoder_2 present: an SDXL base, or a
           refiner without text_encoder); a model of the other family is an NpdiffError naming the pipeline
           that loads it, before any network is built.
     """
-    from npdiff.loading import load_pipeline_components
-
     path = Path(path).expanduser()
     parts = load_pipeline_components(path, variant=variant, prediction_type=prediction_type)
-    found = "sdxl" if parts.get("text_encoder_2") is not None else "sd"
+    found = "sdxl" if parts["text_encoder_2"] is not None else "sd"
     if found != family:
         loader = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}[found]
         what = ("an SDXL model (it has a second text encoder, text_encoder_2)" if found == "sdxl"
                 else "an SD 1.x/2.x model (it has no second text encoder, text_encoder_2)")
         raise NpdiffError(f"{path} is {what}; load it with npdiff.{loader}.from_pretrained({str(path)!r})")
-    scheduler_config = parts["scheduler"] or (SD15_SCHEDULER_CONFIG if family == "sd" else None)
-    scheduler_config = None if scheduler_config is None else dict(scheduler_config)
-    if prediction_type is not None and scheduler_config is not None:
-        scheduler_config["prediction_type"] = prediction_type
+    text_encoder, text_encoder_2 = parts["text_encoder"], parts["text_encoder_2"]
     return {
-        "text_encoder": _text_encoder(parts["text_encoder"], projection=False),
+        "text_encoder": CLIPTextModel(*text_encoder) if text_encoder else None,
         "tokenizer": _tokenizer(path, tokenizer, parts, "tokenizer"),
-        "text_encoder_2": _text_encoder(parts.get("text_encoder_2"), projection=True),
+        "text_encoder_2": CLIPTextModelWithProjection(*text_encoder_2) if text_encoder_2 else None,
         "tokenizer_2": _tokenizer(path, None, parts, "tokenizer_2"),
-        "unet": _network("UNet2DConditionModel", parts["unet"]),
-        "vae": _network("AutoencoderKL", parts["vae"]),
-        "scheduler_config": scheduler_config,
-        "model_index": parts.get("model_index"),
+        "unet": UNet2DConditionModel(*parts["unet"]),
+        "vae": AutoencoderKL(*parts["vae"]),
+        "scheduler_config": parts["scheduler"],
+        "model_index": parts["model_index"],
     }
-
-
-def _network(name, config_and_weights):
-    from npdiff import models
-
-    return getattr(models, name)(*config_and_weights)
-
-
-def _text_encoder(config_and_weights, projection):
-    """CLIPTextModel, CLIPTextModelWithProjection (SDXL's text_encoder_2), or None when the model has none."""
-    if config_and_weights is None:
-        return None
-    return _network("CLIPTextModelWithProjection" if projection else "CLIPTextModel", config_and_weights)
 
 
 def _tokenizer(path, given, parts, name):
     """The tokenizer of text encoder `name` ("tokenizer" or "tokenizer_2"; None when that encoder is absent)."""
-    from npdiff.tokenizer import CLIPTokenizer
-
-    encoder = parts.get("text_encoder" if name == "tokenizer" else "text_encoder_2")
+    encoder = parts["text_encoder" if name == "tokenizer" else "text_encoder_2"]
     if given is not None:
         return CLIPTokenizer.from_pretrained(given)
     if encoder is None:
         return None
-    if parts.get(name) is not None:
+    if parts[name] is not None:
         return CLIPTokenizer.from_pretrained(parts[name])
     # SD 2.x's OpenCLIP and SDXL's second tokenizer pad with "!"
-    openclip = name == "tokenizer_2" or (encoder[0].get("hidden_act") == "gelu" and not parts.get("text_encoder_2"))
+    openclip = name == "tokenizer_2" or (encoder[0].get("hidden_act") == "gelu" and parts["text_encoder_2"] is None)
     return _fallback_tokenizer(path, pad_token="!" if openclip else None, folder_name=name)
 
 
@@ -176,8 +149,6 @@ def _fallback_tokenizer(path, pad_token=None, folder_name="tokenizer"):
     pad_token "!" (SD 2.x, SDXL's tokenizer_2): not the shipped model's (an SD 1.x tokenizer), openai-clip's
     padded with "!". folder_name: the folder looked for beside a single file (tokenizer_2 for SDXL's second).
     """
-    from npdiff.tokenizer import CLIPTokenizer
-
     beside = path.parent / folder_name
     if path.is_file() and beside.is_dir():
         return CLIPTokenizer.from_pretrained(beside)
@@ -195,7 +166,7 @@ def _fallback_tokenizer(path, pad_token=None, folder_name="tokenizer"):
 def tokenizer_cache_folder(pad_token=None):
     """Where the CLIP tokenizer rebuilt from openai-clip is kept (SD 2.x's, padded with "!", beside it)."""
     name = "clip-tokenizer" if pad_token is None else "clip-tokenizer-sd2"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "npdiff" / name
+    return cache_folder() / name
 
 
 def _tokenizer_from_openai_clip(pad_token=None):
@@ -207,10 +178,6 @@ def _tokenizer_from_openai_clip(pad_token=None):
     """
     import functools
     import warnings
-
-    from npdiff.atomic_files import atomic_folder
-    from npdiff.clip_vocab import write_clip_tokenizer_folder
-    from npdiff.tokenizer import CLIPTokenizer
 
     cache = tokenizer_cache_folder(pad_token)
     if cache.exists():
@@ -229,8 +196,6 @@ def _tokenizer_from_openai_clip(pad_token=None):
 # ---------------------------------------------------------------------------------------------
 def resolve_scheduler(scheduler, config):
     """-> (scheduler instance, its name) from a SCHEDULERS name, an instance, or None (the config's own)."""
-    from npdiff.schedulers import SCHEDULERS, make_scheduler, scheduler_from_config
-
     if scheduler is None:
         instance = scheduler_from_config(config)
         return instance, scheduler_name(instance)
@@ -250,8 +215,6 @@ def scheduler_name(instance):
     A preset (e.g. dpmpp_2m_karras = DPM-Solver++ with use_karras_sigmas=True) wins over its plain class
     when the instance's config has the preset's fixed values.
     """
-    from npdiff.schedulers import SCHEDULERS
-
     config = getattr(instance, "config", None) or {}
     found = None
     for name, entry in SCHEDULERS.items():
@@ -307,6 +270,51 @@ def check_size(height, width, multiple, why=None):
     return int(height), int(width)
 
 
+def vae_scale_factor(vae):
+    """Pixels per latent cell: 2 ** (VAE blocks - 1) (diffusers' formula; an AutoencoderTiny reports its
+    decoder blocks as block_out_channels, as diffusers' does)."""
+    return 2 ** (len(vae.config["block_out_channels"]) - 1)
+
+
+def check_vae_fits(vae, unet_config, model_scale_factor):
+    """A VAE set on a pipeline (`pipe.vae = AutoencoderTiny...`, --vae) must work in the latent space the
+    UNet was trained in: as many pixels per latent cell as the model's own VAE (`model_scale_factor`;
+    None: `vae` is the model's own) and the UNet's latent channels. Else NpdiffError, before any picture
+    (a TAESD of another scale factor silently made 16x16 pictures from a 64x64 model). -> the VAE."""
+    if not hasattr(vae, "decode") or not isinstance(getattr(vae, "config", None), dict):
+        raise NpdiffError(f"vae must be an npdiff AutoencoderKL or AutoencoderTiny, got {type(vae).__name__}")
+    name = type(vae).__name__
+    scale = vae_scale_factor(vae)
+    if model_scale_factor is not None and scale != model_scale_factor:
+        ratio = max(scale, model_scale_factor) // min(scale, model_scale_factor)
+        size = "small" if scale < model_scale_factor else "large"
+        raise NpdiffError(f"this {name} turns {scale}x{scale} pixels into one latent cell, but the model's UNet "
+                          f"works on latents of {model_scale_factor}x{model_scale_factor}-pixel cells (its own "
+                          f"VAE's): its pictures would be {ratio} times too {size}; use a VAE made for this model "
+                          "(TAESD 'taesd' for SD 1.x/2.x, 'taesdxl' for SDXL)")
+    channels, unet_channels = vae.config.get("latent_channels"), unet_config.get("out_channels")
+    if channels != unet_channels:
+        raise NpdiffError(f"this {name} has {channels} latent channels, but the model's UNet makes "
+                          f"{unet_channels}; use a VAE made for this model")
+    return vae
+
+
+def check_callback(callback, callback_steps):
+    """callback: None or callable(step, timestep, latents); callback_steps: an integer >= 1. -> both."""
+    if callback is not None and not callable(callback):
+        raise NpdiffError(f"callback must be a function (step, timestep, latents) or None, got {callback!r}")
+    return callback, check_positive_int(callback_steps, "callback_steps")
+
+
+def check_eta(eta):
+    """eta (DDIM's eta, TCD's gamma): a finite number in [0, 1]."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.integer, np.floating)):
+        raise NpdiffError(f"eta must be a number in [0, 1], got {eta!r}")
+    if not math.isfinite(eta) or not 0 <= eta <= 1:
+        raise NpdiffError(f"eta must be in [0, 1], got {eta!r}")
+    return float(eta)
+
+
 def check_output_type(output_type):
     if output_type not in ("pil", "np", "latent"):
         raise NpdiffError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
@@ -321,8 +329,6 @@ def check_strength(strength):
 
 def as_prompt_list(prompt, negative_prompt):
     """-> (prompts, negative prompts), lists of equal length; "" is the default negative prompt."""
-    from npdiff.tokenizer import check_prompt_text
-
     for what, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         many = isinstance(value, (list, tuple))
         for index, text in enumerate(value if many else [value]):
@@ -350,8 +356,6 @@ def as_prompt_list(prompt, negative_prompt):
 
 def check_finite_latents(latents, step, total, timestep):
     """NpdiffError when sampling step `step` (0-based) made NaN or Inf latents: never a black picture."""
-    from npdiff import backend
-
     xp = backend.array_module(latents)
     if not bool(xp.isfinite(latents).all()):
         raise NpdiffError(f"sampling step {step + 1} of {total} (timestep {float(timestep):g}) produced NaN or "
@@ -361,23 +365,28 @@ def check_finite_latents(latents, step, total, timestep):
 
 def check_finite_decoded(decoded):
     """NpdiffError when the VAE decoded NaN or Inf values (they would become a black picture)."""
-    from npdiff import backend
-
     if not bool(backend.array_module(decoded).isfinite(decoded).all()):
         raise NpdiffError("the VAE decoded NaN or infinite values from finite latents; its weights or config "
                           "make non-finite numbers, so no picture was made")
 
 
+SEED_RANGE = (-0x8000_0000_0000_0000, 0xFFFF_FFFF_FFFF_FFFF)  # torch.manual_seed's
+
+
 def make_generator(seed, generator):
     """-> (TorchGenerator, seed or None). A fresh random seed when neither is given (reported back)."""
-    from npdiff.rng import TorchGenerator
-
     if seed is not None and generator is not None:
         raise NpdiffError("pass seed= or generator=, not both")
     if generator is not None:
+        if not callable(getattr(generator, "randn", None)):
+            raise NpdiffError(f"generator must be an npdiff.rng generator (TorchGenerator(seed), with a randn "
+                              f"method), got {type(generator).__name__}; or pass seed=")
         return generator, None
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % 2**32)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise NpdiffError(f"seed must be an integer, got {seed!r}")
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise NpdiffError(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (what torch.manual_seed takes), "
+                          f"got {seed}")
     return TorchGenerator(int(seed)), int(seed)

@@ -16,6 +16,17 @@ asks a start object for what differs:
 
 prepare() checks the mode's own arguments before any long work starts; the others run inside the
 sampling steps, in diffusers' order of operations and random draws.
+
+What ImageStart and InpaintStart share with diffusers (at the end of this file):
+  check_denoising_steps(N, strength)      NpdiffError when strength keeps no step (int(N * strength) = 0),
+                                          checked before any long work;
+  get_timesteps(scheduler, N, strength)   diffusers' get_timesteps: with N steps keep the last
+                                          min(int(N * strength), N) of them (times the scheduler's order)
+                                          and tell the scheduler where it begins (set_begin_index);
+  encode_image(pipe, pixels, batch, g)    diffusers' _encode_vae_image: pixels [1,3,H,W] in [-1,1] ->
+                                          posterior.sample(g) * scaling_factor (one draw of [1,4,h,w];
+                                          none with TAESD, whose encoder gives the latents),
+                                          repeated to the batch.
 """
 
 import numpy as np
@@ -23,7 +34,6 @@ import numpy as np
 from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.images import image_to_model_input, mask_to_model_input, picture_size, resize_nearest
-from npdiff.img2img import check_denoising_steps, encode_image, get_timesteps
 from npdiff.pipeline_utils import check_size, check_strength, size_rule
 
 
@@ -221,3 +231,36 @@ class InpaintStart(SamplingStart):
 
     def parameters(self):
         return {"mode": self.mode, "strength": self.strength}
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting from a picture: what image-to-image and inpainting share with diffusers
+# ---------------------------------------------------------------------------------------------
+def check_denoising_steps(num_inference_steps, strength):
+    """NpdiffError when `strength` keeps no step of `num_inference_steps` (int(N * strength) = 0)."""
+    if min(int(num_inference_steps * strength), num_inference_steps) < 1:
+        raise NpdiffError(f"strength {strength} with num_inference_steps {num_inference_steps} leaves no "
+                          f"denoising step (int(steps * strength) = 0); raise one of them")
+
+
+def get_timesteps(scheduler, num_inference_steps, strength):
+    """-> (the timesteps to run, how many denoising steps that is), setting the scheduler's begin index."""
+    check_denoising_steps(num_inference_steps, strength)
+    init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+    t_start = max(num_inference_steps - init_timestep, 0)
+    order = getattr(scheduler, "order", 1)
+    timesteps = scheduler.timesteps[t_start * order:]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * order)
+    return timesteps, num_inference_steps - t_start
+
+
+def encode_image(pipe, pixels, batch, generator):
+    """Pixels [1,3,H,W] in [-1,1] -> scaled latents [batch,4,h,w] (one posterior sample or TAESD's latents,
+    repeated)."""
+    encoded = pipe.vae.encode(backend.to_device(pixels))  # [1,3,H,W] -> posterior (KL) or latents (TAESD)
+    # diffusers' retrieve_latents: a KL posterior is sampled (one draw); TAESD gives latents (no draw)
+    latents = encoded.latents if hasattr(encoded, "latents") else encoded.sample(generator)  # [1,4,h,w]
+    latents = latents * float(pipe.vae.scaling_factor)  # [1,4,h,w]
+    xp = backend.array_module(latents)
+    return xp.repeat(latents, batch, axis=0)  # [1,4,h,w] -> [batch,4,h,w]

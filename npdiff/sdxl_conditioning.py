@@ -21,6 +21,7 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
+from npdiff.tokenizer import check_prompt_text
 
 # Text conditioning of one SDXL call: embeddings [B,77,D1+D2] and pooled [B,P] ([uncond; cond] when guiding).
 SDXLText = namedtuple("SDXLText", ["embeddings", "pooled"])
@@ -56,8 +57,6 @@ def encode_prompt_pair(pipe, prompts, prompts_2):
 def second_prompts(value, fallback, what):
     """prompt_2 / negative_prompt_2 -> a list as long as `fallback`; None or "" -> `fallback` (diffusers'
     `prompt_2 or prompt`)."""
-    from npdiff.tokenizer import check_prompt_text
-
     if value is None or (isinstance(value, (str, list, tuple)) and len(value) == 0):
         return list(fallback)
     if isinstance(value, str):

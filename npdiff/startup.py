@@ -34,6 +34,8 @@ import os
 import sys
 import warnings
 
+from npdiff import blas  # the standard library only: NumPy is not imported by it
+
 NUMBA_LAYER = "forksafe"
 NUMPY_FIRST_WARNING = (
     "numpy was imported before npdiff, so OpenBLAS read its settings without npdiff's: its idle "
@@ -51,8 +53,6 @@ def run():
         return
     _done = True
     # 1. before NumPy is imported
-    from npdiff import blas
-
     DECISIONS["openblas_coretype"] = blas.prefer_avx512_openblas()
     DECISIONS["openblas_thread_timeout"] = blas.prefer_short_openblas_spin()
     if DECISIONS["openblas_thread_timeout"].startswith("too late"):
@@ -62,7 +62,8 @@ def run():
     # 3.
     if hasattr(os, "register_at_fork"):
         os.register_at_fork(after_in_child=after_fork_in_child)
-    # 4. imports NumPy (and CuPy, if NPDIFF_BACKEND asks for it)
+    # 4. imports NumPy (and CuPy, if NPDIFF_BACKEND asks for it): imported here, not at the top of this
+    #    file, because NumPy must load after steps 1 and 2
     from npdiff import backend
 
     if os.environ.get("NPDIFF_BACKEND"):

@@ -18,6 +18,7 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
+from npdiff.loading.configs import open_weights
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 A1111_KEYS = ("emb_params", "string_to_param.*")
@@ -25,8 +26,6 @@ A1111_KEYS = ("emb_params", "string_to_param.*")
 
 def read_embedding_file(path):
     """-> (token named by the file, float32 vectors [n,D]) from a diffusers or A1111 .safetensors file."""
-    from npdiff.loading import open_weights
-
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise NpdiffError(f"{path}: {path.suffix} files are Python pickles, and loading one can run arbitrary "
@@ -112,8 +111,6 @@ SDXL_KEYS = {"clip_l": ("tokenizer", "text_encoder"), "clip_g": ("tokenizer_2", 
 def read_sdxl_embedding_file(path):
     """-> {"clip_l": [n,768], "clip_g": [n,1280]} from an SDXL embedding file (the layout model sites share),
     or None when the file holds other keys."""
-    from npdiff.loading import open_weights
-
     path = Path(path)
     if path.suffix.lower() != ".safetensors" or not path.is_file():
         return None

@@ -25,13 +25,13 @@ like transformers' `add_tokens`); a multi-vector embedding registers its extra n
 before tokenizing, as diffusers' `maybe_convert_prompt` does.
 """
 
-import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from npdiff.errors import NpdiffError
+from npdiff.json_files import read_json
 
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
@@ -76,16 +76,6 @@ def _token_text(value):
     return value
 
 
-def _read_json(path):
-    try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise NpdiffError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise NpdiffError(f"{path} should hold a JSON object, found a {type(value).__name__}")
-    return value
-
-
 def _has_tokenizer_files(folder):
     return all((folder / name).is_file() for name in TOKENIZER_FILES) or (folder / TOKENIZER_JSON).is_file()
 
@@ -108,7 +98,7 @@ def read_vocab_and_merges(folder):
     if all((folder / name).is_file() for name in TOKENIZER_FILES):
         vocab, merges = BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
         return vocab, merges, []
-    data = _read_json(folder / TOKENIZER_JSON)
+    data = read_json(folder / TOKENIZER_JSON)
     model = data.get("model") or {}
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise NpdiffError(f"{folder / TOKENIZER_JSON} holds no BPE model (model.type is {model.get('type')!r})")
@@ -184,10 +174,10 @@ class CLIPTokenizer:
         """from_pretrained's body, on a folder that holds the tokenizer files."""
         config = {}
         if (folder / "tokenizer_config.json").is_file():
-            config = _read_json(folder / "tokenizer_config.json")
+            config = read_json(folder / "tokenizer_config.json")
         special = {}
         if (folder / "special_tokens_map.json").is_file():
-            special = _read_json(folder / "special_tokens_map.json")
+            special = read_json(folder / "special_tokens_map.json")
 
         def token(name, default):
             value = _token_text(special.get(name)) or _token_text(config.get(name))

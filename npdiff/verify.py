@@ -25,8 +25,20 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
-from npdiff.verify_blocks import (PROMPTS, Table, compare_blocks, compare_sampling, compare_vae, is_sdxl_folder,
-                                  picture_size, require_torch_stack, unet_block_names)
+from npdiff.pipeline import StableDiffusionPipeline
+from npdiff.pipeline_utils import check_positive_int, default_model_path
+from npdiff.rng import TorchGenerator
+from npdiff.verify_blocks import (
+    PROMPTS,
+    Table,
+    compare_blocks,
+    compare_sampling,
+    compare_vae,
+    is_sdxl_folder,
+    picture_size,
+    require_torch_stack,
+    unet_block_names,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,10 +84,6 @@ def verify_model(model=None, steps=4, height=None, width=None, seed=0, out=None)
     require_torch_stack()
     import torch
     from diffusers import StableDiffusionPipeline as TorchPipeline
-
-    from npdiff.pipeline import StableDiffusionPipeline
-    from npdiff.pipeline_utils import check_positive_int, default_model_path
-    from npdiff.rng import TorchGenerator
 
     steps = check_positive_int(steps, "--steps")
     model = Path(model) if model is not None else default_model_path()

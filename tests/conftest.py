@@ -30,6 +30,21 @@ def rng(seed):
     return np.random.default_rng(seed)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_folder(tmp_path_factory):
+    """No test writes into the user's ~/.cache/npdiff: the whole session caches (model hashes, the CLIP
+    tokenizer rebuilt from openai-clip) in one folder of its own, and HOME points at an empty folder of
+    its own too (npdiff.cache_folder reads HOME when XDG_CACHE_HOME is unset). One folder for the session,
+    not one per test: rebuilding the tokenizer cache costs ~0.25 s. Subprocesses (the CLI) inherit both.
+    Tests that look at the cache itself take `hash_cache` (a folder of the test's own)."""
+    root = tmp_path_factory.mktemp("npdiff-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(root / "xdg-cache"))
+        patch.setenv("HOME", str(root / "home"))
+        (root / "home").mkdir()
+        yield root
+
+
 @pytest.fixture
 def hash_cache(tmp_path, monkeypatch):
     """Model hashes are cached under $XDG_CACHE_HOME: a test's own, not the user's. -> the cache file."""

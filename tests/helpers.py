@@ -1,4 +1,7 @@
-"""Helpers shared by the tests: relative error, torch <-> numpy, a PNG's pixels."""
+"""Helpers shared by the tests: relative error, torch <-> numpy, a PNG's pixels, a time limit."""
+
+import signal
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image
@@ -37,3 +40,19 @@ def pixels(path):
     """A picture file's pixels, [H,W,3] uint8 RGB."""
     with Image.open(path) as picture:
         return np.asarray(picture.convert("RGB"))
+
+
+@contextmanager
+def time_limit(what, seconds=10):
+    """Fail with AssertionError naming `what` when the block runs longer than `seconds` (a hang: a FIFO
+    opened, an endless loop), instead of hanging the test session."""
+    def fail(signum, frame):
+        raise AssertionError(f"{what}: no answer within {seconds} s (a hang)")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

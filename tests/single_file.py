@@ -276,7 +276,7 @@ UNET_KINDS = {
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=2, cross_attention_dim=128, projection_class_embeddings_input_dim=32 + 5 * 8),
     # depths that differ per layer and between down and up blocks (diffusers' nested lists)
-    "asymmetric": dict(UNET_BASE, transformer_layers_per_block=(1, (1, 2), 3),
+    "asymmetric": dict(UNET_BASE, transformer_layers_per_block=(1, (1, 2), (3, 2)),  # mid block: 3
                        reverse_transformer_layers_per_block=((3, 1, 2), (2, 2, 1), (1, 1, 1))),
 }
 VAE = dict(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 2,

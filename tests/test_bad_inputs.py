@@ -3,8 +3,11 @@ an NpdiffError naming the file, key, step, character or pixels (README: "What np
 
 import json
 import os
+import re
 import shutil
+import stat
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -15,11 +18,13 @@ from safetensors.numpy import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent / "pipeline"))
 
+from helpers import time_limit  # noqa: E402
 from tiny_sd import tiny_sd_folder  # noqa: E402
 
-from npdiff import NpdiffError, cli, pipeline_utils  # noqa: E402
-from npdiff.images import load_image  # noqa: E402
-from npdiff.loading import load_component_weights, load_pipeline_components  # noqa: E402
+from npdiff import NpdiffError, cli, model_identity, pipeline_utils  # noqa: E402
+from npdiff.images import load_image, read_png_params  # noqa: E402
+from npdiff.loading import load_component_weights, load_pipeline_components, open_weights  # noqa: E402
+from npdiff.model_identity import model_hash  # noqa: E402
 from npdiff.pipeline import StableDiffusionPipeline  # noqa: E402
 from npdiff.schedulers import make_scheduler  # noqa: E402
 from npdiff.tokenizer import CLIPTokenizer  # noqa: E402
@@ -226,19 +231,76 @@ def test_pickle_renamed_as_textual_inversion(pipe, tmp_path):
         pipe.load_textual_inversion(path)
 
 
-def test_shards_must_lie_inside_the_model_folder(tmp_path):
+def test_shard_names_are_plain_file_names_of_the_folder(tmp_path):
+    """A name read from an index is not a path; the entry it names may be a link, like any file of a model
+    folder (the Hugging Face cache links every shard into ../../blobs)."""
     outside = tmp_path / "elsewhere.safetensors"
     save_file({"w": np.ones(2, np.float32)}, str(outside))
     model = tmp_path / "model"
-    model.mkdir()
-    os.symlink(outside, model / "link.safetensors")
-    for shard in ("../elsewhere.safetensors", str(outside), "link.safetensors", 7):
+    (model / "sub").mkdir(parents=True)
+    save_file({"w": np.ones(2, np.float32)}, str(model / "sub" / "inside.safetensors"))
+    for shard in ("../elsewhere.safetensors", str(outside), "sub/inside.safetensors", "sub\\inside.safetensors",
+                  ".", "", 7, None, ["a"]):
         (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": shard}}))
         with pytest.raises(NpdiffError, match=r"model\.safetensors\.index\.json: key 'w' names shard"):
             load_component_weights(model)
-    save_file({"w": np.ones(2, np.float32)}, str(model / "inside.safetensors"))
-    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "inside.safetensors"}}))
+    os.symlink(outside, model / "link.safetensors")
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "link.safetensors"}}))
     assert load_component_weights(model).keys() == ["w"]
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "absent.safetensors"}}))
+    with pytest.raises(NpdiffError, match=r"missing file: .*absent\.safetensors \(shard named by model\."):
+        load_component_weights(model)
+
+
+def make_special(path, kind):
+    """Replace `path` (file or folder) with a FIFO, a link to /dev/null, a symlink loop or a dangling link."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        os.symlink("/dev/null", path)
+    elif kind == "loop":
+        os.symlink(path.name, path)  # a link to itself
+    elif kind == "dangling":
+        os.symlink(path.name + ".gone", path)
+
+
+SPECIAL_MESSAGES = {"fifo": r"is a FIFO \(named pipe\); npdiff reads only regular files",
+                    "device": "is a character device", "loop": "is a symlink loop",
+                    "dangling": r"is a symlink to '.*\.gone', which does not exist"}
+
+
+@pytest.mark.parametrize("where,kind", [
+    ("unet/config.json", "fifo"), ("unet/diffusion_pytorch_model.safetensors", "device"),
+    ("text_encoder/model.safetensors", "fifo"), ("vae/diffusion_pytorch_model.safetensors", "dangling"),
+    ("tokenizer/vocab.json", "loop"), ("tokenizer/tokenizer_config.json", "fifo"), ("vae", "loop"),
+    ("scheduler/scheduler_config.json", "fifo"), ("model_index.json", "device"), ("unet", "dangling"),
+])
+def test_special_files_in_a_model_folder_are_refused_by_name(folder, tmp_path, where, kind):
+    """Loops, FIFOs, devices and dangling links are named, never followed into a hang or a wrong message."""
+    model = copy_model(folder, tmp_path)
+    make_special(model / where, kind)
+    pattern = re.escape(str(model / where)) + r" \(.*\) " + SPECIAL_MESSAGES[kind]
+    with time_limit("a special file in a model folder", 20):
+        with pytest.raises(NpdiffError, match=pattern):
+            StableDiffusionPipeline.from_pretrained(model)
+        if where.endswith("safetensors") or "/" not in where and where != "model_index.json":
+            with pytest.raises(NpdiffError, match=pattern):
+                model_hash(model)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "loop"])
+def test_a_special_file_given_as_the_model_is_refused(tmp_path, kind):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"")
+    make_special(path, kind)
+    with time_limit("a special file in a model folder", 20):
+        for call in (load_pipeline_components, model_hash, open_weights):
+            with pytest.raises(NpdiffError, match=SPECIAL_MESSAGES[kind]):
+                call(path)
 
 
 def test_messages_never_list_a_folder(tmp_path):
@@ -264,3 +326,60 @@ def test_damaged_tokenizer_cache_is_rebuilt_with_a_warning(tmp_path, monkeypatch
     with pytest.warns(UserWarning, match="rebuilding it"):
         pipeline_utils._tokenizer_from_openai_clip()
     assert sorted(p.name for p in cache.parent.iterdir()) == ["clip-tokenizer"]  # no temporary folders left
+
+
+# --------------------------------------------------------------------------------------------------
+# The cache folder: never /.cache at the root, never the user's during tests
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("home", ["", "/", "relative/home"])
+def test_cache_folder_without_a_usable_home(tmp_path, monkeypatch, home):
+    """HOME= (empty) made Path.home() "/": the caches went to /.cache/npdiff. Now a private folder in the
+    temporary directory, with a warning."""
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", home)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr("npdiff.cache_folder._fallback", None)
+    with pytest.warns(UserWarning, match="neither XDG_CACHE_HOME nor HOME names a usable folder"):
+        tokenizer_cache = pipeline_utils.tokenizer_cache_folder()
+    private = tmp_path / f"npdiff-cache-{os.getuid()}"
+    assert tokenizer_cache == private / "clip-tokenizer" and model_identity.cache_path() == private / "hashes.json"
+    assert stat.S_IMODE(os.stat(private).st_mode) == 0o700
+
+
+def test_cache_folder_rules(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # the XDG rule: a relative path is ignored
+    assert model_identity.cache_path() == tmp_path / "home" / ".cache" / "npdiff" / "hashes.json"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert pipeline_utils.tokenizer_cache_folder("!") == tmp_path / "xdg" / "npdiff" / "clip-tokenizer-sd2"
+    # a shared temporary folder someone else could write into is not used: a fresh one instead
+    monkeypatch.setenv("HOME", "")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr("npdiff.cache_folder._fallback", None)
+    shared = tmp_path / f"npdiff-cache-{os.getuid()}"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.warns(UserWarning):
+        chosen = model_identity.cache_path().parent
+    assert chosen != shared and chosen.parent == tmp_path and stat.S_IMODE(os.stat(chosen).st_mode) == 0o700
+
+
+def test_the_test_session_never_uses_the_users_cache(tmp_path_factory):
+    """tests/conftest.py points XDG_CACHE_HOME and HOME into the session's temporary folder."""
+    base = tmp_path_factory.getbasetemp()
+    for path in (model_identity.cache_path(), pipeline_utils.tokenizer_cache_folder(), Path.home()):
+        assert base in path.parents, path
+
+
+def test_cli_generate_with_linked_component_folders(folder, tmp_path):
+    """A folder sharing its UNet and VAE with another model by links: `npdiff generate` failed at the end of
+    loading ("model hash: ... holds no .safetensors files"); now it works and its PNG names the same hash."""
+    linked = tmp_path / "linked"
+    shutil.copytree(folder, linked, ignore=shutil.ignore_patterns("unet", "vae"))
+    for name in ("unet", "vae"):
+        os.symlink(folder / name, linked / name)
+    out = tmp_path / "linked.png"
+    assert cli.main(["generate", "a cat", "--model", str(linked), "--steps", "1", "--seed", "3",
+                     "--out", str(out)]) == 0
+    assert read_png_params(out)["model_hash"] == model_hash(folder)

@@ -8,9 +8,11 @@ Everything runs on the shipped model (32x32) with 2 steps; one Ray session is sh
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +20,9 @@ import pytest
 import ray
 from PIL import Image
 
-from npdiff import batch, cli
-from npdiff.batch import BatchSummary, ProcessPool, cpu_cores, run_batch
+from npdiff import batch, batch_workers, cli
+from npdiff.batch import BatchSummary, run_batch
+from npdiff.batch_workers import ProcessPool, cpu_cores
 from npdiff.batch_jobs import read_jobs
 from npdiff.batch_ray import RayPool
 from npdiff.images import png_text_chunks, read_png_params, save_png
@@ -155,7 +158,7 @@ def test_bad_lines_are_reported_and_the_others_written(tmp_path, capsys, rng):
         json.dumps({"prompt": "a red circle", "image": "missing.png"}),
         json.dumps({"prompt": "a red circle", "strength": 0.5}),  # strength without an image
         json.dumps({"prompt": "a red circle", "height": 30}),
-        json.dumps({"prompt": "a red circle", "sampler": "heun"}),
+        json.dumps({"prompt": "a red circle", "sampler": "dpmpp_sde"}),
         json.dumps({"prompt": "a red circle", "negative": "x", "negative_prompt": "y"}),
         json.dumps(["a red circle"]),
         json.dumps({"prompt": "a red circle", "seed": -1}),
@@ -170,7 +173,7 @@ def test_bad_lines_are_reported_and_the_others_written(tmp_path, capsys, rng):
     expected = {2: "unknown key 'colour'", 3: "not valid JSON",
                 4: "key 'model' cannot be set per line: the model is loaded once per worker",
                 5: "'steps' must be an integer >= 1, got 0", 6: "'image' 'missing.png': no such file",
-                7: "'strength' needs 'image'", 8: "'height' must be a positive multiple of 8", 9: "'sampler' 'heun'",
+                7: "'strength' needs 'image'", 8: "'height' must be a positive multiple of 8", 9: "'sampler' 'dpmpp_sde'",
                 10: "give 'negative' or 'negative_prompt', not both", 11: "expected a JSON object",
                 12: "'seed' must be an integer in [0, 2**64)",
                 14: "strength 0.1 with num_inference_steps 2 leaves no denoising step"}
@@ -254,7 +257,7 @@ def test_two_worker_processes_same_bytes(text_jobs, reference, tmp_path, monkeyp
     pool = ProcessPool(str(default_model_path()), workers=2)
     try:
         summary = run_batch(text_jobs, tmp_path, defaults=DEFAULTS, pool=pool, progress=False)
-        ready = pool.executor.submit(batch._worker_process_ready).result()
+        ready = pool.executor.submit(batch_workers._worker_process_ready).result()
     finally:
         pool.close()
     assert (summary.written, summary.failures) == (3, {})
@@ -314,3 +317,188 @@ def test_ray_worker_killed_mid_run_every_picture_once(ray_session, text_jobs, re
 def test_ray_model_that_does_not_load_stops_before_any_job(ray_session, tmp_path):
     with pytest.raises(ValueError, match="a Ray worker could not load the model .*no-model"):
         RayPool("auto", str(tmp_path / "no-model"), workers=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every option of generate / img2img / inpaint, through the one recipe (npdiff.recipe.render)
+# ---------------------------------------------------------------------------------------------
+def test_inpaint_lora_eta_and_vae_lines_equal_the_single_commands(tmp_path, capsys, rng):
+    model = default_model_path()
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "start.png")
+    Image.fromarray((rng.random((32, 32)) > 0.5).astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    (tmp_path / "lcm.safetensors").write_bytes((model / "lcm-lora.safetensors").read_bytes())
+    lines = [
+        {"prompt": "a red circle", "image": "start.png", "mask": "mask.png", "seed": 5, "strength": 0.9},
+        {"prompt": "a blue square", "lora": "lcm.safetensors:0.7", "sampler": "tcd", "eta": 0.3, "seed": 6,
+         "guidance": 1},
+        {"prompt": "a blue square", "seed": 6, "sampler": "tcd", "guidance": 1},  # the LoRA unfused again
+        {"prompt": "a green circle", "lora": ["lcm.safetensors:0.5"], "vae": str(model / "vae"), "seed": 8,
+         "sampler": "ddim", "eta": 0.5},
+    ]
+    jobs = write_lines(tmp_path / "jobs.jsonl", [json.dumps(line) for line in lines])
+    out = tmp_path / "out"
+    code, captured = run_cli(["batch", str(jobs), "--out", str(out), *STEPS, "--quiet"], capsys)
+    assert code == 0, captured.out
+    written = folder_bytes(out)
+    same = {
+        "000001-seed5.png": ["inpaint", "a red circle", "--image", str(tmp_path / "start.png"), "--mask",
+                             str(tmp_path / "mask.png"), "--seed", "5", "--strength", "0.9"],
+        "000002-seed6.png": ["generate", "a blue square", "--lora", str(tmp_path / "lcm.safetensors") + ":0.7",
+                             "--sampler", "tcd", "--eta", "0.3", "--seed", "6", "--guidance", "1"],
+        "000003-seed6.png": ["generate", "a blue square", "--sampler", "tcd", "--seed", "6", "--guidance", "1"],
+        "000004-seed8.png": ["generate", "a green circle", "--lora", str(tmp_path / "lcm.safetensors") + ":0.5",
+                             "--vae", str(model / "vae"), "--seed", "8", "--sampler", "ddim", "--eta", "0.5"],
+    }
+    assert sorted(written) == sorted(same)
+    for name, args in same.items():
+        single = tmp_path / f"single-{name}"
+        assert run_cli(args + [*STEPS, "--out", str(single)], capsys)[0] == 0
+        assert single.read_bytes() == written[name], f"{name} differs from npdiff {args[0]}"
+    assert written["000002-seed6.png"] != written["000003-seed6.png"]  # the LoRA and eta did change it
+    params = read_png_params(out / "000002-seed6.png")
+    assert params["eta"] == 0.3 and [lora["name"] for lora in params["loras"]] == ["lcm"]
+    assert read_png_params(out / "000001-seed5.png")["command"] == "inpaint"
+    assert read_png_params(out / "000004-seed8.png")["vae"] == "vae"
+    assert_no_local_path(out, tmp_path)
+    # a rerun recognises every picture as done, LoRAs, VAE and eta included
+    summary = run_batch(jobs, out, defaults=DEFAULTS, progress=False)
+    assert (summary.written, summary.skipped, summary.failures) == (0, 4, {})
+
+
+def test_line_holes_are_per_line_errors(tmp_path, capsys):
+    """Wrong types, duplicated keys, a folder at a picture's name, pictures that are bombs or truncated:
+    each fails its own line, named, and the others are written."""
+    bomb = tmp_path / "bomb.png"
+    Image.new("L", (13000, 13000)).save(bomb, optimize=False)  # ~170 megapixels, a few hundred KB
+    good = tmp_path / "good.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(good)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:60])
+    lines = [
+        json.dumps({"prompt": "a red circle", "seed": 3}),
+        json.dumps({"prompt": "a red circle", "sampler": ["ddim"]}),
+        '{"prompt": "a red circle", "seed": 1, "seed": 2}',
+        json.dumps({"prompt": "a red circle", "image": "bomb.png"}),
+        json.dumps({"prompt": "a red circle", "image": "truncated.png"}),
+        json.dumps({"prompt": "a red circle", "eta": "x"}),
+        json.dumps({"prompt": "a red circle", "lora": 5}),
+        json.dumps({"prompt": "a red circle", "mask": "good.png"}),
+        json.dumps({"prompt": "a red\u0000circle"}),
+        json.dumps({"prompt": "a red circle", "seed": 10}),  # its picture's name is taken by a folder
+        "[" * 100_000,
+    ]
+    jobs = write_lines(tmp_path / "jobs.jsonl", lines)
+    out = tmp_path / "out"
+    (out / "000010-seed10.png").mkdir(parents=True)
+    code, captured = run_cli(["batch", str(jobs), "--out", str(out), *STEPS, "--quiet"], capsys)
+    assert code == 1 and "Traceback" not in captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["000001-seed3.png", "000010-seed10.png"]
+    expected = {2: "'sampler' must be a sampler name (a string), got ['ddim']", 3: "key 'seed' is given twice",
+                4: "image bomb.png: refusing a decompression bomb", 5: "image truncated.png: corrupt or truncated",
+                6: "'eta' must be a finite number >= 0, got 'x'", 7: "'lora' must be \"FILE[:SCALE]\"",
+                8: "'mask' needs 'image'", 9: "'prompt' holds a NUL character",
+                10: "000010-seed10.png in --out is a folder",
+                11: "not a line of options: it nests too deeply"}
+    for line, message in expected.items():
+        assert f"line {line}: {message}" in captured.out, (line, captured.out)
+    assert "1 picture written, 0 skipped (already done), 10 failed, of 11 lines" in captured.out
+
+
+def test_byte_order_mark_and_unwritable_out(tmp_path, capsys):
+    jobs = tmp_path / "prompts.txt"
+    jobs.write_bytes("\ufeffa red circle on a blue background\n".encode("utf-8"))
+    (job,), failures = read_jobs(jobs, {})
+    assert job.options["prompt"] == "a red circle on a blue background" and failures == {}
+    code, captured = run_cli(["batch", str(jobs), "--out", "/proc/npdiff-batch-out", "--quiet"], capsys)
+    assert code == 2 and "Traceback" not in captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("npdiff: error: --out /proc/npdiff-batch-out: cannot make")
+
+
+def descendants(pid):
+    """The process ids below `pid` (children, their children, ...), from /proc."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_batch_ends_its_workers_and_the_resource_tracker(tmp_path, signum):
+    jobs = write_lines(tmp_path / "prompts.txt", [f"a red circle number {n}" for n in range(40)])
+    command = [sys.executable, "-m", "npdiff.cli", "batch", str(jobs), "--out", str(tmp_path / "out"),
+               "--workers", "2", "--steps", "30", "--quiet"]
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent)))
+    try:
+        deadline = time.monotonic() + 240
+        children = set()
+        while time.monotonic() < deadline and len(children) < 3:  # 2 workers + the resource tracker
+            time.sleep(0.5)
+            children = descendants(driver.pid)
+            assert driver.poll() is None, driver.communicate()
+        assert len(children) >= 3, children
+        time.sleep(3)  # the workers are loading the model or rendering
+        children = descendants(driver.pid)
+        driver.send_signal(signum)
+        _, err = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode in (130, 143), err
+    assert "stopped by" in err and "Traceback" not in err
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and [pid for pid in children if alive(pid)]:
+        time.sleep(0.2)
+    assert not [pid for pid in children if alive(pid)], "a worker or the resource tracker survived"
+
+
+def test_sigterm_stops_a_one_worker_batch_too(tmp_path):
+    """With --workers 1 the model renders in the driver itself: SIGTERM must not be taken for one line's error."""
+    jobs = write_lines(tmp_path / "prompts.txt", [f"a red circle number {n}" for n in range(300)])
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "npdiff.cli", "batch", str(jobs), "--out", str(out), "--steps", "10", "--quiet"]
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent)))
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not list(out.glob("*.png")) and driver.poll() is None:
+            time.sleep(0.2)
+        driver.send_signal(signal.SIGTERM)
+        output, err = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 143 and "stopped by SIGTERM" in err, (output, err)
+    assert 0 < len(list(out.glob("*.png"))) < 300 and "failed" not in output
+
+
+def test_a_lora_failing_half_way_is_unfused_before_the_next_line(tmp_path, capsys):
+    model = default_model_path()
+    (tmp_path / "lcm.safetensors").write_bytes((model / "lcm-lora.safetensors").read_bytes())
+    (tmp_path / "broken.safetensors").write_bytes(b"not a LoRA")
+    lines = [{"prompt": "a blue square", "lora": ["lcm.safetensors", "broken.safetensors"], "seed": 6},
+             {"prompt": "a blue square", "seed": 6}]
+    jobs = write_lines(tmp_path / "jobs.jsonl", [json.dumps(line) for line in lines])
+    code, captured = run_cli(["batch", str(jobs), "--out", str(tmp_path / "out"), *STEPS, "--quiet"], capsys)
+    assert code == 1 and "line 1: " in captured.out and "broken.safetensors" in captured.out
+    single = tmp_path / "single.png"
+    assert run_cli(["generate", "a blue square", "--seed", "6", *STEPS, "--out", str(single)], capsys)[0] == 0
+    assert (tmp_path / "out" / "000002-seed6.png").read_bytes() == single.read_bytes()

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent / "pipeline"))
 from helpers import pixels  # noqa: E402
 from tiny_sd import tiny_sd_folder  # noqa: E402
 
-from npdiff import cli, verify  # noqa: E402
+from npdiff import NpdiffError, cli, verify  # noqa: E402
 from npdiff.images import read_png_params  # noqa: E402
 from npdiff.model_identity import model_hash  # noqa: E402
 from npdiff.pipeline import StableDiffusionPipeline  # noqa: E402
@@ -95,7 +95,7 @@ def test_img2img_command_and_reproduce(folder, tmp_path, rng, capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["generate"], "no prompt given"),
-    (["generate", "x", "--sampler", "heun"], "unknown scheduler 'heun'; known:"),
+    (["generate", "x", "--sampler", "dpmpp_sde"], "unknown scheduler 'dpmpp_sde'; known:"),
     (["generate", "x", "--height", "60"], "height must be a multiple of 32 pixels"),
     (["generate", "x", "--steps", "0"], "num_inference_steps must be an integer >= 1, got 0"),
     (["img2img", "x"], "img2img needs --image"),
@@ -157,3 +157,19 @@ def test_verify_without_torch_says_what_to_install(folder, monkeypatch, capsys):
                         lambda name, *a: None if name == "diffusers" else real_find_spec(name, *a))
     assert cli.main(["verify", "--model", str(folder)]) == 2
     assert "needs diffusers, which is not installed: pip install" in capsys.readouterr().err
+
+
+def test_a_lazily_opened_truncated_picture_is_an_npdiff_error(folder, tmp_path, rng):
+    """PIL opens lazily: a truncated file fails only when decoded, inside the pipeline; that is an NpdiffError
+    naming the file, not an OSError (for the picture and for the mask)."""
+    whole = tmp_path / "whole.png"
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(whole)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(whole.read_bytes()[: len(whole.read_bytes()) // 2])
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.show_progress = False
+    with Image.open(truncated) as picture, pytest.raises(NpdiffError, match="truncated.png is a corrupt or truncated"):
+        pipe.img2img("x", picture, num_inference_steps=2, seed=1)
+    with Image.open(whole) as picture, Image.open(truncated) as mask:
+        with pytest.raises(NpdiffError, match="mask_image: .*truncated.png is a corrupt or truncated"):
+            pipe.inpaint("x", picture, mask, num_inference_steps=2, seed=1)

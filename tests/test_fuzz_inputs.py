@@ -1,5 +1,7 @@
 """Bounded fuzzing of what npdiff reads: randomly mutated safetensors files and config values must give
-either a working model or an NpdiffError, never another exception, a crash or a hang.
+either a working model or an NpdiffError, never another exception, a crash or a hang; so must random
+`npdiff batch` job lines (odd types, duplicated keys, deep nesting, byte order marks, names too long to
+look up) and random PNG metadata read by --reproduce (npdiff's JSON and AUTOMATIC1111's text).
 
 Seeded from the `rng` fixture (conftest.py): a failure prints NPDIFF_TEST_SEED=<seed>, and
     NPDIFF_TEST_SEED=<seed> python -m pytest tests/test_fuzz_inputs.py
@@ -10,12 +12,12 @@ tiny_clip.py); the default few hundred cases run in about 20 s on a loaded 2-cor
 
 import json
 import os
-import signal
+import pickle
 import struct
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
+from helpers import time_limit
 from safetensors.numpy import save_file
 from tiny_clip import save_clip, tiny_clip
 from tiny_models import tiny_unet, tiny_vae
@@ -31,23 +33,9 @@ CASE_SECONDS = 10  # a case that takes longer is a hang
 SCALE = int(os.environ.get("NPDIFF_FUZZ_SCALE", "1"))  # more cases for a deeper run: NPDIFF_FUZZ_SCALE=20
 
 
-@contextmanager
-def time_limit(what):
-    def fail(signum, frame):
-        raise AssertionError(f"{what}: no answer within {CASE_SECONDS} s (a hang)")
-
-    previous = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(CASE_SECONDS)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def must_work_or_refuse(what, action):
     """Run action(); an NpdiffError is a refusal (fine), any other exception fails the test naming the case."""
-    with time_limit(what):
+    with time_limit(what, CASE_SECONDS):
         try:
             action()
         except NpdiffError:
@@ -250,3 +238,108 @@ def test_unchanged_configs_work(bases):
     for component, (config, weights, model_class, run) in bases.items():
         assert must_work_or_refuse(component, lambda: build_and_run(component, config, weights, model_class, run,
                                                                      "euler")) == "worked"
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch job lines and PNG metadata (what `npdiff batch` and `--reproduce` read)
+# --------------------------------------------------------------------------------------------------
+LINE_VALUES = [*ODD_VALUES, "a red circle", "ddim", "tcd", "epsilon", "v_prediction", "x\x00y", "z" * 5000,
+               "start.png", "missing.png", ".", "lora.safetensors:0.5", ["lora.safetensors"], 0.3, 64, 30, 2**64,
+               "abc:def", {"name": "x"}, [{"name": 1}], "9" * 5000, "\ufeffx"]
+LINE_KEYS_TRIED = ["prompt", "negative", "negative_prompt", "seed", "steps", "guidance", "sampler", "height",
+                   "width", "strength", "eta", "prediction_type", "image", "mask", "vae", "lora", "model", "colour"]
+
+
+def random_line(rng):
+    """One job-file line: a random object of keys and odd values, sometimes with a duplicated key, raw bytes or
+    deep nesting; -> (text, what it is)."""
+    choice = int(rng.integers(10))
+    if choice == 0:
+        return "[" * int(rng.integers(1, 50_000)), "deep nesting"
+    if choice == 1:
+        return bytes(rng.integers(32, 127, int(rng.integers(1, 80)), dtype=np.uint8)).decode(), "random text"
+    options = {"prompt": "a red circle"} if rng.random() < 0.7 else {}
+    for _ in range(int(rng.integers(1, 5))):
+        key = LINE_KEYS_TRIED[int(rng.integers(len(LINE_KEYS_TRIED)))]
+        options[key] = LINE_VALUES[int(rng.integers(len(LINE_VALUES)))]
+    text = json.dumps(options)
+    if choice == 2 and options:
+        key = next(iter(options))
+        text = text[:-1] + f', "{key}": 1}}'  # the first key again
+    return text, f"line {text[:200]!r}"
+
+
+def test_fuzz_batch_lines(rng, tmp_path):
+    """Random job lines: each is a job or a per-line failure naming why; never another exception."""
+    from PIL import Image
+
+    from npdiff.batch import job_payload
+    from npdiff.batch_jobs import read_jobs
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "start.png")
+    (tmp_path / "lora.safetensors").write_bytes(b"not really a LoRA")
+    identity = {"model": "m", "model_hash": "0123456789"}
+    for case in range(40 * SCALE):
+        lines = [random_line(rng) for _ in range(8)]
+        jobs_file = tmp_path / ("jobs.jsonl" if case % 4 else "jobs.txt")
+        bom = "\ufeff" if rng.random() < 0.2 else ""
+        jobs_file.write_text(bom + "\n".join(text for text, _ in lines) + "\n", encoding="utf-8")
+        what = f"case {case}: " + "; ".join(description for _, description in lines)
+
+        def read_all():
+            jobs, failures = read_jobs(jobs_file, {"steps": 2})
+            counted = [text for text, _ in lines if text.strip() and not text.strip().startswith("#")]
+            assert len(jobs) + len(failures) == len(counted), what  # every line but comments, once
+            for job in jobs:
+                pickle.dumps(job_payload(job, identity))  # what travels to a worker pickles
+                job.expected_params(identity)
+
+        must_work_or_refuse(what, read_all)
+
+
+def random_stored_parameters(rng):
+    """npdiff's JSON chunk or AUTOMATIC1111's text, with random odd values -> ({chunk: text}, what)."""
+    if rng.random() < 0.4:
+        fields = ["Steps: 2", "Seed: 1", "Sampler: Euler a", "CFG scale: 7", "Size: 16x16", "Eta: 0.3",
+                  "Model hash: abc", "Denoising strength: 0.5", "Hires upscale: 2", "Schedule type: Karras",
+                  "Lora hashes: \"x: 1\""]
+        picked = [fields[int(rng.integers(len(fields)))] for _ in range(int(rng.integers(0, 6)))]
+        odd = LINE_VALUES[int(rng.integers(len(LINE_VALUES)))]
+        picked.append(f"{fields[int(rng.integers(len(fields)))].split(':')[0]}: {str(odd)[:6000]}")
+        text = "a red circle <lora:x:0.5>\nNegative prompt: blue\n" + ", ".join(picked)
+        return {"parameters": text}, f"text {text[:300]!r}"
+    stored = {"prompt": "a red circle", "steps": 2, "seed": 1}
+    keys = [*LINE_KEYS_TRIED, "negative_prompt", "guidance_scale", "loras", "model_hash", "model", "vae",
+            "unmapped", "command"]
+    for _ in range(int(rng.integers(1, 4))):
+        stored[keys[int(rng.integers(len(keys)))]] = LINE_VALUES[int(rng.integers(len(LINE_VALUES)))]
+    text = json.dumps(stored)
+    if rng.random() < 0.1:
+        text = text[: int(rng.integers(len(text)))]  # cut short
+    return {"npdiff": text}, f"npdiff {text[:300]!r}"
+
+
+def test_fuzz_png_metadata(rng, tmp_path):
+    """Random stored parameters read by --reproduce (up to the model load): options or an NpdiffError."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from npdiff import cli
+    from npdiff.recipe import pipeline_arguments
+
+    for case in range(60 * SCALE):
+        chunks, what = random_stored_parameters(rng)
+        info = PngInfo()
+        for key, value in chunks.items():
+            info.add_text(key, value)
+        path = tmp_path / f"case{case % 4}.png"
+        Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+        command = ("generate", "img2img", "inpaint")[case % 3]
+
+        def reproduce():
+            args = cli.build_parser().parse_args([command, "--reproduce", str(path)])
+            args = cli.resolve_options(args, command)
+            options = {name: getattr(args, name, None) for name in ("prompt", "negative", "steps", "seed", "eta")}
+            pipeline_arguments(command, options)
+
+        must_work_or_refuse(f"case {case} ({command}): {what}", reproduce)

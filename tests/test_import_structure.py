@@ -13,8 +13,6 @@ import npdiff
 
 PACKAGE_ROOT = Path(npdiff.__file__).parent
 
-# The one circle known today, removed by the recipe branch (the lead removes this exception at merge).
-KNOWN_CIRCLES = [["npdiff.batch", "npdiff.batch_ray", "npdiff.cli"]]
 
 
 def module_files(root):
@@ -101,7 +99,48 @@ def circles(graph):
 
 def test_no_import_circles_in_npdiff():
     found = circles(import_graph(PACKAGE_ROOT))
-    assert found == KNOWN_CIRCLES, "import circles: " + "; ".join(" <-> ".join(c) for c in found)
+    assert found == [], "import circles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def _nested_imports(tree):
+    """The import statements inside a function or class body of `tree` (each once)."""
+    scopes = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    found = {}
+    for scope in ast.walk(tree):
+        if isinstance(scope, scopes):
+            for node in ast.walk(scope):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    found[id(node)] = node
+    return list(found.values())
+
+
+def _names_the_package(node, package):
+    if isinstance(node, ast.ImportFrom):
+        return bool(node.level) or (node.module or "").split(".")[0] == package
+    return any(alias.name.split(".")[0] == package for alias in node.names)
+
+
+def lazy_imports_without_a_reason(root):
+    """[(module, line)] of the imports of the package's own modules made inside a function or class
+    without a comment on that line or the line above saying why they are not at the top."""
+    found = []
+    for name, path in module_files(root).items():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for node in _nested_imports(ast.parse("\n".join(lines), filename=str(path))):
+            if not _names_the_package(node, root.name):
+                continue
+            here = lines[node.lineno - 1]
+            above = lines[node.lineno - 2] if node.lineno > 1 else ""
+            if "#" not in here and not above.strip().startswith("#"):
+                found.append((name, node.lineno))
+    return sorted(found)
+
+
+def test_lazy_imports_of_npdiff_modules_say_why():
+    """A function-local import hides what a module depends on; it stays only where it avoids a heavy or
+    optional import at import time (or must wait, as NumPy in startup.py), and a comment says so."""
+    found = lazy_imports_without_a_reason(PACKAGE_ROOT)
+    assert found == [], "function-local imports without a reason: " + ", ".join(f"{m}:{n}" for m, n in found)
 
 
 def test_the_finder_sees_lazy_and_relative_imports(tmp_path):
@@ -116,5 +155,8 @@ def test_the_finder_sees_lazy_and_relative_imports(tmp_path):
     graph = import_graph(package)
     assert graph["pkg.b"] == {"pkg.sub.c"} and graph["pkg.d"] == {"pkg.a"}
     assert circles(graph) == [["pkg.a", "pkg.b", "pkg.sub.c"]]
+    assert lazy_imports_without_a_reason(package) == [("pkg.a", 2)]
     (package / "a.py").write_text("def f():\n    return 1\n")
     assert circles(import_graph(package)) == []
+    (package / "e.py").write_text("def f():\n    # cupy only when asked for\n    from pkg import b\n")
+    assert lazy_imports_without_a_reason(package) == []

@@ -2,6 +2,8 @@
 behind on failure (a full disk simulated by a writer that raises ENOSPC midway), one-line CLI errors."""
 
 import errno
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -134,18 +136,19 @@ def test_steps_grid_path_is_checked_too(folder, tmp_path, capsys):
 
 @pytest.mark.parametrize("fail_on", [1, 2])
 def test_full_disk_while_saving_leaves_no_partial_file(folder, tmp_path, capsys, monkeypatch, fail_on):
-    """The picture (call 1) or the steps grid (call 2) hits a full disk: exit 2, one line, no partial file."""
-    real_save = Image.Image.save
+    """The picture (write 1) or the steps grid (write 2) hits a full disk: exit 2, one line, no partial file."""
+    import npdiff.atomic_files as atomic_files
+
+    real_fsync = atomic_files.os.fsync
     calls = []
 
-    def save(self, fp, *args, **kwargs):
-        calls.append(fp)
+    def fsync(fd):  # the bytes are written; making them durable fails as a full disk does
+        calls.append(fd)
         if len(calls) == fail_on:
-            fp.write(b"\x89PNG partial")
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(self, fp, *args, **kwargs)
+        return real_fsync(fd)
 
-    monkeypatch.setattr(Image.Image, "save", save)
+    monkeypatch.setattr(atomic_files.os, "fsync", fsync)
     out = tmp_path / "pic.png"
     code, err = run_cli(capsys, ["generate", "x", "--model", str(folder), "--steps", "2", "--seed", "1",
                                  "--save-steps", "1", "--out", str(out)])
@@ -165,3 +168,36 @@ def test_overwriting_is_said_on_stderr(folder, tmp_path, capsys):
     assert code == 0 and f"{out} exists and will be overwritten" in err
     with Image.open(out) as picture:
         assert picture.size == (64, 64)
+
+
+def test_out_that_is_not_a_regular_file_is_refused(folder, tmp_path, capsys):
+    """A FIFO (as a device node would be) is never replaced by a PNG; refused before the model loads."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(NpdiffError, match=r"is a FIFO \(named pipe\): npdiff writes only regular files"):
+        check_destination(fifo, "--out")
+    with pytest.raises(NpdiffError, match=r"is a FIFO"):
+        atomic_write(fifo, lambda handle: handle.write(b"x"))
+    code, err = run_cli(capsys, ["generate", "x", "--model", str(folder), "--steps", "1", "--out", str(fifo)])
+    assert code == 2 and "is a FIFO" in err and "loaded model" not in err
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)  # still the FIFO
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe.png"]
+
+
+def test_out_with_a_trailing_slash_is_a_folder_not_a_file(folder, tmp_path, capsys):
+    target = str(tmp_path / "newdir") + "/"
+    code, err = run_cli(capsys, ["generate", "x", "--model", str(folder), "--steps", "1", "--out", target])
+    assert code == 2 and "ends in a slash" in err and "loaded model" not in err
+    assert list(tmp_path.iterdir()) == []  # no file named newdir
+
+
+def test_a_long_legal_file_name_is_written(folder, tmp_path, capsys):
+    """A 240-character name is legal (the limit is 255): the temporary name must not be longer."""
+    out = tmp_path / ("p" * 236 + ".png")
+    code, err = run_cli(capsys, ["generate", "x", "--model", str(folder), "--steps", "1", "--seed", "3",
+                                 "--save-steps", "1", "--out", str(out)])
+    assert code == 0, err
+    grid = out.with_name(out.stem + "-steps.png")  # 246 characters
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, grid.name])
+    with Image.open(out) as picture:
+        picture.load()

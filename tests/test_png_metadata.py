@@ -5,6 +5,7 @@ and from hand-written AUTOMATIC1111 pictures, never opening a path it read; the 
 import hashlib
 import json
 import os
+import shutil
 import struct
 import sys
 import zlib
@@ -108,8 +109,8 @@ def test_infotext_from_other_tools():
     assert (params["sampler"], params["steps"], params["guidance_scale"], params["seed"]) == \
         ("dpmpp_2m_karras", 25, 7.0, 123)
     assert params["unmapped"] == ["Clip skip: 2", "Hires upscale: 2", "ENSD: 31337"]
-    with pytest.raises(NpdiffError, match="sampler 'Heun' is not supported by npdiff"):
-        parse_infotext("x\nSteps: 20, Sampler: Heun, CFG scale: 7, Seed: 1")
+    with pytest.raises(NpdiffError, match="sampler 'DPM\\+\\+ SDE' is not supported by npdiff"):
+        parse_infotext("x\nSteps: 20, Sampler: DPM++ SDE, CFG scale: 7, Seed: 1")
     with pytest.raises(NpdiffError, match="sampler 'Euler a' with schedule type 'Karras' is not supported"):
         parse_infotext("x\nSteps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 1")
     with pytest.raises(NpdiffError, match="'Seed: abc' is not a int"):
@@ -177,9 +178,9 @@ def test_reproduce_a_hand_written_webui_png(folder, tmp_path, capsys):
                    height=64, width=32, seed=77)
     assert np.array_equal(np.asarray(library.images[0]), pixels(out))
     # an unsupported sampler stops before any model is loaded, naming it
-    heun = write_png(tmp_path / "heun.png", {"parameters": text.replace("Euler a", "Heun")})
-    assert cli.main(["generate", "--reproduce", str(heun), "--model", str(folder)]) == 2
-    assert "sampler 'Heun' is not supported" in capsys.readouterr().err
+    sde = write_png(tmp_path / "sde.png", {"parameters": text.replace("Euler a", "DPM++ SDE")})
+    assert cli.main(["generate", "--reproduce", str(sde), "--model", str(folder)]) == 2
+    assert "sampler 'DPM++ SDE' is not supported" in capsys.readouterr().err
 
 
 def test_reproduce_never_opens_a_path_from_the_png(folder, tmp_path, monkeypatch, capsys):
@@ -254,16 +255,14 @@ def test_bomb_corrupt_and_foreign_files_are_npdiff_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Model identity and its cache
 # ---------------------------------------------------------------------------------------------
-def test_model_hash_of_a_folder_ignores_files_beside_model_index(tmp_path):
+def test_model_hash_of_a_folder_ignores_files_beside_model_index(folder, tmp_path):
     """A LoRA kept at the top of a diffusers folder (as weights/tiny-shapes/lcm-lora.safetensors) does
     not change the folder's model hash; a component's weights do."""
     model = tmp_path / "model"
-    (model / "unet").mkdir(parents=True)
-    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(os.urandom(1 << 10))
+    shutil.copytree(folder, model)
     before = model_hash(model)
     (model / "lcm-lora.safetensors").write_bytes(os.urandom(1 << 10))
     assert model_hash(model) == before
-    (model / "vae").mkdir()
     (model / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(os.urandom(1 << 10))
     assert model_hash(model) != before
 
@@ -297,7 +296,7 @@ def test_model_hash_file_folder_and_cache(folder, tmp_path, monkeypatch, hash_ca
         model_hash(tmp_path / "missing")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(NpdiffError, match="holds no .safetensors files"):
+    with pytest.raises(NpdiffError, match="has no unet/ folder"):  # the hash covers what a load reads
         model_hash(empty)
 
 
@@ -334,3 +333,97 @@ def test_reproduce_warns_about_loras_not_given_again(folder, tmp_path, capsys):
     assert "was made with LoRA style (scale 0.8, sha256 0123456789ab)" in capsys.readouterr().err
     assert cli.main(["generate", "--reproduce", str(made), "--model", str(folder), "--out", str(again)]) == 0
     assert "LoRA" not in capsys.readouterr().err
+
+
+def test_eta_is_stored_and_a_tcd_picture_redraws_byte_for_byte(folder, tmp_path):
+    """eta changes TCD's (and DDIM's) pixels: it is stored in both chunks and --reproduce reads it back."""
+    out = generate(folder, tmp_path / "tcd.png", "--sampler", "tcd", "--eta", "0.3")
+    params = read_png_params(out)
+    assert params["eta"] == 0.3 and params["sampler"] == "tcd"
+    assert "Eta: 0.3" in text_chunks(out)["parameters"]
+    assert parse_infotext(text_chunks(out)["parameters"])["eta"] == 0.3
+    plain = generate(folder, tmp_path / "tcd0.png", "--sampler", "tcd")
+    assert not np.array_equal(pixels(out), pixels(plain))  # eta made a difference worth recording
+    again = tmp_path / "again.png"
+    assert cli.main(["generate", "--reproduce", str(out), "--model", str(folder), "--out", str(again)]) == 0
+    assert again.read_bytes() == out.read_bytes()
+    # DDIM's eta is "Eta DDIM" in webui's text; read back too
+    assert "Eta DDIM: 0.5" in format_infotext({"prompt": "x", "sampler": "ddim", "eta": 0.5})
+    assert parse_infotext("x\nSteps: 2, Sampler: DDIM, Seed: 1, Eta DDIM: 0.5")["eta"] == 0.5
+
+
+def test_eta_for_img2img_and_inpaint(folder, tmp_path, rng):
+    source = tmp_path / "source.png"
+    Image.fromarray(rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)).save(source)
+    mask = tmp_path / "mask.png"
+    Image.fromarray((rng.random((32, 64)) > 0.5).astype(np.uint8) * 255).save(mask)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, scheduler="tcd")
+    pipe.show_progress = False
+    with Image.open(source) as picture:
+        eta0 = pipe.img2img("a red circle", picture, strength=0.9, num_inference_steps=3, seed=2)
+        eta3 = pipe.img2img("a red circle", picture, strength=0.9, num_inference_steps=3, seed=2, eta=0.3)
+        with Image.open(mask) as mask_picture:
+            inpainted = pipe.inpaint("a red circle", picture, mask_picture, num_inference_steps=3, seed=2,
+                                     height=32, width=64, eta=0.3)
+    assert eta3.parameters["eta"] == 0.3 and inpainted.parameters["eta"] == 0.3 and eta0.parameters["eta"] == 0.0
+    assert not np.array_equal(np.asarray(eta0.images[0]), np.asarray(eta3.images[0]))
+    out = tmp_path / "img2img.png"
+    assert cli.main(["img2img", "a red circle", "--image", str(source), "--strength", "0.9", "--steps", "3",
+                     "--seed", "2", "--sampler", "tcd", "--eta", "0.3", "--model", str(folder),
+                     "--out", str(out)]) == 0
+    assert np.array_equal(pixels(out), np.asarray(eta3.images[0]))
+    again = tmp_path / "again.png"
+    assert cli.main(["img2img", "--reproduce", str(out), "--image", str(source), "--model", str(folder),
+                     "--out", str(again)]) == 0
+    assert again.read_bytes() == out.read_bytes()
+
+
+@pytest.mark.parametrize("stored,message", [
+    ({"prompt": "x", "loras": "abc"}, "'loras' must be a list"),
+    ({"prompt": "x", "model_hash": 12345}, "stored 'model_hash' must be a string"),
+    ({"prompt": "x", "steps": "many"}, "'steps' must be an integer >= 1, got 'many'"),
+    ({"prompt": "x", "sampler": ["ddim"]}, "'sampler' must be a sampler name"),
+    ({"prompt": "x", "eta": -1}, "'eta' must be a finite number >= 0"),
+    ({"prompt": "x", "seed": 2**70}, "'seed' must be an integer in [0, 2**64)"),
+    ({"prompt": "x", "unmapped": "abc"}, "stored 'unmapped' must be a list"),
+])
+def test_reproduce_malformed_npdiff_parameters(folder, tmp_path, capsys, stored, message):
+    path = write_png(tmp_path / "bad.png", {"npdiff": json.dumps(stored)})
+    assert cli.main(["generate", "--reproduce", str(path), "--model", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_reproduce_deep_nesting_long_size_and_huge_values(folder, tmp_path, capsys):
+    deep = write_png(tmp_path / "deep.png", {"npdiff": "[" * 100_000})
+    assert cli.main(["generate", "--reproduce", str(deep), "--model", str(folder)]) == 2
+    assert "nests too deeply" in capsys.readouterr().err
+    size = write_png(tmp_path / "size.png", {"parameters": "x\nSteps: 2, Seed: 1, Size: " + "9" * 5000 + "x8"})
+    assert cli.main(["generate", "--reproduce", str(size), "--model", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "is not WIDTHxHEIGHT" in err and len(err) < 400
+    # 10 MB values in what --reproduce warns about: the warnings are cut, the picture is made
+    huge = "z" * 10_000_000
+    stored = {"prompt": "a red circle", "steps": 1, "seed": 1, "model": huge, "model_hash": "0000000000",
+              "loras": [{"name": huge, "scale": 1.0, "sha256": huge}], "unmapped": [f"Hires prompt: {huge}"]}
+    made = write_png(tmp_path / "huge.png", {"npdiff": json.dumps(stored)})
+    assert cli.main(["generate", "--reproduce", str(made), "--model", str(folder), "--height", "32", "--width",
+                     "32", "--out", str(tmp_path / "out.png")]) == 0
+    err = capsys.readouterr().err
+    assert len(err) < 3000 and "was made with LoRA" in err and "not reproduced" in err and "warning" in err
+    # a 10 MB prompt in AUTOMATIC1111's text is read in linear time (no settings line is looked for in it)
+    params = parse_infotext(huge)
+    assert params["prompt"] == huge
+
+
+def test_nul_in_a_prompt_is_refused_before_any_work(folder, tmp_path, capsys):
+    """PNG text chunks cannot hold NUL (the PNG specification forbids it): refused, not written broken."""
+    out = tmp_path / "nul.png"
+    assert cli.main(["generate", "a red\x00circle", "--model", str(folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a NUL character" in err and "loaded model" not in err and not out.exists()
+    assert cli.main(["generate", "x", "--negative", "\x00", "--model", str(folder), "--out", str(out)]) == 2
+    assert "the negative prompt holds a NUL character" in capsys.readouterr().err
+    with pytest.raises(NpdiffError, match="NUL"):
+        save_png(Image.new("RGB", (8, 8)), tmp_path / "lib.png", {"prompt": "a\x00b"})
+    assert list(tmp_path.iterdir()) == []

@@ -127,7 +127,7 @@ def test_fma32_rounds_once(rng):
     """c + a*b just above a float32 midpoint by less than float64 can hold: rounding the float64 sum
     to float32 goes wrong there (two roundings); fma32 must agree with a real FMA everywhere."""
     from npdiff.jit import SERIAL, njit
-    from npdiff.rng.intrinsics import fma32 as exact_fma32  # LLVM's fma: one rounding
+    from npdiff.intrinsics import fma32 as exact_fma32  # LLVM's fma: one rounding
 
     @njit(**SERIAL)
     def fused(a, b, c, out):

@@ -13,6 +13,7 @@
 And what they share:
     dispatch.py     which version runs on which array (cupy -> CUDA, NumPy -> fast, else reference)
     block_pool.py   the block-parallel pool: worker threads for kernels that split their own work
+    scratch.py      scratch arrays per thread, reused from call to call (tiles, copies of strided inputs)
     validate.py     input checks; vecmath.py: vectorisable exp/sigmoid/erfc for Numba loops
     cuda/           the CUDA versions, for cupy arrays
 

@@ -24,7 +24,8 @@ takes the GIL. Idle workers wait on a queue (no spinning), as do Numba's threads
 picks its workqueue/TBB layer) and OpenBLAS's (npdiff/startup.py: OPENBLAS_THREAD_TIMEOUT).
 
 `shared_pool()` is the one pool every kernel uses (created on first use); `run_blocks(function,
-blocks)` runs on it; `split_evenly(total, max_part, images, workers)` cuts a range into equal blocks. A forked child starts its own (npdiff/startup.py's fork handler).
+blocks)` runs on it; `split_evenly(total, max_part, images, workers)` cuts a range into equal blocks.
+A forked child starts its own pool (npdiff/startup.py's fork handler).
 """
 
 import os

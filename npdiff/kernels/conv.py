@@ -72,7 +72,6 @@ Threads: the tiles of versions 2, 3 and 5 are spread over the block-parallel poo
 uses Numba's prange.
 """
 
-import threading
 
 import numpy as np
 
@@ -81,6 +80,7 @@ from npdiff.errors import NpdiffError
 from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
 from npdiff.kernels import conv_winograd, dispatch
 from npdiff.kernels.block_pool import run_blocks, split_evenly, worker_count
+from npdiff.kernels.scratch import scratch
 from npdiff.kernels.validate import output_size, pair, require_ndim, require_optional_vector, shape_text
 
 IM2COL_TILE_BYTES = 16 << 20  # unfolded input per GEMM (per worker): large, so the weight is packed rarely
@@ -159,18 +159,6 @@ def im2col_tile(image, row0, sh, sw, ph, pw, cols):
                             dst[col] = src[col * sw + j - pw]
 
 
-_buffers = threading.local()
-
-
-def worker_buffer(size):
-    """A float32 scratch array of `size` elements owned by the calling thread (reused across calls)."""
-    buffer = getattr(_buffers, "cols", None)
-    if buffer is None or buffer.size < size:
-        buffer = np.empty(size, np.float32)
-        _buffers.cols = buffer
-    return buffer[:size]
-
-
 def _conv1x1(x, weight, bias):
     """1x1, stride 1, no padding: out[b][:, p0:p1] = W [C_out,C_in] @ x[b][:, p0:p1], no copies."""
     batch, c_in, height, width = x.shape
@@ -204,7 +192,7 @@ def _conv_im2col_tiled(x, weight, bias, sh, sw, ph, pw):
     def run_tile(tile):
         b, (row0, row1) = tile
         rows = row1 - row0
-        cols = worker_buffer(depth * rows * w_out).reshape(c_in, kh, kw, rows, w_out)  # [C_in,kH,kW,rows,Wo]
+        cols = scratch("conv cols", (c_in, kh, kw, rows, w_out))  # [C_in,kH,kW,rows,Wo]
         im2col_tile(x[b], row0, sh, sw, ph, pw, cols)
         out_tile = out[b, :, row0:row1, :].reshape(c_out, rows * w_out)  # [C_out, rows*Wo] view
         np.matmul(weight_2d, cols.reshape(depth, rows * w_out), out=out_tile)  # [C_out,K] @ [K,rows*Wo]

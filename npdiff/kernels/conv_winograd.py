@@ -35,12 +35,11 @@ U for the call ((m+2)^2/9 x that conv's weight: 44 MiB at the UNet's 960->320); 
 kept for the next call: M, and U for one block of output channels (at most ~22 MiB at 1920->640).
 """
 
-import threading
-
 import numpy as np
 
 from npdiff.jit import SERIAL, njit
 from npdiff.kernels.block_pool import run_blocks, split_evenly, worker_count
+from npdiff.kernels.scratch import scratch
 from npdiff.kernels.validate import output_size
 
 # The transforms of Lavin & Gray (section 4.1 and 4.2), written out. float64; the fast path uses
@@ -342,18 +341,6 @@ def weight_transform(weight, G, o0, o1, gathered, half, U, u0):
                 combine_rows(G[l], half, 3 * k, 0, U[k * alpha + l, o - u0])
 
 
-_scratch = threading.local()
-
-
-def scratch(name, size):
-    """A float32 array of `size` elements owned by the calling thread, reused across calls."""
-    buffer = getattr(_scratch, name, None)
-    if buffer is None or buffer.size < size:
-        buffer = np.empty(size, np.float32)
-        setattr(_scratch, name, buffer)
-    return buffer[:size]
-
-
 def output_blocks(c_out):
     """Step 2's blocks of output channels: about OUT_BLOCK_ROWS each, a multiple of 4 blocks
     (balanced on 1, 2 or 4 workers), from the shape alone."""
@@ -395,8 +382,8 @@ def winograd_conv2d(x, weight, bias, padding, m):
         V = V_all[:alpha * alpha * tiles * c_in].reshape(alpha * alpha, c_in, tiles)  # [a*a,C_in,T]
 
         def transform_input(block):  # 1. V = B^T d B for channels c0..c1
-            gathered = scratch("input", alpha * m * (tiles_w + 1)).reshape(alpha, m, tiles_w + 1)
-            mixed = scratch("input mixed", alpha * m * (tiles_w + 1)).reshape(alpha, m, tiles_w + 1)
+            gathered = scratch("winograd input", (alpha, m, tiles_w + 1))
+            mixed = scratch("winograd input mixed", (alpha, m, tiles_w + 1))
             if m == 4 and ph == pw == 1:
                 input_transform4(x, row0, row1, tiles_h, block[0], block[1], gathered, mixed, V)
             else:
@@ -405,21 +392,21 @@ def winograd_conv2d(x, weight, bias, padding, m):
         def multiply_and_transform_output(block, first=group == 0, row0=row0, row1=row1, V=V, tiles=tiles):
             o0, o1 = block
             if one_group:  # 2. U = G g G^T for this block's output channels, used at once
-                U_block = scratch("weights", alpha * alpha * (o1 - o0) * c_in).reshape(alpha * alpha, o1 - o0, c_in)
+                U_block = scratch("winograd weights", (alpha * alpha, o1 - o0, c_in))
             else:  # (or kept for the later groups: all of U lives for this call)
                 U_block = U[:, o0:o1, :]
             if first:
-                gathered, half = scratch("taps", 9 * c_in), scratch("half", 3 * alpha * c_in)
+                gathered, half = scratch("winograd taps", 9 * c_in), scratch("winograd half", 3 * alpha * c_in)
                 weight_transform(weight, G, o0, o1, gathered.reshape(9, c_in), half.reshape(3 * alpha, c_in),
                                  U_block if one_group else U, o0 if one_group else 0)
-            M = scratch("product", alpha * alpha * (o1 - o0) * tiles).reshape(o1 - o0, alpha * alpha, tiles)
+            M = scratch("winograd product", (o1 - o0, alpha * alpha, tiles))
             np.matmul(U_block, V, out=M.transpose(1, 0, 2))  # 3. [a*a,block,C_in] @ [a*a,C_in,T]
-            mixed = scratch("output", alpha * m * tiles_w).reshape(alpha, m, tiles_w)
+            mixed = scratch("winograd output", (alpha, m, tiles_w))
             if m == 4:  # 4. A^T M A + bias
-                rows_out = scratch("output rows", m * m * tiles_w).reshape(m, m, tiles_w)
+                rows_out = scratch("winograd output rows", (m, m, tiles_w))
                 output_transform4(M, bias, o0, row0, row1, tiles_h, mixed, rows_out, out)
             else:
-                rows_out = scratch("output rows", m * tiles_w).reshape(m, tiles_w)
+                rows_out = scratch("winograd output rows", (m, tiles_w))
                 output_transform(M, AT, bias, o0, row0, row1, tiles_h, mixed, rows_out, out)
 
         run_blocks(transform_input, in_blocks)

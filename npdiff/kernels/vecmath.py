@@ -31,10 +31,8 @@ this file, delete npdiff/kernels/__pycache__ so the callers are recompiled with 
 """
 
 import numpy as np
-from llvmlite import ir
-from numba import types
-from numba.extending import intrinsic
 
+from npdiff.intrinsics import bits_float32
 from npdiff.jit import FASTMATH_CONTRACT, njit
 
 LOG2E = np.float32(1.4426950408889634)
@@ -57,19 +55,6 @@ TWO = np.float32(2.0)
 HALF = np.float32(0.5)
 
 
-@intrinsic
-def int32_bits_to_float32(typingctx, bits):
-    """Reinterpret the 32 bits of an int32 as a float32 (no conversion): an LLVM bitcast."""
-    if bits != types.int32:
-        return None
-    signature = types.float32(types.int32)
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return signature, codegen
-
-
 @njit(fastmath=FASTMATH_CONTRACT)
 def exp_poly_times_pow2(r, n):
     """exp(r) * 2^n for |r| <= ln2/2 (float32) and an integral float n in [-126, 128]."""
@@ -83,7 +68,7 @@ def exp_poly_times_pow2(r, n):
     n_int = np.int32(n)
     # 2^n as float32 bits: exponent field n + 127. n = 128 (x near EXP_MAX) is split as 2^127 * 2.
     high = n_int == 128
-    scale = int32_bits_to_float32(np.int32((n_int - np.int32(high) + np.int32(127)) << np.int32(23)))
+    scale = bits_float32(np.int32((n_int - np.int32(high) + np.int32(127)) << np.int32(23)))
     result = p * scale
     if high:
         result = result * TWO
@@ -119,7 +104,7 @@ def exp2_nonpositive_f32(x):
     p = p * f + ONE  # 2^f
     # 2^n in the exponent bits; for x < -126 (-inf included, whose f is NaN) n is out of range and
     # the bits are garbage, but the result is replaced by 0 below. NaN gives NaN (p is NaN).
-    scale = int32_bits_to_float32(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
+    scale = bits_float32(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
     result = p * scale
     if x < EXP2_MIN:
         result = np.float32(0.0)

@@ -1,6 +1,7 @@
 """Weights from safetensors files: diffusers folders and original single-file checkpoints.
 
     read_config(folder) -> dict                     <folder>/config.json
+    read_json(path) -> dict                         any JSON object file (npdiff/json_files.py)
     open_weights(path) -> Weights                   one .safetensors file, read tensor by tensor
     load_component_weights(folder, variant=None)    diffusion_pytorch_model[.fp16].safetensors or
                                                     model[.fp16].safetensors in a component folder
@@ -21,6 +22,9 @@ Files:
     weights.py          Weights and TensorRef
     resident.py         release_resident_pages: madvise(MADV_DONTNEED) over mapped weights
     configs.py          config.json, finding a component's weight file (variants, shards)
+    config_checks.py    every UNet/VAE/text encoder/scheduler config: defaults, rules, what is supported;
+                        checked once (the models import their defaults from here)
+    config_rules.py     the rules a config value can be asked to meet (Int, Float, ListOf, ...)
     keymap.py           the one key map, original layout <-> diffusers names
     single_file.py      single-file loading (SD 1.x/2.x; SDXL files go to single_file_sdxl.py)
     single_file_configs.py  configs inferred from a single file's tensor shapes
@@ -30,8 +34,9 @@ Files:
 Loading never writes a file. Every bad input raises npdiff.errors.NpdiffError naming file and key.
 """
 
+from npdiff.json_files import read_json
 from npdiff.loading.components import load_pipeline_components
-from npdiff.loading.configs import load_component, load_component_weights, open_weights, read_config, read_json
+from npdiff.loading.configs import load_component, load_component_weights, open_weights, read_config
 from npdiff.loading.resident import release_resident_pages
 from npdiff.loading.single_file import load_single_file
 from npdiff.loading.weights import TensorRef, Weights

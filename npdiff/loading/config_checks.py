@@ -1,5 +1,7 @@
-"""Every model config in one place: diffusers'/transformers' defaults, a rule for every value, the
-cross-checks that need two keys, and what the networks built here support.
+"""The configs of the UNet, the VAE, the text encoder and the scheduler in one place: diffusers'/
+transformers' defaults, a rule for every value, the cross-checks that need two keys, and what the
+networks built here support. (TAESD's few keys are checked in models/vae_tiny.py, which nothing else
+reads.)
 
     check_component_config(component, config, source=None) -> CheckedConfig
         NpdiffError naming `source` (the config file; else "<component> config"), the key, what it must
@@ -210,7 +212,6 @@ def _cross_checks(component, full):
         if float(full["beta_start"]) > float(full["beta_end"]):  # both passed their Float rules
             return "beta_start", f"{full['beta_start']} is above beta_end {full['beta_end']}"
     return None
-
 
 
 # ---------------------------------------------------------------------------------------------

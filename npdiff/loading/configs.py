@@ -12,30 +12,16 @@ A single file holds no config.json: clip_text_config writes the text encoder's o
 off its tensors (single_file.py for SD 1.x's CLIP, single_file_sd2.py for SD 2.x's OpenCLIP).
 """
 
-import json
 import os
 
 from npdiff.errors import NpdiffError
+from npdiff.json_files import read_json
 from npdiff.loading.safetensors_io import PICKLE_SUFFIXES, SafetensorsFile, refuse_pickle
 from npdiff.loading.weights import TensorRef, Weights
+from npdiff.paths import path_kind, regular_file
 
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")  # diffusers models, transformers models
 CLIP_HEAD_WIDTH = 64  # channels per attention head in CLIP ViT-L/H (and SD 2.x's UNet)
-
-
-def read_json(path):
-    """A JSON object from `path`; NpdiffError naming the file if it is missing or not a JSON object."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise NpdiffError(f"missing file: {path}")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            value = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise NpdiffError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise NpdiffError(f"{path} should hold a JSON object, found a {type(value).__name__}")
-    return value
 
 
 def read_config(folder):
@@ -53,33 +39,40 @@ def open_weights(path):
 
 
 def shard_path(folder, shard_name, index_path, key):
-    """The path of a shard named by an index: a plain file name inside `folder`, symlinks resolved.
+    """The path of a shard named by an index: a plain file name of `folder`, nothing else.
 
-    An index naming "../x", "/abs/path" or a symlink that leads out of the folder is refused: a model
-    folder must not make npdiff read files elsewhere on the machine.
+    A name read from a file is not a path: "../x", "/abs/path", "sub/x" or "." are refused, so an index
+    reaches only what the folder itself holds. The entry it names may be a symlink, like any other file
+    of a model folder (the Hugging Face cache links every shard into ../../blobs): npdiff/paths.py.
     """
-    if not isinstance(shard_name, str) or not shard_name or "\0" in shard_name:
-        raise NpdiffError(f"{index_path}: key '{key}' names shard {shard_name!r}; expected a file name")
-    real_folder = os.path.realpath(folder)
-    path = os.path.realpath(os.path.join(real_folder, shard_name))
-    if os.path.isabs(shard_name) or os.path.commonpath([real_folder, path]) != real_folder:
-        raise NpdiffError(f"{index_path}: key '{key}' names shard {shard_name!r}, which lies outside the model "
-                          f"folder; shards must be files inside {folder}")
-    return path
+    plain = (isinstance(shard_name, str) and shard_name not in ("", ".", "..") and "\0" not in shard_name
+             and "/" not in shard_name and "\\" not in shard_name)
+    if not plain:
+        raise NpdiffError(f"{index_path}: key '{key}' names shard {shard_name!r}; expected a file name inside "
+                          f"{folder} (no folders, no '..', no absolute path)")
+    return regular_file(os.path.join(folder, shard_name), f"shard named by {os.path.basename(index_path)}")
 
 
-def _open_sharded(index_path):
-    """Weights over the shards an index.json names; keys keep their names, each from its shard."""
+def _shard_paths(index_path):
+    """({key: shard file name}, {shard file name: path}) of a .safetensors.index.json, every name checked."""
     index = read_json(index_path)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise NpdiffError(f"{index_path} has no 'weight_map' of key -> shard file")
     folder = os.path.dirname(index_path)
-    shards = {}  # shard file name -> SafetensorsFile
+    paths = {}
+    for key, shard_name in weight_map.items():
+        if not isinstance(shard_name, str) or shard_name not in paths:
+            paths[shard_name] = shard_path(folder, shard_name, index_path, key)
+    return weight_map, paths
+
+
+def _open_sharded(index_path):
+    """Weights over the shards an index.json names; keys keep their names, each from its shard."""
+    weight_map, paths = _shard_paths(index_path)
+    shards = {name: SafetensorsFile(path) for name, path in paths.items()}  # shard file name -> file
     refs = {}
     for key, shard_name in weight_map.items():
-        if shard_name not in shards:
-            shards[shard_name] = SafetensorsFile(shard_path(folder, shard_name, index_path, key))
         shard = shards[shard_name]
         if key not in shard.keys():
             raise NpdiffError(f"missing key '{key}' in {shard.path} (listed there by {index_path})")
@@ -87,20 +80,42 @@ def _open_sharded(index_path):
     return Weights(index_path, refs)
 
 
-def load_component_weights(folder, variant=None):
-    """The weights of one component folder: diffusion_pytorch_model[.<variant>].safetensors or
-    model[.<variant>].safetensors (or a sharded .safetensors.index.json of the same names)."""
+def find_component_weights(folder, variant=None):
+    """-> ("single", path) or ("sharded", index path): the file load_component_weights reads in one
+    component folder, diffusion_pytorch_model[.<variant>].safetensors or model[.<variant>].safetensors
+    (or a .safetensors.index.json of the same names); NpdiffError saying what was expected."""
     folder = os.fspath(folder)
-    if not os.path.isdir(folder):
+    if path_kind(folder, "component folder") != "folder":
         raise NpdiffError(f"no such folder: {folder}")
     for stem in WEIGHT_STEMS:
         single = os.path.join(folder, _file_name(stem, variant, ".safetensors"))
-        if os.path.isfile(single):
-            return open_weights(single)
+        if path_kind(single, "weights") != "missing":
+            return "single", regular_file(single, "weights")
         index = os.path.join(folder, _file_name(stem, variant, ".safetensors.index.json"))
-        if os.path.isfile(index):
-            return _open_sharded(index)
+        if path_kind(index, "shard index") != "missing":
+            return "sharded", regular_file(index, "shard index")
+    _raise_no_weights(folder, variant)
 
+
+def component_weight_files(folder, variant=None):
+    """[(file name in the folder, path)] of the .safetensors files load_component_weights(folder, variant)
+    reads: the single file, or every shard its index names (sorted by name). What the model hash covers."""
+    how, path = find_component_weights(folder, variant)
+    if how == "single":
+        return [(os.path.basename(path), path)]
+    _, paths = _shard_paths(path)
+    return sorted(paths.items())
+
+
+def load_component_weights(folder, variant=None):
+    """The weights of one component folder: diffusion_pytorch_model[.<variant>].safetensors or
+    model[.<variant>].safetensors (or a sharded .safetensors.index.json of the same names)."""
+    how, path = find_component_weights(folder, variant)
+    return open_weights(path) if how == "single" else _open_sharded(path)
+
+
+def _raise_no_weights(folder, variant):
+    """NpdiffError: no weight file of the expected names in `folder` (with a hint about variants/pickles)."""
     wanted = " or ".join(_file_name(stem, variant, ".safetensors") for stem in WEIGHT_STEMS)
     # Only weight files are mentioned (a message never lists a folder's contents): one pickle checkpoint
     # (refused, with how to convert), or <stem>.<other variant>.safetensors files.

@@ -50,7 +50,7 @@ SDXL_REFINER_COMPONENT_PREFIXES = (
 )
 # Keys that belong to no network npdiff runs: the training noise schedule (the scheduler recomputes
 # it), EMA copies and the autoencoder's training loss. (Keys that change how a model is sampled, such as
-# some SDXL files' "v_pred" marker, are NOT ignored: they stay unexpected keys, refused by name.)
+# some SDXL files' "v_pred" marker, are NOT ignored: single_file_sdxl.UNSUPPORTED_MARKERS refuses them.)
 IGNORED_PREFIXES = ("model_ema.", "first_stage_model.loss.")
 IGNORED_KEYS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                 "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",

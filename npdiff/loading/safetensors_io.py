@@ -54,6 +54,7 @@ import numpy as np
 
 from npdiff.errors import NpdiffError
 from npdiff.loading.widened import HALF_DTYPES, WidenedCopy
+from npdiff.paths import path_kind
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
@@ -103,10 +104,11 @@ class SafetensorsFile:
     def __init__(self, path):
         path = os.fspath(path)
         refuse_pickle(path)
-        if os.path.isdir(path):
+        kind = path_kind(path, "safetensors file")  # a FIFO, device or symlink loop: NpdiffError by name
+        if kind == "folder":
             raise NpdiffError(f"{path} is a folder; expected a .safetensors file "
                               "(for a model folder use load_component_weights)")
-        if not os.path.isfile(path):
+        if kind == "missing":
             raise NpdiffError(f"no such file: {path}")
         self.path = path
         self._validate_with_safetensors()

@@ -21,11 +21,11 @@ What the tensors tell (and what they cannot):
         Not in the tensors: hidden_act (SD 1.x: quick_gelu), layer_norm_eps (1e-5).
 
 transformer_layers_per_block, as diffusers reads it: an int (every attention, down, mid and up, has that
-many layers: SD 1.x/2.x 1, the SDXL refiner 4), else one entry per down block (the mid block takes the
-LAST entry, so a last block without attention carries the mid block's count there; other blocks without
-attention carry diffusers' 1), an entry being an int or a list per layer; the up blocks take the down
-list reversed, unless the file's up blocks differ: then reverse_transformer_layers_per_block holds one
-list per up block (layers_per_block + 1 entries).
+many layers: SD 1.x/2.x 1, the SDXL refiner 4), else one entry per down block, an int or a list per
+layer. The mid block takes the LAST entry (its first layer's count if a list), so a last block without
+attention carries the mid block's count there; other blocks without attention carry diffusers' 1. The
+up blocks take the down list reversed, unless the file's up blocks differ: then
+reverse_transformer_layers_per_block holds one list per up block (layers_per_block + 1 entries).
 """
 
 import re
@@ -102,10 +102,10 @@ def _transformer_layers(shapes, down, mid, up, layers):
             per_block.append(mid)  # diffusers' mid block reads the last entry
         else:
             per_block.append(NO_ATTENTION)
-    last = per_block[-1]
+    last = per_block[-1][0] if isinstance(per_block[-1], list) else per_block[-1]  # diffusers' mid block reads this
     if last != mid:
-        raise NpdiffError(f"{shapes.source}: the mid block has {mid} transformer layers but the last down block "
-                          f"{last}; diffusers' UNet2DConditionModel gives both the same count")
+        raise NpdiffError(f"{shapes.source}: the mid block has {mid} transformer layers but the last down block's "
+                          f"first layer {last}; diffusers' UNet2DConditionModel gives both the same count")
     reversed_blocks = list(reversed(per_block))
     for i, block in enumerate(up):
         expected = reversed_blocks[i]

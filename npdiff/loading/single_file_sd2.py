@@ -41,7 +41,7 @@ OPENCLIP_PREFIX = "cond_stage_model.model."
 DROPPED_KEYS = ("text_projection", "logit_scale")  # CLIP's contrastive head: not used by SD
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
-# The scheduler_config.json of stabilityai/stable-diffusion-2-1 (prediction_type set per call)
+# The scheduler_config.json of stabilityai/stable-diffusion-2-1 (prediction_type replaced when one is asked for)
 SD2_SCHEDULER_CONFIG = {
     "_class_name": "DDIMScheduler",
     "beta_end": 0.012,
@@ -158,7 +158,6 @@ def map_openclip(shapes, source):
     return config, map_openclip_keys(relative, OPENCLIP_PREFIX, hidden_size, last_block, source)  # 2. every key
 
 
-def sd2_defaults(prediction_type=None):
-    """-> (SD 2.x's scheduler config, v-prediction unless told; the UNet's sample_size for that kind)."""
-    prediction_type = check_prediction_type(prediction_type) or "v_prediction"
-    return dict(SD2_SCHEDULER_CONFIG, prediction_type=prediction_type), SAMPLE_SIZE[prediction_type]
+def sd2_sample_size(prediction_type):
+    """The SD 2.x UNet's default latent side for the kind of model the prediction type says it is."""
+    return SAMPLE_SIZE[check_prediction_type(prediction_type)]

@@ -70,6 +70,14 @@ SDXL_SCHEDULER_CONFIG = {
     "trained_betas": None,
     "use_karras_sigmas": False,
 }
+# keys some SDXL-family files carry to say they are sampled differently: refused by name (diffusers'
+# from_single_file would silently treat them as epsilon-prediction SDXL)
+UNSUPPORTED_MARKERS = {
+    "v_pred": "a v-prediction SDXL model (its \"v_pred\" marker)",
+    "ztsnr": "a zero-terminal-SNR SDXL model (its \"ztsnr\" marker)",
+    "edm_mean": "Playground v2.5 (EDM latents, \"edm_mean\")",
+    "edm_std": "Playground v2.5 (EDM latents, \"edm_std\")",
+}
 SDXL_TOKEN_IDS = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}  # both encoders' config.json
 SDXL_UNET_SAMPLE_SIZE = 128
 SDXL_VAE = {"sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
@@ -99,6 +107,9 @@ def _sort_keys(shapes, source, model_type):
         component, rest = keymap.split_component(key, prefixes)
         if component is None:
             continue  # the training noise schedule, EMA copies, the VAE's loss: as in SD 1.x files
+        if key in UNSUPPORTED_MARKERS:
+            raise NpdiffError(f"{source} is {UNSUPPORTED_MARKERS[key]} (key '{key}'): npdiff samples SDXL files as "
+                              "the epsilon-prediction SDXL base and refiner only")
         if component == "unknown":
             raise NpdiffError(f"unexpected key '{key}' in {source}: it belongs to none of the {model_type} "
                               f"file's parts ({', '.join(prefix for prefix, _ in prefixes)})")

@@ -35,6 +35,7 @@ from npdiff.models.transformer import AttentionBlock
 
 VAE_EPS = 1e-6
 
+
 class UNetMidBlock2D:
     """resnets.0 -> attentions.0 -> resnets.1 (attention left out with mid_block_add_attention=False)."""
 

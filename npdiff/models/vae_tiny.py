@@ -30,6 +30,7 @@ import numpy as np
 from npdiff import kernels
 from npdiff.backend import array_module
 from npdiff.errors import NpdiffError
+from npdiff.loading.configs import load_component
 from npdiff.models.blocks import Conv2d, child
 
 DEFAULTS = {
@@ -202,8 +203,6 @@ class AutoencoderTiny:
 
     @classmethod
     def from_pretrained(cls, folder, subfolder=None, variant=None):
-        from npdiff.loading import load_component
-
         return cls(*load_component(folder, subfolder, variant))
 
     def encode(self, x):

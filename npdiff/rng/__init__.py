@@ -7,7 +7,7 @@
     WichmannHill     npdiff/rng/wichmann_hill.py  the 1982 generator of the fast.ai lesson.
 
 Kernels: mt19937.py (the Mersenne Twister and its uniforms), torch_normal.py (Box-Muller blocks),
-cephes.py (torch's AVX2 float32 log/sincos), intrinsics.py (exact FMA and bit casts for Numba).
+cephes.py (torch's AVX2 float32 log/sincos); npdiff/intrinsics.py has the exact FMA and bit casts for Numba.
 Imported lazily, so `import npdiff.rng` does not import Numba until a generator is used.
 """
 

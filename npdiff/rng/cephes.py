@@ -24,7 +24,7 @@ Called from the Numba kernels in npdiff/rng/torch_normal.py (njit functions, inl
 import numpy as np
 
 from npdiff.jit import SERIAL, njit
-from npdiff.rng.intrinsics import bits_float32, float32_bits, fma32
+from npdiff.intrinsics import bits_float32, float32_bits, fma32
 
 f32 = np.float32
 

@@ -33,6 +33,7 @@ import os
 
 import numpy as np
 
+from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.rng.philox import BLOCK_SIZE, NORMALS_PER_CALL, PhiloxGenerator
 from npdiff.rng.validate import check_dtype, check_shape
@@ -163,8 +164,6 @@ class CudaGenerator(PhiloxGenerator):
 
 
 def _import_cupy():
-    from npdiff import backend
-
     return backend._import_cupy()
 
 

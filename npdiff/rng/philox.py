@@ -37,7 +37,7 @@ import math
 import numpy as np
 
 from npdiff.jit import PARALLEL, SERIAL, njit, prange
-from npdiff.rng.intrinsics import fma32, sqrt32
+from npdiff.intrinsics import fma32, sqrt32
 from npdiff.rng.validate import UINT64_MOD, check_dtype, check_int, check_seed, check_shape
 
 DEFAULT_SEED = 67280421310721  # c10::detail::default_rng_seed_val, as for the CPU generator

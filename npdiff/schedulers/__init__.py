@@ -19,13 +19,18 @@ from npdiff.errors import NpdiffError
 from npdiff.schedulers.base import SchedulerConfig, SchedulerOutput
 from npdiff.schedulers.ddim import DDIMScheduler
 from npdiff.schedulers.ddpm import DDPMScheduler
+from npdiff.schedulers.deis import DEISMultistepScheduler
 from npdiff.schedulers.dpm_solver import DPMSolverMultistepScheduler
 from npdiff.schedulers.euler import EulerDiscreteScheduler
 from npdiff.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
+from npdiff.schedulers.heun import HeunDiscreteScheduler
+from npdiff.schedulers.kdpm2 import KDPM2DiscreteScheduler
+from npdiff.schedulers.kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
 from npdiff.schedulers.lcm import LCMScheduler
 from npdiff.schedulers.lms import LMSDiscreteScheduler
 from npdiff.schedulers.pndm import PNDMScheduler
 from npdiff.schedulers.tcd import TCDScheduler
+from npdiff.schedulers.unipc import UniPCMultistepScheduler
 
 
 class SchedulerPreset:
@@ -55,10 +60,23 @@ SCHEDULERS = {
     "ddim": DDIMScheduler,
     "ddpm": DDPMScheduler,
     "lms": LMSDiscreteScheduler,
+    "lms_karras": SchedulerPreset(LMSDiscreteScheduler, use_karras_sigmas=True),
     "euler": EulerDiscreteScheduler,
     "euler_a": EulerAncestralDiscreteScheduler,
-    "dpmpp_2m": DPMSolverMultistepScheduler,
-    "dpmpp_2m_karras": SchedulerPreset(DPMSolverMultistepScheduler, use_karras_sigmas=True),
+    "heun": HeunDiscreteScheduler,            # two UNet evaluations per step
+    "dpm2": KDPM2DiscreteScheduler,           # two UNet evaluations per step
+    "dpm2_karras": SchedulerPreset(KDPM2DiscreteScheduler, use_karras_sigmas=True),
+    "dpm2_a": KDPM2AncestralDiscreteScheduler,
+    "dpm2_a_karras": SchedulerPreset(KDPM2AncestralDiscreteScheduler, use_karras_sigmas=True),
+    # a preset with more fixed values comes after the one it extends (scheduler_name takes the last match)
+    "dpmpp_2m": SchedulerPreset(DPMSolverMultistepScheduler, algorithm_type="dpmsolver++"),
+    "dpmpp_2m_karras": SchedulerPreset(DPMSolverMultistepScheduler, algorithm_type="dpmsolver++",
+                                       use_karras_sigmas=True),
+    "dpmpp_2m_sde": SchedulerPreset(DPMSolverMultistepScheduler, algorithm_type="sde-dpmsolver++"),
+    "dpmpp_2m_sde_karras": SchedulerPreset(DPMSolverMultistepScheduler, algorithm_type="sde-dpmsolver++",
+                                           use_karras_sigmas=True),
+    "unipc": UniPCMultistepScheduler,
+    "deis": DEISMultistepScheduler,
     "lcm": LCMScheduler,    # for LCM-distilled UNets (or an LCM-LoRA), 2-8 steps
     "tcd": TCDScheduler,    # for TCD-distilled UNets; step(eta=gamma)
 }
@@ -66,7 +84,9 @@ SCHEDULERS = {
 SCHEDULER_CLASSES = {
     cls.__name__: cls
     for cls in (PNDMScheduler, DDIMScheduler, DDPMScheduler, LMSDiscreteScheduler, EulerDiscreteScheduler,
-                EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, LCMScheduler, TCDScheduler)
+                EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, KDPM2DiscreteScheduler,
+                KDPM2AncestralDiscreteScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler,
+                DEISMultistepScheduler, LCMScheduler, TCDScheduler)
 }
 
 
@@ -93,8 +113,10 @@ def scheduler_from_config(config):
 
 
 __all__ = [
-    "DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler",
-    "EulerDiscreteScheduler", "LCMScheduler", "LMSDiscreteScheduler", "PNDMScheduler", "TCDScheduler",
+    "DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
+    "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler", "KDPM2DiscreteScheduler", "LCMScheduler", "LMSDiscreteScheduler",
+    "PNDMScheduler", "TCDScheduler", "UniPCMultistepScheduler",
     "SCHEDULERS", "SCHEDULER_CLASSES",
     "SchedulerConfig", "SchedulerOutput", "SchedulerPreset", "make_scheduler", "scheduler_from_config",
 ]

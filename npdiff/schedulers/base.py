@@ -113,6 +113,9 @@ class SchedulerBase:
         if cfg["timestep_spacing"] not in schedules.TIMESTEP_SPACINGS:
             raise NpdiffError(f"{name}: timestep_spacing must be one of "
                               f"{', '.join(schedules.TIMESTEP_SPACINGS)}, got {cfg['timestep_spacing']!r}")
+        spacings = [key for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if cfg.get(key)]
+        if len(spacings) > 1:
+            raise NpdiffError(f"{name}: only one of {', '.join(spacings)} can be true")
         for key, allowed in self._ONLY.items():
             if cfg.get(key) not in allowed:
                 raise NpdiffError(f"{name}: {key}={cfg.get(key)!r} is not implemented in npdiff; "

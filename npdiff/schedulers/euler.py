@@ -35,7 +35,6 @@ class EulerDiscreteScheduler(SigmaSchedulerBase):
     }
     _ONLY = {
         "interpolation_type": ("linear",),
-        "use_exponential_sigmas": (False,),
         "use_beta_sigmas": (False,),
         "timestep_type": ("discrete",),
         "rescale_betas_zero_snr": (False,),
@@ -51,9 +50,7 @@ class EulerDiscreteScheduler(SigmaSchedulerBase):
     def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"),
              s_noise=1.0, generator=None):
         """One Euler step from sigma_i to sigma_{i+1}; returns prev_sample and pred_original_sample."""
-        self._check_step_inputs(model_output, sample)
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._begin_step(model_output, timestep, sample)
         sigma = self.sigmas[self._step_index]
 
         # 1. churn: raise the noise level to sigma_hat = sigma * (1 + gamma) with fresh noise

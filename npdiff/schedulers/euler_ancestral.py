@@ -30,9 +30,7 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerBase):
 
     def step(self, model_output, timestep, sample, generator=None):
         """One ancestral step from sigmas[i] to sigmas[i+1]; returns prev_sample and pred_original_sample."""
-        self._check_step_inputs(model_output, sample)
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._begin_step(model_output, timestep, sample)
         sigma = self.sigmas[self._step_index]
 
         # 1. denoised estimate x_0 from the model output

@@ -25,7 +25,7 @@ import numpy as np
 from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.schedulers.base import SchedulerBase, draw_noise
-from npdiff.schedulers.sigma_base import SigmaSchedulerBase, _as_scalar
+from npdiff.schedulers.step_index import StepIndexMixin, as_scalar
 
 SIGMA_DATA = np.float32(0.5)   # the data standard deviation of the consistency boundary condition
 
@@ -44,7 +44,7 @@ class LCMSchedulerOutput:
         return self.to_tuple()[index]
 
 
-class DistilledSchedulerBase(SchedulerBase):
+class DistilledSchedulerBase(StepIndexMixin, SchedulerBase):
     """Config, distillation timestep schedule, step index and add_noise shared by LCM and TCD."""
 
     _DEFAULTS = {
@@ -76,8 +76,7 @@ class DistilledSchedulerBase(SchedulerBase):
         T = self.config["num_train_timesteps"]
         self.timesteps = np.arange(0, T)[::-1].astype(np.int64)                           # [T]
         self.custom_timesteps = False
-        self._step_index = None
-        self._begin_index = None
+        self.reset_step_index()
 
     def _check_config(self):
         super()._check_config()
@@ -94,14 +93,6 @@ class DistilledSchedulerBase(SchedulerBase):
         for key in ("clip_sample", "set_alpha_to_one"):
             if not isinstance(cfg[key], (bool, np.bool_)):
                 raise NpdiffError(f"{name}: {key} must be true or false, got {cfg[key]!r}")
-
-    # ----------------------------------------------------------------------------- step index
-    # the same bookkeeping as the k-diffusion samplers: found from the first timestep, or set_begin_index
-    step_index = SigmaSchedulerBase.step_index
-    begin_index = SigmaSchedulerBase.begin_index
-    set_begin_index = SigmaSchedulerBase.set_begin_index
-    index_for_timestep = SigmaSchedulerBase.index_for_timestep
-    _init_step_index = SigmaSchedulerBase._init_step_index
 
     def scale_model_input(self, sample, timestep=None):
         """Consistency models take the sample unscaled."""
@@ -172,8 +163,7 @@ class DistilledSchedulerBase(SchedulerBase):
             timesteps = descending[indices]                                                  # [n]
 
         self.timesteps = np.ascontiguousarray(timesteps, dtype=np.int64)
-        self._step_index = None
-        self._begin_index = None
+        self.reset_step_index()
 
     # ----------------------------------------------------------------------------- shared maths
     def _alpha_bar(self, timestep):
@@ -181,12 +171,9 @@ class DistilledSchedulerBase(SchedulerBase):
 
     def _begin_step(self, model_output, timestep, sample):
         """Checks, and the step index (found from the timestep on the first step); -> the timestep as int."""
-        if self.num_inference_steps is None:
-            raise NpdiffError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step")
-        self._check_step_inputs(model_output, sample)
-        timestep = int(_as_scalar(timestep))
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._require_timesteps()
+        timestep = int(as_scalar(timestep))
+        super()._begin_step(model_output, timestep, sample)
         return timestep
 
     def add_noise(self, original_samples, noise, timesteps):

@@ -33,7 +33,7 @@ class LMSDiscreteScheduler(SigmaSchedulerBase):
         "timestep_spacing": "linspace",
         "steps_offset": 0,
     }
-    _ONLY = {"use_exponential_sigmas": (False,), "use_beta_sigmas": (False,)}
+    _ONLY = {"use_beta_sigmas": (False,)}
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -59,9 +59,7 @@ class LMSDiscreteScheduler(SigmaSchedulerBase):
 
     def step(self, model_output, timestep, sample, order=4, generator=None):
         """One LMS step; returns prev_sample and pred_original_sample (deterministic: generator unused)."""
-        self._check_step_inputs(model_output, sample)
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._begin_step(model_output, timestep, sample)
         sigma = self.sigmas[self._step_index]
 
         # 1. denoised estimate x_0 from the model output

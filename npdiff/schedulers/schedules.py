@@ -178,6 +178,21 @@ def sigma_to_t(sigma, log_sigmas):
     return t.reshape(sigma.shape)
 
 
+def sigma_to_t_float32(sigma, log_sigmas):
+    """`sigma_to_t` for one float32 sigma, every operation in float32.
+
+    diffusers' DPM2 schedulers pass torch tensors to `_sigma_to_t` for the midpoint timesteps, so
+    there the arithmetic stays in float32 (log_sigmas float32, w and t float32)."""
+    log_sigmas = np.asarray(log_sigmas, dtype=np.float32)
+    log_sigma = np.log(np.maximum(np.float32(sigma), np.float32(1e-10)))
+    dists = log_sigma - log_sigmas                                       # [T] float32
+    low_idx = min(int(np.cumsum(dists >= 0).argmax()), log_sigmas.shape[0] - 2)
+    high_idx = low_idx + 1
+    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+    w = np.clip((low - log_sigma) / (low - high), np.float32(0), np.float32(1))
+    return (np.float32(1) - w) * np.float32(low_idx) + w * np.float32(high_idx)
+
+
 def karras_sigmas(sigma_min, sigma_max, num_inference_steps, rho=7.0):
     """Karras et al. (2022) eq. 5: sigmas evenly spaced in sigma^(1/rho), descending, float64."""
     ramp = np.linspace(0, 1, num_inference_steps)                       # [n]
@@ -189,3 +204,63 @@ def karras_sigmas(sigma_min, sigma_max, num_inference_steps, rho=7.0):
 def index_of_timestep(schedule_timesteps, timestep):
     """Positions of `timestep` in the schedule (diffusers compares with ==)."""
     return np.flatnonzero(np.asarray(schedule_timesteps) == timestep)
+
+
+def exponential_sigmas(sigma_min, sigma_max, num_inference_steps):
+    """Sigmas evenly spaced in log(sigma), descending, float64 (diffusers' use_exponential_sigmas)."""
+    log_sigmas = np.linspace(math.log(sigma_max), math.log(sigma_min), num_inference_steps)  # [n]
+    return np.exp(log_sigmas)                                                              # [n] float64
+
+
+SIGMA_KINDS = ("karras", "exponential")
+
+
+def sigma_kind(config):
+    """"karras", "exponential" or None: which sigma spacing replaces the timesteps' own sigmas."""
+    if config.get("use_karras_sigmas"):
+        return "karras"
+    if config.get("use_exponential_sigmas"):
+        return "exponential"
+    return None
+
+
+def converted_sigmas(kind, in_sigmas, num_inference_steps, log_sigmas, sigma_min=None, sigma_max=None):
+    """Karras or exponential sigmas between in_sigmas[-1] and in_sigmas[0] (or the configured sigma_min /
+    sigma_max), and the fractional training timesteps they fall on; -> (sigmas [n], timesteps [n]) float64.
+
+    in_sigmas: descending; the k-diffusion samplers pass the sigmas of their inference timesteps, the
+    multistep solvers all training sigmas (diffusers does each so)."""
+    sigma_min = sigma_min if sigma_min is not None else in_sigmas[-1].item()
+    sigma_max = sigma_max if sigma_max is not None else in_sigmas[0].item()
+    if kind == "karras":
+        sigmas = karras_sigmas(sigma_min, sigma_max, num_inference_steps)                  # [n]
+    else:
+        sigmas = exponential_sigmas(sigma_min, sigma_max, num_inference_steps)             # [n]
+    timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])                    # [n]
+    return sigmas, timesteps
+
+
+def multistep_timesteps(spacing, num_train_timesteps, num_inference_steps, steps_offset, last_timestep=None):
+    """The int64 timesteps of the multistep solvers (DPM-Solver++, UniPC, DEIS), descending.
+
+    "linspace" and "leading" space n + 1 points and drop the last (t = 0); last_timestep (DPM-Solver's
+    lambda_min_clipped) shortens the range, num_train_timesteps by default."""
+    T, n = num_train_timesteps, num_inference_steps
+    last = T if last_timestep is None else last_timestep
+    if spacing == "linspace":
+        return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].astype(np.int64)           # [n]
+    if spacing == "leading":
+        step_ratio = last // (n + 1)
+        timesteps = (np.arange(0, n + 1) * step_ratio).round()[::-1][:-1].astype(np.int64)  # [n]
+        return check_offset_timesteps(timesteps + steps_offset, T, steps_offset)
+    if spacing == "trailing":
+        step_ratio = T / n
+        return np.arange(last, 0, -step_ratio).round().astype(np.int64) - 1                # [n]
+    raise NpdiffError(f"timestep_spacing: expected one of {', '.join(TIMESTEP_SPACINGS)}, got {spacing!r}")
+
+
+def doubled(values):
+    """[v0, v1, v1, v2, v2, ...]: every value after the first twice, for the two-stage samplers (Heun,
+    DPM2) whose second stage runs at the same schedule position (diffusers' repeat_interleave(2))."""
+    values = np.asarray(values)
+    return np.concatenate([values[:1], np.repeat(values[1:], 2)])

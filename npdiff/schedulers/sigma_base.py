@@ -3,19 +3,18 @@
 These are the k-diffusion samplers. They work with x = x_0 + sigma * noise instead of the DDPM
 scaling, so the model input is divided by sqrt(sigma^2 + 1) (`scale_model_input`) and the first
 latents are scaled by `init_noise_sigma`. Like diffusers, the current position in the schedule is
-a step index found from the first timestep seen, or set with `set_begin_index` (img2img starts
-mid-schedule: pipelines call `scheduler.set_begin_index(t_start * scheduler.order)`).
+a step index found from the first timestep seen, or set with `set_begin_index` (step_index.py).
 """
 
 import numpy as np
 
 from npdiff import backend
-from npdiff.errors import NpdiffError
 from npdiff.schedulers import schedules
 from npdiff.schedulers.base import SchedulerBase
+from npdiff.schedulers.step_index import StepIndexMixin
 
 
-class SigmaSchedulerBase(SchedulerBase):
+class SigmaSchedulerBase(StepIndexMixin, SchedulerBase):
     """Sigmas, timesteps, step index, input scaling and add_noise for the k-diffusion samplers."""
 
     def __init__(self, **kwargs):
@@ -25,8 +24,7 @@ class SigmaSchedulerBase(SchedulerBase):
         self.sigmas = np.concatenate([sigmas, np.zeros(1, np.float32)]).astype(np.float32)  # [T+1]
         T = self.config["num_train_timesteps"]
         self.timesteps = np.linspace(0, T - 1, T, dtype=np.float64)[::-1].astype(np.float32)  # [T]
-        self._step_index = None
-        self._begin_index = None
+        self.reset_step_index()
 
     # ----------------------------------------------------------------------------- schedule
     def _inference_sigmas(self, num_inference_steps):
@@ -37,13 +35,11 @@ class SigmaSchedulerBase(SchedulerBase):
         train_sigmas = schedules.training_sigmas(self.alphas_cumprod)                     # [T] float32
         log_sigmas = np.log(train_sigmas)                                                 # [T] float32
         sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)      # [n] float64
-        if self.config.get("use_karras_sigmas"):
-            sigma_min = self.config.get("sigma_min")
-            sigma_max = self.config.get("sigma_max")
-            sigma_min = sigma_min if sigma_min is not None else sigmas[-1].item()
-            sigma_max = sigma_max if sigma_max is not None else sigmas[0].item()
-            sigmas = schedules.karras_sigmas(sigma_min, sigma_max, num_inference_steps)  # [n] float64
-            timesteps = np.array([schedules.sigma_to_t(s, log_sigmas) for s in sigmas])  # [n] float64
+        kind = schedules.sigma_kind(self.config)
+        if kind is not None:
+            sigmas, timesteps = schedules.converted_sigmas(
+                kind, sigmas, num_inference_steps, log_sigmas,
+                self.config.get("sigma_min"), self.config.get("sigma_max"))               # [n], [n] float64
         return timesteps, sigmas
 
     def _final_sigma(self):
@@ -57,8 +53,7 @@ class SigmaSchedulerBase(SchedulerBase):
         sigmas = np.concatenate([sigmas, [self._final_sigma()]]).astype(np.float32)     # [n+1]
         self.sigmas = sigmas
         self.timesteps = np.asarray(timesteps).astype(np.float32)                       # [n]
-        self._step_index = None
-        self._begin_index = None
+        self.reset_step_index()
 
     @property
     def init_noise_sigma(self):
@@ -68,59 +63,18 @@ class SigmaSchedulerBase(SchedulerBase):
             return max_sigma
         return np.sqrt(max_sigma * max_sigma + np.float32(1.0))
 
-    # ----------------------------------------------------------------------------- step index
-    @property
-    def step_index(self):
-        return self._step_index
-
-    @property
-    def begin_index(self):
-        return self._begin_index
-
-    def set_begin_index(self, begin_index=0):
-        """Start at schedule position `begin_index` (img2img), instead of finding it from the timestep."""
-        if not 0 <= int(begin_index) < len(self.timesteps):
-            raise NpdiffError(f"set_begin_index: begin_index must be in [0, {len(self.timesteps)}), "
-                              f"got {begin_index}")
-        self._begin_index = int(begin_index)
-
-    def index_for_timestep(self, timestep, schedule_timesteps=None):
-        """Position of `timestep` in the schedule; the second match if it appears twice (diffusers)."""
-        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        indices = schedules.index_of_timestep(schedule, timestep)
-        if len(indices) == 0:
-            raise NpdiffError(f"timestep {timestep!r} is not in the scheduler's timesteps "
-                              f"(first {np.asarray(schedule)[:3].tolist()}...); pass one of scheduler.timesteps")
-        return int(indices[1] if len(indices) > 1 else indices[0])
-
-    def _init_step_index(self, timestep):
-        if self._begin_index is None:
-            self._step_index = self.index_for_timestep(_as_scalar(timestep))
-        else:
-            self._step_index = self._begin_index
-
     # ----------------------------------------------------------------------------- model input
     def scale_model_input(self, sample, timestep):
         """sample / sqrt(sigma^2 + 1): the input the UNet was trained on at this noise level."""
         if self._step_index is None:
             self._init_step_index(timestep)
-        sigma = self.sigmas[self._step_index]
-        return sample / np.sqrt(sigma * sigma + np.float32(1.0))                          # [B,C,H,W]
-
-    def _sigma_step_indices(self, timesteps):
-        """Which sigma add_noise uses for each timestep (diffusers' rule, begin_index aware)."""
-        timesteps = np.asarray(backend.to_numpy(timesteps)).reshape(-1)
-        if self._begin_index is None:
-            return [self.index_for_timestep(t) for t in timesteps]
-        if self._step_index is not None:
-            return [self._step_index] * timesteps.shape[0]
-        return [self._begin_index] * timesteps.shape[0]
+        return scaled_for_model(sample, self.sigmas[self._step_index])
 
     def add_noise(self, original_samples, noise, timesteps):
         """x = x_0 + sigma_t * noise, sigma_t looked up for each item's timestep."""
         xp = backend.array_module(original_samples)
         sigmas = self.sigmas.astype(original_samples.dtype)
-        sigma = sigmas[self._sigma_step_indices(timesteps)]                                  # [B]
+        sigma = sigmas[self.add_noise_step_indices(timesteps)]                                # [B]
         sigma = xp.asarray(sigma.reshape((-1,) + (1,) * (original_samples.ndim - 1)))         # [B,1,1,1]
         return original_samples + noise * sigma                                              # [B,C,H,W]
 
@@ -137,9 +91,6 @@ class SigmaSchedulerBase(SchedulerBase):
         return model_output  # "sample": the model predicts x_0 itself
 
 
-def _as_scalar(timestep):
-    """A timestep as a NumPy scalar (accepts python numbers, 0-d/1-element arrays)."""
-    value = np.asarray(backend.to_numpy(timestep))
-    if value.size != 1:
-        raise NpdiffError(f"timestep must be a single value, got shape {value.shape}")
-    return value.reshape(()).item() if value.dtype.kind in "iuf" else value
+def scaled_for_model(sample, sigma):
+    """sample / sqrt(sigma^2 + 1) (k-diffusion's c_in)."""
+    return sample / np.sqrt(sigma * sigma + np.float32(1.0))                              # [B,C,H,W]

@@ -1,23 +1,30 @@
 """npdiff.loading: safetensors reading, dtype widening, variants, shards, pipeline folders, and the
 errors for every kind of bad file (each must name the file and the key)."""
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load_file
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 from tiny_clip import save_clip, tiny_clip
 from tiny_models import tiny_unet, tiny_vae
 
+from npdiff import model_identity
 from npdiff.errors import NpdiffError
 from npdiff.loading import (load_component_weights, load_pipeline_components, open_weights, read_config,
                             read_json)
+from npdiff.loading.components import pipeline_weight_files
 from npdiff.loading.resident import mapping_of
+from npdiff.model_identity import model_hash
 
 
 def random_tensors(rng, count=4):
@@ -363,6 +370,22 @@ def test_pipeline_components_from_a_folder(pipeline_folder):
     assert snapshot(pipeline_folder) == before  # loading never writes
 
 
+def test_pipeline_components_apply_prediction_type_to_the_scheduler(pipeline_folder, tmp_path):
+    parts = load_pipeline_components(pipeline_folder, prediction_type="v_prediction")
+    assert parts["scheduler"] == {"_class_name": "PNDMScheduler", "prediction_type": "v_prediction"}
+    assert read_json(pipeline_folder / "scheduler" / "scheduler_config.json") == {"_class_name": "PNDMScheduler"}
+    assert load_pipeline_components(pipeline_folder)["scheduler"] == {"_class_name": "PNDMScheduler"}
+    # a folder without scheduler/ gets SD 1.5's, with the prediction type asked for
+    root = tmp_path / "no-scheduler"
+    shutil.copytree(pipeline_folder, root, ignore=shutil.ignore_patterns("scheduler"))
+    parts = load_pipeline_components(root, prediction_type="v_prediction")
+    assert parts["scheduler"]["_class_name"] == "PNDMScheduler" and parts["scheduler"]["beta_end"] == 0.012
+    assert parts["scheduler"]["prediction_type"] == "v_prediction"
+    assert load_pipeline_components(root)["scheduler"]["prediction_type"] == "epsilon"
+    with pytest.raises(NpdiffError, match="prediction_type must be one of epsilon, v_prediction, got 'sample'"):
+        load_pipeline_components(root, prediction_type="sample")
+
+
 def test_pipeline_components_errors(pipeline_folder, tmp_path):
     with pytest.raises(NpdiffError, match=r"holds none of unet/, vae/, text_encoder/; expected a diffusers "
                                           r"folder \(model_index\.json"):
@@ -392,3 +415,141 @@ def test_tokenizer_folder_with_only_tokenizer_json(pipeline_folder, tmp_path):
     with pytest.raises(NpdiffError,
                        match=r"tokenizer holds no tokenizer: .*vocab\.json and merges\.txt, or tokenizer\.json"):
         load_pipeline_components(root)
+
+
+# --------------------------------------------------------------------------------------------------
+# Symlinks and the model hash: links load and hash like real files; the hash covers exactly the loaded
+# files (README: "What npdiff refuses"; npdiff/paths.py)
+# --------------------------------------------------------------------------------------------------
+def expected_hash(files):
+    """The folder hash computed here from the bytes: SHA-256 of the joined SHA-256 hex digests of `files`,
+    given in the order of their names relative to the model folder."""
+    joined = "".join(hashlib.sha256(Path(file).read_bytes()).hexdigest() for file in files)
+    return hashlib.sha256(joined.encode("ascii")).hexdigest()[:10]
+
+
+def loaded_files(folder):
+    """The weight files of unet, vae, text_encoder in name order (text_encoder < unet < vae), as written."""
+    return [folder / "text_encoder" / "model.safetensors", folder / "unet" / "diffusion_pytorch_model.safetensors",
+            folder / "vae" / "diffusion_pytorch_model.safetensors"]
+
+
+def shard_text_encoder(folder):
+    """Split text_encoder/model.safetensors into two shards + model.safetensors.index.json, as the hub does."""
+    tensors = load_file(str(folder / "text_encoder" / "model.safetensors"))
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for shard, shard_names in shards.items():
+        save_numpy({name: tensors[name] for name in shard_names}, str(folder / "text_encoder" / shard))
+        weight_map.update({name: shard for name in shard_names})
+    (folder / "text_encoder" / "model.safetensors").unlink()
+    (folder / "text_encoder" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return [folder / "text_encoder" / shard for shard in sorted(shards)]
+
+
+def hugging_face_cache(source, root):
+    """The folder `source` as huggingface_hub caches it: models--<org>--<name>/blobs/<sha256> holding the
+    bytes, snapshots/<rev>/<path> relative links to ../../(..)/blobs/<sha256>. -> the snapshot folder."""
+    repo = root / "models--someone--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot_folder = repo / "snapshots" / "0123456789abcdef"
+    for file in sorted(p for p in source.rglob("*") if p.is_file()):
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot_folder / file.relative_to(source)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(blob, link.parent), link)
+    return snapshot_folder
+
+
+def test_hugging_face_cache_layout_loads_and_hashes(pipeline_folder, tmp_path, hash_cache):
+    """Every file of a hub snapshot links into ../../blobs, outside the snapshot folder, shards included."""
+    plain = tmp_path / "plain"
+    shutil.copytree(pipeline_folder, plain)
+    shards = shard_text_encoder(plain)
+    snapshot_folder = hugging_face_cache(plain, tmp_path / "hub")
+    parts = load_pipeline_components(snapshot_folder)
+    for name in ("unet", "vae", "text_encoder"):
+        assert parts[name][1].keys() == load_component_weights(plain / name).keys()
+    files = shards + loaded_files(plain)[1:]
+    assert model_hash(snapshot_folder) == model_hash(plain) == expected_hash(files)
+    assert [name for name, _ in pipeline_weight_files(snapshot_folder)] == [
+        "text_encoder/model-00001-of-00002.safetensors", "text_encoder/model-00002-of-00002.safetensors",
+        "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"]
+
+
+def test_symlinked_component_folders_and_files_load_and_hash_like_real_ones(pipeline_folder, tmp_path, hash_cache):
+    """Sharing one UNet or VAE between models: component folders (and single files) that are links."""
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for name in ("unet", "vae", "tokenizer", "scheduler"):
+        os.symlink(pipeline_folder / name, linked / name)
+    (linked / "text_encoder").mkdir()
+    for file in (pipeline_folder / "text_encoder").iterdir():
+        os.symlink(file, linked / "text_encoder" / file.name)
+    os.symlink(pipeline_folder / "model_index.json", linked / "model_index.json")
+    parts = load_pipeline_components(linked)
+    assert parts["unet"][0] == read_config(pipeline_folder / "unet") and len(parts["text_encoder"][1]) > 0
+    assert parts["scheduler"] == {"_class_name": "PNDMScheduler"}
+    assert model_hash(linked) == model_hash(pipeline_folder) == expected_hash(loaded_files(pipeline_folder))
+
+
+def test_swapping_a_linked_unet_changes_the_hash(pipeline_folder, tmp_path, hash_cache):
+    """`npdiff batch` must not keep pictures of the old UNet under the same hash."""
+    other_unet = tmp_path / "other-unet"
+    shutil.copytree(tiny_unet("sd1", seed=1)[1], other_unet)
+    model = tmp_path / "model"
+    shutil.copytree(pipeline_folder, model, ignore=shutil.ignore_patterns("unet"))
+    os.symlink(pipeline_folder / "unet", model / "unet")
+    first = model_hash(model)
+    assert first == expected_hash(loaded_files(pipeline_folder))
+    os.symlink(other_unet, tmp_path / "new-link")
+    os.replace(tmp_path / "new-link", model / "unet")  # swap the link in one step
+    files = loaded_files(model)
+    files[1] = other_unet / "diffusion_pytorch_model.safetensors"
+    assert model_hash(model) == expected_hash(files) != first
+    weights = load_pipeline_components(model)["unet"][1]
+    assert np.array_equal(weights.take("conv_in.weight", weights.shape("conv_in.weight")),
+                          load_file(str(files[1]))["conv_in.weight"])
+
+
+def test_a_replaced_file_of_the_same_size_and_mtime_is_hashed_again(tmp_path, hash_cache):
+    """The cache is keyed on the file's identity (inode, ctime, ...), not size and mtime alone."""
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(os.urandom(1 << 16))
+    first = model_hash(weights)
+    replacement = tmp_path / "replacement.safetensors"
+    replacement.write_bytes(os.urandom(1 << 16))
+    old = os.stat(weights)
+    os.utime(replacement, ns=(old.st_atime_ns, old.st_mtime_ns))  # as `cp -p` or `rsync -t` keep it
+    os.replace(replacement, weights)
+    assert model_hash(weights) == hashlib.sha256(weights.read_bytes()).hexdigest()[:10] != first
+
+
+def test_the_hash_reads_exactly_the_loaded_files(pipeline_folder, tmp_path, monkeypatch, hash_cache):
+    """Not every *.safetensors below the folder: not an unrelated subfolder, an unused component, another
+    variant. With variant="fp16" it is the fp16 files the loader reads."""
+    model = tmp_path / "model"
+    shutil.copytree(pipeline_folder, model)
+    (model / "extras").mkdir()
+    (model / "extras" / "huge.safetensors").write_bytes(os.urandom(1 << 12))
+    (model / "safety_checker").mkdir()
+    (model / "safety_checker" / "model.safetensors").write_bytes(os.urandom(1 << 12))
+    fp16 = []
+    for file in loaded_files(model):
+        half = {key: value.astype(np.float16) if value.dtype == np.float32 else value
+                for key, value in load_file(str(file)).items()}
+        fp16.append(file.with_name(file.name.replace(".safetensors", ".fp16.safetensors")))
+        save_numpy(half, str(fp16[-1]))
+    hashed = []
+    real = model_identity.sha256_of_file
+    monkeypatch.setattr(model_identity, "sha256_of_file", lambda path: hashed.append(Path(path)) or real(path))
+    assert model_hash(model) == expected_hash(loaded_files(model))
+    assert sorted(hashed) == sorted(file.resolve() for file in loaded_files(model))
+    hashed.clear()
+    assert model_hash(model, variant="fp16") == expected_hash(fp16)
+    assert sorted(hashed) == sorted(file.resolve() for file in fp16)
+    parts = load_pipeline_components(model, variant="fp16")
+    assert parts["unet"][1].dtype("conv_in.weight") == "F16"

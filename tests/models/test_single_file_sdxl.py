@@ -18,13 +18,17 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                 convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
+                                                 convert_ldm_vae_checkpoint, convert_open_clip_checkpoint,
+                                                 create_diffusers_clip_model_from_ldm)
+from helpers import NETWORK_TOL, assert_rel_close
 from safetensors.torch import load_file
 from single_file import (BIGG, TOKEN_IDS, UNET_KINDS, state_of, text_state, tiny_sdxl_parts, to_sdxl_original_layout,
                          write_sdxl)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from npdiff import models
 from npdiff.loading import load_single_file
+from npdiff.loading.config_checks import check_component_config
 from npdiff.loading.resident import mapping_of
 from npdiff.loading.single_file_sdxl import SDXL_SCHEDULER_CONFIG, map_sdxl_checkpoint
 
@@ -115,6 +119,7 @@ def test_every_config_value_and_tensor_as_diffusers(kind, dtype, parts, tmp_path
     for component in components:
         original_config, original_state, _ = kind_parts[component]
         config, weights = loaded[component]
+        check_component_config("text_encoder" if component.startswith("text") else component, config)  # npdiff's rules
         ours = jsonable(AS_LIBRARY[component](config))
         theirs = jsonable(AS_LIBRARY[component](original_config))
         differing = {key: (ours.get(key), theirs.get(key)) for key in set(ours) | set(theirs)
@@ -153,8 +158,6 @@ def test_float32_tensors_stay_views_of_the_file(parts, tmp_path):
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["base", "refiner", "inpaint"])
 def test_diffusers_from_single_file_reads_the_same_tensors(kind, parts, tmp_path):
-    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-
     kind_parts = parts[kind]
     path = write_sdxl(kind_parts, tmp_path / "sdxl.safetensors")
     loaded = load_single_file(path)
@@ -234,3 +237,41 @@ def test_full_size_sdxl_structure_gives_the_hub_configs(kind):
     bigg_prefix = "conditioner.embedders.1.model." if kind == "base" else "conditioner.embedders.0.model."
     projection = mapped["text_encoder_2"][1]["text_projection.weight"]  # (stored key, shape, rows, transpose)
     assert projection == (bigg_prefix + "text_projection", (1280, 1280), None, True)
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. The networks built from a single file give diffusers'/transformers' outputs
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["base", "refiner"])
+def test_networks_from_a_single_file_match_diffusers(kind, parts, rng, tmp_path):
+    kind_parts = parts[kind]
+    loaded = load_single_file(write_sdxl(kind_parts, tmp_path / "sdxl.safetensors"))
+    # 1. the text encoders: bigG's pooled, projected text_embeds and the penultimate hidden states SDXL takes
+    ids = rng.integers(3, BIGG["vocab_size"] - 1, size=(2, 77), dtype=np.int64)
+    ids[:, 0], ids[0, 9:], ids[1, 30:] = BIGG["bos_token_id"], BIGG["vocab_size"] - 1, BIGG["vocab_size"] - 1
+    bigg = models.CLIPTextModelWithProjection(*loaded["text_encoder_2"])
+    ours = bigg(ids, output_hidden_states=True)
+    with torch.no_grad():
+        theirs = kind_parts["text_encoder_2"][2](torch.from_numpy(ids), output_hidden_states=True)
+    assert_rel_close(ours.text_embeds, theirs.text_embeds, NETWORK_TOL, what="bigG text_embeds")
+    assert_rel_close(ours.hidden_states[-2], theirs.hidden_states[-2], NETWORK_TOL, what="bigG hidden_states[-2]")
+    if kind == "base":
+        clip_l = models.CLIPTextModel(*loaded["text_encoder"])
+        with torch.no_grad():
+            their_l = kind_parts["text_encoder"][2](torch.from_numpy(ids)).last_hidden_state
+        assert_rel_close(clip_l(ids), their_l, NETWORK_TOL, what="CLIP-L")
+    # 2. the UNet with SDXL's conditioning: context [B,L,D_L+D_G], pooled [B,P], time ids [B,6] (refiner: 5)
+    config = loaded["unet"][0]
+    unet = models.UNet2DConditionModel(*loaded["unet"])
+    sample = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    context = rng.standard_normal((2, 7, config["cross_attention_dim"])).astype(np.float32)
+    pooled = rng.standard_normal((2, BIGG["projection_dim"])).astype(np.float32)
+    time_ids = np.tile(np.array([1024, 1024, 0, 0, 1024, 1024] if kind == "base" else [1024, 1024, 0, 0, 6],
+                                dtype=np.float32), (2, 1))
+    timestep = int(rng.integers(0, 1000))
+    ours = unet(sample, timestep, context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})
+    added = {"text_embeds": torch.from_numpy(pooled), "time_ids": torch.from_numpy(time_ids)}
+    with torch.no_grad():
+        theirs = kind_parts["unet"][2](torch.from_numpy(sample), timestep, torch.from_numpy(context),
+                                       added_cond_kwargs=added).sample
+    assert_rel_close(ours, theirs, NETWORK_TOL, what=f"{kind} UNet")

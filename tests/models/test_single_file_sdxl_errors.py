@@ -67,6 +67,9 @@ REFUSALS = {
     "unexpected bigG key": (dict(add={BIGG_KEY + "visual.proj": torch.zeros(2)}),
                             r"unexpected key 'conditioner\.embedders\.1\.model\.visual\.proj' in .*: no diffusers name "
                             r"for it in the OpenCLIP text encoder key map"),
+    "v-prediction marker": (dict(add={"v_pred": torch.tensor([])}),
+                            r"sdxl\.safetensors is a v-prediction SDXL model \(its \"v_pred\" marker\) "
+                            r"\(key 'v_pred'\)"),
     "SD 1.x encoder too": (dict(add={"cond_stage_model.transformer.text_model.x": torch.zeros(2)}),
                            r"unexpected key 'cond_stage_model\.transformer\.text_model\.x' in .*sdxl\.safetensors"),
     "refiner and base mixed": (dict(add={"conditioner.embedders.0.model.ln_final.weight": torch.zeros(2)}),
@@ -106,6 +109,28 @@ def test_wrong_shape_at_take_names_the_stored_key(base_checkpoint, tmp_path):
                          f"'{BIGG_KEY}text_projection' transposed has shape (32, 128); the config expects (128, 32)")
     with pytest.raises(NpdiffError, match=expected):
         bigg.take("text_projection.weight", (128, 32))
+
+
+UNET_KEY = "model.diffusion_model."
+BUILD_REFUSALS = {  # keys the mapping cannot judge alone: the model's constructor refuses them, before any work
+    "missing resnet weight": (dict(drop=re.escape(UNET_KEY + "input_blocks.4.0.in_layers.2.weight")),
+                              r"missing key 'down_blocks\.1\.resnets\.0\.conv1\.weight' in .*sdxl\.safetensors "
+                              r"\(unet part\)"),
+    "wrong conv shape": (dict(add={UNET_KEY + "input_blocks.4.0.in_layers.2.weight": torch.zeros(64, 64, 1, 1)}),
+                         r"key 'down_blocks\.1\.resnets\.0\.conv1\.weight' in .*sdxl\.safetensors \(unet part\), "
+                         r"stored as 'model\.diffusion_model\.input_blocks\.4\.0\.in_layers\.2\.weight' has shape "
+                         r"\(64, 64, 1, 1\); the config expects \(64, 64, 3, 3\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BUILD_REFUSALS))
+def test_bad_unet_tensors_refused_when_the_model_is_built(case, base_checkpoint, tmp_path):
+    from npdiff.models import UNet2DConditionModel
+
+    change, message = BUILD_REFUSALS[case]
+    path = save_changed(base_checkpoint, tmp_path / "sdxl.safetensors", **change)
+    with pytest.raises(NpdiffError, match=message):
+        UNet2DConditionModel(*load_single_file(path)["unet"])
 
 
 def test_truncated_and_pickle_files_are_refused(base_checkpoint, tmp_path):

@@ -2,6 +2,7 @@
 finding the model (default_model_path, empty or wrong folders, unknown samplers)."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 
 from tiny_sd import tiny_sd_folder  # noqa: E402
 
-from npdiff import NpdiffError, pipeline_utils  # noqa: E402
+from npdiff import NpdiffError, cli, pipeline_utils  # noqa: E402
 from npdiff.pipeline import StableDiffusionPipeline  # noqa: E402
 from npdiff.rng import TorchGenerator  # noqa: E402
 
@@ -43,6 +44,19 @@ def pipe():
     (dict(seed=1, generator=TorchGenerator(1)), "pass seed= or generator=, not both"),
     (dict(seed="one"), "seed must be an integer, got 'one'"),
     (dict(output_type="jpg"), "output_type must be 'pil', 'np' or 'latent', got 'jpg'"),
+    # wrong types used to escape as raw Python errors (TypeError, AttributeError) in the middle of sampling
+    (dict(callback=42), r"callback must be a function \(step, timestep, latents\) or None, got 42"),
+    (dict(callback="print"), "callback must be a function"),
+    (dict(callback_steps="2"), "callback_steps must be an integer >= 1, got '2'"),
+    (dict(eta="x"), r"eta must be a number in \[0, 1\], got 'x'"),
+    (dict(eta=math.nan), r"eta must be in \[0, 1\], got nan"),
+    (dict(eta=-0.5), r"eta must be in \[0, 1\], got -0.5"),
+    (dict(eta=None), "eta must be a number"),
+    (dict(generator=object()), "generator must be an npdiff.rng generator .*got object"),
+    (dict(generator=42), "generator must be an npdiff.rng generator .*got int"),
+    (dict(seed="a"), "seed must be an integer, got 'a'"),
+    (dict(seed=1.5), "seed must be an integer, got 1.5"),
+    (dict(seed=2**64), r"seed must be in \[-9223372036854775808, 18446744073709551615\]"),
 ])
 def test_bad_call_arguments(pipe, kwargs, message):
     call = dict(num_inference_steps=1)
@@ -67,9 +81,43 @@ def test_bad_img2img_arguments(pipe):
         pipe.img2img(["a", "b"], picture, negative_prompt=["x", "y", "z"])
 
 
+def test_wrong_argument_types_in_img2img_and_inpaint(pipe):
+    picture = Image.new("RGB", (64, 64))
+    with pytest.raises(NpdiffError, match="callback must be a function"):
+        pipe.img2img("a cat", picture, num_inference_steps=1, callback=42)
+    with pytest.raises(NpdiffError, match="generator must be an npdiff.rng generator"):
+        pipe.inpaint("a cat", picture, picture.convert("L"), num_inference_steps=1, generator=object())
+
+
+def test_a_vae_for_other_latents_is_refused_when_set(pipe):
+    """Checked when set on the pipeline (pipe.vae = ..., --vae), not as a picture of another size later."""
+    own = pipe.vae
+    other_cells = SimpleNamespace(config={"block_out_channels": [4, 4], "latent_channels": 4}, decode=None)
+    with pytest.raises(NpdiffError, match=r"turns 2x2 pixels into one latent cell, .* 8x8-pixel cells .* 4 times "
+                                          r"too small"):
+        pipe.vae = other_cells
+    other_channels = SimpleNamespace(config={"block_out_channels": [4] * 4, "latent_channels": 3}, decode=None)
+    with pytest.raises(NpdiffError, match="has 3 latent channels, but the model's UNet makes 4"):
+        pipe.vae = other_channels
+    with pytest.raises(NpdiffError, match="vae must be an npdiff AutoencoderKL or AutoencoderTiny, got str"):
+        pipe.vae = "taesd"
+    assert pipe.vae is own and pipe("a cat", num_inference_steps=1, seed=1).images[0].size == (64, 64)
+
+
+def test_cli_vae_of_another_scale_factor_is_one_line(tmp_path, capsys):
+    from tiny_models import tiny_taesd
+
+    out = tmp_path / "x.png"
+    code = cli.main(["generate", "a cat", "--model", str(tiny_sd_folder()), "--steps", "1",
+                     "--vae", str(tiny_taesd("knobs", seed=0)[1]), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "turns 4x4 pixels into one latent cell" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_unknown_scheduler_lists_the_known_ones(pipe):
-    with pytest.raises(NpdiffError, match=r"unknown scheduler 'heun'; known: .*dpmpp_2m_karras.*euler_a.*pndm"):
-        StableDiffusionPipeline.from_pretrained(tiny_sd_folder(), scheduler="heun")
+    with pytest.raises(NpdiffError, match=r"unknown scheduler 'dpmpp_sde'; known: .*dpmpp_2m_karras.*euler_a.*pndm"):
+        StableDiffusionPipeline.from_pretrained(tiny_sd_folder(), scheduler="dpmpp_sde")
     with pytest.raises(NpdiffError, match="scheduler must be a name"):
         pipe.set_scheduler(42)
     pipe.set_scheduler("lms")

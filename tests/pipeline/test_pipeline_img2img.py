@@ -12,7 +12,7 @@ import torch
 from tiny_sd import tiny_sd_folder, torch_pipeline  # noqa: E402
 
 from npdiff import NpdiffError  # noqa: E402
-from npdiff.img2img import get_timesteps  # noqa: E402
+from npdiff.sampling_starts import get_timesteps  # noqa: E402
 from npdiff.pipeline import StableDiffusionPipeline  # noqa: E402
 from npdiff.schedulers import make_scheduler  # noqa: E402
 
@@ -44,7 +44,7 @@ def run_both(folder, sampler, picture, seed, **kwargs):
     return ours, np.round(np.asarray(theirs.images) * 255).astype(np.int16), final["latents"]
 
 
-@pytest.mark.parametrize("sampler", ["pndm", "euler_a"])
+@pytest.mark.parametrize("sampler", ["pndm", "euler_a", "heun", "dpm2_a", "dpmpp_2m_sde", "unipc"])
 def test_same_picture_as_diffusers(folder, rng, seed, sampler):
     picture = random_picture(rng, 64, 64)
     strength = float(rng.uniform(0.35, 1.0))
@@ -68,7 +68,7 @@ def test_batch_odd_size_and_no_guidance(folder, rng, seed):
     assert int(np.max(np.abs(np.round(ours.images * 255).astype(np.int16) - theirs_levels))) <= IMAGE_LEVELS_TOL
 
 
-@pytest.mark.parametrize("sampler", ["pndm", "dpmpp_2m", "euler"])
+@pytest.mark.parametrize("sampler", ["pndm", "dpmpp_2m", "euler", "heun", "dpm2", "unipc", "deis"])
 def test_timesteps_from_strength_like_diffusers(rng, sampler):
     from diffusers import StableDiffusionImg2ImgPipeline
     from tiny_sd import SCHEDULER_CONFIG, diffusers_scheduler

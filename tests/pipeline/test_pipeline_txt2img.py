@@ -55,7 +55,8 @@ def assert_same_pictures(ours, theirs_levels):
     assert worst <= IMAGE_LEVELS_TOL, f"8-bit pictures differ by {worst} levels"
 
 
-@pytest.mark.parametrize("sampler", ["pndm", "euler_a"])
+@pytest.mark.parametrize("sampler", ["pndm", "euler_a", "heun", "dpm2", "dpm2_a_karras", "dpmpp_2m_sde",
+                                     "dpmpp_2m_sde_karras", "unipc", "deis"])
 def test_same_picture_as_diffusers(folder, rng, seed, sampler):
     prompt = PROMPTS[int(rng.integers(len(PROMPTS)))]
     negative = NEGATIVES[int(rng.integers(len(NEGATIVES)))]

@@ -67,11 +67,17 @@ def test_lcm_img2img_with_taesd_like_diffusers(rng, seed):
     assert_same_pictures(ours.images, to_levels(theirs.images))
 
 
-def test_vae_scale_factor_follows_the_vae():
+def test_vae_scale_factor_follows_the_vae_and_must_fit_the_unet():
+    """A TAESD of another scale factor used to be taken, and made pictures of another size silently."""
     pipe = load_ours(tiny_sd_folder(), None)
     assert pipe.vae_scale_factor == 8
-    pipe.vae = AutoencoderTiny.from_pretrained(tiny_taesd("knobs", seed=0)[1])  # 3 decoder blocks
-    assert pipe.vae_scale_factor == 4
+    own = pipe.vae
+    with pytest.raises(NpdiffError, match=r"this AutoencoderTiny turns 4x4 pixels into one latent cell, but the "
+                                          r"model's UNet works on latents of 8x8-pixel cells"):
+        pipe.vae = AutoencoderTiny.from_pretrained(tiny_taesd("knobs", seed=0)[1])  # 3 decoder blocks
+    assert pipe.vae is own and pipe.vae_scale_factor == 8
+    pipe.vae = AutoencoderTiny.from_pretrained(tiny_taesd("sd", seed=0)[1])  # 4 blocks, 4 latent channels
+    assert pipe.vae_scale_factor == 8 and type(pipe.vae).__name__ == "AutoencoderTiny"
 
 
 def test_cli_vae_option(tmp_path, seed):
@@ -91,7 +97,7 @@ def test_cli_vae_option(tmp_path, seed):
         assert np.array_equal(np.asarray(picture.convert("RGB")), np.asarray(library.images[0]))
     # --reproduce needs --vae again (only the name is stored)
     assert cli.main(["generate", "--reproduce", str(out), "--out", str(tmp_path / "again.png")]) == 2
-    assert cli.main(["generate", "--reproduce", str(out), "--vae", str(taesd_folder),
+    assert cli.main(["generate", "--reproduce", str(out), "--vae", str(taesd_folder), "--model", str(folder),
                      "--out", str(tmp_path / "again.png")]) == 0
 
 

@@ -73,15 +73,21 @@ def compare_schedule(ours, theirs, what):
     """timesteps (exact, same dtype), sigmas and init_noise_sigma (float32-close)."""
     theirs_t = theirs.timesteps.numpy()
     assert ours.timesteps.dtype == theirs_t.dtype, f"{what}: timesteps dtype {ours.timesteps.dtype} != {theirs_t.dtype}"
-    if theirs_t.dtype.kind == "f" and getattr(theirs.config, "use_karras_sigmas", False):
-        # Karras timesteps are fractional (interpolated in log-sigma); the float32 sigmas they come
-        # from may differ by an ulp, so compare closely instead of exactly
-        assert_rel_close(ours.timesteps, theirs_t, SCHEDULE_TOL, f"{what}: karras timesteps")
+    from_sigmas = any(getattr(theirs.config, key, False) for key in ("use_karras_sigmas", "use_exponential_sigmas"))
+    if theirs_t.dtype.kind == "f" and (from_sigmas or hasattr(theirs, "sigmas_interpol")):
+        # Karras / exponential timesteps and DPM2's midpoint timesteps are fractional (interpolated in
+        # log-sigma); the float32 sigmas they come from may differ by an ulp (torch's float32 log/exp
+        # are not correctly rounded), so compare closely instead of exactly
+        assert_rel_close(ours.timesteps, theirs_t, SCHEDULE_TOL, f"{what}: timesteps from sigmas")
     else:
         np.testing.assert_array_equal(ours.timesteps, theirs_t, err_msg=f"{what}: timesteps")
     if hasattr(theirs, "sigmas") and isinstance(theirs.sigmas, torch.Tensor):
         assert ours.sigmas.dtype == np.float32, f"{what}: sigmas dtype {ours.sigmas.dtype}"
         assert_rel_close(ours.sigmas, theirs.sigmas, SCHEDULE_TOL, f"{what}: sigmas")
+    for name in ("sigmas_interpol", "sigmas_up", "sigmas_down"):  # DPM2 (a): midpoints, ancestral split
+        if hasattr(theirs, name):
+            usable = np.isfinite(theirs_values := getattr(theirs, name).numpy())  # diffusers' unused ends are NaN
+            assert_rel_close(getattr(ours, name)[usable], theirs_values[usable], SCHEDULE_TOL, f"{what}: {name}")
     assert_rel_close(np.float32(ours.init_noise_sigma), np.float32(float(theirs.init_noise_sigma)),
                      SCHEDULE_TOL, f"{what}: init_noise_sigma")
 

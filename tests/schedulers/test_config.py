@@ -44,7 +44,7 @@ def test_make_scheduler_keeps_the_model_config(name, rng):
     """make_scheduler(name, json) == diffusers' Target.from_config(pipe.scheduler.config)."""
     class_name = S.SCHEDULERS[name].__name__
     pipe_scheduler = diffusers.PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)
-    overrides = {"use_karras_sigmas": True} if name == "dpmpp_2m_karras" else {}
+    overrides = dict(getattr(S.SCHEDULERS[name], "fixed", {}))  # a preset's values (Karras, SDE, ...)
     theirs = getattr(diffusers, class_name).from_config(pipe_scheduler.config, **overrides)
     ours = S.make_scheduler(name, SD15_SCHEDULER_CONFIG)
     assert type(ours).__name__ == class_name
@@ -53,7 +53,9 @@ def test_make_scheduler_keeps_the_model_config(name, rng):
     ours.set_timesteps(n)
     theirs.set_timesteps(n)
     compare_schedule(ours, theirs, f"{name} n={n}")
-    if class_name == "PNDMScheduler" or class_name.startswith(("DDPM", "EulerAncestral", "LCM", "TCD")):
+    stochastic = ("DDPM", "EulerAncestral", "LCM", "TCD", "KDPM2Ancestral")
+    if class_name == "PNDMScheduler" or class_name.startswith(stochastic) \
+            or overrides.get("algorithm_type") == "sde-dpmsolver++":
         return  # stochastic ones are covered in test_stochastic; PNDM in test_deterministic
     run_chains(ours, theirs, rng, shape=(1, 4, 4, 4), what=f"{name} n={n}")
 
@@ -78,9 +80,9 @@ def test_from_config_ignores_unknown_and_private_keys():
 
 def test_unknown_names_list_the_known_ones():
     with pytest.raises(NpdiffError, match="known: pndm, ddim"):
-        S.make_scheduler("heun", SD15_SCHEDULER_CONFIG)
-    with pytest.raises(NpdiffError, match="HeunDiscreteScheduler.*known: PNDMScheduler"):
-        S.scheduler_from_config({**SD15_SCHEDULER_CONFIG, "_class_name": "HeunDiscreteScheduler"})
+        S.make_scheduler("dpmpp_sde", SD15_SCHEDULER_CONFIG)   # DPM++ SDE: left out (README, "Samplers")
+    with pytest.raises(NpdiffError, match="DPMSolverSDEScheduler.*known: PNDMScheduler"):
+        S.scheduler_from_config({**SD15_SCHEDULER_CONFIG, "_class_name": "DPMSolverSDEScheduler"})
     with pytest.raises(NpdiffError, match="_class_name None"):
         S.scheduler_from_config(SD_CONFIG)
 
@@ -110,8 +112,11 @@ def test_other_bad_input():
         S.DDIMScheduler(beta_strat=0.1)
     with pytest.raises(NpdiffError, match="thresholding=True is not implemented"):
         S.DDIMScheduler(thresholding=True)
-    with pytest.raises(NpdiffError, match="algorithm_type='sde-dpmsolver\\+\\+' is not implemented"):
-        S.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")
+    # (sde-dpmsolver++ is implemented now; diffusers' deprecated noise-prediction forms are not)
+    with pytest.raises(NpdiffError, match="algorithm_type='sde-dpmsolver' is not implemented"):
+        S.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver")
+    with pytest.raises(NpdiffError, match="only one of use_karras_sigmas, use_exponential_sigmas"):
+        S.EulerDiscreteScheduler(use_karras_sigmas=True, use_exponential_sigmas=True)
     with pytest.raises(NpdiffError, match="trained_betas: expected 1000 values"):
         S.DDIMScheduler(trained_betas=[0.1, 0.2])
     prk = S.PNDMScheduler(skip_prk_steps=False)
@@ -158,3 +163,19 @@ def test_pndm_refuses_timesteps_past_the_schedule(skip_prk_steps):
     scheduler = S.PNDMScheduler(steps_offset=10**9, skip_prk_steps=skip_prk_steps)
     with pytest.raises(NpdiffError, match="past the last training step 999"):
         scheduler.set_timesteps(10)
+
+
+@pytest.mark.parametrize("name", sorted(S.SCHEDULERS))
+def test_every_sampler_has_its_webui_name(name):
+    """Each sampler is written to the PNG under AUTOMATIC1111's name and read back to the same sampler,
+    in webui's older "Sampler: X Karras" form and its 1.9+ "Sampler: X, Schedule type: Karras" form."""
+    from npdiff.infotext import SAMPLER_NAMES, format_infotext, parse_infotext
+
+    text = format_infotext({"prompt": "a red circle", "sampler": name, "steps": 20, "guidance_scale": 7.0,
+                            "seed": 1, "height": 64, "width": 64})
+    assert f"Sampler: {SAMPLER_NAMES[name]}," in text
+    assert parse_infotext(text)["sampler"] == name
+    webui_name = SAMPLER_NAMES[name]
+    if webui_name.endswith(" Karras"):
+        split = f"x\nSteps: 20, Sampler: {webui_name[:-len(' Karras')]}, Schedule type: Karras, CFG scale: 7, Seed: 1"
+        assert parse_infotext(split)["sampler"] == name

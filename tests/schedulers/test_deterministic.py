@@ -10,7 +10,7 @@ import pytest
 
 from npdiff.schedulers import PNDMScheduler
 
-from scheduler_harness import BETA_VARIANTS, SD_CONFIG, compare_schedule, make_pair, run_chains
+from scheduler_harness import BETA_VARIANTS, SCHEDULE_TOL, SD_CONFIG, compare_schedule, make_pair, run_chains
 
 # (diffusers class name, extra config, prediction types it supports)
 VARIANTS = {
@@ -30,11 +30,37 @@ VARIANTS = {
                                 {"solver_type": "heun", "final_sigmas_type": "sigma_min"}, ("epsilon",)),
     "dpmpp_3m": ("DPMSolverMultistepScheduler", {"solver_order": 3}, ("epsilon",)),
     "dpmpp_1": ("DPMSolverMultistepScheduler", {"solver_order": 1}, ("epsilon",)),
+    "dpmpp_2m_exponential": ("DPMSolverMultistepScheduler", {"use_exponential_sigmas": True}, ("epsilon",)),
+    "euler_exponential": ("EulerDiscreteScheduler", {"use_exponential_sigmas": True}, ("epsilon",)),
+    "lms_exponential": ("LMSDiscreteScheduler", {"use_exponential_sigmas": True}, ("v_prediction",)),
+    "heun": ("HeunDiscreteScheduler", {}, ("epsilon", "v_prediction", "sample")),
+    "heun_karras": ("HeunDiscreteScheduler", {"use_karras_sigmas": True}, ("epsilon", "v_prediction")),
+    "heun_exponential_clip": ("HeunDiscreteScheduler", {"use_exponential_sigmas": True, "clip_sample": True},
+                              ("epsilon",)),
+    "dpm2": ("KDPM2DiscreteScheduler", {}, ("epsilon", "v_prediction")),
+    "dpm2_karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}, ("epsilon", "v_prediction")),
+    "dpm2_exponential": ("KDPM2DiscreteScheduler", {"use_exponential_sigmas": True}, ("epsilon",)),
+    "unipc": ("UniPCMultistepScheduler", {}, ("epsilon", "v_prediction", "sample")),
+    "unipc_karras": ("UniPCMultistepScheduler", {"use_karras_sigmas": True}, ("epsilon", "v_prediction")),
+    "unipc_3_exponential_sigma_min": ("UniPCMultistepScheduler", {"solver_order": 3, "use_exponential_sigmas": True,
+                                                                  "final_sigmas_type": "sigma_min"}, ("epsilon",)),
+    "unipc_bh1_sigma_min": ("UniPCMultistepScheduler", {"solver_type": "bh1", "final_sigmas_type": "sigma_min"},
+                            ("epsilon", "v_prediction")),
+    "unipc_noise_space": ("UniPCMultistepScheduler", {"predict_x0": False, "final_sigmas_type": "sigma_min"},
+                          ("epsilon", "v_prediction", "sample")),
+    "unipc_no_corrector_3": ("UniPCMultistepScheduler", {"disable_corrector": [0, 2], "solver_order": 3},
+                             ("epsilon",)),
+    "deis": ("DEISMultistepScheduler", {}, ("epsilon", "v_prediction", "sample")),
+    "deis_karras": ("DEISMultistepScheduler", {"use_karras_sigmas": True}, ("epsilon", "v_prediction")),
+    "deis_3": ("DEISMultistepScheduler", {"solver_order": 3}, ("epsilon",)),
+    "deis_3_exponential": ("DEISMultistepScheduler", {"solver_order": 3, "use_exponential_sigmas": True},
+                           ("v_prediction",)),
 }
 # Karras sigmas on the cosine schedule put several steps on the same timestep (998, 998, 998, ...),
 # which diffusers itself cannot step through (its step index runs past the end): not tested.
-BETAS_FOR = {"lms_karras": ("linear", "scaled_linear"), "euler_karras_sigma_min": ("linear", "scaled_linear"),
-             "dpmpp_2m_karras": ("linear", "scaled_linear")}
+# Exponential sigmas likewise (and a cosine sigma_max of ~2e4 makes their first steps degenerate).
+BETAS_FOR = {variant: ("linear", "scaled_linear") for variant, (_, extra, _) in VARIANTS.items()
+             if extra.get("use_karras_sigmas") or extra.get("use_exponential_sigmas")}
 SPACINGS = ("leading", "trailing", "linspace")
 STEP_COUNTS = (1, 2, 7, "random")
 
@@ -97,7 +123,8 @@ def pndm_cancellation(scheduler):
     return lambda: max(1.0, seen["factor"])
 
 
-@pytest.mark.parametrize("variant", ["pndm_plms", "ddim", "lms", "euler", "dpmpp_2m", "dpmpp_2m_karras"])
+@pytest.mark.parametrize("variant", ["pndm_plms", "ddim", "lms", "euler", "dpmpp_2m", "dpmpp_2m_karras", "heun",
+                                     "dpm2", "dpm2_karras", "unipc", "deis"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_fifty_steps_sd_config(variant, prediction_type, rng):
     """SD's own config (scaled_linear, leading, steps_offset 1) over a full 50-step run."""
@@ -129,7 +156,11 @@ def test_lms_coefficients_match_scipy_quad(rng):
 
 def test_timesteps_before_set_timesteps_and_len():
     for class_name in ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "LMSDiscreteScheduler",
-                       "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler"):
+                       "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+                       "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "UniPCMultistepScheduler",
+                       "DEISMultistepScheduler"):
         ours, theirs = make_pair(class_name, SD_CONFIG)
-        np.testing.assert_allclose(ours.timesteps, theirs.timesteps.numpy(), err_msg=class_name)
+        # DPM2's midpoint timesteps come from float32 log/exp, which torch does not round correctly
+        rtol = SCHEDULE_TOL if class_name.startswith("KDPM2") else 1e-7
+        np.testing.assert_allclose(ours.timesteps, theirs.timesteps.numpy(), rtol=rtol, err_msg=class_name)
         assert len(ours) == len(theirs) == 1000

@@ -14,33 +14,37 @@ from helpers import assert_rel_close
 from npdiff.rng import TorchGenerator
 from scheduler_harness import SD_CONFIG, as_torch, make_pair, run_chains
 
-STOCHASTIC = {"DDPMScheduler", "EulerAncestralDiscreteScheduler", "LCMScheduler", "TCDScheduler"}
+STOCHASTIC = {"DDPMScheduler", "EulerAncestralDiscreteScheduler", "LCMScheduler", "TCDScheduler",
+              "KDPM2AncestralDiscreteScheduler"}
 
 
 @pytest.mark.parametrize("name", sorted(S.SCHEDULERS))
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_img2img_start_mid_schedule(name, prediction_type, seed, rng):
     class_name = S.SCHEDULERS[name].__name__
-    extra = {"use_karras_sigmas": True} if name == "dpmpp_2m_karras" else {}
+    extra = dict(getattr(S.SCHEDULERS[name], "fixed", {}))  # a preset's values (Karras, SDE, ...)
     ours, theirs = make_pair(class_name, {**SD_CONFIG, **extra, "prediction_type": prediction_type})
     n = int(rng.integers(5, 31))
     strength = float(rng.uniform(0.2, 0.95))  # int(n * strength) >= 1: at least one step to run
     ours.set_timesteps(n)
     theirs.set_timesteps(n)
 
-    # 1. timesteps from strength (diffusers' get_timesteps)
+    # 1. timesteps from strength (diffusers' get_timesteps); two-stage samplers (Heun, DPM2: order 2)
+    #    hold two schedule entries per step
     init_timestep = min(int(n * strength), n)
     t_start = max(n - init_timestep, 0)
+    assert ours.order == theirs.order, class_name
+    begin = t_start * theirs.order
     assert hasattr(ours, "set_begin_index") == hasattr(theirs, "set_begin_index"), class_name
     if hasattr(theirs, "set_begin_index"):
-        ours.set_begin_index(t_start * ours.order)
-        theirs.set_begin_index(t_start * theirs.order)
+        ours.set_begin_index(begin)
+        theirs.set_begin_index(begin)
 
     # 2. noise the image latents to the first kept timestep
     image_latents = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
     noise = rng.standard_normal(image_latents.shape).astype(np.float32)
-    first_ours = np.repeat(ours.timesteps[t_start:t_start + 1], 2)
-    first_theirs = theirs.timesteps[t_start:t_start + 1].repeat(2)
+    first_ours = np.repeat(ours.timesteps[begin:begin + 1], 2)
+    first_theirs = theirs.timesteps[begin:begin + 1].repeat(2)
     noised = ours.add_noise(image_latents, noise, first_ours)
     reference = theirs.add_noise(as_torch(image_latents), as_torch(noise), first_theirs)
     assert noised.dtype == np.float32
@@ -48,10 +52,10 @@ def test_img2img_start_mid_schedule(name, prediction_type, seed, rng):
 
     # 3. denoise from there, both chains from the same noised latents
     step_kwargs = {}
-    if class_name in STOCHASTIC:
+    if class_name in STOCHASTIC or extra.get("algorithm_type") == "sde-dpmsolver++":
         step_kwargs = {"ours_step_kwargs": {"generator": TorchGenerator(seed)},
                        "theirs_step_kwargs": {"generator": torch.Generator().manual_seed(seed)}}
-    run_chains(ours, theirs, rng, shape=image_latents.shape, begin_index=t_start, start_sample=noised,
+    run_chains(ours, theirs, rng, shape=image_latents.shape, begin_index=begin, start_sample=noised,
                what=f"{name} img2img n={n} t_start={t_start}", **step_kwargs)
 
 

@@ -4,16 +4,11 @@ KEY_CHUNK and QUERY_BLOCK are the one pair of tile sizes of the memory-efficient
 readable one, and 3, the threaded one): keys per step of the running softmax, queries per task.
 The score tile [QUERY_BLOCK, KEY_CHUNK] (1 MiB at 256 x 1024) stays in a core's L2 cache.
 
-WorkerBuffers: float32 scratch arrays per thread, reused from call to call (version 5's tiles; version
-4's copies of strided inputs). A fresh array of a few hundred KiB or more comes from mmap and goes
-back with munmap, whose page faults and cross-core TLB flushes cost more than a small attention.
-
 The mask helpers take the array module (numpy or cupy) as xp, so the reference versions run on
 either; the threaded versions call them with NumPy.
 """
 
 import math
-import threading
 
 import numpy as np
 
@@ -44,31 +39,3 @@ def masked_row_max(scores, xp=np):
     """Row max over the last axis, with rows that are all -inf given 0, so exp(s - max) stays 0."""
     row_max = scores.max(axis=-1, keepdims=True)  # [..., N, 1]
     return xp.where(row_max == -np.inf, np.float32(0.0), row_max)  # [..., N, 1]
-
-
-class WorkerBuffers(threading.local):
-    """Float32 scratch arrays per thread, kept between calls and grown when a call needs more."""
-
-    def __init__(self):
-        self.flat = {}
-
-    def get(self, name, shape):
-        size = math.prod(shape)
-        flat = self.flat.get(name)
-        if flat is None or flat.size < size:
-            flat = np.empty(size, np.float32)
-            self.flat[name] = flat
-        return flat[:size].reshape(shape)  # C-contiguous view
-
-
-BUFFERS = WorkerBuffers()
-
-
-def contiguous_in_buffer(x, name):
-    """x as a C-contiguous float32 array: x itself when it is one, else a copy into this thread's
-    buffer `name` (valid until the thread's next call that uses that name)."""
-    if x.flags.c_contiguous and x.dtype == np.float32:
-        return x
-    copy = BUFFERS.get(name, x.shape)  # contiguous
-    np.copyto(copy, x)
-    return copy

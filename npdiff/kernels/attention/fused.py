@@ -33,7 +33,7 @@ Q (query_block) is chosen from M so that the tile holds about TILE_FLOATS scores
 M = 4096, 512 for M <= 2048). Measured at [2,8,4096,40] on 2 workers: Q = 64, 128, 192, 256, 384
 gave 146, 151, 152, 157, 150 GFLOP/s (larger Q: k and v are packed by BLAS once per Q queries;
 the 4 MiB tile is in L3, not L2, but the passes over it are not what limits). Each worker
-thread keeps its tile and output buffers between calls (WorkerBuffers), so no array is allocated
+thread keeps its tile and output buffers between calls (kernels/scratch.py), so no array is allocated
 per task. Above FUSED_MAX_KEYS keys even MIN_QUERY_BLOCK queries would not fit: those shapes take
 version 3 (npdiff/kernels/attention/__init__.py decides).
 
@@ -47,7 +47,7 @@ then exp and the second GEMM per chunk: 135-146 against 150 GFLOP/s on 2 workers
 Strided inputs (the heads of transformer.split_heads: [B,h,N,d] views of [B,N,h*d]): q is read
 in place, each block's queries once, scaled into the worker's buffer (step 0); k and v are made
 contiguous once (read strided, BLAS would pack their scattered rows again for every block: measured
-slower), into buffers reused from call to call (common.WorkerBuffers: no mmap/munmap per call); the
+slower), into buffers reused from call to call (kernels/scratch.py: no mmap/munmap per call); the
 output is allocated in q's memory order, so merge_heads finds it token-major and copies nothing. Measured in the UNet's call pattern (split_heads -> attention -> merge_heads, load
 average ~2.3): cross-attention [2,8,4096,77,40] 21.5 -> 15.4 ms, [2,8,1024,77,80] 11.3 -> 7.9 ms;
 self-attention [2,8,4096,4096,40] within noise (three copies of q/out saved, strided q and output
@@ -64,7 +64,8 @@ import math
 import numpy as np
 
 from npdiff.jit import FASTMATH_SAFE, SERIAL, njit
-from npdiff.kernels.attention.common import BUFFERS, causal_additive, contiguous_in_buffer, default_scale
+from npdiff.kernels.attention.common import causal_additive, default_scale
+from npdiff.kernels.scratch import contiguous_in_scratch, scratch
 from npdiff.kernels.block_pool import run_blocks
 from npdiff.kernels.vecmath import LOG2E, exp2_nonpositive_f32
 
@@ -156,8 +157,8 @@ def attention_fused(q, k, v, mask=None, scale=None, is_causal=False, query_block
     # [B,N,h*d]: each slice is [N,d] with rows h*d apart, which BLAS reads as is); each block's
     # queries are read once. k and v, read once per block, are made contiguous once.
     # The output takes q's memory order, so merge_heads finds it already token-major.
-    k = contiguous_in_buffer(k, "fused_k")  # [...,M,d], reused buffer when strided
-    v = contiguous_in_buffer(v, "fused_v")  # [...,M,dv]
+    k = contiguous_in_scratch(k, "fused_k")  # [...,M,d], reused buffer when strided
+    v = contiguous_in_scratch(v, "fused_v")  # [...,M,dv]
     out = np.empty_like(q, np.float32, shape=lead + (n_queries, value_dim))  # [...,N,dv]
     slices = [np.unravel_index(s, lead) for s in range(math.prod(lead))]  # index of each [N,d] slice
 
@@ -168,10 +169,10 @@ def attention_fused(q, k, v, mask=None, scale=None, is_causal=False, query_block
         rows = query_stop - query_start
         # causal: keys after the block's last query are masked for every query in it
         visible = min(n_keys, query_stop) if is_causal else n_keys
-        scores_t = BUFFERS.get("scores_t", (visible, rows))  # [m,Q]
-        out_t = BUFFERS.get("out_t", (value_dim, rows))  # [dv,Q]
-        col_sum = BUFFERS.get("col_sum", (rows,))  # [Q]
-        q_block = BUFFERS.get("q_block", (rows, q.shape[-1]))  # [Q,d]
+        scores_t = scratch("scores_t", (visible, rows))  # [m,Q]
+        out_t = scratch("out_t", (value_dim, rows))  # [dv,Q]
+        col_sum = scratch("col_sum", (rows,))  # [Q]
+        q_block = scratch("q_block", (rows, q.shape[-1]))  # [Q,d]
         keys, values = k[at][:visible], v[at][:visible]  # [m,d], [m,dv] views
         # 1. scores^T, in log2 units (q_block^T is a view: BLAS reads it transposed)
         np.multiply(q[at][query_start:query_stop], log2_scale, out=q_block)  # [Q,d]

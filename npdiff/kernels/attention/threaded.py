@@ -30,9 +30,10 @@ Queries that may attend to no key give 0 (as torch's scaled_dot_product_attentio
 import numpy as np
 
 from npdiff.jit import FASTMATH_SAFE, SERIAL, njit
-from npdiff.kernels.attention.common import (KEY_CHUNK, QUERY_BLOCK, causal_additive,
-                                             contiguous_in_buffer, default_scale, mask_to_additive)
+from npdiff.kernels.attention.common import (KEY_CHUNK, QUERY_BLOCK, causal_additive, default_scale,
+                                             mask_to_additive)
 from npdiff.kernels.block_pool import run_blocks, worker_count
+from npdiff.kernels.scratch import contiguous_in_scratch
 from npdiff.kernels.softmax import exp_in_place, row_maxima, softmax_rows_block
 from npdiff.kernels.vecmath import exp_f32
 
@@ -129,9 +130,9 @@ def attention_batched(q, k, v, mask=None, scale=None, is_causal=False):
     lead, n_queries, n_keys = q.shape[:-2], q.shape[-2], k.shape[-2]
     # strided inputs (the heads of transformer.split_heads) are copied into reused buffers: a fresh
     # copy per call, mmap'd and unmapped, made this version 3x slower on CLIP's [2,12,77,64]
-    queries = contiguous_in_buffer(q, "batched_q").reshape(-1, n_queries, q.shape[-1])  # [L,N,d]
-    keys = contiguous_in_buffer(k, "batched_k").reshape(-1, n_keys, k.shape[-1])  # [L,M,d]
-    values = contiguous_in_buffer(v, "batched_v").reshape(-1, n_keys, v.shape[-1])  # [L,M,dv]
+    queries = contiguous_in_scratch(q, "batched_q").reshape(-1, n_queries, q.shape[-1])  # [L,N,d]
+    keys = contiguous_in_scratch(k, "batched_k").reshape(-1, n_keys, k.shape[-1])  # [L,M,d]
+    values = contiguous_in_scratch(v, "batched_v").reshape(-1, n_keys, v.shape[-1])  # [L,M,dv]
     additive = None  # [L,N,M] or [N,M]: mask and causal mask as numbers to add to the scores
     if mask is not None:
         additive = mask_to_additive(np.broadcast_to(mask, lead + (n_queries, n_keys)))

@@ -22,6 +22,7 @@ Launch arithmetic (plain Python, unit-tested without a GPU):
 
 import numpy as np
 
+from npdiff import backend
 from npdiff.errors import NpdiffError
 
 THREADS = 256  # threads per block for element-wise and row kernels: 8 warps
@@ -82,8 +83,6 @@ def grid_for(n, threads=THREADS):
 
 def import_cupy():
     """cupy, or NpdiffError with the install hint (the same message as npdiff.backend)."""
-    from npdiff import backend
-
     return backend._import_cupy()
 
 

@@ -1,4 +1,7 @@
-"""Exact float32 building blocks that Numba does not offer: fused multiply-add and bit casts.
+"""Exact float32 building blocks that Numba does not offer: fused multiply-add, bit casts, square root.
+
+Used by the noise generators (npdiff/rng: bit-exact copies of torch's C and SIMD code) and by the
+kernels' vectorisable exp (npdiff/kernels/vecmath.py): one file below both.
 
 Bit-exact copies of C/SIMD code need two things plain Numba lacks:
 
@@ -9,9 +12,10 @@ Bit-exact copies of C/SIMD code need two things plain Numba lacks:
                       exact; Numba never fuses `a*b + c` on its own because the kernels here do not
                       pass fastmath's 'contract' flag.)
   float32_bits(x)     the IEEE-754 bits of a float32 as uint32 (C's `*(uint32_t*)&x`).
-  bits_float32(b)     the float32 whose bits are the uint32 b.
+  bits_float32(b)     the float32 whose bits are the uint32 or int32 b (C's `*(float*)&b`).
+  sqrt32(x)           the correctly rounded float32 square root, as LLVM's `llvm.sqrt.f32`.
 
-All three are Numba intrinsics: callable only from @njit code, inlined, and vectorisable by LLVM.
+All four are Numba intrinsics: callable only from @njit code, inlined, and vectorisable by LLVM.
 Only float32 arguments type-check: passing a float64 is a typing error, which keeps a silent
 promotion to float64 (Numba's default for `float32 op python-float`) from creeping into a kernel.
 """
@@ -50,10 +54,10 @@ def float32_bits(typingctx, x):
 
 @intrinsic
 def bits_float32(typingctx, bits):
-    """The float32 whose bits are `bits` (uint32)."""
-    if bits != types.uint32:
+    """The float32 whose bits are `bits` (uint32 or int32: the same 32 bits either way)."""
+    if bits not in (types.uint32, types.int32):
         return None
-    signature = types.float32(types.uint32)
+    signature = types.float32(bits)
 
     def codegen(context, builder, sig, args):
         return builder.bitcast(args[0], ir.FloatType())

@@ -1,0 +1,267 @@
+"""What a picture is made from, and the one way every entry point makes it.
+
+`npdiff generate` / `img2img` / `inpaint`, `--reproduce`, `npdiff batch` (and a server) all go through here,
+so a picture made one way is byte for byte the picture made another:
+
+  OPTIONS                        the one map between the names of an option: on the command line (and in a
+                                 batch line), as the pipeline's keyword, and as the key in the PNG
+  defaults_for(command)          the options a command falls back to (inpaint repaints from pure noise)
+  parse_lora_option(spec)        "FILE[:SCALE]" -> (FILE, SCALE)
+  load_vae(folder)               a --vae folder (AutoencoderKL or TAESD), as its config.json names it
+  model_png_identity(model, pt)  how a PNG names the model: name and short hash, never a path
+  png_parameters(...)            what a picture's PNG stores
+  options_from_png(stored, src)  a PNG's stored parameters -> options, every value checked (a PNG is input
+                                 from anywhere: malformed metadata is an NpdiffError, never a traceback)
+  render(pipe, command, ...)     one call of pipe / pipe.img2img / pipe.inpaint -> Rendered(png bytes,
+                                 params, output); it writes no file, the callers do
+
+render() needs nothing of the pipeline but its three calls with keyword arguments, so it serves any
+pipeline that has them. Loading the model, the sampler, LoRAs and a VAE is the caller's work (each entry
+point loads them its own way: once per process, once per worker); render() takes the pipeline as it is.
+"""
+
+import math
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+from npdiff.errors import NpdiffError, shorten
+from npdiff.images import save_png
+from npdiff.loading import read_config
+from npdiff.model_identity import model_hash, model_name
+from npdiff.models import AutoencoderKL, AutoencoderTiny
+from npdiff.pipeline_utils import INSTALLED_MODEL_DIR, PACKAGE_DIR, SHIPPED_MODEL_NAME
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # on the command line (--name, dashes for underscores) and in a batch line
+    keyword: object  # the pipeline call's keyword; None: chosen when the pipeline is loaded
+    png_key: str  # the key in the PNG's parameters (npdiff's JSON chunk)
+    commands: tuple  # the commands that take it
+
+
+ALL = ("generate", "img2img", "inpaint")
+OPTIONS = (
+    Option("prompt", "prompt", "prompt", ALL),
+    Option("negative", "negative_prompt", "negative_prompt", ALL),
+    Option("steps", "num_inference_steps", "steps", ALL),
+    Option("guidance", "guidance_scale", "guidance_scale", ALL),
+    Option("seed", "seed", "seed", ALL),
+    Option("eta", "eta", "eta", ALL),
+    Option("height", "height", "height", ("generate", "inpaint")),  # img2img: the picture's own size
+    Option("width", "width", "width", ("generate", "inpaint")),
+    Option("strength", "strength", "strength", ("img2img", "inpaint")),
+    Option("sampler", None, "sampler", ALL),
+    Option("prediction_type", None, "prediction_type", ALL),
+)
+# --reproduce fills in exactly these. The model, LoRAs, a VAE and the input pictures are never taken from a
+# PNG: it names them only by name and hash, and a path read from a file is never opened.
+OPTION_BY_NAME = {option.name: option for option in OPTIONS}
+
+DEFAULTS = {"negative": "", "steps": 30, "guidance": 7.5, "strength": 0.8, "eta": 0.0}
+INPAINT_DEFAULTS = dict(DEFAULTS, strength=1.0)  # diffusers' inpainting default: repaint from pure noise
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def defaults_for(command):
+    return INPAINT_DEFAULTS if command == "inpaint" else DEFAULTS
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking values (from a command line, a batch line or a PNG)
+# ---------------------------------------------------------------------------------------------
+def is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_prompt_text(text, what):
+    """A prompt must be a string without NUL: PNG text chunks cannot hold one (the format forbids it)."""
+    if not isinstance(text, str):
+        raise NpdiffError(f"{what} must be a string, got {shorten(text)}")
+    if "\x00" in text:
+        raise NpdiffError(f"{what} holds a NUL character (at position {text.index(chr(0))}); a PNG's text "
+                          "cannot store one: remove it")
+    return text
+
+
+def check_value(name, value, where=None):
+    """One option's value, as read from a batch line or a PNG ("where" names it): NpdiffError if unusable."""
+    prefix = f"{where}: " if where else ""
+
+    def refuse(expected):
+        raise NpdiffError(f"{prefix}{name!r} must be {expected}, got {shorten(value)}")
+
+    if name in ("prompt", "negative"):
+        return check_prompt_text(value, f"{prefix}{name!r}")
+    if name in ("steps", "seed", "height", "width"):
+        if not is_int(value) or value < (0 if name == "seed" else 1) or value >= 2**64:
+            refuse("an integer >= 1" if name != "seed" else "an integer in [0, 2**64)")
+        return value
+    if name in ("guidance", "strength", "eta"):
+        if not is_number(value) or value < 0:
+            refuse("a finite number >= 0")
+        return float(value)
+    if name == "sampler":
+        if not isinstance(value, str):
+            refuse("a sampler name (a string)")
+        return value
+    if name == "prediction_type":
+        if value not in PREDICTION_TYPES:
+            refuse(" or ".join(PREDICTION_TYPES))
+        return value
+    raise NpdiffError(f"{prefix}unknown option {name!r}")
+
+
+def parse_lora_option(spec, what="--lora"):
+    """"FILE[:SCALE]" -> (FILE, SCALE); the scale defaults to 1."""
+    if not isinstance(spec, str) or not spec:
+        raise NpdiffError(f"{what}: expected FILE or FILE:SCALE, got {shorten(spec)}")
+    head, sep, tail = spec.rpartition(":")
+    try:
+        whole_name_is_a_file = Path(spec).is_file()  # "a:b.safetensors" is a file name with a colon
+    except OSError:  # a name too long to look up: not a file
+        whole_name_is_a_file = False
+    if whole_name_is_a_file or not sep or not head or tail.startswith(("/", "\\")):
+        return spec, 1.0
+    try:
+        return head, float(tail)
+    except ValueError:
+        raise NpdiffError(f"{what} {shorten(spec)}: expected FILE or FILE:SCALE, and {shorten(tail)} is not a "
+                          "number") from None
+
+
+def load_vae(folder):
+    """--vae FOLDER: a diffusers AutoencoderKL or AutoencoderTiny (TAESD) folder, as its config.json names it."""
+
+    classes = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
+    if not Path(folder).is_dir():
+        raise NpdiffError(f"--vae {folder}: no such folder")
+    class_name = read_config(folder).get("_class_name")
+    if class_name not in classes:
+        raise NpdiffError(f"--vae {folder}: config.json names _class_name {shorten(class_name)}; expected one "
+                          f"of {', '.join(classes)}")
+    return classes[class_name].from_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a PNG stores, and reading it back
+# ---------------------------------------------------------------------------------------------
+def model_png_identity(model, prediction_type=None):
+    """How a PNG names the model at `model` (a folder or file): {"model": name, "model_hash": 10 hex}
+    (npdiff.model_identity), + "prediction_type" when one was chosen instead of the model's own; never its path."""
+
+    installed = Path(model).resolve() == (PACKAGE_DIR / INSTALLED_MODEL_DIR).resolve()  # its folder's own name
+    identity = {"model": SHIPPED_MODEL_NAME if installed else model_name(model), "model_hash": model_hash(model)}
+    if prediction_type:  # chosen on the command line (SD 2.x base): --reproduce needs it again
+        identity["prediction_type"] = prediction_type
+    return identity
+
+
+def png_parameters(parameters, command, identity, vae=None):
+    """What a picture's PNG stores: the pipeline's parameters, the command, the model by name and hash
+    (model_png_identity) and a --vae by its folder's name; never a local path."""
+    params = dict(parameters, command=command, **identity)
+    if vae:
+        params["vae"] = Path(vae).resolve().name
+    return params
+
+
+def check_stored_loras(loras, source):
+    """A PNG's "loras": a list of {"name", "scale", "sha256"}; -> the list, or NpdiffError naming the PNG."""
+    if loras is None:
+        return []
+    if not isinstance(loras, list) or not all(isinstance(lora, dict) for lora in loras):
+        raise NpdiffError(f"{source}: 'loras' must be a list of {{\"name\", \"scale\", \"sha256\"}} objects, got "
+                          f"{shorten(loras)}")
+    for lora in loras:
+        if not isinstance(lora.get("name"), str) or not is_number(lora.get("scale")):
+            raise NpdiffError(f"{source}: a LoRA entry needs a string 'name' and a number 'scale', got "
+                              f"{shorten(lora)}")
+    return loras
+
+
+def options_from_png(stored, source):
+    """A PNG's parameters (images.read_png_params) -> {option name: value} of what it records, each checked,
+    and the identity fields checked too; NpdiffError naming `source` and the key for a malformed value."""
+    options = {}
+    for option in OPTIONS:
+        value = stored.get(option.png_key)
+        if value is not None:
+            options[option.name] = check_value(option.name, value, f"{source}: stored parameter")
+    for key in ("model", "model_hash", "vae"):
+        if stored.get(key) is not None and not isinstance(stored[key], str):
+            raise NpdiffError(f"{source}: stored {key!r} must be a string, got {shorten(stored[key])}")
+    check_stored_loras(stored.get("loras"), source)
+    unmapped = stored.get("unmapped") or []
+    if not isinstance(unmapped, list):
+        raise NpdiffError(f"{source}: stored 'unmapped' must be a list, got {shorten(unmapped)}")
+    return options
+
+
+# ---------------------------------------------------------------------------------------------
+# Making the picture
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Rendered:
+    png: bytes  # the PNG file, parameters included
+    params: dict  # what it stores
+    output: object  # the pipeline's output (.images, .latents, .seed, .parameters)
+
+
+def pipeline_arguments(command, options):
+    """-> the keyword arguments of `command`'s pipeline call: `options` (option names; None = unset) over
+    defaults_for(command). NpdiffError for an unknown command, an option the command does not take, or a
+    prompt the PNG could not store."""
+    if command not in ALL:
+        raise NpdiffError(f"unknown command {command!r}; known: {', '.join(ALL)}")
+    given = {name: value for name, value in options.items() if value is not None}
+    for name in given:
+        if name not in OPTION_BY_NAME:
+            raise NpdiffError(f"unknown option {name!r}")
+        if command not in OPTION_BY_NAME[name].commands:
+            raise NpdiffError(f"{command} does not take {name!r}")
+    merged = {**defaults_for(command), **given}
+    check_prompt_text(merged.get("prompt"), "the prompt")
+    check_prompt_text(merged.get("negative"), "the negative prompt")
+    keywords = {}
+    for name, value in merged.items():
+        option = OPTION_BY_NAME[name]
+        if option.keyword is not None and command in option.commands:
+            keywords[option.keyword] = value
+    return keywords
+
+
+def render(pipe, command, options, picture=None, mask=None, identity=None, vae=None, callback=None,
+           callback_steps=1):
+    """Make one picture: -> Rendered(PNG bytes, the parameters it stores, the pipeline's output).
+
+    command: "generate", "img2img" (needs `picture`) or "inpaint" (`picture` and `mask`, white = repaint);
+    options: {option name: value} (OPTIONS' names, None = the default); identity: model_png_identity of the
+    loaded model; vae: the path of a VAE loaded instead of the model's (its folder name is stored).
+    The pipeline is used as loaded (sampler, LoRAs, VAE). Nothing is written to disk.
+    """
+
+    # 1. the call's arguments, checked before any work
+    keywords = pipeline_arguments(command, options)
+    if command != "generate" and picture is None:
+        raise NpdiffError(f"{command} needs a picture")
+    if command == "inpaint" and mask is None:
+        raise NpdiffError("inpaint needs a mask (white = repaint)")
+    progress = {"callback": callback, "callback_steps": callback_steps}
+    # 2. the picture
+    if command == "generate":
+        output = pipe(**keywords, **progress)
+    elif command == "img2img":
+        output = pipe.img2img(image=picture, **keywords, **progress)
+    else:
+        output = pipe.inpaint(image=picture, mask_image=mask, **keywords, **progress)
+    # 3. its PNG, in memory
+    params = png_parameters(output.parameters, command, identity or {}, vae)
+    buffer = BytesIO()
+    save_png(output.images[0], buffer, params)
+    return Rendered(png=buffer.getvalue(), params=params, output=output)
