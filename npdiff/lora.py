@@ -11,12 +11,15 @@ or [out,r,1,1]:
 defaults to r. This is the weight diffusers' load_lora_weights(path) + fuse_lora(lora_scale=scale)
 leaves in the model, with one difference: each layer here gets its own alpha, as kohya's trainer and
 A1111 apply them, where diffusers 0.42 gives SD 1.x layers whose kohya alpha key it cannot match to its
-attention-processor names the most common alpha (files with one alpha for every layer agree). Steps:
+attention-processor names the most common alpha (files with one alpha for every layer agree). LyCORIS
+LoHa and LoKr layers (npdiff/lycoris.py) give their update another way and fuse the same way. Steps:
   1. check the scale, refuse pickles, open and validate the file (npdiff.loading.SafetensorsFile);
-  2. map every key to a layer and check every shape, dtype and alpha: all before anything changes;
-  3. per layer: read down and up, make the new weight as a NEW array and put it in layer.weight
-     (weights may be read-only memory maps, and the original is kept to be put back on unload);
-     an error part-way puts back what this load changed;
+  2. map every key to a layer and check every shape, dtype, alpha and value (NaN/Inf, a scale * alpha/r
+     beyond float32): all before anything changes;
+  3. per layer: read its parts and make the new weight as a NEW array (weights may be read-only memory
+     maps, and the original is kept to be put back on unload), refused when the update overflows
+     float32 or is absurdly large for the layer (UPDATE_LIMIT); only when every new weight is made are
+     they put in place (layer.weight), so an error changes nothing;
   4. record the file's name, the scale and its SHA-256 for the picture's parameters.
 Layers read layer.weight at every call (no transposed or packed copy of a weight is kept anywhere), so
 replacing it is the whole change.
@@ -29,25 +32,43 @@ from pathlib import Path
 
 import numpy as np
 
-from npdiff import backend
+from npdiff import backend, lycoris
 from npdiff.errors import NpdiffError
 from npdiff.loading.safetensors_io import SafetensorsFile
-from npdiff.lora_keys import COMPONENTS, kohya_table, metadata_alpha, module_name, parse_key
+from npdiff.lora_keys import (
+    COMPONENTS,
+    kohya_table,
+    metadata_alpha,
+    module_name,
+    original_unet_names,
+    parse_key,
+    shape_text,
+)
 from npdiff.model_identity import file_sha256
 from npdiff.models.blocks import Conv2d, Linear
 
 FLOAT_DTYPES = ("F32", "F16", "BF16")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# An update larger than this many times the layer's largest weight (or than this, for weights below 1) is
+# refused: real LoRAs change weights by a fraction of their size even at scales of 10 or more, while an
+# alpha of 1e38 or a scale of 1e30 gives weights whose products overflow float32 in the first UNet step.
+UPDATE_LIMIT = 1e6
 
 
 @dataclass
 class LoraLayer:
-    """One layer a LoRA file changes: where it is, and the file keys of its down, up and alpha."""
-    component: str          # "unet" or "text_encoder"
+    """One layer a LoRA file changes: where it is, which file keys hold its change, and its multiplier."""
+    component: str          # "unet", "text_encoder" or "text_encoder_2" (SDXL)
     name: str               # module name, e.g. "down_blocks.0.attentions.0.proj_in"
     layer: object           # the npdiff Linear or Conv2d
-    keys: dict              # {"down": key, "up": key, "alpha": key (optional)}
-    alpha: float = 0.0      # filled in by plan_lora
-    rank: int = 0
+    keys: dict              # {part: key}: "down", "up", "alpha" (optional), or LyCORIS parts (npdiff/lycoris.py)
+    kind: str = "lora"      # "lora", "loha" or "lokr" (filled in by plan_lora, as the rest)
+    rank: int = 0           # LoRA: r
+    multiplier: float = 1.0  # alpha / r for LoRA; LyCORIS: alpha / dim or 1
+
+    def first_key(self):
+        """A key of the layer's file entries, to name in a message (a weight's, not the alpha's)."""
+        return next((key for part, key in self.keys.items() if part != "alpha"), next(iter(self.keys.values())))
 
 
 @dataclass
@@ -82,8 +103,8 @@ def lora_parameters(pipe):
 
 
 def named_layers(model, component):
-    """{module name: Linear or Conv2d} for every layer reachable from `model` (an npdiff model)."""
-    found, stack, seen = {}, [model], set()
+    """{module name: Linear or Conv2d} for every layer reachable from `model` (an npdiff model; None: {})."""
+    found, stack, seen = {}, [] if model is None else [model], set()
     while stack:
         obj = stack.pop()
         if id(obj) in seen:
@@ -98,11 +119,12 @@ def named_layers(model, component):
     return found
 
 
-def check_scale(scale):
+def check_scale(scale, path=None):
+    where = "" if path is None else f" (for {path})"
     if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
-        raise NpdiffError(f"LoRA scale must be a number, got {scale!r}")
+        raise NpdiffError(f"LoRA scale must be a number, got {scale!r}{where}")
     if not math.isfinite(float(scale)):
-        raise NpdiffError(f"LoRA scale must be finite, got {scale!r}")
+        raise NpdiffError(f"LoRA scale must be finite, got {scale!r}{where}")
     return float(scale)
 
 
@@ -120,10 +142,6 @@ def read_adapter_metadata(path):
         raise NpdiffError(f"{path}: header entry 'lora_adapter_metadata' is not JSON: {exc}") from exc
 
 
-def _shape(shape):
-    return "[" + ",".join(str(int(n)) for n in shape) + "]"
-
-
 def check_layer_shapes(path, entry, down_shape, up_shape):
     """NpdiffError naming both keys, their shapes and the layer's weight shape, unless they fit."""
     weight_shape = tuple(entry.layer.weight.shape)  # Linear [out,in] (also a 1x1 conv's), Conv2d [out,in,k,k]
@@ -137,24 +155,64 @@ def check_layer_shapes(path, entry, down_shape, up_shape):
             downs.append((rank, rest[0]))
     if rank < 1 or tuple(down_shape) not in downs or tuple(up_shape) not in ups:
         raise NpdiffError(
-            f"{path}: LoRA key {entry.keys['down']!r} has shape {_shape(down_shape)} and "
-            f"{entry.keys['up']!r} has shape {_shape(up_shape)}; they do not fit the {entry.component} layer "
-            f"{entry.name!r}, whose weight is {_shape(weight_shape)} (expected down [r,{','.join(map(str, rest))}] "
+            f"{path}: LoRA key {entry.keys['down']!r} has shape {shape_text(down_shape)} and "
+            f"{entry.keys['up']!r} has shape {shape_text(up_shape)}; they do not fit the {entry.component} layer "
+            f"{entry.name!r}, whose weight is {shape_text(weight_shape)} (expected down [r,{','.join(map(str, rest))}] "
             f"and up [{out},r]): a LoRA for another model?")
     return rank
 
 
-def plan_lora(pipe, file, path):
-    """Step 2: every key -> a LoraLayer with its rank and alpha, every shape checked; nothing changes."""
-    layers = {"unet": named_layers(pipe.unet, "unet"),
-              "text_encoder": named_layers(pipe.text_encoder, "text_encoder")}
-    tables = {component: kohya_table(layers[component]) for component in COMPONENTS}
+def read_alpha(path, file, entry, metadata):
+    """The layer's alpha from its ".alpha" key or diffusers' header metadata, or None when neither gives one."""
+    if "alpha" in entry.keys:
+        value = file.read_float32(entry.keys["alpha"])
+        if value.size != 1:
+            raise NpdiffError(f"{path}: LoRA key {entry.keys['alpha']!r} must be one number, got shape "
+                              f"{shape_text(value.shape)}")
+        alpha = float(value.reshape(()))
+    else:
+        alpha = metadata_alpha(metadata, entry.component, entry.name)
+    if alpha is not None and not math.isfinite(alpha):
+        raise NpdiffError(f"{path}: the alpha of {entry.component} layer {entry.name!r} is {alpha}; "
+                          "expected a finite number")
+    return alpha
+
+
+def check_finite_values(path, file, key):
+    """NpdiffError naming the key when the tensor holds NaN or Inf (it would only fail at sampling step 1)."""
+    values = file.read_float32(key)
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = values[~finite]
+        raise NpdiffError(f"{path}: LoRA key {key!r} holds {bad.size} non-finite values (e.g. {bad[0]}); "
+                          "a damaged or badly trained file")
+
+
+def check_multiplier(path, entry, scale):
+    """NpdiffError when scale * alpha/r is beyond float32's range (a scale like 1e308, an alpha like 1e38)."""
+    product = scale * entry.multiplier
+    if not math.isfinite(product) or abs(product) > FLOAT32_MAX:
+        raise NpdiffError(f"{path}: for the {entry.component} layer {entry.name!r} (key {entry.first_key()!r}), "
+                          f"scale {scale:g} x alpha/rank {entry.multiplier:g} = {product:g} is beyond float32's "
+                          f"range ({FLOAT32_MAX:.3g}): a mistyped scale or alpha?")
+
+
+def plan_lora(pipe, file, path, scale):
+    """Step 2: every key -> a LoraLayer with its kind, rank and multiplier; every shape, dtype, value and
+    multiplier checked. Nothing changes."""
+    layers = {component: named_layers(getattr(pipe, component, None), component) for component in COMPONENTS}
+    originals = {"unet": original_unet_names(layers["unet"], pipe.unet.config)}  # kohya's SDXL names
+    tables = {component: kohya_table(layers[component], originals.get(component)) if layers[component] else None
+              for component in COMPONENTS}
     metadata = read_adapter_metadata(path)
 
     # 1. group the keys by layer
     entries = {}
     for key in file.keys():
-        component, name, part = parse_key(key, tables)
+        try:
+            component, name, part = parse_key(key, tables)
+        except NpdiffError as exc:
+            raise NpdiffError(f"{path}: {exc}") from None
         entry = entries.setdefault((component, name), LoraLayer(component, name, layers[component][name], {}))
         if part in entry.keys:
             raise NpdiffError(f"{path}: keys {entry.keys[part]!r} and {key!r} both give the {part} of "
@@ -163,52 +221,76 @@ def plan_lora(pipe, file, path):
     if not entries:
         raise NpdiffError(f"{path} holds no LoRA weights (no keys)")
 
-    # 2. each layer: a down and an up that fit its weight, a finite alpha
+    # 2. each layer: float parts that fit its weight, a finite alpha
     for entry in entries.values():
-        for part in ("down", "up"):
-            if part not in entry.keys:
-                other = next(iter(entry.keys.values()))
-                raise NpdiffError(f"{path}: key {other!r} has no matching {part} weight for {entry.component} "
-                                  f"layer {entry.name!r}")
+        entry.kind = lycoris.kind_of(path, entry.component, entry.name, entry.keys)
         for part, key in entry.keys.items():
             if file.dtype(key) not in FLOAT_DTYPES:
                 raise NpdiffError(f"{path}: LoRA key {key!r} has dtype {file.dtype(key)}; expected a float "
                                   f"({', '.join(FLOAT_DTYPES)})")
-        entry.rank = check_layer_shapes(path, entry, file.shape(entry.keys["down"]), file.shape(entry.keys["up"]))
-        entry.alpha = float(entry.rank)
-        if "alpha" in entry.keys:
-            value = file.read_float32(entry.keys["alpha"])
-            if value.size != 1:
-                raise NpdiffError(f"{path}: LoRA key {entry.keys['alpha']!r} must be one number, got shape "
-                                  f"{_shape(value.shape)}")
-            entry.alpha = float(value.reshape(()))
-        elif metadata_alpha(metadata, entry.component, entry.name) is not None:
-            entry.alpha = metadata_alpha(metadata, entry.component, entry.name)
-            if metadata.get(f"{entry.component}.use_rslora"):
-                entry.alpha *= math.sqrt(entry.rank) / entry.rank  # rsLoRA: alpha / sqrt(r) instead of alpha / r
-        if not math.isfinite(entry.alpha):
-            raise NpdiffError(f"{path}: the alpha of {entry.component} layer {entry.name!r} is {entry.alpha}; "
-                              "expected a finite number")
+        alpha = read_alpha(path, file, entry, metadata)
+        shapes = {part: file.shape(key) for part, key in entry.keys.items() if part != "alpha"}
+        if entry.kind != "lora":
+            entry.multiplier = lycoris.plan_update(path, entry, shapes, alpha)
+        else:
+            for part in ("down", "up"):
+                if part not in entry.keys:
+                    raise NpdiffError(f"{path}: key {entry.first_key()!r} has no matching {part} weight for "
+                                      f"{entry.component} layer {entry.name!r}")
+            entry.rank = check_layer_shapes(path, entry, shapes["down"], shapes["up"])
+            entry.multiplier = 1.0 if alpha is None else alpha / entry.rank
+            if "alpha" not in entry.keys and alpha is not None and metadata.get(f"{entry.component}.use_rslora"):
+                entry.multiplier = alpha / math.sqrt(entry.rank)  # rsLoRA: alpha / sqrt(r) instead of alpha / r
+
+    # 3. the values: finite tensors, a multiplier within float32
+    for entry in entries.values():
+        check_multiplier(path, entry, scale)
+        for part, key in entry.keys.items():
+            if part != "alpha":
+                check_finite_values(path, file, key)
     return list(entries.values())
 
 
-def fused_weight(entry, file, scale):
-    """W + scale * (alpha / r) * (up @ down) as a new array beside W (same backend and dtype)."""
+def layer_update(entry, file):
+    """The layer's update before scale and multiplier, float32 in its weight's shape."""
+    if entry.kind != "lora":
+        tensors = {part: file.read_float32(key) for part, key in entry.keys.items() if part != "alpha"}
+        return lycoris.update(entry, tensors)
     down = file.read_float32(entry.keys["down"])                    # [r,in] or [r,in,k,k]
     up = file.read_float32(entry.keys["up"])                        # [out,r] or [out,r,1,1]
     rank = entry.rank
     delta = up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)  # [out,r] @ [r,in*k*k] -> [out,in*k*k]
-    delta *= np.float32(scale * entry.alpha / rank)
+    return delta.reshape(entry.layer.weight.shape)
+
+
+def fused_weight(entry, file, scale, path="LoRA"):
+    """W + scale * multiplier * update as a new array beside W (same backend and dtype); NpdiffError naming
+    the file and key when the result overflows, or the update is absurdly large for the layer."""
     weight = entry.layer.weight
+    with np.errstate(over="ignore", invalid="ignore"):              # an overflow is reported below, by name
+        update = layer_update(entry, file)                          # [out,in(,k,k)] float32
+        update *= np.float32(scale * entry.multiplier)
     current = backend.to_numpy(weight).astype(np.float32)           # [out,in(,k,k)] float32 (a copy)
-    current += delta.reshape(current.shape)                         # into the copy, never into W
+    largest_weight = float(np.max(np.abs(current), initial=0.0))
+    largest_update = float(np.max(np.abs(update), initial=0.0))     # inf or nan when the update overflowed
+    where = f"{path}: the {entry.component} layer {entry.name!r} (key {entry.first_key()!r}) at scale {scale:g}"
+    if not math.isfinite(largest_update):
+        raise NpdiffError(f"{where}: its update overflows float32 (values beyond {FLOAT32_MAX:.3g})")
+    if largest_update > UPDATE_LIMIT * max(1.0, largest_weight):
+        raise NpdiffError(f"{where}: its update reaches {largest_update:.3g}, more than {UPDATE_LIMIT:g} times the "
+                          f"layer's largest weight ({largest_weight:.3g}); refused as absurd (a mistyped scale or "
+                          "alpha, or a broken file)")
+    current += update                                               # into the copy, never into W
+    dtype_max = float(np.finfo(weight.dtype).max)
+    if float(np.max(np.abs(current), initial=0.0)) > dtype_max:
+        raise NpdiffError(f"{where}: the fused weight overflows {np.dtype(weight.dtype).name} (beyond {dtype_max:.3g})")
     return backend.to_device(current, dtype=weight.dtype)
 
 
 def load_lora_weights(pipe, path, scale=1.0, adapter_name=None):
-    """Fuse the LoRA in `path` into pipe.unet and pipe.text_encoder -> the LoadedLora record."""
+    """Fuse the LoRA in `path` into pipe.unet and the text encoder(s) -> the LoadedLora record."""
     # 1. the arguments and the file (pickles and renamed pickles are refused by SafetensorsFile)
-    scale = check_scale(scale)
+    scale = check_scale(scale, path)
     path = Path(path).expanduser()
     file = SafetensorsFile(path)
     stack = lora_stack(pipe)
@@ -216,27 +298,18 @@ def load_lora_weights(pipe, path, scale=1.0, adapter_name=None):
     if any(lora.adapter_name == adapter_name for lora in stack.loaded):
         raise NpdiffError(f"adapter_name {adapter_name!r} is already loaded; pass another name")
 
-    # 2. every key, shape and alpha checked before anything changes
-    entries = plan_lora(pipe, file, path)
+    # 2. every key, shape, value and alpha checked before anything changes
+    entries = plan_lora(pipe, file, path, scale)
     sha256 = file_sha256(path)[:12]
 
-    # 3. new weights, one layer at a time; on any error put back what this load replaced
-    replaced, first_seen = [], []
-    try:
-        for entry in entries:
-            layer = entry.layer
-            new_weight = fused_weight(entry, file, scale)
-            if id(layer) not in stack.originals:
-                stack.originals[id(layer)] = (layer, layer.weight)
-                first_seen.append(id(layer))
-            replaced.append((layer, layer.weight))
-            layer.weight = new_weight
-    except BaseException:
-        for layer, weight in reversed(replaced):
-            layer.weight = weight
-        for key in first_seen:
-            del stack.originals[key]
-        raise
+    # 3. every new weight made (and checked) before any is put in place: an error leaves the model as it was.
+    #    The new arrays are what the model holds afterwards anyway; only a layer that already holds an earlier
+    #    LoRA's fused weight has two private copies alive until the swap.
+    new_weights = [(entry.layer, fused_weight(entry, file, scale, path)) for entry in entries]
+    for layer, new_weight in new_weights:
+        if id(layer) not in stack.originals:
+            stack.originals[id(layer)] = (layer, layer.weight)
+        layer.weight = new_weight
 
     # 4. the record
     record = LoadedLora(path.stem, scale, sha256, adapter_name, len(entries))

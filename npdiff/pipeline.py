@@ -45,10 +45,23 @@ from npdiff.loading.resident import release_resident_pages
 from npdiff.lora import load_lora_weights, lora_parameters, unload_lora_weights
 from npdiff.memory_estimate import check_call_memory
 from npdiff.models.blocks import guidance_scale_embedding
-from npdiff.pipeline_utils import (PipelineOutput, as_prompt_list, check_callback, check_eta, check_finite_decoded,
-                                   check_finite_latents, check_guidance, check_output_type, check_positive_int,
-                                   check_vae_fits, default_model_path, load_components, make_generator,
-                                   resolve_scheduler, vae_scale_factor)
+from npdiff.pipeline_utils import (
+    PipelineOutput,
+    as_prompt_list,
+    check_callback,
+    check_eta,
+    check_finite_decoded,
+    check_finite_latents,
+    check_guidance,
+    check_output_type,
+    check_positive_int,
+    check_vae_fits,
+    default_model_path,
+    load_components,
+    make_generator,
+    resolve_scheduler,
+    vae_scale_factor,
+)
 from npdiff.sampling_starts import ImageStart, InpaintStart, NoiseStart
 from npdiff.textual_inversion import load_textual_inversion
 

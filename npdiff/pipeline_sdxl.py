@@ -27,10 +27,23 @@ from pathlib import Path
 from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.pipeline import StableDiffusionPipeline
-from npdiff.pipeline_utils import as_prompt_list, default_model_path, load_components, resolve_scheduler
+from npdiff.pipeline_utils import (
+    as_prompt_list,
+    default_model_path,
+    load_components,
+    resolve_scheduler,
+)
 from npdiff.sampling_starts_sdxl import XLImageStart, XLInpaintStart, XLNoiseStart
-from npdiff.sdxl_conditioning import (SDXLText, check_add_embedding_width, check_pair, check_score,
-                                      encode_prompt_pair, second_prompts, stack_time_ids, time_ids_row)
+from npdiff.sdxl_conditioning import (
+    SDXLText,
+    check_add_embedding_width,
+    check_pair,
+    check_score,
+    encode_prompt_pair,
+    second_prompts,
+    stack_time_ids,
+    time_ids_row,
+)
 from npdiff.textual_inversion import load_sdxl_textual_inversion
 
 
@@ -127,7 +140,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         path = default_model_path() if path is None else Path(path).expanduser()
         parts = load_components(path, variant=variant, tokenizer=tokenizer, prediction_type=prediction_type,
                                 family="sdxl")
-        scheduler_config = parts["scheduler_config"]  # the model's, else SDXL's (prediction_type applied)
+        scheduler_config = parts["scheduler_config"]  # SDXL's Euler when the model has none; prediction_type applied
         model_index = parts["model_index"] or {}
         if requires_aesthetics_score is None:
             requires_aesthetics_score = model_index.get("requires_aesthetics_score",

@@ -4,8 +4,7 @@ scheduler, checking arguments, and the output object.
   default_model_path()          the model npdiff ships ($NPDIFF_MODEL, weights/tiny-shapes in a source
                                 checkout, npdiff/shipped_model in an installed package)
   load_components(path, ...)    a diffusers folder or a single-file .safetensors checkpoint ->
-                                text encoder(s), tokenizer(s), UNet, VAE, scheduler config
-  model_family(path)            "sdxl" or "sd", from the layout alone (which pipeline loads it)
+                                text encoder, tokenizer, UNet, VAE, scheduler config
   resolve_scheduler(...)        a name from npdiff.schedulers.SCHEDULERS, an instance, or the folder's own
   check_* functions             bad input -> NpdiffError naming the argument, expected and actual value
 """
@@ -25,7 +24,12 @@ from npdiff.errors import NpdiffError
 from npdiff.loading import load_pipeline_components
 from npdiff.loading.safetensors_io import SafetensorsFile
 from npdiff.loading.single_file_sdxl import is_sdxl_checkpoint
-from npdiff.models import AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection, UNet2DConditionModel
+from npdiff.models import (
+    AutoencoderKL,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    UNet2DConditionModel,
+)
 from npdiff.rng import TorchGenerator
 from npdiff.schedulers import SCHEDULERS, make_scheduler, scheduler_from_config
 from npdiff.tokenizer import CLIPTokenizer, check_prompt_text
@@ -81,6 +85,7 @@ def model_family(path):
     """-> "sdxl" or "sd" for a model folder or single file, from its layout alone (nothing loaded): an SDXL
     folder has text_encoder_2/, an SDXL single file keys under conditioner.embedders.* (only the safetensors
     header is read). Anything else is "sd" (and load_components says what is wrong with it)."""
+
     path = Path(path).expanduser()
     if path.is_dir():
         return "sdxl" if (path / "text_encoder_2").is_dir() else "sd"
@@ -93,16 +98,16 @@ def load_components(path, variant=None, tokenizer=None, prediction_type=None, fa
     """-> dict(text_encoder, tokenizer, unet, vae, scheduler_config; text_encoder_2, tokenizer_2, model_index)
     from a folder or a single file.
 
-    path: a diffusers folder (text_encoder/, tokenizer/, unet/, vae/, scheduler/; SDXL: text_encoder_2/,
-          tokenizer_2/) or a single-file SD 1.x/2.x/XL .safetensors checkpoint, read by
-          npdiff.loading.load_pipeline_components. The tokenizer comes from `tokenizer` (a folder) if given,
-          else the model's tokenizer/ folder; a single file holds none, so then from a tokenizer/ folder beside
-          the file, else the shipped model's, else the CLIP vocabulary rebuilt from the openai-clip package (all
-          SD 1.x use the same one). SDXL's tokenizer_2 likewise: tokenizer_2/, beside the file, else openai-clip's.
-          The scheduler config is the folder's scheduler/scheduler_config.json, else SDXL's for an SDXL model,
-          SD 2.1's for an SD 2.x single file (v-prediction, npdiff.loading.single_file_sd2), else SD 1.5's
-          (chosen by npdiff.loading.load_pipeline_components, which also applies prediction_type).
-          SD 2.x single files and SDXL's tokenizer_2 pad with "!" (id 0): their fallback tokenizers do too.
+    path: a diffusers folder (text_encoder/, tokenizer/, unet/, vae/, scheduler/) or a single-file
+          SD 1.x/2.x .safetensors checkpoint, read by npdiff.loading.load_pipeline_components. The tokenizer
+          comes from `tokenizer` (a folder) if given, else the model's tokenizer/ folder; a single file
+          holds none, so then from a tokenizer/ folder beside the file, else the shipped model's, else
+          the CLIP vocabulary rebuilt from the openai-clip package (all SD 1.x use the same one).
+          The scheduler config is the folder's scheduler/scheduler_config.json, else SD 2.1's for an
+          SD 2.x single file (v-prediction, npdiff.loading.single_file_sd2), else SDXL's for an SDXL
+          model, else SD 1.5's (chosen by npdiff.loading.load_pipeline_components, which also applies
+          prediction_type). SD 2.x single files pad with "!" (id 0): their fallback tokenizer does too, as
+          does SDXL's tokenizer_2 (tokenizer_2/ folder, else beside the file, else openai-clip's padded with "!").
     prediction_type: "epsilon" or "v_prediction" replaces the scheduler config's (None: keep it).
     family: "sd" (SD 1.x/2.x: StableDiffusionPipeline) or "sdxl" (text_encoder_2 present: an SDXL base, or a
           refiner without text_encoder); a model of the other family is an NpdiffError naming the pipeline
@@ -110,36 +115,43 @@ def load_components(path, variant=None, tokenizer=None, prediction_type=None, fa
     """
     path = Path(path).expanduser()
     parts = load_pipeline_components(path, variant=variant, prediction_type=prediction_type)
-    found = "sdxl" if parts["text_encoder_2"] is not None else "sd"
+    found = "sdxl" if parts.get("text_encoder_2") is not None else "sd"
     if found != family:
         loader = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}[found]
         what = ("an SDXL model (it has a second text encoder, text_encoder_2)" if found == "sdxl"
                 else "an SD 1.x/2.x model (it has no second text encoder, text_encoder_2)")
         raise NpdiffError(f"{path} is {what}; load it with npdiff.{loader}.from_pretrained({str(path)!r})")
-    text_encoder, text_encoder_2 = parts["text_encoder"], parts["text_encoder_2"]
     return {
-        "text_encoder": CLIPTextModel(*text_encoder) if text_encoder else None,
+        "text_encoder": _text_encoder(parts["text_encoder"], projection=False),
         "tokenizer": _tokenizer(path, tokenizer, parts, "tokenizer"),
-        "text_encoder_2": CLIPTextModelWithProjection(*text_encoder_2) if text_encoder_2 else None,
+        "text_encoder_2": _text_encoder(parts.get("text_encoder_2"), projection=True),
         "tokenizer_2": _tokenizer(path, None, parts, "tokenizer_2"),
         "unet": UNet2DConditionModel(*parts["unet"]),
         "vae": AutoencoderKL(*parts["vae"]),
-        "scheduler_config": parts["scheduler"],
-        "model_index": parts["model_index"],
+        "scheduler_config": dict(parts["scheduler"]),
+        "model_index": parts.get("model_index"),
     }
+
+
+def _text_encoder(config_and_weights, projection):
+    """CLIPTextModel, CLIPTextModelWithProjection (SDXL's text_encoder_2), or None when the model has none."""
+    if config_and_weights is None:
+        return None
+    model = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return model(*config_and_weights)
 
 
 def _tokenizer(path, given, parts, name):
     """The tokenizer of text encoder `name` ("tokenizer" or "tokenizer_2"; None when that encoder is absent)."""
-    encoder = parts["text_encoder" if name == "tokenizer" else "text_encoder_2"]
+    encoder = parts.get("text_encoder" if name == "tokenizer" else "text_encoder_2")
     if given is not None:
         return CLIPTokenizer.from_pretrained(given)
     if encoder is None:
         return None
-    if parts[name] is not None:
+    if parts.get(name) is not None:
         return CLIPTokenizer.from_pretrained(parts[name])
     # SD 2.x's OpenCLIP and SDXL's second tokenizer pad with "!"
-    openclip = name == "tokenizer_2" or (encoder[0].get("hidden_act") == "gelu" and parts["text_encoder_2"] is None)
+    openclip = name == "tokenizer_2" or (encoder[0].get("hidden_act") == "gelu" and not parts.get("text_encoder_2"))
     return _fallback_tokenizer(path, pad_token="!" if openclip else None, folder_name=name)
 
 

@@ -33,7 +33,12 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
-from npdiff.images import image_to_model_input, mask_to_model_input, picture_size, resize_nearest
+from npdiff.images import (
+    image_to_model_input,
+    mask_to_model_input,
+    picture_size,
+    resize_nearest,
+)
 from npdiff.pipeline_utils import check_size, check_strength, size_rule
 
 

@@ -17,8 +17,13 @@ import numpy as np
 from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.pipeline_utils import check_strength
-from npdiff.sampling_starts import (ImageStart, InpaintStart, NoiseStart, check_denoising_steps,
-                                    require_plain_unet)
+from npdiff.sampling_starts import (
+    ImageStart,
+    InpaintStart,
+    NoiseStart,
+    check_denoising_steps,
+    require_plain_unet,
+)
 
 
 def check_fraction(value, what):

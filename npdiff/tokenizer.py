@@ -118,7 +118,14 @@ class CLIPTokenizer:
     def __init__(self, vocab, merges, pad_token=END_TOKEN, model_max_length=77,
                  bos_token=START_TOKEN, eos_token=END_TOKEN, unk_token=END_TOKEN, source="vocabulary"):
         """vocab: dict token -> id; merges: list of (a, b) pairs in priority order; source: for messages."""
-        from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+        from tokenizers import (
+            AddedToken,
+            Regex,
+            Tokenizer,
+            decoders,
+            normalizers,
+            pre_tokenizers,
+        )
         from tokenizers.models import BPE
 
         for what, text in (("bos_token", bos_token), ("eos_token", eos_token), ("unk_token", unk_token),

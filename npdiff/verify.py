@@ -39,6 +39,7 @@ from npdiff.verify_blocks import (
     require_torch_stack,
     unet_block_names,
 )
+from npdiff.verify_sdxl import verify_sdxl_model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,8 +92,6 @@ def verify_model(model=None, steps=4, height=None, width=None, seed=0, out=None)
         raise NpdiffError(f"npdiff verify needs a diffusers model folder (diffusers cannot read {model} "
                           "offline without its original config)")
     if is_sdxl_folder(model):
-        from npdiff.verify_sdxl import verify_sdxl_model
-
         return verify_sdxl_model(model, steps, height, width, seed, out)
     pipe = StableDiffusionPipeline.from_pretrained(model)
     pipe.show_progress = False

@@ -9,6 +9,7 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
+from npdiff.pipeline_utils import check_size, size_rule
 
 NETWORK_TOL = 1e-4
 IMAGE_LEVELS_TOL = 2
@@ -144,8 +145,6 @@ def require_torch_stack():
 def picture_size(unet_config, vae_scale_factor, height, width):
     """The picture size to compare at (the UNet's sample_size when not given), checked -> (height, width,
     (latent height, latent width))."""
-    from npdiff.pipeline_utils import check_size, size_rule
-
     side = unet_config["sample_size"] * vae_scale_factor
     height, width = check_size(height or side, width or side, *size_rule(unet_config, vae_scale_factor))
     return height, width, (height // vae_scale_factor, width // vae_scale_factor)

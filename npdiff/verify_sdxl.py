@@ -21,8 +21,25 @@ from types import SimpleNamespace
 import numpy as np
 
 from npdiff import backend
-from npdiff.verify_blocks import (PROMPTS, Table, compare_blocks, compare_sampling, compare_vae, picture_size,
-                                  require_torch_stack, unet_block_names)
+from npdiff.models import (
+    AutoencoderKL,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    UNet2DConditionModel,
+)
+from npdiff.pipeline_sdxl import StableDiffusionXLPipeline
+from npdiff.rng import TorchGenerator
+from npdiff.tokenizer import CLIPTokenizer
+from npdiff.verify_blocks import (
+    PROMPTS,
+    Table,
+    compare_blocks,
+    compare_sampling,
+    compare_vae,
+    picture_size,
+    require_torch_stack,
+    unet_block_names,
+)
 
 ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 AESTHETIC_SCORE = 6.0  # diffusers' default for the refiner
@@ -30,8 +47,6 @@ AESTHETIC_SCORE = 6.0  # diffusers' default for the refiner
 
 def load_sdxl_networks(folder):
     """npdiff's networks of an SDXL folder -> a namespace (text_encoder None for a refiner)."""
-    from npdiff.models import AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection, UNet2DConditionModel
-    from npdiff.tokenizer import CLIPTokenizer
 
     has_first = (folder / "text_encoder").is_dir()
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
@@ -111,7 +126,6 @@ def verify_sdxl_model(model, steps, height, width, seed, out):
     import torch
     from diffusers import DiffusionPipeline
 
-    from npdiff.rng import TorchGenerator
 
     ours = load_sdxl_networks(model)
     torch_pipe = DiffusionPipeline.from_pretrained(str(model), torch_dtype=torch.float32, local_files_only=True)
@@ -129,8 +143,6 @@ def verify_sdxl_model(model, steps, height, width, seed, out):
     elif importlib.util.find_spec("npdiff.pipeline_sdxl") is None:
         table.note("sampling", "whole loop", "not compared (this npdiff has no StableDiffusionXLPipeline)")
     else:
-        from npdiff import StableDiffusionXLPipeline
-
         del ours
         pipe = StableDiffusionXLPipeline.from_pretrained(model)
         pipe.show_progress = False

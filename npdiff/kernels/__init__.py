@@ -25,8 +25,15 @@ called.
 """
 
 from npdiff.kernels.activations import gelu, quick_gelu, silu
-from npdiff.kernels.attention import (attention_batched, attention_blocked, attention_chunked, attention_chunked_ref,
-                                      attention_full, attention_ref, scaled_dot_product_attention)
+from npdiff.kernels.attention import (
+                                      attention_batched,
+                                      attention_blocked,
+                                      attention_chunked,
+                                      attention_chunked_ref,
+                                      attention_full,
+                                      attention_ref,
+                                      scaled_dot_product_attention,
+)
 from npdiff.kernels.conv import conv2d, conv2d_ref
 from npdiff.kernels.linear import geglu, linear, linear_activation
 from npdiff.kernels.norm import group_norm, layer_norm

@@ -81,7 +81,13 @@ from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
 from npdiff.kernels import conv_winograd, dispatch
 from npdiff.kernels.block_pool import run_blocks, split_evenly, worker_count
 from npdiff.kernels.scratch import scratch
-from npdiff.kernels.validate import output_size, pair, require_ndim, require_optional_vector, shape_text
+from npdiff.kernels.validate import (
+    output_size,
+    pair,
+    require_ndim,
+    require_optional_vector,
+    shape_text,
+)
 
 IM2COL_TILE_BYTES = 16 << 20  # unfolded input per GEMM (per worker): large, so the weight is packed rarely
 PIXELS_PER_TILE_1X1 = 4096  # least columns per GEMM of a 1x1 conv

@@ -35,10 +35,25 @@ from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
 from npdiff.kernels import dispatch
+from npdiff.kernels.activations import (
+    ACTIVATION_CODES,
+    GELU_KERNEL,
+    QUICK_GELU_KERNEL,
+    SILU_KERNEL,
+    activation_block,
+    check_approximate,
+    gelu_ref,
+    quick_gelu_ref,
+    silu_ref,
+)
 from npdiff.kernels.block_pool import run_blocks
-from npdiff.kernels.activations import (ACTIVATION_CODES, GELU_KERNEL, QUICK_GELU_KERNEL, SILU_KERNEL,
-                                        activation_block, check_approximate, gelu_ref, quick_gelu_ref, silu_ref)
-from npdiff.kernels.validate import require_float32, require_min_ndim, require_ndim, require_optional_vector, shape_text
+from npdiff.kernels.validate import (
+    require_float32,
+    require_min_ndim,
+    require_ndim,
+    require_optional_vector,
+    shape_text,
+)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,12 @@ Loading never writes a file. Every bad input raises npdiff.errors.NpdiffError na
 
 from npdiff.json_files import read_json
 from npdiff.loading.components import load_pipeline_components
-from npdiff.loading.configs import load_component, load_component_weights, open_weights, read_config
+from npdiff.loading.configs import (
+           load_component,
+           load_component_weights,
+           open_weights,
+           read_config,
+)
 from npdiff.loading.resident import release_resident_pages
 from npdiff.loading.single_file import load_single_file
 from npdiff.loading.weights import TensorRef, Weights

@@ -7,9 +7,10 @@
         "text_encoder_2": (config, Weights) of SDXL's second text encoder, or None (SD 1.x/2.x),
         "tokenizer":    folder with vocab.json + merges.txt, or None (single file: none inside),
         "tokenizer_2":  SDXL's second tokenizer folder, or None,
-        "scheduler":    the folder's scheduler/scheduler_config.json as a dict; else SDXL's for an SDXL model
-                        (single_file_sdxl.py), SD 2.1's for an SD 2.x single file (single_file_sd2.py), else
-                        SD 1.5's; its prediction_type replaced by the one asked for (here and nowhere else),
+        "scheduler":    the folder's scheduler/scheduler_config.json as a dict; else SD 2.1's for an
+                        SD 2.x single file (single_file_sd2.py), else SDXL's for an SDXL model
+                        (single_file_sdxl.py), else SD 1.5's; its prediction_type
+                        replaced by the one asked for (here and nowhere else),
         "model_index":  model_index.json as a dict, or None,
         "source":       the path, for messages,
     }
@@ -20,15 +21,22 @@ import os
 from npdiff.errors import NpdiffError
 from npdiff.json_files import read_json
 from npdiff.loading.config_checks import check_component_config
-from npdiff.loading.configs import component_weight_files, load_component_weights, read_config
-from npdiff.paths import path_kind, regular_file
+from npdiff.loading.configs import (
+    component_weight_files,
+    load_component_weights,
+    read_config,
+)
 from npdiff.loading.safetensors_io import refuse_pickle
 from npdiff.loading.single_file import load_single_file
-from npdiff.loading.single_file_sd2 import SD2_SCHEDULER_CONFIG, check_prediction_type, sd2_sample_size
+from npdiff.loading.single_file_sd2 import (
+    SD2_SCHEDULER_CONFIG,
+    check_prediction_type,
+    sd2_sample_size,
+)
 from npdiff.loading.single_file_sdxl import SDXL_SCHEDULER_CONFIG
+from npdiff.paths import path_kind, regular_file
 
 MODEL_COMPONENTS = ("unet", "vae", "text_encoder")
-SECOND_TEXT_ENCODER = "text_encoder_2"  # SDXL's OpenCLIP bigG; an SDXL refiner has it alone
 # The scheduler_config.json of Stable Diffusion 1.5: for a model that carries none (an SD 1.x single file)
 SD15_SCHEDULER_CONFIG = {
     "_class_name": "PNDMScheduler",
@@ -44,9 +52,10 @@ SD15_SCHEDULER_CONFIG = {
     "timestep_spacing": "leading",
     "trained_betas": None,
 }
+SECOND_TEXT_ENCODER = "text_encoder_2"  # SDXL's OpenCLIP bigG; an SDXL refiner has it alone
 EXPECTED_LAYOUT = ("a diffusers folder (model_index.json; unet/, vae/, text_encoder/ each with config.json "
                    "and .safetensors weights; tokenizer/, scheduler/; SDXL also text_encoder_2/, tokenizer_2/) "
-                   "or a single-file SD 1.x/2.x/XL .safetensors checkpoint")
+                   "or a single-file SD 1.x/2.x .safetensors checkpoint")
 
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -79,7 +88,7 @@ def _component_folder(path, name):
 
 
 def _optional_tokenizer(path, name="tokenizer"):
-    """The tokenizer/ (or SDXL's tokenizer_2/) folder: vocab.json + merges.txt, or tokenizer.json (what
+    """The tokenizer/ (or tokenizer_2/) folder: vocab.json + merges.txt, or tokenizer.json (what
     transformers 5 saves)."""
     folder = component_path(path, name, required=False)
     if folder is None:
@@ -101,10 +110,10 @@ def _optional_scheduler(path):
     return check_component_config("scheduler", read_json(config_path), config_path)
 
 
-def _scheduler_config(found, prediction_type, default=None):
-    """The model's scheduler config (else `default`, else SD 1.5's) with prediction_type, when given, in place
-    of its own."""
-    config = dict(found or default or SD15_SCHEDULER_CONFIG)
+def _scheduler_config(found, prediction_type, default=SD15_SCHEDULER_CONFIG):
+    """The model's scheduler config (else `default`: SD 1.5's) with prediction_type, when given, in place of
+    its own."""
+    config = dict(found or default)
     if prediction_type is not None:
         config["prediction_type"] = prediction_type
     return config
@@ -121,8 +130,9 @@ def pipeline_weight_files(path, variant=None):
         return [(os.path.basename(path), path)]
     if kind == "missing":
         raise NpdiffError(f"no such file or folder: {path}; expected {EXPECTED_LAYOUT}")
+    model_index_path = os.path.join(path, "model_index.json")
+    model_index = read_json(model_index_path) if _optional_file(model_index_path, "model index") else None
     files = []
-    model_index = _model_index(path)
     for name in MODEL_COMPONENTS + (SECOND_TEXT_ENCODER,):
         if _left_out(path, name, model_index):
             continue
@@ -131,20 +141,15 @@ def pipeline_weight_files(path, variant=None):
     return sorted(files)
 
 
-def _model_index(path):
-    model_index_path = os.path.join(path, "model_index.json")
-    return read_json(model_index_path) if _optional_file(model_index_path, "model index") else None
-
-
 def _left_out(path, name, model_index):
     """Whether component `name` is absent by design: SD 1.x/2.x have no text_encoder_2 folder; an SDXL
     refiner's model_index.json lists text_encoder as [null, null] (diffusers' "none") and has
     text_encoder_2. Anything else missing is an error (_component_folder says which)."""
-    second = component_path(path, SECOND_TEXT_ENCODER, required=False) is not None
+    has_second = component_path(path, SECOND_TEXT_ENCODER, required=False) is not None
     if name == SECOND_TEXT_ENCODER:
-        return not second
-    listed = (model_index or {}).get(name, ["?"])
-    return name == "text_encoder" and second and isinstance(listed, list) and listed[:1] == [None]
+        return not has_second
+    listed_none = (model_index or {}).get(name, ["?"])
+    return name == "text_encoder" and isinstance(listed_none, list) and listed_none[:1] == [None] and has_second
 
 
 def load_pipeline_components(path, variant=None, prediction_type=None):
@@ -163,7 +168,7 @@ def load_pipeline_components(path, variant=None, prediction_type=None):
         model_type = components.pop("model_type", None)  # an SDXL file's: "sdxl" or "sdxl-refiner"
         sdxl_scheduler = components.pop("scheduler", None)  # an SDXL file's: SDXL's scheduler config
         sd2 = model_type is None and components["text_encoder"][0]["hidden_act"] == "gelu"  # OpenCLIP: SD 2.x
-        scheduler = _scheduler_config(SD2_SCHEDULER_CONFIG if sd2 else sdxl_scheduler, prediction_type)
+        scheduler = _scheduler_config(sdxl_scheduler or (SD2_SCHEDULER_CONFIG if sd2 else None), prediction_type)
         if sd2:
             unet_config, unet_weights = components["unet"]
             sample_size = sd2_sample_size(scheduler["prediction_type"])
@@ -189,7 +194,8 @@ def load_pipeline_components(path, variant=None, prediction_type=None):
         raise NpdiffError(f"{path} holds none of {', '.join(n + '/' for n in MODEL_COMPONENTS)}; expected "
                           f"{EXPECTED_LAYOUT}")
 
-    model_index = _model_index(path)
+    model_index_path = os.path.join(path, "model_index.json")
+    model_index = read_json(model_index_path) if _optional_file(model_index_path, "model index") else None
     result = {}
     for name in MODEL_COMPONENTS + (SECOND_TEXT_ENCODER,):
         if _left_out(path, name, model_index):
@@ -201,8 +207,8 @@ def load_pipeline_components(path, variant=None, prediction_type=None):
         result[name] = (config, load_component_weights(folder, variant=variant))
     result["tokenizer"] = _optional_tokenizer(path)
     result["tokenizer_2"] = _optional_tokenizer(path, "tokenizer_2")
-    sdxl_default = SDXL_SCHEDULER_CONFIG if result[SECOND_TEXT_ENCODER] is not None else None
-    result["scheduler"] = _scheduler_config(_optional_scheduler(path), prediction_type, sdxl_default)
+    default = SD15_SCHEDULER_CONFIG if result[SECOND_TEXT_ENCODER] is None else SDXL_SCHEDULER_CONFIG
+    result["scheduler"] = _scheduler_config(_optional_scheduler(path), prediction_type, default)
     result["model_index"] = model_index
     result["source"] = path
     return result

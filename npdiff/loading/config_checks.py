@@ -29,8 +29,18 @@ NaN or a negative `norm_eps` used to give an all-black picture and exit code 0.
 """
 
 from npdiff.errors import NpdiffError
-from npdiff.loading.config_rules import (EPS, POSITIVE, Bool, Float, Int, IntIn, ListOf, OneOrList, Optional,
-                                         Text)
+from npdiff.loading.config_rules import (
+    EPS,
+    POSITIVE,
+    Bool,
+    Float,
+    Int,
+    IntIn,
+    ListOf,
+    OneOrList,
+    Optional,
+    Text,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Defaults and what is supported, per component

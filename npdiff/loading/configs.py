@@ -16,7 +16,11 @@ import os
 
 from npdiff.errors import NpdiffError
 from npdiff.json_files import read_json
-from npdiff.loading.safetensors_io import PICKLE_SUFFIXES, SafetensorsFile, refuse_pickle
+from npdiff.loading.safetensors_io import (
+    PICKLE_SUFFIXES,
+    SafetensorsFile,
+    refuse_pickle,
+)
 from npdiff.loading.weights import TensorRef, Weights
 from npdiff.paths import path_kind, regular_file
 

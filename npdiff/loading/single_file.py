@@ -24,8 +24,12 @@ import os
 from npdiff.errors import NpdiffError
 from npdiff.loading import keymap
 from npdiff.loading.safetensors_io import SafetensorsFile
-from npdiff.loading.single_file_configs import (StoredShapes, infer_clip_config, infer_unet_config,
-                                                infer_vae_config)
+from npdiff.loading.single_file_configs import (
+    StoredShapes,
+    infer_clip_config,
+    infer_unet_config,
+    infer_vae_config,
+)
 from npdiff.loading.single_file_sd2 import is_openclip_key, map_openclip
 from npdiff.loading.single_file_sdxl import is_sdxl_checkpoint, map_sdxl_checkpoint
 from npdiff.loading.weights import TensorRef, Weights

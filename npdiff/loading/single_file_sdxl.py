@@ -43,8 +43,13 @@ widths together (768 + 1280 = 2048; the refiner: 1280), and N - P splits into wh
 from npdiff.errors import NpdiffError
 from npdiff.loading import keymap
 from npdiff.loading.configs import clip_text_config
-from npdiff.loading.single_file_configs import (StoredShapes, indices, infer_clip_config, infer_unet_config,
-                                                infer_vae_config)
+from npdiff.loading.single_file_configs import (
+    StoredShapes,
+    indices,
+    infer_clip_config,
+    infer_unet_config,
+    infer_vae_config,
+)
 from npdiff.loading.single_file_sd2 import map_openclip_keys
 
 SDXL_PREFIX = "conditioner.embedders."

@@ -46,9 +46,19 @@ from npdiff.backend import array_module, to_device, to_numpy
 from npdiff.errors import NpdiffError
 from npdiff.loading.config_checks import full_config, per_block, transformer_depths
 from npdiff.loading.configs import load_component
-from npdiff.models.blocks import Conv2d, GroupNorm, TimestepEmbedding, timestep_embedding
-from npdiff.models.unet_blocks import (CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock2D,
-                                       UNetMidBlock2DCrossAttn, UpBlock2D)
+from npdiff.models.blocks import (
+    Conv2d,
+    GroupNorm,
+    TimestepEmbedding,
+    timestep_embedding,
+)
+from npdiff.models.unet_blocks import (
+    CrossAttnDownBlock2D,
+    CrossAttnUpBlock2D,
+    DownBlock2D,
+    UNetMidBlock2DCrossAttn,
+    UpBlock2D,
+)
 
 DOWN_TYPES = {"CrossAttnDownBlock2D": CrossAttnDownBlock2D, "DownBlock2D": DownBlock2D}
 UP_TYPES = {"CrossAttnUpBlock2D": CrossAttnUpBlock2D, "UpBlock2D": UpBlock2D}

@@ -30,7 +30,14 @@ from npdiff.backend import array_module, to_device
 from npdiff.errors import NpdiffError
 from npdiff.loading.config_checks import full_config
 from npdiff.loading.configs import load_component
-from npdiff.models.blocks import Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, child
+from npdiff.models.blocks import (
+    Conv2d,
+    Downsample2D,
+    GroupNorm,
+    ResnetBlock2D,
+    Upsample2D,
+    child,
+)
 from npdiff.models.transformer import AttentionBlock
 
 VAE_EPS = 1e-6

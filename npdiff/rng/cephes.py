@@ -23,8 +23,8 @@ Called from the Numba kernels in npdiff/rng/torch_normal.py (njit functions, inl
 
 import numpy as np
 
-from npdiff.jit import SERIAL, njit
 from npdiff.intrinsics import bits_float32, float32_bits, fma32
+from npdiff.jit import SERIAL, njit
 
 f32 = np.float32
 

@@ -36,9 +36,15 @@ import math
 
 import numpy as np
 
-from npdiff.jit import PARALLEL, SERIAL, njit, prange
 from npdiff.intrinsics import fma32, sqrt32
-from npdiff.rng.validate import UINT64_MOD, check_dtype, check_int, check_seed, check_shape
+from npdiff.jit import PARALLEL, SERIAL, njit, prange
+from npdiff.rng.validate import (
+    UINT64_MOD,
+    check_dtype,
+    check_int,
+    check_seed,
+    check_shape,
+)
 
 DEFAULT_SEED = 67280421310721  # c10::detail::default_rng_seed_val, as for the CPU generator
 BLOCK_SIZE = 256  # threads per block in torch's distribution kernels

@@ -44,7 +44,13 @@ import numpy as np
 from npdiff.errors import NpdiffError
 from npdiff.rng import mt19937
 from npdiff.rng import torch_normal as kernels
-from npdiff.rng.validate import UINT64_MOD, check_choice, check_dtype, check_seed, check_shape
+from npdiff.rng.validate import (
+    UINT64_MOD,
+    check_choice,
+    check_dtype,
+    check_seed,
+    check_shape,
+)
 
 DEFAULT_SEED = 67280421310721  # c10::detail::default_rng_seed_val: a fresh torch.Generator()'s seed
 MATH_PATHS = ("avx2", "default")  # named after ATEN_CPU_CAPABILITY's values

@@ -36,9 +36,9 @@ import math
 
 import numpy as np
 
+from npdiff.intrinsics import fma32, sqrt32
 from npdiff.jit import PARALLEL, SERIAL, njit, prange
 from npdiff.rng.cephes import log_ps, sincos_ps
-from npdiff.intrinsics import fma32, sqrt32
 from npdiff.rng.mt19937 import next_uniform_f64
 
 BLOCK = 16

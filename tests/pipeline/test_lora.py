@@ -18,13 +18,13 @@ import torch
 from safetensors.torch import save_file
 
 from tiny_sd import CLIP_CONFIG, tiny_sd_folder, torch_pipeline  # noqa: E402
+from lora_helpers import all_weights, assert_untouched, load_ours  # noqa: E402
 
 from npdiff import NpdiffError, cli  # noqa: E402
 from npdiff import lora as npdiff_lora  # noqa: E402
 from npdiff.images import read_png_params  # noqa: E402
 from npdiff.loading.resident import mapping_of  # noqa: E402
 from npdiff.models.transformer import TransposedLinear  # noqa: E402
-from npdiff.pipeline import StableDiffusionPipeline  # noqa: E402
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                 "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv"]
@@ -113,12 +113,6 @@ def files(tmp_path_factory):
             "layers": first}
 
 
-def load_ours(folder):
-    pipe = StableDiffusionPipeline.from_pretrained(folder, scheduler="euler")
-    pipe.show_progress = False
-    return pipe
-
-
 def model_inputs(pipe, rng):
     sample = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)  # [B,4,h,w]
     context = rng.standard_normal((2, 77, CLIP_CONFIG["hidden_size"])).astype(np.float32)  # [B,77,D]
@@ -137,19 +131,6 @@ def theirs_outputs(pipe, inputs):
         eps = pipe.unet(torch.from_numpy(sample), t, torch.from_numpy(context)).sample.numpy()
         text = pipe.text_encoder(torch.from_numpy(ids))[0].numpy()
     return eps, text
-
-
-def all_weights(pipe):
-    layers = {**npdiff_lora.named_layers(pipe.unet, "unet"),
-              **npdiff_lora.named_layers(pipe.text_encoder, "text_encoder")}  # names never collide
-    return {name: layer.weight for name, layer in layers.items()}
-
-
-def assert_untouched(pipe, before):
-    after = all_weights(pipe)
-    assert after.keys() == before.keys()
-    changed = [name for name in before if after[name] is not before[name]]
-    assert not changed, f"weights replaced: {changed[:3]}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +299,11 @@ def good_tensors(files):
      r"'mid_block.attentions.0.transformer_blocks.0.attn2.to_k', whose weight is \[64,32\]"),
     ({"lora_te_text_model_encoder_layers_1_mlp_fc1.lora_down.weight": torch.zeros(4, 32)},
      "has no matching up weight for text_encoder layer 'encoder.layers.1.mlp.fc1'"),
-    ({"text_encoder_2.encoder.layers.0.mlp.fc1.lora_A.weight": torch.zeros(4, 32)}, "is in no known layout"),
+    ({"text_encoder_2.encoder.layers.0.mlp.fc1.lora_A.weight": torch.zeros(4, 32)},
+     "is for a text_encoder_2, which this model does not have \\(a LoRA for SDXL\\?\\)"),
+    ({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 32)},
+     "is for a text_encoder_2, which this model does not have"),
+    ({"vae.decoder.conv_in.lora_A.weight": torch.zeros(4, 32)}, "is in no known layout"),
     ({"lora_unet_conv_in.alpha": torch.tensor(float("nan")), "lora_unet_conv_in.lora_down.weight":
       torch.zeros(4, 4, 3, 3), "lora_unet_conv_in.lora_up.weight": torch.zeros(32, 4, 1, 1)},
      "the alpha of unet layer 'conv_in' is nan"),
@@ -341,11 +326,11 @@ def test_error_while_fusing_puts_back_what_it_changed(folder, files, monkeypatch
     calls = []
     real = npdiff_lora.fused_weight
 
-    def failing(entry, file, scale):
+    def failing(entry, *args):
         calls.append(entry.name)
         if len(calls) == 5:
             raise MemoryError("out of memory")
-        return real(entry, file, scale)
+        return real(entry, *args)
 
     monkeypatch.setattr(npdiff_lora, "fused_weight", failing)
     with pytest.raises(MemoryError):

@@ -65,8 +65,8 @@ import numpy as np
 
 from npdiff.jit import FASTMATH_SAFE, SERIAL, njit
 from npdiff.kernels.attention.common import causal_additive, default_scale
-from npdiff.kernels.scratch import contiguous_in_scratch, scratch
 from npdiff.kernels.block_pool import run_blocks
+from npdiff.kernels.scratch import contiguous_in_scratch, scratch
 from npdiff.kernels.vecmath import LOG2E, exp2_nonpositive_f32
 
 TILE_FLOATS = 1 << 20  # scores per task's tile: 4 MiB (Q x M)

@@ -17,8 +17,13 @@ Both return 0 for a query that may attend to no key, as torch 2.13 does.
 import numpy as np
 
 from npdiff import backend
-from npdiff.kernels.attention.common import (KEY_CHUNK, causal_additive, default_scale, mask_to_additive,
-                                             masked_row_max)
+from npdiff.kernels.attention.common import (
+    KEY_CHUNK,
+    causal_additive,
+    default_scale,
+    mask_to_additive,
+    masked_row_max,
+)
 
 
 def full_scores(q, k, mask, scale, is_causal, xp):

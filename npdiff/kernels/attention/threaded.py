@@ -30,8 +30,13 @@ Queries that may attend to no key give 0 (as torch's scaled_dot_product_attentio
 import numpy as np
 
 from npdiff.jit import FASTMATH_SAFE, SERIAL, njit
-from npdiff.kernels.attention.common import (KEY_CHUNK, QUERY_BLOCK, causal_additive, default_scale,
-                                             mask_to_additive)
+from npdiff.kernels.attention.common import (
+    KEY_CHUNK,
+    QUERY_BLOCK,
+    causal_additive,
+    default_scale,
+    mask_to_additive,
+)
 from npdiff.kernels.block_pool import run_blocks, worker_count
 from npdiff.kernels.scratch import contiguous_in_scratch
 from npdiff.kernels.softmax import exp_in_place, row_maxima, softmax_rows_block

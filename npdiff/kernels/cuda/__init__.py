@@ -26,7 +26,13 @@ dispatchers on every machine.
 
 from npdiff.kernels.cuda.attention import scaled_dot_product_attention, softmax
 from npdiff.kernels.cuda.conv import conv2d, linear
-from npdiff.kernels.cuda.elementwise import geglu_gate, gelu, quick_gelu, silu, upsample_nearest2x
+from npdiff.kernels.cuda.elementwise import (
+    geglu_gate,
+    gelu,
+    quick_gelu,
+    silu,
+    upsample_nearest2x,
+)
 from npdiff.kernels.cuda.norm import group_norm, layer_norm
 
 

@@ -36,7 +36,15 @@ import math
 
 import numpy as np
 
-from npdiff.kernels.cuda.runtime import THREADS, WARP, as_dtype, i32, i64, import_cupy, kernel
+from npdiff.kernels.cuda.runtime import (
+    THREADS,
+    WARP,
+    as_dtype,
+    i32,
+    i64,
+    import_cupy,
+    kernel,
+)
 
 ROWS_PER_BLOCK = THREADS // WARP
 SOURCE = r"""

@@ -16,7 +16,15 @@ write consecutive columns (output pixels of one row: coalesced stores) and read 
 so cols needs no clearing.
 """
 
-from npdiff.kernels.cuda.runtime import THREADS, as_dtype, grid_for, i32, i64, import_cupy, kernel
+from npdiff.kernels.cuda.runtime import (
+    THREADS,
+    as_dtype,
+    grid_for,
+    i32,
+    i64,
+    import_cupy,
+    kernel,
+)
 from npdiff.kernels.validate import output_size
 
 IM2COL_BUDGET_BYTES = 256 << 20  # unfolded input of one tile
