@@ -74,6 +74,25 @@ async def json_body(request):
     return parse_json_body(await read_body(request))
 
 
+class BasicAuth:
+    """--api-auth USER:PASS: every request needs these HTTP Basic credentials (a plain ASGI middleware, so
+    the routes still see a client that disconnects)."""
+
+    def __init__(self, app, credentials):
+        self.app = app
+        self.expected = ("Basic " + base64.b64encode(credentials.encode()).decode()).encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                response = error_response(401, "HTTPException", "authorization: wrong or missing credentials",
+                                          {"WWW-Authenticate": "Basic"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(shelf, queue_limit=8, api_auth=None):
     """The FastAPI app over a loaded ModelShelf; api_auth "USER:PASS" requires HTTP Basic auth everywhere."""
     jobs = JobQueue(shelf, queue_limit)
@@ -85,14 +104,8 @@ def create_app(shelf, queue_limit=8, api_auth=None):
 
     app = FastAPI(title="npdiff serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.jobs = jobs
-    expected_auth = "Basic " + base64.b64encode(api_auth.encode()).decode() if api_auth else None
-
-    @app.middleware("http")
-    async def check_auth(request, call_next):
-        if expected_auth and not secrets.compare_digest(request.headers.get("authorization", ""), expected_auth):
-            return error_response(401, "HTTPException", "authorization: wrong or missing credentials",
-                                  {"WWW-Authenticate": "Basic"})
-        return await call_next(request)
+    if api_auth:
+        app.add_middleware(BasicAuth, credentials=api_auth)
 
     @app.exception_handler(RequestError)
     async def refused(request, exc):

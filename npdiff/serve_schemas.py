@@ -45,7 +45,7 @@ IMG2IMG_USED = {"init_images", "mask", "denoising_strength", "inpainting_mask_in
 # webui's fields npdiff does not act on, with webui's defaults: listed in the info when set to anything else.
 # The hires fix (enable_hr and hr_*) is among them: npdiff serve accepts it and does not run it.
 WEBUI_DEFAULTS = {
-    "enable_hr": False, "hr_scale": 2, "hr_upscaler": None, "hr_second_pass_steps": 0, "hr_resize_x": 0,
+    "enable_hr": False, "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 0, "hr_resize_x": 0,
     "hr_resize_y": 0, "hr_checkpoint_name": None, "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "",
     "hr_negative_prompt": "", "firstphase_width": 0, "firstphase_height": 0, "styles": [], "subseed": -1,
     "subseed_strength": 0, "seed_resize_from_h": 0, "seed_resize_from_w": 0, "restore_faces": False,
@@ -162,9 +162,11 @@ def resolve_sampler(body):
     ours = NPDIFF_SAMPLERS.get(name) or (name if name in SCHEDULERS else None)
     if ours is None:
         refuse("sampler_name", f"unknown sampler {shorten(name)}; known: {', '.join(SAMPLER_NAMES.values())}")
-    if schedule in (DEFAULT_SCHEDULE, ""):
+    if schedule.lower() in (DEFAULT_SCHEDULE.lower(), ""):  # webui's names are "automatic", labels "Automatic"
         return ours
-    karras = SCHEDULE_TYPES.get((SAMPLER_NAMES.get(ours), schedule))
+    if ours.endswith("_karras") and schedule.lower() == "karras":
+        return ours
+    karras = SCHEDULE_TYPES.get((SAMPLER_NAMES.get(ours), schedule.capitalize()))
     if karras is None:
         refuse("scheduler", f"schedule type {shorten(schedule)} is not available for {SAMPLER_NAMES[ours]!r}; "
                             f"npdiff knows {DEFAULT_SCHEDULE!r} and 'Karras' where the sampler has it")
