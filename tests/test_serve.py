@@ -46,9 +46,9 @@ def client(url):
     return webuiapi.WebUIApi(host=host, port=int(port), sampler="Euler a", steps=4)
 
 
-def generate_bytes(tmp_path, name, *arguments):
+def generate_bytes(tmp_path, name, *arguments, command="generate"):
     out = tmp_path / name
-    assert cli.main(["generate", *arguments, "--out", str(out)]) == 0
+    assert cli.main([command, *arguments, "--out", str(out)]) == 0
     return out.read_bytes()
 
 
@@ -229,3 +229,35 @@ def test_stop_sampling_keeps_the_latents_of_the_step_it_was_raised_at():
     stopped = pipe("a circle", num_inference_steps=6, seed=4, height=32, width=32, callback=stop_after_third)
     np.testing.assert_array_equal(stopped.latents, recorded[2])
     assert stopped.parameters["steps_done"] == 3 and "steps_done" not in full.parameters
+
+
+def test_img2img_and_inpainting_are_npdiffs_commands_bytes(server, tmp_path):
+    api = client(server)
+    start = api.txt2img(prompt="a blue square", seed=8, steps=3, width=32, height=32).image
+    start.save(tmp_path / "start.png")
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))  # repaint the middle
+    mask.save(tmp_path / "mask.png")
+    common = dict(prompt="a red circle", seed=9, steps=6, cfg_scale=7.5, sampler_name="Euler", eta=0)
+    cli_common = ["a red circle", "--seed", "9", "--steps", "6", "--guidance", "7.5", "--sampler", "euler",
+                  "--eta", "0", "--image", str(tmp_path / "start.png")]
+    changed = api.img2img(images=[start], denoising_strength=0.6, width=32, height=32, **common)
+    assert base64.b64decode(changed.json["images"][0]) == generate_bytes(
+        tmp_path, "img2img.png", *cli_common, "--strength", "0.6", command="img2img")
+    assert any("img2img keeps the picture's own size" in item for item in changed.info["npdiff_ignored"])
+    repainted = api.img2img(images=[start], mask_image=mask, denoising_strength=0.9, width=32, height=32, **common)
+    assert base64.b64decode(repainted.json["images"][0]) == generate_bytes(
+        tmp_path, "inpaint.png", *cli_common, "--mask", str(tmp_path / "mask.png"), "--strength", "0.9",
+        "--height", "32", "--width", "32", command="inpaint")
+
+
+def test_hires_and_other_webui_fields_are_accepted_and_listed_as_ignored(server):
+    result = client(server).txt2img(prompt="a circle", seed=1, steps=2, width=32, height=32, enable_hr=True,
+                                    hr_scale=1.5, restore_faces=True, override_settings={"CLIP_stop_at_last_layers": 2})
+    ignored = result.info["npdiff_ignored"]
+    for name in ("enable_hr=True", "hr_scale=1.5", "restore_faces=True", "override_settings.CLIP_stop_at_last_layers"):
+        assert name in ignored, ignored
+    unknown = requests.post(f"{server}/sdapi/v1/txt2img", timeout=30,
+                            json={"prompt": "x", "steps": 2, "width": 32, "height": 32, "a_field_of_tomorrow": [1]})
+    assert unknown.status_code == 200
+    assert "a_field_of_tomorrow=[1]" in json.loads(unknown.json()["info"])["npdiff_ignored"]
