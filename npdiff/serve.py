@@ -13,6 +13,7 @@ import ipaddress
 import sys
 
 from npdiff.errors import NpdiffError
+from npdiff.serve_models import ModelShelf
 
 INSTALL_HINT = "npdiff serve needs the 'serve' extra: pip install 'npdiff[serve]' (FastAPI and uvicorn)"
 LOOPBACK_NAMES = ("localhost",)
@@ -53,8 +54,8 @@ def run_serve(args):
     check_serve_arguments(args)
     import uvicorn  # the serve extra, present (checked above)
 
+    # serve_app imports FastAPI: only here, so that npdiff (and `npdiff --help`) imports without the extra
     from npdiff.serve_app import create_app
-    from npdiff.serve_models import ModelShelf
 
     shelf = ModelShelf(args.model, args.models_dir, args.lora_dir, args.preview_vae)
     shelf.load()
