@@ -120,6 +120,10 @@ def create_app(shelf, queue_limit=8, api_auth=None):
     async def bad_input(request, exc):
         return error_response(422, "NpdiffError", str(exc))
 
+    @app.exception_handler(Exception)
+    async def failed(request, exc):  # a bug or out of memory: still webui's shape, and the server keeps serving
+        return error_response(500, type(exc).__name__, str(exc) or type(exc).__name__)
+
     async def run_job(request, job):
         """Queue `job` and wait for it; a client that disconnects cancels it."""
         try:
@@ -144,7 +148,7 @@ def create_app(shelf, queue_limit=8, api_auth=None):
         if refused_now is not None:
             return refused_now
         if job.error is not None:
-            raise job.error if isinstance(job.error, NpdiffError) else RuntimeError(str(job.error))
+            raise job.error
         if job.cancelled:
             return error_response(499, "Cancelled", "the client went away")
         images = [encode_base64(rendered.png) for rendered in job.results]

@@ -84,6 +84,8 @@ class JobQueue:
         """Decode the pictures and check size and memory against the loaded model: NpdiffError naming the
         field, before anything is queued."""
         pipe = self.shelf.pipe
+        if pipe is None:
+            raise RequestError(503, "sd_model_checkpoint", "sd_model_checkpoint: a model is being loaded; try again")
         if request.init_image is not None:
             request.picture = load_image(request.init_image, name="init_images[0]")
         if request.mask is not None:
@@ -175,8 +177,16 @@ class JobQueue:
     def _render_pictures(self, job):
         """batch_size * n_iter pictures, the i-th with seed + i (webui's rule), each through recipe.render."""
         request, shelf = job.request, self.shelf
+        own_model = shelf.name
         if request.model:
             shelf.load(request.model)
+        try:
+            self._render_with_loaded_model(job, request, shelf)
+        finally:
+            if request.model and request.restore_model:  # webui's override_settings_restore_afterwards
+                shelf.load(own_model)
+
+    def _render_with_loaded_model(self, job, request, shelf):
         shelf.use_sampler(request.sampler)
         callback = self._progress_callback(job)
         with shelf.loras_fused(request.loras):

@@ -82,10 +82,16 @@ class ModelShelf:
         name, path = self.model_path(name) if name else (self.first_identity["model"], self.first_model)
         if name == self.name and self.pipe is not None:
             return
+        previous = self.name
         self.pipe, self.preview_vae, self.name = None, None, None  # free the old model before loading the new
         gc.collect()
         start = time.perf_counter()
-        pipe = StableDiffusionPipeline.from_pretrained(path)
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(path)
+        except Exception:
+            if previous is not None:  # the server keeps serving the model it had
+                self.load(previous)
+            raise
         pipe.show_progress = False
         if self.preview_vae_folder:
             self.preview_vae = check_vae_fits(load_vae(self.preview_vae_folder), pipe.unet.config,

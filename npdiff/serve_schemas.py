@@ -111,6 +111,7 @@ class PictureRequest:
     pictures: int  # batch_size * n_iter
     loras: list  # [(name, scale)] from the prompt's <lora:name:scale> tags (removed from the prompt)
     model: object = None  # override_settings' sd_model_checkpoint, or None
+    restore_model: bool = True  # override_settings_restore_afterwards: load the server's model again after
     init_image: bytes = None
     mask: bytes = None
     picture: object = None  # init_image decoded (PIL), by JobQueue.check
@@ -226,6 +227,7 @@ def picture_request(body, kind):
     request = PictureRequest(kind=kind, command="generate", options=options, sampler=resolve_sampler(body),
                              pictures=pictures, loras=loras, model=model, ignored=ignored_fields(body, kind))
     request.ignored += [f"override_settings.{key}" for key in overrides if key != "sd_model_checkpoint"]
+    request.restore_model = body.get("override_settings_restore_afterwards", True) is not False
     size = {"width": _int_field(body, "width", 512, 1, MAX_SIDE), "height": _int_field(body, "height", 512, 1, MAX_SIDE)}
     if kind == "txt2img":
         options.update(size)

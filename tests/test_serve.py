@@ -37,6 +37,8 @@ def lora_dir(tmp_path_factory):
 def server(lora_dir, tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
     shutil.copytree(default_model_path(), models / "shapes-copy")
+    (models / "broken").mkdir()
+    (models / "broken" / "model_index.json").write_text("{}")  # a model folder with nothing in it
     with running_server(models_dir=models, lora_dir=lora_dir, queue_limit=3) as (url, app):
         yield url
 
@@ -199,7 +201,7 @@ def test_a_client_that_disconnects_cancels_its_job_waiting_or_running(server):
 def test_models_switch_by_name_only(server):
     api = client(server)
     names = [model["model_name"] for model in api.get_sd_models()]
-    assert names == ["tiny-shapes", "shapes-copy"]
+    assert names == ["tiny-shapes", "broken", "shapes-copy"]
     api.util_set_model("shapes-copy")
     assert requests.get(f"{server}/sdapi/v1/options", timeout=10).json()["sd_model_checkpoint"].startswith("shapes-copy")
     result = api.txt2img(prompt="a red circle", seed=3, steps=2, width=32, height=32)
@@ -261,3 +263,19 @@ def test_hires_and_other_webui_fields_are_accepted_and_listed_as_ignored(server)
                             json={"prompt": "x", "steps": 2, "width": 32, "height": 32, "a_field_of_tomorrow": [1]})
     assert unknown.status_code == 200
     assert "a_field_of_tomorrow=[1]" in json.loads(unknown.json()["info"])["npdiff_ignored"]
+
+
+def test_override_settings_model_for_one_request(server):
+    api = client(server)
+    result = api.txt2img(prompt="a circle", seed=2, steps=2, width=32, height=32,
+                         override_settings={"sd_model_checkpoint": "shapes-copy"})
+    assert "Model: shapes-copy" in result.info["infotexts"][0]
+    assert api.get_options()["sd_model_checkpoint"].startswith("tiny-shapes")  # restored afterwards, as webui
+
+
+def test_a_model_that_fails_to_load_leaves_the_old_one_serving(server):
+    response = requests.post(f"{server}/sdapi/v1/options", json={"sd_model_checkpoint": "broken"}, timeout=60)
+    assert 400 <= response.status_code < 500 and set(response.json()) == {"error", "detail", "body", "errors"}
+    assert progress(server)["state"]["job_count"] == 0
+    assert client(server).get_options()["sd_model_checkpoint"].startswith("tiny-shapes")
+    assert client(server).txt2img(prompt="a circle", seed=2, steps=2, width=32, height=32).info["all_seeds"] == [2]
