@@ -10,12 +10,11 @@ What is compared (random inputs from the seed, the same arrays fed to both sides
                       context SDXL builds (the encoders' penultimate hidden states side by side) and time
                       ids of the picture's size (base: 6 ids; refiner: 5, aesthetic score 6);
   4. VAE              as for SD (verify_blocks.compare_vae);
-  5. sampling loop    when npdiff's StableDiffusionXLPipeline is there and the folder is a text-to-image
-                      model (not a refiner): a few steps from the same seed, final latents and 8-bit pictures.
+  5. sampling loop    for a text-to-image model (not a refiner): npdiff's StableDiffusionXLPipeline against
+                      diffusers', a few steps from the same seed, final latents and 8-bit pictures.
 The networks are loaded one by one from their subfolders (npdiff.models), so steps 2-4 need no pipeline.
 """
 
-import importlib.util
 from types import SimpleNamespace
 
 import numpy as np
@@ -126,7 +125,6 @@ def verify_sdxl_model(model, steps, height, width, seed, out):
     import torch
     from diffusers import DiffusionPipeline
 
-
     ours = load_sdxl_networks(model)
     torch_pipe = DiffusionPipeline.from_pretrained(str(model), torch_dtype=torch.float32, local_files_only=True)
     torch_pipe.set_progress_bar_config(disable=True)
@@ -140,8 +138,6 @@ def verify_sdxl_model(model, steps, height, width, seed, out):
     compare_vae(table, ours, torch_pipe, latent_hw, generator, torch)
     if ours.text_encoder is None:
         table.note("sampling", "refiner", "not compared (an img2img-only model)")
-    elif importlib.util.find_spec("npdiff.pipeline_sdxl") is None:
-        table.note("sampling", "whole loop", "not compared (this npdiff has no StableDiffusionXLPipeline)")
     else:
         del ours
         pipe = StableDiffusionXLPipeline.from_pretrained(model)
