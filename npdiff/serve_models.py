@@ -21,7 +21,7 @@ from pathlib import Path
 
 from npdiff.errors import NpdiffError
 from npdiff.images import to_pil
-from npdiff.pipeline import StableDiffusionPipeline
+from npdiff.pipeline_sdxl import load_any_pipeline
 from npdiff.pipeline_utils import check_vae_fits, default_model_path
 from npdiff.recipe import load_vae, model_png_identity
 from npdiff.serve_schemas import RequestError, check_name
@@ -87,7 +87,7 @@ class ModelShelf:
         gc.collect()
         start = time.perf_counter()
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(path)
+            pipe = load_any_pipeline(path)  # SD or SDXL, as the command line loads --model
         except Exception:
             if previous is not None:  # the server keeps serving the model it had
                 self.load(previous)
