@@ -40,7 +40,7 @@ SEED_LIMIT = 2**32  # webui's seeds are 32-bit; -1 draws one
 USED_FIELDS = {"prompt": "prompt", "negative_prompt": "negative", "steps": "steps", "cfg_scale": "guidance",
                "seed": "seed", "eta": "eta", "width": "width", "height": "height"}
 OTHER_USED = {"sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter", "override_settings",
-              "override_settings_restore_afterwards", "send_images", "save_images"}
+              "override_settings_restore_afterwards"}
 IMG2IMG_USED = {"init_images", "mask", "denoising_strength", "inpainting_mask_invert"}
 # webui's fields npdiff does not act on, with webui's defaults: listed in the info when set to anything else.
 # The hires fix (enable_hr and hr_*) is among them: npdiff serve accepts it and does not run it.
@@ -55,6 +55,7 @@ WEBUI_DEFAULTS = {
     "inpainting_fill": 0, "inpaint_full_res": True, "inpaint_full_res_padding": 0, "include_init_images": False,
     "initial_noise_multiplier": 1, "refiner_checkpoint": None, "refiner_switch_at": 0, "infotext": None,
     "comments": {}, "disable_extra_networks": False, "force_task_id": None, "sampler_index": None,
+    "send_images": True, "save_images": False,  # npdiff serve always sends its pictures and saves none
 }
 HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y")
 NAME_PATTERN = re.compile(r"^[^/\\\x00]{1,200}$")  # a model or LoRA name: no path separator, no NUL

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from serve_server import running_server
+from serve_server import free_port, running_server
 
 requests = pytest.importorskip("requests")
 webuiapi = pytest.importorskip("webuiapi")
@@ -144,3 +144,26 @@ def test_without_the_serve_extra_npdiff_imports_and_serve_says_how_to_install():
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("npdiff: error: npdiff serve needs the 'serve' extra: "
                                                             "pip install 'npdiff[serve]'")
+
+
+def test_npdiff_serve_starts_from_the_command_line_and_stops_on_sigterm():
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "npdiff.cli", "serve", "--port", str(port), "--queue", "2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.stderr.read()
+            try:
+                samplers = requests.get(f"http://127.0.0.1:{port}/sdapi/v1/samplers", timeout=2).json()
+                break
+            except requests.exceptions.ConnectionError:
+                assert time.monotonic() < deadline, "npdiff serve did not answer within 60 s"
+                time.sleep(0.2)
+        assert {"name": "Euler a", "aliases": ["euler_a"], "options": {}} in samplers
+        page = requests.get(f"http://127.0.0.1:{port}/", timeout=10)
+        assert page.status_code == 200 and "<title>npdiff serve</title>" in page.text
+    finally:
+        process.terminate()
+        _, stderr = process.communicate(timeout=30)
+    assert "serving http://127.0.0.1:" in stderr
