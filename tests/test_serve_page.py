@@ -3,6 +3,7 @@ download): type a prompt, press Generate, see the progress bar move, the live pi
 gallery fill; drop-to-reproduce fills the form from a PNG through /sdapi/v1/png-info."""
 
 import base64
+import fnmatch
 import os
 import time
 from pathlib import Path
@@ -20,8 +21,8 @@ from selenium.webdriver.common.by import By  # noqa: E402
 CHROMEDRIVER = "/usr/bin/chromedriver"
 CHROMIUM = "/usr/bin/chromium"
 WAIT_SECONDS = 60
-pytestmark = pytest.mark.skipif(not (Path(CHROMEDRIVER).exists() and Path(CHROMIUM).exists()),
-                                reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
+needs_chromium = pytest.mark.skipif(not (Path(CHROMEDRIVER).exists() and Path(CHROMIUM).exists()),
+                                    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,7 @@ def wait_for(condition, what):
         time.sleep(0.05)
 
 
+@needs_chromium
 def test_type_a_prompt_press_generate_watch_it_emerge(browser, tmp_path):
     with running_server() as (url, app):
         browser.get(url + "/")
@@ -91,3 +93,14 @@ def test_type_a_prompt_press_generate_watch_it_emerge(browser, tmp_path):
         wait_for(lambda: browser.find_element(By.ID, "prompt").get_attribute("value") == "a red circle", "the drop")
         assert browser.find_element(By.ID, "seed").get_attribute("value") == "7"
         assert browser.find_element(By.ID, "steps").get_attribute("value") == "80"
+
+
+def test_the_page_is_package_data():
+    """Every file of npdiff/serve_static matches pyproject.toml's package-data: a non-editable install serves it."""
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11's TOML reader")
+    root = Path(__file__).resolve().parent.parent
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["npdiff"]
+    files = sorted(path.relative_to(root / "npdiff").as_posix() for path in (root / "npdiff" / "serve_static").iterdir())
+    assert files == ["serve_static/app.js", "serve_static/index.html", "serve_static/style.css"]
+    for name in files:
+        assert any(fnmatch.fnmatch(name, pattern) for pattern in patterns), name
