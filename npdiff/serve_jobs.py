@@ -161,8 +161,8 @@ class JobQueue:
                 if self.stopping:
                     return
                 job = self.waiting.popleft()
+                job.started = time.monotonic()  # before it is current: progress() reads it
                 self.current = job
-            job.started = time.monotonic()
             try:
                 if job.work is not None:
                     job.work()
