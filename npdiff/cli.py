@@ -15,6 +15,10 @@
                     --negative, --steps, --guidance, --sampler, --height/--width, --strength]
                                      one picture per line of JOBS (prompts, or .jsonl of options),
                                      on N local processes or a Ray cluster; a rerun resumes
+    npdiff serve [--model M] [--models-dir DIR] [--lora-dir DIR] [--host 127.0.0.1] [--port 7860]
+                 [--api-auth USER:PASS] [--queue N]
+                                     keep the model loaded; webui's /sdapi/v1 API and a page at /
+                                     (the 'serve' extra; npdiff/serve.py)
     npdiff verify [--model PATH] [--steps N]
                                      npdiff against diffusers/transformers on the same weights:
                                      relative error per component and per block
@@ -55,6 +59,7 @@ from npdiff.recipe import (
     pipeline_arguments,
     render,
 )
+from npdiff.serve import add_serve_command
 from npdiff.verify import verify_model
 
 
@@ -348,7 +353,7 @@ def add_verify_command(subparsers):
 
 
 COMMANDS = [add_generate_command, add_img2img_command, add_inpaint_command, add_batch_command,
-            add_verify_command, add_bench_command]
+            add_serve_command, add_verify_command, add_bench_command]
 
 
 def build_parser():
