@@ -27,9 +27,10 @@ SDXL_TEXT_ENCODER_2_CONFIG = dict(SDXL_TEXT_ENCODER_CONFIG, hidden_act="gelu", h
                                   intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
                                   projection_dim=1280)
 
-# the same architectures at a few channels (a check run: seconds in all)
+# the same architectures at a few channels (a check run: seconds in all); the UNet attends to both text
+# encoders' hidden states side by side (32 + 64 channels), as SDXL's to 768 + 1280
 TINY_SDXL_UNET_CONFIG = dict(SDXL_UNET_CONFIG, block_out_channels=[32, 64, 64], attention_head_dim=[1, 2, 4],
-                             transformer_layers_per_block=[1, 2, 3], cross_attention_dim=64,
+                             transformer_layers_per_block=[1, 2, 3], cross_attention_dim=32 + 64,
                              addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
                              sample_size=16)
 TINY_SDXL_VAE_CONFIG = dict(SDXL_VAE_CONFIG, block_out_channels=[32, 32, 64, 64], sample_size=128)

@@ -1,14 +1,21 @@
 """The whole job as a user runs it: npdiff and diffusers text-to-image, each in a fresh process.
 
     npdiff bench pipeline [--job pndm20-vae,lcm4-taesd] [--size 512] [--sides npdiff,diffusers] [--seed 1]
+    npdiff bench pipeline --sdxl [--size 1024] [--tiny]  the SDXL job below (--tiny: a check run in a minute
+                                                         on few-channel SDXL networks, 128x128)
 
 Jobs (one prompt, one picture, float32 on the CPU, each library's default thread count):
     pndm20-vae   20 PNDM steps, guidance 7.5 (two UNet rows per step), AutoencoderKL decode: the default SD job
     lcm4-taesd   4 LCM steps, guidance 1 (no classifier-free guidance, as with an LCM-LoRA), TAESD decode
     pndm4-vae    4 PNDM steps, guidance 7.5, AutoencoderKL decode (the job of the earlier whole-job figures)
-The model is benchmarks/models.py's random SD 1.5-size weights (~/.cache/npdiff/sd15-random), completed
+    euler2-sdxl  (--sdxl) SDXL base 1.0's networks: 2 Euler steps, guidance 5 (two UNet rows per step), its
+                 KL VAE decode to 1024x1024; prompt and prompt_2 the same
+The SD model is benchmarks/models.py's random SD 1.5-size weights (~/.cache/npdiff/sd15-random), completed
 here into a pipeline folder (tokenizer/, scheduler/ with SD 1.5's PNDM config, model_index.json) plus a
-random TAESD (diffusers' AutoencoderTiny default config, the real TAESD's architecture) in taesd/.
+random TAESD (diffusers' AutoencoderTiny default config, the real TAESD's architecture) in taesd/. The
+SDXL model is models.py's random SDXL-size weights (~/.cache/npdiff/sdxl-random: unet, vae, text_encoder,
+text_encoder_2, float32, 13.9 GB), completed the same way (tokenizer/, tokenizer_2/ padded with "!" as
+SDXL's, scheduler/ with SDXL's Euler config, model_index.json of a StableDiffusionXLPipeline).
 lcm4-taesd runs the same random UNet with the LCM scheduler: an LCM-LoRA changes weight values only,
 not the work per step, so the cost is that of a real LCM-LoRA job.
 
@@ -48,12 +55,18 @@ from pathlib import Path
 
 from _rss import proc_status_gib
 
+# This folder is first on sys.path (the script's own), and its kernels.py would shadow the `kernels` package
+# (Hugging Face's) that diffusers imports when it is installed: a worker drops it (the parent puts it back
+# below, for models.py and _common.py).
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
+
 T0 = time.perf_counter()  # the worker's clock (a worker is this file run with --worker)
 
 JOBS = {
     "pndm20-vae": {"scheduler": "pndm", "steps": 20, "guidance": 7.5, "vae": "kl"},
     "lcm4-taesd": {"scheduler": "lcm", "steps": 4, "guidance": 1.0, "vae": "taesd"},
     "pndm4-vae": {"scheduler": "pndm", "steps": 4, "guidance": 7.5, "vae": "kl"},
+    "euler2-sdxl": {"scheduler": "euler", "steps": 2, "guidance": 5.0, "vae": "kl", "sdxl": True},
 }
 SIDES = ["npdiff", "diffusers"]
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -130,7 +143,12 @@ def npdiff_job(job, cache, size, seed, clock):
     from npdiff.models import AutoencoderTiny
 
     clock.mark("import")
-    pipe = StableDiffusionPipeline.from_pretrained(cache, scheduler=job["scheduler"])
+    if job.get("sdxl"):
+        from npdiff import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(cache, scheduler=job["scheduler"])
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(cache, scheduler=job["scheduler"])
     if job["vae"] == "taesd":
         pipe.vae = AutoencoderTiny.from_pretrained(cache / "taesd")
     clock.mark("load")
@@ -150,7 +168,13 @@ def diffusers_job(job, cache, size, seed, clock):
         extra["scheduler"] = LCMScheduler.from_config(LCMScheduler.load_config(cache, subfolder="scheduler"))
     if job["vae"] == "taesd":
         extra["vae"] = AutoencoderTiny.from_pretrained(cache / "taesd")
-    pipe = StableDiffusionPipeline.from_pretrained(cache, safety_checker=None, requires_safety_checker=False, **extra)
+    if job.get("sdxl"):
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(cache)  # its scheduler/: SDXL's Euler
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(cache, safety_checker=None, requires_safety_checker=False,
+                                                       **extra)
     clock.mark("load")
     timed_decode(pipe.vae, clock)
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -181,6 +205,34 @@ MODEL_INDEX = {
     "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
     "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
 }
+
+
+SDXL_MODEL_INDEX = {
+    "_class_name": "StableDiffusionXLPipeline", "feature_extractor": [None, None], "image_encoder": [None, None],
+    "force_zeros_for_empty_prompt": True, "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def ensure_sdxl_pipeline_folder(cache, profile="sdxl"):
+    """Complete models.py's SDXL-size cache (profile "sdxl", or "sdxl-tiny") into an SDXL pipeline folder
+    (the weights untouched)."""
+    from models import ensure_cache
+    from npdiff.clip_vocab import write_clip_tokenizer_folder
+    from npdiff.loading.single_file_sdxl import SDXL_SCHEDULER_CONFIG
+
+    ensure_cache(cache, profile)
+    if not (cache / "tokenizer" / "vocab.json").is_file():
+        write_clip_tokenizer_folder(cache / "tokenizer")
+    if not (cache / "tokenizer_2" / "vocab.json").is_file():
+        write_clip_tokenizer_folder(cache / "tokenizer_2", pad_token="!")  # SDXL's second tokenizer pads with "!"
+    if not (cache / "scheduler" / "scheduler_config.json").is_file():
+        (cache / "scheduler").mkdir(exist_ok=True)
+        (cache / "scheduler" / "scheduler_config.json").write_text(json.dumps(SDXL_SCHEDULER_CONFIG, indent=2))
+    if not (cache / "model_index.json").is_file():
+        (cache / "model_index.json").write_text(json.dumps(SDXL_MODEL_INDEX, indent=2))
 
 
 def ensure_pipeline_folder(cache):
@@ -319,7 +371,10 @@ def print_results(rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job", default="pndm20-vae,lcm4-taesd", help="comma-separated: " + ", ".join(JOBS))
-    parser.add_argument("--size", type=int, default=512, help="picture height and width in pixels (default 512)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="picture height and width in pixels (default 512; with --sdxl 1024)")
+    parser.add_argument("--sdxl", action="store_true", help="the SDXL job (euler2-sdxl) on SDXL-size weights")
+    parser.add_argument("--tiny", action="store_true", help="with --sdxl: few-channel SDXL networks, a check run")
     parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated: npdiff, diffusers (default both)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--cache", default=None, help="folder of the random SD 1.5-size weights "
@@ -331,8 +386,12 @@ def main():
     args = parser.parse_args()
     if args.worker:
         return worker(args)  # before importing npdiff or numpy here: the worker imports only its own library
-    from models import DEFAULT_CACHE
+    from models import CACHE_ROOT, CACHE_NAMES, DEFAULT_CACHE
 
+    if args.sdxl:
+        args.job = "euler2-sdxl" if args.job == parser.get_default("job") else args.job
+        args.cache = args.cache or str(CACHE_ROOT / CACHE_NAMES["sdxl-tiny" if args.tiny else "sdxl"])
+    args.size = args.size or (1024 if args.sdxl and not args.tiny else 128 if args.tiny else 512)
     args.cache = args.cache or str(DEFAULT_CACHE)
     jobs = [job for job in args.job.split(",") if job]
     sides = [side for side in args.sides.split(",") if side]
@@ -340,7 +399,12 @@ def main():
     if unknown or args.size % 8 or args.size < 64:
         sys.exit(f"unknown job or side {sorted(unknown)} (jobs: {', '.join(JOBS)}; sides: {', '.join(SIDES)}), "
                  f"or --size {args.size} not a multiple of 8 >= 64")
-    ensure_pipeline_folder(Path(args.cache))
+    if any(JOBS[job].get("sdxl") for job in jobs) != bool(args.sdxl) or len({bool(JOBS[j].get("sdxl")) for j in jobs}) > 1:
+        sys.exit("the SDXL job (euler2-sdxl) runs alone, with --sdxl; the SD jobs without it")
+    if args.sdxl:
+        ensure_sdxl_pipeline_folder(Path(args.cache), "sdxl-tiny" if args.tiny else "sdxl")
+    else:
+        ensure_pipeline_folder(Path(args.cache))
     import tempfile
 
     from _common import write_json

@@ -30,7 +30,7 @@ from npdiff.schedulers import SCHEDULERS
 # Keys a JSONL line may set -> what it is (an option of npdiff.recipe, or a file)
 FILE_KEYS = ("image", "mask", "vae", "lora")
 LINE_KEYS = {**{name: name for name in OPTION_BY_NAME}, "negative_prompt": "negative",
-             **{name: name for name in FILE_KEYS}}
+             "negative_prompt_2": "negative_2", **{name: name for name in FILE_KEYS}}
 # Options of `npdiff generate` that a line cannot set -> why.
 NOT_PER_LINE = {
     "model": "the model is loaded once per worker: pass --model to npdiff batch",

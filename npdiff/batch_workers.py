@@ -18,7 +18,7 @@ from itertools import islice
 
 from npdiff.errors import NpdiffError
 from npdiff.images import load_image
-from npdiff.pipeline import StableDiffusionPipeline
+from npdiff.pipeline_sdxl import load_any_pipeline
 from npdiff.pipeline_utils import resolve_scheduler
 from npdiff.recipe import load_vae, render
 
@@ -52,7 +52,7 @@ class Renderer:
 
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
-        self.pipe = StableDiffusionPipeline.from_pretrained(model)
+        self.pipe = load_any_pipeline(model)  # SD or SDXL, as the model's layout says
         self.pipe.show_progress = False
         self.model_vae = self.pipe.vae
         self.vaes = {}  # folder -> loaded VAE

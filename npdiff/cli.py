@@ -15,6 +15,10 @@
                     --negative, --steps, --guidance, --sampler, --height/--width, --strength]
                                      one picture per line of JOBS (prompts, or .jsonl of options),
                                      on N local processes or a Ray cluster; a rerun resumes
+    npdiff serve [--model M] [--models-dir DIR] [--lora-dir DIR] [--host 127.0.0.1] [--port 7860]
+                 [--api-auth USER:PASS] [--queue N]
+                                     keep the model loaded; webui's /sdapi/v1 API and a page at /
+                                     (the 'serve' extra; npdiff/serve.py)
     npdiff verify [--model PATH] [--steps N]
                                      npdiff against diffusers/transformers on the same weights:
                                      relative error per component and per block
@@ -41,7 +45,7 @@ from npdiff.atomic_files import atomic_write, check_destination
 from npdiff.batch import add_batch_command
 from npdiff.errors import clip, shorten
 from npdiff.images import StepRecorder, emergence_grid, load_image, read_png_params
-from npdiff.pipeline import StableDiffusionPipeline
+from npdiff.pipeline_sdxl import load_any_pipeline
 from npdiff.pipeline_utils import default_model_path
 from npdiff.recipe import (
     DEFAULTS,
@@ -55,6 +59,7 @@ from npdiff.recipe import (
     pipeline_arguments,
     render,
 )
+from npdiff.serve import add_serve_command
 from npdiff.verify import verify_model
 
 
@@ -151,7 +156,7 @@ def load_pipeline(args):
         backend.use(name, dtype="float16" if args.fp16 else "float32")
     model = Path(args.model) if args.model else default_model_path()
     start = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(model, scheduler=args.sampler, prediction_type=args.prediction_type)
+    pipe = load_any_pipeline(model, scheduler=args.sampler, prediction_type=args.prediction_type)  # SD or SDXL
     if args.vae:
         pipe.vae = load_vae(args.vae)
     print(f"loaded model {model} in {time.perf_counter() - start:.2f} s (sampler {pipe.scheduler_name}, "
@@ -262,6 +267,9 @@ def run_inpaint(args):
 def add_sampling_options(p):
     p.add_argument("prompt", nargs="?", default=None, help="what to draw")
     p.add_argument("--negative", default=None, help="negative prompt (default: empty)")
+    p.add_argument("--prompt-2", default=None, help="SDXL: what the second text encoder reads (default: PROMPT)")
+    p.add_argument("--negative-2", default=None,
+                   help="SDXL: the second text encoder's negative prompt (default: --negative)")
     p.add_argument("--steps", type=int, default=None, help=f"denoising steps (default {DEFAULTS['steps']})")
     p.add_argument("--guidance", type=float, default=None,
                    help=f"classifier-free guidance scale; <= 1 turns it off (default {DEFAULTS['guidance']})")
@@ -345,7 +353,7 @@ def add_verify_command(subparsers):
 
 
 COMMANDS = [add_generate_command, add_img2img_command, add_inpaint_command, add_batch_command,
-            add_verify_command, add_bench_command]
+            add_serve_command, add_verify_command, add_bench_command]
 
 
 def build_parser():

@@ -18,7 +18,9 @@ Every mode is one flow, _generate, with these steps (diffusers' StableDiffusionP
      torch.randn with a CPU torch.Generator) after the text is encoded, as diffusers does;
   4. for each timestep t: scale the model input, predict the noise with the UNet, combine
      eps = eps_uncond + g * (eps_cond - eps_uncond), and let the scheduler step x_t -> x_{t-1};
-     a NaN or Inf in the latents stops the call with an NpdiffError naming the step;
+     a NaN or Inf in the latents stops the call with an NpdiffError naming the step; a callback that
+     raises pipeline_utils.StopSampling ends the loop there (an interrupt), and the call goes on to 5
+     with the latents it has;
   5. decode latents / scaling_factor with the VAE (NaN/Inf there: NpdiffError, not a black
      picture) and round to 8-bit pictures.
 Between the steps each model whose stage is over (the text encoder after 1, the UNet after 4, the VAE
@@ -49,6 +51,7 @@ from npdiff.memory_estimate import check_call_memory
 from npdiff.models.blocks import guidance_scale_embedding
 from npdiff.pipeline_utils import (
     PipelineOutput,
+    StopSampling,
     as_prompt_list,
     check_callback,
     check_eta,
@@ -224,7 +227,9 @@ class StableDiffusionPipeline:
     def denoise(self, latents, timesteps, scheduler, text_embeddings, guidance_scale, generator,
                 num_inference_steps, callback=None, callback_steps=1, progress=None, start=None,
                 eta=0.0, extra=None):
-        """The sampling loop (step 4 of the module docstring) over `timesteps`; -> final latents.
+        """The sampling loop (step 4 of the module docstring) over `timesteps`; -> final latents. A callback
+        that raises StopSampling ends the loop after the step it was told of (self.steps_done says how many
+        steps ran).
 
         start: the sampling start (npdiff/sampling_starts.py) whose unet_input and after_step hooks run
         in each step; None -> NoiseStart's, which change nothing. text_embeddings: text_conditioning's
@@ -244,6 +249,7 @@ class StableDiffusionPipeline:
         order = getattr(scheduler, "order", 1)
         num_warmup_steps = len(timesteps) - num_inference_steps * order
         bar = self._progress_bar(num_inference_steps, progress)
+        self.steps_done = None  # None: every step ran
         for i, t in enumerate(timesteps):
             # 4.1 one batch for both halves when guiding: [B,4,h,w] -> [2B,4,h,w]
             model_input = xp.concatenate([latents, latents], axis=0) if do_guidance else latents
@@ -265,7 +271,11 @@ class StableDiffusionPipeline:
                 if bar is not None:
                     bar.update()
                 if callback is not None and i % callback_steps == 0:
-                    callback(i // order, t, latents)
+                    try:
+                        callback(i // order, t, latents)
+                    except StopSampling:  # an interrupt: keep the latents of this step, skip the rest
+                        self.steps_done = i // order + 1
+                        break
         if bar is not None:
             bar.close()
         return latents
@@ -349,6 +359,8 @@ class StableDiffusionPipeline:
                                                 start.width, self.scheduler_name)
         parameters.update(start.parameters(), eta=eta)  # eta changes DDIM's and TCD's pixels: recorded
         parameters.update(prompt_options.parameters())  # prompt_syntax, clip_skip when not the defaults
+        if self.steps_done is not None:  # interrupted (StopSampling): not the picture `steps` would make
+            parameters["steps_done"] = self.steps_done
         if extra is not None:
             parameters.update(extra.parameters())
         output = self.package_output(latents, output_type, seed, parameters)

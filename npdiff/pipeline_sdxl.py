@@ -33,6 +33,7 @@ from npdiff.pipeline_utils import (
     check_positive_int,
     default_model_path,
     load_components,
+    model_family,
     resolve_scheduler,
 )
 from npdiff.prompt_encoding import CHUNK_TOKENS, PromptOptions, match_chunk_counts
@@ -321,3 +322,11 @@ def takes_aesthetic_score(unet, text_encoder_2):
     projection = text_encoder_2.config.get("projection_dim") or text_encoder_2.config["hidden_size"]
     time_dim = config.get("addition_time_embed_dim") or 0
     return config.get("projection_class_embeddings_input_dim") == 5 * time_dim + projection
+
+
+def load_any_pipeline(path=None, **kwargs):
+    """StableDiffusionXLPipeline or StableDiffusionPipeline.from_pretrained(path, **kwargs), whichever the model's
+    layout says it is (pipeline_utils.model_family): how the command line and batch workers load --model."""
+    path = default_model_path() if path is None else path
+    cls = StableDiffusionXLPipeline if model_family(path) == "sdxl" else StableDiffusionPipeline
+    return cls.from_pretrained(path, **kwargs)

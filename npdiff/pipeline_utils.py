@@ -57,6 +57,12 @@ class PipelineOutput:
     parameters: dict = field(default_factory=dict)
 
 
+class StopSampling(Exception):
+    """Raised by a pipeline callback to end the sampling loop early and cleanly (a server's interrupt): the
+    loop stops after the step just reported, and the call decodes and returns the latents it has, recording
+    the steps actually run as "steps_done" in its parameters."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Finding the model
 # ---------------------------------------------------------------------------------------------

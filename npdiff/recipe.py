@@ -45,6 +45,8 @@ ALL = ("generate", "img2img", "inpaint")
 OPTIONS = (
     Option("prompt", "prompt", "prompt", ALL),
     Option("negative", "negative_prompt", "negative_prompt", ALL),
+    Option("prompt_2", "prompt_2", "prompt_2", ALL),  # SDXL's second text encoder (StableDiffusionXLPipeline)
+    Option("negative_2", "negative_prompt_2", "negative_prompt_2", ALL),
     Option("steps", "num_inference_steps", "steps", ALL),
     Option("guidance", "guidance_scale", "guidance_scale", ALL),
     Option("seed", "seed", "seed", ALL),
@@ -96,7 +98,7 @@ def check_value(name, value, where=None):
     def refuse(expected):
         raise NpdiffError(f"{prefix}{name!r} must be {expected}, got {shorten(value)}")
 
-    if name in ("prompt", "negative"):
+    if name in ("prompt", "negative", "prompt_2", "negative_2"):
         return check_prompt_text(value, f"{prefix}{name!r}")
     if name in ("steps", "seed", "height", "width"):
         if not is_int(value) or value < (0 if name == "seed" else 1) or value >= 2**64:
@@ -236,6 +238,18 @@ def pipeline_arguments(command, options):
     return keywords
 
 
+def sdxl_arguments(pipe, keywords):
+    """prompt_2/negative_prompt_2 only for an SDXL pipeline (NpdiffError otherwise); there an empty negative prompt
+    is none at all, so that force_zeros_for_empty_prompt guides against zeros as diffusers' SDXL does by default."""
+    is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    for keyword, option in (("prompt_2", "--prompt-2 / prompt_2"), ("negative_prompt_2", "--negative-2 / negative_2")):
+        if keywords.get(keyword) is not None and not is_sdxl:
+            raise NpdiffError(f"{option} is for SDXL models (a second text encoder); this model has one")
+    if is_sdxl and keywords.get("negative_prompt") == "":
+        keywords = dict(keywords, negative_prompt=None)
+    return keywords
+
+
 def render(pipe, command, options, picture=None, mask=None, identity=None, vae=None, callback=None,
            callback_steps=1):
     """Make one picture: -> Rendered(PNG bytes, the parameters it stores, the pipeline's output).
@@ -247,7 +261,7 @@ def render(pipe, command, options, picture=None, mask=None, identity=None, vae=N
     """
 
     # 1. the call's arguments, checked before any work
-    keywords = pipeline_arguments(command, options)
+    keywords = sdxl_arguments(pipe, pipeline_arguments(command, options))
     if command != "generate" and picture is None:
         raise NpdiffError(f"{command} needs a picture")
     if command == "inpaint" and mask is None:
