@@ -288,8 +288,10 @@ def add_residuals(tensors, residuals, name):
                           "(a ControlNet made for another model?)")
     summed = []
     for index, (tensor, residual) in enumerate(zip(tensors, residuals)):
-        if tuple(residual.shape) != tuple(tensor.shape):
+        pooled = tuple(residual.shape[2:]) == (1, 1)                    # a global_pool_conditions net's [B,C,1,1]
+        if tuple(residual.shape[:2]) != tuple(tensor.shape[:2]) or (
+                tuple(residual.shape[2:]) != tuple(tensor.shape[2:]) and not pooled):
             raise NpdiffError(f"{name}[{index}] has shape {tuple(residual.shape)}; the UNet's is {tuple(tensor.shape)} "
                               "(a ControlNet made for another model?)")
-        summed.append(tensor + to_device(residual))                     # [B,C,H,W] + [B,C,H,W]
+        summed.append(tensor + to_device(residual))                     # [B,C,H,W] + [B,C,H,W] (or [B,C,1,1])
     return summed
