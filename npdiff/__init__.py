@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "StableDiffusionPipeline": "npdiff.pipeline",
     "StableDiffusionXLPipeline": "npdiff.pipeline_sdxl",
+    "StableDiffusionControlNetPipeline": "npdiff.pipeline_controlnet",
 }
 
 
@@ -28,4 +29,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'npdiff' has no attribute {name!r}")
 
 
-__all__ = ["NpdiffError", "StableDiffusionPipeline", "StableDiffusionXLPipeline", "__version__"]
+__all__ = ["NpdiffError", "StableDiffusionControlNetPipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline",
+           "__version__"]

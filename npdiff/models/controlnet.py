@@ -19,12 +19,14 @@ Everything up to the middle is UNet2DConditionModel's down path (models/unet.py)
 same code; this class adds the conditioning embedding and the zero convolutions.
 """
 
+from pathlib import Path
+
 import numpy as np
 
 from npdiff.backend import to_device
 from npdiff.errors import NpdiffError
 from npdiff.loading.config_checks import full_config
-from npdiff.loading.configs import load_component
+from npdiff.loading.configs import find_component_weights, load_component
 from npdiff.models.blocks import Conv2d
 from npdiff.models.unet import UNet2DConditionModel
 from npdiff.kernels.activations import silu
@@ -81,6 +83,7 @@ class ControlNetModel(UNet2DConditionModel):
     blocks) is the UNet's, built and run by the same methods."""
 
     def __init__(self, config, weights):
+        self.name, self.weights_file = "custom", None                 # set by the loaders
         self.controlnet_config = {**CONTROLNET_DEFAULTS, **config}
         self.config = full_config("unet", unet_config_of(config))     # checked as a UNet's down path
         c, own = self.config, self.controlnet_config
@@ -109,7 +112,11 @@ class ControlNetModel(UNet2DConditionModel):
     @classmethod
     def from_pretrained(cls, folder, subfolder=None, variant=None):
         """A diffusers ControlNet folder (config.json + diffusion_pytorch_model[.fp16].safetensors)."""
-        return cls(*load_component(folder, subfolder, variant))
+        path = Path(folder) / subfolder if subfolder else Path(folder)
+        net = cls(*load_component(folder, subfolder, variant))
+        net.name = path.resolve().name                                 # what a picture's metadata calls it
+        net.weights_file = Path(find_component_weights(path, variant)[1])  # hashed for the metadata
+        return net
 
     @property
     def skip_count(self):
