@@ -18,6 +18,7 @@ _LAZY = {
     "StableDiffusionPipeline": "npdiff.pipeline",
     "StableDiffusionXLPipeline": "npdiff.pipeline_sdxl",
     "StableDiffusionControlNetPipeline": "npdiff.pipeline_controlnet",
+    "StableDiffusionXLControlNetPipeline": "npdiff.pipeline_controlnet_sdxl",
 }
 
 
@@ -30,4 +31,4 @@ def __getattr__(name):
 
 
 __all__ = ["NpdiffError", "StableDiffusionControlNetPipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline",
-           "__version__"]
+           "StableDiffusionXLControlNetPipeline", "__version__"]
