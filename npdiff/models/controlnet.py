@@ -27,6 +27,7 @@ from npdiff.backend import to_device
 from npdiff.errors import NpdiffError
 from npdiff.loading.config_checks import full_config
 from npdiff.loading.configs import find_component_weights, load_component
+from npdiff.loading.single_file_controlnet import load_controlnet_single_file
 from npdiff.models.blocks import Conv2d
 from npdiff.models.unet import UNet2DConditionModel
 from npdiff.kernels.activations import silu
@@ -111,8 +112,13 @@ class ControlNetModel(UNet2DConditionModel):
 
     @classmethod
     def from_pretrained(cls, folder, subfolder=None, variant=None):
-        """A diffusers ControlNet folder (config.json + diffusion_pytorch_model[.fp16].safetensors)."""
+        """A diffusers ControlNet folder (config.json + diffusion_pytorch_model[.fp16].safetensors), or a single
+        .safetensors file in the original layout (control_v11p_sd15_canny.safetensors: control_model.* keys)."""
         path = Path(folder) / subfolder if subfolder else Path(folder)
+        if path.is_file():
+            net = cls(*load_controlnet_single_file(path))
+            net.name, net.weights_file = path.stem, path
+            return net
         net = cls(*load_component(folder, subfolder, variant))
         net.name = path.resolve().name                                 # what a picture's metadata calls it
         net.weights_file = Path(find_component_weights(path, variant)[1])  # hashed for the metadata
