@@ -45,6 +45,7 @@ from npdiff.models.controlnet import ControlNetModel
 from npdiff.pipeline import StableDiffusionPipeline
 from npdiff.pipeline_controlnet import StableDiffusionControlNetPipeline
 from npdiff.pipeline_utils import default_model_path
+from npdiff.preprocess import canny
 from npdiff.recipe import (
     DEFAULTS,
     INPAINT_DEFAULTS,
@@ -206,8 +207,10 @@ def load_controls(args):
         if not Path(net).exists():
             raise npdiff.NpdiffError(f"--control {net}: no such ControlNet file or folder")
     images = [load_image(image, what="control picture") for _, image, _ in specs]
+    if args.canny:
+        images = [canny(image) for image in images]  # white edges on black, RGB
     return {"images": images, "scales": [scale for _, _, scale in specs], "start": args.control_start,
-            "end": args.control_end, "guess_mode": bool(args.guess_mode)}
+            "end": args.control_end, "guess_mode": bool(args.guess_mode), "module": "canny" if args.canny else None}
 
 
 # --device -> the backend names that mean the same device
@@ -340,6 +343,9 @@ def add_sampling_options(p):
                    help="the ControlNets act from this fraction of the steps on (default 0)")
     p.add_argument("--control-end", type=float, default=1.0, metavar="F",
                    help="... up to this fraction of the steps (default 1)")
+    p.add_argument("--canny", action="store_true",
+                   help="make each --control picture's Canny edge map first (npdiff.preprocess.canny, thresholds "
+                   "100/200 as OpenCV's examples), for canny ControlNets; recorded as the module in the PNG")
     p.add_argument("--guess-mode", action="store_true",
                    help="ControlNet guess mode: the nets see only the prompted half, their outputs ramped from "
                    "0.1 to 1 (diffusers' guess_mode)")

@@ -256,7 +256,8 @@ def render(pipe, command, options, picture=None, mask=None, identity=None, vae=N
     command: "generate", "img2img" (needs `picture`) or "inpaint" (`picture` and `mask`, white = repaint);
     options: {option name: value} (OPTIONS' names, None = the default); identity: model_png_identity of the
     loaded model; vae: the path of a VAE loaded instead of the model's (its folder name is stored);
-    control: for a ControlNet pipeline, {"images": one picture per net, "scales", "start", "end", "guess_mode"}.
+    control: for a ControlNet pipeline, {"images": one picture per net, "scales", "start", "end", "guess_mode",
+    "module": what made the pictures from the user's (e.g. "canny") or None}.
     The pipeline is used as loaded (sampler, LoRAs, VAE). Nothing is written to disk.
     """
 
@@ -279,6 +280,9 @@ def render(pipe, command, options, picture=None, mask=None, identity=None, vae=N
         output = pipe.img2img(image=picture, **keywords, **progress)
     else:
         output = pipe.inpaint(image=picture, mask_image=mask, **keywords, **progress)
+    if control and control.get("module"):  # the control pictures were made from the given ones (--canny)
+        for net in output.parameters.get("controlnets", []):
+            net["module"] = control["module"]
     # 3. its PNG, in memory
     params = png_parameters(output.parameters, command, identity or {}, vae)
     buffer = BytesIO()

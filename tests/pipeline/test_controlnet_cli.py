@@ -49,3 +49,21 @@ def test_bad_control_options(tmp_path, capsys, spec, message):
     assert code != 0
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_canny_makes_the_edge_map(tmp_path, rng):
+    """--canny: the control picture is npdiff.preprocess.canny's edge map of the given picture."""
+    from npdiff.preprocess import canny
+
+    folder, net_folder = tiny_sd_folder(), net_folders(count=1)[0]
+    photo = tmp_path / "photo.png"
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).resize((64, 64)).save(photo)
+    out = tmp_path / "out.png"
+    assert cli.main(["generate", "a red circle", "--model", str(folder), "--steps", "2", "--seed", "3", "--canny",
+                     "--control", f"{net_folder}:{photo}", "--out", str(out)]) == 0
+    assert read_png_params(out)["controlnets"][0]["module"] == "canny"
+    assert 'ControlNet 0: "Module: canny' in png_text_chunks(out)["parameters"]
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(folder, controlnet=ControlNetModel.from_pretrained(net_folder))
+    pipe.show_progress = False
+    direct = pipe("a red circle", image=canny(Image.open(photo).convert("RGB")), num_inference_steps=2, seed=3)
+    np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(direct.images[0]))
