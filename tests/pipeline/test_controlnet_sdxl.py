@@ -21,7 +21,7 @@ def net_folders(count):
     return [tiny_controlnet(tiny_sdxl_folder("base") / "unet", seed=20 + index)[1] for index in range(count)]
 
 
-def compare(rng, seed, count, **kwargs):
+def compare(rng, seed, count, img2img=False, **kwargs):
     import diffusers
 
     final = {}
@@ -31,7 +31,9 @@ def compare(rng, seed, count, **kwargs):
         return {}
 
     torch_nets = [diffusers.ControlNetModel.from_pretrained(str(folder)) for folder in net_folders(count)]
-    theirs_pipe = diffusers.StableDiffusionXLControlNetPipeline.from_pretrained(
+    theirs_class = (diffusers.StableDiffusionXLControlNetImg2ImgPipeline if img2img
+                    else diffusers.StableDiffusionXLControlNetPipeline)
+    theirs_pipe = theirs_class.from_pretrained(
         str(tiny_sdxl_folder("base")), controlnet=torch_nets[0] if count == 1 else torch_nets,
         torch_dtype=torch.float32, local_files_only=True, add_watermarker=False)
     theirs_pipe.set_progress_bar_config(disable=True)
@@ -43,7 +45,7 @@ def compare(rng, seed, count, **kwargs):
     pipe = StableDiffusionXLControlNetPipeline.from_pretrained(tiny_sdxl_folder("base"),
                                                                controlnet=nets[0] if count == 1 else nets)
     pipe.show_progress = False
-    ours = pipe(seed=seed, output_type="np", **call)
+    ours = (pipe.img2img if img2img else pipe)(seed=seed, output_type="np", **call)
     assert_rel_close(ours.latents, final["latents"], tol=NETWORK_TOL, what="SDXL ControlNet latents")
     theirs_levels = np.round(np.asarray(theirs.images) * 255).astype(np.int16)
     worst = int(np.max(np.abs(np.round(ours.images * 255).astype(np.int16) - theirs_levels)))
@@ -65,3 +67,10 @@ def test_sd_net_on_sdxl_is_refused():
     sd_net = ControlNetModel.from_pretrained(tiny_controlnet(tiny_sd_folder() / "unet", seed=10)[1])
     with pytest.raises(NpdiffError, match="made for another model"):
         StableDiffusionXLControlNetPipeline.from_pretrained(tiny_sdxl_folder("base"), controlnet=sd_net)
+
+
+def test_img2img_matches_diffusers(rng, seed):
+    from PIL import Image
+
+    background = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    compare(rng, seed, 1, img2img=True, image=background, control_image=edge_picture(rng), strength=0.7)
