@@ -3,6 +3,7 @@
     net = ControlNetModel.from_pretrained("controlnet-canny-sdxl-1.0")
     pipe = StableDiffusionXLControlNetPipeline.from_pretrained("sdxl-base", controlnet=net)
     out = pipe("a red circle", image=edges, controlnet_conditioning_scale=0.5, seed=1)
+    out = pipe.img2img("a blue circle", image=picture, control_image=edges, strength=0.6, seed=2)
 
 StableDiffusionXLPipeline's flow and hooks (npdiff/pipeline_sdxl.py) with the ControlNet hooks of
 npdiff/pipeline_controlnet.py: the nets get the step's latents, text and SDXL's added conditioning (in guess

@@ -1,6 +1,6 @@
 """StableDiffusionXLControlNetPipeline against diffusers' on the tiny random SDXL (tests/pipeline/tiny_sdxl.py)
 with tiny random SDXL ControlNets (tests/tiny_controlnet.py, zero convolutions randomised): final latents
-within relative 1e-4 and 8-bit pictures within 2 levels per pixel, one net and two, guess mode, a window;
+within relative 1e-4 and 8-bit pictures within 2 levels per pixel, one net and two, guess mode, a window, img2img;
 an SD 1.x ControlNet on the SDXL model is refused."""
 
 import numpy as np
