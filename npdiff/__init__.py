@@ -17,6 +17,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "StableDiffusionPipeline": "npdiff.pipeline",
     "StableDiffusionXLPipeline": "npdiff.pipeline_sdxl",
+    "StableDiffusionControlNetPipeline": "npdiff.pipeline_controlnet",
+    "StableDiffusionXLControlNetPipeline": "npdiff.pipeline_controlnet_sdxl",
 }
 
 
@@ -28,4 +30,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'npdiff' has no attribute {name!r}")
 
 
-__all__ = ["NpdiffError", "StableDiffusionPipeline", "StableDiffusionXLPipeline", "__version__"]
+__all__ = ["NpdiffError", "StableDiffusionControlNetPipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline",
+           "StableDiffusionXLControlNetPipeline", "__version__"]

@@ -45,8 +45,11 @@ from npdiff.atomic_files import atomic_write, check_destination
 from npdiff.batch import add_batch_command
 from npdiff.errors import clip, shorten
 from npdiff.images import StepRecorder, emergence_grid, load_image, read_png_params
-from npdiff.pipeline_sdxl import load_any_pipeline
+from npdiff.models.controlnet import ControlNetModel
+from npdiff.pipeline_controlnet import StableDiffusionControlNetPipeline
+from npdiff.pipeline_sdxl import StableDiffusionXLPipeline, load_any_pipeline
 from npdiff.pipeline_utils import default_model_path
+from npdiff.preprocess import canny
 from npdiff.recipe import (
     DEFAULTS,
     INPAINT_DEFAULTS,
@@ -55,6 +58,7 @@ from npdiff.recipe import (
     load_vae,
     model_png_identity,
     options_from_png,
+    parse_control_option,
     parse_lora_option,
     pipeline_arguments,
     render,
@@ -110,6 +114,7 @@ def resolve_options(args, command):
         raise npdiff.NpdiffError(f"{args.reproduce} was made with --vae {clip(stored['vae'])} (a folder name): "
                                  "pass --vae with that folder to make it again")
     warn_about_missing_loras(args, stored)
+    warn_about_missing_controlnets(args, stored)
     defaults = defaults_for(command)
     for option in OPTIONS:
         if command in option.commands and getattr(args, option.name, None) is None:
@@ -133,6 +138,20 @@ def warn_about_missing_loras(args, stored):
                            f"{clip(lora.get('sha256'))})" for lora in missing[:10])
         print(f"npdiff: warning: {args.reproduce} was made with LoRA {listed}; the picture will differ "
               "unless you pass each again with --lora FILE:SCALE", file=sys.stderr)
+
+
+def warn_about_missing_controlnets(args, stored):
+    """A PNG names its ControlNets, never their paths or control pictures: say which were not given again."""
+    given = {Path(parse_control_option(spec)[0]).stem for spec in (getattr(args, "control", None) or [])}
+    given |= {Path(parse_control_option(spec)[0]).name for spec in (getattr(args, "control", None) or [])}
+    missing = [net for net in stored.get("controlnets") or [] if not isinstance(net, dict)
+               or net.get("name") not in given]
+    if missing:
+        listed = ", ".join(f"{clip(net.get('name'))} (scale {clip(net.get('scale'))}, sha256 "
+                           f"{clip(net.get('sha256'))})" for net in missing[:10] if isinstance(net, dict))
+        print(f"npdiff: warning: {args.reproduce} was made with ControlNet {listed}; the picture will differ "
+              "unless you pass each again with --control CONTROLNET:IMAGE:SCALE and its control picture",
+              file=sys.stderr)
 
 
 def identify_model(args, model):
@@ -164,7 +183,42 @@ def load_pipeline(args):
     for path, scale in loras:
         lora = pipe.load_lora_weights(path, scale=scale)
         print(f"loaded LoRA {path} (scale {scale}, {lora.layer_count} layers)", file=sys.stderr)
+    if args.control:
+        pipe = with_controlnets(pipe, [parse_control_option(spec)[0] for spec in args.control])
     return pipe, model
+
+
+def with_controlnets(pipe, paths):
+    """The loaded pipeline with the --control ControlNets (each checked against its UNet)."""
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        raise npdiff.NpdiffError("--control works with SD 1.x/2.x models on the command line; for SDXL use "
+                                 "npdiff.StableDiffusionXLControlNetPipeline from Python")
+    nets = [ControlNetModel.from_pretrained(path) for path in paths]
+    for path in paths:
+        print(f"loaded ControlNet {path}", file=sys.stderr)
+    controlled = StableDiffusionControlNetPipeline(pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.vae,
+                                                   pipe.scheduler, nets, scheduler_config=pipe.scheduler_config,
+                                                   scheduler_name=pipe.scheduler_name, model_name=pipe.model_name)
+    for name in ("_lora_stack", "show_progress", "release_weights_between_stages"):
+        if hasattr(pipe, name):
+            setattr(controlled, name, getattr(pipe, name))
+    return controlled
+
+
+def load_controls(args):
+    """--control CONTROLNET:IMAGE[:SCALE]...: the pictures loaded and the settings checked before the model
+    loads -> render()'s `control` (None without --control)."""
+    if not args.control:
+        return None
+    specs = [parse_control_option(spec) for spec in args.control]
+    for net, _, _ in specs:
+        if not Path(net).exists():
+            raise npdiff.NpdiffError(f"--control {net}: no such ControlNet file or folder")
+    images = [load_image(image, what="control picture") for _, image, _ in specs]
+    if args.canny:
+        images = [canny(image) for image in images]  # white edges on black, RGB
+    return {"images": images, "scales": [scale for _, _, scale in specs], "start": args.control_start,
+            "end": args.control_end, "guess_mode": bool(args.guess_mode), "module": "canny" if args.canny else None}
 
 
 # --device -> the backend names that mean the same device
@@ -243,11 +297,12 @@ def run_picture_command(args, command):
     options = {option.name: getattr(args, option.name, None) for option in OPTIONS if command in option.commands}
     pipeline_arguments(command, options)  # a prompt a PNG cannot store fails before the model loads
     check_outputs(args)
+    control = load_controls(args)  # control pictures and ControlNet paths checked before the model loads
     pipe, model = load_pipeline(args)
     identity = identify_model(args, model)  # before the long work: warns early
     recorder = make_recorder(args)
     rendered = render(pipe, command, options, picture, mask, identity=identity, vae=args.vae, callback=recorder,
-                      callback_steps=args.save_steps or 1)
+                      callback_steps=args.save_steps or 1, control=control)
     save_outputs(pipe, rendered, args, recorder)  # the picture and mask: not stored
     return 0
 
@@ -291,6 +346,20 @@ def add_sampling_options(p):
                    help="also write OUT-steps.png: the picture decoded every K steps")
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
                    help="fuse a LoRA .safetensors (kohya or diffusers) at SCALE (default 1); repeatable")
+    p.add_argument("--control", action="append", default=None, metavar="CONTROLNET:IMAGE[:SCALE]",
+                   help="steer the picture with a ControlNet (a diffusers folder or an original-layout "
+                   ".safetensors file such as control_v11p_sd15_canny) and its control picture (an edge map, "
+                   "depth map, pose), at SCALE (default 1); repeatable")
+    p.add_argument("--control-start", type=float, default=0.0, metavar="F",
+                   help="the ControlNets act from this fraction of the steps on (default 0)")
+    p.add_argument("--control-end", type=float, default=1.0, metavar="F",
+                   help="... up to this fraction of the steps (default 1)")
+    p.add_argument("--canny", action="store_true",
+                   help="make each --control picture's Canny edge map first (npdiff.preprocess.canny, thresholds "
+                   "100/200 as OpenCV's examples), for canny ControlNets; recorded as the module in the PNG")
+    p.add_argument("--guess-mode", action="store_true",
+                   help="ControlNet guess mode: the nets see only the prompted half, their outputs ramped from "
+                   "0.1 to 1 (diffusers' guess_mode)")
     p.add_argument("--reproduce", default=None, metavar="PNG",
                    help="take unset options from the parameters stored in a PNG (npdiff's, or AUTOMATIC1111's "
                    "'parameters' text); the model comes from --model (a differing model hash is warned "

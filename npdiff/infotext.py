@@ -136,8 +136,25 @@ def format_infotext(params):
         "Lora hashes": ", ".join(f"{lora['name']}: {lora['sha256']}" for lora in loras) or None,
         "Version": f"npdiff {params['npdiff_version']}" if params.get("npdiff_version") else None,
     }
+    fields.update(controlnet_fields(params))  # before Version, as webui's extension writes them
+    fields["Version"] = fields.pop("Version")
     lines.append(", ".join(f"{key}: {quote(value)}" for key, value in fields.items() if value is not None))
     return "\n".join(lines).strip()
+
+
+def controlnet_fields(params):
+    """{"ControlNet 0": "Module: none, Model: name [hash], Weight: 1, ..."} per ControlNet, in the webui
+    ControlNet extension's format (quoted as one value). npdiff resizes the control picture to the picture
+    ("Just Resize"); guess mode is the extension's "ControlNet is more important"."""
+    fields = {}
+    for index, net in enumerate(params.get("controlnets") or []):
+        model = f"{net.get('name')} [{str(net.get('sha256') or '')[:8]}]"
+        mode = "ControlNet is more important" if params.get("guess_mode") else "Balanced"
+        fields[f"ControlNet {index}"] = (
+            f"Module: {net.get('module') or 'none'}, Model: {model}, Weight: {_number(net.get('scale', 1.0))}, "
+            f"Resize Mode: Just Resize, Guidance Start: {_number(net.get('start', 0.0))}, "
+            f"Guidance End: {_number(net.get('end', 1.0))}, Control Mode: {mode}")
+    return fields
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,8 +28,9 @@ after 5) releases the resident pages of its memory-mapped weights (release_resid
 stay in the page cache and come back on the next call, so at no time are all weights resident, and the
 VAE decode runs without the UNet's weights beside its activations.
 Models that take more than the text embeddings (SDXL: npdiff/pipeline_sdxl.py) subclass this class and
-override two hooks of the same flow: text_conditioning (steps 1-2) and unet_inputs (what every UNet call
-of step 4 takes besides latents and timestep), with their own arguments in `extra`.
+override hooks of the same flow: text_conditioning (steps 1-2), unet_inputs (what every UNet call of
+step 4 takes besides latents and timestep) and step_unet_inputs (what one step's call takes: a ControlNet's
+residuals, npdiff/pipeline_controlnet.py), with their own arguments in `extra`.
 What differs between the modes is a start object (npdiff/sampling_starts.py): text-to-image
 (NoiseStart) starts from noise over all timesteps; image-to-image (ImageStart) starts step 4
 part-way, from the encoded picture with noise added; inpainting (InpaintStart) also gives an
@@ -219,6 +220,13 @@ class StableDiffusionPipeline:
         SD: the text embeddings and nothing more (SDXL adds added_cond_kwargs)."""
         return conditioning, {}
 
+    def step_unet_inputs(self, model_input, t, step_index, step_count, encoder_hidden_states, unet_kwargs,
+                         do_guidance, extra=None):
+        """-> the keyword arguments of step `step_index`'s UNet call: unet_inputs' own for SD and SDXL; a
+        ControlNet pipeline (npdiff/pipeline_controlnet.py) adds its nets' residuals for this step, computed
+        from the scaled model input [2B,4,h,w] (before an inpainting UNet's extra channels)."""
+        return unet_kwargs
+
     def decode_latents(self, latents):
         """Latents [B,4,h,w] -> images [B,3,h*f,w*f] in [-1,1] (divides by the VAE scaling factor)."""
         latents = backend.to_device(latents)
@@ -254,9 +262,11 @@ class StableDiffusionPipeline:
             # 4.1 one batch for both halves when guiding: [B,4,h,w] -> [2B,4,h,w]
             model_input = xp.concatenate([latents, latents], axis=0) if do_guidance else latents
             model_input = scheduler.scale_model_input(model_input, t)  # [2B,4,h,w] (Euler/LMS: / sqrt(sigma^2+1))
+            step_unet_kwargs = self.step_unet_inputs(model_input, t, i, len(timesteps), text_embeddings,
+                                                     unet_kwargs, do_guidance, extra)  # ControlNet: residuals
             model_input = start.unet_input(model_input)  # [2B,4,h,w] (inpainting UNets: [2B,9,h,w])
             # 4.2 predict the noise: [2B,4,h,w], text [2B,77,D] -> [2B,4,h,w]
-            noise_pred = self.unet(model_input, t, text_embeddings, **unet_kwargs)
+            noise_pred = self.unet(model_input, t, text_embeddings, **step_unet_kwargs)
             # 4.3 classifier-free guidance: u + g * (c - u)
             if do_guidance:
                 half = noise_pred.shape[0] // 2

@@ -7,6 +7,7 @@ so a picture made one way is byte for byte the picture made another:
                                  batch line), as the pipeline's keyword, and as the key in the PNG
   defaults_for(command)          the options a command falls back to (inpaint repaints from pure noise)
   parse_lora_option(spec)        "FILE[:SCALE]" -> (FILE, SCALE)
+  parse_control_option(spec)     "CONTROLNET:IMAGE[:SCALE]" -> (CONTROLNET, IMAGE, SCALE)
   load_vae(folder)               a --vae folder (AutoencoderKL or TAESD), as its config.json names it
   model_png_identity(model, pt)  how a PNG names the model: name and short hash, never a path
   png_parameters(...)            what a picture's PNG stores
@@ -137,6 +138,18 @@ def parse_lora_option(spec, what="--lora"):
                           "number") from None
 
 
+def parse_control_option(spec, what="--control"):
+    """"FILE:IMAGE[:SCALE]" -> (FILE, IMAGE, SCALE): a ControlNet (file or folder), its control picture, its
+    scale (default 1)."""
+    if not isinstance(spec, str) or spec.count(":") < 1:
+        raise NpdiffError(f"{what}: expected CONTROLNET:IMAGE or CONTROLNET:IMAGE:SCALE, got {shorten(spec)}")
+    net, _, rest = spec.partition(":")
+    image, scale = parse_lora_option(rest, what)  # IMAGE[:SCALE], as a LoRA's FILE[:SCALE]
+    if not net or not image:
+        raise NpdiffError(f"{what} {shorten(spec)}: expected CONTROLNET:IMAGE[:SCALE]")
+    return net, image, scale
+
+
 def load_vae(folder):
     """--vae FOLDER: a diffusers AutoencoderKL or AutoencoderTiny (TAESD) folder, as its config.json names it."""
 
@@ -251,12 +264,14 @@ def sdxl_arguments(pipe, keywords):
 
 
 def render(pipe, command, options, picture=None, mask=None, identity=None, vae=None, callback=None,
-           callback_steps=1):
+           callback_steps=1, control=None):
     """Make one picture: -> Rendered(PNG bytes, the parameters it stores, the pipeline's output).
 
     command: "generate", "img2img" (needs `picture`) or "inpaint" (`picture` and `mask`, white = repaint);
     options: {option name: value} (OPTIONS' names, None = the default); identity: model_png_identity of the
-    loaded model; vae: the path of a VAE loaded instead of the model's (its folder name is stored).
+    loaded model; vae: the path of a VAE loaded instead of the model's (its folder name is stored);
+    control: for a ControlNet pipeline, {"images": one picture per net, "scales", "start", "end", "guess_mode",
+    "module": what made the pictures from the user's (e.g. "canny") or None}.
     The pipeline is used as loaded (sampler, LoRAs, VAE). Nothing is written to disk.
     """
 
@@ -267,6 +282,11 @@ def render(pipe, command, options, picture=None, mask=None, identity=None, vae=N
     if command == "inpaint" and mask is None:
         raise NpdiffError("inpaint needs a mask (white = repaint)")
     progress = {"callback": callback, "callback_steps": callback_steps}
+    if control:  # a ControlNet pipeline: its pictures and settings, diffusers' keywords
+        picture_keyword = "image" if command == "generate" else "control_image"
+        progress.update({picture_keyword: control["images"], "controlnet_conditioning_scale": control["scales"],
+                         "control_guidance_start": control["start"], "control_guidance_end": control["end"],
+                         "guess_mode": control["guess_mode"]})
     # 2. the picture
     if command == "generate":
         output = pipe(**keywords, **progress)
@@ -274,6 +294,9 @@ def render(pipe, command, options, picture=None, mask=None, identity=None, vae=N
         output = pipe.img2img(image=picture, **keywords, **progress)
     else:
         output = pipe.inpaint(image=picture, mask_image=mask, **keywords, **progress)
+    if control and control.get("module"):  # the control pictures were made from the given ones (--canny)
+        for net in output.parameters.get("controlnets", []):
+            net["module"] = control["module"]
     # 3. its PNG, in memory
     params = png_parameters(output.parameters, command, identity or {}, vae)
     buffer = BytesIO()

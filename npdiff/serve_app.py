@@ -9,10 +9,9 @@ keeps serving. Needs the `serve` extra (fastapi, uvicorn): imported only by `npd
 import asyncio
 import base64
 import secrets
+from contextlib import asynccontextmanager
 from io import BytesIO
 from pathlib import Path
-
-from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError

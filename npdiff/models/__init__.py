@@ -5,6 +5,7 @@
     UNet2DConditionModel   npdiff/models/unet.py
     AutoencoderKL          npdiff/models/vae.py
     AutoencoderTiny        npdiff/models/vae_tiny.py   (TAESD)
+    ControlNetModel        npdiff/models/controlnet.py
 
 Each is built as `Model(config, weights)` (config: the component's config.json as a dict; weights: an
 npdiff.loading.Weights) or `Model.from_pretrained(folder, subfolder=None, variant=None)`
@@ -20,6 +21,7 @@ _WHERE = {
     "UNet2DConditionModel": "npdiff.models.unet",
     "AutoencoderKL": "npdiff.models.vae",
     "AutoencoderTiny": "npdiff.models.vae_tiny",
+    "ControlNetModel": "npdiff.models.controlnet",
 }
 
 

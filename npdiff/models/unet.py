@@ -62,7 +62,7 @@ from npdiff.models.unet_blocks import (
 )
 
 # A UNet whose weights mapped from their files pass this size (SDXL's: 10 GB in float32) drops each block's
-# weight pages as soon as the block has run (release_weights_after_each_block, see __call__); smaller ones
+# weight pages as soon as the block has run (release_weights_after_each_block, see _block_done); smaller ones
 # (SD 1.5's 3.4 GB) keep theirs resident through the denoising loop and drop them after it (the pipeline).
 PER_BLOCK_RELEASE_BYTES = 4 * 2**30
 DOWN_TYPES = {"CrossAttnDownBlock2D": CrossAttnDownBlock2D, "DownBlock2D": DownBlock2D}
@@ -72,51 +72,15 @@ UP_TYPES = {"CrossAttnUpBlock2D": CrossAttnUpBlock2D, "UpBlock2D": UpBlock2D}
 class UNet2DConditionModel:
     """The SD 1.x/2.x/SDXL UNet. Build with `from_pretrained(folder)` or `UNet2DConditionModel(config, weights)`."""
 
+    release_weights_after_each_block = False  # set per model in __init__ (a ControlNet keeps False)
+
     def __init__(self, config, weights):
         self.config = full_config("unet", config)  # defaults filled in; checked unless the loader did
+        time_embed_dim, heads, layers, up_depths, attention = self.build_down_path(weights)
         c = self.config
         channels = list(c["block_out_channels"])
         blocks = len(channels)
-        heads = per_block(c, "attention_head_dim", blocks)          # diffusers' name; it is the head count
-        cross_dims = per_block(c, "cross_attention_dim", blocks)
-        layers = per_block(c, "layers_per_block", blocks)
-        down_depths, mid_depth, up_depths = transformer_depths(c, layers)   # per block, one per resnet layer
-        groups, eps = c["norm_num_groups"], c["norm_eps"]
-        time_embed_dim = c["time_embedding_dim"] or channels[0] * 4
-        self.num_upsamplers = blocks - 1
-
-        def attention(i, depths):
-            return {"cross_attention_dim": cross_dims[i], "use_linear_projection": c["use_linear_projection"],
-                    "transformer_layers": depths, "norm_num_groups": groups}
-
-        # input and time embedding
-        k_in, k_out = c["conv_in_kernel"], c["conv_out_kernel"]
-        self.conv_in = Conv2d(weights, "conv_in", c["in_channels"], channels[0], k_in, padding=(k_in - 1) // 2)
-        self.time_embedding = TimestepEmbedding(weights, "time_embedding", channels[0], time_embed_dim,
-                                                cond_proj_dim=c["time_cond_proj_dim"])
-        self.add_embedding = None                                   # SDXL's text_time conditioning
-        if c["addition_embed_type"] == "text_time":
-            self.add_embedding = TimestepEmbedding(weights, "add_embedding", c["projection_class_embeddings_input_dim"],
-                                                   time_embed_dim)
-
-        # down path
-        self.down_blocks = []
-        out_ch = channels[0]
-        for i, block_type in enumerate(c["down_block_types"]):
-            in_ch, out_ch = out_ch, channels[i]
-            cross = block_type == "CrossAttnDownBlock2D"
-            self.down_blocks.append(DOWN_TYPES[block_type](
-                weights, f"down_blocks.{i}", in_ch, out_ch, time_embed_dim, layers[i], groups, eps,
-                add_downsample=i < blocks - 1, downsample_padding=c["downsample_padding"],
-                heads=heads[i] if cross else None, attention=attention(i, down_depths[i]) if cross else None))
-
-        # middle
-        self.mid_block = None
-        if c["mid_block_type"] is not None:
-            self.mid_block = UNetMidBlock2DCrossAttn(
-                weights, "mid_block", channels[-1], time_embed_dim, groups, eps, heads[-1],
-                attention(blocks - 1, [mid_depth]),
-                output_scale_factor=c["mid_block_scale_factor"])
+        groups, eps, k_out = c["norm_num_groups"], c["norm_eps"], c["conv_out_kernel"]
 
         # up path (reversed per-block settings)
         self.up_blocks = []
@@ -153,6 +117,55 @@ class UNet2DConditionModel:
     @classmethod
     def from_pretrained(cls, folder, subfolder=None, variant=None):
         return cls(*load_component(folder, subfolder, variant))
+
+    def build_down_path(self, weights):
+        """Time (and SDXL's added) embedding, conv_in, the down blocks and the middle: the part of the UNet a
+        ControlNet (models/controlnet.py) has too. -> what the up path is built from."""
+        c = self.config
+        channels = list(c["block_out_channels"])
+        blocks = len(channels)
+        heads = per_block(c, "attention_head_dim", blocks)          # diffusers' name; it is the head count
+        cross_dims = per_block(c, "cross_attention_dim", blocks)
+        layers = per_block(c, "layers_per_block", blocks)
+        down_depths, mid_depth, up_depths = transformer_depths(c, layers)   # per block, one per resnet layer
+        groups, eps = c["norm_num_groups"], c["norm_eps"]
+        time_embed_dim = c["time_embedding_dim"] or channels[0] * 4
+        self.num_upsamplers = blocks - 1
+
+        def attention(i, depths):
+            return {"cross_attention_dim": cross_dims[i], "use_linear_projection": c["use_linear_projection"],
+                    "transformer_layers": depths, "norm_num_groups": groups}
+
+        # input and time embedding
+        k_in = c["conv_in_kernel"]
+        self.conv_in = Conv2d(weights, "conv_in", c["in_channels"], channels[0], k_in, padding=(k_in - 1) // 2)
+        self.time_embedding = TimestepEmbedding(weights, "time_embedding", channels[0], time_embed_dim,
+                                                cond_proj_dim=c["time_cond_proj_dim"])
+        self.add_embedding = None                                   # SDXL's text_time conditioning
+        if c["addition_embed_type"] == "text_time":
+            self.add_embedding = TimestepEmbedding(weights, "add_embedding", c["projection_class_embeddings_input_dim"],
+                                                   time_embed_dim)
+
+        # down path
+        self.down_blocks = []
+        out_ch = channels[0]
+        for i, block_type in enumerate(c["down_block_types"]):
+            in_ch, out_ch = out_ch, channels[i]
+            cross = block_type == "CrossAttnDownBlock2D"
+            self.down_blocks.append(DOWN_TYPES[block_type](
+                weights, f"down_blocks.{i}", in_ch, out_ch, time_embed_dim, layers[i], groups, eps,
+                add_downsample=i < blocks - 1, downsample_padding=c["downsample_padding"],
+                heads=heads[i] if cross else None, attention=attention(i, down_depths[i]) if cross else None))
+
+        # middle
+        self.mid_block = None
+        if c["mid_block_type"] is not None:
+            self.mid_block = UNetMidBlock2DCrossAttn(
+                weights, "mid_block", channels[-1], time_embed_dim, groups, eps, heads[-1],
+                attention(blocks - 1, [mid_depth]),
+                output_scale_factor=c["mid_block_scale_factor"])
+
+        return time_embed_dim, heads, layers, up_depths, attention
 
     # -----------------------------------------------------------------------------------------
     def check_inputs(self, sample, timesteps, encoder_hidden_states, timestep_cond=None):
@@ -220,12 +233,38 @@ class UNet2DConditionModel:
         add_embeds = xp.concatenate([text_embeds, time_embeds], axis=1)  # [B,P] + [B,n*A] -> [B,P+n*A]
         return self.add_embedding(add_embeds)                           # [B,P+n*A] -> [B,4*C0]
 
-    def __call__(self, sample, timestep, encoder_hidden_states, timestep_cond=None, added_cond_kwargs=None):
+    def __call__(self, sample, timestep, encoder_hidden_states, timestep_cond=None, added_cond_kwargs=None,
+                 down_block_additional_residuals=None, mid_block_additional_residual=None):
         """-> the model output [B,C_out,h,w] (diffusers' `unet(...).sample`).
 
         added_cond_kwargs: for SDXL UNets (addition_embed_type "text_time"), diffusers' dict
         {"text_embeds": [B,P] pooled text embedding, "time_ids": [B,n] micro-conditioning ids}; ignored
-        by other UNets, as diffusers ignores it."""
+        by other UNets, as diffusers ignores it.
+        down_block_additional_residuals / mid_block_additional_residual: a ControlNet's outputs
+        (models/controlnet.py), one array per skip ([B,C,H,W] each, in the order the down path makes them)
+        and one for the middle, added to the skips and to the middle's output as diffusers adds them."""
+        h, skips, temb = self.down_path(sample, timestep, encoder_hidden_states, timestep_cond, added_cond_kwargs)
+        if down_block_additional_residuals is not None:
+            skips = add_residuals(skips, down_block_additional_residuals, "down_block_additional_residuals")
+        if mid_block_additional_residual is not None:
+            h = add_residuals([h], [mid_block_additional_residual], "mid_block_additional_residual")[0]
+
+        # 4. up path: each block takes (and frees) as many skips as it has resnets
+        for block in self.up_blocks:
+            count = len(block.resnets)
+            block_skips = skips[-count:]
+            del skips[-count:]
+            h = block(h, block_skips, temb, encoder_hidden_states)      # [B,C,H,W] -> [B,C',2H,2W]
+            self._block_done(block)
+
+        # 5. output: group norm + SiLU, conv_out
+        h = self.conv_norm_out(h, silu=True)                            # [B,C0,h,w]
+        return self.conv_out(h)                                         # [B,C0,h,w] -> [B,Cout,h,w]
+
+    def down_path(self, sample, timestep, encoder_hidden_states, timestep_cond=None, added_cond_kwargs=None,
+                  conditioning=None):
+        """Steps 1-3 of the forward: -> (middle output [B,C,H,W], skips, temb [B,4*C0]).
+        conditioning: a ControlNet's embedded control picture [B,C0,h,w], added to conv_in's output."""
         xp = array_module(sample)
         timesteps = np.atleast_1d(np.asarray(timestep.get() if hasattr(timestep, "get") else timestep))
         self.check_inputs(sample, timesteps, encoder_hidden_states, timestep_cond)
@@ -246,8 +285,11 @@ class UNet2DConditionModel:
         if self.add_embedding is not None:
             temb = temb + self.added_embedding(text_embeds, time_ids)   # SDXL: [B,4*C0] + [B,4*C0]
 
-        # 2. conv_in, then the down path; every intermediate result is kept as a skip
+        # 2. conv_in (+ a ControlNet's embedded control picture), then the down path; every intermediate
+        #    result is kept as a skip
         h = self.conv_in(sample)                                        # [B,Cin,h,w] -> [B,C0,h,w]
+        if conditioning is not None:
+            h = h + conditioning                                        # [B,C0,h,w] + [B,C0,h,w]
         skips = [h]
         for block in self.down_blocks:
             h, block_skips = block(h, temb, encoder_hidden_states)      # [B,C,H,W] -> [B,C',H/2,W/2]
@@ -258,15 +300,21 @@ class UNet2DConditionModel:
         if self.mid_block is not None:
             h = self.mid_block(h, temb, encoder_hidden_states)          # [B,C,H,W]
             self._block_done(self.mid_block)
+        return h, skips, temb
 
-        # 4. up path: each block takes (and frees) as many skips as it has resnets
-        for block in self.up_blocks:
-            count = len(block.resnets)
-            block_skips = skips[-count:]
-            del skips[-count:]
-            h = block(h, block_skips, temb, encoder_hidden_states)      # [B,C,H,W] -> [B,C',2H,2W]
-            self._block_done(block)
 
-        # 5. output: group norm + SiLU, conv_out
-        h = self.conv_norm_out(h, silu=True)                            # [B,C0,h,w]
-        return self.conv_out(h)                                         # [B,C0,h,w] -> [B,Cout,h,w]
+def add_residuals(tensors, residuals, name):
+    """tensors[i] + residuals[i] (a ControlNet's outputs), after checking their number and shapes."""
+    residuals = list(residuals)
+    if len(residuals) != len(tensors):
+        raise NpdiffError(f"{name}: {len(residuals)} arrays given; this UNet has {len(tensors)} "
+                          "(a ControlNet made for another model?)")
+    summed = []
+    for index, (tensor, residual) in enumerate(zip(tensors, residuals)):
+        pooled = tuple(residual.shape[2:]) == (1, 1)                    # a global_pool_conditions net's [B,C,1,1]
+        if tuple(residual.shape[:2]) != tuple(tensor.shape[:2]) or (
+                tuple(residual.shape[2:]) != tuple(tensor.shape[2:]) and not pooled):
+            raise NpdiffError(f"{name}[{index}] has shape {tuple(residual.shape)}; the UNet's is {tuple(tensor.shape)} "
+                              "(a ControlNet made for another model?)")
+        summed.append(tensor + to_device(residual))                     # [B,C,H,W] + [B,C,H,W] (or [B,C,1,1])
+    return summed

@@ -1,0 +1,88 @@
+"""Stable Diffusion XL with ControlNets: diffusers' StableDiffusionXLControlNetPipeline, called with its names.
+
+    net = ControlNetModel.from_pretrained("controlnet-canny-sdxl-1.0")
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained("sdxl-base", controlnet=net)
+    out = pipe("a red circle", image=edges, controlnet_conditioning_scale=0.5, seed=1)
+    out = pipe.img2img("a blue circle", image=picture, control_image=edges, strength=0.6, seed=2)
+
+StableDiffusionXLPipeline's flow and hooks (npdiff/pipeline_sdxl.py) with the ControlNet hooks of
+npdiff/pipeline_controlnet.py: the nets get the step's latents, text and SDXL's added conditioning (in guess
+mode the conditional half of each), and their residuals go to the UNet.
+"""
+
+from npdiff.pipeline_controlnet import ControlNetHooks, load_controlnet
+from npdiff.pipeline_controlnet_call import ControlCall, as_net_list
+from npdiff.pipeline_sdxl import StableDiffusionXLPipeline, XLCall
+from npdiff.sampling_starts_sdxl import XLImageStart, XLNoiseStart
+
+
+class XLControlCall(XLCall):
+    """One call's SDXL arguments with its ControlCall (`control`), both recorded in the picture's parameters."""
+
+    def __init__(self, control, *args):
+        super().__init__(*args)
+        self.control = control
+
+    def parameters(self):
+        return {**super().parameters(), **self.control.parameters()}
+
+
+class StableDiffusionXLControlNetPipeline(ControlNetHooks, StableDiffusionXLPipeline):
+    """StableDiffusionXLPipeline with one or more SDXL ControlNets (`controlnet`: a ControlNetModel or a list)."""
+
+    def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, controlnet,
+                 **options):
+        super().__init__(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, **options)
+        self.set_controlnet(controlnet)
+
+    @classmethod
+    def from_pretrained(cls, path=None, controlnet=None, **options):
+        """StableDiffusionXLPipeline.from_pretrained's model and options, with `controlnet`: a ControlNetModel,
+        a ControlNet folder, or a list of them (each checked against the UNet: an SD 1.x net is refused)."""
+        nets = load_controlnet(controlnet)
+        as_net_list(nets)
+        base = StableDiffusionXLPipeline.from_pretrained(path, **options)
+        return cls(base.vae, base.text_encoder, base.text_encoder_2, base.tokenizer, base.tokenizer_2, base.unet,
+                   base.scheduler, nets, force_zeros_for_empty_prompt=base.force_zeros_for_empty_prompt,
+                   requires_aesthetics_score=base.requires_aesthetics_score, scheduler_config=base.scheduler_config,
+                   scheduler_name=base.scheduler_name, model_name=base.model_name)
+
+    def __call__(self, prompt, prompt_2=None, image=None, height=None, width=None, num_inference_steps=50,
+                 guidance_scale=5.0, negative_prompt=None, negative_prompt_2=None, num_images_per_prompt=1, eta=0.0,
+                 seed=None, generator=None, latents=None, output_type="pil", controlnet_conditioning_scale=1.0,
+                 guess_mode=False, control_guidance_start=0.0, control_guidance_end=1.0, original_size=None,
+                 crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
+                 negative_crops_coords_top_left=(0, 0), negative_target_size=None, callback=None, callback_steps=1,
+                 progress=None):
+        """Text + control picture(s) -> pictures, diffusers' StableDiffusionXLControlNetPipeline arguments and
+        defaults; height/width default to the first control picture's size rounded down to 8 pixels."""
+        control = ControlCall(self.controlnets, image, controlnet_conditioning_scale, control_guidance_start,
+                              control_guidance_end, guess_mode, name="image")
+        if height is None and width is None:
+            height, width = control.first_picture_size(self.vae_scale_factor)
+        extra = XLControlCall(control, "txt2img", prompt_2, negative_prompt, negative_prompt_2, original_size,
+                              crops_coords_top_left, target_size, negative_original_size,
+                              negative_crops_coords_top_left, negative_target_size)
+        start = XLNoiseStart(height, width, latents, None)
+        return self._run(start, extra, prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
+                         num_images_per_prompt, callback, callback_steps, output_type, progress, eta)
+
+    def img2img(self, prompt, image, control_image=None, strength=0.8, prompt_2=None, num_inference_steps=50,
+                guidance_scale=5.0, negative_prompt=None, negative_prompt_2=None, num_images_per_prompt=1, eta=0.0,
+                seed=None, generator=None, output_type="pil", controlnet_conditioning_scale=0.8, guess_mode=False,
+                control_guidance_start=0.0, control_guidance_end=1.0, original_size=None,
+                crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
+                negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score=6.0,
+                negative_aesthetic_score=2.5, callback=None, callback_steps=1, progress=None):
+        """Picture + text + control picture(s) -> pictures, diffusers' StableDiffusionXLControlNetImg2ImgPipeline
+        arguments and defaults (controlnet_conditioning_scale 0.8); the control picture is resized to the picture's
+        size."""
+        control = ControlCall(self.controlnets, control_image, controlnet_conditioning_scale, control_guidance_start,
+                              control_guidance_end, guess_mode, name="control_image")
+        extra = XLControlCall(control, "img2img", prompt_2, negative_prompt, negative_prompt_2, original_size,
+                              crops_coords_top_left, target_size, negative_original_size,
+                              negative_crops_coords_top_left, negative_target_size, aesthetic_score,
+                              negative_aesthetic_score)
+        start = XLImageStart(image, strength, None, None)
+        return self._run(start, extra, prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
+                         num_images_per_prompt, callback, callback_steps, output_type, progress, eta)

@@ -1,0 +1,76 @@
+"""StableDiffusionXLControlNetPipeline against diffusers' on the tiny random SDXL (tests/pipeline/tiny_sdxl.py)
+with tiny random SDXL ControlNets (tests/tiny_controlnet.py, zero convolutions randomised): final latents
+within relative 1e-4 and 8-bit pictures within 2 levels per pixel, one net and two, guess mode, a window, img2img;
+an SD 1.x ControlNet on the SDXL model is refused."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import IMAGE_LEVELS_TOL, NETWORK_TOL, assert_rel_close
+from test_controlnet_sd import edge_picture
+from tiny_controlnet import tiny_controlnet
+from tiny_sd import tiny_sd_folder
+from tiny_sdxl import tiny_sdxl_folder
+
+from npdiff import NpdiffError
+from npdiff.models import ControlNetModel
+from npdiff.pipeline_controlnet_sdxl import StableDiffusionXLControlNetPipeline
+
+
+def net_folders(count):
+    return [tiny_controlnet(tiny_sdxl_folder("base") / "unet", seed=20 + index)[1] for index in range(count)]
+
+
+def compare(rng, seed, count, img2img=False, **kwargs):
+    import diffusers
+
+    final = {}
+
+    def keep_latents(_pipe, _i, _t, callback_kwargs):
+        final["latents"] = callback_kwargs["latents"].detach().numpy().copy()
+        return {}
+
+    torch_nets = [diffusers.ControlNetModel.from_pretrained(str(folder)) for folder in net_folders(count)]
+    theirs_class = (diffusers.StableDiffusionXLControlNetImg2ImgPipeline if img2img
+                    else diffusers.StableDiffusionXLControlNetPipeline)
+    theirs_pipe = theirs_class.from_pretrained(
+        str(tiny_sdxl_folder("base")), controlnet=torch_nets[0] if count == 1 else torch_nets,
+        torch_dtype=torch.float32, local_files_only=True, add_watermarker=False)
+    theirs_pipe.set_progress_bar_config(disable=True)
+    call = dict(prompt="a red circle on a blue square", negative_prompt="blurry", num_inference_steps=4,
+                guidance_scale=float(rng.uniform(3.0, 8.0)), **kwargs)
+    theirs = theirs_pipe(generator=torch.Generator().manual_seed(seed), output_type="np",
+                         callback_on_step_end=keep_latents, **call)
+    nets = [ControlNetModel.from_pretrained(folder) for folder in net_folders(count)]
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(tiny_sdxl_folder("base"),
+                                                               controlnet=nets[0] if count == 1 else nets)
+    pipe.show_progress = False
+    ours = (pipe.img2img if img2img else pipe)(seed=seed, output_type="np", **call)
+    assert_rel_close(ours.latents, final["latents"], tol=NETWORK_TOL, what="SDXL ControlNet latents")
+    theirs_levels = np.round(np.asarray(theirs.images) * 255).astype(np.int16)
+    worst = int(np.max(np.abs(np.round(ours.images * 255).astype(np.int16) - theirs_levels)))
+    assert worst <= IMAGE_LEVELS_TOL, f"8-bit pictures differ by {worst} levels"
+    return ours
+
+
+@pytest.mark.parametrize("guess_mode", [False, True])
+def test_one_net_matches_diffusers(rng, seed, guess_mode):
+    compare(rng, seed, 1, image=edge_picture(rng), controlnet_conditioning_scale=0.9, guess_mode=guess_mode)
+
+
+def test_two_nets_matches_diffusers(rng, seed):
+    compare(rng, seed, 2, image=[edge_picture(rng), edge_picture(rng)], controlnet_conditioning_scale=[1.1, 0.6],
+            control_guidance_end=[1.0, 0.5])
+
+
+def test_sd_net_on_sdxl_is_refused():
+    sd_net = ControlNetModel.from_pretrained(tiny_controlnet(tiny_sd_folder() / "unet", seed=10)[1])
+    with pytest.raises(NpdiffError, match="made for another model"):
+        StableDiffusionXLControlNetPipeline.from_pretrained(tiny_sdxl_folder("base"), controlnet=sd_net)
+
+
+def test_img2img_matches_diffusers(rng, seed):
+    from PIL import Image
+
+    background = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    compare(rng, seed, 1, img2img=True, image=background, control_image=edge_picture(rng), strength=0.7)
