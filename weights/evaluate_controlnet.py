@@ -84,6 +84,25 @@ def diffusers_pictures(model, controlnet_folder, prompts, edges, guidance=7.5, s
     return (np.clip(result.images, 0, 1) * 255).round().astype(np.uint8)  # [N,32,32,3]
 
 
+def npdiff_pictures(model, controlnet_folder, prompts, edges, guidance=7.5, steps=20, seed=0):
+    """The same as diffusers_pictures, drawn by npdiff (one call per prompt, seeds seed, seed + 1, ...)."""
+    from PIL import Image
+
+    import npdiff
+    if controlnet_folder is None:
+        pipe = npdiff.StableDiffusionPipeline.from_pretrained(model)
+    else:
+        pipe = npdiff.StableDiffusionControlNetPipeline.from_pretrained(model, controlnet=controlnet_folder)
+    pipe.show_progress = False
+    pictures = []
+    for index, (prompt, edge) in enumerate(zip(prompts, edges)):
+        extra = {} if controlnet_folder is None else dict(image=Image.fromarray(np.repeat(edge[:, :, None], 3, axis=2)))
+        out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=32, width=32,
+                   seed=seed + index, output_type="np", **extra)
+        pictures.append(np.clip(out.images[0], 0, 1))
+    return (np.stack(pictures) * 255).round().astype(np.uint8)  # [N,32,32,3]
+
+
 def report(model, controlnet_folder, count):
     prompts, edges, drawn = control_set(count)
     rows = {"drawn pictures (the ceiling)": position_errors(drawn, edges),

@@ -6,7 +6,8 @@
     eps = unet(sample, timestep, encoder_hidden_states,
                down_block_additional_residuals=down, mid_block_additional_residual=mid)
 
-controlnet_cond is the control picture [B,3,H,W] in [0,1] at the picture's size (H = 8*h). The call tree
+controlnet_cond is the control picture [B,3,H,W] in [0,1] at the picture's size (H = f*h: f = 8 for SD's
+VAE, 2 ** (stride-2 convs of the conditioning embedding) in general). The call tree
 (diffusers models/controlnets/controlnet.py):
     time_proj -> time_embedding [+ SDXL's add_embedding]                   -> temb [B,4*C0]
     conv_in(sample) + controlnet_cond_embedding(controlnet_cond)            -> [B,C0,h,w]
@@ -66,6 +67,9 @@ class ControlNetConditioningEmbedding:
             self.blocks.append(Conv2d(weights, f"{prefix}.blocks.{2 * i + 1}", channels_in, channels_out, 3,
                                       stride=2, padding=1))
         self.conv_out = Conv2d(weights, f"{prefix}.conv_out", block_channels[-1], embedding_channels, 3, padding=1)
+        # each stride-2 conv halves the picture: 3 of them (SD's default channels) make 8 control pixels per
+        # latent, as SD's VAE; a net for another VAE (the shipped model's: 4 pixels) has fewer
+        self.pixels_per_latent = 2 ** (len(block_channels) - 1)
 
     def __call__(self, conditioning):
         # 1. conv_in + SiLU
@@ -133,16 +137,18 @@ class ControlNetModel(UNet2DConditionModel):
                  guess_mode=False, timestep_cond=None, added_cond_kwargs=None):
         """-> (down_block_res_samples: a list of [B,C,H,W], mid_block_res_sample [B,C,H,W]), diffusers' outputs.
 
-        controlnet_cond: the control picture [B,3,8h,8w] float32 in [0,1] (diffusers' ControlNet image
+        controlnet_cond: the control picture [B,3,f*h,f*w] float32 in [0,1] (diffusers' ControlNet image
         processor's output). guess_mode: scale the k-th of the n+1 outputs by 10**(-1 + k/n) times
         conditioning_scale (diffusers' torch.logspace(-1, 0, n+1)), else all by conditioning_scale."""
         own = self.controlnet_config
         controlnet_cond = to_device(np.asarray(controlnet_cond, dtype=np.float32)
                                     if not hasattr(controlnet_cond, "get") else controlnet_cond)
-        expected = (sample.shape[0], int(own["conditioning_channels"]), sample.shape[2] * 8, sample.shape[3] * 8)
+        factor = self.controlnet_cond_embedding.pixels_per_latent
+        expected = (sample.shape[0], int(own["conditioning_channels"]), sample.shape[2] * factor,
+                    sample.shape[3] * factor)
         if tuple(controlnet_cond.shape) != expected:
             raise NpdiffError(f"controlnet_cond must have shape {list(expected)} (the control picture at the "
-                              f"picture's size, 8 pixels per latent); got {list(controlnet_cond.shape)}")
+                              f"picture's size, {factor} pixels per latent); got {list(controlnet_cond.shape)}")
         # 1. the control picture's channel order, then its embedding
         if own["controlnet_conditioning_channel_order"] == "bgr":
             controlnet_cond = controlnet_cond[:, ::-1]                  # [B,3,H,W] RGB -> BGR

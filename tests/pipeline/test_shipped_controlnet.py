@@ -6,9 +6,8 @@ control pictures here are fresh each run (the `seed` fixture; NPDIFF_TEST_SEED=<
 picture drawn by weights/shapes_data.py, its edges the control, the canonical prompt; the error is the
 distance between the drawn shape's centroid and the edges' centroid (weights/evaluate_controlnet.py).
 
-npdiff's ControlNet pipeline is not in this branch yet, so the pictures are diffusers'
-(StableDiffusionControlNetPipeline over the shipped folder); the network test compares npdiff's
-ControlNetModel on the shipped net with diffusers'.
+The pictures are npdiff's (StableDiffusionControlNetPipeline over the shipped folder, and the command
+line's `--control`); the network test compares npdiff's ControlNetModel on the shipped net with diffusers'.
 """
 
 import numpy as np
@@ -17,7 +16,6 @@ import pytest
 from shipped import MODEL_DIR, WEIGHTS_DIR  # noqa: F401  (puts weights/ on sys.path)
 
 import evaluate_controlnet  # noqa: E402  (weights/)
-from npdiff.errors import NpdiffError  # noqa: E402
 
 CONTROLNET_DIR = MODEL_DIR / "controlnet-edges"
 COUNT = 24
@@ -33,10 +31,9 @@ def control_set():
 
 
 def test_shipped_controlnet_moves_the_shape(control_set):
-    pytest.importorskip("diffusers")
     prompts, edges, _ = control_set
-    with_net = evaluate_controlnet.diffusers_pictures(MODEL_DIR, CONTROLNET_DIR, prompts, edges)
-    without_net = evaluate_controlnet.diffusers_pictures(MODEL_DIR, None, prompts, edges)
+    with_net = evaluate_controlnet.npdiff_pictures(MODEL_DIR, CONTROLNET_DIR, prompts, edges)
+    without_net = evaluate_controlnet.npdiff_pictures(MODEL_DIR, None, prompts, edges)
     errors_with = evaluate_controlnet.position_errors(with_net, edges)
     errors_without = evaluate_controlnet.position_errors(without_net, edges)
     mean_with = np.nanmean(errors_with)
@@ -45,11 +42,10 @@ def test_shipped_controlnet_moves_the_shape(control_set):
     assert np.nanmean(errors_without) - mean_with >= GAIN_MIN, (np.nanmean(errors_without), mean_with)
 
 
-@pytest.mark.xfail(strict=True, raises=NpdiffError, reason="npdiff's ControlNetModel expects the control at 8 pixels per latent; "
-                   "this net's embedding downsamples 4x (2 stride-2 stages, as the shipped VAE): diffusers "
-                   "takes 2**(len(conditioning_embedding_out_channels) - 1) pixels per latent")
 def test_npdiff_controlnet_equals_diffusers_on_the_shipped_net(rng):
-    torch = pytest.importorskip("torch")
+    """This net's embedding downsamples 4x (2 stride-2 stages, as the shipped VAE's 4 pixels per latent):
+    the control picture is taken at 2**(stride-2 stages) pixels per latent, as diffusers takes it."""
+    import torch
     from diffusers import ControlNetModel as TorchControlNet
 
     from npdiff.models import ControlNetModel
@@ -64,3 +60,30 @@ def test_npdiff_controlnet_equals_diffusers_on_the_shipped_net(rng):
     for ours, theirs in zip([*down, mid], [*down_ref, mid_ref]):
         theirs = theirs.numpy()
         assert np.linalg.norm(np.asarray(ours) - theirs) / np.linalg.norm(theirs) <= 1e-4
+
+
+def test_the_readme_command_draws_the_shape_on_the_edges(tmp_path):
+    """`npdiff generate "a red circle on a blue background" --control controlnet-edges:edges.png`: the red
+    circle lands where the edge map puts it (off-centre), within the position error the net is held to."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from npdiff.preprocess import canny_array
+
+    drawn = None
+    for seed in range(200):  # a circle away from the centre, so that "drawn in the middle" cannot pass
+        rng = np.random.default_rng(seed)
+        shape, color, background, side, x, y = evaluate_controlnet.shapes_data.sample_spec(rng)
+        if abs(x - 16) + abs(y - 16) >= 6:
+            drawn = np.asarray(evaluate_controlnet.shapes_data.draw_shape("circle", "red", "blue", side, x, y))
+            break
+    edges = canny_array(drawn, 100, 200)
+    Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2)).save(tmp_path / "edges.png")
+    out = tmp_path / "circle.png"
+    subprocess.run([sys.executable, "-m", "npdiff.cli", "generate", "a red circle on a blue background", "--seed", "1",
+                    "--control", f"{CONTROLNET_DIR}:{tmp_path / 'edges.png'}", "--out", str(out)], check=True)
+    picture = np.asarray(Image.open(out).convert("RGB"))
+    error = evaluate_controlnet.position_errors(picture[None], edges[None])[0]
+    assert error <= MEAN_ERROR_MAX + 1.0, f"the circle is {error:.2f} px from the edges' centre"
