@@ -22,20 +22,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from npdiff.errors import NpdiffError, shorten
+from npdiff.hires_names import (
+    DEFAULT_HIRES_STRENGTH,
+    DEFAULT_HIRES_UPSCALER,
+    HIRES_UPSCALERS,
+)
 from npdiff.kernels.resample import resize
 from npdiff.pipeline_utils import check_size, check_strength, make_generator, size_rule
-
-# npdiff name -> (npdiff.kernels.resize mode, or None for PIL's Lanczos on pixels; webui's name)
-HIRES_UPSCALERS = {
-    "latent": ("bilinear", "Latent"),
-    "latent-nearest": ("nearest", "Latent (nearest)"),
-    "latent-nearest-exact": ("nearest-exact", "Latent (nearest-exact)"),
-    "latent-bicubic": ("bicubic", "Latent (bicubic)"),
-    "lanczos": (None, "Lanczos"),
-}
-WEBUI_UPSCALERS = {webui: ours for ours, (_, webui) in HIRES_UPSCALERS.items()}
-DEFAULT_HIRES_STRENGTH = 0.7  # webui's "Denoising strength" for hires fix
-DEFAULT_HIRES_UPSCALER = "latent"
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,8 @@ from pathlib import Path
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
-from npdiff.hires import (
-    DEFAULT_HIRES_STRENGTH,
-    DEFAULT_HIRES_UPSCALER,
-    check_hires,
-    hires_fix,
-)
+from npdiff.hires import check_hires, hires_fix
+from npdiff.hires_names import DEFAULT_HIRES_STRENGTH, DEFAULT_HIRES_UPSCALER
 from npdiff.pipeline import StableDiffusionPipeline
 from npdiff.pipeline_utils import (
     as_prompt_list,

@@ -12,7 +12,7 @@ from helpers import IMAGE_LEVELS_TOL, NETWORK_TOL, assert_rel_close
 from tiny_sd import tiny_sd_folder, torch_pipeline
 
 from npdiff import NpdiffError
-from npdiff.hires import HIRES_UPSCALERS
+from npdiff.hires_names import HIRES_UPSCALERS
 from npdiff.pipeline import StableDiffusionPipeline
 
 
@@ -114,3 +114,18 @@ def test_hires_bad_settings_refused_before_work(ours_pipe):
         with pytest.raises(NpdiffError, match=message):
             ours_pipe("a red circle", height=32, width=32, num_inference_steps=2, callback=callback, **kwargs)
     assert calls == []
+
+
+def test_sdxl_hires_matches_composed_diffusers_calls(seed):
+    """SDXL: the same composition with diffusers' SDXL txt2img and img2img pipelines (bicubic latents)."""
+    from sdxl_compare import load_ours, theirs_pipeline
+
+    common = dict(prompt="a red circle", negative_prompt="blurry", num_inference_steps=3, height=64, width=64,
+                  guidance_scale=5.0)
+    theirs = diffusers_hires(theirs_pipeline("base", "txt2img"), theirs_pipeline("base", "img2img"), seed,
+                             "latent-bicubic", 2.0, 0.5, 2, **dict(common))
+    ours = load_ours("base")(**common, seed=seed, output_type="np", hires_scale=2.0, hires_strength=0.5,
+                             hires_steps=2, hires_upscaler="latent-bicubic")
+    levels = np.round(ours.images * 255).astype(np.int16)
+    assert levels.shape == theirs.shape == (1, 128, 128, 3)
+    assert int(np.max(np.abs(levels - theirs))) <= IMAGE_LEVELS_TOL
