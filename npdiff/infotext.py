@@ -230,7 +230,9 @@ def parse_infotext(text):
     if not isinstance(text, str) or not text.strip():
         raise NpdiffError("the 'parameters' text is empty")
     prompt, negative, fields = split_infotext(text)
-    params = {"prompt": prompt, "negative_prompt": negative, "prompt_syntax": "a1111"}  # webui's own syntax
+    params = {"prompt": prompt, "negative_prompt": negative}
+    if not fields.get("Version", "").startswith("npdiff"):
+        params["prompt_syntax"] = "a1111"  # webui's text: its prompt was read with webui's (x:1.2) syntax
     # 1. LoRA tags steer AUTOMATIC1111's prompt but are not words: taken out, the files named by name and hash
     params["prompt"], loras = _loras(prompt, fields)
     if loras:

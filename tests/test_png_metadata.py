@@ -75,6 +75,7 @@ def test_infotext_format_and_parse_round_trip():
         'Model hash: 6ce0161689, Model: "v1-5, pruned", Denoising strength: 0.75, Version: npdiff 0.1.0']
     back = parse_infotext(text)
     assert back.pop("unmapped") == []
+    assert back.pop("mode") == "img2img"  # a Denoising strength without hires fix: an img2img picture
     assert back == {key: value for key, value in params.items() if key != "npdiff_version"}
     # AUTOMATIC1111's quote(): only values with a comma, colon or newline become JSON strings
     assert quote("Euler a") == "Euler a" and quote("a: b") == '"a: b"' and quote('x, "y"') == '"x, \\"y\\""'
@@ -93,7 +94,7 @@ def test_infotext_loras_vae_and_every_sampler_name():
     assert "CFG scale: 7," in settings and "Sampler: Euler a," in settings
     back = parse_infotext(text)
     assert back["prompt"] == "a square" and back["sampler"] == "euler_a"
-    assert back["unmapped"] == ["LoRAs shapes (scale 0.8), ink (scale 1)", "VAE: ft-mse"]
+    assert back["unmapped"] == [] and back["vae"] == "ft-mse" and back["loras"] == loras
     for name in ["pndm", "ddim", "ddpm", "lms", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras"]:
         line = format_infotext({"prompt": "x", "steps": 2, "sampler": name, "seed": 0})
         assert parse_infotext(line)["sampler"] == name
@@ -108,15 +109,18 @@ def test_infotext_from_other_tools():
     assert params["prompt"] == "masterpiece, (red:1.2) circle\nwith a second line"
     assert (params["sampler"], params["steps"], params["guidance_scale"], params["seed"]) == \
         ("dpmpp_2m_karras", 25, 7.0, 123)
-    assert params["unmapped"] == ["Clip skip: 2", "Hires upscale: 2", "ENSD: 31337"]
-    with pytest.raises(NpdiffError, match="sampler 'DPM\\+\\+ SDE' is not supported by npdiff"):
-        parse_infotext("x\nSteps: 20, Sampler: DPM++ SDE, CFG scale: 7, Seed: 1")
-    with pytest.raises(NpdiffError, match="sampler 'Euler a' with schedule type 'Karras' is not supported"):
-        parse_infotext("x\nSteps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 1")
+    assert params["unmapped"] == ["ENSD: 31337"]
+    assert (params["clip_skip"], params["hires_scale"], params["prompt_syntax"]) == (2, 2.0, "a1111")
+    # a sampler npdiff lacks is kept for the caller (a problem only when no --sampler is given)
+    assert parse_infotext("x\nSteps: 20, Sampler: DPM++ SDE, CFG scale: 7, Seed: 1")["unsupported_sampler"] == \
+        "DPM++ SDE"
+    assert parse_infotext("x\nSteps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 1")[
+        "unsupported_sampler"] == "Euler a, Schedule type: Karras"
     with pytest.raises(NpdiffError, match="'Seed: abc' is not a int"):
         parse_infotext("x\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: abc")
     # fewer than three settings: all of it is prompt, as AUTOMATIC1111 reads it
-    assert parse_infotext("just: a prompt") == {"prompt": "just: a prompt", "negative_prompt": "", "unmapped": []}
+    assert parse_infotext("just: a prompt") == {"prompt": "just: a prompt", "negative_prompt": "", "unmapped": [],
+                                                "prompt_syntax": "a1111"}
 
 
 # ---------------------------------------------------------------------------------------------
