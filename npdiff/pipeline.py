@@ -9,7 +9,9 @@
 Every mode is one flow, _generate, with these steps (diffusers' StableDiffusionPipeline.__call__):
   0. check the arguments, those of every mode and then the start's own, and refuse a call whose
      memory estimate (memory_estimate.py) cannot fit, all before any long work;
-  1. encode the prompts and the negative prompts ("" by default) with CLIP: [B,77,D] each;
+  1. encode the prompts and the negative prompts ("" by default) with CLIP: [B,77,D] each (with
+     prompt_syntax="a1111", webui's weights and chunks: [B,77*C,D], the shorter padded; clip_skip picks an
+     earlier hidden state; npdiff/prompt_encoding.py);
   2. with guidance_scale > 1 stack them as [uncond; cond] -> [2B,77,D] for one UNet call per step
      (not for an LCM-distilled UNet, which takes the guidance scale as timestep_cond instead);
   3. the timesteps and the initial latents, drawn from TorchGenerator(seed) (the same numbers as
@@ -64,6 +66,7 @@ from npdiff.pipeline_utils import (
     resolve_scheduler,
     vae_scale_factor,
 )
+from npdiff.prompt_encoding import PromptOptions, encode_prompts, match_chunk_counts
 from npdiff.sampling_starts import ImageStart, InpaintStart, NoiseStart
 from npdiff.textual_inversion import load_textual_inversion
 
@@ -168,27 +171,47 @@ class StableDiffusionPipeline:
     # -----------------------------------------------------------------------------------------
     # The parts of a call
     # -----------------------------------------------------------------------------------------
-    def encode_text(self, prompts):
-        """List of prompts -> CLIP last hidden states [B,77,D]."""
-        ids = self.tokenizer(prompts)  # [B,77] int64
-        return self.text_encoder(ids)  # [B,77] -> [B,77,D]
+    def encode_prompt(self, prompt, negative_prompt=None, clip_skip=None, prompt_syntax="plain",
+                      num_images_per_prompt=1, do_classifier_free_guidance=True):
+        """-> (prompt_embeds [B*n,77*C,D], negative_prompt_embeds [B*n,77*C,D] or None): what the UNet sees.
 
-    def encode_prompt(self, prompts, negatives, num_images_per_prompt, do_guidance):
-        """-> text embeddings [B*n,77,D], or [2*B*n,77,D] as [uncond; cond] when guiding."""
-        cond = self.encode_text(prompts)  # [B,77,D]
+        clip_skip: None, or k >= 0 to read the output k layers before the last, through the final layer
+        norm (diffusers' clip_skip; webui's "Clip skip: k+1"). prompt_syntax: "plain" (diffusers': one chunk
+        of 77 tokens, longer prompts cut with a warning) or "a1111" (webui's weights, BREAK and chunks of 75,
+        C chunks; npdiff/prompt_encoding.py)."""
+        prompts, negatives = as_prompt_list(prompt, negative_prompt)
+        options = PromptOptions(clip_skip, prompt_syntax)
+        self.check_prompt_options(options)
+        n = check_positive_int(num_images_per_prompt, "num_images_per_prompt")
+        embeddings = self.text_conditioning(prompts, negatives, n, do_classifier_free_guidance, options=options)
+        if not do_classifier_free_guidance:
+            return embeddings, None
+        half = embeddings.shape[0] // 2
+        return embeddings[half:], embeddings[:half]  # [uncond; cond] -> cond, uncond
+
+    def check_prompt_options(self, options):
+        """NpdiffError when options.clip_skip skips more layers than the text encoder has (step 0)."""
+        options.check_layers(self.text_encoder, "last")
+
+    def text_conditioning(self, prompts, negatives, num_images_per_prompt, do_guidance, extra=None, options=None):
+        """Steps 1-2: what the UNet is conditioned on, [uncond; cond] when guiding; SD: the text embeddings
+        [B*n,77*C,D] or [2*B*n,77*C,D] read as `options` (PromptOptions) says. A subclass returns its own
+        (SDXL: both encoders and the pooled embedding), built from its per-call arguments in `extra`."""
+        options = PromptOptions() if options is None else options
+        cond = encode_prompts(self.tokenizer, self.text_encoder, prompts, options).embeddings  # [B,77*C,D]
         xp = backend.array_module(cond)
-        cond = xp.repeat(cond, num_images_per_prompt, axis=0)  # [B,77,D] -> [B*n,77,D], prompt-major
+        cond = xp.repeat(cond, num_images_per_prompt, axis=0)  # [B,77*C,D] -> [B*n,77*C,D], prompt-major
         if not do_guidance:
             return cond
-        uncond = self.encode_text(negatives)  # [B,77,D]
-        uncond = xp.repeat(uncond, num_images_per_prompt, axis=0)  # [B,77,D] -> [B*n,77,D]
-        return xp.concatenate([uncond, cond], axis=0)  # -> [2*B*n,77,D]
+        negative_options = options.for_negative()  # plain: no clip skip for the negative prompt, as diffusers
+        uncond = encode_prompts(self.tokenizer, self.text_encoder, negatives, negative_options).embeddings
+        uncond = xp.repeat(uncond, num_images_per_prompt, axis=0)  # [B,77*C',D] -> [B*n,77*C',D]
 
-    def text_conditioning(self, prompts, negatives, num_images_per_prompt, do_guidance, extra=None):
-        """Steps 1-2: what the UNet is conditioned on, [uncond; cond] when guiding; SD: encode_prompt's text
-        embeddings. A subclass returns its own (SDXL: both encoders and the pooled embedding), built from
-        its per-call arguments in `extra`."""
-        return self.encode_prompt(prompts, negatives, num_images_per_prompt, do_guidance)
+        def encode_empty():
+            return encode_prompts(self.tokenizer, self.text_encoder, [""], negative_options).embeddings  # [1,77,D]
+
+        cond, uncond = match_chunk_counts(cond, uncond, encode_empty)  # a1111: the shorter padded
+        return xp.concatenate([uncond, cond], axis=0)  # -> [2*B*n,77*C,D]
 
     def unet_inputs(self, conditioning, start, extra=None):
         """-> (encoder_hidden_states, keyword arguments for every UNet call) from text_conditioning's result;
@@ -283,9 +306,11 @@ class StableDiffusionPipeline:
     # The one sampling flow, and its three ways to start
     # -----------------------------------------------------------------------------------------
     def _generate(self, start, prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
-                  num_images_per_prompt, callback, callback_steps, output_type, progress, eta=0.0, extra=None):
+                  num_images_per_prompt, callback, callback_steps, output_type, progress, eta=0.0, extra=None,
+                  prompt_options=None):
         """Steps 0-5 of the module docstring; `start` says how the latents start and what follows each step;
-        `extra`: a subclass's own per-call arguments, for its hooks (None for SD)."""
+        `extra`: a subclass's own per-call arguments, for its hooks (None for SD); prompt_options: a
+        PromptOptions (clip skip, prompt syntax), None for the defaults."""
         # 0. check the arguments: those of every mode, then the start's own (size, picture, mask, strength)
         prompts, negatives = as_prompt_list(prompt, negative_prompt)
         steps = check_positive_int(num_inference_steps, "num_inference_steps")
@@ -294,6 +319,8 @@ class StableDiffusionPipeline:
         callback, callback_steps = check_callback(callback, callback_steps)
         eta = check_eta(eta)
         check_output_type(output_type)
+        prompt_options = PromptOptions() if prompt_options is None else prompt_options
+        self.check_prompt_options(prompt_options)
         start.prepare(self, len(prompts) * num_images_per_prompt, steps)
         do_guidance = self.do_classifier_free_guidance(guidance_scale)  # never for an LCM-distilled UNet
         check_call_memory(self, len(prompts) * num_images_per_prompt, start.height, start.width, do_guidance,
@@ -302,7 +329,8 @@ class StableDiffusionPipeline:
         scheduler = copy.deepcopy(self.scheduler)  # each call starts from a fresh scheduler state
 
         # 1-2. text embeddings, [uncond; cond] when guiding
-        text_embeddings = self.text_conditioning(prompts, negatives, num_images_per_prompt, do_guidance, extra)
+        text_embeddings = self.text_conditioning(prompts, negatives, num_images_per_prompt, do_guidance, extra,
+                                                 options=prompt_options)
         self._stage_done(*self.text_encoder_names)
 
         # 3. timesteps and initial latents (drawn after the text is encoded, as diffusers does)
@@ -322,6 +350,7 @@ class StableDiffusionPipeline:
         parameters = self.generation_parameters(prompts, negatives, seed, steps, guidance_scale, start.height,
                                                 start.width, self.scheduler_name)
         parameters.update(start.parameters(), eta=eta)  # eta changes DDIM's and TCD's pixels: recorded
+        parameters.update(prompt_options.parameters())  # prompt_syntax, clip_skip when not the defaults
         if extra is not None:
             parameters.update(extra.parameters())
         output = self.package_output(latents, output_type, seed, parameters)
@@ -330,14 +359,18 @@ class StableDiffusionPipeline:
 
     def __call__(self, prompt, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5, height=None,
                  width=None, seed=None, generator=None, num_images_per_prompt=1, latents=None, callback=None,
-                 callback_steps=1, output_type="pil", progress=None, eta=0.0, hires_scale=None,
-                 hires_strength=DEFAULT_HIRES_STRENGTH, hires_steps=None, hires_upscaler=DEFAULT_HIRES_UPSCALER):
+                 callback_steps=1, output_type="pil", progress=None, eta=0.0, clip_skip=None,
+                 prompt_syntax="plain", hires_scale=None, hires_strength=DEFAULT_HIRES_STRENGTH, hires_steps=None,
+                 hires_upscaler=DEFAULT_HIRES_UPSCALER):
         """Text -> images. Returns PipelineOutput(images, latents, seed, parameters).
 
         seed / generator: the noise source (npdiff.rng.TorchGenerator); neither -> a random seed, reported
         in the output. latents: initial noise [B*n,4,h,w] (before init_noise_sigma), instead of drawing it.
         callback(step, timestep, latents) runs every `callback_steps` steps. eta: passed to schedulers
         whose step takes one (DDIM's eta, TCD's gamma), 0 by default as in diffusers.
+        clip_skip: None, or k >= 0 to condition on the output k layers before the text encoder's last
+        (diffusers' clip_skip; webui's "Clip skip: k+1"). prompt_syntax: "plain" (diffusers' reading, the
+        default) or "a1111" (webui's (word:1.2), [word], BREAK and prompts of any length); see encode_prompt.
         hires_scale: webui's hires fix (npdiff/hires.py): this call at height x width, upscaled hires_scale
         times with hires_upscaler ("latent", "latent-nearest", "latent-nearest-exact", "latent-bicubic",
         "lanczos"), then img2img at hires_strength with hires_steps steps (None: num_inference_steps).
@@ -345,31 +378,36 @@ class StableDiffusionPipeline:
         if hires_scale is not None:
             shared = {"prompt": prompt, "negative_prompt": negative_prompt, "guidance_scale": guidance_scale,
                       "num_images_per_prompt": num_images_per_prompt, "callback": callback,
-                      "callback_steps": callback_steps, "progress": progress, "eta": eta}
+                      "callback_steps": callback_steps, "progress": progress, "eta": eta, "clip_skip": clip_skip,
+                      "prompt_syntax": prompt_syntax}
             first = dict(shared, num_inference_steps=num_inference_steps, height=height, width=width, seed=seed,
                          generator=generator, latents=latents)
             return hires_fix(self, check_hires(hires_scale, hires_strength, hires_steps, hires_upscaler), first,
                              shared, output_type)
         return self._generate(NoiseStart(height, width, latents), prompt, negative_prompt, num_inference_steps,
                               guidance_scale, seed, generator, num_images_per_prompt, callback, callback_steps,
-                              output_type, progress, eta=eta)
+                              output_type, progress, eta=eta,
+                              prompt_options=PromptOptions(clip_skip, prompt_syntax))
 
     def img2img(self, prompt, image, strength=0.8, negative_prompt=None, num_inference_steps=50,
                 guidance_scale=7.5, seed=None, generator=None, num_images_per_prompt=1, callback=None,
-                callback_steps=1, output_type="pil", progress=None, eta=0.0):
+                callback_steps=1, output_type="pil", progress=None, eta=0.0, clip_skip=None,
+                prompt_syntax="plain"):
         """Picture + text -> pictures: noise the encoded picture to `strength`, then denoise.
 
         image: PIL image, uint8 array [H,W,3] or float array [H,W,3] in [0,1]; sides are rounded down to
         a multiple of pipeline_utils.size_rule (64 pixels for SD). strength in (0, 1]: 1 starts from pure
-        noise, small values stay close. eta: as in __call__.
+        noise, small values stay close. eta, clip_skip, prompt_syntax: as in __call__.
         """
         return self._generate(ImageStart(image, strength), prompt, negative_prompt, num_inference_steps,
                               guidance_scale, seed, generator, num_images_per_prompt, callback, callback_steps,
-                              output_type, progress, eta=eta)
+                              output_type, progress, eta=eta,
+                              prompt_options=PromptOptions(clip_skip, prompt_syntax))
 
     def inpaint(self, prompt, image, mask_image, strength=1.0, negative_prompt=None, num_inference_steps=50,
                 guidance_scale=7.5, seed=None, generator=None, num_images_per_prompt=1, height=None, width=None,
-                callback=None, callback_steps=1, output_type="pil", progress=None, eta=0.0):
+                callback=None, callback_steps=1, output_type="pil", progress=None, eta=0.0, clip_skip=None,
+                prompt_syntax="plain"):
         """Picture + mask + text -> pictures repainted where the mask is white (diffusers' inpaint pipeline).
 
         image: PIL image, uint8 array [H,W,3] or float array [H,W,3] in [0,1]. mask_image: the same size,
@@ -378,8 +416,9 @@ class StableDiffusionPipeline:
         default: the model's, as diffusers); the picture and mask are resized to it. strength in (0, 1]:
         1 repaints from pure noise.
         A 9-channel inpainting UNet (sd-v1-5-inpainting) sees the mask; any 4-channel UNet works too,
-        its kept part put back after each step. eta: as in __call__.
+        its kept part put back after each step. eta, clip_skip, prompt_syntax: as in __call__.
         """
         return self._generate(InpaintStart(image, mask_image, strength, height, width), prompt, negative_prompt,
                               num_inference_steps, guidance_scale, seed, generator, num_images_per_prompt,
-                              callback, callback_steps, output_type, progress, eta=eta)
+                              callback, callback_steps, output_type, progress, eta=eta,
+                              prompt_options=PromptOptions(clip_skip, prompt_syntax))

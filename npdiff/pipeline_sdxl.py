@@ -11,7 +11,8 @@
 
 The flow is StableDiffusionPipeline's (npdiff/pipeline.py: steps 0-5, one sampling loop); this class fills
 its two hooks with what SDXL's UNet takes (npdiff/sdxl_conditioning.py):
-  text_conditioning  both text encoders' penultimate hidden states side by side [B,77,D1+D2] and
+  text_conditioning  both text encoders' penultimate hidden states side by side [B,77,D1+D2] (clip_skip:
+                     earlier ones; prompt_syntax "a1111": webui's chunks, [B,77*C,D1+D2]) and
                      text_encoder_2's pooled projection [B,P]; with guidance and no negative prompt,
                      zeros for both when force_zeros_for_empty_prompt (model_index.json; True for a base);
   unet_inputs        added_cond_kwargs = {"text_embeds": pooled, "time_ids": size/crop (and aesthetic score)
@@ -31,10 +32,12 @@ from npdiff.hires_names import DEFAULT_HIRES_STRENGTH, DEFAULT_HIRES_UPSCALER
 from npdiff.pipeline import StableDiffusionPipeline
 from npdiff.pipeline_utils import (
     as_prompt_list,
+    check_positive_int,
     default_model_path,
     load_components,
     resolve_scheduler,
 )
+from npdiff.prompt_encoding import CHUNK_TOKENS, PromptOptions, match_chunk_counts
 from npdiff.sampling_starts_sdxl import XLImageStart, XLInpaintStart, XLNoiseStart
 from npdiff.sdxl_conditioning import (
     SDXLText,
@@ -152,7 +155,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                                                            bool(model_index) or parts["text_encoder"] is not None)
         instance, name = resolve_scheduler(scheduler, scheduler_config)
         return cls(parts["vae"], parts["text_encoder"], parts["text_encoder_2"], parts["tokenizer"],
-                   parts["tokenizer_2"], parts["unet"], instance, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+                   parts["tokenizer_2"], parts["unet"], instance,
+                   force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
                    requires_aesthetics_score=requires_aesthetics_score, scheduler_config=scheduler_config,
                    scheduler_name=name, model_name=path.name)
 
@@ -163,35 +167,54 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         return load_sdxl_textual_inversion(self, path, token=token, text_encoder=text_encoder, tokenizer=tokenizer)
 
     def encode_prompt(self, prompt, prompt_2=None, num_images_per_prompt=1, do_classifier_free_guidance=True,
-                      negative_prompt=None, negative_prompt_2=None):
-        """diffusers' SDXL encode_prompt: -> (prompt_embeds [B*n,77,D1+D2], negative_prompt_embeds or None,
-        pooled_prompt_embeds [B*n,P], negative_pooled_prompt_embeds or None)."""
+                      negative_prompt=None, negative_prompt_2=None, clip_skip=None, prompt_syntax="plain"):
+        """diffusers' SDXL encode_prompt: -> (prompt_embeds [B*n,77*C,D1+D2], negative_prompt_embeds or None,
+        pooled_prompt_embeds [B*n,P], negative_pooled_prompt_embeds or None). clip_skip k: both encoders'
+        hidden_states[-(k + 2)], no final norm (diffusers'); prompt_syntax "a1111": webui's weights and chunks
+        (C chunks, pooled from the first; npdiff/prompt_encoding.py)."""
         prompts, negatives = as_prompt_list(prompt, negative_prompt)
         extra = XLCall("txt2img", prompt_2, negative_prompt, negative_prompt_2)
-        text = self.text_conditioning(prompts, negatives, num_images_per_prompt, do_classifier_free_guidance, extra)
+        options = PromptOptions(clip_skip, prompt_syntax)
+        self.check_prompt_options(options)
+        n = check_positive_int(num_images_per_prompt, "num_images_per_prompt")
+        text = self.text_conditioning(prompts, negatives, n, do_classifier_free_guidance, extra, options=options)
         if not do_classifier_free_guidance:
             return text.embeddings, None, text.pooled, None
         half = text.embeddings.shape[0] // 2
         return text.embeddings[half:], text.embeddings[:half], text.pooled[half:], text.pooled[:half]
 
+    def check_prompt_options(self, options):
+        """NpdiffError when options.clip_skip skips more layers than either text encoder has (step 0)."""
+        options.check_layers(self.text_encoder, "penultimate")
+        options.check_layers(self.text_encoder_2, "penultimate")
+
     # -----------------------------------------------------------------------------------------
     # The hooks of StableDiffusionPipeline's flow
     # -----------------------------------------------------------------------------------------
-    def text_conditioning(self, prompts, negatives, num_images_per_prompt, do_guidance, extra=None):
-        """-> SDXLText(embeddings [B*n,77,D1+D2], pooled [B*n,P]), [uncond; cond] ([2*B*n,...]) when guiding."""
+    def text_conditioning(self, prompts, negatives, num_images_per_prompt, do_guidance, extra=None, options=None):
+        """-> SDXLText(embeddings [B*n,77*C,D1+D2], pooled [B*n,P]), [uncond; cond] ([2*B*n,...]) when guiding;
+        C = 1 unless options.prompt_syntax is "a1111". An absent negative prompt with
+        force_zeros_for_empty_prompt: zeros of one chunk (then padded like any shorter negative)."""
+        options = PromptOptions() if options is None else options
         extra.batch, extra.do_guidance = len(prompts) * num_images_per_prompt, do_guidance
-        cond = encode_prompt_pair(self, prompts, second_prompts(extra.prompt_2, prompts, "prompt_2"))
+        cond = encode_prompt_pair(self, prompts, second_prompts(extra.prompt_2, prompts, "prompt_2"), options)
         xp = backend.array_module(cond.embeddings)
         cond = SDXLText(*(xp.repeat(part, num_images_per_prompt, axis=0) for part in cond))  # prompt-major
         if not do_guidance:
             return cond
         if not extra.negative_given and self.force_zeros_for_empty_prompt:
-            uncond = SDXLText(xp.zeros_like(cond.embeddings), xp.zeros_like(cond.pooled))  # [B*n,77,D], [B*n,P]
+            chunk = cond.embeddings[:, :CHUNK_TOKENS]  # [B*n,77,D]
+            uncond = SDXLText(xp.zeros_like(chunk), xp.zeros_like(cond.pooled))  # [B*n,77,D], [B*n,P]
         else:
             negatives_2 = second_prompts(extra.negative_prompt_2, negatives, "negative_prompt_2")
-            uncond = encode_prompt_pair(self, negatives, negatives_2)
+            uncond = encode_prompt_pair(self, negatives, negatives_2, options.for_negative())  # plain: no clip skip
             uncond = SDXLText(*(xp.repeat(part, num_images_per_prompt, axis=0) for part in uncond))
-        return SDXLText(xp.concatenate([uncond.embeddings, cond.embeddings], axis=0),   # [2*B*n,77,D1+D2]
+
+        def encode_empty():
+            return encode_prompt_pair(self, [""], [""], options.for_negative()).embeddings  # [1,77,D1+D2]
+
+        cond_embeddings, uncond_embeddings = match_chunk_counts(cond.embeddings, uncond.embeddings, encode_empty)
+        return SDXLText(xp.concatenate([uncond_embeddings, cond_embeddings], axis=0),   # [2*B*n,77*C,D1+D2]
                         xp.concatenate([uncond.pooled, cond.pooled], axis=0))           # [2*B*n,P]
 
     def unet_inputs(self, conditioning, start, extra=None):
@@ -203,7 +226,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         return conditioning.embeddings, {"added_cond_kwargs": added}
 
     def _run(self, start, extra, prompt, negative_prompt, steps, guidance_scale, seed, generator,
-             num_images_per_prompt, callback, callback_steps, output_type, progress, eta):
+             num_images_per_prompt, callback, callback_steps, output_type, progress, eta, prompt_options):
         """Check what SDXL adds (before any work), then the one flow of StableDiffusionPipeline."""
         prompts, negatives = as_prompt_list(prompt, negative_prompt)
         second_prompts(extra.prompt_2, prompts, "prompt_2")
@@ -213,7 +236,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         check_add_embedding_width(self.unet.config, ids_per_row, self.pooled_width(), extra.requires_aesthetics_score)
         return self._generate(start, prompt, negative_prompt, steps, guidance_scale, seed, generator,
                               num_images_per_prompt, callback, callback_steps, output_type, progress, eta=eta,
-                              extra=extra)
+                              extra=extra, prompt_options=prompt_options)
 
     def pooled_width(self):
         """P, the width of text_encoder_2's pooled projection (its config's projection_dim)."""
@@ -228,14 +251,16 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                  eta=0.0, seed=None, generator=None, latents=None, output_type="pil", original_size=None,
                  crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, callback=None,
-                 callback_steps=1, progress=None, hires_scale=None, hires_strength=DEFAULT_HIRES_STRENGTH,
-                 hires_steps=None, hires_upscaler=DEFAULT_HIRES_UPSCALER):
+                 callback_steps=1, progress=None, clip_skip=None, prompt_syntax="plain", hires_scale=None,
+                 hires_strength=DEFAULT_HIRES_STRENGTH, hires_steps=None, hires_upscaler=DEFAULT_HIRES_UPSCALER):
         """Text -> images, diffusers' StableDiffusionXLPipeline.__call__ arguments and defaults.
 
         prompt_2 / negative_prompt_2: what text_encoder_2 reads (default: prompt / negative_prompt).
         original_size, crops_coords_top_left, target_size (and the negative_ ones, used only when both
         negative sizes are given): the micro-conditioning, (height, width) pairs; default (height, width).
         denoising_end: stop after this fraction of the schedule (with output_type="latent", for a refiner).
+        clip_skip: None, or k >= 0: both encoders' hidden_states[-(k + 2)] (diffusers'; webui's "Clip skip:
+        k+1"). prompt_syntax: "plain" (diffusers', the default) or "a1111" (webui's weights, BREAK, chunks).
         hires_scale, hires_strength, hires_steps, hires_upscaler: webui's hires fix, as StableDiffusionPipeline
         (npdiff/hires.py); the second pass is img2img with diffusers' defaults for the micro-conditioning.
         Returns PipelineOutput(images, latents, seed, parameters), as StableDiffusionPipeline.
@@ -249,7 +274,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             shared = {"prompt": prompt, "prompt_2": prompt_2, "negative_prompt": negative_prompt,
                       "negative_prompt_2": negative_prompt_2, "guidance_scale": guidance_scale,
                       "num_images_per_prompt": num_images_per_prompt, "callback": callback,
-                      "callback_steps": callback_steps, "progress": progress, "eta": eta}
+                      "callback_steps": callback_steps, "progress": progress, "eta": eta, "clip_skip": clip_skip,
+                      "prompt_syntax": prompt_syntax}
             first = dict(shared, num_inference_steps=num_inference_steps, height=height, width=width, seed=seed,
                          generator=generator, latents=latents, original_size=original_size,
                          crops_coords_top_left=crops_coords_top_left, target_size=target_size,
@@ -262,27 +288,31 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                        target_size, negative_original_size, negative_crops_coords_top_left, negative_target_size)
         start = XLNoiseStart(height, width, latents, denoising_end)
         return self._run(start, extra, prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
-                         num_images_per_prompt, callback, callback_steps, output_type, progress, eta)
+                         num_images_per_prompt, callback, callback_steps, output_type, progress, eta,
+                         PromptOptions(clip_skip, prompt_syntax))
 
     def img2img(self, prompt, image, strength=0.3, prompt_2=None, num_inference_steps=50, denoising_start=None,
                 denoising_end=None, guidance_scale=5.0, negative_prompt=None, negative_prompt_2=None,
                 num_images_per_prompt=1, eta=0.0, seed=None, generator=None, output_type="pil", original_size=None,
                 crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                 negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score=6.0,
-                negative_aesthetic_score=2.5, callback=None, callback_steps=1, progress=None):
+                negative_aesthetic_score=2.5, callback=None, callback_steps=1, progress=None, clip_skip=None,
+                prompt_syntax="plain"):
         """Picture (or latents [B,4,h,w] from a base's output_type="latent") + text -> pictures, diffusers'
         StableDiffusionXLImg2ImgPipeline arguments and defaults.
 
         strength in (0, 1]: how far into the schedule to start; denoising_start instead starts at that fraction
         of the schedule with no noise added (the base's latents are noisy already). aesthetic_score /
-        negative_aesthetic_score: a refiner's conditioning (requires_aesthetics_score).
+        negative_aesthetic_score: a refiner's conditioning (requires_aesthetics_score). clip_skip,
+        prompt_syntax: as in __call__.
         """
         extra = XLCall("img2img", prompt_2, negative_prompt, negative_prompt_2, original_size, crops_coords_top_left,
                        target_size, negative_original_size, negative_crops_coords_top_left, negative_target_size,
                        aesthetic_score, negative_aesthetic_score)
         start = XLImageStart(image, strength, denoising_start, denoising_end)
         return self._run(start, extra, prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
-                         num_images_per_prompt, callback, callback_steps, output_type, progress, eta)
+                         num_images_per_prompt, callback, callback_steps, output_type, progress, eta,
+                         PromptOptions(clip_skip, prompt_syntax))
 
     def inpaint(self, prompt, image, mask_image, strength=0.9999, prompt_2=None, height=None, width=None,
                 num_inference_steps=50, denoising_start=None, denoising_end=None, guidance_scale=7.5,
@@ -290,17 +320,18 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                 generator=None, output_type="pil", original_size=None, crops_coords_top_left=(0, 0),
                 target_size=None, negative_original_size=None, negative_crops_coords_top_left=(0, 0),
                 negative_target_size=None, aesthetic_score=6.0, negative_aesthetic_score=2.5, callback=None,
-                callback_steps=1, progress=None):
+                callback_steps=1, progress=None, clip_skip=None, prompt_syntax="plain"):
         """Picture + mask + text -> pictures repainted where the mask is white, diffusers'
         StableDiffusionXLInpaintPipeline arguments and defaults (strength 0.9999: the picture's latents,
         almost fully noised). A 9-channel SDXL inpainting UNet sees the mask; a 4-channel one gets the kept
-        part put back after each step."""
+        part put back after each step. clip_skip, prompt_syntax: as in __call__."""
         extra = XLCall("inpaint", prompt_2, negative_prompt, negative_prompt_2, original_size, crops_coords_top_left,
                        target_size, negative_original_size, negative_crops_coords_top_left, negative_target_size,
                        aesthetic_score, negative_aesthetic_score)
         start = XLInpaintStart(image, mask_image, strength, height, width, denoising_start, denoising_end)
         return self._run(start, extra, prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
-                         num_images_per_prompt, callback, callback_steps, output_type, progress, eta)
+                         num_images_per_prompt, callback, callback_steps, output_type, progress, eta,
+                         PromptOptions(clip_skip, prompt_syntax))
 
 
 def takes_aesthetic_score(unet, text_encoder_2):

@@ -1,10 +1,12 @@
 """What SDXL's UNet is conditioned on besides the latents, as diffusers' SDXL pipelines build it.
 
-  encode_prompt_pair(pipe, prompts, prompts_2)  both text encoders -> (embeddings [B,77,D1+D2], pooled [B,P]):
-                      text_encoder (CLIP ViT-L) reads `prompts`, text_encoder_2 (OpenCLIP bigG) reads
-                      `prompts_2`; each gives its penultimate hidden states (hidden_states[-2], before the
-                      final layer norm), put side by side; text_encoder_2's projected pooled token is the
-                      pooled embedding. A refiner has text_encoder_2 alone and it reads `prompts`
+  encode_prompt_pair(pipe, prompts, prompts_2, options)  both text encoders -> (embeddings [B,77,D1+D2],
+                      pooled [B,P]): text_encoder (CLIP ViT-L) reads `prompts`, text_encoder_2 (OpenCLIP
+                      bigG) reads `prompts_2`; each gives its penultimate hidden states (hidden_states[-2],
+                      before the final layer norm; hidden_states[-(clip_skip + 2)] with a clip skip), put
+                      side by side; text_encoder_2's projected pooled token is the pooled embedding. With
+                      prompt_syntax "a1111" each encoder reads webui's chunks (npdiff/prompt_encoding.py):
+                      [B,77*C,D1+D2], each encoder's chunks weighted on their own, pooled from the first. A refiner has text_encoder_2 alone and it reads `prompts`
                       (diffusers zips [prompt, prompt_2] with the encoders there are).
   add_time_ids(...)   the "micro-conditioning" numbers, one row per picture: (original height, width, crop
                       top, left, target height, width), or for a refiner (requires_aesthetics_score) (original
@@ -21,37 +23,31 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
+from npdiff.prompt_encoding import PromptOptions, encode_prompts, match_chunk_counts
 from npdiff.tokenizer import check_prompt_text
 
 # Text conditioning of one SDXL call: embeddings [B,77,D1+D2] and pooled [B,P] ([uncond; cond] when guiding).
 SDXLText = namedtuple("SDXLText", ["embeddings", "pooled"])
 
 
-def encoder_outputs(text_encoder, ids):
-    """ids [B,77] -> (penultimate hidden states [B,77,D], pooled projection [B,P] or None).
-
-    CLIPTextModel(ids, output_hidden_states=True) -> (last, hidden_states); CLIPTextModelWithProjection's
-    call -> an output with .text_embeds (the projected pooled token) and .hidden_states, as transformers'."""
-    outputs = text_encoder(ids, output_hidden_states=True)
-    if hasattr(outputs, "text_embeds"):
-        return outputs.hidden_states[-2], outputs.text_embeds  # [B,77,D], [B,P]
-    _, hidden_states = outputs  # the embeddings, then every layer's output (before the final norm)
-    return hidden_states[-2], None  # [B,77,D]
-
-
-def encode_prompt_pair(pipe, prompts, prompts_2):
-    """-> SDXLText(embeddings [B,77,D1+D2], pooled [B,P]) for one list of prompts (diffusers' encode_prompt)."""
+def encode_prompt_pair(pipe, prompts, prompts_2, options=None):
+    """-> SDXLText(embeddings [B,77*C,D1+D2], pooled [B,P]) for one list of prompts (diffusers' encode_prompt),
+    read as `options` (PromptOptions: clip skip, prompt syntax) says; pooled from the first chunk."""
+    options = PromptOptions() if options is None else options
     encoders = [(pipe.tokenizer, pipe.text_encoder, prompts), (pipe.tokenizer_2, pipe.text_encoder_2, prompts_2)]
     if pipe.text_encoder is None:  # a refiner: text_encoder_2 reads the first prompts
         encoders = [(pipe.tokenizer_2, pipe.text_encoder_2, prompts)]
     hidden, pooled = [], None
     for tokenizer, text_encoder, texts in encoders:
-        ids = tokenizer(texts)  # [B,77] int64
-        penultimate, projected = encoder_outputs(text_encoder, ids)  # [B,77,D], [B,P] or None
-        hidden.append(penultimate)
-        pooled = projected if projected is not None else pooled
+        encoded = encode_prompts(tokenizer, text_encoder, texts, options, layer="penultimate")  # [B,77*C,D]
+        hidden.append(encoded.embeddings)
+        pooled = encoded.pooled if encoded.pooled is not None else pooled
+    if len(hidden) == 2:  # a1111: prompt_2 may need another chunk count than prompt
+        empty = [lambda pair=pair: encode_prompts(pair[0], pair[1], [""], options, layer="penultimate").embeddings
+                 for pair in encoders]
+        hidden[0], hidden[1] = match_chunk_counts(hidden[0], hidden[1], empty[0], empty[1])
     xp = backend.array_module(hidden[0])
-    return SDXLText(xp.concatenate(hidden, axis=-1), pooled)  # [B,77,D1+D2], [B,P]
+    return SDXLText(xp.concatenate(hidden, axis=-1), pooled)  # [B,77*C,D1+D2], [B,P]
 
 
 def second_prompts(value, fallback, what):

@@ -46,6 +46,7 @@ from npdiff.backend import array_module, to_device, to_numpy
 from npdiff.errors import NpdiffError
 from npdiff.loading.config_checks import full_config, per_block, transformer_depths
 from npdiff.loading.configs import load_component
+from npdiff.loading.resident import mapped_arrays, release_resident_pages
 from npdiff.models.blocks import (
     Conv2d,
     GroupNorm,
@@ -60,6 +61,10 @@ from npdiff.models.unet_blocks import (
     UpBlock2D,
 )
 
+# A UNet whose weights mapped from their files pass this size (SDXL's: 10 GB in float32) drops each block's
+# weight pages as soon as the block has run (release_weights_after_each_block, see __call__); smaller ones
+# (SD 1.5's 3.4 GB) keep theirs resident through the denoising loop and drop them after it (the pipeline).
+PER_BLOCK_RELEASE_BYTES = 4 * 2**30
 DOWN_TYPES = {"CrossAttnDownBlock2D": CrossAttnDownBlock2D, "DownBlock2D": DownBlock2D}
 UP_TYPES = {"CrossAttnUpBlock2D": CrossAttnUpBlock2D, "UpBlock2D": UpBlock2D}
 
@@ -131,6 +136,19 @@ class UNet2DConditionModel:
         self.conv_norm_out = GroupNorm(weights, "conv_norm_out", groups, channels[0], eps)
         self.conv_out = Conv2d(weights, "conv_out", channels[0], c["out_channels"], k_out, padding=(k_out - 1) // 2)
         weights.check_all_used()
+        mapped = sum(array.nbytes for array in mapped_arrays(self))
+        self.release_weights_after_each_block = mapped > PER_BLOCK_RELEASE_BYTES
+
+    def _block_done(self, block):
+        """A block has run: with release_weights_after_each_block, drop its weights' resident pages.
+
+        A forward reads each weight once, block after block, so the SDXL UNet's 10 GB need never be
+        resident at once: the largest block (up_blocks.0, ~4.4 GB) sets the peak instead. The pages stay
+        in the kernel's page cache, and the next forward faults them back in from there (the whole UNet in
+        about a second, against a minute per SDXL step on 2 cores); outputs are bit-identical. Weights in
+        private memory (LoRA-fused, on a GPU) are skipped (npdiff/loading/resident.py)."""
+        if self.release_weights_after_each_block:
+            release_resident_pages(block)
 
     @classmethod
     def from_pretrained(cls, folder, subfolder=None, variant=None):
@@ -234,10 +252,12 @@ class UNet2DConditionModel:
         for block in self.down_blocks:
             h, block_skips = block(h, temb, encoder_hidden_states)      # [B,C,H,W] -> [B,C',H/2,W/2]
             skips.extend(block_skips)
+            self._block_done(block)
 
         # 3. middle
         if self.mid_block is not None:
             h = self.mid_block(h, temb, encoder_hidden_states)          # [B,C,H,W]
+            self._block_done(self.mid_block)
 
         # 4. up path: each block takes (and frees) as many skips as it has resnets
         for block in self.up_blocks:
@@ -245,6 +265,7 @@ class UNet2DConditionModel:
             block_skips = skips[-count:]
             del skips[-count:]
             h = block(h, block_skips, temb, encoder_hidden_states)      # [B,C,H,W] -> [B,C',2H,2W]
+            self._block_done(block)
 
         # 5. output: group norm + SiLU, conv_out
         h = self.conv_norm_out(h, silu=True)                            # [B,C0,h,w]

@@ -14,6 +14,7 @@ from tiny_sd import tiny_sd_folder
 
 from npdiff.loading import resident
 from npdiff.loading.resident import mapped_arrays, mapping_of, reachable, release_resident_pages
+from npdiff.models import unet as unet_module
 from npdiff.models.transformer import TransposedLinear
 from npdiff.pipeline import StableDiffusionPipeline
 
@@ -91,6 +92,29 @@ def test_release_drops_the_resident_pages_and_keeps_the_output(folder):
     assert mapped_rss_bytes(unet_file) >= paged_in - unreleasable_bytes(unet_file)
     assert np.array_equal(first, second)  # bit-identical
     assert after_load <= unreleasable_bytes(unet_file)
+
+
+def test_per_block_release_drops_each_block_after_it_runs(folder, monkeypatch):
+    """SDXL-size UNets drop each block's pages right after the block (models/unet.py): the same output,
+    and after the forward only the layers outside the blocks (conv_in, time embedding, conv_out) and
+    fault-around pages stay resident, not the whole UNet as without it."""
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    assert pipe.unet.release_weights_after_each_block is False  # a tiny UNet keeps its pages through a step
+    monkeypatch.setattr(unet_module, "PER_BLOCK_RELEASE_BYTES", 0)
+    per_block = StableDiffusionPipeline.from_pretrained(folder).unet
+    assert per_block.release_weights_after_each_block is True  # the rule: mapped bytes past the limit
+    unet_file = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    size = unet_file.stat().st_size
+    rng = np.random.default_rng(2)
+    latents = rng.standard_normal((2, 4, 8, 8), dtype=np.float32)
+    text = rng.standard_normal((2, 77, 32), dtype=np.float32)
+    kept = pipe.unet(latents, 300, text)
+    assert mapped_rss_bytes(unet_file) > 0.9 * size - 2 * 4096  # every weight resident after a forward
+    release_resident_pages(pipe.unet)
+    released = per_block(latents, 300, text)
+    assert mapped_rss_bytes(unet_file) < 0.5 * size  # the blocks' pages went as each block finished
+    again = per_block(latents, 300, text)  # faulted back in from the page cache
+    assert kept.tobytes() == released.tobytes() == again.tobytes()
 
 
 def test_pictures_are_the_same_bytes_with_and_without_release(folder):
