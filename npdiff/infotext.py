@@ -75,7 +75,7 @@ FIELDS = {
     "Model": ("model", str),
     "Eta": ("eta", float),  # webui writes "Eta" for its ancestral samplers' eta, "Eta DDIM" for DDIM's
     "Eta DDIM": ("eta", float),
-    "Clip skip": ("clip_skip", int),  # webui's N: the hidden state N - 1 layers before the last
+    "Clip skip": ("clip_skip", int),  # webui's N; npdiff keeps diffusers' k = N - 1 (None for N = 1)
     "Hires upscale": ("hires_scale", float),
     "Hires steps": ("hires_steps", int),
     "VAE": ("vae", str),  # a name only (webui's file name): the file must be given again with --vae
@@ -150,7 +150,7 @@ def format_infotext(params):
         "Model": params.get("model"),
         "VAE": params.get("vae"),
         "Denoising strength": _denoising_strength(params),
-        "Clip skip": params.get("clip_skip") if params.get("clip_skip", 1) != 1 else None,
+        "Clip skip": None if params.get("clip_skip") is None else params["clip_skip"] + 1,  # webui's N = k + 1
         "Hires upscale": None if params.get("hires_scale") is None else _number(params["hires_scale"]),
         "Hires steps": params.get("hires_steps") if params.get("hires_scale") is not None else None,
         "Hires upscaler": HIRES_UPSCALERS[params["hires_upscaler"]][1] if params.get("hires_scale") is not None
@@ -260,6 +260,10 @@ def parse_infotext(text):
                 raise NpdiffError(f"'{key}: {clip(value)}' is not a {convert.__name__}") from exc
         elif key not in IGNORED_QUIETLY:
             unmapped.append(f"{clip(key)}: {clip(value)}")
+    if "clip_skip" in params:
+        params["clip_skip"] = params["clip_skip"] - 1 if params["clip_skip"] > 1 else None
+        if params["clip_skip"] is None:
+            del params["clip_skip"]
     # 4. "Denoising strength": the hires strength of a txt2img picture; without hires, an img2img/inpaint one's
     if "hires_scale" in params or "unsupported_hires_upscaler" in params:
         params.setdefault("hires_scale", 2.0)  # webui writes "Hires upscale" unless a fixed size was asked for

@@ -110,7 +110,7 @@ def test_infotext_from_other_tools():
     assert (params["sampler"], params["steps"], params["guidance_scale"], params["seed"]) == \
         ("dpmpp_2m_karras", 25, 7.0, 123)
     assert params["unmapped"] == ["ENSD: 31337"]
-    assert (params["clip_skip"], params["hires_scale"], params["prompt_syntax"]) == (2, 2.0, "a1111")
+    assert (params["clip_skip"], params["hires_scale"], params["prompt_syntax"]) == (1, 2.0, "a1111")
     # a sampler npdiff lacks is kept for the caller (a problem only when no --sampler is given)
     assert parse_infotext("x\nSteps: 20, Sampler: DPM++ SDE, CFG scale: 7, Seed: 1")["unsupported_sampler"] == \
         "DPM++ SDE"
@@ -169,22 +169,22 @@ def test_reproduce_from_the_a1111_text_alone_gives_the_same_pixels(folder, tmp_p
 def test_reproduce_a_hand_written_webui_png(folder, tmp_path, capsys):
     text = ("a blue square\nNegative prompt: blurry, dark\n"
             "Steps: 3, Sampler: Euler a, Schedule type: Automatic, CFG scale: 5.5, Seed: 77, Size: 32x64, "
-            "Model hash: 0123456789, Model: v1-5-pruned-emaonly, Clip skip: 2, Hires upscale: 2, Version: v1.9.4")
+            "Model hash: 0123456789, Model: v1-5-pruned-emaonly, ENSD: 31337, Version: v1.9.4")
     webui = write_png(tmp_path / "00001-77.png", {"parameters": text}, size=(32, 64))
     out = tmp_path / "ours.png"
     assert cli.main(["generate", "--reproduce", str(webui), "--model", str(folder), "--out", str(out)]) == 0
     err = capsys.readouterr().err
-    assert "not reproduced (npdiff has no such setting): Clip skip: 2; Hires upscale: 2" in err
+    assert "not reproduced (npdiff has no such setting): ENSD: 31337" in err
     assert "made with model 'v1-5-pruned-emaonly' (hash 0123456789)" in err and "warning" in err
     pipe = StableDiffusionPipeline.from_pretrained(folder, scheduler="euler_a")
     pipe.show_progress = False
     library = pipe("a blue square", negative_prompt="blurry, dark", num_inference_steps=3, guidance_scale=5.5,
                    height=64, width=32, seed=77)
     assert np.array_equal(np.asarray(library.images[0]), pixels(out))
-    # an unsupported sampler stops before any model is loaded, naming it
+    # a sampler npdiff lacks stops before any model is loaded, naming it, unless --sampler is given
     sde = write_png(tmp_path / "sde.png", {"parameters": text.replace("Euler a", "DPM++ SDE")})
     assert cli.main(["generate", "--reproduce", str(sde), "--model", str(folder)]) == 2
-    assert "sampler 'DPM++ SDE' is not supported" in capsys.readouterr().err
+    assert "made with sampler 'DPM++ SDE', which npdiff does not have: pass --sampler" in capsys.readouterr().err
 
 
 def test_reproduce_never_opens_a_path_from_the_png(folder, tmp_path, monkeypatch, capsys):
@@ -334,7 +334,7 @@ def test_reproduce_warns_about_loras_not_given_again(folder, tmp_path, capsys):
     again = tmp_path / "again.png"
     assert cli.main(["generate", "--reproduce", str(tmp_path / "with-lora.png"), "--model", str(folder),
                      "--out", str(again)]) == 0
-    assert "was made with LoRA style (scale 0.8, sha256 0123456789ab)" in capsys.readouterr().err
+    assert "was made with LoRA style (scale 0.8, hash 0123456789ab), which is not given" in capsys.readouterr().err
     assert cli.main(["generate", "--reproduce", str(made), "--model", str(folder), "--out", str(again)]) == 0
     assert "LoRA" not in capsys.readouterr().err
 
