@@ -10,7 +10,9 @@ The flow composes the pipeline's own calls; there is no second sampling loop:
   2. upscale: the latents with npdiff.kernels.resize (torch's interpolate: bilinear, nearest, nearest-exact,
      bicubic; no antialias, as webui's "Latent" modes), or the picture with PIL's Lanczos;
   3. image-to-image at hires_strength with hires_steps steps (0 or None: the first pass's count), from the
-     upscaled latents as they are (no VAE encoder) or from the upscaled picture;
+     upscaled latents as they are (no VAE encoder) or from the upscaled picture; hires_steps is img2img's
+     num_inference_steps as diffusers counts it (int(hires_steps * strength) steps run; webui runs all
+     hires_steps over a longer schedule, which no diffusers call does);
 one generator runs on through 1 and 3, so the picture equals diffusers' txt2img(output_type="latent") ->
 torch.nn.functional.interpolate -> img2img(image=latents) with the same torch.Generator continuing.
 The output's parameters are those of the first pass (its size, steps and seed) with the hires settings;
@@ -29,6 +31,7 @@ from npdiff.hires_names import (
 )
 from npdiff.kernels.resample import resize
 from npdiff.pipeline_utils import check_size, check_strength, make_generator, size_rule
+from npdiff.sampling_starts import check_denoising_steps
 
 
 @dataclass(frozen=True)
@@ -97,8 +100,10 @@ def hires_fix(pipe, settings, first_call, second_call, output_type="pil"):
     batch = len(first_call["prompt"]) if isinstance(first_call["prompt"], (list, tuple)) else 1
     if settings.upscaler == "lanczos" and batch * first_call.get("num_images_per_prompt", 1) != 1:
         raise NpdiffError("hires_upscaler 'lanczos' upscales one picture; use a latent upscaler for a batch")
-    generator, seed = make_generator(first_call.pop("seed"), first_call.pop("generator"))
     steps = first_call["num_inference_steps"]
+    if isinstance(steps, int):  # a bad steps value is the first pass's own error
+        check_denoising_steps(settings.steps or steps, settings.strength)  # the second pass keeps a step
+    generator, seed = make_generator(first_call.pop("seed"), first_call.pop("generator"))
     # 1. text-to-image at the first size
     latent_upscaler = HIRES_UPSCALERS[settings.upscaler][0] is not None
     first = pipe(**first_call, height=height, width=width, generator=generator,

@@ -256,6 +256,9 @@ def pipeline_arguments(command, options):
             raise NpdiffError(f"unknown option {name!r}")
         if command not in OPTION_BY_NAME[name].commands:
             raise NpdiffError(f"{command} does not take {name!r}")
+    for name in ("clip_skip", "prompt_syntax", "hires_scale") + HIRES_OPTIONS:  # checked before any model loads
+        if name in given:
+            given[name] = check_value(name, given[name])
     merged = {**defaults_for(command), **given}
     if merged.get("hires_scale") is None and any(merged.get(name) is not None for name in HIRES_OPTIONS):
         raise NpdiffError(f"{', '.join(name for name in HIRES_OPTIONS if merged.get(name) is not None)} "

@@ -110,6 +110,7 @@ def test_hires_bad_settings_refused_before_work(ours_pipe):
                             (dict(hires_scale=2, hires_upscaler="esrgan"), "hires_upscaler must be one of"),
                             (dict(hires_scale=2, hires_steps=-1), "hires_steps must be an integer >= 0"),
                             (dict(hires_scale=2, hires_strength=1.5), "strength"),
+                            (dict(hires_scale=2, hires_strength=0.4, hires_steps=2), "leaves no denoising step"),
                             (dict(hires_scale=1.3), "hires_scale 1.3 turns 32x32 into 40x40")]:
         with pytest.raises(NpdiffError, match=message):
             ours_pipe("a red circle", height=32, width=32, num_inference_steps=2, callback=callback, **kwargs)
