@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 sys.path.insert(0, str(Path(__file__).parent / "pipeline"))
 
-from helpers import pixels  # noqa: E402
+from helpers import pixels, write_png  # noqa: E402
 from tiny_sd import tiny_sd_folder  # noqa: E402
 
 from npdiff import NpdiffError, cli, model_identity, pipeline  # noqa: E402
@@ -40,15 +39,6 @@ def text_chunks(path):
     with Image.open(path) as picture:
         picture.load()
         return dict(picture.text)
-
-
-def write_png(path, chunks, size=(8, 8)):
-    """A PNG with the given text chunks, written as another tool would (PIL's add_text)."""
-    info = PngInfo()
-    for key, value in chunks.items():
-        info.add_text(key, value)
-    Image.new("RGB", size, (200, 30, 30)).save(path, pnginfo=info)
-    return path
 
 
 def generate(folder, out, *extra):

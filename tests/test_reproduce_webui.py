@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 from safetensors.numpy import save_file
 
 sys.path.insert(0, str(Path(__file__).parent / "pipeline"))
 
-from helpers import pixels  # noqa: E402
+from helpers import pixels, write_png  # noqa: E402
 from lora_helpers import all_weights  # noqa: E402
 from tiny_sd import tiny_sd_folder  # noqa: E402
 
@@ -30,14 +29,6 @@ pytestmark = pytest.mark.usefixtures("hash_cache")
 @pytest.fixture(scope="module")
 def folder():
     return tiny_sd_folder()
-
-
-def write_png(path, chunks, size=(8, 8)):
-    info = PngInfo()
-    for key, value in chunks.items():
-        info.add_text(key, value)
-    Image.new("RGB", size, (200, 30, 30)).save(path, pnginfo=info)
-    return path
 
 
 WEBUI = ("a (blue:1.2) square\nNegative prompt: blurry\n"
