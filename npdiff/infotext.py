@@ -33,7 +33,7 @@ import json
 import re
 
 from npdiff.errors import NpdiffError, clip
-from npdiff.hires_names import HIRES_UPSCALERS, WEBUI_UPSCALERS
+from npdiff.hires_names import DEFAULT_HIRES_STRENGTH, HIRES_UPSCALERS, WEBUI_UPSCALERS
 
 # npdiff scheduler name -> AUTOMATIC1111 sampler name. PNDM as used by Stable Diffusion (skip_prk_steps)
 # is the PLMS sampler.
@@ -80,7 +80,8 @@ FIELDS = {
     "Hires steps": ("hires_steps", int),
     "VAE": ("vae", str),  # a name only (webui's file name): the file must be given again with --vae
 }
-IGNORED_QUIETLY = {"Version", "VAE hash", "Hires resize-1", "Hires resize-2"}  # change nothing (resize: 0 = scale)
+IGNORED_QUIETLY = {"Version", "VAE hash"}  # fields that do not change the picture
+HIRES_RESIZE = ("Hires resize-1", "Hires resize-2")  # webui's fixed hires size: 0 (unused) is quietly ignored
 
 # AUTOMATIC1111's infotext pattern (modules/infotext_utils.py): "Key: value" or 'Key: "quoted, value"'
 # (keys bounded to 100 characters, so a long line without ':' is scanned in linear time, not quadratic)
@@ -258,17 +259,21 @@ def parse_infotext(text):
                 params[name] = convert(value)
             except ValueError as exc:
                 raise NpdiffError(f"'{key}: {clip(value)}' is not a {convert.__name__}") from exc
-        elif key not in IGNORED_QUIETLY:
+        elif key not in IGNORED_QUIETLY and not (key in HIRES_RESIZE and value.strip() == "0"):
             unmapped.append(f"{clip(key)}: {clip(value)}")
     if "clip_skip" in params:
         params["clip_skip"] = params["clip_skip"] - 1 if params["clip_skip"] > 1 else None
         if params["clip_skip"] is None:
             del params["clip_skip"]
     # 4. "Denoising strength": the hires strength of a txt2img picture; without hires, an img2img/inpaint one's
-    if "hires_scale" in params or "unsupported_hires_upscaler" in params:
-        params.setdefault("hires_scale", 2.0)  # webui writes "Hires upscale" unless a fixed size was asked for
-        if "strength" in params:
-            params["hires_strength"] = params.pop("strength")
+    hires_keys = ("hires_scale", "hires_steps", "hires_upscaler", "unsupported_hires_upscaler")
+    if any(key in params for key in hires_keys):
+        strength = params.pop("strength", None)  # a hires picture's strength is the hires one, never img2img's
+        if "hires_scale" in params:
+            params["hires_strength"] = DEFAULT_HIRES_STRENGTH if strength is None else strength
+        else:  # a fixed hires size ("Hires resize-1/2", said unmapped above) instead of a factor: not reproduced
+            for key in hires_keys:
+                params.pop(key, None)
     elif "strength" in params:
         params["mode"] = "img2img"  # webui's img2img or inpaint tab (the text does not say which)
     params["unmapped"] = unmapped

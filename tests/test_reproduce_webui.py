@@ -180,3 +180,15 @@ def test_vae_named_hires_options_checked(folder, tmp_path, capsys):
     assert "hires_strength without hires_scale" in capsys.readouterr().err
     assert cli.main(["generate", "a cat", "--model", str(folder), "--hires-scale", "0.5"]) == 2
     assert "'hires_scale' must be a number in [1, 16]" in capsys.readouterr().err
+
+
+def test_webui_hires_fields_read_as_webui_writes_them():
+    settings = "x\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 1, "
+    scaled = parse_infotext(settings + "Hires resize-1: 0, Hires resize-2: 0, Hires upscale: 1.5, "
+                                       "Denoising strength: 0.4")
+    assert (scaled["hires_scale"], scaled["hires_strength"], scaled["unmapped"]) == (1.5, 0.4, [])
+    assert parse_infotext(settings + "Hires upscale: 1.5")["hires_strength"] == 0.7  # webui's default
+    fixed = parse_infotext(settings + "Hires resize-1: 1024, Hires resize-2: 768, Hires upscaler: Latent, "
+                                      "Denoising strength: 0.4")  # a fixed hires size: said, not reproduced
+    assert fixed["unmapped"] == ["Hires resize-1: 1024", "Hires resize-2: 768"]
+    assert not any(key.startswith("hires") or key in ("strength", "mode") for key in fixed)
