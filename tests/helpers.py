@@ -42,7 +42,6 @@ def pixels(path):
         return np.asarray(picture.convert("RGB"))
 
 
-@contextmanager
 def write_png(path, chunks, size=(8, 8)):
     """A PNG with the given text chunks {keyword: text}, written as another tool would (PIL's add_text)."""
     from PIL.PngImagePlugin import PngInfo
@@ -54,6 +53,7 @@ def write_png(path, chunks, size=(8, 8)):
     return path
 
 
+@contextmanager
 def time_limit(what, seconds=10):
     """Fail with AssertionError naming `what` when the block runs longer than `seconds` (a hang: a FIFO
     opened, an endless loop), instead of hanging the test session."""
