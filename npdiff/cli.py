@@ -44,6 +44,7 @@ from npdiff import backend
 from npdiff.atomic_files import atomic_write, check_destination
 from npdiff.batch import add_batch_command
 from npdiff.errors import clip, shorten
+from npdiff.hires_names import HIRES_UPSCALERS
 from npdiff.images import StepRecorder, emergence_grid, load_image, read_png_params
 from npdiff.models.controlnet import ControlNetModel
 from npdiff.pipeline_controlnet import StableDiffusionControlNetPipeline
@@ -63,6 +64,7 @@ from npdiff.recipe import (
     pipeline_arguments,
     render,
 )
+from npdiff.recipe_reproduce import find_loras, problems_with_stored
 from npdiff.serve import add_serve_command
 from npdiff.verify import verify_model
 
@@ -105,20 +107,24 @@ def add_bench_command(subparsers):
 # ---------------------------------------------------------------------------------------------
 def resolve_options(args, command):
     """Fill unset options: from the --reproduce PNG's parameters first (each value checked), then from the
-    command's defaults (npdiff.recipe). The PNG's parameters stay in args.stored (its model hash is compared
-    once the model is known)."""
+    command's defaults (npdiff.recipe). Options given on the command line always win over the PNG. What the PNG
+    asks for that npdiff cannot give is an error only when no option settles it (recipe_reproduce), else a
+    warning. The PNG's parameters stay in args.stored (its model hash is compared once the model is known)."""
 
     stored = read_png_params(args.reproduce) if args.reproduce else {}
     from_png = options_from_png(stored, args.reproduce) if args.reproduce else {}
-    if stored.get("vae") and not args.vae:
-        raise npdiff.NpdiffError(f"{args.reproduce} was made with --vae {clip(stored['vae'])} (a folder name): "
-                                 "pass --vae with that folder to make it again")
-    warn_about_missing_loras(args, stored)
+    given = {option.name: getattr(args, option.name, None) for option in OPTIONS}
+    errors, warnings = problems_with_stored(stored, dict(given, vae=args.vae), command, args.reproduce)
+    if errors:
+        raise npdiff.NpdiffError("; ".join(errors))
+    add_loras_from_png(args, stored)
     warn_about_missing_controlnets(args, stored)
     defaults = defaults_for(command)
     for option in OPTIONS:
         if command in option.commands and getattr(args, option.name, None) is None:
             setattr(args, option.name, from_png.get(option.name, defaults.get(option.name)))
+    for warning in warnings:
+        print(f"npdiff: warning: {warning}", file=sys.stderr)
     if stored.get("unmapped"):
         unmapped = "; ".join(clip(item) for item in stored["unmapped"][:20])
         print(f"npdiff: --reproduce {args.reproduce}: not reproduced (npdiff has no such setting): {unmapped}",
@@ -129,15 +135,15 @@ def resolve_options(args, command):
     return args
 
 
-def warn_about_missing_loras(args, stored):
-    """A PNG names its LoRAs but never their paths: say which ones --reproduce has not been given again."""
+def add_loras_from_png(args, stored):
+    """A PNG names its LoRAs but never their paths: those in --lora-dir (hash checked) are added to --lora;
+    the others are named in a warning that says to pass them with --lora."""
     given = {Path(parse_lora_option(spec)[0]).stem for spec in (getattr(args, "lora", None) or [])}
-    missing = [lora for lora in stored.get("loras") or [] if lora.get("name") not in given]
-    if missing:
-        listed = ", ".join(f"{clip(lora.get('name'))} (scale {clip(lora.get('scale'))}, sha256 "
-                           f"{clip(lora.get('sha256'))})" for lora in missing[:10])
-        print(f"npdiff: warning: {args.reproduce} was made with LoRA {listed}; the picture will differ "
-              "unless you pass each again with --lora FILE:SCALE", file=sys.stderr)
+    found, warnings = find_loras(stored.get("loras") or [], getattr(args, "lora_dir", None), given)
+    for path, scale in found:
+        args.lora = (args.lora or []) + [f"{path}:{scale}"]
+    for warning in warnings[:10]:
+        print(f"npdiff: warning: {args.reproduce}: {warning}", file=sys.stderr)
 
 
 def warn_about_missing_controlnets(args, stored):
@@ -360,10 +366,20 @@ def add_sampling_options(p):
     p.add_argument("--guess-mode", action="store_true",
                    help="ControlNet guess mode: the nets see only the prompted half, their outputs ramped from "
                    "0.1 to 1 (diffusers' guess_mode)")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="with --reproduce: find the PNG's LoRAs (webui's <lora:NAME:SCALE> tags) as DIR/NAME.safetensors, "
+                   "their hashes checked when the PNG has them")
+    p.add_argument("--clip-skip", type=int, default=None, metavar="N",
+                   help="webui's Clip skip: condition on the text encoder's output N-1 layers before its last "
+                   "(1, the default: the last; 2: the one before)")
+    p.add_argument("--prompt-syntax", default=None, choices=["plain", "a1111"],
+                   help="plain (diffusers', the default) or a1111 (webui's (word:1.2), [word], BREAK, any length); "
+                   "--reproduce of a webui picture turns a1111 on")
     p.add_argument("--reproduce", default=None, metavar="PNG",
                    help="take unset options from the parameters stored in a PNG (npdiff's, or AUTOMATIC1111's "
-                   "'parameters' text); the model comes from --model (a differing model hash is warned "
-                   "about), img2img's picture from --image: paths in a PNG are never opened")
+                   "'parameters' text); options given on the command line win; the model comes from --model (a "
+                   "differing model hash is warned about), img2img's picture from --image: paths in a PNG are never "
+                   "opened")
     p.add_argument("--device", default=None, choices=sorted(DEVICE_BACKENDS),
                    help="cpu (NumPy/Numba, the default) or cuda (CuPy on an NVIDIA GPU; pip install -e '.[gpu]')")
     p.add_argument("--fp16", action="store_true", help="with --device cuda: weights and activations in float16")
@@ -377,6 +393,15 @@ def add_generate_command(subparsers):
                    help="picture height, a multiple of 64 for SD (16 for the shipped model)")
     p.add_argument("--width", type=int, default=None,
                    help="picture width, a multiple of 64 for SD (16 for the shipped model)")
+    p.add_argument("--hires-scale", type=float, default=None, metavar="X",
+                   help="webui's hires fix: draw at HEIGHTxWIDTH, upscale X times, then img2img at --hires-strength")
+    p.add_argument("--hires-strength", type=float, default=None, metavar="S",
+                   help="hires fix: the second pass's denoising strength (default 0.7, webui's)")
+    p.add_argument("--hires-steps", type=int, default=None, metavar="N",
+                   help="hires fix: the second pass's steps (default 0: as many as --steps)")
+    p.add_argument("--hires-upscaler", default=None, choices=list(HIRES_UPSCALERS),
+                   help="hires fix: latent (bilinear, the default), latent-nearest, latent-nearest-exact, "
+                   "latent-bicubic (the latents, as webui's Latent modes), lanczos (the decoded picture)")
     p.set_defaults(run=run_generate)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from npdiff import backend
 from npdiff.atomic_files import atomic_write
 from npdiff.errors import NpdiffError
-from npdiff.infotext import format_infotext, parse_infotext
+from npdiff.infotext import format_infotext, other_tool, parse_infotext
 
 PNG_PARAMS_KEY = "npdiff"  # the tEXt chunk keyword
 A1111_PARAMS_KEY = "parameters"  # AUTOMATIC1111's text chunk
@@ -303,6 +303,9 @@ def read_png_params(path):
         raise NpdiffError(f"read_png_params: no such file {path}")
     chunks = png_text_chunks(path)
     text = chunks.get(PNG_PARAMS_KEY)
+    if text is None and other_tool(chunks):  # Fooocus, ComfyUI, InvokeAI, NovelAI: refused in one line
+        raise NpdiffError(f"{path} was made by {other_tool(chunks)}, whose settings npdiff cannot read; give "
+                          "the prompt and options on the command line instead of --reproduce")
     if text is None:
         if A1111_PARAMS_KEY in chunks:
             return parse_infotext(chunks[A1111_PARAMS_KEY])

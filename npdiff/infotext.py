@@ -18,14 +18,22 @@ written the way webui before 1.9 did, "Sampler: DPM++ 2M Karras", which webui 1.
 
   format_infotext(params)  npdiff's generation parameters -> the text
   parse_infotext(text)     the text -> npdiff's parameters, plus "unmapped": the fields npdiff cannot
-                           honour ("Clip skip: 2", "Hires upscale: 2", ...). An unsupported sampler is an
-                           NpdiffError naming it.
+                           honour. What npdiff maps besides the basic settings: <lora:name:scale> tags (+
+                           "Lora hashes") -> "loras"; "VAE" -> "vae"; "Clip skip" (webui's N) -> "clip_skip";
+                           the hires fix fields -> hires_*, and then "Denoising strength" is the hires
+                           strength; without hires fix, "Denoising strength" marks a webui img2img or inpaint
+                           picture ("mode": "img2img"). A sampler or hires upscaler npdiff lacks is not an
+                           error here: it is kept as "unsupported_sampler" / "unsupported_hires_upscaler",
+                           a problem only when no --sampler / --hires-upscaler is given (the caller decides).
+  other_tool(chunks)       the name of the tool that wrote a PNG's text chunks when npdiff cannot read its
+                           settings (Fooocus, ComfyUI, InvokeAI, NovelAI), else None.
 """
 
 import json
 import re
 
-from npdiff.errors import NpdiffError, clip, shorten
+from npdiff.errors import NpdiffError, clip
+from npdiff.hires_names import DEFAULT_HIRES_STRENGTH, HIRES_UPSCALERS, WEBUI_UPSCALERS
 
 # npdiff scheduler name -> AUTOMATIC1111 sampler name. PNDM as used by Stable Diffusion (skip_prk_steps)
 # is the PLMS sampler.
@@ -67,8 +75,13 @@ FIELDS = {
     "Model": ("model", str),
     "Eta": ("eta", float),  # webui writes "Eta" for its ancestral samplers' eta, "Eta DDIM" for DDIM's
     "Eta DDIM": ("eta", float),
+    "Clip skip": ("clip_skip", int),  # webui's N; npdiff keeps diffusers' k = N - 1 (None for N = 1)
+    "Hires upscale": ("hires_scale", float),
+    "Hires steps": ("hires_steps", int),
+    "VAE": ("vae", str),  # a name only (webui's file name): the file must be given again with --vae
 }
-IGNORED_QUIETLY = {"Version"}  # fields that do not change the picture
+IGNORED_QUIETLY = {"Version", "VAE hash"}  # fields that do not change the picture
+HIRES_RESIZE = ("Hires resize-1", "Hires resize-2")  # webui's fixed hires size: 0 (unused) is quietly ignored
 
 # AUTOMATIC1111's infotext pattern (modules/infotext_utils.py): "Key: value" or 'Key: "quoted, value"'
 # (keys bounded to 100 characters, so a long line without ':' is scanned in linear time, not quadratic)
@@ -107,6 +120,12 @@ def _first(value):
     return value[0] if isinstance(value, (list, tuple)) else value
 
 
+def _denoising_strength(params):
+    """webui's "Denoising strength": img2img's strength, or for a txt2img picture with hires fix the hires one."""
+    strength = params.get("hires_strength") if params.get("hires_scale") is not None else params.get("strength")
+    return None if strength is None else _number(strength)
+
+
 # ---------------------------------------------------------------------------------------------
 # npdiff parameters -> text
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +150,12 @@ def format_infotext(params):
         "Model hash": params.get("model_hash"),
         "Model": params.get("model"),
         "VAE": params.get("vae"),
-        "Denoising strength": None if params.get("strength") is None else _number(params["strength"]),
+        "Denoising strength": _denoising_strength(params),
+        "Clip skip": None if params.get("clip_skip") is None else params["clip_skip"] + 1,  # webui's N = k + 1
+        "Hires upscale": None if params.get("hires_scale") is None else _number(params["hires_scale"]),
+        "Hires steps": params.get("hires_steps") if params.get("hires_scale") is not None else None,
+        "Hires upscaler": HIRES_UPSCALERS[params["hires_upscaler"]][1] if params.get("hires_scale") is not None
+        and params.get("hires_upscaler") in HIRES_UPSCALERS else None,
         "Eta DDIM" if sampler == "ddim" else "Eta": _number(params["eta"]) if params.get("eta") else None,
         "Lora hashes": ", ".join(f"{lora['name']}: {lora['sha256']}" for lora in loras) or None,
         "Version": f"npdiff {params['npdiff_version']}" if params.get("npdiff_version") else None,
@@ -178,39 +202,68 @@ def split_infotext(text):
 
 
 def _sampler(fields):
-    """The npdiff scheduler name for the text's Sampler (+ Schedule type); NpdiffError when there is none."""
+    """-> (npdiff scheduler name or None, webui's name when npdiff lacks that sampler else None)."""
     name = fields.pop("Sampler", None)
     schedule = fields.pop("Schedule type", DEFAULT_SCHEDULE)
     if name is None:
-        return None
+        return None, None
     if schedule != DEFAULT_SCHEDULE:
-        if (name, schedule) not in SCHEDULE_TYPES:
-            raise NpdiffError(f"sampler {shorten(name)} with schedule type {shorten(schedule)} is not supported "
-                              f"by npdiff; supported: {', '.join(sorted(NPDIFF_SAMPLERS))}, DPM++ 2M with Karras")
-        return SCHEDULE_TYPES[(name, schedule)]
-    if name not in NPDIFF_SAMPLERS:
-        raise NpdiffError(f"sampler {shorten(name)} is not supported by npdiff; supported: "
-                          f"{', '.join(sorted(NPDIFF_SAMPLERS))}")
-    return NPDIFF_SAMPLERS[name]
+        ours = SCHEDULE_TYPES.get((name, schedule))
+        return (ours, None) if ours else (None, f"{name}, Schedule type: {schedule}")
+    return (NPDIFF_SAMPLERS[name], None) if name in NPDIFF_SAMPLERS else (None, name)
+
+
+def _hires_upscaler(fields, params):
+    """webui's "Hires upscaler" -> params["hires_upscaler"] or, when npdiff lacks it, "unsupported_hires_upscaler"."""
+    name = fields.pop("Hires upscaler", None)
+    if name is None:
+        return
+    if name in WEBUI_UPSCALERS:
+        params["hires_upscaler"] = WEBUI_UPSCALERS[name]
+    else:
+        params["unsupported_hires_upscaler"] = name
+
+
+def _loras(prompt, fields):
+    """The prompt's <lora:name:scale> tags -> (prompt without them, [{"name", "scale", "sha256" or None}]), the
+    hashes from "Lora hashes: name: hash, ..."; NpdiffError for a scale that is not a number."""
+    hashes = {}
+    for entry in fields.pop("Lora hashes", "").split(","):
+        name, sep, digest = entry.rpartition(":")
+        if sep:
+            hashes[name.strip()] = digest.strip()
+    loras = []
+    for name, scale in LORA_TAG.findall(prompt):
+        try:
+            loras.append({"name": name, "scale": float(scale), "sha256": hashes.get(name)})
+        except ValueError:
+            raise NpdiffError(f"'<lora:{clip(name)}:{clip(scale)}>': the scale is not a number") from None
+    return LORA_TAG.sub("", prompt).strip(), loras
 
 
 def parse_infotext(text):
     """AUTOMATIC1111 "parameters" text -> npdiff parameters (prompt, negative_prompt, steps, sampler,
-    guidance_scale, seed, width, height, strength, eta, model, model_hash when present) and "unmapped":
-    the "Key: value" texts npdiff cannot reproduce, for the caller to report."""
+    guidance_scale, seed, width, height, strength, eta, model, model_hash, loras, vae, clip_skip, hires_*,
+    mode when present) and "unmapped": the "Key: value" texts npdiff cannot reproduce, for the caller to report."""
     if not isinstance(text, str) or not text.strip():
         raise NpdiffError("the 'parameters' text is empty")
     prompt, negative, fields = split_infotext(text)
     params = {"prompt": prompt, "negative_prompt": negative}
-    unmapped = []
-    # LoRA tags steer AUTOMATIC1111's prompt but are not words: take them out and say they are needed
-    tags = LORA_TAG.findall(prompt)
-    if tags:
-        params["prompt"] = LORA_TAG.sub("", prompt).strip()
-        unmapped.append("LoRAs " + ", ".join(f"{clip(name)} (scale {clip(scale)})" for name, scale in tags))
-    sampler = _sampler(fields)
+    if not fields.get("Version", "").startswith("npdiff"):
+        params["prompt_syntax"] = "a1111"  # webui's text: its prompt was read with webui's (x:1.2) syntax
+    # 1. LoRA tags steer AUTOMATIC1111's prompt but are not words: taken out, the files named by name and hash
+    params["prompt"], loras = _loras(prompt, fields)
+    if loras:
+        params["loras"] = loras
+    # 2. the sampler and the hires upscaler, by webui's names (one npdiff lacks: kept for the caller)
+    sampler, unsupported = _sampler(fields)
     if sampler is not None:
         params["sampler"] = sampler
+    if unsupported is not None:
+        params["unsupported_sampler"] = unsupported
+    _hires_upscaler(fields, params)
+    # 3. the other fields
+    unmapped = []
     for key, value in fields.items():
         if key == "Size":
             match = SIZE_PATTERN.match(value)
@@ -223,7 +276,50 @@ def parse_infotext(text):
                 params[name] = convert(value)
             except ValueError as exc:
                 raise NpdiffError(f"'{key}: {clip(value)}' is not a {convert.__name__}") from exc
-        elif key not in IGNORED_QUIETLY and not (key == "Lora hashes" and tags):
+        elif key not in IGNORED_QUIETLY and not (key in HIRES_RESIZE and value.strip() == "0"):
             unmapped.append(f"{clip(key)}: {clip(value)}")
+    if "clip_skip" in params:
+        params["clip_skip"] = params["clip_skip"] - 1 if params["clip_skip"] > 1 else None
+        if params["clip_skip"] is None:
+            del params["clip_skip"]
+    # 4. "Denoising strength": the hires strength of a txt2img picture; without hires, an img2img/inpaint one's
+    hires_keys = ("hires_scale", "hires_steps", "hires_upscaler", "unsupported_hires_upscaler")
+    if any(key in params for key in hires_keys):
+        strength = params.pop("strength", None)  # a hires picture's strength is the hires one, never img2img's
+        if "hires_scale" in params:
+            params["hires_strength"] = DEFAULT_HIRES_STRENGTH if strength is None else strength
+        else:  # a fixed hires size ("Hires resize-1/2", said unmapped above) instead of a factor: not reproduced
+            for key in hires_keys:
+                params.pop(key, None)
+    elif "strength" in params:
+        params["mode"] = "img2img"  # webui's img2img or inpaint tab (the text does not say which)
     params["unmapped"] = unmapped
     return params
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures from tools whose settings npdiff cannot read
+# ---------------------------------------------------------------------------------------------
+def _json_object(text):
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def other_tool(chunks):
+    """A PNG's text chunks {keyword: text} -> the name of the tool that wrote them when it is one whose settings
+    npdiff cannot read (Fooocus, ComfyUI, InvokeAI, NovelAI), else None (npdiff's or webui's text, or none)."""
+    parameters = chunks.get("parameters", "")
+    if parameters.lstrip().startswith("{") and _json_object(parameters) is not None:
+        version = str(_json_object(parameters).get("version", ""))
+        return "Fooocus" if version.startswith("Fooocus") or "fooocus_scheme" in chunks else "a JSON 'parameters' tool"
+    if "prompt" in chunks and "workflow" in chunks:
+        return "ComfyUI"
+    if any(key in chunks for key in ("invokeai_metadata", "invokeai_graph", "sd-metadata", "Dream")):
+        return "InvokeAI"
+    if chunks.get("Software", "").startswith("NovelAI") or (
+            "Comment" in chunks and "Description" in chunks and _json_object(chunks["Comment"]) is not None):
+        return "NovelAI"
+    return None

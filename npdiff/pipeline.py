@@ -45,6 +45,8 @@ from pathlib import Path
 import numpy as np
 
 from npdiff import __version__, backend
+from npdiff.hires import check_hires, hires_fix
+from npdiff.hires_names import DEFAULT_HIRES_STRENGTH, DEFAULT_HIRES_UPSCALER
 from npdiff.images import decoded_to_float, to_pil
 from npdiff.loading.resident import release_resident_pages
 from npdiff.lora import load_lora_weights, lora_parameters, unload_lora_weights
@@ -380,7 +382,8 @@ class StableDiffusionPipeline:
     def __call__(self, prompt, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5, height=None,
                  width=None, seed=None, generator=None, num_images_per_prompt=1, latents=None, callback=None,
                  callback_steps=1, output_type="pil", progress=None, eta=0.0, clip_skip=None,
-                 prompt_syntax="plain"):
+                 prompt_syntax="plain", hires_scale=None, hires_strength=DEFAULT_HIRES_STRENGTH, hires_steps=None,
+                 hires_upscaler=DEFAULT_HIRES_UPSCALER):
         """Text -> images. Returns PipelineOutput(images, latents, seed, parameters).
 
         seed / generator: the noise source (npdiff.rng.TorchGenerator); neither -> a random seed, reported
@@ -390,7 +393,19 @@ class StableDiffusionPipeline:
         clip_skip: None, or k >= 0 to condition on the output k layers before the text encoder's last
         (diffusers' clip_skip; webui's "Clip skip: k+1"). prompt_syntax: "plain" (diffusers' reading, the
         default) or "a1111" (webui's (word:1.2), [word], BREAK and prompts of any length); see encode_prompt.
+        hires_scale: webui's hires fix (npdiff/hires.py): this call at height x width, upscaled hires_scale
+        times with hires_upscaler ("latent", "latent-nearest", "latent-nearest-exact", "latent-bicubic",
+        "lanczos"), then img2img at hires_strength with hires_steps steps (None: num_inference_steps).
         """
+        if hires_scale is not None:
+            shared = {"prompt": prompt, "negative_prompt": negative_prompt, "guidance_scale": guidance_scale,
+                      "num_images_per_prompt": num_images_per_prompt, "callback": callback,
+                      "callback_steps": callback_steps, "progress": progress, "eta": eta, "clip_skip": clip_skip,
+                      "prompt_syntax": prompt_syntax}
+            first = dict(shared, num_inference_steps=num_inference_steps, height=height, width=width, seed=seed,
+                         generator=generator, latents=latents)
+            return hires_fix(self, check_hires(hires_scale, hires_strength, hires_steps, hires_upscaler), first,
+                             shared, output_type)
         return self._generate(NoiseStart(height, width, latents), prompt, negative_prompt, num_inference_steps,
                               guidance_scale, seed, generator, num_images_per_prompt, callback, callback_steps,
                               output_type, progress, eta=eta,

@@ -27,6 +27,8 @@ from pathlib import Path
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
+from npdiff.hires import check_hires, hires_fix
+from npdiff.hires_names import DEFAULT_HIRES_STRENGTH, DEFAULT_HIRES_UPSCALER
 from npdiff.pipeline import StableDiffusionPipeline
 from npdiff.pipeline_utils import (
     as_prompt_list,
@@ -250,7 +252,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                  eta=0.0, seed=None, generator=None, latents=None, output_type="pil", original_size=None,
                  crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, callback=None,
-                 callback_steps=1, progress=None, clip_skip=None, prompt_syntax="plain"):
+                 callback_steps=1, progress=None, clip_skip=None, prompt_syntax="plain", hires_scale=None,
+                 hires_strength=DEFAULT_HIRES_STRENGTH, hires_steps=None, hires_upscaler=DEFAULT_HIRES_UPSCALER):
         """Text -> images, diffusers' StableDiffusionXLPipeline.__call__ arguments and defaults.
 
         prompt_2 / negative_prompt_2: what text_encoder_2 reads (default: prompt / negative_prompt).
@@ -259,6 +262,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         denoising_end: stop after this fraction of the schedule (with output_type="latent", for a refiner).
         clip_skip: None, or k >= 0: both encoders' hidden_states[-(k + 2)] (diffusers'; webui's "Clip skip:
         k+1"). prompt_syntax: "plain" (diffusers', the default) or "a1111" (webui's weights, BREAK, chunks).
+        hires_scale, hires_strength, hires_steps, hires_upscaler: webui's hires fix, as StableDiffusionPipeline
+        (npdiff/hires.py); the second pass is img2img with diffusers' defaults for the micro-conditioning.
         Returns PipelineOutput(images, latents, seed, parameters), as StableDiffusionPipeline.
         """
         if self.requires_aesthetics_score:
@@ -266,6 +271,20 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                               f"{'no text_encoder' if self.text_encoder is None else 'requires_aesthetics_score'}): "
                               "it refines pictures; use pipe.img2img(prompt, image=...) with a picture or a base's "
                               "latents")
+        if hires_scale is not None:
+            shared = {"prompt": prompt, "prompt_2": prompt_2, "negative_prompt": negative_prompt,
+                      "negative_prompt_2": negative_prompt_2, "guidance_scale": guidance_scale,
+                      "num_images_per_prompt": num_images_per_prompt, "callback": callback,
+                      "callback_steps": callback_steps, "progress": progress, "eta": eta, "clip_skip": clip_skip,
+                      "prompt_syntax": prompt_syntax}
+            first = dict(shared, num_inference_steps=num_inference_steps, height=height, width=width, seed=seed,
+                         generator=generator, latents=latents, original_size=original_size,
+                         crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+                         negative_original_size=negative_original_size,
+                         negative_crops_coords_top_left=negative_crops_coords_top_left,
+                         negative_target_size=negative_target_size)
+            return hires_fix(self, check_hires(hires_scale, hires_strength, hires_steps, hires_upscaler), first,
+                             shared, output_type)
         extra = XLCall("txt2img", prompt_2, negative_prompt, negative_prompt_2, original_size, crops_coords_top_left,
                        target_size, negative_original_size, negative_crops_coords_top_left, negative_target_size)
         start = XLNoiseStart(height, width, latents, denoising_end)

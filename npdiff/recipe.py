@@ -27,6 +27,7 @@ from io import BytesIO
 from pathlib import Path
 
 from npdiff.errors import NpdiffError, shorten
+from npdiff.hires_names import HIRES_UPSCALERS
 from npdiff.images import save_png
 from npdiff.loading import read_config
 from npdiff.model_identity import model_hash, model_name
@@ -57,7 +58,14 @@ OPTIONS = (
     Option("strength", "strength", "strength", ("img2img", "inpaint")),
     Option("sampler", None, "sampler", ALL),
     Option("prediction_type", None, "prediction_type", ALL),
+    Option("clip_skip", "clip_skip", "clip_skip", ALL),  # webui's N here; the keyword and PNG: diffusers' N - 1
+    Option("prompt_syntax", "prompt_syntax", "prompt_syntax", ALL),
+    Option("hires_scale", "hires_scale", "hires_scale", ("generate",)),
+    Option("hires_strength", "hires_strength", "hires_strength", ("generate",)),
+    Option("hires_steps", "hires_steps", "hires_steps", ("generate",)),
+    Option("hires_upscaler", "hires_upscaler", "hires_upscaler", ("generate",)),
 )
+HIRES_OPTIONS = ("hires_strength", "hires_steps", "hires_upscaler")  # they need hires_scale
 # --reproduce fills in exactly these. The model, LoRAs, a VAE and the input pictures are never taken from a
 # PNG: it names them only by name and hash, and a path read from a file is never opened.
 OPTION_BY_NAME = {option.name: option for option in OPTIONS}
@@ -65,6 +73,7 @@ OPTION_BY_NAME = {option.name: option for option in OPTIONS}
 DEFAULTS = {"negative": "", "steps": 30, "guidance": 7.5, "strength": 0.8, "eta": 0.0}
 INPAINT_DEFAULTS = dict(DEFAULTS, strength=1.0)  # diffusers' inpainting default: repaint from pure noise
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+PROMPT_SYNTAXES = ("plain", "a1111")
 
 
 def defaults_for(command):
@@ -116,6 +125,26 @@ def check_value(name, value, where=None):
     if name == "prediction_type":
         if value not in PREDICTION_TYPES:
             refuse(" or ".join(PREDICTION_TYPES))
+        return value
+    if name == "prompt_syntax":
+        if value not in PROMPT_SYNTAXES:
+            refuse(" or ".join(PROMPT_SYNTAXES))
+        return value
+    if name in ("clip_skip", "hires_steps"):  # Clip skip: webui's N >= 1 (1: the last layer); hires_steps 0: same
+        if not is_int(value) or value < (1 if name == "clip_skip" else 0) or value > 10**6:
+            refuse("an integer >= 1" if name == "clip_skip" else "an integer >= 0")
+        return value
+    if name == "hires_scale":
+        if not is_number(value) or not 1 <= value <= 16:
+            refuse("a number in [1, 16]")
+        return float(value)
+    if name == "hires_strength":
+        if not is_number(value) or not 0 < value <= 1:
+            refuse("a number in (0, 1]")
+        return float(value)
+    if name == "hires_upscaler":
+        if value not in HIRES_UPSCALERS:
+            refuse("one of " + ", ".join(HIRES_UPSCALERS))
         return value
     raise NpdiffError(f"{prefix}unknown option {name!r}")
 
@@ -206,6 +235,8 @@ def options_from_png(stored, source):
     options = {}
     for option in OPTIONS:
         value = stored.get(option.png_key)
+        if option.name == "clip_skip" and is_int(value):
+            value = value + 1  # the PNG keeps diffusers' k; the option is webui's N = k + 1
         if value is not None:
             options[option.name] = check_value(option.name, value, f"{source}: stored parameter")
     for key in ("model", "model_hash", "vae"):
@@ -240,7 +271,15 @@ def pipeline_arguments(command, options):
             raise NpdiffError(f"unknown option {name!r}")
         if command not in OPTION_BY_NAME[name].commands:
             raise NpdiffError(f"{command} does not take {name!r}")
+    for name in ("clip_skip", "prompt_syntax", "hires_scale") + HIRES_OPTIONS:  # checked before any model loads
+        if name in given:
+            given[name] = check_value(name, given[name])
     merged = {**defaults_for(command), **given}
+    if merged.get("hires_scale") is None and any(merged.get(name) is not None for name in HIRES_OPTIONS):
+        raise NpdiffError(f"{', '.join(name for name in HIRES_OPTIONS if merged.get(name) is not None)} "
+                          "without hires_scale: give hires_scale too (the hires fix's upscale factor)")
+    if merged.get("clip_skip") is not None:
+        merged["clip_skip"] = merged["clip_skip"] - 1 or None  # webui's N -> diffusers' N - 1 (1: no skip)
     check_prompt_text(merged.get("prompt"), "the prompt")
     check_prompt_text(merged.get("negative"), "the negative prompt")
     keywords = {}

@@ -118,21 +118,31 @@ class ImageStart(SamplingStart):
 
     def __init__(self, image, strength):
         self.image, self.strength = image, strength
+        self.given_latents = None
 
     def prepare(self, pipe, batch, num_inference_steps):
         require_plain_unet(pipe)
         self.strength = check_strength(self.strength)
+        check_denoising_steps(num_inference_steps, self.strength)
+        self.batch = batch
+        if is_latents(self.image):  # latents [b,4,h,w] (a txt2img call's output_type="latent"): used as they are
+            self.given_latents = check_given_latents(pipe, self.image, batch)  # [b,4,h,w]
+            self.height = self.given_latents.shape[2] * pipe.vae_scale_factor
+            self.width = self.given_latents.shape[3] * pipe.vae_scale_factor
+            self.encodes_picture = False
+            return
         multiple, _ = size_rule(pipe.unet.config, pipe.vae_scale_factor)  # sides the UNet can take
         self.pixels = image_to_model_input(self.image, multiple)  # [1,3,H,W] in [-1,1]
-        check_denoising_steps(num_inference_steps, self.strength)
         self.height, self.width = self.pixels.shape[2:]
-        self.batch = batch
 
     def timesteps(self, scheduler, num_inference_steps):
         return get_timesteps(scheduler, num_inference_steps, self.strength)
 
     def picture_latents(self, pipe, generator):
-        """The picture's latents [B,4,h,w] (one posterior draw)."""
+        """The picture's latents [B,4,h,w] (one posterior draw; given latents: repeated to the batch)."""
+        if self.given_latents is not None:
+            copies = self.batch // self.given_latents.shape[0]
+            return backend.to_device(np.concatenate([self.given_latents] * copies, axis=0))  # [b,4,h,w] -> [B,4,h,w]
         return encode_image(pipe, self.pixels, self.batch, generator)  # [B,4,h,w]
 
     def initial_latents(self, pipe, scheduler, timesteps, generator):
@@ -269,3 +279,21 @@ def encode_image(pipe, pixels, batch, generator):
     latents = latents * float(pipe.vae.scaling_factor)  # [1,4,h,w]
     xp = backend.array_module(latents)
     return xp.repeat(latents, batch, axis=0)  # [1,4,h,w] -> [batch,4,h,w]
+
+
+def is_latents(image):
+    """Whether img2img's `image` is latents [B,C,h,w] (an array of 4 dimensions) rather than a picture."""
+    return getattr(image, "ndim", None) == 4
+
+
+def check_given_latents(pipe, image, batch):
+    """img2img's `image` given as latents -> float32 [b,C,h,w] when C is the VAE's latent channels, b divides
+    the batch and the UNet can take h x w (pipeline_utils.size_rule); else NpdiffError."""
+    latents = np.asarray(backend.to_numpy(image), dtype=np.float32)  # [b,C,h,w]
+    channels = pipe.vae.config["latent_channels"]
+    if latents.shape[1] != channels or latents.shape[0] < 1 or batch % latents.shape[0] != 0:
+        raise NpdiffError(f"image given as latents must have shape [b,{channels},h,w] with b dividing the "
+                          f"batch {batch}; got {tuple(latents.shape)}")
+    multiple, why = size_rule(pipe.unet.config, pipe.vae_scale_factor)
+    check_size(latents.shape[2] * pipe.vae_scale_factor, latents.shape[3] * pipe.vae_scale_factor, multiple, why)
+    return latents

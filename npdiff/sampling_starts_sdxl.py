@@ -14,15 +14,11 @@
 
 import numpy as np
 
-from npdiff import backend
 from npdiff.errors import NpdiffError
-from npdiff.pipeline_utils import check_strength
 from npdiff.sampling_starts import (
     ImageStart,
     InpaintStart,
     NoiseStart,
-    check_denoising_steps,
-    require_plain_unet,
 )
 
 
@@ -116,32 +112,11 @@ class XLImageStart(PartialSchedule, ImageStart):
         super().__init__(image, strength)
         self.denoising_start, self.denoising_end = check_window(denoising_start, denoising_end)
         self.add_noise = self.denoising_start is None
-        self.given_latents = None
 
     def prepare(self, pipe, batch, num_inference_steps):
         if self.denoising_start is not None:
             self.strength = 1.0  # denoising_start decides where to begin; strength plays no part (diffusers)
-        if not is_latents(self.image):
-            return super().prepare(pipe, batch, num_inference_steps)
-        require_plain_unet(pipe)
-        latents = np.asarray(backend.to_numpy(self.image), dtype=np.float32)  # [b,4,h,w]
-        channels = pipe.vae.config["latent_channels"]
-        if latents.shape[1] != channels or batch % latents.shape[0] != 0:
-            raise NpdiffError(f"image given as latents must have shape [b,{channels},h,w] with b dividing the "
-                              f"batch {batch}; got {tuple(latents.shape)}")
-        self.strength = check_strength(self.strength)
-        check_denoising_steps(num_inference_steps, self.strength)
-        self.given_latents = latents
-        self.batch = batch
-        self.height = latents.shape[2] * pipe.vae_scale_factor
-        self.width = latents.shape[3] * pipe.vae_scale_factor
-        self.encodes_picture = False
-
-    def picture_latents(self, pipe, generator):
-        if self.given_latents is None:
-            return super().picture_latents(pipe, generator)  # [B,4,h,w], one posterior draw
-        copies = self.batch // self.given_latents.shape[0]
-        return backend.to_device(np.concatenate([self.given_latents] * copies, axis=0))  # [b,4,h,w] -> [B,4,h,w]
+        super().prepare(pipe, batch, num_inference_steps)  # latents [b,4,h,w] are taken as they are
 
 
 class XLInpaintStart(PartialSchedule, InpaintStart):
@@ -157,11 +132,6 @@ class XLInpaintStart(PartialSchedule, InpaintStart):
         if self.denoising_start is not None:
             self.strength = 1.0  # denoising_start decides where to begin; strength plays no part (diffusers)
         super().prepare(pipe, batch, num_inference_steps)
-
-
-def is_latents(image):
-    """Whether img2img's `image` is latents [B,C,h,w] (an array of 4 dimensions) rather than a picture."""
-    return getattr(image, "ndim", None) == 4
 
 
 def window_parameters(denoising_start, denoising_end):

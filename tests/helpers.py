@@ -42,6 +42,17 @@ def pixels(path):
         return np.asarray(picture.convert("RGB"))
 
 
+def write_png(path, chunks, size=(8, 8)):
+    """A PNG with the given text chunks {keyword: text}, written as another tool would (PIL's add_text)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in chunks.items():
+        info.add_text(key, value)
+    Image.new("RGB", size, (200, 30, 30)).save(path, pnginfo=info)
+    return path
+
+
 @contextmanager
 def time_limit(what, seconds=10):
     """Fail with AssertionError naming `what` when the block runs longer than `seconds` (a hang: a FIFO

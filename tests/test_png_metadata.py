@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 sys.path.insert(0, str(Path(__file__).parent / "pipeline"))
 
-from helpers import pixels  # noqa: E402
+from helpers import pixels, write_png  # noqa: E402
 from tiny_sd import tiny_sd_folder  # noqa: E402
 
 from npdiff import NpdiffError, cli, model_identity, pipeline  # noqa: E402
@@ -40,15 +39,6 @@ def text_chunks(path):
     with Image.open(path) as picture:
         picture.load()
         return dict(picture.text)
-
-
-def write_png(path, chunks, size=(8, 8)):
-    """A PNG with the given text chunks, written as another tool would (PIL's add_text)."""
-    info = PngInfo()
-    for key, value in chunks.items():
-        info.add_text(key, value)
-    Image.new("RGB", size, (200, 30, 30)).save(path, pnginfo=info)
-    return path
 
 
 def generate(folder, out, *extra):
@@ -75,6 +65,7 @@ def test_infotext_format_and_parse_round_trip():
         'Model hash: 6ce0161689, Model: "v1-5, pruned", Denoising strength: 0.75, Version: npdiff 0.1.0']
     back = parse_infotext(text)
     assert back.pop("unmapped") == []
+    assert back.pop("mode") == "img2img"  # a Denoising strength without hires fix: an img2img picture
     assert back == {key: value for key, value in params.items() if key != "npdiff_version"}
     # AUTOMATIC1111's quote(): only values with a comma, colon or newline become JSON strings
     assert quote("Euler a") == "Euler a" and quote("a: b") == '"a: b"' and quote('x, "y"') == '"x, \\"y\\""'
@@ -93,7 +84,7 @@ def test_infotext_loras_vae_and_every_sampler_name():
     assert "CFG scale: 7," in settings and "Sampler: Euler a," in settings
     back = parse_infotext(text)
     assert back["prompt"] == "a square" and back["sampler"] == "euler_a"
-    assert back["unmapped"] == ["LoRAs shapes (scale 0.8), ink (scale 1)", "VAE: ft-mse"]
+    assert back["unmapped"] == [] and back["vae"] == "ft-mse" and back["loras"] == loras
     for name in ["pndm", "ddim", "ddpm", "lms", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras"]:
         line = format_infotext({"prompt": "x", "steps": 2, "sampler": name, "seed": 0})
         assert parse_infotext(line)["sampler"] == name
@@ -108,15 +99,18 @@ def test_infotext_from_other_tools():
     assert params["prompt"] == "masterpiece, (red:1.2) circle\nwith a second line"
     assert (params["sampler"], params["steps"], params["guidance_scale"], params["seed"]) == \
         ("dpmpp_2m_karras", 25, 7.0, 123)
-    assert params["unmapped"] == ["Clip skip: 2", "Hires upscale: 2", "ENSD: 31337"]
-    with pytest.raises(NpdiffError, match="sampler 'DPM\\+\\+ SDE' is not supported by npdiff"):
-        parse_infotext("x\nSteps: 20, Sampler: DPM++ SDE, CFG scale: 7, Seed: 1")
-    with pytest.raises(NpdiffError, match="sampler 'Euler a' with schedule type 'Karras' is not supported"):
-        parse_infotext("x\nSteps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 1")
+    assert params["unmapped"] == ["ENSD: 31337"]
+    assert (params["clip_skip"], params["hires_scale"], params["prompt_syntax"]) == (1, 2.0, "a1111")
+    # a sampler npdiff lacks is kept for the caller (a problem only when no --sampler is given)
+    assert parse_infotext("x\nSteps: 20, Sampler: DPM++ SDE, CFG scale: 7, Seed: 1")["unsupported_sampler"] == \
+        "DPM++ SDE"
+    assert parse_infotext("x\nSteps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 1")[
+        "unsupported_sampler"] == "Euler a, Schedule type: Karras"
     with pytest.raises(NpdiffError, match="'Seed: abc' is not a int"):
         parse_infotext("x\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: abc")
     # fewer than three settings: all of it is prompt, as AUTOMATIC1111 reads it
-    assert parse_infotext("just: a prompt") == {"prompt": "just: a prompt", "negative_prompt": "", "unmapped": []}
+    assert parse_infotext("just: a prompt") == {"prompt": "just: a prompt", "negative_prompt": "", "unmapped": [],
+                                                "prompt_syntax": "a1111"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,22 +159,22 @@ def test_reproduce_from_the_a1111_text_alone_gives_the_same_pixels(folder, tmp_p
 def test_reproduce_a_hand_written_webui_png(folder, tmp_path, capsys):
     text = ("a blue square\nNegative prompt: blurry, dark\n"
             "Steps: 3, Sampler: Euler a, Schedule type: Automatic, CFG scale: 5.5, Seed: 77, Size: 32x64, "
-            "Model hash: 0123456789, Model: v1-5-pruned-emaonly, Clip skip: 2, Hires upscale: 2, Version: v1.9.4")
+            "Model hash: 0123456789, Model: v1-5-pruned-emaonly, ENSD: 31337, Version: v1.9.4")
     webui = write_png(tmp_path / "00001-77.png", {"parameters": text}, size=(32, 64))
     out = tmp_path / "ours.png"
     assert cli.main(["generate", "--reproduce", str(webui), "--model", str(folder), "--out", str(out)]) == 0
     err = capsys.readouterr().err
-    assert "not reproduced (npdiff has no such setting): Clip skip: 2; Hires upscale: 2" in err
+    assert "not reproduced (npdiff has no such setting): ENSD: 31337" in err
     assert "made with model 'v1-5-pruned-emaonly' (hash 0123456789)" in err and "warning" in err
     pipe = StableDiffusionPipeline.from_pretrained(folder, scheduler="euler_a")
     pipe.show_progress = False
     library = pipe("a blue square", negative_prompt="blurry, dark", num_inference_steps=3, guidance_scale=5.5,
                    height=64, width=32, seed=77)
     assert np.array_equal(np.asarray(library.images[0]), pixels(out))
-    # an unsupported sampler stops before any model is loaded, naming it
+    # a sampler npdiff lacks stops before any model is loaded, naming it, unless --sampler is given
     sde = write_png(tmp_path / "sde.png", {"parameters": text.replace("Euler a", "DPM++ SDE")})
     assert cli.main(["generate", "--reproduce", str(sde), "--model", str(folder)]) == 2
-    assert "sampler 'DPM++ SDE' is not supported" in capsys.readouterr().err
+    assert "made with sampler 'DPM++ SDE', which npdiff does not have: pass --sampler" in capsys.readouterr().err
 
 
 def test_reproduce_never_opens_a_path_from_the_png(folder, tmp_path, monkeypatch, capsys):
@@ -330,7 +324,7 @@ def test_reproduce_warns_about_loras_not_given_again(folder, tmp_path, capsys):
     again = tmp_path / "again.png"
     assert cli.main(["generate", "--reproduce", str(tmp_path / "with-lora.png"), "--model", str(folder),
                      "--out", str(again)]) == 0
-    assert "was made with LoRA style (scale 0.8, sha256 0123456789ab)" in capsys.readouterr().err
+    assert "was made with LoRA style (scale 0.8, hash 0123456789ab), which is not given" in capsys.readouterr().err
     assert cli.main(["generate", "--reproduce", str(made), "--model", str(folder), "--out", str(again)]) == 0
     assert "LoRA" not in capsys.readouterr().err
 

@@ -7,7 +7,7 @@
     attention/      scaled_dot_product_attention: four versions, listed in attention/__init__.py
     activations.py  silu, gelu (erf or tanh), quick_gelu
     linear.py       linear (torch weight layout [out, in]), linear_activation, geglu (diffusers' GEGLU)
-    resample.py     upsample_nearest2x
+    resample.py     upsample_nearest2x, resize (torch's interpolate to a size)
     matmul.py       the matrix-multiplication progression (teaching; models use np.matmul)
 
 And what they share:
@@ -37,11 +37,11 @@ from npdiff.kernels.attention import (
 from npdiff.kernels.conv import conv2d, conv2d_ref
 from npdiff.kernels.linear import geglu, linear, linear_activation
 from npdiff.kernels.norm import group_norm, layer_norm
-from npdiff.kernels.resample import upsample_nearest2x
+from npdiff.kernels.resample import resize, upsample_nearest2x
 from npdiff.kernels.softmax import softmax
 
 __all__ = [
     "attention_batched", "attention_blocked", "attention_chunked", "attention_chunked_ref", "attention_full",
     "attention_ref", "conv2d", "conv2d_ref", "geglu", "gelu", "group_norm", "layer_norm", "linear", "linear_activation",
-    "quick_gelu", "scaled_dot_product_attention", "silu", "softmax", "upsample_nearest2x",
+    "quick_gelu", "resize", "scaled_dot_product_attention", "silu", "softmax", "upsample_nearest2x",
 ]
