@@ -10,6 +10,11 @@
     resample.py     upsample_nearest2x
     matmul.py       the matrix-multiplication progression (teaching; models use np.matmul)
 
+Backward (training): beside each forward, `<family>_backward.py` (attention/backward.py), each with
+a `*_backward_ref` and a fast version, checked against torch.autograd:
+    linear_backward.py  linear, linear_activation, geglu    activations_backward.py  silu, gelu, quick_gelu
+    norm_backward.py    layer_norm, group_norm (+ SiLU)     attention/backward.py    attention (recomputes P)
+
 And what they share:
     dispatch.py     which version runs on which array (cupy -> CUDA, NumPy -> fast, else reference)
     block_pool.py   the block-parallel pool: worker threads for kernels that split their own work
