@@ -14,6 +14,8 @@ Backward (training): beside each forward, `<family>_backward.py` (attention/back
 a `*_backward_ref` and a fast version, checked against torch.autograd:
     linear_backward.py  linear, linear_activation, geglu    activations_backward.py  silu, gelu, quick_gelu
     norm_backward.py    layer_norm, group_norm (+ SiLU)     attention/backward.py    attention (recomputes P)
+    conv_backward.py    conv2d (dx through conv2d's own paths, Winograd included; dW by im2col tiles)
+    resample.py         upsample_nearest2x_backward (its Backward section)
 
 And what they share:
     dispatch.py     which version runs on which array (cupy -> CUDA, NumPy -> fast, else reference)
