@@ -108,12 +108,14 @@ def upsample_backward(block, x_shape, grad_out):
 def timestep_embedding_backward(timesteps, dim, flip_sin_to_cos, freq_shift, grad_emb, max_period=10000):
     """Gradient of blocks.timestep_embedding with respect to the timesteps [B]: grad_emb [B,dim] -> [B].
 
-    With a = t * f_i: d sin(a)/dt = f_i cos(a), d cos(a)/dt = -f_i sin(a)."""
+    With a = t * f_i: d sin(a)/dt = f_i cos(a), d cos(a)/dt = -f_i sin(a). The frequencies and the
+    products a are the forward's float32 ones (torch's autograd differentiates those same roundings)."""
     timesteps = np.asarray(timesteps, dtype=np.float32)                 # [B]
     half = dim // 2
-    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half - freq_shift)
-    freqs = np.exp(exponent.astype(np.float64))                         # [half], as the forward's
-    args = timesteps.astype(np.float64)[:, None] * freqs[None, :]       # [B,half]
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)  # [half]
+    exponent = exponent / np.float32(half - freq_shift)                 # [half]
+    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)      # [half], as the forward's
+    args = (timesteps[:, None] * freqs[None, :]).astype(np.float64)     # [B,half], float32 products
     first, second = grad_emb[:, :half].astype(np.float64), grad_emb[:, half:2 * half].astype(np.float64)
     grad_sin, grad_cos = (second, first) if flip_sin_to_cos else (first, second)  # [B,half] each
     grad_args = grad_sin * np.cos(args) - grad_cos * np.sin(args)       # [B,half]
