@@ -14,10 +14,13 @@ Versions:
                               RECOMPUTED from q and k (flash-attention's backward), O of the block
                               is P v, and dk, dv are accumulated over the blocks. Nothing of size
                               [N, M] is stored by the forward or made here: at most [..., block, M]
-                              (BACKWARD_BLOCK_SCORES floats). Measured at the UNet's 64x64 level
-                              (SD 1.5, [1,8,4096,40]): storing P [1,8,4096,4096] is 512 MiB per
-                              self-attention (16 of them: 8 GiB), the recompute costs one extra
-                              q k^T GEMM (a fifth of the backward's FLOPs) and no memory.
+                              (BACKWARD_BLOCK_SCORES floats). Why recompute: at SD 1.5's 64x64
+                              level ([1,8,4096,40], 5 self-attentions in the UNet) a stored P is
+                              [1,8,4096,4096] = 512 MiB each, 2.5 GiB for the five; the recompute
+                              costs one more q k^T GEMM and softmax (6 GEMMs of 10.7 GFLOP instead
+                              of 5). Measured on [1,8,4096,40] (2 shared cores, load ~12, so only
+                              the ratio means much): recompute 28-37 s, from a stored P 18-22 s,
+                              1.3-2.1x. Memory wins: training must fit 24 GiB with the weights.
   Every matmul is np.matmul over the leading axes (OpenBLAS sgemm per slice).
 """
 
