@@ -46,9 +46,19 @@ from npdiff.kernels.linear import geglu, linear, linear_activation
 from npdiff.kernels.norm import group_norm, layer_norm
 from npdiff.kernels.resample import upsample_nearest2x
 from npdiff.kernels.softmax import softmax
+# the backward kernels
+from npdiff.kernels.activations_backward import gelu_backward, quick_gelu_backward, silu_backward
+from npdiff.kernels.attention.backward import attention_backward
+from npdiff.kernels.conv_backward import conv2d_backward
+from npdiff.kernels.linear_backward import geglu_backward, linear_activation_backward, linear_backward
+from npdiff.kernels.norm_backward import group_norm_backward, layer_norm_backward
+from npdiff.kernels.resample import upsample_nearest2x_backward
 
 __all__ = [
     "attention_batched", "attention_blocked", "attention_chunked", "attention_chunked_ref", "attention_full",
     "attention_ref", "conv2d", "conv2d_ref", "geglu", "gelu", "group_norm", "layer_norm", "linear", "linear_activation",
     "quick_gelu", "scaled_dot_product_attention", "silu", "softmax", "upsample_nearest2x",
+    "attention_backward", "conv2d_backward", "geglu_backward", "gelu_backward", "group_norm_backward",
+    "layer_norm_backward", "linear_activation_backward", "linear_backward", "quick_gelu_backward",
+    "silu_backward", "upsample_nearest2x_backward",
 ]
