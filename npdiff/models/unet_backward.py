@@ -17,10 +17,10 @@ block's internals at a time, instead of every activation of the network (the att
 probabilities alone would be [1,8,4096,4096] floats = 512 MiB per 64x64 self-attention).
 
 Measured (benchmarks/training_memory.py) at SD 1.5 size (860 M parameters, random weights), 64x64
-latent, batch 1, 77 tokens, one process (2 cores shared with other jobs, load ~12: the times are only indicative): the tape keeps
-0.37 GiB; the backward's peak is 0.54 GiB above the built model (RSS sampled every 50 ms, and
-ru_maxrss); with the 3.20 GiB of float32 weights that is ~3.8 GiB in all, far inside 24 GiB.
-Tape forward 160 s, backward 203 s at that load.
+latent, batch 1, 77 tokens, one process (2 cores shared with other jobs, load 7-12: the times are
+only indicative): the tape keeps 0.36 GiB; the backward's peak is 0.64 GiB above the built model
+(VmRSS sampled every 50 ms; VmHWM agrees); with the 3.20 GiB of float32 weights that is ~3.9 GiB
+in all, far inside 24 GiB. Tape forward 77 s, backward 68 s at that load.
 
 The tape: every recorded op is (its output's id, its inputs' ids, a backward function grad ->
 input grads). tape.backward walks the ops last to first, summing the gradients of values used
