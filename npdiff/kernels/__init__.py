@@ -10,6 +10,13 @@
     resample.py     upsample_nearest2x, resize (torch's interpolate to a size)
     matmul.py       the matrix-multiplication progression (teaching; models use np.matmul)
 
+Backward (training): beside each forward, `<family>_backward.py` (attention/backward.py), each with
+a `*_backward_ref` and a fast version, checked against torch.autograd:
+    linear_backward.py  linear, linear_activation, geglu    activations_backward.py  silu, gelu, quick_gelu
+    norm_backward.py    layer_norm, group_norm (+ SiLU)     attention/backward.py    attention (recomputes P)
+    conv_backward.py    conv2d (dx through conv2d's own paths, Winograd included; dW by im2col tiles)
+    resample.py         upsample_nearest2x_backward (its Backward section)
+
 And what they share:
     dispatch.py     which version runs on which array (cupy -> CUDA, NumPy -> fast, else reference)
     block_pool.py   the block-parallel pool: worker threads for kernels that split their own work
@@ -25,6 +32,13 @@ called.
 """
 
 from npdiff.kernels.activations import gelu, quick_gelu, silu
+
+# the backward kernels
+from npdiff.kernels.activations_backward import (
+                                      gelu_backward,
+                                      quick_gelu_backward,
+                                      silu_backward,
+)
 from npdiff.kernels.attention import (
                                       attention_batched,
                                       attention_blocked,
@@ -34,14 +48,29 @@ from npdiff.kernels.attention import (
                                       attention_ref,
                                       scaled_dot_product_attention,
 )
+from npdiff.kernels.attention.backward import attention_backward
 from npdiff.kernels.conv import conv2d, conv2d_ref
+from npdiff.kernels.conv_backward import conv2d_backward
 from npdiff.kernels.linear import geglu, linear, linear_activation
+from npdiff.kernels.linear_backward import (
+                                      geglu_backward,
+                                      linear_activation_backward,
+                                      linear_backward,
+)
 from npdiff.kernels.norm import group_norm, layer_norm
-from npdiff.kernels.resample import resize, upsample_nearest2x
+from npdiff.kernels.norm_backward import group_norm_backward, layer_norm_backward
+from npdiff.kernels.resample import (
+                                      resize,
+                                      upsample_nearest2x,
+                                      upsample_nearest2x_backward,
+)
 from npdiff.kernels.softmax import softmax
 
 __all__ = [
     "attention_batched", "attention_blocked", "attention_chunked", "attention_chunked_ref", "attention_full",
     "attention_ref", "conv2d", "conv2d_ref", "geglu", "gelu", "group_norm", "layer_norm", "linear", "linear_activation",
     "quick_gelu", "resize", "scaled_dot_product_attention", "silu", "softmax", "upsample_nearest2x",
+    "attention_backward", "conv2d_backward", "geglu_backward", "gelu_backward", "group_norm_backward",
+    "layer_norm_backward", "linear_activation_backward", "linear_backward", "quick_gelu_backward",
+    "silu_backward", "upsample_nearest2x_backward",
 ]

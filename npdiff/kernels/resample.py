@@ -22,6 +22,12 @@ Versions:
   1. resize_ref   per axis the tap indices and weights (resize_taps), summed with fancy indexing:
                   out[..., d] = sum_k weight[d, k] * x[..., index[d, k]], first along H, then along W.
   2. resize_fast  the same taps as one [out, in] matrix per axis: out = Wh @ x @ Ww^T, two BLAS products.
+
+Backward (training): each input pixel was copied into a 2x2 block, so its gradient is the sum of
+the block's four gradients.
+  1. upsample_nearest2x_backward_ref   NumPy API: reshape [B,C,H,2,W,2] and sum the two 2-axes.
+  2. upsample_nearest2x_backward_fast  Numba, prange over the B*C planes: rows 2h and 2h+1 of the
+                           plane's gradient read once, each output pixel written once.
 """
 
 import numpy as np
@@ -30,7 +36,7 @@ from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.jit import PARALLEL, SERIAL, njit, prange
 from npdiff.kernels import dispatch
-from npdiff.kernels.validate import require_ndim
+from npdiff.kernels.validate import require_ndim, shape_text
 
 
 def upsample_nearest2x_ref(x):
@@ -165,3 +171,48 @@ def resize(x, size, mode="bilinear"):
     if min(x.shape[2:]) < 1:
         raise NpdiffError(f"resize: x has an empty side, shape {list(x.shape)}")
     return resize_fast(x, tuple(int(side) for side in size), mode)
+# Backward
+# ---------------------------------------------------------------------------------------------
+def upsample_nearest2x_backward_ref(grad_out):
+    batch, channels, height2, width2 = grad_out.shape
+    blocks = grad_out.reshape(batch, channels, height2 // 2, 2, width2 // 2, 2)  # [B,C,H,2,W,2]
+    return blocks.sum(axis=(3, 5))  # [B,C,H,W]
+
+
+@njit(**SERIAL)
+def _downsum_plane(grad_plane, out):
+    """grad_plane [2H, 2W] -> out [H, W]: the sum of each 2x2 block."""
+    height, width = out.shape
+    for h in range(height):
+        top = grad_plane[2 * h]
+        bottom = grad_plane[2 * h + 1]
+        for w in range(width):
+            out[h, w] = (top[2 * w] + top[2 * w + 1]) + (bottom[2 * w] + bottom[2 * w + 1])
+
+
+@njit(**PARALLEL)
+def _downsum_numba(grad_planes, out):
+    """grad_planes [P, 2H, 2W] -> out [P, H, W], both contiguous; one plane per task."""
+    for p in prange(grad_planes.shape[0]):
+        _downsum_plane(grad_planes[p], out[p])
+
+
+def upsample_nearest2x_backward_fast(grad_out):
+    batch, channels, height2, width2 = grad_out.shape
+    planes = np.ascontiguousarray(grad_out).reshape(batch * channels, height2, width2)  # [P,2H,2W]
+    out = np.empty((batch * channels, height2 // 2, width2 // 2), np.float32)  # [P,H,W]
+    _downsum_numba(planes, out)
+    return out.reshape(batch, channels, height2 // 2, width2 // 2)  # [P,H,W] -> [B,C,H,W]
+
+
+UPSAMPLE_NEAREST2X_BACKWARD = dispatch.register("upsample_nearest2x_backward", fast=upsample_nearest2x_backward_fast,
+                                                reference=upsample_nearest2x_backward_ref)
+
+
+def upsample_nearest2x_backward(grad_out):
+    """Gradient of y = upsample_nearest2x(x) given dy [B,C,2H,2W] -> dx [B,C,H,W]."""
+    require_ndim("upsample_nearest2x_backward", "grad_out", grad_out, 4, "[B,C,2H,2W]")
+    if grad_out.shape[2] % 2 or grad_out.shape[3] % 2:
+        raise NpdiffError(f"upsample_nearest2x_backward: grad_out must have an even height and width "
+                          f"[B,C,2H,2W], got {shape_text(grad_out.shape)}")
+    return UPSAMPLE_NEAREST2X_BACKWARD(grad_out)

@@ -1,0 +1,168 @@
+"""Backward of scaled_dot_product_attention (self, cross, causal; bool or float masks).
+
+For one slice, S = q k^T * scale + mask, P = softmax(S) over keys, O = P v:
+    dv = P^T dO                     [M,N] @ [N,dv] -> [M,dv]
+    dP = dO v^T                     [N,dv] @ [dv,M] -> [N,M]
+    dS = P * (dP - rowsum(dO * O))  [N,M]   (softmax's backward; rowsum(dO * O) = rowsum(P * dP))
+    dq = dS k * scale               [N,M] @ [M,d] -> [N,d]
+    dk = dS^T q * scale             [M,N] @ [N,d] -> [M,d]
+A query that may attend to no key has P = 0 (as the forward), so it passes no gradient.
+
+Versions:
+  1. attention_backward_ref   NumPy API: the whole [..., N, M] score matrix, as written above.
+  2. attention_backward_fast  query blocks: for each block of queries the scores S and P are
+                              RECOMPUTED from q and k (flash-attention's backward), and dk, dv
+                              are accumulated over the blocks. Nothing of size
+                              [N, M] is stored by the forward or made here: at most [..., block, M]
+                              (BACKWARD_BLOCK_SCORES floats). Why recompute: at SD 1.5's 64x64
+                              level ([1,8,4096,40], 5 self-attentions in the UNet) a stored P is
+                              [1,8,4096,4096] = 512 MiB each, 2.5 GiB for the five; the recompute
+                              costs one more q k^T GEMM and softmax (5 GEMMs of 10.7 GFLOP
+                              instead of 4: dP's softmax backward uses rowsum(P * dP), so O is
+                              never formed). Measured on [1,8,4096,40] (2 cores shared, load ~12,
+                              so only the ratio means much): recompute 9.1 s, from a stored P
+                              7.0-7.2 s: 1.3x the time, for two 64 MiB tiles at a time instead
+                              of 512 MiB kept per attention. Memory wins: training must fit
+                              24 GiB beside the weights.
+                              dS is one Numba pass over dP, in place (softmax_grad_row); the
+                              softmax is softmax.py's (a numpy one when a mask may empty a row).
+  Every matmul is np.matmul over the leading axes (OpenBLAS sgemm per slice).
+"""
+
+import numpy as np
+
+from npdiff import backend
+from npdiff.errors import NpdiffError
+from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
+from npdiff.kernels import dispatch
+from npdiff.kernels.attention import check_attention_inputs
+from npdiff.kernels.attention.common import (
+    causal_additive,
+    default_scale,
+    mask_to_additive,
+    masked_row_max,
+)
+from npdiff.kernels.attention.reference import full_scores
+from npdiff.kernels.softmax import softmax
+from npdiff.kernels.validate import shape_text
+
+# floats of one block's score tile [..., block, M] (64 MiB; the dS tile beside it is as big). Measured on
+# [1,8,4096,40] (load ~12): 1 << 22 (128 queries per block) 16-21 s, 1 << 24 (512 queries) 9.1 s.
+BACKWARD_BLOCK_SCORES = 1 << 24
+
+
+def softmax_probs(scores, xp):
+    """softmax over the last axis; rows that may attend to nothing give 0, as the forward."""
+    row_max = masked_row_max(scores, xp)  # [...,n,1]
+    probs = xp.exp(scores - row_max)  # [...,n,M]
+    row_sum = probs.sum(axis=-1, keepdims=True)  # [...,n,1]
+    return probs / xp.where(row_sum == 0, np.float32(1.0), row_sum)  # [...,n,M]
+
+
+def block_grads(q, k, v, grad_out, probs, scale, xp):
+    """One block of queries: -> (dq [...,n,d], dk [...,M,d], dv [...,M,dv]) from P [...,n,M]."""
+    out = xp.matmul(probs, v)  # [...,n,M] @ [...,M,dv] -> [...,n,dv]
+    grad_v = xp.matmul(xp.swapaxes(probs, -1, -2), grad_out)  # [...,M,n] @ [...,n,dv] -> [...,M,dv]
+    grad_probs = xp.matmul(grad_out, xp.swapaxes(v, -1, -2))  # [...,n,dv] @ [...,dv,M] -> [...,n,M]
+    row_dot = (grad_out * out).sum(axis=-1, keepdims=True)  # [...,n,1]
+    grad_scores = probs * (grad_probs - row_dot)  # [...,n,M]
+    grad_scores *= np.float32(scale)
+    grad_q = xp.matmul(grad_scores, k)  # [...,n,M] @ [...,M,d] -> [...,n,d]
+    grad_k = xp.matmul(xp.swapaxes(grad_scores, -1, -2), q)  # [...,M,n] @ [...,n,d] -> [...,M,d]
+    return grad_q, grad_k, grad_v
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Reference
+# ---------------------------------------------------------------------------------------------
+def attention_backward_ref(q, k, v, grad_out, mask=None, scale=None, is_causal=False):
+    xp = backend.array_module(q)
+    scale = default_scale(q, scale)
+    probs = softmax_probs(full_scores(q, k, mask, scale, is_causal, xp), xp)  # [...,N,M]
+    return block_grads(q, k, v, grad_out, probs, scale, xp)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Query blocks, scores recomputed
+# ---------------------------------------------------------------------------------------------
+@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+def softmax_grad_row(probs, grad, scale):
+    """grad <- scale * P * (dP - rowsum(P * dP)) over one contiguous row, in place (the sum in
+    float64; it equals rowsum(dO * O), so O itself is never formed)."""
+    total = 0.0
+    for j in range(probs.size):
+        total += probs[j] * grad[j]
+    row_dot = np.float32(total)
+    for j in range(probs.size):
+        grad[j] = probs[j] * (grad[j] - row_dot) * scale
+
+
+@njit(**PARALLEL)
+def _softmax_grad_rows(probs, grad, scale):
+    """probs, grad: [R, M] contiguous rows; grad is overwritten with dS."""
+    for r in prange(probs.shape[0]):
+        softmax_grad_row(probs[r], grad[r], scale)
+
+
+def block_grads_fast(q, k, v, grad_out, probs, scale):
+    """block_grads for NumPy arrays: dS in one Numba pass over dP, in place (no O, no temporaries)."""
+    grad_v = np.matmul(np.swapaxes(probs, -1, -2), grad_out)  # [...,M,n] @ [...,n,dv] -> [...,M,dv]
+    grad_scores = np.matmul(grad_out, np.swapaxes(v, -1, -2))  # [...,n,dv] @ [...,dv,M] -> [...,n,M] (dP)
+    n_keys = grad_scores.shape[-1]
+    _softmax_grad_rows(probs.reshape(-1, n_keys), grad_scores.reshape(-1, n_keys), np.float32(scale))  # dP -> dS
+    grad_q = np.matmul(grad_scores, k)  # [...,n,M] @ [...,M,d] -> [...,n,d]
+    grad_k = np.matmul(np.swapaxes(grad_scores, -1, -2), q)  # [...,M,n] @ [...,n,d] -> [...,M,d]
+    return grad_q, grad_k, grad_v
+
+
+def attention_backward_fast(q, k, v, grad_out, mask=None, scale=None, is_causal=False):
+    scale = default_scale(q, scale)
+    n_queries, n_keys = q.shape[-2], k.shape[-2]
+    lead = q.shape[:-2]
+    slices = int(np.prod(lead)) if lead else 1
+    block = max(1, min(n_queries, BACKWARD_BLOCK_SCORES // max(1, slices * n_keys)))
+    additive = None
+    if mask is not None:
+        additive = np.broadcast_to(mask_to_additive(mask), lead + (n_queries, n_keys))  # [...,N,M] (a view)
+    grad_q = np.empty(q.shape, np.float32)  # [...,N,d]
+    grad_k = np.zeros(k.shape, np.float32)  # [...,M,d], accumulated over blocks
+    grad_v = np.zeros(v.shape, np.float32)  # [...,M,dv]
+    k_t = np.swapaxes(k, -1, -2)  # [...,d,M] (a view)
+    for start in range(0, n_queries, block):
+        stop = min(n_queries, start + block)
+        # 1. recompute this block's scores and probabilities
+        q_block = q[..., start:stop, :]  # [...,n,d]
+        scores = np.matmul(q_block, k_t)  # [...,n,d] @ [...,d,M] -> [...,n,M]
+        scores *= np.float32(scale)
+        if additive is not None:
+            scores += additive[..., start:stop, :]
+        if is_causal:
+            scores += causal_additive(start, stop, 0, n_keys)  # [...,n,M] + [n,M]
+        # (without a mask every row has a key: the Numba softmax; with one, rows may have none)
+        probs = softmax(scores) if additive is None else softmax_probs(scores, np)  # [...,n,M]
+        del scores
+        # 2. the block's gradients; dk and dv sum over all query blocks
+        block_q, block_k, block_v = block_grads_fast(q_block, k, v, grad_out[..., start:stop, :], probs, scale)
+        grad_q[..., start:stop, :] = block_q
+        grad_k += block_k
+        grad_v += block_v
+    return grad_q, grad_k, grad_v
+
+
+# ---------------------------------------------------------------------------------------------
+# Public
+# ---------------------------------------------------------------------------------------------
+ATTENTION_BACKWARD = dispatch.register("attention_backward", fast=attention_backward_fast,
+                                       reference=attention_backward_ref)
+
+
+def attention_backward(q, k, v, grad_out, mask=None, scale=None, is_causal=False):
+    """Gradients of O = scaled_dot_product_attention(q, k, v, mask, scale, is_causal) given dO
+    [..., N, dv] -> (dq [..., N, d], dk [..., M, d], dv [..., M, dv]). q, k, v: the forward's inputs."""
+    from_forward = "scaled_dot_product_attention"
+    check_attention_inputs(q, k, v, mask, is_causal, "auto")
+    expected = q.shape[:-1] + (v.shape[-1],)
+    if tuple(grad_out.shape) != tuple(expected):
+        raise NpdiffError(f"attention_backward: grad_out must have the shape of {from_forward}'s output "
+                          f"{shape_text(expected)}, got {shape_text(grad_out.shape)}")
+    return ATTENTION_BACKWARD(q, k, v, grad_out, mask, scale, is_causal)

@@ -1,0 +1,108 @@
+"""Backward of linear.py: linear, linear_activation and geglu.
+
+For y = x W^T + b over rows x [R, in] (all leading axes flattened), W [out, in]:
+    dx = dy W          [R, out] @ [out, in]  -> [R, in]
+    dW = dy^T x        [out, R] @ [R, in]    -> [out, in]
+    db = sum_rows dy   [R, out]              -> [out]
+
+Versions:
+  1. linear_backward_ref   NumPy API: the three products as written.
+  2. linear_backward_fast  the same two GEMMs through np.matmul (OpenBLAS sgemm; the transposes are
+                           views read with sgemm's transpose flags, no copies); the rows are
+                           flattened once, and the weight/bias gradients are only computed when
+                           asked for (weights frozen: textual inversion needs dx only).
+  geglu_backward / linear_activation_backward: the forward's hidden layer h = x W^T + b is
+  recomputed (one GEMM, as cheap as keeping it and [R, 2D] less memory per call), the activation's
+  backward (activations_backward.py) gives dh, then linear_backward.
+"""
+
+import numpy as np
+
+from npdiff import backend
+from npdiff.errors import NpdiffError
+from npdiff.kernels import dispatch
+from npdiff.kernels.activations import check_approximate, gelu
+from npdiff.kernels.activations_backward import ACTIVATION_BACKWARDS, gelu_backward
+from npdiff.kernels.linear import LINEAR_ACTIVATIONS, check_linear, linear
+from npdiff.kernels.validate import shape_text
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------------
+def linear_backward_ref(x, weight, grad_out, need_weight_grad=True):
+    xp = backend.array_module(x)
+    grad_x = xp.matmul(grad_out, weight)  # [..., out] @ [out, in] -> [..., in]
+    if not need_weight_grad:
+        return grad_x, None, None
+    rows = x.reshape(-1, x.shape[-1])  # [R, in]
+    grad_rows = grad_out.reshape(-1, grad_out.shape[-1])  # [R, out]
+    grad_weight = grad_rows.T @ rows  # [out, R] @ [R, in] -> [out, in]
+    grad_bias = grad_rows.sum(axis=0)  # [out]
+    return grad_x, grad_weight, grad_bias
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast
+# ---------------------------------------------------------------------------------------------
+def linear_backward_fast(x, weight, grad_out, need_weight_grad=True):
+    grad_rows = grad_out.reshape(-1, grad_out.shape[-1])  # [..., out] -> [R, out] (a copy if strided)
+    grad_x = np.matmul(grad_rows, weight)  # [R, out] @ [out, in] -> [R, in]
+    grad_x = grad_x.reshape(x.shape)  # [R, in] -> [..., in]
+    if not need_weight_grad:
+        return grad_x, None, None
+    rows = x.reshape(-1, x.shape[-1])  # [R, in]
+    grad_weight = np.matmul(grad_rows.T, rows)  # [out, R] @ [R, in] -> [out, in]
+    grad_bias = grad_rows.sum(axis=0, dtype=np.float64).astype(np.float32)  # [out]
+    return grad_x, grad_weight, grad_bias
+
+
+# ---------------------------------------------------------------------------------------------
+# Public
+# ---------------------------------------------------------------------------------------------
+LINEAR_BACKWARD = dispatch.register("linear_backward", fast=linear_backward_fast, reference=linear_backward_ref)
+
+
+def check_grad_out(kernel, grad_out, expected_shape):
+    if tuple(grad_out.shape) != tuple(expected_shape):
+        raise NpdiffError(f"{kernel}: grad_out must have the forward output's shape {shape_text(expected_shape)}, "
+                          f"got {shape_text(grad_out.shape)}")
+
+
+def linear_backward(x, weight, grad_out, need_weight_grad=True):
+    """Gradients of y = linear(x, weight, bias): -> (dx [..., in], dW [out, in], db [out]); dW and db
+    are None when need_weight_grad is False. x: the forward's input; grad_out: d(loss)/dy [..., out]."""
+    check_linear("linear_backward", x, weight, None)
+    check_grad_out("linear_backward", grad_out, x.shape[:-1] + (weight.shape[0],))
+    return LINEAR_BACKWARD(x, weight, grad_out, need_weight_grad)
+
+
+def linear_activation_backward(x, weight, bias, grad_out, activation="quick_gelu", need_weight_grad=True):
+    """Gradients of y = activation(linear(x, weight, bias)) -> (dx, dW, db) as linear_backward."""
+    if activation not in LINEAR_ACTIVATIONS:
+        raise NpdiffError(f"linear_activation_backward: activation must be one of {tuple(LINEAR_ACTIVATIONS)}, "
+                          f"got {activation!r}")
+    hidden = linear(x, weight, bias)  # [..., in] -> [..., out] (recomputed)
+    check_grad_out("linear_activation_backward", grad_out, hidden.shape)
+    grad_hidden = ACTIVATION_BACKWARDS[activation](hidden, grad_out)  # [..., out]
+    return linear_backward(x, weight, grad_hidden, need_weight_grad)
+
+
+def geglu_backward(x, weight, bias, grad_out, approximate="none", need_weight_grad=True):
+    """Gradients of diffusers' GEGLU y = h[..., :D] * gelu(h[..., D:]), h = linear(x, weight, bias)
+    -> (dx [..., in], dW [2D, in], db [2D]) as linear_backward."""
+    check_approximate("geglu_backward", approximate)
+    xp = backend.array_module(x)
+    # 1. recompute the hidden layer and split it as the forward does
+    hidden = linear(x, weight, bias)  # [..., in] -> [..., 2D]
+    half = hidden.shape[-1] // 2
+    check_grad_out("geglu_backward", grad_out, hidden.shape[:-1] + (half,))
+    value = hidden[..., :half]  # [..., D]
+    gate = xp.ascontiguousarray(hidden[..., half:])  # [..., D]
+    # 2. d value = dy * gelu(gate); d gate = gelu'(gate) * (dy * value)
+    grad_hidden = xp.empty_like(hidden)  # [..., 2D]
+    grad_hidden[..., :half] = grad_out * gelu(gate, approximate)
+    grad_hidden[..., half:] = gelu_backward(gate, xp.ascontiguousarray(grad_out * value), approximate)
+    # 3. through the projection
+    return linear_backward(x, weight, grad_hidden, need_weight_grad)
+

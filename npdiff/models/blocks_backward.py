@@ -1,0 +1,131 @@
+"""Backward of the layers and blocks of blocks.py: Conv2d, Linear, GroupNorm, ResnetBlock2D,
+Downsample2D, Upsample2D, the sinusoidal timestep embedding and TimestepEmbedding.
+
+Every function takes the forward's module object (the same weights, the same checkpoint names) and
+the block's INPUT, recomputes what its backward needs from that input (recompute per block: the
+caller keeps only block inputs), and returns the gradient with respect to that input. Weights are
+frozen here (textual inversion): no weight gradients, except the Linear layers' when the caller
+passes a `weight_grads` dict (keyed by the layer's diffusers name; LoRA trains those).
+
+Order of steps: the forward's (blocks.py) numbered steps, walked backwards.
+"""
+
+import math
+
+import numpy as np
+
+from npdiff.kernels.activations import silu
+from npdiff.kernels.activations_backward import silu_backward
+from npdiff.kernels.conv_backward import conv2d_input_grad
+from npdiff.kernels.linear_backward import linear_backward
+from npdiff.kernels.norm_backward import group_norm_backward
+from npdiff.kernels.resample import upsample_nearest2x_backward
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------
+def add_weight_grad(weight_grads, key, grad_weight, grad_bias):
+    """Sum a layer's weight/bias gradients into weight_grads[key] (a layer used twice adds up)."""
+    entry = weight_grads.setdefault(key, {})
+    for name, grad in (("weight", grad_weight), ("bias", grad_bias)):
+        if grad is not None:
+            entry[name] = entry[name] + grad if name in entry else grad
+
+
+def linear_layer_backward(layer, x, grad_out, weight_grads=None):
+    """Linear layer: x [..., in] (the forward's input), grad_out [..., out] -> dx [..., in]; with
+    weight_grads, also d weight [out, in] (and d bias) into weight_grads[layer.key]."""
+    need = weight_grads is not None
+    grad_x, grad_weight, grad_bias = linear_backward(x, layer.weight, grad_out, need)
+    if need:
+        add_weight_grad(weight_grads, layer.key, grad_weight, grad_bias if layer.bias is not None else None)
+    return grad_x
+
+
+def conv_layer_backward(layer, x_shape, grad_out):
+    """Conv2d layer (weights frozen): dy [B,Cout,H',W'] -> dx [B,Cin,H,W]; only x's shape is needed."""
+    return conv2d_input_grad(x_shape, layer.weight, grad_out, (layer.stride,) * 2, (layer.padding,) * 2)
+
+
+def group_norm_layer_backward(layer, x, grad_out, silu_after=False):
+    """GroupNorm layer (+ the SiLU fused after it): x [B,C,H,W] its input -> dx [B,C,H,W]."""
+    grad_x, _, _ = group_norm_backward(x, layer.num_groups, layer.weight, layer.bias, grad_out, layer.eps, silu_after)
+    return grad_x
+
+
+# ---------------------------------------------------------------------------------------------
+# ResnetBlock2D
+# ---------------------------------------------------------------------------------------------
+def resnet_backward(block, x, temb, grad_out):
+    """ResnetBlock2D: x [B,Cin,H,W] its input, temb [B,T], grad_out [B,Cout,H,W] -> dx [B,Cin,H,W]
+    (the time embedding is not differentiated: it depends on the timestep only)."""
+    # recompute: the input of norm2 (conv1's output plus the time embedding)
+    h = block.conv1(block.norm1(x, silu=True))                          # [B,Cin,H,W] -> [B,Cout,H,W]
+    if block.time_emb_proj is not None and temb is not None:
+        h += block.time_emb_proj(silu(temb))[:, :, None, None]          # [B,Cout,H,W] + [B,Cout,1,1]
+    # 4. residual sum and output_scale_factor
+    if block.output_scale_factor != 1.0:
+        grad_out = grad_out / np.float32(block.output_scale_factor)     # [B,Cout,H,W]
+    if block.conv_shortcut is not None:
+        grad_x = conv_layer_backward(block.conv_shortcut, x.shape, grad_out)  # [B,Cout,H,W] -> [B,Cin,H,W]
+    else:
+        grad_x = grad_out.copy()                                        # [B,C,H,W]
+    # 3. conv2, then norm2 + SiLU
+    grad_h = conv_layer_backward(block.conv2, h.shape, grad_out)        # [B,Cout,H,W]
+    grad_h = group_norm_layer_backward(block.norm2, h, grad_h, silu_after=True)  # [B,Cout,H,W]
+    del h
+    # 2. the time embedding is added per channel: nothing flows back to x through it
+    # 1. conv1, then norm1 + SiLU
+    grad_h = conv_layer_backward(block.conv1, x.shape[:1] + (block.conv1.weight.shape[1],) + x.shape[2:], grad_h)
+    grad_x += group_norm_layer_backward(block.norm1, x, grad_h, silu_after=True)  # [B,Cin,H,W]
+    return grad_x
+
+
+# ---------------------------------------------------------------------------------------------
+# Resampling
+# ---------------------------------------------------------------------------------------------
+def downsample_backward(block, x_shape, grad_out):
+    """Downsample2D: dy [B,C,H/2,W/2] -> dx [B,C,H,W] (its stride-2 conv; x's shape only)."""
+    if block.pad_bottom_right:
+        padded_shape = x_shape[:2] + (x_shape[2] + 1, x_shape[3] + 1)   # the VAE's extra bottom/right row
+        grad_x = conv_layer_backward(block.conv, padded_shape, grad_out)  # [B,C,H+1,W+1]
+        return np.ascontiguousarray(grad_x[:, :, :-1, :-1])             # [B,C,H,W]
+    return conv_layer_backward(block.conv, x_shape, grad_out)           # [B,C,H,W]
+
+
+def upsample_backward(block, x_shape, grad_out):
+    """Upsample2D: dy [B,Cout,2H,2W] -> dx [B,C,H,W] (conv, then the nearest 2x copy, backwards)."""
+    upsampled_shape = x_shape[:2] + (2 * x_shape[2], 2 * x_shape[3])
+    grad_up = conv_layer_backward(block.conv, upsampled_shape, grad_out)  # [B,C,2H,2W]
+    return upsample_nearest2x_backward(grad_up)                         # [B,C,2H,2W] -> [B,C,H,W]
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Timestep embedding
+# ---------------------------------------------------------------------------------------------
+def timestep_embedding_backward(timesteps, dim, flip_sin_to_cos, freq_shift, grad_emb, max_period=10000):
+    """Gradient of blocks.timestep_embedding with respect to the timesteps [B]: grad_emb [B,dim] -> [B].
+
+    With a = t * f_i: d sin(a)/dt = f_i cos(a), d cos(a)/dt = -f_i sin(a). The frequencies and the
+    products a are the forward's float32 ones (torch's autograd differentiates those same roundings)."""
+    timesteps = np.asarray(timesteps, dtype=np.float32)                 # [B]
+    half = dim // 2
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)  # [half]
+    exponent = exponent / np.float32(half - freq_shift)                 # [half]
+    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)      # [half], as the forward's
+    args = (timesteps[:, None] * freqs[None, :]).astype(np.float64)     # [B,half], float32 products
+    first, second = grad_emb[:, :half].astype(np.float64), grad_emb[:, half:2 * half].astype(np.float64)
+    grad_sin, grad_cos = (second, first) if flip_sin_to_cos else (first, second)  # [B,half] each
+    grad_args = grad_sin * np.cos(args) - grad_cos * np.sin(args)       # [B,half]
+    return (grad_args * freqs).sum(axis=1).astype(np.float32)           # [B]
+
+
+def timestep_mlp_backward(module, t_emb, grad_out, weight_grads=None):
+    """TimestepEmbedding (linear_1 -> SiLU -> linear_2), without cond_proj: t_emb [B,Cin] its
+    input, grad_out [B,T] -> d t_emb [B,Cin] (weight gradients into weight_grads when given)."""
+    hidden = module.linear_1(t_emb)                                     # [B,Cin] -> [B,T] (recomputed)
+    grad_act = linear_layer_backward(module.linear_2, silu(hidden), grad_out, weight_grads)  # [B,T]
+    grad_hidden = silu_backward(hidden, grad_act)                       # [B,T]
+    return linear_layer_backward(module.linear_1, t_emb, grad_hidden, weight_grads)  # [B,Cin]

@@ -1,0 +1,114 @@
+"""Backward of transformer.py's UNet pieces: Attention, FeedForward (GEGLU), BasicTransformerBlock,
+Transformer2DModel. Gradients flow to the block's input and to the context (the text embeddings
+of cross-attention: what textual inversion trains through).
+
+Recompute per block: the caller keeps the Transformer2DModel's input only; its backward reruns the
+forward once, keeping each BasicTransformerBlock's input [B,N,D]; each block's backward reruns that
+block, keeping its three residual-stream states and its attentions' q, k, v, and then walks back.
+Attention probabilities [B,h,N,M] are never kept: attention_backward recomputes them per query
+block. Weight gradients only for the attention projections (to_q, to_k, to_v, to_out.0 of attn1
+and attn2: what LoRA trains), and only when the caller passes a `weight_grads` dict.
+"""
+
+import numpy as np
+
+from npdiff.kernels.attention import scaled_dot_product_attention
+from npdiff.kernels.attention.backward import attention_backward
+from npdiff.kernels.linear_backward import geglu_backward
+from npdiff.kernels.norm_backward import layer_norm_backward
+from npdiff.models.blocks_backward import group_norm_layer_backward, linear_layer_backward
+from npdiff.models.transformer import merge_heads, split_heads
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention and feed-forward
+# ---------------------------------------------------------------------------------------------
+def attention_with_qkv(attn, x, context):
+    """Attention's forward that also returns its (q, k, v) [B,h,N|M,d] for the backward."""
+    q = split_heads(attn.to_q(x), attn.heads)                           # [B,N,D] -> [B,h,N,d]
+    k = split_heads(attn.to_k(context), attn.heads)                     # [B,M,Dc] -> [B,h,M,d]
+    v = split_heads(attn.to_v(context), attn.heads)                     # [B,M,Dc] -> [B,h,M,d]
+    out = scaled_dot_product_attention(q, k, v, scale=attn.scale)       # [B,h,N,d]
+    return attn.to_out(merge_heads(out)), (q, k, v)                     # [B,N,D]
+
+
+def attention_backward_pass(attn, x, context, qkv, grad_out, weight_grads=None):
+    """Attention: grad_out [B,N,D] -> (dx [B,N,D], dcontext [B,M,Dc]); for self-attention (context
+    is x) the caller adds the two. qkv: attention_with_qkv's."""
+    q, k, v = qkv
+    # 3. to_out (its input, the merged heads, is recomputed only for its weight gradient)
+    if weight_grads is not None:
+        merged = merge_heads(scaled_dot_product_attention(q, k, v, scale=attn.scale))  # [B,N,h*d]
+        grad_merged = linear_layer_backward(attn.to_out, merged, grad_out, weight_grads)  # [B,N,h*d]
+    else:
+        grad_merged = np.matmul(grad_out, attn.to_out.weight)           # [B,N,D] @ [D,h*d] -> [B,N,h*d]
+    # 2. softmax(q k^T * scale) v
+    grad_heads = split_heads(grad_merged, attn.heads)                   # [B,N,h*d] -> [B,h,N,d]
+    grad_q, grad_k, grad_v = attention_backward(q, k, v, grad_heads, scale=attn.scale)  # [B,h,N|M,d]
+    # 1. the projections
+    grad_x = linear_layer_backward(attn.to_q, x, merge_heads(grad_q), weight_grads)     # [B,N,D]
+    grad_context = linear_layer_backward(attn.to_k, context, merge_heads(grad_k), weight_grads)  # [B,M,Dc]
+    grad_context += linear_layer_backward(attn.to_v, context, merge_heads(grad_v), weight_grads)
+    return grad_x, grad_context
+
+
+def feed_forward_backward(ff, x, grad_out):
+    """FeedForward (GEGLU, then ff.net.2; weights frozen): x [B,N,D] its input -> dx [B,N,D]."""
+    grad_hidden = np.matmul(grad_out, ff.out.weight)                    # [B,N,D] @ [D,4D] -> [B,N,4D]
+    grad_x, _, _ = geglu_backward(x, ff.proj.weight, ff.proj.bias, grad_hidden, need_weight_grad=False)
+    return grad_x                                                       # [B,N,D]
+
+
+def layer_norm_layer_backward(layer, x, grad_out):
+    grad_x, _, _ = layer_norm_backward(x, layer.weight, layer.bias, grad_out, layer.eps)
+    return grad_x
+
+
+# ---------------------------------------------------------------------------------------------
+# BasicTransformerBlock and Transformer2DModel
+# ---------------------------------------------------------------------------------------------
+def basic_block_backward(block, x, context, grad_out, weight_grads=None):
+    """BasicTransformerBlock: x [B,N,D] its input, context [B,M,Dc], grad_out [B,N,D] ->
+    (dx [B,N,D], dcontext [B,M,Dc])."""
+    # recompute the forward, keeping the residual stream and the attentions' q, k, v
+    normed1 = block.norm1(x)                                            # [B,N,D]
+    attn1_out, qkv1 = attention_with_qkv(block.attn1, normed1, normed1)
+    x1 = x + attn1_out                                                  # [B,N,D]
+    normed2 = block.norm2(x1)                                           # [B,N,D]
+    attn2_out, qkv2 = attention_with_qkv(block.attn2, normed2, context)
+    x2 = x1 + attn2_out                                                 # [B,N,D]
+    del attn1_out, attn2_out
+    # 3. feed-forward with residual
+    grad_ff = feed_forward_backward(block.ff, block.norm3(x2), grad_out)  # [B,N,D]
+    grad_x2 = grad_out + layer_norm_layer_backward(block.norm3, x2, grad_ff)
+    # 2. cross-attention over the context, with residual
+    grad_normed2, grad_context = attention_backward_pass(block.attn2, normed2, context, qkv2, grad_x2, weight_grads)
+    grad_x1 = grad_x2 + layer_norm_layer_backward(block.norm2, x1, grad_normed2)
+    # 1. self-attention with residual (normed1 is both the queries' and the keys' input)
+    grad_q_side, grad_kv_side = attention_backward_pass(block.attn1, normed1, normed1, qkv1, grad_x1, weight_grads)
+    grad_x = grad_x1 + layer_norm_layer_backward(block.norm1, x, grad_q_side + grad_kv_side)
+    return grad_x, grad_context
+
+
+def transformer_2d_backward(model, x, context, grad_out, weight_grads=None):
+    """Transformer2DModel: x [B,C,H,W] its input, context [B,M,Dc], grad_out [B,C,H,W] ->
+    (dx [B,C,H,W], dcontext [B,M,Dc])."""
+    batch, channels, height, width = x.shape
+    # recompute: proj_in's input and every transformer block's input
+    tokens = model.norm(x).reshape(batch, channels, height * width).transpose(0, 2, 1)  # [B,H*W,C] (view)
+    block_inputs = [model.proj_in(tokens)]                              # [B,H*W,D]
+    for block in model.transformer_blocks[:-1]:
+        block_inputs.append(block(block_inputs[-1], context))           # [B,H*W,D]
+    # 3. residual, NCHW -> tokens, proj_out (frozen)
+    grad_tokens = grad_out.reshape(batch, channels, height * width).transpose(0, 2, 1)  # [B,H*W,C] (view)
+    grad_h = np.matmul(grad_tokens, model.proj_out.weight)              # [B,H*W,C] @ [C,D] -> [B,H*W,D]
+    # 2. the transformer blocks, last first
+    grad_context = np.zeros(context.shape, np.float32)                  # [B,M,Dc]
+    for block, block_input in zip(reversed(model.transformer_blocks), reversed(block_inputs)):
+        grad_h, grad_ctx_block = basic_block_backward(block, block_input, context, grad_h, weight_grads)
+        grad_context += grad_ctx_block
+    # 1. proj_in (frozen), tokens -> NCHW, group norm
+    grad_tokens_in = np.matmul(grad_h, model.proj_in.weight)            # [B,H*W,D] @ [D,C] -> [B,H*W,C]
+    grad_normed = np.ascontiguousarray(grad_tokens_in.transpose(0, 2, 1)).reshape(batch, channels, height, width)
+    grad_x = grad_out + group_norm_layer_backward(model.norm, x, grad_normed)  # [B,C,H,W]
+    return grad_x, grad_context

@@ -1,0 +1,87 @@
+"""Backward of linear, linear_activation and geglu against torch.autograd on fresh random inputs."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import KERNEL_TOL, assert_rel_close
+from npdiff import NpdiffError
+from npdiff.kernels.linear_backward import (
+    geglu_backward,
+    linear_activation_backward,
+    linear_backward,
+    linear_backward_ref,
+)
+
+
+def random_linear(rng, lead, n_in, n_out):
+    x = rng.standard_normal(lead + (n_in,)).astype(np.float32)
+    weight = (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32)
+    bias = rng.standard_normal(n_out).astype(np.float32)
+    return x, weight, bias
+
+
+def autograd(forward, x, weight, bias, grad_out):
+    xt, wt, bt = (torch.from_numpy(a).requires_grad_(True) for a in (x, weight, bias))
+    forward(xt, wt, bt).backward(torch.from_numpy(grad_out))
+    return xt.grad, wt.grad, bt.grad
+
+
+@pytest.mark.parametrize("lead_axes", [1, 2, 3])
+def test_linear_backward_matches_autograd(rng, lead_axes):
+    lead = tuple(int(s) for s in rng.integers(1, 20, size=lead_axes))
+    x, weight, bias = random_linear(rng, lead, int(rng.integers(1, 70)), int(rng.integers(1, 70)))
+    grad_out = rng.standard_normal(lead + (weight.shape[0],)).astype(np.float32)
+    expected = autograd(F.linear, x, weight, bias, grad_out)
+    for version in (linear_backward, linear_backward_ref):
+        for ours, theirs, what in zip(version(x, weight, grad_out), expected, ("dx", "dW", "db")):
+            assert_rel_close(ours, theirs, KERNEL_TOL, f"{version.__name__} {what}")
+    grad_x, grad_weight, grad_bias = linear_backward(x, weight, grad_out, need_weight_grad=False)
+    assert grad_weight is None and grad_bias is None
+    assert_rel_close(grad_x, expected[0], KERNEL_TOL, "dx alone")
+
+
+def test_linear_backward_of_a_strided_view(rng):
+    """The UNet's proj_in reads NCHW as [B, H*W, C], a transposed view."""
+    x_nchw = rng.standard_normal((2, 12, 5, 7)).astype(np.float32)
+    x = x_nchw.reshape(2, 12, 35).transpose(0, 2, 1)  # [B,C,H,W] -> [B,H*W,C] view
+    _, weight, bias = random_linear(rng, (), 12, 9)
+    grad_out = rng.standard_normal((2, 35, 9)).astype(np.float32)
+    expected = autograd(F.linear, np.ascontiguousarray(x), weight, bias, grad_out)
+    for ours, theirs in zip(linear_backward(x, weight, grad_out), expected):
+        assert_rel_close(ours, theirs)
+
+
+@pytest.mark.parametrize("activation", ["silu", "quick_gelu", "gelu", "gelu_tanh"])
+def test_linear_activation_backward_matches_autograd(rng, activation):
+    torch_activation = {"silu": F.silu, "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),
+                        "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[activation]
+    lead = (int(rng.integers(1, 4)), int(rng.integers(1, 30)))
+    x, weight, bias = random_linear(rng, lead, int(rng.integers(1, 50)), int(rng.integers(1, 50)))
+    grad_out = rng.standard_normal(lead + (weight.shape[0],)).astype(np.float32)
+    expected = autograd(lambda a, w, b: torch_activation(F.linear(a, w, b)), x, weight, bias, grad_out)
+    ours = linear_activation_backward(x, weight, bias, grad_out, activation)
+    for mine, theirs, what in zip(ours, expected, ("dx", "dW", "db")):
+        assert_rel_close(mine, theirs, KERNEL_TOL, what)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_geglu_backward_matches_autograd(rng, approximate):
+    def torch_geglu(a, w, b):
+        value, gate = F.linear(a, w, b).chunk(2, dim=-1)  # diffusers' GEGLU
+        return value * F.gelu(gate, approximate=approximate)
+
+    lead = (int(rng.integers(1, 4)), int(rng.integers(1, 40)))
+    half = int(rng.integers(1, 40))
+    x, weight, bias = random_linear(rng, lead, int(rng.integers(1, 50)), 2 * half)
+    grad_out = rng.standard_normal(lead + (half,)).astype(np.float32)
+    expected = autograd(torch_geglu, x, weight, bias, grad_out)
+    ours = geglu_backward(x, weight, bias, grad_out, approximate)
+    for mine, theirs, what in zip(ours, expected, ("dx", "dW", "db")):
+        assert_rel_close(mine, theirs, KERNEL_TOL, what)
+
+
+def test_linear_backward_refuses_a_wrong_grad_shape():
+    with pytest.raises(NpdiffError, match=r"grad_out must have the forward output's shape \[4,3\]"):
+        linear_backward(np.zeros((4, 5), np.float32), np.zeros((3, 5), np.float32), np.zeros((4, 5), np.float32))

@@ -1,0 +1,136 @@
+"""The UNet's backward (npdiff/models/unet_backward.py) against torch.autograd through diffusers'
+UNet2DConditionModel on tiny random models: d(loss)/d(encoder_hidden_states), d(loss)/d(sample) and
+the attention projections' weight gradients (LoRA) within 1e-4, SD 1.x (1x1-conv projections),
+SD 2.x (linear projections, other heads, freq_shift), SDXL (text_time) and an LCM UNet; and the
+timestep embedding's backward. The loss is sum(output * R) for a fresh random R, so d loss/d output = R."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.embeddings import TimestepEmbedding, get_timestep_embedding
+from helpers import KERNEL_TOL, NETWORK_TOL, assert_rel_close
+from tiny_models import tiny_unet
+
+from npdiff.errors import NpdiffError
+from npdiff.models import UNet2DConditionModel
+from npdiff.models.blocks import TimestepEmbedding as OurTimestepEmbedding
+from npdiff.models.blocks_backward import timestep_embedding_backward, timestep_mlp_backward
+from npdiff.models.unet_backward import unet_backward, unet_forward_for_backward
+
+LORA_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def unet_pair(request):
+    torch_model, folder = tiny_unet(request.param, seed=0)
+    return request.param, torch_model, UNet2DConditionModel.from_pretrained(folder)
+
+
+def torch_grads(model, sample, timestep, context, grad_output, **extra):
+    sample_t = torch.from_numpy(sample).requires_grad_(True)
+    context_t = torch.from_numpy(context).requires_grad_(True)
+    model.zero_grad()
+    out = model(sample_t, timestep, context_t, **extra).sample
+    out.backward(torch.from_numpy(grad_output))
+    return out.detach(), sample_t.grad, context_t.grad
+
+
+def random_case(rng, config, batch, height, width, tokens):
+    sample = rng.standard_normal((batch, config["in_channels"], height, width), dtype=np.float32)
+    context = rng.standard_normal((batch, tokens, config["cross_attention_dim"]), dtype=np.float32)
+    grad_output = rng.standard_normal((batch, config["out_channels"], height, width), dtype=np.float32)
+    return sample, context, grad_output
+
+
+@pytest.mark.parametrize("batch,height,width,tokens", [(1, 8, 8, 7), (2, 16, 8, 5)])
+def test_unet_backward_matches_autograd(unet_pair, rng, batch, height, width, tokens):
+    kind, torch_model, ours = unet_pair
+    sample, context, grad_output = random_case(rng, ours.config, batch, height, width, tokens)
+    timestep = int(rng.integers(0, 1000))
+    expected_out, expected_sample, expected_context = torch_grads(torch_model, sample, timestep, context, grad_output)
+    out, tape = unet_forward_for_backward(ours, sample, timestep, context)
+    assert_rel_close(out, expected_out, NETWORK_TOL, f"{kind} forward")
+    grad_sample, grad_context = tape.backward(grad_output)
+    assert grad_sample.shape == sample.shape and grad_context.shape == context.shape
+    assert_rel_close(grad_context, expected_context, NETWORK_TOL, f"{kind} d encoder_hidden_states")
+    assert_rel_close(grad_sample, expected_sample, NETWORK_TOL, f"{kind} d sample")
+    with pytest.raises(NpdiffError, match="used already"):
+        tape.backward(grad_output)
+
+
+def test_unet_attention_weight_grads_match_autograd(unet_pair, rng):
+    """LoRA's gradients: every attention projection's weight (and to_out.0's bias)."""
+    kind, torch_model, ours = unet_pair
+    sample, context, grad_output = random_case(rng, ours.config, 1, 8, 8, 6)
+    timestep = float(rng.uniform(0, 1000))
+    torch_grads(torch_model, sample, timestep, context, grad_output)
+    weight_grads = {}
+    _, tape = unet_forward_for_backward(ours, sample, timestep, context, weight_grads=weight_grads)
+    tape.backward(grad_output)
+    params = dict(torch_model.named_parameters())
+    expected_keys = {name.rsplit(".", 1)[0] for name in params if name.rsplit(".", 1)[0].endswith(LORA_SUFFIXES)}
+    assert set(weight_grads) == expected_keys
+    for key, grads in weight_grads.items():
+        for name, grad in grads.items():
+            assert_rel_close(grad, params[f"{key}.{name}"].grad, NETWORK_TOL, f"{kind} {key}.{name}")
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "lcm"])
+def test_unet_backward_other_conditionings(rng, kind):
+    torch_model, folder = tiny_unet(kind, seed=0)
+    ours = UNet2DConditionModel.from_pretrained(folder)
+    c = ours.config
+    sample, context, grad_output = random_case(rng, c, 2, 8, 8, 5)
+    timestep = int(rng.integers(0, 1000))
+    ours_extra, torch_extra = {}, {}
+    if kind == "sdxl":
+        pooled = c["projection_class_embeddings_input_dim"] - 6 * c["addition_time_embed_dim"]
+        added = {"text_embeds": rng.standard_normal((2, pooled), dtype=np.float32),
+                 "time_ids": rng.uniform(0, 1024, (2, 6)).astype(np.float32)}
+        ours_extra["added_cond_kwargs"] = added
+        torch_extra["added_cond_kwargs"] = {k: torch.from_numpy(v) for k, v in added.items()}
+    else:
+        cond = rng.standard_normal((2, c["time_cond_proj_dim"]), dtype=np.float32)
+        ours_extra["timestep_cond"], torch_extra["timestep_cond"] = cond, torch.from_numpy(cond)
+    _, expected_sample, expected_context = torch_grads(torch_model, sample, timestep, context, grad_output,
+                                                       **torch_extra)
+    grad_sample, grad_context = unet_backward(ours, sample, timestep, context, grad_output, **ours_extra)
+    assert_rel_close(grad_context, expected_context, NETWORK_TOL, f"{kind} d encoder_hidden_states")
+    assert_rel_close(grad_sample, expected_sample, NETWORK_TOL, f"{kind} d sample")
+
+
+@pytest.mark.parametrize("flip_sin_to_cos,freq_shift", [(True, 0), (False, 1)])
+def test_timestep_embedding_backward_matches_autograd(rng, flip_sin_to_cos, freq_shift):
+    dim = int(rng.integers(2, 40)) * 2
+    timesteps = rng.uniform(0, 1000, size=3).astype(np.float32)
+    grad_emb = rng.standard_normal((3, dim)).astype(np.float32)
+    t = torch.from_numpy(timesteps).requires_grad_(True)
+    get_timestep_embedding(t, dim, flip_sin_to_cos=flip_sin_to_cos, downscale_freq_shift=freq_shift).backward(
+        torch.from_numpy(grad_emb))
+    ours = timestep_embedding_backward(timesteps, dim, flip_sin_to_cos, freq_shift, grad_emb)
+    assert_rel_close(ours, t.grad, KERNEL_TOL, "d timesteps")
+
+
+def test_timestep_mlp_backward_matches_autograd(rng):
+    torch.manual_seed(int(rng.integers(0, 2**31)))
+    module = TimestepEmbedding(16, 64)
+    weights = {f"time_embedding.{k}": v.detach().numpy().copy() for k, v in module.state_dict().items()}
+
+    class Dict:  # the .take interface the model classes read weights with
+        def take(self, key, shape):
+            assert weights[key].shape == shape, key
+            return weights[key]
+
+    ours = OurTimestepEmbedding(Dict(), "time_embedding", 16, 64)
+    t_emb = rng.standard_normal((3, 16)).astype(np.float32)
+    grad_out = rng.standard_normal((3, 64)).astype(np.float32)
+    t_emb_t = torch.from_numpy(t_emb).requires_grad_(True)
+    module(t_emb_t).backward(torch.from_numpy(grad_out))
+    weight_grads = {}
+    grad_t_emb = timestep_mlp_backward(ours, t_emb, grad_out, weight_grads)
+    assert_rel_close(grad_t_emb, t_emb_t.grad, KERNEL_TOL, "d t_emb")
+    params = dict(module.named_parameters())
+    for key, grads in weight_grads.items():
+        for name, grad in grads.items():
+            assert_rel_close(grad, params[f"{key.split('.', 1)[1]}.{name}"].grad, KERNEL_TOL, f"{key}.{name}")
+    assert set(weight_grads) == {"time_embedding.linear_1", "time_embedding.linear_2"}
