@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 
 from npdiff.errors import NpdiffError, shorten
+from npdiff.hires_names import DEFAULT_HIRES_STRENGTH, HIRES_UPSCALERS, WEBUI_UPSCALERS
 from npdiff.infotext import (
     DEFAULT_SCHEDULE,
     LORA_TAG,
@@ -43,7 +44,7 @@ OTHER_USED = {"sampler_name", "sampler_index", "scheduler", "batch_size", "n_ite
               "override_settings_restore_afterwards"}
 IMG2IMG_USED = {"init_images", "mask", "denoising_strength", "inpainting_mask_invert"}
 # webui's fields npdiff does not act on, with webui's defaults: listed in the info when set to anything else.
-# The hires fix (enable_hr and hr_*) is among them: npdiff serve accepts it and does not run it.
+# The hires fix's fields are acted on when enable_hr is true (add_hires_fields), except a fixed second size.
 WEBUI_DEFAULTS = {
     "enable_hr": False, "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 0, "hr_resize_x": 0,
     "hr_resize_y": 0, "hr_checkpoint_name": None, "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "",
@@ -57,7 +58,9 @@ WEBUI_DEFAULTS = {
     "comments": {}, "disable_extra_networks": False, "force_task_id": None, "sampler_index": None,
     "send_images": True, "save_images": False,  # npdiff serve always sends its pictures and saves none
 }
-HIRES_FIELDS = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y")
+HIRES_USED = {"enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_strength"}
+# override_settings npdiff acts on: webui's Clip skip (1 = the last layer), the recipe's clip_skip option
+OVERRIDES_USED = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}
 NAME_PATTERN = re.compile(r"^[^/\\\x00]{1,200}$")  # a model or LoRA name: no path separator, no NUL
 
 
@@ -195,6 +198,8 @@ def prompt_loras(prompt):
 def ignored_fields(body, kind):
     """Fields npdiff does not act on, as "name=value", when set to something other than webui's default."""
     used = set(USED_FIELDS) | OTHER_USED | (IMG2IMG_USED if kind == "img2img" else set())
+    if kind == "txt2img" and body.get("enable_hr"):
+        used |= HIRES_USED
     listed = []
     for name, value in body.items():
         if name in used:
@@ -227,15 +232,39 @@ def picture_request(body, kind):
         model = check_name(model, "override_settings.sd_model_checkpoint")
     request = PictureRequest(kind=kind, command="generate", options=options, sampler=resolve_sampler(body),
                              pictures=pictures, loras=loras, model=model, ignored=ignored_fields(body, kind))
-    request.ignored += [f"override_settings.{key}" for key in overrides if key != "sd_model_checkpoint"]
+    request.ignored += [f"override_settings.{key}" for key in overrides if key not in OVERRIDES_USED]
+    if overrides.get("CLIP_stop_at_last_layers") is not None:
+        options["clip_skip"] = _int_field(overrides, "CLIP_stop_at_last_layers", 1, 1, 12)
     request.restore_model = body.get("override_settings_restore_afterwards", True) is not False
     size = {"width": _int_field(body, "width", 512, 1, MAX_SIDE), "height": _int_field(body, "height", 512, 1, MAX_SIDE)}
     if kind == "txt2img":
         options.update(size)
+        add_hires_fields(request, body)
     else:
         add_img2img_fields(request, body, size)
     request.echo = {key: value for key, value in body.items() if key not in ("init_images", "mask")}
     return request
+
+
+def add_hires_fields(request, body):
+    """txt2img with enable_hr: webui's hires fix fields -> the recipe's hires options (npdiff/hires.py):
+    hr_scale, denoising_strength (the second pass's strength), hr_second_pass_steps (0: the first pass's),
+    hr_upscaler (webui's latent names, "Lanczos", or npdiff's). A fixed second size (hr_resize_x/y) is listed
+    as ignored: the scale decides."""
+    if not body.get("enable_hr"):
+        return
+    options = request.options
+    options["hires_scale"] = _number_field(body, "hr_scale", 2, 1, 8)
+    options["hires_strength"] = _number_field(body, "denoising_strength", DEFAULT_HIRES_STRENGTH, 0, 1)
+    options["hires_steps"] = _int_field(body, "hr_second_pass_steps", 0, 0, MAX_STEPS)
+    upscaler = body.get("hr_upscaler", "Latent")
+    ours = WEBUI_UPSCALERS.get(upscaler) or (upscaler if upscaler in HIRES_UPSCALERS else None)
+    if ours is None:
+        refuse("hr_upscaler", f"unknown upscaler {shorten(upscaler)}; npdiff has {', '.join(WEBUI_UPSCALERS)}")
+    options["hires_upscaler"] = ours
+    for name in ("hr_resize_x", "hr_resize_y"):
+        if body.get(name):
+            request.ignored.append(f"{name}={shorten(body[name], 40)} (npdiff's hires fix goes by hr_scale)")
 
 
 def add_img2img_fields(request, body, size):

@@ -253,16 +253,32 @@ def test_img2img_and_inpainting_are_npdiffs_commands_bytes(server, tmp_path):
         "--height", "32", "--width", "32", command="inpaint")
 
 
-def test_hires_and_other_webui_fields_are_accepted_and_listed_as_ignored(server):
-    result = client(server).txt2img(prompt="a circle", seed=1, steps=2, width=32, height=32, enable_hr=True,
-                                    hr_scale=1.5, restore_faces=True, override_settings={"CLIP_stop_at_last_layers": 2})
+def test_hires_fix_and_clip_skip_are_npdiff_generates_and_other_fields_listed_as_ignored(server, tmp_path):
+    result = client(server).txt2img(prompt="a red circle", seed=1, steps=4, width=32, height=32, enable_hr=True,
+                                    hr_scale=2, hr_upscaler="Latent (nearest)", denoising_strength=0.6,
+                                    hr_second_pass_steps=5, cfg_scale=7.5, sampler_name="Euler", eta=0,
+                                    restore_faces=True, override_settings={"CLIP_stop_at_last_layers": 2,
+                                                                           "some_setting": 1})
     ignored = result.info["npdiff_ignored"]
-    for name in ("enable_hr=True", "hr_scale=1.5", "restore_faces=True", "override_settings.CLIP_stop_at_last_layers"):
+    for name in ("restore_faces=True", "override_settings.some_setting"):
         assert name in ignored, ignored
+    assert not any(name.startswith(("enable_hr", "hr_", "denoising_strength", "override_settings.CLIP"))
+                   for name in ignored), ignored
+    served = base64.b64decode(result.json["images"][0])
+    assert Image.open(io.BytesIO(served)).size == (64, 64)  # the second pass at hr_scale x the size
+    expected = generate_bytes(tmp_path, "hires.png", "a red circle", "--seed", "1", "--steps", "4", "--height", "32",
+                              "--width", "32", "--guidance", "7.5", "--sampler", "euler", "--eta", "0",
+                              "--hires-scale", "2", "--hires-upscaler", "latent-nearest", "--hires-strength", "0.6",
+                              "--hires-steps", "5", "--clip-skip", "2")
+    assert served == expected
     unknown = requests.post(f"{server}/sdapi/v1/txt2img", timeout=30,
                             json={"prompt": "x", "steps": 2, "width": 32, "height": 32, "a_field_of_tomorrow": [1]})
     assert unknown.status_code == 200
     assert "a_field_of_tomorrow=[1]" in json.loads(unknown.json()["info"])["npdiff_ignored"]
+    bad = requests.post(f"{server}/sdapi/v1/txt2img", timeout=30,
+                        json={"prompt": "x", "steps": 2, "width": 32, "height": 32, "enable_hr": True,
+                              "hr_upscaler": "R-ESRGAN 4x+"})
+    assert bad.status_code == 422 and "hr_upscaler" in bad.json()["detail"]
 
 
 def test_override_settings_model_for_one_request(server):
