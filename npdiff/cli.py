@@ -43,14 +43,17 @@ import npdiff  # noqa: F401  (chooses the BLAS kernels before numpy loads)
 from npdiff import backend
 from npdiff.atomic_files import atomic_write, check_destination
 from npdiff.batch import add_batch_command
+from npdiff.cli_controlnet import (
+    add_control_options,
+    load_controls,
+    warn_about_missing_controlnets,
+    with_controlnets,
+)
 from npdiff.errors import clip, shorten
 from npdiff.hires_names import HIRES_UPSCALERS
 from npdiff.images import StepRecorder, emergence_grid, load_image, read_png_params
-from npdiff.models.controlnet import ControlNetModel
-from npdiff.pipeline_controlnet import StableDiffusionControlNetPipeline
-from npdiff.pipeline_sdxl import StableDiffusionXLPipeline, load_any_pipeline
+from npdiff.pipeline_sdxl import load_any_pipeline
 from npdiff.pipeline_utils import default_model_path
-from npdiff.preprocess import canny
 from npdiff.recipe import (
     DEFAULTS,
     INPAINT_DEFAULTS,
@@ -146,20 +149,6 @@ def add_loras_from_png(args, stored):
         print(f"npdiff: warning: {args.reproduce}: {warning}", file=sys.stderr)
 
 
-def warn_about_missing_controlnets(args, stored):
-    """A PNG names its ControlNets, never their paths or control pictures: say which were not given again."""
-    given = {Path(parse_control_option(spec)[0]).stem for spec in (getattr(args, "control", None) or [])}
-    given |= {Path(parse_control_option(spec)[0]).name for spec in (getattr(args, "control", None) or [])}
-    missing = [net for net in stored.get("controlnets") or [] if not isinstance(net, dict)
-               or net.get("name") not in given]
-    if missing:
-        listed = ", ".join(f"{clip(net.get('name'))} (scale {clip(net.get('scale'))}, sha256 "
-                           f"{clip(net.get('sha256'))})" for net in missing[:10] if isinstance(net, dict))
-        print(f"npdiff: warning: {args.reproduce} was made with ControlNet {listed}; the picture will differ "
-              "unless you pass each again with --control CONTROLNET:IMAGE:SCALE and its control picture",
-              file=sys.stderr)
-
-
 def identify_model(args, model):
     """-> model_png_identity of the loaded model with --prediction-type; warns when --reproduce's PNG names
     another model hash."""
@@ -192,39 +181,6 @@ def load_pipeline(args):
     if args.control:
         pipe = with_controlnets(pipe, [parse_control_option(spec)[0] for spec in args.control])
     return pipe, model
-
-
-def with_controlnets(pipe, paths):
-    """The loaded pipeline with the --control ControlNets (each checked against its UNet)."""
-    if isinstance(pipe, StableDiffusionXLPipeline):
-        raise npdiff.NpdiffError("--control works with SD 1.x/2.x models on the command line; for SDXL use "
-                                 "npdiff.StableDiffusionXLControlNetPipeline from Python")
-    nets = [ControlNetModel.from_pretrained(path) for path in paths]
-    for path in paths:
-        print(f"loaded ControlNet {path}", file=sys.stderr)
-    controlled = StableDiffusionControlNetPipeline(pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.vae,
-                                                   pipe.scheduler, nets, scheduler_config=pipe.scheduler_config,
-                                                   scheduler_name=pipe.scheduler_name, model_name=pipe.model_name)
-    for name in ("_lora_stack", "show_progress", "release_weights_between_stages"):
-        if hasattr(pipe, name):
-            setattr(controlled, name, getattr(pipe, name))
-    return controlled
-
-
-def load_controls(args):
-    """--control CONTROLNET:IMAGE[:SCALE]...: the pictures loaded and the settings checked before the model
-    loads -> render()'s `control` (None without --control)."""
-    if not args.control:
-        return None
-    specs = [parse_control_option(spec) for spec in args.control]
-    for net, _, _ in specs:
-        if not Path(net).exists():
-            raise npdiff.NpdiffError(f"--control {net}: no such ControlNet file or folder")
-    images = [load_image(image, what="control picture") for _, image, _ in specs]
-    if args.canny:
-        images = [canny(image) for image in images]  # white edges on black, RGB
-    return {"images": images, "scales": [scale for _, _, scale in specs], "start": args.control_start,
-            "end": args.control_end, "guess_mode": bool(args.guess_mode), "module": "canny" if args.canny else None}
 
 
 # --device -> the backend names that mean the same device
@@ -352,20 +308,7 @@ def add_sampling_options(p):
                    help="also write OUT-steps.png: the picture decoded every K steps")
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
                    help="fuse a LoRA .safetensors (kohya or diffusers) at SCALE (default 1); repeatable")
-    p.add_argument("--control", action="append", default=None, metavar="CONTROLNET:IMAGE[:SCALE]",
-                   help="steer the picture with a ControlNet (a diffusers folder or an original-layout "
-                   ".safetensors file such as control_v11p_sd15_canny) and its control picture (an edge map, "
-                   "depth map, pose), at SCALE (default 1); repeatable")
-    p.add_argument("--control-start", type=float, default=0.0, metavar="F",
-                   help="the ControlNets act from this fraction of the steps on (default 0)")
-    p.add_argument("--control-end", type=float, default=1.0, metavar="F",
-                   help="... up to this fraction of the steps (default 1)")
-    p.add_argument("--canny", action="store_true",
-                   help="make each --control picture's Canny edge map first (npdiff.preprocess.canny, thresholds "
-                   "100/200 as OpenCV's examples), for canny ControlNets; recorded as the module in the PNG")
-    p.add_argument("--guess-mode", action="store_true",
-                   help="ControlNet guess mode: the nets see only the prompted half, their outputs ramped from "
-                   "0.1 to 1 (diffusers' guess_mode)")
+    add_control_options(p)
     p.add_argument("--lora-dir", default=None, metavar="DIR",
                    help="with --reproduce: find the PNG's LoRAs (webui's <lora:NAME:SCALE> tags) as DIR/NAME.safetensors, "
                    "their hashes checked when the PNG has them")
