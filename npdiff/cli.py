@@ -117,7 +117,9 @@ def resolve_options(args, command):
     stored = read_png_params(args.reproduce) if args.reproduce else {}
     from_png = options_from_png(stored, args.reproduce) if args.reproduce else {}
     given = {option.name: getattr(args, option.name, None) for option in OPTIONS}
-    errors, warnings = problems_with_stored(stored, dict(given, vae=args.vae), command, args.reproduce)
+    errors, warnings = [], []
+    if args.reproduce:  # what a PNG's parameters say about this command (another mode, a missing sampler ...)
+        errors, warnings = problems_with_stored(stored, dict(given, vae=args.vae), command, args.reproduce)
     if errors:
         raise npdiff.NpdiffError("; ".join(errors))
     add_loras_from_png(args, stored)

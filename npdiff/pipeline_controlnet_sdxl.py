@@ -13,6 +13,7 @@ mode the conditional half of each), and their residuals go to the UNet.
 from npdiff.pipeline_controlnet import ControlNetHooks, load_controlnet
 from npdiff.pipeline_controlnet_call import ControlCall, as_net_list
 from npdiff.pipeline_sdxl import StableDiffusionXLPipeline, XLCall
+from npdiff.prompt_encoding import PromptOptions
 from npdiff.sampling_starts_sdxl import XLImageStart, XLNoiseStart
 
 
@@ -53,7 +54,7 @@ class StableDiffusionXLControlNetPipeline(ControlNetHooks, StableDiffusionXLPipe
                  guess_mode=False, control_guidance_start=0.0, control_guidance_end=1.0, original_size=None,
                  crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, callback=None, callback_steps=1,
-                 progress=None):
+                 progress=None, clip_skip=None, prompt_syntax="plain"):
         """Text + control picture(s) -> pictures, diffusers' StableDiffusionXLControlNetPipeline arguments and
         defaults; height/width default to the first control picture's size rounded down to 8 pixels."""
         control = ControlCall(self.controlnets, image, controlnet_conditioning_scale, control_guidance_start,
@@ -65,7 +66,8 @@ class StableDiffusionXLControlNetPipeline(ControlNetHooks, StableDiffusionXLPipe
                               negative_crops_coords_top_left, negative_target_size)
         start = XLNoiseStart(height, width, latents, None)
         return self._run(start, extra, prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
-                         num_images_per_prompt, callback, callback_steps, output_type, progress, eta)
+                         num_images_per_prompt, callback, callback_steps, output_type, progress, eta,
+                         PromptOptions(clip_skip, prompt_syntax))
 
     def img2img(self, prompt, image, control_image=None, strength=0.8, prompt_2=None, num_inference_steps=50,
                 guidance_scale=5.0, negative_prompt=None, negative_prompt_2=None, num_images_per_prompt=1, eta=0.0,
@@ -73,7 +75,8 @@ class StableDiffusionXLControlNetPipeline(ControlNetHooks, StableDiffusionXLPipe
                 control_guidance_start=0.0, control_guidance_end=1.0, original_size=None,
                 crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                 negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score=6.0,
-                negative_aesthetic_score=2.5, callback=None, callback_steps=1, progress=None):
+                negative_aesthetic_score=2.5, callback=None, callback_steps=1, progress=None, clip_skip=None,
+                prompt_syntax="plain"):
         """Picture + text + control picture(s) -> pictures, diffusers' StableDiffusionXLControlNetImg2ImgPipeline
         arguments and defaults (controlnet_conditioning_scale 0.8); the control picture is resized to the picture's
         size."""
@@ -85,4 +88,5 @@ class StableDiffusionXLControlNetPipeline(ControlNetHooks, StableDiffusionXLPipe
                               negative_aesthetic_score)
         start = XLImageStart(image, strength, None, None)
         return self._run(start, extra, prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
-                         num_images_per_prompt, callback, callback_steps, output_type, progress, eta)
+                         num_images_per_prompt, callback, callback_steps, output_type, progress, eta,
+                         PromptOptions(clip_skip, prompt_syntax))

@@ -253,8 +253,13 @@ def test_chunks_equal_webui(rng, kind):
         assert [c.multipliers for c in ours] == [m for _, m in theirs], what
     # the cases reach what they are for: a comma backtrack (a chunk ended early), and hard 75-id cuts
     end = ours_tokenizer.eos_token_id
-    with_commas = prompt_chunks(ours_tokenizer, long_prompt(rng, 70))
-    assert len(with_commas) >= 3 and any(chunk.ids.index(end) < 76 for chunk in with_commas[:-1])
+    # 60 one-token words, a comma, 30 more: the first chunk fills at 75 with its last comma 14 ids back, so the
+    # 14 words after it move on and the chunk ends at the comma (a random prompt lands on a full chunk too often)
+    backtracked = " ".join(["red"] * 60) + ", " + " ".join(["blue"] * 30)
+    theirs = webui_tokenize_line(theirs_tokenizer, backtracked)
+    with_commas = prompt_chunks(ours_tokenizer, backtracked)
+    assert with_commas[0].ids.index(end) == 62 and len(with_commas) == 2
+    assert [c.ids[:c.ids.index(end) + 1] for c in with_commas] == [t[:t.index(end) + 1] for t, _ in theirs]
     without_commas = prompt_chunks(ours_tokenizer, long_prompt(rng, 60, commas=False))
     assert len(without_commas) >= 2 and all(chunk.ids.index(end) == 76 for chunk in without_commas[:-1])
 
