@@ -24,7 +24,9 @@ def autograd(forward, arrays, grad_out):
 @pytest.mark.parametrize("lead_axes", [1, 2])
 def test_layer_norm_backward_matches_autograd(rng, lead_axes):
     lead = tuple(int(s) for s in rng.integers(1, 30, size=lead_axes))
-    width = int(rng.integers(2, 100))
+    # at least 3 values a row: with 2 the normalised row is exactly (-1, 1) whatever x is, the true dx is 0 and
+    # both sides return rounding noise (a 2.9e-2 "relative error" in one draw of the whole suite)
+    width = int(rng.integers(3, 100))
     spread = rng.uniform(0.1, 10)
     x = (spread * rng.uniform(-2, 2) + spread * rng.standard_normal(lead + (width,))).astype(np.float32)
     weight, bias = (rng.standard_normal(width).astype(np.float32) for _ in range(2))
