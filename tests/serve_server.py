@@ -6,9 +6,8 @@ import threading
 import time
 from contextlib import contextmanager
 
-import pytest
 
-uvicorn = pytest.importorskip("uvicorn", reason="the serve extra (pip install -e '.[serve]') is in the test extra")
+import uvicorn  # the serve extra's, in the test extra
 
 from npdiff.serve_app import create_app  # noqa: E402
 from npdiff.serve_models import ModelShelf  # noqa: E402

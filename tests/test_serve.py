@@ -15,8 +15,8 @@ from PIL import Image
 
 from serve_server import running_server
 
-webuiapi = pytest.importorskip("webuiapi")
-requests = pytest.importorskip("requests")
+import webuiapi
+import requests
 
 from npdiff import cli  # noqa: E402
 from npdiff.pipeline import StableDiffusionPipeline  # noqa: E402

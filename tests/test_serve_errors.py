@@ -12,8 +12,8 @@ import pytest
 
 from serve_server import free_port, running_server
 
-requests = pytest.importorskip("requests")
-webuiapi = pytest.importorskip("webuiapi")
+import requests
+import webuiapi
 
 from npdiff import memory_estimate, serve  # noqa: E402
 from npdiff.errors import NpdiffError  # noqa: E402

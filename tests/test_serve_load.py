@@ -9,7 +9,7 @@ import pytest
 
 from serve_server import running_server
 
-requests = pytest.importorskip("requests")
+import requests
 
 CLIENTS = 5
 REQUESTS_PER_CLIENT = 10

@@ -12,8 +12,7 @@ import pytest
 
 from serve_server import running_server
 
-webdriver = pytest.importorskip("selenium.webdriver")
-requests = pytest.importorskip("requests")
+from selenium import webdriver
 
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402

@@ -12,9 +12,9 @@ from PIL import Image
 
 from serve_server import running_server
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-requests = pytest.importorskip("requests")
+import torch
+import diffusers
+import requests
 
 from npdiff.serve_models import ModelShelf  # noqa: E402
 
