@@ -77,6 +77,7 @@ class SchedulerBase:
         self.betas = schedules.make_betas(self.config)                                # [T]
         self.alphas = np.float32(1.0) - self.betas                                   # [T]
         self.alphas_cumprod = schedules.cumprod_float32(self.alphas)                  # [T]
+        schedules.check_schedule_adds_noise(self.betas, self.alphas_cumprod)
         self.num_inference_steps = None
 
     # ----------------------------------------------------------------------------- config

@@ -112,6 +112,23 @@ def cumprod_float32(values):
     return np.cumprod(values.astype(np.float64)).astype(np.float32)
 
 
+def check_schedule_adds_noise(betas, alphas_cumprod):
+    """NpdiffError unless every training step's alpha_bar lies strictly inside (0, 1) in float32.
+
+    A beta below ~6e-8 makes 1 - beta round to 1: that step adds no noise, its sigma is 0 and the sigma
+    samplers divide by it (log(0), 0/0). A beta of 1 removes all signal: alpha_bar reaches 0 and sigma is
+    infinite. Real schedules run from ~1e-4 to ~0.02, so both are a broken config, refused by name.
+    """
+    if not np.all(np.isfinite(betas)):
+        raise NpdiffError("scheduler config: the betas are not all finite numbers")
+    if not alphas_cumprod[0] < 1.0:
+        raise NpdiffError(f"beta_start: {float(betas[0]):g} adds no noise in float32 (1 - beta rounds to 1, so "
+                          "sigma is 0); noise schedules start near 1e-4")
+    if not alphas_cumprod[-1] > 0.0:
+        raise NpdiffError(f"beta_end: {float(betas[-1]):g} leaves no signal (alpha_bar reaches 0, so sigma is "
+                          "infinite); noise schedules end near 0.02")
+
+
 def training_sigmas(alphas_cumprod):
     """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) in float32, t = 0 .. T-1 (ascending)."""
     one = np.float32(1.0)

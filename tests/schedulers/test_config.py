@@ -179,3 +179,14 @@ def test_every_sampler_has_its_webui_name(name):
     if webui_name.endswith(" Karras"):
         split = f"x\nSteps: 20, Sampler: {webui_name[:-len(' Karras')]}, Schedule type: Karras, CFG scale: 7, Seed: 1"
         assert parse_infotext(split)["sampler"] == name
+
+
+@pytest.mark.parametrize("name", sorted(S.SCHEDULERS))
+@pytest.mark.parametrize("betas, key", [((1e-30, 1e-30), "beta_start"), ((1e-9, 0.012), "beta_start"),
+                                        ((0.00085, 1.0), "beta_end")])
+def test_schedule_without_noise_or_signal_is_refused_by_name(name, betas, key):
+    """A beta that rounds 1 - beta to 1 (no noise, sigma 0) or a beta of 1 (no signal) used to divide by zero
+    inside step() (a ZeroDivisionError from LMS, IndexErrors from the sigma samplers); now the config is refused."""
+    config = dict(beta_start=betas[0], beta_end=betas[1], beta_schedule="linear", num_train_timesteps=1000)
+    with pytest.raises(NpdiffError, match=key):
+        S.make_scheduler(name, config)
