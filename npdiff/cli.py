@@ -67,7 +67,8 @@ from npdiff.recipe import (
     pipeline_arguments,
     render,
 )
-from npdiff.recipe_reproduce import find_loras, problems_with_stored
+from npdiff.recipe_reproduce import find_loras, problems_with_stored, refiner_mismatch, without_refiner_settings
+from npdiff.sdxl_refiner import add_sdxl_options, check_sdxl_request, load_refiner
 from npdiff.serve import add_serve_command
 from npdiff.verify import verify_model
 
@@ -116,10 +117,12 @@ def resolve_options(args, command):
 
     stored = read_png_params(args.reproduce) if args.reproduce else {}
     from_png = options_from_png(stored, args.reproduce) if args.reproduce else {}
+    from_png = without_refiner_settings(from_png, stored, args.refiner)  # a refiner named but not given
     given = {option.name: getattr(args, option.name, None) for option in OPTIONS}
     errors, warnings = [], []
     if args.reproduce:  # what a PNG's parameters say about this command (another mode, a missing sampler ...)
-        errors, warnings = problems_with_stored(stored, dict(given, vae=args.vae), command, args.reproduce)
+        errors, warnings = problems_with_stored(stored, dict(given, vae=args.vae, refiner=args.refiner), command,
+                                                args.reproduce)
     if errors:
         raise npdiff.NpdiffError("; ".join(errors))
     add_loras_from_png(args, stored)
@@ -259,14 +262,18 @@ def run_picture_command(args, command):
     args = resolve_options(args, command)
     picture, mask = load_inputs(args, command)
     options = {option.name: getattr(args, option.name, None) for option in OPTIONS if command in option.commands}
-    pipeline_arguments(command, options)  # a prompt a PNG cannot store fails before the model loads
+    keywords = pipeline_arguments(command, options)  # a prompt a PNG cannot store fails before the model loads
     check_outputs(args)
     control = load_controls(args)  # control pictures and ControlNet paths checked before the model loads
+    check_sdxl_request(command, keywords, args.model or default_model_path(), args.refiner, bool(control))
     pipe, model = load_pipeline(args)
     identity = identify_model(args, model)  # before the long work: warns early
+    refiner = load_refiner(args.refiner, args.sampler) if args.refiner else None
+    for warning in refiner_mismatch(getattr(args, "stored", {}), refiner, args.reproduce):
+        print(f"npdiff: warning: {warning}", file=sys.stderr)
     recorder = make_recorder(args)
     rendered = render(pipe, command, options, picture, mask, identity=identity, vae=args.vae, callback=recorder,
-                      callback_steps=args.save_steps or 1, control=control)
+                      callback_steps=args.save_steps or 1, control=control, refiner=refiner)
     save_outputs(pipe, rendered, args, recorder)  # the picture and mask: not stored
     return 0
 
@@ -287,7 +294,7 @@ def add_sampling_options(p):
     p.add_argument("prompt", nargs="?", default=None, help="what to draw")
     p.add_argument("--negative", default=None, help="negative prompt (default: empty)")
     p.add_argument("--prompt-2", default=None, help="SDXL: what the second text encoder reads (default: PROMPT)")
-    p.add_argument("--negative-2", default=None,
+    p.add_argument("--negative-2", "--negative-prompt-2", default=None, dest="negative_2",
                    help="SDXL: the second text encoder's negative prompt (default: --negative)")
     p.add_argument("--steps", type=int, default=None, help=f"denoising steps (default {DEFAULTS['steps']})")
     p.add_argument("--guidance", type=float, default=None,
@@ -311,6 +318,7 @@ def add_sampling_options(p):
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
                    help="fuse a LoRA .safetensors (kohya or diffusers) at SCALE (default 1); repeatable")
     add_control_options(p)
+    add_sdxl_options(p)  # --refiner, --refiner-switch, size/crop conditioning, aesthetic scores
     p.add_argument("--lora-dir", default=None, metavar="DIR",
                    help="with --reproduce: find the PNG's LoRAs (webui's <lora:NAME:SCALE> tags) as DIR/NAME.safetensors, "
                    "their hashes checked when the PNG has them")

@@ -20,7 +20,8 @@ written the way webui before 1.9 did, "Sampler: DPM++ 2M Karras", which webui 1.
   parse_infotext(text)     the text -> npdiff's parameters, plus "unmapped": the fields npdiff cannot
                            honour. What npdiff maps besides the basic settings: <lora:name:scale> tags (+
                            "Lora hashes") -> "loras"; "VAE" -> "vae"; "Clip skip" (webui's N) -> "clip_skip";
-                           the hires fix fields -> hires_*, and then "Denoising strength" is the hires
+                           "Refiner: name [hash]" and "Refiner switch at" -> refiner, refiner_hash,
+                           refiner_switch (SDXL); the hires fix fields -> hires_*, and then "Denoising strength" is the hires
                            strength; without hires fix, "Denoising strength" marks a webui img2img or inpaint
                            picture ("mode": "img2img"). A sampler or hires upscaler npdiff lacks is not an
                            error here: it is kept as "unsupported_sampler" / "unsupported_hires_upscaler",
@@ -79,6 +80,7 @@ FIELDS = {
     "Hires upscale": ("hires_scale", float),
     "Hires steps": ("hires_steps", int),
     "VAE": ("vae", str),  # a name only (webui's file name): the file must be given again with --vae
+    "Refiner switch at": ("refiner_switch", float),  # SDXL: where the refiner takes over (with "Refiner")
 }
 IGNORED_QUIETLY = {"Version", "VAE hash"}  # fields that do not change the picture
 HIRES_RESIZE = ("Hires resize-1", "Hires resize-2")  # webui's fixed hires size: 0 (unused) is quietly ignored
@@ -88,6 +90,7 @@ HIRES_RESIZE = ("Hires resize-1", "Hires resize-2")  # webui's fixed hires size:
 PARAM_PATTERN = re.compile(r'\s*(\w[\w \-/]{0,99}):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 MAX_SETTINGS_LINE = 65536  # characters: a longer last line is prompt, never scanned for settings
 SIZE_PATTERN = re.compile(r"^(\d{1,6})x(\d{1,6})$")  # no side has more than 6 digits
+CHECKPOINT_TITLE = re.compile(r"^(.*?)\s*\[([0-9a-fA-F]{1,64})\]$")  # webui's short_title "name [hash]"
 LORA_TAG = re.compile(r"<lora:([^:>]+):([^:>]+)>")
 
 
@@ -157,6 +160,9 @@ def format_infotext(params):
         "Hires upscaler": HIRES_UPSCALERS[params["hires_upscaler"]][1] if params.get("hires_scale") is not None
         and params.get("hires_upscaler") in HIRES_UPSCALERS else None,
         "Eta DDIM" if sampler == "ddim" else "Eta": _number(params["eta"]) if params.get("eta") else None,
+        "Refiner": refiner_title(params),
+        "Refiner switch at": _number(params["refiner_switch"]) if params.get("refiner")
+        and params.get("refiner_switch") is not None else None,
         "Lora hashes": ", ".join(f"{lora['name']}: {lora['sha256']}" for lora in loras) or None,
         "Version": f"npdiff {params['npdiff_version']}" if params.get("npdiff_version") else None,
     }
@@ -164,6 +170,13 @@ def format_infotext(params):
     fields["Version"] = fields.pop("Version")
     lines.append(", ".join(f"{key}: {quote(value)}" for key, value in fields.items() if value is not None))
     return "\n".join(lines).strip()
+
+
+def refiner_title(params):
+    """webui's "Refiner" field: the SDXL refiner's "name [hash]" (its short_title), or None without a refiner."""
+    if not params.get("refiner"):
+        return None
+    return f"{params['refiner']} [{params['refiner_hash']}]" if params.get("refiner_hash") else params["refiner"]
 
 
 def controlnet_fields(params):
@@ -265,7 +278,12 @@ def parse_infotext(text):
     # 3. the other fields
     unmapped = []
     for key, value in fields.items():
-        if key == "Size":
+        if key == "Refiner":  # webui's "name [hash]": the refiner by name and hash, as the model
+            match = CHECKPOINT_TITLE.match(value.strip())
+            params["refiner"] = match.group(1) if match else value.strip()
+            if match:
+                params["refiner_hash"] = match.group(2).lower()
+        elif key == "Size":
             match = SIZE_PATTERN.match(value)
             if match is None:
                 raise NpdiffError(f"'Size: {clip(value)}' is not WIDTHxHEIGHT (at most 6 digits each)")

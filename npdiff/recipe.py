@@ -33,6 +33,15 @@ from npdiff.loading import read_config
 from npdiff.model_identity import model_hash, model_name
 from npdiff.models import AutoencoderKL, AutoencoderTiny
 from npdiff.pipeline_utils import INSTALLED_MODEL_DIR, PACKAGE_DIR, SHIPPED_MODEL_NAME
+from npdiff.sdxl_recipe import (
+    CROP_KEYWORDS,
+    SCORE_KEYWORDS,
+    SIZE_KEYWORDS,
+    check_sdxl_settings,
+    check_sdxl_value,
+    pipe_kind,
+    render_with_refiner,
+)
 
 
 @dataclass(frozen=True)
@@ -64,8 +73,13 @@ OPTIONS = (
     Option("hires_strength", "hires_strength", "hires_strength", ("generate",)),
     Option("hires_steps", "hires_steps", "hires_steps", ("generate",)),
     Option("hires_upscaler", "hires_upscaler", "hires_upscaler", ("generate",)),
+    # SDXL's own (npdiff/sdxl_recipe.py checks them): size and crop conditioning, a refiner's aesthetic scores,
+    # and where the refiner takes over (the refiner itself is loaded by the caller, as the model is)
+    *(Option(name, name, name, ALL) for name in SIZE_KEYWORDS + CROP_KEYWORDS + SCORE_KEYWORDS),
+    Option("refiner_switch", "refiner_switch", "refiner_switch", ("generate", "img2img")),
 )
 HIRES_OPTIONS = ("hires_strength", "hires_steps", "hires_upscaler")  # they need hires_scale
+SDXL_VALUES = SIZE_KEYWORDS + CROP_KEYWORDS + SCORE_KEYWORDS + ("refiner_switch",)
 # --reproduce fills in exactly these. The model, LoRAs, a VAE and the input pictures are never taken from a
 # PNG: it names them only by name and hash, and a path read from a file is never opened.
 OPTION_BY_NAME = {option.name: option for option in OPTIONS}
@@ -146,6 +160,8 @@ def check_value(name, value, where=None):
         if value not in HIRES_UPSCALERS:
             refuse("one of " + ", ".join(HIRES_UPSCALERS))
         return value
+    if name in SDXL_VALUES:
+        return check_sdxl_value(name, value, where)
     raise NpdiffError(f"{prefix}unknown option {name!r}")
 
 
@@ -239,7 +255,7 @@ def options_from_png(stored, source):
             value = value + 1  # the PNG keeps diffusers' k; the option is webui's N = k + 1
         if value is not None:
             options[option.name] = check_value(option.name, value, f"{source}: stored parameter")
-    for key in ("model", "model_hash", "vae"):
+    for key in ("model", "model_hash", "vae", "refiner", "refiner_hash"):
         if stored.get(key) is not None and not isinstance(stored[key], str):
             raise NpdiffError(f"{source}: stored {key!r} must be a string, got {shorten(stored[key])}")
     check_stored_loras(stored.get("loras"), source)
@@ -271,7 +287,7 @@ def pipeline_arguments(command, options):
             raise NpdiffError(f"unknown option {name!r}")
         if command not in OPTION_BY_NAME[name].commands:
             raise NpdiffError(f"{command} does not take {name!r}")
-    for name in ("clip_skip", "prompt_syntax", "hires_scale") + HIRES_OPTIONS:  # checked before any model loads
+    for name in ("clip_skip", "prompt_syntax", "hires_scale") + HIRES_OPTIONS + SDXL_VALUES:  # before any model loads
         if name in given:
             given[name] = check_value(name, given[name])
     merged = {**defaults_for(command), **given}
@@ -290,32 +306,33 @@ def pipeline_arguments(command, options):
     return keywords
 
 
-def sdxl_arguments(pipe, keywords):
-    """prompt_2/negative_prompt_2 only for an SDXL pipeline (NpdiffError otherwise); there an empty negative prompt
-    is none at all, so that force_zeros_for_empty_prompt guides against zeros as diffusers' SDXL does by default."""
-    is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    for keyword, option in (("prompt_2", "--prompt-2 / prompt_2"), ("negative_prompt_2", "--negative-2 / negative_2")):
-        if keywords.get(keyword) is not None and not is_sdxl:
-            raise NpdiffError(f"{option} is for SDXL models (a second text encoder); this model has one")
+def sdxl_arguments(pipe, keywords, command="generate", refiner=None, control=False):
+    """SDXL's settings only for an SDXL pipeline, a refiner only after a base (npdiff.sdxl_recipe; NpdiffError
+    otherwise); with SDXL an empty negative prompt is none at all, so that force_zeros_for_empty_prompt guides
+    against zeros as diffusers' SDXL does by default."""
+    check_sdxl_settings(command, keywords, pipe_kind(pipe), None if refiner is None else pipe_kind(refiner.pipe),
+                        bool(control))
+    is_sdxl = pipe_kind(pipe) != "sd"
     if is_sdxl and keywords.get("negative_prompt") == "":
         keywords = dict(keywords, negative_prompt=None)
     return keywords
 
 
 def render(pipe, command, options, picture=None, mask=None, identity=None, vae=None, callback=None,
-           callback_steps=1, control=None):
+           callback_steps=1, control=None, refiner=None):
     """Make one picture: -> Rendered(PNG bytes, the parameters it stores, the pipeline's output).
 
     command: "generate", "img2img" (needs `picture`) or "inpaint" (`picture` and `mask`, white = repaint);
     options: {option name: value} (OPTIONS' names, None = the default); identity: model_png_identity of the
     loaded model; vae: the path of a VAE loaded instead of the model's (its folder name is stored);
     control: for a ControlNet pipeline, {"images": one picture per net, "scales", "start", "end", "guess_mode",
-    "module": what made the pictures from the user's (e.g. "canny") or None}.
+    "module": what made the pictures from the user's (e.g. "canny") or None}; refiner: an SDXL refiner
+    (sdxl_recipe.Refiner) that finishes an SDXL base's picture from options["refiner_switch"] (default 0.8).
     The pipeline is used as loaded (sampler, LoRAs, VAE). Nothing is written to disk.
     """
 
     # 1. the call's arguments, checked before any work
-    keywords = sdxl_arguments(pipe, pipeline_arguments(command, options))
+    keywords = sdxl_arguments(pipe, pipeline_arguments(command, options), command, refiner, control)
     if command != "generate" and picture is None:
         raise NpdiffError(f"{command} needs a picture")
     if command == "inpaint" and mask is None:
@@ -327,7 +344,9 @@ def render(pipe, command, options, picture=None, mask=None, identity=None, vae=N
                          "control_guidance_start": control["start"], "control_guidance_end": control["end"],
                          "guess_mode": control["guess_mode"]})
     # 2. the picture
-    if command == "generate":
+    if refiner is not None:  # base + refiner, diffusers' ensemble of experts
+        output = render_with_refiner(pipe, refiner, command, keywords, picture, callback, callback_steps)
+    elif command == "generate":
         output = pipe(**keywords, **progress)
     elif command == "img2img":
         output = pipe.img2img(image=picture, **keywords, **progress)

@@ -9,6 +9,9 @@ What is left is said here, once, in the user's terms, before the model loads:
   find_loras(stored_loras, lora_dir, given_names)  the PNG's LoRAs (webui's <lora:name:scale> tags or npdiff's
                                   list) found as NAME.safetensors in --lora-dir, each hash checked when the PNG
                                   has one -> ([(path, scale)], warnings for those not found or not matching)
+  without_refiner_settings(from_png, stored, refiner)  the PNG's refiner settings (switch, aesthetic scores)
+                                  left out when it names a refiner and no --refiner is given: the base alone
+  refiner_mismatch(stored, refiner, source)  a warning when the --refiner loaded is not the one the PNG names
   lora_hashes(path)               the short hashes a LoRA file is known by: npdiff's (the whole file's SHA-256)
                                   and webui's ("addnet": the SHA-256 of the tensor bytes after the header)
 """
@@ -50,7 +53,37 @@ def problems_with_stored(stored, given, command, source):
     if stored.get("vae") and not given.get("vae"):
         warnings.append(f"{source} was made with VAE {clip(stored['vae'])!r}: the picture will differ unless you "
                         "pass that VAE again with --vae FOLDER")
+    # 4. an SDXL refiner, like the model, is named, never found: it must be given again
+    if stored.get("refiner") and not given.get("refiner"):
+        warnings.append(f"{source} was made with SDXL refiner {refiner_title(stored)} (switching at "
+                        f"{clip(stored.get('refiner_switch'))}): drawn here by the base alone, and the picture will "
+                        "differ unless you pass that refiner again with --refiner FILE_OR_FOLDER")
     return errors, warnings
+
+
+REFINER_SETTINGS = ("refiner_switch", "aesthetic_score", "negative_aesthetic_score")
+
+
+def refiner_title(stored):
+    """webui's way of naming a checkpoint: "name [hash]"."""
+    return f"{clip(stored.get('refiner'))} [{clip(stored.get('refiner_hash') or '?')}]"
+
+
+def without_refiner_settings(from_png, stored, refiner):
+    """The options read from a PNG, less its refiner's settings when it names a refiner and `refiner` (the
+    --refiner given) is None: they would ask the base alone for what only the refiner does."""
+    if not stored.get("refiner") or refiner:
+        return from_png
+    return {name: value for name, value in from_png.items() if name not in REFINER_SETTINGS}
+
+
+def refiner_mismatch(stored, refiner, source):
+    """-> [a warning] when the PNG names a refiner hash and the loaded refiner (sdxl_recipe.Refiner) has another."""
+    wanted = str(stored.get("refiner_hash") or "").lower()
+    if refiner is None or not wanted or wanted == refiner.identity["refiner_hash"]:
+        return []
+    return [f"{source} was made with SDXL refiner {refiner_title(stored)}, but the refiner loaded is "
+            f"{refiner.identity['refiner']!r} (hash {refiner.identity['refiner_hash']}): the picture will differ"]
 
 
 def lora_hashes(path):
