@@ -46,7 +46,8 @@ def job_payload(job, identity):
     if job.options.get("prediction_type"):
         identity = dict(identity, prediction_type=job.options["prediction_type"])
     payload = {"line": job.line, "filename": job.filename, "command": job.command, "options": dict(job.options),
-               "identity": identity, "vae": job.vae, "loras": [list(lora) for lora in job.loras]}
+               "identity": identity, "vae": job.vae, "loras": [list(lora) for lora in job.loras],
+               "refiner": job.refiner}
     for key in ("image", "mask"):
         path = getattr(job, key)
         payload.update({f"{key}_bytes": None, f"{key}_error": None, f"{key}_name": Path(path).name if path else None})
@@ -216,7 +217,7 @@ def stop_on_sigterm():
 def run_batch_command(args):
     defaults = {"negative": args.negative, "steps": args.steps, "guidance": args.guidance, "sampler": args.sampler,
                 "height": args.height, "width": args.width, "strength": args.strength, "eta": args.eta,
-                "prediction_type": args.prediction_type, "vae": args.vae, "lora": args.lora}
+                "prediction_type": args.prediction_type, "vae": args.vae, "lora": args.lora, "refiner": args.refiner}
     try:
         with stop_on_sigterm():
             summary = run_batch(args.jobs, args.out, model=args.model, defaults=defaults, workers=args.workers,
@@ -262,6 +263,8 @@ def add_batch_command(subparsers):
     p.add_argument("--vae", default=None, metavar="FOLDER", help="a VAE folder for lines without one")
     p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
                    help="a LoRA fused for lines without one; repeatable")
+    p.add_argument("--refiner", default=None, metavar="FILE_OR_FOLDER",
+                   help="SDXL: a refiner finishing every line's picture (a line's refiner_switch, default 0.8)")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes, each loading the model once and using cores/N threads (default 1); "
                    "with --ray: Ray actors (default: one per CPU of the cluster)")

@@ -4,7 +4,8 @@ Two formats, chosen by the file's suffix:
   *.jsonl   one JSON object a line with the options of `npdiff generate` / `img2img` / `inpaint`
             (npdiff.recipe.OPTIONS: prompt, negative (or negative_prompt), seed, steps, guidance, sampler,
             height, width, strength, eta, prediction_type) and the files a picture is made from: image (img2img),
-            image + mask (inpaint), vae (a folder), lora ("FILE[:SCALE]" or a list of them). Paths are
+            image + mask (inpaint), vae (a folder), lora ("FILE[:SCALE]" or a list of them), refiner (an SDXL
+            refiner, file or folder, with the option refiner_switch). Paths are
             relative to the job file's folder. Options left out take the batch's own (--steps, ...).
   anything  one prompt a line.
 Blank lines and lines starting with '#' are skipped in both; a UTF-8 byte order mark at the start of the
@@ -24,11 +25,12 @@ from pathlib import Path
 
 from npdiff.errors import NpdiffError, shorten
 from npdiff.images import PNG_PARAMS_KEY
+from npdiff.model_identity import model_name
 from npdiff.recipe import OPTION_BY_NAME, check_value, defaults_for, parse_lora_option
 from npdiff.schedulers import SCHEDULERS
 
 # Keys a JSONL line may set -> what it is (an option of npdiff.recipe, or a file)
-FILE_KEYS = ("image", "mask", "vae", "lora")
+FILE_KEYS = ("image", "mask", "vae", "lora", "refiner")
 LINE_KEYS = {**{name: name for name in OPTION_BY_NAME}, "negative_prompt": "negative",
              "negative_prompt_2": "negative_2", **{name: name for name in FILE_KEYS}}
 # Options of `npdiff generate` that a line cannot set -> why.
@@ -55,6 +57,7 @@ class Job:
     mask: object = None  # inpaint: the mask's absolute path
     vae: object = None  # a VAE folder's absolute path, used instead of the model's
     loras: tuple = field(default_factory=tuple)  # ((absolute path, scale), ...), fused in this order
+    refiner: object = None  # an SDXL refiner's absolute path (file or folder): it finishes the base's picture
 
     @property
     def seed(self):
@@ -72,12 +75,14 @@ class Job:
         img2img or inpaint PNG stores nothing about its input pictures (as `npdiff img2img` writes it), so
         the pictures are not compared; LoRAs are compared by name and scale (stored_loras_match).
         """
-        params = {"command": self.command, "prediction_type": None, "vae": None, **identity}
+        params = {"command": self.command, "prediction_type": None, "vae": None, "refiner": None, **identity}
         for name, value in self.options.items():
             if value is not None:
                 params[OPTION_BY_NAME[name].png_key] = value
         if self.vae is not None:
             params["vae"] = Path(self.vae).name
+        if self.refiner is not None:  # named as the model is (its hash is compared by nobody: as a VAE's)
+            params["refiner"] = model_name(self.refiner)
         return params
 
     def stored_loras_match(self, stored):
@@ -163,6 +168,7 @@ def make_job(number, options, defaults, base_dir):
         raise NpdiffError("'height'/'width' do not apply to img2img: the starting picture's size is used")
     vae = find_vae(given.get("vae", defaults.get("vae")), base_dir)
     loras = find_loras(given.get("lora", defaults.get("lora")), base_dir)
+    refiner = find_refiner(given.get("refiner", defaults.get("refiner")), base_dir)
     # 2. the options: the line's, else the batch's, else the command's defaults; each value checked
     merged = {"seed": number, **defaults_for(command)}
     merged.update({name: value for name, value in defaults.items() if name in OPTION_BY_NAME and value is not None})
@@ -181,7 +187,8 @@ def make_job(number, options, defaults, base_dir):
             raise NpdiffError(f"'{side}' must be a positive multiple of 8 (pixels), got {checked[side]!r}")
     if command != "generate" and not 0 < checked["strength"] <= 1:
         raise NpdiffError(f"'strength' must be a number in (0, 1], got {checked['strength']!r}")
-    return Job(line=number, command=command, options=checked, image=image, mask=mask, vae=vae, loras=loras)
+    return Job(line=number, command=command, options=checked, image=image, mask=mask, vae=vae, loras=loras,
+               refiner=refiner)
 
 
 def check_sampler(name):
@@ -226,6 +233,16 @@ def find_vae(value, base_dir):
     path = resolve(value, "vae", base_dir)
     if path_kind(path, value, "vae") != "folder":
         raise NpdiffError(f"'vae' {shorten(value)}: no such folder ({shorten(str(path))})")
+    return str(path.resolve())
+
+
+def find_refiner(value, base_dir):
+    """'refiner': an SDXL refiner, a .safetensors file or a diffusers folder -> its absolute path, or None."""
+    if value is None:
+        return None
+    path = resolve(value, "refiner", base_dir)
+    if path_kind(path, value, "refiner") is None:
+        raise NpdiffError(f"'refiner' {shorten(value)}: no such file or folder ({shorten(str(path))})")
     return str(path.resolve())
 
 

@@ -21,6 +21,7 @@ from npdiff.images import load_image
 from npdiff.pipeline_sdxl import load_any_pipeline
 from npdiff.pipeline_utils import resolve_scheduler
 from npdiff.recipe import load_vae, render
+from npdiff.sdxl_refiner import load_refiner
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
@@ -58,6 +59,7 @@ class Renderer:
         self.vaes = {}  # folder -> loaded VAE
         self.samplers = {}  # (sampler name or None, prediction type or None) -> (scheduler, its name)
         self.loras = ()  # ((path, scale), ...) fused now
+        self.refiners = {}  # path -> sdxl_recipe.Refiner (loaded once)
 
     def ready(self):
         """-> what this worker runs on: the model's name and its thread counts."""
@@ -82,6 +84,16 @@ class Renderer:
         if folder is not None and folder not in self.vaes:
             self.vaes[folder] = load_vae(folder)
         self.pipe.vae = self.model_vae if folder is None else self.vaes[folder]
+
+    def use_refiner(self, path, sampler):
+        """-> the SDXL refiner at `path` (None: none) sampling with the line's sampler, as npdiff generate's."""
+        if path is None:
+            return None
+        if path not in self.refiners:
+            self.refiners[path] = load_refiner(path)
+        refiner = self.refiners[path]
+        refiner.pipe.scheduler, refiner.pipe.scheduler_name = resolve_scheduler(sampler, refiner.pipe.scheduler_config)
+        return refiner
 
     def use_loras(self, loras):
         loras = tuple(tuple(lora) for lora in loras)
@@ -119,8 +131,9 @@ class Renderer:
         self.use_vae(job["vae"])
         self.use_loras(job["loras"])
         # 3. the picture
+        refiner = self.use_refiner(job.get("refiner"), options.get("sampler"))
         rendered = render(self.pipe, job["command"], options, pictures.get("image"), pictures.get("mask"),
-                          identity=job["identity"], vae=job["vae"])
+                          identity=job["identity"], vae=job["vae"], refiner=refiner)
         return rendered.png, rendered.params
 
 

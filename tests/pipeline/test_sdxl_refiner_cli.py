@@ -9,14 +9,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from helpers import IMAGE_LEVELS_TOL, pixels
+from PIL import Image
 from sdxl_compare import theirs_pipeline
 from tiny_sd import tiny_sd_folder
 from tiny_sdxl import tiny_sdxl_folder
 
 from npdiff import cli
+from npdiff.batch import run_batch
 from npdiff.batch_jobs import make_job
 from npdiff.errors import NpdiffError
 from npdiff.images import read_png_params
@@ -42,34 +42,43 @@ def theirs_ensemble(prompt, seed, steps, switch, **conditioning):
 def test_refiner_like_diffusers_ensemble_png_and_reproduce(tmp_path, seed, capsys):
     base, refiner = tiny_sdxl_folder("base"), tiny_sdxl_folder("refiner")
     out = tmp_path / "refined.png"
-    assert cli.main(["generate", "a lion in the snow", "--steps", "4", "--seed", str(seed), "--model", str(base),
-                     "--refiner", str(refiner), "--refiner-switch", "0.6", "--aesthetic-score", "7",
+    assert cli.main(["generate", "a lion in the snow", "--steps", "3", "--seed", str(seed), "--model", str(base),
+                     "--refiner", str(refiner), "--refiner-switch", "0.5", "--aesthetic-score", "7",
                      "--original-size", "96x80", "--crops-coords-top-left", "8,4", "--out", str(out)]) == 0
-    # 1. the picture: diffusers' ensemble from the same seed (base 751, 501; refiner 251, 1)
-    theirs = theirs_ensemble("a lion in the snow", seed, 4, 0.6, original_size=(80, 96),
+    # 1. the picture: diffusers' ensemble from the same seed (base: timestep 667; refiner: 334, 1)
+    theirs = theirs_ensemble("a lion in the snow", seed, 3, 0.5, original_size=(80, 96),
                              crops_coords_top_left=(4, 8), aesthetic_score=7.0)
     worst = np.abs(pixels(out).astype(np.int16) - theirs).max()
     assert worst <= IMAGE_LEVELS_TOL, f"base + refiner differ from diffusers' ensemble by {worst} levels"
     # 2. the PNG: every setting, the refiner by name and hash (no path); webui's fields in its text
     params = read_png_params(out)
     assert params["refiner"] == "tiny-sdxl-refiner" and params["refiner_hash"] == model_hash(refiner)
-    assert params["refiner_switch"] == 0.6 and params["aesthetic_score"] == 7.0
+    assert params["refiner_switch"] == 0.5 and params["aesthetic_score"] == 7.0
     assert params["original_size"] == [80, 96] and params["crops_coords_top_left"] == [4, 8]
     assert "denoising_end" not in params and str(tmp_path) not in json.dumps(params)
     text = Image.open(out).text["parameters"]
-    assert f"Refiner: tiny-sdxl-refiner [{model_hash(refiner)}], Refiner switch at: 0.6" in text
+    assert f"Refiner: tiny-sdxl-refiner [{model_hash(refiner)}], Refiner switch at: 0.5" in text
     # 3. --reproduce with the refiner: the same bytes; without it: a warning naming it, the base alone
     again = tmp_path / "again.png"
     assert cli.main(["generate", "--reproduce", str(out), "--model", str(base), "--refiner", str(refiner),
                      "--out", str(again)]) == 0
     assert np.array_equal(pixels(again), pixels(out))
-    assert read_png_params(again)["refiner_switch"] == 0.6
+    assert read_png_params(again)["refiner_switch"] == 0.5
     capsys.readouterr()
     alone = tmp_path / "alone.png"
     assert cli.main(["generate", "--reproduce", str(out), "--model", str(base), "--out", str(alone)]) == 0
     warned = capsys.readouterr().err
     assert f"SDXL refiner tiny-sdxl-refiner [{model_hash(refiner)}]" in warned and "--refiner" in warned
     assert "refiner" not in read_png_params(alone) and "refiner_switch" not in read_png_params(alone)
+    assert np.abs(pixels(alone).astype(np.int16) - pixels(out)).max() > IMAGE_LEVELS_TOL  # not the same picture
+    # 4. npdiff batch --refiner: a line with the same settings is the same picture; a rerun skips it
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"prompt": "a lion in the snow", "seed": seed, "steps": 3, "refiner_switch": 0.5,
+                                "aesthetic_score": 7, "original_size": "96x80", "crops_coords_top_left": "8,4"}))
+    for written in (1, 0):
+        summary = run_batch(jobs, tmp_path / "batch", model=base, defaults={"refiner": str(refiner)}, progress=False)
+        assert (summary.written, summary.failures) == (written, {})
+    assert np.array_equal(pixels(tmp_path / "batch" / f"000001-seed{seed}.png"), pixels(out))
 
 
 @pytest.mark.parametrize("case", ["sd_model", "base_as_refiner", "switch_1.5", "switch_alone", "score_on_base",
@@ -89,8 +98,7 @@ def test_bad_sdxl_requests_refused_before_any_model_loads(tmp_path, capsys, monk
         "refiner_is_sd": (["--model", base, "--refiner", sd], "is an SD 1.x/2.x model, not an SDXL refiner"),
         "base_as_refiner": (["--model", base, "--refiner", base], "is an SDXL base model, not an SDXL refiner"),
         "switch_1.5": (["--model", base, "--refiner", refiner, "--refiner-switch", "1.5"], "strictly between 0 and 1"),
-        "switch_alone": (["--model", base, "--refiner-switch", "0.8"], "--refiner-switch / refiner_switch needs "
-                         "--refiner"),
+        "switch_alone": (["--model", base, "--refiner-switch", "0.8"], "refiner_switch needs --refiner"),
         "score_on_base": (["--model", base, "--aesthetic-score", "7"], "conditions an SDXL refiner"),
         "size_on_sd": (["--model", sd, "--target-size", "64x64"], "--target-size / target_size is for SDXL models"),
         "bad_size": (["--model", base, "--original-size", "64 by 64"], "must be WIDTHxHEIGHT"),
