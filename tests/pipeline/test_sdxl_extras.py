@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sdxl_compare import PROMPTS, assert_same, load_ours, run_theirs
+from sdxl_compare import PROMPTS, assert_same, load_ours, run_theirs, theirs_pipeline
 from tiny_sd import diffusers_scheduler, tiny_sd_folder
 from tiny_sdxl import CLIP_G, CLIP_L, tiny_sdxl_folder, torch_sdxl_pipeline
 
@@ -117,13 +117,16 @@ def test_tiny_autoencoder_taesdxl(rng, seed, mode):
     kwargs = dict(prompt=PROMPTS[1], num_inference_steps=3, guidance_scale=5.0)
     if mode == "img2img":
         kwargs.update(image=random_picture(rng), strength=0.7)
-    theirs = torch_sdxl_pipeline(tiny_sdxl_folder("base"), mode)
-    theirs.vae = torch_taesd
+    theirs = theirs_pipeline("base", mode)  # shared by the tests: its VAE is put back after
+    model_vae, theirs.vae = theirs.vae, torch_taesd
     theirs.vae.config.force_upcast = False  # diffusers' SDXL img2img reads it; AutoencoderTiny's config lacks it
     final = {}
-    out = theirs(generator=torch.Generator().manual_seed(seed), output_type="np",
-                 callback_on_step_end=lambda _p, _i, _t, kw: final.update(latents=kw["latents"].numpy().copy()) or {},
-                 **kwargs)
+    try:
+        out = theirs(generator=torch.Generator().manual_seed(seed), output_type="np",
+                     callback_on_step_end=lambda _p, _i, _t, kw: final.update(latents=kw["latents"].numpy().copy())
+                     or {}, **kwargs)
+    finally:
+        theirs.vae = model_vae
     pipe = load_ours("base")
     pipe.vae = AutoencoderTiny.from_pretrained(taesd_folder)
     ours = (pipe.img2img if mode == "img2img" else pipe)(seed=seed, output_type="np", **kwargs)
@@ -137,7 +140,7 @@ def test_encode_prompt_like_diffusers(rng):
     for kind, mode in (("base", "txt2img"), ("refiner", "img2img")):
         prompt, prompt_2 = PROMPTS[int(rng.integers(4))], PROMPTS[int(rng.integers(4))]
         with torch.no_grad():
-            theirs = torch_sdxl_pipeline(tiny_sdxl_folder(kind), mode).encode_prompt(
+            theirs = theirs_pipeline(kind, mode).encode_prompt(
                 prompt, prompt_2, "cpu", 2, True, negative_prompt="blurry", negative_prompt_2="dark")
         ours = load_ours(kind).encode_prompt(prompt, prompt_2, 2, True, negative_prompt="blurry",
                                              negative_prompt_2="dark")

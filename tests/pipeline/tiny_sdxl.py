@@ -26,6 +26,7 @@ each kind is built once per process.
 """
 
 import functools
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -76,21 +77,44 @@ KINDS = {
 
 
 @functools.lru_cache(maxsize=None)
+def clip_tokenizer_files(pad_token=None):
+    """The CLIP tokenizer's files (vocab.json, merges.txt, configs; padded with `pad_token`, None: the end token),
+    written once per process (each writing rebuilds the 49,408-token vocabulary: ~0.5 s) -> their folder."""
+    from npdiff.clip_vocab import write_clip_tokenizer_folder
+
+    folder = Path(tempfile.mkdtemp(prefix="clip-tokenizer-", dir=_process_root()))
+    return write_clip_tokenizer_folder(folder, **({} if pad_token is None else {"pad_token": pad_token}))
+
+
+def copy_clip_tokenizer(destination, pad_token=None):
+    """clip_tokenizer_files copied into `destination` (made if missing; files of the same name replaced)."""
+    shutil.copytree(clip_tokenizer_files(pad_token), destination, dirs_exist_ok=True)
+    return Path(destination)
+
+
+@functools.lru_cache(maxsize=None)
+def building_tokenizer(pad_token=None):
+    """transformers' CLIPTokenizer over clip_tokenizer_files, loaded once per process: only to build pipelines that
+    are saved (never mutated; a test that adds tokens loads its own from a saved folder)."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(clip_tokenizer_files(pad_token)))
+
+
+@functools.lru_cache(maxsize=None)
 def tiny_sdxl_folder(kind="base", seed=0):
     """Build and save the tiny SDXL pipeline of `kind` with diffusers (once per process) -> its folder."""
     import torch
     from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
                            StableDiffusionXLPipeline, UNet2DConditionModel)
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-
-    from npdiff.clip_vocab import write_clip_tokenizer_folder
+    from transformers import CLIPTextModelWithProjection
 
     root = Path(tempfile.mkdtemp(prefix="tiny-sdxl-", dir=_process_root()))
     torch.manual_seed(seed)
     unet = randomize_(UNet2DConditionModel(**KINDS[kind]["unet"]), seed + 1)
     vae = randomize_(AutoencoderKL(**KINDS[kind].get("vae", VAE)), seed + 2)
     text_encoder_2 = tiny_clip_text_model(seed + 4, KINDS[kind].get("clip_g", CLIP_G), CLIPTextModelWithProjection)
-    tokenizer_2 = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer_folder(root / "vocab2", pad_token="!")))
+    tokenizer_2 = building_tokenizer("!")
     scheduler = EulerDiscreteScheduler.from_config(SCHEDULER)
     folder = root / f"tiny-sdxl-{kind}"
     if kind == "refiner":
@@ -100,15 +124,15 @@ def tiny_sdxl_folder(kind="base", seed=0):
                                                 force_zeros_for_empty_prompt=False, add_watermarker=False)
     else:
         text_encoder = tiny_clip_text_model(seed + 3, KINDS[kind].get("clip_l", CLIP_L))
-        tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer_folder(root / "vocab")))
+        tokenizer = building_tokenizer()
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                          tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
                                          scheduler=scheduler, add_watermarker=False)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     # transformers 5 saves only tokenizer.json; hub folders also carry vocab.json + merges.txt: add them.
     if kind != "refiner":
-        write_clip_tokenizer_folder(folder / "tokenizer")
-    write_clip_tokenizer_folder(folder / "tokenizer_2", pad_token="!")
+        copy_clip_tokenizer(folder / "tokenizer")
+    copy_clip_tokenizer(folder / "tokenizer_2", pad_token="!")
     return folder
 
 
