@@ -20,6 +20,7 @@ import hashlib
 from pathlib import Path
 
 from npdiff.errors import clip
+from npdiff.infotext import refiner_title
 from npdiff.model_identity import file_sha256
 
 MODE_NAMES = {"generate": "txt2img", "txt2img": "txt2img", "img2img": "img2img", "inpaint": "inpaint"}
@@ -55,18 +56,13 @@ def problems_with_stored(stored, given, command, source):
                         "pass that VAE again with --vae FOLDER")
     # 4. an SDXL refiner, like the model, is named, never found: it must be given again
     if stored.get("refiner") and not given.get("refiner"):
-        warnings.append(f"{source} was made with SDXL refiner {refiner_title(stored)} (switching at "
+        warnings.append(f"{source} was made with SDXL refiner {clip(refiner_title(stored))} (switching at "
                         f"{clip(stored.get('refiner_switch'))}): drawn here by the base alone, and the picture will "
                         "differ unless you pass that refiner again with --refiner FILE_OR_FOLDER")
     return errors, warnings
 
 
 REFINER_SETTINGS = ("refiner_switch", "aesthetic_score", "negative_aesthetic_score")
-
-
-def refiner_title(stored):
-    """webui's way of naming a checkpoint: "name [hash]"."""
-    return f"{clip(stored.get('refiner'))} [{clip(stored.get('refiner_hash') or '?')}]"
 
 
 def without_refiner_settings(from_png, stored, refiner):
@@ -82,7 +78,7 @@ def refiner_mismatch(stored, refiner, source):
     wanted = str(stored.get("refiner_hash") or "").lower()
     if refiner is None or not wanted or wanted == refiner.identity["refiner_hash"]:
         return []
-    return [f"{source} was made with SDXL refiner {refiner_title(stored)}, but the refiner loaded is "
+    return [f"{source} was made with SDXL refiner {clip(refiner_title(stored))}, but the refiner loaded is "
             f"{refiner.identity['refiner']!r} (hash {refiner.identity['refiner_hash']}): the picture will differ"]
 
 

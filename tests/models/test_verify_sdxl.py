@@ -11,6 +11,7 @@ from tiny_models import UNET_KINDS, _process_root, randomize_
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "pipeline"))
 from tiny_sd import VAE_CONFIG, tiny_clip_text_model  # noqa: E402
+from tiny_sdxl import building_tokenizer, copy_clip_tokenizer  # noqa: E402  (tokenizer files made once per process)
 
 from npdiff import verify  # noqa: E402
 
@@ -25,9 +26,7 @@ def tiny_sdxl(kind, root):
     import torch
     from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
                            StableDiffusionXLPipeline, UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from npdiff.clip_vocab import write_clip_tokenizer_folder
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     refiner = kind == "refiner"
     unet_config = dict(UNET_KINDS["sdxl-refiner" if refiner else "sdxl"], sample_size=8,
@@ -38,7 +37,7 @@ def tiny_sdxl(kind, root):
     torch.manual_seed(3)
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G))
     randomize_(text_encoder_2, 4)
-    tokenizer_2 = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer_folder(root / "vocab2", pad_token="!")))
+    tokenizer_2 = building_tokenizer("!")
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
     if refiner:
@@ -46,15 +45,15 @@ def tiny_sdxl(kind, root):
                                                 tokenizer=None, tokenizer_2=tokenizer_2, unet=unet,
                                                 scheduler=scheduler, requires_aesthetics_score=True)
     else:
-        tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer_folder(root / "vocab")))
+        tokenizer = building_tokenizer()
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=tiny_clip_text_model(5, CLIP_L),
                                          text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
                                          unet=unet, scheduler=scheduler)
     folder = root / f"sdxl-{kind}"
     pipe.save_pretrained(str(folder), safe_serialization=True)
-    write_clip_tokenizer_folder(folder / "tokenizer_2", pad_token="!")
+    copy_clip_tokenizer(folder / "tokenizer_2", pad_token="!")
     if not refiner:
-        write_clip_tokenizer_folder(folder / "tokenizer")
+        copy_clip_tokenizer(folder / "tokenizer")
     return folder
 
 

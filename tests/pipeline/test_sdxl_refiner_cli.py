@@ -112,6 +112,8 @@ def test_bad_sdxl_requests_refused_before_any_model_loads(tmp_path, capsys, monk
 
 
 def test_batch_lines_take_sdxl_settings(tmp_path):
+    args = cli.build_parser().parse_args(["generate", "x", "--negative-prompt-2", "dark", "--target-size", "96x80"])
+    assert (args.negative_2, args.target_size) == ("dark", "96x80")  # --negative-prompt-2: --negative-2's alias
     line = {"prompt": "a cat", "original_size": "96x80", "negative_target_size": [48, 64],
             "crops_coords_top_left": "8,4", "aesthetic_score": 7, "refiner_switch": 0.7}
     job = make_job(1, line, {}, tmp_path)
