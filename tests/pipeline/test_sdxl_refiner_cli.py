@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import IMAGE_LEVELS_TOL, pixels
 from PIL import Image
-from sdxl_compare import theirs_pipeline
+from sdxl_compare import random_picture, theirs_pipeline
 from tiny_sd import tiny_sd_folder
 from tiny_sdxl import tiny_sdxl_folder
 
@@ -79,6 +79,29 @@ def test_refiner_like_diffusers_ensemble_png_and_reproduce(tmp_path, seed, capsy
         summary = run_batch(jobs, tmp_path / "batch", model=base, defaults={"refiner": str(refiner)}, progress=False)
         assert (summary.written, summary.failures) == (written, {})
     assert np.array_equal(pixels(tmp_path / "batch" / f"000001-seed{seed}.png"), pixels(out))
+
+
+def test_img2img_with_refiner_like_diffusers(tmp_path, rng, seed):
+    """npdiff img2img --refiner: diffusers' base img2img (strength, denoising_end, latents out), then its refiner."""
+    base, refiner = tiny_sdxl_folder("base"), tiny_sdxl_folder("refiner")
+    picture = random_picture(rng)
+    picture.save(tmp_path / "in.png")
+    out = tmp_path / "out.png"
+    assert cli.main(["img2img", "a lion", "--image", str(tmp_path / "in.png"), "--strength", "0.9", "--steps", "4",
+                     "--refiner", str(refiner), "--refiner-switch", "0.5", "--negative-aesthetic-score", "2",
+                     "--seed", str(seed), "--model", str(base), "--out", str(out)]) == 0
+    # strength 0.9 of 4 steps: 501, 251, 1; the base runs 501, the refiner 251 and 1
+    latents = theirs_pipeline("base", "img2img")("a lion", image=picture, strength=0.9, num_inference_steps=4,
+                                                 guidance_scale=7.5, denoising_end=0.5, output_type="latent",
+                                                 generator=torch.Generator().manual_seed(seed)).images
+    theirs = theirs_pipeline("refiner", "img2img")("a lion", image=latents, num_inference_steps=4, guidance_scale=7.5,
+                                                   denoising_start=0.5, negative_aesthetic_score=2.0, output_type="np",
+                                                   generator=torch.Generator().manual_seed(seed)).images[0]
+    worst = np.abs(pixels(out).astype(np.int16) - np.round(theirs * 255).astype(np.int16)).max()
+    assert worst <= IMAGE_LEVELS_TOL, f"img2img + refiner differ from diffusers' by {worst} levels"
+    params = read_png_params(out)
+    assert (params["command"], params["strength"], params["refiner_switch"]) == ("img2img", 0.9, 0.5)
+    assert params["negative_aesthetic_score"] == 2.0 and params["aesthetic_score"] == 6.0
 
 
 @pytest.mark.parametrize("case", ["sd_model", "base_as_refiner", "switch_1.5", "switch_alone", "score_on_base",
