@@ -21,9 +21,10 @@ written the way webui before 1.9 did, "Sampler: DPM++ 2M Karras", which webui 1.
                            honour. What npdiff maps besides the basic settings: <lora:name:scale> tags (+
                            "Lora hashes") -> "loras"; "VAE" -> "vae"; "Clip skip" (webui's N) -> "clip_skip";
                            "Refiner: name [hash]" and "Refiner switch at" -> refiner, refiner_hash,
-                           refiner_switch (SDXL); the hires fix fields -> hires_*, and then "Denoising strength" is the hires
-                           strength; without hires fix, "Denoising strength" marks a webui img2img or inpaint
-                           picture ("mode": "img2img"). A sampler or hires upscaler npdiff lacks is not an
+                           refiner_switch (SDXL; webui writes no field for the size and crop conditioning or
+                           the aesthetic scores); the hires fix fields -> hires_*, and then "Denoising
+                           strength" is the hires strength; without hires fix, "Denoising strength" marks a
+                           webui img2img or inpaint picture ("mode": "img2img"). A sampler or hires upscaler npdiff lacks is not an
                            error here: it is kept as "unsupported_sampler" / "unsupported_hires_upscaler",
                            a problem only when no --sampler / --hires-upscaler is given (the caller decides).
   other_tool(chunks)       the name of the tool that wrote a PNG's text chunks when npdiff cannot read its

@@ -74,7 +74,8 @@ OPTIONS = (
     Option("hires_steps", "hires_steps", "hires_steps", ("generate",)),
     Option("hires_upscaler", "hires_upscaler", "hires_upscaler", ("generate",)),
     # SDXL's own (npdiff/sdxl_recipe.py checks them): size and crop conditioning, a refiner's aesthetic scores,
-    # and where the refiner takes over (the refiner itself is loaded by the caller, as the model is)
+    # and where the refiner takes over (render() runs the refiner from there; the refiner itself is loaded by the
+    # caller, as the model is)
     *(Option(name, name, name, ALL) for name in SIZE_KEYWORDS + CROP_KEYWORDS + SCORE_KEYWORDS),
     Option("refiner_switch", "refiner_switch", "refiner_switch", ("generate", "img2img")),
 )
