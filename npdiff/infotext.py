@@ -26,7 +26,8 @@ written the way webui before 1.9 did, "Sampler: DPM++ 2M Karras", which webui 1.
                            strength" is the hires strength; without hires fix, "Denoising strength" marks a
                            webui img2img or inpaint picture ("mode": "img2img"). A sampler or hires upscaler
                            npdiff lacks is not an error here: it is kept as "unsupported_sampler" /
-                           "unsupported_hires_upscaler", a problem only when no --sampler / --hires-upscaler is given (the caller decides).
+                           "unsupported_hires_upscaler", a problem only when no --sampler / --hires-upscaler
+                           is given (the caller decides).
   other_tool(chunks)       the name of the tool that wrote a PNG's text chunks when npdiff cannot read its
                            settings (Fooocus, ComfyUI, InvokeAI, NovelAI), else None.
 """
