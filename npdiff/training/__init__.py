@@ -8,5 +8,6 @@ from a few pictures; the rest of the model stays frozen. SD 1.x and 2.x models.
 """
 
 from npdiff.training.embedding_grad import text_embedding_grad
+from npdiff.training.textual_inversion import TrainingResult, textual_inversion
 
-__all__ = ["text_embedding_grad"]
+__all__ = ["TrainingResult", "text_embedding_grad", "textual_inversion"]
