@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-import npdiff  # noqa: F401  (chooses the BLAS kernels before numpy loads)
+import npdiff
 from npdiff import backend
 from npdiff.atomic_files import atomic_write, check_destination
 from npdiff.batch import add_batch_command
@@ -49,6 +49,7 @@ from npdiff.cli_controlnet import (
     warn_about_missing_controlnets,
     with_controlnets,
 )
+from npdiff.cli_train import add_train_embedding_command
 from npdiff.errors import clip, shorten
 from npdiff.hires_names import HIRES_UPSCALERS
 from npdiff.images import StepRecorder, emergence_grid, load_image, read_png_params
@@ -392,7 +393,7 @@ def add_verify_command(subparsers):
 
 
 COMMANDS = [add_generate_command, add_img2img_command, add_inpaint_command, add_batch_command,
-            add_serve_command, add_verify_command, add_bench_command]
+            add_serve_command, add_verify_command, add_bench_command, add_train_embedding_command]
 
 
 def build_parser():

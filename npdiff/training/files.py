@@ -27,7 +27,7 @@ A1111_KEY = "emb_params"
 def output_paths(out):
     """-> {"embedding", "a1111", "checkpoint", "loss_csv", "loss_png"} for the --out file `out`."""
     out = Path(out)
-    stem = out.name[: -len(".safetensors")] if out.name.endswith(".safetensors") else out.name
+    stem = out.name.removesuffix(".safetensors")
     folder = out.parent
     return {"embedding": out, "a1111": folder / f"{stem}-a1111.safetensors",
             "checkpoint": folder / f"{stem}.checkpoint.safetensors",
@@ -35,7 +35,7 @@ def output_paths(out):
 
 
 def write_safetensors(path, tensors, metadata=None):
-    from safetensors.numpy import save  # noqa: I001  (safetensors.numpy imports only when a file is written)
+    from safetensors.numpy import save
 
     data = save({key: np.ascontiguousarray(value) for key, value in tensors.items()}, metadata=metadata)
     atomic_write(path, lambda handle: handle.write(data))
@@ -61,7 +61,7 @@ def save_checkpoint(path, settings, vectors, optimizer, losses):
 def load_checkpoint(path):
     """-> (settings dict, {"vectors", "exp_avg", "exp_avg_sq", "losses"} arrays); NpdiffError naming the file
     when it is not an npdiff training checkpoint."""
-    from safetensors import SafetensorError, safe_open  # noqa: I001  (only when resuming)
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
@@ -69,7 +69,7 @@ def load_checkpoint(path):
     try:
         with safe_open(str(path), framework="numpy") as handle:
             metadata = handle.metadata() or {}
-            arrays = {key: handle.get_tensor(key) for key in handle.keys()}
+            arrays = {key: handle.get_tensor(key) for key in handle}
     except (SafetensorError, OSError, ValueError) as exc:
         raise NpdiffError(f"--resume {path}: not a readable .safetensors file ({exc})") from exc
     expected = {"vectors", "exp_avg", "exp_avg_sq", "losses"}
@@ -93,7 +93,7 @@ def running_mean(values, window):
 
 
 def write_loss_png(path, losses, width=640, height=360, margin=48):
-    """The loss per step (grey) and its running mean over ~5% of the steps (blue), drawn with Pillow."""
+    """The loss per step (grey) and its running mean over ~5% of the steps, at least 5 (blue), drawn with Pillow."""
     from io import BytesIO
 
     from PIL import Image, ImageDraw
@@ -113,9 +113,10 @@ def write_loss_png(path, losses, width=640, height=360, margin=48):
         ys = bottom - (bottom - top) * (values - low) / span
         return list(zip(xs.tolist(), ys.tolist()))
 
+    window = min(len(losses), max(5, len(losses) // 20))
     draw.line(points(losses), fill=(170, 170, 170), width=1)
-    draw.line(points(running_mean(losses, max(1, len(losses) // 20))), fill=(30, 80, 200), width=2)
-    draw.text((left, 4), f"loss per step (mean of last {max(1, len(losses) // 20)}: blue)", fill="black")
+    draw.line(points(running_mean(losses, window)), fill=(30, 80, 200), width=2)
+    draw.text((left, 4), f"loss per step (grey), mean of the last {window} (blue)", fill="black")
     draw.text((4, top), f"{high:.4g}", fill="black")
     draw.text((4, bottom - 10), f"{low:.4g}", fill="black")
     draw.text((right - 60, bottom + 8), f"step {len(losses)}", fill="black")

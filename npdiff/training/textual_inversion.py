@@ -27,6 +27,8 @@ from npdiff.atomic_files import check_destination
 from npdiff.errors import NpdiffError
 from npdiff.pipeline_utils import check_positive_int
 from npdiff.textual_inversion import add_rows, check_new_rows, check_token
+from npdiff.training.adamw import AdamW
+from npdiff.training.embedding_grad import check_trainable_pipeline, text_embedding_grad
 from npdiff.training.files import (
     load_checkpoint,
     output_paths,
@@ -35,8 +37,6 @@ from npdiff.training.files import (
     write_loss_csv,
     write_loss_png,
 )
-from npdiff.training.adamw import AdamW
-from npdiff.training.embedding_grad import check_trainable_pipeline, text_embedding_grad
 from npdiff.training.pictures import (
     OBJECT_TEMPLATES,
     check_templates,

@@ -12,7 +12,11 @@ from tiny_clip import padded_ids, save_clip, tiny_clip
 
 from npdiff.errors import NpdiffError
 from npdiff.models.clip import CLIPTextModel
-from npdiff.models.clip_backward import clip_backward, clip_forward_for_backward, clip_token_embeds
+from npdiff.models.clip_backward import (
+    clip_backward,
+    clip_forward_for_backward,
+    clip_token_embeds,
+)
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from helpers import KERNEL_TOL, NETWORK_TOL, assert_rel_close
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline"))
-from tiny_sd import tiny_sd_folder, torch_pipeline  # noqa: E402
+from tiny_sd import tiny_sd_folder, torch_pipeline
 
-from npdiff import StableDiffusionPipeline  # noqa: E402
-from npdiff.errors import NpdiffError  # noqa: E402
-from npdiff.training import text_embedding_grad  # noqa: E402
+from npdiff import StableDiffusionPipeline
+from npdiff.errors import NpdiffError
+from npdiff.training import text_embedding_grad
 
 CAPTIONS = ["a photo of a cat", "a rendering of the small dog"]
 
