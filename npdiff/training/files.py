@@ -69,7 +69,7 @@ def load_checkpoint(path):
     try:
         with safe_open(str(path), framework="numpy") as handle:
             metadata = handle.metadata() or {}
-            arrays = {key: handle.get_tensor(key) for key in handle}
+            arrays = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except (SafetensorError, OSError, ValueError) as exc:
         raise NpdiffError(f"--resume {path}: not a readable .safetensors file ({exc})") from exc
     expected = {"vectors", "exp_avg", "exp_avg_sq", "losses"}
