@@ -8,6 +8,10 @@ Each picture is center-cropped to a square (the largest one) and resized to the 
 bicubic resampling, as diffusers' script with --center_crop (its interpolation default is bicubic).
 Pictures of mixed sizes are fine: every one is cropped and resized on its own.
 
+Captions: the templates (default diffusers' object templates below) with the new word for "{}"; a picture
+with a sidecar text file of the same name (`cat1.png` + `cat1.txt`, as kohya's scripts read captions) gets
+the captions in it instead, one a line, each with "{}" where the word goes.
+
 Flips: diffusers' script flips each picture at random (p = 0.5) and encodes it with the VAE at every
 step. Here each picture is encoded ONCE as it is and once flipped; each step then picks one of the two
 at random: the same distribution of training latents without a VAE encode per step (the encoder is
@@ -92,12 +96,33 @@ def encode_training_latents(vae, pixels):
     return np.stack(both)                                               # [2,N,C,s,s]
 
 
-def check_templates(templates):
+def picture_captions(paths, templates):
+    """Each picture's caption templates: the lines of its sidecar `<name>.txt` when there is one (each line a
+    caption with "{}" for the word, e.g. "a {} on a green background"), else `templates` -> tuples, one a
+    picture."""
+    captions = []
+    for path in paths:
+        sidecar = Path(path).with_suffix(".txt")
+        if not sidecar.is_file():
+            captions.append(templates)
+            continue
+        try:
+            lines = [line.strip() for line in sidecar.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise NpdiffError(f"caption file {sidecar}: cannot be read ({exc})") from exc
+        if not lines:
+            raise NpdiffError(f"caption file {sidecar} is empty: give one caption a line, with {{}} for the word")
+        captions.append(check_templates(lines, sidecar))
+    return captions
+
+
+def check_templates(templates, source="templates"):
     """Caption templates -> a tuple of strings, each with one "{}" where the new word goes."""
     templates = (templates,) if isinstance(templates, str) else tuple(templates)
     if not templates:
-        raise NpdiffError("templates: give at least one caption template such as 'a photo of a {}'")
+        raise NpdiffError(f"{source}: give at least one caption template such as 'a photo of a {{}}'")
     for template in templates:
         if not isinstance(template, str) or template.count("{}") != 1:
-            raise NpdiffError(f"caption template {template!r} must be a string with one '{{}}' for the new word")
+            raise NpdiffError(f"{source}: caption template {template!r} must be a string with one '{{}}' for "
+                              "the new word")
     return templates

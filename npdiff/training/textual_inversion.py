@@ -10,7 +10,7 @@ The loop (numbered as in textual_inversion()):
     1. the new word: N token names (token, token_1, ...) added to the tokenizer, N rows to CLIP's table,
        each row starting as the init word's embedding
     2. the pictures: cropped, resized, encoded once by the VAE, as they are and flipped (pictures.py)
-    3. per step: a batch of (picture, flip, caption template, timestep, noise) drawn from a generator seeded
+    3. per step: a batch of (picture, flip, caption, timestep, noise) drawn from a generator seeded
        by (seed, step); the loss and d loss/d(token embeddings) (text_embedding_grad); the gradient of the
        new rows (summed over the positions where each appears); one AdamW step on those rows only
     4. every K steps a checkpoint; at the end the embedding files and the loss CSV/plot (files.py)
@@ -43,6 +43,7 @@ from npdiff.training.pictures import (
     encode_training_latents,
     find_pictures,
     load_training_pictures,
+    picture_captions,
 )
 
 
@@ -92,13 +93,16 @@ def check_resume(resume, settings, width):
     return saved, arrays
 
 
-def draw_batch(seed, step, batch_size, pictures, templates, train_timesteps, latent_shape):
-    """Step `step`'s random choices, from a generator seeded by (seed, step) only."""
+def draw_batch(seed, step, batch_size, captions, train_timesteps, latent_shape):
+    """Step `step`'s random choices, from a generator seeded by (seed, step) only. captions: each picture's
+    caption templates (pictures.picture_captions)."""
     rng = np.random.default_rng([seed, step])
+    pictures = rng.integers(0, len(captions), batch_size)                  # [B] which picture
+    caption_draws = rng.integers(0, 2**31, batch_size)                     # [B] which of its captions
     return {
-        "pictures": rng.integers(0, pictures, batch_size),                  # [B] which picture
+        "pictures": pictures,
         "flips": rng.integers(0, 2, batch_size),                            # [B] 1: flipped
-        "templates": rng.integers(0, len(templates), batch_size),           # [B] which caption
+        "templates": [captions[p][d % len(captions[p])] for p, d in zip(pictures, caption_draws)],
         "timesteps": rng.integers(0, train_timesteps, batch_size).astype(np.int64),  # [B]
         "noise": rng.standard_normal((batch_size, *latent_shape), dtype=np.float32),  # [B,C,h,w]
     }
@@ -127,7 +131,8 @@ def textual_inversion(pipe, folder, token, init_word, vectors=1, steps=500, lr=5
     lr: AdamW's learning rate; batch_size: pictures per step; seed: every random draw;
     out: the diffusers-layout .safetensors file (its siblings: output_paths), or None to write nothing;
     checkpoint_every: K > 0 writes the checkpoint every K steps (needs out); resume: a checkpoint to go on from;
-    templates: caption templates with "{}" for the word (default diffusers' object templates);
+    templates: caption templates with "{}" for the word (default diffusers' object templates; a picture's
+    sidecar .txt file, one caption a line, replaces them for that picture);
     clip_skip: the text encoder layer trained through (None: the last, as the pipeline's default)."""
     # 0. every check before any work
     check_trainable_pipeline(pipe)
@@ -161,6 +166,7 @@ def textual_inversion(pipe, folder, token, init_word, vectors=1, steps=500, lr=5
     picture_paths = find_pictures(folder)
     size = pipe.unet.config["sample_size"] * pipe.vae_scale_factor
     pixels = load_training_pictures(picture_paths, size)                # [P,3,S,S]: every picture read
+    captions = picture_captions(picture_paths, templates)               # caption templates, one tuple a picture
 
     # 1. the new word, starting from the init word's embedding (or the checkpoint's rows)
     add_rows(pipe.tokenizer, pipe.text_encoder, token, names, start_rows)
@@ -173,9 +179,9 @@ def textual_inversion(pipe, folder, token, init_word, vectors=1, steps=500, lr=5
     # 3. the steps
     bar = progress_bar(steps, len(losses), progress)
     for step in range(len(losses), steps):
-        draw = draw_batch(seed, step, batch_size, len(picture_paths), templates, train_timesteps, latents.shape[2:])
+        draw = draw_batch(seed, step, batch_size, captions, train_timesteps, latents.shape[2:])
         batch_latents = latents[draw["flips"], draw["pictures"]]         # [B,C,h,w]
-        ids = pipe.tokenizer([templates[i].format(token) for i in draw["templates"]])  # [B,77]
+        ids = pipe.tokenizer([template.format(token) for template in draw["templates"]])  # [B,77]
         loss, grad = text_embedding_grad(pipe, ids, batch_latents, draw["noise"], draw["timesteps"], clip_skip)
         optimizer.step(rows, new_rows_grad(grad, ids, new_ids))         # [N,C] in place
         pipe.text_encoder.token_embedding[new_ids] = rows                # the table's new rows only

@@ -26,6 +26,7 @@ from npdiff.training.pictures import (
     encode_training_latents,
     find_pictures,
     load_training_pictures,
+    picture_captions,
 )
 from npdiff.training.textual_inversion import draw_batch, new_rows_grad
 
@@ -93,8 +94,8 @@ def test_one_step_equals_torch_adamw_on_the_same_gradient(folder, pictures, seed
     add_rows(pipe.tokenizer, pipe.text_encoder, "<x>", ["<x>", "<x>_1"], start)
     new_ids = pipe.tokenizer.convert_tokens_to_ids(["<x>", "<x>_1"])
     latents = training_latents(pipe, pictures)
-    draw = draw_batch(seed, 0, 2, 3, TEMPLATES, 1000, latents.shape[2:])
-    ids = pipe.tokenizer([TEMPLATES[i].format("<x>") for i in draw["templates"]])
+    draw = draw_batch(seed, 0, 2, [TEMPLATES] * 3, 1000, latents.shape[2:])
+    ids = pipe.tokenizer([template.format("<x>") for template in draw["templates"]])
     assert (ids == new_ids[0]).any() and (ids == new_ids[1]).any()
     loss, grad = text_embedding_grad(pipe, ids, latents[draw["flips"], draw["pictures"]], draw["noise"],
                                      draw["timesteps"])
@@ -117,8 +118,8 @@ def test_training_lowers_the_loss(folder, pictures, seed):
         latents = training_latents(pipe, pictures)
         losses = []
         for step in range(6):
-            draw = draw_batch(seed, step, 2, 3, TEMPLATES, 1000, latents.shape[2:])
-            ids = pipe.tokenizer([TEMPLATES[i].format("<x>") for i in draw["templates"]])
+            draw = draw_batch(seed, step, 2, [TEMPLATES] * 3, 1000, latents.shape[2:])
+            ids = pipe.tokenizer([template.format("<x>") for template in draw["templates"]])
             losses.append(text_embedding_grad(pipe, ids, latents[draw["flips"], draw["pictures"]], draw["noise"],
                                               draw["timesteps"])[0])
         return np.mean(losses)
@@ -177,7 +178,11 @@ def test_bad_input_refused_before_any_work(folder, pictures, tmp_path):
     broken = tmp_path / "broken"
     draw_pictures(broken, np.random.default_rng(0), 2)
     (broken / "picture9.png").write_bytes(b"not a png")
+    bad_caption = tmp_path / "bad_caption"
+    draw_pictures(bad_caption, np.random.default_rng(1), 1)
+    (bad_caption / "picture0.txt").write_text("a photo without the word\n")
     cases = [
+        ({"folder": bad_caption}, "picture0.txt: caption template"),
         ({"folder": empty}, "no pictures"),
         ({"folder": broken}, "picture9.png"),
         ({"token": "cat"}, "already in the tokenizer"),
@@ -195,6 +200,15 @@ def test_bad_input_refused_before_any_work(folder, pictures, tmp_path):
         with pytest.raises(NpdiffError, match=message):
             textual_inversion(pipe, arguments.pop("folder"), **arguments)
         assert pipe.text_encoder.token_embedding.shape[0] == rows and "<x>" not in pipe.tokenizer.get_vocab()
+
+
+def test_sidecar_captions_replace_the_templates(pictures):
+    (pictures / "picture1.txt").write_text("a {} on a blue background\n\n{}, blue background\n")
+    captions = picture_captions(find_pictures(pictures), tuple(TEMPLATES))
+    assert captions == [tuple(TEMPLATES), ("a {} on a blue background", "{}, blue background"), tuple(TEMPLATES)]
+    draws = [draw_batch(0, step, 4, captions, 1000, (4, 8, 8)) for step in range(20)]
+    chosen = {t for draw in draws for p, t in zip(draw["pictures"], draw["templates"]) if p == 1}
+    assert chosen == set(captions[1])
 
 
 def test_sdxl_refused(pictures):
