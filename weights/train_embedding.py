@@ -1,7 +1,7 @@
 """Teach the shipped model a new word with npdiff's textual inversion, and judge what the word draws.
 
     python weights/train_embedding.py                                   # purple triangle, the defaults
-    python weights/train_embedding.py --shape circle --color cyan --steps 200
+    python weights/train_embedding.py --shape circle --color cyan --seed 1
 
 1. Draw 8 pictures of ONE colour-and-shape concept (shapes_data.draw_shape: random sizes and places,
    backgrounds of the other colours), each with a caption file naming the background and "{}" for the word:
@@ -86,7 +86,7 @@ def main():
     parser.add_argument("--init-word", default="thing")
     parser.add_argument("--vectors", type=int, default=1)
     parser.add_argument("--pictures", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=2e-2)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
