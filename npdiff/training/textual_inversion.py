@@ -130,7 +130,9 @@ def textual_inversion(pipe, folder, token, init_word, vectors=1, steps=500, lr=5
     vectors: rows the word gets (N); steps: AdamW steps in all (a resumed run goes on to this count);
     lr: AdamW's learning rate; batch_size: pictures per step; seed: every random draw;
     out: the diffusers-layout .safetensors file (its siblings: output_paths), or None to write nothing;
-    checkpoint_every: K > 0 writes the checkpoint every K steps (needs out); resume: a checkpoint to go on from;
+    checkpoint_every: K > 0 writes the checkpoint every K steps (needs out); resume: a checkpoint to go on from
+    (made for the same token and vector count; the other settings are this call's: give the same ones to end
+    where the uninterrupted run would);
     templates: caption templates with "{}" for the word (default diffusers' object templates; a picture's
     sidecar .txt file, one caption a line, replaces them for that picture);
     clip_skip: the text encoder layer trained through (None: the last, as the pipeline's default)."""
@@ -177,6 +179,7 @@ def textual_inversion(pipe, folder, token, init_word, vectors=1, steps=500, lr=5
     train_timesteps = len(pipe.scheduler.alphas_cumprod)
 
     # 3. the steps
+    written = {}  # the files this call wrote
     bar = progress_bar(steps, len(losses), progress)
     for step in range(len(losses), steps):
         draw = draw_batch(seed, step, batch_size, captions, train_timesteps, latents.shape[2:])
@@ -190,13 +193,14 @@ def textual_inversion(pipe, folder, token, init_word, vectors=1, steps=500, lr=5
         bar.set_postfix(loss=f"{loss:.4f}")
         # 4. checkpoints every K steps
         if checkpoint_every and (step + 1) % checkpoint_every == 0:
-            save_checkpoint(paths["checkpoint"], dict(settings, step=step + 1), rows, optimizer, losses)
+            state = dict(settings, step=step + 1)
+            written["checkpoint"] = save_checkpoint(paths["checkpoint"], state, rows, optimizer, losses)
     bar.close()
 
     # 4. the results
     if paths:
-        save_embedding(paths, token, rows)
+        written["embedding"], written["a1111"] = save_embedding(paths, token, rows)
         write_loss_csv(paths["loss_csv"], losses)
         write_loss_png(paths["loss_png"], losses)
-    written = {name: Path(path) for name, path in paths.items() if Path(path).exists()}
-    return TrainingResult(token, names, rows.copy(), losses, written)
+        written.update(loss_csv=paths["loss_csv"], loss_png=paths["loss_png"])
+    return TrainingResult(token, names, rows.copy(), losses, {name: Path(path) for name, path in written.items()})
