@@ -11,6 +11,7 @@ from npdiff.pipeline_utils import default_model_path, model_family
 from npdiff.training import textual_inversion
 from npdiff.training.files import output_paths
 from npdiff.training.pictures import OBJECT_TEMPLATES, find_pictures
+from npdiff.training.textual_inversion import check_learning_rate
 
 DESCRIPTION = (
     "Learn a new word for the concept shown in the pictures of DIR (textual inversion): the pictures are "
@@ -32,6 +33,9 @@ def run_train_embedding(args):
     check_count(args.steps, "--steps", 1)
     check_count(args.batch_size, "--batch-size", 1)
     check_count(args.checkpoint_every, "--checkpoint-every", 0)
+    check_learning_rate(args.lr)
+    if args.clip_skip is not None:
+        check_count(args.clip_skip, "--clip-skip", 0)
     find_pictures(args.dir)
     for path in output_paths(args.out).values():
         check_destination(path, "--out")

@@ -69,6 +69,7 @@ def test_train_embedding_checkpoint_and_resume(folder, pictures, tmp_path, seed)
     ({"dir": "empty"}, "no pictures"),
     ({"--steps": "0"}, "--steps must be >= 1"),
     ({"--vectors": "0"}, "--vectors must be >= 1"),
+    ({"--lr": "-1"}, "learning rate must be a finite number > 0"),
     ({"--out": "missing/x.safetensors"}, "does not exist"),
     ({"--resume": "nothing.safetensors"}, "no such file"),
     ({"--token": "cat"}, "already in the tokenizer"),
@@ -79,7 +80,7 @@ def test_train_embedding_bad_options(folder, pictures, tmp_path, capsys, changes
     options = {"dir": str(pictures), "--token": "<x>", "--init-word": "cat", "--steps": "1",
                "--out": str(tmp_path / "x.safetensors"), "--model": str(folder)}
     for key, value in changes.items():
-        options[key] = value if key in ("--steps", "--vectors", "--token", "--init-word") else str(tmp_path / value)
+        options[key] = value if key in ("--steps", "--vectors", "--lr", "--token", "--init-word") else str(tmp_path / value)
     args = ["train-embedding", options.pop("dir")] + [part for item in options.items() for part in item]
     assert cli.main([*args, "--quiet"]) == 2
     error = capsys.readouterr().err

@@ -7,7 +7,7 @@ weights frozen. What textual inversion trains through: the new word's rows of th
 token_embeds [B,L,D] are the rows token_embedding[input_ids] (clip_token_embeds), BEFORE the position
 embedding is added. Which hidden state comes out (prompt_encoding.encode_ids, the pipeline's choice):
     clip_skip None   final_layer_norm(last layer's output)       diffusers' last_hidden_state (SD 1.x, 2.x)
-    clip_skip k      final_layer_norm(output k layers before the last)
+    clip_skip k      final_layer_norm(output k layers before the last; k = the layer count: the embeddings)
     final_norm=False the layer's output without the final norm    (SDXL's penultimate layer; not trained yet)
 Layers after the chosen one are not run at all (they do not reach the output).
 
@@ -79,8 +79,9 @@ def encoder_layer_backward(layer, h, grad_out):
 class CLIPTape:
     """The layer inputs of one CLIP forward (from the token embeddings), for its backward."""
 
-    def __init__(self, text_encoder, layer_inputs, final_input):
+    def __init__(self, text_encoder, shape, layer_inputs, final_input):
         self.text_encoder = text_encoder
+        self.shape = shape                # [B,L,D] of the token embeddings and of every hidden state
         self.layer_inputs = layer_inputs  # [B,L,D] per layer run, first to last
         self.final_input = final_input    # [B,L,D] the final norm's input, or None (final_norm=False)
 
@@ -90,9 +91,8 @@ class CLIPTape:
         if self.layer_inputs is None:
             raise NpdiffError("this CLIP tape has been used already: run clip_forward_for_backward again")
         grad = np.ascontiguousarray(grad_hidden, dtype=np.float32)      # [B,L,D]
-        expected = self.layer_inputs[0].shape
-        if grad.shape != expected:
-            raise NpdiffError(f"CLIP backward: the hidden-state gradient must have shape {expected}, got {grad.shape}")
+        if grad.shape != self.shape:
+            raise NpdiffError(f"CLIP backward: the hidden-state gradient must have shape {self.shape}, got {grad.shape}")
         # 3. the final layer norm
         if self.final_input is not None:
             grad = layer_norm_input_grad(self.text_encoder.final_layer_norm, self.final_input, grad)  # [B,L,D]
@@ -114,8 +114,8 @@ def clip_forward_for_backward(text_encoder, token_embeds, clip_skip=None, final_
         raise NpdiffError("the CLIP backward runs on NumPy arrays; got token embeddings on another device")
     depth = len(text_encoder.layers)
     skip = 0 if clip_skip is None else int(clip_skip)
-    if not 0 <= skip < depth:
-        raise NpdiffError(f"clip_skip {clip_skip} must be in [0, {depth - 1}] for a text encoder of {depth} layers")
+    if not 0 <= skip <= depth:
+        raise NpdiffError(f"clip_skip {clip_skip} must be in [0, {depth}] for a text encoder of {depth} layers")
     token_embeds = np.ascontiguousarray(token_embeds, dtype=np.float32)  # [B,L,D]
     dim = text_encoder.token_embedding.shape[1]
     positions = text_encoder.position_embedding.shape[0]
@@ -132,8 +132,8 @@ def clip_forward_for_backward(text_encoder, token_embeds, clip_skip=None, final_
         h = layer(h)                                                    # [B,L,D] -> [B,L,D]
     # 3. the final layer norm
     if not final_norm:
-        return h, CLIPTape(text_encoder, layer_inputs, None)
-    return text_encoder.final_layer_norm(h), CLIPTape(text_encoder, layer_inputs, h)  # [B,L,D]
+        return h, CLIPTape(text_encoder, token_embeds.shape, layer_inputs, None)
+    return text_encoder.final_layer_norm(h), CLIPTape(text_encoder, token_embeds.shape, layer_inputs, h)  # [B,L,D]
 
 
 def clip_backward(text_encoder, token_embeds, grad_hidden, clip_skip=None, final_norm=True):

@@ -26,6 +26,7 @@ import numpy as np
 from npdiff.atomic_files import check_destination
 from npdiff.errors import NpdiffError
 from npdiff.pipeline_utils import check_positive_int
+from npdiff.prompt_encoding import PromptOptions
 from npdiff.textual_inversion import add_rows, check_new_rows, check_token
 from npdiff.training.adamw import AdamW
 from npdiff.training.embedding_grad import check_trainable_pipeline, text_embedding_grad
@@ -149,6 +150,7 @@ def textual_inversion(pipe, folder, token, init_word, vectors=1, steps=500, lr=5
         raise NpdiffError(f"checkpoint every must be an integer >= 0 (0: no checkpoints), got {checkpoint_every!r}")
     if checkpoint_every and out is None:
         raise NpdiffError("checkpoints need an output file (out=...): they are written beside it")
+    PromptOptions(clip_skip).check_layers(pipe.text_encoder, "last")
     init_id = check_init_word(pipe.tokenizer, init_word)
     table = pipe.text_encoder.token_embedding                           # [V,C]
     start_rows = np.repeat(np.asarray(table[init_id], np.float32)[None], count, axis=0)  # [N,C]

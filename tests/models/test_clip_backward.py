@@ -47,9 +47,10 @@ def torch_token_embeds_grad(model, ids, grad_hidden, clip_skip=None, final_norm=
     return hidden.detach(), leaf.grad
 
 
-@pytest.mark.parametrize("clip_skip,final_norm", [(None, True), (1, True), (1, False)])
+@pytest.mark.parametrize("clip_skip,final_norm", [(None, True), (1, True), (1, False), ("all", True)])
 def test_clip_backward_matches_autograd(clip_pair, rng, clip_skip, final_norm):
     kind, torch_model, ours = clip_pair
+    clip_skip = len(ours.layers) if clip_skip == "all" else clip_skip  # the embeddings through the final norm
     batch = int(rng.integers(1, 3))
     ids = padded_ids(rng, batch, 77)                                    # [B,77]
     grad_hidden = rng.standard_normal((batch, 77, ours.config["hidden_size"]), dtype=np.float32)
@@ -82,7 +83,7 @@ def test_clip_backward_refuses_bad_input(clip_pair):
     _, _, ours = clip_pair
     dim = ours.config["hidden_size"]
     with pytest.raises(NpdiffError, match="clip_skip"):
-        clip_forward_for_backward(ours, np.zeros((1, 77, dim), np.float32), clip_skip=len(ours.layers))
+        clip_forward_for_backward(ours, np.zeros((1, 77, dim), np.float32), clip_skip=len(ours.layers) + 1)
     with pytest.raises(NpdiffError, match="token embeddings must have shape"):
         clip_forward_for_backward(ours, np.zeros((1, 77, dim + 1), np.float32))
     _, tape = clip_forward_for_backward(ours, np.zeros((1, 77, dim), np.float32))

@@ -192,6 +192,7 @@ def test_bad_input_refused_before_any_work(folder, pictures, tmp_path):
         ({"lr": float("nan")}, "learning rate"),
         ({"templates": ["no slot"]}, "caption template"),
         ({"checkpoint_every": 2}, "checkpoints need an output file"),
+        ({"clip_skip": 3}, "clip_skip 3 skips more layers"),
         ({"out": tmp_path / "missing" / "x.safetensors"}, "does not exist"),
         ({"resume": tmp_path / "nothing.safetensors"}, "no such file"),
     ]
