@@ -5,7 +5,7 @@ OPENBLAS_THREAD_TIMEOUT, read when NumPy loads OpenBLAS, changes it), so a GEMM 
 took a core from the Numba kernel or the block pool that ran next: the SD 1.5 UNet lost ~20% when
 numpy was imported before npdiff. Here: in a fresh process, importing numpy first (as nearly every
 script does), torch first or npdiff first, OpenBLAS's own threads get no CPU while npdiff's kernels and a whole
-(tiny) UNet run, and no thread of the process uses CPU while it sleeps after them; the pool's GEMM
+(tiny) txt2img run, and no thread of the process uses CPU while it sleeps after them; the pool's GEMM
 (npdiff.kernels.block_pool.matmul) equals torch.matmul; OpenBLAS's thread count is 1 only while
 npdiff's blocks run and is the user's again after; nothing about OpenBLAS is warned about on a CPU
 whose OpenBLAS already runs its fast kernels.
@@ -21,10 +21,12 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import KERNEL_TOL, assert_rel_close
-from npdiff import blas
-from npdiff.kernels import block_pool
-from tiny_models import tiny_unet
+sys.path.insert(0, str(Path(__file__).parent / "pipeline"))
+
+from helpers import KERNEL_TOL, assert_rel_close  # noqa: E402
+from npdiff import blas  # noqa: E402
+from npdiff.kernels import block_pool  # noqa: E402
+from tiny_sd import tiny_sd_folder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 # NumPy; its own OpenMP threads start at its first parallel op), npdiff starts none.
 IN_A_FRESH_PROCESS = """
 import {first}
-import os, sys, threading, time
+import json, os, sys, threading, time
 
 def thread_ids():
     return {{int(name) for name in os.listdir("/proc/self/task")}} - {{threading.get_native_id()}}
@@ -57,15 +59,12 @@ openblas_threads = thread_ids()
 import numpy as np
 import npdiff
 from npdiff import kernels
-from npdiff.models import UNet2DConditionModel
 
 rng = np.random.default_rng(0)
 rows = rng.standard_normal((2048, 256), dtype=np.float32)
 x = rng.standard_normal((2, 32, 32, 32), dtype=np.float32)
 q = rng.standard_normal((2, 4, 256, 32), dtype=np.float32)
-unet = UNet2DConditionModel.from_pretrained(sys.argv[1])
-sample = rng.standard_normal((2, 4, 16, 16), dtype=np.float32)
-context = rng.standard_normal((2, 7, 24), dtype=np.float32)
+pipe = npdiff.StableDiffusionPipeline.from_pretrained(sys.argv[1])
 
 def npdiff_work():
     kernels.linear(rows, rows[:512])  # [2048,256] @ [256,512]: OpenBLAS would thread it
@@ -75,7 +74,7 @@ def npdiff_work():
     kernels.conv2d(x, rng.standard_normal((64, 32, 1, 1), dtype=np.float32))
     kernels.scaled_dot_product_attention(q, q, q)
     kernels.group_norm(x, 8, None, None, silu=True)
-    unet(sample, 500, context)
+    pipe("a red cube", num_inference_steps=2, height=64, width=64, seed=1)  # CLIP, UNet, VAE, sampler
 
 npdiff_work()  # compiles (or loads) the Numba kernels and starts every pool
 time.sleep(0.3)  # OpenBLAS's threads, woken by numpy's own start-up, sleep by now
@@ -88,24 +87,23 @@ start = cpu_seconds(others)
 time.sleep(0.3)
 print(json.dumps({{"openblas_threads": len(openblas_threads), "openblas_cpu_during": during,
                   "idle_cpu_after_linear": cpu_seconds(others) - start}}))
-""".replace("import numpy as np\n", "import json\nimport numpy as np\n", 1)
+"""
 
 
 @pytest.mark.parametrize("first", ["numpy", "torch", "npdiff"])
-def test_openblas_threads_never_run_for_npdiff_whichever_is_imported_first(first, tmp_path):
+def test_openblas_threads_never_run_for_npdiff_whichever_is_imported_first(first):
     if not Path("/proc/self/task").is_dir():
         pytest.skip("needs Linux's /proc to read each thread's CPU time")
-    _, unet_folder = tiny_unet("sd1", seed=0, folder=tmp_path / "unet")
     environment = {key: value for key, value in os.environ.items()
                    if key not in ("OPENBLAS_THREAD_TIMEOUT", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
     environment["PYTHONPATH"] = os.pathsep.join([str(REPO), environment.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", IN_A_FRESH_PROCESS.format(first=first), str(unet_folder)],
+    done = subprocess.run([sys.executable, "-c", IN_A_FRESH_PROCESS.format(first=first), str(tiny_sd_folder())],
                           env=environment, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "RuntimeWarning" not in done.stderr or blas.avx512_kernels_missed(), done.stderr
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     # OpenBLAS's own threads (one fewer than the CPUs, when NumPy's BLAS is OpenBLAS) took no CPU
-    # while npdiff's kernels and a UNet ran: before npdiff ran its GEMMs on its own threads, its
+    # while npdiff's kernels and a txt2img ran: before npdiff ran its GEMMs on its own threads, its
     # linear layers woke them, and each busy-waited ~0.1 s after every such call (tens to hundreds
     # of ms here).
     assert measured["openblas_cpu_during"] < 0.005, (
