@@ -5,18 +5,17 @@ element-wise work; the right parallelism is one block per core, each block's GEM
 Left alone, every np.matmul a worker makes would fan out onto all of OpenBLAS's threads too: two
 workers x two BLAS threads on two cores, with OpenBLAS serialising concurrent callers on its pool.
 
-`BlockParallelPool.run(function, blocks)` calls function(block) for every block on as many
-threads as this process may use CPUs (the calling thread and pool workers) and returns when all
-are done. While the blocks run,
-OpenBLAS's thread count is 1, so each worker's matmuls stay on its core; when the last block is
-done the count is set back to what it was, so the user's own matmuls after npdiff returns get
-every core again. The count is one setting for the whole process: OpenBLAS has no per-thread count
-in the builds NumPy ships. (Its `openblas_set_num_threads_local` sets the same global count and
-returns the old one: called once in each worker, as npdiff once did, it left the main thread's BLAS
-on one core for the rest of the process, measured: linear [8192,320]x[1280,320]^T at 194 GFLOP/s in
-a fresh process, 101 after one conv2d.) Concurrent callers of run() are counted, so the count is
-set to 1 by the first and restored by the last; a numpy call another thread of the user's makes
-*while* npdiff's blocks run gets one thread too (the price of a process-wide count).
+`BlockParallelPool.run(function, blocks)` calls function(block) for every block on as many threads
+as this process may use CPUs (the calling thread and pool workers) and returns when all are done.
+While the blocks run, OpenBLAS's thread count is 1, so each thread's matmuls stay on its core; when
+the last block is done the count is set back to what it was, so the user's own matmuls after npdiff
+returns get every core again. The count is one setting for the whole process: OpenBLAS has no
+per-thread count in the builds NumPy ships. (Its `openblas_set_num_threads_local` sets the same
+global count and returns the old one: called once in each worker, as npdiff once did, it left the
+main thread's BLAS on one core for the rest of the process, measured: linear [8192,320]x[1280,320]^T
+at 194 GFLOP/s in a fresh process, 101 after one conv2d.) Concurrent callers of run() are counted,
+so the count is set to 1 by the first and restored by the last; a numpy call another thread of the
+user's makes *while* npdiff's blocks run gets one thread too (the price of a process-wide count).
 Where OpenBLAS's thread count can't be set (NumPy on another BLAS), the pool has a single worker,
 so nothing is oversubscribed: correct, only not parallel.
 
