@@ -18,7 +18,9 @@ call after the warm-up runs with every kernel wrapped by a counter: it gives the
 (convolutions, linear layers and the two attention matmuls; norms and activations are not
 counted) and the seconds spent per kernel, printed below the table to show which kernel a slow
 network waits on. Every process imports numpy first, as a user's script does, or what
---import-first names (benchmarks/_import_first.py).
+--import-first names (benchmarks/_import_first.py); each side also reports the CPU seconds per timed
+call of the whole process and of OpenBLAS's own threads (npdiff's should be 0: it runs its GEMMs on
+its own threads).
 The outputs of the sides are compared with torch's (relative error) before any time is reported.
 
 Sides (--sides, default all; torch always runs: it is the anchor of every ratio and error):
@@ -314,7 +316,12 @@ def worker(args):
         result["flops"] = sum(entry["flops"] for entry in stats.values())
     np.save(args.out, np.asarray(out))
     del out
+    cpu_before, openblas_before = time.process_time(), _import_first.cpu_seconds(_import_first.OPENBLAS_THREAD_IDS)
     result["seconds"] = time_call(fn, repeat=args.repeat, warmup=0)
+    # CPU seconds per timed call: the whole process, and OpenBLAS's own threads (computing or busy-waiting)
+    result["cpu_seconds"] = (time.process_time() - cpu_before) / args.repeat
+    result["openblas_cpu_seconds"] = (_import_first.cpu_seconds(_import_first.OPENBLAS_THREAD_IDS)
+                                      - openblas_before) / args.repeat
     result["run_peak_rss_gib"] = proc_status_gib("VmHWM")   # the calls only (after the load)
     result["peak_rss_gib"] = peak_rss_gib()                  # load and calls
     print("RESULT " + json.dumps(result))
@@ -444,6 +451,10 @@ def main():
                 rows.append(npdiff_row(component, sides, peak))
             engine_rows += [engine_row(component, side, sides) for side in side_names if side in OPENVINO_SIDES]
             details[component] = {side: {k: v for k, v in sides[side].items() if k != "output"} for side in sides}
+    for component, sides in details.items():
+        print(f"{component}: CPU seconds per timed call (the whole process / OpenBLAS's own threads): "
+              + "; ".join(f"{side} {sides[side]['cpu_seconds']:.2f} / {sides[side]['openblas_cpu_seconds']:.2f}"
+                          for side in sides if "cpu_seconds" in sides[side]))
     if rows:
         print()
         print_table(rows, [
