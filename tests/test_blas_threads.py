@@ -123,7 +123,10 @@ def test_openblas_threads_never_run_for_npdiff_whichever_is_imported_first(first
     (2, 300, 40, 50),    # batched: blocks per image
     (3, 100, 64, 70),    # 3 images on the workers: more blocks, so none idles
     (1, 5, 3, 7),        # below MATMUL_PARALLEL_MIN: one block on the caller
-    (1, 0, 8, 9),        # no rows: an empty product, as np.matmul
+    (1, 0, 8, 9),        # no rows, no columns, nothing to sum: as np.matmul
+    (2, 0, 8, 0),
+    (1, 4, 8, 0),
+    (1, 40, 0, 60),
 ])
 def test_pool_matmul_equals_torch(shape, rng):
     batch, rows, depth, columns = shape
@@ -132,7 +135,9 @@ def test_pool_matmul_equals_torch(shape, rng):
     got = block_pool.matmul(a, weight.T)  # the transposed weight, a view, as linear passes it
     expected = torch.matmul(torch.from_numpy(a), torch.from_numpy(weight).T).numpy()
     assert got.shape == expected.shape and got.dtype == np.float32
-    if got.size:
+    if depth == 0:
+        np.testing.assert_array_equal(got, expected)  # an empty sum is 0
+    elif got.size:
         assert_rel_close(got, expected, KERNEL_TOL)
 
 

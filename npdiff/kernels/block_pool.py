@@ -240,6 +240,8 @@ def matmul(a, b, out=None):
     """
     if out is None:
         out = np.empty(a.shape[:-1] + (b.shape[1],), np.float32)  # [..., M, N]
+    if out.size == 0:
+        return out  # no rows or no columns: nothing to compute
     images = a[None] if a.ndim == 2 else a  # [M,K] or [B,M,K] -> [B,M,K]
     products = out[None] if out.ndim == 2 else out  # [M,N] or [B,M,N] -> [B,M,N]
     batch, rows, depth = images.shape
