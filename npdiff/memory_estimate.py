@@ -6,8 +6,8 @@
     available_bytes()            MemAvailable from /proc/meminfo (else os.sysconf pages), or None
     check_call_memory(pipe, batch, height, width, guidance, encode=False)
         NpdiffError naming both numbers and what to lower, when the estimate exceeds what is free; when only
-        the untiled VAE decode (or encode) is too big and a tiled one fits, tiling is switched on for the call
-        instead, with a one-line note (the estimate's "vae_tiling_auto")
+        the untiled VAE decode (or encode) is too big and a tiled one fits, the estimate says to switch tiling
+        on for the call instead ("vae_tiling_auto"), and why in one line ("vae_tiling_note")
 
 The formula (float32: 4 bytes a value). A "map" at level i is one feature map [B, C_i, h_i, w_i] of
 the batch the network runs on (the UNet runs 2*batch when guiding; the VAE decodes the whole batch):
@@ -41,7 +41,6 @@ purpose is to refuse a 1048576x1048576 picture or a million images in a second, 
 """
 
 import os
-import sys
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
@@ -203,7 +202,8 @@ def check_call_memory(pipe, batch, height, width, guidance, encode=False):
 
 def auto_tiling_estimate(vae, call, free, untiled_total):
     """The estimate with the VAE in tiles, when that fits in `free` bytes (and the VAE can tile this
-    picture: valid tile sizes, a side larger than a tile); a one-line note on stderr says so. Else None."""
+    picture: valid tile sizes, a side larger than a tile), with the one-line note the caller shows
+    ("vae_tiling_note"). Else None."""
     try:
         check_tiling(vae)
     except NpdiffError:
@@ -214,7 +214,7 @@ def auto_tiling_estimate(vae, call, free, untiled_total):
     tiled = estimate_call_bytes(**call, vae_tile=vae.tile_latent_min_size)
     if tiled["total"] > free:
         return None
-    print(f"npdiff: note: the VAE decodes {call['height']}x{call['width']} in tiles (as with --vae-tiling / "
-          f"vae.enable_tiling()): untiled the call needs about {human_bytes(untiled_total)}, "
-          f"{human_bytes(free)} is available", file=sys.stderr)
-    return dict(tiled, vae_tiling_auto=True)
+    note = (f"the VAE decodes {call['height']}x{call['width']} in tiles (as with --vae-tiling / "
+            f"vae.enable_tiling()): untiled the call needs about {human_bytes(untiled_total)}, "
+            f"{human_bytes(free)} is available")
+    return dict(tiled, vae_tiling_auto=True, vae_tiling_note=note)

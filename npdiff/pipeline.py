@@ -41,6 +41,7 @@ part back after each step 4.4. The same seed gives the same picture as diffusers
 
 import copy
 import inspect
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -366,6 +367,8 @@ class StableDiffusionPipeline:
         memory = check_call_memory(self, len(prompts) * num_images_per_prompt, start.height, start.width,
                                    do_guidance, encode=start.encodes_picture)  # refuse what cannot fit, before any work
         self.auto_vae_tiling = bool(memory and memory["vae_tiling_auto"])  # the VAE in tiles: fits then
+        if self.auto_vae_tiling:
+            print(f"npdiff: note: {memory['vae_tiling_note']}", file=sys.stderr)
         generator, seed = make_generator(seed, generator)
         scheduler = copy.deepcopy(self.scheduler)  # each call starts from a fresh scheduler state
 

@@ -16,7 +16,9 @@ import torch
 from helpers import IMAGE_LEVELS_TOL, NETWORK_TOL, assert_rel_close, rel_err
 from tiny_models import VAE_KINDS, tiny_vae
 
+from npdiff import memory_estimate
 from npdiff.errors import NpdiffError
+from npdiff.kernels.block_pool import worker_count
 from npdiff.models import AutoencoderKL
 
 # pixels per tile, per kind: a multiple of 4 x the VAE's factor (8 for "sd", 4 for "deep")
@@ -135,6 +137,22 @@ def test_tiled_decode_holds_one_tile_not_the_picture():
     tiled, image = traced_peak(lambda: vae.decode(z))
     assert tiled <= image.nbytes + 1.5 * one_tile, (tiled, image.nbytes, one_tile)
     assert tiled < whole / 3, (tiled, whole)
+
+
+def test_tiled_estimate_is_within_a_factor_of_the_traced_peak():
+    """memory_estimate's tiled VAE decode (one tile's activations, the output, the convolutions' im2col
+    workspace at the tile's size) against tracemalloc's peak of the decode: between 0.5x and 4x."""
+    _, folder = tiny_vae("sd", seed=0)
+    vae = AutoencoderKL.from_pretrained(folder)
+    vae.enable_tiling()
+    tile, side = vae.tile_latent_min_size, 40
+    z = np.random.default_rng(0).standard_normal((1, 4, side, side), dtype=np.float32)
+    vae.decode(z[:, :, :tile, :tile])  # compile the kernels outside the traced call
+    peak, _ = traced_peak(lambda: vae.decode(z))
+    pixels = tile * vae.downscale
+    estimate = (memory_estimate.vae_tiled_bytes(vae.config, 1, side, side, tile)
+                + memory_estimate.conv_workspace_bytes(vae.config, pixels, pixels, worker_count()))
+    assert 0.5 <= estimate / peak <= 4.0, f"estimate {estimate} vs traced peak {peak} bytes"
 
 
 @pytest.mark.parametrize("attribute,value,named", [
