@@ -2,7 +2,8 @@
 
 A tiny random SD (tests/pipeline/tiny_sd.py; its VAE's sample_size 64 makes 8-latent tiles) at 128x128 pixels,
 so the final decode (and img2img's encode) runs in 3 x 3 tiles:
-- pipe.enable_vae_tiling() draws the picture diffusers draws with pipe.vae.enable_tiling() (2 levels);
+- pipe.enable_vae_tiling() draws the picture diffusers draws with pipe.vae.enable_tiling() (2 levels), for SD
+  (txt2img, img2img) and SDXL (tests/pipeline/tiny_sdxl.py, the same 8-latent tiles);
 - the memory check switches tiling on by itself, for that call only, with a one-line note, when the whole
   picture's decode would not fit and the tiled one does (free memory stubbed between the two estimates);
   when neither fits, the call is refused before any work;
@@ -84,6 +85,26 @@ def test_tiled_img2img_like_diffusers(folder, seed, rng):
     pipe.vae.enable_tiling()  # diffusers' other spelling
     ours = pipe.img2img("a blue square", image=picture, seed=seed, output_type="np", **kwargs)
     assert_within_levels(ours.images, theirs)
+    assert ours.parameters["vae_tiling"] is True
+
+
+def test_tiled_sdxl_like_diffusers(seed):
+    """SDXL's pipeline runs the same flow: its VAE (4 blocks, scaling_factor 0.13025) in tiles too."""
+    from sdxl_compare import assert_same, theirs_pipeline
+    from sdxl_compare import load_ours as load_sdxl
+    from sdxl_compare import run_theirs as run_sdxl
+
+    kwargs = dict(prompt="a red circle", num_inference_steps=2, guidance_scale=5.0, height=SIZE, width=SIZE)
+    theirs_vae = theirs_pipeline("base", "txt2img").vae
+    theirs_vae.enable_tiling()
+    try:
+        theirs_levels, theirs_latents = run_sdxl("base", "txt2img", seed, **kwargs)
+    finally:
+        theirs_vae.disable_tiling()
+    pipe = load_sdxl("base")
+    pipe.enable_vae_tiling()
+    ours = pipe(seed=seed, output_type="np", **kwargs)
+    assert_same(ours, theirs_levels, theirs_latents, "SDXL with the VAE in tiles")
     assert ours.parameters["vae_tiling"] is True
 
 
