@@ -184,7 +184,8 @@ def check_call_memory(pipe, batch, height, width, guidance, encode=False):
         check_tiling(vae)  # bad tile sizes: refused before any work
     call = {"unet_config": pipe.unet.config, "vae_config": vae.config, "text_dim": text_dim, "batch": batch,
             "height": height, "width": width, "guidance": guidance, "encode": encode, "workers": worker_count()}
-    estimate = estimate_call_bytes(**call, vae_tile=vae.tile_latent_min_size if can_tile and vae.use_tiling else None)
+    tile = vae.tile_latent_min_size if can_tile and vae.use_tiling else None  # None: whole pictures
+    estimate = estimate_call_bytes(**call, vae_tile=tile)
     estimate["vae_tiling_auto"] = False
     free = available_bytes()
     if free is not None and estimate["total"] > free and can_tile and not vae.use_tiling:

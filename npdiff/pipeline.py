@@ -47,12 +47,12 @@ from pathlib import Path
 import numpy as np
 
 from npdiff import __version__, backend
+from npdiff.errors import NpdiffError
 from npdiff.hires import check_hires, hires_fix
 from npdiff.hires_names import DEFAULT_HIRES_STRENGTH, DEFAULT_HIRES_UPSCALER
 from npdiff.images import decoded_to_float, to_pil
 from npdiff.loading.resident import release_resident_pages
 from npdiff.lora import load_lora_weights, lora_parameters, unload_lora_weights
-from npdiff.errors import NpdiffError
 from npdiff.memory_estimate import check_call_memory
 from npdiff.models.blocks import guidance_scale_embedding
 from npdiff.models.vae_tiling import tiling_switched_on
