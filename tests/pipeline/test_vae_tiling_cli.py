@@ -7,8 +7,9 @@ so the final decode (and img2img's encode) runs in 3 x 3 tiles:
 - the memory check switches tiling on by itself, for that call only, with a one-line note, when the whole
   picture's decode would not fit and the tiled one does (free memory stubbed between the two estimates);
   when neither fits, the call is refused before any work;
-- `--vae-tiling` is stored in the PNG and `--reproduce` turns it on again (the same pixels), and a batch line
-  or a PNG with a vae_tiling that is not true/false is refused by name; TAESD has no tiling: refused.
+- `--vae-tiling` is stored in the PNG and `--reproduce` turns it on again (the same pixels); a batch line keeps
+  vae_tiling, and a batch line or a PNG with a vae_tiling that is not true/false is refused by name; TAESD has
+  no tiling: refused.
 """
 
 import numpy as np
@@ -161,6 +162,19 @@ def test_vae_tiling_must_be_true_or_false(value, tmp_path):
         check_value("vae_tiling", value)
     with pytest.raises(NpdiffError, match="picture.png.*vae_tiling"):
         options_from_png({"prompt": "x", "vae_tiling": value}, "picture.png")
+
+
+def test_batch_lines_take_vae_tiling(tmp_path):
+    """A batch line's vae_tiling: true is kept (and expected in its PNG, so a rerun knows the picture is done);
+    "yes" fails that line, named."""
+    from npdiff.batch_jobs import read_jobs
+
+    jobs_file = tmp_path / "jobs.jsonl"
+    jobs_file.write_text('{"prompt": "a", "vae_tiling": true}\n{"prompt": "b", "vae_tiling": "yes"}\n')
+    jobs, failures = read_jobs(jobs_file, {})
+    assert [job.options["vae_tiling"] for job in jobs] == [True]
+    assert jobs[0].expected_params({"model": "m", "model_hash": "h"})["vae_tiling"] is True
+    assert "'vae_tiling' must be true or false" in failures[2]
 
 
 def test_taesd_has_no_tiling(folder):
