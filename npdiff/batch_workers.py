@@ -20,7 +20,7 @@ from npdiff.errors import NpdiffError
 from npdiff.images import load_image
 from npdiff.pipeline_sdxl import load_any_pipeline
 from npdiff.pipeline_utils import resolve_scheduler
-from npdiff.recipe import load_vae, render
+from npdiff.recipe import load_vae, render, use_vae_tiling
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
@@ -117,6 +117,7 @@ class Renderer:
         options = job["options"]
         self.use_sampler(options.get("sampler"), options.get("prediction_type"))
         self.use_vae(job["vae"])
+        use_vae_tiling(self.pipe, options.get("vae_tiling"))
         self.use_loras(job["loras"])
         # 3. the picture
         rendered = render(self.pipe, job["command"], options, pictures.get("image"), pictures.get("mask"),

@@ -2,7 +2,7 @@
 
     npdiff generate PROMPT [--negative N] [--steps S] [--guidance G] [--seed X] [--sampler NAME] [--eta E]
                     [--height H --width W] [--model PATH] [--prediction-type epsilon|v_prediction]
-                    [--vae FOLDER] [--lora FILE[:SCALE]]... [--out FILE] [--save-steps K]
+                    [--vae FOLDER] [--vae-tiling] [--lora FILE[:SCALE]]... [--out FILE] [--save-steps K]
                     [--reproduce PNG] [--device cpu|cuda [--fp16]] [--backend numpy|cupy]
                                      text -> picture; the PNG carries its parameters (npdiff's JSON and
                                      AUTOMATIC1111's text; the model and LoRAs by name and hash, a --vae
@@ -67,6 +67,7 @@ from npdiff.recipe import (
     parse_lora_option,
     pipeline_arguments,
     render,
+    use_vae_tiling,
 )
 from npdiff.recipe_reproduce import find_loras, problems_with_stored
 from npdiff.serve import add_serve_command
@@ -176,6 +177,7 @@ def load_pipeline(args):
     pipe = load_any_pipeline(model, scheduler=args.sampler, prediction_type=args.prediction_type)  # SD or SDXL
     if args.vae:
         pipe.vae = load_vae(args.vae)
+    use_vae_tiling(pipe, args.vae_tiling)  # --vae-tiling (or the PNG's vae_tiling with --reproduce)
     print(f"loaded model {model} in {time.perf_counter() - start:.2f} s (sampler {pipe.scheduler_name}, "
           f"backend {backend.name()} {backend.compute_dtype()})", file=sys.stderr)
     for path, scale in loras:
@@ -306,6 +308,10 @@ def add_sampling_options(p):
     p.add_argument("--vae", default=None, metavar="FOLDER",
                    help="decode (and encode) with this VAE instead of the model's: a diffusers AutoencoderKL or "
                    "AutoencoderTiny (TAESD) folder; its name is stored in the PNG")
+    p.add_argument("--vae-tiling", action="store_true", default=None,
+                   help="decode (and encode) pictures larger than the VAE's sample_size in overlapping tiles, as "
+                   "diffusers' enable_vae_tiling(): memory bounded by one tile; switched on by itself when the "
+                   "whole picture would not fit; stored in the PNG")
     p.add_argument("--out", default=None, help="output PNG (default npdiff-SEED.png)")
     p.add_argument("--save-steps", type=int, default=None, metavar="K",
                    help="also write OUT-steps.png: the picture decoded every K steps")
