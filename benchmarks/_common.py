@@ -13,7 +13,6 @@ import platform
 import time
 from pathlib import Path
 
-import npdiff  # noqa: F401  (must come before numpy: chooses OpenBLAS's AVX-512 kernels)
 import numpy as np
 from npdiff.blas import blas_info
 

@@ -2,6 +2,7 @@
 
     python benchmarks/memory.py load            # StableDiffusionPipeline.from_pretrained(folder) alone
     python benchmarks/memory.py decode --size 512   # the KL VAE decode alone: its peak RSS
+    python benchmarks/memory.py decode --size 2048 --tiling --sides npdiff,torch   # tiled, against diffusers'
     python benchmarks/memory.py refault         # UNet forward, release its pages, forward again
 
 The folder is benchmarks/models.py's random SD 1.5-size weights (~/.cache/npdiff/sd15-random, 4 GB of
@@ -12,7 +13,12 @@ sees; a cold disk adds its read time to both libraries alike). Measured in the w
               --no-finite-check leaves out the NaN/Inf check of every weight, to measure its cost
     decode    VmRSS before, the peak within AutoencoderKL.decode (VmHWM after resetting it with clear_refs)
               of latents [1,4,size/8,size/8], and the seconds it took; the weights are paged in before the
-              reset by one decode at 64x64, so the peak above VmRSS is the decoder's activations
+              reset by one decode at 64x64, so the peak above VmRSS is the decoder's activations;
+              --tiling: vae.enable_tiling() (diffusers' tiles, npdiff/models/vae_tiling.py), --tile PIXELS
+              sets tile_sample_min_size (and the latent tile) on both sides instead of the config's
+              sample_size; --sides npdiff,torch runs diffusers' AutoencoderKL too, each in its own process,
+              and prints the time and peak ratios; --vae-folder: another VAE folder than the cache's vae/
+              (e.g. sdxl-random/vae: the same network as SD 1.5's, sample_size 1024)
     refault   one UNet forward at 64x64 latents (pages the weights in), RssFile after it, release the UNet's
               resident pages (npdiff.loading.release_resident_pages), RssFile after that, then the same
               forward again: its seconds minus a third forward's are the cost of faulting the weights back
@@ -29,13 +35,13 @@ import sys
 import time
 from pathlib import Path
 
+from _rss import proc_status_gib  # this script's folder, first on sys.path
+
 T0 = time.perf_counter()
 
 
 def status():
     """{VmRSS, RssAnon, RssFile, VmHWM} in GiB from /proc/self/status (Linux)."""
-    from _rss import proc_status_gib
-
     return {name: proc_status_gib(name) for name in ("VmRSS", "RssAnon", "RssFile", "VmHWM")}
 
 
@@ -62,24 +68,51 @@ def work_load(args):
             "after_load": status(), "unet_tensors": len(vars(pipe.unet))}
 
 
+def decode_model(args):
+    """-> (decode: latents -> image as NumPy, the VAE) of args.side, tiled as asked."""
+    folder = Path(args.vae_folder or Path(args.cache) / "vae")
+    if args.side == "torch":
+        here = Path(__file__).resolve().parent  # its kernels.py would shadow the `kernels` package diffusers imports
+        sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != here]
+        import torch
+        from diffusers import AutoencoderKL as TorchAutoencoderKL
+
+        vae = TorchAutoencoderKL.from_pretrained(folder).eval()
+
+        def decode(latents):
+            with torch.no_grad():
+                return vae.decode(torch.from_numpy(latents)).sample.numpy()
+    else:
+        from npdiff.models import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(folder)
+        decode = vae.decode
+    if args.tiling:
+        vae.enable_tiling()
+    if args.tile:
+        factor = 2 ** (len(vae.config.block_out_channels if args.side == "torch" else vae.config["block_out_channels"])
+                       - 1)
+        vae.tile_sample_min_size, vae.tile_latent_min_size = args.tile, args.tile // factor
+    return decode, vae
+
+
 def work_decode(args):
     import numpy as np
 
-    from npdiff.models import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(Path(args.cache) / "vae")
+    decode, vae = decode_model(args)
     rng = np.random.default_rng(0)
-    vae.decode(rng.standard_normal((1, 4, 8, 8), dtype=np.float32))  # pages in the weights, compiles kernels
+    decode(rng.standard_normal((1, 4, 8, 8), dtype=np.float32))  # pages in the weights, compiles kernels
     before = status()
     reset_peak()
     latents = rng.standard_normal((1, 4, args.size // 8, args.size // 8), dtype=np.float32)
     t0 = time.perf_counter()
-    image = vae.decode(latents)  # [1,4,h,w] -> [1,3,H,W]
+    image = decode(latents)  # [1,4,h,w] -> [1,3,H,W]
     seconds = time.perf_counter() - t0
     after = status()
     image_gib = image.nbytes / 2**30
-    return {"size": args.size, "before": before, "after": after, "decode_s": seconds,
-            "peak_above_before_gib": after["VmHWM"] - before["VmRSS"], "image_gib": image_gib}
+    return {"side": args.side, "size": args.size, "tiling": bool(args.tiling),
+            "tile_pixels": vae.tile_sample_min_size if args.tiling else None, "before": before, "after": after,
+            "decode_s": seconds, "peak_above_before_gib": after["VmHWM"] - before["VmRSS"], "image_gib": image_gib}
 
 
 def work_refault(args):
@@ -142,6 +175,11 @@ def main():
     parser.add_argument("--cache", default=None)
     parser.add_argument("--no-finite-check", action="store_true",
                         help="load: leave out the NaN/Inf check of every weight (to measure its cost)")
+    parser.add_argument("--tiling", action="store_true", help="decode: vae.enable_tiling()")
+    parser.add_argument("--tile", type=int, default=None, help="decode: tile_sample_min_size in pixels")
+    parser.add_argument("--sides", default="npdiff", help="decode: npdiff, torch or npdiff,torch")
+    parser.add_argument("--vae-folder", default=None, help="decode: a VAE folder (default: the cache's vae/)")
+    parser.add_argument("--side", default="npdiff", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -151,17 +189,30 @@ def main():
     from models import DEFAULT_CACHE
 
     args.cache = args.cache or str(DEFAULT_CACHE)
-    warm_page_cache(args.cache)
-    runs = []
+    warm_page_cache(args.vae_folder or args.cache)
+    sides = args.sides.split(",") if args.what == "decode" else ["npdiff"]
+    runs = {side: [] for side in sides}
     for _ in range(args.repeat):
-        load_start = os.getloadavg()[0]
-        command = [sys.executable, __file__, args.what, "--worker", "--size", str(args.size), "--cache", args.cache]
-        command += ["--no-finite-check"] if args.no_finite_check else []
-        out = subprocess.run(command, check=True, capture_output=True, text=True)
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-        result["loadavg"] = [load_start, os.getloadavg()[0]]
-        runs.append(result)
-        print(json.dumps(result))
+        for side in sides:
+            load_start = os.getloadavg()[0]
+            command = [sys.executable, __file__, args.what, "--worker", "--size", str(args.size), "--cache",
+                       args.cache, "--side", side]
+            command += ["--no-finite-check"] if args.no_finite_check else []
+            command += ["--tiling"] if args.tiling else []
+            command += ["--tile", str(args.tile)] if args.tile else []
+            command += ["--vae-folder", args.vae_folder] if args.vae_folder else []
+            out = subprocess.run(command, check=True, capture_output=True, text=True)
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            result["loadavg"] = [load_start, os.getloadavg()[0]]
+            runs[side].append(result)
+            print(json.dumps(result), flush=True)
+    if sides == ["npdiff", "torch"]:
+        ours = min(runs["npdiff"], key=lambda run: run["decode_s"])
+        theirs = min(runs["torch"], key=lambda run: run["decode_s"])
+        print(f"decode {args.size}x{args.size}{' tiled' if args.tiling else ''}: npdiff {ours['decode_s']:.1f} s, "
+              f"peak RSS {ours['after']['VmHWM']:.2f} GiB; diffusers {theirs['decode_s']:.1f} s, peak RSS "
+              f"{theirs['after']['VmHWM']:.2f} GiB; ratios {ours['decode_s'] / theirs['decode_s']:.2f} (time), "
+              f"{ours['after']['VmHWM'] / theirs['after']['VmHWM']:.2f} (peak RSS)")
 
 
 if __name__ == "__main__":

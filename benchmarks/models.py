@@ -1,7 +1,7 @@
 """Whole networks at Stable Diffusion 1.5 (or SDXL) size: npdiff and OpenVINO against diffusers/transformers.
 
     npdiff bench models [--only unet,vae_decode,vae_encode,text_encoder] [--repeat 2] [--cache DIR]
-                        [--sides npdiff,torch,openvino] [--tiny] [--sdxl]
+                        [--sides npdiff,torch,openvino] [--tiny] [--sdxl] [--import-first numpy|torch|npdiff]
 
 What is measured (the machine's thread count on every side, best of --repeat after a warm-up):
     unet          UNet2DConditionModel forward, batch 2 (classifier-free guidance), 64x64 latent, 77 tokens
@@ -17,7 +17,10 @@ calls; "run RSS": the peak during the calls only, VmHWM reset after loading). On
 call after the warm-up runs with every kernel wrapped by a counter: it gives the FLOP count
 (convolutions, linear layers and the two attention matmuls; norms and activations are not
 counted) and the seconds spent per kernel, printed below the table to show which kernel a slow
-network waits on.
+network waits on. Every process imports numpy first, as a user's script does, or what
+--import-first names (benchmarks/_import_first.py); each side also reports the CPU seconds per timed
+call of the whole process and of OpenBLAS's own threads (npdiff's should be 0: it runs its GEMMs on
+its own threads).
 The outputs of the sides are compared with torch's (relative error) before any time is reported.
 
 Sides (--sides, default all; torch always runs: it is the anchor of every ratio and error):
@@ -45,6 +48,7 @@ about 14 GB, made once: diffusers needs ~11 GB of memory to make and save the UN
 The default sides are then npdiff and torch (--sides openvino adds it). With --tiny, sdxl-tiny-random.
 """
 
+import _import_first  # noqa: F401, I001  (first, as a user's script: numpy, or --import-first)
 import argparse
 import json
 import os
@@ -312,7 +316,12 @@ def worker(args):
         result["flops"] = sum(entry["flops"] for entry in stats.values())
     np.save(args.out, np.asarray(out))
     del out
+    cpu_before, openblas_before = time.process_time(), _import_first.cpu_seconds(_import_first.OPENBLAS_THREAD_IDS)
     result["seconds"] = time_call(fn, repeat=args.repeat, warmup=0)
+    # CPU seconds per timed call: the whole process, and OpenBLAS's own threads (computing or busy-waiting)
+    result["cpu_seconds"] = (time.process_time() - cpu_before) / args.repeat
+    result["openblas_cpu_seconds"] = (_import_first.cpu_seconds(_import_first.OPENBLAS_THREAD_IDS)
+                                      - openblas_before) / args.repeat
     result["run_peak_rss_gib"] = proc_status_gib("VmHWM")   # the calls only (after the load)
     result["peak_rss_gib"] = peak_rss_gib()                  # load and calls
     print("RESULT " + json.dumps(result))
@@ -395,6 +404,8 @@ def main():
                         help="the same architectures at a few channels, to check the benchmark end to end")
     parser.add_argument("--cache", help=f"folder of the random weights (default {DEFAULT_CACHE}, "
                         f"with --tiny {TINY_CACHE})")
+    parser.add_argument("--import-first", choices=("numpy", "torch", "npdiff"), default="numpy",
+                        help="what every side's process imports first, as a user's script would (default numpy)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("component", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("--side", help=argparse.SUPPRESS)
@@ -415,7 +426,8 @@ def main():
     cache = Path(args.cache or CACHE_ROOT / CACHE_NAMES[profile])
     ensure_cache(cache, profile)
     peak = sgemm_peak_gflops()
-    print(f"sgemm peak (NumPy, 2048^2): {peak:.0f} GFLOP/s; load average {os.getloadavg()[0]:.1f}"
+    print(f"sgemm peak (NumPy, 2048^2): {peak:.0f} GFLOP/s; load average {os.getloadavg()[0]:.1f}; "
+          f"each process imports {args.import_first} first"
           + (f"; {profile}" if args.sdxl else "")
           + ("; --tiny: few channels, the times say nothing about SD-size speed" if args.tiny else ""))
     rows, engine_rows, details = [], [], {}
@@ -431,13 +443,18 @@ def main():
                 out = Path(scratch) / f"{component}-{side}.npy"
                 print(f"  {component}: {side} ...", file=sys.stderr, flush=True)
                 sides[side] = run_worker([component, "--side", side, "--cache", str(cache), "--profile", profile,
-                                          "--repeat", str(repeat), "--out", str(out)])
+                                          "--repeat", str(repeat), "--out", str(out),
+                                          "--import-first", args.import_first])
                 if "unsupported" not in sides[side]:
                     sides[side]["output"] = np.load(out)
             if "npdiff" in sides:
                 rows.append(npdiff_row(component, sides, peak))
             engine_rows += [engine_row(component, side, sides) for side in side_names if side in OPENVINO_SIDES]
             details[component] = {side: {k: v for k, v in sides[side].items() if k != "output"} for side in sides}
+    for component, sides in details.items():
+        print(f"{component}: CPU seconds per timed call (the whole process / OpenBLAS's own threads): "
+              + "; ".join(f"{side} {sides[side]['cpu_seconds']:.2f} / {sides[side]['openblas_cpu_seconds']:.2f}"
+                          for side in sides if "cpu_seconds" in sides[side]))
     if rows:
         print()
         print_table(rows, [
@@ -478,7 +495,8 @@ def main():
         print_table(kernel_rows, [("kernel", "kernel", None), ("calls", "calls", "{}"),
                                   ("seconds", "seconds", "{:.3f}"), ("share", "% of call", "{:.0f}"),
                                   ("gflops", "GFLOP/s", "{:.0f}")])
-    payload = {"sgemm_peak_gflops": peak, "profile": profile, "sides": side_names, "rows": rows,
+    payload = {"sgemm_peak_gflops": peak, "profile": profile, "import_first": args.import_first,
+               "sides": side_names, "rows": rows,
                "engine_rows": engine_rows, "details": details, "load_average": os.getloadavg()}
     if engine_rows:
         payload["openvino"] = openvino_version()

@@ -3,10 +3,10 @@
 Two formats, chosen by the file's suffix:
   *.jsonl   one JSON object a line with the options of `npdiff generate` / `img2img` / `inpaint`
             (npdiff.recipe.OPTIONS: prompt, negative (or negative_prompt), seed, steps, guidance, sampler,
-            height, width, strength, eta, prediction_type) and the files a picture is made from: image (img2img),
-            image + mask (inpaint), vae (a folder), lora ("FILE[:SCALE]" or a list of them), refiner (an SDXL
-            refiner, file or folder, with the option refiner_switch). Paths are
-            relative to the job file's folder. Options left out take the batch's own (--steps, ...).
+            height, width, strength, eta, prediction_type, vae_tiling) and the files a picture is made from:
+            image (img2img), image + mask (inpaint), vae (a folder), lora ("FILE[:SCALE]" or a list of
+            them), refiner (an SDXL refiner, file or folder, with the option refiner_switch). Paths are relative to
+            the job file's folder. Options left out take the batch's own (--steps, ...).
   anything  one prompt a line.
 Blank lines and lines starting with '#' are skipped in both; a UTF-8 byte order mark at the start of the
 file is not part of the first line. A line's seed defaults to its line number (1-based, as an editor

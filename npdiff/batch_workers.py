@@ -20,7 +20,7 @@ from npdiff.errors import NpdiffError
 from npdiff.images import load_image
 from npdiff.pipeline_sdxl import load_any_pipeline
 from npdiff.pipeline_utils import resolve_scheduler
-from npdiff.recipe import load_vae, render
+from npdiff.recipe import load_vae, render, use_vae_tiling
 from npdiff.sdxl_refiner import load_refiner
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
@@ -129,9 +129,12 @@ class Renderer:
         options = job["options"]
         self.use_sampler(options.get("sampler"), options.get("prediction_type"))
         self.use_vae(job["vae"])
+        use_vae_tiling(self.pipe, options.get("vae_tiling"))
         self.use_loras(job["loras"])
         # 3. the picture
         refiner = self.use_refiner(job.get("refiner"), options.get("sampler"))
+        if refiner is not None:  # the refiner's VAE decodes the picture: tiled as the base's would be
+            use_vae_tiling(refiner.pipe, options.get("vae_tiling"))
         rendered = render(self.pipe, job["command"], options, pictures.get("image"), pictures.get("mask"),
                           identity=job["identity"], vae=job["vae"], refiner=refiner)
         return rendered.png, rendered.params

@@ -1,27 +1,28 @@
 """NumPy's BLAS (OpenBLAS): which kernels it runs, and its thread count, in one place.
 
-NumPy's wheels bundle OpenBLAS, which picks its kernels from the CPU model at load time. On AMD CPUs
-with AVX-512 (Zen 4 and later) it picks the AVX2 "Haswell"/"Zen" kernels, and sgemm runs at about half
-the speed the AVX-512 "SkylakeX" kernels reach (measured here: ~230 vs ~450 GFLOP/s on 2 cores).
-OpenBLAS reads the environment variable OPENBLAS_CORETYPE *once, when NumPy is first imported*, so
-the choice has to be made before `import numpy`:
+NumPy's wheels bundle OpenBLAS ("scipy-openblas", 64-bit integers, its symbols prefixed), which
+picks its kernels from the CPU when NumPy is first imported. On Intel CPUs with AVX-512 it picks its
+AVX-512 "SkylakeX" kernels itself (checked here on an AVX-512/AMX Xeon: NumPy 2 with OpenBLAS
+0.3.31, imported before or after npdiff, reports SkylakeX, since the Sapphire Rapids and Cooper
+Lake entries map to it in NumPy's build). On AMD's AVX-512 CPUs (Zen 4 and later) OpenBLAS before
+0.3.21 picked its AVX2 "Zen"/"Haswell" kernels, about half the sgemm speed; 0.3.21 and later pick
+SkylakeX there too. OpenBLAS reads OPENBLAS_CORETYPE *once, when NumPy is first imported*, so:
 
-  1. `import npdiff` runs npdiff/startup.py, which calls `prefer_avx512_openblas()` before NumPy is
-     imported. If the CPU has AVX-512F and the user has not set OPENBLAS_CORETYPE, it sets
-     OPENBLAS_CORETYPE=SkylakeX.
-  2. If NumPy was already imported (by you, or by another library), it is too late; npdiff changes
-     nothing and `blas_info()` says so, with the variable to set.
-  3. Set NPDIFF_OPENBLAS_CORETYPE=keep to leave OpenBLAS alone, or set OPENBLAS_CORETYPE yourself.
+  1. `import npdiff` runs npdiff/startup.py, which calls `prefer_avx512_openblas()` before it
+     imports NumPy. On an AMD CPU with AVX-512F, unless the user chose (OPENBLAS_CORETYPE, or
+     NPDIFF_OPENBLAS_CORETYPE=keep), it sets OPENBLAS_CORETYPE=SkylakeX: harmless where OpenBLAS
+     would pick it anyway, the fast kernels where it would not. Other CPUs are left alone.
+  2. If NumPy was imported first it is too late to choose; `avx512_kernels_missed()` then says
+     whether it mattered (an AVX-512 CPU running other kernels: only an old OpenBLAS on AMD), and
+     npdiff/startup.py warns only then, with the variable to set. `blas_info()` reports it all.
 
 The library itself is found once (`openblas_library()`: the OpenBLAS mapped into this process once
 NumPy is loaded, read from /proc/self/maps), and every call npdiff makes into it goes through this
 module: `openblas_corename()` (the core type it actually chose, which `blas_info()` reports so
 benchmarks print what they ran on), `get_num_threads()` / `set_num_threads()` (the thread count of
 OpenBLAS's own pool, one setting for the whole process: OpenBLAS has no per-thread count, see
-npdiff/kernels/block_pool.py).
-
-`prefer_short_openblas_spin()` (also before NumPy loads) shortens the time OpenBLAS's idle threads
-spin before they sleep, so they do not take cores from the kernel that runs after a GEMM.
+npdiff/kernels/block_pool.py, which runs every npdiff GEMM on npdiff's own threads with the count
+at 1 and puts it back after, so OpenBLAS's pool, and its busy-wait, never meets npdiff's kernels).
 
 This module must not import NumPy at import time (step 1 runs before NumPy is imported).
 """
@@ -32,11 +33,9 @@ import sys
 import threading
 
 AVX512_CORETYPE = "SkylakeX"
-# How long OpenBLAS's idle threads spin before they sleep, as OPENBLAS_THREAD_TIMEOUT: 2^20 TSC
-# ticks, ~0.3 ms at 3 GHz (OpenBLAS's default is 2^28, ~0.1 s). Long enough to stay awake between
-# back-to-back GEMMs (q, k, v projections), short enough not to compete with the Numba kernel or the
-# block pool that runs next.
-THREAD_TIMEOUT_LOG2 = 20
+# OpenBLAS's core types whose sgemm is its AVX-512 one (lower case, as openblas_get_corename says)
+AVX512_CORENAMES = ("skylakex", "cooperlake", "sapphirerapids")
+AMD_VENDORS = ("AuthenticAMD", "HygonGenuine")
 # The same function under the names of the builds NumPy ships (scipy-openblas: prefixed, 64-bit
 # integers) and of a plain OpenBLAS.
 SYMBOLS = {
@@ -54,45 +53,54 @@ _library = None  # the ctypes.CDLL of NumPy's OpenBLAS, found once
 _library_searched = False
 
 
-def cpu_has_avx512f():
-    """True when /proc/cpuinfo lists avx512f (Linux); False where it can't be read."""
+def _cpuinfo_field(name):
+    """The first value of `name` in /proc/cpuinfo (Linux), split on spaces; [] where it can't be read."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return "avx512f" in line.split()
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.split()
     except OSError:
         pass
-    return False
+    return []
+
+
+def cpu_has_avx512f():
+    """True when /proc/cpuinfo lists avx512f (Linux); False where it can't be read."""
+    return "avx512f" in _cpuinfo_field("flags")
+
+
+def cpu_is_amd():
+    """True on AMD (and Hygon) CPUs, by /proc/cpuinfo's vendor_id."""
+    return any(vendor in AMD_VENDORS for vendor in _cpuinfo_field("vendor_id"))
 
 
 def prefer_avx512_openblas():
-    """Ask OpenBLAS for its AVX-512 kernels, if that is still possible. Returns (and keeps, for
-    blas_info) what was decided."""
+    """Ask OpenBLAS for its AVX-512 kernels where it might not pick them itself (AMD), if that is
+    still possible. Returns (and keeps, for blas_info) what was decided."""
     global _decision
     if os.environ.get("NPDIFF_OPENBLAS_CORETYPE", "").lower() == "keep":
         _decision = "kept (NPDIFF_OPENBLAS_CORETYPE=keep)"
     elif "OPENBLAS_CORETYPE" in os.environ:
         _decision = f"set by user: OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']}"
-    elif "numpy" in sys.modules:
-        _decision = "too late: numpy was imported before npdiff"
     elif not cpu_has_avx512f():
         _decision = "CPU has no AVX-512: OpenBLAS default"
+    elif not cpu_is_amd():
+        _decision = "not needed: OpenBLAS picks its AVX-512 kernels on this CPU itself"
+    elif "numpy" in sys.modules:
+        _decision = "too late: numpy was imported before npdiff"
     else:
         os.environ["OPENBLAS_CORETYPE"] = AVX512_CORETYPE
         _decision = f"set OPENBLAS_CORETYPE={AVX512_CORETYPE}"
     return _decision
 
 
-def prefer_short_openblas_spin():
-    """Ask OpenBLAS's idle threads to sleep soon (OPENBLAS_THREAD_TIMEOUT), if that is still
-    possible: like the core type, OpenBLAS reads it when NumPy loads it. Returns what was decided."""
-    if "OPENBLAS_THREAD_TIMEOUT" in os.environ:
-        return f"set by user: OPENBLAS_THREAD_TIMEOUT={os.environ['OPENBLAS_THREAD_TIMEOUT']}"
-    if "numpy" in sys.modules:
-        return "too late: numpy was imported before npdiff"
-    os.environ["OPENBLAS_THREAD_TIMEOUT"] = str(THREAD_TIMEOUT_LOG2)
-    return f"set OPENBLAS_THREAD_TIMEOUT={THREAD_TIMEOUT_LOG2}"
+def avx512_kernels_missed():
+    """True when the CPU has AVX-512F but the loaded OpenBLAS runs other sgemm kernels (imports
+    NumPy: call it once NumPy is loaded)."""
+    corename = openblas_corename()
+    return bool(cpu_has_avx512f() and corename and corename.lower() not in AVX512_CORENAMES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,16 +182,14 @@ def set_num_threads(threads):
 
 def blas_info():
     """A dict saying which BLAS kernels NumPy runs on and why."""
-    corename = openblas_corename()
     info = {
-        "openblas_corename": corename,
+        "openblas_corename": openblas_corename(),
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
         "cpu_avx512f": cpu_has_avx512f(),
         "npdiff_decision": _decision,
         "openblas_threads": get_num_threads(),
     }
-    if info["cpu_avx512f"] and corename and corename.lower() not in ("skylakex", "cooperlake",
-                                                                     "sapphirerapids"):
+    if avx512_kernels_missed():
         info["hint"] = ("OpenBLAS runs AVX2 kernels on this AVX-512 CPU; set "
                         "OPENBLAS_CORETYPE=SkylakeX before numpy is imported for ~2x sgemm")
     return info

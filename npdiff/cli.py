@@ -2,7 +2,7 @@
 
     npdiff generate PROMPT [--negative N] [--steps S] [--guidance G] [--seed X] [--sampler NAME] [--eta E]
                     [--height H --width W] [--model PATH] [--prediction-type epsilon|v_prediction]
-                    [--vae FOLDER] [--lora FILE[:SCALE]]... [--out FILE] [--save-steps K]
+                    [--vae FOLDER] [--vae-tiling] [--lora FILE[:SCALE]]... [--out FILE] [--save-steps K]
                     [--reproduce PNG] [--device cpu|cuda [--fp16]] [--backend numpy|cupy]
                                      text -> picture; the PNG carries its parameters (npdiff's JSON and
                                      AUTOMATIC1111's text; the model and LoRAs by name and hash, a --vae
@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-import npdiff  # noqa: F401  (chooses the BLAS kernels before numpy loads)
+import npdiff
 from npdiff import backend
 from npdiff.atomic_files import atomic_write, check_destination
 from npdiff.batch import add_batch_command
@@ -49,6 +49,7 @@ from npdiff.cli_controlnet import (
     warn_about_missing_controlnets,
     with_controlnets,
 )
+from npdiff.cli_train import add_train_embedding_command
 from npdiff.errors import clip, shorten
 from npdiff.hires_names import HIRES_UPSCALERS
 from npdiff.images import StepRecorder, emergence_grid, load_image, read_png_params
@@ -66,6 +67,7 @@ from npdiff.recipe import (
     parse_lora_option,
     pipeline_arguments,
     render,
+    use_vae_tiling,
 )
 from npdiff.recipe_reproduce import find_loras, problems_with_stored, refiner_mismatch, without_refiner_settings
 from npdiff.sdxl_refiner import add_sdxl_options, check_sdxl_request, load_refiner
@@ -178,6 +180,7 @@ def load_pipeline(args):
     pipe = load_any_pipeline(model, scheduler=args.sampler, prediction_type=args.prediction_type)  # SD or SDXL
     if args.vae:
         pipe.vae = load_vae(args.vae)
+    use_vae_tiling(pipe, args.vae_tiling)  # --vae-tiling (or the PNG's vae_tiling with --reproduce)
     print(f"loaded model {model} in {time.perf_counter() - start:.2f} s (sampler {pipe.scheduler_name}, "
           f"backend {backend.name()} {backend.compute_dtype()})", file=sys.stderr)
     for path, scale in loras:
@@ -269,6 +272,8 @@ def run_picture_command(args, command):
     pipe, model = load_pipeline(args)
     identity = identify_model(args, model)  # before the long work: warns early
     refiner = load_refiner(args.refiner, args.sampler) if args.refiner else None
+    if refiner is not None:  # the refiner's VAE decodes the picture: tiled as the base's would be
+        use_vae_tiling(refiner.pipe, args.vae_tiling)
     for warning in refiner_mismatch(getattr(args, "stored", {}), refiner, args.reproduce):
         print(f"npdiff: warning: {warning}", file=sys.stderr)
     recorder = make_recorder(args)
@@ -312,6 +317,10 @@ def add_sampling_options(p):
     p.add_argument("--vae", default=None, metavar="FOLDER",
                    help="decode (and encode) with this VAE instead of the model's: a diffusers AutoencoderKL or "
                    "AutoencoderTiny (TAESD) folder; its name is stored in the PNG")
+    p.add_argument("--vae-tiling", action="store_true", default=None,
+                   help="decode (and encode) pictures larger than the VAE's sample_size in overlapping tiles, as "
+                   "diffusers' enable_vae_tiling(): memory bounded by one tile; switched on by itself when the "
+                   "whole picture would not fit; stored in the PNG")
     p.add_argument("--out", default=None, help="output PNG (default npdiff-SEED.png)")
     p.add_argument("--save-steps", type=int, default=None, metavar="K",
                    help="also write OUT-steps.png: the picture decoded every K steps")
@@ -400,7 +409,7 @@ def add_verify_command(subparsers):
 
 
 COMMANDS = [add_generate_command, add_img2img_command, add_inpaint_command, add_batch_command,
-            add_serve_command, add_verify_command, add_bench_command]
+            add_serve_command, add_verify_command, add_bench_command, add_train_embedding_command]
 
 
 def build_parser():

@@ -1,10 +1,13 @@
 """How much memory a pipeline call needs, estimated from the configs before any work starts.
 
     estimate_call_bytes(unet_config, vae_config, text_dim, batch, height, width, guidance, encode=False,
-                        workers=1)  -> dict of byte counts: unet, vae_decode, vae_encode, text, workspace, total
+                        workers=1, vae_tile=None)
+                                 -> dict of byte counts: unet, vae_decode, vae_encode, text, workspace, total
     available_bytes()            MemAvailable from /proc/meminfo (else os.sysconf pages), or None
     check_call_memory(pipe, batch, height, width, guidance, encode=False)
-        NpdiffError naming both numbers and what to lower, when the estimate exceeds what is free
+        NpdiffError naming both numbers and what to lower, when the estimate exceeds what is free; when only
+        the untiled VAE decode (or encode) is too big and a tiled one fits, the estimate says to switch tiling
+        on for the call instead ("vae_tiling_auto"), and why in one line ("vae_tiling_note")
 
 The formula (float32: 4 bytes a value). A "map" at level i is one feature map [B, C_i, h_i, w_i] of
 the batch the network runs on (the UNet runs 2*batch when guiding; the VAE decodes the whole batch):
@@ -20,6 +23,9 @@ the batch the network runs on (the UNet runs 2*batch when guiding; the VAE decod
     level, plus the nearest-2x upsampled map (4 maps' worth of the smaller level); the mid-block's
     single-head attention scores (capped as above) at the latent size;
   VAE encode (img2img): the same count over the encoder at batch 1;
+  tiled VAE (vae.enable_tiling(), npdiff/models/vae_tiling.py; vae_tile = the latent tile's side): the same
+    counts at one tile's size, plus the whole output ([B,3,H,W] decoded, [1,2*Lc,h,w] encoded), which is
+    written tile by tile;
     (score matrices are counted once per call, not per picture: the kernels cap the whole call's);
   text: the embeddings [2*batch, 77, D] and CLIP's working set on them (~8 x that);
   workspace: the convolutions' im2col tiles, one per worker thread (at most 16 MiB each).
@@ -39,6 +45,7 @@ import os
 from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.kernels.block_pool import worker_count
+from npdiff.models.vae_tiling import check_tiling
 
 FLOAT_BYTES = 4
 SCORES_CAP = 1 << 23  # kernels.attention.MEMORY_EFFICIENT_MIN_SCORES: larger score matrices are chunked
@@ -93,6 +100,17 @@ def vae_decode_bytes(config, batch, h, w):
     return batch * peak * FLOAT_BYTES + _scores_bytes(batch * (h * w) ** 2)  # + mid-block attention
 
 
+def vae_tiled_bytes(vae_config, batch, h, w, tile, encode=False):
+    """Peak bytes of a tiled decode (encode) of h x w latents in tiles of tile x tile: one tile's activations
+    and the whole output, which the tiles are written into (npdiff/models/vae_tiling.py)."""
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    if encode:
+        output = batch * 2 * vae_config["latent_channels"] * h * w                     # [B,2*Lc,h,w]
+    else:
+        output = batch * vae_config["out_channels"] * (h * factor) * (w * factor)     # [B,3,H,W]
+    return vae_decode_bytes(vae_config, batch, min(h, tile), min(w, tile)) + output * FLOAT_BYTES
+
+
 def conv_workspace_bytes(vae_config, height, width, workers):
     """im2col tiles: one per worker, at most IM2COL_TILE_BYTES, at most the unfolded largest input."""
     widest_full_size = max(list(vae_config["block_out_channels"])[:2])  # the decoder's last, full-size convs
@@ -100,17 +118,27 @@ def conv_workspace_bytes(vae_config, height, width, workers):
 
 
 def estimate_call_bytes(unet_config, vae_config, text_dim, batch, height, width, guidance, encode=False,
-                        workers=1):
-    """-> {"unet", "vae_decode", "vae_encode", "text", "workspace", "total"} in bytes for `batch` pictures."""
+                        workers=1, vae_tile=None):
+    """-> {"unet", "vae_decode", "vae_encode", "text", "workspace", "total"} in bytes for `batch` pictures;
+    vae_tile: the latent tile's side when the VAE decodes and encodes in tiles (None: whole pictures)."""
     factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     h, w = max(1, height // factor), max(1, width // factor)
     unet_batch = 2 * batch if guidance else batch
+    tiled = vae_tile is not None and max(h, w) > vae_tile  # diffusers' rule: only pictures larger than a tile
+    if tiled:
+        vae_decode = vae_tiled_bytes(vae_config, batch, h, w, vae_tile)
+        vae_encode = vae_tiled_bytes(vae_config, 1, h, w, vae_tile, encode=True) if encode else 0
+        pixels = (min(h, vae_tile) * factor, min(w, vae_tile) * factor)  # the convolutions see one tile
+    else:
+        vae_decode = vae_decode_bytes(vae_config, batch, h, w)
+        vae_encode = vae_decode_bytes(vae_config, 1, h, w) if encode else 0
+        pixels = (height, width)
     estimate = {
         "unet": unet_bytes(unet_config, unet_batch, h, w),
-        "vae_decode": vae_decode_bytes(vae_config, batch, h, w),
-        "vae_encode": vae_decode_bytes(vae_config, 1, h, w) if encode else 0,
+        "vae_decode": vae_decode,
+        "vae_encode": vae_encode,
         "text": 8 * unet_batch * TEXT_LENGTH * int(text_dim) * FLOAT_BYTES,
-        "workspace": conv_workspace_bytes(vae_config, height, width, workers),
+        "workspace": conv_workspace_bytes(vae_config, *pixels, workers),
     }
     stages = max(estimate["unet"], estimate["vae_decode"], estimate["vae_encode"])
     estimate["total"] = estimate["text"] + estimate["workspace"] + stages
@@ -150,9 +178,20 @@ def check_call_memory(pipe, batch, height, width, guidance, encode=False):
 
     encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]  # SDXL: both, side by side
     text_dim = sum(encoder.config.get("hidden_size", 768) for encoder in encoders if encoder is not None)
-    estimate = estimate_call_bytes(pipe.unet.config, pipe.vae.config, text_dim, batch, height, width, guidance,
-                                   encode=encode, workers=worker_count())
+    vae = pipe.vae
+    can_tile = hasattr(vae, "use_tiling")  # AutoencoderKL; TAESD has no tiling (and needs little memory)
+    if can_tile and vae.use_tiling:
+        check_tiling(vae)  # bad tile sizes: refused before any work
+    call = {"unet_config": pipe.unet.config, "vae_config": vae.config, "text_dim": text_dim, "batch": batch,
+            "height": height, "width": width, "guidance": guidance, "encode": encode, "workers": worker_count()}
+    tile = vae.tile_latent_min_size if can_tile and vae.use_tiling else None  # None: whole pictures
+    estimate = estimate_call_bytes(**call, vae_tile=tile)
+    estimate["vae_tiling_auto"] = False
     free = available_bytes()
+    if free is not None and estimate["total"] > free and can_tile and not vae.use_tiling:
+        tiled = auto_tiling_estimate(vae, call, free, estimate["total"])
+        if tiled is not None:
+            return tiled
     if free is not None and estimate["total"] > free:
         biggest = max(("unet", "vae_decode", "vae_encode"), key=estimate.get)
         raise NpdiffError(
@@ -160,3 +199,23 @@ def check_call_memory(pipe, batch, height, width, guidance, encode=False):
             f"(mostly the {biggest.replace('_', ' ')}), but only {human_bytes(free)} is available; lower height/width "
             f"(--height/--width), the number of prompts or num_images_per_prompt")
     return estimate
+
+
+def auto_tiling_estimate(vae, call, free, untiled_total):
+    """The estimate with the VAE in tiles, when that fits in `free` bytes (and the VAE can tile this
+    picture: valid tile sizes, a side larger than a tile), with the one-line note the caller shows
+    ("vae_tiling_note"). Else None."""
+    try:
+        check_tiling(vae)
+    except NpdiffError:
+        return None  # tile sizes that cannot tile: the untiled estimate's error stands
+    factor = 2 ** (len(vae.config["block_out_channels"]) - 1)
+    if max(call["height"], call["width"]) // factor <= vae.tile_latent_min_size:
+        return None  # one tile already: tiling would change nothing
+    tiled = estimate_call_bytes(**call, vae_tile=vae.tile_latent_min_size)
+    if tiled["total"] > free:
+        return None
+    note = (f"the VAE decodes {call['height']}x{call['width']} in tiles (as with --vae-tiling / "
+            f"vae.enable_tiling()): untiled the call needs about {human_bytes(untiled_total)}, "
+            f"{human_bytes(free)} is available")
+    return dict(tiled, vae_tiling_auto=True, vae_tiling_note=note)

@@ -22,7 +22,8 @@ Every mode is one flow, _generate, with these steps (diffusers' StableDiffusionP
      raises pipeline_utils.StopSampling ends the loop there (an interrupt), and the call goes on to 5
      with the latents it has;
   5. decode latents / scaling_factor with the VAE (NaN/Inf there: NpdiffError, not a black
-     picture) and round to 8-bit pictures.
+     picture; in tiles with pipe.enable_vae_tiling(), or when step 0 found the whole picture would not
+     fit: npdiff/models/vae_tiling.py) and round to 8-bit pictures.
 Between the steps each model whose stage is over (the text encoder after 1, the UNet after 4, the VAE
 after 5) releases the resident pages of its memory-mapped weights (release_resident_pages below): they
 stay in the page cache and come back on the next call, so at no time are all weights resident, and the
@@ -40,11 +41,13 @@ part back after each step 4.4. The same seed gives the same picture as diffusers
 
 import copy
 import inspect
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from npdiff import __version__, backend
+from npdiff.errors import NpdiffError
 from npdiff.hires import check_hires, hires_fix
 from npdiff.hires_names import DEFAULT_HIRES_STRENGTH, DEFAULT_HIRES_UPSCALER
 from npdiff.images import decoded_to_float, to_pil
@@ -52,6 +55,7 @@ from npdiff.loading.resident import release_resident_pages
 from npdiff.lora import load_lora_weights, lora_parameters, unload_lora_weights
 from npdiff.memory_estimate import check_call_memory
 from npdiff.models.blocks import guidance_scale_embedding
+from npdiff.models.vae_tiling import tiling_switched_on
 from npdiff.pipeline_utils import (
     PipelineOutput,
     StopSampling,
@@ -79,6 +83,7 @@ class StableDiffusionPipeline:
     """Text encoder + tokenizer + UNet + VAE + scheduler, called like diffusers' pipeline."""
 
     text_encoder_names = ("text_encoder",)  # the models stage 1 runs (release_resident_pages after it)
+    auto_vae_tiling = False  # this call's memory check switched VAE tiling on (memory_estimate.py)
 
     def __init__(self, text_encoder, tokenizer, unet, vae, scheduler, scheduler_config=None,
                  scheduler_name=None, model_name="custom"):
@@ -128,6 +133,21 @@ class StableDiffusionPipeline:
         self._vae = check_vae_fits(vae, self.unet.config, None if own else self.model_vae_scale_factor)
         if own:
             self.model_vae_scale_factor = vae_scale_factor(vae)
+
+    def enable_vae_tiling(self):
+        """diffusers' pipe.enable_vae_tiling(): pipe.vae.enable_tiling() (npdiff/models/vae_tiling.py)."""
+        if not hasattr(self.vae, "enable_tiling"):
+            raise NpdiffError(f"VAE tiling is for AutoencoderKL; this pipeline's VAE is a {type(self.vae).__name__}")
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self):
+        if hasattr(self.vae, "disable_tiling"):
+            self.vae.disable_tiling()
+
+    def vae_tiling_on(self):
+        """Whether this call's VAE decodes (and encodes) large pictures in tiles: asked for, or switched on
+        by the memory check; stored in the PNG (tiles change the pixels slightly)."""
+        return bool(getattr(self.vae, "use_tiling", False) or self.auto_vae_tiling)
 
     def do_classifier_free_guidance(self, guidance_scale):
         """diffusers' rule: guide when guidance_scale > 1, except with an LCM-distilled UNet
@@ -232,7 +252,8 @@ class StableDiffusionPipeline:
     def decode_latents(self, latents):
         """Latents [B,4,h,w] -> images [B,3,h*f,w*f] in [-1,1] (divides by the VAE scaling factor)."""
         latents = backend.to_device(latents)
-        return self.vae.decode(latents / self.vae.scaling_factor)  # [B,4,h,w] -> [B,3,H,W]
+        with tiling_switched_on(self.vae, self.auto_vae_tiling):  # in tiles when the memory check said so
+            return self.vae.decode(latents / self.vae.scaling_factor)  # [B,4,h,w] -> [B,3,H,W]
 
     def denoise(self, latents, timesteps, scheduler, text_embeddings, guidance_scale, generator,
                 num_inference_steps, callback=None, callback_steps=1, progress=None, start=None,
@@ -343,8 +364,11 @@ class StableDiffusionPipeline:
         self.check_prompt_options(prompt_options)
         start.prepare(self, len(prompts) * num_images_per_prompt, steps)
         do_guidance = self.do_classifier_free_guidance(guidance_scale)  # never for an LCM-distilled UNet
-        check_call_memory(self, len(prompts) * num_images_per_prompt, start.height, start.width, do_guidance,
-                          encode=start.encodes_picture)  # refuse what cannot fit, before any work
+        memory = check_call_memory(self, len(prompts) * num_images_per_prompt, start.height, start.width,
+                                   do_guidance, encode=start.encodes_picture)  # refuse what cannot fit, before any work
+        self.auto_vae_tiling = bool(memory and memory["vae_tiling_auto"])  # the VAE in tiles: fits then
+        if self.auto_vae_tiling:
+            print(f"npdiff: note: {memory['vae_tiling_note']}", file=sys.stderr)
         generator, seed = make_generator(seed, generator)
         scheduler = copy.deepcopy(self.scheduler)  # each call starts from a fresh scheduler state
 
@@ -371,6 +395,8 @@ class StableDiffusionPipeline:
                                                 start.width, self.scheduler_name)
         parameters.update(start.parameters(), eta=eta)  # eta changes DDIM's and TCD's pixels: recorded
         parameters.update(prompt_options.parameters())  # prompt_syntax, clip_skip when not the defaults
+        if self.vae_tiling_on():
+            parameters["vae_tiling"] = True  # tiles change the pixels slightly: --reproduce turns it on again
         if self.steps_done is not None:  # interrupted (StopSampling): not the picture `steps` would make
             parameters["steps_done"] = self.steps_done
         if extra is not None:

@@ -9,6 +9,7 @@ so a picture made one way is byte for byte the picture made another:
   parse_lora_option(spec)        "FILE[:SCALE]" -> (FILE, SCALE)
   parse_control_option(spec)     "CONTROLNET:IMAGE[:SCALE]" -> (CONTROLNET, IMAGE, SCALE)
   load_vae(folder)               a --vae folder (AutoencoderKL or TAESD), as its config.json names it
+  use_vae_tiling(pipe, on)       the vae_tiling option (decode and encode in tiles) on a loaded pipeline
   model_png_identity(model, pt)  how a PNG names the model: name and short hash, never a path
   png_parameters(...)            what a picture's PNG stores
   options_from_png(stored, src)  a PNG's stored parameters -> options, every value checked (a PNG is input
@@ -73,6 +74,7 @@ OPTIONS = (
     Option("hires_strength", "hires_strength", "hires_strength", ("generate",)),
     Option("hires_steps", "hires_steps", "hires_steps", ("generate",)),
     Option("hires_upscaler", "hires_upscaler", "hires_upscaler", ("generate",)),
+    Option("vae_tiling", None, "vae_tiling", ALL),  # pipe.enable_vae_tiling(): tiles change the pixels slightly
     # SDXL's own (npdiff/sdxl_recipe.py checks them): size and crop conditioning, a refiner's aesthetic scores,
     # and where the refiner takes over (render() runs the refiner from there; the refiner itself is loaded by the
     # caller, as the model is)
@@ -157,6 +159,10 @@ def check_value(name, value, where=None):
         if not is_number(value) or not 0 < value <= 1:
             refuse("a number in (0, 1]")
         return float(value)
+    if name == "vae_tiling":
+        if not isinstance(value, bool):
+            refuse("true or false")
+        return value
     if name == "hires_upscaler":
         if value not in HIRES_UPSCALERS:
             refuse("one of " + ", ".join(HIRES_UPSCALERS))
@@ -207,6 +213,15 @@ def load_vae(folder):
         raise NpdiffError(f"--vae {folder}: config.json names _class_name {shorten(class_name)}; expected one "
                           f"of {', '.join(classes)}")
     return classes[class_name].from_pretrained(folder)
+
+
+def use_vae_tiling(pipe, on):
+    """The vae_tiling option on a loaded pipeline: on -> pipe.enable_vae_tiling() (an AutoencoderKL only,
+    else NpdiffError), off or None -> disable_vae_tiling()."""
+    if on:
+        pipe.enable_vae_tiling()
+    else:
+        pipe.disable_vae_tiling()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,13 +5,14 @@ any of its modules, so whichever npdiff module you import first (npdiff, npdiff.
 npdiff.backend, ...), these steps have run, once, before it: results do not depend on import order.
 `DECISIONS` records what each step decided (npdiff.blas.blas_info() reports the first).
 
-  1. OpenBLAS (npdiff/blas.py): on a CPU with AVX-512, set OPENBLAS_CORETYPE=SkylakeX (its fast
-     kernels), and set OPENBLAS_THREAD_TIMEOUT so its idle threads sleep after ~0.3 ms instead of
-     spinning ~0.1 s beside the Numba kernel that runs next; each unless the user chose (or NumPy
-     is already loaded, when it is too late: blas_info() says so, and a RuntimeWarning says what
-     it costs and how to avoid it). Must come before NumPy is imported, because OpenBLAS reads the
-     variables when it loads: so this step imports nothing but the standard library and
-     npdiff/blas.py.
+  1. OpenBLAS (npdiff/blas.py): on an AMD CPU with AVX-512, set OPENBLAS_CORETYPE=SkylakeX (its
+     fast kernels, which OpenBLAS before 0.3.21 did not pick there), unless the user chose. Must
+     come before NumPy is imported, because OpenBLAS reads the variable when it loads: so this
+     step imports nothing but the standard library and npdiff/blas.py. If NumPy is already loaded
+     it is too late, and a RuntimeWarning says so only where it costs: an AVX-512 CPU whose
+     OpenBLAS runs other kernels. Nothing else about OpenBLAS depends on import order: npdiff runs
+     its GEMMs on its own threads (npdiff/kernels/block_pool.py), so OpenBLAS's idle threads,
+     which busy-wait ~0.1 s after each call they serve, serve none of npdiff's.
   2. Numba's threading layer: a fork-safe one. Numba's default on Linux is GNU OpenMP ("omp"),
      which cannot survive fork(): a process forked after a parallel kernel has run (what
      multiprocessing does by default on Linux) is killed at its first parallel kernel ("fork()
@@ -37,11 +38,10 @@ import warnings
 from npdiff import blas  # the standard library only: NumPy is not imported by it
 
 NUMBA_LAYER = "forksafe"
-NUMPY_FIRST_WARNING = (
-    "numpy was imported before npdiff, so OpenBLAS read its settings without npdiff's: its idle "
-    "threads spin ~0.1 s after every call, beside npdiff's own threads (measured: the SD 1.5 UNet "
-    "8.1 s -> 9.9 s on 2 cores). Import npdiff before numpy, or set OPENBLAS_THREAD_TIMEOUT=20 "
-    "(and, on an AVX-512 CPU, OPENBLAS_CORETYPE=SkylakeX) in the environment.")
+AVX2_KERNELS_WARNING = (
+    "numpy was imported before npdiff, and its OpenBLAS runs its {corename} kernels on this AVX-512 "
+    "CPU: sgemm at about half the speed of its AVX-512 (SkylakeX) ones. Set "
+    "OPENBLAS_CORETYPE=SkylakeX in the environment, or import npdiff before numpy.")
 DECISIONS = {}
 _done = False
 
@@ -53,10 +53,7 @@ def run():
         return
     _done = True
     # 1. before NumPy is imported
-    DECISIONS["openblas_coretype"] = blas.prefer_avx512_openblas()
-    DECISIONS["openblas_thread_timeout"] = blas.prefer_short_openblas_spin()
-    if DECISIONS["openblas_thread_timeout"].startswith("too late"):
-        warnings.warn(NUMPY_FIRST_WARNING, RuntimeWarning, stacklevel=2)
+    DECISIONS["openblas_coretype"] = choose_openblas_kernels()
     # 2. before Numba is imported
     DECISIONS["numba_threading_layer"] = choose_numba_threading_layer()
     # 3.
@@ -68,6 +65,15 @@ def run():
 
     if os.environ.get("NPDIFF_BACKEND"):
         backend.use(os.environ["NPDIFF_BACKEND"])
+
+
+def choose_openblas_kernels():
+    """Step 1. Returns what was decided; warns when numpy came first and it cost the fast kernels."""
+    decided = blas.prefer_avx512_openblas()
+    if decided.startswith("too late") and blas.avx512_kernels_missed():
+        warning = AVX2_KERNELS_WARNING.format(corename=blas.openblas_corename())
+        warnings.warn(warning, RuntimeWarning, stacklevel=3)  # the one case npdiff can't fix
+    return decided
 
 
 def choose_numba_threading_layer():

@@ -6,8 +6,8 @@ printed in the failure report. Re-run a failure with NPDIFF_TEST_SEED=<seed> pyt
 
 import os
 
-import npdiff  # noqa: F401, I001  (first: it sets OpenBLAS's variables before numpy loads OpenBLAS)
-import numpy as np
+import numpy as np  # first, as nearly every user's script does: npdiff must be as fast and right so
+import npdiff  # noqa: F401
 import pytest
 
 try:

@@ -159,19 +159,6 @@ def test_startup_does_not_depend_on_import_order(first):
     assert "too late" not in out
 
 
-def test_numpy_imported_first_is_warned_about_once_with_the_fix():
-    # too late for OpenBLAS's settings: a RuntimeWarning naming the variable to set
-    code, out, err = run_python("import numpy, npdiff, npdiff.kernels; import npdiff.startup as s; "
-                                "print(s.DECISIONS['openblas_thread_timeout'])")
-    assert code == 0, err
-    assert out.startswith("too late") and err.count("RuntimeWarning") == 1
-    assert "OPENBLAS_THREAD_TIMEOUT=20" in err and "Import npdiff before numpy" in err
-    # npdiff first, or the variable set by the user: nothing to warn about
-    for code_text, env in (("import npdiff, numpy", {}), ("import numpy, npdiff", {"OPENBLAS_THREAD_TIMEOUT": "20"})):
-        code, _, err = run_python(code_text, **env)
-        assert code == 0 and "RuntimeWarning" not in err, err
-
-
 def test_startup_reads_the_backend_from_the_environment():
     code, out, err = run_python(f"import npdiff.kernels; {STARTUP_REPORT}", NPDIFF_BACKEND="CPU")
     assert code == 0, err

@@ -5,7 +5,8 @@ Versions:
   1. linear_ref / geglu_ref / linear_activation_ref   NumPy API (numpy or cupy): matmul with the
                            transposed weight, add bias; geglu splits h in halves and multiplies by
                            gelu_ref of the gate; linear_activation applies the activation's _ref.
-  2. linear_fast           the same GEMM (np.matmul on float32 is OpenBLAS sgemm; the transposed
+  2. linear_fast           the same GEMM (OpenBLAS sgemm, cut into blocks on npdiff's own threads by
+                           block_pool.matmul; the transposed
                            weight is a view, sgemm reads it with its transpose flag, no copy); the
                            leading axes are flattened so the GEMM is one [R, in] @ [in, out]
                            (a strided 3-D view that would need a copy to flatten: one sgemm per
@@ -46,7 +47,7 @@ from npdiff.kernels.activations import (
     quick_gelu_ref,
     silu_ref,
 )
-from npdiff.kernels.block_pool import run_blocks
+from npdiff.kernels.block_pool import matmul, run_blocks
 from npdiff.kernels.validate import (
     require_float32,
     require_min_ndim,
@@ -114,12 +115,12 @@ def linear_fast(x, weight, bias=None):
         # the VAE's attention get NCHW seen as [B,H*W,C]): one sgemm per slice, no flattening copy.
         # Measured (separate processes, load ~1.6): [2,4096,320] @ [320,320] 95 -> 158-175 GFLOP/s,
         # [2,1024,640] @ [640,640] 113-131 -> 175-195; the same bytes.
-        out = np.matmul(x, weight.T)  # [B,N,in] @ [in,out] -> [B,N,out]
+        out = matmul(x, weight.T)  # [B,N,in] @ [in,out] -> [B,N,out]
         if bias is not None:
             out += bias  # [B,N,out], in place
         return out
     rows = x.reshape(-1, x.shape[-1])  # [..., in] -> [R, in]
-    out = np.matmul(rows, weight.T)  # [R, in] @ [in, out] -> [R, out]
+    out = matmul(rows, weight.T)  # [R, in] @ [in, out] -> [R, out]
     if bias is not None:
         out += bias  # [R, out], in place
     return out.reshape(x.shape[:-1] + (weight.shape[0],))  # [R, out] -> [..., out]
@@ -201,7 +202,7 @@ def _bias_activation_numba(hidden, bias, has_bias, which):
 
 def linear_activation_fast(x, weight, bias=None, activation="quick_gelu"):
     rows = x.reshape(-1, x.shape[-1])  # [..., in] -> [R, in]
-    hidden = np.matmul(rows, weight.T)  # [R, in] @ [in, out] -> [R, out], contiguous
+    hidden = matmul(rows, weight.T)  # [R, in] @ [in, out] -> [R, out], contiguous
     has_bias = bias is not None
     _bias_activation_numba(hidden, bias if has_bias else hidden[0], has_bias, LINEAR_ACTIVATIONS[activation][1])
     return hidden.reshape(x.shape[:-1] + (weight.shape[0],))  # [R, out] -> [..., out]

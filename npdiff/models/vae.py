@@ -4,6 +4,8 @@
     image = vae.decode(latents / vae.scaling_factor)                # [B,4,h,w] -> [B,3,8h,8w] (SD's 4 blocks)
     posterior = vae.encode(image)                                   # [B,3,H,W] in [-1,1] -> DiagonalGaussian
     latents = posterior.sample(TorchGenerator(seed)) * vae.scaling_factor
+    vae.enable_tiling()                                             # large pictures in overlapping tiles
+                                                                    # (diffusers' rule; npdiff/models/vae_tiling.py)
 
 The call tree (diffusers models/autoencoders/vae.py Encoder/Decoder, autoencoder_kl.py):
     encode: encoder.conv_in -> encoder.down_blocks[i] (DownEncoderBlock2D) -> encoder.mid_block
@@ -20,7 +22,8 @@ Memory of a decode (benchmarks/memory.py decode): at 512x512 the peak is ~0.7 Gi
 the weights, in up_blocks.3.resnets.0: its 256-channel 512x512 input (256 MiB, still held by the
 calling block), the GroupNorm+SiLU of it (256 MiB), conv1's 128-channel output (128 MiB) and the
 convolution's im2col tiles. Every other intermediate is dropped as soon as the next one is made
-(each `h = f(h)` frees the old map). Going lower needs kernels that write in place (GroupNorm into a
+(each `h = f(h)` frees the old map). With tiling on (enable_tiling) a large picture's peak is the output
+plus one tile's (a 512x512 decode's for SD). Going lower needs kernels that write in place (GroupNorm into a
 dead input) or fuse the nearest-2x upsampling into the convolution after it.
 """
 
@@ -39,6 +42,7 @@ from npdiff.models.blocks import (
     child,
 )
 from npdiff.models.transformer import AttentionBlock
+from npdiff.models.vae_tiling import default_tile_sizes, tiled_decode, tiled_encode, tiles_decode, tiles_encode
 
 VAE_EPS = 1e-6
 
@@ -189,7 +193,19 @@ class AutoencoderKL:
             self.post_quant_conv = Conv2d(weights, "post_quant_conv", latent, latent, 1)
         self.scaling_factor = float(c["scaling_factor"])
         self.downscale = 2 ** (len(c["block_out_channels"]) - 1)
+        # tiling (diffusers' attribute names and defaults; npdiff/models/vae_tiling.py)
+        self.use_tiling = False
+        self.tile_sample_min_size, self.tile_latent_min_size = default_tile_sizes(c, self.downscale)
+        self.tile_overlap_factor = 0.25
         weights.check_all_used()
+
+    def enable_tiling(self):
+        """Decode and encode large pictures in overlapping tiles blended as diffusers' enable_tiling() does:
+        memory bounded by one tile's activations; pictures differ slightly from the untiled ones."""
+        self.use_tiling = True
+
+    def disable_tiling(self):
+        self.use_tiling = False
 
     @classmethod
     def from_pretrained(cls, folder, subfolder=None, variant=None):
@@ -203,6 +219,8 @@ class AutoencoderKL:
         if x.shape[2] % self.downscale or x.shape[3] % self.downscale:
             raise NpdiffError(f"image height and width must be multiples of {self.downscale}; got "
                               f"{x.shape[2]}x{x.shape[3]}")
+        if tiles_encode(self, x.shape[2], x.shape[3]):
+            return DiagonalGaussian(tiled_encode(self, x))              # [B,3,H,W] -> [B,2*Lc,h,w], in tiles
         moments = self.encoder(x)                                       # [B,3,H,W] -> [B,2*Lc,h,w]
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)                          # [B,2*Lc,h,w]
@@ -213,6 +231,8 @@ class AutoencoderKL:
         c = self.config
         if z.ndim != 4 or z.shape[1] != c["latent_channels"]:
             raise NpdiffError(f"latents must have shape [B,{c['latent_channels']},h,w]; got {tuple(z.shape)}")
+        if tiles_decode(self, z.shape[2], z.shape[3]):
+            return tiled_decode(self, z)                                # [B,Lc,h,w] -> [B,3,H,W], in tiles
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)                                 # [B,Lc,h,w]
         return self.decoder(z)                                          # [B,Lc,h,w] -> [B,3,H,W]

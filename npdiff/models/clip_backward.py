@@ -1,0 +1,142 @@
+"""CLIP's backward: d(loss)/d(token embeddings) given d(loss)/d(the hidden states the UNet sees), with the
+weights frozen. What textual inversion trains through: the new word's rows of the token embedding table.
+
+    hidden, tape = clip_forward_for_backward(text_encoder, token_embeds, clip_skip=None)
+    grad_token_embeds = tape.backward(grad_hidden)          # [B,L,D] -> [B,L,D]
+
+token_embeds [B,L,D] are the rows token_embedding[input_ids] (clip_token_embeds), BEFORE the position
+embedding is added. Which hidden state comes out (prompt_encoding.encode_ids, the pipeline's choice):
+    clip_skip None   final_layer_norm(last layer's output)       diffusers' last_hidden_state (SD 1.x, 2.x)
+    clip_skip k      final_layer_norm(output k layers before the last; k = the layer count: the embeddings)
+    final_norm=False the layer's output without the final norm    (SDXL's penultimate layer; not trained yet)
+Layers after the chosen one are not run at all (they do not reach the output).
+
+Kept between the forward and the backward: each encoder layer's INPUT [B,L,D] only (12 x 2 x 77 x 768
+floats for CLIP-L at batch 2: 5.4 MiB). Each layer's backward recomputes its internals from that input
+(one more forward in all, ~0.1 s for CLIP-L), as the UNet's backward does (unet_backward.py).
+
+The layer (clip.py's CLIPEncoderLayer), forward and the steps its backward walks back:
+    1. x1 = h + out_proj(causal_attention(q_proj, k_proj, v_proj of layer_norm1(h)))
+    2. x2 = x1 + fc2(act(fc1(layer_norm2(x1))))
+"""
+
+import numpy as np
+
+from npdiff.backend import array_module
+from npdiff.errors import NpdiffError
+from npdiff.kernels.attention import scaled_dot_product_attention
+from npdiff.kernels.attention.backward import attention_backward
+from npdiff.kernels.linear_backward import linear_activation_backward
+from npdiff.kernels.norm_backward import layer_norm_backward
+from npdiff.models.transformer import merge_heads, split_heads
+
+
+def clip_token_embeds(text_encoder, input_ids):
+    """The token embedding rows of input_ids: [B,L] int -> [B,L,D] (a copy: the table is left as it is)."""
+    ids = text_encoder.check_input_ids(input_ids)                       # [B,L] int64
+    return np.ascontiguousarray(text_encoder.token_embedding[ids], dtype=np.float32)  # [V,D][B,L] -> [B,L,D]
+
+
+def frozen_linear_backward(layer, grad_out):
+    """A frozen Linear's input gradient: [..., out] -> [..., in]."""
+    return np.matmul(grad_out, layer.weight)                            # [..., out] @ [out, in] -> [..., in]
+
+
+def layer_norm_input_grad(layer, x, grad_out):
+    grad_x, _, _ = layer_norm_backward(x, layer.weight, layer.bias, grad_out, layer.eps)
+    return grad_x                                                       # [B,L,D]
+
+
+def encoder_layer_backward(layer, h, grad_out):
+    """CLIPEncoderLayer: h [B,L,D] its input, grad_out d(loss)/d(its output) [B,L,D] -> d(loss)/dh [B,L,D]."""
+    attn, mlp = layer.self_attn, layer.mlp
+    # recompute the forward, keeping q, k, v and the residual stream
+    normed1 = layer.layer_norm1(h)                                      # [B,L,D]
+    q = split_heads(attn.q_proj(normed1), attn.heads)                   # [B,L,D] -> [B,h,L,d]
+    k = split_heads(attn.k_proj(normed1), attn.heads)                   # [B,L,D] -> [B,h,L,d]
+    v = split_heads(attn.v_proj(normed1), attn.heads)                   # [B,L,D] -> [B,h,L,d]
+    attended = scaled_dot_product_attention(q, k, v, scale=attn.scale, is_causal=True)  # [B,h,L,d]
+    x1 = h + attn.out_proj(merge_heads(attended))                       # [B,L,D]
+    del attended
+    normed2 = layer.layer_norm2(x1)                                     # [B,L,D]
+
+    # 2. MLP with residual: fc2 (frozen), then fc1 + activation (the hidden layer recomputed inside)
+    grad_hidden = frozen_linear_backward(mlp.fc2, grad_out)             # [B,L,D] -> [B,L,I]
+    grad_normed2, _, _ = linear_activation_backward(normed2, mlp.fc1.weight, mlp.fc1.bias, grad_hidden,
+                                                    mlp.activation_name, need_weight_grad=False)  # [B,L,D]
+    grad_x1 = grad_out + layer_norm_input_grad(layer.layer_norm2, x1, grad_normed2)  # [B,L,D]
+
+    # 1. causal self-attention with residual: out_proj, attention, then q/k/v projections (all from normed1)
+    grad_merged = frozen_linear_backward(attn.out_proj, grad_x1)        # [B,L,D]
+    grad_heads = split_heads(grad_merged, attn.heads)                   # [B,L,D] -> [B,h,L,d]
+    grad_q, grad_k, grad_v = attention_backward(q, k, v, grad_heads, scale=attn.scale, is_causal=True)  # [B,h,L,d]
+    grad_normed1 = frozen_linear_backward(attn.q_proj, merge_heads(grad_q))  # [B,L,D]
+    grad_normed1 += frozen_linear_backward(attn.k_proj, merge_heads(grad_k))
+    grad_normed1 += frozen_linear_backward(attn.v_proj, merge_heads(grad_v))
+    return grad_x1 + layer_norm_input_grad(layer.layer_norm1, h, grad_normed1)  # [B,L,D]
+
+
+class CLIPTape:
+    """The layer inputs of one CLIP forward (from the token embeddings), for its backward."""
+
+    def __init__(self, text_encoder, shape, layer_inputs, final_input):
+        self.text_encoder = text_encoder
+        self.shape = shape                # [B,L,D] of the token embeddings and of every hidden state
+        self.layer_inputs = layer_inputs  # [B,L,D] per layer run, first to last
+        self.final_input = final_input    # [B,L,D] the final norm's input, or None (final_norm=False)
+
+    def backward(self, grad_hidden):
+        """d(loss)/d(the hidden state returned) [B,L,D] -> d(loss)/d(token embeddings) [B,L,D]. The tape is
+        used up (its layer inputs are released as it goes)."""
+        if self.layer_inputs is None:
+            raise NpdiffError("this CLIP tape has been used already: run clip_forward_for_backward again")
+        grad = np.ascontiguousarray(grad_hidden, dtype=np.float32)      # [B,L,D]
+        if grad.shape != self.shape:
+            raise NpdiffError(f"CLIP backward: the hidden-state gradient must have shape {self.shape}, got {grad.shape}")
+        # 3. the final layer norm
+        if self.final_input is not None:
+            grad = layer_norm_input_grad(self.text_encoder.final_layer_norm, self.final_input, grad)  # [B,L,D]
+        # 2. the encoder layers, last first
+        layers = self.text_encoder.layers[:len(self.layer_inputs)]
+        for layer in reversed(layers):
+            grad = encoder_layer_backward(layer, self.layer_inputs.pop(), grad)  # [B,L,D]
+        self.layer_inputs = None
+        # 1. h0 = token_embeds + position_embedding: the token embeddings get the gradient as it is
+        return grad
+
+
+def clip_forward_for_backward(text_encoder, token_embeds, clip_skip=None, final_norm=True):
+    """CLIP from token embeddings [B,L,D] (before the positions are added) -> (hidden [B,L,D], tape).
+
+    clip_skip None: the last layer's output; k: the output k layers before the last (the pipeline's
+    clip_skip). final_norm: pass it through final_layer_norm (SD 1.x / 2.x) or not (SDXL's penultimate)."""
+    if array_module(token_embeds) is not np:
+        raise NpdiffError("the CLIP backward runs on NumPy arrays; got token embeddings on another device")
+    depth = len(text_encoder.layers)
+    skip = 0 if clip_skip is None else int(clip_skip)
+    if not 0 <= skip <= depth:
+        raise NpdiffError(f"clip_skip {clip_skip} must be in [0, {depth}] for a text encoder of {depth} layers")
+    token_embeds = np.ascontiguousarray(token_embeds, dtype=np.float32)  # [B,L,D]
+    dim = text_encoder.token_embedding.shape[1]
+    positions = text_encoder.position_embedding.shape[0]
+    if token_embeds.ndim != 3 or token_embeds.shape[2] != dim or not 1 <= token_embeds.shape[1] <= positions:
+        raise NpdiffError(f"token embeddings must have shape [B,L,{dim}] with 1 <= L <= {positions}; "
+                          f"got {token_embeds.shape}")
+    # 1. embeddings: tokens + positions
+    length = token_embeds.shape[1]
+    h = token_embeds + text_encoder.position_embedding[None, :length]   # [B,L,D] + [1,L,D] -> [B,L,D]
+    # 2. the layers up to the chosen one, keeping each one's input
+    layer_inputs = []
+    for layer in text_encoder.layers[:depth - skip]:
+        layer_inputs.append(h)
+        h = layer(h)                                                    # [B,L,D] -> [B,L,D]
+    # 3. the final layer norm
+    if not final_norm:
+        return h, CLIPTape(text_encoder, token_embeds.shape, layer_inputs, None)
+    return text_encoder.final_layer_norm(h), CLIPTape(text_encoder, token_embeds.shape, layer_inputs, h)  # [B,L,D]
+
+
+def clip_backward(text_encoder, token_embeds, grad_hidden, clip_skip=None, final_norm=True):
+    """-> d(loss)/d(token_embeds) [B,L,D] for d(loss)/d(hidden) grad_hidden [B,L,D]."""
+    _, tape = clip_forward_for_backward(text_encoder, token_embeds, clip_skip, final_norm)
+    return tape.backward(grad_hidden)

@@ -1,0 +1,208 @@
+"""Textual inversion in NumPy: learn a new word for the concept shown in a few pictures (Gal et al. 2022;
+diffusers' examples/textual_inversion/textual_inversion.py), with the rest of the model frozen.
+
+    result = textual_inversion(pipe, "pictures/", token="<x>", init_word="toy", steps=500, out="x.safetensors")
+    pipe(f"a {result.token} on the beach")         # the word is in pipe already; result.vectors [N,C]
+
+The loop (numbered as in textual_inversion()):
+    0. every check before any work: the model (SD 1.x/2.x), the token (new), the init word (one token),
+       the counts, the output paths, the resume file, and every picture read
+    1. the new word: N token names (token, token_1, ...) added to the tokenizer, N rows to CLIP's table,
+       each row starting as the init word's embedding
+    2. the pictures: cropped, resized, encoded once by the VAE, as they are and flipped (pictures.py)
+    3. per step: a batch of (picture, flip, caption, timestep, noise) drawn from a generator seeded
+       by (seed, step); the loss and d loss/d(token embeddings) (text_embedding_grad); the gradient of the
+       new rows (summed over the positions where each appears); one AdamW step on those rows only
+    4. every K steps a checkpoint; at the end the embedding files and the loss CSV/plot (files.py)
+Each step's randomness depends on (seed, step) alone, so a run resumed from a checkpoint draws what the
+uninterrupted run would have drawn and ends with the same embedding.
+"""
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from npdiff.atomic_files import check_destination
+from npdiff.errors import NpdiffError
+from npdiff.pipeline_utils import check_positive_int
+from npdiff.prompt_encoding import PromptOptions
+from npdiff.textual_inversion import add_rows, check_new_rows, check_token
+from npdiff.training.adamw import AdamW
+from npdiff.training.embedding_grad import check_trainable_pipeline, text_embedding_grad
+from npdiff.training.files import (
+    load_checkpoint,
+    output_paths,
+    save_checkpoint,
+    save_embedding,
+    write_loss_csv,
+    write_loss_png,
+)
+from npdiff.training.pictures import (
+    OBJECT_TEMPLATES,
+    check_templates,
+    encode_training_latents,
+    find_pictures,
+    load_training_pictures,
+    picture_captions,
+)
+
+
+class TrainingResult:
+    """What textual_inversion returns."""
+
+    def __init__(self, token, names, vectors, losses, paths):
+        self.token = token          # the word to write in prompts
+        self.names = names          # its token names: token, token_1, ...
+        self.vectors = vectors      # [N,C] float32, the learned rows
+        self.losses = losses        # the loss of every step, first to last
+        self.paths = paths          # the files written ({} without out)
+
+
+def check_init_word(tokenizer, init_word):
+    """-> the id of the init word; NpdiffError when it is not exactly one token."""
+    if not isinstance(init_word, str) or not init_word.strip():
+        raise NpdiffError(f"init word must be a non-empty word, got {init_word!r}")
+    tokens = tokenizer.tokenize(init_word)
+    if len(tokens) != 1:
+        raise NpdiffError(f"init word {init_word!r} is {len(tokens)} tokens ({', '.join(tokens)}); it must be one "
+                          "token: pick a single common word close to the concept")
+    return tokenizer.encode(init_word)[0]
+
+
+def check_learning_rate(lr):
+    if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating)) or not math.isfinite(lr) or lr <= 0:
+        raise NpdiffError(f"learning rate must be a finite number > 0, got {lr!r}")
+    return float(lr)
+
+
+def check_resume(resume, settings, width):
+    """The checkpoint `resume` -> (its settings, arrays); NpdiffError when it was made for another word."""
+    saved, arrays = load_checkpoint(resume)
+    for name in ("token", "vectors"):
+        if saved.get(name) != settings[name]:
+            raise NpdiffError(f"--resume {resume}: made with {name} {saved.get(name)!r}, this run has "
+                              f"{settings[name]!r}")
+    shape = (settings["vectors"], width)
+    for name in ("vectors", "exp_avg", "exp_avg_sq"):
+        if tuple(arrays[name].shape) != shape:
+            raise NpdiffError(f"--resume {resume}: {name} has shape {tuple(arrays[name].shape)}, this model "
+                              f"needs {shape}")
+    if len(arrays["losses"]) != saved.get("step") or saved["step"] >= settings["steps"]:
+        raise NpdiffError(f"--resume {resume}: it is at step {saved.get('step')}; asked for {settings['steps']} "
+                          "steps in all (give more --steps to train on)")
+    return saved, arrays
+
+
+def draw_batch(seed, step, batch_size, captions, train_timesteps, latent_shape):
+    """Step `step`'s random choices, from a generator seeded by (seed, step) only. captions: each picture's
+    caption templates (pictures.picture_captions)."""
+    rng = np.random.default_rng([seed, step])
+    pictures = rng.integers(0, len(captions), batch_size)                  # [B] which picture
+    caption_draws = rng.integers(0, 2**31, batch_size)                     # [B] which of its captions
+    return {
+        "pictures": pictures,
+        "flips": rng.integers(0, 2, batch_size),                            # [B] 1: flipped
+        "templates": [captions[p][d % len(captions[p])] for p, d in zip(pictures, caption_draws)],
+        "timesteps": rng.integers(0, train_timesteps, batch_size).astype(np.int64),  # [B]
+        "noise": rng.standard_normal((batch_size, *latent_shape), dtype=np.float32),  # [B,C,h,w]
+    }
+
+
+def new_rows_grad(grad, ids, new_ids):
+    """d loss/d(token embeddings) [B,L,C] -> d loss/d(each new row) [N,C]: summed over where each id appears."""
+    rows = np.zeros((len(new_ids), grad.shape[-1]), np.float32)         # [N,C]
+    for row, token_id in enumerate(new_ids):
+        rows[row] = grad[ids == token_id].sum(axis=0)                   # [k,C] -> [C]
+    return rows
+
+
+def progress_bar(total, initial, show):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="training", unit="step", disable=not show)
+
+
+def textual_inversion(pipe, folder, token, init_word, vectors=1, steps=500, lr=5e-3, batch_size=1, seed=0,
+                      out=None, checkpoint_every=0, resume=None, templates=OBJECT_TEMPLATES, clip_skip=None,
+                      weight_decay=1e-2, progress=True):
+    """Learn `token` from the pictures in `folder`; -> TrainingResult. The word stays in `pipe`.
+
+    vectors: rows the word gets (N); steps: AdamW steps in all (a resumed run goes on to this count);
+    lr: AdamW's learning rate; batch_size: pictures per step; seed: every random draw;
+    out: the diffusers-layout .safetensors file (its siblings: output_paths), or None to write nothing;
+    checkpoint_every: K > 0 writes the checkpoint every K steps (needs out); resume: a checkpoint to go on from
+    (made for the same token and vector count; the other settings are this call's: give the same ones to end
+    where the uninterrupted run would);
+    templates: caption templates with "{}" for the word (default diffusers' object templates; a picture's
+    sidecar .txt file, one caption a line, replaces them for that picture);
+    clip_skip: the text encoder layer trained through (None: the last, as the pipeline's default)."""
+    # 0. every check before any work
+    check_trainable_pipeline(pipe)
+    token = check_token(token)
+    count = check_positive_int(vectors, "vectors")
+    steps = check_positive_int(steps, "steps")
+    batch_size = check_positive_int(batch_size, "batch size")
+    lr = check_learning_rate(lr)
+    seed = int(seed)
+    templates = check_templates(templates)
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, np.integer)) or checkpoint_every < 0:
+        raise NpdiffError(f"checkpoint every must be an integer >= 0 (0: no checkpoints), got {checkpoint_every!r}")
+    if checkpoint_every and out is None:
+        raise NpdiffError("checkpoints need an output file (out=...): they are written beside it")
+    PromptOptions(clip_skip).check_layers(pipe.text_encoder, "last")
+    init_id = check_init_word(pipe.tokenizer, init_word)
+    table = pipe.text_encoder.token_embedding                           # [V,C]
+    start_rows = np.repeat(np.asarray(table[init_id], np.float32)[None], count, axis=0)  # [N,C]
+    names = check_new_rows(pipe.tokenizer, pipe.text_encoder, token, start_rows, "the new word")
+    paths = output_paths(out) if out is not None else {}
+    for path in paths.values():
+        check_destination(path, "output")
+    settings = {"token": token, "init_word": init_word, "vectors": count, "steps": steps, "lr": lr,
+                "batch_size": batch_size, "seed": seed, "weight_decay": weight_decay, "clip_skip": clip_skip}
+    optimizer = AdamW(start_rows.shape, lr, weight_decay=weight_decay)
+    losses = []
+    if resume is not None:
+        saved, arrays = check_resume(resume, settings, table.shape[1])
+        start_rows = np.array(arrays["vectors"], np.float32)
+        optimizer.load_state(arrays, saved["step_count"])
+        losses = [float(loss) for loss in arrays["losses"]]
+    picture_paths = find_pictures(folder)
+    size = pipe.unet.config["sample_size"] * pipe.vae_scale_factor
+    pixels = load_training_pictures(picture_paths, size)                # [P,3,S,S]: every picture read
+    captions = picture_captions(picture_paths, templates)               # caption templates, one tuple a picture
+
+    # 1. the new word, starting from the init word's embedding (or the checkpoint's rows)
+    add_rows(pipe.tokenizer, pipe.text_encoder, token, names, start_rows)
+    new_ids = pipe.tokenizer.convert_tokens_to_ids(names)
+    rows = start_rows.copy()                                            # [N,C] the trained parameters
+    # 2. the pictures' latents, once: [2,P,C,h,w] (as they are, flipped)
+    latents = encode_training_latents(pipe.vae, pixels)
+    train_timesteps = len(pipe.scheduler.alphas_cumprod)
+
+    # 3. the steps
+    written = {}  # the files this call wrote
+    bar = progress_bar(steps, len(losses), progress)
+    for step in range(len(losses), steps):
+        draw = draw_batch(seed, step, batch_size, captions, train_timesteps, latents.shape[2:])
+        batch_latents = latents[draw["flips"], draw["pictures"]]         # [B,C,h,w]
+        ids = pipe.tokenizer([template.format(token) for template in draw["templates"]])  # [B,77]
+        loss, grad = text_embedding_grad(pipe, ids, batch_latents, draw["noise"], draw["timesteps"], clip_skip)
+        optimizer.step(rows, new_rows_grad(grad, ids, new_ids))         # [N,C] in place
+        pipe.text_encoder.token_embedding[new_ids] = rows                # the table's new rows only
+        losses.append(loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        # 4. checkpoints every K steps
+        if checkpoint_every and (step + 1) % checkpoint_every == 0:
+            state = dict(settings, step=step + 1)
+            written["checkpoint"] = save_checkpoint(paths["checkpoint"], state, rows, optimizer, losses)
+    bar.close()
+
+    # 4. the results
+    if paths:
+        written["embedding"], written["a1111"] = save_embedding(paths, token, rows)
+        write_loss_csv(paths["loss_csv"], losses)
+        write_loss_png(paths["loss_png"], losses)
+        written.update(loss_csv=paths["loss_csv"], loss_png=paths["loss_png"])
+    return TrainingResult(token, names, rows.copy(), losses, {name: Path(path) for name, path in written.items()})
