@@ -28,6 +28,11 @@ STEP_TOL = KERNEL_TOL / 5      # per-step bound, tighter than the 1e-5 policy: m
 # LMS: diffusers' coefficients come from scipy quad (epsrel 1e-4) on a float32 integrand, ~2e-6
 # from the exact integral we use, so LMS chains get the policy bound itself
 STEP_TOL_FOR = {"LMSDiscreteScheduler": KERNEL_TOL}
+# UniPC and DEIS on x0 ("sample") prediction: their higher-order updates difference the data predictions of
+# neighbouring steps, which magnifies 1-ulp differences of torch's float32 exp/log; measured worst over 60
+# seeds of random step counts: UniPC 3.2e-6 (scaled_linear), DEIS 2.5e-6 (cosine), both <= 9e-7 on epsilon
+# and v. Those chains get the policy bound (a whole-suite seed, 670228181, failed UniPC at 2.35e-6 > 2e-6).
+SAMPLE_PREDICTION_TOL_FOR = {"UniPCMultistepScheduler": KERNEL_TOL, "DEISMultistepScheduler": KERNEL_TOL}
 SCHEDULE_TOL = 1e-6            # sigmas / init_noise_sigma: float32 schedule values, 1 ulp apart at most
 
 # Stable Diffusion 1.x's scheduler config (scheduler/scheduler_config.json of SD 1.5, PNDM)
@@ -116,6 +121,8 @@ def run_chains(ours, theirs, rng, shape=(2, 4, 8, 8), step_kwargs=None, ours_ste
     first = 0 if begin_index is None else begin_index
     worst = 0.0
     base_tol = STEP_TOL_FOR.get(type(theirs).__name__, STEP_TOL)
+    if ours.config.get("prediction_type") == "sample":
+        base_tol = SAMPLE_PREDICTION_TOL_FOR.get(type(theirs).__name__, base_tol)
     tol = base_tol
     for i in range(first, len(theirs.timesteps)):
         t_ours, t_theirs = ours.timesteps[i], theirs.timesteps[i]
