@@ -1,16 +1,14 @@
 """The command line's ControlNet options (`--control CONTROLNET:IMAGE[:SCALE]`, `--control-start/-end`,
 `--canny`, `--guess-mode`): registered on generate/img2img/inpaint by npdiff/cli.py, checked before the model
-loads (load_controls), applied to the loaded pipeline (with_controlnets), and what --reproduce says of a
-PNG's nets (warn_about_missing_controlnets). The pictures are made by recipe.render with `control=`."""
+loads (load_controls), the nets loaded and put on the SD or SDXL pipeline by npdiff/pipeline_controlnet_attach.py,
+and what --reproduce says of a PNG's nets (warn_about_missing_controlnets). The pictures are made by recipe.render
+with `control=`."""
 
 import sys
 from pathlib import Path
 
 from npdiff.errors import NpdiffError, clip
 from npdiff.images import load_image
-from npdiff.models.controlnet import ControlNetModel
-from npdiff.pipeline_controlnet import StableDiffusionControlNetPipeline
-from npdiff.pipeline_sdxl import StableDiffusionXLPipeline
 from npdiff.preprocess import canny
 from npdiff.recipe import parse_control_option
 
@@ -45,23 +43,6 @@ def warn_about_missing_controlnets(args, stored):
         print(f"npdiff: warning: {args.reproduce} was made with ControlNet {listed}; the picture will differ "
               "unless you pass each again with --control CONTROLNET:IMAGE:SCALE and its control picture",
               file=sys.stderr)
-
-
-def with_controlnets(pipe, paths):
-    """The loaded pipeline with the --control ControlNets (each checked against its UNet)."""
-    if isinstance(pipe, StableDiffusionXLPipeline):
-        raise NpdiffError("--control works with SD 1.x/2.x models on the command line; for SDXL use "
-                                 "npdiff.StableDiffusionXLControlNetPipeline from Python")
-    nets = [ControlNetModel.from_pretrained(path) for path in paths]
-    for path in paths:
-        print(f"loaded ControlNet {path}", file=sys.stderr)
-    controlled = StableDiffusionControlNetPipeline(pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.vae,
-                                                   pipe.scheduler, nets, scheduler_config=pipe.scheduler_config,
-                                                   scheduler_name=pipe.scheduler_name, model_name=pipe.model_name)
-    for name in ("_lora_stack", "show_progress", "release_weights_between_stages"):
-        if hasattr(pipe, name):
-            setattr(controlled, name, getattr(pipe, name))
-    return controlled
 
 
 def load_controls(args):
