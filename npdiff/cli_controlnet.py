@@ -16,8 +16,9 @@ from npdiff.recipe import parse_control_option
 def add_control_options(p):
     """--control, --control-start, --control-end, --canny, --guess-mode on a picture command's parser."""
     p.add_argument("--control", action="append", default=None, metavar="CONTROLNET:IMAGE[:SCALE]",
-                   help="steer the picture with a ControlNet (a diffusers folder or an original-layout "
-                   ".safetensors file such as control_v11p_sd15_canny) and its control picture (an edge map, "
+                   help="steer the picture with a ControlNet (a diffusers folder, or a .safetensors file: "
+                   "original-layout such as control_v11p_sd15_canny, or diffusers-layout as SDXL nets are shared) "
+                   "made for the model's family (SD 1.x/2.x or SDXL), and its control picture (an edge map, "
                    "depth map, pose), at SCALE (default 1); repeatable")
     p.add_argument("--control-start", type=float, default=0.0, metavar="F",
                    help="the ControlNets act from this fraction of the steps on (default 0)")

@@ -29,7 +29,7 @@ from npdiff.errors import NpdiffError
 from npdiff.kernels.activations import silu
 from npdiff.loading.config_checks import full_config
 from npdiff.loading.configs import find_component_weights, load_component
-from npdiff.loading.single_file_controlnet import load_controlnet_single_file
+from npdiff.loading.single_file_controlnet_diffusers import load_controlnet_file
 from npdiff.models.blocks import Conv2d
 from npdiff.models.unet import UNet2DConditionModel
 
@@ -117,10 +117,11 @@ class ControlNetModel(UNet2DConditionModel):
     @classmethod
     def from_pretrained(cls, folder, subfolder=None, variant=None):
         """A diffusers ControlNet folder (config.json + diffusion_pytorch_model[.fp16].safetensors), or a single
-        .safetensors file in the original layout (control_v11p_sd15_canny.safetensors: control_model.* keys)."""
+        .safetensors file: in the original layout (control_v11p_sd15_canny.safetensors: control_model.* keys) or
+        in diffusers' (an SDXL net's diffusion_pytorch_model.safetensors alone), its config read from the shapes."""
         path = Path(folder) / subfolder if subfolder else Path(folder)
         if path.is_file():
-            net = cls(*load_controlnet_single_file(path))
+            net = cls(*load_controlnet_file(path))
             net.name, net.weights_file = path.stem, path
             return net
         net = cls(*load_component(folder, subfolder, variant))
