@@ -25,8 +25,16 @@ import os
 from npdiff.errors import NpdiffError
 from npdiff.loading.configs import CLIP_HEAD_WIDTH
 from npdiff.loading.safetensors_io import SafetensorsFile
-from npdiff.loading.single_file_configs import NO_ATTENTION, SD1_UNET_HEADS, StoredShapes, indices
-from npdiff.loading.single_file_controlnet import is_original_controlnet, load_controlnet_single_file
+from npdiff.loading.single_file_configs import (
+    NO_ATTENTION,
+    SD1_UNET_HEADS,
+    StoredShapes,
+    indices,
+)
+from npdiff.loading.single_file_controlnet import (
+    is_original_controlnet,
+    load_controlnet_single_file,
+)
 from npdiff.loading.weights import Weights
 
 SDXL_TIME_ID_WIDTH = 256  # addition_time_embed_dim of every SDXL base, refiner and ControlNet
@@ -102,7 +110,8 @@ def infer_diffusers_controlnet_config(shapes):
 
 def load_diffusers_controlnet_file(safetensors_file):
     """(config, Weights) of an open diffusers-layout ControlNet file; the weights under their own names."""
-    stored = {key: tuple(safetensors_file.shape(key)) for key in safetensors_file.keys()}
+    keys = list(safetensors_file.keys())
+    stored = {key: tuple(safetensors_file.shape(key)) for key in keys}
     config = infer_diffusers_controlnet_config(StoredShapes("controlnet", stored, safetensors_file.path))
     return config, Weights.from_file(safetensors_file)
 

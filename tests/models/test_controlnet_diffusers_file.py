@@ -32,7 +32,7 @@ SETTINGS = ("in_channels", "block_out_channels", "down_block_types", "layers_per
             "conditioning_embedding_out_channels", "conditioning_channels")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def net_folder(kind):
     """-> (torch ControlNetModel, its diffusers folder), made from a tiny UNet of `kind` (built once)."""
     from diffusers import UNet2DConditionModel

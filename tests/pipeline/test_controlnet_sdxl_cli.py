@@ -1,4 +1,4 @@
-"""npdiff generate/img2img --control with an SDXL model: the picture is diffusers' StableDiffusionXLControlNet(Img2Img)
+"""npdiff generate/img2img/inpaint --control with an SDXL model: the picture is diffusers' StableDiffusionXLControlNet(Img2Img/Inpaint)
 Pipeline's from the same seed on the tiny random SDXL and a tiny random SDXL ControlNet (within 2 levels per
 pixel), the PNG names the net as for SD; an SD 1.x net on an SDXL model (and the reverse) is refused by name
 before the model loads."""
@@ -101,3 +101,25 @@ def test_net_of_the_other_family_is_refused(tmp_path, rng, capsys, monkeypatch, 
     assert code != 0
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "o.png").exists()
+
+
+def test_inpaint_with_control_like_diffusers(tmp_path, rng, seed):
+    """npdiff inpaint --control on SDXL: diffusers' StableDiffusionXLControlNetInpaintPipeline (strength 1, the
+    command's default)."""
+    net_folder = net_folders(1)[0]
+    edges, source, mask = tmp_path / "edges.png", tmp_path / "source.png", tmp_path / "mask.png"
+    edge_picture(rng).save(edges)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(source)
+    mask_pixels = np.zeros((64, 64), dtype=np.uint8)
+    mask_pixels[16:48, rng.integers(0, 32):][:, :32] = 255
+    Image.fromarray(mask_pixels).save(mask)
+    out = tmp_path / "out.png"
+    assert cli.main(["inpaint", "a green square", "--model", str(tiny_sdxl_folder("base")), "--image", str(source),
+                     "--mask", str(mask), "--steps", "3", "--seed", str(seed), "--control", f"{net_folder}:{edges}:0.9",
+                     "--out", str(out)]) == 0
+    theirs = theirs_pipeline("inpaint")("a green square", image=Image.open(source), mask_image=Image.open(mask),
+                                        control_image=Image.open(edges), strength=1.0, num_inference_steps=3,
+                                        guidance_scale=7.5, controlnet_conditioning_scale=0.9,
+                                        generator=torch.Generator().manual_seed(seed), output_type="np")
+    assert_like_diffusers(out, theirs)
+    assert read_png_params(out)["command"] == "inpaint"
