@@ -18,9 +18,11 @@ from itertools import islice
 
 from npdiff.errors import NpdiffError
 from npdiff.images import load_image
+from npdiff.models.controlnet import ControlNetModel
+from npdiff.pipeline_controlnet_attach import attach_controlnets
 from npdiff.pipeline_sdxl import load_any_pipeline
 from npdiff.pipeline_utils import resolve_scheduler
-from npdiff.recipe import load_vae, render
+from npdiff.recipe import control_for_render, load_vae, render
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
@@ -43,7 +45,8 @@ class Renderer:
     model: the path to load, as this worker sees it (None: the model shipped with npdiff, wherever this
     worker's npdiff is installed). The PNGs name the model as each payload's "identity" says (name and hash).
     Between lines the pipeline is set to each line's sampler, prediction type, VAE and LoRAs (VAEs and
-    samplers are kept once loaded; LoRAs stay fused while consecutive lines use the same ones).
+    samplers are kept once loaded; LoRAs stay fused while consecutive lines use the same ones). A line with
+    a control gets the ControlNet pipeline over the same components (ControlNets kept once loaded).
     """
 
     def __init__(self, model, threads=None):
@@ -58,6 +61,7 @@ class Renderer:
         self.vaes = {}  # folder -> loaded VAE
         self.samplers = {}  # (sampler name or None, prediction type or None) -> (scheduler, its name)
         self.loras = ()  # ((path, scale), ...) fused now
+        self.controlnets = {}  # path -> loaded ControlNetModel
 
     def ready(self):
         """-> what this worker runs on: the model's name and its thread counts."""
@@ -118,10 +122,26 @@ class Renderer:
         self.use_sampler(options.get("sampler"), options.get("prediction_type"))
         self.use_vae(job["vae"])
         self.use_loras(job["loras"])
+        pipe, control = self.with_controls(job)
         # 3. the picture
-        rendered = render(self.pipe, job["command"], options, pictures.get("image"), pictures.get("mask"),
-                          identity=job["identity"], vae=job["vae"])
+        rendered = render(pipe, job["command"], options, pictures.get("image"), pictures.get("mask"),
+                          identity=job["identity"], vae=job["vae"], control=control)
         return rendered.png, rendered.params
+
+    def with_controls(self, job):
+        """-> (the pipeline, render()'s control) for a line: the plain pipeline and None without a control."""
+        if not job.get("controls"):
+            return self.pipe, None
+        pictures = []
+        for picture in job["control_pictures"]:
+            if picture["error"]:
+                raise NpdiffError(picture["error"])
+            pictures.append(load_image(picture["bytes"], name=picture["name"], what="control picture"))
+        for path, _ in job["controls"]:
+            if path not in self.controlnets:
+                self.controlnets[path] = ControlNetModel.from_pretrained(path)
+        pipe = attach_controlnets(self.pipe, [self.controlnets[path] for path, _ in job["controls"]])
+        return pipe, control_for_render(pictures, [scale for _, scale in job["controls"]], job["control_settings"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,8 +9,12 @@ from pathlib import Path
 
 from npdiff.errors import NpdiffError, clip
 from npdiff.images import load_image
-from npdiff.preprocess import canny
-from npdiff.recipe import parse_control_option
+from npdiff.recipe import (
+    CONTROL_SETTINGS,
+    check_control_settings,
+    control_for_render,
+    parse_control_option,
+)
 
 
 def add_control_options(p):
@@ -48,15 +52,13 @@ def warn_about_missing_controlnets(args, stored):
 
 def load_controls(args):
     """--control CONTROLNET:IMAGE[:SCALE]...: the pictures loaded and the settings checked before the model
-    loads -> render()'s `control` (None without --control)."""
+    loads -> render()'s `control` (None without --control), made as a batch line's (recipe.control_for_render)."""
     if not args.control:
         return None
     specs = [parse_control_option(spec) for spec in args.control]
     for net, _, _ in specs:
         if not Path(net).exists():
             raise NpdiffError(f"--control {net}: no such ControlNet file or folder")
-    images = [load_image(image, what="control picture") for _, image, _ in specs]
-    if args.canny:
-        images = [canny(image) for image in images]  # white edges on black, RGB
-    return {"images": images, "scales": [scale for _, _, scale in specs], "start": args.control_start,
-            "end": args.control_end, "guess_mode": bool(args.guess_mode), "module": "canny" if args.canny else None}
+    settings = check_control_settings({name: getattr(args, name) for name in CONTROL_SETTINGS}, "--control")
+    pictures = [load_image(image, what="control picture") for _, image, _ in specs]
+    return control_for_render(pictures, [scale for _, _, scale in specs], settings)
