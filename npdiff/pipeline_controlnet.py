@@ -10,12 +10,15 @@ Inpaint pipelines, here the img2img and inpaint methods), called with diffusers'
 
 The flow is StableDiffusionPipeline's one sampling loop (npdiff/pipeline.py); this class fills two of its
 hooks: unet_inputs sizes the control pictures to the call's picture, and step_unet_inputs gives each
-step's UNet call the nets' residuals (npdiff/pipeline_controlnet_call.py says how, step by step).
+step's UNet call the nets' residuals (npdiff/pipeline_controlnet_call.py says how, step by step). The nets'
+weight pages are released after the sampling with the UNet's (release_resident_pages); a net past the UNet's
+per-block limit (an SDXL ControlNet in float32) drops each block's pages as soon as it has run, as the UNet.
 """
 
 from pathlib import Path
 
 from npdiff.images import picture_size
+from npdiff.loading.resident import release_resident_pages
 from npdiff.models.controlnet import ControlNetModel
 from npdiff.pipeline import StableDiffusionPipeline
 from npdiff.pipeline_controlnet_call import (
@@ -46,6 +49,15 @@ class ControlNetHooks:
         check_nets_fit(nets, self.unet.config)
         self.controlnet = nets[0] if not isinstance(controlnet, (list, tuple)) else nets
         self.controlnets = nets
+
+    def release_resident_pages(self, *names):
+        """StableDiffusionPipeline's, the ControlNets' pages released with the UNet's ("unet", or none named):
+        they run in the same stage, the sampling, and are not needed again until the next call's."""
+        names = names or self.text_encoder_names + ("unet", "vae")
+        released = super().release_resident_pages(*names)
+        if "unet" in names:
+            released += release_resident_pages(self.controlnets)
+        return released
 
     def control_of(self, extra):
         """The call's ControlCall (SD: `extra` itself; SDXL: its `control`)."""
