@@ -11,6 +11,7 @@ checks each net against the UNet (check_nets_fit: channels, blocks, text width).
 """
 
 import sys
+from pathlib import Path
 
 from npdiff.errors import NpdiffError
 from npdiff.models.controlnet import ControlNetModel
@@ -30,12 +31,13 @@ def net_family(net):
 
 
 def load_controlnets(paths, model_path=None, what="--control"):
-    """Each ControlNet (a diffusers folder or a single .safetensors file) loaded; with model_path, one made for
-    the other family of model is an NpdiffError naming both, before the model loads."""
+    """Each ControlNet (a diffusers folder or a single .safetensors file) loaded; with model_path (when it exists:
+    else loading the model says what is wrong), one made for the other family of model is an NpdiffError naming
+    both, before the model loads."""
     nets = []
     for path in paths:
         net = ControlNetModel.from_pretrained(path)
-        if model_path is not None and net_family(net) != model_family(model_path):
+        if model_path is not None and Path(model_path).exists() and net_family(net) != model_family(model_path):
             raise NpdiffError(f"{what} {path}: an {FAMILY_NAMES[net_family(net)]} ControlNet (its UNet "
                               f"{'has' if net_family(net) == 'sdxl' else 'lacks'} SDXL's added conditioning), but "
                               f"the model {model_path} is {FAMILY_NAMES[model_family(model_path)]}; use a "
