@@ -15,6 +15,7 @@ made from that UNet by diffusers' ControlNetModel.from_unet with SD's conditioni
 convolutions made random (a zero net would hide a wrong output), saved once in controlnet/ beside them.
 The FLOP count is npdiff's kernel counters' (benchmarks/_kernel_counters.py: convolutions, linear layers,
 attention matmuls); GFLOP/s of both sides use it, and "% peak" is against NumPy's sgemm on this machine.
+Peak RSS is each worker process's VmHWM at its end (loading, warm-up and the timed runs; weights included).
 --tiny: models.py's few-channel profile (seconds in all), to check the benchmark end to end.
 """
 
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from _common import print_table, sgemm_peak_gflops, time_call, write_json
 from _kernel_counters import install_counters
+from _rss import proc_status_gib
 
 import numpy as np
 
@@ -118,6 +120,7 @@ def worker(args):
         result["flops"] = sum(entry["flops"] for entry in stats.values())
     np.save(args.out, np.asarray(out))
     result["seconds"] = time_call(fn, repeat=args.repeat, warmup=0)
+    result["peak_rss_gib"] = proc_status_gib("VmHWM")
     print("RESULT " + json.dumps(result))
 
 
@@ -171,12 +174,15 @@ def main():
                           "ratio": ours["seconds"] / theirs["seconds"], "gflop": flops / 1e9,
                           "ours_gflops": flops / ours["seconds"] / 1e9, "torch_gflops": flops / theirs["seconds"] / 1e9,
                           "ours_peak_pct": 100.0 * flops / ours["seconds"] / 1e9 / peak,
+                          "ours_rss": ours["peak_rss_gib"] or float("nan"),
+                          "torch_rss": theirs["peak_rss_gib"] or float("nan"),
                           "rel_err": models.rel_err(ours["output"], theirs["output"])})
             results[row] = {side: {k: v for k, v in sides[side].items() if k != "output"} for side in SIDES}
     print_table(table, [("what", "row", None), ("ours_s", "npdiff s", "{:.3f}"), ("torch_s", "diffusers s", "{:.3f}"),
                         ("ratio", "ours/diffusers", "{:.2f}"), ("gflop", "GFLOP", "{:.0f}"),
                         ("ours_gflops", "npdiff GFLOP/s", "{:.0f}"), ("torch_gflops", "diffusers GFLOP/s", "{:.0f}"),
-                        ("ours_peak_pct", "npdiff % peak", "{:.0f}"), ("rel_err", "rel err", "{:.1e}")])
+                        ("ours_peak_pct", "npdiff % peak", "{:.0f}"), ("ours_rss", "npdiff peak RSS GiB", "{:.2f}"),
+                        ("torch_rss", "diffusers peak RSS GiB", "{:.2f}"), ("rel_err", "rel err", "{:.1e}")])
     by_row = {entry["what"]: entry for entry in table}
     if "controlnet" in by_row and "unet" in by_row:
         for side, key in (("npdiff", "ours_s"), ("diffusers", "torch_s")):

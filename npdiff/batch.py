@@ -57,6 +57,15 @@ def job_payload(job, identity):
             payload[f"{key}_bytes"] = Path(path).read_bytes()
         except OSError as exc:  # gone or unreadable since the job file was checked: this line fails
             payload[f"{key}_error"] = f"'{key}' {path}: {exc.strerror or exc}"
+    payload.update(controls=[[net, scale] for net, _, scale in job.controls], control_settings=job.control_settings,
+                   control_pictures=[])
+    for _, path, _ in job.controls:  # the control pictures as bytes too, the ControlNets by path (as LoRAs)
+        picture = {"bytes": None, "error": None, "name": Path(path).name}
+        try:
+            picture["bytes"] = Path(path).read_bytes()
+        except OSError as exc:
+            picture["error"] = f"'control' {path}: {exc.strerror or exc}"
+        payload["control_pictures"].append(picture)
     return payload
 
 
@@ -238,7 +247,8 @@ def add_batch_command(subparsers):
         "zero-padded to 6). JOBS is a text file with one prompt a line, or JSON Lines (.jsonl) with generate's, "
         "img2img's or inpaint's options a line: prompt, negative (or negative_prompt), seed, steps, guidance, "
         "sampler, height, width, eta, prediction_type, image (+ strength) for img2img, image + mask for inpaint, "
-        "vae (a folder), lora (\"FILE[:SCALE]\" or a list), SDXL's prompt_2, negative_2, original_size, target_size, "
+        "vae (a folder), lora (\"FILE[:SCALE]\" or a list), control (\"CONTROLNET:IMAGE[:SCALE]\" or a list) with "
+        "canny, control_start, control_end, guess_mode; SDXL's prompt_2, negative_2, original_size, target_size, "
         "crops_coords_top_left (and negative_*), aesthetic_score, refiner (a file or folder) and refiner_switch; "
         "paths relative to the job file. Blank lines and "
         "# comments are skipped. A line without a seed gets its line number as seed, so reruns are "

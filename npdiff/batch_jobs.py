@@ -5,7 +5,9 @@ Two formats, chosen by the file's suffix:
             (npdiff.recipe.OPTIONS: prompt, negative (or negative_prompt), seed, steps, guidance, sampler,
             height, width, strength, eta, prediction_type, vae_tiling) and the files a picture is made from:
             image (img2img), image + mask (inpaint), vae (a folder), lora ("FILE[:SCALE]" or a list of
-            them), refiner (an SDXL refiner, file or folder, with the option refiner_switch). Paths are relative to
+            them), control ("CONTROLNET:IMAGE[:SCALE]" or a list of them, as --control) with
+            npdiff.recipe.CONTROL_SETTINGS (canny, control_start, control_end, guess_mode, as --canny ...),
+            refiner (an SDXL refiner, file or folder, with the option refiner_switch). Paths are relative to
             the job file's folder. Options left out take the batch's own (--steps, ...).
   anything  one prompt a line.
 Blank lines and lines starting with '#' are skipped in both; a UTF-8 byte order mark at the start of the
@@ -26,13 +28,22 @@ from pathlib import Path
 from npdiff.errors import NpdiffError, shorten
 from npdiff.images import PNG_PARAMS_KEY
 from npdiff.model_identity import model_name
-from npdiff.recipe import OPTION_BY_NAME, check_value, defaults_for, parse_lora_option
+from npdiff.recipe import (
+    CONTROL_SETTINGS,
+    OPTION_BY_NAME,
+    check_control_settings,
+    check_value,
+    defaults_for,
+    parse_control_option,
+    parse_lora_option,
+)
 from npdiff.schedulers import SCHEDULERS
 
 # Keys a JSONL line may set -> what it is (an option of npdiff.recipe, or a file)
-FILE_KEYS = ("image", "mask", "vae", "lora", "refiner")
+FILE_KEYS = ("image", "mask", "vae", "lora", "refiner", "control")
 LINE_KEYS = {**{name: name for name in OPTION_BY_NAME}, "negative_prompt": "negative",
-             "negative_prompt_2": "negative_2", **{name: name for name in FILE_KEYS}}
+             "negative_prompt_2": "negative_2", **{name: name for name in FILE_KEYS},
+             **{name: name for name in CONTROL_SETTINGS}}
 # Options of `npdiff generate` that a line cannot set -> why.
 NOT_PER_LINE = {
     "model": "the model is loaded once per worker: pass --model to npdiff batch",
@@ -58,6 +69,8 @@ class Job:
     vae: object = None  # a VAE folder's absolute path, used instead of the model's
     loras: tuple = field(default_factory=tuple)  # ((absolute path, scale), ...), fused in this order
     refiner: object = None  # an SDXL refiner's absolute path (file or folder): it finishes the base's picture
+    controls: tuple = field(default_factory=tuple)  # ((ControlNet's absolute path, picture's, scale), ...)
+    control_settings: dict = None  # recipe.check_control_settings' settings when there are controls
 
     @property
     def seed(self):
@@ -90,6 +103,26 @@ class Job:
         wanted = [(Path(path).stem, scale) for path, scale in self.loras]
         stored = stored if isinstance(stored, list) else []
         return [(lora.get("name"), lora.get("scale")) for lora in stored if isinstance(lora, dict)] == wanted
+
+    def stored_controls_match(self, stored):
+        """True when a PNG's parameters name this job's ControlNets, in order, at the same scales and windows, with
+        the same guess mode and module (the control pictures themselves are not stored, so not compared)."""
+        nets = stored.get("controlnets") if isinstance(stored.get("controlnets"), list) else []
+        found = [(net.get("name"), net.get("scale"), net.get("start"), net.get("end"), net.get("module"))
+                 for net in nets if isinstance(net, dict)]
+        if not self.controls:
+            return not found
+        settings = self.control_settings
+        module = "canny" if settings["canny"] else None
+        wanted = [(controlnet_name(net), scale, settings["control_start"], settings["control_end"], module)
+                  for net, _, scale in self.controls]
+        return found == wanted and stored.get("guess_mode") == settings["guess_mode"]
+
+
+def controlnet_name(path):
+    """What a PNG calls a ControlNet (npdiff.models.ControlNetModel.name): a file's stem, a folder's name."""
+    path = Path(path)
+    return path.stem if path.is_file() else path.name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,6 +202,7 @@ def make_job(number, options, defaults, base_dir):
     vae = find_vae(given.get("vae", defaults.get("vae")), base_dir)
     loras = find_loras(given.get("lora", defaults.get("lora")), base_dir)
     refiner = find_refiner(given.get("refiner", defaults.get("refiner")), base_dir)
+    controls, control_settings = find_controls(given, base_dir)
     # 2. the options: the line's, else the batch's, else the command's defaults; each value checked
     merged = {"seed": number, **defaults_for(command)}
     merged.update({name: value for name, value in defaults.items() if name in OPTION_BY_NAME and value is not None})
@@ -188,7 +222,7 @@ def make_job(number, options, defaults, base_dir):
     if command != "generate" and not 0 < checked["strength"] <= 1:
         raise NpdiffError(f"'strength' must be a number in (0, 1], got {checked['strength']!r}")
     return Job(line=number, command=command, options=checked, image=image, mask=mask, vae=vae, loras=loras,
-               refiner=refiner)
+               refiner=refiner, controls=controls, control_settings=control_settings)
 
 
 def check_sampler(name):
@@ -260,6 +294,30 @@ def find_loras(value, base_dir):
     return tuple(loras)
 
 
+def find_controls(given, base_dir):
+    """'control': "CONTROLNET:IMAGE[:SCALE]" or a list of them, and the CONTROL_SETTINGS keys ->
+    (((net path, picture path, scale), ...), checked settings), or ((), None) for a line without a control."""
+    settings = {name: given[name] for name in CONTROL_SETTINGS if name in given}
+    value = given.get("control")
+    if value is None:
+        if settings:
+            raise NpdiffError(f"{', '.join(repr(name) for name in settings)} without 'control': give the "
+                              "ControlNet and its picture, \"CONTROLNET:IMAGE[:SCALE]\"")
+        return (), None
+    specs = value if isinstance(value, list) else [value]
+    if not specs or not all(isinstance(spec, str) for spec in specs):
+        raise NpdiffError(f"'control' must be \"CONTROLNET:IMAGE[:SCALE]\" or a non-empty list of them, got "
+                          f"{shorten(value)}")
+    controls = []
+    for spec in specs:
+        net, picture, scale = parse_control_option(spec, "'control'")
+        net_path = resolve(net, "control", base_dir)
+        if path_kind(net_path, net, "control") is None:
+            raise NpdiffError(f"'control' {shorten(net)}: no such ControlNet file or folder ({shorten(str(net_path))})")
+        controls.append((str(net_path.resolve()), find_file(picture, "control", base_dir), scale))
+    return tuple(controls), check_control_settings(settings)
+
+
 # ---------------------------------------------------------------------------------------------
 # Is a picture already done?
 # ---------------------------------------------------------------------------------------------
@@ -282,5 +340,5 @@ def is_done(path, job, identity):
     if job.options.get("height") not in (None, height) or job.options.get("width") not in (None, width):
         return False  # the pixels disagree with the size asked for
     expected = job.expected_params(identity)
-    return all(stored.get(key) == value for key, value in expected.items()) and job.stored_loras_match(
-        stored.get("loras"))
+    return (all(stored.get(key) == value for key, value in expected.items())
+            and job.stored_loras_match(stored.get("loras")) and job.stored_controls_match(stored))

@@ -18,9 +18,11 @@ from itertools import islice
 
 from npdiff.errors import NpdiffError
 from npdiff.images import load_image
+from npdiff.models.controlnet import ControlNetModel
+from npdiff.pipeline_controlnet_attach import attach_controlnets
 from npdiff.pipeline_sdxl import load_any_pipeline
 from npdiff.pipeline_utils import resolve_scheduler
-from npdiff.recipe import load_vae, render, use_vae_tiling
+from npdiff.recipe import control_for_render, load_vae, render, use_vae_tiling
 from npdiff.sdxl_refiner import load_refiner
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
@@ -44,7 +46,8 @@ class Renderer:
     model: the path to load, as this worker sees it (None: the model shipped with npdiff, wherever this
     worker's npdiff is installed). The PNGs name the model as each payload's "identity" says (name and hash).
     Between lines the pipeline is set to each line's sampler, prediction type, VAE and LoRAs (VAEs and
-    samplers are kept once loaded; LoRAs stay fused while consecutive lines use the same ones).
+    samplers are kept once loaded; LoRAs stay fused while consecutive lines use the same ones). A line with
+    a control gets the ControlNet pipeline over the same components (ControlNets kept once loaded).
     """
 
     def __init__(self, model, threads=None):
@@ -60,6 +63,7 @@ class Renderer:
         self.samplers = {}  # (sampler name or None, prediction type or None) -> (scheduler, its name)
         self.loras = ()  # ((path, scale), ...) fused now
         self.refiners = {}  # path -> sdxl_recipe.Refiner (loaded once)
+        self.controlnets = {}  # path -> loaded ControlNetModel
 
     def ready(self):
         """-> what this worker runs on: the model's name and its thread counts."""
@@ -131,13 +135,29 @@ class Renderer:
         self.use_vae(job["vae"])
         use_vae_tiling(self.pipe, options.get("vae_tiling"))
         self.use_loras(job["loras"])
+        pipe, control = self.with_controls(job)
         # 3. the picture
         refiner = self.use_refiner(job.get("refiner"), options.get("sampler"))
         if refiner is not None:  # the refiner's VAE decodes the picture: tiled as the base's would be
             use_vae_tiling(refiner.pipe, options.get("vae_tiling"))
-        rendered = render(self.pipe, job["command"], options, pictures.get("image"), pictures.get("mask"),
-                          identity=job["identity"], vae=job["vae"], refiner=refiner)
+        rendered = render(pipe, job["command"], options, pictures.get("image"), pictures.get("mask"),
+                          identity=job["identity"], vae=job["vae"], refiner=refiner, control=control)
         return rendered.png, rendered.params
+
+    def with_controls(self, job):
+        """-> (the pipeline, render()'s control) for a line: the plain pipeline and None without a control."""
+        if not job.get("controls"):
+            return self.pipe, None
+        pictures = []
+        for picture in job["control_pictures"]:
+            if picture["error"]:
+                raise NpdiffError(picture["error"])
+            pictures.append(load_image(picture["bytes"], name=picture["name"], what="control picture"))
+        for path, _ in job["controls"]:
+            if path not in self.controlnets:
+                self.controlnets[path] = ControlNetModel.from_pretrained(path)
+        pipe = attach_controlnets(self.pipe, [self.controlnets[path] for path, _ in job["controls"]])
+        return pipe, control_for_render(pictures, [scale for _, scale in job["controls"]], job["control_settings"])
 
 
 # ---------------------------------------------------------------------------------------------

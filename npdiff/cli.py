@@ -47,12 +47,12 @@ from npdiff.cli_controlnet import (
     add_control_options,
     load_controls,
     warn_about_missing_controlnets,
-    with_controlnets,
 )
 from npdiff.cli_train import add_train_embedding_command
 from npdiff.errors import clip, shorten
 from npdiff.hires_names import HIRES_UPSCALERS
 from npdiff.images import StepRecorder, emergence_grid, load_image, read_png_params
+from npdiff.pipeline_controlnet_attach import attach_controlnets, load_controlnets
 from npdiff.pipeline_sdxl import load_any_pipeline
 from npdiff.pipeline_utils import default_model_path
 from npdiff.recipe import (
@@ -176,6 +176,8 @@ def load_pipeline(args):
     if name:
         backend.use(name, dtype="float16" if args.fp16 else "float32")
     model = Path(args.model) if args.model else default_model_path()
+    control_paths = [parse_control_option(spec)[0] for spec in args.control or []]
+    nets = load_controlnets(control_paths, model)  # a net for the other family (SD 1.x / SDXL): refused now
     start = time.perf_counter()
     pipe = load_any_pipeline(model, scheduler=args.sampler, prediction_type=args.prediction_type)  # SD or SDXL
     if args.vae:
@@ -186,8 +188,8 @@ def load_pipeline(args):
     for path, scale in loras:
         lora = pipe.load_lora_weights(path, scale=scale)
         print(f"loaded LoRA {path} (scale {scale}, {lora.layer_count} layers)", file=sys.stderr)
-    if args.control:
-        pipe = with_controlnets(pipe, [parse_control_option(spec)[0] for spec in args.control])
+    if nets:
+        pipe = attach_controlnets(pipe, nets)  # the SD or SDXL ControlNet pipeline over the loaded components
     return pipe, model
 
 

@@ -1,25 +1,28 @@
 """The command line's ControlNet options (`--control CONTROLNET:IMAGE[:SCALE]`, `--control-start/-end`,
 `--canny`, `--guess-mode`): registered on generate/img2img/inpaint by npdiff/cli.py, checked before the model
-loads (load_controls), applied to the loaded pipeline (with_controlnets), and what --reproduce says of a
-PNG's nets (warn_about_missing_controlnets). The pictures are made by recipe.render with `control=`."""
+loads (load_controls), the nets loaded and put on the SD or SDXL pipeline by npdiff/pipeline_controlnet_attach.py,
+and what --reproduce says of a PNG's nets (warn_about_missing_controlnets). The pictures are made by recipe.render
+with `control=`."""
 
 import sys
 from pathlib import Path
 
 from npdiff.errors import NpdiffError, clip
 from npdiff.images import load_image
-from npdiff.models.controlnet import ControlNetModel
-from npdiff.pipeline_controlnet import StableDiffusionControlNetPipeline
-from npdiff.pipeline_sdxl import StableDiffusionXLPipeline
-from npdiff.preprocess import canny
-from npdiff.recipe import parse_control_option
+from npdiff.recipe import (
+    CONTROL_SETTINGS,
+    check_control_settings,
+    control_for_render,
+    parse_control_option,
+)
 
 
 def add_control_options(p):
     """--control, --control-start, --control-end, --canny, --guess-mode on a picture command's parser."""
     p.add_argument("--control", action="append", default=None, metavar="CONTROLNET:IMAGE[:SCALE]",
-                   help="steer the picture with a ControlNet (a diffusers folder or an original-layout "
-                   ".safetensors file such as control_v11p_sd15_canny) and its control picture (an edge map, "
+                   help="steer the picture with a ControlNet (a diffusers folder, or a .safetensors file: "
+                   "original-layout such as control_v11p_sd15_canny, or diffusers-layout as SDXL nets are shared) "
+                   "made for the model's family (SD 1.x/2.x or SDXL), and its control picture (an edge map, "
                    "depth map, pose), at SCALE (default 1); repeatable")
     p.add_argument("--control-start", type=float, default=0.0, metavar="F",
                    help="the ControlNets act from this fraction of the steps on (default 0)")
@@ -47,34 +50,15 @@ def warn_about_missing_controlnets(args, stored):
               file=sys.stderr)
 
 
-def with_controlnets(pipe, paths):
-    """The loaded pipeline with the --control ControlNets (each checked against its UNet)."""
-    if isinstance(pipe, StableDiffusionXLPipeline):
-        raise NpdiffError("--control works with SD 1.x/2.x models on the command line; for SDXL use "
-                                 "npdiff.StableDiffusionXLControlNetPipeline from Python")
-    nets = [ControlNetModel.from_pretrained(path) for path in paths]
-    for path in paths:
-        print(f"loaded ControlNet {path}", file=sys.stderr)
-    controlled = StableDiffusionControlNetPipeline(pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.vae,
-                                                   pipe.scheduler, nets, scheduler_config=pipe.scheduler_config,
-                                                   scheduler_name=pipe.scheduler_name, model_name=pipe.model_name)
-    for name in ("_lora_stack", "show_progress", "release_weights_between_stages"):
-        if hasattr(pipe, name):
-            setattr(controlled, name, getattr(pipe, name))
-    return controlled
-
-
 def load_controls(args):
     """--control CONTROLNET:IMAGE[:SCALE]...: the pictures loaded and the settings checked before the model
-    loads -> render()'s `control` (None without --control)."""
+    loads -> render()'s `control` (None without --control), made as a batch line's (recipe.control_for_render)."""
     if not args.control:
         return None
     specs = [parse_control_option(spec) for spec in args.control]
     for net, _, _ in specs:
         if not Path(net).exists():
             raise NpdiffError(f"--control {net}: no such ControlNet file or folder")
-    images = [load_image(image, what="control picture") for _, image, _ in specs]
-    if args.canny:
-        images = [canny(image) for image in images]  # white edges on black, RGB
-    return {"images": images, "scales": [scale for _, _, scale in specs], "start": args.control_start,
-            "end": args.control_end, "guess_mode": bool(args.guess_mode), "module": "canny" if args.canny else None}
+    settings = check_control_settings({name: getattr(args, name) for name in CONTROL_SETTINGS}, "--control")
+    pictures = [load_image(image, what="control picture") for _, image, _ in specs]
+    return control_for_render(pictures, [scale for _, _, scale in specs], settings)

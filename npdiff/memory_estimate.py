@@ -8,6 +8,8 @@
         NpdiffError naming both numbers and what to lower, when the estimate exceeds what is free; when only
         the untiled VAE decode (or encode) is too big and a tiled one fits, the estimate says to switch tiling
         on for the call instead ("vae_tiling_auto"), and why in one line ("vae_tiling_note")
+    controlnet_bytes(pipe, batch, height, width, guidance)
+        -> (what a ControlNet pipeline's nets add to the sampling stage, their weights' bytes)
 
 The formula (float32: 4 bytes a value). A "map" at level i is one feature map [B, C_i, h_i, w_i] of
 the batch the network runs on (the UNet runs 2*batch when guiding; the VAE decodes the whole batch):
@@ -31,6 +33,10 @@ the batch the network runs on (the UNet runs 2*batch when guiding; the VAE decod
   workspace: the convolutions' im2col tiles, one per worker thread (at most 16 MiB each).
   total = text + workspace + max(unet, vae_decode, vae_encode): the stages run one after the other.
 
+  ControlNets (controlnet_bytes): the residuals given to the UNet, one summed set the size of the UNet's skips
+    and middle, alive through its call, plus one net's outputs beside the sum while it is added; the control
+    pictures repeated to the batch; a net's own activations while it runs are its down path's, no more than
+    the UNet's, which come after them (so not counted twice); added to the UNet's stage.
 The weights are not part of it: float32 ones are read-only maps of their files, and float16/bfloat16
 ones read-only maps of their widened copy (an unlinked file, npdiff/loading/widened.py), page cache that
 the kernel may drop and read again under pressure rather than run out (npdiff/loading/safetensors_io.py;
@@ -42,10 +48,13 @@ purpose is to refuse a 1048576x1048576 picture or a million images in a second, 
 
 import os
 
+import numpy as np
+
 from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.kernels.block_pool import worker_count
 from npdiff.models.vae_tiling import check_tiling
+from npdiff.loading.resident import reachable
 
 FLOAT_BYTES = 4
 SCORES_CAP = 1 << 23  # kernels.attention.MEMORY_EFFICIENT_MIN_SCORES: larger score matrices are chunked
@@ -185,11 +194,11 @@ def check_call_memory(pipe, batch, height, width, guidance, encode=False):
     call = {"unet_config": pipe.unet.config, "vae_config": vae.config, "text_dim": text_dim, "batch": batch,
             "height": height, "width": width, "guidance": guidance, "encode": encode, "workers": worker_count()}
     tile = vae.tile_latent_min_size if can_tile and vae.use_tiling else None  # None: whole pictures
-    estimate = estimate_call_bytes(**call, vae_tile=tile)
+    estimate = with_controlnets(estimate_call_bytes(**call, vae_tile=tile), pipe, call)
     estimate["vae_tiling_auto"] = False
     free = available_bytes()
     if free is not None and estimate["total"] > free and can_tile and not vae.use_tiling:
-        tiled = auto_tiling_estimate(vae, call, free, estimate["total"])
+        tiled = auto_tiling_estimate(pipe, call, free, estimate["total"])
         if tiled is not None:
             return tiled
     if free is not None and estimate["total"] > free:
@@ -201,10 +210,11 @@ def check_call_memory(pipe, batch, height, width, guidance, encode=False):
     return estimate
 
 
-def auto_tiling_estimate(vae, call, free, untiled_total):
+def auto_tiling_estimate(pipe, call, free, untiled_total):
     """The estimate with the VAE in tiles, when that fits in `free` bytes (and the VAE can tile this
     picture: valid tile sizes, a side larger than a tile), with the one-line note the caller shows
     ("vae_tiling_note"). Else None."""
+    vae = pipe.vae
     try:
         check_tiling(vae)
     except NpdiffError:
@@ -212,10 +222,54 @@ def auto_tiling_estimate(vae, call, free, untiled_total):
     factor = 2 ** (len(vae.config["block_out_channels"]) - 1)
     if max(call["height"], call["width"]) // factor <= vae.tile_latent_min_size:
         return None  # one tile already: tiling would change nothing
-    tiled = estimate_call_bytes(**call, vae_tile=vae.tile_latent_min_size)
+    tiled = with_controlnets(estimate_call_bytes(**call, vae_tile=vae.tile_latent_min_size), pipe, call)
     if tiled["total"] > free:
         return None
     note = (f"the VAE decodes {call['height']}x{call['width']} in tiles (as with --vae-tiling / "
             f"vae.enable_tiling()): untiled the call needs about {human_bytes(untiled_total)}, "
             f"{human_bytes(free)} is available")
     return dict(tiled, vae_tiling_auto=True, vae_tiling_note=note)
+
+
+def with_controlnets(estimate, pipe, call):
+    """The estimate with a ControlNet pipeline's nets added to the sampling stage (and their weights'
+    bytes reported beside it: "controlnet", "controlnet_weights"); unchanged numbers without nets."""
+    estimate["controlnet"], estimate["controlnet_weights"] = controlnet_bytes(
+        pipe, call["batch"], call["height"], call["width"], call["guidance"])
+    estimate["unet"] += estimate["controlnet"]  # the nets run in the sampling stage, their residuals beside the UNet
+    estimate["total"] = estimate["text"] + estimate["workspace"] + max(estimate["unet"], estimate["vae_decode"],
+                                                                       estimate["vae_encode"])
+    return estimate
+
+
+def controlnet_bytes(pipe, batch, height, width, guidance):
+    """-> (bytes a pipeline's ControlNets add to the sampling stage, bytes of their weights): (0, 0) without nets.
+
+    The first (see the module docstring) goes into the estimate; the second is reported beside it and, as the
+    UNet's weights, not compared with the free memory (float32 and widened weights are file-backed maps: page
+    cache, released after the sampling with the UNet's, npdiff/pipeline_controlnet.py)."""
+    nets = getattr(pipe, "controlnets", None) or []
+    if not nets:
+        return 0, 0
+    factor = 2 ** (len(pipe.vae.config["block_out_channels"]) - 1)
+    h, w = max(1, height // factor), max(1, width // factor)
+    net_batch = 2 * batch if guidance else batch
+    config = nets[0].config  # every net has the UNet's down path (checked when the pipeline took it)
+    channels = list(config["block_out_channels"])
+    layers = _per_block(config.get("layers_per_block", 2), len(channels))
+    residual_values = channels[0] * h * w                              # conv_in's zero convolution
+    for i, width_i in enumerate(channels):
+        positions = max(1, (h >> i) * (w >> i))
+        residual_values += layers[i] * width_i * positions             # one per resnet
+        if i < len(channels) - 1:
+            residual_values += width_i * max(1, (h >> (i + 1)) * (w >> (i + 1)))  # the downsampler's
+    residual_values += channels[-1] * max(1, (h >> (len(channels) - 1)) * (w >> (len(channels) - 1)))  # middle
+    residuals = 2 * net_batch * residual_values * FLOAT_BYTES         # the sum and one net's outputs beside it
+    pictures = len(nets) * (1 + net_batch) * 3 * height * width * FLOAT_BYTES  # each [1,3,H,W] and its repeat
+    weights = sum(int(array.nbytes) for net in nets for array in weight_arrays(net))
+    return residuals + pictures, weights
+
+
+def weight_arrays(model):
+    """Every NumPy array an npdiff model holds (its weights), each once."""
+    return [item for item in reachable(model) if isinstance(item, np.ndarray)]

@@ -10,11 +10,15 @@ Inpaint pipelines, here the img2img and inpaint methods), called with diffusers'
 
 The flow is StableDiffusionPipeline's one sampling loop (npdiff/pipeline.py); this class fills two of its
 hooks: unet_inputs sizes the control pictures to the call's picture, and step_unet_inputs gives each
-step's UNet call the nets' residuals (npdiff/pipeline_controlnet_call.py says how, step by step).
+step's UNet call the nets' residuals (npdiff/pipeline_controlnet_call.py says how, step by step). The nets'
+weight pages are released after the sampling with the UNet's (release_resident_pages); a net past the UNet's
+per-block limit (an SDXL ControlNet in float32) drops each block's pages as soon as it has run, as the UNet.
 """
 
 from pathlib import Path
 
+from npdiff.images import picture_size
+from npdiff.loading.resident import release_resident_pages
 from npdiff.models.controlnet import ControlNetModel
 from npdiff.pipeline import StableDiffusionPipeline
 from npdiff.pipeline_controlnet_call import (
@@ -46,6 +50,15 @@ class ControlNetHooks:
         self.controlnet = nets[0] if not isinstance(controlnet, (list, tuple)) else nets
         self.controlnets = nets
 
+    def release_resident_pages(self, *names):
+        """StableDiffusionPipeline's, the ControlNets' pages released with the UNet's ("unet", or none named):
+        they run in the same stage, the sampling, and are not needed again until the next call's."""
+        names = names or self.text_encoder_names + ("unet", "vae")
+        released = super().release_resident_pages(*names)
+        if "unet" in names:
+            released += release_resident_pages(self.controlnets)
+        return released
+
     def control_of(self, extra):
         """The call's ControlCall (SD: `extra` itself; SDXL: its `control`)."""
         return extra if isinstance(extra, ControlCall) else extra.control
@@ -60,6 +73,20 @@ class ControlNetHooks:
         """Every step: the nets' summed residuals for the UNet (none outside every net's window)."""
         return control_residuals(self.control_of(extra), model_input, t, step_index, step_count,
                                  encoder_hidden_states, unet_kwargs, do_guidance)
+
+    def inpaint_size(self, image, height, width):
+        """diffusers' ControlNet inpainting size: each side not given is the picture's, rounded down to the VAE's
+        cell (a picture of another kind is refused by the start, naming it)."""
+        if height is not None and width is not None:
+            return height, width
+        try:
+            picture_width, picture_height = picture_size(image)
+        except (AttributeError, IndexError, TypeError, ValueError):
+            return height, width  # not a picture: the start's checks say so
+        cell = self.vae_scale_factor
+        height = picture_height - picture_height % cell if height is None else height
+        width = picture_width - picture_width % cell if width is None else width
+        return height, width
 
     def make_control(self, image, scale, start, end, guess_mode, name):
         return ControlCall(self.controlnets, image, scale, start, end, guess_mode, name=name)
@@ -121,10 +148,12 @@ class StableDiffusionControlNetPipeline(ControlNetHooks, StableDiffusionPipeline
                 controlnet_conditioning_scale=0.5, guess_mode=False, control_guidance_start=0.0,
                 control_guidance_end=1.0):
         """Picture + mask + text + control picture(s) -> pictures repainted where the mask is white, diffusers'
-        StableDiffusionControlNetInpaintPipeline arguments and defaults (controlnet_conditioning_scale 0.5).
+        StableDiffusionControlNetInpaintPipeline arguments and defaults (controlnet_conditioning_scale 0.5; height and
+        width: the picture's size rounded down to the VAE's cell).
         The nets see the 4 latent channels, also beside a 9-channel inpainting UNet."""
         control = self.make_control(control_image, controlnet_conditioning_scale, control_guidance_start,
                                     control_guidance_end, guess_mode, "control_image")
+        height, width = self.inpaint_size(image, height, width)
         return self._generate(InpaintStart(image, mask_image, strength, height, width), prompt, negative_prompt,
                               num_inference_steps, guidance_scale, seed, generator, num_images_per_prompt,
                               callback, callback_steps, output_type, progress, eta=eta, extra=control)

@@ -36,8 +36,8 @@ def as_net_list(controlnet):
 def check_nets_fit(nets, unet_config):
     """Each net must have been made for this UNet: the same down path (blocks, channels, layers, text width,
     SDXL's added conditioning); else an NpdiffError naming the net, the setting and both values."""
-    keys = ("block_out_channels", "down_block_types", "layers_per_block", "cross_attention_dim",
-            "addition_embed_type", "projection_class_embeddings_input_dim", "in_channels")
+    keys = ("addition_embed_type", "block_out_channels", "down_block_types", "layers_per_block",  # family first
+            "cross_attention_dim", "projection_class_embeddings_input_dim", "in_channels")
     for index, net in enumerate(nets):
         for key in keys:
             ours, theirs = net.config.get(key), unet_config.get(key)

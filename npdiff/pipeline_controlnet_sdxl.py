@@ -4,6 +4,7 @@
     pipe = StableDiffusionXLControlNetPipeline.from_pretrained("sdxl-base", controlnet=net)
     out = pipe("a red circle", image=edges, controlnet_conditioning_scale=0.5, seed=1)
     out = pipe.img2img("a blue circle", image=picture, control_image=edges, strength=0.6, seed=2)
+    out = pipe.inpaint("a green square", image=picture, mask_image=mask, control_image=edges, seed=3)
 
 StableDiffusionXLPipeline's flow and hooks (npdiff/pipeline_sdxl.py) with the ControlNet hooks of
 npdiff/pipeline_controlnet.py: the nets get the step's latents, text and SDXL's added conditioning (in guess
@@ -14,7 +15,7 @@ from npdiff.pipeline_controlnet import ControlNetHooks, load_controlnet
 from npdiff.pipeline_controlnet_call import ControlCall, as_net_list
 from npdiff.pipeline_sdxl import StableDiffusionXLPipeline, XLCall
 from npdiff.prompt_encoding import PromptOptions
-from npdiff.sampling_starts_sdxl import XLImageStart, XLNoiseStart
+from npdiff.sampling_starts_sdxl import XLImageStart, XLInpaintStart, XLNoiseStart
 
 
 class XLControlCall(XLCall):
@@ -87,6 +88,29 @@ class StableDiffusionXLControlNetPipeline(ControlNetHooks, StableDiffusionXLPipe
                               negative_crops_coords_top_left, negative_target_size, aesthetic_score,
                               negative_aesthetic_score)
         start = XLImageStart(image, strength, None, None)
+        return self._run(start, extra, prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
+                         num_images_per_prompt, callback, callback_steps, output_type, progress, eta,
+                         PromptOptions(clip_skip, prompt_syntax))
+
+    def inpaint(self, prompt, image, mask_image, control_image=None, strength=0.9999, prompt_2=None, height=None,
+                width=None, num_inference_steps=50, guidance_scale=5.0, negative_prompt=None, negative_prompt_2=None,
+                num_images_per_prompt=1, eta=0.0, seed=None, generator=None, output_type="pil",
+                controlnet_conditioning_scale=1.0, guess_mode=False, control_guidance_start=0.0,
+                control_guidance_end=1.0, original_size=None, crops_coords_top_left=(0, 0), target_size=None,
+                aesthetic_score=6.0, negative_aesthetic_score=2.5, callback=None, callback_steps=1, progress=None,
+                clip_skip=None, prompt_syntax="plain"):
+        """Picture + mask + text + control picture(s) -> pictures repainted where the mask is white, diffusers'
+        StableDiffusionXLControlNetInpaintPipeline arguments and defaults (strength 0.9999, guidance 5,
+        controlnet_conditioning_scale 1.0; height/width: the picture's size rounded down to the VAE's cell, as
+        diffusers' ControlNet inpainting; no negative_* sizes: the negative row is the positive one there). The
+        nets see the 4 latent channels, also beside a 9-channel inpainting UNet."""
+        control = ControlCall(self.controlnets, control_image, controlnet_conditioning_scale, control_guidance_start,
+                              control_guidance_end, guess_mode, name="control_image")
+        height, width = self.inpaint_size(image, height, width)
+        extra = XLControlCall(control, "inpaint", prompt_2, negative_prompt, negative_prompt_2, original_size,
+                              crops_coords_top_left, target_size, None, (0, 0), None, aesthetic_score,
+                              negative_aesthetic_score)
+        start = XLInpaintStart(image, mask_image, strength, height, width)
         return self._run(start, extra, prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
                          num_images_per_prompt, callback, callback_steps, output_type, progress, eta,
                          PromptOptions(clip_skip, prompt_syntax))

@@ -8,6 +8,8 @@ so a picture made one way is byte for byte the picture made another:
   defaults_for(command)          the options a command falls back to (inpaint repaints from pure noise)
   parse_lora_option(spec)        "FILE[:SCALE]" -> (FILE, SCALE)
   parse_control_option(spec)     "CONTROLNET:IMAGE[:SCALE]" -> (CONTROLNET, IMAGE, SCALE)
+  CONTROL_SETTINGS               the ControlNet settings beside --control / a line's "control" (--control-start
+                                 or "control_start", ...), check_control_settings and control_for_render
   load_vae(folder)               a --vae folder (AutoencoderKL or TAESD), as its config.json names it
   use_vae_tiling(pipe, on)       the vae_tiling option (decode and encode in tiles) on a loaded pipeline
   model_png_identity(model, pt)  how a PNG names the model: name and short hash, never a path
@@ -34,6 +36,7 @@ from npdiff.loading import read_config
 from npdiff.model_identity import model_hash, model_name
 from npdiff.models import AutoencoderKL, AutoencoderTiny
 from npdiff.pipeline_utils import INSTALLED_MODEL_DIR, PACKAGE_DIR, SHIPPED_MODEL_NAME
+from npdiff.preprocess import canny
 from npdiff.sdxl_recipe import (
     CROP_KEYWORDS,
     SCORE_KEYWORDS,
@@ -200,6 +203,43 @@ def parse_control_option(spec, what="--control"):
     if not net or not image:
         raise NpdiffError(f"{what} {shorten(spec)}: expected CONTROLNET:IMAGE[:SCALE]")
     return net, image, scale
+
+
+# The settings that go with the ControlNets of --control / a batch line's "control", and their defaults: the
+# same names on the command line (dashes: --control-start) and in a batch line (control_start)
+CONTROL_SETTINGS = {"control_start": 0.0, "control_end": 1.0, "canny": False, "guess_mode": False}
+
+
+def check_control_settings(settings, where=None):
+    """{CONTROL_SETTINGS name: value or None} -> every setting checked, the defaults for the others; NpdiffError
+    naming the setting (and `where`, e.g. a batch line) for a wrong one."""
+    prefix = f"{where}: " if where else ""
+    checked = dict(CONTROL_SETTINGS)
+    for name, value in settings.items():
+        if name not in CONTROL_SETTINGS:
+            raise NpdiffError(f"{prefix}unknown ControlNet setting {shorten(name)}")
+        if value is None:
+            continue
+        if isinstance(CONTROL_SETTINGS[name], bool):
+            if not isinstance(value, bool):
+                raise NpdiffError(f"{prefix}{name!r} must be true or false, got {shorten(value)}")
+        elif not is_number(value) or not 0 <= value <= 1:
+            raise NpdiffError(f"{prefix}{name!r} must be a fraction of the steps in [0, 1], got {shorten(value)}")
+        checked[name] = value if isinstance(value, bool) else float(value)
+    if checked["control_start"] >= checked["control_end"]:
+        raise NpdiffError(f"{prefix}control_start ({checked['control_start']}) must be below control_end "
+                          f"({checked['control_end']})")
+    return checked
+
+
+def control_for_render(pictures, scales, settings):
+    """The control pictures as loaded (one per net), their scales and check_control_settings' settings ->
+    render()'s `control`; with canny each picture's Canny edge map (white edges on black, RGB) is used."""
+    if settings["canny"]:
+        pictures = [canny(picture) for picture in pictures]
+    return {"images": list(pictures), "scales": list(scales), "start": settings["control_start"],
+            "end": settings["control_end"], "guess_mode": settings["guess_mode"],
+            "module": "canny" if settings["canny"] else None}
 
 
 def load_vae(folder):

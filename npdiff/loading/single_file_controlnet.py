@@ -100,7 +100,7 @@ def load_controlnet_single_file(path):
     all_keys = list(safetensors_file.keys())
     if not is_original_controlnet(all_keys):
         raise NpdiffError(f"{source}: not a ControlNet in the original layout (no control_model.input_hint_block.* "
-                          "keys); a diffusers-layout ControlNet is a folder with config.json")
+                          "keys); for either layout use single_file_controlnet_diffusers.load_controlnet_file")
     prefix = PREFIX if any(key.startswith(PREFIX) for key in all_keys) else ""
     stored = {}
     for key in all_keys:

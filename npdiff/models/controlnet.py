@@ -29,7 +29,9 @@ from npdiff.errors import NpdiffError
 from npdiff.kernels.activations import silu
 from npdiff.loading.config_checks import full_config
 from npdiff.loading.configs import find_component_weights, load_component
-from npdiff.loading.single_file_controlnet import load_controlnet_single_file
+from npdiff.loading.resident import mapped_arrays
+from npdiff.loading.single_file_controlnet_diffusers import load_controlnet_file
+from npdiff.models import unet as unet_module
 from npdiff.models.blocks import Conv2d
 from npdiff.models.unet import UNet2DConditionModel
 
@@ -113,14 +115,18 @@ class ControlNetModel(UNet2DConditionModel):
                                        for k, width in enumerate(skip_channels)]
         self.controlnet_mid_block = Conv2d(weights, "controlnet_mid_block", channels[-1], channels[-1], 1)
         weights.check_all_used()
+        # as the UNet: past PER_BLOCK_RELEASE_BYTES of mapped weights, each block's pages go once it has run
+        mapped = sum(array.nbytes for array in mapped_arrays(self))
+        self.release_weights_after_each_block = mapped > unet_module.PER_BLOCK_RELEASE_BYTES
 
     @classmethod
     def from_pretrained(cls, folder, subfolder=None, variant=None):
         """A diffusers ControlNet folder (config.json + diffusion_pytorch_model[.fp16].safetensors), or a single
-        .safetensors file in the original layout (control_v11p_sd15_canny.safetensors: control_model.* keys)."""
+        .safetensors file: in the original layout (control_v11p_sd15_canny.safetensors: control_model.* keys) or
+        in diffusers' (an SDXL net's diffusion_pytorch_model.safetensors alone), its config read from the shapes."""
         path = Path(folder) / subfolder if subfolder else Path(folder)
         if path.is_file():
-            net = cls(*load_controlnet_single_file(path))
+            net = cls(*load_controlnet_file(path))
             net.name, net.weights_file = path.stem, path
             return net
         net = cls(*load_component(folder, subfolder, variant))

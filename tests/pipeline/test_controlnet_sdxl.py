@@ -21,7 +21,7 @@ def net_folders(count):
     return [tiny_controlnet(tiny_sdxl_folder("base") / "unet", seed=20 + index)[1] for index in range(count)]
 
 
-def compare(rng, seed, count, img2img=False, **kwargs):
+def compare(rng, seed, count, mode="txt2img", kind="base", **kwargs):
     import diffusers
 
     final = {}
@@ -31,10 +31,11 @@ def compare(rng, seed, count, img2img=False, **kwargs):
         return {}
 
     torch_nets = [diffusers.ControlNetModel.from_pretrained(str(folder)) for folder in net_folders(count)]
-    theirs_class = (diffusers.StableDiffusionXLControlNetImg2ImgPipeline if img2img
-                    else diffusers.StableDiffusionXLControlNetPipeline)
+    theirs_class = {"txt2img": diffusers.StableDiffusionXLControlNetPipeline,
+                    "img2img": diffusers.StableDiffusionXLControlNetImg2ImgPipeline,
+                    "inpaint": diffusers.StableDiffusionXLControlNetInpaintPipeline}[mode]
     theirs_pipe = theirs_class.from_pretrained(
-        str(tiny_sdxl_folder("base")), controlnet=torch_nets[0] if count == 1 else torch_nets,
+        str(tiny_sdxl_folder(kind)), controlnet=torch_nets[0] if count == 1 else torch_nets,
         torch_dtype=torch.float32, local_files_only=True, add_watermarker=False)
     theirs_pipe.set_progress_bar_config(disable=True)
     call = dict(prompt="a red circle on a blue square", negative_prompt="blurry", num_inference_steps=4,
@@ -42,10 +43,11 @@ def compare(rng, seed, count, img2img=False, **kwargs):
     theirs = theirs_pipe(generator=torch.Generator().manual_seed(seed), output_type="np",
                          callback_on_step_end=keep_latents, **call)
     nets = [ControlNetModel.from_pretrained(folder) for folder in net_folders(count)]
-    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(tiny_sdxl_folder("base"),
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(tiny_sdxl_folder(kind),
                                                                controlnet=nets[0] if count == 1 else nets)
     pipe.show_progress = False
-    ours = (pipe.img2img if img2img else pipe)(seed=seed, output_type="np", **call)
+    ours = {"txt2img": pipe, "img2img": pipe.img2img, "inpaint": pipe.inpaint}[mode](seed=seed, output_type="np",
+                                                                                   **call)
     assert_rel_close(ours.latents, final["latents"], tol=NETWORK_TOL, what="SDXL ControlNet latents")
     theirs_levels = np.round(np.asarray(theirs.images) * 255).astype(np.int16)
     worst = int(np.max(np.abs(np.round(ours.images * 255).astype(np.int16) - theirs_levels)))
@@ -73,4 +75,25 @@ def test_img2img_matches_diffusers(rng, seed):
     from PIL import Image
 
     background = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    compare(rng, seed, 1, img2img=True, image=background, control_image=edge_picture(rng), strength=0.7)
+    compare(rng, seed, 1, mode="img2img", image=background, control_image=edge_picture(rng), strength=0.7)
+
+
+def inpaint_inputs(rng, height, width):
+    """A random picture and a mask whose white rectangle is to be repainted, both height x width."""
+    from PIL import Image
+
+    background = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    mask = np.zeros((height, width), dtype=np.uint8)
+    top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
+    mask[top:top + height // 2, left:left + width // 2] = 255
+    return background, Image.fromarray(mask)
+
+
+@pytest.mark.parametrize("kind", ["base", "inpaint"])  # a 4-channel UNet (kept part put back) and a 9-channel one
+def test_inpaint_matches_diffusers(rng, seed, kind):
+    """diffusers' StableDiffusionXLControlNetInpaintPipeline; a 48x64 picture: the call's size is the picture's."""
+    background, mask = inpaint_inputs(rng, 48, 64)
+    ours = compare(rng, seed, 1, mode="inpaint", kind=kind, image=background, mask_image=mask,
+                   control_image=edge_picture(rng, width=64, height=48), strength=float(rng.uniform(0.6, 1.0)),
+                   controlnet_conditioning_scale=0.8, guess_mode=kind == "inpaint")
+    assert ours.images.shape[1:3] == (48, 64)

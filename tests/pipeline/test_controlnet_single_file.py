@@ -75,5 +75,5 @@ def test_loads_equal_to_diffusers(written, rng):
 def test_not_a_controlnet_file(tmp_path):
     path = tmp_path / "lora.safetensors"
     save_file({"lora_unet_down.weight": torch.zeros(2, 2)}, str(path))
-    with pytest.raises(NpdiffError, match="not a ControlNet in the original layout"):
+    with pytest.raises(NpdiffError, match="not a ControlNet file"):
         ControlNetModel.from_pretrained(path)
