@@ -6,6 +6,10 @@ printed in the failure report. Re-run a failure with NPDIFF_TEST_SEED=<seed> pyt
 
 import os
 
+# torch's OpenMP workers spin-wait between calls; on a shared or loaded machine a tiny reference conv then
+# took 75-82 ms instead of 1.3-1.5 ms (measured): let them sleep. Set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np  # first, as nearly every user's script does: npdiff must be as fast and right so
 import npdiff  # noqa: F401
 import pytest
