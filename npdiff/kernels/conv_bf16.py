@@ -1,0 +1,200 @@
+"""2-D convolution in bfloat16: x and the weight rounded to bf16, products summed in float32 on
+AVX-512 BF16's vdpbf16ps (the GEMM of matmul_bf16.py), the bias added in float32. NCHW, torch's
+weight layout [C_out, C_in, kH, kW], as conv.py.
+
+Versions:
+  1. conv2d_bf16_ref    conv.py's conv2d_ref on the bf16-rounded x and weight (float32 GEMMs of
+                        the rounded values: the same products, summed in another order). Where the
+                        CPU has no AVX512_BF16 (or NPDIFF_NO_BF16=1), conv.py's fast conv2d runs on
+                        the rounded values instead: the same numbers, float32 speed.
+  2. the dpbf16 conv    im2col by tiles as conv.py's version 3, then the bf16 GEMM
+                        C [C_out, pixels] = W [C_out, K] @ cols [K, pixels], K = C_in*kH*kW:
+        the weight is A, packed once (pack_conv_bf16) as [K blocks, C_out/MR, pairs, MR] words,
+        the unfolded image is B, packed per tile as [pixels/NR, pairs, NR] words, so a row of the
+        C tile runs along the pixels of one output channel, which is NCHW's own order: the GEMM
+        writes the output in place (no transpose).
+        Depth blocks are whole channels (KC / (kH*kW) of them: 56 for 3x3, 512 for 1x1), so one
+        depth block of cols is im2col_tile of a channel slice of the image. 1x1 stride-1 convs skip
+        the unfolding (the image's [C_in, H*W] rows are the B operand as they lie).
+  Per tile of TILE_PIXELS output pixels of one image (the float32 cols of one depth block,
+  504 x 512 x 4 = 1 MiB, and its packed words, 0.5 MiB, stay in L2), tiles spread over the block
+  pool; every depth block after the first adds into the output tile.
+"""
+
+import numpy as np
+
+from npdiff.errors import NpdiffError
+from npdiff.intrinsics import bits_float32
+from npdiff.jit import SERIAL, njit
+from npdiff.kernels.block_pool import run_blocks, split_evenly, worker_count
+from npdiff.kernels.conv import check_conv2d, conv2d, conv2d_ref, im2col_tile
+from npdiff.kernels.matmul_bf16 import (
+    KC,
+    MR,
+    NR,
+    _bf16_bits,
+    _pair_word,
+    _weight_bits,
+    bf16_kernel_enabled,
+    bf16_to_float32,
+    gemm_packed_block,
+    rounded_to_bf16,
+)
+from npdiff.kernels.scratch import scratch
+from npdiff.kernels.validate import output_size, shape_text
+
+TILE_PIXELS = 512  # output pixels per tile (whole output rows, at least one)
+
+
+class PackedBf16Conv:
+    """A conv weight [C_out, C_in, kH, kW] rounded to bf16 once, in the layout its GEMM reads.
+
+    layout "dpbf16": `data` is [K blocks, C_out/MR, block pairs, MR] uint32 words, the depth blocks
+    `channels_per_block` input channels each (see the header).
+    layout "float32": `data` is the rounded weight as float32 (CPUs without AVX512_BF16).
+    """
+
+    def __init__(self, data, shape, layout, channels_per_block):
+        self.data = data
+        self.shape = tuple(shape)  # (C_out, C_in, kH, kW)
+        self.layout = layout
+        self.channels_per_block = channels_per_block
+
+    @property
+    def nbytes(self):
+        return self.data.nbytes
+
+    def to_float32(self):
+        """The bf16-rounded weight [C_out, C_in, kH, kW] as float32."""
+        if self.layout == "float32":
+            return self.data
+        c_out, c_in, kh, kw = self.shape
+        out = np.empty((c_out, c_in * kh * kw), np.float32)  # [C_out, K]
+        _unpack_weight(self.data, self.channels_per_block * kh * kw, out)
+        return out.reshape(self.shape)
+
+
+def pack_conv_bf16(weight):
+    """weight [C_out, C_in, kH, kW] (float32, or uint16 bf16 bits) -> PackedBf16Conv."""
+    weight = np.asarray(weight)
+    if weight.ndim != 4:
+        raise NpdiffError(f"pack_conv_bf16: weight must be 4-D [C_out,C_in,kH,kW], got shape "
+                          f"{shape_text(weight.shape)}")
+    bits = _weight_bits(weight, "pack_conv_bf16")  # [C_out, C_in, kH, kW] uint16
+    c_out, c_in, kh, kw = weight.shape
+    channels_per_block = max(1, KC // (kh * kw))
+    if not bf16_kernel_enabled():
+        return PackedBf16Conv(bf16_to_float32(bits), weight.shape, "float32", channels_per_block)
+    rows = np.ascontiguousarray(bits).reshape(c_out, c_in * kh * kw)  # [C_out, K]
+    block_depth = channels_per_block * kh * kw
+    blocks = -(-c_in // channels_per_block)
+    packed = np.zeros((blocks, -(-c_out // MR), (block_depth + 1) // 2, MR), np.uint32)
+    _pack_weight(rows, block_depth, packed)
+    return PackedBf16Conv(packed, weight.shape, "dpbf16", channels_per_block)
+
+
+@njit(**SERIAL)
+def _pack_weight(rows, block_depth, packed):
+    """rows [C_out, K] uint16 -> packed [K blocks, C_out/MR, pairs, MR]: word (block, panel, p, r) =
+    W[o, k] | W[o, k+1] << 16, o = panel*MR + r, k = block*block_depth + 2p (zero past the block)."""
+    c_out, depth = rows.shape
+    for o in range(c_out):
+        for k in range(depth):
+            block = k // block_depth
+            within = k - block * block_depth
+            shift = np.uint32(16) if within % 2 else np.uint32(0)
+            packed[block, o // MR, within // 2, o % MR] |= np.uint32(rows[o, k]) << shift
+
+
+@njit(**SERIAL)
+def _unpack_weight(packed, block_depth, out):
+    """The inverse of _pack_weight, widened to float32: out [C_out, K]."""
+    c_out, depth = out.shape
+    for o in range(c_out):
+        for k in range(depth):
+            block = k // block_depth
+            within = k - block * block_depth
+            word = packed[block, o // MR, within // 2, o % MR]
+            half = (word >> np.uint32(16)) if within % 2 else (word & np.uint32(0xFFFF))
+            out[o, k] = bits_float32(np.uint32(half << np.uint32(16)))
+
+
+@njit(**SERIAL)
+def _pack_pixel_pairs(cols, b_block):
+    """cols [depth, pixels] float32 (rows contiguous) -> b_block[:panels, :pairs, :] as
+    [pixels/NR, pairs, NR] words, rounded to bf16: word (panel, p, j) = bf16(cols[2p, q]) |
+    bf16(cols[2p+1, q]) << 16, q = panel*NR + j. Pixels past the tile and an odd depth's missing
+    partner are zero. The j loop reads two rows and writes one panel row, all contiguous."""
+    depth, pixels = cols.shape
+    for panel in range((pixels + NR - 1) // NR):
+        first = panel * NR
+        width = min(NR, pixels - first)
+        for p in range(depth // 2):
+            low, high = cols[2 * p], cols[2 * p + 1]  # [pixels] each
+            for j in range(width):
+                b_block[panel, p, j] = _pair_word(low[first + j], high[first + j])
+            for j in range(width, NR):
+                b_block[panel, p, j] = 0
+        if depth % 2:
+            last = cols[depth - 1]
+            for j in range(width):
+                b_block[panel, depth // 2, j] = _bf16_bits(last[first + j])
+            for j in range(width, NR):
+                b_block[panel, depth // 2, j] = 0
+
+
+def conv2d_bf16_ref(x, weight, bias=None, stride=1, padding=0):
+    """conv2d_ref of the bf16-rounded x and weight (float32 [C_out, C_in, kH, kW])."""
+    return conv2d_ref(rounded_to_bf16(x), rounded_to_bf16(weight), bias, stride, padding)
+
+
+def _check_packed_conv(x, packed, bias, stride, padding):
+    if not isinstance(packed, PackedBf16Conv):
+        raise NpdiffError(f"conv2d_bf16: the weight must be a PackedBf16Conv from pack_conv_bf16, "
+                          f"got {type(packed).__name__}")
+    shape_only = np.broadcast_to(np.float32(0), packed.shape)  # the weight's shape for check_conv2d
+    return check_conv2d(x, shape_only, bias, stride, padding)
+
+
+def conv2d_bf16(x, packed, bias=None, stride=1, padding=0):
+    """torch's conv2d with x and the weight in bf16, products summed in float32: x [B,C_in,H,W]
+    float32, packed from pack_conv_bf16, bias [C_out] float32 or None -> [B,C_out,H_out,W_out]."""
+    sh, sw, ph, pw = _check_packed_conv(x, packed, bias, stride, padding)
+    if packed.layout != "dpbf16" or not bf16_kernel_enabled() or x.size == 0:
+        return conv2d(rounded_to_bf16(x), packed.to_float32(), bias, (sh, sw), (ph, pw))
+    return _conv_dpbf16(np.ascontiguousarray(x), packed, bias, sh, sw, ph, pw)
+
+
+def _conv_dpbf16(x, packed, bias, sh, sw, ph, pw):
+    """Tiles of output rows of each image on the block pool; per tile, per depth block: unfold
+    (or take the 1x1 rows), pack to bf16 pairs, GEMM into the output tile."""
+    batch, c_in, height, width = x.shape
+    c_out, _, kh, kw = packed.shape
+    h_out, w_out = output_size(height, kh, sh, ph), output_size(width, kw, sw, pw)
+    pointwise = kh == 1 and kw == 1 and sh == 1 and sw == 1 and ph == 0 and pw == 0
+    per_block = packed.channels_per_block
+    out = np.empty((batch, c_out, h_out * w_out), np.float32)  # [B,C_out,Ho*Wo]
+    pixels_of = x.reshape(batch, c_in, height * width)  # [B,C_in,H*W] (1x1: the B operand itself)
+
+    def run_tile(tile):
+        b, (row0, row1) = tile
+        first, pixels = row0 * w_out, (row1 - row0) * w_out
+        for block, c0 in enumerate(range(0, c_in, per_block)):
+            c1 = min(c_in, c0 + per_block)
+            depth = (c1 - c0) * kh * kw
+            if pointwise:
+                cols = pixels_of[b, c0:c1, first:first + pixels]  # [C_blk, pixels], rows contiguous
+            else:
+                cols = scratch("conv_bf16 cols", (c1 - c0, kh, kw, row1 - row0, w_out))
+                im2col_tile(x[b, c0:c1], row0, sh, sw, ph, pw, cols)
+                cols = cols.reshape(depth, pixels)  # [K_blk, pixels]
+            words = scratch("conv_bf16 words", (-(-pixels // NR), (depth + 1) // 2, NR)).view(np.uint32)
+            _pack_pixel_pairs(cols, words)
+            gemm_packed_block(packed.data[block], (depth + 1) // 2, words, out[b], 0, c_out, first, pixels,
+                              block > 0)
+        if bias is not None:
+            out[b, :, first:first + pixels] += bias[:, None]  # [C_out, pixels] + [C_out, 1], in cache
+
+    spans = split_evenly(h_out, max(1, TILE_PIXELS // w_out), batch, worker_count())
+    run_blocks(run_tile, [(b, span) for b in range(batch) for span in spans])
+    return out.reshape(batch, c_out, h_out, w_out)  # [B,C_out,Ho*Wo] -> [B,C_out,Ho,Wo]
