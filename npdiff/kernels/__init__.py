@@ -61,11 +61,14 @@ from npdiff.kernels.linear_backward import (
                                       linear_activation_backward,
                                       linear_backward,
 )
-from npdiff.kernels.matmul_bf16 import (
-                                      PackedBf16Weight,
+from npdiff.kernels.bf16_rounding import (
+                                      bf16_kernel,
                                       bf16_to_float32,
                                       cpu_has_avx512_bf16,
                                       float32_to_bf16,
+)
+from npdiff.kernels.matmul_bf16 import (
+                                      PackedBf16Weight,
                                       geglu_bf16,
                                       linear_activation_bf16,
                                       linear_bf16,
@@ -87,7 +90,7 @@ __all__ = [
     "attention_backward", "conv2d_backward", "geglu_backward", "gelu_backward", "group_norm_backward",
     "layer_norm_backward", "linear_activation_backward", "linear_backward", "quick_gelu_backward",
     "silu_backward", "upsample_nearest2x_backward",
-    "PackedBf16Conv", "PackedBf16Weight", "bf16_to_float32", "conv2d_bf16", "cpu_has_avx512_bf16",
+    "PackedBf16Conv", "PackedBf16Weight", "bf16_kernel", "bf16_to_float32", "conv2d_bf16", "cpu_has_avx512_bf16",
     "float32_to_bf16", "geglu_bf16", "linear_activation_bf16", "linear_bf16", "pack_conv_bf16",
     "pack_linear_bf16",
 ]

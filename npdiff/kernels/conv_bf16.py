@@ -26,20 +26,17 @@ import numpy as np
 from npdiff.errors import NpdiffError
 from npdiff.intrinsics import bits_float32
 from npdiff.jit import SERIAL, njit
-from npdiff.kernels.block_pool import run_blocks, split_evenly, worker_count
-from npdiff.kernels.conv import check_conv2d, conv2d, conv2d_ref, im2col_tile
-from npdiff.kernels.matmul_bf16 import (
-    KC,
-    MR,
-    NR,
-    _bf16_bits,
-    _pair_word,
-    _weight_bits,
-    bf16_kernel_enabled,
+from npdiff.kernels.bf16_rounding import (
+    bf16_bits,
+    bf16_kernel,
     bf16_to_float32,
-    gemm_packed_block,
+    pair_word,
     rounded_to_bf16,
 )
+from npdiff.kernels.block_pool import run_blocks, split_evenly, worker_count
+from npdiff.kernels.conv import check_conv2d, conv2d, conv2d_ref, im2col_tile
+from npdiff.kernels.matmul_amx import BLOCK, TILE, TILE_CONFIG, amx_gemm_block
+from npdiff.kernels.matmul_bf16 import KC, MR, NR, _weight_bits, gemm_packed_block
 from npdiff.kernels.scratch import scratch
 from npdiff.kernels.validate import output_size, shape_text
 
@@ -49,9 +46,11 @@ TILE_PIXELS = 512  # output pixels per tile (whole output rows, at least one)
 class PackedBf16Conv:
     """A conv weight [C_out, C_in, kH, kW] rounded to bf16 once, in the layout its GEMM reads.
 
-    layout "dpbf16": `data` is [K blocks, C_out/MR, block pairs, MR] uint32 words, the depth blocks
-    `channels_per_block` input channels each (see the header).
+    layout "amx": `data` is the weight's bf16 bits [C_out, K = C_in*kH*kW] uint16, zero-padded to
+    multiples of 32 (the A tiles of matmul_amx.py).
+    layout "dpbf16": `data` is [K blocks, C_out/MR, block pairs, MR] uint32 words (vdpbf16ps's A panels).
     layout "float32": `data` is the rounded weight as float32 (CPUs without AVX512_BF16).
+    The depth blocks are `channels_per_block` input channels each (see the header).
     """
 
     def __init__(self, data, shape, layout, channels_per_block):
@@ -69,6 +68,8 @@ class PackedBf16Conv:
         if self.layout == "float32":
             return self.data
         c_out, c_in, kh, kw = self.shape
+        if self.layout == "amx":
+            return bf16_to_float32(self.data[:c_out, :c_in * kh * kw]).reshape(self.shape)
         out = np.empty((c_out, c_in * kh * kw), np.float32)  # [C_out, K]
         _unpack_weight(self.data, self.channels_per_block * kh * kw, out)
         return out.reshape(self.shape)
@@ -82,10 +83,15 @@ def pack_conv_bf16(weight):
                           f"{shape_text(weight.shape)}")
     bits = _weight_bits(weight, "pack_conv_bf16")  # [C_out, C_in, kH, kW] uint16
     c_out, c_in, kh, kw = weight.shape
-    channels_per_block = max(1, KC // (kh * kw))
-    if not bf16_kernel_enabled():
+    channels_per_block = BLOCK * max(1, KC // (BLOCK * kh * kw))  # a block's depth: a multiple of 32
+    kernel = bf16_kernel()
+    if kernel == "float32":
         return PackedBf16Conv(bf16_to_float32(bits), weight.shape, "float32", channels_per_block)
     rows = np.ascontiguousarray(bits).reshape(c_out, c_in * kh * kw)  # [C_out, K]
+    if kernel == "amx":
+        padded = np.zeros((-(-c_out // BLOCK) * BLOCK, -(-rows.shape[1] // BLOCK) * BLOCK), np.uint16)
+        padded[:c_out, :rows.shape[1]] = rows  # [C_out, K] -> zero-padded to multiples of 32
+        return PackedBf16Conv(padded, weight.shape, "amx", channels_per_block)
     block_depth = channels_per_block * kh * kw
     blocks = -(-c_in // channels_per_block)
     packed = np.zeros((blocks, -(-c_out // MR), (block_depth + 1) // 2, MR), np.uint32)
@@ -121,10 +127,11 @@ def _unpack_weight(packed, block_depth, out):
 
 @njit(**SERIAL)
 def _pack_pixel_pairs(cols, b_block):
-    """cols [depth, pixels] float32 (rows contiguous) -> b_block[:panels, :pairs, :] as
-    [pixels/NR, pairs, NR] words, rounded to bf16: word (panel, p, j) = bf16(cols[2p, q]) |
-    bf16(cols[2p+1, q]) << 16, q = panel*NR + j. Pixels past the tile and an odd depth's missing
-    partner are zero. The j loop reads two rows and writes one panel row, all contiguous."""
+    """cols [depth, pixels] float32 (rows contiguous) -> b_block [pixels/NR, pairs, NR] words,
+    rounded to bf16: word (panel, p, j) = bf16(cols[2p, q]) | bf16(cols[2p+1, q]) << 16,
+    q = panel*NR + j. Pixels past the tile, an odd depth's missing partner and the pairs past the
+    depth (b_block's padding to whole AMX tiles) are zero. The j loop reads two rows and writes one
+    panel row, all contiguous."""
     depth, pixels = cols.shape
     for panel in range((pixels + NR - 1) // NR):
         first = panel * NR
@@ -132,15 +139,17 @@ def _pack_pixel_pairs(cols, b_block):
         for p in range(depth // 2):
             low, high = cols[2 * p], cols[2 * p + 1]  # [pixels] each
             for j in range(width):
-                b_block[panel, p, j] = _pair_word(low[first + j], high[first + j])
+                b_block[panel, p, j] = pair_word(low[first + j], high[first + j])
             for j in range(width, NR):
                 b_block[panel, p, j] = 0
         if depth % 2:
             last = cols[depth - 1]
             for j in range(width):
-                b_block[panel, depth // 2, j] = _bf16_bits(last[first + j])
+                b_block[panel, depth // 2, j] = bf16_bits(last[first + j])
             for j in range(width, NR):
                 b_block[panel, depth // 2, j] = 0
+        for p in range((depth + 1) // 2, b_block.shape[1]):
+            b_block[panel, p, :] = 0
 
 
 def conv2d_bf16_ref(x, weight, bias=None, stride=1, padding=0):
@@ -160,12 +169,12 @@ def conv2d_bf16(x, packed, bias=None, stride=1, padding=0):
     """torch's conv2d with x and the weight in bf16, products summed in float32: x [B,C_in,H,W]
     float32, packed from pack_conv_bf16, bias [C_out] float32 or None -> [B,C_out,H_out,W_out]."""
     sh, sw, ph, pw = _check_packed_conv(x, packed, bias, stride, padding)
-    if packed.layout != "dpbf16" or not bf16_kernel_enabled() or x.size == 0:
+    if packed.layout == "float32" or packed.layout != bf16_kernel() or x.size == 0:  # or ruled out since packing
         return conv2d(rounded_to_bf16(x), packed.to_float32(), bias, (sh, sw), (ph, pw))
-    return _conv_dpbf16(np.ascontiguousarray(x), packed, bias, sh, sw, ph, pw)
+    return _conv_bf16_tiles(np.ascontiguousarray(x), packed, bias, sh, sw, ph, pw)
 
 
-def _conv_dpbf16(x, packed, bias, sh, sw, ph, pw):
+def _conv_bf16_tiles(x, packed, bias, sh, sw, ph, pw):
     """Tiles of output rows of each image on the block pool; per tile, per depth block: unfold
     (or take the 1x1 rows), pack to bf16 pairs, GEMM into the output tile."""
     batch, c_in, height, width = x.shape
@@ -188,10 +197,16 @@ def _conv_dpbf16(x, packed, bias, sh, sw, ph, pw):
                 cols = scratch("conv_bf16 cols", (c1 - c0, kh, kw, row1 - row0, w_out))
                 im2col_tile(x[b, c0:c1], row0, sh, sw, ph, pw, cols)
                 cols = cols.reshape(depth, pixels)  # [K_blk, pixels]
-            words = scratch("conv_bf16 words", (-(-pixels // NR), (depth + 1) // 2, NR)).view(np.uint32)
-            _pack_pixel_pairs(cols, words)
-            gemm_packed_block(packed.data[block], (depth + 1) // 2, words, out[b], 0, c_out, first, pixels,
-                              block > 0)
+            pairs = -(-(depth + 1) // 2 // TILE) * TILE  # whole AMX tiles of 16 pairs
+            words = scratch("conv_bf16 words", (-(-pixels // NR), pairs, NR)).view(np.uint32)
+            _pack_pixel_pairs(cols, words)  # [pixels/NR, pairs, NR] words of bf16 pairs
+            if packed.layout == "amx":
+                b_layout = (pairs * NR, 0, pairs)  # one depth block: panels `pairs` rows apart
+                amx_gemm_block(TILE_CONFIG, packed.data, c0 * kh * kw, -(-depth // BLOCK), words, b_layout, 0,
+                               out[b], 0, c_out, first, pixels, block > 0, scratch("amx edge", (BLOCK, BLOCK)))
+            else:
+                gemm_packed_block(packed.data[block], (depth + 1) // 2, words, out[b], 0, c_out, first, pixels,
+                                  block > 0)
         if bias is not None:
             out[b, :, first:first + pixels] += bias[:, None]  # [C_out, pixels] + [C_out, 1], in cache
 

@@ -38,95 +38,40 @@ promotes to 4 zmm; `micro_kernel_asm()` shows the k loop (tests/kernels/test_mat
 it holds 24 vdpbf16ps on zmm registers and no stack access).
 """
 
-import os
-
 import numpy as np
 from numba import carray
 
 from npdiff.errors import NpdiffError
-from npdiff.intrinsics import bits_float32, float32_bits
+from npdiff.intrinsics import bits_float32
 from npdiff.jit import PARALLEL, SERIAL, njit, prange
 from npdiff.kernels.activations import ACTIVATION_CODES, check_approximate
 from npdiff.kernels.bf16_intrinsics import NR, accumulator_row, dot_pairs_row
+from npdiff.kernels.bf16_rounding import (
+    bf16_bits,
+    bf16_kernel,
+    bf16_to_float32,
+    float32_to_bf16,
+    pair_word,
+    round_rows,
+    rounded_to_bf16,
+)
 from npdiff.kernels.block_pool import run_blocks, worker_count
 from npdiff.kernels.linear import (
     LINEAR_ACTIVATIONS,
     _bias_activation_numba,
     _geglu_gate_numba,
 )
+from npdiff.kernels.matmul_amx import BLOCK, TILE, TILE_CONFIG, amx_gemm_block
+from npdiff.kernels.scratch import scratch
 from npdiff.kernels.validate import require_float32, shape_text
 
 MR = 6  # rows of the register tile of C
 KC = 512  # steps of k per depth block (KC/2 pairs)
 NC = 512  # columns of B one thread sweeps while its A block sits in L2
 ROW_BLOCK = 120  # most rows of C per block-pool task (a multiple of MR)
+AMX_ROW_BLOCK = 256  # most rows per task on AMX (a multiple of 32): its rounded A block stays in L2
 NC_PANELS = NC // NR
 PAIRS = KC // 2
-
-
-# ---------------------------------------------------------------------------------------------
-# Rounding
-# ---------------------------------------------------------------------------------------------
-def float32_to_bf16(a):
-    """float32 array -> uint16 bf16 bits, rounded to nearest even (torch's `.to(torch.bfloat16)`).
-
-    bf16 is the top 16 bits of a float32. Adding 0x7FFF plus the lowest kept bit before dropping
-    the low 16 bits rounds to nearest, ties to even; an overflow carries into the exponent (the
-    largest values round to inf, as torch's). NaN stays NaN (a quiet NaN of the same sign)."""
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    bits = a.view(np.uint32)
-    rounded = ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
-    nan = np.isnan(a)
-    rounded[nan] = ((bits[nan] >> 16) | 0x0040).astype(np.uint16)
-    return rounded
-
-
-def bf16_to_float32(u):
-    """uint16 bf16 bits -> float32 (exact: the bits become the top half of a float32)."""
-    u = np.asarray(u)
-    if u.dtype != np.uint16:
-        raise NpdiffError(f"bf16_to_float32: expected uint16 bfloat16 bits, got {u.dtype} "
-                          f"with shape {shape_text(u.shape)}")
-    return (u.astype(np.uint32) << 16).view(np.float32)
-
-
-def rounded_to_bf16(a):
-    """float32 a rounded to bf16 and widened back: what the bf16 GEMM multiplies."""
-    return bf16_to_float32(float32_to_bf16(a))
-
-
-@njit(**SERIAL)
-def _bf16_bits(value):
-    """One float32 -> its bf16 bits in the low 16 bits of a uint32 (float32_to_bf16, scalar)."""
-    bits = float32_bits(value)
-    if np.isnan(value):
-        return np.uint32((bits >> np.uint32(16)) | np.uint32(0x0040))
-    return np.uint32((bits + ((bits >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)) >> np.uint32(16))
-
-
-@njit(**SERIAL)
-def _pair_word(low, high):
-    """The 32-bit word vdpbf16ps reads for one pair of k: bf16(low) | bf16(high) << 16."""
-    return np.uint32(_bf16_bits(low) | (_bf16_bits(high) << np.uint32(16)))
-
-
-# ---------------------------------------------------------------------------------------------
-# Which path: the CPU's dot-product instruction, or the exact float32 reference
-# ---------------------------------------------------------------------------------------------
-def cpu_has_avx512_bf16():
-    """True when this CPU has AVX512_BF16 (LLVM's host features) and Numba may use it (a
-    NUMBA_CPU_FEATURES set by the user without +avx512bf16 rules it out)."""
-    import llvmlite.binding as llvm  # local: only llvmlite, which numba has loaded already
-
-    if not llvm.get_host_cpu_features().get("avx512bf16"):
-        return False
-    chosen = os.environ.get("NUMBA_CPU_FEATURES", "")
-    return not chosen or "+avx512bf16" in chosen.split(",")
-
-
-def bf16_kernel_enabled():
-    """The dpbf16 GEMM runs: the CPU has AVX512_BF16 and NPDIFF_NO_BF16 is not set to 1."""
-    return os.environ.get("NPDIFF_NO_BF16", "") != "1" and cpu_has_avx512_bf16()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +80,8 @@ def bf16_kernel_enabled():
 class PackedBf16Weight:
     """A linear weight [out, in] rounded to bf16 once, kept in the layout its GEMM reads.
 
-    layout "dpbf16": `data` is b_packed [K/KC, out/NR, KC/2, NR] uint32 (see the header).
+    layout "pairs": `data` is b_packed [K/KC, out/NR, KC/2, NR] uint32 (see the header), which both
+    the vdpbf16ps micro-kernel and the AMX tiles read.
     layout "float32": `data` is the rounded weight as float32 [out, in] (CPUs without AVX512_BF16).
     """
 
@@ -173,9 +119,9 @@ def pack_linear_bf16(weight):
         raise NpdiffError(f"pack_linear_bf16: weight must be 2-D [out_features, in_features], "
                           f"got shape {shape_text(weight.shape)}")
     bits = _weight_bits(weight, "pack_linear_bf16")  # [out, in] uint16
-    if not bf16_kernel_enabled():
+    if bf16_kernel() == "float32":
         return PackedBf16Weight(bf16_to_float32(bits), weight.shape, "float32")
-    return PackedBf16Weight(_pack_b(np.ascontiguousarray(bits)), weight.shape, "dpbf16")
+    return PackedBf16Weight(_pack_b(np.ascontiguousarray(bits)), weight.shape, "pairs")
 
 
 @njit(**PARALLEL)
@@ -295,9 +241,9 @@ def _pack_a_block(a, row0, rows, k0, depth, a_packed):
                 continue
             x_row = a[row0 + row]  # [K], the pairs are neighbours
             for p in range(depth // 2):
-                a_packed[panel, p, r] = _pair_word(x_row[k0 + 2 * p], x_row[k0 + 2 * p + 1])
+                a_packed[panel, p, r] = pair_word(x_row[k0 + 2 * p], x_row[k0 + 2 * p + 1])
             if depth % 2:
-                a_packed[panel, pairs - 1, r] = _bf16_bits(x_row[k0 + depth - 1])
+                a_packed[panel, pairs - 1, r] = bf16_bits(x_row[k0 + depth - 1])
 
 
 @njit(**SERIAL)
@@ -312,32 +258,56 @@ def _linear_row_block(a, b_packed, c, row0, rows, a_packed):
                           k0 > 0)
 
 
-def row_blocks(rows, workers):
-    """[(row0, rows), ...]: blocks of at most ROW_BLOCK rows (multiples of MR), their number a
+def row_blocks(rows, workers, most=ROW_BLOCK, multiple=MR):
+    """[(row0, rows), ...]: blocks of at most `most` rows (multiples of `multiple`), their number a
     multiple of `workers` where the rows allow, so every core gets the same work."""
-    tasks = -(-rows // ROW_BLOCK)  # ceil
+    tasks = -(-rows // most)  # ceil
     tasks = -(-tasks // workers) * workers  # up to a multiple of workers
     rows_per_task = -(-rows // tasks)
-    per_task = max(MR, -(-rows_per_task // MR) * MR)  # up to a multiple of MR
+    per_task = max(multiple, -(-rows_per_task // multiple) * multiple)  # up to a multiple of `multiple`
     return [(row0, min(per_task, rows - row0)) for row0 in range(0, rows, per_task)]
 
 
-def gemm_bf16(a, packed):
-    """a [M, K] float32 @ packed^T -> C [M, N] float32 on the dpbf16 kernel."""
-    rows, depth = a.shape
-    cols = packed.shape[0]
+def gemm_dpbf16(a, b_packed, cols):
+    """a [M, K] float32 (C-contiguous) @ B (packed by _pack_b) -> C [M, cols] on vdpbf16ps."""
+    rows = a.shape[0]
     c = np.empty((rows, cols), np.float32)  # [M, N], stored by the first depth block
-    if depth == 0:
-        c[:] = 0.0
-        return c
-    a = np.ascontiguousarray(a)
 
     def run_block(block):
         row0, block_rows = block
-        a_packed = np.empty(((block_rows + MR - 1) // MR, PAIRS, MR), np.uint32)  # [rows/MR, KC/2, MR]
-        _linear_row_block(a, packed.data, c, row0, block_rows, a_packed)
+        a_packed = scratch("bf16 a block", ((block_rows + MR - 1) // MR, PAIRS, MR)).view(np.uint32)
+        _linear_row_block(a, b_packed, c, row0, block_rows, a_packed)  # [rows/MR, KC/2, MR] words
 
     run_blocks(run_block, row_blocks(rows, worker_count()))
+    return c
+
+
+def gemm_amx(a, b_packed, cols):
+    """a [M, K] float32 (C-contiguous) @ B (packed by _pack_b) -> C [M, cols] on AMX tiles.
+
+    Per task: its rows of a rounded to bf16 rows (zero-padded to 32 rows and 32 k), then every
+    32 x 32 block of C over all of K in the tiles (the depth blocks of b_packed are steps of the
+    same loop: b_layout tells amx_gemm_block where each one starts). Few rows (CLIP's 77 tokens):
+    the columns are split too, so every core has work."""
+    rows, depth = a.shape
+    k_padded = -(-depth // BLOCK) * BLOCK
+    blocks, panels = b_packed.shape[:2]
+    b_layout = (PAIRS * NR, panels * PAIRS * NR, PAIRS // TILE)  # panel, depth block, steps per block
+    c = np.empty((rows, cols), np.float32)  # [M, N]
+    workers = worker_count()
+    spans = row_blocks(rows, workers, AMX_ROW_BLOCK, BLOCK)
+    column_parts = workers if len(spans) < 2 * workers else 1
+    part = -(-cols // (column_parts * NR)) * NR  # columns per part, whole panels
+
+    def run_block(block):
+        (row0, block_rows), col0 = block
+        a_bits = scratch("amx a rows", (-(-block_rows // BLOCK) * BLOCK, k_padded // 2)).view(np.uint16)
+        round_rows(a, row0, block_rows, a_bits)  # [rows32, K32] bf16 bits
+        edge = scratch("amx edge", (BLOCK, BLOCK))
+        amx_gemm_block(TILE_CONFIG, a_bits, 0, k_padded // BLOCK, b_packed, b_layout, col0,
+                       c, row0, block_rows, col0, min(part, cols - col0), False, edge)
+
+    run_blocks(run_block, [(span, col0) for span in spans for col0 in range(0, cols, part)])
     return c
 
 
@@ -369,10 +339,14 @@ def _check_linear_bf16(kernel, x, packed, bias):
 def _gemm_rows(x, packed):
     """x [..., in] -> [R, out] float32 (no bias): the dpbf16 kernel, or the rounded float32 GEMM."""
     rows = x.reshape(-1, x.shape[-1])  # [..., in] -> [R, in]
-    if rows.shape[0] == 0:
-        return np.zeros((0, packed.shape[0]), np.float32)  # [0, out]
-    if packed.layout == "dpbf16" and bf16_kernel_enabled():
-        return gemm_bf16(rows, packed)  # [R, in] @ [in, out] -> [R, out]
+    cols = packed.shape[0]
+    kernel = bf16_kernel() if packed.layout == "pairs" else "float32"
+    if rows.shape[0] == 0 or rows.shape[1] == 0:
+        return np.zeros((rows.shape[0], cols), np.float32)  # [R, out]: an empty sum is 0
+    if kernel == "amx":
+        return gemm_amx(np.ascontiguousarray(rows), packed.data, cols)  # [R, in] @ [in, out] -> [R, out]
+    if kernel == "dpbf16":
+        return gemm_dpbf16(np.ascontiguousarray(rows), packed.data, cols)  # [R, in] @ [in, out] -> [R, out]
     return np.matmul(rounded_to_bf16(rows), packed.to_float32().T)  # [R, in] @ [in, out] -> [R, out]
 
 

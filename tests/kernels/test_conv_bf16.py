@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import KERNEL_TOL, assert_rel_close
+
 from npdiff import NpdiffError
+from npdiff.kernels.amx_intrinsics import amx_usable
+from npdiff.kernels.bf16_rounding import bf16_kernel, cpu_has_avx512_bf16
 from npdiff.kernels.conv_bf16 import conv2d_bf16, conv2d_bf16_ref, pack_conv_bf16
-from npdiff.kernels.matmul_bf16 import cpu_has_avx512_bf16
 
 # (batch, C_in, H, W, C_out, kernel, stride, padding)
 SHAPES = [(1, 3, 9, 11, 5, 3, 1, 1), (2, 64, 17, 13, 40, 3, 2, 1), (1, 130, 8, 8, 70, 1, 1, 0),
@@ -24,14 +25,21 @@ SHAPES = [(1, 3, 9, 11, 5, 3, 1, 1), (2, 64, 17, 13, 40, 3, 2, 1), (1, 130, 8, 8
           (1, 8, 3, 700, 12, 3, 1, 1), (2, 57, 12, 12, 64, 3, 1, 1)]
 
 
-@pytest.fixture(params=["dpbf16", "float32"])
+@pytest.fixture(params=["amx", "dpbf16", "float32"])
 def path(request, monkeypatch):
+    """Run a test on each bf16 GEMM: AMX tiles and vdpbf16ps (each skipped on a CPU without it) and
+    the float32 fallback (NPDIFF_NO_AMX=1 rules out AMX, NPDIFF_NO_BF16=1 both)."""
+    if request.param == "amx" and not amx_usable():
+        pytest.skip("no AMX-BF16 here (or Linux refused the tile state)")
     if request.param == "dpbf16" and not cpu_has_avx512_bf16():
         pytest.skip("this CPU has no AVX512_BF16: only the float32 fallback can run here")
+    monkeypatch.delenv("NPDIFF_NO_AMX", raising=False)
+    monkeypatch.delenv("NPDIFF_NO_BF16", raising=False)
+    if request.param == "dpbf16":
+        monkeypatch.setenv("NPDIFF_NO_AMX", "1")
     if request.param == "float32":
         monkeypatch.setenv("NPDIFF_NO_BF16", "1")
-    else:
-        monkeypatch.delenv("NPDIFF_NO_BF16", raising=False)
+    assert bf16_kernel() == request.param
     return request.param
 
 

@@ -15,16 +15,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import KERNEL_TOL, assert_rel_close
+
 from npdiff import NpdiffError
 from npdiff.kernels import matmul_bf16
-from npdiff.kernels.matmul_bf16 import (
-    MR,
-    NR,
+from npdiff.kernels.amx_intrinsics import amx_usable
+from npdiff.kernels.bf16_rounding import (
+    bf16_kernel,
     bf16_to_float32,
     cpu_has_avx512_bf16,
     float32_to_bf16,
+)
+from npdiff.kernels.matmul_bf16 import (
+    MR,
+    NR,
     geglu_bf16,
     linear_activation_bf16,
     linear_bf16,
@@ -35,7 +39,6 @@ from npdiff.kernels.matmul_bf16 import (
 # (rows, in, out)
 ODD_SHAPES = [(1, 1, 1), (1, 33, 127), (7, 5, 3), (13, 7, 1), (130, 257, 70), (241, 1025, 129),
               (6, 512, 64), (250, 40, 1100), (2, 300, 600)]
-PATHS = ["dpbf16", "float32"]
 
 
 def torch_bf16(a):
@@ -47,15 +50,21 @@ def torch_bits(a):
     return torch_bf16(a).view(torch.int16).numpy().view(np.uint16)
 
 
-@pytest.fixture(params=PATHS)
+@pytest.fixture(params=["amx", "dpbf16", "float32"])
 def path(request, monkeypatch):
-    """Run a test on the dpbf16 kernel (skipped on a CPU without AVX512_BF16) and on the fallback."""
+    """Run a test on each bf16 GEMM: AMX tiles and vdpbf16ps (each skipped on a CPU without it) and
+    the float32 fallback (NPDIFF_NO_AMX=1 rules out AMX, NPDIFF_NO_BF16=1 both)."""
+    if request.param == "amx" and not amx_usable():
+        pytest.skip("no AMX-BF16 here (or Linux refused the tile state)")
     if request.param == "dpbf16" and not cpu_has_avx512_bf16():
         pytest.skip("this CPU has no AVX512_BF16: only the float32 fallback can run here")
+    monkeypatch.delenv("NPDIFF_NO_AMX", raising=False)
+    monkeypatch.delenv("NPDIFF_NO_BF16", raising=False)
+    if request.param == "dpbf16":
+        monkeypatch.setenv("NPDIFF_NO_AMX", "1")
     if request.param == "float32":
         monkeypatch.setenv("NPDIFF_NO_BF16", "1")
-    else:
-        monkeypatch.delenv("NPDIFF_NO_BF16", raising=False)
+    assert bf16_kernel() == request.param
     return request.param
 
 
@@ -111,7 +120,7 @@ def test_linear_bf16_matches_torch(rng, path, rows, depth, cols):
     weight = rng.standard_normal((cols, depth), dtype=np.float32)  # [out, in]
     bias = rng.standard_normal(cols, dtype=np.float32)
     packed = pack_linear_bf16(weight)
-    assert packed.layout == path and packed.shape == (cols, depth)
+    assert packed.layout == ("float32" if path == "float32" else "pairs") and packed.shape == (cols, depth)
     expected = F.linear(torch_bf16(x).float(), torch_bf16(weight).float(), torch.from_numpy(bias))
     out = linear_bf16(x, packed, bias)
     assert out.dtype == np.float32 and out.shape == (rows, cols)
@@ -127,7 +136,7 @@ def test_packed_weight_holds_torchs_bf16_weight(rng, path):
     np.testing.assert_array_equal(packed.to_float32(), torch_bf16(weight).float().numpy())
     from_bits = pack_linear_bf16(torch_bits(weight))  # bf16 bits from a file: packed as they are
     np.testing.assert_array_equal(from_bits.data, packed.data)
-    if path == "dpbf16":  # 1 depth block x 2 column panels x KC/2 pairs x NR words of 4 bytes
+    if path != "float32":  # 1 depth block x 2 column panels x KC/2 pairs x NR words of 4 bytes
         assert packed.nbytes == 1 * 2 * (matmul_bf16.KC // 2) * NR * 4
 
 
