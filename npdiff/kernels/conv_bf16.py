@@ -7,18 +7,20 @@ Versions:
                         the rounded values: the same products, summed in another order). Where the
                         CPU has no AVX512_BF16 (or NPDIFF_NO_BF16=1), conv.py's fast conv2d runs on
                         the rounded values instead: the same numbers, float32 speed.
-  2. the dpbf16 conv    im2col by tiles as conv.py's version 3, then the bf16 GEMM
-                        C [C_out, pixels] = W [C_out, K] @ cols [K, pixels], K = C_in*kH*kW:
-        the weight is A, packed once (pack_conv_bf16) as [K blocks, C_out/MR, pairs, MR] words,
-        the unfolded image is B, packed per tile as [pixels/NR, pairs, NR] words, so a row of the
-        C tile runs along the pixels of one output channel, which is NCHW's own order: the GEMM
-        writes the output in place (no transpose).
-        Depth blocks are whole channels (KC / (kH*kW) of them: 56 for 3x3, 512 for 1x1), so one
-        depth block of cols is im2col_tile of a channel slice of the image. 1x1 stride-1 convs skip
-        the unfolding (the image's [C_in, H*W] rows are the B operand as they lie).
+  2. the bf16 conv      im2col by tiles as conv.py's version 3, then the bf16 GEMM
+                        C [C_out, pixels] = W [C_out, K] @ cols [K, pixels], K = C_in*kH*kW,
+        on AMX tiles (matmul_amx.py) where the CPU has them, else on the vdpbf16ps micro-kernel.
+        The weight is A, packed once (pack_conv_bf16): for AMX its bf16 rows [C_out, K] as they
+        are, for vdpbf16ps MR-row panels of pairs. The unfolded image is B, packed per tile as
+        [pixels/NR, pairs, NR] words (both kernels read that), so a row of C runs along the pixels
+        of one output channel, which is NCHW's own order: the GEMM writes the output in place.
+        Depth blocks are whole channels, a multiple of 32 of them (32 for 3x3: 288 k; 512 for 1x1),
+        so a block's depth is whole 32-k AMX steps and one depth block of cols is im2col_tile of a
+        channel slice of the image. 1x1 stride-1 convs skip the unfolding (the image's [C_in, H*W]
+        rows are the B operand as they lie).
   Per tile of TILE_PIXELS output pixels of one image (the float32 cols of one depth block,
-  504 x 512 x 4 = 1 MiB, and its packed words, 0.5 MiB, stay in L2), tiles spread over the block
-  pool; every depth block after the first adds into the output tile.
+  288 x 512 x 4 = 576 KiB, and its packed words, half that, stay in L2), tiles spread over the
+  block pool; every depth block after the first adds into the output tile.
 """
 
 import numpy as np
@@ -34,7 +36,7 @@ from npdiff.kernels.bf16_rounding import (
     rounded_to_bf16,
 )
 from npdiff.kernels.block_pool import run_blocks, split_evenly, worker_count
-from npdiff.kernels.conv import check_conv2d, conv2d, conv2d_ref, im2col_tile
+from npdiff.kernels.conv import check_conv2d, conv2d, conv2d_ref, pad_image
 from npdiff.kernels.matmul_amx import BLOCK, TILE, TILE_CONFIG, amx_gemm_block
 from npdiff.kernels.matmul_bf16 import KC, MR, NR, _weight_bits, gemm_packed_block
 from npdiff.kernels.scratch import scratch
@@ -152,6 +154,50 @@ def _pack_pixel_pairs(cols, b_block):
             b_block[panel, p, :] = 0
 
 
+@njit(**SERIAL)
+def _unfold_pairs(padded, c0, channels, kh, kw, row0, rows, w_out, sh, sw, b_block):
+    """im2col of output rows row0 .. row0+rows-1 for input channels c0 .. c0+channels-1, straight
+    into b_block [pixels/NR, pairs, NR] words of bf16 pairs: what _pack_pixel_pairs makes of
+    conv.py's im2col_tile cols, without writing those. padded [C, H+2ph, W+2pw] is the image with
+    its zero border, so every tap of every output pixel reads inside it (no bounds per row).
+    For each pair of k (two taps) and output row, the run of pixels along the row is joined into
+    words, one contiguous run per panel the row crosses. Padding (pixels past the tile, the odd
+    partner, pairs past the depth) is zero."""
+    taps = kh * kw
+    depth = channels * taps
+    panels, pairs = b_block.shape[0], b_block.shape[1]
+    for p in range(pairs):
+        if 2 * p >= depth:
+            for panel in range(panels):
+                b_block[panel, p, :] = 0
+            continue
+        k_low = 2 * p
+        k_high = min(2 * p + 1, depth - 1)  # the odd partner reads tap k_low again, then is dropped
+        keep_high = np.uint32(0xFFFFFFFF) if 2 * p + 1 < depth else np.uint32(0xFFFF)
+        c_low, i_low, j_low = c0 + k_low // taps, (k_low % taps) // kw, k_low % kw
+        c_high, i_high, j_high = c0 + k_high // taps, (k_high % taps) // kw, k_high % kw
+        for r in range(rows):
+            low = padded[c_low, (row0 + r) * sh + i_low]  # [W+2pw]: the tap's input row
+            high = padded[c_high, (row0 + r) * sh + i_high]
+            first = r * w_out  # the row's first pixel in the tile
+            col = 0
+            while col < w_out:
+                panel, lane = (first + col) // NR, (first + col) % NR
+                run = min(w_out - col, NR - lane)  # pixels until the row or the panel ends
+                words = b_block[panel, p, lane:lane + run]  # [run]
+                if sw == 1:  # contiguous reads: a vectorised loop
+                    from_low = low[col + j_low:col + j_low + run]
+                    from_high = high[col + j_high:col + j_high + run]
+                    for q in range(run):
+                        words[q] = pair_word(from_low[q], from_high[q]) & keep_high
+                else:
+                    for q in range(run):
+                        words[q] = pair_word(low[(col + q) * sw + j_low], high[(col + q) * sw + j_high]) & keep_high
+                col += run
+        for q in range(rows * w_out, panels * NR):  # pixels past the tile in its last panel
+            b_block[q // NR, p, q % NR] = 0
+
+
 def conv2d_bf16_ref(x, weight, bias=None, stride=1, padding=0):
     """conv2d_ref of the bf16-rounded x and weight (float32 [C_out, C_in, kH, kW])."""
     return conv2d_ref(rounded_to_bf16(x), rounded_to_bf16(weight), bias, stride, padding)
@@ -184,6 +230,7 @@ def _conv_bf16_tiles(x, packed, bias, sh, sw, ph, pw):
     per_block = packed.channels_per_block
     out = np.empty((batch, c_out, h_out * w_out), np.float32)  # [B,C_out,Ho*Wo]
     pixels_of = x.reshape(batch, c_in, height * width)  # [B,C_in,H*W] (1x1: the B operand itself)
+    padded = x if pointwise else pad_image(x, ph, pw)  # [B,C_in,H+2ph,W+2pw], zeros around
 
     def run_tile(tile):
         b, (row0, row1) = tile
@@ -191,15 +238,12 @@ def _conv_bf16_tiles(x, packed, bias, sh, sw, ph, pw):
         for block, c0 in enumerate(range(0, c_in, per_block)):
             c1 = min(c_in, c0 + per_block)
             depth = (c1 - c0) * kh * kw
-            if pointwise:
-                cols = pixels_of[b, c0:c1, first:first + pixels]  # [C_blk, pixels], rows contiguous
-            else:
-                cols = scratch("conv_bf16 cols", (c1 - c0, kh, kw, row1 - row0, w_out))
-                im2col_tile(x[b, c0:c1], row0, sh, sw, ph, pw, cols)
-                cols = cols.reshape(depth, pixels)  # [K_blk, pixels]
             pairs = -(-(depth + 1) // 2 // TILE) * TILE  # whole AMX tiles of 16 pairs
             words = scratch("conv_bf16 words", (-(-pixels // NR), pairs, NR)).view(np.uint32)
-            _pack_pixel_pairs(cols, words)  # [pixels/NR, pairs, NR] words of bf16 pairs
+            if pointwise:  # the image's rows are the B operand: [C_blk, pixels], rows contiguous
+                _pack_pixel_pairs(pixels_of[b, c0:c1, first:first + pixels], words)
+            else:  # [pixels/NR, pairs, NR] words of bf16 pairs, unfolded from the padded image
+                _unfold_pairs(padded[b], c0, c1 - c0, kh, kw, row0, row1 - row0, w_out, sh, sw, words)
             if packed.layout == "amx":
                 b_layout = (pairs * NR, 0, pairs)  # one depth block: panels `pairs` rows apart
                 amx_gemm_block(TILE_CONFIG, packed.data, c0 * kh * kw, -(-depth // BLOCK), words, b_layout, 0,

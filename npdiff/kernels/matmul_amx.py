@@ -135,3 +135,18 @@ def amx_gemm_block(config, a_bits, a_k0, steps, b_words, b_layout, b_col0, c, ro
                 tile_store(3, edge, TILE * BLOCK + TILE, BLOCK * 4)
                 _store_edge_block(edge, c, row0 + row, col0 + col, min(BLOCK, rows - row), min(BLOCK, cols - col))
     tile_release()
+
+
+def amx_kernel_asm():
+    """amx_gemm_block's machine code (x86 assembly), compiled privately (uncached) with the same
+    flags: the k loop holds 4 tileloadd and 4 tdpbf16ps on tmm registers."""
+    from numba import types  # local: only this inspection needs Numba's type objects
+
+    compile_flags = {key: value for key, value in SERIAL.items() if key != "cache"}
+    fresh = njit(**compile_flags)(amx_gemm_block.py_func)
+    index = types.intp
+    fresh.compile((types.Array(types.uint8, 1, "C"), types.Array(types.uint16, 2, "C"), index, index,
+                   types.Array(types.uint32, 4, "C"), types.UniTuple(index, 3), index,
+                   types.Array(types.float32, 2, "C"), index, index, index, index, types.boolean,
+                   types.Array(types.float32, 2, "C")))
+    return fresh.inspect_asm(fresh.signatures[0])

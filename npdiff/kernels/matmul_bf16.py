@@ -12,6 +12,9 @@ Versions:
                            NPDIFF_NO_BF16=1): the packed weight is then the rounded float32 weight.
   2. the dpbf16 GEMM       a Numba micro-kernel on vdpbf16ps (bf16_intrinsics.py), register-blocked
                            like the float32 lesson kernel (matmul_numba.py), laid out below.
+  3. the AMX GEMM          the same packed weight read by AMX tiles (matmul_amx.py): 16 x 16 x 32
+                           products per instruction. Runs where bf16_kernel() says "amx" (an AMX
+                           CPU whose OS grants the tiles); version 2 where it says "dpbf16".
   linear_bf16, geglu_bf16, linear_activation_bf16: the GEMM, then linear.py's own passes (bias +
                            activation in place; geglu's gate) on the float32 result.
 

@@ -26,6 +26,7 @@ from npdiff.kernels.bf16_rounding import (
     cpu_has_avx512_bf16,
     float32_to_bf16,
 )
+from npdiff.kernels.matmul_amx import amx_kernel_asm
 from npdiff.kernels.matmul_bf16 import (
     MR,
     NR,
@@ -206,3 +207,21 @@ def test_micro_kernel_is_vdpbf16ps_on_zmm_registers():
     loop = lines[loop_start:loop_end + 1]
     assert len([line for line in loop if re.search(r"vdpbf16ps\s.*%zmm", line)]) == MR * NR // 16, "\n".join(loop)
     assert not [line for line in loop if "%rsp" in line or "%rbp)" in line], "\n".join(loop)
+
+
+@pytest.mark.skipif(not amx_usable(), reason="AMX tiles exist only on AMX-BF16 CPUs whose OS grants them")
+def test_amx_kernel_is_tdpbf16ps_on_tiles():
+    """The AMX block's k loop (LLVM unrolls it): per step 4 tileloadd (A into tmm4/5, B into tmm6/7)
+    and 4 tdpbf16ps into the C tiles tmm0..tmm3 (AT&T order: B, A, C)."""
+    lines = amx_kernel_asm().splitlines()
+    products = [(i, re.search(r"tdpbf16ps\s+%tmm(\d), %tmm(\d), %tmm(\d)", line)) for i, line in enumerate(lines)]
+    products = [(i, found.groups()) for i, found in products if found]
+    assert products and len(products) % 4 == 0, "\n".join(lines)
+    assert {(b, a, c) for _, (b, a, c) in products} == {("6", "4", "0"), ("7", "4", "1"), ("6", "5", "2"),
+                                                        ("7", "5", "3")}
+    first, last = products[0][0], products[-1][0]
+    loop_start = max(i for i in range(first) if lines[i].startswith("."))  # the loop's label
+    loop_end = min(i for i in range(last, len(lines)) if lines[i].strip().startswith("j"))
+    loop = lines[loop_start:loop_end + 1]
+    loads = [line for line in loop if "tileloadd" in line]
+    assert len(loads) == len([line for line in loop if "tdpbf16ps" in line]), "\n".join(loop)
