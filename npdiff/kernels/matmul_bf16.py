@@ -294,7 +294,7 @@ def gemm_amx(a, b_packed, cols):
     the columns are split too, so every core has work."""
     rows, depth = a.shape
     k_padded = -(-depth // BLOCK) * BLOCK
-    blocks, panels = b_packed.shape[:2]
+    panels = b_packed.shape[1]
     b_layout = (PAIRS * NR, panels * PAIRS * NR, PAIRS // TILE)  # panel, depth block, steps per block
     c = np.empty((rows, cols), np.float32)  # [M, N]
     workers = worker_count()
