@@ -6,6 +6,8 @@
   bf16_to_float32(u)     uint16 bf16 bits -> float32 (exact)
   rounded_to_bf16(a)     both: float32 a as the bf16 GEMM sees it
   bf16_bits, pair_word   the same rounding inside Numba loops (one value; a pair of k in one word)
+  round_rows             rows of a float32 matrix -> bf16 bits, zero-padded (AMX's A operand)
+  PackedBf16             what a packed bf16 weight holds (data, shape, layout, nbytes)
   cpu_has_avx512_bf16()  the CPU has AVX512_BF16 (vdpbf16ps) and Numba may use it
   bf16_kernel()          the GEMM bf16 runs on here: "amx" (AMX tiles, matmul_amx.py), "dpbf16"
                          (vdpbf16ps, matmul_bf16.py), or "float32" (the float32 GEMM of the rounded
@@ -69,6 +71,20 @@ def bf16_bits(value):
 def pair_word(low, high):
     """The 32-bit word vdpbf16ps reads for one pair of k: bf16(low) | bf16(high) << 16."""
     return np.uint32(bf16_bits(low) | (bf16_bits(high) << np.uint32(16)))
+
+
+class PackedBf16:
+    """A weight rounded to bf16 once, in the layout its kernel reads (PackedBf16Weight for linear
+    layers, PackedBf16Conv for convolutions): `data`, the weight's own `shape`, the `layout` name."""
+
+    def __init__(self, data, shape, layout):
+        self.data = data
+        self.shape = tuple(shape)
+        self.layout = layout
+
+    @property
+    def nbytes(self):
+        return self.data.nbytes
 
 
 # ---------------------------------------------------------------------------------------------

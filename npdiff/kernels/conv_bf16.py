@@ -29,6 +29,7 @@ from npdiff.errors import NpdiffError
 from npdiff.intrinsics import bits_float32
 from npdiff.jit import SERIAL, njit
 from npdiff.kernels.bf16_rounding import (
+    PackedBf16,
     bf16_bits,
     bf16_kernel,
     bf16_to_float32,
@@ -45,7 +46,7 @@ from npdiff.kernels.validate import output_size, shape_text
 TILE_PIXELS = 512  # output pixels per tile (whole output rows, at least one)
 
 
-class PackedBf16Conv:
+class PackedBf16Conv(PackedBf16):
     """A conv weight [C_out, C_in, kH, kW] rounded to bf16 once, in the layout its GEMM reads.
 
     layout "amx": `data` is the weight's bf16 bits [C_out, K = C_in*kH*kW] uint16, zero-padded to
@@ -56,14 +57,8 @@ class PackedBf16Conv:
     """
 
     def __init__(self, data, shape, layout, channels_per_block):
-        self.data = data
-        self.shape = tuple(shape)  # (C_out, C_in, kH, kW)
-        self.layout = layout
+        super().__init__(data, shape, layout)  # shape (C_out, C_in, kH, kW)
         self.channels_per_block = channels_per_block
-
-    @property
-    def nbytes(self):
-        return self.data.nbytes
 
     def to_float32(self):
         """The bf16-rounded weight [C_out, C_in, kH, kW] as float32."""

@@ -50,6 +50,7 @@ from npdiff.jit import PARALLEL, SERIAL, njit, prange
 from npdiff.kernels.activations import ACTIVATION_CODES, check_approximate
 from npdiff.kernels.bf16_intrinsics import NR, accumulator_row, dot_pairs_row
 from npdiff.kernels.bf16_rounding import (
+    PackedBf16,
     bf16_bits,
     bf16_kernel,
     bf16_to_float32,
@@ -65,6 +66,9 @@ from npdiff.kernels.linear import (
     _geglu_gate_numba,
 )
 from npdiff.kernels.matmul_amx import BLOCK, TILE, TILE_CONFIG, amx_gemm_block
+from npdiff.kernels.matmul_numba import (
+    _write_row,  # the float32 kernel's: one row of a tile into C
+)
 from npdiff.kernels.scratch import scratch
 from npdiff.kernels.validate import require_float32, shape_text
 
@@ -80,22 +84,13 @@ PAIRS = KC // 2
 # ---------------------------------------------------------------------------------------------
 # The packed weight
 # ---------------------------------------------------------------------------------------------
-class PackedBf16Weight:
+class PackedBf16Weight(PackedBf16):
     """A linear weight [out, in] rounded to bf16 once, kept in the layout its GEMM reads.
 
     layout "pairs": `data` is b_packed [K/KC, out/NR, KC/2, NR] uint32 (see the header), which both
     the vdpbf16ps micro-kernel and the AMX tiles read.
     layout "float32": `data` is the rounded weight as float32 [out, in] (CPUs without AVX512_BF16).
     """
-
-    def __init__(self, data, shape, layout):
-        self.data = data
-        self.shape = tuple(shape)  # (out, in)
-        self.layout = layout
-
-    @property
-    def nbytes(self):
-        return self.data.nbytes
 
     def to_float32(self):
         """The bf16-rounded weight [out, in] as float32 (for references and LoRA)."""
@@ -200,16 +195,6 @@ def _micro_kernel(pairs, a_panel, b_panel, c, row0, col0, valid_rows, valid_cols
         _write_row(c, row0 + 4, col0, valid_cols, carray(acc4, NR), accumulate)
     if valid_rows > 5:
         _write_row(c, row0 + 5, col0, valid_cols, carray(acc5, NR), accumulate)
-
-
-@njit(**SERIAL)
-def _write_row(c, row, col0, valid_cols, acc, accumulate):
-    if accumulate:
-        for j in range(valid_cols):
-            c[row, col0 + j] += acc[j]
-    else:
-        for j in range(valid_cols):
-            c[row, col0 + j] = acc[j]
 
 
 @njit(**SERIAL)

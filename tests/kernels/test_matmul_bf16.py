@@ -5,8 +5,8 @@ linear_bf16, linear_activation_bf16 and geglu_bf16 are compared with torch's flo
 bf16-rounded operands (`F.linear(x.bfloat16().float(), w.bfloat16().float(), b)`): the products are
 the same, only the order of the float32 sums differs, so the relative error is <= KERNEL_TOL (1e-5).
 Shapes are odd on purpose: rows not a multiple of MR (6) or of the row blocks, columns not a multiple
-of NR (64) or NC (512), depth odd and across KC (512), one row. Both paths run: the vdpbf16ps kernel
-(where the CPU has AVX512_BF16) and the float32 fallback (NPDIFF_NO_BF16=1).
+of NR (64) or NC (512), depth odd and across KC (512), one row. Every path runs (the bf16_path
+fixture of conftest.py): AMX tiles, the vdpbf16ps kernel, and the float32 fallback.
 """
 
 import re
@@ -21,7 +21,6 @@ from npdiff import NpdiffError
 from npdiff.kernels import matmul_bf16
 from npdiff.kernels.amx_intrinsics import amx_usable
 from npdiff.kernels.bf16_rounding import (
-    bf16_kernel,
     bf16_to_float32,
     cpu_has_avx512_bf16,
     float32_to_bf16,
@@ -49,24 +48,6 @@ def torch_bf16(a):
 def torch_bits(a):
     """torch's bf16 bits of float32 a, as uint16."""
     return torch_bf16(a).view(torch.int16).numpy().view(np.uint16)
-
-
-@pytest.fixture(params=["amx", "dpbf16", "float32"])
-def path(request, monkeypatch):
-    """Run a test on each bf16 GEMM: AMX tiles and vdpbf16ps (each skipped on a CPU without it) and
-    the float32 fallback (NPDIFF_NO_AMX=1 rules out AMX, NPDIFF_NO_BF16=1 both)."""
-    if request.param == "amx" and not amx_usable():
-        pytest.skip("no AMX-BF16 here (or Linux refused the tile state)")
-    if request.param == "dpbf16" and not cpu_has_avx512_bf16():
-        pytest.skip("this CPU has no AVX512_BF16: only the float32 fallback can run here")
-    monkeypatch.delenv("NPDIFF_NO_AMX", raising=False)
-    monkeypatch.delenv("NPDIFF_NO_BF16", raising=False)
-    if request.param == "dpbf16":
-        monkeypatch.setenv("NPDIFF_NO_AMX", "1")
-    if request.param == "float32":
-        monkeypatch.setenv("NPDIFF_NO_BF16", "1")
-    assert bf16_kernel() == request.param
-    return request.param
 
 
 def special_values(rng):
@@ -116,32 +97,32 @@ def test_cpu_has_avx512_bf16_follows_cpuinfo():
 
 
 @pytest.mark.parametrize("rows, depth, cols", ODD_SHAPES)
-def test_linear_bf16_matches_torch(rng, path, rows, depth, cols):
+def test_linear_bf16_matches_torch(rng, bf16_path, rows, depth, cols):
     x = rng.standard_normal((rows, depth), dtype=np.float32)  # [R, in]
     weight = rng.standard_normal((cols, depth), dtype=np.float32)  # [out, in]
     bias = rng.standard_normal(cols, dtype=np.float32)
     packed = pack_linear_bf16(weight)
-    assert packed.layout == ("float32" if path == "float32" else "pairs") and packed.shape == (cols, depth)
+    assert packed.layout == ("float32" if bf16_path == "float32" else "pairs") and packed.shape == (cols, depth)
     expected = F.linear(torch_bf16(x).float(), torch_bf16(weight).float(), torch.from_numpy(bias))
     out = linear_bf16(x, packed, bias)
     assert out.dtype == np.float32 and out.shape == (rows, cols)
-    assert_rel_close(out, expected, KERNEL_TOL, f"linear_bf16 {path} [{rows},{depth}]x[{depth},{cols}]")
+    assert_rel_close(out, expected, KERNEL_TOL, f"linear_bf16 {bf16_path} [{rows},{depth}]x[{depth},{cols}]")
     no_bias = linear_bf16(x, packed)
     assert_rel_close(no_bias, F.linear(torch_bf16(x).float(), torch_bf16(weight).float()), KERNEL_TOL,
                      "linear_bf16 without bias")
 
 
-def test_packed_weight_holds_torchs_bf16_weight(rng, path):
+def test_packed_weight_holds_torchs_bf16_weight(rng, bf16_path):
     weight = rng.standard_normal((70, 131), dtype=np.float32)
     packed = pack_linear_bf16(weight)
     np.testing.assert_array_equal(packed.to_float32(), torch_bf16(weight).float().numpy())
     from_bits = pack_linear_bf16(torch_bits(weight))  # bf16 bits from a file: packed as they are
     np.testing.assert_array_equal(from_bits.data, packed.data)
-    if path != "float32":  # 1 depth block x 2 column panels x KC/2 pairs x NR words of 4 bytes
+    if bf16_path != "float32":  # 1 depth block x 2 column panels x KC/2 pairs x NR words of 4 bytes
         assert packed.nbytes == 1 * 2 * (matmul_bf16.KC // 2) * NR * 4
 
 
-def test_linear_bf16_on_leading_axes_and_strided_x(rng, path):
+def test_linear_bf16_on_leading_axes_and_strided_x(rng, bf16_path):
     x = rng.standard_normal((2, 37, 3, 48), dtype=np.float32).transpose(0, 2, 1, 3)  # [2,3,37,48] strided
     weight = rng.standard_normal((100, 48), dtype=np.float32)
     out = linear_bf16(x, pack_linear_bf16(weight))
@@ -152,7 +133,7 @@ def test_linear_bf16_on_leading_axes_and_strided_x(rng, path):
 
 
 @pytest.mark.parametrize("activation", ["silu", "quick_gelu", "gelu", "gelu_tanh"])
-def test_linear_activation_bf16_matches_torch(rng, path, activation):
+def test_linear_activation_bf16_matches_torch(rng, bf16_path, activation):
     x = rng.standard_normal((2, 77, 96), dtype=np.float32)
     weight = rng.standard_normal((130, 96), dtype=np.float32) / 10
     bias = rng.standard_normal(130, dtype=np.float32)
@@ -166,7 +147,7 @@ def test_linear_activation_bf16_matches_torch(rng, path, activation):
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_geglu_bf16_matches_torch(rng, path, approximate):
+def test_geglu_bf16_matches_torch(rng, bf16_path, approximate):
     x = rng.standard_normal((1, 131, 64), dtype=np.float32)
     weight = rng.standard_normal((2 * 90, 64), dtype=np.float32) / 8
     bias = rng.standard_normal(2 * 90, dtype=np.float32)
