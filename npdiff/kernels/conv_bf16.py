@@ -244,7 +244,7 @@ def _conv_bf16_tiles(x, packed, bias, sh, sw, ph, pw):
                 amx_gemm_block(TILE_CONFIG, packed.data, c0 * kh * kw, -(-depth // BLOCK), words, b_layout, 0,
                                out[b], 0, c_out, first, pixels, block > 0, scratch("amx edge", (BLOCK, BLOCK)))
             else:
-                gemm_packed_block(packed.data[block], (depth + 1) // 2, words, out[b], 0, c_out, first, pixels,
+                gemm_packed_block(packed.data[block], (depth + 1) // 2, words, 0, out[b], 0, c_out, first, pixels,
                                   block > 0)
         if bias is not None:
             out[b, :, first:first + pixels] += bias[:, None]  # [C_out, pixels] + [C_out, 1], in cache

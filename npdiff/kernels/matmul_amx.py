@@ -12,7 +12,7 @@ The operands, in the layouts the tiles read (tileloadd takes any row stride):
       conv: the weight [C_out, C_in*kH*kW], rounded once at load.
   B   the pairs layout of matmul_bf16.py: one uint32 word per (pair of k, column), NR = 64 columns a
       panel: a tile is 16 pairs x 16 columns, rows NR*4 = 256 bytes apart. linear: the packed weight
-      [K/KC, N/NR, KC/2, NR]; conv: one depth block of unfolded pixels [pixels/NR, pairs, NR].
+      [N/NR, K/2, NR]; conv: one depth block of unfolded pixels [pixels/NR, pairs, NR].
   C   float32, row-major, any row stride (the output itself; edge tiles go through a 32 x 32 scratch).
 
 The tile registers, tmm0..tmm7, all 16 rows x 64 bytes:
@@ -146,7 +146,7 @@ def amx_kernel_asm():
     fresh = njit(**compile_flags)(amx_gemm_block.py_func)
     index = types.intp
     fresh.compile((types.Array(types.uint8, 1, "C"), types.Array(types.uint16, 2, "C"), index, index,
-                   types.Array(types.uint32, 4, "C"), types.UniTuple(index, 3), index,
+                   types.Array(types.uint32, 3, "C"), types.UniTuple(index, 3), index,
                    types.Array(types.float32, 2, "C"), index, index, index, index, types.boolean,
                    types.Array(types.float32, 2, "C")))
     return fresh.inspect_asm(fresh.signatures[0])

@@ -20,10 +20,11 @@ Versions:
 
 How the GEMM is laid out (beside matmul_numba.py's step 6; what differs is the pairs of k):
 
-    pack B once, at load:  b_packed [K/KC, N/NR, KC/2, NR] uint32: depth block, column panel, then
-                           one 32-bit word per (pair of k, column): bf16(B[2p, j]) in the low half,
-                           bf16(B[2p+1, j]) in the high half. For linear, B = W^T: the pair is two
-                           neighbours of a row of W [out, in], read once at load.
+    pack B once, at load:  b_packed [N/NR, K/2, NR] uint32: column panel, then one 32-bit word
+                           per (pair of k, column): bf16(B[2p, j]) in the low half, bf16(B[2p+1, j])
+                           in the high half, 2 bytes a weight. For linear, B = W^T: the pair is two
+                           neighbours of a row of W [out, in], read once at load. A depth block is
+                           a range of KC/2 pairs of each panel (one contiguous run of KC/2 * 256 B).
     blocks of ROW_BLOCK rows of C on the block pool (block_pool.run_blocks, one per core):
         for each depth block of KC steps of k:
             pack A's [rows, KC] block as a_packed [rows/MR, KC/2, MR] uint32, rounding x to bf16
@@ -73,7 +74,7 @@ from npdiff.kernels.scratch import scratch
 from npdiff.kernels.validate import require_float32, shape_text
 
 MR = 6  # rows of the register tile of C
-KC = 512  # steps of k per depth block (KC/2 pairs)
+KC = 512  # steps of k per depth block (KC/2 pairs) of the vdpbf16ps kernel
 NC = 512  # columns of B one thread sweeps while its A block sits in L2
 ROW_BLOCK = 120  # most rows of C per block-pool task (a multiple of MR)
 AMX_ROW_BLOCK = 256  # most rows per task on AMX (a multiple of 32): its rounded A block stays in L2
@@ -87,7 +88,7 @@ PAIRS = KC // 2
 class PackedBf16Weight(PackedBf16):
     """A linear weight [out, in] rounded to bf16 once, kept in the layout its GEMM reads.
 
-    layout "pairs": `data` is b_packed [K/KC, out/NR, KC/2, NR] uint32 (see the header), which both
+    layout "pairs": `data` is b_packed [out/NR, in/2, NR] uint32 (see the header), which both
     the vdpbf16ps micro-kernel and the AMX tiles read.
     layout "float32": `data` is the rounded weight as float32 [out, in] (CPUs without AVX512_BF16).
     """
@@ -124,31 +125,32 @@ def pack_linear_bf16(weight):
 
 @njit(**PARALLEL)
 def _pack_b(bits):
-    """W bits [N, K] uint16 -> b_packed [ceil(K/KC), ceil(N/NR), KC/2, NR] uint32 (B = W^T).
+    """W bits [N, K] uint16 -> b_packed [ceil(N/NR), pairs, NR] uint32 (B = W^T), pairs = K/2
+    rounded up to a multiple of 16 (whole AMX tiles; K = 320, 640, 768, 1280: no padding at all).
 
-    Word (block, panel, p, j) holds W[col, k] | W[col, k+1] << 16, col = panel*NR + j,
-    k = block*KC + 2p. Columns past N and the missing partner of an odd K are zero; pairs past K
-    in the last block are never read (zero too). prange over column panels (each its own slices)."""
+    Word (panel, p, j) holds W[col, k] | W[col, k+1] << 16, col = panel*NR + j, k = 2p. Columns
+    past N, the missing partner of an odd K and the pairs past K are zero. A depth block of the
+    GEMM is a range of pairs of every panel. prange over column panels (each its own slices)."""
     cols, depth = bits.shape
     panels = (cols + NR - 1) // NR
-    blocks = (depth + KC - 1) // KC
-    b_packed = np.zeros((blocks, panels, PAIRS, NR), dtype=np.uint32)  # [K/KC, N/NR, KC/2, NR]
+    pairs = (depth + 2 * TILE - 1) // (2 * TILE) * TILE
+    b_packed = np.zeros((panels, pairs, NR), dtype=np.uint32)  # [N/NR, K/2, NR]
     for panel in prange(panels):
         for j in range(min(NR, cols - panel * NR)):
             row = bits[panel * NR + j]  # [K], the pairs are neighbours
             for k in range(0, depth, 2):
                 high = np.uint32(row[k + 1]) if k + 1 < depth else np.uint32(0)
                 word = np.uint32(row[k]) | (high << np.uint32(16))
-                b_packed[k // KC, panel, (k % KC) // 2, j] = word
+                b_packed[panel, k // 2, j] = word
     return b_packed
 
 
 @njit(**PARALLEL)
 def _unpack_b_numba(b_packed, cols, depth, out):
-    for panel in prange(b_packed.shape[1]):
+    for panel in prange(b_packed.shape[0]):
         for j in range(min(NR, cols - panel * NR)):
             for k in range(depth):
-                word = b_packed[k // KC, panel, (k % KC) // 2, j]
+                word = b_packed[panel, k // 2, j]
                 half = (word >> np.uint32(16)) if k % 2 else (word & np.uint32(0xFFFF))
                 out[panel * NR + j, k] = bits_float32(np.uint32(half << np.uint32(16)))
 
@@ -164,10 +166,11 @@ def _unpack_b(b_packed, cols, depth):
 # The micro-kernel and the blocked GEMM
 # ---------------------------------------------------------------------------------------------
 @njit(**SERIAL)
-def _micro_kernel(pairs, a_panel, b_panel, c, row0, col0, valid_rows, valid_cols, accumulate):
+def _micro_kernel(pairs, a_panel, b_panel, b_pair0, c, row0, col0, valid_rows, valid_cols, accumulate):
     """C[row0:row0+MR, col0:col0+NR] (+)= the tile's dot products over `pairs` pairs of k.
 
-    a_panel [pairs, MR] and b_panel [pairs, NR] are packed uint32 words (pairs of bf16). The tile
+    a_panel [pairs, MR] and b_panel[b_pair0:b_pair0+pairs] [pairs, NR] are packed uint32 words
+    (pairs of bf16; b_pair0: the depth block's first pair in the packed weight). The tile
     of C is held in acc0..acc5 (24 zmm registers); each pair of k is 6 rows x 4 vdpbf16ps. Only the
     valid part of the tile is written; `accumulate` adds to C (later depth blocks) instead of storing.
     """
@@ -178,12 +181,12 @@ def _micro_kernel(pairs, a_panel, b_panel, c, row0, col0, valid_rows, valid_cols
     acc4 = accumulator_row()
     acc5 = accumulator_row()
     for p in range(pairs):
-        dot_pairs_row(acc0, b_panel, p, a_panel[p, 0])  # row 0: += its pair of A . 64 columns' pairs
-        dot_pairs_row(acc1, b_panel, p, a_panel[p, 1])
-        dot_pairs_row(acc2, b_panel, p, a_panel[p, 2])
-        dot_pairs_row(acc3, b_panel, p, a_panel[p, 3])
-        dot_pairs_row(acc4, b_panel, p, a_panel[p, 4])
-        dot_pairs_row(acc5, b_panel, p, a_panel[p, 5])
+        dot_pairs_row(acc0, b_panel, b_pair0 + p, a_panel[p, 0])  # row 0: += its pair of A . 64 columns' pairs
+        dot_pairs_row(acc1, b_panel, b_pair0 + p, a_panel[p, 1])
+        dot_pairs_row(acc2, b_panel, b_pair0 + p, a_panel[p, 2])
+        dot_pairs_row(acc3, b_panel, b_pair0 + p, a_panel[p, 3])
+        dot_pairs_row(acc4, b_panel, b_pair0 + p, a_panel[p, 4])
+        dot_pairs_row(acc5, b_panel, b_pair0 + p, a_panel[p, 5])
     _write_row(c, row0, col0, valid_cols, carray(acc0, NR), accumulate)
     if valid_rows > 1:
         _write_row(c, row0 + 1, col0, valid_cols, carray(acc1, NR), accumulate)
@@ -198,11 +201,12 @@ def _micro_kernel(pairs, a_panel, b_panel, c, row0, col0, valid_rows, valid_cols
 
 
 @njit(**SERIAL)
-def gemm_packed_block(a_packed, pairs, b_block, c, row0, rows, col0, cols, accumulate):
+def gemm_packed_block(a_packed, pairs, b_panels, b_pair0, c, row0, rows, col0, cols, accumulate):
     """C[row0:row0+rows, col0:col0+cols] (+)= A block @ B block, one depth block, on this thread.
 
-    a_packed [>= rows/MR, >= pairs, MR] and b_block [>= cols/NR, >= pairs, NR] uint32 words; the
-    column groups of NC keep one B block in L2 while every row panel of A passes over it."""
+    a_packed [>= rows/MR, >= pairs, MR] and b_panels [>= cols/NR, >= b_pair0 + pairs, NR] uint32
+    words, the depth block being pairs b_pair0 .. b_pair0+pairs-1 of each panel; the column groups
+    of NC keep one B block in L2 while every row panel of A passes over it."""
     row_panels = (rows + MR - 1) // MR
     col_panels = (cols + NR - 1) // NR
     for panel0 in range(0, col_panels, NC_PANELS):
@@ -211,7 +215,7 @@ def gemm_packed_block(a_packed, pairs, b_block, c, row0, rows, col0, cols, accum
             a_panel = a_packed[row_panel]  # [pairs, MR] -> 6 KiB, stays in L1
             for col_panel in range(panel0, min(col_panels, panel0 + NC_PANELS)):
                 tile_col = col_panel * NR
-                _micro_kernel(pairs, a_panel, b_block[col_panel], c, row0 + tile_row, col0 + tile_col,
+                _micro_kernel(pairs, a_panel, b_panels[col_panel], b_pair0, c, row0 + tile_row, col0 + tile_col,
                               min(MR, rows - tile_row), min(NR, cols - tile_col), accumulate)
 
 
@@ -242,7 +246,7 @@ def _linear_row_block(a, b_packed, c, row0, rows, a_packed):
     for k0 in range(0, depth, KC):
         block_depth = min(KC, depth - k0)
         _pack_a_block(a, row0, rows, k0, block_depth, a_packed)
-        gemm_packed_block(a_packed, (block_depth + 1) // 2, b_packed[k0 // KC], c, row0, rows, 0, cols,
+        gemm_packed_block(a_packed, (block_depth + 1) // 2, b_packed, k0 // 2, c, row0, rows, 0, cols,
                           k0 > 0)
 
 
@@ -274,13 +278,11 @@ def gemm_amx(a, b_packed, cols):
     """a [M, K] float32 (C-contiguous) @ B (packed by _pack_b) -> C [M, cols] on AMX tiles.
 
     Per task: its rows of a rounded to bf16 rows (zero-padded to 32 rows and 32 k), then every
-    32 x 32 block of C over all of K in the tiles (the depth blocks of b_packed are steps of the
-    same loop: b_layout tells amx_gemm_block where each one starts). Few rows (CLIP's 77 tokens):
+    32 x 32 block of C over all of K in the tiles. Few rows (CLIP's 77 tokens):
     the columns are split too, so every core has work."""
     rows, depth = a.shape
     k_padded = -(-depth // BLOCK) * BLOCK
-    panels = b_packed.shape[1]
-    b_layout = (PAIRS * NR, panels * PAIRS * NR, PAIRS // TILE)  # panel, depth block, steps per block
+    b_layout = (b_packed.shape[1] * NR, 0, k_padded)  # panels a whole K apart; one depth block
     c = np.empty((rows, cols), np.float32)  # [M, N]
     workers = worker_count()
     spans = row_blocks(rows, workers, AMX_ROW_BLOCK, BLOCK)
@@ -385,6 +387,6 @@ def micro_kernel_asm():
     fresh = njit(**compile_flags)(_micro_kernel.py_func)
     panel = types.Array(types.uint32, 2, "C")
     c = types.Array(types.float32, 2, "C")
-    fresh.compile((types.intp, panel, panel, c, types.intp, types.intp, types.intp, types.intp,
+    fresh.compile((types.intp, panel, panel, types.intp, c, types.intp, types.intp, types.intp, types.intp,
                    types.boolean))
     return fresh.inspect_asm(fresh.signatures[0])

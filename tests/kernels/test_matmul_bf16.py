@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from helpers import KERNEL_TOL, assert_rel_close
 
 from npdiff import NpdiffError
-from npdiff.kernels import matmul_bf16
 from npdiff.kernels.amx_intrinsics import amx_usable
 from npdiff.kernels.bf16_rounding import (
     bf16_to_float32,
@@ -118,8 +117,10 @@ def test_packed_weight_holds_torchs_bf16_weight(rng, bf16_path):
     np.testing.assert_array_equal(packed.to_float32(), torch_bf16(weight).float().numpy())
     from_bits = pack_linear_bf16(torch_bits(weight))  # bf16 bits from a file: packed as they are
     np.testing.assert_array_equal(from_bits.data, packed.data)
-    if bf16_path != "float32":  # 1 depth block x 2 column panels x KC/2 pairs x NR words of 4 bytes
-        assert packed.nbytes == 1 * 2 * (matmul_bf16.KC // 2) * NR * 4
+    if bf16_path != "float32":  # 2 column panels x 66 pairs (80: whole tiles of 16) x NR words of 4 bytes
+        assert packed.nbytes == 2 * 80 * NR * 4
+        sd_weight = pack_linear_bf16(np.zeros((1280, 320), np.float32))  # SD's shapes: 2 bytes a weight
+        assert sd_weight.nbytes == 1280 * 320 * 2
 
 
 def test_linear_bf16_on_leading_axes_and_strided_x(rng, bf16_path):
