@@ -10,8 +10,10 @@
     resample.py     upsample_nearest2x, resize (torch's interpolate to a size)
     matmul.py       the matrix-multiplication progression (teaching; models use np.matmul)
     matmul_bf16.py  bfloat16 linear / linear_activation / geglu: operands rounded to bf16, float32 sums,
-                    on AVX-512 BF16's vdpbf16ps (bf16_intrinsics.py); weights packed once at load
-    conv_bf16.py    conv2d in bfloat16: im2col tiles into the same bf16 GEMM
+                    on AMX tiles (matmul_amx.py, amx_intrinsics.py) or AVX-512 BF16's vdpbf16ps
+                    (bf16_intrinsics.py); weights packed once at load (bf16_rounding.py: rounding,
+                    which kernel runs here)
+    conv_bf16.py    conv2d in bfloat16: the image unfolded by tiles into the same bf16 GEMMs
 
 Backward (training): beside each forward, `<family>_backward.py` (attention/backward.py), each with
 a `*_backward_ref` and a fast version, checked against torch.autograd:
