@@ -63,20 +63,28 @@ def request_amx_permission():
 
 
 @functools.cache
-def _host_has_amx_bf16():
+def _host_has(feature):
+    """LLVM's host CPU features (asked once per feature: the call takes a while)."""
     import llvmlite.binding as llvm  # local: only llvmlite, which numba has loaded already
 
-    features = llvm.get_host_cpu_features()
-    return bool(features.get("amx-tile") and features.get("amx-bf16"))
+    return bool(llvm.get_host_cpu_features().get(feature))
+
+
+def numba_may_use(*features):
+    """The host CPU has these LLVM features (e.g. "avx512bf16") and Numba compiles for them: a
+    NUMBA_CPU_FEATURES without one of them, or a NUMBA_CPU_NAME chosen without features (npdiff/jit.py
+    sets both together), rules them out. Compiling an instruction LLVM may not use would fail."""
+    if not all(_host_has(feature) for feature in features):
+        return False
+    chosen = os.environ.get("NUMBA_CPU_FEATURES", "")
+    if chosen:
+        return {"+" + feature for feature in features} <= set(chosen.split(","))
+    return os.environ.get("NUMBA_CPU_NAME", "host") == "host"
 
 
 def cpu_has_amx_bf16():
-    """The CPU has AMX tiles with bf16 (LLVM's host features) and Numba may use them (a
-    NUMBA_CPU_FEATURES set without +amx-bf16 rules them out)."""
-    if not _host_has_amx_bf16():
-        return False
-    chosen = os.environ.get("NUMBA_CPU_FEATURES", "")
-    return not chosen or {"+amx-tile", "+amx-bf16"} <= set(chosen.split(","))
+    """The CPU has AMX tiles with bf16 and Numba may use them."""
+    return numba_may_use("amx-tile", "amx-bf16")
 
 
 def amx_usable():

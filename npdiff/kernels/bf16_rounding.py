@@ -15,7 +15,6 @@
                          out AMX, NPDIFF_NO_BF16=1 both (to test the other paths on any machine).
 """
 
-import functools
 import os
 
 import numpy as np
@@ -23,7 +22,7 @@ import numpy as np
 from npdiff.errors import NpdiffError
 from npdiff.intrinsics import float32_bits
 from npdiff.jit import SERIAL, njit
-from npdiff.kernels.amx_intrinsics import amx_usable
+from npdiff.kernels.amx_intrinsics import amx_usable, numba_may_use
 from npdiff.kernels.validate import shape_text
 
 
@@ -90,21 +89,9 @@ class PackedBf16:
 # ---------------------------------------------------------------------------------------------
 # Which GEMM: AMX tiles, the vdpbf16ps micro-kernel, or the float32 GEMM of the rounded values
 # ---------------------------------------------------------------------------------------------
-@functools.cache
-def _host_has(feature):
-    """LLVM's host CPU features (asked once per feature: the call takes a while)."""
-    import llvmlite.binding as llvm  # local: only llvmlite, which numba has loaded already
-
-    return bool(llvm.get_host_cpu_features().get(feature))
-
-
 def cpu_has_avx512_bf16():
-    """True when this CPU has AVX512_BF16 (LLVM's host features) and Numba may use it (a
-    NUMBA_CPU_FEATURES set by the user without +avx512bf16 rules it out)."""
-    if not _host_has("avx512bf16"):
-        return False
-    chosen = os.environ.get("NUMBA_CPU_FEATURES", "")
-    return not chosen or "+avx512bf16" in chosen.split(",")
+    """True when this CPU has AVX512_BF16 (vdpbf16ps) and Numba may use it."""
+    return numba_may_use("avx512bf16")
 
 
 def bf16_kernel():
