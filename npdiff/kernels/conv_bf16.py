@@ -38,7 +38,15 @@ from npdiff.kernels.bf16_rounding import (
 )
 from npdiff.kernels.block_pool import run_blocks, split_evenly, worker_count
 from npdiff.kernels.conv import check_conv2d, conv2d, conv2d_ref, pad_image
-from npdiff.kernels.matmul_amx import BLOCK, TILE, TILE_CONFIG, amx_gemm_block
+from npdiff.kernels.matmul_amx import (
+    BLOCK,
+    START_FROM_C,
+    START_FROM_INIT,
+    START_ZERO,
+    TILE,
+    TILE_CONFIG,
+    amx_gemm_block,
+)
 from npdiff.kernels.matmul_bf16 import KC, MR, NR, _weight_bits, gemm_packed_block
 from npdiff.kernels.scratch import scratch
 from npdiff.kernels.validate import output_size, shape_text
@@ -226,6 +234,10 @@ def _conv_bf16_tiles(x, packed, bias, sh, sw, ph, pw):
     out = np.empty((batch, c_out, h_out * w_out), np.float32)  # [B,C_out,Ho*Wo]
     pixels_of = x.reshape(batch, c_in, height * width)  # [B,C_in,H*W] (1x1: the B operand itself)
     padded = x if pointwise else pad_image(x, ph, pw)  # [B,C_in,H+2ph,W+2pw], zeros around
+    bias_rows = np.zeros((-(-c_out // BLOCK) * BLOCK, TILE), np.float32)  # [C_out, 16]: AMX's start
+    if bias is not None:
+        bias_rows[:c_out] = bias[:, None]  # each output channel's bias across a tile's 16 columns
+    first_start = START_ZERO if bias is None else START_FROM_INIT
 
     def run_tile(tile):
         b, (row0, row1) = tile
@@ -239,14 +251,15 @@ def _conv_bf16_tiles(x, packed, bias, sh, sw, ph, pw):
                 _pack_pixel_pairs(pixels_of[b, c0:c1, first:first + pixels], words)
             else:  # [pixels/NR, pairs, NR] words of bf16 pairs, unfolded from the padded image
                 _unfold_pairs(padded[b], c0, c1 - c0, kh, kw, row0, row1 - row0, w_out, sh, sw, words)
-            if packed.layout == "amx":
-                b_layout = (pairs * NR, 0, pairs)  # one depth block: panels `pairs` rows apart
-                amx_gemm_block(TILE_CONFIG, packed.data, c0 * kh * kw, -(-depth // BLOCK), words, b_layout, 0,
-                               out[b], 0, c_out, first, pixels, block > 0, scratch("amx edge", (BLOCK, BLOCK)))
+            if packed.layout == "amx":  # the first depth block starts from the bias, later ones from C
+                start = START_FROM_C if block > 0 else first_start
+                amx_gemm_block(TILE_CONFIG, packed.data, c0 * kh * kw, -(-depth // BLOCK), words, pairs * NR, 0,
+                               out[b], 0, c_out, first, pixels, start, bias_rows, (TILE, 0),
+                               scratch("amx edge", (BLOCK, BLOCK)))
             else:
                 gemm_packed_block(packed.data[block], (depth + 1) // 2, words, 0, out[b], 0, c_out, first, pixels,
                                   block > 0)
-        if bias is not None:
+        if bias is not None and packed.layout != "amx":
             out[b, :, first:first + pixels] += bias[:, None]  # [C_out, pixels] + [C_out, 1], in cache
 
     spans = split_evenly(h_out, max(1, TILE_PIXELS // w_out), batch, worker_count())

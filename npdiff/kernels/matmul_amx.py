@@ -70,35 +70,48 @@ def _store_edge_block(edge, c, row0, col0, rows, cols):
             c[row0 + r, col0 + j] = edge[r, j]
 
 
+START_ZERO, START_FROM_C, START_FROM_INIT = 0, 1, 2  # what amx_gemm_block's C blocks start from
+
+
 @njit(**SERIAL)
-def amx_gemm_block(config, a_bits, a_k0, steps, b_words, b_layout, b_col0, c, row0, rows, col0, cols, accumulate,
-                   edge):
+def amx_gemm_block(config, a_bits, a_k0, steps, b_words, b_panel_stride, b_col0, c, row0, rows, col0, cols,
+                   start, init, init_steps, edge):
     """C[row0:row0+rows, col0:col0+cols] (+)= A @ B over `steps` steps of 32 k, on this thread's tiles.
 
     a_bits [>= rows rounded up to 32, >= a_k0 + 32*steps] uint16 (row-major bf16; k past K zero).
-    b_words: uint32 words of B, C-contiguous; b_layout = (panel_stride, block_stride, block_steps):
-    the word of (step s, pair p of its 16, column j) is at (s // block_steps) * block_stride +
-    (j // NR) * panel_stride + ((s % block_steps) * 16 + p) * NR + j % NR (NR = 64), where column j
-    = b_col0 + the column within C's block (b_col0 a multiple of 32).
+    b_words: uint32 words of B, C-contiguous: the word of (step s, pair p of its 16, column j) is at
+    (j // NR) * b_panel_stride + (s * 16 + p) * NR + j % NR (NR = 64), where column j = b_col0 +
+    the column within C (b_col0 a multiple of 32).
     c [*, ldc] float32 C-contiguous; edge a [32, 32] float32 scratch for blocks past the edges.
+    start: START_ZERO (C = A @ B), START_FROM_C (C += A @ B: later depth blocks) or START_FROM_INIT
+    (C = init + A @ B, the bias added for free: tile rows are loaded from the float32 array init,
+    element (i, j) of the C block from init's flat index i * row_step + (b_col0 + j) * col_step,
+    init_steps = (row_step, col_step): (0, 1) for a bias per column, (16, 0) for a bias per row
+    broadcast into 16 columns).
     """
-    panel_stride, block_stride, block_steps = b_layout
     a_width = a_bits.shape[1]
     a_stride = a_width * 2  # bytes between rows of A
     ldc = c.shape[1]
     c_stride = ldc * 4
+    row_step, col_step = init_steps
     tile_config(config)
     for col in range(0, cols, BLOCK):
-        b_column = ((b_col0 + col) // 64) * panel_stride + (b_col0 + col) % 64  # word of pair 0, depth block 0
+        b_column = ((b_col0 + col) // 64) * b_panel_stride + (b_col0 + col) % 64  # word of pair 0
         for row in range(0, rows, BLOCK):
             full = row + BLOCK <= rows and col + BLOCK <= cols
             c_first = (row0 + row) * ldc + col0 + col  # flat index of the block's top-left in c
-            # 1. the C block into tmm0..tmm3: zeros, or what earlier depth blocks summed
-            if not accumulate:
+            # 1. the C block into tmm0..tmm3: zeros, the bias, or what earlier depth blocks summed
+            if start == START_ZERO:
                 tile_zero(0)
                 tile_zero(1)
                 tile_zero(2)
                 tile_zero(3)
+            elif start == START_FROM_INIT:
+                init_first = row * row_step + (b_col0 + col) * col_step
+                tile_load(0, init, init_first, row_step * 4)
+                tile_load(1, init, init_first + TILE * col_step, row_step * 4)
+                tile_load(2, init, init_first + TILE * row_step, row_step * 4)
+                tile_load(3, init, init_first + TILE * row_step + TILE * col_step, row_step * 4)
             elif full:
                 tile_load(0, c, c_first, c_stride)
                 tile_load(1, c, c_first + TILE, c_stride)
@@ -115,7 +128,7 @@ def amx_gemm_block(config, a_bits, a_k0, steps, b_words, b_layout, b_col0, c, ro
                 a_first = row * a_width + a_k0 + step * BLOCK
                 tile_load(4, a_bits, a_first, a_stride)  # A rows 0-15, 32 k
                 tile_load(5, a_bits, a_first + TILE * a_width, a_stride)  # A rows 16-31
-                b_first = (step // block_steps) * block_stride + (step % block_steps) * TILE * 64 + b_column
+                b_first = step * TILE * 64 + b_column
                 tile_load(6, b_words, b_first, 64 * 4)  # B columns 0-15, 16 pairs
                 tile_load(7, b_words, b_first + TILE, 64 * 4)  # B columns 16-31
                 tile_dpbf16ps(0, 4, 6)
@@ -145,8 +158,8 @@ def amx_kernel_asm():
     compile_flags = {key: value for key, value in SERIAL.items() if key != "cache"}
     fresh = njit(**compile_flags)(amx_gemm_block.py_func)
     index = types.intp
+    floats = types.Array(types.float32, 2, "C")
     fresh.compile((types.Array(types.uint8, 1, "C"), types.Array(types.uint16, 2, "C"), index, index,
-                   types.Array(types.uint32, 3, "C"), types.UniTuple(index, 3), index,
-                   types.Array(types.float32, 2, "C"), index, index, index, index, types.boolean,
-                   types.Array(types.float32, 2, "C")))
+                   types.Array(types.uint32, 3, "C"), index, index, floats, index, index, index, index,
+                   index, floats, types.UniTuple(index, 2), floats))
     return fresh.inspect_asm(fresh.signatures[0])

@@ -61,12 +61,21 @@ from npdiff.kernels.bf16_rounding import (
     rounded_to_bf16,
 )
 from npdiff.kernels.block_pool import run_blocks, worker_count
-from npdiff.kernels.linear import (
+from npdiff.kernels.linear import (  # linear.py's element-wise passes after the GEMM
     LINEAR_ACTIVATIONS,
     _bias_activation_numba,
+    _bias_activation_row,
     _geglu_gate_numba,
+    _geglu_gate_serial,
 )
-from npdiff.kernels.matmul_amx import BLOCK, TILE, TILE_CONFIG, amx_gemm_block
+from npdiff.kernels.matmul_amx import (
+    BLOCK,
+    START_FROM_INIT,
+    START_ZERO,
+    TILE,
+    TILE_CONFIG,
+    amx_gemm_block,
+)
 from npdiff.kernels.matmul_numba import (
     _write_row,  # the float32 kernel's: one row of a tile into C
 )
@@ -274,30 +283,42 @@ def gemm_dpbf16(a, b_packed, cols):
     return c
 
 
-def gemm_amx(a, b_packed, cols):
-    """a [M, K] float32 (C-contiguous) @ B (packed by _pack_b) -> C [M, cols] on AMX tiles.
+def gemm_amx(a, b_packed, cols, bias=None, finish_block=None):
+    """a [M, K] float32 (C-contiguous) @ B (packed by _pack_b) (+ bias) -> C [M, cols] on AMX tiles.
 
     Per task: its rows of a rounded to bf16 rows (zero-padded to 32 rows and 32 k), then every
-    32 x 32 block of C over all of K in the tiles. Few rows (CLIP's 77 tokens):
-    the columns are split too, so every core has work."""
+    32 x 32 block of C over all of K in the tiles, each block starting from the bias (loaded into
+    the tiles: no pass over C to add it). finish_block(row0, c_rows), if given, runs on each task's
+    rows of C right after (while they are in cache): linear_activation's and geglu's element-wise
+    pass. Few rows (CLIP's 77 tokens): the columns are split too, so every core has work, and
+    finish_block runs once at the end on all rows."""
     rows, depth = a.shape
     k_padded = -(-depth // BLOCK) * BLOCK
-    b_layout = (b_packed.shape[1] * NR, 0, k_padded)  # panels a whole K apart; one depth block
+    panel_stride = b_packed.shape[1] * NR  # words between column panels of B
     c = np.empty((rows, cols), np.float32)  # [M, N]
     workers = worker_count()
     spans = row_blocks(rows, workers, AMX_ROW_BLOCK, BLOCK)
     column_parts = workers if len(spans) < 2 * workers else 1
     part = -(-cols // (column_parts * NR)) * NR  # columns per part, whole panels
+    if bias is None:
+        start, init = START_ZERO, np.zeros((1, 1), np.float32)
+    else:
+        start, init = START_FROM_INIT, np.zeros((1, b_packed.shape[0] * NR), np.float32)  # [1, N padded]
+        init[0, :cols] = bias  # each C tile's 16 rows are loaded from here with row stride 0
 
     def run_block(block):
         (row0, block_rows), col0 = block
         a_bits = scratch("amx a rows", (-(-block_rows // BLOCK) * BLOCK, k_padded // 2)).view(np.uint16)
         round_rows(a, row0, block_rows, a_bits)  # [rows32, K32] bf16 bits
         edge = scratch("amx edge", (BLOCK, BLOCK))
-        amx_gemm_block(TILE_CONFIG, a_bits, 0, k_padded // BLOCK, b_packed, b_layout, col0,
-                       c, row0, block_rows, col0, min(part, cols - col0), False, edge)
+        amx_gemm_block(TILE_CONFIG, a_bits, 0, k_padded // BLOCK, b_packed, panel_stride, col0,
+                       c, row0, block_rows, col0, min(part, cols - col0), start, init, (0, 1), edge)
+        if finish_block is not None and column_parts == 1:
+            finish_block(row0, c[row0:row0 + block_rows])
 
     run_blocks(run_block, [(span, col0) for span in spans for col0 in range(0, cols, part)])
+    if finish_block is not None and column_parts > 1:
+        finish_block(0, c)  # few rows: one serial pass on the calling thread
     return c
 
 
@@ -326,55 +347,82 @@ def _check_linear_bf16(kernel, x, packed, bias):
             raise NpdiffError(f"{kernel}: bias must have shape [{packed.shape[0]}], got {shape_text(bias.shape)}")
 
 
-def _gemm_rows(x, packed):
-    """x [..., in] -> [R, out] float32 (no bias): the dpbf16 kernel, or the rounded float32 GEMM."""
+def _gemm_rows(x, packed, bias=None, finish_block=None, finish_all=None):
+    """x [..., in] -> [R, out] float32 = x @ W^T + bias, on the kernel bf16_kernel() names (the
+    rounded float32 GEMM for a "float32" weight). An element-wise pass after the GEMM runs as
+    finish_block(row0, rows of C) on each AMX task's rows while they are in cache (serial: it runs
+    on a pool worker), or as finish_all(C) once after the other kernels (parallel)."""
     rows = x.reshape(-1, x.shape[-1])  # [..., in] -> [R, in]
     cols = packed.shape[0]
     kernel = bf16_kernel() if packed.layout == "pairs" else "float32"
+    if kernel == "amx" and rows.shape[0] and rows.shape[1]:
+        # [R, in] @ [in, out] + bias -> [R, out], finish_block on each task's rows
+        return gemm_amx(np.ascontiguousarray(rows), packed.data, cols, bias, finish_block)
     if rows.shape[0] == 0 or rows.shape[1] == 0:
-        return np.zeros((rows.shape[0], cols), np.float32)  # [R, out]: an empty sum is 0
-    if kernel == "amx":
-        return gemm_amx(np.ascontiguousarray(rows), packed.data, cols)  # [R, in] @ [in, out] -> [R, out]
-    if kernel == "dpbf16":
-        return gemm_dpbf16(np.ascontiguousarray(rows), packed.data, cols)  # [R, in] @ [in, out] -> [R, out]
-    return np.matmul(rounded_to_bf16(rows), packed.to_float32().T)  # [R, in] @ [in, out] -> [R, out]
+        out = np.zeros((rows.shape[0], cols), np.float32)  # [R, out]: an empty sum is 0
+    elif kernel == "dpbf16":
+        out = gemm_dpbf16(np.ascontiguousarray(rows), packed.data, cols)  # [R, in] @ [in, out] -> [R, out]
+    else:
+        out = np.matmul(rounded_to_bf16(rows), packed.to_float32().T)  # [R, in] @ [in, out] -> [R, out]
+    if bias is not None:
+        out += bias  # [R, out], in place
+    if finish_all is not None and out.size:
+        finish_all(out)
+    return out
 
 
 def linear_bf16(x, packed, bias=None):
     """torch's linear in bf16: x [..., in] float32 and the packed weight rounded to bf16, products
     summed in float32, bias added in float32 -> float32 [..., out]."""
     _check_linear_bf16("linear_bf16", x, packed, bias)
-    out = _gemm_rows(x, packed)  # [R, out]
-    if bias is not None:
-        out += bias  # [R, out], in place
+    out = _gemm_rows(x, packed, bias)  # [R, out]
     return out.reshape(x.shape[:-1] + (packed.shape[0],))  # [R, out] -> [..., out]
 
 
+@njit(**SERIAL)
+def _activation_rows(hidden, which):
+    """hidden [rows, D] = activation(hidden), in place, on the calling thread (linear.py's row pass)."""
+    for r in range(hidden.shape[0]):
+        _bias_activation_row(hidden[r], hidden[r], False, which)
+
+
 def linear_activation_bf16(x, packed, bias=None, activation="quick_gelu"):
-    """activation(linear_bf16(x, packed, bias)): linear.py's bias + activation pass after the GEMM."""
+    """activation(linear_bf16(x, packed, bias)): linear.py's activation pass on each block of rows
+    of the GEMM's result while it is in cache (AMX), or once after it."""
     _check_linear_bf16("linear_activation_bf16", x, packed, bias)
     if activation not in LINEAR_ACTIVATIONS:
         raise NpdiffError(f"linear_activation_bf16: activation must be one of "
                           f"{tuple(LINEAR_ACTIVATIONS)}, got {activation!r}")
-    hidden = _gemm_rows(x, packed)  # [R, out]
-    has_bias = bias is not None
-    if hidden.size:
-        _bias_activation_numba(hidden, bias if has_bias else hidden[0], has_bias,
-                               LINEAR_ACTIVATIONS[activation][1])
+    which = LINEAR_ACTIVATIONS[activation][1]
+
+    def finish_block(row0, rows):
+        _activation_rows(rows, which)  # [block, out], in place
+
+    def finish_all(hidden):
+        _bias_activation_numba(hidden, hidden[0], False, which)  # [R, out], in place, parallel over rows
+
+    hidden = _gemm_rows(x, packed, bias, finish_block, finish_all)  # [R, out]
     return hidden.reshape(x.shape[:-1] + (packed.shape[0],))  # [R, out] -> [..., out]
 
 
 def geglu_bf16(x, packed, bias=None, approximate="none"):
-    """diffusers' GEGLU in bf16: h = linear_bf16(x, packed, bias) [..., 2D]; h[..., :D] * gelu(h[..., D:])."""
+    """diffusers' GEGLU in bf16: h = linear_bf16(x, packed, bias) [..., 2D]; h[..., :D] * gelu(h[..., D:]),
+    the gate computed on each block of rows of h while it is in cache (AMX), or once after the GEMM."""
     _check_linear_bf16("geglu_bf16", x, packed, bias)
     check_approximate("geglu_bf16", approximate)
     if packed.shape[0] % 2:
         raise NpdiffError(f"geglu_bf16: weight must have an even number of rows [2*D, in], "
                           f"got {shape_text(packed.shape)}")
-    hidden = linear_bf16(x, packed, bias).reshape(-1, packed.shape[0])  # [R, 2D]
-    out = np.empty((hidden.shape[0], hidden.shape[1] // 2), np.float32)  # [R, D]
-    if hidden.size:
-        _geglu_gate_numba(hidden, ACTIVATION_CODES[approximate], out)
+    which = ACTIVATION_CODES[approximate]
+    out = np.empty((x.size // x.shape[-1], packed.shape[0] // 2), np.float32)  # [R, D]
+
+    def finish_block(row0, hidden_rows):
+        _geglu_gate_serial(hidden_rows, which, out[row0:row0 + hidden_rows.shape[0]])  # [block, 2D] -> [block, D]
+
+    def finish_all(hidden):
+        _geglu_gate_numba(hidden, which, out)  # [R, 2D] -> [R, D], parallel over rows
+
+    _gemm_rows(x, packed, bias, finish_block, finish_all)  # [R, 2D]
     return out.reshape(x.shape[:-1] + (out.shape[1],))  # [R, D] -> [..., D]
 
 

@@ -133,9 +133,15 @@ def test_linear_bf16_on_leading_axes_and_strided_x(rng, bf16_path):
     assert empty.shape == (0, 100)
 
 
+# (batch, tokens): few rows (AMX splits the columns, one pass after) and many (the pass on each block
+# of rows right after its GEMM)
+ROWS = [(2, 77), (2, 611)]
+
+
 @pytest.mark.parametrize("activation", ["silu", "quick_gelu", "gelu", "gelu_tanh"])
-def test_linear_activation_bf16_matches_torch(rng, bf16_path, activation):
-    x = rng.standard_normal((2, 77, 96), dtype=np.float32)
+@pytest.mark.parametrize("batch, tokens", ROWS)
+def test_linear_activation_bf16_matches_torch(rng, bf16_path, activation, batch, tokens):
+    x = rng.standard_normal((batch, tokens, 96), dtype=np.float32)
     weight = rng.standard_normal((130, 96), dtype=np.float32) / 10
     bias = rng.standard_normal(130, dtype=np.float32)
     hidden = F.linear(torch_bf16(x).float(), torch_bf16(weight).float(), torch.from_numpy(bias))
@@ -148,14 +154,15 @@ def test_linear_activation_bf16_matches_torch(rng, bf16_path, activation):
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_geglu_bf16_matches_torch(rng, bf16_path, approximate):
-    x = rng.standard_normal((1, 131, 64), dtype=np.float32)
+@pytest.mark.parametrize("batch, tokens", ROWS)
+def test_geglu_bf16_matches_torch(rng, bf16_path, approximate, batch, tokens):
+    x = rng.standard_normal((batch, tokens, 64), dtype=np.float32)
     weight = rng.standard_normal((2 * 90, 64), dtype=np.float32) / 8
     bias = rng.standard_normal(2 * 90, dtype=np.float32)
     hidden = F.linear(torch_bf16(x).float(), torch_bf16(weight).float(), torch.from_numpy(bias))
     value, gate = hidden.chunk(2, dim=-1)
     out = geglu_bf16(x, pack_linear_bf16(weight), bias, approximate)
-    assert out.shape == (1, 131, 90)
+    assert out.shape == (batch, tokens, 90)
     assert_rel_close(out, value * F.gelu(gate, approximate=approximate), KERNEL_TOL, "geglu_bf16")
 
 
