@@ -14,12 +14,12 @@ Versions:
         are, for vdpbf16ps MR-row panels of pairs. The unfolded image is B, packed per tile as
         [pixels/NR, pairs, NR] words (both kernels read that), so a row of C runs along the pixels
         of one output channel, which is NCHW's own order: the GEMM writes the output in place.
-        Depth blocks are whole channels, a multiple of 32 of them (32 for 3x3: 288 k; 512 for 1x1),
+        Depth blocks are whole channels, a multiple of 32 of them (64 for 3x3: 576 k; 576 for 1x1),
         so a block's depth is whole 32-k AMX steps and one depth block of cols is im2col_tile of a
         channel slice of the image. 1x1 stride-1 convs skip the unfolding (the image's [C_in, H*W]
         rows are the B operand as they lie).
-  Per tile of TILE_PIXELS output pixels of one image (the float32 cols of one depth block,
-  288 x 512 x 4 = 576 KiB, and its packed words, half that, stay in L2), tiles spread over the
+  Per tile of TILE_PIXELS output pixels of one image (the words of one depth block, 576 x 256 x 2 =
+  288 KiB, stay in L2 beside the weight's depth block), tiles spread over the
   block pool; every depth block after the first adds into the output tile.
 """
 
@@ -47,11 +47,14 @@ from npdiff.kernels.matmul_amx import (
     TILE_CONFIG,
     amx_gemm_block,
 )
-from npdiff.kernels.matmul_bf16 import KC, MR, NR, _weight_bits, gemm_packed_block
+from npdiff.kernels.matmul_bf16 import MR, NR, _weight_bits, gemm_packed_block
 from npdiff.kernels.scratch import scratch
 from npdiff.kernels.validate import output_size, shape_text
 
-TILE_PIXELS = 512  # output pixels per tile (whole output rows, at least one)
+# Measured on AMX (thread CPU time, one core, 3x3 convs of the UNet at 64 and 32 px): 256 pixels and
+# 576-deep blocks 358-366 GFLOP/s; 512 pixels and 288-deep blocks 279-288; 512 and 576: 293-296.
+TILE_PIXELS = 256  # output pixels per tile (whole output rows, at least one)
+BLOCK_DEPTH = 576  # k per depth block (rounded to whole channels, a multiple of 32)
 
 
 class PackedBf16Conv(PackedBf16):
@@ -88,7 +91,7 @@ def pack_conv_bf16(weight):
                           f"{shape_text(weight.shape)}")
     bits = _weight_bits(weight, "pack_conv_bf16")  # [C_out, C_in, kH, kW] uint16
     c_out, c_in, kh, kw = weight.shape
-    channels_per_block = BLOCK * max(1, KC // (BLOCK * kh * kw))  # a block's depth: a multiple of 32
+    channels_per_block = BLOCK * max(1, BLOCK_DEPTH // (BLOCK * kh * kw))  # depth: a multiple of 32
     kernel = bf16_kernel()
     if kernel == "float32":
         return PackedBf16Conv(bf16_to_float32(bits), weight.shape, "float32", channels_per_block)

@@ -3,8 +3,8 @@
 conv2d_bf16 is compared with torch's float32 conv2d on the bf16-rounded operands
 (`F.conv2d(x.bfloat16().float(), w.bfloat16().float(), b, stride, padding)`): the same products,
 summed in another order, relative error <= KERNEL_TOL (1e-5). Shapes cover 1x1 (straight to the
-GEMM), 3x3 with padding, stride 2, a 2x2 kernel, input channels across the depth blocks (32 channels
-for 3x3, 512 for 1x1), output channels not a multiple of MR (6), pixels not a multiple of NR (64),
+GEMM), 3x3 with padding, stride 2, a 2x2 kernel, input channels across the depth blocks (64 channels
+for 3x3, 576 for 1x1), output channels not a multiple of MR (6), pixels not a multiple of NR (64),
 a row wider than a tile. Every path runs (the bf16_path fixture of
 conftest.py): AMX tiles, vdpbf16ps and the float32 fallback.
 """
