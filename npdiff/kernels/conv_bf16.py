@@ -226,6 +226,28 @@ def conv2d_bf16(x, packed, bias=None, stride=1, padding=0):
     return _conv_bf16_tiles(np.ascontiguousarray(x), packed, bias, sh, sw, ph, pw)
 
 
+@njit(**SERIAL)
+def _conv_tile_amx(padded, weight_bits, per_block, kh, kw, row0, rows, w_out, sh, sw, out, first, first_start,
+                   bias_rows, words_flat, edge):
+    """One tile (output rows row0 .. row0+rows-1 of one image) of a conv on AMX, all its depth
+    blocks in one compiled loop: unfold a block's channels into words, then the tiles' GEMM into
+    out [C_out, Ho*Wo] (the first block from the bias, later ones adding). words_flat: scratch for
+    the largest block's words."""
+    c_in = padded.shape[0]
+    c_out = out.shape[0]
+    pixels = rows * w_out
+    for c0 in range(0, c_in, per_block):
+        channels = min(per_block, c_in - c0)
+        depth = channels * kh * kw
+        pairs = (depth + 2 * TILE - 1) // (2 * TILE) * TILE  # whole AMX tiles of 16 pairs
+        panels = (pixels + NR - 1) // NR
+        words = words_flat[:panels * pairs * NR].reshape((panels, pairs, NR))  # [pixels/NR, pairs, NR]
+        _unfold_pairs(padded, c0, channels, kh, kw, row0, rows, w_out, sh, sw, words)
+        start = START_FROM_C if c0 > 0 else first_start
+        amx_gemm_block(TILE_CONFIG, weight_bits, c0 * kh * kw, (depth + BLOCK - 1) // BLOCK, words, pairs * NR, 0,
+                       out, 0, c_out, first, pixels, start, bias_rows, (TILE, 0), edge)
+
+
 def _conv_bf16_tiles(x, packed, bias, sh, sw, ph, pw):
     """Tiles of output rows of each image on the block pool; per tile, per depth block: unfold
     (or take the 1x1 rows), pack to bf16 pairs, GEMM into the output tile."""
@@ -245,6 +267,12 @@ def _conv_bf16_tiles(x, packed, bias, sh, sw, ph, pw):
     def run_tile(tile):
         b, (row0, row1) = tile
         first, pixels = row0 * w_out, (row1 - row0) * w_out
+        if packed.layout == "amx" and not pointwise:  # the main case: one compiled call per tile
+            most_pairs = -(-(per_block * kh * kw + 1) // 2 // TILE) * TILE
+            words_flat = scratch("conv_bf16 words", -(-pixels // NR) * most_pairs * NR).view(np.uint32)
+            _conv_tile_amx(padded[b], packed.data, per_block, kh, kw, row0, row1 - row0, w_out, sh, sw, out[b],
+                           first, first_start, bias_rows, words_flat, scratch("amx edge", (BLOCK, BLOCK)))
+            return
         for block, c0 in enumerate(range(0, c_in, per_block)):
             c1 = min(c_in, c0 + per_block)
             depth = (c1 - c0) * kh * kw
