@@ -50,16 +50,20 @@ from npdiff.intrinsics import bits_float32
 from npdiff.jit import PARALLEL, SERIAL, njit, prange
 from npdiff.kernels.activations import ACTIVATION_CODES, check_approximate
 from npdiff.kernels.bf16_intrinsics import NR, accumulator_row, dot_pairs_row
-from npdiff.kernels.bf16_rounding import (
+from npdiff.kernels.bf16_rounding import (  # also what callers import from here (interface of issue 26)
     PackedBf16,
     bf16_bits,
     bf16_kernel,
     bf16_to_float32,
+    cpu_has_avx512_bf16,
     float32_to_bf16,
     pair_word,
     round_rows,
     rounded_to_bf16,
 )
+
+__all__ = ["PackedBf16Weight", "bf16_kernel", "bf16_to_float32", "cpu_has_avx512_bf16", "float32_to_bf16",
+           "geglu_bf16", "linear_activation_bf16", "linear_bf16", "linear_bf16_ref", "pack_linear_bf16"]
 from npdiff.kernels.block_pool import run_blocks, worker_count
 from npdiff.kernels.linear import (  # linear.py's element-wise passes after the GEMM
     LINEAR_ACTIVATIONS,
