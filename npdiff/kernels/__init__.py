@@ -11,7 +11,7 @@
     matmul.py       the matrix-multiplication progression (teaching; models use np.matmul)
     matmul_bf16.py  bfloat16 linear / linear_activation / geglu: operands rounded to bf16, float32 sums,
                     on AMX tiles (matmul_amx.py, amx_intrinsics.py) or AVX-512 BF16's vdpbf16ps
-                    (bf16_intrinsics.py); weights packed once at load (bf16_rounding.py: rounding,
+                    (matmul_dpbf16.py, bf16_intrinsics.py); weights packed once at load (bf16_rounding.py: rounding,
                     which kernel runs here)
     conv_bf16.py    conv2d in bfloat16: the image unfolded by tiles into the same bf16 GEMMs
 

@@ -47,7 +47,8 @@ from npdiff.kernels.matmul_amx import (
     TILE_CONFIG,
     amx_gemm_block,
 )
-from npdiff.kernels.matmul_bf16 import MR, NR, _weight_bits, gemm_packed_block
+from npdiff.kernels.matmul_bf16 import _weight_bits
+from npdiff.kernels.matmul_dpbf16 import MR, NR, gemm_packed_block
 from npdiff.kernels.scratch import scratch
 from npdiff.kernels.validate import output_size, shape_text
 

@@ -1,4 +1,4 @@
-"""The bfloat16 GEMM (npdiff/kernels/matmul_bf16.py) against torch.
+"""The bfloat16 GEMM (npdiff/kernels/matmul_bf16.py, matmul_dpbf16.py, matmul_amx.py) against torch.
 
 The rounding functions are compared bit for bit with torch's `.to(torch.bfloat16)` and `.float()`.
 linear_bf16, linear_activation_bf16 and geglu_bf16 are compared with torch's float32 ops on the
@@ -26,14 +26,12 @@ from npdiff.kernels.bf16_rounding import (
 )
 from npdiff.kernels.matmul_amx import amx_kernel_asm
 from npdiff.kernels.matmul_bf16 import (
-    MR,
-    NR,
     geglu_bf16,
     linear_activation_bf16,
     linear_bf16,
-    micro_kernel_asm,
     pack_linear_bf16,
 )
+from npdiff.kernels.matmul_dpbf16 import MR, NR, micro_kernel_asm
 
 # (rows, in, out)
 ODD_SHAPES = [(1, 1, 1), (1, 33, 127), (7, 5, 3), (13, 7, 1), (130, 257, 70), (241, 1025, 129),
