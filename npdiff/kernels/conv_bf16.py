@@ -1,5 +1,5 @@
-"""2-D convolution in bfloat16: x and the weight rounded to bf16, products summed in float32 on
-AVX-512 BF16's vdpbf16ps (the GEMM of matmul_bf16.py), the bias added in float32. NCHW, torch's
+"""2-D convolution in bfloat16: x and the weight rounded to bf16, products summed in float32 on AMX
+tiles or AVX-512 BF16's vdpbf16ps (the GEMMs of matmul_bf16.py), the bias added in float32. NCHW, torch's
 weight layout [C_out, C_in, kH, kW], as conv.py.
 
 Versions:

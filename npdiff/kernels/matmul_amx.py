@@ -10,7 +10,7 @@ The operands, in the layouts the tiles read (tileloadd takes any row stride):
   A   bf16 bits, row-major [rows (padded to 32), K (padded to 32)] uint16: a tile is 16 rows x 32 k
       (64 bytes a row), the row stride is the padded K. linear: x rounded per row block;
       conv: the weight [C_out, C_in*kH*kW], rounded once at load.
-  B   the pairs layout of matmul_bf16.py: one uint32 word per (pair of k, column), NR = 64 columns a
+  B   the pairs layout of matmul_dpbf16.py: one uint32 word per (pair of k, column), NR = 64 columns a
       panel: a tile is 16 pairs x 16 columns, rows NR*4 = 256 bytes apart. linear: the packed weight
       [N/NR, K/2, NR]; conv: one depth block of unfolded pixels [pixels/NR, pairs, NR].
   C   float32, row-major, any row stride (the output itself; edge tiles go through a 32 x 32 scratch).
