@@ -7,20 +7,21 @@ Versions:
                         the rounded values: the same products, summed in another order). Where the
                         CPU has no AVX512_BF16 (or NPDIFF_NO_BF16=1), conv.py's fast conv2d runs on
                         the rounded values instead: the same numbers, float32 speed.
-  2. the bf16 conv      im2col by tiles as conv.py's version 3, then the bf16 GEMM
-                        C [C_out, pixels] = W [C_out, K] @ cols [K, pixels], K = C_in*kH*kW,
+  2. the bf16 conv      the image unfolded by tiles (im2col, as conv.py's version 3), then the bf16
+                        GEMM C [C_out, pixels] = W [C_out, K] @ cols [K, pixels], K = C_in*kH*kW,
         on AMX tiles (matmul_amx.py) where the CPU has them, else on the vdpbf16ps micro-kernel.
         The weight is A, packed once (pack_conv_bf16): for AMX its bf16 rows [C_out, K] as they
-        are, for vdpbf16ps MR-row panels of pairs. The unfolded image is B, packed per tile as
-        [pixels/NR, pairs, NR] words (both kernels read that), so a row of C runs along the pixels
-        of one output channel, which is NCHW's own order: the GEMM writes the output in place.
+        are, for vdpbf16ps MR-row panels of pairs. The unfolded image is B: _unfold_pairs writes it
+        straight from the zero-padded image as [pixels/NR, pairs, NR] words of bf16 pairs (both
+        kernels read that; no float32 cols are made), so a row of C runs along the pixels of one
+        output channel, NCHW's own order: the GEMM writes the output in place. On AMX the first
+        depth block starts from the bias (no pass to add it).
         Depth blocks are whole channels, a multiple of 32 of them (64 for 3x3: 576 k; 576 for 1x1),
-        so a block's depth is whole 32-k AMX steps and one depth block of cols is im2col_tile of a
-        channel slice of the image. 1x1 stride-1 convs skip the unfolding (the image's [C_in, H*W]
-        rows are the B operand as they lie).
+        so a block's depth is whole 32-k AMX steps. 1x1 stride-1 convs skip the unfolding (the
+        image's [C_in, H*W] rows are the B operand as they lie: _pack_pixel_pairs).
   Per tile of TILE_PIXELS output pixels of one image (the words of one depth block, 576 x 256 x 2 =
-  288 KiB, stay in L2 beside the weight's depth block), tiles spread over the
-  block pool; every depth block after the first adds into the output tile.
+  288 KiB, stay in L2 beside the weight's depth block), tiles spread over the block pool; every
+  depth block after the first adds into the output tile.
 """
 
 import numpy as np
