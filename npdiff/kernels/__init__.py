@@ -9,6 +9,11 @@
     linear.py       linear (torch weight layout [out, in]), linear_activation, geglu (diffusers' GEGLU)
     resample.py     upsample_nearest2x, resize (torch's interpolate to a size)
     matmul.py       the matrix-multiplication progression (teaching; models use np.matmul)
+    matmul_bf16.py  bfloat16 linear / linear_activation / geglu: operands rounded to bf16, float32 sums,
+                    on AMX tiles (matmul_amx.py, amx_intrinsics.py) or AVX-512 BF16's vdpbf16ps
+                    (matmul_dpbf16.py, bf16_intrinsics.py); weights packed once at load (bf16_rounding.py: rounding,
+                    which kernel runs here)
+    conv_bf16.py    conv2d in bfloat16: the image unfolded by tiles into the same bf16 GEMMs
 
 Backward (training): beside each forward, `<family>_backward.py` (attention/backward.py), each with
 a `*_backward_ref` and a fast version, checked against torch.autograd:
@@ -51,11 +56,25 @@ from npdiff.kernels.attention import (
 from npdiff.kernels.attention.backward import attention_backward
 from npdiff.kernels.conv import conv2d, conv2d_ref
 from npdiff.kernels.conv_backward import conv2d_backward
+from npdiff.kernels.conv_bf16 import PackedBf16Conv, conv2d_bf16, pack_conv_bf16
 from npdiff.kernels.linear import geglu, linear, linear_activation
 from npdiff.kernels.linear_backward import (
                                       geglu_backward,
                                       linear_activation_backward,
                                       linear_backward,
+)
+from npdiff.kernels.bf16_rounding import (
+                                      bf16_kernel,
+                                      bf16_to_float32,
+                                      cpu_has_avx512_bf16,
+                                      float32_to_bf16,
+)
+from npdiff.kernels.matmul_bf16 import (
+                                      PackedBf16Weight,
+                                      geglu_bf16,
+                                      linear_activation_bf16,
+                                      linear_bf16,
+                                      pack_linear_bf16,
 )
 from npdiff.kernels.norm import group_norm, layer_norm
 from npdiff.kernels.norm_backward import group_norm_backward, layer_norm_backward
@@ -73,4 +92,7 @@ __all__ = [
     "attention_backward", "conv2d_backward", "geglu_backward", "gelu_backward", "group_norm_backward",
     "layer_norm_backward", "linear_activation_backward", "linear_backward", "quick_gelu_backward",
     "silu_backward", "upsample_nearest2x_backward",
+    "PackedBf16Conv", "PackedBf16Weight", "bf16_kernel", "bf16_to_float32", "conv2d_bf16", "cpu_has_avx512_bf16",
+    "float32_to_bf16", "geglu_bf16", "linear_activation_bf16", "linear_bf16", "pack_conv_bf16",
+    "pack_linear_bf16",
 ]
