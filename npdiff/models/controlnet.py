@@ -113,17 +113,20 @@ class ControlNetModel(UNet2DConditionModel):
                                        for k, width in enumerate(skip_channels)]
         self.controlnet_mid_block = Conv2d(weights, "controlnet_mid_block", channels[-1], channels[-1], 1)
         weights.check_all_used()
+        self.precision = weights.precision  # "fp32" or "bf16": what the Linear/Conv2d layers hold
 
     @classmethod
-    def from_pretrained(cls, folder, subfolder=None, variant=None):
+    def from_pretrained(cls, folder, subfolder=None, variant=None, precision="fp32"):
         """A diffusers ControlNet folder (config.json + diffusion_pytorch_model[.fp16].safetensors), or a single
-        .safetensors file in the original layout (control_v11p_sd15_canny.safetensors: control_model.* keys)."""
+        .safetensors file in the original layout (control_v11p_sd15_canny.safetensors: control_model.* keys).
+        precision "bf16": Linear and Conv2d weights packed in bfloat16 (npdiff/models/precision.py)."""
         path = Path(folder) / subfolder if subfolder else Path(folder)
         if path.is_file():
-            net = cls(*load_controlnet_single_file(path))
+            config, weights = load_controlnet_single_file(path)
+            net = cls(config, weights.set_precision(precision))
             net.name, net.weights_file = path.stem, path
             return net
-        net = cls(*load_component(folder, subfolder, variant))
+        net = cls(*load_component(folder, subfolder, variant, precision))
         net.name = path.resolve().name                                 # what a picture's metadata calls it
         net.weights_file = Path(find_component_weights(path, variant)[1])  # hashed for the metadata
         return net

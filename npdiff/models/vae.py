@@ -190,10 +190,12 @@ class AutoencoderKL:
         self.scaling_factor = float(c["scaling_factor"])
         self.downscale = 2 ** (len(c["block_out_channels"]) - 1)
         weights.check_all_used()
+        self.precision = weights.precision  # "fp32" or "bf16": what the Linear/Conv2d layers hold
 
     @classmethod
-    def from_pretrained(cls, folder, subfolder=None, variant=None):
-        return cls(*load_component(folder, subfolder, variant))
+    def from_pretrained(cls, folder, subfolder=None, variant=None, precision="fp32"):
+        """precision "bf16": Linear and Conv2d weights packed in bfloat16 (npdiff/models/precision.py)."""
+        return cls(*load_component(folder, subfolder, variant, precision))
 
     def encode(self, x):
         """Image [B,3,H,W] in [-1,1] (H, W multiples of the downscale factor) -> DiagonalGaussian."""
