@@ -172,11 +172,12 @@ def load_pipeline(args):
         backend.use(name, dtype="float16" if args.fp16 else "float32")
     model = Path(args.model) if args.model else default_model_path()
     start = time.perf_counter()
-    pipe = load_any_pipeline(model, scheduler=args.sampler, prediction_type=args.prediction_type)  # SD or SDXL
+    pipe = load_any_pipeline(model, scheduler=args.sampler, prediction_type=args.prediction_type,
+                             precision=args.precision or "fp32")  # SD or SDXL
     if args.vae:
         pipe.vae = load_vae(args.vae)
     print(f"loaded model {model} in {time.perf_counter() - start:.2f} s (sampler {pipe.scheduler_name}, "
-          f"backend {backend.name()} {backend.compute_dtype()})", file=sys.stderr)
+          f"backend {backend.name()} {backend.compute_dtype()}, precision {pipe.precision})", file=sys.stderr)
     for path, scale in loras:
         lora = pipe.load_lora_weights(path, scale=scale)
         print(f"loaded LoRA {path} (scale {scale}, {lora.layer_count} layers)", file=sys.stderr)
@@ -302,6 +303,9 @@ def add_sampling_options(p):
     p.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
                    help="what the UNet predicts, instead of the model's own; an SD 2.x single file defaults to "
                    "v_prediction (the 768-pixel models): give epsilon for the 512-pixel SD 2.x base models")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                   help="fp32 (the default) or bf16: the networks' weights in bfloat16 (half the memory, AVX-512 "
+                   "BF16 products summed in float32; a picture within a few levels of fp32's); stored in the PNG")
     p.add_argument("--vae", default=None, metavar="FOLDER",
                    help="decode (and encode) with this VAE instead of the model's: a diffusers AutoencoderKL or "
                    "AutoencoderTiny (TAESD) folder; its name is stored in the PNG")

@@ -79,6 +79,7 @@ FIELDS = {
     "Hires upscale": ("hires_scale", float),
     "Hires steps": ("hires_steps", int),
     "VAE": ("vae", str),  # a name only (webui's file name): the file must be given again with --vae
+    "Precision": ("precision", str),  # npdiff's own field: "bf16" (float32 is written as nothing)
 }
 IGNORED_QUIETLY = {"Version", "VAE hash"}  # fields that do not change the picture
 HIRES_RESIZE = ("Hires resize-1", "Hires resize-2")  # webui's fixed hires size: 0 (unused) is quietly ignored
@@ -157,6 +158,7 @@ def format_infotext(params):
         "Hires upscaler": HIRES_UPSCALERS[params["hires_upscaler"]][1] if params.get("hires_scale") is not None
         and params.get("hires_upscaler") in HIRES_UPSCALERS else None,
         "Eta DDIM" if sampler == "ddim" else "Eta": _number(params["eta"]) if params.get("eta") else None,
+        "Precision": params.get("precision"),
         "Lora hashes": ", ".join(f"{lora['name']}: {lora['sha256']}" for lora in loras) or None,
         "Version": f"npdiff {params['npdiff_version']}" if params.get("npdiff_version") else None,
     }

@@ -327,6 +327,8 @@ class StableDiffusionPipeline:
                       "negative_prompt": negatives[0] if single else negatives,
                       "seed": seed, "steps": steps, "sampler": scheduler_name, "guidance_scale": guidance_scale,
                       "height": height, "width": width, "model": self.model_name, "npdiff_version": __version__}
+        if self.precision != "fp32":  # bf16 pictures differ from float32 ones by a few levels: --reproduce needs it
+            parameters["precision"] = self.precision
         loras = lora_parameters(self)  # [{"name": file stem, "scale", "sha256": 12 hex digits}], never a path
         if loras:
             parameters["loras"] = loras

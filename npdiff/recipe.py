@@ -30,6 +30,7 @@ from npdiff.errors import NpdiffError, shorten
 from npdiff.hires_names import HIRES_UPSCALERS
 from npdiff.images import save_png
 from npdiff.loading import read_config
+from npdiff.loading.weights import PRECISIONS
 from npdiff.model_identity import model_hash, model_name
 from npdiff.models import AutoencoderKL, AutoencoderTiny
 from npdiff.pipeline_utils import INSTALLED_MODEL_DIR, PACKAGE_DIR, SHIPPED_MODEL_NAME
@@ -64,6 +65,7 @@ OPTIONS = (
     Option("hires_strength", "hires_strength", "hires_strength", ("generate",)),
     Option("hires_steps", "hires_steps", "hires_steps", ("generate",)),
     Option("hires_upscaler", "hires_upscaler", "hires_upscaler", ("generate",)),
+    Option("precision", None, "precision", ALL),  # "fp32" or "bf16", chosen when the model is loaded
 )
 HIRES_OPTIONS = ("hires_strength", "hires_steps", "hires_upscaler")  # they need hires_scale
 # --reproduce fills in exactly these. The model, LoRAs, a VAE and the input pictures are never taken from a
@@ -125,6 +127,10 @@ def check_value(name, value, where=None):
     if name == "prediction_type":
         if value not in PREDICTION_TYPES:
             refuse(" or ".join(PREDICTION_TYPES))
+        return value
+    if name == "precision":
+        if value not in PRECISIONS:
+            refuse(" or ".join(PRECISIONS))
         return value
     if name == "prompt_syntax":
         if value not in PROMPT_SYNTAXES:

@@ -113,3 +113,27 @@ def test_shipped_model_draws_the_named_colours_at_bf16(seed):
     right = round(scores["color_accuracy"] * SHIPPED_PROMPTS)
     print(f"shipped model at bf16, seed {seed}: colours right in {right} of {SHIPPED_PROMPTS}; {scores}")
     assert right >= SHIPPED_PROMPTS - 1, f"seed {seed}: {scores}"
+
+
+def test_cli_precision_is_stored_and_reproduced(tmp_path, capsys):
+    """--precision bf16: in the PNG's JSON and AUTOMATIC1111 text; --reproduce loads bf16 again and gives the
+    same picture; parse_infotext reads the text back."""
+    from helpers import pixels
+    from PIL import Image
+
+    from npdiff import cli
+    from npdiff.images import read_png_params
+    from npdiff.infotext import parse_infotext
+
+    folder = tiny_sd_folder()
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    common = ["--model", str(folder), "--steps", "2", "--height", "32", "--width", "32", "--sampler", "euler"]
+    assert cli.main(["generate", "a red circle", "--seed", "3", "--precision", "bf16", "--out", str(first)] + common) == 0
+    assert "precision bf16" in capsys.readouterr().err
+    assert read_png_params(first)["precision"] == "bf16"
+    with Image.open(first) as picture:
+        text = picture.text["parameters"]
+    assert "Precision: bf16" in text and parse_infotext(text)["precision"] == "bf16"
+    assert cli.main(["generate", "--reproduce", str(first), "--model", str(folder), "--out", str(again)]) == 0
+    assert "precision bf16" in capsys.readouterr().err
+    np.testing.assert_array_equal(pixels(again), pixels(first))
