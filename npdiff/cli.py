@@ -382,7 +382,8 @@ def add_inpaint_command(subparsers):
 # ---------------------------------------------------------------------------------------------
 def run_verify(args):
 
-    return verify_model(args.model, steps=args.steps, height=args.height, width=args.width, seed=args.seed)
+    return verify_model(args.model, steps=args.steps, height=args.height, width=args.width, seed=args.seed,
+                        precision=args.precision)
 
 
 def add_verify_command(subparsers):
@@ -392,6 +393,8 @@ def add_verify_command(subparsers):
     p.add_argument("--height", type=int, default=None, help="picture height (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="picture width (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="npdiff's networks at this precision, against torch float32 (bf16: its own tolerances)")
     p.set_defaults(run=run_verify)
 
 

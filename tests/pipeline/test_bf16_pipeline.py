@@ -137,3 +137,15 @@ def test_cli_precision_is_stored_and_reproduced(tmp_path, capsys):
     assert cli.main(["generate", "--reproduce", str(first), "--model", str(folder), "--out", str(again)]) == 0
     assert "precision bf16" in capsys.readouterr().err
     np.testing.assert_array_equal(pixels(again), pixels(first))
+
+
+def test_verify_bf16_prints_each_block_against_torch_float32(capsys):
+    """npdiff verify --precision bf16 on the shipped model: every network row within bf16's 3e-2, the
+    sampling rows printed."""
+    from npdiff import cli
+
+    assert cli.main(["verify", "--precision", "bf16", "--steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "precision bf16 against torch float32" in printed
+    assert "unet          output (noise prediction)" in printed and "printed only" in printed
+    assert "all within tolerance (networks: relative error <= 3e-02" in printed
