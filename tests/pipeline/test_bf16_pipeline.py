@@ -149,3 +149,37 @@ def test_verify_bf16_prints_each_block_against_torch_float32(capsys):
     assert "precision bf16 against torch float32" in printed
     assert "unet          output (noise prediction)" in printed and "printed only" in printed
     assert "all within tolerance (networks: relative error <= 3e-02" in printed
+
+
+def test_batch_loads_at_bf16_and_redoes_pictures_of_the_other_precision(tmp_path):
+    """npdiff batch --precision bf16: every PNG records it; a rerun at bf16 skips them, one at fp32 makes them
+    again; a line cannot ask for a precision of its own (the workers load the model once)."""
+    from npdiff.batch import run_batch
+
+    jobs, out = tmp_path / "jobs.txt", tmp_path / "out"
+    jobs.write_text("a red circle on a blue background\n")
+    defaults = {"steps": 2, "height": 32, "width": 32}
+    summary = run_batch(jobs, out, defaults=defaults, progress=False, precision="bf16")
+    assert (summary.written, summary.failures) == (1, {})
+    from npdiff.images import read_png_params
+
+    (picture,) = out.glob("*.png")
+    assert read_png_params(picture)["precision"] == "bf16"
+    assert run_batch(jobs, out, defaults=defaults, progress=False, precision="bf16").skipped == 1
+    assert run_batch(jobs, out, defaults=defaults, progress=False).written == 1  # fp32: made again
+    assert "precision" not in read_png_params(picture)
+
+    lines = tmp_path / "jobs.jsonl"
+    lines.write_text('{"prompt": "a red circle", "precision": "bf16"}\n')
+    failed = run_batch(lines, tmp_path / "out2", defaults=defaults, progress=False)
+    assert "cannot be set per line" in failed.failures[1] and "--precision" in failed.failures[1]
+
+
+def test_server_loads_its_models_at_bf16():
+    from npdiff.serve_models import ModelShelf
+
+    shelf = ModelShelf(precision="bf16")
+    shelf.load()
+    assert shelf.pipe.precision == "bf16" and is_packed(shelf.pipe.unet.conv_in.weight)
+    with pytest.raises(NpdiffError, match="precision must be one of"):
+        ModelShelf(precision="half")
