@@ -140,6 +140,20 @@ def test_unet_bf16_matches_torch_layer_by_layer(kind, rng, monkeypatch):
     report(f"unet {kind}", calls.check_against(torch_model), rel_err(out, plain))
 
 
+def test_unet_bf16_reference_path_where_the_cpu_lacks_bf16(rng, monkeypatch):
+    """NPDIFF_NO_BF16=1 (what a CPU without AVX512_BF16 runs): the weights packed as rounded float32, the same
+    layer-by-layer agreement with torch."""
+    monkeypatch.setenv("NPDIFF_NO_BF16", "1")
+    torch_model, folder = tiny_unet("sd1", seed=0)
+    ours = UNet2DConditionModel.from_pretrained(folder, precision="bf16")
+    assert {weight.layout for weight in layer_weights(ours)} == {"float32"}
+    sample, timestep, context, _ = unet_inputs(rng, ours.config)
+    calls = LayerCalls(monkeypatch, ours)
+    out = ours(sample, timestep, context)
+    plain = torch_unet_forward(torch_model, sample, timestep, context, None)
+    report("unet sd1 (reference path)", calls.check_against(torch_model), rel_err(out, plain))
+
+
 def test_unet_bf16_holds_only_packed_layer_weights():
     """No float32 copy of a Linear/Conv2d weight stays reachable from a bf16 model: the float32 arrays it holds
     are exactly the float32 model's other tensors (norms, biases); each packed weight is the RNE rounding of
