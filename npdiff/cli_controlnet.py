@@ -52,7 +52,7 @@ def with_controlnets(pipe, paths):
     if isinstance(pipe, StableDiffusionXLPipeline):
         raise NpdiffError("--control works with SD 1.x/2.x models on the command line; for SDXL use "
                                  "npdiff.StableDiffusionXLControlNetPipeline from Python")
-    nets = [ControlNetModel.from_pretrained(path) for path in paths]
+    nets = [ControlNetModel.from_pretrained(path, precision=pipe.precision) for path in paths]  # as the model
     for path in paths:
         print(f"loaded ControlNet {path}", file=sys.stderr)
     controlled = StableDiffusionControlNetPipeline(pipe.text_encoder, pipe.tokenizer, pipe.unet, pipe.vae,

@@ -4,7 +4,6 @@ use them). Needs torch only in the functions that are handed it.
 """
 
 import importlib.util
-
 import math
 
 import numpy as np

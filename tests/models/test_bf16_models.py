@@ -30,7 +30,13 @@ from tiny_models import tiny_unet, tiny_vae
 from npdiff.errors import NpdiffError
 from npdiff.loading.resident import reachable
 from npdiff.lora import named_layers
-from npdiff.models import AutoencoderKL, CLIPTextModel, ControlNetModel, UNet2DConditionModel, precision
+from npdiff.models import (
+    AutoencoderKL,
+    CLIPTextModel,
+    ControlNetModel,
+    UNet2DConditionModel,
+    precision,
+)
 from npdiff.models.precision import is_packed
 
 BF16_GOAL = 3e-2  # the goal for a bf16 network against torch float32 (measured 3e-3..1e-2 here)
