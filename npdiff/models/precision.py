@@ -8,8 +8,8 @@ precision="fp32" (the default): a layer's weight is the float32 array Weights.ta
 of the file's memory map) and npdiff.kernels runs it.
 
 precision="bf16" (`from_pretrained(..., precision="bf16")`, which sets Weights.precision): every Linear and
-Conv2d weight is packed into bfloat16 at load (npdiff.kernels.matmul_bf16 / conv_bf16: half of float32's
-bytes), one tensor at a time, straight from the file's values (a float16 or bfloat16 file's tensor widened
+Conv2d weight is packed into bfloat16 at load (npdiff.kernels.matmul_bf16 / conv_bf16; 0.55x float32's bytes
+for the SD 1.5 UNet, the packing padding each weight's depth to whole blocks), one tensor at a time, straight from the file's values (a float16 or bfloat16 file's tensor widened
 to float32 alone, then packed: the whole model is never widened). Their GEMMs and convolutions multiply
 bfloat16 inputs and weights and sum in float32 (the CPU's AVX-512 BF16 dot products: VDPBF16PS). Everything
 else stays float32: biases, norms, softmax and the attention scores (q k^T and p v run on the float32 q, k,
