@@ -10,8 +10,10 @@
     resample.py     upsample_nearest2x, resize (torch's interpolate to a size)
     matmul.py       the matrix-multiplication progression (teaching; models use np.matmul)
     matmul_bf16.py  bfloat16 linear / linear_activation / geglu: operands rounded to bf16, float32 sums,
-                    on AVX-512 BF16's vdpbf16ps (bf16_intrinsics.py); weights packed once at load
-    conv_bf16.py    conv2d in bfloat16: im2col tiles into the same bf16 GEMM
+                    on AMX tiles (matmul_amx.py, amx_intrinsics.py) or AVX-512 BF16's vdpbf16ps
+                    (matmul_dpbf16.py, bf16_intrinsics.py); weights packed once at load (bf16_rounding.py: rounding,
+                    which kernel runs here)
+    conv_bf16.py    conv2d in bfloat16: the image unfolded by tiles into the same bf16 GEMMs
 
 Backward (training): beside each forward, `<family>_backward.py` (attention/backward.py), each with
 a `*_backward_ref` and a fast version, checked against torch.autograd:
@@ -61,11 +63,14 @@ from npdiff.kernels.linear_backward import (
                                       linear_activation_backward,
                                       linear_backward,
 )
-from npdiff.kernels.matmul_bf16 import (
-                                      PackedBf16Weight,
+from npdiff.kernels.bf16_rounding import (
+                                      bf16_kernel,
                                       bf16_to_float32,
                                       cpu_has_avx512_bf16,
                                       float32_to_bf16,
+)
+from npdiff.kernels.matmul_bf16 import (
+                                      PackedBf16Weight,
                                       geglu_bf16,
                                       linear_activation_bf16,
                                       linear_bf16,
@@ -87,7 +92,7 @@ __all__ = [
     "attention_backward", "conv2d_backward", "geglu_backward", "gelu_backward", "group_norm_backward",
     "layer_norm_backward", "linear_activation_backward", "linear_backward", "quick_gelu_backward",
     "silu_backward", "upsample_nearest2x_backward",
-    "PackedBf16Conv", "PackedBf16Weight", "bf16_to_float32", "conv2d_bf16", "cpu_has_avx512_bf16",
+    "PackedBf16Conv", "PackedBf16Weight", "bf16_kernel", "bf16_to_float32", "conv2d_bf16", "cpu_has_avx512_bf16",
     "float32_to_bf16", "geglu_bf16", "linear_activation_bf16", "linear_bf16", "pack_conv_bf16",
     "pack_linear_bf16",
 ]

@@ -1,5 +1,5 @@
 """The AVX-512 BF16 dot-product instruction, reached from Numba through LLVM: the bf16 GEMM's
-building blocks (npdiff/kernels/matmul_bf16.py), which Numba cannot express in Python code.
+building blocks (npdiff/kernels/matmul_dpbf16.py), which Numba cannot express in Python code.
 
   vdpbf16ps acc, a, b   (LLVM: <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> acc,
                         <32 x bfloat> a, <32 x bfloat> b)): in each of the 16 float32 lanes i,
@@ -21,8 +21,8 @@ one word of A (one row's pair) to all 16 lanes.
                                     (64 words: pair `pair` of k for 64 columns) with a_word (one
                                     row's pair, broadcast): 4 vdpbf16ps, one per 16 columns
 
-Only callable from @njit code, and only compiled on a CPU with AVX512_BF16 (matmul_bf16.py checks
-cpu_has_avx512_bf16() first: LLVM cannot select the instruction for a CPU without it).
+Only callable from @njit code, and only compiled on a CPU with AVX512_BF16 (bf16_rounding.bf16_kernel()
+checks cpu_has_avx512_bf16() first: LLVM cannot select the instruction for a CPU without it).
 llvmlite 0.50 has no bfloat type: BFloatType below is LLVM's `bfloat` spelled out.
 """
 

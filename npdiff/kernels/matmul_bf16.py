@@ -12,141 +12,66 @@ Versions:
                            NPDIFF_NO_BF16=1): the packed weight is then the rounded float32 weight.
   2. the dpbf16 GEMM       a Numba micro-kernel on vdpbf16ps (bf16_intrinsics.py), register-blocked
                            like the float32 lesson kernel (matmul_numba.py), laid out below.
+  3. the AMX GEMM          the same packed weight read by AMX tiles (matmul_amx.py): 16 x 16 x 32
+                           products per instruction. Runs where bf16_kernel() says "amx" (an AMX
+                           CPU whose OS grants the tiles); version 2 where it says "dpbf16".
   linear_bf16, geglu_bf16, linear_activation_bf16: the GEMM, then linear.py's own passes (bias +
                            activation in place; geglu's gate) on the float32 result.
 
-How the GEMM is laid out (beside matmul_numba.py's step 6; what differs is the pairs of k):
-
-    pack B once, at load:  b_packed [K/KC, N/NR, KC/2, NR] uint32: depth block, column panel, then
-                           one 32-bit word per (pair of k, column): bf16(B[2p, j]) in the low half,
-                           bf16(B[2p+1, j]) in the high half. For linear, B = W^T: the pair is two
-                           neighbours of a row of W [out, in], read once at load.
-    blocks of ROW_BLOCK rows of C on the block pool (block_pool.run_blocks, one per core):
-        for each depth block of KC steps of k:
-            pack A's [rows, KC] block as a_packed [rows/MR, KC/2, MR] uint32, rounding x to bf16
-            for each group of NC columns:
-                for each MR-row panel of A:             A micro-panel MR*KC*2 = 6 KiB: L1
-                    for each NR-column panel of B:      B micro-panel KC*NR*2 = 64 KiB, from L2
-                        micro-kernel: C[MR, NR] (+)= A micro-panel^T @ B micro-panel
-
-  MR x NR = 6 x 64   24 zmm accumulators; each pair of k broadcasts 6 words of A and loads 4
-                     vectors of B for 24 vdpbf16ps (48 products each of float32's 24 FMAs).
-  KC = 512           A micro-panel 6 KiB as in the float32 kernel (bf16 is half the bytes).
-  NC = 512           the B block one thread sweeps, KC*NC*2 = 512 KiB.
-The C tile stays in registers as in matmul_numba.py: accumulator_row() is a stack row LLVM
-promotes to 4 zmm; `micro_kernel_asm()` shows the k loop (tests/kernels/test_matmul_bf16.py checks
-it holds 24 vdpbf16ps on zmm registers and no stack access).
+Where each lives: the packed layout and version 2 in matmul_dpbf16.py, version 3 in matmul_amx.py;
+here the packed weight, the AMX driver and the linear layers.
 """
 
-import os
-
 import numpy as np
-from numba import carray
 
 from npdiff.errors import NpdiffError
-from npdiff.intrinsics import bits_float32, float32_bits
-from npdiff.jit import PARALLEL, SERIAL, njit, prange
+from npdiff.jit import SERIAL, njit
 from npdiff.kernels.activations import ACTIVATION_CODES, check_approximate
-from npdiff.kernels.bf16_intrinsics import NR, accumulator_row, dot_pairs_row
+from npdiff.kernels.bf16_intrinsics import NR
+from npdiff.kernels.bf16_rounding import (  # also what callers import from here (interface of issue 26)
+    PackedBf16,
+    bf16_kernel,
+    bf16_to_float32,
+    cpu_has_avx512_bf16,
+    float32_to_bf16,
+    round_rows,
+    rounded_to_bf16,
+)
 from npdiff.kernels.block_pool import run_blocks, worker_count
-from npdiff.kernels.linear import (
+from npdiff.kernels.linear import (  # linear.py's element-wise passes after the GEMM
     LINEAR_ACTIVATIONS,
     _bias_activation_numba,
+    _bias_activation_row,
     _geglu_gate_numba,
+    _geglu_gate_serial,
 )
+from npdiff.kernels.matmul_amx import (
+    BLOCK,
+    START_FROM_INIT,
+    START_ZERO,
+    TILE_CONFIG,
+    amx_gemm_block,
+)
+from npdiff.kernels.matmul_dpbf16 import _pack_b, _unpack_b, gemm_dpbf16, row_blocks
+from npdiff.kernels.scratch import scratch
 from npdiff.kernels.validate import require_float32, shape_text
 
-MR = 6  # rows of the register tile of C
-KC = 512  # steps of k per depth block (KC/2 pairs)
-NC = 512  # columns of B one thread sweeps while its A block sits in L2
-ROW_BLOCK = 120  # most rows of C per block-pool task (a multiple of MR)
-NC_PANELS = NC // NR
-PAIRS = KC // 2
+__all__ = ["PackedBf16Weight", "bf16_kernel", "bf16_to_float32", "cpu_has_avx512_bf16", "float32_to_bf16",
+           "geglu_bf16", "linear_activation_bf16", "linear_bf16", "linear_bf16_ref", "pack_linear_bf16"]
 
-
-# ---------------------------------------------------------------------------------------------
-# Rounding
-# ---------------------------------------------------------------------------------------------
-def float32_to_bf16(a):
-    """float32 array -> uint16 bf16 bits, rounded to nearest even (torch's `.to(torch.bfloat16)`).
-
-    bf16 is the top 16 bits of a float32. Adding 0x7FFF plus the lowest kept bit before dropping
-    the low 16 bits rounds to nearest, ties to even; an overflow carries into the exponent (the
-    largest values round to inf, as torch's). NaN stays NaN (a quiet NaN of the same sign)."""
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    bits = a.view(np.uint32)
-    rounded = ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
-    nan = np.isnan(a)
-    rounded[nan] = ((bits[nan] >> 16) | 0x0040).astype(np.uint16)
-    return rounded
-
-
-def bf16_to_float32(u):
-    """uint16 bf16 bits -> float32 (exact: the bits become the top half of a float32)."""
-    u = np.asarray(u)
-    if u.dtype != np.uint16:
-        raise NpdiffError(f"bf16_to_float32: expected uint16 bfloat16 bits, got {u.dtype} "
-                          f"with shape {shape_text(u.shape)}")
-    return (u.astype(np.uint32) << 16).view(np.float32)
-
-
-def rounded_to_bf16(a):
-    """float32 a rounded to bf16 and widened back: what the bf16 GEMM multiplies."""
-    return bf16_to_float32(float32_to_bf16(a))
-
-
-@njit(**SERIAL)
-def _bf16_bits(value):
-    """One float32 -> its bf16 bits in the low 16 bits of a uint32 (float32_to_bf16, scalar)."""
-    bits = float32_bits(value)
-    if np.isnan(value):
-        return np.uint32((bits >> np.uint32(16)) | np.uint32(0x0040))
-    return np.uint32((bits + ((bits >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)) >> np.uint32(16))
-
-
-@njit(**SERIAL)
-def _pair_word(low, high):
-    """The 32-bit word vdpbf16ps reads for one pair of k: bf16(low) | bf16(high) << 16."""
-    return np.uint32(_bf16_bits(low) | (_bf16_bits(high) << np.uint32(16)))
-
-
-# ---------------------------------------------------------------------------------------------
-# Which path: the CPU's dot-product instruction, or the exact float32 reference
-# ---------------------------------------------------------------------------------------------
-def cpu_has_avx512_bf16():
-    """True when this CPU has AVX512_BF16 (LLVM's host features) and Numba may use it (a
-    NUMBA_CPU_FEATURES set by the user without +avx512bf16 rules it out)."""
-    import llvmlite.binding as llvm  # local: only llvmlite, which numba has loaded already
-
-    if not llvm.get_host_cpu_features().get("avx512bf16"):
-        return False
-    chosen = os.environ.get("NUMBA_CPU_FEATURES", "")
-    return not chosen or "+avx512bf16" in chosen.split(",")
-
-
-def bf16_kernel_enabled():
-    """The dpbf16 GEMM runs: the CPU has AVX512_BF16 and NPDIFF_NO_BF16 is not set to 1."""
-    return os.environ.get("NPDIFF_NO_BF16", "") != "1" and cpu_has_avx512_bf16()
+AMX_ROW_BLOCK = 256  # most rows per task on AMX (a multiple of 32): its rounded A block stays in L2
 
 
 # ---------------------------------------------------------------------------------------------
 # The packed weight
 # ---------------------------------------------------------------------------------------------
-class PackedBf16Weight:
+class PackedBf16Weight(PackedBf16):
     """A linear weight [out, in] rounded to bf16 once, kept in the layout its GEMM reads.
 
-    layout "dpbf16": `data` is b_packed [K/KC, out/NR, KC/2, NR] uint32 (see the header).
+    layout "pairs": `data` is b_packed [out/NR, in/2, NR] uint32 (matmul_dpbf16.py), which both
+    the vdpbf16ps micro-kernel and the AMX tiles read.
     layout "float32": `data` is the rounded weight as float32 [out, in] (CPUs without AVX512_BF16).
     """
-
-    def __init__(self, data, shape, layout):
-        self.data = data
-        self.shape = tuple(shape)  # (out, in)
-        self.layout = layout
-
-    @property
-    def nbytes(self):
-        return self.data.nbytes
 
     def to_float32(self):
         """The bf16-rounded weight [out, in] as float32 (for references and LoRA)."""
@@ -173,171 +98,48 @@ def pack_linear_bf16(weight):
         raise NpdiffError(f"pack_linear_bf16: weight must be 2-D [out_features, in_features], "
                           f"got shape {shape_text(weight.shape)}")
     bits = _weight_bits(weight, "pack_linear_bf16")  # [out, in] uint16
-    if not bf16_kernel_enabled():
+    if bf16_kernel() == "float32":
         return PackedBf16Weight(bf16_to_float32(bits), weight.shape, "float32")
-    return PackedBf16Weight(_pack_b(np.ascontiguousarray(bits)), weight.shape, "dpbf16")
+    return PackedBf16Weight(_pack_b(np.ascontiguousarray(bits)), weight.shape, "pairs")
 
 
-@njit(**PARALLEL)
-def _pack_b(bits):
-    """W bits [N, K] uint16 -> b_packed [ceil(K/KC), ceil(N/NR), KC/2, NR] uint32 (B = W^T).
 
-    Word (block, panel, p, j) holds W[col, k] | W[col, k+1] << 16, col = panel*NR + j,
-    k = block*KC + 2p. Columns past N and the missing partner of an odd K are zero; pairs past K
-    in the last block are never read (zero too). prange over column panels (each its own slices)."""
-    cols, depth = bits.shape
-    panels = (cols + NR - 1) // NR
-    blocks = (depth + KC - 1) // KC
-    b_packed = np.zeros((blocks, panels, PAIRS, NR), dtype=np.uint32)  # [K/KC, N/NR, KC/2, NR]
-    for panel in prange(panels):
-        for j in range(min(NR, cols - panel * NR)):
-            row = bits[panel * NR + j]  # [K], the pairs are neighbours
-            for k in range(0, depth, 2):
-                high = np.uint32(row[k + 1]) if k + 1 < depth else np.uint32(0)
-                word = np.uint32(row[k]) | (high << np.uint32(16))
-                b_packed[k // KC, panel, (k % KC) // 2, j] = word
-    return b_packed
+def gemm_amx(a, b_packed, cols, bias=None, finish_block=None):
+    """a [M, K] float32 (C-contiguous) @ B (packed by _pack_b) (+ bias) -> C [M, cols] on AMX tiles.
 
-
-@njit(**PARALLEL)
-def _unpack_b_numba(b_packed, cols, depth, out):
-    for panel in prange(b_packed.shape[1]):
-        for j in range(min(NR, cols - panel * NR)):
-            for k in range(depth):
-                word = b_packed[k // KC, panel, (k % KC) // 2, j]
-                half = (word >> np.uint32(16)) if k % 2 else (word & np.uint32(0xFFFF))
-                out[panel * NR + j, k] = bits_float32(np.uint32(half << np.uint32(16)))
-
-
-def _unpack_b(b_packed, cols, depth):
-    """b_packed -> the rounded weight [N, K] float32 (the inverse of _pack_b)."""
-    out = np.empty((cols, depth), np.float32)  # [out, in]
-    _unpack_b_numba(b_packed, cols, depth, out)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# The micro-kernel and the blocked GEMM
-# ---------------------------------------------------------------------------------------------
-@njit(**SERIAL)
-def _micro_kernel(pairs, a_panel, b_panel, c, row0, col0, valid_rows, valid_cols, accumulate):
-    """C[row0:row0+MR, col0:col0+NR] (+)= the tile's dot products over `pairs` pairs of k.
-
-    a_panel [pairs, MR] and b_panel [pairs, NR] are packed uint32 words (pairs of bf16). The tile
-    of C is held in acc0..acc5 (24 zmm registers); each pair of k is 6 rows x 4 vdpbf16ps. Only the
-    valid part of the tile is written; `accumulate` adds to C (later depth blocks) instead of storing.
-    """
-    acc0 = accumulator_row()
-    acc1 = accumulator_row()
-    acc2 = accumulator_row()
-    acc3 = accumulator_row()
-    acc4 = accumulator_row()
-    acc5 = accumulator_row()
-    for p in range(pairs):
-        dot_pairs_row(acc0, b_panel, p, a_panel[p, 0])  # row 0: += its pair of A . 64 columns' pairs
-        dot_pairs_row(acc1, b_panel, p, a_panel[p, 1])
-        dot_pairs_row(acc2, b_panel, p, a_panel[p, 2])
-        dot_pairs_row(acc3, b_panel, p, a_panel[p, 3])
-        dot_pairs_row(acc4, b_panel, p, a_panel[p, 4])
-        dot_pairs_row(acc5, b_panel, p, a_panel[p, 5])
-    _write_row(c, row0, col0, valid_cols, carray(acc0, NR), accumulate)
-    if valid_rows > 1:
-        _write_row(c, row0 + 1, col0, valid_cols, carray(acc1, NR), accumulate)
-    if valid_rows > 2:
-        _write_row(c, row0 + 2, col0, valid_cols, carray(acc2, NR), accumulate)
-    if valid_rows > 3:
-        _write_row(c, row0 + 3, col0, valid_cols, carray(acc3, NR), accumulate)
-    if valid_rows > 4:
-        _write_row(c, row0 + 4, col0, valid_cols, carray(acc4, NR), accumulate)
-    if valid_rows > 5:
-        _write_row(c, row0 + 5, col0, valid_cols, carray(acc5, NR), accumulate)
-
-
-@njit(**SERIAL)
-def _write_row(c, row, col0, valid_cols, acc, accumulate):
-    if accumulate:
-        for j in range(valid_cols):
-            c[row, col0 + j] += acc[j]
-    else:
-        for j in range(valid_cols):
-            c[row, col0 + j] = acc[j]
-
-
-@njit(**SERIAL)
-def gemm_packed_block(a_packed, pairs, b_block, c, row0, rows, col0, cols, accumulate):
-    """C[row0:row0+rows, col0:col0+cols] (+)= A block @ B block, one depth block, on this thread.
-
-    a_packed [>= rows/MR, >= pairs, MR] and b_block [>= cols/NR, >= pairs, NR] uint32 words; the
-    column groups of NC keep one B block in L2 while every row panel of A passes over it."""
-    row_panels = (rows + MR - 1) // MR
-    col_panels = (cols + NR - 1) // NR
-    for panel0 in range(0, col_panels, NC_PANELS):
-        for row_panel in range(row_panels):
-            tile_row = row_panel * MR
-            a_panel = a_packed[row_panel]  # [pairs, MR] -> 6 KiB, stays in L1
-            for col_panel in range(panel0, min(col_panels, panel0 + NC_PANELS)):
-                tile_col = col_panel * NR
-                _micro_kernel(pairs, a_panel, b_block[col_panel], c, row0 + tile_row, col0 + tile_col,
-                              min(MR, rows - tile_row), min(NR, cols - tile_col), accumulate)
-
-
-@njit(**SERIAL)
-def _pack_a_block(a, row0, rows, k0, depth, a_packed):
-    """a[row0:row0+rows, k0:k0+depth] float32 -> a_packed[:, :ceil(depth/2), :] [rows/MR, pairs, MR]
-    uint32 words, rounded to bf16. Rows past `rows` and the partner of an odd last k are zero."""
-    pairs = (depth + 1) // 2
-    for panel in range((rows + MR - 1) // MR):
-        for r in range(MR):
-            row = panel * MR + r
-            if row >= rows:
-                for p in range(pairs):
-                    a_packed[panel, p, r] = 0
-                continue
-            x_row = a[row0 + row]  # [K], the pairs are neighbours
-            for p in range(depth // 2):
-                a_packed[panel, p, r] = _pair_word(x_row[k0 + 2 * p], x_row[k0 + 2 * p + 1])
-            if depth % 2:
-                a_packed[panel, pairs - 1, r] = _bf16_bits(x_row[k0 + depth - 1])
-
-
-@njit(**SERIAL)
-def _linear_row_block(a, b_packed, c, row0, rows, a_packed):
-    """Rows row0 .. row0+rows-1 of C = a @ B (B packed by _pack_b), on the calling thread."""
-    depth = a.shape[1]
-    cols = c.shape[1]
-    for k0 in range(0, depth, KC):
-        block_depth = min(KC, depth - k0)
-        _pack_a_block(a, row0, rows, k0, block_depth, a_packed)
-        gemm_packed_block(a_packed, (block_depth + 1) // 2, b_packed[k0 // KC], c, row0, rows, 0, cols,
-                          k0 > 0)
-
-
-def row_blocks(rows, workers):
-    """[(row0, rows), ...]: blocks of at most ROW_BLOCK rows (multiples of MR), their number a
-    multiple of `workers` where the rows allow, so every core gets the same work."""
-    tasks = -(-rows // ROW_BLOCK)  # ceil
-    tasks = -(-tasks // workers) * workers  # up to a multiple of workers
-    rows_per_task = -(-rows // tasks)
-    per_task = max(MR, -(-rows_per_task // MR) * MR)  # up to a multiple of MR
-    return [(row0, min(per_task, rows - row0)) for row0 in range(0, rows, per_task)]
-
-
-def gemm_bf16(a, packed):
-    """a [M, K] float32 @ packed^T -> C [M, N] float32 on the dpbf16 kernel."""
+    Per task: its rows of a rounded to bf16 rows (zero-padded to 32 rows and 32 k), then every
+    32 x 32 block of C over all of K in the tiles, each block starting from the bias (loaded into
+    the tiles: no pass over C to add it). finish_block(row0, c_rows), if given, runs on each task's
+    rows of C right after (while they are in cache): linear_activation's and geglu's element-wise
+    pass. Few rows (CLIP's 77 tokens): the columns are split too, so every core has work, and
+    finish_block runs once at the end on all rows."""
     rows, depth = a.shape
-    cols = packed.shape[0]
-    c = np.empty((rows, cols), np.float32)  # [M, N], stored by the first depth block
-    if depth == 0:
-        c[:] = 0.0
-        return c
-    a = np.ascontiguousarray(a)
+    k_padded = -(-depth // BLOCK) * BLOCK
+    panel_stride = b_packed.shape[1] * NR  # words between column panels of B
+    c = np.empty((rows, cols), np.float32)  # [M, N]
+    workers = worker_count()
+    spans = row_blocks(rows, workers, AMX_ROW_BLOCK, BLOCK)
+    column_parts = workers if len(spans) < 2 * workers else 1
+    part = -(-cols // (column_parts * NR)) * NR  # columns per part, whole panels
+    if bias is None:
+        start, init = START_ZERO, np.zeros((1, 1), np.float32)
+    else:
+        start, init = START_FROM_INIT, np.zeros((1, b_packed.shape[0] * NR), np.float32)  # [1, N padded]
+        init[0, :cols] = bias  # each C tile's 16 rows are loaded from here with row stride 0
 
     def run_block(block):
-        row0, block_rows = block
-        a_packed = np.empty(((block_rows + MR - 1) // MR, PAIRS, MR), np.uint32)  # [rows/MR, KC/2, MR]
-        _linear_row_block(a, packed.data, c, row0, block_rows, a_packed)
+        (row0, block_rows), col0 = block
+        a_bits = scratch("amx a rows", (-(-block_rows // BLOCK) * BLOCK, k_padded // 2)).view(np.uint16)
+        round_rows(a, row0, block_rows, a_bits)  # [rows32, K32] bf16 bits
+        edge = scratch("amx edge", (BLOCK, BLOCK))
+        amx_gemm_block(TILE_CONFIG, a_bits, 0, k_padded // BLOCK, b_packed, panel_stride, col0,
+                       c, row0, block_rows, col0, min(part, cols - col0), start, init, (0, 1), edge)
+        if finish_block is not None and column_parts == 1:
+            finish_block(row0, c[row0:row0 + block_rows])
 
-    run_blocks(run_block, row_blocks(rows, worker_count()))
+    run_blocks(run_block, [(span, col0) for span in spans for col0 in range(0, cols, part)])
+    if finish_block is not None and column_parts > 1:
+        finish_block(0, c)  # few rows: one serial pass on the calling thread
     return c
 
 
@@ -366,63 +168,80 @@ def _check_linear_bf16(kernel, x, packed, bias):
             raise NpdiffError(f"{kernel}: bias must have shape [{packed.shape[0]}], got {shape_text(bias.shape)}")
 
 
-def _gemm_rows(x, packed):
-    """x [..., in] -> [R, out] float32 (no bias): the dpbf16 kernel, or the rounded float32 GEMM."""
+def _gemm_rows(x, packed, bias=None, finish_block=None, finish_all=None):
+    """x [..., in] -> [R, out] float32 = x @ W^T + bias, on the kernel bf16_kernel() names (the
+    rounded float32 GEMM for a "float32" weight). An element-wise pass after the GEMM runs as
+    finish_block(row0, rows of C) on each AMX task's rows while they are in cache (serial: it runs
+    on a pool worker), or as finish_all(C) once after the other kernels (parallel)."""
     rows = x.reshape(-1, x.shape[-1])  # [..., in] -> [R, in]
-    if rows.shape[0] == 0:
-        return np.zeros((0, packed.shape[0]), np.float32)  # [0, out]
-    if packed.layout == "dpbf16" and bf16_kernel_enabled():
-        return gemm_bf16(rows, packed)  # [R, in] @ [in, out] -> [R, out]
-    return np.matmul(rounded_to_bf16(rows), packed.to_float32().T)  # [R, in] @ [in, out] -> [R, out]
+    cols = packed.shape[0]
+    kernel = bf16_kernel() if packed.layout == "pairs" else "float32"
+    if kernel == "amx" and rows.shape[0] and rows.shape[1]:
+        # [R, in] @ [in, out] + bias -> [R, out], finish_block on each task's rows
+        return gemm_amx(np.ascontiguousarray(rows), packed.data, cols, bias, finish_block)
+    if rows.shape[0] == 0 or rows.shape[1] == 0:
+        out = np.zeros((rows.shape[0], cols), np.float32)  # [R, out]: an empty sum is 0
+    elif kernel == "dpbf16":
+        out = gemm_dpbf16(np.ascontiguousarray(rows), packed.data, cols)  # [R, in] @ [in, out] -> [R, out]
+    else:
+        out = np.matmul(rounded_to_bf16(rows), packed.to_float32().T)  # [R, in] @ [in, out] -> [R, out]
+    if bias is not None:
+        out += bias  # [R, out], in place
+    if finish_all is not None and out.size:
+        finish_all(out)
+    return out
 
 
 def linear_bf16(x, packed, bias=None):
     """torch's linear in bf16: x [..., in] float32 and the packed weight rounded to bf16, products
     summed in float32, bias added in float32 -> float32 [..., out]."""
     _check_linear_bf16("linear_bf16", x, packed, bias)
-    out = _gemm_rows(x, packed)  # [R, out]
-    if bias is not None:
-        out += bias  # [R, out], in place
+    out = _gemm_rows(x, packed, bias)  # [R, out]
     return out.reshape(x.shape[:-1] + (packed.shape[0],))  # [R, out] -> [..., out]
 
 
+@njit(**SERIAL)
+def _activation_rows(hidden, which):
+    """hidden [rows, D] = activation(hidden), in place, on the calling thread (linear.py's row pass)."""
+    for r in range(hidden.shape[0]):
+        _bias_activation_row(hidden[r], hidden[r], False, which)
+
+
 def linear_activation_bf16(x, packed, bias=None, activation="quick_gelu"):
-    """activation(linear_bf16(x, packed, bias)): linear.py's bias + activation pass after the GEMM."""
+    """activation(linear_bf16(x, packed, bias)): linear.py's activation pass on each block of rows
+    of the GEMM's result while it is in cache (AMX), or once after it."""
     _check_linear_bf16("linear_activation_bf16", x, packed, bias)
     if activation not in LINEAR_ACTIVATIONS:
         raise NpdiffError(f"linear_activation_bf16: activation must be one of "
                           f"{tuple(LINEAR_ACTIVATIONS)}, got {activation!r}")
-    hidden = _gemm_rows(x, packed)  # [R, out]
-    has_bias = bias is not None
-    if hidden.size:
-        _bias_activation_numba(hidden, bias if has_bias else hidden[0], has_bias,
-                               LINEAR_ACTIVATIONS[activation][1])
+    which = LINEAR_ACTIVATIONS[activation][1]
+
+    def finish_block(row0, rows):
+        _activation_rows(rows, which)  # [block, out], in place
+
+    def finish_all(hidden):
+        _bias_activation_numba(hidden, hidden[0], False, which)  # [R, out], in place, parallel over rows
+
+    hidden = _gemm_rows(x, packed, bias, finish_block, finish_all)  # [R, out]
     return hidden.reshape(x.shape[:-1] + (packed.shape[0],))  # [R, out] -> [..., out]
 
 
 def geglu_bf16(x, packed, bias=None, approximate="none"):
-    """diffusers' GEGLU in bf16: h = linear_bf16(x, packed, bias) [..., 2D]; h[..., :D] * gelu(h[..., D:])."""
+    """diffusers' GEGLU in bf16: h = linear_bf16(x, packed, bias) [..., 2D]; h[..., :D] * gelu(h[..., D:]),
+    the gate computed on each block of rows of h while it is in cache (AMX), or once after the GEMM."""
     _check_linear_bf16("geglu_bf16", x, packed, bias)
     check_approximate("geglu_bf16", approximate)
     if packed.shape[0] % 2:
         raise NpdiffError(f"geglu_bf16: weight must have an even number of rows [2*D, in], "
                           f"got {shape_text(packed.shape)}")
-    hidden = linear_bf16(x, packed, bias).reshape(-1, packed.shape[0])  # [R, 2D]
-    out = np.empty((hidden.shape[0], hidden.shape[1] // 2), np.float32)  # [R, D]
-    if hidden.size:
-        _geglu_gate_numba(hidden, ACTIVATION_CODES[approximate], out)
+    which = ACTIVATION_CODES[approximate]
+    out = np.empty((x.size // x.shape[-1], packed.shape[0] // 2), np.float32)  # [R, D]
+
+    def finish_block(row0, hidden_rows):
+        _geglu_gate_serial(hidden_rows, which, out[row0:row0 + hidden_rows.shape[0]])  # [block, 2D] -> [block, D]
+
+    def finish_all(hidden):
+        _geglu_gate_numba(hidden, which, out)  # [R, 2D] -> [R, D], parallel over rows
+
+    _gemm_rows(x, packed, bias, finish_block, finish_all)  # [R, 2D]
     return out.reshape(x.shape[:-1] + (out.shape[1],))  # [R, D] -> [..., D]
-
-
-def micro_kernel_asm():
-    """The dpbf16 micro-kernel's machine code (x86 assembly), compiled privately (uncached) with
-    the same flags: on an AVX512_BF16 CPU the k loop is 24 `vdpbf16ps` on zmm registers."""
-    from numba import types  # local: only this inspection needs Numba's type objects
-
-    compile_flags = {key: value for key, value in SERIAL.items() if key != "cache"}
-    fresh = njit(**compile_flags)(_micro_kernel.py_func)
-    panel = types.Array(types.uint32, 2, "C")
-    c = types.Array(types.float32, 2, "C")
-    fresh.compile((types.intp, panel, panel, c, types.intp, types.intp, types.intp, types.intp,
-                   types.boolean))
-    return fresh.inspect_asm(fresh.signatures[0])
