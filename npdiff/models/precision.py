@@ -8,10 +8,10 @@ precision="fp32" (the default): a layer's weight is the float32 array Weights.ta
 of the file's memory map) and npdiff.kernels runs it.
 
 precision="bf16" (`from_pretrained(..., precision="bf16")`, which sets Weights.precision): every Linear and
-Conv2d weight is packed into bfloat16 at load (npdiff.kernels.matmul_bf16 / conv_bf16; 0.55x float32's bytes
-for the SD 1.5 UNet, the packing padding each weight's depth to whole blocks), one tensor at a time, straight from the file's values (a float16 or bfloat16 file's tensor widened
+Conv2d weight is packed into bfloat16 at load (npdiff.kernels.matmul_bf16 / conv_bf16: about half of
+float32's bytes), one tensor at a time, straight from the file's values (a float16 or bfloat16 file's tensor widened
 to float32 alone, then packed: the whole model is never widened). Their GEMMs and convolutions multiply
-bfloat16 inputs and weights and sum in float32 (the CPU's AVX-512 BF16 dot products: VDPBF16PS). Everything
+bfloat16 inputs and weights and sum in float32 (AMX tiles, else AVX-512 BF16's VDPBF16PS). Everything
 else stays float32: biases, norms, softmax and the attention scores (q k^T and p v run on the float32 q, k,
 v the projections return), the embeddings, the scheduler. A CPU without AVX512_BF16 runs the kernels' NumPy
 reference instead (the same rounding; the products summed by NumPy's float32 GEMM, slowly, and the weights
@@ -28,23 +28,22 @@ import numpy as np
 from npdiff import kernels
 from npdiff.backend import array_module
 from npdiff.errors import NpdiffError
+from npdiff.kernels.bf16_rounding import PackedBf16, cpu_has_avx512_bf16
 from npdiff.kernels.conv_bf16 import PackedBf16Conv, conv2d_bf16, pack_conv_bf16
 from npdiff.kernels.matmul_bf16 import (
     PackedBf16Weight,
-    cpu_has_avx512_bf16,
     geglu_bf16,
     linear_activation_bf16,
     linear_bf16,
     pack_linear_bf16,
 )
 
-PACKED_TYPES = (PackedBf16Weight, PackedBf16Conv)
 _noted_slow_cpu = []  # one entry once the note about a CPU without AVX512_BF16 was given
 
 
 def is_packed(weight):
     """True for a bfloat16-packed layer weight (PackedBf16Weight or PackedBf16Conv)."""
-    return isinstance(weight, PACKED_TYPES)
+    return isinstance(weight, PackedBf16)
 
 
 def note_cpu_without_bf16():

@@ -16,7 +16,7 @@ from tiny_sd import tiny_sd_folder
 import npdiff
 from npdiff import lora as npdiff_lora
 from npdiff.errors import NpdiffError
-from npdiff.kernels.matmul_bf16 import bf16_to_float32, float32_to_bf16
+from npdiff.kernels.bf16_rounding import bf16_to_float32, float32_to_bf16
 from npdiff.models.precision import is_packed
 
 PICTURE_LEVELS = 8   # bf16 vs float32 picture of the tiny pipeline, max |difference| in 8-bit levels
