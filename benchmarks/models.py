@@ -1,7 +1,8 @@
 """Whole networks at Stable Diffusion 1.5 (or SDXL) size: npdiff and OpenVINO against diffusers/transformers.
 
     npdiff bench models [--only unet,vae_decode,vae_encode,text_encoder] [--repeat 2] [--cache DIR]
-                        [--sides npdiff,torch,openvino] [--tiny] [--sdxl] [--import-first numpy|torch|npdiff]
+                        [--sides npdiff,torch,torch_bf16,openvino] [--tiny] [--sdxl] [--precision bf16]
+                        [--import-first numpy|torch|npdiff]
 
 What is measured (the machine's thread count on every side, best of --repeat after a warm-up):
     unet          UNet2DConditionModel forward, batch 2 (classifier-free guidance), 64x64 latent, 77 tokens
@@ -24,8 +25,10 @@ its own threads).
 The outputs of the sides are compared with torch's (relative error) before any time is reported.
 
 Sides (--sides, default all; torch always runs: it is the anchor of every ratio and error):
-    npdiff         float32, this package
+    npdiff         float32, this package (--precision bf16: from_pretrained(..., precision="bf16"))
     torch          float32, diffusers/transformers (torch.inference_mode)
+    torch_bf16     the same modules and inputs cast to bfloat16 (module.to(torch.bfloat16): torch's own bf16
+                   CPU kernels), the output cast back to float32; its error against torch float32 is bf16's
     openvino_f32   OpenVINO, the engine a CPU user would pick instead (benchmarks/_openvino.py;
     openvino_bf16  "openvino" names both): the torch side's module converted once with
                    openvino.convert_model in its own process and saved as float32 IR beside the
@@ -46,6 +49,10 @@ about 14 GB, made once: diffusers needs ~11 GB of memory to make and save the UN
     text_encoder    CLIP ViT-L, batch 2 x 77 (last_hidden_state)
     text_encoder_2  OpenCLIP ViT-bigG (CLIPTextModelWithProjection), batch 2 x 77 (last_hidden_state)
 The default sides are then npdiff and torch (--sides openvino adds it). With --tiny, sdxl-tiny-random.
+
+--precision bf16: the npdiff side at bfloat16 (weights packed, products on AVX-512 BF16 summed in float32),
+torch_bf16 beside torch by default; the ratio and the error are against torch's float32. The per-kernel
+counters wrap the float32 kernels only, so the FLOP columns count the attention matmuls alone: left out.
 """
 
 import _import_first  # noqa: F401, I001  (first, as a user's script: numpy, or --import-first)
@@ -113,7 +120,7 @@ PROFILES = {
 }
 COMPONENTS = ["unet", "vae_decode", "vae_encode", "text_encoder", "text_encoder_2"]
 SD_COMPONENTS = COMPONENTS[:4]
-SIDES = ["npdiff", "torch", "openvino_f32", "openvino_bf16"]
+SIDES = ["npdiff", "torch", "torch_bf16", "openvino_f32", "openvino_bf16"]
 # torch's seconds per call on the idle 2-core development machine, measured when the project was
 # planned: written to the JSON beside this run's own torch timings, as a yardstick of the load.
 TORCH_REFERENCE_SECONDS = {"unet": 7.7, "vae_decode": 11.8, "vae_encode": 4.7, "text_encoder": 0.18}
@@ -188,22 +195,22 @@ def added_conditions(inputs):
     return {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
 
 
-def npdiff_callable(component, cache, inputs):
+def npdiff_callable(component, cache, inputs, precision="fp32"):
     from npdiff.models import AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection, UNet2DConditionModel
 
     if component == "unet":
-        model = UNet2DConditionModel.from_pretrained(cache / "unet")
+        model = UNet2DConditionModel.from_pretrained(cache / "unet", precision=precision)
         added = added_conditions(inputs)
         return lambda: model(inputs["sample"], inputs["timestep"], inputs["context"], added_cond_kwargs=added)
     if component in ("vae_decode", "vae_encode"):
-        model = AutoencoderKL.from_pretrained(cache / "vae")
+        model = AutoencoderKL.from_pretrained(cache / "vae", precision=precision)
         if component == "vae_decode":
             return lambda: model.decode(inputs["latents"])
         return lambda: model.encode(inputs["image"]).mean
     if component == "text_encoder_2":
-        model = CLIPTextModelWithProjection.from_pretrained(cache / "text_encoder_2")
+        model = CLIPTextModelWithProjection.from_pretrained(cache / "text_encoder_2", precision=precision)
         return lambda: model(inputs["input_ids"]).last_hidden_state
-    model = CLIPTextModel.from_pretrained(cache / "text_encoder")
+    model = CLIPTextModel.from_pretrained(cache / "text_encoder", precision=precision)
     return lambda: model(inputs["input_ids"])
 
 
@@ -241,7 +248,8 @@ def torch_module(component, cache):
                    lambda model, input_ids: model(input_ids).last_hidden_state)
 
 
-def torch_callable(component, cache, inputs):
+def torch_callable(component, cache, inputs, dtype="float32"):
+    """The torch side: float32, or dtype "bfloat16" (module and float inputs cast; the output back to float32)."""
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -249,10 +257,13 @@ def torch_callable(component, cache, inputs):
     tensors = [torch.from_numpy(value) if isinstance(value, np.ndarray) else torch.tensor(value)
                for value in inputs.values()]
     module = torch_module(component, cache)
+    if dtype == "bfloat16":
+        module = module.to(torch.bfloat16)
+        tensors = [tensor.bfloat16() if tensor.is_floating_point() else tensor for tensor in tensors]
 
     def run():
         with torch.inference_mode():
-            return module(*tensors).numpy()
+            return module(*tensors).float().numpy()
     return run
 
 
@@ -295,9 +306,10 @@ def worker(args):
             print("RESULT " + json.dumps({"unsupported": reason}))
             return
         fn, result = openvino_callable(precision, ir_path(cache, args.component), list(inputs.values()))
+    elif args.side == "npdiff":
+        fn = npdiff_callable(args.component, cache, inputs, args.precision)
     else:
-        build = torch_callable if args.side == "torch" else npdiff_callable
-        fn = build(args.component, cache, inputs)
+        fn = torch_callable(args.component, cache, inputs, "bfloat16" if args.side == "torch_bf16" else "float32")
     # RssFile: the part of the RSS that is mapped files (OpenVINO maps its IR: f32 keeps the mapped weights
     # and its own repacked copy, so its RSS is about twice the weights, half of it clean page cache)
     result.update(load_seconds=time.perf_counter() - t0, rss_after_load_gib=proc_status_gib("VmRSS"),
@@ -356,8 +368,23 @@ def parse_sides(text):
     return [side for side in SIDES if side in sides]
 
 
-def npdiff_row(component, sides, peak):
+def torch_bf16_row(component, sides):
+    """torch's own bfloat16 against its float32 (and npdiff, when it ran)."""
+    bf16, torch_side = sides["torch_bf16"], sides["torch"]
+    return {"what": component, "engine": "torch_bf16", "engine_s": bf16["seconds"], "torch_s": torch_side["seconds"],
+            "ratio": bf16["seconds"] / torch_side["seconds"],
+            "npdiff_ratio": sides["npdiff"]["seconds"] / bf16["seconds"] if "npdiff" in sides else None,
+            "rss": bf16["peak_rss_gib"], "run_rss": bf16["run_peak_rss_gib"],
+            "rel_err": rel_err(bf16["output"], torch_side["output"]), "note": "module.to(torch.bfloat16)"}
+
+
+def npdiff_row(component, sides, peak, precision="fp32"):
     ours, theirs = sides["npdiff"], sides["torch"]
+    if precision != "fp32":  # the counters see the float32 kernels only (the attention matmuls here)
+        return {"what": f"{component} ({precision})", "ours_s": ours["seconds"], "torch_s": theirs["seconds"],
+                "ratio": ours["seconds"] / theirs["seconds"], "ours_rss": ours["peak_rss_gib"],
+                "torch_rss": theirs["peak_rss_gib"], "ours_run_rss": ours["run_peak_rss_gib"],
+                "torch_run_rss": theirs["run_peak_rss_gib"], "rel_err": rel_err(ours["output"], theirs["output"])}
     flops = ours["flops"]
     return {
         "what": component, "ours_s": ours["seconds"], "torch_s": theirs["seconds"],
@@ -406,6 +433,8 @@ def main():
                         f"with --tiny {TINY_CACHE})")
     parser.add_argument("--import-first", choices=("numpy", "torch", "npdiff"), default="numpy",
                         help="what every side's process imports first, as a user's script would (default numpy)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="the npdiff side's precision (bf16: torch_bf16 runs beside torch by default)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("component", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("--side", help=argparse.SUPPRESS)
@@ -420,7 +449,8 @@ def main():
     unknown = set(components) - set(known)
     if unknown:
         sys.exit(f"unknown component(s) {sorted(unknown)}; known: {', '.join(known)}")
-    side_names = parse_sides(args.sides or ("npdiff" if args.sdxl else "npdiff,openvino"))
+    default_sides = "npdiff" if args.sdxl else "npdiff,openvino"
+    side_names = parse_sides(args.sides or (default_sides + ",torch_bf16" if args.precision == "bf16" else default_sides))
     profile = ("sdxl" if args.sdxl else "sd15") + ("-tiny" if args.tiny else "")
     profile = "tiny" if profile == "sd15-tiny" else profile
     cache = Path(args.cache or CACHE_ROOT / CACHE_NAMES[profile])
@@ -444,11 +474,13 @@ def main():
                 print(f"  {component}: {side} ...", file=sys.stderr, flush=True)
                 sides[side] = run_worker([component, "--side", side, "--cache", str(cache), "--profile", profile,
                                           "--repeat", str(repeat), "--out", str(out),
-                                          "--import-first", args.import_first])
+                                          "--import-first", args.import_first, "--precision", args.precision])
                 if "unsupported" not in sides[side]:
                     sides[side]["output"] = np.load(out)
             if "npdiff" in sides:
-                rows.append(npdiff_row(component, sides, peak))
+                rows.append(npdiff_row(component, sides, peak, args.precision))
+            if "torch_bf16" in sides:
+                engine_rows.append(torch_bf16_row(component, sides))
             engine_rows += [engine_row(component, side, sides) for side in side_names if side in OPENVINO_SIDES]
             details[component] = {side: {k: v for k, v in sides[side].items() if k != "output"} for side in sides}
     for component, sides in details.items():
@@ -467,9 +499,12 @@ def main():
             ("rel_err", "rel err", "{:.1e}"),
         ])
     if engine_rows:
-        print(f"\nOpenVINO {openvino_version().split('-')[0]} against torch (same inputs and thread count; convert: "
-              "once, its own process, saved as float32 IR; load: read that IR and compile; rel err against torch's "
-              "float32 output)")
+        uses_openvino = any(side in OPENVINO_SIDES for side in side_names)
+        engines = f"OpenVINO {openvino_version().split('-')[0]}" if uses_openvino else "torch bf16"
+        openvino_notes = ("; convert: once, its own process, saved as float32 IR; load: read that IR and compile"
+                          if uses_openvino else "")
+        print(f"\n{engines} against torch float32 (same inputs and thread count{openvino_notes}; rel err against "
+              "torch's float32 output)")
         print_table(engine_rows, [
             ("what", "network", None), ("engine", "engine", None), ("engine_s", "engine s", "{:.3f}"),
             ("torch_s", "torch s", "{:.3f}"), ("ratio", "engine/torch", "{:.2f}"),
@@ -498,12 +533,13 @@ def main():
     payload = {"sgemm_peak_gflops": peak, "profile": profile, "import_first": args.import_first,
                "sides": side_names, "rows": rows,
                "engine_rows": engine_rows, "details": details, "load_average": os.getloadavg()}
-    if engine_rows:
+    if any(side in OPENVINO_SIDES for side in side_names):
         payload["openvino"] = openvino_version()
     if profile == "sd15":
         payload["torch_reference_seconds"] = TORCH_REFERENCE_SECONDS
     # --tiny writes its own file, so a check run never replaces the SD-size figures
-    path = write_json("models" if profile == "sd15" else "models-" + profile, payload)
+    name = "models" if profile == "sd15" else "models-" + profile
+    path = write_json(name if args.precision == "fp32" else f"{name}-{args.precision}", payload)
     print(f"\nwrote {path}")
 
 

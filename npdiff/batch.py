@@ -32,6 +32,7 @@ from npdiff.atomic_files import atomic_write, check_destination, non_regular_kin
 from npdiff.batch_jobs import is_done, read_jobs
 from npdiff.batch_workers import InProcessPool, ProcessPool
 from npdiff.errors import NpdiffError
+from npdiff.loading.weights import check_precision
 from npdiff.pipeline_utils import default_model_path
 from npdiff.recipe import DEFAULTS, model_png_identity
 
@@ -69,15 +70,15 @@ def job_payload(job, identity):
     return payload
 
 
-def make_pool(model, workers=None, ray_address=None):
-    """Start the workers (each loads the model); workers=None: 1 locally, one per CPU on Ray."""
+def make_pool(model, workers=None, ray_address=None, precision="fp32"):
+    """Start the workers (each loads the model at `precision`); workers=None: 1 locally, one per CPU on Ray."""
     if ray_address is not None:
         from npdiff.batch_ray import RayPool  # the only place ray is imported
 
-        return RayPool(ray_address, model, workers=workers)
+        return RayPool(ray_address, model, workers=workers, precision=precision)
     if workers is None or workers == 1:
-        return InProcessPool(model)
-    return ProcessPool(model, workers)
+        return InProcessPool(model, precision)
+    return ProcessPool(model, workers, precision=precision)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,12 +130,13 @@ def blocked_output(path):
 
 
 def run_batch(jobs_file, out_dir, model=None, defaults=None, workers=None, ray_address=None, pool=None,
-              progress=True):
+              progress=True, precision="fp32"):
     """Make every picture of `jobs_file` in `out_dir` that is not there yet. -> BatchSummary.
 
     defaults: the batch's options for what a line leaves out (npdiff.recipe option names, and "vae",
     "lora"). pool: a ready worker pool (make_pool) loading this same `model`, instead of starting one
-    here (the PNGs name `model`, hashed here). However the run ends (an error, Ctrl-C, SIGTERM turned
+    here (the PNGs name `model`, hashed here). precision: what every worker loads the model at ("fp32" or
+    "bf16", recorded in each PNG when bf16, so a picture made at the other precision is made again). However the run ends (an error, Ctrl-C, SIGTERM turned
     into an exception by the command line), a pool started here is closed, its worker processes ended.
     """
     from tqdm.auto import tqdm
@@ -142,6 +144,8 @@ def run_batch(jobs_file, out_dir, model=None, defaults=None, workers=None, ray_a
 
     start = time.perf_counter()
     defaults = {key: value for key, value in (defaults or {}).items() if value is not None}
+    if check_precision(precision) != "fp32":  # in every job's expected parameters, as the PNGs store it
+        defaults["precision"] = precision
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise NpdiffError(f"--workers must be an integer >= 1, got {workers!r}")
     # 1. read and check the jobs; find the model
@@ -167,7 +171,7 @@ def run_batch(jobs_file, out_dir, model=None, defaults=None, workers=None, ray_a
     # 3-5. render, write, sum up
     if todo:
         own_pool = pool is None
-        pool = make_pool(load_path, workers, ray_address) if own_pool else pool
+        pool = make_pool(load_path, workers, ray_address, precision) if own_pool else pool
         bar = tqdm(total=len(todo), desc="pictures", unit="pic", disable=not progress)
         written = set()
         finished = False
@@ -230,6 +234,7 @@ def run_batch_command(args):
     try:
         with stop_on_sigterm():
             summary = run_batch(args.jobs, args.out, model=args.model, defaults=defaults, workers=args.workers,
+                                precision=args.precision,
                                 ray_address=args.ray, progress=not args.quiet)
     except (Stopped, KeyboardInterrupt) as exc:
         why = f"by {exc}" if isinstance(exc, Stopped) else "by Ctrl-C"
@@ -262,6 +267,8 @@ def add_batch_command(subparsers):
     p.add_argument("--guidance", type=float, default=None,
                    help=f"classifier-free guidance scale (default {DEFAULTS['guidance']})")
     p.add_argument("--sampler", default=None, help="sampler for lines without one (default: the model's own)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="load the model at fp32 or bf16 (weights in bfloat16: half the memory); one for the batch")
     p.add_argument("--height", type=int, default=None,
                    help="picture height, a multiple of 64 for SD (16 for the shipped model)")
     p.add_argument("--width", type=int, default=None,

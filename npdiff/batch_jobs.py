@@ -51,6 +51,7 @@ NOT_PER_LINE = {
     "device": "npdiff batch runs on the CPU (NumPy) backend",
     "backend": "npdiff batch runs on the CPU (NumPy) backend",
     "fp16": "npdiff batch runs on the CPU in float32",
+    "precision": "every worker loads the model once, at one precision: pass --precision to npdiff batch",
     "save_steps": "npdiff batch writes only the final pictures",
     "save-steps": "npdiff batch writes only the final pictures",
     "reproduce": "give the options themselves (prompt, seed, steps, ...)",
@@ -88,7 +89,8 @@ class Job:
         img2img or inpaint PNG stores nothing about its input pictures (as `npdiff img2img` writes it), so
         the pictures are not compared; LoRAs are compared by name and scale (stored_loras_match).
         """
-        params = {"command": self.command, "prediction_type": None, "vae": None, "refiner": None, **identity}
+        params = {"command": self.command, "prediction_type": None, "vae": None, "refiner": None, "precision": None,
+                  **identity}
         for name, value in self.options.items():
             if value is not None:
                 params[OPTION_BY_NAME[name].png_key] = value

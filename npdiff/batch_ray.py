@@ -42,7 +42,7 @@ def connect(ray, address):
 class RayPool:
     """Ray actors holding the model; results(payloads) yields one result per payload, as they finish."""
 
-    def __init__(self, address, model, workers=None, max_replacements=None):
+    def __init__(self, address, model, workers=None, max_replacements=None, precision="fp32"):
         try:
             import ray
         except ImportError as exc:
@@ -57,7 +57,7 @@ class RayPool:
         self.actor_class = ray.remote(Renderer).options(
             num_cpus=num_cpus, max_restarts=0, runtime_env={"env_vars": thread_variables(self.threads)})
         self.model = model
-        self.model_args = (model, self.threads)
+        self.model_args = (model, self.threads, precision)
         self.max_replacements = 2 * self.workers + 2 if max_replacements is None else max_replacements
         self.replaced = 0
         self.actors = [self.actor_class.remote(*self.model_args) for _ in range(self.workers)]

@@ -50,13 +50,13 @@ class Renderer:
     a control gets the ControlNet pipeline over the same components (ControlNets kept once loaded).
     """
 
-    def __init__(self, model, threads=None):
+    def __init__(self, model, threads=None, precision="fp32"):
         if threads:
             import numba
 
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
-        self.pipe = load_any_pipeline(model)  # SD or SDXL, as the model's layout says
+        self.pipe = load_any_pipeline(model, precision=precision)  # SD or SDXL, as the model's layout says
         self.pipe.show_progress = False
         self.model_vae = self.pipe.vae
         self.vaes = {}  # folder -> loaded VAE
@@ -94,7 +94,7 @@ class Renderer:
         if path is None:
             return None
         if path not in self.refiners:
-            self.refiners[path] = load_refiner(path)
+            self.refiners[path] = load_refiner(path, precision=self.pipe.precision)
         refiner = self.refiners[path]
         refiner.pipe.scheduler, refiner.pipe.scheduler_name = resolve_scheduler(sampler, refiner.pipe.scheduler_config)
         return refiner
@@ -155,7 +155,7 @@ class Renderer:
             pictures.append(load_image(picture["bytes"], name=picture["name"], what="control picture"))
         for path, _ in job["controls"]:
             if path not in self.controlnets:
-                self.controlnets[path] = ControlNetModel.from_pretrained(path)
+                self.controlnets[path] = ControlNetModel.from_pretrained(path, precision=self.pipe.precision)
         pipe = attach_controlnets(self.pipe, [self.controlnets[path] for path, _ in job["controls"]])
         return pipe, control_for_render(pictures, [scale for _, scale in job["controls"]], job["control_settings"])
 
@@ -166,8 +166,8 @@ class Renderer:
 class InProcessPool:
     """--workers 1: the model in this process, on all its threads."""
 
-    def __init__(self, model):
-        self.renderer = Renderer(model)
+    def __init__(self, model, precision="fp32"):
+        self.renderer = Renderer(model, precision=precision)
 
     def results(self, payloads):
         for payload in payloads:
@@ -180,9 +180,9 @@ class InProcessPool:
 _PROCESS_RENDERER = None  # the Renderer of a spawned worker process
 
 
-def _start_worker_process(model, threads):
+def _start_worker_process(model, threads, precision):
     global _PROCESS_RENDERER
-    _PROCESS_RENDERER = Renderer(model, threads)
+    _PROCESS_RENDERER = Renderer(model, threads, precision)
 
 
 def _render_in_worker_process(payload):
@@ -215,14 +215,14 @@ class ProcessPool:
     them when NumPy and Numba are imported, which in a spawned child happens before any initializer.
     """
 
-    def __init__(self, model, workers, threads=None):
+    def __init__(self, model, workers, threads=None, precision="fp32"):
         import multiprocessing
 
         self.workers = workers
         self.threads = max(1, cpu_cores() // workers) if threads is None else threads
         self.executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                             initializer=_start_worker_process,
-                                            initargs=(model, self.threads))
+                                            initargs=(model, self.threads, precision))
 
     def results(self, payloads):
         payloads = iter(payloads)

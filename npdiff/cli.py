@@ -177,14 +177,16 @@ def load_pipeline(args):
         backend.use(name, dtype="float16" if args.fp16 else "float32")
     model = Path(args.model) if args.model else default_model_path()
     control_paths = [parse_control_option(spec)[0] for spec in args.control or []]
-    nets = load_controlnets(control_paths, model)  # a net for the other family (SD 1.x / SDXL): refused now
+    # a net for the other family (SD 1.x / SDXL) is refused now, before the model loads
+    nets = load_controlnets(control_paths, model, precision=args.precision or "fp32")
     start = time.perf_counter()
-    pipe = load_any_pipeline(model, scheduler=args.sampler, prediction_type=args.prediction_type)  # SD or SDXL
+    pipe = load_any_pipeline(model, scheduler=args.sampler, prediction_type=args.prediction_type,
+                             precision=args.precision or "fp32")  # SD or SDXL
     if args.vae:
         pipe.vae = load_vae(args.vae)
     use_vae_tiling(pipe, args.vae_tiling)  # --vae-tiling (or the PNG's vae_tiling with --reproduce)
     print(f"loaded model {model} in {time.perf_counter() - start:.2f} s (sampler {pipe.scheduler_name}, "
-          f"backend {backend.name()} {backend.compute_dtype()})", file=sys.stderr)
+          f"backend {backend.name()} {backend.compute_dtype()}, precision {pipe.precision})", file=sys.stderr)
     for path, scale in loras:
         lora = pipe.load_lora_weights(path, scale=scale)
         print(f"loaded LoRA {path} (scale {scale}, {lora.layer_count} layers)", file=sys.stderr)
@@ -273,7 +275,7 @@ def run_picture_command(args, command):
     check_sdxl_request(command, keywords, args.model or default_model_path(), args.refiner, bool(control))
     pipe, model = load_pipeline(args)
     identity = identify_model(args, model)  # before the long work: warns early
-    refiner = load_refiner(args.refiner, args.sampler) if args.refiner else None
+    refiner = load_refiner(args.refiner, args.sampler, pipe.precision) if args.refiner else None
     if refiner is not None:  # the refiner's VAE decodes the picture: tiled as the base's would be
         use_vae_tiling(refiner.pipe, args.vae_tiling)
     for warning in refiner_mismatch(getattr(args, "stored", {}), refiner, args.reproduce):
@@ -316,6 +318,9 @@ def add_sampling_options(p):
     p.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
                    help="what the UNet predicts, instead of the model's own; an SD 2.x single file defaults to "
                    "v_prediction (the 768-pixel models): give epsilon for the 512-pixel SD 2.x base models")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                   help="fp32 (the default) or bf16: the networks' weights in bfloat16 (half the memory, AVX-512 "
+                   "BF16 products summed in float32; a picture within a few levels of fp32's); stored in the PNG")
     p.add_argument("--vae", default=None, metavar="FOLDER",
                    help="decode (and encode) with this VAE instead of the model's: a diffusers AutoencoderKL or "
                    "AutoencoderTiny (TAESD) folder; its name is stored in the PNG")
@@ -397,7 +402,8 @@ def add_inpaint_command(subparsers):
 # ---------------------------------------------------------------------------------------------
 def run_verify(args):
 
-    return verify_model(args.model, steps=args.steps, height=args.height, width=args.width, seed=args.seed)
+    return verify_model(args.model, steps=args.steps, height=args.height, width=args.width, seed=args.seed,
+                        precision=args.precision)
 
 
 def add_verify_command(subparsers):
@@ -407,6 +413,8 @@ def add_verify_command(subparsers):
     p.add_argument("--height", type=int, default=None, help="picture height (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="picture width (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="npdiff's networks at this precision, against torch float32 (bf16: its own tolerances)")
     p.set_defaults(run=run_verify)
 
 

@@ -83,6 +83,7 @@ FIELDS = {
     "Hires steps": ("hires_steps", int),
     "VAE": ("vae", str),  # a name only (webui's file name): the file must be given again with --vae
     "Refiner switch at": ("refiner_switch", float),  # SDXL: where the refiner takes over (with "Refiner")
+    "Precision": ("precision", str),  # npdiff's own field: "bf16" (float32 is written as nothing)
 }
 IGNORED_QUIETLY = {"Version", "VAE hash"}  # fields that do not change the picture
 HIRES_RESIZE = ("Hires resize-1", "Hires resize-2")  # webui's fixed hires size: 0 (unused) is quietly ignored
@@ -165,6 +166,7 @@ def format_infotext(params):
         "Refiner": refiner_title(params),
         "Refiner switch at": _number(params["refiner_switch"]) if params.get("refiner")
         and params.get("refiner_switch") is not None else None,
+        "Precision": params.get("precision"),
         "Lora hashes": ", ".join(f"{lora['name']}: {lora['sha256']}" for lora in loras) or None,
         "Version": f"npdiff {params['npdiff_version']}" if params.get("npdiff_version") else None,
     }

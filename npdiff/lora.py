@@ -21,8 +21,10 @@ LoHa and LoKr layers (npdiff/lycoris.py) give their update another way and fuse 
      float32 or is absurdly large for the layer (UPDATE_LIMIT); only when every new weight is made are
      they put in place (layer.weight), so an error changes nothing;
   4. record the file's name, the scale and its SHA-256 for the picture's parameters.
-Layers read layer.weight at every call (no transposed or packed copy of a weight is kept anywhere), so
-replacing it is the whole change.
+Layers read layer.weight at every call (no transposed copy of a weight is kept anywhere), so replacing it
+is the whole change. A precision="bf16" layer holds its weight packed in bfloat16 (npdiff/models/precision.py):
+its new weight is made from the packed weight's exact float32 values plus the update, rounded and packed
+again; the packed original is kept and put back on unload, so unloading restores it bit for bit.
 """
 
 import json
@@ -45,6 +47,7 @@ from npdiff.lora_keys import (
     shape_text,
 )
 from npdiff.model_identity import file_sha256
+from npdiff.models import precision
 from npdiff.models.blocks import Conv2d, Linear
 
 FLOAT_DTYPES = ("F32", "F16", "BF16")
@@ -270,7 +273,7 @@ def fused_weight(entry, file, scale, path="LoRA"):
     with np.errstate(over="ignore", invalid="ignore"):              # an overflow is reported below, by name
         update = layer_update(entry, file)                          # [out,in(,k,k)] float32
         update *= np.float32(scale * entry.multiplier)
-    current = backend.to_numpy(weight).astype(np.float32)           # [out,in(,k,k)] float32 (a copy)
+    current = backend.to_numpy(precision.float32_values(weight)).astype(np.float32)  # [out,in(,k,k)] (a copy)
     largest_weight = float(np.max(np.abs(current), initial=0.0))
     largest_update = float(np.max(np.abs(update), initial=0.0))     # inf or nan when the update overflowed
     where = f"{path}: the {entry.component} layer {entry.name!r} (key {entry.first_key()!r}) at scale {scale:g}"
@@ -281,9 +284,12 @@ def fused_weight(entry, file, scale, path="LoRA"):
                           f"layer's largest weight ({largest_weight:.3g}); refused as absurd (a mistyped scale or "
                           "alpha, or a broken file)")
     current += update                                               # into the copy, never into W
-    dtype_max = float(np.finfo(weight.dtype).max)
+    dtype = np.float32 if precision.is_packed(weight) else weight.dtype  # bf16 has float32's range
+    dtype_max = float(np.finfo(dtype).max)
     if float(np.max(np.abs(current), initial=0.0)) > dtype_max:
-        raise NpdiffError(f"{where}: the fused weight overflows {np.dtype(weight.dtype).name} (beyond {dtype_max:.3g})")
+        raise NpdiffError(f"{where}: the fused weight overflows {np.dtype(dtype).name} (beyond {dtype_max:.3g})")
+    if precision.is_packed(weight):
+        return precision.pack_like(weight, current)                 # [out,in(,k,k)] -> packed bf16 again
     return backend.to_device(current, dtype=weight.dtype)
 
 

@@ -117,6 +117,11 @@ class StableDiffusionPipeline:
             self.release_resident_pages(*names)
 
     @property
+    def precision(self):
+        """"fp32" or "bf16": what the UNet's Linear and Conv2d layers hold (from_pretrained's precision)."""
+        return getattr(self.unet, "precision", "fp32")
+
+    @property
     def vae_scale_factor(self):
         """Pixels per latent: 2 ** (VAE blocks - 1) of the current VAE (pipeline_utils.vae_scale_factor)."""
         return vae_scale_factor(self.vae)
@@ -155,7 +160,8 @@ class StableDiffusionPipeline:
         return guidance_scale > 1.0 and self.unet.config.get("time_cond_proj_dim") is None
 
     @classmethod
-    def from_pretrained(cls, path=None, scheduler=None, variant=None, tokenizer=None, prediction_type=None):
+    def from_pretrained(cls, path=None, scheduler=None, variant=None, tokenizer=None, prediction_type=None,
+                        precision="fp32"):
         """Load a model: a diffusers folder or a single-file SD 1.x/2.x .safetensors checkpoint.
 
         path:      None -> the shipped model (default_model_path()).
@@ -168,9 +174,13 @@ class StableDiffusionPipeline:
                    (padded with "!" for SD 2.x).
         prediction_type: "epsilon" or "v_prediction" instead of the model's (an SD 2.x single file:
                    v_prediction, as diffusers; pass "epsilon" for the 512-pixel SD 2.x base models).
+        precision: "fp32", or "bf16": the networks' Linear and Conv2d weights held in bfloat16 (half the
+                   memory; their products on the CPU's AVX-512 BF16 instructions, summed in float32), norms,
+                   attention scores, softmax and the scheduler in float32 (npdiff/models/precision.py).
         """
         path = default_model_path() if path is None else Path(path).expanduser()
-        parts = load_components(path, variant=variant, tokenizer=tokenizer, prediction_type=prediction_type)
+        parts = load_components(path, variant=variant, tokenizer=tokenizer, prediction_type=prediction_type,
+                                precision=precision)
         instance, name = resolve_scheduler(scheduler, parts["scheduler_config"])
         return cls(parts["text_encoder"], parts["tokenizer"], parts["unet"], parts["vae"], instance,
                    scheduler_config=parts["scheduler_config"], scheduler_name=name, model_name=path.name)
@@ -338,6 +348,8 @@ class StableDiffusionPipeline:
                       "negative_prompt": negatives[0] if single else negatives,
                       "seed": seed, "steps": steps, "sampler": scheduler_name, "guidance_scale": guidance_scale,
                       "height": height, "width": width, "model": self.model_name, "npdiff_version": __version__}
+        if self.precision != "fp32":  # bf16 pictures differ from float32 ones by a few levels: --reproduce needs it
+            parameters["precision"] = self.precision
         loras = lora_parameters(self)  # [{"name": file stem, "scale", "sha256": 12 hex digits}], never a path
         if loras:
             parameters["loras"] = loras

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from npdiff.images import picture_size
 from npdiff.loading.resident import release_resident_pages
+from npdiff.loading.weights import check_precision
 from npdiff.models.controlnet import ControlNetModel
 from npdiff.pipeline import StableDiffusionPipeline
 from npdiff.pipeline_controlnet_call import (
@@ -30,12 +31,12 @@ from npdiff.pipeline_controlnet_call import (
 from npdiff.sampling_starts import ImageStart, InpaintStart, NoiseStart
 
 
-def load_controlnet(controlnet, variant=None):
-    """A ControlNetModel as given, or loaded from a folder path; lists element by element."""
+def load_controlnet(controlnet, variant=None, precision="fp32"):
+    """A ControlNetModel as given, or loaded from a folder path (in `precision`); lists element by element."""
     if isinstance(controlnet, (list, tuple)):
-        return [load_controlnet(net, variant) for net in controlnet]
+        return [load_controlnet(net, variant, precision) for net in controlnet]
     if isinstance(controlnet, (str, Path)):
-        return ControlNetModel.from_pretrained(controlnet, variant=variant)
+        return ControlNetModel.from_pretrained(controlnet, variant=variant, precision=precision)
     return controlnet
 
 
@@ -103,13 +104,16 @@ class StableDiffusionControlNetPipeline(ControlNetHooks, StableDiffusionPipeline
 
     @classmethod
     def from_pretrained(cls, path=None, controlnet=None, scheduler=None, variant=None, tokenizer=None,
-                        prediction_type=None):
+                        prediction_type=None, precision="fp32"):
         """StableDiffusionPipeline.from_pretrained's model and arguments, with `controlnet`: a ControlNetModel,
-        a ControlNet folder, or a list of them (checked against the UNet before anything else is done)."""
-        nets = load_controlnet(controlnet)
+        a ControlNet folder, or a list of them (checked against the UNet before anything else is done). A
+        folder's ControlNet is loaded in `precision` too; a ControlNetModel given keeps its own."""
+        check_precision(precision)
+        nets = load_controlnet(controlnet, precision=precision)
         as_net_list(nets)  # refuse a missing or wrong controlnet before loading the model
         base = StableDiffusionPipeline.from_pretrained(path, scheduler=scheduler, variant=variant,
-                                                       tokenizer=tokenizer, prediction_type=prediction_type)
+                                                       tokenizer=tokenizer, prediction_type=prediction_type,
+                                                       precision=precision)
         return cls(base.text_encoder, base.tokenizer, base.unet, base.vae, base.scheduler, nets,
                    scheduler_config=base.scheduler_config, scheduler_name=base.scheduler_name,
                    model_name=base.model_name)

@@ -30,13 +30,13 @@ def net_family(net):
     return "sdxl" if net.config.get("addition_embed_type") == "text_time" else "sd"
 
 
-def load_controlnets(paths, model_path=None, what="--control"):
+def load_controlnets(paths, model_path=None, what="--control", precision="fp32"):
     """Each ControlNet (a diffusers folder or a single .safetensors file) loaded; with model_path (when it exists:
     else loading the model says what is wrong), one made for the other family of model is an NpdiffError naming
-    both, before the model loads."""
+    both, before the model loads. precision: the model's ("fp32" or "bf16"), which the nets take too."""
     nets = []
     for path in paths:
-        net = ControlNetModel.from_pretrained(path)
+        net = ControlNetModel.from_pretrained(path, precision=precision)
         if model_path is not None and Path(model_path).exists() and net_family(net) != model_family(model_path):
             raise NpdiffError(f"{what} {path}: an {FAMILY_NAMES[net_family(net)]} ControlNet (its UNet "
                               f"{'has' if net_family(net) == 'sdxl' else 'lacks'} SDXL's added conditioning), but "

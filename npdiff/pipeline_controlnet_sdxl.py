@@ -11,6 +11,7 @@ npdiff/pipeline_controlnet.py: the nets get the step's latents, text and SDXL's 
 mode the conditional half of each), and their residuals go to the UNet.
 """
 
+from npdiff.loading.weights import check_precision
 from npdiff.pipeline_controlnet import ControlNetHooks, load_controlnet
 from npdiff.pipeline_controlnet_call import ControlCall, as_net_list
 from npdiff.pipeline_sdxl import StableDiffusionXLPipeline, XLCall
@@ -40,8 +41,10 @@ class StableDiffusionXLControlNetPipeline(ControlNetHooks, StableDiffusionXLPipe
     @classmethod
     def from_pretrained(cls, path=None, controlnet=None, **options):
         """StableDiffusionXLPipeline.from_pretrained's model and options, with `controlnet`: a ControlNetModel,
-        a ControlNet folder, or a list of them (each checked against the UNet: an SD 1.x net is refused)."""
-        nets = load_controlnet(controlnet)
+        a ControlNet folder, or a list of them (each checked against the UNet: an SD 1.x net is refused); a
+        folder's ControlNet is loaded in options' precision too."""
+        precision = check_precision(options.get("precision", "fp32"))
+        nets = load_controlnet(controlnet, precision=precision)
         as_net_list(nets)
         base = StableDiffusionXLPipeline.from_pretrained(path, **options)
         return cls(base.vae, base.text_encoder, base.text_encoder_2, base.tokenizer, base.tokenizer_2, base.unet,

@@ -133,7 +133,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, path=None, scheduler=None, variant=None, tokenizer=None, prediction_type=None,
-                        force_zeros_for_empty_prompt=None, requires_aesthetics_score=None):
+                        force_zeros_for_empty_prompt=None, requires_aesthetics_score=None, precision="fp32"):
         """Load an SDXL model: a diffusers folder (base: text_encoder/ and text_encoder_2/; refiner:
         text_encoder_2/ alone) or a single .safetensors file.
 
@@ -141,11 +141,12 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         force_zeros_for_empty_prompt / requires_aesthetics_score: None -> model_index.json's values (a single
         file: the UNet's add_embedding width says whether it takes the aesthetic score, i.e. is a refiner;
         a refiner does not zero its negative prompt, a base does, as diffusers' configs).
+        precision: "fp32" or "bf16", as StableDiffusionPipeline.from_pretrained.
         An SD 1.x/2.x model is an NpdiffError naming StableDiffusionPipeline.
         """
         path = default_model_path() if path is None else Path(path).expanduser()
         parts = load_components(path, variant=variant, tokenizer=tokenizer, prediction_type=prediction_type,
-                                family="sdxl")
+                                family="sdxl", precision=precision)
         scheduler_config = parts["scheduler_config"]  # SDXL's Euler when the model has none; prediction_type applied
         model_index = parts["model_index"] or {}
         if requires_aesthetics_score is None:

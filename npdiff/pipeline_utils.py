@@ -24,6 +24,7 @@ from npdiff.errors import NpdiffError
 from npdiff.loading import load_pipeline_components
 from npdiff.loading.safetensors_io import SafetensorsFile
 from npdiff.loading.single_file_sdxl import is_sdxl_checkpoint
+from npdiff.loading.weights import check_precision
 from npdiff.models import (
     AutoencoderKL,
     CLIPTextModel,
@@ -100,7 +101,7 @@ def model_family(path):
     return "sd"
 
 
-def load_components(path, variant=None, tokenizer=None, prediction_type=None, family="sd"):
+def load_components(path, variant=None, tokenizer=None, prediction_type=None, family="sd", precision="fp32"):
     """-> dict(text_encoder, tokenizer, unet, vae, scheduler_config; text_encoder_2, tokenizer_2, model_index)
     from a folder or a single file.
 
@@ -118,9 +119,15 @@ def load_components(path, variant=None, tokenizer=None, prediction_type=None, fa
     family: "sd" (SD 1.x/2.x: StableDiffusionPipeline) or "sdxl" (text_encoder_2 present: an SDXL base, or a
           refiner without text_encoder); a model of the other family is an NpdiffError naming the pipeline
           that loads it, before any network is built.
+    precision: "fp32" or "bf16" (the networks' Linear and Conv2d weights packed in bfloat16:
+          npdiff/models/precision.py); checked before anything is read.
     """
     path = Path(path).expanduser()
+    check_precision(precision)
     parts = load_pipeline_components(path, variant=variant, prediction_type=prediction_type)
+    for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
+        if parts.get(name) is not None:
+            parts[name][1].set_precision(precision)  # (config, Weights): the layers read it as they are built
     found = "sdxl" if parts.get("text_encoder_2") is not None else "sd"
     if found != family:
         loader = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}[found]

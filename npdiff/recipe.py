@@ -33,6 +33,7 @@ from npdiff.errors import NpdiffError, shorten
 from npdiff.hires_names import HIRES_UPSCALERS
 from npdiff.images import save_png
 from npdiff.loading import read_config
+from npdiff.loading.weights import PRECISIONS
 from npdiff.model_identity import model_hash, model_name
 from npdiff.models import AutoencoderKL, AutoencoderTiny
 from npdiff.pipeline_utils import INSTALLED_MODEL_DIR, PACKAGE_DIR, SHIPPED_MODEL_NAME
@@ -83,6 +84,7 @@ OPTIONS = (
     # caller, as the model is)
     *(Option(name, name, name, ALL) for name in SIZE_KEYWORDS + CROP_KEYWORDS + SCORE_KEYWORDS),
     Option("refiner_switch", "refiner_switch", "refiner_switch", ("generate", "img2img")),
+    Option("precision", None, "precision", ALL),  # "fp32" or "bf16", chosen when the model is loaded
 )
 HIRES_OPTIONS = ("hires_strength", "hires_steps", "hires_upscaler")  # they need hires_scale
 SDXL_VALUES = SIZE_KEYWORDS + CROP_KEYWORDS + SCORE_KEYWORDS + ("refiner_switch",)
@@ -145,6 +147,10 @@ def check_value(name, value, where=None):
     if name == "prediction_type":
         if value not in PREDICTION_TYPES:
             refuse(" or ".join(PREDICTION_TYPES))
+        return value
+    if name == "precision":
+        if value not in PRECISIONS:
+            refuse(" or ".join(PRECISIONS))
         return value
     if name == "prompt_syntax":
         if value not in PROMPT_SYNTAXES:

@@ -7,7 +7,7 @@
                                  model_index.json and subfolders, a single file's safetensors header)
   check_sdxl_request(...)        an SDXL setting given to an SD 1.x/2.x model, a refiner that is a base, ...
                                  -> NpdiffError naming the option and the file, before anything loads
-  load_refiner(path, sampler)    the refiner as a StableDiffusionXLPipeline with the same sampler as the base
+  load_refiner(path, sampler, precision)  the refiner as a StableDiffusionXLPipeline with the same sampler as the base
                                  -> sdxl_recipe.Refiner(pipe, identity); identity: its name and hash for the
                                  PNG ({"refiner": name, "refiner_hash": 10 hex digits}), never its path
 """
@@ -84,8 +84,8 @@ def check_sdxl_request(command, keywords, model, refiner=None, control=False):
         raise NpdiffError(f"{exc} (--model {model})") from None
 
 
-def load_refiner(path, sampler=None):
+def load_refiner(path, sampler=None, precision="fp32"):
     """--refiner PATH -> sdxl_recipe.Refiner(pipeline, {"refiner": name, "refiner_hash": hash}); the pipeline
-    samples with `sampler` (the base's --sampler; None: the refiner's own scheduler)."""
-    pipe = StableDiffusionXLPipeline.from_pretrained(path, scheduler=sampler)
+    samples with `sampler` (the base's --sampler; None: the refiner's own scheduler), at the base's precision."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(path, scheduler=sampler, precision=precision)
     return Refiner(pipe, {"refiner": model_name(path), "refiner_hash": model_hash(path)})

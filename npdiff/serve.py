@@ -57,7 +57,7 @@ def run_serve(args):
     # serve_app imports FastAPI: only here, so that npdiff (and `npdiff --help`) imports without the extra
     from npdiff.serve_app import create_app
 
-    shelf = ModelShelf(args.model, args.models_dir, args.lora_dir, args.preview_vae)
+    shelf = ModelShelf(args.model, args.models_dir, args.lora_dir, args.preview_vae, args.precision)
     shelf.load()
     print(f"loaded model {shelf.name} in {shelf.load_seconds:.2f} s; serving http://{args.host}:{args.port}/",
           file=sys.stderr)
@@ -73,6 +73,8 @@ def add_serve_command(subparsers):
                               "page at /. Needs the 'serve' extra: pip install 'npdiff[serve]'.")
     p.add_argument("--model", default=None, help="the model loaded first: diffusers folder or .safetensors file "
                    "(default: the shipped model)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="load every model at fp32 or bf16 (weights in bfloat16: half the memory; stored in each PNG)")
     p.add_argument("--models-dir", default=None, metavar="DIR",
                    help="models to switch among by name (sd_model_checkpoint): diffusers folders and .safetensors files")
     p.add_argument("--lora-dir", default=None, metavar="DIR",

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from npdiff.errors import NpdiffError
 from npdiff.images import to_pil
+from npdiff.loading.weights import check_precision
 from npdiff.pipeline_sdxl import load_any_pipeline
 from npdiff.pipeline_utils import check_vae_fits, default_model_path
 from npdiff.recipe import load_vae, model_png_identity
@@ -45,7 +46,8 @@ def folder_entries(folder, is_model):
 
 
 class ModelShelf:
-    def __init__(self, model=None, models_dir=None, lora_dir=None, preview_vae=None):
+    def __init__(self, model=None, models_dir=None, lora_dir=None, preview_vae=None, precision="fp32"):
+        self.precision = check_precision(precision)  # every model this server loads, "fp32" or "bf16"
         for option, folder in (("--models-dir", models_dir), ("--lora-dir", lora_dir)):
             if folder is not None and not Path(folder).is_dir():
                 raise NpdiffError(f"{option} {folder}: no such folder")
@@ -87,7 +89,7 @@ class ModelShelf:
         gc.collect()
         start = time.perf_counter()
         try:
-            pipe = load_any_pipeline(path)  # SD or SDXL, as the command line loads --model
+            pipe = load_any_pipeline(path, precision=self.precision)  # SD or SDXL, as the command line loads --model
         except Exception:
             if previous is not None:  # the server keeps serving the model it had
                 self.load(previous)

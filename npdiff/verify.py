@@ -25,6 +25,7 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
+from npdiff.loading.weights import check_precision
 from npdiff.pipeline import StableDiffusionPipeline
 from npdiff.pipeline_utils import check_positive_int, default_model_path
 from npdiff.rng import TorchGenerator
@@ -78,31 +79,34 @@ def compare_unet(table, pipe, torch_pipe, embeddings, latent_hw, generator, torc
     table.add("unet", "output (noise prediction)", ours, theirs)
 
 
-def verify_model(model=None, steps=4, height=None, width=None, seed=0, out=None):
+def verify_model(model=None, steps=4, height=None, width=None, seed=0, out=None, precision="fp32"):
     """Run every comparison on `model` (a diffusers folder) and print the table to `out` (default stdout);
-    -> 0 if every row is within tolerance, else 1. An SDXL folder (text_encoder_2/) goes to verify_sdxl.py."""
+    -> 0 if every row is within tolerance, else 1. An SDXL folder (text_encoder_2/) goes to verify_sdxl.py.
+    precision "bf16": npdiff's networks at bf16 against torch float32, with bf16's tolerances (verify_blocks)."""
     out = sys.stdout if out is None else out
     require_torch_stack()
     import torch
     from diffusers import StableDiffusionPipeline as TorchPipeline
 
     steps = check_positive_int(steps, "--steps")
+    check_precision(precision)
     model = Path(model) if model is not None else default_model_path()
     if not model.is_dir():
         raise NpdiffError(f"npdiff verify needs a diffusers model folder (diffusers cannot read {model} "
                           "offline without its original config)")
     if is_sdxl_folder(model):
-        return verify_sdxl_model(model, steps, height, width, seed, out)
-    pipe = StableDiffusionPipeline.from_pretrained(model)
+        return verify_sdxl_model(model, steps, height, width, seed, out, precision)
+    pipe = StableDiffusionPipeline.from_pretrained(model, precision=precision)
     pipe.show_progress = False
     torch_pipe = TorchPipeline.from_pretrained(str(model), safety_checker=None, feature_extractor=None,
                                                requires_safety_checker=False, torch_dtype=torch.float32,
                                                local_files_only=True)
     torch_pipe.set_progress_bar_config(disable=True)
     height, width, latent_hw = picture_size(pipe.unet.config, pipe.vae_scale_factor, height, width)
-    print(f"npdiff verify: {model}, {height}x{width}, seed {seed}, torch {torch.__version__}", file=out)
+    print(f"npdiff verify: {model}, {height}x{width}, seed {seed}, precision {precision} against torch float32, "
+          f"torch {torch.__version__}", file=out)
 
-    table = Table(out)
+    table = Table(out, precision)
     generator = TorchGenerator(seed)
     ids = compare_tokenizer(table, pipe, torch_pipe)
     embeddings = compare_text_encoder(table, pipe, torch_pipe, ids, torch)

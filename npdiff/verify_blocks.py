@@ -4,6 +4,7 @@ use them). Needs torch only in the functions that are handed it.
 """
 
 import importlib.util
+import math
 
 import numpy as np
 
@@ -13,6 +14,12 @@ from npdiff.pipeline_utils import check_size, size_rule
 
 NETWORK_TOL = 1e-4
 IMAGE_LEVELS_TOL = 2
+# precision="bf16" against torch float32: bfloat16 keeps 8 bits of mantissa, so a network differs by ~1e-2
+# (the issue's goal: <= 3e-2; OpenVINO bf16 measures 2.2e-2). A sampling loop feeds each step's error into
+# the next (the shipped model, 4 DDIM steps: final latents 3.2e-2, the picture up to 24 levels apart, its
+# colours unchanged): at bf16 the sampling rows are printed, not judged (None).
+BF16_NETWORK_TOL = 3e-2
+TOLERANCES = {"fp32": (NETWORK_TOL, IMAGE_LEVELS_TOL), "bf16": (BF16_NETWORK_TOL, None)}
 PROMPTS = ["a photo of an astronaut riding a horse on mars", "", "watercolor, ÉCOLE 東京 🐱 (detail:1.2)!"]
 
 
@@ -93,10 +100,14 @@ def trace_torch(module, names, store):
 # The table
 # ---------------------------------------------------------------------------------------------
 class Table:
-    def __init__(self, out):
-        self.out, self.rows, self.failures = out, [], 0
+    """Rows of relative errors against torch float32, each within the precision's tolerance (TOLERANCES)."""
 
-    def add(self, component, part, ours, theirs, tol=NETWORK_TOL):
+    def __init__(self, out, precision="fp32"):
+        self.out, self.rows, self.failures = out, [], 0
+        self.tol, self.levels = TOLERANCES[precision]
+
+    def add(self, component, part, ours, theirs, tol=None):
+        tol = self.tol if tol is None else tol
         if ours is None:
             self.rows.append((component, part, "-", "-", "-", "not exposed by npdiff"))
             return
@@ -111,7 +122,7 @@ class Table:
         ok = np.isfinite(rel) and rel <= tol
         self.failures += 0 if ok else 1
         self.rows.append((component, part, "x".join(map(str, theirs.shape)), f"{rel:.2e}", f"{max_abs:.2e}",
-                          "ok" if ok else f"ABOVE {tol:.0e}"))
+                          ("ok" if math.isfinite(tol) else "printed only") if ok else f"ABOVE {tol:.0e}"))
 
     def note(self, component, part, text, ok=True):
         self.failures += 0 if ok else 1
@@ -121,7 +132,8 @@ class Table:
         """Print the table and the verdict -> 0 if every row is within tolerance, else 1."""
         self.print()
         verdict = "all within tolerance" if self.failures == 0 else f"{self.failures} rows outside tolerance"
-        print(f"\n{verdict} (networks: relative error <= {NETWORK_TOL:.0e}; pictures: <= {IMAGE_LEVELS_TOL} "
+        pictures = "not judged at bf16" if self.levels is None else f"<= {self.levels}"
+        print(f"\n{verdict} (networks: relative error <= {self.tol:.0e}; pictures: {pictures} "
               "levels)", file=self.out)
         return 0 if self.failures == 0 else 1
 
@@ -212,9 +224,11 @@ def compare_sampling(table, pipe, torch_pipe, steps, height, width, seed, torch)
                         output_type="np", callback_on_step_end=keep_latents)
     ours = pipe(PROMPTS[0], num_inference_steps=steps, height=height, width=width, seed=seed, output_type="np")
     name = f"{steps} steps {pipe.scheduler_name}, seed {seed}"
-    table.add("sampling", f"{name}: final latents", ours.latents, final["latents"])
+    judged = table.levels is not None  # bf16: printed only (TOLERANCES)
+    table.add("sampling", f"{name}: final latents", ours.latents, final["latents"], None if judged else math.inf)
     ours_levels = np.round(ours.images * 255).astype(np.int16)
     theirs_levels = np.round(np.asarray(theirs.images) * 255).astype(np.int16)
     worst = int(np.max(np.abs(ours_levels - theirs_levels)))
-    table.note("sampling", f"{name}: 8-bit picture", f"max difference {worst} levels (allowed "
-               f"{IMAGE_LEVELS_TOL})", ok=worst <= IMAGE_LEVELS_TOL)
+    allowed = f"allowed {table.levels}" if judged else "not judged at bf16"
+    table.note("sampling", f"{name}: 8-bit picture", f"max difference {worst} levels ({allowed})",
+               ok=not judged or worst <= table.levels)

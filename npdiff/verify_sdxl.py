@@ -44,17 +44,19 @@ ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 AESTHETIC_SCORE = 6.0  # diffusers' default for the refiner
 
 
-def load_sdxl_networks(folder):
-    """npdiff's networks of an SDXL folder -> a namespace (text_encoder None for a refiner)."""
+def load_sdxl_networks(folder, precision="fp32"):
+    """npdiff's networks of an SDXL folder, in `precision` -> a namespace (text_encoder None for a refiner)."""
 
     has_first = (folder / "text_encoder").is_dir()
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", precision=precision)
     return SimpleNamespace(
-        text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder") if has_first else None,
+        text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", precision=precision)
+        if has_first else None,
         tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer") if has_first else None,
-        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2"),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2",
+                                                                   precision=precision),
         tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2"),
-        unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
+        unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", precision=precision),
         vae=vae, vae_scale_factor=2 ** (len(vae.config["block_out_channels"]) - 1))
 
 
@@ -119,19 +121,20 @@ def compare_sdxl_unet(table, ours, torch_unet, context, pooled, picture_hw, gene
     table.add("unet", "output (noise prediction)", mine, theirs)
 
 
-def verify_sdxl_model(model, steps, height, width, seed, out):
+def verify_sdxl_model(model, steps, height, width, seed, out, precision="fp32"):
     """verify.verify_model for an SDXL folder (checked there); -> 0 if every row is within tolerance, else 1."""
     require_torch_stack()
     import torch
     from diffusers import DiffusionPipeline
 
-    ours = load_sdxl_networks(model)
+    ours = load_sdxl_networks(model, precision)
     torch_pipe = DiffusionPipeline.from_pretrained(str(model), torch_dtype=torch.float32, local_files_only=True)
     torch_pipe.set_progress_bar_config(disable=True)
     height, width, latent_hw = picture_size(ours.unet.config, ours.vae_scale_factor, height, width)
-    print(f"npdiff verify (SDXL): {model}, {height}x{width}, seed {seed}, torch {torch.__version__}", file=out)
+    print(f"npdiff verify (SDXL): {model}, {height}x{width}, seed {seed}, precision {precision} against torch "
+          f"float32, torch {torch.__version__}", file=out)
 
-    table = Table(out)
+    table = Table(out, precision)
     generator = TorchGenerator(seed)
     context, pooled = compare_text_encoders(table, ours, torch_pipe, torch)
     compare_sdxl_unet(table, ours, torch_pipe.unet, context, pooled, (height, width), generator, torch)
@@ -140,7 +143,7 @@ def verify_sdxl_model(model, steps, height, width, seed, out):
         table.note("sampling", "refiner", "not compared (an img2img-only model)")
     else:
         del ours
-        pipe = StableDiffusionXLPipeline.from_pretrained(model)
+        pipe = StableDiffusionXLPipeline.from_pretrained(model, precision=precision)
         pipe.show_progress = False
         compare_sampling(table, pipe, torch_pipe, steps, height, width, seed, torch)
     return table.finish()

@@ -5,7 +5,8 @@
     open_weights(path) -> Weights                   one .safetensors file, read tensor by tensor
     load_component_weights(folder, variant=None)    diffusion_pytorch_model[.fp16].safetensors or
                                                     model[.fp16].safetensors in a component folder
-    load_component(folder, subfolder=None, variant=None) -> (config, Weights)   both of the above
+    load_component(folder, subfolder=None, variant=None, precision="fp32") -> (config, Weights)   both of the
+                                                    above; Weights.precision tells the layers "fp32"/"bf16"
     load_single_file(path)                          {"unet"|"vae"|"text_encoder": (config, Weights)}
                                                     from an original CompVis/Stability SD 1.x/2.x file;
                                                     an SDXL file adds "text_encoder_2", "scheduler" and

@@ -140,11 +140,11 @@ def _raise_no_weights(folder, variant):
     raise NpdiffError(f"no weights in {folder}: expected {wanted}{hint}")
 
 
-def load_component(folder, subfolder=None, variant=None):
+def load_component(folder, subfolder=None, variant=None, precision="fp32"):
     """(config dict, Weights) of one component folder, <folder>[/<subfolder>]: what a model's
-    from_pretrained builds itself from."""
+    from_pretrained builds itself from; precision ("fp32" or "bf16") is what its layers will hold."""
     path = os.path.join(folder, subfolder) if subfolder else os.fspath(folder)
-    return read_config(path), load_component_weights(path, variant)
+    return read_config(path), load_component_weights(path, variant).set_precision(precision)
 
 
 def clip_text_config(source, what, vocab_size, hidden_size, intermediate_size, num_layers, max_positions,

@@ -23,6 +23,14 @@ model's mapped tensors once more in check_all_used(), the end of every model's c
 maps up to 64 KiB around each page fault, so checking one tensor brings in bits of its neighbours):
 loading leaves the weights in the page cache, not resident, and the first call faults them back in.
 
+precision: "fp32" (the default) or "bf16", set by the models' from_pretrained(..., precision=...) before the
+model is built (set_precision). The Linear and Conv2d layers read it (npdiff/models/precision.py): at
+"bf16" they take their weight as float32 one tensor at a time and pack it into bfloat16 at once, so no
+float32 copy of the whole model is ever made. Everything else (norms, biases, embeddings) stays float32.
+At "bf16", F16/BF16 tensors are widened into private memory per tensor (file_backed=False) rather than into
+widened.py's file, whose float32 room for every half tensor of the file would be reserved on disk for the
+few small tensors kept in float32.
+
 A TensorRef may also be stored transposed (transpose=True): OpenCLIP's text_projection [D,P] in SDXL
 files, which transformers holds as a Linear weight [P,D]. take() transposes the view; backend.to_device
 then makes it contiguous, one private copy of that tensor (bigG's: 6.5 MB).
@@ -42,6 +50,15 @@ from npdiff.loading.resident import mapping_of, release_array_pages
 # widening copy itself (32-48 ms); loading the shipped model (22 MB as float32, 1.6 s in all) spends
 # 4 ms in it. A Numba loop (sum of v * 0) was slower (64 ms), min()+max() no faster (19 ms).
 FINITE_CHUNK = 1 << 20  # values per isfinite call
+PRECISIONS = ("fp32", "bf16")  # what from_pretrained(..., precision=...) accepts
+
+
+def check_precision(precision):
+    """"fp32" or "bf16" as given; NpdiffError naming the value otherwise."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise NpdiffError(f"precision must be one of {', '.join(repr(name) for name in PRECISIONS)}; "
+                          f"got {precision!r}")
+    return precision
 
 
 def first_non_finite(values):
@@ -76,6 +93,12 @@ class Weights:
         self._refs = dict(refs)  # name -> TensorRef
         self._used = set()
         self._mapped = []  # the memory-mapped arrays take() returned, released again by check_all_used()
+        self.precision = "fp32"  # "bf16": the Linear/Conv2d layers pack their weights (see set_precision)
+
+    def set_precision(self, precision):
+        """Build the model's Linear/Conv2d weights in `precision` ("fp32" or "bf16"); -> self."""
+        self.precision = check_precision(precision)
+        return self
 
     @classmethod
     def from_file(cls, safetensors_file):
@@ -136,7 +159,8 @@ class Weights:
         if tuple(ref.shape) != expected:
             raise NpdiffError(f"key '{key}' in {self._where(key)} has shape {_shape_text(ref.shape)}; "
                               f"the config expects {_shape_text(expected)}")
-        values = ref.file.read_float32(ref.stored_key, file_backed=True)  # read-only view of a map (F32 or widened)
+        file_backed = self.precision == "fp32"  # bf16: half tensors widened one at a time, privately
+        values = ref.file.read_float32(ref.stored_key, file_backed=file_backed)  # F32: a view of the file's map
         mapped = mapping_of(values) is not None
         if ref.rows is not None:  # [3D,...] -> [D,...]: one of fused q/k/v (a widened one copied so the rest can go)
             values = values[ref.rows[0]:ref.rows[1]]

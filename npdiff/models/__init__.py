@@ -8,8 +8,9 @@
     ControlNetModel        npdiff/models/controlnet.py
 
 Each is built as `Model(config, weights)` (config: the component's config.json as a dict; weights: an
-npdiff.loading.Weights) or `Model.from_pretrained(folder, subfolder=None, variant=None)`
-(npdiff.loading.load_component), and called on float32 NCHW arrays.
+npdiff.loading.Weights) or `Model.from_pretrained(folder, subfolder=None, variant=None, precision="fp32")`
+(npdiff.loading.load_component), and called on float32 NCHW arrays. precision="bf16" (not TAESD) packs the
+Linear/Conv2d weights in bfloat16 (precision.py: which kernel a layer's weight runs on).
 Imported lazily so that `import npdiff.models` costs nothing until a model is used.
 """
 

@@ -4,7 +4,8 @@ Upsample2D and the sinusoidal timestep embedding.
 Every class takes `(weights, prefix, ...sizes from the config)` and pulls its parameters with
 `weights.take(prefix + ".name", expected_shape)`, so the checkpoint tree is the call tree: the object
 built for "down_blocks.0.resnets.1" reads exactly the keys diffusers' module of that name holds.
-The arithmetic itself lives in npdiff.kernels; this file only decides which op runs in which order
+The arithmetic itself lives in npdiff.kernels (reached through npdiff/models/precision.py, which runs a
+layer's float32 weight or its bfloat16-packed one, precision="bf16"); this file only decides which op runs in which order
 (the order is diffusers' own: models/resnet.py, downsampling.py, upsampling.py, embeddings.py).
 
 Arrays are float32 NCHW like torch; `xp` (numpy or cupy) follows the input array.
@@ -17,6 +18,7 @@ import numpy as np
 from npdiff import kernels
 from npdiff.backend import array_module
 from npdiff.errors import NpdiffError
+from npdiff.models import precision
 
 
 def child(prefix, name):
@@ -33,14 +35,14 @@ class Conv2d:
     def __init__(self, weights, prefix, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
         shape = (out_channels, in_channels, kernel_size, kernel_size)
         self.key = prefix  # the module's diffusers name, e.g. "down_blocks.0.resnets.1.conv1" (LoRA finds it by it)
-        self.weight = weights.take(child(prefix, "weight"), shape)
+        self.weight = precision.take_layer_weight(weights, child(prefix, "weight"), shape, "conv")  # float32 or bf16
         self.bias = weights.take(child(prefix, "bias"), (out_channels,)) if bias else None
         self.stride = stride
         self.padding = padding
 
     def __call__(self, x):
         # [B,Cin,H,W] -> [B,Cout,H',W']
-        return kernels.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
+        return precision.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
 
 
 class Linear:
@@ -51,16 +53,15 @@ class Linear:
 
     def __init__(self, weights, prefix, in_features, out_features, bias=True, from_conv1x1=False):
         self.key = prefix  # the module's diffusers/transformers name (LoRA finds the layer by it)
-        if from_conv1x1:
-            weight = weights.take(child(prefix, "weight"), (out_features, in_features, 1, 1))
-            self.weight = weight.reshape(out_features, in_features)
-        else:
-            self.weight = weights.take(child(prefix, "weight"), (out_features, in_features))
+        shape = (out_features, in_features)
+        stored_shape = (out_features, in_features, 1, 1) if from_conv1x1 else shape
+        self.weight = precision.take_layer_weight(weights, child(prefix, "weight"), shape, "linear",
+                                                  stored_shape)  # [out,in] float32, or packed bf16
         self.bias = weights.take(child(prefix, "bias"), (out_features,)) if bias else None
 
     def __call__(self, x):
         # [..., in] -> [..., out]
-        return kernels.linear(x, self.weight, self.bias)
+        return precision.linear(x, self.weight, self.bias)
 
 
 class GroupNorm:

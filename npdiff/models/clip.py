@@ -40,6 +40,7 @@ from npdiff import backend, kernels
 from npdiff.errors import NpdiffError
 from npdiff.loading.config_checks import full_config
 from npdiff.loading.configs import load_component
+from npdiff.models import precision
 from npdiff.models.blocks import LayerNorm, Linear, child
 from npdiff.models.transformer import TransposedLinear, merge_heads, split_heads
 
@@ -107,7 +108,7 @@ class CLIPMLP:
         self.activation, self.activation_name = activation  # the kernel alone, and its linear_activation name
 
     def __call__(self, x):
-        h = kernels.linear_activation(x, self.fc1.weight, self.fc1.bias, self.activation_name)  # [B,L,D] -> [B,L,I]
+        h = precision.linear_activation(x, self.fc1.weight, self.fc1.bias, self.activation_name)  # [B,L,D] -> [B,L,I]
         return self.fc2(h)                                              # [B,L,I] -> [B,L,D]
 
 
@@ -150,19 +151,22 @@ class CLIPTextModel:
         self.position_embedding = weights.take(position_key, (positions, dim))      # [P,D]
         activation = ACTIVATIONS[c["hidden_act"]]
         copy_bytes = 4 * c["num_hidden_layers"] * (4 * dim * dim + 2 * dim * c["intermediate_size"])
-        self.linear = TransposedLinear if copy_bytes <= TRANSPOSED_COPY_LIMIT else Linear
+        small = copy_bytes <= TRANSPOSED_COPY_LIMIT and weights.precision == "fp32"  # bf16: packed already
+        self.linear = TransposedLinear if small else Linear
         self.layers = [CLIPEncoderLayer(weights, child(prefix, f"encoder.layers.{i}"), c, activation, self.linear)
                        for i in range(c["num_hidden_layers"])]
         self.final_layer_norm = LayerNorm(weights, child(prefix, "final_layer_norm"), dim, c["layer_norm_eps"])
         self.take_head_weights(weights)
         weights.check_all_used()
+        self.precision = weights.precision  # "fp32" or "bf16": what the Linear/Conv2d layers hold
 
     def take_head_weights(self, weights):
         """Weights outside the text transformer (none here; CLIPTextModelWithProjection's projection)."""
 
     @classmethod
-    def from_pretrained(cls, folder, subfolder=None, variant=None):
-        return cls(*load_component(folder, subfolder, variant))
+    def from_pretrained(cls, folder, subfolder=None, variant=None, precision="fp32"):
+        """precision "bf16": Linear and Conv2d weights packed in bfloat16 (npdiff/models/precision.py)."""
+        return cls(*load_component(folder, subfolder, variant, precision))
 
     def check_input_ids(self, input_ids):
         """input_ids -> an int64 NumPy array [B,L]; NpdiffError naming what is wrong."""

@@ -118,18 +118,21 @@ class ControlNetModel(UNet2DConditionModel):
         # as the UNet: past PER_BLOCK_RELEASE_BYTES of mapped weights, each block's pages go once it has run
         mapped = sum(array.nbytes for array in mapped_arrays(self))
         self.release_weights_after_each_block = mapped > unet_module.PER_BLOCK_RELEASE_BYTES
+        self.precision = weights.precision  # "fp32" or "bf16": what the Linear/Conv2d layers hold
 
     @classmethod
-    def from_pretrained(cls, folder, subfolder=None, variant=None):
+    def from_pretrained(cls, folder, subfolder=None, variant=None, precision="fp32"):
         """A diffusers ControlNet folder (config.json + diffusion_pytorch_model[.fp16].safetensors), or a single
         .safetensors file: in the original layout (control_v11p_sd15_canny.safetensors: control_model.* keys) or
-        in diffusers' (an SDXL net's diffusion_pytorch_model.safetensors alone), its config read from the shapes."""
+        in diffusers' (an SDXL net's diffusion_pytorch_model.safetensors alone), its config read from the shapes.
+        precision "bf16": Linear and Conv2d weights packed in bfloat16 (npdiff/models/precision.py)."""
         path = Path(folder) / subfolder if subfolder else Path(folder)
         if path.is_file():
-            net = cls(*load_controlnet_file(path))
+            config, weights = load_controlnet_file(path)
+            net = cls(config, weights.set_precision(precision))
             net.name, net.weights_file = path.stem, path
             return net
-        net = cls(*load_component(folder, subfolder, variant))
+        net = cls(*load_component(folder, subfolder, variant, precision))
         net.name = path.resolve().name                                 # what a picture's metadata calls it
         net.weights_file = Path(find_component_weights(path, variant)[1])  # hashed for the metadata
         return net

@@ -19,6 +19,7 @@ channel axis, so both run as a Linear on tokens [B,H*W,C]; the 1x1 conv weight i
 from npdiff import kernels
 from npdiff.backend import array_module
 from npdiff.errors import NpdiffError
+from npdiff.models import precision
 from npdiff.models.blocks import GroupNorm, LayerNorm, Linear, child
 
 
@@ -110,7 +111,7 @@ class FeedForward:
 
     def __call__(self, x):
         # the weight is read at each call, never kept aside: a fused LoRA replaces proj.weight
-        h = kernels.geglu(x, self.proj.weight, self.proj.bias)          # [B,N,D] -> [B,N,4D]
+        h = precision.geglu(x, self.proj.weight, self.proj.bias)        # [B,N,D] -> [B,N,4D]
         return self.out(h)                                              # [B,N,4D] -> [B,N,D]
 
 

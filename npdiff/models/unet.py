@@ -100,6 +100,7 @@ class UNet2DConditionModel:
         self.conv_norm_out = GroupNorm(weights, "conv_norm_out", groups, channels[0], eps)
         self.conv_out = Conv2d(weights, "conv_out", channels[0], c["out_channels"], k_out, padding=(k_out - 1) // 2)
         weights.check_all_used()
+        self.precision = weights.precision  # "fp32" or "bf16": what the Linear/Conv2d layers hold
         mapped = sum(array.nbytes for array in mapped_arrays(self))
         self.release_weights_after_each_block = mapped > PER_BLOCK_RELEASE_BYTES
 
@@ -115,8 +116,9 @@ class UNet2DConditionModel:
             release_resident_pages(block)
 
     @classmethod
-    def from_pretrained(cls, folder, subfolder=None, variant=None):
-        return cls(*load_component(folder, subfolder, variant))
+    def from_pretrained(cls, folder, subfolder=None, variant=None, precision="fp32"):
+        """precision "bf16": Linear and Conv2d weights packed in bfloat16 (npdiff/models/precision.py)."""
+        return cls(*load_component(folder, subfolder, variant, precision))
 
     def build_down_path(self, weights):
         """Time (and SDXL's added) embedding, conv_in, the down blocks and the middle: the part of the UNet a

@@ -198,6 +198,7 @@ class AutoencoderKL:
         self.tile_sample_min_size, self.tile_latent_min_size = default_tile_sizes(c, self.downscale)
         self.tile_overlap_factor = 0.25
         weights.check_all_used()
+        self.precision = weights.precision  # "fp32" or "bf16": what the Linear/Conv2d layers hold
 
     def enable_tiling(self):
         """Decode and encode large pictures in overlapping tiles blended as diffusers' enable_tiling() does:
@@ -208,8 +209,9 @@ class AutoencoderKL:
         self.use_tiling = False
 
     @classmethod
-    def from_pretrained(cls, folder, subfolder=None, variant=None):
-        return cls(*load_component(folder, subfolder, variant))
+    def from_pretrained(cls, folder, subfolder=None, variant=None, precision="fp32"):
+        """precision "bf16": Linear and Conv2d weights packed in bfloat16 (npdiff/models/precision.py)."""
+        return cls(*load_component(folder, subfolder, variant, precision))
 
     def encode(self, x):
         """Image [B,3,H,W] in [-1,1] (H, W multiples of the downscale factor) -> DiagonalGaussian."""

@@ -87,8 +87,8 @@ def test_verify_sdxl_flags_a_wrong_add_embedding(sdxl_folder, monkeypatch):
     side = 64 if kind == "refiner" else 32
     load = verify_sdxl.load_sdxl_networks
 
-    def with_noisy_add_embedding(path):
-        ours = load(path)
+    def with_noisy_add_embedding(path, precision="fp32"):
+        ours = load(path, precision)
         real = ours.unet.add_embedding
 
         class Noisy:

@@ -1,0 +1,115 @@
+"""The two precisions a model's Linear and Conv2d layers run in, and the one place that tells them apart.
+
+    weight = take_layer_weight(weights, "conv_in.weight", (320, 4, 3, 3), "conv")  # float32, or packed bf16
+    y = conv2d(x, weight, bias, stride=1, padding=1)    # the float32 kernel, or the bfloat16 one
+    y = linear(x, weight, bias)                         # the same for a Linear ([out,in] weight)
+
+precision="fp32" (the default): a layer's weight is the float32 array Weights.take returns (a read-only view
+of the file's memory map) and npdiff.kernels runs it.
+
+precision="bf16" (`from_pretrained(..., precision="bf16")`, which sets Weights.precision): every Linear and
+Conv2d weight is packed into bfloat16 at load (npdiff.kernels.matmul_bf16 / conv_bf16: about half of
+float32's bytes), one tensor at a time, straight from the file's values (a float16 or bfloat16 file's tensor widened
+to float32 alone, then packed: the whole model is never widened). Their GEMMs and convolutions multiply
+bfloat16 inputs and weights and sum in float32 (AMX tiles, else AVX-512 BF16's VDPBF16PS). Everything
+else stays float32: biases, norms, softmax and the attention scores (q k^T and p v run on the float32 q, k,
+v the projections return), the embeddings, the scheduler. A CPU without AVX512_BF16 runs the kernels' NumPy
+reference instead (the same rounding; the products summed by NumPy's float32 GEMM, slowly, and the weights
+kept as rounded float32, so without the memory saving) after a one-line note.
+
+Which kernel runs follows the weight's type, not a flag: a LoRA fused into a bf16 layer re-packs the fused
+weight (npdiff/lora.py), and unloading puts the packed original back, so a layer never holds the other kind.
+"""
+
+import warnings
+
+import numpy as np
+
+from npdiff import kernels
+from npdiff.backend import array_module
+from npdiff.errors import NpdiffError
+from npdiff.kernels.bf16_rounding import PackedBf16, cpu_has_avx512_bf16
+from npdiff.kernels.conv_bf16 import PackedBf16Conv, conv2d_bf16, pack_conv_bf16
+from npdiff.kernels.matmul_bf16 import (
+    PackedBf16Weight,
+    geglu_bf16,
+    linear_activation_bf16,
+    linear_bf16,
+    pack_linear_bf16,
+)
+
+_noted_slow_cpu = []  # one entry once the note about a CPU without AVX512_BF16 was given
+
+
+def is_packed(weight):
+    """True for a bfloat16-packed layer weight (PackedBf16Weight or PackedBf16Conv)."""
+    return isinstance(weight, PackedBf16)
+
+
+def note_cpu_without_bf16():
+    """Once per process: a one-line RuntimeWarning when this CPU lacks AVX512_BF16 (the reference path runs)."""
+    if not _noted_slow_cpu and not cpu_has_avx512_bf16():
+        _noted_slow_cpu.append(True)
+        warnings.warn("npdiff: this CPU has no AVX512_BF16; precision='bf16' runs the NumPy reference kernels "
+                      "(the same results, much slower than precision='fp32')", RuntimeWarning, stacklevel=3)
+
+
+def pack_like(weight, values):
+    """float32 `values` in the kind of `weight`: packed bf16 again (a LoRA-fused weight of a bf16 layer),
+    or the float32 array itself."""
+    if isinstance(weight, PackedBf16Conv):
+        return pack_conv_bf16(values)                               # [out,in,k,k] float32 -> packed bf16
+    if isinstance(weight, PackedBf16Weight):
+        return pack_linear_bf16(values)                             # [out,in] float32 -> packed bf16
+    return values
+
+
+def float32_values(weight):
+    """A layer weight as float32 values of its shape: a packed weight's bf16 values exactly (which may be
+    the packed object's own array: read it, never write into it), or the float32 array itself."""
+    return weight.to_float32() if is_packed(weight) else weight
+
+
+def take_layer_weight(weights, key, shape, kind, stored_shape=None):
+    """The weight of a Linear (kind "linear", [out,in]) or Conv2d ("conv", [out,in,k,k]) layer, in the
+    precision of `weights`: the float32 array Weights.take returns, or at "bf16" that array packed.
+
+    stored_shape: the shape to check against the file when it differs from `shape` (a 1x1 convolution's
+    [out,in,1,1] read as a Linear's [out,in])."""
+    stored_shape = shape if stored_shape is None else stored_shape
+    values = weights.take(key, stored_shape).reshape(shape)           # float32 (one tensor only)
+    if weights.precision != "bf16":
+        return values
+    if array_module(values) is not np:
+        raise NpdiffError(f"precision='bf16' runs on the CPU (NumPy backend) only; key '{key}' is on the GPU")
+    note_cpu_without_bf16()
+    return pack_linear_bf16(values) if kind == "linear" else pack_conv_bf16(values)  # float32 -> bf16, packed
+
+
+def linear(x, weight, bias=None):
+    """x [..., in] -> [..., out] with weight [out,in]: float32 or packed bf16."""
+    if isinstance(weight, PackedBf16Weight):
+        return linear_bf16(x, weight, bias)                         # [..., in] -> [..., out]
+    return kernels.linear(x, weight, bias)                          # [..., in] -> [..., out]
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0):
+    """x [B,Cin,H,W] -> [B,Cout,H',W'] with weight [Cout,Cin,k,k]: float32 or packed bf16."""
+    if isinstance(weight, PackedBf16Conv):
+        return conv2d_bf16(x, weight, bias, stride, padding)        # [B,Cin,H,W] -> [B,Cout,H',W']
+    return kernels.conv2d(x, weight, bias, stride=stride, padding=padding)
+
+
+def geglu(x, weight, bias=None):
+    """GEGLU: [..., D] -> [..., I] with weight [2I, D] (the value half first, then the gate)."""
+    if isinstance(weight, PackedBf16Weight):
+        return geglu_bf16(x, weight, bias)                          # [..., D] -> [..., I]
+    return kernels.geglu(x, weight, bias)                           # [..., D] -> [..., I]
+
+
+def linear_activation(x, weight, bias, activation):
+    """activation(x @ weight^T + bias): [..., in] -> [..., out]; activation named as kernels.linear_activation
+    names it ("quick_gelu", "gelu", "gelu_tanh")."""
+    if isinstance(weight, PackedBf16Weight):
+        return linear_activation_bf16(x, weight, bias, activation)  # [..., in] -> [..., out]
+    return kernels.linear_activation(x, weight, bias, activation)   # [..., in] -> [..., out]
