@@ -116,7 +116,9 @@ def test_timestep_mlp_backward_matches_autograd(rng):
     module = TimestepEmbedding(16, 64)
     weights = {f"time_embedding.{k}": v.detach().numpy().copy() for k, v in module.state_dict().items()}
 
-    class Dict:  # the .take interface the model classes read weights with
+    class Dict:  # the .take interface (and .precision) the model classes read weights with
+        precision = "fp32"
+
         def take(self, key, shape):
             assert weights[key].shape == shape, key
             return weights[key]
