@@ -137,7 +137,7 @@ def timed_decode(vae, clock):
     vae.decode = wrapped
 
 
-def npdiff_job(job, cache, size, seed, clock):
+def npdiff_job(job, cache, size, seed, clock, precision="fp32"):
     import npdiff  # noqa: F401  (before numpy: chooses the BLAS kernels)
     from npdiff import StableDiffusionPipeline
     from npdiff.models import AutoencoderTiny
@@ -146,9 +146,9 @@ def npdiff_job(job, cache, size, seed, clock):
     if job.get("sdxl"):
         from npdiff import StableDiffusionXLPipeline
 
-        pipe = StableDiffusionXLPipeline.from_pretrained(cache, scheduler=job["scheduler"])
+        pipe = StableDiffusionXLPipeline.from_pretrained(cache, scheduler=job["scheduler"], precision=precision)
     else:
-        pipe = StableDiffusionPipeline.from_pretrained(cache, scheduler=job["scheduler"])
+        pipe = StableDiffusionPipeline.from_pretrained(cache, scheduler=job["scheduler"], precision=precision)
     if job["vae"] == "taesd":
         pipe.vae = AutoencoderTiny.from_pretrained(cache / "taesd")
     clock.mark("load")
@@ -186,8 +186,10 @@ def diffusers_job(job, cache, size, seed, clock):
 def worker(args):
     launched = time.time() - (time.perf_counter() - T0) - args.launched  # interpreter start before T0
     clock = PhaseClock()
-    run = npdiff_job if args.side == "npdiff" else diffusers_job
-    picture = run(JOBS[args.job], Path(args.cache), args.size, args.seed, clock)
+    if args.side == "npdiff":
+        picture = npdiff_job(JOBS[args.job], Path(args.cache), args.size, args.seed, clock, args.precision)
+    else:
+        picture = diffusers_job(JOBS[args.job], Path(args.cache), args.size, args.seed, clock)
     import numpy as np
 
     pixels = np.asarray(picture.convert("RGB"))  # [H,W,3] uint8
@@ -275,7 +277,8 @@ def run_side(job, side, args, scratch):
     out = str(Path(scratch) / f"{job}-{side}")
     warm_page_cache(args.cache)
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--job", job, "--side", side,
-               "--size", str(args.size), "--seed", str(args.seed), "--cache", args.cache, "--out", out]
+               "--size", str(args.size), "--seed", str(args.seed), "--cache", args.cache, "--out", out,
+               "--precision", args.precision]
     print(f"--- {job} {args.size}x{args.size}: {side} (fresh process)", file=sys.stderr, flush=True)
     load_start = os.getloadavg()
     t0 = time.perf_counter()
@@ -377,6 +380,8 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="with --sdxl: few-channel SDXL networks, a check run")
     parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated: npdiff, diffusers (default both)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="the npdiff side's precision (bf16: weights packed in bfloat16 at load)")
     parser.add_argument("--cache", default=None, help="folder of the random SD 1.5-size weights "
                         "(default ~/.cache/npdiff/sd15-random, as benchmarks/models.py)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -37,6 +37,7 @@ from npdiff.kernels.matmul_bf16 import (
     linear_bf16,
     pack_linear_bf16,
 )
+from npdiff.loading.resident import release_array_pages
 
 _noted_slow_cpu = []  # one entry once the note about a CPU without AVX512_BF16 was given
 
@@ -83,7 +84,12 @@ def take_layer_weight(weights, key, shape, kind, stored_shape=None):
     if array_module(values) is not np:
         raise NpdiffError(f"precision='bf16' runs on the CPU (NumPy backend) only; key '{key}' is on the GPU")
     note_cpu_without_bf16()
-    return pack_linear_bf16(values) if kind == "linear" else pack_conv_bf16(values)  # float32 -> bf16, packed
+    packed = pack_linear_bf16(values) if kind == "linear" else pack_conv_bf16(values)  # float32 -> bf16, packed
+    # packing paged the file's float32 tensor in again: drop those pages now, not when the whole model is built
+    # (check_all_used), so loading an SDXL UNet at bf16 peaks at the packed weights plus one tensor, not plus the
+    # 10 GB float32 file (a no-op for widened half files and other private arrays)
+    release_array_pages([values])
+    return packed
 
 
 def linear(x, weight, bias=None):
