@@ -10,8 +10,8 @@ from npdiff.pipeline import StableDiffusionPipeline
 from npdiff.pipeline_utils import default_model_path, model_family
 from npdiff.training import textual_inversion
 from npdiff.training.files import output_paths
+from npdiff.training.loop import check_learning_rate
 from npdiff.training.pictures import OBJECT_TEMPLATES, find_pictures
-from npdiff.training.textual_inversion import check_learning_rate
 
 DESCRIPTION = (
     "Learn a new word for the concept shown in the pictures of DIR (textual inversion): the pictures are "

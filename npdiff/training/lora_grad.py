@@ -85,7 +85,7 @@ class UNetLora:
         rank, alpha = check_rank_alpha(rank, alpha)
         lora = cls(attention_projections(pipe.unet), rank, alpha)
         rng = np.random.default_rng([int(seed), 27])
-        for name, down in lora.down.items():
+        for down in lora.down.values():
             bound = 1.0 / np.sqrt(down.shape[1])                        # gain sqrt(1/3) * sqrt(3 / fan_in)
             down[...] = rng.uniform(-bound, bound, down.shape).astype(np.float32)  # [r,in]
         return lora

@@ -5,10 +5,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import KERNEL_TOL, assert_rel_close
+
 from npdiff import NpdiffError
-from npdiff.kernels.linear_backward import lora_backward, lora_backward_fast, lora_backward_ref
+from npdiff.kernels.linear_backward import (
+    lora_backward,
+    lora_backward_fast,
+    lora_backward_ref,
+)
 
 
 def peft_autograd(x, weight, bias, down, up, scale, grad_out):
