@@ -96,23 +96,32 @@ def encode_training_latents(vae, pixels):
     return np.stack(both)                                               # [2,N,C,s,s]
 
 
+def sidecar_lines(path):
+    """The non-empty lines of the picture's caption file `<name>.txt`, or None when it has none; NpdiffError
+    when it cannot be read or holds no caption."""
+    sidecar = Path(path).with_suffix(".txt")
+    if not sidecar.is_file():
+        return None
+    try:
+        lines = [line.strip() for line in sidecar.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise NpdiffError(f"caption file {sidecar}: cannot be read ({exc})") from exc
+    if not lines:
+        raise NpdiffError(f"caption file {sidecar} is empty: give one caption a line")
+    return lines
+
+
 def picture_captions(paths, templates):
     """Each picture's caption templates: the lines of its sidecar `<name>.txt` when there is one (each line a
     caption with "{}" for the word, e.g. "a {} on a green background"), else `templates` -> tuples, one a
     picture."""
     captions = []
     for path in paths:
-        sidecar = Path(path).with_suffix(".txt")
-        if not sidecar.is_file():
+        lines = sidecar_lines(path)
+        if lines is None:
             captions.append(templates)
-            continue
-        try:
-            lines = [line.strip() for line in sidecar.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as exc:
-            raise NpdiffError(f"caption file {sidecar}: cannot be read ({exc})") from exc
-        if not lines:
-            raise NpdiffError(f"caption file {sidecar} is empty: give one caption a line, with {{}} for the word")
-        captions.append(check_templates(lines, sidecar))
+        else:
+            captions.append(check_templates(lines, Path(path).with_suffix(".txt")))
     return captions
 
 
