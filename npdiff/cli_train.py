@@ -25,6 +25,30 @@ DESCRIPTION = (
     "--checkpoint-every <stem>.checkpoint.safetensors (go on with --resume). SD 1.x/2.x models only.")
 
 
+def add_loop_options(p):
+    """The options both training commands take: the model, the loop's length and batch, checkpoints, clip skip."""
+    p.add_argument("--model", default=None, help="diffusers folder or .safetensors file (default: shipped model)")
+    p.add_argument("--steps", type=int, default=500, help="training steps in all (default 500)")
+    p.add_argument("--batch-size", type=int, default=1, help="pictures per step (default 1)")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
+                   help="write <stem>.checkpoint.safetensors every K steps (default 0: never)")
+    p.add_argument("--resume", default=None, metavar="FILE", help="go on from a checkpoint to --steps in all")
+    p.add_argument("--clip-skip", type=int, default=None, help="train through this text encoder layer "
+                   "(diffusers' clip_skip; use the value you will generate with)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def check_loop_options(args):
+    """What add_loop_options' values must be, and the learning rate; before the model loads."""
+    check_count(args.steps, "--steps", 1)
+    check_count(args.batch_size, "--batch-size", 1)
+    check_count(args.checkpoint_every, "--checkpoint-every", 0)
+    check_learning_rate(args.lr)
+    if args.clip_skip is not None:
+        check_count(args.clip_skip, "--clip-skip", 0)
+    check_resume_file(args.resume)
+
+
 def check_count(value, name, least):
     if value < least:
         raise NpdiffError(f"{name} must be >= {least}, got {value}")
@@ -52,16 +76,10 @@ def report_training(what, losses, paths):
 def run_train_embedding(args):
     # 1. what can be checked before the model loads: the counts, the pictures' folder, the outputs, the model's kind
     check_count(args.vectors, "--vectors", 1)
-    check_count(args.steps, "--steps", 1)
-    check_count(args.batch_size, "--batch-size", 1)
-    check_count(args.checkpoint_every, "--checkpoint-every", 0)
-    check_learning_rate(args.lr)
-    if args.clip_skip is not None:
-        check_count(args.clip_skip, "--clip-skip", 0)
+    check_loop_options(args)
     find_pictures(args.dir)
     for path in output_paths(args.out).values():
         check_destination(path, "--out")
-    check_resume_file(args.resume)
     templates = OBJECT_TEMPLATES if args.template is None else args.template
     # 2. load and train (textual_inversion checks the rest, and reads every picture, before the first step)
     pipe = load_trainable_model(args, "train-embedding")
@@ -81,21 +99,13 @@ def add_train_embedding_command(subparsers):
     p.add_argument("--token", required=True, help='the new word, e.g. "<my-toy>" (not already a word of the model)')
     p.add_argument("--init-word", required=True, help="one existing word (one token) to start from, e.g. toy")
     p.add_argument("--out", required=True, metavar="FILE", help="the learned embedding, a .safetensors file")
-    p.add_argument("--model", default=None, help="diffusers folder or .safetensors file (default: shipped model)")
     p.add_argument("--vectors", type=int, default=1, help="vectors the word gets (default 1)")
-    p.add_argument("--steps", type=int, default=500, help="training steps in all (default 500)")
     p.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate (default 5e-3)")
-    p.add_argument("--batch-size", type=int, default=1, help="pictures per step (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
-                   help="write <stem>.checkpoint.safetensors every K steps (default 0: never)")
-    p.add_argument("--resume", default=None, metavar="FILE", help="go on from a checkpoint to --steps in all")
     p.add_argument("--template", action="append", default=None, metavar="TEXT",
                    help="a caption template with {} for the word (repeat for several; default: diffusers' "
                         "object templates)")
-    p.add_argument("--clip-skip", type=int, default=None, help="train through this text encoder layer "
-                   "(diffusers' clip_skip; use the value you will generate with)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_loop_options(p)
     p.set_defaults(run=run_train_embedding)
     return p
 
@@ -116,16 +126,10 @@ def run_train_lora(args):
     check_count(args.rank, "--rank", 1)
     if args.alpha is not None and not args.alpha > 0:
         raise NpdiffError(f"--alpha must be > 0, got {args.alpha}")
-    check_count(args.steps, "--steps", 1)
-    check_count(args.batch_size, "--batch-size", 1)
-    check_count(args.checkpoint_every, "--checkpoint-every", 0)
-    check_learning_rate(args.lr)
-    if args.clip_skip is not None:
-        check_count(args.clip_skip, "--clip-skip", 0)
+    check_loop_options(args)
     lora_captions(find_pictures(args.dir), check_prompt(args.prompt))
     for path in lora_output_paths(args.out).values():
         check_destination(path, "--out")
-    check_resume_file(args.resume)
     # 2. load and train (train_lora checks the rest, and reads every picture, before the first step)
     pipe = load_trainable_model(args, "train-lora")
     result = train_lora(pipe, args.dir, prompt=args.prompt, rank=args.rank, alpha=args.alpha, steps=args.steps,
@@ -146,19 +150,11 @@ def add_train_lora_command(subparsers):
     p.add_argument("--out", required=True, metavar="FILE", help="the LoRA, a .safetensors file (kohya's layout)")
     p.add_argument("--prompt", default=None, help='the caption of every picture without a caption file, e.g. '
                    '"a photo of sks dog"')
-    p.add_argument("--model", default=None, help="diffusers folder or .safetensors file (default: shipped model)")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank r (default 4)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha; the update is (alpha/r) up @ down "
                    "(default: alpha = r)")
-    p.add_argument("--steps", type=int, default=500, help="training steps in all (default 500)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
-    p.add_argument("--batch-size", type=int, default=1, help="pictures per step (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw and of the init (default 0)")
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
-                   help="write <stem>.checkpoint.safetensors every K steps (default 0: never)")
-    p.add_argument("--resume", default=None, metavar="FILE", help="go on from a checkpoint to --steps in all")
-    p.add_argument("--clip-skip", type=int, default=None, help="train through this text encoder layer "
-                   "(diffusers' clip_skip; use the value you will generate with)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_loop_options(p)
     p.set_defaults(run=run_train_lora)
     return p

@@ -14,7 +14,7 @@ from helpers import IMAGE_LEVELS_TOL, NETWORK_TOL, assert_rel_close, rel_err
 from safetensors import safe_open
 from safetensors.numpy import load_file
 from test_lora_grad import torch_loss_and_grads, torch_unet_with_lora
-from test_textual_inversion import draw_pictures, training_latents
+from test_textual_inversion import draw_pictures, fresh_pipe, training_latents
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline"))
 from tiny_sd import tiny_sd_folder, torch_pipeline
@@ -37,10 +37,6 @@ def folder():
 @pytest.fixture
 def pictures(tmp_path, rng):
     return draw_pictures(tmp_path / "pictures", rng)
-
-
-def fresh_pipe(folder):
-    return StableDiffusionPipeline.from_pretrained(folder)
 
 
 def test_two_steps_equal_torch_adamw_on_peft_gradients(folder, pictures, seed):
