@@ -22,7 +22,7 @@ from tiny_sd import tiny_sd_folder, torch_pipeline
 from npdiff import StableDiffusionPipeline, cli
 from npdiff.errors import NpdiffError
 from npdiff.lora import named_layers
-from npdiff.training import UNetLora, train_lora
+from npdiff.training import UNetLora, lora_grad, train_lora
 from npdiff.training.loop import draw_batch
 
 PROMPT = "a photo of sks disc"
@@ -128,8 +128,6 @@ def test_captions_from_files_and_the_loss_going_down(folder, tmp_path, rng, seed
     trained = train_lora(pipe, pictures, rank=4, steps=8, lr=5e-2, batch_size=4, seed=seed, progress=False)
     assert trained.losses[0] == first.losses[0]
     # the loss of step 0's draw, with the trained LoRA, against its value before training
-    from npdiff.training import lora_grad
-
     latents = training_latents(pipe, pictures)
     captions = [("sks disc, blue background",), ("a sks disc", "sks, a red disc")]
     draw = draw_batch(seed, 0, 4, captions, 1000, latents.shape[2:])
