@@ -1,5 +1,5 @@
 """npdiff.training.train_lora and `npdiff train-lora` on the tiny random SD of tests/pipeline/tiny_sd.py: two training
-steps against the same steps by torch (peft adapters on diffusers' UNet, torch.optim.AdamW), checkpoint + resume
+steps against the same steps by torch (peft adapters on diffusers' UNet, torch.optim.AdamW; SD 1.x and 2.x), checkpoint + resume
 equal to an uninterrupted run, the kohya-layout file loaded by npdiff's and diffusers' load_lora_weights giving the
 same picture within 2 levels, kohya's metadata without local paths, and bad input refused before any work."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import IMAGE_LEVELS_TOL, NETWORK_TOL, assert_rel_close, rel_err
+from helpers import IMAGE_LEVELS_TOL, assert_rel_close, rel_err
 from safetensors import safe_open
 from safetensors.numpy import load_file
 from test_lora_grad import torch_loss_and_grads, torch_unet_with_lora
@@ -39,7 +39,9 @@ def pictures(tmp_path, rng):
     return draw_pictures(tmp_path / "pictures", rng)
 
 
-def test_two_steps_equal_torch_adamw_on_peft_gradients(folder, pictures, seed):
+@pytest.mark.parametrize("kind", ["test", "sd2"])
+def test_two_steps_equal_torch_adamw_on_peft_gradients(kind, pictures, seed):
+    folder = tiny_sd_folder(kind=kind)
     lr, rank, alpha, steps = 1e-2, 2, 3.0, 2
     result = train_lora(fresh_pipe(folder), pictures, prompt=PROMPT, rank=rank, alpha=alpha, steps=steps, lr=lr,
                         batch_size=2, seed=seed, progress=False)
@@ -50,17 +52,24 @@ def test_two_steps_equal_torch_adamw_on_peft_gradients(folder, pictures, seed):
     parameters = [tensor for pair in adapted.values() for tensor in pair]
     optimizer = torch.optim.AdamW(parameters, lr=lr)
     latents = training_latents(pipe, pictures)
+    prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")  # sd2: v_prediction
     for step in range(steps):
         draw = draw_batch(seed, step, 2, [(PROMPT,)] * 3, 1000, latents.shape[2:])
         ids = pipe.tokenizer(draw["templates"])
         optimizer.zero_grad()
         loss, _ = torch_loss_and_grads(torch_pipe, adapted, ids, latents[draw["flips"], draw["pictures"]],
-                                       draw["noise"], draw["timesteps"], "epsilon")
+                                       draw["noise"], draw["timesteps"], prediction_type)
         optimizer.step()
         assert abs(result.losses[step] - loss) <= 1e-5 * loss, (step, result.losses[step], loss)
     expected = np.concatenate([np.concatenate([down.detach().numpy().ravel(), up.detach().numpy().ravel()])
                                for down, up in (adapted[name] for name in start.layers)])
-    assert_rel_close(result.lora.params - start.params, expected - start.params, NETWORK_TOL, "two steps' update")
+    # AdamW divides each gradient by its own size: a gradient within float32 rounding of zero becomes a +-lr step
+    # whose sign the rounding picks. So: at most 1 in 1000 factors may step differently (by > lr/100), and the
+    # update as a whole within 1e-3. Measured over 6 runs: 0-3 of 16640-23296 factors, 1.1e-5 to 1.8e-4.
+    update, expected_update = result.lora.params - start.params, expected - start.params
+    differing = int(np.count_nonzero(np.abs(update - expected_update) > 1e-2 * lr))
+    assert differing <= update.size // 1000, f"{differing} of {update.size} factors stepped differently"
+    assert_rel_close(update, expected_update, 1e-3, "two steps' update")
     assert all(layer.weight is result.lora.base[name] for name, layer in result.lora.layers.items())
 
 
