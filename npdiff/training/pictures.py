@@ -10,7 +10,8 @@ Pictures of mixed sizes are fine: every one is cropped and resized on its own.
 
 Captions: the templates (default diffusers' object templates below) with the new word for "{}"; a picture
 with a sidecar text file of the same name (`cat1.png` + `cat1.txt`, as kohya's scripts read captions) gets
-the captions in it instead, one a line, each with "{}" where the word goes.
+the captions in it instead, one a line, each with "{}" where the word goes. LoRA training (lora_train.py)
+reads the same files (sidecar_lines) as plain captions, without "{}", as kohya's scripts do.
 
 Flips: diffusers' script flips each picture at random (p = 0.5) and encodes it with the VAE at every
 step. Here each picture is encoded ONCE as it is and once flipped; each step then picks one of the two
