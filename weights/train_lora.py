@@ -43,7 +43,7 @@ def main():
     parser.add_argument("--pictures", type=int, default=8)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--alpha", type=float, default=None)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
