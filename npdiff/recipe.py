@@ -40,6 +40,7 @@ from npdiff.pipeline_utils import INSTALLED_MODEL_DIR, PACKAGE_DIR, SHIPPED_MODE
 from npdiff.preprocess import canny
 from npdiff.sdxl_recipe import (
     CROP_KEYWORDS,
+    FRACTION_KEYWORDS,
     SCORE_KEYWORDS,
     SIZE_KEYWORDS,
     check_sdxl_settings,
@@ -84,10 +85,12 @@ OPTIONS = (
     # caller, as the model is)
     *(Option(name, name, name, ALL) for name in SIZE_KEYWORDS + CROP_KEYWORDS + SCORE_KEYWORDS),
     Option("refiner_switch", "refiner_switch", "refiner_switch", ("generate", "img2img")),
+    Option("denoising_start", "denoising_start", "denoising_start", ("img2img", "inpaint")),  # diffusers' cuts
+    Option("denoising_end", "denoising_end", "denoising_end", ALL),
     Option("precision", None, "precision", ALL),  # "fp32" or "bf16", chosen when the model is loaded
 )
 HIRES_OPTIONS = ("hires_strength", "hires_steps", "hires_upscaler")  # they need hires_scale
-SDXL_VALUES = SIZE_KEYWORDS + CROP_KEYWORDS + SCORE_KEYWORDS + ("refiner_switch",)
+SDXL_VALUES = SIZE_KEYWORDS + CROP_KEYWORDS + SCORE_KEYWORDS + FRACTION_KEYWORDS
 # --reproduce fills in exactly these. The model, LoRAs, a VAE and the input pictures are never taken from a
 # PNG: it names them only by name and hash, and a path read from a file is never opened.
 OPTION_BY_NAME = {option.name: option for option in OPTIONS}

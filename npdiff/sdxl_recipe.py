@@ -9,7 +9,8 @@
                                  crops_coords_top_left (and negative_): "X,Y" (from the left, from the top)
                                    or [top, left] (diffusers' order)
                                  aesthetic_score, negative_aesthetic_score: a finite number
-                                 refiner_switch: a fraction of the schedule strictly between 0 and 1
+                                 refiner_switch, denoising_start, denoising_end: a fraction of the
+                                   schedule strictly between 0 and 1
   check_sdxl_settings(...)     what a call asks for against what the model and the refiner are: an SDXL
                                setting given to an SD 1.x/2.x model, a refiner that is no refiner, a switch
                                without a refiner, ... -> NpdiffError before any work
@@ -34,10 +35,18 @@ DEFAULT_REFINER_SWITCH = 0.8  # webui's "Refiner switch at" default, diffusers' 
 SIZE_KEYWORDS = ("original_size", "target_size", "negative_original_size", "negative_target_size")
 CROP_KEYWORDS = ("crops_coords_top_left", "negative_crops_coords_top_left")
 SCORE_KEYWORDS = ("aesthetic_score", "negative_aesthetic_score")
+WINDOW_KEYWORDS = ("denoising_start", "denoising_end")  # diffusers' cuts of the schedule (without a refiner)
+FRACTION_KEYWORDS = ("refiner_switch",) + WINDOW_KEYWORDS
 SDXL_OPTION_FLAGS = {
     "prompt_2": "--prompt-2", "negative_prompt_2": "--negative-2",
-    **{keyword: "--" + keyword.replace("_", "-") for keyword in SIZE_KEYWORDS + CROP_KEYWORDS + SCORE_KEYWORDS},
-    "refiner_switch": "--refiner-switch",
+    **{keyword: "--" + keyword.replace("_", "-")
+       for keyword in SIZE_KEYWORDS + CROP_KEYWORDS + SCORE_KEYWORDS + FRACTION_KEYWORDS},
+}
+FRACTION_MEANINGS = {
+    "refiner_switch": "the fraction of the schedule the base runs before the refiner takes over; webui's "
+                      "'Refiner switch at'",
+    "denoising_start": "the fraction of the schedule already run: start there, adding no noise",
+    "denoising_end": "the fraction of the schedule to run before stopping",
 }
 MAX_SIZE = 10**6  # pixels a side: far past any picture, small enough to stay an exact float32
 SIZE_TEXT = re.compile(r"^\s*(\d{1,7})\s*[xX]\s*(\d{1,7})\s*$")
@@ -80,12 +89,12 @@ def check_sdxl_value(name, value, where=None):
     if name in CROP_KEYWORDS:  # "X,Y" -> [top, left] = [Y, X]
         return _pair(value, label, CORNER_TEXT, "X,Y (pixels from the left, from the top)", "[top, left]",
                      swap=True, smallest=0)
-    if name in SCORE_KEYWORDS + ("refiner_switch",):
+    if name in SCORE_KEYWORDS + FRACTION_KEYWORDS:
         number_ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if name == "refiner_switch" and not (number_ok and 0 < value < 1):
-            raise NpdiffError(f"{label!r} must be a number strictly between 0 and 1 (the fraction of the schedule "
-                              f"the base runs before the refiner takes over; webui's 'Refiner switch at'), got "
-                              f"{shorten(value)}")
+        if name in FRACTION_KEYWORDS and not (number_ok and 0 < value < 1):
+            named = f"{where}: {flag(name)}" if where else flag(name)
+            raise NpdiffError(f"{named} must be a number strictly between 0 and 1 ({FRACTION_MEANINGS[name]}), "
+                              f"got {shorten(value)}")
         if not number_ok:
             raise NpdiffError(f"{label!r} must be a finite number (webui's default: 6 for the aesthetic score, 2.5 "
                               f"for the negative one), got {shorten(value)}")
@@ -114,7 +123,9 @@ def check_sdxl_settings(command, keywords, model_kind, refiner_kind=None, contro
                 raise NpdiffError(f"{flag(keyword)} is for SDXL models (a second text encoder); this model has one")
         if refiner_kind is not None:
             raise NpdiffError("--refiner is for SDXL base models; this model is an SD 1.x/2.x model")
-    # 2. the refiner: an SDXL refiner after an SDXL base, for generate and img2img
+    # 2. denoising_start / denoising_end: one window of the schedule, by no other setting's way of cutting it
+    check_window_settings(keywords, given, refiner_kind, control)
+    # 3. the refiner: an SDXL refiner after an SDXL base
     if refiner_kind is None:
         if "refiner_switch" in given:
             raise NpdiffError(f"{flag('refiner_switch')} needs --refiner FILE_OR_FOLDER (the SDXL refiner to "
@@ -134,6 +145,23 @@ def check_sdxl_settings(command, keywords, model_kind, refiner_kind=None, contro
         raise NpdiffError(f"--refiner works with generate and img2img; npdiff {command} does not take it")
     if keywords.get("hires_scale") is not None or control:
         raise NpdiffError(f"--refiner cannot be combined with {'--hires-scale' if not control else '--control'}")
+
+
+def check_window_settings(keywords, given, refiner_kind, control):
+    """denoising_start below denoising_end; neither beside --refiner (its switch cuts the schedule), the hires
+    fix (its first pass runs the whole schedule) or --control (its pipeline runs the whole schedule)."""
+    window = [keyword for keyword in WINDOW_KEYWORDS if keyword in given]
+    if not window:
+        return
+    if len(window) == 2 and keywords["denoising_start"] >= keywords["denoising_end"]:
+        raise NpdiffError(f"{flag('denoising_start')} {keywords['denoising_start']} must be smaller than "
+                          f"{flag('denoising_end')} {keywords['denoising_end']}")
+    if refiner_kind is not None:
+        raise NpdiffError(f"{flag(window[0])} cannot be combined with --refiner: --refiner-switch says where the "
+                          "base stops and the refiner starts")
+    if keywords.get("hires_scale") is not None or control:
+        raise NpdiffError(f"{flag(window[0])} cannot be combined with "
+                          f"{'--hires-scale' if not control else '--control'}")
 
 
 def _offset_callback(callback, callback_steps, offset):
