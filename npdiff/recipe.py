@@ -84,7 +84,7 @@ OPTIONS = (
     # and where the refiner takes over (render() runs the refiner from there; the refiner itself is loaded by the
     # caller, as the model is)
     *(Option(name, name, name, ALL) for name in SIZE_KEYWORDS + CROP_KEYWORDS + SCORE_KEYWORDS),
-    Option("refiner_switch", "refiner_switch", "refiner_switch", ("generate", "img2img")),
+    Option("refiner_switch", "refiner_switch", "refiner_switch", ALL),
     Option("denoising_start", "denoising_start", "denoising_start", ("img2img", "inpaint")),  # diffusers' cuts
     Option("denoising_end", "denoising_end", "denoising_end", ALL),
     Option("precision", None, "precision", ALL),  # "fp32" or "bf16", chosen when the model is loaded
@@ -410,7 +410,7 @@ def render(pipe, command, options, picture=None, mask=None, identity=None, vae=N
                          "guess_mode": control["guess_mode"]})
     # 2. the picture
     if refiner is not None:  # base + refiner, diffusers' ensemble of experts
-        output = render_with_refiner(pipe, refiner, command, keywords, picture, callback, callback_steps)
+        output = render_with_refiner(pipe, refiner, command, keywords, picture, callback, callback_steps, mask)
     elif command == "generate":
         output = pipe(**keywords, **progress)
     elif command == "img2img":

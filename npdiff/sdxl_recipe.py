@@ -18,8 +18,8 @@
   Refiner(pipe, identity)      a loaded refiner and how the PNG names it ({"refiner": name, "refiner_hash"})
   render_with_refiner(...)     diffusers' "ensemble of experts", webui's "Refiner switch at": the base runs
                                the schedule down to `refiner_switch` (denoising_end, latents out), the refiner
-                               the rest from those latents (denoising_start); -> the refiner's output with
-                               the parameters of the whole picture
+                               the rest from those latents (denoising_start; inpainting: its inpaint with the
+                               same mask); -> the refiner's output with the parameters of the whole picture
 
 The ensemble is diffusers' (the schedule is cut at a timestep), not webui's (which switches models at a step
 of one sampler run): the same settings draw diffusers' picture, not webui's.
@@ -141,8 +141,6 @@ def check_sdxl_settings(command, keywords, model_kind, refiner_kind=None, contro
     if model_kind == "sdxl-refiner":
         raise NpdiffError("--refiner follows an SDXL base, and --model is an SDXL refiner itself: give the base "
                           "model as --model")
-    if command not in ("generate", "img2img"):
-        raise NpdiffError(f"--refiner works with generate and img2img; npdiff {command} does not take it")
     if keywords.get("hires_scale") is not None or control:
         raise NpdiffError(f"--refiner cannot be combined with {'--hires-scale' if not control else '--control'}")
 
@@ -177,11 +175,13 @@ def _offset_callback(callback, callback_steps, offset):
     return wrapper, seen
 
 
-def render_with_refiner(pipe, refiner, command, keywords, picture=None, callback=None, callback_steps=1):
-    """base + refiner (module doc): pipe runs `command` ("generate" or "img2img" of `picture`) down to
-    keywords["refiner_switch"] (default 0.8) and returns latents, refiner.pipe.img2img the rest -> its output,
-    whose parameters are the base's with the switch, the refiner's scores and its identity (no denoising_end:
-    the switch says it)."""
+def render_with_refiner(pipe, refiner, command, keywords, picture=None, callback=None, callback_steps=1,
+                        mask=None):
+    """base + refiner (module doc): pipe runs `command` ("generate", "img2img" of `picture`, or "inpaint" of
+    `picture` where `mask` is white) down to keywords["refiner_switch"] (default 0.8) and returns latents; the
+    refiner runs the rest (its img2img, or its inpaint of those latents with the same mask and size) -> its
+    output, whose parameters are the base's with the switch, the refiner's scores and its identity (no
+    denoising_end: the switch says it)."""
     keywords = dict(keywords)
     switch = keywords.pop("refiner_switch", None) or DEFAULT_REFINER_SWITCH
     scores = {name: keywords.pop(name) for name in SCORE_KEYWORDS if keywords.get(name) is not None}
@@ -190,13 +190,21 @@ def render_with_refiner(pipe, refiner, command, keywords, picture=None, callback
     cut = {"denoising_end": switch, "output_type": "latent", "callback": base_callback, "callback_steps": 1}
     if command == "generate":
         base = pipe(**keywords, **cut)
-    else:
+    elif command == "img2img":
         base = pipe.img2img(image=picture, **keywords, **cut)
+    else:
+        base = pipe.inpaint(image=picture, mask_image=mask, **keywords, **cut)
     # 2. the refiner: the rest, from the base's latents (no noise added: they are noisy already)
     refiner_callback, _ = _offset_callback(callback, callback_steps, seen["calls"])
     same = {name: keywords[name] for name in REFINER_KEYWORDS if name in keywords}
-    output = refiner.pipe.img2img(image=base.latents, denoising_start=switch, **same, **scores,
-                                  callback=refiner_callback, callback_steps=1)
+    finish = {"image": base.latents, "denoising_start": switch, **same, **scores, "callback": refiner_callback,
+              "callback_steps": 1}
+    if command == "inpaint":  # the same mask, read at the size the base worked at (the latents' size in pixels)
+        scale = refiner.pipe.vae_scale_factor
+        height, width = base.latents.shape[2] * scale, base.latents.shape[3] * scale  # [B,4,h,w] -> H, W
+        output = refiner.pipe.inpaint(mask_image=mask, height=height, width=width, **finish)
+    else:
+        output = refiner.pipe.img2img(**finish)
     # 3. the parameters of the whole picture
     parameters = {name: value for name, value in base.parameters.items() if name != "denoising_end"}
     parameters["refiner_switch"] = switch
