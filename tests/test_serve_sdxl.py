@@ -30,8 +30,9 @@ pytestmark = pytest.mark.usefixtures("hash_cache")  # model hashes cached in a t
 def models(tmp_path_factory):
     """--models-dir with the tiny SDXL base, refiner and an SD model (links to the folders tests build)."""
     folder = tmp_path_factory.mktemp("models")
-    for name, target in (("tiny-sdxl-base", tiny_sdxl_folder("base")), ("tiny-sdxl-refiner", tiny_sdxl_folder("refiner")),
-                         ("tiny-sd", tiny_sd_folder())):
+    links = {"tiny-sdxl-base": tiny_sdxl_folder("base"), "tiny-sdxl-refiner": tiny_sdxl_folder("refiner"),
+             "tiny-sd": tiny_sd_folder()}
+    for name, target in links.items():
         (folder / name).symlink_to(target, target_is_directory=True)
     return folder
 
