@@ -27,7 +27,10 @@ def model_in_use(shelf, request):
     """(name, path) of the model the request runs on: override_settings' sd_model_checkpoint or the loaded one."""
     if request.model:
         return shelf.model_path(request.model)
-    return shelf.name, shelf.model_paths()[shelf.name]
+    paths = shelf.model_paths()
+    if shelf.name not in paths:  # between two models (or one removed from --models-dir since it loaded)
+        raise RequestError(503, "sd_model_checkpoint", "sd_model_checkpoint: a model is being loaded; try again")
+    return shelf.name, paths[shelf.name]
 
 
 def check_sdxl_request(shelf, request):
