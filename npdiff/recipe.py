@@ -320,7 +320,7 @@ def options_from_png(stored, source):
             value = value + 1  # the PNG keeps diffusers' k; the option is webui's N = k + 1
         if value is not None:
             options[option.name] = check_value(option.name, value, f"{source}: stored parameter")
-    for key in ("model", "model_hash", "vae", "refiner", "refiner_hash"):
+    for key in ("model", "model_hash", "vae", "refiner", "refiner_hash", "command", "mode"):  # names, as text
         if stored.get(key) is not None and not isinstance(stored[key], str):
             raise NpdiffError(f"{source}: stored {key!r} must be a string, got {shorten(stored[key])}")
     check_stored_loras(stored.get("loras"), source)
