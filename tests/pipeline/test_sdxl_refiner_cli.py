@@ -134,6 +134,12 @@ def test_inpaint_with_refiner_like_diffusers(tmp_path, rng, seed, kind):
                      str(tmp_path / "mask.png"), "--model", str(base), "--refiner", str(refiner),
                      "--out", str(again)]) == 0
     assert np.array_equal(pixels(again), pixels(out))
+    jobs = tmp_path / "jobs.jsonl"  # a batch line with the same settings: the same picture
+    jobs.write_text(json.dumps({"prompt": "a lion", "image": "in.png", "mask": "mask.png", "steps": 4, "seed": seed,
+                                "refiner_switch": 0.6, "aesthetic_score": 7, "refiner": str(refiner)}))
+    summary = run_batch(jobs, tmp_path / "batch", model=base, progress=False)
+    assert (summary.written, summary.failures) == (1, {})
+    assert np.array_equal(pixels(tmp_path / "batch" / f"000001-seed{seed}.png"), pixels(out))
 
 
 @pytest.mark.parametrize("case", ["sd_model", "base_as_refiner", "switch_1.5", "switch_alone", "score_on_base",
