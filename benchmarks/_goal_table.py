@@ -17,8 +17,8 @@ openvino_f32, openvino_bf16. A figure that was not measured (a part left out, a 
 row say "not measured" instead of failing the table.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 NETWORKS = {"unet": "SD 1.5 UNet, batch 2, 64x64 latent", "vae_decode": "VAE decode 64x64 -> 512x512",
             "text_encoder": "CLIP text encoder, batch 2 x 77"}
@@ -30,7 +30,7 @@ SIDES = {"npdiff": "npdiff float32", "npdiff_bf16": "npdiff bf16", "torch": "tor
 class Goal:
     what: str
     measure: Callable  # measurements -> (value, detail text, [the side records it read, for their load])
-    bound: Optional[float] = None  # None: a figure shown beside the goals, with nothing to meet
+    bound: float | None = None  # None: a figure shown beside the goals, with nothing to meet
     compare: str = "<="  # "<=", "<" or ">="
     fmt: str = "{:.2f}"
 
@@ -79,8 +79,8 @@ def tiled_pixels(m):
 
 def tiled_time(m):
     ours, theirs = m["tiled"]["npdiff"], m["tiled"]["torch"]
-    return (ours["decode_s"] / theirs["decode_s"], f"{m['tiled']['size']}px: {ours['decode_s']:.1f} s / "
-            f"{theirs['decode_s']:.1f} s", [ours, theirs])
+    detail = f"{m['tiled']['size']}px: {ours['decode_s']:.1f} s / {theirs['decode_s']:.1f} s"
+    return ours["decode_s"] / theirs["decode_s"], detail, [ours, theirs]
 
 
 def large_peak(m):
