@@ -154,7 +154,8 @@ def goal_rows(measurements, goals=GOALS):
 
 
 def network_rows(measurements):
-    """One row per network and side: seconds, ratio to torch float32, relative error, peak RSS, load."""
+    """One row per network and side: seconds, ratio to torch float32, relative error, peak RSS, load, and the
+    process's CPU seconds per call (all its threads: computing, or spinning while it waits for a core)."""
     rows = []
     for component, sides in measurements.get("models", {}).items():
         anchor = sides.get("torch", {}).get("seconds")
@@ -168,7 +169,8 @@ def network_rows(measurements):
             row.update(seconds=f"{record['seconds']:.3f}", load=loadavg_text([record]),
                        ratio=f"{record['seconds'] / anchor:.2f}" if anchor else "-",
                        rel_err=f"{record['rel_err']:.1e}" if record.get("rel_err") is not None else "-",
-                       peak_rss=f"{record['peak_rss_gib']:.2f}", note=record.get("note", ""))
+                       peak_rss=f"{record['peak_rss_gib']:.2f}", note=record.get("note", ""),
+                       cpu=f"{record['cpu_seconds']:.2f}" if "cpu_seconds" in record else "-")
             rows.append(row)
     return rows
 
@@ -185,5 +187,6 @@ def markdown_table(rows, columns):
 GOAL_COLUMNS = [("goal", "goal"), ("target", "target"), ("measured", "measured"), ("met", "met"),
                 ("load", "load avg"), ("detail", "detail")]
 NETWORK_COLUMNS = [("network", "network"), ("side", "side"), ("seconds", "s per call"), ("ratio", "/ torch f32"),
+                   ("cpu", "CPU s per call"),
                    ("rel_err", "rel err vs torch f32"), ("peak_rss", "peak RSS GiB"), ("load", "load avg"),
                    ("note", "note")]
