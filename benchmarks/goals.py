@@ -3,8 +3,9 @@
     python benchmarks/goals.py [--parts models,pipeline,tiled,large,colours] [--repeat 2] [--tiny]
     npdiff bench goals ...                                   (the same)
 
-About 15 minutes on a quiet 2-core AVX-512 machine once the random weights and OpenVINO's converted IR
-are cached (the first run makes them: ~4.3 GB of weights, then ~4.3 GB of IR, a few minutes each).
+About 15-18 minutes on a quiet 2-core AVX-512 machine once the random weights and OpenVINO's converted IR
+are cached (estimated from each part's quiet figures; 49 minutes at load average 3-10). The first run makes
+them: ~4.3 GB of weights, then ~4.3 GB of IR (about 10 minutes of conversion under load).
 Parts (each side of each figure in its own fresh process, each process importing numpy first, as a
 user's script does):
     models   benchmarks/models.py's workers for the SD 1.5 UNet (batch 2, 64x64 latent), the VAE decode to
