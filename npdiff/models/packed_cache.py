@@ -42,6 +42,7 @@ Only what the loader packs from the weight files is ever written: a LoRA fused i
 private memory (npdiff/lora.py) and never reaches this file; unloading puts the mapped original back.
 """
 
+import errno
 import hashlib
 import json
 import mmap
@@ -70,6 +71,7 @@ DATA_DTYPES = ("uint16", "uint32", "float32")  # what packed arrays hold (bf16 b
 CLASSES = {"linear": PackedBf16Weight, "conv": PackedBf16Conv}
 CHUNK_BYTES = 256 << 20  # writer: weights written are mapped back (and their private arrays freed) per 256 MiB
 _stores = weakref.WeakKeyDictionary()  # Weights -> its unfinished store
+_unwritable = set()  # cache folders already warned about (a full disk, no permission)
 
 
 def cache_enabled():
@@ -152,7 +154,7 @@ def read_index(path, constants, sources):
             handle.seek(size - 16 - length)
             index = json.loads(handle.read(length).decode("utf-8"))
             mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no cache yet (or no folder for one)
         return None, None
     except (OSError, ValueError) as exc:
         return None, f"unreadable ({exc})"
@@ -298,9 +300,11 @@ class PackedCache:
         if self.failed:
             return
         self.failed = True
-        reason = "the disk is full" if getattr(exc, "errno", None) == 28 else (exc.strerror or str(exc))
-        _warn(f"could not write the packed bf16 cache {self.path} ({reason}); this model's packed weights stay "
-              "in private memory (set NPDIFF_BF16_CACHE=0 to stop trying)")
+        reason = "the disk is full" if getattr(exc, "errno", None) == errno.ENOSPC else (exc.strerror or str(exc))
+        if str(self.path.parent) not in _unwritable:  # once per folder: not once per network
+            _unwritable.add(str(self.path.parent))
+            _warn(f"could not write the packed bf16 cache {self.path} ({reason}); packed weights stay in private "
+                  "memory while that folder cannot be written (NPDIFF_BF16_CACHE=0: stop trying)")
         if self.handle is not None:
             _remove_file(self.temporary, self.handle)
         self.handle = None
