@@ -106,8 +106,10 @@ class StableDiffusionPipeline:
         once read they stay resident, counted in this process's memory, until released. The pages stay
         in the kernel's page cache, and the next read of a weight faults its page back in from there
         (measured for the SD 1.5 UNet in benchmarks/memory.py: well under a second against a minute
-        of sampling); results are bit-identical. A no-op where madvise is unavailable, and for weights
-        held in private memory (F16/BF16 widened, LoRA-fused, on a GPU)."""
+        of sampling); results are bit-identical. At precision="bf16" the packed weights are mapped from
+        their cache file (npdiff/models/packed_cache.py) and released the same way. A no-op where madvise is
+        unavailable, and for weights held in private memory (F16/BF16 widened, LoRA-fused, on a GPU, packed
+        with NPDIFF_BF16_CACHE=0)."""
         names = names or self.text_encoder_names + ("unet", "vae")
         return sum(release_resident_pages(getattr(self, name)) for name in names)
 

@@ -91,7 +91,10 @@ def cache_path(weights):
     part = weights.part or ""
     digest = hashlib.sha256(f"{source}\n{part}".encode("utf-8")).hexdigest()[:16]
     # a single file: "<file stem>-<part>"; a folder's component: "<component folder>-<file stem>"
-    name = f"{source.stem}-{part}" if part else f"{source.parent.name}-{source.stem}"
+    stem = source.name
+    for suffix in (".json", ".index", ".safetensors"):  # "x.safetensors" or a sharded "x.safetensors.index.json"
+        stem = stem.removesuffix(suffix)
+    name = f"{stem}-{part}" if part else f"{source.parent.name}-{stem}"
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:60]
     return cache_folder() / "bf16" / f"{name}-{bf16_kernel()}-{digest}.bf16pack"
 
