@@ -89,7 +89,7 @@ def cache_path(weights):
     """Where the packed weights of `weights` (one model's Weights) are cached."""
     source = Path(os.path.realpath(weights.source))
     part = weights.part or ""
-    digest = hashlib.sha256(f"{source}\n{part}".encode("utf-8")).hexdigest()[:16]
+    digest = hashlib.sha256(f"{source}\n{part}".encode()).hexdigest()[:16]
     # a single file: "<file stem>-<part>"; a folder's component: "<component folder>-<file stem>"
     stem = source.name
     for suffix in (".json", ".index", ".safetensors"):  # "x.safetensors" or a sharded "x.safetensors.index.json"
@@ -223,7 +223,7 @@ class PackedCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.path.parent)
             self.temporary = self.path.parent / f".{self.path.name}.{os.getpid()}.tmp"
-            self.handle = open(self.temporary, "w+b")
+            self.handle = open(self.temporary, "w+b")  # noqa: SIM115 (open across put() calls, closed in finish)
         except OSError as exc:
             self._give_up(exc)
             return

@@ -24,7 +24,7 @@ from npdiff.loading.resident import mapping_of, reachable
 from npdiff.models import packed_cache
 from npdiff.models.precision import is_packed
 
-CALL = dict(num_inference_steps=2, guidance_scale=5.0, height=32, width=32, output_type="np")
+CALL = {"num_inference_steps": 2, "guidance_scale": 5.0, "height": 32, "width": 32, "output_type": "np"}
 COMPONENTS = {"sd": ("text_encoder", "unet", "vae"), "sdxl": ("text_encoder", "text_encoder_2", "unet", "vae")}
 FAULT_AROUND = 64 << 10  # the kernel maps up to 64 KiB around a faulted page: what a release may leave of a map
 
