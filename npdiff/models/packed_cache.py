@@ -2,7 +2,7 @@
 
     store = store_for(weights)              # the cache of one Weights (one model's tensors): a reader or a writer
     packed = store.get(key, kind, shape)    # the packed weight, mapped read-only from the cache file, or None
-    packed = store.put(key, kind, packed)   # (writer) written into the file; -> the same weight, mapped from it
+    packed = store.put(key, kind, packed)   # (writer) written into the file; its array soon a view of the file
     store.finish(complete)                  # (Weights.check_all_used) the file renamed into place, or dropped
 
 Why: precision="bf16" packs every Linear and Conv2d weight at load (precision.py). Packed into private
@@ -33,10 +33,12 @@ Writing: into ".<name>.<pid>.tmp" beside the final name, one weight at a time (i
 posix_fallocate, so a full disk is an OSError at write time, never a SIGBUS later); every CHUNK_BYTES
 written are mapped back from that file and the weights' private packed arrays swapped for views of the map
 (the same values), so the first load holds at most a chunk of packed weights in private memory, and a
-model needs a few maps (each holds a file descriptor), not one per weight. finish() appends the index and renames the file onto its name (readers see the
-old file or the whole new one). No fsync: a file cut short by a crash fails the checks above and is rebuilt.
-Temporary files of processes that no longer exist are removed when a cache is next written. A file that
-cannot be written (no room, no permission) leaves the remaining weights in private memory, with one warning.
+model needs a few maps (each holds a file descriptor), not one per weight. finish() appends the index and
+renames the file onto its name (readers see the old file or the whole new one). No fsync: a file cut short
+by a crash fails the checks above and is rebuilt. Temporary files of processes that no longer exist are
+removed when a cache is next written. A file that cannot be written (no room, no permission) leaves the
+remaining weights in private memory, with one warning per folder. A valid file that lacks a layer asked for
+(a model built differently from the same weights) gives that layer a fresh private pack.
 
 Only what the loader packs from the weight files is ever written: a LoRA fused into a layer is re-packed into
 private memory (npdiff/lora.py) and never reaches this file; unloading puts the mapped original back.
