@@ -22,6 +22,7 @@ import npdiff
 from npdiff import lora as npdiff_lora
 from npdiff.loading.resident import mapping_of, reachable
 from npdiff.models import packed_cache
+from npdiff.models import unet as unet_module
 from npdiff.models.precision import is_packed
 
 CALL = {"num_inference_steps": 2, "guidance_scale": 5.0, "height": 32, "width": 32, "output_type": "np"}
@@ -240,3 +241,27 @@ def test_a_cache_that_cannot_be_written_keeps_the_weights_private(models, tmp_pa
         pipe = load(models["sd"])
     assert all(mapping_of(w.data) is None for w in packed_weights(pipe.unet))
     assert draw(pipe, seed).tobytes() == draw(load(models["sd"], cached=False), seed).tobytes()
+
+
+def test_a_large_bf16_unet_drops_each_block_after_it_runs(models, cache_dir, monkeypatch):
+    """The per-block release of models/unet.py (a UNet past PER_BLOCK_RELEASE_BYTES of mapped weights: SDXL's
+    5.1 GB packed) covers the packed weights mapped from the cache: the same output, few pages left resident."""
+    load(models["sd"])  # writes the cache
+    keeping = load(models["sd"]).unet
+    monkeypatch.setattr(unet_module, "PER_BLOCK_RELEASE_BYTES", 0)
+    per_block = load(models["sd"]).unet
+    assert per_block.release_weights_after_each_block and not keeping.release_weights_after_each_block
+    rng = np.random.default_rng(4)
+    latents = rng.standard_normal((2, 4, 4, 4), dtype=np.float32)
+    text = rng.standard_normal((2, 77, keeping.config["cross_attention_dim"]), dtype=np.float32)
+    unet_file = unet_cache(cache_dir)
+    data_bytes = sum(w.nbytes for w in packed_weights(keeping))
+    kept = keeping(latents, 300, text)
+    assert mapped_rss_bytes(unet_file) >= 0.9 * data_bytes
+    keeping_pages = mapped_rss_bytes(unet_file)
+    del keeping  # its map goes with it: what stays resident below is per_block's alone
+    gc.collect()
+    assert mapped_rss_bytes(unet_file) < keeping_pages
+    released = per_block(latents, 300, text)
+    assert mapped_rss_bytes(unet_file) < 0.5 * data_bytes
+    assert kept.tobytes() == released.tobytes()
