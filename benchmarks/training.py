@@ -139,7 +139,9 @@ def main():
     for side in ("torch", "npdiff"):
         command = [sys.executable, __file__, "--worker", side, "--size", str(args.size), "--batch", str(args.batch),
                    "--steps", str(args.steps)]
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"the {side} worker failed:\n{done.stderr}")
         results[side] = json.loads(done.stdout.strip().splitlines()[-1])
         counted = results[side]["step_s"][1:] or results[side]["step_s"]
         results[side]["best_step_s"] = min(counted)

@@ -37,6 +37,8 @@ SD15 = dict(sample_size=64, in_channels=4, out_channels=4, center_input_sample=F
 class SharedRandomWeights:
     """The .take interface of npdiff.loading.Weights; every tensor of one shape is the same random array."""
 
+    precision = "fp32"  # what the models ask a loader for (clip.py keeps float32 weights transposed)
+
     def __init__(self, seed=0):
         self.by_shape = {}
         self.parameters = 0
