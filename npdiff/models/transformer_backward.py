@@ -67,17 +67,33 @@ def layer_norm_layer_backward(layer, x, grad_out):
 # ---------------------------------------------------------------------------------------------
 # BasicTransformerBlock and Transformer2DModel
 # ---------------------------------------------------------------------------------------------
-def basic_block_backward(block, x, context, grad_out, weight_grads=None):
-    """BasicTransformerBlock: x [B,N,D] its input, context [B,M,Dc], grad_out [B,N,D] ->
-    (dx [B,N,D], dcontext [B,M,Dc])."""
-    # recompute the forward, keeping the residual stream and the attentions' q, k, v
+def basic_block_states(block, x, context):
+    """BasicTransformerBlock's steps 1-2, keeping what the backward needs: -> (normed1, qkv1, x1,
+    normed2, qkv2, x2), the residual stream [B,N,D] and the attentions' q, k, v [B,h,N|M,d]."""
     normed1 = block.norm1(x)                                            # [B,N,D]
     attn1_out, qkv1 = attention_with_qkv(block.attn1, normed1, normed1)
     x1 = x + attn1_out                                                  # [B,N,D]
     normed2 = block.norm2(x1)                                           # [B,N,D]
     attn2_out, qkv2 = attention_with_qkv(block.attn2, normed2, context)
     x2 = x1 + attn2_out                                                 # [B,N,D]
-    del attn1_out, attn2_out
+    return normed1, qkv1, x1, normed2, qkv2, x2
+
+
+def basic_block_forward_saved(block, x, context):
+    """BasicTransformerBlock's forward -> (out [B,N,D], states): basic_block_states, then step 3."""
+    states = basic_block_states(block, x, context)
+    x2 = states[-1]                                                     # [B,N,D]
+    out = block.ff(block.norm3(x2))                                     # 3. [B,N,D]
+    out += x2
+    return out, states
+
+
+def basic_block_backward(block, x, context, grad_out, weight_grads=None, states=None):
+    """BasicTransformerBlock: x [B,N,D] its input, context [B,M,Dc], grad_out [B,N,D] ->
+    (dx [B,N,D], dcontext [B,M,Dc]). states: basic_block_forward_saved's, else recomputed from x."""
+    if states is None:
+        states = basic_block_states(block, x, context)
+    normed1, qkv1, x1, normed2, qkv2, x2 = states
     # 3. feed-forward with residual
     grad_ff = feed_forward_backward(block.ff, block.norm3(x2), grad_out)  # [B,N,D]
     grad_x2 = grad_out + layer_norm_layer_backward(block.norm3, x2, grad_ff)
@@ -90,23 +106,47 @@ def basic_block_backward(block, x, context, grad_out, weight_grads=None):
     return grad_x, grad_context
 
 
-def transformer_2d_backward(model, x, context, grad_out, weight_grads=None):
-    """Transformer2DModel: x [B,C,H,W] its input, context [B,M,Dc], grad_out [B,C,H,W] ->
-    (dx [B,C,H,W], dcontext [B,M,Dc])."""
+def transformer_2d_forward_saved(model, x, context):
+    """Transformer2DModel's forward (transformer.py's steps) -> (out [B,C,H,W], saved): each block's
+    input [B,H*W,D] and states, so that transformer_2d_backward reruns nothing."""
     batch, channels, height, width = x.shape
-    # recompute: proj_in's input and every transformer block's input
+    # 1. group norm, then to tokens and proj_in
     tokens = model.norm(x).reshape(batch, channels, height * width).transpose(0, 2, 1)  # [B,H*W,C] (view)
-    block_inputs = [model.proj_in(tokens)]                              # [B,H*W,D]
-    for block in model.transformer_blocks[:-1]:
-        block_inputs.append(block(block_inputs[-1], context))           # [B,H*W,D]
+    h = model.proj_in(tokens)                                           # [B,H*W,D]
+    # 2. the transformer blocks, each one's input and states kept
+    saved = []
+    for block in model.transformer_blocks:
+        out, states = basic_block_forward_saved(block, h, context)      # [B,H*W,D]
+        saved.append((h, states))
+        h = out
+    # 3. proj_out, back to NCHW, residual
+    h = model.proj_out(h)                                               # [B,H*W,D] -> [B,H*W,C]
+    out = np.ascontiguousarray(h.transpose(0, 2, 1)).reshape(batch, channels, height, width)  # [B,C,H,W]
+    out += x
+    return out, saved
+
+
+def transformer_2d_backward(model, x, context, grad_out, weight_grads=None, saved=None):
+    """Transformer2DModel: x [B,C,H,W] its input, context [B,M,Dc], grad_out [B,C,H,W] ->
+    (dx [B,C,H,W], dcontext [B,M,Dc]). saved: transformer_2d_forward_saved's, else every block's
+    input is recomputed (and each block recomputes its states)."""
+    batch, channels, height, width = x.shape
+    if saved is None:
+        tokens = model.norm(x).reshape(batch, channels, height * width).transpose(0, 2, 1)  # [B,H*W,C] (view)
+        block_inputs = [model.proj_in(tokens)]                          # [B,H*W,D]
+        for block in model.transformer_blocks[:-1]:
+            block_inputs.append(block(block_inputs[-1], context))       # [B,H*W,D]
+        saved = [(block_input, None) for block_input in block_inputs]
     # 3. residual, NCHW -> tokens, proj_out (frozen)
     grad_tokens = grad_out.reshape(batch, channels, height * width).transpose(0, 2, 1)  # [B,H*W,C] (view)
     grad_h = np.matmul(grad_tokens, model.proj_out.weight)              # [B,H*W,C] @ [C,D] -> [B,H*W,D]
-    # 2. the transformer blocks, last first
+    # 2. the transformer blocks, last first (each one's saved states released once used)
     grad_context = np.zeros(context.shape, np.float32)                  # [B,M,Dc]
-    for block, block_input in zip(reversed(model.transformer_blocks), reversed(block_inputs)):
-        grad_h, grad_ctx_block = basic_block_backward(block, block_input, context, grad_h, weight_grads)
+    for block in reversed(model.transformer_blocks):
+        block_input, states = saved.pop()
+        grad_h, grad_ctx_block = basic_block_backward(block, block_input, context, grad_h, weight_grads, states)
         grad_context += grad_ctx_block
+        del block_input, states
     # 1. proj_in (frozen), tokens -> NCHW, group norm
     grad_tokens_in = np.matmul(grad_h, model.proj_in.weight)            # [B,H*W,D] @ [D,C] -> [B,H*W,C]
     grad_normed = np.ascontiguousarray(grad_tokens_in.transpose(0, 2, 1)).reshape(batch, channels, height, width)

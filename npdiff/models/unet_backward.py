@@ -37,9 +37,10 @@ from npdiff.models.blocks_backward import (
     downsample_backward,
     group_norm_layer_backward,
     resnet_backward,
+    resnet_forward_saved,
     upsample_backward,
 )
-from npdiff.models.transformer_backward import transformer_2d_backward
+from npdiff.models.transformer_backward import transformer_2d_backward, transformer_2d_forward_saved
 
 
 class UNetTape:
@@ -53,6 +54,7 @@ class UNetTape:
         self.grad_context = np.zeros(context.shape, np.float32)  # [B,L,Dc], summed over every attention
         self.center_input_sample = center_input_sample
         self.weight_grads = None
+        self.keep_states = True  # keep each block's internals (else its backward recomputes them)
 
     def record(self, backward, inputs):
         """A new value made from `inputs` (ids); -> its id."""
@@ -88,14 +90,20 @@ class UNetTape:
         return out, self.record(lambda grad: (conv_layer_backward(layer, shape, grad),), [x_id])
 
     def resnet(self, block, x, x_id, temb):
-        out = block(x, temb)                                            # [B,Cin,H,W] -> [B,Cout,H,W]
-        return out, self.record(lambda grad: (resnet_backward(block, x, temb, grad),), [x_id])
+        if self.keep_states:
+            out, norm2_input = resnet_forward_saved(block, x, temb)     # [B,Cin,H,W] -> [B,Cout,H,W]
+        else:
+            out, norm2_input = block(x, temb), None                     # (recomputed by the backward)
+        return out, self.record(lambda grad: (resnet_backward(block, x, temb, grad, norm2_input),), [x_id])
 
     def transformer(self, model, x, x_id):
-        out = model(x, self.context)                                    # [B,C,H,W]
+        if self.keep_states:
+            out, saved = transformer_2d_forward_saved(model, x, self.context)  # [B,C,H,W]
+        else:
+            out, saved = model(x, self.context), None                   # (recomputed by the backward)
 
         def backward(grad):
-            grad_x, grad_context = transformer_2d_backward(model, x, self.context, grad, self.weight_grads)
+            grad_x, grad_context = transformer_2d_backward(model, x, self.context, grad, self.weight_grads, saved)
             self.grad_context += grad_context                           # [B,L,Dc]
             return (grad_x,)
 
@@ -138,16 +146,19 @@ def time_embedding(unet, batch, timestep, timestep_cond=None, added_cond_kwargs=
 
 
 def unet_forward_for_backward(unet, sample, timestep, encoder_hidden_states, timestep_cond=None,
-                              added_cond_kwargs=None, weight_grads=None):
+                              added_cond_kwargs=None, weight_grads=None, keep_states=True):
     """UNet forward (NumPy arrays) -> (output [B,Cout,h,w], tape); tape.backward(d output) gives the
     gradients. weight_grads: a dict to receive the attention projections' weight gradients
-    ({diffusers name of the layer: {"weight": dW, "bias": db}}), or None (weights frozen)."""
+    ({diffusers name of the layer: {"weight": dW, "bias": db}}), or None (weights frozen).
+    keep_states: keep each block's internals for its backward (faster); False keeps block inputs
+    only and recomputes the rest in the backward (less memory; see the header)."""
     if array_module(sample) is not np:
         raise NpdiffError("the UNet backward runs on NumPy arrays; got a sample on another device")
     unet.check_inputs(sample, np.atleast_1d(np.asarray(timestep)), encoder_hidden_states, timestep_cond)
     center = bool(unet.config["center_input_sample"])
     tape = UNetTape(np.ascontiguousarray(encoder_hidden_states, dtype=np.float32), center)
     tape.weight_grads = weight_grads
+    tape.keep_states = bool(keep_states)
     temb = time_embedding(unet, sample.shape[0], timestep, timestep_cond, added_cond_kwargs)
     if center:
         sample = 2 * sample - 1.0                                       # [B,Cin,h,w]
