@@ -26,8 +26,21 @@ Versions:
                               24 GiB beside the weights.
                               dS is one Numba pass over dP, in place (softmax_grad_row); the
                               softmax is softmax.py's (a numpy one when a mask may empty a row).
-  Every matmul is np.matmul over the leading axes (OpenBLAS sgemm per slice).
+                              Every matmul is np.matmul over the leading axes (OpenBLAS sgemm
+                              per slice, on OpenBLAS's own threads). Now taken with a mask only.
+  3. attention_backward_slices  no mask (self, cross, causal): one task per [N,d] slice (batch,
+                              head) on the block pool (kernels/block_pool.py), each task's GEMMs
+                              one-thread sgemm on its own core, its Numba passes serial, so
+                              OpenBLAS's threads (and their busy-wait after each call) never meet
+                              the Numba passes, as in the forward (fused.py). Inside a task, query
+                              blocks of SLICE_TILE_FLOATS scores [Q,M] (4 MiB, in the caches),
+                              each version 2's steps; dk and dv of the slice are summed over its
+                              blocks by its own task (no two tasks write the same rows). k, v and
+                              dO's slice are copied contiguous once per task. Parallel over
+                              slices: SD's 8 heads (CLIP's 12) keep both cores busy at batch 1.
 """
+
+import math
 
 import numpy as np
 
@@ -43,12 +56,17 @@ from npdiff.kernels.attention.common import (
     masked_row_max,
 )
 from npdiff.kernels.attention.reference import full_scores
+from npdiff.kernels.block_pool import run_blocks
+from npdiff.kernels.scratch import contiguous_in_scratch, scratch
 from npdiff.kernels.softmax import softmax
+from npdiff.kernels.vecmath import exp_f32
 from npdiff.kernels.validate import shape_text
 
 # floats of one block's score tile [..., block, M] (64 MiB; the dS tile beside it is as big). Measured on
 # [1,8,4096,40] (load ~12): 1 << 22 (128 queries per block) 16-21 s, 1 << 24 (512 queries) 9.1 s.
 BACKWARD_BLOCK_SCORES = 1 << 24
+# version 3: scores per query block of one slice [Q, M] (4 MiB; the dP tile beside it is as big)
+SLICE_TILE_FLOATS = 1 << 20
 
 
 def softmax_probs(scores, xp):
@@ -150,9 +168,98 @@ def attention_backward_fast(q, k, v, grad_out, mask=None, scale=None, is_causal=
 
 
 # ---------------------------------------------------------------------------------------------
+# 3. One task per slice on the block pool (no mask)
+# ---------------------------------------------------------------------------------------------
+@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+def softmax_rows_in_place(scores):
+    """scores [Q, M] (contiguous) -> softmax of each row in place; every row has a finite entry
+    (no mask: causal rows always see key 0)."""
+    for r in range(scores.shape[0]):
+        row = scores[r]
+        row_max = -np.inf
+        for j in range(row.size):
+            row_max = row[j] if row[j] > row_max else row_max
+        total = 0.0
+        for j in range(row.size):
+            row[j] = exp_f32(row[j] - row_max)
+            total += row[j]
+        inverse = np.float32(1.0 / total)
+        for j in range(row.size):
+            row[j] *= inverse
+
+
+@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+def softmax_grad_rows(probs, grad, scale):
+    """softmax_grad_row over every row of [Q, M] contiguous probs and dP (dP -> dS in place)."""
+    for r in range(probs.shape[0]):
+        softmax_grad_row(probs[r], grad[r], scale)
+
+
+def slice_backward(q, k, v, grad_out, grad_q, grad_k, grad_v, scale, is_causal):
+    """One [N,d] slice: q [N,d], k [M,d], v [M,dv], dO [N,dv] (views) -> writes dq [N,d], dk [M,d],
+    dv [M,dv] (views of the outputs), query block by query block."""
+    n_queries, n_keys = q.shape[0], k.shape[0]
+    block = max(1, min(n_queries, SLICE_TILE_FLOATS // max(1, n_keys)))
+    keys = contiguous_in_scratch(k, "attn_bwd_k")                       # [M,d]
+    values = contiguous_in_scratch(v, "attn_bwd_v")                     # [M,dv]
+    grad_rows = contiguous_in_scratch(grad_out, "attn_bwd_do")          # [N,dv]
+    part_k = scratch("attn_bwd_part_k", grad_k.shape)                   # [M,d]
+    part_v = scratch("attn_bwd_part_v", grad_v.shape)                   # [M,dv]
+    if n_queries == 0:
+        grad_k[:], grad_v[:] = 0.0, 0.0                                 # no query: no gradient
+    for start in range(0, n_queries, block):
+        stop = min(n_queries, start + block)
+        rows = stop - start
+        # 1. recompute this block's scores and probabilities
+        q_block = scratch("attn_bwd_q", (rows, q.shape[1]))             # [Q,d]
+        np.multiply(q[start:stop], np.float32(scale), out=q_block)
+        probs = scratch("attn_bwd_probs", (rows, n_keys))               # [Q,M]
+        np.matmul(q_block, keys.T, out=probs)                           # [Q,d] @ [d,M] -> [Q,M]
+        if is_causal:
+            probs += causal_additive(start, stop, 0, n_keys)            # [Q,M] + [Q,M]
+        softmax_rows_in_place(probs)
+        # 2. dv (summed over blocks) and dP
+        first = start == 0
+        np.matmul(probs.T, grad_rows[start:stop], out=grad_v if first else part_v)  # [M,Q] @ [Q,dv] -> [M,dv]
+        if not first:
+            grad_v += part_v
+        grad_probs = scratch("attn_bwd_dp", (rows, n_keys))             # [Q,M]
+        np.matmul(grad_rows[start:stop], values.T, out=grad_probs)      # [Q,dv] @ [dv,M] -> [Q,M]
+        # 3. dS (times the scale) in place of dP, then dq and dk (summed over blocks)
+        softmax_grad_rows(probs, grad_probs, np.float32(scale))
+        np.matmul(grad_probs, keys, out=grad_q[start:stop])             # [Q,M] @ [M,d] -> [Q,d]
+        np.matmul(grad_probs.T, q[start:stop], out=grad_k if first else part_k)  # [M,Q] @ [Q,d] -> [M,d]
+        if not first:
+            grad_k += part_k
+
+
+def attention_backward_slices(q, k, v, grad_out, scale=None, is_causal=False):
+    scale = default_scale(q, scale)
+    lead = q.shape[:-2]
+    grad_q = np.empty(q.shape, np.float32)                              # [...,N,d]
+    grad_k = np.empty(k.shape, np.float32)                              # [...,M,d]
+    grad_v = np.empty(v.shape, np.float32)                              # [...,M,dv]
+    slices = [np.unravel_index(index, lead) if lead else () for index in range(math.prod(lead))]
+
+    def run_slice(index):
+        at = slices[index]
+        slice_backward(q[at], k[at], v[at], grad_out[at], grad_q[at], grad_k[at], grad_v[at], scale, is_causal)
+
+    run_blocks(run_slice, list(range(len(slices))))
+    return grad_q, grad_k, grad_v
+
+
+def attention_backward_by_mask(q, k, v, grad_out, mask=None, scale=None, is_causal=False):
+    """Version 3 without a mask, version 2 with one (rows a mask may empty)."""
+    if mask is None:
+        return attention_backward_slices(q, k, v, grad_out, scale, is_causal)
+    return attention_backward_fast(q, k, v, grad_out, mask, scale, is_causal)
+
+
+# ---------------------------------------------------------------------------------------------
 # Public
 # ---------------------------------------------------------------------------------------------
-ATTENTION_BACKWARD = dispatch.register("attention_backward", fast=attention_backward_fast,
+ATTENTION_BACKWARD = dispatch.register("attention_backward", fast=attention_backward_by_mask,
                                        reference=attention_backward_ref)
 
 
