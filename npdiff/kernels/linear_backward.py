@@ -7,10 +7,13 @@ For y = x W^T + b over rows x [R, in] (all leading axes flattened), W [out, in]:
 
 Versions:
   1. linear_backward_ref   NumPy API: the three products as written.
-  2. linear_backward_fast  the same two GEMMs through np.matmul (OpenBLAS sgemm; the transposes are
-                           views read with sgemm's transpose flags, no copies); the rows are
+  2. linear_backward_fast  the same two GEMMs through block_pool.matmul (one-thread OpenBLAS sgemm
+                           per block on npdiff's own threads, as the forward's: OpenBLAS's threads
+                           and their busy-wait never meet the Numba kernels around; the transposes
+                           are views read with sgemm's transpose flags, no copies); the rows are
                            flattened once, and the weight/bias gradients are only computed when
                            asked for (weights frozen: textual inversion needs dx only).
+  linear_input_grad: dx alone for a frozen layer whose input is not at hand (dy W, the same GEMM).
   geglu_backward / linear_activation_backward: the forward's hidden layer h = x W^T + b is
   recomputed (one GEMM, as cheap as keeping it and [R, 2D] less memory per call), the activation's
   backward (activations_backward.py) gives dh, then linear_backward.
@@ -23,6 +26,7 @@ from npdiff.errors import NpdiffError
 from npdiff.kernels import dispatch
 from npdiff.kernels.activations import check_approximate, gelu
 from npdiff.kernels.activations_backward import ACTIVATION_BACKWARDS, gelu_backward
+from npdiff.kernels.block_pool import matmul
 from npdiff.kernels.linear import LINEAR_ACTIVATIONS, check_linear, linear
 from npdiff.kernels.validate import shape_text
 
@@ -47,12 +51,12 @@ def linear_backward_ref(x, weight, grad_out, need_weight_grad=True):
 # ---------------------------------------------------------------------------------------------
 def linear_backward_fast(x, weight, grad_out, need_weight_grad=True):
     grad_rows = grad_out.reshape(-1, grad_out.shape[-1])  # [..., out] -> [R, out] (a copy if strided)
-    grad_x = np.matmul(grad_rows, weight)  # [R, out] @ [out, in] -> [R, in]
+    grad_x = matmul(grad_rows, weight)  # [R, out] @ [out, in] -> [R, in]
     grad_x = grad_x.reshape(x.shape)  # [R, in] -> [..., in]
     if not need_weight_grad:
         return grad_x, None, None
     rows = x.reshape(-1, x.shape[-1])  # [R, in]
-    grad_weight = np.matmul(grad_rows.T, rows)  # [out, R] @ [R, in] -> [out, in]
+    grad_weight = matmul(grad_rows.T, rows)  # [out, R] @ [R, in] -> [out, in]
     grad_bias = grad_rows.sum(axis=0, dtype=np.float64).astype(np.float32)  # [out]
     return grad_x, grad_weight, grad_bias
 
@@ -75,6 +79,19 @@ def linear_backward(x, weight, grad_out, need_weight_grad=True):
     check_linear("linear_backward", x, weight, None)
     check_grad_out("linear_backward", grad_out, x.shape[:-1] + (weight.shape[0],))
     return LINEAR_BACKWARD(x, weight, grad_out, need_weight_grad)
+
+
+def linear_input_grad(weight, grad_out):
+    """dx = dy W of y = linear(x, weight, bias) with the weight frozen (x not needed):
+    grad_out [..., out], weight [out, in] -> [..., in]."""
+    if weight.ndim != 2 or grad_out.ndim < 1 or grad_out.shape[-1] != weight.shape[0]:
+        raise NpdiffError(f"linear_input_grad: grad_out [..., out] must end in the weight's out = "
+                          f"{weight.shape[0] if weight.ndim else '?'} (weight {shape_text(weight.shape)}), "
+                          f"got {shape_text(grad_out.shape)}")
+    if grad_out.ndim in (2, 3):
+        return matmul(grad_out, weight)  # [(B,)N,out] @ [out,in] -> [(B,)N,in] (strided views read in place)
+    rows = grad_out.reshape(-1, grad_out.shape[-1])  # [..., out] -> [R, out]
+    return matmul(rows, weight).reshape(grad_out.shape[:-1] + (weight.shape[1],))  # [R, in] -> [..., in]
 
 
 def linear_activation_backward(x, weight, bias, grad_out, activation="quick_gelu", need_weight_grad=True):

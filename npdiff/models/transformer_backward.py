@@ -14,7 +14,7 @@ import numpy as np
 
 from npdiff.kernels.attention import scaled_dot_product_attention
 from npdiff.kernels.attention.backward import attention_backward
-from npdiff.kernels.linear_backward import geglu_backward
+from npdiff.kernels.linear_backward import geglu_backward, linear_input_grad
 from npdiff.kernels.norm_backward import layer_norm_backward
 from npdiff.models.blocks_backward import group_norm_layer_backward, linear_layer_backward
 from npdiff.models.transformer import merge_heads, split_heads
@@ -41,7 +41,7 @@ def attention_backward_pass(attn, x, context, qkv, grad_out, weight_grads=None):
         merged = merge_heads(scaled_dot_product_attention(q, k, v, scale=attn.scale))  # [B,N,h*d]
         grad_merged = linear_layer_backward(attn.to_out, merged, grad_out, weight_grads)  # [B,N,h*d]
     else:
-        grad_merged = np.matmul(grad_out, attn.to_out.weight)           # [B,N,D] @ [D,h*d] -> [B,N,h*d]
+        grad_merged = linear_input_grad(attn.to_out.weight, grad_out)   # [B,N,D] @ [D,h*d] -> [B,N,h*d]
     # 2. softmax(q k^T * scale) v
     grad_heads = split_heads(grad_merged, attn.heads)                   # [B,N,h*d] -> [B,h,N,d]
     grad_q, grad_k, grad_v = attention_backward(q, k, v, grad_heads, scale=attn.scale)  # [B,h,N|M,d]
@@ -54,7 +54,7 @@ def attention_backward_pass(attn, x, context, qkv, grad_out, weight_grads=None):
 
 def feed_forward_backward(ff, x, grad_out):
     """FeedForward (GEGLU, then ff.net.2; weights frozen): x [B,N,D] its input -> dx [B,N,D]."""
-    grad_hidden = np.matmul(grad_out, ff.out.weight)                    # [B,N,D] @ [D,4D] -> [B,N,4D]
+    grad_hidden = linear_input_grad(ff.out.weight, grad_out)            # [B,N,D] @ [D,4D] -> [B,N,4D]
     grad_x, _, _ = geglu_backward(x, ff.proj.weight, ff.proj.bias, grad_hidden, need_weight_grad=False)
     return grad_x                                                       # [B,N,D]
 
@@ -139,7 +139,7 @@ def transformer_2d_backward(model, x, context, grad_out, weight_grads=None, save
         saved = [(block_input, None) for block_input in block_inputs]
     # 3. residual, NCHW -> tokens, proj_out (frozen)
     grad_tokens = grad_out.reshape(batch, channels, height * width).transpose(0, 2, 1)  # [B,H*W,C] (view)
-    grad_h = np.matmul(grad_tokens, model.proj_out.weight)              # [B,H*W,C] @ [C,D] -> [B,H*W,D]
+    grad_h = linear_input_grad(model.proj_out.weight, grad_tokens)      # [B,H*W,C] @ [C,D] -> [B,H*W,D]
     # 2. the transformer blocks, last first (each one's saved states released once used)
     grad_context = np.zeros(context.shape, np.float32)                  # [B,M,Dc]
     for block in reversed(model.transformer_blocks):
@@ -148,7 +148,7 @@ def transformer_2d_backward(model, x, context, grad_out, weight_grads=None, save
         grad_context += grad_ctx_block
         del block_input, states
     # 1. proj_in (frozen), tokens -> NCHW, group norm
-    grad_tokens_in = np.matmul(grad_h, model.proj_in.weight)            # [B,H*W,D] @ [D,C] -> [B,H*W,C]
+    grad_tokens_in = linear_input_grad(model.proj_in.weight, grad_h)    # [B,H*W,D] @ [D,C] -> [B,H*W,C]
     grad_normed = np.ascontiguousarray(grad_tokens_in.transpose(0, 2, 1)).reshape(batch, channels, height, width)
     grad_x = grad_out + group_norm_layer_backward(model.norm, x, grad_normed)  # [B,C,H,W]
     return grad_x, grad_context
