@@ -50,7 +50,8 @@ def conv_layer_backward(layer, x_shape, grad_out):
 
 def group_norm_layer_backward(layer, x, grad_out, silu_after=False):
     """GroupNorm layer (+ the SiLU fused after it): x [B,C,H,W] its input -> dx [B,C,H,W]."""
-    grad_x, _, _ = group_norm_backward(x, layer.num_groups, layer.weight, layer.bias, grad_out, layer.eps, silu_after)
+    grad_x, _, _ = group_norm_backward(x, layer.num_groups, layer.weight, layer.bias, grad_out, layer.eps, silu_after,
+                                       need_weight_grad=False)  # frozen
     return grad_x
 
 

@@ -43,7 +43,7 @@ def frozen_linear_backward(layer, grad_out):
 
 
 def layer_norm_input_grad(layer, x, grad_out):
-    grad_x, _, _ = layer_norm_backward(x, layer.weight, layer.bias, grad_out, layer.eps)
+    grad_x, _, _ = layer_norm_backward(x, layer.weight, layer.bias, grad_out, layer.eps, need_weight_grad=False)
     return grad_x                                                       # [B,L,D]
 
 

@@ -60,7 +60,7 @@ def feed_forward_backward(ff, x, grad_out):
 
 
 def layer_norm_layer_backward(layer, x, grad_out):
-    grad_x, _, _ = layer_norm_backward(x, layer.weight, layer.bias, grad_out, layer.eps)
+    grad_x, _, _ = layer_norm_backward(x, layer.weight, layer.bias, grad_out, layer.eps, need_weight_grad=False)
     return grad_x
 
 
