@@ -45,7 +45,7 @@ def linear_layer_backward(layer, x, grad_out, weight_grads=None):
 
 def conv_layer_backward(layer, x_shape, grad_out):
     """Conv2d layer (weights frozen): dy [B,Cout,H',W'] -> dx [B,Cin,H,W]; only x's shape is needed."""
-    return conv2d_input_grad(x_shape, layer.weight, grad_out, (layer.stride,) * 2, (layer.padding,) * 2)
+    return conv2d_input_grad(x_shape, layer.weight, grad_out, (layer.stride,) * 2, (layer.padding,) * 2, frozen=True)
 
 
 def group_norm_layer_backward(layer, x, grad_out, silu_after=False):
