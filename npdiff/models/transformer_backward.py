@@ -2,10 +2,11 @@
 Transformer2DModel. Gradients flow to the block's input and to the context (the text embeddings
 of cross-attention: what textual inversion trains through).
 
-Recompute per block: the caller keeps the Transformer2DModel's input only; its backward reruns the
-forward once, keeping each BasicTransformerBlock's input [B,N,D]; each block's backward reruns that
-block, keeping its three residual-stream states and its attentions' q, k, v, and then walks back.
-Attention probabilities [B,h,N,M] are never kept: attention_backward recomputes them per query
+What the backward needs of a block: its input, its three residual-stream states and its
+attentions' q, k, v. Kept by the forward (transformer_2d_forward_saved: the UNet tape's default),
+or recomputed from the Transformer2DModel's input (saved=None): its backward reruns the forward
+once, keeping each BasicTransformerBlock's input [B,N,D], and each block's backward reruns that
+block (basic_block_states) before walking back. Attention probabilities [B,h,N,M] are never kept: attention_backward recomputes them per query
 block. Weight gradients only for the attention projections (to_q, to_k, to_v, to_out.0 of attn1
 and attn2: what LoRA trains), and only when the caller passes a `weight_grads` dict.
 """

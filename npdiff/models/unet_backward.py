@@ -9,18 +9,21 @@ weights frozen; LoRA's weight gradients (the attention projections) on request.
 or unet_backward(unet, sample, timestep, encoder_hidden_states, grad_output) for both at once.
 
 It walks the same weight tree as UNet2DConditionModel.__call__ (npdiff/models/unet.py), block by
-block. What is kept between the forward and the backward: the INPUT of each layer-level block only
-(conv_in, each ResnetBlock2D, each Transformer2DModel, each resampler, conv_norm_out); the up
-path's skips are exactly these. Each block's backward recomputes its own internals from its input
-(blocks_backward.py, transformer_backward.py): about one more forward in all, and the memory of one
-block's internals at a time, instead of every activation of the network (the attention
-probabilities alone would be [1,8,4096,4096] floats = 512 MiB per 64x64 self-attention).
+block. What is kept between the forward and the backward (keep_states=True, the default): the INPUT
+of each layer-level block (conv_in, each ResnetBlock2D, each Transformer2DModel, each resampler,
+conv_norm_out; the up path's skips are exactly these) and the internals its backward needs: a
+resnet's norm2 input [B,Cout,H,W]; a transformer's block inputs, residual states [B,N,D] and its
+attentions' q, k, v (blocks_backward.resnet_forward_saved, transformer_backward.
+transformer_2d_forward_saved), so the backward reruns no forward. Never kept: the attention
+probabilities ([1,8,4096,4096] floats = 512 MiB per 64x64 self-attention): attention_backward
+recomputes them per query block, and GEGLU's hidden layer (one GEMM, recomputed).
+keep_states=False keeps the block inputs only and each block's backward recomputes its internals
+from its input: about one more forward in all, for the memory of one block's internals at a time.
 
 Measured (benchmarks/training_memory.py) at SD 1.5 size (860 M parameters, random weights), 64x64
-latent, batch 1, 77 tokens, one process (2 cores shared with other jobs, load 7-12: the times are
-only indicative): the tape keeps 0.36 GiB; the backward's peak is 0.64 GiB above the built model
-(VmRSS sampled every 50 ms; VmHWM agrees); with the 3.20 GiB of float32 weights that is ~3.9 GiB
-in all, far inside 24 GiB. Tape forward 77 s, backward 68 s at that load.
+latent, batch 1, 77 tokens, one process: see benchmarks/RESULTS.md, "Training". With
+keep_states=False (before this was the default; load 7-12, times only indicative): the tape keeps
+0.36 GiB; the backward's peak is 0.64 GiB above the built model; tape forward 77 s, backward 68 s.
 
 The tape: every recorded op is (its output's id, its inputs' ids, a backward function grad ->
 input grads). tape.backward walks the ops last to first, summing the gradients of values used
