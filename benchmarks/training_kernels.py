@@ -6,7 +6,8 @@ autograd of the same op (torch with 2 threads, in this process), best of rounds.
 Rows (the "before" versions are the ones this session replaced; kept importable or written out here):
   attention self [1,8,4096,40] and cross [1,8,4096x77,40], q/k/v/dO as split_heads views of [1,N,320]:
       v2 query blocks (np.matmul on OpenBLAS's threads) | v3 slices on the block pool | torch SDPA backward
-  conv dx 3x3, frozen weight: the flipped kernel made per call | kept (FlippedKernels) | torch conv2d backward
+  conv dx 3x3, frozen weight: the flipped kernel made per call | kept (FlippedKernels) | kept, through im2col and
+      through Winograd F(4,3) whatever conv_method picks | torch conv2d backward
   group norm + SiLU dx [1,320,64,64], 32 groups: with the weight grads | need_weight_grad=False | torch
   geglu dx [1,4096,320] -> [1,4096,2x1280]: NumPy element-wise passes | one Numba pass | torch
 Each row's torch figure is the autograd of the forward op with only the input requiring a gradient, timed
@@ -25,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import time_call, write_json  # noqa: E402
 
-from npdiff.kernels import conv_backward, norm_backward  # noqa: E402
+from npdiff.kernels import conv, conv_backward, conv_winograd, norm_backward  # noqa: E402
 from npdiff.kernels.activations import gelu  # noqa: E402
 from npdiff.kernels.activations_backward import gelu_backward  # noqa: E402
 from npdiff.kernels.attention import backward as attention_bwd  # noqa: E402
@@ -83,6 +84,10 @@ def cases(rng, torch, F):
             "flip per call": lambda x=x, w=weight, g=grad: conv_backward.conv2d_input_grad(x.shape, w, g, (1, 1), (1, 1)),
             "flip kept": lambda x=x, w=weight, g=grad: conv_backward.conv2d_input_grad(x.shape, w, g, (1, 1), (1, 1),
                                                                                     frozen=True),
+            "kept, im2col": lambda w=weight, g=grad: conv._conv_im2col_tiled(
+                g, conv_backward.FLIPPED_KERNELS.get(w), None, 1, 1, 1, 1),
+            "kept, winograd": lambda w=weight, g=grad: conv_winograd.winograd_conv2d(
+                g, conv_backward.FLIPPED_KERNELS.get(w), None, (1, 1), 4),
         }, torch_backward_timer(torch, lambda a, w: F.conv2d(a, w, padding=1), [(x, True), (weight, False)], grad)))
     x = rng.standard_normal((1, 320, 64, 64), dtype=np.float32)
     scale, shift = (rng.standard_normal(320, dtype=np.float32) for _ in range(2))
