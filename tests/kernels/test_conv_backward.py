@@ -50,6 +50,14 @@ def test_conv2d_backward_through_winograd(rng, stride):
     check_conv_backward(rng, x_shape, weight_shape, stride, 1)
 
 
+def test_conv2d_backward_deep_16x16_through_im2col(rng):
+    """Batch 1 at 16x16 with 640 channels: conv_method would pick Winograd for dx's conv, the backward
+    takes im2col there (IM2COL_MAX_PIXELS); the same dx as autograd."""
+    x_shape, weight_shape = (1, 24, 16, 16), (640, 24, 3, 3)
+    assert conv_method((1, 640, 16, 16), (24, 640, 3, 3), (1, 1), (1, 1)) == "winograd4"
+    check_conv_backward(rng, x_shape, weight_shape, 1, 1)
+
+
 def test_conv2d_backward_through_the_direct_loops(rng):
     """Few input channels of the forward: dx has few output channels -> the direct Numba loops."""
     assert conv_method((1, 320, 16, 16), (3, 320, 3, 3), (1, 1), (1, 1)) == "direct"
