@@ -172,31 +172,24 @@ def attention_backward_fast(q, k, v, grad_out, mask=None, scale=None, is_causal=
 # 3. One task per slice on the block pool (no mask)
 # ---------------------------------------------------------------------------------------------
 @njit(**SERIAL, fastmath=FASTMATH_SAFE)
-def normalise_columns(probs_t, col_sum):
-    """probs_t [M, Q] (2^(s - max), softmax_keys_in_place's) -> each column divided by its sum
-    (every column has a finite score: no mask), in place; vectorised along the Q columns."""
-    n_keys, cols = probs_t.shape
-    inverse = np.empty(cols, np.float32)
-    for c in range(cols):
-        inverse[c] = np.float32(1.0) / col_sum[c]
-    for r in range(n_keys):
-        for c in range(cols):
-            probs_t[r, c] *= inverse[c]
-
-
-@njit(**SERIAL, fastmath=FASTMATH_SAFE)
-def softmax_grad_columns(probs_t, grad_t, scale):
+def softmax_grad_columns(exps_t, grad_t, inverse_sum, scale):
     """grad_t <- scale * P^T * (dP^T - colsum(P^T * dP^T)) for [M, Q] contiguous tiles (a query per
-    column), in place: softmax_grad_row's step, the column sums in float64, vectorised along Q."""
-    n_keys, cols = probs_t.shape
+    column), in place, from the UNNORMALISED exps_t = 2^(s - max) and inverse_sum [Q] = 1 / the
+    column sums (P^T = exps_t * inverse_sum, never written): softmax_grad_row's step, the column
+    sums in float64, vectorised along Q."""
+    n_keys, cols = exps_t.shape
     col_dot = np.zeros(cols, np.float64)
     for r in range(n_keys):
         for c in range(cols):
-            col_dot[c] += probs_t[r, c] * grad_t[r, c]
-    dots = col_dot.astype(np.float32)
+            col_dot[c] += exps_t[r, c] * grad_t[r, c]
+    dots = np.empty(cols, np.float32)
+    factors = np.empty(cols, np.float32)
+    for c in range(cols):
+        dots[c] = np.float32(col_dot[c] * inverse_sum[c])               # colsum(P^T * dP^T)
+        factors[c] = inverse_sum[c] * scale
     for r in range(n_keys):
         for c in range(cols):
-            grad_t[r, c] = probs_t[r, c] * (grad_t[r, c] - dots[c]) * scale
+            grad_t[r, c] = exps_t[r, c] * (grad_t[r, c] - dots[c]) * factors[c]
 
 
 def slice_backward(q, k, v, grad_out, grad_q, grad_k, grad_v, scale, is_causal):
@@ -218,7 +211,8 @@ def slice_backward(q, k, v, grad_out, grad_q, grad_k, grad_v, scale, is_causal):
     for start in range(0, n_queries, block):
         stop = min(n_queries, start + block)
         rows = stop - start
-        # 1. recompute this block's probabilities P^T [M,Q] (scores in log2 units: fused.py's softmax)
+        # 1. recompute this block's scores and softmax (log2 units: fused.py's column softmax), left
+        #    unnormalised: the column sums are folded into dO's rows (step 2) and dS's factor (step 3)
         q_block = scratch("attn_bwd_q", (rows, q.shape[1]))             # [Q,d]
         np.multiply(q[start:stop], log2_scale, out=q_block)
         probs_t = scratch("attn_bwd_probs", (n_keys, rows))             # [M,Q]
@@ -226,17 +220,19 @@ def slice_backward(q, k, v, grad_out, grad_q, grad_k, grad_v, scale, is_causal):
         if is_causal:
             probs_t += causal_additive(start, stop, 0, n_keys).T        # [M,Q] + [Q,M]^T
         col_sum = scratch("attn_bwd_col_sum", (rows,))                  # [Q]
-        softmax_keys_in_place(probs_t, col_sum)
-        normalise_columns(probs_t, col_sum)
-        # 2. dv (summed over blocks) and dP^T
+        softmax_keys_in_place(probs_t, col_sum)                         # exps 2^(s - max) [M,Q], sums [Q]
+        inverse_sum = np.float32(1.0) / col_sum                         # [Q] (P^T = exps * inverse_sum)
+        # 2. dv = P^T dO (summed over blocks) as exps @ (dO's rows / their sums), and dP^T
         first = start == 0
-        np.matmul(probs_t, grad_rows[start:stop], out=grad_v if first else part_v)  # [M,Q] @ [Q,dv] -> [M,dv]
+        grad_block = scratch("attn_bwd_do_scaled", (rows, grad_rows.shape[1]))  # [Q,dv]
+        np.multiply(grad_rows[start:stop], inverse_sum[:, None], out=grad_block)
+        np.matmul(probs_t, grad_block, out=grad_v if first else part_v)  # [M,Q] @ [Q,dv] -> [M,dv]
         if not first:
             grad_v += part_v
         grad_t = scratch("attn_bwd_dp", (n_keys, rows))                 # [M,Q]
         np.matmul(values, grad_rows[start:stop].T, out=grad_t)          # [M,dv] @ [dv,Q] -> [M,Q]
         # 3. dS^T (times the scale) in place of dP^T, then dq and dk (summed over blocks)
-        softmax_grad_columns(probs_t, grad_t, np.float32(scale))
+        softmax_grad_columns(probs_t, grad_t, inverse_sum, np.float32(scale))
         np.matmul(grad_t.T, keys, out=grad_q[start:stop])               # [Q,M] @ [M,d] -> [Q,d]
         np.matmul(grad_t, q[start:stop], out=grad_k if first else part_k)  # [M,Q] @ [Q,d] -> [M,d]
         if not first:
