@@ -8,6 +8,9 @@
 
 FLOPs count convolutions, linear layers and the two attention matmuls; norms and activations are
 counted in calls and seconds only.
+
+    stats, blocks, uninstall = install_backward_counters()   # the backward kernels, and apart the
+    tape.backward(...)                                       # block-level backward functions (inclusive)
 """
 
 import time
@@ -28,31 +31,97 @@ def kernel_flops(name, args, out):
     return 0.0
 
 
+FORWARD_NAMES = ("conv2d", "linear", "linear_activation", "geglu", "scaled_dot_product_attention", "group_norm",
+                 "layer_norm", "silu", "gelu", "quick_gelu", "softmax", "upsample_nearest2x")
+
+
 def install_counters():
     """Wrap npdiff.kernels' public functions (models call them as kernels.NAME) -> the stats dict."""
-    import npdiff.kernels as kernels
-
     stats = defaultdict(lambda: {"calls": 0, "seconds": 0.0, "flops": 0.0})
-    originals = {}
-    for name in ("conv2d", "linear", "linear_activation", "geglu", "scaled_dot_product_attention",
-                 "group_norm", "layer_norm",
-                 "silu", "gelu", "quick_gelu", "softmax", "upsample_nearest2x"):
-        original = getattr(kernels, name)
-        originals[name] = original
+    return stats, wrap_sites({"npdiff.kernels": FORWARD_NAMES}, stats, kernel_flops)
 
-        def counted(*args, _name=name, _original=original, **kwargs):
-            t0 = time.perf_counter()
-            out = _original(*args, **kwargs)
-            entry = stats[_name]
-            entry["seconds"] += time.perf_counter() - t0
-            entry["calls"] += 1
-            entry["flops"] += kernel_flops(_name, args, out)
-            return out
 
-        setattr(kernels, name, counted)
+# The backward kernels: the model-level backward modules import them by name, so they are wrapped where
+# they are used. FLOPs are the useful products only (attention_backward's recomputed q k^T is not counted).
+BACKWARD_SITES = {
+    "npdiff.models.blocks_backward": ("conv2d_input_grad", "linear_backward", "group_norm_backward",
+                                      "upsample_nearest2x_backward", "silu_backward"),
+    "npdiff.models.transformer_backward": ("attention_backward", "geglu_backward", "layer_norm_backward",
+                                           "linear_input_grad"),
+    "npdiff.models.clip_backward": ("attention_backward", "linear_activation_backward", "layer_norm_backward",
+                                    "linear_input_grad"),
+}
+# Whole-block backward functions (inclusive times: they contain the kernels above and the forward kernels
+# they rerun; before linear_input_grad, the frozen projections were np.matmul calls no counter saw).
+# A name a module lacks (an older npdiff) is skipped.
+BLOCK_SITES = {
+    "npdiff.models.unet_backward": ("resnet_backward", "transformer_2d_backward"),
+    "npdiff.models.transformer_backward": ("basic_block_backward", "attention_backward_pass",
+                                           "feed_forward_backward"),
+}
+
+
+def backward_flops(name, args, out):
+    if name == "conv2d_input_grad":
+        x_shape, weight, grad_out = args[0], args[1], args[2]
+        return 2.0 * grad_out.size * weight.shape[1] * weight.shape[2] * weight.shape[3]
+    if name == "linear_input_grad":
+        weight, grad_out = args[0], args[1]
+        return 2.0 * grad_out.size * weight.shape[1]
+    if name in ("linear_backward", "linear_activation_backward", "geglu_backward"):
+        x, weight = args[0], args[1]
+        recomputed = 0 if name == "linear_backward" else 1
+        need_weight_grad = out[1] is not None
+        products = 1 + recomputed + int(need_weight_grad)
+        return 2.0 * products * (x.size // x.shape[-1]) * weight.shape[0] * weight.shape[1]
+    if name == "attention_backward":
+        q, k, v = args[0], args[1], args[2]
+        queries = q.size // q.shape[-1]
+        return 2.0 * queries * k.shape[-2] * 2 * (q.shape[-1] + v.shape[-1])
+    return 0.0
+
+
+def wrap_sites(sites, stats, flops):
+    """Wrap module.NAME for each site -> the undo function."""
+    import importlib
+
+    originals = []
+    for module_name, names in sites.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            original = getattr(module, name, None)
+            if original is None:
+                continue
+            originals.append((module, name, original))
+
+            def counted(*args, _name=name, _original=original, **kwargs):
+                t0 = time.perf_counter()
+                out = _original(*args, **kwargs)
+                entry = stats[_name]
+                entry["seconds"] += time.perf_counter() - t0
+                entry["calls"] += 1
+                entry["flops"] += flops(_name, args, out)
+                return out
+
+            setattr(module, name, counted)
+
+    def undo():
+        for module, name, original in originals:
+            setattr(module, name, original)
+
+    return undo
+
+
+def install_backward_counters():
+    """Count the backward kernels and, apart, the block-level backward functions ->
+    (kernel stats, block stats, uninstall); each stats[name] = {"calls", "seconds", "flops"}."""
+    stats = defaultdict(lambda: {"calls": 0, "seconds": 0.0, "flops": 0.0})
+    blocks = defaultdict(lambda: {"calls": 0, "seconds": 0.0, "flops": 0.0})
+    undo_kernels = wrap_sites(BACKWARD_SITES, stats, backward_flops)
+    undo_blocks = wrap_sites(BLOCK_SITES, blocks, lambda *_: 0.0)
 
     def uninstall():
-        for name, original in originals.items():
-            setattr(kernels, name, original)
+        undo_blocks()
+        undo_kernels()
 
-    return stats, uninstall
+    return stats, blocks, uninstall

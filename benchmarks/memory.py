@@ -17,8 +17,9 @@ sees; a cold disk adds its read time to both libraries alike). Measured in the w
               --tiling: vae.enable_tiling() (diffusers' tiles, npdiff/models/vae_tiling.py), --tile PIXELS
               sets tile_sample_min_size (and the latent tile) on both sides instead of the config's
               sample_size; --sides npdiff,torch runs diffusers' AutoencoderKL too, each in its own process,
-              and prints the time and peak ratios; --vae-folder: another VAE folder than the cache's vae/
-              (e.g. sdxl-random/vae: the same network as SD 1.5's, sample_size 1024)
+              and prints the time and peak ratios and how many 8-bit levels the pictures differ by;
+              --vae-folder: another VAE folder than the cache's vae/ (e.g. sdxl-random/vae: the same
+              network as SD 1.5's, sample_size 1024)
     refault   one UNet forward at 64x64 latents (pages the weights in), RssFile after it, release the UNet's
               resident pages (npdiff.loading.release_resident_pages), RssFile after that, then the same
               forward again: its seconds minus a third forward's are the cost of faulting the weights back
@@ -32,6 +33,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -110,6 +112,8 @@ def work_decode(args):
     seconds = time.perf_counter() - t0
     after = status()
     image_gib = image.nbytes / 2**30
+    if args.out:  # the picture in 8-bit levels, as diffusers' image processor makes it
+        np.save(args.out, np.round(np.clip(image / 2 + 0.5, 0.0, 1.0) * 255).astype(np.uint8))
     return {"side": args.side, "size": args.size, "tiling": bool(args.tiling),
             "tile_pixels": vae.tile_sample_min_size if args.tiling else None, "before": before, "after": after,
             "decode_s": seconds, "peak_above_before_gib": after["VmHWM"] - before["VmRSS"], "image_gib": image_gib}
@@ -180,6 +184,7 @@ def main():
     parser.add_argument("--sides", default="npdiff", help="decode: npdiff, torch or npdiff,torch")
     parser.add_argument("--vae-folder", default=None, help="decode: a VAE folder (default: the cache's vae/)")
     parser.add_argument("--side", default="npdiff", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -192,6 +197,7 @@ def main():
     warm_page_cache(args.vae_folder or args.cache)
     sides = args.sides.split(",") if args.what == "decode" else ["npdiff"]
     runs = {side: [] for side in sides}
+    scratch = tempfile.TemporaryDirectory(prefix="npdiff-bench-memory-")
     for _ in range(args.repeat):
         for side in sides:
             load_start = os.getloadavg()[0]
@@ -201,6 +207,7 @@ def main():
             command += ["--tiling"] if args.tiling else []
             command += ["--tile", str(args.tile)] if args.tile else []
             command += ["--vae-folder", args.vae_folder] if args.vae_folder else []
+            command += ["--out", str(Path(scratch.name) / f"{side}.npy")] if args.what == "decode" else []
             out = subprocess.run(command, check=True, capture_output=True, text=True)
             result = json.loads(out.stdout.strip().splitlines()[-1])
             result["loadavg"] = [load_start, os.getloadavg()[0]]
@@ -212,7 +219,17 @@ def main():
         print(f"decode {args.size}x{args.size}{' tiled' if args.tiling else ''}: npdiff {ours['decode_s']:.1f} s, "
               f"peak RSS {ours['after']['VmHWM']:.2f} GiB; diffusers {theirs['decode_s']:.1f} s, peak RSS "
               f"{theirs['after']['VmHWM']:.2f} GiB; ratios {ours['decode_s'] / theirs['decode_s']:.2f} (time), "
-              f"{ours['after']['VmHWM'] / theirs['after']['VmHWM']:.2f} (peak RSS)")
+              f"{ours['after']['VmHWM'] / theirs['after']['VmHWM']:.2f} (peak RSS); pictures differ by at most "
+              f"{max_level_difference(*(Path(scratch.name) / f'{side}.npy' for side in sides))} levels")
+    scratch.cleanup()
+
+
+def max_level_difference(path_a, path_b):
+    """The largest difference of two saved 8-bit pictures, in levels."""
+    import numpy as np
+
+    a, b = np.load(path_a).astype(np.int16), np.load(path_b).astype(np.int16)
+    return int(np.abs(a - b).max())
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ SDXL's, scheduler/ with SDXL's Euler config, model_index.json of a StableDiffusi
 lcm4-taesd runs the same random UNet with the LCM scheduler: an LCM-LoRA changes weight values only,
 not the work per step, so the cost is that of a real LCM-LoRA job.
 
-Each side of each job is one fresh `python` process (a worker of this script) that imports its library,
+Each side of each job is one fresh `python` process (a worker of this script) that imports numpy first, as
+a user's script does (--import-first npdiff: npdiff first, the order earlier figures used), then its library,
 loads the pipeline from the folder and makes the picture as a user would: npdiff with
 StableDiffusionPipeline.from_pretrained(folder, scheduler=...) and pipe.vae = AutoencoderTiny.from_pretrained
 (what `npdiff generate --vae` does); diffusers with StableDiffusionPipeline.from_pretrained(folder,
@@ -138,7 +139,6 @@ def timed_decode(vae, clock):
 
 
 def npdiff_job(job, cache, size, seed, clock, precision="fp32"):
-    import npdiff  # noqa: F401  (before numpy: chooses the BLAS kernels)
     from npdiff import StableDiffusionPipeline
     from npdiff.models import AutoencoderTiny
 
@@ -186,6 +186,9 @@ def diffusers_job(job, cache, size, seed, clock):
 def worker(args):
     launched = time.time() - (time.perf_counter() - T0) - args.launched  # interpreter start before T0
     clock = PhaseClock()
+    import importlib
+
+    importlib.import_module(args.import_first)  # what a user's script imports first (numpy, nearly always)
     if args.side == "npdiff":
         picture = npdiff_job(JOBS[args.job], Path(args.cache), args.size, args.seed, clock, args.precision)
     else:
@@ -278,7 +281,7 @@ def run_side(job, side, args, scratch):
     warm_page_cache(args.cache)
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--job", job, "--side", side,
                "--size", str(args.size), "--seed", str(args.seed), "--cache", args.cache, "--out", out,
-               "--precision", args.precision]
+               "--precision", args.precision, "--import-first", args.import_first]
     print(f"--- {job} {args.size}x{args.size}: {side} (fresh process)", file=sys.stderr, flush=True)
     load_start = os.getloadavg()
     t0 = time.perf_counter()
@@ -382,6 +385,8 @@ def main():
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                         help="the npdiff side's precision (bf16: weights packed in bfloat16 at load)")
+    parser.add_argument("--import-first", choices=("numpy", "npdiff"), default="numpy",
+                        help="what the npdiff side's process imports first, as a user's script (default numpy)")
     parser.add_argument("--cache", default=None, help="folder of the random SD 1.5-size weights "
                         "(default ~/.cache/npdiff/sd15-random, as benchmarks/models.py)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -15,7 +15,8 @@ at random timesteps -> MSE against the noise -> the gradient to the token embedd
           one row, as textual_inversion does
 The VAE encode is left out of both (npdiff encodes the pictures once before training; the recipe encodes
 per step). Reported: the seconds of each step after the first (the first compiles and warms caches), the
-peak resident memory of the process (VmHWM) and the memory of the weights. Writes
+peak resident memory of the process (VmHWM) and the memory of the weights; for npdiff also the peak it
+would have with real weights (estimate: + the weight arrays and flipped conv kernels that sharing saves). Writes
 benchmarks/out/training.json.
 """
 
@@ -84,7 +85,37 @@ def npdiff_steps(batch, size, steps):
         _, grad = text_embedding_grad(pipe, ids, latents, noise, timesteps)  # [B,77,768]
         optimizer.step(row, grad[ids == ids[0, 1]].sum(axis=0)[None])     # one "new word" row
         times.append(time.perf_counter() - start)
-    return {"step_s": times, "built_rss_GiB": built, "weights_GiB_as_built": weights.parameters * 4 / 2**30}
+    return {"step_s": times, "built_rss_GiB": built, "weights_GiB_as_built": weights.parameters * 4 / 2**30,
+            **shared_weight_memory(weights, pipe.unet)}
+
+
+def conv_parameters(model):
+    """Parameters of every Conv2d layer reachable from model (each layer once, shared arrays counted per layer)."""
+    seen, total, stack = set(), 0, [model]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if type(item).__name__ == "Conv2d":
+            total += item.weight.size
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif hasattr(item, "__dict__") and type(item).__module__.startswith("npdiff"):
+            stack.extend(vars(item).values())
+    return total
+
+
+def shared_weight_memory(weights, unet):
+    """What the shared random weights save against real ones: the weight arrays themselves (one per shape
+    here), and the conv backward's kept flipped kernels (conv_backward.FlippedKernels: one per weight
+    array, so one per shape here, one per conv layer with real weights)."""
+    from npdiff.kernels.conv_backward import FLIPPED_KERNELS
+
+    flipped_kept = sum(entry[1].nbytes for entry in FLIPPED_KERNELS.entries.values())
+    return {"shared_weights_GiB": sum(a.nbytes for a in weights.by_shape.values()) / 2**30,
+            "flipped_kernels_GiB": flipped_kept / 2**30,
+            "flipped_kernels_GiB_real_weights": conv_parameters(unet) * 4 / 2**30}
 
 
 def torch_steps(batch, size, steps):
@@ -123,6 +154,10 @@ def torch_steps(batch, size, steps):
 def worker(side, batch, size, steps):
     result = (npdiff_steps if side == "npdiff" else torch_steps)(batch, size, steps)
     result["vmhwm_GiB"] = proc_status_gib("VmHWM")
+    if side == "npdiff":  # the peak with real weights: + the weights and flipped kernels the sharing saved
+        result["vmhwm_GiB_real_weights_estimate"] = (
+            result["vmhwm_GiB"] + result["weights_GiB_as_built"] - result["shared_weights_GiB"]
+            + result["flipped_kernels_GiB_real_weights"] - result["flipped_kernels_GiB"])
     print(json.dumps(result))
 
 
@@ -139,13 +174,18 @@ def main():
     for side in ("torch", "npdiff"):
         command = [sys.executable, __file__, "--worker", side, "--size", str(args.size), "--batch", str(args.batch),
                    "--steps", str(args.steps)]
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"the {side} worker failed:\n{done.stderr}")
         results[side] = json.loads(done.stdout.strip().splitlines()[-1])
         counted = results[side]["step_s"][1:] or results[side]["step_s"]
         results[side]["best_step_s"] = min(counted)
         print(f"{side:7s} step {results[side]['best_step_s']:7.1f} s (all: "
               f"{', '.join(f'{t:.1f}' for t in results[side]['step_s'])}), peak RSS {results[side]['vmhwm_GiB']:.2f} "
               f"GiB, weights as built {results[side]['weights_GiB_as_built']:.2f} GiB", flush=True)
+        if "vmhwm_GiB_real_weights_estimate" in results[side]:
+            print(f"        peak RSS with real weights (estimate) {results[side]['vmhwm_GiB_real_weights_estimate']:.2f} "
+                  f"GiB (flipped conv kernels kept: {results[side]['flipped_kernels_GiB_real_weights']:.2f} GiB)")
     results["load_after"] = list(os.getloadavg())
     results["ratio_time"] = results["npdiff"]["best_step_s"] / results["torch"]["best_step_s"]
     results["latent"] = [args.batch, 4, args.size, args.size]

@@ -1,6 +1,6 @@
 """Memory (and time) of the UNet backward at SD 1.5 size: what textual inversion's step keeps.
 
-    python benchmarks/training_memory.py [--size 64] [--tokens 77]
+    python benchmarks/training_memory.py [--size 64] [--tokens 77] [--recompute]
 
 Builds an SD 1.5-shaped UNet (860 M parameters) over random weights, one array per distinct shape
 shared by every tensor of that shape (so the weights take ~0.7 GiB here instead of 3.2 GiB; the
@@ -36,6 +36,8 @@ SD15 = dict(sample_size=64, in_channels=4, out_channels=4, center_input_sample=F
 
 class SharedRandomWeights:
     """The .take interface of npdiff.loading.Weights; every tensor of one shape is the same random array."""
+
+    precision = "fp32"  # what the models ask a loader for (clip.py keeps float32 weights transposed)
 
     def __init__(self, seed=0):
         self.by_shape = {}
@@ -78,6 +80,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=64, help="latent height and width")
     parser.add_argument("--tokens", type=int, default=77)
+    parser.add_argument("--recompute", action="store_true",
+                        help="keep block inputs only (keep_states=False): each block's backward recomputes its internals")
     args = parser.parse_args()
     weights = SharedRandomWeights()
     unet = UNet2DConditionModel(SD15, weights)
@@ -88,7 +92,7 @@ def main():
     built = proc_status_gib("VmRSS")
     sampler.reset()
     start = time.perf_counter()
-    out, tape = unet_forward_for_backward(unet, sample, 981, context)
+    out, tape = unet_forward_for_backward(unet, sample, 981, context, keep_states=not args.recompute)
     forward_s = time.perf_counter() - start
     kept = proc_status_gib("VmRSS") - built
     start = time.perf_counter()
@@ -99,6 +103,7 @@ def main():
         "built_rss_GiB": built, "tape_kept_GiB": kept, "peak_above_built_GiB": sampler.peak - built,
         "vmhwm_GiB": proc_status_gib("VmHWM"), "forward_s": forward_s, "backward_s": backward_s,
         "load_average": list(os.getloadavg()), "latent": [1, 4, args.size, args.size],
+        "keep_states": not args.recompute,
     }
     for name, value in result.items():
         print(f"{name:22s} {value}")

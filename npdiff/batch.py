@@ -254,8 +254,8 @@ def add_batch_command(subparsers):
         "sampler, height, width, eta, prediction_type, image (+ strength) for img2img, image + mask for inpaint, "
         "vae (a folder), lora (\"FILE[:SCALE]\" or a list), control (\"CONTROLNET:IMAGE[:SCALE]\" or a list) with "
         "canny, control_start, control_end, guess_mode; SDXL's prompt_2, negative_2, original_size, target_size, "
-        "crops_coords_top_left (and negative_*), aesthetic_score, refiner (a file or folder) and refiner_switch; "
-        "paths relative to the job file. Blank lines and "
+        "crops_coords_top_left (and negative_*), aesthetic_score, refiner (a file or folder), refiner_switch, "
+        "denoising_start, denoising_end; paths relative to the job file. Blank lines and "
         "# comments are skipped. A line without a seed gets its line number as seed, so reruns are "
         "reproducible. Pictures already in DIR, whole and with the job's parameters, are skipped: a rerun "
         "resumes. SIGTERM or Ctrl-C ends the workers too. Exit code 1 if any line failed.")

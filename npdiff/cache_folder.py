@@ -11,6 +11,9 @@
          /.cache/npdiff at the root: with HOME empty, Path.home() is "/".
 
 Nothing here creates the folder except case 3: each user of the cache makes its own subfolder.
+
+    file_identity(path) -> dict: what says a cached thing's source file is still the same one (size,
+                           mtime, ctime, inode, device of the file, symlinks followed)
 """
 
 import os
@@ -63,3 +66,12 @@ def cache_folder():
     if home is not None:
         return home / ".cache" / "npdiff"
     return _private_temporary_folder()
+
+
+def file_identity(path_or_stat):
+    """Size, mtime, ctime, inode and device of a file (a path, followed through symlinks, or an os.stat
+    result): a file replaced by another (a rename over it, a copy keeping the mtime) has another inode or
+    ctime, so a cache keyed by these is never used for a changed file."""
+    info = path_or_stat if isinstance(path_or_stat, os.stat_result) else os.stat(path_or_stat)
+    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "ctime_ns": info.st_ctime_ns,
+            "inode": info.st_ino, "device": info.st_dev}

@@ -70,7 +70,7 @@ from npdiff.recipe import (
     use_vae_tiling,
 )
 from npdiff.recipe_reproduce import find_loras, problems_with_stored, refiner_mismatch, without_refiner_settings
-from npdiff.sdxl_refiner import add_sdxl_options, check_sdxl_request, load_refiner
+from npdiff.sdxl_refiner import add_denoising_start_option, add_sdxl_options, check_sdxl_request, load_refiner
 from npdiff.serve import add_serve_command
 from npdiff.verify import verify_model
 
@@ -380,6 +380,7 @@ def add_img2img_command(subparsers):
     p.add_argument("--image", default=None, help="the starting picture")
     p.add_argument("--strength", type=float, default=None,
                    help=f"how much to change it, in (0, 1] (default {DEFAULTS['strength']})")
+    add_denoising_start_option(p)  # SDXL
     p.set_defaults(run=run_img2img)
 
 
@@ -394,6 +395,7 @@ def add_inpaint_command(subparsers):
                    help="size to work at, a multiple of 64 for SD (default: the model's)")
     p.add_argument("--width", type=int, default=None,
                    help="size to work at, a multiple of 64 for SD (default: the model's)")
+    add_denoising_start_option(p)  # SDXL
     p.set_defaults(run=run_inpaint)
 
 

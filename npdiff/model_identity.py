@@ -34,7 +34,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from npdiff.cache_folder import cache_folder
+from npdiff.cache_folder import cache_folder, file_identity
 from npdiff.errors import NpdiffError
 from npdiff.loading.components import pipeline_weight_files
 from npdiff.paths import path_kind
@@ -86,13 +86,6 @@ def sha256_of_file(path):
     return digest.hexdigest()
 
 
-def _identity(info):
-    """What says a file is still the one hashed: size, mtime, ctime, inode and device. A file replaced by
-    another (a rename over it, a copy keeping the mtime) has another inode or ctime."""
-    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "ctime_ns": info.st_ctime_ns,
-            "inode": info.st_ino, "device": info.st_dev}
-
-
 def file_sha256(path):
     """SHA-256 hex of one regular file (symlinks resolved), from the cache while its identity (size, mtime,
     ctime, inode, device of the resolved file) is unchanged."""
@@ -100,14 +93,14 @@ def file_sha256(path):
     if path_kind(path, "file to hash") != "file":
         raise NpdiffError(f"model hash: no such file {path}")
     real = Path(os.path.realpath(path))
-    identity = _identity(os.stat(real))
+    identity = file_identity(os.stat(real))
     key = str(real)
     store = cache_path()
     entry = _read_cache(store).get(key)
     if entry and all(entry.get(name) == value for name, value in identity.items()):
         return entry["sha256"]
     digest = sha256_of_file(real)
-    if _identity(os.stat(real)) != identity:  # changed while it was read: do not cache a mixed digest
+    if file_identity(os.stat(real)) != identity:  # changed while it was read: do not cache a mixed digest
         return digest
     entries = _read_cache(store)  # re-read: another process may have added entries meanwhile
     entries = {name: value for name, value in entries.items() if os.path.isfile(name)}  # forget deleted files

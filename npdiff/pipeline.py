@@ -25,7 +25,8 @@ Every mode is one flow, _generate, with these steps (diffusers' StableDiffusionP
      picture; in tiles with pipe.enable_vae_tiling(), or when step 0 found the whole picture would not
      fit: npdiff/models/vae_tiling.py) and round to 8-bit pictures.
 Between the steps each model whose stage is over (the text encoder after 1, the UNet after 4, the VAE
-after 5) releases the resident pages of its memory-mapped weights (release_resident_pages below): they
+after 5) releases the resident pages of its memory-mapped weights (release_resident_pages, in
+pipeline_memory.py with the VAE and its tiling): they
 stay in the page cache and come back on the next call, so at no time are all weights resident, and the
 VAE decode runs without the UNet's weights beside its activations.
 Models that take more than the text embeddings (SDXL: npdiff/pipeline_sdxl.py) subclass this class and
@@ -47,15 +48,13 @@ from pathlib import Path
 import numpy as np
 
 from npdiff import __version__, backend
-from npdiff.errors import NpdiffError
 from npdiff.hires import check_hires, hires_fix
 from npdiff.hires_names import DEFAULT_HIRES_STRENGTH, DEFAULT_HIRES_UPSCALER
 from npdiff.images import decoded_to_float, to_pil
-from npdiff.loading.resident import release_resident_pages
 from npdiff.lora import load_lora_weights, lora_parameters, unload_lora_weights
 from npdiff.memory_estimate import check_call_memory
 from npdiff.models.blocks import guidance_scale_embedding
-from npdiff.models.vae_tiling import tiling_switched_on
+from npdiff.pipeline_memory import PipelineMemoryMixin
 from npdiff.pipeline_utils import (
     PipelineOutput,
     StopSampling,
@@ -67,19 +66,17 @@ from npdiff.pipeline_utils import (
     check_guidance,
     check_output_type,
     check_positive_int,
-    check_vae_fits,
     default_model_path,
     load_components,
     make_generator,
     resolve_scheduler,
-    vae_scale_factor,
 )
 from npdiff.prompt_encoding import PromptOptions, encode_prompts, match_chunk_counts
 from npdiff.sampling_starts import ImageStart, InpaintStart, NoiseStart
 from npdiff.textual_inversion import load_textual_inversion
 
 
-class StableDiffusionPipeline:
+class StableDiffusionPipeline(PipelineMemoryMixin):
     """Text encoder + tokenizer + UNet + VAE + scheduler, called like diffusers' pipeline."""
 
     text_encoder_names = ("text_encoder",)  # the models stage 1 runs (release_resident_pages after it)
@@ -98,61 +95,10 @@ class StableDiffusionPipeline:
         self.show_progress = True  # a tqdm bar over the denoising steps
         self.release_weights_between_stages = True  # see release_resident_pages
 
-    def release_resident_pages(self, *names):
-        """Drop the resident pages of the memory-mapped weights of the named models ("text_encoder",
-        "unet", "vae"; none named: all) from this process; -> bytes released.
-
-        float32 weights are read-only views of their files' memory maps (npdiff.loading.safetensors_io):
-        once read they stay resident, counted in this process's memory, until released. The pages stay
-        in the kernel's page cache, and the next read of a weight faults its page back in from there
-        (measured for the SD 1.5 UNet in benchmarks/memory.py: well under a second against a minute
-        of sampling); results are bit-identical. A no-op where madvise is unavailable, and for weights
-        held in private memory (F16/BF16 widened, LoRA-fused, on a GPU)."""
-        names = names or self.text_encoder_names + ("unet", "vae")
-        return sum(release_resident_pages(getattr(self, name)) for name in names)
-
-    def _stage_done(self, *names):
-        """A stage is over: release its models' weight pages (release_weights_between_stages)."""
-        if self.release_weights_between_stages:
-            self.release_resident_pages(*names)
-
     @property
     def precision(self):
         """"fp32" or "bf16": what the UNet's Linear and Conv2d layers hold (from_pretrained's precision)."""
         return getattr(self.unet, "precision", "fp32")
-
-    @property
-    def vae_scale_factor(self):
-        """Pixels per latent: 2 ** (VAE blocks - 1) of the current VAE (pipeline_utils.vae_scale_factor)."""
-        return vae_scale_factor(self.vae)
-
-    @property
-    def vae(self):
-        return self._vae
-
-    @vae.setter
-    def vae(self, vae):
-        """Set or swap the VAE (e.g. `pipe.vae = AutoencoderTiny.from_pretrained(...)`): a swapped-in one must
-        work in the latent space of the model's own (pipeline_utils.check_vae_fits), else NpdiffError now."""
-        own = "_vae" not in vars(self)  # the first VAE is the model's own: its cells are what the UNet learned
-        self._vae = check_vae_fits(vae, self.unet.config, None if own else self.model_vae_scale_factor)
-        if own:
-            self.model_vae_scale_factor = vae_scale_factor(vae)
-
-    def enable_vae_tiling(self):
-        """diffusers' pipe.enable_vae_tiling(): pipe.vae.enable_tiling() (npdiff/models/vae_tiling.py)."""
-        if not hasattr(self.vae, "enable_tiling"):
-            raise NpdiffError(f"VAE tiling is for AutoencoderKL; this pipeline's VAE is a {type(self.vae).__name__}")
-        self.vae.enable_tiling()
-
-    def disable_vae_tiling(self):
-        if hasattr(self.vae, "disable_tiling"):
-            self.vae.disable_tiling()
-
-    def vae_tiling_on(self):
-        """Whether this call's VAE decodes (and encodes) large pictures in tiles: asked for, or switched on
-        by the memory check; stored in the PNG (tiles change the pixels slightly)."""
-        return bool(getattr(self.vae, "use_tiling", False) or self.auto_vae_tiling)
 
     def do_classifier_free_guidance(self, guidance_scale):
         """diffusers' rule: guide when guidance_scale > 1, except with an LCM-distilled UNet
@@ -258,12 +204,6 @@ class StableDiffusionPipeline:
         ControlNet pipeline (npdiff/pipeline_controlnet.py) adds its nets' residuals for this step, computed
         from the scaled model input [2B,4,h,w] (before an inpainting UNet's extra channels)."""
         return unet_kwargs
-
-    def decode_latents(self, latents):
-        """Latents [B,4,h,w] -> images [B,3,h*f,w*f] in [-1,1] (divides by the VAE scaling factor)."""
-        latents = backend.to_device(latents)
-        with tiling_switched_on(self.vae, self.auto_vae_tiling):  # in tiles when the memory check said so
-            return self.vae.decode(latents / self.vae.scaling_factor)  # [B,4,h,w] -> [B,3,H,W]
 
     def denoise(self, latents, timesteps, scheduler, text_embeddings, guidance_scale, generator,
                 num_inference_steps, callback=None, callback_steps=1, progress=None, start=None,

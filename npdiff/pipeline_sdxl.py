@@ -8,6 +8,9 @@
     # base + refiner, diffusers' "ensemble of experts": the base runs the first 80% of the schedule
     latents = base("a lion", num_inference_steps=40, denoising_end=0.8, output_type="latent", seed=4).latents
     out = refiner.img2img("a lion", image=latents, num_inference_steps=40, denoising_start=0.8, seed=4)
+    # the same for inpainting: the base's inpaint to denoising_end, the refiner's inpaint of its latents
+    latents = base.inpaint("a lion", image=picture, mask_image=mask, denoising_end=0.8, output_type="latent").latents
+    out = refiner.inpaint("a lion", image=latents, mask_image=mask, denoising_start=0.8)
 
 The flow is StableDiffusionPipeline's (npdiff/pipeline.py: steps 0-5, one sampling loop); this class fills
 its two hooks with what SDXL's UNet takes (npdiff/sdxl_conditioning.py):
@@ -326,7 +329,9 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         """Picture + mask + text -> pictures repainted where the mask is white, diffusers'
         StableDiffusionXLInpaintPipeline arguments and defaults (strength 0.9999: the picture's latents,
         almost fully noised). A 9-channel SDXL inpainting UNet sees the mask; a 4-channel one gets the kept
-        part put back after each step. clip_skip, prompt_syntax: as in __call__."""
+        part put back after each step. denoising_start / denoising_end: as in img2img; `image` may be a base's
+        latents [B,4,h,w] (output_type="latent") for a 4-channel UNet, as diffusers' inpainting ensemble hands
+        them to its refiner (height x width: their size in pixels). clip_skip, prompt_syntax: as in __call__."""
         extra = XLCall("inpaint", prompt_2, negative_prompt, negative_prompt_2, original_size, crops_coords_top_left,
                        target_size, negative_original_size, negative_crops_coords_top_left, negative_target_size,
                        aesthetic_score, negative_aesthetic_score)

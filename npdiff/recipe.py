@@ -40,6 +40,7 @@ from npdiff.pipeline_utils import INSTALLED_MODEL_DIR, PACKAGE_DIR, SHIPPED_MODE
 from npdiff.preprocess import canny
 from npdiff.sdxl_recipe import (
     CROP_KEYWORDS,
+    FRACTION_KEYWORDS,
     SCORE_KEYWORDS,
     SIZE_KEYWORDS,
     check_sdxl_settings,
@@ -83,11 +84,13 @@ OPTIONS = (
     # and where the refiner takes over (render() runs the refiner from there; the refiner itself is loaded by the
     # caller, as the model is)
     *(Option(name, name, name, ALL) for name in SIZE_KEYWORDS + CROP_KEYWORDS + SCORE_KEYWORDS),
-    Option("refiner_switch", "refiner_switch", "refiner_switch", ("generate", "img2img")),
+    Option("refiner_switch", "refiner_switch", "refiner_switch", ALL),
+    Option("denoising_start", "denoising_start", "denoising_start", ("img2img", "inpaint")),  # diffusers' cuts
+    Option("denoising_end", "denoising_end", "denoising_end", ALL),
     Option("precision", None, "precision", ALL),  # "fp32" or "bf16", chosen when the model is loaded
 )
 HIRES_OPTIONS = ("hires_strength", "hires_steps", "hires_upscaler")  # they need hires_scale
-SDXL_VALUES = SIZE_KEYWORDS + CROP_KEYWORDS + SCORE_KEYWORDS + ("refiner_switch",)
+SDXL_VALUES = SIZE_KEYWORDS + CROP_KEYWORDS + SCORE_KEYWORDS + FRACTION_KEYWORDS
 # --reproduce fills in exactly these. The model, LoRAs, a VAE and the input pictures are never taken from a
 # PNG: it names them only by name and hash, and a path read from a file is never opened.
 OPTION_BY_NAME = {option.name: option for option in OPTIONS}
@@ -317,7 +320,7 @@ def options_from_png(stored, source):
             value = value + 1  # the PNG keeps diffusers' k; the option is webui's N = k + 1
         if value is not None:
             options[option.name] = check_value(option.name, value, f"{source}: stored parameter")
-    for key in ("model", "model_hash", "vae", "refiner", "refiner_hash"):
+    for key in ("model", "model_hash", "vae", "refiner", "refiner_hash", "command", "mode"):  # names, as text
         if stored.get(key) is not None and not isinstance(stored[key], str):
             raise NpdiffError(f"{source}: stored {key!r} must be a string, got {shorten(stored[key])}")
     check_stored_loras(stored.get("loras"), source)
@@ -407,7 +410,7 @@ def render(pipe, command, options, picture=None, mask=None, identity=None, vae=N
                          "guess_mode": control["guess_mode"]})
     # 2. the picture
     if refiner is not None:  # base + refiner, diffusers' ensemble of experts
-        output = render_with_refiner(pipe, refiner, command, keywords, picture, callback, callback_steps)
+        output = render_with_refiner(pipe, refiner, command, keywords, picture, callback, callback_steps, mask)
     elif command == "generate":
         output = pipe(**keywords, **progress)
     elif command == "img2img":

@@ -142,8 +142,7 @@ class ImageStart(SamplingStart):
     def picture_latents(self, pipe, generator):
         """The picture's latents [B,4,h,w] (one posterior draw; given latents: repeated to the batch)."""
         if self.given_latents is not None:
-            copies = self.batch // self.given_latents.shape[0]
-            return backend.to_device(np.concatenate([self.given_latents] * copies, axis=0))  # [b,4,h,w] -> [B,4,h,w]
+            return given_latents_for_batch(self.given_latents, self.batch)  # [b,4,h,w] -> [B,4,h,w]
         return encode_image(pipe, self.pixels, self.batch, generator)  # [B,4,h,w]
 
     def initial_latents(self, pipe, scheduler, timesteps, generator):
@@ -190,15 +189,19 @@ class InpaintStart(SamplingStart):
         width = default_side if self.width is None else self.width
         self.height, self.width = check_size(height, width, *size_rule(pipe.unet.config, pipe.vae_scale_factor))
         f = pipe.vae_scale_factor
-        self.pixels = image_to_model_input(self.image, f, self.height, self.width)  # [1,3,H,W] in [-1,1]
+        self.batch = batch
+        self.latent_shape = (batch, latent_channels, self.height // f, self.width // f)
+        self.prepare_picture(pipe)
+        check_denoising_steps(num_inference_steps, self.strength)
+
+    def prepare_picture(self, pipe):
+        """The picture [1,3,H,W] in [-1,1] and the mask [1,1,H,W] of 0/1 at the working size, checked."""
+        self.pixels = image_to_model_input(self.image, pipe.vae_scale_factor, self.height, self.width)
         self.mask = mask_to_model_input(self.mask_image, self.height, self.width)  # [1,1,H,W] of 0/1
         if picture_size(self.image) != picture_size(self.mask_image):
             (image_w, image_h), (mask_w, mask_h) = picture_size(self.image), picture_size(self.mask_image)
             raise NpdiffError(f"image is {image_w}x{image_h} pixels but mask_image is {mask_w}x{mask_h} "
                               "(width x height); give a mask of the picture's size")
-        check_denoising_steps(num_inference_steps, self.strength)
-        self.batch = batch
-        self.latent_shape = (batch, latent_channels, self.height // f, self.width // f)
 
     def timesteps(self, scheduler, num_inference_steps):
         return get_timesteps(scheduler, num_inference_steps, self.strength)
@@ -207,7 +210,7 @@ class InpaintStart(SamplingStart):
         # diffusers' prepare_latents: the picture's latents when they are needed, then the noise
         is_strength_max = self.strength == 1.0
         if not self.concat or not is_strength_max or not self.add_noise:
-            self.image_latents = encode_image(pipe, self.pixels, self.batch, generator)  # [B,4,h,w]
+            self.image_latents = self.picture_latents(pipe, generator)  # [B,4,h,w]
         self.noise = backend.to_device(generator.randn(self.latent_shape, dtype=np.float32))  # [B,4,h,w]
         if not self.add_noise:  # noisy already (SDXL's denoising_start): the noise serves after_step only
             latents = self.image_latents
@@ -220,12 +223,22 @@ class InpaintStart(SamplingStart):
         # diffusers' prepare_mask_latents: the mask at latent size, the masked picture's latents
         mask = resize_nearest(self.mask, *self.latent_shape[2:])  # [1,1,H,W] -> [1,1,h,w]
         self.mask_latents = backend.to_device(np.repeat(mask, self.batch, axis=0))  # [B,1,h,w]
+        self.masked_image_latents = self.masked_picture_latents(pipe, generator)  # [B,4,h,w] or None
+        return latents
+
+    def picture_latents(self, pipe, generator):
+        """The picture's latents [B,4,h,w] (one posterior draw)."""
+        return encode_image(pipe, self.pixels, self.batch, generator)
+
+    def masked_picture_latents(self, pipe, generator):
+        """The masked picture's latents [B,4,h,w] for a 9-channel UNet; None for a 4-channel one, whose
+        posterior draw diffusers makes too (it encodes the masked picture, unused): its numbers are drawn, the
+        encoder skipped."""
         masked_pixels = self.pixels * (self.mask < 0.5)  # [1,3,H,W], 0 (grey) where repainted
         if self.concat:
-            self.masked_image_latents = encode_image(pipe, masked_pixels, self.batch, generator)  # [B,4,h,w]
-        else:  # diffusers encodes it here too, unused by a 4-channel UNet: draw its numbers, skip the encoder
-            generator.randn((1,) + self.latent_shape[1:], dtype=np.float32)  # [1,4,h,w]
-        return latents
+            return encode_image(pipe, masked_pixels, self.batch, generator)  # [B,4,h,w]
+        generator.randn((1,) + self.latent_shape[1:], dtype=np.float32)  # [1,4,h,w]
+        return None
 
     def unet_input(self, model_input):
         if not self.concat:
@@ -281,6 +294,12 @@ def encode_image(pipe, pixels, batch, generator):
     latents = latents * float(pipe.vae.scaling_factor)  # [1,4,h,w]
     xp = backend.array_module(latents)
     return xp.repeat(latents, batch, axis=0)  # [1,4,h,w] -> [batch,4,h,w]
+
+
+def given_latents_for_batch(latents, batch):
+    """Latents given as the picture [b,4,h,w] (b divides the batch) -> [batch,4,h,w] on the backend's device."""
+    copies = batch // latents.shape[0]
+    return backend.to_device(np.concatenate([latents] * copies, axis=0))  # [b,4,h,w] -> [batch,4,h,w]
 
 
 def is_latents(image):

@@ -8,17 +8,22 @@
                                     round(T - denoising_start * T) (one more for a 2nd-order scheduler
                                     that would stop between its two evaluations); no noise is added to the
                                     picture's latents, which are noisy already (the base's output).
-  XLImageStart also takes latents [B,4,h,w] as its `image` (the base's output_type="latent"), used as they
-  are (no VAE encoder, no scaling), as diffusers' img2img does with a 4-channel image.
+  XLImageStart and XLInpaintStart also take latents [B,4,h,w] as their `image` (the base's
+  output_type="latent"), used as they are (no VAE encoder, no scaling), as diffusers' img2img and inpaint do
+  with a 4-channel image.
 """
 
 import numpy as np
 
 from npdiff.errors import NpdiffError
+from npdiff.images import mask_to_model_input
 from npdiff.sampling_starts import (
     ImageStart,
     InpaintStart,
     NoiseStart,
+    check_given_latents,
+    given_latents_for_batch,
+    is_latents,
 )
 
 
@@ -120,18 +125,51 @@ class XLImageStart(PartialSchedule, ImageStart):
 
 
 class XLInpaintStart(PartialSchedule, InpaintStart):
-    """Inpainting (9-channel SDXL inpainting UNets and plain ones), with denoising_start and denoising_end."""
+    """Inpainting (9-channel SDXL inpainting UNets and plain ones), with denoising_start and denoising_end.
+
+    `image` may be latents [b,4,h,w] (a base's inpaint with output_type="latent": the refiner's half of
+    diffusers' inpainting ensemble), for a 4-channel UNet: used as the picture's latents, no VAE encoder and no
+    masked picture (diffusers' "images in latent space can't be masked"); the mask is read at height x width,
+    which must be the latents' size in pixels.
+    """
 
     def __init__(self, image, mask_image, strength, height=None, width=None, denoising_start=None,
                  denoising_end=None):
         super().__init__(image, mask_image, strength, height, width)
         self.denoising_start, self.denoising_end = check_window(denoising_start, denoising_end)
         self.add_noise = self.denoising_start is None
+        self.given_latents = None
 
     def prepare(self, pipe, batch, num_inference_steps):
         if self.denoising_start is not None:
             self.strength = 1.0  # denoising_start decides where to begin; strength plays no part (diffusers)
         super().prepare(pipe, batch, num_inference_steps)
+
+    def prepare_picture(self, pipe):
+        if not is_latents(self.image):
+            return super().prepare_picture(pipe)
+        if self.concat:
+            raise NpdiffError("this inpainting UNet (9 input channels) sees the masked picture's latents: give it "
+                              "the picture, not latents (latents as the image suit a 4-channel UNet, e.g. a refiner)")
+        self.given_latents = check_given_latents(pipe, self.image, self.batch)  # [b,4,h,w]
+        latent_size = tuple(self.given_latents.shape[2:])
+        if latent_size != self.latent_shape[2:]:
+            f = pipe.vae_scale_factor
+            raise NpdiffError(f"image given as latents is {latent_size[1] * f}x{latent_size[0] * f} pixels (width x "
+                              f"height) but the inpainting works at {self.width}x{self.height}: give the height and "
+                              "width the latents were made at")
+        self.encodes_picture = False
+        self.mask = mask_to_model_input(self.mask_image, self.height, self.width)  # [1,1,H,W] of 0/1
+
+    def picture_latents(self, pipe, generator):
+        if self.given_latents is None:
+            return super().picture_latents(pipe, generator)
+        return given_latents_for_batch(self.given_latents, self.batch)  # [b,4,h,w] -> [B,4,h,w]
+
+    def masked_picture_latents(self, pipe, generator):
+        if self.given_latents is None:
+            return super().masked_picture_latents(pipe, generator)
+        return None  # latents cannot be masked: diffusers encodes nothing here (and draws nothing)
 
 
 def window_parameters(denoising_start, denoising_end):

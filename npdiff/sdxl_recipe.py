@@ -9,7 +9,8 @@
                                  crops_coords_top_left (and negative_): "X,Y" (from the left, from the top)
                                    or [top, left] (diffusers' order)
                                  aesthetic_score, negative_aesthetic_score: a finite number
-                                 refiner_switch: a fraction of the schedule strictly between 0 and 1
+                                 refiner_switch, denoising_start, denoising_end: a fraction of the
+                                   schedule strictly between 0 and 1
   check_sdxl_settings(...)     what a call asks for against what the model and the refiner are: an SDXL
                                setting given to an SD 1.x/2.x model, a refiner that is no refiner, a switch
                                without a refiner, ... -> NpdiffError before any work
@@ -17,8 +18,8 @@
   Refiner(pipe, identity)      a loaded refiner and how the PNG names it ({"refiner": name, "refiner_hash"})
   render_with_refiner(...)     diffusers' "ensemble of experts", webui's "Refiner switch at": the base runs
                                the schedule down to `refiner_switch` (denoising_end, latents out), the refiner
-                               the rest from those latents (denoising_start); -> the refiner's output with
-                               the parameters of the whole picture
+                               the rest from those latents (denoising_start; inpainting: its inpaint with the
+                               same mask); -> the refiner's output with the parameters of the whole picture
 
 The ensemble is diffusers' (the schedule is cut at a timestep), not webui's (which switches models at a step
 of one sampler run): the same settings draw diffusers' picture, not webui's.
@@ -34,10 +35,18 @@ DEFAULT_REFINER_SWITCH = 0.8  # webui's "Refiner switch at" default, diffusers' 
 SIZE_KEYWORDS = ("original_size", "target_size", "negative_original_size", "negative_target_size")
 CROP_KEYWORDS = ("crops_coords_top_left", "negative_crops_coords_top_left")
 SCORE_KEYWORDS = ("aesthetic_score", "negative_aesthetic_score")
+WINDOW_KEYWORDS = ("denoising_start", "denoising_end")  # diffusers' cuts of the schedule (without a refiner)
+FRACTION_KEYWORDS = ("refiner_switch",) + WINDOW_KEYWORDS
 SDXL_OPTION_FLAGS = {
     "prompt_2": "--prompt-2", "negative_prompt_2": "--negative-2",
-    **{keyword: "--" + keyword.replace("_", "-") for keyword in SIZE_KEYWORDS + CROP_KEYWORDS + SCORE_KEYWORDS},
-    "refiner_switch": "--refiner-switch",
+    **{keyword: "--" + keyword.replace("_", "-")
+       for keyword in SIZE_KEYWORDS + CROP_KEYWORDS + SCORE_KEYWORDS + FRACTION_KEYWORDS},
+}
+FRACTION_MEANINGS = {
+    "refiner_switch": "the fraction of the schedule the base runs before the refiner takes over; webui's "
+                      "'Refiner switch at'",
+    "denoising_start": "the fraction of the schedule already run: start there, adding no noise",
+    "denoising_end": "the fraction of the schedule to run before stopping",
 }
 MAX_SIZE = 10**6  # pixels a side: far past any picture, small enough to stay an exact float32
 SIZE_TEXT = re.compile(r"^\s*(\d{1,7})\s*[xX]\s*(\d{1,7})\s*$")
@@ -80,12 +89,12 @@ def check_sdxl_value(name, value, where=None):
     if name in CROP_KEYWORDS:  # "X,Y" -> [top, left] = [Y, X]
         return _pair(value, label, CORNER_TEXT, "X,Y (pixels from the left, from the top)", "[top, left]",
                      swap=True, smallest=0)
-    if name in SCORE_KEYWORDS + ("refiner_switch",):
+    if name in SCORE_KEYWORDS + FRACTION_KEYWORDS:
         number_ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if name == "refiner_switch" and not (number_ok and 0 < value < 1):
-            raise NpdiffError(f"{label!r} must be a number strictly between 0 and 1 (the fraction of the schedule "
-                              f"the base runs before the refiner takes over; webui's 'Refiner switch at'), got "
-                              f"{shorten(value)}")
+        if name in FRACTION_KEYWORDS and not (number_ok and 0 < value < 1):
+            named = f"{where}: {flag(name)}" if where else flag(name)
+            raise NpdiffError(f"{named} must be a number strictly between 0 and 1 ({FRACTION_MEANINGS[name]}), "
+                              f"got {shorten(value)}")
         if not number_ok:
             raise NpdiffError(f"{label!r} must be a finite number (webui's default: 6 for the aesthetic score, 2.5 "
                               f"for the negative one), got {shorten(value)}")
@@ -114,7 +123,9 @@ def check_sdxl_settings(command, keywords, model_kind, refiner_kind=None, contro
                 raise NpdiffError(f"{flag(keyword)} is for SDXL models (a second text encoder); this model has one")
         if refiner_kind is not None:
             raise NpdiffError("--refiner is for SDXL base models; this model is an SD 1.x/2.x model")
-    # 2. the refiner: an SDXL refiner after an SDXL base, for generate and img2img
+    # 2. denoising_start / denoising_end: one window of the schedule, by no other setting's way of cutting it
+    check_window_settings(keywords, given, refiner_kind, control)
+    # 3. the refiner: an SDXL refiner after an SDXL base
     if refiner_kind is None:
         if "refiner_switch" in given:
             raise NpdiffError(f"{flag('refiner_switch')} needs --refiner FILE_OR_FOLDER (the SDXL refiner to "
@@ -130,10 +141,25 @@ def check_sdxl_settings(command, keywords, model_kind, refiner_kind=None, contro
     if model_kind == "sdxl-refiner":
         raise NpdiffError("--refiner follows an SDXL base, and --model is an SDXL refiner itself: give the base "
                           "model as --model")
-    if command not in ("generate", "img2img"):
-        raise NpdiffError(f"--refiner works with generate and img2img; npdiff {command} does not take it")
     if keywords.get("hires_scale") is not None or control:
         raise NpdiffError(f"--refiner cannot be combined with {'--hires-scale' if not control else '--control'}")
+
+
+def check_window_settings(keywords, given, refiner_kind, control):
+    """denoising_start below denoising_end; neither beside --refiner (its switch cuts the schedule), the hires
+    fix (its first pass runs the whole schedule) or --control (its pipeline runs the whole schedule)."""
+    window = [keyword for keyword in WINDOW_KEYWORDS if keyword in given]
+    if not window:
+        return
+    if len(window) == 2 and keywords["denoising_start"] >= keywords["denoising_end"]:
+        raise NpdiffError(f"{flag('denoising_start')} {keywords['denoising_start']} must be smaller than "
+                          f"{flag('denoising_end')} {keywords['denoising_end']}")
+    if refiner_kind is not None:
+        raise NpdiffError(f"{flag(window[0])} cannot be combined with --refiner: --refiner-switch says where the "
+                          "base stops and the refiner starts")
+    if keywords.get("hires_scale") is not None or control:
+        raise NpdiffError(f"{flag(window[0])} cannot be combined with "
+                          f"{'--hires-scale' if not control else '--control'}")
 
 
 def _offset_callback(callback, callback_steps, offset):
@@ -149,11 +175,13 @@ def _offset_callback(callback, callback_steps, offset):
     return wrapper, seen
 
 
-def render_with_refiner(pipe, refiner, command, keywords, picture=None, callback=None, callback_steps=1):
-    """base + refiner (module doc): pipe runs `command` ("generate" or "img2img" of `picture`) down to
-    keywords["refiner_switch"] (default 0.8) and returns latents, refiner.pipe.img2img the rest -> its output,
-    whose parameters are the base's with the switch, the refiner's scores and its identity (no denoising_end:
-    the switch says it)."""
+def render_with_refiner(pipe, refiner, command, keywords, picture=None, callback=None, callback_steps=1,
+                        mask=None):
+    """base + refiner (module doc): pipe runs `command` ("generate", "img2img" of `picture`, or "inpaint" of
+    `picture` where `mask` is white) down to keywords["refiner_switch"] (default 0.8) and returns latents; the
+    refiner runs the rest (its img2img, or its inpaint of those latents with the same mask and size) -> its
+    output, whose parameters are the base's with the switch, the refiner's scores and its identity (no
+    denoising_end: the switch says it)."""
     keywords = dict(keywords)
     switch = keywords.pop("refiner_switch", None) or DEFAULT_REFINER_SWITCH
     scores = {name: keywords.pop(name) for name in SCORE_KEYWORDS if keywords.get(name) is not None}
@@ -162,13 +190,21 @@ def render_with_refiner(pipe, refiner, command, keywords, picture=None, callback
     cut = {"denoising_end": switch, "output_type": "latent", "callback": base_callback, "callback_steps": 1}
     if command == "generate":
         base = pipe(**keywords, **cut)
-    else:
+    elif command == "img2img":
         base = pipe.img2img(image=picture, **keywords, **cut)
+    else:
+        base = pipe.inpaint(image=picture, mask_image=mask, **keywords, **cut)
     # 2. the refiner: the rest, from the base's latents (no noise added: they are noisy already)
     refiner_callback, _ = _offset_callback(callback, callback_steps, seen["calls"])
     same = {name: keywords[name] for name in REFINER_KEYWORDS if name in keywords}
-    output = refiner.pipe.img2img(image=base.latents, denoising_start=switch, **same, **scores,
-                                  callback=refiner_callback, callback_steps=1)
+    finish = {"image": base.latents, "denoising_start": switch, **same, **scores, "callback": refiner_callback,
+              "callback_steps": 1}
+    if command == "inpaint":  # the same mask, read at the size the base worked at (the latents' size in pixels)
+        scale = refiner.pipe.vae_scale_factor
+        height, width = base.latents.shape[2] * scale, base.latents.shape[3] * scale  # [B,4,h,w] -> H, W
+        output = refiner.pipe.inpaint(mask_image=mask, height=height, width=width, **finish)
+    else:
+        output = refiner.pipe.img2img(**finish)
     # 3. the parameters of the whole picture
     parameters = {name: value for name, value in base.parameters.items() if name != "denoising_end"}
     parameters["refiner_switch"] = switch

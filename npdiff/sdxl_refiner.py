@@ -2,7 +2,9 @@
 
   add_sdxl_options(parser)       --refiner, --refiner-switch, --aesthetic-score, --negative-aesthetic-score,
                                  --original-size, --target-size, --crops-coords-top-left and their negative_
-                                 forms (the values are checked by npdiff.sdxl_recipe, the recipe's options)
+                                 forms, --denoising-end (the values are checked by npdiff.sdxl_recipe, the
+                                 recipe's options)
+  add_denoising_start_option(p)  img2img's and inpaint's --denoising-start
   model_kind(path)               "sd", "sdxl" or "sdxl-refiner" from a model's layout alone (a folder's
                                  model_index.json and subfolders, a single file's safetensors header)
   check_sdxl_request(...)        an SDXL setting given to an SD 1.x/2.x model, a refiner that is a base, ...
@@ -47,6 +49,18 @@ def add_sdxl_options(p):
                    "(default 0,0)")
     p.add_argument("--negative-crops-coords-top-left", default=None, metavar="X,Y",
                    help="SDXL: --crops-coords-top-left for the negative prompt")
+    p.add_argument("--denoising-end", type=float, default=None, metavar="F",
+                   help="SDXL: stop after this fraction of the schedule, in (0, 1), and write the picture still "
+                   "partly noisy, as diffusers' denoising_end decodes it (the base half of an ensemble of experts "
+                   "by hand; --refiner does both halves in one run); stored in the PNG")
+
+
+def add_denoising_start_option(p):
+    """img2img's and inpaint's --denoising-start (generate starts from pure noise: it has no such option)."""
+    p.add_argument("--denoising-start", type=float, default=None, metavar="F",
+                   help="SDXL: start at this fraction of the schedule, in (0, 1), adding no noise to the picture "
+                   "(diffusers' denoising_start: the picture is a --denoising-end one, noisy already; --strength "
+                   "plays no part); stored in the PNG")
 
 
 def model_kind(path):

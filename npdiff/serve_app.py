@@ -22,6 +22,7 @@ from npdiff.errors import NpdiffError
 from npdiff.images import PNG_PARAMS_KEY, png_text_chunks
 from npdiff.infotext import SAMPLER_NAMES, format_infotext, parse_infotext
 from npdiff.serve_jobs import Job, JobQueue, QueueFull
+from npdiff.serve_refiner import check_sdxl_request
 from npdiff.serve_schemas import (
     RequestError,
     decode_base64_picture,
@@ -141,6 +142,7 @@ def create_app(shelf, queue_limit=8, api_auth=None):
         picture = picture_request(body, kind)
         if picture.model:
             shelf.model_path(picture.model)  # an unknown name fails now, not in the queue
+        await run_in_threadpool(check_sdxl_request, shelf, picture)  # refiner_checkpoint, SDXL settings: now
         await run_in_threadpool(jobs.check, picture)
         job = Job(picture)
         refused_now = await run_job(request, job)

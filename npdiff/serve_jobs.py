@@ -25,6 +25,7 @@ from npdiff.infotext import format_infotext
 from npdiff.memory_estimate import check_call_memory
 from npdiff.pipeline_utils import StopSampling, check_size, size_rule
 from npdiff.recipe import render
+from npdiff.serve_refiner import RefinerSlot
 from npdiff.serve_schemas import RequestError
 
 GALLERY_SIZE = 48
@@ -72,6 +73,7 @@ class JobQueue:
         self.current = None
         self.condition = threading.Condition()
         self.gallery = deque(maxlen=GALLERY_SIZE)
+        self.refiners = RefinerSlot(shelf)  # the SDXL refiner a request names, held beside the model
         self.preview_wanted_until = 0.0
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="npdiff-serve-worker", daemon=True)
@@ -196,8 +198,9 @@ class JobQueue:
                 job.picture_index, job.step = index, 0
                 options = dict(request.options, seed=request.options["seed"] + index)
                 rendered = render(shelf.pipe, request.command, options, request.picture, request.mask_picture,
-                                  identity=shelf.identity,
-                                  callback=callback, callback_steps=1)
+                                  identity=shelf.identity, callback=callback, callback_steps=1,
+                                  refiner=self.refiners.get(request.refiner, request.sampler) if request.refiner
+                                  else None)  # webui's refiner_checkpoint (npdiff/serve_refiner.py)
                 job.results.append(rendered)
                 if not job.cancelled:
                     self.gallery.append((rendered.png, format_infotext(rendered.params)))

@@ -69,14 +69,14 @@ class ModelShelf:
     def lora_paths(self):
         return folder_entries(self.lora_dir, is_model=False)
 
-    def model_path(self, name):
-        """A name from model_paths (or webui's title "name [hash]") -> its path; RequestError otherwise."""
-        check_name(name, "sd_model_checkpoint")
+    def model_path(self, name, field_name="sd_model_checkpoint"):
+        """A name from model_paths (or webui's title "name [hash]") -> (name, path); RequestError naming
+        `field_name` (the request field that named it) otherwise."""
+        check_name(name, field_name)
         paths = self.model_paths()
         bare = name.rsplit(" [", 1)[0] if name.endswith("]") else name
         if bare not in paths:
-            raise RequestError(404, "sd_model_checkpoint", f"sd_model_checkpoint: no model named {name!r}; "
-                               f"known: {', '.join(paths)}")
+            raise RequestError(404, field_name, f"{field_name}: no model named {name!r}; known: {', '.join(paths)}")
         return bare, paths[bare]
 
     def load(self, name=None):

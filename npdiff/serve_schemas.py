@@ -3,7 +3,9 @@ onto npdiff's recipe options (npdiff.recipe): no web framework here, only dicts 
 
   parse_json_body(raw)                    request bytes -> a JSON object; NaN/Infinity and non-objects refused
   picture_request(body, kind, lora_dir)   a txt2img / img2img body -> PictureRequest (every field checked,
-                                          fields npdiff does not use listed in .ignored)
+                                          fields npdiff does not use listed in .ignored; the SDXL refiner's
+                                          refiner_checkpoint / refiner_switch_at and webui's SDXL settings in
+                                          override_settings, checked against the models by serve_refiner)
   decode_base64_picture(text, field)      webui's base64 picture (with or without a data: URL prefix) -> bytes
   response_info(request, results, ...)    webui's "info" JSON text of a finished request
   webui_parameters(params)                npdiff's PNG parameters -> webui's png-info "parameters" keys
@@ -31,17 +33,20 @@ from npdiff.infotext import (
 )
 from npdiff.recipe import OPTION_BY_NAME, check_value
 from npdiff.schedulers import SCHEDULERS
+from npdiff.sdxl_recipe import DEFAULT_REFINER_SWITCH
 
 MAX_STEPS = 1000
 MAX_SIDE = 8192  # pixels; the memory estimate refuses most sizes well below this
 MAX_PICTURES = 64  # batch_size * n_iter
 SEED_LIMIT = 2**32  # webui's seeds are 32-bit; -1 draws one
+MAX_CROP = 10**6  # pixels: the recipe's limit for a size or crop corner
+MAX_SCORE = 10**6  # an aesthetic score: any finite number (webui's field has no range); this keeps it sane
 
 # webui fields npdiff reads: webui name -> recipe option name
 USED_FIELDS = {"prompt": "prompt", "negative_prompt": "negative", "steps": "steps", "cfg_scale": "guidance",
                "seed": "seed", "eta": "eta", "width": "width", "height": "height"}
 OTHER_USED = {"sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter", "override_settings",
-              "override_settings_restore_afterwards"}
+              "override_settings_restore_afterwards", "refiner_checkpoint", "refiner_switch_at"}
 IMG2IMG_USED = {"init_images", "mask", "denoising_strength", "inpainting_mask_invert"}
 # webui's fields npdiff does not act on, with webui's defaults: listed in the info when set to anything else.
 # The hires fix's fields are acted on when enable_hr is true (add_hires_fields), except a fixed second size.
@@ -54,13 +59,17 @@ WEBUI_DEFAULTS = {
     "s_tmin": 0, "s_noise": 1, "script_name": None, "script_args": [], "alwayson_scripts": {},
     "resize_mode": 0, "image_cfg_scale": 1.5, "mask_blur": 4, "mask_blur_x": 4, "mask_blur_y": 4,
     "inpainting_fill": 0, "inpaint_full_res": True, "inpaint_full_res_padding": 0, "include_init_images": False,
-    "initial_noise_multiplier": 1, "refiner_checkpoint": None, "refiner_switch_at": 0, "infotext": None,
+    "initial_noise_multiplier": 1, "infotext": None,
     "comments": {}, "disable_extra_networks": False, "force_task_id": None, "sampler_index": None,
     "send_images": True, "save_images": False,  # npdiff serve always sends its pictures and saves none
 }
 HIRES_USED = {"enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_strength"}
-# override_settings npdiff acts on: webui's Clip skip (1 = the last layer), the recipe's clip_skip option
-OVERRIDES_USED = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}
+# override_settings npdiff acts on: webui's Clip skip (1 = the last layer), the recipe's clip_skip option; webui's
+# SDXL settings: the crop corner (every SDXL model), the aesthetic scores (a refiner) -> the recipe's options
+SDXL_OVERRIDES = {"sdxl_crop_top": 0, "sdxl_crop_left": 0, "sdxl_refiner_high_aesthetic_score": 6.0,
+                  "sdxl_refiner_low_aesthetic_score": 2.5}  # webui's defaults
+OVERRIDES_USED = {"sd_model_checkpoint", "CLIP_stop_at_last_layers", *SDXL_OVERRIDES}
+NO_REFINER = (None, "", "None", "none")  # webui's refiner_checkpoint values that mean no refiner
 NAME_PATTERN = re.compile(r"^[^/\\\x00]{1,200}$")  # a model or LoRA name: no path separator, no NUL
 
 
@@ -120,6 +129,8 @@ class PictureRequest:
     mask: bytes = None
     picture: object = None  # init_image decoded (PIL), by JobQueue.check
     mask_picture: object = None
+    refiner: object = None  # refiner_checkpoint: an SDXL refiner's name in the server's list, or None
+    sdxl_settings: dict = field(default_factory=dict)  # webui's SDXL settings as recipe options (serve_refiner)
     ignored: list = field(default_factory=list)  # "name=value" of fields npdiff does not act on
     echo: dict = field(default_factory=dict)  # the request, as webui echoes it in "parameters"
 
@@ -236,6 +247,8 @@ def picture_request(body, kind):
     if overrides.get("CLIP_stop_at_last_layers") is not None:
         options["clip_skip"] = _int_field(overrides, "CLIP_stop_at_last_layers", 1, 1, 12)
     request.restore_model = body.get("override_settings_restore_afterwards", True) is not False
+    add_sdxl_overrides(request, overrides)
+    add_refiner_fields(request, body)
     size = {"width": _int_field(body, "width", 512, 1, MAX_SIDE), "height": _int_field(body, "height", 512, 1, MAX_SIDE)}
     if kind == "txt2img":
         options.update(size)
@@ -265,6 +278,49 @@ def add_hires_fields(request, body):
     for name in ("hr_resize_x", "hr_resize_y"):
         if body.get(name):
             request.ignored.append(f"{name}={shorten(body[name], 40)} (npdiff's hires fix goes by hr_scale)")
+
+
+def add_refiner_fields(request, body):
+    """refiner_checkpoint (a name from the server's list; None, "" or "None": no refiner) and refiner_switch_at
+    -> request.refiner and the recipe's refiner_switch: the fraction of the schedule the base runs, strictly
+    between 0 and 1, 0.8 (webui's default) when not given. Without a refiner, a switch is listed as ignored."""
+    name, switch = body.get("refiner_checkpoint"), body.get("refiner_switch_at")
+    if name in NO_REFINER:
+        if switch not in (None, 0):
+            request.ignored.append(f"refiner_switch_at={shorten(switch, 40)} (no refiner_checkpoint)")
+        return
+    request.refiner = check_name(name, "refiner_checkpoint")
+    if body.get("enable_hr"):
+        refuse("refiner_checkpoint", "cannot be combined with enable_hr: npdiff's refiner finishes the base's "
+                                     "schedule (diffusers' ensemble of experts), which the hires fix would run twice")
+    if switch is None:
+        switch = DEFAULT_REFINER_SWITCH
+    if isinstance(switch, bool) or not isinstance(switch, (int, float)) or not 0 < switch < 1:
+        refuse("refiner_switch_at", f"must be a number strictly between 0 and 1 with a refiner_checkpoint (the "
+                                    f"fraction of the schedule the base runs), got {shorten(switch)}")
+    request.options["refiner_switch"] = float(switch)
+
+
+def add_sdxl_overrides(request, overrides):
+    """webui's SDXL settings in override_settings -> request.sdxl_settings (recipe options; serve_refiner applies
+    them where webui does): sdxl_crop_top/left -> the crop corner of both prompts, the refiner's high / low
+    aesthetic scores -> aesthetic_score / negative_aesthetic_score."""
+    values = {}
+    for key, default in SDXL_OVERRIDES.items():
+        name = f"override_settings.{key}"
+        if overrides.get(key) is None:
+            continue
+        if isinstance(default, int):
+            values[key] = _int_field({name: overrides[key]}, name, default, 0, MAX_CROP)
+        else:
+            values[key] = _number_field({name: overrides[key]}, name, default, -MAX_SCORE, MAX_SCORE)
+    if values.get("sdxl_crop_top") or values.get("sdxl_crop_left"):
+        corner = [values.get("sdxl_crop_top", 0), values.get("sdxl_crop_left", 0)]  # [top, left], diffusers' order
+        request.sdxl_settings.update(crops_coords_top_left=corner, negative_crops_coords_top_left=list(corner))
+    for key, option in (("sdxl_refiner_high_aesthetic_score", "aesthetic_score"),
+                        ("sdxl_refiner_low_aesthetic_score", "negative_aesthetic_score")):
+        if key in values:
+            request.sdxl_settings[option] = values[key]
 
 
 def add_img2img_fields(request, body, size):

@@ -11,14 +11,18 @@
 Versions:
   1. conv2d_backward_ref    NumPy API: dx tap by tap (the transposed product of each tap scattered
                             back into a padded buffer); dW tap by tap (dy @ the tap's window^T).
-  2. conv2d_backward_fast   dx through conv.py's own conv2d, so it takes the same fast path as a
+  2. conv2d_backward_fast   dx through conv.py's own conv2d (a frozen layer's flipped kernel is made
+                            once and kept: FlippedKernels), so it takes the same fast path as a
                             forward of that shape: for the 3x3 stride-1 convs of SD (and the
                             stride-2 downsamplers, whose zero-dilated dy is a stride-1 conv too)
-                            that is Winograd F(4x4,3x3) where conv_method picks it, else im2col,
+                            that is Winograd F(4x4,3x3) where conv_method picks it (but at
+                            batch 1 and 16x16, im2col: IM2COL_MAX_PIXELS), else im2col,
                             1x1 GEMM or the direct loops. dW: tiles of output rows unfolded by
                             conv.py's im2col_tile, one GEMM per tile dy_tile [C_out, n] @ cols^T
                             [n, C_in*kH*kW] accumulated (the forward's im2col read the other way).
 """
+
+import weakref
 
 import numpy as np
 
@@ -27,8 +31,10 @@ from npdiff.errors import NpdiffError
 from npdiff.kernels import dispatch
 from npdiff.kernels.conv import (
     IM2COL_TILE_BYTES,
+    _conv_im2col_tiled,
     check_conv2d,
     conv2d,
+    conv_method,
     im2col_tile,
     pad_image,
 )
@@ -67,8 +73,46 @@ def conv2d_backward_ref(x, weight, grad_out, stride=(1, 1), padding=(0, 0), need
 # ---------------------------------------------------------------------------------------------
 # 2. Fast (NumPy arrays)
 # ---------------------------------------------------------------------------------------------
-def conv2d_input_grad(x_shape, weight, grad_out, stride, padding):
-    """dx [B,C_in,H,W]: dy (zero-dilated by the stride) convolved with the flipped, transposed kernel."""
+# At most this many output pixels in all (batch 1 at 16x16: SD 1.5's deepest 3x3 convs but the 8x8 ones,
+# which conv_method sends to im2col already), dx goes through im2col even where conv_method would pick
+# Winograd (its rule was measured at batch 2). Measured at batch 1, 16x16 (one process, load ~6, best
+# of 3): im2col / Winograd F(4,3) = 150 / 213 ms (1280 -> 1280), 74 / 97 (640 -> 1280), 222 / 257
+# (1920 -> 1280); at 32x32 Winograd wins (640 -> 640: 136 / 101 ms).
+IM2COL_MAX_PIXELS = 16 * 16
+
+
+class FlippedKernels:
+    """The flipped, transposed kernels of FROZEN weights, made once per weight array and kept while
+    that array lives (textual inversion runs the same frozen convs every step). NumPy's strided copy
+    of the reversed taps runs at ~0.5-1 GB/s: ~60-130 ms for one 1280x1280x3x3 kernel, and it was
+    made again for every conv of every backward (at SD 1.5 size several seconds per step). Memory:
+    one more copy of each conv weight that a backward has used (SD 1.5's UNet: 564 M conv parameters,
+    2.10 GiB float32).
+    Keyed by the array's identity: a layer given a new weight array (LoRA fusing assigns a new one)
+    gets a new entry; a weight changed IN PLACE needs forget() first."""
+
+    def __init__(self):
+        self.entries = {}  # id(weight) -> (weakref to weight, flipped)
+
+    def get(self, weight):
+        key = id(weight)
+        entry = self.entries.get(key)
+        if entry is not None and entry[0]() is weight:
+            return entry[1]
+        flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))  # [C_in,C_out,kH,kW]
+        self.entries[key] = (weakref.ref(weight, lambda _, key=key: self.entries.pop(key, None)), flipped)
+        return flipped
+
+    def forget(self):
+        self.entries.clear()
+
+
+FLIPPED_KERNELS = FlippedKernels()
+
+
+def conv2d_input_grad(x_shape, weight, grad_out, stride, padding, frozen=False):
+    """dx [B,C_in,H,W]: dy (zero-dilated by the stride) convolved with the flipped, transposed kernel.
+    frozen: the weight never changes in place, so its flipped kernel is kept (FLIPPED_KERNELS)."""
     (sh, sw), (ph, pw) = stride, padding
     batch, c_out, h_out, w_out = grad_out.shape
     kh, kw = weight.shape[2], weight.shape[3]
@@ -83,11 +127,19 @@ def conv2d_input_grad(x_shape, weight, grad_out, stride, padding):
     else:
         dilated = grad_out
     # 2. the flipped kernel with the channel axes swapped: [C_out,C_in,kH,kW] -> [C_in,C_out,kH,kW]
-    flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+    if frozen:
+        flipped = FLIPPED_KERNELS.get(weight)
+    else:
+        flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
     # 3. a stride-1 "full" convolution (padding k-1-p) -> [B,C_in,H,W]; a padding p > k-1 (taps
     #    that only ever read zeros) is a crop of the result instead
     pad_h, pad_w = kh - 1 - ph, kw - 1 - pw
-    grad_x = conv2d(dilated, flipped, None, stride=1, padding=(max(pad_h, 0), max(pad_w, 0)))
+    full_padding = (max(pad_h, 0), max(pad_w, 0))
+    pixels = batch * (dilated.shape[2] + 2 * full_padding[0] - kh + 1) * (dilated.shape[3] + 2 * full_padding[1] - kw + 1)
+    if pixels <= IM2COL_MAX_PIXELS and conv_method(dilated.shape, flipped.shape, (1, 1), full_padding) == "winograd4":
+        grad_x = _conv_im2col_tiled(dilated, flipped, None, 1, 1, *full_padding)  # (see IM2COL_MAX_PIXELS)
+    else:
+        grad_x = conv2d(dilated, flipped, None, stride=1, padding=full_padding)
     grad_x = grad_x[:, :, max(-pad_h, 0):max(-pad_h, 0) + height, max(-pad_w, 0):max(-pad_w, 0) + width]
     return np.ascontiguousarray(grad_x)
 

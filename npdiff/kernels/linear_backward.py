@@ -7,14 +7,18 @@ For y = x W^T + b over rows x [R, in] (all leading axes flattened), W [out, in]:
 
 Versions:
   1. linear_backward_ref   NumPy API: the three products as written.
-  2. linear_backward_fast  the same two GEMMs through np.matmul (OpenBLAS sgemm; the transposes are
-                           views read with sgemm's transpose flags, no copies); the rows are
+  2. linear_backward_fast  the same two GEMMs through block_pool.matmul (one-thread OpenBLAS sgemm
+                           per block on npdiff's own threads, as the forward's: OpenBLAS's threads
+                           and their busy-wait never meet the Numba kernels around; the transposes
+                           are views read with sgemm's transpose flags, no copies); the rows are
                            flattened once, and the weight/bias gradients are only computed when
                            asked for (weights frozen: textual inversion needs dx only).
-  lora_backward_ref / lora_backward_fast: the gradients of a LoRA pair on a linear layer (below).
+  linear_input_grad: dx alone for a frozen layer whose input is not at hand (dy W, the same GEMM).
   geglu_backward / linear_activation_backward: the forward's hidden layer h = x W^T + b is
   recomputed (one GEMM, as cheap as keeping it and [R, 2D] less memory per call), the activation's
-  backward (activations_backward.py) gives dh, then linear_backward.
+  backward (activations_backward.py) gives dh, then linear_backward. GEGLU with the exact gelu (SD's)
+  on NumPy arrays: dh in one Numba pass over h and dy (geglu_hidden_grad).
+  lora_backward_ref / lora_backward_fast: the gradients of a LoRA pair on a linear layer (below).
 
 LoRA (Hu et al. 2021; peft's and kohya's Linear LoRA): y = x (W + s U D)^T + b with down D [r, in],
 up U [out, r] and s = alpha / r. The layer's weight gradient G = dy^T x [out, in] routed through the
@@ -23,7 +27,7 @@ product s U D:
     dD = s U^T G       [r, out] @ [out, in]  -> [r, in]
     (dx = dy (W + s U D), the plain linear backward over the merged weight)
   1. lora_backward_ref   as written: G first (R*out*in multiply-adds), then the two small products.
-  2. lora_backward_fast  G is never made: dU = s dy^T (x D^T), dD = s (dy U)^T x, four thin GEMMs of
+  2. lora_backward_fast  G is never made: dU = s dy^T (x D^T), dD = s (dy U)^T x, four thin GEMMs (block_pool) of
                          R*r*(in+out) multiply-adds in all (r = 4, in = out = 320: ~40x fewer than G).
 """
 
@@ -31,11 +35,14 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
+from npdiff.jit import FASTMATH_SAFE, PARALLEL, njit, prange
 from npdiff.kernels import dispatch
-from npdiff.kernels.activations import check_approximate, gelu
-from npdiff.kernels.activations_backward import ACTIVATION_BACKWARDS, gelu_backward
+from npdiff.kernels.activations import INV_SQRT2, check_approximate, gelu
+from npdiff.kernels.activations_backward import ACTIVATION_BACKWARDS, INV_SQRT_2PI, gelu_backward
+from npdiff.kernels.block_pool import matmul
 from npdiff.kernels.linear import LINEAR_ACTIVATIONS, check_linear, linear
 from npdiff.kernels.validate import shape_text
+from npdiff.kernels.vecmath import erfc_f32, exp_f32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,12 +65,12 @@ def linear_backward_ref(x, weight, grad_out, need_weight_grad=True):
 # ---------------------------------------------------------------------------------------------
 def linear_backward_fast(x, weight, grad_out, need_weight_grad=True):
     grad_rows = grad_out.reshape(-1, grad_out.shape[-1])  # [..., out] -> [R, out] (a copy if strided)
-    grad_x = np.matmul(grad_rows, weight)  # [R, out] @ [out, in] -> [R, in]
+    grad_x = matmul(grad_rows, weight)  # [R, out] @ [out, in] -> [R, in]
     grad_x = grad_x.reshape(x.shape)  # [R, in] -> [..., in]
     if not need_weight_grad:
         return grad_x, None, None
     rows = x.reshape(-1, x.shape[-1])  # [R, in]
-    grad_weight = np.matmul(grad_rows.T, rows)  # [out, R] @ [R, in] -> [out, in]
+    grad_weight = matmul(grad_rows.T, rows)  # [out, R] @ [R, in] -> [out, in]
     grad_bias = grad_rows.sum(axis=0, dtype=np.float64).astype(np.float32)  # [out]
     return grad_x, grad_weight, grad_bias
 
@@ -93,10 +100,10 @@ def lora_backward_ref(x, down, up, grad_out, scale):
 def lora_backward_fast(x, down, up, grad_out, scale):
     rows = x.reshape(-1, x.shape[-1])  # [R, in]
     grad_rows = grad_out.reshape(-1, grad_out.shape[-1])  # [R, out]
-    down_rows = np.matmul(rows, down.T)  # [R, in] @ [in, r] -> [R, r]: the forward's x D^T
-    grad_up = np.matmul(grad_rows.T, down_rows)  # [out, R] @ [R, r] -> [out, r]
-    grad_down_rows = np.matmul(grad_rows, up)  # [R, out] @ [out, r] -> [R, r]
-    grad_down = np.matmul(grad_down_rows.T, rows)  # [r, R] @ [R, in] -> [r, in]
+    down_rows = matmul(rows, down.T)  # [R, in] @ [in, r] -> [R, r]: the forward's x D^T
+    grad_up = matmul(grad_rows.T, down_rows)  # [out, R] @ [R, r] -> [out, r]
+    grad_down_rows = matmul(grad_rows, up)  # [R, out] @ [out, r] -> [R, r]
+    grad_down = matmul(grad_down_rows.T, rows)  # [r, R] @ [R, in] -> [r, in]
     scale = np.float32(scale)
     return grad_down * scale, grad_up * scale
 
@@ -110,6 +117,19 @@ def linear_backward(x, weight, grad_out, need_weight_grad=True):
     check_linear("linear_backward", x, weight, None)
     check_grad_out("linear_backward", grad_out, x.shape[:-1] + (weight.shape[0],))
     return LINEAR_BACKWARD(x, weight, grad_out, need_weight_grad)
+
+
+def linear_input_grad(weight, grad_out):
+    """dx = dy W of y = linear(x, weight, bias) with the weight frozen (x not needed):
+    grad_out [..., out], weight [out, in] -> [..., in]."""
+    if weight.ndim != 2 or grad_out.ndim < 1 or grad_out.shape[-1] != weight.shape[0]:
+        raise NpdiffError(f"linear_input_grad: grad_out [..., out] must end in the weight's out = "
+                          f"{weight.shape[0] if weight.ndim else '?'} (weight {shape_text(weight.shape)}), "
+                          f"got {shape_text(grad_out.shape)}")
+    if grad_out.ndim in (2, 3):
+        return matmul(grad_out, weight)  # [(B,)N,out] @ [out,in] -> [(B,)N,in] (strided views read in place)
+    rows = grad_out.reshape(-1, grad_out.shape[-1])  # [..., out] -> [R, out]
+    return matmul(rows, weight).reshape(grad_out.shape[:-1] + (weight.shape[1],))  # [R, in] -> [..., in]
 
 
 def lora_backward(x, down, up, grad_out, scale):
@@ -135,6 +155,34 @@ def linear_activation_backward(x, weight, bias, grad_out, activation="quick_gelu
     return linear_backward(x, weight, grad_hidden, need_weight_grad)
 
 
+@njit(**PARALLEL, fastmath=FASTMATH_SAFE)
+def _geglu_hidden_grad_rows(hidden, grad_out, grad_hidden):
+    """hidden [R,2D], grad_out [R,D], grad_hidden [R,2D] contiguous rows; prange over rows. With
+    Phi(g) = 0.5 erfc(-g/sqrt2), phi(g) = exp(-g^2/2)/sqrt(2 pi): d value = dy g Phi(g) (gelu(g)),
+    d gate = dy value (Phi(g) + g phi(g)) (gelu'(g), activations_backward.py's formula)."""
+    rows, half = grad_out.shape
+    for r in prange(rows):
+        for j in range(half):
+            value = hidden[r, j]
+            gate = hidden[r, half + j]
+            dy = grad_out[r, j]
+            cdf = np.float32(0.5) * erfc_f32(-gate * np.float32(INV_SQRT2))
+            pdf = exp_f32(np.float32(-0.5) * gate * gate) * np.float32(INV_SQRT_2PI)
+            grad_hidden[r, j] = dy * (gate * cdf)
+            grad_hidden[r, half + j] = (dy * value) * (cdf + gate * pdf)
+
+
+def geglu_hidden_grad(hidden, grad_out):
+    """GEGLU (exact gelu) dh [..., 2D] from the hidden layer h [..., 2D] and dy [..., D]: one pass that
+    reads h and dy once and writes dh once (NumPy took ~10 passes with its temporaries)."""
+    half = grad_out.shape[-1]
+    rows = np.ascontiguousarray(hidden).reshape(-1, 2 * half)  # [R, 2D]
+    grad_rows = np.ascontiguousarray(grad_out, dtype=np.float32).reshape(-1, half)  # [R, D]
+    grad_hidden = np.empty_like(rows)  # [R, 2D]
+    _geglu_hidden_grad_rows(rows, grad_rows, grad_hidden)
+    return grad_hidden.reshape(hidden.shape)
+
+
 def geglu_backward(x, weight, bias, grad_out, approximate="none", need_weight_grad=True):
     """Gradients of diffusers' GEGLU y = h[..., :D] * gelu(h[..., D:]), h = linear(x, weight, bias)
     -> (dx [..., in], dW [2D, in], db [2D]) as linear_backward."""
@@ -144,6 +192,9 @@ def geglu_backward(x, weight, bias, grad_out, approximate="none", need_weight_gr
     hidden = linear(x, weight, bias)  # [..., in] -> [..., 2D]
     half = hidden.shape[-1] // 2
     check_grad_out("geglu_backward", grad_out, hidden.shape[:-1] + (half,))
+    if xp is np and approximate == "none":
+        # 2-3. the exact-gelu gate (SD's): both halves of dh in one Numba pass, then the projection
+        return linear_backward(x, weight, geglu_hidden_grad(hidden, grad_out), need_weight_grad)
     value = hidden[..., :half]  # [..., D]
     gate = xp.ascontiguousarray(hidden[..., half:])  # [..., D]
     # 2. d value = dy * gelu(gate); d gate = gelu'(gate) * (dy * value)

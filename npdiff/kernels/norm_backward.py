@@ -13,7 +13,8 @@ Versions:
   2. layer_norm_backward_fast / group_norm_backward_fast  Numba, prange over rows / (batch, group)
      slabs, each contiguous (the forward's layout); pass 1 mean_and_rstd of norm.py, pass 2 the two
      float64 sums mean(g) and mean(g * xhat), pass 3 writes dx. The weight/bias gradients are
-     reductions across rows / batch: NumPy sums of dy * xhat (recomputed once more, only when asked).
+     reductions across rows / batch: NumPy sums of dy * xhat (recomputed once more, only when asked:
+     need_weight_grad=False, a frozen layer, skips those passes and returns None for both).
 """
 
 import numpy as np
@@ -45,18 +46,20 @@ def _normalised_backward_ref(x64, g64, eps, axis):
     return grad_x, xhat
 
 
-def layer_norm_backward_ref(x, weight, bias, grad_out, eps=1e-5):
+def layer_norm_backward_ref(x, weight, bias, grad_out, eps=1e-5, need_weight_grad=True):
     xp = backend.array_module(x)
     x64, dy64 = x.astype(xp.float64), grad_out.astype(xp.float64)  # [..., D]
     g64 = dy64 * weight if weight is not None else dy64  # [..., D]
     grad_x, xhat = _normalised_backward_ref(x64, g64, eps, axis=-1)  # [..., D]
+    if not need_weight_grad:
+        return grad_x.astype(xp.float32), None, None
     lead = tuple(range(x.ndim - 1))
     grad_weight = (dy64 * xhat).sum(axis=lead).astype(xp.float32)  # [D]
     grad_bias = dy64.sum(axis=lead).astype(xp.float32)  # [D]
     return grad_x.astype(xp.float32), grad_weight, grad_bias
 
 
-def group_norm_backward_ref(x, num_groups, weight, bias, grad_out, eps=1e-5, silu=False):
+def group_norm_backward_ref(x, num_groups, weight, bias, grad_out, eps=1e-5, silu=False, need_weight_grad=True):
     xp = backend.array_module(x)
     batch, channels = x.shape[0], x.shape[1]
     per_channel = (1, channels) + (1,) * (x.ndim - 2)  # weight/bias broadcast over [B,C,...]
@@ -74,6 +77,8 @@ def group_norm_backward_ref(x, num_groups, weight, bias, grad_out, eps=1e-5, sil
     # 2. through the normalisation, per (batch, group)
     g64 = (dy64 * w64).reshape(batch, num_groups, -1)  # [B,G,Cg*S]
     grad_x, xhat = _normalised_backward_ref(grouped, g64, eps, axis=2)  # [B,G,Cg*S]
+    if not need_weight_grad:
+        return grad_x.reshape(x.shape).astype(xp.float32), None, None
     xhat = xhat.reshape(x.shape)  # [B,C,...]
     others = (0,) + tuple(range(2, x.ndim))
     grad_weight = (dy64 * xhat).sum(axis=others).astype(xp.float32)  # [C]
@@ -137,13 +142,15 @@ def _group_norm_backward_numba(x, weight, bias, grad_out, eps, apply_silu, grad_
         normalised_run_backward(x[b, grp], g, mean, rstd, grad_x[b, grp])
 
 
-def layer_norm_backward_fast(x, weight, bias, grad_out, eps=1e-5):
+def layer_norm_backward_fast(x, weight, bias, grad_out, eps=1e-5, need_weight_grad=True):
     width = x.shape[-1]
     rows = np.ascontiguousarray(x).reshape(-1, width)  # [..., D] -> [R, D]
     grad_rows = np.ascontiguousarray(grad_out).reshape(-1, width)  # [R, D]
     scale = np.ones(width, np.float32) if weight is None else np.ascontiguousarray(weight)  # [D]
     grad_x = np.empty_like(rows)  # [R, D]
     _layer_norm_backward_numba(rows, scale, grad_rows, float(eps), grad_x)
+    if not need_weight_grad:
+        return grad_x.reshape(x.shape), None, None
     # weight/bias gradients: sums over rows of dy * xhat and dy
     mean = rows.mean(axis=1, keepdims=True, dtype=np.float64)  # [R,1]
     rstd = 1.0 / np.sqrt(rows.var(axis=1, keepdims=True, dtype=np.float64) + eps)  # [R,1]
@@ -153,7 +160,7 @@ def layer_norm_backward_fast(x, weight, bias, grad_out, eps=1e-5):
     return grad_x.reshape(x.shape), grad_weight, grad_bias
 
 
-def group_norm_backward_fast(x, num_groups, weight, bias, grad_out, eps=1e-5, silu=False):
+def group_norm_backward_fast(x, num_groups, weight, bias, grad_out, eps=1e-5, silu=False, need_weight_grad=True):
     batch, channels = x.shape[0], x.shape[1]
     per_group = channels // num_groups
     slabs = np.ascontiguousarray(x).reshape(batch, num_groups, -1)  # [B,C,...] -> [B,G,Cg*S]
@@ -164,6 +171,8 @@ def group_norm_backward_fast(x, num_groups, weight, bias, grad_out, eps=1e-5, si
     grad_y = np.empty_like(slabs)  # [B,G,Cg*S]: dy at the norm's output (after SiLU's backward)
     _group_norm_backward_numba(slabs, scale.reshape(num_groups, per_group), shift.reshape(num_groups, per_group),
                                grad_slabs, float(eps), bool(silu), grad_x, grad_y)
+    if not need_weight_grad:
+        return grad_x.reshape(x.shape), None, None
     # weight/bias gradients: per channel sums over batch and space of dy * xhat and dy
     mean = slabs.mean(axis=2, keepdims=True, dtype=np.float64)  # [B,G,1]
     rstd = 1.0 / np.sqrt(slabs.var(axis=2, keepdims=True, dtype=np.float64) + eps)  # [B,G,1]
@@ -189,17 +198,19 @@ def check_grad_like_x(kernel, x, grad_out):
                           f"got {shape_text(grad_out.shape)}")
 
 
-def layer_norm_backward(x, weight, bias, grad_out, eps=1e-5):
-    """Gradients of y = layer_norm(x, weight, bias, eps) -> (dx [..., D], dweight [D], dbias [D])."""
+def layer_norm_backward(x, weight, bias, grad_out, eps=1e-5, need_weight_grad=True):
+    """Gradients of y = layer_norm(x, weight, bias, eps) -> (dx [..., D], dweight [D], dbias [D]);
+    dweight, dbias are None unless need_weight_grad."""
     require_min_ndim("layer_norm_backward", "x", x, 1, "[..., D]")
     require_optional_vector("layer_norm_backward", "weight", weight, x.shape[-1])
     check_grad_like_x("layer_norm_backward", x, grad_out)
-    return LAYER_NORM_BACKWARD(x, weight, bias, grad_out, eps)
+    return LAYER_NORM_BACKWARD(x, weight, bias, grad_out, eps, need_weight_grad)
 
 
-def group_norm_backward(x, num_groups, weight, bias, grad_out, eps=1e-5, silu=False):
+def group_norm_backward(x, num_groups, weight, bias, grad_out, eps=1e-5, silu=False, need_weight_grad=True):
     """Gradients of y = group_norm(x, num_groups, weight, bias, eps, silu) -> (dx [B,C,...],
-    dweight [C], dbias [C]); x is the forward's input (the statistics are recomputed from it)."""
+    dweight [C], dbias [C]); x is the forward's input (the statistics are recomputed from it);
+    dweight, dbias are None unless need_weight_grad."""
     require_min_ndim("group_norm_backward", "x", x, 2, "[B,C,...]")
     channels = x.shape[1]
     if not isinstance(num_groups, (int, np.integer)) or num_groups <= 0 or channels % num_groups:
@@ -208,5 +219,5 @@ def group_norm_backward(x, num_groups, weight, bias, grad_out, eps=1e-5, silu=Fa
     require_optional_vector("group_norm_backward", "weight", weight, channels)
     require_optional_vector("group_norm_backward", "bias", bias, channels)
     check_grad_like_x("group_norm_backward", x, grad_out)
-    return GROUP_NORM_BACKWARD(x, num_groups, weight, bias, grad_out, eps, silu)
+    return GROUP_NORM_BACKWARD(x, num_groups, weight, bias, grad_out, eps, silu, need_weight_grad)
 

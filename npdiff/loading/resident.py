@@ -22,7 +22,9 @@ a page shared with a tensor outside the span is never dropped, which would be ha
 span also covers the pages the kernel's fault-around maps beside touched ones, and the originals of
 weights a model keeps as private copies (TransposedLinear), which the walk no longer reaches.
 
-Arrays copied into private memory (F16/BF16 widened, CuPy device arrays) are not file-backed: nothing
+The packed bfloat16 weights of precision="bf16" are views of their cache file's map (npdiff/models/
+packed_cache.py; a PackedBf16 object holds the array): the walk finds and releases them like a float32
+file's. Arrays copied into private memory (F16/BF16 widened, CuPy device arrays) are not file-backed: nothing
 to release. Where mmap.madvise or MADV_DONTNEED is missing (not Linux/BSD/macOS) every call is a no-op
 returning 0.
 """

@@ -94,6 +94,7 @@ class Weights:
         self._used = set()
         self._mapped = []  # the memory-mapped arrays take() returned, released again by check_all_used()
         self.precision = "fp32"  # "bf16": the Linear/Conv2d layers pack their weights (see set_precision)
+        self.when_built = []  # callables finish(complete) that check_all_used runs (the packed bf16 cache's)
 
     def set_precision(self, precision):
         """Build the model's Linear/Conv2d weights in `precision` ("fp32" or "bf16"); -> self."""
@@ -148,17 +149,33 @@ class Weights:
             raise NpdiffError(f"missing key '{key}' in {self._where()}{hint}")
         return self._refs[key]
 
+    def files(self):
+        """The paths of the files the tensors lie in (one, or a sharded set's shards)."""
+        return sorted({ref.file.path for ref in self._refs.values()})
+
+    def _checked_ref(self, key, shape):
+        """The TensorRef of `key` when its shape is the config's `shape`; NpdiffError naming both otherwise."""
+        ref = self._ref(key)
+        expected = tuple(int(n) for n in shape)
+        if tuple(ref.shape) != expected:
+            raise NpdiffError(f"key '{key}' in {self._where(key)} has shape {_shape_text(ref.shape)}; "
+                              f"the config expects {_shape_text(expected)}")
+        return ref
+
+    def claim(self, key, shape):
+        """Check `key` against the config's `shape` and count it as used, reading nothing: for a weight whose
+        values come from elsewhere (the packed bf16 cache, npdiff/models/packed_cache.py)."""
+        self._checked_ref(key, shape)
+        self._used.add(key)
+
     def take(self, key, shape, finite=True):
         """The tensor `key` as float32 on the active backend, checked against the config's `shape`.
 
         finite: refuse a tensor holding NaN or Inf (NpdiffError naming file, key and position): such a
         weight makes every picture black. finite=False reads the values as stored.
         """
-        ref = self._ref(key)
+        ref = self._checked_ref(key, shape)
         expected = tuple(int(n) for n in shape)
-        if tuple(ref.shape) != expected:
-            raise NpdiffError(f"key '{key}' in {self._where(key)} has shape {_shape_text(ref.shape)}; "
-                              f"the config expects {_shape_text(expected)}")
         file_backed = self.precision == "fp32"  # bf16: half tensors widened one at a time, privately
         values = ref.file.read_float32(ref.stored_key, file_backed=file_backed)  # F32: a view of the file's map
         mapped = mapping_of(values) is not None
@@ -186,10 +203,14 @@ class Weights:
 
     def check_all_used(self):
         """NpdiffError listing every key that no take()/ignore() asked for. Releases the resident pages of
-        every mapped tensor taken so far (the NaN/Inf checks paged them in)."""
+        every mapped tensor taken so far (the NaN/Inf checks paged them in), and runs when_built (complete:
+        no key was left unused)."""
         release_array_pages(self._mapped)
         self._mapped = []
         unused = sorted(set(self._refs) - self._used)
+        finishing, self.when_built = self.when_built, []
+        for finish in finishing:
+            finish(complete=not unused)
         if unused:
             shown = ", ".join(f"'{key}'" for key in unused[:10])
             more = f" ... ({len(unused)} in all)" if len(unused) > 10 else ""

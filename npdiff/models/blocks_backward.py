@@ -49,25 +49,45 @@ def linear_layer_backward(layer, x, grad_out, weight_grads=None):
 
 def conv_layer_backward(layer, x_shape, grad_out):
     """Conv2d layer (weights frozen): dy [B,Cout,H',W'] -> dx [B,Cin,H,W]; only x's shape is needed."""
-    return conv2d_input_grad(x_shape, layer.weight, grad_out, (layer.stride,) * 2, (layer.padding,) * 2)
+    return conv2d_input_grad(x_shape, layer.weight, grad_out, (layer.stride,) * 2, (layer.padding,) * 2, frozen=True)
 
 
 def group_norm_layer_backward(layer, x, grad_out, silu_after=False):
     """GroupNorm layer (+ the SiLU fused after it): x [B,C,H,W] its input -> dx [B,C,H,W]."""
-    grad_x, _, _ = group_norm_backward(x, layer.num_groups, layer.weight, layer.bias, grad_out, layer.eps, silu_after)
+    grad_x, _, _ = group_norm_backward(x, layer.num_groups, layer.weight, layer.bias, grad_out, layer.eps, silu_after,
+                                       need_weight_grad=False)  # frozen
     return grad_x
 
 
 # ---------------------------------------------------------------------------------------------
 # ResnetBlock2D
 # ---------------------------------------------------------------------------------------------
-def resnet_backward(block, x, temb, grad_out):
-    """ResnetBlock2D: x [B,Cin,H,W] its input, temb [B,T], grad_out [B,Cout,H,W] -> dx [B,Cin,H,W]
-    (the time embedding is not differentiated: it depends on the timestep only)."""
-    # recompute: the input of norm2 (conv1's output plus the time embedding)
+def resnet_norm2_input(block, x, temb):
+    """ResnetBlock2D's steps 1-2: conv1(norm1+SiLU(x)) plus the projected time embedding, the input of
+    norm2 [B,Cout,H,W] (what the backward needs besides x)."""
     h = block.conv1(block.norm1(x, silu=True))                          # [B,Cin,H,W] -> [B,Cout,H,W]
     if block.time_emb_proj is not None and temb is not None:
         h += block.time_emb_proj(silu(temb))[:, :, None, None]          # [B,Cout,H,W] + [B,Cout,1,1]
+    return h
+
+
+def resnet_forward_saved(block, x, temb):
+    """ResnetBlock2D's forward (blocks.py, the same steps) -> (out [B,Cout,H,W], norm2's input
+    [B,Cout,H,W]): the tape keeps the latter so that resnet_backward need not rerun conv1."""
+    h = resnet_norm2_input(block, x, temb)                              # steps 1-2
+    out = block.conv2(block.norm2(h, silu=True))                        # 3. [B,Cout,H,W]
+    out += block.conv_shortcut(x) if block.conv_shortcut is not None else x  # 4. [B,Cout,H,W]
+    if block.output_scale_factor != 1.0:
+        out /= block.output_scale_factor
+    return out, h
+
+
+def resnet_backward(block, x, temb, grad_out, norm2_input=None):
+    """ResnetBlock2D: x [B,Cin,H,W] its input, temb [B,T], grad_out [B,Cout,H,W] -> dx [B,Cin,H,W]
+    (the time embedding is not differentiated: it depends on the timestep only). norm2_input: the
+    forward's (resnet_forward_saved), else recomputed from x."""
+    # recompute, unless kept: the input of norm2 (conv1's output plus the time embedding)
+    h = resnet_norm2_input(block, x, temb) if norm2_input is None else norm2_input  # [B,Cout,H,W]
     # 4. residual sum and output_scale_factor
     if block.output_scale_factor != 1.0:
         grad_out = grad_out / np.float32(block.output_scale_factor)     # [B,Cout,H,W]

@@ -26,7 +26,7 @@ from npdiff.backend import array_module
 from npdiff.errors import NpdiffError
 from npdiff.kernels.attention import scaled_dot_product_attention
 from npdiff.kernels.attention.backward import attention_backward
-from npdiff.kernels.linear_backward import linear_activation_backward
+from npdiff.kernels.linear_backward import linear_activation_backward, linear_input_grad
 from npdiff.kernels.norm_backward import layer_norm_backward
 from npdiff.models.transformer import merge_heads, split_heads
 
@@ -39,11 +39,11 @@ def clip_token_embeds(text_encoder, input_ids):
 
 def frozen_linear_backward(layer, grad_out):
     """A frozen Linear's input gradient: [..., out] -> [..., in]."""
-    return np.matmul(grad_out, layer.weight)                            # [..., out] @ [out, in] -> [..., in]
+    return linear_input_grad(layer.weight, grad_out)                    # [..., out] @ [out, in] -> [..., in]
 
 
 def layer_norm_input_grad(layer, x, grad_out):
-    grad_x, _, _ = layer_norm_backward(x, layer.weight, layer.bias, grad_out, layer.eps)
+    grad_x, _, _ = layer_norm_backward(x, layer.weight, layer.bias, grad_out, layer.eps, need_weight_grad=False)
     return grad_x                                                       # [B,L,D]
 
 

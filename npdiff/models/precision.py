@@ -17,6 +17,10 @@ v the projections return), the embeddings, the scheduler. A CPU without AVX512_B
 reference instead (the same rounding; the products summed by NumPy's float32 GEMM, slowly, and the weights
 kept as rounded float32, so without the memory saving) after a one-line note.
 
+The packed weights are written once into a cache file and mapped read-only from it (packed_cache.py): file-
+backed pages that a pipeline releases after each stage like a float32 file's, and a second load that maps
+instead of packing. NPDIFF_BF16_CACHE=0 keeps them in private memory instead.
+
 Which kernel runs follows the weight's type, not a flag: a LoRA fused into a bf16 layer re-packs the fused
 weight (npdiff/lora.py), and unloading puts the packed original back, so a layer never holds the other kind.
 """
@@ -25,7 +29,7 @@ import warnings
 
 import numpy as np
 
-from npdiff import kernels
+from npdiff import backend, kernels
 from npdiff.backend import array_module
 from npdiff.errors import NpdiffError
 from npdiff.kernels.bf16_rounding import PackedBf16, cpu_has_avx512_bf16
@@ -38,6 +42,7 @@ from npdiff.kernels.matmul_bf16 import (
     pack_linear_bf16,
 )
 from npdiff.loading.resident import release_array_pages
+from npdiff.models import packed_cache
 
 _noted_slow_cpu = []  # one entry once the note about a CPU without AVX512_BF16 was given
 
@@ -73,11 +78,18 @@ def float32_values(weight):
 
 def take_layer_weight(weights, key, shape, kind, stored_shape=None):
     """The weight of a Linear (kind "linear", [out,in]) or Conv2d ("conv", [out,in,k,k]) layer, in the
-    precision of `weights`: the float32 array Weights.take returns, or at "bf16" that array packed.
+    precision of `weights`: the float32 array Weights.take returns, or at "bf16" that array packed (from the
+    packed-weight cache file when it holds it, packed_cache.py; else packed now and written there).
 
     stored_shape: the shape to check against the file when it differs from `shape` (a 1x1 convolution's
     [out,in,1,1] read as a Linear's [out,in])."""
     stored_shape = shape if stored_shape is None else stored_shape
+    store = packed_cache.store_for(weights) if weights.precision == "bf16" and backend.name() == "numpy" else None
+    if store is not None and store.reading:
+        weights.claim(key, stored_shape)  # the shape checked and the key counted as used, nothing read
+        cached = store.get(key, kind, shape)  # packed from these very file bytes (checked for NaN/Inf then)
+        if cached is not None:
+            return cached
     values = weights.take(key, stored_shape).reshape(shape)           # float32 (one tensor only)
     if weights.precision != "bf16":
         return values
@@ -89,7 +101,7 @@ def take_layer_weight(weights, key, shape, kind, stored_shape=None):
     # (check_all_used), so loading an SDXL UNet at bf16 peaks at the packed weights plus one tensor, not plus the
     # 10 GB float32 file (a no-op for widened half files and other private arrays)
     release_array_pages([values])
-    return packed
+    return packed if store is None else store.put(key, kind, packed)  # into the cache file: file-backed pages
 
 
 def linear(x, weight, bias=None):

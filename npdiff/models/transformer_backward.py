@@ -2,10 +2,11 @@
 Transformer2DModel. Gradients flow to the block's input and to the context (the text embeddings
 of cross-attention: what textual inversion trains through).
 
-Recompute per block: the caller keeps the Transformer2DModel's input only; its backward reruns the
-forward once, keeping each BasicTransformerBlock's input [B,N,D]; each block's backward reruns that
-block, keeping its three residual-stream states and its attentions' q, k, v, and then walks back.
-Attention probabilities [B,h,N,M] are never kept: attention_backward recomputes them per query
+What the backward needs of a block: its input, its three residual-stream states and its
+attentions' q, k, v. Kept by the forward (transformer_2d_forward_saved: the UNet tape's default),
+or recomputed from the Transformer2DModel's input (saved=None): its backward reruns the forward
+once, keeping each BasicTransformerBlock's input [B,N,D], and each block's backward reruns that
+block (basic_block_states) before walking back. Attention probabilities [B,h,N,M] are never kept: attention_backward recomputes them per query
 block. Weight gradients only for the attention projections (to_q, to_k, to_v, to_out.0 of attn1
 and attn2: what LoRA trains), and only when the caller passes a `weight_grads` dict.
 """
@@ -14,7 +15,7 @@ import numpy as np
 
 from npdiff.kernels.attention import scaled_dot_product_attention
 from npdiff.kernels.attention.backward import attention_backward
-from npdiff.kernels.linear_backward import geglu_backward
+from npdiff.kernels.linear_backward import geglu_backward, linear_input_grad
 from npdiff.kernels.norm_backward import layer_norm_backward
 from npdiff.models.blocks_backward import group_norm_layer_backward, linear_layer_backward
 from npdiff.models.transformer import merge_heads, split_heads
@@ -41,7 +42,7 @@ def attention_backward_pass(attn, x, context, qkv, grad_out, weight_grads=None):
         merged = merge_heads(scaled_dot_product_attention(q, k, v, scale=attn.scale))  # [B,N,h*d]
         grad_merged = linear_layer_backward(attn.to_out, merged, grad_out, weight_grads)  # [B,N,h*d]
     else:
-        grad_merged = np.matmul(grad_out, attn.to_out.weight)           # [B,N,D] @ [D,h*d] -> [B,N,h*d]
+        grad_merged = linear_input_grad(attn.to_out.weight, grad_out)   # [B,N,D] @ [D,h*d] -> [B,N,h*d]
     # 2. softmax(q k^T * scale) v
     grad_heads = split_heads(grad_merged, attn.heads)                   # [B,N,h*d] -> [B,h,N,d]
     grad_q, grad_k, grad_v = attention_backward(q, k, v, grad_heads, scale=attn.scale)  # [B,h,N|M,d]
@@ -54,30 +55,46 @@ def attention_backward_pass(attn, x, context, qkv, grad_out, weight_grads=None):
 
 def feed_forward_backward(ff, x, grad_out):
     """FeedForward (GEGLU, then ff.net.2; weights frozen): x [B,N,D] its input -> dx [B,N,D]."""
-    grad_hidden = np.matmul(grad_out, ff.out.weight)                    # [B,N,D] @ [D,4D] -> [B,N,4D]
+    grad_hidden = linear_input_grad(ff.out.weight, grad_out)            # [B,N,D] @ [D,4D] -> [B,N,4D]
     grad_x, _, _ = geglu_backward(x, ff.proj.weight, ff.proj.bias, grad_hidden, need_weight_grad=False)
     return grad_x                                                       # [B,N,D]
 
 
 def layer_norm_layer_backward(layer, x, grad_out):
-    grad_x, _, _ = layer_norm_backward(x, layer.weight, layer.bias, grad_out, layer.eps)
+    grad_x, _, _ = layer_norm_backward(x, layer.weight, layer.bias, grad_out, layer.eps, need_weight_grad=False)
     return grad_x
 
 
 # ---------------------------------------------------------------------------------------------
 # BasicTransformerBlock and Transformer2DModel
 # ---------------------------------------------------------------------------------------------
-def basic_block_backward(block, x, context, grad_out, weight_grads=None):
-    """BasicTransformerBlock: x [B,N,D] its input, context [B,M,Dc], grad_out [B,N,D] ->
-    (dx [B,N,D], dcontext [B,M,Dc])."""
-    # recompute the forward, keeping the residual stream and the attentions' q, k, v
+def basic_block_states(block, x, context):
+    """BasicTransformerBlock's steps 1-2, keeping what the backward needs: -> (normed1, qkv1, x1,
+    normed2, qkv2, x2), the residual stream [B,N,D] and the attentions' q, k, v [B,h,N|M,d]."""
     normed1 = block.norm1(x)                                            # [B,N,D]
     attn1_out, qkv1 = attention_with_qkv(block.attn1, normed1, normed1)
     x1 = x + attn1_out                                                  # [B,N,D]
     normed2 = block.norm2(x1)                                           # [B,N,D]
     attn2_out, qkv2 = attention_with_qkv(block.attn2, normed2, context)
     x2 = x1 + attn2_out                                                 # [B,N,D]
-    del attn1_out, attn2_out
+    return normed1, qkv1, x1, normed2, qkv2, x2
+
+
+def basic_block_forward_saved(block, x, context):
+    """BasicTransformerBlock's forward -> (out [B,N,D], states): basic_block_states, then step 3."""
+    states = basic_block_states(block, x, context)
+    x2 = states[-1]                                                     # [B,N,D]
+    out = block.ff(block.norm3(x2))                                     # 3. [B,N,D]
+    out += x2
+    return out, states
+
+
+def basic_block_backward(block, x, context, grad_out, weight_grads=None, states=None):
+    """BasicTransformerBlock: x [B,N,D] its input, context [B,M,Dc], grad_out [B,N,D] ->
+    (dx [B,N,D], dcontext [B,M,Dc]). states: basic_block_forward_saved's, else recomputed from x."""
+    if states is None:
+        states = basic_block_states(block, x, context)
+    normed1, qkv1, x1, normed2, qkv2, x2 = states
     # 3. feed-forward with residual
     grad_ff = feed_forward_backward(block.ff, block.norm3(x2), grad_out)  # [B,N,D]
     grad_x2 = grad_out + layer_norm_layer_backward(block.norm3, x2, grad_ff)
@@ -90,25 +107,49 @@ def basic_block_backward(block, x, context, grad_out, weight_grads=None):
     return grad_x, grad_context
 
 
-def transformer_2d_backward(model, x, context, grad_out, weight_grads=None):
-    """Transformer2DModel: x [B,C,H,W] its input, context [B,M,Dc], grad_out [B,C,H,W] ->
-    (dx [B,C,H,W], dcontext [B,M,Dc])."""
+def transformer_2d_forward_saved(model, x, context):
+    """Transformer2DModel's forward (transformer.py's steps) -> (out [B,C,H,W], saved): each block's
+    input [B,H*W,D] and states, so that transformer_2d_backward reruns nothing."""
     batch, channels, height, width = x.shape
-    # recompute: proj_in's input and every transformer block's input
+    # 1. group norm, then to tokens and proj_in
     tokens = model.norm(x).reshape(batch, channels, height * width).transpose(0, 2, 1)  # [B,H*W,C] (view)
-    block_inputs = [model.proj_in(tokens)]                              # [B,H*W,D]
-    for block in model.transformer_blocks[:-1]:
-        block_inputs.append(block(block_inputs[-1], context))           # [B,H*W,D]
+    h = model.proj_in(tokens)                                           # [B,H*W,D]
+    # 2. the transformer blocks, each one's input and states kept
+    saved = []
+    for block in model.transformer_blocks:
+        out, states = basic_block_forward_saved(block, h, context)      # [B,H*W,D]
+        saved.append((h, states))
+        h = out
+    # 3. proj_out, back to NCHW, residual
+    h = model.proj_out(h)                                               # [B,H*W,D] -> [B,H*W,C]
+    out = np.ascontiguousarray(h.transpose(0, 2, 1)).reshape(batch, channels, height, width)  # [B,C,H,W]
+    out += x
+    return out, saved
+
+
+def transformer_2d_backward(model, x, context, grad_out, weight_grads=None, saved=None):
+    """Transformer2DModel: x [B,C,H,W] its input, context [B,M,Dc], grad_out [B,C,H,W] ->
+    (dx [B,C,H,W], dcontext [B,M,Dc]). saved: transformer_2d_forward_saved's, else every block's
+    input is recomputed (and each block recomputes its states)."""
+    batch, channels, height, width = x.shape
+    if saved is None:
+        tokens = model.norm(x).reshape(batch, channels, height * width).transpose(0, 2, 1)  # [B,H*W,C] (view)
+        block_inputs = [model.proj_in(tokens)]                          # [B,H*W,D]
+        for block in model.transformer_blocks[:-1]:
+            block_inputs.append(block(block_inputs[-1], context))       # [B,H*W,D]
+        saved = [(block_input, None) for block_input in block_inputs]
     # 3. residual, NCHW -> tokens, proj_out (frozen)
     grad_tokens = grad_out.reshape(batch, channels, height * width).transpose(0, 2, 1)  # [B,H*W,C] (view)
-    grad_h = np.matmul(grad_tokens, model.proj_out.weight)              # [B,H*W,C] @ [C,D] -> [B,H*W,D]
-    # 2. the transformer blocks, last first
+    grad_h = linear_input_grad(model.proj_out.weight, grad_tokens)      # [B,H*W,C] @ [C,D] -> [B,H*W,D]
+    # 2. the transformer blocks, last first (each one's saved states released once used)
     grad_context = np.zeros(context.shape, np.float32)                  # [B,M,Dc]
-    for block, block_input in zip(reversed(model.transformer_blocks), reversed(block_inputs)):
-        grad_h, grad_ctx_block = basic_block_backward(block, block_input, context, grad_h, weight_grads)
+    for block in reversed(model.transformer_blocks):
+        block_input, states = saved.pop()
+        grad_h, grad_ctx_block = basic_block_backward(block, block_input, context, grad_h, weight_grads, states)
         grad_context += grad_ctx_block
+        del block_input, states
     # 1. proj_in (frozen), tokens -> NCHW, group norm
-    grad_tokens_in = np.matmul(grad_h, model.proj_in.weight)            # [B,H*W,D] @ [D,C] -> [B,H*W,C]
+    grad_tokens_in = linear_input_grad(model.proj_in.weight, grad_h)    # [B,H*W,D] @ [D,C] -> [B,H*W,C]
     grad_normed = np.ascontiguousarray(grad_tokens_in.transpose(0, 2, 1)).reshape(batch, channels, height, width)
     grad_x = grad_out + group_norm_layer_backward(model.norm, x, grad_normed)  # [B,C,H,W]
     return grad_x, grad_context

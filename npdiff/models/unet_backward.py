@@ -9,18 +9,21 @@ weights frozen; LoRA's weight gradients (the attention projections) on request.
 or unet_backward(unet, sample, timestep, encoder_hidden_states, grad_output) for both at once.
 
 It walks the same weight tree as UNet2DConditionModel.__call__ (npdiff/models/unet.py), block by
-block. What is kept between the forward and the backward: the INPUT of each layer-level block only
-(conv_in, each ResnetBlock2D, each Transformer2DModel, each resampler, conv_norm_out); the up
-path's skips are exactly these. Each block's backward recomputes its own internals from its input
-(blocks_backward.py, transformer_backward.py): about one more forward in all, and the memory of one
-block's internals at a time, instead of every activation of the network (the attention
-probabilities alone would be [1,8,4096,4096] floats = 512 MiB per 64x64 self-attention).
+block. What is kept between the forward and the backward (keep_states=True, the default): the INPUT
+of each layer-level block (conv_in, each ResnetBlock2D, each Transformer2DModel, each resampler,
+conv_norm_out; the up path's skips are exactly these) and the internals its backward needs: a
+resnet's norm2 input [B,Cout,H,W]; a transformer's block inputs, residual states [B,N,D] and its
+attentions' q, k, v (blocks_backward.resnet_forward_saved, transformer_backward.
+transformer_2d_forward_saved), so the backward reruns no forward. Never kept: the attention
+probabilities ([1,8,4096,4096] floats = 512 MiB per 64x64 self-attention): attention_backward
+recomputes them per query block, and GEGLU's hidden layer (one GEMM, recomputed).
+keep_states=False keeps the block inputs only and each block's backward recomputes its internals
+from its input: about one more forward in all, for the memory of one block's internals at a time.
 
 Measured (benchmarks/training_memory.py) at SD 1.5 size (860 M parameters, random weights), 64x64
-latent, batch 1, 77 tokens, one process (2 cores shared with other jobs, load 7-12: the times are
-only indicative): the tape keeps 0.36 GiB; the backward's peak is 0.64 GiB above the built model
-(VmRSS sampled every 50 ms; VmHWM agrees); with the 3.20 GiB of float32 weights that is ~3.9 GiB
-in all, far inside 24 GiB. Tape forward 77 s, backward 68 s at that load.
+latent, batch 1, 77 tokens, one process: see benchmarks/RESULTS.md, "Training". With
+keep_states=False (before this was the default; load 7-12, times only indicative): the tape keeps
+0.36 GiB; the backward's peak is 0.64 GiB above the built model; tape forward 77 s, backward 68 s.
 
 The tape: every recorded op is (its output's id, its inputs' ids, a backward function grad ->
 input grads). tape.backward walks the ops last to first, summing the gradients of values used
@@ -37,9 +40,10 @@ from npdiff.models.blocks_backward import (
     downsample_backward,
     group_norm_layer_backward,
     resnet_backward,
+    resnet_forward_saved,
     upsample_backward,
 )
-from npdiff.models.transformer_backward import transformer_2d_backward
+from npdiff.models.transformer_backward import transformer_2d_backward, transformer_2d_forward_saved
 
 
 class UNetTape:
@@ -53,6 +57,7 @@ class UNetTape:
         self.grad_context = np.zeros(context.shape, np.float32)  # [B,L,Dc], summed over every attention
         self.center_input_sample = center_input_sample
         self.weight_grads = None
+        self.keep_states = True  # keep each block's internals (else its backward recomputes them)
 
     def record(self, backward, inputs):
         """A new value made from `inputs` (ids); -> its id."""
@@ -88,14 +93,20 @@ class UNetTape:
         return out, self.record(lambda grad: (conv_layer_backward(layer, shape, grad),), [x_id])
 
     def resnet(self, block, x, x_id, temb):
-        out = block(x, temb)                                            # [B,Cin,H,W] -> [B,Cout,H,W]
-        return out, self.record(lambda grad: (resnet_backward(block, x, temb, grad),), [x_id])
+        if self.keep_states:
+            out, norm2_input = resnet_forward_saved(block, x, temb)     # [B,Cin,H,W] -> [B,Cout,H,W]
+        else:
+            out, norm2_input = block(x, temb), None                     # (recomputed by the backward)
+        return out, self.record(lambda grad: (resnet_backward(block, x, temb, grad, norm2_input),), [x_id])
 
     def transformer(self, model, x, x_id):
-        out = model(x, self.context)                                    # [B,C,H,W]
+        if self.keep_states:
+            out, saved = transformer_2d_forward_saved(model, x, self.context)  # [B,C,H,W]
+        else:
+            out, saved = model(x, self.context), None                   # (recomputed by the backward)
 
         def backward(grad):
-            grad_x, grad_context = transformer_2d_backward(model, x, self.context, grad, self.weight_grads)
+            grad_x, grad_context = transformer_2d_backward(model, x, self.context, grad, self.weight_grads, saved)
             self.grad_context += grad_context                           # [B,L,Dc]
             return (grad_x,)
 
@@ -138,16 +149,19 @@ def time_embedding(unet, batch, timestep, timestep_cond=None, added_cond_kwargs=
 
 
 def unet_forward_for_backward(unet, sample, timestep, encoder_hidden_states, timestep_cond=None,
-                              added_cond_kwargs=None, weight_grads=None):
+                              added_cond_kwargs=None, weight_grads=None, keep_states=True):
     """UNet forward (NumPy arrays) -> (output [B,Cout,h,w], tape); tape.backward(d output) gives the
     gradients. weight_grads: a dict to receive the attention projections' weight gradients
-    ({diffusers name of the layer: {"weight": dW, "bias": db}}), or None (weights frozen)."""
+    ({diffusers name of the layer: {"weight": dW, "bias": db}}), or None (weights frozen).
+    keep_states: keep each block's internals for its backward (faster); False keeps block inputs
+    only and recomputes the rest in the backward (less memory; see the header)."""
     if array_module(sample) is not np:
         raise NpdiffError("the UNet backward runs on NumPy arrays; got a sample on another device")
     unet.check_inputs(sample, np.atleast_1d(np.asarray(timestep)), encoder_hidden_states, timestep_cond)
     center = bool(unet.config["center_input_sample"])
     tape = UNetTape(np.ascontiguousarray(encoder_hidden_states, dtype=np.float32), center)
     tape.weight_grads = weight_grads
+    tape.keep_states = bool(keep_states)
     temb = time_embedding(unet, sample.shape[0], timestep, timestep_cond, added_cond_kwargs)
     if center:
         sample = 2 * sample - 1.0                                       # [B,Cin,h,w]

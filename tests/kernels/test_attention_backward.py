@@ -29,7 +29,10 @@ def random_qkv(rng, lead, n_queries, n_keys, dim, dim_v):
 
 def check_all_versions(q, k, v, grad_out, **options):
     expected = autograd(q, k, v, grad_out, **options)
-    for version in (attention_backward, attention_backward_ref):
+    versions = [attention_backward, attention_backward_ref, backward.attention_backward_fast]
+    if options.get("mask") is None:
+        versions.append(backward.attention_backward_slices)  # version 3 takes no mask
+    for version in versions:
         for ours, theirs, what in zip(version(q, k, v, grad_out, **options), expected, ("dq", "dk", "dv")):
             assert_rel_close(ours, theirs, KERNEL_TOL, f"{version.__name__} {what}")
 
@@ -46,6 +49,7 @@ def test_attention_backward_matches_autograd(rng, kind):
 def test_attention_backward_in_several_query_blocks(rng, monkeypatch):
     """Small blocks so that dk, dv are summed over many blocks and the causal mask is cut in pieces."""
     monkeypatch.setattr(backward, "BACKWARD_BLOCK_SCORES", 64 * 5)
+    monkeypatch.setattr(backward, "SLICE_TILE_FLOATS", 64 * 3)
     q, k, v, grad_out = random_qkv(rng, (2, 3), 61, 61, 16, 8)
     check_all_versions(q, k, v, grad_out, is_causal=True)
     q, k, v, grad_out = random_qkv(rng, (1, 2), 45, 23, 8, 8)
@@ -61,6 +65,15 @@ def test_attention_backward_with_a_mask(rng, mask_kind):
     else:
         mask = rng.standard_normal((17, 13)).astype(np.float32)
     check_all_versions(q, k, v, grad_out, mask=mask)
+
+
+def test_attention_backward_on_strided_heads_and_one_slice(rng):
+    """The UNet's call: q, k, v and dO as split_heads views [B,h,N,d] of [B,N,h*d]; and 2-D inputs."""
+    heads, dim = 4, 8
+    q, k, v, grad_out = (rng.standard_normal((2, n, heads * dim)).astype(np.float32) for n in (33, 21, 21, 33))
+    views = [a.reshape(2, a.shape[1], heads, dim).transpose(0, 2, 1, 3) for a in (q, k, v, grad_out)]
+    check_all_versions(*views)
+    check_all_versions(*(view[1, 2] for view in views))
 
 
 def test_attention_backward_refuses_a_wrong_grad_shape(rng):

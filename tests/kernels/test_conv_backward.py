@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from helpers import KERNEL_TOL, assert_rel_close
 from npdiff import NpdiffError
 from npdiff.kernels.conv import conv_method
-from npdiff.kernels.conv_backward import conv2d_backward, conv2d_backward_ref
+from npdiff.kernels.conv_backward import FLIPPED_KERNELS, conv2d_backward, conv2d_backward_ref, conv2d_input_grad
 from npdiff.kernels.resample import upsample_nearest2x_backward, upsample_nearest2x_backward_ref
 
 
@@ -50,10 +50,37 @@ def test_conv2d_backward_through_winograd(rng, stride):
     check_conv_backward(rng, x_shape, weight_shape, stride, 1)
 
 
+def test_conv2d_backward_deep_16x16_through_im2col(rng):
+    """Batch 1 at 16x16 with 640 channels: conv_method would pick Winograd for dx's conv, the backward
+    takes im2col there (IM2COL_MAX_PIXELS); the same dx as autograd."""
+    x_shape, weight_shape = (1, 24, 16, 16), (640, 24, 3, 3)
+    assert conv_method((1, 640, 16, 16), (24, 640, 3, 3), (1, 1), (1, 1)) == "winograd4"
+    check_conv_backward(rng, x_shape, weight_shape, 1, 1)
+
+
 def test_conv2d_backward_through_the_direct_loops(rng):
     """Few input channels of the forward: dx has few output channels -> the direct Numba loops."""
     assert conv_method((1, 320, 16, 16), (3, 320, 3, 3), (1, 1), (1, 1)) == "direct"
     check_conv_backward(rng, (1, 3, 16, 16), (320, 3, 3, 3), 1, 1)
+
+
+def test_conv2d_input_grad_of_a_frozen_weight_keeps_its_flipped_kernel(rng):
+    """frozen=True: the flipped kernel is made once per weight array, the same dx as autograd every
+    call; a new weight array (as LoRA fusing assigns) gets its own; a dead array's entry goes."""
+    x = rng.standard_normal((1, 5, 9, 7)).astype(np.float32)
+    grad_out = rng.standard_normal((1, 6, 9, 7)).astype(np.float32)
+    weights = [rng.standard_normal((6, 5, 3, 3)).astype(np.float32) for _ in range(2)]
+    for weight in weights + weights:
+        expected = autograd_conv(x, weight, np.zeros(6, np.float32), grad_out, 1, 1)[0]
+        assert_rel_close(conv2d_input_grad(x.shape, weight, grad_out, (1, 1), (1, 1), frozen=True), expected,
+                         KERNEL_TOL, "dx")
+        assert id(weight) in FLIPPED_KERNELS.entries
+    kept = FLIPPED_KERNELS.entries[id(weights[0])][1]
+    assert conv2d_input_grad(x.shape, weights[0], grad_out, (1, 1), (1, 1), frozen=True) is not None
+    assert FLIPPED_KERNELS.entries[id(weights[0])][1] is kept  # made once
+    key = id(weights[1])
+    del weight, weights[1]
+    assert key not in FLIPPED_KERNELS.entries
 
 
 def test_conv2d_backward_refuses_a_wrong_grad_shape(rng):

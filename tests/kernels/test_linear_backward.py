@@ -12,6 +12,7 @@ from npdiff.kernels.linear_backward import (
     linear_activation_backward,
     linear_backward,
     linear_backward_ref,
+    linear_input_grad,
 )
 
 
@@ -40,6 +41,21 @@ def test_linear_backward_matches_autograd(rng, lead_axes):
     grad_x, grad_weight, grad_bias = linear_backward(x, weight, grad_out, need_weight_grad=False)
     assert grad_weight is None and grad_bias is None
     assert_rel_close(grad_x, expected[0], KERNEL_TOL, "dx alone")
+
+
+@pytest.mark.parametrize("lead_axes", [1, 2, 3])
+def test_linear_input_grad_matches_autograd(rng, lead_axes):
+    """dx alone (a frozen layer), also of a transposed view of dy (the UNet's tokens of NCHW)."""
+    lead = tuple(int(s) for s in rng.integers(1, 40, size=lead_axes))
+    x, weight, bias = random_linear(rng, lead, int(rng.integers(1, 70)), int(rng.integers(1, 70)))
+    grad_out = rng.standard_normal(lead + (weight.shape[0],)).astype(np.float32)
+    expected = autograd(F.linear, x, weight, bias, grad_out)[0]
+    assert_rel_close(linear_input_grad(weight, grad_out), expected, KERNEL_TOL, "dx")
+    if lead_axes == 2:
+        strided = np.ascontiguousarray(grad_out.swapaxes(-1, -2)).swapaxes(-1, -2)  # same values, [B,out,N] memory
+        assert_rel_close(linear_input_grad(weight, strided), expected, KERNEL_TOL, "dx of a transposed dy")
+    with pytest.raises(NpdiffError, match="linear_input_grad: grad_out"):
+        linear_input_grad(weight, np.zeros(lead + (weight.shape[0] + 1,), np.float32))
 
 
 def test_linear_backward_of_a_strided_view(rng):

@@ -35,6 +35,9 @@ def test_layer_norm_backward_matches_autograd(rng, lead_axes):
     for version in (layer_norm_backward, layer_norm_backward_ref):
         for ours, theirs, what in zip(version(x, weight, bias, grad_out), expected, ("dx", "dw", "db")):
             assert_rel_close(ours, theirs, KERNEL_TOL, f"{version.__name__} {what}")
+        grad_x, grad_weight, grad_bias = version(x, weight, bias, grad_out, 1e-5, need_weight_grad=False)
+        assert grad_weight is None and grad_bias is None
+        assert_rel_close(grad_x, expected[0], KERNEL_TOL, f"{version.__name__} dx alone")
 
 
 @pytest.mark.parametrize("spatial_axes", [0, 1, 2])
@@ -59,6 +62,9 @@ def test_group_norm_backward_matches_autograd(rng, spatial_axes, silu):
         ours = version(x, groups, weight, bias, grad_out, 1e-5, silu)
         for mine, theirs, what in zip(ours, expected, ("dx", "dw", "db")):
             assert_rel_close(mine, theirs, KERNEL_TOL, f"{version.__name__} {what}")
+        grad_x, grad_weight, grad_bias = version(x, groups, weight, bias, grad_out, 1e-5, silu, need_weight_grad=False)
+        assert grad_weight is None and grad_bias is None
+        assert_rel_close(grad_x, expected[0], KERNEL_TOL, f"{version.__name__} dx alone")
 
 
 def test_norm_backward_refuses_bad_input():

@@ -42,13 +42,14 @@ def random_case(rng, config, batch, height, width, tokens):
     return sample, context, grad_output
 
 
+@pytest.mark.parametrize("keep_states", [True, False])  # block internals kept, or recomputed in the backward
 @pytest.mark.parametrize("batch,height,width,tokens", [(1, 8, 8, 7), (2, 16, 8, 5)])
-def test_unet_backward_matches_autograd(unet_pair, rng, batch, height, width, tokens):
+def test_unet_backward_matches_autograd(unet_pair, rng, batch, height, width, tokens, keep_states):
     kind, torch_model, ours = unet_pair
     sample, context, grad_output = random_case(rng, ours.config, batch, height, width, tokens)
     timestep = int(rng.integers(0, 1000))
     expected_out, expected_sample, expected_context = torch_grads(torch_model, sample, timestep, context, grad_output)
-    out, tape = unet_forward_for_backward(ours, sample, timestep, context)
+    out, tape = unet_forward_for_backward(ours, sample, timestep, context, keep_states=keep_states)
     assert_rel_close(out, expected_out, NETWORK_TOL, f"{kind} forward")
     grad_sample, grad_context = tape.backward(grad_output)
     assert grad_sample.shape == sample.shape and grad_context.shape == context.shape
@@ -75,8 +76,9 @@ def test_unet_attention_weight_grads_match_autograd(unet_pair, rng):
             assert_rel_close(grad, params[f"{key}.{name}"].grad, NETWORK_TOL, f"{kind} {key}.{name}")
 
 
+@pytest.mark.parametrize("keep_states", [True, False])
 @pytest.mark.parametrize("kind", ["sdxl", "lcm"])
-def test_unet_backward_other_conditionings(rng, kind):
+def test_unet_backward_other_conditionings(rng, kind, keep_states):
     torch_model, folder = tiny_unet(kind, seed=0)
     ours = UNet2DConditionModel.from_pretrained(folder)
     c = ours.config
@@ -94,7 +96,8 @@ def test_unet_backward_other_conditionings(rng, kind):
         ours_extra["timestep_cond"], torch_extra["timestep_cond"] = cond, torch.from_numpy(cond)
     _, expected_sample, expected_context = torch_grads(torch_model, sample, timestep, context, grad_output,
                                                        **torch_extra)
-    grad_sample, grad_context = unet_backward(ours, sample, timestep, context, grad_output, **ours_extra)
+    grad_sample, grad_context = unet_backward(ours, sample, timestep, context, grad_output, keep_states=keep_states,
+                                              **ours_extra)
     assert_rel_close(grad_context, expected_context, NETWORK_TOL, f"{kind} d encoder_hidden_states")
     assert_rel_close(grad_sample, expected_sample, NETWORK_TOL, f"{kind} d sample")
 

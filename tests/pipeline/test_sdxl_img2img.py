@@ -79,3 +79,37 @@ def test_latents_as_image_need_matching_channels(rng):
         load_ours("refiner").img2img("a cat", image=np.zeros((1, 3, 8, 8), np.float32), denoising_start=0.5)
     with pytest.raises(NpdiffError, match="denoising_start 0.8 must be smaller than denoising_end 0.5"):
         load_ours("refiner").img2img("a cat", image=random_picture(rng), denoising_start=0.8, denoising_end=0.5)
+
+
+@pytest.mark.parametrize("kind", ["base", "inpaint"])
+def test_inpaint_base_and_refiner_ensemble(rng, seed, kind):
+    """diffusers' inpainting ensemble of experts: the base's StableDiffusionXLInpaintPipeline (a 4-channel UNet, or
+    a 9-channel inpainting one) runs to denoising_end with latents out; the refiner's inpaint takes those latents
+    as its image (no VAE encoder, no masked picture) and the same mask from denoising_start."""
+    import torch
+
+    split = round(float(rng.uniform(0.5, 0.8)), 2)
+    shared = dict(prompt=PROMPTS[0], mask_image=random_mask(rng), num_inference_steps=5, guidance_scale=6.0)
+    picture = random_picture(rng)
+    _, theirs_handoff = run_theirs(kind, "inpaint", seed, output_type="latent", image=picture, denoising_end=split,
+                                   **shared)
+    ours_handoff = load_ours(kind).inpaint(image=picture, seed=seed, output_type="latent", denoising_end=split,
+                                           **shared)
+    assert_same(ours_handoff, None, theirs_handoff, f"{kind} inpaint part")
+    theirs_levels, theirs_latents = run_theirs("refiner", "inpaint", seed + 1, image=torch.from_numpy(theirs_handoff),
+                                               denoising_start=split, aesthetic_score=7.0, **shared)
+    ours = load_ours("refiner").inpaint(image=ours_handoff.latents, seed=seed + 1, output_type="np",
+                                        denoising_start=split, aesthetic_score=7.0, **shared)
+    assert_same(ours, theirs_levels, theirs_latents, f"refiner inpaint after {kind}")
+    assert ours.parameters["denoising_start"] == split and ours.parameters["mode"] == "inpaint"
+
+
+def test_inpaint_latents_need_a_plain_unet_and_their_size(rng):
+    from npdiff.errors import NpdiffError
+
+    latents = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    with pytest.raises(NpdiffError, match="9 input channels.*give it the picture, not latents"):
+        load_ours("inpaint").inpaint("a cat", image=latents, mask_image=random_mask(rng), denoising_start=0.5)
+    with pytest.raises(NpdiffError, match="latents is 64x64 pixels .* works at 128x64"):
+        load_ours("refiner").inpaint("a cat", image=latents, mask_image=random_mask(rng), denoising_start=0.5,
+                                     height=64, width=128)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import IMAGE_LEVELS_TOL, pixels
 from PIL import Image
-from sdxl_compare import random_picture, theirs_pipeline
+from sdxl_compare import random_mask, random_picture, theirs_pipeline
 from tiny_sd import tiny_sd_folder
 from tiny_sdxl import tiny_sdxl_folder
 
@@ -104,6 +104,44 @@ def test_img2img_with_refiner_like_diffusers(tmp_path, rng, seed):
     assert params["negative_aesthetic_score"] == 2.0 and params["aesthetic_score"] == 6.0
 
 
+@pytest.mark.parametrize("kind", ["base", "inpaint"])
+def test_inpaint_with_refiner_like_diffusers(tmp_path, rng, seed, kind):
+    """npdiff inpaint --refiner: diffusers' StableDiffusionXLInpaintPipeline ensemble, the base (a 4-channel UNet or
+    a 9-channel inpainting one) to denoising_end with latents out, then the refiner's inpaint of those latents with
+    the same mask from denoising_start."""
+    base, refiner = tiny_sdxl_folder(kind), tiny_sdxl_folder("refiner")
+    picture, mask = random_picture(rng), random_mask(rng)
+    picture.save(tmp_path / "in.png")
+    mask.save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    assert cli.main(["inpaint", "a lion", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+                     "--steps", "4", "--refiner", str(refiner), "--refiner-switch", "0.6", "--aesthetic-score", "7",
+                     "--seed", str(seed), "--model", str(base), "--out", str(out)]) == 0
+    shared = dict(mask_image=mask, num_inference_steps=4, guidance_scale=7.5, strength=1.0)
+    latents = theirs_pipeline(kind, "inpaint")("a lion", image=picture, denoising_end=0.6, output_type="latent",
+                                               generator=torch.Generator().manual_seed(seed), **shared).images
+    theirs = theirs_pipeline("refiner", "inpaint")("a lion", image=latents, denoising_start=0.6, aesthetic_score=7.0,
+                                                   output_type="np", generator=torch.Generator().manual_seed(seed),
+                                                   **shared).images[0]
+    worst = np.abs(pixels(out).astype(np.int16) - np.round(theirs * 255).astype(np.int16)).max()
+    assert worst <= IMAGE_LEVELS_TOL, f"inpaint + refiner ({kind}) differ from diffusers' by {worst} levels"
+    params = read_png_params(out)
+    assert (params["command"], params["mode"], params["refiner_switch"]) == ("inpaint", "inpaint", 0.6)
+    assert params["refiner"] == "tiny-sdxl-refiner" and params["aesthetic_score"] == 7.0
+    assert "denoising_end" not in params and "denoising_start" not in params
+    again = tmp_path / "again.png"  # --reproduce with the refiner (and the pictures) again: the same pixels
+    assert cli.main(["inpaint", "--reproduce", str(out), "--image", str(tmp_path / "in.png"), "--mask",
+                     str(tmp_path / "mask.png"), "--model", str(base), "--refiner", str(refiner),
+                     "--out", str(again)]) == 0
+    assert np.array_equal(pixels(again), pixels(out))
+    jobs = tmp_path / "jobs.jsonl"  # a batch line with the same settings: the same picture
+    jobs.write_text(json.dumps({"prompt": "a lion", "image": "in.png", "mask": "mask.png", "steps": 4, "seed": seed,
+                                "refiner_switch": 0.6, "aesthetic_score": 7, "refiner": str(refiner)}))
+    summary = run_batch(jobs, tmp_path / "batch", model=base, progress=False)
+    assert (summary.written, summary.failures) == (1, {})
+    assert np.array_equal(pixels(tmp_path / "batch" / f"000001-seed{seed}.png"), pixels(out))
+
+
 @pytest.mark.parametrize("case", ["sd_model", "base_as_refiner", "switch_1.5", "switch_alone", "score_on_base",
                                   "size_on_sd", "bad_size", "refiner_inpaint", "refiner_is_sd"])
 def test_bad_sdxl_requests_refused_before_any_model_loads(tmp_path, capsys, monkeypatch, case):
@@ -125,8 +163,8 @@ def test_bad_sdxl_requests_refused_before_any_model_loads(tmp_path, capsys, monk
         "score_on_base": (["--model", base, "--aesthetic-score", "7"], "conditions an SDXL refiner"),
         "size_on_sd": (["--model", sd, "--target-size", "64x64"], "--target-size / target_size is for SDXL models"),
         "bad_size": (["--model", base, "--original-size", "64 by 64"], "must be WIDTHxHEIGHT"),
-        "refiner_inpaint": (["--model", base, "--refiner", refiner, "--image", str(source), "--mask", str(mask)],
-                            "npdiff inpaint does not take it"),
+        "refiner_inpaint": (["--model", base, "--refiner", refiner, "--image", str(source), "--mask", str(mask),
+                             "--refiner-switch", "0"], "--refiner-switch / refiner_switch must be a number strictly"),
     }[case]
     command = "inpaint" if case == "refiner_inpaint" else "generate"
     code = cli.main([command, "a cat", "--steps", "2", "--out", str(out), *argv])

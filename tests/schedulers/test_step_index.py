@@ -28,7 +28,16 @@ def test_index_for_timestep_like_diffusers(class_name, rng):
     ours.set_timesteps(n)
     theirs.set_timesteps(n)
     # 1. every scheduled timestep: its position, the second one where it repeats (Heun, DPM2)
-    for t_ours, t_theirs in zip(ours.timesteps, theirs.timesteps):
+    for position, (t_ours, t_theirs) in enumerate(zip(ours.timesteps, theirs.timesteps)):
+        if np.float32(t_ours) != np.float32(t_theirs.item()):
+            # DPM2 ancestral's midpoint timesteps come from torch's float32 log/exp in diffusers and NumPy's
+            # here: a few ulp apart at some (665.99994 against 666.0 at 10 steps), and where diffusers' value
+            # equals the next scheduled timestep it finds two matches. The pipeline never looks a midpoint
+            # up (sampling starts at a whole timestep); npdiff must find the midpoint at its own position.
+            # (atol: near t = 0 the two are ~1e-6 of a training timestep apart, e.g. 2.7e-6 against 2.1e-6)
+            assert np.isclose(t_ours, t_theirs.item(), rtol=1e-5, atol=1e-4), (class_name, t_ours, t_theirs)
+            assert ours.index_for_timestep(t_ours) == position, (class_name, t_ours)
+            continue
         assert ours.index_for_timestep(t_ours) == theirs.index_for_timestep(t_theirs), (class_name, t_theirs)
     # 2. a timestep not in the schedule: the last position for the multistep solvers, else an error
     #    naming it (diffusers raises IndexError there)

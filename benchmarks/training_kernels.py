@@ -1,0 +1,145 @@
+"""The backward kernels of the SD 1.5 training step at its 64x64-latent shapes: each version against torch's
+autograd of the same op (torch with 2 threads, in this process), best of rounds.
+
+    python benchmarks/training_kernels.py [--repeat 3] [--rounds 3]
+
+Rows (the "before" versions are the ones this session replaced; kept importable or written out here):
+  attention self [1,8,4096,40] and cross [1,8,4096x77,40], q/k/v/dO as split_heads views of [1,N,320]:
+      v2 query blocks (np.matmul on OpenBLAS's threads) | v3 slices on the block pool | torch SDPA backward
+  conv dx 3x3, frozen weight: the flipped kernel made per call | kept (FlippedKernels) | kept, through im2col and
+      through Winograd F(4,3) whatever conv_method picks | torch conv2d backward
+  group norm + SiLU dx [1,320,64,64], 32 groups: with the weight grads | need_weight_grad=False | torch
+  geglu dx [1,4096,320] -> [1,4096,2x1280]: NumPy element-wise passes | one Numba pass | torch
+Each row's torch figure is the autograd of the forward op with only the input requiring a gradient, timed
+from the forward's output (the backward alone: torch keeps what its forward saved; ours recompute theirs).
+Writes benchmarks/out/training_kernels.json.
+"""
+
+import npdiff  # noqa: F401, I001  (first: OpenBLAS settings before numpy)
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import time_call, write_json  # noqa: E402
+
+from npdiff.kernels import conv, conv_backward, conv_winograd, norm_backward  # noqa: E402
+from npdiff.kernels.activations import gelu  # noqa: E402
+from npdiff.kernels.activations_backward import gelu_backward  # noqa: E402
+from npdiff.kernels.attention import backward as attention_bwd  # noqa: E402
+from npdiff.kernels.linear import linear  # noqa: E402
+from npdiff.kernels.linear_backward import linear_backward  # noqa: E402
+
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
+
+
+def heads(rng, tokens, width=320, count=8):
+    flat = rng.standard_normal((1, tokens, width), dtype=np.float32)   # [1,N,320]
+    return flat.reshape(1, tokens, count, width // count).transpose(0, 2, 1, 3)  # [1,8,N,40] view
+
+
+def torch_backward_timer(torch, forward, inputs, grad):
+    """Seconds of out.backward(grad) alone (a fresh forward before each, not timed)."""
+    import time
+
+    def run():
+        tensors = [torch.from_numpy(np.ascontiguousarray(a)).requires_grad_(i == 0 or requires)
+                   for i, (a, requires) in enumerate(inputs)]
+        out = forward(*tensors)
+        start = time.perf_counter()
+        out.backward(torch.from_numpy(grad))
+        return time.perf_counter() - start
+
+    return run
+
+
+def geglu_backward_numpy_passes(x, weight, bias, grad_out):
+    """geglu_backward as it was: the element-wise part in NumPy passes with temporaries."""
+    hidden = linear(x, weight, bias)                                    # [..., 2D]
+    half = hidden.shape[-1] // 2
+    value, gate = hidden[..., :half], np.ascontiguousarray(hidden[..., half:])
+    grad_hidden = np.empty_like(hidden)                                 # [..., 2D]
+    grad_hidden[..., :half] = grad_out * gelu(gate)
+    grad_hidden[..., half:] = gelu_backward(gate, np.ascontiguousarray(grad_out * value))
+    return linear_backward(x, weight, grad_hidden, False)
+
+
+def cases(rng, torch, F):
+    out = []
+    for name, n_keys in (("attention self [1,8,4096,40]", 4096), ("attention cross [1,8,4096x77,40]", 77)):
+        q, k, v, d_out = heads(rng, 4096), heads(rng, n_keys), heads(rng, n_keys), heads(rng, 4096)  # [1,8,N|M,40]
+        out.append((name, {
+            "v2 query blocks": lambda q=q, k=k, v=v, g=d_out: attention_bwd.attention_backward_fast(q, k, v, g),
+            "v3 slices": lambda q=q, k=k, v=v, g=d_out: attention_bwd.attention_backward_slices(q, k, v, g),
+        }, torch_backward_timer(torch, F.scaled_dot_product_attention, [(q, True), (k, True), (v, True)],
+                                np.ascontiguousarray(d_out))))
+    for c_in, c_out, size in ((320, 320, 64), (1280, 1280, 16), (2560, 1280, 16)):
+        x = rng.standard_normal((1, c_in, size, size), dtype=np.float32)
+        weight = (rng.standard_normal((c_out, c_in, 3, 3), dtype=np.float32) / np.sqrt(9 * c_in)).astype(np.float32)
+        grad = rng.standard_normal((1, c_out, size, size), dtype=np.float32)
+        out.append((f"conv dx {c_in}->{c_out} @{size}", {
+            "flip per call": lambda x=x, w=weight, g=grad: conv_backward.conv2d_input_grad(x.shape, w, g, (1, 1), (1, 1)),
+            "flip kept": lambda x=x, w=weight, g=grad: conv_backward.conv2d_input_grad(x.shape, w, g, (1, 1), (1, 1),
+                                                                                    frozen=True),
+            "kept, im2col": lambda w=weight, g=grad: conv._conv_im2col_tiled(
+                g, conv_backward.FLIPPED_KERNELS.get(w), None, 1, 1, 1, 1),
+            "kept, winograd": lambda w=weight, g=grad: conv_winograd.winograd_conv2d(
+                g, conv_backward.FLIPPED_KERNELS.get(w), None, (1, 1), 4),
+        }, torch_backward_timer(torch, lambda a, w: F.conv2d(a, w, padding=1), [(x, True), (weight, False)], grad)))
+    x = rng.standard_normal((1, 320, 64, 64), dtype=np.float32)
+    scale, shift = (rng.standard_normal(320, dtype=np.float32) for _ in range(2))
+    grad = rng.standard_normal(x.shape, dtype=np.float32)
+    out.append(("group norm+SiLU dx [1,320,64,64]", {
+        "with weight grads": lambda x=x, g=grad: norm_backward.group_norm_backward(x, 32, scale, shift, g, 1e-5, True),
+        "dx only": lambda x=x, g=grad: norm_backward.group_norm_backward(x, 32, scale, shift, g, 1e-5, True, False),
+    }, torch_backward_timer(torch, lambda a, w, b: F.silu(F.group_norm(a, 32, w, b)),
+                            [(x, True), (scale, False), (shift, False)], grad)))
+    tokens = rng.standard_normal((1, 4096, 320), dtype=np.float32)
+    weight = (rng.standard_normal((2560, 320), dtype=np.float32) / np.sqrt(320)).astype(np.float32)
+    bias = rng.standard_normal(2560, dtype=np.float32)
+    grad = rng.standard_normal((1, 4096, 1280), dtype=np.float32)
+
+    def torch_geglu(a, w, b):
+        value, gate = F.linear(a, w, b).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+    from npdiff.kernels.linear_backward import geglu_backward
+    out.append(("geglu dx [1,4096,320]->1280", {
+        "numpy passes": lambda: geglu_backward_numpy_passes(tokens, weight, bias, grad),
+        "one Numba pass": lambda: geglu_backward(tokens, weight, bias, grad, need_weight_grad=False),
+    }, torch_backward_timer(torch, torch_geglu, [(tokens, True), (weight, False), (bias, False)], grad)))
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(2)
+    rng = np.random.default_rng(0)
+    load_before = list(os.getloadavg())
+    rows = {}
+    for name, ours, theirs in cases(rng, torch, F):
+        best = {label: float("inf") for label in list(ours) + ["torch"]}
+        for _ in range(args.rounds):
+            best["torch"] = min(best["torch"], min(theirs() for _ in range(args.repeat + 1)))
+            for label, fn in ours.items():
+                best[label] = min(best[label], time_call(fn, repeat=args.repeat))
+        rows[name] = best
+        text = ", ".join(f"{label} {seconds * 1e3:.1f} ms ({seconds / best['torch']:.2f}x)"
+                         for label, seconds in best.items() if label != "torch")
+        print(f"{name:36s} torch {best['torch'] * 1e3:7.1f} ms | {text}", flush=True)
+    load_after = list(os.getloadavg())
+    print(f"load {load_before} -> {load_after}")
+    print("->", write_json("training_kernels", {"rows": rows, "load_before": load_before, "load_after": load_after}))
+
+
+if __name__ == "__main__":
+    main()
