@@ -48,7 +48,7 @@ from npdiff.cli_controlnet import (
     load_controls,
     warn_about_missing_controlnets,
 )
-from npdiff.cli_train import add_train_embedding_command
+from npdiff.cli_train import add_train_embedding_command, add_train_lora_command
 from npdiff.errors import clip, shorten
 from npdiff.hires_names import HIRES_UPSCALERS
 from npdiff.images import StepRecorder, emergence_grid, load_image, read_png_params
@@ -421,7 +421,8 @@ def add_verify_command(subparsers):
 
 
 COMMANDS = [add_generate_command, add_img2img_command, add_inpaint_command, add_batch_command,
-            add_serve_command, add_verify_command, add_bench_command, add_train_embedding_command]
+            add_serve_command, add_verify_command, add_bench_command, add_train_embedding_command,
+            add_train_lora_command]
 
 
 def build_parser():

@@ -18,6 +18,17 @@ Versions:
   recomputed (one GEMM, as cheap as keeping it and [R, 2D] less memory per call), the activation's
   backward (activations_backward.py) gives dh, then linear_backward. GEGLU with the exact gelu (SD's)
   on NumPy arrays: dh in one Numba pass over h and dy (geglu_hidden_grad).
+  lora_backward_ref / lora_backward_fast: the gradients of a LoRA pair on a linear layer (below).
+
+LoRA (Hu et al. 2021; peft's and kohya's Linear LoRA): y = x (W + s U D)^T + b with down D [r, in],
+up U [out, r] and s = alpha / r. The layer's weight gradient G = dy^T x [out, in] routed through the
+product s U D:
+    dU = s G D^T       [out, in] @ [in, r]   -> [out, r]
+    dD = s U^T G       [r, out] @ [out, in]  -> [r, in]
+    (dx = dy (W + s U D), the plain linear backward over the merged weight)
+  1. lora_backward_ref   as written: G first (R*out*in multiply-adds), then the two small products.
+  2. lora_backward_fast  G is never made: dU = s dy^T (x D^T), dD = s (dy U)^T x, four thin GEMMs (block_pool) of
+                         R*r*(in+out) multiply-adds in all (r = 4, in = out = 320: ~40x fewer than G).
 """
 
 import numpy as np
@@ -76,6 +87,30 @@ def check_grad_out(kernel, grad_out, expected_shape):
                           f"got {shape_text(grad_out.shape)}")
 
 
+def lora_backward_ref(x, down, up, grad_out, scale):
+    xp = backend.array_module(x)
+    rows = x.reshape(-1, x.shape[-1])  # [R, in]
+    grad_rows = grad_out.reshape(-1, grad_out.shape[-1])  # [R, out]
+    grad_weight = xp.matmul(grad_rows.T, rows)  # [out, R] @ [R, in] -> [out, in]
+    grad_up = scale * xp.matmul(grad_weight, down.T)  # [out, in] @ [in, r] -> [out, r]
+    grad_down = scale * xp.matmul(up.T, grad_weight)  # [r, out] @ [out, in] -> [r, in]
+    return grad_down, grad_up
+
+
+def lora_backward_fast(x, down, up, grad_out, scale):
+    rows = x.reshape(-1, x.shape[-1])  # [R, in]
+    grad_rows = grad_out.reshape(-1, grad_out.shape[-1])  # [R, out]
+    down_rows = matmul(rows, down.T)  # [R, in] @ [in, r] -> [R, r]: the forward's x D^T
+    grad_up = matmul(grad_rows.T, down_rows)  # [out, R] @ [R, r] -> [out, r]
+    grad_down_rows = matmul(grad_rows, up)  # [R, out] @ [out, r] -> [R, r]
+    grad_down = matmul(grad_down_rows.T, rows)  # [r, R] @ [R, in] -> [r, in]
+    scale = np.float32(scale)
+    return grad_down * scale, grad_up * scale
+
+
+LORA_BACKWARD = dispatch.register("lora_backward", fast=lora_backward_fast, reference=lora_backward_ref)
+
+
 def linear_backward(x, weight, grad_out, need_weight_grad=True):
     """Gradients of y = linear(x, weight, bias): -> (dx [..., in], dW [out, in], db [out]); dW and db
     are None when need_weight_grad is False. x: the forward's input; grad_out: d(loss)/dy [..., out]."""
@@ -95,6 +130,18 @@ def linear_input_grad(weight, grad_out):
         return matmul(grad_out, weight)  # [(B,)N,out] @ [out,in] -> [(B,)N,in] (strided views read in place)
     rows = grad_out.reshape(-1, grad_out.shape[-1])  # [..., out] -> [R, out]
     return matmul(rows, weight).reshape(grad_out.shape[:-1] + (weight.shape[1],))  # [R, in] -> [..., in]
+
+
+def lora_backward(x, down, up, grad_out, scale):
+    """Gradients of a LoRA pair on a linear layer, y = x (W + scale * up @ down)^T + b:
+    -> (d down [r, in], d up [out, r]). x: the layer's input [..., in]; grad_out: d(loss)/dy [..., out];
+    down [r, in], up [out, r] float32; scale: alpha / r (times the user's multiplier)."""
+    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+        raise NpdiffError(f"lora_backward: down must be [r, in] and up [out, r]; got down "
+                          f"{shape_text(down.shape)}, up {shape_text(up.shape)}")
+    check_linear("lora_backward", x, down, None)
+    check_grad_out("lora_backward", grad_out, x.shape[:-1] + (up.shape[0],))
+    return LORA_BACKWARD(x, down, up, grad_out, scale)
 
 
 def linear_activation_backward(x, weight, bias, grad_out, activation="quick_gelu", need_weight_grad=True):

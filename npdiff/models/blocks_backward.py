@@ -35,7 +35,11 @@ def add_weight_grad(weight_grads, key, grad_weight, grad_bias):
 
 def linear_layer_backward(layer, x, grad_out, weight_grads=None):
     """Linear layer: x [..., in] (the forward's input), grad_out [..., out] -> dx [..., in]; with
-    weight_grads, also d weight [out, in] (and d bias) into weight_grads[layer.key]."""
+    weight_grads, also d weight [out, in] (and d bias) into weight_grads[layer.key]. weight_grads may
+    instead be an object with its own linear_backward(layer, x, grad_out) -> dx, which then takes the
+    layer's backward over (LoRA's factor gradients: npdiff/training/lora_grad.py)."""
+    if hasattr(weight_grads, "linear_backward"):
+        return weight_grads.linear_backward(layer, x, grad_out)
     need = weight_grads is not None
     grad_x, grad_weight, grad_bias = linear_backward(x, layer.weight, grad_out, need)
     if need:

@@ -29,11 +29,11 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 def check_trainable_pipeline(pipe):
     """NpdiffError unless `pipe` is an SD 1.x/2.x text-to-image model on NumPy that training can go through."""
     if getattr(pipe, "text_encoder_2", None) is not None or pipe.unet.add_embedding is not None:
-        raise NpdiffError("textual inversion training is for SD 1.x/2.x models only for now; this is an SDXL "
+        raise NpdiffError("training is for SD 1.x/2.x models only for now; this is an SDXL "
                           "model (two text encoders, added time embeddings)")
     config = pipe.unet.config
     if config.get("time_cond_proj_dim") is not None:
-        raise NpdiffError("textual inversion training is not supported for an LCM-distilled UNet "
+        raise NpdiffError("training is not supported for an LCM-distilled UNet "
                           "(time_cond_proj_dim): train on its base model")
     latent_channels = pipe.vae.config["latent_channels"]
     if config["in_channels"] != latent_channels:
@@ -87,6 +87,35 @@ def check_latents_and_noise(pipe, latents, noise):
     return latents, noise
 
 
+def check_training_batch(pipe, input_ids, latents, noise, timesteps):
+    """Step 0 of a training gradient: -> (prediction_type, ids [B,L], latents, noise [B,C,h,w], timesteps [B])."""
+    prediction_type = check_trainable_pipeline(pipe)
+    latents, noise = check_latents_and_noise(pipe, latents, noise)
+    batch = latents.shape[0]
+    ids = pipe.text_encoder.check_input_ids(input_ids)                  # [B,L]
+    if ids.shape[0] != batch:
+        raise NpdiffError(f"input_ids has {ids.shape[0]} rows but latents have batch {batch}")
+    timesteps = check_timesteps(timesteps, batch, len(pipe.scheduler.alphas_cumprod))  # [B]
+    return prediction_type, ids, latents, noise, timesteps
+
+
+def unet_denoising_loss(pipe, latents, noise, timesteps, hidden, prediction_type, weight_grads=None):
+    """Steps 1-2, the UNet's part of 3, 4, and the UNet's part of 5 -> (loss, d loss/d hidden [B,L,C]).
+    weight_grads: what the UNet backward fills with weight gradients (unet_forward_for_backward), or None."""
+    # 1-2. noisy latents and the target, with the model's own schedule
+    noisy, target = noisy_latents_and_target(pipe.scheduler, latents, noise, timesteps, prediction_type)
+    # 3. the UNet forward, keeping what its backward needs
+    prediction, unet_tape = unet_forward_for_backward(pipe.unet, noisy, timesteps, hidden,
+                                                      weight_grads=weight_grads)  # [B,C,h,w]
+    # 4. mean squared error (summed in float64)
+    error = prediction - target                                         # [B,C,h,w]
+    loss = float(np.mean(np.square(error, dtype=np.float64)))
+    # 5. backward: the loss, then the UNet (to its hidden states)
+    grad_prediction = error * np.float32(2.0 / error.size)              # [B,C,h,w]
+    _, grad_hidden = unet_tape.backward(grad_prediction)                # [B,L,C]
+    return loss, grad_hidden
+
+
 def text_embedding_grad(pipe, input_ids, latents, noise, timesteps, clip_skip=None, token_embeds=None):
     """The denoising loss and d loss/d(token embeddings fed to CLIP) -> (loss float, grad [B,L,C] float32).
 
@@ -98,26 +127,14 @@ def text_embedding_grad(pipe, input_ids, latents, noise, timesteps, clip_skip=No
     clip_skip  the pipeline's clip_skip (None: CLIP's last layer, final-normed)
     token_embeds [B,L,C] to use instead of the table's rows for input_ids (default: those rows)"""
     # 0. check everything before the long work
-    prediction_type = check_trainable_pipeline(pipe)
-    latents, noise = check_latents_and_noise(pipe, latents, noise)
-    batch = latents.shape[0]
-    ids = pipe.text_encoder.check_input_ids(input_ids)                  # [B,L]
-    if ids.shape[0] != batch:
-        raise NpdiffError(f"input_ids has {ids.shape[0]} rows but latents have batch {batch}")
-    timesteps = check_timesteps(timesteps, batch, len(pipe.scheduler.alphas_cumprod))  # [B]
+    prediction_type, ids, latents, noise, timesteps = check_training_batch(pipe, input_ids, latents, noise, timesteps)
     if token_embeds is None:
         token_embeds = clip_token_embeds(pipe.text_encoder, ids)        # [B,L] -> [B,L,C]
 
-    # 1-2. noisy latents and the target, with the model's own schedule
-    noisy, target = noisy_latents_and_target(pipe.scheduler, latents, noise, timesteps, prediction_type)
-    # 3. forward through CLIP and the UNet, keeping what the backwards need
+    # 3. forward through CLIP, keeping what its backward needs
     hidden, clip_tape = clip_forward_for_backward(pipe.text_encoder, token_embeds, clip_skip)  # [B,L,C] -> [B,L,C]
-    prediction, unet_tape = unet_forward_for_backward(pipe.unet, noisy, timesteps, hidden)     # [B,C,h,w]
-    # 4. mean squared error (summed in float64)
-    error = prediction - target                                         # [B,C,h,w]
-    loss = float(np.mean(np.square(error, dtype=np.float64)))
-    # 5. backward: the loss, the UNet (to its hidden states), CLIP (to the token embeddings)
-    grad_prediction = error * np.float32(2.0 / error.size)              # [B,C,h,w]
-    _, grad_hidden = unet_tape.backward(grad_prediction)                # [B,L,C]
+    # 1-2, 3-5 through the UNet: the loss and d loss/d hidden states
+    loss, grad_hidden = unet_denoising_loss(pipe, latents, noise, timesteps, hidden, prediction_type)
+    # 5. CLIP's backward to the token embeddings
     grad_token_embeds = clip_tape.backward(grad_hidden)                 # [B,L,C]
     return loss, grad_token_embeds

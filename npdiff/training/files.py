@@ -37,7 +37,7 @@ def output_paths(out):
 def write_safetensors(path, tensors, metadata=None):
     from safetensors.numpy import save
 
-    data = save({key: np.ascontiguousarray(value) for key, value in tensors.items()}, metadata=metadata)
+    data = save({key: np.require(value, requirements="C") for key, value in tensors.items()}, metadata=metadata)  # 0-d stays 0-d
     atomic_write(path, lambda handle: handle.write(data))
     return Path(path)
 

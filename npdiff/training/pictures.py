@@ -10,7 +10,8 @@ Pictures of mixed sizes are fine: every one is cropped and resized on its own.
 
 Captions: the templates (default diffusers' object templates below) with the new word for "{}"; a picture
 with a sidecar text file of the same name (`cat1.png` + `cat1.txt`, as kohya's scripts read captions) gets
-the captions in it instead, one a line, each with "{}" where the word goes.
+the captions in it instead, one a line, each with "{}" where the word goes. LoRA training (lora_train.py)
+reads the same files (sidecar_lines) as plain captions, without "{}", as kohya's scripts do.
 
 Flips: diffusers' script flips each picture at random (p = 0.5) and encodes it with the VAE at every
 step. Here each picture is encoded ONCE as it is and once flipped; each step then picks one of the two
@@ -96,23 +97,32 @@ def encode_training_latents(vae, pixels):
     return np.stack(both)                                               # [2,N,C,s,s]
 
 
+def sidecar_lines(path):
+    """The non-empty lines of the picture's caption file `<name>.txt`, or None when it has none; NpdiffError
+    when it cannot be read or holds no caption."""
+    sidecar = Path(path).with_suffix(".txt")
+    if not sidecar.is_file():
+        return None
+    try:
+        lines = [line.strip() for line in sidecar.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise NpdiffError(f"caption file {sidecar}: cannot be read ({exc})") from exc
+    if not lines:
+        raise NpdiffError(f"caption file {sidecar} is empty: give one caption a line")
+    return lines
+
+
 def picture_captions(paths, templates):
     """Each picture's caption templates: the lines of its sidecar `<name>.txt` when there is one (each line a
     caption with "{}" for the word, e.g. "a {} on a green background"), else `templates` -> tuples, one a
     picture."""
     captions = []
     for path in paths:
-        sidecar = Path(path).with_suffix(".txt")
-        if not sidecar.is_file():
+        lines = sidecar_lines(path)
+        if lines is None:
             captions.append(templates)
-            continue
-        try:
-            lines = [line.strip() for line in sidecar.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as exc:
-            raise NpdiffError(f"caption file {sidecar}: cannot be read ({exc})") from exc
-        if not lines:
-            raise NpdiffError(f"caption file {sidecar} is empty: give one caption a line, with {{}} for the word")
-        captions.append(check_templates(lines, sidecar))
+        else:
+            captions.append(check_templates(lines, Path(path).with_suffix(".txt")))
     return captions
 
 

@@ -18,7 +18,6 @@ Each step's randomness depends on (seed, step) alone, so a run resumed from a ch
 uninterrupted run would have drawn and ends with the same embedding.
 """
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +29,14 @@ from npdiff.prompt_encoding import PromptOptions
 from npdiff.textual_inversion import add_rows, check_new_rows, check_token
 from npdiff.training.adamw import AdamW
 from npdiff.training.embedding_grad import check_trainable_pipeline, text_embedding_grad
-from npdiff.training.files import (
-    load_checkpoint,
-    output_paths,
-    save_checkpoint,
-    save_embedding,
-    write_loss_csv,
-    write_loss_png,
+from npdiff.training.files import output_paths, save_checkpoint, save_embedding
+from npdiff.training.loop import (
+    check_checkpoint_every,
+    check_learning_rate,
+    check_resume,
+    draw_batch,
+    progress_bar,
+    write_loss_files,
 )
 from npdiff.training.pictures import (
     OBJECT_TEMPLATES,
@@ -70,57 +70,12 @@ def check_init_word(tokenizer, init_word):
     return tokenizer.encode(init_word)[0]
 
 
-def check_learning_rate(lr):
-    if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating)) or not math.isfinite(lr) or lr <= 0:
-        raise NpdiffError(f"learning rate must be a finite number > 0, got {lr!r}")
-    return float(lr)
-
-
-def check_resume(resume, settings, width):
-    """The checkpoint `resume` -> (its settings, arrays); NpdiffError when it was made for another word."""
-    saved, arrays = load_checkpoint(resume)
-    for name in ("token", "vectors"):
-        if saved.get(name) != settings[name]:
-            raise NpdiffError(f"--resume {resume}: made with {name} {saved.get(name)!r}, this run has "
-                              f"{settings[name]!r}")
-    shape = (settings["vectors"], width)
-    for name in ("vectors", "exp_avg", "exp_avg_sq"):
-        if tuple(arrays[name].shape) != shape:
-            raise NpdiffError(f"--resume {resume}: {name} has shape {tuple(arrays[name].shape)}, this model "
-                              f"needs {shape}")
-    if len(arrays["losses"]) != saved.get("step") or saved["step"] >= settings["steps"]:
-        raise NpdiffError(f"--resume {resume}: it is at step {saved.get('step')}; asked for {settings['steps']} "
-                          "steps in all (give more --steps to train on)")
-    return saved, arrays
-
-
-def draw_batch(seed, step, batch_size, captions, train_timesteps, latent_shape):
-    """Step `step`'s random choices, from a generator seeded by (seed, step) only. captions: each picture's
-    caption templates (pictures.picture_captions)."""
-    rng = np.random.default_rng([seed, step])
-    pictures = rng.integers(0, len(captions), batch_size)                  # [B] which picture
-    caption_draws = rng.integers(0, 2**31, batch_size)                     # [B] which of its captions
-    return {
-        "pictures": pictures,
-        "flips": rng.integers(0, 2, batch_size),                            # [B] 1: flipped
-        "templates": [captions[p][d % len(captions[p])] for p, d in zip(pictures, caption_draws)],
-        "timesteps": rng.integers(0, train_timesteps, batch_size).astype(np.int64),  # [B]
-        "noise": rng.standard_normal((batch_size, *latent_shape), dtype=np.float32),  # [B,C,h,w]
-    }
-
-
 def new_rows_grad(grad, ids, new_ids):
     """d loss/d(token embeddings) [B,L,C] -> d loss/d(each new row) [N,C]: summed over where each id appears."""
     rows = np.zeros((len(new_ids), grad.shape[-1]), np.float32)         # [N,C]
     for row, token_id in enumerate(new_ids):
         rows[row] = grad[ids == token_id].sum(axis=0)                   # [k,C] -> [C]
     return rows
-
-
-def progress_bar(total, initial, show):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="training", unit="step", disable=not show)
 
 
 def textual_inversion(pipe, folder, token, init_word, vectors=1, steps=500, lr=5e-3, batch_size=1, seed=0,
@@ -146,10 +101,7 @@ def textual_inversion(pipe, folder, token, init_word, vectors=1, steps=500, lr=5
     lr = check_learning_rate(lr)
     seed = int(seed)
     templates = check_templates(templates)
-    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, np.integer)) or checkpoint_every < 0:
-        raise NpdiffError(f"checkpoint every must be an integer >= 0 (0: no checkpoints), got {checkpoint_every!r}")
-    if checkpoint_every and out is None:
-        raise NpdiffError("checkpoints need an output file (out=...): they are written beside it")
+    checkpoint_every = check_checkpoint_every(checkpoint_every, out)
     PromptOptions(clip_skip).check_layers(pipe.text_encoder, "last")
     init_id = check_init_word(pipe.tokenizer, init_word)
     table = pipe.text_encoder.token_embedding                           # [V,C]
@@ -163,7 +115,7 @@ def textual_inversion(pipe, folder, token, init_word, vectors=1, steps=500, lr=5
     optimizer = AdamW(start_rows.shape, lr, weight_decay=weight_decay)
     losses = []
     if resume is not None:
-        saved, arrays = check_resume(resume, settings, table.shape[1])
+        saved, arrays = check_resume(resume, settings, ("token", "vectors"), (count, table.shape[1]))
         start_rows = np.array(arrays["vectors"], np.float32)
         optimizer.load_state(arrays, saved["step_count"])
         losses = [float(loss) for loss in arrays["losses"]]
@@ -202,7 +154,5 @@ def textual_inversion(pipe, folder, token, init_word, vectors=1, steps=500, lr=5
     # 4. the results
     if paths:
         written["embedding"], written["a1111"] = save_embedding(paths, token, rows)
-        write_loss_csv(paths["loss_csv"], losses)
-        write_loss_png(paths["loss_png"], losses)
-        written.update(loss_csv=paths["loss_csv"], loss_png=paths["loss_png"])
+        written.update(write_loss_files(paths, losses))
     return TrainingResult(token, names, rows.copy(), losses, {name: Path(path) for name, path in written.items()})
