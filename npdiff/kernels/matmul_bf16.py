@@ -36,6 +36,7 @@ from npdiff.kernels.bf16_rounding import (  # also what callers import from here
     float32_to_bf16,
     round_rows,
     rounded_to_bf16,
+    split_rows,
 )
 from npdiff.kernels.block_pool import run_blocks, worker_count
 from npdiff.kernels.linear import (  # linear.py's element-wise passes after the GEMM
@@ -49,8 +50,9 @@ from npdiff.kernels.matmul_amx import (
     BLOCK,
     START_FROM_INIT,
     START_ZERO,
+    TILE,
     TILE_CONFIG,
-    amx_gemm_block,
+    amx_gemm_block_cycling,
 )
 from npdiff.kernels.matmul_dpbf16 import _pack_b, _unpack_b, gemm_dpbf16, row_blocks
 from npdiff.kernels.scratch import scratch
@@ -79,6 +81,10 @@ class PackedBf16Weight(PackedBf16):
             return self.data
         return _unpack_b(self.data, *self.shape)
 
+    def multiplied_x(self, rows):
+        """x [R, in] as the float32 fallback GEMM multiplies it with to_float32(): rounded to bf16."""
+        return rounded_to_bf16(rows)
+
 
 def _weight_bits(weight, what):
     """weight as uint16 bf16 bits: float32 is rounded, uint16 is taken as bf16 bits already."""
@@ -104,7 +110,7 @@ def pack_linear_bf16(weight):
 
 
 
-def gemm_amx(a, b_packed, cols, bias=None, finish_block=None):
+def gemm_amx(a, b_packed, cols, bias=None, finish_block=None, split=False):
     """a [M, K] float32 (C-contiguous) @ B (packed by _pack_b) (+ bias) -> C [M, cols] on AMX tiles.
 
     Per task: its rows of a rounded to bf16 rows (zero-padded to 32 rows and 32 k), then every
@@ -112,9 +118,13 @@ def gemm_amx(a, b_packed, cols, bias=None, finish_block=None):
     the tiles: no pass over C to add it). finish_block(row0, c_rows), if given, runs on each task's
     rows of C right after (while they are in cache): linear_activation's and geglu's element-wise
     pass. Few rows (CLIP's 77 tokens): the columns are split too, so every core has work, and
-    finish_block runs once at the end on all rows."""
+    finish_block runs once at the end on all rows.
+    split (bf16x3, matmul_bf16x3.py): b_packed is [B_hi ; B_lo] along the pairs and each row of a
+    becomes [a_lo | a_hi | a_hi] (split_rows): one GEMM of depth 3 Kp, B's 2 Kp read over again."""
     rows, depth = a.shape
     k_padded = -(-depth // BLOCK) * BLOCK
+    b_steps = b_packed.shape[1] // TILE  # steps of 32 k stored in B (pairs / 16)
+    a_width = 3 * k_padded if split else k_padded  # [lo | hi | hi] or the rounded row
     panel_stride = b_packed.shape[1] * NR  # words between column panels of B
     c = np.empty((rows, cols), np.float32)  # [M, N]
     workers = worker_count()
@@ -129,11 +139,14 @@ def gemm_amx(a, b_packed, cols, bias=None, finish_block=None):
 
     def run_block(block):
         (row0, block_rows), col0 = block
-        a_bits = scratch("amx a rows", (-(-block_rows // BLOCK) * BLOCK, k_padded // 2)).view(np.uint16)
-        round_rows(a, row0, block_rows, a_bits)  # [rows32, K32] bf16 bits
+        a_bits = scratch("amx a rows", (-(-block_rows // BLOCK) * BLOCK, a_width // 2)).view(np.uint16)
+        if split:
+            split_rows(a, row0, block_rows, a_bits)  # [rows32, 3 * K32] bf16 bits: lo | hi | hi
+        else:
+            round_rows(a, row0, block_rows, a_bits)  # [rows32, K32] bf16 bits
         edge = scratch("amx edge", (BLOCK, BLOCK))
-        amx_gemm_block(TILE_CONFIG, a_bits, 0, k_padded // BLOCK, b_packed, panel_stride, col0,
-                       c, row0, block_rows, col0, min(part, cols - col0), start, init, (0, 1), edge)
+        amx_gemm_block_cycling(TILE_CONFIG, a_bits, 0, a_width // BLOCK, b_steps, b_packed, panel_stride, col0,
+                               c, row0, block_rows, col0, min(part, cols - col0), start, init, (0, 1), edge)
         if finish_block is not None and column_parts == 1:
             finish_block(row0, c[row0:row0 + block_rows])
 
@@ -175,16 +188,19 @@ def _gemm_rows(x, packed, bias=None, finish_block=None, finish_all=None):
     on a pool worker), or as finish_all(C) once after the other kernels (parallel)."""
     rows = x.reshape(-1, x.shape[-1])  # [..., in] -> [R, in]
     cols = packed.shape[0]
-    kernel = bf16_kernel() if packed.layout == "pairs" else "float32"
+    split = packed.layout == "split pairs"  # bf16x3 (matmul_bf16x3.py): AMX reads it, else its float32 GEMM
+    kernel = bf16_kernel() if packed.layout in ("pairs", "split pairs") else "float32"
+    if split and kernel != "amx":
+        kernel = "float32"
     if kernel == "amx" and rows.shape[0] and rows.shape[1]:
         # [R, in] @ [in, out] + bias -> [R, out], finish_block on each task's rows
-        return gemm_amx(np.ascontiguousarray(rows), packed.data, cols, bias, finish_block)
+        return gemm_amx(np.ascontiguousarray(rows), packed.data, cols, bias, finish_block, split)
     if rows.shape[0] == 0 or rows.shape[1] == 0:
         out = np.zeros((rows.shape[0], cols), np.float32)  # [R, out]: an empty sum is 0
     elif kernel == "dpbf16":
         out = gemm_dpbf16(np.ascontiguousarray(rows), packed.data, cols)  # [R, in] @ [in, out] -> [R, out]
     else:
-        out = np.matmul(rounded_to_bf16(rows), packed.to_float32().T)  # [R, in] @ [in, out] -> [R, out]
+        out = np.matmul(packed.multiplied_x(rows), packed.to_float32().T)  # [R, in] @ [in, out] -> [R, out]
     if bias is not None:
         out += bias  # [R, out], in place
     if finish_all is not None and out.size:
