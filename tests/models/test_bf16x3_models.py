@@ -73,3 +73,21 @@ def test_lora_fused_weight_is_packed_as_bf16x3_again(rng):
     fused = precision.pack_like(weight, values)
     assert isinstance(fused, PackedBf16x3Weight) and fused.shape == weight.shape
     assert_rel_close(precision.float32_values(fused), values, 1e-5, "repacked weight")
+
+
+def test_unet_bf16x3_without_amx_is_float32_after_a_note(rng, monkeypatch):
+    """NPDIFF_NO_AMX=1 (what a CPU without AMX tiles runs): one RuntimeWarning, the Linear weights kept
+    float32 (multiplied by NumPy's float32 GEMM: the float32 model's numbers but for the order of sums)."""
+    monkeypatch.setenv("NPDIFF_NO_AMX", "1")
+    monkeypatch.setattr(precision, "_noted_no_amx", [])
+    torch_model, folder = tiny_unet("sd1", seed=0)
+    with pytest.warns(RuntimeWarning, match="AMX"):
+        ours = UNet2DConditionModel.from_pretrained(folder, precision="bf16x3")
+    linear, _ = check_layer_kinds(ours)
+    assert all(weight.layout == "float32" for weight in linear)
+    sample, timestep, context, added = unet_inputs(rng, ours.config)
+    out = ours(sample, timestep, context, added_cond_kwargs=added)  # [B,4,h,w]
+    plain = UNet2DConditionModel.from_pretrained(folder)(sample, timestep, context, added_cond_kwargs=added)
+    assert_rel_close(out, plain, 1e-6, "against the float32 model")
+    assert_rel_close(out, torch_unet_forward(torch_model, sample, timestep, context, added), NETWORK_TOL,
+                     "unet sd1 at bf16x3 without AMX")
