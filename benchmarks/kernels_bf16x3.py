@@ -1,6 +1,6 @@
 """bf16x3 linear layers (npdiff/kernels/matmul_bf16x3.py) against the float32 GEMM, on SD's shapes.
 
-    flock /work/bench.lock python benchmarks/kernels_bf16x3.py [--repeat N]
+    python benchmarks/kernels_bf16x3.py [--repeat N]
 
 Sides, each timed in turn in the same process (best of --repeat after a warm-up), 2 threads:
   float32     npdiff's float32 linear (kernels.linear: OpenBLAS sgemm on npdiff's pool)
