@@ -32,7 +32,7 @@ from npdiff.atomic_files import atomic_write, check_destination, non_regular_kin
 from npdiff.batch_jobs import is_done, read_jobs
 from npdiff.batch_workers import InProcessPool, ProcessPool
 from npdiff.errors import NpdiffError
-from npdiff.loading.weights import check_precision
+from npdiff.loading.weights import PRECISIONS, check_precision
 from npdiff.pipeline_utils import default_model_path
 from npdiff.recipe import DEFAULTS, model_png_identity
 
@@ -267,8 +267,8 @@ def add_batch_command(subparsers):
     p.add_argument("--guidance", type=float, default=None,
                    help=f"classifier-free guidance scale (default {DEFAULTS['guidance']})")
     p.add_argument("--sampler", default=None, help="sampler for lines without one (default: the model's own)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="load the model at fp32 or bf16 (weights in bfloat16: half the memory); one for the batch")
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                   help="load the model at fp32, bf16 (weights in bfloat16: half the memory) or bf16x3; one for the batch")
     p.add_argument("--height", type=int, default=None,
                    help="picture height, a multiple of 64 for SD (16 for the shipped model)")
     p.add_argument("--width", type=int, default=None,

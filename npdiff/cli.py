@@ -52,6 +52,7 @@ from npdiff.cli_train import add_train_embedding_command, add_train_lora_command
 from npdiff.errors import clip, shorten
 from npdiff.hires_names import HIRES_UPSCALERS
 from npdiff.images import StepRecorder, emergence_grid, load_image, read_png_params
+from npdiff.loading.weights import PRECISIONS
 from npdiff.pipeline_controlnet_attach import attach_controlnets, load_controlnets
 from npdiff.pipeline_sdxl import load_any_pipeline
 from npdiff.pipeline_utils import default_model_path
@@ -318,9 +319,10 @@ def add_sampling_options(p):
     p.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
                    help="what the UNet predicts, instead of the model's own; an SD 2.x single file defaults to "
                    "v_prediction (the 768-pixel models): give epsilon for the 512-pixel SD 2.x base models")
-    p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+    p.add_argument("--precision", default=None, choices=list(PRECISIONS),
                    help="fp32 (the default) or bf16: the networks' weights in bfloat16 (half the memory, AVX-512 "
-                   "BF16 products summed in float32; a picture within a few levels of fp32's); stored in the PNG")
+                   "BF16 products summed in float32; a picture within a few levels of fp32's) or bf16x3 (Linear "
+                   "layers as three bf16 products on AMX tiles, float32's accuracy); stored in the PNG")
     p.add_argument("--vae", default=None, metavar="FOLDER",
                    help="decode (and encode) with this VAE instead of the model's: a diffusers AutoencoderKL or "
                    "AutoencoderTiny (TAESD) folder; its name is stored in the PNG")
@@ -415,7 +417,7 @@ def add_verify_command(subparsers):
     p.add_argument("--height", type=int, default=None, help="picture height (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="picture width (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
                    help="npdiff's networks at this precision, against torch float32 (bf16: its own tolerances)")
     p.set_defaults(run=run_verify)
 

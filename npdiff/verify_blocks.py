@@ -19,7 +19,8 @@ IMAGE_LEVELS_TOL = 2
 # the next (the shipped model, 4 DDIM steps: final latents 3.2e-2, the picture up to 24 levels apart, its
 # colours unchanged): at bf16 the sampling rows are printed, not judged (None).
 BF16_NETWORK_TOL = 3e-2
-TOLERANCES = {"fp32": (NETWORK_TOL, IMAGE_LEVELS_TOL), "bf16": (BF16_NETWORK_TOL, None)}
+TOLERANCES = {"fp32": (NETWORK_TOL, IMAGE_LEVELS_TOL), "bf16": (BF16_NETWORK_TOL, None),
+              "bf16x3": (NETWORK_TOL, IMAGE_LEVELS_TOL)}  # bf16x3: float32's accuracy (matmul_bf16x3.py)
 PROMPTS = ["a photo of an astronaut riding a horse on mars", "", "watercolor, ÉCOLE 東京 🐱 (detail:1.2)!"]
 
 

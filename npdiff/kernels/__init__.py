@@ -14,6 +14,8 @@
                     (matmul_dpbf16.py, bf16_intrinsics.py); weights packed once at load (bf16_rounding.py: rounding,
                     which kernel runs here)
     conv_bf16.py    conv2d in bfloat16: the image unfolded by tiles into the same bf16 GEMMs
+    matmul_bf16x3.py  linear layers at float32's accuracy as three bf16 products (x and W split into
+                    bf16 hi + lo) in one AMX GEMM of triple depth (precision="bf16x3")
 
 Backward (training): beside each forward, `<family>_backward.py` (attention/backward.py), each with
 a `*_backward_ref` and a fast version, checked against torch.autograd:

@@ -7,6 +7,8 @@
   rounded_to_bf16(a)     both: float32 a as the bf16 GEMM sees it
   bf16_bits, pair_word   the same rounding inside Numba loops (one value; a pair of k in one word)
   round_rows             rows of a float32 matrix -> bf16 bits, zero-padded (AMX's A operand)
+  split_bf16(a)          float32 -> (hi, lo) bf16 bits: hi = bf16(a), lo = bf16(a - hi) (bf16x3)
+  split_rows             round_rows for bf16x3: [lo | hi | hi] of each row, each part zero-padded
   PackedBf16             what a packed bf16 weight holds (data, shape, layout, nbytes)
   cpu_has_avx512_bf16()  the CPU has AVX512_BF16 (vdpbf16ps) and Numba may use it
   bf16_kernel()          the GEMM bf16 runs on here: "amx" (AMX tiles, matmul_amx.py), "dpbf16"
@@ -20,7 +22,7 @@ import os
 import numpy as np
 
 from npdiff.errors import NpdiffError
-from npdiff.intrinsics import float32_bits
+from npdiff.intrinsics import bits_float32, float32_bits
 from npdiff.jit import SERIAL, njit
 from npdiff.kernels.amx_intrinsics import amx_usable, numba_may_use
 from npdiff.kernels.validate import shape_text
@@ -118,3 +120,35 @@ def round_rows(a, row0, rows, bits):
         else:
             for k in range(bits.shape[1]):
                 bits[r, k] = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16x3: a float32 as the sum of two bf16 (matmul_bf16x3.py)
+# ---------------------------------------------------------------------------------------------
+def split_bf16(a):
+    """float32 a -> (hi, lo) uint16 bf16 bits with a ~ hi + lo: hi = bf16(a), lo = bf16(a - hi).
+    a - hi is exact in float32; hi + lo keeps 16 bits of a's mantissa (relative error <= 2^-17)."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    hi = float32_to_bf16(a)
+    lo = float32_to_bf16(a - bf16_to_float32(hi))
+    return hi, lo
+
+
+@njit(**SERIAL)
+def split_rows(a, row0, rows, bits):
+    """a[row0:row0+rows] float32 [*, K] -> bits [rows padded, 3 * Kp] bf16 (uint16), Kp = bits' width / 3:
+    each row as [lo | hi | hi] (hi = bf16(a), lo = bf16(a - hi)), each part K values then zeros to Kp;
+    rows past `rows` all zero (the padding AMX tiles read)."""
+    depth = a.shape[1]
+    part = bits.shape[1] // 3  # Kp, a multiple of 32
+    for r in range(bits.shape[0]):
+        for k in range(bits.shape[1]):
+            bits[r, k] = 0
+        if r < rows:
+            source = a[row0 + r]  # [K]
+            for k in range(depth):
+                high = bf16_bits(source[k])
+                rest = source[k] - bits_float32(np.uint32(high << np.uint32(16)))  # exact in float32
+                bits[r, k] = np.uint16(bf16_bits(rest))  # lo
+                bits[r, part + k] = np.uint16(high)  # hi
+                bits[r, 2 * part + k] = np.uint16(high)  # hi again

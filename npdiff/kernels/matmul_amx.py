@@ -76,7 +76,19 @@ START_ZERO, START_FROM_C, START_FROM_INIT = 0, 1, 2  # what amx_gemm_block's C b
 @njit(**SERIAL)
 def amx_gemm_block(config, a_bits, a_k0, steps, b_words, b_panel_stride, b_col0, c, row0, rows, col0, cols,
                    start, init, init_steps, edge):
+    """C[row0:row0+rows, col0:col0+cols] (+)= A @ B over `steps` steps of 32 k, on this thread's tiles:
+    amx_gemm_block_cycling with B's steps read once each (b_steps = steps); its arguments there."""
+    amx_gemm_block_cycling(config, a_bits, a_k0, steps, steps, b_words, b_panel_stride, b_col0, c, row0, rows,
+                           col0, cols, start, init, init_steps, edge)
+
+
+@njit(**SERIAL)
+def amx_gemm_block_cycling(config, a_bits, a_k0, steps, b_steps, b_words, b_panel_stride, b_col0, c, row0, rows,
+                           col0, cols, start, init, init_steps, edge):
     """C[row0:row0+rows, col0:col0+cols] (+)= A @ B over `steps` steps of 32 k, on this thread's tiles.
+
+    b_steps: the steps of 32 k stored in B; step s of A meets B's step s % b_steps, so B's steps are read
+    over again when steps > b_steps (bf16x3's [A_hi | A_lo | A_hi] against [B_hi ; B_lo], matmul_bf16x3.py).
 
     a_bits [>= rows rounded up to 32, >= a_k0 + 32*steps] uint16 (row-major bf16; k past K zero).
     b_words: uint32 words of B, C-contiguous: the word of (step s, pair p of its 16, column j) is at
@@ -124,11 +136,13 @@ def amx_gemm_block(config, a_bits, a_k0, steps, b_words, b_panel_stride, b_col0,
                 tile_load(2, edge, TILE * BLOCK, BLOCK * 4)
                 tile_load(3, edge, TILE * BLOCK + TILE, BLOCK * 4)
             # 2. every step of 32 k: two A tiles, two B tiles, four tile products
+            b_step = 0  # step % b_steps, without a division in the loop
             for step in range(steps):
                 a_first = row * a_width + a_k0 + step * BLOCK
                 tile_load(4, a_bits, a_first, a_stride)  # A rows 0-15, 32 k
                 tile_load(5, a_bits, a_first + TILE * a_width, a_stride)  # A rows 16-31
-                b_first = step * TILE * 64 + b_column
+                b_first = b_step * TILE * 64 + b_column
+                b_step = 0 if b_step + 1 == b_steps else b_step + 1
                 tile_load(6, b_words, b_first, 64 * 4)  # B columns 0-15, 16 pairs
                 tile_load(7, b_words, b_first + TILE, 64 * 4)  # B columns 16-31
                 tile_dpbf16ps(0, 4, 6)
@@ -151,15 +165,15 @@ def amx_gemm_block(config, a_bits, a_k0, steps, b_words, b_panel_stride, b_col0,
 
 
 def amx_kernel_asm():
-    """amx_gemm_block's machine code (x86 assembly), compiled privately (uncached) with the same
-    flags: the k loop holds 4 tileloadd and 4 tdpbf16ps on tmm registers."""
+    """amx_gemm_block's machine code (x86 assembly; the kernel is amx_gemm_block_cycling), compiled
+    privately (uncached) with the same flags: the k loop holds 4 tileloadd and 4 tdpbf16ps on tmm registers."""
     from numba import types  # local: only this inspection needs Numba's type objects
 
     compile_flags = {key: value for key, value in SERIAL.items() if key != "cache"}
-    fresh = njit(**compile_flags)(amx_gemm_block.py_func)
+    fresh = njit(**compile_flags)(amx_gemm_block_cycling.py_func)
     index = types.intp
     floats = types.Array(types.float32, 2, "C")
-    fresh.compile((types.Array(types.uint8, 1, "C"), types.Array(types.uint16, 2, "C"), index, index,
+    fresh.compile((types.Array(types.uint8, 1, "C"), types.Array(types.uint16, 2, "C"), index, index, index,
                    types.Array(types.uint32, 3, "C"), index, index, floats, index, index, index, index,
                    index, floats, types.UniTuple(index, 2), floats))
     return fresh.inspect_asm(fresh.signatures[0])

@@ -36,6 +36,7 @@ from npdiff.kernels.bf16_rounding import (  # also what callers import from here
     float32_to_bf16,
     round_rows,
     rounded_to_bf16,
+    split_rows,
 )
 from npdiff.kernels.block_pool import run_blocks, worker_count
 from npdiff.kernels.linear import (  # linear.py's element-wise passes after the GEMM
@@ -49,8 +50,9 @@ from npdiff.kernels.matmul_amx import (
     BLOCK,
     START_FROM_INIT,
     START_ZERO,
+    TILE,
     TILE_CONFIG,
-    amx_gemm_block,
+    amx_gemm_block_cycling,
 )
 from npdiff.kernels.matmul_dpbf16 import _pack_b, _unpack_b, gemm_dpbf16, row_blocks
 from npdiff.kernels.scratch import scratch
@@ -79,6 +81,10 @@ class PackedBf16Weight(PackedBf16):
             return self.data
         return _unpack_b(self.data, *self.shape)
 
+    def multiplied_x(self, rows):
+        """x [R, in] as the float32 fallback GEMM multiplies it with to_float32(): rounded to bf16."""
+        return rounded_to_bf16(rows)
+
 
 def _weight_bits(weight, what):
     """weight as uint16 bf16 bits: float32 is rounded, uint16 is taken as bf16 bits already."""
@@ -104,7 +110,7 @@ def pack_linear_bf16(weight):
 
 
 
-def gemm_amx(a, b_packed, cols, bias=None, finish_block=None):
+def gemm_amx(a, b_packed, cols, bias=None, finish_block=None, split=False, keep_c=True):
     """a [M, K] float32 (C-contiguous) @ B (packed by _pack_b) (+ bias) -> C [M, cols] on AMX tiles.
 
     Per task: its rows of a rounded to bf16 rows (zero-padded to 32 rows and 32 k), then every
@@ -112,14 +118,22 @@ def gemm_amx(a, b_packed, cols, bias=None, finish_block=None):
     the tiles: no pass over C to add it). finish_block(row0, c_rows), if given, runs on each task's
     rows of C right after (while they are in cache): linear_activation's and geglu's element-wise
     pass. Few rows (CLIP's 77 tokens): the columns are split too, so every core has work, and
-    finish_block runs once at the end on all rows."""
+    finish_block runs once at the end on all rows.
+    split (bf16x3, matmul_bf16x3.py): b_packed is [B_hi ; B_lo] along the pairs and each row of a
+    becomes [a_lo | a_hi | a_hi] (split_rows): one GEMM of depth 3 Kp, B's 2 Kp read over again.
+    keep_c=False (geglu: only finish_block's output is wanted): where finish_block runs per task, each
+    task's rows of C go to a scratch block of that thread instead of a whole [M, cols] array (SD 1.5's
+    GEGLU at 64x64: 84 MB less to page in and write per call); returns None then."""
     rows, depth = a.shape
     k_padded = -(-depth // BLOCK) * BLOCK
+    b_steps = b_packed.shape[1] // TILE  # steps of 32 k stored in B (pairs / 16)
+    a_width = 3 * k_padded if split else k_padded  # [lo | hi | hi] or the rounded row
     panel_stride = b_packed.shape[1] * NR  # words between column panels of B
-    c = np.empty((rows, cols), np.float32)  # [M, N]
     workers = worker_count()
     spans = row_blocks(rows, workers, AMX_ROW_BLOCK, BLOCK)
     column_parts = workers if len(spans) < 2 * workers else 1
+    in_scratch = finish_block is not None and column_parts == 1 and not keep_c
+    c = None if in_scratch else np.empty((rows, cols), np.float32)  # [M, N]
     part = -(-cols // (column_parts * NR)) * NR  # columns per part, whole panels
     if bias is None:
         start, init = START_ZERO, np.zeros((1, 1), np.float32)
@@ -129,13 +143,17 @@ def gemm_amx(a, b_packed, cols, bias=None, finish_block=None):
 
     def run_block(block):
         (row0, block_rows), col0 = block
-        a_bits = scratch("amx a rows", (-(-block_rows // BLOCK) * BLOCK, k_padded // 2)).view(np.uint16)
-        round_rows(a, row0, block_rows, a_bits)  # [rows32, K32] bf16 bits
+        a_bits = scratch("amx a rows", (-(-block_rows // BLOCK) * BLOCK, a_width // 2)).view(np.uint16)
+        if split:
+            split_rows(a, row0, block_rows, a_bits)  # [rows32, 3 * K32] bf16 bits: lo | hi | hi
+        else:
+            round_rows(a, row0, block_rows, a_bits)  # [rows32, K32] bf16 bits
         edge = scratch("amx edge", (BLOCK, BLOCK))
-        amx_gemm_block(TILE_CONFIG, a_bits, 0, k_padded // BLOCK, b_packed, panel_stride, col0,
-                       c, row0, block_rows, col0, min(part, cols - col0), start, init, (0, 1), edge)
+        c_rows, c_row0 = (scratch("amx c rows", (block_rows, cols)), 0) if in_scratch else (c, row0)
+        amx_gemm_block_cycling(TILE_CONFIG, a_bits, 0, a_width // BLOCK, b_steps, b_packed, panel_stride, col0,
+                               c_rows, c_row0, block_rows, col0, min(part, cols - col0), start, init, (0, 1), edge)
         if finish_block is not None and column_parts == 1:
-            finish_block(row0, c[row0:row0 + block_rows])
+            finish_block(row0, c_rows[c_row0:c_row0 + block_rows])
 
     run_blocks(run_block, [(span, col0) for span in spans for col0 in range(0, cols, part)])
     if finish_block is not None and column_parts > 1:
@@ -168,23 +186,27 @@ def _check_linear_bf16(kernel, x, packed, bias):
             raise NpdiffError(f"{kernel}: bias must have shape [{packed.shape[0]}], got {shape_text(bias.shape)}")
 
 
-def _gemm_rows(x, packed, bias=None, finish_block=None, finish_all=None):
+def _gemm_rows(x, packed, bias=None, finish_block=None, finish_all=None, keep_c=True):
     """x [..., in] -> [R, out] float32 = x @ W^T + bias, on the kernel bf16_kernel() names (the
     rounded float32 GEMM for a "float32" weight). An element-wise pass after the GEMM runs as
     finish_block(row0, rows of C) on each AMX task's rows while they are in cache (serial: it runs
-    on a pool worker), or as finish_all(C) once after the other kernels (parallel)."""
+    on a pool worker), or as finish_all(C) once after the other kernels (parallel). keep_c=False: the
+    caller wants only what the finishing pass writes (gemm_amx may then return None)."""
     rows = x.reshape(-1, x.shape[-1])  # [..., in] -> [R, in]
     cols = packed.shape[0]
-    kernel = bf16_kernel() if packed.layout == "pairs" else "float32"
+    split = packed.layout == "split pairs"  # bf16x3 (matmul_bf16x3.py): AMX reads it, else its float32 GEMM
+    kernel = bf16_kernel() if packed.layout in ("pairs", "split pairs") else "float32"
+    if split and kernel != "amx":
+        kernel = "float32"
     if kernel == "amx" and rows.shape[0] and rows.shape[1]:
         # [R, in] @ [in, out] + bias -> [R, out], finish_block on each task's rows
-        return gemm_amx(np.ascontiguousarray(rows), packed.data, cols, bias, finish_block)
+        return gemm_amx(np.ascontiguousarray(rows), packed.data, cols, bias, finish_block, split, keep_c)
     if rows.shape[0] == 0 or rows.shape[1] == 0:
         out = np.zeros((rows.shape[0], cols), np.float32)  # [R, out]: an empty sum is 0
     elif kernel == "dpbf16":
         out = gemm_dpbf16(np.ascontiguousarray(rows), packed.data, cols)  # [R, in] @ [in, out] -> [R, out]
     else:
-        out = np.matmul(rounded_to_bf16(rows), packed.to_float32().T)  # [R, in] @ [in, out] -> [R, out]
+        out = np.matmul(packed.multiplied_x(rows), packed.to_float32().T)  # [R, in] @ [in, out] -> [R, out]
     if bias is not None:
         out += bias  # [R, out], in place
     if finish_all is not None and out.size:
@@ -243,5 +265,5 @@ def geglu_bf16(x, packed, bias=None, approximate="none"):
     def finish_all(hidden):
         _geglu_gate_numba(hidden, which, out)  # [R, 2D] -> [R, D], parallel over rows
 
-    _gemm_rows(x, packed, bias, finish_block, finish_all)  # [R, 2D]
+    _gemm_rows(x, packed, bias, finish_block, finish_all, keep_c=False)  # [R, 2D], or only blocks of it
     return out.reshape(x.shape[:-1] + (out.shape[1],))  # [R, D] -> [..., D]

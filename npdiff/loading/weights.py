@@ -27,6 +27,8 @@ precision: "fp32" (the default) or "bf16", set by the models' from_pretrained(..
 model is built (set_precision). The Linear and Conv2d layers read it (npdiff/models/precision.py): at
 "bf16" they take their weight as float32 one tensor at a time and pack it into bfloat16 at once, so no
 float32 copy of the whole model is ever made. Everything else (norms, biases, embeddings) stays float32.
+"bf16x3" packs the Linear weights the same way (as a bf16 hi + lo pair, float32's bytes) and keeps Conv2d
+weights float32 as "fp32" does (file-backed).
 At "bf16", F16/BF16 tensors are widened into private memory per tensor (file_backed=False) rather than into
 widened.py's file, whose float32 room for every half tensor of the file would be reserved on disk for the
 few small tensors kept in float32.
@@ -50,11 +52,11 @@ from npdiff.loading.resident import mapping_of, release_array_pages
 # widening copy itself (32-48 ms); loading the shipped model (22 MB as float32, 1.6 s in all) spends
 # 4 ms in it. A Numba loop (sum of v * 0) was slower (64 ms), min()+max() no faster (19 ms).
 FINITE_CHUNK = 1 << 20  # values per isfinite call
-PRECISIONS = ("fp32", "bf16")  # what from_pretrained(..., precision=...) accepts
+PRECISIONS = ("fp32", "bf16", "bf16x3")  # what from_pretrained(..., precision=...) accepts
 
 
 def check_precision(precision):
-    """"fp32" or "bf16" as given; NpdiffError naming the value otherwise."""
+    """"fp32", "bf16" or "bf16x3" as given; NpdiffError naming the value otherwise."""
     if not isinstance(precision, str) or precision not in PRECISIONS:
         raise NpdiffError(f"precision must be one of {', '.join(repr(name) for name in PRECISIONS)}; "
                           f"got {precision!r}")
@@ -176,7 +178,7 @@ class Weights:
         """
         ref = self._checked_ref(key, shape)
         expected = tuple(int(n) for n in shape)
-        file_backed = self.precision == "fp32"  # bf16: half tensors widened one at a time, privately
+        file_backed = self.precision != "bf16"  # bf16: half tensors widened one at a time, privately
         values = ref.file.read_float32(ref.stored_key, file_backed=file_backed)  # F32: a view of the file's map
         mapped = mapping_of(values) is not None
         if ref.rows is not None:  # [3D,...] -> [D,...]: one of fused q/k/v (a widened one copied so the rest can go)

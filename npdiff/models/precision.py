@@ -21,6 +21,12 @@ The packed weights are written once into a cache file and mapped read-only from 
 backed pages that a pipeline releases after each stage like a float32 file's, and a second load that maps
 instead of packing. NPDIFF_BF16_CACHE=0 keeps them in private memory instead.
 
+precision="bf16x3": every Linear weight (and the 1x1 convolutions read as Linear) is split at load into bf16
+hi + lo and packed for the AMX tiles (npdiff.kernels.matmul_bf16x3: float32's 4 bytes a weight); each GEMM
+multiplies x_lo W_hi + x_hi W_lo + x_hi W_hi in one AMX GEMM of triple depth, within a few 1e-6 of float32.
+Conv2d weights stay float32 and run float32's kernels (Winograd), as does everything that is not a Linear.
+A CPU without usable AMX tiles keeps the float32 Linear weights and runs float32 (after a one-line note).
+
 Which kernel runs follows the weight's type, not a flag: a LoRA fused into a bf16 layer re-packs the fused
 weight (npdiff/lora.py), and unloading puts the packed original back, so a layer never holds the other kind.
 """
@@ -32,7 +38,7 @@ import numpy as np
 from npdiff import backend, kernels
 from npdiff.backend import array_module
 from npdiff.errors import NpdiffError
-from npdiff.kernels.bf16_rounding import PackedBf16, cpu_has_avx512_bf16
+from npdiff.kernels.bf16_rounding import PackedBf16, bf16_kernel, cpu_has_avx512_bf16
 from npdiff.kernels.conv_bf16 import PackedBf16Conv, conv2d_bf16, pack_conv_bf16
 from npdiff.kernels.matmul_bf16 import (
     PackedBf16Weight,
@@ -41,10 +47,12 @@ from npdiff.kernels.matmul_bf16 import (
     linear_bf16,
     pack_linear_bf16,
 )
+from npdiff.kernels.matmul_bf16x3 import PackedBf16x3Weight, pack_linear_bf16x3
 from npdiff.loading.resident import release_array_pages
 from npdiff.models import packed_cache
 
 _noted_slow_cpu = []  # one entry once the note about a CPU without AVX512_BF16 was given
+_noted_no_amx = []  # one entry once the note about bf16x3 without AMX was given
 
 
 def is_packed(weight):
@@ -60,11 +68,21 @@ def note_cpu_without_bf16():
                       "(the same results, much slower than precision='fp32')", RuntimeWarning, stacklevel=3)
 
 
+def note_cpu_without_amx():
+    """Once per process: a one-line RuntimeWarning when precision='bf16x3' finds no usable AMX tiles."""
+    if not _noted_no_amx and bf16_kernel() != "amx":
+        _noted_no_amx.append(True)
+        warnings.warn("npdiff: no usable AMX tiles on this CPU; precision='bf16x3' runs float32's kernels "
+                      "(the same accuracy, float32's speed)", RuntimeWarning, stacklevel=3)
+
+
 def pack_like(weight, values):
     """float32 `values` in the kind of `weight`: packed bf16 again (a LoRA-fused weight of a bf16 layer),
     or the float32 array itself."""
     if isinstance(weight, PackedBf16Conv):
         return pack_conv_bf16(values)                               # [out,in,k,k] float32 -> packed bf16
+    if isinstance(weight, PackedBf16x3Weight):
+        return pack_linear_bf16x3(values)                           # [out,in] float32 -> packed bf16 hi + lo
     if isinstance(weight, PackedBf16Weight):
         return pack_linear_bf16(values)                             # [out,in] float32 -> packed bf16
     return values
@@ -79,7 +97,8 @@ def float32_values(weight):
 def take_layer_weight(weights, key, shape, kind, stored_shape=None):
     """The weight of a Linear (kind "linear", [out,in]) or Conv2d ("conv", [out,in,k,k]) layer, in the
     precision of `weights`: the float32 array Weights.take returns, or at "bf16" that array packed (from the
-    packed-weight cache file when it holds it, packed_cache.py; else packed now and written there).
+    packed-weight cache file when it holds it, packed_cache.py; else packed now and written there); at
+    "bf16x3" a Linear's packed as bf16 hi + lo (not cached), a Conv2d's kept float32.
 
     stored_shape: the shape to check against the file when it differs from `shape` (a 1x1 convolution's
     [out,in,1,1] read as a Linear's [out,in])."""
@@ -91,6 +110,8 @@ def take_layer_weight(weights, key, shape, kind, stored_shape=None):
         if cached is not None:
             return cached
     values = weights.take(key, stored_shape).reshape(shape)           # float32 (one tensor only)
+    if weights.precision == "bf16x3" and kind == "linear":
+        return _take_bf16x3(key, values)                            # [out,in] float32 -> packed bf16 hi + lo
     if weights.precision != "bf16":
         return values
     if array_module(values) is not np:
@@ -102,6 +123,17 @@ def take_layer_weight(weights, key, shape, kind, stored_shape=None):
     # 10 GB float32 file (a no-op for widened half files and other private arrays)
     release_array_pages([values])
     return packed if store is None else store.put(key, kind, packed)  # into the cache file: file-backed pages
+
+
+def _take_bf16x3(key, values):
+    """A Linear's float32 weight [out,in] split and packed for bf16x3 (take_layer_weight at "bf16x3")."""
+    if array_module(values) is not np:
+        raise NpdiffError(f"precision='bf16x3' runs on the CPU (NumPy backend) only; key '{key}' is on the GPU")
+    note_cpu_without_amx()
+    packed = pack_linear_bf16x3(values)                             # [out,in] float32 -> [W_hi ; W_lo] packed
+    if packed.layout != "float32":  # the float32 layout keeps `values` itself: its pages stay in use
+        release_array_pages([values])                               # as at bf16: the file's pages go now
+    return packed
 
 
 def linear(x, weight, bias=None):
