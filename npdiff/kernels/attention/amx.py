@@ -1,0 +1,225 @@
+"""Attention version 6: bfloat16 attention on AMX tiles, for models loaded at precision="bf16".
+
+What is computed (what torch's CPU attention does for bf16 tensors, and OpenVINO's bf16 mode):
+q, k and v rounded to bf16; the scores q k^T summed in float32 (AMX's tdpbf16ps); scale, mask and
+softmax in float32; the unnormalised probabilities p = exp(s - row max) rounded to bf16 and
+multiplied with v on the tiles (float32 sums); each row divided by the float32 sum of its
+UNROUNDED p at the end. attention_bf16_ref is that recipe in NumPy (version 1 on the rounded
+operands), the reference the tests hold this version to (with torch doing the same rounding).
+
+  per (batch, head) slice, once:  k -> key_bits [M32, d32] uint16, v^T -> value_bits [dv32, M32]
+                                  (bf16, zero-padded to multiples of 32: AMX's A operands)
+  per task = one slice, queries [start, start + Q), Q32 = Q rounded up to 32:
+    0. q_words [Q32/64 panels, d32/2 pairs, 64] uint32 = pairs of bf16 of q^T (B operand layout of
+       matmul_amx.py; the padded queries are zero)
+    1. scores^T [M32, Q32] = key_bits @ q^T                     (AMX, matmul_amx.amx_gemm_block)
+    2. softmax down every column (one query's scores over all keys), as version 5 does
+       (fused.py): column max, 2^(s * scale * log2 e - max), column sums; each pair of keys'
+       probabilities rounded to bf16 into one word: p_words [Q32/64, M32/2, 64] uint32, the B
+       operand of step 3 (softmax_keys_to_pairs, Numba)
+    3. out^T [dv32, Q32] = value_bits @ p^T                     (AMX)
+    4. out [Q, dv] = out^T transposed, each row times 1 / its sum (fused.store_normalised_transposed)
+  A mask or is_causal: between 1 and 2 the tile is scaled and the mask added in NumPy (as version
+  5 does), and step 2 runs with scale 1.
+
+Why transposed (keys along rows): the softmax's max and sum run per lane down the columns (no
+horizontal reductions), and a pair of keys is two neighbouring rows, so step 2 writes the
+VNNI pairs that step 3's tiles read with no transposition. Both GEMMs reuse the bf16 GEMM's tile
+kernel (matmul_amx.py): its A is row-major bf16, its B panels of 64 columns of pairs.
+
+Padding: d = 40 runs as 64 (two steps of 32 k), 80 as 96, 64 and 160 as they are; the second
+product's output rows dv likewise. The padded products are zeros and never read.
+
+Every block's arithmetic depends only on its own rows, never on which worker runs it: the same
+bytes on 1 or 2 threads. Queries that may attend to no key give 0 (as every version).
+"""
+
+import math
+
+import numpy as np
+
+from npdiff.jit import FASTMATH_SAFE, SERIAL, njit
+from npdiff.kernels.attention.common import causal_additive, default_scale, masked_row_max
+from npdiff.kernels.attention.fused import KEY_INTERLEAVE, store_normalised_transposed
+from npdiff.kernels.attention.reference import full_scores
+from npdiff.kernels.bf16_rounding import bf16_bits, pair_word, round_rows, rounded_to_bf16
+from npdiff.kernels.block_pool import run_blocks
+from npdiff.kernels.matmul_amx import BLOCK, START_ZERO, TILE_CONFIG, amx_gemm_block
+from npdiff.kernels.scratch import scratch
+from npdiff.kernels.vecmath import LOG2E, exp2_nonpositive_f32
+
+PANEL = 64  # columns of a B panel of the AMX kernel (matmul_dpbf16.NR)
+AMX_TILE_FLOATS = 1 << 18  # scores per task's tile: 1 MiB (M32 x Q32), in a core's L2
+AMX_MIN_QUERY_BLOCK = 32
+AMX_MAX_QUERY_BLOCK = 512
+AMX_MAX_KEYS = (4 << 20) // AMX_MIN_QUERY_BLOCK  # 131072 keys: a 4 MiB tile at the smallest block
+
+
+def round_up(n, multiple):
+    return -(-n // multiple) * multiple
+
+
+def amx_query_block(n_keys):
+    """Queries per task for M = n_keys keys: about AMX_TILE_FLOATS scores, a multiple of 64 (one B panel)
+    when it can be, never below AMX_MIN_QUERY_BLOCK."""
+    fitting = AMX_TILE_FLOATS // round_up(max(1, n_keys), BLOCK) // PANEL * PANEL
+    return min(AMX_MAX_QUERY_BLOCK, max(AMX_MIN_QUERY_BLOCK, fitting))
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference: version 1 on bf16-rounded operands, probabilities rounded before @ v
+# ---------------------------------------------------------------------------------------------
+def attention_bf16_ref(q, k, v, mask=None, scale=None, is_causal=False):
+    """softmax(q k^T * scale + mask) v as version 6 computes it, in NumPy: q, k, v rounded to bf16,
+    the unnormalised probabilities rounded to bf16 before @ v, rows divided by the float32 sums."""
+    if q.shape[-2] == 0 or k.shape[-2] == 0:  # no query, or no key to attend to: 0 (as torch)
+        return np.zeros(q.shape[:-1] + (v.shape[-1],), np.float32)  # [...,N,dv]
+    q, k, v = rounded_to_bf16(q), rounded_to_bf16(k), rounded_to_bf16(v)  # [...,N,d], [...,M,d], [...,M,dv]
+    scores = full_scores(q, k, mask, default_scale(q, scale), is_causal, np)  # [...,N,M]
+    probs = np.exp(scores - masked_row_max(scores))  # [...,N,M]
+    row_sum = probs.sum(axis=-1, keepdims=True)  # [...,N,1], of the unrounded probabilities
+    out = np.matmul(rounded_to_bf16(probs), v)  # [...,N,M] @ [...,M,dv] -> [...,N,dv]
+    return out / np.where(row_sum == 0, np.float32(1.0), row_sum)  # masked rows stay 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Operand packing and the softmax pass (Numba, serial: they run on pool workers)
+# ---------------------------------------------------------------------------------------------
+@njit(**SERIAL)
+def pack_query_pairs(q_block, q_words):
+    """q_block [Q, d] float32 (any strides) -> q_words [panels, pairs, 64] uint32: word (panel, p, j)
+    = bf16(q[i, 2p]) | bf16(q[i, 2p+1]) << 16 for query i = panel * 64 + j (B = q^T in pairs);
+    queries past Q, pairs past d and an odd d's missing partner are zero."""
+    rows, depth = q_block.shape
+    q_words[:] = 0
+    for i in range(rows):
+        panel, j = i // PANEL, i % PANEL
+        for p in range(depth // 2):
+            q_words[panel, p, j] = pair_word(q_block[i, 2 * p], q_block[i, 2 * p + 1])
+        if depth % 2:
+            q_words[panel, depth // 2, j] = bf16_bits(q_block[i, depth - 1])
+
+
+@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+def softmax_keys_to_pairs(scores_t, n_keys, factor, p_words, col_sum):
+    """scores_t [M32, Q32] (rows = keys; the first n_keys count) -> p_words [panels, M32/2, 64] uint32:
+    the bf16 pairs of 2^(s * factor - column max) (keys 2p and 2p+1 of column j in word (j // 64,
+    p, j % 64); pairs past n_keys zero), col_sum [Q32] = the float32 column sums (unrounded values).
+    A column that is all -inf gets max 0: its probabilities and sum are 0; NaN stays NaN. factor > 0.
+
+    As fused.softmax_keys_in_place: the running max and sums of a column in KEY_INTERLEAVE rows of
+    `partial`, so that neighbouring keys do not wait for each other's store. Measured on one core
+    at [4096, 64]: 0.48 ns per score (version 5's pass, which writes float32 and no pairs: 0.33);
+    an earlier form with the pair's two rows in a helper called per pair: 0.56."""
+    keys_padded, cols = scores_t.shape
+    partial = np.full((KEY_INTERLEAVE, cols), -np.inf, np.float32)  # [4,Q32] maxima, then sums
+    # 1. column maxima of the raw scores (factor > 0 keeps the order), NaN skipped
+    for r in range(n_keys):
+        lane = r % KEY_INTERLEAVE
+        for c in range(cols):
+            x = scores_t[r, c]
+            partial[lane, c] = x if x > partial[lane, c] else partial[lane, c]
+    col_max = np.empty(cols, np.float32)  # [Q32], in the units of s * factor
+    for c in range(cols):
+        m01 = partial[0, c] if partial[0, c] > partial[1, c] else partial[1, c]
+        m23 = partial[2, c] if partial[2, c] > partial[3, c] else partial[3, c]
+        m = m01 if m01 > m23 else m23
+        col_max[c] = m * factor if m != -np.inf else np.float32(0.0)
+    # 2. probabilities of keys 2p and 2p+1, rounded into one word; sums of the float32 values
+    partial[:] = 0.0
+    for pair in range(n_keys // 2):
+        lane = 2 * (pair % 2)
+        low_row, high_row = scores_t[2 * pair], scores_t[2 * pair + 1]  # [Q32] each
+        for panel in range(p_words.shape[0]):
+            first = panel * PANEL
+            words = p_words[panel, pair]  # [64]
+            for j in range(min(PANEL, cols - first)):
+                c = first + j
+                low = exp2_nonpositive_f32(low_row[c] * factor - col_max[c])
+                high = exp2_nonpositive_f32(high_row[c] * factor - col_max[c])
+                partial[lane, c] += low
+                partial[lane + 1, c] += high
+                words[j] = bf16_bits(low) | (bf16_bits(high) << np.uint32(16))
+    # 3. an odd last key pairs with a zero; the padded keys' pairs are zero
+    if n_keys % 2:
+        last_row = scores_t[n_keys - 1]  # [Q32]
+        for c in range(cols):
+            low = exp2_nonpositive_f32(last_row[c] * factor - col_max[c])
+            partial[0, c] += low
+            p_words[c // PANEL, n_keys // 2, c % PANEL] = bf16_bits(low)
+    p_words[:, (n_keys + 1) // 2:, :] = 0
+    for c in range(cols):
+        col_sum[c] = (partial[0, c] + partial[1, c]) + (partial[2, c] + partial[3, c])
+
+
+# ---------------------------------------------------------------------------------------------
+# Version 6
+# ---------------------------------------------------------------------------------------------
+def attention_amx(q, k, v, mask=None, scale=None, is_causal=False, query_block=None):
+    """q [..., N, d], k [..., M, d], v [..., M, dv] NumPy float32 (any strides); mask bool (True =
+    attend) or additive float, broadcastable to [..., N, M]. Runs on AMX tiles: the caller checks
+    bf16_kernel() == "amx". query_block: queries per task (default from M, amx_query_block).
+    Returns [..., N, dv] float32."""
+    lead = q.shape[:-2]
+    n_queries, n_keys, depth, value_dim = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    query_block = query_block or amx_query_block(n_keys)
+    scale_log2 = np.float32(default_scale(q, scale) * float(LOG2E))  # scores -> log2 units
+    if mask is not None:
+        mask = np.broadcast_to(mask, lead + (n_queries, n_keys))  # a view [...,N,M], nothing copied
+    keys_padded, depth_padded, value_padded = round_up(n_keys, BLOCK), round_up(depth, BLOCK), round_up(value_dim, BLOCK)
+    slices = [np.unravel_index(s, lead) for s in range(math.prod(lead))]  # index of each [N,d] slice
+    out = np.empty_like(q, np.float32, shape=lead + (n_queries, value_dim))  # [...,N,dv], q's memory order
+    # the calling thread's buffers, read by every worker
+    key_bits = scratch("amx_attention_k", (len(slices), keys_padded, depth_padded // 2)).view(np.uint16)  # [L,M32,d32]
+    value_bits = scratch("amx_attention_v", (len(slices), value_padded, keys_padded // 2)).view(np.uint16)  # [L,dv32,M32]
+
+    def round_slice(s):
+        round_rows(k[slices[s]], 0, n_keys, key_bits[s])  # [M,d] -> [M32,d32] bf16
+        round_rows(v[slices[s]].T, 0, value_dim, value_bits[s])  # [M,dv] -> [dv,M] -> [dv32,M32] bf16
+
+    run_blocks(round_slice, list(range(len(slices))))
+
+    def run_block(block):
+        s, query_start = block
+        at = slices[s]
+        query_stop = min(query_start + query_block, n_queries)
+        rows = query_stop - query_start
+        cols = round_up(rows, BLOCK)  # queries of the tiles, padded
+        panels = -(-cols // PANEL)
+        visible = min(n_keys, query_stop) if is_causal else n_keys  # causal: later keys are masked for all
+        visible_padded = round_up(visible, BLOCK)
+        edge = scratch("amx_attention_edge", (BLOCK, BLOCK))  # unused: every block is whole
+        no_init = scratch("amx_attention_no_init", (1, 1))
+        # 0. q^T as bf16 pairs
+        q_words = scratch("amx_attention_q", (panels, depth_padded // 2, PANEL)).view(np.uint32)  # [panels,d32/2,64]
+        pack_query_pairs(q[at][query_start:query_stop], q_words)
+        # 1. scores^T = k @ q^T on the tiles
+        scores_t = scratch("amx_attention_scores_t", (visible_padded, cols))  # [m32,Q32]
+        amx_gemm_block(TILE_CONFIG, key_bits[s], 0, depth_padded // BLOCK, q_words, (depth_padded // 2) * PANEL, 0,
+                       scores_t, 0, visible_padded, 0, cols, START_ZERO, no_init, (0, 1), edge)
+        factor = scale_log2
+        if mask is not None or is_causal:
+            tile = scores_t[:visible, :rows]  # [m,Q] view
+            tile *= scale_log2  # log2 units, then the mask added as version 5 does
+            factor = np.float32(1.0)
+            if mask is not None:
+                allowed = mask[at][query_start:query_stop, :visible].T  # [m,Q]
+                if allowed.dtype == bool:
+                    tile[~allowed] = -np.inf
+                else:
+                    tile += allowed * LOG2E
+            if is_causal:
+                tile += causal_additive(query_start, query_stop, 0, visible).T  # [Q,m] -> [m,Q]
+        # 2. probabilities as bf16 pairs of keys, float32 column sums
+        p_words = scratch("amx_attention_p", (panels, visible_padded // 2, PANEL)).view(np.uint32)  # [panels,m32/2,64]
+        col_sum = scratch("amx_attention_sums", (cols,))  # [Q32]
+        softmax_keys_to_pairs(scores_t, visible, factor, p_words, col_sum)
+        # 3. out^T = v^T @ p^T on the tiles
+        out_t = scratch("amx_attention_out_t", (value_padded, cols))  # [dv32,Q32]
+        amx_gemm_block(TILE_CONFIG, value_bits[s], 0, visible_padded // BLOCK, p_words, (visible_padded // 2) * PANEL,
+                       0, out_t, 0, value_padded, 0, cols, START_ZERO, no_init, (0, 1), edge)
+        # 4. transposed into the output, rows divided by their sums
+        store_normalised_transposed(out_t[:value_dim, :rows], col_sum[:rows], out[at][query_start:query_stop])
+
+    run_blocks(run_block, [(s, start) for s in range(len(slices)) for start in range(0, n_queries, query_block)])
+    return out
