@@ -178,3 +178,39 @@ def test_no_query_or_no_key_gives_zeros_as_torch():
     q, no_keys = np.ones((1, 2, 3, 40), np.float32), np.zeros((1, 2, 0, 40), np.float32)
     expected = F.scaled_dot_product_attention(torch.from_numpy(q), torch.from_numpy(no_keys), torch.from_numpy(no_keys))
     np.testing.assert_array_equal(scaled_dot_product_attention_bf16(q, no_keys, no_keys), expected.numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# Which models take it
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=needs_amx)])
+def test_unet_and_vae_attention_is_bf16_only_at_bf16(rng, monkeypatch, amx_on, precision):
+    """A bf16 UNet's and VAE's every attention runs version 6; a float32 model's never does."""
+    from tiny_models import tiny_unet, tiny_vae
+
+    from npdiff import kernels
+    from npdiff.models import AutoencoderKL, UNet2DConditionModel
+
+    calls = {"bf16": [], "fp32": []}
+
+    def spy(kind, function):
+        def call(q, k, v, *args, **kwargs):
+            calls[kind].append(q.shape)
+            return function(q, k, v, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(attention, "attention_amx", spy("bf16", attention_amx))
+    monkeypatch.setattr(kernels, "scaled_dot_product_attention", spy("fp32", scaled_dot_product_attention))
+    _, unet_folder = tiny_unet("sd1", seed=0)
+    unet = UNet2DConditionModel.from_pretrained(unet_folder, precision=precision)
+    sample = rng.standard_normal((2, 4, 8, 8), dtype=np.float32)
+    context = rng.standard_normal((2, 7, unet.config["cross_attention_dim"]), dtype=np.float32)
+    unet(sample, 10, context)
+    _, vae_folder = tiny_vae("sd", seed=0)
+    AutoencoderKL.from_pretrained(vae_folder, precision=precision).decode(
+        rng.standard_normal((1, 4, 4, 4), dtype=np.float32))
+    # the tiny sd1 UNet: 2 x 2 down-block + 1 mid + 2 x 3 up-block transformers, each with self- and
+    # cross-attention (22); the VAE's mid block: one single-head attention
+    other = "fp32" if precision == "bf16" else "bf16"
+    assert len(calls[precision]) == 23 and calls[other] == []
+    assert calls[precision][-1][1] == 1
