@@ -42,12 +42,12 @@ from numba import types
 from numba.extending import intrinsic
 
 from npdiff.jit import FASTMATH_SAFE, SERIAL, njit
-from npdiff.kernels.attention.common import causal_additive, default_scale, masked_row_max
+from npdiff.kernels.attention.common import default_scale, mask_to_additive, masked_row_max
 from npdiff.kernels.attention.fused import KEY_INTERLEAVE, store_normalised_transposed
 from npdiff.kernels.attention.reference import full_scores
 from npdiff.kernels.bf16_intrinsics import BFloatType
 from npdiff.kernels.bf16_rounding import bf16_bits, pair_word, round_rows, rounded_to_bf16
-from npdiff.kernels.block_pool import run_blocks
+from npdiff.kernels.block_pool import run_blocks, worker_count
 from npdiff.kernels.matmul_amx import BLOCK, START_ZERO, TILE_CONFIG, amx_gemm_block
 from npdiff.kernels.scratch import scratch
 from npdiff.kernels.vecmath import LOG2E, exp2_nonpositive_f32
@@ -173,24 +173,72 @@ def softmax_keys_to_pairs(scores_t, n_keys, factor, p_words, col_sum):
         col_sum[c] = (partial[0, c] + partial[1, c]) + (partial[2, c] + partial[3, c])
 
 
+@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+def mask_scores(scores_t, query_start, rows, n_keys, factor, additive, has_mask, is_causal):
+    """scores_t[:n_keys, :rows] (keys x the block's queries) -> log2 units (times factor), plus the
+    mask (additive [N, M] float32, the slice's) in log2 units; keys after each query -inf (causal)."""
+    for r in range(n_keys):
+        for c in range(rows):
+            x = scores_t[r, c] * factor
+            if has_mask:
+                x += additive[query_start + c, r] * LOG2E
+            if is_causal and r > query_start + c:
+                x = -np.inf
+            scores_t[r, c] = x
+
+
+@njit(**SERIAL)
+def attend_query_blocks(config, key_bits, value_bits, queries, n_keys, factor, additive, has_mask, is_causal,
+                        first, stop, query_block, out, q_words, scores_t, p_words, col_sum, out_t, edge, no_init):
+    """Steps 0-4 of the header for the query blocks of one slice that start in [first, stop), on this
+    thread's tiles: queries [N, d] and out [N, dv] the slice's (any strides); key_bits [M32, d32] and
+    value_bits [dv32, M32] its rounded operands; the rest this worker's buffers (q_words [panels,
+    d32/2, 64], scores_t [M32, Q32], p_words [panels, M32/2, 64], col_sum [Q32], out_t [dv32, Q32])."""
+    n_queries, value_dim = queries.shape[0], out.shape[1]
+    keys_padded, cols = scores_t.shape
+    depth_steps = key_bits.shape[1] // BLOCK
+    for query_start in range(first, stop, query_block):
+        query_stop = min(query_start + query_block, n_queries)
+        rows = query_stop - query_start
+        # 0. q^T as bf16 pairs (queries past the block zero)
+        pack_query_pairs(queries[query_start:query_stop], q_words)
+        # 1. scores^T = k @ q^T on the tiles
+        amx_gemm_block(config, key_bits, 0, depth_steps, q_words, q_words.shape[1] * PANEL, 0,
+                       scores_t, 0, keys_padded, 0, cols, START_ZERO, no_init, (0, 1), edge)
+        block_factor = factor
+        if has_mask or is_causal:
+            mask_scores(scores_t, query_start, rows, n_keys, factor, additive, has_mask, is_causal)
+            block_factor = np.float32(1.0)
+        # 2. probabilities as bf16 pairs of keys, float32 column sums
+        softmax_keys_to_pairs(scores_t, n_keys, block_factor, p_words, col_sum)
+        # 3. out^T = v^T @ p^T on the tiles
+        amx_gemm_block(config, value_bits, 0, keys_padded // BLOCK, p_words, p_words.shape[1] * PANEL, 0,
+                       out_t, 0, out_t.shape[0], 0, cols, START_ZERO, no_init, (0, 1), edge)
+        # 4. transposed into the output, rows divided by their sums
+        store_normalised_transposed(out_t[:value_dim, :rows], col_sum[:rows], out[query_start:query_stop])
+
+
 # ---------------------------------------------------------------------------------------------
 # Version 6
 # ---------------------------------------------------------------------------------------------
 def attention_amx(q, k, v, mask=None, scale=None, is_causal=False, query_block=None):
     """q [..., N, d], k [..., M, d], v [..., M, dv] NumPy float32 (any strides); mask bool (True =
     attend) or additive float, broadcastable to [..., N, M]. Runs on AMX tiles: the caller checks
-    bf16_kernel() == "amx". query_block: queries per task (default from M, amx_query_block).
+    bf16_kernel() == "amx". query_block: queries per block (default from M, amx_query_block).
     Returns [..., N, dv] float32."""
     lead = q.shape[:-2]
     n_queries, n_keys, depth, value_dim = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     query_block = query_block or amx_query_block(n_keys)
     scale_log2 = np.float32(default_scale(q, scale) * float(LOG2E))  # scores -> log2 units
+    additive = np.zeros((1, 1), np.float32)  # no mask
     if mask is not None:
-        mask = np.broadcast_to(mask, lead + (n_queries, n_keys))  # a view [...,N,M], nothing copied
+        additive = mask_to_additive(np.broadcast_to(mask, lead + (n_queries, n_keys)))  # [...,N,M] float32
     keys_padded, depth_padded, value_padded = round_up(n_keys, BLOCK), round_up(depth, BLOCK), round_up(value_dim, BLOCK)
+    cols = round_up(min(query_block, n_queries), BLOCK)  # queries of a block, padded for the tiles
+    panels = -(-cols // PANEL)
     slices = [np.unravel_index(s, lead) for s in range(math.prod(lead))]  # index of each [N,d] slice
     out = np.empty_like(q, np.float32, shape=lead + (n_queries, value_dim))  # [...,N,dv], q's memory order
-    # the calling thread's buffers, read by every worker
+    # the rounded k and v^T of every slice: the calling thread's buffers, read by every worker
     key_bits = scratch("amx_attention_k", (len(slices), keys_padded, depth_padded // 2)).view(np.uint16)  # [L,M32,d32]
     value_bits = scratch("amx_attention_v", (len(slices), value_padded, keys_padded // 2)).view(np.uint16)  # [L,dv32,M32]
 
@@ -200,47 +248,29 @@ def attention_amx(q, k, v, mask=None, scale=None, is_causal=False, query_block=N
 
     run_blocks(round_slice, list(range(len(slices))))
 
-    def run_block(block):
-        s, query_start = block
+    def run_task(task):
+        s, first, stop = task
         at = slices[s]
-        query_stop = min(query_start + query_block, n_queries)
-        rows = query_stop - query_start
-        cols = round_up(rows, BLOCK)  # queries of the tiles, padded
-        panels = -(-cols // PANEL)
-        visible = min(n_keys, query_stop) if is_causal else n_keys  # causal: later keys are masked for all
-        visible_padded = round_up(visible, BLOCK)
-        edge = scratch("amx_attention_edge", (BLOCK, BLOCK))  # unused: every block is whole
-        no_init = scratch("amx_attention_no_init", (1, 1))
-        # 0. q^T as bf16 pairs
         q_words = scratch("amx_attention_q", (panels, depth_padded // 2, PANEL)).view(np.uint32)  # [panels,d32/2,64]
-        pack_query_pairs(q[at][query_start:query_stop], q_words)
-        # 1. scores^T = k @ q^T on the tiles
-        scores_t = scratch("amx_attention_scores_t", (visible_padded, cols))  # [m32,Q32]
-        amx_gemm_block(TILE_CONFIG, key_bits[s], 0, depth_padded // BLOCK, q_words, (depth_padded // 2) * PANEL, 0,
-                       scores_t, 0, visible_padded, 0, cols, START_ZERO, no_init, (0, 1), edge)
-        factor = scale_log2
-        if mask is not None or is_causal:
-            tile = scores_t[:visible, :rows]  # [m,Q] view
-            tile *= scale_log2  # log2 units, then the mask added as version 5 does
-            factor = np.float32(1.0)
-            if mask is not None:
-                allowed = mask[at][query_start:query_stop, :visible].T  # [m,Q]
-                if allowed.dtype == bool:
-                    tile[~allowed] = -np.inf
-                else:
-                    tile += allowed * LOG2E
-            if is_causal:
-                tile += causal_additive(query_start, query_stop, 0, visible).T  # [Q,m] -> [m,Q]
-        # 2. probabilities as bf16 pairs of keys, float32 column sums
-        p_words = scratch("amx_attention_p", (panels, visible_padded // 2, PANEL)).view(np.uint32)  # [panels,m32/2,64]
+        scores_t = scratch("amx_attention_scores_t", (keys_padded, cols))  # [M32,Q32]
+        p_words = scratch("amx_attention_p", (panels, keys_padded // 2, PANEL)).view(np.uint32)  # [panels,M32/2,64]
         col_sum = scratch("amx_attention_sums", (cols,))  # [Q32]
-        softmax_keys_to_pairs(scores_t, visible, factor, p_words, col_sum)
-        # 3. out^T = v^T @ p^T on the tiles
         out_t = scratch("amx_attention_out_t", (value_padded, cols))  # [dv32,Q32]
-        amx_gemm_block(TILE_CONFIG, value_bits[s], 0, visible_padded // BLOCK, p_words, (visible_padded // 2) * PANEL,
-                       0, out_t, 0, value_padded, 0, cols, START_ZERO, no_init, (0, 1), edge)
-        # 4. transposed into the output, rows divided by their sums
-        store_normalised_transposed(out_t[:value_dim, :rows], col_sum[:rows], out[at][query_start:query_stop])
+        edge = scratch("amx_attention_edge", (BLOCK, BLOCK))  # unused: every tile block is whole
+        no_init = scratch("amx_attention_no_init", (1, 1))
+        slice_mask = additive if mask is None else additive[at]  # [N,M] (a view)
+        attend_query_blocks(TILE_CONFIG, key_bits[s], value_bits[s], q[at], n_keys, scale_log2, slice_mask,
+                            mask is not None, is_causal, first, stop, query_block, out[at], q_words, scores_t,
+                            p_words, col_sum, out_t, edge, no_init)
 
-    run_blocks(run_block, [(s, start) for s in range(len(slices)) for start in range(0, n_queries, query_block)])
+    run_blocks(run_task, query_tasks(len(slices), n_queries, query_block, worker_count()))
     return out
+
+
+def query_tasks(n_slices, n_queries, query_block, workers):
+    """[(slice, first query, stop), ...]: each slice's query blocks in runs of whole blocks, about
+    4 tasks per worker in all (one Python call per task, however many blocks it holds)."""
+    blocks_per_slice = -(-n_queries // query_block)
+    per_task = max(1, -(-n_slices * blocks_per_slice // (4 * workers)))  # blocks per task
+    span = per_task * query_block
+    return [(s, first, min(first + span, n_queries)) for s in range(n_slices) for first in range(0, n_queries, span)]
