@@ -91,9 +91,9 @@ def heads_view(rng, batch, heads, tokens, dim, spread=1.0):
     return x.reshape(batch, tokens, heads, dim).transpose(0, 2, 1, 3)
 
 
-# SD 1.5 / 2.x / SDXL head sizes, self- and cross-attention (77 text tokens), odd counts, many keys
+# SD 1.5 / 2.x / SDXL head sizes, self- and cross-attention (77 text tokens), odd counts, many keys, the VAE
 SHAPES = [(256, 256, 40), (300, 77, 40), (130, 129, 64), (129, 130, 80), (200, 77, 160), (64, 4100, 40),
-          (100, 1000, 64)]
+          (100, 1000, 64), (70, 90, 512)]  # the last: the VAE's single head (d = channels)
 
 
 @needs_amx
