@@ -49,7 +49,7 @@ import numpy as np
 from npdiff.jit import FASTMATH_SAFE, SERIAL, njit
 from npdiff.kernels.attention.common import default_scale, mask_to_additive, masked_row_max
 from npdiff.kernels.attention.amx_bf16 import bf16_of
-from npdiff.kernels.attention.fused import KEY_INTERLEAVE, store_normalised_transposed
+from npdiff.kernels.attention.fused import KEY_INTERLEAVE, column_maxima, store_normalised_transposed
 from npdiff.kernels.attention.reference import full_scores
 from npdiff.kernels.bf16_rounding import round_rows, rounded_to_bf16
 from npdiff.kernels.block_pool import run_blocks, worker_count
@@ -119,26 +119,17 @@ def softmax_keys_to_pairs(scores_t, n_keys, factor, p_words, col_sum):
     p, j % 64); pairs past n_keys zero), col_sum [Q32] = the float32 column sums (unrounded values).
     A column that is all -inf gets max 0: its probabilities and sum are 0; NaN stays NaN. factor > 0.
 
-    As fused.softmax_keys_in_place: the running max and sums of a column in KEY_INTERLEAVE rows of
-    `partial`, so that neighbouring keys do not wait for each other's store. Measured on one core
+    As fused.softmax_keys_in_place: the column maxima and sums in KEY_INTERLEAVE rows (column_maxima,
+    `partial`), so that neighbouring keys do not wait for each other's store. Measured on one core
     at [4096, 64]: 0.41 ns per score (version 5's pass, which writes float32 and no pairs: 0.33);
     with bf16_bits' integer rounding 0.48; with the pair's two rows in a helper called per pair 0.56."""
     keys_padded, cols = scores_t.shape
-    partial = np.full((KEY_INTERLEAVE, cols), -np.inf, np.float32)  # [4,Q32] maxima, then sums
-    # 1. column maxima of the raw scores (factor > 0 keeps the order), NaN skipped
-    for r in range(n_keys):
-        lane = r % KEY_INTERLEAVE
-        for c in range(cols):
-            x = scores_t[r, c]
-            partial[lane, c] = x if x > partial[lane, c] else partial[lane, c]
-    col_max = np.empty(cols, np.float32)  # [Q32], in the units of s * factor
+    # 1. column maxima of the raw scores (factor > 0 keeps the order), NaN skipped; in s * factor units
+    col_max = column_maxima(scores_t, n_keys)  # [Q32]
     for c in range(cols):
-        m01 = partial[0, c] if partial[0, c] > partial[1, c] else partial[1, c]
-        m23 = partial[2, c] if partial[2, c] > partial[3, c] else partial[3, c]
-        m = m01 if m01 > m23 else m23
-        col_max[c] = m * factor if m != -np.inf else np.float32(0.0)
+        col_max[c] = col_max[c] * factor if col_max[c] != -np.inf else np.float32(0.0)
     # 2. probabilities of keys 2p and 2p+1, rounded into one word; sums of the float32 values
-    partial[:] = 0.0
+    partial = np.zeros((KEY_INTERLEAVE, cols), np.float32)  # [4,Q32] sums
     for pair in range(n_keys // 2):
         lane = 2 * (pair % 2)
         low_row, high_row = scores_t[2 * pair], scores_t[2 * pair + 1]  # [Q32] each
