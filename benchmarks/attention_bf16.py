@@ -2,13 +2,15 @@
 (version 5, fused.py) and torch, at Stable Diffusion 1.5's attention shapes; and the SD 1.5 UNet at bf16 with
 each of the two attentions.
 
-    flock /work/bench.lock python benchmarks/attention_bf16.py [--repeat 3] [--unet] [--cache DIR]
+    flock /work/bench.lock python benchmarks/attention_bf16.py [--repeat 3] [--unet] [--cache DIR] [--one-core]
 
 Kernels, in one process (numpy imported first, as a user's script does), q/k/v as split_heads makes them
 (strided views [B,h,N,d] of [B,N,h*d]); per row, best of --repeat after a warm-up:
   v6 bf16   attention_amx         v5 f32   attention_fused         torch f32   F.scaled_dot_product_attention
 GFLOP/s count the two products, 4*B*h*N*M*d; "cpu" is the process CPU time of the call (both cores busy:
 about twice the wall time), whose GFLOP/s per core say more than the wall time when the machine is shared.
+--one-core: npdiff's block pool with one worker and torch with one thread; the "/core" column (process CPU
+time) is then the figure to compare when other work shares the machine.
 --unet: UNet2DConditionModel.from_pretrained(cache/unet, precision="bf16") (SD 1.5's UNet with random weights,
 made by `npdiff bench models`), batch 2, 64x64 latent, 77 tokens; forwards alternate between version 6 and
 the float32 attention (each Attention's bf16 flag), best of --repeat each, and the two outputs are compared.
@@ -115,7 +117,15 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--unet", action="store_true", help="also the SD 1.5 UNet at bf16 with each attention")
     parser.add_argument("--cache", default=os.path.expanduser("~/.cache/npdiff/sd15-random"))
+    parser.add_argument("--one-core", action="store_true", help="one pool worker, one torch thread")
     args = parser.parse_args()
+    if args.one_core:
+        import torch
+
+        from npdiff.kernels import block_pool
+
+        block_pool._shared = block_pool.BlockParallelPool(1)
+        torch.set_num_threads(1)
     if bf16_kernel() != "amx":
         sys.exit(f"no AMX here (bf16 kernel: {bf16_kernel()}): version 6 does not run")
     print(f"load average before: {os.getloadavg()}")
