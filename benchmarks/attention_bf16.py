@@ -2,14 +2,14 @@
 (version 5, fused.py) and torch, at Stable Diffusion 1.5's attention shapes; and the SD 1.5 UNet at bf16 with
 each of the two attentions.
 
-    flock /work/bench.lock python benchmarks/attention_bf16.py [--repeat 3] [--unet] [--cache DIR] [--one-core]
+    flock /work/bench.lock python benchmarks/attention_bf16.py [--repeat 3] [--unet] [--cache DIR] [--one-core] [--unet-only]
 
 Kernels, in one process (numpy imported first, as a user's script does), q/k/v as split_heads makes them
 (strided views [B,h,N,d] of [B,N,h*d]); per row, best of --repeat after a warm-up:
   v6 bf16   attention_amx         v5 f32   attention_fused         torch f32   F.scaled_dot_product_attention
 GFLOP/s count the two products, 4*B*h*N*M*d; "cpu" is the process CPU time of the call (both cores busy:
 about twice the wall time), whose GFLOP/s per core say more than the wall time when the machine is shared.
---one-core: npdiff's block pool with one worker and torch with one thread; the "/core" column (process CPU
+--one-core: npdiff's block pool with one worker, Numba and torch with one thread; the "/core" column (process CPU
 time) is then the figure to compare when other work shares the machine.
 --unet: UNet2DConditionModel.from_pretrained(cache/unet, precision="bf16") (SD 1.5's UNet with random weights,
 made by `npdiff bench models`), batch 2, 64x64 latent, 77 tokens; forwards alternate between version 6 and
@@ -85,11 +85,11 @@ def unet(cache, repeat):
     for side in list(times) * (repeat + 1):  # the first of each: compilation and warm-up, not kept
         for attention in attentions:
             attention.bf16 = side.startswith("v6")
-        wall = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         outputs[side] = model(sample, 500, context)
-        times[side].append(time.perf_counter() - wall)
+        times[side].append((round(time.perf_counter() - wall, 2), round(time.process_time() - cpu, 2)))
     for side, seconds in times.items():
-        print(f"SD 1.5 UNet bf16, {side}: best {min(seconds[1:]):.2f} s of {[round(s, 2) for s in seconds]}")
+        print(f"SD 1.5 UNet bf16, {side}: best {min(seconds[1:])} s (wall, process cpu) of {seconds}")
     a, b = outputs.values()
     print(f"relative difference of the two outputs: {np.abs(a - b).max() / np.abs(b).max():.1e}")
 
@@ -117,20 +117,24 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--unet", action="store_true", help="also the SD 1.5 UNet at bf16 with each attention")
     parser.add_argument("--cache", default=os.path.expanduser("~/.cache/npdiff/sd15-random"))
-    parser.add_argument("--one-core", action="store_true", help="one pool worker, one torch thread")
+    parser.add_argument("--one-core", action="store_true", help="one pool worker, one Numba and torch thread")
+    parser.add_argument("--unet-only", action="store_true", help="skip the kernel rows")
     args = parser.parse_args()
     if args.one_core:
+        import numba
         import torch
 
         from npdiff.kernels import block_pool
 
         block_pool._shared = block_pool.BlockParallelPool(1)
+        numba.set_num_threads(1)
         torch.set_num_threads(1)
     if bf16_kernel() != "amx":
         sys.exit(f"no AMX here (bf16 kernel: {bf16_kernel()}): version 6 does not run")
     print(f"load average before: {os.getloadavg()}")
-    kernels(args.repeat)
-    if args.unet:
+    if not args.unet_only:
+        kernels(args.repeat)
+    if args.unet or args.unet_only:
         unet(args.cache, args.repeat)
     print(f"load average after: {os.getloadavg()}")
 
