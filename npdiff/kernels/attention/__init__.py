@@ -14,7 +14,7 @@ Versions (each tested against torch and against version 1):
                                           tile, transposed, stays in cache): BLAS, one fused Numba
                                           softmax pass, BLAS; no running max. Up to FUSED_MAX_KEYS
                                           keys (every attention of SD at 512x512).
-  6. attention_amx        amx.py        bf16 on AMX tiles, for models loaded at precision="bf16": q, k,
+  6. attention_amx          amx.py        bf16 on AMX tiles, for models loaded at precision="bf16": q, k,
                                           v and the probabilities rounded to bf16, float32 sums and
                                           softmax; version 5's layout. Reference: attention_bf16_ref
                                           (version 1 on the rounded operands).
@@ -39,7 +39,8 @@ reference):
   scaled_dot_product_attention_bf16   what a precision="bf16" model calls: version 6 where
                        bf16_kernel() says "amx" (NPDIFF_NO_AMX=1 / NPDIFF_NO_BF16=1 rule it out) and
                        0 < M <= AMX_MAX_KEYS; the float32 scaled_dot_product_attention otherwise
-                       (CPUs without AMX: bf16 attention on vdpbf16ps would not beat float32 BLAS).
+                       (without AMX, bf16 products would run on vdpbf16ps, which reaches 0.2-0.65x
+                       of sgemm's GFLOP/s: benchmarks/RESULTS.md, "bfloat16 kernels").
                        float32 models never take it.
 
 Masks follow torch.nn.functional.scaled_dot_product_attention: a bool mask says True = may attend,
