@@ -12,8 +12,9 @@ Conv2d weight is packed into bfloat16 at load (npdiff.kernels.matmul_bf16 / conv
 float32's bytes), one tensor at a time, straight from the file's values (a float16 or bfloat16 file's tensor widened
 to float32 alone, then packed: the whole model is never widened). Their GEMMs and convolutions multiply
 bfloat16 inputs and weights and sum in float32 (AMX tiles, else AVX-512 BF16's VDPBF16PS). Everything
-else stays float32: biases, norms, softmax and the attention scores (q k^T and p v run on the float32 q, k,
-v the projections return), the embeddings, the scheduler. A CPU without AVX512_BF16 runs the kernels' NumPy
+else stays float32: biases, norms, softmax, the embeddings, the scheduler. The attention of the UNet's and the
+VAE's blocks (npdiff/models/transformer.py: attend) runs in bf16 too where AMX tiles run (q, k, v and the
+probabilities rounded to bf16, float32 sums: kernels/attention/amx.py), in float32 elsewhere. A CPU without AVX512_BF16 runs the kernels' NumPy
 reference instead (the same rounding; the products summed by NumPy's float32 GEMM, slowly, and the weights
 kept as rounded float32, so without the memory saving) after a one-line note.
 

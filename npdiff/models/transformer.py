@@ -8,7 +8,10 @@ transformers/transformer_2d.py). Keys are diffusers' module names: "attn1.to_q",
 
 About `upcast_attention` (SD 2.x configs): in diffusers it makes the attention scores
 (q @ k^T and the softmax) run in float32 when the model runs in float16. npdiff computes everything
-in float32, the scores included, so the flag changes nothing here; it is accepted and noted.
+in float32, the scores included, so the flag changes nothing here; it is accepted and noted. At
+precision="bf16" (attend) q k^T multiplies bf16-rounded q and k but sums in float32, and the softmax
+is float32: bf16 has float32's range, so the overflow that upcast_attention guards against in
+float16 cannot happen.
 
 proj_in / proj_out: SD 1.x stores them as 1x1 convolutions ([C_out,C_in,1,1]), SD 2.x
 (use_linear_projection) as nn.Linear ([C_out,C_in]). Both are the same matrix product over the
@@ -19,6 +22,7 @@ channel axis, so both run as a Linear on tokens [B,H*W,C]; the 1x1 conv weight i
 from npdiff import kernels
 from npdiff.backend import array_module
 from npdiff.errors import NpdiffError
+from npdiff.kernels.attention import scaled_dot_product_attention_bf16
 from npdiff.models import precision
 from npdiff.models.blocks import GroupNorm, LayerNorm, Linear, child
 
@@ -57,6 +61,15 @@ class TransposedLinear(Linear):
             self._weight = array_module(value).ascontiguousarray(value.T).T  # [out,in] -> [in,out] memory
 
 
+def attend(q, k, v, scale, bf16):
+    """softmax(q k^T * scale) v, [B,h,N,d] -> [B,h,N,dv]: for a model loaded at precision="bf16" the bf16
+    attention (AMX tiles where they run: q, k, v and the probabilities rounded to bf16, float32 sums), else
+    the float32 one."""
+    if bf16:
+        return scaled_dot_product_attention_bf16(q, k, v, scale=scale)  # [B,h,N,d]
+    return kernels.scaled_dot_product_attention(q, k, v, scale=scale)   # [B,h,N,d]
+
+
 def split_heads(x, heads):
     """[B,N,heads*d] -> [B,heads,N,d] (a view: no copy)."""
     batch, tokens, inner = x.shape
@@ -86,6 +99,7 @@ class Attention:
         self.to_out = Linear(weights, child(prefix, "to_out.0"), inner_dim, query_dim, bias=out_bias)
         self.heads = heads
         self.scale = dim_head ** -0.5
+        self.bf16 = weights.precision == "bf16"  # the attention itself in bf16 too (attend)
 
     def __call__(self, x, context=None):
         context = x if context is None else context
@@ -94,7 +108,7 @@ class Attention:
         k = split_heads(self.to_k(context), self.heads)                 # [B,M,Dc] -> [B,h,M,d]
         v = split_heads(self.to_v(context), self.heads)                 # [B,M,Dc] -> [B,h,M,d]
         # 2. softmax(q k^T * scale) v (the kernel picks the memory-efficient version for long N)
-        out = kernels.scaled_dot_product_attention(q, k, v, scale=self.scale)  # [B,h,N,d]
+        out = attend(q, k, v, self.scale, self.bf16)                     # [B,h,N,d]
         del q, k, v
         # 3. merge the heads and project out (dropout is the identity at inference)
         out = merge_heads(out)                                          # [B,h,N,d] -> [B,N,h*d]
@@ -205,6 +219,7 @@ class AttentionBlock:
         self.to_v = Linear(weights, child(prefix, names["to_v"]), channels, channels)
         self.to_out = Linear(weights, child(prefix, names["to_out.0"]), channels, channels)
         self.scale = channels ** -0.5
+        self.bf16 = weights.precision == "bf16"  # the attention itself in bf16 too (attend)
         self.rescale_output_factor = float(rescale_output_factor)
 
     def __call__(self, x):
@@ -218,7 +233,7 @@ class AttentionBlock:
         k = self.to_k(h)[:, None]                                       # [B,1,H*W,C]
         v = self.to_v(h)[:, None]                                       # [B,1,H*W,C]
         del h
-        out = kernels.scaled_dot_product_attention(q, k, v, scale=self.scale)  # [B,1,H*W,C]
+        out = attend(q, k, v, self.scale, self.bf16)                     # [B,1,H*W,C]
         del q, k, v
         out = self.to_out(out[:, 0])                                    # [B,H*W,C]
         # 3. back to NCHW, residual, rescale

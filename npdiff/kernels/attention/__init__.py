@@ -1,4 +1,4 @@
-"""Scaled dot-product attention: one op family, five versions, one public entry.
+"""Scaled dot-product attention: one op family, six versions, two public entries (float32, bf16).
 
 Versions (each tested against torch and against version 1):
   1. attention_ref          reference.py  the textbook, NumPy API (numpy or cupy): the whole score
@@ -14,6 +14,10 @@ Versions (each tested against torch and against version 1):
                                           tile, transposed, stays in cache): BLAS, one fused Numba
                                           softmax pass, BLAS; no running max. Up to FUSED_MAX_KEYS
                                           keys (every attention of SD at 512x512).
+  6. attention_amx          amx.py        bf16 on AMX tiles, for models loaded at precision="bf16": q, k,
+                                          v and the probabilities rounded to bf16, float32 sums and
+                                          softmax; version 5's layout. Reference: attention_bf16_ref
+                                          (version 1 on the rounded operands).
   cupy arrays: cuBLAS + a fused masked softmax (npdiff/kernels/cuda/attention.py).
 Shared by all: common.py (KEY_CHUNK and QUERY_BLOCK, the one pair of tile sizes of versions 2 and
 3; masks as numbers).
@@ -32,6 +36,13 @@ reference):
                        a key_chunk given by the caller always takes version 3 with that chunk.
                        Else version 2.
 
+  scaled_dot_product_attention_bf16   what a precision="bf16" model calls: version 6 where
+                       bf16_kernel() says "amx" (NPDIFF_NO_AMX=1 / NPDIFF_NO_BF16=1 rule it out) and
+                       0 < M <= AMX_MAX_KEYS; the float32 scaled_dot_product_attention otherwise
+                       (without AMX, bf16 products would run on vdpbf16ps, which reaches 0.2-0.65x
+                       of sgemm's GFLOP/s: benchmarks/RESULTS.md, "bfloat16 kernels").
+                       float32 models never take it.
+
 Masks follow torch.nn.functional.scaled_dot_product_attention: a bool mask says True = may attend,
 a float mask is added to the scores, either broadcasts to [..., N, M]; is_causal keeps key j <= query
 i (top-left aligned, as torch) and is combined with a mask if both are given (as torch 2.13 does).
@@ -45,10 +56,12 @@ import numpy as np
 
 from npdiff.errors import NpdiffError
 from npdiff.kernels import dispatch
+from npdiff.kernels.attention.amx import AMX_MAX_KEYS, attention_amx, attention_bf16_ref
 from npdiff.kernels.attention.common import KEY_CHUNK, QUERY_BLOCK, default_scale
 from npdiff.kernels.attention.fused import FUSED_MAX_KEYS, attention_fused
 from npdiff.kernels.attention.reference import attention_chunked_ref, attention_ref
 from npdiff.kernels.attention.threaded import attention_batched, attention_blocked
+from npdiff.kernels.bf16_rounding import bf16_kernel
 from npdiff.kernels.validate import require_min_ndim, shape_text
 
 MEMORY_EFFICIENT_MIN_SCORES = 1 << 23  # full score matrix above this many floats (32 MiB) -> chunked
@@ -158,7 +171,31 @@ def scaled_dot_product_attention(q, k, v, mask=None, scale=None, is_causal=False
     return ATTENTION(q, k, v, mask, scale, is_causal, path)
 
 
-__all__ = ["BATCHED_MAX_SLICE_SCORES", "FUSED_MAX_KEYS", "KEY_CHUNK", "MEMORY_EFFICIENT_MIN_SCORES",
+def attention_bf16_fast(q, k, v, mask=None, scale=None, is_causal=False):
+    """Version 6 on AMX tiles where it can run, else the float32 attention (path "auto"); no key at
+    all: zeros from the reference."""
+    n_keys = k.shape[-2]
+    if n_keys == 0 or v.shape[-1] == 0:
+        return attention_bf16_ref(q, k, v, mask, scale, is_causal)
+    if bf16_kernel() == "amx" and n_keys <= AMX_MAX_KEYS and q.shape[-1] > 0:
+        return attention_amx(q, k, v, mask, scale, is_causal)
+    return attention_by_path(q, k, v, mask, scale, is_causal)
+
+
+ATTENTION_BF16 = dispatch.register("scaled_dot_product_attention_bf16", fast=attention_bf16_fast,
+                                   reference=attention_bf16_ref)
+
+
+def scaled_dot_product_attention_bf16(q, k, v, mask=None, scale=None, is_causal=False):
+    """scaled_dot_product_attention for a model loaded at precision="bf16": on AMX tiles, q, k, v
+    and the softmax's probabilities rounded to bf16 with float32 sums (version 6); where AMX cannot
+    run, the float32 attention. Same arguments and result shape as scaled_dot_product_attention."""
+    check_attention_inputs(q, k, v, mask, is_causal, "auto")
+    return ATTENTION_BF16(q, k, v, mask, scale, is_causal)
+
+
+__all__ = ["AMX_MAX_KEYS", "BATCHED_MAX_SLICE_SCORES", "FUSED_MAX_KEYS", "KEY_CHUNK", "MEMORY_EFFICIENT_MIN_SCORES",
            "QUERY_BLOCK", "attention_batched", "attention_blocked", "attention_chunked",
-           "attention_chunked_ref", "attention_full", "attention_fused", "attention_ref",
-           "scaled_dot_product_attention"]
+           "attention_amx", "attention_bf16_ref", "attention_chunked_ref", "attention_full",
+           "attention_fused", "attention_ref", "scaled_dot_product_attention",
+           "scaled_dot_product_attention_bf16"]

@@ -85,6 +85,26 @@ def fused_query_block(n_keys):
 
 
 @njit(**SERIAL, fastmath=FASTMATH_SAFE)
+def column_maxima(scores_t, n_keys):
+    """[Q] the maxima of the columns of scores_t[:n_keys] ([M, Q], keys along rows), -inf for a column
+    that is all -inf; NaN is skipped. Key r folds into row r % KEY_INTERLEAVE of a [4, Q] buffer, the
+    rows combined at the end (see softmax_keys_in_place)."""
+    cols = scores_t.shape[1]
+    partial = np.full((KEY_INTERLEAVE, cols), -np.inf, np.float32)  # [4,Q]
+    for r in range(n_keys):
+        lane = r % KEY_INTERLEAVE
+        for c in range(cols):
+            x = scores_t[r, c]
+            partial[lane, c] = x if x > partial[lane, c] else partial[lane, c]
+    col_max = np.empty(cols, np.float32)  # [Q]
+    for c in range(cols):
+        m01 = partial[0, c] if partial[0, c] > partial[1, c] else partial[1, c]
+        m23 = partial[2, c] if partial[2, c] > partial[3, c] else partial[3, c]
+        col_max[c] = m01 if m01 > m23 else m23
+    return col_max
+
+
+@njit(**SERIAL, fastmath=FASTMATH_SAFE)
 def softmax_keys_in_place(scores_t, col_sum):
     """scores_t [M, Q] (log2 units, contiguous) -> 2^(s - column max) in place; col_sum [Q] = the
     column sums (the softmax is not yet divided by them). A column that is all -inf (a query that
@@ -95,21 +115,12 @@ def softmax_keys_in_place(scores_t, col_sum):
     So key r updates row r % KEY_INTERLEAVE of `partial`, and the rows are combined at the end
     (0.05 + 0.17 ns per score)."""
     n_keys, cols = scores_t.shape
-    partial = np.full((KEY_INTERLEAVE, cols), -np.inf, np.float32)  # [4,Q] maxima, then sums
-    # 1. column maxima (written so that NaN is skipped: it stays NaN through step 2)
-    for r in range(n_keys):
-        lane = r % KEY_INTERLEAVE
-        for c in range(cols):
-            x = scores_t[r, c]
-            partial[lane, c] = x if x > partial[lane, c] else partial[lane, c]
-    col_max = np.empty(cols, np.float32)  # [Q]
+    # 1. column maxima (NaN skipped: it stays NaN through step 2)
+    col_max = column_maxima(scores_t, n_keys)  # [Q]
     for c in range(cols):
-        m01 = partial[0, c] if partial[0, c] > partial[1, c] else partial[1, c]
-        m23 = partial[2, c] if partial[2, c] > partial[3, c] else partial[3, c]
-        m = m01 if m01 > m23 else m23
-        col_max[c] = m if m != -np.inf else np.float32(0.0)
+        col_max[c] = col_max[c] if col_max[c] != -np.inf else np.float32(0.0)
     # 2. 2^(s - max) in place and the column sums, in one pass
-    partial[:] = 0.0
+    partial = np.zeros((KEY_INTERLEAVE, cols), np.float32)  # [4,Q] sums
     for r in range(n_keys):
         lane = r % KEY_INTERLEAVE
         for c in range(cols):
