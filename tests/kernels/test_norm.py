@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import KERNEL_TOL, assert_rel_close
+from helpers import KERNEL_TOL, assert_rel_close, rel_err
 from npdiff import NpdiffError
 from npdiff.kernels import group_norm, layer_norm
 from npdiff.kernels.norm import group_norm_ref, layer_norm_ref
@@ -39,10 +39,28 @@ def test_group_norm_matches_torch(rng, spatial_axes, silu, affine):
     if silu:
         expected = F.silu(expected)
     ours = group_norm(x, groups, weight, bias, eps=1e-5, silu=silu)
-    assert_rel_close(ours, expected, KERNEL_TOL, "group_norm")
+    # With 2-4 values per group (no spatial axes) the group's spread can be tiny beside its mean, and then
+    # torch's float32 statistics are themselves off the exact result (seed 3795894680: values -6.869 and
+    # -6.883 in one group, torch 1.87e-5 from the float64 result, npdiff 1.1e-8). So npdiff is held to
+    # KERNEL_TOL of the exact float64 result, and to torch within KERNEL_TOL plus torch's own error.
+    exact = exact_group_norm(x, groups, weight, bias, eps=1e-5, silu=silu)
+    torch_own_error = rel_err(expected, exact)
+    assert_rel_close(ours, exact, KERNEL_TOL, "group_norm vs float64")
+    assert_rel_close(ours, expected, KERNEL_TOL + torch_own_error, "group_norm")
     reference = group_norm_ref(x, groups, weight, bias, eps=1e-5, silu=silu)
-    assert_rel_close(reference, expected, KERNEL_TOL, "group_norm_ref")
+    assert_rel_close(reference, expected, KERNEL_TOL + torch_own_error, "group_norm_ref")
     assert_rel_close(ours, reference, KERNEL_TOL, "group_norm vs ref")
+
+
+def exact_group_norm(x, groups, weight, bias, eps, silu):
+    """group norm in float64 from the float32 inputs: the exact result to within float64's rounding."""
+    x64 = x.astype(np.float64).reshape(x.shape[0], groups, -1)                  # [B,G,C/G*spatial]
+    mean, var = x64.mean(-1, keepdims=True), x64.var(-1, keepdims=True)
+    y = ((x64 - mean) / np.sqrt(var + eps)).reshape(x.shape)                     # [B,C,...]
+    if weight is not None:
+        per_channel = (1, -1) + (1,) * (x.ndim - 2)
+        y = y * weight.astype(np.float64).reshape(per_channel) + bias.astype(np.float64).reshape(per_channel)
+    return y / (1 + np.exp(-y)) if silu else y
 
 
 def test_group_norm_sd_shape_and_eps(rng):
