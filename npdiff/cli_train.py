@@ -14,7 +14,7 @@ from npdiff.training.files import output_paths
 from npdiff.training.loop import check_learning_rate
 from npdiff.training.lora_files import lora_output_paths
 from npdiff.training.lora_train import check_prompt, lora_captions
-from npdiff.training.pictures import OBJECT_TEMPLATES, find_pictures
+from npdiff.training.pictures import OBJECT_TEMPLATES, check_same_size, find_pictures
 
 DESCRIPTION = (
     "Learn a new word for the concept shown in the pictures of DIR (textual inversion): the pictures are "
@@ -36,6 +36,8 @@ def add_loop_options(p):
     p.add_argument("--clip-skip", type=int, default=None, help="train through this text encoder layer "
                    "(diffusers' clip_skip; use the value you will generate with)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--mixed-sizes", action="store_true", help="take pictures of different sizes, each center-cropped "
+                   "and resized on its own (refused without it)")
 
 
 def check_loop_options(args):
@@ -77,7 +79,7 @@ def run_train_embedding(args):
     # 1. what can be checked before the model loads: the counts, the pictures' folder, the outputs, the model's kind
     check_count(args.vectors, "--vectors", 1)
     check_loop_options(args)
-    find_pictures(args.dir)
+    check_same_size(find_pictures(args.dir), args.mixed_sizes)
     for path in output_paths(args.out).values():
         check_destination(path, "--out")
     templates = OBJECT_TEMPLATES if args.template is None else args.template
@@ -86,7 +88,8 @@ def run_train_embedding(args):
     result = textual_inversion(pipe, args.dir, args.token, args.init_word, vectors=args.vectors, steps=args.steps,
                                lr=args.lr, batch_size=args.batch_size, seed=args.seed, out=args.out,
                                checkpoint_every=args.checkpoint_every, resume=args.resume, templates=templates,
-                               clip_skip=args.clip_skip, progress=not args.quiet)
+                               clip_skip=args.clip_skip, progress=not args.quiet,
+                               mixed_sizes=args.mixed_sizes)
     # 3. report
     report_training(f"learned {result.token!r} ({len(result.names)} vector(s))", result.losses, result.paths)
     return 0
@@ -127,7 +130,9 @@ def run_train_lora(args):
     if args.alpha is not None and not args.alpha > 0:
         raise NpdiffError(f"--alpha must be > 0, got {args.alpha}")
     check_loop_options(args)
-    lora_captions(find_pictures(args.dir), check_prompt(args.prompt))
+    pictures = find_pictures(args.dir)
+    check_same_size(pictures, args.mixed_sizes)
+    lora_captions(pictures, check_prompt(args.prompt))
     for path in lora_output_paths(args.out).values():
         check_destination(path, "--out")
     # 2. load and train (train_lora checks the rest, and reads every picture, before the first step)
@@ -135,7 +140,7 @@ def run_train_lora(args):
     result = train_lora(pipe, args.dir, prompt=args.prompt, rank=args.rank, alpha=args.alpha, steps=args.steps,
                         lr=args.lr, batch_size=args.batch_size, seed=args.seed, out=args.out,
                         checkpoint_every=args.checkpoint_every, resume=args.resume, clip_skip=args.clip_skip,
-                        progress=not args.quiet)
+                        progress=not args.quiet, mixed_sizes=args.mixed_sizes)
     # 3. report
     report_training(f"trained a rank-{result.lora.rank} LoRA (alpha {result.lora.alpha:g})", result.losses,
                     result.paths)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from safetensors.numpy import load_file
 
 sys.path.insert(0, str(Path(__file__).parent / "pipeline"))
@@ -86,3 +87,20 @@ def test_train_embedding_bad_options(folder, pictures, tmp_path, capsys, changes
     error = capsys.readouterr().err
     assert error.startswith("npdiff: error:") and message in error, error
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("command", ["train-embedding", "train-lora"])
+def test_mixed_sizes_refused_before_the_model_loads_unless_asked_for(folder, tmp_path, capsys, command):
+    pictures = tmp_path / "mixed"
+    pictures.mkdir()
+    Image.new("RGB", (80, 64), (30, 60, 200)).save(pictures / "a.png")
+    Image.new("RGB", (64, 64), (200, 60, 30)).save(pictures / "b.png")
+    out = tmp_path / "x.safetensors"
+    words = ["--token", "<x>", "--init-word", "cat"] if command == "train-embedding" else ["--prompt", "a photo"]
+    common = [command, str(pictures), *words, "--steps", "1", "--out", str(out), "--quiet"]
+    assert cli.main([*common, "--model", str(tmp_path / "no-such-model")]) == 2  # refused before the model is read
+    error = capsys.readouterr().err
+    assert "b.png is 64x64 pixels but a.png is 80x64" in error and "--mixed-sizes" in error, error
+    assert not out.exists()
+    assert cli.main([*common, "--model", str(folder), "--mixed-sizes"]) == 0
+    assert out.is_file()

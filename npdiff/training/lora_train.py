@@ -45,6 +45,7 @@ from npdiff.training.lora_files import (
 from npdiff.training.lora_grad import UNetLora, check_rank_alpha, lora_grad
 from npdiff.training.pictures import (
     encode_training_latents,
+    check_same_size,
     find_pictures,
     load_training_pictures,
     sidecar_lines,
@@ -81,7 +82,8 @@ def lora_captions(paths, prompt):
 
 
 def train_lora(pipe, folder, prompt=None, rank=4, alpha=None, steps=500, lr=1e-4, batch_size=1, seed=0,
-               out=None, checkpoint_every=0, resume=None, clip_skip=None, weight_decay=1e-2, progress=True):
+               out=None, checkpoint_every=0, resume=None, clip_skip=None, weight_decay=1e-2, progress=True,
+               mixed_sizes=False):
     """Learn a LoRA on the UNet's attention projections from the pictures in `folder`; -> LoraTrainingResult.
     The pipe's weights are as they were when it returns.
 
@@ -90,7 +92,8 @@ def train_lora(pipe, folder, prompt=None, rank=4, alpha=None, steps=500, lr=1e-4
     count); lr: AdamW's learning rate; batch_size: pictures per step; seed: every random draw (the init too);
     out: the kohya-layout .safetensors file (its siblings: lora_files.lora_output_paths), or None;
     checkpoint_every: K > 0 writes the checkpoint every K steps (needs out); resume: a checkpoint to go on from
-    (made with the same rank and alpha on the same model); clip_skip: the text encoder layer (None: the last)."""
+    (made with the same rank and alpha on the same model); clip_skip: the text encoder layer (None: the last);
+    mixed_sizes: take pictures of different sizes (each cropped and resized on its own); refused otherwise."""
     # 0. every check before any work
     check_trainable_pipeline(pipe)
     rank, alpha = check_rank_alpha(rank, alpha)
@@ -114,6 +117,7 @@ def train_lora(pipe, folder, prompt=None, rank=4, alpha=None, steps=500, lr=1e-4
         optimizer.load_state(arrays, saved["step_count"])
         losses = [float(loss) for loss in arrays["losses"]]
     picture_paths = find_pictures(folder)
+    check_same_size(picture_paths, mixed_sizes)
     captions = lora_captions(picture_paths, prompt)
     size = pipe.unet.config["sample_size"] * pipe.vae_scale_factor
     pixels = load_training_pictures(picture_paths, size)                # [P,3,S,S]: every picture read

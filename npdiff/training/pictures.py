@@ -1,12 +1,16 @@
 """The training pictures of textual inversion and their captions (diffusers' TextualInversionDataset).
 
     paths = find_pictures("pictures/")                       # sorted; NpdiffError when there are none
+    check_same_size(paths)                                   # NpdiffError naming two sizes, unless mixed_sizes
     pixels = load_training_pictures(paths, size)             # [N,3,S,S] in [-1,1]
     latents = encode_training_latents(pipe.vae, pixels)      # [2,N,C,s,s]: as they are, and flipped
 
 Each picture is center-cropped to a square (the largest one) and resized to the model's size with
 bicubic resampling, as diffusers' script with --center_crop (its interpolation default is bicubic).
-Pictures of mixed sizes are fine: every one is cropped and resized on its own.
+Pictures of mixed sizes are refused before any work (check_same_size reads the sizes from the files'
+headers): a folder where one picture is 512x512 and another 1024x576 is most often a mistake (a stray file,
+a picture not prepared like the others), and the centre crop would cut the wide one's sides without a word.
+Pass mixed_sizes=True (`--mixed-sizes`) to take them anyway: each is then cropped and resized on its own.
 
 Captions: the templates (default diffusers' object templates below) with the new word for "{}"; a picture
 with a sidecar text file of the same name (`cat1.png` + `cat1.txt`, as kohya's scripts read captions) gets
@@ -56,6 +60,30 @@ def find_pictures(folder):
     if not paths:
         raise NpdiffError(f"training pictures: no pictures ({', '.join(PICTURE_SUFFIXES)}) in {folder}")
     return paths
+
+
+def check_same_size(paths, mixed_sizes=False):
+    """Every picture's width x height from its file's header (nothing decoded) -> NpdiffError naming the first
+    picture whose size differs from the first one's, unless mixed_sizes. A file that cannot be identified is
+    left to load_training_pictures, which names it."""
+    from PIL import Image, UnidentifiedImageError
+
+    if mixed_sizes:
+        return
+    first = None
+    for path in paths:
+        try:
+            with Image.open(path) as picture:
+                size = picture.size                                     # (width, height)
+        except (OSError, UnidentifiedImageError, ValueError):
+            continue
+        if first is None:
+            first = (path, size)
+        elif size != first[1]:
+            (first_path, (w0, h0)), (w1, h1) = first, size
+            raise NpdiffError(f"training pictures: {Path(path).name} is {w1}x{h1} pixels but {Path(first_path).name} "
+                              f"is {w0}x{h0}: give pictures of one size (or --mixed-sizes / mixed_sizes=True to "
+                              "center-crop and resize each on its own)")
 
 
 def center_crop_resize(picture, size):

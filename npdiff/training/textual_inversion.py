@@ -42,6 +42,7 @@ from npdiff.training.pictures import (
     OBJECT_TEMPLATES,
     check_templates,
     encode_training_latents,
+    check_same_size,
     find_pictures,
     load_training_pictures,
     picture_captions,
@@ -80,7 +81,7 @@ def new_rows_grad(grad, ids, new_ids):
 
 def textual_inversion(pipe, folder, token, init_word, vectors=1, steps=500, lr=5e-3, batch_size=1, seed=0,
                       out=None, checkpoint_every=0, resume=None, templates=OBJECT_TEMPLATES, clip_skip=None,
-                      weight_decay=1e-2, progress=True):
+                      weight_decay=1e-2, progress=True, mixed_sizes=False):
     """Learn `token` from the pictures in `folder`; -> TrainingResult. The word stays in `pipe`.
 
     vectors: rows the word gets (N); steps: AdamW steps in all (a resumed run goes on to this count);
@@ -91,7 +92,8 @@ def textual_inversion(pipe, folder, token, init_word, vectors=1, steps=500, lr=5
     where the uninterrupted run would);
     templates: caption templates with "{}" for the word (default diffusers' object templates; a picture's
     sidecar .txt file, one caption a line, replaces them for that picture);
-    clip_skip: the text encoder layer trained through (None: the last, as the pipeline's default)."""
+    clip_skip: the text encoder layer trained through (None: the last, as the pipeline's default);
+    mixed_sizes: take pictures of different sizes (each cropped and resized on its own); refused otherwise."""
     # 0. every check before any work
     check_trainable_pipeline(pipe)
     token = check_token(token)
@@ -120,6 +122,7 @@ def textual_inversion(pipe, folder, token, init_word, vectors=1, steps=500, lr=5
         optimizer.load_state(arrays, saved["step_count"])
         losses = [float(loss) for loss in arrays["losses"]]
     picture_paths = find_pictures(folder)
+    check_same_size(picture_paths, mixed_sizes)
     size = pipe.unet.config["sample_size"] * pipe.vae_scale_factor
     pixels = load_training_pictures(picture_paths, size)                # [P,3,S,S]: every picture read
     captions = picture_captions(picture_paths, templates)               # caption templates, one tuple a picture

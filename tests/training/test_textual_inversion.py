@@ -34,12 +34,15 @@ ADAM_TOL = 1e-6
 TEMPLATES = ["a photo of a {}", "a rendering of the {}"]
 
 
-def draw_pictures(folder, rng, count=3):
-    """`count` pictures of a red disc on blue, of mixed sizes, the disc placed at random -> folder."""
+def draw_pictures(folder, rng, count=3, mixed_sizes=False):
+    """`count` pictures of a red disc on blue, the disc placed at random -> folder. One random size for all
+    (the crop to a square is exercised when it is not square), or one per picture with mixed_sizes."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    width, height = int(rng.integers(64, 100)), int(rng.integers(64, 100))
     for index in range(count):
-        width, height = int(rng.integers(64, 100)), int(rng.integers(64, 100))
+        if mixed_sizes:
+            width, height = int(rng.integers(64, 100)), int(rng.integers(64, 100))
         picture = Image.new("RGB", (width, height), (30, 60, 200))
         x, y = int(rng.integers(0, width - 40)), int(rng.integers(0, height - 40))
         ImageDraw.Draw(picture).ellipse([x, y, x + 36, y + 36], fill=(220, 40, 40))
@@ -201,6 +204,21 @@ def test_bad_input_refused_before_any_work(folder, pictures, tmp_path):
         with pytest.raises(NpdiffError, match=message):
             textual_inversion(pipe, arguments.pop("folder"), **arguments)
         assert pipe.text_encoder.token_embedding.shape[0] == rows and "<x>" not in pipe.tokenizer.get_vocab()
+
+
+def test_mixed_sizes_refused_unless_asked_for(folder, tmp_path, rng):
+    pictures = draw_pictures(tmp_path / "mixed", rng, count=3, mixed_sizes=True)
+    (pictures / "picture9.png").write_bytes(b"not a png")  # unidentifiable: left to the reading, not the size check
+    with Image.open(pictures / "picture0.png") as first:
+        Image.new("RGB", (first.width + 7, first.height), (30, 60, 200)).save(pictures / "picture1.png")
+        expected = f"picture1.png is {first.width + 7}x{first.height} pixels but picture0.png is {first.width}x{first.height}"
+    pipe = fresh_pipe(folder)
+    with pytest.raises(NpdiffError, match=expected):
+        textual_inversion(pipe, pictures, "<x>", "cat", steps=1, progress=False)
+    assert "<x>" not in pipe.tokenizer.get_vocab()
+    (pictures / "picture9.png").unlink()
+    result = textual_inversion(pipe, pictures, "<x>", "cat", steps=1, progress=False, mixed_sizes=True)
+    assert len(result.losses) == 1 and np.isfinite(result.losses[0])
 
 
 def test_sidecar_captions_replace_the_templates(pictures):
