@@ -15,10 +15,12 @@ Versions:
                            halves of each row of h and writes a * gelu(gate) (the vectorised gelu
                            of activations.py into the output row, then the multiply while that
                            row is still in L1), instead of a gelu temporary and a multiply pass.
-  3. geglu_fast, R >= GEGLU_BLOCKS_MIN_ROWS  blocks of GEGLU_BLOCK_ROWS rows on the block-parallel
-                           pool (npdiff/kernels/block_pool.py): per block a one-thread GEMM into a
-                           [block, 2D] hidden block and the serial gate pass over it while it is in
-                           cache, both cores each on their own blocks; no [R, 2D] temporary.
+  3. geglu_fast, R >= GEGLU_BLOCKS_MIN_ROWS  one block of rows per worker of the block-parallel
+                           pool (npdiff/kernels/block_pool.py; more when a block's hidden rows would
+                           pass GEGLU_MAX_HIDDEN_FLOATS): per block a one-thread GEMM into the
+                           worker's [block, 2D] hidden scratch (kernels/scratch.py, reused from call
+                           to call) and the serial gate pass over it, both cores each on their own
+                           block; no [R, 2D] temporary and no fresh array per block.
   2. linear_activation_fast  the GEMM without its bias, then one Numba pass, parallel over rows, that
                            adds the bias and applies the activation in place, each row L1-resident
                            (CLIP's fc1 + quick_gelu: one pass and no [R, I] temporary instead of a
@@ -47,7 +49,8 @@ from npdiff.kernels.activations import (
     quick_gelu_ref,
     silu_ref,
 )
-from npdiff.kernels.block_pool import matmul, run_blocks
+from npdiff.kernels.block_pool import matmul, run_blocks, shared_pool, split_evenly
+from npdiff.kernels.scratch import scratch
 from npdiff.kernels.validate import (
     require_float32,
     require_min_ndim,
@@ -75,13 +78,19 @@ def geglu_ref(x, weight, bias=None, approximate="none"):
     return value * gelu_ref(gate, approximate)  # [..., D]
 
 
-# geglu with at least GEGLU_BLOCKS_MIN_ROWS rows runs in blocks of GEGLU_BLOCK_ROWS on the pool
-# (version 3). Measured (2 cores, separate processes alternated, load ~1.6): [8192,320] -> 1280 (the
-# UNet's 64x64 level) 130-135 -> 151-164 GFLOP/s (the GEMM alone: ~195); [2048,640] -> 2560 and
-# [512,1280] -> 5120 run at the same speed either way (165-180), so smaller inputs keep version 2.
-# Blocks of a fixed size: each row's GEMM is the same whatever the number of threads.
-GEGLU_BLOCK_ROWS = 512
-GEGLU_BLOCKS_MIN_ROWS = 4096
+# geglu with at least GEGLU_BLOCKS_MIN_ROWS rows runs in blocks on the pool (version 3): one block of
+# rows per worker, each a one-thread GEMM into the worker's hidden scratch. Large blocks, because each
+# block's sgemm packs the whole weight once: with blocks of 512 rows, packing [640, 5120] 16 times cost
+# ~10% (measured on the Intel Xeon, 2 workers, load ~2, best of 6, GFLOP/s on the wall clock):
+#   SDXL [8192,640] -> 2x2560:   blocks of 512 rows, fresh hidden arrays 245-250; 2 blocks of 4096 in
+#                                scratch 269 (the bare GEMM, no gate: 277)
+#   SDXL [2048,1280] -> 2x5120:  version 2 (column-split GEMM into a fresh [2048, 10240] array, then a
+#                                parallel gate pass) 266-271; 2 blocks of 1024 in scratch 285-288 (the
+#                                bare GEMM: 286)
+# A block's hidden rows are at most GEGLU_MAX_HIDDEN_FLOATS (128 MiB; SDXL's largest is 80 MiB), or more
+# blocks are made: the scratch stays allocated per thread between calls.
+GEGLU_BLOCKS_MIN_ROWS = 1024
+GEGLU_MAX_HIDDEN_FLOATS = 1 << 25
 
 # linear_activation's activations: name -> (reference, code of activations.activation_block, the
 # dispatched activation kernel that cupy arrays use after the CUDA linear)
@@ -149,21 +158,29 @@ def _geglu_gate_serial(hidden, which, out):
         _geglu_row(hidden[r], which, out[r])
 
 
+def geglu_row_blocks(n_rows, hidden_width, workers):
+    """[(first, stop), ...]: n_rows in one block per worker, or in more (a multiple of workers) when a
+    block's [rows, hidden_width] hidden scratch would pass GEGLU_MAX_HIDDEN_FLOATS."""
+    fitting_rows = max(1, GEGLU_MAX_HIDDEN_FLOATS // hidden_width)
+    per_worker = -(-n_rows // workers)
+    return split_evenly(n_rows, min(per_worker, fitting_rows), workers=workers)
+
+
 def geglu_blocks(rows, weight, bias, which):
-    """rows [R, in] -> [R, D] in blocks of GEGLU_BLOCK_ROWS rows on the block-parallel pool: each
-    worker's GEMM (one OpenBLAS thread) writes a [block, 2D] hidden block, which its serial gate
-    pass reads back while it is still in cache; no [R, 2D] array is ever made."""
+    """rows [R, in] -> [R, D] in blocks of rows on the block-parallel pool (geglu_row_blocks): each
+    worker's GEMM (one OpenBLAS thread) writes its [block, 2D] hidden scratch, which its serial gate
+    pass then reads; no [R, 2D] array is ever made."""
     out = np.empty((rows.shape[0], weight.shape[0] // 2), np.float32)  # [R, D]
 
     def run_block(bounds):
         first, stop = bounds
-        hidden = np.matmul(rows[first:stop], weight.T)  # [block, in] @ [in, 2D] -> [block, 2D]
+        hidden = scratch("geglu hidden", (stop - first, weight.shape[0]))  # [block, 2D], this thread's
+        np.matmul(rows[first:stop], weight.T, out=hidden)  # [block, in] @ [in, 2D] -> [block, 2D]
         if bias is not None:
             hidden += bias
         _geglu_gate_serial(hidden, which, out[first:stop])
 
-    run_blocks(run_block, [(first, min(first + GEGLU_BLOCK_ROWS, rows.shape[0]))
-                           for first in range(0, rows.shape[0], GEGLU_BLOCK_ROWS)])
+    run_blocks(run_block, geglu_row_blocks(rows.shape[0], weight.shape[0], shared_pool().workers))
     return out
 
 

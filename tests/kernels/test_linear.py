@@ -51,11 +51,16 @@ def test_geglu_matches_diffusers(rng, leading):
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_geglu_in_blocks_matches_torch(rng, approximate):
-    """Enough rows for version 3 (blocks of GEGLU_BLOCK_ROWS on the pool, the last one partial); the
-    same bytes with OpenBLAS on one thread (the block GEMMs are one-threaded either way)."""
-    rows = linear_kernels.GEGLU_BLOCKS_MIN_ROWS + linear_kernels.GEGLU_BLOCK_ROWS // 3
-    x = rng.standard_normal((2, rows // 2, 24), dtype=np.float32)
+@pytest.mark.parametrize("max_hidden_floats", [None, 5000])
+def test_geglu_in_blocks_matches_torch(rng, approximate, max_hidden_floats, monkeypatch):
+    """Enough rows for version 3 (blocks of rows on the pool, each GEMM into a worker's scratch; an
+    odd row count, so the blocks differ in size), with the hidden cap as shipped (one block per worker)
+    and small enough to force several uneven blocks per worker; the same bytes on the second call
+    (the scratch reused) and with OpenBLAS on one thread (the block GEMMs are one-threaded either way)."""
+    if max_hidden_floats is not None:
+        monkeypatch.setattr(linear_kernels, "GEGLU_MAX_HIDDEN_FLOATS", max_hidden_floats)
+    rows = 2 * (linear_kernels.GEGLU_BLOCKS_MIN_ROWS // 2 + int(rng.integers(1, 200))) + 1
+    x = rng.standard_normal((rows, 24), dtype=np.float32)
     weight = rng.standard_normal((2 * 40, 24), dtype=np.float32) / np.float32(5.0)
     bias = rng.standard_normal(2 * 40, dtype=np.float32)
     hidden = F.linear(torch.from_numpy(x), torch.from_numpy(weight), torch.from_numpy(bias))
@@ -63,6 +68,7 @@ def test_geglu_in_blocks_matches_torch(rng, approximate):
     expected = value * F.gelu(gate, approximate=approximate)
     ours = geglu(x, weight, bias, approximate)
     assert_rel_close(ours, expected, KERNEL_TOL, "geglu in blocks")
+    assert np.array_equal(geglu(x, weight, bias, approximate), ours)
     threads = blas.get_num_threads()
     if threads is not None:
         try:
@@ -70,6 +76,20 @@ def test_geglu_in_blocks_matches_torch(rng, approximate):
             assert np.array_equal(geglu(x, weight, bias, approximate), ours)
         finally:
             blas.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("n_rows, hidden_width, workers", [(8192, 5120, 2), (2048, 20480, 2), (1025, 80, 3),
+                                                           (9000, 1 << 14, 2)])
+def test_geglu_row_blocks_cover_the_rows(n_rows, hidden_width, workers):
+    """One block per worker while the hidden rows fit GEGLU_MAX_HIDDEN_FLOATS, else a multiple of workers;
+    the blocks tile range(n_rows) in order."""
+    blocks = linear_kernels.geglu_row_blocks(n_rows, hidden_width, workers)
+    assert blocks[0][0] == 0 and blocks[-1][1] == n_rows
+    assert all(stop == next_first for (_, stop), (next_first, _) in zip(blocks, blocks[1:]))
+    assert all((stop - first) * hidden_width <= linear_kernels.GEGLU_MAX_HIDDEN_FLOATS for first, stop in blocks)
+    assert len(blocks) % workers == 0
+    if n_rows * hidden_width <= workers * linear_kernels.GEGLU_MAX_HIDDEN_FLOATS:
+        assert len(blocks) == workers
 
 
 def test_linear_on_a_strided_view_matches_torch(rng):
