@@ -1,6 +1,7 @@
 """linear, linear_activation and geglu against torch (F.linear, diffusers' GEGLU)."""
 
 import importlib
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -85,7 +86,7 @@ def test_geglu_row_blocks_cover_the_rows(n_rows, hidden_width, workers):
     the blocks tile range(n_rows) in order."""
     blocks = linear_kernels.geglu_row_blocks(n_rows, hidden_width, workers)
     assert blocks[0][0] == 0 and blocks[-1][1] == n_rows
-    assert all(stop == next_first for (_, stop), (next_first, _) in zip(blocks, blocks[1:]))
+    assert all(stop == next_first for (_, stop), (next_first, _) in pairwise(blocks))
     assert all((stop - first) * hidden_width <= linear_kernels.GEGLU_MAX_HIDDEN_FLOATS for first, stop in blocks)
     assert len(blocks) % workers == 0
     if n_rows * hidden_width <= workers * linear_kernels.GEGLU_MAX_HIDDEN_FLOATS:
