@@ -29,16 +29,8 @@ def torch_sdpa(q, k, v, mask=None, is_causal=False):
 SD_SHAPES = [(256, 256, 40), (256, 256, 80), (256, 256, 160), (300, 77, 40), (200, 77, 160)]
 
 
-@pytest.fixture(params=["direct", "transposed"])
-def second_product(request, monkeypatch):
-    """Both ways of probs @ v: straight into the output (few keys) and v^T @ probs^T (many)."""
-    if request.param == "transposed":
-        monkeypatch.setattr(fused, "DIRECT_MAX_KEYS", 0)
-    return request.param
-
-
 @pytest.mark.parametrize("n_queries,n_keys,dim", SD_SHAPES)
-def test_fused_matches_torch_at_sd_shapes(rng, second_product, n_queries, n_keys, dim):
+def test_fused_matches_torch_at_sd_shapes(rng, n_queries, n_keys, dim):
     q, k, v = random_qkv(rng, (2, 2), n_queries, n_keys, dim)
     q *= np.float32(rng.uniform(1, 4))  # sharper softmax rows than unit-variance scores give
     expected = torch_sdpa(q, k, v)
@@ -50,7 +42,7 @@ def test_fused_matches_torch_at_sd_shapes(rng, second_product, n_queries, n_keys
 
 
 @pytest.mark.parametrize("kind", ["bool", "float", "causal"])
-def test_fused_masks_across_several_blocks(rng, second_product, kind):
+def test_fused_masks_across_several_blocks(rng, kind):
     q, k, v = random_qkv(rng, (2, 2), 150, 130, 40)
     mask, is_causal = None, kind == "causal"
     if kind != "causal":
@@ -66,7 +58,7 @@ def test_fused_masks_across_several_blocks(rng, second_product, kind):
     assert_rel_close(ours, expected, KERNEL_TOL, kind)
 
 
-def test_fused_gives_the_same_bytes_on_one_and_two_workers(rng, monkeypatch, second_product):
+def test_fused_gives_the_same_bytes_on_one_and_two_workers(rng, monkeypatch):
     """Blocks are cut by the query block alone, so the arithmetic of every output element is the
     same whichever worker runs it and however many there are."""
     q, k, v = random_qkv(rng, (2, 3), 200, 180, 40)
@@ -107,7 +99,7 @@ def test_paths_take_version_5_up_to_fused_max_keys(rng, monkeypatch):
 
 
 @pytest.mark.parametrize("n_keys", [77, 180])
-def test_fused_reads_head_views_and_writes_in_their_order(rng, second_product, n_keys):
+def test_fused_reads_head_views_and_writes_in_their_order(rng, n_keys):
     """The heads of transformer.split_heads are strided views [B,h,N,d] of [B,N,h*d]: version 5
     reads them in place, gives the same bytes as on contiguous copies, and returns its output in
     q's memory order, so merge_heads needs no copy."""

@@ -10,20 +10,23 @@ task is a few steps over one tile, and the tile never leaves the caches (L2, L3)
     1. scores^T [M, Q] = k [M, d] @ q_block^T [d, Q]            (BLAS, into the worker's buffer)
     2. softmax of every column (one query's scores over all keys) in place, not yet divided by
        its sum: max, 2^(s - max), sum (Numba, one fused pass after the max; softmax_keys_in_place)
-    3. out^T [dv, Q] = v^T [dv, M] @ probs^T [M, Q]              (BLAS, into the worker's buffer)
-    4. out [Q, dv] = out^T transposed, each row times 1 / its sum     (store_normalised_transposed)
-  With at most DIRECT_MAX_KEYS keys, 3-4 are instead out [Q, dv] = probs [Q, M] @ v [M, dv]
-  straight into the output (BLAS) and each row times 1 / its sum (normalise_rows).
+    3. out [Q, dv] = probs [Q, M] @ v [M, dv], straight into the output (BLAS reads the tile
+       transposed)
+    4. each row of out times 1 / its sum                           (normalise_rows)
 
 Why transposed (scores^T, keys along rows, queries along columns): measured on one Zen 4 core with
 OpenBLAS, k @ q_block^T ([4096,40] @ [40,128]) runs at ~92 GFLOP/s where q_block @ k^T ([128,40] @
 [40,4096], the same product) runs at ~60; and the softmax then works down the columns, so its max
 and sum are per-lane vector operations (no horizontal reduction per row): 0.5 against 0.63 ns per
 score, both with vecmath.exp_f32 (0.23 ns now: 2^x, and the running max/sum interleaved, below).
-For the second product, v^T @ probs^T (then a transposed store) and probs @ v (straight into the
-output) were measured on 2 workers: at M = 4096 within noise of each other (148 and 145
-GFLOP/s at [2,8,4096,40]); at M <= 1024 the direct one is faster, its saving the transposed store,
-a scalar loop, dominates (M = 1024, d = 80: 159 vs 148; M = 77, d = 80: 111 vs 81).
+For the second product, v^T @ probs^T (then a transposed store, store_normalised_transposed) and
+probs @ v (straight into the output) were measured. On the Zen 4, 2 workers: at M = 4096 within
+noise of each other (148 and 145 GFLOP/s at [2,8,4096,40]); at M <= 1024 the direct one faster (M =
+1024, d = 80: 159 vs 148; M = 77, d = 80: 111 vs 81). On the Intel Xeon of the SDXL measurements
+(one worker, thread CPU time, best of 8 alternated, three runs) the direct one is faster at every
+size too: [1,4,4096,4096,64] 93.6-96.3 -> 98.0-99.4 GFLOP/s per core, [1,4,4096,4096,40] 77.1-79.3
+-> 81.8-81.9, [1,4,2048,2048,64] 87.9-89.2 -> 93.2-96.8; so it is the only one now (the bf16
+version 6, amx.py, still stores its transposed product with store_normalised_transposed).
 
 Why 2^x: q is multiplied once by scale * log2(e), so the scores come out in log2 units and the
 exponential is 2^(s - max) (vecmath.exp2_nonpositive_f32): no ln 2 reduction per score, and no
@@ -37,7 +40,8 @@ thread keeps its tile and output buffers between calls (kernels/scratch.py), so 
 per task. Above FUSED_MAX_KEYS keys even MIN_QUERY_BLOCK queries would not fit: those shapes take
 version 3 (npdiff/kernels/attention/__init__.py decides).
 
-Where the time goes at [2,8,4096,40] (one core, Q = 256, the steps timed apart): the first GEMM
+Where the time goes at [2,8,4096,40] (one Zen 4 core, Q = 256, the steps timed apart, before step 3 was
+always direct): the first GEMM
 94 GFLOP/s (43% of the time), the softmax pass 0.24 ns per score (12%), the second GEMM 89 GFLOP/s
 (45%): 80 GFLOP/s per core against OpenBLAS's ~100 on large square GEMMs. The GEMMs with K or N =
 d = 40 are what limits, and BLAS packs each operand per call (k and v once per Q queries, the
@@ -74,7 +78,6 @@ MIN_QUERY_BLOCK = 32
 MAX_QUERY_BLOCK = 512
 FUSED_MAX_KEYS = TILE_FLOATS // MIN_QUERY_BLOCK  # 32768: more keys -> version 3's key chunks
 ALIGN = 16  # query blocks are a multiple of one zmm vector of float32
-DIRECT_MAX_KEYS = 1024  # up to this many keys, steps 3-4 are probs @ v straight into the output
 KEY_INTERLEAVE = 4  # running max/sum rows of softmax_keys_in_place (combined there as 4)
 
 
@@ -181,7 +184,6 @@ def attention_fused(q, k, v, mask=None, scale=None, is_causal=False, query_block
         # causal: keys after the block's last query are masked for every query in it
         visible = min(n_keys, query_stop) if is_causal else n_keys
         scores_t = scratch("scores_t", (visible, rows))  # [m,Q]
-        out_t = scratch("out_t", (value_dim, rows))  # [dv,Q]
         col_sum = scratch("col_sum", (rows,))  # [Q]
         q_block = scratch("q_block", (rows, q.shape[-1]))  # [Q,d]
         keys, values = k[at][:visible], v[at][:visible]  # [m,d], [m,dv] views
@@ -199,15 +201,10 @@ def attention_fused(q, k, v, mask=None, scale=None, is_causal=False, query_block
         # 2. unnormalised probabilities in place, column sums (Numba, nogil)
         softmax_keys_in_place(scores_t, col_sum)
         out_block = out[at][query_start:query_stop]  # [Q,dv] view
-        if visible <= DIRECT_MAX_KEYS:
-            # 3-4. few keys: probs @ v straight into the output, rows divided by the sums
-            np.matmul(scores_t.T, values, out=out_block)  # [Q,m] @ [m,dv] -> [Q,dv]
-            normalise_rows(out_block, col_sum)
-        else:
-            # 3. out^T = v^T @ probs^T
-            np.matmul(values.T, scores_t, out=out_t)  # [dv,m] @ [m,Q] -> [dv,Q]
-            # 4. transposed into the output, divided by the sums
-            store_normalised_transposed(out_t, col_sum, out_block)
+        # 3. probs @ v straight into the output (probs^T's transpose is a view BLAS reads as is)
+        np.matmul(scores_t.T, values, out=out_block)  # [Q,m] @ [m,dv] -> [Q,dv]
+        # 4. rows divided by the sums
+        normalise_rows(out_block, col_sum)
 
     blocks = [(s, start) for s in range(len(slices)) for start in range(0, n_queries, query_block)]
     run_blocks(run_block, blocks)
