@@ -36,43 +36,50 @@ benchmarks/RESULTS.md ("Training").
 import math
 
 import numpy as np
+from numba import carray
 
 from npdiff.jit import FASTMATH_SAFE, SERIAL, njit
-from npdiff.kernels.attention.backward_tiles import (
-    ADD,
-    DOT,
-    LANES,
-    SCORES,
-    STORE,
-    TILE_COLS,
-    TILE_ROWS,
-    lane_max,
-    lane_sum,
-    tile,
-)
+from npdiff.kernels.attention.backward_tiles import TILE_COLS, TILE_ROWS, tile
 from npdiff.kernels.attention.common import default_scale
 from npdiff.kernels.block_pool import run_blocks, worker_count
+from npdiff.kernels.matmul_numba import _stack_row  # the stack-row intrinsic (register-promoted sums)
 from npdiff.kernels.scratch import scratch
 from npdiff.kernels.vecmath import LOG2E, exp2_nonpositive_f32
 
 QUERY_BLOCK = 48  # queries per block: a multiple of TILE_ROWS; the two [Q, Mp] tiles (768 KiB each at M = 4096)
-DQ_KEY_CHUNK = 512  # keys per step of dq = dS k: k's chunk [512, 64] (128 KiB) stays in L2
+DQ_KEY_CHUNK = 512  # keys per step of dq = dS k: k's chunk [512, Dp] (128 KiB at Dp = 64) stays in L2
+# dS's rows (dq's A operand, [Q, Mp + ROW_PAD]) are Mp + ROW_PAD floats apart: at M = 4096, rows 16 KiB
+# apart would fall into the same L1 sets (measured on the micro-kernel at depth 40: 81 GFLOP/s at a
+# 4096-float row step, 103 at 4160)
+ROW_PAD = TILE_COLS
 NO_LIMIT = 1 << 40  # a column limit that never bites (not causal)
 
 
+@njit(**SERIAL)
 def padded(count, multiple):
+    """count rounded up to a multiple of `multiple`."""
     return -(-count // multiple) * multiple
 
 
 @njit(**SERIAL)
-def pack_transposed(x, out):
-    """x [M, d] -> out [d, Mp] = x^T, the columns past M zero."""
+def pack_key_blocks(x, out):
+    """x [M, d] -> out [Mp/64, d, 64]: out[b, c, j] = x[64 b + j, c] (block-major x^T), zero past M."""
     n_keys, dim = x.shape
-    for c in range(dim):
-        for j in range(n_keys):
-            out[c, j] = x[j, c]
-        for j in range(n_keys, out.shape[1]):
-            out[c, j] = 0.0
+    for block in range(out.shape[0]):
+        for c in range(dim):
+            for j in range(TILE_COLS):
+                key = block * TILE_COLS + j
+                out[block, c, j] = x[key, c] if key < n_keys else np.float32(0.0)
+
+
+@njit(**SERIAL)
+def unpack_key_blocks(blocks, out):
+    """blocks [Mp/64, d, 64] -> out [M, d] (pack_key_blocks' inverse, the padding dropped)."""
+    n_keys, dim = out.shape
+    for key in range(n_keys):
+        block, j = key // TILE_COLS, key % TILE_COLS
+        for c in range(dim):
+            out[key, c] = blocks[block, c, j]
 
 
 @njit(**SERIAL)
@@ -84,89 +91,132 @@ def pack_padded(x, out):
 
 
 @njit(fastmath=FASTMATH_SAFE, **SERIAL)
-def _softmax_rows(tile_rows, rows, width, row_lanes, inverse_sum):
-    """Step 2: tile_rows[:rows, :width] <- 2^(s - row max) in place; inverse_sum[r] = 1 / the row sum."""
+def _softmax_rows(scores, rows, key_blocks, limit_base, visible, inverse_sum):
+    """Step 2: scores [blocks, Q, 64] (rows < rows, blocks < key_blocks) <- 2^(s - row max) in place,
+    0 for the keys row r may not see (from key min(visible, limit_base + r) on); inverse_sum[r] =
+    1 / the row sum. The maxima and sums are kept per column of a block (`lanes`, 64 floats on the
+    stack, promoted to 4 zmm registers), so the loops are element-wise and vectorise (a max reduction
+    does not: LLVM needs 'nnan' for it, which FASTMATH_SAFE leaves out: 1.9 against ~0.3 ns per score)."""
+    lanes = carray(_stack_row(), TILE_COLS)
     for r in range(rows):
-        row_max = lane_max(row_lanes[r])
+        limit = min(visible, limit_base + r)
+        for j in range(TILE_COLS):
+            lanes[j] = -np.inf
+        for block in range(key_blocks):
+            row = scores[block, r]  # [64]
+            for j in range(TILE_COLS):
+                x = row[j] if block * TILE_COLS + j < limit else np.float32(-np.inf)
+                lanes[j] = x if x > lanes[j] else lanes[j]
+        row_max = lanes[0]
+        for j in range(1, TILE_COLS):
+            row_max = lanes[j] if lanes[j] > row_max else row_max
         row_max = row_max if row_max != -np.inf else np.float32(0.0)  # a row with no key: all 0
+        for j in range(TILE_COLS):
+            lanes[j] = 0.0
+        for block in range(key_blocks):
+            row = scores[block, r]
+            for j in range(TILE_COLS):
+                e = exp2_nonpositive_f32(row[j] - row_max)
+                e = e if block * TILE_COLS + j < limit else np.float32(0.0)
+                row[j] = e
+                lanes[j] += e
         total = np.float32(0.0)
-        for j in range(width):
-            e = exp2_nonpositive_f32(tile_rows[r, j] - row_max)
-            tile_rows[r, j] = e
-            total += e
+        for j in range(TILE_COLS):
+            total += lanes[j]
         inverse_sum[r] = np.float32(1.0) / total if total != 0 else np.float32(0.0)
 
 
 @njit(fastmath=FASTMATH_SAFE, **SERIAL)
-def _grad_scores_rows(exps, grads, rows, width, row_lanes, inverse_sum, scale):
-    """Step 4: grads[:rows, :width] (dP) <- E * (dP - Dr) * scale / l in place, Dr from DOT's lanes."""
+def _grad_scores_rows(exps, grads, grad_rows_out, rows, key_blocks, inverse_sum, scale):
+    """Step 4: grads (dP, [blocks, Q, 64]) <- dS = E * (dP - Dr) * scale / l in place, Dr = rowsum(E *
+    dP) / l = rowsum(P * dP) (per-column sums, as _softmax_rows); dS also into grad_rows_out
+    [Q, >= Mp] by rows (dq's A operand)."""
+    lanes = carray(_stack_row(), TILE_COLS)
     for r in range(rows):
-        row_dot = np.float32(lane_sum(row_lanes[r]) * inverse_sum[r])  # rowsum(P * dP)
+        for j in range(TILE_COLS):
+            lanes[j] = 0.0
+        for block in range(key_blocks):
+            exp_row, grad_row = exps[block, r], grads[block, r]  # [64], [64]
+            for j in range(TILE_COLS):
+                lanes[j] += exp_row[j] * grad_row[j]
+        total = np.float32(0.0)
+        for j in range(TILE_COLS):
+            total += lanes[j]
+        row_dot = total * inverse_sum[r]  # rowsum(P * dP)
         factor = inverse_sum[r] * scale
-        for j in range(width):
-            grads[r, j] = exps[r, j] * (grads[r, j] - row_dot) * factor
+        out_row = grad_rows_out[r]
+        for block in range(key_blocks):
+            exp_row, grad_row = exps[block, r], grads[block, r]
+            out_block = out_row[block * TILE_COLS:(block + 1) * TILE_COLS]
+            for j in range(TILE_COLS):
+                value = exp_row[j] * (grad_row[j] - row_dot) * factor
+                grad_row[j] = value
+                out_block[j] = value
 
 
 @njit(**SERIAL)
-def _gemm_into_tile(depth, a, a_start, a_row_step, a_depth_step, rows, b, b_row_step, c, c_row_step, width,
-                    epilogue, limit_base, valid_keys, row_lanes, p, staged):
-    """C[rows, width] (epilogue)= A[rows, depth] B[depth, width]: 64-column slices outermost (B's slice
-    stays in L1), TILE_ROWS row groups inside. limit_base: row 0's column limit (SCORES)."""
-    for c0 in range(0, width, TILE_COLS):
-        valid_cols = min(TILE_COLS, valid_keys - c0)
+def _gemm_into_tiles(depth, a, a_start, a_row_step, a_depth_step, rows, b, b_start, b_block_step, b_row_step,
+                     c, c_start, c_block_step, c_row_step, width, accumulate):
+    """C[rows, width] (+)= A[rows, depth] B[depth, width] over flat arrays; column block n of B starts
+    b_block_step floats after block n - 1 (64 for a row-major B, rows * 64 for a block-major one),
+    likewise C. 64-column blocks outermost (B's block stays in L1), TILE_ROWS row groups inside."""
+    for block in range(width // TILE_COLS):
+        b_at = b_start + block * b_block_step
+        c_at = c_start + block * c_block_step
         for r0 in range(0, rows, TILE_ROWS):
             tile(depth, a, a_start + r0 * a_row_step, a_row_step, a_depth_step, min(TILE_ROWS, rows - r0),
-                 b, c0, b_row_step, c, r0 * c_row_step + c0, c_row_step, epilogue, limit_base + r0 - c0,
-                 valid_cols, row_lanes, r0, p, r0 * c_row_step + c0, staged)
+                 b, b_at, b_row_step, c, c_at + r0 * c_row_step, c_row_step, accumulate)
 
 
 @njit(**SERIAL)
 def query_blocks_backward(qs, q, keys_t, values_t, keys_padded, grad_rows, n_keys, causal, scale, q_begin,
-                          q_end, grad_q, grad_keys_t, grad_values_t, exps, grads, grad_scaled, dq_block,
-                          row_lanes, inverse_sum, staged):
+                          q_end, grad_q, grad_keys_t, grad_values_t, exps, grads, grad_score_rows, grad_scaled,
+                          dq_block, inverse_sum):
     """Steps 1-7 for the queries [q_begin, q_end) of one slice (module docstring); dk^T, dv^T are
-    added into grad_keys_t [d, Mp], grad_values_t [dv, Mp]. Flat views are taken of every operand."""
+    added into grad_keys_t [Mp/64, d, 64], grad_values_t [Mp/64, dv, 64]. Block-major (keys_t,
+    values_t, exps, grads, grad_*_t: [Mp/64, rows, 64]): a tile's 6 rows of 64 and a block's rows of B
+    are contiguous runs, which the hardware prefetcher follows (row-major [Q, Mp] tiles, rows 16 KiB
+    apart, ran the GEMMs at 35-60 GFLOP/s in place against ~100 alone)."""
     dim, value_dim = qs.shape[1], grad_rows.shape[1]
-    padded_keys = keys_t.shape[1]
+    block_rows = exps.shape[1]  # Q
     padded_dim = keys_padded.shape[1]
+    row_step = grad_score_rows.shape[1]
     qs_flat, q_flat, do_flat = qs.reshape(-1), q.reshape(-1), grad_rows.reshape(-1)
     kt_flat, vt_flat, kp_flat = keys_t.reshape(-1), values_t.reshape(-1), keys_padded.reshape(-1)
-    exps_flat, grads_flat = exps.reshape(-1), grads.reshape(-1)
+    exps_flat, grads_flat, ds_rows_flat = exps.reshape(-1), grads.reshape(-1), grad_score_rows.reshape(-1)
     dkt_flat, dvt_flat = grad_keys_t.reshape(-1), grad_values_t.reshape(-1)
     scaled_flat, dq_flat = grad_scaled.reshape(-1), dq_block.reshape(-1)
-    unused = np.zeros((1, LANES), np.float32)  # row lanes of epilogues that keep none
-    for q0 in range(q_begin, q_end, exps.shape[0]):
-        rows = min(exps.shape[0], q_end - q0)
+    tile_block = block_rows * TILE_COLS  # floats per key block of exps, grads
+    for q0 in range(q_begin, q_end, block_rows):
+        rows = min(block_rows, q_end - q0)
         visible = min(n_keys, q0 + rows) if causal else n_keys  # keys any query of the block sees
-        width = min(padded_keys, -(-visible // TILE_COLS) * TILE_COLS)
-        limit_base = q0 + 1 if causal else NO_LIMIT  # row 0 sees keys < q0 + 1
-        # 1. S = qs k^T, masked, with the row maxima
-        row_lanes[:rows, :] = -np.inf
-        _gemm_into_tile(dim, qs_flat, q0 * dim, dim, 1, rows, kt_flat, padded_keys, exps_flat, padded_keys,
-                        width, SCORES, limit_base, visible, row_lanes, exps_flat, staged)
-        # 2. E = 2^(S - max) in place, 1 / row sums
-        _softmax_rows(exps, rows, width, row_lanes, inverse_sum)
-        # 3. dP = dO v^T with rowsum(E * dP)
-        row_lanes[:rows, :] = 0.0
-        _gemm_into_tile(value_dim, do_flat, q0 * value_dim, value_dim, 1, rows, vt_flat, padded_keys, grads_flat,
-                        padded_keys, width, DOT, NO_LIMIT, width, row_lanes, exps_flat, staged)
-        # 4. dS in place of dP
-        _grad_scores_rows(exps, grads, rows, width, row_lanes, inverse_sum, scale)
+        width = padded(visible, TILE_COLS)
+        key_blocks = width // TILE_COLS
+        limit_base = q0 + 1 if causal else NO_LIMIT  # row 0 sees the keys before q0 + 1
+        # 1. S = qs k^T
+        _gemm_into_tiles(dim, qs_flat, q0 * dim, dim, 1, rows, kt_flat, 0, dim * TILE_COLS, TILE_COLS,
+                         exps_flat, 0, tile_block, TILE_COLS, width, False)
+        # 2. E = 2^(S - max) in place (0 where masked), 1 / row sums
+        _softmax_rows(exps, rows, key_blocks, limit_base, visible, inverse_sum)
+        # 3. dP = dO v^T
+        _gemm_into_tiles(value_dim, do_flat, q0 * value_dim, value_dim, 1, rows, vt_flat, 0,
+                         value_dim * TILE_COLS, TILE_COLS, grads_flat, 0, tile_block, TILE_COLS, width, False)
+        # 4. dS in place of dP (and by rows for step 7)
+        _grad_scores_rows(exps, grads, grad_score_rows, rows, key_blocks, inverse_sum, scale)
         # 5. dv^T += (dO / l)^T E: A(r, t) = dO[q0 + t, r] / l[t], read from grad_scaled [Q, dv]
         for t in range(rows):
             for c in range(value_dim):
                 grad_scaled[t, c] = grad_rows[q0 + t, c] * inverse_sum[t]
-        _gemm_into_tile(rows, scaled_flat, 0, 1, value_dim, value_dim, exps_flat, padded_keys, dvt_flat,
-                        padded_keys, width, ADD, NO_LIMIT, width, unused, exps_flat, staged)
+        _gemm_into_tiles(rows, scaled_flat, 0, 1, value_dim, value_dim, exps_flat, 0, tile_block, TILE_COLS,
+                         dvt_flat, 0, value_dim * TILE_COLS, TILE_COLS, width, True)
         # 6. dk^T += q^T dS
-        _gemm_into_tile(rows, q_flat, q0 * dim, 1, dim, dim, grads_flat, padded_keys, dkt_flat,
-                        padded_keys, width, ADD, NO_LIMIT, width, unused, exps_flat, staged)
-        # 7. dq = dS k, in key chunks (the first stores, the others add)
+        _gemm_into_tiles(rows, q_flat, q0 * dim, 1, dim, dim, grads_flat, 0, tile_block, TILE_COLS,
+                         dkt_flat, 0, dim * TILE_COLS, TILE_COLS, width, True)
+        # 7. dq = dS k in key chunks (k's chunk stays in L2 across the row groups): the first stores
         for k0 in range(0, width, DQ_KEY_CHUNK):
             depth = min(DQ_KEY_CHUNK, width - k0)
-            _gemm_into_tile(depth, grads_flat, k0, padded_keys, 1, rows, kp_flat[k0 * padded_dim:],
-                            padded_dim, dq_flat, padded_dim, padded_dim, STORE if k0 == 0 else ADD, NO_LIMIT,
-                            padded_dim, unused, exps_flat, staged)
+            _gemm_into_tiles(depth, ds_rows_flat, k0, row_step, 1, rows, kp_flat, k0 * padded_dim, TILE_COLS,
+                             padded_dim, dq_flat, 0, TILE_COLS, padded_dim, padded_dim, k0 > 0)
         grad_q[q0:q0 + rows, :] = dq_block[:rows, :dim]
 
 
@@ -185,6 +235,7 @@ def attention_backward_fused(q, k, v, grad_out, scale=None, is_causal=False):
     lead = q.shape[:-2]
     n_queries, n_keys, dim, value_dim = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     padded_keys, padded_dim = padded(max(1, n_keys), TILE_COLS), padded(dim, TILE_COLS)
+    key_blocks = padded_keys // TILE_COLS
     grad_q = np.empty(q.shape, np.float32)                              # [...,N,d]
     grad_k = np.empty(k.shape, np.float32)                              # [...,M,d]
     grad_v = np.empty(v.shape, np.float32)                              # [...,M,dv]
@@ -204,24 +255,23 @@ def attention_backward_fused(q, k, v, grad_out, scale=None, is_causal=False):
         np.copyto(q_rows, q[at])
         grad_rows = scratch("attn_v4_do", (n_queries, value_dim))       # [N,dv] contiguous
         np.copyto(grad_rows, grad_out[at])
-        keys_t = scratch("attn_v4_kt", (dim, padded_keys))              # [d,Mp]
-        pack_transposed(np.ascontiguousarray(k[at]), keys_t)
-        values_t = scratch("attn_v4_vt", (value_dim, padded_keys))      # [dv,Mp]
-        pack_transposed(np.ascontiguousarray(v[at]), values_t)
+        keys_t = scratch("attn_v4_kt", (key_blocks, dim, TILE_COLS))   # [Mp/64,d,64] = k^T by key blocks
+        pack_key_blocks(k[at], keys_t)
+        values_t = scratch("attn_v4_vt", (key_blocks, value_dim, TILE_COLS))  # [Mp/64,dv,64]
+        pack_key_blocks(v[at], values_t)
         keys_padded = scratch("attn_v4_kp", (padded_keys, padded_dim))  # [Mp,Dp]
-        pack_padded(np.ascontiguousarray(k[at]), keys_padded)
-        grad_keys_t = np.zeros((dim, padded_keys), np.float32)          # [d,Mp] summed over query blocks
-        grad_values_t = np.zeros((value_dim, padded_keys), np.float32)  # [dv,Mp]
+        pack_padded(k[at], keys_padded)
+        grad_keys_t = np.zeros((key_blocks, dim, TILE_COLS), np.float32)  # [Mp/64,d,64] summed over query blocks
+        grad_values_t = np.zeros((key_blocks, value_dim, TILE_COLS), np.float32)  # [Mp/64,dv,64]
         query_blocks_backward(
             qs, q_rows, keys_t, values_t, keys_padded, grad_rows, n_keys, is_causal, np.float32(scale),
             q_begin, q_end, grad_q[at], grad_keys_t, grad_values_t,
-            scratch("attn_v4_exps", (QUERY_BLOCK, padded_keys)),        # [Q,Mp] S, then E
-            scratch("attn_v4_grads", (QUERY_BLOCK, padded_keys)),       # [Q,Mp] dP, then dS
+            scratch("attn_v4_exps", (key_blocks, QUERY_BLOCK, TILE_COLS)),  # [Mp/64,Q,64] S, then E
+            scratch("attn_v4_grads", (key_blocks, QUERY_BLOCK, TILE_COLS)),  # [Mp/64,Q,64] dP, then dS
+            scratch("attn_v4_ds_rows", (QUERY_BLOCK, padded_keys + ROW_PAD)),  # [Q,Mp+64] dS by rows
             scratch("attn_v4_do_scaled", (QUERY_BLOCK, value_dim)),     # [Q,dv]
             scratch("attn_v4_dq", (QUERY_BLOCK, padded_dim)),           # [Q,Dp]
-            scratch("attn_v4_lanes", (QUERY_BLOCK, LANES)),             # [Q,16]
-            scratch("attn_v4_inverse_sum", (QUERY_BLOCK,)),             # [Q]
-            scratch("attn_v4_staged", (TILE_ROWS, TILE_COLS)))          # [6,64]
+            scratch("attn_v4_inverse_sum", (QUERY_BLOCK,)))             # [Q]
         part_grads[task] = (grad_keys_t, grad_values_t)
 
     tasks = [(index, part) for index in range(len(slices)) for part in range(len(parts))]
@@ -231,6 +281,6 @@ def attention_backward_fused(q, k, v, grad_out, scale=None, is_causal=False):
         for part in range(1, len(parts)):
             grad_keys_t += part_grads[(index, part)][0]
             grad_values_t += part_grads[(index, part)][1]
-        grad_k[at] = grad_keys_t[:, :n_keys].T                          # [d,M] -> [M,d]
-        grad_v[at] = grad_values_t[:, :n_keys].T                        # [dv,M] -> [M,dv]
+        unpack_key_blocks(grad_keys_t, grad_k[at])                      # [Mp/64,d,64] -> [M,d]
+        unpack_key_blocks(grad_values_t, grad_v[at])                    # [Mp/64,dv,64] -> [M,dv]
     return grad_q, grad_k, grad_v
