@@ -144,14 +144,10 @@ def _grad_scores_rows(exps, grads, grad_rows_out, rows, key_blocks, inverse_sum,
             total += lanes[j]
         row_dot = total * inverse_sum[r]  # rowsum(P * dP)
         factor = inverse_sum[r] * scale
-        out_row = grad_rows_out[r]
         for block in range(key_blocks):
             exp_row, grad_row = exps[block, r], grads[block, r]
-            out_block = out_row[block * TILE_COLS:(block + 1) * TILE_COLS]
             for j in range(TILE_COLS):
-                value = exp_row[j] * (grad_row[j] - row_dot) * factor
-                grad_row[j] = value
-                out_block[j] = value
+                grad_row[j] = exp_row[j] * (grad_row[j] - row_dot) * factor
 
 
 @njit(**SERIAL)
@@ -212,11 +208,11 @@ def query_blocks_backward(qs, q, keys_t, values_t, keys_padded, grad_rows, n_key
         # 6. dk^T += q^T dS
         _gemm_into_tiles(rows, q_flat, q0 * dim, 1, dim, dim, grads_flat, 0, tile_block, TILE_COLS,
                          dkt_flat, 0, dim * TILE_COLS, TILE_COLS, width, True)
-        # 7. dq = dS k in key chunks (k's chunk stays in L2 across the row groups): the first stores
-        for k0 in range(0, width, DQ_KEY_CHUNK):
-            depth = min(DQ_KEY_CHUNK, width - k0)
-            _gemm_into_tiles(depth, ds_rows_flat, k0, row_step, 1, rows, kp_flat, k0 * padded_dim, TILE_COLS,
-                             padded_dim, dq_flat, 0, TILE_COLS, padded_dim, padded_dim, k0 > 0)
+        # 7. dq = dS k, one key block (depth 64) at a time from the block-major dS: the first stores
+        for block in range(key_blocks):
+            _gemm_into_tiles(TILE_COLS, grads_flat, block * tile_block, TILE_COLS, 1, rows, kp_flat,
+                             block * TILE_COLS * padded_dim, TILE_COLS, padded_dim, dq_flat, 0, TILE_COLS,
+                             padded_dim, padded_dim, block > 0)
         grad_q[q0:q0 + rows, :] = dq_block[:rows, :dim]
 
 
