@@ -47,11 +47,6 @@ from npdiff.kernels.scratch import scratch
 from npdiff.kernels.vecmath import LOG2E, exp2_nonpositive_f32
 
 QUERY_BLOCK = 48  # queries per block: a multiple of TILE_ROWS; the two [Q, Mp] tiles (768 KiB each at M = 4096)
-DQ_KEY_CHUNK = 512  # keys per step of dq = dS k: k's chunk [512, Dp] (128 KiB at Dp = 64) stays in L2
-# dS's rows (dq's A operand, [Q, Mp + ROW_PAD]) are Mp + ROW_PAD floats apart: at M = 4096, rows 16 KiB
-# apart would fall into the same L1 sets (measured on the micro-kernel at depth 40: 81 GFLOP/s at a
-# 4096-float row step, 103 at 4160)
-ROW_PAD = TILE_COLS
 NO_LIMIT = 1 << 40  # a column limit that never bites (not causal)
 
 
@@ -127,10 +122,9 @@ def _softmax_rows(scores, rows, key_blocks, limit_base, visible, inverse_sum):
 
 
 @njit(fastmath=FASTMATH_SAFE, **SERIAL)
-def _grad_scores_rows(exps, grads, grad_rows_out, rows, key_blocks, inverse_sum, scale):
+def _grad_scores_rows(exps, grads, rows, key_blocks, inverse_sum, scale):
     """Step 4: grads (dP, [blocks, Q, 64]) <- dS = E * (dP - Dr) * scale / l in place, Dr = rowsum(E *
-    dP) / l = rowsum(P * dP) (per-column sums, as _softmax_rows); dS also into grad_rows_out
-    [Q, >= Mp] by rows (dq's A operand)."""
+    dP) / l = rowsum(P * dP) (per-column sums, as _softmax_rows)."""
     lanes = carray(_stack_row(), TILE_COLS)
     for r in range(rows):
         for j in range(TILE_COLS):
@@ -166,8 +160,8 @@ def _gemm_into_tiles(depth, a, a_start, a_row_step, a_depth_step, rows, b, b_sta
 
 @njit(**SERIAL)
 def query_blocks_backward(qs, q, keys_t, values_t, keys_padded, grad_rows, n_keys, causal, scale, q_begin,
-                          q_end, grad_q, grad_keys_t, grad_values_t, exps, grads, grad_score_rows, grad_scaled,
-                          dq_block, inverse_sum):
+                          q_end, grad_q, grad_keys_t, grad_values_t, exps, grads, grad_scaled, dq_block,
+                          inverse_sum):
     """Steps 1-7 for the queries [q_begin, q_end) of one slice (module docstring); dk^T, dv^T are
     added into grad_keys_t [Mp/64, d, 64], grad_values_t [Mp/64, dv, 64]. Block-major (keys_t,
     values_t, exps, grads, grad_*_t: [Mp/64, rows, 64]): a tile's 6 rows of 64 and a block's rows of B
@@ -176,10 +170,9 @@ def query_blocks_backward(qs, q, keys_t, values_t, keys_padded, grad_rows, n_key
     dim, value_dim = qs.shape[1], grad_rows.shape[1]
     block_rows = exps.shape[1]  # Q
     padded_dim = keys_padded.shape[1]
-    row_step = grad_score_rows.shape[1]
     qs_flat, q_flat, do_flat = qs.reshape(-1), q.reshape(-1), grad_rows.reshape(-1)
     kt_flat, vt_flat, kp_flat = keys_t.reshape(-1), values_t.reshape(-1), keys_padded.reshape(-1)
-    exps_flat, grads_flat, ds_rows_flat = exps.reshape(-1), grads.reshape(-1), grad_score_rows.reshape(-1)
+    exps_flat, grads_flat = exps.reshape(-1), grads.reshape(-1)
     dkt_flat, dvt_flat = grad_keys_t.reshape(-1), grad_values_t.reshape(-1)
     scaled_flat, dq_flat = grad_scaled.reshape(-1), dq_block.reshape(-1)
     tile_block = block_rows * TILE_COLS  # floats per key block of exps, grads
@@ -197,8 +190,8 @@ def query_blocks_backward(qs, q, keys_t, values_t, keys_padded, grad_rows, n_key
         # 3. dP = dO v^T
         _gemm_into_tiles(value_dim, do_flat, q0 * value_dim, value_dim, 1, rows, vt_flat, 0,
                          value_dim * TILE_COLS, TILE_COLS, grads_flat, 0, tile_block, TILE_COLS, width, False)
-        # 4. dS in place of dP (and by rows for step 7)
-        _grad_scores_rows(exps, grads, grad_score_rows, rows, key_blocks, inverse_sum, scale)
+        # 4. dS in place of dP
+        _grad_scores_rows(exps, grads, rows, key_blocks, inverse_sum, scale)
         # 5. dv^T += (dO / l)^T E: A(r, t) = dO[q0 + t, r] / l[t], read from grad_scaled [Q, dv]
         for t in range(rows):
             for c in range(value_dim):
@@ -264,7 +257,6 @@ def attention_backward_fused(q, k, v, grad_out, scale=None, is_causal=False):
             q_begin, q_end, grad_q[at], grad_keys_t, grad_values_t,
             scratch("attn_v4_exps", (key_blocks, QUERY_BLOCK, TILE_COLS)),  # [Mp/64,Q,64] S, then E
             scratch("attn_v4_grads", (key_blocks, QUERY_BLOCK, TILE_COLS)),  # [Mp/64,Q,64] dP, then dS
-            scratch("attn_v4_ds_rows", (QUERY_BLOCK, padded_keys + ROW_PAD)),  # [Q,Mp+64] dS by rows
             scratch("attn_v4_do_scaled", (QUERY_BLOCK, value_dim)),     # [Q,dv]
             scratch("attn_v4_dq", (QUERY_BLOCK, padded_dim)),           # [Q,Dp]
             scratch("attn_v4_inverse_sum", (QUERY_BLOCK,)))             # [Q]

@@ -1,0 +1,177 @@
+"""Attention backward version 4 with the forward's statistics: key blocks outermost (flash-attention-2).
+
+When the caller still has the forward's output O [..., N, dv] and its per-query log-sum-exp
+lse [..., N] (log of the sum over keys of exp(scale * q.k), natural log, as torch's flash attention
+returns it), nothing of a whole row is needed any more: P = exp(S - lse) is known tile by tile, and
+Dr = rowsum(P * dP) = rowsum(dO * O) is one pass over dO and O. So the loop can run over key blocks
+of 64 keys outermost, with every tile in L1 and the key block's dk^T, dv^T accumulators beside it:
+
+  per slice: qs = q * scale * log2(e), lse2 = lse * log2(e), Dr = rowsum(dO * O)          [N,d], [N], [N]
+  per key block j (64 keys: k^T, v^T [d|dv, 64] block-major from backward_fused; dk^T, dv^T [d|dv, 64]):
+    per query block of Q rows (with is_causal, only the blocks that see a key of block j):
+      1. S [Q,64] = qs k_j^T                    2. P = 2^(S - lse2), 0 for keys not seen
+      3. dP [Q,64] = dO v_j^T                   4. dS = P * (dP - Dr) * scale
+      5. dv_j^T += dO^T P                        6. dk_j^T += q^T dS
+      7. dq [Q, Dp] += dS k_j                    (dq [N, Dp] summed over key blocks, k_j padded to Dp)
+
+The same five GEMMs as the version without statistics (backward_fused.py: query blocks outermost,
+the row max and sums recomputed), but no [Q, M] tile leaves L1, and there is no max pass and no
+rowsum(P * dP) pass. The forward (fused.py) computes every query's max and sum already; keeping
+lse = (max + log2(sum)) / log2(e) and O on the training tape is what this version needs.
+
+Parallel as backward_fused: one task per (batch, head) slice; with fewer slices than workers, the
+slice's key blocks are cut into parts, each summing its own dq (added up after).
+"""
+
+import math
+
+import numpy as np
+
+from npdiff.jit import FASTMATH_SAFE, SERIAL, njit
+from npdiff.kernels.attention.backward_fused import (
+    NO_LIMIT,
+    QUERY_BLOCK,
+    _gemm_into_tiles,
+    pack_key_blocks,
+    pack_padded,
+    padded,
+    unpack_key_blocks,
+)
+from npdiff.kernels.attention.backward_tiles import TILE_COLS
+from npdiff.kernels.attention.common import default_scale
+from npdiff.kernels.block_pool import run_blocks, worker_count
+from npdiff.kernels.scratch import scratch
+from npdiff.kernels.vecmath import LOG2E, exp2_nonpositive_f32
+
+
+@njit(fastmath=FASTMATH_SAFE, **SERIAL)
+def _probabilities(scores, rows, lse2, q0, limit_base, valid_keys, key0):
+    """Step 2: scores [Q, 64] <- 2^(s - lse2[q0 + r]) in place; 0 for key key0 + j past
+    min(valid_keys, limit_base + r) (keys past M; above the diagonal when causal)."""
+    for r in range(rows):
+        limit = min(valid_keys, limit_base + r) - key0
+        shift = lse2[q0 + r]
+        row = scores[r]
+        for j in range(TILE_COLS):
+            p = exp2_nonpositive_f32(min(row[j] - shift, np.float32(0.0)))  # s <= lse2 up to rounding
+            row[j] = p if j < limit else np.float32(0.0)
+
+
+@njit(fastmath=FASTMATH_SAFE, **SERIAL)
+def _grad_scores(probs, grads, rows, row_dot, q0, scale):
+    """Step 4: grads [Q, 64] (dP) <- P * (dP - Dr) * scale in place."""
+    for r in range(rows):
+        dot = row_dot[q0 + r]
+        prob_row, grad_row = probs[r], grads[r]
+        for j in range(TILE_COLS):
+            grad_row[j] = prob_row[j] * (grad_row[j] - dot) * scale
+
+
+@njit(**SERIAL)
+def key_blocks_backward(qs, q, keys_t, values_t, keys_padded, grad_rows, lse2, row_dot, n_keys, causal, scale,
+                        block_begin, block_end, grad_q_padded, grad_keys_t, grad_values_t, probs, grads):
+    """Steps 1-7 for the key blocks [block_begin, block_end) of one slice (module docstring). Adds
+    into grad_q_padded [N, Dp] and grad_keys_t, grad_values_t [Mp/64, d|dv, 64]; probs and grads are
+    [Q, 64] tiles."""
+    n_queries, dim = qs.shape
+    value_dim = grad_rows.shape[1]
+    block_rows = probs.shape[0]
+    padded_dim = keys_padded.shape[1]
+    qs_flat, q_flat, do_flat = qs.reshape(-1), q.reshape(-1), grad_rows.reshape(-1)
+    kt_flat, vt_flat, kp_flat = keys_t.reshape(-1), values_t.reshape(-1), keys_padded.reshape(-1)
+    probs_flat, grads_flat = probs.reshape(-1), grads.reshape(-1)
+    dkt_flat, dvt_flat, dq_flat = grad_keys_t.reshape(-1), grad_values_t.reshape(-1), grad_q_padded.reshape(-1)
+    tile_block = block_rows * TILE_COLS
+    for block in range(block_begin, block_end):
+        key0 = block * TILE_COLS
+        # causal: the first query that sees key0 is query key0 (top-left aligned, as torch)
+        first_query = min(key0, n_queries) // block_rows * block_rows if causal else 0
+        for q0 in range(first_query, n_queries, block_rows):
+            rows = min(block_rows, n_queries - q0)
+            limit_base = q0 + 1 if causal else NO_LIMIT
+            # 1-2. P = 2^(qs k_j^T - lse2)
+            _gemm_into_tiles(dim, qs_flat, q0 * dim, dim, 1, rows, kt_flat, block * dim * TILE_COLS, 0,
+                             TILE_COLS, probs_flat, 0, tile_block, TILE_COLS, TILE_COLS, False)
+            _probabilities(probs, rows, lse2, q0, limit_base, n_keys, key0)
+            # 3-4. dS = P * (dO v_j^T - Dr) * scale
+            _gemm_into_tiles(value_dim, do_flat, q0 * value_dim, value_dim, 1, rows, vt_flat,
+                             block * value_dim * TILE_COLS, 0, TILE_COLS, grads_flat, 0, tile_block, TILE_COLS,
+                             TILE_COLS, False)
+            _grad_scores(probs, grads, rows, row_dot, q0, scale)
+            # 5. dv_j^T += dO^T P: A(r, t) = dO[q0 + t, r]
+            _gemm_into_tiles(rows, do_flat, q0 * value_dim, 1, value_dim, value_dim, probs_flat, 0, tile_block,
+                             TILE_COLS, dvt_flat, block * value_dim * TILE_COLS, 0, TILE_COLS, TILE_COLS, True)
+            # 6. dk_j^T += q^T dS
+            _gemm_into_tiles(rows, q_flat, q0 * dim, 1, dim, dim, grads_flat, 0, tile_block, TILE_COLS,
+                             dkt_flat, block * dim * TILE_COLS, 0, TILE_COLS, TILE_COLS, True)
+            # 7. dq += dS k_j
+            _gemm_into_tiles(TILE_COLS, grads_flat, 0, TILE_COLS, 1, rows, kp_flat, key0 * padded_dim, TILE_COLS,
+                             padded_dim, dq_flat, q0 * padded_dim, TILE_COLS, padded_dim, padded_dim, True)
+
+
+def key_block_parts(slices, key_blocks, workers):
+    """Key-block ranges per slice: one when there are enough slices, else enough to keep `workers` busy."""
+    parts = 1 if slices >= workers else min(key_blocks, -(-workers // max(1, slices)))
+    step = -(-key_blocks // max(1, parts))
+    return [(start, min(key_blocks, start + step)) for start in range(0, key_blocks, step)]
+
+
+def attention_backward_with_stats(q, k, v, grad_out, out, lse, scale=None, is_causal=False):
+    """Version 4 given the forward's output out [..., N, dv] and log-sum-exp lse [..., N] (no mask):
+    -> (dq [...,N,d], dk [...,M,d], dv [...,M,dv])."""
+    scale = default_scale(q, scale)
+    lead = q.shape[:-2]
+    n_queries, n_keys, dim, value_dim = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    padded_keys, padded_dim = padded(max(1, n_keys), TILE_COLS), padded(dim, TILE_COLS)
+    key_blocks = padded_keys // TILE_COLS
+    grad_q = np.empty(q.shape, np.float32)                              # [...,N,d]
+    grad_k = np.empty(k.shape, np.float32)                              # [...,M,d]
+    grad_v = np.empty(v.shape, np.float32)                              # [...,M,dv]
+    slices = [np.unravel_index(index, lead) if lead else () for index in range(math.prod(lead))]
+    parts = key_block_parts(len(slices), key_blocks, worker_count())
+    part_grads = {}                                                     # (slice, part) -> dq [N,Dp]
+    log2_scale = np.float32(scale * float(LOG2E))
+
+    def run_part(task):
+        index, part = task
+        at = slices[index]
+        block_begin, block_end = parts[part]
+        # 0. the slice's operands in this worker's buffers; lse in log2 units; Dr = rowsum(dO * O)
+        qs = scratch("attn_v4s_qs", (n_queries, dim))                   # [N,d] = q * scale * log2(e)
+        np.multiply(q[at], log2_scale, out=qs)
+        q_rows = scratch("attn_v4s_q", (n_queries, dim))                # [N,d] contiguous
+        np.copyto(q_rows, q[at])
+        grad_rows = scratch("attn_v4s_do", (n_queries, value_dim))      # [N,dv] contiguous
+        np.copyto(grad_rows, grad_out[at])
+        lse2 = scratch("attn_v4s_lse2", (n_queries,))                   # [N]
+        np.multiply(lse[at], LOG2E, out=lse2)
+        row_dot = scratch("attn_v4s_row_dot", (n_queries,))             # [N]
+        np.einsum("nc,nc->n", grad_rows, out[at], out=row_dot)
+        keys_t = scratch("attn_v4s_kt", (key_blocks, dim, TILE_COLS))  # [Mp/64,d,64]
+        pack_key_blocks(k[at], keys_t)
+        values_t = scratch("attn_v4s_vt", (key_blocks, value_dim, TILE_COLS))  # [Mp/64,dv,64]
+        pack_key_blocks(v[at], values_t)
+        keys_padded = scratch("attn_v4s_kp", (padded_keys, padded_dim))  # [Mp,Dp]
+        pack_padded(k[at], keys_padded)
+        grad_q_padded = np.zeros((n_queries, padded_dim), np.float32)   # [N,Dp] summed over key blocks
+        grad_keys_t = np.zeros((key_blocks, dim, TILE_COLS), np.float32)  # [Mp/64,d,64]
+        grad_values_t = np.zeros((key_blocks, value_dim, TILE_COLS), np.float32)  # [Mp/64,dv,64]
+        key_blocks_backward(
+            qs, q_rows, keys_t, values_t, keys_padded, grad_rows, lse2, row_dot, n_keys, is_causal,
+            np.float32(scale), block_begin, block_end, grad_q_padded, grad_keys_t, grad_values_t,
+            scratch("attn_v4s_probs", (QUERY_BLOCK, TILE_COLS)),        # [Q,64] P
+            scratch("attn_v4s_grads", (QUERY_BLOCK, TILE_COLS)))        # [Q,64] dP, then dS
+        part_grads[task] = (grad_q_padded, grad_keys_t, grad_values_t)
+
+    tasks = [(index, part) for index in range(len(slices)) for part in range(len(parts))]
+    run_blocks(run_part, tasks)
+    for index, at in enumerate(slices):
+        grad_q_padded, grad_keys_t, grad_values_t = part_grads[(index, 0)]
+        for part in range(1, len(parts)):  # each part wrote only its key blocks (the rest are 0)
+            grad_q_padded += part_grads[(index, part)][0]
+            grad_keys_t += part_grads[(index, part)][1]
+            grad_values_t += part_grads[(index, part)][2]
+        grad_q[at] = grad_q_padded[:, :dim]                             # [N,Dp] -> [N,d]
+        unpack_key_blocks(grad_keys_t, grad_k[at])                      # [Mp/64,d,64] -> [M,d]
+        unpack_key_blocks(grad_values_t, grad_v[at])                    # [Mp/64,dv,64] -> [M,dv]
+    return grad_q, grad_k, grad_v
