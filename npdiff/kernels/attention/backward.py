@@ -42,6 +42,18 @@ Versions:
                               dO's rows (dv) and dS's per-column factor. Measured at
                               [1,8,4096,40] (benchmarks/training_kernels.py, load 3.6-5):
                               version 2 4.81 s, version 3 1.21 s, torch's SDPA backward 0.82 s.
+  4. attention_backward_fused   no mask, from V4_MIN_KEYS keys on (backward_fused.py): version 3's
+                              steps with every GEMM on one Numba register tile (backward_tiles.py)
+                              instead of one-thread sgemm, tiles [Q, M] of 48 queries stored
+                              by 64-key blocks, row max and sums in vectorised per-column lanes.
+     attention_backward_with_stats  no mask, when the caller passes the forward's output and
+                              log-sum-exp (backward_stats.py): key blocks outermost, every tile in
+                              L1, no max or rowsum(P * dP) pass (flash-attention-2's backward).
+                              Measured at [1,8,4096,40] (process CPU time, load 4.4-4.6): version 3
+                              0.85-0.95 s, 4 0.78-0.83 s, 4 with the statistics 0.61-0.66 s; at
+                              [1,8,1024,80] all three ~0.09 s; cross-attention [1,8,4096x77,40]
+                              version 3 25 ms, 4 29-31 ms (M = 77 is padded to 128 keys), hence
+                              V4_MIN_KEYS. The figures under the bench lock: benchmarks/RESULTS.md.
 """
 
 import math
@@ -59,6 +71,8 @@ from npdiff.kernels.attention.common import (
     mask_to_additive,
     masked_row_max,
 )
+from npdiff.kernels.attention.backward_fused import attention_backward_fused
+from npdiff.kernels.attention.backward_stats import attention_backward_with_stats
 from npdiff.kernels.attention.fused import softmax_keys_in_place
 from npdiff.kernels.attention.reference import full_scores
 from npdiff.kernels.block_pool import run_blocks
@@ -72,6 +86,9 @@ from npdiff.kernels.validate import shape_text
 BACKWARD_BLOCK_SCORES = 1 << 24
 # version 3: scores per query block of one slice [Q, M] (4 MiB; the dP tile beside it is as big)
 SLICE_TILE_FLOATS = 1 << 20
+# version 4 without statistics from this many keys on (version 3 below: measured faster at M = 77, even
+# at M = 1024; 4 ahead at M = 4096)
+V4_MIN_KEYS = 2048
 
 
 def softmax_probs(scores, xp):
@@ -98,7 +115,8 @@ def block_grads(q, k, v, grad_out, probs, scale, xp):
 # ---------------------------------------------------------------------------------------------
 # 1. Reference
 # ---------------------------------------------------------------------------------------------
-def attention_backward_ref(q, k, v, grad_out, mask=None, scale=None, is_causal=False):
+def attention_backward_ref(q, k, v, grad_out, mask=None, scale=None, is_causal=False, out=None, lse=None):
+    """The formulas on the whole score matrix (out and lse, the forward's statistics, are not needed)."""
     xp = backend.array_module(q)
     scale = default_scale(q, scale)
     probs = softmax_probs(full_scores(q, k, mask, scale, is_causal, xp), xp)  # [...,N,M]
@@ -259,11 +277,16 @@ def attention_backward_slices(q, k, v, grad_out, scale=None, is_causal=False):
     return grad_q, grad_k, grad_v
 
 
-def attention_backward_by_mask(q, k, v, grad_out, mask=None, scale=None, is_causal=False):
-    """Version 3 without a mask, version 2 with one (rows a mask may empty)."""
-    if mask is None:
-        return attention_backward_slices(q, k, v, grad_out, scale, is_causal)
-    return attention_backward_fast(q, k, v, grad_out, mask, scale, is_causal)
+def attention_backward_by_mask(q, k, v, grad_out, mask=None, scale=None, is_causal=False, out=None, lse=None):
+    """Version 2 with a mask (rows a mask may empty); without one, version 4 given the forward's
+    statistics, else version 4 from V4_MIN_KEYS keys on and version 3 below."""
+    if mask is not None:
+        return attention_backward_fast(q, k, v, grad_out, mask, scale, is_causal)
+    if out is not None:
+        return attention_backward_with_stats(q, k, v, grad_out, out, lse, scale, is_causal)
+    if k.shape[-2] >= V4_MIN_KEYS and q.shape[-2] > 0:
+        return attention_backward_fused(q, k, v, grad_out, scale, is_causal)
+    return attention_backward_slices(q, k, v, grad_out, scale, is_causal)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,13 +296,26 @@ ATTENTION_BACKWARD = dispatch.register("attention_backward", fast=attention_back
                                        reference=attention_backward_ref)
 
 
-def attention_backward(q, k, v, grad_out, mask=None, scale=None, is_causal=False):
+def attention_backward(q, k, v, grad_out, mask=None, scale=None, is_causal=False, out=None, lse=None):
     """Gradients of O = scaled_dot_product_attention(q, k, v, mask, scale, is_causal) given dO
-    [..., N, dv] -> (dq [..., N, d], dk [..., M, d], dv [..., M, dv]). q, k, v: the forward's inputs."""
+    [..., N, dv] -> (dq [..., N, d], dk [..., M, d], dv [..., M, dv]). q, k, v: the forward's inputs.
+    out [..., N, dv] and lse [..., N] (optional, both or neither): the forward's output and its
+    per-query log-sum-exp, log(sum over keys of exp(scale * q.k)) in natural log as torch's flash
+    attention returns it; with them and no mask, version 4 skips recomputing the softmax's rows."""
     from_forward = "scaled_dot_product_attention"
     check_attention_inputs(q, k, v, mask, is_causal, "auto")
     expected = q.shape[:-1] + (v.shape[-1],)
     if tuple(grad_out.shape) != tuple(expected):
         raise NpdiffError(f"attention_backward: grad_out must have the shape of {from_forward}'s output "
                           f"{shape_text(expected)}, got {shape_text(grad_out.shape)}")
-    return ATTENTION_BACKWARD(q, k, v, grad_out, mask, scale, is_causal)
+    if (out is None) != (lse is None):
+        raise NpdiffError("attention_backward: pass both out (the forward's output) and lse (its log-sum-exp) "
+                          "or neither")
+    if out is not None:
+        if tuple(out.shape) != tuple(expected):
+            raise NpdiffError(f"attention_backward: out must be {from_forward}'s output {shape_text(expected)}, "
+                              f"got {shape_text(out.shape)}")
+        if tuple(lse.shape) != tuple(q.shape[:-1]):
+            raise NpdiffError(f"attention_backward: lse must have one value per query {shape_text(q.shape[:-1])}, "
+                              f"got {shape_text(lse.shape)}")
+    return ATTENTION_BACKWARD(q, k, v, grad_out, mask, scale, is_causal, out, lse)
