@@ -44,8 +44,11 @@ def check_version_4(q, k, v, grad_out, scale, is_causal):
     for name, grads in results.items():
         for ours, theirs, what in zip(grads, expected, ("dq", "dk", "dv")):
             if what in ("dq", "dk") and k.shape[-2] == 1:
-                # one key: P = 1, so dS, dq and dk are 0 exactly; torch's are rounding noise (~1e-8)
-                np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-6, err_msg=f"{name} {what}")
+                # one key: P = 1, so dS, dq and dk are 0 but for rounding (dP - rowsum(dO * O) cancels),
+                # on both sides: held to KERNEL_TOL of the gradients' scale (dv's largest entry)
+                scale_of_grads = float(np.abs(expected[2].numpy()).max())
+                np.testing.assert_allclose(ours, theirs.numpy(), atol=KERNEL_TOL * scale_of_grads,
+                                           err_msg=f"{name} {what}")
                 continue
             assert_rel_close(ours, theirs, KERNEL_TOL, f"{name} {what}")
 
