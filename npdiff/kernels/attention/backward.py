@@ -86,8 +86,8 @@ from npdiff.kernels.validate import shape_text
 BACKWARD_BLOCK_SCORES = 1 << 24
 # version 3: scores per query block of one slice [Q, M] (4 MiB; the dP tile beside it is as big)
 SLICE_TILE_FLOATS = 1 << 20
-# version 4 without statistics from this many keys on (version 3 below: measured faster at M = 77, even
-# at M = 1024; 4 ahead at M = 4096)
+# version 4 from this many keys on, version 3 below (benchmarks/training_kernels.py, process CPU time:
+# 3 ahead at M = 77 and 256, even at M = 1024, 4 ahead at M = 4096: by 0.70x with the statistics)
 V4_MIN_KEYS = 2048
 
 
@@ -278,15 +278,15 @@ def attention_backward_slices(q, k, v, grad_out, scale=None, is_causal=False):
 
 
 def attention_backward_by_mask(q, k, v, grad_out, mask=None, scale=None, is_causal=False, out=None, lse=None):
-    """Version 2 with a mask (rows a mask may empty); without one, version 4 given the forward's
-    statistics, else version 4 from V4_MIN_KEYS keys on and version 3 below."""
+    """Version 2 with a mask (rows a mask may empty); without one, version 3 below V4_MIN_KEYS keys,
+    version 4 from there on (with the forward's statistics when the caller has them)."""
     if mask is not None:
         return attention_backward_fast(q, k, v, grad_out, mask, scale, is_causal)
+    if k.shape[-2] < V4_MIN_KEYS or q.shape[-2] == 0:
+        return attention_backward_slices(q, k, v, grad_out, scale, is_causal)
     if out is not None:
         return attention_backward_with_stats(q, k, v, grad_out, out, lse, scale, is_causal)
-    if k.shape[-2] >= V4_MIN_KEYS and q.shape[-2] > 0:
-        return attention_backward_fused(q, k, v, grad_out, scale, is_causal)
-    return attention_backward_slices(q, k, v, grad_out, scale, is_causal)
+    return attention_backward_fused(q, k, v, grad_out, scale, is_causal)
 
 
 # ---------------------------------------------------------------------------------------------
