@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import KERNEL_TOL, assert_rel_close
+
 from npdiff import NpdiffError
 from npdiff.kernels.attention import backward, backward_fused, backward_stats
 from npdiff.kernels.attention.backward import attention_backward

@@ -1,36 +1,48 @@
-"""Attention backward version 4: every step of a query block in one Numba call, on register tiles.
+"""Attention backward version 4: version 3's steps on one Numba register tile, in one call per slice.
 
-Version 3 (backward.py) spends most of its time in five one-thread OpenBLAS sgemm calls per query
-block whose shapes BLAS handles poorly (depth or width d = 40: ~92 GFLOP/s against ~150 on square
-GEMMs, one core of this Xeon), plus three element-wise passes over a [M, Q] tile of 4 MiB (the
-softmax's max, its exp, dS), out of L2. Version 4 computes the same thing with one micro-kernel
-(backward_tiles.tile: a 6 x 64 register tile, ~110-150 GFLOP/s at depth 40-4096) whose store does
-the element-wise work that can ride along: the scores' row max (SCORES), dP's rowsum(P * dP) (DOT).
+Where version 3 (backward.py) spends its time, one slice [4096,40] on one core (thread CPU time, the
+steps timed apart, load ~3): 93 ms, of which the five one-thread OpenBLAS GEMMs 72 ms (88-95 GFLOP/s:
+depth or width d = 40, against ~150 on square GEMMs here), the softmax pass over its [M, Q] tile of
+4 MiB 7.5 ms, the dS pass 10.5 ms, summing dk, dv over the query blocks 2.4 ms. At [1024,80]: 8.2 ms,
+the GEMMs 110-127 GFLOP/s. Version 4 runs all five products on backward_tiles.tile (a 6 x 64 register
+tile, 100-130 GFLOP/s alone at depth 40-1024), with the element-wise steps as vectorised Numba passes.
 
 For one (batch, head) slice, q [N,d], k [M,d], v [M,dv], dO [N,dv], with M padded to Mp, a multiple
-of 64 (the padded keys masked), and queries in blocks of Q = QUERY_BLOCK rows (tiles [Q, Mp] in the
-worker's buffers; queries along rows, keys along the 64 lanes of a tile):
-  0. once per slice: qs = q * scale * log2(e) [N,d]; k^T [d,Mp] and v^T [dv,Mp] packed (zero padded);
-     k [Mp,Dp] padded to Dp, a multiple of 64 columns (dq's B operand); dk^T [d,Mp], dv^T [dv,Mp] = 0
+of 64, and queries in blocks of Q = QUERY_BLOCK rows; the [Q, Mp] tiles are stored block-major,
+[Mp/64, Q, 64] (keys along the 64 lanes), in the worker's buffers:
+  0. once per slice: qs = q * scale * log2(e) [N,d]; k^T and v^T block-major [Mp/64, d|dv, 64] (zero
+     padded); k [Mp,Dp] padded to Dp, a multiple of 64 columns (dq's B operand); dk^T, dv^T = 0
   per query block (rows q0 .. q0 + Q; with is_causal only the keys up to its last query):
-  1. S [Q,Mp] = qs k^T (log2 units), -inf past M or above the diagonal; the row maxima on the way
-  2. E = 2^(S - row max) in place, row sums l; P = E / l is never written
-  3. dP [Q,Mp] = dO v^T; rowsum(E * dP) on the way, so Dr = rowsum(P * dP) = rowsum(E * dP) / l
-  4. dS = E * (dP - Dr) * scale / l, in place of dP
+  1. S [Q,Mp] = qs k^T (log2 units)
+  2. E = 2^(S - row max) in place, 0 past M or above the diagonal; row sums l (P = E / l never written)
+  3. dP [Q,Mp] = dO v^T
+  4. dS = E * (dP - Dr) * scale / l in place of dP, Dr = rowsum(E * dP) / l = rowsum(P * dP)
   5. dv^T [dv,Mp] += (dO / l)^T E                    (dO's rows divided by their sums: P^T dO)
   6. dk^T [d,Mp]  += q^T dS
-  7. dq [Q,Dp]     = dS k, in key chunks of DQ_KEY_CHUNK (k's chunk stays in L2 across the rows)
-  end of the slice: dk = (dk^T)^T, dv = (dv^T)^T, the padding cut off.
-Steps 1, 3, 5, 6 sweep the key columns outermost, so the 64-column slice of B (k^T, v^T, E or dS)
-stays in L1 while every row group of A passes over it.
+  7. dq [Q,Dp]     = dS k, 64 keys (one block of dS) per step
+  end of the slice: dk, dv = dk^T, dv^T transposed, the padding cut off.
+The GEMMs sweep the 64-key blocks outermost, so B's block (k^T, v^T, E or dS: 10-12 KiB) stays in L1
+while every row group of A passes over it.
+
+Measured (one slice [4096,40], one core, thread CPU time, steps timed apart, load ~4): S 17 ms, softmax
+7 ms, dP 18, dS 12-15, dv 15-17, dk 14-16, dq 20-22 (64 lanes for d = 40: 37.5% of its products are
+padding): ~105 ms against version 3's 93 in the same conditions, but ~0.9x version 3's process CPU time
+per whole call (benchmarks/training_kernels.py, RESULTS.md): these figures drift +-10% with the load.
+What limits is not the tile but the working set: per query block, k^T, v^T, k and dk^T, dv^T (3.3 MiB at
+M = 4096, d = 40) and the two tiles (768 KiB each) are more than the 2 MiB L2, so they stream from L3:
+S alone on warm data runs at ~105 GFLOP/s, in place at ~75. With the forward's output and log-sum-exp
+(backward_stats.py) no tile needs a whole row, and that version keeps everything in L1.
+What was tried and measured slower: the row max and rowsum(P * dP) in the GEMM's store (per-lane, in
+the tile's epilogue: +8-12 ms in S and dP against 1-3 ms as passes); tiles stored row-major [Q, Mp]
+(rows 16 KiB apart: the GEMMs at 35-60 GFLOP/s; Mp + 64 floats apart: no better); dq from a row-major
+copy of dS in 512-key chunks (the copy cost what the longer depth saved); Q = 24, 36, 72, 96 (within
+noise of 48).
 
 Parallel: one task per slice on the block pool (kernels/block_pool.py) as version 3; when there are
 fewer slices than workers, each slice's queries are cut into as many parts as make every worker busy,
 each part summing its own dk^T, dv^T (added up after). Every task's arithmetic depends only on its
-rows: the same bytes on 1 or 2 threads for a given split.
-
-Taken without a mask (self, cross, causal); masks go to version 2. Measured: backward.py's header and
-benchmarks/RESULTS.md ("Training").
+rows: the same bytes on 1 or 2 threads for a given split. Taken without a mask (self, cross, causal),
+from backward.V4_MIN_KEYS keys on; masks go to version 2.
 """
 
 import math
@@ -42,7 +54,7 @@ from npdiff.jit import FASTMATH_SAFE, SERIAL, njit
 from npdiff.kernels.attention.backward_tiles import TILE_COLS, TILE_ROWS, tile
 from npdiff.kernels.attention.common import default_scale
 from npdiff.kernels.block_pool import run_blocks, worker_count
-from npdiff.kernels.matmul_numba import _stack_row  # the stack-row intrinsic (register-promoted sums)
+from npdiff.kernels.matmul_numba import _stack_row  # sums in registers
 from npdiff.kernels.scratch import scratch
 from npdiff.kernels.vecmath import LOG2E, exp2_nonpositive_f32
 
@@ -209,6 +221,27 @@ def query_blocks_backward(qs, q, keys_t, values_t, keys_padded, grad_rows, n_key
         grad_q[q0:q0 + rows, :] = dq_block[:rows, :dim]
 
 
+def slice_operands(q, k, v, grad_out, log2_scale):
+    """One slice's operands (views, any strides) in this worker's buffers, laid out for the tiles:
+    -> qs [N,d] = q * scale * log2(e), q [N,d] and dO [N,dv] contiguous, k^T and v^T by key blocks
+    [Mp/64, d|dv, 64], k padded [Mp,Dp] (Mp, Dp: M, d rounded up to 64; the padding zero)."""
+    dim = q.shape[1]
+    key_blocks = padded(max(1, k.shape[0]), TILE_COLS) // TILE_COLS
+    qs = scratch("attn_v4_qs", q.shape)                                 # [N,d] = q * scale * log2(e)
+    np.multiply(q, log2_scale, out=qs)
+    q_rows = scratch("attn_v4_q", q.shape)                              # [N,d] contiguous
+    np.copyto(q_rows, q)
+    grad_rows = scratch("attn_v4_do", grad_out.shape)                   # [N,dv] contiguous
+    np.copyto(grad_rows, grad_out)
+    keys_t = scratch("attn_v4_kt", (key_blocks, dim, TILE_COLS))       # [Mp/64,d,64] = k^T by key blocks
+    pack_key_blocks(k, keys_t)
+    values_t = scratch("attn_v4_vt", (key_blocks, v.shape[1], TILE_COLS))  # [Mp/64,dv,64]
+    pack_key_blocks(v, values_t)
+    keys_padded = scratch("attn_v4_kp", (key_blocks * TILE_COLS, padded(dim, TILE_COLS)))  # [Mp,Dp]
+    pack_padded(k, keys_padded)
+    return qs, q_rows, grad_rows, keys_t, values_t, keys_padded
+
+
 def slice_parts(slices, n_queries, workers):
     """Query ranges per slice: one when there are enough slices, else as many as keep `workers` busy
     (each at least one QUERY_BLOCK)."""
@@ -218,17 +251,24 @@ def slice_parts(slices, n_queries, workers):
     return [(start, min(n_queries, start + step)) for start in range(0, n_queries, step)] or [(0, 0)]
 
 
-def attention_backward_fused(q, k, v, grad_out, scale=None, is_causal=False):
-    """Version 4 (no mask): -> (dq [...,N,d], dk [...,M,d], dv [...,M,dv])."""
-    scale = default_scale(q, scale)
+def outputs_and_slices(q, k, v):
+    """-> dq, dk, dv (empty float32 arrays shaped as q, k, v) and the index of every [N,d] slice
+    (each (batch, head) of the leading axes)."""
     lead = q.shape[:-2]
-    n_queries, n_keys, dim, value_dim = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
-    padded_keys, padded_dim = padded(max(1, n_keys), TILE_COLS), padded(dim, TILE_COLS)
-    key_blocks = padded_keys // TILE_COLS
     grad_q = np.empty(q.shape, np.float32)                              # [...,N,d]
     grad_k = np.empty(k.shape, np.float32)                              # [...,M,d]
     grad_v = np.empty(v.shape, np.float32)                              # [...,M,dv]
     slices = [np.unravel_index(index, lead) if lead else () for index in range(math.prod(lead))]
+    return grad_q, grad_k, grad_v, slices
+
+
+def attention_backward_fused(q, k, v, grad_out, scale=None, is_causal=False):
+    """Version 4 (no mask): -> (dq [...,N,d], dk [...,M,d], dv [...,M,dv])."""
+    scale = default_scale(q, scale)
+    n_queries, n_keys, dim, value_dim = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    padded_keys, padded_dim = padded(max(1, n_keys), TILE_COLS), padded(dim, TILE_COLS)
+    key_blocks = padded_keys // TILE_COLS
+    grad_q, grad_k, grad_v, slices = outputs_and_slices(q, k, v)
     parts = slice_parts(len(slices), n_queries, worker_count())
     part_grads = {}                                                     # (slice, part) -> (dk^T, dv^T)
     log2_scale = np.float32(scale * float(LOG2E))
@@ -238,18 +278,8 @@ def attention_backward_fused(q, k, v, grad_out, scale=None, is_causal=False):
         at = slices[index]
         q_begin, q_end = parts[part]
         # 0. the slice's operands, packed into this worker's buffers
-        qs = scratch("attn_v4_qs", (n_queries, dim))                    # [N,d] = q * scale * log2(e)
-        np.multiply(q[at], log2_scale, out=qs)
-        q_rows = scratch("attn_v4_q", (n_queries, dim))                 # [N,d] contiguous
-        np.copyto(q_rows, q[at])
-        grad_rows = scratch("attn_v4_do", (n_queries, value_dim))       # [N,dv] contiguous
-        np.copyto(grad_rows, grad_out[at])
-        keys_t = scratch("attn_v4_kt", (key_blocks, dim, TILE_COLS))   # [Mp/64,d,64] = k^T by key blocks
-        pack_key_blocks(k[at], keys_t)
-        values_t = scratch("attn_v4_vt", (key_blocks, value_dim, TILE_COLS))  # [Mp/64,dv,64]
-        pack_key_blocks(v[at], values_t)
-        keys_padded = scratch("attn_v4_kp", (padded_keys, padded_dim))  # [Mp,Dp]
-        pack_padded(k[at], keys_padded)
+        qs, q_rows, grad_rows, keys_t, values_t, keys_padded = slice_operands(q[at], k[at], v[at], grad_out[at],
+                                                                             log2_scale)
         grad_keys_t = np.zeros((key_blocks, dim, TILE_COLS), np.float32)  # [Mp/64,d,64] summed over query blocks
         grad_values_t = np.zeros((key_blocks, value_dim, TILE_COLS), np.float32)  # [Mp/64,dv,64]
         query_blocks_backward(

@@ -23,8 +23,6 @@ Parallel as backward_fused: one task per (batch, head) slice; with fewer slices 
 slice's key blocks are cut into parts, each summing its own dq (added up after).
 """
 
-import math
-
 import numpy as np
 
 from npdiff.jit import FASTMATH_SAFE, SERIAL, njit
@@ -32,9 +30,9 @@ from npdiff.kernels.attention.backward_fused import (
     NO_LIMIT,
     QUERY_BLOCK,
     _gemm_into_tiles,
-    pack_key_blocks,
-    pack_padded,
+    outputs_and_slices,
     padded,
+    slice_operands,
     unpack_key_blocks,
 )
 from npdiff.kernels.attention.backward_tiles import TILE_COLS
@@ -139,14 +137,10 @@ def attention_backward_with_stats(q, k, v, grad_out, out, lse, scale=None, is_ca
     """Version 4 given the forward's output out [..., N, dv] and log-sum-exp lse [..., N] (no mask):
     -> (dq [...,N,d], dk [...,M,d], dv [...,M,dv])."""
     scale = default_scale(q, scale)
-    lead = q.shape[:-2]
     n_queries, n_keys, dim, value_dim = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     padded_keys, padded_dim = padded(max(1, n_keys), TILE_COLS), padded(dim, TILE_COLS)
     key_blocks = padded_keys // TILE_COLS
-    grad_q = np.empty(q.shape, np.float32)                              # [...,N,d]
-    grad_k = np.empty(k.shape, np.float32)                              # [...,M,d]
-    grad_v = np.empty(v.shape, np.float32)                              # [...,M,dv]
-    slices = [np.unravel_index(index, lead) if lead else () for index in range(math.prod(lead))]
+    grad_q, grad_k, grad_v, slices = outputs_and_slices(q, k, v)
     parts = key_block_parts(len(slices), key_blocks, worker_count())
     part_grads = {}                                                     # (slice, part) -> dq [N,Dp]
     log2_scale = np.float32(scale * float(LOG2E))
@@ -156,22 +150,12 @@ def attention_backward_with_stats(q, k, v, grad_out, out, lse, scale=None, is_ca
         at = slices[index]
         block_begin, block_end = parts[part]
         # 0. the slice's operands in this worker's buffers; lse in log2 units; Dr = rowsum(dO * O)
-        qs = scratch("attn_v4s_qs", (n_queries, dim))                   # [N,d] = q * scale * log2(e)
-        np.multiply(q[at], log2_scale, out=qs)
-        q_rows = scratch("attn_v4s_q", (n_queries, dim))                # [N,d] contiguous
-        np.copyto(q_rows, q[at])
-        grad_rows = scratch("attn_v4s_do", (n_queries, value_dim))      # [N,dv] contiguous
-        np.copyto(grad_rows, grad_out[at])
+        qs, q_rows, grad_rows, keys_t, values_t, keys_padded = slice_operands(q[at], k[at], v[at], grad_out[at],
+                                                                             log2_scale)
         lse2 = scratch("attn_v4s_lse2", (n_queries,))                   # [N]
         np.multiply(lse[at], LOG2E, out=lse2)
         row_dot = scratch("attn_v4s_row_dot", (n_queries,))             # [N]
         np.einsum("nc,nc->n", grad_rows, out[at], out=row_dot)
-        keys_t = scratch("attn_v4s_kt", (key_blocks, dim, TILE_COLS))  # [Mp/64,d,64]
-        pack_key_blocks(k[at], keys_t)
-        values_t = scratch("attn_v4s_vt", (key_blocks, value_dim, TILE_COLS))  # [Mp/64,dv,64]
-        pack_key_blocks(v[at], values_t)
-        keys_padded = scratch("attn_v4s_kp", (padded_keys, padded_dim))  # [Mp,Dp]
-        pack_padded(k[at], keys_padded)
         grad_q_padded = np.zeros((n_queries, padded_dim), np.float32)   # [N,Dp] summed over key blocks
         grad_keys_t = np.zeros((key_blocks, dim, TILE_COLS), np.float32)  # [Mp/64,d,64]
         grad_values_t = np.zeros((key_blocks, value_dim, TILE_COLS), np.float32)  # [Mp/64,dv,64]

@@ -27,7 +27,7 @@ import numpy as np
 from numba import carray
 
 from npdiff.jit import FASTMATH_CONTRACT, SERIAL, njit
-from npdiff.kernels.matmul_numba import _stack_row  # the one stack-row intrinsic (register tile)
+from npdiff.kernels.matmul_numba import _stack_row  # the register tile's rows
 
 TILE_ROWS = 6  # rows of C per tile (acc0..acc5)
 TILE_COLS = 64  # columns of C per tile: 4 zmm vectors of 16 float32; must equal matmul_numba.NR
