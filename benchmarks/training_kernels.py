@@ -7,8 +7,8 @@ Rows (the "before" versions are the ones this session replaced; kept importable 
   attention self [1,8,4096,40], [1,8,1024,80], [1,8,256,160] and cross [1,8,4096x77,40], q/k/v/dO as
   split_heads views of [1,N,h*d]:
       v2 query blocks (np.matmul on OpenBLAS's threads; the 4096 rows only) | v3 slices on the block pool |
-      v4 (Numba register tiles, softmax rows recomputed) | v4 given the forward's out and lse (key blocks
-      outermost) | torch SDPA backward (which has its forward's out and lse)
+      v4 (Numba register tiles, softmax rows recomputed) | v4 given the forward's out (key blocks outermost,
+      lse recomputed) | v4 given out and lse | torch SDPA backward (which has its forward's out and lse)
       Each attention row also gives the process CPU seconds per call of every side (`cpu` in the JSON).
   conv dx 3x3, frozen weight: the flipped kernel made per call | kept (FlippedKernels) | kept, through im2col and
       through Winograd F(4,3) whatever conv_method picks | torch conv2d backward
@@ -112,6 +112,8 @@ def attention_cases(rng, torch, F):
             versions["v2 query blocks"] = lambda q=q, k=k, v=v, g=d_out: attention_bwd.attention_backward_fast(q, k, v, g)
         versions["v3 slices"] = lambda q=q, k=k, v=v, g=d_out: attention_bwd.attention_backward_slices(q, k, v, g)
         versions["v4 tiles"] = lambda q=q, k=k, v=v, g=d_out: attention_backward_fused(q, k, v, g)
+        versions["v4 given out"] = lambda q=q, k=k, v=v, g=d_out, o=forward_out: \
+            attention_backward_with_stats(q, k, v, g, o)
         versions["v4 given out, lse"] = lambda q=q, k=k, v=v, g=d_out, o=forward_out, s=lse: \
             attention_backward_with_stats(q, k, v, g, o, s)
         out.append((name, versions, torch_backward_timer(torch, F.scaled_dot_product_attention,

@@ -46,11 +46,13 @@ Versions:
                               steps with every GEMM on one Numba register tile (backward_tiles.py)
                               instead of one-thread sgemm, tiles [Q, M] of 48 queries stored
                               by 64-key blocks, row max and sums in vectorised per-column lanes.
-     attention_backward_with_stats  no mask, when the caller passes the forward's output and
-                              log-sum-exp (backward_stats.py): key blocks outermost, every tile in
-                              L1, no max or rowsum(P * dP) pass (flash-attention-2's backward).
-                              Measured at [1,8,4096,40] (process CPU time, load 4.4-4.6): version 3
-                              0.85-0.95 s, 4 0.78-0.83 s, 4 with the statistics 0.61-0.66 s; at
+     attention_backward_with_stats  no mask, when the caller passes the forward's output (and its
+                              log-sum-exp, else recomputed in one sweep of q k^T tiles;
+                              backward_stats.py): key blocks outermost, every tile in L1, no max or
+                              rowsum(P * dP) pass over whole rows (flash-attention-2's backward).
+                              Measured at [1,8,4096,40] (process CPU time, load 4.4-5): version 3
+                              0.85-0.95 s, 4 0.78-0.87 s, 4 given out 0.79 s, given out and lse
+                              0.61-0.66 s; at
                               [1,8,1024,80] all three ~0.09 s; cross-attention [1,8,4096x77,40]
                               version 3 25 ms, 4 29-31 ms (M = 77 is padded to 128 keys), hence
                               V4_MIN_KEYS. The figures under the bench lock: benchmarks/RESULTS.md.
@@ -299,22 +301,22 @@ ATTENTION_BACKWARD = dispatch.register("attention_backward", fast=attention_back
 def attention_backward(q, k, v, grad_out, mask=None, scale=None, is_causal=False, out=None, lse=None):
     """Gradients of O = scaled_dot_product_attention(q, k, v, mask, scale, is_causal) given dO
     [..., N, dv] -> (dq [..., N, d], dk [..., M, d], dv [..., M, dv]). q, k, v: the forward's inputs.
-    out [..., N, dv] and lse [..., N] (optional, both or neither): the forward's output and its
+    out [..., N, dv] and lse [..., N] (optional; lse only with out): the forward's output and its
     per-query log-sum-exp, log(sum over keys of exp(scale * q.k)) in natural log as torch's flash
-    attention returns it; with them and no mask, version 4 skips recomputing the softmax's rows."""
+    attention returns it; with them and no mask, version 4 runs key block by key block, every tile in
+    L1 (given out alone, it recomputes lse in one more sweep of q k^T)."""
     from_forward = "scaled_dot_product_attention"
     check_attention_inputs(q, k, v, mask, is_causal, "auto")
     expected = q.shape[:-1] + (v.shape[-1],)
     if tuple(grad_out.shape) != tuple(expected):
         raise NpdiffError(f"attention_backward: grad_out must have the shape of {from_forward}'s output "
                           f"{shape_text(expected)}, got {shape_text(grad_out.shape)}")
-    if (out is None) != (lse is None):
-        raise NpdiffError("attention_backward: pass both out (the forward's output) and lse (its log-sum-exp) "
-                          "or neither")
-    if out is not None:
-        if tuple(out.shape) != tuple(expected):
-            raise NpdiffError(f"attention_backward: out must be {from_forward}'s output {shape_text(expected)}, "
-                              f"got {shape_text(out.shape)}")
+    if lse is not None and out is None:
+        raise NpdiffError("attention_backward: lse (the forward's log-sum-exp) is used only with out (its output)")
+    if out is not None and tuple(out.shape) != tuple(expected):
+        raise NpdiffError(f"attention_backward: out must be {from_forward}'s output {shape_text(expected)}, "
+                          f"got {shape_text(out.shape)}")
+    if lse is not None:
         if tuple(lse.shape) != tuple(q.shape[:-1]):
             raise NpdiffError(f"attention_backward: lse must have one value per query {shape_text(q.shape[:-1])}, "
                               f"got {shape_text(lse.shape)}")

@@ -126,6 +126,54 @@ def key_blocks_backward(qs, q, keys_t, values_t, keys_padded, grad_rows, lse2, r
                              padded_dim, dq_flat, q0 * padded_dim, TILE_COLS, padded_dim, padded_dim, True)
 
 
+@njit(fastmath=FASTMATH_SAFE, **SERIAL)
+def _fold_tile_into_lanes(scores, rows, limit_base, valid_keys, key0, lane_max, lane_sum):
+    """The online softmax of one [Q, 64] tile of scores, column by column: lane_max[r, j] and
+    lane_sum[r, j] hold the max and the sum of 2^(s - max) of the scores row r had in column j of every
+    tile so far (keys past min(valid_keys, limit_base + r) left out). Element-wise: it vectorises."""
+    for r in range(rows):
+        limit = min(valid_keys, limit_base + r) - key0
+        row, maxima, sums = scores[r], lane_max[r], lane_sum[r]
+        for j in range(TILE_COLS):
+            x = row[j] if j < limit else np.float32(-np.inf)
+            old = maxima[j]
+            new = x if x > old else old
+            kept = exp2_nonpositive_f32(old - new) if old != -np.inf else np.float32(0.0)
+            added = exp2_nonpositive_f32(x - new) if x != -np.inf else np.float32(0.0)
+            sums[j] = sums[j] * kept + added
+            maxima[j] = new
+
+
+@njit(**SERIAL)
+def log_sum_exp_rows(qs, keys_t, n_keys, causal, lse2, probs, lane_max, lane_sum):
+    """lse2 [N] = log2 of the sum over keys of 2^(qs k^T) per query (the forward's log-sum-exp in log2
+    units, recomputed when the caller has only the forward's output): one sweep of S = qs k^T tiles
+    (the GEMM the forward did) folded into per-column running maxima and sums, combined per row at
+    the end. probs [Q, 64], lane_max and lane_sum [Q, 64]: buffers."""
+    n_queries, dim = qs.shape
+    block_rows = probs.shape[0]
+    qs_flat, kt_flat, probs_flat = qs.reshape(-1), keys_t.reshape(-1), probs.reshape(-1)
+    for q0 in range(0, n_queries, block_rows):
+        rows = min(block_rows, n_queries - q0)
+        visible = min(n_keys, q0 + rows) if causal else n_keys
+        limit_base = q0 + 1 if causal else NO_LIMIT
+        lane_max[:rows, :] = -np.inf
+        lane_sum[:rows, :] = 0.0
+        for block in range(padded(visible, TILE_COLS) // TILE_COLS):
+            _gemm_into_tiles(dim, qs_flat, q0 * dim, dim, 1, rows, kt_flat, block * dim * TILE_COLS, 0,
+                             TILE_COLS, probs_flat, 0, 0, TILE_COLS, TILE_COLS, False)
+            _fold_tile_into_lanes(probs, rows, limit_base, n_keys, block * TILE_COLS, lane_max, lane_sum)
+        for r in range(rows):
+            row_max = np.float32(-np.inf)
+            for j in range(TILE_COLS):
+                row_max = max(row_max, lane_max[r, j])
+            total = 0.0
+            for j in range(TILE_COLS):
+                if lane_max[r, j] != -np.inf:
+                    total += lane_sum[r, j] * exp2_nonpositive_f32(lane_max[r, j] - row_max)
+            lse2[q0 + r] = row_max + np.log2(total)
+
+
 def key_block_parts(slices, key_blocks, workers):
     """Key-block ranges per slice: one when there are enough slices, else enough to keep `workers` busy."""
     parts = 1 if slices >= workers else min(key_blocks, -(-workers // max(1, slices)))
@@ -133,9 +181,9 @@ def key_block_parts(slices, key_blocks, workers):
     return [(start, min(key_blocks, start + step)) for start in range(0, key_blocks, step)]
 
 
-def attention_backward_with_stats(q, k, v, grad_out, out, lse, scale=None, is_causal=False):
-    """Version 4 given the forward's output out [..., N, dv] and log-sum-exp lse [..., N] (no mask):
-    -> (dq [...,N,d], dk [...,M,d], dv [...,M,dv])."""
+def attention_backward_with_stats(q, k, v, grad_out, out, lse=None, scale=None, is_causal=False):
+    """Version 4 given the forward's output out [..., N, dv] and log-sum-exp lse [..., N] (no mask; lse
+    None: recomputed, log_sum_exp_rows): -> (dq [...,N,d], dk [...,M,d], dv [...,M,dv])."""
     scale = default_scale(q, scale)
     n_queries, n_keys, dim, value_dim = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     padded_keys, padded_dim = padded(max(1, n_keys), TILE_COLS), padded(dim, TILE_COLS)
@@ -152,8 +200,13 @@ def attention_backward_with_stats(q, k, v, grad_out, out, lse, scale=None, is_ca
         # 0. the slice's operands in this worker's buffers; lse in log2 units; Dr = rowsum(dO * O)
         qs, q_rows, grad_rows, keys_t, values_t, keys_padded = slice_operands(q[at], k[at], v[at], grad_out[at],
                                                                              log2_scale)
-        lse2 = scratch("attn_v4s_lse2", (n_queries,))                   # [N]
-        np.multiply(lse[at], LOG2E, out=lse2)
+        lse2 = scratch("attn_v4s_lse2", (n_queries,))                   # [N] log-sum-exp in log2 units
+        if lse is not None:
+            np.multiply(lse[at], LOG2E, out=lse2)
+        else:
+            log_sum_exp_rows(qs, keys_t, n_keys, is_causal, lse2, scratch("attn_v4s_probs", (QUERY_BLOCK, TILE_COLS)),
+                             scratch("attn_v4s_lane_max", (QUERY_BLOCK, TILE_COLS)),
+                             scratch("attn_v4s_lane_sum", (QUERY_BLOCK, TILE_COLS)))
         row_dot = scratch("attn_v4s_row_dot", (n_queries,))             # [N]
         np.einsum("nc,nc->n", grad_rows, out[at], out=row_dot)
         grad_q_padded = np.zeros((n_queries, padded_dim), np.float32)   # [N,Dp] summed over key blocks
