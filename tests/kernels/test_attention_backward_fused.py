@@ -80,9 +80,10 @@ def test_version_4_in_many_blocks_and_parts(rng, monkeypatch, kind):
     check_version_4(q, k, v, grad_out, 1 / math.sqrt(40), kind == "causal")
 
 
-def test_version_4_picked_for_split_heads(rng, monkeypatch):
+def test_public_function_on_split_heads(rng, monkeypatch):
     """The UNet's call: q, k, v and dO as split_heads views [B,h,N,d] of [B,N,h*d], through the public
-    function: version 4 from V4_MIN_KEYS keys (lowered here), and with the forward's statistics."""
+    function, without statistics, with out alone, and with out and lse (version 4 from V4_MIN_KEYS keys,
+    lowered here so that it runs)."""
     monkeypatch.setattr(backward, "V4_MIN_KEYS", 1)
     heads, dim = 2, 40
     flat = [rng.standard_normal((2, n, heads * dim)).astype(np.float32) for n in (97, 70, 70, 97)]

@@ -42,20 +42,22 @@ Versions:
                               dO's rows (dv) and dS's per-column factor. Measured at
                               [1,8,4096,40] (benchmarks/training_kernels.py, load 3.6-5):
                               version 2 4.81 s, version 3 1.21 s, torch's SDPA backward 0.82 s.
-  4. attention_backward_fused   no mask, from V4_MIN_KEYS keys on (backward_fused.py): version 3's
-                              steps with every GEMM on one Numba register tile (backward_tiles.py)
-                              instead of one-thread sgemm, tiles [Q, M] of 48 queries stored
-                              by 64-key blocks, row max and sums in vectorised per-column lanes.
-     attention_backward_with_stats  no mask, when the caller passes the forward's output (and its
-                              log-sum-exp, else recomputed in one sweep of q k^T tiles;
-                              backward_stats.py): key blocks outermost, every tile in L1, no max or
-                              rowsum(P * dP) pass over whole rows (flash-attention-2's backward).
-                              Measured at [1,8,4096,40] (process CPU time, load 4.4-5): version 3
-                              0.85-0.95 s, 4 0.78-0.87 s, 4 given out 0.79 s, given out and lse
-                              0.61-0.66 s; at
-                              [1,8,1024,80] all three ~0.09 s; cross-attention [1,8,4096x77,40]
-                              version 3 25 ms, 4 29-31 ms (M = 77 is padded to 128 keys), hence
-                              V4_MIN_KEYS. The figures under the bench lock: benchmarks/RESULTS.md.
+  4. attention_backward_with_stats  no mask, given the forward's output O and log-sum-exp lse
+                              (backward_stats.py; taken from V4_MIN_KEYS keys on): key blocks
+                              of 64 outermost, every tile in L1, all five GEMMs on one Numba
+                              register tile (backward_tiles.py) instead of one-thread sgemm, no
+                              pass over whole rows (P = exp(S - lse), Dr = rowsum(dO * O)):
+                              flash-attention-2's backward. Given O alone it recomputes lse in one
+                              more sweep of q k^T tiles. attention_backward_fused (backward_fused.py)
+                              is the same tile without statistics: version 3's query blocks with
+                              [Q, M] tiles stored by 64-key blocks. Measured at [1,8,4096,40]
+                              (benchmarks/training_kernels.py, load 2.5, process CPU per call):
+                              version 3 0.705 s, 4 given O and lse 0.604 s (torch 0.564 s), 4
+                              without statistics 0.720 s, given O alone 0.771 s; under load 4.5
+                              the last two ran at 0.88-0.97x and 0.85x version 3, but they are not
+                              taken: on the quieter machine they are not faster. At M <= 1024
+                              version 3 is ahead of every version 4 (64-key padding, e.g. M = 77
+                              computed as 128). Figures and the whole step: benchmarks/RESULTS.md.
 """
 
 import math
@@ -67,29 +69,28 @@ from npdiff.errors import NpdiffError
 from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
 from npdiff.kernels import dispatch
 from npdiff.kernels.attention import check_attention_inputs
+from npdiff.kernels.attention.backward_stats import attention_backward_with_stats
 from npdiff.kernels.attention.common import (
     causal_additive,
     default_scale,
     mask_to_additive,
     masked_row_max,
 )
-from npdiff.kernels.attention.backward_fused import attention_backward_fused
-from npdiff.kernels.attention.backward_stats import attention_backward_with_stats
 from npdiff.kernels.attention.fused import softmax_keys_in_place
 from npdiff.kernels.attention.reference import full_scores
 from npdiff.kernels.block_pool import run_blocks
 from npdiff.kernels.scratch import contiguous_in_scratch, scratch
 from npdiff.kernels.softmax import softmax
-from npdiff.kernels.vecmath import LOG2E
 from npdiff.kernels.validate import shape_text
+from npdiff.kernels.vecmath import LOG2E
 
 # floats of one block's score tile [..., block, M] (64 MiB; the dS tile beside it is as big). Measured on
 # [1,8,4096,40] (load ~12): 1 << 22 (128 queries per block) 16-21 s, 1 << 24 (512 queries) 9.1 s.
 BACKWARD_BLOCK_SCORES = 1 << 24
 # version 3: scores per query block of one slice [Q, M] (4 MiB; the dP tile beside it is as big)
 SLICE_TILE_FLOATS = 1 << 20
-# version 4 from this many keys on, version 3 below (benchmarks/training_kernels.py, process CPU time:
-# 3 ahead at M = 77 and 256, even at M = 1024, 4 ahead at M = 4096: by 0.70x with the statistics)
+# version 4 given out and lse from this many keys on (benchmarks/training_kernels.py, load 2.5, process
+# CPU time against version 3: 0.86x at M = 4096; 1.13x at 1024, 1.22x at 256, 1.30x at 77)
 V4_MIN_KEYS = 2048
 
 
@@ -280,15 +281,14 @@ def attention_backward_slices(q, k, v, grad_out, scale=None, is_causal=False):
 
 
 def attention_backward_by_mask(q, k, v, grad_out, mask=None, scale=None, is_causal=False, out=None, lse=None):
-    """Version 2 with a mask (rows a mask may empty); without one, version 3 below V4_MIN_KEYS keys,
-    version 4 from there on (with the forward's statistics when the caller has them)."""
+    """Version 2 with a mask (rows a mask may empty); without one, version 4 given the forward's output
+    and log-sum-exp from V4_MIN_KEYS keys on, else version 3 (version 4 without both statistics was
+    measured no faster than 3: see the header)."""
     if mask is not None:
         return attention_backward_fast(q, k, v, grad_out, mask, scale, is_causal)
-    if k.shape[-2] < V4_MIN_KEYS or q.shape[-2] == 0:
-        return attention_backward_slices(q, k, v, grad_out, scale, is_causal)
-    if out is not None:
+    if out is not None and lse is not None and k.shape[-2] >= V4_MIN_KEYS and q.shape[-2] > 0:
         return attention_backward_with_stats(q, k, v, grad_out, out, lse, scale, is_causal)
-    return attention_backward_fused(q, k, v, grad_out, scale, is_causal)
+    return attention_backward_slices(q, k, v, grad_out, scale, is_causal)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,8 +303,8 @@ def attention_backward(q, k, v, grad_out, mask=None, scale=None, is_causal=False
     [..., N, dv] -> (dq [..., N, d], dk [..., M, d], dv [..., M, dv]). q, k, v: the forward's inputs.
     out [..., N, dv] and lse [..., N] (optional; lse only with out): the forward's output and its
     per-query log-sum-exp, log(sum over keys of exp(scale * q.k)) in natural log as torch's flash
-    attention returns it; with them and no mask, version 4 runs key block by key block, every tile in
-    L1 (given out alone, it recomputes lse in one more sweep of q k^T)."""
+    attention returns it; with both and no mask, version 4 runs key block by key block, every tile in
+    L1 (out alone is accepted, and version 3 runs: recomputing lse was measured no faster)."""
     from_forward = "scaled_dot_product_attention"
     check_attention_inputs(q, k, v, mask, is_causal, "auto")
     expected = q.shape[:-1] + (v.shape[-1],)
@@ -316,8 +316,7 @@ def attention_backward(q, k, v, grad_out, mask=None, scale=None, is_causal=False
     if out is not None and tuple(out.shape) != tuple(expected):
         raise NpdiffError(f"attention_backward: out must be {from_forward}'s output {shape_text(expected)}, "
                           f"got {shape_text(out.shape)}")
-    if lse is not None:
-        if tuple(lse.shape) != tuple(q.shape[:-1]):
-            raise NpdiffError(f"attention_backward: lse must have one value per query {shape_text(q.shape[:-1])}, "
-                              f"got {shape_text(lse.shape)}")
+    if lse is not None and tuple(lse.shape) != tuple(q.shape[:-1]):
+        raise NpdiffError(f"attention_backward: lse must have one value per query {shape_text(q.shape[:-1])}, "
+                          f"got {shape_text(lse.shape)}")
     return ATTENTION_BACKWARD(q, k, v, grad_out, mask, scale, is_causal, out, lse)
