@@ -109,15 +109,17 @@ def attention_cases(rng, torch, F):
         forward_out, lse = forward_statistics(torch, q, k, v)
         versions = {}
         if n_queries == n_keys == 4096:
-            versions["v2 query blocks"] = lambda q=q, k=k, v=v, g=d_out: attention_bwd.attention_backward_fast(q, k, v, g)
+            versions["v2 query blocks"] = lambda q=q, k=k, v=v, g=d_out: \
+                attention_bwd.attention_backward_fast(q, k, v, g)
         versions["v3 slices"] = lambda q=q, k=k, v=v, g=d_out: attention_bwd.attention_backward_slices(q, k, v, g)
         versions["v4 tiles"] = lambda q=q, k=k, v=v, g=d_out: attention_backward_fused(q, k, v, g)
         versions["v4 given out"] = lambda q=q, k=k, v=v, g=d_out, o=forward_out: \
             attention_backward_with_stats(q, k, v, g, o)
         versions["v4 given out, lse"] = lambda q=q, k=k, v=v, g=d_out, o=forward_out, s=lse: \
             attention_backward_with_stats(q, k, v, g, o, s)
-        out.append((name, versions, torch_backward_timer(torch, F.scaled_dot_product_attention,
-                                                         [(q, True), (k, True), (v, True)], np.ascontiguousarray(d_out))))
+        torch_timer = torch_backward_timer(torch, F.scaled_dot_product_attention, [(q, True), (k, True), (v, True)],
+                                           np.ascontiguousarray(d_out))
+        out.append((name, versions, torch_timer))
     return out
 
 

@@ -1,6 +1,7 @@
 """Attention backward version 4 (backward_fused.py, and backward_stats.py given the forward's output
-and its log-sum-exp, or the output alone) against torch.autograd: self, cross, causal; head sizes 40/64/80/160; N and M that
-are not multiples of the tiles (6 rows, 64 keys, QUERY_BLOCK); batch 1-2; split heads."""
+and its log-sum-exp, or the output alone) against torch.autograd: self, cross, causal; head sizes
+40/64/80/160; N and M that are not multiples of the tiles (6 rows, 64 keys, QUERY_BLOCK); batch 1-2;
+split heads."""
 
 import math
 

@@ -157,7 +157,7 @@ def _grad_scores_rows(exps, grads, rows, key_blocks, inverse_sum, scale):
 
 
 @njit(**SERIAL)
-def _gemm_into_tiles(depth, a, a_start, a_row_step, a_depth_step, rows, b, b_start, b_block_step, b_row_step,
+def gemm_into_tiles(depth, a, a_start, a_row_step, a_depth_step, rows, b, b_start, b_block_step, b_row_step,
                      c, c_start, c_block_step, c_row_step, width, accumulate):
     """C[rows, width] (+)= A[rows, depth] B[depth, width] over flat arrays; column block n of B starts
     b_block_step floats after block n - 1 (64 for a row-major B, rows * 64 for a block-major one),
@@ -195,12 +195,12 @@ def query_blocks_backward(qs, q, keys_t, values_t, keys_padded, grad_rows, n_key
         key_blocks = width // TILE_COLS
         limit_base = q0 + 1 if causal else NO_LIMIT  # row 0 sees the keys before q0 + 1
         # 1. S = qs k^T
-        _gemm_into_tiles(dim, qs_flat, q0 * dim, dim, 1, rows, kt_flat, 0, dim * TILE_COLS, TILE_COLS,
+        gemm_into_tiles(dim, qs_flat, q0 * dim, dim, 1, rows, kt_flat, 0, dim * TILE_COLS, TILE_COLS,
                          exps_flat, 0, tile_block, TILE_COLS, width, False)
         # 2. E = 2^(S - max) in place (0 where masked), 1 / row sums
         _softmax_rows(exps, rows, key_blocks, limit_base, visible, inverse_sum)
         # 3. dP = dO v^T
-        _gemm_into_tiles(value_dim, do_flat, q0 * value_dim, value_dim, 1, rows, vt_flat, 0,
+        gemm_into_tiles(value_dim, do_flat, q0 * value_dim, value_dim, 1, rows, vt_flat, 0,
                          value_dim * TILE_COLS, TILE_COLS, grads_flat, 0, tile_block, TILE_COLS, width, False)
         # 4. dS in place of dP
         _grad_scores_rows(exps, grads, rows, key_blocks, inverse_sum, scale)
@@ -208,14 +208,14 @@ def query_blocks_backward(qs, q, keys_t, values_t, keys_padded, grad_rows, n_key
         for t in range(rows):
             for c in range(value_dim):
                 grad_scaled[t, c] = grad_rows[q0 + t, c] * inverse_sum[t]
-        _gemm_into_tiles(rows, scaled_flat, 0, 1, value_dim, value_dim, exps_flat, 0, tile_block, TILE_COLS,
+        gemm_into_tiles(rows, scaled_flat, 0, 1, value_dim, value_dim, exps_flat, 0, tile_block, TILE_COLS,
                          dvt_flat, 0, value_dim * TILE_COLS, TILE_COLS, width, True)
         # 6. dk^T += q^T dS
-        _gemm_into_tiles(rows, q_flat, q0 * dim, 1, dim, dim, grads_flat, 0, tile_block, TILE_COLS,
+        gemm_into_tiles(rows, q_flat, q0 * dim, 1, dim, dim, grads_flat, 0, tile_block, TILE_COLS,
                          dkt_flat, 0, dim * TILE_COLS, TILE_COLS, width, True)
         # 7. dq = dS k, one key block (depth 64) at a time from the block-major dS: the first stores
         for block in range(key_blocks):
-            _gemm_into_tiles(TILE_COLS, grads_flat, block * tile_block, TILE_COLS, 1, rows, kp_flat,
+            gemm_into_tiles(TILE_COLS, grads_flat, block * tile_block, TILE_COLS, 1, rows, kp_flat,
                              block * TILE_COLS * padded_dim, TILE_COLS, padded_dim, dq_flat, 0, TILE_COLS,
                              padded_dim, padded_dim, block > 0)
         grad_q[q0:q0 + rows, :] = dq_block[:rows, :dim]

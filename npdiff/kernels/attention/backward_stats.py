@@ -7,8 +7,9 @@ Dr = rowsum(P * dP) = rowsum(dO * O) is one pass over dO and O. So the loop can 
 of 64 keys outermost, with every tile in L1 and the key block's dk^T, dv^T accumulators beside it:
 
   per slice: qs = q * scale * log2(e), lse2 = lse * log2(e), Dr = rowsum(dO * O)          [N,d], [N], [N]
-  per key block j (64 keys: k^T, v^T [d|dv, 64] block-major from backward_fused; dk^T, dv^T [d|dv, 64]):
-    per query block of Q rows (with is_causal, only the blocks that see a key of block j):
+  per group of KEY_GROUP key blocks, per query block of Q rows, per key block j of the group (64 keys:
+  k^T, v^T [d|dv, 64] block-major from backward_fused; dk^T, dv^T [d|dv, 64]; with is_causal only the
+  query blocks that see a key of block j):
       1. S [Q,64] = qs k_j^T                    2. P = 2^(S - lse2), 0 for keys not seen
       3. dP [Q,64] = dO v_j^T                   4. dS = P * (dP - Dr) * scale
       5. dv_j^T += dO^T P                        6. dk_j^T += q^T dS
@@ -17,7 +18,13 @@ of 64 keys outermost, with every tile in L1 and the key block's dk^T, dv^T accum
 The same five GEMMs as the version without statistics (backward_fused.py: query blocks outermost,
 the row max and sums recomputed), but no [Q, M] tile leaves L1, and there is no max pass and no
 rowsum(P * dP) pass. The forward (fused.py) computes every query's max and sum already; keeping
-lse = (max + log2(sum)) / log2(e) and O on the training tape is what this version needs.
+lse = (max + log2(sum)) / log2(e) and O on the training tape is what this version needs. Given O
+alone, lse is recomputed first (log_sum_exp_rows: one more sweep of S tiles, an online softmax per
+column).
+
+Measured at [1,8,4096,40] (benchmarks/training_kernels.py, load 2.5, process CPU per call): 0.604 s
+given O and lse, against version 3's 0.705 s and torch's 0.564 s; given O alone 0.771 s (the extra
+sweep costs more than it saves). Below M ~ 2048 version 3 is ahead (RESULTS.md, "Training").
 
 Parallel as backward_fused: one task per (batch, head) slice; with fewer slices than workers, the
 slice's key blocks are cut into parts, each summing its own dq (added up after).
@@ -29,7 +36,7 @@ from npdiff.jit import FASTMATH_SAFE, SERIAL, njit
 from npdiff.kernels.attention.backward_fused import (
     NO_LIMIT,
     QUERY_BLOCK,
-    _gemm_into_tiles,
+    gemm_into_tiles,
     outputs_and_slices,
     padded,
     slice_operands,
@@ -107,22 +114,22 @@ def key_blocks_backward(qs, q, keys_t, values_t, keys_padded, grad_rows, lse2, r
                 continue  # no query of this block sees a key of this key block
             limit_base = q0 + 1 if causal else NO_LIMIT
             # 1-2. P = 2^(qs k_j^T - lse2)
-            _gemm_into_tiles(dim, qs_flat, q0 * dim, dim, 1, rows, kt_flat, block * dim * TILE_COLS, 0,
+            gemm_into_tiles(dim, qs_flat, q0 * dim, dim, 1, rows, kt_flat, block * dim * TILE_COLS, 0,
                              TILE_COLS, probs_flat, 0, tile_block, TILE_COLS, TILE_COLS, False)
             _probabilities(probs, rows, lse2, q0, limit_base, n_keys, key0)
             # 3-4. dS = P * (dO v_j^T - Dr) * scale
-            _gemm_into_tiles(value_dim, do_flat, q0 * value_dim, value_dim, 1, rows, vt_flat,
+            gemm_into_tiles(value_dim, do_flat, q0 * value_dim, value_dim, 1, rows, vt_flat,
                              block * value_dim * TILE_COLS, 0, TILE_COLS, grads_flat, 0, tile_block, TILE_COLS,
                              TILE_COLS, False)
             _grad_scores(probs, grads, rows, row_dot, q0, scale)
             # 5. dv_j^T += dO^T P: A(r, t) = dO[q0 + t, r]
-            _gemm_into_tiles(rows, do_flat, q0 * value_dim, 1, value_dim, value_dim, probs_flat, 0, tile_block,
+            gemm_into_tiles(rows, do_flat, q0 * value_dim, 1, value_dim, value_dim, probs_flat, 0, tile_block,
                              TILE_COLS, dvt_flat, block * value_dim * TILE_COLS, 0, TILE_COLS, TILE_COLS, True)
             # 6. dk_j^T += q^T dS
-            _gemm_into_tiles(rows, q_flat, q0 * dim, 1, dim, dim, grads_flat, 0, tile_block, TILE_COLS,
+            gemm_into_tiles(rows, q_flat, q0 * dim, 1, dim, dim, grads_flat, 0, tile_block, TILE_COLS,
                              dkt_flat, block * dim * TILE_COLS, 0, TILE_COLS, TILE_COLS, True)
             # 7. dq += dS k_j
-            _gemm_into_tiles(TILE_COLS, grads_flat, 0, TILE_COLS, 1, rows, kp_flat, key0 * padded_dim, TILE_COLS,
+            gemm_into_tiles(TILE_COLS, grads_flat, 0, TILE_COLS, 1, rows, kp_flat, key0 * padded_dim, TILE_COLS,
                              padded_dim, dq_flat, q0 * padded_dim, TILE_COLS, padded_dim, padded_dim, True)
 
 
@@ -160,7 +167,7 @@ def log_sum_exp_rows(qs, keys_t, n_keys, causal, lse2, probs, lane_max, lane_sum
         lane_max[:rows, :] = -np.inf
         lane_sum[:rows, :] = 0.0
         for block in range(padded(visible, TILE_COLS) // TILE_COLS):
-            _gemm_into_tiles(dim, qs_flat, q0 * dim, dim, 1, rows, kt_flat, block * dim * TILE_COLS, 0,
+            gemm_into_tiles(dim, qs_flat, q0 * dim, dim, 1, rows, kt_flat, block * dim * TILE_COLS, 0,
                              TILE_COLS, probs_flat, 0, 0, TILE_COLS, TILE_COLS, False)
             _fold_tile_into_lanes(probs, rows, limit_base, n_keys, block * TILE_COLS, lane_max, lane_sum)
         for r in range(rows):
