@@ -37,7 +37,7 @@ FORWARD_NAMES = ("conv2d", "linear", "linear_activation", "geglu", "scaled_dot_p
 
 def install_counters():
     """Wrap npdiff.kernels' public functions (models call them as kernels.NAME) -> the stats dict."""
-    stats = defaultdict(lambda: {"calls": 0, "seconds": 0.0, "flops": 0.0})
+    stats = defaultdict(lambda: {"calls": 0, "seconds": 0.0, "cpu_seconds": 0.0, "flops": 0.0})
     return stats, wrap_sites({"npdiff.kernels": FORWARD_NAMES,
                               "npdiff.models.transformer_backward": ("geglu_forward_saved", "scaled_dot_product_attention")}, stats, kernel_flops)
 
@@ -99,10 +99,11 @@ def wrap_sites(sites, stats, flops):
             originals.append((module, name, original))
 
             def counted(*args, _name=name, _original=original, **kwargs):
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.process_time()
                 out = _original(*args, **kwargs)
                 entry = stats[_name]
                 entry["seconds"] += time.perf_counter() - t0
+                entry["cpu_seconds"] += time.process_time() - cpu0  # all threads: steadier than wall under load
                 entry["calls"] += 1
                 entry["flops"] += flops(_name, args, out)
                 return out
@@ -119,8 +120,8 @@ def wrap_sites(sites, stats, flops):
 def install_backward_counters():
     """Count the backward kernels and, apart, the block-level backward functions ->
     (kernel stats, block stats, uninstall); each stats[name] = {"calls", "seconds", "flops"}."""
-    stats = defaultdict(lambda: {"calls": 0, "seconds": 0.0, "flops": 0.0})
-    blocks = defaultdict(lambda: {"calls": 0, "seconds": 0.0, "flops": 0.0})
+    stats = defaultdict(lambda: {"calls": 0, "seconds": 0.0, "cpu_seconds": 0.0, "flops": 0.0})
+    blocks = defaultdict(lambda: {"calls": 0, "seconds": 0.0, "cpu_seconds": 0.0, "flops": 0.0})
     undo_kernels = wrap_sites(BACKWARD_SITES, stats, backward_flops)
     undo_blocks = wrap_sites(BLOCK_SITES, blocks, lambda *_: 0.0)
 

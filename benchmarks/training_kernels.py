@@ -1,7 +1,7 @@
 """The backward kernels of the SD 1.5 training step at its 64x64-latent shapes: each version against torch's
 autograd of the same op (torch with 2 threads, in this process), best of rounds.
 
-    python benchmarks/training_kernels.py [--repeat 3] [--rounds 3]
+    python benchmarks/training_kernels.py [--repeat 3] [--rounds 3] [--only "conv dx,geglu"]
 
 Rows (the "before" versions are the ones this session replaced; kept importable or written out here):
   attention self [1,8,4096,40] and cross [1,8,4096x77,40], q/k/v/dO as split_heads views of [1,N,320]:
@@ -9,7 +9,9 @@ Rows (the "before" versions are the ones this session replaced; kept importable 
   conv dx 3x3, frozen weight: the flipped kernel made per call | kept (FlippedKernels) | kept, through im2col and
       through Winograd F(4,3) whatever conv_method picks | torch conv2d backward
   group norm + SiLU dx [1,320,64,64], 32 groups: with the weight grads | need_weight_grad=False | torch
-  geglu dx [1,4096,320] -> [1,4096,2x1280]: NumPy element-wise passes | one Numba pass | torch
+  geglu dx [1,4096,320] -> [1,4096,2x1280]: NumPy element-wise passes | one Numba pass | the hidden layer
+      kept by the forward (geglu_input_grad) | torch
+  linear dx of frozen projections (linear_input_grad) at the UNet's shapes | torch
 Each row's torch figure is the autograd of the forward op with only the input requiring a gradient, timed
 from the forward's output (the backward alone: torch keeps what its forward saved; ours recompute theirs).
 Writes benchmarks/out/training_kernels.json.
@@ -76,7 +78,7 @@ def cases(rng, torch, F):
             "v3 slices": lambda q=q, k=k, v=v, g=d_out: attention_bwd.attention_backward_slices(q, k, v, g),
         }, torch_backward_timer(torch, F.scaled_dot_product_attention, [(q, True), (k, True), (v, True)],
                                 np.ascontiguousarray(d_out))))
-    for c_in, c_out, size in ((320, 320, 64), (1280, 1280, 16), (2560, 1280, 16)):
+    for c_in, c_out, size in ((320, 320, 64), (1920, 640, 32), (640, 640, 32), (1280, 1280, 16), (2560, 1280, 16)):
         x = rng.standard_normal((1, c_in, size, size), dtype=np.float32)
         weight = (rng.standard_normal((c_out, c_in, 3, 3), dtype=np.float32) / np.sqrt(9 * c_in)).astype(np.float32)
         grad = rng.standard_normal((1, c_out, size, size), dtype=np.float32)
@@ -106,11 +108,23 @@ def cases(rng, torch, F):
         value, gate = F.linear(a, w, b).chunk(2, dim=-1)
         return value * F.gelu(gate)
 
-    from npdiff.kernels.linear_backward import geglu_backward
+    from npdiff.kernels.linear_backward import geglu_backward, geglu_forward_saved, geglu_input_grad
+    _, hidden = geglu_forward_saved(tokens, weight, bias)               # [1,4096,2560]
     out.append(("geglu dx [1,4096,320]->1280", {
-        "numpy passes": lambda: geglu_backward_numpy_passes(tokens, weight, bias, grad),
-        "one Numba pass": lambda: geglu_backward(tokens, weight, bias, grad, need_weight_grad=False),
+        "numpy passes": lambda w=weight, g=grad: geglu_backward_numpy_passes(tokens, w, bias, g),
+        "one Numba pass": lambda w=weight, g=grad: geglu_backward(tokens, w, bias, g, need_weight_grad=False),
+        "hidden kept": lambda w=weight, g=grad: geglu_input_grad(hidden, w, g),
     }, torch_backward_timer(torch, torch_geglu, [(tokens, True), (weight, False), (bias, False)], grad)))
+    # frozen projections' dx (linear_input_grad: dy W) and a q projection's (linear_backward, dx only)
+    from npdiff.kernels.linear_backward import linear_input_grad
+    for tokens_n, n_in, n_out, what in ((4096, 1280, 320, "ff.net.2"), (4096, 320, 320, "to_out / proj"),
+                                        (1024, 2560, 640, "ff.net.2"), (256, 5120, 1280, "ff.net.2")):
+        x = rng.standard_normal((1, tokens_n, n_in), dtype=np.float32)
+        weight = (rng.standard_normal((n_out, n_in), dtype=np.float32) / np.sqrt(n_in)).astype(np.float32)
+        grad = rng.standard_normal((1, tokens_n, n_out), dtype=np.float32)
+        out.append((f"linear dx {what} [1,{tokens_n},{n_in}]->{n_out}", {
+            "linear_input_grad": lambda w=weight, g=grad: linear_input_grad(w, g),
+        }, torch_backward_timer(torch, lambda a, w: F.linear(a, w), [(x, True), (weight, False)], grad)))
     return out
 
 
@@ -118,6 +132,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", default="", help="run only the rows whose name contains one of these comma-separated texts")
     args = parser.parse_args()
     import torch
     import torch.nn.functional as F
@@ -127,6 +142,8 @@ def main():
     load_before = list(os.getloadavg())
     rows = {}
     for name, ours, theirs in cases(rng, torch, F):
+        if not any(part in name for part in args.only.split(",")):
+            continue
         best = {label: float("inf") for label in list(ours) + ["torch"]}
         for _ in range(args.rounds):
             best["torch"] = min(best["torch"], min(theirs() for _ in range(args.repeat + 1)))
