@@ -12,7 +12,7 @@ at random timesteps -> MSE against the noise -> the gradient to the token embedd
   npdiff  npdiff.training.text_embedding_grad over the same shapes (random weights, one array per distinct
           shape shared by every tensor of that shape: the weights take less memory than real ones would;
           the activations are the same), keeping block inputs and recomputing (unet_backward.py); AdamW on
-          one row, as textual_inversion does
+          one row, and the steps inside training/memory.py's keep_freed_memory, as textual_inversion does
 The VAE encode is left out of both (npdiff encodes the pictures once before training; the recipe encodes
 per step). Reported: the seconds of each step after the first (the first compiles and warms caches), the
 peak resident memory of the process (VmHWM) and the memory of the weights; for npdiff also the peak it
@@ -70,6 +70,7 @@ def npdiff_steps(batch, size, steps):
     from npdiff.schedulers import DDPMScheduler
     from npdiff.training import text_embedding_grad
     from npdiff.training.adamw import AdamW
+    from npdiff.training.memory import keep_freed_memory
 
     weights = SharedWeights()
     pipe = SimpleNamespace(text_encoder=CLIPTextModel(dict(CLIP_L), weights),
@@ -80,11 +81,12 @@ def npdiff_steps(batch, size, steps):
     row, optimizer = np.zeros((1, 768), np.float32), AdamW((1, 768), 5e-3)
     built = proc_status_gib("VmRSS")
     times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        _, grad = text_embedding_grad(pipe, ids, latents, noise, timesteps)  # [B,77,768]
-        optimizer.step(row, grad[ids == ids[0, 1]].sum(axis=0)[None])     # one "new word" row
-        times.append(time.perf_counter() - start)
+    with keep_freed_memory():                                           # as textual_inversion's loop
+        for _ in range(steps):
+            start = time.perf_counter()
+            _, grad = text_embedding_grad(pipe, ids, latents, noise, timesteps)  # [B,77,768]
+            optimizer.step(row, grad[ids == ids[0, 1]].sum(axis=0)[None])     # one "new word" row
+            times.append(time.perf_counter() - start)
     return {"step_s": times, "built_rss_GiB": built, "weights_GiB_as_built": weights.parameters * 4 / 2**30,
             **shared_weight_memory(weights, pipe.unet)}
 

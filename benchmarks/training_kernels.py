@@ -108,7 +108,11 @@ def cases(rng, torch, F):
         value, gate = F.linear(a, w, b).chunk(2, dim=-1)
         return value * F.gelu(gate)
 
-    from npdiff.kernels.linear_backward import geglu_backward, geglu_forward_saved, geglu_input_grad
+    from npdiff.kernels.linear_backward import (
+        geglu_backward,
+        geglu_forward_saved,
+        geglu_input_grad,
+    )
     _, hidden = geglu_forward_saved(tokens, weight, bias)               # [1,4096,2560]
     out.append(("geglu dx [1,4096,320]->1280", {
         "numpy passes": lambda w=weight, g=grad: geglu_backward_numpy_passes(tokens, w, bias, g),

@@ -46,7 +46,12 @@ from npdiff.errors import NpdiffError
 from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
 from npdiff.kernels import dispatch
 from npdiff.kernels.activations import INV_SQRT2, check_approximate, gelu, gelu_ref
-from npdiff.kernels.activations_backward import ACTIVATION_BACKWARDS, INV_SQRT_2PI, gelu_backward, gelu_backward_ref
+from npdiff.kernels.activations_backward import (
+    ACTIVATION_BACKWARDS,
+    INV_SQRT_2PI,
+    gelu_backward,
+    gelu_backward_ref,
+)
 from npdiff.kernels.block_pool import matmul, run_blocks
 from npdiff.kernels.linear import (
     GEGLU_BLOCK_ROWS,

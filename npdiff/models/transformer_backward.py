@@ -15,9 +15,17 @@ import numpy as np
 
 from npdiff.kernels.attention import scaled_dot_product_attention
 from npdiff.kernels.attention.backward import attention_backward
-from npdiff.kernels.linear_backward import geglu_backward, geglu_forward_saved, geglu_input_grad, linear_input_grad
+from npdiff.kernels.linear_backward import (
+    geglu_backward,
+    geglu_forward_saved,
+    geglu_input_grad,
+    linear_input_grad,
+)
 from npdiff.kernels.norm_backward import layer_norm_backward
-from npdiff.models.blocks_backward import group_norm_layer_backward, linear_layer_backward
+from npdiff.models.blocks_backward import (
+    group_norm_layer_backward,
+    linear_layer_backward,
+)
 from npdiff.models.transformer import merge_heads, split_heads
 
 
