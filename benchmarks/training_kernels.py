@@ -12,6 +12,7 @@ Rows (the "before" versions are the ones this session replaced; kept importable 
   geglu dx [1,4096,320] -> [1,4096,2x1280]: NumPy element-wise passes | one Numba pass | the hidden layer
       kept by the forward (geglu_input_grad) | torch
   linear dx of frozen projections (linear_input_grad) at the UNet's shapes | torch
+  conv forward at batch 1, 16x16 (the tape forward's): conv2d as conv_method picks | im2col | Winograd | torch
 Each row's torch figure is the autograd of the forward op with only the input requiring a gradient, timed
 from the forward's output (the backward alone: torch keeps what its forward saved; ours recompute theirs).
 Writes benchmarks/out/training_kernels.json.
@@ -58,6 +59,16 @@ def torch_backward_timer(torch, forward, inputs, grad):
     return run
 
 
+def torch_forward_seconds(torch, forward):
+    """Seconds of one forward call, no autograd."""
+    import time
+
+    with torch.no_grad():
+        start = time.perf_counter()
+        forward()
+        return time.perf_counter() - start
+
+
 def geglu_backward_numpy_passes(x, weight, bias, grad_out):
     """geglu_backward as it was: the element-wise part in NumPy passes with temporaries."""
     hidden = linear(x, weight, bias)                                    # [..., 2D]
@@ -91,6 +102,17 @@ def cases(rng, torch, F):
             "kept, winograd": lambda w=weight, g=grad: conv_winograd.winograd_conv2d(
                 g, conv_backward.FLIPPED_KERNELS.get(w), None, (1, 1), 4),
         }, torch_backward_timer(torch, lambda a, w: F.conv2d(a, w, padding=1), [(x, True), (weight, False)], grad)))
+    # the tape forward's convs at batch 1 where conv_method's rule (measured at batch 2) may not hold
+    for c_in, c_out, size in ((640, 1280, 16), (1280, 1280, 16), (1920, 1280, 16), (2560, 1280, 16)):
+        x = rng.standard_normal((1, c_in, size, size), dtype=np.float32)
+        weight = (rng.standard_normal((c_out, c_in, 3, 3), dtype=np.float32) / np.sqrt(9 * c_in)).astype(np.float32)
+        xt, wt = torch.from_numpy(x), torch.from_numpy(weight)
+        out.append((f"conv forward b1 {c_in}->{c_out} @{size}", {
+            "conv2d (conv_method: " + conv.conv_method(x.shape, weight.shape, (1, 1), (1, 1)) + ")":
+                lambda x=x, w=weight: conv.conv2d(x, w, None, 1, 1),
+            "im2col": lambda x=x, w=weight: conv._conv_im2col_tiled(x, w, None, 1, 1, 1, 1),
+            "winograd": lambda x=x, w=weight: conv_winograd.winograd_conv2d(x, w, None, (1, 1), 4),
+        }, lambda xt=xt, wt=wt: torch_forward_seconds(torch, lambda: F.conv2d(xt, wt, padding=1))))
     x = rng.standard_normal((1, 320, 64, 64), dtype=np.float32)
     scale, shift = (rng.standard_normal(320, dtype=np.float32) for _ in range(2))
     grad = rng.standard_normal(x.shape, dtype=np.float32)
