@@ -1,7 +1,7 @@
 """The backward kernels of the SD 1.5 training step at its 64x64-latent shapes: each version against torch's
 autograd of the same op (torch with 2 threads, in this process), best of rounds.
 
-    python benchmarks/training_kernels.py [--repeat 3] [--rounds 3] [--only attention]
+    python benchmarks/training_kernels.py [--repeat 3] [--rounds 3] [--only "attention,conv dx,geglu"]
 
 Rows (the "before" versions are the ones this session replaced; kept importable or written out here):
   attention self [1,8,4096,40], [1,8,1024,80], [1,8,256,160] and cross [1,8,4096x77,40], q/k/v/dO as
@@ -13,7 +13,10 @@ Rows (the "before" versions are the ones this session replaced; kept importable 
   conv dx 3x3, frozen weight: the flipped kernel made per call | kept (FlippedKernels) | kept, through im2col and
       through Winograd F(4,3) whatever conv_method picks | torch conv2d backward
   group norm + SiLU dx [1,320,64,64], 32 groups: with the weight grads | need_weight_grad=False | torch
-  geglu dx [1,4096,320] -> [1,4096,2x1280]: NumPy element-wise passes | one Numba pass | torch
+  geglu dx [1,4096,320] -> [1,4096,2x1280]: NumPy element-wise passes | one Numba pass | the hidden layer
+      kept by the forward (geglu_input_grad) | torch
+  linear dx of frozen projections (linear_input_grad) at the UNet's shapes | torch
+  conv forward at batch 1, 16x16 (the tape forward's): conv2d as conv_method picks | im2col | Winograd | torch
 Each row's torch figure is the autograd of the forward op with only the input requiring a gradient, timed
 from the forward's output (the backward alone: torch keeps what its forward saved; ours recompute theirs).
 Writes benchmarks/out/training_kernels.json.
@@ -79,6 +82,16 @@ def process_cpu_seconds(fn):
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def torch_forward_seconds(torch, forward):
+    """Seconds of one forward call, no autograd."""
+    import time
+
+    with torch.no_grad():
+        start = time.perf_counter()
+        forward()
+        return time.perf_counter() - start
+
+
 def geglu_backward_numpy_passes(x, weight, bias, grad_out):
     """geglu_backward as it was: the element-wise part in NumPy passes with temporaries."""
     hidden = linear(x, weight, bias)                                    # [..., 2D]
@@ -123,11 +136,9 @@ def attention_cases(rng, torch, F):
     return out
 
 
-def cases(rng, torch, F, only=None):
+def cases(rng, torch, F):
     out = attention_cases(rng, torch, F)
-    if only == "attention":
-        return out
-    for c_in, c_out, size in ((320, 320, 64), (1280, 1280, 16), (2560, 1280, 16)):
+    for c_in, c_out, size in ((320, 320, 64), (1920, 640, 32), (640, 640, 32), (1280, 1280, 16), (2560, 1280, 16)):
         x = rng.standard_normal((1, c_in, size, size), dtype=np.float32)
         weight = (rng.standard_normal((c_out, c_in, 3, 3), dtype=np.float32) / np.sqrt(9 * c_in)).astype(np.float32)
         grad = rng.standard_normal((1, c_out, size, size), dtype=np.float32)
@@ -140,6 +151,17 @@ def cases(rng, torch, F, only=None):
             "kept, winograd": lambda w=weight, g=grad: conv_winograd.winograd_conv2d(
                 g, conv_backward.FLIPPED_KERNELS.get(w), None, (1, 1), 4),
         }, torch_backward_timer(torch, lambda a, w: F.conv2d(a, w, padding=1), [(x, True), (weight, False)], grad)))
+    # the tape forward's convs at batch 1 where conv_method's rule (measured at batch 2) may not hold
+    for c_in, c_out, size in ((640, 1280, 16), (1280, 1280, 16), (1920, 1280, 16), (2560, 1280, 16)):
+        x = rng.standard_normal((1, c_in, size, size), dtype=np.float32)
+        weight = (rng.standard_normal((c_out, c_in, 3, 3), dtype=np.float32) / np.sqrt(9 * c_in)).astype(np.float32)
+        xt, wt = torch.from_numpy(x), torch.from_numpy(weight)
+        out.append((f"conv forward b1 {c_in}->{c_out} @{size}", {
+            "conv2d (conv_method: " + conv.conv_method(x.shape, weight.shape, (1, 1), (1, 1)) + ")":
+                lambda x=x, w=weight: conv.conv2d(x, w, None, 1, 1),
+            "im2col": lambda x=x, w=weight: conv._conv_im2col_tiled(x, w, None, 1, 1, 1, 1),
+            "winograd": lambda x=x, w=weight: conv_winograd.winograd_conv2d(x, w, None, (1, 1), 4),
+        }, lambda xt=xt, wt=wt: torch_forward_seconds(torch, lambda: F.conv2d(xt, wt, padding=1))))
     x = rng.standard_normal((1, 320, 64, 64), dtype=np.float32)
     scale, shift = (rng.standard_normal(320, dtype=np.float32) for _ in range(2))
     grad = rng.standard_normal(x.shape, dtype=np.float32)
@@ -157,11 +179,27 @@ def cases(rng, torch, F, only=None):
         value, gate = F.linear(a, w, b).chunk(2, dim=-1)
         return value * F.gelu(gate)
 
-    from npdiff.kernels.linear_backward import geglu_backward
+    from npdiff.kernels.linear_backward import (
+        geglu_backward,
+        geglu_forward_saved,
+        geglu_input_grad,
+    )
+    _, hidden = geglu_forward_saved(tokens, weight, bias)               # [1,4096,2560]
     out.append(("geglu dx [1,4096,320]->1280", {
-        "numpy passes": lambda: geglu_backward_numpy_passes(tokens, weight, bias, grad),
-        "one Numba pass": lambda: geglu_backward(tokens, weight, bias, grad, need_weight_grad=False),
+        "numpy passes": lambda w=weight, g=grad: geglu_backward_numpy_passes(tokens, w, bias, g),
+        "one Numba pass": lambda w=weight, g=grad: geglu_backward(tokens, w, bias, g, need_weight_grad=False),
+        "hidden kept": lambda w=weight, g=grad: geglu_input_grad(hidden, w, g),
     }, torch_backward_timer(torch, torch_geglu, [(tokens, True), (weight, False), (bias, False)], grad)))
+    # frozen projections' dx (linear_input_grad: dy W) and a q projection's (linear_backward, dx only)
+    from npdiff.kernels.linear_backward import linear_input_grad
+    for tokens_n, n_in, n_out, what in ((4096, 1280, 320, "ff.net.2"), (4096, 320, 320, "to_out / proj"),
+                                        (1024, 2560, 640, "ff.net.2"), (256, 5120, 1280, "ff.net.2")):
+        x = rng.standard_normal((1, tokens_n, n_in), dtype=np.float32)
+        weight = (rng.standard_normal((n_out, n_in), dtype=np.float32) / np.sqrt(n_in)).astype(np.float32)
+        grad = rng.standard_normal((1, tokens_n, n_out), dtype=np.float32)
+        out.append((f"linear dx {what} [1,{tokens_n},{n_in}]->{n_out}", {
+            "linear_input_grad": lambda w=weight, g=grad: linear_input_grad(w, g),
+        }, torch_backward_timer(torch, lambda a, w: F.linear(a, w), [(x, True), (weight, False)], grad)))
     return out
 
 
@@ -169,7 +207,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--only", choices=["attention"], help="only the attention rows")
+    parser.add_argument("--only", default="", help="run only the rows whose name contains one of these comma-separated texts")
     args = parser.parse_args()
     import torch
     import torch.nn.functional as F
@@ -178,7 +216,9 @@ def main():
     rng = np.random.default_rng(0)
     load_before = list(os.getloadavg())
     rows = {}
-    for name, ours, theirs in cases(rng, torch, F, args.only):
+    for name, ours, theirs in cases(rng, torch, F):
+        if not any(part in name for part in args.only.split(",")):
+            continue
         best = {label: float("inf") for label in list(ours) + ["torch"]}
         cpu = {label: float("inf") for label in best}
         for _ in range(args.rounds):

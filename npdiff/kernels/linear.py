@@ -149,15 +149,17 @@ def _geglu_gate_serial(hidden, which, out):
         _geglu_row(hidden[r], which, out[r])
 
 
-def geglu_blocks(rows, weight, bias, which):
+def geglu_blocks(rows, weight, bias, which, hidden_out=None):
     """rows [R, in] -> [R, D] in blocks of GEGLU_BLOCK_ROWS rows on the block-parallel pool: each
     worker's GEMM (one OpenBLAS thread) writes a [block, 2D] hidden block, which its serial gate
-    pass reads back while it is still in cache; no [R, 2D] array is ever made."""
+    pass reads back while it is still in cache; no [R, 2D] array is made unless the caller passes
+    one as hidden_out (the training tape keeps the hidden layer for the backward)."""
     out = np.empty((rows.shape[0], weight.shape[0] // 2), np.float32)  # [R, D]
 
     def run_block(bounds):
         first, stop = bounds
-        hidden = np.matmul(rows[first:stop], weight.T)  # [block, in] @ [in, 2D] -> [block, 2D]
+        block_out = None if hidden_out is None else hidden_out[first:stop]  # [block, 2D] view or None
+        hidden = np.matmul(rows[first:stop], weight.T, out=block_out)  # [block, in] @ [in, 2D] -> [block, 2D]
         if bias is not None:
             hidden += bias
         _geglu_gate_serial(hidden, which, out[first:stop])
@@ -167,16 +169,23 @@ def geglu_blocks(rows, weight, bias, which):
     return out
 
 
-def geglu_fast(x, weight, bias=None, approximate="none"):
+def geglu_fast(x, weight, bias=None, approximate="none", hidden_out=None):
+    """hidden_out: None, or a contiguous float32 [R, 2D] array that receives the hidden layer h."""
     if x.size // x.shape[-1] >= GEGLU_BLOCKS_MIN_ROWS:
         rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # [..., in] -> [R, in]
-        out = geglu_blocks(rows, weight, bias, ACTIVATION_CODES[approximate])  # [R, D]
+        out = geglu_blocks(rows, weight, bias, ACTIVATION_CODES[approximate], hidden_out)  # [R, D]
         return out.reshape(x.shape[:-1] + (out.shape[1],))  # [R, D] -> [..., D]
-    hidden = linear_fast(x, weight, bias)  # [..., in] -> [..., 2D]
+    if hidden_out is None:
+        hidden = linear_fast(x, weight, bias)  # [..., in] -> [..., 2D]
+    else:
+        rows = x.reshape(-1, x.shape[-1])  # [..., in] -> [R, in]
+        hidden = matmul(rows, weight.T, out=hidden_out)  # [R, in] @ [in, 2D] -> [R, 2D]
+        if bias is not None:
+            hidden += bias  # [R, 2D], in place
     rows = hidden.reshape(-1, hidden.shape[-1])  # [R, 2D] (contiguous: fresh from matmul)
     out = np.empty((rows.shape[0], rows.shape[1] // 2), np.float32)  # [R, D]
     _geglu_gate_numba(rows, ACTIVATION_CODES[approximate], out)
-    return out.reshape(hidden.shape[:-1] + (out.shape[1],))  # [R, D] -> [..., D]
+    return out.reshape(x.shape[:-1] + (out.shape[1],))  # [R, D] -> [..., D]
 
 
 @njit(**SERIAL, fastmath=FASTMATH_SAFE)
