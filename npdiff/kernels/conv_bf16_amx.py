@@ -137,6 +137,8 @@ def _pair_rows(image, p0, p1, ph, pw, sw, phase_words, rows_out):
     header's pair rows), every word written: zeros for the border, the channels past C_in, the odd
     channel's missing partner and the words past each phase."""
     c_in, height, width = image.shape
+    padded_row = np.zeros((width + 2 * pw + 1) // 2 * 2, np.uint32)  # strided convs: one row's words, zero border
+    padded_row_64 = padded_row.view(np.uint64)  # little-endian: word 2i in the low half, 2i+1 in the high
     for r in range(rows_out.shape[0]):
         y = r - ph
         for p in range(p0, p1):
@@ -151,10 +153,20 @@ def _pair_rows(image, p0, p1, ph, pw, sw, phase_words, rows_out):
                 out = words[pw:pw + width]
                 for x in range(width):
                     out[x] = pair_word(low[x], high[x]) & keep_high
-            else:
+            else:  # the words of the padded row in order (vectorised), then each phase's columns
                 for x in range(width):
-                    column = x + pw
-                    words[(column % sw) * phase_words + column // sw] = pair_word(low[x], high[x]) & keep_high
+                    padded_row[pw + x] = pair_word(low[x], high[x]) & keep_high
+                if sw == 2:  # a vectorised split: each 64-bit pair of words is (even column, odd column)
+                    even, odd = words[:phase_words], words[phase_words:2 * phase_words]
+                    for i in range(min(phase_words, padded_row.size // 2)):
+                        both = padded_row_64[i]
+                        even[i] = np.uint32(both & np.uint64(0xFFFFFFFF))
+                        odd[i] = np.uint32(both >> np.uint64(32))
+                    continue
+                for phase in range(sw):
+                    out = words[phase * phase_words:(phase + 1) * phase_words]
+                    for i in range(min(phase_words, (width + 2 * pw - phase + sw - 1) // sw)):
+                        out[i] = padded_row[i * sw + phase]
 
 
 @njit(**SERIAL)
