@@ -1,32 +1,47 @@
 """Version 3 of the bf16 convolution (conv_bf16.py): an implicit GEMM on AMX tiles, no unfolding.
 
 Version 2 unfolds the image (im2col into bf16 pair words: 9x the image's bytes written, then read by
-the GEMM). Here the image is converted once per call into bf16 "pair rows", and every B tile of the
-GEMM is one tileloadd straight from them (tileloadd takes any row stride), so nothing is unfolded.
+the GEMM). Here the image is converted once per call into bf16 pair words (one pass, about the image's
+own bytes), and every B tile of the GEMM is one tileloadd straight from them (tileloadd takes any row
+stride), so nothing is unfolded.
 
 The GEMM is version 2's: C [C_out, pixels] = W [C_out, K] @ B [K, pixels], the output written in NCHW in
 place, but with k ordered (tap, c_in) instead of (c_in, tap):
-  A   the weight, packed once at load (pack_conv_taps): bf16 bits [C_out (padded to 32), taps, C_in
-      (padded to 32)] uint16 as rows of taps*C_in_pad k, so one tap's channels are whole AMX steps of
-      32 k (an A tile: 16 output channels x 32 input channels of one tap).
-  B   the pair rows (_pair_rows): [H + 2*ph, pairs, row_words] uint32 per image, pairs = C_in_pad/2,
-      word (r, p, phase * phase_words + i) = bf16(x[2p, r - ph, c - pw]) | bf16(x[2p+1, ...]) << 16 for the
-      padded column c = i * sw + phase (zero outside the image, and for the channels past C_in). One
-      padded input row holds every pair's row of words, one after the other: the B tile of tap (ky, kx),
-      pairs p..p+15 and the 16 output pixels x0..x0+15 of output row y is the 16 rows p..p+15 of input row
-      y*sh + ky from word (kx % sw) * phase_words + x0 + kx // sw, `row_words` words apart: one tileloadd.
-      With stride sw the columns are stored as sw phases (even columns, then odd ones), so a strided
-      row is contiguous too. row_words is an odd number of 64-byte lines, so a tile's 16 rows fall on
-      different L1 sets.
+  A   the weight, packed once at load (pack_conv_taps): bf16 bits, C_out and C_in zero-padded to multiples
+      of 32, stored by depth blocks of CHANNELS_PER_BLOCK input channels: block [C_out_pad, taps, block
+      channels] after block, so one tap's channels are whole AMX steps of 32 k (an A tile: 16 output
+      channels x 32 input channels of one tap) and one depth block's A tiles are one contiguous run
+      (with the taps C_in_pad apart, rows 23 KB apart for C_in = 1280, the 1280-channel convs ran at
+      ~60% of this layout's speed: every row of a tile on its own pages).
+  B   the image's pair words, in one of two layouts (PixelLayout), pairs = C_in_pad / 2, a word =
+      bf16(x[2p, ...]) | bf16(x[2p+1, ...]) << 16 (zero outside the image and past C_in):
+      pair rows (_pair_rows) [H + 2ph, pairs, row_words]: one padded input row holds every pair's row,
+        one after the other; the padded column c = i * sw + phase at word phase * phase_words + i (the
+        columns of a stride-sw conv stored as sw phases, even columns then odd ones, so a strided
+        row's taps are contiguous too). The B tile of tap (ky, kx), pairs p..p+15 and the 16 output
+        pixels x0..x0+15 of output row y: rows p..p+15 of input row y*sh + ky from word
+        (kx % sw) * phase_words + x0 + kx // sw, row_words apart: one tileloadd. A segment (16 pixels)
+        never leaves its output row, so a row of 8 pixels fills half a tile.
+      flat (_flat_planes) [kW, pairs, plane_words], for narrow stride-1 outputs (width < 64, not a multiple
+        of 16): plane kx holds the padded image's rows shifted by kx and cut to the output's width, one
+        after the other, so output pixels are consecutive words across rows: the B tile of tap (ky, kx)
+        and the 16 consecutive output pixels q..q+15 (in the flat [Ho*Wo] order) is rows p..p+15 of plane
+        kx from word q + ky * Wo. No part tiles at 8 or 20 pixels a row, for kW copies of the image
+        (measured, 8x8 with 1280 channels: 694 GFLOP/s a core against 350 in pair rows).
+      Row strides are an odd number of 64-byte lines, so a tile's 16 rows fall on 16 different L1 sets.
   C   float32 [C_out, Ho*Wo] of one image (the output itself): a 32 x 32 block is two 16-pixel segments
-      (16 output pixels of one output row each; the next segment may start the next row) times 32 output
-      channels, 2 x 2 tiles in tmm0..tmm3 as in matmul_amx.py. Segments past the row's end (widths not a
-      multiple of 16) and the channels past C_out go through a 32 x 32 scratch.
-Loops per task (output rows of one image): depth blocks of PAIRS_PER_BLOCK pairs (the weight's block,
-C_out x taps x 2*PAIRS_PER_BLOCK bf16, stays in L2 across the task), then pairs of segments, then blocks
-of 32 output channels (the segments' B tiles, taps x 2 KiB per 16 pairs, are read again from L1 by every
-channel block), then taps, then steps of 16 pairs. The first depth block starts from the bias (or zero),
-later ones add into the output.
+      times 32 output channels, 2 x 2 tiles in tmm0..tmm3 as in matmul_amx.py. Part segments (a row's
+      end, a task's end) and the channels past C_out go through a 32 x 32 scratch.
+Every operand starts on a 64-byte line (aligned_empty): the same conv ran at 626 or 1071 GFLOP/s a
+core by where malloc had put the weight (a tile row across two lines loads both).
+
+Loops per task (output rows of one image, TASK_PIXELS pixels): depth blocks (C_out x taps x 256 bf16 of
+A, in L2), then blocks of 32 output channels (their A, 32 x taps x 256 bf16, stays in L1/L2 across the
+segments), then pairs of segments (the B words, in L2), then taps, then steps of 16 pairs. The first
+depth block starts from the bias (or zero), later ones add into the output. Measured on one core
+(thread CPU time) at SD's 3x3 shapes: depth blocks of 256 channels 1.1-1.3 TFLOP/s at 32-512 px, ahead
+of 64 (0.8-1.1) and 128; channel blocks outside the segments 5-25% ahead of inside; tasks of 128-1024
+pixels within noise.
 
 Every kernel size and stride runs here; conv_bf16.py sends 1x1 convs (no taps to gather: version 2's
 pointwise path reads the image's rows as they lie) and convs with fewer than 16 input channels (whose
