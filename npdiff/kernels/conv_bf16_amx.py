@@ -244,6 +244,25 @@ def _edge_out(edge, c, c_first, ldc, channels, valid0, first1, valid1):
 
 
 @njit(**SERIAL)
+def _load_c_tiles(array, first0, first1, half_step, stride):
+    """tmm0..tmm3 <- a C block of `array` (flat indices): tmm0/tmm1 the 16 rows from first0/first1,
+    tmm2/tmm3 those from half_step elements further; rows `stride` bytes apart."""
+    tile_load(0, array, first0, stride)
+    tile_load(1, array, first1, stride)
+    tile_load(2, array, first0 + half_step, stride)
+    tile_load(3, array, first1 + half_step, stride)
+
+
+@njit(**SERIAL)
+def _store_c_tiles(array, first0, first1, half_step, stride):
+    """The inverse of _load_c_tiles: tmm0..tmm3 -> array."""
+    tile_store(0, array, first0, stride)
+    tile_store(1, array, first1, stride)
+    tile_store(2, array, first0 + half_step, stride)
+    tile_store(3, array, first1 + half_step, stride)
+
+
+@njit(**SERIAL)
 def implicit_gemm_rows(weight, taps, words, pair_words, tap_words, flat, y_words, row0, rows, w_out, out, start,
                        bias_rows, pairs_per_block, edge):
     """Output rows row0 .. row0+rows-1 of one image: out [C_out, Ho*Wo] (+)= the conv, on this thread's
@@ -280,22 +299,13 @@ def implicit_gemm_rows(weight, taps, words, pair_words, tap_words, flat, y_words
                     tile_zero(1)
                     tile_zero(2)
                     tile_zero(3)
-                elif block_start == START_FROM_INIT:
-                    tile_load(0, bias_rows, row * TILE, TILE * 4)
-                    tile_load(1, bias_rows, row * TILE, TILE * 4)
-                    tile_load(2, bias_rows, (row + TILE) * TILE, TILE * 4)
-                    tile_load(3, bias_rows, (row + TILE) * TILE, TILE * 4)
+                elif block_start == START_FROM_INIT:  # each channel's bias, the same for both segments
+                    _load_c_tiles(bias_rows, row * TILE, row * TILE, TILE * TILE, TILE * 4)
                 elif full:
-                    tile_load(0, c_flat, c0, c_stride)
-                    tile_load(1, c_flat, c1, c_stride)
-                    tile_load(2, c_flat, c0 + TILE * ldc, c_stride)
-                    tile_load(3, c_flat, c1 + TILE * ldc, c_stride)
+                    _load_c_tiles(c_flat, c0, c1, TILE * ldc, c_stride)
                 else:
                     _edge_in(c_flat, c0, ldc, channels, valid0, c1, valid1, edge)
-                    tile_load(0, edge, 0, BLOCK * 4)
-                    tile_load(1, edge, TILE, BLOCK * 4)
-                    tile_load(2, edge, TILE * BLOCK, BLOCK * 4)
-                    tile_load(3, edge, TILE * BLOCK + TILE, BLOCK * 4)
+                    _load_c_tiles(edge, 0, TILE, TILE * BLOCK, BLOCK * 4)
                 # 3. every tap, every 16 pairs: two A tiles, two B tiles (one tileloadd each), four products
                 a_first = a_block + row * a_width
                 for tap in range(taps):
@@ -312,15 +322,9 @@ def implicit_gemm_rows(weight, taps, words, pair_words, tap_words, flat, y_words
                         a_first += BLOCK
                 # 4. the C block back
                 if full:
-                    tile_store(0, c_flat, c0, c_stride)
-                    tile_store(1, c_flat, c1, c_stride)
-                    tile_store(2, c_flat, c0 + TILE * ldc, c_stride)
-                    tile_store(3, c_flat, c1 + TILE * ldc, c_stride)
+                    _store_c_tiles(c_flat, c0, c1, TILE * ldc, c_stride)
                 else:
-                    tile_store(0, edge, 0, BLOCK * 4)
-                    tile_store(1, edge, TILE, BLOCK * 4)
-                    tile_store(2, edge, TILE * BLOCK, BLOCK * 4)
-                    tile_store(3, edge, TILE * BLOCK + TILE, BLOCK * 4)
+                    _store_c_tiles(edge, 0, TILE, TILE * BLOCK, BLOCK * 4)
                     _edge_out(edge, c_flat, c0, ldc, channels, valid0, c1, valid1)
     tile_release()
 
