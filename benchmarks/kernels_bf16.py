@@ -5,8 +5,8 @@ and against torch's own bfloat16, at Stable Diffusion 1.5's shapes.
     npdiff bench kernels_bf16 ...
 
 Each row, in one process (the script imports numpy first, as a user's script does):
-  amx      npdiff's bf16 GEMM on AMX tiles (the default where the CPU has them); for 3x3 convs version 3
-           of conv_bf16.py, the implicit GEMM (conv_bf16_amx.py)
+  amx      npdiff's bf16 GEMM on AMX tiles (the default where the CPU has them); for convs version 3 of
+           conv_bf16.py, the implicit GEMM (conv_bf16_amx.py)
   amx v2   convs only: version 2 on AMX, the image unfolded into pair words, then matmul_amx's GEMM
            (pack_conv_bf16(..., implicit=False))
   dpbf16   npdiff's bf16 GEMM on the vdpbf16ps micro-kernel (NPDIFF_NO_AMX=1)
@@ -56,6 +56,7 @@ CONV_CASES = [
     ("VAE 256px 256->256 3x3", 1, 256, 256, 256, 3, 1),
     ("VAE 512px 128->128 3x3", 1, 128, 512, 128, 3, 1),
     ("UNet 64px 640->320 1x1", 2, 640, 64, 320, 1, 1),
+    ("VAE 256px 512->256 1x1", 1, 512, 256, 256, 1, 1),
 ]
 QUICK = {"ff 32px [2048,640]x[640,5120]", "UNet 32px 640->640 3x3"}
 
@@ -102,7 +103,7 @@ def conv_sides(rng, torch, F, batch, c_in, size, c_out, k, stride):
     x = rng.standard_normal((batch, c_in, size, size), dtype=np.float32)
     weight = (rng.standard_normal((c_out, c_in, k, k), dtype=np.float32) / np.sqrt(c_in * k * k)).astype(np.float32)
     packed = pack_conv_bf16(weight)
-    packed_v2 = pack_conv_bf16(weight, implicit=False)  # version 2's layout (the same as `packed` for 1x1)
+    packed_v2 = pack_conv_bf16(weight, implicit=False)  # version 2's layout
     if packed.layout in ("amx", "amx_taps"):
         os.environ["NPDIFF_NO_AMX"] = "1"
         packed_dpbf16 = pack_conv_bf16(weight)  # the vdpbf16ps kernel reads its own weight layout
@@ -120,7 +121,7 @@ def conv_sides(rng, torch, F, batch, c_in, size, c_out, k, stride):
         "torch bf16": lambda: F.conv2d(x_b, w_b, None, stride, pad),
         "torch f32": lambda: F.conv2d(x_t, w_t, None, stride, pad),
     }
-    if packed.layout != "amx_taps":  # version 3 does not run here (1x1, or no AMX): no second AMX side
+    if packed.layout != "amx_taps":  # version 3 does not run here (no AMX): no second AMX side
         sides.pop("amx v2")
     size_out = (size + 2 * pad - k) // stride + 1
     flops = 2.0 * batch * c_out * c_in * k * k * size_out * size_out

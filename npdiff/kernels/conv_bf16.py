@@ -24,9 +24,10 @@ Versions:
   depth block after the first adds into the output tile.
   3. the implicit GEMM on AMX (conv_bf16_amx.py): no unfolding; the image converted once into bf16 pair
         rows, each B tile one tileloadd straight from them, the weight packed per tap ("amx_taps").
-        Every AMX conv except 1x1 kernels (version 2's pointwise path: nothing to unfold) and those
-        with fewer than IMPLICIT_MIN_C_IN input channels (their k, padded to 32 per tap, would be mostly
-        zeros), strides and paddings included. pack_conv_bf16(weight, implicit=False) keeps version 2.
+        Every AMX conv with at least IMPLICIT_MIN_C_IN input channels (fewer: their k, padded to 32
+        per tap, would be mostly zeros), any kernel size, stride and padding; 1x1 convs too (measured
+        0.38-0.93x version 2's pointwise path's time at SD's shortcut shapes: the pair conversion
+        beats the per-tile packing). pack_conv_bf16(weight, implicit=False) keeps version 2.
 """
 
 import numpy as np
@@ -63,7 +64,7 @@ from npdiff.kernels.validate import output_size, shape_text
 # 576-deep blocks 358-366 GFLOP/s; 512 pixels and 288-deep blocks 279-288; 512 and 576: 293-296.
 TILE_PIXELS = 256  # output pixels per tile (whole output rows, at least one)
 BLOCK_DEPTH = 576  # k per depth block (rounded to whole channels, a multiple of 32)
-IMPLICIT_MIN_C_IN = 16  # input channels from which a (non-1x1) conv on AMX takes version 3
+IMPLICIT_MIN_C_IN = 16  # input channels from which a conv on AMX takes version 3
 
 
 class PackedBf16Conv(PackedBf16):
@@ -109,7 +110,7 @@ def pack_conv_bf16(weight, implicit=True):
     kernel = bf16_kernel()
     if kernel == "float32":
         return PackedBf16Conv(bf16_to_float32(bits), weight.shape, "float32", channels_per_block)
-    if kernel == "amx" and implicit and (kh, kw) != (1, 1) and c_in >= IMPLICIT_MIN_C_IN:
+    if kernel == "amx" and implicit and c_in >= IMPLICIT_MIN_C_IN:
         taps = pack_conv_taps(bits, CHANNELS_PER_BLOCK)  # [C_out_pad, taps*C_in_pad] in depth blocks
         return PackedBf16Conv(taps, weight.shape, "amx_taps", CHANNELS_PER_BLOCK)
     rows = np.ascontiguousarray(bits).reshape(c_out, c_in * kh * kw)  # [C_out, K]

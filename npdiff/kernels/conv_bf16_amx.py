@@ -43,9 +43,8 @@ depth block starts from the bias (or zero), later ones add into the output. Meas
 of 64 (0.8-1.1) and 128; channel blocks outside the segments 5-25% ahead of inside; tasks of 128-1024
 pixels within noise.
 
-Every kernel size and stride runs here; conv_bf16.py sends 1x1 convs (no taps to gather: version 2's
-pointwise path reads the image's rows as they lie) and convs with fewer than 16 input channels (whose
-k, padded to 32 per tap, would be mostly zeros) to version 2.
+Every kernel size, stride and padding runs here, 1x1 included; conv_bf16.py sends convs with fewer than
+16 input channels (whose k, padded to 32 per tap, would be mostly zeros) to version 2.
 """
 
 import numpy as np

@@ -35,7 +35,7 @@ def test_conv2d_bf16_matches_torch(rng, bf16_path, batch, c_in, height, width, c
     weight = rng.standard_normal((c_out, c_in, k, k), dtype=np.float32)
     bias = rng.standard_normal(c_out, dtype=np.float32)
     packed = pack_conv_bf16(weight)
-    implicit = bf16_path == "amx" and k > 1 and c_in >= IMPLICIT_MIN_C_IN  # version 3 (test_conv_bf16_amx.py)
+    implicit = bf16_path == "amx" and c_in >= IMPLICIT_MIN_C_IN  # version 3 (test_conv_bf16_amx.py)
     assert packed.layout == ("amx_taps" if implicit else bf16_path) and packed.shape == weight.shape
     np.testing.assert_array_equal(packed.to_float32(), rounded(weight).numpy())
     expected = F.conv2d(rounded(x), rounded(weight), torch.from_numpy(bias), stride, padding)

@@ -59,8 +59,7 @@ def expected(x, weight, bias, stride, padding):
 @pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("kernel, stride, padding", GEOMETRIES)
 def test_implicit_gemm_matches_torch(rng, width, kernel, stride, padding):
-    """The kernel itself (1x1 included, which conv2d_bf16 sends to version 2), with depth blocks of 64
-    channels so that C_in up to 81 crosses one."""
+    """The kernel itself, with depth blocks of 64 channels so that C_in up to 81 crosses one."""
     x, weight, bias = random_conv(rng, width, kernel)
     taps = pack_conv_taps(float32_to_bf16(weight), 64)
     out = conv2d_bf16_implicit(x, taps, weight.shape, 64, bias, stride, stride, padding, padding)
