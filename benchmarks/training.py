@@ -12,7 +12,7 @@ at random timesteps -> MSE against the noise -> the gradient to the token embedd
   npdiff  npdiff.training.text_embedding_grad over the same shapes (random weights, one array per distinct
           shape shared by every tensor of that shape: the weights take less memory than real ones would;
           the activations are the same), keeping block inputs and recomputing (unet_backward.py); AdamW on
-          one row, and the steps inside training/memory.py's keep_freed_memory, as textual_inversion does
+          one row, and the steps inside npdiff/freed_memory.py's keep_freed_memory, as textual_inversion does
 The VAE encode is left out of both (npdiff encodes the pictures once before training; the recipe encodes
 per step). Reported: the seconds of each step after the first (the first compiles and warms caches; with each
 step's CPU seconds of all threads, steadier than wall time when other processes share the cores), the
@@ -71,7 +71,7 @@ def npdiff_steps(batch, size, steps):
     from npdiff.schedulers import DDPMScheduler
     from npdiff.training import text_embedding_grad
     from npdiff.training.adamw import AdamW
-    from npdiff.training.memory import keep_freed_memory
+    from npdiff.freed_memory import keep_freed_memory
 
     weights = SharedWeights()
     pipe = SimpleNamespace(text_encoder=CLIPTextModel(dict(CLIP_L), weights),

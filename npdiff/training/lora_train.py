@@ -43,7 +43,7 @@ from npdiff.training.lora_files import (
     save_kohya_lora,
 )
 from npdiff.training.lora_grad import UNetLora, check_rank_alpha, lora_grad
-from npdiff.training.memory import keep_freed_memory
+from npdiff.freed_memory import keep_freed_memory
 from npdiff.training.pictures import (
     encode_training_latents,
     check_same_size,

@@ -38,7 +38,7 @@ from npdiff.training.loop import (
     progress_bar,
     write_loss_files,
 )
-from npdiff.training.memory import keep_freed_memory
+from npdiff.freed_memory import keep_freed_memory
 from npdiff.training.pictures import (
     OBJECT_TEMPLATES,
     check_templates,

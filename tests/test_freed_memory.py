@@ -7,7 +7,7 @@ import resource
 import numpy as np
 import pytest
 
-from npdiff.training.memory import _glibc, keep_freed_memory
+from npdiff.freed_memory import _glibc, keep_freed_memory
 
 ARRAYS, ELEMENTS = 12, 6 * 2**20  # 12 arrays of 24 MiB kept at once, as a tape keeps its activations
 
@@ -40,3 +40,4 @@ def test_a_steps_freed_pages_are_reused_by_the_next_step_inside_only():
 def test_keep_freed_memory_passes_exceptions_through():
     with pytest.raises(KeyError), keep_freed_memory():
         raise KeyError("x")
+
