@@ -21,7 +21,7 @@ def kernel_flops(name, args, out):
     if name == "conv2d":
         x, weight = args[0], args[1]
         return 2.0 * out.size * weight.shape[1] * weight.shape[2] * weight.shape[3]
-    if name in ("linear", "linear_activation", "geglu"):
+    if name in ("linear", "linear_activation", "geglu", "geglu_forward_saved"):
         x, weight = args[0], args[1]
         return 2.0 * (x.size // x.shape[-1]) * weight.shape[0] * weight.shape[1]
     if name == "scaled_dot_product_attention":
@@ -37,8 +37,9 @@ FORWARD_NAMES = ("conv2d", "linear", "linear_activation", "geglu", "scaled_dot_p
 
 def install_counters():
     """Wrap npdiff.kernels' public functions (models call them as kernels.NAME) -> the stats dict."""
-    stats = defaultdict(lambda: {"calls": 0, "seconds": 0.0, "flops": 0.0})
-    return stats, wrap_sites({"npdiff.kernels": FORWARD_NAMES}, stats, kernel_flops)
+    stats = defaultdict(lambda: {"calls": 0, "seconds": 0.0, "cpu_seconds": 0.0, "flops": 0.0})
+    return stats, wrap_sites({"npdiff.kernels": FORWARD_NAMES,
+                              "npdiff.models.transformer_backward": ("geglu_forward_saved", "scaled_dot_product_attention")}, stats, kernel_flops)
 
 
 # The backward kernels: the model-level backward modules import them by name, so they are wrapped where
@@ -46,8 +47,8 @@ def install_counters():
 BACKWARD_SITES = {
     "npdiff.models.blocks_backward": ("conv2d_input_grad", "linear_backward", "group_norm_backward",
                                       "upsample_nearest2x_backward", "silu_backward"),
-    "npdiff.models.transformer_backward": ("attention_backward", "geglu_backward", "layer_norm_backward",
-                                           "linear_input_grad"),
+    "npdiff.models.transformer_backward": ("attention_backward", "geglu_backward", "geglu_input_grad",
+                                           "layer_norm_backward", "linear_input_grad"),
     "npdiff.models.clip_backward": ("attention_backward", "linear_activation_backward", "layer_norm_backward",
                                     "linear_input_grad"),
 }
@@ -68,6 +69,9 @@ def backward_flops(name, args, out):
     if name == "linear_input_grad":
         weight, grad_out = args[0], args[1]
         return 2.0 * grad_out.size * weight.shape[1]
+    if name == "geglu_input_grad":
+        hidden, weight = args[0], args[1]
+        return 2.0 * hidden.size * weight.shape[1]
     if name in ("linear_backward", "linear_activation_backward", "geglu_backward"):
         x, weight = args[0], args[1]
         recomputed = 0 if name == "linear_backward" else 1
@@ -95,10 +99,11 @@ def wrap_sites(sites, stats, flops):
             originals.append((module, name, original))
 
             def counted(*args, _name=name, _original=original, **kwargs):
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.process_time()
                 out = _original(*args, **kwargs)
                 entry = stats[_name]
                 entry["seconds"] += time.perf_counter() - t0
+                entry["cpu_seconds"] += time.process_time() - cpu0  # all threads: steadier than wall under load
                 entry["calls"] += 1
                 entry["flops"] += flops(_name, args, out)
                 return out
@@ -115,8 +120,8 @@ def wrap_sites(sites, stats, flops):
 def install_backward_counters():
     """Count the backward kernels and, apart, the block-level backward functions ->
     (kernel stats, block stats, uninstall); each stats[name] = {"calls", "seconds", "flops"}."""
-    stats = defaultdict(lambda: {"calls": 0, "seconds": 0.0, "flops": 0.0})
-    blocks = defaultdict(lambda: {"calls": 0, "seconds": 0.0, "flops": 0.0})
+    stats = defaultdict(lambda: {"calls": 0, "seconds": 0.0, "cpu_seconds": 0.0, "flops": 0.0})
+    blocks = defaultdict(lambda: {"calls": 0, "seconds": 0.0, "cpu_seconds": 0.0, "flops": 0.0})
     undo_kernels = wrap_sites(BACKWARD_SITES, stats, backward_flops)
     undo_blocks = wrap_sites(BLOCK_SITES, blocks, lambda *_: 0.0)
 

@@ -12,9 +12,10 @@ at random timesteps -> MSE against the noise -> the gradient to the token embedd
   npdiff  npdiff.training.text_embedding_grad over the same shapes (random weights, one array per distinct
           shape shared by every tensor of that shape: the weights take less memory than real ones would;
           the activations are the same), keeping block inputs and recomputing (unet_backward.py); AdamW on
-          one row, as textual_inversion does
+          one row, and the steps inside npdiff/freed_memory.py's keep_freed_memory, as textual_inversion does
 The VAE encode is left out of both (npdiff encodes the pictures once before training; the recipe encodes
-per step). Reported: the seconds of each step after the first (the first compiles and warms caches), the
+per step). Reported: the seconds of each step after the first (the first compiles and warms caches; with each
+step's CPU seconds of all threads, steadier than wall time when other processes share the cores), the
 peak resident memory of the process (VmHWM) and the memory of the weights; for npdiff also the peak it
 would have with real weights (estimate: + the weight arrays and flipped conv kernels that sharing saves). Writes
 benchmarks/out/training.json.
@@ -70,6 +71,7 @@ def npdiff_steps(batch, size, steps):
     from npdiff.schedulers import DDPMScheduler
     from npdiff.training import text_embedding_grad
     from npdiff.training.adamw import AdamW
+    from npdiff.freed_memory import keep_freed_memory
 
     weights = SharedWeights()
     pipe = SimpleNamespace(text_encoder=CLIPTextModel(dict(CLIP_L), weights),
@@ -79,13 +81,15 @@ def npdiff_steps(batch, size, steps):
     ids, latents, noise, timesteps = inputs(batch, size)
     row, optimizer = np.zeros((1, 768), np.float32), AdamW((1, 768), 5e-3)
     built = proc_status_gib("VmRSS")
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        _, grad = text_embedding_grad(pipe, ids, latents, noise, timesteps)  # [B,77,768]
-        optimizer.step(row, grad[ids == ids[0, 1]].sum(axis=0)[None])     # one "new word" row
-        times.append(time.perf_counter() - start)
-    return {"step_s": times, "built_rss_GiB": built, "weights_GiB_as_built": weights.parameters * 4 / 2**30,
+    times, cpu_times = [], []
+    with keep_freed_memory():                                           # as textual_inversion's loop
+        for _ in range(steps):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            _, grad = text_embedding_grad(pipe, ids, latents, noise, timesteps)  # [B,77,768]
+            optimizer.step(row, grad[ids == ids[0, 1]].sum(axis=0)[None])     # one "new word" row
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+    return {"step_s": times, "step_cpu_s": cpu_times, "built_rss_GiB": built, "weights_GiB_as_built": weights.parameters * 4 / 2**30,
             **shared_weight_memory(weights, pipe.unet)}
 
 
@@ -135,9 +139,9 @@ def torch_steps(batch, size, steps):
     scheduler = DDPMScheduler(**SCHEDULE)
     ids, latents, noise, timesteps = (torch.from_numpy(a) for a in inputs(batch, size))
     built = proc_status_gib("VmRSS")
-    times = []
+    times, cpu_times = [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         hidden = text_encoder(ids)[0]
         noisy = scheduler.add_noise(latents, noise, timesteps)
         prediction = unet(noisy, timesteps, hidden).sample
@@ -146,9 +150,10 @@ def torch_steps(batch, size, steps):
         optimizer.step()
         optimizer.zero_grad()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     parameters = sum(p.numel() for p in text_encoder.parameters()) + sum(p.numel() for p in unet.parameters())
-    return {"step_s": times, "built_rss_GiB": built, "weights_GiB_as_built": parameters * 4 / 2**30,
-            "torch_threads": torch.get_num_threads()}
+    return {"step_s": times, "step_cpu_s": cpu_times, "built_rss_GiB": built,
+            "weights_GiB_as_built": parameters * 4 / 2**30, "torch_threads": torch.get_num_threads()}
 
 
 def worker(side, batch, size, steps):
@@ -181,7 +186,8 @@ def main():
         counted = results[side]["step_s"][1:] or results[side]["step_s"]
         results[side]["best_step_s"] = min(counted)
         print(f"{side:7s} step {results[side]['best_step_s']:7.1f} s (all: "
-              f"{', '.join(f'{t:.1f}' for t in results[side]['step_s'])}), peak RSS {results[side]['vmhwm_GiB']:.2f} "
+              f"{', '.join(f'{t:.1f}' for t in results[side]['step_s'])}; CPU s of all threads: "
+              f"{', '.join(f'{t:.1f}' for t in results[side]['step_cpu_s'])}), peak RSS {results[side]['vmhwm_GiB']:.2f} "
               f"GiB, weights as built {results[side]['weights_GiB_as_built']:.2f} GiB", flush=True)
         if "vmhwm_GiB_real_weights_estimate" in results[side]:
             print(f"        peak RSS with real weights (estimate) {results[side]['vmhwm_GiB_real_weights_estimate']:.2f} "

@@ -1,6 +1,6 @@
 """Where the time of the SD 1.5 UNet's training step goes: the tape forward and the backward, per kernel.
 
-    python benchmarks/training_profile.py [--size 64] [--torch]
+    python benchmarks/training_profile.py [--size 64] [--torch] [--forward-check]
 
 Builds the SD 1.5-shaped UNet over shared random weights (as training_memory.py), runs
 unet_forward_for_backward (the tape forward) and tape.backward once to compile, then once more counted:
@@ -8,6 +8,7 @@ the forward kernels (benchmarks/_kernel_counters.py install_counters: the tape f
 kernels the backward reruns) and the backward kernels (install_backward_counters), with the block-level
 backward functions' inclusive times apart. --torch also times diffusers' UNet forward and backward
 (gradient to the hidden states only, weights frozen) in a fresh process, for the split of each side.
+--forward-check instead times the tape forward against the plain UNet forward, alternated.
 Writes benchmarks/out/training_profile.json.
 """
 
@@ -38,11 +39,13 @@ def inputs(size):
 
 
 def table(title, stats):
-    print(f"{title}\n  {'kernel':34s} {'calls':>5s} {'seconds':>8s} {'GFLOP':>8s} {'GFLOP/s':>8s}")
+    """Per kernel: calls, wall seconds, CPU seconds of all threads (steadier than wall when other
+    processes share the cores: a kernel's own work, not its waits), GFLOP, GFLOP/s of wall."""
+    print(f"{title}\n  {'kernel':34s} {'calls':>5s} {'seconds':>8s} {'cpu s':>8s} {'GFLOP':>8s} {'GFLOP/s':>8s}")
     for name, entry in sorted(stats.items(), key=lambda item: -item[1]["seconds"]):
         rate = entry["flops"] / entry["seconds"] / 1e9 if entry["flops"] else 0.0
-        print(f"  {name:34s} {entry['calls']:5d} {entry['seconds']:8.2f} {entry['flops'] / 1e9:8.1f} "
-              f"{rate:8.1f}" if rate else f"  {name:34s} {entry['calls']:5d} {entry['seconds']:8.2f}")
+        line = f"  {name:34s} {entry['calls']:5d} {entry['seconds']:8.2f} {entry['cpu_seconds']:8.2f}"
+        print(f"{line} {entry['flops'] / 1e9:8.1f} {rate:8.1f}" if rate else line)
 
 
 def npdiff_profile(size):
@@ -74,6 +77,30 @@ def npdiff_profile(size):
             "blocks": dict(block_stats)}
 
 
+def forward_check(size, rounds=2):
+    """The tape forward against the plain UNet forward (batch 1), alternated in one process: the
+    tape should cost only what it keeps. -> best seconds of each and their ratio."""
+    from npdiff.models.unet import UNet2DConditionModel
+    from npdiff.models.unet_backward import unet_forward_for_backward
+
+    unet = UNet2DConditionModel(dict(SD15), SharedRandomWeights())
+    sample, context, _ = inputs(size)
+    unet(sample, 981, context)                                          # compile and warm
+    unet_forward_for_backward(unet, sample, 981, context)
+    best = {"plain": float("inf"), "tape": float("inf")}
+    for _ in range(rounds):
+        start = time.perf_counter()
+        unet(sample, 981, context)
+        best["plain"] = min(best["plain"], time.perf_counter() - start)
+        start = time.perf_counter()
+        tape = unet_forward_for_backward(unet, sample, 981, context)
+        best["tape"] = min(best["tape"], time.perf_counter() - start)
+        del tape
+    print(f"UNet forward, batch 1: plain {best['plain']:.2f} s, tape {best['tape']:.2f} s "
+          f"({best['tape'] / best['plain']:.2f}x)")
+    return best
+
+
 def torch_profile(size):
     import torch
     from diffusers import UNet2DConditionModel
@@ -97,12 +124,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--torch", action="store_true", help="also time diffusers' UNet forward and backward")
+    parser.add_argument("--forward-check", action="store_true",
+                        help="only time the tape forward against the plain UNet forward (batch 1)")
     parser.add_argument("--worker", choices=["torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(torch_profile(args.size)))
         return
     results = {"load_before": list(os.getloadavg()), "latent": [1, 4, args.size, args.size]}
+    if args.forward_check:
+        results["forward_check"] = forward_check(args.size)
+        results["load_after"] = list(os.getloadavg())
+        print(f"load {results['load_before']} -> {results['load_after']}")
+        return
     if args.torch:
         command = [sys.executable, __file__, "--worker", "torch", "--size", str(args.size)]
         done = subprocess.run(command, capture_output=True, text=True, check=True)

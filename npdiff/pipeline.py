@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from npdiff import __version__, backend
+from npdiff.freed_memory import keep_freed_memory
 from npdiff.hires import check_hires, hires_fix
 from npdiff.hires_names import DEFAULT_HIRES_STRENGTH, DEFAULT_HIRES_UPSCALER
 from npdiff.images import decoded_to_float, to_pil
@@ -336,10 +337,11 @@ class StableDiffusionPipeline(PipelineMemoryMixin):
         if start.encodes_picture:
             self._stage_done("vae")  # img2img/inpainting encoded the picture; the decoder comes after step 4
 
-        # 4. the sampling loop
-        latents = self.denoise(latents, timesteps, scheduler, text_embeddings, guidance_scale, generator,
-                               denoising_steps, callback=callback, callback_steps=callback_steps, progress=progress,
-                               start=start, eta=eta, extra=extra)
+        # 4. the sampling loop (each step's UNet reuses the memory the one before freed: npdiff/freed_memory.py)
+        with keep_freed_memory():
+            latents = self.denoise(latents, timesteps, scheduler, text_embeddings, guidance_scale, generator,
+                                   denoising_steps, callback=callback, callback_steps=callback_steps,
+                                   progress=progress, start=start, eta=eta, extra=extra)
         self._stage_done("unet")
 
         # 5. decode

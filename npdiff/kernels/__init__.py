@@ -13,7 +13,8 @@
                     on AMX tiles (matmul_amx.py, amx_intrinsics.py) or AVX-512 BF16's vdpbf16ps
                     (matmul_dpbf16.py, bf16_intrinsics.py); weights packed once at load (bf16_rounding.py: rounding,
                     which kernel runs here)
-    conv_bf16.py    conv2d in bfloat16: the image unfolded by tiles into the same bf16 GEMMs
+    conv_bf16.py    conv2d in bfloat16: the image unfolded by tiles into the same bf16 GEMMs, or on AMX
+                    an implicit GEMM straight from the image's bf16 pair words (conv_bf16_amx.py)
     matmul_bf16x3.py  linear layers at float32's accuracy as three bf16 products (x and W split into
                     bf16 hi + lo) in one AMX GEMM of triple depth (precision="bf16x3")
 

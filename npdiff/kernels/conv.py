@@ -56,7 +56,7 @@ so they compare; shared machine, load average 2-4; NumPy's sgemm peak 203 GFLOP/
     0.73 -> 0.56, 1280@16 0.79 -> 0.70, 2560->1280@16 0.74 -> 0.68, 640->1280@16 1.14 (im2col) -> 0.81.
 
 Hence the rule in conv_method: F(4,3) from 32 input channels and 32x32 output pixels up, and at
-16x16 from 640 input channels (there F(4,3)/im2col measured 0.5-0.87x in 5 of 6 alternated runs
+16x16 from 640 input channels (batch 2 and more; batch 1 from 1280 channels: im2col, IM2COL_FEW_*) (there F(4,3)/im2col measured 0.5-0.87x in 5 of 6 alternated runs
 at 1280 and 2560 channels, 1.05x in one; at 640 -> 1280 first a tie, then, with the written-out
 F(4,3) transforms, 0.74-0.80x in 3 alternated runs: 44.6 vs 60.4 ms, 63.4 vs 79.7, 53.8 vs 83.8
 at load average 1-1.4); im2col below (at 8 px
@@ -95,6 +95,13 @@ DIRECT_MAX_C_OUT = 16  # stride-1 convs with at most this many output channels: 
 WINOGRAD_MIN_C_IN = 32  # 3x3 stride-1 convs with at least this many input channels ...
 WINOGRAD_MIN_PIXELS = 32 * 32  # ... and output pixels per image: Winograd F(4x4,3x3)
 WINOGRAD_DEEP_C_IN, WINOGRAD_DEEP_MIN_PIXELS = 640, 16 * 16  # and with this many channels, from 16x16
+# ... but not with at most this many output pixels IN ALL (batch 1 at 16x16: Winograd's 16 tiles are too
+# few to split) from this many input channels: im2col there. Measured at batch 1, 16x16 (benchmarks/
+# training_kernels.py, one process, load ~4, best of 3, im2col / F(4,3) / torch ms): 1920 -> 1280
+# 107 / 154 / 133, 2560 -> 1280 144 / 197 / 166, 1280 -> 1280 73 / 77 / 89, and 640 -> 1280 37 / 30 / 44
+# (stays F(4,3)); the backward's input-gradient convs (1280 input channels) 1280 -> 1280 67 / 92 / 92,
+# 1280 -> 2560 137 / 181 / 147. The tape forward of SD 1.5 training (batch 1) and batch-1 sampling.
+IM2COL_FEW_MAX_PIXELS, IM2COL_FEW_MIN_C_IN = 16 * 16, 1280
 
 
 def pad_image(x, ph, pw):
@@ -287,6 +294,8 @@ def conv_method(x_shape, weight_shape, stride, padding):
     if sh == 1 and sw == 1 and c_out <= DIRECT_MAX_C_OUT:
         return "direct"
     pixels = h_out * w_out
+    if x_shape[0] * pixels <= IM2COL_FEW_MAX_PIXELS and c_in >= IM2COL_FEW_MIN_C_IN:
+        return "im2col"
     if kh == 3 and kw == 3 and sh == 1 and sw == 1 and (
             (c_in >= WINOGRAD_MIN_C_IN and pixels >= WINOGRAD_MIN_PIXELS)
             or (c_in >= WINOGRAD_DEEP_C_IN and pixels >= WINOGRAD_DEEP_MIN_PIXELS)):

@@ -15,8 +15,8 @@ Versions:
                             once and kept: FlippedKernels), so it takes the same fast path as a
                             forward of that shape: for the 3x3 stride-1 convs of SD (and the
                             stride-2 downsamplers, whose zero-dilated dy is a stride-1 conv too)
-                            that is Winograd F(4x4,3x3) where conv_method picks it (but at
-                            batch 1 and 16x16, im2col: IM2COL_MAX_PIXELS), else im2col,
+                            that is Winograd F(4x4,3x3) where conv_method picks it (at
+                            batch 1 and 16x16 from 1280 channels, im2col: IM2COL_FEW_*), else im2col,
                             1x1 GEMM or the direct loops. dW: tiles of output rows unfolded by
                             conv.py's im2col_tile, one GEMM per tile dy_tile [C_out, n] @ cols^T
                             [n, C_in*kH*kW] accumulated (the forward's im2col read the other way).
@@ -31,10 +31,8 @@ from npdiff.errors import NpdiffError
 from npdiff.kernels import dispatch
 from npdiff.kernels.conv import (
     IM2COL_TILE_BYTES,
-    _conv_im2col_tiled,
     check_conv2d,
     conv2d,
-    conv_method,
     im2col_tile,
     pad_image,
 )
@@ -73,14 +71,6 @@ def conv2d_backward_ref(x, weight, grad_out, stride=(1, 1), padding=(0, 0), need
 # ---------------------------------------------------------------------------------------------
 # 2. Fast (NumPy arrays)
 # ---------------------------------------------------------------------------------------------
-# At most this many output pixels in all (batch 1 at 16x16: SD 1.5's deepest 3x3 convs but the 8x8 ones,
-# which conv_method sends to im2col already), dx goes through im2col even where conv_method would pick
-# Winograd (its rule was measured at batch 2). Measured at batch 1, 16x16 (one process, load ~6, best
-# of 3): im2col / Winograd F(4,3) = 150 / 213 ms (1280 -> 1280), 74 / 97 (640 -> 1280), 222 / 257
-# (1920 -> 1280); at 32x32 Winograd wins (640 -> 640: 136 / 101 ms).
-IM2COL_MAX_PIXELS = 16 * 16
-
-
 class FlippedKernels:
     """The flipped, transposed kernels of FROZEN weights, made once per weight array and kept while
     that array lives (textual inversion runs the same frozen convs every step). NumPy's strided copy
@@ -135,11 +125,7 @@ def conv2d_input_grad(x_shape, weight, grad_out, stride, padding, frozen=False):
     #    that only ever read zeros) is a crop of the result instead
     pad_h, pad_w = kh - 1 - ph, kw - 1 - pw
     full_padding = (max(pad_h, 0), max(pad_w, 0))
-    pixels = batch * (dilated.shape[2] + 2 * full_padding[0] - kh + 1) * (dilated.shape[3] + 2 * full_padding[1] - kw + 1)
-    if pixels <= IM2COL_MAX_PIXELS and conv_method(dilated.shape, flipped.shape, (1, 1), full_padding) == "winograd4":
-        grad_x = _conv_im2col_tiled(dilated, flipped, None, 1, 1, *full_padding)  # (see IM2COL_MAX_PIXELS)
-    else:
-        grad_x = conv2d(dilated, flipped, None, stride=1, padding=full_padding)
+    grad_x = conv2d(dilated, flipped, None, stride=1, padding=full_padding)
     grad_x = grad_x[:, :, max(-pad_h, 0):max(-pad_h, 0) + height, max(-pad_w, 0):max(-pad_w, 0) + width]
     return np.ascontiguousarray(grad_x)
 

@@ -22,6 +22,12 @@ Versions:
   Per tile of TILE_PIXELS output pixels of one image (the words of one depth block, 576 x 256 x 2 =
   288 KiB, stay in L2 beside the weight's depth block), tiles spread over the block pool; every
   depth block after the first adds into the output tile.
+  3. the implicit GEMM on AMX (conv_bf16_amx.py): no unfolding; the image converted once into bf16 pair
+        rows, each B tile one tileloadd straight from them, the weight packed per tap ("amx_taps").
+        Every AMX conv with at least IMPLICIT_MIN_C_IN input channels (fewer: their k, padded to 32
+        per tap, would be mostly zeros), any kernel size, stride and padding; 1x1 convs too (measured
+        0.38-0.93x version 2's pointwise path's time at SD's shortcut shapes: the pair conversion
+        beats the per-tile packing). pack_conv_bf16(weight, implicit=False) keeps version 2.
 """
 
 import numpy as np
@@ -39,6 +45,7 @@ from npdiff.kernels.bf16_rounding import (
 )
 from npdiff.kernels.block_pool import run_blocks, split_evenly, worker_count
 from npdiff.kernels.conv import check_conv2d, conv2d, conv2d_ref, pad_image
+from npdiff.kernels.conv_bf16_amx import CHANNELS_PER_BLOCK, conv2d_bf16_implicit, pack_conv_taps, unpack_conv_taps
 from npdiff.kernels.matmul_amx import (
     BLOCK,
     START_FROM_C,
@@ -57,6 +64,7 @@ from npdiff.kernels.validate import output_size, shape_text
 # 576-deep blocks 358-366 GFLOP/s; 512 pixels and 288-deep blocks 279-288; 512 and 576: 293-296.
 TILE_PIXELS = 256  # output pixels per tile (whole output rows, at least one)
 BLOCK_DEPTH = 576  # k per depth block (rounded to whole channels, a multiple of 32)
+IMPLICIT_MIN_C_IN = 16  # input channels from which a conv on AMX takes version 3
 
 
 class PackedBf16Conv(PackedBf16):
@@ -64,6 +72,8 @@ class PackedBf16Conv(PackedBf16):
 
     layout "amx": `data` is the weight's bf16 bits [C_out, K = C_in*kH*kW] uint16, zero-padded to
     multiples of 32 (the A tiles of matmul_amx.py).
+    layout "amx_taps": version 3's weight (conv_bf16_amx.pack_conv_taps): k ordered (tap, C_in), in
+    depth blocks of `channels_per_block` input channels.
     layout "dpbf16": `data` is [K blocks, C_out/MR, block pairs, MR] uint32 words (vdpbf16ps's A panels).
     layout "float32": `data` is the rounded weight as float32 (CPUs without AVX512_BF16).
     The depth blocks are `channels_per_block` input channels each (see the header).
@@ -80,13 +90,16 @@ class PackedBf16Conv(PackedBf16):
         c_out, c_in, kh, kw = self.shape
         if self.layout == "amx":
             return bf16_to_float32(self.data[:c_out, :c_in * kh * kw]).reshape(self.shape)
+        if self.layout == "amx_taps":
+            return bf16_to_float32(unpack_conv_taps(self.data, self.shape, self.channels_per_block))
         out = np.empty((c_out, c_in * kh * kw), np.float32)  # [C_out, K]
         _unpack_weight(self.data, self.channels_per_block * kh * kw, out)
         return out.reshape(self.shape)
 
 
-def pack_conv_bf16(weight):
-    """weight [C_out, C_in, kH, kW] (float32, or uint16 bf16 bits) -> PackedBf16Conv."""
+def pack_conv_bf16(weight, implicit=True):
+    """weight [C_out, C_in, kH, kW] (float32, or uint16 bf16 bits) -> PackedBf16Conv. implicit=False: on
+    AMX, version 2's layout even where version 3 would run (to compare the two)."""
     weight = np.asarray(weight)
     if weight.ndim != 4:
         raise NpdiffError(f"pack_conv_bf16: weight must be 4-D [C_out,C_in,kH,kW], got shape "
@@ -97,6 +110,9 @@ def pack_conv_bf16(weight):
     kernel = bf16_kernel()
     if kernel == "float32":
         return PackedBf16Conv(bf16_to_float32(bits), weight.shape, "float32", channels_per_block)
+    if kernel == "amx" and implicit and c_in >= IMPLICIT_MIN_C_IN:
+        taps = pack_conv_taps(bits, CHANNELS_PER_BLOCK)  # [C_out_pad, taps*C_in_pad] in depth blocks
+        return PackedBf16Conv(taps, weight.shape, "amx_taps", CHANNELS_PER_BLOCK)
     rows = np.ascontiguousarray(bits).reshape(c_out, c_in * kh * kw)  # [C_out, K]
     if kernel == "amx":
         padded = np.zeros((-(-c_out // BLOCK) * BLOCK, -(-rows.shape[1] // BLOCK) * BLOCK), np.uint16)
@@ -223,8 +239,12 @@ def conv2d_bf16(x, packed, bias=None, stride=1, padding=0):
     """torch's conv2d with x and the weight in bf16, products summed in float32: x [B,C_in,H,W]
     float32, packed from pack_conv_bf16, bias [C_out] float32 or None -> [B,C_out,H_out,W_out]."""
     sh, sw, ph, pw = _check_packed_conv(x, packed, bias, stride, padding)
-    if packed.layout == "float32" or packed.layout != bf16_kernel() or x.size == 0:  # or ruled out since packing
+    kernel = "amx" if packed.layout == "amx_taps" else packed.layout  # the GEMM the layout was packed for
+    if kernel == "float32" or kernel != bf16_kernel() or x.size == 0:  # or ruled out since packing
         return conv2d(rounded_to_bf16(x), packed.to_float32(), bias, (sh, sw), (ph, pw))
+    if packed.layout == "amx_taps":  # version 3
+        return conv2d_bf16_implicit(np.ascontiguousarray(x), packed.data, packed.shape, packed.channels_per_block,
+                                    bias, sh, sw, ph, pw)
     return _conv_bf16_tiles(np.ascontiguousarray(x), packed, bias, sh, sw, ph, pw)
 
 

@@ -15,7 +15,7 @@ Versions:
                            halves of each row of h and writes a * gelu(gate) (the vectorised gelu
                            of activations.py into the output row, then the multiply while that
                            row is still in L1), instead of a gelu temporary and a multiply pass.
-  3. geglu_fast, R >= GEGLU_BLOCKS_MIN_ROWS  one block of rows per worker of the block-parallel
+  3. geglu_fast, R >= GEGLU_FORWARD_MIN_ROWS  one block of rows per worker of the block-parallel
                            pool (npdiff/kernels/block_pool.py; more when a block's hidden rows would
                            pass GEGLU_MAX_HIDDEN_FLOATS): per block a one-thread GEMM into the
                            worker's [block, 2D] hidden scratch (kernels/scratch.py, reused from call
@@ -78,7 +78,7 @@ def geglu_ref(x, weight, bias=None, approximate="none"):
     return value * gelu_ref(gate, approximate)  # [..., D]
 
 
-# geglu with at least GEGLU_BLOCKS_MIN_ROWS rows runs in blocks on the pool (version 3): one block of
+# geglu with at least GEGLU_FORWARD_MIN_ROWS rows runs in blocks on the pool (version 3): one block of
 # rows per worker, each a one-thread GEMM into the worker's hidden scratch. Large blocks, because each
 # block's sgemm packs the whole weight once: with blocks of 512 rows, packing [640, 5120] 16 times cost
 # ~10% (measured on the Intel Xeon, 2 workers, load ~2, best of 6, GFLOP/s on the wall clock):
@@ -89,8 +89,12 @@ def geglu_ref(x, weight, bias=None, approximate="none"):
 #                                bare GEMM: 286)
 # A block's hidden rows are at most GEGLU_MAX_HIDDEN_FLOATS (128 MiB; SDXL's largest is 80 MiB), or more
 # blocks are made: the scratch stays allocated per thread between calls.
-GEGLU_BLOCKS_MIN_ROWS = 1024
+GEGLU_FORWARD_MIN_ROWS = 1024
 GEGLU_MAX_HIDDEN_FLOATS = 1 << 25
+# geglu's backward (linear_backward.py) keeps fixed blocks of GEGLU_BLOCK_ROWS rows from
+# GEGLU_BLOCKS_MIN_ROWS rows up (measured there, on its own products)
+GEGLU_BLOCK_ROWS = 512
+GEGLU_BLOCKS_MIN_ROWS = 4096
 
 # linear_activation's activations: name -> (reference, code of activations.activation_block, the
 # dispatched activation kernel that cupy arrays use after the CUDA linear)
@@ -166,15 +170,19 @@ def geglu_row_blocks(n_rows, hidden_width, workers):
     return split_evenly(n_rows, min(per_worker, fitting_rows), workers=workers)
 
 
-def geglu_blocks(rows, weight, bias, which):
+def geglu_blocks(rows, weight, bias, which, hidden_out=None):
     """rows [R, in] -> [R, D] in blocks of rows on the block-parallel pool (geglu_row_blocks): each
     worker's GEMM (one OpenBLAS thread) writes its [block, 2D] hidden scratch, which its serial gate
-    pass then reads; no [R, 2D] array is ever made."""
+    pass then reads; no [R, 2D] array is made unless the caller passes one as hidden_out (the
+    training tape keeps the hidden layer for the backward): then the blocks are written there."""
     out = np.empty((rows.shape[0], weight.shape[0] // 2), np.float32)  # [R, D]
 
     def run_block(bounds):
         first, stop = bounds
-        hidden = scratch("geglu hidden", (stop - first, weight.shape[0]))  # [block, 2D], this thread's
+        if hidden_out is None:
+            hidden = scratch("geglu hidden", (stop - first, weight.shape[0]))  # [block, 2D], this thread's
+        else:
+            hidden = hidden_out[first:stop]  # [block, 2D] view of the caller's array
         np.matmul(rows[first:stop], weight.T, out=hidden)  # [block, in] @ [in, 2D] -> [block, 2D]
         if bias is not None:
             hidden += bias
@@ -184,16 +192,23 @@ def geglu_blocks(rows, weight, bias, which):
     return out
 
 
-def geglu_fast(x, weight, bias=None, approximate="none"):
-    if x.size // x.shape[-1] >= GEGLU_BLOCKS_MIN_ROWS:
+def geglu_fast(x, weight, bias=None, approximate="none", hidden_out=None):
+    """hidden_out: None, or a contiguous float32 [R, 2D] array that receives the hidden layer h."""
+    if x.size // x.shape[-1] >= GEGLU_FORWARD_MIN_ROWS:
         rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # [..., in] -> [R, in]
-        out = geglu_blocks(rows, weight, bias, ACTIVATION_CODES[approximate])  # [R, D]
+        out = geglu_blocks(rows, weight, bias, ACTIVATION_CODES[approximate], hidden_out)  # [R, D]
         return out.reshape(x.shape[:-1] + (out.shape[1],))  # [R, D] -> [..., D]
-    hidden = linear_fast(x, weight, bias)  # [..., in] -> [..., 2D]
+    if hidden_out is None:
+        hidden = linear_fast(x, weight, bias)  # [..., in] -> [..., 2D]
+    else:
+        rows = x.reshape(-1, x.shape[-1])  # [..., in] -> [R, in]
+        hidden = matmul(rows, weight.T, out=hidden_out)  # [R, in] @ [in, 2D] -> [R, 2D]
+        if bias is not None:
+            hidden += bias  # [R, 2D], in place
     rows = hidden.reshape(-1, hidden.shape[-1])  # [R, 2D] (contiguous: fresh from matmul)
     out = np.empty((rows.shape[0], rows.shape[1] // 2), np.float32)  # [R, D]
     _geglu_gate_numba(rows, ACTIVATION_CODES[approximate], out)
-    return out.reshape(hidden.shape[:-1] + (out.shape[1],))  # [R, D] -> [..., D]
+    return out.reshape(x.shape[:-1] + (out.shape[1],))  # [R, D] -> [..., D]
 
 
 @njit(**SERIAL, fastmath=FASTMATH_SAFE)

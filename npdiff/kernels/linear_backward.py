@@ -15,9 +15,17 @@ Versions:
                            asked for (weights frozen: textual inversion needs dx only).
   linear_input_grad: dx alone for a frozen layer whose input is not at hand (dy W, the same GEMM).
   geglu_backward / linear_activation_backward: the forward's hidden layer h = x W^T + b is
-  recomputed (one GEMM, as cheap as keeping it and [R, 2D] less memory per call), the activation's
-  backward (activations_backward.py) gives dh, then linear_backward. GEGLU with the exact gelu (SD's)
+  recomputed (one GEMM; no [R, 2D] kept per call: CLIP's MLP, and the UNet's recompute path), the
+  activation's backward (activations_backward.py) gives dh, then linear_backward. GEGLU with the exact gelu (SD's)
   on NumPy arrays: dh in one Numba pass over h and dy (geglu_hidden_grad).
+  geglu_forward_saved / geglu_input_grad: the hidden layer KEPT instead (the UNet tape, weights
+  frozen): the forward writes h [R, 2D] into an array it returns (40 MiB per SD 1.5 block at 64x64),
+  the backward starts from it: dh, then dh W, one GEMM per call instead of two.
+    1. geglu_input_grad_ref   NumPy API: dh from the formulas of activations_backward.py, then dh W.
+    2. geglu_input_grad_fast  at >= GEGLU_BLOCKS_MIN_ROWS rows, blocks of GEGLU_BLOCK_ROWS on the pool
+                              (linear.py's geglu version 3, backwards): per block the serial Numba dh
+                              pass into a block-sized scratch, then its one-thread GEMM while dh is in
+                              cache; fewer rows: the parallel dh pass, then block_pool.matmul.
   lora_backward_ref / lora_backward_fast: the gradients of a LoRA pair on a linear layer (below).
 
 LoRA (Hu et al. 2021; peft's and kohya's Linear LoRA): y = x (W + s U D)^T + b with down D [r, in],
@@ -35,13 +43,25 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
-from npdiff.jit import FASTMATH_SAFE, PARALLEL, njit, prange
+from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
 from npdiff.kernels import dispatch
-from npdiff.kernels.activations import INV_SQRT2, check_approximate, gelu
-from npdiff.kernels.activations_backward import ACTIVATION_BACKWARDS, INV_SQRT_2PI, gelu_backward
-from npdiff.kernels.block_pool import matmul
-from npdiff.kernels.linear import LINEAR_ACTIVATIONS, check_linear, linear
-from npdiff.kernels.validate import shape_text
+from npdiff.kernels.activations import INV_SQRT2, check_approximate, gelu, gelu_ref
+from npdiff.kernels.activations_backward import (
+    ACTIVATION_BACKWARDS,
+    INV_SQRT_2PI,
+    gelu_backward,
+    gelu_backward_ref,
+)
+from npdiff.kernels.block_pool import matmul, run_blocks
+from npdiff.kernels.linear import (
+    GEGLU_BLOCK_ROWS,
+    GEGLU_BLOCKS_MIN_ROWS,
+    LINEAR_ACTIVATIONS,
+    check_linear,
+    geglu_fast,
+    linear,
+)
+from npdiff.kernels.validate import require_float32, shape_text
 from npdiff.kernels.vecmath import erfc_f32, exp_f32
 
 
@@ -155,21 +175,34 @@ def linear_activation_backward(x, weight, bias, grad_out, activation="quick_gelu
     return linear_backward(x, weight, grad_hidden, need_weight_grad)
 
 
-@njit(**PARALLEL, fastmath=FASTMATH_SAFE)
+@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+def _geglu_hidden_grad_row(hidden_row, grad_row, grad_hidden_row):
+    """One row: hidden_row [2D], grad_row [D] -> grad_hidden_row [2D]. With Phi(g) = 0.5 erfc(-g/sqrt2),
+    phi(g) = exp(-g^2/2)/sqrt(2 pi): d value = dy g Phi(g) (gelu(g)), d gate = dy value (Phi(g) + g phi(g))
+    (gelu'(g), activations_backward.py's formula)."""
+    half = grad_row.size
+    for j in range(half):
+        value = hidden_row[j]
+        gate = hidden_row[half + j]
+        dy = grad_row[j]
+        cdf = np.float32(0.5) * erfc_f32(-gate * np.float32(INV_SQRT2))
+        pdf = exp_f32(np.float32(-0.5) * gate * gate) * np.float32(INV_SQRT_2PI)
+        grad_hidden_row[j] = dy * (gate * cdf)
+        grad_hidden_row[half + j] = (dy * value) * (cdf + gate * pdf)
+
+
+@njit(**PARALLEL)
 def _geglu_hidden_grad_rows(hidden, grad_out, grad_hidden):
-    """hidden [R,2D], grad_out [R,D], grad_hidden [R,2D] contiguous rows; prange over rows. With
-    Phi(g) = 0.5 erfc(-g/sqrt2), phi(g) = exp(-g^2/2)/sqrt(2 pi): d value = dy g Phi(g) (gelu(g)),
-    d gate = dy value (Phi(g) + g phi(g)) (gelu'(g), activations_backward.py's formula)."""
-    rows, half = grad_out.shape
-    for r in prange(rows):
-        for j in range(half):
-            value = hidden[r, j]
-            gate = hidden[r, half + j]
-            dy = grad_out[r, j]
-            cdf = np.float32(0.5) * erfc_f32(-gate * np.float32(INV_SQRT2))
-            pdf = exp_f32(np.float32(-0.5) * gate * gate) * np.float32(INV_SQRT_2PI)
-            grad_hidden[r, j] = dy * (gate * cdf)
-            grad_hidden[r, half + j] = (dy * value) * (cdf + gate * pdf)
+    """hidden [R,2D], grad_out [R,D], grad_hidden [R,2D] contiguous rows; prange over rows."""
+    for r in prange(grad_out.shape[0]):
+        _geglu_hidden_grad_row(hidden[r], grad_out[r], grad_hidden[r])
+
+
+@njit(**SERIAL)
+def _geglu_hidden_grad_serial(hidden, grad_out, grad_hidden):
+    """_geglu_hidden_grad_rows on the calling thread (a block-pool worker)."""
+    for r in range(grad_out.shape[0]):
+        _geglu_hidden_grad_row(hidden[r], grad_out[r], grad_hidden[r])
 
 
 def geglu_hidden_grad(hidden, grad_out):
@@ -204,3 +237,65 @@ def geglu_backward(x, weight, bias, grad_out, approximate="none", need_weight_gr
     # 3. through the projection
     return linear_backward(x, weight, grad_hidden, need_weight_grad)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# GEGLU with its hidden layer kept (the UNet tape's): the forward hands h over, the backward
+# starts from it instead of recomputing it
+# ---------------------------------------------------------------------------------------------
+def geglu_forward_saved(x, weight, bias=None):
+    """GEGLU (exact gelu; NumPy arrays) -> (y [..., D], hidden [..., 2D]): linear.py's geglu_fast with
+    its hidden layer h = x W^T + b written into an array that is kept, for geglu_input_grad."""
+    check_linear("geglu_forward_saved", x, weight, bias)
+    hidden = np.empty((x.size // x.shape[-1], weight.shape[0]), np.float32)  # [R, 2D]
+    out = geglu_fast(x, weight, bias, "none", hidden_out=hidden)  # [..., in] -> [..., D]
+    return out, hidden.reshape(x.shape[:-1] + (weight.shape[0],))  # [R, 2D] -> [..., 2D]
+
+
+def geglu_input_grad_ref(hidden, weight, grad_out):
+    xp = backend.array_module(hidden)
+    half = grad_out.shape[-1]
+    value, gate = hidden[..., :half], hidden[..., half:]  # [..., D] each
+    grad_hidden = xp.concatenate([grad_out * gelu_ref(gate),  # d value [..., D]
+                                  gelu_backward_ref(gate, grad_out * value)], axis=-1)  # d gate [..., D]
+    return xp.matmul(grad_hidden, weight)  # [..., 2D] @ [2D, in] -> [..., in]
+
+
+def geglu_input_grad_fast(hidden, weight, grad_out):
+    half = grad_out.shape[-1]
+    rows = np.ascontiguousarray(hidden).reshape(-1, 2 * half)  # [R, 2D]
+    grad_rows = np.ascontiguousarray(grad_out).reshape(-1, half)  # [R, D]
+    if rows.shape[0] < GEGLU_BLOCKS_MIN_ROWS:
+        grad_hidden = np.empty_like(rows)  # [R, 2D]
+        _geglu_hidden_grad_rows(rows, grad_rows, grad_hidden)
+        grad_x = matmul(grad_hidden, weight)  # [R, 2D] @ [2D, in] -> [R, in]
+        return grad_x.reshape(grad_out.shape[:-1] + (weight.shape[1],))
+    # as linear.py's geglu_blocks, backwards: per block of rows, dh into a block-sized scratch by
+    # the serial pass, then its one-thread GEMM while dh is still in cache; no [R, 2D] array of dh
+    grad_x = np.empty((rows.shape[0], weight.shape[1]), np.float32)  # [R, in]
+
+    def run_block(bounds):
+        first, stop = bounds
+        grad_hidden = np.empty((stop - first, 2 * half), np.float32)  # [block, 2D]
+        _geglu_hidden_grad_serial(rows[first:stop], grad_rows[first:stop], grad_hidden)
+        np.matmul(grad_hidden, weight, out=grad_x[first:stop])  # [block, 2D] @ [2D, in] -> [block, in]
+
+    run_blocks(run_block, [(first, min(first + GEGLU_BLOCK_ROWS, rows.shape[0]))
+                           for first in range(0, rows.shape[0], GEGLU_BLOCK_ROWS)])
+    return grad_x.reshape(grad_out.shape[:-1] + (weight.shape[1],))  # [R, in] -> [..., in]
+
+
+GEGLU_INPUT_GRAD = dispatch.register("geglu_input_grad", fast=geglu_input_grad_fast, reference=geglu_input_grad_ref)
+
+
+def geglu_input_grad(hidden, weight, grad_out):
+    """dx of diffusers' GEGLU (exact gelu) with the weight frozen, from the forward's hidden layer
+    (geglu_forward_saved's) instead of its input: hidden [..., 2D], weight [2D, in], grad_out [..., D]
+    -> [..., in]. The same dx as geglu_backward, one GEMM fewer (no recomputed h)."""
+    require_float32("geglu_input_grad", "hidden", hidden)
+    require_float32("geglu_input_grad", "grad_out", grad_out)
+    if weight.ndim != 2 or hidden.ndim < 1 or hidden.shape[-1] != weight.shape[0] or weight.shape[0] % 2:
+        raise NpdiffError(f"geglu_input_grad: hidden [..., 2D] must end in the weight's 2D rows "
+                          f"(weight {shape_text(weight.shape)}), got hidden {shape_text(hidden.shape)}")
+    check_grad_out("geglu_input_grad", grad_out, hidden.shape[:-1] + (weight.shape[0] // 2,))
+    return GEGLU_INPUT_GRAD(hidden, weight, grad_out)

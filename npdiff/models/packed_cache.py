@@ -66,7 +66,7 @@ from npdiff.kernels.matmul_bf16 import PackedBf16Weight
 from npdiff.kernels.matmul_dpbf16 import MR, NR
 from npdiff.loading.resident import release_array_pages
 
-PACK_VERSION = 1  # raise when a packed layout changes in a way the constants below do not show
+PACK_VERSION = 2  # raise when a packed layout changes in a way the constants below do not show (2: 3x3 convs "amx_taps")
 MAGIC = b"npdbf16\x01"  # the file's last 8 bytes
 ALIGNMENT = mmap.ALLOCATIONGRANULARITY  # each array starts on a page: it can be mapped on its own
 DATA_DTYPES = ("uint16", "uint32", "float32")  # what packed arrays hold (bf16 bits, pairs of them, float32)

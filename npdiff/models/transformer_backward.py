@@ -2,8 +2,8 @@
 Transformer2DModel. Gradients flow to the block's input and to the context (the text embeddings
 of cross-attention: what textual inversion trains through).
 
-What the backward needs of a block: its input, its three residual-stream states and its
-attentions' q, k, v. Kept by the forward (transformer_2d_forward_saved: the UNet tape's default),
+What the backward needs of a block: its input, its three residual-stream states, its
+attentions' q, k, v and its GEGLU's hidden layer [B,N,8D] (else recomputed: one GEMM). Kept by the forward (transformer_2d_forward_saved: the UNet tape's default),
 or recomputed from the Transformer2DModel's input (saved=None): its backward reruns the forward
 once, keeping each BasicTransformerBlock's input [B,N,D], and each block's backward reruns that
 block (basic_block_states) before walking back. Attention probabilities [B,h,N,M] are never kept: attention_backward recomputes them per query
@@ -15,9 +15,17 @@ import numpy as np
 
 from npdiff.kernels.attention import scaled_dot_product_attention
 from npdiff.kernels.attention.backward import attention_backward
-from npdiff.kernels.linear_backward import geglu_backward, linear_input_grad
+from npdiff.kernels.linear_backward import (
+    geglu_backward,
+    geglu_forward_saved,
+    geglu_input_grad,
+    linear_input_grad,
+)
 from npdiff.kernels.norm_backward import layer_norm_backward
-from npdiff.models.blocks_backward import group_norm_layer_backward, linear_layer_backward
+from npdiff.models.blocks_backward import (
+    group_norm_layer_backward,
+    linear_layer_backward,
+)
 from npdiff.models.transformer import merge_heads, split_heads
 
 
@@ -53,10 +61,22 @@ def attention_backward_pass(attn, x, context, qkv, grad_out, weight_grads=None):
     return grad_x, grad_context
 
 
-def feed_forward_backward(ff, x, grad_out):
-    """FeedForward (GEGLU, then ff.net.2; weights frozen): x [B,N,D] its input -> dx [B,N,D]."""
-    grad_hidden = linear_input_grad(ff.out.weight, grad_out)            # [B,N,D] @ [D,4D] -> [B,N,4D]
-    grad_x, _, _ = geglu_backward(x, ff.proj.weight, ff.proj.bias, grad_hidden, need_weight_grad=False)
+def feed_forward_saved(ff, x):
+    """FeedForward's forward -> (out [B,N,D], its GEGLU's hidden layer [B,N,2*4D] for the backward);
+    (out, None) when the projection's weight is not a float32 NumPy array (a packed bf16 one)."""
+    if not isinstance(ff.proj.weight, np.ndarray):
+        return ff(x), None
+    gated, hidden = geglu_forward_saved(x, ff.proj.weight, ff.proj.bias)  # [B,N,D] -> [B,N,4D], [B,N,8D]
+    return ff.out(gated), hidden                                        # [B,N,4D] -> [B,N,D]
+
+
+def feed_forward_backward(ff, x, grad_out, hidden=None):
+    """FeedForward (GEGLU, then ff.net.2; weights frozen): x [B,N,D] its input -> dx [B,N,D].
+    hidden: feed_forward_saved's (then x is not read), else GEGLU's hidden layer is recomputed from x."""
+    grad_gated = linear_input_grad(ff.out.weight, grad_out)             # [B,N,D] @ [D,4D] -> [B,N,4D]
+    if hidden is not None:
+        return geglu_input_grad(hidden, ff.proj.weight, grad_gated)     # [B,N,4D] -> [B,N,D]
+    grad_x, _, _ = geglu_backward(x, ff.proj.weight, ff.proj.bias, grad_gated, need_weight_grad=False)
     return grad_x                                                       # [B,N,D]
 
 
@@ -81,22 +101,24 @@ def basic_block_states(block, x, context):
 
 
 def basic_block_forward_saved(block, x, context):
-    """BasicTransformerBlock's forward -> (out [B,N,D], states): basic_block_states, then step 3."""
+    """BasicTransformerBlock's forward -> (out [B,N,D], states): basic_block_states, then step 3,
+    whose GEGLU hidden layer [B,N,8D] is kept too (the last of the states)."""
     states = basic_block_states(block, x, context)
     x2 = states[-1]                                                     # [B,N,D]
-    out = block.ff(block.norm3(x2))                                     # 3. [B,N,D]
+    out, ff_hidden = feed_forward_saved(block.ff, block.norm3(x2))      # 3. [B,N,D], [B,N,8D]
     out += x2
-    return out, states
+    return out, states + (ff_hidden,)
 
 
 def basic_block_backward(block, x, context, grad_out, weight_grads=None, states=None):
     """BasicTransformerBlock: x [B,N,D] its input, context [B,M,Dc], grad_out [B,N,D] ->
     (dx [B,N,D], dcontext [B,M,Dc]). states: basic_block_forward_saved's, else recomputed from x."""
     if states is None:
-        states = basic_block_states(block, x, context)
-    normed1, qkv1, x1, normed2, qkv2, x2 = states
-    # 3. feed-forward with residual
-    grad_ff = feed_forward_backward(block.ff, block.norm3(x2), grad_out)  # [B,N,D]
+        states = basic_block_states(block, x, context) + (None,)        # GEGLU's hidden layer: recomputed
+    normed1, qkv1, x1, normed2, qkv2, x2, ff_hidden = states
+    # 3. feed-forward with residual (its input only when GEGLU's hidden layer is to be recomputed)
+    ff_input = block.norm3(x2) if ff_hidden is None else None           # [B,N,D]
+    grad_ff = feed_forward_backward(block.ff, ff_input, grad_out, ff_hidden)  # [B,N,D]
     grad_x2 = grad_out + layer_norm_layer_backward(block.norm3, x2, grad_ff)
     # 2. cross-attention over the context, with residual
     grad_normed2, grad_context = attention_backward_pass(block.attn2, normed2, context, qkv2, grad_x2, weight_grads)

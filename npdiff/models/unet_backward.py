@@ -12,11 +12,12 @@ It walks the same weight tree as UNet2DConditionModel.__call__ (npdiff/models/un
 block. What is kept between the forward and the backward (keep_states=True, the default): the INPUT
 of each layer-level block (conv_in, each ResnetBlock2D, each Transformer2DModel, each resampler,
 conv_norm_out; the up path's skips are exactly these) and the internals its backward needs: a
-resnet's norm2 input [B,Cout,H,W]; a transformer's block inputs, residual states [B,N,D] and its
-attentions' q, k, v (blocks_backward.resnet_forward_saved, transformer_backward.
-transformer_2d_forward_saved), so the backward reruns no forward. Never kept: the attention
-probabilities ([1,8,4096,4096] floats = 512 MiB per 64x64 self-attention): attention_backward
-recomputes them per query block, and GEGLU's hidden layer (one GEMM, recomputed).
+resnet's norm2 input [B,Cout,H,W]; a transformer's block inputs, residual states [B,N,D], its
+attentions' q, k, v and its GEGLU's hidden layer [B,N,8D] (40 MiB per 64x64 block; kept since it
+saved one GEMM per block: geglu dx at 64x64 86 ms from the kept layer against 147 ms recomputing it)
+(blocks_backward.resnet_forward_saved, transformer_backward.transformer_2d_forward_saved), so the
+backward reruns no forward. Never kept: the attention probabilities ([1,8,4096,4096] floats =
+512 MiB per 64x64 self-attention): attention_backward recomputes them per query block.
 keep_states=False keeps the block inputs only and each block's backward recomputes its internals
 from its input: about one more forward in all, for the memory of one block's internals at a time.
 

@@ -43,6 +43,7 @@ from npdiff.training.lora_files import (
     save_kohya_lora,
 )
 from npdiff.training.lora_grad import UNetLora, check_rank_alpha, lora_grad
+from npdiff.freed_memory import keep_freed_memory
 from npdiff.training.pictures import (
     encode_training_latents,
     check_same_size,
@@ -131,19 +132,20 @@ def train_lora(pipe, folder, prompt=None, rank=4, alpha=None, steps=500, lr=1e-4
     written = {}  # the files this call wrote
     bar = progress_bar(steps, len(losses), progress)
     try:
-        for step in range(len(losses), steps):
-            draw = draw_batch(seed, step, batch_size, captions, train_timesteps, latents.shape[2:])
-            batch_latents = latents[draw["flips"], draw["pictures"]]     # [B,C,h,w]
-            ids = pipe.tokenizer(draw["templates"])                      # [B,77]
-            loss, grads = lora_grad(pipe, lora, ids, batch_latents, draw["noise"], draw["timesteps"], clip_skip)
-            optimizer.step(lora.params, lora.flat(grads))                # [P] in place
-            losses.append(loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            # 4. checkpoints every K steps
-            if checkpoint_every and (step + 1) % checkpoint_every == 0:
-                state = dict(settings, step=step + 1)
-                written["checkpoint"] = save_checkpoint(paths["checkpoint"], state, lora.params, optimizer, losses)
+        with keep_freed_memory():                                       # each step reuses the last one's pages
+            for step in range(len(losses), steps):
+                draw = draw_batch(seed, step, batch_size, captions, train_timesteps, latents.shape[2:])
+                batch_latents = latents[draw["flips"], draw["pictures"]]     # [B,C,h,w]
+                ids = pipe.tokenizer(draw["templates"])                      # [B,77]
+                loss, grads = lora_grad(pipe, lora, ids, batch_latents, draw["noise"], draw["timesteps"], clip_skip)
+                optimizer.step(lora.params, lora.flat(grads))                # [P] in place
+                losses.append(loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                # 4. checkpoints every K steps
+                if checkpoint_every and (step + 1) % checkpoint_every == 0:
+                    state = dict(settings, step=step + 1)
+                    written["checkpoint"] = save_checkpoint(paths["checkpoint"], state, lora.params, optimizer, losses)
     finally:
         bar.close()
         lora.remove()                                                   # the UNet's weights as they were

@@ -38,6 +38,7 @@ from npdiff.training.loop import (
     progress_bar,
     write_loss_files,
 )
+from npdiff.freed_memory import keep_freed_memory
 from npdiff.training.pictures import (
     OBJECT_TEMPLATES,
     check_templates,
@@ -138,20 +139,21 @@ def textual_inversion(pipe, folder, token, init_word, vectors=1, steps=500, lr=5
     # 3. the steps
     written = {}  # the files this call wrote
     bar = progress_bar(steps, len(losses), progress)
-    for step in range(len(losses), steps):
-        draw = draw_batch(seed, step, batch_size, captions, train_timesteps, latents.shape[2:])
-        batch_latents = latents[draw["flips"], draw["pictures"]]         # [B,C,h,w]
-        ids = pipe.tokenizer([template.format(token) for template in draw["templates"]])  # [B,77]
-        loss, grad = text_embedding_grad(pipe, ids, batch_latents, draw["noise"], draw["timesteps"], clip_skip)
-        optimizer.step(rows, new_rows_grad(grad, ids, new_ids))         # [N,C] in place
-        pipe.text_encoder.token_embedding[new_ids] = rows                # the table's new rows only
-        losses.append(loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        # 4. checkpoints every K steps
-        if checkpoint_every and (step + 1) % checkpoint_every == 0:
-            state = dict(settings, step=step + 1)
-            written["checkpoint"] = save_checkpoint(paths["checkpoint"], state, rows, optimizer, losses)
+    with keep_freed_memory():                                           # each step reuses the last one's pages
+        for step in range(len(losses), steps):
+            draw = draw_batch(seed, step, batch_size, captions, train_timesteps, latents.shape[2:])
+            batch_latents = latents[draw["flips"], draw["pictures"]]         # [B,C,h,w]
+            ids = pipe.tokenizer([template.format(token) for template in draw["templates"]])  # [B,77]
+            loss, grad = text_embedding_grad(pipe, ids, batch_latents, draw["noise"], draw["timesteps"], clip_skip)
+            optimizer.step(rows, new_rows_grad(grad, ids, new_ids))         # [N,C] in place
+            pipe.text_encoder.token_embedding[new_ids] = rows                # the table's new rows only
+            losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            # 4. checkpoints every K steps
+            if checkpoint_every and (step + 1) % checkpoint_every == 0:
+                state = dict(settings, step=step + 1)
+                written["checkpoint"] = save_checkpoint(paths["checkpoint"], state, rows, optimizer, losses)
     bar.close()
 
     # 4. the results

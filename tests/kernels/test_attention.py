@@ -158,6 +158,21 @@ def test_attention_fully_masked_rows_give_zero_like_torch(rng, kind):
         assert_rel_close(ours, expected, KERNEL_TOL)
 
 
+@pytest.mark.parametrize("n_queries,n_keys", [(0, 5), (5, 0), (0, 0)])
+@pytest.mark.parametrize("masked,causal", [(False, False), (True, False), (False, True)])
+def test_attention_without_queries_or_keys_is_zeros_like_torch(rng, n_queries, n_keys, masked, causal):
+    q, k, v = random_qkv(rng, (2, 3), n_queries, n_keys, 8)
+    mask = np.ones((n_queries, n_keys), bool) if masked else None
+    expected = F.scaled_dot_product_attention(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v),
+                                              attn_mask=None if mask is None else torch.from_numpy(mask),
+                                              is_causal=causal).numpy()
+    for path in ["auto"] + PATHS:
+        ours = scaled_dot_product_attention(q, k, v, mask=mask, is_causal=causal, path=path)
+        assert ours.shape == expected.shape == (2, 3, n_queries, 8) and ours.dtype == np.float32
+        np.testing.assert_array_equal(ours, expected)
+    np.testing.assert_array_equal(attention_ref(q, k, v, mask=mask, is_causal=causal), expected)
+
+
 @pytest.mark.parametrize("slice_scores", ["small", "large"])
 def test_attention_full_batches_small_slices_and_spreads_large_ones(rng, monkeypatch, slice_scores):
     """attention_full's two ways: small slices all at once (attention_batched), large ones in query

@@ -127,6 +127,10 @@ def test_conv2d_takes_winograd_at_sd_shapes(rng, monkeypatch):
         assert conv.conv_method(x_shape, weight_shape, stride1, pad1) == "winograd4"
     # where it measured no faster: small images, few input channels, strides, 1x1, few outputs
     assert conv.conv_method((2, 1280, 8, 8), (1280, 1280, 3, 3), stride1, pad1) == "im2col"
+    # batch 1 at 16x16: im2col from 1280 input channels (the up block's 2560 -> 1280), Winograd below
+    assert conv.conv_method((1, 2560, 16, 16), (1280, 2560, 3, 3), stride1, pad1) == "im2col"
+    assert conv.conv_method((1, 1280, 16, 16), (1280, 1280, 3, 3), stride1, pad1) == "im2col"
+    assert conv.conv_method((1, 640, 16, 16), (1280, 640, 3, 3), stride1, pad1) == "winograd4"
     assert conv.conv_method((2, 4, 64, 64), (320, 4, 3, 3), stride1, pad1) == "im2col"
     assert conv.conv_method((2, 320, 64, 64), (320, 320, 3, 3), (2, 2), pad1) == "im2col"
     assert conv.conv_method((2, 320, 64, 64), (320, 320, 1, 1), stride1, (0, 0)) == "1x1"

@@ -60,7 +60,7 @@ def test_geglu_in_blocks_matches_torch(rng, approximate, max_hidden_floats, monk
     (the scratch reused) and with OpenBLAS on one thread (the block GEMMs are one-threaded either way)."""
     if max_hidden_floats is not None:
         monkeypatch.setattr(linear_kernels, "GEGLU_MAX_HIDDEN_FLOATS", max_hidden_floats)
-    rows = 2 * (linear_kernels.GEGLU_BLOCKS_MIN_ROWS // 2 + int(rng.integers(1, 200))) + 1
+    rows = 2 * (linear_kernels.GEGLU_FORWARD_MIN_ROWS // 2 + int(rng.integers(1, 200))) + 1
     x = rng.standard_normal((rows, 24), dtype=np.float32)
     weight = rng.standard_normal((2 * 40, 24), dtype=np.float32) / np.float32(5.0)
     bias = rng.standard_normal(2 * 40, dtype=np.float32)

@@ -7,8 +7,12 @@ import torch.nn.functional as F
 
 from helpers import KERNEL_TOL, assert_rel_close
 from npdiff import NpdiffError
+from npdiff.kernels.linear import GEGLU_BLOCK_ROWS, GEGLU_BLOCKS_MIN_ROWS
 from npdiff.kernels.linear_backward import (
     geglu_backward,
+    geglu_forward_saved,
+    geglu_input_grad,
+    geglu_input_grad_ref,
     linear_activation_backward,
     linear_backward,
     linear_backward_ref,
@@ -96,6 +100,37 @@ def test_geglu_backward_matches_autograd(rng, approximate):
     ours = geglu_backward(x, weight, bias, grad_out, approximate)
     for mine, theirs, what in zip(ours, expected, ("dx", "dW", "db")):
         assert_rel_close(mine, theirs, KERNEL_TOL, what)
+
+
+@pytest.mark.parametrize("rows", ["few", "blocks"])
+def test_geglu_with_kept_hidden_layer_matches_autograd(rng, rows):
+    """geglu_forward_saved's output and hidden layer against torch's forward, geglu_input_grad's dx
+    (fast and reference) against autograd; "blocks": enough rows for the pool's blocks, the last partial."""
+    if rows == "few":
+        lead = (int(rng.integers(1, 4)), int(rng.integers(1, 40)))
+    else:
+        lead = (1, GEGLU_BLOCKS_MIN_ROWS + int(rng.integers(1, GEGLU_BLOCK_ROWS)))
+    half = int(rng.integers(1, 40))
+    x, weight, bias = random_linear(rng, lead, int(rng.integers(1, 50)), 2 * half)
+    grad_out = rng.standard_normal(lead + (half,)).astype(np.float32)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    hidden_t = F.linear(xt, torch.from_numpy(weight), torch.from_numpy(bias))
+    value, gate = hidden_t.chunk(2, dim=-1)  # diffusers' GEGLU
+    out_t = value * F.gelu(gate)
+    out_t.backward(torch.from_numpy(grad_out))
+    out, hidden = geglu_forward_saved(x, weight, bias)
+    assert_rel_close(out, out_t, KERNEL_TOL, "geglu_forward_saved y")
+    assert_rel_close(hidden, hidden_t, KERNEL_TOL, "geglu_forward_saved hidden")
+    assert_rel_close(geglu_input_grad(hidden, weight, grad_out), xt.grad, KERNEL_TOL, "geglu_input_grad")
+    assert_rel_close(geglu_input_grad_ref(hidden, weight, grad_out), xt.grad, KERNEL_TOL, "geglu_input_grad_ref")
+
+
+def test_geglu_input_grad_refuses_mismatched_shapes():
+    weight = np.zeros((6, 5), np.float32)
+    with pytest.raises(NpdiffError, match=r"geglu_input_grad: hidden \[\.\.\., 2D\] .* got hidden \[4,8\]"):
+        geglu_input_grad(np.zeros((4, 8), np.float32), weight, np.zeros((4, 3), np.float32))
+    with pytest.raises(NpdiffError, match=r"geglu_input_grad: grad_out must have the forward output's shape \[4,3\]"):
+        geglu_input_grad(np.zeros((4, 6), np.float32), weight, np.zeros((4, 2), np.float32))
 
 
 def test_linear_backward_refuses_a_wrong_grad_shape():

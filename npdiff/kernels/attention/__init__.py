@@ -168,6 +168,8 @@ def scaled_dot_product_attention(q, k, v, mask=None, scale=None, is_causal=False
     entries), "full" or "chunked". Returns [..., N, dv].
     """
     check_attention_inputs(q, k, v, mask, is_causal, path)
+    if q.shape[-2] == 0 or k.shape[-2] == 0:  # no query, or no key to attend to: 0 (as torch), from version 1
+        return attention_ref(q, k, v, mask, scale, is_causal)  # [...,N,dv]
     return ATTENTION(q, k, v, mask, scale, is_causal, path)
 
 

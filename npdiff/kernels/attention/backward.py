@@ -42,6 +42,22 @@ Versions:
                               dO's rows (dv) and dS's per-column factor. Measured at
                               [1,8,4096,40] (benchmarks/training_kernels.py, load 3.6-5):
                               version 2 4.81 s, version 3 1.21 s, torch's SDPA backward 0.82 s.
+  4. attention_backward_with_stats  no mask, given the forward's output O and log-sum-exp lse
+                              (backward_stats.py; taken from V4_MIN_KEYS keys on): key blocks
+                              of 64 outermost, every tile in L1, all five GEMMs on one Numba
+                              register tile (backward_tiles.py) instead of one-thread sgemm, no
+                              pass over whole rows (P = exp(S - lse), Dr = rowsum(dO * O)):
+                              flash-attention-2's backward. Given O alone it recomputes lse in one
+                              more sweep of q k^T tiles. attention_backward_fused (backward_fused.py)
+                              is the same tile without statistics: version 3's query blocks with
+                              [Q, M] tiles stored by 64-key blocks. Measured at [1,8,4096,40]
+                              (benchmarks/training_kernels.py, load 2.5, process CPU per call):
+                              version 3 0.705 s, 4 given O and lse 0.604 s (torch 0.564 s), 4
+                              without statistics 0.720 s, given O alone 0.771 s; under load 4.5
+                              the last two ran at 0.88-0.97x and 0.85x version 3, but they are not
+                              taken: on the quieter machine they are not faster. At M <= 1024
+                              version 3 is ahead of every version 4 (64-key padding, e.g. M = 77
+                              computed as 128). Figures and the whole step: benchmarks/RESULTS.md.
 """
 
 import math
@@ -53,6 +69,7 @@ from npdiff.errors import NpdiffError
 from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
 from npdiff.kernels import dispatch
 from npdiff.kernels.attention import check_attention_inputs
+from npdiff.kernels.attention.backward_stats import attention_backward_with_stats
 from npdiff.kernels.attention.common import (
     causal_additive,
     default_scale,
@@ -64,14 +81,17 @@ from npdiff.kernels.attention.reference import full_scores
 from npdiff.kernels.block_pool import run_blocks
 from npdiff.kernels.scratch import contiguous_in_scratch, scratch
 from npdiff.kernels.softmax import softmax
-from npdiff.kernels.vecmath import LOG2E
 from npdiff.kernels.validate import shape_text
+from npdiff.kernels.vecmath import LOG2E
 
 # floats of one block's score tile [..., block, M] (64 MiB; the dS tile beside it is as big). Measured on
 # [1,8,4096,40] (load ~12): 1 << 22 (128 queries per block) 16-21 s, 1 << 24 (512 queries) 9.1 s.
 BACKWARD_BLOCK_SCORES = 1 << 24
 # version 3: scores per query block of one slice [Q, M] (4 MiB; the dP tile beside it is as big)
 SLICE_TILE_FLOATS = 1 << 20
+# version 4 given out and lse from this many keys on (benchmarks/training_kernels.py, load 2.5, process
+# CPU time against version 3: 0.86x at M = 4096; 1.13x at 1024, 1.22x at 256, 1.30x at 77)
+V4_MIN_KEYS = 2048
 
 
 def softmax_probs(scores, xp):
@@ -98,7 +118,8 @@ def block_grads(q, k, v, grad_out, probs, scale, xp):
 # ---------------------------------------------------------------------------------------------
 # 1. Reference
 # ---------------------------------------------------------------------------------------------
-def attention_backward_ref(q, k, v, grad_out, mask=None, scale=None, is_causal=False):
+def attention_backward_ref(q, k, v, grad_out, mask=None, scale=None, is_causal=False, out=None, lse=None):
+    """The formulas on the whole score matrix (out and lse, the forward's statistics, are not needed)."""
     xp = backend.array_module(q)
     scale = default_scale(q, scale)
     probs = softmax_probs(full_scores(q, k, mask, scale, is_causal, xp), xp)  # [...,N,M]
@@ -259,11 +280,15 @@ def attention_backward_slices(q, k, v, grad_out, scale=None, is_causal=False):
     return grad_q, grad_k, grad_v
 
 
-def attention_backward_by_mask(q, k, v, grad_out, mask=None, scale=None, is_causal=False):
-    """Version 3 without a mask, version 2 with one (rows a mask may empty)."""
-    if mask is None:
-        return attention_backward_slices(q, k, v, grad_out, scale, is_causal)
-    return attention_backward_fast(q, k, v, grad_out, mask, scale, is_causal)
+def attention_backward_by_mask(q, k, v, grad_out, mask=None, scale=None, is_causal=False, out=None, lse=None):
+    """Version 2 with a mask (rows a mask may empty); without one, version 4 given the forward's output
+    and log-sum-exp from V4_MIN_KEYS keys on, else version 3 (version 4 without both statistics was
+    measured no faster than 3: see the header)."""
+    if mask is not None:
+        return attention_backward_fast(q, k, v, grad_out, mask, scale, is_causal)
+    if out is not None and lse is not None and k.shape[-2] >= V4_MIN_KEYS and q.shape[-2] > 0:
+        return attention_backward_with_stats(q, k, v, grad_out, out, lse, scale, is_causal)
+    return attention_backward_slices(q, k, v, grad_out, scale, is_causal)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,13 +298,25 @@ ATTENTION_BACKWARD = dispatch.register("attention_backward", fast=attention_back
                                        reference=attention_backward_ref)
 
 
-def attention_backward(q, k, v, grad_out, mask=None, scale=None, is_causal=False):
+def attention_backward(q, k, v, grad_out, mask=None, scale=None, is_causal=False, out=None, lse=None):
     """Gradients of O = scaled_dot_product_attention(q, k, v, mask, scale, is_causal) given dO
-    [..., N, dv] -> (dq [..., N, d], dk [..., M, d], dv [..., M, dv]). q, k, v: the forward's inputs."""
+    [..., N, dv] -> (dq [..., N, d], dk [..., M, d], dv [..., M, dv]). q, k, v: the forward's inputs.
+    out [..., N, dv] and lse [..., N] (optional; lse only with out): the forward's output and its
+    per-query log-sum-exp, log(sum over keys of exp(scale * q.k)) in natural log as torch's flash
+    attention returns it; with both and no mask, version 4 runs key block by key block, every tile in
+    L1 (out alone is accepted, and version 3 runs: recomputing lse was measured no faster)."""
     from_forward = "scaled_dot_product_attention"
     check_attention_inputs(q, k, v, mask, is_causal, "auto")
     expected = q.shape[:-1] + (v.shape[-1],)
     if tuple(grad_out.shape) != tuple(expected):
         raise NpdiffError(f"attention_backward: grad_out must have the shape of {from_forward}'s output "
                           f"{shape_text(expected)}, got {shape_text(grad_out.shape)}")
-    return ATTENTION_BACKWARD(q, k, v, grad_out, mask, scale, is_causal)
+    if lse is not None and out is None:
+        raise NpdiffError("attention_backward: lse (the forward's log-sum-exp) is used only with out (its output)")
+    if out is not None and tuple(out.shape) != tuple(expected):
+        raise NpdiffError(f"attention_backward: out must be {from_forward}'s output {shape_text(expected)}, "
+                          f"got {shape_text(out.shape)}")
+    if lse is not None and tuple(lse.shape) != tuple(q.shape[:-1]):
+        raise NpdiffError(f"attention_backward: lse must have one value per query {shape_text(q.shape[:-1])}, "
+                          f"got {shape_text(lse.shape)}")
+    return ATTENTION_BACKWARD(q, k, v, grad_out, mask, scale, is_causal, out, lse)

@@ -36,6 +36,9 @@ def causal_additive(query_start, query_stop, key_start, key_stop, xp=np):
 
 
 def masked_row_max(scores, xp=np):
-    """Row max over the last axis, with rows that are all -inf given 0, so exp(s - max) stays 0."""
+    """Row max over the last axis, with rows that are all -inf given 0, so exp(s - max) stays 0 (and 0 for
+    every row when there is no key at all: a max over nothing)."""
+    if scores.shape[-1] == 0:
+        return xp.zeros(scores.shape[:-1] + (1,), dtype=xp.float32)  # [..., N, 1]
     row_max = scores.max(axis=-1, keepdims=True)  # [..., N, 1]
     return xp.where(row_max == -np.inf, np.float32(0.0), row_max)  # [..., N, 1]
