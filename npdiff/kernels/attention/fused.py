@@ -36,7 +36,7 @@ Q (query_block) is chosen from M so that the tile holds about TILE_FLOATS scores
 M = 4096, 512 for M <= 2048). Measured at [2,8,4096,40] on 2 workers: Q = 64, 128, 192, 256, 384
 gave 146, 151, 152, 157, 150 GFLOP/s (larger Q: k and v are packed by BLAS once per Q queries;
 the 4 MiB tile is in L3, not L2, but the passes over it are not what limits). Each worker
-thread keeps its tile and output buffers between calls (kernels/scratch.py), so no array is allocated
+thread keeps its tile, query and sum buffers between calls (kernels/scratch.py), so no array is allocated
 per task. Above FUSED_MAX_KEYS keys even MIN_QUERY_BLOCK queries would not fit: those shapes take
 version 3 (npdiff/kernels/attention/__init__.py decides).
 
