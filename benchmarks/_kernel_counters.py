@@ -18,6 +18,7 @@ from collections import defaultdict
 
 
 def kernel_flops(name, args, out):
+    name = name.removesuffix("_bf16")  # the bf16 kernels count as their float32 twins (packed weights keep .shape)
     if name == "conv2d":
         x, weight = args[0], args[1]
         return 2.0 * out.size * weight.shape[1] * weight.shape[2] * weight.shape[3]
@@ -35,11 +36,17 @@ FORWARD_NAMES = ("conv2d", "linear", "linear_activation", "geglu", "scaled_dot_p
                  "layer_norm", "silu", "gelu", "quick_gelu", "softmax", "upsample_nearest2x")
 
 
+BF16_NAMES = ("conv2d_bf16", "linear_bf16", "linear_activation_bf16", "geglu_bf16")
+
+
 def install_counters():
     """Wrap npdiff.kernels' public functions (models call them as kernels.NAME) -> the stats dict."""
     stats = defaultdict(lambda: {"calls": 0, "seconds": 0.0, "cpu_seconds": 0.0, "flops": 0.0})
     return stats, wrap_sites({"npdiff.kernels": FORWARD_NAMES,
-                              "npdiff.models.transformer_backward": ("geglu_forward_saved", "scaled_dot_product_attention")}, stats, kernel_flops)
+                              "npdiff.models.transformer_backward": ("geglu_forward_saved", "scaled_dot_product_attention"),
+                              # precision="bf16": the layers call these by name (npdiff/models/precision.py, transformer.py)
+                              "npdiff.models.precision": BF16_NAMES,
+                              "npdiff.models.transformer": ("scaled_dot_product_attention_bf16",)}, stats, kernel_flops)
 
 
 # The backward kernels: the model-level backward modules import them by name, so they are wrapped where
