@@ -32,9 +32,18 @@ def check_all_versions(q, k, v, grad_out, **options):
     versions = [attention_backward, attention_backward_ref, backward.attention_backward_fast]
     if options.get("mask") is None:
         versions.append(backward.attention_backward_slices)  # version 3 takes no mask
+    one_key = k.shape[-2] == 1
     for version in versions:
         for ours, theirs, what in zip(version(q, k, v, grad_out, **options), expected, ("dq", "dk", "dv")):
-            assert_rel_close(ours, theirs, KERNEL_TOL, f"{version.__name__} {what}")
+            if one_key and what != "dv":
+                # softmax over a single key is constant 1: dq and dk are zero by the maths, and torch's
+                # float32 rounding leaves ~1e-6 there, so a relative error would compare two roundings;
+                # held to KERNEL_TOL of the gradients' scale (dv's largest entry) instead
+                scale_of_grads = float(np.abs(expected[2].numpy()).max())
+                np.testing.assert_allclose(ours, theirs.numpy(), atol=KERNEL_TOL * scale_of_grads,
+                                           err_msg=f"{version.__name__} {what}")
+            else:
+                assert_rel_close(ours, theirs, KERNEL_TOL, f"{version.__name__} {what}")
 
 
 @pytest.mark.parametrize("kind", ["self", "cross", "causal"])

@@ -104,10 +104,12 @@ def softmax_probs(scores, xp):
 
 def block_grads(q, k, v, grad_out, probs, scale, xp):
     """One block of queries: -> (dq [...,n,d], dk [...,M,d], dv [...,M,dv]) from P [...,n,M]."""
-    out = xp.matmul(probs, v)  # [...,n,M] @ [...,M,dv] -> [...,n,dv]
     grad_v = xp.matmul(xp.swapaxes(probs, -1, -2), grad_out)  # [...,M,n] @ [...,n,dv] -> [...,M,dv]
     grad_probs = xp.matmul(grad_out, xp.swapaxes(v, -1, -2))  # [...,n,dv] @ [...,dv,M] -> [...,n,M]
-    row_dot = (grad_out * out).sum(axis=-1, keepdims=True)  # [...,n,1]
+    # rowsum(dO * O) written as rowsum(P * dP), summed in float64: the same number, but taken from the
+    # very dP it is subtracted from, so a row whose probability sits on one key gets dS = 0 exactly
+    # (with O = P @ V formed apart, float32 rounding left ~1e-7 * |dP| there: 3e-5 of a 2-query dq).
+    row_dot = (probs * grad_probs).sum(axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)  # [...,n,1]
     grad_scores = probs * (grad_probs - row_dot)  # [...,n,M]
     grad_scores *= np.float32(scale)
     grad_q = xp.matmul(grad_scores, k)  # [...,n,M] @ [...,M,d] -> [...,n,d]
