@@ -7,13 +7,16 @@ attentions' q, k, v and its GEGLU's hidden layer [B,N,8D] (else recomputed: one 
 or recomputed from the Transformer2DModel's input (saved=None): its backward reruns the forward
 once, keeping each BasicTransformerBlock's input [B,N,D], and each block's backward reruns that
 block (basic_block_states) before walking back. Attention probabilities [B,h,N,M] are never kept: attention_backward recomputes them per query
-block. Weight gradients only for the attention projections (to_q, to_k, to_v, to_out.0 of attn1
+block. Where the backward's version 4 takes them (backward.V4_MIN_KEYS keys or more: the 64x64
+self-attentions of SD 1.5), the attention's output [B,h,N,d] and log-sum-exp [B,h,N] are kept too
+(attention_forward_saved); the output is to_out's input anyway, so only lse is extra (128 KiB). Weight gradients only for the attention projections (to_q, to_k, to_v, to_out.0 of attn1
 and attn2: what LoRA trains), and only when the caller passes a `weight_grads` dict.
 """
 
 import numpy as np
 
-from npdiff.kernels.attention import scaled_dot_product_attention
+from npdiff.kernels.attention import FUSED_MAX_KEYS, attention_fused, scaled_dot_product_attention
+from npdiff.kernels.attention import backward as attention_backward_versions
 from npdiff.kernels.attention.backward import attention_backward
 from npdiff.kernels.linear_backward import (
     geglu_backward,
@@ -32,28 +35,40 @@ from npdiff.models.transformer import merge_heads, split_heads
 # ---------------------------------------------------------------------------------------------
 # Attention and feed-forward
 # ---------------------------------------------------------------------------------------------
+def attention_forward_saved(q, k, v, scale):
+    """softmax(q k^T * scale) v -> (out [B,h,N,d], lse [B,h,N] or None): the forward's log-sum-exp
+    (fused.py's lse_out) where the backward takes version 4 with it (from V4_MIN_KEYS keys, up to
+    version 5's FUSED_MAX_KEYS: the same kernel the default path runs there), else the default path."""
+    n_keys = k.shape[-2]
+    if isinstance(q, np.ndarray) and q.size and attention_backward_versions.V4_MIN_KEYS <= n_keys <= FUSED_MAX_KEYS:
+        lse = np.empty(q.shape[:-1], np.float32)                        # [B,h,N]
+        return attention_fused(q, k, v, scale=scale, lse_out=lse), lse  # [B,h,N,d], [B,h,N]
+    return scaled_dot_product_attention(q, k, v, scale=scale), None     # [B,h,N,d]
+
+
 def attention_with_qkv(attn, x, context):
-    """Attention's forward that also returns its (q, k, v) [B,h,N|M,d] for the backward."""
+    """Attention's forward that also returns what the backward needs: (q, k, v [B,h,N|M,d], out
+    [B,h,N,d], lse [B,h,N] or None)."""
     q = split_heads(attn.to_q(x), attn.heads)                           # [B,N,D] -> [B,h,N,d]
     k = split_heads(attn.to_k(context), attn.heads)                     # [B,M,Dc] -> [B,h,M,d]
     v = split_heads(attn.to_v(context), attn.heads)                     # [B,M,Dc] -> [B,h,M,d]
-    out = scaled_dot_product_attention(q, k, v, scale=attn.scale)       # [B,h,N,d]
-    return attn.to_out(merge_heads(out)), (q, k, v)                     # [B,N,D]
+    out, lse = attention_forward_saved(q, k, v, attn.scale)             # [B,h,N,d], [B,h,N]
+    return attn.to_out(merge_heads(out)), (q, k, v, out, lse)           # [B,N,D]
 
 
-def attention_backward_pass(attn, x, context, qkv, grad_out, weight_grads=None):
+def attention_backward_pass(attn, x, context, saved, grad_out, weight_grads=None):
     """Attention: grad_out [B,N,D] -> (dx [B,N,D], dcontext [B,M,Dc]); for self-attention (context
-    is x) the caller adds the two. qkv: attention_with_qkv's."""
-    q, k, v = qkv
-    # 3. to_out (its input, the merged heads, is recomputed only for its weight gradient)
+    is x) the caller adds the two. saved: attention_with_qkv's (q, k, v, out, lse)."""
+    q, k, v, out, lse = saved
+    # 3. to_out (its input is the merged heads of the kept output)
     if weight_grads is not None:
-        merged = merge_heads(scaled_dot_product_attention(q, k, v, scale=attn.scale))  # [B,N,h*d]
-        grad_merged = linear_layer_backward(attn.to_out, merged, grad_out, weight_grads)  # [B,N,h*d]
+        grad_merged = linear_layer_backward(attn.to_out, merge_heads(out), grad_out, weight_grads)  # [B,N,h*d]
     else:
         grad_merged = linear_input_grad(attn.to_out.weight, grad_out)   # [B,N,D] @ [D,h*d] -> [B,N,h*d]
-    # 2. softmax(q k^T * scale) v
+    # 2. softmax(q k^T * scale) v (version 4 given out and lse, when lse was kept)
     grad_heads = split_heads(grad_merged, attn.heads)                   # [B,N,h*d] -> [B,h,N,d]
-    grad_q, grad_k, grad_v = attention_backward(q, k, v, grad_heads, scale=attn.scale)  # [B,h,N|M,d]
+    stats = {"out": out, "lse": lse} if lse is not None else {}
+    grad_q, grad_k, grad_v = attention_backward(q, k, v, grad_heads, scale=attn.scale, **stats)  # [B,h,N|M,d]
     # 1. the projections
     grad_x = linear_layer_backward(attn.to_q, x, merge_heads(grad_q), weight_grads)     # [B,N,D]
     grad_context = linear_layer_backward(attn.to_k, context, merge_heads(grad_k), weight_grads)  # [B,M,Dc]
@@ -90,7 +105,8 @@ def layer_norm_layer_backward(layer, x, grad_out):
 # ---------------------------------------------------------------------------------------------
 def basic_block_states(block, x, context):
     """BasicTransformerBlock's steps 1-2, keeping what the backward needs: -> (normed1, qkv1, x1,
-    normed2, qkv2, x2), the residual stream [B,N,D] and the attentions' q, k, v [B,h,N|M,d]."""
+    normed2, qkv2, x2), the residual stream [B,N,D] and the attentions' saved tensors (q, k, v
+    [B,h,N|M,d], out, lse: attention_with_qkv)."""
     normed1 = block.norm1(x)                                            # [B,N,D]
     attn1_out, qkv1 = attention_with_qkv(block.attn1, normed1, normed1)
     x1 = x + attn1_out                                                  # [B,N,D]

@@ -76,6 +76,32 @@ def test_unet_attention_weight_grads_match_autograd(unet_pair, rng):
             assert_rel_close(grad, params[f"{key}.{name}"].grad, NETWORK_TOL, f"{kind} {key}.{name}")
 
 
+def test_unet_backward_with_attention_statistics_matches_autograd(unet_pair, rng, monkeypatch):
+    """The tape keeps each attention's output and log-sum-exp where the backward takes version 4 with
+    them (from V4_MIN_KEYS keys: SD 1.5's 64x64 self-attentions; lowered here so that every attention
+    of the tiny model takes it): the gradients, LoRA's weight gradients included, stay autograd's."""
+    from npdiff.kernels.attention import backward as attention_backward_versions
+    kind, torch_model, ours = unet_pair
+    monkeypatch.setattr(attention_backward_versions, "V4_MIN_KEYS", 1)
+    with_stats = attention_backward_versions.attention_backward_with_stats
+    calls = []
+    monkeypatch.setattr(attention_backward_versions, "attention_backward_with_stats",
+                        lambda *args, **kwargs: calls.append(args[4].shape) or with_stats(*args, **kwargs))
+    sample, context, grad_output = random_case(rng, ours.config, 1, 8, 8, 6)
+    timestep = int(rng.integers(0, 1000))
+    _, expected_sample, expected_context = torch_grads(torch_model, sample, timestep, context, grad_output)
+    weight_grads = {}
+    _, tape = unet_forward_for_backward(ours, sample, timestep, context, weight_grads=weight_grads)
+    grad_sample, grad_context = tape.backward(grad_output)
+    assert len(calls) == 2 * sum(1 for name in weight_grads if name.endswith("attn1.to_q"))  # attn1, attn2
+    assert_rel_close(grad_context, expected_context, NETWORK_TOL, f"{kind} d encoder_hidden_states")
+    assert_rel_close(grad_sample, expected_sample, NETWORK_TOL, f"{kind} d sample")
+    params = dict(torch_model.named_parameters())
+    for key, grads in weight_grads.items():
+        for name, grad in grads.items():
+            assert_rel_close(grad, params[f"{key}.{name}"].grad, NETWORK_TOL, f"{kind} {key}.{name}")
+
+
 @pytest.mark.parametrize("keep_states", [True, False])
 @pytest.mark.parametrize("kind", ["sdxl", "lcm"])
 def test_unet_backward_other_conditionings(rng, kind, keep_states):

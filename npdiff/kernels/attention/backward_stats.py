@@ -18,7 +18,8 @@ of 64 keys outermost, with every tile in L1 and the key block's dk^T, dv^T accum
 The same five GEMMs as the version without statistics (backward_fused.py: query blocks outermost,
 the row max and sums recomputed), but no [Q, M] tile leaves L1, and there is no max pass and no
 rowsum(P * dP) pass. The forward (fused.py) computes every query's max and sum already; keeping
-lse = (max + log2(sum)) / log2(e) and O on the training tape is what this version needs. Given O
+lse = (max + log2(sum)) / log2(e) and O on the training tape is what this version needs (fused.py's
+lse_out; transformer_backward.attention_forward_saved keeps both where this version runs). Given O
 alone, lse is recomputed first (log_sum_exp_rows: one more sweep of S tiles, an online softmax per
 column).
 
