@@ -42,8 +42,10 @@ def frozen_linear_backward(layer, grad_out):
     return linear_input_grad(layer.weight, grad_out)                    # [..., out] @ [out, in] -> [..., in]
 
 
-def layer_norm_input_grad(layer, x, grad_out):
-    grad_x, _, _ = layer_norm_backward(x, layer.weight, layer.bias, grad_out, layer.eps, need_weight_grad=False)
+def layer_norm_input_grad(layer, x, grad_out, residual=None):
+    """A frozen LayerNorm's dx [B,L,D], plus residual (the gradient around it) when given."""
+    grad_x, _, _ = layer_norm_backward(x, layer.weight, layer.bias, grad_out, layer.eps, need_weight_grad=False,
+                                       residual=residual)
     return grad_x                                                       # [B,L,D]
 
 
@@ -64,7 +66,7 @@ def encoder_layer_backward(layer, h, grad_out):
     grad_hidden = frozen_linear_backward(mlp.fc2, grad_out)             # [B,L,D] -> [B,L,I]
     grad_normed2, _, _ = linear_activation_backward(normed2, mlp.fc1.weight, mlp.fc1.bias, grad_hidden,
                                                     mlp.activation_name, need_weight_grad=False)  # [B,L,D]
-    grad_x1 = grad_out + layer_norm_input_grad(layer.layer_norm2, x1, grad_normed2)  # [B,L,D]
+    grad_x1 = layer_norm_input_grad(layer.layer_norm2, x1, grad_normed2, residual=grad_out)  # [B,L,D]
 
     # 1. causal self-attention with residual: out_proj, attention, then q/k/v projections (all from normed1)
     grad_merged = frozen_linear_backward(attn.out_proj, grad_x1)        # [B,L,D]
@@ -73,7 +75,7 @@ def encoder_layer_backward(layer, h, grad_out):
     grad_normed1 = frozen_linear_backward(attn.q_proj, merge_heads(grad_q))  # [B,L,D]
     grad_normed1 += frozen_linear_backward(attn.k_proj, merge_heads(grad_k))
     grad_normed1 += frozen_linear_backward(attn.v_proj, merge_heads(grad_v))
-    return grad_x1 + layer_norm_input_grad(layer.layer_norm1, h, grad_normed1)  # [B,L,D]
+    return layer_norm_input_grad(layer.layer_norm1, h, grad_normed1, residual=grad_x1)  # [B,L,D]
 
 
 class CLIPTape:

@@ -95,8 +95,11 @@ def feed_forward_backward(ff, x, grad_out, hidden=None):
     return grad_x                                                       # [B,N,D]
 
 
-def layer_norm_layer_backward(layer, x, grad_out):
-    grad_x, _, _ = layer_norm_backward(x, layer.weight, layer.bias, grad_out, layer.eps, need_weight_grad=False)
+def layer_norm_layer_backward(layer, x, grad_out, residual):
+    """LayerNorm (frozen) inside a residual branch: -> its dx [B,N,D] plus residual (the gradient that
+    goes around it), summed in the kernel's parallel pass."""
+    grad_x, _, _ = layer_norm_backward(x, layer.weight, layer.bias, grad_out, layer.eps, need_weight_grad=False,
+                                       residual=residual)
     return grad_x
 
 
@@ -135,13 +138,14 @@ def basic_block_backward(block, x, context, grad_out, weight_grads=None, states=
     # 3. feed-forward with residual (its input only when GEGLU's hidden layer is to be recomputed)
     ff_input = block.norm3(x2) if ff_hidden is None else None           # [B,N,D]
     grad_ff = feed_forward_backward(block.ff, ff_input, grad_out, ff_hidden)  # [B,N,D]
-    grad_x2 = grad_out + layer_norm_layer_backward(block.norm3, x2, grad_ff)
+    grad_x2 = layer_norm_layer_backward(block.norm3, x2, grad_ff, residual=grad_out)  # [B,N,D]
     # 2. cross-attention over the context, with residual
     grad_normed2, grad_context = attention_backward_pass(block.attn2, normed2, context, qkv2, grad_x2, weight_grads)
-    grad_x1 = grad_x2 + layer_norm_layer_backward(block.norm2, x1, grad_normed2)
+    grad_x1 = layer_norm_layer_backward(block.norm2, x1, grad_normed2, residual=grad_x2)  # [B,N,D]
     # 1. self-attention with residual (normed1 is both the queries' and the keys' input)
     grad_q_side, grad_kv_side = attention_backward_pass(block.attn1, normed1, normed1, qkv1, grad_x1, weight_grads)
-    grad_x = grad_x1 + layer_norm_layer_backward(block.norm1, x, grad_q_side + grad_kv_side)
+    grad_q_side += grad_kv_side                                         # [B,N,D]
+    grad_x = layer_norm_layer_backward(block.norm1, x, grad_q_side, residual=grad_x1)  # [B,N,D]
     return grad_x, grad_context
 
 
@@ -189,5 +193,5 @@ def transformer_2d_backward(model, x, context, grad_out, weight_grads=None, save
     # 1. proj_in (frozen), tokens -> NCHW, group norm
     grad_tokens_in = linear_input_grad(model.proj_in.weight, grad_h)    # [B,H*W,D] @ [D,C] -> [B,H*W,C]
     grad_normed = np.ascontiguousarray(grad_tokens_in.transpose(0, 2, 1)).reshape(batch, channels, height, width)
-    grad_x = grad_out + group_norm_layer_backward(model.norm, x, grad_normed)  # [B,C,H,W]
+    grad_x = group_norm_layer_backward(model.norm, x, grad_normed, residual=grad_out)  # [B,C,H,W]
     return grad_x, grad_context
