@@ -18,6 +18,7 @@ import numpy as np
 from npdiff.kernels.attention import FUSED_MAX_KEYS, attention_fused, scaled_dot_product_attention
 from npdiff.kernels.attention import backward as attention_backward_versions
 from npdiff.kernels.attention.backward import attention_backward
+from npdiff.kernels.block_pool import matmul
 from npdiff.kernels.linear_backward import (
     geglu_backward,
     geglu_forward_saved,
@@ -190,8 +191,10 @@ def transformer_2d_backward(model, x, context, grad_out, weight_grads=None, save
         grad_h, grad_ctx_block = basic_block_backward(block, block_input, context, grad_h, weight_grads, states)
         grad_context += grad_ctx_block
         del block_input, states
-    # 1. proj_in (frozen), tokens -> NCHW, group norm
-    grad_tokens_in = linear_input_grad(model.proj_in.weight, grad_h)    # [B,H*W,D] @ [D,C] -> [B,H*W,C]
-    grad_normed = np.ascontiguousarray(grad_tokens_in.transpose(0, 2, 1)).reshape(batch, channels, height, width)
+    # 1. proj_in (frozen) as its transpose, W^T dh^T, straight into NCHW (no transposing copy), group norm
+    grad_normed = np.empty((batch, channels, height * width), np.float32)  # [B,C,H*W]
+    for image in range(batch):
+        matmul(model.proj_in.weight.T, grad_h[image].T, out=grad_normed[image])  # [C,D] @ [D,H*W] -> [C,H*W]
+    grad_normed = grad_normed.reshape(batch, channels, height, width)   # [B,C,H,W]
     grad_x = group_norm_layer_backward(model.norm, x, grad_normed, residual=grad_out)  # [B,C,H,W]
     return grad_x, grad_context
