@@ -24,6 +24,7 @@ from npdiff.kernels.linear_backward import (
     geglu_forward_saved,
     geglu_input_grad,
     linear_input_grad,
+    linear_input_grads_summed,
 )
 from npdiff.kernels.norm_backward import layer_norm_backward
 from npdiff.models.blocks_backward import (
@@ -59,7 +60,8 @@ def attention_with_qkv(attn, x, context):
 
 def attention_backward_pass(attn, x, context, saved, grad_out, weight_grads=None):
     """Attention: grad_out [B,N,D] -> (dx [B,N,D], dcontext [B,M,Dc]); for self-attention (context
-    is x) the caller adds the two. saved: attention_with_qkv's (q, k, v, out, lse)."""
+    is x) the caller adds the two, unless dcontext is None: with frozen weights (weight_grads None) a
+    self-attention's dx is the whole sum. saved: attention_with_qkv's (q, k, v, out, lse)."""
     q, k, v, out, lse = saved
     # 3. to_out (its input is the merged heads of the kept output)
     if weight_grads is not None:
@@ -70,7 +72,14 @@ def attention_backward_pass(attn, x, context, saved, grad_out, weight_grads=None
     grad_heads = split_heads(grad_merged, attn.heads)                   # [B,N,h*d] -> [B,h,N,d]
     stats = {"out": out, "lse": lse} if lse is not None else {}
     grad_q, grad_k, grad_v = attention_backward(q, k, v, grad_heads, scale=attn.scale, **stats)  # [B,h,N|M,d]
-    # 1. the projections
+    # 1. the projections (frozen: their input gradients summed per block of rows, in cache)
+    if weight_grads is None:
+        projections = (attn.to_q.weight, attn.to_k.weight, attn.to_v.weight)
+        heads = (merge_heads(grad_q), merge_heads(grad_k), merge_heads(grad_v))  # [B,N|M,h*d] (no copies)
+        if context is x:  # self-attention: dq Wq + dk Wk + dv Wv
+            return linear_input_grads_summed(projections, heads), None  # [B,N,D]
+        grad_context = linear_input_grads_summed(projections[1:], heads[1:])  # [B,M,Dc]
+        return linear_input_grad(projections[0], heads[0]), grad_context  # [B,N,D], [B,M,Dc]
     grad_x = linear_layer_backward(attn.to_q, x, merge_heads(grad_q), weight_grads)     # [B,N,D]
     grad_context = linear_layer_backward(attn.to_k, context, merge_heads(grad_k), weight_grads)  # [B,M,Dc]
     grad_context += linear_layer_backward(attn.to_v, context, merge_heads(grad_v), weight_grads)
@@ -145,7 +154,8 @@ def basic_block_backward(block, x, context, grad_out, weight_grads=None, states=
     grad_x1 = layer_norm_layer_backward(block.norm2, x1, grad_normed2, residual=grad_x2)  # [B,N,D]
     # 1. self-attention with residual (normed1 is both the queries' and the keys' input)
     grad_q_side, grad_kv_side = attention_backward_pass(block.attn1, normed1, normed1, qkv1, grad_x1, weight_grads)
-    grad_q_side += grad_kv_side                                         # [B,N,D]
+    if grad_kv_side is not None:
+        grad_q_side += grad_kv_side                                     # [B,N,D]
     grad_x = layer_norm_layer_backward(block.norm1, x, grad_q_side, residual=grad_x1)  # [B,N,D]
     return grad_x, grad_context
 
