@@ -20,6 +20,7 @@ from npdiff.kernels.conv_backward import conv2d_input_grad
 from npdiff.kernels.linear_backward import linear_backward
 from npdiff.kernels.norm_backward import group_norm_backward
 from npdiff.kernels.resample import upsample_nearest2x_backward
+from npdiff.models import precision
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,10 +66,19 @@ def group_norm_layer_backward(layer, x, grad_out, silu_after=False, residual=Non
 # ---------------------------------------------------------------------------------------------
 def resnet_norm2_input(block, x, temb):
     """ResnetBlock2D's steps 1-2: conv1(norm1+SiLU(x)) plus the projected time embedding, the input of
-    norm2 [B,Cout,H,W] (what the backward needs besides x)."""
-    h = block.conv1(block.norm1(x, silu=True))                          # [B,Cin,H,W] -> [B,Cout,H,W]
-    if block.time_emb_proj is not None and temb is not None:
-        h += block.time_emb_proj(silu(temb))[:, :, None, None]          # [B,Cout,H,W] + [B,Cout,1,1]
+    norm2 [B,Cout,H,W] (what the backward needs besides x). At batch 1 (training) the time embedding,
+    one value per channel, joins conv1's bias (added inside the conv's tiles, in cache), instead of a
+    one-thread NumPy add over [1,Cout,H,W] after it."""
+    normed = block.norm1(x, silu=True)                                  # [B,Cin,H,W]
+    if block.time_emb_proj is None or temb is None:
+        return block.conv1(normed)                                      # [B,Cin,H,W] -> [B,Cout,H,W]
+    time_bias = block.time_emb_proj(silu(temb))                         # [B,T] -> [B,Cout]
+    conv = block.conv1
+    if x.shape[0] == 1:
+        bias = time_bias[0] if conv.bias is None else conv.bias + time_bias[0]  # [Cout]
+        return precision.conv2d(normed, conv.weight, bias, stride=conv.stride, padding=conv.padding)
+    h = conv(normed)                                                    # [B,Cin,H,W] -> [B,Cout,H,W]
+    h += time_bias[:, :, None, None]                                    # [B,Cout,H,W] + [B,Cout,1,1]
     return h
 
 
