@@ -12,8 +12,8 @@ embedding is added. Which hidden state comes out (prompt_encoding.encode_ids, th
 Layers after the chosen one are not run at all (they do not reach the output).
 
 Kept between the forward and the backward: each encoder layer's input [B,L,D] and its internals
-(encoder_layer_forward_saved: layer_norm1's output, q, k, v, the residual state x1, layer_norm2's output
-and fc1's output before the activation [B,L,I]: ~2.4 MB per layer at batch 1 for CLIP-L), so the
+(encoder_layer_forward_saved: q, k, v, the residual state x1, layer_norm2's output and fc1's output
+before the activation [B,L,I]: ~2.2 MB per layer at batch 1 for CLIP-L), so the
 backward reruns no forward (recomputing them cost one more CLIP forward per step, ~0.1 s for CLIP-L).
 Where a layer's weights are not float32 NumPy arrays (a precision="bf16" model's packed ones), only
 its input is kept and its backward recomputes the rest.
@@ -27,10 +27,14 @@ import numpy as np
 
 from npdiff.backend import array_module
 from npdiff.errors import NpdiffError
-from npdiff.kernels.attention import scaled_dot_product_attention
 from npdiff.kernels.activations_backward import ACTIVATION_BACKWARDS
+from npdiff.kernels.attention import scaled_dot_product_attention
 from npdiff.kernels.attention.backward import attention_backward
-from npdiff.kernels.linear_backward import linear_activation_backward, linear_input_grad
+from npdiff.kernels.linear_backward import (
+    linear_activation_backward,
+    linear_input_grad,
+    linear_input_grads_summed,
+)
 from npdiff.kernels.norm_backward import layer_norm_backward
 from npdiff.models.transformer import merge_heads, split_heads
 
@@ -54,8 +58,8 @@ def layer_norm_input_grad(layer, x, grad_out, residual=None):
 
 
 def attention_states(layer, h):
-    """CLIPEncoderLayer's step 1 (clip.py), keeping what the backward needs: -> (normed1 [B,L,D], q, k, v
-    [B,h,L,d], x1 [B,L,D] the residual state after the attention)."""
+    """CLIPEncoderLayer's step 1 (clip.py), keeping what the backward needs: -> (q, k, v [B,h,L,d], x1
+    [B,L,D] the residual state after the attention)."""
     attn = layer.self_attn
     normed1 = layer.layer_norm1(h)                                      # [B,L,D]
     q = split_heads(attn.q_proj(normed1), attn.heads)                   # [B,L,D] -> [B,h,L,d]
@@ -64,7 +68,7 @@ def attention_states(layer, h):
     attended = scaled_dot_product_attention(q, k, v, scale=attn.scale, is_causal=True)  # [B,h,L,d]
     x1 = attn.out_proj(merge_heads(attended))                           # [B,L,D]
     x1 += h
-    return normed1, q, k, v, x1
+    return q, k, v, x1
 
 
 def keeps_states(layer):
@@ -74,14 +78,14 @@ def keeps_states(layer):
 
 def encoder_layer_forward_saved(layer, h):
     """CLIPEncoderLayer's forward (clip.py's steps) -> (out [B,L,D], states for encoder_layer_backward:
-    normed1, q, k, v, x1, normed2 and fc1's output before the activation [B,L,I])."""
+    q, k, v, x1, normed2 and fc1's output before the activation [B,L,I])."""
     mlp = layer.mlp
-    normed1, q, k, v, x1 = attention_states(layer, h)                   # 1.
+    q, k, v, x1 = attention_states(layer, h)                            # 1.
     normed2 = layer.layer_norm2(x1)                                     # 2. [B,L,D]
     hidden = mlp.fc1(normed2)                                           # [B,L,D] -> [B,L,I]
     out = mlp.fc2(mlp.activation(hidden))                               # [B,L,I] -> [B,L,D]
     out += x1
-    return out, (normed1, q, k, v, x1, normed2, hidden)
+    return out, (q, k, v, x1, normed2, hidden)
 
 
 def encoder_layer_backward(layer, h, grad_out, states=None):
@@ -90,7 +94,7 @@ def encoder_layer_backward(layer, h, grad_out, states=None):
     attn, mlp = layer.self_attn, layer.mlp
     if states is None:
         states = attention_states(layer, h) + (None, None)
-    normed1, q, k, v, x1, normed2, hidden = states
+    q, k, v, x1, normed2, hidden = states
     if normed2 is None:
         normed2 = layer.layer_norm2(x1)                                 # [B,L,D]
 
@@ -108,9 +112,9 @@ def encoder_layer_backward(layer, h, grad_out, states=None):
     grad_merged = frozen_linear_backward(attn.out_proj, grad_x1)        # [B,L,D]
     grad_heads = split_heads(grad_merged, attn.heads)                   # [B,L,D] -> [B,h,L,d]
     grad_q, grad_k, grad_v = attention_backward(q, k, v, grad_heads, scale=attn.scale, is_causal=True)  # [B,h,L,d]
-    grad_normed1 = frozen_linear_backward(attn.q_proj, merge_heads(grad_q))  # [B,L,D]
-    grad_normed1 += frozen_linear_backward(attn.k_proj, merge_heads(grad_k))
-    grad_normed1 += frozen_linear_backward(attn.v_proj, merge_heads(grad_v))
+    projections = (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
+    heads = (merge_heads(grad_q), merge_heads(grad_k), merge_heads(grad_v))  # [B,L,D] each (no copies)
+    grad_normed1 = linear_input_grads_summed(projections, heads)        # dq Wq + dk Wk + dv Wv [B,L,D]
     return layer_norm_input_grad(layer.layer_norm1, h, grad_normed1, residual=grad_x1)  # [B,L,D]
 
 

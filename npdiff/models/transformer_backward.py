@@ -15,7 +15,11 @@ and attn2: what LoRA trains), and only when the caller passes a `weight_grads` d
 
 import numpy as np
 
-from npdiff.kernels.attention import FUSED_MAX_KEYS, attention_fused, scaled_dot_product_attention
+from npdiff.kernels.attention import (
+    FUSED_MAX_KEYS,
+    attention_fused,
+    scaled_dot_product_attention,
+)
 from npdiff.kernels.attention import backward as attention_backward_versions
 from npdiff.kernels.attention.backward import attention_backward
 from npdiff.kernels.block_pool import matmul

@@ -46,7 +46,10 @@ from npdiff.models.blocks_backward import (
     resnet_forward_saved,
     upsample_backward,
 )
-from npdiff.models.transformer_backward import transformer_2d_backward, transformer_2d_forward_saved
+from npdiff.models.transformer_backward import (
+    transformer_2d_backward,
+    transformer_2d_forward_saved,
+)
 
 
 class UNetTape:

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import KERNEL_TOL, assert_rel_close
+
 from npdiff.kernels import attention, block_pool, scaled_dot_product_attention
 from npdiff.kernels.attention import attention_fused, fused
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import KERNEL_TOL, assert_rel_close
+
 from npdiff import NpdiffError
 from npdiff.kernels.linear import GEGLU_BLOCK_ROWS, GEGLU_BLOCKS_MIN_ROWS
 from npdiff.kernels.linear_backward import (

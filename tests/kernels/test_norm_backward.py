@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import KERNEL_TOL, assert_rel_close
+
 from npdiff import NpdiffError
 from npdiff.kernels.norm_backward import (
     group_norm_backward,

@@ -14,7 +14,10 @@ from tiny_models import tiny_unet
 from npdiff.errors import NpdiffError
 from npdiff.models import UNet2DConditionModel
 from npdiff.models.blocks import TimestepEmbedding as OurTimestepEmbedding
-from npdiff.models.blocks_backward import timestep_embedding_backward, timestep_mlp_backward
+from npdiff.models.blocks_backward import (
+    timestep_embedding_backward,
+    timestep_mlp_backward,
+)
 from npdiff.models.unet_backward import unet_backward, unet_forward_for_backward
 
 LORA_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0")

@@ -267,7 +267,6 @@ def slice_backward(q, k, v, grad_out, grad_q, grad_k, grad_v, scale, is_causal):
 
 def attention_backward_slices(q, k, v, grad_out, scale=None, is_causal=False):
     scale = default_scale(q, scale)
-    lead = q.shape[:-2]
     grad_q, grad_k, grad_v, slices = outputs_and_slices(q, k, v)       # in q, k, v's memory order
 
     def run_slice(index):
