@@ -25,7 +25,7 @@ def kernel_flops(name, args, out):
     if name in ("linear", "linear_activation", "geglu", "geglu_forward_saved"):
         x, weight = args[0], args[1]
         return 2.0 * (x.size // x.shape[-1]) * weight.shape[0] * weight.shape[1]
-    if name == "scaled_dot_product_attention":
+    if name in ("scaled_dot_product_attention", "attention_fused"):
         q, k, v = args[0], args[1], args[2]
         queries = q.size // q.shape[-1]
         return 2.0 * queries * k.shape[-2] * (q.shape[-1] + v.shape[-1])
@@ -43,7 +43,8 @@ def install_counters():
     """Wrap npdiff.kernels' public functions (models call them as kernels.NAME) -> the stats dict."""
     stats = defaultdict(lambda: {"calls": 0, "seconds": 0.0, "cpu_seconds": 0.0, "flops": 0.0})
     return stats, wrap_sites({"npdiff.kernels": FORWARD_NAMES,
-                              "npdiff.models.transformer_backward": ("geglu_forward_saved", "scaled_dot_product_attention"),
+                              "npdiff.models.transformer_backward": ("geglu_forward_saved", "scaled_dot_product_attention",
+                                                                    "attention_fused"),  # the tape's, with lse
                               # precision="bf16": the layers call these by name (npdiff/models/precision.py, transformer.py)
                               "npdiff.models.precision": BF16_NAMES,
                               "npdiff.models.transformer": ("scaled_dot_product_attention_bf16",)}, stats, kernel_flops)

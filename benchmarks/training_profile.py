@@ -1,6 +1,6 @@
 """Where the time of the SD 1.5 UNet's training step goes: the tape forward and the backward, per kernel.
 
-    python benchmarks/training_profile.py [--size 64] [--torch] [--forward-check]
+    python benchmarks/training_profile.py [--size 64] [--torch] [--forward-check] [--serial]
 
 Builds the SD 1.5-shaped UNet over shared random weights (as training_memory.py), runs
 unet_forward_for_backward (the tape forward) and tape.backward once to compile, then once more counted:
@@ -9,6 +9,9 @@ kernels the backward reruns) and the backward kernels (install_backward_counters
 backward functions' inclusive times apart. --torch also times diffusers' UNet forward and backward
 (gradient to the hidden states only, weights frozen) in a fresh process, for the split of each side.
 --forward-check instead times the tape forward against the plain UNet forward, alternated.
+--serial instead runs whole textual-inversion steps (benchmarks/training.py's) under _thread_sampler.py:
+the seconds when only one thread of the process wants a core (serial glue between parallel kernels),
+by the main thread's npdiff function and line (steady under other processes' load: runnable threads count).
 Writes benchmarks/out/training_profile.json.
 """
 
@@ -25,6 +28,9 @@ import numpy as np
 
 from _common import write_json
 from _kernel_counters import install_backward_counters, install_counters
+from _thread_sampler import ThreadSampler
+from training import CLIP_L, SCHEDULE, SharedWeights
+from training import inputs as step_inputs
 from training_memory import SD15, SharedRandomWeights
 
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
@@ -101,6 +107,35 @@ def forward_check(size, rounds=2):
     return best
 
 
+def serial_profile(size, steps=3):
+    """Whole textual-inversion steps (benchmarks/training.py's npdiff side), the last one sampled: serial
+    seconds by npdiff function and line."""
+    from types import SimpleNamespace
+
+    from npdiff.freed_memory import keep_freed_memory
+    from npdiff.models.clip import CLIPTextModel
+    from npdiff.models.unet import UNet2DConditionModel
+    from npdiff.schedulers import DDPMScheduler
+    from npdiff.training import text_embedding_grad
+
+    weights = SharedWeights()
+    pipe = SimpleNamespace(text_encoder=CLIPTextModel(dict(CLIP_L), weights),
+                           unet=UNet2DConditionModel(dict(SD15), weights),
+                           vae=SimpleNamespace(config={"latent_channels": 4}),
+                           scheduler=DDPMScheduler.from_config(SCHEDULE))
+    ids, latents, noise, timesteps = step_inputs(1, size)
+    sampler = ThreadSampler()
+    with keep_freed_memory():
+        for _ in range(steps - 1):                                      # compile, warm, reuse pages
+            text_embedding_grad(pipe, ids, latents, noise, timesteps)
+        cpu_start = time.process_time()
+        with sampler:
+            text_embedding_grad(pipe, ids, latents, noise, timesteps)
+        cpu_s = time.process_time() - cpu_start
+    print(f"one step: {sampler.seconds:.2f} s wall, {cpu_s:.2f} CPU s of all threads")
+    return {"cpu_s": cpu_s, **sampler.table()}
+
+
 def torch_profile(size):
     import torch
     from diffusers import UNet2DConditionModel
@@ -126,6 +161,8 @@ def main():
     parser.add_argument("--torch", action="store_true", help="also time diffusers' UNet forward and backward")
     parser.add_argument("--forward-check", action="store_true",
                         help="only time the tape forward against the plain UNet forward (batch 1)")
+    parser.add_argument("--serial", action="store_true",
+                        help="only sample one whole training step's threads: serial time by npdiff function")
     parser.add_argument("--worker", choices=["torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -136,6 +173,12 @@ def main():
         results["forward_check"] = forward_check(args.size)
         results["load_after"] = list(os.getloadavg())
         print(f"load {results['load_before']} -> {results['load_after']}")
+        return
+    if args.serial:
+        results["serial"] = serial_profile(args.size)
+        results["load_after"] = list(os.getloadavg())
+        print(f"load {results['load_before']} -> {results['load_after']}")
+        print("->", write_json("training_serial", results))
         return
     if args.torch:
         command = [sys.executable, __file__, "--worker", "torch", "--size", str(args.size)]

@@ -187,7 +187,10 @@ def _conv1x1(x, weight, bias):
         if bias is not None:
             out[b, :, p0:p1] += bias[:, None]  # [C_out,n] + [C_out,1], while in cache
 
-    run_blocks(run_tile, [(b, span) for b in range(batch) for span in split_evenly(height * width, max_pixels)])
+    # at least one tile per worker: at batch 1 (training, sampling without CFG) up to 2 * PIXELS_PER_TILE_1X1
+    # pixels were one tile, a one-core GEMM with the other core idle
+    spans = split_evenly(height * width, max_pixels, batch, worker_count())
+    run_blocks(run_tile, [(b, span) for b in range(batch) for span in spans])
     return out.reshape(batch, c_out, height, width)
 
 

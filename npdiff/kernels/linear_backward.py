@@ -14,6 +14,9 @@ Versions:
                            flattened once, and the weight/bias gradients are only computed when
                            asked for (weights frozen: textual inversion needs dx only).
   linear_input_grad: dx alone for a frozen layer whose input is not at hand (dy W, the same GEMM).
+  linear_input_grads_summed: sum_i dy_i W_i for frozen layers that read one input (a self-attention's
+  to_q, to_k, to_v): per block of rows on the pool, each product added while in cache (no whole-array
+  one-thread NumPy adds after three GEMMs).
   geglu_backward / linear_activation_backward: the forward's hidden layer h = x W^T + b is
   recomputed (one GEMM; no [R, 2D] kept per call: CLIP's MLP, and the UNet's recompute path), the
   activation's backward (activations_backward.py) gives dh, then linear_backward. GEGLU with the exact gelu (SD's)
@@ -52,7 +55,7 @@ from npdiff.kernels.activations_backward import (
     gelu_backward,
     gelu_backward_ref,
 )
-from npdiff.kernels.block_pool import matmul, run_blocks
+from npdiff.kernels.block_pool import matmul, run_blocks, split_evenly, worker_count
 from npdiff.kernels.linear import (
     GEGLU_BLOCK_ROWS,
     GEGLU_BLOCKS_MIN_ROWS,
@@ -61,6 +64,7 @@ from npdiff.kernels.linear import (
     geglu_fast,
     linear,
 )
+from npdiff.kernels.scratch import scratch
 from npdiff.kernels.validate import require_float32, shape_text
 from npdiff.kernels.vecmath import erfc_f32, exp_f32
 
@@ -150,6 +154,38 @@ def linear_input_grad(weight, grad_out):
         return matmul(grad_out, weight)  # [(B,)N,out] @ [out,in] -> [(B,)N,in] (strided views read in place)
     rows = grad_out.reshape(-1, grad_out.shape[-1])  # [..., out] -> [R, out]
     return matmul(rows, weight).reshape(grad_out.shape[:-1] + (weight.shape[1],))  # [R, in] -> [..., in]
+
+
+SUMMED_BLOCK_ROWS = 256  # rows per block of linear_input_grads_summed: a [256, in] partial product stays in L2
+
+
+def linear_input_grads_summed(weights, grads_out):
+    """sum_i grads_out[i] @ weights[i]: dx of frozen linear layers that all read the same input x
+    (weights [out_i, in], grads_out [..., out_i] with the same leading axes) -> [..., in]. Per block of
+    rows on the pool: the first product into the output, each next one into the worker's scratch and
+    added while both are in cache."""
+    lead, width = grads_out[0].shape[:-1], weights[0].shape[1]
+    for weight, grad in zip(weights, grads_out):
+        if weight.ndim != 2 or weight.shape[1] != width or grad.shape != lead + (weight.shape[0],):
+            raise NpdiffError(f"linear_input_grads_summed: weight {shape_text(weight.shape)} and grad_out "
+                              f"{shape_text(grad.shape)} do not match [..., out] @ [out, {width}] with leading axes "
+                              f"{shape_text(lead)}")
+    rows = [grad.reshape(-1, grad.shape[-1]) for grad in grads_out]    # [R, out_i] each
+    if rows[0].shape[0] == 0 or width == 0:  # nothing to sum over (out_i = 0 gives zeros)
+        return np.zeros(lead + (width,), np.float32)
+    grad_x = np.empty((rows[0].shape[0], width), np.float32)           # [R, in]
+
+    def run_block(bounds):
+        first, stop = bounds
+        block = grad_x[first:stop]                                      # [block, in] view
+        np.matmul(rows[0][first:stop], weights[0], out=block)           # [block, out_0] @ [out_0, in]
+        part = scratch("linear_summed_part", block.shape)               # [block, in]
+        for grad_rows, weight in zip(rows[1:], weights[1:]):
+            np.matmul(grad_rows[first:stop], weight, out=part)          # [block, out_i] @ [out_i, in]
+            block += part
+
+    run_blocks(run_block, split_evenly(rows[0].shape[0], SUMMED_BLOCK_ROWS, workers=worker_count()))
+    return grad_x.reshape(lead + (width,))                              # [R, in] -> [..., in]
 
 
 def lora_backward(x, down, up, grad_out, scale):

@@ -7,6 +7,9 @@ with xhat = (x - mean) * rstd and y = xhat * w + b (w, b per feature / per chann
     dx     = rstd * (g - mean(g) - xhat * mean(g * xhat))
     dw     = sum over the other axes of dy * xhat,   db = sum of dy
 The statistics are recomputed from x (cheaper than storing them: one pass over x).
+residual: the gradient of a residual branch around the norm (x also added to the block's output,
+as every norm of the UNet and CLIP sits), added to dx in the same pass: dx + residual, so the
+backward's residual sums are not a separate one-thread NumPy add over the whole activation.
 
 Versions:
   1. layer_norm_backward_ref / group_norm_backward_ref   NumPy API, statistics and sums in float64.
@@ -46,11 +49,13 @@ def _normalised_backward_ref(x64, g64, eps, axis):
     return grad_x, xhat
 
 
-def layer_norm_backward_ref(x, weight, bias, grad_out, eps=1e-5, need_weight_grad=True):
+def layer_norm_backward_ref(x, weight, bias, grad_out, eps=1e-5, need_weight_grad=True, residual=None):
     xp = backend.array_module(x)
     x64, dy64 = x.astype(xp.float64), grad_out.astype(xp.float64)  # [..., D]
     g64 = dy64 * weight if weight is not None else dy64  # [..., D]
     grad_x, xhat = _normalised_backward_ref(x64, g64, eps, axis=-1)  # [..., D]
+    if residual is not None:
+        grad_x = grad_x + residual  # [..., D]
     if not need_weight_grad:
         return grad_x.astype(xp.float32), None, None
     lead = tuple(range(x.ndim - 1))
@@ -59,7 +64,8 @@ def layer_norm_backward_ref(x, weight, bias, grad_out, eps=1e-5, need_weight_gra
     return grad_x.astype(xp.float32), grad_weight, grad_bias
 
 
-def group_norm_backward_ref(x, num_groups, weight, bias, grad_out, eps=1e-5, silu=False, need_weight_grad=True):
+def group_norm_backward_ref(x, num_groups, weight, bias, grad_out, eps=1e-5, silu=False, need_weight_grad=True,
+                            residual=None):
     xp = backend.array_module(x)
     batch, channels = x.shape[0], x.shape[1]
     per_channel = (1, channels) + (1,) * (x.ndim - 2)  # weight/bias broadcast over [B,C,...]
@@ -77,6 +83,8 @@ def group_norm_backward_ref(x, num_groups, weight, bias, grad_out, eps=1e-5, sil
     # 2. through the normalisation, per (batch, group)
     g64 = (dy64 * w64).reshape(batch, num_groups, -1)  # [B,G,Cg*S]
     grad_x, xhat = _normalised_backward_ref(grouped, g64, eps, axis=2)  # [B,G,Cg*S]
+    if residual is not None:
+        grad_x = grad_x + residual.reshape(grad_x.shape)  # [B,G,Cg*S]
     if not need_weight_grad:
         return grad_x.reshape(x.shape).astype(xp.float32), None, None
     xhat = xhat.reshape(x.shape)  # [B,C,...]
@@ -90,8 +98,9 @@ def group_norm_backward_ref(x, num_groups, weight, bias, grad_out, eps=1e-5, sil
 # Numba (NumPy arrays)
 # ---------------------------------------------------------------------------------------------
 @njit(**SERIAL, fastmath=FASTMATH_SAFE)
-def normalised_run_backward(x, g, mean, rstd, grad_x):
-    """grad_x = rstd * (g - mean(g) - xhat * mean(g * xhat)) over one contiguous normalised set."""
+def normalised_run_backward(x, g, mean, rstd, grad_x, residual, add_residual):
+    """grad_x = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ residual where add_residual) over
+    one contiguous normalised set."""
     sum_g = 0.0
     sum_g_xhat = 0.0
     for i in range(x.size):
@@ -100,24 +109,30 @@ def normalised_run_backward(x, g, mean, rstd, grad_x):
         sum_g_xhat += g[i] * xhat
     mean_g = sum_g / x.size
     mean_g_xhat = sum_g_xhat / x.size
-    for i in range(x.size):
-        xhat = (np.float64(x[i]) - mean) * rstd
-        grad_x[i] = rstd * (g[i] - mean_g - xhat * mean_g_xhat)
+    if add_residual:
+        for i in range(x.size):
+            xhat = (np.float64(x[i]) - mean) * rstd
+            grad_x[i] = rstd * (g[i] - mean_g - xhat * mean_g_xhat) + residual[i]
+    else:
+        for i in range(x.size):
+            xhat = (np.float64(x[i]) - mean) * rstd
+            grad_x[i] = rstd * (g[i] - mean_g - xhat * mean_g_xhat)
 
 
 @njit(**PARALLEL)
-def _layer_norm_backward_numba(x, weight, grad_out, eps, grad_x):
-    """x, grad_out, grad_x: [R, D] contiguous rows; weight: [D]."""
+def _layer_norm_backward_numba(x, weight, grad_out, eps, residual, add_residual, grad_x):
+    """x, grad_out, grad_x: [R, D] contiguous rows; weight: [D]; residual [R, D] (read where add_residual)."""
     for r in prange(x.shape[0]):
         mean, rstd = mean_and_rstd(x[r], eps)
         g = grad_out[r] * weight  # [D]
-        normalised_run_backward(x[r], g, mean, rstd, grad_x[r])
+        normalised_run_backward(x[r], g, mean, rstd, grad_x[r], residual[r], add_residual)
 
 
 @njit(**PARALLEL)
-def _group_norm_backward_numba(x, weight, bias, grad_out, eps, apply_silu, grad_x, grad_y):
+def _group_norm_backward_numba(x, weight, bias, grad_out, eps, apply_silu, residual, add_residual, grad_x, grad_y):
     """x, grad_out, grad_x, grad_y: [B, G, Cg*S] contiguous; weight, bias: [G, Cg]. grad_y receives
-    the gradient at the norm's output (dy, or dy * silu'(z) with SiLU) for the weight gradients."""
+    the gradient at the norm's output (dy, or dy * silu'(z) with SiLU) for the weight gradients;
+    residual [B, G, Cg*S] is added to grad_x where add_residual."""
     batch, groups, count = x.shape
     per_group = weight.shape[1]
     spatial = count // per_group
@@ -139,16 +154,25 @@ def _group_norm_backward_numba(x, weight, bias, grad_out, eps, apply_silu, grad_
                 grad_y[b, grp, s] = dy
                 g[s] = dy * w
         # 3. through the normalisation
-        normalised_run_backward(x[b, grp], g, mean, rstd, grad_x[b, grp])
+        normalised_run_backward(x[b, grp], g, mean, rstd, grad_x[b, grp], residual[b, grp], add_residual)
 
 
-def layer_norm_backward_fast(x, weight, bias, grad_out, eps=1e-5, need_weight_grad=True):
+def residual_like(residual, shape):
+    """-> (residual as a contiguous float32 array of `shape`, whether to add it); a 1-element stand-in
+    broadcast to `shape` (never read) when there is none."""
+    if residual is None:
+        return np.broadcast_to(np.zeros(1, np.float32), shape), False
+    return np.ascontiguousarray(residual, dtype=np.float32).reshape(shape), True
+
+
+def layer_norm_backward_fast(x, weight, bias, grad_out, eps=1e-5, need_weight_grad=True, residual=None):
     width = x.shape[-1]
     rows = np.ascontiguousarray(x).reshape(-1, width)  # [..., D] -> [R, D]
     grad_rows = np.ascontiguousarray(grad_out).reshape(-1, width)  # [R, D]
     scale = np.ones(width, np.float32) if weight is None else np.ascontiguousarray(weight)  # [D]
+    residual_rows, add_residual = residual_like(residual, rows.shape)  # [R, D]
     grad_x = np.empty_like(rows)  # [R, D]
-    _layer_norm_backward_numba(rows, scale, grad_rows, float(eps), grad_x)
+    _layer_norm_backward_numba(rows, scale, grad_rows, float(eps), residual_rows, add_residual, grad_x)
     if not need_weight_grad:
         return grad_x.reshape(x.shape), None, None
     # weight/bias gradients: sums over rows of dy * xhat and dy
@@ -160,17 +184,19 @@ def layer_norm_backward_fast(x, weight, bias, grad_out, eps=1e-5, need_weight_gr
     return grad_x.reshape(x.shape), grad_weight, grad_bias
 
 
-def group_norm_backward_fast(x, num_groups, weight, bias, grad_out, eps=1e-5, silu=False, need_weight_grad=True):
+def group_norm_backward_fast(x, num_groups, weight, bias, grad_out, eps=1e-5, silu=False, need_weight_grad=True,
+                             residual=None):
     batch, channels = x.shape[0], x.shape[1]
     per_group = channels // num_groups
     slabs = np.ascontiguousarray(x).reshape(batch, num_groups, -1)  # [B,C,...] -> [B,G,Cg*S]
     grad_slabs = np.ascontiguousarray(grad_out).reshape(slabs.shape)  # [B,G,Cg*S]
     scale = np.ones(channels, np.float32) if weight is None else np.ascontiguousarray(weight)  # [C]
     shift = np.zeros(channels, np.float32) if bias is None else np.ascontiguousarray(bias)  # [C]
+    residual_slabs, add_residual = residual_like(residual, slabs.shape)  # [B,G,Cg*S]
     grad_x = np.empty_like(slabs)  # [B,G,Cg*S]
     grad_y = np.empty_like(slabs)  # [B,G,Cg*S]: dy at the norm's output (after SiLU's backward)
     _group_norm_backward_numba(slabs, scale.reshape(num_groups, per_group), shift.reshape(num_groups, per_group),
-                               grad_slabs, float(eps), bool(silu), grad_x, grad_y)
+                               grad_slabs, float(eps), bool(silu), residual_slabs, add_residual, grad_x, grad_y)
     if not need_weight_grad:
         return grad_x.reshape(x.shape), None, None
     # weight/bias gradients: per channel sums over batch and space of dy * xhat and dy
@@ -192,25 +218,30 @@ GROUP_NORM_BACKWARD = dispatch.register("group_norm_backward", fast=group_norm_b
                                         reference=group_norm_backward_ref)
 
 
-def check_grad_like_x(kernel, x, grad_out):
-    if tuple(grad_out.shape) != tuple(x.shape):
-        raise NpdiffError(f"{kernel}: grad_out must have the shape of x {shape_text(x.shape)}, "
-                          f"got {shape_text(grad_out.shape)}")
+def check_grad_like_x(kernel, x, grad, name="grad_out"):
+    """NpdiffError unless grad (None passes) has x's shape."""
+    if grad is not None and tuple(grad.shape) != tuple(x.shape):
+        raise NpdiffError(f"{kernel}: {name} must have the shape of x {shape_text(x.shape)}, "
+                          f"got {shape_text(grad.shape)}")
 
 
-def layer_norm_backward(x, weight, bias, grad_out, eps=1e-5, need_weight_grad=True):
+def layer_norm_backward(x, weight, bias, grad_out, eps=1e-5, need_weight_grad=True, residual=None):
     """Gradients of y = layer_norm(x, weight, bias, eps) -> (dx [..., D], dweight [D], dbias [D]);
-    dweight, dbias are None unless need_weight_grad."""
+    dweight, dbias are None unless need_weight_grad. residual (x's shape): added to dx (a residual
+    branch's gradient, in the same pass)."""
     require_min_ndim("layer_norm_backward", "x", x, 1, "[..., D]")
     require_optional_vector("layer_norm_backward", "weight", weight, x.shape[-1])
     check_grad_like_x("layer_norm_backward", x, grad_out)
-    return LAYER_NORM_BACKWARD(x, weight, bias, grad_out, eps, need_weight_grad)
+    check_grad_like_x("layer_norm_backward", x, residual, "residual")
+    return LAYER_NORM_BACKWARD(x, weight, bias, grad_out, eps, need_weight_grad, residual)
 
 
-def group_norm_backward(x, num_groups, weight, bias, grad_out, eps=1e-5, silu=False, need_weight_grad=True):
+def group_norm_backward(x, num_groups, weight, bias, grad_out, eps=1e-5, silu=False, need_weight_grad=True,
+                        residual=None):
     """Gradients of y = group_norm(x, num_groups, weight, bias, eps, silu) -> (dx [B,C,...],
     dweight [C], dbias [C]); x is the forward's input (the statistics are recomputed from it);
-    dweight, dbias are None unless need_weight_grad."""
+    dweight, dbias are None unless need_weight_grad. residual (x's shape): added to dx (a residual
+    branch's gradient, in the same pass)."""
     require_min_ndim("group_norm_backward", "x", x, 2, "[B,C,...]")
     channels = x.shape[1]
     if not isinstance(num_groups, (int, np.integer)) or num_groups <= 0 or channels % num_groups:
@@ -219,5 +250,6 @@ def group_norm_backward(x, num_groups, weight, bias, grad_out, eps=1e-5, silu=Fa
     require_optional_vector("group_norm_backward", "weight", weight, channels)
     require_optional_vector("group_norm_backward", "bias", bias, channels)
     check_grad_like_x("group_norm_backward", x, grad_out)
-    return GROUP_NORM_BACKWARD(x, num_groups, weight, bias, grad_out, eps, silu, need_weight_grad)
+    check_grad_like_x("group_norm_backward", x, residual, "residual")
+    return GROUP_NORM_BACKWARD(x, num_groups, weight, bias, grad_out, eps, silu, need_weight_grad, residual)
 

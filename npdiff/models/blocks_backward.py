@@ -20,6 +20,7 @@ from npdiff.kernels.conv_backward import conv2d_input_grad
 from npdiff.kernels.linear_backward import linear_backward
 from npdiff.kernels.norm_backward import group_norm_backward
 from npdiff.kernels.resample import upsample_nearest2x_backward
+from npdiff.models import precision
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,10 +53,11 @@ def conv_layer_backward(layer, x_shape, grad_out):
     return conv2d_input_grad(x_shape, layer.weight, grad_out, (layer.stride,) * 2, (layer.padding,) * 2, frozen=True)
 
 
-def group_norm_layer_backward(layer, x, grad_out, silu_after=False):
-    """GroupNorm layer (+ the SiLU fused after it): x [B,C,H,W] its input -> dx [B,C,H,W]."""
+def group_norm_layer_backward(layer, x, grad_out, silu_after=False, residual=None):
+    """GroupNorm layer (+ the SiLU fused after it): x [B,C,H,W] its input -> dx [B,C,H,W], plus
+    residual (a residual branch's gradient [B,C,H,W]) when given, added in the kernel's pass."""
     grad_x, _, _ = group_norm_backward(x, layer.num_groups, layer.weight, layer.bias, grad_out, layer.eps, silu_after,
-                                       need_weight_grad=False)  # frozen
+                                       need_weight_grad=False, residual=residual)  # frozen
     return grad_x
 
 
@@ -64,10 +66,19 @@ def group_norm_layer_backward(layer, x, grad_out, silu_after=False):
 # ---------------------------------------------------------------------------------------------
 def resnet_norm2_input(block, x, temb):
     """ResnetBlock2D's steps 1-2: conv1(norm1+SiLU(x)) plus the projected time embedding, the input of
-    norm2 [B,Cout,H,W] (what the backward needs besides x)."""
-    h = block.conv1(block.norm1(x, silu=True))                          # [B,Cin,H,W] -> [B,Cout,H,W]
-    if block.time_emb_proj is not None and temb is not None:
-        h += block.time_emb_proj(silu(temb))[:, :, None, None]          # [B,Cout,H,W] + [B,Cout,1,1]
+    norm2 [B,Cout,H,W] (what the backward needs besides x). At batch 1 (training) the time embedding,
+    one value per channel, joins conv1's bias (added inside the conv's tiles, in cache), instead of a
+    one-thread NumPy add over [1,Cout,H,W] after it."""
+    normed = block.norm1(x, silu=True)                                  # [B,Cin,H,W]
+    if block.time_emb_proj is None or temb is None:
+        return block.conv1(normed)                                      # [B,Cin,H,W] -> [B,Cout,H,W]
+    time_bias = block.time_emb_proj(silu(temb))                         # [B,T] -> [B,Cout]
+    conv = block.conv1
+    if x.shape[0] == 1:
+        bias = time_bias[0] if conv.bias is None else conv.bias + time_bias[0]  # [Cout]
+        return precision.conv2d(normed, conv.weight, bias, stride=conv.stride, padding=conv.padding)
+    h = conv(normed)                                                    # [B,Cin,H,W] -> [B,Cout,H,W]
+    h += time_bias[:, :, None, None]                                    # [B,Cout,H,W] + [B,Cout,1,1]
     return h
 
 
@@ -92,9 +103,9 @@ def resnet_backward(block, x, temb, grad_out, norm2_input=None):
     if block.output_scale_factor != 1.0:
         grad_out = grad_out / np.float32(block.output_scale_factor)     # [B,Cout,H,W]
     if block.conv_shortcut is not None:
-        grad_x = conv_layer_backward(block.conv_shortcut, x.shape, grad_out)  # [B,Cout,H,W] -> [B,Cin,H,W]
+        grad_skip = conv_layer_backward(block.conv_shortcut, x.shape, grad_out)  # [B,Cout,H,W] -> [B,Cin,H,W]
     else:
-        grad_x = grad_out.copy()                                        # [B,C,H,W]
+        grad_skip = grad_out                                            # [B,C,H,W] (added in step 1)
     # 3. conv2, then norm2 + SiLU
     grad_h = conv_layer_backward(block.conv2, h.shape, grad_out)        # [B,Cout,H,W]
     grad_h = group_norm_layer_backward(block.norm2, h, grad_h, silu_after=True)  # [B,Cout,H,W]
@@ -102,8 +113,7 @@ def resnet_backward(block, x, temb, grad_out, norm2_input=None):
     # 2. the time embedding is added per channel: nothing flows back to x through it
     # 1. conv1, then norm1 + SiLU
     grad_h = conv_layer_backward(block.conv1, x.shape[:1] + (block.conv1.weight.shape[1],) + x.shape[2:], grad_h)
-    grad_x += group_norm_layer_backward(block.norm1, x, grad_h, silu_after=True)  # [B,Cin,H,W]
-    return grad_x
+    return group_norm_layer_backward(block.norm1, x, grad_h, silu_after=True, residual=grad_skip)  # [B,Cin,H,W]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,9 +11,12 @@ embedding is added. Which hidden state comes out (prompt_encoding.encode_ids, th
     final_norm=False the layer's output without the final norm    (SDXL's penultimate layer; not trained yet)
 Layers after the chosen one are not run at all (they do not reach the output).
 
-Kept between the forward and the backward: each encoder layer's INPUT [B,L,D] only (12 x 2 x 77 x 768
-floats for CLIP-L at batch 2: 5.4 MiB). Each layer's backward recomputes its internals from that input
-(one more forward in all, ~0.1 s for CLIP-L), as the UNet's backward does (unet_backward.py).
+Kept between the forward and the backward: each encoder layer's input [B,L,D] and its internals
+(encoder_layer_forward_saved: q, k, v, the residual state x1, layer_norm2's output and fc1's output
+before the activation [B,L,I]: ~2.2 MB per layer at batch 1 for CLIP-L), so the
+backward reruns no forward (recomputing them cost one more CLIP forward per step, ~0.1 s for CLIP-L).
+Where a layer's weights are not float32 NumPy arrays (a precision="bf16" model's packed ones), only
+its input is kept and its backward recomputes the rest.
 
 The layer (clip.py's CLIPEncoderLayer), forward and the steps its backward walks back:
     1. x1 = h + out_proj(causal_attention(q_proj, k_proj, v_proj of layer_norm1(h)))
@@ -24,9 +27,14 @@ import numpy as np
 
 from npdiff.backend import array_module
 from npdiff.errors import NpdiffError
+from npdiff.kernels.activations_backward import ACTIVATION_BACKWARDS
 from npdiff.kernels.attention import scaled_dot_product_attention
 from npdiff.kernels.attention.backward import attention_backward
-from npdiff.kernels.linear_backward import linear_activation_backward, linear_input_grad
+from npdiff.kernels.linear_backward import (
+    linear_activation_backward,
+    linear_input_grad,
+    linear_input_grads_summed,
+)
 from npdiff.kernels.norm_backward import layer_norm_backward
 from npdiff.models.transformer import merge_heads, split_heads
 
@@ -42,47 +50,82 @@ def frozen_linear_backward(layer, grad_out):
     return linear_input_grad(layer.weight, grad_out)                    # [..., out] @ [out, in] -> [..., in]
 
 
-def layer_norm_input_grad(layer, x, grad_out):
-    grad_x, _, _ = layer_norm_backward(x, layer.weight, layer.bias, grad_out, layer.eps, need_weight_grad=False)
+def layer_norm_input_grad(layer, x, grad_out, residual=None):
+    """A frozen LayerNorm's dx [B,L,D], plus residual (the gradient around it) when given."""
+    grad_x, _, _ = layer_norm_backward(x, layer.weight, layer.bias, grad_out, layer.eps, need_weight_grad=False,
+                                       residual=residual)
     return grad_x                                                       # [B,L,D]
 
 
-def encoder_layer_backward(layer, h, grad_out):
-    """CLIPEncoderLayer: h [B,L,D] its input, grad_out d(loss)/d(its output) [B,L,D] -> d(loss)/dh [B,L,D]."""
-    attn, mlp = layer.self_attn, layer.mlp
-    # recompute the forward, keeping q, k, v and the residual stream
+def attention_states(layer, h):
+    """CLIPEncoderLayer's step 1 (clip.py), keeping what the backward needs: -> (q, k, v [B,h,L,d], x1
+    [B,L,D] the residual state after the attention)."""
+    attn = layer.self_attn
     normed1 = layer.layer_norm1(h)                                      # [B,L,D]
     q = split_heads(attn.q_proj(normed1), attn.heads)                   # [B,L,D] -> [B,h,L,d]
     k = split_heads(attn.k_proj(normed1), attn.heads)                   # [B,L,D] -> [B,h,L,d]
     v = split_heads(attn.v_proj(normed1), attn.heads)                   # [B,L,D] -> [B,h,L,d]
     attended = scaled_dot_product_attention(q, k, v, scale=attn.scale, is_causal=True)  # [B,h,L,d]
-    x1 = h + attn.out_proj(merge_heads(attended))                       # [B,L,D]
-    del attended
-    normed2 = layer.layer_norm2(x1)                                     # [B,L,D]
+    x1 = attn.out_proj(merge_heads(attended))                           # [B,L,D]
+    x1 += h
+    return q, k, v, x1
 
-    # 2. MLP with residual: fc2 (frozen), then fc1 + activation (the hidden layer recomputed inside)
-    grad_hidden = frozen_linear_backward(mlp.fc2, grad_out)             # [B,L,D] -> [B,L,I]
-    grad_normed2, _, _ = linear_activation_backward(normed2, mlp.fc1.weight, mlp.fc1.bias, grad_hidden,
-                                                    mlp.activation_name, need_weight_grad=False)  # [B,L,D]
-    grad_x1 = grad_out + layer_norm_input_grad(layer.layer_norm2, x1, grad_normed2)  # [B,L,D]
+
+def keeps_states(layer):
+    """Whether the layer's forward can keep its internals: float32 NumPy weights (not packed bf16 ones)."""
+    return isinstance(layer.mlp.fc1.weight, np.ndarray) and layer.mlp.fc1.weight.dtype == np.float32
+
+
+def encoder_layer_forward_saved(layer, h):
+    """CLIPEncoderLayer's forward (clip.py's steps) -> (out [B,L,D], states for encoder_layer_backward:
+    q, k, v, x1, normed2 and fc1's output before the activation [B,L,I])."""
+    mlp = layer.mlp
+    q, k, v, x1 = attention_states(layer, h)                            # 1.
+    normed2 = layer.layer_norm2(x1)                                     # 2. [B,L,D]
+    hidden = mlp.fc1(normed2)                                           # [B,L,D] -> [B,L,I]
+    out = mlp.fc2(mlp.activation(hidden))                               # [B,L,I] -> [B,L,D]
+    out += x1
+    return out, (q, k, v, x1, normed2, hidden)
+
+
+def encoder_layer_backward(layer, h, grad_out, states=None):
+    """CLIPEncoderLayer: h [B,L,D] its input, grad_out d(loss)/d(its output) [B,L,D] -> d(loss)/dh [B,L,D].
+    states: encoder_layer_forward_saved's, else recomputed from h (fc1's output inside the MLP's backward)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if states is None:
+        states = attention_states(layer, h) + (None, None)
+    q, k, v, x1, normed2, hidden = states
+    if normed2 is None:
+        normed2 = layer.layer_norm2(x1)                                 # [B,L,D]
+
+    # 2. MLP with residual: fc2 (frozen), then the activation and fc1 (frozen)
+    grad_activated = frozen_linear_backward(mlp.fc2, grad_out)          # [B,L,D] -> [B,L,I]
+    if hidden is None:  # fc1's output recomputed inside
+        grad_normed2, _, _ = linear_activation_backward(normed2, mlp.fc1.weight, mlp.fc1.bias, grad_activated,
+                                                        mlp.activation_name, need_weight_grad=False)  # [B,L,D]
+    else:
+        grad_hidden = ACTIVATION_BACKWARDS[mlp.activation_name](hidden, grad_activated)  # [B,L,I]
+        grad_normed2 = frozen_linear_backward(mlp.fc1, grad_hidden)     # [B,L,I] -> [B,L,D]
+    grad_x1 = layer_norm_input_grad(layer.layer_norm2, x1, grad_normed2, residual=grad_out)  # [B,L,D]
 
     # 1. causal self-attention with residual: out_proj, attention, then q/k/v projections (all from normed1)
     grad_merged = frozen_linear_backward(attn.out_proj, grad_x1)        # [B,L,D]
     grad_heads = split_heads(grad_merged, attn.heads)                   # [B,L,D] -> [B,h,L,d]
     grad_q, grad_k, grad_v = attention_backward(q, k, v, grad_heads, scale=attn.scale, is_causal=True)  # [B,h,L,d]
-    grad_normed1 = frozen_linear_backward(attn.q_proj, merge_heads(grad_q))  # [B,L,D]
-    grad_normed1 += frozen_linear_backward(attn.k_proj, merge_heads(grad_k))
-    grad_normed1 += frozen_linear_backward(attn.v_proj, merge_heads(grad_v))
-    return grad_x1 + layer_norm_input_grad(layer.layer_norm1, h, grad_normed1)  # [B,L,D]
+    projections = (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
+    heads = (merge_heads(grad_q), merge_heads(grad_k), merge_heads(grad_v))  # [B,L,D] each (no copies)
+    grad_normed1 = linear_input_grads_summed(projections, heads)        # dq Wq + dk Wk + dv Wv [B,L,D]
+    return layer_norm_input_grad(layer.layer_norm1, h, grad_normed1, residual=grad_x1)  # [B,L,D]
 
 
 class CLIPTape:
     """The layer inputs of one CLIP forward (from the token embeddings), for its backward."""
 
-    def __init__(self, text_encoder, shape, layer_inputs, final_input):
+    def __init__(self, text_encoder, shape, layer_inputs, layer_states, final_input):
         self.text_encoder = text_encoder
         self.shape = shape                # [B,L,D] of the token embeddings and of every hidden state
         self.layer_inputs = layer_inputs  # [B,L,D] per layer run, first to last
+        self.layer_states = layer_states  # per layer: encoder_layer_forward_saved's states, or None
         self.final_input = final_input    # [B,L,D] the final norm's input, or None (final_norm=False)
 
     def backward(self, grad_hidden):
@@ -99,8 +142,8 @@ class CLIPTape:
         # 2. the encoder layers, last first
         layers = self.text_encoder.layers[:len(self.layer_inputs)]
         for layer in reversed(layers):
-            grad = encoder_layer_backward(layer, self.layer_inputs.pop(), grad)  # [B,L,D]
-        self.layer_inputs = None
+            grad = encoder_layer_backward(layer, self.layer_inputs.pop(), grad, self.layer_states.pop())  # [B,L,D]
+        self.layer_inputs = self.layer_states = None
         # 1. h0 = token_embeds + position_embedding: the token embeddings get the gradient as it is
         return grad
 
@@ -125,15 +168,18 @@ def clip_forward_for_backward(text_encoder, token_embeds, clip_skip=None, final_
     # 1. embeddings: tokens + positions
     length = token_embeds.shape[1]
     h = token_embeds + text_encoder.position_embedding[None, :length]   # [B,L,D] + [1,L,D] -> [B,L,D]
-    # 2. the layers up to the chosen one, keeping each one's input
-    layer_inputs = []
+    # 2. the layers up to the chosen one, keeping each one's input and internals
+    layer_inputs, layer_states = [], []
     for layer in text_encoder.layers[:depth - skip]:
         layer_inputs.append(h)
-        h = layer(h)                                                    # [B,L,D] -> [B,L,D]
+        if keeps_states(layer):
+            h, states = encoder_layer_forward_saved(layer, h)           # [B,L,D] -> [B,L,D]
+        else:
+            h, states = layer(h), None                                  # (recomputed by the backward)
+        layer_states.append(states)
     # 3. the final layer norm
-    if not final_norm:
-        return h, CLIPTape(text_encoder, token_embeds.shape, layer_inputs, None)
-    return text_encoder.final_layer_norm(h), CLIPTape(text_encoder, token_embeds.shape, layer_inputs, h)  # [B,L,D]
+    tape = CLIPTape(text_encoder, token_embeds.shape, layer_inputs, layer_states, h if final_norm else None)
+    return (text_encoder.final_layer_norm(h) if final_norm else h), tape  # [B,L,D]
 
 
 def clip_backward(text_encoder, token_embeds, grad_hidden, clip_skip=None, final_norm=True):

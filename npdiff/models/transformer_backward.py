@@ -7,19 +7,28 @@ attentions' q, k, v and its GEGLU's hidden layer [B,N,8D] (else recomputed: one 
 or recomputed from the Transformer2DModel's input (saved=None): its backward reruns the forward
 once, keeping each BasicTransformerBlock's input [B,N,D], and each block's backward reruns that
 block (basic_block_states) before walking back. Attention probabilities [B,h,N,M] are never kept: attention_backward recomputes them per query
-block. Weight gradients only for the attention projections (to_q, to_k, to_v, to_out.0 of attn1
+block. Where the backward's version 4 takes them (backward.V4_MIN_KEYS keys or more: the 64x64
+self-attentions of SD 1.5), the attention's output [B,h,N,d] and log-sum-exp [B,h,N] are kept too
+(attention_forward_saved); the output is to_out's input anyway, so only lse is extra (128 KiB). Weight gradients only for the attention projections (to_q, to_k, to_v, to_out.0 of attn1
 and attn2: what LoRA trains), and only when the caller passes a `weight_grads` dict.
 """
 
 import numpy as np
 
-from npdiff.kernels.attention import scaled_dot_product_attention
+from npdiff.kernels.attention import (
+    FUSED_MAX_KEYS,
+    attention_fused,
+    scaled_dot_product_attention,
+)
+from npdiff.kernels.attention import backward as attention_backward_versions
 from npdiff.kernels.attention.backward import attention_backward
+from npdiff.kernels.block_pool import matmul
 from npdiff.kernels.linear_backward import (
     geglu_backward,
     geglu_forward_saved,
     geglu_input_grad,
     linear_input_grad,
+    linear_input_grads_summed,
 )
 from npdiff.kernels.norm_backward import layer_norm_backward
 from npdiff.models.blocks_backward import (
@@ -32,29 +41,49 @@ from npdiff.models.transformer import merge_heads, split_heads
 # ---------------------------------------------------------------------------------------------
 # Attention and feed-forward
 # ---------------------------------------------------------------------------------------------
+def attention_forward_saved(q, k, v, scale):
+    """softmax(q k^T * scale) v -> (out [B,h,N,d], lse [B,h,N] or None): the forward's log-sum-exp
+    (fused.py's lse_out) where the backward takes version 4 with it (from V4_MIN_KEYS keys, up to
+    version 5's FUSED_MAX_KEYS: the same kernel the default path runs there), else the default path."""
+    n_keys = k.shape[-2]
+    if isinstance(q, np.ndarray) and q.size and attention_backward_versions.V4_MIN_KEYS <= n_keys <= FUSED_MAX_KEYS:
+        lse = np.empty(q.shape[:-1], np.float32)                        # [B,h,N]
+        return attention_fused(q, k, v, scale=scale, lse_out=lse), lse  # [B,h,N,d], [B,h,N]
+    return scaled_dot_product_attention(q, k, v, scale=scale), None     # [B,h,N,d]
+
+
 def attention_with_qkv(attn, x, context):
-    """Attention's forward that also returns its (q, k, v) [B,h,N|M,d] for the backward."""
+    """Attention's forward that also returns what the backward needs: (q, k, v [B,h,N|M,d], out
+    [B,h,N,d], lse [B,h,N] or None)."""
     q = split_heads(attn.to_q(x), attn.heads)                           # [B,N,D] -> [B,h,N,d]
     k = split_heads(attn.to_k(context), attn.heads)                     # [B,M,Dc] -> [B,h,M,d]
     v = split_heads(attn.to_v(context), attn.heads)                     # [B,M,Dc] -> [B,h,M,d]
-    out = scaled_dot_product_attention(q, k, v, scale=attn.scale)       # [B,h,N,d]
-    return attn.to_out(merge_heads(out)), (q, k, v)                     # [B,N,D]
+    out, lse = attention_forward_saved(q, k, v, attn.scale)             # [B,h,N,d], [B,h,N]
+    return attn.to_out(merge_heads(out)), (q, k, v, out, lse)           # [B,N,D]
 
 
-def attention_backward_pass(attn, x, context, qkv, grad_out, weight_grads=None):
+def attention_backward_pass(attn, x, context, saved, grad_out, weight_grads=None):
     """Attention: grad_out [B,N,D] -> (dx [B,N,D], dcontext [B,M,Dc]); for self-attention (context
-    is x) the caller adds the two. qkv: attention_with_qkv's."""
-    q, k, v = qkv
-    # 3. to_out (its input, the merged heads, is recomputed only for its weight gradient)
+    is x) the caller adds the two, unless dcontext is None: with frozen weights (weight_grads None) a
+    self-attention's dx is the whole sum. saved: attention_with_qkv's (q, k, v, out, lse)."""
+    q, k, v, out, lse = saved
+    # 3. to_out (its input is the merged heads of the kept output)
     if weight_grads is not None:
-        merged = merge_heads(scaled_dot_product_attention(q, k, v, scale=attn.scale))  # [B,N,h*d]
-        grad_merged = linear_layer_backward(attn.to_out, merged, grad_out, weight_grads)  # [B,N,h*d]
+        grad_merged = linear_layer_backward(attn.to_out, merge_heads(out), grad_out, weight_grads)  # [B,N,h*d]
     else:
         grad_merged = linear_input_grad(attn.to_out.weight, grad_out)   # [B,N,D] @ [D,h*d] -> [B,N,h*d]
-    # 2. softmax(q k^T * scale) v
+    # 2. softmax(q k^T * scale) v (version 4 given out and lse, when lse was kept)
     grad_heads = split_heads(grad_merged, attn.heads)                   # [B,N,h*d] -> [B,h,N,d]
-    grad_q, grad_k, grad_v = attention_backward(q, k, v, grad_heads, scale=attn.scale)  # [B,h,N|M,d]
-    # 1. the projections
+    stats = {"out": out, "lse": lse} if lse is not None else {}
+    grad_q, grad_k, grad_v = attention_backward(q, k, v, grad_heads, scale=attn.scale, **stats)  # [B,h,N|M,d]
+    # 1. the projections (frozen: their input gradients summed per block of rows, in cache)
+    if weight_grads is None:
+        projections = (attn.to_q.weight, attn.to_k.weight, attn.to_v.weight)
+        heads = (merge_heads(grad_q), merge_heads(grad_k), merge_heads(grad_v))  # [B,N|M,h*d] (no copies)
+        if context is x:  # self-attention: dq Wq + dk Wk + dv Wv
+            return linear_input_grads_summed(projections, heads), None  # [B,N,D]
+        grad_context = linear_input_grads_summed(projections[1:], heads[1:])  # [B,M,Dc]
+        return linear_input_grad(projections[0], heads[0]), grad_context  # [B,N,D], [B,M,Dc]
     grad_x = linear_layer_backward(attn.to_q, x, merge_heads(grad_q), weight_grads)     # [B,N,D]
     grad_context = linear_layer_backward(attn.to_k, context, merge_heads(grad_k), weight_grads)  # [B,M,Dc]
     grad_context += linear_layer_backward(attn.to_v, context, merge_heads(grad_v), weight_grads)
@@ -80,8 +109,11 @@ def feed_forward_backward(ff, x, grad_out, hidden=None):
     return grad_x                                                       # [B,N,D]
 
 
-def layer_norm_layer_backward(layer, x, grad_out):
-    grad_x, _, _ = layer_norm_backward(x, layer.weight, layer.bias, grad_out, layer.eps, need_weight_grad=False)
+def layer_norm_layer_backward(layer, x, grad_out, residual):
+    """LayerNorm (frozen) inside a residual branch: -> its dx [B,N,D] plus residual (the gradient that
+    goes around it), summed in the kernel's parallel pass."""
+    grad_x, _, _ = layer_norm_backward(x, layer.weight, layer.bias, grad_out, layer.eps, need_weight_grad=False,
+                                       residual=residual)
     return grad_x
 
 
@@ -90,7 +122,8 @@ def layer_norm_layer_backward(layer, x, grad_out):
 # ---------------------------------------------------------------------------------------------
 def basic_block_states(block, x, context):
     """BasicTransformerBlock's steps 1-2, keeping what the backward needs: -> (normed1, qkv1, x1,
-    normed2, qkv2, x2), the residual stream [B,N,D] and the attentions' q, k, v [B,h,N|M,d]."""
+    normed2, qkv2, x2), the residual stream [B,N,D] and the attentions' saved tensors (q, k, v
+    [B,h,N|M,d], out, lse: attention_with_qkv)."""
     normed1 = block.norm1(x)                                            # [B,N,D]
     attn1_out, qkv1 = attention_with_qkv(block.attn1, normed1, normed1)
     x1 = x + attn1_out                                                  # [B,N,D]
@@ -119,13 +152,15 @@ def basic_block_backward(block, x, context, grad_out, weight_grads=None, states=
     # 3. feed-forward with residual (its input only when GEGLU's hidden layer is to be recomputed)
     ff_input = block.norm3(x2) if ff_hidden is None else None           # [B,N,D]
     grad_ff = feed_forward_backward(block.ff, ff_input, grad_out, ff_hidden)  # [B,N,D]
-    grad_x2 = grad_out + layer_norm_layer_backward(block.norm3, x2, grad_ff)
+    grad_x2 = layer_norm_layer_backward(block.norm3, x2, grad_ff, residual=grad_out)  # [B,N,D]
     # 2. cross-attention over the context, with residual
     grad_normed2, grad_context = attention_backward_pass(block.attn2, normed2, context, qkv2, grad_x2, weight_grads)
-    grad_x1 = grad_x2 + layer_norm_layer_backward(block.norm2, x1, grad_normed2)
+    grad_x1 = layer_norm_layer_backward(block.norm2, x1, grad_normed2, residual=grad_x2)  # [B,N,D]
     # 1. self-attention with residual (normed1 is both the queries' and the keys' input)
     grad_q_side, grad_kv_side = attention_backward_pass(block.attn1, normed1, normed1, qkv1, grad_x1, weight_grads)
-    grad_x = grad_x1 + layer_norm_layer_backward(block.norm1, x, grad_q_side + grad_kv_side)
+    if grad_kv_side is not None:
+        grad_q_side += grad_kv_side                                     # [B,N,D]
+    grad_x = layer_norm_layer_backward(block.norm1, x, grad_q_side, residual=grad_x1)  # [B,N,D]
     return grad_x, grad_context
 
 
@@ -170,8 +205,10 @@ def transformer_2d_backward(model, x, context, grad_out, weight_grads=None, save
         grad_h, grad_ctx_block = basic_block_backward(block, block_input, context, grad_h, weight_grads, states)
         grad_context += grad_ctx_block
         del block_input, states
-    # 1. proj_in (frozen), tokens -> NCHW, group norm
-    grad_tokens_in = linear_input_grad(model.proj_in.weight, grad_h)    # [B,H*W,D] @ [D,C] -> [B,H*W,C]
-    grad_normed = np.ascontiguousarray(grad_tokens_in.transpose(0, 2, 1)).reshape(batch, channels, height, width)
-    grad_x = grad_out + group_norm_layer_backward(model.norm, x, grad_normed)  # [B,C,H,W]
+    # 1. proj_in (frozen) as its transpose, W^T dh^T, straight into NCHW (no transposing copy), group norm
+    grad_normed = np.empty((batch, channels, height * width), np.float32)  # [B,C,H*W]
+    for image in range(batch):
+        matmul(model.proj_in.weight.T, grad_h[image].T, out=grad_normed[image])  # [C,D] @ [D,H*W] -> [C,H*W]
+    grad_normed = grad_normed.reshape(batch, channels, height, width)   # [B,C,H,W]
+    grad_x = group_norm_layer_backward(model.norm, x, grad_normed, residual=grad_out)  # [B,C,H,W]
     return grad_x, grad_context

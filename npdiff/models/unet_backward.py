@@ -13,7 +13,9 @@ block. What is kept between the forward and the backward (keep_states=True, the 
 of each layer-level block (conv_in, each ResnetBlock2D, each Transformer2DModel, each resampler,
 conv_norm_out; the up path's skips are exactly these) and the internals its backward needs: a
 resnet's norm2 input [B,Cout,H,W]; a transformer's block inputs, residual states [B,N,D], its
-attentions' q, k, v and its GEGLU's hidden layer [B,N,8D] (40 MiB per 64x64 block; kept since it
+attentions' q, k, v and outputs (and the log-sum-exp [B,h,N] of those from backward.V4_MIN_KEYS keys:
+the 64x64 self-attentions, whose backward then runs version 4 with them) and its GEGLU's hidden
+layer [B,N,8D] (40 MiB per 64x64 block; kept since it
 saved one GEMM per block: geglu dx at 64x64 86 ms from the kept layer against 147 ms recomputing it)
 (blocks_backward.resnet_forward_saved, transformer_backward.transformer_2d_forward_saved), so the
 backward reruns no forward. Never kept: the attention probabilities ([1,8,4096,4096] floats =
@@ -44,7 +46,10 @@ from npdiff.models.blocks_backward import (
     resnet_forward_saved,
     upsample_backward,
 )
-from npdiff.models.transformer_backward import transformer_2d_backward, transformer_2d_forward_saved
+from npdiff.models.transformer_backward import (
+    transformer_2d_backward,
+    transformer_2d_forward_saved,
+)
 
 
 class UNetTape:

@@ -16,6 +16,7 @@ from npdiff.kernels.attention import backward, backward_fused, backward_stats
 from npdiff.kernels.attention.backward import attention_backward
 from npdiff.kernels.attention.backward_fused import attention_backward_fused
 from npdiff.kernels.attention.backward_stats import attention_backward_with_stats
+from npdiff.models.transformer import merge_heads
 
 
 def random_inputs(rng, lead, n_queries, n_keys, dim):
@@ -93,6 +94,8 @@ def test_public_function_on_split_heads(rng, monkeypatch):
     for options in ({}, {"out": out}, {"out": out, "lse": lse}):
         for ours, theirs, what in zip(attention_backward(q, k, v, grad_out, **options), expected, ("dq", "dk", "dv")):
             assert_rel_close(ours, theirs, KERNEL_TOL, f"{sorted(options)} {what}")
+            # token-major, as the heads they are the gradients of: merge_heads copies nothing
+            assert np.shares_memory(merge_heads(ours), ours), f"{sorted(options)} {what} not token-major"
 
 
 def test_statistics_are_checked(rng):

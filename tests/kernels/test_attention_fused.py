@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import KERNEL_TOL, assert_rel_close
+
 from npdiff.kernels import attention, block_pool, scaled_dot_product_attention
 from npdiff.kernels.attention import attention_fused, fused
 
@@ -56,6 +56,34 @@ def test_fused_masks_across_several_blocks(rng, kind):
     if mask is not None:
         assert (ours[..., 7, :] == 0).all() and (expected.numpy()[..., 7, :] == 0).all()
     assert_rel_close(ours, expected, KERNEL_TOL, kind)
+
+
+@pytest.mark.parametrize("kind", ["plain", "causal", "bool", "split heads"])
+def test_fused_log_sum_exp_matches_torch(rng, kind):
+    """lse_out: each query's log-sum-exp of its scaled (masked) scores, natural log, as
+    torch.logsumexp gives it (what the training backward's version 4 takes); -inf where a query may
+    attend to no key. The output is the same bytes with or without lse_out."""
+    n_queries, n_keys, dim, scale = 150, 130, 40, float(rng.uniform(0.1, 0.5))
+    q, k, v = random_qkv(rng, (2, 2), n_queries, n_keys, dim)
+    mask, is_causal = None, kind == "causal"
+    if kind == "bool":
+        mask = rng.random((2, 1, n_queries, n_keys)) < 0.5
+        mask[..., 7, :] = False  # query 7 attends to no key: lse -inf
+    if kind == "split heads":  # the UNet's views [B,h,N,d] of [B,N,h*d]
+        q, k, v = (a.transpose(0, 2, 1, 3).copy().transpose(0, 2, 1, 3) for a in (q, k, v))
+    scores = torch.from_numpy(np.ascontiguousarray(q)) @ torch.from_numpy(np.ascontiguousarray(k)).transpose(-1, -2)
+    scores = scores * scale  # [2,2,N,M]
+    if is_causal:
+        scores = scores.masked_fill(torch.ones(n_queries, n_keys, dtype=torch.bool).triu(1), float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~torch.from_numpy(mask), float("-inf"))
+    expected = torch.logsumexp(scores, dim=-1).numpy()  # [2,2,N]
+    lse = np.full((2, 2, n_queries), np.nan, np.float32)
+    out = attention_fused(q, k, v, mask=mask, scale=scale, is_causal=is_causal, query_block=32, lse_out=lse)
+    assert np.array_equal(out, attention_fused(q, k, v, mask=mask, scale=scale, is_causal=is_causal, query_block=32))
+    seen = np.isfinite(expected)
+    assert (np.isneginf(lse) == ~seen).all()
+    assert_rel_close(lse[seen], expected[seen], KERNEL_TOL, f"lse {kind}")
 
 
 def test_fused_gives_the_same_bytes_on_one_and_two_workers(rng, monkeypatch):

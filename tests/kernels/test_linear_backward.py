@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import KERNEL_TOL, assert_rel_close
+
 from npdiff import NpdiffError
 from npdiff.kernels.linear import GEGLU_BLOCK_ROWS, GEGLU_BLOCKS_MIN_ROWS
 from npdiff.kernels.linear_backward import (
@@ -17,6 +17,7 @@ from npdiff.kernels.linear_backward import (
     linear_backward,
     linear_backward_ref,
     linear_input_grad,
+    linear_input_grads_summed,
 )
 
 
@@ -60,6 +61,27 @@ def test_linear_input_grad_matches_autograd(rng, lead_axes):
         assert_rel_close(linear_input_grad(weight, strided), expected, KERNEL_TOL, "dx of a transposed dy")
     with pytest.raises(NpdiffError, match="linear_input_grad: grad_out"):
         linear_input_grad(weight, np.zeros(lead + (weight.shape[0] + 1,), np.float32))
+
+
+@pytest.mark.parametrize("n_rows", [0, 5, 77, 600])  # none, fewer than a block, CLIP's tokens, several blocks
+def test_linear_input_grads_summed_matches_autograd(rng, n_rows):
+    """dx of three frozen projections of one input (a self-attention's to_q, to_k, to_v; widths differ
+    here), summed per block of rows: autograd's dx of x -> (x Wq^T, x Wk^T, x Wv^T)."""
+    n_in = int(rng.integers(8, 70))
+    widths = [int(w) for w in rng.integers(1, 90, size=3)]
+    x = rng.standard_normal((2, n_rows, n_in)).astype(np.float32)
+    weights = [(rng.standard_normal((w, n_in)) / np.sqrt(n_in)).astype(np.float32) for w in widths]
+    grads = [rng.standard_normal((2, n_rows, w)).astype(np.float32) for w in widths]
+    x_t = torch.from_numpy(x).requires_grad_(True)
+    outputs = [F.linear(x_t, torch.from_numpy(w)) for w in weights]
+    torch.autograd.backward(outputs, [torch.from_numpy(g) for g in grads])
+    ours = linear_input_grads_summed(weights, grads)
+    assert ours.shape == x.shape
+    if n_rows == 0:
+        return
+    assert_rel_close(ours, x_t.grad, KERNEL_TOL, f"{n_rows} rows")
+    with pytest.raises(NpdiffError, match="do not match"):
+        linear_input_grads_summed(weights, [grads[0], grads[1][:, :1], grads[2]])
 
 
 def test_linear_backward_of_a_strided_view(rng):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import KERNEL_TOL, assert_rel_close
+
 from npdiff import NpdiffError
 from npdiff.kernels.norm_backward import (
     group_norm_backward,
@@ -65,6 +65,40 @@ def test_group_norm_backward_matches_autograd(rng, spatial_axes, silu):
         grad_x, grad_weight, grad_bias = version(x, groups, weight, bias, grad_out, 1e-5, silu, need_weight_grad=False)
         assert grad_weight is None and grad_bias is None
         assert_rel_close(grad_x, expected[0], KERNEL_TOL, f"{version.__name__} dx alone")
+
+
+@pytest.mark.parametrize("kind", ["layer", "group", "group+silu"])
+def test_norm_backward_adds_the_residual_gradient(rng, kind):
+    """residual=R: dx of loss = sum(norm(x) * dy) + sum(x * R) (a residual branch around the norm whose
+    gradient is R), autograd's, in the kernel's own pass; without it, dx as before."""
+    x = (rng.uniform(0.1, 5) * rng.standard_normal((2, 8, 5, 7))).astype(np.float32)
+    channels, groups = x.shape[1], 4
+    width = x.shape[-1] if kind == "layer" else channels
+    weight, bias = (rng.standard_normal(width).astype(np.float32) for _ in range(2))
+    grad_out, residual = (rng.standard_normal(x.shape).astype(np.float32) for _ in range(2))
+
+    def norm(a, w, b):
+        if kind == "layer":
+            return F.layer_norm(a, (width,), w, b, eps=1e-5)
+        y = F.group_norm(a, groups, w, b, eps=1e-5)
+        return F.silu(y) if kind == "group+silu" else y
+
+    tensors = [torch.from_numpy(a).requires_grad_(True) for a in (x, weight, bias)]
+    loss = (norm(*tensors) * torch.from_numpy(grad_out)).sum() + (tensors[0] * torch.from_numpy(residual)).sum()
+    loss.backward()
+    expected = tensors[0].grad
+    if kind == "layer":
+        versions = [lambda **kw: layer_norm_backward(x, weight, bias, grad_out, 1e-5, False, **kw),
+                    lambda **kw: layer_norm_backward_ref(x, weight, bias, grad_out, 1e-5, False, **kw)]
+    else:
+        silu = kind == "group+silu"
+        versions = [lambda **kw: group_norm_backward(x, groups, weight, bias, grad_out, 1e-5, silu, False, **kw),
+                    lambda **kw: group_norm_backward_ref(x, groups, weight, bias, grad_out, 1e-5, silu, False, **kw)]
+    for index, version in enumerate(versions):
+        assert_rel_close(version(residual=residual)[0], expected, KERNEL_TOL, f"{kind} version {index} dx + residual")
+        assert_rel_close(version()[0] + residual, expected, KERNEL_TOL, f"{kind} version {index} dx")
+    with pytest.raises(NpdiffError, match=r"residual must have the shape of x \[2,8,5,7\]"):
+        versions[0](residual=residual[:1])
 
 
 def test_norm_backward_refuses_bad_input():

@@ -11,6 +11,7 @@ from helpers import NETWORK_TOL, assert_rel_close
 from tiny_clip import padded_ids, save_clip, tiny_clip
 
 from npdiff.errors import NpdiffError
+from npdiff.models import clip_backward as clip_backward_module
 from npdiff.models.clip import CLIPTextModel
 from npdiff.models.clip_backward import (
     clip_backward,
@@ -47,9 +48,12 @@ def torch_token_embeds_grad(model, ids, grad_hidden, clip_skip=None, final_norm=
     return hidden.detach(), leaf.grad
 
 
+@pytest.mark.parametrize("keep_states", [True, False])  # layer internals kept, or recomputed (packed bf16 weights)
 @pytest.mark.parametrize("clip_skip,final_norm", [(None, True), (1, True), (1, False), ("all", True)])
-def test_clip_backward_matches_autograd(clip_pair, rng, clip_skip, final_norm):
+def test_clip_backward_matches_autograd(clip_pair, rng, clip_skip, final_norm, keep_states, monkeypatch):
     kind, torch_model, ours = clip_pair
+    if not keep_states:
+        monkeypatch.setattr(clip_backward_module, "keeps_states", lambda layer: False)
     clip_skip = len(ours.layers) if clip_skip == "all" else clip_skip  # the embeddings through the final norm
     batch = int(rng.integers(1, 3))
     ids = padded_ids(rng, batch, 77)                                    # [B,77]

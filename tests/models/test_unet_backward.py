@@ -14,7 +14,10 @@ from tiny_models import tiny_unet
 from npdiff.errors import NpdiffError
 from npdiff.models import UNet2DConditionModel
 from npdiff.models.blocks import TimestepEmbedding as OurTimestepEmbedding
-from npdiff.models.blocks_backward import timestep_embedding_backward, timestep_mlp_backward
+from npdiff.models.blocks_backward import (
+    timestep_embedding_backward,
+    timestep_mlp_backward,
+)
 from npdiff.models.unet_backward import unet_backward, unet_forward_for_backward
 
 LORA_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0")
@@ -71,6 +74,32 @@ def test_unet_attention_weight_grads_match_autograd(unet_pair, rng):
     params = dict(torch_model.named_parameters())
     expected_keys = {name.rsplit(".", 1)[0] for name in params if name.rsplit(".", 1)[0].endswith(LORA_SUFFIXES)}
     assert set(weight_grads) == expected_keys
+    for key, grads in weight_grads.items():
+        for name, grad in grads.items():
+            assert_rel_close(grad, params[f"{key}.{name}"].grad, NETWORK_TOL, f"{kind} {key}.{name}")
+
+
+def test_unet_backward_with_attention_statistics_matches_autograd(unet_pair, rng, monkeypatch):
+    """The tape keeps each attention's output and log-sum-exp where the backward takes version 4 with
+    them (from V4_MIN_KEYS keys: SD 1.5's 64x64 self-attentions; lowered here so that every attention
+    of the tiny model takes it): the gradients, LoRA's weight gradients included, stay autograd's."""
+    from npdiff.kernels.attention import backward as attention_backward_versions
+    kind, torch_model, ours = unet_pair
+    monkeypatch.setattr(attention_backward_versions, "V4_MIN_KEYS", 1)
+    with_stats = attention_backward_versions.attention_backward_with_stats
+    calls = []
+    monkeypatch.setattr(attention_backward_versions, "attention_backward_with_stats",
+                        lambda *args, **kwargs: calls.append(args[4].shape) or with_stats(*args, **kwargs))
+    sample, context, grad_output = random_case(rng, ours.config, 1, 8, 8, 6)
+    timestep = int(rng.integers(0, 1000))
+    _, expected_sample, expected_context = torch_grads(torch_model, sample, timestep, context, grad_output)
+    weight_grads = {}
+    _, tape = unet_forward_for_backward(ours, sample, timestep, context, weight_grads=weight_grads)
+    grad_sample, grad_context = tape.backward(grad_output)
+    assert len(calls) == 2 * sum(1 for name in weight_grads if name.endswith("attn1.to_q"))  # attn1, attn2
+    assert_rel_close(grad_context, expected_context, NETWORK_TOL, f"{kind} d encoder_hidden_states")
+    assert_rel_close(grad_sample, expected_sample, NETWORK_TOL, f"{kind} d sample")
+    params = dict(torch_model.named_parameters())
     for key, grads in weight_grads.items():
         for name, grad in grads.items():
             assert_rel_close(grad, params[f"{key}.{name}"].grad, NETWORK_TOL, f"{kind} {key}.{name}")

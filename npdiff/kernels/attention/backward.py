@@ -60,8 +60,6 @@ Versions:
                               computed as 128). Figures and the whole step: benchmarks/RESULTS.md.
 """
 
-import math
-
 import numpy as np
 
 from npdiff import backend
@@ -69,6 +67,7 @@ from npdiff.errors import NpdiffError
 from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
 from npdiff.kernels import dispatch
 from npdiff.kernels.attention import check_attention_inputs
+from npdiff.kernels.attention.backward_fused import outputs_and_slices
 from npdiff.kernels.attention.backward_stats import attention_backward_with_stats
 from npdiff.kernels.attention.common import (
     causal_additive,
@@ -268,11 +267,7 @@ def slice_backward(q, k, v, grad_out, grad_q, grad_k, grad_v, scale, is_causal):
 
 def attention_backward_slices(q, k, v, grad_out, scale=None, is_causal=False):
     scale = default_scale(q, scale)
-    lead = q.shape[:-2]
-    grad_q = np.empty(q.shape, np.float32)                              # [...,N,d]
-    grad_k = np.empty(k.shape, np.float32)                              # [...,M,d]
-    grad_v = np.empty(v.shape, np.float32)                              # [...,M,dv]
-    slices = [np.unravel_index(index, lead) if lead else () for index in range(math.prod(lead))]
+    grad_q, grad_k, grad_v, slices = outputs_and_slices(q, k, v)       # in q, k, v's memory order
 
     def run_slice(index):
         at = slices[index]

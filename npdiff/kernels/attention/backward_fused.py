@@ -252,12 +252,14 @@ def slice_parts(slices, n_queries, workers):
 
 
 def outputs_and_slices(q, k, v):
-    """-> dq, dk, dv (empty float32 arrays shaped as q, k, v) and the index of every [N,d] slice
-    (each (batch, head) of the leading axes)."""
+    """-> dq, dk, dv (empty float32 arrays shaped as q, k, v, each in its input's memory order) and the
+    index of every [N,d] slice (each (batch, head) of the leading axes). The memory order: the heads of
+    split_heads are [B,h,N,d] views of [B,N,h*d], so the gradients come out token-major too and
+    merge_heads finds them ready (no [B,N,h*d] transposing copy on one thread per gradient)."""
     lead = q.shape[:-2]
-    grad_q = np.empty(q.shape, np.float32)                              # [...,N,d]
-    grad_k = np.empty(k.shape, np.float32)                              # [...,M,d]
-    grad_v = np.empty(v.shape, np.float32)                              # [...,M,dv]
+    grad_q = np.empty_like(q, np.float32)                               # [...,N,d]
+    grad_k = np.empty_like(k, np.float32)                               # [...,M,d]
+    grad_v = np.empty_like(v, np.float32)                               # [...,M,dv]
     slices = [np.unravel_index(index, lead) if lead else () for index in range(math.prod(lead))]
     return grad_q, grad_k, grad_v, slices
 

@@ -18,7 +18,8 @@ of 64 keys outermost, with every tile in L1 and the key block's dk^T, dv^T accum
 The same five GEMMs as the version without statistics (backward_fused.py: query blocks outermost,
 the row max and sums recomputed), but no [Q, M] tile leaves L1, and there is no max pass and no
 rowsum(P * dP) pass. The forward (fused.py) computes every query's max and sum already; keeping
-lse = (max + log2(sum)) / log2(e) and O on the training tape is what this version needs. Given O
+lse = (max + log2(sum)) / log2(e) and O on the training tape is what this version needs (fused.py's
+lse_out; transformer_backward.attention_forward_saved keeps both where this version runs). Given O
 alone, lse is recomputed first (log_sum_exp_rows: one more sweep of S tiles, an online softmax per
 column).
 
@@ -224,17 +225,25 @@ def attention_backward_with_stats(q, k, v, grad_out, out, lse=None, scale=None, 
             np.float32(scale), block_begin, block_end, grad_q_padded, grad_keys_t, grad_values_t,
             scratch("attn_v4s_probs", (QUERY_BLOCK, TILE_COLS)),        # [Q,64] P
             scratch("attn_v4s_grads", (QUERY_BLOCK, TILE_COLS)))        # [Q,64] dP, then dS
-        part_grads[task] = (grad_q_padded, grad_keys_t, grad_values_t)
+        if len(parts) == 1:  # the slice's gradients are complete: stored here, on this worker
+            store_slice_grads(grad_q_padded, grad_keys_t, grad_values_t, grad_q[at], grad_k[at], grad_v[at])
+        else:
+            part_grads[task] = (grad_q_padded, grad_keys_t, grad_values_t)
 
     tasks = [(index, part) for index in range(len(slices)) for part in range(len(parts))]
     run_blocks(run_part, tasks)
-    for index, at in enumerate(slices):
+    for index, at in enumerate(slices if len(parts) > 1 else ()):
         grad_q_padded, grad_keys_t, grad_values_t = part_grads[(index, 0)]
         for part in range(1, len(parts)):  # each part wrote only its key blocks (the rest are 0)
             grad_q_padded += part_grads[(index, part)][0]
             grad_keys_t += part_grads[(index, part)][1]
             grad_values_t += part_grads[(index, part)][2]
-        grad_q[at] = grad_q_padded[:, :dim]                             # [N,Dp] -> [N,d]
-        unpack_key_blocks(grad_keys_t, grad_k[at])                      # [Mp/64,d,64] -> [M,d]
-        unpack_key_blocks(grad_values_t, grad_v[at])                    # [Mp/64,dv,64] -> [M,dv]
+        store_slice_grads(grad_q_padded, grad_keys_t, grad_values_t, grad_q[at], grad_k[at], grad_v[at])
     return grad_q, grad_k, grad_v
+
+
+def store_slice_grads(grad_q_padded, grad_keys_t, grad_values_t, grad_q, grad_k, grad_v):
+    """One slice's summed gradients into its (views of the) outputs dq [N,d], dk [M,d], dv [M,dv]."""
+    grad_q[:] = grad_q_padded[:, :grad_q.shape[1]]                      # [N,Dp] -> [N,d]
+    unpack_key_blocks(grad_keys_t, grad_k)                              # [Mp/64,d,64] -> [M,d]
+    unpack_key_blocks(grad_values_t, grad_v)                            # [Mp/64,dv,64] -> [M,dv]

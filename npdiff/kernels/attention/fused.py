@@ -13,6 +13,8 @@ task is a few steps over one tile, and the tile never leaves the caches (L2, L3)
     3. out [Q, dv] = probs [Q, M] @ v [M, dv], straight into the output (BLAS reads the tile
        transposed)
     4. each row of out times 1 / its sum                           (normalise_rows)
+    (lse_out given: 5. each query's log-sum-exp, (max + log2(sum)) * ln 2 (store_log_sum_exp), for the
+    training backward's version 4 (backward_stats.py); the default call skips it)
 
 Why transposed (scores^T, keys along rows, queries along columns): measured on one Zen 4 core with
 OpenBLAS, k @ q_block^T ([4096,40] @ [40,128]) runs at ~92 GFLOP/s where q_block @ k^T ([128,40] @
@@ -71,7 +73,7 @@ from npdiff.jit import FASTMATH_SAFE, SERIAL, njit
 from npdiff.kernels.attention.common import causal_additive, default_scale
 from npdiff.kernels.block_pool import run_blocks
 from npdiff.kernels.scratch import contiguous_in_scratch, scratch
-from npdiff.kernels.vecmath import LOG2E, exp2_nonpositive_f32
+from npdiff.kernels.vecmath import LN2_64, LOG2E, exp2_nonpositive_f32
 
 TILE_FLOATS = 1 << 20  # scores per task's tile: 4 MiB (Q x M)
 MIN_QUERY_BLOCK = 32
@@ -112,6 +114,7 @@ def softmax_keys_in_place(scores_t, col_sum):
     """scores_t [M, Q] (log2 units, contiguous) -> 2^(s - column max) in place; col_sum [Q] = the
     column sums (the softmax is not yet divided by them). A column that is all -inf (a query that
     may attend to no key) gets max 0, so its entries are 2^-inf = 0 and its sum 0. NaN stays NaN.
+    Returns the column maxima [Q] it subtracted (what the log-sum-exp needs: store_log_sum_exp).
 
     The running max and sum of a column live in memory; with one row of them, every key would wait
     for the previous key's store of the same entry (measured at Q = 128: 0.15 + 0.25 ns per score).
@@ -132,6 +135,15 @@ def softmax_keys_in_place(scores_t, col_sum):
             partial[lane, c] += e
     for c in range(cols):
         col_sum[c] = (partial[0, c] + partial[1, c]) + (partial[2, c] + partial[3, c])
+    return col_max
+
+
+@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+def store_log_sum_exp(col_max, col_sum, lse_block):
+    """lse_block [Q] = log of each query's sum of exp(scale * q.k), natural log (torch's lse): the
+    scores were in log2 units, so lse = (max + log2(sum)) * ln 2; -inf for a query that sees no key."""
+    for c in range(col_max.shape[0]):
+        lse_block[c] = (col_max[c] + np.log2(col_sum[c])) * np.float32(LN2_64)
 
 
 @njit(**SERIAL, fastmath=FASTMATH_SAFE)
@@ -157,10 +169,12 @@ def store_normalised_transposed(out_t, col_sum, out_block):
             out_block[i, c] = out_t[c, i] * inverse
 
 
-def attention_fused(q, k, v, mask=None, scale=None, is_causal=False, query_block=None):
+def attention_fused(q, k, v, mask=None, scale=None, is_causal=False, query_block=None, lse_out=None):
     """q [..., N, d], k [..., M, d], v [..., M, dv] NumPy float32; mask bool (True = attend) or
     additive float, broadcastable to [..., N, M]. query_block: queries per task (default from M,
-    fused_query_block). Returns [..., N, dv]."""
+    fused_query_block). lse_out: None, or a float32 array [..., N] that receives each query's
+    log-sum-exp (natural log of the sum over keys of exp(scaled score + mask), as torch's flash
+    attention returns it; what the training backward's version 4 takes). Returns [..., N, dv]."""
     lead = q.shape[:-2]
     n_queries, n_keys, value_dim = q.shape[-2], k.shape[-2], v.shape[-1]
     query_block = query_block or fused_query_block(n_keys)
@@ -199,7 +213,9 @@ def attention_fused(q, k, v, mask=None, scale=None, is_causal=False, query_block
         if is_causal:
             scores_t += causal_additive(query_start, query_stop, 0, visible).T  # [Q,m] -> [m,Q]
         # 2. unnormalised probabilities in place, column sums (Numba, nogil)
-        softmax_keys_in_place(scores_t, col_sum)
+        col_max = softmax_keys_in_place(scores_t, col_sum)  # [Q]
+        if lse_out is not None:
+            store_log_sum_exp(col_max, col_sum, lse_out[at][query_start:query_stop])
         out_block = out[at][query_start:query_stop]  # [Q,dv] view
         # 3. probs @ v straight into the output (probs^T's transpose is a view BLAS reads as is)
         np.matmul(scores_t.T, values, out=out_block)  # [Q,m] @ [m,dv] -> [Q,dv]
