@@ -34,13 +34,15 @@ before writing; the later write wins, and what the other added is checked again 
 files that no longer exist are dropped when the cache is written.
 """
 
-import json
 import os
-import tempfile
 import time
-from pathlib import Path
 
-from npdiff.cache_folder import cache_folder, file_identity
+from npdiff.cache_folder import (
+    cache_folder,
+    file_identity,
+    read_file_records,
+    write_file_records,
+)
 
 CACHE_VERSION = 1
 SETTLED_NS = 1_000_000_000  # a file is remembered only when its ctime is this far behind the clock
@@ -59,30 +61,8 @@ def identity_items(identity):
 
 def _read_entries(path):
     """{resolved path: entry} from the cache file; {} when it is missing, damaged or of another version."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("files"), dict):
-        return {}
-    return {name: entry for name, entry in data["files"].items()
+    return {name: entry for name, entry in read_file_records(path, CACHE_VERSION).items()
             if isinstance(entry, dict) and isinstance(entry.get("keys"), list)}
-
-
-def _write_entries(path, entries):
-    """Replace the cache file atomically; one that cannot be written is only a lost speed-up."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=".finite-checks-", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                json.dump({"version": CACHE_VERSION, "files": entries}, stream, sort_keys=True)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-    except OSError:
-        pass
 
 
 def _matches(entry, identity):
@@ -122,5 +102,5 @@ def remember_finite(path, identity, keys):
     if entry is not None and _matches(entry, identity):
         keys |= {key for key in entry["keys"] if isinstance(key, str)}
     entries[path] = {**identity, "keys": sorted(keys)}
-    _write_entries(store, entries)
+    write_file_records(store, CACHE_VERSION, entries)
     _known[(path, identity_items(identity))] = frozenset(keys)
