@@ -14,8 +14,14 @@ Nothing here creates the folder except case 3: each user of the cache makes its 
 
     file_identity(path) -> dict: what says a cached thing's source file is still the same one (size,
                            mtime, ctime, inode, device of the file, symlinks followed)
+    read_file_records(path, version) -> dict: the {file: entry} records of a small JSON cache file
+                           ({"version": N, "files": {...}}: hashes.json, finite-checks.json); {} when it is
+                           missing, damaged or of another version
+    write_file_records(path, version, files): replaces that file atomically (a temporary file in the same
+                           folder, then os.replace: a reader sees the old or the new one, never half)
 """
 
+import json
 import os
 import stat
 import tempfile
@@ -75,3 +81,31 @@ def file_identity(path_or_stat):
     info = path_or_stat if isinstance(path_or_stat, os.stat_result) else os.stat(path_or_stat)
     return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "ctime_ns": info.st_ctime_ns,
             "inode": info.st_ino, "device": info.st_dev}
+
+
+def read_file_records(path, version):
+    """The "files" dict of the JSON cache file `path`; {} when missing, unreadable, damaged or not `version`."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != version or not isinstance(data.get("files"), dict):
+        return {}
+    return data["files"]
+
+
+def write_file_records(path, version, files):
+    """Replace the JSON cache file `path` atomically; one that cannot be written is only a lost speed-up."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                json.dump({"version": version, "files": files}, stream, indent=1, sort_keys=True)
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+    except OSError:
+        pass

@@ -29,12 +29,15 @@ rebuilt when it cannot be read. The cache stays on this machine; only the digest
 """
 
 import hashlib
-import json
 import os
-import tempfile
 from pathlib import Path
 
-from npdiff.cache_folder import cache_folder, file_identity
+from npdiff.cache_folder import (
+    cache_folder,
+    file_identity,
+    read_file_records,
+    write_file_records,
+)
 from npdiff.errors import NpdiffError
 from npdiff.loading.components import pipeline_weight_files
 from npdiff.paths import path_kind
@@ -51,30 +54,13 @@ def cache_path():
 
 def _read_cache(path):
     """The cache's entries {resolved path: {size, mtime_ns, sha256}}; {} when missing or damaged."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("files"), dict):
-        return {}
-    return {key: entry for key, entry in data["files"].items()
+    return {key: entry for key, entry in read_file_records(path, CACHE_VERSION).items()
             if isinstance(entry, dict) and isinstance(entry.get("sha256"), str)}
 
 
 def _write_cache(path, entries):
     """Replace the cache file atomically; a cache that cannot be written is only a lost speed-up."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=".hashes-", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                json.dump({"version": CACHE_VERSION, "files": entries}, stream, indent=1, sort_keys=True)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-    except OSError:
-        pass
+    write_file_records(path, CACHE_VERSION, entries)
 
 
 def sha256_of_file(path):

@@ -32,7 +32,9 @@ Files:
     single_file_sd2.py  SD 2.x single files: the OpenCLIP text encoder, v-prediction defaults
     single_file_sdxl.py SDXL single files (base, refiner, inpainting): CLIP-L, OpenCLIP bigG, text_time
     components.py       load_pipeline_components
-Loading never writes a file. Every bad input raises npdiff.errors.NpdiffError naming file and key.
+    finite_cache.py     which weights' NaN/Inf checks passed before: finite-checks.json in the cache folder
+Loading writes no file but that record (and widened.py's unlinked temporary copies). Every bad input raises
+npdiff.errors.NpdiffError naming file and key.
 """
 
 from npdiff.json_files import read_json

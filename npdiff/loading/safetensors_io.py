@@ -52,6 +52,7 @@ import sys
 
 import numpy as np
 
+from npdiff.cache_folder import file_identity
 from npdiff.errors import NpdiffError
 from npdiff.loading.widened import HALF_DTYPES, WidenedCopy
 from npdiff.paths import path_kind
@@ -111,6 +112,8 @@ class SafetensorsFile:
         if kind == "missing":
             raise NpdiffError(f"no such file: {path}")
         self.path = path
+        self.real_path = os.path.realpath(path)  # symlinks followed: the name the finite-check record uses
+        self.identity = file_identity(self.real_path)  # None once the mapped file turns out to be another
         self._validate_with_safetensors()
         self._header, self._data_start = self._read_header()
         self._mapping = None  # the read-only mmap of the whole file, made on the first mapped take
@@ -185,6 +188,8 @@ class SafetensorsFile:
         the arrays viewing it keep it alive through their .base chain)."""
         if self._mapping is None:
             with open(self.path, "rb") as handle:
+                if file_identity(os.fstat(handle.fileno())) != self.identity:  # replaced since it was opened
+                    self.identity = None  # its finite checks are not remembered (finite_cache.py)
                 self._mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)  # MAP_SHARED, PROT_READ
         return self._mapping
 

@@ -22,6 +22,8 @@ each tensor's after its check (so loading never holds more than about one tensor
 model's mapped tensors once more in check_all_used(), the end of every model's constructor (the kernel
 maps up to 64 KiB around each page fault, so checking one tensor brings in bits of its neighbours):
 loading leaves the weights in the page cache, not resident, and the first call faults them back in.
+A mapped float32 tensor found finite is remembered on disk per file (finite_cache.py: while the file's
+size, times, inode and device are unchanged), so the next process loading the same file skips its check.
 
 precision: "fp32" (the default) or "bf16", set by the models' from_pretrained(..., precision=...) before the
 model is built (set_precision). The Linear and Conv2d layers read it (npdiff/models/precision.py): at
@@ -45,6 +47,7 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
+from npdiff.loading.finite_cache import known_finite, remember_finite
 from npdiff.loading.resident import mapping_of, release_array_pages
 
 # Non-finite check, in chunks so the temporary bool array stays at 1 MiB. Measured (2-core shared
@@ -95,6 +98,7 @@ class Weights:
         self._refs = dict(refs)  # name -> TensorRef
         self._used = set()
         self._mapped = []  # the memory-mapped arrays take() returned, released again by check_all_used()
+        self._found_finite = {}  # SafetensorsFile -> stored keys checked finite here, remembered by check_all_used()
         self.precision = "fp32"  # "bf16": the Linear/Conv2d layers pack their weights (see set_precision)
         self.when_built = []  # callables finish(complete) that check_all_used runs (the packed bf16 cache's)
 
@@ -187,10 +191,15 @@ class Weights:
         if ref.transpose:  # [a,b] -> [b,a]: a view here; to_device below makes it one contiguous private copy
             values = values.T
         values = values.reshape(expected)  # stored shape -> config shape (a view: the rows are contiguous)
-        bad = first_non_finite(values) if finite else None
-        if mapped and finite:
+        record_key = f"{ref.stored_key}[{ref.rows[0]}:{ref.rows[1]}]" if ref.rows is not None else ref.stored_key
+        remembered = mapped and finite and ref.file.identity is not None and \
+            record_key in known_finite(ref.file.real_path, ref.file.identity)  # checked by an earlier load
+        bad = first_non_finite(values) if finite and not remembered else None
+        if mapped and finite and not remembered:
             release_array_pages([values])  # the check paged the tensor in; leave it in the page cache
             self._mapped.append(values)
+            if bad is None:
+                self._found_finite.setdefault(ref.file, set()).add(record_key)
         if bad is not None:
             position = tuple(int(i) for i in np.unravel_index(bad, expected))
             raise NpdiffError(f"key '{key}' in {self._where(key)} holds {values.reshape(-1)[bad]} at index "
@@ -209,6 +218,10 @@ class Weights:
         no key was left unused)."""
         release_array_pages(self._mapped)
         self._mapped = []
+        for file, keys in self._found_finite.items():
+            if file.identity is not None:
+                remember_finite(file.real_path, file.identity, keys)
+        self._found_finite = {}
         unused = sorted(set(self._refs) - self._used)
         finishing, self.when_built = self.when_built, []
         for finish in finishing:
