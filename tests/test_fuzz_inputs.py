@@ -122,6 +122,7 @@ def test_fuzz_safetensors_files(rng, tmp_path):
     save_file(tensors, str(base), metadata={"format": "pt"})
     raw = base.read_bytes()
     header, data = split_file(raw)
+    assert must_work_or_refuse("the file unchanged", lambda: read_everything(base)) == "worked"
     outcomes = {"worked": 0, "refused": 0}
     for case in range(150 * SCALE):
         if case % 2:
@@ -137,7 +138,9 @@ def test_fuzz_safetensors_files(rng, tmp_path):
         outcome = must_work_or_refuse(f"case {case} ({what})", lambda: read_everything(path))
         outcomes[outcome] += 1
         path.unlink()
-    assert outcomes["refused"] > 30 and outcomes["worked"] > 0, outcomes  # both outcomes happen
+    # most mutations are refused; a few still load (a changed value that stays finite, an unused header
+    # field): 0-13 of 150 over 60 seeds, so "some worked" is not asserted (seed 1011214292: none did)
+    assert outcomes["refused"] > 30, outcomes
 
 
 def test_fuzz_model_file_bytes(rng, tmp_path):
