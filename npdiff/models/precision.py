@@ -55,6 +55,26 @@ from npdiff.models import packed_cache
 _noted_slow_cpu = []  # one entry once the note about a CPU without AVX512_BF16 was given
 _noted_no_amx = []  # one entry once the note about bf16x3 without AMX was given
 
+# The op families of a network, as layer_family() and attention_family() name them:
+#   conv       the UNet's (and ControlNet's) resnets' 3x3 convolutions and the down/upsamplers' convolutions
+#   attention  softmax(q k^T) v of the UNet's transformer blocks (bf16: q, k, v and the probabilities rounded)
+#   linear     the transformer blocks' to_q/to_k/to_v/to_out.0 and ff.net.2
+#   geglu      the transformer blocks' ff.net.0.proj with its gate (x * gelu(gate))
+#   small      the rest of a UNet/ControlNet: conv_in, conv_out, conv_shortcut, proj_in/out, time_emb_proj,
+#              time_embedding, add_embedding, the ControlNet's conditioning embedding and zero convolutions
+#   other      every layer of a network that is not a UNet or a ControlNet: the text encoders, the VAE
+FAMILIES = ("conv", "attention", "linear", "geglu", "small", "other")
+# which families each precision runs in bfloat16 (every other family float32); bf16x3 is its own scheme
+BF16_FAMILIES = {
+    "fp32": frozenset(),
+    "bf16": frozenset(FAMILIES),
+    "bf16x3": frozenset(),
+}
+# the first part of a UNet's or ControlNet's weight names (a VAE's start with encoder./decoder./quant_conv,
+# a text encoder's with text_model. or encoder.layers: none of these)
+UNET_KEY_STARTS = ("conv_in.", "time_embedding.", "add_embedding.", "class_embedding.", "encoder_hid_proj.",
+                   "down_blocks.", "mid_block.", "up_blocks.", "conv_norm_out.", "conv_out.", "controlnet_")
+
 
 def is_packed(weight):
     """True for a bfloat16-packed layer weight (PackedBf16Weight or PackedBf16Conv)."""
@@ -104,7 +124,8 @@ def take_layer_weight(weights, key, shape, kind, stored_shape=None):
     stored_shape: the shape to check against the file when it differs from `shape` (a 1x1 convolution's
     [out,in,1,1] read as a Linear's [out,in])."""
     stored_shape = shape if stored_shape is None else stored_shape
-    store = packed_cache.store_for(weights) if weights.precision == "bf16" and backend.name() == "numpy" else None
+    in_bf16 = runs_bf16(weights, layer_family(key, kind))
+    store = packed_cache.store_for(weights) if in_bf16 and backend.name() == "numpy" else None
     if store is not None and store.reading:
         weights.claim(key, stored_shape)  # the shape checked and the key counted as used, nothing read
         cached = store.get(key, kind, shape)  # packed from these very file bytes (checked for NaN/Inf then)
@@ -113,10 +134,11 @@ def take_layer_weight(weights, key, shape, kind, stored_shape=None):
     values = weights.take(key, stored_shape).reshape(shape)           # float32 (one tensor only)
     if weights.precision == "bf16x3" and kind == "linear":
         return _take_bf16x3(key, values)                            # [out,in] float32 -> packed bf16 hi + lo
-    if weights.precision != "bf16":
+    if not in_bf16:
         return values
     if array_module(values) is not np:
-        raise NpdiffError(f"precision='bf16' runs on the CPU (NumPy backend) only; key '{key}' is on the GPU")
+        raise NpdiffError(f"precision={weights.precision!r} runs on the CPU (NumPy backend) only; key '{key}' is "
+                          "on the GPU")
     note_cpu_without_bf16()
     packed = pack_linear_bf16(values) if kind == "linear" else pack_conv_bf16(values)  # float32 -> bf16, packed
     # packing paged the file's float32 tensor in again: drop those pages now, not when the whole model is built
@@ -135,6 +157,33 @@ def _take_bf16x3(key, values):
     if packed.layout != "float32":  # the float32 layout keeps `values` itself: its pages stay in use
         release_array_pages([values])                               # as at bf16: the file's pages go now
     return packed
+
+
+def layer_family(key, kind):
+    """The op family (FAMILIES) of the Linear ("linear") or Conv2d ("conv") layer whose weight is `key`."""
+    if not key.startswith(UNET_KEY_STARTS):
+        return "other"
+    module = key.removesuffix(".weight")
+    if module.endswith(".ff.net.0.proj"):
+        return "geglu"
+    in_attention = ".attn1." in module or ".attn2." in module
+    if module.endswith(".ff.net.2") or (in_attention and module.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))):
+        return "linear"
+    resnet_conv = ".resnets." in module and module.endswith((".conv1", ".conv2"))
+    resample_conv = module.endswith((".downsamplers.0.conv", ".upsamplers.0.conv"))
+    if kind == "conv" and (resnet_conv or resample_conv):
+        return "conv"
+    return "small"
+
+
+def attention_family(prefix):
+    """The op family of the attention (softmax(q k^T) v) of the attention module named `prefix`."""
+    return "attention" if prefix.startswith(UNET_KEY_STARTS) else "other"
+
+
+def runs_bf16(weights, family):
+    """True when the model built from `weights` runs op family `family` in bfloat16 (its precision's choice)."""
+    return family in BF16_FAMILIES[weights.precision]
 
 
 def linear(x, weight, bias=None):
