@@ -69,6 +69,7 @@ BF16_FAMILIES = {
     "fp32": frozenset(),
     "bf16": frozenset(FAMILIES),
     "bf16x3": frozenset(),
+    "mixed": frozenset({"conv", "linear", "geglu", "attention"}),  # PROVISIONAL: set by the measurement
 }
 # the first part of a UNet's or ControlNet's weight names (a VAE's start with encoder./decoder./quant_conv,
 # a text encoder's with text_model. or encoder.layers: none of these)
@@ -184,6 +185,12 @@ def attention_family(prefix):
 def runs_bf16(weights, family):
     """True when the model built from `weights` runs op family `family` in bfloat16 (its precision's choice)."""
     return family in BF16_FAMILIES[weights.precision]
+
+
+def keeps_float32(weights, family):
+    """True when the layers of `family` hold plain float32 arrays in the model built from `weights` (neither
+    packed bf16 nor, at "bf16x3", a Linear's packed hi + lo pair)."""
+    return weights.precision != "bf16x3" and not runs_bf16(weights, family)
 
 
 def linear(x, weight, bias=None):
