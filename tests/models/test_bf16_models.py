@@ -65,19 +65,22 @@ class LayerCalls:
     def _recorder(self, kind, function):
         def call(x, weight, bias=None, *args, **kwargs):
             out = function(x, weight, bias, *args, **kwargs)
-            self.calls.append((kind, self.keys[id(weight)], np.array(x), np.array(out), args, kwargs))
+            self.calls.append((kind, self.keys[id(weight)], np.array(x), np.array(out), args, kwargs,
+                               is_packed(weight)))
             return out
         return call
 
     def check_against(self, torch_model, activation=None):
         """Each recorded call against torch's module of the same name on the same input, both rounded to
-        bf16; -> the largest relative error."""
+        bf16 where npdiff's weight is packed (as float32 where it is not: precision "mixed"); -> the largest
+        relative error."""
         assert self.calls, "no layer ran"
         worst = 0.0
-        for kind, key, x, out, args, kwargs in self.calls:
+        for kind, key, x, out, args, kwargs, packed in self.calls:
             module = torch_module(torch_model, key)
-            weight, bias = bf16(module.weight.detach()), module.bias
-            x = bf16(torch.from_numpy(x))
+            weight, bias, x = module.weight.detach(), module.bias, torch.from_numpy(x)
+            if packed:
+                weight, x = bf16(weight), bf16(x)
             with torch.no_grad():
                 if kind == "conv2d":
                     expected = F.conv2d(x, weight, bias, *args, **kwargs)
@@ -88,7 +91,8 @@ class LayerCalls:
                     expected = value * F.gelu(gate)
                 elif kind == "linear_activation":
                     expected = TORCH_ACTIVATIONS[args[0] if args else kwargs["activation"]](expected)
-            worst = max(worst, assert_rel_close(out, expected, KERNEL_TOL, f"{kind} {key} at bf16"))
+            what = f"{kind} {key} at {'bf16' if packed else 'float32'}"
+            worst = max(worst, assert_rel_close(out, expected, KERNEL_TOL, what))
         return worst
 
 

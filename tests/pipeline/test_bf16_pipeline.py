@@ -99,7 +99,7 @@ def test_bf16_pipeline_draws_after_a_lora_and_textual_inversion(rng, tmp_path):
 
 
 def test_unknown_precision_is_refused_before_loading(tmp_path):
-    with pytest.raises(NpdiffError, match="precision must be one of 'fp32', 'bf16', 'bf16x3'; got 'fp16'"):
+    with pytest.raises(NpdiffError, match="precision must be one of 'fp32', 'bf16', 'bf16x3', 'mixed'; got 'fp16'"):
         npdiff.StableDiffusionPipeline.from_pretrained(tmp_path / "missing", precision="fp16")
 
 
