@@ -88,3 +88,13 @@ def test_cli_precision_mixed_is_stored_and_reproduced(tmp_path, capsys):
     assert cli.main(["generate", "--reproduce", str(first), "--model", str(folder), "--out", str(again)]) == 0
     assert "precision mixed" in capsys.readouterr().err
     np.testing.assert_array_equal(pixels(again), pixels(first))
+
+
+def test_verify_mixed_prints_each_block_against_torch_float32(capsys):
+    """npdiff verify --precision mixed on the shipped model: every network row within bf16's tolerance."""
+    from npdiff import cli
+
+    assert cli.main(["verify", "--precision", "mixed", "--steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "precision mixed against torch float32" in printed
+    assert "all within tolerance (networks: relative error <= 3e-02" in printed
