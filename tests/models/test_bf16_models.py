@@ -204,10 +204,12 @@ def test_half_precision_files_pack_straight_from_their_values(dtype, rng, tmp_pa
     calls.check_against(widened)
 
 
-def test_controlnet_bf16_matches_torch_layer_by_layer(rng, monkeypatch):
+def check_controlnet_layer_by_layer(precision_name, rng, monkeypatch):
+    """A tiny ControlNet at `precision_name`: every layer call against torch, the mid output against torch
+    float32 (report); -> the npdiff ControlNet."""
     _, unet_folder = tiny_unet("sd1", seed=0)
     torch_net, net_folder = tiny_controlnet(unet_folder, seed=3)
-    ours = ControlNetModel.from_pretrained(net_folder, precision="bf16")
+    ours = ControlNetModel.from_pretrained(net_folder, precision=precision_name)
     sample, timestep, context, _ = unet_inputs(rng, ours.config, height=4, width=8)
     control = rng.random((2, 3, 32, 64), dtype=np.float32)
     calls = LayerCalls(monkeypatch, ours)
@@ -215,7 +217,12 @@ def test_controlnet_bf16_matches_torch_layer_by_layer(rng, monkeypatch):
     with torch.no_grad():
         _, plain_mid = torch_net(torch.from_numpy(sample), timestep, torch.from_numpy(context),
                                  torch.from_numpy(control), return_dict=False)
-    report("controlnet mid", calls.check_against(torch_net), rel_err(mid, plain_mid))
+    report(f"controlnet mid at {precision_name}", calls.check_against(torch_net), rel_err(mid, plain_mid))
+    return ours
+
+
+def test_controlnet_bf16_matches_torch_layer_by_layer(rng, monkeypatch):
+    check_controlnet_layer_by_layer("bf16", rng, monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------

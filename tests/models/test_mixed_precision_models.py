@@ -16,14 +16,20 @@ import numpy as np
 import pytest
 import torch
 from helpers import NETWORK_TOL, assert_rel_close, rel_err
-from test_bf16_models import LayerCalls, layer_weights, report, torch_unet_forward, unet_inputs
+from test_bf16_models import (
+    LayerCalls,
+    check_controlnet_layer_by_layer,
+    layer_weights,
+    report,
+    torch_unet_forward,
+    unet_inputs,
+)
 from tiny_clip import CLIP_KINDS, random_ids, save_clip, tiny_clip
-from tiny_controlnet import tiny_controlnet
 from tiny_models import tiny_unet, tiny_vae
 
 from npdiff.loading.resident import reachable
 from npdiff.lora import named_layers
-from npdiff.models import AutoencoderKL, CLIPTextModel, ControlNetModel, UNet2DConditionModel, precision
+from npdiff.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel, precision
 from npdiff.models.blocks import Conv2d
 from npdiff.models.precision import BF16_FAMILIES, is_packed, layer_family
 from npdiff.models.transformer import Attention, AttentionBlock
@@ -111,18 +117,7 @@ def test_unet_mixed_without_bf16_families_is_float32(kind, rng, monkeypatch):
 
 
 def test_controlnet_mixed_matches_torch_layer_by_layer(rng, monkeypatch):
-    _, unet_folder = tiny_unet("sd1", seed=0)
-    torch_net, net_folder = tiny_controlnet(unet_folder, seed=3)
-    ours = ControlNetModel.from_pretrained(net_folder, precision="mixed")
-    check_layer_kinds(ours)
-    sample, timestep, context, _ = unet_inputs(rng, ours.config, height=4, width=8)
-    control = rng.random((2, 3, 32, 64), dtype=np.float32)
-    calls = LayerCalls(monkeypatch, ours)
-    _, mid = ours(sample, timestep, context, control)
-    with torch.no_grad():
-        _, plain_mid = torch_net(torch.from_numpy(sample), timestep, torch.from_numpy(context),
-                                 torch.from_numpy(control), return_dict=False)
-    report("controlnet mid, mixed", calls.check_against(torch_net), rel_err(mid, plain_mid))
+    check_layer_kinds(check_controlnet_layer_by_layer("mixed", rng, monkeypatch))
 
 
 def test_vae_at_mixed_is_float32(rng):

@@ -8,7 +8,7 @@ goal of "mixed" is for the real SDXL job: benchmarks/sdxl_precision_mix.py and R
 """
 
 import numpy as np
-from helpers import pixels
+from precision_cli import check_precision_round_trip
 from sdxl_compare import PROMPTS, run_theirs, to_levels
 from tiny_sd import tiny_sd_folder
 from tiny_sdxl import tiny_sdxl_folder
@@ -67,27 +67,9 @@ def test_sd_mixed_picture_against_diffusers_float32(seed):
 
 
 def test_cli_precision_mixed_is_stored_and_reproduced(tmp_path, capsys):
-    """--precision mixed: in the PNG's JSON and AUTOMATIC1111 text; --reproduce loads mixed again and draws the
-    same picture."""
-    from PIL import Image
-
-    from npdiff import cli
-    from npdiff.images import read_png_params
-    from npdiff.infotext import parse_infotext
-
-    folder = tiny_sdxl_folder("base")
-    first, again = tmp_path / "first.png", tmp_path / "again.png"
-    common = ["--model", str(folder), "--steps", "2", "--height", "64", "--width", "64", "--sampler", "euler"]
-    assert cli.main(["generate", "a red circle", "--seed", "3", "--precision", "mixed", "--out", str(first)]
-                    + common) == 0
-    assert "precision mixed" in capsys.readouterr().err
-    assert read_png_params(first)["precision"] == "mixed"
-    with Image.open(first) as picture:
-        text = picture.text["parameters"]
-    assert "Precision: mixed" in text and parse_infotext(text)["precision"] == "mixed"
-    assert cli.main(["generate", "--reproduce", str(first), "--model", str(folder), "--out", str(again)]) == 0
-    assert "precision mixed" in capsys.readouterr().err
-    np.testing.assert_array_equal(pixels(again), pixels(first))
+    """--precision mixed on an SDXL model: in the PNG's JSON and AUTOMATIC1111 text; --reproduce loads mixed
+    again and draws the same picture."""
+    check_precision_round_trip("mixed", tiny_sdxl_folder("base"), tmp_path, capsys, size=64)
 
 
 def test_verify_mixed_prints_each_block_against_torch_float32(capsys):
