@@ -10,10 +10,12 @@ goal of "mixed" is for the real SDXL job: benchmarks/sdxl_precision_mix.py and R
 import numpy as np
 from precision_cli import check_precision_round_trip
 from sdxl_compare import PROMPTS, run_theirs, to_levels
+from test_bf16_cache import COMPONENTS, cache_dir, cache_files, draw, load, models, packed_weights  # noqa: F401
 from tiny_sd import tiny_sd_folder
 from tiny_sdxl import tiny_sdxl_folder
 
 import npdiff
+from npdiff.loading.resident import mapping_of
 from npdiff.lora import named_layers
 from npdiff.models.precision import BF16_FAMILIES, is_packed
 
@@ -70,6 +72,22 @@ def test_cli_precision_mixed_is_stored_and_reproduced(tmp_path, capsys):
     """--precision mixed on an SDXL model: in the PNG's JSON and AUTOMATIC1111 text; --reproduce loads mixed
     again and draws the same picture."""
     check_precision_round_trip("mixed", tiny_sdxl_folder("base"), tmp_path, capsys, size=64)
+
+
+def test_mixed_keeps_its_own_packed_cache_file(models, cache_dir, seed):
+    """"mixed" writes the UNet's packed layers into a file of its own (the text encoders and the VAE pack
+    nothing): a later bf16 load finds its own complete file, every layer mapped from it, none private."""
+    mixed = load(models["sdxl"], precision="mixed")
+    files = cache_files(cache_dir)
+    assert [path.name.split("-mixed-")[0] for path in files] == ["unet-diffusion_pytorch_model"]
+    assert all(mapping_of(weight.data) is not None for weight in packed_weights(mixed.unet))
+    full = load(models["sdxl"], precision="bf16")
+    assert len(cache_files(cache_dir)) == 1 + len(COMPONENTS["sdxl"])  # mixed's file untouched beside bf16's
+    for name in COMPONENTS["sdxl"]:
+        read = packed_weights(getattr(full, name))
+        assert read and all(mapping_of(weight.data) is not None for weight in read), name
+    again = load(models["sdxl"], precision="mixed")  # read back: the same picture
+    assert draw(again, seed).tobytes() == draw(mixed, seed).tobytes()
 
 
 def test_verify_mixed_prints_each_block_against_torch_float32(capsys):
