@@ -1,4 +1,4 @@
-"""The two precisions a model's Linear and Conv2d layers run in, and the one place that tells them apart.
+"""The precisions a model's layers run in (fp32, bf16, bf16x3, mixed), and the one place that tells them apart.
 
     weight = take_layer_weight(weights, "conv_in.weight", (320, 4, 3, 3), "conv")  # float32, or packed bf16
     y = conv2d(x, weight, bias, stride=1, padding=1)    # the float32 kernel, or the bfloat16 one
@@ -27,6 +27,13 @@ hi + lo and packed for the AMX tiles (npdiff.kernels.matmul_bf16x3: float32's 4 
 multiplies x_lo W_hi + x_hi W_lo + x_hi W_hi in one AMX GEMM of triple depth, within a few 1e-6 of float32.
 Conv2d weights stay float32 and run float32's kernels (Winograd), as does everything that is not a Linear.
 A CPU without usable AMX tiles keeps the float32 Linear weights and runs float32 (after a one-line note).
+
+precision="mixed": float32's picture class at most of bf16's speed. Each layer belongs to an op family
+(layer_family, from its weight's name; FAMILIES below): a UNet's or ControlNet's layers of the families in
+BF16_FAMILIES["mixed"] are packed and run as at "bf16" (and its attention too when "attention" is one of them),
+every other layer stays float32 as at "fp32", and so does every layer of the text encoders and the VAE (family
+"other"). At "mixed": the transformer blocks' Linear layers, GEGLU and attention in bf16; convolutions, the
+small layers, the text encoders and the VAE float32 (BF16_FAMILIES says why: measured).
 
 Which kernel runs follows the weight's type, not a flag: a LoRA fused into a bf16 layer re-packs the fused
 weight (npdiff/lora.py), and unloading puts the packed original back, so a layer never holds the other kind.
@@ -69,7 +76,12 @@ BF16_FAMILIES = {
     "fp32": frozenset(),
     "bf16": frozenset(FAMILIES),
     "bf16x3": frozenset(),
-    "mixed": frozenset({"conv", "linear", "geglu", "attention"}),  # PROVISIONAL: set by the measurement
+    # measured on the 1024x1024 SDXL job against diffusers float32 (benchmarks/sdxl_precision_mix.py, RESULTS.md
+    # "SDXL", text encoders and VAE float32): the whole UNet bf16 left the picture 3 levels away (135 values > 2);
+    # float32 convolutions alone 3 (1 value), float32 "small" layers alone 3 (4 values), both together 1 level (0
+    # values > 2; latents 2.1e-3 from diffusers', bf16's 7.7e-3). They are the cheap ones (~14% of the float32
+    # UNet's time): the transformer matmuls and the attention, most of it, keep bf16's speed.
+    "mixed": frozenset({"attention", "linear", "geglu"}),
 }
 # the first part of a UNet's or ControlNet's weight names (a VAE's start with encoder./decoder./quant_conv,
 # a text encoder's with text_model. or encoder.layers: none of these)
