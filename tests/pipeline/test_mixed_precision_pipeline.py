@@ -11,13 +11,15 @@ import numpy as np
 from precision_cli import check_precision_round_trip
 from sdxl_compare import PROMPTS, run_theirs, to_levels
 from test_bf16_cache import COMPONENTS, cache_dir, cache_files, draw, load, models, packed_weights  # noqa: F401
+from test_bf16_pipeline import kohya_lora
 from tiny_sd import tiny_sd_folder
 from tiny_sdxl import tiny_sdxl_folder
 
 import npdiff
 from npdiff.loading.resident import mapping_of
 from npdiff.lora import named_layers
-from npdiff.models.precision import BF16_FAMILIES, is_packed
+from npdiff.kernels.bf16_rounding import bf16_to_float32, float32_to_bf16
+from npdiff.models.precision import BF16_FAMILIES, float32_values, is_packed
 
 PICTURE_LEVELS = 8  # as bf16's tiny-pipeline bound (test_bf16_pipeline.py)
 
@@ -88,6 +90,29 @@ def test_mixed_keeps_its_own_packed_cache_file(models, cache_dir, seed):
         assert read and all(mapping_of(weight.data) is not None for weight in read), name
     again = load(models["sdxl"], precision="mixed")  # read back: the same picture
     assert draw(again, seed).tobytes() == draw(mixed, seed).tobytes()
+
+
+def test_lora_on_a_mixed_pipeline_keeps_each_layer_its_kind(rng, tmp_path):
+    """A LoRA fused into a "mixed" pipeline: a packed layer (attn1.to_q) holds the fused weight rounded to bf16
+    again, a float32 one (a resnet conv, proj_in, CLIP's fc1) the fused float32 weight; unloading puts back the
+    very originals."""
+    pipe = npdiff.StableDiffusionPipeline.from_pretrained(tiny_sd_folder(), scheduler="euler", precision="mixed")
+    parts = kohya_lora(pipe, tmp_path / "style.safetensors", rng)
+    originals = {name: layer.weight for name, (layer, *_) in parts.items()}
+    values = {name: np.array(float32_values(weight)) for name, weight in originals.items()}
+    assert {name: is_packed(weight) for name, weight in originals.items()} == {
+        name: name.endswith("to_q") for name in parts}
+    scale = 0.8
+    pipe.load_lora_weights(tmp_path / "style.safetensors", scale=scale)
+    for name, (layer, down, up, multiplier) in parts.items():
+        assert is_packed(layer.weight) == is_packed(originals[name]) and layer.weight is not originals[name]
+        update = (up @ down.reshape(down.shape[0], -1)).reshape(values[name].shape)  # [out,in(,k,k)]
+        fused = values[name] + np.float32(scale * multiplier) * update                # float32, like torch
+        if is_packed(layer.weight):
+            fused = bf16_to_float32(float32_to_bf16(fused)).reshape(fused.shape)       # rounded to bf16 again
+        np.testing.assert_array_equal(float32_values(layer.weight), fused, err_msg=name)
+    pipe.unload_lora_weights()
+    assert all(layer.weight is originals[name] for name, (layer, *_) in parts.items())
 
 
 def test_verify_mixed_prints_each_block_against_torch_float32(capsys):
