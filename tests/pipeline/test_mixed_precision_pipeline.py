@@ -16,9 +16,9 @@ from tiny_sd import tiny_sd_folder
 from tiny_sdxl import tiny_sdxl_folder
 
 import npdiff
+from npdiff.kernels.bf16_rounding import bf16_to_float32, float32_to_bf16
 from npdiff.loading.resident import mapping_of
 from npdiff.lora import named_layers
-from npdiff.kernels.bf16_rounding import bf16_to_float32, float32_to_bf16
 from npdiff.models.precision import BF16_FAMILIES, float32_values, is_packed
 
 PICTURE_LEVELS = 8  # as bf16's tiny-pipeline bound (test_bf16_pipeline.py)
