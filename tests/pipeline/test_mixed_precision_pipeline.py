@@ -1,4 +1,5 @@
-"""precision="mixed" pipelines: SD and SDXL end to end against diffusers float32, the CLI and --reproduce.
+"""precision="mixed" pipelines: SD and SDXL end to end against diffusers float32, the CLI and --reproduce, its
+own packed-weight cache file, a LoRA on its layers of both kinds, and `npdiff verify --precision mixed`.
 
 At "mixed" the UNet runs the families of precision.BF16_FAMILIES["mixed"] in bf16 and the rest in float32, and
 the text encoders and the VAE are float32 (tests/models/test_mixed_precision_models.py checks the networks).
