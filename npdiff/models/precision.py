@@ -79,8 +79,8 @@ BF16_FAMILIES = {
     # measured on the 1024x1024 SDXL job against diffusers float32 (benchmarks/sdxl_precision_mix.py, RESULTS.md
     # "SDXL", text encoders and VAE float32): the whole UNet bf16 left the picture 3 levels away (135 values > 2);
     # float32 convolutions alone 3 (1 value), float32 "small" layers alone 3 (4 values), both together 1 level (0
-    # values > 2; latents 2.1e-3 from diffusers', bf16's 7.7e-3). They are the cheap ones (~14% of the float32
-    # UNet's time): the transformer matmuls and the attention, most of it, keep bf16's speed.
+    # values > 2; latents 2.1e-3 from diffusers', bf16's 7.7e-3). They are the cheap ones (convolutions: 7.5 s of
+    # the float32 SDXL UNet call's 56 s); the transformer matmuls and the attention, most of it, keep bf16's speed.
     "mixed": frozenset({"attention", "linear", "geglu"}),
 }
 # the first part of a UNet's or ControlNet's weight names (a VAE's start with encoder./decoder./quant_conv,
