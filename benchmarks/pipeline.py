@@ -310,8 +310,9 @@ def run_side(job, side, args, scratch):
     }
 
 
-def compare(rows):
-    """Ratios npdiff/diffusers and the pixel difference, onto the npdiff row of each job."""
+def compare(rows, reference_picture=None):
+    """Ratios npdiff/diffusers and the pixel difference, onto the npdiff row of each job. reference_picture:
+    diffusers' picture [H,W,3] uint8 saved earlier, compared with npdiff's when diffusers' side did not run."""
     import numpy as np
 
     by_job = {}
@@ -320,12 +321,16 @@ def compare(rows):
     for sides in by_job.values():
         for row in sides.values():
             row["picture_std"] = float(row["picture"].std())
-        if len(sides) < 2:
+        ours, theirs = sides.get("npdiff"), sides.get("diffusers")
+        if ours is not None and theirs is not None:
+            ours["wall_ratio"] = ours["wall_s"] / theirs["wall_s"]
+            ours["rss_ratio"] = ours["peak_rss_gib"] / theirs["peak_rss_gib"]
+        reference = theirs["picture"] if theirs is not None else reference_picture
+        if ours is None or reference is None:
             continue
-        ours, theirs = sides["npdiff"], sides["diffusers"]
-        ours["wall_ratio"] = ours["wall_s"] / theirs["wall_s"]
-        ours["rss_ratio"] = ours["peak_rss_gib"] / theirs["peak_rss_gib"]
-        diff = np.abs(ours["picture"].astype(np.int16) - theirs["picture"].astype(np.int16))
+        if reference.shape != ours["picture"].shape:
+            sys.exit(f"--reference-picture has shape {reference.shape}; npdiff's picture {ours['picture'].shape}")
+        diff = np.abs(ours["picture"].astype(np.int16) - reference.astype(np.int16))
         ours["max_pixel_diff"] = int(diff.max())
         ours["pixels_over_2"] = float((diff > 2).mean())
 
@@ -383,8 +388,12 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="with --sdxl: few-channel SDXL networks, a check run")
     parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated: npdiff, diffusers (default both)")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                        help="the npdiff side's precision (bf16: weights packed in bfloat16 at load)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "bf16x3", "mixed"],
+                        help="the npdiff side's precision (bf16: weights packed in bfloat16 at load; mixed: "
+                             "the UNet's bf16 families of npdiff/models/precision.py, the rest float32)")
+    parser.add_argument("--reference-picture", default=None,
+                        help="with --sides npdiff: diffusers' picture saved earlier to compare with (an .npz with "
+                             "'picture' [H,W,3] uint8, as benchmarks/sdxl_precision_mix.py --reference writes)")
     parser.add_argument("--import-first", choices=("numpy", "npdiff"), default="numpy",
                         help="what the npdiff side's process imports first, as a user's script (default numpy)")
     parser.add_argument("--cache", default=None, help="folder of the random SD 1.5-size weights "
@@ -419,6 +428,12 @@ def main():
 
     from _common import write_json
 
+    reference = None
+    if args.reference_picture:  # read before any side runs: a wrong file is an error now, not after the job
+        import numpy as np
+
+        reference = np.load(args.reference_picture)["picture"]  # [H,W,3] uint8
+
     topic = f"pipeline-{'+'.join(jobs)}-{args.size}px"
 
     def save(rows):  # after every process, so a run stopped part-way keeps what it measured
@@ -432,7 +447,7 @@ def main():
             for side in sides:
                 rows.append(run_side(job, side, args, scratch))
                 save(rows)
-    compare(rows)
+    compare(rows, reference)
     print_results(rows)
     print(f"\nwrote {save(rows)}")
 

@@ -268,7 +268,8 @@ def add_batch_command(subparsers):
                    help=f"classifier-free guidance scale (default {DEFAULTS['guidance']})")
     p.add_argument("--sampler", default=None, help="sampler for lines without one (default: the model's own)")
     p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
-                   help="load the model at fp32, bf16 (weights in bfloat16: half the memory) or bf16x3; one for the batch")
+                   help="load the model at fp32, bf16 (weights in bfloat16: half the memory), bf16x3 or mixed (the "
+                        "UNet's transformer matmuls and attention in bf16); one for the batch")
     p.add_argument("--height", type=int, default=None,
                    help="picture height, a multiple of 64 for SD (16 for the shipped model)")
     p.add_argument("--width", type=int, default=None,

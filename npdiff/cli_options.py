@@ -41,7 +41,9 @@ def add_sampling_options(p):
     p.add_argument("--precision", default=None, choices=list(PRECISIONS),
                    help="fp32 (the default) or bf16: the networks' weights in bfloat16 (half the memory, AVX-512 "
                    "BF16 products summed in float32; a picture within a few levels of fp32's) or bf16x3 (Linear "
-                   "layers as three bf16 products on AMX tiles, float32's accuracy); stored in the PNG")
+                   "layers as three bf16 products on AMX tiles, float32's accuracy) or mixed (only the UNet's "
+                   "transformer matmuls and attention in bf16: fp32's picture within a level or two); "
+                   "stored in the PNG")
     p.add_argument("--vae", default=None, metavar="FOLDER",
                    help="decode (and encode) with this VAE instead of the model's: a diffusers AutoencoderKL or "
                    "AutoencoderTiny (TAESD) folder; its name is stored in the PNG")

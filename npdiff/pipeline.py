@@ -123,7 +123,9 @@ class StableDiffusionPipeline(PipelineMemoryMixin):
                    v_prediction, as diffusers; pass "epsilon" for the 512-pixel SD 2.x base models).
         precision: "fp32", or "bf16": the networks' Linear and Conv2d weights held in bfloat16 (half the
                    memory; their products on the CPU's AVX-512 BF16 instructions, summed in float32), norms,
-                   attention scores, softmax and the scheduler in float32 (npdiff/models/precision.py).
+                   attention scores, softmax and the scheduler in float32 (npdiff/models/precision.py); or
+                   "mixed": only the UNet's transformer matmuls and attention in bfloat16, the rest float32
+                   (float32's picture within a level or two, most of bf16's speed); or "bf16x3".
         """
         path = default_model_path() if path is None else Path(path).expanduser()
         parts = load_components(path, variant=variant, tokenizer=tokenizer, prediction_type=prediction_type,

@@ -144,7 +144,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         force_zeros_for_empty_prompt / requires_aesthetics_score: None -> model_index.json's values (a single
         file: the UNet's add_embedding width says whether it takes the aesthetic score, i.e. is a refiner;
         a refiner does not zero its negative prompt, a base does, as diffusers' configs).
-        precision: "fp32" or "bf16", as StableDiffusionPipeline.from_pretrained.
+        precision: "fp32", "bf16", "mixed" or "bf16x3", as StableDiffusionPipeline.from_pretrained ("mixed": the
+        same picture as diffusers' float32 within a level on the SDXL job measured, at most of bf16's speed).
         An SD 1.x/2.x model is an NpdiffError naming StableDiffusionPipeline.
         """
         path = default_model_path() if path is None else Path(path).expanduser()

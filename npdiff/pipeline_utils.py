@@ -119,8 +119,8 @@ def load_components(path, variant=None, tokenizer=None, prediction_type=None, fa
     family: "sd" (SD 1.x/2.x: StableDiffusionPipeline) or "sdxl" (text_encoder_2 present: an SDXL base, or a
           refiner without text_encoder); a model of the other family is an NpdiffError naming the pipeline
           that loads it, before any network is built.
-    precision: "fp32" or "bf16" (the networks' Linear and Conv2d weights packed in bfloat16:
-          npdiff/models/precision.py); checked before anything is read.
+    precision: "fp32", "bf16" (the networks' Linear and Conv2d weights packed in bfloat16), "bf16x3" or "mixed"
+          (some of the UNet's layers in bfloat16): npdiff/models/precision.py; checked before anything is read.
     """
     path = Path(path).expanduser()
     check_precision(precision)

@@ -20,7 +20,8 @@ IMAGE_LEVELS_TOL = 2
 # colours unchanged): at bf16 the sampling rows are printed, not judged (None).
 BF16_NETWORK_TOL = 3e-2
 TOLERANCES = {"fp32": (NETWORK_TOL, IMAGE_LEVELS_TOL), "bf16": (BF16_NETWORK_TOL, None),
-              "bf16x3": (NETWORK_TOL, IMAGE_LEVELS_TOL)}  # bf16x3: float32's accuracy (matmul_bf16x3.py)
+              "bf16x3": (NETWORK_TOL, IMAGE_LEVELS_TOL),  # bf16x3: float32's accuracy (matmul_bf16x3.py)
+              "mixed": (BF16_NETWORK_TOL, None)}  # mixed: a UNet part bf16 (models/precision.py), judged as bf16
 PROMPTS = ["a photo of an astronaut riding a horse on mars", "", "watercolor, ÉCOLE 東京 🐱 (detail:1.2)!"]
 
 

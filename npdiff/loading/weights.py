@@ -25,12 +25,15 @@ loading leaves the weights in the page cache, not resident, and the first call f
 A mapped float32 tensor found finite is remembered on disk per file (finite_cache.py: while the file's
 size, times, inode and device are unchanged), so the next process loading the same file skips its check.
 
-precision: "fp32" (the default) or "bf16", set by the models' from_pretrained(..., precision=...) before the
-model is built (set_precision). The Linear and Conv2d layers read it (npdiff/models/precision.py): at
-"bf16" they take their weight as float32 one tensor at a time and pack it into bfloat16 at once, so no
-float32 copy of the whole model is ever made. Everything else (norms, biases, embeddings) stays float32.
+precision: "fp32" (the default), "bf16", "bf16x3" or "mixed", set by the models' from_pretrained(...,
+precision=...) before the model is built (set_precision). The Linear and Conv2d layers read it
+(npdiff/models/precision.py): at "bf16" they take their weight as float32 one tensor at a time and pack it
+into bfloat16 at once, so no float32 copy of the whole model is ever made. Everything else (norms, biases,
+embeddings) stays float32.
 "bf16x3" packs the Linear weights the same way (as a bf16 hi + lo pair, float32's bytes) and keeps Conv2d
-weights float32 as "fp32" does (file-backed).
+weights float32 as "fp32" does (file-backed). "mixed" packs the layers of some of a UNet's op families as
+"bf16" does and keeps the rest float32, and the text encoders' and the VAE's all float32 (precision.py's
+BF16_FAMILIES says which).
 At "bf16", F16/BF16 tensors are widened into private memory per tensor (file_backed=False) rather than into
 widened.py's file, whose float32 room for every half tensor of the file would be reserved on disk for the
 few small tensors kept in float32.
@@ -55,11 +58,11 @@ from npdiff.loading.resident import mapping_of, release_array_pages
 # widening copy itself (32-48 ms); loading the shipped model (22 MB as float32, 1.6 s in all) spends
 # 4 ms in it. A Numba loop (sum of v * 0) was slower (64 ms), min()+max() no faster (19 ms).
 FINITE_CHUNK = 1 << 20  # values per isfinite call
-PRECISIONS = ("fp32", "bf16", "bf16x3")  # what from_pretrained(..., precision=...) accepts
+PRECISIONS = ("fp32", "bf16", "bf16x3", "mixed")  # what from_pretrained(..., precision=...) accepts
 
 
 def check_precision(precision):
-    """"fp32", "bf16" or "bf16x3" as given; NpdiffError naming the value otherwise."""
+    """"fp32", "bf16", "bf16x3" or "mixed" as given; NpdiffError naming the value otherwise."""
     if not isinstance(precision, str) or precision not in PRECISIONS:
         raise NpdiffError(f"precision must be one of {', '.join(repr(name) for name in PRECISIONS)}; "
                           f"got {precision!r}")
@@ -103,7 +106,7 @@ class Weights:
         self.when_built = []  # callables finish(complete) that check_all_used runs (the packed bf16 cache's)
 
     def set_precision(self, precision):
-        """Build the model's Linear/Conv2d weights in `precision` ("fp32" or "bf16"); -> self."""
+        """Build the model's Linear/Conv2d weights in `precision` (one of PRECISIONS); -> self."""
         self.precision = check_precision(precision)
         return self
 

@@ -151,7 +151,7 @@ class CLIPTextModel:
         self.position_embedding = weights.take(position_key, (positions, dim))      # [P,D]
         activation = ACTIVATIONS[c["hidden_act"]]
         copy_bytes = 4 * c["num_hidden_layers"] * (4 * dim * dim + 2 * dim * c["intermediate_size"])
-        small = copy_bytes <= TRANSPOSED_COPY_LIMIT and weights.precision == "fp32"  # bf16: packed already
+        small = copy_bytes <= TRANSPOSED_COPY_LIMIT and precision.keeps_float32(weights, "other")  # else packed
         self.linear = TransposedLinear if small else Linear
         self.layers = [CLIPEncoderLayer(weights, child(prefix, f"encoder.layers.{i}"), c, activation, self.linear)
                        for i in range(c["num_hidden_layers"])]

@@ -98,7 +98,10 @@ def cache_path(weights):
         stem = stem.removesuffix(suffix)
     name = f"{stem}-{part}" if part else f"{source.parent.name}-{stem}"
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:60]
-    return cache_folder() / "bf16" / f"{name}-{bf16_kernel()}-{digest}.bf16pack"
+    # another precision that packs only some layers ("mixed") keeps its own file: were it to write the bf16 one,
+    # a later bf16 load would find it short of layers and pack those into private memory
+    kind = "" if weights.precision == "bf16" else f"-{weights.precision}"
+    return cache_folder() / "bf16" / f"{name}{kind}-{bf16_kernel()}-{digest}.bf16pack"
 
 
 def sources_identity(weights):

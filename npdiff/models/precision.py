@@ -1,4 +1,4 @@
-"""The two precisions a model's Linear and Conv2d layers run in, and the one place that tells them apart.
+"""The precisions a model's layers run in (fp32, bf16, bf16x3, mixed), and the one place that tells them apart.
 
     weight = take_layer_weight(weights, "conv_in.weight", (320, 4, 3, 3), "conv")  # float32, or packed bf16
     y = conv2d(x, weight, bias, stride=1, padding=1)    # the float32 kernel, or the bfloat16 one
@@ -28,6 +28,13 @@ multiplies x_lo W_hi + x_hi W_lo + x_hi W_hi in one AMX GEMM of triple depth, wi
 Conv2d weights stay float32 and run float32's kernels (Winograd), as does everything that is not a Linear.
 A CPU without usable AMX tiles keeps the float32 Linear weights and runs float32 (after a one-line note).
 
+precision="mixed": float32's picture class at most of bf16's speed. Each layer belongs to an op family
+(layer_family, from its weight's name; FAMILIES below): a UNet's or ControlNet's layers of the families in
+BF16_FAMILIES["mixed"] are packed and run as at "bf16" (and its attention too when "attention" is one of them),
+every other layer stays float32 as at "fp32", and so does every layer of the text encoders and the VAE (family
+"other"). At "mixed": the transformer blocks' Linear layers, GEGLU and attention in bf16; convolutions, the
+small layers, the text encoders and the VAE float32 (BF16_FAMILIES says why: measured).
+
 Which kernel runs follows the weight's type, not a flag: a LoRA fused into a bf16 layer re-packs the fused
 weight (npdiff/lora.py), and unloading puts the packed original back, so a layer never holds the other kind.
 """
@@ -54,6 +61,32 @@ from npdiff.models import packed_cache
 
 _noted_slow_cpu = []  # one entry once the note about a CPU without AVX512_BF16 was given
 _noted_no_amx = []  # one entry once the note about bf16x3 without AMX was given
+
+# The op families of a network, as layer_family() and attention_family() name them:
+#   conv       the UNet's (and ControlNet's) resnets' 3x3 convolutions and the down/upsamplers' convolutions
+#   attention  softmax(q k^T) v of the UNet's transformer blocks (bf16: q, k, v and the probabilities rounded)
+#   linear     the transformer blocks' to_q/to_k/to_v/to_out.0 and ff.net.2
+#   geglu      the transformer blocks' ff.net.0.proj with its gate (x * gelu(gate))
+#   small      the rest of a UNet/ControlNet: conv_in, conv_out, conv_shortcut, proj_in/out, time_emb_proj,
+#              time_embedding, add_embedding, the ControlNet's conditioning embedding and zero convolutions
+#   other      every layer of a network that is not a UNet or a ControlNet: the text encoders, the VAE
+FAMILIES = ("conv", "attention", "linear", "geglu", "small", "other")
+# which families each precision runs in bfloat16 (every other family float32); bf16x3 is its own scheme
+BF16_FAMILIES = {
+    "fp32": frozenset(),
+    "bf16": frozenset(FAMILIES),
+    "bf16x3": frozenset(),
+    # measured on the 1024x1024 SDXL job against diffusers float32 (benchmarks/sdxl_precision_mix.py, RESULTS.md
+    # "SDXL", text encoders and VAE float32): the whole UNet bf16 left the picture 3 levels away (135 values > 2);
+    # float32 convolutions alone 3 (1 value), float32 "small" layers alone 3 (4 values), both together 1 level (0
+    # values > 2; latents 2.1e-3 from diffusers', bf16's 7.7e-3). They are the cheap ones (convolutions: 7.5 s of
+    # the float32 SDXL UNet call's 56 s); the transformer matmuls and the attention, most of it, keep bf16's speed.
+    "mixed": frozenset({"attention", "linear", "geglu"}),
+}
+# the first part of a UNet's or ControlNet's weight names (a VAE's start with encoder./decoder./quant_conv,
+# a text encoder's with text_model. or encoder.layers: none of these)
+UNET_KEY_STARTS = ("conv_in.", "time_embedding.", "add_embedding.", "class_embedding.", "encoder_hid_proj.",
+                   "down_blocks.", "mid_block.", "up_blocks.", "conv_norm_out.", "conv_out.", "controlnet_")
 
 
 def is_packed(weight):
@@ -104,7 +137,8 @@ def take_layer_weight(weights, key, shape, kind, stored_shape=None):
     stored_shape: the shape to check against the file when it differs from `shape` (a 1x1 convolution's
     [out,in,1,1] read as a Linear's [out,in])."""
     stored_shape = shape if stored_shape is None else stored_shape
-    store = packed_cache.store_for(weights) if weights.precision == "bf16" and backend.name() == "numpy" else None
+    in_bf16 = runs_bf16(weights, layer_family(key, kind))
+    store = packed_cache.store_for(weights) if in_bf16 and backend.name() == "numpy" else None
     if store is not None and store.reading:
         weights.claim(key, stored_shape)  # the shape checked and the key counted as used, nothing read
         cached = store.get(key, kind, shape)  # packed from these very file bytes (checked for NaN/Inf then)
@@ -113,10 +147,11 @@ def take_layer_weight(weights, key, shape, kind, stored_shape=None):
     values = weights.take(key, stored_shape).reshape(shape)           # float32 (one tensor only)
     if weights.precision == "bf16x3" and kind == "linear":
         return _take_bf16x3(key, values)                            # [out,in] float32 -> packed bf16 hi + lo
-    if weights.precision != "bf16":
+    if not in_bf16:
         return values
     if array_module(values) is not np:
-        raise NpdiffError(f"precision='bf16' runs on the CPU (NumPy backend) only; key '{key}' is on the GPU")
+        raise NpdiffError(f"precision={weights.precision!r} runs on the CPU (NumPy backend) only; key '{key}' is "
+                          "on the GPU")
     note_cpu_without_bf16()
     packed = pack_linear_bf16(values) if kind == "linear" else pack_conv_bf16(values)  # float32 -> bf16, packed
     # packing paged the file's float32 tensor in again: drop those pages now, not when the whole model is built
@@ -135,6 +170,39 @@ def _take_bf16x3(key, values):
     if packed.layout != "float32":  # the float32 layout keeps `values` itself: its pages stay in use
         release_array_pages([values])                               # as at bf16: the file's pages go now
     return packed
+
+
+def layer_family(key, kind):
+    """The op family (FAMILIES) of the Linear ("linear") or Conv2d ("conv") layer whose weight is `key`."""
+    if not key.startswith(UNET_KEY_STARTS):
+        return "other"
+    module = key.removesuffix(".weight")
+    if module.endswith(".ff.net.0.proj"):
+        return "geglu"
+    in_attention = ".attn1." in module or ".attn2." in module
+    if module.endswith(".ff.net.2") or (in_attention and module.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))):
+        return "linear"
+    resnet_conv = ".resnets." in module and module.endswith((".conv1", ".conv2"))
+    resample_conv = module.endswith((".downsamplers.0.conv", ".upsamplers.0.conv"))
+    if kind == "conv" and (resnet_conv or resample_conv):
+        return "conv"
+    return "small"
+
+
+def attention_family(prefix):
+    """The op family of the attention (softmax(q k^T) v) of the attention module named `prefix`."""
+    return "attention" if prefix.startswith(UNET_KEY_STARTS) else "other"
+
+
+def runs_bf16(weights, family):
+    """True when the model built from `weights` runs op family `family` in bfloat16 (its precision's choice)."""
+    return family in BF16_FAMILIES[weights.precision]
+
+
+def keeps_float32(weights, family):
+    """True when the layers of `family` hold plain float32 arrays in the model built from `weights` (neither
+    packed bf16 nor, at "bf16x3", a Linear's packed hi + lo pair)."""
+    return weights.precision != "bf16x3" and not runs_bf16(weights, family)
 
 
 def linear(x, weight, bias=None):

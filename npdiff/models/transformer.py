@@ -123,7 +123,7 @@ class Attention:
         self.to_out = Linear(weights, child(prefix, "to_out.0"), inner_dim, query_dim, bias=out_bias)
         self.heads = heads
         self.scale = dim_head ** -0.5
-        self.bf16 = weights.precision == "bf16"  # the attention itself in bf16 too (attend)
+        self.bf16 = precision.runs_bf16(weights, precision.attention_family(prefix))  # attend in bf16 too
 
     def __call__(self, x, context=None):
         context = x if context is None else context
@@ -243,7 +243,7 @@ class AttentionBlock:
         self.to_v = Linear(weights, child(prefix, names["to_v"]), channels, channels)
         self.to_out = Linear(weights, child(prefix, names["to_out.0"]), channels, channels)
         self.scale = channels ** -0.5
-        self.bf16 = weights.precision == "bf16"  # the attention itself in bf16 too (attend)
+        self.bf16 = precision.runs_bf16(weights, precision.attention_family(prefix))  # attend in bf16 too
         self.rescale_output_factor = float(rescale_output_factor)
 
     def __call__(self, x):

@@ -65,19 +65,22 @@ class LayerCalls:
     def _recorder(self, kind, function):
         def call(x, weight, bias=None, *args, **kwargs):
             out = function(x, weight, bias, *args, **kwargs)
-            self.calls.append((kind, self.keys[id(weight)], np.array(x), np.array(out), args, kwargs))
+            self.calls.append((kind, self.keys[id(weight)], np.array(x), np.array(out), args, kwargs,
+                               is_packed(weight)))
             return out
         return call
 
     def check_against(self, torch_model, activation=None):
         """Each recorded call against torch's module of the same name on the same input, both rounded to
-        bf16; -> the largest relative error."""
+        bf16 where npdiff's weight is packed (as float32 where it is not: precision "mixed"); -> the largest
+        relative error."""
         assert self.calls, "no layer ran"
         worst = 0.0
-        for kind, key, x, out, args, kwargs in self.calls:
+        for kind, key, x, out, args, kwargs, packed in self.calls:
             module = torch_module(torch_model, key)
-            weight, bias = bf16(module.weight.detach()), module.bias
-            x = bf16(torch.from_numpy(x))
+            weight, bias, x = module.weight.detach(), module.bias, torch.from_numpy(x)
+            if packed:
+                weight, x = bf16(weight), bf16(x)
             with torch.no_grad():
                 if kind == "conv2d":
                     expected = F.conv2d(x, weight, bias, *args, **kwargs)
@@ -88,7 +91,8 @@ class LayerCalls:
                     expected = value * F.gelu(gate)
                 elif kind == "linear_activation":
                     expected = TORCH_ACTIVATIONS[args[0] if args else kwargs["activation"]](expected)
-            worst = max(worst, assert_rel_close(out, expected, KERNEL_TOL, f"{kind} {key} at bf16"))
+            what = f"{kind} {key} at {'bf16' if packed else 'float32'}"
+            worst = max(worst, assert_rel_close(out, expected, KERNEL_TOL, what))
         return worst
 
 
@@ -200,10 +204,12 @@ def test_half_precision_files_pack_straight_from_their_values(dtype, rng, tmp_pa
     calls.check_against(widened)
 
 
-def test_controlnet_bf16_matches_torch_layer_by_layer(rng, monkeypatch):
+def check_controlnet_layer_by_layer(precision_name, rng, monkeypatch):
+    """A tiny ControlNet at `precision_name`: every layer call against torch, the mid output against torch
+    float32 (report); -> the npdiff ControlNet."""
     _, unet_folder = tiny_unet("sd1", seed=0)
     torch_net, net_folder = tiny_controlnet(unet_folder, seed=3)
-    ours = ControlNetModel.from_pretrained(net_folder, precision="bf16")
+    ours = ControlNetModel.from_pretrained(net_folder, precision=precision_name)
     sample, timestep, context, _ = unet_inputs(rng, ours.config, height=4, width=8)
     control = rng.random((2, 3, 32, 64), dtype=np.float32)
     calls = LayerCalls(monkeypatch, ours)
@@ -211,7 +217,12 @@ def test_controlnet_bf16_matches_torch_layer_by_layer(rng, monkeypatch):
     with torch.no_grad():
         _, plain_mid = torch_net(torch.from_numpy(sample), timestep, torch.from_numpy(context),
                                  torch.from_numpy(control), return_dict=False)
-    report("controlnet mid", calls.check_against(torch_net), rel_err(mid, plain_mid))
+    report(f"controlnet mid at {precision_name}", calls.check_against(torch_net), rel_err(mid, plain_mid))
+    return ours
+
+
+def test_controlnet_bf16_matches_torch_layer_by_layer(rng, monkeypatch):
+    check_controlnet_layer_by_layer("bf16", rng, monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------

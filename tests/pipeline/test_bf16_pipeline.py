@@ -9,6 +9,7 @@ weight; and the shipped model still drawing the named colours at bf16.
 
 import numpy as np
 import pytest
+from precision_cli import check_precision_round_trip
 from safetensors.numpy import save_file
 from shipped import MODEL_DIR, shape_classifier, shapes_data, to_uint8
 from tiny_sd import tiny_sd_folder
@@ -99,7 +100,7 @@ def test_bf16_pipeline_draws_after_a_lora_and_textual_inversion(rng, tmp_path):
 
 
 def test_unknown_precision_is_refused_before_loading(tmp_path):
-    with pytest.raises(NpdiffError, match="precision must be one of 'fp32', 'bf16', 'bf16x3'; got 'fp16'"):
+    with pytest.raises(NpdiffError, match="precision must be one of 'fp32', 'bf16', 'bf16x3', 'mixed'; got 'fp16'"):
         npdiff.StableDiffusionPipeline.from_pretrained(tmp_path / "missing", precision="fp16")
 
 
@@ -118,25 +119,7 @@ def test_shipped_model_draws_the_named_colours_at_bf16(seed):
 def test_cli_precision_is_stored_and_reproduced(tmp_path, capsys):
     """--precision bf16: in the PNG's JSON and AUTOMATIC1111 text; --reproduce loads bf16 again and gives the
     same picture; parse_infotext reads the text back."""
-    from helpers import pixels
-    from PIL import Image
-
-    from npdiff import cli
-    from npdiff.images import read_png_params
-    from npdiff.infotext import parse_infotext
-
-    folder = tiny_sd_folder()
-    first, again = tmp_path / "first.png", tmp_path / "again.png"
-    common = ["--model", str(folder), "--steps", "2", "--height", "32", "--width", "32", "--sampler", "euler"]
-    assert cli.main(["generate", "a red circle", "--seed", "3", "--precision", "bf16", "--out", str(first)] + common) == 0
-    assert "precision bf16" in capsys.readouterr().err
-    assert read_png_params(first)["precision"] == "bf16"
-    with Image.open(first) as picture:
-        text = picture.text["parameters"]
-    assert "Precision: bf16" in text and parse_infotext(text)["precision"] == "bf16"
-    assert cli.main(["generate", "--reproduce", str(first), "--model", str(folder), "--out", str(again)]) == 0
-    assert "precision bf16" in capsys.readouterr().err
-    np.testing.assert_array_equal(pixels(again), pixels(first))
+    check_precision_round_trip("bf16", tiny_sd_folder(), tmp_path, capsys)
 
 
 def test_verify_bf16_prints_each_block_against_torch_float32(capsys):

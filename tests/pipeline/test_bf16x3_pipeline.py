@@ -5,6 +5,7 @@ float32's within 1 level per pixel (the task's bound; bf16 differs by several le
 """
 
 import numpy as np
+from precision_cli import check_precision_round_trip
 from shipped import MODEL_DIR, shapes_data, to_uint8
 
 import npdiff
@@ -29,23 +30,6 @@ def test_shipped_model_at_bf16x3_draws_float32s_picture(seed):
 
 def test_cli_precision_bf16x3_is_stored_and_reproduced(tmp_path, capsys):
     """--precision bf16x3: in the PNG's JSON and AUTOMATIC1111 text; --reproduce loads bf16x3 again."""
-    from helpers import pixels
-    from PIL import Image
     from tiny_sd import tiny_sd_folder
 
-    from npdiff import cli
-    from npdiff.images import read_png_params
-    from npdiff.infotext import parse_infotext
-
-    folder = tiny_sd_folder()
-    first, again = tmp_path / "first.png", tmp_path / "again.png"
-    common = ["--model", str(folder), "--steps", "2", "--height", "32", "--width", "32", "--sampler", "euler"]
-    assert cli.main(["generate", "a red circle", "--seed", "3", "--precision", "bf16x3", "--out", str(first)]
-                    + common) == 0
-    assert "precision bf16x3" in capsys.readouterr().err
-    assert read_png_params(first)["precision"] == "bf16x3"
-    with Image.open(first) as picture:
-        assert parse_infotext(picture.text["parameters"])["precision"] == "bf16x3"
-    assert cli.main(["generate", "--reproduce", str(first), "--model", str(folder), "--out", str(again)]) == 0
-    assert "precision bf16x3" in capsys.readouterr().err
-    np.testing.assert_array_equal(pixels(again), pixels(first))
+    check_precision_round_trip("bf16x3", tiny_sd_folder(), tmp_path, capsys)
