@@ -51,6 +51,7 @@ about 14 GB, made once: diffusers needs ~11 GB of memory to make and save the UN
 The default sides are then npdiff and torch (--sides openvino adds it). With --tiny, sdxl-tiny-random.
 
 --precision bf16x3: the npdiff side with its Linear layers as three bf16 products on AMX (float32 accuracy).
+--precision mixed: the npdiff side with the UNet's transformer matmuls and attention in bf16, the rest float32.
 --precision bf16: the npdiff side at bfloat16 (weights packed, products on AVX-512 BF16 summed in float32),
 torch_bf16 beside torch by default; the ratio and the error are against torch's float32. The per-kernel
 counters wrap the float32 kernels only, so the FLOP columns count the attention matmuls alone: left out.
@@ -434,7 +435,7 @@ def main():
                         f"with --tiny {TINY_CACHE})")
     parser.add_argument("--import-first", choices=("numpy", "torch", "npdiff"), default="numpy",
                         help="what every side's process imports first, as a user's script would (default numpy)")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "bf16x3"],
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "bf16x3", "mixed"],
                         help="the npdiff side's precision (bf16: torch_bf16 runs beside torch by default)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("component", nargs="?", help=argparse.SUPPRESS)
