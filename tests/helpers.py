@@ -1,7 +1,12 @@
-"""Helpers shared by the tests: relative error, torch <-> numpy, a PNG's pixels, a time limit."""
+"""Helpers shared by the tests: relative error, torch <-> numpy, a PNG's pixels, a time limit, a mapped file's
+resident bytes."""
 
+import mmap
+import os
 import signal
+import struct
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -67,3 +72,24 @@ def time_limit(what, seconds=10):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def mapped_rss_bytes(path):
+    """Resident bytes of this process's mappings of the file `path`, from /proc/self/smaps (Linux)."""
+    target, total, inside = os.path.realpath(path), 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+            inside = len(fields) >= 6 and fields[5] == target  # a mapping's first line: range perms ... path
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
+
+
+def unreleasable_bytes(path):
+    """What release may leave resident of a file's map: the header's pages (the kernel's fault-around maps
+    pages next to a touched one, header included) and a partial page at each end of the data."""
+    page = mmap.PAGESIZE
+    with open(path, "rb") as handle:
+        data_start = 8 + struct.unpack("<Q", handle.read(8))[0]
+    return -(-data_start // page) * page + 2 * page

@@ -198,9 +198,12 @@ class Weights:
         remembered = mapped and finite and ref.file.identity is not None and \
             record_key in known_finite(ref.file.real_path, ref.file.identity)  # checked by an earlier load
         bad = first_non_finite(values) if finite and not remembered else None
+        if mapped and finite:
+            # released again by check_all_used() whether or not it was checked here: a model's own
+            # preparation (TransposedLinear's copy) pages it in too
+            self._mapped.append(values)
         if mapped and finite and not remembered:
             release_array_pages([values])  # the check paged the tensor in; leave it in the page cache
-            self._mapped.append(values)
             if bad is None:
                 self._found_finite.setdefault(ref.file, set()).add(record_key)
         if bad is not None:

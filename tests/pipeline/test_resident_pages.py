@@ -3,13 +3,10 @@ tiny model (tiny_sd.py): every float32 weight is a view of its file's map (no co
 map's resident pages (the kernel's own count, /proc/self/smaps), and pictures are byte-identical
 before and after a release, with and without the release between stages."""
 
-import os
-import struct
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from helpers import mapped_rss_bytes, unreleasable_bytes
 from tiny_sd import tiny_sd_folder
 
 from npdiff.loading import resident
@@ -17,27 +14,6 @@ from npdiff.loading.resident import mapped_arrays, mapping_of, reachable, releas
 from npdiff.models import unet as unet_module
 from npdiff.models.transformer import TransposedLinear
 from npdiff.pipeline import StableDiffusionPipeline
-
-
-def mapped_rss_bytes(path):
-    """Resident bytes of this process's mappings of the file `path`, from /proc/self/smaps (Linux)."""
-    target, total, inside = os.path.realpath(path), 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        fields = line.split()
-        if fields and "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
-            inside = len(fields) >= 6 and fields[5] == target  # a mapping's first line: range perms ... path
-        elif inside and fields[0] == "Rss:":
-            total += int(fields[1]) * 1024
-    return total
-
-
-def unreleasable_bytes(path):
-    """What release may leave resident of a file's map: the header's pages (the kernel's fault-around maps
-    pages next to a touched one, header included) and a partial page at each end of the data."""
-    page = resident.mmap.PAGESIZE
-    with open(path, "rb") as handle:
-        data_start = 8 + struct.unpack("<Q", handle.read(8))[0]
-    return -(-data_start // page) * page + 2 * page
 
 
 @pytest.fixture(scope="module")
