@@ -13,6 +13,7 @@ import ipaddress
 import sys
 
 from npdiff.errors import NpdiffError
+from npdiff.loading.weights import PRECISIONS
 from npdiff.serve_models import ModelShelf
 
 INSTALL_HINT = "npdiff serve needs the 'serve' extra: pip install 'npdiff[serve]' (FastAPI and uvicorn)"
@@ -73,8 +74,9 @@ def add_serve_command(subparsers):
                               "page at /. Needs the 'serve' extra: pip install 'npdiff[serve]'.")
     p.add_argument("--model", default=None, help="the model loaded first: diffusers folder or .safetensors file "
                    "(default: the shipped model)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="load every model at fp32 or bf16 (weights in bfloat16: half the memory; stored in each PNG)")
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                   help="load every model at this precision (bf16: weights in bfloat16, half the memory; mixed: the "
+                   "UNet's transformer matmuls and attention in bf16, the rest float32; stored in each PNG)")
     p.add_argument("--models-dir", default=None, metavar="DIR",
                    help="models to switch among by name (sd_model_checkpoint): diffusers folders and .safetensors files")
     p.add_argument("--lora-dir", default=None, metavar="DIR",

@@ -47,7 +47,7 @@ def folder_entries(folder, is_model):
 
 class ModelShelf:
     def __init__(self, model=None, models_dir=None, lora_dir=None, preview_vae=None, precision="fp32"):
-        self.precision = check_precision(precision)  # every model this server loads, "fp32" or "bf16"
+        self.precision = check_precision(precision)  # every model this server loads: "fp32", "bf16", "bf16x3" or "mixed"
         for option, folder in (("--models-dir", models_dir), ("--lora-dir", lora_dir)):
             if folder is not None and not Path(folder).is_dir():
                 raise NpdiffError(f"{option} {folder}: no such folder")

@@ -22,9 +22,10 @@ def free_port():
 
 
 @contextmanager
-def running_server(model=None, models_dir=None, lora_dir=None, queue_limit=8, api_auth=None, preview_vae=None):
+def running_server(model=None, models_dir=None, lora_dir=None, queue_limit=8, api_auth=None, preview_vae=None,
+                   precision="fp32"):
     """-> (base URL, app); the server stops when the block ends."""
-    shelf = ModelShelf(model, models_dir, lora_dir, preview_vae)
+    shelf = ModelShelf(model, models_dir, lora_dir, preview_vae, precision)
     shelf.load()
     app = create_app(shelf, queue_limit=queue_limit, api_auth=api_auth)
     port = free_port()

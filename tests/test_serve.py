@@ -141,6 +141,14 @@ def test_progress_moves_the_live_picture_changes_and_interrupt_ends_the_job(serv
     assert progress(server)["state"]["job_count"] == 0
 
 
+def test_serve_precision_mixed_reaches_the_models_and_the_picture():
+    assert cli.build_parser().parse_args(["serve", "--precision", "mixed"]).precision == "mixed"
+    with running_server(precision="mixed") as (url, app):
+        result = client(url).txt2img(prompt="a star", seed=7, steps=2, width=32, height=32)
+    assert "Precision: mixed" in result.info["infotexts"][0]
+    assert np.asarray(result.image).shape == (32, 32, 3)
+
+
 def test_four_concurrent_clients_each_get_their_own_picture(server):
     results = {}
 
