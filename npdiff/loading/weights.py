@@ -202,10 +202,10 @@ class Weights:
             # released again by check_all_used() whether or not it was checked here: a model's own
             # preparation (TransposedLinear's copy) pages it in too
             self._mapped.append(values)
-        if mapped and finite and not remembered:
-            release_array_pages([values])  # the check paged the tensor in; leave it in the page cache
-            if bad is None:
-                self._found_finite.setdefault(ref.file, set()).add(record_key)
+            if not remembered:
+                release_array_pages([values])  # the check paged the tensor in; leave it in the page cache
+                if bad is None:
+                    self._found_finite.setdefault(ref.file, set()).add(record_key)
         if bad is not None:
             position = tuple(int(i) for i in np.unravel_index(bad, expected))
             raise NpdiffError(f"key '{key}' in {self._where(key)} holds {values.reshape(-1)[bad]} at index "
