@@ -31,6 +31,7 @@ NaN or a negative `norm_eps` used to give an all-black picture and exit code 0.
 from npdiff.errors import NpdiffError
 from npdiff.loading.config_rules import (
     EPS,
+    LAYER_COUNT,
     POSITIVE,
     Bool,
     Float,
@@ -107,10 +108,10 @@ RULES = {
     "unet": {
         "sample_size": POSITIVE, "in_channels": POSITIVE, "out_channels": POSITIVE,
         "block_out_channels": ListOf(POSITIVE), "down_block_types": ListOf(Text()),
-        "up_block_types": ListOf(Text()), "layers_per_block": OneOrList(POSITIVE),
+        "up_block_types": ListOf(Text()), "layers_per_block": OneOrList(LAYER_COUNT),
         "attention_head_dim": OneOrList(POSITIVE), "cross_attention_dim": OneOrList(POSITIVE),
-        "transformer_layers_per_block": OneOrList(OneOrList(POSITIVE)),  # SDXL: per block, per layer
-        "reverse_transformer_layers_per_block": Optional(ListOf(OneOrList(POSITIVE))),
+        "transformer_layers_per_block": OneOrList(OneOrList(LAYER_COUNT)),  # SDXL: per block, per layer
+        "reverse_transformer_layers_per_block": Optional(ListOf(OneOrList(LAYER_COUNT))),
         "addition_embed_type": Optional(Text()), "addition_time_embed_dim": Optional(POSITIVE),
         "projection_class_embeddings_input_dim": Optional(POSITIVE), "norm_num_groups": POSITIVE, "norm_eps": EPS,
         "mid_block_scale_factor": Float(), "downsample_padding": IntIn(0, 1), "conv_in_kernel": Int(1, odd=True),
@@ -122,14 +123,14 @@ RULES = {
     "vae": {
         "in_channels": POSITIVE, "out_channels": POSITIVE, "latent_channels": POSITIVE,
         "block_out_channels": ListOf(POSITIVE), "down_block_types": ListOf(Text()),
-        "up_block_types": ListOf(Text()), "layers_per_block": POSITIVE, "norm_num_groups": POSITIVE,
+        "up_block_types": ListOf(Text()), "layers_per_block": LAYER_COUNT, "norm_num_groups": POSITIVE,
         "scaling_factor": Float(0.0, above=True), "sample_size": OneOrList(POSITIVE), "act_fn": Text(),
         "mid_block_add_attention": Bool(), "use_quant_conv": Bool(), "use_post_quant_conv": Bool(),
         "force_upcast": Bool(),
     },
     "text_encoder": {
         "vocab_size": POSITIVE, "hidden_size": POSITIVE, "intermediate_size": POSITIVE,
-        "num_hidden_layers": POSITIVE, "num_attention_heads": POSITIVE, "max_position_embeddings": POSITIVE,
+        "num_hidden_layers": LAYER_COUNT, "num_attention_heads": POSITIVE, "max_position_embeddings": POSITIVE,
         "layer_norm_eps": EPS, "hidden_act": Text(), "projection_dim": POSITIVE,
     },
     "scheduler": {

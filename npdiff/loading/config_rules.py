@@ -109,4 +109,8 @@ class Optional:
 
 
 POSITIVE = Int(1)
+# A count of layers (resnets per block, transformers per layer, CLIP's layers): the weight file must hold
+# each one, and the deepest released model has 32 (SDXL's blocks 10, OpenCLIP bigG 32). A damaged config
+# saying 10**9 is refused here, before the model builds a list of that many depths (8 GB for one list).
+LAYER_COUNT = Int(1, most=1000)
 EPS = Float(0.0, 1.0, above=True)

@@ -86,3 +86,16 @@ def test_unsupported_values_name_the_file_at_load(tmp_path):
 def test_clip_activation_refused_by_the_table():
     with pytest.raises(NpdiffError, match="text_encoder config: hidden_act 'relu6' is not supported"):
         CLIPTextModel({"hidden_act": "relu6"}, weights=None)
+
+
+@pytest.mark.parametrize("component, key, value", [
+    ("unet", "layers_per_block", 10**9), ("unet", "layers_per_block", [2, 10**9]),
+    ("unet", "transformer_layers_per_block", 10**9), ("vae", "layers_per_block", 10**9),
+    ("text_encoder", "num_hidden_layers", 10**9)])
+def test_absurd_layer_counts_refused_at_once(component, key, value):
+    """A layer count of 10**9 (a damaged config) is refused by its rule, not by running out of memory building
+    a list of 10**9 transformer depths (what a fuzzed config found: 18 s and a MemoryError, or a killed
+    process). A count the rule allows, like SDXL's 10, still passes the rule."""
+    with pytest.raises(NpdiffError, match=f"^{component} config: {key}.*<= 1000"):
+        config_checks.check_component_config(component, {key: value})
+    config_checks.check_component_config(component, {key: 10})
