@@ -36,8 +36,10 @@ written are mapped back from that file and the weights' private packed arrays sw
 model needs a few maps (each holds a file descriptor), not one per weight. finish() appends the index and
 renames the file onto its name (readers see the old file or the whole new one). No fsync: a file cut short
 by a crash fails the checks above and is rebuilt. Temporary files of processes that no longer exist are
-removed when a cache is next written. A file that cannot be written (no room, no permission) leaves the
-remaining weights in private memory, with one warning per folder. A valid file that lacks a layer asked for
+removed when a cache is next written, and so are cache files whose weight files no longer exist (a model
+deleted or moved: nothing can read them again; a changed weight file rebuilds its own). A file that cannot
+be written (no room, no permission) leaves the remaining weights in private memory, with one warning per
+folder. A valid file that lacks a layer asked for
 (a model built differently from the same weights) gives that layer a fresh private pack.
 
 Only what the loader packs from the weight files is ever written: a LoRA fused into a layer is re-packed into
@@ -148,19 +150,27 @@ def _packed_from(entry, data):
     return PackedBf16Weight(data, entry["shape"], entry["layout"])
 
 
+def _read_index_json(handle):
+    """-> (file size, index length, the index's JSON) of an open cache file; the JSON is None when the file has no
+    index at its end (too short, no magic word). ValueError for an index that is not JSON."""
+    size = os.fstat(handle.fileno()).st_size
+    if size < 16:
+        return size, 0, None
+    handle.seek(size - 16)
+    length, magic = struct.unpack("<Q8s", handle.read(16))
+    if magic != MAGIC or length > size - 16:
+        return size, length, None
+    handle.seek(size - 16 - length)
+    return size, length, json.loads(handle.read(length).decode("utf-8"))
+
+
 def read_index(path, constants, sources):
     """(mmap of the whole file, index entries) of a valid cache file at `path`; (None, reason) otherwise."""
     try:
         with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size < 16:
-                return None, f"{size} bytes"
-            handle.seek(size - 16)
-            length, magic = struct.unpack("<Q8s", handle.read(16))
-            if magic != MAGIC or length > size - 16:
-                return None, "no index at its end (cut short?)"
-            handle.seek(size - 16 - length)
-            index = json.loads(handle.read(length).decode("utf-8"))
+            size, length, index = _read_index_json(handle)
+            if index is None:
+                return None, f"{size} bytes" if size < 16 else "no index at its end (cut short?)"
             mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     except (FileNotFoundError, NotADirectoryError):  # no cache yet (or no folder for one)
         return None, None
@@ -227,6 +237,7 @@ class PackedCache:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.path.parent)
+            remove_orphaned_files(self.path.parent, keep=self.path)
             self.temporary = self.path.parent / f".{self.path.name}.{os.getpid()}.tmp"
             self.handle = open(self.temporary, "w+b")  # noqa: SIM115 (open across put() calls, closed in finish)
         except OSError as exc:
@@ -325,6 +336,29 @@ def _remove_file(path, handle):
         os.unlink(path)
     except OSError:
         pass
+
+
+def _index_sources(path):
+    """The weight files a cache file was packed from (its index's "sources"), or None when its index is unreadable."""
+    try:
+        with open(path, "rb") as handle:
+            index = _read_index_json(handle)[2]
+    except (OSError, ValueError):
+        return None
+    sources = index.get("sources") if isinstance(index, dict) else None
+    return list(sources) if isinstance(sources, dict) and sources else None
+
+
+def remove_orphaned_files(folder, keep):
+    """Remove the cache files in `folder` whose weight files are gone (a deleted or moved model): nothing can ever
+    read them again, and an SDXL UNet's is 5 GB. A file whose index cannot be read is left alone (a model that
+    loads it rebuilds it); so is `keep`, the file being written."""
+    for path in folder.glob("*.bf16pack"):
+        if path == keep:
+            continue
+        sources = _index_sources(path)
+        if sources is not None and not all(os.path.exists(source) for source in sources):
+            path.unlink(missing_ok=True)
 
 
 def remove_stale_temporaries(folder):

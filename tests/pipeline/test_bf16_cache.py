@@ -233,6 +233,26 @@ def test_an_interrupted_build_leaves_no_file(models, cache_dir, monkeypatch):
     assert not dead.exists() and len(cache_files(cache_dir)) == 3
 
 
+def test_cache_files_of_a_deleted_model_are_removed_by_the_next_build(models, cache_dir, tmp_path):
+    """A model folder deleted (or moved) leaves cache files nothing can read again (an SDXL UNet's is 5 GB): the next
+    cache written removes them; another living model's files and a file whose index cannot be read stay."""
+    gone = shutil.copytree(models["sd"], tmp_path / "gone")
+    load(gone)
+    load(models["sd"])
+    both = cache_files(cache_dir)
+    assert len(both) == 6  # three networks of each folder
+    unreadable = cache_dir / "unet-x-amx-0123456789abcdef.bf16pack"
+    unreadable.write_bytes(b"not a cache file")
+    shutil.rmtree(gone)
+    moved = shutil.copytree(models["sd"], tmp_path / "moved")
+    load(moved)  # writes its own three: the deleted folder's three go
+    left = cache_files(cache_dir)
+    assert len(left) == 7 and unreadable in left
+    kept_paths = {path for path in both if path in left}
+    assert len(kept_paths) == 3  # the living model's three
+    assert all(str(models["sd"].resolve()) in str(packed_cache._index_sources(path)) for path in kept_paths)
+
+
 def test_a_cache_that_cannot_be_written_keeps_the_weights_private(models, tmp_path, monkeypatch, seed):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     (tmp_path / "xdg" / "npdiff").mkdir(parents=True)
