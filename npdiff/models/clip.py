@@ -41,7 +41,10 @@ from npdiff.errors import NpdiffError
 from npdiff.loading.config_checks import full_config
 from npdiff.loading.configs import load_component
 from npdiff.models import precision
+from npdiff.kernels.attention.causal_rows import causal_attention_rows
+from npdiff.kernels.linear_packed import pack_rows, pack_rows_layer_norm
 from npdiff.models.blocks import LayerNorm, Linear, child
+from npdiff.models.packed_linear import PackedLinear
 from npdiff.models.transformer import TransposedLinear, merge_heads, split_heads
 
 # The layers' [in,out] copies (TransposedLinear: 7-12% faster CLIP-L forwards) are private memory held for
@@ -123,6 +126,8 @@ class CLIPEncoderLayer:
         self.mlp = CLIPMLP(weights, child(prefix, "mlp"), dim, config["intermediate_size"], activation, linear)
 
     def __call__(self, h):
+        if isinstance(self.mlp.fc2, PackedLinear):
+            return self.packed_forward(h)
         # 1. causal self-attention, residual (added into the fresh output: h itself is left as it
         #    was, since the model returns every layer's h in hidden_states)
         out = self.self_attn(self.layer_norm1(h))                       # [B,L,D]
@@ -132,6 +137,28 @@ class CLIPEncoderLayer:
         out = self.mlp(self.layer_norm2(h))                             # [B,L,D]
         out += h
         return out
+
+    def packed_forward(self, h):
+        """The same steps on PackedLinear layers: each layer norm written straight into the packed rows its
+        GEMMs read, and the bias, activation and residual added to each GEMM's column panels as they are made."""
+        attn, mlp = self.self_attn, self.mlp
+        batch, length, dim = h.shape
+        rows = batch * length
+        h_rows = np.ascontiguousarray(h).reshape(rows, dim)                # [B,L,D] -> [M,D]
+        # 1. causal self-attention, residual (into a fresh array: h is one of hidden_states)
+        normed = pack_rows_layer_norm(h_rows, self.layer_norm1.weight, self.layer_norm1.bias,
+                                      self.layer_norm1.eps)             # [M,D] -> packed [M/6,D,6]
+        q = attn.q_proj.packed(normed, rows)                            # [M,D]
+        k = attn.k_proj.packed(normed, rows)                            # [M,D]
+        v = attn.v_proj.packed(normed, rows)                            # [M,D]
+        attended = causal_attention_rows(q, k, v, batch, attn.heads, attn.scale)  # [M,D], heads merged
+        h_rows = attn.out_proj.packed(pack_rows(attended), rows, residual=h_rows)  # [M,D] + h
+        # 2. MLP (fc1 + activation in one pass), residual
+        normed = pack_rows_layer_norm(h_rows, self.layer_norm2.weight, self.layer_norm2.bias,
+                                      self.layer_norm2.eps)             # [M,D] -> packed [M/6,D,6]
+        hidden = mlp.fc1.packed(normed, rows, activation=mlp.activation_name)  # [M,D] -> [M,I]
+        out = mlp.fc2.packed(pack_rows(hidden), rows, residual=h_rows)  # [M,I] -> [M,D] + h
+        return out.reshape(batch, length, dim)                          # [M,D] -> [B,L,D]
 
 
 class CLIPTextModel:
@@ -152,7 +179,8 @@ class CLIPTextModel:
         activation = ACTIVATIONS[c["hidden_act"]]
         copy_bytes = 4 * c["num_hidden_layers"] * (4 * dim * dim + 2 * dim * c["intermediate_size"])
         small = copy_bytes <= TRANSPOSED_COPY_LIMIT and precision.keeps_float32(weights, "other")  # else packed
-        self.linear = TransposedLinear if small else Linear
+        on_cpu = backend.array_module(self.token_embedding) is np
+        self.linear = (PackedLinear if on_cpu else TransposedLinear) if small else Linear
         self.layers = [CLIPEncoderLayer(weights, child(prefix, f"encoder.layers.{i}"), c, activation, self.linear)
                        for i in range(c["num_hidden_layers"])]
         self.final_layer_norm = LayerNorm(weights, child(prefix, "final_layer_norm"), dim, c["layer_norm_eps"])

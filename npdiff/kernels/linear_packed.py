@@ -1,0 +1,211 @@
+"""Linear layers with few rows (CLIP's 2 x 77 tokens) on weights packed once, at load.
+
+    panels = pack_panels(weight)                               # [out,in] -> [out/NR, in, NR], once
+    a_rows = pack_rows(x)                                      # [M,in] -> [M/MR, in, MR], per call
+    a_rows = pack_rows_layer_norm(h, gamma, beta, eps)         # the same, of layer_norm(h)
+    y = linear_packed(a_rows, panels, rows, bias, "quick_gelu", residual)  # [M,out]
+
+Versions:
+  1. linear_packed_ref    NumPy: unpack the operands, x @ W^T + bias, the activation, + residual.
+  2. linear_packed        Numba: the register-blocked 6 x 64 micro-kernel of matmul_numba.py (step 6 of
+                          the lesson's matmul chapter) over operands packed in its reading order, with
+                          the bias, the activation and the residual added to each column panel while it
+                          is still in cache; prange over column panels of the weight.
+
+Why: with M = 154 rows a GEMM is short, and a BLAS that packs its B operand (here the weight: 2.4-9.4 MB
+for CLIP-L) on every call spends a large part of the call reading and rewriting it. Here the weight is
+packed once, when the model is loaded, into column panels of NR = 64 outputs, each panel contiguous
+[in, NR]: the micro-kernel reads a panel's [KC, NR] block (32 KiB) from L1 for every MR-row panel of x,
+so each weight value is fetched from memory once per call and used M times. x is small (154 x 768 floats:
+473 KB) and packed per call, into MR-row panels [M/MR, in, MR] (the micro-kernel's A order), in the same
+pass as the layer norm that precedes every CLIP GEMM but fc2 (pack_rows_layer_norm): no normed copy.
+
+Threads: prange over the weight's column panels (12 for a [768,768] weight, 48 for [3072,768]): each
+thread computes whole columns of y for all rows, so the epilogue (bias, activation, residual) of a
+column panel runs on the thread that just wrote it, while it is in L2. Rows of y past M and columns past
+`out` are never written (the packed operands' spare rows/columns are zero).
+
+Layout of the packed weight: panels[p, k, j] = weight[p*NR + j, k] (zero where p*NR + j >= out): the
+[in, out] transpose, cut into NR-wide column panels, each panel's rows consecutive, so the micro-kernel's
+B stream of a panel is one contiguous run. Same bytes as the weight when `out` is a multiple of NR.
+"""
+
+import numpy as np
+
+from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
+from npdiff.kernels.activations import ACTIVATION_CODES, activation_block, gelu_ref, quick_gelu_ref
+from npdiff.kernels.matmul_numba import MR, NR, _micro_kernel
+from npdiff.kernels.norm import mean_and_rstd
+
+# depth of one step of the k loop: the weight panel's [KC_PANEL, NR] block, 32 KiB, stays in the 48 KiB
+# L1 while all MR-row panels of x pass under it
+KC_PANEL = 768
+NO_ACTIVATION = -1  # activation code: bias (and residual) only
+ACTIVATIONS = {None: NO_ACTIVATION, "quick_gelu": ACTIVATION_CODES["quick_gelu"],
+               "gelu": ACTIVATION_CODES["none"], "gelu_tanh": ACTIVATION_CODES["tanh"]}
+ACTIVATION_REFS = {None: lambda h: h, "quick_gelu": quick_gelu_ref, "gelu": lambda h: gelu_ref(h, "none"),
+                   "gelu_tanh": lambda h: gelu_ref(h, "tanh")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing
+# ---------------------------------------------------------------------------------------------
+@njit(**PARALLEL)
+def _pack_panels_numba(weight, panels):
+    """weight [out,in] -> panels [ceil(out/NR), in, NR]; prange over panels (each writes its own)."""
+    outputs, depth = weight.shape
+    for panel in prange(panels.shape[0]):
+        col0 = panel * NR
+        width = min(NR, outputs - col0)
+        for k in range(depth):
+            for j in range(width):
+                panels[panel, k, j] = weight[col0 + j, k]
+            for j in range(width, NR):
+                panels[panel, k, j] = 0.0
+
+
+def pack_panels(weight):
+    """A Linear's weight [out,in] (any strides) -> its column panels [ceil(out/NR), in, NR], float32."""
+    outputs, depth = weight.shape
+    panels = np.empty(((outputs + NR - 1) // NR, depth, NR), np.float32)  # [out/NR, in, NR]
+    _pack_panels_numba(weight, panels)
+    return panels
+
+
+def unpack_panels(panels, outputs):
+    """panels [out/NR, in, NR] -> the weight [out,in] (a new array): the inverse of pack_panels."""
+    depth = panels.shape[1]
+    return np.ascontiguousarray(panels.transpose(0, 2, 1).reshape(-1, depth)[:outputs])  # [out,in]
+
+
+@njit(**SERIAL)
+def _pack_row(row_values, a_packed, row):
+    panel = row // MR
+    lane = row - panel * MR
+    for k in range(row_values.size):
+        a_packed[panel, k, lane] = row_values[k]
+
+
+@njit(**SERIAL)
+def _zero_spare_rows(a_packed, rows):
+    for row in range(rows, a_packed.shape[0] * MR):
+        panel = row // MR
+        lane = row - panel * MR
+        for k in range(a_packed.shape[1]):
+            a_packed[panel, k, lane] = 0.0
+
+
+@njit(**SERIAL)
+def _pack_rows_numba(x, a_packed):
+    """x [M,K] -> a_packed [ceil(M/MR), K, MR] (rows past M zero). On the calling thread: 154 x 768
+    floats take ~0.1 ms, less than waking the pool."""
+    for row in range(x.shape[0]):
+        _pack_row(x[row], a_packed, row)
+    _zero_spare_rows(a_packed, x.shape[0])
+
+
+@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+def _pack_rows_layer_norm_numba(x, gamma, beta, eps, a_packed):
+    """layer_norm(x) [M,K] -> a_packed [ceil(M/MR), K, MR]: each row normed into an L1 scratch row (the
+    arithmetic of norm.py's layer norm), then written to its lane of the packed panel."""
+    normed = np.empty(x.shape[1], np.float32)  # [K], L1-resident
+    for row in range(x.shape[0]):
+        values = x[row]
+        mean, rstd = mean_and_rstd(values, eps)
+        for k in range(values.size):
+            normed[k] = (np.float64(values[k]) - mean) * rstd * gamma[k] + beta[k]
+        _pack_row(normed, a_packed, row)
+    _zero_spare_rows(a_packed, x.shape[0])
+
+
+def _new_row_panels(rows, depth):
+    return np.empty(((rows + MR - 1) // MR, depth, MR), np.float32)  # [M/MR, K, MR]
+
+
+def pack_rows(x):
+    """x [M,K] float32 -> [ceil(M/MR), K, MR], the micro-kernel's A order (rows past M zero)."""
+    a_packed = _new_row_panels(*x.shape)
+    _pack_rows_numba(x, a_packed)
+    return a_packed
+
+
+def pack_rows_layer_norm(x, gamma, beta, eps):
+    """layer_norm(x, gamma, beta, eps) [M,K] (torch's, over the last axis), packed as pack_rows packs."""
+    a_packed = _new_row_panels(*x.shape)
+    _pack_rows_layer_norm_numba(x, gamma, beta, float(eps), a_packed)
+    return a_packed
+
+
+# ---------------------------------------------------------------------------------------------
+# The GEMM and its epilogue
+# ---------------------------------------------------------------------------------------------
+@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+def _epilogue(out, col0, width, rows, bias, has_bias, which, residual, has_residual):
+    """out[:rows, col0:col0+width] = activation(out + bias) + residual, row by row, in place."""
+    summed = np.empty(width, np.float32)  # [width]: the activation reads here, writes into out
+    for r in range(rows):
+        segment = out[r, col0:col0 + width]
+        if has_bias:
+            for j in range(width):
+                segment[j] += bias[col0 + j]
+        if which != NO_ACTIVATION:
+            summed[:] = segment
+            activation_block(summed, segment, which)
+        if has_residual:
+            for j in range(width):
+                segment[j] += residual[r, col0 + j]
+
+
+@njit(**PARALLEL)
+def _linear_packed_numba(a_packed, panels, rows, bias, has_bias, which, residual, has_residual, out, depth_step):
+    """out [M,N] = activation(A @ W^T + bias) + residual; A packed [M/MR, K, MR], W's panels [N/NR, K, NR]."""
+    depth = panels.shape[1]
+    cols = out.shape[1]
+    row_panels = (rows + MR - 1) // MR
+    for panel in prange(panels.shape[0]):
+        col0 = panel * NR
+        width = min(NR, cols - col0)
+        # 1. the GEMM of this column panel: per KC_PANEL steps of k, the weight's block stays in L1
+        for k0 in range(0, depth, depth_step):
+            block_depth = min(depth_step, depth - k0)
+            b_block = panels[panel, k0:k0 + block_depth]  # [KC, NR]
+            for row_panel in range(row_panels):
+                row0 = row_panel * MR
+                _micro_kernel(block_depth, a_packed[row_panel, k0:k0 + block_depth], b_block, out, row0, col0,
+                              min(MR, rows - row0), width, k0 > 0)
+        # 2. bias, activation, residual on the panel just written (in L2)
+        _epilogue(out, col0, width, rows, bias, has_bias, which, residual, has_residual)
+
+
+def linear_packed(a_packed, panels, rows, outputs, bias=None, activation=None, residual=None):
+    """activation(x @ W^T + bias) + residual -> [rows, outputs] float32.
+
+    a_packed: x [rows, in] as pack_rows (or pack_rows_layer_norm) packs it; panels: W [outputs, in] as
+    pack_panels packs it; bias [outputs] or None; activation None, "quick_gelu", "gelu" (erf) or
+    "gelu_tanh"; residual [rows, outputs] C-contiguous or None (added after the activation)."""
+    out = np.empty((rows, outputs), np.float32)  # [M,N]
+    if rows == 0 or outputs == 0:
+        return out
+    if panels.shape[1] == 0:
+        out[:] = 0.0  # an empty sum; the epilogue still adds
+    has_bias, has_residual = bias is not None, residual is not None
+    _linear_packed_numba(a_packed, panels, rows, bias if has_bias else out[0], has_bias, ACTIVATIONS[activation],
+                         residual if has_residual else out, has_residual, out, KC_PANEL)
+    return out
+
+
+def linear_packed_ref(x, weight, bias=None, activation=None, residual=None):
+    """NumPy: activation(x @ weight^T + bias) + residual, x [M,in], weight [out,in]."""
+    out = x @ weight.T  # [M,in] @ [in,out] -> [M,out]
+    if bias is not None:
+        out = out + bias
+    out = ACTIVATION_REFS[activation](out)
+    if residual is not None:
+        out = out + residual
+    return out
+
+
+def unpack_rows(a_packed, rows):
+    """[M/MR, K, MR] -> x [M,K] (a new array): the inverse of pack_rows."""
+    depth = a_packed.shape[1]
+    return np.ascontiguousarray(a_packed.transpose(0, 2, 1).reshape(-1, depth)[:rows])  # [M,K]
