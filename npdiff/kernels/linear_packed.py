@@ -118,20 +118,27 @@ def _pack_rows_layer_norm_numba(x, gamma, beta, eps, a_packed):
     _zero_spare_rows(a_packed, x.shape[0])
 
 
-def _new_row_panels(rows, depth):
-    return np.empty(((rows + MR - 1) // MR, depth, MR), np.float32)  # [M/MR, K, MR]
+def row_panels_shape(rows, depth):
+    """The shape pack_rows gives x [rows, depth]: [ceil(rows/MR), depth, MR]."""
+    return ((rows + MR - 1) // MR, depth, MR)
 
 
-def pack_rows(x):
-    """x [M,K] float32 -> [ceil(M/MR), K, MR], the micro-kernel's A order (rows past M zero)."""
-    a_packed = _new_row_panels(*x.shape)
+def _row_panels(x, out):
+    shape = row_panels_shape(*x.shape)
+    return np.empty(shape, np.float32) if out is None else out.reshape(shape)  # [M/MR, K, MR]
+
+
+def pack_rows(x, out=None):
+    """x [M,K] float32 -> [ceil(M/MR), K, MR], the micro-kernel's A order (rows past M zero). out: None,
+    or a C-contiguous float32 array of that shape to write (a scratch buffer: no fresh pages per call)."""
+    a_packed = _row_panels(x, out)
     _pack_rows_numba(x, a_packed)
     return a_packed
 
 
-def pack_rows_layer_norm(x, gamma, beta, eps):
+def pack_rows_layer_norm(x, gamma, beta, eps, out=None):
     """layer_norm(x, gamma, beta, eps) [M,K] (torch's, over the last axis), packed as pack_rows packs."""
-    a_packed = _new_row_panels(*x.shape)
+    a_packed = _row_panels(x, out)
     _pack_rows_layer_norm_numba(x, gamma, beta, float(eps), a_packed)
     return a_packed
 
@@ -177,13 +184,14 @@ def _linear_packed_numba(a_packed, panels, rows, bias, has_bias, which, residual
         _epilogue(out, col0, width, rows, bias, has_bias, which, residual, has_residual)
 
 
-def linear_packed(a_packed, panels, rows, outputs, bias=None, activation=None, residual=None):
+def linear_packed(a_packed, panels, rows, outputs, bias=None, activation=None, residual=None, out=None):
     """activation(x @ W^T + bias) + residual -> [rows, outputs] float32.
 
     a_packed: x [rows, in] as pack_rows (or pack_rows_layer_norm) packs it; panels: W [outputs, in] as
     pack_panels packs it; bias [outputs] or None; activation None, "quick_gelu", "gelu" (erf) or
-    "gelu_tanh"; residual [rows, outputs] C-contiguous or None (added after the activation)."""
-    out = np.empty((rows, outputs), np.float32)  # [M,N]
+    "gelu_tanh"; residual [rows, outputs] C-contiguous or None (added after the activation); out: None
+    (a new array) or a C-contiguous float32 [rows, outputs] array to write, not the residual itself."""
+    out = np.empty((rows, outputs), np.float32) if out is None else out  # [M,N]
     if rows == 0 or outputs == 0:
         return out
     if panels.shape[1] == 0:

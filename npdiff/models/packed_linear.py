@@ -30,10 +30,11 @@ class PackedLinear(Linear):
         self._weight = value
         self.panels = pack_panels(value)  # [out,in] -> [out/64, in, 64]
 
-    def packed(self, a_packed, rows, activation=None, residual=None):
-        """activation(x @ W^T + bias) + residual -> [rows, out], x given packed (kernels.linear_packed)."""
+    def packed(self, a_packed, rows, activation=None, residual=None, out=None):
+        """activation(x @ W^T + bias) + residual -> [rows, out], x given packed (kernels.linear_packed);
+        written into `out` when given."""
         return linear_packed(a_packed, self.panels, rows, self._weight.shape[0], self.bias, activation,
-                             residual)
+                             residual, out)
 
     def __call__(self, x):
         rows = x.reshape(-1, x.shape[-1])                               # [..., in] -> [M,in]

@@ -82,10 +82,10 @@ def _causal_attention_rows_numba(q, k, v, batch, heads, scale_log2, out):
                 out[row0 + i, c0 + c] = acc[c] * inverse
 
 
-def causal_attention_rows(q, k, v, batch, heads, scale):
+def causal_attention_rows(q, k, v, batch, heads, scale, out=None):
     """softmax(q k^T * scale, causal) v per (prompt, head): q, k, v [B*L, heads*d] float32 C-contiguous
-    token rows -> [B*L, heads*d], the heads merged."""
-    out = np.empty_like(q)  # [B*L, heads*d]
+    token rows -> [B*L, heads*d], the heads merged (into `out` when given: C-contiguous, q's shape)."""
+    out = np.empty_like(q) if out is None else out  # [B*L, heads*d]
     if q.size:
         _causal_attention_rows_numba(q, k, v, batch, heads, np.float32(scale * LOG2E), out)
     return out
