@@ -31,10 +31,11 @@ B stream of a panel is one contiguous run. Same bytes as the weight when `out` i
 """
 
 import numpy as np
+from numba import get_num_threads
 
 from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
 from npdiff.kernels.activations import ACTIVATION_CODES, activation_block, gelu_ref, quick_gelu_ref
-from npdiff.kernels.matmul_numba import MR, NR, _micro_kernel
+from npdiff.kernels.matmul_numba import CACHE_LINE_FLOATS, MR, NR, _micro_kernel
 from npdiff.kernels.norm import mean_and_rstd
 
 # depth of one step of the k loop: the weight panel's [KC_PANEL, NR] block, 32 KiB, stays in the 48 KiB
@@ -164,24 +165,39 @@ def _epilogue(out, col0, width, rows, bias, has_bias, which, residual, has_resid
 
 
 @njit(**PARALLEL)
-def _linear_packed_numba(a_packed, panels, rows, bias, has_bias, which, residual, has_residual, out, depth_step):
-    """out [M,N] = activation(A @ W^T + bias) + residual; A packed [M/MR, K, MR], W's panels [N/NR, K, NR]."""
-    depth = panels.shape[1]
+def _linear_packed_numba(a_packed, panels, rows, bias, has_bias, which, residual, has_residual, out, depth_step,
+                         tasks):
+    """out [M,N] = activation(A @ W^T + bias) + residual; A packed [M/MR, K, MR], W's panels [N/NR, K, NR].
+    One task per thread, each a contiguous run of column panels."""
+    n_panels, depth = panels.shape[0], panels.shape[1]
     cols = out.shape[1]
     row_panels = (rows + MR - 1) // MR
-    for panel in prange(panels.shape[0]):
-        col0 = panel * NR
-        width = min(NR, cols - col0)
-        # 1. the GEMM of this column panel: per KC_PANEL steps of k, the weight's block stays in L1
+    for task in prange(tasks):
+        first = task * n_panels // tasks
+        stop = (task + 1) * n_panels // tasks
+        # 1. the GEMM of this task's column panels, depth_step steps of k at a time: A's [M, depth_step] block
+        #    stays in L2 while the task's panels pass under it
         for k0 in range(0, depth, depth_step):
             block_depth = min(depth_step, depth - k0)
-            b_block = panels[panel, k0:k0 + block_depth]  # [KC, NR]
-            for row_panel in range(row_panels):
-                row0 = row_panel * MR
-                _micro_kernel(block_depth, a_packed[row_panel, k0:k0 + block_depth], b_block, out, row0, col0,
-                              min(MR, rows - row0), width, k0 > 0)
-        # 2. bias, activation, residual on the panel just written (in L2)
-        _epilogue(out, col0, width, rows, bias, has_bias, which, residual, has_residual)
+            for panel in range(first, stop):
+                col0 = panel * NR
+                b_block = panels[panel, k0:k0 + block_depth]  # [KC, NR]
+                # the weight block this task reads next (the next panel, or the first one at the next k0),
+                # fetched into L2 while this one is used: a slice of it in each row panel's micro-kernel
+                next_panel, next_k0 = (panel + 1, k0) if panel + 1 < stop else (first, k0 + depth_step)
+                next_floats = max(0, min(depth_step, depth - next_k0)) * NR
+                next_start = (next_panel * depth + next_k0) * NR  # a flat element of panels
+                slice_floats = -(-next_floats // (row_panels * CACHE_LINE_FLOATS)) * CACHE_LINE_FLOATS
+                for row_panel in range(row_panels):
+                    row0 = row_panel * MR
+                    sliced = row_panel * slice_floats
+                    _micro_kernel(block_depth, a_packed[row_panel, k0:k0 + block_depth], b_block, out, row0, col0,
+                                  min(MR, rows - row0), min(NR, cols - col0), k0 > 0,
+                                  panels, next_start + sliced, max(0, min(slice_floats, next_floats - sliced)))
+        # 2. bias, activation, residual on the panels just written (in L2)
+        for panel in range(first, stop):
+            col0 = panel * NR
+            _epilogue(out, col0, min(NR, cols - col0), rows, bias, has_bias, which, residual, has_residual)
 
 
 def linear_packed(a_packed, panels, rows, outputs, bias=None, activation=None, residual=None, out=None):
@@ -198,7 +214,8 @@ def linear_packed(a_packed, panels, rows, outputs, bias=None, activation=None, r
         out[:] = 0.0  # an empty sum; the epilogue still adds
     has_bias, has_residual = bias is not None, residual is not None
     _linear_packed_numba(a_packed, panels, rows, bias if has_bias else out[0], has_bias, ACTIVATIONS[activation],
-                         residual if has_residual else out, has_residual, out, KC_PANEL)
+                         residual if has_residual else out, has_residual, out, KC_PANEL,
+                         min(get_num_threads(), panels.shape[0]))
     return out
 
 
