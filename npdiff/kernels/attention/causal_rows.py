@@ -7,79 +7,112 @@ no [B,h,L,d] transposed copies are made, and the output is written merged, [B*L,
 reads. Query i attends to keys 0..i (torch's is_causal: top-left aligned); no mask.
 
 Why not versions 3-5 (kernels/attention/__init__.py): at L = 77 a head's scores are 77 x 77 floats, and the
-BLAS calls, the merge copy and the pool's hand-offs cost more than the arithmetic (CLIP-L: 12 heads x 2
-prompts, 36 MFLOP in a layer): measured ~1 ms per CLIP-L layer with version 4 against ~0.2 ms here.
+BLAS calls, the head transposes, the merge copy and the pool's hand-offs cost more than the arithmetic
+(CLIP-L: 12 heads x 2 prompts, 36 MFLOP a layer).
 
-One task per (prompt, head), prange over them (24 for CLIP-L: 12 per core). Per task:
-  1. k's head columns transposed into kT [d, L] (20 KB for d = 64, L = 77), so that a query's scores
-     against its keys are one loop over the contiguous key axis, vectorised, for each of the d columns;
-     v's head columns copied into v_head [L, d] (with v's own row stride LLVM left the loop of step 3
-     scalar: measured 3.4 -> 0.9 ms per CLIP-L layer).
-  2. per query i: scores s_j = q_i . k_j * scale * log2(e) for the keys j <= i, rounded up to whole
-     vectors of 16 keys, the keys past i set to -inf; then 2^(s_j - max) (vecmath's exp2_nonpositive_f32:
-     exactly 0 at -inf) and their sum, all loops over whole vectors (a loop of i + 1 keys would run its
-     remainder one key at a time).
-  3. out_i = sum_j p_j v_j / sum, over v_head's contiguous rows.
+One task per (prompt, head), prange over them (24 for CLIP-L: 12 per core). Both products run on the
+register-blocked 6 x 64 micro-kernel of matmul_numba.py (the lesson's step 6), over operands packed per task
+in its reading order (all of them a few KB: L1/L2):
+  1. q's head rows, times scale * log2(e), as MR-row panels [L/MR, d, MR]; k's head rows as NR-column panels
+     of k^T [L/NR, d, NR]; v's head rows as NR-column panels [d/NR, L, NR] (zero past the ends).
+  2. scores S = q k^T, for each MR-query panel only the key panels it may attend to (causal).
+  3. per query i: the keys past i set to -inf, p_j = 2^(s_j - max) (vecmath's exp2_nonpositive_f32: 0 at
+     -inf exactly), over whole vectors of 16 keys (a loop of i + 1 keys would run its remainder one key at a
+     time); p / sum written as the MR-row panels of P [L/MR, L, MR], zero past key i.
+  4. out = P v, for each MR-query panel only over the keys 0..its last query, straight into out's rows.
 """
 
 import numpy as np
 
-from npdiff.jit import FASTMATH_SAFE, PARALLEL, njit, prange
+from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
+from npdiff.kernels.matmul_numba import MR, NR, _micro_kernel
 from npdiff.kernels.vecmath import LOG2E, exp2_nonpositive_f32
 
 KEY_VECTOR = 16  # float32 lanes of one AVX-512 register
 
 
-@njit(**PARALLEL, fastmath=FASTMATH_SAFE)
+@njit(**SERIAL)
+def _pack_head(q, k, v, row0, c0, length, head_dim, scale_log2, q_packed, k_panels, v_panels):
+    """Step 1: one (prompt, head)'s q, k, v rows into the micro-kernel's operand layouts (zero past the ends)."""
+    q_packed[:] = 0.0
+    k_panels[:] = 0.0
+    v_panels[:] = 0.0
+    for j in range(length):
+        q_panel, q_lane = j // MR, j % MR
+        k_panel, k_lane = j // NR, j % NR
+        for c in range(head_dim):
+            q_packed[q_panel, c, q_lane] = q[row0 + j, c0 + c] * scale_log2
+            k_panels[k_panel, c, k_lane] = k[row0 + j, c0 + c]
+        for value_panel in range(v_panels.shape[0]):
+            c_first = value_panel * NR
+            for c in range(c_first, min(head_dim, c_first + NR)):
+                v_panels[value_panel, j, c - c_first] = v[row0 + j, c0 + c]
+
+
+@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+def _softmax_rows_packed(scores, length, first_query, valid_queries, computed_keys, p_packed, panel):
+    """Step 3 for the queries first_query .. first_query + valid_queries (MR-row panel `panel`): scores rows
+    (log2 units) -> P's panel, p_ij / sum_j for keys j <= i, zero for i < j < the panel's depth."""
+    depth = min(length, first_query + MR)
+    for lane in range(valid_queries):
+        query = first_query + lane
+        row = scores[query]
+        keys = query + 1
+        width = min(computed_keys, (keys + KEY_VECTOR - 1) // KEY_VECTOR * KEY_VECTOR)
+        top = row[0]
+        for j in range(1, keys):
+            top = max(top, row[j])
+        for j in range(keys, width):
+            row[j] = -np.inf  # the masked keys: 2^-inf = 0 exactly
+        total = np.float32(0.0)
+        for j in range(width):
+            p = exp2_nonpositive_f32(row[j] - top)
+            row[j] = p
+            total += p
+        inverse = np.float32(1.0) / total
+        for j in range(keys):
+            p_packed[panel, j, lane] = row[j] * inverse
+        for j in range(keys, depth):
+            p_packed[panel, j, lane] = 0.0
+    for lane in range(valid_queries, MR):  # the spare rows of the last panel
+        for j in range(depth):
+            p_packed[panel, j, lane] = 0.0
+
+
+@njit(**PARALLEL)
 def _causal_attention_rows_numba(q, k, v, batch, heads, scale_log2, out):
     length = q.shape[0] // batch
     head_dim = q.shape[1] // heads
-    padded = (length + KEY_VECTOR - 1) // KEY_VECTOR * KEY_VECTOR  # keys rounded up to whole vectors
+    query_panels = (length + MR - 1) // MR
+    key_panels = (length + NR - 1) // NR
+    value_panels = (head_dim + NR - 1) // NR
     for task in prange(batch * heads):
         b = task // heads
         c0 = (task - b * heads) * head_dim
         row0 = b * length
-        # 1. this head's keys, transposed: kT[c, j] = k[row0 + j, c0 + c], zero past L
-        k_t = np.zeros((head_dim, padded), np.float32)  # [d, L padded]
-        for j in range(length):
-            for c in range(head_dim):
-                k_t[c, j] = k[row0 + j, c0 + c]
-        v_head = np.empty((length, head_dim), np.float32)  # [L, d]: v's head columns, contiguous rows
-        for j in range(length):
-            for c in range(head_dim):
-                v_head[j, c] = v[row0 + j, c0 + c]
-        scores = np.empty(padded, np.float32)  # [L padded]
-        acc = np.empty(head_dim, np.float32)  # [d]
-        for i in range(length):
-            keys = i + 1
-            # 2. scores of keys 0..i, in log2 units, over whole vectors of keys
-            width = min(padded, (keys + KEY_VECTOR - 1) // KEY_VECTOR * KEY_VECTOR)
-            for j in range(width):
-                scores[j] = 0.0
-            for c in range(head_dim):
-                q_ic = q[row0 + i, c0 + c] * scale_log2
-                for j in range(width):
-                    scores[j] += q_ic * k_t[c, j]
-            top = scores[0]
-            for j in range(1, keys):
-                top = max(top, scores[j])
-            for j in range(keys, width):
-                scores[j] = -np.inf  # the masked keys: 2^-inf = 0 exactly
-            total = np.float32(0.0)
-            for j in range(width):
-                p = exp2_nonpositive_f32(scores[j] - top)
-                scores[j] = p
-                total += p
-            # 3. the probabilities' weighted sum of v's rows, normalised
-            for c in range(head_dim):
-                acc[c] = 0.0
-            for j in range(keys):
-                p = scores[j]
-                for c in range(head_dim):
-                    acc[c] += p * v_head[j, c]
-            inverse = np.float32(1.0) / total
-            for c in range(head_dim):
-                out[row0 + i, c0 + c] = acc[c] * inverse
+        # 1. the operands, packed (this task's own: a few KB each)
+        q_packed = np.empty((query_panels, head_dim, MR), np.float32)  # [L/MR, d, MR]
+        k_panels = np.empty((key_panels, head_dim, NR), np.float32)  # [L/NR, d, NR]: k^T's columns
+        v_panels = np.empty((value_panels, length, NR), np.float32)  # [d/NR, L, NR]
+        _pack_head(q, k, v, row0, c0, length, head_dim, scale_log2, q_packed, k_panels, v_panels)
+        scores = np.empty((query_panels * MR, key_panels * NR), np.float32)  # [L, L] padded
+        p_packed = np.empty((query_panels, length, MR), np.float32)  # [L/MR, L, MR]
+        for panel in range(query_panels):
+            first = panel * MR
+            valid = min(MR, length - first)
+            last = first + valid - 1  # the panel's last query: it sees keys 0..last
+            # 2. scores of the key panels this query panel may attend to
+            for key_panel in range(last // NR + 1):
+                _micro_kernel(head_dim, q_packed[panel], k_panels[key_panel], scores, first, key_panel * NR, valid,
+                              min(NR, length - key_panel * NR), False, k_panels, 0, 0)
+            # 3. softmax of each query's keys 0..i, into P's panel
+            _softmax_rows_packed(scores, length, first, valid, (last // NR + 1) * NR, p_packed, panel)
+            # 4. this panel's rows of P v, into out (the head's columns)
+            depth = last + 1
+            for value_panel in range(value_panels):
+                _micro_kernel(depth, p_packed[panel, :depth], v_panels[value_panel, :depth], out, row0 + first,
+                              c0 + value_panel * NR, valid, min(NR, head_dim - value_panel * NR), False,
+                              v_panels, 0, 0)
 
 
 def causal_attention_rows(q, k, v, batch, heads, scale, out=None):
