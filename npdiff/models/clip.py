@@ -38,12 +38,11 @@ import numpy as np
 
 from npdiff import backend, kernels
 from npdiff.errors import NpdiffError
+from npdiff.kernels.attention.causal_rows import causal_attention_rows
+from npdiff.kernels.linear_packed import aligned_scratch, pack_rows, pack_rows_layer_norm, row_panels_shape
 from npdiff.loading.config_checks import full_config
 from npdiff.loading.configs import load_component
 from npdiff.models import precision
-from npdiff.kernels.attention.causal_rows import causal_attention_rows
-from npdiff.kernels.linear_packed import pack_rows, pack_rows_layer_norm, row_panels_shape
-from npdiff.kernels.scratch import scratch
 from npdiff.models.blocks import LayerNorm, Linear, child
 from npdiff.models.packed_linear import PackedLinear
 from npdiff.models.transformer import TransposedLinear, merge_heads, split_heads
@@ -149,22 +148,22 @@ class CLIPEncoderLayer:
         batch, length, dim = h.shape
         rows, inner = batch * length, mlp.fc1.weight.shape[0]
         h_rows = np.ascontiguousarray(h).reshape(rows, dim)                # [B,L,D] -> [M,D]
-        packed = scratch("clip packed rows", row_panels_shape(rows, dim))  # [M/6,D,6]
+        packed = aligned_scratch("clip packed rows", row_panels_shape(rows, dim))  # [M/6,D,6]
         # 1. causal self-attention, residual (into a new array: h is one of hidden_states)
         pack_rows_layer_norm(h_rows, norm1.weight, norm1.bias, norm1.eps, out=packed)  # [M,D] -> packed
-        q = attn.q_proj.packed(packed, rows, out=scratch("clip q", (rows, dim)))       # [M,D]
-        k = attn.k_proj.packed(packed, rows, out=scratch("clip k", (rows, dim)))       # [M,D]
-        v = attn.v_proj.packed(packed, rows, out=scratch("clip v", (rows, dim)))       # [M,D]
+        q = attn.q_proj.packed(packed, rows, out=aligned_scratch("clip q", (rows, dim)))       # [M,D]
+        k = attn.k_proj.packed(packed, rows, out=aligned_scratch("clip k", (rows, dim)))       # [M,D]
+        v = attn.v_proj.packed(packed, rows, out=aligned_scratch("clip v", (rows, dim)))       # [M,D]
         attended = causal_attention_rows(q, k, v, batch, attn.heads, attn.scale,
-                                         out=scratch("clip attended", (rows, dim)))   # [M,D], heads merged
+                                         out=aligned_scratch("clip attended", (rows, dim)))   # [M,D], heads merged
         pack_rows(attended, out=packed)                                                # [M,D] -> packed
         h_rows = attn.out_proj.packed(packed, rows, residual=h_rows,
-                                      out=scratch("clip attention out", (rows, dim)))  # [M,D] + h
+                                      out=aligned_scratch("clip attention out", (rows, dim)))  # [M,D] + h
         # 2. MLP (fc1 + activation in one pass), residual
         pack_rows_layer_norm(h_rows, norm2.weight, norm2.bias, norm2.eps, out=packed)  # [M,D] -> packed
         hidden = mlp.fc1.packed(packed, rows, activation=mlp.activation_name,
-                                out=scratch("clip hidden", (rows, inner)))            # [M,D] -> [M,I]
-        hidden_packed = pack_rows(hidden, out=scratch("clip packed hidden", row_panels_shape(rows, inner)))
+                                out=aligned_scratch("clip hidden", (rows, inner)))            # [M,D] -> [M,I]
+        hidden_packed = pack_rows(hidden, out=aligned_scratch("clip packed hidden", row_panels_shape(rows, inner)))
         out = mlp.fc2.packed(hidden_packed, rows, residual=h_rows)                     # [M,I] -> [M,D] + h
         return out.reshape(batch, length, dim)                                         # [M,D] -> [B,L,D]
 
