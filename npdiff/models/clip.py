@@ -125,9 +125,11 @@ class CLIPEncoderLayer:
         self.layer_norm2 = LayerNorm(weights, child(prefix, "layer_norm2"), dim, eps)
         self.mlp = CLIPMLP(weights, child(prefix, "mlp"), dim, config["intermediate_size"], activation, linear)
 
-    def __call__(self, h):
+    def __call__(self, h, out=None):
+        """h [B,L,D] -> [B,L,D]; out: None (a new array) or, on PackedLinear layers, a C-contiguous [B*L,D]
+        float32 array to write the result into (it may be h itself: h is read before out is written)."""
         if isinstance(self.mlp.fc2, PackedLinear):
-            return self.packed_forward(h)
+            return self.packed_forward(h, out)
         # 1. causal self-attention, residual (added into the fresh output: h itself is left as it
         #    was, since the model returns every layer's h in hidden_states)
         out = self.self_attn(self.layer_norm1(h))                       # [B,L,D]
@@ -138,7 +140,7 @@ class CLIPEncoderLayer:
         out += h
         return out
 
-    def packed_forward(self, h):
+    def packed_forward(self, h, out=None):
         """The same steps on PackedLinear layers: each layer norm written straight into the packed rows its
         GEMMs read, and the bias, activation and residual added to each GEMM's column panels as they are made.
         Every temporary is one of this thread's scratch buffers (kernels/scratch.py), reused from layer to
@@ -164,7 +166,7 @@ class CLIPEncoderLayer:
         hidden = mlp.fc1.packed(packed, rows, activation=mlp.activation_name,
                                 out=aligned_scratch("clip hidden", (rows, inner)))            # [M,D] -> [M,I]
         hidden_packed = pack_rows(hidden, out=aligned_scratch("clip packed hidden", row_panels_shape(rows, inner)))
-        out = mlp.fc2.packed(hidden_packed, rows, residual=h_rows)                     # [M,I] -> [M,D] + h
+        out = mlp.fc2.packed(hidden_packed, rows, residual=h_rows, out=out)            # [M,I] -> [M,D] + h
         return out.reshape(batch, length, dim)                                         # [M,D] -> [B,L,D]
 
 
@@ -231,9 +233,12 @@ class CLIPTextModel:
         # 1. embeddings
         h = self.embed(input_ids)                                       # [B,L] -> [B,L,D]
         hidden_states = [h]
-        # 2. the transformer layers (causal self-attention + MLP)
+        # 2. the transformer layers (causal self-attention + MLP); when only the last state is wanted, packed
+        #    layers write each state into one scratch buffer of this thread (no fresh pages per layer)
+        reuse = not output_hidden_states and self.linear is PackedLinear
+        state = aligned_scratch("clip hidden state", (h.shape[0] * h.shape[1], h.shape[2])) if reuse else None
         for layer in self.layers:
-            h = layer(h)                                                # [B,L,D] -> [B,L,D]
+            h = layer(h, out=state)                                     # [B,L,D] -> [B,L,D]
             hidden_states.append(h)
         # 3. final layer norm
         last_hidden_state = self.final_layer_norm(h)                    # [B,L,D] -> [B,L,D]
