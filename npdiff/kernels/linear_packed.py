@@ -173,8 +173,9 @@ def pack_rows_layer_norm(x, gamma, beta, eps, out=None):
 # The GEMM and its epilogue
 # ---------------------------------------------------------------------------------------------
 @njit(**SERIAL, fastmath=FASTMATH_SAFE)
-def _epilogue(out, col0, width, rows, bias, has_bias, which, residual, has_residual):
-    """out[:rows, col0:col0+width] = activation(out + bias) + residual, row by row, in place."""
+def _epilogue(out, col0, width, rows, bias, has_bias, which, residual, has_residual, packed_out, has_packed_out):
+    """out[:rows, col0:col0+width] = activation(out + bias) + residual, row by row, in place; with
+    has_packed_out the same columns also written packed, as pack_rows would write them (spare rows zero)."""
     summed = np.empty(width, np.float32)  # [width]: the activation reads here, writes into out
     for r in range(rows):
         segment = out[r, col0:col0 + width]
@@ -187,11 +188,19 @@ def _epilogue(out, col0, width, rows, bias, has_bias, which, residual, has_resid
         if has_residual:
             for j in range(width):
                 segment[j] += residual[r, col0 + j]
+        if has_packed_out:
+            panel, lane = r // MR, r % MR
+            for j in range(width):
+                packed_out[panel, col0 + j, lane] = segment[j]
+    if has_packed_out:
+        for r in range(rows, packed_out.shape[0] * MR):
+            for j in range(width):
+                packed_out[r // MR, col0 + j, r % MR] = 0.0
 
 
 @njit(**PARALLEL)
 def _linear_packed_numba(a_packed, panels, rows, bias, has_bias, which, residual, has_residual, out, depth_step,
-                         tasks):
+                         tasks, packed_out, has_packed_out):
     """out [M,N] = activation(A @ W^T + bias) + residual; A packed [M/MR, K, MR], W's panels [N/NR, K, NR].
     One task per thread, each a contiguous run of column panels."""
     n_panels, depth = panels.shape[0], panels.shape[1]
@@ -222,25 +231,30 @@ def _linear_packed_numba(a_packed, panels, rows, bias, has_bias, which, residual
         # 2. bias, activation, residual on the panels just written (in L2)
         for panel in range(first, stop):
             col0 = panel * NR
-            _epilogue(out, col0, min(NR, cols - col0), rows, bias, has_bias, which, residual, has_residual)
+            _epilogue(out, col0, min(NR, cols - col0), rows, bias, has_bias, which, residual, has_residual, packed_out,
+                      has_packed_out)
 
 
-def linear_packed(a_packed, panels, rows, outputs, bias=None, activation=None, residual=None, out=None):
+def linear_packed(a_packed, panels, rows, outputs, bias=None, activation=None, residual=None, out=None,
+                  packed_out=None):
     """activation(x @ W^T + bias) + residual -> [rows, outputs] float32.
 
     a_packed: x [rows, in] as pack_rows (or pack_rows_layer_norm) packs it; panels: W [outputs, in] as
     pack_panels packs it; bias [outputs] or None; activation None, "quick_gelu", "gelu" (erf) or
     "gelu_tanh"; residual [rows, outputs] C-contiguous or None (added after the activation); out: None
-    (a new array) or a C-contiguous float32 [rows, outputs] array to write, not the residual itself."""
+    (a new array) or a C-contiguous float32 [rows, outputs] array to write, not the residual itself;
+    packed_out: None, or a float32 array of row_panels_shape(rows, outputs) that receives the result packed
+    as pack_rows packs it (the next GEMM's operand, made by both threads in the epilogue, not after it)."""
     out = aligned_empty((rows, outputs)) if out is None else out  # [M,N]
     if rows == 0 or outputs == 0:
         return out
     if panels.shape[1] == 0:
         out[:] = 0.0  # an empty sum; the epilogue still adds
-    has_bias, has_residual = bias is not None, residual is not None
+    has_bias, has_residual, has_packed_out = bias is not None, residual is not None, packed_out is not None
     _linear_packed_numba(a_packed, panels, rows, bias if has_bias else out[0], has_bias, ACTIVATIONS[activation],
                          residual if has_residual else out, has_residual, out, KC_PANEL,
-                         min(get_num_threads(), panels.shape[0]))
+                         min(get_num_threads(), panels.shape[0]), packed_out if has_packed_out else a_packed,
+                         has_packed_out)
     return out
 
 

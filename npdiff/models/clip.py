@@ -163,9 +163,9 @@ class CLIPEncoderLayer:
                                       out=aligned_scratch("clip attention out", (rows, dim)))  # [M,D] + h
         # 2. MLP (fc1 + activation in one pass), residual
         pack_rows_layer_norm(h_rows, norm2.weight, norm2.bias, norm2.eps, out=packed)  # [M,D] -> packed
-        hidden = mlp.fc1.packed(packed, rows, activation=mlp.activation_name,
-                                out=aligned_scratch("clip hidden", (rows, inner)))            # [M,D] -> [M,I]
-        hidden_packed = pack_rows(hidden, out=aligned_scratch("clip packed hidden", row_panels_shape(rows, inner)))
+        hidden_packed = aligned_scratch("clip packed hidden", row_panels_shape(rows, inner))  # [M/6,I,6]
+        mlp.fc1.packed(packed, rows, activation=mlp.activation_name, out=aligned_scratch("clip hidden", (rows, inner)),
+                       packed_out=hidden_packed)                                      # [M,D] -> [M,I], packed
         out = mlp.fc2.packed(hidden_packed, rows, residual=h_rows, out=out)            # [M,I] -> [M,D] + h
         return out.reshape(batch, length, dim)                                         # [M,D] -> [B,L,D]
 

@@ -30,11 +30,11 @@ class PackedLinear(Linear):
         self._weight = value
         self.panels = pack_panels(value)  # [out,in] -> [out/64, in, 64]
 
-    def packed(self, a_packed, rows, activation=None, residual=None, out=None):
+    def packed(self, a_packed, rows, activation=None, residual=None, out=None, packed_out=None):
         """activation(x @ W^T + bias) + residual -> [rows, out], x given packed (kernels.linear_packed);
-        written into `out` when given."""
+        written into `out` when given, and packed into `packed_out` when given."""
         return linear_packed(a_packed, self.panels, rows, self._weight.shape[0], self.bias, activation,
-                             residual, out)
+                             residual, out, packed_out)
 
     def __call__(self, x):
         rows = x.reshape(-1, x.shape[-1])                               # [..., in] -> [M,in]

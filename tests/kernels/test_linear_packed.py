@@ -17,6 +17,7 @@ from npdiff.kernels.linear_packed import (
     pack_panels,
     pack_rows,
     pack_rows_layer_norm,
+    row_panels_shape,
     unpack_panels,
     unpack_rows,
 )
@@ -64,6 +65,19 @@ def test_clip_l_shapes_match_torch(rng):
         residual = rng.standard_normal((rows, n_out), dtype=np.float32) if with_residual else None
         ours = linear_packed(pack_rows(x), pack_panels(weight), rows, n_out, bias, activation, residual)
         assert_rel_close(ours, torch_linear(x, weight, bias, activation, residual), KERNEL_TOL, f"{n_in}->{n_out}")
+
+
+@pytest.mark.parametrize("activation", ["quick_gelu", None])
+def test_packed_output_is_what_pack_rows_makes(rng, activation):
+    """packed_out: the result also written packed (the next GEMM's operand), as pack_rows packs it."""
+    rows, n_in, n_out = int(rng.integers(1, 40)), int(rng.integers(1, 100)), int(rng.integers(1, 200))
+    x = rng.standard_normal((rows, n_in), dtype=np.float32)
+    weight = rng.standard_normal((n_out, n_in), dtype=np.float32) * np.float32(n_in ** -0.5)
+    bias = rng.standard_normal(n_out, dtype=np.float32)
+    packed_out = np.full(row_panels_shape(rows, n_out), np.nan, np.float32)  # every element must be written
+    ours = linear_packed(pack_rows(x), pack_panels(weight), rows, n_out, bias, activation, packed_out=packed_out)
+    assert_rel_close(ours, torch_linear(x, weight, bias, activation, None), KERNEL_TOL, "linear_packed")
+    assert np.array_equal(packed_out, pack_rows(ours))
 
 
 def test_no_input_features_gives_the_bias(rng):
