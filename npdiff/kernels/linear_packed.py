@@ -3,31 +3,40 @@
     panels = pack_panels(weight)                               # [out,in] -> [out/NR, in, NR], once
     a_rows = pack_rows(x)                                      # [M,in] -> [M/MR, in, MR], per call
     a_rows = pack_rows_layer_norm(h, gamma, beta, eps)         # the same, of layer_norm(h)
-    y = linear_packed(a_rows, panels, rows, bias, "quick_gelu", residual)  # [M,out]
+    y = linear_packed(a_rows, panels, rows, out_features, bias, "quick_gelu", residual)  # [M,out]
 
 Versions:
-  1. linear_packed_ref    NumPy: unpack the operands, x @ W^T + bias, the activation, + residual.
+  1. linear_packed_ref    NumPy: x @ W^T + bias, the activation, + residual.
   2. linear_packed        Numba: the register-blocked 6 x 64 micro-kernel of matmul_numba.py (step 6 of
                           the lesson's matmul chapter) over operands packed in its reading order, with
                           the bias, the activation and the residual added to each column panel while it
-                          is still in cache; prange over column panels of the weight.
+                          is still in cache (and, on request, the result packed for the next GEMM).
 
 Why: with M = 154 rows a GEMM is short, and a BLAS that packs its B operand (here the weight: 2.4-9.4 MB
 for CLIP-L) on every call spends a large part of the call reading and rewriting it. Here the weight is
 packed once, when the model is loaded, into column panels of NR = 64 outputs, each panel contiguous
-[in, NR]: the micro-kernel reads a panel's [KC, NR] block (32 KiB) from L1 for every MR-row panel of x,
-so each weight value is fetched from memory once per call and used M times. x is small (154 x 768 floats:
-473 KB) and packed per call, into MR-row panels [M/MR, in, MR] (the micro-kernel's A order), in the same
-pass as the layer norm that precedes every CLIP GEMM but fc2 (pack_rows_layer_norm): no normed copy.
+[in, NR], so each weight value is read from memory once per call and used M times. x is small (154 x 768
+floats: 473 KB) and packed per call into MR-row panels [M/MR, in, MR] (the micro-kernel's A order), in the
+same pass as the layer norm that precedes CLIP's q/k/v and fc1 (pack_rows_layer_norm: no normed copy); fc1
+writes fc2's packed operand in its epilogue (packed_out).
 
-Threads: prange over the weight's column panels (12 for a [768,768] weight, 48 for [3072,768]): each
-thread computes whole columns of y for all rows, so the epilogue (bias, activation, residual) of a
-column panel runs on the thread that just wrote it, while it is in L2. Rows of y past M and columns past
-`out` are never written (the packed operands' spare rows/columns are zero).
+Threads: one task per thread, each a contiguous run of the weight's column panels (12 panels for a
+[768,768] weight, 48 for [3072,768]), computing whole columns of y for all rows; within a task, depth
+blocks of KC_PANEL steps of k outermost, so A's [M, KC_PANEL] block (473 KB) stays in L2 while the task's
+panels pass under it. While one weight block is used, the next is prefetched into L2, a cache line every 4
+steps of k inside the micro-kernel (the weights of a CLIP call, 340 MB, come from memory every call). The
+epilogue of a task's panels runs on the thread that wrote them. Rows of y past M and columns past `out`
+are never written (the packed operands' spare rows/columns are zero). Every packed array and CLIP's scratch
+starts on a 64-byte boundary (aligned_view).
 
 Layout of the packed weight: panels[p, k, j] = weight[p*NR + j, k] (zero where p*NR + j >= out): the
 [in, out] transpose, cut into NR-wide column panels, each panel's rows consecutive, so the micro-kernel's
 B stream of a panel is one contiguous run. Same bytes as the weight when `out` is a multiple of NR.
+
+Measured (one thread, CPU time, loaded 2-core Xeon; the practical peak, OpenBLAS sgemm 2048^2 on one
+thread, is 152-161 GFLOP/s): a hot [154,768] x [768,768] 146-149 GFLOP/s (OpenBLAS on the [in,out] copy
+126-136); CLIP-L's 72 weights streamed 134-137 (before alignment 120); inside the CLIP-L forward, with the
+epilogues, 118-122.
 """
 
 import numpy as np
@@ -39,8 +48,9 @@ from npdiff.kernels.matmul_numba import CACHE_LINE_FLOATS, MR, NR, _micro_kernel
 from npdiff.kernels.norm import mean_and_rstd
 from npdiff.kernels.scratch import scratch
 
-# depth of one step of the k loop: the weight panel's [KC_PANEL, NR] block, 32 KiB, stays in the 48 KiB
-# L1 while all MR-row panels of x pass under it
+# steps of k per depth block. Measured (one thread, [154,768] x [768,768]): KC 128 122 GFLOP/s, 256 123,
+# 384 130, 768 137-139 (fewer loads and stores of the C tile, whose cost outweighs keeping the weight's block
+# in L1); for [154,3072] x [3072,768] 768 and 1536 within noise (159-166)
 KC_PANEL = 768
 NO_ACTIVATION = -1  # activation code: bias (and residual) only
 ACTIVATIONS = {None: NO_ACTIVATION, "quick_gelu": ACTIVATION_CODES["quick_gelu"],

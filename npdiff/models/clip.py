@@ -47,9 +47,10 @@ from npdiff.models.blocks import LayerNorm, Linear, child
 from npdiff.models.packed_linear import PackedLinear
 from npdiff.models.transformer import TransposedLinear, merge_heads, split_heads
 
-# The layers' [in,out] copies (TransposedLinear: 7-12% faster CLIP-L forwards) are private memory held for
-# the model's life: 340 MB for CLIP-L, but 2.5 GB for SDXL's bigG, where the UNet's 10 GB already exceed a
-# 24 GiB machine's comfort. Above this size the layers keep the mapped [out,in] weights (plain Linear).
+# The layers' private copies of their weights (on the CPU PackedLinear's packed panels, the GEMMs of
+# kernels/linear_packed.py; on the GPU TransposedLinear's [in,out] copies) are held for the model's life: 340 MB
+# for CLIP-L, but 2.5 GB for SDXL's bigG, where the UNet's 10 GB already exceed a 24 GiB machine's comfort.
+# Above this size the layers keep the mapped [out,in] weights (plain Linear).
 TRANSPOSED_COPY_LIMIT = 512 * 2**20  # bytes
 LEGACY_EOS_TOKEN_ID = 2  # transformers: "pool at the argmax of the ids" (configs from before its PR #24773)
 
@@ -73,8 +74,8 @@ ACTIVATIONS = {  # transformers ACT2FN names -> (kernel, its name for kernels.li
 class CLIPAttention:
     """Multi-head self-attention with biases: q_proj, k_proj, v_proj, out_proj, causal mask.
 
-    Every projection is a `linear` (CLIPTextModel picks TransposedLinear, [in,out] copies for faster GEMMs
-    with 2 x 77 rows, when those copies are small; see TRANSPOSED_COPY_LIMIT).
+    Every projection is a `linear` (CLIPTextModel picks PackedLinear, weights packed for GEMMs with 2 x 77
+    rows, when those copies are small, see TRANSPOSED_COPY_LIMIT; then CLIPEncoderLayer.packed_forward runs).
     q, k and v stay three GEMMs: one GEMM with the three weights side by side ([768, 2304]) runs at
     the same GFLOP/s as each [768, 768] one (measured 184 vs 180 GFLOP/s, within noise), so the
     concatenated copy (CLIP-L: 12 x 3 x 768 x 768 x 4 B = 85 MB) would buy nothing."""
