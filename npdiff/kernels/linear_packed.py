@@ -86,25 +86,23 @@ def aligned_scratch(name, shape):
     return aligned_view(scratch(name, int(np.prod(shape)) + ALIGN_FLOATS), shape)
 
 
-@njit(**PARALLEL)
-def _pack_panels_numba(weight, panels):
-    """weight [out,in] -> panels [ceil(out/NR), in, NR]; prange over panels (each writes its own)."""
-    outputs, depth = weight.shape
-    for panel in prange(panels.shape[0]):
-        col0 = panel * NR
-        width = min(NR, outputs - col0)
-        for k in range(depth):
-            for j in range(width):
-                panels[panel, k, j] = weight[col0 + j, k]
-            for j in range(width, NR):
-                panels[panel, k, j] = 0.0
+PACK_DEPTH = 256  # steps of k per block of pack_panels: a [NR, 256] block of the weight and its image, 64 KiB each
 
 
 def pack_panels(weight):
-    """A Linear's weight [out,in] (any strides) -> its column panels [ceil(out/NR), in, NR], float32."""
+    """A Linear's weight [out,in] (any strides) -> its column panels [ceil(out/NR), in, NR], float32.
+
+    NumPy, one [NR, PACK_DEPTH] block at a time (both sides in L1/L2): as fast as a parallel Numba loop
+    (measured 31 vs 32 ms for 8 CLIP-L fc weights, 75 MB) and it runs at load, where a first Numba call would
+    add loading the compiled kernel and starting the threads (~0.3-0.6 s) to the model's load time."""
     outputs, depth = weight.shape
     panels = aligned_empty(((outputs + NR - 1) // NR, depth, NR))  # [out/NR, in, NR]
-    _pack_panels_numba(weight, panels)
+    for panel in range(panels.shape[0]):
+        slab = weight[panel * NR:(panel + 1) * NR]  # [<=NR, in]
+        width = slab.shape[0]
+        panels[panel, :, width:] = 0.0  # the spare columns of the last panel
+        for k0 in range(0, depth, PACK_DEPTH):
+            np.copyto(panels[panel, k0:k0 + PACK_DEPTH, :width], slab[:, k0:k0 + PACK_DEPTH].T)  # [NR,256] -> [256,NR]
     return panels
 
 
