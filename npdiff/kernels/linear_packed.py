@@ -40,7 +40,7 @@ epilogues, 118-122.
 """
 
 import numpy as np
-from numba import get_num_threads
+from numba import config, get_num_threads, get_thread_id
 
 from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
 from npdiff.kernels.activations import ACTIVATION_CODES, activation_block, gelu_ref, quick_gelu_ref
@@ -181,18 +181,19 @@ def pack_rows_layer_norm(x, gamma, beta, eps, out=None):
 # The GEMM and its epilogue
 # ---------------------------------------------------------------------------------------------
 @njit(**SERIAL, fastmath=FASTMATH_SAFE)
-def _epilogue(out, col0, width, rows, bias, has_bias, which, residual, has_residual, packed_out, has_packed_out):
+def _epilogue(out, col0, width, rows, bias, has_bias, which, residual, has_residual, packed_out, has_packed_out,
+              summed):
     """out[:rows, col0:col0+width] = activation(out + bias) + residual, row by row, in place; with
-    has_packed_out the same columns also written packed, as pack_rows would write them (spare rows zero)."""
-    summed = np.empty(width, np.float32)  # [width]: the activation reads here, writes into out
+    has_packed_out the same columns also written packed, as pack_rows would write them (spare rows zero).
+    summed [>= width]: the thread's row the activation reads (it writes into out)."""
     for r in range(rows):
         segment = out[r, col0:col0 + width]
         if has_bias:
             for j in range(width):
                 segment[j] += bias[col0 + j]
         if which != NO_ACTIVATION:
-            summed[:] = segment
-            activation_block(summed, segment, which)
+            summed[:width] = segment
+            activation_block(summed[:width], segment, which)
         if has_residual:
             for j in range(width):
                 segment[j] += residual[r, col0 + j]
@@ -208,9 +209,10 @@ def _epilogue(out, col0, width, rows, bias, has_bias, which, residual, has_resid
 
 @njit(**PARALLEL)
 def _linear_packed_numba(a_packed, panels, rows, bias, has_bias, which, residual, has_residual, out, depth_step,
-                         tasks, packed_out, has_packed_out):
+                         tasks, packed_out, has_packed_out, rows_scratch):
     """out [M,N] = activation(A @ W^T + bias) + residual; A packed [M/MR, K, MR], W's panels [N/NR, K, NR].
-    One task per thread, each a contiguous run of column panels."""
+    One task per thread, each a contiguous run of column panels. rows_scratch [threads, NR]: each thread's row
+    for the epilogue (no np.empty inside the prange: allocating there slowed causal_rows.py's two threads ~5x)."""
     n_panels, depth = panels.shape[0], panels.shape[1]
     cols = out.shape[1]
     row_panels = (rows + MR - 1) // MR
@@ -240,7 +242,7 @@ def _linear_packed_numba(a_packed, panels, rows, bias, has_bias, which, residual
         for panel in range(first, stop):
             col0 = panel * NR
             _epilogue(out, col0, min(NR, cols - col0), rows, bias, has_bias, which, residual, has_residual, packed_out,
-                      has_packed_out)
+                      has_packed_out, rows_scratch[get_thread_id()])
 
 
 def linear_packed(a_packed, panels, rows, outputs, bias=None, activation=None, residual=None, out=None,
@@ -262,7 +264,7 @@ def linear_packed(a_packed, panels, rows, outputs, bias=None, activation=None, r
     _linear_packed_numba(a_packed, panels, rows, bias if has_bias else out[0], has_bias, ACTIVATIONS[activation],
                          residual if has_residual else out, has_residual, out, KC_PANEL,
                          min(get_num_threads(), panels.shape[0]), packed_out if has_packed_out else a_packed,
-                         has_packed_out)
+                         has_packed_out, scratch("linear_packed rows", (config.NUMBA_NUM_THREADS, NR)))
     return out
 
 
