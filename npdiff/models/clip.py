@@ -152,7 +152,7 @@ class CLIPEncoderLayer:
         rows, inner = batch * length, mlp.fc1.weight.shape[0]
         h_rows = np.ascontiguousarray(h).reshape(rows, dim)                # [B,L,D] -> [M,D]
         packed = aligned_scratch("clip packed rows", row_panels_shape(rows, dim))  # [M/6,D,6]
-        # 1. causal self-attention, residual (into a new array: h is one of hidden_states)
+        # 1. causal self-attention, residual (into scratch: h itself is left as it was)
         pack_rows_layer_norm(h_rows, norm1.weight, norm1.bias, norm1.eps, out=packed)  # [M,D] -> packed
         q = attn.q_proj.packed(packed, rows, out=aligned_scratch("clip q", (rows, dim)))       # [M,D]
         k = attn.k_proj.packed(packed, rows, out=aligned_scratch("clip k", (rows, dim)))       # [M,D]
