@@ -163,7 +163,8 @@ def prefetch_to_l2(typingctx, array, element):
         byte_pointer = builder.bitcast(builder.gep(data, [offset]), ir.IntType(8).as_pointer())
         int32 = ir.IntType(32)
         function_type = ir.FunctionType(ir.VoidType(), [byte_pointer.type, int32, int32, int32])
-        function = cgutils.get_or_insert_function(builder.module, function_type, "llvm.prefetch.p0")
+        # the typed-pointer name: LLVM 14 (numba 0.59's llvmlite) requires it, later LLVMs upgrade it to .p0
+        function = cgutils.get_or_insert_function(builder.module, function_type, "llvm.prefetch.p0i8")
         builder.call(function, [byte_pointer, ir.Constant(int32, 0), ir.Constant(int32, 2), ir.Constant(int32, 1)])
         return context.get_dummy_value()
 
