@@ -153,6 +153,34 @@ def test_pool_matmul_reads_strided_views_and_writes_into_out(rng):
     assert_rel_close(out, expected, KERNEL_TOL)
 
 
+@pytest.mark.parametrize("shape", [
+    (1, 1000, 96, 88),   # rows split
+    (1, 77, 64, 900),    # columns split
+    (3, 100, 64, 70),    # batched
+    (1, 5, 3, 7),        # one block on the caller
+])
+@pytest.mark.parametrize("bias_kind", ["columns", "rows", None])
+def test_pool_matmul_adds_bias_and_residual_in_its_blocks(shape, bias_kind, rng):
+    """bias ([N] or [M,1]) and residual added by each block: torch's mm + bias + residual, and bit for
+    bit the sums of adding them after the GEMM (what linear and the tape did before)."""
+    batch, rows, depth, columns = shape
+    a = rng.standard_normal((batch, rows, depth) if batch > 1 else (rows, depth), dtype=np.float32)
+    weight = rng.standard_normal((columns, depth), dtype=np.float32)
+    bias = {"columns": rng.standard_normal(columns, dtype=np.float32),
+            "rows": rng.standard_normal((rows, 1), dtype=np.float32), None: None}[bias_kind]
+    residual = rng.standard_normal(a.shape[:-1] + (columns,), dtype=np.float32)
+    got = block_pool.matmul(a, weight.T, bias=bias, residual=residual)
+    expected = torch.matmul(torch.from_numpy(a), torch.from_numpy(weight).T) + torch.from_numpy(residual)
+    if bias is not None:
+        expected += torch.from_numpy(bias)
+    assert_rel_close(got, expected.numpy(), KERNEL_TOL)
+    after = block_pool.matmul(a, weight.T)
+    if bias is not None:
+        after += bias
+    after += residual
+    np.testing.assert_array_equal(got, after)
+
+
 def test_blas_count_is_one_inside_the_pools_gemms_and_the_users_after(rng):
     before = blas.get_num_threads()
     seen = []

@@ -228,11 +228,17 @@ def _aligned_spans(total, per_image, images, workers, align=MATMUL_ALIGN):
     return spans
 
 
-def matmul(a, b, out=None):
+def matmul(a, b, out=None, bias=None, residual=None):
     """np.matmul(a, b) for float32 a [M, K] or [B, M, K] and b [K, N] (views BLAS reads as they lie,
     a transposed weight included), each block a one-thread sgemm on the shared pool's workers:
     npdiff's GEMMs never run on OpenBLAS's own threads (see the module's header). `out` (optional,
     [..., M, N]) receives the product, as np.matmul's out=; the product is returned.
+
+    bias (optional, broadcastable to [M, N]: [N] per column, [M, 1] per row) and then residual
+    (optional, [..., M, N] as out) are added by each block to its own part of the product, on the
+    worker and while the part is in cache: the same float32 sums, in the same order, as
+    `out += bias; out += residual` after the call, without those two one-thread passes over the
+    whole product.
 
     Blocks: one per worker, of rows when the call has at least as many rows (B*M) as columns (each
     block then packs all of b once), else of columns (each block packs all of its image's a once;
@@ -256,10 +262,17 @@ def matmul(a, b, out=None):
         blocks = [(index, (0, rows), (start, stop)) for index in range(batch)
                   for start, stop in _aligned_spans(columns, per_image, batch, parts)]
 
+    bias_2d = None if bias is None else np.broadcast_to(bias, (rows, columns))  # [M,N] (a view)
+    residuals = None if residual is None else residual.reshape(products.shape)  # [B,M,N] (a view)
+
     def run_block(block):
         index, (row0, row1), (col0, col1) = block
         block_out = products[index, row0:row1, col0:col1]  # [m, n] view of the product
         np.matmul(images[index, row0:row1], b[:, col0:col1], out=block_out)  # [m,K] @ [K,n] -> [m,n]
+        if bias_2d is not None:
+            block_out += bias_2d[row0:row1, col0:col1]  # [m,n] + [m,n] (broadcast view)
+        if residuals is not None:
+            block_out += residuals[index, row0:row1, col0:col1]  # [m,n] + [m,n]
 
     pool.run(run_block, blocks)
     return out

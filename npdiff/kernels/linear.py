@@ -10,7 +10,9 @@ Versions:
                            weight is a view, sgemm reads it with its transpose flag, no copy); the
                            leading axes are flattened so the GEMM is one [R, in] @ [in, out]
                            (a strided 3-D view that would need a copy to flatten: one sgemm per
-                           [N, in] slice instead).
+                           [N, in] slice instead). Each block adds the bias to its rows while they are
+                           in cache (block_pool.matmul's bias=; the same sums as a bias pass after the
+                           GEMM, which ran on one thread).
   2. geglu_fast            the GEMM, then one Numba pass, parallel over rows, that reads both
                            halves of each row of h and writes a * gelu(gate) (the vectorised gelu
                            of activations.py into the output row, then the multiply while that
@@ -128,14 +130,9 @@ def linear_fast(x, weight, bias=None):
         # the VAE's attention get NCHW seen as [B,H*W,C]): one sgemm per slice, no flattening copy.
         # Measured (separate processes, load ~1.6): [2,4096,320] @ [320,320] 95 -> 158-175 GFLOP/s,
         # [2,1024,640] @ [640,640] 113-131 -> 175-195; the same bytes.
-        out = matmul(x, weight.T)  # [B,N,in] @ [in,out] -> [B,N,out]
-        if bias is not None:
-            out += bias  # [B,N,out], in place
-        return out
+        return matmul(x, weight.T, bias=bias)  # [B,N,in] @ [in,out] + [out] -> [B,N,out]
     rows = x.reshape(-1, x.shape[-1])  # [..., in] -> [R, in]
-    out = matmul(rows, weight.T)  # [R, in] @ [in, out] -> [R, out]
-    if bias is not None:
-        out += bias  # [R, out], in place
+    out = matmul(rows, weight.T, bias=bias)  # [R, in] @ [in, out] + [out] -> [R, out]
     return out.reshape(x.shape[:-1] + (weight.shape[0],))  # [R, out] -> [..., out]
 
 
@@ -202,9 +199,7 @@ def geglu_fast(x, weight, bias=None, approximate="none", hidden_out=None):
         hidden = linear_fast(x, weight, bias)  # [..., in] -> [..., 2D]
     else:
         rows = x.reshape(-1, x.shape[-1])  # [..., in] -> [R, in]
-        hidden = matmul(rows, weight.T, out=hidden_out)  # [R, in] @ [in, 2D] -> [R, 2D]
-        if bias is not None:
-            hidden += bias  # [R, 2D], in place
+        hidden = matmul(rows, weight.T, out=hidden_out, bias=bias)  # [R, in] @ [in, 2D] + [2D] -> [R, 2D]
     rows = hidden.reshape(-1, hidden.shape[-1])  # [R, 2D] (contiguous: fresh from matmul)
     out = np.empty((rows.shape[0], rows.shape[1] // 2), np.float32)  # [R, D]
     _geglu_gate_numba(rows, ACTIVATION_CODES[approximate], out)

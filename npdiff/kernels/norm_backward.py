@@ -129,10 +129,12 @@ def _layer_norm_backward_numba(x, weight, grad_out, eps, residual, add_residual,
 
 
 @njit(**PARALLEL)
-def _group_norm_backward_numba(x, weight, bias, grad_out, eps, apply_silu, residual, add_residual, grad_x, grad_y):
+def _group_norm_backward_numba(x, weight, bias, grad_out, eps, apply_silu, residual, add_residual, grad_x, grad_y,
+                               keep_grad_y):
     """x, grad_out, grad_x, grad_y: [B, G, Cg*S] contiguous; weight, bias: [G, Cg]. grad_y receives
-    the gradient at the norm's output (dy, or dy * silu'(z) with SiLU) for the weight gradients;
-    residual [B, G, Cg*S] is added to grad_x where add_residual."""
+    the gradient at the norm's output (dy, or dy * silu'(z) with SiLU) for the weight gradients where
+    keep_grad_y (else it is not written: frozen layers need no weight gradients, and the pass
+    writes one array fewer); residual [B, G, Cg*S] is added to grad_x where add_residual."""
     batch, groups, count = x.shape
     per_group = weight.shape[1]
     spatial = count // per_group
@@ -151,7 +153,8 @@ def _group_norm_backward_numba(x, weight, bias, grad_out, eps, apply_silu, resid
                     z = np.float32((np.float64(x[b, grp, s]) - mean) * rstd * w + bias[grp, c])
                     sig = sigmoid_f32(z)
                     dy = dy * sig * (np.float32(1.0) + z * (np.float32(1.0) - sig))
-                grad_y[b, grp, s] = dy
+                if keep_grad_y:
+                    grad_y[b, grp, s] = dy
                 g[s] = dy * w
         # 3. through the normalisation
         normalised_run_backward(x[b, grp], g, mean, rstd, grad_x[b, grp], residual[b, grp], add_residual)
@@ -194,9 +197,12 @@ def group_norm_backward_fast(x, num_groups, weight, bias, grad_out, eps=1e-5, si
     shift = np.zeros(channels, np.float32) if bias is None else np.ascontiguousarray(bias)  # [C]
     residual_slabs, add_residual = residual_like(residual, slabs.shape)  # [B,G,Cg*S]
     grad_x = np.empty_like(slabs)  # [B,G,Cg*S]
-    grad_y = np.empty_like(slabs)  # [B,G,Cg*S]: dy at the norm's output (after SiLU's backward)
+    # dy at the norm's output (after SiLU's backward), for the weight gradients only: else a
+    # stand-in of the same type that the kernel never writes
+    grad_y = np.empty_like(slabs) if need_weight_grad else np.empty((1, 1, 1), np.float32)  # [B,G,Cg*S]
     _group_norm_backward_numba(slabs, scale.reshape(num_groups, per_group), shift.reshape(num_groups, per_group),
-                               grad_slabs, float(eps), bool(silu), residual_slabs, add_residual, grad_x, grad_y)
+                               grad_slabs, float(eps), bool(silu), residual_slabs, add_residual, grad_x, grad_y,
+                               bool(need_weight_grad))
     if not need_weight_grad:
         return grad_x.reshape(x.shape), None, None
     # weight/bias gradients: per channel sums over batch and space of dy * xhat and dy

@@ -16,6 +16,7 @@ import numpy as np
 
 from npdiff.kernels.activations import silu
 from npdiff.kernels.activations_backward import silu_backward
+from npdiff.kernels.block_pool import matmul
 from npdiff.kernels.conv_backward import conv2d_input_grad
 from npdiff.kernels.linear_backward import linear_backward
 from npdiff.kernels.norm_backward import group_norm_backward
@@ -87,10 +88,34 @@ def resnet_forward_saved(block, x, temb):
     [B,Cout,H,W]): the tape keeps the latter so that resnet_backward need not rerun conv1."""
     h = resnet_norm2_input(block, x, temb)                              # steps 1-2
     out = block.conv2(block.norm2(h, silu=True))                        # 3. [B,Cout,H,W]
-    out += block.conv_shortcut(x) if block.conv_shortcut is not None else x  # 4. [B,Cout,H,W]
+    if block.conv_shortcut is not None:                                 # 4. [B,Cout,H,W]
+        out = shortcut_plus(block.conv_shortcut, x, out)
+    else:
+        out += x
     if block.output_scale_factor != 1.0:
         out /= block.output_scale_factor
     return out, h
+
+
+def shortcut_plus(shortcut, x, residual):
+    """conv_shortcut(x) + residual [B,Cout,H,W] for a 1x1 Conv2d: with a float32 NumPy weight, W x per
+    image on the block pool (block_pool.matmul, as conv.py's 1x1 GEMM), its blocks adding the bias and
+    the residual in cache instead of a one-thread add over [B,Cout,H,W] after the conv; else the conv,
+    then the add."""
+    weight = shortcut.weight
+    if not (isinstance(weight, np.ndarray) and isinstance(x, np.ndarray) and weight.shape[2:] == (1, 1)
+            and shortcut.stride == 1 and shortcut.padding == 0):
+        residual += shortcut(x)
+        return residual
+    batch, channels, height, width = x.shape
+    pixels = np.ascontiguousarray(x).reshape(batch, channels, height * width)  # [B,Cin,H*W]
+    weight_2d = weight.reshape(weight.shape[0], channels)              # [Cout,Cin] (a view)
+    bias = None if shortcut.bias is None else shortcut.bias[:, None]    # [Cout,1]: one value per row
+    summed = np.ascontiguousarray(residual).reshape(batch, weight.shape[0], height * width)  # [B,Cout,H*W]
+    out = np.empty_like(summed)                                         # [B,Cout,H*W]
+    for image in range(batch):
+        matmul(weight_2d, pixels[image], out=out[image], bias=bias, residual=summed[image])  # [Cout,Cin] @ [Cin,H*W]
+    return out.reshape(residual.shape)                                  # [B,Cout,H,W]
 
 
 def resnet_backward(block, x, temb, grad_out, norm2_input=None):

@@ -52,14 +52,29 @@ def attention_forward_saved(q, k, v, scale):
     return scaled_dot_product_attention(q, k, v, scale=scale), None     # [B,h,N,d]
 
 
-def attention_with_qkv(attn, x, context):
+def linear_plus_residual(layer, x, residual):
+    """layer(x) + residual [..., out] (a Linear layer): for a float32 NumPy weight one block_pool.matmul
+    whose blocks add the bias and the residual while their rows are in cache (the same sums as
+    `residual + layer(x)`, without a one-thread pass over the whole output); else the layer, then the add."""
+    if not (isinstance(layer.weight, np.ndarray) and isinstance(x, np.ndarray) and x.flags.c_contiguous
+            and residual.flags.c_contiguous and residual.dtype == np.float32):
+        return residual + layer(x)                                      # [..., out]
+    rows = x.reshape(-1, x.shape[-1])                                   # [..., in] -> [R, in]
+    out = matmul(rows, layer.weight.T, bias=layer.bias, residual=residual.reshape(rows.shape[0], -1))  # [R, out]
+    return out.reshape(residual.shape)                                  # [R, out] -> [..., out]
+
+
+def attention_with_qkv(attn, x, context, residual=None):
     """Attention's forward that also returns what the backward needs: (q, k, v [B,h,N|M,d], out
-    [B,h,N,d], lse [B,h,N] or None)."""
+    [B,h,N,d], lse [B,h,N] or None). residual [B,N,D]: returned added to the attention's output
+    (in to_out's blocks)."""
     q = split_heads(attn.to_q(x), attn.heads)                           # [B,N,D] -> [B,h,N,d]
     k = split_heads(attn.to_k(context), attn.heads)                     # [B,M,Dc] -> [B,h,M,d]
     v = split_heads(attn.to_v(context), attn.heads)                     # [B,M,Dc] -> [B,h,M,d]
     out, lse = attention_forward_saved(q, k, v, attn.scale)             # [B,h,N,d], [B,h,N]
-    return attn.to_out(merge_heads(out)), (q, k, v, out, lse)           # [B,N,D]
+    if residual is None:
+        return attn.to_out(merge_heads(out)), (q, k, v, out, lse)       # [B,N,D]
+    return linear_plus_residual(attn.to_out, merge_heads(out), residual), (q, k, v, out, lse)  # [B,N,D]
 
 
 def attention_backward_pass(attn, x, context, saved, grad_out, weight_grads=None):
@@ -90,13 +105,13 @@ def attention_backward_pass(attn, x, context, saved, grad_out, weight_grads=None
     return grad_x, grad_context
 
 
-def feed_forward_saved(ff, x):
-    """FeedForward's forward -> (out [B,N,D], its GEGLU's hidden layer [B,N,2*4D] for the backward);
-    (out, None) when the projection's weight is not a float32 NumPy array (a packed bf16 one)."""
+def feed_forward_saved(ff, x, residual):
+    """FeedForward's forward plus residual -> (out [B,N,D], its GEGLU's hidden layer [B,N,2*4D] for the
+    backward); (out, None) when the projection's weight is not a float32 NumPy array (a packed bf16 one)."""
     if not isinstance(ff.proj.weight, np.ndarray):
-        return ff(x), None
+        return residual + ff(x), None
     gated, hidden = geglu_forward_saved(x, ff.proj.weight, ff.proj.bias)  # [B,N,D] -> [B,N,4D], [B,N,8D]
-    return ff.out(gated), hidden                                        # [B,N,4D] -> [B,N,D]
+    return linear_plus_residual(ff.out, gated, residual), hidden        # [B,N,4D] -> [B,N,D]
 
 
 def feed_forward_backward(ff, x, grad_out, hidden=None):
@@ -125,11 +140,9 @@ def basic_block_states(block, x, context):
     normed2, qkv2, x2), the residual stream [B,N,D] and the attentions' saved tensors (q, k, v
     [B,h,N|M,d], out, lse: attention_with_qkv)."""
     normed1 = block.norm1(x)                                            # [B,N,D]
-    attn1_out, qkv1 = attention_with_qkv(block.attn1, normed1, normed1)
-    x1 = x + attn1_out                                                  # [B,N,D]
+    x1, qkv1 = attention_with_qkv(block.attn1, normed1, normed1, residual=x)  # x + attn1 [B,N,D]
     normed2 = block.norm2(x1)                                           # [B,N,D]
-    attn2_out, qkv2 = attention_with_qkv(block.attn2, normed2, context)
-    x2 = x1 + attn2_out                                                 # [B,N,D]
+    x2, qkv2 = attention_with_qkv(block.attn2, normed2, context, residual=x1)  # x1 + attn2 [B,N,D]
     return normed1, qkv1, x1, normed2, qkv2, x2
 
 
@@ -138,8 +151,7 @@ def basic_block_forward_saved(block, x, context):
     whose GEGLU hidden layer [B,N,8D] is kept too (the last of the states)."""
     states = basic_block_states(block, x, context)
     x2 = states[-1]                                                     # [B,N,D]
-    out, ff_hidden = feed_forward_saved(block.ff, block.norm3(x2))      # 3. [B,N,D], [B,N,8D]
-    out += x2
+    out, ff_hidden = feed_forward_saved(block.ff, block.norm3(x2), x2)  # 3. x2 + ff [B,N,D], [B,N,8D]
     return out, states + (ff_hidden,)
 
 
@@ -178,10 +190,25 @@ def transformer_2d_forward_saved(model, x, context):
         saved.append((h, states))
         h = out
     # 3. proj_out, back to NCHW, residual
-    h = model.proj_out(h)                                               # [B,H*W,D] -> [B,H*W,C]
-    out = np.ascontiguousarray(h.transpose(0, 2, 1)).reshape(batch, channels, height, width)  # [B,C,H,W]
-    out += x
-    return out, saved
+    return proj_out_to_nchw_plus_input(model.proj_out, h, x), saved     # [B,H*W,D] -> [B,C,H,W]
+
+
+def proj_out_to_nchw_plus_input(proj_out, h, x):
+    """Transformer2DModel's step 3: proj_out(h) [B,H*W,C] back to NCHW, plus the input x [B,C,H,W].
+    For a float32 NumPy weight, as W h^T per image straight into NCHW, its blocks adding the bias and
+    x in cache (no transposing copy, no one-thread add over [B,C,H,W]); else as the forward does it."""
+    batch, channels, height, width = x.shape
+    if not (isinstance(proj_out.weight, np.ndarray) and isinstance(h, np.ndarray)):
+        h = proj_out(h)                                                 # [B,H*W,D] -> [B,H*W,C]
+        out = np.ascontiguousarray(h.transpose(0, 2, 1)).reshape(x.shape)  # [B,C,H,W]
+        out += x
+        return out
+    inputs = np.ascontiguousarray(x).reshape(batch, channels, height * width)  # [B,C,H*W]
+    bias = None if proj_out.bias is None else proj_out.bias[:, None]    # [C,1]: one value per row of W h^T
+    out = np.empty((batch, channels, height * width), np.float32)       # [B,C,H*W]
+    for image in range(batch):
+        matmul(proj_out.weight, h[image].T, out=out[image], bias=bias, residual=inputs[image])  # [C,D] @ [D,H*W] -> [C,H*W]
+    return out.reshape(x.shape)                                         # [B,C,H,W]
 
 
 def transformer_2d_backward(model, x, context, grad_out, weight_grads=None, saved=None):

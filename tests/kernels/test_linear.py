@@ -37,6 +37,17 @@ def test_linear_matches_torch(rng, leading, with_bias):
     assert_rel_close(linear_ref(x, weight, bias), expected, KERNEL_TOL, "linear_ref")
 
 
+@pytest.mark.parametrize("leading", [(700,), (1, 333), (2, 3, 90)])
+def test_linear_in_pool_blocks_with_bias_matches_torch(rng, leading):
+    """Large enough for block_pool.matmul's parallel blocks, each adding the bias to its part."""
+    n_in, n_out = int(rng.integers(60, 130)), int(rng.integers(60, 130))
+    x = rng.standard_normal((*leading, n_in), dtype=np.float32)
+    weight = rng.standard_normal((n_out, n_in), dtype=np.float32)
+    bias = rng.standard_normal(n_out, dtype=np.float32)
+    expected = F.linear(torch.from_numpy(x), torch.from_numpy(weight), torch.from_numpy(bias))
+    assert_rel_close(linear(x, weight, bias), expected, KERNEL_TOL, "linear in blocks")
+
+
 @pytest.mark.parametrize("leading", [(3,), (2, 9)])
 def test_geglu_matches_diffusers(rng, leading):
     n_in, half = int(rng.integers(2, 50)), int(rng.integers(1, 40))

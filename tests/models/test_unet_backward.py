@@ -62,6 +62,24 @@ def test_unet_backward_matches_autograd(unet_pair, rng, batch, height, width, to
         tape.backward(grad_output)
 
 
+def test_unet_tape_forward_in_parallel_blocks_matches_autograd(unet_pair, rng, monkeypatch):
+    """Every pool GEMM cut into parallel blocks (the tiny model's are below MATMUL_PARALLEL_MIN): the tape
+    forward's GEMMs whose blocks add a bias and a residual (to_out and ff.net.2 plus the residual stream,
+    proj_out straight into NCHW plus the block's input, the resnets' 1x1 shortcuts plus conv2's output)
+    and the backward stay autograd's."""
+    from npdiff.kernels import block_pool
+    kind, torch_model, ours = unet_pair
+    monkeypatch.setattr(block_pool, "MATMUL_PARALLEL_MIN", 0)
+    sample, context, grad_output = random_case(rng, ours.config, 1, 16, 16, 6)
+    timestep = int(rng.integers(0, 1000))
+    expected_out, expected_sample, expected_context = torch_grads(torch_model, sample, timestep, context, grad_output)
+    out, tape = unet_forward_for_backward(ours, sample, timestep, context)
+    assert_rel_close(out, expected_out, NETWORK_TOL, f"{kind} forward")
+    grad_sample, grad_context = tape.backward(grad_output)
+    assert_rel_close(grad_context, expected_context, NETWORK_TOL, f"{kind} d encoder_hidden_states")
+    assert_rel_close(grad_sample, expected_sample, NETWORK_TOL, f"{kind} d sample")
+
+
 def test_unet_attention_weight_grads_match_autograd(unet_pair, rng):
     """LoRA's gradients: every attention projection's weight (and to_out.0's bias)."""
     kind, torch_model, ours = unet_pair
