@@ -102,6 +102,10 @@ WINOGRAD_DEEP_C_IN, WINOGRAD_DEEP_MIN_PIXELS = 640, 16 * 16  # and with this man
 # (stays F(4,3)); the backward's input-gradient convs (1280 input channels) 1280 -> 1280 67 / 92 / 92,
 # 1280 -> 2560 137 / 181 / 147. The tape forward of SD 1.5 training (batch 1) and batch-1 sampling.
 IM2COL_FEW_MAX_PIXELS, IM2COL_FEW_MIN_C_IN = 16 * 16, 1280
+# F(6x6,3x3) instead of F(4x4,3x3) where both output sides are at least this and C_in at least this
+# (header: 0.73-0.89x F(4,3)'s time at the VAE's and the UNet's 64x64 shapes; at 32 and 16 px its 6x6
+# tiles overhang the picture by 12% per side and it took 1.3-1.8x F(4,3)'s time)
+WINOGRAD6_MIN_SIDE, WINOGRAD6_MIN_C_IN = 64, 128
 
 
 def pad_image(x, ph, pw):
@@ -288,7 +292,7 @@ def check_conv2d(x, weight, bias, stride, padding):
 
 def conv_method(x_shape, weight_shape, stride, padding):
     """The fast path conv2d_fast takes for these shapes (rule measured in this file's header):
-    "1x1", "direct", "winograd4" (F(4x4,3x3)) or "im2col"."""
+    "1x1", "direct", "winograd6" (F(6x6,3x3)), "winograd4" (F(4x4,3x3)) or "im2col"."""
     (sh, sw), (ph, pw) = stride, padding
     c_out, c_in, kh, kw = weight_shape
     h_out, w_out = output_size(x_shape[2], kh, sh, ph), output_size(x_shape[3], kw, sw, pw)
@@ -302,6 +306,8 @@ def conv_method(x_shape, weight_shape, stride, padding):
     if kh == 3 and kw == 3 and sh == 1 and sw == 1 and (
             (c_in >= WINOGRAD_MIN_C_IN and pixels >= WINOGRAD_MIN_PIXELS)
             or (c_in >= WINOGRAD_DEEP_C_IN and pixels >= WINOGRAD_DEEP_MIN_PIXELS)):
+        if min(h_out, w_out) >= WINOGRAD6_MIN_SIDE and c_in >= WINOGRAD6_MIN_C_IN and (ph, pw) == (1, 1):
+            return "winograd6"
         return "winograd4"
     return "im2col"
 
@@ -313,6 +319,8 @@ def conv2d_fast(x, weight, bias, stride, padding):
         return _conv1x1(x, weight, bias)
     if method == "direct":
         return _conv_direct(x, weight, bias, *padding)
+    if method == "winograd6":
+        return conv_winograd.winograd_conv2d(x, weight, bias, padding, 6)
     if method == "winograd4":
         return conv_winograd.winograd_conv2d(x, weight, bias, padding, 4)
     return _conv_im2col_tiled(x, weight, bias, *stride, *padding)
