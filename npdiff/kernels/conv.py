@@ -21,7 +21,10 @@ Versions (each is tested against torch and the reference):
   5. Winograd F(4x4,3x3) (conv_winograd.py, beside F(2x2,3x3) and a NumPy reference with the
                       transform matrices written out): 3x3, stride 1, at least WINOGRAD_MIN_C_IN
                       input channels and WINOGRAD_MIN_PIXELS output pixels per image: SD's resnet
-                      convs at 64 and 32 px, the VAE's at 64..512 px. 4x fewer GEMM multiplies.
+                      convs at 32 and 16 px. 4x fewer GEMM multiplies.
+  6. Winograd F(6x6,3x3) (conv_winograd.py + conv_winograd6.py): the same where both output sides
+                      are at least WINOGRAD6_MIN_SIDE (64) and C_in at least WINOGRAD6_MIN_C_IN
+                      (128): the VAE's 64..512 px convs, the UNet's at 64 px. 5.06x fewer multiplies.
   cupy arrays: im2col kernel + cuBLAS GEMMs (npdiff/kernels/cuda/conv.py; npdiff/kernels/dispatch.py).
 
 Why im2col + GEMM for the big convs that are not Winograd's: the GEMM has K = 9*C_in (2880-11520), the shape OpenBLAS's
@@ -67,7 +70,15 @@ shapes above (the kernel tolerance is 1e-5). Where F(4,3)'s time goes, one core,
 GEMMs 45 ms (~85 GFLOP/s), input transform ~21 ms, output transform ~18 ms, weights ~4 ms: the
 transforms are ~half of the work, the input transform the larger (a strided gather per tile row).
 
-Threads: the tiles of versions 2, 3 and 5 are spread over the block-parallel pool of block_pool.py
+F(6x6,3x3) against F(4x4,3x3) (each with its own blocking, conv_winograd.blocking), alternated in one
+process, load average 2.4-2.7, wall time F(6,3) / F(4,3) (CPU time within 0.03 of it):
+    VAE [1,512,64,64] 0.71, [1,512,128,128] 0.73, 512 ch at 256 px 0.73, 512 -> 256 at 256 px 0.85,
+    [1,256,256,256] 0.88, 256 ch at 512 px 0.83, 256 -> 128 at 512 px 0.78, [1,128,512,512] 0.84;
+    UNet [2,320,64,64] 0.85, [2,960,64,64] -> 320 0.89; but [2,640,32,32] 1.26, 1280 ch at 16 px 1.7
+    (6x6 tiles overhang 32 px by 4 and 16 px by 2: 27% of the multiplies wasted), hence the rule.
+Its rounding (same measure as above, 64-512 channels, N(0,1) and SiLU'd inputs): 2.1-4.3e-6.
+
+Threads: the tiles of versions 2, 3, 5 and 6 are spread over the block-parallel pool of block_pool.py
 (each GEMM single-threaded on its own core: no fork/join of OpenBLAS threads per call); version 4
 uses Numba's prange.
 """

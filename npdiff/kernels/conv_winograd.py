@@ -11,6 +11,8 @@ T tiles, with U = G g G^T (the transformed weights) and V = B^T d B (the transfo
   F(2x2,3x3): 16 GEMMs instead of 36 multiplies per output pixel: 2.25x fewer multiplies.
   F(4x4,3x3): 36 GEMMs per 16 output pixels instead of 144: 4x fewer, at a larger rounding error
               (its transforms use 4, 5, 8 and 1/6, 1/24), measured in conv.py's header.
+  F(6x6,3x3): 64 GEMMs per 36 output pixels instead of 324: 5.06x fewer; rounding about twice
+              F(4,3)'s (points +-1/2 too; still within the kernel tolerance, conv.py's header).
 
 Versions (both tested against torch and against each other):
   winograd_conv2d_ref   NumPy: pad, cut all tiles, four einsums with the literal matrices below.
@@ -26,6 +28,9 @@ Versions (both tested against torch and against each other):
                         from all its sources (the generic kernels add one coefficient's row at a
                         time: up to 5 read-modify-write passes); same terms in the same order, so
                         the same bytes. Measured 2-2.7x faster input, ~1.4x faster output transform.
+                        F(6x6,3x3)'s are written out in conv_winograd6.py (with shared partial sums:
+                        within float32 rounding of the generic kernels, not the same bytes); its
+                        groups and output blocks are larger (blocking()).
 The groups and the output-channel blocks depend only on the shapes (never on the worker count), so
 every GEMM sees the same operands at any thread count: the same bytes at 1 and 2 threads.
 

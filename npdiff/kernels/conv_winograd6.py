@@ -15,8 +15,8 @@ writes them (rows 1/2, 3/4 and 5/6 of B^T are t1 + t2 and t1 - t2 of the same tw
             v3, v4 = (1/4 d2 - 5/4 d4 + d6) +- (1/2 d1 - 5/2 d3 + 2 d5)
             v5, v6 = (4 d2 - 5 d4 + d6) +- (2 d1 - 5/2 d3 + 1/2 d5)
     A^T m:  with a = m1 + m2, b = m1 - m2, c = m3 + m4, e = m3 - m4, f = m5 + m6, g = m5 - m6:
-            y0 = m0 + a + c + f          y1 = b + 2 e + f/2 ... (below: y_p = (a or b) + 2^p (c or e)
-            + 2^-p (f or g), even p with the sums, odd p with the differences; y5 also + m7)
+            y0 = m0 + a + c + f,   y_p = a + 2^p c + 2^-p f (p = 2, 4),
+            y_p = b + 2^p e + 2^-p g (p = 1, 3),   y5 = b + 32 e + g/32 + m7
 
 Layout and loop order are input_transform4's and output_transform4's (conv_winograd.py): columns
 deinterleaved (column j*6 + p of a tile row at [p, j]) so every step is a sum of contiguous runs
