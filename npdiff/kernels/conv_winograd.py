@@ -30,7 +30,7 @@ Versions (both tested against torch and against each other):
                         the same bytes. Measured 2-2.7x faster input, ~1.4x faster output transform.
                         F(6x6,3x3)'s are written out in conv_winograd6.py (with shared partial sums:
                         within float32 rounding of the generic kernels, not the same bytes); its
-                        groups and output blocks are larger (blocking()).
+                        groups and output blocks are larger (blocking(): 2 blocks of <= 256 channels).
 The groups and the output-channel blocks depend only on the shapes (never on the worker count), so
 every GEMM sees the same operands at any thread count: the same bytes at 1 and 2 threads.
 
@@ -113,7 +113,7 @@ V_GROUP_BYTES = 6 << 20  # transformed input per group: stays in L3 while every 
 ONE_GROUP_BYTES = 16 << 20  # ... unless all of it is at most this: one group, U made block by block
 MIN_GROUP_TILES = 128  # and never fewer tiles per group (the GEMMs' N) than this
 OUT_BLOCK_ROWS = 96  # output channels per step-2 block, about (their count is rounded to 4 blocks)
-F6_OUT_BLOCK_ROWS = 128  # ... for F(6x6,3x3) (blocking())
+F6_OUT_BLOCK_ROWS = 256  # ... for F(6x6,3x3), in an even number of blocks (blocking())
 
 
 def tile_counts(height, width, ph, pw, m):
@@ -374,12 +374,12 @@ def weight_transform(weight, G, o0, o1, gathered, half, U, u0):
                 combine_rows(G[l], half, 3 * k, 0, U[k * alpha + l, o - u0])
 
 
-def output_blocks(c_out, block_rows=None):
-    """Step 2's blocks of output channels: about block_rows (OUT_BLOCK_ROWS) each, a multiple of 4
-    blocks (balanced on 1, 2 or 4 workers), from the shape alone."""
+def output_blocks(c_out, block_rows=None, multiple=4):
+    """Step 2's blocks of output channels: about block_rows (OUT_BLOCK_ROWS) each, a multiple of
+    `multiple` blocks (4: balanced on 1, 2 or 4 workers), from the shape alone."""
     block_rows = OUT_BLOCK_ROWS if block_rows is None else block_rows
-    parts = 4 * max(1, -(-c_out // (4 * block_rows)))
-    return split_evenly(c_out, -(-c_out // parts), images=1, workers=4)
+    parts = multiple * max(1, -(-c_out // (multiple * block_rows)))
+    return split_evenly(c_out, -(-c_out // parts), images=1, workers=multiple)
 
 
 def tile_row_groups(rows, tiles_w, c_in, alpha, min_tiles=None):
@@ -395,12 +395,14 @@ def tile_row_groups(rows, tiles_w, c_in, alpha, min_tiles=None):
 
 def blocking(m, c_in, c_out, rows, tiles_w):
     """(groups of tile rows, blocks of output channels) for F(m x m, 3 x 3), from the shapes alone.
-    F(6,3) (large pictures) takes larger GEMMs: groups of at least C_in tiles and blocks of about
-    F6_OUT_BLOCK_ROWS channels (each sgemm call packs both operands again: square-ish GEMMs pack
-    less per multiply; measured at 512 channels on 128x128, one core: 286 -> 212 ms)."""
+    F(6,3) (large pictures) takes larger GEMMs: groups of at least 2 * C_in tiles and an even number
+    of blocks of at most F6_OUT_BLOCK_ROWS channels (each sgemm call packs both operands again: larger
+    GEMMs pack less per multiply). Measured on one core (CPU time; F(6,3) with F(4,3)'s blocking ->
+    groups of C_in tiles, 4 blocks -> this): [1,512,128,128] 286 -> 213 -> 195 ms, [1,256,256,256]
+    -> 318 -> 266 ms, 256 -> 128 at 512 px 676 -> 661 ms; [1,128,512,512] 327 -> 344 ms (noise)."""
     if m == 6:
-        groups = tile_row_groups(rows, tiles_w, c_in, m + 2, max(MIN_GROUP_TILES, c_in))
-        return groups, output_blocks(c_out, F6_OUT_BLOCK_ROWS)
+        groups = tile_row_groups(rows, tiles_w, c_in, m + 2, max(MIN_GROUP_TILES, 2 * c_in))
+        return groups, output_blocks(c_out, F6_OUT_BLOCK_ROWS, multiple=2)
     return tile_row_groups(rows, tiles_w, c_in, m + 2), output_blocks(c_out)
 
 
