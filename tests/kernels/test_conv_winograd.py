@@ -200,9 +200,10 @@ def test_conv2d_takes_winograd_at_sd_shapes(rng, monkeypatch):
     assert calls == [4]
 
 
-def test_tiny_vae_with_winograd_for_every_3x3_conv_matches_diffusers(rng, monkeypatch):
+@pytest.mark.parametrize("m", [4, 6])
+def test_tiny_vae_with_winograd_for_every_3x3_conv_matches_diffusers(rng, monkeypatch, m):
     # The tiny test models rarely reach the rule's sizes: here every 3x3 stride-1 conv with more
-    # than a few output channels takes F(4,3), through a whole decode, against diffusers.
+    # than a few output channels takes F(m,3), through a whole decode, against diffusers.
     from helpers import NETWORK_TOL
     from tiny_models import tiny_vae
 
@@ -212,11 +213,14 @@ def test_tiny_vae_with_winograd_for_every_3x3_conv_matches_diffusers(rng, monkey
     ours = AutoencoderKL.from_pretrained(folder)
     monkeypatch.setattr(conv, "WINOGRAD_MIN_C_IN", 1)
     monkeypatch.setattr(conv, "WINOGRAD_MIN_PIXELS", 1)
+    if m == 6:
+        monkeypatch.setattr(conv, "WINOGRAD6_MIN_SIDE", 1)
+        monkeypatch.setattr(conv, "WINOGRAD6_MIN_C_IN", 1)
     calls = []
     original = conv_winograd.winograd_conv2d
-    monkeypatch.setattr(conv_winograd, "winograd_conv2d", lambda *args: calls.append(1) or original(*args))
+    monkeypatch.setattr(conv_winograd, "winograd_conv2d", lambda *args: calls.append(args[-1]) or original(*args))
     z = rng.standard_normal((1, 4, 6, 5), dtype=np.float32)
     with torch.no_grad():
         expected = torch_model.decode(torch.from_numpy(z)).sample
-    assert_rel_close(ours.decode(z), expected, NETWORK_TOL, "tiny VAE decode, Winograd convs")
-    assert len(calls) >= 10
+    assert_rel_close(ours.decode(z), expected, NETWORK_TOL, f"tiny VAE decode, Winograd F({m},3) convs")
+    assert len(calls) >= 10 and set(calls) == {m}
