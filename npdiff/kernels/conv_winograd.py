@@ -40,6 +40,8 @@ U for the call ((m+2)^2/9 x that conv's weight: 44 MiB at the UNet's 960->320); 
 kept for the next call: M, and U for one block of output channels (at most ~22 MiB at 1920->640).
 """
 
+import math
+
 import numpy as np
 
 from npdiff.jit import SERIAL, njit
@@ -114,6 +116,7 @@ ONE_GROUP_BYTES = 16 << 20  # ... unless all of it is at most this: one group, U
 MIN_GROUP_TILES = 128  # and never fewer tiles per group (the GEMMs' N) than this
 OUT_BLOCK_ROWS = 96  # output channels per step-2 block, about (their count is rounded to 4 blocks)
 F6_OUT_BLOCK_ROWS = 256  # ... for F(6x6,3x3), in an even number of blocks (blocking())
+KEPT_SCRATCH_BYTES = 16 << 20  # larger M and U blocks are allocated per call (worker_buffer())
 
 
 def tile_counts(height, width, ph, pw, m):
@@ -399,11 +402,31 @@ def blocking(m, c_in, c_out, rows, tiles_w):
     of blocks of at most F6_OUT_BLOCK_ROWS channels (each sgemm call packs both operands again: larger
     GEMMs pack less per multiply). Measured on one core (CPU time; F(6,3) with F(4,3)'s blocking ->
     groups of C_in tiles, 4 blocks -> this): [1,512,128,128] 286 -> 213 -> 195 ms, [1,256,256,256]
-    -> 318 -> 266 ms, 256 -> 128 at 512 px 676 -> 661 ms; [1,128,512,512] 327 -> 344 ms (noise)."""
+    -> 318 -> 266 ms, 256 -> 128 at 512 px 676 -> 661 ms; [1,128,512,512] 327 -> 344 ms (noise).
+    Their M and U blocks are larger than the scratch keeps (worker_buffer())."""
     if m == 6:
         groups = tile_row_groups(rows, tiles_w, c_in, m + 2, max(MIN_GROUP_TILES, 2 * c_in))
         return groups, output_blocks(c_out, F6_OUT_BLOCK_ROWS, multiple=2)
     return tile_row_groups(rows, tiles_w, c_in, m + 2), output_blocks(c_out)
+
+
+def worker_buffer(name, shape):
+    """The worker's scratch buffer `name`, or, above KEPT_SCRATCH_BYTES, a fresh array freed after the
+    call: F(6,3)'s U blocks reach 33 MiB per worker at 512 channels, and scratch would keep them to
+    the end of the process (with them and the M blocks kept, the VAE decode's peak RSS, at 512 px
+    after the 512-channel convs, grew by ~140 MiB)."""
+    if math.prod(shape) * 4 > KEPT_SCRATCH_BYTES:
+        return np.empty(shape, np.float32)
+    return scratch(name, shape)
+
+
+def product_buffers(out_blocks, per_channel):
+    """None when every block's product M [block, a*a, T] fits in KEPT_SCRATCH_BYTES (then each worker's
+    scratch holds it), else one flat buffer per output block for this call (made once, reused by
+    every group, freed after the call; see worker_buffer)."""
+    if max(stop - start for start, stop in out_blocks) * per_channel * 4 <= KEPT_SCRATCH_BYTES:
+        return None
+    return {block: np.empty((block[1] - block[0]) * per_channel, np.float32) for block in out_blocks}
 
 
 def winograd_conv2d(x, weight, bias, padding, m):
@@ -424,6 +447,7 @@ def winograd_conv2d(x, weight, bias, padding, m):
     most_tiles = max(stop - start for start, stop in groups) * tiles_w
     V_all = np.empty(alpha * alpha * c_in * most_tiles, np.float32)
     in_blocks = split_evenly(c_in, -(-c_in // (2 * worker_count())))  # element-wise: any split
+    products = product_buffers(out_blocks, alpha * alpha * most_tiles)  # M per block, or None: scratch
 
     for group, (row0, row1) in enumerate(groups):
         tiles = (row1 - row0) * tiles_w
@@ -442,14 +466,17 @@ def winograd_conv2d(x, weight, bias, padding, m):
         def multiply_and_transform_output(block, first=group == 0, row0=row0, row1=row1, V=V, tiles=tiles):
             o0, o1 = block
             if one_group:  # 2. U = G g G^T for this block's output channels, used at once
-                U_block = scratch("winograd weights", (alpha * alpha, o1 - o0, c_in))
+                U_block = worker_buffer("winograd weights", (alpha * alpha, o1 - o0, c_in))
             else:  # (or kept for the later groups: all of U lives for this call)
                 U_block = U[:, o0:o1, :]
             if first:
                 gathered, half = scratch("winograd taps", 9 * c_in), scratch("winograd half", 3 * alpha * c_in)
                 weight_transform(weight, G, o0, o1, gathered.reshape(9, c_in), half.reshape(3 * alpha, c_in),
                                  U_block if one_group else U, o0 if one_group else 0)
-            M = scratch("winograd product", (o1 - o0, alpha * alpha, tiles))
+            if products is None:  # [block,a*a,T]
+                M = scratch("winograd product", (o1 - o0, alpha * alpha, tiles))
+            else:
+                M = products[block][:(o1 - o0) * alpha * alpha * tiles].reshape(o1 - o0, alpha * alpha, tiles)
             np.matmul(U_block, V, out=M.transpose(1, 0, 2))  # 3. [a*a,block,C_in] @ [a*a,C_in,T]
             mixed = scratch("winograd output", (alpha, m, tiles_w))
             if m in (4, 6):  # 4. A^T M A + bias
