@@ -83,7 +83,9 @@ def input_transform6(x, row0, row1, tiles_h, c0, c1, gathered, mixed, V):
             b, tile_row = row // tiles_h, row % tiles_h
             t0 = (row - row0) * tiles_w
             # 1. gathered[r, p, j] = x[b, c, tile_row*6 - 1 + r, j*6 + p - 1] (outside x: zero; the
-            #    columns outside are never written and keep the zeros set above)
+            #    columns outside are never written and keep the zeros set above). input_transform4's
+            #    gather with 6 for 4: one shared helper taking m as a value measured 15-30% slower
+            #    (the constants let Numba unroll and strength-reduce these loops)
             for r in range(8):
                 y = tile_row * 6 - 1 + r
                 inside = 0 <= y < height
