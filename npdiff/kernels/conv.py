@@ -21,7 +21,10 @@ Versions (each is tested against torch and the reference):
   5. Winograd F(4x4,3x3) (conv_winograd.py, beside F(2x2,3x3) and a NumPy reference with the
                       transform matrices written out): 3x3, stride 1, at least WINOGRAD_MIN_C_IN
                       input channels and WINOGRAD_MIN_PIXELS output pixels per image: SD's resnet
-                      convs at 64 and 32 px, the VAE's at 64..512 px. 4x fewer GEMM multiplies.
+                      convs at 32 and 16 px. 4x fewer GEMM multiplies.
+  6. Winograd F(6x6,3x3) (conv_winograd.py + conv_winograd6.py): the same where both output sides
+                      are at least WINOGRAD6_MIN_SIDE (64) and C_in at least WINOGRAD6_MIN_C_IN
+                      (128): the VAE's 64..512 px convs, the UNet's at 64 px. 5.06x fewer multiplies.
   cupy arrays: im2col kernel + cuBLAS GEMMs (npdiff/kernels/cuda/conv.py; npdiff/kernels/dispatch.py).
 
 Why im2col + GEMM for the big convs that are not Winograd's: the GEMM has K = 9*C_in (2880-11520), the shape OpenBLAS's
@@ -67,7 +70,15 @@ shapes above (the kernel tolerance is 1e-5). Where F(4,3)'s time goes, one core,
 GEMMs 45 ms (~85 GFLOP/s), input transform ~21 ms, output transform ~18 ms, weights ~4 ms: the
 transforms are ~half of the work, the input transform the larger (a strided gather per tile row).
 
-Threads: the tiles of versions 2, 3 and 5 are spread over the block-parallel pool of block_pool.py
+F(6x6,3x3) against F(4x4,3x3) (each with its own blocking, conv_winograd.blocking), alternated in one
+process, load average 2.4-2.7, wall time F(6,3) / F(4,3) (CPU time within 0.03 of it):
+    VAE [1,512,64,64] 0.71, [1,512,128,128] 0.73, 512 ch at 256 px 0.73, 512 -> 256 at 256 px 0.85,
+    [1,256,256,256] 0.88, 256 ch at 512 px 0.83, 256 -> 128 at 512 px 0.78, [1,128,512,512] 0.84;
+    UNet [2,320,64,64] 0.85, [2,960,64,64] -> 320 0.89; but [2,640,32,32] 1.26, 1280 ch at 16 px 1.7
+    (6x6 tiles overhang 32 px by 4 and 16 px by 2: 27% of the multiplies wasted), hence the rule.
+Its rounding (same measure as above, 64-512 channels, N(0,1) and SiLU'd inputs): 2.1-4.3e-6.
+
+Threads: the tiles of versions 2, 3, 5 and 6 are spread over the block-parallel pool of block_pool.py
 (each GEMM single-threaded on its own core: no fork/join of OpenBLAS threads per call); version 4
 uses Numba's prange.
 """
@@ -102,6 +113,10 @@ WINOGRAD_DEEP_C_IN, WINOGRAD_DEEP_MIN_PIXELS = 640, 16 * 16  # and with this man
 # (stays F(4,3)); the backward's input-gradient convs (1280 input channels) 1280 -> 1280 67 / 92 / 92,
 # 1280 -> 2560 137 / 181 / 147. The tape forward of SD 1.5 training (batch 1) and batch-1 sampling.
 IM2COL_FEW_MAX_PIXELS, IM2COL_FEW_MIN_C_IN = 16 * 16, 1280
+# F(6x6,3x3) instead of F(4x4,3x3) where both output sides are at least this and C_in at least this
+# (header: 0.73-0.89x F(4,3)'s time at the VAE's and the UNet's 64x64 shapes; at 32 and 16 px its 6x6
+# tiles overhang the picture by 12% per side and it took 1.3-1.8x F(4,3)'s time)
+WINOGRAD6_MIN_SIDE, WINOGRAD6_MIN_C_IN = 64, 128
 
 
 def pad_image(x, ph, pw):
@@ -288,7 +303,7 @@ def check_conv2d(x, weight, bias, stride, padding):
 
 def conv_method(x_shape, weight_shape, stride, padding):
     """The fast path conv2d_fast takes for these shapes (rule measured in this file's header):
-    "1x1", "direct", "winograd4" (F(4x4,3x3)) or "im2col"."""
+    "1x1", "direct", "winograd6" (F(6x6,3x3)), "winograd4" (F(4x4,3x3)) or "im2col"."""
     (sh, sw), (ph, pw) = stride, padding
     c_out, c_in, kh, kw = weight_shape
     h_out, w_out = output_size(x_shape[2], kh, sh, ph), output_size(x_shape[3], kw, sw, pw)
@@ -302,6 +317,8 @@ def conv_method(x_shape, weight_shape, stride, padding):
     if kh == 3 and kw == 3 and sh == 1 and sw == 1 and (
             (c_in >= WINOGRAD_MIN_C_IN and pixels >= WINOGRAD_MIN_PIXELS)
             or (c_in >= WINOGRAD_DEEP_C_IN and pixels >= WINOGRAD_DEEP_MIN_PIXELS)):
+        if min(h_out, w_out) >= WINOGRAD6_MIN_SIDE and c_in >= WINOGRAD6_MIN_C_IN and (ph, pw) == (1, 1):
+            return "winograd6"
         return "winograd4"
     return "im2col"
 
@@ -313,6 +330,8 @@ def conv2d_fast(x, weight, bias, stride, padding):
         return _conv1x1(x, weight, bias)
     if method == "direct":
         return _conv_direct(x, weight, bias, *padding)
+    if method == "winograd6":
+        return conv_winograd.winograd_conv2d(x, weight, bias, padding, 6)
     if method == "winograd4":
         return conv_winograd.winograd_conv2d(x, weight, bias, padding, 4)
     return _conv_im2col_tiled(x, weight, bias, *stride, *padding)

@@ -11,6 +11,8 @@ T tiles, with U = G g G^T (the transformed weights) and V = B^T d B (the transfo
   F(2x2,3x3): 16 GEMMs instead of 36 multiplies per output pixel: 2.25x fewer multiplies.
   F(4x4,3x3): 36 GEMMs per 16 output pixels instead of 144: 4x fewer, at a larger rounding error
               (its transforms use 4, 5, 8 and 1/6, 1/24), measured in conv.py's header.
+  F(6x6,3x3): 64 GEMMs per 36 output pixels instead of 324: 5.06x fewer; rounding about twice
+              F(4,3)'s (points +-1/2 too; still within the kernel tolerance, conv.py's header).
 
 Versions (both tested against torch and against each other):
   winograd_conv2d_ref   NumPy: pad, cut all tiles, four einsums with the literal matrices below.
@@ -26,6 +28,9 @@ Versions (both tested against torch and against each other):
                         from all its sources (the generic kernels add one coefficient's row at a
                         time: up to 5 read-modify-write passes); same terms in the same order, so
                         the same bytes. Measured 2-2.7x faster input, ~1.4x faster output transform.
+                        F(6x6,3x3)'s are written out in conv_winograd6.py (with shared partial sums:
+                        within float32 rounding of the generic kernels, not the same bytes); its
+                        groups and output blocks are larger (blocking(): 2 blocks of <= 256 channels).
 The groups and the output-channel blocks depend only on the shapes (never on the worker count), so
 every GEMM sees the same operands at any thread count: the same bytes at 1 and 2 threads.
 
@@ -35,10 +40,13 @@ U for the call ((m+2)^2/9 x that conv's weight: 44 MiB at the UNet's 960->320); 
 kept for the next call: M, and U for one block of output channels (at most ~22 MiB at 1920->640).
 """
 
+import math
+
 import numpy as np
 
 from npdiff.jit import SERIAL, njit
 from npdiff.kernels.block_pool import run_blocks, split_evenly, worker_count
+from npdiff.kernels.conv_winograd6 import input_transform6, output_transform6
 from npdiff.kernels.scratch import scratch
 from npdiff.kernels.validate import output_size
 
@@ -75,12 +83,40 @@ WINOGRAD = {
                      [0, 1, 1, 4, 4, 0],
                      [0, 1, -1, 8, -8, 1]], np.float64),
     ),
+    # points 0, +-1, +-2, +-1/2 (NNPACK's choice; Barabasz et al. 2020 find these among the most
+    # accurate for m = 6): 64 multiplies per 36 output pixels instead of 324, 5.06x fewer
+    6: dict(
+        BT=np.array([[1, 0, -21 / 4, 0, 21 / 4, 0, -1, 0],
+                     [0, 1, 1, -17 / 4, -17 / 4, 1, 1, 0],
+                     [0, -1, 1, 17 / 4, -17 / 4, -1, 1, 0],
+                     [0, 1 / 2, 1 / 4, -5 / 2, -5 / 4, 2, 1, 0],
+                     [0, -1 / 2, 1 / 4, 5 / 2, -5 / 4, -2, 1, 0],
+                     [0, 2, 4, -5 / 2, -5, 1 / 2, 1, 0],
+                     [0, -2, 4, 5 / 2, -5, -1 / 2, 1, 0],
+                     [0, -1, 0, 21 / 4, 0, -21 / 4, 0, 1]], np.float64),
+        G=np.array([[1, 0, 0],
+                    [-2 / 9, -2 / 9, -2 / 9],
+                    [-2 / 9, 2 / 9, -2 / 9],
+                    [1 / 90, 1 / 45, 2 / 45],
+                    [1 / 90, -1 / 45, 2 / 45],
+                    [32 / 45, 16 / 45, 8 / 45],
+                    [32 / 45, -16 / 45, 8 / 45],
+                    [0, 0, 1]], np.float64),
+        AT=np.array([[1, 1, 1, 1, 1, 1, 1, 0],
+                     [0, 1, -1, 2, -2, 1 / 2, -1 / 2, 0],
+                     [0, 1, 1, 4, 4, 1 / 4, 1 / 4, 0],
+                     [0, 1, -1, 8, -8, 1 / 8, -1 / 8, 0],
+                     [0, 1, 1, 16, 16, 1 / 16, 1 / 16, 0],
+                     [0, 1, -1, 32, -32, 1 / 32, -1 / 32, 1]], np.float64),
+    ),
 }
 
 V_GROUP_BYTES = 6 << 20  # transformed input per group: stays in L3 while every output block reads it
 ONE_GROUP_BYTES = 16 << 20  # ... unless all of it is at most this: one group, U made block by block
 MIN_GROUP_TILES = 128  # and never fewer tiles per group (the GEMMs' N) than this
 OUT_BLOCK_ROWS = 96  # output channels per step-2 block, about (their count is rounded to 4 blocks)
+F6_OUT_BLOCK_ROWS = 256  # ... for F(6x6,3x3), in an even number of blocks (blocking())
+KEPT_SCRATCH_BYTES = 16 << 20  # larger M and U blocks are allocated per call (worker_buffer())
 
 
 def tile_counts(height, width, ph, pw, m):
@@ -341,20 +377,56 @@ def weight_transform(weight, G, o0, o1, gathered, half, U, u0):
                 combine_rows(G[l], half, 3 * k, 0, U[k * alpha + l, o - u0])
 
 
-def output_blocks(c_out):
-    """Step 2's blocks of output channels: about OUT_BLOCK_ROWS each, a multiple of 4 blocks
-    (balanced on 1, 2 or 4 workers), from the shape alone."""
-    parts = 4 * max(1, -(-c_out // (4 * OUT_BLOCK_ROWS)))
-    return split_evenly(c_out, -(-c_out // parts), images=1, workers=4)
+def output_blocks(c_out, block_rows=None, multiple=4):
+    """Step 2's blocks of output channels: about block_rows (OUT_BLOCK_ROWS) each, a multiple of
+    `multiple` blocks (4: balanced on 1, 2 or 4 workers), from the shape alone."""
+    block_rows = OUT_BLOCK_ROWS if block_rows is None else block_rows
+    parts = multiple * max(1, -(-c_out // (multiple * block_rows)))
+    return split_evenly(c_out, -(-c_out // parts), images=1, workers=multiple)
 
 
-def tile_row_groups(rows, tiles_w, c_in, alpha):
+def tile_row_groups(rows, tiles_w, c_in, alpha, min_tiles=None):
     """Groups of tile rows (flat over the batch): one if the whole transformed input V is at most
-    ONE_GROUP_BYTES, else groups whose V is ~V_GROUP_BYTES but which hold >= MIN_GROUP_TILES tiles."""
+    ONE_GROUP_BYTES, else groups whose V is ~V_GROUP_BYTES but which hold >= min_tiles
+    (MIN_GROUP_TILES) tiles."""
+    min_tiles = MIN_GROUP_TILES if min_tiles is None else min_tiles
     row_bytes = alpha * alpha * c_in * tiles_w * 4
     if rows * row_bytes <= ONE_GROUP_BYTES:
         return [(0, rows)]
-    return split_evenly(rows, max(1, V_GROUP_BYTES // row_bytes, -(-MIN_GROUP_TILES // tiles_w)))
+    return split_evenly(rows, max(1, V_GROUP_BYTES // row_bytes, -(-min_tiles // tiles_w)))
+
+
+def blocking(m, c_in, c_out, rows, tiles_w):
+    """(groups of tile rows, blocks of output channels) for F(m x m, 3 x 3), from the shapes alone.
+    F(6,3) (large pictures) takes larger GEMMs: groups of at least 2 * C_in tiles and an even number
+    of blocks of at most F6_OUT_BLOCK_ROWS channels (each sgemm call packs both operands again: larger
+    GEMMs pack less per multiply). Measured on one core (CPU time; F(6,3) with F(4,3)'s blocking ->
+    groups of C_in tiles, 4 blocks -> this): [1,512,128,128] 286 -> 213 -> 195 ms, [1,256,256,256]
+    -> 318 -> 266 ms, 256 -> 128 at 512 px 676 -> 661 ms; [1,128,512,512] 327 -> 344 ms (noise).
+    Their M and U blocks are larger than the scratch keeps (worker_buffer())."""
+    if m == 6:
+        groups = tile_row_groups(rows, tiles_w, c_in, m + 2, max(MIN_GROUP_TILES, 2 * c_in))
+        return groups, output_blocks(c_out, F6_OUT_BLOCK_ROWS, multiple=2)
+    return tile_row_groups(rows, tiles_w, c_in, m + 2), output_blocks(c_out)
+
+
+def worker_buffer(name, shape):
+    """The worker's scratch buffer `name`, or, above KEPT_SCRATCH_BYTES, a fresh array freed after the
+    call: F(6,3)'s U blocks reach 33 MiB per worker at 512 channels, and scratch would keep them to
+    the end of the process (with them and the M blocks kept, the VAE decode's peak RSS, at 512 px
+    after the 512-channel convs, grew by ~140 MiB)."""
+    if math.prod(shape) * 4 > KEPT_SCRATCH_BYTES:
+        return np.empty(shape, np.float32)
+    return scratch(name, shape)
+
+
+def product_buffers(out_blocks, per_channel):
+    """None when every block's product M [block, a*a, T] fits in KEPT_SCRATCH_BYTES (then each worker's
+    scratch holds it), else one flat buffer per output block for this call (made once, reused by
+    every group, freed after the call; see worker_buffer)."""
+    if max(stop - start for start, stop in out_blocks) * per_channel * 4 <= KEPT_SCRATCH_BYTES:
+        return None
+    return {block: np.empty((block[1] - block[0]) * per_channel, np.float32) for block in out_blocks}
 
 
 def winograd_conv2d(x, weight, bias, padding, m):
@@ -369,13 +441,13 @@ def winograd_conv2d(x, weight, bias, padding, m):
     weight = np.ascontiguousarray(weight)  # [C_out,C_in,3,3]
     bias = np.zeros(c_out, np.float32) if bias is None else np.ascontiguousarray(bias)  # [C_out]
     out = np.empty((batch, c_out, h_out, w_out), np.float32)  # [B,C_out,Ho,Wo]
-    groups = tile_row_groups(batch * tiles_h, tiles_w, c_in, alpha)
+    groups, out_blocks = blocking(m, c_in, c_out, batch * tiles_h, tiles_w)
     one_group = len(groups) == 1  # then each block's U is made where it is used, in the worker's scratch
     U = None if one_group else np.empty((alpha * alpha, c_out, c_in), np.float32)  # G g G^T, by the first group
     most_tiles = max(stop - start for start, stop in groups) * tiles_w
     V_all = np.empty(alpha * alpha * c_in * most_tiles, np.float32)
     in_blocks = split_evenly(c_in, -(-c_in // (2 * worker_count())))  # element-wise: any split
-    out_blocks = output_blocks(c_out)
+    products = product_buffers(out_blocks, alpha * alpha * most_tiles)  # M per block, or None: scratch
 
     for group, (row0, row1) in enumerate(groups):
         tiles = (row1 - row0) * tiles_w
@@ -386,25 +458,31 @@ def winograd_conv2d(x, weight, bias, padding, m):
             mixed = scratch("winograd input mixed", (alpha, m, tiles_w + 1))
             if m == 4 and ph == pw == 1:
                 input_transform4(x, row0, row1, tiles_h, block[0], block[1], gathered, mixed, V)
+            elif m == 6 and ph == pw == 1:
+                input_transform6(x, row0, row1, tiles_h, block[0], block[1], gathered, mixed, V)
             else:
                 input_transform(x, BT, m, ph, pw, row0, row1, tiles_h, block[0], block[1], gathered, mixed, V)
 
         def multiply_and_transform_output(block, first=group == 0, row0=row0, row1=row1, V=V, tiles=tiles):
             o0, o1 = block
             if one_group:  # 2. U = G g G^T for this block's output channels, used at once
-                U_block = scratch("winograd weights", (alpha * alpha, o1 - o0, c_in))
+                U_block = worker_buffer("winograd weights", (alpha * alpha, o1 - o0, c_in))
             else:  # (or kept for the later groups: all of U lives for this call)
                 U_block = U[:, o0:o1, :]
             if first:
                 gathered, half = scratch("winograd taps", 9 * c_in), scratch("winograd half", 3 * alpha * c_in)
                 weight_transform(weight, G, o0, o1, gathered.reshape(9, c_in), half.reshape(3 * alpha, c_in),
                                  U_block if one_group else U, o0 if one_group else 0)
-            M = scratch("winograd product", (o1 - o0, alpha * alpha, tiles))
+            if products is None:  # [block,a*a,T]
+                M = scratch("winograd product", (o1 - o0, alpha * alpha, tiles))
+            else:
+                M = products[block][:(o1 - o0) * alpha * alpha * tiles].reshape(o1 - o0, alpha * alpha, tiles)
             np.matmul(U_block, V, out=M.transpose(1, 0, 2))  # 3. [a*a,block,C_in] @ [a*a,C_in,T]
             mixed = scratch("winograd output", (alpha, m, tiles_w))
-            if m == 4:  # 4. A^T M A + bias
+            if m in (4, 6):  # 4. A^T M A + bias
                 rows_out = scratch("winograd output rows", (m, m, tiles_w))
-                output_transform4(M, bias, o0, row0, row1, tiles_h, mixed, rows_out, out)
+                written_out = output_transform4 if m == 4 else output_transform6
+                written_out(M, bias, o0, row0, row1, tiles_h, mixed, rows_out, out)
             else:
                 rows_out = scratch("winograd output rows", (m, tiles_w))
                 output_transform(M, AT, bias, o0, row0, row1, tiles_h, mixed, rows_out, out)

@@ -1,0 +1,139 @@
+"""Winograd F(6x6,3x3)'s input and output transforms written out (padding 1), for conv_winograd.py.
+
+F(6x6,3x3) makes a 6x6 output tile from an 8x8 input tile with 64 multiplies per (input, output)
+channel pair instead of 9 * 36 = 324: 5.06x fewer, against F(4x4,3x3)'s 4x. Per output pixel its
+GEMMs do 64/36 = 1.78 multiply-adds per channel pair (F(4,3): 36/16 = 2.25), and its transformed
+input V and product M are as much smaller: the large-picture convs of the VAE spend most of their
+time there. The interpolation points are 0, +-1, +-2, +-1/2 (conv_winograd.WINOGRAD[6]); rounding
+measured in conv.py's header (at most ~5e-6 against a float64 conv; the kernel tolerance is 1e-5).
+
+The matrices B^T (8x8) and A^T (6x8) are spelled out with their symmetric pairs shared, as NNPACK
+writes them (rows 1/2, 3/4 and 5/6 of B^T are t1 + t2 and t1 - t2 of the same two partial sums):
+
+    B^T d:  v0 = d0 - d6 + 21/4 (d4 - d2)            v7 = d7 - d1 + 21/4 (d3 - d5)
+            v1, v2 = (d2 + d6 - 17/4 d4) +- (d1 + d5 - 17/4 d3)
+            v3, v4 = (1/4 d2 - 5/4 d4 + d6) +- (1/2 d1 - 5/2 d3 + 2 d5)
+            v5, v6 = (4 d2 - 5 d4 + d6) +- (2 d1 - 5/2 d3 + 1/2 d5)
+    A^T m:  with a = m1 + m2, b = m1 - m2, c = m3 + m4, e = m3 - m4, f = m5 + m6, g = m5 - m6:
+            y0 = m0 + a + c + f,   y_p = a + 2^p c + 2^-p f (p = 2, 4),
+            y_p = b + 2^p e + 2^-p g (p = 1, 3),   y5 = b + 32 e + g/32 + m7
+
+Layout and loop order are input_transform4's and output_transform4's (conv_winograd.py): columns
+deinterleaved (column j*6 + p of a tile row at [p, j]) so every step is a sum of contiguous runs
+along the tiles, channel loop outermost so each V and out row is written in one sequential run.
+These kernels use a different (shorter) order of the same terms than the generic kernels, so their
+results differ from those in the last bits; the tests compare them within float32 rounding.
+"""
+
+import numpy as np
+
+from npdiff.jit import SERIAL, njit
+
+F32 = np.float32
+# B^T's and A^T's coefficients as float32, so the transforms stay in float32
+Q21, Q17, Q5, HALF, QUARTER = F32(21 / 4), F32(17 / 4), F32(5 / 4), F32(0.5), F32(0.25)
+TWO, FOUR, FIVE, HALF5 = F32(2), F32(4), F32(5), F32(5 / 2)
+P8, P16, P32, R8, R16, R32 = F32(8), F32(16), F32(32), F32(1 / 8), F32(1 / 16), F32(1 / 32)
+
+
+@njit(**SERIAL, inline="always")
+def _bt_column(d0, d1, d2, d3, d4, d5, d6, d7, out, i):
+    """out[0..7, i] = B^T [d0..d7] (the shared partial sums of the module header)."""
+    out[0, i] = d0 - d6 + Q21 * (d4 - d2)
+    out[7, i] = d7 - d1 + Q21 * (d3 - d5)
+    t1 = d2 + d6 - Q17 * d4
+    t2 = d1 + d5 - Q17 * d3
+    out[1, i] = t1 + t2
+    out[2, i] = t1 - t2
+    t1 = QUARTER * d2 - Q5 * d4 + d6
+    t2 = HALF * d1 - HALF5 * d3 + TWO * d5
+    out[3, i] = t1 + t2
+    out[4, i] = t1 - t2
+    t1 = FOUR * d2 - FIVE * d4 + d6
+    t2 = TWO * d1 - HALF5 * d3 + HALF * d5
+    out[5, i] = t1 + t2
+    out[6, i] = t1 - t2
+
+
+@njit(**SERIAL, inline="always")
+def _at_column(m0, m1, m2, m3, m4, m5, m6, m7, out, i):
+    """out[0..5, i] = A^T [m0..m7]."""
+    a, b = m1 + m2, m1 - m2
+    c, e = m3 + m4, m3 - m4
+    f, g = m5 + m6, m5 - m6
+    out[0, i] = m0 + a + c + f
+    out[1, i] = b + TWO * e + HALF * g
+    out[2, i] = a + FOUR * c + QUARTER * f
+    out[3, i] = b + P8 * e + R8 * g
+    out[4, i] = a + P16 * c + R16 * f
+    out[5, i] = b + P32 * e + R32 * g + m7
+
+
+@njit(**SERIAL)
+def input_transform6(x, row0, row1, tiles_h, c0, c1, gathered, mixed, V):
+    """V[k*8+l, c, t] = (B^T d B)[k,l] for F(6x6,3x3), padding 1: the tiles of tile rows row0..row1-1
+    (flat over the batch: row = b*tiles_h + tile row) and channels c0..c1-1; t counts tiles from row0.
+    Scratch gathered, mixed [8, 6, tiles_w+1] (deinterleaved rows, as input_transform4's)."""
+    height, width = x.shape[2], x.shape[3]
+    tiles_w = gathered.shape[2] - 1
+    run = gathered.shape[1] * gathered.shape[2]  # 6 * (tiles_w + 1)
+    gathered[:] = 0.0
+    for c in range(c0, c1):
+        for row in range(row0, row1):
+            b, tile_row = row // tiles_h, row % tiles_h
+            t0 = (row - row0) * tiles_w
+            # 1. gathered[r, p, j] = x[b, c, tile_row*6 - 1 + r, j*6 + p - 1] (outside x: zero; the
+            #    columns outside are never written and keep the zeros set above). input_transform4's
+            #    gather with 6 for 4: one shared helper taking m as a value measured 15-30% slower
+            #    (the constants let Numba unroll and strength-reduce these loops)
+            for r in range(8):
+                y = tile_row * 6 - 1 + r
+                inside = 0 <= y < height
+                for p in range(6):
+                    j_lo = 1 if p == 0 else 0
+                    j_hi = min(tiles_w + 1, (width - p) // 6 + 1)
+                    for j in range(j_lo, j_hi):
+                        gathered[r, p, j] = x[b, c, y, j * 6 + p - 1] if inside else 0.0
+            # 2. mixed[k] = sum_r B^T[k,r] gathered[r]   (B^T d, whole tile row) [8, 6*(tiles_w+1)]
+            g, mx = gathered.reshape(8, run), mixed.reshape(8, run)
+            for i in range(run):
+                _bt_column(g[0, i], g[1, i], g[2, i], g[3, i], g[4, i], g[5, i], g[6, i], g[7, i], mx, i)
+            # 3. V[k*8+l, c, t0+j] = sum_s B^T[l,s] mixed[k, s%6, s//6 + j]   ((B^T d) B, per tile)
+            for k in range(8):
+                target = V[8 * k:8 * k + 8, c, t0:t0 + tiles_w]  # [8, tiles_w]
+                for j in range(tiles_w):
+                    _bt_column(mixed[k, 0, j], mixed[k, 1, j], mixed[k, 2, j], mixed[k, 3, j],
+                               mixed[k, 4, j], mixed[k, 5, j], mixed[k, 0, j + 1], mixed[k, 1, j + 1],
+                               target, j)
+
+
+@njit(**SERIAL)
+def output_transform6(M, bias, o0, row0, row1, tiles_h, mixed, rows_out, out):
+    """out[b, o, rows of tile row, :] = A^T M A + bias[o] for F(6x6,3x3): output channels o0.. of block
+    M [block, 64, T], tile rows row0..row1-1 (flat over the batch); edge tiles clipped.
+    Scratch mixed [8, 6, tiles_w], rows_out [6, 6, tiles_w] (all six output rows of a tile row)."""
+    h_out, w_out = out.shape[2], out.shape[3]
+    tiles_w = mixed.shape[2]
+    for local in range(M.shape[0]):
+        o = o0 + local
+        for row in range(row0, row1):
+            b, tile_row = row // tiles_h, row % tiles_h
+            t0 = (row - row0) * tiles_w
+            # 1. mixed[k, q, j] = sum_l A^T[q,l] M[k*8+l, o, t0+j]   (M A, per tile)
+            for k in range(8):
+                source = M[local, 8 * k:8 * k + 8, t0:t0 + tiles_w]  # [8, tiles_w]
+                target = mixed[k]  # [6, tiles_w]
+                for j in range(tiles_w):
+                    _at_column(source[0, j], source[1, j], source[2, j], source[3, j],
+                               source[4, j], source[5, j], source[6, j], source[7, j], target, j)
+            # 2. rows_out[p, q, j] = sum_k A^T[p,k] mixed[k, q, j]   (A^T (M A), whole tile row)
+            mx, ro = mixed.reshape(8, -1), rows_out.reshape(6, -1)
+            for i in range(mx.shape[1]):
+                _at_column(mx[0, i], mx[1, i], mx[2, i], mx[3, i], mx[4, i], mx[5, i], mx[6, i], mx[7, i], ro, i)
+            # 3. out[b, o, tile_row*6+p, j*6+q] = rows_out[p, q, j] + bias[o] (edge tiles clipped)
+            for p in range(min(6, h_out - tile_row * 6)):
+                target_row = out[b, o, tile_row * 6 + p]
+                for q in range(6):
+                    across = rows_out[p, q]
+                    for j in range((w_out - q + 5) // 6):
+                        target_row[j * 6 + q] = across[j] + bias[o]
