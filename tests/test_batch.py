@@ -91,11 +91,10 @@ def reference(text_jobs, tmp_path_factory):
     """The text jobs rendered by `npdiff batch` with one local worker, in a fresh process as a user runs it:
     {file name: PNG bytes}.
 
-    Fresh, not in this pytest process: a process that has run thousands of tests first can differ in the last
-    bit of a float32 sum (where its arrays lie in memory decides how vectorised reductions split their work),
-    and CI found exactly that once: one pixel one level off in the in-process reference, while the worker
-    processes and Ray matched a fresh `npdiff generate` bit for bit. What this file promises, 2 worker processes
-    and a Ray cluster giving a local run's bytes, is about fresh processes."""
+    Fresh, as the worker processes and Ray are: what this file promises (2 worker processes and a Ray cluster
+    giving a local run's bytes) is about fresh processes, and test_text_jobs_equal_npdiff_generate still holds
+    this process's `npdiff generate` to them. That pair of checks caught kernels whose bits differed between
+    a process that compiled them and one that loaded them from Numba's cache (one pixel one level off)."""
     out = tmp_path_factory.mktemp("reference")
     command = ["from npdiff import cli; import sys; sys.exit(cli.main(sys.argv[1:]))",
                "batch", str(text_jobs), "--out", str(out), *STEPS, "--quiet"]
