@@ -62,6 +62,10 @@ LANES = NR  # queries per block: 4 zmm vectors of 16 float32 (a stack row of mat
 KEY_ROWS = 6  # keys per register tile of the first product: 6 x 64 scores in 24 zmm
 VALUE_ROWS = 5  # value columns per register tile of the second product: 5 x 64 sums in 20 zmm
 KEY_CHUNK = 64  # keys per step of 3a-3b: the chunk's probabilities, 16 KiB, stay in L1
+# Head sizes it is dispatched for (__init__.py): measured faster than version 5 at d = 40, 64, 80 (2 workers,
+# [2,8,N,M,d] with M = 77-4096: 0.75-0.98x its time); even at d = 160 ([2,8,256,256,160]: 1.02x), whose
+# q_t [160, 64] (40 KiB) no longer leaves room in L1.
+FLASH_MAX_HEAD_DIM = 80
 BLOCKS_PER_WORKER = 16  # tasks of the pool per worker, at least (fewer blocks of 64: one block each)
 
 
