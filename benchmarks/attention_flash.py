@@ -77,7 +77,7 @@ def _v8_exp(scores_t, n_keys, col_max, col_sum, blocks):
     for _ in range(blocks):
         col_max[:] = 0.0
         for key0 in range(0, n_keys, flash.KEY_CHUNK):
-            flash._exp_columns(scores_t, key0, min(key0 + flash.KEY_CHUNK, n_keys), col_max, col_sum)
+            flash._exp_columns(scores_t[key0:key0 + flash.KEY_CHUNK], col_max, col_sum)
 
 
 @njit(**SERIAL)
@@ -85,7 +85,7 @@ def _v8_values(values, probs_t, out_t, blocks):
     for _ in range(blocks):
         for key0 in range(0, values.shape[0], flash.KEY_CHUNK):
             for col0 in range(0, values.shape[1], flash.VALUE_ROWS):
-                flash._value_tile(values, col0, probs_t, key0, min(key0 + flash.KEY_CHUNK, values.shape[0]), out_t)
+                flash._value_tile(values[key0:key0 + flash.KEY_CHUNK], col0, probs_t[key0:key0 + flash.KEY_CHUNK], out_t)
 
 
 def split_one_slice(rng, n_tokens, dim, repeat):

@@ -140,15 +140,15 @@ def _score_tile(keys, key0, q_t, scores_t, col_max):
 
 
 @njit(**SERIAL, fastmath=FASTMATH_CONTRACT)
-def _exp_columns(scores_t, key0, key_stop, col_max, col_sum):
-    """Step 3a: scores_t[key0:key_stop] (log2 units) -> 2^(s - column max) in place; col_sum [64] +=
-    their column sums (this chunk's sum first, from 0). A column max of -inf counts as 0 (2^-inf = 0)."""
+def _exp_columns(scores_t, col_max, col_sum):
+    """Step 3a for one chunk: scores_t [m, 64] (log2 units) -> 2^(s - column max) in place; col_sum
+    [64] += their column sums (the chunk's sum first, from 0). A column max of -inf counts as 0."""
     top = carray(_stack_row(), LANES)  # [64]
     total = carray(_stack_row(), LANES)  # [64]
     for j in range(LANES):
         top[j] = col_max[j] if col_max[j] != -np.inf else np.float32(0.0)
         total[j] = 0.0
-    for r in range(key0, key_stop):
+    for r in range(scores_t.shape[0]):
         for j in range(LANES):
             e = exp2_nonpositive_f32(scores_t[r, j] - top[j])
             scores_t[r, j] = e
@@ -158,10 +158,11 @@ def _exp_columns(scores_t, key0, key_stop, col_max, col_sum):
 
 
 @njit(**SERIAL)
-def _value_tile(values, col0, probs_t, key0, key_stop, out_t):
-    """Step 3b for value columns col0..col0+4: out_t[col0:col0 + 5] += values[key0:key_stop,
-    col0:col0 + 5]^T @ probs_t[key0:key_stop] ([5, m] @ [m, 64]), the chunk's sums from 0. Columns
-    past dv repeat the last one (out_t has rows up to a multiple of 5; those are never read)."""
+def _value_tile(values, col0, probs_t, out_t):
+    """Step 3b for one chunk of m keys and value columns col0..col0+4: out_t[col0:col0 + 5] +=
+    values[:, col0:col0 + 5]^T @ probs_t ([5, m] @ [m, 64]), the chunk's sums from 0. Columns past dv
+    repeat the last one (out_t has rows up to a multiple of 5; those are never read). The chunk comes
+    as views from 0 (an index from 0 needs no negative-index wraparound code in the loop)."""
     last = values.shape[1] - 1
     acc0 = carray(_stack_row(), LANES)  # [64] each: five rows of out^T, held in registers
     acc1 = carray(_stack_row(), LANES)
@@ -178,7 +179,7 @@ def _value_tile(values, col0, probs_t, key0, key_stop, out_t):
     col2 = min(col0 + 2, last)
     col3 = min(col0 + 3, last)
     col4 = min(col0 + 4, last)
-    for m in range(key0, key_stop):
+    for m in range(probs_t.shape[0]):
         v0 = values[m, col0]  # the five columns' values of key m, broadcast across the lanes
         v1 = values[m, col1]
         v2 = values[m, col2]
@@ -221,10 +222,11 @@ def attend_query_range(q, keys, values, log2_scale, query_start, query_stop, out
         col_sum[:] = 0.0
         out_t[:] = 0.0
         for key0 in range(0, n_keys, KEY_CHUNK):
-            key_stop = min(key0 + KEY_CHUNK, n_keys)
-            _exp_columns(scores_t, key0, key_stop, col_max, col_sum)
+            probs_t = scores_t[key0:min(key0 + KEY_CHUNK, n_keys)]  # [m,64] view
+            values_chunk = values[key0:key0 + probs_t.shape[0]]  # [m,dv] view
+            _exp_columns(probs_t, col_max, col_sum)
             for col0 in range(0, value_dim, VALUE_ROWS):
-                _value_tile(values, col0, scores_t, key0, key_stop, out_t)  # [5,m] @ [m,64] -> [5,64]
+                _value_tile(values_chunk, col0, probs_t, out_t)  # [5,m] @ [m,64] -> [5,64]
         # 4. out^T transposed into the output rows, each divided by its sum
         store_normalised_transposed(out_t[:value_dim, :rows], col_sum[:rows], out[query0:query0 + rows])
 
