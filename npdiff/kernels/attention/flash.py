@@ -28,9 +28,14 @@ is broadcast. Why 5 value columns: 40, 80 and 160 are multiples of 5 (a 6-row ti
 its 42 rows idle at d = 40); columns past dv repeat the last one and are not stored.
 
 Where the time goes on one core of the 2-core Xeon at [4096 queries, 4096 keys, d = 40] (thread CPU
-time, each step alone, load ~2.5 from other work): step 2 at 121-135 GFLOP/s, step 3a 0.15 ns per
-score, step 3b 125-129 GFLOP/s (its probabilities read from L2 in one sweep: 105-114; KEY_CHUNK = 32,
-64, 128, 256: 113, 125-129, 127-129, 113); in all 98-105 GFLOP/s per core against version 5's ~80.
+time, each step alone over the slice; benchmarks/attention_flash.py, load 2.0): step 2 at 116-135
+GFLOP/s (its epilogue, the max and the stores of 24 vectors, weighs on a depth of only 40), step 3a
+0.15 ns per score, step 3b 123-129 GFLOP/s (KEY_CHUNK = 32, 64, 128, 256: 113, 125-129, 127-129, 113;
+its probabilities read from L2 in one sweep of all M keys: 105-114); the whole 101-117 GFLOP/s per
+core against version 5's 74-75 (its BLAS products 101 and 92, its softmax pass 0.41 ns per score)
+and OpenBLAS's 150 on a 2048^3 sgemm. Tried and no faster: a running ("online") max per chunk of
+KEY_CHUNK keys, so the scores never leave L1 (no M x 64 tile; the sums rescaled when the max rises):
+112-113 against 114-117 GFLOP/s, one thread, in the same process.
 
 Numerics: every product is an explicit fma32 (one rounding, no reliance on fastmath's 'contract'), in
 the order of the loops: the bits do not depend on how LLVM chose to contract, so a kernel Numba
