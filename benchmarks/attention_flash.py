@@ -150,7 +150,7 @@ def main():
         sides = "  ".join(f"{side} {row['gflops'][side]:6.1f} ({row['seconds'][side] * 1e3:6.1f} ms)"
                           for side in row["seconds"])
         ratio = row["seconds"]["v8 flash"] / row["seconds"]["torch sdpa"]
-        print(f"{row['shape']:12s} {str(row['dims']):24s} {sides}  v8/torch {ratio:.2f}  "
+        print(f"{row['shape']:12s} {row['dims']!s:24s} {sides}  v8/torch {ratio:.2f}  "
               f"err v5 {row['rel_err_vs_torch']['v5 fused']:.1e} v8 {row['rel_err_vs_torch']['v8 flash']:.1e}")
     set_num_threads(1)  # part 2 on one thread: BLAS too, and a pool of one worker (the caller) for "whole"
     block_pool._shared = block_pool.BlockParallelPool(1)

@@ -18,6 +18,7 @@ from helpers import KERNEL_TOL, assert_rel_close
 from npdiff.kernels import attention, block_pool, scaled_dot_product_attention
 from npdiff.kernels.attention import flash
 from npdiff.kernels.attention.flash import attention_flash
+from npdiff.models.transformer import merge_heads, split_heads
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,7 +59,6 @@ def test_flash_at_a_full_sd_slice(rng):
 def test_flash_reads_head_views_and_writes_in_their_order(rng):
     """The heads of transformer.split_heads ([B,h,N,d] views of [B,N,h*d]) give the same bytes as
     contiguous copies, and the output comes back in q's memory order (merge_heads copies nothing)."""
-    from npdiff.models.transformer import merge_heads, split_heads  # tests only: models sit above kernels
     heads, dim = 4, 40
     tokens = [rng.standard_normal((2, n, heads * dim), dtype=np.float32) for n in (150, 100, 100)]
     q, k, v = (split_heads(x, heads) for x in tokens)  # [B,h,*,d] strided views

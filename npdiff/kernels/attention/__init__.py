@@ -34,11 +34,12 @@ reference):
   attention_full       NumPy: version 4 for slices of at most BATCHED_MAX_SLICE_SCORES scores,
                        else version 8 where flash_applies (no mask, no is_causal, head sizes d and
                        dv <= FLASH_MAX_HEAD_DIM, up to FUSED_MAX_KEYS keys), else version 5 up to
-                       FUSED_MAX_KEYS keys, else version 3 with one block of
-                       all N queries and one chunk of all M keys (a plain softmax of each slice's
-                       full score matrix); else version 1.
+                       FUSED_MAX_KEYS keys, else version 3 with one block of all N queries
+                       and one chunk of all M keys (a plain softmax of each slice's full score
+                       matrix); else version 1.
   attention_chunked    NumPy: version 8 where flash_applies, else version 5 up to FUSED_MAX_KEYS
-                       keys (the memory of both is one tile per worker, whatever N is), else version 3 with KEY_CHUNK x QUERY_BLOCK tiles;
+                       keys (the memory of both is one tile per worker, whatever N is), else
+                       version 3 with KEY_CHUNK x QUERY_BLOCK tiles;
                        a key_chunk given by the caller always takes version 3 with that chunk.
                        Else version 2.
 
@@ -214,8 +215,8 @@ def scaled_dot_product_attention_bf16(q, k, v, mask=None, scale=None, is_causal=
     return ATTENTION_BF16(q, k, v, mask, scale, is_causal)
 
 
-__all__ = ["AMX_MAX_KEYS", "BATCHED_MAX_SLICE_SCORES", "FLASH_MAX_HEAD_DIM", "FUSED_MAX_KEYS", "KEY_CHUNK", "MEMORY_EFFICIENT_MIN_SCORES",
-           "QUERY_BLOCK", "attention_batched", "attention_blocked", "attention_chunked",
+__all__ = ["AMX_MAX_KEYS", "BATCHED_MAX_SLICE_SCORES", "FLASH_MAX_HEAD_DIM", "FUSED_MAX_KEYS", "KEY_CHUNK",
+           "MEMORY_EFFICIENT_MIN_SCORES", "QUERY_BLOCK", "attention_batched", "attention_blocked", "attention_chunked",
            "attention_amx", "attention_bf16_ref", "attention_chunked_ref", "attention_full",
            "attention_flash", "attention_fused", "attention_ref", "scaled_dot_product_attention",
            "scaled_dot_product_attention_bf16"]
