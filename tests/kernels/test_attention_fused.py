@@ -106,21 +106,28 @@ def test_query_block_follows_the_number_of_keys():
     assert all(fused.fused_query_block(m) % fused.ALIGN == 0 for m in (1, 77, 1000, 4096, 10**6))
 
 
-def test_paths_take_version_5_up_to_fused_max_keys(rng, monkeypatch):
+def test_paths_take_version_8_or_5_up_to_fused_max_keys(rng, monkeypatch):
+    """No mask, no is_causal: version 8 (flash.py); a mask or is_causal: version 5; more keys than
+    FUSED_MAX_KEYS, or a key_chunk given: version 3."""
     calls = []
-    for name in ("attention_blocked", "attention_fused"):
+    for name in ("attention_blocked", "attention_fused", "attention_flash"):
         kernel = getattr(attention, name)
         monkeypatch.setattr(attention, name, lambda *a, _kernel=kernel, _name=name, **kw:
                             calls.append(_name) or _kernel(*a, **kw))
     monkeypatch.setattr(attention, "BATCHED_MAX_SLICE_SCORES", 0)
     q, k, v = random_qkv(rng, (2,), 40, 30, 8)
+    allowed = rng.random((40, 30)) < 0.7
     expected = torch_sdpa(q, k, v)
+    expected_masked, expected_causal = torch_sdpa(q, k, v, allowed), torch_sdpa(q, k, v, is_causal=True)
     for path in ("full", "chunked"):
         assert_rel_close(scaled_dot_product_attention(q, k, v, path=path), expected, KERNEL_TOL, path)
+        assert_rel_close(scaled_dot_product_attention(q, k, v, allowed, path=path), expected_masked, KERNEL_TOL, path)
+        assert_rel_close(scaled_dot_product_attention(q, k, v, is_causal=True, path=path), expected_causal,
+                         KERNEL_TOL, path)
     assert_rel_close(attention.attention_chunked(q, k, v, key_chunk=7), expected, KERNEL_TOL, "key_chunk=7")
-    assert calls == ["attention_fused", "attention_fused", "attention_blocked"]
+    assert calls == ["attention_flash", "attention_fused", "attention_fused"] * 2 + ["attention_blocked"]
     calls.clear()
-    monkeypatch.setattr(attention, "FUSED_MAX_KEYS", 29)  # 30 keys: more than version 5 takes
+    monkeypatch.setattr(attention, "FUSED_MAX_KEYS", 29)  # 30 keys: more than versions 5 and 8 take
     for path in ("full", "chunked"):
         assert_rel_close(scaled_dot_product_attention(q, k, v, path=path), expected, KERNEL_TOL, path)
     assert calls == ["attention_blocked", "attention_blocked"]

@@ -1,4 +1,4 @@
-"""Scaled dot-product attention: one op family, six versions, two public entries (float32, bf16).
+"""Scaled dot-product attention: one op family, seven versions, two public entries (float32, bf16).
 
 Versions (each tested against torch and against version 1):
   1. attention_ref          reference.py  the textbook, NumPy API (numpy or cupy): the whole score
@@ -18,6 +18,10 @@ Versions (each tested against torch and against version 1):
                                           v and the probabilities rounded to bf16, float32 sums and
                                           softmax; version 5's layout. Reference: attention_bf16_ref
                                           (version 1 on the rounded operands).
+  8. attention_flash        flash.py      version 5's tile with both products on register-blocked
+                                          Numba micro-kernels (64 queries along the vector lanes, the
+                                          max fused into the first product, exp and the second product
+                                          per 64-key chunk in L1): no BLAS; no mask, no is_causal.
   cupy arrays: cuBLAS + a fused masked softmax (npdiff/kernels/cuda/attention.py).
 Shared by all: common.py (KEY_CHUNK and QUERY_BLOCK, the one pair of tile sizes of versions 2 and
 3; masks as numbers).
@@ -28,11 +32,14 @@ reference):
                                 score matrix would hold more than MEMORY_EFFICIENT_MIN_SCORES
                                 floats, "full" otherwise; path="full"|"chunked" forces one.
   attention_full       NumPy: version 4 for slices of at most BATCHED_MAX_SLICE_SCORES scores,
-                       else version 5 up to FUSED_MAX_KEYS keys, else version 3 with one block of
-                       all N queries and one chunk of all M keys (a plain softmax of each slice's
-                       full score matrix); else version 1.
-  attention_chunked    NumPy: version 5 up to FUSED_MAX_KEYS keys (its memory is one tile per
-                       worker, whatever N is), else version 3 with KEY_CHUNK x QUERY_BLOCK tiles;
+                       else version 8 where flash_applies (no mask, no is_causal, head sizes d and
+                       dv <= FLASH_MAX_HEAD_DIM, up to FUSED_MAX_KEYS keys), else version 5 up to
+                       FUSED_MAX_KEYS keys, else version 3 with one block of all N queries
+                       and one chunk of all M keys (a plain softmax of each slice's full score
+                       matrix); else version 1.
+  attention_chunked    NumPy: version 8 where flash_applies, else version 5 up to FUSED_MAX_KEYS
+                       keys (the memory of both is one tile per worker, whatever N is), else
+                       version 3 with KEY_CHUNK x QUERY_BLOCK tiles;
                        a key_chunk given by the caller always takes version 3 with that chunk.
                        Else version 2.
 
@@ -58,6 +65,7 @@ from npdiff.errors import NpdiffError
 from npdiff.kernels import dispatch
 from npdiff.kernels.attention.amx import AMX_MAX_KEYS, attention_amx, attention_bf16_ref
 from npdiff.kernels.attention.common import KEY_CHUNK, QUERY_BLOCK, default_scale
+from npdiff.kernels.attention.flash import FLASH_MAX_HEAD_DIM, attention_flash
 from npdiff.kernels.attention.fused import FUSED_MAX_KEYS, attention_fused
 from npdiff.kernels.attention.reference import attention_chunked_ref, attention_ref
 from npdiff.kernels.attention.threaded import attention_batched, attention_blocked
@@ -72,14 +80,23 @@ PATHS = ("auto", "full", "chunked")
 # ---------------------------------------------------------------------------------------------
 # The two paths, for NumPy arrays
 # ---------------------------------------------------------------------------------------------
+def flash_applies(q, k, v, mask, is_causal):
+    """Whether version 8 takes this call: no mask, no is_causal, head sizes up to FLASH_MAX_HEAD_DIM,
+    up to FUSED_MAX_KEYS keys (its score tile, 64 queries x M keys, as version 5's)."""
+    return (mask is None and not is_causal and k.shape[-2] <= FUSED_MAX_KEYS
+            and q.shape[-1] <= FLASH_MAX_HEAD_DIM and v.shape[-1] <= FLASH_MAX_HEAD_DIM)
+
+
 def attention_full_fast(q, k, v, mask=None, scale=None, is_causal=False):
     """Each (batch, head) slice's full score matrix: small slices in groups (version 4), larger ones
-    in query blocks against all keys (version 5), or one slice per worker (version 3 with a single
-    block and a single key chunk) above FUSED_MAX_KEYS keys."""
+    in query blocks against all keys (version 8 where flash_applies, else version 5), or one slice
+    per worker (version 3 with a single block and a single key chunk) above FUSED_MAX_KEYS keys."""
     scale = default_scale(q, scale)
     n_queries, n_keys = q.shape[-2], k.shape[-2]
     if n_queries * n_keys <= BATCHED_MAX_SLICE_SCORES:
         return attention_batched(q, k, v, mask, scale, is_causal)
+    if flash_applies(q, k, v, mask, is_causal):
+        return attention_flash(q, k, v, scale)
     if n_keys <= FUSED_MAX_KEYS:
         return attention_fused(q, k, v, mask, scale, is_causal)
     return attention_blocked(q, k, v, mask, scale, is_causal, key_chunk=max(1, n_keys),
@@ -87,9 +104,11 @@ def attention_full_fast(q, k, v, mask=None, scale=None, is_causal=False):
 
 
 def attention_chunked_fast(q, k, v, mask=None, scale=None, is_causal=False, key_chunk=None):
-    """Version 5 up to FUSED_MAX_KEYS keys, else version 3 with KEY_CHUNK x QUERY_BLOCK tiles;
-    key_chunk given: version 3 with key_chunk x QUERY_BLOCK tiles."""
+    """Version 8 where flash_applies, else version 5 up to FUSED_MAX_KEYS keys, else version 3 with
+    KEY_CHUNK x QUERY_BLOCK tiles; key_chunk given: version 3 with key_chunk x QUERY_BLOCK tiles."""
     scale = default_scale(q, scale)
+    if key_chunk is None and flash_applies(q, k, v, mask, is_causal):
+        return attention_flash(q, k, v, scale)
     if key_chunk is None and k.shape[-2] <= FUSED_MAX_KEYS:
         return attention_fused(q, k, v, mask, scale, is_causal)
     return attention_blocked(q, k, v, mask, scale, is_causal, key_chunk or KEY_CHUNK)
@@ -196,8 +215,8 @@ def scaled_dot_product_attention_bf16(q, k, v, mask=None, scale=None, is_causal=
     return ATTENTION_BF16(q, k, v, mask, scale, is_causal)
 
 
-__all__ = ["AMX_MAX_KEYS", "BATCHED_MAX_SLICE_SCORES", "FUSED_MAX_KEYS", "KEY_CHUNK", "MEMORY_EFFICIENT_MIN_SCORES",
-           "QUERY_BLOCK", "attention_batched", "attention_blocked", "attention_chunked",
+__all__ = ["AMX_MAX_KEYS", "BATCHED_MAX_SLICE_SCORES", "FLASH_MAX_HEAD_DIM", "FUSED_MAX_KEYS", "KEY_CHUNK",
+           "MEMORY_EFFICIENT_MIN_SCORES", "QUERY_BLOCK", "attention_batched", "attention_blocked", "attention_chunked",
            "attention_amx", "attention_bf16_ref", "attention_chunked_ref", "attention_full",
-           "attention_fused", "attention_ref", "scaled_dot_product_attention",
+           "attention_flash", "attention_fused", "attention_ref", "scaled_dot_product_attention",
            "scaled_dot_product_attention_bf16"]

@@ -4,6 +4,9 @@ For the self- and cross-attention of Stable Diffusion (M up to a few thousand ke
 40-160) a block of queries times ALL keys is a tile of a few MiB at most, so the running softmax of
 version 3 (threaded.py: key chunks, a running max, rescaling the accumulator) is not needed: each
 task is a few steps over one tile, and the tile never leaves the caches (L2, L3).
+Version 8 (flash.py) computes the same tile with its own micro-kernels instead of BLAS and takes every
+call without a mask or is_causal at head sizes up to 80 (__init__.py); this version keeps masks,
+is_causal, larger heads and lse_out (the training forward).
 
   per task = one (batch, head) slice, queries [start, start + Q):
     0. q_block [Q, d] = q[start:start + Q] * scale * log2(e)    (into the worker's buffer)
