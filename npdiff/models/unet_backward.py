@@ -64,27 +64,48 @@ class UNetTape:
         self.center_input_sample = center_input_sample
         self.weight_grads = None
         self.keep_states = True  # keep each block's internals (else its backward recomputes them)
+        self.from_context = set()  # ids of the values that depend on the context (made after a transformer)
+        self.sample_grad = True  # during backward: whether d sample is wanted (else see backward)
 
-    def record(self, backward, inputs):
-        """A new value made from `inputs` (ids); -> its id."""
-        self.ops.append((self.count, tuple(inputs), backward))
+    def record(self, backward, inputs, reads_context=False):
+        """A new value made from `inputs` (ids), reading the context too when reads_context; -> its id."""
+        output_id = self.count
+        if reads_context or any(input_id in self.from_context for input_id in inputs):
+            self.from_context.add(output_id)
+        self.ops.append((output_id, tuple(inputs), backward))
         self.count += 1
-        return self.count - 1
+        return output_id
 
-    def backward(self, grad_output):
+    def input_grad_needed(self, input_id):
+        """Whether the backward must make d value for this value (id): always when d sample is wanted;
+        else only when the value depends on the context (only those lie between the context and the loss)."""
+        return self.sample_grad or input_id in self.from_context
+
+    def backward(self, grad_output, sample_grad=True):
         """d(loss)/d(output) [B,Cout,h,w] -> (d sample [B,Cin,h,w], d encoder_hidden_states [B,L,Dc]).
-        The tape is used up (its stored inputs are released as it goes)."""
+        The tape is used up (its stored inputs are released as it goes).
+
+        sample_grad=False (textual inversion: the noisy latents are not trained): d sample is None, and
+        only the gradients on a path from the context to the loss are made, as torch's autograd does
+        for a sample without requires_grad: the ops before the first transformer (conv_in, the first
+        resnet: nothing there reads the context) are skipped, and the first transformer stops after
+        its first block's cross-attention (transformer_2d_backward's need_input_grad)."""
         if self.output_id is None:
             raise NpdiffError("this UNet tape has been used already: run unet_forward_for_backward again")
+        self.sample_grad = bool(sample_grad)
         grads = {self.output_id: np.ascontiguousarray(grad_output, dtype=np.float32)}
         while self.ops:
             output_id, inputs, backward = self.ops.pop()
             grad = grads.pop(output_id, None)
-            if grad is None:
-                continue  # nothing depends on this value
+            if grad is None or not self.input_grad_needed(output_id):
+                continue  # nothing depends on this value, or nothing wanted lies before it
             for input_id, input_grad in zip(inputs, backward(grad)):
+                if input_grad is None:
+                    continue  # not wanted (input_grad_needed)
                 grads[input_id] = grads[input_id] + input_grad if input_id in grads else input_grad
         self.output_id = None
+        if not self.sample_grad:
+            return None, self.grad_context
         grad_sample = grads.pop(0)  # [B,Cin,h,w]: conv_in always reads the sample
         if self.center_input_sample:
             grad_sample = 2 * grad_sample  # sample -> 2 * sample - 1
@@ -112,11 +133,12 @@ class UNetTape:
             out, saved = model(x, self.context), None                   # (recomputed by the backward)
 
         def backward(grad):
-            grad_x, grad_context = transformer_2d_backward(model, x, self.context, grad, self.weight_grads, saved)
+            grad_x, grad_context = transformer_2d_backward(model, x, self.context, grad, self.weight_grads, saved,
+                                                           need_input_grad=self.input_grad_needed(x_id))
             self.grad_context += grad_context                           # [B,L,Dc]
             return (grad_x,)
 
-        return out, self.record(backward, [x_id])
+        return out, self.record(backward, [x_id], reads_context=True)
 
     def downsample(self, block, x, x_id):
         out = block(x)                                                  # [B,C,H,W] -> [B,C,H/2,W/2]
@@ -133,7 +155,9 @@ class UNetTape:
         channels = x.shape[1]
 
         def backward(grad):
-            return np.ascontiguousarray(grad[:, :channels]), np.ascontiguousarray(grad[:, channels:])
+            grad_x = np.ascontiguousarray(grad[:, :channels]) if self.input_grad_needed(x_id) else None
+            grad_skip = np.ascontiguousarray(grad[:, channels:]) if self.input_grad_needed(skip_id) else None
+            return grad_x, grad_skip
 
         return out, self.record(backward, [x_id, skip_id])
 

@@ -62,6 +62,43 @@ def test_unet_backward_matches_autograd(unet_pair, rng, batch, height, width, to
         tape.backward(grad_output)
 
 
+@pytest.mark.parametrize("keep_states", [True, False])
+def test_unet_backward_without_sample_grad_matches_autograd(unet_pair, rng, monkeypatch, keep_states):
+    """tape.backward(..., sample_grad=False), textual inversion's call: d encoder_hidden_states is autograd's
+    for a sample without requires_grad, d sample is None, and what lies before the first transformer is
+    skipped (conv_in, the resnets before it; its first block's self-attention), as autograd skips it."""
+    from npdiff.models import transformer_backward, unet_backward as unet_backward_module
+    kind, torch_model, ours = unet_pair
+    sample, context, grad_output = random_case(rng, ours.config, 2, 8, 8, 5)
+    timestep = int(rng.integers(0, 1000))
+    context_t = torch.from_numpy(context).requires_grad_(True)
+    torch_model(torch.from_numpy(sample), timestep, context_t).sample.backward(torch.from_numpy(grad_output))
+    calls = {"resnet": 0, "self_attention": 0}
+    resnet_backward, attention_pass = unet_backward_module.resnet_backward, transformer_backward.attention_backward_pass
+
+    def counted_resnet(*args, **kwargs):
+        calls["resnet"] += 1
+        return resnet_backward(*args, **kwargs)
+
+    def counted_attention(attn, x, context, *args, **kwargs):
+        calls["self_attention"] += context is x
+        return attention_pass(attn, x, context, *args, **kwargs)
+
+    monkeypatch.setattr(unet_backward_module, "resnet_backward", counted_resnet)
+    monkeypatch.setattr(transformer_backward, "attention_backward_pass", counted_attention)
+    _, tape = unet_forward_for_backward(ours, sample, timestep, context, keep_states=keep_states)
+    grad_sample, grad_context = tape.backward(grad_output, sample_grad=False)
+    assert grad_sample is None
+    assert_rel_close(grad_context, context_t.grad, NETWORK_TOL, f"{kind} d encoder_hidden_states")
+    first_resnets = len(ours.down_blocks[0].resnets) if ours.down_blocks[0].attentions else None
+    assert first_resnets is not None  # the tiny models' first down block has attentions
+    total_resnets = sum(len(block.resnets) for block in (*ours.down_blocks, ours.mid_block, *ours.up_blocks))
+    total_blocks = sum(len(model.transformer_blocks) for block in (*ours.down_blocks, ours.mid_block, *ours.up_blocks)
+                       for model in (block.attentions or []))
+    assert calls["resnet"] == total_resnets - 1  # the first resnet (before the first transformer) skipped
+    assert calls["self_attention"] == total_blocks - 1  # the first block's self-attention skipped
+
+
 def test_unet_tape_forward_in_parallel_blocks_matches_autograd(unet_pair, rng, monkeypatch):
     """Every pool GEMM cut into parallel blocks (the tiny model's are below MATMUL_PARALLEL_MIN): the tape
     forward's GEMMs whose blocks add a bias and a residual (to_out and ff.net.2 plus the residual stream,
