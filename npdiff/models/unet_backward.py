@@ -65,6 +65,7 @@ class UNetTape:
         self.weight_grads = None
         self.keep_states = True  # keep each block's internals (else its backward recomputes them)
         self.from_context = set()  # ids of the values that depend on the context (made after a transformer)
+        self.leading_from_context = {}  # id -> C: a concatenation whose first C channels only depend on it
         self.sample_grad = True  # during backward: whether d sample is wanted (else see backward)
 
     def record(self, backward, inputs, reads_context=False):
@@ -80,6 +81,11 @@ class UNetTape:
         """Whether the backward must make d value for this value (id): always when d sample is wanted;
         else only when the value depends on the context (only those lie between the context and the loss)."""
         return self.sample_grad or input_id in self.from_context
+
+    def channels_needed(self, input_id):
+        """How many leading channels of this value need a gradient: None for all; C for a concatenation
+        [x, skip] whose skip does not depend on the context when d sample is not wanted (only x's C)."""
+        return None if self.sample_grad else self.leading_from_context.get(input_id)
 
     def backward(self, grad_output, sample_grad=True):
         """d(loss)/d(output) [B,Cout,h,w] -> (d sample [B,Cin,h,w], d encoder_hidden_states [B,L,Dc]).
@@ -124,7 +130,10 @@ class UNetTape:
             out, norm2_input = resnet_forward_saved(block, x, temb)     # [B,Cin,H,W] -> [B,Cout,H,W]
         else:
             out, norm2_input = block(x, temb), None                     # (recomputed by the backward)
-        return out, self.record(lambda grad: (resnet_backward(block, x, temb, grad, norm2_input),), [x_id])
+        def backward(grad):
+            return (resnet_backward(block, x, temb, grad, norm2_input, self.channels_needed(x_id)),)
+
+        return out, self.record(backward, [x_id])
 
     def transformer(self, model, x, x_id):
         if self.keep_states:
@@ -159,7 +168,10 @@ class UNetTape:
             grad_skip = np.ascontiguousarray(grad[:, channels:]) if self.input_grad_needed(skip_id) else None
             return grad_x, grad_skip
 
-        return out, self.record(backward, [x_id, skip_id])
+        out_id = self.record(backward, [x_id, skip_id])
+        if x_id in self.from_context and skip_id not in self.from_context:
+            self.leading_from_context[out_id] = channels                # (its reader's backward makes only those)
+        return out, out_id
 
     def norm_silu(self, layer, x, x_id):
         out = layer(x, silu=True)                                       # [B,C,H,W]
