@@ -82,7 +82,7 @@ def npdiff_steps(batch, size, steps):
     row, optimizer = np.zeros((1, 768), np.float32), AdamW((1, 768), 5e-3)
     built = proc_status_gib("VmRSS")
     times, cpu_times = [], []
-    with keep_freed_memory():                                           # as textual_inversion's loop
+    with keep_freed_memory(heap_only=True):                             # as textual_inversion's loop
         for _ in range(steps):
             start, cpu_start = time.perf_counter(), time.process_time()
             _, grad = text_embedding_grad(pipe, ids, latents, noise, timesteps)  # [B,77,768]
