@@ -5,6 +5,8 @@ weights frozen; LoRA's weight gradients (the attention projections) on request.
     output, tape = unet_forward_for_backward(unet, sample, timestep, encoder_hidden_states)
     loss_grad = ...                                           # d(loss)/d(output) [B,Cout,h,w]
     grad_sample, grad_context = tape.backward(loss_grad)      # [B,Cin,h,w], [B,L,Dc]
+    # or, textual inversion: tape.backward(loss_grad, sample_grad=False) -> (None, grad_context), only the
+    # gradients between the context and the loss (as autograd for a sample without requires_grad)
 
 or unet_backward(unet, sample, timestep, encoder_hidden_states, grad_output) for both at once.
 
