@@ -81,16 +81,25 @@ def npdiff_steps(batch, size, steps):
     ids, latents, noise, timesteps = inputs(batch, size)
     row, optimizer = np.zeros((1, 768), np.float32), AdamW((1, 768), 5e-3)
     built = proc_status_gib("VmRSS")
-    times, cpu_times = [], []
-    with keep_freed_memory():                                           # as textual_inversion's loop
+    times, cpu_times, kernel_use = [], [], []
+    with keep_freed_memory(heap_only=True):                             # as textual_inversion's loop
         for _ in range(steps):
-            start, cpu_start = time.perf_counter(), time.process_time()
+            start, cpu_start, usage_start = time.perf_counter(), time.process_time(), sys_time_and_faults()
             _, grad = text_embedding_grad(pipe, ids, latents, noise, timesteps)  # [B,77,768]
             optimizer.step(row, grad[ids == ids[0, 1]].sum(axis=0)[None])     # one "new word" row
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
-    return {"step_s": times, "step_cpu_s": cpu_times, "built_rss_GiB": built, "weights_GiB_as_built": weights.parameters * 4 / 2**30,
-            **shared_weight_memory(weights, pipe.unet)}
+            kernel_use.append([end - begin for begin, end in zip(usage_start, sys_time_and_faults())])
+    return {"step_s": times, "step_cpu_s": cpu_times, "step_sys_s_and_minor_faults": kernel_use, "built_rss_GiB": built,
+            "weights_GiB_as_built": weights.parameters * 4 / 2**30, **shared_weight_memory(weights, pipe.unet)}
+
+
+def sys_time_and_faults():
+    """(kernel CPU seconds, minor page faults) of this process so far."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_stime, usage.ru_minflt
 
 
 def conv_parameters(model):
@@ -189,6 +198,9 @@ def main():
               f"{', '.join(f'{t:.1f}' for t in results[side]['step_s'])}; CPU s of all threads: "
               f"{', '.join(f'{t:.1f}' for t in results[side]['step_cpu_s'])}), peak RSS {results[side]['vmhwm_GiB']:.2f} "
               f"GiB, weights as built {results[side]['weights_GiB_as_built']:.2f} GiB", flush=True)
+        if "step_sys_s_and_minor_faults" in results[side]:
+            print("        per step: sys s, minor faults " + ", ".join(
+                f"{sys_s:.2f} / {faults:.0f}" for sys_s, faults in results[side]["step_sys_s_and_minor_faults"]))
         if "vmhwm_GiB_real_weights_estimate" in results[side]:
             print(f"        peak RSS with real weights (estimate) {results[side]['vmhwm_GiB_real_weights_estimate']:.2f} "
                   f"GiB (flipped conv kernels kept: {results[side]['flipped_kernels_GiB_real_weights']:.2f} GiB)")

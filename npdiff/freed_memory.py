@@ -1,6 +1,7 @@
 """Loop steps reuse the memory the step before freed (glibc's malloc, while a training or sampling loop runs).
 
-    with keep_freed_memory():      # textual_inversion's and train_lora's step loops, the pipeline's sampling loop
+    with keep_freed_memory():      # the pipeline's sampling loop
+    with keep_freed_memory(heap_only=True):   # textual_inversion's and train_lora's step loops (below)
         for step in ...: ...
 
 One step's UNet tape keeps ~2-3 GiB of activations at SD 1.5 size (64x64 latent) and the backward frees
@@ -32,6 +33,8 @@ from contextlib import contextmanager
 
 M_TRIM_THRESHOLD = -1  # glibc's malloc.h
 M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
+MMAP_MAX_DEFAULT = 65536  # glibc's DEFAULT_MMAP_MAX
 MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 TRIM_THRESHOLD_KEEP = 2**31 - 1  # the largest value mallopt's int takes: ~2 GiB
 TRIM_THRESHOLD_AFTER = 2 * MMAP_THRESHOLD_MAX  # glibc's dynamic value after freeing a >= 32 MiB block
@@ -49,16 +52,28 @@ def _glibc():
 
 
 @contextmanager
-def keep_freed_memory():
-    """While the block runs, memory freed by one training step stays for the next (see the header)."""
+def keep_freed_memory(heap_only=False):
+    """While the block runs, memory freed by one training step stays for the next (see the header).
+
+    heap_only (the training loops): no block comes from mmap either (glibc's M_MMAP_MAX 0, back to its
+    default on leaving). A block above the 32 MiB threshold is served from a free heap chunk when one is
+    large enough, else mmapped, faulted in page by page and unmapped again when freed: near a tape's peak
+    no free chunk is left, so SD 1.5's last 64x64 GEGLU hidden layer (40 MiB) was a fresh mmap in every
+    step, ~540-1070 minor faults and 0.11-0.13 s of sys time in that one call (98 ms wall against ~30 ms
+    for the others; benchmarks/training.py's step 3, load ~2). From the heap, the pages stay for the next
+    step (0 faults there). Not for the sampling loop: the VAE's large arrays would stay in the heap."""
     libc = _glibc()
     if libc is None:
         yield
         return
     libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
     libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_KEEP)
+    if heap_only:
+        libc.mallopt(M_MMAP_MAX, 0)
     try:
         yield
     finally:
+        if heap_only:
+            libc.mallopt(M_MMAP_MAX, MMAP_MAX_DEFAULT)
         libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_AFTER)
         libc.malloc_trim(0)

@@ -100,9 +100,11 @@ class FlippedKernels:
 FLIPPED_KERNELS = FlippedKernels()
 
 
-def conv2d_input_grad(x_shape, weight, grad_out, stride, padding, frozen=False):
+def conv2d_input_grad(x_shape, weight, grad_out, stride, padding, frozen=False, input_channels=None):
     """dx [B,C_in,H,W]: dy (zero-dilated by the stride) convolved with the flipped, transposed kernel.
-    frozen: the weight never changes in place, so its flipped kernel is kept (FLIPPED_KERNELS)."""
+    frozen: the weight never changes in place, so its flipped kernel is kept (FLIPPED_KERNELS).
+    input_channels: only dx[:, :input_channels] is made and returned (the flipped kernel's first rows,
+    a contiguous slice), for a caller that needs the gradient of the leading channels only."""
     (sh, sw), (ph, pw) = stride, padding
     batch, c_out, h_out, w_out = grad_out.shape
     kh, kw = weight.shape[2], weight.shape[3]
@@ -121,6 +123,8 @@ def conv2d_input_grad(x_shape, weight, grad_out, stride, padding, frozen=False):
         flipped = FLIPPED_KERNELS.get(weight)
     else:
         flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+    if input_channels is not None:
+        flipped = flipped[:input_channels]  # [c,C_out,kH,kW]: the leading input channels only (contiguous)
     # 3. a stride-1 "full" convolution (padding k-1-p) -> [B,C_in,H,W]; a padding p > k-1 (taps
     #    that only ever read zeros) is a crop of the result instead
     pad_h, pad_w = kh - 1 - ph, kw - 1 - pw

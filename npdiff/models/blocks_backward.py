@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 
+from npdiff.errors import NpdiffError
 from npdiff.kernels.activations import silu
 from npdiff.kernels.activations_backward import silu_backward
 from npdiff.kernels.block_pool import matmul
@@ -49,15 +50,30 @@ def linear_layer_backward(layer, x, grad_out, weight_grads=None):
     return grad_x
 
 
-def conv_layer_backward(layer, x_shape, grad_out):
-    """Conv2d layer (weights frozen): dy [B,Cout,H',W'] -> dx [B,Cin,H,W]; only x's shape is needed."""
-    return conv2d_input_grad(x_shape, layer.weight, grad_out, (layer.stride,) * 2, (layer.padding,) * 2, frozen=True)
+def conv_layer_backward(layer, x_shape, grad_out, input_channels=None):
+    """Conv2d layer (weights frozen): dy [B,Cout,H',W'] -> dx [B,Cin,H,W]; only x's shape is needed.
+    input_channels: dx of the leading input channels only, [B,input_channels,H,W]."""
+    return conv2d_input_grad(x_shape, layer.weight, grad_out, (layer.stride,) * 2, (layer.padding,) * 2, frozen=True,
+                             input_channels=input_channels)
 
 
 def group_norm_layer_backward(layer, x, grad_out, silu_after=False, residual=None):
     """GroupNorm layer (+ the SiLU fused after it): x [B,C,H,W] its input -> dx [B,C,H,W], plus
-    residual (a residual branch's gradient [B,C,H,W]) when given, added in the kernel's pass."""
-    grad_x, _, _ = group_norm_backward(x, layer.num_groups, layer.weight, layer.bias, grad_out, layer.eps, silu_after,
+    residual (a residual branch's gradient [B,C,H,W]) when given, added in the kernel's pass.
+    grad_out with fewer channels than x (whole groups: C' = k * C / groups): dx of x's first C'
+    channels only (the groups are independent: each one's statistics read its own channels)."""
+    channels, weight, bias, groups = x.shape[1], layer.weight, layer.bias, layer.num_groups
+    wanted = grad_out.shape[1]
+    if wanted != channels:
+        per_group = channels // groups
+        if wanted % per_group:
+            raise NpdiffError(f"group_norm_layer_backward: {wanted} channels of {channels} are not whole groups "
+                              f"of {per_group}")
+        x = np.ascontiguousarray(x[:, :wanted])                         # [B,C',H,W]
+        groups = wanted // per_group
+        weight = None if weight is None else weight[:wanted]            # [C']
+        bias = None if bias is None else bias[:wanted]                  # [C']
+    grad_x, _, _ = group_norm_backward(x, groups, weight, bias, grad_out, layer.eps, silu_after,
                                        need_weight_grad=False, residual=residual)  # frozen
     return grad_x
 
@@ -118,17 +134,24 @@ def shortcut_plus(shortcut, x, residual):
     return out.reshape(residual.shape)                                  # [B,Cout,H,W]
 
 
-def resnet_backward(block, x, temb, grad_out, norm2_input=None):
+def resnet_backward(block, x, temb, grad_out, norm2_input=None, input_channels=None):
     """ResnetBlock2D: x [B,Cin,H,W] its input, temb [B,T], grad_out [B,Cout,H,W] -> dx [B,Cin,H,W]
     (the time embedding is not differentiated: it depends on the timestep only). norm2_input: the
-    forward's (resnet_forward_saved), else recomputed from x."""
+    forward's (resnet_forward_saved), else recomputed from x. input_channels: dx of x's leading
+    channels only, [B,input_channels,H,W] (whole groups of norm1; the UNet tape's concatenation
+    whose skip needs no gradient)."""
+    if input_channels is not None and input_channels % (x.shape[1] // block.norm1.num_groups):
+        whole = resnet_backward(block, x, temb, grad_out, norm2_input)  # not whole groups: all, then the slice
+        return np.ascontiguousarray(whole[:, :input_channels])          # [B,input_channels,H,W]
     # recompute, unless kept: the input of norm2 (conv1's output plus the time embedding)
     h = resnet_norm2_input(block, x, temb) if norm2_input is None else norm2_input  # [B,Cout,H,W]
     # 4. residual sum and output_scale_factor
     if block.output_scale_factor != 1.0:
         grad_out = grad_out / np.float32(block.output_scale_factor)     # [B,Cout,H,W]
     if block.conv_shortcut is not None:
-        grad_skip = conv_layer_backward(block.conv_shortcut, x.shape, grad_out)  # [B,Cout,H,W] -> [B,Cin,H,W]
+        grad_skip = conv_layer_backward(block.conv_shortcut, x.shape, grad_out, input_channels)  # [B,Cout,H,W] -> [B,Cin,H,W]
+    elif input_channels is not None:
+        grad_skip = np.ascontiguousarray(grad_out[:, :input_channels])  # [B,c,H,W] (added in step 1)
     else:
         grad_skip = grad_out                                            # [B,C,H,W] (added in step 1)
     # 3. conv2, then norm2 + SiLU
@@ -137,7 +160,8 @@ def resnet_backward(block, x, temb, grad_out, norm2_input=None):
     del h
     # 2. the time embedding is added per channel: nothing flows back to x through it
     # 1. conv1, then norm1 + SiLU
-    grad_h = conv_layer_backward(block.conv1, x.shape[:1] + (block.conv1.weight.shape[1],) + x.shape[2:], grad_h)
+    grad_h = conv_layer_backward(block.conv1, x.shape[:1] + (block.conv1.weight.shape[1],) + x.shape[2:], grad_h,
+                                 input_channels)                        # [B,Cin or input_channels,H,W]
     return group_norm_layer_backward(block.norm1, x, grad_h, silu_after=True, residual=grad_skip)  # [B,Cin,H,W]
 
 

@@ -77,10 +77,11 @@ def attention_with_qkv(attn, x, context, residual=None):
     return linear_plus_residual(attn.to_out, merge_heads(out), residual), (q, k, v, out, lse)  # [B,N,D]
 
 
-def attention_backward_pass(attn, x, context, saved, grad_out, weight_grads=None):
+def attention_backward_pass(attn, x, context, saved, grad_out, weight_grads=None, need_x_grad=True):
     """Attention: grad_out [B,N,D] -> (dx [B,N,D], dcontext [B,M,Dc]); for self-attention (context
     is x) the caller adds the two, unless dcontext is None: with frozen weights (weight_grads None) a
-    self-attention's dx is the whole sum. saved: attention_with_qkv's (q, k, v, out, lse)."""
+    self-attention's dx is the whole sum. saved: attention_with_qkv's (q, k, v, out, lse).
+    need_x_grad=False (a cross-attention, weights frozen): dx is None, to_q's input gradient not made."""
     q, k, v, out, lse = saved
     # 3. to_out (its input is the merged heads of the kept output)
     if weight_grads is not None:
@@ -98,6 +99,8 @@ def attention_backward_pass(attn, x, context, saved, grad_out, weight_grads=None
         if context is x:  # self-attention: dq Wq + dk Wk + dv Wv
             return linear_input_grads_summed(projections, heads), None  # [B,N,D]
         grad_context = linear_input_grads_summed(projections[1:], heads[1:])  # [B,M,Dc]
+        if not need_x_grad:
+            return None, grad_context                                   # [B,M,Dc]
         return linear_input_grad(projections[0], heads[0]), grad_context  # [B,N,D], [B,M,Dc]
     grad_x = linear_layer_backward(attn.to_q, x, merge_heads(grad_q), weight_grads)     # [B,N,D]
     grad_context = linear_layer_backward(attn.to_k, context, merge_heads(grad_k), weight_grads)  # [B,M,Dc]
@@ -155,9 +158,11 @@ def basic_block_forward_saved(block, x, context):
     return out, states + (ff_hidden,)
 
 
-def basic_block_backward(block, x, context, grad_out, weight_grads=None, states=None):
+def basic_block_backward(block, x, context, grad_out, weight_grads=None, states=None, need_input_grad=True):
     """BasicTransformerBlock: x [B,N,D] its input, context [B,M,Dc], grad_out [B,N,D] ->
-    (dx [B,N,D], dcontext [B,M,Dc]). states: basic_block_forward_saved's, else recomputed from x."""
+    (dx [B,N,D], dcontext [B,M,Dc]). states: basic_block_forward_saved's, else recomputed from x.
+    need_input_grad=False with frozen weights: dx is None, and the backward stops after the
+    cross-attention (what comes before it, norm2 and the self-attention, reads no context)."""
     if states is None:
         states = basic_block_states(block, x, context) + (None,)        # GEGLU's hidden layer: recomputed
     normed1, qkv1, x1, normed2, qkv2, x2, ff_hidden = states
@@ -166,7 +171,11 @@ def basic_block_backward(block, x, context, grad_out, weight_grads=None, states=
     grad_ff = feed_forward_backward(block.ff, ff_input, grad_out, ff_hidden)  # [B,N,D]
     grad_x2 = layer_norm_layer_backward(block.norm3, x2, grad_ff, residual=grad_out)  # [B,N,D]
     # 2. cross-attention over the context, with residual
-    grad_normed2, grad_context = attention_backward_pass(block.attn2, normed2, context, qkv2, grad_x2, weight_grads)
+    stop_after_cross = not need_input_grad and weight_grads is None
+    grad_normed2, grad_context = attention_backward_pass(block.attn2, normed2, context, qkv2, grad_x2, weight_grads,
+                                                         need_x_grad=not stop_after_cross)
+    if stop_after_cross:
+        return None, grad_context                                       # [B,M,Dc]
     grad_x1 = layer_norm_layer_backward(block.norm2, x1, grad_normed2, residual=grad_x2)  # [B,N,D]
     # 1. self-attention with residual (normed1 is both the queries' and the keys' input)
     grad_q_side, grad_kv_side = attention_backward_pass(block.attn1, normed1, normed1, qkv1, grad_x1, weight_grads)
@@ -211,10 +220,12 @@ def proj_out_to_nchw_plus_input(proj_out, h, x):
     return out.reshape(x.shape)                                         # [B,C,H,W]
 
 
-def transformer_2d_backward(model, x, context, grad_out, weight_grads=None, saved=None):
+def transformer_2d_backward(model, x, context, grad_out, weight_grads=None, saved=None, need_input_grad=True):
     """Transformer2DModel: x [B,C,H,W] its input, context [B,M,Dc], grad_out [B,C,H,W] ->
     (dx [B,C,H,W], dcontext [B,M,Dc]). saved: transformer_2d_forward_saved's, else every block's
-    input is recomputed (and each block recomputes its states)."""
+    input is recomputed (and each block recomputes its states). need_input_grad=False (x does not
+    depend on the context, and weights frozen): dx is None, and the first block stops after its
+    cross-attention (basic_block_backward): the UNet's first transformer in textual inversion."""
     batch, channels, height, width = x.shape
     if saved is None:
         tokens = model.norm(x).reshape(batch, channels, height * width).transpose(0, 2, 1)  # [B,H*W,C] (view)
@@ -227,11 +238,15 @@ def transformer_2d_backward(model, x, context, grad_out, weight_grads=None, save
     grad_h = linear_input_grad(model.proj_out.weight, grad_tokens)      # [B,H*W,C] @ [C,D] -> [B,H*W,D]
     # 2. the transformer blocks, last first (each one's saved states released once used)
     grad_context = np.zeros(context.shape, np.float32)                  # [B,M,Dc]
-    for block in reversed(model.transformer_blocks):
+    for index in reversed(range(len(model.transformer_blocks))):
         block_input, states = saved.pop()
-        grad_h, grad_ctx_block = basic_block_backward(block, block_input, context, grad_h, weight_grads, states)
+        block_needs_input_grad = need_input_grad or index > 0           # a later block's input reads the context
+        grad_h, grad_ctx_block = basic_block_backward(model.transformer_blocks[index], block_input, context, grad_h,
+                                                      weight_grads, states, block_needs_input_grad)
         grad_context += grad_ctx_block
         del block_input, states
+    if grad_h is None:
+        return None, grad_context                                       # (need_input_grad=False, frozen)
     # 1. proj_in (frozen) as its transpose, W^T dh^T, straight into NCHW (no transposing copy), group norm
     grad_normed = np.empty((batch, channels, height * width), np.float32)  # [B,C,H*W]
     for image in range(batch):

@@ -5,6 +5,8 @@ weights frozen; LoRA's weight gradients (the attention projections) on request.
     output, tape = unet_forward_for_backward(unet, sample, timestep, encoder_hidden_states)
     loss_grad = ...                                           # d(loss)/d(output) [B,Cout,h,w]
     grad_sample, grad_context = tape.backward(loss_grad)      # [B,Cin,h,w], [B,L,Dc]
+    # or, textual inversion: tape.backward(loss_grad, sample_grad=False) -> (None, grad_context), only the
+    # gradients between the context and the loss (as autograd for a sample without requires_grad)
 
 or unet_backward(unet, sample, timestep, encoder_hidden_states, grad_output) for both at once.
 
@@ -64,27 +66,54 @@ class UNetTape:
         self.center_input_sample = center_input_sample
         self.weight_grads = None
         self.keep_states = True  # keep each block's internals (else its backward recomputes them)
+        self.from_context = set()  # ids of the values that depend on the context (made after a transformer)
+        self.leading_from_context = {}  # id -> C: a concatenation whose first C channels only depend on it
+        self.sample_grad = True  # during backward: whether d sample is wanted (else see backward)
 
-    def record(self, backward, inputs):
-        """A new value made from `inputs` (ids); -> its id."""
-        self.ops.append((self.count, tuple(inputs), backward))
+    def record(self, backward, inputs, reads_context=False):
+        """A new value made from `inputs` (ids), reading the context too when reads_context; -> its id."""
+        output_id = self.count
+        if reads_context or any(input_id in self.from_context for input_id in inputs):
+            self.from_context.add(output_id)
+        self.ops.append((output_id, tuple(inputs), backward))
         self.count += 1
-        return self.count - 1
+        return output_id
 
-    def backward(self, grad_output):
+    def input_grad_needed(self, input_id):
+        """Whether the backward must make d value for this value (id): always when d sample is wanted;
+        else only when the value depends on the context (only those lie between the context and the loss)."""
+        return self.sample_grad or input_id in self.from_context
+
+    def channels_needed(self, input_id):
+        """How many leading channels of this value need a gradient: None for all; C for a concatenation
+        [x, skip] whose skip does not depend on the context when d sample is not wanted (only x's C)."""
+        return None if self.sample_grad else self.leading_from_context.get(input_id)
+
+    def backward(self, grad_output, sample_grad=True):
         """d(loss)/d(output) [B,Cout,h,w] -> (d sample [B,Cin,h,w], d encoder_hidden_states [B,L,Dc]).
-        The tape is used up (its stored inputs are released as it goes)."""
+        The tape is used up (its stored inputs are released as it goes).
+
+        sample_grad=False (textual inversion: the noisy latents are not trained): d sample is None, and
+        only the gradients on a path from the context to the loss are made, as torch's autograd does
+        for a sample without requires_grad: the ops before the first transformer (conv_in, the first
+        resnet: nothing there reads the context) are skipped, and the first transformer stops after
+        its first block's cross-attention (transformer_2d_backward's need_input_grad)."""
         if self.output_id is None:
             raise NpdiffError("this UNet tape has been used already: run unet_forward_for_backward again")
+        self.sample_grad = bool(sample_grad)
         grads = {self.output_id: np.ascontiguousarray(grad_output, dtype=np.float32)}
         while self.ops:
             output_id, inputs, backward = self.ops.pop()
             grad = grads.pop(output_id, None)
-            if grad is None:
-                continue  # nothing depends on this value
+            if grad is None or not self.input_grad_needed(output_id):
+                continue  # nothing depends on this value, or nothing wanted lies before it
             for input_id, input_grad in zip(inputs, backward(grad)):
+                if input_grad is None:
+                    continue  # not wanted (input_grad_needed)
                 grads[input_id] = grads[input_id] + input_grad if input_id in grads else input_grad
         self.output_id = None
+        if not self.sample_grad:
+            return None, self.grad_context
         grad_sample = grads.pop(0)  # [B,Cin,h,w]: conv_in always reads the sample
         if self.center_input_sample:
             grad_sample = 2 * grad_sample  # sample -> 2 * sample - 1
@@ -103,7 +132,10 @@ class UNetTape:
             out, norm2_input = resnet_forward_saved(block, x, temb)     # [B,Cin,H,W] -> [B,Cout,H,W]
         else:
             out, norm2_input = block(x, temb), None                     # (recomputed by the backward)
-        return out, self.record(lambda grad: (resnet_backward(block, x, temb, grad, norm2_input),), [x_id])
+        def backward(grad):
+            return (resnet_backward(block, x, temb, grad, norm2_input, self.channels_needed(x_id)),)
+
+        return out, self.record(backward, [x_id])
 
     def transformer(self, model, x, x_id):
         if self.keep_states:
@@ -112,11 +144,12 @@ class UNetTape:
             out, saved = model(x, self.context), None                   # (recomputed by the backward)
 
         def backward(grad):
-            grad_x, grad_context = transformer_2d_backward(model, x, self.context, grad, self.weight_grads, saved)
+            grad_x, grad_context = transformer_2d_backward(model, x, self.context, grad, self.weight_grads, saved,
+                                                           need_input_grad=self.input_grad_needed(x_id))
             self.grad_context += grad_context                           # [B,L,Dc]
             return (grad_x,)
 
-        return out, self.record(backward, [x_id])
+        return out, self.record(backward, [x_id], reads_context=True)
 
     def downsample(self, block, x, x_id):
         out = block(x)                                                  # [B,C,H,W] -> [B,C,H/2,W/2]
@@ -133,9 +166,14 @@ class UNetTape:
         channels = x.shape[1]
 
         def backward(grad):
-            return np.ascontiguousarray(grad[:, :channels]), np.ascontiguousarray(grad[:, channels:])
+            grad_x = np.ascontiguousarray(grad[:, :channels]) if self.input_grad_needed(x_id) else None
+            grad_skip = np.ascontiguousarray(grad[:, channels:]) if self.input_grad_needed(skip_id) else None
+            return grad_x, grad_skip
 
-        return out, self.record(backward, [x_id, skip_id])
+        out_id = self.record(backward, [x_id, skip_id])
+        if x_id in self.from_context and skip_id not in self.from_context:
+            self.leading_from_context[out_id] = channels                # (its reader's backward makes only those)
+        return out, out_id
 
     def norm_silu(self, layer, x, x_id):
         out = layer(x, silu=True)                                       # [B,C,H,W]

@@ -13,7 +13,9 @@ The steps (numbered as in text_embedding_grad):
     4. loss            mean((prediction - target)^2) over every element (F.mse_loss, reduction "mean")
     5. backward        d loss/d prediction = 2 (prediction - target) / count, then the UNet's backward to
                        the hidden states, then CLIP's backward to the token embeddings
-The weights are frozen: only d loss/d(token embeddings) is computed, never a weight gradient.
+The weights are frozen: only d loss/d(token embeddings) is computed, never a weight gradient, and the UNet's
+backward makes only the gradients on a path from the hidden states to the loss (no d latents: the ops before
+its first transformer are skipped, as torch's autograd skips them for latents without requires_grad).
 """
 
 import numpy as np
@@ -112,7 +114,7 @@ def unet_denoising_loss(pipe, latents, noise, timesteps, hidden, prediction_type
     loss = float(np.mean(np.square(error, dtype=np.float64)))
     # 5. backward: the loss, then the UNet (to its hidden states)
     grad_prediction = error * np.float32(2.0 / error.size)              # [B,C,h,w]
-    _, grad_hidden = unet_tape.backward(grad_prediction)                # [B,L,C]
+    _, grad_hidden = unet_tape.backward(grad_prediction, sample_grad=False)  # [B,L,C] (the latents are not trained)
     return loss, grad_hidden
 
 

@@ -132,7 +132,7 @@ def train_lora(pipe, folder, prompt=None, rank=4, alpha=None, steps=500, lr=1e-4
     written = {}  # the files this call wrote
     bar = progress_bar(steps, len(losses), progress)
     try:
-        with keep_freed_memory():                                       # each step reuses the last one's pages
+        with keep_freed_memory(heap_only=True):                       # each step reuses the last one's pages
             for step in range(len(losses), steps):
                 draw = draw_batch(seed, step, batch_size, captions, train_timesteps, latents.shape[2:])
                 batch_latents = latents[draw["flips"], draw["pictures"]]     # [B,C,h,w]

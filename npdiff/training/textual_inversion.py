@@ -139,7 +139,7 @@ def textual_inversion(pipe, folder, token, init_word, vectors=1, steps=500, lr=5
     # 3. the steps
     written = {}  # the files this call wrote
     bar = progress_bar(steps, len(losses), progress)
-    with keep_freed_memory():                                           # each step reuses the last one's pages
+    with keep_freed_memory(heap_only=True):                             # each step reuses the last one's pages
         for step in range(len(losses), steps):
             draw = draw_batch(seed, step, batch_size, captions, train_timesteps, latents.shape[2:])
             batch_latents = latents[draw["flips"], draw["pictures"]]         # [B,C,h,w]

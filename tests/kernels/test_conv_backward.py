@@ -98,3 +98,21 @@ def test_upsample_nearest2x_backward_matches_autograd(rng):
     assert_rel_close(upsample_nearest2x_backward_ref(grad_out), x.grad, KERNEL_TOL, "reference")
     with pytest.raises(NpdiffError, match="even height and width"):
         upsample_nearest2x_backward(grad_out[:, :, 1:])
+
+
+@pytest.mark.parametrize("kernel_size,stride,padding,frozen", [(3, 1, 1, True), (1, 1, 0, True), (3, 2, 1, False)])
+def test_conv2d_input_grad_of_leading_channels_matches_autograd(rng, kernel_size, stride, padding, frozen):
+    """input_channels=c: dx of x's first c channels only (the UNet tape's concatenation whose skip needs no
+    gradient), autograd's dx[:, :c]."""
+    c_in, c_out = int(rng.integers(2, 40)), int(rng.integers(1, 24))
+    wanted = int(rng.integers(1, c_in))
+    x = rng.standard_normal((int(rng.integers(1, 3)), c_in, 12, 10)).astype(np.float32)
+    weight = (rng.standard_normal((c_out, c_in, kernel_size, kernel_size)) / np.sqrt(c_in * kernel_size**2)).astype(
+        np.float32)
+    out_shape = F.conv2d(torch.from_numpy(x), torch.from_numpy(weight), stride=stride, padding=padding).shape
+    grad_out = rng.standard_normal(tuple(out_shape)).astype(np.float32)
+    expected_dx = autograd_conv(x, weight, np.zeros(c_out, np.float32), grad_out, stride, padding)[0]
+    ours = conv2d_input_grad(x.shape, weight, grad_out, (stride,) * 2, (padding,) * 2, frozen=frozen,
+                             input_channels=wanted)
+    assert ours.shape == (x.shape[0], wanted) + x.shape[2:]
+    assert_rel_close(ours, expected_dx[:, :wanted], KERNEL_TOL, "dx of the leading channels")

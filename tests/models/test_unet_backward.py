@@ -62,6 +62,51 @@ def test_unet_backward_matches_autograd(unet_pair, rng, batch, height, width, to
         tape.backward(grad_output)
 
 
+@pytest.mark.parametrize("keep_states", [True, False])
+def test_unet_backward_without_sample_grad_matches_autograd(unet_pair, rng, monkeypatch, keep_states):
+    """tape.backward(..., sample_grad=False), textual inversion's call: d encoder_hidden_states is autograd's
+    for a sample without requires_grad, d sample is None, and what lies before the first transformer is
+    skipped (conv_in, the resnets before it; its first block's self-attention), as autograd skips it."""
+    from npdiff.models import transformer_backward, unet_backward as unet_backward_module
+    kind, torch_model, ours = unet_pair
+    sample, context, grad_output = random_case(rng, ours.config, 2, 8, 8, 5)
+    timestep = int(rng.integers(0, 1000))
+    context_t = torch.from_numpy(context).requires_grad_(True)
+    torch_model(torch.from_numpy(sample), timestep, context_t).sample.backward(torch.from_numpy(grad_output))
+    calls = {"resnet": 0, "self_attention": 0, "resnet_input_channels": []}
+    resnet_backward, attention_pass = unet_backward_module.resnet_backward, transformer_backward.attention_backward_pass
+
+    def counted_resnet(block, x, *args, **kwargs):
+        calls["resnet"] += 1
+        grad_x = resnet_backward(block, x, *args, **kwargs)
+        if grad_x.shape[1] != x.shape[1]:
+            calls["resnet_input_channels"].append((grad_x.shape[1], x.shape[1]))
+        return grad_x
+
+    def counted_attention(attn, x, context, *args, **kwargs):
+        calls["self_attention"] += context is x
+        return attention_pass(attn, x, context, *args, **kwargs)
+
+    monkeypatch.setattr(unet_backward_module, "resnet_backward", counted_resnet)
+    monkeypatch.setattr(transformer_backward, "attention_backward_pass", counted_attention)
+    _, tape = unet_forward_for_backward(ours, sample, timestep, context, keep_states=keep_states)
+    grad_sample, grad_context = tape.backward(grad_output, sample_grad=False)
+    assert grad_sample is None
+    assert_rel_close(grad_context, context_t.grad, NETWORK_TOL, f"{kind} d encoder_hidden_states")
+    first_resnets = len(ours.down_blocks[0].resnets) if ours.down_blocks[0].attentions else None
+    assert first_resnets is not None  # the tiny models' first down block has attentions
+    total_resnets = sum(len(block.resnets) for block in (*ours.down_blocks, ours.mid_block, *ours.up_blocks))
+    total_blocks = sum(len(model.transformer_blocks) for block in (*ours.down_blocks, ours.mid_block, *ours.up_blocks)
+                       for model in (block.attentions or []))
+    assert calls["resnet"] == total_resnets - 1  # the first resnet (before the first transformer) skipped
+    assert calls["self_attention"] == total_blocks - 1  # the first block's self-attention skipped
+    # the last resnet reads [h, conv_in's output]: the gradient of h's channels only
+    last_resnet = ours.up_blocks[-1].resnets[-1]
+    conv_in_channels = ours.conv_in.weight.shape[0]
+    in_channels = last_resnet.conv1.weight.shape[1]
+    assert calls["resnet_input_channels"] == [(in_channels - conv_in_channels, in_channels)]
+
+
 def test_unet_tape_forward_in_parallel_blocks_matches_autograd(unet_pair, rng, monkeypatch):
     """Every pool GEMM cut into parallel blocks (the tiny model's are below MATMUL_PARALLEL_MIN): the tape
     forward's GEMMs whose blocks add a bias and a residual (to_out and ff.net.2 plus the residual stream,
@@ -186,3 +231,29 @@ def test_timestep_mlp_backward_matches_autograd(rng):
         for name, grad in grads.items():
             assert_rel_close(grad, params[f"{key.split('.', 1)[1]}.{name}"].grad, KERNEL_TOL, f"{key}.{name}")
     assert set(weight_grads) == {"time_embedding.linear_1", "time_embedding.linear_2"}
+
+
+def test_group_norm_layer_backward_of_leading_groups_matches_autograd(rng):
+    """group_norm_layer_backward given the gradient of x's first whole groups only (a resnet reading a
+    concatenation whose skip needs no gradient): autograd's dx of those channels, residual added; a cut
+    through a group is refused."""
+    from types import SimpleNamespace
+
+    from npdiff.models.blocks_backward import group_norm_layer_backward
+    groups, per_group = int(rng.integers(2, 6)), int(rng.integers(1, 4))
+    channels, kept_groups = groups * per_group, int(rng.integers(1, groups))
+    wanted = kept_groups * per_group
+    x = rng.standard_normal((2, channels, 5, 6)).astype(np.float32)
+    weight, bias = (rng.standard_normal(channels).astype(np.float32) for _ in range(2))
+    grad_out = rng.standard_normal((2, wanted, 5, 6)).astype(np.float32)
+    residual = rng.standard_normal((2, wanted, 5, 6)).astype(np.float32)
+    x_t = torch.from_numpy(x).requires_grad_(True)
+    out = torch.nn.functional.silu(torch.nn.functional.group_norm(x_t, groups, torch.from_numpy(weight),
+                                                                  torch.from_numpy(bias), 1e-5))
+    out[:, :wanted].backward(torch.from_numpy(grad_out))
+    layer = SimpleNamespace(num_groups=groups, weight=weight, bias=bias, eps=1e-5)
+    ours = group_norm_layer_backward(layer, x, grad_out, silu_after=True, residual=residual)
+    assert_rel_close(ours, x_t.grad[:, :wanted].numpy() + residual, KERNEL_TOL, "dx of the leading groups")
+    if per_group > 1:
+        with pytest.raises(NpdiffError, match="not whole groups"):
+            group_norm_layer_backward(layer, x, grad_out[:, :wanted - 1], silu_after=True)
