@@ -49,6 +49,7 @@ a*b + c may become one FMA (one rounding instead of two); nothing is reordered.
 """
 
 import numpy as np
+from llvmlite import ir
 from numba import carray, get_num_threads, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -62,6 +63,8 @@ NC = 512  # columns of B one thread sweeps while its A block sits in L2
 ROW_BLOCK = 120  # most rows of C per parallel task (a multiple of MR)
 
 NC_PANELS = NC // NR  # B micro-panels per column group
+PREFETCH_EVERY = 4  # steps of k per prefetched cache line (when the caller asks for prefetches)
+CACHE_LINE_FLOATS = 16  # 64 bytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,14 +150,41 @@ def _pack_a_block(a, row0, rows, k0, depth, a_packed):
                     a_packed[panel, k, r] = 0.0
 
 
+@intrinsic
+def prefetch_to_l2(typingctx, array, element):
+    """prefetcht1 of the cache line holding element number `element` of a C-contiguous array's flat data
+    (LLVM's llvm.prefetch: read, locality 2 = into L2, data cache). A hint: it never faults, changes no value."""
+    if not (isinstance(array, types.Array) and isinstance(element, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        offset = context.cast(builder, args[1], signature.args[1], types.int64)
+        byte_pointer = builder.bitcast(builder.gep(data, [offset]), ir.IntType(8).as_pointer())
+        int32 = ir.IntType(32)
+        function_type = ir.FunctionType(ir.VoidType(), [byte_pointer.type, int32, int32, int32])
+        # the typed-pointer name: LLVM 14 (numba 0.59's llvmlite) requires it, later LLVMs upgrade it to .p0
+        function = cgutils.get_or_insert_function(builder.module, function_type, "llvm.prefetch.p0i8")
+        builder.call(function, [byte_pointer, ir.Constant(int32, 0), ir.Constant(int32, 2), ir.Constant(int32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(array, element), codegen
+
+
 @njit(fastmath=FASTMATH_CONTRACT, **SERIAL)
-def _micro_kernel(depth, a_panel, b_panel, c, row0, col0, valid_rows, valid_cols, accumulate):
+def _micro_kernel(depth, a_panel, b_panel, c, row0, col0, valid_rows, valid_cols, accumulate,
+                  prefetch_from, prefetch_start, prefetch_count):
     """C[row0:row0+MR, col0:col0+NR] (+)= a_panel[:depth]^T @ b_panel[:depth].
 
     a_panel [depth, MR] and b_panel [depth, NR] are packed (contiguous, in reading order). The tile
     of C is held in acc0..acc5 (one stack row of NR each, promoted to 24 zmm registers); each step
     of k is a rank-1 update: 6 broadcasts of A times one row of B. Only the valid part of the tile
     is written (edge tiles of C); `accumulate` adds to C (later depth blocks) instead of storing.
+
+    Every PREFETCH_EVERY steps of k, one cache line of prefetch_from's flat elements prefetch_start ..
+    prefetch_start + prefetch_count goes to L2 (prefetch_to_l2), while the FMAs run: a caller whose next
+    B block is not in cache (linear_packed.py: weights streamed from memory once per call) spreads its
+    fetch over the micro-kernel calls before it. prefetch_count 0: none.
     """
     acc0 = carray(_stack_row(), NR)
     acc1 = carray(_stack_row(), NR)
@@ -170,6 +200,8 @@ def _micro_kernel(depth, a_panel, b_panel, c, row0, col0, valid_rows, valid_cols
         acc4[j] = 0.0
         acc5[j] = 0.0
     for k in range(depth):
+        if k % PREFETCH_EVERY == 0 and (k // PREFETCH_EVERY) * CACHE_LINE_FLOATS < prefetch_count:
+            prefetch_to_l2(prefetch_from, prefetch_start + (k // PREFETCH_EVERY) * CACHE_LINE_FLOATS)
         a0 = a_panel[k, 0]  # the six rows' A values for this k, broadcast across j
         a1 = a_panel[k, 1]
         a2 = a_panel[k, 2]
@@ -275,7 +307,7 @@ def _blocked_gemm_packed(a, b_packed, c, block_rows):
                         valid_cols = min(NR, cols - tile_col)
                         b_panel = b_packed[k0 // KC, col_panel, :block_depth]  # [KC, NR] from L2
                         _micro_kernel(block_depth, a_panel, b_panel, c, tile_row, tile_col,
-                                      valid_rows, valid_cols, k0 > 0)
+                                      valid_rows, valid_cols, k0 > 0, b_packed, 0, 0)
 
 
 def blocked_gemm(a, b):
@@ -305,6 +337,6 @@ def micro_kernel_asm():
     fresh = njit(fastmath=FASTMATH_CONTRACT, **compile_flags)(_micro_kernel.py_func)
     panel = types.Array(types.float32, 2, "C")
     signature = (types.intp, panel, panel, panel, types.intp, types.intp, types.intp, types.intp,
-                 types.boolean)
+                 types.boolean, types.Array(types.float32, 4, "C"), types.intp, types.intp)
     fresh.compile(signature)
     return fresh.inspect_asm(fresh.signatures[0])

@@ -1,4 +1,4 @@
-"""Scaled dot-product attention: one op family, six versions, two public entries (float32, bf16).
+"""Scaled dot-product attention: one op family, seven versions, two public entries (float32, bf16).
 
 Versions (each tested against torch and against version 1):
   1. attention_ref          reference.py  the textbook, NumPy API (numpy or cupy): the whole score
@@ -18,6 +18,10 @@ Versions (each tested against torch and against version 1):
                                           v and the probabilities rounded to bf16, float32 sums and
                                           softmax; version 5's layout. Reference: attention_bf16_ref
                                           (version 1 on the rounded operands).
+  7. causal_attention_rows  causal_rows.py  CLIP's causal self-attention of a few tokens on the
+                                          projections' token rows [B*L, heads*d] as they are, both
+                                          products on matmul_numba's micro-kernel; called by CLIP's
+                                          packed layers directly (not through the entries below).
   cupy arrays: cuBLAS + a fused masked softmax (npdiff/kernels/cuda/attention.py).
 Shared by all: common.py (KEY_CHUNK and QUERY_BLOCK, the one pair of tile sizes of versions 2 and
 3; masks as numbers).
