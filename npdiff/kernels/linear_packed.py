@@ -42,10 +42,9 @@ epilogues, 118-122.
 import numpy as np
 from numba import config, get_num_threads, get_thread_id
 
-from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
+from npdiff.jit import PARALLEL, SERIAL, njit, prange
 from npdiff.kernels.activations import ACTIVATION_CODES, activation_block, gelu_ref, quick_gelu_ref
 from npdiff.kernels.matmul_numba import CACHE_LINE_FLOATS, MR, NR, _micro_kernel
-from npdiff.kernels.norm import mean_and_rstd
 from npdiff.kernels.scratch import scratch
 
 # steps of k per depth block. Measured (one thread, [154,768] x [768,768]): KC 128 122 GFLOP/s, 256 123,
@@ -138,14 +137,49 @@ def _pack_rows_numba(x, a_packed):
     _zero_spare_rows(a_packed, x.shape[0])
 
 
-@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+STAT_LANES = 8  # float64 lanes of one zmm register: the layer norm's partial sums
+
+
+@njit(**SERIAL)
+def _row_mean_and_rstd(values, eps, lanes):
+    """Mean and 1/sqrt(biased var + eps) of one row, as norm.mean_and_rstd computes them (float64 sums of
+    x - x[0]), but summed in STAT_LANES lanes (`lanes` [2, STAT_LANES] float64) combined in an order written
+    out here, with no fastmath flag: every compiled copy gives the same bits (mean_and_rstd's 'reassoc' lets
+    each copy's vectoriser choose its own order; matmul_numba.py's header says why copies differ)."""
+    shift0 = np.float64(values[0])
+    sums, squares = lanes[0], lanes[1]
+    sums[:] = 0.0
+    squares[:] = 0.0
+    full = values.size - values.size % STAT_LANES
+    for k0 in range(0, full, STAT_LANES):
+        for lane in range(STAT_LANES):
+            v = np.float64(values[k0 + lane]) - shift0
+            sums[lane] += v
+            squares[lane] += v * v
+    for k in range(full, values.size):  # the remainder, into the first lanes
+        v = np.float64(values[k]) - shift0
+        sums[k - full] += v
+        squares[k - full] += v * v
+    half = STAT_LANES // 2
+    while half > 0:  # 8 -> 4 -> 2 -> 1 lanes
+        for lane in range(half):
+            sums[lane] += sums[lane + half]
+            squares[lane] += squares[lane + half]
+        half //= 2
+    mean_shifted = sums[0] / values.size
+    var = max(squares[0] / values.size - mean_shifted * mean_shifted, 0.0)
+    return mean_shifted + shift0, 1.0 / np.sqrt(var + eps)
+
+
+@njit(**SERIAL)
 def _pack_rows_layer_norm_numba(x, gamma, beta, eps, a_packed):
     """layer_norm(x) [M,K] -> a_packed [ceil(M/MR), K, MR]: each row normed into an L1 scratch row (the
     arithmetic of norm.py's layer norm), then written to its lane of the packed panel."""
     normed = np.empty(x.shape[1], np.float32)  # [K], L1-resident
+    lanes = np.empty((2, STAT_LANES), np.float64)  # the row's partial sums and sums of squares
     for row in range(x.shape[0]):
         values = x[row]
-        mean, rstd = mean_and_rstd(values, eps)
+        mean, rstd = _row_mean_and_rstd(values, eps, lanes)
         for k in range(values.size):
             normed[k] = (np.float64(values[k]) - mean) * rstd * gamma[k] + beta[k]
         _pack_row(normed, a_packed, row)
@@ -180,7 +214,7 @@ def pack_rows_layer_norm(x, gamma, beta, eps, out=None):
 # ---------------------------------------------------------------------------------------------
 # The GEMM and its epilogue
 # ---------------------------------------------------------------------------------------------
-@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+@njit(**SERIAL)
 def _epilogue(out, col0, width, rows, bias, has_bias, which, residual, has_residual, packed_out, has_packed_out,
               summed):
     """out[:rows, col0:col0+width] = activation(out + bias) + residual, row by row, in place; with

@@ -44,8 +44,11 @@ micro-kernel, every element is reached by a constant index and SROA promotes the
 values, which the vectoriser packs into 24 zmm registers. Check it with `print(micro_kernel_asm())`
 (bottom of this file; tests/kernels/test_matmul.py does): the k loop is 6 `vbroadcastss`, 4 `vmovups`
 and 24 `vfmadd231ps ... %zmm`, with no stack access.
-The micro-kernel is compiled with fastmath 'contract' only (FASTMATH_CONTRACT in npdiff/jit.py):
-a*b + c may become one FMA (one rounding instead of two); nothing is reordered.
+The micro-kernel's multiply-adds are written as FMAs (fma32, npdiff/intrinsics.py: one rounding each) and
+it is compiled with no fastmath flag, so its rounding is fixed by the source: every compiled copy gives the
+same bits. (Numba links a copy of each callee into every caller's machine code, optimised again there, and
+which copy a call reaches depends on what the process compiled and what it loaded from the disk cache; with
+the 'contract' flag instead of fma32, whether a*b + c becomes one FMA was the optimiser's choice in each copy.)
 """
 
 import numpy as np
@@ -54,7 +57,8 @@ from numba import carray, get_num_threads, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from npdiff.jit import FASTMATH_CONTRACT, PARALLEL, SERIAL, njit, prange
+from npdiff.intrinsics import fma32
+from npdiff.jit import PARALLEL, SERIAL, njit, prange
 
 MR = 6  # rows of the register tile of C (written out as acc0..acc5 in the micro-kernel)
 NR = 64  # columns of the register tile: 4 zmm vectors of 16 float32
@@ -171,7 +175,7 @@ def prefetch_to_l2(typingctx, array, element):
     return types.void(array, element), codegen
 
 
-@njit(fastmath=FASTMATH_CONTRACT, **SERIAL)
+@njit(**SERIAL)
 def _micro_kernel(depth, a_panel, b_panel, c, row0, col0, valid_rows, valid_cols, accumulate,
                   prefetch_from, prefetch_start, prefetch_count):
     """C[row0:row0+MR, col0:col0+NR] (+)= a_panel[:depth]^T @ b_panel[:depth].
@@ -210,12 +214,12 @@ def _micro_kernel(depth, a_panel, b_panel, c, row0, col0, valid_rows, valid_cols
         a5 = a_panel[k, 5]
         for j in range(NR):  # contiguous in b_panel: 4 zmm loads
             b_kj = b_panel[k, j]
-            acc0[j] += a0 * b_kj
-            acc1[j] += a1 * b_kj
-            acc2[j] += a2 * b_kj
-            acc3[j] += a3 * b_kj
-            acc4[j] += a4 * b_kj
-            acc5[j] += a5 * b_kj
+            acc0[j] = fma32(a0, b_kj, acc0[j])  # acc0[j] + a0 * b_kj, one rounding
+            acc1[j] = fma32(a1, b_kj, acc1[j])
+            acc2[j] = fma32(a2, b_kj, acc2[j])
+            acc3[j] = fma32(a3, b_kj, acc3[j])
+            acc4[j] = fma32(a4, b_kj, acc4[j])
+            acc5[j] = fma32(a5, b_kj, acc5[j])
     if valid_rows == MR and valid_cols == NR:
         _write_full_tile(c, row0, col0, acc0, acc1, acc2, acc3, acc4, acc5, accumulate)
     else:
@@ -334,7 +338,7 @@ def micro_kernel_asm():
     `vfmadd231ps` on zmm registers, with the C tile never touching the stack inside the loop.
     """
     compile_flags = {key: value for key, value in SERIAL.items() if key != "cache"}
-    fresh = njit(fastmath=FASTMATH_CONTRACT, **compile_flags)(_micro_kernel.py_func)
+    fresh = njit(**compile_flags)(_micro_kernel.py_func)
     panel = types.Array(types.float32, 2, "C")
     signature = (types.intp, panel, panel, panel, types.intp, types.intp, types.intp, types.intp,
                  types.boolean, types.Array(types.float32, 4, "C"), types.intp, types.intp)
