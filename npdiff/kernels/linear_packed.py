@@ -40,11 +40,11 @@ epilogues, 118-122.
 """
 
 import numpy as np
-from numba import config, get_num_threads, get_thread_id
+from numba import carray, config, get_num_threads, get_thread_id
 
 from npdiff.jit import PARALLEL, SERIAL, njit, prange
 from npdiff.kernels.activations import ACTIVATION_CODES, activation_block, gelu_ref, quick_gelu_ref
-from npdiff.kernels.matmul_numba import CACHE_LINE_FLOATS, MR, NR, _micro_kernel
+from npdiff.kernels.matmul_numba import CACHE_LINE_FLOATS, MR, NR, _micro_kernel, _stack_row_f64
 from npdiff.kernels.scratch import scratch
 
 # steps of k per depth block. Measured (one thread, [154,768] x [768,768]): KC 128 122 GFLOP/s, 256 123,
@@ -137,37 +137,50 @@ def _pack_rows_numba(x, a_packed):
     _zero_spare_rows(a_packed, x.shape[0])
 
 
-STAT_LANES = 8  # float64 lanes of one zmm register: the layer norm's partial sums
+STAT_LANES = 32  # float64 lanes of the layer norm's partial sums: 4 zmm registers (a stack row of 32)
 
 
 @njit(**SERIAL)
-def _row_mean_and_rstd(values, eps, lanes):
+def _sum_lanes(lanes):
+    """lanes[0] + ... + lanes[STAT_LANES - 1] in a fixed tree (32 -> 16 -> 8 -> 4 -> 2 -> 1)."""
+    for lane in range(16):
+        lanes[lane] += lanes[lane + 16]
+    for lane in range(8):
+        lanes[lane] += lanes[lane + 8]
+    for lane in range(4):
+        lanes[lane] += lanes[lane + 4]
+    for lane in range(2):
+        lanes[lane] += lanes[lane + 2]
+    return lanes[0] + lanes[1]
+
+
+@njit(**SERIAL)
+def _row_mean_and_rstd(values, eps):
     """Mean and 1/sqrt(biased var + eps) of one row, as norm.mean_and_rstd computes them (float64 sums of
-    x - x[0]), but summed in STAT_LANES lanes (`lanes` [2, STAT_LANES] float64) combined in an order written
-    out here, with no fastmath flag: every compiled copy gives the same bits (mean_and_rstd's 'reassoc' lets
-    each copy's vectoriser choose its own order; matmul_numba.py's header says why copies differ)."""
+    x - x[0]), but in STAT_LANES lanes (stack rows: registers) added in an order written out here, with no
+    fastmath flag: every compiled copy gives the same bits (mean_and_rstd's 'reassoc' lets each copy's
+    vectoriser choose its own order; matmul_numba.py's header says why copies differ)."""
     shift0 = np.float64(values[0])
-    sums, squares = lanes[0], lanes[1]
-    sums[:] = 0.0
-    squares[:] = 0.0
+    sums = carray(_stack_row_f64(), STAT_LANES)
+    squares = carray(_stack_row_f64(), STAT_LANES)
+    for lane in range(STAT_LANES):
+        sums[lane] = 0.0
+        squares[lane] = 0.0
     full = values.size - values.size % STAT_LANES
     for k0 in range(0, full, STAT_LANES):
+        block = values[k0:k0 + STAT_LANES]  # constant indices below: one vector load
         for lane in range(STAT_LANES):
-            v = np.float64(values[k0 + lane]) - shift0
+            v = np.float64(block[lane]) - shift0
             sums[lane] += v
             squares[lane] += v * v
-    for k in range(full, values.size):  # the remainder, into the first lanes
+    tail_sum = 0.0  # the last values.size % STAT_LANES, after the lanes
+    tail_squares = 0.0
+    for k in range(full, values.size):
         v = np.float64(values[k]) - shift0
-        sums[k - full] += v
-        squares[k - full] += v * v
-    half = STAT_LANES // 2
-    while half > 0:  # 8 -> 4 -> 2 -> 1 lanes
-        for lane in range(half):
-            sums[lane] += sums[lane + half]
-            squares[lane] += squares[lane + half]
-        half //= 2
-    mean_shifted = sums[0] / values.size
-    var = max(squares[0] / values.size - mean_shifted * mean_shifted, 0.0)
+        tail_sum += v
+        tail_squares += v * v
+    mean_shifted = (_sum_lanes(sums) + tail_sum) / values.size
+    var = max((_sum_lanes(squares) + tail_squares) / values.size - mean_shifted * mean_shifted, 0.0)
     return mean_shifted + shift0, 1.0 / np.sqrt(var + eps)
 
 
@@ -176,10 +189,9 @@ def _pack_rows_layer_norm_numba(x, gamma, beta, eps, a_packed):
     """layer_norm(x) [M,K] -> a_packed [ceil(M/MR), K, MR]: each row normed into an L1 scratch row (the
     arithmetic of norm.py's layer norm), then written to its lane of the packed panel."""
     normed = np.empty(x.shape[1], np.float32)  # [K], L1-resident
-    lanes = np.empty((2, STAT_LANES), np.float64)  # the row's partial sums and sums of squares
     for row in range(x.shape[0]):
         values = x[row]
-        mean, rstd = _row_mean_and_rstd(values, eps, lanes)
+        mean, rstd = _row_mean_and_rstd(values, eps)
         for k in range(values.size):
             normed[k] = (np.float64(values[k]) - mean) * rstd * gamma[k] + beta[k]
         _pack_row(normed, a_packed, row)

@@ -96,15 +96,26 @@ def naive_gemm(a, b):
 # ---------------------------------------------------------------------------------------------
 # Step 6: packing, the register-blocked micro-kernel, the blocked parallel driver
 # ---------------------------------------------------------------------------------------------
+def _alloca_codegen(numba_type, count):
+    """Code for an intrinsic that returns a pointer to `count` values of `numba_type` on the stack."""
+
+    def codegen(context, builder, signature, args):
+        element = context.get_value_type(numba_type)
+        return cgutils.alloca_once(builder, element, size=context.get_constant(types.intp, count))
+
+    return codegen
+
+
 @intrinsic
 def _stack_row(typingctx):
     """A pointer to NR float32 on the stack (LLVM alloca of constant size): register-promotable."""
+    return types.CPointer(types.float32)(), _alloca_codegen(types.float32, NR)
 
-    def codegen(context, builder, signature, args):
-        float32 = context.get_value_type(types.float32)
-        return cgutils.alloca_once(builder, float32, size=context.get_constant(types.intp, NR))
 
-    return types.CPointer(types.float32)(), codegen
+@intrinsic
+def _stack_row_f64(typingctx):
+    """A pointer to NR // 2 float64 on the stack (the bytes of _stack_row): register-promotable."""
+    return types.CPointer(types.float64)(), _alloca_codegen(types.float64, NR // 2)
 
 
 @njit(**PARALLEL)

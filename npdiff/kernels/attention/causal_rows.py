@@ -27,10 +27,10 @@ arithmetic is the same whichever thread runs its task, so the thread count chang
 """
 
 import numpy as np
-from numba import config, get_thread_id
+from numba import carray, config, get_thread_id
 
 from npdiff.jit import PARALLEL, SERIAL, njit, prange
-from npdiff.kernels.matmul_numba import MR, NR, _micro_kernel
+from npdiff.kernels.matmul_numba import MR, NR, _micro_kernel, _stack_row
 from npdiff.kernels.scratch import scratch
 from npdiff.kernels.vecmath import LOG2E, exp2_nonpositive_f32
 
@@ -56,9 +56,23 @@ def _pack_head(q, k, v, row0, c0, length, head_dim, scale_log2, q_packed, k_pane
 
 
 @njit(**SERIAL)
-def _lanes_max(row, width, lanes):
-    """max(row[:width]) (width a multiple of KEY_VECTOR), lane by lane in `lanes` [KEY_VECTOR], then the lanes
-    in order: the order is written out, so LLVM vectorises the lanes without reordering anything."""
+def _sum_16_lanes(lanes):
+    """lanes[0] + ... + lanes[15] in a fixed tree (16 -> 8 -> 4 -> 2 -> 1): every index a constant once the
+    loops are unrolled, so the lanes stay in registers."""
+    for lane in range(8):
+        lanes[lane] += lanes[lane + 8]
+    for lane in range(4):
+        lanes[lane] += lanes[lane + 4]
+    for lane in range(2):
+        lanes[lane] += lanes[lane + 2]
+    return lanes[0] + lanes[1]
+
+
+@njit(**SERIAL)
+def _lanes_max(row, width):
+    """max(row[:width]), width a multiple of KEY_VECTOR: lane by lane in a stack row (one zmm register), then
+    the lanes in order. Written out so, LLVM vectorises it without being allowed to reorder anything."""
+    lanes = carray(_stack_row(), KEY_VECTOR)
     for lane in range(KEY_VECTOR):
         lanes[lane] = row[lane]
     for j0 in range(KEY_VECTOR, width, KEY_VECTOR):
@@ -71,9 +85,10 @@ def _lanes_max(row, width, lanes):
 
 
 @njit(**SERIAL)
-def _lanes_exp2_sum(row, width, top, lanes):
-    """row[j] = 2^(row[j] - top) for j < width (a multiple of KEY_VECTOR); -> their sum, accumulated in
-    KEY_VECTOR lanes (`lanes`), then the lanes added in a fixed tree: no fastmath flag reorders it."""
+def _lanes_exp2_sum(row, width, top):
+    """row[j] = 2^(row[j] - top) for j < width (a multiple of KEY_VECTOR) -> their sum, accumulated in
+    KEY_VECTOR lanes (a stack row) and the lanes added in a fixed tree: no fastmath flag reorders it."""
+    lanes = carray(_stack_row(), KEY_VECTOR)
     for lane in range(KEY_VECTOR):
         lanes[lane] = 0.0
     for j0 in range(0, width, KEY_VECTOR):
@@ -81,21 +96,16 @@ def _lanes_exp2_sum(row, width, top, lanes):
             p = exp2_nonpositive_f32(row[j0 + lane] - top)
             row[j0 + lane] = p
             lanes[lane] += p
-    half = KEY_VECTOR // 2
-    while half > 0:  # 16 -> 8 -> 4 -> 2 -> 1 lanes
-        for lane in range(half):
-            lanes[lane] += lanes[lane + half]
-        half //= 2
-    return lanes[0]
+    return _sum_16_lanes(lanes)
 
 
 @njit(**SERIAL)
-def _softmax_rows_packed(scores, length, first_query, valid_queries, p_packed, panel, lanes):
+def _softmax_rows_packed(scores, length, first_query, valid_queries, p_packed, panel):
     """Step 3 for the queries first_query .. first_query + valid_queries (MR-row panel `panel`): scores rows
     (log2 units) -> P's panel, p_ij / sum_j for keys j <= i, zero for i < j < the panel's depth.
 
-    No fastmath flag: the max and the sum run in KEY_VECTOR lanes in an order written out here (lanes
-    [KEY_VECTOR] is the thread's scratch), so every compiled copy of this function gives the same bits
+    No fastmath flag: the max and the sum run in KEY_VECTOR lanes in an order written out here, so every
+    compiled copy of this function gives the same bits
     (with 'reassoc' the vectoriser chose the summation order, and the copy Numba compiled here and the one
     it loaded from its disk cache added in different orders: matmul_numba.py's header says why two exist)."""
     depth = min(length, first_query + MR)
@@ -106,8 +116,8 @@ def _softmax_rows_packed(scores, length, first_query, valid_queries, p_packed, p
         width = (keys + KEY_VECTOR - 1) // KEY_VECTOR * KEY_VECTOR  # whole vectors: within the scores' padding
         for j in range(keys, width):
             row[j] = -np.inf  # the masked keys: 2^-inf = 0 exactly
-        top = _lanes_max(row, width, lanes)
-        total = _lanes_exp2_sum(row, width, top, lanes)
+        top = _lanes_max(row, width)
+        total = _lanes_exp2_sum(row, width, top)
         inverse = np.float32(1.0) / total
         for j in range(keys):
             p_packed[panel, j, lane] = row[j] * inverse
@@ -119,12 +129,12 @@ def _softmax_rows_packed(scores, length, first_query, valid_queries, p_packed, p
 
 
 def _work_sizes(length, head_dim):
-    """Floats of each per-thread buffer of a task: q_packed, k_panels, v_panels, scores, p_packed, lanes."""
+    """Floats of each per-thread buffer of a task: q_packed, k_panels, v_panels, scores, p_packed."""
     query_panels = (length + MR - 1) // MR
     key_panels = (length + NR - 1) // NR
     value_panels = (head_dim + NR - 1) // NR
     return (query_panels * head_dim * MR, key_panels * head_dim * NR, value_panels * length * NR,
-            query_panels * MR * key_panels * NR, query_panels * length * MR, KEY_VECTOR)
+            query_panels * MR * key_panels * NR, query_panels * length * MR)
 
 
 _work_sizes_numba = njit(**SERIAL)(_work_sizes)
@@ -139,7 +149,7 @@ def _causal_attention_rows_numba(q, k, v, batch, heads, scale_log2, out, work):
     query_panels = (length + MR - 1) // MR
     key_panels = (length + NR - 1) // NR
     value_panels = (head_dim + NR - 1) // NR
-    q_size, k_size, v_size, scores_size, p_size, lanes_size = _work_sizes_numba(length, head_dim)
+    q_size, k_size, v_size, scores_size, p_size = _work_sizes_numba(length, head_dim)
     for task in prange(batch * heads):
         b = task // heads
         c0 = (task - b * heads) * head_dim
@@ -156,8 +166,6 @@ def _causal_attention_rows_numba(q, k, v, batch, heads, scale_log2, out, work):
         scores = mine[start:start + scores_size].reshape((query_panels * MR, key_panels * NR))  # [L, L] padded
         start += scores_size
         p_packed = mine[start:start + p_size].reshape((query_panels, length, MR))  # [L/MR, L, MR]
-        start += p_size
-        lanes = mine[start:start + lanes_size]  # [16]: the softmax's partial max and sums
         _pack_head(q, k, v, row0, c0, length, head_dim, scale_log2, q_packed, k_panels, v_panels)
         for panel in range(query_panels):
             first = panel * MR
@@ -168,7 +176,7 @@ def _causal_attention_rows_numba(q, k, v, batch, heads, scale_log2, out, work):
                 _micro_kernel(head_dim, q_packed[panel], k_panels[key_panel], scores, first, key_panel * NR, valid,
                               min(NR, length - key_panel * NR), False, k_panels, 0, 0)
             # 3. softmax of each query's keys 0..i, into P's panel
-            _softmax_rows_packed(scores, length, first, valid, p_packed, panel, lanes)
+            _softmax_rows_packed(scores, length, first, valid, p_packed, panel)
             # 4. this panel's rows of P v, into out (the head's columns)
             depth = last + 1
             for value_panel in range(value_panels):
