@@ -87,15 +87,17 @@ def _lanes_max(row, width):
 @njit(**SERIAL)
 def _lanes_exp2_sum(row, width, top):
     """row[j] = 2^(row[j] - top) for j < width (a multiple of KEY_VECTOR) -> their sum, accumulated in
-    KEY_VECTOR lanes (a stack row) and the lanes added in a fixed tree: no fastmath flag reorders it."""
+    KEY_VECTOR lanes (a stack row) and the lanes added in a fixed tree: no fastmath flag reorders it. The
+    exponentials first, in a loop of their own (elementwise: LLVM vectorises it without reordering anything)."""
+    for j in range(width):
+        row[j] = exp2_nonpositive_f32(row[j] - top)
     lanes = carray(_stack_row(), KEY_VECTOR)
     for lane in range(KEY_VECTOR):
-        lanes[lane] = 0.0
-    for j0 in range(0, width, KEY_VECTOR):
+        lanes[lane] = row[lane]
+    for j0 in range(KEY_VECTOR, width, KEY_VECTOR):
+        chunk = row[j0:j0 + KEY_VECTOR]
         for lane in range(KEY_VECTOR):
-            p = exp2_nonpositive_f32(row[j0 + lane] - top)
-            row[j0 + lane] = p
-            lanes[lane] += p
+            lanes[lane] += chunk[lane]
     return _sum_16_lanes(lanes)
 
 
