@@ -29,6 +29,11 @@ epilogue of a task's panels runs on the thread that wrote them. Rows of y past M
 are never written (the packed operands' spare rows/columns are zero). Every packed array and CLIP's scratch
 starts on a 64-byte boundary (aligned_view).
 
+Same bits in every process and for any thread count: no kernel here carries a fastmath flag (the micro-kernel's
+FMAs are explicit; the layer norm's statistics are summed in lanes in an order written out, _row_mean_and_rstd),
+so the copies of them Numba compiles into each caller round alike (matmul_numba.py's header), and each element
+of y is made by one thread, in one order of k, whichever thread it is.
+
 Layout of the packed weight: panels[p, k, j] = weight[p*NR + j, k] (zero where p*NR + j >= out): the
 [in, out] transpose, cut into NR-wide column panels, each panel's rows consecutive, so the micro-kernel's
 B stream of a panel is one contiguous run. Same bytes as the weight when `out` is a multiple of NR.
