@@ -49,7 +49,7 @@ from numba import carray, config, get_num_threads, get_thread_id
 
 from npdiff.jit import PARALLEL, SERIAL, njit, prange
 from npdiff.kernels.activations import ACTIVATION_CODES, activation_block, gelu_ref, quick_gelu_ref
-from npdiff.kernels.matmul_numba import CACHE_LINE_FLOATS, MR, NR, _micro_kernel, _stack_row_f64
+from npdiff.kernels.matmul_numba import CACHE_LINE_FLOATS, MR, NR, _micro_kernel, _stack_row_f64, sum_lanes_in_tree
 from npdiff.kernels.scratch import scratch
 
 # steps of k per depth block. Measured (one thread, [154,768] x [768,768]): KC 128 122 GFLOP/s, 256 123,
@@ -146,20 +146,6 @@ STAT_LANES = 32  # float64 lanes of the layer norm's partial sums: 4 zmm registe
 
 
 @njit(**SERIAL)
-def _sum_lanes(lanes):
-    """lanes[0] + ... + lanes[STAT_LANES - 1] in a fixed tree (32 -> 16 -> 8 -> 4 -> 2 -> 1)."""
-    for lane in range(16):
-        lanes[lane] += lanes[lane + 16]
-    for lane in range(8):
-        lanes[lane] += lanes[lane + 8]
-    for lane in range(4):
-        lanes[lane] += lanes[lane + 4]
-    for lane in range(2):
-        lanes[lane] += lanes[lane + 2]
-    return lanes[0] + lanes[1]
-
-
-@njit(**SERIAL)
 def _row_mean_and_rstd(values, eps):
     """Mean and 1/sqrt(biased var + eps) of one row, as norm.mean_and_rstd computes them (float64 sums of
     x - x[0]), but in STAT_LANES lanes (stack rows: registers) added in an order written out here, with no
@@ -184,8 +170,8 @@ def _row_mean_and_rstd(values, eps):
         v = np.float64(values[k]) - shift0
         tail_sum += v
         tail_squares += v * v
-    mean_shifted = (_sum_lanes(sums) + tail_sum) / values.size
-    var = max((_sum_lanes(squares) + tail_squares) / values.size - mean_shifted * mean_shifted, 0.0)
+    mean_shifted = (sum_lanes_in_tree(sums) + tail_sum) / values.size
+    var = max((sum_lanes_in_tree(squares) + tail_squares) / values.size - mean_shifted * mean_shifted, 0.0)
     return mean_shifted + shift0, 1.0 / np.sqrt(var + eps)
 
 

@@ -118,6 +118,18 @@ def _stack_row_f64(typingctx):
     return types.CPointer(types.float64)(), _alloca_codegen(types.float64, NR // 2)
 
 
+@njit(**SERIAL)
+def sum_lanes_in_tree(lanes):
+    """lanes[0] + ... + lanes[n - 1] for a stack row of n = 2^m lanes, in a fixed tree (n -> n/2 -> ... -> 1):
+    the order of a lane-wise sum written out, so every compiled copy adds alike (no fastmath flag needed)."""
+    half = lanes.size // 2
+    while half > 0:
+        for lane in range(half):
+            lanes[lane] += lanes[lane + half]
+        half //= 2
+    return lanes[0]
+
+
 @njit(**PARALLEL)
 def pack_b(b):
     """b [K,N] -> [ceil(K/KC), ceil(N/NR), KC, NR]: depth block, column panel, then row by row.

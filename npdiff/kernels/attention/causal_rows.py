@@ -30,7 +30,7 @@ import numpy as np
 from numba import carray, config, get_thread_id
 
 from npdiff.jit import PARALLEL, SERIAL, njit, prange
-from npdiff.kernels.matmul_numba import MR, NR, _micro_kernel, _stack_row
+from npdiff.kernels.matmul_numba import MR, NR, _micro_kernel, _stack_row, sum_lanes_in_tree
 from npdiff.kernels.scratch import scratch
 from npdiff.kernels.vecmath import LOG2E, exp2_nonpositive_f32
 
@@ -53,19 +53,6 @@ def _pack_head(q, k, v, row0, c0, length, head_dim, scale_log2, q_packed, k_pane
             c_first = value_panel * NR
             for c in range(c_first, min(head_dim, c_first + NR)):
                 v_panels[value_panel, j, c - c_first] = v[row0 + j, c0 + c]
-
-
-@njit(**SERIAL)
-def _sum_16_lanes(lanes):
-    """lanes[0] + ... + lanes[15] in a fixed tree (16 -> 8 -> 4 -> 2 -> 1): every index a constant once the
-    loops are unrolled, so the lanes stay in registers."""
-    for lane in range(8):
-        lanes[lane] += lanes[lane + 8]
-    for lane in range(4):
-        lanes[lane] += lanes[lane + 4]
-    for lane in range(2):
-        lanes[lane] += lanes[lane + 2]
-    return lanes[0] + lanes[1]
 
 
 @njit(**SERIAL)
@@ -98,7 +85,7 @@ def _lanes_exp2_sum(row, width, top):
         chunk = row[j0:j0 + KEY_VECTOR]
         for lane in range(KEY_VECTOR):
             lanes[lane] += chunk[lane]
-    return _sum_16_lanes(lanes)
+    return sum_lanes_in_tree(lanes)
 
 
 @njit(**SERIAL)
