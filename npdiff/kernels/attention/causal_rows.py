@@ -21,8 +21,8 @@ in its reading order (all of them a few KB: L1/L2):
      time); p / sum written as the MR-row panels of P [L/MR, L, MR], zero past key i.
   4. out = P v, for each MR-query panel only over the keys 0..its last query, straight into out's rows.
 
-Same bits in every process: no fastmath flag anywhere in this file or the micro-kernel; the softmax's max and
-sum run in 16 lanes combined in an order written out (step 3), and the GEMMs' FMAs are explicit. Each query's
+Same bits in every process: no fastmath flag anywhere in this file or the micro-kernel; the softmax's sum runs
+in 16 lanes combined in an order written out (step 3), and the GEMMs' FMAs are explicit. Each query's
 arithmetic is the same whichever thread runs its task, so the thread count changes nothing either.
 """
 
@@ -56,22 +56,6 @@ def _pack_head(q, k, v, row0, c0, length, head_dim, scale_log2, q_packed, k_pane
 
 
 @njit(**SERIAL)
-def _lanes_max(row, width):
-    """max(row[:width]), width a multiple of KEY_VECTOR: lane by lane in a stack row (one zmm register), then
-    the lanes in order. Written out so, LLVM vectorises it without being allowed to reorder anything."""
-    lanes = carray(_stack_row(), KEY_VECTOR)
-    for lane in range(KEY_VECTOR):
-        lanes[lane] = row[lane]
-    for j0 in range(KEY_VECTOR, width, KEY_VECTOR):
-        for lane in range(KEY_VECTOR):
-            lanes[lane] = max(lanes[lane], row[j0 + lane])
-    top = lanes[0]
-    for lane in range(1, KEY_VECTOR):
-        top = max(top, lanes[lane])
-    return top
-
-
-@njit(**SERIAL)
 def _lanes_exp2_sum(row, width, top):
     """row[j] = 2^(row[j] - top) for j < width (a multiple of KEY_VECTOR) -> their sum, accumulated in
     KEY_VECTOR lanes (a stack row) and the lanes added in a fixed tree: no fastmath flag reorders it. The
@@ -93,19 +77,21 @@ def _softmax_rows_packed(scores, length, first_query, valid_queries, p_packed, p
     """Step 3 for the queries first_query .. first_query + valid_queries (MR-row panel `panel`): scores rows
     (log2 units) -> P's panel, p_ij / sum_j for keys j <= i, zero for i < j < the panel's depth.
 
-    No fastmath flag: the max and the sum run in KEY_VECTOR lanes in an order written out here, so every
-    compiled copy of this function gives the same bits
-    (with 'reassoc' the vectoriser chose the summation order, and the copy Numba compiled here and the one
-    it loaded from its disk cache added in different orders: matmul_numba.py's header says why two exist)."""
+    No fastmath flag: the sum runs in KEY_VECTOR lanes in an order written out (_lanes_exp2_sum), so every
+    compiled copy of this function gives the same bits (with 'reassoc' the vectoriser chose the order, and the
+    copy Numba compiled in the process and the one it loaded from its disk cache added in different orders:
+    matmul_numba.py's header says why two exist). The max is exact in any order."""
     depth = min(length, first_query + MR)
     for lane in range(valid_queries):
         query = first_query + lane
         row = scores[query]
         keys = query + 1
         width = (keys + KEY_VECTOR - 1) // KEY_VECTOR * KEY_VECTOR  # whole vectors: within the scores' padding
+        top = row[0]
+        for j in range(1, keys):
+            top = max(top, row[j])
         for j in range(keys, width):
             row[j] = -np.inf  # the masked keys: 2^-inf = 0 exactly
-        top = _lanes_max(row, width)
         total = _lanes_exp2_sum(row, width, top)
         inverse = np.float32(1.0) / total
         for j in range(keys):
