@@ -1,7 +1,8 @@
 """The kernels of Stable Diffusion, float32, NCHW like torch. One op family per file:
 
     conv.py         conv2d (1x1 GEMM; im2col tiles through OpenBLAS sgemm; direct loops)
-    conv_winograd.py  Winograd F(2x2,3x3) / F(4x4,3x3) for conv2d's 3x3 stride-1 convs
+    conv_winograd.py  Winograd F(2x2,3x3) / F(4x4,3x3) / F(6x6,3x3) for conv2d's 3x3 stride-1 convs
+                      (F(4,3)'s and F(6,3)'s transforms written out: conv_winograd4.py, conv_winograd6.py)
     norm.py         group_norm (optionally fused with SiLU), layer_norm
     softmax.py      softmax (and the Numba row pieces attention's passes use)
     attention/      scaled_dot_product_attention: four versions, listed in attention/__init__.py

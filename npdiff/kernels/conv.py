@@ -18,8 +18,8 @@ Versions (each is tested against torch and the reference):
                       VAE conv_out 128->3): Numba loops, prange over output rows. A GEMM with 3-4
                       rows wastes most of each BLAS micro-kernel while im2col still copies 9x the
                       input; measured here 2.8x faster than im2col+GEMM at 128->3 on 512x512.
-  5. Winograd F(4x4,3x3) (conv_winograd.py, beside F(2x2,3x3) and a NumPy reference with the
-                      transform matrices written out): 3x3, stride 1, at least WINOGRAD_MIN_C_IN
+  5. Winograd F(4x4,3x3) (conv_winograd.py + conv_winograd4.py, beside F(2x2,3x3) and a NumPy
+                      reference with the transform matrices written out): 3x3, stride 1, at least WINOGRAD_MIN_C_IN
                       input channels and WINOGRAD_MIN_PIXELS output pixels per image: SD's resnet
                       convs at 32 and 16 px. 4x fewer GEMM multiplies.
   6. Winograd F(6x6,3x3) (conv_winograd.py + conv_winograd6.py): the same where both output sides
@@ -54,7 +54,7 @@ so they compare; shared machine, load average 2-4; NumPy's sgemm peak 203 GFLOP/
     [1,128,512,512] -> 128        140     201     244     158   VAE 512 px
     [1,3,512,512] -> 128           55      16      21      18   VAE conv_in (RGB)
     (* from a run at load average 4, sgemm peak measured 100 instead of 203: compare within the row)
-    With F(4,3)'s transforms written out (conv_winograd.py), conv2d's time / torch's, same benchmark,
+    With F(4,3)'s transforms written out (conv_winograd4.py), conv2d's time / torch's, same benchmark,
     load average 1.9, before -> after: 320@64 px 0.63 -> 0.57, 960->320@64 0.65 -> 0.56, 640@32
     0.73 -> 0.56, 1280@16 0.79 -> 0.70, 2560->1280@16 0.74 -> 0.68, 640->1280@16 1.14 (im2col) -> 0.81.
 

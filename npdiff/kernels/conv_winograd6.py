@@ -18,7 +18,7 @@ writes them (rows 1/2, 3/4 and 5/6 of B^T are t1 + t2 and t1 - t2 of the same tw
             y0 = m0 + a + c + f,   y_p = a + 2^p c + 2^-p f (p = 2, 4),
             y_p = b + 2^p e + 2^-p g (p = 1, 3),   y5 = b + 32 e + g/32 + m7
 
-Layout and loop order are input_transform4's and output_transform4's (conv_winograd.py): columns
+Layout and loop order are input_transform4's and output_transform4's (conv_winograd4.py): columns
 deinterleaved (column j*6 + p of a tile row at [p, j]) so every step is a sum of contiguous runs
 along the tiles, channel loop outermost so each V and out row is written in one sequential run.
 These kernels use a different (shorter) order of the same terms than the generic kernels, so their

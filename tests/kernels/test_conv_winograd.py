@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import KERNEL_TOL, assert_rel_close
-from npdiff.kernels import block_pool, conv, conv2d, conv_winograd, conv_winograd6
+from npdiff.kernels import block_pool, conv, conv2d, conv_winograd, conv_winograd4, conv_winograd6
 from npdiff.kernels.conv_winograd import WINOGRAD, winograd_conv2d, winograd_conv2d_ref
 
 # (batch, C_in, C_out, H, W, padding): sizes that are not multiples of the tile (2 or 4), a 1x1
@@ -105,14 +105,14 @@ def test_written_out_f43_transforms_equal_the_generic_ones(rng, height, width):
     V, V4 = (np.full((alpha * alpha, c_in, tiles), np.nan, np.float32) for _ in range(2))
     scratch = lambda: np.full((alpha, m, tiles_w + 1), np.nan, np.float32)  # noqa: E731
     conv_winograd.input_transform(x, BT, m, 1, 1, 0, rows, tiles_h, 0, c_in, scratch(), scratch(), V)
-    conv_winograd.input_transform4(x, 0, rows, tiles_h, 0, c_in, scratch(), scratch(), V4)
+    conv_winograd4.input_transform4(x, 0, rows, tiles_h, 0, c_in, scratch(), scratch(), V4)
     assert V.tobytes() == V4.tobytes()
     M = rng.standard_normal((c_out, alpha * alpha, tiles), dtype=np.float32)
     bias = rng.standard_normal(c_out, dtype=np.float32)
     out, out4 = (np.full((2, c_out, h_out, w_out), np.nan, np.float32) for _ in range(2))
     conv_winograd.output_transform(M, AT, bias, 0, 0, rows, tiles_h, np.empty((alpha, m, tiles_w), np.float32),
                                    np.empty((m, tiles_w), np.float32), out)
-    conv_winograd.output_transform4(M, bias, 0, 0, rows, tiles_h, np.empty((alpha, m, tiles_w), np.float32),
+    conv_winograd4.output_transform4(M, bias, 0, 0, rows, tiles_h, np.empty((alpha, m, tiles_w), np.float32),
                                     np.empty((m, m, tiles_w), np.float32), out4)
     assert not np.isnan(out4).any() and out.tobytes() == out4.tobytes()
 
