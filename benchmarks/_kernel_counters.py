@@ -25,6 +25,12 @@ def kernel_flops(name, args, out):
     if name in ("linear", "linear_activation", "geglu", "geglu_forward_saved"):
         x, weight = args[0], args[1]
         return 2.0 * (x.size // x.shape[-1]) * weight.shape[0] * weight.shape[1]
+    if name == "linear_packed":  # (a_packed, panels, rows, outputs, ...): CLIP's GEMMs (npdiff/models/packed_linear.py)
+        panels, rows, outputs = args[1], args[2], args[3]
+        return 2.0 * rows * outputs * panels.shape[1]
+    if name == "causal_attention_rows":  # (q, k, v, batch, heads, scale): q, k, v [B*L, heads*d]
+        q, batch = args[0], args[3]
+        return 2.0 * q.shape[0] * (q.shape[0] // batch) * 2 * q.shape[1]  # as the full score matrix, as above
     if name in ("scaled_dot_product_attention", "attention_fused"):
         q, k, v = args[0], args[1], args[2]
         queries = q.size // q.shape[-1]
@@ -47,7 +53,11 @@ def install_counters():
                                                                     "attention_fused"),  # the tape's, with lse
                               # precision="bf16": the layers call these by name (npdiff/models/precision.py, transformer.py)
                               "npdiff.models.precision": BF16_NAMES,
-                              "npdiff.models.transformer": ("scaled_dot_product_attention_bf16",)}, stats, kernel_flops)
+                              "npdiff.models.transformer": ("scaled_dot_product_attention_bf16",),
+                              # CLIP's float32 layers (PackedLinear; clip.py's packed forward)
+                              "npdiff.models.packed_linear": ("linear_packed", "pack_rows"),
+                              "npdiff.models.clip": ("causal_attention_rows", "pack_rows", "pack_rows_layer_norm")},
+                             stats, kernel_flops)
 
 
 # The backward kernels: the model-level backward modules import them by name, so they are wrapped where

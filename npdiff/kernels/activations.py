@@ -21,7 +21,7 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
-from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
+from npdiff.jit import FASTMATH_CONTRACT, PARALLEL, SERIAL, njit, prange
 from npdiff.kernels import dispatch
 from npdiff.kernels.validate import require_float32
 from npdiff.kernels.vecmath import erfc_f32, sigmoid_f32
@@ -87,9 +87,11 @@ SILU, QUICK_GELU, GELU_ERF, GELU_TANH = 0, 1, 2, 3
 ACTIVATION_CODES = {"silu": SILU, "quick_gelu": QUICK_GELU, "none": GELU_ERF, "tanh": GELU_TANH}
 
 
-@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+@njit(**SERIAL, fastmath=FASTMATH_CONTRACT)
 def activation_block(x, out, which):
-    """out[i] = activation(x[i]) over a contiguous run; `which` is one of the codes above."""
+    """out[i] = activation(x[i]) over a contiguous run; `which` is one of the codes above. fastmath 'contract'
+    only: with 'reassoc' the product in GELU-tanh's c*v*v*v could be grouped differently in each compiled copy
+    of this function (linear_packed.py's epilogue calls it; Numba links a copy into every caller)."""
     if which == SILU:
         for i in range(x.size):
             out[i] = x[i] * sigmoid_f32(x[i])

@@ -44,16 +44,21 @@ micro-kernel, every element is reached by a constant index and SROA promotes the
 values, which the vectoriser packs into 24 zmm registers. Check it with `print(micro_kernel_asm())`
 (bottom of this file; tests/kernels/test_matmul.py does): the k loop is 6 `vbroadcastss`, 4 `vmovups`
 and 24 `vfmadd231ps ... %zmm`, with no stack access.
-The micro-kernel is compiled with fastmath 'contract' only (FASTMATH_CONTRACT in npdiff/jit.py):
-a*b + c may become one FMA (one rounding instead of two); nothing is reordered.
+The micro-kernel's multiply-adds are written as FMAs (fma32, npdiff/intrinsics.py: one rounding each) and
+it is compiled with no fastmath flag, so its rounding is fixed by the source: every compiled copy gives the
+same bits. (Numba links a copy of each callee into every caller's machine code, optimised again there, and
+which copy a call reaches depends on what the process compiled and what it loaded from the disk cache; with
+the 'contract' flag instead of fma32, whether a*b + c becomes one FMA was the optimiser's choice in each copy.)
 """
 
 import numpy as np
+from llvmlite import ir
 from numba import carray, get_num_threads, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from npdiff.jit import FASTMATH_CONTRACT, PARALLEL, SERIAL, njit, prange
+from npdiff.intrinsics import fma32
+from npdiff.jit import PARALLEL, SERIAL, njit, prange
 
 MR = 6  # rows of the register tile of C (written out as acc0..acc5 in the micro-kernel)
 NR = 64  # columns of the register tile: 4 zmm vectors of 16 float32
@@ -62,6 +67,8 @@ NC = 512  # columns of B one thread sweeps while its A block sits in L2
 ROW_BLOCK = 120  # most rows of C per parallel task (a multiple of MR)
 
 NC_PANELS = NC // NR  # B micro-panels per column group
+PREFETCH_EVERY = 4  # steps of k per prefetched cache line (when the caller asks for prefetches)
+CACHE_LINE_FLOATS = 16  # 64 bytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,15 +96,38 @@ def naive_gemm(a, b):
 # ---------------------------------------------------------------------------------------------
 # Step 6: packing, the register-blocked micro-kernel, the blocked parallel driver
 # ---------------------------------------------------------------------------------------------
+def _alloca_codegen(numba_type, count):
+    """Code for an intrinsic that returns a pointer to `count` values of `numba_type` on the stack."""
+
+    def codegen(context, builder, signature, args):
+        element = context.get_value_type(numba_type)
+        return cgutils.alloca_once(builder, element, size=context.get_constant(types.intp, count))
+
+    return codegen
+
+
 @intrinsic
 def _stack_row(typingctx):
     """A pointer to NR float32 on the stack (LLVM alloca of constant size): register-promotable."""
+    return types.CPointer(types.float32)(), _alloca_codegen(types.float32, NR)
 
-    def codegen(context, builder, signature, args):
-        float32 = context.get_value_type(types.float32)
-        return cgutils.alloca_once(builder, float32, size=context.get_constant(types.intp, NR))
 
-    return types.CPointer(types.float32)(), codegen
+@intrinsic
+def _stack_row_f64(typingctx):
+    """A pointer to NR // 2 float64 on the stack (the bytes of _stack_row): register-promotable."""
+    return types.CPointer(types.float64)(), _alloca_codegen(types.float64, NR // 2)
+
+
+@njit(**SERIAL)
+def sum_lanes_in_tree(lanes):
+    """lanes[0] + ... + lanes[n - 1] for a stack row of n = 2^m lanes, in a fixed tree (n -> n/2 -> ... -> 1):
+    the order of a lane-wise sum written out, so every compiled copy adds alike (no fastmath flag needed)."""
+    half = lanes.size // 2
+    while half > 0:
+        for lane in range(half):
+            lanes[lane] += lanes[lane + half]
+        half //= 2
+    return lanes[0]
 
 
 @njit(**PARALLEL)
@@ -147,14 +177,41 @@ def _pack_a_block(a, row0, rows, k0, depth, a_packed):
                     a_packed[panel, k, r] = 0.0
 
 
-@njit(fastmath=FASTMATH_CONTRACT, **SERIAL)
-def _micro_kernel(depth, a_panel, b_panel, c, row0, col0, valid_rows, valid_cols, accumulate):
+@intrinsic
+def prefetch_to_l2(typingctx, array, element):
+    """prefetcht1 of the cache line holding element number `element` of a C-contiguous array's flat data
+    (LLVM's llvm.prefetch: read, locality 2 = into L2, data cache). A hint: it never faults, changes no value."""
+    if not (isinstance(array, types.Array) and isinstance(element, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        offset = context.cast(builder, args[1], signature.args[1], types.int64)
+        byte_pointer = builder.bitcast(builder.gep(data, [offset]), ir.IntType(8).as_pointer())
+        int32 = ir.IntType(32)
+        function_type = ir.FunctionType(ir.VoidType(), [byte_pointer.type, int32, int32, int32])
+        # the typed-pointer name: LLVM 14 (numba 0.59's llvmlite) requires it, later LLVMs upgrade it to .p0
+        function = cgutils.get_or_insert_function(builder.module, function_type, "llvm.prefetch.p0i8")
+        builder.call(function, [byte_pointer, ir.Constant(int32, 0), ir.Constant(int32, 2), ir.Constant(int32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(array, element), codegen
+
+
+@njit(**SERIAL)
+def _micro_kernel(depth, a_panel, b_panel, c, row0, col0, valid_rows, valid_cols, accumulate,
+                  prefetch_from, prefetch_start, prefetch_count):
     """C[row0:row0+MR, col0:col0+NR] (+)= a_panel[:depth]^T @ b_panel[:depth].
 
     a_panel [depth, MR] and b_panel [depth, NR] are packed (contiguous, in reading order). The tile
     of C is held in acc0..acc5 (one stack row of NR each, promoted to 24 zmm registers); each step
     of k is a rank-1 update: 6 broadcasts of A times one row of B. Only the valid part of the tile
     is written (edge tiles of C); `accumulate` adds to C (later depth blocks) instead of storing.
+
+    Every PREFETCH_EVERY steps of k, one cache line of prefetch_from's flat elements prefetch_start ..
+    prefetch_start + prefetch_count goes to L2 (prefetch_to_l2), while the FMAs run: a caller whose next
+    B block is not in cache (linear_packed.py: weights streamed from memory once per call) spreads its
+    fetch over the micro-kernel calls before it. prefetch_count 0: none.
     """
     acc0 = carray(_stack_row(), NR)
     acc1 = carray(_stack_row(), NR)
@@ -170,6 +227,8 @@ def _micro_kernel(depth, a_panel, b_panel, c, row0, col0, valid_rows, valid_cols
         acc4[j] = 0.0
         acc5[j] = 0.0
     for k in range(depth):
+        if k % PREFETCH_EVERY == 0 and (k // PREFETCH_EVERY) * CACHE_LINE_FLOATS < prefetch_count:
+            prefetch_to_l2(prefetch_from, prefetch_start + (k // PREFETCH_EVERY) * CACHE_LINE_FLOATS)
         a0 = a_panel[k, 0]  # the six rows' A values for this k, broadcast across j
         a1 = a_panel[k, 1]
         a2 = a_panel[k, 2]
@@ -178,12 +237,12 @@ def _micro_kernel(depth, a_panel, b_panel, c, row0, col0, valid_rows, valid_cols
         a5 = a_panel[k, 5]
         for j in range(NR):  # contiguous in b_panel: 4 zmm loads
             b_kj = b_panel[k, j]
-            acc0[j] += a0 * b_kj
-            acc1[j] += a1 * b_kj
-            acc2[j] += a2 * b_kj
-            acc3[j] += a3 * b_kj
-            acc4[j] += a4 * b_kj
-            acc5[j] += a5 * b_kj
+            acc0[j] = fma32(a0, b_kj, acc0[j])  # acc0[j] + a0 * b_kj, one rounding
+            acc1[j] = fma32(a1, b_kj, acc1[j])
+            acc2[j] = fma32(a2, b_kj, acc2[j])
+            acc3[j] = fma32(a3, b_kj, acc3[j])
+            acc4[j] = fma32(a4, b_kj, acc4[j])
+            acc5[j] = fma32(a5, b_kj, acc5[j])
     if valid_rows == MR and valid_cols == NR:
         _write_full_tile(c, row0, col0, acc0, acc1, acc2, acc3, acc4, acc5, accumulate)
     else:
@@ -275,7 +334,7 @@ def _blocked_gemm_packed(a, b_packed, c, block_rows):
                         valid_cols = min(NR, cols - tile_col)
                         b_panel = b_packed[k0 // KC, col_panel, :block_depth]  # [KC, NR] from L2
                         _micro_kernel(block_depth, a_panel, b_panel, c, tile_row, tile_col,
-                                      valid_rows, valid_cols, k0 > 0)
+                                      valid_rows, valid_cols, k0 > 0, b_packed, 0, 0)
 
 
 def blocked_gemm(a, b):
@@ -302,9 +361,9 @@ def micro_kernel_asm():
     `vfmadd231ps` on zmm registers, with the C tile never touching the stack inside the loop.
     """
     compile_flags = {key: value for key, value in SERIAL.items() if key != "cache"}
-    fresh = njit(fastmath=FASTMATH_CONTRACT, **compile_flags)(_micro_kernel.py_func)
+    fresh = njit(**compile_flags)(_micro_kernel.py_func)
     panel = types.Array(types.float32, 2, "C")
     signature = (types.intp, panel, panel, panel, types.intp, types.intp, types.intp, types.intp,
-                 types.boolean)
+                 types.boolean, types.Array(types.float32, 4, "C"), types.intp, types.intp)
     fresh.compile(signature)
     return fresh.inspect_asm(fresh.signatures[0])

@@ -38,15 +38,19 @@ import numpy as np
 
 from npdiff import backend, kernels
 from npdiff.errors import NpdiffError
+from npdiff.kernels.attention.causal_rows import causal_attention_rows
+from npdiff.kernels.linear_packed import aligned_scratch, pack_rows, pack_rows_layer_norm, row_panels_shape
 from npdiff.loading.config_checks import full_config
 from npdiff.loading.configs import load_component
 from npdiff.models import precision
 from npdiff.models.blocks import LayerNorm, Linear, child
+from npdiff.models.packed_linear import PackedLinear
 from npdiff.models.transformer import TransposedLinear, merge_heads, split_heads
 
-# The layers' [in,out] copies (TransposedLinear: 7-12% faster CLIP-L forwards) are private memory held for
-# the model's life: 340 MB for CLIP-L, but 2.5 GB for SDXL's bigG, where the UNet's 10 GB already exceed a
-# 24 GiB machine's comfort. Above this size the layers keep the mapped [out,in] weights (plain Linear).
+# The layers' private copies of their weights (on the CPU PackedLinear's packed panels, the GEMMs of
+# kernels/linear_packed.py; on the GPU TransposedLinear's [in,out] copies) are held for the model's life: 340 MB
+# for CLIP-L, but 2.5 GB for SDXL's bigG, where the UNet's 10 GB already exceed a 24 GiB machine's comfort.
+# Above this size the layers keep the mapped [out,in] weights (plain Linear).
 TRANSPOSED_COPY_LIMIT = 512 * 2**20  # bytes
 LEGACY_EOS_TOKEN_ID = 2  # transformers: "pool at the argmax of the ids" (configs from before its PR #24773)
 
@@ -70,8 +74,8 @@ ACTIVATIONS = {  # transformers ACT2FN names -> (kernel, its name for kernels.li
 class CLIPAttention:
     """Multi-head self-attention with biases: q_proj, k_proj, v_proj, out_proj, causal mask.
 
-    Every projection is a `linear` (CLIPTextModel picks TransposedLinear, [in,out] copies for faster GEMMs
-    with 2 x 77 rows, when those copies are small; see TRANSPOSED_COPY_LIMIT).
+    Every projection is a `linear` (CLIPTextModel picks PackedLinear, weights packed for GEMMs with 2 x 77
+    rows, when those copies are small, see TRANSPOSED_COPY_LIMIT; then CLIPEncoderLayer.packed_forward runs).
     q, k and v stay three GEMMs: one GEMM with the three weights side by side ([768, 2304]) runs at
     the same GFLOP/s as each [768, 768] one (measured 184 vs 180 GFLOP/s, within noise), so the
     concatenated copy (CLIP-L: 12 x 3 x 768 x 768 x 4 B = 85 MB) would buy nothing."""
@@ -122,7 +126,11 @@ class CLIPEncoderLayer:
         self.layer_norm2 = LayerNorm(weights, child(prefix, "layer_norm2"), dim, eps)
         self.mlp = CLIPMLP(weights, child(prefix, "mlp"), dim, config["intermediate_size"], activation, linear)
 
-    def __call__(self, h):
+    def __call__(self, h, out=None):
+        """h [B,L,D] -> [B,L,D]; out: None (a new array) or, on PackedLinear layers, a C-contiguous [B*L,D]
+        float32 array to write the result into (it may be h itself: h is read before out is written)."""
+        if isinstance(self.mlp.fc2, PackedLinear):
+            return self.packed_forward(h, out)
         # 1. causal self-attention, residual (added into the fresh output: h itself is left as it
         #    was, since the model returns every layer's h in hidden_states)
         out = self.self_attn(self.layer_norm1(h))                       # [B,L,D]
@@ -132,6 +140,35 @@ class CLIPEncoderLayer:
         out = self.mlp(self.layer_norm2(h))                             # [B,L,D]
         out += h
         return out
+
+    def packed_forward(self, h, out=None):
+        """The same steps on PackedLinear layers: each layer norm written straight into the packed rows its
+        GEMMs read, and the bias, activation and residual added to each GEMM's column panels as they are made.
+        Every temporary is one of this thread's scratch buffers (kernels/scratch.py), reused from layer to
+        layer and call to call: fresh arrays of 0.5-2 MB came from mmap each time (measured on CLIP-L: 18.5k
+        page faults and ~40 ms of system time per call)."""
+        attn, mlp, norm1, norm2 = self.self_attn, self.mlp, self.layer_norm1, self.layer_norm2
+        batch, length, dim = h.shape
+        rows, inner = batch * length, mlp.fc1.weight.shape[0]
+        h_rows = np.ascontiguousarray(h).reshape(rows, dim)                # [B,L,D] -> [M,D]
+        packed = aligned_scratch("clip packed rows", row_panels_shape(rows, dim))  # [M/6,D,6]
+        # 1. causal self-attention, residual (into scratch: h itself is left as it was)
+        pack_rows_layer_norm(h_rows, norm1.weight, norm1.bias, norm1.eps, out=packed)  # [M,D] -> packed
+        q = attn.q_proj.packed(packed, rows, out=aligned_scratch("clip q", (rows, dim)))       # [M,D]
+        k = attn.k_proj.packed(packed, rows, out=aligned_scratch("clip k", (rows, dim)))       # [M,D]
+        v = attn.v_proj.packed(packed, rows, out=aligned_scratch("clip v", (rows, dim)))       # [M,D]
+        attended = causal_attention_rows(q, k, v, batch, attn.heads, attn.scale,
+                                         out=aligned_scratch("clip attended", (rows, dim)))   # [M,D], heads merged
+        pack_rows(attended, out=packed)                                                # [M,D] -> packed
+        h_rows = attn.out_proj.packed(packed, rows, residual=h_rows,
+                                      out=aligned_scratch("clip attention out", (rows, dim)))  # [M,D] + h
+        # 2. MLP (fc1 + activation in one pass), residual
+        pack_rows_layer_norm(h_rows, norm2.weight, norm2.bias, norm2.eps, out=packed)  # [M,D] -> packed
+        hidden_packed = aligned_scratch("clip packed hidden", row_panels_shape(rows, inner))  # [M/6,I,6]
+        mlp.fc1.packed(packed, rows, activation=mlp.activation_name, out=aligned_scratch("clip hidden", (rows, inner)),
+                       packed_out=hidden_packed)                                      # [M,D] -> [M,I], packed
+        out = mlp.fc2.packed(hidden_packed, rows, residual=h_rows, out=out)            # [M,I] -> [M,D] + h
+        return out.reshape(batch, length, dim)                                         # [M,D] -> [B,L,D]
 
 
 class CLIPTextModel:
@@ -152,7 +189,8 @@ class CLIPTextModel:
         activation = ACTIVATIONS[c["hidden_act"]]
         copy_bytes = 4 * c["num_hidden_layers"] * (4 * dim * dim + 2 * dim * c["intermediate_size"])
         small = copy_bytes <= TRANSPOSED_COPY_LIMIT and precision.keeps_float32(weights, "other")  # else packed
-        self.linear = TransposedLinear if small else Linear
+        on_cpu = backend.array_module(self.token_embedding) is np
+        self.linear = (PackedLinear if on_cpu else TransposedLinear) if small else Linear
         self.layers = [CLIPEncoderLayer(weights, child(prefix, f"encoder.layers.{i}"), c, activation, self.linear)
                        for i in range(c["num_hidden_layers"])]
         self.final_layer_norm = LayerNorm(weights, child(prefix, "final_layer_norm"), dim, c["layer_norm_eps"])
@@ -196,9 +234,12 @@ class CLIPTextModel:
         # 1. embeddings
         h = self.embed(input_ids)                                       # [B,L] -> [B,L,D]
         hidden_states = [h]
-        # 2. the transformer layers (causal self-attention + MLP)
+        # 2. the transformer layers (causal self-attention + MLP); when only the last state is wanted, packed
+        #    layers write each state into one scratch buffer of this thread (no fresh pages per layer)
+        reuse = not output_hidden_states and self.linear is PackedLinear
+        state = aligned_scratch("clip hidden state", (h.shape[0] * h.shape[1], h.shape[2])) if reuse else None
         for layer in self.layers:
-            h = layer(h)                                                # [B,L,D] -> [B,L,D]
+            h = layer(h, out=state)                                     # [B,L,D] -> [B,L,D]
             hidden_states.append(h)
         # 3. final layer norm
         last_hidden_state = self.final_layer_norm(h)                    # [B,L,D] -> [B,L,D]

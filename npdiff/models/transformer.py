@@ -38,7 +38,8 @@ class TransposedLinear(Linear):
     quiet machine, 2 threads, [out, in] vs [in, out] memory: [154,768] @ [768,768] 180 -> 201
     GFLOP/s, [154,768] @ [768,3072] 176 -> 182, [154,3072] @ [3072,768] 176 -> 194 (torch's
     F.linear: 189, 179, 179). With thousands of rows (the UNet's self-attention and feed-forward)
-    both layouts run at the same speed, so only CLIP uses this class. In the whole CLIP-L forward
+    both layouts run at the same speed, so only CLIP uses this class, and since CLIP's CPU layers run
+    on packed weights (npdiff/models/packed_linear.py) only on the GPU backend. In the whole CLIP-L forward
     (2 x 77 tokens, same process, alternated): 13-28 ms less per call (~7-12%). Cost: one transposed
     copy per weight at load, 340 MB for CLIP-L, measured 0.23-0.36 s (so it pays for itself after
     ~10-20 text encodings). The copy is private memory, resident for the pipeline's whole life (the

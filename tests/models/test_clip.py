@@ -13,8 +13,10 @@ from helpers import KERNEL_TOL, assert_rel_close
 from tiny_clip import CLIP_KINDS, VOCAB, padded_ids, random_ids, rounded_copy, save_clip, tiny_clip
 
 from npdiff.errors import NpdiffError
+from npdiff.kernels.linear_packed import unpack_panels
 from npdiff.loading import load_component_weights, read_config
 from npdiff.models.clip import CLIPTextModel
+from npdiff.models.packed_linear import PackedLinear
 
 # Our float32 CLIP differs from torch's by ~5e-7 relative. The policy's bound for a whole network is
 # NETWORK_TOL (1e-4); the tighter KERNEL_TOL (1e-5) holds for these small models, so it is asserted.
@@ -61,7 +63,11 @@ def test_hidden_states_match_transformers(kind, prefix, padded, torch_models, rn
     assert_rel_close(last, ref_last, CLIP_TOL, what="last_hidden_state")
     for index, (h, ref) in enumerate(zip(hidden_states, ref_hidden_states)):
         assert_rel_close(h, ref, CLIP_TOL, what=f"hidden_states[{index}]")
-    assert_rel_close(ours(ids), ref_last, CLIP_TOL, what="model(ids)")  # the plain call, same result
+    plain = ours(ids)  # the plain call (its layers share one scratch state): the same bytes, kept when called again
+    assert np.array_equal(plain, last)
+    ours(sample_ids(rng, kind, padded))
+    assert np.array_equal(plain, last) and all(np.array_equal(h, ours(ids, output_hidden_states=True)[1][i])
+                                                for i, h in enumerate(hidden_states))
     assert ours.config["vocab_size"] == VOCAB and folder.is_dir()
 
 
@@ -170,21 +176,23 @@ def test_config_and_weights_that_do_not_fit(torch_models, tmp_path):
         CLIPTextModel({**config, "hidden_act": "relu6"}, load_component_weights(folder))
 
 
-def test_projection_weights_are_kept_transposed_and_assignable(torch_models, rng, tmp_path):
-    """CLIP's Linears keep weight^T [in,out] C-contiguous (faster sgemm for few rows); `weight` still
-    reads as the torch-layout [out,in] array, and assigning one (as LoRA fusing does) changes the output
-    as the torch model with the same weight, while assigning back the original keeps that very object."""
+def test_projection_weights_are_packed_and_assignable(torch_models, rng, tmp_path):
+    """CLIP's Linears keep their weight packed in column panels (PackedLinear: linear_packed's operand);
+    `weight` still reads as the torch-layout [out,in] array, and assigning one (as LoRA fusing does) packs
+    it again and changes the output as the torch model with the same weight, while assigning back the
+    original keeps that very object."""
     model = torch_models["sd1"]
     ours = CLIPTextModel.from_pretrained(save_clip(model, tmp_path / "te"))
     torch_layer = torch_text_transformer(model).encoder.layers[0]
     fc1 = ours.layers[0].mlp.fc1
-    assert fc1.weight.T.flags.c_contiguous and fc1.weight.shape == tuple(torch_layer.mlp.fc1.weight.shape)
+    assert isinstance(fc1, PackedLinear) and fc1.weight.shape == tuple(torch_layer.mlp.fc1.weight.shape)
     assert np.array_equal(fc1.weight, torch_layer.mlp.fc1.weight.detach().numpy())
+    assert np.array_equal(unpack_panels(fc1.panels, fc1.weight.shape[0]), fc1.weight)
 
     original = fc1.weight
     changed = rng.standard_normal(original.shape, dtype=np.float32) * np.float32(0.05)  # C-ordered [out,in]
     fc1.weight = changed
-    assert fc1.weight.T.flags.c_contiguous and np.array_equal(fc1.weight, changed)
+    assert fc1.weight is changed and np.array_equal(unpack_panels(fc1.panels, changed.shape[0]), changed)
     ids = sample_ids(rng, "sd1", padded=True)
     with torch.no_grad():
         saved = torch_layer.mlp.fc1.weight.detach().clone()

@@ -122,14 +122,14 @@ def test_projection_config_errors(clip_pair, tmp_path):
 
 
 def test_large_encoders_keep_the_mapped_weights(clip_pair, rng, tmp_path, monkeypatch):
-    """Above TRANSPOSED_COPY_LIMIT (bigG: 2.5 GB of copies) the layers are plain Linear over the mapped
+    """Above TRANSPOSED_COPY_LIMIT (bigG: 2.5 GB of packed copies) the layers are plain Linear over the mapped
     weights, no private copies; the outputs are the same as transformers'."""
     import npdiff.models.clip as clip
     from npdiff.models.blocks import Linear
-    from npdiff.models.transformer import TransposedLinear
+    from npdiff.models.packed_linear import PackedLinear
 
     kind, model, small = clip_pair
-    assert small.linear is TransposedLinear  # the tiny encoders are far below the limit
+    assert small.linear is PackedLinear  # the tiny encoders are far below the limit
     monkeypatch.setattr(clip, "TRANSPOSED_COPY_LIMIT", 0)
     folder = tmp_path / "te2"
     model.save_pretrained(folder, safe_serialization=True)

@@ -24,7 +24,7 @@ from npdiff import NpdiffError, cli  # noqa: E402
 from npdiff import lora as npdiff_lora  # noqa: E402
 from npdiff.images import read_png_params  # noqa: E402
 from npdiff.loading.resident import mapping_of  # noqa: E402
-from npdiff.models.transformer import TransposedLinear  # noqa: E402
+from npdiff.models.packed_linear import PackedLinear  # noqa: E402
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                 "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv"]
@@ -144,10 +144,10 @@ def test_fused_weights_are_new_arrays_beside_the_mapped_originals(folder, files,
     inputs = model_inputs(ours, rng)
     before = all_weights(ours)
     layers = {**npdiff_lora.named_layers(ours.unet, "unet"), **npdiff_lora.named_layers(ours.text_encoder, "text_encoder")}
-    prepared = {name for name, layer in layers.items() if isinstance(layer, TransposedLinear)}  # CLIP's [in,out] copies
-    assert prepared and all(name.startswith("encoder.") for name in prepared)  # text-encoder layers only
-    assert all(mapping_of(weight) is not None and not weight.flags.writeable
-               for name, weight in before.items() if name not in prepared)
+    packed = {name for name, layer in layers.items() if isinstance(layer, PackedLinear)}  # CLIP's packed copies
+    assert packed and all(name.startswith("encoder.") for name in packed)  # text-encoder layers only
+    # their `weight` is the mapped one too (the packed copy sits beside it)
+    assert all(mapping_of(weight) is not None and not weight.flags.writeable for weight in before.values())
     ours.load_lora_weights(files["kohya"], scale=SCALE)
     after = all_weights(ours)
     fused = [name for name in after if after[name] is not before[name]]

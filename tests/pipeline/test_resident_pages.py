@@ -12,7 +12,7 @@ from tiny_sd import tiny_sd_folder
 from npdiff.loading import resident
 from npdiff.loading.resident import mapped_arrays, mapping_of, reachable, release_resident_pages
 from npdiff.models import unet as unet_module
-from npdiff.models.transformer import TransposedLinear
+from npdiff.models.packed_linear import PackedLinear
 from npdiff.pipeline import StableDiffusionPipeline
 
 
@@ -26,22 +26,22 @@ def all_arrays(obj):
     return [item for item in reachable(obj) if isinstance(item, np.ndarray)]
 
 
-def transposed_weights(model):
-    """The weights TransposedLinear keeps as private [in,out] copies (CLIP's projections: the one
-    documented weight preparation, see npdiff/models/transformer.py)."""
-    layers = [item for item in reachable(model) if isinstance(item, TransposedLinear)]
-    return {id(layer.weight) for layer in layers}, len(layers)
+def packed_copies(model):
+    """The weights PackedLinear keeps as private packed copies beside the mapped ones (CLIP's projections:
+    the one documented weight preparation, see npdiff/models/packed_linear.py)."""
+    layers = [item for item in reachable(model) if isinstance(item, PackedLinear)]
+    return {id(layer.panels) for layer in layers}, len(layers)
 
 
 def test_float32_weights_are_views_of_the_files(folder):
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     for name in ("unet", "vae", "text_encoder"):
         model = getattr(pipe, name)
-        prepared, layers = transposed_weights(model)
+        prepared, layers = packed_copies(model)
         assert bool(layers) == (name == "text_encoder")
         weights = [a for a in all_arrays(model) if a.size > 1 and a.dtype == np.float32]
         private = [a for a in weights if mapping_of(a) is None]
-        # every float32 weight is a view, no copy, but for TransposedLinear's [in,out] copies (one per layer)
+        # every float32 weight is a view, no copy; PackedLinear adds one packed copy per layer
         assert sorted(map(id, private)) == sorted(prepared) and len(prepared) == layers, name
         mapped = mapped_arrays(model)
         assert weights and len(mapped) + layers == len(weights), name
@@ -101,7 +101,7 @@ def test_pictures_are_the_same_bytes_with_and_without_release(folder):
     kept = pipe("a red circle", **arguments).images
     files = [folder / "unet" / "diffusion_pytorch_model.safetensors",
              folder / "text_encoder" / "model.safetensors", folder / "vae" / "diffusion_pytorch_model.safetensors"]
-    # all resident: kept (not checked for the text encoder: its projections are TransposedLinear's private
+    # all resident: kept (not checked for the text encoder: its projections run on PackedLinear's private
     # copies, and of what stays mapped a forward touches only a few pages, e.g. the prompt's embedding rows)
     assert all(mapped_rss_bytes(path) > unreleasable_bytes(path) for path in files[:1] + files[2:])
     pipe.release_weights_between_stages = True

@@ -1,4 +1,4 @@
-"""Scaled dot-product attention: one op family, seven versions, two public entries (float32, bf16).
+"""Scaled dot-product attention: one op family, eight versions, two public entries (float32, bf16).
 
 Versions (each tested against torch and against version 1):
   1. attention_ref          reference.py  the textbook, NumPy API (numpy or cupy): the whole score
@@ -18,6 +18,10 @@ Versions (each tested against torch and against version 1):
                                           v and the probabilities rounded to bf16, float32 sums and
                                           softmax; version 5's layout. Reference: attention_bf16_ref
                                           (version 1 on the rounded operands).
+  7. causal_attention_rows  causal_rows.py  CLIP's causal self-attention of a few tokens on the
+                                          projections' token rows [B*L, heads*d] as they are, both
+                                          products on matmul_numba's micro-kernel; called by CLIP's
+                                          packed layers directly (not through the entries below).
   8. attention_flash        flash.py      version 5's tile with both products on register-blocked
                                           Numba micro-kernels (64 queries along the vector lanes, the
                                           max fused into the first product, exp and the second product
@@ -174,7 +178,7 @@ def attention_by_path(q, k, v, mask=None, scale=None, is_causal=False, path="aut
 
 
 # The path choice is the same for NumPy and other arrays; attention_full/attention_chunked then
-# apply the array rule again to pick versions 1-5.
+# apply the array rule again to pick versions 1-5 and 8.
 ATTENTION = dispatch.register("scaled_dot_product_attention", fast=attention_by_path,
                               reference=attention_by_path, cuda="scaled_dot_product_attention")
 
