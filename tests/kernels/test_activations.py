@@ -31,8 +31,11 @@ CASES = [
 
 @pytest.mark.parametrize("name,ours,reference,torch_fn", CASES, ids=[c[0] for c in CASES])
 def test_activation_matches_torch(rng, name, ours, reference, torch_fn):
+    # torch evaluated in float64 on the float32 inputs: with few elements, all in a tail (seed 974991922
+    # drew one, x = -4.27), torch's float32 GELU is itself 5.9e-4 (erf) / 2.2e-3 (tanh: 1 + tanh cancels)
+    # from the true value, where ours is 1.1e-7 / 4.8e-7.
     x = random_input(rng)
-    expected = torch_fn(torch.from_numpy(x))
+    expected = torch_fn(torch.from_numpy(x).double())
     assert_rel_close(ours(x), expected, KERNEL_TOL, name)
     assert_rel_close(reference(x), expected, KERNEL_TOL, f"{name} reference")
 
