@@ -30,7 +30,7 @@ are never written (the packed operands' spare rows/columns are zero). Every pack
 starts on a 64-byte boundary (aligned_view).
 
 Same bits in every process and for any thread count: no kernel here carries a fastmath flag (the micro-kernel's
-FMAs are explicit; the layer norm's statistics are summed in lanes in an order written out, _row_mean_and_rstd),
+FMAs are explicit; the layer norm's statistics are summed in lanes in an order written out, norm.mean_and_rstd),
 so the copies of them Numba compiles into each caller round alike (matmul_numba.py's header), and each element
 of y is made by one thread, in one order of k, whichever thread it is.
 
@@ -45,11 +45,12 @@ epilogues, 118-122.
 """
 
 import numpy as np
-from numba import carray, config, get_num_threads, get_thread_id
+from numba import config, get_num_threads, get_thread_id
 
 from npdiff.jit import PARALLEL, SERIAL, njit, prange
 from npdiff.kernels.activations import ACTIVATION_CODES, activation_block, gelu_ref, quick_gelu_ref
-from npdiff.kernels.matmul_numba import CACHE_LINE_FLOATS, MR, NR, _micro_kernel, _stack_row_f64, sum_lanes_in_tree
+from npdiff.kernels.matmul_numba import CACHE_LINE_FLOATS, MR, NR, _micro_kernel
+from npdiff.kernels.norm import mean_and_rstd
 from npdiff.kernels.scratch import scratch
 
 # steps of k per depth block. Measured (one thread, [154,768] x [768,768]): KC 128 122 GFLOP/s, 256 123,
@@ -142,39 +143,6 @@ def _pack_rows_numba(x, a_packed):
     _zero_spare_rows(a_packed, x.shape[0])
 
 
-STAT_LANES = 32  # float64 lanes of the layer norm's partial sums: 4 zmm registers (a stack row of 32)
-
-
-@njit(**SERIAL)
-def _row_mean_and_rstd(values, eps):
-    """Mean and 1/sqrt(biased var + eps) of one row, as norm.mean_and_rstd computes them (float64 sums of
-    x - x[0]), but in STAT_LANES lanes (stack rows: registers) added in an order written out here, with no
-    fastmath flag: every compiled copy gives the same bits (mean_and_rstd's 'reassoc' lets each copy's
-    vectoriser choose its own order; matmul_numba.py's header says why copies differ)."""
-    shift0 = np.float64(values[0])
-    sums = carray(_stack_row_f64(), STAT_LANES)
-    squares = carray(_stack_row_f64(), STAT_LANES)
-    for lane in range(STAT_LANES):
-        sums[lane] = 0.0
-        squares[lane] = 0.0
-    full = values.size - values.size % STAT_LANES
-    for k0 in range(0, full, STAT_LANES):
-        block = values[k0:k0 + STAT_LANES]  # constant indices below: one vector load
-        for lane in range(STAT_LANES):
-            v = np.float64(block[lane]) - shift0
-            sums[lane] += v
-            squares[lane] += v * v
-    tail_sum = 0.0  # the last values.size % STAT_LANES, after the lanes
-    tail_squares = 0.0
-    for k in range(full, values.size):
-        v = np.float64(values[k]) - shift0
-        tail_sum += v
-        tail_squares += v * v
-    mean_shifted = (sum_lanes_in_tree(sums) + tail_sum) / values.size
-    var = max((sum_lanes_in_tree(squares) + tail_squares) / values.size - mean_shifted * mean_shifted, 0.0)
-    return mean_shifted + shift0, 1.0 / np.sqrt(var + eps)
-
-
 @njit(**SERIAL)
 def _pack_rows_layer_norm_numba(x, gamma, beta, eps, a_packed):
     """layer_norm(x) [M,K] -> a_packed [ceil(M/MR), K, MR]: each row normed into an L1 scratch row (the
@@ -182,7 +150,7 @@ def _pack_rows_layer_norm_numba(x, gamma, beta, eps, a_packed):
     normed = np.empty(x.shape[1], np.float32)  # [K], L1-resident
     for row in range(x.shape[0]):
         values = x[row]
-        mean, rstd = _row_mean_and_rstd(values, eps)
+        mean, rstd = mean_and_rstd(values, eps)
         for k in range(values.size):
             normed[k] = (np.float64(values[k]) - mean) * rstd * gamma[k] + beta[k]
         _pack_row(normed, a_packed, row)

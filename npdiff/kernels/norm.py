@@ -30,9 +30,12 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
-from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
+from numba import carray
+
+from npdiff.jit import PARALLEL, SERIAL, njit, prange
 from npdiff.kernels import dispatch
 from npdiff.kernels.activations import silu_ref
+from npdiff.kernels.matmul_numba import _stack_row_f64, sum_lanes_in_tree
 from npdiff.kernels.validate import require_min_ndim, require_optional_vector
 from npdiff.kernels.vecmath import sigmoid_f32
 
@@ -78,23 +81,44 @@ LAYER_NORM_SERIAL_MAX = 1 << 18
 # ---------------------------------------------------------------------------------------------
 # Numba (NumPy arrays)
 # ---------------------------------------------------------------------------------------------
-@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+STAT_LANES = 32  # float64 lanes of the partial sums: 4 zmm registers (a stack row of matmul_numba)
+
+
+@njit(**SERIAL)
 def mean_and_rstd(run, eps):
     """Mean and 1/sqrt(biased var + eps) of a contiguous run, accumulated in float64 as sums of
-    x - run[0] (the shift keeps sum_sq - sum^2/n from cancelling when |mean| >> std)."""
+    x - run[0] (the shift keeps sum_sq - sum^2/n from cancelling when |mean| >> std).
+
+    The sums run in STAT_LANES lanes (stack rows: registers) added in an order written out here, with
+    no fastmath flag, so every compiled copy gives the same bits. (Numba links a copy of this function
+    into each caller and optimises it again there; with fastmath 'reassoc' each copy's vectoriser chose
+    its own order, and a process that compiled group_norm after other kernels gave other bits than a
+    fresh one: tests/kernels/test_cache_bits.py.)"""
     shift0 = np.float64(run[0])
-    total = 0.0
-    total_sq = 0.0
-    for i in range(run.size):
-        v = np.float64(run[i]) - shift0
-        total += v
-        total_sq += v * v
-    mean_shifted = total / run.size
-    var = max(total_sq / run.size - mean_shifted * mean_shifted, 0.0)
+    sums = carray(_stack_row_f64(), STAT_LANES)
+    squares = carray(_stack_row_f64(), STAT_LANES)
+    for lane in range(STAT_LANES):
+        sums[lane] = 0.0
+        squares[lane] = 0.0
+    full = run.size - run.size % STAT_LANES
+    for k0 in range(0, full, STAT_LANES):
+        block = run[k0:k0 + STAT_LANES]  # constant indices below: one vector load
+        for lane in range(STAT_LANES):
+            v = np.float64(block[lane]) - shift0
+            sums[lane] += v
+            squares[lane] += v * v
+    tail_sum = 0.0  # the last run.size % STAT_LANES values, after the lanes
+    tail_squares = 0.0
+    for k in range(full, run.size):
+        v = np.float64(run[k]) - shift0
+        tail_sum += v
+        tail_squares += v * v
+    mean_shifted = (sum_lanes_in_tree(sums) + tail_sum) / run.size
+    var = max((sum_lanes_in_tree(squares) + tail_squares) / run.size - mean_shifted * mean_shifted, 0.0)
     return mean_shifted + shift0, 1.0 / math.sqrt(var + eps)
 
 
-@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+@njit(**SERIAL)  # (no fastmath flag: the same bits in every compiled copy, as mean_and_rstd)
 def normalize_run(run, mean, scale, shift, apply_silu, out):
     """out = (run - mean) * scale + shift (+ SiLU); (x - mean) in float64: folding the mean into a
     float32 shift (x*scale + shift') would cancel when |mean| >> std."""
@@ -125,7 +149,7 @@ def _group_norm_numba(x, weight, bias, eps, apply_silu, out):
                           apply_silu, out[b, g, start:start + spatial])
 
 
-@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+@njit(**SERIAL)
 def _layer_norm_row(row, weight, bias, eps, out):
     mean, rstd = mean_and_rstd(row, eps)
     for i in range(row.size):

@@ -36,10 +36,9 @@ def run_child(tmp_path, name, seed, cache_dir, threads=None):
 
 def assert_same_bytes(ours, reference, what):
     assert ours.keys() == reference.keys()
-    for key in reference:
-        differing = int(np.sum(ours[key] != reference[key]))
-        assert ours[key].tobytes() == reference[key].tobytes(), \
-            f"{what}: {key} differs in {differing} of {reference[key].size} values"
+    differing = {key: f"{int(np.sum(ours[key] != reference[key]))} of {reference[key].size} values"
+                 for key in reference if ours[key].tobytes() != reference[key].tobytes()}
+    assert not differing, f"{what}: differ in {differing}"
 
 
 def test_kernels_same_bits_compiled_cached_one_thread_and_here(tmp_path, seed):
