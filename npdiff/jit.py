@@ -12,7 +12,9 @@ Flags used:
             values are finite ('ninf', 'nnan' are left out), so -inf in masked softmax stays
             correct. No kernel uses a blanket fastmath=True.
   FASTMATH_CONTRACT: only 'contract': a*b + c may become one FMA (one rounding); nothing is
-            reordered. For GEMM micro-kernels (npdiff/kernels/matmul_numba.py).
+            reordered. For element-wise loops.
+  (no fastmath option): njit below passes fastmath=False, so a kernel's flags are its own and never
+            inherited from whichever caller Numba compiled it for first.
 """
 
 import os
@@ -54,7 +56,22 @@ def use_512_bit_vectors():
 
 VECTOR_WIDTH_DECISION = use_512_bit_vectors()
 
-from numba import njit, prange  # noqa: E402, F401  (re-exported for kernel modules; after the step above)
+from numba import njit as numba_njit  # noqa: E402  (after the step above)
+from numba import prange  # noqa: E402, F401  (re-exported for kernel modules)
+
+
+def njit(*args, **options):
+    """numba.njit, with fastmath=False unless the kernel names its own flags.
+
+    Why it matters: Numba compiles a jitted callee the first time a caller is compiled, and a callee
+    with no fastmath option of its own INHERITS the flags of that first caller (numba/core/cpu.py:
+    `flags.inherit_if_not_set("fastmath")`). That one compiled version is kept (and cached on disk) for
+    every later caller. So a sum written with no flag (norm.mean_and_rstd, the lane sums) ran with
+    'reassoc' when a FASTMATH caller happened to be compiled first, and in its written order when
+    not: its bits hung on which kernels a process compiled before it. Saying fastmath=False here
+    makes every function's flags its own."""
+    options.setdefault("fastmath", False)
+    return numba_njit(*args, **options)
 
 FASTMATH_SAFE = {"nsz", "arcp", "contract", "reassoc"}
 FASTMATH_CONTRACT = {"contract"}
