@@ -21,7 +21,7 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
-from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
+from npdiff.jit import FASTMATH_CONTRACT, PARALLEL, SERIAL, njit, prange
 from npdiff.kernels import dispatch
 from npdiff.kernels.activations import (
     ACTIVATION_CODES,
@@ -70,7 +70,7 @@ def gelu_backward_ref(x, grad_out, approximate="none"):
 # ---------------------------------------------------------------------------------------------
 # Numba (NumPy arrays)
 # ---------------------------------------------------------------------------------------------
-@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+@njit(**SERIAL, fastmath=FASTMATH_CONTRACT)
 def activation_slope_block(x, grad_out, grad_in, which):
     """grad_in[i] = grad_out[i] * activation'(x[i]) over a contiguous run (codes of activations.py)."""
     one = np.float32(1.0)

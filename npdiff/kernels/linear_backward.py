@@ -46,7 +46,7 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
-from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
+from npdiff.jit import FASTMATH_CONTRACT, PARALLEL, SERIAL, njit, prange
 from npdiff.kernels import dispatch
 from npdiff.kernels.activations import INV_SQRT2, check_approximate, gelu, gelu_ref
 from npdiff.kernels.activations_backward import (
@@ -211,7 +211,7 @@ def linear_activation_backward(x, weight, bias, grad_out, activation="quick_gelu
     return linear_backward(x, weight, grad_hidden, need_weight_grad)
 
 
-@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+@njit(**SERIAL, fastmath=FASTMATH_CONTRACT)
 def _geglu_hidden_grad_row(hidden_row, grad_row, grad_hidden_row):
     """One row: hidden_row [2D], grad_row [D] -> grad_hidden_row [2D]. With Phi(g) = 0.5 erfc(-g/sqrt2),
     phi(g) = exp(-g^2/2)/sqrt(2 pi): d value = dy g Phi(g) (gelu(g)), d gate = dy value (Phi(g) + g phi(g))

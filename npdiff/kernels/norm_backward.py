@@ -24,9 +24,10 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
-from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
+from npdiff.jit import PARALLEL, SERIAL, njit, prange
 from npdiff.kernels import dispatch
 from npdiff.kernels.activations_backward import silu_backward_ref
+from npdiff.kernels.lane_sums import dot_centred_f64, sum_f64
 from npdiff.kernels.norm import mean_and_rstd
 from npdiff.kernels.validate import (
     require_min_ndim,
@@ -97,18 +98,13 @@ def group_norm_backward_ref(x, num_groups, weight, bias, grad_out, eps=1e-5, sil
 # ---------------------------------------------------------------------------------------------
 # Numba (NumPy arrays)
 # ---------------------------------------------------------------------------------------------
-@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+@njit(**SERIAL)
 def normalised_run_backward(x, g, mean, rstd, grad_x, residual, add_residual):
     """grad_x = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ residual where add_residual) over
-    one contiguous normalised set."""
-    sum_g = 0.0
-    sum_g_xhat = 0.0
-    for i in range(x.size):
-        xhat = (np.float64(x[i]) - mean) * rstd
-        sum_g += g[i]
-        sum_g_xhat += g[i] * xhat
-    mean_g = sum_g / x.size
-    mean_g_xhat = sum_g_xhat / x.size
+    one contiguous normalised set. The two sums in float64 in an order fixed by the source
+    (lane_sums.py; no fastmath flag: the same bits in every compiled copy)."""
+    mean_g = sum_f64(g) / x.size
+    mean_g_xhat = dot_centred_f64(g, x, mean) * rstd / x.size  # sum of g * (x - mean) * rstd
     if add_residual:
         for i in range(x.size):
             xhat = (np.float64(x[i]) - mean) * rstd

@@ -18,8 +18,9 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
-from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
+from npdiff.jit import PARALLEL, SERIAL, njit, prange
 from npdiff.kernels import dispatch
+from npdiff.kernels.lane_sums import sum_f64
 from npdiff.kernels.validate import require_float32, shape_text
 from npdiff.kernels.vecmath import exp_f32
 
@@ -41,7 +42,7 @@ def softmax_ref(x, axis=-1):
 # ---------------------------------------------------------------------------------------------
 # Row pieces (Numba, serial, nogil: also called from attention's worker threads)
 # ---------------------------------------------------------------------------------------------
-@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+@njit(**SERIAL)
 def _rows_max_loop(x, out):
     for r in range(x.shape[0]):
         row = x[r]
@@ -64,7 +65,7 @@ def row_maxima(x):
     return out
 
 
-@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+@njit(**SERIAL)
 def exp_in_place(flat):
     """flat[i] = exp(flat[i]) over one contiguous run: a single vectorised loop (its scalar
     remainder is at most 15 elements in all, where a loop per 77-wide row pays one per row)."""
@@ -72,19 +73,18 @@ def exp_in_place(flat):
         flat[i] = exp_f32(flat[i])
 
 
-@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+@njit(**SERIAL)
 def softmax_rows_block(x, row_max, out):
     """out = softmax of each row of x [R, M] (contiguous) with row maxima row_max [R]: subtract the
     max row by row, exp of the whole block as one flat vectorised run, then scale each row by
-    1 / its sum. -inf entries give 0; a row that is all -inf gives NaN (-inf - -inf), as torch."""
+    1 / its sum. -inf entries give 0; a row that is all -inf gives NaN (-inf - -inf), as torch.
+    No fastmath flag: the same bits in every compiled copy (lane_sums.py says why)."""
     for r in range(x.shape[0]):
         for j in range(x.shape[1]):
             out[r, j] = x[r, j] - row_max[r]
     exp_in_place(out.reshape(-1))
     for r in range(x.shape[0]):
-        total = 0.0
-        for j in range(x.shape[1]):
-            total += out[r, j]
+        total = sum_f64(out[r])  # float64, in an order fixed by the source (lane_sums.py)
         inv_total = np.float32(1.0 / total)
         for j in range(x.shape[1]):
             out[r, j] *= inv_total

@@ -46,7 +46,7 @@ import math
 
 import numpy as np
 
-from npdiff.jit import FASTMATH_SAFE, SERIAL, njit
+from npdiff.jit import FASTMATH_CONTRACT, SERIAL, njit
 from npdiff.kernels.attention.common import default_scale, mask_to_additive, masked_row_max
 from npdiff.kernels.attention.amx_bf16 import bf16_of
 from npdiff.kernels.attention.fused import KEY_INTERLEAVE, column_maxima, store_normalised_transposed
@@ -112,7 +112,7 @@ def pack_query_pairs(q_block, q_words):
             q_words[panel, depth // 2, j] = bf16_of(row[depth - 1])
 
 
-@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+@njit(**SERIAL, fastmath=FASTMATH_CONTRACT)
 def softmax_keys_to_pairs(scores_t, n_keys, factor, p_words, col_sum):
     """scores_t [M32, Q32] (rows = keys; the first n_keys count) -> p_words [panels, M32/2, 64] uint32:
     the bf16 pairs of 2^(s * factor - column max) (keys 2p and 2p+1 of column j in word (j // 64,
@@ -155,7 +155,7 @@ def softmax_keys_to_pairs(scores_t, n_keys, factor, p_words, col_sum):
         col_sum[c] = (partial[0, c] + partial[1, c]) + (partial[2, c] + partial[3, c])
 
 
-@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+@njit(**SERIAL, fastmath=FASTMATH_CONTRACT)
 def mask_scores(scores_t, query_start, rows, n_keys, factor, additive, has_mask, is_causal):
     """scores_t[:n_keys, :rows] (keys x the block's queries) -> log2 units (times factor), plus the
     mask (additive [N, M] float32, the slice's) in log2 units; keys after each query -inf (causal)."""

@@ -64,7 +64,7 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
-from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
+from npdiff.jit import FASTMATH_CONTRACT, PARALLEL, SERIAL, njit, prange
 from npdiff.kernels import dispatch
 from npdiff.kernels.attention import check_attention_inputs
 from npdiff.kernels.attention.backward_fused import outputs_and_slices
@@ -78,6 +78,7 @@ from npdiff.kernels.attention.common import (
 from npdiff.kernels.attention.fused import softmax_keys_in_place
 from npdiff.kernels.attention.reference import full_scores
 from npdiff.kernels.block_pool import run_blocks
+from npdiff.kernels.lane_sums import dot_f64
 from npdiff.kernels.scratch import contiguous_in_scratch, scratch
 from npdiff.kernels.softmax import softmax
 from npdiff.kernels.validate import shape_text
@@ -130,14 +131,11 @@ def attention_backward_ref(q, k, v, grad_out, mask=None, scale=None, is_causal=F
 # ---------------------------------------------------------------------------------------------
 # 2. Query blocks, scores recomputed
 # ---------------------------------------------------------------------------------------------
-@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+@njit(**SERIAL, fastmath=FASTMATH_CONTRACT)
 def softmax_grad_row(probs, grad, scale):
     """grad <- scale * P * (dP - rowsum(P * dP)) over one contiguous row, in place (the sum in
-    float64; it equals rowsum(dO * O), so O itself is never formed)."""
-    total = 0.0
-    for j in range(probs.size):
-        total += probs[j] * grad[j]
-    row_dot = np.float32(total)
+    float64 in a fixed order, lane_sums.dot_f64; it equals rowsum(dO * O), so O itself is never formed)."""
+    row_dot = np.float32(dot_f64(probs, grad))
     for j in range(probs.size):
         grad[j] = probs[j] * (grad[j] - row_dot) * scale
 
@@ -197,7 +195,7 @@ def attention_backward_fast(q, k, v, grad_out, mask=None, scale=None, is_causal=
 # ---------------------------------------------------------------------------------------------
 # 3. One task per slice on the block pool (no mask)
 # ---------------------------------------------------------------------------------------------
-@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+@njit(**SERIAL, fastmath=FASTMATH_CONTRACT)
 def softmax_grad_columns(exps_t, grad_t, inverse_sum, scale):
     """grad_t <- scale * P^T * (dP^T - colsum(P^T * dP^T)) for [M, Q] contiguous tiles (a query per
     column), in place, from the UNNORMALISED exps_t = 2^(s - max) and inverse_sum [Q] = 1 / the

@@ -33,7 +33,7 @@ slice's key blocks are cut into parts, each summing its own dq (added up after).
 
 import numpy as np
 
-from npdiff.jit import FASTMATH_SAFE, SERIAL, njit
+from npdiff.jit import FASTMATH_CONTRACT, SERIAL, njit
 from npdiff.kernels.attention.backward_fused import (
     NO_LIMIT,
     QUERY_BLOCK,
@@ -56,7 +56,7 @@ from npdiff.kernels.vecmath import LOG2E, exp2_nonpositive_f32
 KEY_GROUP = 8
 
 
-@njit(fastmath=FASTMATH_SAFE, **SERIAL)
+@njit(fastmath=FASTMATH_CONTRACT, **SERIAL)
 def _probabilities(scores, rows, lse2, q0, limit_base, valid_keys, key0):
     """Step 2: scores [Q, 64] <- 2^(s - lse2[q0 + r]) in place; 0 for key key0 + j past
     min(valid_keys, limit_base + r) (keys past M; above the diagonal when causal)."""
@@ -69,7 +69,7 @@ def _probabilities(scores, rows, lse2, q0, limit_base, valid_keys, key0):
             row[j] = p if j < limit else np.float32(0.0)
 
 
-@njit(fastmath=FASTMATH_SAFE, **SERIAL)
+@njit(fastmath=FASTMATH_CONTRACT, **SERIAL)
 def _grad_scores(probs, grads, rows, row_dot, q0, scale):
     """Step 4: grads [Q, 64] (dP) <- P * (dP - Dr) * scale in place."""
     for r in range(rows):
@@ -134,7 +134,7 @@ def key_blocks_backward(qs, q, keys_t, values_t, keys_padded, grad_rows, lse2, r
                              padded_dim, dq_flat, q0 * padded_dim, TILE_COLS, padded_dim, padded_dim, True)
 
 
-@njit(fastmath=FASTMATH_SAFE, **SERIAL)
+@njit(fastmath=FASTMATH_CONTRACT, **SERIAL)
 def _fold_tile_into_lanes(scores, rows, limit_base, valid_keys, key0, lane_max, lane_sum):
     """The online softmax of one [Q, 64] tile of scores, column by column: lane_max[r, j] and
     lane_sum[r, j] hold the max and the sum of 2^(s - max) of the scores row r had in column j of every

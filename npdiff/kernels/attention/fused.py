@@ -72,7 +72,7 @@ import math
 
 import numpy as np
 
-from npdiff.jit import FASTMATH_SAFE, SERIAL, njit
+from npdiff.jit import FASTMATH_CONTRACT, SERIAL, njit
 from npdiff.kernels.attention.common import causal_additive, default_scale
 from npdiff.kernels.block_pool import run_blocks
 from npdiff.kernels.scratch import contiguous_in_scratch, scratch
@@ -92,7 +92,7 @@ def fused_query_block(n_keys):
     return min(MAX_QUERY_BLOCK, max(MIN_QUERY_BLOCK, fitting))
 
 
-@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+@njit(**SERIAL, fastmath=FASTMATH_CONTRACT)
 def column_maxima(scores_t, n_keys):
     """[Q] the maxima of the columns of scores_t[:n_keys] ([M, Q], keys along rows), -inf for a column
     that is all -inf; NaN is skipped. Key r folds into row r % KEY_INTERLEAVE of a [4, Q] buffer, the
@@ -112,7 +112,7 @@ def column_maxima(scores_t, n_keys):
     return col_max
 
 
-@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+@njit(**SERIAL, fastmath=FASTMATH_CONTRACT)
 def softmax_keys_in_place(scores_t, col_sum):
     """scores_t [M, Q] (log2 units, contiguous) -> 2^(s - column max) in place; col_sum [Q] = the
     column sums (the softmax is not yet divided by them). A column that is all -inf (a query that
@@ -141,7 +141,7 @@ def softmax_keys_in_place(scores_t, col_sum):
     return col_max
 
 
-@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+@njit(**SERIAL, fastmath=FASTMATH_CONTRACT)
 def store_log_sum_exp(col_max, col_sum, lse_block):
     """lse_block [Q] = log of each query's sum of exp(scale * q.k), natural log (torch's lse): the
     scores were in log2 units, so lse = (max + log2(sum)) * ln 2; -inf for a query that sees no key."""
@@ -149,7 +149,7 @@ def store_log_sum_exp(col_max, col_sum, lse_block):
         lse_block[c] = (col_max[c] + np.log2(col_sum[c])) * np.float32(LN2_64)
 
 
-@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+@njit(**SERIAL, fastmath=FASTMATH_CONTRACT)
 def normalise_rows(out_block, col_sum):
     """out_block [Q, dv] row i times 1 / col_sum[i] in place (0 where the sum is 0)."""
     rows, value_dim = out_block.shape
@@ -160,7 +160,7 @@ def normalise_rows(out_block, col_sum):
             out_block[i, c] *= inverse
 
 
-@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+@njit(**SERIAL, fastmath=FASTMATH_CONTRACT)
 def store_normalised_transposed(out_t, col_sum, out_block):
     """out_block [Q, dv] = out_t [dv, Q] transposed, row i times 1 / col_sum[i] (0 where the sum is
     0: a query that attends to no key gives 0, as torch)."""

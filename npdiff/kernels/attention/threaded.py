@@ -29,7 +29,7 @@ Queries that may attend to no key give 0 (as torch's scaled_dot_product_attentio
 
 import numpy as np
 
-from npdiff.jit import FASTMATH_SAFE, SERIAL, njit
+from npdiff.jit import SERIAL, njit
 from npdiff.kernels.attention.common import (
     KEY_CHUNK,
     QUERY_BLOCK,
@@ -38,6 +38,7 @@ from npdiff.kernels.attention.common import (
     mask_to_additive,
 )
 from npdiff.kernels.block_pool import run_blocks, worker_count
+from npdiff.kernels.lane_sums import sum_f64
 from npdiff.kernels.scratch import contiguous_in_scratch
 from npdiff.kernels.softmax import exp_in_place, row_maxima, softmax_rows_block
 from npdiff.kernels.vecmath import exp_f32
@@ -46,7 +47,7 @@ from npdiff.kernels.vecmath import exp_f32
 # ---------------------------------------------------------------------------------------------
 # 3. Query blocks x key chunks, running softmax
 # ---------------------------------------------------------------------------------------------
-@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+@njit(**SERIAL)  # no fastmath flag: the same bits in every compiled copy (lane_sums.py)
 def online_softmax_update(scores, chunk_max, running_max, running_sum, acc):
     """One key chunk of the running softmax, for every query row of a block.
 
@@ -66,9 +67,7 @@ def online_softmax_update(scores, chunk_max, running_max, running_sum, acc):
     exp_in_place(scores.reshape(-1))
     # 3. row sums; rescale the running sum and the accumulator rows to the new max
     for i in range(scores.shape[0]):
-        total = 0.0
-        for j in range(scores.shape[1]):
-            total += scores[i, j]
+        total = sum_f64(scores[i])  # float64, fixed order
         shift = new_max[i] if new_max[i] != -np.inf else np.float32(0.0)
         correction = exp_f32(running_max[i] - shift)  # 0 when running_max was -inf
         running_sum[i] = running_sum[i] * correction + total
