@@ -52,7 +52,7 @@ def test_dot_f64_and_centred(rng, size):
     assert dot_centred_f64(a, b, centre) == sum_in_stated_order(centred)
 
 
-def test_sum_of_a_strided_view_is_refused_or_right(rng):
+def test_sum_of_a_row_view(rng):
     """A row of a 2-D array (what the kernels pass) is a contiguous view: same result as a copy."""
     x = rng.standard_normal((3, 100)).astype(np.float32)
     assert sum_f64(x[1]) == sum_f64(np.ascontiguousarray(x[1]))
