@@ -87,8 +87,7 @@ def pack_weight_rows(U_rows, U_packed, q):
 
 @njit(**SERIAL)
 def winograd_gemm(U_packed, q0, rows, V_packed, tiles, M, group_panels):
-    """M[xi, o, t] = sum_c U[xi][q0*MR + o, c] V[xi][c, t] for o < rows, t < tiles (M [a*a, rows, T], C-contiguous:
-    each M[xi] a C-contiguous matrix, so the micro-kernel's tile stores are whole zmm vectors).
+    """M[o, xi, t] = sum_c U[xi][q0*MR + o, c] V[xi][c, t] for o < rows, t < tiles (M [>= rows, a*a, >= T]).
 
     U_packed [a*a, Q, C_in, MR] (row panels q0 .. q0 + ceil(rows/MR) - 1 used), V_packed [a*a, P, C_in + 1, NR];
     group_panels: V's panels per group (group_size). One thread (the caller's): the pool runs one call per block
@@ -100,7 +99,7 @@ def winograd_gemm(U_packed, q0, rows, V_packed, tiles, M, group_panels):
     u_floats = row_panels * c_in * MR  # the U rows of one frequency (contiguous)
     u_lines_per_call = -(-u_floats // (row_panels * tile_panels * CACHE_LINE_FLOATS))
     for xi in range(frequencies):
-        product = M[xi]  # [rows, T]
+        product = M[:, xi, :]  # [rows, T] (rows a*a*T apart)
         u_next = ((xi + 1) * U_packed.shape[1] + q0) * c_in * MR  # flat start of the next frequency's rows
         u_line = 0
         for p0 in range(0, tile_panels, group_panels):
