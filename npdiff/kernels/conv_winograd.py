@@ -48,18 +48,6 @@ import numpy as np
 from npdiff.jit import SERIAL, njit
 from npdiff.kernels.block_pool import run_blocks, split_evenly, worker_count
 from npdiff.kernels.conv_winograd4 import input_transform4, output_transform4
-from npdiff.kernels.conv_winograd_gemm import (
-    MR,
-    NR,
-    pack_weight_rows,
-    panel_count,
-    u_packed_shape,
-    v_packed_shape,
-    store_channel,
-    group_size,
-    winograd_gemm,
-)
-from npdiff.kernels.linear_packed import ALIGN_FLOATS, aligned_view
 from npdiff.kernels.conv_winograd6 import input_transform6, output_transform6
 from npdiff.kernels.scratch import scratch
 from npdiff.kernels.validate import output_size
@@ -195,11 +183,9 @@ def combine_rows(coefs, rows, row0, col0, dst):
 
 
 @njit(**SERIAL)
-def input_transform(x, BT, m, ph, pw, row0, row1, tiles_h, c0, c1, gathered, mixed, staged, V):
-    """V[k*a+l][c, t] = (B^T d B)[k,l] for the tiles of tile rows row0..row1-1 (flat over the
-    batch: row = b*tiles_h + tile row) and channels c0..c1-1; t counts tiles from row0. V in NR-tile
-    panels (conv_winograd_gemm.py: V[xi, t // NR, c, t % NR]), each channel's tiles made in staged
-    [a*a, >= P*NR] first and stored whole (store_channel).
+def input_transform(x, BT, m, ph, pw, row0, row1, tiles_h, c0, c1, gathered, mixed, V):
+    """V[k*a+l, c, t] = (B^T d B)[k,l] for the tiles of tile rows row0..row1-1 (flat over the
+    batch: row = b*tiles_h + tile row) and channels c0..c1-1; t counts tiles from row0.
 
     Scratch gathered, mixed [a, m, tiles_w+1]: "deinterleaved" rows, column j*m+p of a row at
     [p, j], so that column s of every tile j (j*m+s) is the contiguous run [s%m, s//m + j]:
@@ -214,11 +200,10 @@ def input_transform(x, BT, m, ph, pw, row0, row1, tiles_h, c0, c1, gathered, mix
         j_lo = min(tiles_w + 1, max(0, (pw - p + m - 1) // m))
         column_range[p, 0] = j_lo
         column_range[p, 1] = max(j_lo, min(tiles_w + 1, (width - 1 + pw - p) // m + 1))
-    staged[:, (row1 - row0) * tiles_w:] = 0.0  # the lanes past T: zeros into V's last panel
-    for c in range(c0, c1):
-        for row in range(row0, row1):
-            b, tile_row = row // tiles_h, row % tiles_h
-            t0 = (row - row0) * tiles_w
+    for row in range(row0, row1):
+        b, tile_row = row // tiles_h, row % tiles_h
+        t0 = (row - row0) * tiles_w
+        for c in range(c0, c1):
             # 1. gathered[r, p, j] = x[b, c, tile_row*m - ph + r, j*m + p - pw]; the columns outside x
             #    are never written, so they keep the zeros they got before the loops
             for r in range(alpha):
@@ -233,10 +218,10 @@ def input_transform(x, BT, m, ph, pw, row0, row1, tiles_h, c0, c1, gathered, mix
             flat_gathered = gathered.reshape(alpha, -1)
             for k in range(alpha):
                 combine_rows(BT[k], flat_gathered, 0, 0, mixed[k].reshape(-1))
-            # 3. staged[k*a+l, t0+j] = sum_s B^T[l,s] mixed[k, s%m, s//m + j]   ((B^T d) B, per tile)
+            # 3. V[k*a+l, c, t0+j] = sum_s B^T[l,s] mixed[k, s%m, s//m + j]   ((B^T d) B, per tile)
             for k in range(alpha):
                 for l in range(alpha):
-                    dst = staged[k * alpha + l, t0:t0 + tiles_w]
+                    dst = V[k * alpha + l, c, t0:t0 + tiles_w]
                     first = True
                     for s in range(alpha):
                         coef = BT[l, s]
@@ -250,7 +235,6 @@ def input_transform(x, BT, m, ph, pw, row0, row1, tiles_h, c0, c1, gathered, mix
                         else:
                             for j in range(tiles_w):
                                 dst[j] += coef * source[j]
-        store_channel(staged, V, c)  # 4. V[xi, p, c, :] = staged[xi, p*NR:(p+1)*NR]
 
 
 @njit(**SERIAL)
@@ -312,13 +296,10 @@ def weight_transform(weight, G, o0, o1, gathered, half, U, u0):
 
 def output_blocks(c_out, block_rows=None, multiple=4):
     """Step 2's blocks of output channels: about block_rows (OUT_BLOCK_ROWS) each, a multiple of
-    `multiple` blocks (4: balanced on 1, 2 or 4 workers), from the shape alone; each starts on a row
-    panel of the GEMM (a multiple of MR channels)."""
+    `multiple` blocks (4: balanced on 1, 2 or 4 workers), from the shape alone."""
     block_rows = OUT_BLOCK_ROWS if block_rows is None else block_rows
-    row_panels = panel_count(c_out, MR)
-    parts = multiple * max(1, -(-row_panels // (multiple * panel_count(block_rows, MR))))
-    panel_blocks = split_evenly(row_panels, -(-row_panels // parts), images=1, workers=multiple)
-    return [(start * MR, min(c_out, stop * MR)) for start, stop in panel_blocks]
+    parts = multiple * max(1, -(-c_out // (multiple * block_rows)))
+    return split_evenly(c_out, -(-c_out // parts), images=1, workers=multiple)
 
 
 def tile_row_groups(rows, tiles_w, c_in, alpha, min_tiles=None):
@@ -365,18 +346,6 @@ def product_buffers(out_blocks, per_channel):
     return {block: np.empty((block[1] - block[0]) * per_channel, np.float32) for block in out_blocks}
 
 
-def pack_weights(weight, G, o0, o1, U_packed, q0):
-    """U_packed[:, q0 + q] = the MR-row panels of G g G^T for output channels o0 + q*MR .. (o1 exclusive;
-    o0 a multiple of MR), one panel at a time through a [a*a, MR, C_in] scratch (weight_transform's layout)."""
-    alpha, c_in = G.shape[0], weight.shape[1]
-    gathered, half = scratch("winograd taps", 9 * c_in), scratch("winograd half", 3 * alpha * c_in)
-    for start in range(o0, o1, MR):
-        stop = min(o1, start + MR)
-        U_rows = scratch("winograd weight rows", (alpha * alpha, stop - start, c_in))  # [a*a,<=MR,C_in]
-        weight_transform(weight, G, start, stop, gathered.reshape(9, c_in), half.reshape(3 * alpha, c_in), U_rows, start)
-        pack_weight_rows(U_rows, U_packed, q0 + (start - o0) // MR)
-
-
 def winograd_conv2d(x, weight, bias, padding, m):
     """conv2d(x, weight, bias, stride=1, padding=(ph, pw)) for 3x3 float32 weights by F(m x m, 3 x 3)."""
     ph, pw = padding
@@ -390,43 +359,42 @@ def winograd_conv2d(x, weight, bias, padding, m):
     bias = np.zeros(c_out, np.float32) if bias is None else np.ascontiguousarray(bias)  # [C_out]
     out = np.empty((batch, c_out, h_out, w_out), np.float32)  # [B,C_out,Ho,Wo]
     groups, out_blocks = blocking(m, c_in, c_out, batch * tiles_h, tiles_w)
-    one_group = len(groups) == 1  # then each block's U is made where it is used, in the worker's buffer
-    # G g G^T in MR-row panels, made by the first group (all of it, kept for the later groups), or None
-    U_all = None if one_group else np.empty(u_packed_shape(alpha, c_out, c_in), np.float32)
+    one_group = len(groups) == 1  # then each block's U is made where it is used, in the worker's scratch
+    U = None if one_group else np.empty((alpha * alpha, c_out, c_in), np.float32)  # G g G^T, by the first group
     most_tiles = max(stop - start for start, stop in groups) * tiles_w
-    V_all = np.empty(math.prod(v_packed_shape(alpha, c_in, most_tiles)) + ALIGN_FLOATS, np.float32)
+    V_all = np.empty(alpha * alpha * c_in * most_tiles, np.float32)
     in_blocks = split_evenly(c_in, -(-c_in // (2 * worker_count())))  # element-wise: any split
     products = product_buffers(out_blocks, alpha * alpha * most_tiles)  # M per block, or None: scratch
 
     for group, (row0, row1) in enumerate(groups):
         tiles = (row1 - row0) * tiles_w
-        V_shape = v_packed_shape(alpha, c_in, tiles)  # [a*a, T/NR, C_in+1, NR]
-        V = aligned_view(V_all, V_shape)
+        V = V_all[:alpha * alpha * tiles * c_in].reshape(alpha * alpha, c_in, tiles)  # [a*a,C_in,T]
 
         def transform_input(block):  # 1. V = B^T d B for channels c0..c1
             gathered = scratch("winograd input", (alpha, m, tiles_w + 1))
             mixed = scratch("winograd input mixed", (alpha, m, tiles_w + 1))
-            staged = scratch("winograd input staged", (alpha * alpha, V_shape[1] * NR))  # [a*a, P*NR]
             if m == 4 and ph == pw == 1:
-                input_transform4(x, row0, row1, tiles_h, block[0], block[1], gathered, mixed, staged, V)
+                input_transform4(x, row0, row1, tiles_h, block[0], block[1], gathered, mixed, V)
             elif m == 6 and ph == pw == 1:
-                input_transform6(x, row0, row1, tiles_h, block[0], block[1], gathered, mixed, staged, V)
+                input_transform6(x, row0, row1, tiles_h, block[0], block[1], gathered, mixed, V)
             else:
-                input_transform(x, BT, m, ph, pw, row0, row1, tiles_h, block[0], block[1], gathered, mixed, staged, V)
+                input_transform(x, BT, m, ph, pw, row0, row1, tiles_h, block[0], block[1], gathered, mixed, V)
 
         def multiply_and_transform_output(block, first=group == 0, row0=row0, row1=row1, V=V, tiles=tiles):
             o0, o1 = block
             if one_group:  # 2. U = G g G^T for this block's output channels, used at once
-                U, q0 = worker_buffer("winograd weights", u_packed_shape(alpha, o1 - o0, c_in)), 0
+                U_block = worker_buffer("winograd weights", (alpha * alpha, o1 - o0, c_in))
             else:  # (or kept for the later groups: all of U lives for this call)
-                U, q0 = U_all, o0 // MR
+                U_block = U[:, o0:o1, :]
             if first:
-                pack_weights(weight, G, o0, o1, U, q0)
+                gathered, half = scratch("winograd taps", 9 * c_in), scratch("winograd half", 3 * alpha * c_in)
+                weight_transform(weight, G, o0, o1, gathered.reshape(9, c_in), half.reshape(3 * alpha, c_in),
+                                 U_block if one_group else U, o0 if one_group else 0)
             if products is None:  # [block,a*a,T]
                 M = scratch("winograd product", (o1 - o0, alpha * alpha, tiles))
             else:
                 M = products[block][:(o1 - o0) * alpha * alpha * tiles].reshape(o1 - o0, alpha * alpha, tiles)
-            winograd_gemm(U, q0, o1 - o0, V, tiles, M, group_size(c_in))  # 3. M[o, xi] = U[xi] [block,C_in] @ V[xi] [C_in,T]
+            np.matmul(U_block, V, out=M.transpose(1, 0, 2))  # 3. [a*a,block,C_in] @ [a*a,C_in,T]
             mixed = scratch("winograd output", (alpha, m, tiles_w))
             if m in (4, 6):  # 4. A^T M A + bias
                 rows_out = scratch("winograd output rows", (m, m, tiles_w))

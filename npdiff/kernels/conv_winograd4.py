@@ -23,7 +23,6 @@ sequential run. conv_winograd6.py does the same for F(6x6,3x3).
 import numpy as np
 
 from npdiff.jit import SERIAL, njit
-from npdiff.kernels.conv_winograd_gemm import store_channel
 
 
 # F(4x4,3x3)'s transform coefficients as float32, so the written-out transforms stay in float32
@@ -31,16 +30,14 @@ P2, P4, P8, N1, N2, N4, N5, N8 = (np.float32(v) for v in (2, 4, 8, -1, -2, -4, -
 
 
 @njit(**SERIAL)
-def input_transform4(x, row0, row1, tiles_h, c0, c1, gathered, mixed, staged, V):
+def input_transform4(x, row0, row1, tiles_h, c0, c1, gathered, mixed, V):
     """input_transform for F(4x4,3x3) (padding 1), B^T written out: each output is made in one pass
-    from all its sources (same terms, same order as input_transform: the same bytes). V in NR-tile
-    panels, through staged [36, >= P*NR] (input_transform6's docstring)."""
+    from all its sources (same terms, same order as input_transform: the same bytes)."""
     height, width = x.shape[2], x.shape[3]
     tiles_w = gathered.shape[2] - 1
     run = gathered.shape[1] * gathered.shape[2]  # m * (tiles_w + 1)
     gathered[:] = 0.0
-    staged[:, (row1 - row0) * tiles_w:] = 0.0  # the lanes past T: zeros into V's last panel
-    for c in range(c0, c1):  # (channel outer: each staged row is written in one sequential run)
+    for c in range(c0, c1):  # (channel outer: each V[kl, c] row is written in one sequential run)
         for row in range(row0, row1):
             b, tile_row = row // tiles_h, row % tiles_h
             t0 = (row - row0) * tiles_w
@@ -63,18 +60,17 @@ def input_transform4(x, row0, row1, tiles_h, c0, c1, gathered, mixed, staged, V)
                 mx[3, i] = N2 * d1 + N1 * d2 + P2 * d3 + d4
                 mx[4, i] = P2 * d1 + N1 * d2 + N2 * d3 + d4
                 mx[5, i] = P4 * d1 + N5 * d3 + d5
-            # 3. staged[k*6+l, t0+j] = sum_s B^T[l,s] mixed[k, s%4, s//4 + j]   ((B^T d) B, per tile)
+            # 3. V[k*6+l, c, t0+j] = sum_s B^T[l,s] mixed[k, s%4, s//4 + j]   ((B^T d) B, per tile)
             for k in range(6):
                 for j in range(tiles_w):
                     s0, s1, s2 = mixed[k, 0, j], mixed[k, 1, j], mixed[k, 2, j]
                     s3, s4, s5 = mixed[k, 3, j], mixed[k, 0, j + 1], mixed[k, 1, j + 1]
-                    staged[6 * k + 0, t0 + j] = P4 * s0 + N5 * s2 + s4
-                    staged[6 * k + 1, t0 + j] = N4 * s1 + N4 * s2 + s3 + s4
-                    staged[6 * k + 2, t0 + j] = P4 * s1 + N4 * s2 + N1 * s3 + s4
-                    staged[6 * k + 3, t0 + j] = N2 * s1 + N1 * s2 + P2 * s3 + s4
-                    staged[6 * k + 4, t0 + j] = P2 * s1 + N1 * s2 + N2 * s3 + s4
-                    staged[6 * k + 5, t0 + j] = P4 * s1 + N5 * s3 + s5
-        store_channel(staged, V, c)  # 4. V[xi, p, c, :] = staged[xi, p*NR:(p+1)*NR]
+                    V[6 * k + 0, c, t0 + j] = P4 * s0 + N5 * s2 + s4
+                    V[6 * k + 1, c, t0 + j] = N4 * s1 + N4 * s2 + s3 + s4
+                    V[6 * k + 2, c, t0 + j] = P4 * s1 + N4 * s2 + N1 * s3 + s4
+                    V[6 * k + 3, c, t0 + j] = N2 * s1 + N1 * s2 + P2 * s3 + s4
+                    V[6 * k + 4, c, t0 + j] = P2 * s1 + N1 * s2 + N2 * s3 + s4
+                    V[6 * k + 5, c, t0 + j] = P4 * s1 + N5 * s3 + s5
 
 
 @njit(**SERIAL)

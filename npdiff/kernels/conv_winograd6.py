@@ -28,7 +28,6 @@ results differ from those in the last bits; the tests compare them within float3
 import numpy as np
 
 from npdiff.jit import SERIAL, njit
-from npdiff.kernels.conv_winograd_gemm import store_channel
 
 F32 = np.float32
 # B^T's and A^T's coefficients as float32, so the transforms stay in float32
@@ -71,17 +70,14 @@ def _at_column(m0, m1, m2, m3, m4, m5, m6, m7, out, i):
 
 
 @njit(**SERIAL)
-def input_transform6(x, row0, row1, tiles_h, c0, c1, gathered, mixed, staged, V):
-    """V[k*8+l][c, t] = (B^T d B)[k,l] for F(6x6,3x3), padding 1: the tiles of tile rows row0..row1-1
+def input_transform6(x, row0, row1, tiles_h, c0, c1, gathered, mixed, V):
+    """V[k*8+l, c, t] = (B^T d B)[k,l] for F(6x6,3x3), padding 1: the tiles of tile rows row0..row1-1
     (flat over the batch: row = b*tiles_h + tile row) and channels c0..c1-1; t counts tiles from row0.
-    V in NR-tile panels (conv_winograd_gemm.py), each channel's tiles first made in staged [64, >= P*NR]
-    (contiguous runs, as before the panels) and then stored in whole panel rows (store_channel).
     Scratch gathered, mixed [8, 6, tiles_w+1] (deinterleaved rows, as input_transform4's)."""
     height, width = x.shape[2], x.shape[3]
     tiles_w = gathered.shape[2] - 1
     run = gathered.shape[1] * gathered.shape[2]  # 6 * (tiles_w + 1)
     gathered[:] = 0.0
-    staged[:, (row1 - row0) * tiles_w:] = 0.0  # the lanes past T: zeros into V's last panel
     for c in range(c0, c1):
         for row in range(row0, row1):
             b, tile_row = row // tiles_h, row % tiles_h
@@ -102,14 +98,13 @@ def input_transform6(x, row0, row1, tiles_h, c0, c1, gathered, mixed, staged, V)
             g, mx = gathered.reshape(8, run), mixed.reshape(8, run)
             for i in range(run):
                 _bt_column(g[0, i], g[1, i], g[2, i], g[3, i], g[4, i], g[5, i], g[6, i], g[7, i], mx, i)
-            # 3. staged[k*8+l, t0+j] = sum_s B^T[l,s] mixed[k, s%6, s//6 + j]   ((B^T d) B, per tile)
+            # 3. V[k*8+l, c, t0+j] = sum_s B^T[l,s] mixed[k, s%6, s//6 + j]   ((B^T d) B, per tile)
             for k in range(8):
-                target = staged[8 * k:8 * k + 8, t0:t0 + tiles_w]  # [8, tiles_w]
+                target = V[8 * k:8 * k + 8, c, t0:t0 + tiles_w]  # [8, tiles_w]
                 for j in range(tiles_w):
                     _bt_column(mixed[k, 0, j], mixed[k, 1, j], mixed[k, 2, j], mixed[k, 3, j],
                                mixed[k, 4, j], mixed[k, 5, j], mixed[k, 0, j + 1], mixed[k, 1, j + 1],
                                target, j)
-        store_channel(staged, V, c)  # 4. V[xi, p, c, :] = staged[xi, p*NR:(p+1)*NR]
 
 
 @njit(**SERIAL)
