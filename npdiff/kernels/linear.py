@@ -22,7 +22,17 @@ Versions:
                            pass GEGLU_MAX_HIDDEN_FLOATS): per block a one-thread GEMM into the
                            worker's [block, 2D] hidden scratch (kernels/scratch.py, reused from call
                            to call) and the serial gate pass over it, both cores each on their own
-                           block; no [R, 2D] temporary and no fresh array per block.
+                           block; no [R, 2D] temporary and no fresh array per block. The bias is added
+                           in the gate's pass (_geglu_bias_rows), not by a pass of its own over the
+                           hidden rows: the same sums, bit for bit; measured in one process, CPU time,
+                           best of 9, loaded machine: [8192,320] -> 2x1280 123.3 -> 119.5 ms, [2048,640]
+                           -> 2x2560 106.1 -> 104.2, [512,1280] -> 2x5120 109.5 -> 109.0.
+                           Tried and slower: blocks of 256 rows cut into chunks of 512 outputs (value
+                           and gate GEMMs per chunk into L2-sized scratch, the gate while in L2):
+                           123.9 -> 154.5 ms CPU at [8192,320] (OpenBLAS packs both operands again
+                           for every small call), 105.8 -> 129.8 at [2048,640].
+  None of the element-wise Numba passes here carries a fastmath flag (there is no sum to reorder; the
+  activation's own flags are activations.py's).
   2. linear_activation_fast  the GEMM without its bias, then one Numba pass, parallel over rows, that
                            adds the bias and applies the activation in place, each row L1-resident
                            (CLIP's fc1 + quick_gelu: one pass and no [R, I] temporary instead of a
@@ -38,7 +48,7 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
-from npdiff.jit import FASTMATH_SAFE, PARALLEL, SERIAL, njit, prange
+from npdiff.jit import PARALLEL, SERIAL, njit, prange
 from npdiff.kernels import dispatch
 from npdiff.kernels.activations import (
     ACTIVATION_CODES,
@@ -136,13 +146,39 @@ def linear_fast(x, weight, bias=None):
     return out.reshape(x.shape[:-1] + (weight.shape[0],))  # [R, out] -> [..., out]
 
 
-@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+@njit(**SERIAL)
 def _geglu_row(hidden_row, which, out_row):
     """out_row [D] = hidden_row[:D] * gelu(hidden_row[D:]); both halves contiguous, L1-resident."""
     width = out_row.size
     activation_block(hidden_row[width:], out_row, which)  # gelu(gate)
     for j in range(width):
         out_row[j] *= hidden_row[j]  # * value
+
+
+@njit(**SERIAL)
+def _geglu_bias_rows(hidden, bias, which, out, summed, keep_hidden):
+    """out [m, D] = (hidden[:, :D] + bias[:D]) * gelu(hidden[:, D:] + bias[D:]), row by row: the bias added
+    in the gate's pass (the same float32 sums and products as `hidden += bias`, then _geglu_row, without a
+    pass of its own over the hidden rows). keep_hidden: the sums are written back into hidden too (the
+    training tape keeps h = x W^T + b). summed [D]: a scratch row."""
+    width = out.shape[1]
+    value_bias = bias[:width]  # [D]
+    gate_bias = bias[width:]  # [D]
+    for r in range(hidden.shape[0]):
+        value = hidden[r, :width]  # [D]
+        gate = hidden[r, width:]  # [D]
+        out_row = out[r]  # [D]
+        for j in range(width):
+            summed[j] = gate[j] + gate_bias[j]
+        activation_block(summed, out_row, which)  # gelu(gate + b)
+        if keep_hidden:
+            for j in range(width):
+                gate[j] = summed[j]
+                value[j] += value_bias[j]
+                out_row[j] *= value[j]  # * (value + b)
+        else:
+            for j in range(width):
+                out_row[j] *= value[j] + value_bias[j]  # * (value + b)
 
 
 @njit(**PARALLEL)
@@ -181,9 +217,11 @@ def geglu_blocks(rows, weight, bias, which, hidden_out=None):
         else:
             hidden = hidden_out[first:stop]  # [block, 2D] view of the caller's array
         np.matmul(rows[first:stop], weight.T, out=hidden)  # [block, in] @ [in, 2D] -> [block, 2D]
-        if bias is not None:
-            hidden += bias
-        _geglu_gate_serial(hidden, which, out[first:stop])
+        if bias is None:
+            _geglu_gate_serial(hidden, which, out[first:stop])
+        else:  # the bias added in the gate's pass; the tape's hidden_out gets it too
+            _geglu_bias_rows(hidden, bias, which, out[first:stop], scratch("geglu summed", (out.shape[1],)),
+                             hidden_out is not None)
 
     run_blocks(run_block, geglu_row_blocks(rows.shape[0], weight.shape[0], shared_pool().workers))
     return out
@@ -206,7 +244,7 @@ def geglu_fast(x, weight, bias=None, approximate="none", hidden_out=None):
     return out.reshape(x.shape[:-1] + (out.shape[1],))  # [R, D] -> [..., D]
 
 
-@njit(**SERIAL, fastmath=FASTMATH_SAFE)
+@njit(**SERIAL)
 def _bias_activation_row(row, bias, has_bias, which):
     """row [D] = activation(row + bias), in place. The sum goes to a scratch row first: with its
     input and output the same array the activation loop is not vectorised (measured 8 ns per

@@ -40,6 +40,11 @@ def results_for(seed):
     out["gelu_tanh"] = kernels["activations"].gelu(tokens, approximate="tanh")
     out["linear"] = linear.linear(tokens, weight, bias)
     out["geglu"] = linear.geglu(tokens, geglu_weight, geglu_bias)
+    many_tokens = randn(2, 600, 96)  # 1200 rows: geglu's blocks on the pool, the bias in the gate's pass
+    out["geglu_blocks"] = linear.geglu(many_tokens, geglu_weight, geglu_bias)
+    out["geglu_blocks_hidden"] = np.empty((1200, 160), np.float32)  # the tape's hidden layer, bias added
+    out["geglu_blocks_kept"] = linear.geglu_fast(many_tokens, geglu_weight, geglu_bias,
+                                                 hidden_out=out["geglu_blocks_hidden"])
     out["conv_winograd4"] = conv.conv2d(randn(1, 32, 32, 32), randn(40, 32, 3, 3, scale=0.1), randn(40), 1, 1)
     out["conv_winograd6"] = conv.conv2d(randn(1, 128, 64, 64), randn(16, 128, 3, 3, scale=0.05), randn(16), 1, 1)
     out["conv_stride2"] = conv.conv2d(randn(1, 16, 20, 20), randn(24, 16, 3, 3), randn(24), 2, 1)

@@ -90,6 +90,23 @@ def test_geglu_in_blocks_matches_torch(rng, approximate, max_hidden_floats, monk
             blas.set_num_threads(threads)
 
 
+def test_geglu_in_blocks_keeps_the_hidden_layer_with_its_bias(rng):
+    """The training tape's hidden_out in the blocks path: the bias is added in the gate's pass, and the kept
+    hidden layer is torch's h = x W^T + b (the backward reads it), the output torch's GEGLU; with no bias too."""
+    rows = linear_kernels.GEGLU_FORWARD_MIN_ROWS + 2 * int(rng.integers(1, 300)) + 1
+    x = rng.standard_normal((rows, 48), dtype=np.float32)
+    weight = rng.standard_normal((2 * 56, 48), dtype=np.float32) / np.float32(7.0)
+    for bias in (rng.standard_normal(2 * 56, dtype=np.float32), None):
+        torch_bias = None if bias is None else torch.from_numpy(bias)
+        hidden = F.linear(torch.from_numpy(x), torch.from_numpy(weight), torch_bias)
+        value, gate = hidden.chunk(2, dim=-1)
+        kept = np.full((rows, 2 * 56), np.nan, np.float32)
+        ours = linear_kernels.geglu_fast(x, weight, bias, hidden_out=kept)
+        assert_rel_close(kept, hidden, KERNEL_TOL, "geglu's kept hidden layer")
+        assert_rel_close(ours, value * F.gelu(gate), KERNEL_TOL, "geglu in blocks, hidden kept")
+        assert np.array_equal(ours, geglu(x, weight, bias))  # keeping the hidden layer changes no bit
+
+
 @pytest.mark.parametrize("n_rows, hidden_width, workers", [(8192, 5120, 2), (2048, 20480, 2), (1025, 80, 3),
                                                            (9000, 1 << 14, 2)])
 def test_geglu_row_blocks_cover_the_rows(n_rows, hidden_width, workers):
