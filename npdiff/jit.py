@@ -8,11 +8,13 @@ Flags used:
   SERIAL    no threads: small kernels, or kernels called from inside a parallel loop.
   error_model="numpy": division by zero gives inf/nan as in NumPy instead of raising, which lets
             Numba drop the zero checks from inner loops.
-  FASTMATH_SAFE: fastmath flags that allow reassociation and FMA contraction but do NOT assume
-            values are finite ('ninf', 'nnan' are left out), so -inf in masked softmax stays
-            correct. No kernel uses a blanket fastmath=True.
   FASTMATH_CONTRACT: only 'contract': a*b + c may become one FMA (one rounding); nothing is
-            reordered. For element-wise loops.
+            reordered. For element-wise loops. No kernel carries 'reassoc' (or a blanket
+            fastmath=True): with it, LLVM picks the order of a sum, and may pick another in each compiled
+            copy of a function (Numba links a copy of every callee into each caller and optimises it
+            there), so a process that compiled a kernel and one that loaded it from the disk cache gave
+            different bits. Sums that need vectors are written as lanes added in a fixed order
+            (kernels/lane_sums.py, matmul_numba.sum_lanes_in_tree).
   (no fastmath option): njit below passes fastmath=False, so a kernel's flags are its own and never
             inherited from whichever caller Numba compiled it for first.
 """
@@ -73,7 +75,6 @@ def njit(*args, **options):
     options.setdefault("fastmath", False)
     return numba_njit(*args, **options)
 
-FASTMATH_SAFE = {"nsz", "arcp", "contract", "reassoc"}
 FASTMATH_CONTRACT = {"contract"}
 
 PARALLEL = dict(parallel=True, cache=True, nogil=True, error_model="numpy")
