@@ -39,7 +39,7 @@ import numpy as np
 from npdiff import backend, kernels
 from npdiff.errors import NpdiffError
 from npdiff.kernels.attention.causal_rows import causal_attention_rows
-from npdiff.kernels.linear_packed import aligned_scratch, pack_rows, pack_rows_layer_norm, row_panels_shape
+from npdiff.kernels.linear_packed import aligned_scratch, layer_norm_rows
 from npdiff.loading.config_checks import full_config
 from npdiff.loading.configs import load_component
 from npdiff.models import precision
@@ -142,8 +142,8 @@ class CLIPEncoderLayer:
         return out
 
     def packed_forward(self, h, out=None):
-        """The same steps on PackedLinear layers: each layer norm written straight into the packed rows its
-        GEMMs read, and the bias, activation and residual added to each GEMM's column panels as they are made.
+        """The same steps on PackedLinear layers: each layer norm written into a scratch of rows that its GEMMs
+        read, and the bias, activation and residual added to each GEMM's tiles as they are made.
         Every temporary is one of this thread's scratch buffers (kernels/scratch.py), reused from layer to
         layer and call to call: fresh arrays of 0.5-2 MB came from mmap each time (measured on CLIP-L: 18.5k
         page faults and ~40 ms of system time per call)."""
@@ -151,24 +151,22 @@ class CLIPEncoderLayer:
         batch, length, dim = h.shape
         rows, inner = batch * length, mlp.fc1.weight.shape[0]
         h_rows = np.ascontiguousarray(h).reshape(rows, dim)                # [B,L,D] -> [M,D]
-        packed = aligned_scratch("clip packed rows", row_panels_shape(rows, dim))  # [M/6,D,6]
+        normed = aligned_scratch("clip normed rows", (rows, dim))          # [M,D]
         # 1. causal self-attention, residual (into scratch: h itself is left as it was)
-        pack_rows_layer_norm(h_rows, norm1.weight, norm1.bias, norm1.eps, out=packed)  # [M,D] -> packed
-        q = attn.q_proj.packed(packed, rows, out=aligned_scratch("clip q", (rows, dim)))       # [M,D]
-        k = attn.k_proj.packed(packed, rows, out=aligned_scratch("clip k", (rows, dim)))       # [M,D]
-        v = attn.v_proj.packed(packed, rows, out=aligned_scratch("clip v", (rows, dim)))       # [M,D]
+        layer_norm_rows(h_rows, norm1.weight, norm1.bias, norm1.eps, out=normed)              # [M,D]
+        q = attn.q_proj.rows(normed, out=aligned_scratch("clip q", (rows, dim)))               # [M,D]
+        k = attn.k_proj.rows(normed, out=aligned_scratch("clip k", (rows, dim)))               # [M,D]
+        v = attn.v_proj.rows(normed, out=aligned_scratch("clip v", (rows, dim)))               # [M,D]
         attended = causal_attention_rows(q, k, v, batch, attn.heads, attn.scale,
                                          out=aligned_scratch("clip attended", (rows, dim)))   # [M,D], heads merged
-        pack_rows(attended, out=packed)                                                # [M,D] -> packed
-        h_rows = attn.out_proj.packed(packed, rows, residual=h_rows,
-                                      out=aligned_scratch("clip attention out", (rows, dim)))  # [M,D] + h
+        h_rows = attn.out_proj.rows(attended, residual=h_rows,
+                                    out=aligned_scratch("clip attention out", (rows, dim)))    # [M,D] + h
         # 2. MLP (fc1 + activation in one pass), residual
-        pack_rows_layer_norm(h_rows, norm2.weight, norm2.bias, norm2.eps, out=packed)  # [M,D] -> packed
-        hidden_packed = aligned_scratch("clip packed hidden", row_panels_shape(rows, inner))  # [M/6,I,6]
-        mlp.fc1.packed(packed, rows, activation=mlp.activation_name, out=aligned_scratch("clip hidden", (rows, inner)),
-                       packed_out=hidden_packed)                                      # [M,D] -> [M,I], packed
-        out = mlp.fc2.packed(hidden_packed, rows, residual=h_rows, out=out)            # [M,I] -> [M,D] + h
-        return out.reshape(batch, length, dim)                                         # [M,D] -> [B,L,D]
+        layer_norm_rows(h_rows, norm2.weight, norm2.bias, norm2.eps, out=normed)              # [M,D]
+        hidden = mlp.fc1.rows(normed, activation=mlp.activation_name,
+                              out=aligned_scratch("clip hidden", (rows, inner)))               # [M,D] -> [M,I]
+        out = mlp.fc2.rows(hidden, residual=h_rows, out=out)                                  # [M,I] -> [M,D] + h
+        return out.reshape(batch, length, dim)                                                 # [M,D] -> [B,L,D]
 
 
 class CLIPTextModel:

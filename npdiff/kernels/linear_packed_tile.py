@@ -1,0 +1,165 @@
+"""The micro-kernel of linear_packed.py: one MR x NR tile of y = x W^T, x read as it lies (row-major rows), W from
+its packed column panels, with the layer's epilogue (bias, activation, residual) applied as the tile is written.
+
+    row_tile(depth, x, k0, row0, valid_rows, b_block, out, col0, valid_cols, accumulate, finish,
+             bias, has_bias, which, residual, has_residual, tile, prefetch_from, prefetch_start, prefetch_count)
+
+A copy of matmul_numba.py's _micro_kernel (the lesson's step 6: the 6 x 64 tile of C in 24 zmm registers, each step
+of k 6 broadcasts of A, 4 loads of B, 24 explicit FMAs; no fastmath flag), changed in two places:
+
+  1. A is not packed. The six rows' values for one k are read from x's own rows (x[row0 + i, k0 + k]: six streams
+     of consecutive floats, which the L1 prefetcher follows; the tile's [depth, 6] block of x, 18 KiB at
+     depth 768, stays in L1 as the packed panel did). No pass per call packs x, and the layer norm before a GEMM
+     and the GEMM before another (fc1 -> fc2) write plain rows. Rows past the valid ones read the last valid row
+     (their sums are never stored).
+  2. After the last depth block (`finish`), the tile is finished in place of being stored: + the earlier blocks'
+     sums (in out), + bias, the activation, + residual, then written once. Without an activation everything runs
+     on the registers (loops of constant trip count NR, unrolled, like the store of _write_full_tile); with one,
+     the biased tile goes through `tile` (this thread's [MR, NR] buffer in L1: the activation's loop reading and
+     writing one array would fail LLVM's run-time overlap check and run scalar) into out's rows. Edge tiles
+     (the last row panel, the last column panel) take the same steps on their valid part, row by row.
+
+Why: the epilogue as a pass over each finished column panel (from L2) cost CLIP-L's fc1 ~20% of its GEMM, and
+packing x and fc1's output per call another ~10%; here they cost a few per cent.
+
+The same bits in every process: the FMAs are explicit, no function here carries a fastmath flag (the
+activation is activations.activation_block, 'contract' only), and each element of the result is made by one
+call, in one order of k.
+"""
+
+from numba import carray
+
+from npdiff.intrinsics import fma32
+from npdiff.jit import SERIAL, njit
+from npdiff.kernels.activations import activation_block
+from npdiff.kernels.matmul_numba import CACHE_LINE_FLOATS, MR, NR, PREFETCH_EVERY, _stack_row, prefetch_to_l2
+
+NO_ACTIVATION = -1  # activation code: bias (and residual) only
+
+
+@njit(**SERIAL)
+def row_tile(depth, x, k0, row0, valid_rows, b_block, out, col0, valid_cols, accumulate, finish, bias, has_bias,
+             which, residual, has_residual, tile, prefetch_from, prefetch_start, prefetch_count):
+    """out[row0:row0+MR, col0:col0+NR] (+)= x[row0:row0+MR, k0:k0+depth] @ b_block[:depth], finished (bias,
+    activation `which`, residual) when `finish`; only the valid_rows x valid_cols corner is written.
+
+    x [M, K] C-contiguous rows; b_block [depth, NR] one packed panel's rows k0..; accumulate: add out's sums of
+    the earlier depth blocks; tile [MR, NR]: this thread's scratch; every PREFETCH_EVERY steps of k one cache
+    line of prefetch_from's flat elements prefetch_start .. + prefetch_count goes to L2 (matmul_numba.py)."""
+    last = valid_rows - 1
+    x0 = x[row0, k0:k0 + depth]  # [depth]: the six rows of A, as they lie in x
+    x1 = x[row0 + min(1, last), k0:k0 + depth]
+    x2 = x[row0 + min(2, last), k0:k0 + depth]
+    x3 = x[row0 + min(3, last), k0:k0 + depth]
+    x4 = x[row0 + min(4, last), k0:k0 + depth]
+    x5 = x[row0 + min(5, last), k0:k0 + depth]
+    acc0 = carray(_stack_row(), NR)
+    acc1 = carray(_stack_row(), NR)
+    acc2 = carray(_stack_row(), NR)
+    acc3 = carray(_stack_row(), NR)
+    acc4 = carray(_stack_row(), NR)
+    acc5 = carray(_stack_row(), NR)
+    for j in range(NR):
+        acc0[j] = 0.0
+        acc1[j] = 0.0
+        acc2[j] = 0.0
+        acc3[j] = 0.0
+        acc4[j] = 0.0
+        acc5[j] = 0.0
+    # 1. the tile's sums over this depth block: rank-1 updates, 6 broadcasts of A times one row of B
+    for k in range(depth):
+        if k % PREFETCH_EVERY == 0 and (k // PREFETCH_EVERY) * CACHE_LINE_FLOATS < prefetch_count:
+            prefetch_to_l2(prefetch_from, prefetch_start + (k // PREFETCH_EVERY) * CACHE_LINE_FLOATS)
+        a0 = x0[k]
+        a1 = x1[k]
+        a2 = x2[k]
+        a3 = x3[k]
+        a4 = x4[k]
+        a5 = x5[k]
+        for j in range(NR):  # contiguous in b_block: 4 zmm loads
+            b_kj = b_block[k, j]
+            acc0[j] = fma32(a0, b_kj, acc0[j])  # acc0[j] + a0 * b_kj, one rounding
+            acc1[j] = fma32(a1, b_kj, acc1[j])
+            acc2[j] = fma32(a2, b_kj, acc2[j])
+            acc3[j] = fma32(a3, b_kj, acc3[j])
+            acc4[j] = fma32(a4, b_kj, acc4[j])
+            acc5[j] = fma32(a5, b_kj, acc5[j])
+    # 2. into out: a full tile with no activation on the registers, else through the thread's tile buffer
+    if valid_rows == MR and valid_cols == NR and (not finish or which == NO_ACTIVATION):
+        if accumulate:
+            _add_tile(acc0, acc1, acc2, acc3, acc4, acc5, out, row0, col0)
+        if finish and has_bias:
+            _add_row_to_all(acc0, acc1, acc2, acc3, acc4, acc5, bias, col0)
+        if finish and has_residual:
+            _add_tile(acc0, acc1, acc2, acc3, acc4, acc5, residual, row0, col0)
+        _store_tile(acc0, acc1, acc2, acc3, acc4, acc5, out, row0, col0)
+    else:
+        _store_tile(acc0, acc1, acc2, acc3, acc4, acc5, tile, 0, 0)
+        _finish_rows(tile, out, row0, col0, valid_rows, valid_cols, accumulate, finish, bias, has_bias, which,
+                     residual, has_residual)
+
+
+@njit(**SERIAL)
+def _add_tile(acc0, acc1, acc2, acc3, acc4, acc5, source, row0, col0):
+    """acc_r[j] += source[row0 + r, col0 + j]: constant indices into the accumulators (they stay registers)."""
+    for j in range(NR):
+        acc0[j] += source[row0 + 0, col0 + j]
+        acc1[j] += source[row0 + 1, col0 + j]
+        acc2[j] += source[row0 + 2, col0 + j]
+        acc3[j] += source[row0 + 3, col0 + j]
+        acc4[j] += source[row0 + 4, col0 + j]
+        acc5[j] += source[row0 + 5, col0 + j]
+
+
+@njit(**SERIAL)
+def _add_row_to_all(acc0, acc1, acc2, acc3, acc4, acc5, row, col0):
+    """acc_r[j] += row[col0 + j] for every r (the bias)."""
+    for j in range(NR):
+        value = row[col0 + j]
+        acc0[j] += value
+        acc1[j] += value
+        acc2[j] += value
+        acc3[j] += value
+        acc4[j] += value
+        acc5[j] += value
+
+
+@njit(**SERIAL)
+def _store_tile(acc0, acc1, acc2, acc3, acc4, acc5, target, row0, col0):
+    """target[row0 + r, col0 + j] = acc_r[j], the whole MR x NR tile."""
+    for j in range(NR):
+        target[row0 + 0, col0 + j] = acc0[j]
+        target[row0 + 1, col0 + j] = acc1[j]
+        target[row0 + 2, col0 + j] = acc2[j]
+        target[row0 + 3, col0 + j] = acc3[j]
+        target[row0 + 4, col0 + j] = acc4[j]
+        target[row0 + 5, col0 + j] = acc5[j]
+
+
+@njit(**SERIAL)
+def _finish_rows(tile, out, row0, col0, valid_rows, valid_cols, accumulate, finish, bias, has_bias, which, residual,
+                 has_residual):
+    """The tile's valid corner from the buffer into out, row by row: + the earlier blocks' sums, and when
+    `finish` + bias, the activation (tile -> out), + residual."""
+    for r in range(valid_rows):
+        sums = tile[r, :valid_cols]  # [valid_cols]
+        target = out[row0 + r, col0:col0 + valid_cols]  # [valid_cols]
+        if accumulate:
+            for j in range(valid_cols):
+                sums[j] += target[j]
+        if finish and has_bias:
+            for j in range(valid_cols):
+                sums[j] += bias[col0 + j]
+        if finish and which != NO_ACTIVATION:
+            activation_block(sums, target, which)
+        else:
+            target[:] = sums
+        if finish and has_residual:
+            for j in range(valid_cols):
+                target[j] += residual[row0 + r, col0 + j]
+
+
+def tile_scratch_shape(threads):
+    """The per-thread tile buffers row_tile's callers hand it: [threads, MR, NR]."""
+    return (threads, MR, NR)
+
