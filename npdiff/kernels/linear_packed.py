@@ -44,6 +44,8 @@ thread, is 152-161 GFLOP/s): a hot [154,768] x [768,768] 144-150 GFLOP/s, with b
 packed operand: 112-117).
 """
 
+import math
+
 import numpy as np
 from numba import config, get_num_threads, get_thread_id
 
@@ -51,7 +53,7 @@ from npdiff.jit import PARALLEL, njit, prange
 from npdiff.kernels.activations import ACTIVATION_CODES, gelu_ref, quick_gelu_ref
 from npdiff.kernels.linear_packed_tile import NO_ACTIVATION, row_tile, tile_scratch_shape
 from npdiff.kernels.matmul_numba import CACHE_LINE_FLOATS, MR, NR
-from npdiff.kernels.norm import _layer_norm_serial
+from npdiff.kernels.norm import _layer_norm_numba
 from npdiff.kernels.scratch import scratch
 
 # steps of k per depth block. Measured (one thread, [154,768] x [768,768]): KC 128 122 GFLOP/s, 256 123,
@@ -75,20 +77,20 @@ def aligned_view(flat, shape):
     the shape's size), starting on a 64-byte boundary. NumPy's own arrays start 16 bytes past one: then every
     64-float row of a panel straddles 5 cache lines instead of 4 and each zmm load of the micro-kernel is split in
     two (measured, one thread, CLIP-L's 72 weights streamed: 120 -> 134 GFLOP/s)."""
-    size = int(np.prod(shape))
+    size = math.prod(shape)
     skip = (-flat.ctypes.data % (4 * ALIGN_FLOATS)) // 4
     return flat[skip:skip + size].reshape(shape)
 
 
 def aligned_empty(shape):
     """np.empty(shape, float32), starting on a 64-byte boundary."""
-    return aligned_view(np.empty(int(np.prod(shape)) + ALIGN_FLOATS, np.float32), shape)
+    return aligned_view(np.empty(math.prod(shape) + ALIGN_FLOATS, np.float32), shape)
 
 
 def aligned_scratch(name, shape):
     """This thread's scratch buffer `name` (kernels/scratch.py) as a float32 array of `shape` starting on a
     64-byte boundary."""
-    return aligned_view(scratch(name, int(np.prod(shape)) + ALIGN_FLOATS), shape)
+    return aligned_view(scratch(name, math.prod(shape) + ALIGN_FLOATS), shape)
 
 
 PACK_DEPTH = 256  # steps of k per block of pack_panels: a [NR, 256] block of the weight and its image, 64 KiB each
@@ -119,10 +121,11 @@ def unpack_panels(panels, outputs):
 
 def layer_norm_rows(x, gamma, beta, eps, out=None):
     """layer_norm(x, gamma, beta, eps) [M,K] (torch's, over the last axis) -> [M,K] float32 rows (into `out` when
-    given: a C-contiguous scratch array, no fresh pages per call), on the calling thread: norm.py's rows (154 x
-    768 floats take ~0.1 ms, about what waking the pool and handing out the rows cost)."""
+    given: a C-contiguous scratch array, no fresh pages per call): norm.py's parallel rows. (norm.py runs inputs
+    this small on the calling thread, measured when OpenBLAS's pool ran CLIP's GEMMs beside Numba's; between the
+    packed GEMMs, on the same pool, the two threads take 0.05 ms of CLIP-L's 0.1.)"""
     out = aligned_empty(x.shape) if out is None else out  # [M,K]
-    _layer_norm_serial(x, gamma, beta, float(eps), out)
+    _layer_norm_numba(x, gamma, beta, float(eps), out)
     return out
 
 
@@ -132,14 +135,14 @@ def layer_norm_rows(x, gamma, beta, eps, out=None):
 @njit(**PARALLEL)
 def _linear_packed_numba(x, panels, bias, has_bias, which, residual, has_residual, out, depth_step, tasks, tiles):
     """out [M,N] = activation(x @ W^T + bias) + residual; x [M,K] rows, W's panels [N/NR, K, NR].
-    One task per thread, each a contiguous run of column panels. tiles [threads, MR, NR]: each thread's tile
-    buffer for the epilogue (no np.empty inside the prange: allocating there slowed causal_rows.py's two
+    One task per thread, each a contiguous run of column panels. tiles [threads, 2, MR, NR]: each thread's tile
+    buffers for the epilogue (no np.empty inside the prange: allocating there slowed causal_rows.py's two
     threads ~5x)."""
     n_panels, depth = panels.shape[0], panels.shape[1]
     rows, cols = out.shape
     row_panels = (rows + MR - 1) // MR
     for task in prange(tasks):
-        tile = tiles[get_thread_id()]  # [MR, NR]
+        tile = tiles[get_thread_id()]  # [2, MR, NR]
         first = task * n_panels // tasks
         stop = (task + 1) * n_panels // tasks
         # depth_step steps of k at a time: x's [M, depth_step] block stays in L2 while the task's panels pass

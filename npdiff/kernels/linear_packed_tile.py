@@ -15,9 +15,10 @@ of k 6 broadcasts of A, 4 loads of B, 24 explicit FMAs; no fastmath flag), chang
   2. After the last depth block (`finish`), the tile is finished in place of being stored: + the earlier blocks'
      sums (in out), + bias, the activation, + residual, then written once. Without an activation everything runs
      on the registers (loops of constant trip count NR, unrolled, like the store of _write_full_tile); with one,
-     the biased tile goes through `tile` (this thread's [MR, NR] buffer in L1: the activation's loop reading and
-     writing one array would fail LLVM's run-time overlap check and run scalar) into out's rows. Edge tiles
-     (the last row panel, the last column panel) take the same steps on their valid part, row by row.
+     the biased tile is stored into this thread's buffer tile[0] and activated as one run of MR * NR floats into
+     tile[1] (in place, the loop would fail LLVM's run-time overlap check and run scalar; per row, 64 floats a
+     call, it ran ~1.6x slower a float), then placed in out's rows with the residual. Edge tiles (the last row
+     panel, the last column panel) take the same steps on their valid part, row by row.
 
 Why: the epilogue as a pass over each finished column panel (from L2) cost CLIP-L's fc1 ~20% of its GEMM, and
 packing x and fc1's output per call another ~10%; here they cost a few per cent.
@@ -44,7 +45,7 @@ def row_tile(depth, x, k0, row0, valid_rows, b_block, out, col0, valid_cols, acc
     activation `which`, residual) when `finish`; only the valid_rows x valid_cols corner is written.
 
     x [M, K] C-contiguous rows; b_block [depth, NR] one packed panel's rows k0..; accumulate: add out's sums of
-    the earlier depth blocks; tile [MR, NR]: this thread's scratch; every PREFETCH_EVERY steps of k one cache
+    the earlier depth blocks; tile [2, MR, NR]: this thread's scratch; every PREFETCH_EVERY steps of k one cache
     line of prefetch_from's flat elements prefetch_start .. + prefetch_count goes to L2 (matmul_numba.py)."""
     last = valid_rows - 1
     x0 = x[row0, k0:k0 + depth]  # [depth]: the six rows of A, as they lie in x
@@ -84,18 +85,25 @@ def row_tile(depth, x, k0, row0, valid_rows, b_block, out, col0, valid_cols, acc
             acc3[j] = fma32(a3, b_kj, acc3[j])
             acc4[j] = fma32(a4, b_kj, acc4[j])
             acc5[j] = fma32(a5, b_kj, acc5[j])
-    # 2. into out: a full tile with no activation on the registers, else through the thread's tile buffer
-    if valid_rows == MR and valid_cols == NR and (not finish or which == NO_ACTIVATION):
+    # 2. into out. A full tile: the earlier blocks' sums and the bias added on the registers, then the residual
+    #    there too (no activation), or the tile through the activation, one run of MR * NR floats in the thread's
+    #    buffers, into out with the residual. An edge tile: the same, row by row, on its valid corner.
+    if valid_rows == MR and valid_cols == NR:
         if accumulate:
             _add_tile(acc0, acc1, acc2, acc3, acc4, acc5, out, row0, col0)
         if finish and has_bias:
             _add_row_to_all(acc0, acc1, acc2, acc3, acc4, acc5, bias, col0)
-        if finish and has_residual:
-            _add_tile(acc0, acc1, acc2, acc3, acc4, acc5, residual, row0, col0)
-        _store_tile(acc0, acc1, acc2, acc3, acc4, acc5, out, row0, col0)
+        if finish and which != NO_ACTIVATION:
+            _store_tile(acc0, acc1, acc2, acc3, acc4, acc5, tile[0], 0, 0)
+            activation_block(tile[0].reshape(MR * NR), tile[1].reshape(MR * NR), which)  # [MR*NR] -> [MR*NR]
+            _place_tile(tile[1], out, row0, col0, residual, has_residual)
+        else:
+            if finish and has_residual:
+                _add_tile(acc0, acc1, acc2, acc3, acc4, acc5, residual, row0, col0)
+            _store_tile(acc0, acc1, acc2, acc3, acc4, acc5, out, row0, col0)
     else:
-        _store_tile(acc0, acc1, acc2, acc3, acc4, acc5, tile, 0, 0)
-        _finish_rows(tile, out, row0, col0, valid_rows, valid_cols, accumulate, finish, bias, has_bias, which,
+        _store_tile(acc0, acc1, acc2, acc3, acc4, acc5, tile[0], 0, 0)
+        _finish_rows(tile[0], out, row0, col0, valid_rows, valid_cols, accumulate, finish, bias, has_bias, which,
                      residual, has_residual)
 
 
@@ -137,6 +145,19 @@ def _store_tile(acc0, acc1, acc2, acc3, acc4, acc5, target, row0, col0):
 
 
 @njit(**SERIAL)
+def _place_tile(finished, out, row0, col0, residual, has_residual):
+    """out[row0 + r, col0 + j] = finished[r, j] (+ residual[row0 + r, col0 + j]), the whole MR x NR tile."""
+    for r in range(MR):
+        target = out[row0 + r, col0:col0 + NR]  # [NR]
+        if has_residual:
+            for j in range(NR):
+                target[j] = finished[r, j] + residual[row0 + r, col0 + j]
+        else:
+            for j in range(NR):
+                target[j] = finished[r, j]
+
+
+@njit(**SERIAL)
 def _finish_rows(tile, out, row0, col0, valid_rows, valid_cols, accumulate, finish, bias, has_bias, which, residual,
                  has_residual):
     """The tile's valid corner from the buffer into out, row by row: + the earlier blocks' sums, and when
@@ -160,6 +181,6 @@ def _finish_rows(tile, out, row0, col0, valid_rows, valid_cols, accumulate, fini
 
 
 def tile_scratch_shape(threads):
-    """The per-thread tile buffers row_tile's callers hand it: [threads, MR, NR]."""
-    return (threads, MR, NR)
+    """The per-thread tile buffers row_tile's callers hand it: [threads, 2, MR, NR] (the sums, the activated)."""
+    return (threads, 2, MR, NR)
 
