@@ -10,49 +10,69 @@ Why not versions 3-5 (kernels/attention/__init__.py): at L = 77 a head's scores 
 BLAS calls, the head transposes, the merge copy and the pool's hand-offs cost more than the arithmetic
 (CLIP-L: 12 heads x 2 prompts, 36 MFLOP a layer).
 
-One task per (prompt, head), prange over them (24 for CLIP-L: 12 per core). Both products run on the
-register-blocked 6 x 64 micro-kernel of matmul_numba.py (the lesson's step 6), over operands packed per task
-in its reading order (all of them a few KB: L1/L2):
-  1. q's head rows, times scale * log2(e), as MR-row panels [L/MR, d, MR]; k's head rows as NR-column panels
-     of k^T [L/NR, d, NR]; v's head rows as NR-column panels [d/NR, L, NR] (zero past the ends).
-  2. scores S = q k^T, for each MR-query panel only the key panels it may attend to (causal).
-  3. per query i: the keys past i set to -inf, p_j = 2^(s_j - max) (vecmath's exp2_nonpositive_f32: 0 at
-     -inf exactly), over whole vectors of 16 keys (a loop of i + 1 keys would run its remainder one key at a
-     time); p / sum written as the MR-row panels of P [L/MR, L, MR], zero past key i.
+One task per (prompt, head), prange over them (24 for CLIP-L: 12 per core). Both products run on
+linear_packed_tile.row_tile (the 6 x 64 register-blocked micro-kernel of matmul_numba.py, the lesson's step 6,
+reading its A operand as rows), so only k and v are copied per task (a few KB: L1/L2):
+  1. k's head rows as NR-column panels of k^T [L/NR, d, NR], v's head rows as NR-column panels [d/NR, L, NR]
+     (zero past the ends); q is read where it lies (its head's columns of the prompt's rows).
+  2. scores S = q k^T into a [L, L/NR * NR] row buffer, for each MR-query panel only the key panels it may
+     attend to (causal).
+  3. per query i, in its row: s * scale * log2(e), the keys past i set to -inf, the max (in 16 lanes),
+     p_j = 2^(s_j - max) (vecmath's exp2_nonpositive_f32: 0 at -inf exactly), over whole vectors of 16 keys
+     (a loop of i + 1 keys would run its remainder one key at a time); p / sum in place, zero past key i.
   4. out = P v, for each MR-query panel only over the keys 0..its last query, straight into out's rows.
+Session 11's version packed q (times the scale) and P into MR-row panels for the micro-kernel: those copies and
+the scalar max were half of its time (one thread, a CLIP-L layer: pack 0.21 ms, softmax 0.22, the products 0.25).
 
 Same bits in every process: no fastmath flag anywhere in this file or the micro-kernel; the softmax's sum runs
-in 16 lanes combined in an order written out (step 3), and the GEMMs' FMAs are explicit. Each query's
-arithmetic is the same whichever thread runs its task, so the thread count changes nothing either.
+in 16 lanes combined in an order written out (step 3), the max is exact in any order, and the GEMMs' FMAs are
+explicit. Each query's arithmetic is the same whichever thread runs its task, so the thread count changes
+nothing either.
 """
 
 import numpy as np
 from numba import carray, config, get_thread_id
 
 from npdiff.jit import PARALLEL, SERIAL, njit, prange
-from npdiff.kernels.matmul_numba import MR, NR, _micro_kernel, _stack_row, sum_lanes_in_tree
+from npdiff.kernels.linear_packed_tile import NO_ACTIVATION, row_tile
+from npdiff.kernels.matmul_numba import MR, NR, _stack_row, sum_lanes_in_tree
 from npdiff.kernels.scratch import scratch
 from npdiff.kernels.vecmath import LOG2E, exp2_nonpositive_f32
 
 KEY_VECTOR = 16  # float32 lanes of one AVX-512 register
+TILE_FLOATS = 2 * MR * NR  # row_tile's buffers
 
 
 @njit(**SERIAL)
-def _pack_head(q, k, v, row0, c0, length, head_dim, scale_log2, q_packed, k_panels, v_panels):
-    """Step 1: one (prompt, head)'s q, k, v rows into the micro-kernel's operand layouts (zero past the ends)."""
-    q_packed[:] = 0.0
+def _pack_head(k, v, row0, c0, length, head_dim, k_panels, v_panels):
+    """Step 1: one (prompt, head)'s k and v rows into the micro-kernel's B layouts (zero past the ends)."""
     k_panels[:] = 0.0
     v_panels[:] = 0.0
     for j in range(length):
-        q_panel, q_lane = j // MR, j % MR
         k_panel, k_lane = j // NR, j % NR
         for c in range(head_dim):
-            q_packed[q_panel, c, q_lane] = q[row0 + j, c0 + c] * scale_log2
             k_panels[k_panel, c, k_lane] = k[row0 + j, c0 + c]
         for value_panel in range(v_panels.shape[0]):
             c_first = value_panel * NR
             for c in range(c_first, min(head_dim, c_first + NR)):
                 v_panels[value_panel, j, c - c_first] = v[row0 + j, c0 + c]
+
+
+@njit(**SERIAL)
+def _lanes_max(row, width):
+    """max(row[:width]) for width a multiple of KEY_VECTOR: a lane-wise max over the vectors (the loop LLVM
+    vectorises; a max carried through one scalar ran a key at a time), then over the lanes. Exact in any order."""
+    lanes = carray(_stack_row(), KEY_VECTOR)
+    for lane in range(KEY_VECTOR):
+        lanes[lane] = row[lane]
+    for j0 in range(KEY_VECTOR, width, KEY_VECTOR):
+        chunk = row[j0:j0 + KEY_VECTOR]
+        for lane in range(KEY_VECTOR):
+            lanes[lane] = max(lanes[lane], chunk[lane])
+    top = lanes[0]
+    for lane in range(1, KEY_VECTOR):
+        top = max(top, lanes[lane])
+    return top
 
 
 @njit(**SERIAL)
@@ -73,43 +93,32 @@ def _lanes_exp2_sum(row, width, top):
 
 
 @njit(**SERIAL)
-def _softmax_rows_packed(scores, length, first_query, valid_queries, p_packed, panel):
-    """Step 3 for the queries first_query .. first_query + valid_queries (MR-row panel `panel`): scores rows
-    (log2 units) -> P's panel, p_ij / sum_j for keys j <= i, zero for i < j < the panel's depth.
-
-    No fastmath flag: the sum runs in KEY_VECTOR lanes in an order written out (_lanes_exp2_sum), so every
-    compiled copy of this function gives the same bits (with 'reassoc' the vectoriser chose the order, and the
-    copy Numba compiled in the process and the one it loaded from its disk cache added in different orders:
-    matmul_numba.py's header says why two exist). The max is exact in any order."""
-    depth = min(length, first_query + MR)
-    for lane in range(valid_queries):
-        query = first_query + lane
-        row = scores[query]
-        keys = query + 1
-        width = (keys + KEY_VECTOR - 1) // KEY_VECTOR * KEY_VECTOR  # whole vectors: within the scores' padding
-        top = row[0]
-        for j in range(1, keys):
-            top = max(top, row[j])
-        for j in range(keys, width):
-            row[j] = -np.inf  # the masked keys: 2^-inf = 0 exactly
-        total = _lanes_exp2_sum(row, width, top)
-        inverse = np.float32(1.0) / total
-        for j in range(keys):
-            p_packed[panel, j, lane] = row[j] * inverse
-        for j in range(keys, depth):
-            p_packed[panel, j, lane] = 0.0
-    for lane in range(valid_queries, MR):  # the spare rows of the last panel
-        for j in range(depth):
-            p_packed[panel, j, lane] = 0.0
+def _softmax_row(row, keys, depth, scale_log2):
+    """Step 3 for one query: row[:keys] (q.k) -> p_j = softmax(scale * q.k)_j over keys j < keys, in place;
+    row[keys:depth] = 0 (the keys its query panel's P v reads past it). No fastmath flag: the sum runs in
+    KEY_VECTOR lanes in an order written out (_lanes_exp2_sum), so every compiled copy of this function gives
+    the same bits (with 'reassoc' the vectoriser chose the order, and the copy Numba compiled in the process and
+    the one it loaded from its disk cache added in different orders: matmul_numba.py's header says why two
+    exist)."""
+    width = (keys + KEY_VECTOR - 1) // KEY_VECTOR * KEY_VECTOR  # whole vectors: within the row buffer's padding
+    for j in range(keys):
+        row[j] *= scale_log2  # log2 units: 2^x below
+    for j in range(keys, width):
+        row[j] = -np.inf  # the masked keys: 2^-inf = 0 exactly
+    top = _lanes_max(row, width)
+    inverse = np.float32(1.0) / _lanes_exp2_sum(row, width, top)
+    for j in range(keys):
+        row[j] *= inverse
+    for j in range(keys, depth):
+        row[j] = 0.0
 
 
 def _work_sizes(length, head_dim):
-    """Floats of each per-thread buffer of a task: q_packed, k_panels, v_panels, scores, p_packed."""
+    """Floats of each per-thread buffer of a task: k_panels, v_panels, scores, row_tile's tile."""
     query_panels = (length + MR - 1) // MR
     key_panels = (length + NR - 1) // NR
     value_panels = (head_dim + NR - 1) // NR
-    return (query_panels * head_dim * MR, key_panels * head_dim * NR, value_panels * length * NR,
-            query_panels * MR * key_panels * NR, query_panels * length * MR)
+    return (key_panels * head_dim * NR, value_panels * length * NR, query_panels * MR * key_panels * NR, TILE_FLOATS)
 
 
 _work_sizes_numba = njit(**SERIAL)(_work_sizes)
@@ -124,40 +133,42 @@ def _causal_attention_rows_numba(q, k, v, batch, heads, scale_log2, out, work):
     query_panels = (length + MR - 1) // MR
     key_panels = (length + NR - 1) // NR
     value_panels = (head_dim + NR - 1) // NR
-    q_size, k_size, v_size, scores_size, p_size = _work_sizes_numba(length, head_dim)
+    k_size, v_size, scores_size, tile_size = _work_sizes_numba(length, head_dim)
     for task in prange(batch * heads):
         b = task // heads
         c0 = (task - b * heads) * head_dim
         row0 = b * length
-        # 1. the operands, packed into this thread's buffers (a few KB each)
+        q_rows = q[row0:row0 + length]  # [L, heads*d]: this prompt's rows
+        out_rows = out[row0:row0 + length]  # [L, heads*d]
+        # 1. k and v packed into this thread's buffers (a few KB each)
         mine = work[get_thread_id()]
         start = 0
-        q_packed = mine[start:start + q_size].reshape((query_panels, head_dim, MR))  # [L/MR, d, MR]
-        start += q_size
         k_panels = mine[start:start + k_size].reshape((key_panels, head_dim, NR))  # [L/NR, d, NR]: k^T's columns
         start += k_size
         v_panels = mine[start:start + v_size].reshape((value_panels, length, NR))  # [d/NR, L, NR]
         start += v_size
         scores = mine[start:start + scores_size].reshape((query_panels * MR, key_panels * NR))  # [L, L] padded
         start += scores_size
-        p_packed = mine[start:start + p_size].reshape((query_panels, length, MR))  # [L/MR, L, MR]
-        _pack_head(q, k, v, row0, c0, length, head_dim, scale_log2, q_packed, k_panels, v_panels)
+        tile = mine[start:start + tile_size].reshape((2, MR, NR))  # row_tile's buffers
+        unused_bias = mine[:1]  # row_tile's bias and residual arguments (neither is read: no epilogue)
+        _pack_head(k, v, row0, c0, length, head_dim, k_panels, v_panels)
         for panel in range(query_panels):
             first = panel * MR
             valid = min(MR, length - first)
             last = first + valid - 1  # the panel's last query: it sees keys 0..last
-            # 2. scores of the key panels this query panel may attend to
+            # 2. scores of the key panels this query panel may attend to (the head's columns of q's rows)
             for key_panel in range(last // NR + 1):
-                _micro_kernel(head_dim, q_packed[panel], k_panels[key_panel], scores, first, key_panel * NR, valid,
-                              min(NR, length - key_panel * NR), False, k_panels, 0, 0)
-            # 3. softmax of each query's keys 0..i, into P's panel
-            _softmax_rows_packed(scores, length, first, valid, p_packed, panel)
+                row_tile(head_dim, q_rows, c0, first, valid, k_panels[key_panel], scores, key_panel * NR, NR, False,
+                         True, unused_bias, False, NO_ACTIVATION, scores, False, tile, k_panels, 0, 0)
+            # 3. softmax of each query's keys 0..i, in its row of the scores
+            for query in range(first, last + 1):
+                _softmax_row(scores[query], query + 1, last + 1, scale_log2)
             # 4. this panel's rows of P v, into out (the head's columns)
             depth = last + 1
             for value_panel in range(value_panels):
-                _micro_kernel(depth, p_packed[panel, :depth], v_panels[value_panel, :depth], out, row0 + first,
-                              c0 + value_panel * NR, valid, min(NR, head_dim - value_panel * NR), False,
-                              v_panels, 0, 0)
+                row_tile(depth, scores, 0, first, valid, v_panels[value_panel, :depth], out_rows,
+                         c0 + value_panel * NR, min(NR, head_dim - value_panel * NR), False, True, unused_bias, False,
+                         NO_ACTIVATION, scores, False, tile, k_panels, 0, 0)
 
 
 def causal_attention_rows(q, k, v, batch, heads, scale, out=None):
