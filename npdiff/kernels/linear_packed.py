@@ -49,7 +49,7 @@ import math
 import numpy as np
 from numba import config, get_num_threads, get_thread_id
 
-from npdiff.jit import PARALLEL, njit, prange
+from npdiff.jit import PARALLEL, SERIAL, njit, prange
 from npdiff.kernels.activations import ACTIVATION_CODES, gelu_ref, quick_gelu_ref
 from npdiff.kernels.linear_packed_tile import NO_ACTIVATION, row_tile, tile_scratch_shape
 from npdiff.kernels.matmul_numba import CACHE_LINE_FLOATS, MR, NR
@@ -132,40 +132,46 @@ def layer_norm_rows(x, gamma, beta, eps, out=None):
 # ---------------------------------------------------------------------------------------------
 # The GEMM and its epilogue
 # ---------------------------------------------------------------------------------------------
+@njit(**SERIAL)
+def gemm_panels(x, panels, first, stop, bias, has_bias, which, residual, has_residual, out, tile):
+    """out[:, first*NR : stop*NR] = activation(x @ W^T + bias) + residual for the column panels first..stop-1 of
+    W's panels [N/NR, K, NR]; x [M,K] rows; tile [2, MR, NR]: the calling thread's buffers (row_tile's).
+    KC_PANEL steps of k at a time: x's [M, KC_PANEL] block stays in L2 while the panels pass under it (depth 0:
+    one empty block, whose tiles are the epilogue of zero sums)."""
+    depth = panels.shape[1]
+    rows, cols = out.shape
+    row_panels = (rows + MR - 1) // MR
+    for k0 in range(0, max(depth, 1), KC_PANEL):
+        block_depth = min(KC_PANEL, depth - k0)
+        last_block = k0 + KC_PANEL >= depth
+        for panel in range(first, stop):
+            col0 = panel * NR
+            b_block = panels[panel, k0:k0 + block_depth]  # [KC, NR]
+            # the weight block read next (the next panel, or the first one at the next k0), fetched into L2
+            # while this one is used: a slice of it in each row panel's micro-kernel
+            next_panel, next_k0 = (panel + 1, k0) if panel + 1 < stop else (first, k0 + KC_PANEL)
+            next_floats = max(0, min(KC_PANEL, depth - next_k0)) * NR
+            next_start = (next_panel * depth + next_k0) * NR  # a flat element of panels
+            slice_floats = -(-next_floats // (row_panels * CACHE_LINE_FLOATS)) * CACHE_LINE_FLOATS
+            for row_panel in range(row_panels):
+                row0 = row_panel * MR
+                sliced = row_panel * slice_floats
+                # the tile's sums over this block (+ the earlier blocks'), finished after the last block
+                row_tile(block_depth, x, k0, row0, min(MR, rows - row0), b_block, out, col0, min(NR, cols - col0),
+                         k0 > 0, last_block, bias, has_bias, which, residual, has_residual, tile,
+                         panels, next_start + sliced, max(0, min(slice_floats, next_floats - sliced)))
+
+
 @njit(**PARALLEL)
-def _linear_packed_numba(x, panels, bias, has_bias, which, residual, has_residual, out, depth_step, tasks, tiles):
+def _linear_packed_numba(x, panels, bias, has_bias, which, residual, has_residual, out, tasks, tiles):
     """out [M,N] = activation(x @ W^T + bias) + residual; x [M,K] rows, W's panels [N/NR, K, NR].
     One task per thread, each a contiguous run of column panels. tiles [threads, 2, MR, NR]: each thread's tile
     buffers for the epilogue (no np.empty inside the prange: allocating there slowed causal_rows.py's two
     threads ~5x)."""
-    n_panels, depth = panels.shape[0], panels.shape[1]
-    rows, cols = out.shape
-    row_panels = (rows + MR - 1) // MR
+    n_panels = panels.shape[0]
     for task in prange(tasks):
-        tile = tiles[get_thread_id()]  # [2, MR, NR]
-        first = task * n_panels // tasks
-        stop = (task + 1) * n_panels // tasks
-        # depth_step steps of k at a time: x's [M, depth_step] block stays in L2 while the task's panels pass
-        # under it (depth 0: one empty block, whose tiles are the epilogue of zero sums)
-        for k0 in range(0, max(depth, 1), depth_step):
-            block_depth = min(depth_step, depth - k0)
-            last_block = k0 + depth_step >= depth
-            for panel in range(first, stop):
-                col0 = panel * NR
-                b_block = panels[panel, k0:k0 + block_depth]  # [KC, NR]
-                # the weight block this task reads next (the next panel, or the first one at the next k0),
-                # fetched into L2 while this one is used: a slice of it in each row panel's micro-kernel
-                next_panel, next_k0 = (panel + 1, k0) if panel + 1 < stop else (first, k0 + depth_step)
-                next_floats = max(0, min(depth_step, depth - next_k0)) * NR
-                next_start = (next_panel * depth + next_k0) * NR  # a flat element of panels
-                slice_floats = -(-next_floats // (row_panels * CACHE_LINE_FLOATS)) * CACHE_LINE_FLOATS
-                for row_panel in range(row_panels):
-                    row0 = row_panel * MR
-                    sliced = row_panel * slice_floats
-                    # the tile's sums over this block (+ the earlier blocks'), finished after the last block
-                    row_tile(block_depth, x, k0, row0, min(MR, rows - row0), b_block, out, col0, min(NR, cols - col0),
-                             k0 > 0, last_block, bias, has_bias, which, residual, has_residual, tile,
-                             panels, next_start + sliced, max(0, min(slice_floats, next_floats - sliced)))
+        gemm_panels(x, panels, task * n_panels // tasks, (task + 1) * n_panels // tasks, bias, has_bias, which,
+                    residual, has_residual, out, tiles[get_thread_id()])
 
 
 def linear_packed(x, panels, outputs, bias=None, activation=None, residual=None, out=None):
@@ -181,8 +187,7 @@ def linear_packed(x, panels, outputs, bias=None, activation=None, residual=None,
         return out
     has_bias, has_residual = bias is not None, residual is not None
     _linear_packed_numba(x, panels, bias if has_bias else out[0], has_bias, ACTIVATIONS[activation],
-                         residual if has_residual else out, has_residual, out, KC_PANEL,
-                         min(get_num_threads(), panels.shape[0]),
+                         residual if has_residual else out, has_residual, out, min(get_num_threads(), panels.shape[0]),
                          scratch("linear_packed tiles", tile_scratch_shape(config.NUMBA_NUM_THREADS)))
     return out
 

@@ -39,7 +39,8 @@ import numpy as np
 from npdiff import backend, kernels
 from npdiff.errors import NpdiffError
 from npdiff.kernels.attention.causal_rows import causal_attention_rows
-from npdiff.kernels.linear_packed import aligned_scratch, layer_norm_rows
+from npdiff.kernels.clip_layer_rows import clip_layer_by_prompt, runs_by_prompt
+from npdiff.kernels.linear_packed import aligned_empty, aligned_scratch, layer_norm_rows
 from npdiff.loading.config_checks import full_config
 from npdiff.loading.configs import load_component
 from npdiff.models import precision
@@ -141,6 +142,15 @@ class CLIPEncoderLayer:
         out += h
         return out
 
+    def has_every_bias(self):
+        """Whether every projection and norm has its bias and weight (CLIP's all do; clip_layer_by_prompt needs
+        them)."""
+        attn, mlp = self.self_attn, self.mlp
+        layers = (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, mlp.fc1, mlp.fc2)
+        norms = (self.layer_norm1, self.layer_norm2)
+        return all(layer.bias is not None for layer in layers) and all(
+            norm.weight is not None and norm.bias is not None for norm in norms)
+
     def packed_forward(self, h, out=None):
         """The same steps on PackedLinear layers: each layer norm written into a scratch of rows that its GEMMs
         read, and the bias, activation and residual added to each GEMM's tiles as they are made.
@@ -151,6 +161,16 @@ class CLIPEncoderLayer:
         batch, length, dim = h.shape
         rows, inner = batch * length, mlp.fc1.weight.shape[0]
         h_rows = np.ascontiguousarray(h).reshape(rows, dim)                # [B,L,D] -> [M,D]
+        if runs_by_prompt(batch) and self.has_every_bias():
+            # the whole layer in one parallel call, each prompt on one thread (kernels/clip_layer_rows.py)
+            out = aligned_empty((rows, dim)) if out is None else out      # [M,D]
+            projections = [(layer.panels, layer.bias) for layer in (attn.q_proj, attn.k_proj, attn.v_proj,
+                                                                    attn.out_proj, mlp.fc1, mlp.fc2)]
+            q, k, v, o, fc1, fc2 = projections
+            clip_layer_by_prompt(h_rows, out, batch, (norm1.weight, norm1.bias, norm1.eps), q, k, v, o,
+                                 (norm2.weight, norm2.bias, norm2.eps), fc1, mlp.activation_name, fc2, attn.heads,
+                                 attn.scale)                                   # [M,D] -> [M,D]
+            return out.reshape(batch, length, dim)                            # [M,D] -> [B,L,D]
         normed = aligned_scratch("clip normed rows", (rows, dim))          # [M,D]
         # 1. causal self-attention, residual (into scratch: h itself is left as it was)
         layer_norm_rows(h_rows, norm1.weight, norm1.bias, norm1.eps, out=normed)              # [M,D]

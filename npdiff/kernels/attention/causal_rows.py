@@ -124,51 +124,61 @@ def _work_sizes(length, head_dim):
 _work_sizes_numba = njit(**SERIAL)(_work_sizes)
 
 
-@njit(**PARALLEL)
-def _causal_attention_rows_numba(q, k, v, batch, heads, scale_log2, out, work):
-    """work [threads, floats]: each thread's buffers (np.empty inside the prange made the two threads ~5x slower
-    than one: measured 3.4-8 ms against 0.7 ms for a CLIP-L layer)."""
-    length = q.shape[0] // batch
-    head_dim = q.shape[1] // heads
+@njit(**SERIAL)
+def attention_head_rows(q_rows, k_rows, v_rows, c0, head_dim, scale_log2, out_rows, mine):
+    """One prompt's one head: out_rows[:, c0:c0+d] = softmax(q k^T * scale, causal) v over the columns c0..c0+d
+    of the prompt's rows q_rows, k_rows, v_rows [L, heads*d]; mine: the calling thread's buffers (work_floats)."""
+    length = q_rows.shape[0]
     query_panels = (length + MR - 1) // MR
     key_panels = (length + NR - 1) // NR
     value_panels = (head_dim + NR - 1) // NR
     k_size, v_size, scores_size, tile_size = _work_sizes_numba(length, head_dim)
+    start = 0
+    k_panels = mine[start:start + k_size].reshape((key_panels, head_dim, NR))  # [L/NR, d, NR]: k^T's columns
+    start += k_size
+    v_panels = mine[start:start + v_size].reshape((value_panels, length, NR))  # [d/NR, L, NR]
+    start += v_size
+    scores = mine[start:start + scores_size].reshape((query_panels * MR, key_panels * NR))  # [L, L] padded
+    start += scores_size
+    tile = mine[start:start + tile_size].reshape((2, MR, NR))  # row_tile's buffers
+    unused_bias = mine[:1]  # row_tile's bias and residual arguments (neither is read: no epilogue)
+    # 1. k and v packed into this thread's buffers (a few KB each)
+    _pack_head(k_rows, v_rows, 0, c0, length, head_dim, k_panels, v_panels)
+    for panel in range(query_panels):
+        first = panel * MR
+        valid = min(MR, length - first)
+        last = first + valid - 1  # the panel's last query: it sees keys 0..last
+        # 2. scores of the key panels this query panel may attend to (the head's columns of q's rows)
+        for key_panel in range(last // NR + 1):
+            row_tile(head_dim, q_rows, c0, first, valid, k_panels[key_panel], scores, key_panel * NR, NR, False,
+                     True, unused_bias, False, NO_ACTIVATION, scores, False, tile, k_panels, 0, 0)
+        # 3. softmax of each query's keys 0..i, in its row of the scores
+        for query in range(first, last + 1):
+            _softmax_row(scores[query], query + 1, last + 1, scale_log2)
+        # 4. this panel's rows of P v, into out (the head's columns)
+        depth = last + 1
+        for value_panel in range(value_panels):
+            row_tile(depth, scores, 0, first, valid, v_panels[value_panel, :depth], out_rows,
+                     c0 + value_panel * NR, min(NR, head_dim - value_panel * NR), False, True, unused_bias, False,
+                     NO_ACTIVATION, scores, False, tile, k_panels, 0, 0)
+
+
+def work_floats(length, head_dim):
+    """Floats of the buffers attention_head_rows needs for a prompt of `length` tokens and heads of head_dim."""
+    return sum(_work_sizes(length, head_dim))
+
+
+@njit(**PARALLEL)
+def _causal_attention_rows_numba(q, k, v, batch, heads, scale_log2, out, work):
+    """One task per (prompt, head). work [threads, floats]: each thread's buffers (np.empty inside the prange
+    made the two threads ~5x slower than one: measured 3.4-8 ms against 0.7 ms for a CLIP-L layer)."""
+    length = q.shape[0] // batch
+    head_dim = q.shape[1] // heads
     for task in prange(batch * heads):
         b = task // heads
-        c0 = (task - b * heads) * head_dim
-        row0 = b * length
-        q_rows = q[row0:row0 + length]  # [L, heads*d]: this prompt's rows
-        out_rows = out[row0:row0 + length]  # [L, heads*d]
-        # 1. k and v packed into this thread's buffers (a few KB each)
-        mine = work[get_thread_id()]
-        start = 0
-        k_panels = mine[start:start + k_size].reshape((key_panels, head_dim, NR))  # [L/NR, d, NR]: k^T's columns
-        start += k_size
-        v_panels = mine[start:start + v_size].reshape((value_panels, length, NR))  # [d/NR, L, NR]
-        start += v_size
-        scores = mine[start:start + scores_size].reshape((query_panels * MR, key_panels * NR))  # [L, L] padded
-        start += scores_size
-        tile = mine[start:start + tile_size].reshape((2, MR, NR))  # row_tile's buffers
-        unused_bias = mine[:1]  # row_tile's bias and residual arguments (neither is read: no epilogue)
-        _pack_head(k, v, row0, c0, length, head_dim, k_panels, v_panels)
-        for panel in range(query_panels):
-            first = panel * MR
-            valid = min(MR, length - first)
-            last = first + valid - 1  # the panel's last query: it sees keys 0..last
-            # 2. scores of the key panels this query panel may attend to (the head's columns of q's rows)
-            for key_panel in range(last // NR + 1):
-                row_tile(head_dim, q_rows, c0, first, valid, k_panels[key_panel], scores, key_panel * NR, NR, False,
-                         True, unused_bias, False, NO_ACTIVATION, scores, False, tile, k_panels, 0, 0)
-            # 3. softmax of each query's keys 0..i, in its row of the scores
-            for query in range(first, last + 1):
-                _softmax_row(scores[query], query + 1, last + 1, scale_log2)
-            # 4. this panel's rows of P v, into out (the head's columns)
-            depth = last + 1
-            for value_panel in range(value_panels):
-                row_tile(depth, scores, 0, first, valid, v_panels[value_panel, :depth], out_rows,
-                         c0 + value_panel * NR, min(NR, head_dim - value_panel * NR), False, True, unused_bias, False,
-                         NO_ACTIVATION, scores, False, tile, k_panels, 0, 0)
+        rows = slice(b * length, (b + 1) * length)
+        attention_head_rows(q[rows], k[rows], v[rows], (task - b * heads) * head_dim, head_dim, scale_log2, out[rows],
+                            work[get_thread_id()])
 
 
 def causal_attention_rows(q, k, v, batch, heads, scale, out=None):
@@ -176,7 +186,7 @@ def causal_attention_rows(q, k, v, batch, heads, scale, out=None):
     token rows -> [B*L, heads*d], the heads merged (into `out` when given: C-contiguous, q's shape)."""
     out = np.empty_like(q) if out is None else out  # [B*L, heads*d]
     if q.size:
-        floats = sum(_work_sizes(q.shape[0] // batch, q.shape[1] // heads))
+        floats = work_floats(q.shape[0] // batch, q.shape[1] // heads)
         work = scratch("causal attention work", (config.NUMBA_NUM_THREADS, floats))  # [threads, floats]
         _causal_attention_rows_numba(q, k, v, batch, heads, np.float32(scale * LOG2E), out, work)
     return out
