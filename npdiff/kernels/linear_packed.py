@@ -51,7 +51,11 @@ from numba import config, get_num_threads, get_thread_id
 
 from npdiff.jit import PARALLEL, SERIAL, njit, prange
 from npdiff.kernels.activations import ACTIVATION_CODES, gelu_ref, quick_gelu_ref
-from npdiff.kernels.linear_packed_tile import NO_ACTIVATION, row_tile, tile_scratch_shape
+from npdiff.kernels.linear_packed_tile import (
+    NO_ACTIVATION,
+    row_tile,
+    tile_scratch_shape,
+)
 from npdiff.kernels.matmul_numba import CACHE_LINE_FLOATS, MR, NR
 from npdiff.kernels.norm import _layer_norm_numba
 from npdiff.kernels.scratch import scratch

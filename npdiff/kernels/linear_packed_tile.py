@@ -33,7 +33,13 @@ from numba import carray
 from npdiff.intrinsics import fma32
 from npdiff.jit import SERIAL, njit
 from npdiff.kernels.activations import activation_block
-from npdiff.kernels.matmul_numba import CACHE_LINE_FLOATS, MR, NR, _stack_row, prefetch_to_l2
+from npdiff.kernels.matmul_numba import (
+    CACHE_LINE_FLOATS,
+    MR,
+    NR,
+    _stack_row,
+    prefetch_to_l2,
+)
 
 NO_ACTIVATION = -1  # activation code: bias (and residual) only
 # steps of k per prefetched cache line of the next weight block: at 4 (matmul_numba's) a call of depth 768 can

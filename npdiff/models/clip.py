@@ -153,8 +153,10 @@ class CLIPEncoderLayer:
 
     def packed_forward(self, h, out=None):
         """The same steps on PackedLinear layers: each layer norm written into a scratch of rows that its GEMMs
-        read, and the bias, activation and residual added to each GEMM's tiles as they are made.
-        Every temporary is one of this thread's scratch buffers (kernels/scratch.py), reused from layer to
+        read, and the bias, activation and residual added to each GEMM's tiles as they are made. When the batch
+        divides among Numba's threads (CLIP-L's 2 prompts on 2 threads), the whole layer runs in one parallel call,
+        each thread on its own prompts (kernels/clip_layer_rows.py); otherwise step by step, each step split
+        among the threads by columns. Both give the same bytes. Every temporary is one of this thread's scratch buffers (kernels/scratch.py), reused from layer to
         layer and call to call: fresh arrays of 0.5-2 MB came from mmap each time (measured on CLIP-L: 18.5k
         page faults and ~40 ms of system time per call)."""
         attn, mlp, norm1, norm2 = self.self_attn, self.mlp, self.layer_norm1, self.layer_norm2
