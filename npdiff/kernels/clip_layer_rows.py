@@ -29,7 +29,6 @@ from npdiff.jit import PARALLEL, njit, prange
 from npdiff.kernels.attention.causal_rows import attention_head_rows, work_floats
 from npdiff.kernels.linear_packed import ACTIVATIONS, aligned_scratch, gemm_panels
 from npdiff.kernels.linear_packed_tile import NO_ACTIVATION
-from npdiff.kernels.matmul_numba import MR, NR
 from npdiff.kernels.norm import _layer_norm_serial
 from npdiff.kernels.vecmath import LOG2E
 
@@ -42,10 +41,10 @@ def _rounded(floats):
 
 def _buffer_sizes(length, dim, inner, head_dim):
     """Floats of each per-thread buffer: normed, q, k, v, attended, attention out (each [L, D]), hidden [L, I],
-    row_tile's tile [2, MR, NR], the attention's buffers; each rounded up to a whole number of cache lines."""
+    the attention's buffers; each rounded up to a whole number of cache lines."""
     row_buffer = _rounded(length * dim)
-    return np.array((row_buffer,) * 6 + (_rounded(length * inner), _rounded(2 * MR * NR),
-                                         _rounded(work_floats(length, head_dim))), np.int64)
+    return np.array((row_buffer,) * 6 + (_rounded(length * inner), _rounded(work_floats(length, head_dim))),
+                    np.int64)
 
 
 def runs_by_prompt(batch):
@@ -60,8 +59,11 @@ def clip_layer_by_prompt(h, out, batch, norm1, q, k, v, o, norm2, fc1, activatio
     (panels, bias [I]), fc2: (panels, bias [D]), each panels as linear_packed.pack_panels packs the weight;
     activation: "quick_gelu", "gelu" or "gelu_tanh"; scale: the attention's (head_dim ** -0.5)."""
     length, dim, inner = h.shape[0] // batch, h.shape[1], fc1[1].shape[0]
-    sizes = _buffer_sizes(length, dim, inner, dim // heads)  # [9]
-    work = aligned_scratch("clip layer by prompt", (config.NUMBA_NUM_THREADS, int(sizes.sum())))  # [threads, floats]
+    sizes = _buffer_sizes(length, dim, inner, dim // heads)  # [8]
+    # one array per thread (views of one shared array would take its reference count, an atomic add on one
+    # header, in every view the threads make: ~40 a tile of the GEMMs' and the softmax's rows)
+    work = tuple(aligned_scratch(f"clip layer by prompt {thread}", (int(sizes.sum()),))
+                 for thread in range(config.NUMBA_NUM_THREADS))  # threads x [floats]
     _layer_by_prompt_numba(h, out, batch, norm1[0], norm1[1], float(norm1[2]), q[0], q[1], k[0], k[1], v[0], v[1],
                            o[0], o[1], norm2[0], norm2[1], float(norm2[2]), fc1[0], fc1[1], ACTIVATIONS[activation],
                            fc2[0], fc2[1], heads, np.float32(scale * LOG2E), work, sizes)
@@ -72,8 +74,8 @@ def clip_layer_by_prompt(h, out, batch, norm1, q, k, v, o, norm2, fc1, activatio
 def _layer_by_prompt_numba(h, out, batch, ln1_weight, ln1_bias, ln1_eps, q_panels, q_bias, k_panels, k_bias,
                            v_panels, v_bias, o_panels, o_bias, ln2_weight, ln2_bias, ln2_eps, fc1_panels, fc1_bias,
                            which, fc2_panels, fc2_bias, heads, scale_log2, work, sizes):
-    """prange over the prompts: each task runs the whole layer on its prompt's rows. work [threads, floats]: each
-    thread's buffers, cut by `sizes` (_buffer_sizes) into the [L, D] and [L, I] rows of the steps."""
+    """prange over the prompts: each task runs the whole layer on its prompt's rows. work: a tuple of one array
+    per thread, cut by `sizes` (_buffer_sizes) into the [L, D] and [L, I] rows of the steps."""
     length = h.shape[0] // batch
     dim = h.shape[1]
     inner = fc1_bias.shape[0]
@@ -98,21 +100,18 @@ def _layer_by_prompt_numba(h, out, batch, ln1_weight, ln1_bias, ln1_eps, q_panel
         start += sizes[5]
         hidden = mine[start:start + length * inner].reshape((length, inner))  # [L, I]
         start += sizes[6]
-        tile = mine[start:start + 2 * MR * NR].reshape((2, MR, NR))  # row_tile's buffers
-        start += sizes[7]
-        attention_work = mine[start:start + sizes[8]]
+        attention_work = mine[start:start + sizes[7]]
         # 1. causal self-attention on layer_norm1(h), + h
         _layer_norm_serial(h_rows, ln1_weight, ln1_bias, ln1_eps, normed)                     # [L, D]
-        gemm_panels(normed, q_panels, 0, q_panels.shape[0], q_bias, True, NO_ACTIVATION, normed, False, q, tile)
-        gemm_panels(normed, k_panels, 0, k_panels.shape[0], k_bias, True, NO_ACTIVATION, normed, False, k, tile)
-        gemm_panels(normed, v_panels, 0, v_panels.shape[0], v_bias, True, NO_ACTIVATION, normed, False, v, tile)
+        gemm_panels(normed, q_panels, 0, q_panels.shape[0], q_bias, True, NO_ACTIVATION, normed, False, q)
+        gemm_panels(normed, k_panels, 0, k_panels.shape[0], k_bias, True, NO_ACTIVATION, normed, False, k)
+        gemm_panels(normed, v_panels, 0, v_panels.shape[0], v_bias, True, NO_ACTIVATION, normed, False, v)
         for head in range(heads):
             attention_head_rows(q, k, v, head * head_dim, head_dim, scale_log2, attended, attention_work)
         gemm_panels(attended, o_panels, 0, o_panels.shape[0], o_bias, True, NO_ACTIVATION, h_rows, True,
-                    attention_out, tile)                                                        # [L, D] + h
+                    attention_out)                                                        # [L, D] + h
         # 2. MLP on layer_norm2(a), + a
         _layer_norm_serial(attention_out, ln2_weight, ln2_bias, ln2_eps, normed)              # [L, D]
-        gemm_panels(normed, fc1_panels, 0, fc1_panels.shape[0], fc1_bias, True, which, normed, False, hidden,
-                    tile)                                                                       # [L, D] -> [L, I]
+        gemm_panels(normed, fc1_panels, 0, fc1_panels.shape[0], fc1_bias, True, which, normed, False, hidden)                                                                       # [L, D] -> [L, I]
         gemm_panels(hidden, fc2_panels, 0, fc2_panels.shape[0], fc2_bias, True, NO_ACTIVATION, attention_out,
-                    True, out_rows, tile)                                                       # [L, I] -> [L, D] + a
+                    True, out_rows)                                                       # [L, I] -> [L, D] + a

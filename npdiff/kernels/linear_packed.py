@@ -47,15 +47,11 @@ packed operand: 112-117).
 import math
 
 import numpy as np
-from numba import config, get_num_threads, get_thread_id
+from numba import get_num_threads
 
 from npdiff.jit import PARALLEL, SERIAL, njit, prange
 from npdiff.kernels.activations import ACTIVATION_CODES, gelu_ref, quick_gelu_ref
-from npdiff.kernels.linear_packed_tile import (
-    NO_ACTIVATION,
-    row_tile,
-    tile_scratch_shape,
-)
+from npdiff.kernels.linear_packed_tile import NO_ACTIVATION, row_tile
 from npdiff.kernels.matmul_numba import CACHE_LINE_FLOATS, MR, NR
 from npdiff.kernels.norm import _layer_norm_numba
 from npdiff.kernels.scratch import scratch
@@ -137,14 +133,16 @@ def layer_norm_rows(x, gamma, beta, eps, out=None):
 # The GEMM and its epilogue
 # ---------------------------------------------------------------------------------------------
 @njit(**SERIAL)
-def gemm_panels(x, panels, first, stop, bias, has_bias, which, residual, has_residual, out, tile):
+def gemm_panels(x, panels, first, stop, bias, has_bias, which, residual, has_residual, out):
     """out[:, first*NR : stop*NR] = activation(x @ W^T + bias) + residual for the column panels first..stop-1 of
-    W's panels [N/NR, K, NR]; x [M,K] rows; tile [2, MR, NR]: the calling thread's buffers (row_tile's).
+    W's panels [N/NR, K, NR]; x [M,K] rows. row_tile's buffers are allocated here, an array of this thread's own
+    (3 KB: allocating it per call costs less than the reference counts of views into an array both threads use).
     KC_PANEL steps of k at a time: x's [M, KC_PANEL] block stays in L2 while the panels pass under it (depth 0:
     one empty block, whose tiles are the epilogue of zero sums)."""
     depth = panels.shape[1]
     rows, cols = out.shape
     row_panels = (rows + MR - 1) // MR
+    tile = np.empty((2, MR, NR), np.float32)  # row_tile's buffers
     for k0 in range(0, max(depth, 1), KC_PANEL):
         block_depth = min(KC_PANEL, depth - k0)
         last_block = k0 + KC_PANEL >= depth
@@ -167,15 +165,13 @@ def gemm_panels(x, panels, first, stop, bias, has_bias, which, residual, has_res
 
 
 @njit(**PARALLEL)
-def _linear_packed_numba(x, panels, bias, has_bias, which, residual, has_residual, out, tasks, tiles):
+def _linear_packed_numba(x, panels, bias, has_bias, which, residual, has_residual, out, tasks):
     """out [M,N] = activation(x @ W^T + bias) + residual; x [M,K] rows, W's panels [N/NR, K, NR].
-    One task per thread, each a contiguous run of column panels. tiles [threads, 2, MR, NR]: each thread's tile
-    buffers for the epilogue (no np.empty inside the prange: allocating there slowed causal_rows.py's two
-    threads ~5x)."""
+    One task per thread, each a contiguous run of column panels."""
     n_panels = panels.shape[0]
     for task in prange(tasks):
         gemm_panels(x, panels, task * n_panels // tasks, (task + 1) * n_panels // tasks, bias, has_bias, which,
-                    residual, has_residual, out, tiles[get_thread_id()])
+                    residual, has_residual, out)
 
 
 def linear_packed(x, panels, outputs, bias=None, activation=None, residual=None, out=None):
@@ -191,8 +187,7 @@ def linear_packed(x, panels, outputs, bias=None, activation=None, residual=None,
         return out
     has_bias, has_residual = bias is not None, residual is not None
     _linear_packed_numba(x, panels, bias if has_bias else out[0], has_bias, ACTIVATIONS[activation],
-                         residual if has_residual else out, has_residual, out, min(get_num_threads(), panels.shape[0]),
-                         scratch("linear_packed tiles", tile_scratch_shape(config.NUMBA_NUM_THREADS)))
+                         residual if has_residual else out, has_residual, out, min(get_num_threads(), panels.shape[0]))
     return out
 
 

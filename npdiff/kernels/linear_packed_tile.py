@@ -11,11 +11,12 @@ of k 6 broadcasts of A, 4 loads of B, 24 explicit FMAs; no fastmath flag), chang
      of consecutive floats, which the L1 prefetcher follows; the tile's [depth, 6] block of x, 18 KiB at
      depth 768, stays in L1 as the packed panel did). No pass per call packs x, and the layer norm before a GEMM
      and the GEMM before another (fc1 -> fc2) write plain rows. Rows past the valid ones read the last valid row
-     (their sums are never stored).
+     (their sums are never stored). One view of x a call (six row views were six reference counts taken and
+     dropped a call, atomic adds on the header of an array both threads use).
   2. After the last depth block (`finish`), the tile is finished in place of being stored: + the earlier blocks'
      sums (in out), + bias, the activation, + residual, then written once. Without an activation everything runs
      on the registers (loops of constant trip count NR, unrolled, like the store of _write_full_tile); with one,
-     the biased tile is stored into this thread's buffer tile[0] and activated as one run of MR * NR floats into
+     the biased tile is stored into the thread's buffer tile[0] and activated as one run of MR * NR floats into
      tile[1] (in place, the loop would fail LLVM's run-time overlap check and run scalar; per row, 64 floats a
      call, it ran ~1.6x slower a float), then placed in out's rows with the residual. Edge tiles (the last row
      panel, the last column panel) take the same steps on their valid part, row by row.
@@ -54,15 +55,16 @@ def row_tile(depth, x, k0, row0, valid_rows, b_block, out, col0, valid_cols, acc
     activation `which`, residual) when `finish`; only the valid_rows x valid_cols corner is written.
 
     x [M, K] C-contiguous rows; b_block [depth, NR] one packed panel's rows k0..; accumulate: add out's sums of
-    the earlier depth blocks; tile [2, MR, NR]: this thread's scratch; every PREFETCH_EVERY steps of k one cache
+    the earlier depth blocks; tile [2, MR, NR]: the calling thread's own buffers (an array of its own: a view of
+    an array the threads share takes its reference count, an atomic add on a header both cores write); every PREFETCH_EVERY steps of k one cache
     line of prefetch_from's flat elements prefetch_start .. + prefetch_count goes to L2 (matmul_numba.py)."""
     last = valid_rows - 1
-    x0 = x[row0, k0:k0 + depth]  # [depth]: the six rows of A, as they lie in x
-    x1 = x[row0 + min(1, last), k0:k0 + depth]
-    x2 = x[row0 + min(2, last), k0:k0 + depth]
-    x3 = x[row0 + min(3, last), k0:k0 + depth]
-    x4 = x[row0 + min(4, last), k0:k0 + depth]
-    x5 = x[row0 + min(5, last), k0:k0 + depth]
+    rows_of_x = x[row0:row0 + valid_rows, k0:k0 + depth]  # [valid_rows, depth]: the six rows of A, as they lie
+    r1 = min(1, last)  # rows past the valid ones read the last valid row
+    r2 = min(2, last)
+    r3 = min(3, last)
+    r4 = min(4, last)
+    r5 = min(5, last)
     acc0 = carray(_stack_row(), NR)
     acc1 = carray(_stack_row(), NR)
     acc2 = carray(_stack_row(), NR)
@@ -80,12 +82,12 @@ def row_tile(depth, x, k0, row0, valid_rows, b_block, out, col0, valid_cols, acc
     for k in range(depth):
         if k % PREFETCH_EVERY == 0 and (k // PREFETCH_EVERY) * CACHE_LINE_FLOATS < prefetch_count:
             prefetch_to_l2(prefetch_from, prefetch_start + (k // PREFETCH_EVERY) * CACHE_LINE_FLOATS)
-        a0 = x0[k]
-        a1 = x1[k]
-        a2 = x2[k]
-        a3 = x3[k]
-        a4 = x4[k]
-        a5 = x5[k]
+        a0 = rows_of_x[0, k]  # the six rows' A values for this k, broadcast across j
+        a1 = rows_of_x[r1, k]
+        a2 = rows_of_x[r2, k]
+        a3 = rows_of_x[r3, k]
+        a4 = rows_of_x[r4, k]
+        a5 = rows_of_x[r5, k]
         for j in range(NR):  # contiguous in b_block: 4 zmm loads
             b_kj = b_block[k, j]
             acc0[j] = fma32(a0, b_kj, acc0[j])  # acc0[j] + a0 * b_kj, one rounding
@@ -155,15 +157,16 @@ def _store_tile(acc0, acc1, acc2, acc3, acc4, acc5, target, row0, col0):
 
 @njit(**SERIAL)
 def _place_tile(finished, out, row0, col0, residual, has_residual):
-    """out[row0 + r, col0 + j] = finished[r, j] (+ residual[row0 + r, col0 + j]), the whole MR x NR tile."""
+    """out[row0 + r, col0 + j] = finished[r, j] (+ residual[row0 + r, col0 + j]), the whole MR x NR tile (indexed,
+    not sliced: each view of an array is a reference count taken and dropped, an atomic add on the array's
+    header, which the two threads share)."""
     for r in range(MR):
-        target = out[row0 + r, col0:col0 + NR]  # [NR]
         if has_residual:
             for j in range(NR):
-                target[j] = finished[r, j] + residual[row0 + r, col0 + j]
+                out[row0 + r, col0 + j] = finished[r, j] + residual[row0 + r, col0 + j]
         else:
             for j in range(NR):
-                target[j] = finished[r, j]
+                out[row0 + r, col0 + j] = finished[r, j]
 
 
 @njit(**SERIAL)
@@ -187,9 +190,3 @@ def _finish_rows(tile, out, row0, col0, valid_rows, valid_cols, accumulate, fini
         if finish and has_residual:
             for j in range(valid_cols):
                 target[j] += residual[row0 + r, col0 + j]
-
-
-def tile_scratch_shape(threads):
-    """The per-thread tile buffers row_tile's callers hand it: [threads, 2, MR, NR] (the sums, the activated)."""
-    return (threads, 2, MR, NR)
-

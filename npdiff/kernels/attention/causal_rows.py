@@ -40,7 +40,6 @@ from npdiff.kernels.scratch import scratch
 from npdiff.kernels.vecmath import LOG2E, exp2_nonpositive_f32
 
 KEY_VECTOR = 16  # float32 lanes of one AVX-512 register
-TILE_FLOATS = 2 * MR * NR  # row_tile's buffers
 
 
 @njit(**SERIAL)
@@ -59,16 +58,17 @@ def _pack_head(k, v, row0, c0, length, head_dim, k_panels, v_panels):
 
 
 @njit(**SERIAL)
-def _lanes_max(row, width):
-    """max(row[:width]) for width a multiple of KEY_VECTOR: a lane-wise max over the vectors (the loop LLVM
-    vectorises; a max carried through one scalar ran a key at a time), then over the lanes. Exact in any order."""
+def _lanes_max(scores, query, width):
+    """max(scores[query, :width]) for width a multiple of KEY_VECTOR: a lane-wise max over the vectors (the loop
+    LLVM vectorises; a max carried through one scalar ran a key at a time), then over the lanes. Exact in any
+    order. (Rows and chunks are indexed, not sliced: a view of the work buffer the threads share takes its
+    reference count, an atomic add on a header both cores write.)"""
     lanes = carray(_stack_row(), KEY_VECTOR)
     for lane in range(KEY_VECTOR):
-        lanes[lane] = row[lane]
+        lanes[lane] = scores[query, lane]
     for j0 in range(KEY_VECTOR, width, KEY_VECTOR):
-        chunk = row[j0:j0 + KEY_VECTOR]
         for lane in range(KEY_VECTOR):
-            lanes[lane] = max(lanes[lane], chunk[lane])
+            lanes[lane] = max(lanes[lane], scores[query, j0 + lane])
     top = lanes[0]
     for lane in range(1, KEY_VECTOR):
         top = max(top, lanes[lane])
@@ -76,49 +76,50 @@ def _lanes_max(row, width):
 
 
 @njit(**SERIAL)
-def _lanes_exp2_sum(row, width, top):
-    """row[j] = 2^(row[j] - top) for j < width (a multiple of KEY_VECTOR) -> their sum, accumulated in
-    KEY_VECTOR lanes (a stack row) and the lanes added in a fixed tree: no fastmath flag reorders it. The
-    exponentials first, in a loop of their own (elementwise: LLVM vectorises it without reordering anything)."""
+def _lanes_exp2_sum(scores, query, width, top):
+    """scores[query, j] = 2^(scores[query, j] - top) for j < width (a multiple of KEY_VECTOR) -> their sum,
+    accumulated in KEY_VECTOR lanes (a stack row) and the lanes added in a fixed tree: no fastmath flag reorders
+    it. The exponentials first, in a loop of their own (elementwise: LLVM vectorises it without reordering
+    anything)."""
     for j in range(width):
-        row[j] = exp2_nonpositive_f32(row[j] - top)
+        scores[query, j] = exp2_nonpositive_f32(scores[query, j] - top)
     lanes = carray(_stack_row(), KEY_VECTOR)
     for lane in range(KEY_VECTOR):
-        lanes[lane] = row[lane]
+        lanes[lane] = scores[query, lane]
     for j0 in range(KEY_VECTOR, width, KEY_VECTOR):
-        chunk = row[j0:j0 + KEY_VECTOR]
         for lane in range(KEY_VECTOR):
-            lanes[lane] += chunk[lane]
+            lanes[lane] += scores[query, j0 + lane]
     return sum_lanes_in_tree(lanes)
 
 
 @njit(**SERIAL)
-def _softmax_row(row, keys, depth, scale_log2):
-    """Step 3 for one query: row[:keys] (q.k) -> p_j = softmax(scale * q.k)_j over keys j < keys, in place;
-    row[keys:depth] = 0 (the keys its query panel's P v reads past it). No fastmath flag: the sum runs in
-    KEY_VECTOR lanes in an order written out (_lanes_exp2_sum), so every compiled copy of this function gives
-    the same bits (with 'reassoc' the vectoriser chose the order, and the copy Numba compiled in the process and
-    the one it loaded from its disk cache added in different orders: matmul_numba.py's header says why two
-    exist)."""
+def _softmax_row(scores, query, depth, scale_log2):
+    """Step 3 for one query: scores[query, :query + 1] (q.k) -> p_j = softmax(scale * q.k)_j over the keys
+    j <= query, in place; scores[query, query + 1:depth] = 0 (the keys its query panel's P v reads past it). No
+    fastmath flag: the sum runs in KEY_VECTOR lanes in an order written out (_lanes_exp2_sum), so every compiled
+    copy of this function gives the same bits (with 'reassoc' the vectoriser chose the order, and the copy Numba
+    compiled in the process and the one it loaded from its disk cache added in different orders:
+    matmul_numba.py's header says why two exist)."""
+    keys = query + 1
     width = (keys + KEY_VECTOR - 1) // KEY_VECTOR * KEY_VECTOR  # whole vectors: within the row buffer's padding
     for j in range(keys):
-        row[j] *= scale_log2  # log2 units: 2^x below
+        scores[query, j] *= scale_log2  # log2 units: 2^x below
     for j in range(keys, width):
-        row[j] = -np.inf  # the masked keys: 2^-inf = 0 exactly
-    top = _lanes_max(row, width)
-    inverse = np.float32(1.0) / _lanes_exp2_sum(row, width, top)
+        scores[query, j] = -np.inf  # the masked keys: 2^-inf = 0 exactly
+    top = _lanes_max(scores, query, width)
+    inverse = np.float32(1.0) / _lanes_exp2_sum(scores, query, width, top)
     for j in range(keys):
-        row[j] *= inverse
+        scores[query, j] *= inverse
     for j in range(keys, depth):
-        row[j] = 0.0
+        scores[query, j] = 0.0
 
 
 def _work_sizes(length, head_dim):
-    """Floats of each per-thread buffer of a task: k_panels, v_panels, scores, row_tile's tile."""
+    """Floats of each per-thread buffer of a task: k_panels, v_panels, scores."""
     query_panels = (length + MR - 1) // MR
     key_panels = (length + NR - 1) // NR
     value_panels = (head_dim + NR - 1) // NR
-    return (key_panels * head_dim * NR, value_panels * length * NR, query_panels * MR * key_panels * NR, TILE_FLOATS)
+    return (key_panels * head_dim * NR, value_panels * length * NR, query_panels * MR * key_panels * NR)
 
 
 _work_sizes_numba = njit(**SERIAL)(_work_sizes)
@@ -132,15 +133,14 @@ def attention_head_rows(q_rows, k_rows, v_rows, c0, head_dim, scale_log2, out_ro
     query_panels = (length + MR - 1) // MR
     key_panels = (length + NR - 1) // NR
     value_panels = (head_dim + NR - 1) // NR
-    k_size, v_size, scores_size, tile_size = _work_sizes_numba(length, head_dim)
+    k_size, v_size, scores_size = _work_sizes_numba(length, head_dim)
     start = 0
     k_panels = mine[start:start + k_size].reshape((key_panels, head_dim, NR))  # [L/NR, d, NR]: k^T's columns
     start += k_size
     v_panels = mine[start:start + v_size].reshape((value_panels, length, NR))  # [d/NR, L, NR]
     start += v_size
     scores = mine[start:start + scores_size].reshape((query_panels * MR, key_panels * NR))  # [L, L] padded
-    start += scores_size
-    tile = mine[start:start + tile_size].reshape((2, MR, NR))  # row_tile's buffers
+    tile = np.empty((2, MR, NR), np.float32)  # row_tile's buffers: an array of this thread's own (row_tile says why)
     unused_bias = mine[:1]  # row_tile's bias and residual arguments (neither is read: no epilogue)
     # 1. k and v packed into this thread's buffers (a few KB each)
     _pack_head(k_rows, v_rows, 0, c0, length, head_dim, k_panels, v_panels)
@@ -154,7 +154,7 @@ def attention_head_rows(q_rows, k_rows, v_rows, c0, head_dim, scale_log2, out_ro
                      True, unused_bias, False, NO_ACTIVATION, scores, False, tile, k_panels, 0, 0)
         # 3. softmax of each query's keys 0..i, in its row of the scores
         for query in range(first, last + 1):
-            _softmax_row(scores[query], query + 1, last + 1, scale_log2)
+            _softmax_row(scores, query, last + 1, scale_log2)
         # 4. this panel's rows of P v, into out (the head's columns)
         depth = last + 1
         for value_panel in range(value_panels):
