@@ -21,10 +21,11 @@ packed once, when the model is loaded, into column panels of NR = 64 outputs, ea
 floats: 473 KB) and read as it lies: each tile's six rows are six streams of consecutive floats.
 
 Threads: one task per thread, each a contiguous run of the weight's column panels (12 panels for a
-[768,768] weight, 48 for [3072,768]), computing whole columns of y for all rows; within a task, depth
-blocks of KC_PANEL steps of k outermost, so x's [M, KC_PANEL] block (473 KB) stays in L2 while the task's
-panels pass under it. While one weight block is used, the next is prefetched into L2, a cache line every 4
-steps of k inside the micro-kernel (the weights of a CLIP call, 340 MB, come from memory every call). Rows of
+[768,768] weight, 48 for [3072,768]), computing whole columns of y for all rows (gemm_panels, the serial
+body, which clip_layer_rows.py also calls for all the columns of one prompt's rows on one thread); within a
+task, depth blocks of KC_PANEL steps of k outermost, so x's [M, KC_PANEL] block (473 KB) stays in L2 while the
+task's panels pass under it. While one weight block is used, the next is prefetched into L2, a cache line every
+2 steps of k inside the micro-kernel (the weights of a CLIP call, 340 MB, come from memory every call). Rows of
 y past M and columns past `out` are never written (the panels' spare columns are zero; the tile's rows past
 M read x's last row and are dropped). Every packed array and CLIP's scratch starts on a 64-byte boundary
 (aligned_view).
@@ -41,7 +42,9 @@ B stream of a panel is one contiguous run. Same bytes as the weight when `out` i
 Measured (one thread, CPU time, loaded 2-core Xeon; the practical peak, OpenBLAS sgemm 2048^2 on one
 thread, is 152-161 GFLOP/s): a hot [154,768] x [768,768] 144-150 GFLOP/s, with bias and residual 136
 (session 11's panel pass: 133); [154,768] x [768,3072] with bias and quick-GELU 127 (session 11, with fc2's
-packed operand: 112-117).
+packed operand: 112-117). Weights that fit the L3 (up to ~9 MB) run at the hot rate; CLIP-L's 72, streamed
+from memory, 130-140 (77 or 154 rows), whatever the prefetch distance or spacing tried (every 2, 3, 4 or 8
+steps of k, 1, 2 or 4 lines apart, the panel after next).
 """
 
 import math
