@@ -25,9 +25,14 @@ def kernel_flops(name, args, out):
     if name in ("linear", "linear_activation", "geglu", "geglu_forward_saved"):
         x, weight = args[0], args[1]
         return 2.0 * (x.size // x.shape[-1]) * weight.shape[0] * weight.shape[1]
-    if name == "linear_packed":  # (a_packed, panels, rows, outputs, ...): CLIP's GEMMs (npdiff/models/packed_linear.py)
-        panels, rows, outputs = args[1], args[2], args[3]
-        return 2.0 * rows * outputs * panels.shape[1]
+    if name == "linear_packed":  # (x, panels, outputs, ...): CLIP's GEMMs (npdiff/models/packed_linear.py)
+        x, panels, outputs = args[0], args[1], args[2]
+        return 2.0 * x.shape[0] * outputs * panels.shape[1]
+    if name == "clip_layer_by_prompt":  # (h, out, batch, norm1, q, k, v, o, norm2, fc1, act, fc2, heads, scale):
+        h, batch, fc1 = args[0], args[2], args[9]  # one whole CLIP layer (kernels/clip_layer_rows.py)
+        rows, dim, inner = h.shape[0], h.shape[1], fc1[1].shape[0]
+        attention = 2.0 * rows * (rows // batch) * 2 * dim  # as causal_attention_rows counts it
+        return 2.0 * rows * (4 * dim * dim + 2 * dim * inner) + attention
     if name == "causal_attention_rows":  # (q, k, v, batch, heads, scale): q, k, v [B*L, heads*d]
         q, batch = args[0], args[3]
         return 2.0 * q.shape[0] * (q.shape[0] // batch) * 2 * q.shape[1]  # as the full score matrix, as above
@@ -55,8 +60,8 @@ def install_counters():
                               "npdiff.models.precision": BF16_NAMES,
                               "npdiff.models.transformer": ("scaled_dot_product_attention_bf16",),
                               # CLIP's float32 layers (PackedLinear; clip.py's packed forward)
-                              "npdiff.models.packed_linear": ("linear_packed", "pack_rows"),
-                              "npdiff.models.clip": ("causal_attention_rows", "pack_rows", "pack_rows_layer_norm")},
+                              "npdiff.models.packed_linear": ("linear_packed",),
+                              "npdiff.models.clip": ("causal_attention_rows", "layer_norm_rows", "clip_layer_by_prompt")},
                              stats, kernel_flops)
 
 

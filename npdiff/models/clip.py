@@ -39,7 +39,8 @@ import numpy as np
 from npdiff import backend, kernels
 from npdiff.errors import NpdiffError
 from npdiff.kernels.attention.causal_rows import causal_attention_rows
-from npdiff.kernels.linear_packed import aligned_scratch, pack_rows, pack_rows_layer_norm, row_panels_shape
+from npdiff.kernels.clip_layer_rows import clip_layer_by_prompt, runs_by_prompt
+from npdiff.kernels.linear_packed import aligned_empty, aligned_scratch, layer_norm_rows
 from npdiff.loading.config_checks import full_config
 from npdiff.loading.configs import load_component
 from npdiff.models import precision
@@ -141,34 +142,53 @@ class CLIPEncoderLayer:
         out += h
         return out
 
+    def has_every_bias(self):
+        """Whether every projection and norm has its bias and weight (CLIP's all do; clip_layer_by_prompt needs
+        them)."""
+        attn, mlp = self.self_attn, self.mlp
+        layers = (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, mlp.fc1, mlp.fc2)
+        norms = (self.layer_norm1, self.layer_norm2)
+        return all(layer.bias is not None for layer in layers) and all(
+            norm.weight is not None and norm.bias is not None for norm in norms)
+
     def packed_forward(self, h, out=None):
-        """The same steps on PackedLinear layers: each layer norm written straight into the packed rows its
-        GEMMs read, and the bias, activation and residual added to each GEMM's column panels as they are made.
-        Every temporary is one of this thread's scratch buffers (kernels/scratch.py), reused from layer to
+        """The same steps on PackedLinear layers: each layer norm written into a scratch of rows that its GEMMs
+        read, and the bias, activation and residual added to each GEMM's tiles as they are made. When the batch
+        divides among Numba's threads (CLIP-L's 2 prompts on 2 threads), the whole layer runs in one parallel call,
+        each thread on its own prompts (kernels/clip_layer_rows.py); otherwise step by step, each step split
+        among the threads by columns. Both give the same bytes. Every temporary is one of this thread's scratch buffers (kernels/scratch.py), reused from layer to
         layer and call to call: fresh arrays of 0.5-2 MB came from mmap each time (measured on CLIP-L: 18.5k
         page faults and ~40 ms of system time per call)."""
         attn, mlp, norm1, norm2 = self.self_attn, self.mlp, self.layer_norm1, self.layer_norm2
         batch, length, dim = h.shape
         rows, inner = batch * length, mlp.fc1.weight.shape[0]
         h_rows = np.ascontiguousarray(h).reshape(rows, dim)                # [B,L,D] -> [M,D]
-        packed = aligned_scratch("clip packed rows", row_panels_shape(rows, dim))  # [M/6,D,6]
+        if runs_by_prompt(batch) and self.has_every_bias():
+            # the whole layer in one parallel call, each prompt on one thread (kernels/clip_layer_rows.py)
+            out = aligned_empty((rows, dim)) if out is None else out      # [M,D]
+            projections = [(layer.panels, layer.bias) for layer in (attn.q_proj, attn.k_proj, attn.v_proj,
+                                                                    attn.out_proj, mlp.fc1, mlp.fc2)]
+            q, k, v, o, fc1, fc2 = projections
+            clip_layer_by_prompt(h_rows, out, batch, (norm1.weight, norm1.bias, norm1.eps), q, k, v, o,
+                                 (norm2.weight, norm2.bias, norm2.eps), fc1, mlp.activation_name, fc2, attn.heads,
+                                 attn.scale)                                   # [M,D] -> [M,D]
+            return out.reshape(batch, length, dim)                            # [M,D] -> [B,L,D]
+        normed = aligned_scratch("clip normed rows", (rows, dim))          # [M,D]
         # 1. causal self-attention, residual (into scratch: h itself is left as it was)
-        pack_rows_layer_norm(h_rows, norm1.weight, norm1.bias, norm1.eps, out=packed)  # [M,D] -> packed
-        q = attn.q_proj.packed(packed, rows, out=aligned_scratch("clip q", (rows, dim)))       # [M,D]
-        k = attn.k_proj.packed(packed, rows, out=aligned_scratch("clip k", (rows, dim)))       # [M,D]
-        v = attn.v_proj.packed(packed, rows, out=aligned_scratch("clip v", (rows, dim)))       # [M,D]
+        layer_norm_rows(h_rows, norm1.weight, norm1.bias, norm1.eps, out=normed)              # [M,D]
+        q = attn.q_proj.rows(normed, out=aligned_scratch("clip q", (rows, dim)))               # [M,D]
+        k = attn.k_proj.rows(normed, out=aligned_scratch("clip k", (rows, dim)))               # [M,D]
+        v = attn.v_proj.rows(normed, out=aligned_scratch("clip v", (rows, dim)))               # [M,D]
         attended = causal_attention_rows(q, k, v, batch, attn.heads, attn.scale,
                                          out=aligned_scratch("clip attended", (rows, dim)))   # [M,D], heads merged
-        pack_rows(attended, out=packed)                                                # [M,D] -> packed
-        h_rows = attn.out_proj.packed(packed, rows, residual=h_rows,
-                                      out=aligned_scratch("clip attention out", (rows, dim)))  # [M,D] + h
+        h_rows = attn.out_proj.rows(attended, residual=h_rows,
+                                    out=aligned_scratch("clip attention out", (rows, dim)))    # [M,D] + h
         # 2. MLP (fc1 + activation in one pass), residual
-        pack_rows_layer_norm(h_rows, norm2.weight, norm2.bias, norm2.eps, out=packed)  # [M,D] -> packed
-        hidden_packed = aligned_scratch("clip packed hidden", row_panels_shape(rows, inner))  # [M/6,I,6]
-        mlp.fc1.packed(packed, rows, activation=mlp.activation_name, out=aligned_scratch("clip hidden", (rows, inner)),
-                       packed_out=hidden_packed)                                      # [M,D] -> [M,I], packed
-        out = mlp.fc2.packed(hidden_packed, rows, residual=h_rows, out=out)            # [M,I] -> [M,D] + h
-        return out.reshape(batch, length, dim)                                         # [M,D] -> [B,L,D]
+        layer_norm_rows(h_rows, norm2.weight, norm2.bias, norm2.eps, out=normed)              # [M,D]
+        hidden = mlp.fc1.rows(normed, activation=mlp.activation_name,
+                              out=aligned_scratch("clip hidden", (rows, inner)))               # [M,D] -> [M,I]
+        out = mlp.fc2.rows(hidden, residual=h_rows, out=out)                                  # [M,I] -> [M,D] + h
+        return out.reshape(batch, length, dim)                                                 # [M,D] -> [B,L,D]
 
 
 class CLIPTextModel:

@@ -3,8 +3,7 @@ panels of 64 outputs, in the GEMM micro-kernel's reading order), for GEMMs with 
 
     layer = PackedLinear(weights, "encoder.layers.0.mlp.fc1", 768, 3072)
     y = layer(x)                                         # [..., in] -> [..., out], as Linear
-    a = pack_rows_layer_norm(h, gamma, beta, eps)        # [M,in] once, for every layer that reads it
-    y = layer.packed(a, rows, activation="quick_gelu", residual=h)   # [M,out]: the epilogue fused
+    y = layer.rows(x_rows, activation="quick_gelu", residual=h)    # [M,in] -> [M,out]: the epilogue fused
 
 Memory: the panels are one private copy of the weight (the same bytes when `out` is a multiple of 64; CLIP-L's
 72 projections: 340 MB), made at load, as TransposedLinear's [in,out] copy was, in ~0.1 s for CLIP-L. `weight`
@@ -14,7 +13,9 @@ again and keeps the very object assigned (the LoRA tests check the unload puts b
 A forward never reads `weight`, so its mapped pages stay released.
 """
 
-from npdiff.kernels.linear_packed import linear_packed, pack_panels, pack_rows
+import numpy as np
+
+from npdiff.kernels.linear_packed import linear_packed, pack_panels
 from npdiff.models.blocks import Linear
 
 
@@ -30,13 +31,12 @@ class PackedLinear(Linear):
         self._weight = value
         self.panels = pack_panels(value)  # [out,in] -> [out/64, in, 64]
 
-    def packed(self, a_packed, rows, activation=None, residual=None, out=None, packed_out=None):
-        """activation(x @ W^T + bias) + residual -> [rows, out], x given packed (kernels.linear_packed);
-        written into `out` when given, and packed into `packed_out` when given."""
-        return linear_packed(a_packed, self.panels, rows, self._weight.shape[0], self.bias, activation,
-                             residual, out, packed_out)
+    def rows(self, x_rows, activation=None, residual=None, out=None):
+        """activation(x @ W^T + bias) + residual -> [M, out] for C-contiguous float32 rows x [M, in]
+        (kernels.linear_packed); written into `out` when given."""
+        return linear_packed(x_rows, self.panels, self._weight.shape[0], self.bias, activation, residual, out)
 
     def __call__(self, x):
-        rows = x.reshape(-1, x.shape[-1])                               # [..., in] -> [M,in]
-        out = self.packed(pack_rows(rows), rows.shape[0])               # [M,in] -> [M,out]
+        rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])  # [..., in] -> [M,in]
+        out = self.rows(rows)                                           # [M,in] -> [M,out]
         return out.reshape(x.shape[:-1] + (out.shape[1],))              # [M,out] -> [..., out]

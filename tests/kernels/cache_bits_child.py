@@ -11,6 +11,7 @@ import numpy as np
 from npdiff.kernels.attention import attention_chunked, scaled_dot_product_attention
 from npdiff.kernels.attention.backward import attention_backward
 from npdiff.kernels.attention.fused import attention_fused
+from npdiff.kernels.linear_packed import linear_packed, pack_panels
 
 # (npdiff.kernels re-exports functions named like their modules: softmax, conv2d, ...; import the modules)
 FAMILIES = ("activations", "activations_backward", "conv", "conv_backward", "linear", "linear_backward", "norm",
@@ -45,6 +46,11 @@ def results_for(seed):
     out["geglu_blocks_hidden"] = np.empty((1200, 160), np.float32)  # the tape's hidden layer, bias added
     out["geglu_blocks_kept"] = linear.geglu_fast(many_tokens, geglu_weight, geglu_bias,
                                                  hidden_out=out["geglu_blocks_hidden"])
+    # CLIP's packed GEMM: full tiles finished on the registers (no activation) and through the tile buffer
+    # (quick-GELU; the edge tiles of 154 rows and 160 columns)
+    token_rows, packed_weight, residual = tokens.reshape(154, 96), pack_panels(geglu_weight), randn(154, 160)
+    out["linear_packed"] = linear_packed(token_rows, packed_weight, 160, geglu_bias, None, residual)
+    out["linear_packed_quick_gelu"] = linear_packed(token_rows, packed_weight, 160, geglu_bias, "quick_gelu", residual)
     out["conv_winograd4"] = conv.conv2d(randn(1, 32, 32, 32), randn(40, 32, 3, 3, scale=0.1), randn(40), 1, 1)
     out["conv_winograd6"] = conv.conv2d(randn(1, 128, 64, 64), randn(16, 128, 3, 3, scale=0.05), randn(16), 1, 1)
     out["conv_stride2"] = conv.conv2d(randn(1, 16, 20, 20), randn(24, 16, 3, 3), randn(24), 2, 1)

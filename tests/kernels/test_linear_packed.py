@@ -1,6 +1,6 @@
-"""linear_packed (npdiff/kernels/linear_packed.py: CLIP's GEMMs on weights packed at load, with the layer norm
-fused into the packing of x and the bias, activation and residual into the GEMM) and the causal attention of
-token rows (npdiff/kernels/attention/causal_rows.py), against torch."""
+"""linear_packed (npdiff/kernels/linear_packed.py: CLIP's GEMMs on weights packed at load, x read as rows, the
+bias, activation and residual applied to each tile as it is finished: linear_packed_tile.py), CLIP's layer norm
+into rows, and the causal attention of token rows (npdiff/kernels/attention/causal_rows.py), against torch."""
 
 import numpy as np
 import pytest
@@ -12,16 +12,13 @@ from helpers import KERNEL_TOL, assert_rel_close
 from npdiff.kernels.attention.causal_rows import causal_attention_rows
 from npdiff.kernels.linear_packed import (
     KC_PANEL,
+    layer_norm_rows,
     linear_packed,
     linear_packed_ref,
     pack_panels,
-    pack_rows,
-    pack_rows_layer_norm,
-    row_panels_shape,
     unpack_panels,
-    unpack_rows,
 )
-from npdiff.kernels.matmul_numba import MR, NR
+from npdiff.kernels.matmul_numba import NR
 
 TORCH_ACTIVATIONS = {
     None: lambda h: h,
@@ -48,7 +45,7 @@ def test_linear_packed_matches_torch(rng, activation, depth, with_bias, with_res
     bias = rng.standard_normal(n_out, dtype=np.float32) if with_bias else None
     residual = rng.standard_normal((rows, n_out), dtype=np.float32) if with_residual else None
     expected = torch_linear(x, weight, bias, activation, residual)
-    ours = linear_packed(pack_rows(x), pack_panels(weight), rows, n_out, bias, activation, residual)
+    ours = linear_packed(x, pack_panels(weight), n_out, bias, activation, residual)
     assert ours.shape == (rows, n_out) and ours.dtype == np.float32
     assert_rel_close(ours, expected, KERNEL_TOL, f"linear_packed ({activation})")
     assert_rel_close(linear_packed_ref(x, weight, bias, activation, residual), expected, KERNEL_TOL, "reference")
@@ -63,21 +60,24 @@ def test_clip_l_shapes_match_torch(rng):
         weight = rng.standard_normal((n_out, n_in), dtype=np.float32) * np.float32(0.02)
         bias = rng.standard_normal(n_out, dtype=np.float32)
         residual = rng.standard_normal((rows, n_out), dtype=np.float32) if with_residual else None
-        ours = linear_packed(pack_rows(x), pack_panels(weight), rows, n_out, bias, activation, residual)
+        ours = linear_packed(x, pack_panels(weight), n_out, bias, activation, residual)
         assert_rel_close(ours, torch_linear(x, weight, bias, activation, residual), KERNEL_TOL, f"{n_in}->{n_out}")
 
 
-@pytest.mark.parametrize("activation", ["quick_gelu", None])
-def test_packed_output_is_what_pack_rows_makes(rng, activation):
-    """packed_out: the result also written packed (the next GEMM's operand), as pack_rows packs it."""
-    rows, n_in, n_out = int(rng.integers(1, 40)), int(rng.integers(1, 100)), int(rng.integers(1, 200))
+@pytest.mark.parametrize("activation", list(TORCH_ACTIVATIONS))
+def test_every_element_is_written_once_into_out(rng, activation):
+    """out given (a scratch full of NaN): every element is written, finished once (a second epilogue on an
+    element, or one left out, would show), for shapes with edge tiles on both sides and several depth blocks."""
+    rows, n_in, n_out = int(rng.integers(1, 40)), int(rng.integers(KC_PANEL + 1, 2 * KC_PANEL + 60)), int(
+        rng.integers(1, 200))
     x = rng.standard_normal((rows, n_in), dtype=np.float32)
     weight = rng.standard_normal((n_out, n_in), dtype=np.float32) * np.float32(n_in ** -0.5)
     bias = rng.standard_normal(n_out, dtype=np.float32)
-    packed_out = np.full(row_panels_shape(rows, n_out), np.nan, np.float32)  # every element must be written
-    ours = linear_packed(pack_rows(x), pack_panels(weight), rows, n_out, bias, activation, packed_out=packed_out)
-    assert_rel_close(ours, torch_linear(x, weight, bias, activation, None), KERNEL_TOL, "linear_packed")
-    assert np.array_equal(packed_out, pack_rows(ours))
+    residual = rng.standard_normal((rows, n_out), dtype=np.float32)
+    out = np.full((rows, n_out), np.nan, np.float32)
+    ours = linear_packed(x, pack_panels(weight), n_out, bias, activation, residual, out=out)
+    assert ours is out
+    assert_rel_close(out, torch_linear(x, weight, bias, activation, residual), KERNEL_TOL, "linear_packed into out")
 
 
 def test_no_input_features_gives_the_bias(rng):
@@ -85,30 +85,28 @@ def test_no_input_features_gives_the_bias(rng):
     bias = rng.standard_normal(n_out, dtype=np.float32)
     residual = rng.standard_normal((rows, n_out), dtype=np.float32)
     x = np.zeros((rows, 0), np.float32)
-    ours = linear_packed(pack_rows(x), pack_panels(np.zeros((n_out, 0), np.float32)), rows, n_out, bias, None, residual)
+    ours = linear_packed(x, pack_panels(np.zeros((n_out, 0), np.float32)), n_out, bias, None, residual)
     assert np.array_equal(ours, np.broadcast_to(bias, (rows, n_out)) + residual)
 
 
 def test_packing_round_trips_with_zero_padding(rng):
-    rows, n_in, n_out = int(rng.integers(1, 30)), int(rng.integers(1, 90)), int(rng.integers(1, 150))
-    x = rng.standard_normal((rows, n_in), dtype=np.float32)
+    n_in, n_out = int(rng.integers(1, 90)), int(rng.integers(1, 150))
     weight = rng.standard_normal((n_out, n_in), dtype=np.float32)
-    panels, a_packed = pack_panels(weight.T.copy().T), pack_rows(x)  # an F-ordered weight packs the same
-    assert panels.shape == (-(-n_out // NR), n_in, NR) and a_packed.shape == (-(-rows // MR), n_in, MR)
-    assert np.array_equal(unpack_panels(panels, n_out), weight) and np.array_equal(unpack_rows(a_packed, rows), x)
+    panels = pack_panels(weight.T.copy().T)  # an F-ordered weight packs the same
+    assert panels.shape == (-(-n_out // NR), n_in, NR)
+    assert np.array_equal(unpack_panels(panels, n_out), weight)
     assert not panels.transpose(0, 2, 1).reshape(-1, n_in)[n_out:].any()  # the spare columns are zero
-    assert not a_packed.transpose(0, 2, 1).reshape(-1, n_in)[rows:].any()  # the spare rows are zero
 
 
-def test_layer_norm_packing_matches_torch(rng):
+def test_layer_norm_rows_matches_torch(rng):
     rows, width = int(rng.integers(1, 50)), int(rng.integers(2, 900))
     offset = np.float32(rng.uniform(-50, 50))  # a large mean: the float64 sums must not cancel
     x = rng.standard_normal((rows, width), dtype=np.float32) + offset
     gamma = rng.standard_normal(width, dtype=np.float32)
     beta = rng.standard_normal(width, dtype=np.float32)
     expected = F.layer_norm(torch.from_numpy(x), (width,), torch.from_numpy(gamma), torch.from_numpy(beta), 1e-5)
-    ours = unpack_rows(pack_rows_layer_norm(x, gamma, beta, 1e-5), rows)
-    assert_rel_close(ours, expected, KERNEL_TOL, "layer norm, packed")
+    ours = layer_norm_rows(x, gamma, beta, 1e-5, out=np.full((rows, width), np.nan, np.float32))
+    assert_rel_close(ours, expected, KERNEL_TOL, "layer norm into rows")
 
 
 @pytest.mark.parametrize("head_dim", [8, 40, 64])

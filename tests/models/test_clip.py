@@ -71,6 +71,28 @@ def test_hidden_states_match_transformers(kind, prefix, padded, torch_models, rn
     assert ours.config["vocab_size"] == VOCAB and folder.is_dir()
 
 
+@pytest.mark.parametrize("batch", [1, 2, 4])
+@pytest.mark.parametrize("kind", list(CLIP_KINDS))
+def test_layers_by_prompt_and_by_columns_give_the_same_bytes(kind, batch, torch_models, rng, tmp_path, monkeypatch):
+    """Each layer in one parallel call with one prompt per thread (kernels/clip_layer_rows.py, what a batch that
+    divides among the threads takes) and the layer's steps one by one, each split by columns, make every element
+    with the same serial functions in the same order: the same bytes, and both match transformers."""
+    import npdiff.models.clip as clip_module
+
+    model = torch_models[kind]
+    ours = CLIPTextModel.from_pretrained(save_clip(model, tmp_path / "te"))
+    ids = padded_ids(rng, batch, CLIP_KINDS[kind]["max_position_embeddings"])
+    results = {}
+    for by_prompt in (True, False):
+        monkeypatch.setattr(clip_module, "runs_by_prompt", lambda batch, by_prompt=by_prompt: by_prompt)
+        results[by_prompt] = ours(ids, output_hidden_states=True)
+    (last, states), (last_by_columns, states_by_columns) = results[True], results[False]
+    assert np.array_equal(last, last_by_columns)
+    assert all(np.array_equal(a, b) for a, b in zip(states, states_by_columns))
+    ref_last, _ = torch_forward(model, ids)
+    assert_rel_close(last, ref_last, CLIP_TOL, what="last_hidden_state, by prompt")
+
+
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])
 def test_penultimate_layer_with_final_norm(kind, torch_models, rng, tmp_path):
     """SD 2.x and "clip skip" take final_layer_norm(hidden_states[-2])."""

@@ -26,12 +26,12 @@ TIMEOUT_S = 240
 
 # Runs in a child: the tiny CLIP's hidden states (every layer on PackedLinear) and the packed kernels on inputs
 # drawn from the seed, at shapes that take every branch: 2 x 77 tokens (query rows past 48 keys, where the old
-# softmax's copies differed), a depth of two KC_PANEL blocks, each activation, a residual, a packed output.
+# softmax's copies differed), a depth of two KC_PANEL blocks, each activation, a residual, edge tiles (25 rows, 200 columns).
 CHILD = r"""
 import sys
 import numpy as np
 from npdiff.kernels.attention.causal_rows import causal_attention_rows
-from npdiff.kernels.linear_packed import linear_packed, pack_panels, pack_rows, pack_rows_layer_norm, row_panels_shape
+from npdiff.kernels.linear_packed import layer_norm_rows, linear_packed, pack_panels
 from npdiff.models import CLIPTextModel
 from npdiff.models.packed_linear import PackedLinear
 
@@ -48,13 +48,11 @@ gamma, beta = (rng.standard_normal(depth, dtype=np.float32) for _ in range(2))
 panels = pack_panels(rng.standard_normal((200, depth), dtype=np.float32) * np.float32(depth ** -0.5))
 bias = rng.standard_normal(200, dtype=np.float32)
 residual = rng.standard_normal((rows, 200), dtype=np.float32)
-normed = pack_rows_layer_norm(x, gamma, beta, 1e-5)
-results["packed_layer_norm"] = normed
+normed = layer_norm_rows(x, gamma, beta, 1e-5)
+results["layer_norm_rows"] = normed
 for activation in (None, "quick_gelu", "gelu", "gelu_tanh"):
-    packed_out = np.zeros(row_panels_shape(rows, 200), np.float32)
-    results[f"linear_{activation}"] = linear_packed(normed, panels, rows, 200, bias, activation, residual,
-                                                    packed_out=packed_out)
-    results[f"linear_{activation}_packed"] = packed_out
+    results[f"linear_{activation}"] = linear_packed(normed, panels, 200, bias, activation, residual)
+    results[f"linear_{activation}_rows_25"] = linear_packed(normed[:25], panels, 200, bias, activation)
 q, k, v = (rng.standard_normal((rows, 192), dtype=np.float32) for _ in range(3))
 results["attention"] = causal_attention_rows(q, k, v, 2, 3, 0.125)
 np.savez(out_path, **results)
