@@ -61,6 +61,11 @@ VECTOR_WIDTH_DECISION = use_512_bit_vectors()
 from numba import njit as numba_njit  # noqa: E402  (after the step above)
 from numba import prange  # noqa: E402, F401  (re-exported for kernel modules)
 
+from npdiff.numba_cache import install_package_locators  # noqa: E402  (imports Numba: after the step above)
+
+# A cached kernel is stale when ANY jitted module of npdiff changed, not only its own file (numba_cache.py)
+PACKAGE_LOCATORS_INSTALLED = install_package_locators()
+
 
 def njit(*args, **options):
     """numba.njit, with fastmath=False unless the kernel names its own flags.
@@ -74,6 +79,7 @@ def njit(*args, **options):
     makes every function's flags its own."""
     options.setdefault("fastmath", False)
     return numba_njit(*args, **options)
+
 
 FASTMATH_CONTRACT = {"contract"}
 
