@@ -1,7 +1,9 @@
 """npdiff.training.lora_grad against torch.autograd through diffusers' UNet2DConditionModel with peft LoRA adapters
 (unet.add_adapter(LoraConfig(r, lora_alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))) on the tiny
 random SD 1.x and SD 2.x models of tests/pipeline/tiny_sd.py, epsilon and v-prediction: the loss within 1e-5, the
-gradient of every LoRA factor within 1e-4 (relative, all factors together and the down/up of each layer)."""
+gradient of every LoRA factor within 1e-4 (relative: all factors together, and the down/up of each layer within
+1e-4 or, for a factor whose gradient is a sum that cancels, within its condition number times float32's rounding:
+assert_grads_close says why)."""
 
 import sys
 from pathlib import Path
@@ -78,12 +80,54 @@ def random_batch(ours, rng):
     return ids, latents, noise, timesteps
 
 
-def assert_grads_close(lora, grads, expected, what):
-    """Every factor together, and each layer's down and up on their own, within 1e-4 of autograd in float64.
-    Against torch's float32 autograd the worst single factor reached 1.02e-4 (seed 855265, sd2 epsilon, rank 1,
-    alpha 6.8: a cross-attention to_v down) while npdiff was 3.5e-5 from the float64 gradient and torch float32
-    6.7e-5: the tiny model's saturated attention makes a few factors ill-conditioned, and two float32 roundings
-    were being compared. So the reference is float64 (the exact gradient of the float32 weights and inputs)."""
+def record_layer_io(adapted, torch_pipe):
+    """Hooks on every adapted layer of the torch UNet -> (inputs, grads_out) dicts {name: float64 array}, filled by
+    the next forward and backward: each layer's input x [..., in] and the gradient of its output dy [..., out]."""
+    modules = dict(torch_pipe.unet.named_modules())
+    inputs, grads_out = {}, {}
+    for name in adapted:
+        modules[name].register_forward_hook(
+            lambda module, args, out, name=name: inputs.__setitem__(name, args[0].detach().double().numpy()))
+        modules[name].register_full_backward_hook(
+            lambda module, grad_in, grad_y, name=name: grads_out.__setitem__(name, grad_y[0].detach().double().numpy()))
+    return inputs, grads_out
+
+
+def gradient_conditions(lora, inputs, grads_out, expected):
+    """{name: {"down", "up"}: condition number of the factor's gradient as a sum}. With s = alpha / r, rows n of x
+    and dy,
+        d down = s up^T (sum_n dy_n x_n^T)        d up = s (sum_n dy_n x_n^T) down^T
+    and a relative error e in every dy_n (what a float32 backward delivers at the layer) moves each by at most
+    e * kappa, kappa = || s |up|^T |dy|^T |x| || / || d down || (and || s |dy|^T |x| |down|^T || / || d up ||):
+    1 when nothing cancels, large when the tokens' terms cancel in the sum."""
+    conditions = {}
+    for name in lora.layers:
+        x_abs = np.abs(inputs[name].reshape(-1, inputs[name].shape[-1]))              # [R, in]
+        dy_abs = np.abs(grads_out[name].reshape(-1, grads_out[name].shape[-1]))        # [R, out]
+        down_abs, up_abs = np.abs(lora.down[name].astype(np.float64)), np.abs(lora.up[name].astype(np.float64))
+        bounds = {"down": lora.scale * (dy_abs @ up_abs).T @ x_abs,                   # [r, in]
+                  "up": lora.scale * dy_abs.T @ (x_abs @ down_abs.T)}                  # [out, r]
+        conditions[name] = {part: float(np.linalg.norm(bounds[part]) /
+                                        max(np.linalg.norm(expected[name][part].numpy()), 1e-300))
+                            for part in ("down", "up")}
+    return conditions
+
+
+# The error of a float32 backward's factor gradient per unit of condition number: over 18 fresh seeds (both tiny
+# models, both prediction types) the worst factor of each run reached 2.5e-7 .. 9.1e-7 * kappa for npdiff and
+# 2.5e-7 .. 9.0e-7 * kappa for torch's own float32 autograd; 64 float32 roundings (3.8e-6) leave 4x room.
+FLOAT32_GRAD_ROUNDING = 64 * 2.0 ** -24
+
+
+def assert_grads_close(lora, grads, expected, conditions, what):
+    """Every factor together within 1e-4 of autograd in float64; each layer's down and up on their own within
+    max(1e-4, FLOAT32_GRAD_ROUNDING * kappa), kappa from gradient_conditions. The reference is float64 (the exact
+    gradient of the float32 weights and inputs), not torch's float32: the tiny model's saturated attention makes a
+    few factors ill-conditioned, and two float32 roundings would be compared. One such factor (seed 2868528049, test
+    epsilon, rank 1: down_blocks.1 attn2.to_out.0 down) has kappa 1240: its terms over the 16 tokens cancel to 1/146
+    of their size, so the ~1.2e-6 relative error that both engines' float32 backwards carry at that layer's output
+    became 1.75e-4 in npdiff's gradient and 1.4e-5 in torch float32's (both ~1e-7 * kappa; which of the two lands
+    lower is luck: at seed 855265 torch's was the larger). A wrong gradient is off by O(1), far above any bound."""
     flat_expected = np.concatenate([np.concatenate([expected[name]["down"].numpy().ravel(),
                                                     expected[name]["up"].numpy().ravel()]) for name in lora.layers])
     assert_rel_close(lora.flat(grads), flat_expected, NETWORK_TOL, f"{what}: every factor")
@@ -93,10 +137,13 @@ def assert_grads_close(lora, grads, expected, what):
             ours, theirs = grads[name][part], expected[name][part]
             assert ours.shape == tuple(theirs.shape) and ours.dtype == np.float32
             if theirs.abs().max() > 0:
-                worst = max(worst, assert_rel_close(ours, theirs, NETWORK_TOL, f"{what}: {name} {part}"))
+                kappa = conditions[name][part]
+                tol = max(NETWORK_TOL, FLOAT32_GRAD_ROUNDING * kappa)
+                err = assert_rel_close(ours, theirs, tol, f"{what}: {name} {part} (condition {kappa:.0f})")
+                worst = max(worst, err / tol * NETWORK_TOL)
             else:
                 assert not ours.any(), f"{what}: {name} {part} should be zero"
-    print(f"{what}: all factors {rel_err(lora.flat(grads), flat_expected):.2e}, worst layer {worst:.2e}")
+    print(f"{what}: all factors {rel_err(lora.flat(grads), flat_expected):.2e}, worst layer {worst:.2e} (at 1e-4)")
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -110,11 +157,13 @@ def test_lora_grad_matches_peft_autograd(kind_folder, rng, prediction_type):
         up[...] = rng.standard_normal(up.shape, dtype=np.float32) * np.float32(0.1)
     torch_pipe, adapted = torch_unet_with_lora(folder, lora, init_lora_weights=False)
     ids, latents, noise, timesteps = random_batch(ours, rng)
+    inputs, grads_out = record_layer_io(adapted, torch_pipe)
     expected_loss, expected = torch_loss_and_grads(torch_pipe, adapted, ids, latents, noise, timesteps,
                                                    prediction_type)
     loss, grads = lora_grad(ours, lora, ids, latents, noise, timesteps)
     assert abs(loss - expected_loss) <= KERNEL_TOL * abs(expected_loss), (loss, expected_loss)
-    assert_grads_close(lora, grads, expected, f"{kind} {prediction_type} rank {rank}")
+    conditions = gradient_conditions(lora, inputs, grads_out, expected)
+    assert_grads_close(lora, grads, expected, conditions, f"{kind} {prediction_type} rank {rank}")
 
 
 def test_lora_grad_at_peft_init(kind_folder, rng):
@@ -129,6 +178,7 @@ def test_lora_grad_at_peft_init(kind_folder, rng):
     torch_pipe, adapted = torch_unet_with_lora(folder, lora, init_lora_weights=True)
     ids, latents, noise, timesteps = random_batch(ours, rng)
     prediction_type = ours.scheduler.config.get("prediction_type", "epsilon")
+    inputs, grads_out = record_layer_io(adapted, torch_pipe)
     expected_loss, expected = torch_loss_and_grads(torch_pipe, adapted, ids, latents, noise, timesteps,
                                                    prediction_type)
     loss, grads = lora_grad(ours, lora, ids, latents, noise, timesteps)
@@ -136,7 +186,8 @@ def test_lora_grad_at_peft_init(kind_folder, rng):
     assert abs(loss - expected_loss) <= KERNEL_TOL * abs(expected_loss)
     assert abs(loss - plain_loss) <= KERNEL_TOL * abs(plain_loss)
     assert all(not grads[name]["down"].any() for name in lora.layers)
-    assert_grads_close(lora, grads, expected, f"{kind} at init")
+    conditions = gradient_conditions(lora, inputs, grads_out, expected)
+    assert_grads_close(lora, grads, expected, conditions, f"{kind} at init")
     lora.remove()
     assert all(layer.weight is lora.base[name] for name, layer in lora.layers.items())
 
