@@ -47,8 +47,8 @@ import numpy as np
 
 from npdiff.jit import SERIAL, njit
 from npdiff.kernels.block_pool import run_blocks, split_evenly, worker_count
-from npdiff.kernels.conv_winograd4 import input_transform4, output_transform4
-from npdiff.kernels.conv_winograd6 import input_transform6, output_transform6
+from npdiff.kernels.conv_winograd4 import input_transform4, input_transform4_normed, output_transform4
+from npdiff.kernels.conv_winograd6 import input_transform6, input_transform6_normed, output_transform6
 from npdiff.kernels.scratch import scratch
 from npdiff.kernels.validate import output_size
 
@@ -346,8 +346,12 @@ def product_buffers(out_blocks, per_channel):
     return {block: np.empty((block[1] - block[0]) * per_channel, np.float32) for block in out_blocks}
 
 
-def winograd_conv2d(x, weight, bias, padding, m):
-    """conv2d(x, weight, bias, stride=1, padding=(ph, pw)) for 3x3 float32 weights by F(m x m, 3 x 3)."""
+def winograd_conv2d(x, weight, bias, padding, m, normalized=None):
+    """conv2d(x, weight, bias, stride=1, padding=(ph, pw)) for 3x3 float32 weights by F(m x m, 3 x 3).
+
+    normalized=(mean, scale, shift) (m 4 or 6, padding 1 only): convolve SiLU((x - mean) * scale + shift)
+    per (image, channel) instead of x, normalised inside the input transform (conv_norm.py: GroupNorm +
+    SiLU folded into this conv; mean, scale [B,C_in], shift [C_in], float64)."""
     ph, pw = padding
     batch, c_in, height, width = x.shape
     c_out = weight.shape[0]
@@ -373,7 +377,11 @@ def winograd_conv2d(x, weight, bias, padding, m):
         def transform_input(block):  # 1. V = B^T d B for channels c0..c1
             gathered = scratch("winograd input", (alpha, m, tiles_w + 1))
             mixed = scratch("winograd input mixed", (alpha, m, tiles_w + 1))
-            if m == 4 and ph == pw == 1:
+            if normalized is not None:  # (m 4 or 6, padding 1: conv_norm.py checks)
+                rows = scratch("winograd normalised rows", (alpha, width))  # the tile row's input rows
+                normed_transform = input_transform4_normed if m == 4 else input_transform6_normed
+                normed_transform(x, *normalized, row0, row1, tiles_h, block[0], block[1], rows, gathered, mixed, V)
+            elif m == 4 and ph == pw == 1:
                 input_transform4(x, row0, row1, tiles_h, block[0], block[1], gathered, mixed, V)
             elif m == 6 and ph == pw == 1:
                 input_transform6(x, row0, row1, tiles_h, block[0], block[1], gathered, mixed, V)

@@ -23,10 +23,50 @@ sequential run. conv_winograd6.py does the same for F(6x6,3x3).
 import numpy as np
 
 from npdiff.jit import SERIAL, njit
+from npdiff.kernels.norm import normalize_rows
 
 
 # F(4x4,3x3)'s transform coefficients as float32, so the written-out transforms stay in float32
 P2, P4, P8, N1, N2, N4, N5, N8 = (np.float32(v) for v in (2, 4, 8, -1, -2, -4, -5, -8))
+
+
+@njit(**SERIAL, inline="always")
+def _transform_tile_row4(source, y0, height, width, c, t0, gathered, mixed, V):
+    """Steps 1-3 of input_transform4 for one tile row of channel c: its 6 input rows are source's rows
+    y0 .. y0+5 (rows outside 0 .. height-1: zero); its tiles go to V[:, c, t0:t0+tiles_w]."""
+    tiles_w = gathered.shape[2] - 1
+    run = gathered.shape[1] * gathered.shape[2]  # m * (tiles_w + 1)
+    # 1. gathered[r, p, j] = source[y0 + r, j*4 + p - 1] (outside: zero; the columns outside are never
+    #    written and keep the zeros the caller set)
+    for r in range(6):
+        y = y0 + r
+        inside = 0 <= y < height
+        for p in range(4):
+            j_lo = 1 if p == 0 else 0
+            j_hi = min(tiles_w + 1, (width - p) // 4 + 1)
+            for j in range(j_lo, j_hi):
+                gathered[r, p, j] = source[y, j * 4 + p - 1] if inside else 0.0
+    # 2. mixed[k] = sum_r B^T[k,r] gathered[r]   (B^T d, whole tile row) [6, 4*(tiles_w+1)]
+    g, mx = gathered.reshape(6, run), mixed.reshape(6, run)
+    for i in range(run):
+        d0, d1, d2, d3, d4, d5 = g[0, i], g[1, i], g[2, i], g[3, i], g[4, i], g[5, i]
+        mx[0, i] = P4 * d0 + N5 * d2 + d4
+        mx[1, i] = N4 * d1 + N4 * d2 + d3 + d4
+        mx[2, i] = P4 * d1 + N4 * d2 + N1 * d3 + d4
+        mx[3, i] = N2 * d1 + N1 * d2 + P2 * d3 + d4
+        mx[4, i] = P2 * d1 + N1 * d2 + N2 * d3 + d4
+        mx[5, i] = P4 * d1 + N5 * d3 + d5
+    # 3. V[k*6+l, c, t0+j] = sum_s B^T[l,s] mixed[k, s%4, s//4 + j]   ((B^T d) B, per tile)
+    for k in range(6):
+        for j in range(tiles_w):
+            s0, s1, s2 = mixed[k, 0, j], mixed[k, 1, j], mixed[k, 2, j]
+            s3, s4, s5 = mixed[k, 3, j], mixed[k, 0, j + 1], mixed[k, 1, j + 1]
+            V[6 * k + 0, c, t0 + j] = P4 * s0 + N5 * s2 + s4
+            V[6 * k + 1, c, t0 + j] = N4 * s1 + N4 * s2 + s3 + s4
+            V[6 * k + 2, c, t0 + j] = P4 * s1 + N4 * s2 + N1 * s3 + s4
+            V[6 * k + 3, c, t0 + j] = N2 * s1 + N1 * s2 + P2 * s3 + s4
+            V[6 * k + 4, c, t0 + j] = P2 * s1 + N1 * s2 + N2 * s3 + s4
+            V[6 * k + 5, c, t0 + j] = P4 * s1 + N5 * s3 + s5
 
 
 @njit(**SERIAL)
@@ -35,42 +75,30 @@ def input_transform4(x, row0, row1, tiles_h, c0, c1, gathered, mixed, V):
     from all its sources (same terms, same order as input_transform: the same bytes)."""
     height, width = x.shape[2], x.shape[3]
     tiles_w = gathered.shape[2] - 1
-    run = gathered.shape[1] * gathered.shape[2]  # m * (tiles_w + 1)
     gathered[:] = 0.0
     for c in range(c0, c1):  # (channel outer: each V[kl, c] row is written in one sequential run)
         for row in range(row0, row1):
             b, tile_row = row // tiles_h, row % tiles_h
-            t0 = (row - row0) * tiles_w
-            # 1. gathered[r, p, j] = x[b, c, tile_row*4 - 1 + r, j*4 + p - 1] (outside x: zero)
-            for r in range(6):
-                y = tile_row * 4 - 1 + r
-                inside = 0 <= y < height
-                for p in range(4):
-                    j_lo = 1 if p == 0 else 0
-                    j_hi = min(tiles_w + 1, (width - p) // 4 + 1)
-                    for j in range(j_lo, j_hi):
-                        gathered[r, p, j] = x[b, c, y, j * 4 + p - 1] if inside else 0.0
-            # 2. mixed[k] = sum_r B^T[k,r] gathered[r]   (B^T d, whole tile row) [6, 4*(tiles_w+1)]
-            g, mx = gathered.reshape(6, run), mixed.reshape(6, run)
-            for i in range(run):
-                d0, d1, d2, d3, d4, d5 = g[0, i], g[1, i], g[2, i], g[3, i], g[4, i], g[5, i]
-                mx[0, i] = P4 * d0 + N5 * d2 + d4
-                mx[1, i] = N4 * d1 + N4 * d2 + d3 + d4
-                mx[2, i] = P4 * d1 + N4 * d2 + N1 * d3 + d4
-                mx[3, i] = N2 * d1 + N1 * d2 + P2 * d3 + d4
-                mx[4, i] = P2 * d1 + N1 * d2 + N2 * d3 + d4
-                mx[5, i] = P4 * d1 + N5 * d3 + d5
-            # 3. V[k*6+l, c, t0+j] = sum_s B^T[l,s] mixed[k, s%4, s//4 + j]   ((B^T d) B, per tile)
-            for k in range(6):
-                for j in range(tiles_w):
-                    s0, s1, s2 = mixed[k, 0, j], mixed[k, 1, j], mixed[k, 2, j]
-                    s3, s4, s5 = mixed[k, 3, j], mixed[k, 0, j + 1], mixed[k, 1, j + 1]
-                    V[6 * k + 0, c, t0 + j] = P4 * s0 + N5 * s2 + s4
-                    V[6 * k + 1, c, t0 + j] = N4 * s1 + N4 * s2 + s3 + s4
-                    V[6 * k + 2, c, t0 + j] = P4 * s1 + N4 * s2 + N1 * s3 + s4
-                    V[6 * k + 3, c, t0 + j] = N2 * s1 + N1 * s2 + P2 * s3 + s4
-                    V[6 * k + 4, c, t0 + j] = P2 * s1 + N1 * s2 + N2 * s3 + s4
-                    V[6 * k + 5, c, t0 + j] = P4 * s1 + N5 * s3 + s5
+            _transform_tile_row4(x[b, c], tile_row * 4 - 1, height, width, c, (row - row0) * tiles_w,
+                                 gathered, mixed, V)
+
+
+@njit(**SERIAL)
+def input_transform4_normed(x, mean, scale, shift, row0, row1, tiles_h, c0, c1, rows, gathered, mixed, V):
+    """input_transform4 of SiLU(GroupNorm(x)), each input row normalised into the scratch rows [6, W] as
+    it is needed (conv_winograd6.input_transform6_normed, with 6 rows per tile and 4 new per tile row)."""
+    height, width = x.shape[2], x.shape[3]
+    tiles_w = gathered.shape[2] - 1
+    gathered[:] = 0.0
+    for c in range(c0, c1):
+        for row in range(row0, row1):
+            b, tile_row = row // tiles_h, row % tiles_h
+            # 0. rows[r] = SiLU(GroupNorm(x[b, c, tile_row*4 - 1 + r])), zero outside the picture; the
+            #    tile row above (same image, made just before) holds the first two in its last two
+            carried = 2 if row > row0 and tile_row > 0 else 0
+            normalize_rows(x, b, c, tile_row * 4 - 1, mean, scale, shift, carried, rows)
+            # 1.-3. as input_transform4, reading the normalised rows
+            _transform_tile_row4(rows, 0, 6, width, c, (row - row0) * tiles_w, gathered, mixed, V)
 
 
 @njit(**SERIAL)

@@ -28,6 +28,7 @@ results differ from those in the last bits; the tests compare them within float3
 import numpy as np
 
 from npdiff.jit import SERIAL, njit
+from npdiff.kernels.norm import normalize_rows
 
 F32 = np.float32
 # B^T's and A^T's coefficients as float32, so the transforms stay in float32
@@ -69,6 +70,37 @@ def _at_column(m0, m1, m2, m3, m4, m5, m6, m7, out, i):
     out[5, i] = b + P32 * e + R32 * g + m7
 
 
+@njit(**SERIAL, inline="always")
+def _transform_tile_row6(source, y0, height, width, c, t0, gathered, mixed, V):
+    """Steps 1-3 of input_transform6 for one tile row of channel c: its 8 input rows are source's rows
+    y0 .. y0+7 (rows outside 0 .. height-1: zero); its tiles go to V[:, c, t0:t0+tiles_w]."""
+    tiles_w = gathered.shape[2] - 1
+    run = gathered.shape[1] * gathered.shape[2]  # 6 * (tiles_w + 1)
+    # 1. gathered[r, p, j] = source[y0 + r, j*6 + p - 1] (outside: zero; the columns outside are never
+    #    written and keep the zeros the caller set). input_transform4's gather with 6 for 4: one shared
+    #    helper taking m as a value measured 15-30% slower (the constants let Numba unroll and
+    #    strength-reduce these loops)
+    for r in range(8):
+        y = y0 + r
+        inside = 0 <= y < height
+        for p in range(6):
+            j_lo = 1 if p == 0 else 0
+            j_hi = min(tiles_w + 1, (width - p) // 6 + 1)
+            for j in range(j_lo, j_hi):
+                gathered[r, p, j] = source[y, j * 6 + p - 1] if inside else 0.0
+    # 2. mixed[k] = sum_r B^T[k,r] gathered[r]   (B^T d, whole tile row) [8, 6*(tiles_w+1)]
+    g, mx = gathered.reshape(8, run), mixed.reshape(8, run)
+    for i in range(run):
+        _bt_column(g[0, i], g[1, i], g[2, i], g[3, i], g[4, i], g[5, i], g[6, i], g[7, i], mx, i)
+    # 3. V[k*8+l, c, t0+j] = sum_s B^T[l,s] mixed[k, s%6, s//6 + j]   ((B^T d) B, per tile)
+    for k in range(8):
+        target = V[8 * k:8 * k + 8, c, t0:t0 + tiles_w]  # [8, tiles_w]
+        for j in range(tiles_w):
+            _bt_column(mixed[k, 0, j], mixed[k, 1, j], mixed[k, 2, j], mixed[k, 3, j],
+                       mixed[k, 4, j], mixed[k, 5, j], mixed[k, 0, j + 1], mixed[k, 1, j + 1],
+                       target, j)
+
+
 @njit(**SERIAL)
 def input_transform6(x, row0, row1, tiles_h, c0, c1, gathered, mixed, V):
     """V[k*8+l, c, t] = (B^T d B)[k,l] for F(6x6,3x3), padding 1: the tiles of tile rows row0..row1-1
@@ -76,35 +108,36 @@ def input_transform6(x, row0, row1, tiles_h, c0, c1, gathered, mixed, V):
     Scratch gathered, mixed [8, 6, tiles_w+1] (deinterleaved rows, as input_transform4's)."""
     height, width = x.shape[2], x.shape[3]
     tiles_w = gathered.shape[2] - 1
-    run = gathered.shape[1] * gathered.shape[2]  # 6 * (tiles_w + 1)
     gathered[:] = 0.0
     for c in range(c0, c1):
         for row in range(row0, row1):
             b, tile_row = row // tiles_h, row % tiles_h
-            t0 = (row - row0) * tiles_w
-            # 1. gathered[r, p, j] = x[b, c, tile_row*6 - 1 + r, j*6 + p - 1] (outside x: zero; the
-            #    columns outside are never written and keep the zeros set above). input_transform4's
-            #    gather with 6 for 4: one shared helper taking m as a value measured 15-30% slower
-            #    (the constants let Numba unroll and strength-reduce these loops)
-            for r in range(8):
-                y = tile_row * 6 - 1 + r
-                inside = 0 <= y < height
-                for p in range(6):
-                    j_lo = 1 if p == 0 else 0
-                    j_hi = min(tiles_w + 1, (width - p) // 6 + 1)
-                    for j in range(j_lo, j_hi):
-                        gathered[r, p, j] = x[b, c, y, j * 6 + p - 1] if inside else 0.0
-            # 2. mixed[k] = sum_r B^T[k,r] gathered[r]   (B^T d, whole tile row) [8, 6*(tiles_w+1)]
-            g, mx = gathered.reshape(8, run), mixed.reshape(8, run)
-            for i in range(run):
-                _bt_column(g[0, i], g[1, i], g[2, i], g[3, i], g[4, i], g[5, i], g[6, i], g[7, i], mx, i)
-            # 3. V[k*8+l, c, t0+j] = sum_s B^T[l,s] mixed[k, s%6, s//6 + j]   ((B^T d) B, per tile)
-            for k in range(8):
-                target = V[8 * k:8 * k + 8, c, t0:t0 + tiles_w]  # [8, tiles_w]
-                for j in range(tiles_w):
-                    _bt_column(mixed[k, 0, j], mixed[k, 1, j], mixed[k, 2, j], mixed[k, 3, j],
-                               mixed[k, 4, j], mixed[k, 5, j], mixed[k, 0, j + 1], mixed[k, 1, j + 1],
-                               target, j)
+            _transform_tile_row6(x[b, c], tile_row * 6 - 1, height, width, c, (row - row0) * tiles_w,
+                                 gathered, mixed, V)
+
+
+@njit(**SERIAL)
+def input_transform6_normed(x, mean, scale, shift, row0, row1, tiles_h, c0, c1, rows, gathered, mixed, V):
+    """input_transform6 of SiLU(GroupNorm(x)) without that tensor: each input row is normalised as it
+    is needed, by norm.normalize_run (the function group_norm uses: the same float32 values, bit for
+    bit), into the scratch rows [8, W], and the tiles are cut from there.
+
+    mean, scale [B,C] and shift [C] (float64): channel c of image b is (x - mean) * scale + shift, then
+    SiLU (norm.group_norm_affine). A tile row's last two input rows are the next one's first two: they
+    are moved up, not normalised again, so each row of x is normalised once per call (twice at the
+    edge between two groups of tile rows)."""
+    height, width = x.shape[2], x.shape[3]
+    tiles_w = gathered.shape[2] - 1
+    gathered[:] = 0.0
+    for c in range(c0, c1):
+        for row in range(row0, row1):
+            b, tile_row = row // tiles_h, row % tiles_h
+            # 0. rows[r] = SiLU(GroupNorm(x[b, c, tile_row*6 - 1 + r])), zero outside the picture; the
+            #    tile row above (same image, made just before) holds the first two in its last two
+            carried = 2 if row > row0 and tile_row > 0 else 0
+            normalize_rows(x, b, c, tile_row * 6 - 1, mean, scale, shift, carried, rows)
+            # 1.-3. as input_transform6, reading the normalised rows
+            _transform_tile_row6(rows, 0, 8, width, c, (row - row0) * tiles_w, gathered, mixed, V)
 
 
 @njit(**SERIAL)

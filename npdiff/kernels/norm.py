@@ -20,6 +20,8 @@ Versions:
                                     LAYER_NORM_SERIAL_MAX floats: the same rows on the calling thread
                                     (_layer_norm_serial; waking the threads costs more than the work).
   cupy arrays: npdiff/kernels/cuda/norm.py (npdiff/kernels/dispatch.py).
+  group_norm_affine: pass 1 alone, as one affine map per (image, channel) for kernels that normalise
+                                    while they read x (conv_norm.py: GroupNorm + SiLU inside a conv).
 
 torch semantics: biased variance (divide by n), eps added to the variance, rstd = 1/sqrt(var+eps).
 """
@@ -131,6 +133,23 @@ def normalize_run(run, mean, scale, shift, apply_silu, out):
             out[i] = (np.float64(run[i]) - mean) * scale + shift
 
 
+@njit(**SERIAL, inline="always")
+def normalize_rows(x, b, c, first_y, mean, scale, shift, carried, rows):
+    """rows[r] = SiLU((x[b, c, first_y + r] - mean[b, c]) * scale[b, c] + shift[c]) by normalize_run (group_norm's
+    bits), zero for rows outside x; the first `carried` rows are the last `carried` of rows' previous
+    content, moved up (a convolution's input transform that normalises as it reads: conv_norm.py).
+    x [B,C,H,W]; rows [n, W] scratch; mean, scale [B,C], shift [C] from group_norm_affine."""
+    count, height = rows.shape[0], x.shape[2]
+    for r in range(carried):
+        rows[r] = rows[count - carried + r]
+    for r in range(carried, count):
+        y = first_y + r
+        if 0 <= y < height:
+            normalize_run(x[b, c, y], mean[b, c], scale[b, c], shift[c], True, rows[r])
+        else:
+            rows[r] = 0.0
+
+
 @njit(**PARALLEL)
 def _group_norm_numba(x, weight, bias, eps, apply_silu, out):
     """x, out: [B, G, Cg*S] contiguous (S = product of spatial axes); weight, bias: [G, Cg]."""
@@ -147,6 +166,35 @@ def _group_norm_numba(x, weight, bias, eps, apply_silu, out):
             start = c * spatial
             normalize_run(x[b, g, start:start + spatial], mean, rstd * weight[g, c], np.float64(bias[g, c]),
                           apply_silu, out[b, g, start:start + spatial])
+
+
+@njit(**PARALLEL)
+def _group_statistics_numba(x, eps, mean, rstd):
+    """x: [B, G, Cg*S] contiguous; mean, rstd: [B, G] float64 (pass 1 of _group_norm_numba alone)."""
+    batch, groups = x.shape[0], x.shape[1]
+    for task in prange(batch * groups):
+        b = task // groups
+        g = task % groups
+        mean[b, g], rstd[b, g] = mean_and_rstd(x[b, g], eps)
+
+
+def group_norm_affine(x, num_groups, weight, bias, eps=1e-5):
+    """group_norm as one affine map per (image, channel): y = (x - mean[b,c]) * scale[b,c] + shift[c],
+    float64, with the statistics of pass 1 and the products of pass 2 of group_norm_fast (so
+    normalize_run(x[b, c], mean[b, c], scale[b, c], shift[c], ...) gives group_norm's bits). For kernels
+    that normalise while they read x (conv_norm.py). x [B,C,...] NumPy float32; weight, bias [C] or None.
+    Returns mean [B,C], scale [B,C], shift [C]."""
+    batch, channels = x.shape[0], x.shape[1]
+    slabs = np.ascontiguousarray(x).reshape(batch, num_groups, -1)  # [B,C,...] -> [B,G,Cg*S]
+    mean = np.empty((batch, num_groups), np.float64)  # [B,G]
+    rstd = np.empty((batch, num_groups), np.float64)  # [B,G]
+    _group_statistics_numba(slabs, float(eps), mean, rstd)
+    per_group = channels // num_groups
+    weight = np.ones(channels, np.float32) if weight is None else weight  # [C]
+    shift = np.zeros(channels, np.float64) if bias is None else bias.astype(np.float64)  # [C]
+    # (rstd * weight: a float64 product of a float32, as _group_norm_numba's rstd * weight[g, c])
+    scale = np.repeat(rstd, per_group, axis=1) * weight.astype(np.float64)  # [B,G] -> [B,C]
+    return np.repeat(mean, per_group, axis=1), scale, shift  # [B,C], [B,C], [C]
 
 
 @njit(**SERIAL)
@@ -202,6 +250,12 @@ LAYER_NORM = dispatch.register("layer_norm", fast=layer_norm_fast, reference=lay
 
 def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False):
     """torch.nn.functional.group_norm (then SiLU if silu=True). x: [B,C,...]; weight, bias: [C] or None."""
+    check_group_norm(x, num_groups, weight, bias)
+    return GROUP_NORM(x, num_groups, weight, bias, eps, silu)
+
+
+def check_group_norm(x, num_groups, weight, bias):
+    """group_norm's input checks (NpdiffError naming the argument)."""
     require_min_ndim("group_norm", "x", x, 2, "[B,C,...]")
     channels = x.shape[1]
     if not isinstance(num_groups, (int, np.integer)) or num_groups <= 0 or channels % num_groups:
@@ -209,7 +263,6 @@ def group_norm(x, num_groups, weight, bias, eps=1e-5, silu=False):
                           f"C={channels} of x {list(x.shape)}, got {num_groups!r}")
     require_optional_vector("group_norm", "weight", weight, channels)
     require_optional_vector("group_norm", "bias", bias, channels)
-    return GROUP_NORM(x, num_groups, weight, bias, eps, silu)
 
 
 def layer_norm(x, weight, bias, eps=1e-5):

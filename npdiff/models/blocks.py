@@ -94,6 +94,16 @@ class LayerNorm:
         return kernels.layer_norm(x, self.weight, self.bias, eps=self.eps)
 
 
+def norm_silu_conv(norm, conv, x):
+    """conv(SiLU(norm(x))) for a GroupNorm and the stride-1 Conv2d after it, as one kernel
+    (kernels.group_norm_silu_conv2d: the normalised tensor is never written whole); with bf16-packed
+    conv weights or a strided conv, the two steps."""
+    if precision.is_packed(conv.weight) or conv.stride != 1:
+        return conv(norm(x, silu=True))                                 # [B,Cin,H,W] -> [B,Cout,H',W']
+    return kernels.group_norm_silu_conv2d(x, norm.num_groups, norm.weight, norm.bias, norm.eps,
+                                          conv.weight, conv.bias, conv.padding)  # [B,Cin,H,W] -> [B,Cout,H,W]
+
+
 # ---------------------------------------------------------------------------------------------
 # ResnetBlock2D (diffusers models/resnet.py, time_embedding_norm="default", pre-norm, SiLU)
 # ---------------------------------------------------------------------------------------------
@@ -119,17 +129,15 @@ class ResnetBlock2D:
         self.output_scale_factor = float(output_scale_factor)
 
     def __call__(self, x, temb=None):
-        # 1. norm1 + SiLU, then conv1
-        h = self.norm1(x, silu=True)                                    # [B,Cin,H,W]
-        h = self.conv1(h)                                               # [B,Cin,H,W] -> [B,Cout,H,W]
+        # 1. norm1 + SiLU, then conv1 (one kernel: norm_silu_conv)
+        h = norm_silu_conv(self.norm1, self.conv1, x)                   # [B,Cin,H,W] -> [B,Cout,H,W]
         # 2. add the projected time embedding, one value per (batch, channel)
         if self.time_emb_proj is not None and temb is not None:
             t = self.time_emb_proj(kernels.silu(temb))                  # [B,T] -> [B,Cout]
             h += t[:, :, None, None]                                    # [B,Cout,H,W] + [B,Cout,1,1]
             del t
         # 3. norm2 + SiLU (dropout is the identity at inference), then conv2
-        h = self.norm2(h, silu=True)                                    # [B,Cout,H,W]
-        h = self.conv2(h)                                               # [B,Cout,H,W]
+        h = norm_silu_conv(self.norm2, self.conv2, h)                   # [B,Cout,H,W]
         # 4. shortcut and residual sum, divided by output_scale_factor as diffusers does
         shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x  # [B,Cout,H,W]
         h += shortcut                                                   # [B,Cout,H,W]

@@ -40,6 +40,7 @@ from npdiff.models.blocks import (
     ResnetBlock2D,
     Upsample2D,
     child,
+    norm_silu_conv,
 )
 from npdiff.models.transformer import AttentionBlock
 from npdiff.models.vae_tiling import default_tile_sizes, tiled_decode, tiled_encode, tiles_decode, tiles_encode
@@ -124,8 +125,7 @@ class Encoder:
         for block in self.down_blocks:
             h = block(h)                                                # [B,C,H,W] -> [B,C',H/2,W/2]
         h = self.mid_block(h)                                           # [B,C,h,w]
-        h = self.conv_norm_out(h, silu=True)                            # [B,C,h,w]
-        return self.conv_out(h)                                         # [B,C,h,w] -> [B,2*Lc,h,w]
+        return norm_silu_conv(self.conv_norm_out, self.conv_out, h)     # [B,C,h,w] -> [B,2*Lc,h,w] (+ SiLU)
 
 
 class Decoder:
@@ -149,8 +149,7 @@ class Decoder:
         h = self.mid_block(h)                                           # [B,C,h,w]
         for block in self.up_blocks:
             h = block(h)                                                # [B,C,H,W] -> [B,C',2H,2W]
-        h = self.conv_norm_out(h, silu=True)                            # [B,C0,H,W]
-        return self.conv_out(h)                                         # [B,C0,H,W] -> [B,3,H,W]
+        return norm_silu_conv(self.conv_norm_out, self.conv_out, h)     # [B,C0,H,W] -> [B,3,H,W] (+ SiLU)
 
 
 class DiagonalGaussian:

@@ -218,7 +218,8 @@ def test_tiny_vae_with_winograd_for_every_3x3_conv_matches_diffusers(rng, monkey
         monkeypatch.setattr(conv, "WINOGRAD6_MIN_C_IN", 1)
     calls = []
     original = conv_winograd.winograd_conv2d
-    monkeypatch.setattr(conv_winograd, "winograd_conv2d", lambda *args: calls.append(args[-1]) or original(*args))
+    monkeypatch.setattr(conv_winograd, "winograd_conv2d",  # (args[4]: m; the resnets' convs add normalized=)
+                        lambda *args, **kwargs: calls.append(args[4]) or original(*args, **kwargs))
     z = rng.standard_normal((1, 4, 6, 5), dtype=np.float32)
     with torch.no_grad():
         expected = torch_model.decode(torch.from_numpy(z)).sample

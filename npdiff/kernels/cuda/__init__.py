@@ -41,5 +41,10 @@ def geglu(x, weight, bias=None, approximate="none"):
     return geglu_gate(linear(x, weight, bias), approximate)
 
 
-__all__ = ["conv2d", "geglu", "geglu_gate", "gelu", "group_norm", "layer_norm", "linear",
+def group_norm_silu_conv2d(x, num_groups, norm_weight, norm_bias, eps, weight, bias, padding):
+    """conv2d(silu(group_norm(x))): the group_norm kernel (SiLU fused), then conv2d (not folded on the GPU)."""
+    return conv2d(group_norm(x, num_groups, norm_weight, norm_bias, eps, silu=True), weight, bias, (1, 1), padding)
+
+
+__all__ = ["conv2d", "geglu", "geglu_gate", "gelu", "group_norm", "group_norm_silu_conv2d", "layer_norm", "linear",
            "quick_gelu", "scaled_dot_product_attention", "silu", "softmax", "upsample_nearest2x"]
