@@ -1,7 +1,8 @@
 """The kernels of Stable Diffusion, float32, NCHW like torch. One op family per file:
 
     conv.py         conv2d (1x1 GEMM; im2col tiles through OpenBLAS sgemm; direct loops)
-    conv_norm.py    group_norm_silu_conv2d: GroupNorm + SiLU folded into the next conv's Winograd input transform
+    conv_fused.py   group_norm_silu_conv2d, upsample_nearest2x_conv2d: the step before a 3x3 conv folded
+                    into its Winograd input transform (the tensor in between never made)
     conv_winograd.py  Winograd F(2x2,3x3) / F(4x4,3x3) / F(6x6,3x3) for conv2d's 3x3 stride-1 convs
                       (F(4,3)'s and F(6,3)'s transforms written out: conv_winograd4.py, conv_winograd6.py)
     norm.py         group_norm (optionally fused with SiLU), layer_norm
@@ -62,7 +63,7 @@ from npdiff.kernels.attention.backward import attention_backward
 from npdiff.kernels.conv import conv2d, conv2d_ref
 from npdiff.kernels.conv_backward import conv2d_backward
 from npdiff.kernels.conv_bf16 import PackedBf16Conv, conv2d_bf16, pack_conv_bf16
-from npdiff.kernels.conv_norm import group_norm_silu_conv2d
+from npdiff.kernels.conv_fused import group_norm_silu_conv2d, upsample_nearest2x_conv2d
 from npdiff.kernels.linear import geglu, linear, linear_activation
 from npdiff.kernels.linear_backward import (
                                       geglu_backward,
@@ -95,6 +96,7 @@ __all__ = [
     "attention_batched", "attention_blocked", "attention_chunked", "attention_chunked_ref", "attention_full",
     "attention_ref", "conv2d", "conv2d_ref", "geglu", "gelu", "group_norm", "group_norm_silu_conv2d", "layer_norm", "linear", "linear_activation",
     "quick_gelu", "resize", "scaled_dot_product_attention", "silu", "softmax", "upsample_nearest2x",
+    "upsample_nearest2x_conv2d", "group_norm_silu_conv2d",
     "attention_backward", "conv2d_backward", "geglu_backward", "gelu_backward", "group_norm_backward",
     "layer_norm_backward", "linear_activation_backward", "linear_backward", "quick_gelu_backward",
     "silu_backward", "upsample_nearest2x_backward",

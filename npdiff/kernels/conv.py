@@ -281,7 +281,8 @@ def _conv_direct(x, weight, bias, ph, pw):
     return out
 
 
-def check_conv2d(x, weight, bias, stride, padding):
+def check_conv2d(x, weight, bias, stride, padding, upsampling=1):
+    """conv2d's input checks; upsampling 2: the conv's input is x upsampled 2x (conv_fused.py)."""
     require_ndim("conv2d", "x", x, 4, "[B,C_in,H,W]")
     require_ndim("conv2d", "weight", weight, 4, "[C_out,C_in,kH,kW]")
     if weight.shape[1] != x.shape[1]:
@@ -293,10 +294,11 @@ def check_conv2d(x, weight, bias, stride, padding):
     if sh == 0 or sw == 0:
         raise NpdiffError(f"conv2d: stride must be >= 1, got {stride!r}")
     kh, kw = weight.shape[2:]
-    h_out = output_size(x.shape[2], kh, sh, ph)
-    w_out = output_size(x.shape[3], kw, sw, pw)
+    h_out = output_size(upsampling * x.shape[2], kh, sh, ph)
+    w_out = output_size(upsampling * x.shape[3], kw, sw, pw)
     if h_out < 1 or w_out < 1:
-        raise NpdiffError(f"conv2d: x {shape_text(x.shape)} with padding {(ph, pw)} is smaller than "
+        upsampled = "" if upsampling == 1 else f" upsampled {upsampling}x"
+        raise NpdiffError(f"conv2d: x {shape_text(x.shape)}{upsampled} with padding {(ph, pw)} is smaller than "
                           f"the kernel {kh}x{kw} of weight {shape_text(weight.shape)}")
     return sh, sw, ph, pw
 

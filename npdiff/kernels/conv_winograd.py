@@ -47,8 +47,8 @@ import numpy as np
 
 from npdiff.jit import SERIAL, njit
 from npdiff.kernels.block_pool import run_blocks, split_evenly, worker_count
-from npdiff.kernels.conv_winograd4 import input_transform4, input_transform4_normed, output_transform4
-from npdiff.kernels.conv_winograd6 import input_transform6, input_transform6_normed, output_transform6
+from npdiff.kernels.conv_winograd4 import input_transform4, input_transform4_rows, output_transform4
+from npdiff.kernels.conv_winograd6 import input_transform6, input_transform6_rows, output_transform6
 from npdiff.kernels.scratch import scratch
 from npdiff.kernels.validate import output_size
 
@@ -119,6 +119,9 @@ MIN_GROUP_TILES = 128  # and never fewer tiles per group (the GEMMs' N) than thi
 OUT_BLOCK_ROWS = 96  # output channels per step-2 block, about (their count is rounded to 4 blocks)
 F6_OUT_BLOCK_ROWS = 256  # ... for F(6x6,3x3), in an even number of blocks (blocking())
 KEPT_SCRATCH_BYTES = 16 << 20  # larger M and U blocks are allocated per call (worker_buffer())
+
+
+NO_NORMALIZATION = (np.zeros((1, 1)), np.zeros((1, 1)), np.zeros(1))  # mean, scale, shift when upsampling
 
 
 def tile_counts(height, width, ph, pw, m):
@@ -346,14 +349,18 @@ def product_buffers(out_blocks, per_channel):
     return {block: np.empty((block[1] - block[0]) * per_channel, np.float32) for block in out_blocks}
 
 
-def winograd_conv2d(x, weight, bias, padding, m, normalized=None):
+def winograd_conv2d(x, weight, bias, padding, m, normalized=None, upsampled=False):
     """conv2d(x, weight, bias, stride=1, padding=(ph, pw)) for 3x3 float32 weights by F(m x m, 3 x 3).
 
-    normalized=(mean, scale, shift) (m 4 or 6, padding 1 only): convolve SiLU((x - mean) * scale + shift)
-    per (image, channel) instead of x, normalised inside the input transform (conv_norm.py: GroupNorm +
-    SiLU folded into this conv; mean, scale [B,C_in], shift [C_in], float64)."""
+    With m 4 or 6 and padding 1, the conv may read a picture made from x row by row as its input transform
+    needs it, never whole (conv_fused.py):
+      normalized=(mean, scale, shift): SiLU((x - mean) * scale + shift) per (image, channel), GroupNorm +
+                 SiLU folded in (mean, scale [B,C_in], shift [C_in], float64: norm.group_norm_affine);
+      upsampled=True: upsample_nearest2x(x), [B,C_in,2H,2W], and the output is that size."""
     ph, pw = padding
     batch, c_in, height, width = x.shape
+    if upsampled:
+        height, width = 2 * height, 2 * width  # the conv's input: x upsampled
     c_out = weight.shape[0]
     alpha = m + 2
     BT, G, AT = (WINOGRAD[m][name].astype(np.float32) for name in ("BT", "G", "AT"))
@@ -377,10 +384,12 @@ def winograd_conv2d(x, weight, bias, padding, m, normalized=None):
         def transform_input(block):  # 1. V = B^T d B for channels c0..c1
             gathered = scratch("winograd input", (alpha, m, tiles_w + 1))
             mixed = scratch("winograd input mixed", (alpha, m, tiles_w + 1))
-            if normalized is not None:  # (m 4 or 6, padding 1: conv_norm.py checks)
-                rows = scratch("winograd normalised rows", (alpha, width))  # the tile row's input rows
-                normed_transform = input_transform4_normed if m == 4 else input_transform6_normed
-                normed_transform(x, *normalized, row0, row1, tiles_h, block[0], block[1], rows, gathered, mixed, V)
+            if normalized is not None or upsampled:  # (m 4 or 6, padding 1: conv_fused.py checks)
+                rows = scratch("winograd input rows", (alpha, width))  # the tile row's input rows, made from x
+                from_rows = input_transform4_rows if m == 4 else input_transform6_rows
+                mean, scale, shift = normalized if normalized is not None else NO_NORMALIZATION
+                from_rows(x, upsampled, mean, scale, shift, row0, row1, tiles_h, block[0], block[1], rows,
+                          gathered, mixed, V)
             elif m == 4 and ph == pw == 1:
                 input_transform4(x, row0, row1, tiles_h, block[0], block[1], gathered, mixed, V)
             elif m == 6 and ph == pw == 1:

@@ -24,6 +24,7 @@ import numpy as np
 
 from npdiff.jit import SERIAL, njit
 from npdiff.kernels.norm import normalize_rows
+from npdiff.kernels.resample import nearest2x_rows
 
 
 # F(4x4,3x3)'s transform coefficients as float32, so the written-out transforms stay in float32
@@ -84,21 +85,23 @@ def input_transform4(x, row0, row1, tiles_h, c0, c1, gathered, mixed, V):
 
 
 @njit(**SERIAL)
-def input_transform4_normed(x, mean, scale, shift, row0, row1, tiles_h, c0, c1, rows, gathered, mixed, V):
-    """input_transform4 of SiLU(GroupNorm(x)), each input row normalised into the scratch rows [6, W] as
-    it is needed (conv_winograd6.input_transform6_normed, with 6 rows per tile and 4 new per tile row)."""
-    height, width = x.shape[2], x.shape[3]
+def input_transform4_rows(x, upsampled, mean, scale, shift, row0, row1, tiles_h, c0, c1, rows, gathered, mixed, V):
+    """input_transform4 of SiLU(GroupNorm(x)) or of upsample_nearest2x(x), its 6 input rows per tile row
+    made into the scratch rows [6, W] (conv_winograd6.input_transform6_rows, with 4 new rows per tile row)."""
     tiles_w = gathered.shape[2] - 1
     gathered[:] = 0.0
     for c in range(c0, c1):
         for row in range(row0, row1):
             b, tile_row = row // tiles_h, row % tiles_h
-            # 0. rows[r] = SiLU(GroupNorm(x[b, c, tile_row*4 - 1 + r])), zero outside the picture; the
-            #    tile row above (same image, made just before) holds the first two in its last two
+            # 0. rows[r] = input row tile_row*4 - 1 + r of the conv (zero outside the picture); the tile
+            #    row above (same image, made just before) holds the first two in its last two
             carried = 2 if row > row0 and tile_row > 0 else 0
-            normalize_rows(x, b, c, tile_row * 4 - 1, mean, scale, shift, carried, rows)
-            # 1.-3. as input_transform4, reading the normalised rows
-            _transform_tile_row4(rows, 0, 6, width, c, (row - row0) * tiles_w, gathered, mixed, V)
+            if upsampled:
+                nearest2x_rows(x, b, c, tile_row * 4 - 1, carried, rows)
+            else:
+                normalize_rows(x, b, c, tile_row * 4 - 1, mean, scale, shift, carried, rows)
+            # 1.-3. as input_transform4, reading those rows
+            _transform_tile_row4(rows, 0, 6, rows.shape[1], c, (row - row0) * tiles_w, gathered, mixed, V)
 
 
 @njit(**SERIAL)

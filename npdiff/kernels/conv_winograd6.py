@@ -29,6 +29,7 @@ import numpy as np
 
 from npdiff.jit import SERIAL, njit
 from npdiff.kernels.norm import normalize_rows
+from npdiff.kernels.resample import nearest2x_rows
 
 F32 = np.float32
 # B^T's and A^T's coefficients as float32, so the transforms stay in float32
@@ -117,27 +118,31 @@ def input_transform6(x, row0, row1, tiles_h, c0, c1, gathered, mixed, V):
 
 
 @njit(**SERIAL)
-def input_transform6_normed(x, mean, scale, shift, row0, row1, tiles_h, c0, c1, rows, gathered, mixed, V):
-    """input_transform6 of SiLU(GroupNorm(x)) without that tensor: each input row is normalised as it
-    is needed, by norm.normalize_run (the function group_norm uses: the same float32 values, bit for
-    bit), into the scratch rows [8, W], and the tiles are cut from there.
+def input_transform6_rows(x, upsampled, mean, scale, shift, row0, row1, tiles_h, c0, c1, rows, gathered, mixed, V):
+    """input_transform6 of SiLU(GroupNorm(x)) (upsampled False) or of upsample_nearest2x(x) (upsampled
+    True) without making that tensor: for each tile row its 8 input rows are made into the scratch rows
+    [8, W] (the picture's width, 2 x x's when upsampled) by norm.normalize_rows (group_norm's own
+    normalize_run: the same float32 values, bit for bit) or resample.nearest2x_rows, and the tiles are
+    cut from there (conv_fused.py).
 
-    mean, scale [B,C] and shift [C] (float64): channel c of image b is (x - mean) * scale + shift, then
-    SiLU (norm.group_norm_affine). A tile row's last two input rows are the next one's first two: they
-    are moved up, not normalised again, so each row of x is normalised once per call (twice at the
-    edge between two groups of tile rows)."""
-    height, width = x.shape[2], x.shape[3]
+    mean, scale [B,C] and shift [C] (float64; unused when upsampled): channel c of image b is
+    (x - mean) * scale + shift, then SiLU (norm.group_norm_affine). A tile row's last two input rows are
+    the next one's first two: they are moved up, not made again, so each row is made once per call (twice
+    at the edge between two groups of tile rows)."""
     tiles_w = gathered.shape[2] - 1
     gathered[:] = 0.0
     for c in range(c0, c1):
         for row in range(row0, row1):
             b, tile_row = row // tiles_h, row % tiles_h
-            # 0. rows[r] = SiLU(GroupNorm(x[b, c, tile_row*6 - 1 + r])), zero outside the picture; the
-            #    tile row above (same image, made just before) holds the first two in its last two
+            # 0. rows[r] = input row tile_row*6 - 1 + r of the conv (zero outside the picture); the tile
+            #    row above (same image, made just before) holds the first two in its last two
             carried = 2 if row > row0 and tile_row > 0 else 0
-            normalize_rows(x, b, c, tile_row * 6 - 1, mean, scale, shift, carried, rows)
-            # 1.-3. as input_transform6, reading the normalised rows
-            _transform_tile_row6(rows, 0, 8, width, c, (row - row0) * tiles_w, gathered, mixed, V)
+            if upsampled:
+                nearest2x_rows(x, b, c, tile_row * 6 - 1, carried, rows)
+            else:
+                normalize_rows(x, b, c, tile_row * 6 - 1, mean, scale, shift, carried, rows)
+            # 1.-3. as input_transform6, reading those rows
+            _transform_tile_row6(rows, 0, 8, rows.shape[1], c, (row - row0) * tiles_w, gathered, mixed, V)
 
 
 @njit(**SERIAL)

@@ -21,7 +21,7 @@ Versions:
                                     (_layer_norm_serial; waking the threads costs more than the work).
   cupy arrays: npdiff/kernels/cuda/norm.py (npdiff/kernels/dispatch.py).
   group_norm_affine: pass 1 alone, as one affine map per (image, channel) for kernels that normalise
-                                    while they read x (conv_norm.py: GroupNorm + SiLU inside a conv).
+                                    while they read x (conv_fused.py: GroupNorm + SiLU inside a conv).
 
 torch semantics: biased variance (divide by n), eps added to the variance, rstd = 1/sqrt(var+eps).
 """
@@ -137,7 +137,7 @@ def normalize_run(run, mean, scale, shift, apply_silu, out):
 def normalize_rows(x, b, c, first_y, mean, scale, shift, carried, rows):
     """rows[r] = SiLU((x[b, c, first_y + r] - mean[b, c]) * scale[b, c] + shift[c]) by normalize_run (group_norm's
     bits), zero for rows outside x; the first `carried` rows are the last `carried` of rows' previous
-    content, moved up (a convolution's input transform that normalises as it reads: conv_norm.py).
+    content, moved up (a convolution's input transform that normalises as it reads: conv_fused.py).
     x [B,C,H,W]; rows [n, W] scratch; mean, scale [B,C], shift [C] from group_norm_affine."""
     count, height = rows.shape[0], x.shape[2]
     for r in range(carried):
@@ -182,7 +182,7 @@ def group_norm_affine(x, num_groups, weight, bias, eps=1e-5):
     """group_norm as one affine map per (image, channel): y = (x - mean[b,c]) * scale[b,c] + shift[c],
     float64, with the statistics of pass 1 and the products of pass 2 of group_norm_fast (so
     normalize_run(x[b, c], mean[b, c], scale[b, c], shift[c], ...) gives group_norm's bits). For kernels
-    that normalise while they read x (conv_norm.py). x [B,C,...] NumPy float32; weight, bias [C] or None.
+    that normalise while they read x (conv_fused.py). x [B,C,...] NumPy float32; weight, bias [C] or None.
     Returns mean [B,C], scale [B,C], shift [C]."""
     batch, channels = x.shape[0], x.shape[1]
     slabs = np.ascontiguousarray(x).reshape(batch, num_groups, -1)  # [B,C,...] -> [B,G,Cg*S]

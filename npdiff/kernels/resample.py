@@ -73,6 +73,25 @@ def upsample_nearest2x_fast(x):
     return out.reshape(batch, channels, 2 * height, 2 * width)  # [P,2H,2W] -> [B,C,2H,2W]
 
 
+@njit(**SERIAL, inline="always")
+def nearest2x_rows(x, b, c, first_y, carried, rows):
+    """rows[r] = row first_y + r of upsample_nearest2x(x)[b, c] (zero for rows outside it), x [B,C,H,W],
+    rows [n, 2W] scratch; the first `carried` rows are the last `carried` of rows' previous content, moved
+    up (a convolution's input transform that reads the upsampled picture from x: conv_fused.py)."""
+    count, height, width = rows.shape[0], 2 * x.shape[2], x.shape[3]
+    for r in range(carried):
+        rows[r] = rows[count - carried + r]
+    for r in range(carried, count):
+        y = first_y + r
+        if 0 <= y < height:
+            source, wide = x[b, c, y // 2], rows[r]  # [W], [2W]
+            for w in range(width):
+                wide[2 * w] = source[w]
+                wide[2 * w + 1] = source[w]
+        else:
+            rows[r] = 0.0
+
+
 UPSAMPLE_NEAREST2X = dispatch.register("upsample_nearest2x", fast=upsample_nearest2x_fast,
                                        reference=upsample_nearest2x_ref, cuda="upsample_nearest2x")
 

@@ -175,8 +175,11 @@ class Upsample2D:
         self.conv = Conv2d(weights, child(prefix, "conv"), channels, out_channels, 3, padding=1)
 
     def __call__(self, x):
-        h = kernels.upsample_nearest2x(x)                               # [B,C,H,W] -> [B,C,2H,2W]
-        return self.conv(h)                                             # [B,C,2H,2W] -> [B,Cout,2H,2W]
+        if precision.is_packed(self.conv.weight):  # bf16: the two steps
+            h = kernels.upsample_nearest2x(x)                           # [B,C,H,W] -> [B,C,2H,2W]
+            return self.conv(h)                                         # [B,C,2H,2W] -> [B,Cout,2H,2W]
+        # one kernel: the conv reads the upsampled picture from x, never made whole
+        return kernels.upsample_nearest2x_conv2d(x, self.conv.weight, self.conv.bias, self.conv.padding)
 
 
 # ---------------------------------------------------------------------------------------------

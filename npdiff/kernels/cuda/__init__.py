@@ -46,5 +46,11 @@ def group_norm_silu_conv2d(x, num_groups, norm_weight, norm_bias, eps, weight, b
     return conv2d(group_norm(x, num_groups, norm_weight, norm_bias, eps, silu=True), weight, bias, (1, 1), padding)
 
 
+def upsample_nearest2x_conv2d(x, weight, bias, padding):
+    """conv2d(upsample_nearest2x(x)): the upsampling kernel, then conv2d (not folded on the GPU)."""
+    return conv2d(upsample_nearest2x(x), weight, bias, (1, 1), padding)
+
+
 __all__ = ["conv2d", "geglu", "geglu_gate", "gelu", "group_norm", "group_norm_silu_conv2d", "layer_norm", "linear",
-           "quick_gelu", "scaled_dot_product_attention", "silu", "softmax", "upsample_nearest2x"]
+           "quick_gelu", "scaled_dot_product_attention", "silu", "softmax", "upsample_nearest2x",
+           "upsample_nearest2x_conv2d"]

@@ -1,5 +1,6 @@
-"""group_norm_silu_conv2d (GroupNorm + SiLU folded into the conv after it) against torch's GroupNorm + SiLU +
-Conv2d on fresh random inputs, against its reference, and bit for bit against the two unfused steps."""
+"""group_norm_silu_conv2d and upsample_nearest2x_conv2d (the step before a conv folded into it) against torch's
+GroupNorm + SiLU + Conv2d and nearest 2x interpolate + Conv2d on fresh random inputs, against their
+references, and bit for bit against the two unfused steps."""
 
 import numpy as np
 import pytest
@@ -8,8 +9,17 @@ import torch.nn.functional as F
 
 from helpers import KERNEL_TOL, assert_rel_close
 from npdiff.errors import NpdiffError
-from npdiff.kernels import block_pool, conv, conv2d, conv_winograd, group_norm, group_norm_silu_conv2d
-from npdiff.kernels.conv_norm import group_norm_silu_conv2d_ref
+from npdiff.kernels import (
+    block_pool,
+    conv,
+    conv2d,
+    conv_winograd,
+    group_norm,
+    group_norm_silu_conv2d,
+    upsample_nearest2x,
+    upsample_nearest2x_conv2d,
+)
+from npdiff.kernels.conv_fused import group_norm_silu_conv2d_ref, upsample_nearest2x_conv2d_ref
 
 # (batch, C_in, C_out, H, W, groups): sizes that are not multiples of the tiles (4, 6), a 1x1 and a 2x3
 # image, a tile row's worth of rows, groups of 1, 2, 3, 8 and 32 channels
@@ -44,9 +54,9 @@ def winograd_everywhere(monkeypatch, m):
     calls = []
     original = conv_winograd.winograd_conv2d
 
-    def recording(*args, normalized=None):
-        calls.append((args[4], normalized is not None))
-        return original(*args, normalized=normalized)
+    def recording(*args, **kwargs):
+        calls.append((args[4], bool(kwargs)))  # (m, whether the input was made row by row)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(conv_winograd, "winograd_conv2d", recording)
     return calls
@@ -136,3 +146,57 @@ def test_bad_inputs_name_the_argument(rng):
         group_norm_silu_conv2d(x, 4, norm_weight, norm_bias, 1e-6, weight[:, :4], bias)
     with pytest.raises(NpdiffError, match="conv2d: bias"):
         group_norm_silu_conv2d(x, 4, norm_weight, norm_bias, 1e-6, weight, bias[:3])
+    with pytest.raises(NpdiffError, match="conv2d: weight"):
+        upsample_nearest2x_conv2d(x, weight[:, :4], bias)
+    with pytest.raises(NpdiffError, match="conv2d: x"):
+        upsample_nearest2x_conv2d(x[0], weight, bias)
+
+
+def torch_upsample_conv(x, weight, bias, padding):
+    upsampled = F.interpolate(torch.from_numpy(x), scale_factor=2, mode="nearest")
+    return F.conv2d(upsampled, torch.from_numpy(weight), None if bias is None else torch.from_numpy(bias),
+                    padding=padding)
+
+
+@pytest.mark.parametrize("m", [4, 6])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_upsample_folded_into_winograd_matches_torch_and_the_two_steps(rng, monkeypatch, m, shape):
+    batch, c_in, c_out, height, width, _ = shape
+    calls = winograd_everywhere(monkeypatch, m)
+    x, _, _, weight, bias = inputs(rng, batch, c_in, c_out, height, width)
+    folded = upsample_nearest2x_conv2d(x, weight, bias, 1)
+    assert calls == [(m, True)]
+    unfused = conv2d(upsample_nearest2x(x), weight, bias, padding=1)
+    reference = upsample_nearest2x_conv2d_ref(x, weight, bias, (1, 1))
+    expected = torch_upsample_conv(x, weight, bias, 1)
+    assert_rel_close(folded, expected, KERNEL_TOL, f"upsample folded into F({m},3)")
+    assert_rel_close(reference, expected, KERNEL_TOL, "upsample_nearest2x_conv2d_ref")
+    assert folded.tobytes() == unfused.tobytes()
+
+
+@pytest.mark.parametrize("m", [4, 6])
+def test_upsample_many_groups_of_tile_rows(rng, monkeypatch, m):
+    calls = winograd_everywhere(monkeypatch, m)
+    monkeypatch.setattr(conv_winograd, "ONE_GROUP_BYTES", 0)
+    monkeypatch.setattr(conv_winograd, "V_GROUP_BYTES", 1)
+    monkeypatch.setattr(conv_winograd, "MIN_GROUP_TILES", 11)
+    x, _, _, weight, bias = inputs(rng, 2, 12, 10, 15, 10)  # 30x20 upsampled: tile rows of 2 images share groups
+    folded = upsample_nearest2x_conv2d(x, weight, bias, 1)
+    assert calls[0] == (m, True)
+    assert folded.tobytes() == conv2d(upsample_nearest2x(x), weight, bias, padding=1).tobytes()
+
+
+@pytest.mark.parametrize("c_in, c_out, height, width, padding", [
+    (128, 3, 10, 11, 1),  # few outputs: direct loops
+    (64, 48, 9, 8, 0),  # padding 0
+    (256, 64, 4, 4, 1),  # 8 px after upsampling: im2col
+    (3, 5, 1, 1, 0),  # 1x1 -> 2x2 with padding 0: smaller than the kernel -> the error below
+])
+def test_upsample_other_convs_take_the_two_steps(rng, c_in, c_out, height, width, padding):
+    x, _, _, weight, bias = inputs(rng, 2, c_in, c_out, height, width)
+    if 2 * height + 2 * padding < 3:
+        with pytest.raises(NpdiffError, match="upsampled 2x"):
+            upsample_nearest2x_conv2d(x, weight, bias, padding)
+        return
+    assert_rel_close(upsample_nearest2x_conv2d(x, weight, bias, padding), torch_upsample_conv(x, weight, bias, padding),
+                     KERNEL_TOL)
