@@ -26,6 +26,8 @@ Versions (each is tested against torch and the reference):
                       are at least WINOGRAD6_MIN_SIDE (64) and C_in at least WINOGRAD6_MIN_C_IN
                       (128): the VAE's 64..512 px convs, the UNet's at 64 px. 5.06x fewer multiplies.
   cupy arrays: im2col kernel + cuBLAS GEMMs (npdiff/kernels/cuda/conv.py; npdiff/kernels/dispatch.py).
+  The step before a conv folded into versions 5 and 6 (GroupNorm + SiLU, nearest 2x upsampling: the
+  tensor in between never made): conv_fused.py.
 
 Why im2col + GEMM for the big convs that are not Winograd's: the GEMM has K = 9*C_in (2880-11520), the shape OpenBLAS's
 AVX-512 sgemm runs at its peak, and the unfolding costs one write + one read of the tile per

@@ -18,13 +18,14 @@ SDXL's VAE is the same network (4 blocks, 128-512 channels, layers_per_block 2) 
 0.13025 and force_upcast true. force_upcast tells diffusers' pipelines to decode a float16 model in
 float32 (the SDXL VAE overflows float16); npdiff decodes in float32 always, so it changes nothing here.
 
-Memory of a decode (benchmarks/memory.py decode): at 512x512 the peak is ~0.7 GiB of activations above
+Memory of a decode (benchmarks/memory.py decode): at 512x512 the peak was ~0.7 GiB of activations above
 the weights, in up_blocks.3.resnets.0: its 256-channel 512x512 input (256 MiB, still held by the
 calling block), the GroupNorm+SiLU of it (256 MiB), conv1's 128-channel output (128 MiB) and the
-convolution's im2col tiles. Every other intermediate is dropped as soon as the next one is made
-(each `h = f(h)` frees the old map). With tiling on (enable_tiling) a large picture's peak is the output
-plus one tile's (a 512x512 decode's for SD). Going lower needs kernels that write in place (GroupNorm into a
-dead input) or fuse the nearest-2x upsampling into the convolution after it.
+convolution's buffers. The resnets' GroupNorm+SiLU and the upsamplers' nearest 2x are now folded into the
+convolution after them (kernels/conv_fused.py): neither tensor is made, and the decode's own peak (above the
+resident set before it) fell from 0.75-0.77 to 0.63 GiB (benchmarks/conv_fused.py --peak-rss). Every other
+intermediate is dropped as soon as the next one is made (each `h = f(h)` frees the old map). With tiling on
+(enable_tiling) a large picture's peak is the output plus one tile's (a 512x512 decode's for SD).
 """
 
 import numpy as np
