@@ -19,8 +19,8 @@ from collections import defaultdict
 
 def kernel_flops(name, args, out):
     name = name.removesuffix("_bf16")  # the bf16 kernels count as their float32 twins (packed weights keep .shape)
-    if name == "conv2d":
-        x, weight = args[0], args[1]
+    if name in ("conv2d", "upsample_nearest2x_conv2d", "group_norm_silu_conv2d"):  # (the folded convs: conv_fused.py)
+        weight = args[5] if name == "group_norm_silu_conv2d" else args[1]
         return 2.0 * out.size * weight.shape[1] * weight.shape[2] * weight.shape[3]
     if name in ("linear", "linear_activation", "geglu", "geglu_forward_saved"):
         x, weight = args[0], args[1]
@@ -44,7 +44,8 @@ def kernel_flops(name, args, out):
 
 
 FORWARD_NAMES = ("conv2d", "linear", "linear_activation", "geglu", "scaled_dot_product_attention", "group_norm",
-                 "layer_norm", "silu", "gelu", "quick_gelu", "softmax", "upsample_nearest2x")
+                 "layer_norm", "silu", "gelu", "quick_gelu", "softmax", "upsample_nearest2x", "group_norm_silu_conv2d",
+                 "upsample_nearest2x_conv2d")
 
 
 BF16_NAMES = ("conv2d_bf16", "linear_bf16", "linear_activation_bf16", "geglu_bf16")
