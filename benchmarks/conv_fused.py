@@ -132,10 +132,10 @@ def one_thread(name, call, rounds):
             start = time.thread_time()
             call(fused)
             times[fused].append(time.thread_time() - start)
+    every = {fused: " ".join(f"{t * 1e3:.0f}" for t in times[fused]) for fused in (False, True)}
     print(f"{name:34s} one thread: unfused {min(times[False]) * 1e3:7.1f} ms | fused {min(times[True]) * 1e3:7.1f} ms"
-          f" | fused/unfused {min(times[True]) / min(times[False]):.3f}   (all: unfused "
-          + " ".join(f"{t * 1e3:.0f}" for t in times[False]) + ", fused " + " ".join(f"{t * 1e3:.0f}" for t in times[True])
-          + ")", flush=True)
+          f" | fused/unfused {min(times[True]) / min(times[False]):.3f}   (all: unfused {every[False]}, "
+          f"fused {every[True]})", flush=True)
 
 
 def status_gib(key):

@@ -94,7 +94,7 @@ from npdiff.kernels.softmax import softmax
 
 __all__ = [
     "attention_batched", "attention_blocked", "attention_chunked", "attention_chunked_ref", "attention_full",
-    "attention_ref", "conv2d", "conv2d_ref", "geglu", "gelu", "group_norm", "group_norm_silu_conv2d", "layer_norm", "linear", "linear_activation",
+    "attention_ref", "conv2d", "conv2d_ref", "geglu", "gelu", "group_norm", "layer_norm", "linear", "linear_activation",
     "quick_gelu", "resize", "scaled_dot_product_attention", "silu", "softmax", "upsample_nearest2x",
     "upsample_nearest2x_conv2d", "group_norm_silu_conv2d",
     "attention_backward", "conv2d_backward", "geglu_backward", "gelu_backward", "group_norm_backward",
