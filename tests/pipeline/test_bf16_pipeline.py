@@ -195,3 +195,27 @@ def test_a_cpu_without_avx512_bf16_gets_the_note_and_the_reference_path(monkeypa
     float32 = load(folder, "fp32")("a red circle", num_inference_steps=2, height=32, width=32, seed=seed,
                                    output_type="np")
     assert np.abs(to_uint8(output.images).astype(int) - to_uint8(float32.images)).max() <= PICTURE_LEVELS
+
+
+@pytest.mark.parametrize("sdxl", [False, True])
+@pytest.mark.parametrize("height, width, message", [
+    (0, 32, "height must be a positive integer, got 0"),  # was taken as "the model's size" and compared there
+    (32, 24, "width must be a multiple of"),
+    (2**20, 2**20, "needs about .* of memory"),  # the UNet and VAE of a terapixel, on both sides
+])
+def test_verify_refuses_a_bad_size_before_torch_loads(sdxl, height, width, message, monkeypatch):
+    """npdiff verify checks the size (and that it fits in memory) right after npdiff's own networks map their
+    files, before diffusers loads the torch pipeline (a minute and gigabytes for a real model)."""
+    import diffusers
+    from tiny_sdxl import tiny_sdxl_folder
+
+    from npdiff.verify import verify_model
+
+    def no_torch_pipeline(*args, **kwargs):
+        raise AssertionError("the torch pipeline was loaded before the size was checked")
+
+    for name in ("StableDiffusionPipeline", "DiffusionPipeline"):
+        monkeypatch.setattr(getattr(diffusers, name), "from_pretrained", no_torch_pipeline)
+    folder = tiny_sdxl_folder() if sdxl else tiny_sd_folder()
+    with pytest.raises(NpdiffError, match=message):
+        verify_model(folder, steps=1, height=height, width=width, precision="bf16")
