@@ -25,6 +25,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from npdiff import paths
 from npdiff.errors import NpdiffError, shorten
 from npdiff.images import PNG_PARAMS_KEY
 from npdiff.model_identity import model_name
@@ -136,6 +137,7 @@ def read_jobs(path, defaults):
     defaults: the batch's options for what a line leaves out ({option or file key: value}, None = unset).
     """
     path = Path(path)
+    paths.path_kind(path, "job file")  # a FIFO, a device, a socket or a symlink loop: NpdiffError naming what it is
     if not path.is_file():
         raise NpdiffError(f"job file {path}: no such file" + (" (it is a folder)" if path.is_dir() else ""))
     try:

@@ -17,10 +17,19 @@ Flags used:
             (kernels/lane_sums.py, matmul_numba.sum_lanes_in_tree).
   (no fastmath option): njit below passes fastmath=False, so a kernel's flags are its own and never
             inherited from whichever caller Numba compiled it for first.
+
+One parallel kernel at a time: njit(parallel=True) returns the kernel wrapped so that a call holds one
+process-wide lock while it runs. Numba's "workqueue" threading layer (the one npdiff/startup.py picks
+where TBB is not installed) may be entered by one thread at a time: a second Python thread launching a
+parallel kernel meanwhile (two threads calling one pipeline, or two models) made Numba print "Concurrent
+access has been detected" and abort the whole process. With the lock the second thread waits for the
+kernel, not the whole call; nothing else runs under it, so it cannot deadlock (no parallel kernel calls
+another, and the block pool's workers run serial kernels only).
 """
 
 import os
 import sys
+import threading
 
 
 def use_512_bit_vectors():
@@ -78,7 +87,31 @@ def njit(*args, **options):
     not: its bits hung on which kernels a process compiled before it. Saying fastmath=False here
     makes every function's flags its own."""
     options.setdefault("fastmath", False)
-    return numba_njit(*args, **options)
+    if not options.get("parallel"):
+        return numba_njit(*args, **options)
+    if args:  # njit(function, parallel=True)
+        return OneLaunchAtATime(numba_njit(*args, **options))
+    return lambda function: OneLaunchAtATime(numba_njit(**options)(function))
+
+
+PARALLEL_LAUNCH_LOCK = threading.RLock()  # held while a parallel kernel runs (the module docstring)
+
+
+class OneLaunchAtATime:
+    """A parallel Numba kernel that takes PARALLEL_LAUNCH_LOCK while it runs; its other attributes
+    (py_func, signatures, ...) are the Numba dispatcher's."""
+
+    def __init__(self, dispatcher):
+        self.dispatcher = dispatcher
+        self.__wrapped__ = dispatcher
+        self.__name__, self.__doc__ = dispatcher.__name__, dispatcher.__doc__
+
+    def __call__(self, *args, **kwargs):
+        with PARALLEL_LAUNCH_LOCK:
+            return self.dispatcher(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.dispatcher, name)
 
 
 FASTMATH_CONTRACT = {"contract"}

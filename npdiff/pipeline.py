@@ -43,6 +43,7 @@ part back after each step 4.4. The same seed gives the same picture as diffusers
 import copy
 import inspect
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,9 @@ class StableDiffusionPipeline(PipelineMemoryMixin):
 
     text_encoder_names = ("text_encoder",)  # the models stage 1 runs (release_resident_pages after it)
     auto_vae_tiling = False  # this call's memory check switched VAE tiling on (memory_estimate.py)
+    # One sampling call at a time in a process, whichever thread calls: a call keeps its state on the pipeline
+    # (auto_vae_tiling, steps_done), and the kernels run one parallel kernel at a time anyway (npdiff/jit.py)
+    one_call_at_a_time = threading.RLock()
 
     def __init__(self, text_encoder, tokenizer, unet, vae, scheduler, scheduler_config=None,
                  scheduler_name=None, model_name="custom"):
@@ -307,6 +311,15 @@ class StableDiffusionPipeline(PipelineMemoryMixin):
         """Steps 0-5 of the module docstring; `start` says how the latents start and what follows each step;
         `extra`: a subclass's own per-call arguments, for its hooks (None for SD); prompt_options: a
         PromptOptions (clip skip, prompt syntax), None for the defaults."""
+        with self.one_call_at_a_time:  # another thread's call on this or any pipeline waits for this one
+            return self._generate_now(start, prompt, negative_prompt, num_inference_steps, guidance_scale, seed,
+                                      generator, num_images_per_prompt, callback, callback_steps, output_type,
+                                      progress, eta, extra, prompt_options)
+
+    def _generate_now(self, start, prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
+                      num_images_per_prompt, callback, callback_steps, output_type, progress, eta, extra,
+                      prompt_options):
+        """_generate, holding one_call_at_a_time."""
         # 0. check the arguments: those of every mode, then the start's own (size, picture, mask, strength)
         prompts, negatives = as_prompt_list(prompt, negative_prompt)
         steps = check_positive_int(num_inference_steps, "num_inference_steps")

@@ -26,6 +26,7 @@ import numpy as np
 from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.loading.weights import check_precision
+from npdiff.memory_estimate import check_call_memory
 from npdiff.pipeline import StableDiffusionPipeline
 from npdiff.pipeline_utils import check_positive_int, default_model_path
 from npdiff.rng import TorchGenerator
@@ -98,11 +99,12 @@ def verify_model(model=None, steps=4, height=None, width=None, seed=0, out=None,
         return verify_sdxl_model(model, steps, height, width, seed, out, precision)
     pipe = StableDiffusionPipeline.from_pretrained(model, precision=precision)
     pipe.show_progress = False
+    height, width, latent_hw = picture_size(pipe.unet.config, pipe.vae_scale_factor, height, width)
+    check_call_memory(pipe, 1, height, width, guidance=True)  # a size that cannot fit: refused before torch loads
     torch_pipe = TorchPipeline.from_pretrained(str(model), safety_checker=None, feature_extractor=None,
                                                requires_safety_checker=False, torch_dtype=torch.float32,
                                                local_files_only=True)
     torch_pipe.set_progress_bar_config(disable=True)
-    height, width, latent_hw = picture_size(pipe.unet.config, pipe.vae_scale_factor, height, width)
     print(f"npdiff verify: {model}, {height}x{width}, seed {seed}, precision {precision} against torch float32, "
           f"torch {torch.__version__}", file=out)
 

@@ -157,10 +157,11 @@ def require_torch_stack():
 
 
 def picture_size(unet_config, vae_scale_factor, height, width):
-    """The picture size to compare at (the UNet's sample_size when not given), checked -> (height, width,
-    (latent height, latent width))."""
+    """The picture size to compare at (the UNet's sample_size when not given: None, never 0), checked -> (height,
+    width, (latent height, latent width))."""
     side = unet_config["sample_size"] * vae_scale_factor
-    height, width = check_size(height or side, width or side, *size_rule(unet_config, vae_scale_factor))
+    height, width = check_size(side if height is None else height, side if width is None else width,
+                               *size_rule(unet_config, vae_scale_factor))
     return height, width, (height // vae_scale_factor, width // vae_scale_factor)
 
 

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from npdiff import backend
+from npdiff.memory_estimate import check_call_memory
 from npdiff.models import (
     AutoencoderKL,
     CLIPTextModel,
@@ -128,9 +129,10 @@ def verify_sdxl_model(model, steps, height, width, seed, out, precision="fp32"):
     from diffusers import DiffusionPipeline
 
     ours = load_sdxl_networks(model, precision)
+    height, width, latent_hw = picture_size(ours.unet.config, ours.vae_scale_factor, height, width)
+    check_call_memory(ours, 1, height, width, guidance=True)  # a size that cannot fit: refused before torch loads
     torch_pipe = DiffusionPipeline.from_pretrained(str(model), torch_dtype=torch.float32, local_files_only=True)
     torch_pipe.set_progress_bar_config(disable=True)
-    height, width, latent_hw = picture_size(ours.unet.config, ours.vae_scale_factor, height, width)
     print(f"npdiff verify (SDXL): {model}, {height}x{width}, seed {seed}, precision {precision} against torch "
           f"float32, torch {torch.__version__}", file=out)
 

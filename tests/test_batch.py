@@ -209,6 +209,10 @@ def test_missing_job_file_and_bad_options(tmp_path, capsys):
     comments = write_lines(tmp_path / "empty.txt", ["# nothing", ""])
     with pytest.raises(ValueError, match="holds no jobs"):
         read_jobs(comments, {})
+    os.mkfifo(tmp_path / "fifo.txt")
+    for special, what in ((tmp_path / "fifo.txt", "a FIFO"), (Path("/dev/null"), "a character device")):
+        with pytest.raises(ValueError, match=f"{special} \\(job file\\) is {what}"):  # was "no such file"
+            read_jobs(special, {})
 
 
 def test_resume_skips_whole_pictures_and_redoes_corrupt_and_stale(text_jobs, reference, tmp_path):

@@ -5,6 +5,7 @@ side would print a false "yes" in the issue's table; here every figure is drawn 
 its bound and the verdict is checked against a comparison written out in the test.
 """
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -132,9 +133,17 @@ def test_markdown_table_and_load_text(rng):
     assert table.loadavg_text([{}]) == "-"
 
 
-@pytest.mark.parametrize("arguments", [["--parts", "models,bogus"], ["--repeat", "0"]])
-def test_goals_command_refuses_bad_arguments_before_measuring(arguments):
+@pytest.mark.parametrize("arguments, message", [
+    (["--parts", "models,bogus"], "--parts takes models, pipeline, tiled, large, colours"),
+    (["--parts", ""], "--parts takes models, pipeline, tiled, large, colours"),  # made 4.3 GB, then measured nothing
+    (["--parts", ","], "--parts takes models, pipeline, tiled, large, colours"),
+    (["--repeat", "0"], "--repeat must be >= 1, got 0"),
+    (["--parts", "models", "--cache", "/dev/null"], "--cache /dev/null is not a folder"),  # was a traceback
+])
+def test_goals_command_refuses_bad_arguments_before_measuring(arguments, message, tmp_path):
     completed = subprocess.run([sys.executable, str(BENCHMARKS / "goals.py"), *arguments],
-                               check=False, capture_output=True, text=True, timeout=120)
+                               check=False, capture_output=True, text=True, timeout=120,
+                               env=dict(os.environ, NPDIFF_CACHE=str(tmp_path), XDG_CACHE_HOME=str(tmp_path)))
     assert completed.returncode != 0
-    assert "--parts takes models, pipeline, tiled, large, colours" in completed.stderr
+    assert message in completed.stderr and "Traceback" not in completed.stderr
+    assert not list(tmp_path.iterdir())  # nothing made in the cache folder

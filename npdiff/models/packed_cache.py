@@ -52,6 +52,7 @@ import json
 import mmap
 import os
 import re
+import stat
 import struct
 import warnings
 import weakref
@@ -150,6 +151,17 @@ def _packed_from(entry, data):
     return PackedBf16Weight(data, entry["shape"], entry["layout"])
 
 
+def _open_regular_file(path):
+    """`path` opened for reading; OSError when it is not a regular file. A FIFO put where a cache file goes would
+    block open() (and every bf16 load) for ever, a device would never end: O_NONBLOCK opens either at once, and
+    they are refused before a byte is read."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # no effect on a regular file's reads
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise OSError(errno.EINVAL, "not a regular file (a FIFO, a device, a socket or a folder)")
+    return os.fdopen(descriptor, "rb")
+
+
 def _read_index_json(handle):
     """-> (file size, index length, the index's JSON) of an open cache file; the JSON is None when the file has no
     index at its end (too short, no magic word). ValueError for an index that is not JSON."""
@@ -167,7 +179,7 @@ def _read_index_json(handle):
 def read_index(path, constants, sources):
     """(mmap of the whole file, index entries) of a valid cache file at `path`; (None, reason) otherwise."""
     try:
-        with open(path, "rb") as handle:
+        with _open_regular_file(path) as handle:
             size, length, index = _read_index_json(handle)
             if index is None:
                 return None, f"{size} bytes" if size < 16 else "no index at its end (cut short?)"
@@ -341,7 +353,7 @@ def _remove_file(path, handle):
 def _index_sources(path):
     """The weight files a cache file was packed from (its index's "sources"), or None when its index is unreadable."""
     try:
-        with open(path, "rb") as handle:
+        with _open_regular_file(path) as handle:
             index = _read_index_json(handle)[2]
     except (OSError, ValueError):
         return None

@@ -28,6 +28,7 @@ tile to its right). The peak is the output [B,3,H,W] plus one tile's activations
 size: a 2048x2048 SD decode at the default 512-pixel tile needs the activations of a 512x512 decode.
 """
 
+import numbers
 from contextlib import contextmanager
 
 import numpy as np
@@ -90,7 +91,7 @@ def check_tiling(vae):
     for name, value in (("tile_sample_min_size", sample), ("tile_latent_min_size", latent)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
             raise NpdiffError(f"vae.{name} must be a positive integer, got {value!r}")
-    if not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
+    if not isinstance(overlap, numbers.Real) or isinstance(overlap, bool) or not 0 <= overlap < 1:  # NumPy's too
         raise NpdiffError(f"vae.tile_overlap_factor must be a number in [0, 1), got {overlap!r}")
     if sample % factor or latent * factor != sample:
         raise NpdiffError(f"vae.tile_sample_min_size ({sample} pixels) must be a multiple of the VAE's factor "

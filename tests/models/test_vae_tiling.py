@@ -163,6 +163,8 @@ def test_tiled_estimate_is_within_a_factor_of_the_traced_peak():
     ("tile_sample_min_size", 32.0, "tile_sample_min_size"),
     ("tile_overlap_factor", 1.0, "tile_overlap_factor"),
     ("tile_overlap_factor", -0.5, "tile_overlap_factor"),
+    ("tile_overlap_factor", True, "tile_overlap_factor"),
+    ("tile_overlap_factor", "0.25", "tile_overlap_factor"),
 ])
 def test_bad_tile_sizes_are_refused_by_name(attribute, value, named):
     _, folder = tiny_vae("sd", seed=0)
@@ -177,3 +179,16 @@ def test_bad_tile_sizes_are_refused_by_name(attribute, value, named):
         vae.decode(z)
     with pytest.raises(NpdiffError, match=named):
         vae.encode(np.zeros((1, 3, 96, 96), dtype=np.float32))
+
+
+@pytest.mark.parametrize("overlap", [np.float32(0.25), np.float64(0.25)])
+def test_a_numpy_overlap_factor_tiles_as_the_float_does(overlap, rng):
+    """np.float32(0.25) was refused as "must be a number in [0, 1)": a NumPy scalar is a number."""
+    _, folder = tiny_vae("sd", seed=0)
+    vae = AutoencoderKL.from_pretrained(folder)
+    vae.enable_tiling()
+    vae.tile_sample_min_size, vae.tile_latent_min_size = 32, 4
+    z = rng.standard_normal((1, 4, 12, 12), dtype=np.float32)
+    expected = vae.decode(z)
+    vae.tile_overlap_factor = overlap
+    np.testing.assert_array_equal(vae.decode(z), expected)

@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import time_limit
 from test_bf16_pipeline import kohya_lora
 from test_resident_pages import mapped_rss_bytes
 from tiny_sd import tiny_sd_folder
@@ -285,3 +286,17 @@ def test_a_large_bf16_unet_drops_each_block_after_it_runs(models, cache_dir, mon
     released = per_block(latents, 300, text)
     assert mapped_rss_bytes(unet_file) < 0.5 * data_bytes
     assert kept.tobytes() == released.tobytes()
+
+
+def test_a_fifo_in_the_cache_folder_is_rebuilt_over_not_read(models, cache_dir, seed):
+    """A FIFO where a cache file goes (or beside it, with the suffix) blocked open() for ever, and with it every
+    bf16 load: it is not a regular file, so it is rebuilt over (the one in its place) or left alone."""
+    expected = draw(load(models["sd"]), seed)
+    unet_file = unet_cache(cache_dir)
+    unet_file.unlink()
+    os.mkfifo(unet_file)
+    os.mkfifo(cache_dir / "vae-other-amx-0123456789abcdef.bf16pack")
+    with time_limit("a bf16 load beside FIFOs in its cache folder", 120):
+        with pytest.warns(RuntimeWarning, match=f"cache .*{unet_file.name} is not usable .*not a regular file"):
+            rebuilt = load(models["sd"])
+    assert unet_file.is_file() and draw(rebuilt, seed).tobytes() == expected.tobytes()

@@ -17,7 +17,9 @@ from tiny_sd import tiny_sd_folder
 import npdiff
 from npdiff import lora as npdiff_lora
 from npdiff.errors import NpdiffError
+from npdiff.kernels import bf16_rounding
 from npdiff.kernels.bf16_rounding import bf16_to_float32, float32_to_bf16
+from npdiff.models import precision
 from npdiff.models.precision import is_packed
 
 PICTURE_LEVELS = 8   # bf16 vs float32 picture of the tiny pipeline, max |difference| in 8-bit levels
@@ -166,3 +168,54 @@ def test_server_loads_its_models_at_bf16():
     assert shelf.pipe.precision == "bf16" and is_packed(shelf.pipe.unet.conv_in.weight)
     with pytest.raises(NpdiffError, match="precision must be one of"):
         ModelShelf(precision="half")
+
+
+def test_a_cpu_without_avx512_bf16_gets_the_note_and_the_reference_path(monkeypatch, seed):
+    """What a CPU without AVX512_BF16 runs, forced here by saying the CPU lacks it: one RuntimeWarning for the
+    process, the weights packed as rounded float32 (the NumPy reference path), the same picture bit for bit
+    as NPDIFF_NO_BF16=1 gives and within PICTURE_LEVELS of float32's. (A whole process built for such a CPU,
+    NUMBA_CPU_FEATURES without avx512bf16 and amx-*, draws it too; it recompiles every kernel, so not here.)"""
+    folder = tiny_sd_folder()
+    monkeypatch.setenv("NPDIFF_NO_BF16", "1")
+    forced = load(folder, "bf16")
+    expected = forced("a red circle", num_inference_steps=2, height=32, width=32, seed=seed, output_type="np")
+    monkeypatch.delenv("NPDIFF_NO_BF16")
+    monkeypatch.setattr(bf16_rounding, "cpu_has_avx512_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_avx512_bf16", lambda: False)
+    monkeypatch.setattr(precision, "_noted_slow_cpu", [])
+    with pytest.warns(RuntimeWarning, match="this CPU has no AVX512_BF16; precision='bf16' runs the NumPy "
+                                            "reference kernels") as caught:
+        pipe = load(folder, "bf16")
+        load(folder, "mixed")
+    assert len([w for w in caught if "AVX512_BF16" in str(w.message)]) == 1  # once per process
+    assert {layer.weight.layout for layer in npdiff_lora.named_layers(pipe.unet, "unet").values()} == {"float32"}
+    output = pipe("a red circle", num_inference_steps=2, height=32, width=32, seed=seed, output_type="np")
+    assert output.images.tobytes() == expected.images.tobytes()
+    assert output.parameters["precision"] == "bf16"
+    float32 = load(folder, "fp32")("a red circle", num_inference_steps=2, height=32, width=32, seed=seed,
+                                   output_type="np")
+    assert np.abs(to_uint8(output.images).astype(int) - to_uint8(float32.images)).max() <= PICTURE_LEVELS
+
+
+@pytest.mark.parametrize("sdxl", [False, True])
+@pytest.mark.parametrize("height, width, message", [
+    (0, 32, "height must be a positive integer, got 0"),  # was taken as "the model's size" and compared there
+    (32, 24, "width must be a multiple of"),
+    (2**20, 2**20, "needs about .* of memory"),  # the UNet and VAE of a terapixel, on both sides
+])
+def test_verify_refuses_a_bad_size_before_torch_loads(sdxl, height, width, message, monkeypatch):
+    """npdiff verify checks the size (and that it fits in memory) right after npdiff's own networks map their
+    files, before diffusers loads the torch pipeline (a minute and gigabytes for a real model)."""
+    import diffusers
+    from tiny_sdxl import tiny_sdxl_folder
+
+    from npdiff.verify import verify_model
+
+    def no_torch_pipeline(*args, **kwargs):
+        raise AssertionError("the torch pipeline was loaded before the size was checked")
+
+    for name in ("StableDiffusionPipeline", "DiffusionPipeline"):
+        monkeypatch.setattr(getattr(diffusers, name), "from_pretrained", no_torch_pipeline)
+    folder = tiny_sdxl_folder() if sdxl else tiny_sd_folder()
+    with pytest.raises(NpdiffError, match=message):
+        verify_model(folder, steps=1, height=height, width=width, precision="bf16")
