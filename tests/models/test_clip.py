@@ -74,9 +74,10 @@ def test_hidden_states_match_transformers(kind, prefix, padded, torch_models, rn
 @pytest.mark.parametrize("batch", [1, 2, 4])
 @pytest.mark.parametrize("kind", list(CLIP_KINDS))
 def test_layers_by_prompt_and_by_columns_give_the_same_bytes(kind, batch, torch_models, rng, tmp_path, monkeypatch):
-    """Each layer in one parallel call with one prompt per thread (kernels/clip_layer_rows.py, what a batch that
-    divides among the threads takes) and the layer's steps one by one, each split by columns, make every element
-    with the same serial functions in the same order: the same bytes, and both match transformers."""
+    """Every layer in one parallel call with one prompt per thread (kernels/clip_layer_rows.py, what a batch that
+    divides among the threads takes), each layer in a parallel call of its own, and the layer's steps one by one,
+    each split by columns, make every element with the same serial functions in the same order: the same bytes,
+    and they match transformers."""
     import npdiff.models.clip as clip_module
 
     model = torch_models[kind]
@@ -85,10 +86,19 @@ def test_layers_by_prompt_and_by_columns_give_the_same_bytes(kind, batch, torch_
     results = {}
     for by_prompt in (True, False):
         monkeypatch.setattr(clip_module, "runs_by_prompt", lambda batch, by_prompt=by_prompt: by_prompt)
+        assert ours.runs_all_layers_by_prompt(batch) == by_prompt
         results[by_prompt] = ours(ids, output_hidden_states=True)
+        results[by_prompt, "plain"] = ours(ids)  # into this thread's scratch states
+    # by prompt, a parallel call a layer (CLIPEncoderLayer's own call, as it runs alone)
+    monkeypatch.setattr(clip_module, "runs_by_prompt", lambda batch: True)
+    states_by_layer = [ours.embed(ids)]
+    for layer in ours.layers:
+        states_by_layer.append(layer(states_by_layer[-1]))
     (last, states), (last_by_columns, states_by_columns) = results[True], results[False]
     assert np.array_equal(last, last_by_columns)
+    assert np.array_equal(results[True, "plain"], last) and np.array_equal(results[False, "plain"], last)
     assert all(np.array_equal(a, b) for a, b in zip(states, states_by_columns))
+    assert all(np.array_equal(a, b) for a, b in zip(states, states_by_layer))
     ref_last, _ = torch_forward(model, ids)
     assert_rel_close(last, ref_last, CLIP_TOL, what="last_hidden_state, by prompt")
 
