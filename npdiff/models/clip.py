@@ -45,7 +45,7 @@ from npdiff.loading.config_checks import full_config
 from npdiff.loading.configs import load_component
 from npdiff.models import precision
 from npdiff.models.blocks import LayerNorm, Linear, child
-from npdiff.models.packed_linear import PackedLinear
+from npdiff.models.packed_linear import PackedLinear, share_huge_pages
 from npdiff.models.transformer import TransposedLinear, merge_heads, split_heads
 
 # The layers' private copies of their weights (on the CPU PackedLinear's packed panels, the GEMMs of
@@ -145,18 +145,20 @@ class CLIPEncoderLayer:
     def has_every_bias(self):
         """Whether every projection and norm has its bias and weight (CLIP's all do; clip_layer_by_prompt needs
         them)."""
-        attn, mlp = self.self_attn, self.mlp
-        layers = (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, mlp.fc1, mlp.fc2)
         norms = (self.layer_norm1, self.layer_norm2)
-        return all(layer.bias is not None for layer in layers) and all(
+        return all(layer.bias is not None for layer in self.projections()) and all(
             norm.weight is not None and norm.bias is not None for norm in norms)
+
+    def projections(self):
+        """The layer's six Linears, in the order its forward runs them: q, k, v, out_proj, fc1, fc2."""
+        attn, mlp = self.self_attn, self.mlp
+        return attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, mlp.fc1, mlp.fc2
 
     def packed_weights(self):
         """The layer's weights as clip_layer_rows takes them: (norm1, q, k, v, o, norm2, fc1, fc2), each norm
         (weight, bias, eps), each projection (panels, bias)."""
-        attn, mlp, norm1, norm2 = self.self_attn, self.mlp, self.layer_norm1, self.layer_norm2
-        q, k, v, o, fc1, fc2 = ((layer.panels, layer.bias) for layer in (attn.q_proj, attn.k_proj, attn.v_proj,
-                                                                          attn.out_proj, mlp.fc1, mlp.fc2))
+        norm1, norm2 = self.layer_norm1, self.layer_norm2
+        q, k, v, o, fc1, fc2 = ((layer.panels, layer.bias) for layer in self.projections())
         return ((norm1.weight, norm1.bias, norm1.eps), q, k, v, o, (norm2.weight, norm2.bias, norm2.eps), fc1, fc2)
 
     def packed_forward(self, h, out=None):
@@ -218,6 +220,8 @@ class CLIPTextModel:
         self.linear = (PackedLinear if on_cpu else TransposedLinear) if small else Linear
         self.layers = [CLIPEncoderLayer(weights, child(prefix, f"encoder.layers.{i}"), c, activation, self.linear)
                        for i in range(c["num_hidden_layers"])]
+        if self.linear is PackedLinear:  # every panel in one block of 2 MiB pages, in the order a forward reads them
+            share_huge_pages(projection for layer in self.layers for projection in layer.projections())
         self.final_layer_norm = LayerNorm(weights, child(prefix, "final_layer_norm"), dim, c["layer_norm_eps"])
         self.take_head_weights(weights)
         weights.check_all_used()
