@@ -221,10 +221,11 @@ def test_projection_weights_are_packed_and_assignable(torch_models, rng, tmp_pat
     assert np.array_equal(fc1.weight, torch_layer.mlp.fc1.weight.detach().numpy())
     assert np.array_equal(unpack_panels(fc1.panels, fc1.weight.shape[0]), fc1.weight)
 
-    original = fc1.weight
+    original, panels = fc1.weight, fc1.panels
     changed = rng.standard_normal(original.shape, dtype=np.float32) * np.float32(0.05)  # C-ordered [out,in]
     fc1.weight = changed
     assert fc1.weight is changed and np.array_equal(unpack_panels(fc1.panels, changed.shape[0]), changed)
+    assert fc1.panels is panels  # repacked in place: the model's one block of panels stays whole
     ids = sample_ids(rng, "sd1", padded=True)
     with torch.no_grad():
         saved = torch_layer.mlp.fc1.weight.detach().clone()
