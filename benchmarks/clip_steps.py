@@ -5,10 +5,10 @@
         runs (layer norm, q, k, v, 12 heads, out_proj, layer norm, fc1, fc2): each step's thread CPU time
         (best of --repeat, summed over the layers) and the GEMMs' GFLOP/s, the weights streamed as in a call
     python benchmarks/clip_steps.py pages [--folder F] [--batch 2] [--rounds 10] [--calls 5]
-        the model as loaded (every panel in one block of 2 MiB pages: models/packed_linear.share_huge_pages)
+        the model as loaded (every panel in one block of 2 MiB pages: models/packed_linear.PanelBlock)
         against the same panels copied into one array a layer (what the model held before), alternated in one
         process: wall and process CPU time per call (the same bytes out, asserted); the threads are Numba's
-        (NUMBA_NUM_THREADS=1 for one thread); and a second model loaded as before (share_huge_pages skipped)
+        (NUMBA_NUM_THREADS=1 for one thread); and a second model loaded as before (clip.PANELS_IN_ONE_BLOCK = False)
 
 F: a transformers CLIPTextModel folder (default: benchmarks/models.py's random SD 1.5 weights,
 ~/.cache/npdiff/sd15-random/text_encoder, made by `npdiff bench models --only text_encoder`).
@@ -112,7 +112,7 @@ def pages(model, folder, batch, rounds, calls):
         copy = aligned_empty(panels.shape)
         copy[...] = panels
         per_layer.append(copy)
-    clip_module.share_huge_pages = lambda layers: None  # a second model, loaded as before the block
+    clip_module.PANELS_IN_ONE_BLOCK = False  # a second model, loaded as before the block
     loaded_before = CLIPTextModel.from_pretrained(folder)
     as_before = [projection.panels for layer in loaded_before.layers for projection in layer.projections()]
     print("the block's mapping:", huge_page_lines(block[0]))

@@ -34,18 +34,20 @@ No attention mask is taken: Stable Diffusion runs the text encoder on padded seq
 so pad tokens are attended to (causally), exactly as diffusers does.
 """
 
+from functools import partial
+
 import numpy as np
 
 from npdiff import backend, kernels
 from npdiff.errors import NpdiffError
 from npdiff.kernels.attention.causal_rows import causal_attention_rows
 from npdiff.kernels.clip_layer_rows import clip_layer_by_prompt, clip_layers_by_prompt, runs_by_prompt
-from npdiff.kernels.linear_packed import aligned_empty, aligned_scratch, layer_norm_rows
+from npdiff.kernels.linear_packed import aligned_empty, aligned_scratch, layer_norm_rows, packed_shape
 from npdiff.loading.config_checks import full_config
 from npdiff.loading.configs import load_component
 from npdiff.models import precision
 from npdiff.models.blocks import LayerNorm, Linear, child
-from npdiff.models.packed_linear import PackedLinear, share_huge_pages
+from npdiff.models.packed_linear import PackedLinear, PanelBlock
 from npdiff.models.transformer import TransposedLinear, merge_heads, split_heads
 
 # The layers' private copies of their weights (on the CPU PackedLinear's packed panels, the GEMMs of
@@ -53,6 +55,9 @@ from npdiff.models.transformer import TransposedLinear, merge_heads, split_heads
 # for CLIP-L, but 2.5 GB for SDXL's bigG, where the UNet's 10 GB already exceed a 24 GiB machine's comfort.
 # Above this size the layers keep the mapped [out,in] weights (plain Linear).
 TRANSPOSED_COPY_LIMIT = 512 * 2**20  # bytes
+# CLIPTextModel packs its layers' panels into one block of 2 MiB pages (packed_linear.PanelBlock; False: an array
+# a layer, as before; benchmarks/clip_steps.py compares the two)
+PANELS_IN_ONE_BLOCK = True
 LEGACY_EOS_TOKEN_ID = 2  # transformers: "pool at the argmax of the ids" (configs from before its PR #24773)
 
 
@@ -218,10 +223,14 @@ class CLIPTextModel:
         small = copy_bytes <= TRANSPOSED_COPY_LIMIT and precision.keeps_float32(weights, "other")  # else packed
         on_cpu = backend.array_module(self.token_embedding) is np
         self.linear = (PackedLinear if on_cpu else TransposedLinear) if small else Linear
-        self.layers = [CLIPEncoderLayer(weights, child(prefix, f"encoder.layers.{i}"), c, activation, self.linear)
+        linear = self.linear
+        if self.linear is PackedLinear and PANELS_IN_ONE_BLOCK:  # every layer's panels in one block of 2 MiB pages,
+            inner = c["intermediate_size"]                      # in the order a forward reads them
+            per_layer = [packed_shape((dim, dim))] * 4 + [packed_shape((inner, dim)), packed_shape((dim, inner))]
+            block = PanelBlock(PanelBlock.floats_for(per_layer * c["num_hidden_layers"]))
+            linear = partial(PackedLinear, block=block)
+        self.layers = [CLIPEncoderLayer(weights, child(prefix, f"encoder.layers.{i}"), c, activation, linear)
                        for i in range(c["num_hidden_layers"])]
-        if self.linear is PackedLinear:  # every panel in one block of 2 MiB pages, in the order a forward reads them
-            share_huge_pages(projection for layer in self.layers for projection in layer.projections())
         self.final_layer_norm = LayerNorm(weights, child(prefix, "final_layer_norm"), dim, c["layer_norm_eps"])
         self.take_head_weights(weights)
         weights.check_all_used()
