@@ -33,6 +33,11 @@ def kernel_flops(name, args, out):
         rows, dim, inner = h.shape[0], h.shape[1], fc1[1].shape[0]
         attention = 2.0 * rows * (rows // batch) * 2 * dim  # as causal_attention_rows counts it
         return 2.0 * rows * (4 * dim * dim + 2 * dim * inner) + attention
+    if name == "clip_layers_by_prompt":  # (h, states, batch, layers, activation, heads, scale): every CLIP layer
+        h, batch, layers = args[0], args[2], args[3]
+        rows, dim, inner = h.shape[0], h.shape[1], layers[0][6][1].shape[0]  # layers[i][6]: fc1's (panels, bias)
+        attention = 2.0 * rows * (rows // batch) * 2 * dim
+        return len(layers) * (2.0 * rows * (4 * dim * dim + 2 * dim * inner) + attention)
     if name == "causal_attention_rows":  # (q, k, v, batch, heads, scale): q, k, v [B*L, heads*d]
         q, batch = args[0], args[3]
         return 2.0 * q.shape[0] * (q.shape[0] // batch) * 2 * q.shape[1]  # as the full score matrix, as above
@@ -62,7 +67,8 @@ def install_counters():
                               "npdiff.models.transformer": ("scaled_dot_product_attention_bf16",),
                               # CLIP's float32 layers (PackedLinear; clip.py's packed forward)
                               "npdiff.models.packed_linear": ("linear_packed",),
-                              "npdiff.models.clip": ("causal_attention_rows", "layer_norm_rows", "clip_layer_by_prompt")},
+                              "npdiff.models.clip": ("causal_attention_rows", "layer_norm_rows", "clip_layer_by_prompt",
+                                                     "clip_layers_by_prompt")},
                              stats, kernel_flops)
 
 

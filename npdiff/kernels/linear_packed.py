@@ -96,17 +96,38 @@ def aligned_scratch(name, shape):
     return aligned_view(scratch(name, math.prod(shape) + ALIGN_FLOATS), shape)
 
 
+HUGE_PAGE_FLOATS = (2 << 20) // 4  # one 2 MiB page (x86-64 Linux's transparent huge pages)
+
+
+def huge_page_empty(floats):
+    """np.empty(floats, float32), starting on a 2 MiB boundary, for weights read whole every call (CLIP's packed
+    panels, all of them in one block: models/packed_linear.py). NumPy advises its allocations of 4 MiB and more
+    MADV_HUGEPAGE on Linux (numpy's _set_madvise_hugepage, on by default), so where transparent huge pages are
+    enabled ("madvise" or "always") the block's pages are 2 MiB ones: 170 TLB entries for CLIP-L's 340 MB
+    instead of 83,000. Elsewhere it is an ordinary array."""
+    raw = np.empty(floats + HUGE_PAGE_FLOATS, np.float32)
+    skip = (-raw.ctypes.data % (4 * HUGE_PAGE_FLOATS)) // 4
+    return raw[skip:skip + floats]
+
+
 PACK_DEPTH = 256  # steps of k per block of pack_panels: a [NR, 256] block of the weight and its image, 64 KiB each
 
 
-def pack_panels(weight):
-    """A Linear's weight [out,in] (any strides) -> its column panels [ceil(out/NR), in, NR], float32.
+def packed_shape(weight_shape):
+    """The shape of pack_panels' result for a weight [out,in]: [ceil(out/NR), in, NR]."""
+    outputs, depth = weight_shape
+    return ((outputs + NR - 1) // NR, depth, NR)
+
+
+def pack_panels(weight, out=None):
+    """A Linear's weight [out,in] (any strides) -> its column panels [ceil(out/NR), in, NR], float32 (written into
+    `out` when given: a C-contiguous float32 array of packed_shape(weight.shape)).
 
     NumPy, one [NR, PACK_DEPTH] block at a time (both sides in L1/L2): as fast as a parallel Numba loop
     (measured 31 vs 32 ms for 8 CLIP-L fc weights, 75 MB) and it runs at load, where a first Numba call would
     add loading the compiled kernel and starting the threads (~0.3-0.6 s) to the model's load time."""
     outputs, depth = weight.shape
-    panels = aligned_empty(((outputs + NR - 1) // NR, depth, NR))  # [out/NR, in, NR]
+    panels = aligned_empty(packed_shape(weight.shape)) if out is None else out  # [out/NR, in, NR]
     for panel in range(panels.shape[0]):
         slab = weight[panel * NR:(panel + 1) * NR]  # [<=NR, in]
         width = slab.shape[0]

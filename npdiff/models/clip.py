@@ -34,18 +34,20 @@ No attention mask is taken: Stable Diffusion runs the text encoder on padded seq
 so pad tokens are attended to (causally), exactly as diffusers does.
 """
 
+from functools import partial
+
 import numpy as np
 
 from npdiff import backend, kernels
 from npdiff.errors import NpdiffError
 from npdiff.kernels.attention.causal_rows import causal_attention_rows
-from npdiff.kernels.clip_layer_rows import clip_layer_by_prompt, runs_by_prompt
-from npdiff.kernels.linear_packed import aligned_empty, aligned_scratch, layer_norm_rows
+from npdiff.kernels.clip_layer_rows import clip_layer_by_prompt, clip_layers_by_prompt, runs_by_prompt
+from npdiff.kernels.linear_packed import aligned_empty, aligned_scratch, layer_norm_rows, packed_shape
 from npdiff.loading.config_checks import full_config
 from npdiff.loading.configs import load_component
 from npdiff.models import precision
 from npdiff.models.blocks import LayerNorm, Linear, child
-from npdiff.models.packed_linear import PackedLinear
+from npdiff.models.packed_linear import PackedLinear, PanelBlock
 from npdiff.models.transformer import TransposedLinear, merge_heads, split_heads
 
 # The layers' private copies of their weights (on the CPU PackedLinear's packed panels, the GEMMs of
@@ -53,6 +55,9 @@ from npdiff.models.transformer import TransposedLinear, merge_heads, split_heads
 # for CLIP-L, but 2.5 GB for SDXL's bigG, where the UNet's 10 GB already exceed a 24 GiB machine's comfort.
 # Above this size the layers keep the mapped [out,in] weights (plain Linear).
 TRANSPOSED_COPY_LIMIT = 512 * 2**20  # bytes
+# CLIPTextModel packs its layers' panels into one block of 2 MiB pages (packed_linear.PanelBlock; False: an array
+# a layer, as before; benchmarks/clip_steps.py compares the two)
+PANELS_IN_ONE_BLOCK = True
 LEGACY_EOS_TOKEN_ID = 2  # transformers: "pool at the argmax of the ids" (configs from before its PR #24773)
 
 
@@ -145,11 +150,21 @@ class CLIPEncoderLayer:
     def has_every_bias(self):
         """Whether every projection and norm has its bias and weight (CLIP's all do; clip_layer_by_prompt needs
         them)."""
-        attn, mlp = self.self_attn, self.mlp
-        layers = (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, mlp.fc1, mlp.fc2)
         norms = (self.layer_norm1, self.layer_norm2)
-        return all(layer.bias is not None for layer in layers) and all(
+        return all(layer.bias is not None for layer in self.projections()) and all(
             norm.weight is not None and norm.bias is not None for norm in norms)
+
+    def projections(self):
+        """The layer's six Linears, in the order its forward runs them: q, k, v, out_proj, fc1, fc2."""
+        attn, mlp = self.self_attn, self.mlp
+        return attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, mlp.fc1, mlp.fc2
+
+    def packed_weights(self):
+        """The layer's weights as clip_layer_rows takes them: (norm1, q, k, v, o, norm2, fc1, fc2), each norm
+        (weight, bias, eps), each projection (panels, bias)."""
+        norm1, norm2 = self.layer_norm1, self.layer_norm2
+        q, k, v, o, fc1, fc2 = ((layer.panels, layer.bias) for layer in self.projections())
+        return ((norm1.weight, norm1.bias, norm1.eps), q, k, v, o, (norm2.weight, norm2.bias, norm2.eps), fc1, fc2)
 
     def packed_forward(self, h, out=None):
         """The same steps on PackedLinear layers: each layer norm written into a scratch of rows that its GEMMs
@@ -166,12 +181,9 @@ class CLIPEncoderLayer:
         if runs_by_prompt(batch) and self.has_every_bias():
             # the whole layer in one parallel call, each prompt on one thread (kernels/clip_layer_rows.py)
             out = aligned_empty((rows, dim)) if out is None else out      # [M,D]
-            projections = [(layer.panels, layer.bias) for layer in (attn.q_proj, attn.k_proj, attn.v_proj,
-                                                                    attn.out_proj, mlp.fc1, mlp.fc2)]
-            q, k, v, o, fc1, fc2 = projections
-            clip_layer_by_prompt(h_rows, out, batch, (norm1.weight, norm1.bias, norm1.eps), q, k, v, o,
-                                 (norm2.weight, norm2.bias, norm2.eps), fc1, mlp.activation_name, fc2, attn.heads,
-                                 attn.scale)                                   # [M,D] -> [M,D]
+            norm1_weights, q, k, v, o, norm2_weights, fc1, fc2 = self.packed_weights()
+            clip_layer_by_prompt(h_rows, out, batch, norm1_weights, q, k, v, o, norm2_weights, fc1,
+                                 mlp.activation_name, fc2, attn.heads, attn.scale)  # [M,D] -> [M,D]
             return out.reshape(batch, length, dim)                            # [M,D] -> [B,L,D]
         normed = aligned_scratch("clip normed rows", (rows, dim))          # [M,D]
         # 1. causal self-attention, residual (into scratch: h itself is left as it was)
@@ -211,7 +223,13 @@ class CLIPTextModel:
         small = copy_bytes <= TRANSPOSED_COPY_LIMIT and precision.keeps_float32(weights, "other")  # else packed
         on_cpu = backend.array_module(self.token_embedding) is np
         self.linear = (PackedLinear if on_cpu else TransposedLinear) if small else Linear
-        self.layers = [CLIPEncoderLayer(weights, child(prefix, f"encoder.layers.{i}"), c, activation, self.linear)
+        linear = self.linear
+        if self.linear is PackedLinear and PANELS_IN_ONE_BLOCK:  # every layer's panels in one block of 2 MiB pages,
+            inner = c["intermediate_size"]                      # in the order a forward reads them
+            per_layer = [packed_shape((dim, dim))] * 4 + [packed_shape((inner, dim)), packed_shape((dim, inner))]
+            block = PanelBlock(PanelBlock.floats_for(per_layer * c["num_hidden_layers"]))
+            linear = partial(PackedLinear, block=block)
+        self.layers = [CLIPEncoderLayer(weights, child(prefix, f"encoder.layers.{i}"), c, activation, linear)
                        for i in range(c["num_hidden_layers"])]
         self.final_layer_norm = LayerNorm(weights, child(prefix, "final_layer_norm"), dim, c["layer_norm_eps"])
         self.take_head_weights(weights)
@@ -256,16 +274,40 @@ class CLIPTextModel:
         hidden_states = [h]
         # 2. the transformer layers (causal self-attention + MLP); when only the last state is wanted, packed
         #    layers write each state into one scratch buffer of this thread (no fresh pages per layer)
-        reuse = not output_hidden_states and self.linear is PackedLinear
-        state = aligned_scratch("clip hidden state", (h.shape[0] * h.shape[1], h.shape[2])) if reuse else None
-        for layer in self.layers:
-            h = layer(h, out=state)                                     # [B,L,D] -> [B,L,D]
-            hidden_states.append(h)
+        #    (or, one prompt per thread, all of them in one parallel call: kernels/clip_layer_rows.py)
+        if self.runs_all_layers_by_prompt(h.shape[0]):
+            states = self.layers_by_prompt(h, fresh=output_hidden_states)  # [B,L,D] -> [layers,B,L,D]
+            hidden_states += list(states)
+            h = states[-1]                                              # [B,L,D]
+        else:
+            reuse = not output_hidden_states and self.linear is PackedLinear
+            state = aligned_scratch("clip hidden state", (h.shape[0] * h.shape[1], h.shape[2])) if reuse else None
+            for layer in self.layers:
+                h = layer(h, out=state)                                 # [B,L,D] -> [B,L,D]
+                hidden_states.append(h)
         # 3. final layer norm
         last_hidden_state = self.final_layer_norm(h)                    # [B,L,D] -> [B,L,D]
         if output_hidden_states:
             return last_hidden_state, tuple(hidden_states)
         return last_hidden_state
+
+    def runs_all_layers_by_prompt(self, batch):
+        """Whether every layer runs in one parallel call, one prompt per thread (kernels/clip_layer_rows.py): packed
+        layers with every bias, on a batch that divides among the threads."""
+        return (self.linear is PackedLinear and len(self.layers) > 0 and runs_by_prompt(batch)
+                and all(layer.has_every_bias() for layer in self.layers))
+
+    def layers_by_prompt(self, h, fresh):
+        """Every layer on h [B,L,D] in one parallel call -> their outputs [layers,B,L,D]: a new array when `fresh`
+        (hidden states the caller keeps), else this thread's scratch (reused by the next call)."""
+        batch, length, dim = h.shape
+        shape = (len(self.layers), batch * length, dim)
+        states = aligned_empty(shape) if fresh else aligned_scratch("clip hidden states", shape)  # [layers,M,D]
+        first = self.layers[0]
+        clip_layers_by_prompt(np.ascontiguousarray(h, dtype=np.float32).reshape(batch * length, dim), states, batch,
+                              [layer.packed_weights() for layer in self.layers], first.mlp.activation_name,
+                              first.self_attn.heads, first.self_attn.scale)  # [M,D] -> [layers,M,D]
+        return states.reshape(len(self.layers), batch, length, dim)             # -> [layers,B,L,D]
 
     def add_token_embeddings(self, vectors):
         """Append rows [n,D] to the token embedding table (textual inversion) -> their new ids."""

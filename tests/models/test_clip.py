@@ -74,9 +74,10 @@ def test_hidden_states_match_transformers(kind, prefix, padded, torch_models, rn
 @pytest.mark.parametrize("batch", [1, 2, 4])
 @pytest.mark.parametrize("kind", list(CLIP_KINDS))
 def test_layers_by_prompt_and_by_columns_give_the_same_bytes(kind, batch, torch_models, rng, tmp_path, monkeypatch):
-    """Each layer in one parallel call with one prompt per thread (kernels/clip_layer_rows.py, what a batch that
-    divides among the threads takes) and the layer's steps one by one, each split by columns, make every element
-    with the same serial functions in the same order: the same bytes, and both match transformers."""
+    """Every layer in one parallel call with one prompt per thread (kernels/clip_layer_rows.py, what a batch that
+    divides among the threads takes), each layer in a parallel call of its own, and the layer's steps one by one,
+    each split by columns, make every element with the same serial functions in the same order: the same bytes,
+    and they match transformers."""
     import npdiff.models.clip as clip_module
 
     model = torch_models[kind]
@@ -85,10 +86,19 @@ def test_layers_by_prompt_and_by_columns_give_the_same_bytes(kind, batch, torch_
     results = {}
     for by_prompt in (True, False):
         monkeypatch.setattr(clip_module, "runs_by_prompt", lambda batch, by_prompt=by_prompt: by_prompt)
+        assert ours.runs_all_layers_by_prompt(batch) == by_prompt
         results[by_prompt] = ours(ids, output_hidden_states=True)
+        results[by_prompt, "plain"] = ours(ids)  # into this thread's scratch states
+    # by prompt, a parallel call a layer (CLIPEncoderLayer's own call, as it runs alone)
+    monkeypatch.setattr(clip_module, "runs_by_prompt", lambda batch: True)
+    states_by_layer = [ours.embed(ids)]
+    for layer in ours.layers:
+        states_by_layer.append(layer(states_by_layer[-1]))
     (last, states), (last_by_columns, states_by_columns) = results[True], results[False]
     assert np.array_equal(last, last_by_columns)
+    assert np.array_equal(results[True, "plain"], last) and np.array_equal(results[False, "plain"], last)
     assert all(np.array_equal(a, b) for a, b in zip(states, states_by_columns))
+    assert all(np.array_equal(a, b) for a, b in zip(states, states_by_layer))
     ref_last, _ = torch_forward(model, ids)
     assert_rel_close(last, ref_last, CLIP_TOL, what="last_hidden_state, by prompt")
 
@@ -211,10 +221,11 @@ def test_projection_weights_are_packed_and_assignable(torch_models, rng, tmp_pat
     assert np.array_equal(fc1.weight, torch_layer.mlp.fc1.weight.detach().numpy())
     assert np.array_equal(unpack_panels(fc1.panels, fc1.weight.shape[0]), fc1.weight)
 
-    original = fc1.weight
+    original, panels = fc1.weight, fc1.panels
     changed = rng.standard_normal(original.shape, dtype=np.float32) * np.float32(0.05)  # C-ordered [out,in]
     fc1.weight = changed
     assert fc1.weight is changed and np.array_equal(unpack_panels(fc1.panels, changed.shape[0]), changed)
+    assert fc1.panels is panels  # repacked in place: the model's one block of panels stays whole
     ids = sample_ids(rng, "sd1", padded=True)
     with torch.no_grad():
         saved = torch_layer.mlp.fc1.weight.detach().clone()
