@@ -17,6 +17,7 @@ error printed and bounded by the issue's goal for bf16 (3e-2).
 """
 
 import copy
+import inspect
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from tiny_clip import CLIP_KINDS, random_ids, save_clip, tiny_clip
 from tiny_controlnet import tiny_controlnet
 from tiny_models import tiny_unet, tiny_vae
 
+from npdiff import kernels as npdiff_kernels
 from npdiff.errors import NpdiffError
 from npdiff.loading.resident import reachable
 from npdiff.lora import named_layers
@@ -54,13 +56,28 @@ def bf16(tensor):
 
 class LayerCalls:
     """Records every Linear/Conv2d/GEGLU/fc1+activation call of an npdiff model (its input, weight, output),
-    by wrapping npdiff.models.precision's four functions, which every such layer calls."""
+    by wrapping npdiff.models.precision's four functions, which every such layer calls, and the two kernels
+    that fold the step before a float32 3x3 conv into it (blocks.py: GroupNorm+SiLU, nearest 2x upsampling)."""
+
+    FOLDED = ("group_norm_silu_conv2d", "upsample_nearest2x_conv2d")
 
     def __init__(self, monkeypatch, model):
         self.keys = {id(layer.weight): layer.key for layer in named_layers(model, "unet").values()}
         self.calls = []  # (kind, layer key, x, output, extra arguments)
         for kind in ("linear", "conv2d", "geglu", "linear_activation"):
             monkeypatch.setattr(precision, kind, self._recorder(kind, getattr(precision, kind)))
+        for kind in self.FOLDED:
+            monkeypatch.setattr(npdiff_kernels, kind, self._folded_recorder(kind, getattr(npdiff_kernels, kind)))
+
+    def _folded_recorder(self, kind, function):
+        def call(x, *args, **kwargs):
+            out = function(x, *args, **kwargs)
+            arguments = inspect.signature(function).bind(x, *args, **kwargs)
+            arguments.apply_defaults()
+            named = dict(arguments.arguments)
+            self.calls.append((kind, self.keys[id(named["weight"])], np.array(x), np.array(out), (), named, False))
+            return out
+        return call
 
     def _recorder(self, kind, function):
         def call(x, weight, bias=None, *args, **kwargs):
@@ -82,7 +99,14 @@ class LayerCalls:
             if packed:
                 weight, x = bf16(weight), bf16(x)
             with torch.no_grad():
-                if kind == "conv2d":
+                if kind == "group_norm_silu_conv2d":
+                    normed = F.silu(F.group_norm(x, kwargs["num_groups"], torch.from_numpy(kwargs["norm_weight"]),
+                                                 torch.from_numpy(kwargs["norm_bias"]), kwargs["eps"]))
+                    expected = F.conv2d(normed, weight, bias, padding=kwargs["padding"])
+                elif kind == "upsample_nearest2x_conv2d":
+                    upsampled = F.interpolate(x, scale_factor=2, mode="nearest")
+                    expected = F.conv2d(upsampled, weight, bias, padding=kwargs["padding"])
+                elif kind == "conv2d":
                     expected = F.conv2d(x, weight, bias, *args, **kwargs)
                 else:
                     expected = F.linear(x, weight.reshape(weight.shape[0], -1), bias)
