@@ -67,8 +67,8 @@ class PanelBlock:
     arrays of 4 MiB and more, so fc1/fc2 had them and q/k/v/o not). Measured on CLIP-L against the panels in an
     array a layer, the same bytes out (benchmarks/RESULTS.md, "CLIP on 2 MiB pages"): under load 2x faster on
     one thread; with nothing else in the guest (session 13, a busy host) 17% less per call at two threads, and
-    ~1.1 s more per load in that VM (the first touch of fresh 2 MiB pages). Packing straight into the block touches each page once, as an
-    array a layer did."""
+    ~1.1 s more per load in that VM (the first touch of fresh 2 MiB pages). Packing straight into the block
+    touches each page once, as an array a layer did."""
 
     def __init__(self, floats):
         self.floats = huge_page_empty(floats)  # [floats]
