@@ -51,7 +51,8 @@ from npdiff.images import StepRecorder, emergence_grid, load_image, read_png_par
 from npdiff.loading.weights import PRECISIONS
 from npdiff.pipeline_controlnet_attach import attach_controlnets, load_controlnets
 from npdiff.pipeline_sdxl import load_any_pipeline
-from npdiff.pipeline_utils import default_model_path
+from npdiff.memory_estimate import ATTENTION_EXAMPLES, MAX_ATTENTION_TOKENS
+from npdiff.pipeline_utils import MAX_SIDE, default_model_path
 from npdiff.recipe import (
     DEFAULTS,
     INPAINT_DEFAULTS,
@@ -304,13 +305,18 @@ def run_inpaint(args):
     return run_picture_command(args, "inpaint")
 
 
+# What --height/--width refuse before any work (pipeline_utils.check_size, memory_estimate.check_attention_size)
+SIZE_LIMITS = (f"at most {MAX_SIDE}; refused before any work past {MAX_ATTENTION_TOKENS} positions in the UNet's "
+               f"self-attention ({ATTENTION_EXAMPLES}), whose time grows with their square")
+
+
 def add_generate_command(subparsers):
     p = subparsers.add_parser("generate", help="text to image")
     add_sampling_options(p)
     p.add_argument("--height", type=int, default=None,
-                   help="picture height, a multiple of 64 for SD (16 for the shipped model)")
+                   help="picture height, a multiple of 64 for SD (16 for the shipped model); " + SIZE_LIMITS)
     p.add_argument("--width", type=int, default=None,
-                   help="picture width, a multiple of 64 for SD (16 for the shipped model)")
+                   help="picture width, a multiple of 64 for SD (16 for the shipped model); " + SIZE_LIMITS)
     add_hires_options(p)
     p.set_defaults(run=run_generate)
 
@@ -333,9 +339,9 @@ def add_inpaint_command(subparsers):
     p.add_argument("--strength", type=float, default=None,
                    help=f"how much to change the masked part, in (0, 1] (default {INPAINT_DEFAULTS['strength']})")
     p.add_argument("--height", type=int, default=None,
-                   help="size to work at, a multiple of 64 for SD (default: the model's)")
+                   help="size to work at, a multiple of 64 for SD (default: the model's); " + SIZE_LIMITS)
     p.add_argument("--width", type=int, default=None,
-                   help="size to work at, a multiple of 64 for SD (default: the model's)")
+                   help="size to work at, a multiple of 64 for SD (default: the model's); " + SIZE_LIMITS)
     add_denoising_start_option(p)  # SDXL
     p.set_defaults(run=run_inpaint)
 
