@@ -68,6 +68,7 @@ from npdiff.recipe import (
     use_vae_tiling,
 )
 from npdiff.recipe_reproduce import (
+    controlnet_precisions,
     find_loras,
     problems_with_stored,
     refiner_mismatch,
@@ -136,6 +137,8 @@ def resolve_options(args, command):
         raise npdiff.NpdiffError("; ".join(errors))
     add_loras_from_png(args, stored)
     warn_about_missing_controlnets(args, stored)
+    # a net that ran at another precision than the model is loaded so again, unless --precision is given
+    args.controlnet_precisions = controlnet_precisions(stored, args.reproduce) if given["precision"] is None else {}
     defaults = defaults_for(command)
     for option in OPTIONS:
         if command in option.commands and getattr(args, option.name, None) is None:
@@ -185,7 +188,8 @@ def load_pipeline(args):
     model = Path(args.model) if args.model else default_model_path()
     control_paths = [parse_control_option(spec)[0] for spec in args.control or []]
     # a net for the other family (SD 1.x / SDXL) is refused now, before the model loads
-    nets = load_controlnets(control_paths, model, precision=args.precision or "fp32")
+    nets = load_controlnets(control_paths, model, precision=args.precision or "fp32",
+                            net_precisions=getattr(args, "controlnet_precisions", None))
     start = time.perf_counter()
     pipe = load_any_pipeline(model, scheduler=args.sampler, prediction_type=args.prediction_type,
                              precision=args.precision or "fp32")  # SD or SDXL
