@@ -52,7 +52,7 @@ from npdiff.loading.weights import PRECISIONS
 from npdiff.pipeline_controlnet_attach import attach_controlnets, load_controlnets
 from npdiff.pipeline_sdxl import load_any_pipeline
 from npdiff.memory_estimate import ATTENTION_EXAMPLES, MAX_ATTENTION_TOKENS
-from npdiff.pipeline_utils import MAX_SIDE, default_model_path
+from npdiff.pipeline_utils import MAX_SIDE, check_side, default_model_path
 from npdiff.recipe import (
     DEFAULTS,
     INPAINT_DEFAULTS,
@@ -150,6 +150,9 @@ def resolve_options(args, command):
         print(f"npdiff: --reproduce {args.reproduce}: not reproduced (npdiff has no such setting): {unmapped}",
               file=sys.stderr)
     args.stored = stored
+    for side in ("height", "width"):  # an impossible side is refused before the model loads (the rest after)
+        if getattr(args, side, None) is not None:
+            check_side(side, getattr(args, side))
     if not args.prompt:
         raise npdiff.NpdiffError("no prompt given (pass PROMPT, or --reproduce a PNG made by npdiff)")
     return args

@@ -109,6 +109,13 @@ def test_command_errors(folder, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+def test_an_impossible_side_is_refused_before_the_model_loads(folder, capsys):
+    assert cli.main(["generate", "x", "--width", "1048576", "--model", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "width must be at most 8192 pixels (the largest side npdiff accepts), got 1048576" in err
+    assert "loaded model" not in err
+
+
 def test_generate_empty_model_folder(tmp_path, capsys):
     assert cli.main(["generate", "x", "--model", str(tmp_path)]) == 2
     assert "expected a diffusers folder" in capsys.readouterr().err
