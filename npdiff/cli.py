@@ -51,7 +51,8 @@ from npdiff.images import StepRecorder, emergence_grid, load_image, read_png_par
 from npdiff.loading.weights import PRECISIONS
 from npdiff.pipeline_controlnet_attach import attach_controlnets, load_controlnets
 from npdiff.pipeline_sdxl import load_any_pipeline
-from npdiff.pipeline_utils import default_model_path
+from npdiff.memory_estimate import ATTENTION_EXAMPLES, MAX_ATTENTION_TOKENS
+from npdiff.pipeline_utils import MAX_SIDE, check_side, default_model_path
 from npdiff.recipe import (
     DEFAULTS,
     INPAINT_DEFAULTS,
@@ -67,6 +68,7 @@ from npdiff.recipe import (
     use_vae_tiling,
 )
 from npdiff.recipe_reproduce import (
+    controlnet_precisions,
     find_loras,
     problems_with_stored,
     refiner_mismatch,
@@ -135,6 +137,8 @@ def resolve_options(args, command):
         raise npdiff.NpdiffError("; ".join(errors))
     add_loras_from_png(args, stored)
     warn_about_missing_controlnets(args, stored)
+    # a net that ran at another precision than the model is loaded so again, unless --precision is given
+    args.controlnet_precisions = controlnet_precisions(stored, args.reproduce) if given["precision"] is None else {}
     defaults = defaults_for(command)
     for option in OPTIONS:
         if command in option.commands and getattr(args, option.name, None) is None:
@@ -146,6 +150,9 @@ def resolve_options(args, command):
         print(f"npdiff: --reproduce {args.reproduce}: not reproduced (npdiff has no such setting): {unmapped}",
               file=sys.stderr)
     args.stored = stored
+    for side in ("height", "width"):  # an impossible side is refused before the model loads (the rest after)
+        if getattr(args, side, None) is not None:
+            check_side(side, getattr(args, side))
     if not args.prompt:
         raise npdiff.NpdiffError("no prompt given (pass PROMPT, or --reproduce a PNG made by npdiff)")
     return args
@@ -184,7 +191,8 @@ def load_pipeline(args):
     model = Path(args.model) if args.model else default_model_path()
     control_paths = [parse_control_option(spec)[0] for spec in args.control or []]
     # a net for the other family (SD 1.x / SDXL) is refused now, before the model loads
-    nets = load_controlnets(control_paths, model, precision=args.precision or "fp32")
+    nets = load_controlnets(control_paths, model, precision=args.precision or "fp32",
+                            net_precisions=getattr(args, "controlnet_precisions", None))
     start = time.perf_counter()
     pipe = load_any_pipeline(model, scheduler=args.sampler, prediction_type=args.prediction_type,
                              precision=args.precision or "fp32")  # SD or SDXL
@@ -304,13 +312,18 @@ def run_inpaint(args):
     return run_picture_command(args, "inpaint")
 
 
+# What --height/--width refuse before any work (pipeline_utils.check_size, memory_estimate.check_attention_size)
+SIZE_LIMITS = (f"at most {MAX_SIDE}; refused before any work past {MAX_ATTENTION_TOKENS} positions in the UNet's "
+               f"self-attention ({ATTENTION_EXAMPLES}), whose time grows with their square")
+
+
 def add_generate_command(subparsers):
     p = subparsers.add_parser("generate", help="text to image")
     add_sampling_options(p)
     p.add_argument("--height", type=int, default=None,
-                   help="picture height, a multiple of 64 for SD (16 for the shipped model)")
+                   help="picture height, a multiple of 64 for SD (16 for the shipped model); " + SIZE_LIMITS)
     p.add_argument("--width", type=int, default=None,
-                   help="picture width, a multiple of 64 for SD (16 for the shipped model)")
+                   help="picture width, a multiple of 64 for SD (16 for the shipped model); " + SIZE_LIMITS)
     add_hires_options(p)
     p.set_defaults(run=run_generate)
 
@@ -333,9 +346,9 @@ def add_inpaint_command(subparsers):
     p.add_argument("--strength", type=float, default=None,
                    help=f"how much to change the masked part, in (0, 1] (default {INPAINT_DEFAULTS['strength']})")
     p.add_argument("--height", type=int, default=None,
-                   help="size to work at, a multiple of 64 for SD (default: the model's)")
+                   help="size to work at, a multiple of 64 for SD (default: the model's); " + SIZE_LIMITS)
     p.add_argument("--width", type=int, default=None,
-                   help="size to work at, a multiple of 64 for SD (default: the model's)")
+                   help="size to work at, a multiple of 64 for SD (default: the model's); " + SIZE_LIMITS)
     add_denoising_start_option(p)  # SDXL
     p.set_defaults(run=run_inpaint)
 

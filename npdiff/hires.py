@@ -30,6 +30,7 @@ from npdiff.hires_names import (
     HIRES_UPSCALERS,
 )
 from npdiff.kernels.resample import resize
+from npdiff.memory_estimate import check_attention_size
 from npdiff.pipeline_utils import check_size, check_strength, make_generator, size_rule
 from npdiff.sampling_starts import check_denoising_steps
 
@@ -71,6 +72,7 @@ def hires_size(pipe, height, width, scale):
     second = tuple(int(side * scale) // factor * factor for side in first)  # whole latent cells
     try:
         check_size(*second, multiple, why)
+        check_attention_size(pipe.unet.config, factor, *second)  # the second pass's size, before the first runs
     except NpdiffError as exc:
         raise NpdiffError(f"hires_scale {scale:g} turns {first[1]}x{first[0]} into {second[1]}x{second[0]}, which "
                           f"the model cannot take: {exc}") from None

@@ -4,10 +4,13 @@
                         workers=1, vae_tile=None)
                                  -> dict of byte counts: unet, vae_decode, vae_encode, text, workspace, total
     available_bytes()            MemAvailable from /proc/meminfo (else os.sysconf pages), or None
+    check_attention_size(unet_config, vae_factor, height, width)
+        NpdiffError past MAX_ATTENTION_TOKENS positions in the UNet's largest self-attention (hours a step)
     check_call_memory(pipe, batch, height, width, guidance, encode=False)
-        NpdiffError naming both numbers and what to lower, when the estimate exceeds what is free; when only
-        the untiled VAE decode (or encode) is too big and a tiled one fits, the estimate says to switch tiling
-        on for the call instead ("vae_tiling_auto"), and why in one line ("vae_tiling_note")
+        the attention check, then NpdiffError naming both numbers and what to lower, when the estimate
+        exceeds what is free; when only the untiled VAE decode (or encode) is too big and a tiled one fits,
+        the estimate says to switch tiling on for the call instead ("vae_tiling_auto"), and why in one line
+        ("vae_tiling_note")
     controlnet_bytes(pipe, batch, height, width, guidance)
         -> (what a ControlNet pipeline's nets add to the sampling stage, their weights' bytes)
 
@@ -63,6 +66,9 @@ RESNET_MAPS = 6
 VAE_MAPS = 4  # the VAE's resnets have no time embedding and free their inputs early
 TRANSFORMER_MAPS = 18
 TEXT_LENGTH = 77
+# The most positions the UNet's largest self-attention may run over (check_attention_size): a 256x256 grid.
+MAX_ATTENTION_TOKENS = 256 * 256
+ATTENTION_EXAMPLES = "SD 1.x/2.x up to 2048x2048, SDXL up to 4096x4096"
 
 
 def _per_block(value, count):
@@ -177,11 +183,37 @@ def human_bytes(count):
     return f"{count / 2**20:.1f} MiB"
 
 
-def check_call_memory(pipe, batch, height, width, guidance, encode=False):
-    """NpdiffError before any work when the call's estimated memory exceeds what the machine has free.
+def largest_attention_tokens(unet_config, vae_factor, height, width):
+    """-> (tokens, level): the positions of the UNet's largest self-attention at a height x width picture, the
+    first down level with attention (SD 1.x/2.x: the latent itself; SDXL: half its side), and that level."""
+    blocks = len(unet_config["block_out_channels"])
+    types = list(unet_config.get("down_block_types", ["CrossAttnDownBlock2D"] * blocks))
+    level = next((i for i, kind in enumerate(types) if "CrossAttn" in str(kind)), blocks - 1)  # else: the mid block
+    h, w = height // vae_factor, width // vae_factor  # the latent
+    return max(1, h >> level) * max(1, w >> level), level
 
-    Only for the NumPy backend (host memory); a GPU backend's memory is not measured here.
+
+def check_attention_size(unet_config, vae_factor, height, width):
+    """NpdiffError before any work when the UNet's self-attention would run over more than
+    MAX_ATTENTION_TOKENS positions: its work grows with their square, so such a picture fits in memory (the
+    attention kernels chunk the scores) but takes hours a step (a 1048576x64 picture: a million tokens)."""
+    tokens, level = largest_attention_tokens(unet_config, vae_factor, height, width)
+    if tokens > MAX_ATTENTION_TOKENS:
+        cells = vae_factor * 2 ** level
+        raise NpdiffError(
+            f"{width}x{height} pixels is too large: the UNet's self-attention would run over {tokens:,} positions "
+            f"(one per {cells}x{cells} pixels), and its work grows with their square; npdiff accepts at most "
+            f"{MAX_ATTENTION_TOKENS:,} ({MAX_ATTENTION_TOKENS * cells * cells:,} pixels for this model: "
+            f"{ATTENTION_EXAMPLES}); lower height/width (--height/--width, hires_scale)")
+
+
+def check_call_memory(pipe, batch, height, width, guidance, encode=False):
+    """NpdiffError before any work when the call's estimated memory exceeds what the machine has free, or
+    when the picture is past what the UNet's attention does in reasonable time (check_attention_size).
+
+    The memory part is only for the NumPy backend (host memory); a GPU backend's memory is not measured here.
     """
+    check_attention_size(pipe.unet.config, 2 ** (len(pipe.vae.config["block_out_channels"]) - 1), height, width)
     if backend.name() not in ("numpy", None):
         return None
 

@@ -90,7 +90,9 @@ class ControlNetHooks:
         return height, width
 
     def make_control(self, image, scale, start, end, guess_mode, name):
-        return ControlCall(self.controlnets, image, scale, start, end, guess_mode, name=name)
+        """The call's ControlCall: its pictures and settings checked, the model's precision beside the nets'."""
+        return ControlCall(self.controlnets, image, scale, start, end, guess_mode, name=name,
+                           model_precision=self.precision)
 
 
 class StableDiffusionControlNetPipeline(ControlNetHooks, StableDiffusionPipeline):

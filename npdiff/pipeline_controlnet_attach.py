@@ -30,19 +30,23 @@ def net_family(net):
     return "sdxl" if net.config.get("addition_embed_type") == "text_time" else "sd"
 
 
-def load_controlnets(paths, model_path=None, what="--control", precision="fp32"):
+def load_controlnets(paths, model_path=None, what="--control", precision="fp32", net_precisions=None):
     """Each ControlNet (a diffusers folder or a single .safetensors file) loaded; with model_path (when it exists:
     else loading the model says what is wrong), one made for the other family of model is an NpdiffError naming
-    both, before the model loads. precision: the model's ("fp32" or "bf16"), which the nets take too."""
+    both, before the model loads. precision: the model's ("fp32" or "bf16"), which the nets take too, but for
+    those that net_precisions ({net name: precision}, from a --reproduce PNG) names by their name."""
     nets = []
     for path in paths:
-        net = ControlNetModel.from_pretrained(path, precision=precision)
+        named = net_precisions or {}
+        net_precision = named.get(Path(path).resolve().name, named.get(Path(path).stem, precision))
+        net = ControlNetModel.from_pretrained(path, precision=net_precision)
         if model_path is not None and Path(model_path).exists() and net_family(net) != model_family(model_path):
             raise NpdiffError(f"{what} {path}: an {FAMILY_NAMES[net_family(net)]} ControlNet (its UNet "
                               f"{'has' if net_family(net) == 'sdxl' else 'lacks'} SDXL's added conditioning), but "
                               f"the model {model_path} is {FAMILY_NAMES[model_family(model_path)]}; use a "
                               f"ControlNet made for {FAMILY_NAMES[model_family(model_path)]}")
-        print(f"loaded ControlNet {path}", file=sys.stderr)
+        print(f"loaded ControlNet {path}" + (f" (precision {net_precision})" if net_precision != precision else ""),
+              file=sys.stderr)
         nets.append(net)
     return nets
 

@@ -78,8 +78,9 @@ class ControlCall:
     """The control pictures, scales, guidance windows and guess mode of one call, checked before any work."""
 
     def __init__(self, nets, image, controlnet_conditioning_scale=1.0, control_guidance_start=0.0,
-                 control_guidance_end=1.0, guess_mode=False, name="image"):
+                 control_guidance_end=1.0, guess_mode=False, name="image", model_precision="fp32"):
         self.nets = nets
+        self.model_precision = model_precision  # the pipeline's: a net at another one says so in the parameters
         count = len(nets)
         pictures = list(image) if isinstance(image, (list, tuple)) else [image]
         if image is None or len(pictures) != count:
@@ -131,11 +132,16 @@ class ControlCall:
         return scales
 
     def parameters(self):
-        """What a picture's metadata records: each net's name, short hash, scale and window; guess mode."""
+        """What a picture's metadata records: each net's name, short hash, scale and window, and its precision
+        where it is not the model's (a net loaded at fp32 beside a bf16 model: --reproduce loads it so); guess
+        mode."""
         recorded = []
         for net, scale, start, end in zip(self.nets, self.scales, self.starts, self.ends):
             digest = file_sha256(net.weights_file)[:SHORT_HASH_DIGITS] if net.weights_file else None
             recorded.append({"name": net.name, "sha256": digest, "scale": scale, "start": start, "end": end})
+            net_precision = getattr(net, "precision", "fp32")
+            if net_precision != self.model_precision:
+                recorded[-1]["precision"] = net_precision
         return {"controlnets": recorded, "guess_mode": self.guess_mode}
 
 

@@ -13,7 +13,7 @@ mode the conditional half of each), and their residuals go to the UNet.
 
 from npdiff.loading.weights import check_precision
 from npdiff.pipeline_controlnet import ControlNetHooks, load_controlnet
-from npdiff.pipeline_controlnet_call import ControlCall, as_net_list
+from npdiff.pipeline_controlnet_call import as_net_list
 from npdiff.pipeline_sdxl import StableDiffusionXLPipeline, XLCall
 from npdiff.prompt_encoding import PromptOptions
 from npdiff.sampling_starts_sdxl import XLImageStart, XLInpaintStart, XLNoiseStart
@@ -61,8 +61,8 @@ class StableDiffusionXLControlNetPipeline(ControlNetHooks, StableDiffusionXLPipe
                  progress=None, clip_skip=None, prompt_syntax="plain"):
         """Text + control picture(s) -> pictures, diffusers' StableDiffusionXLControlNetPipeline arguments and
         defaults; height/width default to the first control picture's size rounded down to 8 pixels."""
-        control = ControlCall(self.controlnets, image, controlnet_conditioning_scale, control_guidance_start,
-                              control_guidance_end, guess_mode, name="image")
+        control = self.make_control(image, controlnet_conditioning_scale, control_guidance_start,
+                                    control_guidance_end, guess_mode, "image")
         if height is None and width is None:
             height, width = control.first_picture_size(self.vae_scale_factor)
         extra = XLControlCall(control, "txt2img", prompt_2, negative_prompt, negative_prompt_2, original_size,
@@ -84,8 +84,8 @@ class StableDiffusionXLControlNetPipeline(ControlNetHooks, StableDiffusionXLPipe
         """Picture + text + control picture(s) -> pictures, diffusers' StableDiffusionXLControlNetImg2ImgPipeline
         arguments and defaults (controlnet_conditioning_scale 0.8); the control picture is resized to the picture's
         size."""
-        control = ControlCall(self.controlnets, control_image, controlnet_conditioning_scale, control_guidance_start,
-                              control_guidance_end, guess_mode, name="control_image")
+        control = self.make_control(control_image, controlnet_conditioning_scale, control_guidance_start,
+                                    control_guidance_end, guess_mode, "control_image")
         extra = XLControlCall(control, "img2img", prompt_2, negative_prompt, negative_prompt_2, original_size,
                               crops_coords_top_left, target_size, negative_original_size,
                               negative_crops_coords_top_left, negative_target_size, aesthetic_score,
@@ -107,8 +107,8 @@ class StableDiffusionXLControlNetPipeline(ControlNetHooks, StableDiffusionXLPipe
         controlnet_conditioning_scale 1.0; height/width: the picture's size rounded down to the VAE's cell, as
         diffusers' ControlNet inpainting; no negative_* sizes: the negative row is the positive one there). The
         nets see the 4 latent channels, also beside a 9-channel inpainting UNet."""
-        control = ControlCall(self.controlnets, control_image, controlnet_conditioning_scale, control_guidance_start,
-                              control_guidance_end, guess_mode, name="control_image")
+        control = self.make_control(control_image, controlnet_conditioning_scale, control_guidance_start,
+                                    control_guidance_end, guess_mode, "control_image")
         height, width = self.inpaint_size(image, height, width)
         extra = XLControlCall(control, "inpaint", prompt_2, negative_prompt, negative_prompt_2, original_size,
                               crops_coords_top_left, target_size, None, (0, 0), None, aesthetic_score,

@@ -11,7 +11,7 @@ PipelineMemoryMixin, so every pipeline built on it (SDXL, ControlNet) has them.
 from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.loading.resident import release_resident_pages
-from npdiff.models.vae_tiling import tiling_switched_on
+from npdiff.models.vae_tiling import tiling_argument
 from npdiff.pipeline_utils import check_vae_fits, vae_scale_factor
 
 
@@ -75,5 +75,5 @@ class PipelineMemoryMixin:
     def decode_latents(self, latents):
         """Latents [B,4,h,w] -> images [B,3,h*f,w*f] in [-1,1] (divides by the VAE scaling factor)."""
         latents = backend.to_device(latents)
-        with tiling_switched_on(self.vae, self.auto_vae_tiling):  # in tiles when the memory check said so
-            return self.vae.decode(latents / self.vae.scaling_factor)  # [B,4,h,w] -> [B,3,H,W]
+        tiling = tiling_argument(self.vae, self.auto_vae_tiling)  # in tiles when the memory check said so
+        return self.vae.decode(latents / self.vae.scaling_factor, **tiling)  # [B,4,h,w] -> [B,3,H,W]

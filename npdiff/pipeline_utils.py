@@ -282,11 +282,37 @@ def size_rule(unet_config, vae_scale_factor):
     return multiple, why
 
 
+def integer_text(value):
+    """An integer for a message: as it is up to 30 digits, else its order of magnitude (str() of a huge int is
+    slow, and refused past 4300 digits)."""
+    value = int(value)
+    if value.bit_length() <= 96:
+        return str(value)
+    return f"a number of about {value.bit_length() * 30103 // 100000 + 1} digits"
+
+
+# The largest picture side accepted, in pixels: four times the longest side of SDXL's aspect buckets (2048), twice
+# a 4096 hires pass. Past it no model's UNet does useful work in reasonable time (memory_estimate's
+# check_attention_size bounds the area).
+MAX_SIDE = 8192
+
+
+def check_side(name, value):
+    """One picture side in pixels ("height" or "width"): a positive int, at most MAX_SIDE; -> it. Integer
+    arithmetic only: a huge side is told the largest accepted, never a suggestion rounded from it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise NpdiffError(f"{name} must be a positive integer, got {value!r}")
+    if value > MAX_SIDE:
+        raise NpdiffError(f"{name} must be at most {MAX_SIDE} pixels (the largest side npdiff accepts), "
+                          f"got {integer_text(value)}")
+    return int(value)
+
+
 def check_size(height, width, multiple, why=None):
-    """Picture height/width in pixels: positive ints, multiples of `multiple` (size_rule gives it and `why`)."""
+    """Picture height/width in pixels: check_side's, then multiples of `multiple` (size_rule gives it and
+    `why`)."""
     for name, value in (("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise NpdiffError(f"{name} must be a positive integer, got {value!r}")
+        check_side(name, value)
         if value % multiple != 0:
             because = f" pixels ({why})" if why else ""
             lower, upper = max(multiple, value - value % multiple), value - value % multiple + multiple

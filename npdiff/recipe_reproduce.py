@@ -12,6 +12,8 @@ What is left is said here, once, in the user's terms, before the model loads:
   without_refiner_settings(from_png, stored, refiner)  the PNG's refiner settings (switch, aesthetic scores)
                                   left out when it names a refiner and no --refiner is given: the base alone
   refiner_mismatch(stored, refiner, source)  a warning when the --refiner loaded is not the one the PNG names
+  controlnet_precisions(stored, source)  {net name: precision} of the PNG's ControlNets that ran at another
+                                  precision than the model (a net loaded at fp32 beside a bf16 model)
   lora_hashes(path)               the short hashes a LoRA file is known by: npdiff's (the whole file's SHA-256)
                                   and webui's ("addnet": the SHA-256 of the tensor bytes after the header)
 """
@@ -19,8 +21,9 @@ What is left is said here, once, in the user's terms, before the model loads:
 import hashlib
 from pathlib import Path
 
-from npdiff.errors import clip
+from npdiff.errors import NpdiffError, clip
 from npdiff.infotext import refiner_title
+from npdiff.loading.weights import PRECISIONS
 from npdiff.model_identity import file_sha256
 
 MODE_NAMES = {"generate": "txt2img", "txt2img": "txt2img", "img2img": "img2img", "inpaint": "inpaint"}
@@ -60,6 +63,21 @@ def problems_with_stored(stored, given, command, source):
                         f"{clip(stored.get('refiner_switch'))}): drawn here by the base alone, and the picture will "
                         "differ unless you pass that refiner again with --refiner FILE_OR_FOLDER")
     return errors, warnings
+
+
+def controlnet_precisions(stored, source):
+    """-> {net name: precision} for the PNG's ControlNets recorded with their own precision (one that differs
+    from the model's); --control nets of those names are loaded at it. A precision npdiff does not know is an
+    NpdiffError naming the PNG and the net."""
+    precisions = {}
+    for net in stored.get("controlnets") or []:
+        if not isinstance(net, dict) or "precision" not in net:
+            continue
+        if net["precision"] not in PRECISIONS:
+            raise NpdiffError(f"{source}: ControlNet {clip(net.get('name'))!r}: precision {clip(net['precision'])!r} "
+                              f"is not one of {', '.join(PRECISIONS)}")
+        precisions[str(net.get("name"))] = net["precision"]
+    return precisions
 
 
 REFINER_SETTINGS = ("refiner_switch", "aesthetic_score", "negative_aesthetic_score")

@@ -39,7 +39,7 @@ from npdiff.images import (
     picture_size,
     resize_nearest,
 )
-from npdiff.models.vae_tiling import tiling_switched_on
+from npdiff.models.vae_tiling import tiling_argument
 from npdiff.pipeline_utils import check_size, check_strength, size_rule
 
 
@@ -287,8 +287,8 @@ def get_timesteps(scheduler, num_inference_steps, strength):
 def encode_image(pipe, pixels, batch, generator):
     """Pixels [1,3,H,W] in [-1,1] -> scaled latents [batch,4,h,w] (one posterior sample or TAESD's latents,
     repeated)."""
-    with tiling_switched_on(pipe.vae, getattr(pipe, "auto_vae_tiling", False)):  # the memory check's choice
-        encoded = pipe.vae.encode(backend.to_device(pixels))  # [1,3,H,W] -> posterior (KL) or latents (TAESD)
+    tiling = tiling_argument(pipe.vae, getattr(pipe, "auto_vae_tiling", False))  # the memory check's choice
+    encoded = pipe.vae.encode(backend.to_device(pixels), **tiling)  # [1,3,H,W] -> posterior (KL) or latents (TAESD)
     # diffusers' retrieve_latents: a KL posterior is sampled (one draw); TAESD gives latents (no draw)
     latents = encoded.latents if hasattr(encoded, "latents") else encoded.sample(generator)  # [1,4,h,w]
     latents = latents * float(pipe.vae.scaling_factor)  # [1,4,h,w]

@@ -97,6 +97,8 @@ def test_img2img_command_and_reproduce(folder, tmp_path, rng, capsys):
     (["generate"], "no prompt given"),
     (["generate", "x", "--sampler", "dpmpp_sde"], "unknown scheduler 'dpmpp_sde'; known:"),
     (["generate", "x", "--height", "60"], "height must be a multiple of 32 pixels"),
+    (["generate", "x", "--height", "99999999999999999999"],  # no 'try 99999999999999999984' for an impossible size
+     "height must be at most 8192 pixels (the largest side npdiff accepts), got 99999999999999999999\n"),
     (["generate", "x", "--steps", "0"], "num_inference_steps must be an integer >= 1, got 0"),
     (["img2img", "x"], "img2img needs --image"),
     (["img2img", "x", "--image", "/no/such/picture.png"], "no such file"),
@@ -105,6 +107,13 @@ def test_img2img_command_and_reproduce(folder, tmp_path, rng, capsys):
 def test_command_errors(folder, capsys, args, message):
     assert cli.main(args + ["--model", str(folder)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_impossible_side_is_refused_before_the_model_loads(folder, capsys):
+    assert cli.main(["generate", "x", "--width", "1048576", "--model", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "width must be at most 8192 pixels (the largest side npdiff accepts), got 1048576" in err
+    assert "loaded model" not in err
 
 
 def test_generate_empty_model_folder(tmp_path, capsys):

@@ -23,7 +23,8 @@ def pipe():
     return loaded
 
 
-@pytest.mark.parametrize("kwargs", [dict(height=1048576, width=1048576), dict(num_images_per_prompt=10**6)])
+@pytest.mark.parametrize("kwargs", [dict(height=2048, width=2048, num_images_per_prompt=10**3),
+                                    dict(num_images_per_prompt=10**6)])
 def test_impossible_calls_are_refused_fast_with_both_numbers(pipe, kwargs):
     start = time.perf_counter()
     with pytest.raises(NpdiffError) as info:
@@ -33,6 +34,58 @@ def test_impossible_calls_are_refused_fast_with_both_numbers(pipe, kwargs):
     assert "needs about" in message and "but only" in message and "is available" in message
     assert message.count("iB") >= 2  # the estimate and the free memory, each with a unit
     assert "lower height/width" in message and "num_images_per_prompt" in message
+
+
+@pytest.mark.parametrize("height, width, words", [
+    (1048576, 64, "height must be at most 8192 pixels (the largest side npdiff accepts), got 1048576"),
+    (64, 99999999999999999999, "width must be at most 8192 pixels (the largest side npdiff accepts), "
+                               "got 99999999999999999999"),
+    (10**5000, 64, "height must be at most 8192 pixels (the largest side npdiff accepts), got a number of about "
+                   "5001 digits"),
+    # the tiny model: 8-pixel latent cells, attention on the latent itself: (2112/8) * (2048/8) = 67584 positions
+    (2048, 2112, "2112x2048 pixels is too large: the UNet's self-attention would run over 67,584 positions"),
+], ids=["1048576x64", "20 digits", "5001 digits", "past 65536 tokens"])
+def test_sizes_that_would_take_hours_are_refused_at_once(pipe, height, width, words):
+    start = time.perf_counter()
+    with pytest.raises(NpdiffError) as info:
+        pipe("a cat", num_inference_steps=1, height=height, width=width)
+    assert time.perf_counter() - start < 2.0, "the refusal must come before any work"
+    assert words in str(info.value)
+    assert "try" not in str(info.value)  # no suggested size next to an impossible one
+
+
+@pytest.mark.parametrize("side, scale, words", [
+    (1024, 16, "16384x16384, which the model cannot take: height must be at most 8192 pixels"),
+    (2048, 1.05, "2144x2144, which the model cannot take: 2144x2144 pixels is too large"),  # 268 * 268 positions
+])
+def test_a_hires_size_that_would_take_hours_is_refused_before_the_first_pass(pipe, side, scale, words):
+    start = time.perf_counter()
+    with pytest.raises(NpdiffError) as info:
+        pipe("a cat", num_inference_steps=1, height=side, width=side, hires_scale=scale)
+    assert time.perf_counter() - start < 2.0, "the refusal must come before any work"
+    assert words in str(info.value)
+
+
+# (unet config, VAE factor): SD 1.x/2.x and SDXL's down blocks, as their configs name them
+SD15 = ({"block_out_channels": [320, 640, 1280, 1280],
+         "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]}, 8)
+SDXL = ({"block_out_channels": [320, 640, 1280], "down_block_types": ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2},
+        8)
+SDXL_BUCKETS = [(1024, 1024), (1152, 896), (1216, 832), (1344, 768), (1536, 640), (1728, 576), (2048, 512)]
+
+
+def test_sizes_people_use_pass_the_attention_check():
+    used = [(SD15, side, side) for side in (512, 768, 1024, 1536, 2048)]  # 2048: with tiled decode, or hires 2x
+    used += [(SD15, 1024, 2048), (SD15, 512, 8192)]
+    for height, width in SDXL_BUCKETS:
+        used += [(SDXL, height, width), (SDXL, width, height), (SDXL, 2 * height, 2 * width)]  # hires 2x too
+    used += [(SDXL, 4096, 4096)]
+    for (config, factor), height, width in used:
+        memory_estimate.check_attention_size(config, factor, height, width)
+    with pytest.raises(NpdiffError, match="65,536"):
+        memory_estimate.check_attention_size(SD15[0], 8, 2048, 2112)  # one row of cells past SD 1.5's 2048x2048
+    with pytest.raises(NpdiffError, match="65,536"):
+        memory_estimate.check_attention_size(SDXL[0], 8, 4096, 4224)
 
 
 def test_img2img_checks_memory_too(pipe, monkeypatch):

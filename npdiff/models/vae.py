@@ -213,27 +213,30 @@ class AutoencoderKL:
         """precision "bf16": Linear and Conv2d weights packed in bfloat16 (npdiff/models/precision.py)."""
         return cls(*load_component(folder, subfolder, variant, precision))
 
-    def encode(self, x):
-        """Image [B,3,H,W] in [-1,1] (H, W multiples of the downscale factor) -> DiagonalGaussian."""
+    def encode(self, x, tiling=None):
+        """Image [B,3,H,W] in [-1,1] (H, W multiples of the downscale factor) -> DiagonalGaussian.
+        tiling: this call in tiles (True) or whole (False); None: as use_tiling says."""
         c = self.config
         if x.ndim != 4 or x.shape[1] != c["in_channels"]:
             raise NpdiffError(f"image must have shape [B,{c['in_channels']},H,W]; got {tuple(x.shape)}")
         if x.shape[2] % self.downscale or x.shape[3] % self.downscale:
             raise NpdiffError(f"image height and width must be multiples of {self.downscale}; got "
                               f"{x.shape[2]}x{x.shape[3]}")
-        if tiles_encode(self, x.shape[2], x.shape[3]):
+        if tiles_encode(self, x.shape[2], x.shape[3], tiling):
             return DiagonalGaussian(tiled_encode(self, x))              # [B,3,H,W] -> [B,2*Lc,h,w], in tiles
         moments = self.encoder(x)                                       # [B,3,H,W] -> [B,2*Lc,h,w]
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)                          # [B,2*Lc,h,w]
         return DiagonalGaussian(moments)
 
-    def decode(self, z):
-        """Latents [B,Lc,h,w] (already divided by scaling_factor) -> image [B,3,h*f,w*f], roughly in [-1,1]."""
+    def decode(self, z, tiling=None):
+        """Latents [B,Lc,h,w] (already divided by scaling_factor) -> image [B,3,h*f,w*f], roughly in [-1,1].
+        tiling: this call in tiles (True) or whole (False); None: as use_tiling says (the model is not changed,
+        so a pipeline's per-call choice does not reach another thread's decode)."""
         c = self.config
         if z.ndim != 4 or z.shape[1] != c["latent_channels"]:
             raise NpdiffError(f"latents must have shape [B,{c['latent_channels']},h,w]; got {tuple(z.shape)}")
-        if tiles_decode(self, z.shape[2], z.shape[3]):
+        if tiles_decode(self, z.shape[2], z.shape[3], tiling):
             return tiled_decode(self, z)                                # [B,Lc,h,w] -> [B,3,H,W], in tiles
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)                                 # [B,Lc,h,w]

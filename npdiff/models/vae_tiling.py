@@ -5,6 +5,7 @@
     vae.tile_latent_min_size = 32            #   the same tile in latents (pixels / the VAE's factor)
     image = vae.decode(z)                    # tiled when h or w > tile_latent_min_size
     posterior = vae.encode(x)                # tiled when H or W > tile_sample_min_size
+    image = vae.decode(z, tiling=True)       # this call in tiles, whatever use_tiling says (False: untiled)
 
 The geometry is diffusers' (models/autoencoders/autoencoder_kl.py: tiled_decode, _tiled_encode), with
 tile_sample_min_size = the config's sample_size (512 for SD 1.x, 768 for SD 2.x, 1024 for SDXL),
@@ -29,8 +30,6 @@ size: a 2048x2048 SD decode at the default 512-pixel tile needs the activations 
 """
 
 import numbers
-from contextlib import contextmanager
-
 import numpy as np
 
 from npdiff.backend import array_module
@@ -171,14 +170,17 @@ def run_tiled(source, geometry, run_tile, out_channels):
     return out
 
 
-def tiles_decode(vae, height, width):
-    """Whether vae.decode tiles latents of h x w (diffusers: use_tiling and a side > tile_latent_min_size)."""
-    return bool(getattr(vae, "use_tiling", False)) and max(height, width) > vae.tile_latent_min_size
+def tiles_decode(vae, height, width, tiling=None):
+    """Whether vae.decode tiles latents of h x w (diffusers: use_tiling and a side > tile_latent_min_size);
+    tiling: the call's own choice (True: tiles), None: the VAE's use_tiling."""
+    on = getattr(vae, "use_tiling", False) if tiling is None else tiling
+    return bool(on) and max(height, width) > vae.tile_latent_min_size
 
 
-def tiles_encode(vae, height, width):
+def tiles_encode(vae, height, width, tiling=None):
     """Whether vae.encode tiles a picture of H x W (diffusers: use_tiling and a side > tile_sample_min_size)."""
-    return bool(getattr(vae, "use_tiling", False)) and max(height, width) > vae.tile_sample_min_size
+    on = getattr(vae, "use_tiling", False) if tiling is None else tiling
+    return bool(on) and max(height, width) > vae.tile_sample_min_size
 
 
 def tiled_decode(vae, z):
@@ -206,16 +208,8 @@ def tiled_encode(vae, x):
     return run_tiled(x, encode_geometry(vae), encode_tile, 2 * vae.config["latent_channels"])
 
 
-@contextmanager
-def tiling_switched_on(vae, on=True):
-    """Within the block, vae.use_tiling is True when `on` (for one call: the memory check's choice), then
-    back to what it was. Does nothing for a VAE without tiling or when `on` is false."""
-    if not on or not hasattr(vae, "use_tiling"):
-        yield vae
-        return
-    before = vae.use_tiling
-    vae.use_tiling = True
-    try:
-        yield vae
-    finally:
-        vae.use_tiling = before
+def tiling_argument(vae, on):
+    """-> the keyword arguments of vae.decode/vae.encode that tile one call when `on` (the memory check's
+    choice): {"tiling": True}; {} when `on` is false (the VAE's own use_tiling then) or for a VAE without
+    tiling (TAESD). The VAE itself is left as it is, so another thread's calls meanwhile keep its setting."""
+    return {"tiling": True} if on and hasattr(vae, "use_tiling") else {}

@@ -94,6 +94,26 @@ def test_no_tiles_up_to_the_tile_size(tiled_pair, rng):
         ours.enable_tiling()
 
 
+def test_tiling_argument_decides_for_one_call(tiled_pair, rng):
+    """decode/encode(..., tiling=True/False) tile or not for that call whatever use_tiling says, and leave it."""
+    kind, _, ours = tiled_pair
+    f, tile = ours.downscale, ours.tile_latent_min_size
+    z = rng.standard_normal((1, 4, 2 * tile + 1, 2 * tile), dtype=np.float32)          # several tiles
+    x = rng.uniform(-1.0, 1.0, size=(1, 3, 2 * tile * f, (2 * tile + 1) * f)).astype(np.float32)
+    tiled_image, tiled_mean = ours.decode(z), ours.encode(x).mean                      # use_tiling on
+    whole_image, whole_mean = ours.decode(z, tiling=False), ours.encode(x, tiling=False).mean
+    assert ours.use_tiling is True
+    assert not np.array_equal(tiled_image, whole_image)  # the tiles show: the argument was heard
+    ours.disable_tiling()
+    try:
+        assert np.array_equal(whole_image, ours.decode(z)) and np.array_equal(whole_mean, ours.encode(x).mean)
+        assert np.array_equal(tiled_image, ours.decode(z, tiling=True))
+        assert np.array_equal(tiled_mean, ours.encode(x, tiling=True).mean)
+        assert ours.use_tiling is False
+    finally:
+        ours.enable_tiling()
+
+
 @pytest.mark.parametrize("kind", list(VAE_KINDS))
 def test_default_tile_sizes_are_diffusers(kind):
     from diffusers import AutoencoderKL as TorchAutoencoderKL

@@ -67,3 +67,51 @@ def test_canny_makes_the_edge_map(tmp_path, rng):
     pipe.show_progress = False
     direct = pipe("a red circle", image=canny(Image.open(photo).convert("RGB")), num_inference_steps=2, seed=3)
     np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(direct.images[0]))
+
+
+@pytest.mark.parametrize("model_precision, net_precision", [("bf16", "fp32"), ("fp32", "bf16")])
+def test_reproduce_loads_each_net_at_the_precision_it_ran(tmp_path, rng, capsys, model_precision, net_precision):
+    """A pipeline at one precision given a ControlNet loaded at another through the API: the PNG records the net's
+    own precision, and --reproduce (the net and its picture given again) loads it so and draws the same picture."""
+    from npdiff.images import save_png
+    from npdiff.recipe import control_for_render, model_png_identity, render
+
+    folder, net_folder = tiny_sd_folder(), net_folders(count=1)[0]
+    edges = tmp_path / "edges.png"
+    edge_picture(rng).save(edges)
+    net = ControlNetModel.from_pretrained(net_folder, precision=net_precision)
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(folder, controlnet=net, precision=model_precision)
+    pipe.show_progress = False
+    settings = {"canny": False, "control_start": 0.0, "control_end": 1.0, "guess_mode": False}
+    options = {"prompt": "a red circle", "steps": 3, "seed": int(rng.integers(1 << 31)), "guidance": 5.0}
+    rendered = render(pipe, "generate", options, identity=model_png_identity(folder),
+                      control=control_for_render([Image.open(edges).convert("RGB")], [0.8], settings))
+    out = tmp_path / "out.png"
+    save_png(rendered.output.images[0], out, rendered.params)
+    params = read_png_params(out)
+    assert params.get("precision", "fp32") == model_precision
+    assert params["controlnets"][0]["precision"] == net_precision  # the net's own, beside the model's
+    again = tmp_path / "again.png"
+    assert cli.main(["generate", "--reproduce", str(out), "--model", str(folder), "--control",
+                     f"{net_folder}:{edges}:0.8", "--out", str(again)]) == 0
+    assert f"precision {model_precision}" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.asarray(Image.open(again).convert("RGB")),
+                                  np.asarray(Image.open(out).convert("RGB")))
+    assert read_png_params(again)["controlnets"][0]["precision"] == net_precision
+
+
+def test_a_png_with_an_unknown_net_precision_is_refused_by_name(tmp_path, rng, capsys):
+    from npdiff.images import save_png
+
+    folder, net_folder = tiny_sd_folder(), net_folders(count=1)[0]
+    edges = tmp_path / "edges.png"
+    edge_picture(rng).save(edges)
+    png = tmp_path / "made.png"
+    save_png(Image.new("RGB", (64, 64)), png, {"prompt": "a red circle", "steps": 2, "seed": 1, "command": "generate",
+                                               "controlnets": [{"name": net_folder.name, "scale": 1.0,
+                                                                "precision": "fp8"}]})
+    out = tmp_path / "out.png"
+    assert cli.main(["generate", "--reproduce", str(png), "--model", str(folder), "--control",
+                     f"{net_folder}:{edges}", "--out", str(out)]) == 2
+    assert f"ControlNet {net_folder.name!r}: precision 'fp8' is not one of" in capsys.readouterr().err
+    assert not out.exists()

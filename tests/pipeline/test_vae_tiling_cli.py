@@ -12,6 +12,8 @@ so the final decode (and img2img's encode) runs in 3 x 3 tiles:
   no tiling: refused.
 """
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -109,13 +111,18 @@ def test_tiled_sdxl_like_diffusers(seed):
     assert ours.parameters["vae_tiling"] is True
 
 
-def test_tiling_switched_on_when_the_whole_decode_would_not_fit(folder, seed, monkeypatch, capsys):
-    pipe = load_ours(folder)
-    size = 2 * SIZE
+def whole_and_tiled_estimates(pipe, size):
+    """-> the estimated bytes of a size x size call (batch 1, guided) with the whole-picture VAE and in tiles."""
     call = dict(unet_config=pipe.unet.config, vae_config=pipe.vae.config, text_dim=32, batch=1, height=size,
                 width=size, guidance=True, workers=memory_estimate.worker_count())
     whole = memory_estimate.estimate_call_bytes(**call)["total"]
-    tiled = memory_estimate.estimate_call_bytes(**call, vae_tile=pipe.vae.tile_latent_min_size)["total"]
+    return whole, memory_estimate.estimate_call_bytes(**call, vae_tile=pipe.vae.tile_latent_min_size)["total"]
+
+
+def test_tiling_switched_on_when_the_whole_decode_would_not_fit(folder, seed, monkeypatch, capsys):
+    pipe = load_ours(folder)
+    size = 2 * SIZE
+    whole, tiled = whole_and_tiled_estimates(pipe, size)
     assert tiled < whole  # the VAE decode is what needs the memory at this size
     kwargs = dict(num_inference_steps=2, guidance_scale=5.0, height=size, width=size)
     # 1. between the two estimates: tiles, for this call only, with a note
@@ -184,3 +191,30 @@ def test_taesd_has_no_tiling(folder):
     with pytest.raises(NpdiffError, match="AutoencoderTiny"):
         pipe.enable_vae_tiling()
     pipe.disable_vae_tiling()  # nothing to turn off: no error
+
+
+def test_tiling_switched_on_for_a_call_leaves_the_vae_untiled_for_other_threads(folder, seed, monkeypatch):
+    """While a call whose memory check chose tiles decodes, a direct pipe.vae.decode from another thread is
+    untiled (the model's own use_tiling, False): the choice is the call's argument, not the model's state.
+    The other thread runs inside the call's decode (no kernels at the same time: see test_pipeline_threads)."""
+    pipe = load_ours(folder)
+    size = 2 * SIZE
+    whole, tiled = whole_and_tiled_estimates(pipe, size)
+    monkeypatch.setattr(memory_estimate, "available_bytes", lambda: (tiled + whole) // 2)  # the call tiles
+    latents = np.random.default_rng(seed).standard_normal((1, 4, size // 8, size // 8)).astype(np.float32)
+    untiled = pipe.vae.decode(latents)  # [1,3,256,256], alone, before
+    decoder, seen = pipe.vae.decoder, {}
+
+    def decoder_that_lets_another_thread_decode(z):
+        if not seen:  # the call's first tile: decode directly from another thread, now
+            seen["use_tiling"] = pipe.vae.use_tiling
+            other = threading.Thread(target=lambda: seen.setdefault("image", pipe.vae.decode(latents)))
+            other.start()
+            other.join()
+        return decoder(z)
+
+    monkeypatch.setattr(pipe.vae, "decoder", decoder_that_lets_another_thread_decode)
+    out = pipe("a red circle", seed=seed, output_type="np", num_inference_steps=1, height=size, width=size)
+    assert out.parameters["vae_tiling"] is True  # the call did tile
+    assert seen["use_tiling"] is False, "the call set the model's use_tiling"
+    assert np.array_equal(seen["image"], untiled), "another thread's decode ran in tiles during the call"

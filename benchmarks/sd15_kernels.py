@@ -1,7 +1,7 @@
 """npdiff's kernels against the torch ops at the shapes Stable Diffusion 1.5 uses at 512x512.
 
-    npdiff bench kernels [--quick] [--repeat N] [--only SUBSTRING]
-    python benchmarks/kernels.py ...
+    npdiff bench sd15_kernels [--quick] [--repeat N] [--only SUBSTRING]
+    python benchmarks/sd15_kernels.py ...
 
 Each row: the best wall time of our kernel and of the torch op on the same inputs (torch with 2
 threads, in this process), the ratio ours/torch (below 1: npdiff is faster), the FLOP count and the
@@ -305,9 +305,10 @@ def main(argv=None):
                        ("peak_frac", "ours/peak", "{:.0%}"), ("gbytes_s", "ours GB/s", "{:.1f}")])
     if args.markdown:
         print_markdown(rows)
-    path = write_json("kernels", {"command": "npdiff bench kernels " + " ".join(argv or sys.argv[1:]),
-                                  "sgemm_peak_gflops": peak, "sgemm_peak_start_end": [peak_start, peak_end],
-                                  "torch_threads": TORCH_THREADS, "rows": rows})
+    command = "npdiff bench sd15_kernels " + " ".join(argv or sys.argv[1:])
+    path = write_json("sd15_kernels", {"command": command,
+                                       "sgemm_peak_gflops": peak, "sgemm_peak_start_end": [peak_start, peak_end],
+                                       "torch_threads": TORCH_THREADS, "rows": rows})
     print(f"wrote {path}")
 
 
