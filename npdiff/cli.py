@@ -22,7 +22,7 @@
     npdiff verify [--model PATH] [--steps N]
                                      npdiff against diffusers/transformers on the same weights:
                                      relative error per component and per block
-    npdiff bench TOPIC [args...]     run benchmarks/TOPIC.py (kernels, rng, matmul, models, ...)
+    npdiff bench TOPIC [args...]     run benchmarks/TOPIC.py (sd15_kernels, rng, matmul, models, ...)
 
 Each subcommand is one `add_<name>_command(subparsers)` function below that registers its parser and
 the function that runs it.
@@ -95,12 +95,17 @@ def find_benchmarks_dir():
     return None
 
 
+# Topics whose script was renamed: the old command keeps working (benchmarks/kernels.py became sd15_kernels.py,
+# since a script named kernels.py shadowed Hugging Face's `kernels` package for scripts run from benchmarks/).
+BENCH_TOPIC_ALIASES = {"kernels": "sd15_kernels"}
+
+
 def run_bench(args):
     folder = find_benchmarks_dir()
     if folder is None:
         sys.exit("npdiff bench: no benchmarks/ folder found; run it from an npdiff source checkout")
     topics = sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
-    script = folder / f"{args.topic}.py"
+    script = folder / f"{BENCH_TOPIC_ALIASES.get(args.topic, args.topic)}.py"
     if not script.is_file():
         sys.exit(f"npdiff bench: unknown topic {args.topic!r}; known: {', '.join(topics)}")
     sys.argv = [str(script), *args.bench_args]

@@ -29,3 +29,20 @@ def test_no_benchmark_module_shadows_an_installed_module():
         elif name in sys.stdlib_module_names or name in OPTIONAL_HUB_PACKAGES:
             clashes[name] = "the standard library, or a package diffusers/transformers import when installed"
     assert not clashes, f"benchmarks/ modules named like installed modules (rename them): {clashes}"
+
+
+def test_renamed_bench_topics_still_run_their_script(monkeypatch):
+    """`npdiff bench kernels` (the README's command before the rename) runs benchmarks/sd15_kernels.py."""
+    import argparse
+    import runpy
+
+    from npdiff import cli
+
+    ran = []
+    monkeypatch.setattr(runpy, "run_path", lambda path, run_name: ran.append(Path(path).name))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for old, new in cli.BENCH_TOPIC_ALIASES.items():
+        assert not (BENCHMARKS / f"{old}.py").exists()  # an alias never hides a script of that name
+        assert cli.run_bench(argparse.Namespace(topic=old, bench_args=["--help"])) == 0
+        assert ran[-1] == f"{new}.py" and sys.argv[1:] == ["--help"]
