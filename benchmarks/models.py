@@ -78,8 +78,9 @@ from _sdxl_configs import SDXL_COMPONENTS, SDXL_PROFILES
 
 import numpy as np
 
-# This folder is first on sys.path (the script's own), and its kernels.py would shadow the `kernels` package
-# (Hugging Face's) that diffusers imports when it is installed: the helpers above are imported, so drop it.
+# This folder is first on sys.path (the script's own); a module here could shadow a package diffusers imports (as
+# kernels.py once did Hugging Face's `kernels`; tests/test_benchmark_names.py now forbids such names): the helpers
+# above are imported, so drop it.
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
 CACHE_ROOT = Path(os.environ.get("NPDIFF_CACHE", Path.home() / ".cache" / "npdiff"))

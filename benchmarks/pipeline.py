@@ -56,8 +56,8 @@ from pathlib import Path
 
 from _rss import proc_status_gib
 
-# This folder is first on sys.path (the script's own), and its kernels.py would shadow the `kernels` package
-# (Hugging Face's) that diffusers imports when it is installed: a worker drops it (the parent puts it back
+# This folder is first on sys.path (the script's own); a module here could shadow a package diffusers imports (as
+# kernels.py once did; tests/test_benchmark_names.py now forbids such names): a worker drops it (the parent puts it back
 # below, for models.py and _common.py).
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 

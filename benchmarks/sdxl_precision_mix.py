@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-# this folder's kernels.py would shadow the `kernels` package (Hugging Face's) that diffusers imports: drop the
+# a module in this folder could shadow a package diffusers imports (as kernels.py once did): drop the
 # folder from the path (as pipeline.py's workers do) and put it back for _common only
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]

@@ -37,8 +37,8 @@ from _common import write_json
 from _rss import proc_status_gib
 from training_memory import SD15, SharedRandomWeights
 
-# This folder is first on sys.path (the script's own), and its kernels.py would shadow the `kernels` package
-# (Hugging Face's) that diffusers imports: the helpers above are imported, so drop it (as models.py does).
+# This folder is first on sys.path (the script's own); a module here could shadow a package diffusers imports (as
+# kernels.py once did): the helpers above are imported, so drop it (as models.py does).
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
 CLIP_L = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,

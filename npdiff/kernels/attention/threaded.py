@@ -18,7 +18,7 @@ kernels that follow), and the element-wise work in Numba (nogil).
      With one block of all N queries and one chunk of all M keys, the running softmax is a plain
      softmax: that is how the "full" path runs slices too big for version 4 when they have more
      keys than version 5 (fused.py) takes. Up to that, both paths run version 5, which is faster
-     at every shape of Stable Diffusion (benchmarks/kernels.py keeps a row of this version).
+     at every shape of Stable Diffusion (benchmarks/sd15_kernels.py keeps a row of this version).
   4. attention_batched  many small slices (CLIP's 77x77, the shipped model's 64x77): the slices
      in a few groups, two tasks per worker; per group one batched matmul for the scores (NumPy
      loops over the slices in C, not Python), a serial Numba softmax over all its rows
