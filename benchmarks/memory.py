@@ -74,7 +74,8 @@ def decode_model(args):
     """-> (decode: latents -> image as NumPy, the VAE) of args.side, tiled as asked."""
     folder = Path(args.vae_folder or Path(args.cache) / "vae")
     if args.side == "torch":
-        here = Path(__file__).resolve().parent  # off the path, as a defence: a module here could shadow a package diffusers imports
+        # this folder off the path, as a defence: a module here could shadow a package diffusers imports
+        here = Path(__file__).resolve().parent
         sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != here]
         import torch
         from diffusers import AutoencoderKL as TorchAutoencoderKL
