@@ -1,0 +1,149 @@
+"""Linear layers with many rows (the UNet's R = 512..8192 tokens) on weights packed once, at load.
+
+    panels = pack_panels(weight)                                    # [out,in] -> [out/NR, in, NR], once
+    y = linear_rows(x, panels, out_features, bias, residual)        # [R,in] -> [R,out]
+
+Versions:
+  1. linear_rows_ref   NumPy: x @ W^T + bias, + residual (linear_packed.linear_packed_ref).
+  2. linear_rows       Numba: linear_packed.gemm_panels (the 6 x 64 register micro-kernel of
+                       linear_packed_tile.py, x read as its rows lie, the bias and residual added on the
+                       tile after its last depth block) over blocks of rows: each thread takes a
+                       contiguous run of whole row panels (MR = 6 rows) and runs them BLOCK_ROWS rows at a
+                       time through all the weight's column panels, so the block's rows [BLOCK_ROWS, in]
+                       stay in the core's L2 (and a tile's six rows in L1) while the panels stream past.
+
+Why rows and not linear_packed's columns: with thousands of rows the weight (0.4-6.5 MB at the UNet's shapes)
+is the small operand; split by columns, every thread would read all of x (10 MB at [8192, 320]) once per
+depth block; split by rows, each thread reads its own half of x once and the weight's panels from its L2
+(up to 2 MB) or the shared L3.
+
+Same bits for any thread count: each element of y is made by one call of the micro-kernel per depth block, in
+one order of k, whichever thread or row block holds it; no kernel here carries a fastmath flag.
+"""
+
+from numba import get_num_threads
+
+import numpy as np
+
+from npdiff.jit import PARALLEL, SERIAL, njit, prange
+from npdiff.kernels.linear_packed import aligned_empty, gemm_panels, linear_packed_ref
+from npdiff.kernels.linear_packed_tile import NO_ACTIVATION, row_tile
+from npdiff.kernels.matmul_numba import CACHE_LINE_FLOATS, MR, NR
+
+BLOCK_ROWS = 96  # rows of x per block (16 row panels); 48 and 192 within noise (benchmarks/RESULTS.md)
+# steps of k per depth block of the "rows" driver: the UNet's depths up to 1280 in one block (the tile's six rows
+# of x, 30 KB at 1280, stay in L1), 2560 and 5120 in blocks of 1280. Measured (one thread, CPU time, blocks of
+# 96 rows): 1280 against 768 at [8192,1280] x [1280,320] 141 / 134 GFLOP/s; 160 or 96 (a [KC, 64] weight block
+# in L1): 117 and 96 at [8192,320] x [320,320] against 131 (the tile's sums loaded and stored once per block)
+DEPTH_BLOCK = 1280
+# the "rows" driver (the next block's x and y fetched into L2) for packed weights up to this size, which stay in
+# the core's L2 (2 MiB here) between row blocks; larger ones (the UNet's 6.5 and 26 MB) take the "panels" driver,
+# whose tiles fetch the weight's next panel instead. Measured in benchmarks/unet_packed_linear.py (RESULTS.md)
+ROWS_DRIVER_MAX_WEIGHT_BYTES = 2 * 2**20
+DRIVERS = ("rows", "panels")
+
+
+@njit(**SERIAL)
+def gemm_row_block(x, panels, row_first, row_stop, next_stop, depth_block, bias, has_bias, residual, has_residual,
+                   out, tile):
+    """out[row_first:row_stop] = x[row_first:row_stop] @ W^T + bias + residual: depth blocks of depth_block steps
+    of k outermost, then each column panel, then each row panel of the block (its MR x NR tile: row_tile).
+    Meanwhile the next block's rows of x and out (row_stop .. next_stop) are fetched into L2, a slice of their
+    cache lines in each tile (x first, then out: its lines then arrive owned, so the tiles' stores do not wait
+    on memory). x, out and residual are the whole arrays (no views: a view of an array both threads use takes
+    its reference count, an atomic add on a shared header)."""
+    depth = panels.shape[1]
+    cols = out.shape[1]
+    n_panels = panels.shape[0]
+    row_panels = (row_stop - row_first + MR - 1) // MR
+    step = max(depth_block, 1)
+    depth_blocks = max(1, (depth + step - 1) // step)
+    # 1. the next block's cache lines, and how many each tile fetches
+    next_rows = next_stop - row_stop
+    x_lines = (next_rows * depth + CACHE_LINE_FLOATS - 1) // CACHE_LINE_FLOATS
+    out_lines = (next_rows * cols + CACHE_LINE_FLOATS - 1) // CACHE_LINE_FLOATS
+    tiles = depth_blocks * n_panels * row_panels
+    per_tile = (x_lines + out_lines + tiles - 1) // tiles  # cache lines
+    tile_index = 0
+    # 2. the tiles
+    for k0 in range(0, depth_blocks * step, step):
+        block_depth = min(step, depth - k0)
+        last_block = k0 + step >= depth
+        for panel in range(n_panels):
+            col0 = panel * NR
+            b_block = panels[panel, k0:k0 + block_depth]  # [KC, NR]
+            for row_panel in range(row_panels):
+                row0 = row_first + row_panel * MR
+                line = tile_index * per_tile
+                tile_index += 1
+                if line < x_lines:
+                    source, start, count = x, row_stop * depth + line * CACHE_LINE_FLOATS, \
+                        min(per_tile, x_lines - line) * CACHE_LINE_FLOATS
+                else:
+                    source, start, count = out, row_stop * cols + (line - x_lines) * CACHE_LINE_FLOATS, \
+                        max(0, min(per_tile, x_lines + out_lines - line)) * CACHE_LINE_FLOATS
+                row_tile(block_depth, x, k0, row0, min(MR, row_stop - row0), b_block, out, col0,
+                         min(NR, cols - col0), k0 > 0, last_block, bias, has_bias, NO_ACTIVATION, residual,
+                         has_residual, tile, source, start, count)
+
+
+@njit(**PARALLEL)
+def _linear_rows_numba(x, panels, bias, has_bias, residual, has_residual, out, tasks):
+    """The "rows" driver: out [M,N] = x @ W^T + bias + residual, x [M,K] rows, W's panels [N/NR, K, NR]. One task
+    per thread, each a contiguous run of whole row panels, BLOCK_ROWS rows at a time (gemm_row_block)."""
+    rows = x.shape[0]
+    row_panels = (rows + MR - 1) // MR
+    for task in prange(tasks):
+        first = task * row_panels // tasks * MR
+        stop = min(rows, (task + 1) * row_panels // tasks * MR)
+        tile = np.empty((2, MR, NR), np.float32)  # row_tile's buffers, this thread's own
+        for row0 in range(first, stop, BLOCK_ROWS):
+            row1 = min(stop, row0 + BLOCK_ROWS)
+            gemm_row_block(x, panels, row0, row1, min(stop, row1 + BLOCK_ROWS), DEPTH_BLOCK, bias, has_bias,
+                           residual, has_residual, out, tile)
+
+
+@njit(**PARALLEL)
+def _linear_panels_numba(x, panels, bias, has_bias, residual, has_residual, out, tasks):
+    """The "panels" driver: the same product, each thread's row panels BLOCK_ROWS rows at a time through
+    linear_packed.gemm_panels (depth blocks of KC_PANEL, each tile fetching a slice of the weight's next panel
+    into L2): for weights that do not stay in L2."""
+    rows = x.shape[0]
+    row_panels = (rows + MR - 1) // MR
+    n_panels = panels.shape[0]
+    for task in prange(tasks):
+        first = task * row_panels // tasks * MR
+        stop = min(rows, (task + 1) * row_panels // tasks * MR)
+        for row0 in range(first, stop, BLOCK_ROWS):
+            row1 = min(stop, row0 + BLOCK_ROWS)
+            gemm_panels(x[row0:row1], panels, 0, n_panels, bias, has_bias, NO_ACTIVATION, residual[row0:row1],
+                        has_residual, out[row0:row1])
+
+
+def pick_driver(panels):
+    """"rows" for packed weights that stay in L2 (ROWS_DRIVER_MAX_WEIGHT_BYTES), else "panels"."""
+    return "rows" if panels.nbytes <= ROWS_DRIVER_MAX_WEIGHT_BYTES else "panels"
+
+
+def linear_rows(x, panels, outputs, bias=None, residual=None, out=None, driver=None):
+    """x @ W^T + bias + residual -> [rows, outputs] float32.
+
+    x [rows, in] float32 C-contiguous; panels: W [outputs, in] as linear_packed.pack_panels packs it; bias
+    [outputs] or None; residual [rows, outputs] C-contiguous or None; out: None (a new array) or a C-contiguous
+    float32 [rows, outputs] array to write, neither x nor the residual; driver: None (pick_driver's rule), or
+    "rows" / "panels" (benchmarks/unet_packed_linear.py compares them)."""
+    rows = x.shape[0]
+    out = aligned_empty((rows, outputs)) if out is None else out  # [M,N]
+    if rows == 0 or outputs == 0:
+        return out
+    has_bias, has_residual = bias is not None, residual is not None
+    tasks = max(1, min(get_num_threads(), (rows + MR - 1) // MR))
+    kernel = _linear_rows_numba if (driver or pick_driver(panels)) == "rows" else _linear_panels_numba
+    kernel(x, panels, bias if has_bias else out[0], has_bias, residual if has_residual else out, has_residual, out,
+           tasks)
+    return out
+
+
+def linear_rows_ref(x, weight, bias=None, residual=None):
+    """NumPy: x @ weight^T + bias + residual, x [M,in], weight [out,in]."""
+    return linear_packed_ref(x, weight, bias, None, residual)
