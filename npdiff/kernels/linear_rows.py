@@ -1,36 +1,42 @@
-"""Linear layers with many rows (the UNet's R = 512..8192 tokens) on weights packed once, at load.
+"""Linear layers with many rows (the UNet's R = 128..8192 tokens) on weights packed once, at load.
 
     panels = pack_panels(weight)                                    # [out,in] -> [out/NR, in, NR], once
     y = linear_rows(x, panels, out_features, bias, residual)        # [R,in] -> [R,out]
 
 Versions:
   1. linear_rows_ref   NumPy: x @ W^T + bias, + residual (linear_packed.linear_packed_ref).
-  2. linear_rows       Numba: linear_packed.gemm_panels (the 6 x 64 register micro-kernel of
-                       linear_packed_tile.py, x read as its rows lie, the bias and residual added on the
-                       tile after its last depth block) over blocks of rows: each thread takes a
-                       contiguous run of whole row panels (MR = 6 rows) and runs them BLOCK_ROWS rows at a
-                       time through all the weight's column panels, so the block's rows [BLOCK_ROWS, in]
-                       stay in the core's L2 (and a tile's six rows in L1) while the panels stream past.
+  2. linear_rows       Numba, on linear_packed_tile.row_tile (the 6 x 64 register micro-kernel, x read as its
+                       rows lie, the bias and residual added on the tile after its last depth block). Each
+                       thread takes a contiguous run of whole row panels (MR = 6 rows) and runs them
+                       BLOCK_ROWS rows at a time through all the weight's column panels. Two drivers, by the
+                       packed weight's size (pick_driver):
+       "rows"          weights that stay in L2 (SD 1.5's 320 and 640 channels: 0.4-1.6 MB): depth blocks of
+                       up to DEPTH_BLOCK, and while a block runs its tiles fetch the NEXT block's rows of x and
+                       y into L2 (gemm_row_block). Without that, the first tile to touch a row of x or y
+                       waited on memory: one thread, [8192,320] x [320,320], 88 -> 123 GFLOP/s.
+       "panels"        larger weights (1280 channels: 6.5 and 26 MB): linear_packed.gemm_panels on each row
+                       block, whose tiles fetch the weight's next panel into L2 (CLIP's driver): at
+                       [512,5120] x [5120,1280] 133 against the "rows" driver's 108-112 (one thread).
 
-Why rows and not linear_packed's columns: with thousands of rows the weight (0.4-6.5 MB at the UNet's shapes)
-is the small operand; split by columns, every thread would read all of x (10 MB at [8192, 320]) once per
-depth block; split by rows, each thread reads its own half of x once and the weight's panels from its L2
-(up to 2 MB) or the shared L3.
+Why packed rows and not OpenBLAS: an sgemm call packs its weight again on every call (and npdiff's pool calls
+it once per worker), and the bias is a pass of its own after it. Measured in benchmarks/unet_packed_linear.py
+(benchmarks/RESULTS.md, "The UNet's linear layers on packed weights"): 2 threads, faster than the sgemm path at
+every UNet shape, still 3-12% below torch's oneDNN.
 
-Same bits for any thread count: each element of y is made by one call of the micro-kernel per depth block, in
-one order of k, whichever thread or row block holds it; no kernel here carries a fastmath flag.
+Same bits for any thread count: each element of y is made by one tile per depth block, in one order of k,
+whichever thread or row block holds it (tasks start on whole row panels); no kernel here carries a fastmath
+flag; the driver depends on the weight only.
 """
 
-from numba import get_num_threads
-
 import numpy as np
+from numba import get_num_threads
 
 from npdiff.jit import PARALLEL, SERIAL, njit, prange
 from npdiff.kernels.linear_packed import aligned_empty, gemm_panels, linear_packed_ref
 from npdiff.kernels.linear_packed_tile import NO_ACTIVATION, row_tile
 from npdiff.kernels.matmul_numba import CACHE_LINE_FLOATS, MR, NR
 
-BLOCK_ROWS = 96  # rows of x per block (16 row panels); 48 and 192 within noise (benchmarks/RESULTS.md)
+BLOCK_ROWS = 96  # rows of x per block (16 row panels); one thread, CPU time: 48 and 192 within 1-6% either way
 # steps of k per depth block of the "rows" driver: the UNet's depths up to 1280 in one block (the tile's six rows
 # of x, 30 KB at 1280, stay in L1), 2560 and 5120 in blocks of 1280. Measured (one thread, CPU time, blocks of
 # 96 rows): 1280 against 768 at [8192,1280] x [1280,320] 141 / 134 GFLOP/s; 160 or 96 (a [KC, 64] weight block

@@ -1,5 +1,6 @@
 """PackedLinear: a float32 Linear that also holds its weight packed for npdiff.kernels.linear_packed (column
 panels of 64 outputs, in the GEMM micro-kernel's reading order), for GEMMs with few rows: CLIP's 2 x 77 tokens.
+RowsLinear (at the end): the same panels for kernels.linear_rows, GEMMs with many rows: the UNet's transformers.
 
     layer = PackedLinear(weights, "encoder.layers.0.mlp.fc1", 768, 3072)
     y = layer(x)                                         # [..., in] -> [..., out], as Linear

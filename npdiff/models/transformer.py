@@ -13,6 +13,10 @@ precision="bf16" (attend) q k^T multiplies bf16-rounded q and k but sums in floa
 is float32: bf16 has float32's range, so the overflow that upcast_attention guards against in
 float16 cannot happen.
 
+The projections of the image's tokens (self-attention's four, the cross-attention's query and output,
+ff.net.2, proj_out) are RowsLinear layers (models/packed_linear.py): on weights packed at load into
+kernels.linear_rows' panels where the model packs them (float32 weights, SD 1.x/2.x-sized), else plain Linear.
+
 proj_in / proj_out: SD 1.x stores them as 1x1 convolutions ([C_out,C_in,1,1]), SD 2.x
 (use_linear_projection) as nn.Linear ([C_out,C_in]). Both are the same matrix product over the
 channel axis, so both run as a Linear on tokens [B,H*W,C]; the 1x1 conv weight is viewed as
