@@ -93,9 +93,10 @@ class PanelBlock:
         return view
 
 
-# The UNet's (and a ControlNet's) transformer projections on packed panels (RowsLinear), for a model whose
-# packed copies total at most this: SD 1.x/2.x's ~0.5 GB, not SDXL's several GB (whose UNet's mapped weights are
-# released block by block while it runs: private panels would stay resident beside them)
+# The UNet's transformer projections on packed panels (RowsLinear), for a model whose packed copies total at
+# most this: SD 1.x/2.x's 0.51 GiB, not SDXL's several GB (whose UNet's mapped weights are released block by
+# block while it runs: private panels would stay resident beside them). A ControlNet's are not packed (its
+# weights are counted as file-backed by memory_estimate.controlnet_bytes; not measured for speed)
 ROWS_PACK_LIMIT_BYTES = 768 * 2**20
 # the layers RowsLinear packs, by the end of their module name: self-attention's four projections, the
 # cross-attention's query and output (its keys and values project the 77-token text: few rows, not packed),
@@ -106,15 +107,18 @@ _rows_pack_decisions = weakref.WeakKeyDictionary()  # Weights -> bool
 
 
 def packs_rows(weights):
-    """True when the model built from `weights` holds its transformer projections on packed panels: float32
-    Linear weights (not precision "bf16x3"/"bf16", and not "mixed"'s bf16 linear family) on the CPU, whose packed
-    copies (every ROWS_PACKED_MODULES weight of the file) total at most ROWS_PACK_LIMIT_BYTES."""
+    """True when the model built from `weights` holds its transformer projections on packed panels: a UNet (not
+    a ControlNet: no "controlnet_" key) with float32 Linear weights (not precision "bf16x3"/"bf16", and not
+    "mixed"'s bf16 linear family), whose packed copies (every ROWS_PACKED_MODULES weight of the file) total at most
+    ROWS_PACK_LIMIT_BYTES."""
     decided = _rows_pack_decisions.get(weights)
     if decided is None:
-        total = sum(4 * math.prod(weights.shape(key)) for key in weights.keys()
+        keys = list(weights.keys())
+        total = sum(4 * math.prod(weights.shape(key)) for key in keys
                     if key.endswith(".weight") and key.startswith(precision.UNET_KEY_STARTS)
                     and key.removesuffix(".weight").endswith(ROWS_PACKED_MODULES))
-        decided = total <= ROWS_PACK_LIMIT_BYTES and precision.keeps_float32(weights, "linear")
+        controlnet = any(key.startswith("controlnet_") for key in keys)
+        decided = total <= ROWS_PACK_LIMIT_BYTES and not controlnet and precision.keeps_float32(weights, "linear")
         _rows_pack_decisions[weights] = decided
     return decided
 

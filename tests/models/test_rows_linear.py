@@ -83,3 +83,12 @@ def test_packed_only_where_the_linear_family_keeps_float32(rng, tmp_path, precis
     layer = RowsLinear(weights, PREFIX, n_in, n_out)
     assert (layer.panels is not None) == packed_linear.precision.keeps_float32(weights, "linear")
     assert (layer.panels is not None) == (precision == "fp32")  # "mixed" runs the UNet's linear family in bf16
+
+
+def test_a_controlnet_is_not_packed(rng, tmp_path):
+    """A ControlNet's file (its "controlnet_" keys) builds plain layers: its weights stay file-backed only."""
+    weight = rng.standard_normal((32, 32), dtype=np.float32)
+    path = tmp_path / "net.safetensors"
+    save_file({f"{PREFIX}.weight": weight, f"{PREFIX}.bias": weight[0].copy(),
+               "controlnet_mid_block.weight": weight[:, :, None, None].copy()}, str(path))
+    assert RowsLinear(open_weights(path), PREFIX, 32, 32).panels is None
