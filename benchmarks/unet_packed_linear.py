@@ -7,6 +7,10 @@ turn, round after round (so a busy minute hits them all alike):
     linear       npdiff.kernels.linear: OpenBLAS sgemm, one block of rows per worker of npdiff's pool
     rows         kernels.linear_rows on the packed panels, its "rows" driver (the next row block fetched into L2)
     panels       its "panels" driver (each tile fetches the weight's next panel into L2)
+                 (both with a fresh output array per call, as kernels.linear and torch make one; "rows, out given":
+                 into one array reused from call to call, as the first measurements did: 0-5% faster)
+    torch's threads spin after its calls (OpenMP) and slowed the next variant, kernels.linear, by up to 25% in
+    the first measurements: --no-torch for a comparison of npdiff's two paths alone
     torch        torch.nn.functional.linear (oneDNN), torch.set_num_threads(cores)
 Best wall time and best process CPU time per call over the rounds, GFLOP/s on both; the sgemm peak (NumPy,
 2048^2) and the load average before and after. Output: a table and benchmarks/out/unet_packed_linear.json.
@@ -55,8 +59,9 @@ def main():
         panels = pack_panels(weight)  # [out/64, in, 64]
         out = np.empty((rows, outputs), np.float32)
         calls = {"linear": lambda: kernels.linear(x, weight, bias)}
-        for driver in DRIVERS:
-            calls[driver] = lambda driver=driver: linear_rows(x, panels, outputs, bias, out=out, driver=driver)
+        for driver in DRIVERS:  # a fresh output per call, as the layer (and kernels.linear) makes one
+            calls[driver] = lambda driver=driver: linear_rows(x, panels, outputs, bias, driver=driver)
+        calls["rows, out given"] = lambda: linear_rows(x, panels, outputs, bias, out=out, driver="rows")
         if torch is not None:
             x_t, w_t, b_t = torch.from_numpy(x), torch.from_numpy(weight), torch.from_numpy(bias)
 
@@ -71,7 +76,7 @@ def main():
             call()  # warm-up
         reference = x.astype(np.float64) @ weight.T.astype(np.float64) + bias
         for name in calls:
-            if name in DRIVERS:
+            if name != "linear" and name != "torch":
                 error = np.abs(calls[name]() - reference).max() / np.abs(reference).max()
                 assert error < 1e-5, (name, error)
         for _ in range(args.repeat):

@@ -1,6 +1,7 @@
 """PackedLinear: a float32 Linear that also holds its weight packed for npdiff.kernels.linear_packed (column
 panels of 64 outputs, in the GEMM micro-kernel's reading order), for GEMMs with few rows: CLIP's 2 x 77 tokens.
-RowsLinear (at the end): the same panels for kernels.linear_rows, GEMMs with many rows: the UNet's transformers.
+RowsLinear (at the end): the same panels for kernels.linear_rows, GEMMs with many rows: the UNet's transformers
+(switched off, UNET_PACKS_ROWS: measured no faster in the UNet).
 
     layer = PackedLinear(weights, "encoder.layers.0.mlp.fc1", 768, 3072)
     y = layer(x)                                         # [..., in] -> [..., out], as Linear
@@ -93,7 +94,15 @@ class PanelBlock:
         return view
 
 
-# The UNet's transformer projections on packed panels (RowsLinear), for a model whose packed copies total at
+# The UNet's transformer projections on packed panels (RowsLinear): OFF. Measured on SD 1.5's UNet (batch 2,
+# 64x64 latent; benchmarks/RESULTS.md, "The UNet's linear layers on packed weights"; a loaded 2-core host): the
+# whole call 7.53 / 7.53 s packed against 7.37 / 7.37 s on kernels.linear's sgemm (alternated, load ~1.9), and
+# its packed layers' GEMMs, each timed in the forward beside the sgemm path on the same input, 1.45 against
+# 1.43 s; at a cost of +0.51 GiB private memory (peak RSS 1.46 -> 1.77-1.85 GiB) and +0.8 s a load. Alone
+# (benchmarks/unet_packed_linear.py, best of 11) the packed GEMM was 7-13% faster at most shapes: it does not
+# carry into the network. True turns it on (the tests do, tests/models/test_rows_linear.py).
+UNET_PACKS_ROWS = False
+# When on, for a model whose packed copies total at
 # most this: SD 1.x/2.x's 0.51 GiB, not SDXL's several GB (whose UNet's mapped weights are released block by
 # block while it runs: private panels would stay resident beside them). A ControlNet's are not packed (its
 # weights are counted as file-backed by memory_estimate.controlnet_bytes; not measured for speed)
@@ -107,10 +116,13 @@ _rows_pack_decisions = weakref.WeakKeyDictionary()  # Weights -> bool
 
 
 def packs_rows(weights):
-    """True when the model built from `weights` holds its transformer projections on packed panels: a UNet (not
+    """True when the model built from `weights` holds its transformer projections on packed panels: with
+    UNET_PACKS_ROWS on, a UNet (not
     a ControlNet: no "controlnet_" key) with float32 Linear weights (not precision "bf16x3"/"bf16", and not
     "mixed"'s bf16 linear family), whose packed copies (every ROWS_PACKED_MODULES weight of the file) total at most
     ROWS_PACK_LIMIT_BYTES."""
+    if not UNET_PACKS_ROWS:
+        return False
     decided = _rows_pack_decisions.get(weights)
     if decided is None:
         keys = list(weights.keys())
@@ -125,7 +137,8 @@ def packs_rows(weights):
 
 class RowsLinear(Linear):
     """nn.Linear over float32 NumPy weights, computed by kernels.linear_rows (GEMMs with many rows: the UNet's
-    thousands of tokens) on panels packed at load, when packs_rows(weights) says so; else a plain Linear.
+    thousands of tokens) on panels packed at load, when packs_rows(weights) says so (not by default:
+    UNET_PACKS_ROWS); else a plain Linear.
 
     Memory: the panels are one private copy of the weight (~0.5 GB for SD 1.5's UNet, packed in ~0.3 s), held for
     the model's life; `weight` stays the loader's array (a view of the file's map, whose pages are released after

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.numpy import save_file
 
-from helpers import KERNEL_TOL, assert_rel_close
+from helpers import KERNEL_TOL, NETWORK_TOL, assert_rel_close
 
 from npdiff import kernels
 from npdiff.loading import open_weights
@@ -16,6 +16,37 @@ from npdiff.models import packed_linear
 from npdiff.models.packed_linear import RowsLinear
 
 PREFIX = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"
+
+
+@pytest.fixture(autouse=True)
+def packs_rows(monkeypatch):
+    """RowsLinear packs only with packed_linear.UNET_PACKS_ROWS on (off by default: measured no faster)."""
+    monkeypatch.setattr(packed_linear, "UNET_PACKS_ROWS", True)
+
+
+def test_off_by_default_then_the_tiny_unet_matches_diffusers(rng, monkeypatch):
+    """Off (the default) no layer holds panels; on, every projection of the tiny SD 1.x UNet does and the whole
+    network still matches diffusers at the network tolerance."""
+    from tiny_models import tiny_unet
+
+    from npdiff.loading.resident import reachable
+    from npdiff.models import UNet2DConditionModel
+
+    torch_model, folder = tiny_unet("sd1", seed=0)
+    monkeypatch.undo()
+    assert packed_linear.UNET_PACKS_ROWS is False
+    plain = UNet2DConditionModel.from_pretrained(folder)
+    assert all(layer.panels is None for layer in reachable(plain) if isinstance(layer, RowsLinear))
+    monkeypatch.setattr(packed_linear, "UNET_PACKS_ROWS", True)
+    packed = UNet2DConditionModel.from_pretrained(folder)
+    layers = [layer for layer in reachable(packed) if isinstance(layer, RowsLinear)]
+    assert layers and all(layer.panels is not None for layer in layers)
+    sample = rng.standard_normal((2, 4, 16, 16), dtype=np.float32)
+    context = rng.standard_normal((2, 7, torch_model.config.cross_attention_dim), dtype=np.float32)
+    with torch.inference_mode():
+        expected = torch_model(torch.from_numpy(sample), 500, torch.from_numpy(context)).sample
+    assert_rel_close(packed(sample, 500, context), expected, NETWORK_TOL, "packed UNet")
+    assert_rel_close(plain(sample, 500, context), expected, NETWORK_TOL, "plain UNet")
 
 
 def layer_file(rng, tmp_path, n_in, n_out):
@@ -70,7 +101,8 @@ def test_models_that_do_not_pack(rng, tmp_path, monkeypatch):
     layer = RowsLinear(open_weights(path), PREFIX, n_in, n_out)
     assert layer.panels is None
     assert_rel_close(layer(x), torch_linear(x, weight, bias), KERNEL_TOL, "above the limit")
-    monkeypatch.undo()
+    monkeypatch.setattr(packed_linear, "ROWS_PACK_LIMIT_BYTES", 4 * n_in * n_out)
+    assert RowsLinear(open_weights(path), PREFIX, n_in, n_out).panels is not None  # at the limit: packed
     layer = RowsLinear(open_weights(path).set_precision("bf16x3"), PREFIX, n_in, n_out)
     assert layer.panels is None
 

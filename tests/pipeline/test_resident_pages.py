@@ -12,7 +12,7 @@ from tiny_sd import tiny_sd_folder
 from npdiff.loading import resident
 from npdiff.loading.resident import mapped_arrays, mapping_of, reachable, release_resident_pages
 from npdiff.models import unet as unet_module
-from npdiff.models.packed_linear import PackedLinear, RowsLinear
+from npdiff.models.packed_linear import PackedLinear
 from npdiff.pipeline import StableDiffusionPipeline
 
 
@@ -27,10 +27,9 @@ def all_arrays(obj):
 
 
 def packed_copies(model):
-    """The weights PackedLinear and RowsLinear keep as private packed copies beside the mapped ones (CLIP's
-    projections, the UNet transformers': the documented weight preparations, see npdiff/models/packed_linear.py)."""
-    layers = [item for item in reachable(model) if isinstance(item, (PackedLinear, RowsLinear))
-              and item.panels is not None]
+    """The weights PackedLinear keeps as private packed copies beside the mapped ones (CLIP's projections:
+    the one documented weight preparation, see npdiff/models/packed_linear.py)."""
+    layers = [item for item in reachable(model) if isinstance(item, PackedLinear)]
     return {id(layer.panels) for layer in layers}, len(layers)
 
 
@@ -39,7 +38,7 @@ def test_float32_weights_are_views_of_the_files(folder):
     for name in ("unet", "vae", "text_encoder"):
         model = getattr(pipe, name)
         prepared, layers = packed_copies(model)
-        assert bool(layers) == (name in ("text_encoder", "unet"))
+        assert bool(layers) == (name == "text_encoder")
         weights = [a for a in all_arrays(model) if a.size > 1 and a.dtype == np.float32]
         private = [a for a in weights if mapping_of(a) is None]
         # every float32 weight is a view, no copy; PackedLinear adds one packed copy per layer
