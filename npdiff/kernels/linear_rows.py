@@ -18,10 +18,14 @@ Versions:
                        block, whose tiles fetch the weight's next panel into L2 (CLIP's driver): at
                        [512,5120] x [5120,1280] 133 against the "rows" driver's 108-112 (one thread).
 
-Why packed rows and not OpenBLAS: an sgemm call packs its weight again on every call (and npdiff's pool calls
-it once per worker), and the bias is a pass of its own after it. Measured in benchmarks/unet_packed_linear.py
-(benchmarks/RESULTS.md, "The UNet's linear layers on packed weights"): 2 threads, faster than the sgemm path at
-every UNet shape, still 3-12% below torch's oneDNN.
+Why try packed rows instead of OpenBLAS: an sgemm call packs its weight again on every call (npdiff's pool calls
+it once per worker), and the bias is a pass of its own after it. Measured (benchmarks/RESULTS.md, "The UNet's
+linear layers on packed weights", a loaded host): alone, best of 11, 2 threads, 7-13% faster than the sgemm path
+at most UNet shapes, ~45% at the mid block's 128 rows, even at [2048,2560] x [2560,640], 3-12% below torch; but
+in SD 1.5's UNet forward no faster (1.45 s against 1.43 for the same layers), so the UNet does not use it
+(models/packed_linear.UNET_PACKS_ROWS). Per thread the micro-kernel runs 123-141 GFLOP/s at these shapes,
+OpenBLAS 121-146, oneDNN 129-159 (one thread, CPU time): it is not faster than OpenBLAS's, only its packing and
+bias pass are saved.
 
 Same bits for any thread count: each element of y is made by one tile per depth block, in one order of k,
 whichever thread or row block holds it (tasks start on whole row panels); no kernel here carries a fastmath
