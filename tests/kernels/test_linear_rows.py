@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import KERNEL_TOL, assert_rel_close
+from test_cache_bits import assert_same_bytes
 
 from npdiff.kernels.linear_packed import pack_panels
 from npdiff.kernels.linear_rows import BLOCK_ROWS, DEPTH_BLOCK, DRIVERS, linear_rows, linear_rows_ref, pick_driver
@@ -129,13 +130,6 @@ def in_this_process(tmp_path, seed):
         sys.argv = argv
     with np.load(out) as saved:
         return {key: saved[key] for key in saved.files}
-
-
-def assert_same_bytes(ours, reference, what):
-    assert ours.keys() == reference.keys()
-    for key in reference:
-        same = ours[key].tobytes() == reference[key].tobytes()
-        assert same, f"{what}: {key} differs in {int(np.sum(ours[key] != reference[key]))} values"
 
 
 def test_same_bits_compiled_cached_one_thread_and_here(tmp_path, seed):
