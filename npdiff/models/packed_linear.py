@@ -1,7 +1,5 @@
 """PackedLinear: a float32 Linear that also holds its weight packed for npdiff.kernels.linear_packed (column
 panels of 64 outputs, in the GEMM micro-kernel's reading order), for GEMMs with few rows: CLIP's 2 x 77 tokens.
-RowsLinear (at the end): the same panels for kernels.linear_rows, GEMMs with many rows: the UNet's transformers
-(switched off, UNET_PACKS_ROWS: measured no faster in the UNet).
 
     layer = PackedLinear(weights, "encoder.layers.0.mlp.fc1", 768, 3072)
     y = layer(x)                                         # [..., in] -> [..., out], as Linear
@@ -17,13 +15,10 @@ A forward never reads `weight`, so its mapped pages stay released.
 """
 
 import math
-import weakref
 
 import numpy as np
 
 from npdiff.kernels.linear_packed import ALIGN_FLOATS, huge_page_empty, linear_packed, pack_panels, packed_shape
-from npdiff.kernels.linear_rows import linear_rows
-from npdiff.models import precision
 from npdiff.models.blocks import Linear
 
 
@@ -92,73 +87,3 @@ class PanelBlock:
         view = self.floats[self.used:self.used + size].reshape(shape)
         self.used += -(-size // ALIGN_FLOATS) * ALIGN_FLOATS
         return view
-
-
-# The UNet's transformer projections on packed panels (RowsLinear): OFF. Measured on SD 1.5's UNet (batch 2,
-# 64x64 latent; benchmarks/RESULTS.md, "The UNet's linear layers on packed weights"; a loaded 2-core host): the
-# whole call 7.53 / 7.53 s packed against 7.37 / 7.37 s on kernels.linear's sgemm (alternated, load ~1.9), and
-# its packed layers' GEMMs, each timed in the forward beside the sgemm path on the same input, 1.45 against
-# 1.43 s; at a cost of +0.51 GiB private memory (peak RSS 1.46 -> 1.77-1.85 GiB) and +0.8 s a load. Alone
-# (benchmarks/unet_packed_linear.py, best of 11) the packed GEMM was 7-13% faster at most shapes: it does not
-# carry into the network. True turns it on (the tests do, tests/models/test_rows_linear.py).
-UNET_PACKS_ROWS = False
-# When on, for a model whose packed copies total at
-# most this: SD 1.x/2.x's 0.51 GiB, not SDXL's several GB (whose UNet's mapped weights are released block by
-# block while it runs: private panels would stay resident beside them). A ControlNet's are not packed (its
-# weights are counted as file-backed by memory_estimate.controlnet_bytes; not measured for speed)
-ROWS_PACK_LIMIT_BYTES = 768 * 2**20
-# the layers RowsLinear packs, by the end of their module name: self-attention's four projections, the
-# cross-attention's query and output (its keys and values project the 77-token text: few rows, not packed),
-# the feed-forward's output and proj_out (proj_in reads the NCHW input as a strided view: not packed)
-ROWS_PACKED_MODULES = (".attn1.to_q", ".attn1.to_k", ".attn1.to_v", ".attn1.to_out.0", ".attn2.to_q",
-                       ".attn2.to_out.0", ".ff.net.2", ".proj_out")
-_rows_pack_decisions = weakref.WeakKeyDictionary()  # Weights -> bool
-
-
-def packs_rows(weights):
-    """True when the model built from `weights` holds its transformer projections on packed panels: with
-    UNET_PACKS_ROWS on, a UNet (not
-    a ControlNet: no "controlnet_" key) with float32 Linear weights (not precision "bf16x3"/"bf16", and not
-    "mixed"'s bf16 linear family), whose packed copies (every ROWS_PACKED_MODULES weight of the file) total at most
-    ROWS_PACK_LIMIT_BYTES."""
-    if not UNET_PACKS_ROWS:
-        return False
-    decided = _rows_pack_decisions.get(weights)
-    if decided is None:
-        keys = list(weights.keys())
-        total = sum(4 * math.prod(weights.shape(key)) for key in keys
-                    if key.endswith(".weight") and key.startswith(precision.UNET_KEY_STARTS)
-                    and key.removesuffix(".weight").endswith(ROWS_PACKED_MODULES))
-        controlnet = any(key.startswith("controlnet_") for key in keys)
-        decided = total <= ROWS_PACK_LIMIT_BYTES and not controlnet and precision.keeps_float32(weights, "linear")
-        _rows_pack_decisions[weights] = decided
-    return decided
-
-
-class RowsLinear(Linear):
-    """nn.Linear over float32 NumPy weights, computed by kernels.linear_rows (GEMMs with many rows: the UNet's
-    thousands of tokens) on panels packed at load, when packs_rows(weights) says so (not by default:
-    UNET_PACKS_ROWS); else a plain Linear.
-
-    Memory: the panels are one private copy of the weight (~0.5 GB for SD 1.5's UNet, packed in ~0.3 s), held for
-    the model's life; `weight` stays the loader's array (a view of the file's map, whose pages are released after
-    load and are not read by a forward on the panels). Assigning another weight (a fused LoRA, the training's
-    LoRA steps) runs the layer on that array by the plain path (kernels.linear) until the packed one is assigned
-    back (a LoRA's unload puts back the very object): nothing is packed again, the panels never go stale.
-    An input whose rows are not C-contiguous also takes the plain path (no copy)."""
-
-    def __init__(self, weights, prefix, in_features, out_features, bias=True, from_conv1x1=False):
-        super().__init__(weights, prefix, in_features, out_features, bias, from_conv1x1)
-        packable = (isinstance(self.weight, np.ndarray) and self.weight.dtype == np.float32
-                    and (self.bias is None or isinstance(self.bias, np.ndarray)) and packs_rows(weights))
-        self.panels = pack_panels(self.weight) if packable else None  # [out/64, in, 64] or None
-        self.packed_weight = self.weight if packable else None  # the array the panels hold
-
-    def __call__(self, x):
-        runs_packed = (self.panels is not None and self.weight is self.packed_weight and isinstance(x, np.ndarray)
-                       and x.dtype == np.float32 and x.size > 0)
-        rows = x.reshape(-1, x.shape[-1]) if runs_packed else None  # [..., in] -> [M,in] (a view where it can be)
-        if not runs_packed or not rows.flags.c_contiguous:
-            return super().__call__(x)                                  # [..., in] -> [..., out]
-        out = linear_rows(rows, self.panels, self.weight.shape[0], self.bias)  # [M,in] -> [M,out]
-        return out.reshape(x.shape[:-1] + (out.shape[1],))              # [M,out] -> [..., out]

@@ -13,10 +13,6 @@ precision="bf16" (attend) q k^T multiplies bf16-rounded q and k but sums in floa
 is float32: bf16 has float32's range, so the overflow that upcast_attention guards against in
 float16 cannot happen.
 
-The projections of the image's tokens (self-attention's four, the cross-attention's query and output,
-ff.net.2, proj_out) are RowsLinear layers (models/packed_linear.py): on weights packed at load into
-kernels.linear_rows' panels where the model packs them (float32 weights, SD 1.x/2.x-sized), else plain Linear.
-
 proj_in / proj_out: SD 1.x stores them as 1x1 convolutions ([C_out,C_in,1,1]), SD 2.x
 (use_linear_projection) as nn.Linear ([C_out,C_in]). Both are the same matrix product over the
 channel axis, so both run as a Linear on tokens [B,H*W,C]; the 1x1 conv weight is viewed as
@@ -31,7 +27,6 @@ from npdiff.errors import NpdiffError
 from npdiff.kernels.attention import scaled_dot_product_attention_bf16
 from npdiff.models import precision
 from npdiff.models.blocks import GroupNorm, LayerNorm, Linear, child
-from npdiff.models.packed_linear import RowsLinear
 
 
 class TransposedLinear(Linear):
@@ -122,14 +117,11 @@ class Attention:
     def __init__(self, weights, prefix, query_dim, heads, dim_head, context_dim=None, qkv_bias=False,
                  out_bias=True):
         inner_dim = heads * dim_head
-        # the projections of the image's tokens on packed weights (RowsLinear, when the model packs them); a
-        # cross-attention's keys and values project the text's few tokens: plain Linear
-        context_linear = RowsLinear if context_dim is None else Linear
         context_dim = query_dim if context_dim is None else context_dim
-        self.to_q = RowsLinear(weights, child(prefix, "to_q"), query_dim, inner_dim, bias=qkv_bias)
-        self.to_k = context_linear(weights, child(prefix, "to_k"), context_dim, inner_dim, bias=qkv_bias)
-        self.to_v = context_linear(weights, child(prefix, "to_v"), context_dim, inner_dim, bias=qkv_bias)
-        self.to_out = RowsLinear(weights, child(prefix, "to_out.0"), inner_dim, query_dim, bias=out_bias)
+        self.to_q = Linear(weights, child(prefix, "to_q"), query_dim, inner_dim, bias=qkv_bias)
+        self.to_k = Linear(weights, child(prefix, "to_k"), context_dim, inner_dim, bias=qkv_bias)
+        self.to_v = Linear(weights, child(prefix, "to_v"), context_dim, inner_dim, bias=qkv_bias)
+        self.to_out = Linear(weights, child(prefix, "to_out.0"), inner_dim, query_dim, bias=out_bias)
         self.heads = heads
         self.scale = dim_head ** -0.5
         self.bf16 = precision.runs_bf16(weights, precision.attention_family(prefix))  # attend in bf16 too
@@ -154,7 +146,7 @@ class FeedForward:
     def __init__(self, weights, prefix, dim, mult=4):
         inner_dim = dim * mult
         self.proj = Linear(weights, child(prefix, "net.0.proj"), dim, 2 * inner_dim)  # [2*inner, D]
-        self.out = RowsLinear(weights, child(prefix, "net.2"), inner_dim, dim)
+        self.out = Linear(weights, child(prefix, "net.2"), inner_dim, dim)
 
     def __call__(self, x):
         # the weight is read at each call, never kept aside: a fused LoRA replaces proj.weight
@@ -206,7 +198,7 @@ class Transformer2DModel:
                                   cross_attention_dim, norm_eps)
             for i in range(num_layers)
         ]
-        self.proj_out = RowsLinear(weights, child(prefix, "proj_out"), inner_dim, in_channels, from_conv1x1=from_conv)
+        self.proj_out = Linear(weights, child(prefix, "proj_out"), inner_dim, in_channels, from_conv1x1=from_conv)
         self.cross_attention_dim = cross_attention_dim
 
     def __call__(self, x, context):
