@@ -42,6 +42,7 @@ kept for the next call: M, and U for one block of output channels (at most ~22 M
 """
 
 import math
+import time
 
 import numpy as np
 
@@ -118,6 +119,7 @@ ONE_GROUP_BYTES = 16 << 20  # ... unless all of it is at most this: one group, U
 MIN_GROUP_TILES = 128  # and never fewer tiles per group (the GEMMs' N) than this
 OUT_BLOCK_ROWS = 96  # output channels per step-2 block, about (their count is rounded to 4 blocks)
 F6_OUT_BLOCK_ROWS = 256  # ... for F(6x6,3x3), in an even number of blocks (blocking())
+WEIGHT_CHUNK = 256  # input channels per step of the weight transform (its rows stay in L1)
 KEPT_SCRATCH_BYTES = 16 << 20  # larger M and U blocks are allocated per call (worker_buffer())
 
 
@@ -279,22 +281,32 @@ def weight_transform(weight, G, o0, o1, gathered, half, U, u0):
     """U[k*a+l, o - u0, c] = (G g G^T)[k,l] for g = weight[o, c] (3x3), o in o0..o1-1.
 
     Scratch gathered [9, C_in] (tap (r, s) at row 3s+r), half [a*3, C_in]: per output channel the
-    9 taps of every input channel are gathered into rows, then G g and (G g) G^T are sums of rows,
-    vectorised along C_in.
+    9 taps of every input channel are gathered into rows, then G g and (G g) G^T are 3-term sums of
+    rows (g0*r0 + g1*r1) + g2*r2, vectorised along C_in, WEIGHT_CHUNK input channels at a time, so
+    the chunk's rows stay in L1. Loops with plain indices, no row views: combine_rows per row (a
+    view per call, up to 3 read-modify-write passes) took 2-5x this time. Zero coefficients of G
+    are multiplied, not skipped as in combine_rows: the same values but for the sign of a zero.
     """
     alpha = G.shape[0]
     c_in = weight.shape[1]
     for o in range(o0, o1):
+        row = o - u0
         for c in range(c_in):
             for r in range(3):
                 for s in range(3):
                     gathered[3 * s + r, c] = weight[o, c, r, s]
         for k in range(alpha):  # G g: [a,3] @ [3,3]
+            g0, g1, g2 = G[k, 0], G[k, 1], G[k, 2]
             for s in range(3):
-                combine_rows(G[k], gathered, 3 * s, 0, half[3 * k + s])
-        for k in range(alpha):  # (G g) G^T: [a,3] @ [3,a]
-            for l in range(alpha):
-                combine_rows(G[l], half, 3 * k, 0, U[k * alpha + l, o - u0])
+                for c in range(c_in):
+                    half[3 * k + s, c] = g0 * gathered[3 * s, c] + g1 * gathered[3 * s + 1, c] \
+                        + g2 * gathered[3 * s + 2, c]
+        for l in range(alpha):  # (G g) G^T: [a,3] @ [3,a]
+            g0, g1, g2 = G[l, 0], G[l, 1], G[l, 2]
+            for k in range(alpha):
+                for c in range(c_in):
+                    U[k * alpha + l, row, c] = g0 * half[3 * k, c] + g1 * half[3 * k + 1, c] \
+                        + g2 * half[3 * k + 2, c]
 
 
 def output_blocks(c_out, block_rows=None, multiple=4):
@@ -349,14 +361,26 @@ def product_buffers(out_blocks, per_channel):
     return {block: np.empty((block[1] - block[0]) * per_channel, np.float32) for block in out_blocks}
 
 
-def winograd_conv2d(x, weight, bias, padding, m, normalized=None, upsampled=False):
+def add_seconds(step_seconds, step, since):
+    """step_seconds[step] += this thread's CPU seconds since `since` (a time.thread_time()); returns now.
+    No-op (returns None) when step_seconds is None: the kernels are only timed when a caller asks."""
+    if step_seconds is None:
+        return None
+    now = time.thread_time()
+    step_seconds[step] = step_seconds.get(step, 0.0) + now - since
+    return now
+
+
+def winograd_conv2d(x, weight, bias, padding, m, normalized=None, upsampled=False, step_seconds=None):
     """conv2d(x, weight, bias, stride=1, padding=(ph, pw)) for 3x3 float32 weights by F(m x m, 3 x 3).
 
     With m 4 or 6 and padding 1, the conv may read a picture made from x row by row as its input transform
     needs it, never whole (conv_fused.py):
       normalized=(mean, scale, shift): SiLU((x - mean) * scale + shift) per (image, channel), GroupNorm +
                  SiLU folded in (mean, scale [B,C_in], shift [C_in], float64: norm.group_norm_affine);
-      upsampled=True: upsample_nearest2x(x), [B,C_in,2H,2W], and the output is that size."""
+      upsampled=True: upsample_nearest2x(x), [B,C_in,2H,2W], and the output is that size.
+    step_seconds: a dict, or None; a dict gets every worker's CPU seconds per step added under "input",
+    "weights", "gemm" and "output" (benchmarks/winograd_shapes.py; dict updates are atomic under the GIL)."""
     ph, pw = padding
     batch, c_in, height, width = x.shape
     if upsampled:
@@ -382,6 +406,7 @@ def winograd_conv2d(x, weight, bias, padding, m, normalized=None, upsampled=Fals
         V = V_all[:alpha * alpha * tiles * c_in].reshape(alpha * alpha, c_in, tiles)  # [a*a,C_in,T]
 
         def transform_input(block):  # 1. V = B^T d B for channels c0..c1
+            since = None if step_seconds is None else time.thread_time()
             gathered = scratch("winograd input", (alpha, m, tiles_w + 1))
             mixed = scratch("winograd input mixed", (alpha, m, tiles_w + 1))
             if normalized is not None or upsampled:  # (m 4 or 6, padding 1: conv_fused.py checks)
@@ -396,9 +421,11 @@ def winograd_conv2d(x, weight, bias, padding, m, normalized=None, upsampled=Fals
                 input_transform6(x, row0, row1, tiles_h, block[0], block[1], gathered, mixed, V)
             else:
                 input_transform(x, BT, m, ph, pw, row0, row1, tiles_h, block[0], block[1], gathered, mixed, V)
+            add_seconds(step_seconds, "input", since)
 
         def multiply_and_transform_output(block, first=group == 0, row0=row0, row1=row1, V=V, tiles=tiles):
             o0, o1 = block
+            since = None if step_seconds is None else time.thread_time()
             if one_group:  # 2. U = G g G^T for this block's output channels, used at once
                 U_block = worker_buffer("winograd weights", (alpha * alpha, o1 - o0, c_in))
             else:  # (or kept for the later groups: all of U lives for this call)
@@ -407,11 +434,13 @@ def winograd_conv2d(x, weight, bias, padding, m, normalized=None, upsampled=Fals
                 gathered, half = scratch("winograd taps", 9 * c_in), scratch("winograd half", 3 * alpha * c_in)
                 weight_transform(weight, G, o0, o1, gathered.reshape(9, c_in), half.reshape(3 * alpha, c_in),
                                  U_block if one_group else U, o0 if one_group else 0)
+                since = add_seconds(step_seconds, "weights", since)
             if products is None:  # [block,a*a,T]
                 M = scratch("winograd product", (o1 - o0, alpha * alpha, tiles))
             else:
                 M = products[block][:(o1 - o0) * alpha * alpha * tiles].reshape(o1 - o0, alpha * alpha, tiles)
             np.matmul(U_block, V, out=M.transpose(1, 0, 2))  # 3. [a*a,block,C_in] @ [a*a,C_in,T]
+            since = add_seconds(step_seconds, "gemm", since)
             mixed = scratch("winograd output", (alpha, m, tiles_w))
             if m in (4, 6):  # 4. A^T M A + bias
                 rows_out = scratch("winograd output rows", (m, m, tiles_w))
@@ -420,6 +449,7 @@ def winograd_conv2d(x, weight, bias, padding, m, normalized=None, upsampled=Fals
             else:
                 rows_out = scratch("winograd output rows", (m, tiles_w))
                 output_transform(M, AT, bias, o0, row0, row1, tiles_h, mixed, rows_out, out)
+            add_seconds(step_seconds, "output", since)
 
         run_blocks(transform_input, in_blocks)
         run_blocks(multiply_and_transform_output, out_blocks)
