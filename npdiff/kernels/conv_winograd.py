@@ -119,7 +119,10 @@ ONE_GROUP_BYTES = 16 << 20  # ... unless all of it is at most this: one group, U
 MIN_GROUP_TILES = 128  # and never fewer tiles per group (the GEMMs' N) than this
 OUT_BLOCK_ROWS = 96  # output channels per step-2 block, about (their count is rounded to 4 blocks)
 F6_OUT_BLOCK_ROWS = 256  # ... for F(6x6,3x3), in an even number of blocks (blocking())
-WEIGHT_CHUNK = 256  # input channels per step of the weight transform (its rows stay in L1)
+# ... and with at most SMALL_GEMM_MAX_TILES tiles in all (the UNet's 16 px convs at batch 2: 32 tiles), blocks
+# of rows such that rows * C_in * tiles <= SMALL_GEMM_MAX_WORK, each GEMM over spans of <= SMALL_GEMM_DEPTH input
+# channels, added in order (blocking())
+SMALL_GEMM_MAX_TILES, SMALL_GEMM_MAX_WORK, SMALL_GEMM_DEPTH = 32, 1_000_000, 320
 KEPT_SCRATCH_BYTES = 16 << 20  # larger M and U blocks are allocated per call (worker_buffer())
 
 
@@ -282,10 +285,12 @@ def weight_transform(weight, G, o0, o1, gathered, half, U, u0):
 
     Scratch gathered [9, C_in] (tap (r, s) at row 3s+r), half [a*3, C_in]: per output channel the
     9 taps of every input channel are gathered into rows, then G g and (G g) G^T are 3-term sums of
-    rows (g0*r0 + g1*r1) + g2*r2, vectorised along C_in, WEIGHT_CHUNK input channels at a time, so
-    the chunk's rows stay in L1. Loops with plain indices, no row views: combine_rows per row (a
-    view per call, up to 3 read-modify-write passes) took 2-5x this time. Zero coefficients of G
-    are multiplied, not skipped as in combine_rows: the same values but for the sign of a zero.
+    rows (g0*r0 + g1*r1) + g2*r2 in one pass, vectorised along C_in (combine_rows per row, up to 3
+    read-modify-write passes, took 1.1-1.5x this time, one core, 80-row blocks: 1280 -> 1280 28 against
+    25.5 ms, 320 -> 320 F(6,3) 2.8 against 1.9 ms). Zero coefficients of G are multiplied, not skipped
+    as in combine_rows: the same values but for the sign of a zero. Tried and slower: the same in chunks
+    of 256 or 16 input channels (to stay in L1): 1.6x and 2.4x this time (Numba's index loops from a
+    non-zero start keep their negative-index checks and do not vectorise as these do).
     """
     alpha = G.shape[0]
     c_in = weight.shape[1]
@@ -335,11 +340,31 @@ def blocking(m, c_in, c_out, rows, tiles_w):
     GEMMs pack less per multiply). Measured on one core (CPU time; F(6,3) with F(4,3)'s blocking ->
     groups of C_in tiles, 4 blocks -> this): [1,512,128,128] 286 -> 213 -> 195 ms, [1,256,256,256]
     -> 318 -> 266 ms, 256 -> 128 at 512 px 676 -> 661 ms; [1,128,512,512] 327 -> 344 ms (noise).
-    Their M and U blocks are larger than the scratch keeps (worker_buffer())."""
+    Their M and U blocks are larger than the scratch keeps (worker_buffer()).
+    With few tiles (at most SMALL_GEMM_MAX_TILES in one group: the UNet's 16 px convs at batch 2, 32 tiles)
+    the blocks are small: rows * C_in * tiles <= SMALL_GEMM_MAX_WORK (1e6). There the GEMMs are weight-bound
+    (U is 36 x C_out x C_in, the tiles only 32): a U block of 12-24 rows stays in cache from the weight
+    transform to the GEMM, and such sgemm calls ran ~1.4x faster per FLOP (with 32 tiles, not with 128 or
+    242; as if OpenBLAS took an unpacked small-matrix path up to M*N*K ~1e6: 983k was fast, 1.31M not; not
+    checked in its source). One core, CPU ms, 96-row blocks -> these: 640 -> 1280 44.3 -> 39.4, 1280 -> 1280 102.6 ->
+    82.7, 1920 -> 1280 175.3 -> 125.2, 2560 -> 1280 255.9 -> 177.4; at 32 px (128 tiles) blocks of 12 rows
+    lost (640 -> 640 66.2 -> 79.3 ms), and so did 64 px (320 -> 320 F(6,3) 52.2 -> 72.5).
+    Those small sgemm calls round worse over long sums (relative error against a float64 conv, 16 px,
+    batch 2: 4.9e-6 at 1280 -> 1280, 7.0e-6 at 2560 -> 1280, against 2.9-3.0e-6 with 96-row blocks), so each
+    block's GEMM runs over spans of SMALL_GEMM_DEPTH (320) input channels added in order: 2.5-2.6e-6, for
+    8-15% of the time (spans of 640: 3.5e-6). Both from the shapes alone, like the blocks."""
     if m == 6:
         groups = tile_row_groups(rows, tiles_w, c_in, m + 2, max(MIN_GROUP_TILES, 2 * c_in))
         return groups, output_blocks(c_out, F6_OUT_BLOCK_ROWS, multiple=2)
-    return tile_row_groups(rows, tiles_w, c_in, m + 2), output_blocks(c_out)
+    groups = tile_row_groups(rows, tiles_w, c_in, m + 2)
+    if few_tiles(groups, tiles_w):  # (16 px) small GEMMs, U blocks in cache
+        return groups, output_blocks(c_out, max(4, SMALL_GEMM_MAX_WORK // (c_in * rows * tiles_w)))
+    return groups, output_blocks(c_out)
+
+
+def few_tiles(groups, tiles_w):
+    """Whether blocking() sizes the output blocks for small GEMMs: one group of at most SMALL_GEMM_MAX_TILES."""
+    return len(groups) == 1 and (groups[0][1] - groups[0][0]) * tiles_w <= SMALL_GEMM_MAX_TILES
 
 
 def worker_buffer(name, shape):
@@ -400,6 +425,9 @@ def winograd_conv2d(x, weight, bias, padding, m, normalized=None, upsampled=Fals
     V_all = np.empty(alpha * alpha * c_in * most_tiles, np.float32)
     in_blocks = split_evenly(c_in, -(-c_in // (2 * worker_count())))  # element-wise: any split
     products = product_buffers(out_blocks, alpha * alpha * most_tiles)  # M per block, or None: scratch
+    # the GEMMs of small blocks over spans of input channels (blocking(): rounding), else whole
+    spanned = few_tiles(groups, tiles_w) and c_in > SMALL_GEMM_DEPTH
+    depth_spans = split_evenly(c_in, SMALL_GEMM_DEPTH) if spanned else None
 
     for group, (row0, row1) in enumerate(groups):
         tiles = (row1 - row0) * tiles_w
@@ -439,7 +467,15 @@ def winograd_conv2d(x, weight, bias, padding, m, normalized=None, upsampled=Fals
                 M = scratch("winograd product", (o1 - o0, alpha * alpha, tiles))
             else:
                 M = products[block][:(o1 - o0) * alpha * alpha * tiles].reshape(o1 - o0, alpha * alpha, tiles)
-            np.matmul(U_block, V, out=M.transpose(1, 0, 2))  # 3. [a*a,block,C_in] @ [a*a,C_in,T]
+            product = M.transpose(1, 0, 2)  # [a*a,block,T] view
+            if depth_spans is None:
+                np.matmul(U_block, V, out=product)  # 3. [a*a,block,C_in] @ [a*a,C_in,T]
+            else:  # (or in spans of input channels, added in order)
+                partial = scratch("winograd partial", product.shape)
+                for span, (c0, c1) in enumerate(depth_spans):
+                    np.matmul(U_block[:, :, c0:c1], V[:, c0:c1], out=product if span == 0 else partial)
+                    if span > 0:
+                        product += partial
             since = add_seconds(step_seconds, "gemm", since)
             mixed = scratch("winograd output", (alpha, m, tiles_w))
             if m in (4, 6):  # 4. A^T M A + bias

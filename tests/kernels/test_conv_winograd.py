@@ -159,6 +159,30 @@ def test_f63_within_the_kernel_tolerance_at_vae_sizes(rng):
         assert_rel_close(fast, expected64, KERNEL_TOL, "F(6,3) vs torch float64")
 
 
+@pytest.mark.parametrize("m", [2, 4])
+def test_few_tiles_take_small_output_blocks(rng, monkeypatch, m):
+    # At most SMALL_GEMM_MAX_TILES tiles in all (the UNet's 16 px convs): output blocks of rows with
+    # rows * C_in * tiles <= SMALL_GEMM_MAX_WORK, their GEMMs over spans of input channels; every channel
+    # covered, the same bytes at 1, 2 and 3 workers.
+    x, weight, bias = sd_like_inputs(rng, 2, 16, 37, 8, 7)
+    rows, tiles_w = 2 * -(-8 // m), -(-7 // m)
+    tiles = rows * tiles_w
+    assert tiles <= conv_winograd.SMALL_GEMM_MAX_TILES
+    monkeypatch.setattr(conv_winograd, "SMALL_GEMM_MAX_WORK", 16 * tiles * 5)  # blocks of <= 5 rows
+    monkeypatch.setattr(conv_winograd, "SMALL_GEMM_DEPTH", 6)  # each GEMM in 3 spans of input channels
+    groups, blocks = conv_winograd.blocking(m, 16, 37, rows, tiles_w)
+    assert groups == [(0, rows)] and len(blocks) == 8 and max(stop - start for start, stop in blocks) == 5
+    assert [start for start, _ in blocks[1:]] == [stop for _, stop in blocks[:-1]] and blocks[-1][1] == 37
+    results = []
+    for workers in (1, 2, 3):
+        monkeypatch.setattr(block_pool, "_shared", block_pool.BlockParallelPool(workers))
+        monkeypatch.setattr(conv_winograd, "worker_count", lambda workers=workers: workers)
+        results.append(winograd_conv2d(x, weight, bias, (1, 1), m))
+        block_pool._shared.shutdown()
+    assert results[0].tobytes() == results[1].tobytes() == results[2].tobytes()
+    assert_rel_close(results[0], torch_conv(x, weight, bias, 1), KERNEL_TOL)
+
+
 def test_output_blocks_are_a_multiple_of_four():
     for c_out in [2, 5, 64, 128, 320, 512, 640, 1280]:
         blocks = conv_winograd.output_blocks(c_out)
