@@ -286,8 +286,8 @@ def weight_transform(weight, G, o0, o1, gathered, half, U, u0):
     Scratch gathered [9, C_in] (tap (r, s) at row 3s+r), half [a*3, C_in]: per output channel the
     9 taps of every input channel are gathered into rows, then G g and (G g) G^T are 3-term sums of
     rows (g0*r0 + g1*r1) + g2*r2 in one pass, vectorised along C_in (combine_rows per row, up to 3
-    read-modify-write passes, took 1.1-1.5x this time, one core, 80-row blocks: 1280 -> 1280 28 against
-    25.5 ms, 320 -> 320 F(6,3) 2.8 against 1.9 ms). Zero coefficients of G are multiplied, not skipped
+    read-modify-write passes, took 1.1-1.5x this time, one core, 80-row blocks: 1280 -> 1280 27.7 against
+    25.4 ms, 320 -> 320 F(6,3) 2.6 against 1.8 ms). Zero coefficients of G are multiplied, not skipped
     as in combine_rows: the same values but for the sign of a zero. Tried and slower: the same in chunks
     of 256 or 16 input channels (to stay in L1): 1.6x and 2.4x this time (Numba's index loops from a
     non-zero start keep their negative-index checks and do not vectorise as these do).

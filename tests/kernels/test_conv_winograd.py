@@ -74,6 +74,17 @@ def test_every_group_and_output_block_is_covered(rng, monkeypatch, m):
     assert_rel_close(winograd_conv2d(x, weight, bias, (1, 1), m), torch_conv(x, weight, bias, 1), KERNEL_TOL)
 
 
+def at_one_two_three_workers(monkeypatch, call):
+    """call()'s results with the block pool at 1, 2 and 3 workers."""
+    results = []
+    for workers in (1, 2, 3):
+        monkeypatch.setattr(block_pool, "_shared", block_pool.BlockParallelPool(workers))
+        monkeypatch.setattr(conv_winograd, "worker_count", lambda workers=workers: workers)
+        results.append(call())
+        block_pool._shared.shutdown()
+    return results
+
+
 @pytest.mark.parametrize("m", [4, 6])
 @pytest.mark.parametrize("one_group", [True, False])
 def test_same_bytes_at_one_and_two_workers(rng, monkeypatch, one_group, m):
@@ -84,12 +95,7 @@ def test_same_bytes_at_one_and_two_workers(rng, monkeypatch, one_group, m):
         monkeypatch.setattr(conv_winograd, "V_GROUP_BYTES", 1)
         monkeypatch.setattr(conv_winograd, "MIN_GROUP_TILES", 12)
     x, weight, bias = sd_like_inputs(rng, 2, 64, 96, 24, 20)
-    results = []
-    for workers in (1, 2, 3):
-        monkeypatch.setattr(block_pool, "_shared", block_pool.BlockParallelPool(workers))
-        monkeypatch.setattr(conv_winograd, "worker_count", lambda workers=workers: workers)
-        results.append(winograd_conv2d(x, weight, bias, (1, 1), m))
-        block_pool._shared.shutdown()
+    results = at_one_two_three_workers(monkeypatch, lambda: winograd_conv2d(x, weight, bias, (1, 1), m))
     assert results[0].tobytes() == results[1].tobytes() == results[2].tobytes()
 
 
@@ -173,12 +179,7 @@ def test_few_tiles_take_small_output_blocks(rng, monkeypatch, m):
     groups, blocks = conv_winograd.blocking(m, 16, 37, rows, tiles_w)
     assert groups == [(0, rows)] and len(blocks) == 8 and max(stop - start for start, stop in blocks) == 5
     assert [start for start, _ in blocks[1:]] == [stop for _, stop in blocks[:-1]] and blocks[-1][1] == 37
-    results = []
-    for workers in (1, 2, 3):
-        monkeypatch.setattr(block_pool, "_shared", block_pool.BlockParallelPool(workers))
-        monkeypatch.setattr(conv_winograd, "worker_count", lambda workers=workers: workers)
-        results.append(winograd_conv2d(x, weight, bias, (1, 1), m))
-        block_pool._shared.shutdown()
+    results = at_one_two_three_workers(monkeypatch, lambda: winograd_conv2d(x, weight, bias, (1, 1), m))
     assert results[0].tobytes() == results[1].tobytes() == results[2].tobytes()
     assert_rel_close(results[0], torch_conv(x, weight, bias, 1), KERNEL_TOL)
 
