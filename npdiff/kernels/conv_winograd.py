@@ -20,9 +20,12 @@ Versions (both tested against torch and against each other):
                         group ~V_GROUP_BYTES); per group, step 1 transforms the input (Numba, channel
                         blocks on the block-parallel pool; zero padding handled in the gather, no
                         padded copy of x), step 2 runs per block of output channels: transform that
-                        block's weights (first group only; U lives for this call), its (m+2)^2 GEMMs
-                        (np.matmul: single-threaded sgemm on the worker's core) into a per-worker M,
-                        and the output transform + bias straight into out (edge tiles clipped).
+                        block's weights (with one group: one row of G, m+2 frequencies, at a time, each
+                        multiplied at once while in cache; with several: all of U by the first group,
+                        kept for the call), its (m+2)^2 GEMMs (np.matmul: single-threaded sgemm on the
+                        worker's core) into a per-worker M, and the output transform + bias straight
+                        into out (edge tiles clipped). Few tiles (16 px) take small blocks and GEMMs
+                        over spans of input channels (blocking()).
                         For F(4x4,3x3) (padding 1) the transforms are conv_winograd4.py's
                         input_transform4 and output_transform4: B^T and A^T written out, each
                         output made in one pass from all its sources (the generic kernels add one
@@ -38,7 +41,8 @@ every GEMM sees the same operands at any thread count: the same bytes at 1 and 2
 Memory: the transformed weights are not cached across calls (F(4,3)'s U is 4x the 3x3 weights:
 ~8 GiB for SD's UNet). Per call: V (<= ONE_GROUP_BYTES, or one group's) and, with several groups,
 U for the call ((m+2)^2/9 x that conv's weight: 44 MiB at the UNet's 960->320); per worker thread,
-kept for the next call: M, and U for one block of output channels (at most ~22 MiB at 1920->640).
+kept for the next call: M, a block's taps and U for one row of G (a frequencies) of a block (at most ~5.5 MiB
+each at 1920->640), or at 16 px (small blocks) U for a block.
 """
 
 import math
@@ -280,38 +284,54 @@ def output_transform(M, AT, bias, o0, row0, row1, tiles_h, mixed, rows_out, out)
 
 
 @njit(**SERIAL)
-def weight_transform(weight, G, o0, o1, gathered, half, U, u0):
-    """U[k*a+l, o - u0, c] = (G g G^T)[k,l] for g = weight[o, c] (3x3), o in o0..o1-1.
-
-    Scratch gathered [9, C_in] (tap (r, s) at row 3s+r), half [a*3, C_in]: per output channel the
-    9 taps of every input channel are gathered into rows, then G g and (G g) G^T are 3-term sums of
-    rows (g0*r0 + g1*r1) + g2*r2 in one pass, vectorised along C_in (combine_rows per row, up to 3
-    read-modify-write passes, took 1.1-1.5x this time, one core, 80-row blocks: 1280 -> 1280 27.7 against
-    25.4 ms, 320 -> 320 F(6,3) 2.6 against 1.8 ms). Zero coefficients of G are multiplied, not skipped
-    as in combine_rows: the same values but for the sign of a zero. Tried and slower: the same in chunks
-    of 256 or 16 input channels (to stay in L1): 1.6x and 2.4x this time (Numba's index loops from a
-    non-zero start keep their negative-index checks and do not vectorise as these do).
-    """
-    alpha = G.shape[0]
+def gather_taps(weight, o0, o1, taps):
+    """taps[o - o0, 3s + r, c] = weight[o, c, r, s]: the 9 taps of output channels o0..o1-1 as rows along C_in."""
     c_in = weight.shape[1]
     for o in range(o0, o1):
-        row = o - u0
         for c in range(c_in):
             for r in range(3):
                 for s in range(3):
-                    gathered[3 * s + r, c] = weight[o, c, r, s]
-        for k in range(alpha):  # G g: [a,3] @ [3,3]
+                    taps[o - o0, 3 * s + r, c] = weight[o, c, r, s]
+
+
+@njit(**SERIAL)
+def transform_taps(taps, G, k0, k1, half, U, u_row0):
+    """U[(k - k0)*a + l, u_row0 + o, c] = (G g G^T)[k,l] for g the 3x3 taps[o, :, c] (gather_taps), the rows
+    k0..k1-1 of the transform (all a of them, or one row k: a frequencies at a time, weight_transform_block).
+
+    Scratch half [3*(k1-k0), C_in]: G g and (G g) G^T are 3-term sums of rows (g0*r0 + g1*r1) + g2*r2 in one
+    pass, vectorised along C_in (combine_rows per row, up to 3 read-modify-write passes, took 1.1-1.5x this
+    time, one core, 80-row blocks: 1280 -> 1280 27.7 against 25.4 ms, 320 -> 320 F(6,3) 2.6 against 1.8 ms).
+    Zero coefficients of G are multiplied, not skipped as in combine_rows: the same values but for the sign of
+    a zero. Tried and slower: the same in chunks of 256 or 16 input channels (to stay in L1): 1.6x and 2.4x
+    this time (Numba's index loops from a non-zero start keep their negative-index checks and do not
+    vectorise as these do)."""
+    alpha = G.shape[0]
+    c_in = taps.shape[2]
+    for o in range(taps.shape[0]):
+        row = u_row0 + o
+        for k in range(k0, k1):  # G g: [a,3] @ [3,3]
             g0, g1, g2 = G[k, 0], G[k, 1], G[k, 2]
             for s in range(3):
                 for c in range(c_in):
-                    half[3 * k + s, c] = g0 * gathered[3 * s, c] + g1 * gathered[3 * s + 1, c] \
-                        + g2 * gathered[3 * s + 2, c]
+                    half[3 * (k - k0) + s, c] = g0 * taps[o, 3 * s, c] + g1 * taps[o, 3 * s + 1, c] \
+                        + g2 * taps[o, 3 * s + 2, c]
         for l in range(alpha):  # (G g) G^T: [a,3] @ [3,a]
             g0, g1, g2 = G[l, 0], G[l, 1], G[l, 2]
-            for k in range(alpha):
+            for k in range(k1 - k0):
                 for c in range(c_in):
                     U[k * alpha + l, row, c] = g0 * half[3 * k, c] + g1 * half[3 * k + 1, c] \
                         + g2 * half[3 * k + 2, c]
+
+
+@njit(**SERIAL)
+def weight_transform(weight, G, o0, o1, taps, half, U, u0):
+    """U[k*a+l, o - u0, c] = (G g G^T)[k,l] for g = weight[o, c] (3x3), o in o0..o1-1, one output channel at a
+    time (scratch taps [1, 9, C_in], half [3a, C_in]: that channel's, kept in cache between the two steps; the
+    block's taps gathered first measured 5-15% slower at the 16 px shapes)."""
+    for o in range(o0, o1):
+        gather_taps(weight, o, o + 1, taps)
+        transform_taps(taps, G, 0, G.shape[0], half, U, o - u0)
 
 
 def output_blocks(c_out, block_rows=None, multiple=4):
@@ -426,8 +446,8 @@ def winograd_conv2d(x, weight, bias, padding, m, normalized=None, upsampled=Fals
     in_blocks = split_evenly(c_in, -(-c_in // (2 * worker_count())))  # element-wise: any split
     products = product_buffers(out_blocks, alpha * alpha * most_tiles)  # M per block, or None: scratch
     # the GEMMs of small blocks over spans of input channels (blocking(): rounding), else whole
-    spanned = few_tiles(groups, tiles_w) and c_in > SMALL_GEMM_DEPTH
-    depth_spans = split_evenly(c_in, SMALL_GEMM_DEPTH) if spanned else None
+    spanned_gemms = few_tiles(groups, tiles_w)
+    depth_spans = split_evenly(c_in, SMALL_GEMM_DEPTH) if spanned_gemms and c_in > SMALL_GEMM_DEPTH else None
 
     for group, (row0, row1) in enumerate(groups):
         tiles = (row1 - row0) * tiles_w
@@ -454,29 +474,49 @@ def winograd_conv2d(x, weight, bias, padding, m, normalized=None, upsampled=Fals
         def multiply_and_transform_output(block, first=group == 0, row0=row0, row1=row1, V=V, tiles=tiles):
             o0, o1 = block
             since = None if step_seconds is None else time.thread_time()
-            if one_group:  # 2. U = G g G^T for this block's output channels, used at once
-                U_block = worker_buffer("winograd weights", (alpha * alpha, o1 - o0, c_in))
-            else:  # (or kept for the later groups: all of U lives for this call)
-                U_block = U[:, o0:o1, :]
-            if first:
-                gathered, half = scratch("winograd taps", 9 * c_in), scratch("winograd half", 3 * alpha * c_in)
-                weight_transform(weight, G, o0, o1, gathered.reshape(9, c_in), half.reshape(3 * alpha, c_in),
-                                 U_block if one_group else U, o0 if one_group else 0)
-                since = add_seconds(step_seconds, "weights", since)
             if products is None:  # [block,a*a,T]
                 M = scratch("winograd product", (o1 - o0, alpha * alpha, tiles))
             else:
                 M = products[block][:(o1 - o0) * alpha * alpha * tiles].reshape(o1 - o0, alpha * alpha, tiles)
             product = M.transpose(1, 0, 2)  # [a*a,block,T] view
-            if depth_spans is None:
-                np.matmul(U_block, V, out=product)  # 3. [a*a,block,C_in] @ [a*a,C_in,T]
-            else:  # (or in spans of input channels, added in order)
-                partial = scratch("winograd partial", product.shape)
+
+            def multiply(U_part, f0, f1):  # 3. product[f] = U_part[f - f0] @ V[f] for frequencies f0..f1-1
+                if depth_spans is None:
+                    np.matmul(U_part, V[f0:f1], out=product[f0:f1])  # [f,block,C_in] @ [f,C_in,T]
+                    return
+                partial = scratch("winograd partial", (f1 - f0, o1 - o0, tiles))  # (spans of C_in added in order)
                 for span, (c0, c1) in enumerate(depth_spans):
-                    np.matmul(U_block[:, :, c0:c1], V[:, c0:c1], out=product if span == 0 else partial)
+                    np.matmul(U_part[:, :, c0:c1], V[f0:f1, c0:c1], out=product[f0:f1] if span == 0 else partial)
                     if span > 0:
-                        product += partial
-            since = add_seconds(step_seconds, "gemm", since)
+                        product[f0:f1] += partial
+
+            if one_group and spanned_gemms:  # 2. U = G g G^T for this (small) block, then its GEMMs
+                U_block = worker_buffer("winograd weights", (alpha * alpha, o1 - o0, c_in))  # [a*a,block,C_in]
+                weight_transform(weight, G, o0, o1, scratch("winograd taps", (1, 9, c_in)),
+                                 scratch("winograd half", (3 * alpha, c_in)), U_block, o0)
+                since = add_seconds(step_seconds, "weights", since)
+                multiply(U_block, 0, alpha * alpha)
+                since = add_seconds(step_seconds, "gemm", since)
+            elif one_group:  # (or one row k of G, a frequencies, at a time, each multiplied at once while in
+                # cache: the whole block's U, 15-22 MiB at 1280-1920 channels, was written to memory and read
+                # back, 33-37 ns per channel pair at 32 px against 15-18; per row at 16 px, 6x the small
+                # spanned GEMM calls: 4-12% slower there)
+                taps = worker_buffer("winograd block taps", (o1 - o0, 9, c_in))  # [block,9,C_in]
+                gather_taps(weight, o0, o1, taps)
+                U_part = worker_buffer("winograd weights", (alpha, o1 - o0, c_in))  # [a,block,C_in]
+                half = scratch("winograd half", (3, c_in))
+                for k in range(alpha):
+                    transform_taps(taps, G, k, k + 1, half, U_part, 0)
+                    since = add_seconds(step_seconds, "weights", since)
+                    multiply(U_part, k * alpha, (k + 1) * alpha)
+                    since = add_seconds(step_seconds, "gemm", since)
+            else:  # (or U made by the first group for all: the whole U lives for this call)
+                if first:
+                    weight_transform(weight, G, o0, o1, scratch("winograd taps", (1, 9, c_in)),
+                                     scratch("winograd half", (3 * alpha, c_in)), U, 0)
+                    since = add_seconds(step_seconds, "weights", since)
+                multiply(U[:, o0:o1, :], 0, alpha * alpha)
+                since = add_seconds(step_seconds, "gemm", since)
             mixed = scratch("winograd output", (alpha, m, tiles_w))
             if m in (4, 6):  # 4. A^T M A + bias
                 rows_out = scratch("winograd output rows", (m, m, tiles_w))
