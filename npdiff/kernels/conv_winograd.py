@@ -121,7 +121,11 @@ WINOGRAD = {
 V_GROUP_BYTES = 6 << 20  # transformed input per group: stays in L3 while every output block reads it
 ONE_GROUP_BYTES = 16 << 20  # ... unless all of it is at most this: one group, U made block by block
 MIN_GROUP_TILES = 128  # and never fewer tiles per group (the GEMMs' N) than this
-OUT_BLOCK_ROWS = 96  # output channels per step-2 block, about (their count is rounded to 4 blocks)
+# output channels per step-2 block, about (their count is rounded to 4 blocks). 160, not 96, since the weights are
+# transformed one row of G at a time (U no longer a whole block in memory): one core, CPU ms, 96 -> 160, best of 3
+# alternated: 640 -> 640 at 32 px 64.1 -> 59.4, 1280 -> 1280 at 32 px 234.8 -> 216.1, 320 -> 640 34.3 -> 32.3,
+# 1920 -> 640 186.3 -> 185.8; 320 rows (2 blocks): 60.1, 222.8, 32.1, 189.0 (its U rows leave L2)
+OUT_BLOCK_ROWS = 160
 F6_OUT_BLOCK_ROWS = 256  # ... for F(6x6,3x3), in an even number of blocks (blocking())
 # ... and with at most SMALL_GEMM_MAX_TILES tiles in all (the UNet's 16 px convs at batch 2: 32 tiles), blocks
 # of rows such that rows * C_in * tiles <= SMALL_GEMM_MAX_WORK, each GEMM over spans of <= SMALL_GEMM_DEPTH input
