@@ -165,6 +165,23 @@ def test_f63_within_the_kernel_tolerance_at_vae_sizes(rng):
         assert_rel_close(fast, expected64, KERNEL_TOL, "F(6,3) vs torch float64")
 
 
+@pytest.mark.parametrize("m", [4, 6])
+@pytest.mark.parametrize("one_group", [True, False])
+def test_buffers_past_the_kept_scratch(rng, monkeypatch, one_group, m):
+    # With no scratch kept (KEPT_SCRATCH_BYTES 0, as the VAE's large blocks): every M is a per-call buffer
+    # (product_buffers) and every taps block or U part a fresh array (worker_buffer): the same bytes.
+    if not one_group:
+        monkeypatch.setattr(conv_winograd, "ONE_GROUP_BYTES", 0)
+        monkeypatch.setattr(conv_winograd, "V_GROUP_BYTES", 1)
+        monkeypatch.setattr(conv_winograd, "MIN_GROUP_TILES", 12)
+    x, weight, bias = sd_like_inputs(rng, 2, 40, 70, 26, 19)
+    kept = winograd_conv2d(x, weight, bias, (1, 1), m)
+    monkeypatch.setattr(conv_winograd, "KEPT_SCRATCH_BYTES", 0)
+    assert conv_winograd.product_buffers([(0, 1)], 1) is not None
+    assert winograd_conv2d(x, weight, bias, (1, 1), m).tobytes() == kept.tobytes()
+    assert_rel_close(kept, torch_conv(x, weight, bias, 1), KERNEL_TOL)
+
+
 @pytest.mark.parametrize("m", [2, 4])
 def test_few_tiles_take_small_output_blocks(rng, monkeypatch, m):
     # At most SMALL_GEMM_MAX_TILES tiles in all (the UNet's 16 px convs): output blocks of rows with
