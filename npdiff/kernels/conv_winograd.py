@@ -20,9 +20,12 @@ Versions (both tested against torch and against each other):
                         group ~V_GROUP_BYTES); per group, step 1 transforms the input (Numba, channel
                         blocks on the block-parallel pool; zero padding handled in the gather, no
                         padded copy of x), step 2 runs per block of output channels: transform that
-                        block's weights (first group only; U lives for this call), its (m+2)^2 GEMMs
-                        (np.matmul: single-threaded sgemm on the worker's core) into a per-worker M,
-                        and the output transform + bias straight into out (edge tiles clipped).
+                        block's weights (with one group: one row of G, m+2 frequencies, at a time, each
+                        multiplied at once while in cache; with several: all of U by the first group,
+                        kept for the call), its (m+2)^2 GEMMs (np.matmul: single-threaded sgemm on the
+                        worker's core) into a per-worker M, and the output transform + bias straight
+                        into out (edge tiles clipped). Few tiles (16 px) take small blocks and GEMMs
+                        over spans of input channels (blocking()).
                         For F(4x4,3x3) (padding 1) the transforms are conv_winograd4.py's
                         input_transform4 and output_transform4: B^T and A^T written out, each
                         output made in one pass from all its sources (the generic kernels add one
@@ -38,10 +41,12 @@ every GEMM sees the same operands at any thread count: the same bytes at 1 and 2
 Memory: the transformed weights are not cached across calls (F(4,3)'s U is 4x the 3x3 weights:
 ~8 GiB for SD's UNet). Per call: V (<= ONE_GROUP_BYTES, or one group's) and, with several groups,
 U for the call ((m+2)^2/9 x that conv's weight: 44 MiB at the UNet's 960->320); per worker thread,
-kept for the next call: M, and U for one block of output channels (at most ~22 MiB at 1920->640).
+kept for the next call: M, a block's taps and U for one row of G (a frequencies) of a block (at most ~5.5 MiB
+each at 1920->640), or at 16 px (small blocks) U for a block.
 """
 
 import math
+import time
 
 import numpy as np
 
@@ -116,8 +121,16 @@ WINOGRAD = {
 V_GROUP_BYTES = 6 << 20  # transformed input per group: stays in L3 while every output block reads it
 ONE_GROUP_BYTES = 16 << 20  # ... unless all of it is at most this: one group, U made block by block
 MIN_GROUP_TILES = 128  # and never fewer tiles per group (the GEMMs' N) than this
-OUT_BLOCK_ROWS = 96  # output channels per step-2 block, about (their count is rounded to 4 blocks)
+# output channels per step-2 block, about (their count is rounded to 4 blocks). 160, not 96, since the weights are
+# transformed one row of G at a time (U no longer a whole block in memory): one core, CPU ms, 96 -> 160, best of 3
+# alternated: 640 -> 640 at 32 px 64.1 -> 59.4, 1280 -> 1280 at 32 px 234.8 -> 216.1, 320 -> 640 34.3 -> 32.3,
+# 1920 -> 640 186.3 -> 185.8; 320 rows (2 blocks): 60.1, 222.8, 32.1, 189.0 (its U rows leave L2)
+OUT_BLOCK_ROWS = 160
 F6_OUT_BLOCK_ROWS = 256  # ... for F(6x6,3x3), in an even number of blocks (blocking())
+# ... and with at most SMALL_GEMM_MAX_TILES tiles in all (the UNet's 16 px convs at batch 2: 32 tiles), blocks
+# of rows such that rows * C_in * tiles <= SMALL_GEMM_MAX_WORK, each GEMM over spans of <= SMALL_GEMM_DEPTH input
+# channels, added in order (blocking())
+SMALL_GEMM_MAX_TILES, SMALL_GEMM_MAX_WORK, SMALL_GEMM_DEPTH = 32, 1_000_000, 320
 KEPT_SCRATCH_BYTES = 16 << 20  # larger M and U blocks are allocated per call (worker_buffer())
 
 
@@ -275,26 +288,54 @@ def output_transform(M, AT, bias, o0, row0, row1, tiles_h, mixed, rows_out, out)
 
 
 @njit(**SERIAL)
-def weight_transform(weight, G, o0, o1, gathered, half, U, u0):
-    """U[k*a+l, o - u0, c] = (G g G^T)[k,l] for g = weight[o, c] (3x3), o in o0..o1-1.
-
-    Scratch gathered [9, C_in] (tap (r, s) at row 3s+r), half [a*3, C_in]: per output channel the
-    9 taps of every input channel are gathered into rows, then G g and (G g) G^T are sums of rows,
-    vectorised along C_in.
-    """
-    alpha = G.shape[0]
+def gather_taps(weight, o0, o1, taps):
+    """taps[o - o0, 3s + r, c] = weight[o, c, r, s]: the 9 taps of output channels o0..o1-1 as rows along C_in."""
     c_in = weight.shape[1]
     for o in range(o0, o1):
         for c in range(c_in):
             for r in range(3):
                 for s in range(3):
-                    gathered[3 * s + r, c] = weight[o, c, r, s]
-        for k in range(alpha):  # G g: [a,3] @ [3,3]
+                    taps[o - o0, 3 * s + r, c] = weight[o, c, r, s]
+
+
+@njit(**SERIAL)
+def transform_taps(taps, G, k0, k1, half, U, u_row0):
+    """U[(k - k0)*a + l, u_row0 + o, c] = (G g G^T)[k,l] for g the 3x3 taps[o, :, c] (gather_taps), the rows
+    k0..k1-1 of the transform (all a of them, or one row k: a frequencies at a time, weight_transform_block).
+
+    Scratch half [3*(k1-k0), C_in]: G g and (G g) G^T are 3-term sums of rows (g0*r0 + g1*r1) + g2*r2 in one
+    pass, vectorised along C_in (combine_rows per row, up to 3 read-modify-write passes, took 1.1-1.5x this
+    time, one core, 80-row blocks: 1280 -> 1280 27.7 against 25.4 ms, 320 -> 320 F(6,3) 2.6 against 1.8 ms).
+    Zero coefficients of G are multiplied, not skipped as in combine_rows: the same values but for the sign of
+    a zero. Tried and slower: the same in chunks of 256 or 16 input channels (to stay in L1): 1.6x and 2.4x
+    this time (Numba's index loops from a non-zero start keep their negative-index checks and do not
+    vectorise as these do)."""
+    alpha = G.shape[0]
+    c_in = taps.shape[2]
+    for o in range(taps.shape[0]):
+        row = u_row0 + o
+        for k in range(k0, k1):  # G g: [a,3] @ [3,3]
+            g0, g1, g2 = G[k, 0], G[k, 1], G[k, 2]
             for s in range(3):
-                combine_rows(G[k], gathered, 3 * s, 0, half[3 * k + s])
-        for k in range(alpha):  # (G g) G^T: [a,3] @ [3,a]
-            for l in range(alpha):
-                combine_rows(G[l], half, 3 * k, 0, U[k * alpha + l, o - u0])
+                for c in range(c_in):
+                    half[3 * (k - k0) + s, c] = g0 * taps[o, 3 * s, c] + g1 * taps[o, 3 * s + 1, c] \
+                        + g2 * taps[o, 3 * s + 2, c]
+        for l in range(alpha):  # (G g) G^T: [a,3] @ [3,a]
+            g0, g1, g2 = G[l, 0], G[l, 1], G[l, 2]
+            for k in range(k1 - k0):
+                for c in range(c_in):
+                    U[k * alpha + l, row, c] = g0 * half[3 * k, c] + g1 * half[3 * k + 1, c] \
+                        + g2 * half[3 * k + 2, c]
+
+
+@njit(**SERIAL)
+def weight_transform(weight, G, o0, o1, taps, half, U, u0):
+    """U[k*a+l, o - u0, c] = (G g G^T)[k,l] for g = weight[o, c] (3x3), o in o0..o1-1, one output channel at a
+    time (scratch taps [1, 9, C_in], half [3a, C_in]: that channel's, kept in cache between the two steps; the
+    block's taps gathered first measured 5-15% slower at the 16 px shapes)."""
+    for o in range(o0, o1):
+        gather_taps(weight, o, o + 1, taps)
+        transform_taps(taps, G, 0, G.shape[0], half, U, o - u0)
 
 
 def output_blocks(c_out, block_rows=None, multiple=4):
@@ -323,11 +364,31 @@ def blocking(m, c_in, c_out, rows, tiles_w):
     GEMMs pack less per multiply). Measured on one core (CPU time; F(6,3) with F(4,3)'s blocking ->
     groups of C_in tiles, 4 blocks -> this): [1,512,128,128] 286 -> 213 -> 195 ms, [1,256,256,256]
     -> 318 -> 266 ms, 256 -> 128 at 512 px 676 -> 661 ms; [1,128,512,512] 327 -> 344 ms (noise).
-    Their M and U blocks are larger than the scratch keeps (worker_buffer())."""
+    Their M and U blocks are larger than the scratch keeps (worker_buffer()).
+    With few tiles (at most SMALL_GEMM_MAX_TILES in one group: the UNet's 16 px convs at batch 2, 32 tiles)
+    the blocks are small: rows * C_in * tiles <= SMALL_GEMM_MAX_WORK (1e6). There the GEMMs are weight-bound
+    (U is 36 x C_out x C_in, the tiles only 32): a U block of 12-24 rows stays in cache from the weight
+    transform to the GEMM, and such sgemm calls ran ~1.4x faster per FLOP (with 32 tiles, not with 128 or
+    242; as if OpenBLAS took an unpacked small-matrix path up to M*N*K ~1e6: 983k was fast, 1.31M not; not
+    checked in its source). One core, CPU ms, 96-row blocks -> these: 640 -> 1280 44.3 -> 39.4, 1280 -> 1280 102.6 ->
+    82.7, 1920 -> 1280 175.3 -> 125.2, 2560 -> 1280 255.9 -> 177.4; at 32 px (128 tiles) blocks of 12 rows
+    lost (640 -> 640 66.2 -> 79.3 ms), and so did 64 px (320 -> 320 F(6,3) 52.2 -> 72.5).
+    Those small sgemm calls round worse over long sums (relative error against a float64 conv, 16 px,
+    batch 2: 4.9e-6 at 1280 -> 1280, 7.0e-6 at 2560 -> 1280, against 2.9-3.0e-6 with 96-row blocks), so each
+    block's GEMM runs over spans of SMALL_GEMM_DEPTH (320) input channels added in order: 2.5-2.6e-6, for
+    8-15% of the time (spans of 640: 3.5e-6). Both from the shapes alone, like the blocks."""
     if m == 6:
         groups = tile_row_groups(rows, tiles_w, c_in, m + 2, max(MIN_GROUP_TILES, 2 * c_in))
         return groups, output_blocks(c_out, F6_OUT_BLOCK_ROWS, multiple=2)
-    return tile_row_groups(rows, tiles_w, c_in, m + 2), output_blocks(c_out)
+    groups = tile_row_groups(rows, tiles_w, c_in, m + 2)
+    if few_tiles(groups, tiles_w):  # (16 px) small GEMMs, U blocks in cache
+        return groups, output_blocks(c_out, max(4, SMALL_GEMM_MAX_WORK // (c_in * rows * tiles_w)))
+    return groups, output_blocks(c_out)
+
+
+def few_tiles(groups, tiles_w):
+    """Whether blocking() sizes the output blocks for small GEMMs: one group of at most SMALL_GEMM_MAX_TILES."""
+    return len(groups) == 1 and (groups[0][1] - groups[0][0]) * tiles_w <= SMALL_GEMM_MAX_TILES
 
 
 def worker_buffer(name, shape):
@@ -349,14 +410,26 @@ def product_buffers(out_blocks, per_channel):
     return {block: np.empty((block[1] - block[0]) * per_channel, np.float32) for block in out_blocks}
 
 
-def winograd_conv2d(x, weight, bias, padding, m, normalized=None, upsampled=False):
+def add_seconds(step_seconds, step, since):
+    """step_seconds[step] += this thread's CPU seconds since `since` (a time.thread_time()); returns now.
+    No-op (returns None) when step_seconds is None: the kernels are only timed when a caller asks."""
+    if step_seconds is None:
+        return None
+    now = time.thread_time()
+    step_seconds[step] = step_seconds.get(step, 0.0) + now - since
+    return now
+
+
+def winograd_conv2d(x, weight, bias, padding, m, normalized=None, upsampled=False, step_seconds=None):
     """conv2d(x, weight, bias, stride=1, padding=(ph, pw)) for 3x3 float32 weights by F(m x m, 3 x 3).
 
     With m 4 or 6 and padding 1, the conv may read a picture made from x row by row as its input transform
     needs it, never whole (conv_fused.py):
       normalized=(mean, scale, shift): SiLU((x - mean) * scale + shift) per (image, channel), GroupNorm +
                  SiLU folded in (mean, scale [B,C_in], shift [C_in], float64: norm.group_norm_affine);
-      upsampled=True: upsample_nearest2x(x), [B,C_in,2H,2W], and the output is that size."""
+      upsampled=True: upsample_nearest2x(x), [B,C_in,2H,2W], and the output is that size.
+    step_seconds: a dict, or None; a dict gets every worker's CPU seconds per step added under "input",
+    "weights", "gemm" and "output" (benchmarks/winograd_shapes.py; dict updates are atomic under the GIL)."""
     ph, pw = padding
     batch, c_in, height, width = x.shape
     if upsampled:
@@ -376,12 +449,16 @@ def winograd_conv2d(x, weight, bias, padding, m, normalized=None, upsampled=Fals
     V_all = np.empty(alpha * alpha * c_in * most_tiles, np.float32)
     in_blocks = split_evenly(c_in, -(-c_in // (2 * worker_count())))  # element-wise: any split
     products = product_buffers(out_blocks, alpha * alpha * most_tiles)  # M per block, or None: scratch
+    # the GEMMs of small blocks over spans of input channels (blocking(): rounding), else whole
+    spanned_gemms = few_tiles(groups, tiles_w)
+    depth_spans = split_evenly(c_in, SMALL_GEMM_DEPTH) if spanned_gemms and c_in > SMALL_GEMM_DEPTH else None
 
     for group, (row0, row1) in enumerate(groups):
         tiles = (row1 - row0) * tiles_w
         V = V_all[:alpha * alpha * tiles * c_in].reshape(alpha * alpha, c_in, tiles)  # [a*a,C_in,T]
 
         def transform_input(block):  # 1. V = B^T d B for channels c0..c1
+            since = None if step_seconds is None else time.thread_time()
             gathered = scratch("winograd input", (alpha, m, tiles_w + 1))
             mixed = scratch("winograd input mixed", (alpha, m, tiles_w + 1))
             if normalized is not None or upsampled:  # (m 4 or 6, padding 1: conv_fused.py checks)
@@ -396,22 +473,54 @@ def winograd_conv2d(x, weight, bias, padding, m, normalized=None, upsampled=Fals
                 input_transform6(x, row0, row1, tiles_h, block[0], block[1], gathered, mixed, V)
             else:
                 input_transform(x, BT, m, ph, pw, row0, row1, tiles_h, block[0], block[1], gathered, mixed, V)
+            add_seconds(step_seconds, "input", since)
 
         def multiply_and_transform_output(block, first=group == 0, row0=row0, row1=row1, V=V, tiles=tiles):
             o0, o1 = block
-            if one_group:  # 2. U = G g G^T for this block's output channels, used at once
-                U_block = worker_buffer("winograd weights", (alpha * alpha, o1 - o0, c_in))
-            else:  # (or kept for the later groups: all of U lives for this call)
-                U_block = U[:, o0:o1, :]
-            if first:
-                gathered, half = scratch("winograd taps", 9 * c_in), scratch("winograd half", 3 * alpha * c_in)
-                weight_transform(weight, G, o0, o1, gathered.reshape(9, c_in), half.reshape(3 * alpha, c_in),
-                                 U_block if one_group else U, o0 if one_group else 0)
+            since = None if step_seconds is None else time.thread_time()
             if products is None:  # [block,a*a,T]
                 M = scratch("winograd product", (o1 - o0, alpha * alpha, tiles))
             else:
                 M = products[block][:(o1 - o0) * alpha * alpha * tiles].reshape(o1 - o0, alpha * alpha, tiles)
-            np.matmul(U_block, V, out=M.transpose(1, 0, 2))  # 3. [a*a,block,C_in] @ [a*a,C_in,T]
+            product = M.transpose(1, 0, 2)  # [a*a,block,T] view
+
+            def multiply(U_part, f0, f1):  # 3. product[f] = U_part[f - f0] @ V[f] for frequencies f0..f1-1
+                if depth_spans is None:
+                    np.matmul(U_part, V[f0:f1], out=product[f0:f1])  # [f,block,C_in] @ [f,C_in,T]
+                    return
+                partial = scratch("winograd partial", (f1 - f0, o1 - o0, tiles))  # (spans of C_in added in order)
+                for span, (c0, c1) in enumerate(depth_spans):
+                    np.matmul(U_part[:, :, c0:c1], V[f0:f1, c0:c1], out=product[f0:f1] if span == 0 else partial)
+                    if span > 0:
+                        product[f0:f1] += partial
+
+            if one_group and spanned_gemms:  # 2. U = G g G^T for this (small) block, then its GEMMs
+                U_block = worker_buffer("winograd weights", (alpha * alpha, o1 - o0, c_in))  # [a*a,block,C_in]
+                weight_transform(weight, G, o0, o1, scratch("winograd taps", (1, 9, c_in)),
+                                 scratch("winograd half", (3 * alpha, c_in)), U_block, o0)
+                since = add_seconds(step_seconds, "weights", since)
+                multiply(U_block, 0, alpha * alpha)
+                since = add_seconds(step_seconds, "gemm", since)
+            elif one_group:  # (or one row k of G, a frequencies, at a time, each multiplied at once while in
+                # cache: the whole block's U, 15-22 MiB at 1280-1920 channels, was written to memory and read
+                # back, 33-37 ns per channel pair at 32 px against 15-18; per row at 16 px, 6x the small
+                # spanned GEMM calls: 4-12% slower there)
+                taps = worker_buffer("winograd block taps", (o1 - o0, 9, c_in))  # [block,9,C_in]
+                gather_taps(weight, o0, o1, taps)
+                U_part = worker_buffer("winograd weights", (alpha, o1 - o0, c_in))  # [a,block,C_in]
+                half = scratch("winograd half", (3, c_in))
+                for k in range(alpha):
+                    transform_taps(taps, G, k, k + 1, half, U_part, 0)
+                    since = add_seconds(step_seconds, "weights", since)
+                    multiply(U_part, k * alpha, (k + 1) * alpha)
+                    since = add_seconds(step_seconds, "gemm", since)
+            else:  # (or U made by the first group for all: the whole U lives for this call)
+                if first:
+                    weight_transform(weight, G, o0, o1, scratch("winograd taps", (1, 9, c_in)),
+                                     scratch("winograd half", (3 * alpha, c_in)), U, 0)
+                    since = add_seconds(step_seconds, "weights", since)
+                multiply(U[:, o0:o1, :], 0, alpha * alpha)
+                since = add_seconds(step_seconds, "gemm", since)
             mixed = scratch("winograd output", (alpha, m, tiles_w))
             if m in (4, 6):  # 4. A^T M A + bias
                 rows_out = scratch("winograd output rows", (m, m, tiles_w))
@@ -420,6 +529,7 @@ def winograd_conv2d(x, weight, bias, padding, m, normalized=None, upsampled=Fals
             else:
                 rows_out = scratch("winograd output rows", (m, tiles_w))
                 output_transform(M, AT, bias, o0, row0, row1, tiles_h, mixed, rows_out, out)
+            add_seconds(step_seconds, "output", since)
 
         run_blocks(transform_input, in_blocks)
         run_blocks(multiply_and_transform_output, out_blocks)

@@ -125,3 +125,20 @@ def test_split_evenly():
                 assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
                 assert max(sizes) <= max_part and max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
                 assert (images * len(parts)) % workers == 0 or len(parts) == total
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_im2col_batch_of_small_images(rng, stride):
+    # Small images at batch > 1 (the UNet's 8x8 convs): every image's columns in one GEMM per block of output
+    # channels; C_out 10 is not a multiple of the 4 blocks, the blocks uneven.
+    x = rng.standard_normal((3, 24, 8, 7), dtype=np.float32)
+    weight = rng.standard_normal((10, 24, 3, 3), dtype=np.float32) * 0.1
+    bias = rng.standard_normal(10, dtype=np.float32)
+    assert 3 * 24 * 9 * 8 * 7 * 4 <= conv.IM2COL_TILE_BYTES and 8 * 7 <= conv.IM2COL_BATCH_MAX_PIXELS
+    for b in (bias, None):
+        ours = conv._conv_im2col_batch(x, weight.reshape(10, -1), b, (3, 3),
+                                       (conv.output_size(8, 3, stride, 1), conv.output_size(7, 3, stride, 1)),
+                                       stride, stride, 1, 1)
+        assert_rel_close(ours, torch_conv(x, weight, b, stride, 1), KERNEL_TOL, "im2col batch")
+        assert_rel_close(conv._conv_im2col_tiled(x, weight, b, stride, stride, 1, 1),
+                         torch_conv(x, weight, b, stride, 1), KERNEL_TOL, "im2col tiled, batch")

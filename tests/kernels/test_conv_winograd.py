@@ -74,6 +74,17 @@ def test_every_group_and_output_block_is_covered(rng, monkeypatch, m):
     assert_rel_close(winograd_conv2d(x, weight, bias, (1, 1), m), torch_conv(x, weight, bias, 1), KERNEL_TOL)
 
 
+def at_one_two_three_workers(monkeypatch, call):
+    """call()'s results with the block pool at 1, 2 and 3 workers."""
+    results = []
+    for workers in (1, 2, 3):
+        monkeypatch.setattr(block_pool, "_shared", block_pool.BlockParallelPool(workers))
+        monkeypatch.setattr(conv_winograd, "worker_count", lambda workers=workers: workers)
+        results.append(call())
+        block_pool._shared.shutdown()
+    return results
+
+
 @pytest.mark.parametrize("m", [4, 6])
 @pytest.mark.parametrize("one_group", [True, False])
 def test_same_bytes_at_one_and_two_workers(rng, monkeypatch, one_group, m):
@@ -84,12 +95,7 @@ def test_same_bytes_at_one_and_two_workers(rng, monkeypatch, one_group, m):
         monkeypatch.setattr(conv_winograd, "V_GROUP_BYTES", 1)
         monkeypatch.setattr(conv_winograd, "MIN_GROUP_TILES", 12)
     x, weight, bias = sd_like_inputs(rng, 2, 64, 96, 24, 20)
-    results = []
-    for workers in (1, 2, 3):
-        monkeypatch.setattr(block_pool, "_shared", block_pool.BlockParallelPool(workers))
-        monkeypatch.setattr(conv_winograd, "worker_count", lambda workers=workers: workers)
-        results.append(winograd_conv2d(x, weight, bias, (1, 1), m))
-        block_pool._shared.shutdown()
+    results = at_one_two_three_workers(monkeypatch, lambda: winograd_conv2d(x, weight, bias, (1, 1), m))
     assert results[0].tobytes() == results[1].tobytes() == results[2].tobytes()
 
 
@@ -157,6 +163,42 @@ def test_f63_within_the_kernel_tolerance_at_vae_sizes(rng):
         expected64 = F.conv2d(torch.from_numpy(inputs).double(), torch.from_numpy(weight).double(),
                               torch.from_numpy(bias).double(), padding=1)
         assert_rel_close(fast, expected64, KERNEL_TOL, "F(6,3) vs torch float64")
+
+
+@pytest.mark.parametrize("m", [4, 6])
+@pytest.mark.parametrize("one_group", [True, False])
+def test_buffers_past_the_kept_scratch(rng, monkeypatch, one_group, m):
+    # With no scratch kept (KEPT_SCRATCH_BYTES 0, as the VAE's large blocks): every M is a per-call buffer
+    # (product_buffers) and every taps block or U part a fresh array (worker_buffer): the same bytes.
+    if not one_group:
+        monkeypatch.setattr(conv_winograd, "ONE_GROUP_BYTES", 0)
+        monkeypatch.setattr(conv_winograd, "V_GROUP_BYTES", 1)
+        monkeypatch.setattr(conv_winograd, "MIN_GROUP_TILES", 12)
+    x, weight, bias = sd_like_inputs(rng, 2, 40, 70, 26, 19)
+    kept = winograd_conv2d(x, weight, bias, (1, 1), m)
+    monkeypatch.setattr(conv_winograd, "KEPT_SCRATCH_BYTES", 0)
+    assert conv_winograd.product_buffers([(0, 1)], 1) is not None
+    assert winograd_conv2d(x, weight, bias, (1, 1), m).tobytes() == kept.tobytes()
+    assert_rel_close(kept, torch_conv(x, weight, bias, 1), KERNEL_TOL)
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_few_tiles_take_small_output_blocks(rng, monkeypatch, m):
+    # At most SMALL_GEMM_MAX_TILES tiles in all (the UNet's 16 px convs): output blocks of rows with
+    # rows * C_in * tiles <= SMALL_GEMM_MAX_WORK, their GEMMs over spans of input channels; every channel
+    # covered, the same bytes at 1, 2 and 3 workers.
+    x, weight, bias = sd_like_inputs(rng, 2, 16, 37, 8, 7)
+    rows, tiles_w = 2 * -(-8 // m), -(-7 // m)
+    tiles = rows * tiles_w
+    assert tiles <= conv_winograd.SMALL_GEMM_MAX_TILES
+    monkeypatch.setattr(conv_winograd, "SMALL_GEMM_MAX_WORK", 16 * tiles * 5)  # blocks of <= 5 rows
+    monkeypatch.setattr(conv_winograd, "SMALL_GEMM_DEPTH", 6)  # each GEMM in 3 spans of input channels
+    groups, blocks = conv_winograd.blocking(m, 16, 37, rows, tiles_w)
+    assert groups == [(0, rows)] and len(blocks) == 8 and max(stop - start for start, stop in blocks) == 5
+    assert [start for start, _ in blocks[1:]] == [stop for _, stop in blocks[:-1]] and blocks[-1][1] == 37
+    results = at_one_two_three_workers(monkeypatch, lambda: winograd_conv2d(x, weight, bias, (1, 1), m))
+    assert results[0].tobytes() == results[1].tobytes() == results[2].tobytes()
+    assert_rel_close(results[0], torch_conv(x, weight, bias, 1), KERNEL_TOL)
 
 
 def test_output_blocks_are_a_multiple_of_four():
