@@ -37,7 +37,7 @@ implicit GEMM (9 accumulating sgemm calls, beta=1, over shifted views of a padde
 copy but needs the weight re-laid out per tap and re-reads/writes the output tile 9 times; a ctypes
 prototype of it was not faster than this in our (noisy, shared-machine) measurements.
 
-Winograd vs im2col, measured (benchmarks/kernels.py, 2 threads, best of rounds alternated with
+Winograd vs im2col, measured (benchmarks/sd15_kernels.py, 2 threads, best of rounds alternated with
 torch in one process; GFLOP/s counted as the direct conv's 2*B*C_out*C_in*9*H*W for every method,
 so they compare; shared machine, load average 2-4; NumPy's sgemm peak 203 GFLOP/s):
 
@@ -61,11 +61,11 @@ so they compare; shared machine, load average 2-4; NumPy's sgemm peak 203 GFLOP/
     0.73 -> 0.56, 1280@16 0.79 -> 0.70, 2560->1280@16 0.74 -> 0.68, 640->1280@16 1.14 (im2col) -> 0.81.
 
 Hence the rule in conv_method: F(4,3) from 32 input channels and 32x32 output pixels up, and at
-16x16 from 640 input channels (batch 2 and more; batch 1 from 1280 channels: im2col, IM2COL_FEW_*) (there F(4,3)/im2col measured 0.5-0.87x in 5 of 6 alternated runs
-at 1280 and 2560 channels, 1.05x in one; at 640 -> 1280 first a tie, then, with the written-out
-F(4,3) transforms, 0.74-0.80x in 3 alternated runs: 44.6 vs 60.4 ms, 63.4 vs 79.7, 53.8 vs 83.8
-at load average 1-1.4); im2col below (at 8 px
-the tiles are too few for the GEMMs). F(2,3) was faster than F(4,3) only at 640 -> 1280, 16 px.
+16x16 from 640 input channels (batch 2 and more; batch 1 from 1280 channels: im2col, IM2COL_FEW_*)
+(there F(4,3)/im2col measured 0.5-0.87x in 5 of 6 alternated runs at 1280 and 2560 channels, 1.05x
+in one; at 640 -> 1280 first a tie, then, with the written-out F(4,3) transforms, 0.74-0.80x in 3
+alternated runs: 44.6 vs 60.4 ms, 63.4 vs 79.7, 53.8 vs 83.8 at load average 1-1.4); im2col below
+(at 8 px the tiles are too few for the GEMMs). F(2,3) was faster than F(4,3) only at 640 -> 1280, 16 px.
 Rounding (relative error against a float64 conv, x ~ N(0,1), weights ~ N(0,1)/sqrt(9*C_in), bias
 ~ N(0,1)): torch float32 1.7-2.5e-7, im2col 2.6-2.8e-7, F(2,3) 2.7-4.4e-7, F(4,3) 1.7-2.9e-6 at the
 shapes above (the kernel tolerance is 1e-5). Where F(4,3)'s time goes, one core, [2,320,64,64]:
