@@ -152,3 +152,12 @@ def test_reproduce_png_side_past_the_limit_names_the_png(folder, tmp_path, capsy
     assert cli.main(["generate", "--reproduce", str(png), "--height", "9008", "--model", str(folder)]) == 2
     assert "npdiff: error: height must be at most 8192 pixels (the largest side npdiff accepts), got 9008" in \
         capsys.readouterr().err  # the user's own --height is not blamed on the PNG
+
+
+@pytest.mark.parametrize("controlnets,listed", [(5, 0), ("edges", 0), ([5, None], 0), ([{"name": "edges"}, "x"], 1)],
+                         ids=["5", "a string", "numbers", "a net and a string"])
+def test_infotext_of_an_edited_png_skips_what_is_not_a_controlnet(controlnets, listed):
+    from npdiff.infotext import format_infotext  # npdiff serve's png-info writes it from a PNG's "npdiff" chunk
+    text = format_infotext({"prompt": "a circle", "controlnets": controlnets})  # on main: TypeError/AttributeError
+    assert text.startswith("a circle") and text.count("ControlNet ") == listed
+    assert listed == 0 or 'ControlNet 0: "Module: none, Model: edges' in text
