@@ -161,3 +161,11 @@ def test_infotext_of_an_edited_png_skips_what_is_not_a_controlnet(controlnets, l
     text = format_infotext({"prompt": "a circle", "controlnets": controlnets})  # on main: TypeError/AttributeError
     assert text.startswith("a circle") and text.count("ControlNet ") == listed
     assert listed == 0 or 'ControlNet 0: "Module: none, Model: edges' in text
+
+
+@pytest.mark.parametrize("scale", [np.complex128(2 + 5j), np.complex64(2), "2", np.float64("nan")], ids=str)
+def test_hires_scale_must_be_a_real_number(scale):
+    from npdiff.hires import check_hires
+    with pytest.raises(NpdiffError, match="hires_scale must be a number in"):  # on main: complex taken as 2.0
+        check_hires(scale)
+    assert check_hires(np.float32(2)).scale == 2.0 and check_hires(np.int8(3)).scale == 3.0
