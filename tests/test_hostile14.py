@@ -169,3 +169,40 @@ def test_hires_scale_must_be_a_real_number(scale):
     with pytest.raises(NpdiffError, match="hires_scale must be a number in"):  # on main: complex taken as 2.0
         check_hires(scale)
     assert check_hires(np.float32(2)).scale == 2.0 and check_hires(np.int8(3)).scale == 3.0
+
+
+# ---------------------------------------------------------------------------------------------
+# A PNG whose "npdiff" chunk holds an integer past Python's 4300 digits, or values of the wrong types
+# ---------------------------------------------------------------------------------------------
+HUGE_HEIGHT = '{"prompt": "a circle", "height": ' + "9" * 5000 + "}"
+
+
+def test_reproduce_png_with_an_integer_of_thousands_of_digits(folder, tmp_path, capsys):
+    png = tmp_path / "huge.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PNG_PARAMS_KEY, HUGE_HEIGHT)
+    Image.new("RGB", (16, 16)).save(png, pnginfo=info)
+    assert cli.main(["generate", "--reproduce", str(png), "--model", str(folder)]) == 2  # on main: ValueError
+    err = capsys.readouterr().err
+    assert "text chunk holds an integer of over 4300 digits" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("chunk", [HUGE_HEIGHT, '{"prompt": "x", "loras": 5}', "[1, 2]"],
+                         ids=["5000 digits", "loras 5", "a list"])
+def test_serve_png_info_of_an_edited_png_is_the_images_422(chunk):
+    import base64
+    import io
+
+    requests = pytest.importorskip("requests")
+    from serve_server import running_server
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PNG_PARAMS_KEY, chunk)
+    data = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(data, "PNG", pnginfo=info)
+    with running_server() as (url, app):
+        answer = requests.post(f"{url}/sdapi/v1/png-info", json={"image": base64.b64encode(data.getvalue()).decode()},
+                               timeout=30)  # on main: 500 ('loras' 5), or a 400 blaming the request's body
+        assert answer.status_code == 422
+        assert answer.json()["detail"].startswith("image: its 'npdiff' text chunk is not parameters npdiff wrote")
+        assert requests.get(f"{url}/sdapi/v1/samplers", timeout=30).status_code == 200  # still serving
