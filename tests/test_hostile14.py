@@ -1,6 +1,8 @@
 """Hostile input on the size limits, the per-call VAE tiling argument and a PNG's ControlNet entries: each is
 refused as an NpdiffError naming the problem, before any work (no traceback, no picture drawn past a limit)."""
 
+import base64
+import io
 import json
 import sys
 import time
@@ -8,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from PIL import Image, PngImagePlugin
 
 sys.path.insert(0, str(Path(__file__).parent / "pipeline"))
@@ -187,22 +190,42 @@ def test_reproduce_png_with_an_integer_of_thousands_of_digits(folder, tmp_path, 
     assert "text chunk holds an integer of over 4300 digits" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("chunk", [HUGE_HEIGHT, '{"prompt": "x", "loras": 5}', "[1, 2]"],
-                         ids=["5000 digits", "loras 5", "a list"])
-def test_serve_png_info_of_an_edited_png_is_the_images_422(chunk):
-    import base64
-    import io
-
-    requests = pytest.importorskip("requests")
+@pytest.fixture(scope="module")
+def server():
+    pytest.importorskip("fastapi")
     from serve_server import running_server
 
-    info = PngImagePlugin.PngInfo()
-    info.add_text(PNG_PARAMS_KEY, chunk)
+    with running_server() as (url, app):  # the shipped model
+        yield url
+
+
+def base64_png(size, chunk=None):
+    info = None
+    if chunk is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_text(PNG_PARAMS_KEY, chunk)
     data = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(data, "PNG", pnginfo=info)
-    with running_server() as (url, app):
-        answer = requests.post(f"{url}/sdapi/v1/png-info", json={"image": base64.b64encode(data.getvalue()).decode()},
-                               timeout=30)  # on main: 500 ('loras' 5), or a 400 blaming the request's body
-        assert answer.status_code == 422
-        assert answer.json()["detail"].startswith("image: its 'npdiff' text chunk is not parameters npdiff wrote")
-        assert requests.get(f"{url}/sdapi/v1/samplers", timeout=30).status_code == 200  # still serving
+    Image.new("RGB", size, (200, 20, 20)).save(data, "PNG", pnginfo=info)
+    return base64.b64encode(data.getvalue()).decode()
+
+
+@pytest.mark.parametrize("chunk", [HUGE_HEIGHT, '{"prompt": "x", "loras": 5}', "[1, 2]"],
+                         ids=["5000 digits", "loras 5", "a list"])
+def test_serve_png_info_of_an_edited_png_is_the_images_422(server, chunk):
+    answer = requests.post(f"{server}/sdapi/v1/png-info", json={"image": base64_png((8, 8), chunk)},
+                           timeout=30)  # on main: 500 ('loras' 5), or a 400 blaming the request's body
+    assert answer.status_code == 422
+    assert answer.json()["detail"].startswith("image: its 'npdiff' text chunk is not parameters npdiff wrote")
+    assert requests.get(f"{server}/sdapi/v1/samplers", timeout=30).status_code == 200  # still serving
+
+
+@pytest.mark.parametrize("size,words", [
+    ((2048, 2048), "init_images[0]: 2048x2048 pixels is too large"),  # on main: blamed on width/height
+    ((MAX_SIDE + 808, 16), "image: the picture is 9000x16 pixels"),  # on main: drawn (72 s)
+])
+def test_serve_img2img_picture_past_a_limit_names_the_picture(server, size, words):
+    body = {"prompt": "a circle", "steps": 2, "init_images": [base64_png(size)], "width": 32, "height": 32}
+    start = time.perf_counter()
+    answer = requests.post(f"{server}/sdapi/v1/img2img", json=body, timeout=60)
+    assert answer.status_code == 422 and answer.json()["detail"].startswith(words)
+    assert time.perf_counter() - start < 10
