@@ -29,6 +29,7 @@ from npdiff import paths
 from npdiff.errors import NpdiffError, shorten
 from npdiff.images import PNG_PARAMS_KEY
 from npdiff.model_identity import model_name
+from npdiff.pipeline_utils import check_side
 from npdiff.recipe import (
     CONTROL_SETTINGS,
     OPTION_BY_NAME,
@@ -223,6 +224,8 @@ def make_job(number, options, defaults, base_dir):
     for side in ("height", "width"):
         if checked.get(side) is not None and checked[side] % 8:
             raise NpdiffError(f"'{side}' must be a positive multiple of 8 (pixels), got {checked[side]!r}")
+        if checked.get(side) is not None:  # past MAX_SIDE: refused here, not by a worker once the model loaded
+            check_side(f"'{side}'", checked[side])
     if command != "generate" and not 0 < checked["strength"] <= 1:
         raise NpdiffError(f"'strength' must be a number in (0, 1], got {checked['strength']!r}")
     return Job(line=number, command=command, options=checked, image=image, mask=mask, vae=vae, loras=loras,

@@ -157,7 +157,12 @@ def resolve_options(args, command):
     args.stored = stored
     for side in ("height", "width"):  # an impossible side is refused before the model loads (the rest after)
         if getattr(args, side, None) is not None:
-            check_side(side, getattr(args, side))
+            try:
+                check_side(side, getattr(args, side))
+            except npdiff.NpdiffError as exc:  # a side from the PNG: say where it came from
+                if given.get(side) is not None or side not in from_png:
+                    raise
+                raise npdiff.NpdiffError(f"{args.reproduce}: stored parameter: {exc}") from None
     if not args.prompt:
         raise npdiff.NpdiffError("no prompt given (pass PROMPT, or --reproduce a PNG made by npdiff)")
     return args

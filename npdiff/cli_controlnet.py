@@ -15,6 +15,7 @@ from npdiff.recipe import (
     control_for_render,
     parse_control_option,
 )
+from npdiff.recipe_reproduce import stored_controlnets
 
 
 def add_control_options(p):
@@ -40,7 +41,7 @@ def warn_about_missing_controlnets(args, stored):
     """A PNG names its ControlNets, never their paths or control pictures: say which were not given again."""
     given = {Path(parse_control_option(spec)[0]).stem for spec in (getattr(args, "control", None) or [])}
     given |= {Path(parse_control_option(spec)[0]).name for spec in (getattr(args, "control", None) or [])}
-    missing = [net for net in stored.get("controlnets") or [] if not isinstance(net, dict)
+    missing = [net for net in stored_controlnets(stored, args.reproduce) if not isinstance(net, dict)
                or net.get("name") not in given]
     if missing:
         listed = ", ".join(f"{clip(net.get('name'))} (scale {clip(net.get('scale'))}, sha256 "

@@ -49,7 +49,7 @@ class HiresSettings:
 
 def check_hires(scale, strength=DEFAULT_HIRES_STRENGTH, steps=None, upscaler=DEFAULT_HIRES_UPSCALER):
     """The pipeline's hires_* arguments -> HiresSettings, or NpdiffError naming the bad one."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.number)) or not 1 <= scale <= 16:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) or not 1 <= scale <= 16:
         raise NpdiffError(f"hires_scale must be a number in [1, 16], got {shorten(scale)}")
     strength = DEFAULT_HIRES_STRENGTH if strength is None else check_strength(strength)
     steps = 0 if steps is None else steps

@@ -317,6 +317,9 @@ def read_png_params(path):
         raise NpdiffError(f"{path}: the {PNG_PARAMS_KEY!r} text chunk is not valid JSON: {exc}") from exc
     except RecursionError as exc:  # e.g. 100 000 nested "[": no parameters nest that deep
         raise NpdiffError(f"{path}: the {PNG_PARAMS_KEY!r} text chunk nests too deeply to be parameters") from exc
+    except ValueError as exc:  # Python's int limit: an integer of over 4300 digits
+        raise NpdiffError(f"{path}: the {PNG_PARAMS_KEY!r} text chunk holds an integer of over 4300 digits, "
+                          "which no parameter is") from exc
     if not isinstance(params, dict):
         raise NpdiffError(f"{path}: the {PNG_PARAMS_KEY!r} text chunk holds a JSON {type(params).__name__}, "
                           "not an object of parameters")

@@ -188,7 +188,9 @@ def controlnet_fields(params):
     ControlNet extension's format (quoted as one value). npdiff resizes the control picture to the picture
     ("Just Resize"); guess mode is the extension's "ControlNet is more important"."""
     fields = {}
-    for index, net in enumerate(params.get("controlnets") or []):
+    nets = params.get("controlnets")
+    nets = [net for net in nets if isinstance(net, dict)] if isinstance(nets, list) else []  # an edited PNG's junk
+    for index, net in enumerate(nets):
         model = f"{net.get('name')} [{str(net.get('sha256') or '')[:8]}]"
         mode = "ControlNet is more important" if params.get("guess_mode") else "Balanced"
         fields[f"ControlNet {index}"] = (

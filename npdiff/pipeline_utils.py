@@ -20,7 +20,7 @@ from npdiff import backend
 from npdiff.atomic_files import atomic_folder
 from npdiff.cache_folder import cache_folder
 from npdiff.clip_vocab import write_clip_tokenizer_folder
-from npdiff.errors import NpdiffError
+from npdiff.errors import NpdiffError, shorten
 from npdiff.loading import load_pipeline_components
 from npdiff.loading.safetensors_io import SafetensorsFile
 from npdiff.loading.single_file_sdxl import is_sdxl_checkpoint
@@ -288,7 +288,8 @@ def integer_text(value):
     value = int(value)
     if value.bit_length() <= 96:
         return str(value)
-    return f"a number of about {value.bit_length() * 30103 // 100000 + 1} digits"
+    sign = "negative " if value < 0 else ""
+    return f"a {sign}number of about {value.bit_length() * 30103 // 100000 + 1} digits"
 
 
 # The largest picture side accepted, in pixels: four times the longest side of SDXL's aspect buckets (2048), twice
@@ -300,8 +301,10 @@ MAX_SIDE = 8192
 def check_side(name, value):
     """One picture side in pixels ("height" or "width"): a positive int, at most MAX_SIDE; -> it. Integer
     arithmetic only: a huge side is told the largest accepted, never a suggestion rounded from it."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise NpdiffError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise NpdiffError(f"{name} must be a positive integer, got {shorten(value)}")
+    if value <= 0:  # integer_text: repr() of a negative int of thousands of digits raises ValueError
+        raise NpdiffError(f"{name} must be a positive integer, got {integer_text(value)}")
     if value > MAX_SIDE:
         raise NpdiffError(f"{name} must be at most {MAX_SIDE} pixels (the largest side npdiff accepts), "
                           f"got {integer_text(value)}")

@@ -12,6 +12,7 @@ What is left is said here, once, in the user's terms, before the model loads:
   without_refiner_settings(from_png, stored, refiner)  the PNG's refiner settings (switch, aesthetic scores)
                                   left out when it names a refiner and no --refiner is given: the base alone
   refiner_mismatch(stored, refiner, source)  a warning when the --refiner loaded is not the one the PNG names
+  stored_controlnets(stored, source)  the PNG's list of ControlNets; anything else is an NpdiffError
   controlnet_precisions(stored, source)  {net name: precision} of the PNG's ControlNets that ran at another
                                   precision than the model (a net loaded at fp32 beside a bf16 model)
   lora_hashes(path)               the short hashes a LoRA file is known by: npdiff's (the whole file's SHA-256)
@@ -21,7 +22,7 @@ What is left is said here, once, in the user's terms, before the model loads:
 import hashlib
 from pathlib import Path
 
-from npdiff.errors import NpdiffError, clip
+from npdiff.errors import NpdiffError, clip, shorten
 from npdiff.infotext import refiner_title
 from npdiff.loading.weights import PRECISIONS
 from npdiff.model_identity import file_sha256
@@ -65,12 +66,23 @@ def problems_with_stored(stored, given, command, source):
     return errors, warnings
 
 
+def stored_controlnets(stored, source):
+    """-> the PNG's ControlNet entries ([] when it names none); anything but a list (an edited PNG) is an
+    NpdiffError naming the PNG, not a TypeError further on."""
+    nets = stored.get("controlnets")
+    if nets is None:
+        return []
+    if not isinstance(nets, list):
+        raise NpdiffError(f"{source}: stored parameter 'controlnets' must be a list, got {shorten(nets)}")
+    return nets
+
+
 def controlnet_precisions(stored, source):
     """-> {net name: precision} for the PNG's ControlNets recorded with their own precision (one that differs
     from the model's); --control nets of those names are loaded at it. A precision npdiff does not know is an
     NpdiffError naming the PNG and the net."""
     precisions = {}
-    for net in stored.get("controlnets") or []:
+    for net in stored_controlnets(stored, source):
         if not isinstance(net, dict) or "precision" not in net:
             continue
         if net["precision"] not in PRECISIONS:

@@ -40,7 +40,7 @@ from npdiff.images import (
     resize_nearest,
 )
 from npdiff.models.vae_tiling import tiling_argument
-from npdiff.pipeline_utils import check_size, check_strength, size_rule
+from npdiff.pipeline_utils import MAX_SIDE, check_size, check_strength, size_rule
 
 
 class SamplingStart:
@@ -108,6 +108,23 @@ class NoiseStart(SamplingStart):
         return backend.to_device(latents) * float(scheduler.init_noise_sigma)  # [B,4,h,w] float32
 
 
+def check_picture_sides(image, multiple):
+    """img2img works at its picture's own size (rounded down to `multiple`): a side past MAX_SIDE is an
+    NpdiffError naming the picture, as --height/--width past it are. Anything but a PIL picture or an array
+    [H,W,...] is left to image_to_model_input to refuse."""
+    if hasattr(image, "width") and hasattr(image, "height"):  # PIL
+        height, width = image.height, image.width
+    elif getattr(image, "ndim", 0) >= 2:
+        height, width = image.shape[:2]
+    else:
+        return
+    for name, side in (("height", height), ("width", width)):
+        if side - side % multiple > MAX_SIDE:
+            raise NpdiffError(f"image: the picture is {width}x{height} pixels, and img2img works at its size: its "
+                              f"{name} must be at most {MAX_SIDE} pixels (the largest side npdiff accepts); "
+                              "resize it")
+
+
 class ImageStart(SamplingStart):
     """Image-to-image (diffusers' StableDiffusionImg2ImgPipeline): the encoded picture, noised to `strength`.
 
@@ -133,6 +150,7 @@ class ImageStart(SamplingStart):
             self.encodes_picture = False
             return
         multiple, _ = size_rule(pipe.unet.config, pipe.vae_scale_factor)  # sides the UNet can take
+        check_picture_sides(self.image, multiple)  # before the picture is converted
         self.pixels = image_to_model_input(self.image, multiple)  # [1,3,H,W] in [-1,1]
         self.height, self.width = self.pixels.shape[2:]
 

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from npdiff.errors import NpdiffError
+from npdiff.errors import NpdiffError, clip
 from npdiff.images import PNG_PARAMS_KEY, png_text_chunks
 from npdiff.infotext import SAMPLER_NAMES, format_infotext, parse_infotext
 from npdiff.serve_jobs import Job, JobQueue, QueueFull
@@ -235,13 +235,18 @@ def create_app(shelf, queue_limit=8, api_auth=None):
         chunks = png_text_chunks(NamedBytes(data, "image"))
         text = chunks.get("parameters")
         params = None
-        if PNG_PARAMS_KEY in chunks:
-            params = parse_json_body(chunks[PNG_PARAMS_KEY].encode())
-            text = text or format_infotext(params)
-        elif text is not None:
-            params = parse_infotext(text)
-        return {"info": text or "", "items": {key: value for key, value in chunks.items()},
-                "parameters": webui_parameters(params) if params else {}}
+        try:  # the PNG's own chunk is the client's data, not the request's body: a bad one is the image's 422
+            if PNG_PARAMS_KEY in chunks:
+                params = parse_json_body(chunks[PNG_PARAMS_KEY].encode())
+                text = text or format_infotext(params)
+            elif text is not None:
+                params = parse_infotext(text)
+            parameters = webui_parameters(params) if params else {}
+        except (RequestError, TypeError, AttributeError, KeyError, ValueError) as exc:  # an edited PNG's values
+            message = str(exc).removeprefix("body: ")
+            raise RequestError(422, "image", f"image: its {PNG_PARAMS_KEY!r} text chunk is not parameters npdiff "
+                                             f"wrote ({clip(message)})") from None
+        return {"info": text or "", "items": {key: value for key, value in chunks.items()}, "parameters": parameters}
 
     @app.get("/npdiff/v1/gallery")
     async def gallery():

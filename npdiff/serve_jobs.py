@@ -101,11 +101,12 @@ class JobQueue:
                 check_size(height, width, multiple, why)
             except NpdiffError as exc:
                 raise RequestError(422, "width/height", f"width/height: {exc}") from None
+        field_name = "init_images[0]" if request.command == "img2img" else "width/height"  # img2img: the picture's size
         try:
             check_call_memory(pipe, 1, height, width, pipe.do_classifier_free_guidance(request.options["guidance"]),
                               encode=request.command != "generate")
         except NpdiffError as exc:
-            raise RequestError(422, "width/height", f"width/height: {exc}") from None
+            raise RequestError(422, field_name, f"{field_name}: {exc}") from None
 
     def submit(self, job):
         with self.condition:

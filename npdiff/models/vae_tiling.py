@@ -33,7 +33,7 @@ import numbers
 import numpy as np
 
 from npdiff.backend import array_module
-from npdiff.errors import NpdiffError
+from npdiff.errors import NpdiffError, shorten
 
 DEFAULT_SAMPLE_SIZE = 32  # diffusers' AutoencoderKL default sample_size, for a config without one
 TILE_OVERLAP_FACTOR = 0.25
@@ -170,17 +170,25 @@ def run_tiled(source, geometry, run_tile, out_channels):
     return out
 
 
+def tiling_choice(vae, tiling):
+    """A call's tiling argument -> whether tiling is on: True/False (numpy's bools too) decide, None leaves it
+    to the VAE's use_tiling; anything else is an NpdiffError (tiling="no" would be true for bool())."""
+    if tiling is None:
+        return bool(getattr(vae, "use_tiling", False))
+    if not isinstance(tiling, (bool, np.bool_)):
+        raise NpdiffError(f"tiling must be True, False or None (the VAE's use_tiling), got {shorten(tiling)}")
+    return bool(tiling)
+
+
 def tiles_decode(vae, height, width, tiling=None):
     """Whether vae.decode tiles latents of h x w (diffusers: use_tiling and a side > tile_latent_min_size);
     tiling: the call's own choice (True: tiles), None: the VAE's use_tiling."""
-    on = getattr(vae, "use_tiling", False) if tiling is None else tiling
-    return bool(on) and max(height, width) > vae.tile_latent_min_size
+    return tiling_choice(vae, tiling) and max(height, width) > vae.tile_latent_min_size
 
 
 def tiles_encode(vae, height, width, tiling=None):
     """Whether vae.encode tiles a picture of H x W (diffusers: use_tiling and a side > tile_sample_min_size)."""
-    on = getattr(vae, "use_tiling", False) if tiling is None else tiling
-    return bool(on) and max(height, width) > vae.tile_sample_min_size
+    return tiling_choice(vae, tiling) and max(height, width) > vae.tile_sample_min_size
 
 
 def tiled_decode(vae, z):
