@@ -192,7 +192,6 @@ def test_reproduce_png_with_an_integer_of_thousands_of_digits(folder, tmp_path, 
 
 @pytest.fixture(scope="module")
 def server():
-    pytest.importorskip("fastapi")
     from serve_server import running_server
 
     with running_server() as (url, app):  # the shipped model
