@@ -56,7 +56,7 @@ import numpy as np
 from npdiff import backend
 from npdiff.errors import NpdiffError
 from npdiff.kernels.block_pool import worker_count
-from npdiff.models.vae_tiling import check_tiling
+from npdiff.models.vae_tiling import check_tiling, tiling_choice
 from npdiff.loading.resident import reachable
 
 FLOAT_BYTES = 4
@@ -221,15 +221,16 @@ def check_call_memory(pipe, batch, height, width, guidance, encode=False):
     text_dim = sum(encoder.config.get("hidden_size", 768) for encoder in encoders if encoder is not None)
     vae = pipe.vae
     can_tile = hasattr(vae, "use_tiling")  # AutoencoderKL; TAESD has no tiling (and needs little memory)
-    if can_tile and vae.use_tiling:
+    tiling = can_tile and tiling_choice(vae, None)  # a use_tiling that is not a bool: refused before any work
+    if tiling:
         check_tiling(vae)  # bad tile sizes: refused before any work
     call = {"unet_config": pipe.unet.config, "vae_config": vae.config, "text_dim": text_dim, "batch": batch,
             "height": height, "width": width, "guidance": guidance, "encode": encode, "workers": worker_count()}
-    tile = vae.tile_latent_min_size if can_tile and vae.use_tiling else None  # None: whole pictures
+    tile = vae.tile_latent_min_size if tiling else None  # None: whole pictures
     estimate = with_controlnets(estimate_call_bytes(**call, vae_tile=tile), pipe, call)
     estimate["vae_tiling_auto"] = False
     free = available_bytes()
-    if free is not None and estimate["total"] > free and can_tile and not vae.use_tiling:
+    if free is not None and estimate["total"] > free and can_tile and not tiling:
         tiled = auto_tiling_estimate(pipe, call, free, estimate["total"])
         if tiled is not None:
             return tiled

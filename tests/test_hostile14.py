@@ -82,6 +82,43 @@ def test_numpy_bools_choose_tiling_as_bools_do(vae, rng):
     assert vae.use_tiling is False
 
 
+@pytest.mark.parametrize("use_tiling", ["no", 1, None])
+def test_a_use_tiling_that_is_not_a_bool_is_refused(vae, rng, use_tiling):
+    z = rng.standard_normal((1, vae.config["latent_channels"], 12, 12)).astype(np.float32)
+    try:
+        vae.use_tiling = use_tiling  # "no" was truthy: the call tiled
+        with pytest.raises(NpdiffError, match="vae.use_tiling must be True or False"):
+            vae.decode(z)
+        assert np.array_equal(vae.decode(z, tiling=False), vae.decode(z, tiling=False))  # the call's own choice
+    finally:
+        vae.use_tiling = False
+
+
+def test_a_pipeline_with_a_use_tiling_that_is_not_a_bool_is_refused_before_sampling(folder):
+    pipe = StableDiffusionPipeline.from_pretrained(folder)  # its own: the module's pipe stays untouched
+    unet_calls = []
+
+    class CountedUNet:  # the pipeline's UNet, its calls counted
+        def __init__(self, unet):
+            self.unet = unet
+
+        def __getattr__(self, name):
+            return getattr(self.unet, name)
+
+        def __call__(self, *args, **kwargs):
+            unet_calls.append(1)
+            return self.unet(*args, **kwargs)
+
+    pipe.unet = CountedUNet(pipe.unet)
+    pipe("a circle", num_inference_steps=1, height=64, width=64, output_type="np")
+    assert unet_calls  # the count sees the UNet's calls, so the check below can fail
+    unet_calls.clear()
+    pipe.vae.use_tiling = "no"
+    with pytest.raises(NpdiffError, match="vae.use_tiling must be True or False"):
+        pipe("a circle", num_inference_steps=2, height=64, width=64, output_type="np")
+    assert unet_calls == []
+
+
 # ---------------------------------------------------------------------------------------------
 # img2img works at its picture's size: a side past MAX_SIDE is refused as --width past it is
 # ---------------------------------------------------------------------------------------------

@@ -172,9 +172,14 @@ def run_tiled(source, geometry, run_tile, out_channels):
 
 def tiling_choice(vae, tiling):
     """A call's tiling argument -> whether tiling is on: True/False (numpy's bools too) decide, None leaves it
-    to the VAE's use_tiling; anything else is an NpdiffError (tiling="no" would be true for bool())."""
+    to the VAE's use_tiling (which must be True or False too); anything else is an NpdiffError (tiling="no"
+    would be true for bool())."""
     if tiling is None:
-        return bool(getattr(vae, "use_tiling", False))
+        use_tiling = getattr(vae, "use_tiling", False)
+        if not isinstance(use_tiling, (bool, np.bool_)):
+            raise NpdiffError(f"vae.use_tiling must be True or False (vae.enable_tiling() / disable_tiling() set "
+                              f"it), got {shorten(use_tiling)}")
+        return bool(use_tiling)
     if not isinstance(tiling, (bool, np.bool_)):
         raise NpdiffError(f"tiling must be True, False or None (the VAE's use_tiling), got {shorten(tiling)}")
     return bool(tiling)
