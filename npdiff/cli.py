@@ -74,6 +74,7 @@ from npdiff.recipe_reproduce import (
     refiner_mismatch,
     without_refiner_settings,
 )
+from npdiff.sampling_starts import check_picture_sides
 from npdiff.sdxl_refiner import (
     add_denoising_start_option,
     check_sdxl_request,
@@ -272,6 +273,9 @@ def make_recorder(args):
     return StepRecorder() if args.save_steps else None
 
 
+LARGEST_SIZE_MULTIPLE = 64  # pipeline_utils.size_rule's largest: SD 1.x/2.x (SDXL's is 32, the shipped model's 16)
+
+
 def load_inputs(args, command):
     """img2img's picture, inpaint's picture and mask, from --image / --mask (npdiff.images.load_image: the
     one loader every entry point uses) -> (picture, mask); (None, None) for generate."""
@@ -283,6 +287,10 @@ def load_inputs(args, command):
         hint = " (a PNG stores no picture path: give the input pictures again)" if args.reproduce else ""
         raise npdiff.NpdiffError(f"{command} needs {needed}{hint}")
     picture = load_image(args.image)  # corrupt, truncated, bomb, 16-bit -> NpdiffError naming the file
+    # img2img and inpaint work at the picture's size: a side past MAX_SIDE is refused before the model loads.
+    # Rounded down to 64 px (SD 1.x/2.x's size rule; every model's rule divides it), so only what every model
+    # refuses is refused here; the model's own rule is checked again after it loads.
+    check_picture_sides(picture, LARGEST_SIZE_MULTIPLE)
     mask = load_image(args.mask) if command == "inpaint" else None
     return picture, mask
 

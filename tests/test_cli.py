@@ -109,6 +109,22 @@ def test_command_errors(folder, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["img2img", "inpaint"])
+def test_a_picture_past_the_side_limit_is_refused_before_the_model_loads(tmp_path, capsys, command):
+    from PIL import Image
+
+    picture = tmp_path / "wide.png"
+    Image.new("RGB", (9000, 16), (200, 20, 20)).save(picture)
+    mask = ["--mask", str(picture)] if command == "inpaint" else []
+    missing_model = tmp_path / "no-model"  # the refusal must come first: no model is loaded, none exists here
+    assert cli.main([command, "x", "--image", str(picture), *mask, "--model", str(missing_model)]) == 2
+    err = capsys.readouterr().err
+    assert "the picture is 9000x16 pixels" in err and "width must be at most 8192 pixels" in err
+    Image.new("RGB", (8192 + 63, 16)).save(picture)  # rounds down to 8192 under every model's size rule: not refused
+    assert cli.main([command, "x", "--image", str(picture), *mask, "--model", str(missing_model)]) == 2
+    assert "the picture is" not in capsys.readouterr().err  # it went on to the (missing) model
+
+
 def test_an_impossible_side_is_refused_before_the_model_loads(folder, capsys):
     assert cli.main(["generate", "x", "--width", "1048576", "--model", str(folder)]) == 2
     err = capsys.readouterr().err
