@@ -198,17 +198,19 @@ def test_a_cpu_without_avx512_bf16_gets_the_note_and_the_reference_path(monkeypa
 
 
 @pytest.mark.parametrize("sdxl", [False, True])
-@pytest.mark.parametrize("height, width, message", [
-    (0, 32, "height must be a positive integer, got 0"),  # was taken as "the model's size" and compared there
-    (32, 24, "width must be a multiple of"),
-    (2**20, 2**20, "needs about .* of memory"),  # the UNet and VAE of a terapixel, on both sides
+@pytest.mark.parametrize("height, width, free, message", [
+    (0, 32, None, "height must be a positive integer, got 0"),  # was taken as "the model's size" and compared there
+    (32, 24, None, "width must be a multiple of"),
+    (2**20, 2**20, None, "height must be at most 8192 pixels"),  # a terapixel: past the largest side
+    (256, 256, 1 << 20, "needs about .* of memory"),  # a size that fits the limits, with 1 MiB free
 ])
-def test_verify_refuses_a_bad_size_before_torch_loads(sdxl, height, width, message, monkeypatch):
+def test_verify_refuses_a_bad_size_before_torch_loads(sdxl, height, width, free, message, monkeypatch):
     """npdiff verify checks the size (and that it fits in memory) right after npdiff's own networks map their
     files, before diffusers loads the torch pipeline (a minute and gigabytes for a real model)."""
     import diffusers
     from tiny_sdxl import tiny_sdxl_folder
 
+    from npdiff import memory_estimate
     from npdiff.verify import verify_model
 
     def no_torch_pipeline(*args, **kwargs):
@@ -216,6 +218,8 @@ def test_verify_refuses_a_bad_size_before_torch_loads(sdxl, height, width, messa
 
     for name in ("StableDiffusionPipeline", "DiffusionPipeline"):
         monkeypatch.setattr(getattr(diffusers, name), "from_pretrained", no_torch_pipeline)
+    if free is not None:
+        monkeypatch.setattr(memory_estimate, "available_bytes", lambda: free)
     folder = tiny_sdxl_folder() if sdxl else tiny_sd_folder()
     with pytest.raises(NpdiffError, match=message):
         verify_model(folder, steps=1, height=height, width=width, precision="bf16")
