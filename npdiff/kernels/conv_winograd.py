@@ -20,12 +20,12 @@ Versions (both tested against torch and against each other):
                         group ~V_GROUP_BYTES); per group, step 1 transforms the input (Numba, channel
                         blocks on the block-parallel pool; zero padding handled in the gather, no
                         padded copy of x), step 2 runs per block of output channels: transform that
-                        block's weights (with one group: one row of G, m+2 frequencies, at a time, each
-                        multiplied at once while in cache; with several: all of U by the first group,
-                        kept for the call), its (m+2)^2 GEMMs (np.matmul: single-threaded sgemm on the
-                        worker's core) into a per-worker M, and the output transform + bias straight
-                        into out (edge tiles clipped). Few tiles (16 px) take small blocks and GEMMs
-                        over spans of input channels (blocking()).
+                        block's weights (conv_winograd_weights.py; with one group: one row of G, m+2
+                        frequencies, at a time, each multiplied at once while in cache; with several:
+                        all of U by the first group, kept for the call), its (m+2)^2 GEMMs
+                        (np.matmul: single-threaded sgemm on the worker's core) into a per-worker M, and
+                        the output transform + bias straight into out (edge tiles clipped). Few tiles
+                        (16 px) take small blocks and GEMMs over spans of input channels (blocking()).
                         For F(4x4,3x3) (padding 1) the transforms are conv_winograd4.py's
                         input_transform4 and output_transform4: B^T and A^T written out, each
                         output made in one pass from all its sources (the generic kernels add one
@@ -54,6 +54,7 @@ from npdiff.jit import SERIAL, njit
 from npdiff.kernels.block_pool import run_blocks, split_evenly, worker_count
 from npdiff.kernels.conv_winograd4 import input_transform4, input_transform4_rows, output_transform4
 from npdiff.kernels.conv_winograd6 import input_transform6, input_transform6_rows, output_transform6
+from npdiff.kernels.conv_winograd_weights import gather_taps, transform_taps, weight_transform
 from npdiff.kernels.scratch import scratch
 from npdiff.kernels.validate import output_size
 
@@ -285,57 +286,6 @@ def output_transform(M, AT, bias, o0, row0, row1, tiles_h, mixed, rows_out, out)
                     across = rows_out[q]
                     for j in range((w_out - q + m - 1) // m):  # tiles whose column q is inside
                         target[j * m + q] = across[j] + bias[o]
-
-
-@njit(**SERIAL)
-def gather_taps(weight, o0, o1, taps):
-    """taps[o - o0, 3s + r, c] = weight[o, c, r, s]: the 9 taps of output channels o0..o1-1 as rows along C_in."""
-    c_in = weight.shape[1]
-    for o in range(o0, o1):
-        for c in range(c_in):
-            for r in range(3):
-                for s in range(3):
-                    taps[o - o0, 3 * s + r, c] = weight[o, c, r, s]
-
-
-@njit(**SERIAL)
-def transform_taps(taps, G, k0, k1, half, U, u_row0):
-    """U[(k - k0)*a + l, u_row0 + o, c] = (G g G^T)[k,l] for g the 3x3 taps[o, :, c] (gather_taps), the rows
-    k0..k1-1 of the transform (all a of them, or one row k: a frequencies at a time, weight_transform_block).
-
-    Scratch half [3*(k1-k0), C_in]: G g and (G g) G^T are 3-term sums of rows (g0*r0 + g1*r1) + g2*r2 in one
-    pass, vectorised along C_in (combine_rows per row, up to 3 read-modify-write passes, took 1.1-1.5x this
-    time, one core, 80-row blocks: 1280 -> 1280 27.7 against 25.4 ms, 320 -> 320 F(6,3) 2.6 against 1.8 ms).
-    Zero coefficients of G are multiplied, not skipped as in combine_rows: the same values but for the sign of
-    a zero. Tried and slower: the same in chunks of 256 or 16 input channels (to stay in L1): 1.6x and 2.4x
-    this time (Numba's index loops from a non-zero start keep their negative-index checks and do not
-    vectorise as these do)."""
-    alpha = G.shape[0]
-    c_in = taps.shape[2]
-    for o in range(taps.shape[0]):
-        row = u_row0 + o
-        for k in range(k0, k1):  # G g: [a,3] @ [3,3]
-            g0, g1, g2 = G[k, 0], G[k, 1], G[k, 2]
-            for s in range(3):
-                for c in range(c_in):
-                    half[3 * (k - k0) + s, c] = g0 * taps[o, 3 * s, c] + g1 * taps[o, 3 * s + 1, c] \
-                        + g2 * taps[o, 3 * s + 2, c]
-        for l in range(alpha):  # (G g) G^T: [a,3] @ [3,a]
-            g0, g1, g2 = G[l, 0], G[l, 1], G[l, 2]
-            for k in range(k1 - k0):
-                for c in range(c_in):
-                    U[k * alpha + l, row, c] = g0 * half[3 * k, c] + g1 * half[3 * k + 1, c] \
-                        + g2 * half[3 * k + 2, c]
-
-
-@njit(**SERIAL)
-def weight_transform(weight, G, o0, o1, taps, half, U, u0):
-    """U[k*a+l, o - u0, c] = (G g G^T)[k,l] for g = weight[o, c] (3x3), o in o0..o1-1, one output channel at a
-    time (scratch taps [1, 9, C_in], half [3a, C_in]: that channel's, kept in cache between the two steps; the
-    block's taps gathered first measured 5-15% slower at the 16 px shapes)."""
-    for o in range(o0, o1):
-        gather_taps(weight, o, o + 1, taps)
-        transform_taps(taps, G, 0, G.shape[0], half, U, o - u0)
 
 
 def output_blocks(c_out, block_rows=None, multiple=4):
