@@ -232,6 +232,11 @@ def make_job(number, options, defaults, base_dir):
                refiner=refiner, controls=controls, control_settings=control_settings)
 
 
+# What to lower when a picture is too large (memory_estimate.PictureSizeError), named as a line's keys
+SIZE_HINTS = {"size": "lower 'height'/'width'", "hires_scale": "lower 'hires_scale'",
+              "image": "use a smaller 'image' (img2img works at its size)"}
+
+
 def check_sampler(name):
 
     if name is not None and name not in SCHEDULERS:

@@ -64,6 +64,9 @@ WEBUI_DEFAULTS = {
     "send_images": True, "save_images": False,  # npdiff serve always sends its pictures and saves none
 }
 HIRES_USED = {"enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_strength"}
+# What to lower when a picture is too large (memory_estimate.PictureSizeError), named as the request's JSON keys
+SIZE_HINTS = {"size": "lower width/height", "hires_scale": "lower hr_scale",
+              "image": "send a smaller init_images[0] (img2img works at its size)"}
 # override_settings npdiff acts on: webui's Clip skip (1 = the last layer), the recipe's clip_skip option; webui's
 # SDXL settings: the crop corner (every SDXL model), the aesthetic scores (a refiner) -> the recipe's options
 SDXL_OVERRIDES = {"sdxl_crop_top": 0, "sdxl_crop_left": 0, "sdxl_refiner_high_aesthetic_score": 6.0,
