@@ -31,7 +31,7 @@ from npdiff.infotext import (
     SCHEDULE_TYPES,
     format_infotext,
 )
-from npdiff.recipe import OPTION_BY_NAME, check_value
+from npdiff.recipe import OPTION_BY_NAME, check_value, integral
 from npdiff.schedulers import SCHEDULERS
 from npdiff.sdxl_recipe import DEFAULT_REFINER_SWITCH
 
@@ -142,8 +142,7 @@ def _int_field(body, name, default, low, high):
     value = body.get(name, default)
     if value is None:
         value = default
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
+    value = integral(value)  # 64.0 is 64, as on a batch line (npdiff.recipe.integral)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         refuse(name, f"must be an integer in [{low}, {high}], got {shorten(value)}")
     return value

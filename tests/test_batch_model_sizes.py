@@ -3,6 +3,9 @@ is not a multiple of the model's size rule (16 pixels for the shipped model), a 
 limit (past 1024x1024 for the shipped model), a hires_scale whose second pass is past it, or an img2img
 picture past it fails its own line, named by line number and key, and never reaches a worker. The model's
 configs are read, not its weights.
+
+And one rule for integer options: a size of 64.0 (as JSON writers may emit 64) is 64 on a batch line, as in
+the server's JSON; 64.5 is refused by both.
 """
 
 import json
@@ -12,6 +15,9 @@ import pytest
 from PIL import Image
 
 from npdiff.batch import run_batch
+from npdiff.batch_jobs import read_jobs
+from npdiff.errors import NpdiffError
+from npdiff.serve_schemas import picture_request
 
 
 class RecordingPool:
@@ -76,3 +82,27 @@ def test_batch_height_and_width_at_the_batch_level_are_checked_too(tmp_path):
     summary = run_batch(jobs, tmp_path / "out", defaults={"steps": 2, "height": 24}, pool=pool, progress=False)
     assert pool.lines == []
     assert all("'height' must be a multiple of 16" in summary.failures[line] for line in (1, 2))
+
+
+def test_an_integral_float_size_is_one_rule_for_batch_and_serve(tmp_path, rng):
+    side = int(rng.integers(2, 8)) * 16
+    lines = [{"prompt": "a red circle", "height": float(side), "width": float(side), "steps": 2.0},
+             {"prompt": "a red circle", "height": side + 0.5},
+             {"prompt": "a red circle", "width": True}]
+    jobs_file = tmp_path / "jobs.jsonl"
+    jobs_file.write_text("\n".join(json.dumps(line) for line in lines) + "\n", encoding="utf-8")
+    jobs, failures = read_jobs(jobs_file, {})
+    assert [job.line for job in jobs] == [1]
+    options = jobs[0].options
+    assert (options["height"], options["width"], options["steps"]) == (side, side, 2)
+    assert all(type(options[key]) is int for key in ("height", "width", "steps"))  # stored in the PNG as 64
+    assert f"'height' must be an integer >= 1, got {side + 0.5}" in failures[2]
+    assert "'width' must be an integer >= 1, got True" in failures[3]
+    # the server's JSON: the same values, the same outcome
+    request = picture_request({"prompt": "a red circle", "height": float(side), "width": float(side), "steps": 2.0},
+                              "txt2img")
+    assert (request.options["height"], request.options["width"]) == (side, side)
+    assert type(request.options["height"]) is int
+    for bad in ({"height": side + 0.5}, {"width": True}):
+        with pytest.raises(NpdiffError, match="must be an integer"):
+            picture_request({"prompt": "a red circle", **bad}, "txt2img")
