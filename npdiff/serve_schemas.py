@@ -142,10 +142,10 @@ def _int_field(body, name, default, low, high):
     value = body.get(name, default)
     if value is None:
         value = default
-    value = integral(value)  # 64.0 is 64, as on a batch line (npdiff.recipe.integral)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+    number = integral(value)  # 64.0 is 64, as on a batch line (npdiff.recipe.integral)
+    if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
         refuse(name, f"must be an integer in [{low}, {high}], got {shorten(value)}")
-    return value
+    return number
 
 
 def _number_field(body, name, default, low, high):
