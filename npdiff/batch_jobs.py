@@ -15,7 +15,9 @@ file is not part of the first line. A line's seed defaults to its line number (1
 counts), so a rerun draws the same pictures.
 
 Each line is checked before any model loads; a bad line (a wrong type, an unknown or duplicated key, a
-missing file) becomes (line number, message naming the key) and the other lines go on. A picture is
+missing file) becomes (line number, message naming the key) and the other lines go on. Then each line's
+picture size is checked against the model's configs (check_jobs_for_model: the size rule, the attention limit),
+before any worker loads its weights. A picture is
 written as DIR/<line:06d>-seed<seed>.png, and counts as done only if that PNG opens, decodes to the end,
 and stores the job's own parameters, the model named by the same name and hash (no local path is
 stored, so none is compared).
@@ -29,7 +31,9 @@ from npdiff import paths
 from npdiff.errors import NpdiffError, shorten
 from npdiff.images import PNG_PARAMS_KEY
 from npdiff.model_identity import model_name
-from npdiff.pipeline_utils import check_side
+from npdiff.hires import second_size
+from npdiff.memory_estimate import PictureSizeError, check_attention_size
+from npdiff.pipeline_utils import check_side, check_size, model_size_config, size_rule
 from npdiff.recipe import (
     CONTROL_SETTINGS,
     OPTION_BY_NAME,
@@ -230,6 +234,63 @@ def make_job(number, options, defaults, base_dir):
         raise NpdiffError(f"'strength' must be a number in (0, 1], got {checked['strength']!r}")
     return Job(line=number, command=command, options=checked, image=image, mask=mask, vae=vae, loras=loras,
                refiner=refiner, controls=controls, control_settings=control_settings)
+
+
+# What to lower when a picture is too large (memory_estimate.PictureSizeError), named as a line's keys
+SIZE_HINTS = {"size": "lower 'height'/'width'", "hires_scale": "lower 'hires_scale'",
+              "image": "use a smaller 'image' (img2img works at its size)"}
+SIDE_KEYS = ("'height'", "'width'")
+
+
+def check_jobs_for_model(jobs, failures, model):
+    """-> the jobs the model can draw, checked before any worker loads it; each other line's message goes into
+    `failures` under its line number. Only the model's configs are read (pipeline_utils.model_size_config)."""
+    unet_config, vae_factor = model_size_config(model)
+    drawable = []
+    for job in jobs:
+        try:
+            check_job_size(job, unet_config, vae_factor)
+            drawable.append(job)
+        except PictureSizeError as exc:
+            failures[job.line] = exc.hinted(SIZE_HINTS)
+        except NpdiffError as exc:
+            failures[job.line] = str(exc)
+    return drawable
+
+
+def check_job_size(job, unet_config, vae_factor):
+    """NpdiffError when the model cannot draw this line's picture, by the pipeline's own rules: sides that are
+    not multiples of its size rule (pipeline_utils.size_rule), a picture past its self-attention limit
+    (memory_estimate.check_attention_size), and with hires_scale the second pass's size (hires.second_size)."""
+    multiple, why = size_rule(unet_config, vae_factor)
+    if job.command == "img2img":  # the picture's own size, rounded down to the size rule
+        size = picture_size(job.image)
+        if size is not None:
+            check_attention_size(unet_config, vae_factor, *(side - side % multiple for side in size), ("image",))
+        return
+    default_side = unet_config["sample_size"] * vae_factor  # what the pipeline draws when a side is not given
+    height, width = (default_side if job.options.get(side) is None else job.options[side]
+                     for side in ("height", "width"))
+    first = check_size(height, width, multiple, why, names=SIDE_KEYS)
+    check_attention_size(unet_config, vae_factor, *first)
+    if job.options.get("hires_scale") is not None:
+        second_size(unet_config, vae_factor, first, job.options["hires_scale"])
+
+
+def picture_size(path):
+    """-> (height, width) of a picture file from its header, or None when npdiff.images.load_image will refuse it
+    (not a picture, a decompression bomb: the worker that loads it says why, as for any line)."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # as load_image: a bomb is its to refuse
+            with Image.open(path) as picture:
+                return picture.height, picture.width
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return None
 
 
 def check_sampler(name):

@@ -16,8 +16,10 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from itertools import islice
 
+from npdiff.batch_jobs import SIZE_HINTS
 from npdiff.errors import NpdiffError
 from npdiff.images import load_image
+from npdiff.memory_estimate import PictureSizeError
 from npdiff.models.controlnet import ControlNetModel
 from npdiff.pipeline_controlnet_attach import attach_controlnets
 from npdiff.pipeline_sdxl import load_any_pipeline
@@ -115,6 +117,8 @@ class Renderer:
             png, params = self.render_png(payload)
         except Exception as exc:  # noqa: BLE001  (one line failing must not stop the others)
             message = str(exc) if isinstance(exc, NpdiffError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, PictureSizeError):  # e.g. past the free memory: what to lower named as a line's keys
+                message = exc.hinted(SIZE_HINTS)
             return {"line": payload["line"], "error": message}
         return {"line": payload["line"], "filename": payload["filename"], "png": png, "params": params,
                 "seconds": time.perf_counter() - start}

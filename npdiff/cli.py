@@ -51,7 +51,7 @@ from npdiff.images import StepRecorder, emergence_grid, load_image, read_png_par
 from npdiff.loading.weights import PRECISIONS
 from npdiff.pipeline_controlnet_attach import attach_controlnets, load_controlnets
 from npdiff.pipeline_sdxl import load_any_pipeline
-from npdiff.memory_estimate import ATTENTION_EXAMPLES, MAX_ATTENTION_TOKENS
+from npdiff.memory_estimate import ATTENTION_EXAMPLES, MAX_ATTENTION_TOKENS, PictureSizeError
 from npdiff.pipeline_utils import MAX_SIDE, check_side, default_model_path
 from npdiff.recipe import (
     DEFAULTS,
@@ -330,6 +330,9 @@ def run_inpaint(args):
     return run_picture_command(args, "inpaint")
 
 
+# What to lower when a picture is too large (memory_estimate.PictureSizeError), named as this command line's flags
+SIZE_HINTS = {"size": "lower --height/--width", "hires_scale": "lower --hires-scale",
+              "image": "give a smaller --image (img2img works at its size)"}
 # What --height/--width refuse before any work (pipeline_utils.check_size, memory_estimate.check_attention_size)
 SIZE_LIMITS = (f"at most {MAX_SIDE}; refused before any work past {MAX_ATTENTION_TOKENS} positions in the UNet's "
                f"self-attention ({ATTENTION_EXAMPLES}), whose time grows with their square")
@@ -411,7 +414,8 @@ def main(argv=None):
     try:
         return args.run(args) or 0
     except npdiff.NpdiffError as exc:  # bad input: one line, no traceback, status 2
-        print(f"npdiff: error: {exc}", file=sys.stderr)
+        message = exc.hinted(SIZE_HINTS) if isinstance(exc, PictureSizeError) else exc  # our flags, not keywords
+        print(f"npdiff: error: {message}", file=sys.stderr)
         return 2
     except MemoryError as exc:  # past the memory estimate's check (npdiff/memory_estimate.py): status 1
         print(f"npdiff: error: out of memory ({exc or 'MemoryError'}); lower --height/--width", file=sys.stderr)

@@ -30,7 +30,7 @@ from npdiff.hires_names import (
     HIRES_UPSCALERS,
 )
 from npdiff.kernels.resample import resize
-from npdiff.memory_estimate import check_attention_size
+from npdiff.memory_estimate import PictureSizeError, check_attention_size
 from npdiff.pipeline_utils import check_size, check_strength, make_generator, size_rule
 from npdiff.sampling_starts import check_denoising_steps
 
@@ -69,14 +69,24 @@ def hires_size(pipe, height, width, scale):
     multiple, why = size_rule(pipe.unet.config, factor)
     first = check_size(default_side if height is None else height, default_side if width is None else width,
                        multiple, why)
+    return first, second_size(pipe.unet.config, factor, first, scale)
+
+
+def second_size(unet_config, factor, first, scale):
+    """The second pass's (height, width) for a first pass of `first` pixels: webui's int(side * scale) rounded
+    down to whole latent cells of `factor` pixels, checked against the model's size rule and attention limit
+    (a PictureSizeError names hires_scale and the size as what to lower). Needs the model's configs only."""
     second = tuple(int(side * scale) // factor * factor for side in first)  # whole latent cells
+    turns = (f"hires_scale {scale:g} turns {first[1]}x{first[0]} into {second[1]}x{second[0]}, which the model "
+             "cannot take")
     try:
-        check_size(*second, multiple, why)
-        check_attention_size(pipe.unet.config, factor, *second)  # the second pass's size, before the first runs
+        check_size(*second, *size_rule(unet_config, factor))
+        check_attention_size(unet_config, factor, *second)  # the second pass's size, before the first runs
+    except PictureSizeError as exc:
+        raise PictureSizeError(f"{turns}: {exc.problem}", ("hires_scale", "size")) from None
     except NpdiffError as exc:
-        raise NpdiffError(f"hires_scale {scale:g} turns {first[1]}x{first[0]} into {second[1]}x{second[0]}, which "
-                          f"the model cannot take: {exc}") from None
-    return first, second
+        raise NpdiffError(f"{turns}: {exc}") from None
+    return second
 
 
 def upscale(first_output, second_size, upscaler, factor):

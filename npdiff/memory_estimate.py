@@ -71,6 +71,31 @@ MAX_ATTENTION_TOKENS = 256 * 256
 ATTENTION_EXAMPLES = "SD 1.x/2.x up to 2048x2048, SDXL up to 4096x4096"
 
 
+# What a caller can lower when a picture is too large (PictureSizeError.lower), as the Python API names it. The
+# CLI, the server and batch lines name the same things their own way (their flags, JSON keys and line keys).
+KEYWORD_HINTS = {
+    "size": "lower height=/width=",
+    "hires_scale": "lower hires_scale=",
+    "image": "pass a smaller image= (img2img works at its size)",
+    "batch": "pass fewer prompts or a lower num_images_per_prompt=",
+}
+
+
+class PictureSizeError(NpdiffError):
+    """A picture too large for the UNet's self-attention or for the free memory. problem: what is wrong;
+    lower: the keys of KEYWORD_HINTS the caller can lower. str() names them as the Python API's keywords;
+    an entry point that took them as flags or keys raises hinted(its own hints) instead."""
+
+    def __init__(self, problem, lower):
+        self.problem, self.lower = problem, tuple(lower)
+        super().__init__(self.hinted(KEYWORD_HINTS))
+
+    def hinted(self, hints):
+        """The message with what to lower in the caller's words (hints: key -> "lower --height/--width", ...;
+        a key left out is something that caller cannot set, such as the number of pictures of one CLI call)."""
+        return f"{self.problem}; {' or '.join(hints[key] for key in self.lower if key in hints)}"
+
+
 def _per_block(value, count):
     return list(value) if isinstance(value, (list, tuple)) else [value] * count
 
@@ -193,27 +218,30 @@ def largest_attention_tokens(unet_config, vae_factor, height, width):
     return max(1, h >> level) * max(1, w >> level), level
 
 
-def check_attention_size(unet_config, vae_factor, height, width):
-    """NpdiffError before any work when the UNet's self-attention would run over more than
+def check_attention_size(unet_config, vae_factor, height, width, lower=("size",)):
+    """PictureSizeError before any work when the UNet's self-attention would run over more than
     MAX_ATTENTION_TOKENS positions: its work grows with their square, so such a picture fits in memory (the
-    attention kernels chunk the scores) but takes hours a step (a 1048576x64 picture: a million tokens)."""
+    attention kernels chunk the scores) but takes hours a step (a 1048576x64 picture: a million tokens).
+    lower: what set the size (KEYWORD_HINTS' keys: "size" for height/width, "image" for img2img's picture)."""
     tokens, level = largest_attention_tokens(unet_config, vae_factor, height, width)
     if tokens > MAX_ATTENTION_TOKENS:
         cells = vae_factor * 2 ** level
-        raise NpdiffError(
+        raise PictureSizeError(
             f"{width}x{height} pixels is too large: the UNet's self-attention would run over {tokens:,} positions "
             f"(one per {cells}x{cells} pixels), and its work grows with their square; npdiff accepts at most "
             f"{MAX_ATTENTION_TOKENS:,} ({MAX_ATTENTION_TOKENS * cells * cells:,} pixels for this model: "
-            f"{ATTENTION_EXAMPLES}); lower height/width (--height/--width, hires_scale)")
+            f"{ATTENTION_EXAMPLES})", lower)
 
 
-def check_call_memory(pipe, batch, height, width, guidance, encode=False):
-    """NpdiffError before any work when the call's estimated memory exceeds what the machine has free, or
+def check_call_memory(pipe, batch, height, width, guidance, encode=False, lower=("size",)):
+    """PictureSizeError before any work when the call's estimated memory exceeds what the machine has free, or
     when the picture is past what the UNet's attention does in reasonable time (check_attention_size).
+    lower: what set the size, as check_attention_size's.
 
     The memory part is only for the NumPy backend (host memory); a GPU backend's memory is not measured here.
     """
-    check_attention_size(pipe.unet.config, 2 ** (len(pipe.vae.config["block_out_channels"]) - 1), height, width)
+    check_attention_size(pipe.unet.config, 2 ** (len(pipe.vae.config["block_out_channels"]) - 1), height, width,
+                         lower)
     if backend.name() not in ("numpy", None):
         return None
 
@@ -236,10 +264,10 @@ def check_call_memory(pipe, batch, height, width, guidance, encode=False):
             return tiled
     if free is not None and estimate["total"] > free:
         biggest = max(("unet", "vae_decode", "vae_encode"), key=estimate.get)
-        raise NpdiffError(
+        raise PictureSizeError(
             f"{height}x{width} pixels x {batch} picture(s) needs about {human_bytes(estimate['total'])} of memory "
-            f"(mostly the {biggest.replace('_', ' ')}), but only {human_bytes(free)} is available; lower height/width "
-            f"(--height/--width), the number of prompts or num_images_per_prompt")
+            f"(mostly the {biggest.replace('_', ' ')}), but only {human_bytes(free)} is available",
+            tuple(lower) + ("batch",))
     return estimate
 
 

@@ -333,7 +333,8 @@ class StableDiffusionPipeline(PipelineMemoryMixin):
         start.prepare(self, len(prompts) * num_images_per_prompt, steps)
         do_guidance = self.do_classifier_free_guidance(guidance_scale)  # never for an LCM-distilled UNet
         memory = check_call_memory(self, len(prompts) * num_images_per_prompt, start.height, start.width,
-                                   do_guidance, encode=start.encodes_picture)  # refuse what cannot fit, before any work
+                                   do_guidance, encode=start.encodes_picture,  # refuse what cannot fit, before any work
+                                   lower=("image",) if start.mode == "img2img" else ("size",))  # what set the size
         self.auto_vae_tiling = bool(memory and memory["vae_tiling_auto"])  # the VAE in tiles: fits then
         if self.auto_vae_tiling:
             print(f"npdiff: note: {memory['vae_tiling_note']}", file=sys.stderr)

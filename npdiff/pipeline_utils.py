@@ -101,6 +101,15 @@ def model_family(path):
     return "sd"
 
 
+def model_size_config(path):
+    """-> (the UNet's config, the VAE's pixels per latent cell) of a model folder or single file, from its
+    configs (a single file's: inferred from its tensors' names and shapes) without reading any weight: what
+    size_rule and memory_estimate.check_attention_size need to check a picture size before the model loads."""
+    parts = load_pipeline_components(Path(path).expanduser())
+    unet_config, vae_config = parts["unet"][0], parts["vae"][0]
+    return unet_config, 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 def load_components(path, variant=None, tokenizer=None, prediction_type=None, family="sd", precision="fp32"):
     """-> dict(text_encoder, tokenizer, unet, vae, scheduler_config; text_encoder_2, tokenizer_2, model_index)
     from a folder or a single file.
@@ -311,10 +320,10 @@ def check_side(name, value):
     return int(value)
 
 
-def check_size(height, width, multiple, why=None):
+def check_size(height, width, multiple, why=None, names=("height", "width")):
     """Picture height/width in pixels: check_side's, then multiples of `multiple` (size_rule gives it and
-    `why`)."""
-    for name, value in (("height", height), ("width", width)):
+    `why`). names: what the caller calls the two sides in messages (a batch line: "'height'", "'width'")."""
+    for name, value in zip(names, (height, width)):
         check_side(name, value)
         if value % multiple != 0:
             because = f" pixels ({why})" if why else ""

@@ -112,6 +112,15 @@ def is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def integral(value):
+    """An integer option's value as given: an int as it is, a float with no fractional part (64.0, as many JSON
+    writers emit 64) as that int; anything else unchanged, for the caller to refuse. The one rule for batch
+    lines, the server's JSON fields and stored PNG parameters."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -136,9 +145,10 @@ def check_value(name, value, where=None):
     if name in ("prompt", "negative", "prompt_2", "negative_2"):
         return check_prompt_text(value, f"{prefix}{name!r}")
     if name in ("steps", "seed", "height", "width"):
-        if not is_int(value) or value < (0 if name == "seed" else 1) or value >= 2**64:
+        number = integral(value)  # 64.0 -> 64; the message quotes the value as given
+        if not is_int(number) or number < (0 if name == "seed" else 1) or number >= 2**64:
             refuse("an integer >= 1" if name != "seed" else "an integer in [0, 2**64)")
-        return value
+        return number
     if name in ("guidance", "strength", "eta"):
         if not is_number(value) or value < 0:
             refuse("a finite number >= 0")
@@ -160,9 +170,10 @@ def check_value(name, value, where=None):
             refuse(" or ".join(PROMPT_SYNTAXES))
         return value
     if name in ("clip_skip", "hires_steps"):  # Clip skip: webui's N >= 1 (1: the last layer); hires_steps 0: same
-        if not is_int(value) or value < (1 if name == "clip_skip" else 0) or value > 10**6:
+        number = integral(value)
+        if not is_int(number) or number < (1 if name == "clip_skip" else 0) or number > 10**6:
             refuse("an integer >= 1" if name == "clip_skip" else "an integer >= 0")
-        return value
+        return number
     if name == "hires_scale":
         if not is_number(value) or not 1 <= value <= 16:
             refuse("a number in [1, 16]")

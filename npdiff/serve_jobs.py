@@ -22,11 +22,11 @@ from collections import deque
 from npdiff.errors import NpdiffError
 from npdiff.images import load_image
 from npdiff.infotext import format_infotext
-from npdiff.memory_estimate import check_call_memory
+from npdiff.memory_estimate import PictureSizeError, check_call_memory
 from npdiff.pipeline_utils import StopSampling, check_size, size_rule
 from npdiff.recipe import render
 from npdiff.serve_refiner import RefinerSlot
-from npdiff.serve_schemas import RequestError
+from npdiff.serve_schemas import SIZE_HINTS, RequestError
 
 GALLERY_SIZE = 48
 PREVIEW_WANTED_SECONDS = 5.0  # decode live pictures only while a client polled /progress this recently
@@ -104,7 +104,10 @@ class JobQueue:
         field_name = "init_images[0]" if request.command == "img2img" else "width/height"  # img2img: the picture's size
         try:
             check_call_memory(pipe, 1, height, width, pipe.do_classifier_free_guidance(request.options["guidance"]),
-                              encode=request.command != "generate")
+                              encode=request.command != "generate",
+                              lower=("image",) if request.command == "img2img" else ("size",))  # what set the size
+        except PictureSizeError as exc:  # what to lower, named as the request's keys
+            raise RequestError(422, field_name, f"{field_name}: {exc.hinted(SIZE_HINTS)}") from None
         except NpdiffError as exc:
             raise RequestError(422, field_name, f"{field_name}: {exc}") from None
 
@@ -171,6 +174,8 @@ class JobQueue:
                     job.work()
                 else:
                     self._render_pictures(job)
+            except PictureSizeError as exc:  # e.g. hr_scale's second pass too large: named as the request's keys
+                job.error = NpdiffError(exc.hinted(SIZE_HINTS))
             except Exception as exc:  # reported to the job's client; the worker keeps serving
                 job.error = exc
             finally:

@@ -31,7 +31,7 @@ from npdiff.infotext import (
     SCHEDULE_TYPES,
     format_infotext,
 )
-from npdiff.recipe import OPTION_BY_NAME, check_value
+from npdiff.recipe import OPTION_BY_NAME, check_value, integral
 from npdiff.schedulers import SCHEDULERS
 from npdiff.sdxl_recipe import DEFAULT_REFINER_SWITCH
 
@@ -64,6 +64,9 @@ WEBUI_DEFAULTS = {
     "send_images": True, "save_images": False,  # npdiff serve always sends its pictures and saves none
 }
 HIRES_USED = {"enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "denoising_strength"}
+# What to lower when a picture is too large (memory_estimate.PictureSizeError), named as the request's JSON keys
+SIZE_HINTS = {"size": "lower width/height", "hires_scale": "lower hr_scale",
+              "image": "send a smaller init_images[0] (img2img works at its size)"}
 # override_settings npdiff acts on: webui's Clip skip (1 = the last layer), the recipe's clip_skip option; webui's
 # SDXL settings: the crop corner (every SDXL model), the aesthetic scores (a refiner) -> the recipe's options
 SDXL_OVERRIDES = {"sdxl_crop_top": 0, "sdxl_crop_left": 0, "sdxl_refiner_high_aesthetic_score": 6.0,
@@ -139,11 +142,10 @@ def _int_field(body, name, default, low, high):
     value = body.get(name, default)
     if value is None:
         value = default
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+    number = integral(value)  # 64.0 is 64, as on a batch line (npdiff.recipe.integral)
+    if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
         refuse(name, f"must be an integer in [{low}, {high}], got {shorten(value)}")
-    return value
+    return number
 
 
 def _number_field(body, name, default, low, high):

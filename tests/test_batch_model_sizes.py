@@ -1,0 +1,108 @@
+"""`npdiff batch` checks every line's picture size against the model before any picture is drawn: a side that
+is not a multiple of the model's size rule (16 pixels for the shipped model), a picture past its self-attention
+limit (past 1024x1024 for the shipped model), a hires_scale whose second pass is past it, or an img2img
+picture past it fails its own line, named by line number and key, and never reaches a worker. The model's
+configs are read, not its weights.
+
+And one rule for integer options: a size of 64.0 (as JSON writers may emit 64) is 64 on a batch line, as in
+the server's JSON; 64.5 is refused by both.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from npdiff.batch import run_batch
+from npdiff.batch_jobs import read_jobs
+from npdiff.errors import NpdiffError
+from npdiff.serve_schemas import picture_request
+
+
+class RecordingPool:
+    """A worker pool that draws nothing: it records which lines reached it."""
+
+    def __init__(self):
+        self.lines = []
+
+    def results(self, payloads):
+        for payload in payloads:
+            self.lines.append(payload["line"])
+            yield {"line": payload["line"], "error": "reached a worker"}
+
+
+@pytest.fixture(autouse=True)
+def hash_cache(tmp_path, monkeypatch):
+    """Model hashes are cached under $XDG_CACHE_HOME: this test's own, not the user's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def test_lines_the_model_refuses_fail_before_any_worker(tmp_path, rng):
+    # a 100-line job file; a few lines the shipped model cannot draw, at random places
+    bad_lines = sorted(rng.choice(np.arange(2, 101), size=5, replace=False).tolist())
+    wide = Image.fromarray(rng.integers(0, 256, (1024, 1040, 3), dtype=np.uint8))  # img2img at 1040x1024
+    wide.save(tmp_path / "wide.png")
+    bad = {  # the line's options -> what its message must say
+        "attention": ({"height": 1024, "width": 1040}, ["self-attention", "lower 'height'/'width'"]),
+        "size rule": ({"width": 40}, ["'width' must be a multiple of 16", "try 32 or 48"]),
+        "hires": ({"height": 768, "width": 768, "hires_scale": 2},
+                  ["hires_scale 2 turns 768x768 into 1536x1536", "lower 'hires_scale' or lower 'height'/'width'"]),
+        "img2img": ({"image": "wide.png", "strength": 0.5}, ["1040x1024 pixels is too large", "smaller 'image'"]),
+        "default height": ({"width": 1056}, None),  # 1056x32 (the model's height): 264x8 positions, drawn
+    }
+    lines, expected = [], {}
+    kinds = iter(bad)
+    for number in range(1, 101):
+        options = {"prompt": f"a red circle {number}"}
+        if number in bad_lines:
+            kind = next(kinds)
+            options.update(bad[kind][0])
+            if bad[kind][1] is not None:
+                expected[number] = bad[kind][1]
+        lines.append(json.dumps(options))
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    pool = RecordingPool()
+    summary = run_batch(jobs, tmp_path / "out", defaults={"steps": 2}, pool=pool, progress=False)
+    refused = set(expected)
+    assert sorted(pool.lines) == [n for n in range(1, 101) if n not in refused]  # the others all went on
+    for line, parts in expected.items():
+        message = summary.failures[line]
+        assert "reached a worker" not in message
+        for part in parts:
+            assert part in message, (line, message)
+        assert "--height" not in message and "height=" not in message  # named as a line's keys
+
+
+def test_batch_height_and_width_at_the_batch_level_are_checked_too(tmp_path):
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("a red circle\na blue square\n", encoding="utf-8")
+    pool = RecordingPool()
+    summary = run_batch(jobs, tmp_path / "out", defaults={"steps": 2, "height": 24}, pool=pool, progress=False)
+    assert pool.lines == []
+    assert all("'height' must be a multiple of 16" in summary.failures[line] for line in (1, 2))
+
+
+def test_an_integral_float_size_is_one_rule_for_batch_and_serve(tmp_path, rng):
+    side = int(rng.integers(2, 8)) * 16
+    lines = [{"prompt": "a red circle", "height": float(side), "width": float(side), "steps": 2.0},
+             {"prompt": "a red circle", "height": side + 0.5},
+             {"prompt": "a red circle", "width": True}]
+    jobs_file = tmp_path / "jobs.jsonl"
+    jobs_file.write_text("\n".join(json.dumps(line) for line in lines) + "\n", encoding="utf-8")
+    jobs, failures = read_jobs(jobs_file, {})
+    assert [job.line for job in jobs] == [1]
+    options = jobs[0].options
+    assert (options["height"], options["width"], options["steps"]) == (side, side, 2)
+    assert all(type(options[key]) is int for key in ("height", "width", "steps"))  # stored in the PNG as 64
+    assert f"'height' must be an integer >= 1, got {side + 0.5}" in failures[2]
+    assert "'width' must be an integer >= 1, got True" in failures[3]
+    # the server's JSON: the same values, the same outcome
+    request = picture_request({"prompt": "a red circle", "height": float(side), "width": float(side), "steps": 2.0},
+                              "txt2img")
+    assert (request.options["height"], request.options["width"]) == (side, side)
+    assert type(request.options["height"]) is int
+    for bad in ({"height": side + 0.5}, {"width": True}):
+        with pytest.raises(NpdiffError, match="must be an integer"):
+            picture_request({"prompt": "a red circle", **bad}, "txt2img")
