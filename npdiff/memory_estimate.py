@@ -265,7 +265,7 @@ def check_call_memory(pipe, batch, height, width, guidance, encode=False, lower=
     if free is not None and estimate["total"] > free:
         biggest = max(("unet", "vae_decode", "vae_encode"), key=estimate.get)
         raise PictureSizeError(
-            f"{height}x{width} pixels x {batch} picture(s) needs about {human_bytes(estimate['total'])} of memory "
+            f"{width}x{height} pixels x {batch} picture(s) needs about {human_bytes(estimate['total'])} of memory "
             f"(mostly the {biggest.replace('_', ' ')}), but only {human_bytes(free)} is available",
             tuple(lower) + ("batch",))
     return estimate
@@ -286,7 +286,7 @@ def auto_tiling_estimate(pipe, call, free, untiled_total):
     tiled = with_controlnets(estimate_call_bytes(**call, vae_tile=vae.tile_latent_min_size), pipe, call)
     if tiled["total"] > free:
         return None
-    note = (f"the VAE decodes {call['height']}x{call['width']} in tiles (as with --vae-tiling / "
+    note = (f"the VAE decodes {call['width']}x{call['height']} in tiles (as with --vae-tiling / "
             f"vae.enable_tiling()): untiled the call needs about {human_bytes(untiled_total)}, "
             f"{human_bytes(free)} is available")
     return dict(tiled, vae_tiling_auto=True, vae_tiling_note=note)

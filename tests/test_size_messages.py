@@ -77,8 +77,8 @@ def test_img2img_names_its_picture(pipe, rng):
 
 def test_a_memory_refusal_names_the_keywords(pipe, monkeypatch):
     monkeypatch.setattr(memory_estimate, "available_bytes", lambda: 1 << 20)  # a machine with 1 MiB free
-    message = refusal(lambda: pipe("a circle", num_inference_steps=1, height=64, width=64))
-    assert "needs about" in message
+    message = refusal(lambda: pipe("a circle", num_inference_steps=1, height=64, width=128))
+    assert "128x64 pixels x 1 picture(s) needs about" in message  # width x height, as the attention refusal
     assert message.endswith("lower height=/width= or pass fewer prompts or a lower num_images_per_prompt=")
 
 
