@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from npdiff.atomic_files import atomic_write, check_destination, non_regular_kind
-from npdiff.batch_jobs import check_jobs_for_model, is_done, read_jobs
+from npdiff.batch_jobs import check_batch_size, check_jobs_for_model, is_done, read_jobs
 from npdiff.batch_workers import InProcessPool, ProcessPool
 from npdiff.errors import NpdiffError
 from npdiff.loading.weights import PRECISIONS, check_precision
@@ -149,13 +149,15 @@ def run_batch(jobs_file, out_dir, model=None, defaults=None, workers=None, ray_a
         defaults["precision"] = precision
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise NpdiffError(f"--workers must be an integer >= 1, got {workers!r}")
-    # 1. read and check the jobs; find the model, and check each line's size against it (its configs only)
-    jobs, failures = read_jobs(jobs_file, defaults)
+    # 1. find the model and check the batch's own size against it (its configs only); read and check the
+    #    jobs, each line's size against the model too
     load_path = None if model is None else str(Path(model).expanduser())  # what the workers load
     model = default_model_path() if model is None else Path(model).expanduser()
     if not model.exists():  # on Ray too: this process hashes it to name it in the PNGs
         where = " on this machine (npdiff batch reads it here too, to name it by its hash)" if ray_address else ""
         raise NpdiffError(f"--model {model}: no such file or folder{where}")
+    check_batch_size(defaults, model)
+    jobs, failures = read_jobs(jobs_file, defaults)
     jobs = check_jobs_for_model(jobs, failures, model)  # a size the model refuses: its line fails now, not in a worker
     out_dir = prepare_out_dir(out_dir)
     # 2. name the model as npdiff generate does (name and hash, once for every job); skip what is already done

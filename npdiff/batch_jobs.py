@@ -40,6 +40,8 @@ from npdiff.recipe import (
     check_control_settings,
     check_value,
     defaults_for,
+    integral,
+    is_int,
     parse_control_option,
     parse_lora_option,
 )
@@ -240,6 +242,37 @@ def make_job(number, options, defaults, base_dir):
 SIZE_HINTS = {"size": "lower 'height'/'width'", "hires_scale": "lower 'hires_scale'",
               "image": "use a smaller 'image' (img2img works at its size)"}
 SIDE_KEYS = ("'height'", "'width'")
+
+
+BATCH_SIDE_NAMES = ("the batch's --height", "the batch's --width")
+BATCH_SIZE_HINTS = {"size": "lower the batch's --height/--width"}
+
+
+def check_batch_size(defaults, model):
+    """The batch's own height/width (--height/--width: what a line leaves out), checked once against the model
+    before any line is read: a size the model refuses is the command's error, named by its flags (checked per
+    line it failed every line that took it, each blaming the line's 'height'/'width'). The side not given is
+    the model's default, as for a line."""
+    given = {side: defaults.get(side) for side in ("height", "width")}
+    if given["height"] is None and given["width"] is None:
+        return
+    for side, name in zip(("height", "width"), BATCH_SIDE_NAMES):
+        if given[side] is not None:
+            number = integral(given[side])  # 64.0 -> 64, as on a line
+            if not is_int(number) or number < 1:
+                raise NpdiffError(f"{name} must be an integer >= 1, got {shorten(given[side])}")
+            given[side] = number
+            if given[side] % 8:
+                raise NpdiffError(f"{name} must be a positive multiple of 8 (pixels), got {given[side]!r}")
+    unet_config, vae_factor = model_size_config(model)
+    multiple, why = size_rule(unet_config, vae_factor)
+    default_side = unet_config["sample_size"] * vae_factor
+    height, width = (default_side if given[side] is None else given[side] for side in ("height", "width"))
+    try:
+        check_attention_size(unet_config, vae_factor, *check_size(height, width, multiple, why,
+                                                                  names=BATCH_SIDE_NAMES))
+    except PictureSizeError as exc:
+        raise NpdiffError(exc.hinted(BATCH_SIZE_HINTS)) from None
 
 
 def check_jobs_for_model(jobs, failures, model):

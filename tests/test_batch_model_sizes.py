@@ -75,13 +75,32 @@ def test_lines_the_model_refuses_fail_before_any_worker(tmp_path, rng):
         assert "--height" not in message and "height=" not in message  # named as a line's keys
 
 
-def test_batch_height_and_width_at_the_batch_level_are_checked_too(tmp_path):
+@pytest.mark.parametrize("defaults, message", [
+    ({"height": 24}, "the batch's --height must be a multiple of 16 pixels"),  # the shipped model's size rule
+    ({"width": 20}, "the batch's --width must be a positive multiple of 8"),
+    ({"height": 1024, "width": 1040}, "self-attention"),  # past the shipped model's attention limit
+    ({"height": "tall"}, "the batch's --height must be an integer >= 1, got 'tall'"),
+])
+def test_the_batchs_own_size_is_refused_once_by_its_flags(tmp_path, defaults, message):
+    """A batch-wide --height/--width the model refuses is the command's error, before any line is read or drawn
+    (it failed every line, each blaming the line's 'height')."""
     jobs = tmp_path / "jobs.txt"
     jobs.write_text("a red circle\na blue square\n", encoding="utf-8")
     pool = RecordingPool()
-    summary = run_batch(jobs, tmp_path / "out", defaults={"steps": 2, "height": 24}, pool=pool, progress=False)
-    assert pool.lines == []
-    assert all("'height' must be a multiple of 16" in summary.failures[line] for line in (1, 2))
+    with pytest.raises(NpdiffError) as refusal:
+        run_batch(jobs, tmp_path / "out", defaults={"steps": 2, **defaults}, pool=pool, progress=False)
+    assert message in str(refusal.value)
+    assert "'height'" not in str(refusal.value) and "'width'" not in str(refusal.value)  # not a line's keys
+    assert pool.lines == [] and not (tmp_path / "out").exists()
+
+
+def test_a_line_can_still_override_a_good_batch_size(tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"prompt": "a red circle", "height": 1024, "width": 1040}) + "\n"
+                    + json.dumps({"prompt": "a blue square"}) + "\n", encoding="utf-8")
+    pool = RecordingPool()
+    summary = run_batch(jobs, tmp_path / "out", defaults={"steps": 2, "height": 64}, pool=pool, progress=False)
+    assert pool.lines == [2] and "lower 'height'/'width'" in summary.failures[1]
 
 
 def test_an_integral_float_size_is_one_rule_for_batch_and_serve(tmp_path, rng):
