@@ -49,6 +49,7 @@ from npdiff.cli_train import add_train_embedding_command, add_train_lora_command
 from npdiff.errors import clip, shorten
 from npdiff.images import StepRecorder, emergence_grid, load_image, read_png_params
 from npdiff.loading.weights import PRECISIONS
+from npdiff.lora import check_scale
 from npdiff.pipeline_controlnet_attach import attach_controlnets, load_controlnets
 from npdiff.pipeline_sdxl import load_any_pipeline
 from npdiff.memory_estimate import ATTENTION_EXAMPLES, MAX_ATTENTION_TOKENS
@@ -196,7 +197,8 @@ def load_pipeline(args):
     """Load the model (timed, reported on stderr) with the chosen sampler and backend."""
 
     name = chosen_backend(args)
-    loras = [parse_lora_option(spec) for spec in args.lora or []]  # bad --lora fails before the model loads
+    # a bad --lora (no number, or a scale such as nan or 1e309) fails before the model loads
+    loras = [(path, check_scale(scale, path)) for path, scale in map(parse_lora_option, args.lora or [])]
     if name:
         backend.use(name, dtype="float16" if args.fp16 else "float32")
     model = Path(args.model) if args.model else default_model_path()

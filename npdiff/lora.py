@@ -29,13 +29,14 @@ again; the packed original is kept and put back on unload, so unloading restores
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from npdiff import backend, lycoris
-from npdiff.errors import NpdiffError
+from npdiff.errors import NpdiffError, shorten
 from npdiff.loading.safetensors_io import SafetensorsFile
 from npdiff.lora_keys import (
     COMPONENTS,
@@ -126,9 +127,13 @@ def check_scale(scale, path=None):
     where = "" if path is None else f" (for {path})"
     if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
         raise NpdiffError(f"LoRA scale must be a number, got {scale!r}{where}")
-    if not math.isfinite(float(scale)):
-        raise NpdiffError(f"LoRA scale must be finite, got {scale!r}{where}")
-    return float(scale)
+    try:
+        value = float(scale)
+    except OverflowError:  # an int of hundreds of digits
+        value = math.inf
+    if not math.isfinite(value):
+        raise NpdiffError(f"LoRA scale must be finite, got {shorten(scale)}{where}")
+    return value
 
 
 def read_adapter_metadata(path):
@@ -140,9 +145,46 @@ def read_adapter_metadata(path):
     if not raw:
         return None
     try:
-        return json.loads(raw)
+        metadata = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise NpdiffError(f"{path}: header entry 'lora_adapter_metadata' is not JSON: {exc}") from exc
+    check_adapter_metadata(path, metadata)
+    return metadata
+
+
+def check_adapter_metadata(path, metadata):
+    """NpdiffError naming the entry unless the metadata is an object whose alphas are finite numbers and whose
+    alpha_patterns are {pattern: number} with patterns that compile (what metadata_alpha reads)."""
+    where = f"{path}: header entry 'lora_adapter_metadata'"
+    if not isinstance(metadata, dict):
+        raise NpdiffError(f"{where} is a JSON {type(metadata).__name__}; expected an object")
+
+    def check_number(name, value):
+        number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        try:
+            finite = number is not None and math.isfinite(float(number))
+        except OverflowError:  # an int of hundreds of digits
+            finite = False
+        if not finite:
+            raise NpdiffError(f"{where}: {name} is {shorten(value)}; expected a finite number")
+
+    for component in COMPONENTS:
+        if metadata.get(f"{component}.lora_alpha") is not None:
+            check_number(f"{component}.lora_alpha", metadata[f"{component}.lora_alpha"])
+        patterns = metadata.get(f"{component}.alpha_pattern")
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise NpdiffError(f"{where}: {component}.alpha_pattern is a JSON {type(patterns).__name__}; expected an "
+                              "object {module pattern: alpha}")
+        for pattern, alpha in patterns.items():
+            check_number(f"{component}.alpha_pattern[{pattern[:40]!r}]", alpha)
+            if pattern.startswith("^"):
+                try:
+                    re.compile(pattern[1:])
+                except re.error as exc:
+                    raise NpdiffError(f"{where}: {component}.alpha_pattern {pattern[:40]!r} is not a regular "
+                                      f"expression ({exc})") from None
 
 
 def check_layer_shapes(path, entry, down_shape, up_shape):

@@ -1,0 +1,116 @@
+"""Hostile input on what users bring as files and text: LoRA files (their header's adapter metadata, scales of
+hundreds of digits), textual-inversion embeddings, webui prompt syntax, and the training commands. Each case
+here failed before its fix (a ValueError/AttributeError/OverflowError traceback, NaN text embeddings that
+sample a black picture, a NaN file written, a bad scale found only after the model loaded, a file written
+under a name the user meant as a folder); each is now an NpdiffError naming the problem, before the work,
+with nothing changed or written."""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).parent / "pipeline"))
+sys.path.insert(0, str(Path(__file__).parent / "training"))
+
+from lora_helpers import all_weights, assert_untouched, load_ours  # noqa: E402
+from test_textual_inversion import draw_pictures  # noqa: E402
+from tiny_sd import CLIP_CONFIG, tiny_sd_folder  # noqa: E402
+from tiny_sdxl import CLIP_G, CLIP_L, tiny_sdxl_folder  # noqa: E402
+
+from npdiff import cli  # noqa: E402
+from npdiff import lora as npdiff_lora  # noqa: E402
+from npdiff.errors import NpdiffError  # noqa: E402
+from npdiff.pipeline_sdxl import StableDiffusionXLPipeline  # noqa: E402
+from npdiff.prompt_parser import parse_prompt_attention  # noqa: E402
+from npdiff.training import textual_inversion, train_lora  # noqa: E402
+from npdiff.training.pictures import check_templates  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("hash_cache")  # model hashes cached in a test's own folder (conftest)
+
+WIDTH = CLIP_CONFIG["hidden_size"]
+LAYER = "down_blocks.0.attentions.0.proj_in"  # the tiny UNet's 1x1 conv, weight [32,32,1,1]
+
+
+@pytest.fixture(scope="module")
+def folder():
+    return tiny_sd_folder()
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    return load_ours(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA files
+# ---------------------------------------------------------------------------------------------------------------
+def diffusers_lora(path, rng, metadata=None):
+    """A diffusers-layout LoRA on LAYER (rank 4), with `metadata` as its header's "lora_adapter_metadata"."""
+    def random(*shape):
+        return torch.from_numpy(rng.standard_normal(shape).astype(np.float32) * 0.1)
+
+    tensors = {f"unet.{LAYER}.lora_A.weight": random(4, 32, 1, 1), f"unet.{LAYER}.lora_B.weight": random(32, 4, 1, 1)}
+    header = None if metadata is None else {"lora_adapter_metadata": metadata}
+    save_file(tensors, str(path), metadata=header)
+    return path
+
+
+@pytest.mark.parametrize("metadata,words", [
+    ("[1, 2]", "is a JSON list; expected an object"),
+    (json.dumps({"unet.lora_alpha": "eight"}), "unet.lora_alpha is 'eight'; expected a finite number"),
+    (json.dumps({"unet.lora_alpha": True}), "unet.lora_alpha is True; expected a finite number"),
+    ('{"unet.lora_alpha": 1' + "0" * 400 + "}", r"unet.lora_alpha is 10000.*; expected a finite number"),
+    (json.dumps({"unet.alpha_pattern": ["proj_in"]}), "unet.alpha_pattern is a JSON list; expected an object"),
+    (json.dumps({"unet.alpha_pattern": {"proj_in": None}}), r"unet.alpha_pattern\['proj_in'\] is None"),
+    (json.dumps({"unet.alpha_pattern": {"^(down": 4}}), r"unet.alpha_pattern '\^\(down' is not a regular expression"),
+], ids=["list", "alpha_text", "alpha_bool", "alpha_400_digits", "pattern_list", "pattern_null", "pattern_regex"])
+def test_malformed_adapter_metadata_is_refused_naming_the_entry(folder, tmp_path, rng, metadata, words):
+    """Before: AttributeError, ValueError, OverflowError or re.error tracebacks (or True read as alpha 1)."""
+    ours = load_ours(folder)
+    ours.load_lora_weights(diffusers_lora(tmp_path / "first.safetensors", rng), scale=0.5)
+    before = all_weights(ours)
+    path = diffusers_lora(tmp_path / "bad.safetensors", rng, metadata)
+    with pytest.raises(NpdiffError, match=rf"bad.safetensors: header entry 'lora_adapter_metadata'.*{words}"):
+        ours.load_lora_weights(path)
+    assert_untouched(ours, before)
+    assert [lora.name for lora in ours._lora_stack.loaded] == ["first"]
+
+
+def test_good_adapter_metadata_still_gives_its_alpha(folder, tmp_path, rng):
+    path = diffusers_lora(tmp_path / "good.safetensors", rng,
+                          json.dumps({"unet.lora_alpha": 2, "unet.alpha_pattern": {"^down_blocks\\.0\\..*": 8.0}}))
+    ours = load_ours(folder)
+    layer = npdiff_lora.named_layers(ours.unet, "unet")[LAYER]
+    original = np.array(layer.weight)
+    ours.load_lora_weights(path)
+    tensors = {key: value.numpy() for key, value in load_file(str(path)).items()}
+    update = tensors[f"unet.{LAYER}.lora_B.weight"][:, :, 0, 0] @ tensors[f"unet.{LAYER}.lora_A.weight"][:, :, 0, 0]
+    expected = original + (8.0 / 4) * update.reshape(original.shape)  # the pattern's alpha, not lora_alpha
+    np.testing.assert_allclose(np.asarray(layer.weight), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [10**400, -(10**400), 10**5000], ids=["400_digits", "minus_400", "5000_digits"])
+def test_a_scale_of_hundreds_of_digits_is_refused(pipe, tmp_path, rng, scale):
+    """Before: OverflowError (int too large to convert to float). repr(10**5000) raises ValueError (Python's
+    4300-digit limit), so npdiff.errors.shorten names its size instead."""
+    before = all_weights(pipe)
+    with pytest.raises(NpdiffError, match="LoRA scale must be finite, got (1000|-1000|an integer of about 5000 dig)"):
+        pipe.load_lora_weights(diffusers_lora(tmp_path / "l.safetensors", rng), scale=scale)
+    assert_untouched(pipe, before)
+
+
+@pytest.mark.parametrize("scale", ["nan", "1e309", "-inf"])
+def test_cli_refuses_a_non_finite_lora_scale_before_the_model_loads(tmp_path, rng, capsys, scale):
+    """The model here does not exist: before, the scale was checked only once the model had loaded."""
+    lora = diffusers_lora(tmp_path / "l.safetensors", rng)
+    code = cli.main(["generate", "--model", str(tmp_path / "no-model"), "--lora", f"{lora}:{scale}", "--steps", "1",
+                     "--out", str(tmp_path / "o.png"), "a cat"])
+    assert code == 2
+    assert "LoRA scale must be finite" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
