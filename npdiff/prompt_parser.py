@@ -12,11 +12,15 @@ The rules, as webui's modules/prompt_parser.py applies them (the same regex, the
   - brackets left open at the end are applied there (an unclosed "(" still weighs 1.1);
   - "BREAK" (a whole word, the spaces around it taken with it) becomes the marker ["BREAK", -1], which
     ends the current 75-token chunk (npdiff/prompt_chunks.py);
-  - consecutive pieces of equal weight are merged; an empty prompt is [["", 1.0]].
+  - consecutive pieces of equal weight are merged; an empty prompt is [["", 1.0]];
+  - a ":<number>)" whose number does not parse ("(x:1.2.3)", "(x:...)") is an NpdiffError naming it
+    (webui's float() raises there).
 Pure Python, no arrays.
 """
 
 import re
+
+from npdiff.errors import NpdiffError
 
 ROUND_BRACKET_MULTIPLIER = 1.1
 SQUARE_BRACKET_MULTIPLIER = 1 / 1.1
@@ -41,6 +45,16 @@ RE_ATTENTION = re.compile(r"""
 RE_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 
 
+def parse_weight(weight, match):
+    """The number of a ":<number>)": webui's regex also takes "...", "1.2.3" or "." there, where its float()
+    raises ValueError; here an NpdiffError names the weight in the prompt."""
+    try:
+        return float(weight)
+    except ValueError:
+        raise NpdiffError(f"prompt weight {match.group(0)!r} at character {match.start() + 1}: {weight!r} is not "
+                          "a number (write e.g. (word:1.2))") from None
+
+
 def parse_prompt_attention(text):
     """A prompt -> [[text, weight], ...] in order (see the module docstring); BREAK -> ["BREAK", -1]."""
     pieces = []
@@ -61,7 +75,7 @@ def parse_prompt_attention(text):
         elif token == "[":
             square_brackets.append(len(pieces))
         elif weight is not None and round_brackets:
-            multiply_range(round_brackets.pop(), float(weight))
+            multiply_range(round_brackets.pop(), parse_weight(weight, match))
         elif token == ")" and round_brackets:
             multiply_range(round_brackets.pop(), ROUND_BRACKET_MULTIPLIER)
         elif token == "]" and square_brackets:

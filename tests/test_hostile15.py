@@ -114,3 +114,60 @@ def test_cli_refuses_a_non_finite_lora_scale_before_the_model_loads(tmp_path, rn
     assert code == 2
     assert "LoRA scale must be finite" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# webui prompt syntax
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prompt,weight", [("(x:1.2.3)", "1.2.3"), ("a (x:...) b", "..."), ("((x:.))", ".")])
+def test_a_weight_that_is_not_a_number_is_named(prompt, weight):
+    """webui's regex takes [.\\d]+ as a weight, and float() raised ValueError: an NpdiffError now (a subclass)."""
+    with pytest.raises(NpdiffError, match=rf"prompt weight ':{re.escape(weight)}\)' at character \d+: "
+                                          rf"{re.escape(repr(weight))} is not a number"):
+        parse_prompt_attention(prompt)
+
+
+def test_weights_that_parse_are_as_webui_reads_them():
+    assert parse_prompt_attention("(x:1.5) [y] (z:-2)") == [["x", 1.5], [" ", 1.0], ["y", 1 / 1.1], [" ", 1.0],
+                                                               ["z", -2.0]]
+    assert parse_prompt_attention("(x:nan) (y:1e309)") == [["x:nan", 1.1], [" ", 1.0], ["y:1e309", 1.1]]  # text
+
+
+def overflowing_prompts(rng):
+    depth = int(rng.integers(1000, 3000))  # 1.1 ** 932 > float32's largest
+    return {"deep": "(" * depth + "cat" + ")" * depth,
+            "unclosed": "a " + "(" * depth + "cat",
+            "weight": f"a (cat:{int(rng.uniform(1.0, 3.3) * 1e38)}) on a mat",  # finite in float32; z * it is not
+            "digits": "(cat:" + "9" * int(rng.integers(310, 500)) + ")"}
+
+
+@pytest.mark.parametrize("case", ["deep", "unclosed", "weight", "digits"])
+def test_weights_that_overflow_the_embeddings_are_refused(pipe, rng, case):
+    """Before: NaN/Inf text embeddings returned, and sampled (a black or noise picture)."""
+    prompt = overflowing_prompts(rng)[case]
+    with pytest.raises(NpdiffError, match="emphasis weights .* make the text embeddings overflow float32"):
+        pipe.encode_prompt(prompt, "", prompt_syntax="a1111")
+    with pytest.raises(NpdiffError, match="overflow float32"):
+        pipe.encode_prompt("a dog", prompt, prompt_syntax="a1111")  # the negative prompt too
+
+
+def test_large_but_finite_emphasis_still_encodes(pipe, rng):
+    depth = int(rng.integers(1, 200))
+    for prompt in ["(" * depth + "cat" + ")" * depth, "(cat:1e30)", "[" * 2000 + "cat", "(cat:0) (dog:-3)"]:
+        embeddings = np.asarray(pipe.encode_prompt(prompt, "", prompt_syntax="a1111")[0])
+        assert np.isfinite(embeddings).all(), prompt
+
+
+def test_an_embedding_of_more_than_75_vectors_is_named_in_a_prompt(folder, tmp_path, rng):
+    """Before: "input_ids has length 83; the text encoder has max_position_embeddings 77" (webui's chunk)."""
+    count = int(rng.integers(76, 120))
+    path = tmp_path / "long.safetensors"
+    save_file({"<long>": torch.from_numpy(rng.standard_normal((count, WIDTH)).astype(np.float32))}, str(path))
+    ours = load_ours(folder)
+    ours.load_textual_inversion(path)
+    with pytest.raises(NpdiffError, match=rf"textual inversion word '<long>' has {count} vectors; a prompt chunk "
+                                          "holds 75 tokens"):
+        ours.encode_prompt("a (<long>:1.1) b", "", prompt_syntax="a1111")
+    with pytest.warns(UserWarning, match="the last .* were dropped"):  # plain syntax: cut at 75 ids
+        vectors = np.asarray(ours.encode_prompt("a <long> b", "")[0])
+    assert np.isfinite(vectors).all()
