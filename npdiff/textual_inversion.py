@@ -124,6 +124,10 @@ def read_sdxl_embedding_file(path):
             raise NpdiffError(f"{path}: embedding {key!r} must be [D] or [n,D], got shape {shape}")
         taken = np.asarray(backend.to_numpy(weights.take(key, shape)), dtype=np.float32)
         vectors[key] = taken.reshape(-1, shape[-1])  # [D] or [n,D] -> [n,D]
+    counts = {key: part.shape[0] for key, part in vectors.items()}
+    if len(set(counts.values())) != 1:  # one word, one token per vector in each tokenizer: the prompts must line up
+        raise NpdiffError(f"{path}: 'clip_l' holds {counts['clip_l']} vectors and 'clip_g' {counts['clip_g']}; "
+                          "an SDXL embedding gives both text encoders the same number")
     return vectors
 
 

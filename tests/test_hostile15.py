@@ -171,3 +171,24 @@ def test_an_embedding_of_more_than_75_vectors_is_named_in_a_prompt(folder, tmp_p
     with pytest.warns(UserWarning, match="the last .* were dropped"):  # plain syntax: cut at 75 ids
         vectors = np.asarray(ours.encode_prompt("a <long> b", "")[0])
     assert np.isfinite(vectors).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# textual inversion (SDXL)
+# ---------------------------------------------------------------------------------------------------------------
+def test_sdxl_embedding_whose_halves_differ_in_vector_count_is_refused(tmp_path, rng):
+    """Before: clip_l's 2 vectors went in as "w", "w_1" and clip_g's 1 as "w": a prompt's two token
+    sequences no longer lined up."""
+    counts = {"clip_l": 2, "clip_g": 1} if rng.random() < 0.5 else {"clip_l": 1, "clip_g": 3}
+    widths = {"clip_l": CLIP_L["hidden_size"], "clip_g": CLIP_G["hidden_size"]}
+    path = tmp_path / "mixed.safetensors"
+    save_file({key: torch.from_numpy(rng.standard_normal((counts[key], widths[key])).astype(np.float32))
+               for key in counts}, str(path))
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_folder("base"))
+    sizes = (len(pipe.tokenizer), len(pipe.tokenizer_2), pipe.text_encoder.token_embedding.shape,
+             pipe.text_encoder_2.token_embedding.shape)
+    with pytest.raises(NpdiffError, match=rf"'clip_l' holds {counts['clip_l']} vectors and 'clip_g' "
+                                          rf"{counts['clip_g']}"):
+        pipe.load_textual_inversion(path, token="<mixed>")
+    assert (len(pipe.tokenizer), len(pipe.tokenizer_2), pipe.text_encoder.token_embedding.shape,
+            pipe.text_encoder_2.token_embedding.shape) == sizes
