@@ -3,6 +3,7 @@ and `npdiff train-lora DIR --out FILE [--prompt TEXT]`: LoRA training (npdiff.tr
 npdiff.training.train_lora do the work; this parses, checks what it can before loading the model, and reports
 the files written)."""
 
+import math
 from pathlib import Path
 
 from npdiff.atomic_files import check_destination
@@ -41,7 +42,9 @@ def add_loop_options(p):
 
 
 def check_loop_options(args):
-    """What add_loop_options' values must be, and the learning rate; before the model loads."""
+    """What add_loop_options' values must be, the learning rate, and --out as given ("dir/" names a folder:
+    refused, where the paths made from it would drop the slash); before the model loads."""
+    check_destination(args.out, "--out")
     check_count(args.steps, "--steps", 1)
     check_count(args.batch_size, "--batch-size", 1)
     check_count(args.checkpoint_every, "--checkpoint-every", 0)
@@ -127,8 +130,8 @@ LORA_DESCRIPTION = (
 def run_train_lora(args):
     # 1. what can be checked before the model loads: the counts, the pictures and their captions, the outputs
     check_count(args.rank, "--rank", 1)
-    if args.alpha is not None and not args.alpha > 0:
-        raise NpdiffError(f"--alpha must be > 0, got {args.alpha}")
+    if args.alpha is not None and not (math.isfinite(args.alpha) and args.alpha > 0):
+        raise NpdiffError(f"--alpha must be a finite number > 0, got {args.alpha}")
     check_loop_options(args)
     pictures = find_pictures(args.dir)
     check_same_size(pictures, args.mixed_sizes)

@@ -192,3 +192,62 @@ def test_sdxl_embedding_whose_halves_differ_in_vector_count_is_refused(tmp_path,
         pipe.load_textual_inversion(path, token="<mixed>")
     assert (len(pipe.tokenizer), len(pipe.tokenizer_2), pipe.text_encoder.token_embedding.shape,
             pipe.text_encoder_2.token_embedding.shape) == sizes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("template", ["a {} and a {0}", "a {} on {x}", "a {}{", "a {} in } c"])
+def test_a_caption_template_str_format_cannot_fill_is_refused_up_front(template):
+    """Before: counted one "{}" and passed; every step's template.format(token) raised ValueError/KeyError
+    after the model had loaded and the pictures were encoded."""
+    with pytest.raises(NpdiffError, match="is not a template with one '{}'"):
+        check_templates([template])
+    assert check_templates(["a {} with {{braces}}"]) == ("a {} with {{braces}}",)
+
+
+@pytest.mark.parametrize("kind", ["embedding", "lora"])
+def test_training_that_diverges_writes_no_nan_file(folder, tmp_path, rng, kind):
+    """lr 1e30: before, 3 steps wrote embedding/LoRA files full of NaN (which load_textual_inversion and
+    load_lora_weights then refuse as damaged) and reported success."""
+    pictures = draw_pictures(tmp_path / "pictures", rng, count=2)
+    out = tmp_path / "out.safetensors"
+    ours = load_ours(folder)
+    before = all_weights(ours)
+    with pytest.raises(NpdiffError, match=r"training diverged at step \d: .*lower the learning rate \(1e\+30 now\)"):
+        if kind == "embedding":
+            textual_inversion(ours, pictures, "<d>", "toy", steps=4, lr=1e30, out=out, progress=False)
+        else:
+            train_lora(ours, pictures, prompt="a photo of sks", steps=4, lr=1e30, out=out, progress=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["pictures"]
+    assert_untouched(ours, before)  # the UNet's weights as they were, the LoRA removed
+    if kind == "embedding":  # the word stays, with the last finite rows
+        assert np.isfinite(np.asarray(ours.text_encoder.token_embedding)).all()
+
+
+@pytest.mark.parametrize("command", ["train-embedding", "train-lora"])
+def test_train_out_ending_in_a_slash_is_refused(folder, tmp_path, rng, command):
+    """Before: "--out DIR/x/" wrote a file named "x" (Path drops the slash) and its siblings beside it."""
+    pictures = draw_pictures(tmp_path / "pictures", rng, count=1)
+    extra = (["--token", "<s>", "--init-word", "toy"] if command == "train-embedding" else ["--prompt", "a sks"])
+    code = cli.main([command, str(pictures), *extra, "--out", f"{tmp_path}/x/", "--model", str(folder), "--steps", "1",
+                     "--quiet"])
+    assert code == 2
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["pictures"]
+    ours = load_ours(folder)
+    with pytest.raises(NpdiffError, match="ends in a slash"):
+        if command == "train-embedding":
+            textual_inversion(ours, pictures, "<s>", "toy", steps=1, out=f"{tmp_path}/x/", progress=False)
+        else:
+            train_lora(ours, pictures, prompt="a sks", steps=1, out=f"{tmp_path}/x/", progress=False)
+
+
+@pytest.mark.parametrize("alpha", ["inf", "nan", "0", "-1"])
+def test_train_lora_alpha_is_checked_before_the_model_loads(tmp_path, rng, capsys, alpha):
+    """The model does not exist: before, --alpha inf passed the command's check and met train_lora's only
+    after the model had loaded."""
+    pictures = draw_pictures(tmp_path / "pictures", rng, count=1)
+    code = cli.main(["train-lora", str(pictures), "--prompt", "a sks", "--alpha", alpha, "--out",
+                     str(tmp_path / "l.safetensors"), "--model", str(tmp_path / "no-model")])
+    assert code == 2
+    assert "--alpha must be a finite number > 0" in capsys.readouterr().err

@@ -19,6 +19,17 @@ def check_learning_rate(lr):
     return float(lr)
 
 
+def check_step_finite(step, loss, params, lr):
+    """NpdiffError when step `step` (0-based) diverged: its loss or the parameters after its update are NaN or
+    Inf (a learning rate far too large). Checked every step, so no checkpoint or result file ever holds them
+    (npdiff, webui and diffusers refuse such files when they load them)."""
+    if math.isfinite(loss) and np.isfinite(params).all():
+        return
+    what = f"the loss is {loss:g}" if not math.isfinite(loss) else "the parameters hold NaN or Inf"
+    raise NpdiffError(f"training diverged at step {step + 1}: {what}; lower the learning rate ({lr:g} now). "
+                      "No result file was written (checkpoints written before this step are good)")
+
+
 def check_checkpoint_every(checkpoint_every, out):
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, np.integer)) or checkpoint_every < 0:
         raise NpdiffError(f"checkpoint every must be an integer >= 0 (0: no checkpoints), got {checkpoint_every!r}")

@@ -34,6 +34,7 @@ from npdiff.training.loop import (
     check_checkpoint_every,
     check_learning_rate,
     check_resume,
+    check_step_finite,
     draw_batch,
     progress_bar,
     write_loss_files,
@@ -94,7 +95,9 @@ def textual_inversion(pipe, folder, token, init_word, vectors=1, steps=500, lr=5
     templates: caption templates with "{}" for the word (default diffusers' object templates; a picture's
     sidecar .txt file, one caption a line, replaces them for that picture);
     clip_skip: the text encoder layer trained through (None: the last, as the pipeline's default);
-    mixed_sizes: take pictures of different sizes (each cropped and resized on its own); refused otherwise."""
+    mixed_sizes: take pictures of different sizes (each cropped and resized on its own); refused otherwise.
+    A step whose loss or rows turn NaN/Inf (lr far too large) is an NpdiffError; nothing more is written, and
+    the word stays in `pipe` with the last finite rows."""
     # 0. every check before any work
     check_trainable_pipeline(pipe)
     token = check_token(token)
@@ -110,6 +113,8 @@ def textual_inversion(pipe, folder, token, init_word, vectors=1, steps=500, lr=5
     table = pipe.text_encoder.token_embedding                           # [V,C]
     start_rows = np.repeat(np.asarray(table[init_id], np.float32)[None], count, axis=0)  # [N,C]
     names = check_new_rows(pipe.tokenizer, pipe.text_encoder, token, start_rows, "the new word")
+    if out is not None:
+        check_destination(out, "out")  # as given: "dir/" names a folder (Path drops the slash)
     paths = output_paths(out) if out is not None else {}
     for path in paths.values():
         check_destination(path, "output")
@@ -146,6 +151,7 @@ def textual_inversion(pipe, folder, token, init_word, vectors=1, steps=500, lr=5
             ids = pipe.tokenizer([template.format(token) for template in draw["templates"]])  # [B,77]
             loss, grad = text_embedding_grad(pipe, ids, batch_latents, draw["noise"], draw["timesteps"], clip_skip)
             optimizer.step(rows, new_rows_grad(grad, ids, new_ids))         # [N,C] in place
+            check_step_finite(step, loss, rows, lr)                          # diverged: NpdiffError, no file
             pipe.text_encoder.token_embedding[new_ids] = rows                # the table's new rows only
             losses.append(loss)
             bar.update(1)
