@@ -29,6 +29,7 @@ again; the packed original is kept and put back on unload, so unloading restores
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -339,6 +340,8 @@ def load_lora_weights(pipe, path, scale=1.0, adapter_name=None):
     """Fuse the LoRA in `path` into pipe.unet and the text encoder(s) -> the LoadedLora record."""
     # 1. the arguments and the file (pickles and renamed pickles are refused by SafetensorsFile)
     scale = check_scale(scale, path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise NpdiffError(f"LoRA: expected the path of a .safetensors file, got {shorten(path)}")
     path = Path(path).expanduser()
     file = SafetensorsFile(path)
     stack = lora_stack(pipe)

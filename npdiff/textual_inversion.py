@@ -12,24 +12,35 @@ An embedding with n > 1 vectors becomes n tokens: token, token_1, ..., token_{n-
 "token" is expanded to all of them before tokenizing, as diffusers' load_textual_inversion does.
 """
 
+import os
 from pathlib import Path
 
 import numpy as np
 
 from npdiff import backend
-from npdiff.errors import NpdiffError
+from npdiff.errors import NpdiffError, shorten
 from npdiff.loading.configs import open_weights
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 A1111_KEYS = ("emb_params", "string_to_param.*")
 
 
+def embedding_path(path):
+    """`path` as a Path; NpdiffError for what is not a path (None, a number)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise NpdiffError(f"textual inversion: expected the path of a .safetensors file, got {shorten(path)}")
+    return Path(path)
+
+
 def read_embedding_file(path):
     """-> (token named by the file, float32 vectors [n,D]) from a diffusers or A1111 .safetensors file."""
-    path = Path(path)
+    path = embedding_path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise NpdiffError(f"{path}: {path.suffix} files are Python pickles, and loading one can run arbitrary "
                           "code; convert it to .safetensors first (safetensors.torch.save_file)")
+    if path.is_dir():
+        raise NpdiffError(f"textual inversion file {path} is a folder; give the .safetensors file in it "
+                          f"(e.g. {path / 'learned_embeds.safetensors'})")
     if not path.is_file():
         raise NpdiffError(f"textual inversion file {path} does not exist")
     if path.suffix.lower() != ".safetensors":
@@ -111,7 +122,7 @@ SDXL_KEYS = {"clip_l": ("tokenizer", "text_encoder"), "clip_g": ("tokenizer_2", 
 def read_sdxl_embedding_file(path):
     """-> {"clip_l": [n,768], "clip_g": [n,1280]} from an SDXL embedding file (the layout model sites share),
     or None when the file holds other keys."""
-    path = Path(path)
+    path = embedding_path(path)
     if path.suffix.lower() != ".safetensors" or not path.is_file():
         return None
     weights = open_weights(path)

@@ -116,6 +116,13 @@ def test_cli_refuses_a_non_finite_lora_scale_before_the_model_loads(tmp_path, rn
     assert not (tmp_path / "o.png").exists()
 
 
+@pytest.mark.parametrize("path", [None, 5, 2.5])
+def test_a_lora_path_that_is_not_a_path_is_named(pipe, path):
+    """Before: TypeError (expected str, bytes or os.PathLike object)."""
+    with pytest.raises(NpdiffError, match=f"LoRA: expected the path of a .safetensors file, got {path}"):
+        pipe.load_lora_weights(path)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # webui prompt syntax
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,6 +199,25 @@ def test_sdxl_embedding_whose_halves_differ_in_vector_count_is_refused(tmp_path,
         pipe.load_textual_inversion(path, token="<mixed>")
     assert (len(pipe.tokenizer), len(pipe.tokenizer_2), pipe.text_encoder.token_embedding.shape,
             pipe.text_encoder_2.token_embedding.shape) == sizes
+
+
+@pytest.mark.parametrize("path", [None, 5])
+def test_an_embedding_path_that_is_not_a_path_is_named(pipe, path):
+    """Before: TypeError, in both SD's and SDXL's load_textual_inversion."""
+    with pytest.raises(NpdiffError, match=f"textual inversion: expected the path of a .safetensors file, got {path}"):
+        pipe.load_textual_inversion(path)
+    xl = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_folder("base"))
+    with pytest.raises(NpdiffError, match="textual inversion: expected the path"):
+        xl.load_textual_inversion(path)
+
+
+def test_an_embedding_folder_is_named_as_a_folder(pipe, tmp_path):
+    """Before: "textual inversion file DIR does not exist" for a folder that does (diffusers' learned_embeds
+    folder, say)."""
+    (tmp_path / "learned").mkdir()
+    with pytest.raises(NpdiffError, match=r"learned is a folder; give the .safetensors file in it \(e.g. .*learned/"
+                                          r"learned_embeds.safetensors\)"):
+        pipe.load_textual_inversion(tmp_path / "learned")
 
 
 # ---------------------------------------------------------------------------------------------------------------
