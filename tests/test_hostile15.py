@@ -277,3 +277,47 @@ def test_train_lora_alpha_is_checked_before_the_model_loads(tmp_path, rng, capsy
                      str(tmp_path / "l.safetensors"), "--model", str(tmp_path / "no-model")])
     assert code == 2
     assert "--alpha must be a finite number > 0" in capsys.readouterr().err
+
+
+def checkpoint_variants(good_settings, arrays):
+    """name -> (settings text, arrays, words of the refusal): one damage each."""
+    def floats(shape, value):
+        return np.full(shape, value, np.float32)
+
+    shape = arrays["vectors"].shape
+    settings = json.dumps(good_settings)
+    return {
+        "not_json": ("{nope", arrays, "metadata is not JSON"),
+        "json_list": ("[1, 2]", arrays, "metadata is a JSON list, not an object"),
+        "no_step_count": (json.dumps({k: v for k, v in good_settings.items() if k != "step_count"}), arrays,
+                          "step_count is None; expected an integer >= 0"),
+        "step_text": (json.dumps(dict(good_settings, step="1")), arrays, "step is '1'; expected an integer >= 0"),
+        "nan_vectors": (settings, dict(arrays, vectors=floats(shape, np.nan)), "'vectors' holds NaN or Inf"),
+        "int_vectors": (settings, dict(arrays, vectors=np.zeros(shape, np.int32)), "'vectors' holds int32 values"),
+        "negative_moment": (settings, dict(arrays, exp_avg_sq=floats(shape, -1.0)), "'exp_avg_sq' .* negative"),
+        "losses_2d": (settings, dict(arrays, losses=np.zeros((1, 1))), r"'losses' has shape \(1, 1\)"),
+    }
+
+
+def test_a_damaged_checkpoint_is_named_before_training(folder, tmp_path, rng):
+    """Before: JSONDecodeError, AttributeError, KeyError or ValueError tracebacks from --resume, or "training
+    diverged" / "at step 2" for a checkpoint that held NaN or a 2-D loss list."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file as save_numpy
+
+    pictures = draw_pictures(tmp_path / "pictures", rng, count=1)
+    out = tmp_path / "w.safetensors"
+    textual_inversion(load_ours(folder), pictures, "<w>", "toy", steps=1, checkpoint_every=1, out=out, progress=False)
+    with safe_open(str(tmp_path / "w.checkpoint.safetensors"), framework="numpy") as handle:
+        good_settings = json.loads(handle.metadata()["npdiff_training"])
+        arrays = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    for name, (settings, damaged, words) in checkpoint_variants(good_settings, arrays).items():
+        path = tmp_path / f"{name}.safetensors"
+        save_numpy(damaged, str(path), metadata={"npdiff_training": settings})
+        with pytest.raises(NpdiffError, match=rf"--resume .*{name}.safetensors: a damaged checkpoint: .*{words}"):
+            textual_inversion(load_ours(folder), pictures, "<w>", "toy", steps=3, resume=path, progress=False)
+    bf16 = tmp_path / "bf16.safetensors"
+    save_file({key: torch.from_numpy(np.array(value)).to(torch.bfloat16) for key, value in arrays.items()}, str(bf16),
+              metadata={"npdiff_training": json.dumps(good_settings)})
+    with pytest.raises(NpdiffError, match="bf16.safetensors: not a readable .safetensors file"):
+        textual_inversion(load_ours(folder), pictures, "<w>", "toy", steps=3, resume=bf16, progress=False)
