@@ -154,6 +154,12 @@ def load_sdxl_textual_inversion(pipe, path, token=None, text_encoder=None, token
     if (text_encoder is None) != (tokenizer is None):
         raise NpdiffError("pass text_encoder= and tokenizer= together (e.g. pipe.text_encoder_2 and pipe.tokenizer_2)")
     if text_encoder is not None:
+        for tokenizer_name, encoder_name in SDXL_KEYS.values():  # the pipe's own pairs must stay pairs
+            own_tokenizer, own_encoder = getattr(pipe, tokenizer_name, None), getattr(pipe, encoder_name, None)
+            if own_encoder is not None and (tokenizer is own_tokenizer) != (text_encoder is own_encoder):
+                raise NpdiffError(f"text_encoder= and tokenizer= must belong together (pipe.{encoder_name} with "
+                                  f"pipe.{tokenizer_name}): a word added to one tokenizer and another encoder's "
+                                  "table would fail in every prompt that uses it")
         if isinstance(path, (str, Path)):
             file_token, vectors = read_embedding_file(path)  # [n,D]
         else:

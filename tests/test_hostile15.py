@@ -220,6 +220,19 @@ def test_an_embedding_folder_is_named_as_a_folder(pipe, tmp_path):
         pipe.load_textual_inversion(tmp_path / "learned")
 
 
+def test_sdxl_embedding_into_one_encoder_with_the_other_tokenizer_is_refused(rng):
+    """Before: added ("<m>" in tokenizer, its row in text_encoder_2), then every prompt with "<m>" failed with
+    "input_ids must lie in [0, 49408)"."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_folder("base"))
+    vectors = rng.standard_normal(CLIP_G["hidden_size"]).astype(np.float32)
+    sizes = (len(pipe.tokenizer), len(pipe.tokenizer_2), pipe.text_encoder_2.token_embedding.shape)
+    with pytest.raises(NpdiffError, match=r"must belong together \(pipe.text_encoder(_2)? with pipe.tokenizer(_2)?\)"):
+        pipe.load_textual_inversion(vectors, token="<m>", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer)
+    assert (len(pipe.tokenizer), len(pipe.tokenizer_2), pipe.text_encoder_2.token_embedding.shape) == sizes
+    assert pipe.load_textual_inversion(vectors, token="<m>", text_encoder=pipe.text_encoder_2,
+                                       tokenizer=pipe.tokenizer_2) == ["<m>"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------------------------------------
