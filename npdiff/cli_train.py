@@ -12,7 +12,7 @@ from npdiff.pipeline import StableDiffusionPipeline
 from npdiff.pipeline_utils import default_model_path, model_family
 from npdiff.training import textual_inversion, train_lora
 from npdiff.training.files import output_paths
-from npdiff.training.loop import check_learning_rate
+from npdiff.training.loop import check_learning_rate, check_training_seed
 from npdiff.training.lora_files import lora_output_paths
 from npdiff.training.lora_train import check_prompt, lora_captions
 from npdiff.training.pictures import OBJECT_TEMPLATES, check_same_size, find_pictures
@@ -49,6 +49,7 @@ def check_loop_options(args):
     check_count(args.batch_size, "--batch-size", 1)
     check_count(args.checkpoint_every, "--checkpoint-every", 0)
     check_learning_rate(args.lr)
+    check_training_seed(args.seed)
     if args.clip_skip is not None:
         check_count(args.clip_skip, "--clip-skip", 0)
     check_resume_file(args.resume)

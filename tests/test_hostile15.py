@@ -334,3 +334,26 @@ def test_a_damaged_checkpoint_is_named_before_training(folder, tmp_path, rng):
               metadata={"npdiff_training": json.dumps(good_settings)})
     with pytest.raises(NpdiffError, match="bf16.safetensors: not a readable .safetensors file"):
         textual_inversion(load_ours(folder), pictures, "<w>", "toy", steps=3, resume=bf16, progress=False)
+
+
+@pytest.mark.parametrize("command", ["train-embedding", "train-lora"])
+def test_a_negative_training_seed_is_refused_before_the_model_loads(tmp_path, rng, capsys, command):
+    """The model does not exist: before, --seed -1 passed, and numpy's SeedSequence raised "expected non-negative
+    integer" (a ValueError traceback) once the model had loaded."""
+    pictures = draw_pictures(tmp_path / "pictures", rng, count=1)
+    extra = (["--token", "<s>", "--init-word", "toy"] if command == "train-embedding" else ["--prompt", "a sks"])
+    code = cli.main([command, str(pictures), *extra, "--seed", str(-int(rng.integers(1, 2**31))), "--out",
+                     str(tmp_path / "o.safetensors"), "--model", str(tmp_path / "no-model")])
+    assert code == 2
+    assert "training seed must be an integer >= 0, got -" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad_seed", [-1, 1.5, "3", True])
+def test_training_functions_take_only_seeds_numpy_can(folder, tmp_path, rng, bad_seed):
+    pictures = draw_pictures(tmp_path / "pictures", rng, count=1)
+    ours = load_ours(folder)
+    with pytest.raises(NpdiffError, match="training seed must be an integer >= 0"):
+        textual_inversion(ours, pictures, "<s>", "toy", steps=1, seed=bad_seed, progress=False)
+    with pytest.raises(NpdiffError, match="training seed must be an integer >= 0"):
+        train_lora(ours, pictures, prompt="a sks", steps=1, seed=bad_seed, progress=False)
+    assert train_lora(ours, pictures, prompt="a sks", steps=1, seed=np.int64(2**40), progress=False).losses

@@ -34,6 +34,7 @@ from npdiff.training.loop import (
     check_learning_rate,
     check_resume,
     check_step_finite,
+    check_training_seed,
     draw_batch,
     progress_bar,
     write_loss_files,
@@ -103,7 +104,7 @@ def train_lora(pipe, folder, prompt=None, rank=4, alpha=None, steps=500, lr=1e-4
     steps = check_positive_int(steps, "steps")
     batch_size = check_positive_int(batch_size, "batch size")
     lr = check_learning_rate(lr)
-    seed = int(seed)
+    seed = check_training_seed(seed)
     prompt = check_prompt(prompt)
     checkpoint_every = check_checkpoint_every(checkpoint_every, out)
     lora = UNetLora.create(pipe, rank, alpha, seed)

@@ -35,6 +35,7 @@ from npdiff.training.loop import (
     check_learning_rate,
     check_resume,
     check_step_finite,
+    check_training_seed,
     draw_batch,
     progress_bar,
     write_loss_files,
@@ -105,7 +106,7 @@ def textual_inversion(pipe, folder, token, init_word, vectors=1, steps=500, lr=5
     steps = check_positive_int(steps, "steps")
     batch_size = check_positive_int(batch_size, "batch size")
     lr = check_learning_rate(lr)
-    seed = int(seed)
+    seed = check_training_seed(seed)
     templates = check_templates(templates)
     checkpoint_every = check_checkpoint_every(checkpoint_every, out)
     PromptOptions(clip_skip).check_layers(pipe.text_encoder, "last")
