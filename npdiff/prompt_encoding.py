@@ -36,7 +36,7 @@ from collections import namedtuple
 import numpy as np
 
 from npdiff import backend
-from npdiff.errors import NpdiffError
+from npdiff.errors import NpdiffError, shorten
 from npdiff.prompt_chunks import CHUNK_LENGTH, prompt_chunks
 
 PROMPT_SYNTAXES = ("plain", "a1111")
@@ -132,7 +132,7 @@ def encode_prompts(tokenizer, text_encoder, prompts, options, layer="last"):
 
 
 def check_emphasis(z, weights, prompts):
-    """NpdiffError naming the prompt when its weights made the chunk's embeddings overflow float32 (a weight such
+    """NpdiffError naming the prompt when its weights made the chunk's embeddings overflow (a weight such
     as (x:1e39), or brackets nested hundreds deep: 1.1^1000 > 3.4e38); webui would condition on NaN (a black or
     noise picture). z [B,77,D], weights [B,77]."""
     xp = backend.array_module(z)
@@ -140,11 +140,10 @@ def check_emphasis(z, weights, prompts):
     if finite.all():
         return
     row = int(np.argmin(finite))
-    prompt = prompts[row]
-    shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
     largest = float(np.max(np.abs(weights[row])))
-    raise NpdiffError(f"prompt {shown!r}: its emphasis weights (up to {largest:.3g}) make the text embeddings "
-                      "overflow float32; use weights of a sensible size (e.g. (word:1.5)) and fewer nested brackets")
+    raise NpdiffError(f"prompt {shorten(prompts[row])}: its emphasis weights (up to {largest:.3g}) make the text embeddings "
+                      f"overflow {np.dtype(z.dtype).name}; use weights of a sensible size (e.g. (word:1.5)) and fewer "
+                      "nested brackets")
 
 
 def match_chunk_counts(first, second, encode_empty, encode_empty_second=None):
