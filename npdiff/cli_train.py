@@ -11,7 +11,7 @@ from npdiff.errors import NpdiffError
 from npdiff.pipeline import StableDiffusionPipeline
 from npdiff.pipeline_utils import default_model_path, model_family
 from npdiff.training import textual_inversion, train_lora
-from npdiff.training.files import output_paths
+from npdiff.training.files import check_outputs_apart, output_paths
 from npdiff.training.loop import check_learning_rate, check_training_seed
 from npdiff.training.lora_files import lora_output_paths
 from npdiff.training.lora_train import check_prompt, lora_captions
@@ -60,9 +60,14 @@ def check_count(value, name, least):
         raise NpdiffError(f"{name} must be >= {least}, got {value}")
 
 
+def trained_model_path(args):
+    """The --model, or the shipped model's path."""
+    return default_model_path() if args.model is None else Path(args.model).expanduser()
+
+
 def load_trainable_model(args, command):
     """The --model (default: the shipped one), refused when it is SDXL, loaded."""
-    model = default_model_path() if args.model is None else Path(args.model).expanduser()
+    model = trained_model_path(args)
     if model_family(model) == "sdxl":
         raise NpdiffError(f"--model {model}: an SDXL model; {command} is for SD 1.x/2.x models only for now")
     return StableDiffusionPipeline.from_pretrained(model)
@@ -86,6 +91,7 @@ def run_train_embedding(args):
     check_same_size(find_pictures(args.dir), args.mixed_sizes)
     for path in output_paths(args.out).values():
         check_destination(path, "--out")
+    check_outputs_apart(output_paths(args.out).values(), args.dir, trained_model_path(args), "--out")
     templates = OBJECT_TEMPLATES if args.template is None else args.template
     # 2. load and train (textual_inversion checks the rest, and reads every picture, before the first step)
     pipe = load_trainable_model(args, "train-embedding")
@@ -139,6 +145,7 @@ def run_train_lora(args):
     lora_captions(pictures, check_prompt(args.prompt))
     for path in lora_output_paths(args.out).values():
         check_destination(path, "--out")
+    check_outputs_apart(lora_output_paths(args.out).values(), args.dir, trained_model_path(args), "--out")
     # 2. load and train (train_lora checks the rest, and reads every picture, before the first step)
     pipe = load_trainable_model(args, "train-lora")
     result = train_lora(pipe, args.dir, prompt=args.prompt, rank=args.rank, alpha=args.alpha, steps=args.steps,

@@ -357,3 +357,36 @@ def test_training_functions_take_only_seeds_numpy_can(folder, tmp_path, rng, bad
     with pytest.raises(NpdiffError, match="training seed must be an integer >= 0"):
         train_lora(ours, pictures, prompt="a sks", steps=1, seed=bad_seed, progress=False)
     assert train_lora(ours, pictures, prompt="a sks", steps=1, seed=np.int64(2**40), progress=False).losses
+
+
+@pytest.mark.parametrize("command", ["train-embedding", "train-lora"])
+def test_train_out_into_the_pictures_folder_is_refused(folder, tmp_path, rng, command):
+    """Before: --out DIR/picture0.png replaced a training picture with the result (a .safetensors file named
+    .png), and any --out in DIR left a loss plot .png there that the next run read as a training picture."""
+    pictures = draw_pictures(tmp_path / "pictures", rng, count=2)
+    before = {path.name: path.read_bytes() for path in pictures.iterdir()}
+    extra = (["--token", "<s>", "--init-word", "toy"] if command == "train-embedding" else ["--prompt", "a sks"])
+    for out in (pictures / "picture0.png", pictures / "result.safetensors"):
+        code = cli.main([command, str(pictures), *extra, "--out", str(out), "--model", str(folder), "--steps", "1",
+                         "--quiet"])
+        assert code == 2
+    assert {path.name: path.read_bytes() for path in pictures.iterdir()} == before
+    with pytest.raises(NpdiffError, match="is in the training pictures' folder"):
+        if command == "train-embedding":
+            textual_inversion(load_ours(folder), pictures, "<s>", "toy", steps=1, out=pictures / "o.safetensors",
+                              progress=False)
+        else:
+            train_lora(load_ours(folder), pictures, prompt="a sks", steps=1, out=pictures / "o.safetensors",
+                       progress=False)
+
+
+def test_train_out_over_the_model_file_is_refused(tmp_path, rng, capsys):
+    """A single-file model given as --model and as --out: before, the model was replaced by the embedding."""
+    pictures = draw_pictures(tmp_path / "pictures", rng, count=1)
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"a model's bytes")  # never read: the refusal comes first
+    code = cli.main(["train-embedding", str(pictures), "--token", "<s>", "--init-word", "toy", "--out", str(model),
+                     "--model", str(model)])
+    assert code == 2
+    assert "is the model file" in capsys.readouterr().err
+    assert model.read_bytes() == b"a model's bytes"

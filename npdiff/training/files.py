@@ -13,6 +13,7 @@ Every file is written atomically (npdiff/atomic_files.py): a crash never leaves 
 """
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,27 @@ def output_paths(out):
     return {"embedding": out, "a1111": folder / f"{stem}-a1111.safetensors",
             "checkpoint": folder / f"{stem}.checkpoint.safetensors",
             "loss_csv": folder / f"{stem}.loss.csv", "loss_png": folder / f"{stem}.loss.png"}
+
+
+def same_place(first, second):
+    """Whether two paths name one file or folder (links followed); False when either is not there."""
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return False
+
+
+def check_outputs_apart(paths, folder, model=None, what="output"):
+    """NpdiffError when an output file would be written into the pictures' `folder` (it could overwrite a picture
+    or caption, and its loss plot .png would be read as a training picture by the next run) or over the `model`
+    file (a single-file checkpoint); before any work."""
+    for path in paths:
+        if same_place(Path(path).parent or ".", folder):
+            raise NpdiffError(f"{what} {path} is in the training pictures' folder {folder}: write the results "
+                              "elsewhere (they could overwrite a picture, and the loss plot would be read as a "
+                              "training picture next time)")
+        if model is not None and same_place(path, model):
+            raise NpdiffError(f"{what} {path} is the model file {model}: writing there would destroy the model")
 
 
 def write_safetensors(path, tensors, metadata=None):

@@ -28,7 +28,7 @@ from npdiff.errors import NpdiffError
 from npdiff.pipeline_utils import check_positive_int
 from npdiff.training.adamw import AdamW
 from npdiff.training.embedding_grad import check_trainable_pipeline
-from npdiff.training.files import save_checkpoint
+from npdiff.training.files import check_outputs_apart, save_checkpoint
 from npdiff.training.loop import (
     check_checkpoint_every,
     check_learning_rate,
@@ -113,6 +113,7 @@ def train_lora(pipe, folder, prompt=None, rank=4, alpha=None, steps=500, lr=1e-4
     paths = lora_output_paths(out) if out is not None else {}
     for path in paths.values():
         check_destination(path, "output")
+    check_outputs_apart(paths.values(), folder)
     settings = {"rank": rank, "alpha": alpha, "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
                 "weight_decay": weight_decay, "clip_skip": clip_skip, "prompt": prompt}
     optimizer = AdamW(lora.params.shape, lr, weight_decay=weight_decay)

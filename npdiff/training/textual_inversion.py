@@ -29,7 +29,7 @@ from npdiff.prompt_encoding import PromptOptions
 from npdiff.textual_inversion import add_rows, check_new_rows, check_token
 from npdiff.training.adamw import AdamW
 from npdiff.training.embedding_grad import check_trainable_pipeline, text_embedding_grad
-from npdiff.training.files import output_paths, save_checkpoint, save_embedding
+from npdiff.training.files import check_outputs_apart, output_paths, save_checkpoint, save_embedding
 from npdiff.training.loop import (
     check_checkpoint_every,
     check_learning_rate,
@@ -119,6 +119,7 @@ def textual_inversion(pipe, folder, token, init_word, vectors=1, steps=500, lr=5
     paths = output_paths(out) if out is not None else {}
     for path in paths.values():
         check_destination(path, "output")
+    check_outputs_apart(paths.values(), folder)
     settings = {"token": token, "init_word": init_word, "vectors": count, "steps": steps, "lr": lr,
                 "batch_size": batch_size, "seed": seed, "weight_decay": weight_decay, "clip_skip": clip_skip}
     optimizer = AdamW(start_rows.shape, lr, weight_decay=weight_decay)
