@@ -390,3 +390,19 @@ def test_train_out_over_the_model_file_is_refused(tmp_path, rng, capsys):
     assert code == 2
     assert "is the model file" in capsys.readouterr().err
     assert model.read_bytes() == b"a model's bytes"
+
+
+@pytest.mark.parametrize("over", ["--model", "--lora"])
+def test_generate_out_over_the_model_or_a_lora_is_refused(tmp_path, rng, capsys, over):
+    """Before: the picture was written over the single-file model or the LoRA named on the same command line
+    (atomically, so the file was simply replaced by a PNG)."""
+    lora = diffusers_lora(tmp_path / "style.safetensors", rng)
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"a model's bytes")  # never read: the refusal comes first
+    target = model if over == "--model" else lora
+    before = target.read_bytes()
+    code = cli.main(["generate", "--model", str(model), "--lora", f"{lora}:0.5", "--steps", "1", "--out", str(target),
+                     "a cat"])
+    assert code == 2
+    assert f"--out {target} is the {over} file" in capsys.readouterr().err
+    assert target.read_bytes() == before

@@ -13,12 +13,11 @@ Every file is written atomically (npdiff/atomic_files.py): a crash never leaves 
 """
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from npdiff.atomic_files import atomic_write
+from npdiff.atomic_files import atomic_write, same_place
 from npdiff.errors import NpdiffError
 
 CHECKPOINT_KEY = "npdiff_training"  # the metadata entry holding the settings, JSON
@@ -33,14 +32,6 @@ def output_paths(out):
     return {"embedding": out, "a1111": folder / f"{stem}-a1111.safetensors",
             "checkpoint": folder / f"{stem}.checkpoint.safetensors",
             "loss_csv": folder / f"{stem}.loss.csv", "loss_png": folder / f"{stem}.loss.png"}
-
-
-def same_place(first, second):
-    """Whether two paths name one file or folder (links followed); False when either is not there."""
-    try:
-        return os.path.samefile(first, second)
-    except OSError:
-        return False
 
 
 def check_outputs_apart(paths, folder, model=None, what="output"):
