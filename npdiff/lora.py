@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,17 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 # refused: real LoRAs change weights by a fraction of their size even at scales of 10 or more, while an
 # alpha of 1e38 or a scale of 1e30 gives weights whose products overflow float32 in the first UNet step.
 UPDATE_LIMIT = 1e6
+# alpha_pattern regexes come from a file's header and Python's re has no time limit: a repeated group such as
+# "(.*)*x" backtracks exponentially (measured: 0.8 s on a 24-character name, x4 per 2 characters more; module
+# names have ~60), and k quantifiers in a row (".*" * k + "x", ".?" * k ...) polynomially: on a 73-character
+# name 0.2 ms for k=3, 6 ms for 4, 50 ms for 5, 0.5 s for 6, per layer. Real patterns ("^down_blocks\.\d+\..*")
+# need neither: repeated groups and more than MOST_QUANTIFIERS quantifiers (*, +, ?, {m,n}) are refused.
+REPEATED_GROUP = re.compile(r"(?<!\\)\)[*+{]")
+QUANTIFIER = re.compile(r"(?<![\\(])[*+?{]")  # not escaped, not a group's "(?"
+MOST_QUANTIFIERS = 4
+# ... and many such patterns times many layers still add up (each match of ".*.*.*.*x" ~6 ms): the alphas of a
+# file whose patterns take longer than this to match the model's layers are refused by name.
+PATTERN_SECONDS = 10.0
 
 
 @dataclass
@@ -186,6 +198,11 @@ def check_adapter_metadata(path, metadata):
                 except re.error as exc:
                     raise NpdiffError(f"{where}: {component}.alpha_pattern {pattern[:40]!r} is not a regular "
                                       f"expression ({exc})") from None
+                if REPEATED_GROUP.search(pattern) or len(QUANTIFIER.findall(pattern)) > MOST_QUANTIFIERS:
+                    raise NpdiffError(f"{where}: {component}.alpha_pattern {pattern[:40]!r} repeats a group "
+                                      f"('(...)*', '(...)+', '(...){{n}}') or has more than {MOST_QUANTIFIERS} of "
+                                      "*, +, ?, {m,n}, which Python's re can take minutes or years to match against "
+                                      "a module name ('(.*)*x', '.*.*.*.*.*.*x'); write it without")
 
 
 def check_layer_shapes(path, entry, down_shape, up_shape):
@@ -268,13 +285,20 @@ def plan_lora(pipe, file, path, scale):
         raise NpdiffError(f"{path} holds no LoRA weights (no keys)")
 
     # 2. each layer: float parts that fit its weight, a finite alpha
+    alpha_seconds = 0.0  # time spent finding alphas: the header's alpha_pattern regexes (PATTERN_SECONDS)
     for entry in entries.values():
         entry.kind = lycoris.kind_of(path, entry.component, entry.name, entry.keys)
         for part, key in entry.keys.items():
             if file.dtype(key) not in FLOAT_DTYPES:
                 raise NpdiffError(f"{path}: LoRA key {key!r} has dtype {file.dtype(key)}; expected a float "
                                   f"({', '.join(FLOAT_DTYPES)})")
+        started = time.monotonic()
         alpha = read_alpha(path, file, entry, metadata)
+        alpha_seconds += time.monotonic() - started
+        if alpha_seconds > PATTERN_SECONDS:
+            raise NpdiffError(f"{path}: matching the alpha_pattern regexes of its header 'lora_adapter_metadata' "
+                              f"against this model's layers took over {PATTERN_SECONDS:g} s; write fewer or simpler "
+                              "patterns")
         shapes = {part: file.shape(key) for part, key in entry.keys.items() if part != "alpha"}
         if entry.kind != "lora":
             entry.multiplier = lycoris.plan_update(path, entry, shapes, alpha)

@@ -8,6 +8,7 @@ with nothing changed or written."""
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,31 @@ def test_cli_refuses_a_non_finite_lora_scale_before_the_model_loads(tmp_path, rn
     assert code == 2
     assert "LoRA scale must be finite" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("pattern", ["^(.*)*x", "^(a|a)+$", "^" + ".*" * 6 + "x", "^" + ".?" * 30 + "x"])
+def test_alpha_patterns_that_backtrack_for_ages_are_refused(pipe, tmp_path, rng, pattern):
+    """Before: "(.*)*x" matched against a module name of ~40 characters took minutes (x4 per 2 characters more:
+    a hang), ".*" * 6 + "x" half a second per layer; refused now before any match."""
+    before = all_weights(pipe)
+    path = diffusers_lora(tmp_path / "slow.safetensors", rng, json.dumps({"unet.alpha_pattern": {pattern: 4}}))
+    started = time.monotonic()
+    with pytest.raises(NpdiffError, match="repeats a group .* or has more than 4 of"):
+        pipe.load_lora_weights(path)
+    assert time.monotonic() - started < 5
+    assert_untouched(pipe, before)
+
+
+def test_many_slow_alpha_patterns_are_cut_short(pipe, tmp_path, rng, monkeypatch):
+    """Each allowed pattern matches in milliseconds, but thousands of them times every layer add up: refused
+    once PATTERN_SECONDS have gone into them (lowered here to keep the test short)."""
+    monkeypatch.setattr(npdiff_lora, "PATTERN_SECONDS", 0.2)
+    patterns = {"^" + ".*" * 4 + f"x{index}": 4 for index in range(3000)}  # none matches: each backtracks fully
+    path = diffusers_lora(tmp_path / "many.safetensors", rng, json.dumps({"unet.alpha_pattern": patterns}))
+    before = all_weights(pipe)
+    with pytest.raises(NpdiffError, match="alpha_pattern regexes .* took over 0.2 s"):
+        pipe.load_lora_weights(path)
+    assert_untouched(pipe, before)
 
 
 @pytest.mark.parametrize("path", [None, 5, 2.5])
