@@ -413,6 +413,9 @@ def build_parser():
     return parser
 
 
+TRAINING_COMMANDS = ("train-embedding", "train-lora")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
@@ -421,7 +424,9 @@ def main(argv=None):
         print(f"npdiff: error: {exc}", file=sys.stderr)
         return 2
     except MemoryError as exc:  # past the memory estimate's check (npdiff/memory_estimate.py): status 1
-        print(f"npdiff: error: out of memory ({exc or 'MemoryError'}); lower --height/--width", file=sys.stderr)
+        # the training commands have no --height/--width: their batch is what grows
+        advice = "lower --batch-size" if args.command in TRAINING_COMMANDS else "lower --height/--width"
+        print(f"npdiff: error: out of memory ({exc or 'MemoryError'}); {advice}", file=sys.stderr)
         return 1
 
 

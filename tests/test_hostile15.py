@@ -449,3 +449,18 @@ def test_generate_out_over_the_model_or_a_lora_is_refused(tmp_path, rng, capsys,
     assert code == 2
     assert f"--out {target} is the {over} file" in capsys.readouterr().err
     assert target.read_bytes() == before
+
+
+def test_out_of_memory_in_training_names_the_batch_size(folder, tmp_path, rng, capsys, monkeypatch):
+    """Before: "out of memory (...); lower --height/--width", options the training commands do not have."""
+    from npdiff import cli_train
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 940. MiB")
+
+    monkeypatch.setattr(cli_train, "textual_inversion", out_of_memory)
+    pictures = draw_pictures(tmp_path / "pictures", rng, count=1)
+    code = cli.main(["train-embedding", str(pictures), "--token", "<s>", "--init-word", "toy", "--batch-size", "100000",
+                     "--out", str(tmp_path / "o.safetensors"), "--model", str(folder)])
+    assert code == 1
+    assert capsys.readouterr().err.strip().endswith("out of memory (Unable to allocate 940. MiB); lower --batch-size")
