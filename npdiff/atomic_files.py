@@ -3,6 +3,7 @@
     atomic_write(path, write_fn)          write_fn(handle) fills a temporary file in the same folder;
                                           only when it returns is the file renamed onto `path`
     atomic_folder(path, fill_fn)          the same for a folder of files (a cache): fill_fn(tmp_folder)
+    same_place(first, second)             whether two paths name one file (an output over an input)
     check_destination(path, what)         before any long work: the folder exists, is writable, and
                                           `path` is a regular file or no file at all (not a folder, a
                                           device, a FIFO or a socket, and no name ending in a slash);
@@ -124,6 +125,14 @@ def atomic_folder(path, fill_fn):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def same_place(first, second):
+    """Whether two paths name one file or folder (links followed); False when either is not there."""
+    try:
+        return os.path.samefile(first, second)
+    except (OSError, ValueError):  # not there, or not a usable path (a NUL byte)
+        return False
 
 
 def check_destination(path, what="output"):

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import npdiff
 from npdiff import backend
-from npdiff.atomic_files import atomic_write, check_destination
+from npdiff.atomic_files import atomic_write, check_destination, same_place
 from npdiff.batch import add_batch_command
 from npdiff.cli_controlnet import load_controls, warn_about_missing_controlnets
 from npdiff.cli_options import DEVICE_BACKENDS, add_hires_options, add_sampling_options
@@ -49,6 +49,7 @@ from npdiff.cli_train import add_train_embedding_command, add_train_lora_command
 from npdiff.errors import clip, shorten
 from npdiff.images import StepRecorder, emergence_grid, load_image, read_png_params
 from npdiff.loading.weights import PRECISIONS
+from npdiff.lora import check_scale
 from npdiff.pipeline_controlnet_attach import attach_controlnets, load_controlnets
 from npdiff.pipeline_sdxl import load_any_pipeline
 from npdiff.memory_estimate import ATTENTION_EXAMPLES, MAX_ATTENTION_TOKENS, PictureSizeError
@@ -196,7 +197,8 @@ def load_pipeline(args):
     """Load the model (timed, reported on stderr) with the chosen sampler and backend."""
 
     name = chosen_backend(args)
-    loras = [parse_lora_option(spec) for spec in args.lora or []]  # bad --lora fails before the model loads
+    # a bad --lora (no number, or a scale such as nan or 1e309) fails before the model loads
+    loras = [(path, check_scale(scale, path)) for path, scale in map(parse_lora_option, args.lora or [])]
     if name:
         backend.use(name, dtype="float16" if args.fp16 else "float32")
     model = Path(args.model) if args.model else default_model_path()
@@ -263,7 +265,12 @@ def check_outputs(args):
         raise npdiff.NpdiffError(f"--save-steps must be >= 1 (decode every K steps), got {args.save_steps}")
     out = args.out or "npdiff-SEED.png"  # the seed may not be known yet; the folder is what counts
     targets = [("--out", out)] + ([("--save-steps grid", steps_grid_path(Path(out)))] if args.save_steps else [])
+    inputs = [("--model", getattr(args, "model", None)), ("--vae", getattr(args, "vae", None))]
+    inputs += [("--lora", parse_lora_option(spec)[0]) for spec in getattr(args, "lora", None) or []]
     for what, target in targets:
+        for name, source in inputs:
+            if source and same_place(target, source):  # a PNG written over the model or a LoRA would destroy it
+                raise npdiff.NpdiffError(f"{what} {target} is the {name} file; give another name for the picture")
         if check_destination(target, what) and args.out:
             print(f"npdiff: note: {target} exists and will be overwritten", file=sys.stderr)
 
@@ -409,6 +416,9 @@ def build_parser():
     return parser
 
 
+TRAINING_COMMANDS = ("train-embedding", "train-lora")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
@@ -418,7 +428,9 @@ def main(argv=None):
         print(f"npdiff: error: {message}", file=sys.stderr)
         return 2
     except MemoryError as exc:  # past the memory estimate's check (npdiff/memory_estimate.py): status 1
-        print(f"npdiff: error: out of memory ({exc or 'MemoryError'}); lower --height/--width", file=sys.stderr)
+        # the training commands have no --height/--width: their batch is what grows
+        advice = "lower --batch-size" if args.command in TRAINING_COMMANDS else "lower --height/--width"
+        print(f"npdiff: error: out of memory ({exc or 'MemoryError'}); {advice}", file=sys.stderr)
         return 1
 
 

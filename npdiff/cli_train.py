@@ -3,6 +3,7 @@ and `npdiff train-lora DIR --out FILE [--prompt TEXT]`: LoRA training (npdiff.tr
 npdiff.training.train_lora do the work; this parses, checks what it can before loading the model, and reports
 the files written)."""
 
+import math
 from pathlib import Path
 
 from npdiff.atomic_files import check_destination
@@ -10,8 +11,8 @@ from npdiff.errors import NpdiffError
 from npdiff.pipeline import StableDiffusionPipeline
 from npdiff.pipeline_utils import default_model_path, model_family
 from npdiff.training import textual_inversion, train_lora
-from npdiff.training.files import output_paths
-from npdiff.training.loop import check_learning_rate
+from npdiff.training.files import check_outputs_apart, output_paths
+from npdiff.training.loop import check_learning_rate, check_training_seed
 from npdiff.training.lora_files import lora_output_paths
 from npdiff.training.lora_train import check_prompt, lora_captions
 from npdiff.training.pictures import OBJECT_TEMPLATES, check_same_size, find_pictures
@@ -41,11 +42,14 @@ def add_loop_options(p):
 
 
 def check_loop_options(args):
-    """What add_loop_options' values must be, and the learning rate; before the model loads."""
+    """What add_loop_options' values must be, the learning rate, and --out as given ("dir/" names a folder:
+    refused, where the paths made from it would drop the slash); before the model loads."""
+    check_destination(args.out, "--out")
     check_count(args.steps, "--steps", 1)
     check_count(args.batch_size, "--batch-size", 1)
     check_count(args.checkpoint_every, "--checkpoint-every", 0)
     check_learning_rate(args.lr)
+    check_training_seed(args.seed)
     if args.clip_skip is not None:
         check_count(args.clip_skip, "--clip-skip", 0)
     check_resume_file(args.resume)
@@ -56,9 +60,14 @@ def check_count(value, name, least):
         raise NpdiffError(f"{name} must be >= {least}, got {value}")
 
 
+def trained_model_path(args):
+    """The --model, or the shipped model's path."""
+    return default_model_path() if args.model is None else Path(args.model).expanduser()
+
+
 def load_trainable_model(args, command):
     """The --model (default: the shipped one), refused when it is SDXL, loaded."""
-    model = default_model_path() if args.model is None else Path(args.model).expanduser()
+    model = trained_model_path(args)
     if model_family(model) == "sdxl":
         raise NpdiffError(f"--model {model}: an SDXL model; {command} is for SD 1.x/2.x models only for now")
     return StableDiffusionPipeline.from_pretrained(model)
@@ -82,6 +91,7 @@ def run_train_embedding(args):
     check_same_size(find_pictures(args.dir), args.mixed_sizes)
     for path in output_paths(args.out).values():
         check_destination(path, "--out")
+    check_outputs_apart(output_paths(args.out).values(), args.dir, trained_model_path(args), "--out")
     templates = OBJECT_TEMPLATES if args.template is None else args.template
     # 2. load and train (textual_inversion checks the rest, and reads every picture, before the first step)
     pipe = load_trainable_model(args, "train-embedding")
@@ -127,14 +137,15 @@ LORA_DESCRIPTION = (
 def run_train_lora(args):
     # 1. what can be checked before the model loads: the counts, the pictures and their captions, the outputs
     check_count(args.rank, "--rank", 1)
-    if args.alpha is not None and not args.alpha > 0:
-        raise NpdiffError(f"--alpha must be > 0, got {args.alpha}")
+    if args.alpha is not None and not (math.isfinite(args.alpha) and args.alpha > 0):
+        raise NpdiffError(f"--alpha must be a finite number > 0, got {args.alpha}")
     check_loop_options(args)
     pictures = find_pictures(args.dir)
     check_same_size(pictures, args.mixed_sizes)
     lora_captions(pictures, check_prompt(args.prompt))
     for path in lora_output_paths(args.out).values():
         check_destination(path, "--out")
+    check_outputs_apart(lora_output_paths(args.out).values(), args.dir, trained_model_path(args), "--out")
     # 2. load and train (train_lora checks the rest, and reads every picture, before the first step)
     pipe = load_trainable_model(args, "train-lora")
     result = train_lora(pipe, args.dir, prompt=args.prompt, rank=args.rank, alpha=args.alpha, steps=args.steps,

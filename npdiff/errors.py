@@ -15,7 +15,10 @@ MESSAGE_CHARS = 80  # a value quoted in a message is cut to this many characters
 
 def shorten(value, limit=MESSAGE_CHARS):
     """repr(value) cut to about `limit` characters: a message never echoes a 10 MB prompt read from a file."""
-    text = repr(value[:limit + 1]) if isinstance(value, str) else repr(value)
+    try:
+        text = repr(value[:limit + 1]) if isinstance(value, str) else repr(value)
+    except ValueError:  # an int past Python's 4300-digit limit on int -> str
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
     if len(text) <= limit:
         return text
     size = f"{len(value)} characters" if isinstance(value, str) else type(value).__name__

@@ -29,13 +29,16 @@ again; the packed original is kept and put back on unload, so unloading restores
 
 import json
 import math
+import os
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from npdiff import backend, lycoris
-from npdiff.errors import NpdiffError
+from npdiff.errors import NpdiffError, shorten
 from npdiff.loading.safetensors_io import SafetensorsFile
 from npdiff.lora_keys import (
     COMPONENTS,
@@ -56,6 +59,17 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 # refused: real LoRAs change weights by a fraction of their size even at scales of 10 or more, while an
 # alpha of 1e38 or a scale of 1e30 gives weights whose products overflow float32 in the first UNet step.
 UPDATE_LIMIT = 1e6
+# alpha_pattern regexes come from a file's header and Python's re has no time limit: a repeated group such as
+# "(.*)*x" backtracks exponentially (measured: 0.8 s on a 24-character name, x4 per 2 characters more; module
+# names have ~60), and k quantifiers in a row (".*" * k + "x", ".?" * k ...) polynomially: on a 73-character
+# name 0.2 ms for k=3, 6 ms for 4, 50 ms for 5, 0.5 s for 6, per layer. Real patterns ("^down_blocks\.\d+\..*")
+# need neither: repeated groups and more than MOST_QUANTIFIERS quantifiers (*, +, ?, {m,n}) are refused.
+REPEATED_GROUP = re.compile(r"(?<!\\)\)[*+{]")
+QUANTIFIER = re.compile(r"(?<![\\(])[*+?{]")  # not escaped, not a group's "(?"
+MOST_QUANTIFIERS = 4
+# ... and many such patterns times many layers still add up (each match of ".*.*.*.*x" ~6 ms): the alphas of a
+# file whose patterns take longer than this to match the model's layers are refused by name.
+PATTERN_SECONDS = 10.0
 
 
 @dataclass
@@ -126,9 +140,13 @@ def check_scale(scale, path=None):
     where = "" if path is None else f" (for {path})"
     if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
         raise NpdiffError(f"LoRA scale must be a number, got {scale!r}{where}")
-    if not math.isfinite(float(scale)):
-        raise NpdiffError(f"LoRA scale must be finite, got {scale!r}{where}")
-    return float(scale)
+    try:
+        value = float(scale)
+    except OverflowError:  # an int of hundreds of digits
+        value = math.inf
+    if not math.isfinite(value):
+        raise NpdiffError(f"LoRA scale must be finite, got {shorten(scale)}{where}")
+    return value
 
 
 def read_adapter_metadata(path):
@@ -140,9 +158,51 @@ def read_adapter_metadata(path):
     if not raw:
         return None
     try:
-        return json.loads(raw)
+        metadata = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise NpdiffError(f"{path}: header entry 'lora_adapter_metadata' is not JSON: {exc}") from exc
+    check_adapter_metadata(path, metadata)
+    return metadata
+
+
+def check_adapter_metadata(path, metadata):
+    """NpdiffError naming the entry unless the metadata is an object whose alphas are finite numbers and whose
+    alpha_patterns are {pattern: number} with patterns that compile (what metadata_alpha reads)."""
+    where = f"{path}: header entry 'lora_adapter_metadata'"
+    if not isinstance(metadata, dict):
+        raise NpdiffError(f"{where} is a JSON {type(metadata).__name__}; expected an object")
+
+    def check_number(name, value):
+        number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        try:
+            finite = number is not None and math.isfinite(float(number))
+        except OverflowError:  # an int of hundreds of digits
+            finite = False
+        if not finite:
+            raise NpdiffError(f"{where}: {name} is {shorten(value)}; expected a finite number")
+
+    for component in COMPONENTS:
+        if metadata.get(f"{component}.lora_alpha") is not None:
+            check_number(f"{component}.lora_alpha", metadata[f"{component}.lora_alpha"])
+        patterns = metadata.get(f"{component}.alpha_pattern")
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise NpdiffError(f"{where}: {component}.alpha_pattern is a JSON {type(patterns).__name__}; expected an "
+                              "object {module pattern: alpha}")
+        for pattern, alpha in patterns.items():
+            check_number(f"{component}.alpha_pattern[{pattern[:40]!r}]", alpha)
+            if pattern.startswith("^"):
+                try:
+                    re.compile(pattern[1:])
+                except re.error as exc:
+                    raise NpdiffError(f"{where}: {component}.alpha_pattern {pattern[:40]!r} is not a regular "
+                                      f"expression ({exc})") from None
+                if REPEATED_GROUP.search(pattern) or len(QUANTIFIER.findall(pattern)) > MOST_QUANTIFIERS:
+                    raise NpdiffError(f"{where}: {component}.alpha_pattern {pattern[:40]!r} repeats a group "
+                                      f"('(...)*', '(...)+', '(...){{n}}') or has more than {MOST_QUANTIFIERS} of "
+                                      "*, +, ?, {m,n}, which Python's re can take minutes or years to match against "
+                                      "a module name ('(.*)*x', '.*.*.*.*.*.*x'); write it without")
 
 
 def check_layer_shapes(path, entry, down_shape, up_shape):
@@ -225,13 +285,20 @@ def plan_lora(pipe, file, path, scale):
         raise NpdiffError(f"{path} holds no LoRA weights (no keys)")
 
     # 2. each layer: float parts that fit its weight, a finite alpha
+    alpha_seconds = 0.0  # time spent finding alphas: the header's alpha_pattern regexes (PATTERN_SECONDS)
     for entry in entries.values():
         entry.kind = lycoris.kind_of(path, entry.component, entry.name, entry.keys)
         for part, key in entry.keys.items():
             if file.dtype(key) not in FLOAT_DTYPES:
                 raise NpdiffError(f"{path}: LoRA key {key!r} has dtype {file.dtype(key)}; expected a float "
                                   f"({', '.join(FLOAT_DTYPES)})")
+        started = time.monotonic()
         alpha = read_alpha(path, file, entry, metadata)
+        alpha_seconds += time.monotonic() - started
+        if alpha_seconds > PATTERN_SECONDS:
+            raise NpdiffError(f"{path}: matching the alpha_pattern regexes of its header 'lora_adapter_metadata' "
+                              f"against this model's layers took over {PATTERN_SECONDS:g} s; write fewer or simpler "
+                              "patterns")
         shapes = {part: file.shape(key) for part, key in entry.keys.items() if part != "alpha"}
         if entry.kind != "lora":
             entry.multiplier = lycoris.plan_update(path, entry, shapes, alpha)
@@ -297,6 +364,8 @@ def load_lora_weights(pipe, path, scale=1.0, adapter_name=None):
     """Fuse the LoRA in `path` into pipe.unet and the text encoder(s) -> the LoadedLora record."""
     # 1. the arguments and the file (pickles and renamed pickles are refused by SafetensorsFile)
     scale = check_scale(scale, path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise NpdiffError(f"LoRA: expected the path of a .safetensors file, got {shorten(path)}")
     path = Path(path).expanduser()
     file = SafetensorsFile(path)
     stack = lora_stack(pipe)

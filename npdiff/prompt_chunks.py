@@ -17,11 +17,13 @@ The rules:
      SDXL's second tokenizer; the end id itself for SD 1.x, where nothing changes).
 Padding and start/end tokens weigh 1.0. A textual-inversion token of several vectors is expanded in each
 piece as in plain prompts (tokenizer.expand_multi_vector_tokens) and, as webui places an embedding, never
-split: when its vectors do not fit in the current chunk they start the next one.
+split: when its vectors do not fit in the current chunk they start the next one (one of more than 75
+vectors fits no chunk: an NpdiffError naming it).
 """
 
 from dataclasses import dataclass, field
 
+from npdiff.errors import NpdiffError
 from npdiff.prompt_parser import BREAK_MARKER, parse_prompt_attention
 
 CHUNK_LENGTH = 75  # prompt ids per chunk, between the start and the end id
@@ -80,6 +82,12 @@ def prompt_chunks(tokenizer, prompt):
             group = groups.get(token)
             if group is None or ids[position:position + len(group)] != group:
                 group = [token]
+            elif len(group) > CHUNK_LENGTH:  # webui's chunk would pass 77 ids, which CLIP cannot read
+                word = next(word for word, names in tokenizer.multi_vector_tokens.items()
+                            if tokenizer.convert_tokens_to_ids(names) == group)
+                raise NpdiffError(f"the textual inversion word {word!r} has "
+                                  f"{len(group)} vectors; a prompt chunk holds {CHUNK_LENGTH} tokens, so it cannot "
+                                  "be used in a prompt")
             elif len(chunk.ids) + len(group) > CHUNK_LENGTH:  # an embedding's vectors stay in one chunk
                 close_chunk()
             chunk.ids += group

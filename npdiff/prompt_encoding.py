@@ -26,7 +26,9 @@ PromptTruncatedWarning. "a1111" syntax, as AUTOMATIC1111's webui encodes a promp
      the first chunk's (not weighted).
 The positive and negative embeddings may then differ in chunk count: the shorter is padded with copies of
 the empty prompt's encoded chunk (match_chunk_counts; webui's "pad prompt/negative prompt to be the same
-length" rule), so that both halves go through the UNet as one batch.
+length" rule), so that both halves go through the UNet as one batch. Weights that make a chunk's embeddings
+overflow float32 ((x:1e39), brackets nested hundreds deep) are an NpdiffError naming the prompt
+(check_emphasis), where webui would sample from NaN.
 """
 
 from collections import namedtuple
@@ -34,7 +36,7 @@ from collections import namedtuple
 import numpy as np
 
 from npdiff import backend
-from npdiff.errors import NpdiffError
+from npdiff.errors import NpdiffError, shorten
 from npdiff.prompt_chunks import CHUNK_LENGTH, prompt_chunks
 
 PROMPT_SYNTAXES = ("plain", "a1111")
@@ -113,18 +115,35 @@ def encode_prompts(tokenizer, text_encoder, prompts, options, layer="last"):
     encoded, pooled = [], None
     for index in range(count):
         ids = np.asarray([chunks[index].ids for chunks in per_prompt], dtype=np.int64)  # [B,77]
-        weights = np.asarray([chunks[index].multipliers for chunks in per_prompt], dtype=np.float32)  # [B,77]
         # 2. the chunk on its own
         z, chunk_pooled = encode_ids(text_encoder, ids, options.clip_skip, layer)  # [B,77,D]
-        # 3. "Original" emphasis: weight each token, then restore the chunk's mean
-        original_mean = z.mean()
-        z = z * backend.to_device(weights)[:, :, None]  # [B,77,D] * [B,77,1]
-        z = z * (original_mean / z.mean())
+        # 3. "Original" emphasis: weight each token, then restore the chunk's mean (an overflow is named below)
+        with np.errstate(over="ignore", invalid="ignore"):
+            weights = np.asarray([chunks[index].multipliers for chunks in per_prompt], dtype=np.float32)  # [B,77]
+            original_mean = z.mean()
+            z = z * backend.to_device(weights)[:, :, None]  # [B,77,D] * [B,77,1]
+            z = z * (original_mean / z.mean())
+        check_emphasis(z, weights, prompts)
         encoded.append(z)
         pooled = chunk_pooled if index == 0 else pooled
     # 4. the chunks side by side on the token axis
     xp = backend.array_module(encoded[0])
     return EncodedText(xp.concatenate(encoded, axis=1), pooled)  # [B,77*C,D]
+
+
+def check_emphasis(z, weights, prompts):
+    """NpdiffError naming the prompt when its weights made the chunk's embeddings overflow (a weight such
+    as (x:1e39), or brackets nested hundreds deep: 1.1^1000 > 3.4e38); webui would condition on NaN (a black or
+    noise picture). z [B,77,D], weights [B,77]."""
+    xp = backend.array_module(z)
+    finite = backend.to_numpy(xp.isfinite(z).all(axis=(1, 2)))  # [B]
+    if finite.all():
+        return
+    row = int(np.argmin(finite))
+    largest = float(np.max(np.abs(weights[row])))
+    raise NpdiffError(f"prompt {shorten(prompts[row])}: its emphasis weights (up to {largest:.3g}) make the text embeddings "
+                      f"overflow {np.dtype(z.dtype).name}; use weights of a sensible size (e.g. (word:1.5)) and fewer "
+                      "nested brackets")
 
 
 def match_chunk_counts(first, second, encode_empty, encode_empty_second=None):

@@ -12,24 +12,35 @@ An embedding with n > 1 vectors becomes n tokens: token, token_1, ..., token_{n-
 "token" is expanded to all of them before tokenizing, as diffusers' load_textual_inversion does.
 """
 
+import os
 from pathlib import Path
 
 import numpy as np
 
 from npdiff import backend
-from npdiff.errors import NpdiffError
+from npdiff.errors import NpdiffError, shorten
 from npdiff.loading.configs import open_weights
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 A1111_KEYS = ("emb_params", "string_to_param.*")
 
 
+def embedding_path(path):
+    """`path` as a Path; NpdiffError for what is not a path (None, a number)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise NpdiffError(f"textual inversion: expected the path of a .safetensors file, got {shorten(path)}")
+    return Path(path)
+
+
 def read_embedding_file(path):
     """-> (token named by the file, float32 vectors [n,D]) from a diffusers or A1111 .safetensors file."""
-    path = Path(path)
+    path = embedding_path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise NpdiffError(f"{path}: {path.suffix} files are Python pickles, and loading one can run arbitrary "
                           "code; convert it to .safetensors first (safetensors.torch.save_file)")
+    if path.is_dir():
+        raise NpdiffError(f"textual inversion file {path} is a folder; give the .safetensors file in it "
+                          f"(e.g. {path / 'learned_embeds.safetensors'})")
     if not path.is_file():
         raise NpdiffError(f"textual inversion file {path} does not exist")
     if path.suffix.lower() != ".safetensors":
@@ -111,7 +122,7 @@ SDXL_KEYS = {"clip_l": ("tokenizer", "text_encoder"), "clip_g": ("tokenizer_2", 
 def read_sdxl_embedding_file(path):
     """-> {"clip_l": [n,768], "clip_g": [n,1280]} from an SDXL embedding file (the layout model sites share),
     or None when the file holds other keys."""
-    path = Path(path)
+    path = embedding_path(path)
     if path.suffix.lower() != ".safetensors" or not path.is_file():
         return None
     weights = open_weights(path)
@@ -124,6 +135,10 @@ def read_sdxl_embedding_file(path):
             raise NpdiffError(f"{path}: embedding {key!r} must be [D] or [n,D], got shape {shape}")
         taken = np.asarray(backend.to_numpy(weights.take(key, shape)), dtype=np.float32)
         vectors[key] = taken.reshape(-1, shape[-1])  # [D] or [n,D] -> [n,D]
+    counts = {key: part.shape[0] for key, part in vectors.items()}
+    if len(set(counts.values())) != 1:  # one word, one token per vector in each tokenizer: the prompts must line up
+        raise NpdiffError(f"{path}: 'clip_l' holds {counts['clip_l']} vectors and 'clip_g' {counts['clip_g']}; "
+                          "an SDXL embedding gives both text encoders the same number")
     return vectors
 
 
@@ -139,6 +154,12 @@ def load_sdxl_textual_inversion(pipe, path, token=None, text_encoder=None, token
     if (text_encoder is None) != (tokenizer is None):
         raise NpdiffError("pass text_encoder= and tokenizer= together (e.g. pipe.text_encoder_2 and pipe.tokenizer_2)")
     if text_encoder is not None:
+        for tokenizer_name, encoder_name in SDXL_KEYS.values():  # the pipe's own pairs must stay pairs
+            own_tokenizer, own_encoder = getattr(pipe, tokenizer_name, None), getattr(pipe, encoder_name, None)
+            if own_encoder is not None and (tokenizer is own_tokenizer) != (text_encoder is own_encoder):
+                raise NpdiffError(f"text_encoder= and tokenizer= must belong together (pipe.{encoder_name} with "
+                                  f"pipe.{tokenizer_name}): a word added to one tokenizer and another encoder's "
+                                  "table would fail in every prompt that uses it")
         if isinstance(path, (str, Path)):
             file_token, vectors = read_embedding_file(path)  # [n,D]
         else:

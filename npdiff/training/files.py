@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from npdiff.atomic_files import atomic_write
+from npdiff.atomic_files import atomic_write, same_place
 from npdiff.errors import NpdiffError
 
 CHECKPOINT_KEY = "npdiff_training"  # the metadata entry holding the settings, JSON
@@ -32,6 +32,19 @@ def output_paths(out):
     return {"embedding": out, "a1111": folder / f"{stem}-a1111.safetensors",
             "checkpoint": folder / f"{stem}.checkpoint.safetensors",
             "loss_csv": folder / f"{stem}.loss.csv", "loss_png": folder / f"{stem}.loss.png"}
+
+
+def check_outputs_apart(paths, folder, model=None, what="output"):
+    """NpdiffError when an output file would be written into the pictures' `folder` (it could overwrite a picture
+    or caption, and its loss plot .png would be read as a training picture by the next run) or over the `model`
+    file (a single-file checkpoint); before any work."""
+    for path in paths:
+        if same_place(Path(path).parent or ".", folder):
+            raise NpdiffError(f"{what} {path} is in the training pictures' folder {folder}: write the results "
+                              "elsewhere (they could overwrite a picture, and the loss plot would be read as a "
+                              "training picture next time)")
+        if model is not None and same_place(path, model):
+            raise NpdiffError(f"{what} {path} is the model file {model}: writing there would destroy the model")
 
 
 def write_safetensors(path, tensors, metadata=None):
@@ -70,13 +83,41 @@ def load_checkpoint(path):
         with safe_open(str(path), framework="numpy") as handle:
             metadata = handle.metadata() or {}
             arrays = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    except (SafetensorError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:  # TypeError: a bfloat16 tensor (numpy has none)
         raise NpdiffError(f"--resume {path}: not a readable .safetensors file ({exc})") from exc
     expected = {"vectors", "exp_avg", "exp_avg_sq", "losses"}
     if CHECKPOINT_KEY not in metadata or set(arrays) != expected:
         raise NpdiffError(f"--resume {path}: not an npdiff training checkpoint (expected the tensors "
                           f"{sorted(expected)} and the metadata {CHECKPOINT_KEY!r}; found {sorted(arrays)})")
-    return json.loads(metadata[CHECKPOINT_KEY]), arrays
+    return check_checkpoint(path, metadata[CHECKPOINT_KEY], arrays), arrays
+
+
+def check_checkpoint(path, settings_text, arrays):
+    """The checkpoint's settings (JSON text) -> a dict; NpdiffError naming what is damaged: settings that are not
+    a JSON object with integer "step" and "step_count", tensors that are not float or hold NaN/Inf, losses that
+    are not one number a step, or a negative second moment (its square root would be NaN at the first step)."""
+    where = f"--resume {path}: a damaged checkpoint:"
+    try:
+        settings = json.loads(settings_text)
+    except json.JSONDecodeError as exc:
+        raise NpdiffError(f"{where} its {CHECKPOINT_KEY!r} metadata is not JSON ({exc})") from None
+    if not isinstance(settings, dict):
+        raise NpdiffError(f"{where} its {CHECKPOINT_KEY!r} metadata is a JSON {type(settings).__name__}, not an "
+                          "object")
+    for name in ("step", "step_count"):
+        value = settings.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise NpdiffError(f"{where} {name} is {value!r}; expected an integer >= 0")
+    for name, values in arrays.items():
+        if values.dtype.kind != "f":
+            raise NpdiffError(f"{where} {name!r} holds {values.dtype} values; expected floats")
+        if not np.isfinite(values).all():
+            raise NpdiffError(f"{where} {name!r} holds NaN or Inf")
+    if arrays["losses"].ndim != 1:
+        raise NpdiffError(f"{where} 'losses' has shape {arrays['losses'].shape}; expected one loss a step")
+    if (arrays["exp_avg_sq"] < 0).any():
+        raise NpdiffError(f"{where} 'exp_avg_sq' (AdamW's second moment) holds negative values")
+    return settings
 
 
 def write_loss_csv(path, losses):

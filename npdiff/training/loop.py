@@ -6,6 +6,7 @@ draws what the uninterrupted run would have drawn and ends with the same paramet
 """
 
 import math
+import numbers
 
 import numpy as np
 
@@ -17,6 +18,25 @@ def check_learning_rate(lr):
     if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating)) or not math.isfinite(lr) or lr <= 0:
         raise NpdiffError(f"learning rate must be a finite number > 0, got {lr!r}")
     return float(lr)
+
+
+def check_training_seed(seed):
+    """-> the seed as an int; NpdiffError unless it is an integer >= 0 (numpy's SeedSequence, which every draw
+    of training goes through, takes no negative number)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise NpdiffError(f"training seed must be an integer >= 0, got {seed!r}")
+    return int(seed)
+
+
+def check_step_finite(step, loss, params, lr):
+    """NpdiffError when step `step` (0-based) diverged: its loss or the parameters after its update are NaN or
+    Inf (a learning rate far too large). Checked every step, so no checkpoint or result file ever holds them
+    (npdiff, webui and diffusers refuse such files when they load them)."""
+    if math.isfinite(loss) and np.isfinite(params).all():
+        return
+    what = f"the loss is {loss:g}" if not math.isfinite(loss) else "the parameters hold NaN or Inf"
+    raise NpdiffError(f"training diverged at step {step + 1}: {what}; lower the learning rate ({lr:g} now). "
+                      "No result file was written (checkpoints written before this step are good)")
 
 
 def check_checkpoint_every(checkpoint_every, out):

@@ -28,11 +28,13 @@ from npdiff.errors import NpdiffError
 from npdiff.pipeline_utils import check_positive_int
 from npdiff.training.adamw import AdamW
 from npdiff.training.embedding_grad import check_trainable_pipeline
-from npdiff.training.files import save_checkpoint
+from npdiff.training.files import check_outputs_apart, save_checkpoint
 from npdiff.training.loop import (
     check_checkpoint_every,
     check_learning_rate,
     check_resume,
+    check_step_finite,
+    check_training_seed,
     draw_batch,
     progress_bar,
     write_loss_files,
@@ -94,20 +96,24 @@ def train_lora(pipe, folder, prompt=None, rank=4, alpha=None, steps=500, lr=1e-4
     out: the kohya-layout .safetensors file (its siblings: lora_files.lora_output_paths), or None;
     checkpoint_every: K > 0 writes the checkpoint every K steps (needs out); resume: a checkpoint to go on from
     (made with the same rank and alpha on the same model); clip_skip: the text encoder layer (None: the last);
-    mixed_sizes: take pictures of different sizes (each cropped and resized on its own); refused otherwise."""
+    mixed_sizes: take pictures of different sizes (each cropped and resized on its own); refused otherwise.
+    A step whose loss or factors turn NaN/Inf (lr far too large) is an NpdiffError; nothing more is written."""
     # 0. every check before any work
     check_trainable_pipeline(pipe)
     rank, alpha = check_rank_alpha(rank, alpha)
     steps = check_positive_int(steps, "steps")
     batch_size = check_positive_int(batch_size, "batch size")
     lr = check_learning_rate(lr)
-    seed = int(seed)
+    seed = check_training_seed(seed)
     prompt = check_prompt(prompt)
     checkpoint_every = check_checkpoint_every(checkpoint_every, out)
     lora = UNetLora.create(pipe, rank, alpha, seed)
+    if out is not None:
+        check_destination(out, "out")  # as given: "dir/" names a folder (Path drops the slash)
     paths = lora_output_paths(out) if out is not None else {}
     for path in paths.values():
         check_destination(path, "output")
+    check_outputs_apart(paths.values(), folder)
     settings = {"rank": rank, "alpha": alpha, "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
                 "weight_decay": weight_decay, "clip_skip": clip_skip, "prompt": prompt}
     optimizer = AdamW(lora.params.shape, lr, weight_decay=weight_decay)
@@ -139,6 +145,7 @@ def train_lora(pipe, folder, prompt=None, rank=4, alpha=None, steps=500, lr=1e-4
                 ids = pipe.tokenizer(draw["templates"])                      # [B,77]
                 loss, grads = lora_grad(pipe, lora, ids, batch_latents, draw["noise"], draw["timesteps"], clip_skip)
                 optimizer.step(lora.params, lora.flat(grads))                # [P] in place
+                check_step_finite(step, loss, lora.params, lr)               # diverged: NpdiffError, no file
                 losses.append(loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")

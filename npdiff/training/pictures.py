@@ -163,4 +163,10 @@ def check_templates(templates, source="templates"):
         if not isinstance(template, str) or template.count("{}") != 1:
             raise NpdiffError(f"{source}: caption template {template!r} must be a string with one '{{}}' for "
                               "the new word")
+        try:
+            template.format("word")  # what each step does; "{0}", "{x}" or a lone "{" fail there
+        except (ValueError, KeyError, IndexError, AttributeError) as exc:
+            raise NpdiffError(f"{source}: caption template {template!r} is not a template with one '{{}}' "
+                              f"for the new word ({type(exc).__name__}: {exc}); write other braces doubled, "
+                              "'{{' and '}}'") from None
     return templates

@@ -29,11 +29,13 @@ from npdiff.prompt_encoding import PromptOptions
 from npdiff.textual_inversion import add_rows, check_new_rows, check_token
 from npdiff.training.adamw import AdamW
 from npdiff.training.embedding_grad import check_trainable_pipeline, text_embedding_grad
-from npdiff.training.files import output_paths, save_checkpoint, save_embedding
+from npdiff.training.files import check_outputs_apart, output_paths, save_checkpoint, save_embedding
 from npdiff.training.loop import (
     check_checkpoint_every,
     check_learning_rate,
     check_resume,
+    check_step_finite,
+    check_training_seed,
     draw_batch,
     progress_bar,
     write_loss_files,
@@ -94,7 +96,9 @@ def textual_inversion(pipe, folder, token, init_word, vectors=1, steps=500, lr=5
     templates: caption templates with "{}" for the word (default diffusers' object templates; a picture's
     sidecar .txt file, one caption a line, replaces them for that picture);
     clip_skip: the text encoder layer trained through (None: the last, as the pipeline's default);
-    mixed_sizes: take pictures of different sizes (each cropped and resized on its own); refused otherwise."""
+    mixed_sizes: take pictures of different sizes (each cropped and resized on its own); refused otherwise.
+    A step whose loss or rows turn NaN/Inf (lr far too large) is an NpdiffError; nothing more is written, and
+    the word stays in `pipe` with the last finite rows."""
     # 0. every check before any work
     check_trainable_pipeline(pipe)
     token = check_token(token)
@@ -102,7 +106,7 @@ def textual_inversion(pipe, folder, token, init_word, vectors=1, steps=500, lr=5
     steps = check_positive_int(steps, "steps")
     batch_size = check_positive_int(batch_size, "batch size")
     lr = check_learning_rate(lr)
-    seed = int(seed)
+    seed = check_training_seed(seed)
     templates = check_templates(templates)
     checkpoint_every = check_checkpoint_every(checkpoint_every, out)
     PromptOptions(clip_skip).check_layers(pipe.text_encoder, "last")
@@ -110,9 +114,12 @@ def textual_inversion(pipe, folder, token, init_word, vectors=1, steps=500, lr=5
     table = pipe.text_encoder.token_embedding                           # [V,C]
     start_rows = np.repeat(np.asarray(table[init_id], np.float32)[None], count, axis=0)  # [N,C]
     names = check_new_rows(pipe.tokenizer, pipe.text_encoder, token, start_rows, "the new word")
+    if out is not None:
+        check_destination(out, "out")  # as given: "dir/" names a folder (Path drops the slash)
     paths = output_paths(out) if out is not None else {}
     for path in paths.values():
         check_destination(path, "output")
+    check_outputs_apart(paths.values(), folder)
     settings = {"token": token, "init_word": init_word, "vectors": count, "steps": steps, "lr": lr,
                 "batch_size": batch_size, "seed": seed, "weight_decay": weight_decay, "clip_skip": clip_skip}
     optimizer = AdamW(start_rows.shape, lr, weight_decay=weight_decay)
@@ -146,6 +153,7 @@ def textual_inversion(pipe, folder, token, init_word, vectors=1, steps=500, lr=5
             ids = pipe.tokenizer([template.format(token) for template in draw["templates"]])  # [B,77]
             loss, grad = text_embedding_grad(pipe, ids, batch_latents, draw["noise"], draw["timesteps"], clip_skip)
             optimizer.step(rows, new_rows_grad(grad, ids, new_ids))         # [N,C] in place
+            check_step_finite(step, loss, rows, lr)                          # diverged: NpdiffError, no file
             pipe.text_encoder.token_embedding[new_ids] = rows                # the table's new rows only
             losses.append(loss)
             bar.update(1)

@@ -155,7 +155,8 @@ def test_captions_from_files_and_the_loss_going_down(folder, tmp_path, rng, seed
 @pytest.mark.parametrize("changes,message", [
     ({"dir": "empty"}, "no pictures"),
     ({"--rank": "0"}, "--rank must be >= 1"),
-    ({"--alpha": "0"}, "--alpha must be > 0"),
+    ({"--alpha": "0"}, "--alpha must be a finite number > 0"),
+    ({"--alpha": "inf"}, "--alpha must be a finite number > 0"),
     ({"--steps": "0"}, "--steps must be >= 1"),
     ({"--lr": "-1"}, "learning rate must be a finite number > 0"),
     ({"--prompt": None}, "no caption file (picture0.txt) and no prompt given"),
