@@ -33,6 +33,7 @@ written the way webui before 1.9 did, "Sampler: DPM++ 2M Karras", which webui 1.
 """
 
 import json
+import math
 import re
 
 from npdiff.errors import NpdiffError, clip
@@ -94,7 +95,7 @@ PARAM_PATTERN = re.compile(r'\s*(\w[\w \-/]{0,99}):\s*("(?:\\.|[^\\"])+"|[^,]*)(
 MAX_SETTINGS_LINE = 65536  # characters: a longer last line is prompt, never scanned for settings
 SIZE_PATTERN = re.compile(r"^(\d{1,6})x(\d{1,6})$")  # no side has more than 6 digits
 CHECKPOINT_TITLE = re.compile(r"^(.*?)\s*\[([0-9a-fA-F]{1,64})\]$")  # webui's short_title "name [hash]"
-LORA_TAG = re.compile(r"<lora:([^:>]+):([^:>]+)>")
+LORA_TAG = re.compile(r"<lora:([^>]*)>")  # webui's extra-network tag: <lora:NAME[:TE[:UNET[:DYN]]]>, or te=/unet=/dyn=
 
 
 def quote(value):
@@ -243,20 +244,57 @@ def _hires_upscaler(fields, params):
         params["unsupported_hires_upscaler"] = name
 
 
+def lora_tag(arguments):
+    """What webui reads from one <lora:...> tag (arguments: the text after "<lora:") -> (name, scale).
+
+    As webui's Lora extension: NAME, then a text-encoder multiplier TE (1 when left out), a UNet multiplier UNET
+    (TE when left out) and a rank DYN, given in that order or by name (te=, unet=, dyn=). npdiff fuses a LoRA at
+    one scale for both networks, so TE and UNET must agree, and DYN is refused; NpdiffError names the tag."""
+    name, *items = arguments.split(":")
+    tag = f"<lora:{clip(arguments)}>"
+    if not name.strip():
+        raise NpdiffError(f"{tag}: the LoRA has no name")
+    positional, named = [], {}
+    for item in items:
+        key, equals, value = item.partition("=")
+        if not equals:
+            positional.append(item)
+        elif key.strip() in ("te", "unet", "dyn"):
+            named[key.strip()] = value
+        else:
+            raise NpdiffError(f"{tag}: unknown setting {clip(key.strip())!r} (webui's are te=, unet= and dyn=)")
+    if len(positional) > 3:
+        raise NpdiffError(f"{tag}: at most three settings follow the name (TE, UNET and DYN)")
+    text_encoder = named.get("te", positional[0] if positional else "1")
+    unet = named.get("unet", positional[1] if len(positional) > 1 else text_encoder)
+    if named.get("dyn", positional[2] if len(positional) > 2 else None) is not None:
+        raise NpdiffError(f"{tag}: a lower rank (dyn) is not supported; leave it out")
+    scales = []
+    for value in (text_encoder, unet):
+        try:
+            scales.append(float(value))
+        except ValueError:
+            raise NpdiffError(f"{tag}: the scale {clip(value)!r} is not a number") from None
+        if not math.isfinite(scales[-1]):
+            raise NpdiffError(f"{tag}: the scale must be finite")
+    if scales[0] != scales[1]:
+        raise NpdiffError(f"{tag}: npdiff fuses a LoRA at one scale for the text encoder and the UNet; give one "
+                          f"(<lora:{clip(name)}:{_number(scales[1])}>)")
+    return name, scales[0]
+
+
 def _loras(prompt, fields):
-    """The prompt's <lora:name:scale> tags -> (prompt without them, [{"name", "scale", "sha256" or None}]), the
-    hashes from "Lora hashes: name: hash, ..."; NpdiffError for a scale that is not a number."""
+    """The prompt's <lora:...> tags -> (prompt without them, [{"name", "scale", "sha256" or None}]), the
+    hashes from "Lora hashes: name: hash, ..."; NpdiffError for a tag npdiff cannot follow (lora_tag)."""
     hashes = {}
     for entry in fields.pop("Lora hashes", "").split(","):
         name, sep, digest = entry.rpartition(":")
         if sep:
             hashes[name.strip()] = digest.strip()
     loras = []
-    for name, scale in LORA_TAG.findall(prompt):
-        try:
-            loras.append({"name": name, "scale": float(scale), "sha256": hashes.get(name)})
-        except ValueError:
-            raise NpdiffError(f"'<lora:{clip(name)}:{clip(scale)}>': the scale is not a number") from None
+    for arguments in LORA_TAG.findall(prompt):
+        name, scale = lora_tag(arguments)
+        loras.append({"name": name, "scale": scale, "sha256": hashes.get(name)})
     return LORA_TAG.sub("", prompt).strip(), loras
 
 

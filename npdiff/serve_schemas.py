@@ -30,6 +30,7 @@ from npdiff.infotext import (
     SAMPLER_NAMES,
     SCHEDULE_TYPES,
     format_infotext,
+    lora_tag,
 )
 from npdiff.recipe import OPTION_BY_NAME, check_value, integral
 from npdiff.schedulers import SCHEDULERS
@@ -192,17 +193,14 @@ def resolve_sampler(body):
 
 
 def prompt_loras(prompt):
-    """webui's <lora:name:scale> tags -> (prompt without them, [(name, scale)])."""
+    """webui's <lora:...> tags -> (prompt without them, [(name, scale)]) (infotext.lora_tag reads each tag)."""
     loras = []
-    for match in LORA_TAG.finditer(prompt):
-        name, scale_text = match.group(1), match.group(2)
-        check_name(name, "prompt <lora:...> name")
+    for arguments in LORA_TAG.findall(prompt):
         try:
-            scale = float(scale_text)
-        except ValueError:
-            refuse("prompt", f"<lora:{shorten(name)}:{shorten(scale_text)}>: the scale is not a number")
-        if not math.isfinite(scale):
-            refuse("prompt", f"<lora:{shorten(name)}:...>: the scale must be finite")
+            name, scale = lora_tag(arguments)
+        except NpdiffError as exc:
+            refuse("prompt", str(exc))
+        check_name(name, "prompt <lora:...> name")
         loras.append((name, scale))
     cleaned = " ".join(LORA_TAG.sub(" ", prompt).split()) if loras else prompt
     return cleaned, loras
