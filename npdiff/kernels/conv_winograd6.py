@@ -43,10 +43,10 @@ def _bt_column(d0, d1, d2, d3, d4, d5, d6, d7, out, i):
     """out[0..7][i] = B^T [d0..d7] (the shared partial sums of the module header); out: 8 rows.
 
     The rows are passed as a tuple of 1-D contiguous views (array[..., integers, start:stop]) indexed from 0,
-    never as one 2-D slice (array[f0:f0+8, c, t0:t1]) or with an offset index (row[t0 + j]): Numba types a 2-D
-    slice as of unknown layout and keeps a negative-index check on t0 + j, and LLVM then moved the elements one
-    at a time (gather/scatter instructions). Measured on one core, in cache, step 3 of _transform_tile_row6:
-    0.89 -> 0.45 ns per input pixel at 128 channels, 512 px (1.76 -> 1.51 at 512 channels, 128 px)."""
+    never as one 2-D slice (array[f0:f0+8, c, t0:t1], which Numba types as of unknown layout) or with an offset
+    index (array[f, c, t0 + j]): with either, LLVM moved the elements one at a time (gather/scatter instructions in
+    the assembly). Measured on one core, in cache, step 3 of _transform_tile_row6, offset index -> views: 0.89 ->
+    0.45 ns per input pixel at 128 channels, 512 px (1.76 -> 1.51 at 512 channels, 128 px, where V leaves L2)."""
     out[0][i] = d0 - d6 + Q21 * (d4 - d2)
     out[7][i] = d7 - d1 + Q21 * (d3 - d5)
     t1 = d2 + d6 - Q17 * d4
@@ -101,12 +101,13 @@ def _transform_tile_row6(source, y0, height, width, c, t0, gathered, mixed, V):
     for i in range(run):
         _bt_column(g[0, i], g[1, i], g[2, i], g[3, i], g[4, i], g[5, i], g[6, i], g[7, i], mixed_rows, i)
     # 3. V[k*8+l, c, t0+j] = sum_s B^T[l,s] mixed[k, s%6, s//6 + j]   ((B^T d) B, per tile)
-    t1 = t0 + tiles_w
+    t_end = t0 + tiles_w
     for k in range(8):
         s0, s1, s2, s3, s4, s5 = mixed[k, 0], mixed[k, 1], mixed[k, 2], mixed[k, 3], mixed[k, 4], mixed[k, 5]
         f = 8 * k
-        targets = (V[f, c, t0:t1], V[f + 1, c, t0:t1], V[f + 2, c, t0:t1], V[f + 3, c, t0:t1],
-                   V[f + 4, c, t0:t1], V[f + 5, c, t0:t1], V[f + 6, c, t0:t1], V[f + 7, c, t0:t1])  # 8 x [tiles_w]
+        targets = (V[f, c, t0:t_end], V[f + 1, c, t0:t_end], V[f + 2, c, t0:t_end], V[f + 3, c, t0:t_end],
+                   V[f + 4, c, t0:t_end], V[f + 5, c, t0:t_end], V[f + 6, c, t0:t_end],
+                   V[f + 7, c, t0:t_end])  # 8 x [tiles_w]
         for j in range(tiles_w):
             _bt_column(s0[j], s1[j], s2[j], s3[j], s4[j], s5[j], s0[j + 1], s1[j + 1], targets, j)
 
@@ -167,13 +168,13 @@ def output_transform6(M, bias, o0, row0, row1, tiles_h, mixed, rows_out, out):
             b, tile_row = row // tiles_h, row % tiles_h
             t0 = (row - row0) * tiles_w
             # 1. mixed[k, q, j] = sum_l A^T[q,l] M[k*8+l, o, t0+j]   (M A, per tile)
-            t1 = t0 + tiles_w
+            t_end = t0 + tiles_w
             for k in range(8):
                 f = 8 * k
-                m0, m1, m2, m3 = (M[local, f, t0:t1], M[local, f + 1, t0:t1], M[local, f + 2, t0:t1],
-                                  M[local, f + 3, t0:t1])  # 4 x [tiles_w]
-                m4, m5, m6, m7 = (M[local, f + 4, t0:t1], M[local, f + 5, t0:t1], M[local, f + 6, t0:t1],
-                                  M[local, f + 7, t0:t1])
+                m0, m1, m2, m3 = (M[local, f, t0:t_end], M[local, f + 1, t0:t_end], M[local, f + 2, t0:t_end],
+                                  M[local, f + 3, t0:t_end])  # 4 x [tiles_w]
+                m4, m5, m6, m7 = (M[local, f + 4, t0:t_end], M[local, f + 5, t0:t_end], M[local, f + 6, t0:t_end],
+                                  M[local, f + 7, t0:t_end])
                 targets = (mixed[k, 0], mixed[k, 1], mixed[k, 2], mixed[k, 3], mixed[k, 4], mixed[k, 5])
                 for j in range(tiles_w):
                     _at_column(m0[j], m1[j], m2[j], m3[j], m4[j], m5[j], m6[j], m7[j], targets, j)
@@ -183,7 +184,7 @@ def output_transform6(M, bias, o0, row0, row1, tiles_h, mixed, rows_out, out):
             for i in range(mx.shape[1]):
                 _at_column(mx[0, i], mx[1, i], mx[2, i], mx[3, i], mx[4, i], mx[5, i], mx[6, i], mx[7, i], out_rows, i)
             # 3. out[b, o, tile_row*6+p, j*6+q] = rows_out[p, q, j] + bias[o] (edge tiles clipped): tile by
-            #    tile, its 6 columns stored in order (one pass per q with a stride-6 scatter: ~1.2x the time)
+            #    tile, its 6 columns stored in order (one pass per q, a stride-6 scatter: 1.06-1.24x the time, in cache)
             shift = bias[o]
             whole_tiles = w_out // 6
             for p in range(min(6, h_out - tile_row * 6)):
