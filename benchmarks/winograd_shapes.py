@@ -1,8 +1,8 @@
-"""Where the SD 1.5 UNet's 3x3 convs spend their time, per shape (batch 2, 64x64 latent): CPU seconds per call
-split into the input transform (with the folded GroupNorm + SiLU or nearest 2x upsampling), the weight transform,
+"""Where the SD 1.5 UNet's 3x3 convs (batch 2, 64x64 latent) or its VAE decoder's (--network vae: batch 1, 64x64
+latent -> 512x512) spend their time, per shape: CPU seconds per call split into the input transform (with the folded GroupNorm + SiLU or nearest 2x upsampling), the weight transform,
 the GEMMs and the output transform, and each shape's share of the UNet's 3x3 conv time.
 
-    taskset -c 0 python benchmarks/winograd_shapes.py [--rounds 3] [--only 64,32,16,8]
+    taskset -c 0 python benchmarks/winograd_shapes.py [--network unet|vae] [--rounds 3] [--only 64,32,16,8]
 
 Run it on one core (taskset): the block pool then has one worker (the calling thread) and Numba one thread, so
 the figures are one core's CPU time (time.thread_time, summed over the blocks: kernels.conv_winograd's
@@ -32,13 +32,21 @@ UNET_CONVS = [
     ("upsample", 1280, 1280, 16, 1),
     ("norm", 1280, 1280, 8, 11), ("norm", 2560, 1280, 8, 3),
 ]
+# the same for the VAE decoder (SD 1.5's and SDXL's: 128-512 channels, 3 resnets per up block): every 3x3 conv but
+# conv_in (4 -> 512) and conv_out (128 -> 3, direct loops)
+VAE_CONVS = [
+    ("norm", 512, 512, 64, 10), ("upsample", 512, 512, 128, 1), ("norm", 512, 512, 128, 6),
+    ("upsample", 512, 512, 256, 1), ("norm", 512, 256, 256, 1), ("norm", 256, 256, 256, 5),
+    ("upsample", 256, 256, 512, 1), ("norm", 256, 128, 512, 1), ("norm", 128, 128, 512, 5),
+]
+NETWORKS = {"unet": (UNET_CONVS, 2, 1e-5), "vae": (VAE_CONVS, 1, 1e-6)}  # convs, batch, GroupNorm eps
 STEPS = ("stats", "input", "weights", "gemm", "output")
-BATCH, GROUPS, EPS = 2, 32, 1e-5
+GROUPS = 32
 
 
-def make_inputs(kind, c_in, c_out, side, rng):
+def make_inputs(kind, c_in, c_out, side, batch, rng):
     x_side = side // 2 if kind == "upsample" else side
-    x = rng.standard_normal((BATCH, c_in, x_side, x_side), dtype=np.float32)  # [B,C_in,H,W]
+    x = rng.standard_normal((batch, c_in, x_side, x_side), dtype=np.float32)  # [B,C_in,H,W]
     weight = (rng.standard_normal((c_out, c_in, 3, 3)) / np.sqrt(9 * c_in)).astype(np.float32)  # [C_out,C_in,3,3]
     bias = rng.standard_normal(c_out).astype(np.float32)  # [C_out]
     norm_weight = (1 + 0.1 * rng.standard_normal(c_in)).astype(np.float32)  # [C_in]
@@ -46,20 +54,20 @@ def make_inputs(kind, c_in, c_out, side, rng):
     return x, weight, bias, norm_weight, norm_bias
 
 
-def one_call(kind, x, weight, bias, norm_weight, norm_bias):
+def one_call(kind, eps, x, weight, bias, norm_weight, norm_bias):
     """One call's CPU seconds per step (and "total")."""
     seconds = {}
     start = time.thread_time()
     side = 2 * x.shape[2] if kind == "upsample" else x.shape[2]
-    method = conv_method((BATCH, x.shape[1], side, side), weight.shape, (1, 1), (1, 1))
+    method = conv_method((x.shape[0], x.shape[1], side, side), weight.shape, (1, 1), (1, 1))
     if method not in ("winograd4", "winograd6"):
-        conv2d(group_norm(x, GROUPS, norm_weight, norm_bias, EPS, silu=True), weight, bias, padding=1)
+        conv2d(group_norm(x, GROUPS, norm_weight, norm_bias, eps, silu=True), weight, bias, padding=1)
         seconds["other"] = time.thread_time() - start
     else:
         m = 4 if method == "winograd4" else 6
         normalized = None
         if kind == "norm":
-            normalized = group_norm_affine(x, GROUPS, norm_weight, norm_bias, EPS)
+            normalized = group_norm_affine(x, GROUPS, norm_weight, norm_bias, eps)
             seconds["stats"] = time.thread_time() - start
         winograd_conv2d(x, weight, bias, (1, 1), m, normalized=normalized, upsampled=kind == "upsample",
                         step_seconds=seconds)
@@ -69,21 +77,23 @@ def one_call(kind, x, weight, bias, norm_weight, norm_bias):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--network", choices=sorted(NETWORKS), default="unet")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--only", default="64,32,16,8", help="output sides to run")
+    parser.add_argument("--only", default="", help="output sides to run, e.g. 64,32 (default: all)")
     args = parser.parse_args()
     numba.set_num_threads(1)
-    sides = {int(side) for side in args.only.split(",")}
+    convs, batch, eps = NETWORKS[args.network]
+    sides = {int(side) for side in args.only.split(",")} if args.only else {side for *_, side, _ in convs}
     rng = np.random.default_rng(0)
     rows = []
-    for kind, c_in, c_out, side, count in UNET_CONVS:
+    for kind, c_in, c_out, side, count in convs:
         if side not in sides:
             continue
-        inputs = make_inputs(kind, c_in, c_out, side, rng)
-        one_call(kind, *inputs)  # warm-up: Numba compiles or loads its cache, scratch grows
+        inputs = make_inputs(kind, c_in, c_out, side, batch, rng)
+        one_call(kind, eps, *inputs)  # warm-up: Numba compiles or loads its cache, scratch grows
         best = None
         for _ in range(args.rounds):
-            method, seconds = one_call(kind, *inputs)
+            method, seconds = one_call(kind, eps, *inputs)
             if best is None or seconds["total"] < best["total"]:
                 best = seconds
         rows.append((kind, c_in, c_out, side, count, method, best))
