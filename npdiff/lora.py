@@ -139,7 +139,7 @@ def named_layers(model, component):
 def check_scale(scale, path=None):
     where = "" if path is None else f" (for {path})"
     if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
-        raise NpdiffError(f"LoRA scale must be a number, got {scale!r}{where}")
+        raise NpdiffError(f"LoRA scale must be a number, got {shorten(scale)}{where}")
     try:
         value = float(scale)
     except OverflowError:  # an int of hundreds of digits
@@ -364,9 +364,9 @@ def fused_weight(entry, file, scale, path="LoRA"):
 def load_lora_weights(pipe, path, scale=1.0, adapter_name=None):
     """Fuse the LoRA in `path` into pipe.unet and the text encoder(s) -> the LoadedLora record."""
     # 1. the arguments and the file (pickles and renamed pickles are refused by SafetensorsFile)
-    scale = check_scale(scale, path)
-    if not isinstance(path, (str, os.PathLike)):
+    if not isinstance(path, (str, os.PathLike)):  # before check_scale, whose message quotes the path
         raise NpdiffError(f"LoRA: expected the path of a .safetensors file, got {shorten(path)}")
+    scale = check_scale(scale, path)
     path = Path(path).expanduser()
     file = SafetensorsFile(path)
     stack = lora_stack(pipe)
