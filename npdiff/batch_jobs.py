@@ -186,6 +186,11 @@ def parse_json_line(text):
         raise NpdiffError(f"not valid JSON ({exc.msg} at column {exc.colno})") from exc
     except RecursionError as exc:
         raise NpdiffError("not a line of options: it nests too deeply") from exc
+    except NpdiffError:  # a key given twice (refuse_duplicate_keys)
+        raise
+    except ValueError as exc:  # Python's int limit: json.loads refuses an integer of over 4300 digits
+        raise NpdiffError("not a line of options: it holds an integer of over 4300 digits, which no option "
+                          "is") from exc
     if not isinstance(options, dict):
         raise NpdiffError(f"expected a JSON object {{\"prompt\": ...}}, got {type(options).__name__}")
     return options

@@ -159,7 +159,7 @@ def read_adapter_metadata(path):
         return None
     try:
         metadata = json.loads(raw)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, and an integer of over 4300 digits (Python's int limit)
         raise NpdiffError(f"{path}: header entry 'lora_adapter_metadata' is not JSON: {exc}") from exc
     check_adapter_metadata(path, metadata)
     return metadata

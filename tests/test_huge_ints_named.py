@@ -22,6 +22,11 @@ def huge(rng):
     return 10 ** int(rng.integers(4400, 6000))
 
 
+def huge_digits(rng):
+    """The JSON text of an integer of over 4300 digits (str() of such an int raises)."""
+    return "1" + "0" * int(rng.integers(4400, 6000))
+
+
 def test_shorten_names_a_container_of_a_huge_int(rng):
     number = huge(rng)
     assert shorten(number).startswith("an integer of about")
@@ -47,3 +52,38 @@ def test_api_values_holding_a_huge_int_are_named(pipe, rng):
     for call, words in calls:
         with pytest.raises(NpdiffError, match=words):
             call()
+
+
+# JSON read from files: Python's json.loads raises a plain ValueError (not JSONDecodeError) for an integer of
+# over 4300 digits; before, each of these was that ValueError's traceback.
+def test_a_batch_line_with_a_huge_int_fails_alone(tmp_path, rng):
+    from npdiff.batch_jobs import read_jobs
+
+    digits = huge_digits(rng)
+    jobs_file = tmp_path / "jobs.jsonl"
+    jobs_file.write_text('{"prompt": "a red circle", "seed": ' + digits + '}\n{"prompt": "a blue square"}\n',
+                         encoding="utf-8")
+    jobs, failures = read_jobs(jobs_file, {})
+    assert [job.line for job in jobs] == [2]
+    assert "an integer of over 4300 digits" in failures[1]
+
+
+def test_a_json_file_with_a_huge_int_is_named(tmp_path, rng):
+    from npdiff.json_files import read_json
+
+    path = tmp_path / "config.json"
+    path.write_text('{"sample_size": ' + huge_digits(rng) + '}', encoding="utf-8")
+    with pytest.raises(NpdiffError, match="config.json is not valid JSON: .*4300"):
+        read_json(path)
+
+
+def test_lora_metadata_with_a_huge_int_is_named(pipe, tmp_path, rng):
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "big-alpha.safetensors"
+    layer = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file({f"{layer}.lora_down.weight": torch.zeros(4, 32, 1, 1), f"{layer}.lora_up.weight": torch.zeros(32, 4, 1, 1)},
+              str(path), metadata={"lora_adapter_metadata": '{"unet.lora_alpha": ' + huge_digits(rng) + '}'})
+    with pytest.raises(NpdiffError, match="header entry 'lora_adapter_metadata' is not JSON: .*4300"):
+        pipe.load_lora_weights(path)
