@@ -30,6 +30,7 @@ from pathlib import Path
 from npdiff import paths
 from npdiff.errors import NpdiffError, shorten
 from npdiff.images import PNG_PARAMS_KEY
+from npdiff.lora import check_scale
 from npdiff.model_identity import model_name
 from npdiff.hires import second_size
 from npdiff.memory_estimate import PictureSizeError, check_attention_size
@@ -396,7 +397,8 @@ def find_loras(value, base_dir):
         if not isinstance(spec, str):
             raise NpdiffError(f"'lora' must be \"FILE[:SCALE]\" or a list of them, got {shorten(value)}")
         name, scale = parse_lora_option(str(resolve(spec, "lora", base_dir)), "'lora'")
-        loras.append((find_file(name, "lora", base_dir), scale))
+        path = find_file(name, "lora", base_dir)
+        loras.append((path, check_scale(scale, path)))  # nan or 1e309: this line fails now, not in a worker
     return tuple(loras)
 
 
