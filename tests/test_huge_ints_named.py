@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "pipeline"))
+from lora_helpers import load_ours  # noqa: E402
 from shipped import MODEL_DIR  # noqa: E402
 
 from npdiff.errors import NpdiffError, shorten  # noqa: E402
-from npdiff.pipeline import StableDiffusionPipeline  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("hash_cache")  # model hashes cached in a test's own folder (conftest)
 
@@ -36,9 +36,7 @@ def test_shorten_names_a_container_of_a_huge_int(rng):
 
 @pytest.fixture(scope="module")
 def pipe():
-    loaded = StableDiffusionPipeline.from_pretrained(MODEL_DIR)
-    loaded.show_progress = False
-    return loaded
+    return load_ours(MODEL_DIR)
 
 
 def test_api_values_holding_a_huge_int_are_named(pipe, rng):
