@@ -30,6 +30,7 @@ from pathlib import Path
 from npdiff import paths
 from npdiff.errors import NpdiffError, shorten
 from npdiff.images import PNG_PARAMS_KEY
+from npdiff.lora import check_scale
 from npdiff.model_identity import model_name
 from npdiff.hires import second_size
 from npdiff.memory_estimate import PictureSizeError, check_attention_size
@@ -186,6 +187,11 @@ def parse_json_line(text):
         raise NpdiffError(f"not valid JSON ({exc.msg} at column {exc.colno})") from exc
     except RecursionError as exc:
         raise NpdiffError("not a line of options: it nests too deeply") from exc
+    except NpdiffError:  # a key given twice (refuse_duplicate_keys)
+        raise
+    except ValueError as exc:  # Python's int limit: json.loads refuses an integer of over 4300 digits
+        raise NpdiffError("not a line of options: it holds an integer of over 4300 digits, which no option "
+                          "is") from exc
     if not isinstance(options, dict):
         raise NpdiffError(f"expected a JSON object {{\"prompt\": ...}}, got {type(options).__name__}")
     return options
@@ -391,7 +397,8 @@ def find_loras(value, base_dir):
         if not isinstance(spec, str):
             raise NpdiffError(f"'lora' must be \"FILE[:SCALE]\" or a list of them, got {shorten(value)}")
         name, scale = parse_lora_option(str(resolve(spec, "lora", base_dir)), "'lora'")
-        loras.append((find_file(name, "lora", base_dir), scale))
+        path = find_file(name, "lora", base_dir)
+        loras.append((path, check_scale(scale, path)))  # nan or 1e309: this line fails now, not in a worker
     return tuple(loras)
 
 

@@ -265,11 +265,12 @@ def check_outputs(args):
         raise npdiff.NpdiffError(f"--save-steps must be >= 1 (decode every K steps), got {args.save_steps}")
     out = args.out or "npdiff-SEED.png"  # the seed may not be known yet; the folder is what counts
     targets = [("--out", out)] + ([("--save-steps grid", steps_grid_path(Path(out)))] if args.save_steps else [])
-    inputs = [("--model", getattr(args, "model", None)), ("--vae", getattr(args, "vae", None))]
+    inputs = [(name, getattr(args, name[2:], None)) for name in ("--model", "--vae", "--refiner")]
     inputs += [("--lora", parse_lora_option(spec)[0]) for spec in getattr(args, "lora", None) or []]
+    inputs += [("--control", parse_control_option(spec)[0]) for spec in getattr(args, "control", None) or []]
     for what, target in targets:
         for name, source in inputs:
-            if source and same_place(target, source):  # a PNG written over the model or a LoRA would destroy it
+            if source and same_place(target, source):  # a PNG written over a model file would destroy it
                 raise npdiff.NpdiffError(f"{what} {target} is the {name} file; give another name for the picture")
         if check_destination(target, what) and args.out:
             print(f"npdiff: note: {target} exists and will be overwritten", file=sys.stderr)

@@ -17,8 +17,10 @@ def shorten(value, limit=MESSAGE_CHARS):
     """repr(value) cut to about `limit` characters: a message never echoes a 10 MB prompt read from a file."""
     try:
         text = repr(value[:limit + 1]) if isinstance(value, str) else repr(value)
-    except ValueError:  # an int past Python's 4300-digit limit on int -> str
-        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    except ValueError:  # an int past Python's 4300-digit limit on int -> str, or a list or dict holding one
+        if isinstance(value, int):
+            return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+        return f"a {type(value).__name__} holding an integer of over 4300 digits"
     if len(text) <= limit:
         return text
     size = f"{len(value)} characters" if isinstance(value, str) else type(value).__name__

@@ -21,7 +21,7 @@ def read_json(path):
     try:
         with open(path, encoding="utf-8") as handle:
             value = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and an integer of over 4300 digits
         raise NpdiffError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(value, dict):
         raise NpdiffError(f"{path} should hold a JSON object, found a {type(value).__name__}")

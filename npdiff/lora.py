@@ -139,7 +139,7 @@ def named_layers(model, component):
 def check_scale(scale, path=None):
     where = "" if path is None else f" (for {path})"
     if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
-        raise NpdiffError(f"LoRA scale must be a number, got {scale!r}{where}")
+        raise NpdiffError(f"LoRA scale must be a number, got {shorten(scale)}{where}")
     try:
         value = float(scale)
     except OverflowError:  # an int of hundreds of digits
@@ -159,7 +159,7 @@ def read_adapter_metadata(path):
         return None
     try:
         metadata = json.loads(raw)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, and an integer of over 4300 digits (Python's int limit)
         raise NpdiffError(f"{path}: header entry 'lora_adapter_metadata' is not JSON: {exc}") from exc
     check_adapter_metadata(path, metadata)
     return metadata
@@ -294,7 +294,8 @@ def plan_lora(pipe, file, path, scale):
                                   f"({', '.join(FLOAT_DTYPES)})")
         started = time.monotonic()
         alpha = read_alpha(path, file, entry, metadata)
-        alpha_seconds += time.monotonic() - started
+        if "alpha" not in entry.keys:  # the header's patterns gave it; reading a file's own .alpha key is not counted
+            alpha_seconds += time.monotonic() - started
         if alpha_seconds > PATTERN_SECONDS:
             raise NpdiffError(f"{path}: matching the alpha_pattern regexes of its header 'lora_adapter_metadata' "
                               f"against this model's layers took over {PATTERN_SECONDS:g} s; write fewer or simpler "
@@ -363,9 +364,9 @@ def fused_weight(entry, file, scale, path="LoRA"):
 def load_lora_weights(pipe, path, scale=1.0, adapter_name=None):
     """Fuse the LoRA in `path` into pipe.unet and the text encoder(s) -> the LoadedLora record."""
     # 1. the arguments and the file (pickles and renamed pickles are refused by SafetensorsFile)
-    scale = check_scale(scale, path)
-    if not isinstance(path, (str, os.PathLike)):
+    if not isinstance(path, (str, os.PathLike)):  # before check_scale, whose message quotes the path
         raise NpdiffError(f"LoRA: expected the path of a .safetensors file, got {shorten(path)}")
+    scale = check_scale(scale, path)
     path = Path(path).expanduser()
     file = SafetensorsFile(path)
     stack = lora_stack(pipe)

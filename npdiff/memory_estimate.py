@@ -90,6 +90,9 @@ class PictureSizeError(NpdiffError):
         self.problem, self.lower = problem, tuple(lower)
         super().__init__(self.hinted(KEYWORD_HINTS))
 
+    def __reduce__(self):  # pickled in a worker process, rebuilt in the caller: from both fields, not the message
+        return type(self), (self.problem, self.lower)
+
     def hinted(self, hints):
         """The message with what to lower in the caller's words (hints: key -> "lower --height/--width", ...;
         a key left out is something that caller cannot set, such as the number of pictures of one CLI call)."""
