@@ -9,12 +9,15 @@ from pathlib import Path
 from npdiff.atomic_files import check_destination
 from npdiff.errors import NpdiffError
 from npdiff.pipeline import StableDiffusionPipeline
-from npdiff.pipeline_utils import default_model_path, model_family
+from npdiff.loading import load_pipeline_components
+from npdiff.pipeline_utils import _tokenizer, default_model_path, model_family
+from npdiff.textual_inversion import check_token, new_token_names
 from npdiff.training import textual_inversion, train_lora
 from npdiff.training.files import check_outputs_apart, output_paths
 from npdiff.training.loop import check_learning_rate, check_training_seed
 from npdiff.training.lora_files import lora_output_paths
 from npdiff.training.lora_train import check_prompt, lora_captions
+from npdiff.training.textual_inversion import check_init_word
 from npdiff.training.pictures import OBJECT_TEMPLATES, check_same_size, find_pictures
 
 DESCRIPTION = (
@@ -65,12 +68,33 @@ def trained_model_path(args):
     return default_model_path() if args.model is None else Path(args.model).expanduser()
 
 
-def load_trainable_model(args, command):
-    """The --model (default: the shipped one), refused when it is SDXL, loaded."""
+def trainable_model_path(args, command):
+    """The --model (default: the shipped one), refused when it is SDXL (from its layout: nothing loaded)."""
     model = trained_model_path(args)
     if model_family(model) == "sdxl":
         raise NpdiffError(f"--model {model}: an SDXL model; {command} is for SD 1.x/2.x models only for now")
-    return StableDiffusionPipeline.from_pretrained(model)
+    return model
+
+
+def load_trainable_model(args, command):
+    """The --model (default: the shipped one), refused when it is SDXL, loaded."""
+    return StableDiffusionPipeline.from_pretrained(trainable_model_path(args, command))
+
+
+def model_tokenizer(model):
+    """The tokenizer `model` loads with (its tokenizer/ folder, or what a single file falls back to), from the
+    configs and the tokenizer's files: no weight is read (load_pipeline_components opens the weight files'
+    headers only)."""
+    return _tokenizer(model, None, load_pipeline_components(model), "tokenizer")
+
+
+def check_new_word(args):
+    """--token (not a word of the model yet, nor token_1, ... for --vectors) and --init-word (one token), from
+    the model's tokenizer files alone: refused before the weights load, with textual_inversion's messages."""
+    model = trainable_model_path(args, "train-embedding")
+    tokenizer = model_tokenizer(model)
+    new_token_names(tokenizer, check_token(args.token), args.vectors)
+    check_init_word(tokenizer, args.init_word)
 
 
 def check_resume_file(resume):
@@ -85,7 +109,8 @@ def report_training(what, losses, paths):
 
 
 def run_train_embedding(args):
-    # 1. what can be checked before the model loads: the counts, the pictures' folder, the outputs, the model's kind
+    # 1. what can be checked before the model loads: the counts, the pictures' folder, the outputs, the model's
+    #    kind, the new word and the init word (the tokenizer's files are read, no weight)
     check_count(args.vectors, "--vectors", 1)
     check_loop_options(args)
     check_same_size(find_pictures(args.dir), args.mixed_sizes)
@@ -93,6 +118,7 @@ def run_train_embedding(args):
         check_destination(path, "--out")
     check_outputs_apart(output_paths(args.out).values(), args.dir, trained_model_path(args), "--out")
     templates = OBJECT_TEMPLATES if args.template is None else args.template
+    check_new_word(args)
     # 2. load and train (textual_inversion checks the rest, and reads every picture, before the first step)
     pipe = load_trainable_model(args, "train-embedding")
     result = textual_inversion(pipe, args.dir, args.token, args.init_word, vectors=args.vectors, steps=args.steps,

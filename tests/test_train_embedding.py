@@ -104,3 +104,23 @@ def test_mixed_sizes_refused_before_the_model_loads_unless_asked_for(folder, tmp
     assert not out.exists()
     assert cli.main([*common, "--model", str(folder), "--mixed-sizes"]) == 0
     assert out.is_file()
+
+
+@pytest.mark.parametrize("token,init_word,message", [
+    ("cat", "cat", "token 'cat' is already in the tokenizer vocabulary"),
+    ("<x>", "two words", "init word 'two words' is 2 tokens"),
+])
+def test_words_refused_from_the_tokenizer_before_the_weights_load(folder, pictures, tmp_path, capsys, monkeypatch,
+                                                                   token, init_word, message):
+    """Before: the token already in the vocabulary was refused only after the whole model had loaded."""
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model's weights were loaded before the word was checked")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", no_loading)
+    out = tmp_path / "x.safetensors"
+    args = ["train-embedding", str(pictures), "--token", token, "--init-word", init_word, "--steps", "1",
+            "--out", str(out), "--model", str(folder), "--quiet"]
+    assert cli.main(args) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("npdiff: error:") and message in error, error
+    assert not out.exists()
