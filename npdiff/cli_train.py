@@ -4,17 +4,22 @@ npdiff.training.train_lora do the work; this parses, checks what it can before l
 the files written)."""
 
 import math
+import sys
 from pathlib import Path
 
 from npdiff.atomic_files import check_destination
 from npdiff.errors import NpdiffError
 from npdiff.pipeline import StableDiffusionPipeline
-from npdiff.pipeline_utils import default_model_path, model_family
+from npdiff.loading import load_pipeline_components
+from npdiff.pipeline_utils import _tokenizer, default_model_path, model_family, model_size_config
+from npdiff.textual_inversion import check_token, new_token_names
 from npdiff.training import textual_inversion, train_lora
 from npdiff.training.files import check_outputs_apart, output_paths
 from npdiff.training.loop import check_learning_rate, check_training_seed
 from npdiff.training.lora_files import lora_output_paths
 from npdiff.training.lora_train import check_prompt, lora_captions
+from npdiff.training.memory import check_training_memory
+from npdiff.training.textual_inversion import check_init_word
 from npdiff.training.pictures import OBJECT_TEMPLATES, check_same_size, find_pictures
 
 DESCRIPTION = (
@@ -65,12 +70,45 @@ def trained_model_path(args):
     return default_model_path() if args.model is None else Path(args.model).expanduser()
 
 
-def load_trainable_model(args, command):
-    """The --model (default: the shipped one), refused when it is SDXL, loaded."""
+def trainable_model_path(args, command):
+    """The --model (default: the shipped one), refused when it is SDXL (from its layout: nothing loaded)."""
     model = trained_model_path(args)
     if model_family(model) == "sdxl":
         raise NpdiffError(f"--model {model}: an SDXL model; {command} is for SD 1.x/2.x models only for now")
-    return StableDiffusionPipeline.from_pretrained(model)
+    return model
+
+
+def load_trainable_model(args, command):
+    """The --model (default: the shipped one), refused when it is SDXL, loaded."""
+    return StableDiffusionPipeline.from_pretrained(trainable_model_path(args, command))
+
+
+def model_tokenizer(model):
+    """The tokenizer `model` loads with (its tokenizer/ folder, or what a single file falls back to), from the
+    configs and the tokenizer's files: no weight is read (load_pipeline_components opens the weight files'
+    headers only)."""
+    return _tokenizer(model, None, load_pipeline_components(model), "tokenizer")
+
+
+def check_batch_memory(args, command, pictures):
+    """--batch-size against the pictures and the memory (training/memory.py), from the model's configs: refused
+    before the model loads when the run cannot fit; a batch larger than the folder is said (drawn with
+    replacement, some pictures come more than once a step) and kept."""
+    unet_config, vae_factor = model_size_config(trainable_model_path(args, command))
+    check_training_memory(unet_config, vae_factor, len(pictures), args.batch_size)
+    if args.batch_size > len(pictures):
+        print(f"npdiff: note: --batch-size {args.batch_size} is more than the {len(pictures)} picture(s) in "
+              f"{args.dir}: each step draws its batch with replacement, so some pictures come more than once "
+              "(each with its own flip, caption, timestep and noise)", file=sys.stderr)
+
+
+def check_new_word(args):
+    """--token (not a word of the model yet, nor token_1, ... for --vectors) and --init-word (one token), from
+    the model's tokenizer files alone: refused before the weights load, with textual_inversion's messages."""
+    model = trainable_model_path(args, "train-embedding")
+    tokenizer = model_tokenizer(model)
+    new_token_names(tokenizer, check_token(args.token), args.vectors)
+    check_init_word(tokenizer, args.init_word)
 
 
 def check_resume_file(resume):
@@ -85,14 +123,18 @@ def report_training(what, losses, paths):
 
 
 def run_train_embedding(args):
-    # 1. what can be checked before the model loads: the counts, the pictures' folder, the outputs, the model's kind
+    # 1. what can be checked before the model loads: the counts, the pictures' folder, the outputs, the model's
+    #    kind, the new word and the init word (the tokenizer's files are read, no weight), the memory
     check_count(args.vectors, "--vectors", 1)
     check_loop_options(args)
-    check_same_size(find_pictures(args.dir), args.mixed_sizes)
+    pictures = find_pictures(args.dir)
+    check_same_size(pictures, args.mixed_sizes)
     for path in output_paths(args.out).values():
         check_destination(path, "--out")
     check_outputs_apart(output_paths(args.out).values(), args.dir, trained_model_path(args), "--out")
     templates = OBJECT_TEMPLATES if args.template is None else args.template
+    check_new_word(args)
+    check_batch_memory(args, "train-embedding", pictures)
     # 2. load and train (textual_inversion checks the rest, and reads every picture, before the first step)
     pipe = load_trainable_model(args, "train-embedding")
     result = textual_inversion(pipe, args.dir, args.token, args.init_word, vectors=args.vectors, steps=args.steps,
@@ -135,7 +177,8 @@ LORA_DESCRIPTION = (
 
 
 def run_train_lora(args):
-    # 1. what can be checked before the model loads: the counts, the pictures and their captions, the outputs
+    # 1. what can be checked before the model loads: the counts, the pictures and their captions, the outputs,
+    #    the memory the pictures and a step's batch need (the model's configs are read, no weight)
     check_count(args.rank, "--rank", 1)
     if args.alpha is not None and not (math.isfinite(args.alpha) and args.alpha > 0):
         raise NpdiffError(f"--alpha must be a finite number > 0, got {args.alpha}")
@@ -146,6 +189,7 @@ def run_train_lora(args):
     for path in lora_output_paths(args.out).values():
         check_destination(path, "--out")
     check_outputs_apart(lora_output_paths(args.out).values(), args.dir, trained_model_path(args), "--out")
+    check_batch_memory(args, "train-lora", pictures)
     # 2. load and train (train_lora checks the rest, and reads every picture, before the first step)
     pipe = load_trainable_model(args, "train-lora")
     result = train_lora(pipe, args.dir, prompt=args.prompt, rank=args.rank, alpha=args.alpha, steps=args.steps,

@@ -24,7 +24,6 @@ pipeline that has them. Loading the model, the sampler, LoRAs and a VAE is the c
 point loads them its own way: once per process, once per worker); render() takes the pipeline as it is.
 """
 
-import math
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -36,6 +35,7 @@ from npdiff.loading import read_config
 from npdiff.loading.weights import PRECISIONS
 from npdiff.model_identity import model_hash, model_name
 from npdiff.models import AutoencoderKL, AutoencoderTiny
+from npdiff.option_numbers import integral, is_int, is_number  # batch_jobs, serve_schemas import them from here
 from npdiff.pipeline_utils import INSTALLED_MODEL_DIR, PACKAGE_DIR, SHIPPED_MODEL_NAME
 from npdiff.preprocess import canny
 from npdiff.sdxl_recipe import (
@@ -106,25 +106,8 @@ def defaults_for(command):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checking values (from a command line, a batch line or a PNG)
+# Checking values (from a command line, a batch line or a PNG); what is an integer or a number: option_numbers
 # ---------------------------------------------------------------------------------------------
-def is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def integral(value):
-    """An integer option's value as given: an int as it is, a float with no fractional part (64.0, as many JSON
-    writers emit 64) as that int; anything else unchanged, for the caller to refuse. The one rule for batch
-    lines, the server's JSON fields and stored PNG parameters."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-def is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def check_prompt_text(text, what):
     """A prompt must be a string without NUL: PNG text chunks cannot hold one (the format forbids it)."""
     if not isinstance(text, str):

@@ -25,11 +25,11 @@ The ensemble is diffusers' (the schedule is cut at a timestep), not webui's (whi
 of one sampler run): the same settings draw diffusers' picture, not webui's.
 """
 
-import math
 import re
 from collections import namedtuple
 
 from npdiff.errors import NpdiffError, shorten
+from npdiff.option_numbers import integral, is_int, is_number
 
 DEFAULT_REFINER_SWITCH = 0.8  # webui's "Refiner switch at" default, diffusers' high_noise_frac example
 SIZE_KEYWORDS = ("original_size", "target_size", "negative_original_size", "negative_target_size")
@@ -64,16 +64,16 @@ def flag(keyword):
 
 
 def _pair(value, name, pattern, text_form, list_form, swap, smallest):
-    """A pair from text (pattern, read (a, b) and stored (b, a) when `swap`) or a 2-list -> [int, int]."""
+    """A pair from text (pattern, read (a, b) and stored (b, a) when `swap`) or a 2-list of integers (an integral
+    float such as 1024.0 is that int, as for every integer option) -> [int, int]."""
     if isinstance(value, str):
         match = pattern.match(value)
         if match is None:
             raise NpdiffError(f"{name!r} must be {text_form} or {list_form}, got {shorten(value)}")
         first, second = int(match.group(1)), int(match.group(2))
         pair = [second, first] if swap else [first, second]
-    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value):
-        pair = [int(value[0]), int(value[1])]
+    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(is_int(integral(v)) for v in value):
+        pair = [integral(value[0]), integral(value[1])]  # 1024.0 -> 1024, the one rule (option_numbers)
     else:
         raise NpdiffError(f"{name!r} must be {text_form} or {list_form}, got {shorten(value)}")
     if not all(smallest <= v <= MAX_SIZE for v in pair):
@@ -90,7 +90,7 @@ def check_sdxl_value(name, value, where=None):
         return _pair(value, label, CORNER_TEXT, "X,Y (pixels from the left, from the top)", "[top, left]",
                      swap=True, smallest=0)
     if name in SCORE_KEYWORDS + FRACTION_KEYWORDS:
-        number_ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        number_ok = is_number(value)
         if name in FRACTION_KEYWORDS and not (number_ok and 0 < value < 1):
             named = f"{where}: {flag(name)}" if where else flag(name)
             raise NpdiffError(f"{named} must be a number strictly between 0 and 1 ({FRACTION_MEANINGS[name]}), "

@@ -1,8 +1,9 @@
 """One job at a time, a bounded queue: how `npdiff serve` runs what its clients ask for.
 
   JobQueue(shelf, limit)
-    .check(request)     before queuing, on the request's thread: pictures decoded, size and memory checked
-                        against the loaded model (NpdiffError -> a 4xx in under a second, nothing queued)
+    .check(request)     before queuing, on the request's thread: the prompt's LoRA names found, pictures
+                        decoded, size and memory checked against the loaded model (NpdiffError -> a 4xx in
+                        under a second, nothing queued)
     .submit(job)        QueueFull when `limit` jobs wait already (the route answers 503 + Retry-After)
     .cancel(job)        a client that went away: a waiting job is dropped, the running one stopped
     .interrupt()        webui's /interrupt: the running job stops after its current step and returns what
@@ -26,7 +27,7 @@ from npdiff.memory_estimate import PictureSizeError, check_call_memory
 from npdiff.pipeline_utils import StopSampling, check_size, size_rule
 from npdiff.recipe import render
 from npdiff.serve_refiner import RefinerSlot
-from npdiff.serve_schemas import SIZE_HINTS, RequestError
+from npdiff.serve_schemas import SIZE_HINTS, RequestError, check_lora_names
 
 GALLERY_SIZE = 48
 PREVIEW_WANTED_SECONDS = 5.0  # decode live pictures only while a client polled /progress this recently
@@ -83,11 +84,12 @@ class JobQueue:
     # What the routes call
     # -----------------------------------------------------------------------------------------
     def check(self, request):
-        """Decode the pictures and check size and memory against the loaded model: NpdiffError naming the
-        field, before anything is queued."""
+        """Check the prompt's LoRA names against --lora-dir, decode the pictures, and check size and memory
+        against the loaded model: NpdiffError naming the field, before anything is queued."""
         pipe = self.shelf.pipe
         if pipe is None:
             raise RequestError(503, "sd_model_checkpoint", "sd_model_checkpoint: a model is being loaded; try again")
+        check_lora_names(request.loras, self.shelf.lora_paths())
         if request.init_image is not None:
             request.picture = load_image(request.init_image, name="init_images[0]")
         if request.mask is not None:

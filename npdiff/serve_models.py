@@ -25,7 +25,7 @@ from npdiff.loading.weights import check_precision
 from npdiff.pipeline_sdxl import load_any_pipeline
 from npdiff.pipeline_utils import check_vae_fits, default_model_path
 from npdiff.recipe import load_vae, model_png_identity
-from npdiff.serve_schemas import RequestError, check_name
+from npdiff.serve_schemas import RequestError, check_lora_names, check_name
 
 MODEL_SUFFIXES = (".safetensors",)
 
@@ -114,10 +114,7 @@ class ModelShelf:
     def loras_fused(self, loras):
         """Fuse [(name, scale)] from --lora-dir for the pictures made inside; unfused afterwards."""
         paths = self.lora_paths()
-        for name, _ in loras:
-            if name not in paths:
-                raise RequestError(404, "prompt", f"prompt: <lora:{name}:...> names no LoRA in --lora-dir; known: "
-                                   f"{', '.join(paths) or 'none'}")
+        check_lora_names(loras, paths)
         try:
             for name, scale in loras:
                 self.pipe.load_lora_weights(paths[name], scale=scale)

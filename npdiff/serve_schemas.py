@@ -206,6 +206,15 @@ def prompt_loras(prompt):
     return cleaned, loras
 
 
+def check_lora_names(loras, paths):
+    """RequestError 404 naming the prompt's first <lora:NAME:...> that is not among `paths` ({name: path} of
+    --lora-dir): checked before the request is queued, and again when its job runs (the folder may change)."""
+    for name, _ in loras:
+        if name not in paths:
+            raise RequestError(404, "prompt", f"prompt: <lora:{name}:...> names no LoRA in --lora-dir; known: "
+                               f"{', '.join(paths) or 'none'}")
+
+
 def ignored_fields(body, kind):
     """Fields npdiff does not act on, as "name=value", when set to something other than webui's default."""
     used = set(USED_FIELDS) | OTHER_USED | (IMG2IMG_USED if kind == "img2img" else set())

@@ -92,16 +92,23 @@ def check_new_rows(tokenizer, text_encoder, token, vectors, source):
                           f"token embedding width {table.shape[1]}")
 
     # 1. the names: token, token_1, ... for a multi-vector embedding
-    names = [token] + [f"{token}_{i}" for i in range(1, vectors.shape[0])]
-    vocab = tokenizer.get_vocab()
-    taken = [name for name in names if name in vocab]
-    if taken:
-        raise NpdiffError(f"token {taken[0]!r} is already in the tokenizer vocabulary; pass token= another name")
+    names = new_token_names(tokenizer, token, vectors.shape[0])
 
     # 2. the tokenizer's next ids must be the embedding table's next rows
     if len(tokenizer) != table.shape[0]:
         raise NpdiffError(f"the tokenizer has {len(tokenizer)} ids but the text encoder's embedding table has "
                           f"{table.shape[0]} rows; new tokens would not line up")
+    return names
+
+
+def new_token_names(tokenizer, token, count):
+    """-> the names token, token_1, ... of a word of `count` vectors; NpdiffError when one is already in the
+    tokenizer's vocabulary. Needs the tokenizer alone, so a command can check it before the weights load."""
+    names = [token] + [f"{token}_{i}" for i in range(1, count)]
+    vocab = tokenizer.get_vocab()
+    taken = [name for name in names if name in vocab]
+    if taken:
+        raise NpdiffError(f"token {taken[0]!r} is already in the tokenizer vocabulary; pass token= another name")
     return names
 
 

@@ -17,6 +17,7 @@ from PIL import Image
 from npdiff.batch import run_batch
 from npdiff.batch_jobs import read_jobs
 from npdiff.errors import NpdiffError
+from npdiff.recipe import options_from_png
 from npdiff.serve_schemas import picture_request
 
 
@@ -125,3 +126,30 @@ def test_an_integral_float_size_is_one_rule_for_batch_and_serve(tmp_path, rng):
     for bad in ({"height": side + 0.5}, {"width": True}):
         with pytest.raises(NpdiffError, match="must be an integer"):
             picture_request({"prompt": "a red circle", **bad}, "txt2img")
+
+
+def test_an_integral_float_inside_an_sdxl_pair_is_one_rule_for_lines_and_pngs(tmp_path, rng):
+    """Before: [1024.0, 1024.0] for original_size was refused on a batch line and in a PNG, where every other
+    integer option takes 1024.0 as 1024 (npdiff.option_numbers.integral)."""
+    height, width = (int(side) for side in rng.integers(1, 4096, 2))
+    corner = [int(rng.integers(0, 512)), 0]
+    lines = [{"prompt": "a red circle", "original_size": [float(height), float(width)],
+              "crops_coords_top_left": [float(corner[0]), corner[1]]},
+             {"prompt": "a red circle", "original_size": [height + 0.5, width]},
+             {"prompt": "a red circle", "target_size": [True, width]},
+             {"prompt": "a red circle", "original_size": [0.0, width]}]
+    jobs_file = tmp_path / "jobs.jsonl"
+    jobs_file.write_text("\n".join(json.dumps(line) for line in lines) + "\n", encoding="utf-8")
+    jobs, failures = read_jobs(jobs_file, {})
+    assert [job.line for job in jobs] == [1]
+    pair, crop = jobs[0].options["original_size"], jobs[0].options["crops_coords_top_left"]
+    assert (pair, crop) == ([height, width], corner)
+    assert all(type(value) is int for value in pair + crop)  # stored in the PNG as 1024, not 1024.0
+    assert "'original_size' must be WIDTHxHEIGHT or [height, width]" in failures[2]
+    assert "'target_size' must be WIDTHxHEIGHT or [height, width], got [True" in failures[3]
+    assert "'original_size': each number must be in [1," in failures[4]
+    # a PNG's stored parameters: the same values, the same outcome
+    stored = options_from_png({"original_size": [float(height), float(width)]}, "x.png")
+    assert stored["original_size"] == [height, width] and all(type(v) is int for v in stored["original_size"])
+    with pytest.raises(NpdiffError, match="x.png: stored parameter: original_size"):
+        options_from_png({"original_size": [height + 0.5, width]}, "x.png")

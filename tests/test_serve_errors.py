@@ -190,3 +190,16 @@ def test_npdiff_serve_starts_from_the_command_line_and_stops_on_sigterm():
         process.terminate()
         _, stderr = process.communicate(timeout=30)
     assert "serving http://127.0.0.1:" in stderr
+
+
+def test_a_lora_that_is_not_there_is_refused_before_the_request_is_queued(tmp_path):
+    """Before: the 404 came from the worker thread, after the request had waited its turn in the queue."""
+    (tmp_path / "loras").mkdir()
+    with running_server(lora_dir=tmp_path / "loras") as (url, app):
+        queued = []
+        app.state.jobs.submit = queued.append  # a job that reached the queue is recorded, never run
+        response = requests.post(url + "/sdapi/v1/txt2img", json=dict(GOOD, prompt="x <lora:absent:0.5> y"),
+                                 timeout=60)
+        assert response.status_code == 404, response.text
+        assert "prompt: <lora:absent:...> names no LoRA in --lora-dir; known: none" in response.json()["detail"]
+        assert queued == []

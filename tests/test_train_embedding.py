@@ -2,6 +2,7 @@
 word and writes the embedding files; the learned vectors are what npdiff.training.textual_inversion gives with
 the same options; checkpoint + --resume; bad options refused with one line and status 2 before the model loads."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from test_textual_inversion import draw_pictures
 from tiny_sd import tiny_sd_folder
 
 from npdiff import cli
+from npdiff.errors import NpdiffError
 from npdiff.pipeline import StableDiffusionPipeline
 from npdiff.training import textual_inversion
 
@@ -103,4 +105,63 @@ def test_mixed_sizes_refused_before_the_model_loads_unless_asked_for(folder, tmp
     assert "b.png is 64x64 pixels but a.png is 80x64" in error and "--mixed-sizes" in error, error
     assert not out.exists()
     assert cli.main([*common, "--model", str(folder), "--mixed-sizes"]) == 0
+    assert out.is_file()
+
+
+@pytest.mark.parametrize("token,init_word,message", [
+    ("cat", "cat", "token 'cat' is already in the tokenizer vocabulary"),
+    ("<x>", "two words", "init word 'two words' is 2 tokens"),
+])
+def test_words_refused_from_the_tokenizer_before_the_weights_load(folder, pictures, tmp_path, capsys, monkeypatch,
+                                                                   token, init_word, message):
+    """Before: the token already in the vocabulary was refused only after the whole model had loaded."""
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model's weights were loaded before the word was checked")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", no_loading)
+    out = tmp_path / "x.safetensors"
+    args = ["train-embedding", str(pictures), "--token", token, "--init-word", init_word, "--steps", "1",
+            "--out", str(out), "--model", str(folder), "--quiet"]
+    assert cli.main(args) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("npdiff: error:") and message in error, error
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["train-embedding", "train-lora"])
+def test_a_batch_past_the_memory_is_refused_before_the_model_loads(folder, pictures, tmp_path, capsys, monkeypatch,
+                                                                   rng, command):
+    """Before: --batch-size 100000 on the shipped model loaded it, read the pictures and ran out of memory after
+    79 s. The estimate is a lower bound: a batch of 10**8 needs tens of TiB on any model."""
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model's weights were loaded before the batch was checked")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", no_loading)
+    out = tmp_path / "x.safetensors"
+    words = ["--token", "<x>", "--init-word", "cat"] if command == "train-embedding" else ["--prompt", "a photo"]
+    batch = int(rng.integers(10**8, 10**9))
+    args = [command, str(pictures), *words, "--steps", "1", "--batch-size", str(batch), "--out", str(out),
+            "--model", str(folder), "--quiet"]
+    assert cli.main(args) == 2
+    error = capsys.readouterr().err
+    assert re.search(rf"training on 3 picture\(s\) of (\d+)x\1 pixels, {batch} a step \(--batch-size\)", error), error
+    assert "but only" in error and error.rstrip().endswith("lower --batch-size"), error
+    assert not out.exists()
+
+
+def test_a_batch_past_the_memory_is_refused_by_the_python_api(folder, pictures, rng):
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    with pytest.raises(NpdiffError, match=r"\(batch_size\), needs more than .* lower batch_size$"):
+        textual_inversion(pipe, pictures, "<x>", "cat", steps=1, batch_size=int(rng.integers(10**8, 10**9)),
+                          progress=False)
+    assert "<x>" not in pipe.tokenizer.get_vocab()  # refused before the word went in
+
+
+def test_a_batch_larger_than_the_folder_is_drawn_with_replacement_and_said(folder, pictures, tmp_path, capsys):
+    out = tmp_path / "x.safetensors"
+    args = ["train-embedding", str(pictures), "--token", "<x>", "--init-word", "cat", "--steps", "1",
+            "--batch-size", "5", "--out", str(out), "--model", str(folder), "--quiet"]
+    assert cli.main(args) == 0
+    error = capsys.readouterr().err
+    assert "note: --batch-size 5 is more than the 3 picture(s)" in error and "with replacement" in error, error
     assert out.is_file()

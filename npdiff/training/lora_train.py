@@ -46,6 +46,7 @@ from npdiff.training.lora_files import (
 )
 from npdiff.training.lora_grad import UNetLora, check_rank_alpha, lora_grad
 from npdiff.freed_memory import keep_freed_memory
+from npdiff.training.memory import check_training_memory
 from npdiff.training.pictures import (
     encode_training_latents,
     check_same_size,
@@ -125,6 +126,7 @@ def train_lora(pipe, folder, prompt=None, rank=4, alpha=None, steps=500, lr=1e-4
         losses = [float(loss) for loss in arrays["losses"]]
     picture_paths = find_pictures(folder)
     check_same_size(picture_paths, mixed_sizes)
+    check_training_memory(pipe.unet.config, pipe.vae_scale_factor, len(picture_paths), batch_size, "batch_size")
     captions = lora_captions(picture_paths, prompt)
     size = pipe.unet.config["sample_size"] * pipe.vae_scale_factor
     pixels = load_training_pictures(picture_paths, size)                # [P,3,S,S]: every picture read

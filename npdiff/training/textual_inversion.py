@@ -6,7 +6,7 @@ diffusers' examples/textual_inversion/textual_inversion.py), with the rest of th
 
 The loop (numbered as in textual_inversion()):
     0. every check before any work: the model (SD 1.x/2.x), the token (new), the init word (one token),
-       the counts, the output paths, the resume file, and every picture read
+       the counts, the output paths, the resume file, the memory (memory.py), and every picture read
     1. the new word: N token names (token, token_1, ...) added to the tokenizer, N rows to CLIP's table,
        each row starting as the init word's embedding
     2. the pictures: cropped, resized, encoded once by the VAE, as they are and flipped (pictures.py)
@@ -41,6 +41,7 @@ from npdiff.training.loop import (
     write_loss_files,
 )
 from npdiff.freed_memory import keep_freed_memory
+from npdiff.training.memory import check_training_memory
 from npdiff.training.pictures import (
     OBJECT_TEMPLATES,
     check_templates,
@@ -131,6 +132,7 @@ def textual_inversion(pipe, folder, token, init_word, vectors=1, steps=500, lr=5
         losses = [float(loss) for loss in arrays["losses"]]
     picture_paths = find_pictures(folder)
     check_same_size(picture_paths, mixed_sizes)
+    check_training_memory(pipe.unet.config, pipe.vae_scale_factor, len(picture_paths), batch_size, "batch_size")
     size = pipe.unet.config["sample_size"] * pipe.vae_scale_factor
     pixels = load_training_pictures(picture_paths, size)                # [P,3,S,S]: every picture read
     captions = picture_captions(picture_paths, templates)               # caption templates, one tuple a picture
