@@ -238,7 +238,8 @@ def picture_request(body, kind):
     options = {"prompt": prompt, "negative": _text_field(body, "negative_prompt"),
                "steps": _int_field(body, "steps", 20, 1, MAX_STEPS),
                "guidance": _number_field(body, "cfg_scale", 7.0, 0, 100),
-               "eta": _number_field(body, "eta", 0.0, 0, 1)}
+               "eta": _number_field(body, "eta", 0.0, 0, 1),
+               "prompt_syntax": "a1111"}  # webui's API: (word:1.2), [word], BREAK read as webui reads them
     seed = _int_field(body, "seed", -1, -1, SEED_LIMIT - 1)
     options["seed"] = random.randrange(SEED_LIMIT) if seed == -1 else seed
     pictures = _int_field(body, "batch_size", 1, 1, MAX_PICTURES) * _int_field(body, "n_iter", 1, 1, MAX_PICTURES)

@@ -49,8 +49,9 @@ def client(url):
 
 
 def generate_bytes(tmp_path, name, *arguments, command="generate"):
+    """The command's PNG; the server reads prompts with webui's syntax, so the command does too."""
     out = tmp_path / name
-    assert cli.main([command, *arguments, "--out", str(out)]) == 0
+    assert cli.main([command, *arguments, "--prompt-syntax", "a1111", "--out", str(out)]) == 0
     return out.read_bytes()
 
 
@@ -72,6 +73,21 @@ def test_pictures_are_npdiff_generates_bytes(server, tmp_path):
     assert served[0] == generate_bytes(tmp_path, "a.png", *common, "--seed", "5")
     assert served[1] == generate_bytes(tmp_path, "b.png", *common, "--seed", "6")
     assert result.info["infotexts"][0].startswith("a red circle\nNegative prompt: blue\nSteps: 6, Sampler: DDIM")
+
+
+def test_prompts_are_read_with_webuis_syntax(server, tmp_path):
+    """A webui client's emphasis reaches the picture: (red:1.6) is generate --prompt-syntax a1111's, not the words
+    '(red:1.6)' of the plain reading."""
+    api = client(server)
+    result = api.txt2img(prompt="a (red:1.6) circle, [blue] background", seed=3, steps=4, cfg_scale=7.5,
+                         width=32, height=32, sampler_name="Euler", eta=0)
+    served = base64.b64decode(result.json["images"][0])
+    common = ["a (red:1.6) circle, [blue] background", "--seed", "3", "--steps", "4", "--guidance", "7.5",
+              "--sampler", "euler", "--height", "32", "--width", "32", "--eta", "0"]
+    assert served == generate_bytes(tmp_path, "a1111.png", *common)
+    plain = tmp_path / "plain.png"
+    assert cli.main(["generate", *common, "--out", str(plain)]) == 0
+    assert np.asarray(Image.open(io.BytesIO(served))).tolist() != np.asarray(Image.open(plain)).tolist()
 
 
 def test_a_prompts_lora_tag_is_generates_lora_option(server, tmp_path, lora_dir):

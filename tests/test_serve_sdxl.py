@@ -53,8 +53,9 @@ def served_png(response):
 
 
 def cli_png(tmp_path, name, command, *arguments):
+    """The command's PNG; the server reads prompts with webui's syntax, so the command does too."""
     out = tmp_path / name
-    assert cli.main([command, *arguments, "--out", str(out)]) == 0
+    assert cli.main([command, *arguments, "--prompt-syntax", "a1111", "--out", str(out)]) == 0
     return out.read_bytes()
 
 
