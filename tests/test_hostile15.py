@@ -345,6 +345,7 @@ def checkpoint_variants(good_settings, arrays):
     return {
         "not_json": ("{nope", arrays, "metadata is not JSON"),
         "json_list": ("[1, 2]", arrays, "metadata is a JSON list, not an object"),
+        "huge_int": ('{"step": 1' + "0" * 5000 + "}", arrays, "metadata is not JSON"),  # past Python's int limit
         "no_step_count": (json.dumps({k: v for k, v in good_settings.items() if k != "step_count"}), arrays,
                           "step_count is None; expected an integer >= 0"),
         "step_text": (json.dumps(dict(good_settings, step="1")), arrays, "step is '1'; expected an integer >= 0"),

@@ -99,7 +99,7 @@ def check_checkpoint(path, settings_text, arrays):
     where = f"--resume {path}: a damaged checkpoint:"
     try:
         settings = json.loads(settings_text)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, and an integer of over 4300 digits (Python's int limit)
         raise NpdiffError(f"{where} its {CHECKPOINT_KEY!r} metadata is not JSON ({exc})") from None
     if not isinstance(settings, dict):
         raise NpdiffError(f"{where} its {CHECKPOINT_KEY!r} metadata is a JSON {type(settings).__name__}, not an "
