@@ -10,8 +10,7 @@ from pathlib import Path
 from npdiff.atomic_files import check_destination
 from npdiff.errors import NpdiffError
 from npdiff.pipeline import StableDiffusionPipeline
-from npdiff.loading import load_pipeline_components
-from npdiff.pipeline_utils import _tokenizer, default_model_path, model_family, model_size_config
+from npdiff.pipeline_utils import default_model_path, model_family, model_size_config, model_tokenizer
 from npdiff.textual_inversion import check_token, new_token_names
 from npdiff.training import textual_inversion, train_lora
 from npdiff.training.files import check_outputs_apart, output_paths
@@ -81,13 +80,6 @@ def trainable_model_path(args, command):
 def load_trainable_model(args, command):
     """The --model (default: the shipped one), refused when it is SDXL, loaded."""
     return StableDiffusionPipeline.from_pretrained(trainable_model_path(args, command))
-
-
-def model_tokenizer(model):
-    """The tokenizer `model` loads with (its tokenizer/ folder, or what a single file falls back to), from the
-    configs and the tokenizer's files: no weight is read (load_pipeline_components opens the weight files'
-    headers only)."""
-    return _tokenizer(model, None, load_pipeline_components(model), "tokenizer")
 
 
 def check_batch_memory(args, command, pictures):

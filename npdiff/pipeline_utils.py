@@ -110,6 +110,13 @@ def model_size_config(path):
     return unet_config, 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
+def model_tokenizer(path):
+    """The tokenizer a model folder or single file loads with (its tokenizer/ folder, or what a single file falls
+    back to), from its configs and the tokenizer's files: no weight is read (load_pipeline_components opens the
+    weight files' headers only)."""
+    return _tokenizer(path, None, load_pipeline_components(Path(path).expanduser()), "tokenizer")
+
+
 def load_components(path, variant=None, tokenizer=None, prediction_type=None, family="sd", precision="fp32"):
     """-> dict(text_encoder, tokenizer, unet, vae, scheduler_config; text_encoder_2, tokenizer_2, model_index)
     from a folder or a single file.
