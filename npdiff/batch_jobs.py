@@ -34,7 +34,8 @@ from npdiff.lora import check_scale
 from npdiff.model_identity import model_name
 from npdiff.hires import second_size
 from npdiff.memory_estimate import PictureSizeError, check_attention_size
-from npdiff.pipeline_utils import check_side, check_size, model_size_config, size_rule
+from npdiff.picture_size import check_side, check_size, size_rule
+from npdiff.pipeline_utils import model_size_config
 from npdiff.recipe import (
     CONTROL_SETTINGS,
     OPTION_BY_NAME,
@@ -299,7 +300,7 @@ def check_jobs_for_model(jobs, failures, model):
 
 def check_job_size(job, unet_config, vae_factor):
     """NpdiffError when the model cannot draw this line's picture, by the pipeline's own rules: sides that are
-    not multiples of its size rule (pipeline_utils.size_rule), a picture past its self-attention limit
+    not multiples of its size rule (picture_size.size_rule), a picture past its self-attention limit
     (memory_estimate.check_attention_size), and with hires_scale the second pass's size (hires.second_size)."""
     multiple, why = size_rule(unet_config, vae_factor)
     if job.command == "img2img":  # the picture's own size, rounded down to the size rule

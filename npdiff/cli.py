@@ -50,10 +50,11 @@ from npdiff.errors import clip, shorten
 from npdiff.images import StepRecorder, emergence_grid, load_image, read_png_params
 from npdiff.loading.weights import PRECISIONS
 from npdiff.lora import check_scale
+from npdiff.memory_estimate import ATTENTION_EXAMPLES, MAX_ATTENTION_TOKENS, PictureSizeError
+from npdiff.picture_size import MAX_SIDE, check_side
 from npdiff.pipeline_controlnet_attach import attach_controlnets, load_controlnets
 from npdiff.pipeline_sdxl import load_any_pipeline
-from npdiff.memory_estimate import ATTENTION_EXAMPLES, MAX_ATTENTION_TOKENS, PictureSizeError
-from npdiff.pipeline_utils import MAX_SIDE, check_side, default_model_path
+from npdiff.pipeline_utils import default_model_path
 from npdiff.recipe import (
     DEFAULTS,
     INPAINT_DEFAULTS,
@@ -281,7 +282,7 @@ def make_recorder(args):
     return StepRecorder() if args.save_steps else None
 
 
-LARGEST_SIZE_MULTIPLE = 64  # pipeline_utils.size_rule's largest: SD 1.x/2.x (SDXL's is 32, the shipped model's 16)
+LARGEST_SIZE_MULTIPLE = 64  # picture_size.size_rule's largest: SD 1.x/2.x (SDXL's is 32, the shipped model's 16)
 
 
 def load_inputs(args, command):
@@ -341,7 +342,7 @@ def run_inpaint(args):
 # What to lower when a picture is too large (memory_estimate.PictureSizeError), named as this command line's flags
 SIZE_HINTS = {"size": "lower --height/--width", "hires_scale": "lower --hires-scale",
               "image": "give a smaller --image (img2img works at its size)"}
-# What --height/--width refuse before any work (pipeline_utils.check_size, memory_estimate.check_attention_size)
+# What --height/--width refuse before any work (picture_size.check_size, memory_estimate.check_attention_size)
 SIZE_LIMITS = (f"at most {MAX_SIDE}; refused before any work past {MAX_ATTENTION_TOKENS} positions in the UNet's "
                f"self-attention ({ATTENTION_EXAMPLES}), whose time grows with their square")
 

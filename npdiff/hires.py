@@ -31,7 +31,8 @@ from npdiff.hires_names import (
 )
 from npdiff.kernels.resample import resize
 from npdiff.memory_estimate import PictureSizeError, check_attention_size
-from npdiff.pipeline_utils import check_size, check_strength, make_generator, size_rule
+from npdiff.picture_size import check_size, size_rule
+from npdiff.pipeline_utils import check_strength, make_generator
 from npdiff.sampling_starts import check_denoising_steps
 
 

@@ -414,7 +414,7 @@ class StableDiffusionPipeline(PipelineMemoryMixin):
         """Picture + text -> pictures: noise the encoded picture to `strength`, then denoise.
 
         image: PIL image, uint8 array [H,W,3] or float array [H,W,3] in [0,1]; sides are rounded down to
-        a multiple of pipeline_utils.size_rule (64 pixels for SD). strength in (0, 1]: 1 starts from pure
+        a multiple of picture_size.size_rule (64 pixels for SD). strength in (0, 1]: 1 starts from pure
         noise, small values stay close. eta, clip_skip, prompt_syntax: as in __call__.
         """
         return self._generate(ImageStart(image, strength), prompt, negative_prompt, num_inference_steps,
@@ -430,7 +430,7 @@ class StableDiffusionPipeline(PipelineMemoryMixin):
 
         image: PIL image, uint8 array [H,W,3] or float array [H,W,3] in [0,1]. mask_image: the same size,
         a PIL image in any mode or an array [H,W] (bool, uint8, float in [0,1]); >= half white = repaint.
-        height, width: the size to work at, multiples of pipeline_utils.size_rule (64 pixels for SD;
+        height, width: the size to work at, multiples of picture_size.size_rule (64 pixels for SD;
         default: the model's, as diffusers); the picture and mask are resized to it. strength in (0, 1]:
         1 repaints from pure noise.
         A 9-channel inpainting UNet (sd-v1-5-inpainting) sees the mask; any 4-channel UNet works too,

@@ -40,7 +40,8 @@ from npdiff.images import (
     resize_nearest,
 )
 from npdiff.models.vae_tiling import tiling_argument
-from npdiff.pipeline_utils import MAX_SIDE, check_size, check_strength, size_rule
+from npdiff.picture_size import MAX_SIDE, check_size, size_rule
+from npdiff.pipeline_utils import check_strength
 
 
 class SamplingStart:
@@ -327,7 +328,7 @@ def is_latents(image):
 
 def check_given_latents(pipe, image, batch):
     """img2img's `image` given as latents -> float32 [b,C,h,w] when C is the VAE's latent channels, b divides
-    the batch and the UNet can take h x w (pipeline_utils.size_rule); else NpdiffError."""
+    the batch and the UNet can take h x w (picture_size.size_rule); else NpdiffError."""
     latents = np.asarray(backend.to_numpy(image), dtype=np.float32)  # [b,C,h,w]
     channels = pipe.vae.config["latent_channels"]
     if latents.shape[1] != channels or latents.shape[0] < 1 or batch % latents.shape[0] != 0:

@@ -24,7 +24,8 @@ from npdiff.errors import NpdiffError
 from npdiff.images import load_image
 from npdiff.infotext import format_infotext
 from npdiff.memory_estimate import PictureSizeError, check_call_memory
-from npdiff.pipeline_utils import StopSampling, check_size, size_rule
+from npdiff.picture_size import check_size, size_rule
+from npdiff.pipeline_utils import StopSampling
 from npdiff.recipe import render
 from npdiff.serve_refiner import RefinerSlot
 from npdiff.serve_schemas import SIZE_HINTS, RequestError, check_lora_names

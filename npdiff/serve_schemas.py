@@ -32,12 +32,12 @@ from npdiff.infotext import (
     format_infotext,
     lora_tag,
 )
+from npdiff.picture_size import MAX_SIDE  # the memory estimate refuses most sizes well below it
 from npdiff.recipe import OPTION_BY_NAME, check_value, integral
 from npdiff.schedulers import SCHEDULERS
 from npdiff.sdxl_recipe import DEFAULT_REFINER_SWITCH
 
 MAX_STEPS = 1000
-MAX_SIDE = 8192  # pixels; the memory estimate refuses most sizes well below this
 MAX_PICTURES = 64  # batch_size * n_iter
 SEED_LIMIT = 2**32  # webui's seeds are 32-bit; -1 draws one
 MAX_CROP = 10**6  # pixels: the recipe's limit for a size or crop corner

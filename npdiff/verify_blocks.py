@@ -10,7 +10,7 @@ import numpy as np
 
 from npdiff import backend
 from npdiff.errors import NpdiffError
-from npdiff.pipeline_utils import check_size, size_rule
+from npdiff.picture_size import check_size, size_rule
 
 NETWORK_TOL = 1e-4
 IMAGE_LEVELS_TOL = 2

@@ -22,7 +22,7 @@ from npdiff.errors import NpdiffError  # noqa: E402
 from npdiff.images import PNG_PARAMS_KEY  # noqa: E402
 from npdiff.models import AutoencoderKL  # noqa: E402
 from npdiff.pipeline import StableDiffusionPipeline  # noqa: E402
-from npdiff.pipeline_utils import MAX_SIDE, check_side, check_size  # noqa: E402
+from npdiff.picture_size import MAX_SIDE, check_side, check_size  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("hash_cache")  # model hashes cached in a test's own folder (conftest)
 

@@ -22,7 +22,7 @@ from npdiff.models import ControlNetModel  # noqa: E402
 from npdiff.pipeline import StableDiffusionPipeline  # noqa: E402
 from npdiff.pipeline_controlnet import StableDiffusionControlNetPipeline  # noqa: E402
 from npdiff.pipeline_sdxl import StableDiffusionXLPipeline  # noqa: E402
-from npdiff.pipeline_utils import size_rule  # noqa: E402
+from npdiff.picture_size import size_rule  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("hash_cache")  # model hashes cached in a test's own folder (conftest)
 

@@ -140,7 +140,7 @@ def test_bad_input(rng):
                          (np.zeros((64, 64), np.int32), "got int32")]:
         with pytest.raises(NpdiffError, match=message):
             pipe.inpaint("x", picture, bad)
-    # the size rule (pipeline_utils.size_rule): 8-pixel VAE cells x 2 UNet halvings = 32 for this model
+    # the size rule (picture_size.size_rule): 8-pixel VAE cells x 2 UNet halvings = 32 for this model
     with pytest.raises(NpdiffError, match=r"height must be a multiple of 32 pixels .*got 60"):
         pipe.inpaint("x", picture, mask, height=60)
 
