@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from npdiff.atomic_files import atomic_write, check_destination, non_regular_kind
-from npdiff.batch_jobs import check_batch_size, check_jobs_for_model, is_done, read_jobs
+from npdiff.batch_jobs import is_done, read_jobs
+from npdiff.batch_sizes import check_batch_size, check_jobs_for_model
 from npdiff.batch_workers import InProcessPool, ProcessPool
 from npdiff.errors import NpdiffError
 from npdiff.loading.weights import PRECISIONS, check_precision

@@ -16,8 +16,8 @@ counts), so a rerun draws the same pictures.
 
 Each line is checked before any model loads; a bad line (a wrong type, an unknown or duplicated key, a
 missing file) becomes (line number, message naming the key) and the other lines go on. Then each line's
-picture size is checked against the model's configs (check_jobs_for_model: the size rule, the attention limit),
-before any worker loads its weights. A picture is
+picture size is checked against the model's configs (npdiff/batch_sizes.py: the size rule, the attention
+limit), before any worker loads its weights. A picture is
 written as DIR/<line:06d>-seed<seed>.png, and counts as done only if that PNG opens, decodes to the end,
 and stores the job's own parameters, the model named by the same name and hash (no local path is
 stored, so none is compared).
@@ -32,18 +32,13 @@ from npdiff.errors import NpdiffError, shorten
 from npdiff.images import PNG_PARAMS_KEY
 from npdiff.lora import check_scale
 from npdiff.model_identity import model_name
-from npdiff.hires import second_size
-from npdiff.memory_estimate import PictureSizeError, check_attention_size
-from npdiff.picture_size import check_side, check_size, size_rule
-from npdiff.pipeline_utils import model_size_config
+from npdiff.picture_size import check_side
 from npdiff.recipe import (
     CONTROL_SETTINGS,
     OPTION_BY_NAME,
     check_control_settings,
     check_value,
     defaults_for,
-    integral,
-    is_int,
     parse_control_option,
     parse_lora_option,
 )
@@ -243,94 +238,6 @@ def make_job(number, options, defaults, base_dir):
         raise NpdiffError(f"'strength' must be a number in (0, 1], got {checked['strength']!r}")
     return Job(line=number, command=command, options=checked, image=image, mask=mask, vae=vae, loras=loras,
                refiner=refiner, controls=controls, control_settings=control_settings)
-
-
-# What to lower when a picture is too large (memory_estimate.PictureSizeError), named as a line's keys
-SIZE_HINTS = {"size": "lower 'height'/'width'", "hires_scale": "lower 'hires_scale'",
-              "image": "use a smaller 'image' (img2img works at its size)"}
-SIDE_KEYS = ("'height'", "'width'")
-
-
-BATCH_SIDE_NAMES = ("the batch's --height", "the batch's --width")
-BATCH_SIZE_HINTS = {"size": "lower the batch's --height/--width"}
-
-
-def check_batch_size(defaults, model):
-    """The batch's own height/width (--height/--width: what a line leaves out), checked once against the model
-    before any line is read: a size the model refuses is the command's error, named by its flags (checked per
-    line it failed every line that took it, each blaming the line's 'height'/'width'). The side not given is
-    the model's default, as for a line."""
-    given = {side: defaults.get(side) for side in ("height", "width")}
-    if given["height"] is None and given["width"] is None:
-        return
-    for side, name in zip(("height", "width"), BATCH_SIDE_NAMES):
-        if given[side] is not None:
-            number = integral(given[side])  # 64.0 -> 64, as on a line
-            if not is_int(number) or number < 1:
-                raise NpdiffError(f"{name} must be an integer >= 1, got {shorten(given[side])}")
-            given[side] = number
-            if given[side] % 8:
-                raise NpdiffError(f"{name} must be a positive multiple of 8 (pixels), got {given[side]!r}")
-    unet_config, vae_factor = model_size_config(model)
-    multiple, why = size_rule(unet_config, vae_factor)
-    default_side = unet_config["sample_size"] * vae_factor
-    height, width = (default_side if given[side] is None else given[side] for side in ("height", "width"))
-    try:
-        check_attention_size(unet_config, vae_factor, *check_size(height, width, multiple, why,
-                                                                  names=BATCH_SIDE_NAMES))
-    except PictureSizeError as exc:
-        raise NpdiffError(exc.hinted(BATCH_SIZE_HINTS)) from None
-
-
-def check_jobs_for_model(jobs, failures, model):
-    """-> the jobs the model can draw, checked before any worker loads it; each other line's message goes into
-    `failures` under its line number. Only the model's configs are read (pipeline_utils.model_size_config)."""
-    unet_config, vae_factor = model_size_config(model)
-    drawable = []
-    for job in jobs:
-        try:
-            check_job_size(job, unet_config, vae_factor)
-            drawable.append(job)
-        except PictureSizeError as exc:
-            failures[job.line] = exc.hinted(SIZE_HINTS)
-        except NpdiffError as exc:
-            failures[job.line] = str(exc)
-    return drawable
-
-
-def check_job_size(job, unet_config, vae_factor):
-    """NpdiffError when the model cannot draw this line's picture, by the pipeline's own rules: sides that are
-    not multiples of its size rule (picture_size.size_rule), a picture past its self-attention limit
-    (memory_estimate.check_attention_size), and with hires_scale the second pass's size (hires.second_size)."""
-    multiple, why = size_rule(unet_config, vae_factor)
-    if job.command == "img2img":  # the picture's own size, rounded down to the size rule
-        size = picture_size(job.image)
-        if size is not None:
-            check_attention_size(unet_config, vae_factor, *(side - side % multiple for side in size), ("image",))
-        return
-    default_side = unet_config["sample_size"] * vae_factor  # what the pipeline draws when a side is not given
-    height, width = (default_side if job.options.get(side) is None else job.options[side]
-                     for side in ("height", "width"))
-    first = check_size(height, width, multiple, why, names=SIDE_KEYS)
-    check_attention_size(unet_config, vae_factor, *first)
-    if job.options.get("hires_scale") is not None:
-        second_size(unet_config, vae_factor, first, job.options["hires_scale"])
-
-
-def picture_size(path):
-    """-> (height, width) of a picture file from its header, or None when npdiff.images.load_image will refuse it
-    (not a picture, a decompression bomb: the worker that loads it says why, as for any line)."""
-    import warnings
-
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # as load_image: a bomb is its to refuse
-            with Image.open(path) as picture:
-                return picture.height, picture.width
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return None
 
 
 def check_sampler(name):

@@ -16,7 +16,7 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from itertools import islice
 
-from npdiff.batch_jobs import SIZE_HINTS
+from npdiff.batch_sizes import SIZE_HINTS
 from npdiff.errors import NpdiffError
 from npdiff.images import load_image
 from npdiff.memory_estimate import PictureSizeError
